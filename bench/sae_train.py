@@ -23,12 +23,15 @@ and read back with `helpers.saelens_io.load_sae`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import multiprocessing
 import random
-import resource
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -149,11 +152,11 @@ class SAELensTrainer:
         from sae_lens.training.sae_trainer import SAETrainer
 
         common = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": device}
-        if (
-            arch == "topk"
-        ):  # its default dense path (use_sparse_activations=True fails in backward on torch 2.13)
+        # TopK: its default dense path (use_sparse_activations=True fails in backward on torch 2.13).
+        # JumpReLU: its L0-targeting ("quadratic") mode, so both trainers aim at the same sparsity.
+        if arch == "topk":
             sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=int(l0), **common))
-        elif arch == "jumprelu":  # its L0-targeting mode, so both trainers aim at the same sparsity
+        elif arch == "jumprelu":
             sae = JumpReLUTrainingSAE(
                 JumpReLUTrainingSAEConfig(jumprelu_sparsity_loss_mode="quadratic", target_l0=l0, **common)
             )
@@ -225,7 +228,7 @@ def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path)
     for who, chunk in plan:
         if who == "ours" and sequential and ours.step == 0:
             saelens_eval = metrics(theirs.inference_sae(tmp / f"saelens_{arch}"), held * scale, device)
-            cfg = TrainConfig(**{**cfg.__dict__, "l0": max(1, round(saelens_eval["l0"]))})
+            cfg = dataclasses.replace(cfg, l0=max(1, round(saelens_eval["l0"])))
             ours = Run(cfg, d_in, device)
             ours.init_from_data(train[: cfg.init_tokens])
         step = ours.train_step if who == "ours" else (lambda x: theirs.train_step(x.to(device) * scale))
@@ -285,10 +288,11 @@ def targets(results: dict) -> dict:
 
 
 def memory_run(data_dir: Path, layer: int, args) -> dict:
-    """Train TopK for one pass over a store of `--memory-gb` (real shards copied under new completion
-    ids) with a small shuffle buffer, sampling this process's resident memory as it goes."""
-    import psutil
-
+    """Train TopK for one pass over a store of `--memory-gb` (the real shards copied under new completion
+    ids: distinct files, as a real large store has) with a `--buffer-mb` shuffle buffer. Runs in a fresh
+    process (see main) so its memory is its own; a thread samples resident memory every 20 ms.
+    Anonymous memory is what the process allocated; file-backed memory is the page cache of the
+    memory-mapped shards, which the kernel reclaims under pressure."""
     src, big = helpers.store.layer_dir(data_dir, layer), data_dir / "big"
     dst = helpers.store.layer_dir(big, layer)
     shards = sorted(src.glob("shard_*.json"))
@@ -296,42 +300,55 @@ def memory_run(data_dir: Path, layer: int, args) -> dict:
     copies = max(1, round(args.memory_gb * 2**30 / per_copy))
     if len(list(dst.glob("shard_*.json"))) != copies * len(shards):
         dst.mkdir(parents=True, exist_ok=True)
-        for c in range(copies):  # real copies, not links: distinct pages, as a real large store has
+        for c in range(copies):
             for j, meta_path in enumerate(shards):
                 name = f"shard_{c * len(shards) + j:05d}"
                 (dst / f"{name}.npy").write_bytes((src / f"{meta_path.stem}.npy").read_bytes())
                 meta = json.loads(meta_path.read_text())
                 meta["entries"] = [[f"{e[0]}~{c}", *e[1:]] for e in meta["entries"]]
                 (dst / f"{name}.json").write_text(json.dumps(meta))
+
+    def status() -> dict[str, int]:
+        lines = Path("/proc/self/status").read_text().splitlines()
+        return {
+            k: int(v.split()[0]) * 1024
+            for k, v in (ln.split(":", 1) for ln in lines)
+            if k in ("RssAnon", "RssFile")
+        }
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start_mem, peak, done = status(), {"RssAnon": 0, "RssFile": 0, "total": 0}, threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            m = status()
+            peak.update({k: max(peak[k], m[k]) for k in m}, total=max(peak["total"], sum(m.values())))
+
     store = LayerStore(big, layer)
     ids = store.completion_ids
     cfg = TrainConfig(architecture="topk", expansion=args.expansion, l0=args.k, batch_size=args.batch_size,
                       train_tokens=store.count(ids), buffer_bytes=args.buffer_mb << 20, log_every=100)  # fmt: skip
-    run = Run(cfg, store.d_model)
-    proc, peak = psutil.Process(), {"rss": 0, "anon": 0}
-
-    def sample() -> None:
-        peak["rss"] = max(peak["rss"], proc.memory_info().rss)
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                peak["anon"] = max(peak["anon"], int(line.split()[1]) * 1024)
-
+    run, sampler = Run(cfg, store.d_model), threading.Thread(target=sample, daemon=True)
+    sampler.start()
     t0 = time.perf_counter()
     data = batches(store, ids, cfg)
     run.init_from_data(next(data))
     for _ in range(cfg.total_steps):
         run.train_step(next(data))
-        if run.step % 20 == 0:
-            sample()
-    sample()
+    done.set()
+    sampler.join()
+    gb = lambda b: round(b / 2**30, 3)  # noqa: E731
     return {
-        "store_gb_on_disk": round(sum(p.stat().st_size for p in dst.glob("*.npy")) / 2**30, 2),
-        "store_gb_as_float32": round(store.n_tokens * store.d_model * 4 / 2**30, 2),
+        "store_gb_on_disk": gb(sum(p.stat().st_size for p in dst.glob("*.npy"))),
+        "store_gb_as_float32": gb(store.n_tokens * store.d_model * 4),
         "tokens": store.n_tokens,
+        "steps": cfg.total_steps,
         "buffer_bytes": cfg.buffer_bytes,
-        "peak_rss_gb": round(peak["rss"] / 2**30, 3),
-        "peak_rss_anon_gb": round(peak["anon"] / 2**30, 3),
-        "ru_maxrss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "rss_anon_gb_before_training": gb(start_mem["RssAnon"]),
+        "peak_rss_anon_gb": gb(peak["RssAnon"]),
+        "peak_rss_file_backed_gb": gb(peak["RssFile"]),
+        "peak_rss_total_gb": gb(peak["total"]),
         "seconds": round(time.perf_counter() - t0, 1),
         "final_batch_explained_variance": round(run.history[-1]["explained_variance"], 4),
     }
@@ -373,13 +390,14 @@ def main() -> None:
                  "k": args.k, "batch_size": args.batch_size, "training_tokens": args.tokens},
     }  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        for arch in args.archs.split(","):
+        for arch in filter(None, args.archs.split(",")):
             print(f"training {arch} (SAELens and ours) ...", file=sys.stderr, flush=True)
             result[arch] = compare(arch, train, held, args, Path(tmp))
     result["targets"] = targets(result)
-    if args.memory:
+    if args.memory:  # in a fresh process, so the measured memory is the training's own
         print("memory run ...", file=sys.stderr, flush=True)
-        result["memory"] = memory_run(data_dir, args.layer, args)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            result["memory"] = pool.submit(memory_run, data_dir, args.layer, args).result()
     print(json.dumps(result, indent=2))
 
 

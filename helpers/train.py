@@ -71,7 +71,8 @@ class TrainConfig:
     checkpoint_every: int = 200
     """Steps between atomic checkpoints."""
     buffer_bytes: int = 1 << 29
-    """RAM for the store's shuffle buffer (float32); peak use is about twice this."""
+    """RAM for the store's shuffle buffer (float32); the process peaks at a few times this (0.96 GB at 128 MiB
+    when training from a 3 GB store in bench/sae_train.py --memory)."""
     init_tokens: int = 16_384
     """Tokens used to estimate the normalisation scale and the geometric median for b_dec."""
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"

@@ -10,9 +10,10 @@ import pytest
 import sae_lens
 import torch
 from safetensors.torch import load_file, save_file
-from test_train import one_thread, residuals  # noqa: F401 - one_thread is an autouse fixture
+from test_train import one_thread, residuals, shared_run  # noqa: F401 - one_thread is an autouse fixture
 
-from helpers.saelens_io import SAELENS_FORMAT_VERSION, find_sae_folders, load_sae, save_sae
+from helpers.evals import leaderboard
+from helpers.saelens_io import SAELENS_FORMAT_VERSION, find_sae_folders, import_sae, load_sae, save_sae
 from helpers.saes import ARCHITECTURES, GatedSAE, JumpReLUSAE, TopKSAE
 from helpers.train import Run, TrainConfig
 
@@ -125,3 +126,24 @@ def test_legacy_config_and_strict_tensors(tmp_path):
     (tmp_path / "cfg.json").unlink()
     with pytest.raises(FileNotFoundError, match="not a SAELens SAE folder.*sae_weights.safetensors"):
         load_sae(tmp_path)
+
+
+def test_a_published_sae_joins_the_run(offline_lm, tmp_path_factory, tmp_path):
+    """A foreign folder (module-path hook name) is copied into saes/ and evaluated on the run's held-out
+    activations at its layer, so it shows up on the leaderboard next to the SAEs trained here."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("run.json", "completions.jsonl", "activations"):
+        (run / name).symlink_to(shared_run(offline_lm, tmp_path_factory) / name)
+    sae_lens_sae("topk", "model.layers.2", k=8).save_model(tmp_path / "hub" / "deception_L2")
+    sae_id = import_sae(tmp_path / "hub" / "deception_L2", run)
+    assert sae_id == "d32_topk_L2_imported-deception-L2", (
+        "model 'nanochat-d32' -> d32; '_' is the id separator"
+    )
+    metrics = json.loads((run / "saes" / sae_id / "metrics.json").read_text())
+    assert (
+        metrics["layer"] == 2 and metrics["activations"]["l0"] == 8 and metrics["activations"]["n_tokens"] > 0
+    )
+    assert load_sae(run / "saes" / sae_id).hook_name == "blocks.2.hook_resid_post"
+    assert [r["sae_id"] for r in leaderboard(run)] == [sae_id]
+    assert import_sae(tmp_path / "hub" / "deception_L2", run) == sae_id, "a second import is a no-op"

@@ -87,7 +87,11 @@ def test_sparse_step_equals_dense_reference(arch, dense, acts, monkeypatch):
 def test_every_architecture_trains_and_round_trips(arch, acts, tmp_path):
     cfg = TrainConfig(architecture=arch, expansion=2, l0=16, train_tokens=120 * 64, batch_size=64, lr=1e-3)
     run = Run(cfg, d_in=576)
+    assert torch.equal(run.sae.W_enc, run.sae.W_dec.t()), "encoder starts as the decoder's transpose"
     run.init_from_data(acts[:512])
+    x0 = acts[:512] * run.scale
+    pull = (x0 - run.sae.b_dec) / (x0 - run.sae.b_dec).norm(dim=1, keepdim=True)
+    assert pull.sum(0).norm() < 0.05 * len(x0), "b_dec starts at the geometric median (unit pulls cancel)"
     a, pre = run.sae.encode(acts[:10] * run.scale)
     assert a.shape == pre.shape == (10, 1152) and run.sae.decode(a).shape == (10, 576)
     data = acts[torch.randperm(len(acts), generator=torch.Generator().manual_seed(0))]
@@ -95,6 +99,7 @@ def test_every_architecture_trains_and_round_trips(arch, acts, tmp_path):
     assert sum(losses[-10:]) < 0.5 * sum(losses[:10]), (
         f"{arch}: reconstruction did not improve: {losses[::20]}"
     )
+    torch.testing.assert_close(run.sae.W_dec.norm(dim=1), torch.ones(1152), msg="decoder rows stay unit-norm")
     save_sae(run.sae, tmp_path, hook_name="blocks.2.hook_resid_post", model_name="smollm2", scale=run.scale)
     loaded = load_sae(tmp_path)
     assert type(loaded.sae) is type(run.sae) and loaded.layer == 2
@@ -178,3 +183,6 @@ def test_unknown_architecture_and_wrong_width_fail_clearly():
     with pytest.raises(ValueError, match="ReLU-in-disguise"):
         JumpReLUSAE(8, 16, l0=4, init_threshold=0.0)
     assert isinstance(make_sae("gated", 8, 16, l0=4), GatedSAE)
+    assert (TopKSAE(576, 4608).k_aux, TopKSAE(576, 128).k_aux) == (288, 128), (
+        "k_aux = d_in / 2, capped by d_sae"
+    )

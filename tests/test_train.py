@@ -1,8 +1,8 @@
 """The training loop: resume is bitwise identical, warm-up is clamped, conditions and the grid, bad input.
 
 Activations are real: SmolLM2's residuals (layer 2) on chat prompts answered with English prose, written
-through the activation store exactly as notebook 02 writes them. `build_run` is shared by the other
-SAE test files.
+through the activation store exactly as notebook 02 writes them. `shared_run`, `residuals` and the
+`one_thread` fixture are imported by the other SAE test files.
 """
 
 from __future__ import annotations
