@@ -2,6 +2,11 @@
 
     python -m helpers.notebooks --smoke            # all notebooks, offline model, tiny data -> ./runs/smoke
     python -m helpers.notebooks --smoke 01 02      # only these
+    python -m helpers.notebooks --params runs/offline_run.json --run-dir runs/offline   # your parameters
+
+`--params` names a JSON file mapping a notebook number to parameter values, e.g.
+`{"02": {"N_PROMPTS": 100}}`: a cell setting them is inserted after that notebook's parameters cell, as
+papermill does, so the run is exactly Run all with those values typed into the form.
 
 Each notebook runs in a fresh kernel with `NB_RUN_DIR` pointing at one shared run folder, so later
 notebooks read what earlier ones wrote, exactly as in Colab. Executed copies (with outputs) are saved
@@ -11,9 +16,11 @@ under `<run folder>/executed/` for reading; the notebooks in git stay output-fre
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -43,13 +50,45 @@ def smoke_env(run_dir: Path) -> dict[str, str]:
     return env
 
 
-def run_notebook(path: Path, run_dir: Path, *, smoke: bool = True, timeout: int = 1200) -> Path:
-    """Execute one notebook in a fresh kernel; return the executed copy's path. Raises on a failing cell."""
+def inject_parameters(nb, params: dict[str, Any]) -> None:
+    """Insert a cell assigning `params` right after the cell tagged `parameters` (the form's defaults).
+
+    Every name must be a parameter the form assigns: a typo fails here, not silently in the run.
+    """
+    import nbformat
+
+    at = next((i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])), None)
+    if at is None:
+        raise ValueError("this notebook has no cell tagged 'parameters' to override")
+    known = {line.split("=", 1)[0].strip() for line in nb.cells[at].source.splitlines() if "=" in line}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise KeyError(f"{unknown} are not parameters of this notebook; it has {sorted(known)}")
+    source = "\n".join(f"{k} = {v!r}" for k, v in params.items())
+    cell = nbformat.v4.new_code_cell("# Injected parameters\n" + source)
+    cell.metadata["tags"] = ["injected-parameters"]
+    nb.cells.insert(at + 1, cell)
+
+
+def run_notebook(
+    path: Path,
+    run_dir: Path,
+    *,
+    smoke: bool = True,
+    params: dict[str, Any] | None = None,
+    timeout: int = 1200,
+) -> Path:
+    """Execute one notebook in a fresh kernel; return the executed copy's path. Raises on a failing cell.
+
+    `params` override the notebook's form values (see `inject_parameters`).
+    """
     import nbformat
     from nbclient import NotebookClient
 
     run_dir.mkdir(parents=True, exist_ok=True)
     nb = nbformat.read(path, as_version=4)
+    if params:
+        inject_parameters(nb, params)
     env = smoke_env(run_dir) if smoke else {**os.environ, "NB_RUN_DIR": str(run_dir)}
     old = dict(os.environ)
     os.environ.clear()
@@ -75,11 +114,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("numbers", nargs="*", help="notebook numbers to run (default: all)")
     parser.add_argument("--smoke", action="store_true", help="offline model, tiny data, few steps")
     parser.add_argument("--run-dir", default="runs/smoke", help="run folder shared by the notebooks")
+    parser.add_argument("--params", help='JSON file: {"02": {"N_PROMPTS": 100}, ...} per notebook number')
+    parser.add_argument("--timeout", type=int, default=1200, help="seconds allowed per cell")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir).resolve()
-    for path in notebook_paths(args.numbers):
+    params = json.loads(Path(args.params).read_text()) if args.params else {}
+    paths = notebook_paths(args.numbers)
+    stray = sorted(set(params) - {p.name[:2] for p in notebook_paths()})
+    if stray:
+        raise SystemExit(f"--params names notebooks {stray}, which do not exist; use the two-digit numbers")
+    for path in paths:
         print(f"running {path.name} -> {run_dir}", flush=True)
-        out = run_notebook(path, run_dir, smoke=args.smoke)
+        out = run_notebook(
+            path, run_dir, smoke=args.smoke, params=params.get(path.name[:2]), timeout=args.timeout
+        )
         print(f"  ok, executed copy: {out}", flush=True)
     print(f"done: results in {run_dir}")
     return 0

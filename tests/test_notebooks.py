@@ -11,7 +11,7 @@ import nbformat
 import pytest
 
 import helpers
-from helpers.notebooks import NOTEBOOK_DIR, notebook_paths, run_notebook
+from helpers.notebooks import NOTEBOOK_DIR, inject_parameters, notebook_paths, run_notebook
 
 NOTEBOOKS = notebook_paths()
 IDS = [p.name for p in NOTEBOOKS]
@@ -65,8 +65,20 @@ def smoke_run(tmp_path_factory):
     """Run all notebooks in order into one run folder, as a researcher would in Colab."""
     run_dir = tmp_path_factory.mktemp("smoke_run")
     for path in NOTEBOOKS:
-        run_notebook(path, run_dir, smoke=True)
+        run_notebook(path, run_dir, smoke=True, params=INJECTED.get(path.name[:2]))
     return run_dir
+
+
+INJECTED = {"01": {"PROMPT": "What is the capital of France?"}}
+
+
+def test_injected_parameters_follow_the_form_and_reject_typos():
+    nb = nbformat.read(NOTEBOOKS[1], as_version=4)
+    at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    inject_parameters(nb, {"N_PROMPTS": 7, "LAYERS": [3, 6]})
+    assert nb.cells[at + 1].source.splitlines()[1:] == ["N_PROMPTS = 7", "LAYERS = [3, 6]"]
+    with pytest.raises(KeyError, match=r"\['N_PROMPT'\] are not parameters"):
+        inject_parameters(nb, {"N_PROMPT": 7})
 
 
 @pytest.mark.notebook
@@ -79,6 +91,9 @@ def test_01_writes_valid_run_json(smoke_run):
     assert stage["status"] == "done" and stage["hook_points"] == 30
     assert re.search(r"[A-Za-z]{3,}", stage["sample_reply"]), "the smoke chat reply should be words"
     assert not list(smoke_run.glob("*.tmp"))
+    executed = nbformat.read(smoke_run / "executed" / NOTEBOOKS[0].name, as_version=4)
+    printed = "".join(o.get("text", "") for c in code_cells(executed) for o in c.get("outputs", []))
+    assert "USER: What is the capital of France?" in printed, "an injected parameter reaches the run"
 
 
 @pytest.mark.notebook
