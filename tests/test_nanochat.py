@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, NanoChatConfig, NanoChatForCausalLM
 
 from helpers import nanochat
+from helpers.chat import chat_format_of, encode_chat
 
 SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|"""
@@ -181,6 +182,21 @@ def test_tokenizer_round_trip(converted):
         [{"role": "user", "content": "hello"}], add_generation_prompt=True, tokenize=False
     )
     assert chat == "<|bos|><|user_start|>hello<|user_end|><|assistant_start|>"
+    assert chat_format_of(tok) == "nanochat"
+    ids = encode_chat(tok, "hello", system="Be brief.")
+    assert tok.decode(ids) == "<|bos|><|user_start|>Be brief.\n\nhello<|user_end|><|assistant_start|>"
+
+
+def test_chat_format_of_other_tokenizers(offline_lm):
+    """A chat template without nanochat's tokens -> "template"; no template -> "plain" (unknown tokens
+    map to the tokenizer's unk id, or to None when it has none)."""
+    tok = offline_lm.tokenizer
+    assert chat_format_of(tok) == "template"
+    template, tok.chat_template = tok.chat_template, None
+    try:
+        assert chat_format_of(tok) == "plain"
+    finally:
+        tok.chat_template = template
 
 
 class _Exploit:
