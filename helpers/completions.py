@@ -11,6 +11,7 @@ ignored on read); labelling rewrites the whole file atomically.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import Counter, defaultdict
@@ -104,3 +105,28 @@ def ids_for_condition(records: list[dict[str, Any]], condition: str) -> list[str
     if condition not in wanted:
         raise ValueError(f"unknown condition {condition!r}: choose one of {sorted(wanted)}")
     return [r["id"] for r in records if r.get("label") in wanted[condition]]
+
+
+def stable_hash(*parts: Any) -> int:
+    """A 63-bit integer from `parts` that is the same in every process and Python version (unlike hash())."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def split_completions(
+    rows: list[dict], eval_fraction: float = 0.1, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """(train ids, held-out ids), grouped by `group` (the scenario or fact; else `prompt_id`) so no group
+    is on both sides, e.g. a fact's honest and dishonest prompts. A group's side depends only on its
+    name and the seed, so adding completions never moves old ones. With one group nothing can be held
+    out: evaluation then uses the training completions (announced)."""
+    group = {r["id"]: str(r.get("group") or r["prompt_id"]) for r in rows}
+    names = sorted(set(group.values()))
+    held = {g for g in names if stable_hash(seed, "eval", g) % 10_000 < eval_fraction * 10_000}
+    if not held and len(names) > 1 and eval_fraction > 0:
+        held = {min(names, key=lambda g: stable_hash(seed, "eval", g))}
+    if len(held) == len(names):
+        held = set()
+    if not held:
+        print(f"{len(names)} group(s): none can be held out, so metrics use the training completions")
+    train = [i for i in group if group[i] not in held]
+    return train, [i for i in group if group[i] in held] or train

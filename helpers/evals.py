@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .completions import read_completions, split_completions
 from .hooks import hook_module
 from .runs import atomic_write_json
 
@@ -227,10 +228,8 @@ def evaluate_lm(
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     """Add the spliced-in LM loss (`lm` section) to every `saes/*/metrics.json` of the run that lacks it,
     on up to `n_completions` held-out completions (the same split as training)."""
-    from .completions import read_completions
     from .saelens_io import load_sae
     from .store import LayerStore
-    from .train import split_completions
 
     run_dir = Path(run_dir)
     rows = [r for r in read_completions(run_dir) if "completion_token_ids" in r]

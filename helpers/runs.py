@@ -81,3 +81,9 @@ def mark_stage(
 
 def stage_done(run_dir: str | os.PathLike, stage: str) -> bool:
     return read_run_json(run_dir).get("stages", {}).get(stage, {}).get("status") == "done"
+
+
+def model_short(spec: str) -> str:
+    """'karpathy/nanochat-d32' -> 'd32'; 'org/Some_Model' -> 'Some-Model' (no '_', the sae_id separator)."""
+    name = spec.rstrip("/").replace(":", "/").split("/")[-1].removeprefix("nanochat-")
+    return "".join(c if c.isalnum() or c in ".-" else "-" for c in name)

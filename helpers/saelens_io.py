@@ -25,8 +25,9 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
+from .completions import read_completions, split_completions
 from .hooks import layer_of
-from .runs import atomic_write_bytes, atomic_write_json
+from .runs import atomic_write_bytes, atomic_write_json, model_short
 from .saes import SAE, sae_class
 
 CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
@@ -199,10 +200,8 @@ def import_sae(
     """Copy a published SAELens SAE into `run_dir/saes/` (our normalised form of it) and evaluate it on
     the run's held-out activations at its layer, so it joins the leaderboard; returns its sae_id
     `{model}_{arch}_L{layer}_imported-{folder name}`. Skipped when already imported."""
-    from .completions import read_completions
     from .evals import evaluate_folder  # imported here: evals and train import this module
     from .store import LayerStore
-    from .train import model_short, split_completions
 
     loaded = load_sae(source)
     name = "".join(c if c.isalnum() or c in ".-" else "-" for c in Path(str(source)).name)

@@ -1,4 +1,4 @@
-"""Train SAEs on the activation store: one loop for every architecture, resumable, and the conditions grid.
+"""Train one SAE on the activation store: one loop for every architecture, resumable.
 
 `train_sae` streams batches from `store.LayerStore` (never the whole store in RAM), scales them to unit
 mean squared norm (JumpReLU's ε and thresholds assume it), starts b_dec at the geometric median, and
@@ -8,13 +8,11 @@ grad scaler on a T4, bf16 from compute capability 8, fp32 on CPU). Checkpoints h
 are written atomically; a rerun resumes from the last one and ends bitwise identical to an
 uninterrupted run on CPU. The scale is then folded into the weights, the SAE saved in SAELens format,
 and `metrics.json` (held-out metrics, training history), written last, marks it complete.
-`train_grid` does this for layers × conditions (`mixed`, `deceptive_only`, `honest_only`: see
-`completions.ids_for_condition`) × architectures, skipping finished SAEs and too-small conditions.
+`grid.train_grid` runs it for every layer × condition × architecture of a run.
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import io
 import itertools
@@ -22,9 +20,8 @@ import json
 import math
 import os
 import time
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,9 +29,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import hooks
-from .completions import ids_for_condition, read_completions
+from .completions import stable_hash
 from .evals import check_finite, evaluate_folder
-from .runs import atomic_write_bytes, atomic_write_json, read_run_json
+from .runs import atomic_write_bytes, atomic_write_json
 from .saelens_io import save_sae
 from .saes import SAE, StepOutput, make_sae, sae_class
 from .saes.base import geometric_median
@@ -128,10 +125,6 @@ def amp_settings(device: str, precision: str) -> tuple[torch.dtype | None, bool]
     return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision], precision == "fp16"
 
 
-def _seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
-
-
 def batches(store: LayerStore, ids: list[str], cfg: TrainConfig, start: int = 0) -> Iterator[torch.Tensor]:
     """Full batches [batch_size, d_in] from step `start` on: epoch e is a fresh shuffle seeded by
     (seed, e) and drops its last partial batch, so resuming at step `start` re-reads only its epoch."""
@@ -140,7 +133,7 @@ def batches(store: LayerStore, ids: list[str], cfg: TrainConfig, start: int = 0)
         raise TooFewSamples(f"{store.count(ids)} tokens is less than one batch of {cfg.batch_size}")
     epoch, skip = divmod(start, per_epoch)
     while True:
-        seed = _seed(cfg.seed, epoch)
+        seed = stable_hash(cfg.seed, epoch)
         it = store.iter_batches(cfg.batch_size, completion_ids=ids, seed=seed, buffer_bytes=cfg.buffer_bytes)
         yield from itertools.islice(it, skip, per_epoch)
         epoch, skip = epoch + 1, 0
@@ -277,96 +270,3 @@ def train_sae(
     atomic_write_json(out_dir / "metrics.json", metrics)
     ckpt.unlink(missing_ok=True)
     return metrics
-
-
-# --- conditions and the grid ---------------------------------------------------------------------
-def split_completions(
-    rows: list[dict], eval_fraction: float = 0.1, seed: int = 0
-) -> tuple[list[str], list[str]]:
-    """(train ids, held-out ids), grouped by `group` (the scenario or fact; else `prompt_id`) so no group
-    is on both sides, e.g. a fact's honest and dishonest prompts. A group's side depends only on its
-    name and the seed, so adding completions never moves old ones. With one group nothing can be held
-    out: evaluation then uses the training completions (announced)."""
-    group = {r["id"]: str(r.get("group") or r["prompt_id"]) for r in rows}
-    names = sorted(set(group.values()))
-    held = {g for g in names if _seed(seed, "eval", g) % 10_000 < eval_fraction * 10_000}
-    if not held and len(names) > 1 and eval_fraction > 0:
-        held = {min(names, key=lambda g: _seed(seed, "eval", g))}
-    if len(held) == len(names):
-        held = set()
-    if not held:
-        print(f"{len(names)} group(s): none can be held out, so metrics use the training completions")
-    train = [i for i in group if group[i] not in held]
-    return train, [i for i in group if group[i] in held] or train
-
-
-def condition_ids(rows: list[dict], condition: str, train_ids: list[str], store: LayerStore, *,
-                  min_completions: int = 20, min_tokens: int = 20_000) -> list[str]:  # fmt: skip
-    """Training completions of `condition` (completions.ids_for_condition: mixed = honest + deceptive)
-    that have activations in `store`; TooFewSamples names the counts by label."""
-    train = set(train_ids)
-    ids = [i for i in ids_for_condition(rows, condition) if i in train and i in store.entries]
-    n_tokens = store.count(ids) if ids else 0
-    if len(ids) < min_completions or n_tokens < min_tokens:
-        labels = Counter(r.get("label") or "unlabelled" for r in rows if r["id"] in train)
-        raise TooFewSamples(
-            f"condition {condition!r} at layer {store.dir.name.removeprefix('layer_')} has {len(ids)} completions "
-            f"({n_tokens} tokens); it needs at least {min_completions} completions and {min_tokens} tokens. "
-            f"Training completions by label: {dict(labels)}. Sample more (notebook 02) or lower the minimums."
-        )
-    return ids
-
-
-def model_short(spec: str) -> str:
-    """'karpathy/nanochat-d32' -> 'd32'; 'org/Some_Model' -> 'Some-Model' (no '_', the sae_id separator)."""
-    name = spec.rstrip("/").replace(":", "/").split("/")[-1].removeprefix("nanochat-")
-    return "".join(c if c.isalnum() or c in ".-" else "-" for c in name)
-
-
-def train_grid(
-    run_dir: str | os.PathLike,
-    layers: list[int],
-    architectures: list[str],
-    conditions: list[str],
-    cfg: TrainConfig,
-    *,
-    device: str = "cpu",
-    eval_fraction: float = 0.1,
-    min_completions: int = 20,
-    min_tokens: int = 20_000,
-    plan_only: bool = False,
-) -> list[dict[str, Any]]:
-    """Train every layer × condition × architecture SAE of the run that is not complete yet. Returns one
-    row per SAE: status "trained", "done earlier", "skipped" (with the reason) or, with `plan_only`,
-    "to train". Every SAE trains on `cfg.train_tokens` tokens, so conditions compare at equal budgets."""
-    run_dir = Path(run_dir)
-    spec = (read_run_json(run_dir).get("model") or {}).get("spec")
-    if not spec:
-        raise FileNotFoundError(f"{run_dir}/run.json has no model: run notebook 01 with this RUN_NAME first")
-    rows = read_completions(run_dir)
-    if not rows:
-        raise FileNotFoundError(f"{run_dir}/completions.jsonl is missing or empty: run notebook 02 first")
-    train_ids, eval_ids = split_completions(rows, eval_fraction, cfg.seed)
-    status = []
-    for layer, condition in itertools.product(layers, conditions):
-        store, reason = LayerStore(run_dir, layer), None
-        try:
-            ids = condition_ids(rows, condition, train_ids, store, min_completions=min_completions, min_tokens=min_tokens)  # fmt: skip
-        except TooFewSamples as err:
-            print(f"skipping {condition} at layer {layer}: {err}")
-            ids, reason = [], str(err)
-        for arch in architectures:
-            row = {"sae_id": f"{model_short(spec)}_{arch}_L{layer}_{condition}", "layer": layer,
-                   "condition": condition, "architecture": arch, "completions": len(ids)}  # fmt: skip
-            out = run_dir / "saes" / row["sae_id"]
-            if reason or plan_only or (out / "metrics.json").exists():
-                done = "done earlier" if (out / "metrics.json").exists() else "to train"
-                status.append({**row, "status": "skipped" if reason else done, "reason": reason})
-                continue
-            meta = {**row, "model_spec": spec, "n_eval_completions": len(eval_ids),
-                    "dataset_path": f"{run_dir.name}/completions.jsonl"}  # fmt: skip
-            m = train_sae(store, ids, replace(cfg, architecture=arch), out, hook_name=hooks.hook_name(layer),
-                          model_name=spec, eval_ids=eval_ids, metadata=meta, device=device)  # fmt: skip
-            summary = {k: m["activations"][k] for k in ("explained_variance", "l0", "dead_fraction")}
-            status.append({**row, "status": "trained", **summary})
-    return status

@@ -18,17 +18,11 @@ import pytest
 import torch
 
 import helpers
+from helpers.completions import split_completions
+from helpers.grid import condition_ids, train_grid
 from helpers.hooks import hook_name, run_with_capture
 from helpers.store import ActivationWriter, LayerStore, layer_dir
-from helpers.train import (
-    Run,
-    TooFewSamples,
-    TrainConfig,
-    condition_ids,
-    split_completions,
-    train_grid,
-    train_sae,
-)
+from helpers.train import Run, TooFewSamples, TrainConfig, train_sae
 
 LAYER = 2
 QUESTIONS = ["Did you take the money?", "Is the car in good condition?", "Were you home last night?"]
