@@ -10,8 +10,8 @@ deceptive from honest completions, and their Gemini explanations (DESIGN.md §3)
   many features superposed), so its thresholds / TopK would pick features no token has.
 - `feature_table` → `features/{sae_id}.jsonl`: the same per-completion feature activations,
   `features.select_and_report` (chosen on one split of prompt groups, reported on the other), token
-  firing rates per class, and example windows (contexts.py) of the top features. Explanation fields
-  stay empty until `label_features` fills them (autointerp.py) and rewrites the file atomically.
+  firing rates per class, and example windows (contexts.py) of the top features. Explanation and score
+  fields stay empty until `label_features` fills them (autointerp.py) and rewrites the file atomically.
 
 Only completions labelled honest or deceptive are used (y = 1 deceptive), grouped by `group` (the
 scenario, or the fact of a contrast pair) for every split, fold and bootstrap. A completion's label is
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from . import probes
-from .autointerp import autointerp, detection_summary
+from .autointerp import autointerp
 from .collect import load_pooled
 from .completions import read_completions
 from .contexts import (
@@ -53,6 +53,7 @@ from .features import (
 from .gemini import GeminiClient
 from .runs import atomic_write_json, read_run_json
 from .saelens_io import LoadedSAE, load_sae
+from .scoring import score_summary
 from .store import LayerStore
 
 Pooling = Literal["mean", "last"]
@@ -274,7 +275,7 @@ def feature_table(
                  token_firing_rate_honest=float(rate_honest[f]), token_firing_rate_deceptive=float(rate_deceptive[f]),
                  contexts={key: v for key, v in contexts[f].to_dict().items() if key != "feature"},
                  explanation=None, explanation_source=NOT_LABELLED, deception_related=None, kind=None,
-                 detection=None, detection_baseline=None)  # fmt: skip
+                 detection=None, detection_baseline=None, fuzzing=None, fuzzing_baseline=None)  # fmt: skip
     write_features_jsonl(path, rows)
     return [jsonable(r) for r in rows]  # as the file holds them (lists, None for nan)
 
@@ -288,9 +289,8 @@ def label_features(
     features_per_request: int = 8,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Auto-interpretation (autointerp.py) of the `n_label` top-ranked features in
-    `features/{sae_id}.jsonl`; the file is rewritten atomically with the explanation and score fields.
-    `client=None` (no key) marks them unavailable. Rerun after a quota stop: answered requests are cached."""
+    """Explain and score (autointerp.py) the `n_label` top-ranked features of `features/{sae_id}.jsonl`,
+    rewritten atomically. No client (no key): marked unavailable. Quota stop: rerun, answers are cached."""
     path = Path(run_dir) / "features" / f"{sae_id}.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run feature_table for this SAE first")
@@ -304,7 +304,7 @@ def label_features(
         if r.get("explanation") is None:
             r["explanation_source"] = f"not labelled (outside the top n_label={n_label})"
     write_features_jsonl(path, rows)
-    print(f"{sae_id}: {detection_summary(results)}")
+    print(f"{sae_id}: {score_summary(results)}")
     return rows
 
 

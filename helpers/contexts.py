@@ -1,23 +1,15 @@
-"""Example windows for SAE features: where a feature fires over its whole activation range, and where it
-does not. This is the material auto-interpretation explains and is scored on (autointerp.py;
+"""Example windows of SAE features: where a feature fires over its whole activation range, and where it
+does not. This is the material auto-interpretation explains and is scored on (autointerp.py, scoring.py;
 REFERENCE.md "Auto-interpretability practice").
 
 `build_contexts` makes one streamed pass over the activation store (whole completions per encoder batch
 of ~`batch_tokens` tokens; only the chosen features' bookkeeping is kept, never the store or the
-[n_tokens, d_sae] activations) and collects per feature:
-- a uniform sample of its nonzero activations (`reservoir` per feature: the rows with the smallest
-  random keys) plus its largest ones. Quantile bins are cut from them (EleutherAI delphi: 10 bins of the
-  nonzero activations) and ACTIVATING examples are drawn from every bin, so an explanation must cover
-  weak activations too, not only the top;
-- its largest pre-activations where it did not fire (near misses). These are the HARD NEGATIVES: text
-  the encoder almost assigned to the feature, which an explanation has to rule out ("fires on 'no'"
-  fails on a near-miss 'no' that is no denial). Windows from other samples of the same prompt were the
-  other option; they are more often as easy as random text. For a Gated SAE the pre-activation is the
-  magnitude path (what `encode` returns), whose gate stayed closed;
-- per completion its maximum activation: NON-ACTIVATING windows are random tokens of completions where
-  the feature never fires (else random tokens whose whole window turns out silent).
-A second pass re-encodes only the completions that supply examples, to give every window token its
-activation.
+[n_tokens, d_sae] activations) and collects per feature: a uniform sample of its nonzero activations
+(`reservoir` per feature: the rows with the smallest random keys) plus its largest ones, its largest
+pre-activations where it did not fire (near misses), and per completion its maximum activation. From
+these windows.py picks ACTIVATING examples over the activation quantiles, NON-ACTIVATING windows and
+HARD NEGATIVES, split by prompt group into an EXPLAIN set and a held-out SCORING set. A second pass
+re-encodes only the completions that supply examples, to give every window token its activation.
 
 A window is up to `before` tokens, the token, and up to `after` tokens (32 in all, as delphi), inside the
 completion's own tokens: the prompt's activations are not always stored, and an unmarked token whose
@@ -25,15 +17,10 @@ activation is unknown would mislead. Firing tokens are marked <<like this>> (a r
 one span); `tokens` and `acts` keep every token's activation for plots. Non-activating and hard-negative
 windows are silent over their whole length. Each example records its completion's label for display
 only: the label never chooses an example and is never shown to the explainer (DESIGN.md §8).
-
-Examples are split into an EXPLAIN set and a held-out SCORING set by prompt group (`group`, else
-`prompt_id`): every completion of a scenario, or of both prompts of a contrast pair, goes to one side, so
-near-duplicate text never sits on both sides.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -43,6 +30,7 @@ import torch
 
 from .hooks import hook_name, run_with_capture
 from .store import LayerStore
+from .windows import Largest, WindowSelection, split_sides
 
 OPEN, CLOSE = "<<", ">>"
 KINDS = ("activating", "non_activating", "hard_negative")
@@ -247,37 +235,6 @@ def window_record(
     }
 
 
-def split_sides(docs: Sequence[Doc], seed: int = 0) -> np.ndarray:
-    """[n_docs] 0 (explain) or 1 (scoring): prompt groups in a seeded hash order, alternately to each side."""
-
-    def key(d: Doc) -> str:
-        return str(d.record.get("group") or d.record.get("prompt_id") or d.id)
-
-    order = sorted({key(d) for d in docs}, key=lambda k: hashlib.sha256(f"{seed}|{k}".encode()).hexdigest())
-    side = {k: i % 2 for i, k in enumerate(order)}
-    return np.array([side[key(d)] for d in docs], dtype=np.int64)
-
-
-class _Largest:
-    """The k rows [g, value, score] with the largest score among all rows added (compacted lazily)."""
-
-    def __init__(self, k: int):
-        self.k, self.parts, self.n = k, [np.zeros((0, 3))], 0
-
-    def add(self, g: np.ndarray, value: np.ndarray, score: np.ndarray) -> None:
-        self.parts.append(np.c_[g, value, score])
-        self.n += len(g)
-        if self.n > 2 * self.k:
-            self.parts = [self.result()]
-            self.n = len(self.parts[0])
-
-    def result(self) -> np.ndarray:
-        rows = np.concatenate(self.parts)
-        if len(rows) > self.k:
-            rows = rows[np.argpartition(-rows[:, 2], self.k - 1)[: self.k]]
-        return rows[np.argsort(-rows[:, 2], kind="stable")]
-
-
 def build_contexts(
     store: LayerStore,
     sae: Any,
@@ -298,9 +255,9 @@ def build_contexts(
     F = len(feats)
     doc_max = np.zeros((len(docs), F), np.float32)
     n_firing = np.zeros(F, np.int64)
-    sample = [_Largest(cfg.reservoir) for _ in feats]  # random keys as scores: a uniform sample
-    top = [_Largest(4 * cfg.n_bins * max(cfg.explain_per_bin, cfg.score_per_bin, 1)) for _ in feats]
-    near = [_Largest(cfg.near_misses) for _ in feats]
+    sample = [Largest(cfg.reservoir) for _ in feats]  # random keys as scores: a uniform sample
+    top = [Largest(4 * cfg.n_bins * max(cfg.explain_per_bin, cfg.score_per_bin, 1)) for _ in feats]
+    near = [Largest(cfg.near_misses) for _ in feats]
     # Per-feature generators: a feature's examples depend on (seed, feature, data) only, not on the
     # other features asked for or the batch size.
     keys = [np.random.default_rng([cfg.seed, 7, f]) for f in feats]
@@ -327,7 +284,7 @@ def build_contexts(
         out[f] = FeatureContexts(
             f, int(offsets[-1]), int(n_firing[i]), float(doc_max[:, i].max()) + 0.0, edges.tolist()
         )
-        sel = _Selection(cfg, np.random.default_rng([cfg.seed, 8, f]), offsets, side, docs)
+        sel = WindowSelection(cfg, np.random.default_rng([cfg.seed, 8, f]), offsets, side, docs)
         for s in (0, 1):
             sel.activating(s, nonzero, edges)
             sel.non_activating(s, doc_max[:, i])
@@ -358,80 +315,6 @@ def build_contexts(
                                label=rec.get("label"), window_start=docs[d].n_prompt + lo, quantile=b)  # fmt: skip
             (out[f].explain if s == 0 else out[f].score).append(ex)
     return out
-
-
-class _Selection:
-    """Candidate examples of one feature, per side, then the ones whose windows pass the checks."""
-
-    def __init__(self, cfg: ContextConfig, rng, offsets: np.ndarray, side: np.ndarray, docs: list[Doc]):
-        self.cfg, self.rng, self.offsets, self.side, self.docs = cfg, rng, offsets, side, docs
-        self.candidates: list[tuple[int, str, int, int, int | None]] = []  # (side, kind, doc, pos, bin)
-        self.taken: dict[int, list[int]] = {}  # doc -> example positions (examples never share a token)
-
-    def _locate(self, g: float) -> tuple[int, int]:
-        d = int(np.searchsorted(self.offsets, g, side="right")) - 1
-        return d, int(g) - int(self.offsets[d])
-
-    def _free(self, d: int, pos: int) -> bool:
-        span = self.cfg.before + self.cfg.after + 1
-        return all(abs(pos - q) >= span for q in self.taken.get(d, ()))
-
-    def activating(self, s: int, nonzero: np.ndarray, edges: np.ndarray) -> None:
-        """Up to per_bin random examples from each quantile bin, non-overlapping."""
-        if not len(nonzero):
-            return
-        per_bin = self.cfg.explain_per_bin if s == 0 else self.cfg.score_per_bin
-        bins = np.clip(np.searchsorted(edges, nonzero[:, 1], side="right") - 1, 0, self.cfg.n_bins - 1)
-        for b in range(self.cfg.n_bins):
-            got = 0
-            for j in self.rng.permutation(np.flatnonzero(bins == b)):
-                if got == per_bin:
-                    break
-                d, pos = self._locate(nonzero[j, 0])
-                if self.side[d] == s and self._free(d, pos):
-                    self.taken.setdefault(d, []).append(pos)
-                    self.candidates.append((s, "activating", d, pos, b))
-                    got += 1
-
-    def non_activating(self, s: int, doc_max: np.ndarray) -> None:
-        """Random tokens of silent completions first, then of others (their windows are checked later)."""
-        n = self.cfg.explain_non_activating if s == 0 else self.cfg.score_non_activating
-        silent = self.rng.permutation(np.flatnonzero((self.side == s) & (doc_max <= 0)))[: 2 * n]
-        others = self.rng.permutation(np.flatnonzero((self.side == s) & (doc_max > 0)))[
-            : 4 * n - 2 * len(silent)
-        ]
-        for d in [*silent, *others]:
-            self.candidates.append(
-                (s, "non_activating", int(d), int(self.rng.integers(self.docs[d].n)), None)
-            )
-
-    def hard_negatives(self, s: int, near: np.ndarray) -> None:
-        """The highest non-firing pre-activations, one per completion."""
-        n, seen = self.cfg.explain_hard_negatives if s == 0 else self.cfg.score_hard_negatives, set()
-        for g in near[:, 0]:
-            d, pos = self._locate(g)
-            if self.side[d] == s and d not in seen and len(seen) < 3 * n:
-                seen.add(d)
-                self.candidates.append((s, "hard_negative", d, pos, None))
-
-    def accept(self, window_acts) -> Iterator[tuple[int, str, int, int, int | None]]:
-        """The candidates kept: activating ones that fire at their token in the second pass, negatives
-        whose whole window is silent and free, up to the wanted count per side and kind."""
-        cfg, counts = self.cfg, {}
-        wanted = {(0, "non_activating"): cfg.explain_non_activating, (0, "hard_negative"): cfg.explain_hard_negatives,
-                  (1, "non_activating"): cfg.score_non_activating, (1, "hard_negative"): cfg.score_hard_negatives}  # fmt: skip
-        for s, kind, d, pos, b in self.candidates:
-            lo, hi = max(0, pos - cfg.before), min(self.docs[d].n, pos + cfg.after + 1)
-            acts = window_acts(d, lo, hi)
-            if kind == "activating":
-                if acts[pos - lo] <= 0:
-                    continue  # fired in pass 1 only through a rounding difference: no clear example
-            elif counts.get((s, kind), 0) >= wanted[s, kind] or (acts > 0).any() or not self._free(d, pos):
-                continue
-            else:
-                self.taken.setdefault(d, []).append(pos)
-            counts[s, kind] = counts.get((s, kind), 0) + 1
-            yield s, kind, d, pos, b
 
 
 def feature_activation_over_text(

@@ -15,11 +15,12 @@ from test_contexts import LAYER, PLANTED, make_run
 from threadpoolctl import threadpool_limits
 
 from helpers.analysis import NOT_LABELLED, feature_table, label_features, probe_table, sae_completion_acts
-from helpers.autointerp import EXPLAIN_SYSTEM, OFFLINE
+from helpers.autointerp import EXPLAIN_SYSTEM
 from helpers.completions import read_completions, write_completions
 from helpers.contexts import docs_for
 from helpers.features import read_features_jsonl
 from helpers.gemini import GeminiClient
+from helpers.gemini_batch import OFFLINE
 from helpers.saelens_io import load_sae, save_sae
 from helpers.saes import JumpReLUSAE
 from helpers.store import LayerStore
@@ -112,7 +113,7 @@ def test_label_features_offline_then_with_gemini(run, offline_lm, fake_gemini, m
     feature_table(run.dir, run.sae_folder, k=5, tokenizer=offline_lm.tokenizer, n_bootstrap=200)
     rows = label_features(run.dir, run.sae_id, None, n_label=3)
     assert [r["explanation_source"] for r in rows[:3]] == [OFFLINE] * 3
-    assert all(r["explanation"] is None and r["detection"] is None for r in rows)
+    assert all(r["explanation"] is None and r["detection"] is None and r["fuzzing"] is None for r in rows)
     assert rows[3]["explanation_source"].startswith("not labelled (outside the top n_label=3)")
 
     def handler(request):
@@ -130,13 +131,15 @@ def test_label_features_offline_then_with_gemini(run, offline_lm, fake_gemini, m
     client = GeminiClient(cache_path=run.dir / "judge_cache.sqlite", sleep=lambda s: None)
     rows = label_features(run.dir, run.sae_id, client, n_label=3)
     assert (
-        len(fake_gemini.requests) == 3
+        len(fake_gemini.requests) == 5
         and read_features_jsonl(run.dir / "features" / f"{run.sae_id}.jsonl") == rows
     )
     for r in rows[:3]:
         assert r["explanation"].startswith("the token ") and r["explanation_source"].startswith("gemini:")
-        assert r["detection"]["verdict"] == "at chance" and r["detection"]["balanced_accuracy"] == 0.5
-        assert r["detection_baseline"] is not None and r["contexts"]["explain"]
+        for method in ("detection", "fuzzing"):  # a reader that says 0.9 to everything: at chance
+            assert r[method]["verdict"] == "at chance" and r[method]["balanced_accuracy"] == 0.5
+            assert r[f"{method}_baseline"] is not None and r["contexts"]["explain"]
+        assert r["fuzzing"]["n_windows"] == 2 * r["fuzzing"]["n_correct"] > 0
 
 
 @pytest.fixture

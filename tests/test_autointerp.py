@@ -1,6 +1,7 @@
 """Auto-interpretation through the real google-genai SDK against the local fake Gemini server: batching,
-id validation and follow-ups, the cache, detection scores against the truth (a perfect explanation, one
-at chance, the shuffled baseline), quota stops, offline mode, and the request plan."""
+id validation and follow-ups, the cache, detection and fuzzing scores against the truth (a perfect
+explanation, one at chance, the shuffled baseline), the fuzzing windows' marks, quota stops, offline
+mode, and the request plan."""
 
 from __future__ import annotations
 
@@ -11,18 +12,18 @@ import numpy as np
 import pytest
 from fake_gemini import RecordedRequest, daily_quota_exceeded, fake_gemini_server, json_reply, text_reply
 
-from helpers.autointerp import (
-    EXPLAIN_SYSTEM,
-    OFFLINE,
-    SCORE_SYSTEM,
-    autointerp,
-    detection_summary,
-    explain_features,
-    plan,
-    score_explanations,
-)
+from helpers.autointerp import EXPLAIN_SYSTEM, autointerp, explain_features, plan
 from helpers.contexts import FeatureContexts, window_record
 from helpers.gemini import DEFAULT_MODEL, GeminiClient
+from helpers.gemini_batch import OFFLINE
+from helpers.scoring import (
+    DETECTION_SYSTEM,
+    FUZZING_SYSTEM,
+    fuzzing_windows,
+    score_explanations,
+    score_summary,
+    score_table,
+)
 
 fake_gemini = pytest.fixture(fake_gemini_server, name="fake_gemini")
 
@@ -111,9 +112,23 @@ def scorer(score_window):
 truthful = scorer(lambda word, text: 1.0 if word in text else 0.0)
 
 
-def route(score_reply):
+def marks_only(word: str, text: str) -> float:
+    """A fuzzing reader that knows the feature fires on `word`: are the marked tokens exactly that word?"""
+    spans = re.findall(r"<<(.*?)>>", text)
+    return float(bool(spans) and all(span.strip() == word for span in spans))
+
+
+knows_the_word = scorer(marks_only)
+
+
+def route(score_reply, fuzz_reply=knows_the_word):
     def handler(request: RecordedRequest):
-        return explain_from_markers(request) if request.system == EXPLAIN_SYSTEM else score_reply(request)
+        replies = {
+            EXPLAIN_SYSTEM: explain_from_markers,
+            DETECTION_SYSTEM: score_reply,
+            FUZZING_SYSTEM: fuzz_reply,
+        }
+        return replies[request.system](request)
 
     return handler
 
@@ -123,10 +138,10 @@ def test_several_features_per_request_and_a_perfect_explanation_scores_one(fake_
     contexts = synthetic_contexts()
     results = autointerp(contexts, new_client(), features_per_request=3)
 
-    assert len(fake_gemini.requests) == plan(8, 3)["requests"] == 9
+    assert len(fake_gemini.requests) == plan(8, 3)["requests"] == 15
     systems = [r.system for r in fake_gemini.requests]
-    assert systems == [EXPLAIN_SYSTEM] * 3 + [SCORE_SYSTEM] * 6
-    assert [len(items(r)) for r in fake_gemini.requests] == [3, 3, 2] * 3
+    assert systems == [EXPLAIN_SYSTEM] * 3 + [DETECTION_SYSTEM] * 6 + [FUZZING_SYSTEM] * 6
+    assert [len(items(r)) for r in fake_gemini.requests] == [3, 3, 2] * 5
     first = fake_gemini.requests[0]
     schema = first.generation_config["responseSchema"]["properties"]["features"]["items"]["properties"]
     assert schema["kind"]["enum"] == [
@@ -137,16 +152,22 @@ def test_several_features_per_request_and_a_perfect_explanation_scores_one(fake_
         "other",
         "none",
     ]
-    # Labels and completion ids never reach Gemini; scoring windows carry no markers.
+    # Labels and completion ids never reach Gemini; detection windows carry no markers, fuzzing windows
+    # (the 10 activating ones) all do, and nothing of the truth is sent.
     for r in fake_gemini.requests:
         assert "honest" not in r.prompt and "deceptive" not in r.prompt and '"c101-' not in r.prompt
-    assert all("<<" not in r.prompt for r in fake_gemini.requests[3:])
-    assert all(len(it["windows"]) == 20 for r in fake_gemini.requests[3:] for it in items(r))
+    assert all("<<" not in r.prompt for r in fake_gemini.requests[3:9])
+    assert all(len(it["windows"]) == 20 for r in fake_gemini.requests[3:9] for it in items(r))
+    fuzz_windows = [w for r in fake_gemini.requests[9:] for it in items(r) for w in it["windows"]]
+    assert len(fuzz_windows) == 2 * 8 * 10 and all(set(w) == {"window", "text"} for w in fuzz_windows)
+    assert all("<<" in w["text"] for w in fuzz_windows)
 
     for i, f in enumerate(FEATURES):
         res = results[f]
         assert res["explanation"] == f"Fires on the word {WORDS[i]}."
-        assert res["explanation_source"] == res["score_source"] == f"gemini:{DEFAULT_MODEL}"
+        sources = [res[k] for k in ("explanation_source", "detection_source", "detection_baseline_source",
+                                    "fuzzing_source", "fuzzing_baseline_source")]  # fmt: skip
+        assert sources == [f"gemini:{DEFAULT_MODEL}"] * 5
         assert (res["deception_related"], res["kind"]) == ("no", "none")
         det, base = res["detection"], res["detection_baseline"]
         assert (det["balanced_accuracy"], det["auroc"], det["verdict"]) == (1.0, 1.0, "above chance")
@@ -154,28 +175,131 @@ def test_several_features_per_request_and_a_perfect_explanation_scores_one(fake_
         # The baseline scored the same windows with the next feature's explanation: chance.
         assert res["baseline_explanation_of"] == FEATURES[(i + 1) % 8]
         assert (base["balanced_accuracy"], base["auroc"], base["verdict"]) == (0.5, 0.5, "at chance")
-        assert res["ba_over_baseline"] == 0.5
-    summary = detection_summary(results)
-    assert (summary["balanced_accuracy"], summary["baseline_balanced_accuracy"]) == (1.0, 0.5)
-    assert (summary["n_above_chance"], summary["n_baseline_above_chance"]) == (8, 0)
+        assert res["detection_ba_over_baseline"] == 0.5
+        # Fuzzing: a reader who knows the word tells right marks from wrong ones; with the next feature's
+        # word it calls every marking wrong.
+        fuzz, fuzz_base = res["fuzzing"], res["fuzzing_baseline"]
+        assert (fuzz["balanced_accuracy"], fuzz["auroc"], fuzz["verdict"]) == (1.0, 1.0, "above chance")
+        assert (fuzz["n_windows"], fuzz["n_correct"]) == (10, 5)
+        assert (fuzz_base["balanced_accuracy"], fuzz_base["auroc"]) == (0.5, 0.5)
+        assert res["fuzzing_ba_over_baseline"] == 0.5
+    summary = score_summary(results)
+    for method in ("detection", "fuzzing"):
+        assert summary[f"{method}_n_scored"] == summary[f"{method}_n_above_chance"] == 8
+        assert summary[f"{method}_balanced_accuracy"] == summary[f"{method}_auroc"] == 1.0
+        assert summary[f"{method}_baseline_balanced_accuracy"] == summary[f"{method}_baseline_auroc"] == 0.5
+        assert summary[f"{method}_n_baseline_above_chance"] == 0
+    table = score_table([results[f] for f in FEATURES])
+    assert table[0] == {"feature": "101", "detection BA / AUROC": "1.00 / 1.00", "shuffled (det.)": "0.50 / 0.50",
+                        "fuzzing BA / AUROC": "1.00 / 1.00", "shuffled (fuzz.)": "0.50 / 0.50",
+                        "explanation": "Fires on the word apple."}  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", ["constant", "random"])
 def test_an_explanation_at_chance_scores_about_one_half_and_says_so(fake_gemini, kind):
     rng = np.random.default_rng(3)
     answer = (lambda w, t: 0.7) if kind == "constant" else (lambda w, t: float(rng.random()))
-    fake_gemini.handler = route(scorer(answer))
-    results = autointerp(synthetic_contexts(), new_client(), baseline=False)
-    dets = [r["detection"] for r in results.values()]
-    bas = np.array([d["balanced_accuracy"] for d in dets])
-    if kind == "constant":
-        assert (bas == 0.5).all() and all(d["auroc"] == 0.5 and d["verdict"] == "at chance" for d in dets)
-    else:
-        assert abs(bas.mean() - 0.5) < 0.1 and abs(np.mean([d["auroc"] for d in dets]) - 0.5) < 0.1
-        assert sum(d["verdict"] == "at chance" for d in dets) >= 7
-    assert all(
-        r["detection_baseline"] is None and r["baseline_source"] == "not run" for r in results.values()
-    )
+    fake_gemini.handler = route(scorer(answer), scorer(answer))
+    # More features than usual, so that the mean of the random reader is close to 0.5.
+    contexts = synthetic_contexts(range(8), seed=1) + synthetic_contexts(range(8, 16), seed=2)
+    results = autointerp(contexts, new_client(), baseline=False)
+    for method in ("detection", "fuzzing"):
+        scored = [r[method] for r in results.values()]
+        bas = np.array([d["balanced_accuracy"] for d in scored])
+        if kind == "constant":
+            assert (bas == 0.5).all() and all(
+                d["auroc"] == 0.5 and d["verdict"] == "at chance" for d in scored
+            )
+        else:
+            assert abs(bas.mean() - 0.5) < 0.1 and abs(np.mean([d["auroc"] for d in scored]) - 0.5) < 0.1
+            assert sum(d["verdict"] == "at chance" for d in scored) >= 13
+        assert all(
+            r[f"{method}_baseline"] is None and r[f"{method}_baseline_source"] == "not run"
+            for r in results.values()
+        )
+
+
+def multi_token_context(feature: int = 77) -> FeatureContexts:
+    """Activating windows with runs of 1-5 firing tokens at random places, two of them firing on most
+    of their tokens (they cannot be wrongly marked), and non-activating windows that fuzzing must not use."""
+    rng = np.random.default_rng(5)
+    score = []
+    for i in range(13):
+        n = 12
+        acts = np.zeros(n)
+        n_fire = 9 if i in (3, 8) else int(rng.integers(1, 6))
+        acts[rng.choice(n, size=n_fire, replace=False)] = rng.uniform(0.1, 3, n_fire)
+        tokens = [f" t{i}_{j}" for j in range(n)]
+        score.append(window_record(tokens, acts, int(np.argmax(acts)), kind="activating", completion_id=f"a{i}",
+                                   label=None, window_start=0, quantile=0))  # fmt: skip
+    for i in range(4):
+        tokens = [f" n{i}_{j}" for j in range(12)]
+        score.append(window_record(tokens, [0.0] * 12, 0, kind="non_activating", completion_id=f"n{i}",
+                                   label=None, window_start=0))  # fmt: skip
+    return FeatureContexts(feature, 1000, 50, 3.0, list(np.linspace(0.1, 3, 11)), [], score)
+
+
+def test_fuzzing_marks_half_right_and_half_wrong_and_wrong_marks_miss_every_firing_token():
+    ctx = multi_token_context()
+    wrong_sets = set()
+    for seed in range(20):
+        windows = fuzzing_windows(ctx, seed)
+        assert windows == fuzzing_windows(ctx, seed), "seeded"
+        assert [w["window"] for w in windows] == list(range(12)), "13 activating windows: 6 pairs"
+        assert sum(w["truth"] for w in windows) == 6
+        assert len({w["example"] for w in windows}) == 12
+        for w in windows:
+            example = ctx.score[w["example"]]
+            assert example["kind"] == "activating"
+            firing = set(np.flatnonzero(np.asarray(example["acts"]) > 0).tolist())
+            if w["truth"]:
+                assert set(w["marked"]) == firing and w["text"] == example["marked"]
+            else:
+                assert len(w["marked"]) == len(firing) and not set(w["marked"]) & firing
+                assert w["example"] not in (3, 8), "too few silent tokens to mark wrongly"
+            # The marks wrap exactly the marked tokens, as the explanation prompt marks firing ones.
+            inside = "".join(re.findall(r"<<(.*?)>>", w["text"]))
+            assert inside == "".join(example["tokens"][i] for i in w["marked"])
+            assert w["text"].replace("<<", "").replace(">>", "") == example["text"]
+        wrong_sets.add(frozenset(w["example"] for w in windows if not w["truth"]))
+    assert len(wrong_sets) > 10, "the seed chooses which windows are marked wrongly"
+
+    # Two activating windows of which neither can be marked wrongly, or only one activating: no pair.
+    ctx.score = [ctx.score[3], ctx.score[8], *ctx.score[13:]]
+    assert fuzzing_windows(ctx) is None
+    ctx.score = [multi_token_context().score[0]]
+    assert fuzzing_windows(ctx) is None
+
+
+def test_fuzzing_answers_are_validated_and_asked_again(fake_gemini, capsys):
+    contexts = synthetic_contexts()[:3]
+    explanations = {f: f"Fires on the word {WORDS[i]}." for i, f in enumerate(FEATURES[:3])}
+
+    def skip_a_window_and_add_a_stranger(request):
+        reply = json.loads(knows_the_word(request).body["candidates"][0]["content"]["parts"][0]["text"])
+        reply["features"][0]["scores"].pop()
+        reply["features"].append({"feature": 424242, "scores": [{"window": 0, "score": 1.0}]})
+        return json_reply(reply)
+
+    fake_gemini.handler = route(truthful)
+    fake_gemini.push(truthful, skip_a_window_and_add_a_stranger)
+    results = score_explanations(contexts, explanations, new_client(), baseline=False)
+    assert [r.system for r in fake_gemini.requests] == [DETECTION_SYSTEM] + [FUZZING_SYSTEM] * 2
+    followup = fake_gemini.requests[2]
+    assert "follow-up 1" in followup.prompt and [it["feature"] for it in items(followup)] == FEATURES[:1]
+    assert followup.prompt.startswith("Judge the marked tokens in the windows of each of these 1 features")
+    assert [it["explanation"] for it in items(followup)] == [explanations[FEATURES[0]]]
+    out = capsys.readouterr().out
+    assert "424242" in out and "lacked feature(s) [101]" in out
+    assert 424242 not in results
+    assert all(results[f]["fuzzing"]["balanced_accuracy"] == 1.0 for f in FEATURES[:3])
+    # A reader that calls every marking right (or wrong) is at chance; one that inverts the truth is below.
+    fake_gemini.handler = route(truthful, scorer(lambda word, text: 1.0 - marks_only(word, text)))
+    inverted = score_explanations(contexts, explanations, new_client(), baseline=False, seed=1)
+    assert all(inverted[f]["fuzzing"]["auroc"] == 0.0 for f in FEATURES[:3])
+    assert all(inverted[f]["fuzzing"]["verdict"] == "below chance" for f in FEATURES[:3])
+    skipped = score_explanations(contexts, explanations, new_client(), fuzzing=False)
+    assert all(r["fuzzing"] is None and r["fuzzing_source"] == "not run" for r in skipped.values())
 
 
 def test_wrong_and_missing_feature_ids_are_asked_again(fake_gemini, capsys):
@@ -209,7 +333,8 @@ def test_wrong_and_missing_feature_ids_are_asked_again(fake_gemini, capsys):
     scores = score_explanations(
         contexts, {f: e["explanation"] for f, e in expl.items()}, new_client(), baseline=False
     )
-    assert len(fake_gemini.requests) == 2 and all(scores[f]["detection"] for f in FEATURES[:3])
+    assert [r.system for r in fake_gemini.requests] == [DETECTION_SYSTEM] * 2 + [FUZZING_SYSTEM]
+    assert all(scores[f]["detection"] and scores[f]["fuzzing"] for f in FEATURES[:3])
 
 
 def test_a_malformed_answer_is_asked_again_in_smaller_batches(fake_gemini):
@@ -226,7 +351,7 @@ def test_a_rerun_is_answered_from_the_cache(fake_gemini, tmp_path):
     sent = len(fake_gemini.requests)
     client = new_client(cache_path=tmp_path / "cache.sqlite")
     again = autointerp(synthetic_contexts(), client)
-    assert again == first and client.requests_made == 0 and len(fake_gemini.requests) == sent == 3
+    assert again == first and client.requests_made == 0 and len(fake_gemini.requests) == sent == 5
 
 
 def test_a_daily_quota_stop_returns_partial_results_and_the_next_run_continues(fake_gemini, tmp_path, capsys):
@@ -237,8 +362,10 @@ def test_a_daily_quota_stop_returns_partial_results_and_the_next_run_continues(f
     assert len(fake_gemini.requests) == 2, "nothing is sent after a daily-quota stop"
     assert "daily quota" in capsys.readouterr().out
     for f in FEATURES[:4]:
-        assert results[f]["explanation"] and results[f]["detection"] is None
-        assert "daily quota" in results[f]["score_source"]
+        assert results[f]["explanation"] and results[f]["detection"] is None and results[f]["fuzzing"] is None
+        assert (
+            "daily quota" in results[f]["detection_source"] and "daily quota" in results[f]["fuzzing_source"]
+        )
     for f in FEATURES[4:]:
         assert results[f]["explanation"] is None and results[f]["kind"] is None
         assert (
@@ -248,8 +375,11 @@ def test_a_daily_quota_stop_returns_partial_results_and_the_next_run_continues(f
 
     client = new_client(cache_path=cache)  # the next day
     results = autointerp(synthetic_contexts(), client, features_per_request=4)
-    assert client.requests_made == 1 + 2 + 2 and client.cache_hits == 1
-    assert all(r["detection"]["balanced_accuracy"] == 1.0 for r in results.values())
+    assert client.requests_made == 1 + 4 * 2 and client.cache_hits == 1
+    assert all(
+        r["detection"]["balanced_accuracy"] == r["fuzzing"]["balanced_accuracy"] == 1.0
+        for r in results.values()
+    )
 
 
 def test_a_budget_stop_marks_the_rest_unavailable(fake_gemini):
@@ -257,41 +387,61 @@ def test_a_budget_stop_marks_the_rest_unavailable(fake_gemini):
     results = autointerp(synthetic_contexts(), new_client(max_requests=2), features_per_request=4)
     assert len(fake_gemini.requests) == 2
     assert all(r["explanation"] for r in results.values())
-    assert all("budget" in r["score_source"] and r["detection"] is None for r in results.values())
+    for r in results.values():
+        assert "budget" in r["detection_source"] and r["detection"] is None
+        assert "budget" in r["fuzzing_baseline_source"] and r["fuzzing_baseline"] is None
 
 
 def test_offline_marks_everything_unavailable_and_sends_nothing(fake_gemini, capsys):
     results = autointerp(synthetic_contexts(), None)
     assert fake_gemini.requests == []
     for r in results.values():
-        assert (r["explanation"], r["deception_related"], r["kind"], r["detection"]) == (
-            None,
-            None,
-            None,
-            None,
-        )
-        assert r["explanation_source"] == r["score_source"] == OFFLINE
+        assert [r[k] for k in ("explanation", "deception_related", "kind", "detection", "fuzzing")] == [
+            None
+        ] * 5
+        assert r["explanation_source"] == r["detection_source"] == r["fuzzing_source"] == OFFLINE
+        assert r["detection_baseline_source"] == r["fuzzing_baseline_source"] == OFFLINE
+    assert (
+        score_explanations(synthetic_contexts()[:2], {f: "Fires on x." for f in FEATURES}, None)[FEATURES[0]][
+            "fuzzing_source"
+        ]
+        == OFFLINE
+    )
     assert OFFLINE in capsys.readouterr().out
 
 
 def test_features_without_examples_are_not_sent(fake_gemini):
     fake_gemini.handler = route(truthful)
-    contexts = synthetic_contexts()[:3]
+    contexts = synthetic_contexts()[:4]
     contexts[0].explain = [e for e in contexts[0].explain if e["kind"] != "activating"]
     contexts[1].score = [e for e in contexts[1].score if e["kind"] == "activating"]
+    contexts[3].score = [e for e in contexts[3].score if e["kind"] != "activating"] + contexts[3].score[:1]
     results = autointerp(contexts, new_client())
     assert "no activating windows" in results[FEATURES[0]]["explanation_source"]
+    assert results[FEATURES[0]]["detection"] is None and results[FEATURES[0]]["fuzzing"] is None
+    # Only activating windows: no detection, but fuzzing (which uses only those).
     assert results[FEATURES[1]]["explanation"] and results[FEATURES[1]]["detection"] is None
-    assert "needs activating and non-activating" in results[FEATURES[1]]["score_source"]
-    assert [it["feature"] for it in items(fake_gemini.requests[0])] == FEATURES[1:3]
-    assert results[FEATURES[2]]["baseline_explanation_of"] == FEATURES[1]
+    assert "needs activating and non-activating" in results[FEATURES[1]]["detection_source"]
+    assert results[FEATURES[1]]["fuzzing"]["balanced_accuracy"] == 1.0
+    # One activating window: detection, but no right/wrong pair for fuzzing.
+    assert results[FEATURES[3]]["detection"]["n_activating"] == 1 and results[FEATURES[3]]["fuzzing"] is None
+    assert "fuzzing needs two activating" in results[FEATURES[3]]["fuzzing_source"]
+    assert [it["feature"] for it in items(fake_gemini.requests[0])] == FEATURES[1:4]
+    by_system = {}
+    for r in fake_gemini.requests:
+        by_system.setdefault(r.system, []).append([it["feature"] for it in items(r)])
+    assert by_system[DETECTION_SYSTEM] == [[FEATURES[2], FEATURES[3]]] * 2
+    assert by_system[FUZZING_SYSTEM] == [[FEATURES[1], FEATURES[2]]] * 2
+    assert results[FEATURES[2]]["baseline_explanation_of"] == FEATURES[3]
 
 
 def test_plan_fits_a_typical_run_into_the_free_tier():
     typical = plan(8, n_saes=3)
-    assert (typical["explain_requests"], typical["score_requests"], typical["baseline_requests"]) == (3, 3, 3)
-    assert typical["requests"] == 9 and typical["days_on_free_tier"] == 1
-    assert plan(20, 8, baseline=False)["requests"] == 3 + 3
-    assert plan(20, 8, score_features_per_request=4)["requests"] == 3 + 5 + 5
+    keys = ["explain", "detection", "detection_baseline", "fuzzing", "fuzzing_baseline"]
+    assert [typical[f"{k}_requests"] for k in keys] == [3] * 5
+    assert typical["requests"] == 15 and typical["days_on_free_tier"] == 1
+    assert plan(20, 8, baseline=False)["requests"] == 3 + 3 + 3
+    assert plan(20, 8, baseline=False, fuzzing=False)["requests"] == 3 + 3
+    assert plan(20, 8, score_features_per_request=4)["requests"] == 3 + 4 * 5
     with pytest.raises(ValueError, match="features_per_request"):
         plan(8, 0)

@@ -156,6 +156,7 @@ def test_04_writes_probes_and_feature_tables(smoke_run):
     assert len(tables) == 3 and all("mixed" in p.name for p in tables)
     rows = [json.loads(line) for line in tables[0].read_text().splitlines()]
     assert len(rows) == 4 and all(r.get("explanation") is None for r in rows), "no key: nothing invented"
+    assert all("fuzzing" in r and r["fuzzing"] is None and r["detection"] is None for r in rows)
 
 
 @pytest.mark.notebook
