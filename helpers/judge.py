@@ -3,11 +3,10 @@
 - `label_completions(items, client=...)`: many completions per Gemini request, answered in a JSON schema
   and validated (ids must match the batch, labels in the enum); missing ids are asked again in a smaller
   follow-up, and a daily-quota stop returns what was labelled so far (`LabellingStopped`).
-- `rule_label(prompt, completion)`: the offline judge. Scenario prompts use their regexes, contrast
-  prompts their true/false answers, anything else is ambiguous. Its labels say `source="rules"`, so
-  nothing offline is ever mistaken for Gemini's judgement.
-- `label_all(items, prompts_by_id)`: what the notebook calls; picks Gemini or rules and says which.
-- `plan(items)`: how many requests a pass costs, printed before spending (free tier: ~20 a day).
+- `rule_label(prompt, completion)`: the offline judge (scenario regexes, contrast facts' true/false
+  answers, else ambiguous), marked `source="rules"`: never mistaken for Gemini's judgement.
+- `label_all(items, prompts_by_id)`: what the notebook calls; picks Gemini or rules and says which;
+  `plan(items)`: how many requests a pass costs, printed before spending (free tier: ~20 a day).
 """
 
 from __future__ import annotations
@@ -320,10 +319,8 @@ def label_all(
 ) -> dict[str, Label]:
     """Labels for completion rows (`id`, `prompt_id`, `completion`): Gemini when `client` is given or a
     key is available (a default client, in-memory cache only), else the offline rules. Prints which.
-
     If Gemini's daily quota or the request budget runs out, the labels obtained are returned and the
-    rest get `source="none"`: save them all and rerun later to fill those in.
-    """
+    rest get `source="none"`: save them all and rerun later to fill those in."""
     judge_items = []
     for it in items:
         prompt = prompts_by_id.get(it.get("prompt_id"))

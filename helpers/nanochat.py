@@ -1,14 +1,13 @@
 """Convert a native nanochat checkpoint folder into a transformers ``NanoChatForCausalLM`` folder.
 
-nanochat (Karpathy) saves training checkpoints in its own layout (see ``NATIVE_FILES``). Everything
-downstream in this package loads models through transformers, so a native folder is converted once:
-weights are renamed exactly as transformers' own ``convert_nanochat_checkpoints.py`` does, the config is
-read from ``meta_<step>.json`` and from the weight shapes, and the pickled tiktoken tokenizer becomes a
-fast tokenizer with nanochat's special tokens at their original ids.
+nanochat saves checkpoints in its own layout (``NATIVE_FILES``); everything here loads through
+transformers, so a native folder is converted once: weights renamed as transformers' own
+``convert_nanochat_checkpoints.py`` does, the config read from ``meta_<step>.json`` and the weight
+shapes, the pickled tiktoken tokenizer turned into a fast tokenizer with nanochat's special-token ids.
 
-``tokenizer.pkl`` is a pickle, and unpickling a file from a downloaded repo can run arbitrary code. By
-default it is read with a restricted unpickler that admits only the globals a pickled
-``tiktoken.Encoding`` uses; ``trust_pickle=True`` switches to plain ``pickle.load`` for files you trust.
+``tokenizer.pkl`` is a pickle, and unpickling a downloaded file can run arbitrary code: by default a
+restricted unpickler admits only the globals a pickled ``tiktoken.Encoding`` uses; ``trust_pickle=True``
+switches to plain ``pickle.load`` for files you trust.
 """
 
 from __future__ import annotations
@@ -109,11 +108,9 @@ _ENCODING_KEYS = {"name", "pat_str", "mergeable_ranks", "special_tokens", "expli
 
 
 class _EncodingState:
-    """Stand-in handed to the unpickler for ``tiktoken.core.Encoding``: it only records the state dict.
-
-    No tiktoken code runs while unpickling (Encoding.__setstate__ would fetch a registered encoding over
-    the network when given a string); the real Encoding is built afterwards from the validated dict.
-    """
+    """Stand-in for ``tiktoken.core.Encoding`` while unpickling: it only records the state dict, so no
+    tiktoken code runs (Encoding.__setstate__ given a string would fetch an encoding over the network);
+    the real Encoding is built afterwards from the validated dict."""
 
     # Reached only by a REDUCE calling Encoding(...), which pickling an Encoding never writes.
     def __init__(self, *args, **kwargs):
