@@ -213,8 +213,23 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def label_balance(records: list[dict[str, Any]], by: str = "group") -> str:
-    return format_table(label_table(records, by=by))
+def label_balance(records: list[dict[str, Any]], by: str = "group", max_rows: int = 30) -> str:
+    """Labels per `by` value as a table ending in the ALL row. Beyond `max_rows` values, the most
+    one-sided ones are shown (where a label is missing or rare) and the rest counted in one line."""
+    rows = label_table(records, by=by)
+    body, total = rows[:-1], rows[-1]
+    if len(body) > max_rows:
+
+        def balance(r: dict[str, Any]) -> float:
+            return min(r["honest"], r["deceptive"]) / max(r["total"], 1)
+
+        shown = sorted(sorted(body, key=balance)[:max_rows], key=lambda r: r[by])
+        hidden = {by: f"({len(body) - max_rows} more)"}
+        for k in total:
+            if k != by:
+                hidden[k] = total[k] - sum(r[k] for r in shown)
+        body = [*shown, hidden]
+    return format_table([*body, total])
 
 
 def examples(records: list[dict[str, Any]], per_label: int = 2, width: int = 110, seed: int = 0) -> str:

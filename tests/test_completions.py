@@ -60,3 +60,17 @@ def test_conditions():
     assert C.ids_for_condition(records, "honest_only") == ["p0#0"]
     with pytest.raises(ValueError, match="deceptive_only"):
         C.ids_for_condition(records, "lies")
+
+
+def test_label_balance_shows_the_one_sided_groups_and_counts_the_rest():
+    from helpers.behaviour import label_balance
+
+    records = [rec(i, "honest" if i % 2 else "deceptive", f"g{i // 2:02d}") for i in range(80)]
+    records += [rec(100 + i, "honest", "g99") for i in range(3)]  # one group with no deceptive answer
+    lines = label_balance(records, max_rows=5).splitlines()
+    assert len(lines) == 1 + 5 + 2, "header, 5 groups, the '(more)' line and ALL"
+    assert any(line.startswith("g99 ") for line in lines), "the one-sided group is among those shown"
+    more = lines[-2].split()
+    assert more[:2] == ["(36", "more)"] and more[-1] == str(83 - 3 - 4 * 2)
+    assert lines[-1].split()[:3] == ["ALL", "43", "40"]
+    assert len(label_balance(records, max_rows=41).splitlines()) == 1 + 41 + 1, "all shown when they fit"
