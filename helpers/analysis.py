@@ -1,21 +1,18 @@
 """Notebook 04 over a run folder: probes (raw activations vs SAE features), the features that separate
 deceptive from honest completions, and their Gemini explanations (DESIGN.md §3).
 
-- `probe_table` → `probes.json`: per layer a probe on the pooled raw activations, the bag-of-words
-  control (surface wording) and a random-direction control beside it; per SAE a probe on its features,
-  its random-direction control, and `compare_paired` against the raw probe ("does this SAE beat the raw
-  baseline?"). SAE features of a completion are the MEAN OVER ITS TOKENS OF PER-TOKEN SAE ACTIVATIONS
-  (pooling="last": the activations at its last token), not the SAE applied to the pooled vector: the
-  SAE was trained on token vectors, and a mean of residuals is off its input distribution (smaller norm,
-  many features superposed), so its thresholds / TopK would pick features no token has.
-- `feature_table` → `features/{sae_id}.jsonl`: the same per-completion feature activations,
-  `features.select_and_report` (chosen on one split of prompt groups, reported on the other), token
-  firing rates per class, and example windows (contexts.py) of the top features. Explanation and score
-  fields stay empty until `label_features` fills them (autointerp.py) and rewrites the file atomically.
+- `probe_table` → `probes.json`: per layer a probe on the pooled raw activations with bag-of-words
+  (surface wording) and random-direction controls; per SAE a probe on its features, its random-direction
+  control, and `compare_paired` against the raw probe ("does this SAE beat the raw baseline?"). SAE
+  features of a completion are the MEAN OVER ITS TOKENS OF PER-TOKEN SAE ACTIVATIONS (pooling="last":
+  at its last token), not the SAE applied to the pooled vector, which is off the SAE's input
+  distribution (smaller norm, many features superposed): thresholds / TopK would pick features no token has.
+- `feature_table` → `features/{sae_id}.jsonl`: `features.select_and_report` on the same activations
+  (chosen on one split of prompt groups, reported on the other), token firing rates per class, example
+  windows (contexts.py); `label_features` adds explanations and scores (autointerp.py), atomically.
 
 Only completions labelled honest or deceptive are used (y = 1 deceptive), grouped by `group` (the
-scenario, or the fact of a contrast pair) for every split, fold and bootstrap. A completion's label is
-a statistic's input here, never a feature's explanation.
+scenario, or the fact of a contrast pair) for every split, fold and bootstrap.
 """
 
 from __future__ import annotations
@@ -28,6 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import probes
 from .autointerp import autointerp
@@ -164,6 +162,7 @@ def probe_table(
     common = dict(n_folds=n_folds, seed=seed, n_permutations=n_permutations, n_bootstrap=n_bootstrap)
     rows: list[dict[str, Any]] = []
     bow_cache: dict[tuple[str, ...], probes.ProbeResult] = {}
+    bar = tqdm(total=len(layers) + len(saes), desc="probes (layers, then their SAEs)", unit="probe")
     for layer in layers:
         store = LayerStore(run_dir, layer)
         docs, y, groups = labelled_docs(run_dir, store)
@@ -179,6 +178,7 @@ def probe_table(
             X, y, groups, n_directions=n_directions, n_folds=n_folds, seed=seed
         )
         rows.append(_row(layer, "raw", raw, pooling=pooling, random_direction=_random_summary(rd)))
+        bar.update()
         key = tuple(d.id for d in docs)
         if key not in bow_cache:
             bow_cache[key] = probes.bag_of_words_probe([texts[d.id] for d in docs], y, groups, **common)
@@ -196,6 +196,8 @@ def probe_table(
             rows.append(_row(layer, "sae", res, sae_id=sae_id_of(s), architecture=s.cfg.get("architecture"),
                              pooling=SAE_POOLING[pooling], random_direction=_random_summary(rd), vs_raw=cmp,
                              verdict=_verdict(cmp)))  # fmt: skip
+            bar.update()
+    bar.close()
     atomic_write_json(
         run_dir / "probes.json",
         {"pooling": pooling, "sae_features": SAE_POOLING[pooling], **common, "rows": rows},
@@ -222,11 +224,8 @@ def load_tokenizer(run_dir: str | os.PathLike) -> Any:
 
 def _complete(rows: list[dict[str, Any]], k: int, seed: int) -> bool:
     """Written by feature_table with this k and seed (the write is atomic: all rows or none)."""
-    wanted = {"k": k, "seed": seed}
-    return bool(rows) and all(
-        "contexts" in r and {key: (r.get("selection") or {}).get(key) for key in wanted} == wanted
-        for r in rows
-    )
+    sel = [(r.get("selection") or {}, "contexts" in r) for r in rows]
+    return bool(rows) and all(ok and (s.get("k"), s.get("seed")) == (k, seed) for s, ok in sel)
 
 
 def feature_table(
