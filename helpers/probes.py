@@ -334,8 +334,8 @@ def _standardised(X: np.ndarray, tr: np.ndarray, te: np.ndarray) -> tuple[np.nda
 
 
 def _fit(Z: Any, y: np.ndarray, C: float) -> LogisticRegression:
-    # Balanced class weights: threshold 0.5 then matches the balanced-accuracy metric.
-    return LogisticRegression(C=C, class_weight="balanced", max_iter=2000, tol=1e-6).fit(Z, y)
+    # Balanced classes: 0.5 is the BA threshold. Default tol: 1.5-2.3x faster than 1e-6, BA/AUROC +-0.002.
+    return LogisticRegression(C=C, class_weight="balanced", max_iter=2000).fit(Z, y)
 
 
 def _oof_proba(designs: list, folds: list, y: np.ndarray, C: float) -> np.ndarray:
