@@ -165,6 +165,7 @@ def test_05_writes_steering_figures_and_dry_run(smoke_run):
     kinds = {r["kind"] for r in rows}
     assert {"none", "feature", "random_feature", "random_direction"} <= kinds
     assert (smoke_run / "figures" / "steering.html").exists()
+    assert (smoke_run / "figures" / "steering.png").exists(), "key figures are saved as .png too"
     assert (smoke_run / "figures" / "probes.html").exists()
     assert (smoke_run / "publish_dry_run" / "README.md").exists()
     assert json.loads((smoke_run / "run.json").read_text())["stages"]["05_plot_and_steer"]["status"] == "done"
