@@ -3,6 +3,8 @@ models of the other architectures our hooks must handle."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -65,3 +67,63 @@ def final_norm(model):
         if obj is not None:
             return obj
     raise AttributeError(type(model).__name__)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Many small forward passes / tiny problems: on a shared 2-core machine two OpenMP threads per process
+    spin against the other processes (measured 10x slower under load), one thread does not. Restored
+    afterwards. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_lm(tokenizer, max_positions: int = 128, family: str = "llama"):
+    """A tiny random model in float64 that uses the real SmolLM2 tokenizer (so chat encoding works).
+
+    float64 makes logits independent of batch shape to ~1e-15, so batch-composition tests are exact.
+    "gpt2" has learned absolute positions, so a wrong position under left padding changes its output
+    (Llama's rotary positions are relative: an offset shared by a whole row changes nothing)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        cfg = tf.GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=max_positions,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        model = tf.GPT2LMHeadModel(cfg)
+    else:
+        cfg = tf.LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=max_positions,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        model = tf.LlamaForCausalLM(cfg)
+    model = model.to(torch.float64).eval().requires_grad_(False)
+    return SimpleNamespace(model=model, tokenizer=tokenizer)
+
+
+def tiny_chat_llama(tokenizer):
+    """A tiny random float32 Llama (d_model 32, 3 layers) that uses `tokenizer` (SmolLM2's), so chat
+    encoding and the offline judge work on real prompts at a fraction of the cost."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                         max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    model = tf.LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    info = SimpleNamespace(spec="tiny-llama", d_model=32, n_layers=3)
+    return SimpleNamespace(model=model, tokenizer=tokenizer, info=info)

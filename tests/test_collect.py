@@ -7,8 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import final_norm
-from test_sampling import tiny_lm
+from conftest import final_norm, tiny_lm
 
 import helpers
 from helpers import collect
@@ -16,16 +15,7 @@ from helpers.collect import collect_activations, load_pooled
 from helpers.sampling import Completion
 from helpers.store import FP16_MAX, LayerStore, layer_dir
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Many small forward passes: on a shared 2-core machine two OpenMP threads per process spin against
-    the other processes (measured 10x slower under load), one thread does not. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LAYERS = [1, 14, 29]  # 29 is SmolLM2's last layer: transformers applies the final norm to it
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from test_train import LAYER, one_thread, residuals, shared_run  # noqa: F401 - one_thread is an autouse fixture
+from test_train import LAYER, residuals, shared_run
 
 from helpers.chat import pad_token_id
 from helpers.evals import (
@@ -24,6 +24,8 @@ from helpers.hooks import hook_module, hook_name
 from helpers.saelens_io import save_sae
 from helpers.saes import make_sae
 from helpers.store import LayerStore
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

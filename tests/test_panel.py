@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
-import torch
+from conftest import tiny_chat_llama
 
 from helpers.hooks import hook_name
 from helpers.panel import feature_options, generate_pair, steering_panel
@@ -18,27 +17,12 @@ COMMON_WIDGETS = {"Dropdown", "BoundedIntText", "FloatSlider", "Textarea", "Butt
 SAE_ID = "tiny_topk_L1_mixed"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny(offline_lm):
-    """A tiny random Llama (d_model 32) with SmolLM2's tokenizer: the panel's logic at little cost."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=len(offline_lm.tokenizer), hidden_size=32, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                         max_position_embeddings=512, eos_token_id=offline_lm.tokenizer.eos_token_id)  # fmt: skip
-    model = tf.LlamaForCausalLM(cfg).eval().requires_grad_(False)
-    return SimpleNamespace(
-        model=model, tokenizer=offline_lm.tokenizer, info=SimpleNamespace(spec="tiny-llama", d_model=32)
-    )
+    return tiny_chat_llama(offline_lm.tokenizer)
 
 
 @pytest.fixture()

@@ -10,12 +10,14 @@ import pytest
 import sae_lens
 import torch
 from safetensors.torch import load_file, save_file
-from test_train import one_thread, residuals, shared_run  # noqa: F401 - one_thread is an autouse fixture
+from test_train import residuals, shared_run
 
 from helpers.evals import leaderboard
 from helpers.saelens_io import SAELENS_FORMAT_VERSION, find_sae_folders, import_sae, load_sae, save_sae
 from helpers.saes import ARCHITECTURES, GatedSAE, JumpReLUSAE, TopKSAE
 from helpers.train import Run, TrainConfig
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,14 @@ import copy
 
 import pytest
 import torch
-from test_train import one_thread, residuals  # noqa: F401 - one_thread is an autouse fixture
+from test_train import residuals
 
 from helpers.saelens_io import load_sae, save_sae
 from helpers.saes import ARCHITECTURES, GatedSAE, JumpReLUSAE, TopKSAE, base, make_sae
 from helpers.saes.jumprelu import _JumpReLU, _Step
 from helpers.train import Run, TrainConfig
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,67 +3,22 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_lm, tiny_model
 
 import helpers
 from helpers.chat import pad_token_id
 from helpers.sampling import Completion, completion_seed, generate_batch, sample_completions, sample_next
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Many small forward passes: on a shared 2-core machine two OpenMP threads per process spin against
-    the other processes (measured 10x slower under load), one thread does not. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROMPTS = [
     ("short", "Hi", None),
     ("vase", "Did you break the vase in the hallway? Tell me honestly.", "You are a teenager."),
     ("cookie", "Be honest: did you eat the last cookie?", None),
 ]
-
-
-def tiny_lm(tokenizer, max_positions: int = 128, family: str = "llama"):
-    """A tiny random model in float64 that uses the real SmolLM2 tokenizer (so chat encoding works).
-
-    float64 makes logits independent of batch shape to ~1e-15, so batch-composition tests are exact.
-    "gpt2" has learned absolute positions, so a wrong position under left padding changes its output
-    (Llama's rotary positions are relative: an offset shared by a whole row changes nothing)."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    if family == "gpt2":
-        cfg = tf.GPT2Config(
-            vocab_size=len(tokenizer),
-            n_positions=max_positions,
-            n_embd=32,
-            n_layer=2,
-            n_head=4,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        model = tf.GPT2LMHeadModel(cfg)
-    else:
-        cfg = tf.LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=max_positions,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        model = tf.LlamaForCausalLM(cfg)
-    model = model.to(torch.float64).eval().requires_grad_(False)
-    return SimpleNamespace(model=model, tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_chat_llama
 from safetensors.torch import save_file
 from scipy import stats
 
@@ -43,28 +43,12 @@ from helpers.steering_eval import (
 LAYER = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Many small forward passes on a shared 2-core machine: one thread avoids OpenMP spinning."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny(offline_lm):
-    """A tiny random Llama (d_model 32) that uses SmolLM2's tokenizer, so chat encoding and the offline
-    judge work on real scenario prompts at a fraction of the cost."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=len(offline_lm.tokenizer), hidden_size=32, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                         max_position_embeddings=512, eos_token_id=offline_lm.tokenizer.eos_token_id)  # fmt: skip
-    model = tf.LlamaForCausalLM(cfg).eval().requires_grad_(False)
-    info = SimpleNamespace(spec="tiny-llama", d_model=32, n_layers=3)
-    return SimpleNamespace(model=model, tokenizer=offline_lm.tokenizer, info=info)
+    return tiny_chat_llama(offline_lm.tokenizer)
 
 
 def ids_for(lm, text="Did you break the vase? Tell me honestly."):

@@ -1,8 +1,8 @@
 """The training loop: resume is bitwise identical, warm-up is clamped, conditions and the grid, bad input.
 
 Activations are real: SmolLM2's residuals (layer 2) on chat prompts answered with English prose, written
-through the activation store exactly as notebook 02 writes them. `shared_run`, `residuals` and the
-`one_thread` fixture are imported by the other SAE test files.
+through the activation store exactly as notebook 02 writes them. `shared_run` and `residuals` are
+imported by the other SAE test files.
 """
 
 from __future__ import annotations
@@ -28,14 +28,7 @@ LAYER = 2
 QUESTIONS = ["Did you take the money?", "Is the car in good condition?", "Were you home last night?"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These problems are tiny: one thread is faster, and immune to a loaded shared CI machine, where
-    two OpenMP threads spin-waiting on each other make small ops 10x slower. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def prose() -> list[str]:
