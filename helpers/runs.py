@@ -83,7 +83,12 @@ def stage_done(run_dir: str | os.PathLike, stage: str) -> bool:
     return read_run_json(run_dir).get("stages", {}).get(stage, {}).get("status") == "done"
 
 
+def id_part(text: str) -> str:
+    """`text` fit for one part of an sae_id: every character but letters, digits, '.' and '-' becomes '-'
+    (in particular '_', the separator of the parts)."""
+    return "".join(c if c.isalnum() or c in ".-" else "-" for c in text)
+
+
 def model_short(spec: str) -> str:
-    """'karpathy/nanochat-d32' -> 'd32'; 'org/Some_Model' -> 'Some-Model' (no '_', the sae_id separator)."""
-    name = spec.rstrip("/").replace(":", "/").split("/")[-1].removeprefix("nanochat-")
-    return "".join(c if c.isalnum() or c in ".-" else "-" for c in name)
+    """'karpathy/nanochat-d32' -> 'd32'; 'org/Some_Model' -> 'Some-Model'."""
+    return id_part(spec.rstrip("/").replace(":", "/").split("/")[-1].removeprefix("nanochat-"))

@@ -27,7 +27,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from .completions import read_completions, split_completions
 from .hooks import layer_of
-from .runs import atomic_write_bytes, atomic_write_json, model_short
+from .runs import atomic_write_bytes, atomic_write_json, id_part, model_short
 from .saes import SAE, sae_class
 
 CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
@@ -204,7 +204,7 @@ def import_sae(
     from .store import LayerStore
 
     loaded = load_sae(source)
-    name = "".join(c if c.isalnum() or c in ".-" else "-" for c in Path(str(source)).name)
+    name = id_part(Path(str(source)).name)
     sae_id = f"{model_short(loaded.model_name or 'foreign')}_{loaded.sae.architecture}_L{loaded.layer}_imported-{name}"
     folder = Path(run_dir) / "saes" / sae_id
     if (folder / "metrics.json").exists():
