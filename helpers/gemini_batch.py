@@ -4,8 +4,8 @@ scores): the batching, answer validation and follow-up rounds that explanation a
 - `ask_batched` sends items (dicts with a "feature" key) `batch_size` per request as a JSON list after
   the line `ITEMS:` (`items_prompt`). The caller's `parse` validates an answer against the items it was
   asked about (`check_ids` drops feature ids not in the batch) and returns the usable answers by
-  feature; features left out are asked again in halves, up to `max_followups` rounds (a long batch is
-  the usual reason one is dropped), as the judge does.
+  feature; features left out are asked again in halves, up to `max_followups` rounds
+  (`ask_with_followups`, which the judge uses too).
 - `Asker` wraps the GeminiClient (which caches and budgets every request). After a daily-quota or
   budget stop it answers only from the cache, and `stopped` says why the rest is unavailable, so the
   next run continues from the cache. Without a client nothing is sent and every answer is missing:
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from typing import Any
 
 from pydantic import BaseModel
@@ -78,6 +78,32 @@ def check_ids(answer_ids: list[int], chunk: list[dict[str, Any]]) -> set[int]:
     return wanted
 
 
+def ask_with_followups(
+    batch: Sequence[Any],
+    key: Callable[[Any], Any],
+    ask_chunk: Callable[[list[Any], int], None],
+    answered: Container[Any],
+    max_followups: int,
+    lacking: Callable[[list[Any]], str],
+    quiet: Callable[[], bool] = lambda: False,
+) -> None:
+    """Ask about `batch` in one request (`ask_chunk(items, attempt)` records answers into `answered`,
+    keyed by `key(item)`), then up to `max_followups` rounds for the items still missing, in halves: a
+    long batch is the usual reason an item is dropped. Warns `lacking(missing)` unless `quiet()`. The
+    judge (labels) and autointerp (features) share this."""
+    pending = list(batch)
+    for attempt in range(1 + max_followups):
+        size = len(pending) if attempt == 0 else math.ceil(len(pending) / 2)
+        for i in range(0, len(pending), size):
+            ask_chunk(pending[i : i + size], attempt)
+        pending = [it for it in pending if key(it) not in answered]
+        if not pending:
+            return
+        if not quiet():
+            more = "asking again" if attempt < max_followups else "giving up on them for this run"
+            print(f"warning: Gemini's answer lacked {lacking(pending)}; {more}")
+
+
 def ask_batched(
     asker: Asker,
     items: Sequence[dict[str, Any]],
@@ -88,25 +114,19 @@ def ask_batched(
     batch_size: int,
     max_followups: int,
 ) -> dict[int, Any]:
-    """Answers keyed by item["feature"]: batches of `batch_size`, then up to `max_followups` rounds
-    asking for the features left out, in halves."""
+    """Answers keyed by item["feature"]: batches of `batch_size`, each with `ask_with_followups`. Once
+    the asker has stopped, follow-ups are only looked up in the cache, without warnings."""
     if batch_size < 1:
         raise ValueError(f"features_per_request must be at least 1, got {batch_size}")
     got: dict[int, Any] = {}
+
+    def ask_chunk(chunk: list[dict[str, Any]], attempt: int) -> None:
+        answer = asker.ask(items_prompt(verb, chunk, attempt), schema, system)
+        if answer is not None:
+            got.update(parse(answer, chunk))
+
     for start in range(0, len(items), batch_size):
-        pending = list(items[start : start + batch_size])
-        for attempt in range(1 + max_followups):
-            size = len(pending) if attempt == 0 else math.ceil(len(pending) / 2)
-            for i in range(0, len(pending), size):
-                answer = asker.ask(items_prompt(verb, pending[i : i + size], attempt), schema, system)
-                if answer is not None:
-                    got.update(parse(answer, pending[i : i + size]))
-            pending = [it for it in pending if it["feature"] not in got]
-            if not pending:
-                break
-            if not asker.stopped:  # once stopped, follow-ups are only looked up in the cache
-                more = "asking again" if attempt < max_followups else "giving up on them for this run"
-                print(
-                    f"warning: Gemini's answer lacked feature(s) {[it['feature'] for it in pending]}; {more}"
-                )
+        ask_with_followups(items[start : start + batch_size], lambda it: it["feature"], ask_chunk, got,
+                           max_followups, lambda p: f"feature(s) {[it['feature'] for it in p]}",
+                           quiet=lambda: bool(asker.stopped))  # fmt: skip
     return got

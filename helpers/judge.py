@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 
 from .data import Prompt
 from .gemini import BudgetExhausted, DailyQuotaExceeded, GeminiClient, resolve_api_key
+from .gemini_batch import ask_with_followups
 
 LABELS = ("honest", "deceptive", "ambiguous")
 LabelName = Literal["honest", "deceptive", "ambiguous"]
@@ -192,18 +193,9 @@ def label_completions(
     }
     try:
         for batch in _batches([it for it in items if not _is_empty(it)], batch_size):
-            pending = batch
-            for attempt in range(1 + max_followups):
-                # Follow-ups go in halves: a long batch is the usual reason ids get dropped.
-                size = len(pending) if attempt == 0 else math.ceil(len(pending) / 2)
-                for chunk in _batches(pending, size):
-                    labels.update(_request(client, chunk, attempt))
-                pending = [it for it in pending if str(it["id"]) not in labels]
-                if not pending:
-                    break
-                ids = [str(it["id"]) for it in pending]
-                more = "asking again" if attempt < max_followups else "giving up on them for this run"
-                print(f"warning: Gemini's answer lacked {len(ids)} id(s) {ids[:5]}; {more}")
+            ask_with_followups(batch, lambda it: str(it["id"]),
+                               lambda chunk, attempt: labels.update(_request(client, chunk, attempt)), labels,
+                               max_followups, lambda p: f"{len(p)} id(s) {[str(it['id']) for it in p][:5]}")  # fmt: skip
             if on_progress is not None:
                 on_progress(len(labels), len(items))
     except (DailyQuotaExceeded, BudgetExhausted) as err:
