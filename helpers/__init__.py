@@ -1,30 +1,35 @@
 """helpers: the library behind the deception-SAE notebooks.
 
-Each module holds one concept: `env` (machine, Drive, secrets, smoke mode), `runs` (the run folder),
-`models` (loading any checkpoint), `nanochat` (native checkpoint conversion), `chat` (chat formatting),
-`hooks` (residual-stream hooks), `data` (prompt sets and loaders), `sampling` (batched generation),
-`completions` (completions.jsonl), `gemini` and `judge` (labelling), `behaviour` (notebook 02's steps),
-`store` and `collect` (activations), `saes`, `train`, `evals`, `saelens_io` (SAEs), `probes` and
-`features` (statistics).
+A thin core and one subpackage per notebook stage; imports run one way, core <- model <- collect <- saes
+<- analysis <- steer (tests/test_imports.py checks it):
+
+    core       release (version, install URL), env (machine, Drive, secrets, smoke mode), run (THE run
+               folder: paths, run.json, atomic writes, JSONL), stats, tables, gemini (the one client),
+               plots, publish
+    model/     01: loading any checkpoint, nanochat, chat formatting, hooks
+    collect/   02: prompt sets, sampling, completions, the judge, activation store and capture
+    saes/      03: the SAE contract, kernels, one file per architecture, SAELens io, training, evals, grid
+    analysis/  04: probes, feature statistics, token windows, autointerp, scoring
+    steer/     05: directions and interventions, steering experiments with controls, the panel
+
+The names the notebooks use most are re-exported here (`helpers.setup`, `helpers.load_model`, ...).
 """
 
-__version__ = "0.1.0"
-GITHUB_REPO = "deception-sae-lab/deception-sae-lab"
-"""Where the notebooks' Colab badges and install cells point (owner/name on GitHub)."""
-
-from .chat import chat, encode_chat, stop_token_ids  # noqa: E402
-from .env import Env, choose_dtype, get_secret, setup, smoke_overrides  # noqa: E402
-from .hooks import (  # noqa: E402
+from helpers.env import Env, choose_dtype, get_secret, setup, smoke_overrides
+from helpers.model.chat import chat, encode_chat, stop_token_ids
+from helpers.model.hooks import (
     add_to_residual,
     capture,
     check_layers,
     default_layers,
     hook_name,
     hook_points,
+    hook_table,
     run_with_capture,
 )
-from .models import OFFLINE_MODEL, LoadedModel, ModelInfo, load_model, load_run_model  # noqa: E402
-from .runs import mark_stage, read_run_json, update_run_json  # noqa: E402
+from helpers.model.load import OFFLINE_MODEL, LoadedModel, ModelInfo, load_model, load_run_model
+from helpers.release import GITHUB_REPO, __version__
+from helpers.run import mark_stage, read_run_json, update_run_json
 
 __all__ = [
     "GITHUB_REPO",
@@ -43,6 +48,7 @@ __all__ = [
     "get_secret",
     "hook_name",
     "hook_points",
+    "hook_table",
     "load_model",
     "load_run_model",
     "mark_stage",

@@ -18,10 +18,31 @@ from typing import Any
 import psutil
 import torch
 
-DRIVE_ROOT = Path("/content/drive")
-DRIVE_HOME = DRIVE_ROOT / "MyDrive"
+from helpers.release import INSTALL_URL, __version__
+
 DEFAULT_PROJECT = "deception-sae-lab"
 SECRET_NAMES = ("GEMINI_API_KEY", "GOOGLE_API_KEY", "HF_TOKEN")
+
+
+class NotebookError(RuntimeError):
+    """A problem the researcher must fix, shown in a notebook as its message alone (no traceback).
+
+    IPython renders an exception through `_render_traceback_` when it has one; the message already names
+    the problem and the fix, so the stack would only hide it.
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
+
+
+def drive_root() -> Path:
+    """Where Colab mounts Google Drive: /content/drive (`NB_DRIVE_ROOT` moves it, for the Colab rehearsal)."""
+    return Path(os.environ.get("NB_DRIVE_ROOT") or "/content/drive")
+
+
+def drive_home() -> Path:
+    """MyDrive inside the mounted Drive."""
+    return drive_root() / "MyDrive"
 
 
 @dataclass
@@ -99,34 +120,64 @@ def get_secret(name: str) -> str | None:
     try:
         return userdata.get(name)
     except Exception as err:  # noqa: BLE001 - Colab raises its own SecretNotFoundError / NotebookAccessError
-        if type(err).__name__ in ("SecretNotFoundError", "NotebookAccessError", "TimeoutException"):
+        kind = type(err).__name__
+        if kind == "SecretNotFoundError":
+            return None
+        if kind == "NotebookAccessError":
+            _warn_once(
+                name,
+                f"Colab has a secret {name}, but this notebook may not read it: open the key icon in the left "
+                f"bar and switch on 'Notebook access' for {name}, then run this cell again. Going on without it.",
+            )
+            return None
+        if kind == "TimeoutException":
+            _warn_once(
+                name, f"Colab did not answer the request for the secret {name} in time; going on without it."
+            )
             return None
         raise
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        print(message)
+
+
 def mount_drive() -> Path:
     """Mount Google Drive at /content/drive once; return MyDrive. Only in Colab."""
-    if DRIVE_HOME.is_dir():
-        return DRIVE_HOME
+    home = drive_home()
+    if home.is_dir():
+        return home
     if not in_colab():
-        raise RuntimeError(
+        raise NotebookError(
             "Google Drive can only be mounted inside Colab. Outside Colab, set NB_RUN_DIR to a local folder "
             "or call setup(use_drive=False) to use ./runs/<run_name>."
         )
     from google.colab import drive  # type: ignore[import-not-found]
 
-    drive.mount(str(DRIVE_ROOT))
-    if not DRIVE_HOME.is_dir():
-        raise RuntimeError(
-            f"Drive mount finished but {DRIVE_HOME} does not exist. Re-run the cell and accept the Drive "
-            "permission prompt, or call setup(use_drive=False) to keep results in the Colab VM."
+    try:
+        drive.mount(str(drive_root()))
+    except Exception as err:  # noqa: BLE001 - Colab raises MessageError / ValueError with its own text
+        raise NotebookError(
+            f"Google Drive was not mounted ({type(err).__name__}: {err}). Run this cell again and accept "
+            "the Drive permission prompt, or call helpers.setup(use_drive=False, ...) to keep results in "
+            "this Colab VM only (they are lost when the runtime is recycled)."
+        ) from None
+    if not home.is_dir():
+        raise NotebookError(
+            f"Drive mount finished but {home} does not exist. Run this cell again and accept the Drive "
+            "permission prompt, or call helpers.setup(use_drive=False, ...) to keep results in the Colab VM."
         )
-    return DRIVE_HOME
+    return home
 
 
 def resolve_runs_root(project: str = DEFAULT_PROJECT, drive_mounted: bool = False) -> Path:
     """`MyDrive/<project>/runs` on Drive, else `./runs`."""
-    return (DRIVE_HOME / project / "runs") if drive_mounted else Path("runs").resolve()
+    return (drive_home() / project / "runs") if drive_mounted else Path("runs").resolve()
 
 
 def resolve_run_dir(run_name: str, runs_root: Path | None = None) -> Path:
@@ -136,8 +187,8 @@ def resolve_run_dir(run_name: str, runs_root: Path | None = None) -> Path:
     override = os.environ.get("NB_RUN_DIR")
     if override:
         path = Path(override).expanduser()
-        if str(path).startswith(str(DRIVE_ROOT)) and not DRIVE_HOME.is_dir():
-            raise RuntimeError(
+        if str(path).startswith(str(drive_root())) and not drive_home().is_dir():
+            raise NotebookError(
                 f"NB_RUN_DIR={path} is on Google Drive but Drive is not mounted. "
                 "Call setup(use_drive=True) in Colab, or point NB_RUN_DIR at a local folder."
             )
@@ -153,7 +204,7 @@ def resolve_cache_dir(project: str = DEFAULT_PROJECT, drive_mounted: bool = Fals
     if override := os.environ.get("NB_CACHE_DIR"):
         path = Path(override).expanduser()
     elif drive_mounted:
-        path = DRIVE_HOME / project / "cache"
+        path = drive_home() / project / "cache"
     else:
         path = Path.home() / ".cache" / project
     path.mkdir(parents=True, exist_ok=True)
@@ -199,12 +250,21 @@ def setup(
     use_drive: bool = True,
     project: str = DEFAULT_PROJECT,
     quiet: bool = False,
+    notebook_version: str | None = None,
 ) -> Env:
     """Detect the machine, mount Drive (in Colab, when asked), resolve where runs go, print a summary.
 
+    `notebook_version` is the release the calling notebook was written for (its install cell passes it):
+    an installed package of another version stops here with the fix, before anything runs on a mismatch.
     The run folder itself comes from `env.run_folder(RUN_NAME)` once the parameters cell has run.
     """
-    from . import __version__
+    if notebook_version is not None and notebook_version != __version__:
+        raise NotebookError(
+            f"this notebook is for helpers {notebook_version}, but helpers {__version__} is installed in this "
+            f"runtime. Fix: Runtime > Disconnect and delete runtime, then Run all again (the first cell installs "
+            f"{notebook_version}); or run  !pip install --force-reinstall --no-deps "
+            f"{INSTALL_URL.replace(__version__, notebook_version)}  and restart the session."
+        )
 
     colab = in_colab()
     drive_ok = False

@@ -14,22 +14,44 @@ Gemini (auto-interpretation of SAE features). It wraps the `google-genai` SDK (n
 The API key is read from the argument, else `GOOGLE_API_KEY` (wins, as in the SDK) / `GEMINI_API_KEY`,
 else Colab secrets. It is handed to the SDK and never stored on this object, printed, cached or put in
 an error message. The SDK itself honours `GOOGLE_GEMINI_BASE_URL` (used by the tests' fake server).
+
+`client_for(run_dir, use_gemini=..., ...)` is the one way the notebooks get a client: None (announced)
+when Gemini is switched off or no key exists, else a client caching in the run folder's
+`judge_cache.sqlite` with the notebook's request budget. Callers treat None as "offline".
+
+Batching (below `GeminiClient`), shared by the judge, explanations and scores:
+Several features per Gemini request, for auto-interpretation (autointerp.py explains, scoring.py
+scores): the batching, answer validation and follow-up rounds that explanation and every score share.
+
+- `ask_batched` sends items (dicts with a "feature" key) `batch_size` per request as a JSON list after
+  the line `ITEMS:` (`items_prompt`). The caller's `parse` validates an answer against the items it was
+  asked about (`check_ids` drops feature ids not in the batch) and returns the usable answers by
+  feature; features left out are asked again in halves, up to `max_followups` rounds
+  (`ask_with_followups`, which the judge uses too).
+- `Asker` wraps the GeminiClient (which caches and budgets every request). After a daily-quota or
+  budget stop it answers only from the cache, and `stopped` says why the rest is unavailable, so the
+  next run continues from the cache. Without a client nothing is sent and every answer is missing:
+  callers mark those results `OFFLINE`, never invent them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+
+from helpers.env import get_secret
+from helpers.run import judge_cache_path
 
 # gemini-2.5-flash is reported to shut down on 2026-12-01 (DESIGN.md §7). Google's deprecations page
 # (read 2026-11) lists gemini-3.5-flash-lite (stable since 2026-07-21) with no shutdown date and names it
@@ -37,6 +59,8 @@ from pydantic import BaseModel, ValidationError
 # classification into a JSON schema. Change it with GeminiClient(model=...) / the notebook's JUDGE_MODEL.
 DEFAULT_MODEL = "gemini-3.5-flash-lite"
 KEY_NAMES = ("GOOGLE_API_KEY", "GEMINI_API_KEY")
+FREE_TIER_REQUESTS_PER_DAY = 20
+"""About 20 requests a day per Flash model on the free tier since 2025-12 (seen in 429 texts)."""
 MODELS_PAGE = "https://ai.google.dev/gemini-api/docs/models"
 
 
@@ -66,8 +90,6 @@ class MalformedResponse(GeminiError):
 
 def resolve_api_key(api_key: str | None = None) -> str | None:
     """The key to use: the argument, else the environment (GOOGLE_API_KEY first), else Colab secrets."""
-    from .env import get_secret
-
     if api_key:
         return api_key
     for name in KEY_NAMES:
@@ -144,7 +166,7 @@ class GeminiClient:
         timeout_s: float = 120.0,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        """`cache_path`: SQLite file (e.g. `run_dir / "judge_cache.sqlite"`); None caches in memory only.
+        """`cache_path`: SQLite file (e.g. `judge_cache_path(run_dir)`); None caches in memory only.
         `max_requests`: requests this client may send (None: no limit). `max_retries`: retries after a
         per-minute 429 or a 5xx. `max_wait_s`: cap on one wait. `sleep`: injectable for tests."""
         from google import genai
@@ -268,3 +290,133 @@ class GeminiClient:
                 "Wait a minute and rerun: answers so far are cached."
             ) from None
         return min(wait, self.max_wait_s)
+
+
+def client_for(
+    run_dir: str | os.PathLike,
+    *,
+    use_gemini: bool = True,
+    model: str = DEFAULT_MODEL,
+    max_requests: int | None = None,
+    purpose: str = "gemini",
+) -> GeminiClient | None:
+    """The client a notebook uses: None when `use_gemini` is False or no key exists (each announced, and
+    callers then work offline), else a GeminiClient caching in the run folder with the request budget."""
+    if not use_gemini:
+        print(f"{purpose}: Gemini is switched off by the parameters (USE_GEMINI = False): working offline")
+        return None
+    if resolve_api_key() is None:
+        print(
+            f"{purpose}: no GEMINI_API_KEY / GOOGLE_API_KEY (environment or Colab secrets): working offline"
+        )
+        return None
+    return GeminiClient(model, cache_path=judge_cache_path(run_dir), max_requests=max_requests)
+
+
+OFFLINE = "unavailable (no Gemini key)"
+LEFT_OUT = "unavailable (Gemini left this feature out of its answers)"
+
+
+class Asker:
+    """Sends requests until a daily quota or budget stop; after one, answers only from the cache."""
+
+    def __init__(self, client: GeminiClient | None):
+        self.client = client
+        self.stopped: str | None = None if client is not None else OFFLINE
+
+    @property
+    def source(self) -> str:
+        """What answered: "gemini:<model>"."""
+        if self.client is None:
+            raise RuntimeError("no Gemini client, so no answer has a source: mark the result OFFLINE")
+        return f"gemini:{self.client.model}"
+
+    def ask(self, prompt: str, schema: type[BaseModel], system: str) -> BaseModel | None:
+        if self.client is None:
+            return None
+        if self.stopped and not self.client.is_cached(prompt, schema, system=system):
+            return None
+        try:
+            return self.client.generate_json(prompt, schema, system=system)
+        except DailyQuotaExceeded as err:
+            self.stopped = (
+                "unavailable (Gemini's daily quota ran out; rerun tomorrow to continue from the cache)"
+            )
+            print(f"autointerp stopped: {err}")
+        except BudgetExhausted as err:
+            self.stopped = "unavailable (request budget used up; raise max_requests and rerun)"
+            print(f"autointerp stopped: {err}")
+        except MalformedResponse as err:
+            print(f"warning: {err} Asking again in smaller batches.")
+        return None
+
+
+def items_prompt(verb: str, items: list[dict[str, Any]], followup: int = 0) -> str:
+    """The user prompt of one request: the items as a JSON list after the line `ITEMS:`. A follow-up
+    says so, which also keeps it from hitting the cached incomplete answer."""
+    note = f" (follow-up {followup}: an earlier answer left these out; answer every item)" if followup else ""
+    body = json.dumps(items, ensure_ascii=False, indent=1)
+    return f"{verb} each of these {len(items)} features{note}.\nITEMS:\n{body}"
+
+
+def check_ids(answer_ids: list[int], chunk: list[dict[str, Any]]) -> set[int]:
+    """The feature ids asked about in `chunk`; warns about answered ids that are not among them."""
+    wanted = {it["feature"] for it in chunk}
+    unknown = [f for f in answer_ids if f not in wanted]
+    if unknown:
+        print(f"warning: Gemini answered feature id(s) not in the batch, ignored: {unknown[:5]}")
+    return wanted
+
+
+def ask_with_followups(
+    batch: Sequence[Any],
+    key: Callable[[Any], Any],
+    ask_chunk: Callable[[list[Any], int], None],
+    answered: Container[Any],
+    max_followups: int,
+    lacking: Callable[[list[Any]], str],
+    quiet: Callable[[], bool] = lambda: False,
+) -> None:
+    """Ask about `batch` in one request (`ask_chunk(items, attempt)` records answers into `answered`,
+    keyed by `key(item)`), then up to `max_followups` rounds for the items still missing, in halves: a
+    long batch is the usual reason an item is dropped. Warns `lacking(missing)` unless `quiet()`. The
+    judge (labels) and autointerp (features) share this."""
+    pending = list(batch)
+    for attempt in range(1 + max_followups):
+        size = len(pending) if attempt == 0 else math.ceil(len(pending) / 2)
+        for i in range(0, len(pending), size):
+            ask_chunk(pending[i : i + size], attempt)
+        pending = [it for it in pending if key(it) not in answered]
+        if not pending:
+            return
+        if not quiet():
+            more = "asking again" if attempt < max_followups else "giving up on them for this run"
+            print(f"warning: Gemini's answer lacked {lacking(pending)}; {more}")
+
+
+def ask_batched(
+    asker: Asker,
+    items: Sequence[dict[str, Any]],
+    verb: str,
+    schema: type[BaseModel],
+    system: str,
+    parse: Callable[[Any, list[dict[str, Any]]], dict[int, Any]],
+    batch_size: int,
+    max_followups: int,
+) -> dict[int, Any]:
+    """Answers keyed by item["feature"]: batches of `batch_size`, each with `ask_with_followups`. Once
+    the asker has stopped, follow-ups are only looked up in the cache, without warnings."""
+    if batch_size < 1:
+        raise ValueError(f"features_per_request must be at least 1, got {batch_size}")
+    got: dict[int, Any] = {}
+
+    def ask_chunk(chunk: list[dict[str, Any]], attempt: int) -> None:
+        answer = asker.ask(items_prompt(verb, chunk, attempt), schema, system)
+        if answer is not None:
+            got.update(parse(answer, chunk))
+
+    for start in range(0, len(items), batch_size):
+        ask_with_followups(items[start : start + batch_size], lambda it: it["feature"], ask_chunk, got,
+                           max_followups, lambda p: f"feature(s) {[it['feature'] for it in p]}",
+                           quiet=lambda: bool(asker.stopped))  # fmt: skip
+    return got

@@ -22,7 +22,16 @@ from typing import Any
 
 import numpy as np
 
-from .runs import atomic_write_bytes
+from helpers.run import (
+    atomic_write_bytes,
+    features_path,
+    figures_dir,
+    probes_path,
+    read_jsonl,
+    read_sae_metrics,
+    saes_dir,
+    steering_path,
+)
 
 SOURCES = {
     "probes.json": "notebook 04 (probes and features)",
@@ -54,7 +63,7 @@ def save_figure(fig: Any, run_dir: str | os.PathLike, name: str) -> Path:
     matplotlib figure as `figures/{name}.png`, atomically; returns the path."""
     if not re.fullmatch(r"[\w.\-]+", name):
         raise ValueError(f"figure name {name!r} must be a plain file name (letters, digits, _ . -)")
-    folder = Path(run_dir) / "figures"
+    folder = figures_dir(run_dir)
     if hasattr(fig, "to_html"):
         return atomic_write_bytes(folder / f"{name}.html", fig.to_html(include_plotlyjs="cdn").encode())
     if hasattr(fig, "savefig"):
@@ -84,7 +93,7 @@ def _mpl(n_cols: int = 1, width: float = 6.0) -> tuple[Any, Any]:
 def probe_series(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, dict[str, Any]]]]:
     """probes.json rows grouped into lines: "raw", "bag of words", and one per SAE architecture and
     training condition (e.g. "topk (mixed)"), each a list of (layer, row) sorted by layer."""
-    data = json.loads(_need(Path(run_dir) / "probes.json", "probes.json").read_text())
+    data = json.loads(_need(probes_path(run_dir), "probes.json").read_text())
     series: dict[str, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
     for r in data["rows"] if isinstance(data, dict) else data:
         if r.get("kind") == "sae":
@@ -134,11 +143,15 @@ def _xy_ci(pts: list, key: str, ci: str) -> tuple[np.ndarray, ...]:
 
 # --- SAEs -----------------------------------------------------------------------------------------
 def _leaderboard(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    from .evals import leaderboard
-
-    rows = leaderboard(run_dir)
+    """architecture, condition, sae_id, L0 and explained variance of every SAE with a metrics.json."""
+    rows = [
+        {"sae_id": m["sae_id"], "architecture": m["architecture"], "condition": m["condition"],
+         "l0": (m.get("activations") or {}).get("l0"),
+         "explained_variance": (m.get("activations") or {}).get("explained_variance")}
+        for m in read_sae_metrics(run_dir)
+    ]  # fmt: skip
     if not rows:
-        raise MissingInput(f"{Path(run_dir) / 'saes'} holds no metrics.json: run {SOURCES['saes']} first")
+        raise MissingInput(f"{saes_dir(run_dir)} holds no metrics.json: run {SOURCES['saes']} first")
     return rows
 
 
@@ -176,11 +189,10 @@ def firing_density_figure(run_dir: str | os.PathLike, sae_ids: Sequence[str] | N
     latents are counted in the legend. A bump near 0 (fires on every token) or many dead ones is a warning."""
     import plotly.graph_objects as go
 
-    paths = sorted(_need(Path(run_dir) / "saes", "saes").glob("*/metrics.json"))
+    _need(saes_dir(run_dir), "saes")
     fig = go.Figure()
-    for path in paths:
-        m = json.loads(path.read_text())
-        sid, hist = m.get("sae_id", path.parent.name), (m.get("activations") or {}).get("firing_histogram")
+    for m in read_sae_metrics(run_dir):
+        sid, hist = m["sae_id"], (m.get("activations") or {}).get("firing_histogram")
         if hist is None or (sae_ids is not None and sid not in sae_ids):
             continue
         edges = np.array(hist["log10_edges"], float)
@@ -200,8 +212,8 @@ def feature_effects_figure(run_dir: str | os.PathLike, sae_id: str, *, top: int 
     labelled with their explanations when notebook 04 has them; filled = q < 0.05."""
     import plotly.graph_objects as go
 
-    path = _need(Path(run_dir) / "features" / f"{sae_id}.jsonl", "features")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    path = _need(features_path(run_dir, sae_id), "features")
+    rows = read_jsonl(path)
     rows = sorted(rows, key=lambda r: -abs(_num(r.get("cohens_d")) if r.get("cohens_d") is not None else 0))[
         :top
     ]
@@ -222,23 +234,7 @@ def feature_effects_figure(run_dir: str | os.PathLike, sae_id: str, *, top: int 
     return fig
 
 
-# --- one feature over a text ---------------------------------------------------------------------
-def text_activations(lm: Any, sae: Any, text: str, feature: int) -> tuple[list[str], list[float]]:
-    """(tokens, activation of `feature` at each token) of a LoadedSAE over any text, run through `lm`."""
-    import torch
-
-    from .hooks import hook_name, run_with_capture
-    from .steering import check_sae_matches, feature_direction
-
-    check_sae_matches(sae, lm, sae.layer)
-    feature_direction(sae, feature)  # index check naming d_sae
-    ids = lm.tokenizer(text, return_tensors="pt")["input_ids"].to(lm.model.device)
-    h = run_with_capture(lm.model, [hook_name(sae.layer)], input_ids=ids)[hook_name(sae.layer)][0]
-    with torch.no_grad():
-        acts = sae.sae.encode(h.float().to(sae.sae.W_dec.device))[0][:, feature]
-    return [lm.tokenizer.decode([t]) for t in ids[0].tolist()], acts.cpu().tolist()
-
-
+# --- one feature over a text (activations from helpers.analysis.contexts.feature_activation_over_text) --
 def token_heatmap(
     tokens: Sequence[str], activations: Sequence[float], *, width: int = 16, title: str = ""
 ) -> Any:
@@ -297,9 +293,9 @@ def steering_lines(rows: Sequence[dict[str, Any]]) -> dict[str, list[tuple[float
 def steering_figure(run_dir_or_rows: Any, *, backend: str = "plotly") -> Any:
     """Deceptive rate against steering strength (units of the layer's typical residual norm), with 95%
     CIs, one line per feature and per control kind; no steering is the grey band."""
-    from .steering_eval import read_steering
-
-    rows = run_dir_or_rows if isinstance(run_dir_or_rows, list) else read_steering(run_dir_or_rows)
+    rows = (
+        run_dir_or_rows if isinstance(run_dir_or_rows, list) else read_jsonl(steering_path(run_dir_or_rows))
+    )
     if not rows:
         raise MissingInput(f"no steering rows ({run_dir_or_rows if not isinstance(run_dir_or_rows, list) else 'empty list'}): "
                            f"run {SOURCES['steering.jsonl']} first")  # fmt: skip

@@ -14,16 +14,21 @@ from fake_gemini import fake_gemini_server, json_reply
 from test_contexts import LAYER, PLANTED, make_run
 from threadpoolctl import threadpool_limits
 
-from helpers.analysis import NOT_LABELLED, feature_table, label_features, probe_table, sae_completion_acts
-from helpers.autointerp import EXPLAIN_SYSTEM
-from helpers.completions import read_completions, write_completions
-from helpers.contexts import docs_for
-from helpers.features import read_features_jsonl
-from helpers.gemini import GeminiClient
-from helpers.gemini_batch import OFFLINE
-from helpers.saelens_io import load_sae, save_sae
+from helpers.analysis.autointerp import EXPLAIN_SYSTEM
+from helpers.analysis.contexts import docs_for
+from helpers.analysis.features import read_features_jsonl
+from helpers.analysis.pipeline import (
+    NOT_LABELLED,
+    feature_table,
+    label_features,
+    probe_table,
+    sae_completion_acts,
+)
+from helpers.collect.completions import read_completions, write_completions
+from helpers.collect.store import LayerStore
+from helpers.gemini import OFFLINE, GeminiClient
 from helpers.saes import JumpReLUSAE
-from helpers.store import LayerStore
+from helpers.saes.io import load_sae, save_sae
 
 fake_gemini = pytest.fixture(fake_gemini_server, name="fake_gemini")
 FAST = dict(n_folds=4, n_permutations=19, n_bootstrap=200)

@@ -12,11 +12,9 @@ import numpy as np
 import pytest
 from fake_gemini import RecordedRequest, daily_quota_exceeded, fake_gemini_server, json_reply, text_reply
 
-from helpers.autointerp import EXPLAIN_SYSTEM, autointerp, explain_features, plan
-from helpers.contexts import FeatureContexts, window_record
-from helpers.gemini import DEFAULT_MODEL, GeminiClient
-from helpers.gemini_batch import OFFLINE
-from helpers.scoring import (
+from helpers.analysis.autointerp import EXPLAIN_SYSTEM, autointerp, explain_features, plan
+from helpers.analysis.contexts import FeatureContexts, window_record
+from helpers.analysis.scoring import (
     DETECTION_SYSTEM,
     FUZZING_SYSTEM,
     fuzzing_windows,
@@ -24,6 +22,7 @@ from helpers.scoring import (
     score_summary,
     score_table,
 )
+from helpers.gemini import DEFAULT_MODEL, OFFLINE, GeminiClient
 
 fake_gemini = pytest.fixture(fake_gemini_server, name="fake_gemini")
 

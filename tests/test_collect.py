@@ -11,9 +11,9 @@ from conftest import final_norm, tiny_lm
 
 import helpers
 from helpers import collect
-from helpers.collect import collect_activations, load_pooled
-from helpers.sampling import Completion
-from helpers.store import FP16_MAX, LayerStore, layer_dir
+from helpers.collect.capture import collect_activations, load_pooled
+from helpers.collect.sampling import Completion
+from helpers.collect.store import FP16_MAX, LayerStore, layer_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -63,7 +63,7 @@ def test_conditions():
 
 
 def test_label_balance_shows_the_one_sided_groups_and_counts_the_rest():
-    from helpers.behaviour import label_balance
+    from helpers.collect.pipeline import label_balance
 
     records = [rec(i, "honest" if i % 2 else "deceptive", f"g{i // 2:02d}") for i in range(80)]
     records += [rec(100 + i, "honest", "g99") for i in range(3)]  # one group with no deceptive answer

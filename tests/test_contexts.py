@@ -17,18 +17,18 @@ import torch
 from safetensors.torch import save_file
 from threadpoolctl import threadpool_limits
 
-from helpers.completions import read_completions, write_completions
-from helpers.contexts import (
+from helpers.analysis.contexts import (
     ContextConfig,
     build_contexts,
     feature_activation_over_text,
     marked_text,
     token_pieces,
 )
-from helpers.runs import update_run_json
-from helpers.saelens_io import load_sae, save_sae
+from helpers.collect.completions import read_completions, write_completions
+from helpers.collect.store import ActivationWriter, LayerStore
+from helpers.run import update_run_json
 from helpers.saes import JumpReLUSAE
-from helpers.store import ActivationWriter, LayerStore
+from helpers.saes.io import load_sae, save_sae
 
 LAYER, D, D_SAE, PLANTED, DEAD = 2, 16, 40, 7, 3
 ITEMS = ["door", "car", "cup", "hat", "sky", "boat"]

@@ -12,8 +12,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from helpers.chat import encode_chat
-from helpers.data import (
+from helpers.collect.prompts import (
     DISHONEST_INSTRUCTION,
     HONEST_INSTRUCTION,
     Prompt,
@@ -26,6 +25,7 @@ from helpers.data import (
     load_scenarios,
     normalise_text,
 )
+from helpers.model.chat import encode_chat
 
 SCENARIOS = load_scenarios()
 CONTRAST = load_contrast_pairs()

@@ -10,8 +10,11 @@ import pytest
 import torch
 from test_train import LAYER, residuals, shared_run
 
-from helpers.chat import pad_token_id
-from helpers.evals import (
+from helpers.collect.store import LayerStore
+from helpers.model.chat import pad_token_id
+from helpers.model.hooks import hook_module, hook_name
+from helpers.saes import make_sae
+from helpers.saes.evals import (
     activation_metrics,
     evaluate_folder,
     evaluate_lm,
@@ -20,10 +23,7 @@ from helpers.evals import (
     lm_loss,
     replace_residual,
 )
-from helpers.hooks import hook_module, hook_name
-from helpers.saelens_io import save_sae
-from helpers.saes import make_sae
-from helpers.store import LayerStore
+from helpers.saes.io import save_sae
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -7,7 +7,14 @@ import torch
 from conftest import final_norm, tiny_model
 
 import helpers
-from helpers.hooks import add_to_residual, capture, decoder_layers, hook_points, layer_of, run_with_capture
+from helpers.model.hooks import (
+    add_to_residual,
+    capture,
+    decoder_layers,
+    hook_points,
+    layer_of,
+    run_with_capture,
+)
 
 
 def assert_matches_hidden_states(model, ids: torch.Tensor, atol: float) -> None:

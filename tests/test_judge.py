@@ -21,7 +21,17 @@ from fake_gemini import (
 )
 from pydantic import BaseModel
 
-from helpers.data import load_contrast_pairs, load_scenarios
+from helpers.collect.judge import (
+    JUDGE_SYSTEM,
+    BudgetStopped,
+    Label,
+    QuotaStopped,
+    label_all,
+    label_completions,
+    plan,
+    rule_label,
+)
+from helpers.collect.prompts import load_contrast_pairs, load_scenarios
 from helpers.gemini import (
     DEFAULT_MODEL,
     BudgetExhausted,
@@ -32,16 +42,6 @@ from helpers.gemini import (
     ModelNotFound,
     parse_duration,
     resolve_api_key,
-)
-from helpers.judge import (
-    JUDGE_SYSTEM,
-    BudgetStopped,
-    Label,
-    QuotaStopped,
-    label_all,
-    label_completions,
-    plan,
-    rule_label,
 )
 
 fake_gemini = pytest.fixture(fake_gemini_server, name="fake_gemini")

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, NanoChatConfig, NanoChatForCausalLM
 
 from helpers import nanochat
-from helpers.chat import chat_format_of, encode_chat
+from helpers.model.chat import chat_format_of, encode_chat
 
 SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|"""
@@ -330,7 +330,7 @@ def test_load_model_converts_native_folder_once_and_formats_chat(tmp_path, capsy
 
 
 def test_native_hub_files_picks_latest_step_and_tokenizer():
-    from helpers.models import native_hub_files
+    from helpers.model.load import native_hub_files
 
     flat = ["README.md", "model_000650.pt", "meta_000650.json", "model_000100.pt", "meta_000100.json",
             "tokenizer.pkl", "token_bytes.pt"]  # fmt: skip

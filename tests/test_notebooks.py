@@ -9,9 +9,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from helpers.notebooks import NOTEBOOK_DIR, inject_parameters, notebook_paths, run_notebook
 
 import helpers
-from helpers.notebooks import NOTEBOOK_DIR, inject_parameters, notebook_paths, run_notebook
 
 NOTEBOOKS = notebook_paths()
 IDS = [p.name for p in NOTEBOOKS]
@@ -98,9 +98,9 @@ def test_01_writes_valid_run_json(smoke_run):
 
 @pytest.mark.notebook
 def test_02_writes_labelled_completions_and_activations(smoke_run):
-    from helpers.collect import load_pooled
-    from helpers.completions import read_completions
-    from helpers.store import LayerStore
+    from helpers.collect.capture import load_pooled
+    from helpers.collect.completions import read_completions
+    from helpers.collect.store import LayerStore
 
     records = read_completions(smoke_run)
     assert len(records) == 16 * 2, "8 contrast facts x 2 instructions x 2 samples in smoke mode"

@@ -7,10 +7,10 @@ import json
 import pytest
 from conftest import tiny_chat_llama
 
-from helpers.hooks import hook_name
-from helpers.panel import feature_options, generate_pair, steering_panel
-from helpers.saelens_io import load_sae, save_sae
+from helpers.model.hooks import hook_name
 from helpers.saes import TopKSAE
+from helpers.saes.io import load_sae, save_sae
+from helpers.steer.panel import feature_options, generate_pair, steering_panel
 
 # The widgets and traits that ipywidgets 7.x (Colab) and 8.x both have; the panel must use no others.
 COMMON_WIDGETS = {"Dropdown", "BoundedIntText", "FloatSlider", "Textarea", "Button", "HTML", "HBox", "VBox"}

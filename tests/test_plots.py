@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from helpers import plots
-from helpers.hooks import hook_name, run_with_capture
-from helpers.saelens_io import load_sae, save_sae
+from helpers.model.hooks import hook_name, run_with_capture
 from helpers.saes import TopKSAE
-from helpers.steering_eval import read_steering
+from helpers.saes.io import load_sae, save_sae
+from helpers.steer.experiments import read_steering
 
 EDGES = [x / 4 for x in range(-28, 1)]
 

@@ -12,10 +12,10 @@ import huggingface_hub
 import pytest
 import torch
 
-from helpers.hooks import hook_name
+from helpers.model.hooks import hook_name
 from helpers.publish import DRY_RUN_DIR, check_repo_id, publish_saes, zip_run
-from helpers.saelens_io import load_sae, save_sae
 from helpers.saes import JumpReLUSAE, TopKSAE
+from helpers.saes.io import load_sae, save_sae
 
 SPEC = "HuggingFaceTB/SmolLM2-135M-Instruct"
 IDS = ["SmolLM2_topk_L3_mixed", "SmolLM2_jumprelu_L5_deceptive_only"]

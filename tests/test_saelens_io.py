@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_train import residuals, shared_run
 
-from helpers.evals import leaderboard
-from helpers.saelens_io import SAELENS_FORMAT_VERSION, find_sae_folders, import_sae, load_sae, save_sae
 from helpers.saes import ARCHITECTURES, GatedSAE, JumpReLUSAE, TopKSAE
-from helpers.train import Run, TrainConfig
+from helpers.saes.evals import leaderboard
+from helpers.saes.io import SAELENS_FORMAT_VERSION, find_sae_folders, import_sae, load_sae, save_sae
+from helpers.saes.train import Run, TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

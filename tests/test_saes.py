@@ -9,10 +9,10 @@ import pytest
 import torch
 from test_train import residuals
 
-from helpers.saelens_io import load_sae, save_sae
 from helpers.saes import ARCHITECTURES, GatedSAE, JumpReLUSAE, TopKSAE, base, make_sae
+from helpers.saes.io import load_sae, save_sae
 from helpers.saes.jumprelu import _JumpReLU, _Step
-from helpers.train import Run, TrainConfig
+from helpers.saes.train import Run, TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

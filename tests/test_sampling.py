@@ -9,8 +9,14 @@ import torch
 from conftest import tiny_lm, tiny_model
 
 import helpers
-from helpers.chat import pad_token_id
-from helpers.sampling import Completion, completion_seed, generate_batch, sample_completions, sample_next
+from helpers.collect.sampling import (
+    Completion,
+    completion_seed,
+    generate_batch,
+    sample_completions,
+    sample_next,
+)
+from helpers.model.chat import pad_token_id
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,13 +12,14 @@ from safetensors.torch import save_file
 from scipy import stats
 
 import helpers
-from helpers.data import load_scenarios
-from helpers.hooks import capture, decoder_layers, hook_name
-from helpers.judge import Label
-from helpers.saelens_io import load_sae, save_sae
+from helpers.collect.judge import Label
+from helpers.collect.prompts import load_scenarios
+from helpers.collect.sampling import sample_completions
+from helpers.model.hooks import capture, decoder_layers, hook_name
 from helpers.saes import JumpReLUSAE, TopKSAE
-from helpers.sampling import sample_completions
-from helpers.steering import (
+from helpers.saes.io import load_sae, save_sae
+from helpers.stats import sign_flip_test, wilson_ci
+from helpers.steer.directions import (
     Condition,
     build_conditions,
     check_sae_matches,
@@ -30,14 +31,12 @@ from helpers.steering import (
     residual_norm,
     steer,
 )
-from helpers.steering_eval import (
+from helpers.steer.experiments import (
     compare_to_controls,
     completion_nll,
     held_out_prompts,
     read_steering,
     run_steering_experiment,
-    sign_flip_test,
-    wilson_ci,
 )
 
 LAYER = 10
@@ -337,6 +336,6 @@ def test_held_out_prompts_skip_scenarios_the_features_were_chosen_on(tmp_path):
     write([{"id": f"{p.id}#0", "prompt_id": p.id, "group": p.group} for p in prompts])
     with pytest.raises(ValueError, match="all .* prompts were used"):
         held_out_prompts(tmp_path, prompts)
-    from helpers.steering import run_steering_experiment as lazily
+    from helpers.steer.directions import run_steering_experiment as lazily
 
     assert lazily is run_steering_experiment

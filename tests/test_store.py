@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import store
-from helpers.store import ActivationWriter, LayerStore
+from helpers.collect.store import ActivationWriter, LayerStore
 
 
 def fake_acts(n_completions: int, d: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:

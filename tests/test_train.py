@@ -18,11 +18,11 @@ import pytest
 import torch
 
 import helpers
-from helpers.completions import split_completions
-from helpers.grid import condition_ids, train_grid
-from helpers.hooks import hook_name, run_with_capture
-from helpers.store import ActivationWriter, LayerStore, layer_dir
-from helpers.train import Run, TooFewSamples, TrainConfig, train_sae
+from helpers.collect.completions import split_completions
+from helpers.collect.store import ActivationWriter, LayerStore, layer_dir
+from helpers.model.hooks import hook_name, run_with_capture
+from helpers.saes.grid import condition_ids, train_grid
+from helpers.saes.train import Run, TooFewSamples, TrainConfig, train_sae
 
 LAYER = 2
 QUESTIONS = ["Did you take the money?", "Is the car in good condition?", "Were you home last night?"]

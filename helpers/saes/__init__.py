@@ -10,10 +10,10 @@ training forward pass with the architecture's auxiliary losses), so `helpers.tra
 
 from __future__ import annotations
 
-from .base import SAE, StepOutput
-from .gated import GatedSAE
-from .jumprelu import JumpReLUSAE
-from .topk import TopKSAE
+from helpers.saes.base import SAE, StepOutput
+from helpers.saes.gated import GatedSAE
+from helpers.saes.jumprelu import JumpReLUSAE
+from helpers.saes.topk import TopKSAE
 
 ARCHITECTURES: dict[str, type[SAE]] = {cls.architecture: cls for cls in (TopKSAE, JumpReLUSAE, GatedSAE)}
 

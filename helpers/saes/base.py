@@ -1,4 +1,5 @@
-"""What every SAE architecture shares: parameters, the decoder, and the sparse maths of a training step.
+"""The SAE contract: what every architecture shares (parameters, the decoder, the SAELens tensors, the
+training step's interface) and the helpers they use (b_dec's initialisation, sparsity control).
 
 An SAE maps a residual vector x [d_in] to latents f [d_sae] and back:
 
@@ -6,173 +7,23 @@ An SAE maps a residual vector x [d_in] to latents f [d_sae] and back:
     f     = nonlinearity(pre)                  TopK / JumpReLU / Gated: one file each
     x_hat = f @ W_dec + b_dec                  W_dec [d_sae, d_in], rows kept unit-norm
 
-Training is sparse wherever the maths allows. The encoder's forward matmul is the only dense work: it
-is computed without autograd, each architecture picks the (token, latent) pairs its loss touches (the
-active latents, plus e.g. JumpReLU's pairs within the STE window) as a `Pattern`, and `gather_pre` /
-`sparse_decode` carry gradients through those pairs only (sparse matmuls on CSR tensors, as in
-OpenAI's and EleutherAI sparsify's TopK kernels). For a TopK SAE at 576 -> 4608, k = 32 this is
-~5.4 GFLOP per 1024 tokens instead of ~27 for a dense step. When a pattern is dense (a JumpReLU or Gated
-SAE early in training fires on a large fraction of latents) the same functions switch to dense
-matmuls, which are faster there; the maths is identical.
+The sparse maths of a training step (`Pattern`, `gather_pre`, `sparse_decode`) is in kernels.py.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 # Under CUDA autocast (fp16 on a T4, bf16 from compute capability 8) the sparse parts run in fp32: only
 # the encoder's dense matmul uses the low precision.
-_FP32 = torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-_BWD = torch.amp.custom_bwd(device_type="cuda")
 
 # Above this fraction of active (token, latent) pairs, dense matmuls beat sparse ones. Measured on a
 # 2-core CPU (sparse CSR ops cost as much as a dense matmul at ~20%); on CUDA cuBLAS wins much earlier.
-DENSE_ABOVE = {"cpu": 0.12, "cuda": 0.02}
-
-
-class Pattern:
-    """The (token, latent) pairs a step touches, in CSR order: row-major, latents sorted within a row."""
-
-    def __init__(self, row: Tensor, col: Tensor, n_rows: int, n_cols: int):
-        self.row, self.col, self.n_rows, self.n_cols = row, col, n_rows, n_cols  # [nnz] each
-        counts = torch.bincount(row, minlength=n_rows)
-        self.crow = F.pad(counts.cumsum(0), (1, 0))  # [n_rows + 1]
-        self.is_dense = len(col) > DENSE_ABOVE.get(col.device.type, 0.02) * n_rows * n_cols
-        self._transpose: tuple[Tensor, Tensor, Tensor] | None = None
-
-    @classmethod
-    def from_indices(cls, idx: Tensor, n_cols: int) -> Pattern:
-        """`idx` [n_rows, k]: the same number of latents per token (TopK, AuxK)."""
-        n_rows, k = idx.shape
-        row = torch.arange(n_rows, device=idx.device).repeat_interleave(k)
-        return cls(row, idx.sort(dim=-1).values.reshape(-1), n_rows, n_cols)
-
-    @classmethod
-    def from_mask(cls, mask: Tensor) -> Pattern:
-        """`mask` [n_rows, n_cols] bool (JumpReLU, Gated)."""
-        row, col = mask.nonzero(as_tuple=True)
-        return cls(row, col, *mask.shape)
-
-    def dense(self, values: Tensor) -> Tensor:
-        out = values.new_zeros(self.n_rows, self.n_cols)
-        return out.index_put_((self.row, self.col), values)
-
-    def csr(self, values: Tensor) -> Tensor:
-        return _csr(self.crow, self.col, values, (self.n_rows, self.n_cols))
-
-    def csr_t(self, values: Tensor) -> Tensor:
-        """The transpose [n_cols, n_rows] as CSR (latent-major), for the weight gradients."""
-        if self._transpose is None:
-            # Keys are unique, so an unstable sort gives the deterministic latent-major, token-sorted
-            # order (torch's stable CPU sort is ~20x slower here).
-            order = torch.argsort(self.col * self.n_rows + self.row)
-            crow_t = F.pad(torch.bincount(self.col, minlength=self.n_cols).cumsum(0), (1, 0))
-            self._transpose = (order, crow_t, self.row[order])
-        order, crow_t, col_t = self._transpose
-        return _csr(crow_t, col_t, values[order], (self.n_cols, self.n_rows))
-
-
-def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
-    with warnings.catch_warnings():  # torch's one-time "CSR support is in beta" notice
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
-
-
-class _GatherPre(torch.autograd.Function):
-    """pre[row, col] of pre = (x - b_dec) @ W_enc_T.T + bias, read from the product computed without
-    autograd. Backward through those pairs only, with Z the sparse upstream gradient [n_tokens, d_sae]:
-    d W_enc_T = Z^T @ (x - b_dec), d bias = column sums of Z, d b_dec = -(column sums of Z) @ W_enc_T
-    (b_dec is shared by all tokens, so its gradient needs Z's column sums, not a sparse matmul)."""
-
-    @staticmethod
-    @_FP32
-    def forward(ctx, x, b_dec, W_enc_T, bias, pre: Tensor, p: Pattern) -> Tensor:
-        ctx.save_for_backward(x, b_dec, W_enc_T)
-        ctx.p, ctx.has_bias = p, bias is not None
-        flat = p.row * pre.shape[1] + p.col  # index_select on the flat view: ~5x faster than pre[row, col]
-        return pre.reshape(-1).index_select(0, flat).float()
-
-    @staticmethod
-    @_BWD
-    def backward(ctx, grad: Tensor):
-        x, b_dec, W_enc_T = ctx.saved_tensors
-        p: Pattern = ctx.p
-        _, need_b_dec, need_w, need_bias = ctx.needs_input_grad[:4]
-        d_b_dec = d_w = d_bias = None
-        col_sums = torch.zeros(p.n_cols, device=grad.device, dtype=grad.dtype).index_add_(0, p.col, grad)
-        if need_w:
-            x_c = x - b_dec
-            d_w = p.dense(grad).t() @ x_c if p.is_dense else _spmm(p.csr_t(grad), x_c)
-        if need_b_dec:
-            d_b_dec = -(col_sums @ W_enc_T)
-        if need_bias and ctx.has_bias:
-            d_bias = col_sums
-        return None, d_b_dec, d_w, d_bias, None, None
-
-
-class _SparseDecode(torch.autograd.Function):
-    """values [nnz] at pattern pairs @ W_dec [d_sae, d_in] -> [n_tokens, d_in], without bias.
-    Backward: d values = (g @ W_dec^T) sampled at the pairs (SDDMM); d W_dec = A^T @ g."""
-
-    @staticmethod
-    @_FP32
-    def forward(ctx, values: Tensor, W_dec: Tensor, p: Pattern) -> Tensor:
-        ctx.save_for_backward(values, W_dec)
-        ctx.p = p
-        if p.is_dense:
-            return p.dense(values) @ W_dec
-        return F.embedding_bag(
-            p.col, W_dec, p.crow, mode="sum", per_sample_weights=values, include_last_offset=True
-        )
-
-    @staticmethod
-    @_BWD
-    def backward(ctx, g: Tensor):
-        values, W_dec = ctx.saved_tensors
-        p: Pattern = ctx.p
-        g = g.contiguous()
-        dv = dw = None
-        if p.is_dense:
-            dv = (g @ W_dec.t())[p.row, p.col] if ctx.needs_input_grad[0] else None
-            dw = p.dense(values).t() @ g if ctx.needs_input_grad[1] else None
-        else:
-            if ctx.needs_input_grad[0]:
-                dv = torch.sparse.sampled_addmm(p.csr(torch.zeros_like(values)), g, W_dec.t()).values()
-            dw = _spmm(p.csr_t(values), g) if ctx.needs_input_grad[1] else None
-        return dv, dw, None
-
-
-def _spmm(csr: Tensor, dense: Tensor) -> Tensor:
-    """CSR @ dense into a fresh tensor; `addmm(..., beta=0, out=)` skips the zero-fill-and-copy that
-    `torch.sparse.mm` does (measured ~1.5x faster on CPU)."""
-    out = dense.new_empty(csr.shape[0], dense.shape[1])
-    return torch.addmm(out, csr, dense, beta=0, out=out)
-
-
-def gather_pre(
-    x: Tensor, b_dec: Tensor, W_enc_T: Tensor, bias: Tensor | None, pre: Tensor, p: Pattern
-) -> Tensor:
-    """The pre-activations `pre[p.row, p.col]` [nnz] (float32) with gradients to b_dec, W_enc_T and bias.
-    `pre` must be `(x - b_dec) @ W_enc_T.T (+ bias)` computed under no_grad (maybe in autocast precision);
-    `x` is data (no gradient)."""
-    return _GatherPre.apply(x, b_dec, W_enc_T, bias, pre, p)
-
-
-def sparse_decode(values: Tensor, W_dec: Tensor, p: Pattern) -> Tensor:
-    """`sum_j values_j * W_dec[col_j]` per token [n_tokens, d_in] (no b_dec), gradients to both."""
-    return _SparseDecode.apply(values, W_dec, p)
-
-
-def recon_loss(x_hat: Tensor, x: Tensor) -> Tensor:
-    """Squared reconstruction error summed over d_in, averaged over tokens (the MSE of the SAE papers)."""
-    return (x_hat - x).pow(2).sum(-1).mean()
 
 
 @dataclass

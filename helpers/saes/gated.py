@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import SAE, Pattern, StepOutput, adapt_coefficient, gather_pre, recon_loss, sparse_decode
+from helpers.saes.base import SAE, StepOutput, adapt_coefficient
+from helpers.saes.kernels import Pattern, gather_pre, recon_loss, sparse_decode
 
 
 class GatedSAE(SAE):

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import SAE, Pattern, StepOutput, gather_pre, recon_loss, sparse_decode
+from helpers.saes.base import SAE, StepOutput
+from helpers.saes.kernels import Pattern, gather_pre, recon_loss, sparse_decode
 
 
 class TopKSAE(SAE):

@@ -1,0 +1,181 @@
+"""Auto-interpretation: Gemini explains SAE features from their example windows (contexts.py), and the
+explanations are scored on held-out windows (scoring.py; REFERENCE.md "Auto-interpretability practice").
+
+- `explain_features`: Gemini sees each feature's EXPLAIN windows (firing tokens marked <<like this>>,
+  examples spread over the activation quantiles, plus non-activating and near-miss windows) and answers
+  one sentence, whether it is deception-related, and its kind. The completions' honest / deceptive
+  labels are never shown: a feature is explained by the text it fires on, not by which set the text
+  came from (DESIGN.md §8).
+- `autointerp`: explain, then score by detection and fuzzing, each against a shuffled-explanation
+  baseline (scoring.py), with one Asker (gemini_batch.py): several features per request, validated,
+  cached and budgeted; one daily-quota or budget stop ends the whole pass, and only cached answers are
+  still used after it, so the next run continues from the cache.
+- Nothing is invented: without a client every explanation and score is None with its source saying
+  "unavailable (no Gemini key)".
+- `plan` counts the requests before spending (the free tier allows ~20 a day).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from helpers.analysis.contexts import FeatureContexts
+from helpers.analysis.scoring import score_with
+from helpers.gemini import (
+    FREE_TIER_REQUESTS_PER_DAY,
+    LEFT_OUT,
+    OFFLINE,
+    Asker,
+    GeminiClient,
+    ask_batched,
+    check_ids,
+)
+
+KINDS = ("lying about a fact", "concealing a role", "evasion", "refusal", "other", "none")
+Kind = Literal["lying about a fact", "concealing a role", "evasion", "refusal", "other", "none"]
+MAX_EXPLANATION_CHARS = 300
+
+
+class FeatureExplanation(BaseModel):
+    feature: int
+    explanation: str
+    deception_related: Literal["yes", "no", "unclear"]
+    kind: Kind
+
+
+class ExplainAnswer(BaseModel):
+    features: list[FeatureExplanation]
+
+
+EXPLAIN_SYSTEM = """You explain features of a sparse autoencoder trained on a chat language model's
+internal activations, for research on deception in language models. Each item is one feature with text
+windows from the model's own answers. In "activating" windows the tokens where the feature fires are
+marked <<like this>>, with the strongest activation in the window; the examples span weak to strong
+activations. "not_activating" windows are text where the feature is zero, some of them near misses.
+For each feature write ONE sentence saying what text the feature responds to: specific enough that a
+reader could predict on new text whether it fires, true of weak as well as strong examples, and not true
+of the non-activating windows. Describe the text, not what you expect a deception feature to do. Then say
+whether the feature is deception-related (yes, no, unclear) and its kind: lying about a fact, concealing
+a role, evasion, refusal, other (deception-related in another way), none (not deception-related).
+Return exactly one entry per item with the item's feature number unchanged."""
+
+
+def plan(
+    n_features: int,
+    features_per_request: int = 8,
+    *,
+    n_saes: int = 1,
+    score_features_per_request: int | None = None,
+    baseline: bool = True,
+    fuzzing: bool = True,
+) -> dict[str, Any]:
+    """Requests an `autointerp` pass over `n_features` features of each of `n_saes` SAEs will send,
+    before follow-ups for features Gemini leaves out; cached requests are free. Each score (detection,
+    fuzzing) and its shuffled baseline is one request per `score_features_per_request` features."""
+    if min(n_features, features_per_request, n_saes) < 0 or features_per_request < 1:
+        raise ValueError("n_features and n_saes must be >= 0 and features_per_request >= 1")
+    explain = math.ceil(n_features / features_per_request)
+    score = math.ceil(n_features / (score_features_per_request or features_per_request))
+    rows = {
+        "explain_requests": n_saes * explain,
+        "detection_requests": n_saes * score,
+        "detection_baseline_requests": n_saes * score if baseline else 0,
+        "fuzzing_requests": n_saes * score if fuzzing else 0,
+        "fuzzing_baseline_requests": n_saes * score if fuzzing and baseline else 0,
+    }
+    total = sum(rows.values())
+    return {
+        "n_saes": n_saes,
+        "features_per_sae": n_features,
+        "features_per_request": features_per_request,
+        **rows,
+        "requests": total,
+        "free_tier_requests_per_day": FREE_TIER_REQUESTS_PER_DAY,
+        "days_on_free_tier": math.ceil(total / FREE_TIER_REQUESTS_PER_DAY),
+    }
+
+
+def explain_item(ctx: FeatureContexts) -> dict[str, Any] | None:
+    """What the explainer sees of one feature (None when it has no activating explain window)."""
+    act = sorted((e for e in ctx.explain if e["kind"] == "activating"), key=lambda e: -e["max_activation"])
+    if not act:
+        return None
+    return {
+        "feature": ctx.feature,
+        "activating": [{"max_activation": round(e["max_activation"], 3), "text": e["marked"]} for e in act],
+        "not_activating": [e["text"] for e in ctx.explain if e["kind"] != "activating"],
+    }
+
+
+def explain_features(
+    contexts: Sequence[FeatureContexts],
+    client: GeminiClient | None,
+    *,
+    features_per_request: int = 8,
+    max_followups: int = 2,
+) -> dict[int, dict[str, Any]]:
+    """Per feature: explanation, deception_related, kind and explanation_source ("gemini:<model>" or
+    why it is unavailable); the fields are None wherever Gemini gave no answer."""
+    return _explain(Asker(client), contexts, features_per_request, max_followups)
+
+
+def _explain(
+    asker: Asker, contexts: Sequence[FeatureContexts], features_per_request: int, max_followups: int
+) -> dict[int, dict[str, Any]]:
+    items = {c.feature: explain_item(c) for c in contexts}
+
+    def parse(answer: ExplainAnswer, chunk: list[dict[str, Any]]) -> dict[int, Any]:
+        wanted, out = check_ids([e.feature for e in answer.features], chunk), {}
+        for e in answer.features:
+            text = (e.explanation.strip().splitlines() or [""])[0][:MAX_EXPLANATION_CHARS]
+            if e.feature in wanted and e.feature not in out and text:
+                out[e.feature] = {
+                    "explanation": text,
+                    "deception_related": e.deception_related,
+                    "kind": e.kind,
+                }
+        return out
+
+    todo = [it for it in items.values() if it is not None]
+    got = ask_batched(
+        asker, todo, "Explain", ExplainAnswer, EXPLAIN_SYSTEM, parse, features_per_request, max_followups
+    )
+    results = {}
+    for f, item in items.items():
+        if f in got:
+            results[f] = {**got[f], "explanation_source": asker.source}
+            continue
+        why = (
+            "unavailable (no activating windows in the explain split)"
+            if item is None
+            else asker.stopped or LEFT_OUT
+        )
+        results[f] = {"explanation": None, "deception_related": None, "kind": None, "explanation_source": why}
+    return results
+
+
+def autointerp(
+    contexts: Sequence[FeatureContexts],
+    client: GeminiClient | None,
+    *,
+    features_per_request: int = 8,
+    baseline: bool = True,
+    fuzzing: bool = True,
+    seed: int = 0,
+    max_followups: int = 2,
+) -> dict[int, dict[str, Any]]:
+    """Explain, then score by detection and fuzzing with the shuffled baselines (scoring.py): per
+    feature, the fields of both. One stop (quota, budget) ends the whole pass; cached answers are still
+    used after it."""
+    if client is None:
+        print(f"autointerp: no Gemini client; explanations and scores are marked {OFFLINE!r}")
+    asker = Asker(client)
+    expl = _explain(asker, contexts, features_per_request, max_followups)
+    texts = {f: e["explanation"] for f, e in expl.items()}
+    scores = score_with(asker, contexts, texts, features_per_request=features_per_request, baseline=baseline,
+                        fuzzing=fuzzing, seed=seed, max_followups=max_followups)  # fmt: skip
+    return {f: {"feature": f, **expl[f], **scores[f]} for f in expl}

@@ -1,0 +1,318 @@
+"""Scores of auto-interpretation explanations (autointerp.py writes them) on each feature's held-out
+SCORING windows, as in EleutherAI's delphi (REFERENCE.md "Auto-interpretability practice"). Gemini plays
+the reader: it sees only the explanation and the windows, and its predictions are checked against the
+SAE's activations.
+
+- DETECTION (which windows fire?): all scoring windows (activating, random non-activating, hard
+  negatives), shuffled and unmarked; the reader gives each a 0–1 probability that the feature fires on
+  at least one of its tokens. Truth: the window is activating.
+- FUZZING (which tokens?): the activating scoring windows only, each with some tokens marked <<like
+  this>>, as the explanation prompt marks firing tokens. In half of them (seeded) the marks sit on
+  exactly the tokens the feature fires on; in the other half on as many tokens drawn at random from the
+  window's silent positions. The reader gives each a 0–1 probability that the marked tokens are the
+  ones the feature fires on. Truth: the marking is correct. An explanation that names only the topic
+  of the text passes detection but not fuzzing, which asks for the tokens.
+- Each gives balanced accuracy at 0.5 and AUROC, with a Mann–Whitney p-value of the AUROC (about 10–20
+  windows per feature: read the verdict, not the digits). The SHUFFLED BASELINE scores the same windows
+  with another feature's explanation (the next explained feature, cyclically, in the order given): an
+  explanation is worth what it beats.
+- Requests go through gemini_batch.py: several features per request, answers validated (feature ids of
+  the batch, every window scored once), follow-ups for features left out, cached and budgeted. Nothing
+  is invented: a score Gemini did not give is None and its source says why.
+
+Per feature, for each method m in METHODS: `m` and `m_baseline` (metrics dicts or None), `m_source` and
+`m_baseline_source` ("gemini:<model>" or why it is unavailable), `m_ba_over_baseline`; and
+`baseline_explanation_of`, the feature whose explanation the baselines used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from helpers.analysis.contexts import FeatureContexts, marked_text
+from helpers.gemini import LEFT_OUT, Asker, GeminiClient, ask_batched, check_ids
+from helpers.stats import balanced_accuracy, rank_sum
+
+METHODS = ("detection", "fuzzing")
+
+
+class WindowScore(BaseModel):
+    window: int
+    score: float = Field(ge=0.0, le=1.0)
+
+
+class FeatureScores(BaseModel):
+    feature: int
+    scores: list[WindowScore]
+
+
+class ScoreAnswer(BaseModel):
+    features: list[FeatureScores]
+
+
+DETECTION_SYSTEM = """You test explanations of features of a sparse autoencoder trained on a chat language
+model. Each item gives one feature's explanation and numbered text windows. For every window give the
+probability, from 0 to 1, that the feature fires on at least one token of the window, judging only by
+the explanation. Some windows fire and some do not. Return exactly one entry per item with the item's
+feature number unchanged, and one score for every window number of that item."""
+
+FUZZING_SYSTEM = """You test explanations of features of a sparse autoencoder trained on a chat language
+model. Each item gives one feature's explanation and numbered text windows; the feature fires somewhere
+in every window. In each window some tokens are marked <<like this>>. In some windows the marked tokens
+are exactly the tokens the feature fires on; in the others they are random tokens where it does not
+fire. For every window give the probability, from 0 to 1, that the marked tokens are the ones the
+feature fires on, judging only by the explanation. Return exactly one entry per item with the item's
+feature number unchanged, and one score for every window number of that item."""
+
+SYSTEMS = {"detection": DETECTION_SYSTEM, "fuzzing": FUZZING_SYSTEM}
+VERBS = {"detection": "Score the windows of", "fuzzing": "Judge the marked tokens in the windows of"}
+
+
+def detection_windows(ctx: FeatureContexts, seed: int = 0) -> list[dict[str, Any]] | None:
+    """The scoring windows in a seeded shuffled order, unmarked: {"window" (the number shown), "text",
+    "kind", "truth" (1 = activating)}. None unless there are activating and non-activating ones."""
+    n_act = sum(e["kind"] == "activating" for e in ctx.score)
+    if not 0 < n_act < len(ctx.score):
+        return None
+    perm = np.random.default_rng([seed, ctx.feature]).permutation(len(ctx.score))
+    return [
+        {"window": j, "text": e["text"], "kind": e["kind"], "truth": int(e["kind"] == "activating")}
+        for j, e in enumerate(ctx.score[k] for k in perm)
+    ]
+
+
+def fuzzing_windows(ctx: FeatureContexts, seed: int = 0) -> list[dict[str, Any]] | None:
+    """Of the n activating scoring windows, n // 2 correctly and n // 2 wrongly marked (fewer pairs when
+    too few windows can be wrongly marked), in a seeded shuffled order: {"window" (the number shown),
+    "text" (marked), "example" (index in ctx.score), "marked" (token indices in the window), "truth" (1 =
+    the marks are its firing tokens)}. A wrong window marks as many tokens as fire in it, drawn from its
+    silent ones: only a window with that many silent tokens can be wrong. None when no pair can be made."""
+    act = [k for k, e in enumerate(ctx.score) if e["kind"] == "activating"]
+    rng = np.random.default_rng([seed, 9, ctx.feature])
+    acts = {k: np.asarray(ctx.score[k]["acts"]) for k in act}
+    order = [act[i] for i in rng.permutation(len(act))]
+    can_be_wrong = [k for k in order if (acts[k] <= 0).sum() >= (acts[k] > 0).sum()]
+    n = min(len(act) // 2, len(can_be_wrong))
+    if n == 0:
+        return None
+    wrong = can_be_wrong[:n]
+    right = [k for k in order if k not in wrong][:n]
+    out = []
+    for j, k in enumerate(int(k) for k in rng.permutation([*wrong, *right])):
+        marked = np.flatnonzero(acts[k] > 0)
+        if k in wrong:
+            marked = np.sort(rng.choice(np.flatnonzero(acts[k] <= 0), size=len(marked), replace=False))
+        mask = np.zeros(len(acts[k]))
+        mask[marked] = 1.0
+        text = marked_text(ctx.score[k]["tokens"], mask)
+        out.append(
+            {"window": j, "text": text, "example": k, "marked": marked.tolist(), "truth": int(k not in wrong)}
+        )
+    return out
+
+
+def reader_metrics(scores: Sequence[float], truth: Sequence[int]) -> dict[str, Any]:
+    """Balanced accuracy (threshold 0.5), AUROC and its two-sided Mann–Whitney p-value, and a verdict."""
+    s, t = np.asarray(scores, float), np.asarray(truth, int)
+    auc, p = rank_sum(s[:, None], t)
+    significant = p[0] < 0.05
+    verdict = (
+        "above chance" if significant and auc[0] > 0.5 else "below chance" if significant else "at chance"
+    )
+    return {
+        "balanced_accuracy": float(balanced_accuracy(s, t)),
+        "auroc": float(auc[0]),
+        "p_value": float(p[0]),
+        "verdict": verdict,
+        "n_windows": len(t),
+        "scores": s.tolist(),
+    }
+
+
+def detection_metrics(scores: Sequence[float], windows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """`reader_metrics`, the number of activating windows, and the fraction of hard negatives scored
+    below 0.5."""
+    s = np.asarray(scores, float)
+    hard = np.array([w["kind"] == "hard_negative" for w in windows])
+    return {
+        **reader_metrics(s, [w["truth"] for w in windows]),
+        "n_activating": sum(w["truth"] for w in windows),
+        "hard_negative_rejection": float((s[hard] < 0.5).mean()) if hard.any() else None,
+    }
+
+
+def fuzzing_metrics(scores: Sequence[float], windows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """`reader_metrics` and the number of correctly marked windows."""
+    return {
+        **reader_metrics(scores, [w["truth"] for w in windows]),
+        "n_correct": sum(w["truth"] for w in windows),
+    }
+
+
+MAKERS: dict[str, Callable[[FeatureContexts, int], list[dict[str, Any]] | None]] = {
+    "detection": detection_windows,
+    "fuzzing": fuzzing_windows,
+}
+METRICS = {"detection": detection_metrics, "fuzzing": fuzzing_metrics}
+CANNOT = {
+    "detection": "unavailable (the scoring split needs activating and non-activating windows)",
+    "fuzzing": "unavailable (fuzzing needs two activating scoring windows with enough silent tokens)",
+}
+
+
+def score_explanations(
+    contexts: Sequence[FeatureContexts],
+    explanations: Mapping[int, str | None],
+    client: GeminiClient | None,
+    *,
+    features_per_request: int = 8,
+    baseline: bool = True,
+    fuzzing: bool = True,
+    seed: int = 0,
+    max_followups: int = 2,
+) -> dict[int, dict[str, Any]]:
+    """Detection and (unless `fuzzing=False`) fuzzing scores per feature, each with the shuffled
+    baseline unless `baseline=False`: the fields the module doc lists."""
+    return score_with(Asker(client), contexts, explanations, features_per_request=features_per_request,
+                      baseline=baseline, fuzzing=fuzzing, seed=seed, max_followups=max_followups)  # fmt: skip
+
+
+def score_with(
+    asker: Asker,
+    contexts: Sequence[FeatureContexts],
+    explanations: Mapping[int, str | None],
+    *,
+    features_per_request: int,
+    baseline: bool,
+    fuzzing: bool,
+    seed: int,
+    max_followups: int,
+) -> dict[int, dict[str, Any]]:
+    """`score_explanations` through an Asker that may already have stopped (autointerp.py shares one)."""
+    explained = [c.feature for c in contexts if explanations.get(c.feature)]
+    results: dict[int, dict[str, Any]] = {}
+    for c in contexts:
+        partner = (
+            explained[(explained.index(c.feature) + 1) % len(explained)] if c.feature in explained else None
+        )
+        results[c.feature] = {
+            "baseline_explanation_of": partner if baseline and partner != c.feature else None
+        }
+    for method in METHODS:
+        if method == "fuzzing" and not fuzzing:
+            for res in results.values():
+                res.update({method: None, f"{method}_baseline": None, f"{method}_source": "not run",
+                            f"{method}_baseline_source": "not run"})  # fmt: skip
+            continue
+        _score_method(asker, method, contexts, explanations, results, baseline, seed,
+                      features_per_request, max_followups)  # fmt: skip
+    for res in results.values():  # how far each explanation beats another feature's on the same windows
+        for method in METHODS:
+            own, base = res[method], res[f"{method}_baseline"]
+            res[f"{method}_ba_over_baseline"] = (
+                own["balanced_accuracy"] - base["balanced_accuracy"] if own and base else None
+            )
+    return results
+
+
+def _parse(answer: ScoreAnswer, chunk: list[dict[str, Any]]) -> dict[int, list[float]]:
+    """Scores in window order per feature of `chunk` whose answer scores every window exactly once."""
+    wanted, out = check_ids([e.feature for e in answer.features], chunk), {}
+    n_windows = {it["feature"]: len(it["windows"]) for it in chunk}
+    for e in answer.features:
+        scores = {w.window: w.score for w in e.scores}  # a repeated window keeps its last score
+        if e.feature in wanted and e.feature not in out and set(scores) == set(range(n_windows[e.feature])):
+            out[e.feature] = [scores[j] for j in range(n_windows[e.feature])]
+    return out
+
+
+def _score_method(
+    asker: Asker,
+    method: str,
+    contexts: Sequence[FeatureContexts],
+    explanations: Mapping[int, str | None],
+    results: dict[int, dict[str, Any]],
+    baseline: bool,
+    seed: int,
+    features_per_request: int,
+    max_followups: int,
+) -> None:
+    """Fills `method`'s fields of `results`: own explanations first, then the shuffled baseline."""
+    windows, jobs = {}, {method: [], f"{method}_baseline": []}
+    for c in contexts:
+        res = results[c.feature]
+        res[method] = res[f"{method}_baseline"] = None
+        if not explanations.get(c.feature):
+            why = asker.stopped or "unavailable (no explanation)"
+        else:
+            windows[c.feature] = MAKERS[method](c, seed)
+            why = CANNOT[method] if windows[c.feature] is None else None
+        if why:
+            res[f"{method}_source"] = res[f"{method}_baseline_source"] = why
+            continue
+        shown = [{"window": w["window"], "text": w["text"]} for w in windows[c.feature]]
+        jobs[method].append({"feature": c.feature, "explanation": explanations[c.feature], "windows": shown})
+        partner = res["baseline_explanation_of"]
+        if partner is None:
+            why = "not run" if not baseline else "unavailable (needs two explained features)"
+            res[f"{method}_baseline_source"] = why
+            continue
+        jobs[f"{method}_baseline"].append(
+            {"feature": c.feature, "explanation": explanations[partner], "windows": shown}
+        )
+    for key, items in jobs.items():
+        got = ask_batched(asker, items, VERBS[method], ScoreAnswer, SYSTEMS[method], _parse,
+                          features_per_request, max_followups)  # fmt: skip
+        for item in items:
+            f = item["feature"]
+            if f in got:
+                results[f][key] = METRICS[method](got[f], windows[f])
+            results[f][f"{key}_source"] = asker.source if f in got else asker.stopped or LEFT_OUT
+
+
+def score_summary(results: Mapping[int, Mapping[str, Any]] | Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per method: features scored, mean balanced accuracy and AUROC of the explanations and of the
+    shuffled baseline, and how many of each are above chance."""
+    rows = list(results.values()) if isinstance(results, Mapping) else list(results)
+
+    def mean(xs: list[dict[str, Any]], key: str) -> float | None:
+        return float(np.mean([x[key] for x in xs])) if xs else None
+
+    out: dict[str, Any] = {"n_features": len(rows)}
+    for m in METHODS:
+        own = [r[m] for r in rows if r.get(m)]
+        base = [r[f"{m}_baseline"] for r in rows if r.get(f"{m}_baseline")]
+        out.update({
+            f"{m}_n_scored": len(own),
+            f"{m}_balanced_accuracy": mean(own, "balanced_accuracy"),
+            f"{m}_auroc": mean(own, "auroc"),
+            f"{m}_baseline_balanced_accuracy": mean(base, "balanced_accuracy"),
+            f"{m}_baseline_auroc": mean(base, "auroc"),
+            f"{m}_n_above_chance": sum(x["verdict"] == "above chance" for x in own),
+            f"{m}_n_baseline_above_chance": sum(x["verdict"] == "above chance" for x in base),
+        })  # fmt: skip
+    return out
+
+
+def score_table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """Display rows: per feature, balanced accuracy / AUROC of detection and fuzzing with its explanation
+    and with the shuffled one (blank where unavailable), then the explanation or why there is none."""
+
+    def pair(m: Mapping[str, Any] | None) -> str:
+        return "" if not m else f"{m['balanced_accuracy']:.2f} / {m['auroc']:.2f}"
+
+    return [
+        {
+            "feature": str(r["feature"]),
+            "detection BA / AUROC": pair(r.get("detection")),
+            "shuffled (det.)": pair(r.get("detection_baseline")),
+            "fuzzing BA / AUROC": pair(r.get("fuzzing")),
+            "shuffled (fuzz.)": pair(r.get("fuzzing_baseline")),
+            "explanation": r.get("explanation") or str(r.get("explanation_source") or ""),
+        }
+        for r in rows
+    ]

@@ -1,0 +1,213 @@
+"""The activation store: per-token residual vectors on disk, in shards, read back memory-mapped.
+
+Layout under the run folder (DESIGN.md §3):
+
+    activations/layer_{L}/shard_00000.npy    [n_tokens, d_model] float16 (float32 if a value overflows fp16)
+    activations/layer_{L}/shard_00000.json   which completions the shard holds:
+        {"dtype": "float16", "n_tokens": N, "d_model": D,
+         "entries": [[completion_id, first_row, n_tokens, first_position], ...]}
+
+A completion's tokens are contiguous inside one shard. The `.npy` is written first and the `.json`
+last, both atomically, so a shard without its `.json` is incomplete and is ignored (and rewritten) by a
+resumed run: a disconnect or a full disk never leaves a shard that a reader would trust. `.npy` files
+memory-map, so the SAE trainer streams a store larger than RAM (`iter_batches` holds at most
+`buffer_bytes` of activations at a time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from helpers.run import activations_dir, atomic_write_bytes, atomic_write_json
+
+FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def layer_dir(run_dir: str | os.PathLike, layer: int) -> Path:
+    return activations_dir(run_dir, layer)
+
+
+class ActivationWriter:
+    """Accumulates per-completion activations of one layer and writes them as shards of ~`shard_tokens`.
+
+    Use as a context manager (the last partial shard is written on exit). `done_ids` lists completions
+    already stored by an earlier run, so the caller can skip them.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, layer: int, *, shard_tokens: int = 65_536):
+        self.dir = layer_dir(run_dir, layer)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.shard_tokens = shard_tokens
+        self._pending: list[tuple[str, np.ndarray, int]] = []
+        self._pending_tokens = 0
+        complete = _complete_shards(self.dir)
+        self.done_ids = {e[0] for meta in complete.values() for e in meta["entries"]}
+        self._next = max(complete, default=-1) + 1
+
+    def add(self, completion_id: str, acts: torch.Tensor | np.ndarray, first_position: int = 0) -> None:
+        """Queue `acts` ([n_tokens, d_model]) of one completion; flushes a shard when enough are queued."""
+        if completion_id in self.done_ids:
+            return
+        arr = (
+            acts.detach().float().cpu().numpy()
+            if isinstance(acts, torch.Tensor)
+            else np.asarray(acts, np.float32)
+        )
+        if arr.ndim != 2:
+            raise ValueError(
+                f"activations of {completion_id!r} must be [n_tokens, d_model], got shape {arr.shape}"
+            )
+        if not np.isfinite(arr).all():
+            bad = np.argwhere(~np.isfinite(arr))[0]
+            raise ValueError(
+                f"non-finite activation in completion {completion_id!r} at token {bad[0]}, dim {bad[1]}: "
+                "the model overflowed (on a T4 load nanochat in float32) and nothing of it was stored"
+            )
+        self._pending.append((completion_id, arr, first_position))
+        self._pending_tokens += len(arr)
+        self.done_ids.add(completion_id)
+        if self._pending_tokens >= self.shard_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        data = np.concatenate([a for _, a, _ in self._pending])
+        dtype = "float16" if np.abs(data).max(initial=0) < FP16_MAX else "float32"
+        entries, row = [], 0
+        for cid, arr, pos in self._pending:
+            entries.append([cid, row, len(arr), pos])
+            row += len(arr)
+        name = f"shard_{self._next:05d}"
+        try:
+            atomic_write_bytes(self.dir / f"{name}.npy", _npy_bytes(data.astype(dtype)))
+            meta = {"dtype": dtype, "n_tokens": len(data), "d_model": data.shape[1], "entries": entries}
+            atomic_write_json(self.dir / f"{name}.json", meta)
+        except OSError as err:
+            (self.dir / f"{name}.npy").unlink(missing_ok=True)  # no shard without its index
+            for cid, _, _ in self._pending:
+                self.done_ids.discard(cid)
+            raise OSError(
+                f"writing {name} in {self.dir} failed ({err}). Earlier shards are intact; free disk space "
+                "(or Drive quota) and rerun: collection resumes after the last complete shard."
+            ) from err
+        self._next += 1
+        self._pending, self._pending_tokens = [], 0
+
+    def __enter__(self) -> ActivationWriter:
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.flush()
+
+
+class LayerStore:
+    """Read access to one layer's shards. Rows are tokens, numbered across shards in shard order."""
+
+    def __init__(self, run_dir: str | os.PathLike, layer: int):
+        self.dir = layer_dir(run_dir, layer)
+        shards = _complete_shards(self.dir)
+        if not shards:
+            raise FileNotFoundError(
+                f"no activations in {self.dir}: run notebook 02 (collect activations) for layer {layer} first"
+            )
+        self._paths = [self.dir / f"shard_{k:05d}.npy" for k in sorted(shards)]
+        self._metas = [shards[k] for k in sorted(shards)]
+        self.d_model = self._metas[0]["d_model"]
+        self._starts = np.cumsum([0] + [m["n_tokens"] for m in self._metas])
+        self.n_tokens = int(self._starts[-1])
+        # completion id -> (shard, first row in shard, n_tokens, first position)
+        self.entries = {e[0]: (s, e[1], e[2], e[3]) for s, m in enumerate(self._metas) for e in m["entries"]}
+        self._mmaps: dict[int, np.ndarray] = {}
+
+    @property
+    def completion_ids(self) -> list[str]:
+        return list(self.entries)
+
+    def shard(self, s: int) -> np.ndarray:
+        if s not in self._mmaps:
+            self._mmaps[s] = np.load(self._paths[s], mmap_mode="r")
+        return self._mmaps[s]
+
+    def tokens_of(self, completion_id: str) -> np.ndarray:
+        """[n_tokens, d_model] float32 of one completion."""
+        s, row, n, _ = self.entries[completion_id]
+        return np.asarray(self.shard(s)[row : row + n], dtype=np.float32)
+
+    def _shard_rows(self, completion_ids: Iterable[str] | None) -> dict[int, np.ndarray]:
+        """Rows (within each shard) belonging to `completion_ids` (all when None)."""
+        if completion_ids is None:
+            return {s: np.arange(m["n_tokens"]) for s, m in enumerate(self._metas)}
+        rows: dict[int, list[np.ndarray]] = {}
+        for cid in completion_ids:
+            if cid not in self.entries:
+                raise KeyError(f"completion {cid!r} has no activations in {self.dir}")
+            s, row, n, _ = self.entries[cid]
+            rows.setdefault(s, []).append(np.arange(row, row + n))
+        return {s: np.sort(np.concatenate(r)) for s, r in rows.items()}
+
+    def count(self, completion_ids: Iterable[str] | None = None) -> int:
+        return int(sum(len(r) for r in self._shard_rows(completion_ids).values()))
+
+    def iter_batches(
+        self,
+        batch_size: int,
+        *,
+        completion_ids: Iterable[str] | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        buffer_bytes: int = 1 << 30,
+    ) -> Iterator[torch.Tensor]:
+        """Yield float32 batches `[batch_size, d_model]` (the last one may be smaller), one pass.
+
+        Shuffling: shards are visited in a random order and rows are shuffled inside a buffer of whole
+        shards holding at most `buffer_bytes` of float32, so RAM stays bounded for any store size.
+        """
+        rows = self._shard_rows(completion_ids)
+        rng = np.random.default_rng(seed)
+        order = list(rows)
+        if shuffle:
+            rng.shuffle(order)
+        buffer: list[np.ndarray] = []
+        held = 0
+        for i, s in enumerate(order):
+            buffer.append(np.asarray(self.shard(s)[rows[s]], dtype=np.float32))
+            held += buffer[-1].nbytes
+            last = i == len(order) - 1
+            if held < buffer_bytes and not last:
+                continue
+            data = np.concatenate(buffer)
+            if shuffle:
+                data = data[rng.permutation(len(data))]
+            buffer, held = [], 0
+            full = len(data) - len(data) % batch_size
+            for start in range(0, full, batch_size):
+                yield torch.from_numpy(data[start : start + batch_size])
+            if full < len(data):  # carry the remainder into the next buffer so batches stay full
+                buffer, held = [data[full:]], data[full:].nbytes
+                if last:
+                    yield torch.from_numpy(data[full:])
+
+
+def _complete_shards(folder: Path) -> dict[int, dict]:
+    """Shards whose `.json` exists (and therefore whose `.npy` was fully written before it)."""
+    shards = {}
+    for meta_path in sorted(folder.glob("shard_*.json")):
+        if (folder / f"{meta_path.stem}.npy").exists():
+            shards[int(meta_path.stem.split("_")[1])] = json.loads(meta_path.read_text())
+    return shards
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()

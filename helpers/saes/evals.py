@@ -1,0 +1,299 @@
+"""How good is an SAE: reconstruction and sparsity on activations, and the LM's loss with it spliced in.
+
+- `activation_metrics`: MSE, explained variance (streamed in float64 with Chan's merge of batch means and
+  sums of squares, so it equals the direct computation over all tokens), L0, dead and dense fractions,
+  and a histogram of log10 firing frequencies.
+- `lm_loss`: next-token cross-entropy on completion tokens with the residual at `blocks.{L}.hook_resid_post`
+  replaced by the SAE's reconstruction (`replace_residual`, a forward hook that is always removed),
+  against the clean model and against zero-ablation: KL to the clean next-token distribution and the
+  fraction of loss recovered, (CE_zero - CE_sae) / (CE_zero - CE_clean).
+- `leaderboard`: one row per SAE from `saes/*/metrics.json` (plots.leaderboard_figure draws it).
+
+Splicing replaces the residual with the reconstruction, dropping the SAE's error term: that is the
+point of this measurement (for steering, add a direction instead: hooks.add_to_residual).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from helpers.collect.completions import read_completions, split_completions
+from helpers.collect.store import LayerStore
+from helpers.model.chat import pad_token_id
+from helpers.model.hooks import hook_module
+from helpers.run import SAE_METRICS, atomic_write_json, read_sae_metrics, sae_dir
+from helpers.saes.io import load_sae
+
+HIST_EDGES = [x / 4 for x in range(-28, 1)]  # log10 firing frequency bins, 1e-7 .. 1
+
+
+def check_finite(x: Tensor, where: str) -> None:
+    """Stop on NaN/inf activations, naming the batch, row and dimension."""
+    if not torch.isfinite(x).all():
+        row, dim = (~torch.isfinite(x)).nonzero()[0].tolist()
+        raise ValueError(
+            f"non-finite activation ({x[row, dim].item()}) in {where}, row {row}, dim {dim}: the stored "
+            "activations are corrupt or the model overflowed; recollect this layer (notebook 02)"
+        )
+
+
+@torch.no_grad()
+def activation_metrics(
+    sae: nn.Module, batches: Iterable[Tensor], *, device: str = "cpu", dense_above: float = 0.1
+) -> dict[str, Any]:
+    """Metrics of `sae` (raw-unit inputs) over every batch [n, d_in]. Dead: never fired on these
+    tokens; dense: fires on more than `dense_above` of them."""
+    n, sse, mean, m2, l0_sum, fired = 0, 0.0, None, 0.0, 0.0, None
+    for i, x in enumerate(batches):
+        check_finite(x, f"evaluation batch {i}")
+        x = x.to(device)
+        sae.check_input(x)
+        acts, _ = sae.encode(x)
+        x_hat = sae.decode(acts).double()
+        xd = x.double()
+        b, batch_mean = len(xd), xd.mean(0)
+        batch_m2 = (xd - batch_mean).pow(2).sum().item()  # sum over tokens and dims
+        if mean is None:
+            mean, m2 = batch_mean, batch_m2
+        else:  # Chan et al.: merge (n, mean, M2) of two sets
+            delta = batch_mean - mean
+            m2 += batch_m2 + delta.pow(2).sum().item() * n * b / (n + b)
+            mean = mean + delta * b / (n + b)
+        sse += (xd - x_hat).pow(2).sum().item()
+        active = acts > 0
+        l0_sum += active.sum().item()
+        counts = active.sum(0).to(torch.int64)
+        fired = counts if fired is None else fired + counts
+        n += b
+    if n == 0:
+        raise ValueError("no tokens to evaluate on: the evaluation split is empty")
+    freq = fired.double().cpu() / n
+    live = freq[freq > 0]
+    hist = torch.histc(live.log10().clamp(HIST_EDGES[0], 0).float(), bins=len(HIST_EDGES) - 1, min=-7, max=0)
+    return {
+        "n_tokens": n,
+        "mse": sse / (n * x.shape[-1]),
+        "explained_variance": 1.0 - sse / m2,
+        "l0": l0_sum / n,
+        "dead_fraction": float((freq == 0).double().mean()),
+        "dense_fraction": float((freq > dense_above).double().mean()),
+        "firing_histogram": {
+            "log10_edges": HIST_EDGES,
+            "counts": hist.int().tolist(),
+            "never": int((freq == 0).sum()),
+        },
+    }
+
+
+@contextmanager
+def replace_residual(
+    model: nn.Module, hook_name: str, fn: Callable[[Tensor], Tensor], positions: Tensor | None = None
+) -> Iterator[None]:
+    """Replace the residual at `hook_name` by `fn(residual)` at `positions` ([batch, seq] bool; all when
+    None) for every forward pass inside the block. The hook is removed even if the pass fails."""
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        h = output[0] if isinstance(output, tuple) else output
+        new = h.clone()
+        mask = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device) if positions is None else positions
+        new[mask] = fn(h[mask].float()).to(h.dtype)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handle = hook_module(model, hook_name).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def lm_loss(
+    model: nn.Module, saes: dict[str, nn.Module], hook_name: str, batches: Iterable[dict[str, Tensor]]
+) -> dict[str, dict[str, float]]:
+    """CE/KL with each SAE of `saes` (name -> module whose forward reconstructs) spliced in at `hook_name`.
+
+    Each batch has `input_ids`, `attention_mask`, `splice` (positions replaced: the tokens the SAE was
+    trained on) and `score` (positions whose next-token prediction is scored), all [batch, seq]."""
+    sums: dict[str, dict[str, float]] = {name: {"ce": 0.0, "kl": 0.0} for name in [*saes, "clean", "zero"]}
+    n = 0
+    for batch in batches:
+        ids, mask, score = batch["input_ids"], batch["attention_mask"], batch["score"]
+        targets = ids[:, 1:][score[:, :-1]]  # next tokens of the scored positions
+        clean = _log_probs(model, ids, mask, score)
+        runs = {"clean": clean}
+        with replace_residual(model, hook_name, torch.zeros_like, batch["splice"]):
+            runs["zero"] = _log_probs(model, ids, mask, score)
+        for name, sae in saes.items():
+            with replace_residual(model, hook_name, sae, batch["splice"]):
+                runs[name] = _log_probs(model, ids, mask, score)
+        for name, lp in runs.items():
+            sums[name]["ce"] += -lp.gather(1, targets[:, None]).sum().item()
+            sums[name]["kl"] += F.kl_div(lp, clean, log_target=True, reduction="sum").item()
+        n += len(targets)
+    if n == 0:
+        raise ValueError("no scored tokens: the LM-loss batches were empty")
+    ce = {name: s["ce"] / n for name, s in sums.items()}
+    out = {}
+    for name in saes:
+        gap = ce["zero"] - ce["clean"]
+        out[name] = {
+            "n_tokens": n,
+            "ce_clean": ce["clean"],
+            "ce_sae": ce[name],
+            "ce_zero_ablation": ce["zero"],
+            "ce_increase": ce[name] - ce["clean"],
+            "kl_sae": sums[name]["kl"] / n,
+            "kl_zero_ablation": sums["zero"]["kl"] / n,
+            "loss_recovered": (ce["zero"] - ce[name]) / gap if abs(gap) > 1e-12 else math.nan,
+        }
+    return out
+
+
+def _log_probs(model: nn.Module, ids: Tensor, mask: Tensor, score: Tensor) -> Tensor:
+    """Log-probabilities [n_scored, vocab] (float32) at the scored positions."""
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    return logits[score].float().log_softmax(-1)
+
+
+def lm_batches(
+    rows: list[dict],
+    first_positions: dict[str, int],
+    *,
+    pad_id: int,
+    batch_size: int = 8,
+    device: str = "cpu",
+) -> Iterator[dict[str, Tensor]]:
+    """Batches for `lm_loss` from completions.jsonl rows (`prompt_token_ids` + `completion_token_ids`).
+    Positions from `first_positions[id]` (where the store's rows start) to the end are spliced; those
+    whose next token is still in the completion are scored."""
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        seqs = [list(r["prompt_token_ids"]) + list(r["completion_token_ids"]) for r in chunk]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask, splice, score = (torch.zeros(len(seqs), width, dtype=torch.bool) for _ in range(3))
+        for b, (r, s) in enumerate(zip(chunk, seqs, strict=True)):
+            ids[b, : len(s)] = torch.tensor(s)
+            mask[b, : len(s)] = True
+            first = max(first_positions[r["id"]], 0)
+            splice[b, first : len(s)] = True
+            score[b, max(first, len(r["prompt_token_ids"]) - 1) : len(s) - 1] = True
+        yield {
+            k: v.to(device)
+            for k, v in dict(input_ids=ids, attention_mask=mask.long(), splice=splice, score=score).items()
+        }
+
+
+def evaluate_folder(
+    folder: str | os.PathLike,
+    store: Any,
+    ids: list[str] | None,
+    *,
+    device: str = "cpu",
+    batch_size: int = 4096,
+) -> dict[str, Any]:
+    """Activation metrics of the SAE in a SAELens `folder` (ours or published: saelens_io.load_sae) on the
+    tokens of completions `ids` (all when None) of a `store.LayerStore`."""
+
+    loaded = load_sae(folder, device=device)
+    layer = int(store.dir.name.removeprefix("layer_"))
+    if loaded.sae.d_in != store.d_model:
+        raise ValueError(
+            f"{loaded.path.name} has d_in={loaded.sae.d_in} but layer {layer} activations have d_model="
+            f"{store.d_model}: it was trained on another model ({loaded.model_name})"
+        )
+    if loaded.layer != layer:
+        raise ValueError(
+            f"{loaded.path.name} reads {loaded.hook_name} (layer {loaded.layer}), not layer {layer}"
+        )
+    data = store.iter_batches(batch_size, completion_ids=ids, shuffle=False, buffer_bytes=1 << 28)
+    return {
+        "hook_name": loaded.hook_name,
+        "layer": layer,
+        "activations": activation_metrics(loaded.sae, data, device=device),
+    }
+
+
+def evaluate_lm(
+    run_dir: str | os.PathLike, lm: Any, *, n_completions: int = 32, batch_size: int = 8, saes_per_pass: int = 3,
+    eval_fraction: float = 0.1, seed: int = 0, redo: bool = False,
+) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Add the spliced-in LM loss (`lm` section) to every `saes/*/metrics.json` of the run that lacks it,
+    on up to `n_completions` held-out completions (the same split as training)."""
+
+    run_dir = Path(run_dir)
+    rows = [r for r in read_completions(run_dir) if "completion_token_ids" in r]
+    held = set(split_completions(rows, eval_fraction, seed)[1])
+    rows = [r for r in rows if r["id"] in held]
+    todo: dict[int, list[Path]] = {}
+    for path in sorted(run_dir.glob("saes/*/metrics.json")):
+        m = json.loads(path.read_text())
+        if redo or "lm" not in m:
+            todo.setdefault(m["layer"], []).append(path.parent)
+
+    results = {}
+    for layer, folders in todo.items():
+        store = LayerStore(run_dir, layer)
+        chosen = [r for r in rows if r["id"] in store.entries][:n_completions]
+        first = {r["id"]: store.entries[r["id"]][3] for r in chosen}
+        data = list(
+            lm_batches(
+                chosen,
+                first,
+                pad_id=pad_token_id(lm.tokenizer),
+                batch_size=batch_size,
+                device=lm.model.device,
+            )
+        )
+        for i in range(0, len(folders), saes_per_pass):
+            saes = {f.name: load_sae(f, device=lm.model.device).sae for f in folders[i : i + saes_per_pass]}
+            for name, res in lm_loss(lm.model, saes, f"blocks.{layer}.hook_resid_post", data).items():
+                m = json.loads((sae_dir(run_dir, name) / SAE_METRICS).read_text())
+                atomic_write_json(sae_dir(run_dir, name) / SAE_METRICS, {**m, "lm": res})
+                results[name] = res
+    return results
+
+
+LEADERBOARD_COLUMNS = (
+    "sae_id",
+    "architecture",
+    "layer",
+    "condition",
+    "explained_variance",
+    "l0",
+    "dead_pct",
+    "dense_pct",
+    "mse",
+    "loss_recovered",
+    "ce_increase",
+    "kl_sae",
+    "train_tokens",
+)
+
+
+def leaderboard(run_dir: str | os.PathLike, sort_by: str = "explained_variance") -> list[dict[str, Any]]:
+    """One row per SAE with a metrics.json under `run_dir/saes`, best first by `sort_by`."""
+    rows = []
+    for m in read_sae_metrics(run_dir):
+        act, lm = m.get("activations", {}), m.get("lm", {})
+        rows.append({
+            "sae_id": m["sae_id"], "architecture": m["architecture"], "layer": m["layer"],
+            "condition": m["condition"], "explained_variance": act.get("explained_variance"),
+            "l0": act.get("l0"), "dead_pct": 100 * act.get("dead_fraction", math.nan),
+            "dense_pct": 100 * act.get("dense_fraction", math.nan), "mse": act.get("mse"),
+            "loss_recovered": lm.get("loss_recovered"), "ce_increase": lm.get("ce_increase"),
+            "kl_sae": lm.get("kl_sae"), "train_tokens": m.get("training", {}).get("tokens"),
+        })  # fmt: skip
+    if rows and sort_by not in rows[0]:
+        raise KeyError(f"cannot sort by {sort_by!r}: columns are {', '.join(LEADERBOARD_COLUMNS)}")
+    return sorted(rows, key=lambda r: -math.inf if r[sort_by] is None else r[sort_by], reverse=True)

@@ -1,0 +1,271 @@
+"""Train one SAE on the activation store: one loop for every architecture, resumable.
+
+`train_sae` streams batches from `store.LayerStore` (never the whole store in RAM), scales them to unit
+mean squared norm (JumpReLU's ε and thresholds assume it), starts b_dec at the geometric median, and
+runs Adam with a warm-up clamped to 5% of the run (a warm-up longer than the run is a known anchor
+bug), a linear decay at the end, gradient clipping, unit-norm decoder rows, and mixed precision (fp16 +
+grad scaler on a T4, bf16 from compute capability 8, fp32 on CPU). Checkpoints hold the full state and
+are written atomically; a rerun resumes from the last one and ends bitwise identical to an
+uninterrupted run on CPU. The scale is then folded into the weights, the SAE saved in SAELens format,
+and `metrics.json` (held-out metrics, training history), written last, marks it complete.
+`grid.train_grid` runs it for every layer × condition × architecture of a run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import itertools
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from helpers.collect.store import LayerStore
+from helpers.model import hooks
+from helpers.run import SAE_METRICS, atomic_write_bytes, atomic_write_json, stable_hash
+from helpers.saes import SAE, StepOutput, make_sae, sae_class
+from helpers.saes.base import geometric_median
+from helpers.saes.evals import check_finite, evaluate_folder
+from helpers.saes.io import save_sae
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one SAE's training run (the same for every architecture)."""
+
+    architecture: Literal["topk", "jumprelu", "gated"] = "topk"
+    """Registered name in `helpers.saes.ARCHITECTURES`, written to cfg.json."""
+    expansion: int = 8
+    """d_sae = expansion * d_in."""
+    l0: int = 32
+    """Sparsity: TopK's k; the target L0 that JumpReLU and Gated steer their sparsity coefficient to."""
+    train_tokens: int = 2_000_000
+    """Tokens to train on (the data repeats in new shuffles when a condition has fewer)."""
+    batch_size: int = 1024
+    """Tokens per step."""
+    lr: float = 3e-4
+    """Adam learning rate after warm-up."""
+    warmup_steps: int = 100
+    """Linear warm-up; clamped to 5% of the run."""
+    decay_fraction: float = 0.2
+    """The last fraction of steps decays the learning rate linearly to 0."""
+    grad_clip: float = 1.0
+    """Maximum gradient norm."""
+    dead_tokens: int | None = None
+    """A latent that has not fired for this many tokens is dead (AuxK revives them); None: train_tokens // 20,
+    at most 10M (Gao et al. use 10M at scale)."""
+    seed: int = 0
+    """Seeds initialisation and data order."""
+    checkpoint_every: int = 200
+    """Steps between atomic checkpoints."""
+    buffer_bytes: int = 1 << 29
+    """RAM for the store's shuffle buffer (float32); the process peaks at a few times this (0.96 GB at 128 MiB
+    when training from a 3 GB store in bench/sae_train.py --memory)."""
+    init_tokens: int = 16_384
+    """Tokens used to estimate the normalisation scale and the geometric median for b_dec."""
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    """auto: fp32 on CPU, fp16 (grad scaler) below compute capability 8 (T4), bf16 from 8 (A100, L4, H100)."""
+    sae_options: dict[str, float] = field(default_factory=dict)
+    """Extra constructor arguments of the architecture, e.g. {"bandwidth": 0.002} for JumpReLU."""
+    log_every: int = 10
+    """Steps between progress-bar updates and history rows."""
+
+    def __post_init__(self):
+        cls = sae_class(self.architecture)  # an unknown name raises, listing the known architectures
+        if self.train_tokens < self.batch_size:
+            raise ValueError(
+                f"train_tokens ({self.train_tokens}) must be at least batch_size ({self.batch_size})"
+            )
+        if not 0 <= self.decay_fraction < 1:
+            raise ValueError(f"decay_fraction must be in [0, 1), got {self.decay_fraction}")
+        allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "d_in", "d_sae", "l0", "seed"}
+        if unknown := set(self.sae_options) - allowed:
+            raise ValueError(
+                f"sae_options {sorted(unknown)} are not arguments of {self.architecture}: use {sorted(allowed)}"
+            )
+
+    @property
+    def total_steps(self) -> int:
+        return self.train_tokens // self.batch_size
+
+    @property
+    def dead_after(self) -> int:
+        return self.dead_tokens or min(10_000_000, max(self.batch_size, self.train_tokens // 20))
+
+    def lr_at(self, step: int) -> float:
+        warmup = min(self.warmup_steps, math.ceil(0.05 * self.total_steps))
+        decay_start = self.total_steps * (1 - self.decay_fraction)
+        if step < warmup:
+            return self.lr * (step + 1) / warmup
+        if step >= decay_start:
+            return self.lr * max(0.0, (self.total_steps - step) / (self.total_steps - decay_start))
+        return self.lr
+
+
+class TooFewSamples(ValueError):
+    """A training condition has too few completions or tokens."""
+
+
+def amp_settings(device: str, precision: str) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether to use a grad scaler): DESIGN.md §5's dtype rule for SAE training."""
+    if precision == "auto":
+        major = torch.cuda.get_device_capability()[0] if device == "cuda" else 0
+        precision = "fp32" if device == "cpu" else ("bf16" if major >= 8 else "fp16")
+    if precision != "fp32" and device == "cpu":
+        raise ValueError(f"precision {precision!r} needs a GPU; use 'fp32' (or 'auto') on CPU")
+    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision], precision == "fp16"
+
+
+def batches(store: LayerStore, ids: list[str], cfg: TrainConfig, start: int = 0) -> Iterator[torch.Tensor]:
+    """Full batches [batch_size, d_in] from step `start` on: epoch e is a fresh shuffle seeded by
+    (seed, e) and drops its last partial batch, so resuming at step `start` re-reads only its epoch."""
+    per_epoch = store.count(ids) // cfg.batch_size
+    if per_epoch == 0:
+        raise TooFewSamples(f"{store.count(ids)} tokens is less than one batch of {cfg.batch_size}")
+    epoch, skip = divmod(start, per_epoch)
+    while True:
+        seed = stable_hash(cfg.seed, epoch)
+        it = store.iter_batches(cfg.batch_size, completion_ids=ids, seed=seed, buffer_bytes=cfg.buffer_bytes)
+        yield from itertools.islice(it, skip, per_epoch)
+        epoch, skip = epoch + 1, 0
+
+
+class Run:
+    """The live state of one SAE's training: SAE, Adam, grad scaler, step, input scale, history.
+    `train_step` is the one loop body for every architecture; `state_dict` is what a checkpoint holds."""
+
+    def __init__(self, cfg: TrainConfig, d_in: int, device: str = "cpu"):
+        self.cfg, self.device = cfg, device
+        self.amp_dtype, use_scaler = amp_settings(device, cfg.precision)
+        sae = make_sae(
+            cfg.architecture, d_in, cfg.expansion * d_in, l0=cfg.l0, seed=cfg.seed, **cfg.sae_options
+        )
+        self.sae: SAE = sae.to(device)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, fused=True)
+        self.scaler = torch.amp.GradScaler(device, enabled=use_scaler)
+        self.step, self.scale, self.seconds, self.history = 0, 1.0, 0.0, []
+
+    @torch.no_grad()
+    def init_from_data(self, x0: torch.Tensor) -> None:
+        """Scale so the mean squared norm is 1; b_dec at the geometric median of the scaled sample."""
+        check_finite(x0, "the initialisation sample")
+        self.scale = float(1 / x0.pow(2).sum(1).mean().sqrt())
+        self.sae.b_dec.copy_(geometric_median(x0.to(self.device) * self.scale))
+
+    def train_step(self, x: torch.Tensor) -> StepOutput:
+        """One optimiser step on a raw batch [batch_size, d_in]."""
+        sae, cfg = self.sae, self.cfg
+        x = x.to(self.device, non_blocking=True) * self.scale
+        for group in self.opt.param_groups:
+            group["lr"] = cfg.lr_at(self.step)
+        amp = torch.autocast(
+            self.device, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        )
+        with amp:
+            out = sae.losses(x, sae.dead_mask(cfg.dead_after))
+        self.scaler.scale(out.loss).backward()
+        self.scaler.unscale_(self.opt)
+        sae.project_decoder_grad()  # before clipping, so the clipped step keeps decoder norms
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        sae.normalize_decoder()
+        sae.after_step(out)
+        sae.record_firing(out.fired, len(x))
+        self.step += 1
+        if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
+            ev = 1 - (x - out.x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()  # this batch, scaled units
+            self.history.append({"step": self.step, "tokens": self.step * cfg.batch_size, "lr": cfg.lr_at(self.step - 1),
+                                 "loss": float(out.loss.detach()), **{k: float(v) for k, v in out.terms.items()},
+                                 "l0": out.l0, "explained_variance": float(ev),
+                                 "dead_fraction": float(sae.dead_mask(cfg.dead_after).float().mean())})  # fmt: skip
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": asdict(self.cfg), "step": self.step, "scale": self.scale, "seconds": self.seconds,
+                "history": self.history, "sae": self.sae.state_dict(), "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict()}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["config"] != json.loads(json.dumps(asdict(self.cfg))):
+            raise ValueError(
+                f"the checkpoint was made with other settings ({state['config']}): delete it to start over"
+            )
+        for obj, key in ((self.sae, "sae"), (self.opt, "optimizer"), (self.scaler, "scaler")):
+            obj.load_state_dict(state[key])
+        self.step, self.scale, self.seconds, self.history = (
+            state[k] for k in ("step", "scale", "seconds", "history")
+        )
+
+
+def train_sae(
+    store: LayerStore,
+    ids: list[str],
+    cfg: TrainConfig,
+    out_dir: str | os.PathLike,
+    *,
+    hook_name: str,
+    model_name: str,
+    eval_ids: list[str] | None = None,
+    metadata: dict[str, Any] | None = None,
+    device: str = "cpu",
+    until_step: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train one SAE on the tokens of completions `ids`, resuming from `out_dir/checkpoint.pt` if there.
+    `until_step` stops (checkpointed) after that step, e.g. to split a run across sessions. Returns the
+    metrics (also written to `out_dir/metrics.json`) or, when stopped early, {"status": "paused", ...}."""
+    out_dir = Path(out_dir)
+    ckpt = out_dir / "checkpoint.pt"
+    hooks.layer_of(hook_name)  # a bad hook name fails now, not after training
+    run = Run(cfg, store.d_model, device)
+    if ckpt.exists():
+        run.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True))
+        print(f"resuming {out_dir.name} at step {run.step}/{cfg.total_steps}")
+    else:  # the first batches of the training stream itself; a non-finite one is named as a training batch
+        n_init = max(1, min(-(-cfg.init_tokens // cfg.batch_size), store.count(ids) // cfg.batch_size))
+        init = list(itertools.islice(batches(store, ids, cfg), n_init))  # at most one epoch
+        for i, x in enumerate(init):
+            check_finite(x, f"training batch {i} (tokens {i * cfg.batch_size}..)")
+        run.init_from_data(torch.cat(init))
+    end = min(cfg.total_steps, until_step or cfg.total_steps)
+    bar = tqdm(total=cfg.total_steps, initial=run.step, desc=out_dir.name, disable=not progress, unit="step")
+    start, data = time.perf_counter(), batches(store, ids, cfg, run.step)
+    while run.step < end:
+        x = next(data)
+        check_finite(x, f"training batch {run.step} (tokens {run.step * cfg.batch_size}..)")
+        run.train_step(x)
+        if run.step % cfg.log_every == 0:
+            row = run.history[-1]
+            bar.set_postfix(loss=f"{row['loss']:.4g}", L0=f"{row['l0']:.1f}", EV=f"{row['explained_variance']:.3f}",
+                            dead=f"{100 * row['dead_fraction']:.1f}%")  # fmt: skip
+        bar.update(1)
+        if run.step % cfg.checkpoint_every == 0 or run.step == end:
+            run.seconds, start = run.seconds + time.perf_counter() - start, time.perf_counter()
+            buf = io.BytesIO()
+            torch.save(run.state_dict(), buf)
+            atomic_write_bytes(ckpt, buf.getvalue())
+    bar.close()
+    if run.step < cfg.total_steps:
+        return {"status": "paused", "step": run.step, "checkpoint": str(ckpt)}
+    # Fold the scale, save in SAELens format, evaluate what was saved on held-out raw activations, and
+    # write metrics.json last: its presence marks the SAE complete.
+    meta = {**(metadata or {}), "training": asdict(cfg)}
+    save_sae(run.sae, out_dir, hook_name=hook_name, model_name=model_name, scale=run.scale, metadata=meta)
+    tokens = cfg.total_steps * cfg.batch_size
+    training = {"tokens": tokens, "seconds": run.seconds, "tokens_per_second": tokens / max(run.seconds, 1e-9),
+                "normalization_scale": run.scale, "config": asdict(cfg), "history": run.history}  # fmt: skip
+    evaluation = evaluate_folder(out_dir, store, eval_ids or ids, device=device)
+    metrics = {**(metadata or {}), "architecture": cfg.architecture, **evaluation, "training": training}
+    atomic_write_json(out_dir / SAE_METRICS, metrics)
+    ckpt.unlink(missing_ok=True)
+    return metrics
