@@ -36,10 +36,10 @@ import torch
 # Benchmark this checkout's helpers, never a different installed copy.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import helpers  # noqa: E402
-from helpers.chat import pad_token_id  # noqa: E402
-from helpers.collect import collect_activations  # noqa: E402
-from helpers.hooks import hook_name, run_with_capture  # noqa: E402
-from helpers.sampling import Completion  # noqa: E402
+from helpers.collect.capture import collect_activations  # noqa: E402
+from helpers.collect.sampling import Completion  # noqa: E402
+from helpers.model.chat import pad_token_id  # noqa: E402
+from helpers.model.hooks import hook_name, run_with_capture  # noqa: E402
 
 TEXT = (
     "I did not break the vase. When I came home it was already on the floor, and the cat was sitting "

@@ -6,7 +6,7 @@
 
 Data: SmolLM2-135M-Instruct (the offline model) samples chat completions to the repo's deception
 scenarios and fact questions; the residuals of the completion tokens at one layer (default 15 of 30)
-are written once with `helpers.store.ActivationWriter` under `--data-dir` and reused. 10% of the
+are written once with `helpers.collect.store.ActivationWriter` under `--data-dir` and reused. 10% of the
 completions (grouped by prompt) are held out for evaluation.
 
 Both trainers see the same batches (scaled to unit mean squared norm, as JumpReLU's hyper-parameters
@@ -40,10 +40,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import helpers  # noqa: E402
-from helpers.evals import activation_metrics  # noqa: E402
-from helpers.saelens_io import load_sae  # noqa: E402
-from helpers.store import ActivationWriter, LayerStore  # noqa: E402
-from helpers.train import Run, TrainConfig, batches  # noqa: E402
+from helpers.collect.store import ActivationWriter, LayerStore  # noqa: E402
+from helpers.run import activations_dir  # noqa: E402
+from helpers.saes.evals import activation_metrics  # noqa: E402
+from helpers.saes.io import load_sae  # noqa: E402
+from helpers.saes.train import Run, TrainConfig, batches  # noqa: E402
 
 N_TOKENS_MIN = 52_000
 
@@ -113,7 +114,7 @@ def build_data(data_dir: Path, layer: int, seed: int = 0) -> dict:
 
 
 def _entries(data_dir: Path, layer: int) -> list:
-    folder = helpers.store.layer_dir(data_dir, layer)
+    folder = activations_dir(data_dir, layer)
     return [e for m in sorted(folder.glob("shard_*.json")) for e in json.loads(m.read_text())["entries"]]
 
 
@@ -293,8 +294,8 @@ def memory_run(data_dir: Path, layer: int, args) -> dict:
     process (see main) so its memory is its own; a thread samples resident memory every 20 ms.
     Anonymous memory is what the process allocated; file-backed memory is the page cache of the
     memory-mapped shards, which the kernel reclaims under pressure."""
-    src, big = helpers.store.layer_dir(data_dir, layer), data_dir / "big"
-    dst = helpers.store.layer_dir(big, layer)
+    src, big = activations_dir(data_dir, layer), data_dir / "big"
+    dst = activations_dir(big, layer)
     shards = sorted(src.glob("shard_*.json"))
     per_copy = sum((src / f"{m.stem}.npy").stat().st_size for m in shards)
     copies = max(1, round(args.memory_gb * 2**30 / per_copy))

@@ -41,8 +41,8 @@ import torch
 # Benchmark this checkout's helpers, never a different installed copy.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import helpers  # noqa: E402
-from helpers.chat import encode_chat, pad_token_id, stop_token_ids  # noqa: E402
-from helpers.sampling import completion_seed, sample_completions  # noqa: E402
+from helpers.collect.sampling import completion_seed, sample_completions  # noqa: E402
+from helpers.model.chat import encode_chat, pad_token_id, stop_token_ids  # noqa: E402
 
 # Scenario-style prompts of different lengths (padding matters for batching).
 PROMPTS = [

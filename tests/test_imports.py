@@ -81,7 +81,10 @@ def test_imports_run_one_way():
             same_package = target.rsplit(".", 1)[0] == mod.rsplit(".", 1)[0] and stage_of(mod) != "core"
             if target == "helpers" or (not same_package and rank(target) > rank(mod)):
                 wrong.append(f"{mod} (line {line}) imports {target}")
-    assert not wrong, "imports against the direction core <- model <- collect <- saes <- analysis <- steer:\n" + "\n".join(wrong)
+    assert not wrong, (
+        "imports against the direction core <- model <- collect <- saes <- analysis <- steer:\n"
+        + "\n".join(wrong)
+    )
 
 
 def test_no_import_cycles():
@@ -95,7 +98,7 @@ def test_no_import_cycles():
         path.append(m)
         for t in sorted(g.get(m, ())):
             if state.get(t) == 1:
-                pytest.fail("import cycle: " + " -> ".join(path[path.index(t):] + [t]))
+                pytest.fail("import cycle: " + " -> ".join(path[path.index(t) :] + [t]))
             if t not in state:
                 visit(t)
         path.pop()
@@ -107,5 +110,9 @@ def test_no_import_cycles():
 
 
 def test_no_function_level_imports_of_our_modules():
-    hidden = [f"{m} line {line} imports {t}" for m, edges in graph().items() for t, line, top in edges if not top]
-    assert not hidden, "imports of our own modules inside functions or TYPE_CHECKING blocks:\n" + "\n".join(hidden)
+    hidden = [
+        f"{m} line {line} imports {t}" for m, edges in graph().items() for t, line, top in edges if not top
+    ]
+    assert not hidden, "imports of our own modules inside functions or TYPE_CHECKING blocks:\n" + "\n".join(
+        hidden
+    )

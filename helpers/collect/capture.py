@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -38,17 +37,13 @@ from helpers.collect.sampling import Completion
 from helpers.collect.store import FP16_MAX, ActivationWriter, LayerStore
 from helpers.model.chat import pad_token_id
 from helpers.model.hooks import check_layers, hook_name, run_with_capture
-from helpers.run import atomic_write_bytes
+from helpers.run import atomic_write_bytes, pooled_path
 
 
 class _Row(NamedTuple):
     id: str
     prompt: list[int]
     completion: list[int]
-
-
-def pooled_path(run_dir: str | os.PathLike, layer: int) -> Path:
-    return pooled_path(run_dir, layer)
 
 
 def collect_activations(

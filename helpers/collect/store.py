@@ -29,10 +29,6 @@ from helpers.run import activations_dir, atomic_write_bytes, atomic_write_json
 FP16_MAX = float(np.finfo(np.float16).max)
 
 
-def layer_dir(run_dir: str | os.PathLike, layer: int) -> Path:
-    return activations_dir(run_dir, layer)
-
-
 class ActivationWriter:
     """Accumulates per-completion activations of one layer and writes them as shards of ~`shard_tokens`.
 
@@ -41,7 +37,7 @@ class ActivationWriter:
     """
 
     def __init__(self, run_dir: str | os.PathLike, layer: int, *, shard_tokens: int = 65_536):
-        self.dir = layer_dir(run_dir, layer)
+        self.dir = activations_dir(run_dir, layer)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.shard_tokens = shard_tokens
         self._pending: list[tuple[str, np.ndarray, int]] = []
@@ -112,7 +108,7 @@ class LayerStore:
     """Read access to one layer's shards. Rows are tokens, numbered across shards in shard order."""
 
     def __init__(self, run_dir: str | os.PathLike, layer: int):
-        self.dir = layer_dir(run_dir, layer)
+        self.dir = activations_dir(run_dir, layer)
         shards = _complete_shards(self.dir)
         if not shards:
             raise FileNotFoundError(

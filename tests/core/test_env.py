@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import helpers
-from helpers import env, runs
+from helpers import env
+from helpers import run as runs
 
 
 @pytest.mark.parametrize(

@@ -10,12 +10,13 @@ import pytest
 import sae_lens
 import torch
 from safetensors.torch import load_file, save_file
-from test_train import residuals, shared_run
 
 from helpers.saes import ARCHITECTURES, GatedSAE, JumpReLUSAE, TopKSAE
 from helpers.saes.evals import leaderboard
-from helpers.saes.io import SAELENS_FORMAT_VERSION, find_sae_folders, import_sae, load_sae, save_sae
+from helpers.saes.grid import import_sae
+from helpers.saes.io import SAELENS_FORMAT_VERSION, find_sae_folders, load_sae, save_sae
 from helpers.saes.train import Run, TrainConfig
+from tests.saes.test_train import residuals, shared_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

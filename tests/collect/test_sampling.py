@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_lm, tiny_model
 
 import helpers
 from helpers.collect.sampling import (
@@ -17,6 +16,7 @@ from helpers.collect.sampling import (
     sample_next,
 )
 from helpers.model.chat import pad_token_id
+from tests.conftest import tiny_lm, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -7,12 +7,12 @@ import copy
 
 import pytest
 import torch
-from test_train import residuals
 
-from helpers.saes import ARCHITECTURES, GatedSAE, JumpReLUSAE, TopKSAE, base, make_sae
+from helpers.saes import ARCHITECTURES, SAE, GatedSAE, JumpReLUSAE, TopKSAE, kernels, make_sae
 from helpers.saes.io import load_sae, save_sae
 from helpers.saes.jumprelu import _JumpReLU, _Step
 from helpers.saes.train import Run, TrainConfig
+from tests.saes.test_train import residuals
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -50,7 +50,7 @@ def dense_reference_loss(sae, x: torch.Tensor, dead: torch.Tensor) -> torch.Tens
     return mse(x_hat) + sae.sparsity_coef * pi_gate.relu().sum(-1).mean() + mse(x_gate)
 
 
-def perturbed(arch: str, x: torch.Tensor) -> base.SAE:
+def perturbed(arch: str, x: torch.Tensor) -> SAE:
     """A small SAE with non-trivial biases and thresholds, so every code path is exercised."""
     sae = make_sae(arch, x.shape[1], 96, l0=6, seed=1)
     g = torch.Generator().manual_seed(2)
@@ -68,7 +68,7 @@ def perturbed(arch: str, x: torch.Tensor) -> base.SAE:
 @pytest.mark.parametrize("dense", [False, True], ids=["sparse-path", "dense-path"])
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_sparse_step_equals_dense_reference(arch, dense, acts, monkeypatch):
-    monkeypatch.setitem(base.DENSE_ABOVE, "cpu", 0.0 if dense else 1.0)
+    monkeypatch.setitem(kernels.DENSE_ABOVE, "cpu", 0.0 if dense else 1.0)
     x = acts[:128] / acts[:128].pow(2).sum(1).mean().sqrt()
     sae = perturbed(arch, x)
     dead = torch.arange(96) % 3 == 0

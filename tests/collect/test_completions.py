@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import completions as C
+from helpers.collect import completions as C
+from helpers.run import completions_path
 
 
 def rec(i: int, label: str | None, group: str = "g1") -> dict:
@@ -13,7 +14,7 @@ def rec(i: int, label: str | None, group: str = "g1") -> dict:
 
 def test_append_read_and_torn_tail(tmp_path, capsys):
     C.append_completions(tmp_path, [rec(0, None), rec(1, None)])
-    with open(C.path_of(tmp_path), "a") as f:
+    with open(completions_path(tmp_path), "a") as f:
         f.write('{"id": "p2#0", "comp')  # a disconnect in the middle of a line
     assert [r["id"] for r in C.read_completions(tmp_path)] == ["p0#0", "p1#0"]
     assert "torn last line" in capsys.readouterr().out
@@ -22,10 +23,10 @@ def test_append_read_and_torn_tail(tmp_path, capsys):
 
 
 def test_corrupt_middle_line_and_duplicates_are_errors(tmp_path):
-    C.path_of(tmp_path).write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
+    completions_path(tmp_path).write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
     with pytest.raises(ValueError, match="line 2"):
         C.read_completions(tmp_path)
-    C.path_of(tmp_path).write_text('{"id": "a"}\n{"id": "a"}\n')
+    completions_path(tmp_path).write_text('{"id": "a"}\n{"id": "a"}\n')
     with pytest.raises(ValueError, match="duplicate completion ids"):
         C.read_completions(tmp_path)
 

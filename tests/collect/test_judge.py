@@ -8,17 +8,6 @@ import math
 import traceback
 
 import pytest
-from fake_gemini import (
-    DUMMY_KEY,
-    FakeGemini,
-    RecordedRequest,
-    Reply,
-    daily_quota_exceeded,
-    fake_gemini_server,
-    json_reply,
-    rate_limited,
-    text_reply,
-)
 from pydantic import BaseModel
 
 from helpers.collect.judge import (
@@ -42,6 +31,17 @@ from helpers.gemini import (
     ModelNotFound,
     parse_duration,
     resolve_api_key,
+)
+from tests.fake_gemini import (
+    DUMMY_KEY,
+    FakeGemini,
+    RecordedRequest,
+    Reply,
+    daily_quota_exceeded,
+    fake_gemini_server,
+    json_reply,
+    rate_limited,
+    text_reply,
 )
 
 fake_gemini = pytest.fixture(fake_gemini_server, name="fake_gemini")

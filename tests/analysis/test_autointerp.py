@@ -10,7 +10,6 @@ import re
 
 import numpy as np
 import pytest
-from fake_gemini import RecordedRequest, daily_quota_exceeded, fake_gemini_server, json_reply, text_reply
 
 from helpers.analysis.autointerp import EXPLAIN_SYSTEM, autointerp, explain_features, plan
 from helpers.analysis.contexts import FeatureContexts, window_record
@@ -23,6 +22,13 @@ from helpers.analysis.scoring import (
     score_table,
 )
 from helpers.gemini import DEFAULT_MODEL, OFFLINE, GeminiClient
+from tests.fake_gemini import (
+    RecordedRequest,
+    daily_quota_exceeded,
+    fake_gemini_server,
+    json_reply,
+    text_reply,
+)
 
 fake_gemini = pytest.fixture(fake_gemini_server, name="fake_gemini")
 

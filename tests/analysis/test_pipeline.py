@@ -10,13 +10,10 @@ import shutil
 
 import numpy as np
 import pytest
-from fake_gemini import fake_gemini_server, json_reply
-from test_contexts import LAYER, PLANTED, make_run
 from threadpoolctl import threadpool_limits
 
 from helpers.analysis.autointerp import EXPLAIN_SYSTEM
 from helpers.analysis.contexts import docs_for
-from helpers.analysis.features import read_features_jsonl
 from helpers.analysis.pipeline import (
     NOT_LABELLED,
     feature_table,
@@ -27,8 +24,11 @@ from helpers.analysis.pipeline import (
 from helpers.collect.completions import read_completions, write_completions
 from helpers.collect.store import LayerStore
 from helpers.gemini import OFFLINE, GeminiClient
+from helpers.run import read_jsonl as read_features_jsonl
 from helpers.saes import JumpReLUSAE
 from helpers.saes.io import load_sae, save_sae
+from tests.analysis.test_contexts import LAYER, PLANTED, make_run
+from tests.fake_gemini import fake_gemini_server, json_reply
 
 fake_gemini = pytest.fixture(fake_gemini_server, name="fake_gemini")
 FAST = dict(n_folds=4, n_permutations=19, n_bootstrap=200)

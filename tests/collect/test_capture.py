@@ -7,13 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import final_norm, tiny_lm
 
 import helpers
-from helpers import collect
+from helpers.collect import capture as collect
 from helpers.collect.capture import collect_activations, load_pooled
 from helpers.collect.sampling import Completion
-from helpers.collect.store import FP16_MAX, LayerStore, layer_dir
+from helpers.collect.store import FP16_MAX, LayerStore
+from helpers.run import activations_dir, pooled_path
+from tests.conftest import final_norm, tiny_lm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -64,7 +65,7 @@ def test_stored_tokens_equal_unpadded_forward_pass(offline_lm, completions, refe
     model = offline_lm.model
     for layer in LAYERS:
         store = LayerStore(run_dir, layer)
-        assert len(list(layer_dir(run_dir, layer).glob("*.npy"))) > 1, "expected several shards"
+        assert len(list(activations_dir(run_dir, layer).glob("*.npy"))) > 1, "expected several shards"
         for c in completions:
             if not c.n_tokens:
                 continue
@@ -131,7 +132,7 @@ def test_resume_after_interruption_equals_one_pass(offline_lm, completions, tmp_
         collect_activations(offline_lm, completions, layers, resumed, **kwargs)
     monkeypatch.setattr(collect, "run_with_capture", real)
     done = set(LayerStore(resumed, 1).completion_ids)
-    assert 0 < len(done) < 4 and not collect.pooled_path(resumed, 1).exists()
+    assert 0 < len(done) < 4 and not pooled_path(resumed, 1).exists()
 
     # Then half the completions (as if the notebook ran on a subset), then all of them.
     collect_activations(offline_lm, completions[:2], layers, resumed, **kwargs)
@@ -222,6 +223,6 @@ def test_non_finite_activation_names_the_completion(offline_lm, completions, tmp
         pytest.raises(ValueError, match=r"non-finite activation in completion 'hi#0' at token 0"),
     ):
         collect_activations(offline_lm, [completions[4]], [1], tmp_path)
-    assert not collect.pooled_path(tmp_path, 1).exists()
+    assert not pooled_path(tmp_path, 1).exists()
     with pytest.raises(FileNotFoundError, match="notebook 02"):
         load_pooled(tmp_path, 1)

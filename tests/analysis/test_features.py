@@ -13,7 +13,9 @@ from scipy import stats
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from threadpoolctl import threadpool_limits
 
-from helpers import features as F
+from helpers import run
+from helpers import stats as S
+from helpers.analysis import features as F
 
 
 @pytest.fixture(autouse=True)
@@ -78,15 +80,15 @@ def test_statistics_match_references():
         assert np.isnan(r["d_ci"][0])  # n_bootstrap=0: no CI
     dead = rows[6]
     assert (dead["cohens_d"], dead["auroc"], dead["u_p_value"], dead["firing_rate_honest"]) == (0, 0.5, 1, 0)
-    q = F.bh_qvalues([r["u_p_value"] for r in rows])
+    q = S.bh_qvalues([r["u_p_value"] for r in rows])
     np.testing.assert_allclose([r["q_value"] for r in rows], q)
 
 
 def test_bh_qvalues_match_reference():
     # By hand: sorted p .005 .01 .03 .04, m = 4 -> p*m/rank .02 .02 .04 .04 (already monotone).
-    np.testing.assert_allclose(F.bh_qvalues([0.01, 0.04, 0.03, 0.005]), [0.02, 0.04, 0.04, 0.02])
+    np.testing.assert_allclose(S.bh_qvalues([0.01, 0.04, 0.03, 0.005]), [0.02, 0.04, 0.04, 0.02])
     p = np.random.default_rng(2).uniform(size=500) ** 3
-    np.testing.assert_allclose(F.bh_qvalues(p), stats.false_discovery_control(p, method="bh"), rtol=1e-12)
+    np.testing.assert_allclose(S.bh_qvalues(p), stats.false_discovery_control(p, method="bh"), rtol=1e-12)
 
 
 def test_weighted_auroc_and_balanced_accuracy_match_sklearn():
@@ -94,12 +96,12 @@ def test_weighted_auroc_and_balanced_accuracy_match_sklearn():
     y = rng.integers(0, 2, 80)
     scores = np.round(rng.uniform(size=80) + 0.3 * y, 1)  # ties
     W = rng.integers(0, 3, (4, 80)).astype(float)
-    got_auc = F.weighted_auroc(scores, y, W)
-    got_ba = F.balanced_accuracy(scores, y, W)
+    got_auc = S.weighted_auroc(scores, y, W)
+    got_ba = S.balanced_accuracy(scores, y, W)
     for b in range(4):
         assert got_auc[b] == pytest.approx(roc_auc_score(y, scores, sample_weight=W[b]))
         assert got_ba[b] == pytest.approx(balanced_accuracy_score(y, scores >= 0.5, sample_weight=W[b]))
-    assert F.weighted_auroc(scores, y)[0] == pytest.approx(roc_auc_score(y, scores))
+    assert S.weighted_auroc(scores, y)[0] == pytest.approx(roc_auc_score(y, scores))
 
 
 def test_cluster_bootstrap_is_wider_when_groups_differ():
@@ -166,10 +168,10 @@ def test_features_jsonl_round_trip_is_strict_json(tmp_path):
     rows = F.feature_stats(acts, y, groups=groups, n_bootstrap=50)
     rows[0]["cohens_d"] = float("inf")
     path = tmp_path / "features" / "d32_topk_L12_mixed.jsonl"
-    F.write_features_jsonl(path, rows)
+    run.write_jsonl(path, rows)
     lines = path.read_text().splitlines()
     assert len(lines) == 5 and "Infinity" not in lines[0] and "NaN" not in path.read_text()
-    back = F.read_features_jsonl(path)
+    back = run.read_jsonl(path)
     assert back[0]["cohens_d"] is None and back[1]["d_ci"] == list(rows[1]["d_ci"])
     assert back[2] == json.loads(json.dumps({**rows[2], "d_ci": list(rows[2]["d_ci"])}))
 

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_model
 
 import helpers
-from helpers import models
+from helpers.model import load as models
+from tests.conftest import tiny_model
 
 
 def test_offline_model_loads_with_description(offline_lm):

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_chat_llama
 from safetensors.torch import save_file
 from scipy import stats
 
@@ -38,6 +37,7 @@ from helpers.steer.experiments import (
     read_steering,
     run_steering_experiment,
 )
+from tests.conftest import tiny_chat_llama
 
 LAYER = 10
 
@@ -210,7 +210,7 @@ def test_directions_and_the_strength_unit(tmp_path):
         float((mean * 2).norm(dim=1).mean())
     )  # no store: pooled
     tokens = torch.randn(50, 16, generator=torch.Generator().manual_seed(1)) * 3
-    with helpers.store.ActivationWriter(tmp_path, 2) as w:
+    with helpers.collect.store.ActivationWriter(tmp_path, 2) as w:
         w.add("p0#0", tokens[:20])
         w.add("p1#0", tokens[20:])
     stored = tokens.half().float()  # the store keeps float16
@@ -248,7 +248,9 @@ def test_experiment_writes_rows_resumes_and_refuses_changed_settings(tiny, tmp_p
         assert st["n_deceptive"] + st["n_honest"] + st["n_ambiguous"] == 4
         assert st["rate_ci"][0] <= st["deceptive_rate"] <= st["rate_ci"][1] and st["perplexity"] > 1
     assert pushed["vector_norm"] == pytest.approx(60.0) and pushed["feature"] == 5
-    monkeypatch.setattr("helpers.steering_eval.sample_completions", lambda *a, **k: pytest.fail("resampled"))
+    monkeypatch.setattr(
+        "helpers.steer.experiments.sample_completions", lambda *a, **k: pytest.fail("resampled")
+    )
     again = run_steering_experiment(tiny, prompts, conditions, **kw)
     assert again == rows and len(read_steering(tmp_path)) == len(conditions)
     # one no-steering row serves every layer: asking for it at another layer reuses it
@@ -267,7 +269,7 @@ def test_experiment_passes_the_judge_client_and_saves_nothing_half_labelled(tiny
         return {first: Label("deceptive", 0.9, "lied", "gemini:fake"),
                 **{i: Label("ambiguous", 0.0, "not labelled yet", "none") for i in rest}}  # fmt: skip
 
-    monkeypatch.setattr("helpers.steering_eval.label_all", judge)
+    monkeypatch.setattr("helpers.steer.experiments.label_all", judge)
     conds = [Condition("none", "none", 1), Condition("push", "random_direction", 1, 3.0, torch.ones(32))]
     kw = dict(run_dir=tmp_path, n_per_prompt=2, max_new_tokens=3, seed=0, judge_client="client")
     assert run_steering_experiment(tiny, load_scenarios(paraphrases=False)[:1], conds, **kw) == []
@@ -336,6 +338,3 @@ def test_held_out_prompts_skip_scenarios_the_features_were_chosen_on(tmp_path):
     write([{"id": f"{p.id}#0", "prompt_id": p.id, "group": p.group} for p in prompts])
     with pytest.raises(ValueError, match="all .* prompts were used"):
         held_out_prompts(tmp_path, prompts)
-    from helpers.steer.directions import run_steering_experiment as lazily
-
-    assert lazily is run_steering_experiment

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import tiny_chat_llama
 
 from helpers.model.hooks import hook_name
 from helpers.saes import TopKSAE
 from helpers.saes.io import load_sae, save_sae
 from helpers.steer.panel import feature_options, generate_pair, steering_panel
+from tests.conftest import tiny_chat_llama
 
 # The widgets and traits that ipywidgets 7.x (Colab) and 8.x both have; the panel must use no others.
 COMMON_WIDGETS = {"Dropdown", "BoundedIntText", "FloatSlider", "Textarea", "Button", "HTML", "HBox", "VBox"}

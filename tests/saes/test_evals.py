@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from test_train import LAYER, residuals, shared_run
 
 from helpers.collect.store import LayerStore
 from helpers.model.chat import pad_token_id
@@ -24,6 +23,7 @@ from helpers.saes.evals import (
     replace_residual,
 )
 from helpers.saes.io import save_sae
+from tests.saes.test_train import LAYER, residuals, shared_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, NanoChatConfig, NanoChatForCausalLM
 
-from helpers import nanochat
+from helpers.model import nanochat
 from helpers.model.chat import chat_format_of, encode_chat
 
 SPLIT_PATTERN = (

@@ -6,12 +6,8 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from helpers import plots
-from helpers.model.hooks import hook_name, run_with_capture
-from helpers.saes import TopKSAE
-from helpers.saes.io import load_sae, save_sae
 from helpers.steer.experiments import read_steering
 
 EDGES = [x / 4 for x in range(-28, 1)]
@@ -145,7 +141,8 @@ def test_missing_inputs_name_the_notebook(tmp_path, capsys):
     assert capsys.readouterr().out.count("skipped") == 4
 
 
-def test_token_heatmap_html_and_activations_over_text(offline_lm, tmp_path):
+def test_token_heatmap_and_html():
+    # the activations come from helpers.analysis.contexts.feature_activation_over_text (tested there)
     fig = plots.token_heatmap(["a", "<b>", "c"], [0.0, 2.0, 1.0], width=2)
     assert [list(r) for r in fig.data[0].z] == [[0.0, 2.0], [1.0, None]] and list(fig.data[0].text[0]) == [
         "a",
@@ -155,12 +152,3 @@ def test_token_heatmap_html_and_activations_over_text(offline_lm, tmp_path):
     assert "&lt;b&gt;" in page and "rgba(220,40,40,1.00)" in page and "rgba(220,40,40,0.00)" in page
     with pytest.raises(ValueError, match="one per token"):
         plots.token_heatmap(["a"], [1.0, 2.0])
-    sae = load_sae(save_sae(TopKSAE(576, 64, l0=8, seed=3), tmp_path / "s", hook_name=hook_name(4),
-                            model_name="HuggingFaceTB/SmolLM2-135M-Instruct"))  # fmt: skip
-    text = "The werewolf said it was a villager."
-    feature = 9
-    tokens, acts = plots.text_activations(offline_lm, sae, text, feature)
-    ids = offline_lm.tokenizer(text, return_tensors="pt")["input_ids"]
-    h = run_with_capture(offline_lm.model, [hook_name(4)], input_ids=ids)[hook_name(4)][0]
-    assert "".join(tokens).endswith(text) and len(tokens) == ids.shape[1]
-    torch.testing.assert_close(torch.tensor(acts), sae.sae.encode(h)[0][:, feature])

@@ -4,7 +4,6 @@ network call, the single-commit upload (against a recording fake of HfApi), and 
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,8 +12,9 @@ import pytest
 import torch
 
 from helpers.model.hooks import hook_name
-from helpers.publish import DRY_RUN_DIR, check_repo_id, publish_saes, zip_run
+from helpers.run import DRY_RUN_DIR
 from helpers.saes import JumpReLUSAE, TopKSAE
+from helpers.saes.hub import check_repo_id, publish_saes
 from helpers.saes.io import load_sae, save_sae
 
 SPEC = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -180,27 +180,3 @@ def test_upload_is_one_commit_of_exactly_the_dry_run_files(run, monkeypatch):
         Path(ops[f"{IDS[0]}/sae_weights.safetensors"].path_or_fileobj).read_bytes()
         == (dry / IDS[0] / "sae_weights.safetensors").read_bytes()
     )
-
-
-def test_zip_run_leaves_out_large_caches_and_is_atomic(run):
-    (run / "activations" / "layer_3").mkdir(parents=True)
-    (run / "activations" / "layer_3" / "shard_00000.npy").write_bytes(b"x" * 1000)
-    (run / "judge_cache.sqlite").write_bytes(b"c" * 3000)
-    path = zip_run(run, max_cache_mb=0.002)
-    assert path == run.parent / "my_run.zip" and not list(run.parent.glob(".my_run.zip.*"))
-    names = set(zipfile.ZipFile(path).namelist())
-    assert {
-        "my_run/run.json",
-        "my_run/completions.jsonl",
-        f"my_run/saes/{IDS[0]}/sae_weights.safetensors",
-    } <= names
-    assert not any("activations/" in n or "checkpoint.pt" in n or "judge_cache" in n for n in names)
-    with_all = zipfile.ZipFile(
-        zip_run(run, out=run / "inside.zip", include_activations=True, max_cache_mb=1)
-    ).namelist()
-    assert (
-        "my_run/activations/layer_3/shard_00000.npy" in with_all and "my_run/judge_cache.sqlite" in with_all
-    )
-    assert "my_run/inside.zip" not in with_all
-    with pytest.raises(FileNotFoundError, match="RUN_NAME"):
-        zip_run(run / "nope")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import final_norm, tiny_model
 
 import helpers
 from helpers.model.hooks import (
@@ -15,6 +14,7 @@ from helpers.model.hooks import (
     layer_of,
     run_with_capture,
 )
+from tests.conftest import final_norm, tiny_model
 
 
 def assert_matches_hidden_states(model, ids: torch.Tensor, atol: float) -> None:
@@ -114,7 +114,7 @@ def test_hook_name_variants():
 
 def test_hook_table_rows():
     model = tiny_model("gpt2")
-    rows = helpers.hooks.hook_table(model, torch.zeros(1, 4, dtype=torch.long))
+    rows = helpers.hook_table(model, torch.zeros(1, 4, dtype=torch.long))
     assert [r["hook"] for r in rows] == [f"blocks.{i}.hook_resid_post" for i in range(3)]
     assert [r["module"] for r in rows] == [f"transformer.h.{i}" for i in range(3)]
     assert all(r["shape"] == (1, 4, 64) and r["dtype"] == "float32" and r["mean_norm"] > 0 for r in rows)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import store
+from helpers.collect import store
 from helpers.collect.store import ActivationWriter, LayerStore
+from helpers.run import activations_dir
 
 
 def fake_acts(n_completions: int, d: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -67,7 +68,7 @@ def test_resume_skips_stored_and_ignores_incomplete_shard(tmp_path):
     acts = fake_acts(8)
     first = dict(list(acts.items())[:5])
     write(tmp_path, first, shard_tokens=6)
-    d = store.layer_dir(tmp_path, 3)
+    d = activations_dir(tmp_path, 3)
     (d / "shard_00099.npy").write_bytes(b"garbage from a disconnect")  # .npy without .json: incomplete
     w = ActivationWriter(tmp_path, 3, shard_tokens=6)
     assert w.done_ids == set(first)
@@ -106,7 +107,7 @@ def test_disk_full_leaves_no_corrupt_shard(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="free disk space"):
         w.add("c3", acts["c3"])
     monkeypatch.setattr(store, "atomic_write_json", real)
-    d = store.layer_dir(tmp_path, 3)
+    d = activations_dir(tmp_path, 3)
     assert len(list(d.glob("*.npy"))) == len(list(d.glob("*.json"))) == 3 and not list(d.glob("*.tmp"))
     assert "c3" not in w.done_ids
     s = LayerStore(tmp_path, 3)

@@ -16,7 +16,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from helpers import probes
+from helpers.analysis import probes
 
 
 @pytest.fixture(autouse=True)

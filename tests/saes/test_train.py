@@ -19,8 +19,9 @@ import torch
 
 import helpers
 from helpers.collect.completions import split_completions
-from helpers.collect.store import ActivationWriter, LayerStore, layer_dir
+from helpers.collect.store import ActivationWriter, LayerStore
 from helpers.model.hooks import hook_name, run_with_capture
+from helpers.run import activations_dir
 from helpers.saes.grid import condition_ids, train_grid
 from helpers.saes.train import Run, TooFewSamples, TrainConfig, train_sae
 
@@ -152,10 +153,10 @@ def test_config_errors_name_the_fix():
 
 def test_non_finite_activations_stop_with_their_location(run_dir, tmp_path):
     bad = tmp_path / "bad"
-    for p in layer_dir(run_dir, LAYER).glob("shard_*"):
-        (layer_dir(bad, LAYER) / p.name).parent.mkdir(parents=True, exist_ok=True)
-        (layer_dir(bad, LAYER) / p.name).write_bytes(p.read_bytes())
-    shard = np.load(layer_dir(bad, LAYER) / "shard_00000.npy", mmap_mode="r+")
+    for p in activations_dir(run_dir, LAYER).glob("shard_*"):
+        (activations_dir(bad, LAYER) / p.name).parent.mkdir(parents=True, exist_ok=True)
+        (activations_dir(bad, LAYER) / p.name).write_bytes(p.read_bytes())
+    shard = np.load(activations_dir(bad, LAYER) / "shard_00000.npy", mmap_mode="r+")
     shard[:] = np.nan  # a corrupt shard: every row of it is NaN
     shard.flush()
     store = LayerStore(bad, LAYER)
