@@ -16,8 +16,8 @@ load changes (other jobs on a shared CPU) slows all three alike. SAELens is driv
 `SAETrainer.step` exactly as its `fit()` does, on an iterator of our batches. For JumpReLU and Gated,
 SAELens runs first and ours then targets the L0 SAELens reached, so quality is compared at matched
 sparsity. Evaluation (explained variance, L0, dead fraction on held-out tokens) uses
-`helpers.evals.activation_metrics` for both; SAELens's SAE is saved with its own `save_inference_model`
-and read back with `helpers.saelens_io.load_sae`.
+`helpers.saes.evals.activation_metrics` for both; SAELens's SAE is saved with its own `save_inference_model`
+and read back with `helpers.saes.io.load_sae`.
 """
 
 from __future__ import annotations

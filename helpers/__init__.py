@@ -29,7 +29,7 @@ from helpers.model.hooks import (
 )
 from helpers.model.load import OFFLINE_MODEL, LoadedModel, ModelInfo, load_model, load_run_model
 from helpers.release import GITHUB_REPO, __version__
-from helpers.run import mark_stage, read_run_json, update_run_json
+from helpers.run import mark_stage, read_run_json, run_summary, update_run_json
 
 __all__ = [
     "GITHUB_REPO",
@@ -53,6 +53,7 @@ __all__ = [
     "load_run_model",
     "mark_stage",
     "read_run_json",
+    "run_summary",
     "run_with_capture",
     "setup",
     "smoke_overrides",

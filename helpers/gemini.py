@@ -1,6 +1,6 @@
 """A small Gemini client for JSON answers: cached, budgeted, and honest about quota errors.
 
-Used by the judge (`judge.py`) and meant for any later caller that needs structured answers from
+Used by the judge (`helpers.collect.judge`), autointerp and scoring, and any caller that needs structured answers from
 Gemini (auto-interpretation of SAE features). It wraps the `google-genai` SDK (not the end-of-life
 `google-generativeai`) and adds what a free-tier Colab user needs:
 

@@ -1,18 +1,8 @@
-"""Share a run: zip its folder for download, and publish chosen SAEs to the Hugging Face Hub.
+"""Share a run: zip its folder for download (publishing SAEs to the Hub is `helpers.saes.hub`).
 
-- `zip_run(run_dir)`: one .zip beside the run folder, written atomically. The per-token activation store
-  (`activations/`, often gigabytes, recomputable by notebook 02 from completions.jsonl), training
-  checkpoints, temp files and a judge cache above `max_cache_mb` are left out, and the summary says so.
-- `publish_saes(run_dir, sae_ids, repo_id)`: each SAE's SAELens folder (cfg.json, sae_weights.safetensors,
-  and sparsity.safetensors / metrics.json when present) goes under a subfolder named by its sae_id,
-  with a generated model card (README.md: YAML front matter with `library_name: saelens`, the model,
-  hook names, training data and conditions, metrics, probe results, and how to load the SAEs with
-  `sae_lens` and with `helpers.saelens_io.load_sae`). All files go up in ONE commit, so a failure never
-  leaves a half-published repo. `dry_run=True` writes exactly what would be uploaded to
-  `run_dir/publish_dry_run/` and touches no network.
-
-Everything that can be checked locally (the repo id's form, the SAE folders load, the token exists) is
-checked before the first network call.
+`zip_run(run_dir)`: one .zip beside the run folder, written atomically. The per-token activation store
+(`activations/`, often gigabytes, recomputable by notebook 02 from completions.jsonl), training
+checkpoints, temp files and a judge cache above `max_cache_mb` are left out, and the summary says so.
 """
 
 from __future__ import annotations

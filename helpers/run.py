@@ -252,6 +252,28 @@ def mark_stage(
     return update_run_json(run_dir, stages={stage: entry})
 
 
+def run_summary(run_dir: str | os.PathLike) -> str:
+    """A few readable lines about the run (what a notebook ends on, instead of the whole run.json):
+    the folder, the model, the layers, and each stage's status with the scalar details it recorded."""
+    run = read_run_json(run_dir)
+    model = run.get("model") or {}
+    lines = [f"run folder: {Path(run_dir)}"]
+    if model:
+        lines.append(f"model: {model.get('spec')} ({model.get('dtype')}, {model.get('n_layers')} layers)")
+    if run.get("layers"):
+        lines.append(f"layers: {run['layers']}")
+    for stage, entry in (run.get("stages") or {}).items():
+        details = [
+            f"{k}={v}" for k, v in entry.items()
+            if k not in ("status", "at") and isinstance(v, int | float | str) and len(str(v)) <= 60
+        ]  # fmt: skip
+        counts = [f"{k}: {len(v)}" for k, v in entry.items() if isinstance(v, list | dict)]
+        lines.append(
+            f"  {stage}: {entry.get('status')} {entry.get('at', '')}  " + ", ".join(details + counts)
+        )
+    return "\n".join(line.rstrip() for line in lines)
+
+
 def stage_done(run_dir: str | os.PathLike, stage: str) -> bool:
     return read_run_json(run_dir).get("stages", {}).get(stage, {}).get("status") == "done"
 

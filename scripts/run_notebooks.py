@@ -34,17 +34,18 @@ def notebook_paths(selected: list[str] | None = None) -> list[Path]:
     return paths
 
 
-def smoke_env(run_dir: Path) -> dict[str, str]:
-    """The environment of a smoke run: offline model, no GPU, no Hub, no Gemini key."""
+def smoke_env(run_dir: Path, gpu: bool = False) -> dict[str, str]:
+    """The environment of a smoke run: offline model, no Hub, no Gemini key; no GPU unless `gpu`."""
     env = dict(os.environ)
     env.update(
         NB_SMOKE="1",
         NB_RUN_DIR=str(run_dir),
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
-        CUDA_VISIBLE_DEVICES="",
         TOKENIZERS_PARALLELISM="false",
     )
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     for secret in ("GEMINI_API_KEY", "GOOGLE_API_KEY"):
         env.pop(secret, None)
     return env
@@ -77,6 +78,7 @@ def run_notebook(
     smoke: bool = True,
     params: dict[str, Any] | None = None,
     timeout: int = 1200,
+    gpu: bool = False,
 ) -> Path:
     """Execute one notebook in a fresh kernel; return the executed copy's path. Raises on a failing cell.
 
@@ -89,7 +91,7 @@ def run_notebook(
     nb = nbformat.read(path, as_version=4)
     if params:
         inject_parameters(nb, params)
-    env = smoke_env(run_dir) if smoke else {**os.environ, "NB_RUN_DIR": str(run_dir)}
+    env = smoke_env(run_dir, gpu) if smoke else {**os.environ, "NB_RUN_DIR": str(run_dir)}
     old = dict(os.environ)
     os.environ.clear()
     os.environ.update(env)  # the kernel inherits the environment of the process that starts it
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", default="runs/smoke", help="run folder shared by the notebooks")
     parser.add_argument("--params", help='JSON file: {"02": {"N_PROMPTS": 100}, ...} per notebook number')
     parser.add_argument("--timeout", type=int, default=1200, help="seconds allowed per cell")
+    parser.add_argument("--gpu", action="store_true", help="smoke mode on the GPU (default: CPU only)")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir).resolve()
     params = json.loads(Path(args.params).read_text()) if args.params else {}
@@ -126,7 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     for path in paths:
         print(f"running {path.name} -> {run_dir}", flush=True)
         out = run_notebook(
-            path, run_dir, smoke=args.smoke, params=params.get(path.name[:2]), timeout=args.timeout
+            path,
+            run_dir,
+            smoke=args.smoke,
+            params=params.get(path.name[:2]),
+            timeout=args.timeout,
+            gpu=args.gpu,
         )
         print(f"  ok, executed copy: {out}", flush=True)
     print(f"done: results in {run_dir}")

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from helpers.notebooks import NOTEBOOK_DIR, inject_parameters, notebook_paths, run_notebook
 
 import helpers
+from helpers.release import INSTALL_URL
+from scripts.run_notebooks import NOTEBOOK_DIR, inject_parameters, notebook_paths, run_notebook
 
 NOTEBOOKS = notebook_paths()
 IDS = [p.name for p in NOTEBOOKS]
@@ -42,10 +43,10 @@ def test_static_contract(path: Path):
 
     install = code_cells(nb)[0].source
     assert '"google.colab" in sys.modules' in install and 'find_spec("helpers") is None' in install
-    assert f"@v{helpers.__version__}" in install and "-e" not in install.split(), (
-        "pinned, non-editable install"
+    assert f'url = "{INSTALL_URL}"' in install and "-e" not in install.split(), (
+        "a pinned, non-editable install of helpers.release.INSTALL_URL (the rehearsal substitutes it)"
     )
-    assert "helpers.setup(" in install
+    assert f'helpers.setup(notebook_version="{helpers.__version__}")' in install
 
     tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1, "exactly one cell tagged parameters"

@@ -7,7 +7,7 @@ explanations are scored on held-out windows (scoring.py; REFERENCE.md "Auto-inte
   labels are never shown: a feature is explained by the text it fires on, not by which set the text
   came from (DESIGN.md §8).
 - `autointerp`: explain, then score by detection and fuzzing, each against a shuffled-explanation
-  baseline (scoring.py), with one Asker (gemini_batch.py): several features per request, validated,
+  baseline (scoring.py), with one Asker (helpers.gemini): several features per request, validated,
   cached and budgeted; one daily-quota or budget stop ends the whole pass, and only cached answers are
   still used after it, so the next run continues from the cache.
 - Nothing is invented: without a client every explanation and score is None with its source saying

@@ -11,7 +11,7 @@ them, report the selection's luck (winner's curse). Per feature, vectorised (16k
   the group-bootstrap CI of d beside them;
 - Benjamini–Hochberg q-values across all features, firing rates (fraction of completions > 0).
 
-probes.py shares the numerics here (cluster-bootstrap weights, weighted AUROC, balanced accuracy): a
+probes.py and features.py share the numerics of helpers.stats (cluster-bootstrap weights, weighted AUROC, balanced accuracy): a
 probe's score and a feature are judged by the same statistics. Labels: y = 1 deceptive, 0 honest.
 """
 

@@ -16,7 +16,7 @@ SAE's activations.
   windows per feature: read the verdict, not the digits). The SHUFFLED BASELINE scores the same windows
   with another feature's explanation (the next explained feature, cyclically, in the order given): an
   explanation is worth what it beats.
-- Requests go through gemini_batch.py: several features per request, answers validated (feature ids of
+- Requests go through helpers.gemini (Asker, ask_batched): several features per request, answers validated (feature ids of
   the batch, every window scored once), follow-ups for features left out, cached and budgeted. Nothing
   is invented: a score Gemini did not give is None and its source says why.
 

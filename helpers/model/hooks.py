@@ -36,7 +36,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             return obj
     raise TypeError(
         f"Don't know where {type(model).__name__} keeps its decoder layers (looked for {', '.join(_LAYER_PATHS)}). "
-        "Add its attribute path to helpers.hooks._LAYER_PATHS."
+        "Add its attribute path to helpers.model.hooks._LAYER_PATHS."
     )
 
 

@@ -1,42 +1,43 @@
-"""Sparse autoencoder architectures, one file each, registered by the name SAELens writes in cfg.json.
+"""Notebook 03: sparse autoencoders, trained per layer and condition, saved in the SAELens format.
 
-    ARCHITECTURES["topk"]      TopKSAE      Gao et al. 2024 (k active latents, AuxK for dead latents)
-    ARCHITECTURES["jumprelu"]  JumpReLUSAE  Rajamanoharan et al. 2024b (learned thresholds, L0 loss, STE)
-    ARCHITECTURES["gated"]     GatedSAE     Rajamanoharan et al. 2024a (gate/magnitude paths, r_mag)
+    base.py       the SAE contract: parameters, decoder, SAELens tensors, the training step's interface
+    kernels.py    the sparse maths of a training step (Pattern, gather_pre, sparse_decode)
+    topk.py, jumprelu.py, gated.py   one file per architecture; registry.py names them
+    io.py         save/load SAELens 6.x folders (ours and published ones)
+    train.py      the one training loop for every architecture, checkpoint/resume
+    evals.py      explained variance, L0, dead/dense fractions, spliced-in CE/KL, the leaderboard
+    grid.py       the layer x condition x architecture grid of a run; importing published SAEs
+    hub.py        publishing SAEs to the Hugging Face Hub with a model card
 
-All share `base.SAE`: `encode(x) -> (acts, pre_acts)`, `decode(acts)`, and `losses(x, dead)` (the sparse
-training forward pass with the architecture's auxiliary losses), so `helpers.train` has one loop.
+The names notebook 03 uses are re-exported here.
 """
 
-from __future__ import annotations
-
 from helpers.saes.base import SAE, StepOutput
+from helpers.saes.evals import evaluate_lm, leaderboard
 from helpers.saes.gated import GatedSAE
+from helpers.saes.grid import import_sae, train_grid
+from helpers.saes.io import LoadedSAE, find_sae_folders, load_sae, save_sae
 from helpers.saes.jumprelu import JumpReLUSAE
+from helpers.saes.registry import ARCHITECTURES, make_sae, sae_class
 from helpers.saes.topk import TopKSAE
-
-ARCHITECTURES: dict[str, type[SAE]] = {cls.architecture: cls for cls in (TopKSAE, JumpReLUSAE, GatedSAE)}
-
-
-def sae_class(arch: str) -> type[SAE]:
-    if arch not in ARCHITECTURES:
-        raise KeyError(f"unknown SAE architecture {arch!r}: known ones are {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[arch]
-
-
-def make_sae(arch: str, d_in: int, d_sae: int, **kw) -> SAE:
-    """A fresh SAE of architecture `arch` ("topk", "jumprelu", "gated"); `kw` go to its constructor
-    (every architecture takes `l0`, the sparsity target, and `seed`)."""
-    return sae_class(arch)(d_in, d_sae, **kw)
-
+from helpers.saes.train import TrainConfig
 
 __all__ = [
     "ARCHITECTURES",
     "SAE",
     "GatedSAE",
     "JumpReLUSAE",
+    "LoadedSAE",
     "StepOutput",
     "TopKSAE",
+    "TrainConfig",
+    "evaluate_lm",
+    "find_sae_folders",
+    "import_sae",
+    "leaderboard",
+    "load_sae",
     "make_sae",
     "sae_class",
+    "save_sae",
+    "train_grid",
 ]

@@ -202,7 +202,7 @@ def evaluate_folder(
     device: str = "cpu",
     batch_size: int = 4096,
 ) -> dict[str, Any]:
-    """Activation metrics of the SAE in a SAELens `folder` (ours or published: saelens_io.load_sae) on the
+    """Activation metrics of the SAE in a SAELens `folder` (ours or published: io.load_sae) on the
     tokens of completions `ids` (all when None) of a `store.LayerStore`."""
 
     loaded = load_sae(folder, device=device)

@@ -4,7 +4,7 @@ A folder holds `cfg.json` and `sae_weights.safetensors` with exactly the tensors
 expects (REFERENCE.md): W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_dec [d_in], plus b_enc (topk,
 jumprelu), threshold (jumprelu), b_gate, b_mag, r_mag (gated). Training normalises inputs by a scalar
 s; `save_sae` folds s into the weights (`SAE.saelens_state`), so the saved SAE takes raw residuals and
-writes `normalize_activations: "none"`. tests/test_saelens_io.py loads our folders with sae_lens itself.
+writes `normalize_activations: "none"`. tests/saes/test_io.py loads our folders with sae_lens itself.
 
 `load_sae` also reads folders published by others: SAELens < 6 configs (top-level `hook_point`),
 `standard` (ReLU) SAEs as JumpReLU with threshold 0 (the same function), `apply_b_dec_to_input: false`
@@ -32,7 +32,8 @@ from helpers.run import (
     atomic_write_bytes,
     atomic_write_json,
 )
-from helpers.saes import SAE, sae_class
+from helpers.saes.base import SAE
+from helpers.saes.registry import sae_class
 
 SAELENS_FORMAT_VERSION = "6.54.12"
 """Written as metadata.sae_lens_version: the sae_lens release our round-trip test loads these folders with

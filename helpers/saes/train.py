@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 from helpers.collect.store import LayerStore
 from helpers.model import hooks
 from helpers.run import SAE_METRICS, atomic_write_bytes, atomic_write_json, stable_hash
-from helpers.saes import SAE, StepOutput, make_sae, sae_class
-from helpers.saes.base import geometric_median
+from helpers.saes.base import SAE, StepOutput, geometric_median
 from helpers.saes.evals import check_finite, evaluate_folder
 from helpers.saes.io import save_sae
+from helpers.saes.registry import make_sae, sae_class
 
 
 @dataclass

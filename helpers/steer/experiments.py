@@ -32,7 +32,16 @@ from helpers.collect.completions import read_completions
 from helpers.collect.judge import label_all
 from helpers.collect.prompts import Prompt
 from helpers.collect.sampling import sample_completions
-from helpers.run import append_jsonl, jsonable, read_jsonl, steering_path
+from helpers.run import (
+    append_jsonl,
+    features_dir,
+    features_path,
+    jsonable,
+    read_jsonl,
+    sae_dir,
+    steering_path,
+)
+from helpers.saes.io import LoadedSAE, load_sae
 from helpers.stats import (
     bh_qvalues,
     group_bootstrap_weights,
@@ -41,7 +50,7 @@ from helpers.stats import (
     sign_flip_test,
     wilson_ci,
 )
-from helpers.steer.directions import Condition
+from helpers.steer.directions import Condition, check_sae_matches
 
 TESTED_KINDS = ("feature", "diff_of_means")
 CONTROL_KINDS = ("none", "random_feature", "random_direction")
@@ -51,7 +60,6 @@ def held_out_prompts(run_dir: str | os.PathLike, prompts: Sequence[Prompt]) -> l
     """The `prompts` whose scenario (group) produced none of the run's completions, so the features being
     steered were not chosen on them. If every group was used, prompts whose own id was unused (e.g.
     paraphrases) are returned instead, announced; if none is left, an error says what to do."""
-
     records = read_completions(run_dir)
     used_groups = {str(r.get("group") or r["prompt_id"]) for r in records}
     used_ids = {r["prompt_id"] for r in records}
@@ -69,6 +77,29 @@ def held_out_prompts(run_dir: str | os.PathLike, prompts: Sequence[Prompt]) -> l
         f"every scenario of these prompts is in the run: using {len(fresh)} unused prompts of them (paraphrases)"
     )
     return fresh
+
+
+def steering_targets(
+    run_dir: str | os.PathLike, lm: Any, sae_id: str = "", n_features: int = 3, *, device: str = "cpu"
+) -> tuple[LoadedSAE, list[dict[str, Any]]]:
+    """The SAE to steer and its top `n_features` features (rows of `features/{sae_id}.jsonl` by rank).
+
+    `sae_id` empty picks the first `mixed` SAE that notebook 04 analysed (else the first analysed one).
+    The SAE is checked against `lm` (same width and hook): a mismatch is an error naming both."""
+    analysed = sorted(p.stem for p in features_dir(run_dir).glob("*.jsonl"))
+    if not analysed:
+        raise FileNotFoundError(
+            f"no feature tables in {features_dir(run_dir)}: run notebook 04 (feature_table) for this run first"
+        )
+    if sae_id and sae_id not in analysed:
+        raise ValueError(
+            f"SAE_ID {sae_id!r} has no feature table; notebook 04 analysed: {', '.join(analysed)}"
+        )
+    sae_id = sae_id or next((s for s in analysed if s.endswith("_mixed")), analysed[0])
+    sae = load_sae(sae_dir(run_dir, sae_id), device=device)
+    check_sae_matches(sae, lm)
+    rows = sorted(read_jsonl(features_path(run_dir, sae_id)), key=lambda r: r["rank"])
+    return sae, rows[:n_features]
 
 
 def read_steering(run_dir: str | os.PathLike) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ calls and which tests (or a script) call directly. Building the panel reads only
 features/*.jsonl: it loads no SAE and generates nothing, so Run all never waits on it.
 
 Both completions use the same seed, so with strength 0 they are identical and any difference at
-another strength comes from the steering. Additive mode keeps the SAE's error term (steering.py).
+another strength comes from the steering. Additive mode keeps the SAE's error term (directions.py).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -86,7 +87,12 @@ def test_generate_pair_same_seed_and_steering_changes_text(tiny, run):
         generate_pair(tiny, wrong, 0, 1.0, "hi")
 
 
-def test_panel_builds_common_widgets_and_its_button_generates(tiny, run):
+def test_panel_builds_common_widgets_and_its_button_generates(tiny, run, monkeypatch):
+    # Colab cannot show plotly figures from widget callbacks (colabtools#5889): the panel must work with
+    # plotly unimportable, so every callback below runs with `import plotly` failing.
+    for name in [m for m in sys.modules if m == "plotly" or m.startswith("plotly.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "plotly", None)
     panel = steering_panel(tiny, run, prompt="Did you take the money?", max_new_tokens=5, temperature=1.0)
     assert {type(w).__name__ for w in widgets_of(panel)} <= COMMON_WIDGETS
     (sae_box,) = find(panel, "Dropdown", "SAE")
