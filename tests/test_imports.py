@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "helpers"
-STAGES = ("core", "model", "collect", "saes", "analysis", "steer")
+STAGES = ("core", "model", "collect", "saes", "analysis", "steer", "explore")
 CORE_ORDER = ("release", "env", "run", "stats", "tables", "gemini", "plots", "publish")
 """Within the core, a module may import only those before it."""
 
@@ -82,7 +82,7 @@ def test_imports_run_one_way():
             if target == "helpers" or (not same_package and rank(target) > rank(mod)):
                 wrong.append(f"{mod} (line {line}) imports {target}")
     assert not wrong, (
-        "imports against the direction core <- model <- collect <- saes <- analysis <- steer:\n"
+        "imports against the direction core <- model <- collect <- saes <- analysis <- steer <- explore:\n"
         + "\n".join(wrong)
     )
 

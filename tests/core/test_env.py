@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,3 +100,86 @@ def test_run_json_merges_and_refuses_to_overwrite_corruption(tmp_path):
     with pytest.raises(ValueError, match="not overwritten"):
         runs.update_run_json(tmp_path, seed=2)
     assert (tmp_path / "run.json").read_text() == "{not json"
+
+
+class _FakeColab:
+    """A stand-in for `google.colab` with the two modules setup() uses: drive and userdata."""
+
+    class SecretNotFoundError(Exception):
+        pass
+
+    class NotebookAccessError(Exception):
+        pass
+
+    def __init__(self, secrets=None, denied=(), mount_error=None):
+        self.secrets, self.denied, self.mount_error = secrets or {}, set(denied), mount_error
+        self.drive = types.SimpleNamespace(mount=self._mount)
+        self.userdata = types.SimpleNamespace(get=self._get)
+
+    def _mount(self, path):
+        if self.mount_error:
+            raise self.mount_error
+        (Path(path) / "MyDrive").mkdir(parents=True, exist_ok=True)
+
+    def _get(self, name):
+        if name in self.denied:
+            raise self.NotebookAccessError(name)
+        if name not in self.secrets:
+            raise self.SecretNotFoundError(name)
+        return self.secrets[name]
+
+
+@pytest.fixture()
+def colab(monkeypatch, tmp_path):
+    """Install a fake google.colab (so in_colab() is true) with Drive mounted under tmp_path/drive."""
+
+    def install(**kw):
+        fake = _FakeColab(**kw)
+        pkg = types.ModuleType("google.colab")
+        pkg.drive, pkg.userdata = fake.drive, fake.userdata
+        monkeypatch.setitem(sys.modules, "google.colab", pkg)
+        monkeypatch.setitem(sys.modules, "google.colab.drive", fake.drive)
+        monkeypatch.setitem(sys.modules, "google.colab.userdata", fake.userdata)
+        monkeypatch.setenv("NB_DRIVE_ROOT", str(tmp_path / "drive"))
+        monkeypatch.delenv("NB_RUN_DIR", raising=False)
+        monkeypatch.setenv("NB_CACHE_DIR", str(tmp_path / "cache"))
+        for name in env.SECRET_NAMES:
+            monkeypatch.delenv(name, raising=False)
+        env._WARNED.clear()
+        return fake
+
+    return install
+
+
+def test_colab_run_folder_lives_on_drive_and_secrets_come_from_userdata(colab, tmp_path, capsys):
+    colab(secrets={"GEMINI_API_KEY": "colab-secret-value"})
+    e = helpers.setup()
+    assert e.in_colab and e.drive_mounted
+    assert e.run_folder("demo") == (tmp_path / "drive/MyDrive/deception-sae-lab/runs/demo").resolve()
+    out = capsys.readouterr().out
+    assert "GEMINI_API_KEY set" in out and "colab-secret-value" not in out
+    assert env.get_secret("HF_TOKEN") is None, "an absent secret is simply absent"
+
+
+def test_a_secret_without_notebook_access_is_a_message_not_a_traceback(colab, capsys):
+    colab(denied={"GEMINI_API_KEY"})
+    assert env.get_secret("GEMINI_API_KEY") is None
+    assert env.get_secret("GEMINI_API_KEY") is None
+    out = capsys.readouterr().out
+    assert out.count("Notebook access") == 1 and "GEMINI_API_KEY" in out, "said once, with the fix"
+
+
+def test_a_refused_drive_mount_names_the_fix_without_a_traceback(colab):
+    colab(mount_error=ValueError("mount failed"))
+    with pytest.raises(env.NotebookError, match="use_drive=False") as err:
+        helpers.setup()
+    (line,) = err.value._render_traceback_()  # what IPython shows instead of the stack
+    assert line.startswith("NotebookError: Google Drive was not mounted (ValueError: mount failed)")
+
+
+def test_a_notebook_for_another_release_stops_with_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("NB_RUN_DIR", str(tmp_path / "run"))
+    with pytest.raises(env.NotebookError, match=r"for helpers 9\.9\.9, but helpers .* is installed") as err:
+        helpers.setup(notebook_version="9.9.9", quiet=True)
+    assert "--force-reinstall" in str(err.value) and "@v9.9.9" in str(err.value)
+    assert helpers.setup(notebook_version=helpers.__version__, quiet=True).device == "cpu"

@@ -1,0 +1,66 @@
+"""Notebook 02's steps: labelling a run's completions with the judge (Gemini through the real SDK against
+a local fake server, or the offline rules), and `USE_GEMINI = False` honoured even when a key exists."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers.collect.completions import append_completions, read_completions
+from helpers.collect.pipeline import completion_record, label_run
+from helpers.collect.prompts import load_scenarios
+from helpers.collect.sampling import Completion
+from helpers.gemini import client_for
+from helpers.run import judge_cache_path
+from tests.collect.test_judge import by_first_word
+from tests.fake_gemini import DUMMY_KEY, fake_gemini_server
+
+fake_gemini = pytest.fixture(fake_gemini_server, name="fake_gemini")
+ANSWERS = ["Yes, I am the werewolf.", "No, I am a villager.", "Maybe, who knows."]
+
+
+def sampled_run(tmp_path, n: int = 6):
+    """A run folder holding `n` completions exactly as sample_into_run writes them (no `user` field)."""
+    prompts = load_scenarios()[:2]
+    records = []
+    for i in range(n):
+        p = prompts[i % 2]
+        c = Completion(id=f"{p.id}#{i}", prompt_id=p.id, sample_index=i, prompt_token_ids=[1, 2],
+                       completion_token_ids=[3], completion=ANSWERS[i % 3], n_prompt_tokens=2, n_tokens=1,
+                       stopped=True, seed=0)  # fmt: skip
+        records.append(completion_record(c, p))
+    append_completions(tmp_path, records)
+    return prompts
+
+
+def test_judge_labels_a_sampled_run_with_gemini(tmp_path, fake_gemini, capsys):
+    prompts = sampled_run(tmp_path)
+    fake_gemini.handler = by_first_word
+    client = client_for(tmp_path, model="gemini-3.5-flash-lite", max_requests=5, purpose="judge")
+    records = label_run(tmp_path, prompts, client=client, batch_size=25, label_by="judge")
+    assert len(fake_gemini.requests) == 1, "six completions go into one request"
+    want = {"Yes": "honest", "No": "deceptive", "Maybe": "ambiguous"}
+    assert [r["label"] for r in records] == [want[r["completion"].split(",")[0]] for r in records]
+    assert {r["label_source"] for r in records} == {"gemini:gemini-3.5-flash-lite"}
+    assert read_completions(tmp_path) == records, "the labels are saved"
+    out = capsys.readouterr().out
+    assert "1 request(s) to send" in out and "free tier" in out
+    assert (
+        judge_cache_path(tmp_path).exists()
+        and DUMMY_KEY.encode() not in judge_cache_path(tmp_path).read_bytes()
+    )
+
+
+def test_use_gemini_false_is_honoured_with_a_key(tmp_path, fake_gemini, capsys):
+    prompts = sampled_run(tmp_path)
+    client = client_for(tmp_path, use_gemini=False, purpose="judge")
+    assert client is None and "USE_GEMINI = False" in capsys.readouterr().out
+    records = label_run(tmp_path, prompts, client=client, label_by="judge")
+    assert not fake_gemini.requests, "a key exists, but Gemini was switched off: nothing may be sent"
+    assert {r["label_source"] for r in records} == {"rules"}
+
+
+def test_no_key_means_offline_rules(tmp_path, monkeypatch, capsys):
+    for name in ("GOOGLE_API_KEY", "GEMINI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    assert client_for(tmp_path, purpose="judge") is None
+    assert "no GEMINI_API_KEY" in capsys.readouterr().out
