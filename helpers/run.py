@@ -16,6 +16,8 @@ Every path of the run folder is spelled here and nowhere else:
     features/{sae_id}.jsonl       features_path(run_dir, sae_id)
     steering.jsonl                steering_path(run_dir)
     corpus/layer_{L}/             corpus_dir(run_dir, L)
+    explorer/                     explorer_dir(run_dir)
+    neuronpedia/                  neuronpedia_dir(run_dir)
     figures/                      figures_dir(run_dir)
     judge_cache.sqlite            judge_cache_path(run_dir)
 """
@@ -105,6 +107,16 @@ def steering_path(run_dir: str | os.PathLike) -> Path:
 
 def figures_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "figures"
+
+
+def explorer_dir(run_dir: str | os.PathLike) -> Path:
+    """The static feature explorer: index.html and its data, opened from disk without a server."""
+    return Path(run_dir) / "explorer"
+
+
+def neuronpedia_dir(run_dir: str | os.PathLike) -> Path:
+    """The Neuronpedia bulk-import export of the run's SAEs."""
+    return Path(run_dir) / "neuronpedia"
 
 
 def judge_cache_path(run_dir: str | os.PathLike) -> Path:

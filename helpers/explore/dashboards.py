@@ -1,0 +1,423 @@
+"""Per-feature dashboard data for every latent of an SAE, from ONE streamed pass over the activation
+store (never one pass per feature), plus what the SAE's and the model's weights say, plus what
+notebook 04 found (DESIGN.md §2, `explore/`).
+
+`feature_pass` encodes the store's completion tokens in batches of whole completions and feeds the
+nonzero activations of all latents to the vectorised accumulators of accumulate.py:
+- firing counts per token class (honest / deceptive / other completions; a token's class is its
+  completion's label, descriptive only: DESIGN.md §8) and the sum of activations (mean when firing);
+- a log-binned histogram of the nonzero activations (display histogram, quantile edges);
+- the top activating tokens, one per completion, each with its window of activations;
+- a uniform sample of the nonzero activations with their windows, from which the quantile groups'
+  examples are drawn (SAEDashboard shows top activations "plus quantile groups"; delphi explains from
+  examples spread over quantiles).
+Windows are cut while the batch is in memory, so no second pass is needed. A window is `before` tokens,
+the token, `after` tokens, inside the completion's own tokens (as in analysis.contexts).
+
+`build_dashboards` adds logit effects and nearest decoder rows (decoder.py, within the SAE and in the
+run's other SAEs at the same layer), and notebook 04's rows (effect size with CI, q, explanation,
+detection / fuzzing, deception tag) for the features it analysed. `SAEDashboards.table()` gives the
+columns of the feature table, `page(f)` one feature's page: the same records feed the notebook, the
+static explorer (site.py) and the Neuronpedia export (neuronpedia.py).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from helpers.analysis.contexts import Doc, docs_for, iter_token_acts, token_pieces
+from helpers.analysis.pipeline import sae_id_of
+from helpers.collect.completions import read_completions
+from helpers.collect.store import LayerStore
+from helpers.explore.accumulate import Kept, LogHistogram, TopPerFeature, linear_histograms, quantile_edges
+from helpers.explore.decoder import Unembedding, logit_effects, nearest_rows
+from helpers.run import features_path, model_short, read_jsonl, read_run_json
+from helpers.saes.io import LoadedSAE
+
+CLASSES = ("honest", "deceptive", "other")
+"""Token classes: the label of the token's completion; `other` = ambiguous or unlabelled."""
+ANALYSIS_FIELDS = ("rank", "cohens_d", "d_ci", "q_value", "auroc", "mean_honest", "mean_deceptive",
+                   "firing_rate_honest", "firing_rate_deceptive", "explanation", "explanation_source",
+                   "deception_related", "kind", "detection", "detection_baseline", "fuzzing",
+                   "fuzzing_baseline")  # fmt: skip
+"""What a page shows of notebook 04's row for a feature (features/{sae_id}.jsonl)."""
+NO_ANALYSIS = "no notebook 04 results for this SAE: no effect sizes, explanations or deception tags"
+
+
+@dataclass
+class ExplorerConfig:
+    """How much of each feature the explorer keeps (sizes are per feature; 16k features multiply them)."""
+
+    n_top: int = 8
+    """Top-activating windows, one per completion."""
+    n_quantiles: int = 4
+    """Quantile groups of the nonzero activations (each ~1/n_quantiles of the firings)."""
+    per_quantile: int = 2
+    """Windows shown per quantile group."""
+    reservoir: int = 32
+    """Uniform sample of nonzero activations kept per feature to draw the quantile groups' windows from."""
+    before: int = 12
+    """Tokens shown before the example token."""
+    after: int = 4
+    """Tokens shown after it."""
+    hist_bins: int = 24
+    """Bars of the activation histogram (equal width from 0 to the feature's maximum)."""
+    n_logits: int = 10
+    """Tokens most raised and most lowered by the feature's decoder row."""
+    n_similar: int = 6
+    """Nearest features by decoder cosine, within the SAE and per other SAE at the same layer."""
+    batch_tokens: int = 2048
+    """Tokens per encoder batch: [batch_tokens, d_sae] float32 activations are the peak memory."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_top", "n_quantiles", "reservoir", "hist_bins", "batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("per_quantile", "before", "after", "n_logits", "n_similar"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def width(self) -> int:
+        return self.before + 1 + self.after
+
+
+@dataclass
+class FeaturePass:
+    """What one pass over the store gives, for every feature of the SAE."""
+
+    n_tokens: np.ndarray
+    """[len(CLASSES)] completion tokens scanned per class."""
+    fired: np.ndarray
+    """[len(CLASSES), d_sae] tokens on which each feature is > 0, per class."""
+    act_sum: np.ndarray
+    """[d_sae] sum of each feature's activations (float64)."""
+    top: Kept
+    sample: Kept
+    log_counts: np.ndarray
+    """[d_sae, n_log_bins] counts of nonzero activations in log2 bins (`log_edges`)."""
+    log_edges: np.ndarray
+
+
+def feature_pass(store: LayerStore, sae: Any, docs: Sequence[Doc], cfg: ExplorerConfig, *, desc: str = "") -> FeaturePass:
+    """One streamed pass of `sae` over the completion tokens of `docs` in `store` (module doc)."""
+    params = list(sae.parameters()) if isinstance(sae, torch.nn.Module) else []
+    device = params[0].device if params else torch.device("cpu")
+    n_feat, width = int(sae.d_sae), cfg.width
+    klass = np.array([CLASSES.index(d.record.get("label")) if d.record.get("label") in CLASSES[:2] else 2
+                      for d in docs], np.int64)  # fmt: skip
+    top = TopPerFeature(n_feat, cfg.n_top, width, distinct_docs=True)
+    sample = TopPerFeature(n_feat, cfg.reservoir, width, distinct_docs=False)
+    hist = LogHistogram(n_feat, device)
+    fired = torch.zeros(len(CLASSES) * n_feat, dtype=torch.int64, device=device)
+    act_sum = torch.zeros(n_feat, dtype=torch.float64, device=device)
+    n_tokens = np.zeros(len(CLASSES), np.int64)
+    offsets = np.arange(-cfg.before, cfg.after + 1)
+    keys = np.random.default_rng([cfg.seed, 11])
+    bar = tqdm(total=sum(d.n for d in docs), unit="tok", unit_scale=True, desc=desc or "explorer pass")
+    for chunk, acts, _ in iter_token_acts(store, sae, docs, batch_tokens=cfg.batch_tokens):
+        lengths = np.array([d.n for d in chunk])
+        first = np.repeat(np.r_[0, np.cumsum(lengths)[:-1]], lengths)  # [rows] first row of the row's doc
+        last = first + np.repeat(lengths, lengths)
+        doc_of_row = np.repeat(np.array([d.index for d in chunk]), lengths)
+        class_of_row = klass[doc_of_row]
+        n_tokens += np.bincount(class_of_row, minlength=len(CLASSES))
+        rows_t, feats_t = acts.nonzero(as_tuple=True)
+        vals_t = acts[rows_t, feats_t]
+        cls_t = torch.from_numpy(class_of_row).to(device)[rows_t]
+        fired.index_add_(0, cls_t * n_feat + feats_t, torch.ones_like(feats_t))
+        act_sum.index_add_(0, feats_t, vals_t.double())
+        hist.add(feats_t, vals_t)
+        r, f, v = rows_t.cpu().numpy(), feats_t.cpu().numpy(), vals_t.float().cpu().numpy()
+        doc, pos = doc_of_row[r], r - first[r]
+
+        def windows(idx: np.ndarray, r=r, f=f, first=first, last=last, acts=acts) -> np.ndarray:
+            rows = r[idx, None] + offsets[None, :]  # [m, width]
+            inside = (rows >= first[r[idx], None]) & (rows < last[r[idx], None])
+            rows_at = torch.from_numpy(np.clip(rows, 0, len(acts) - 1)).to(device)
+            w = acts[rows_at, torch.from_numpy(f[idx, None]).to(device)].float().cpu().numpy()
+            w[~inside] = np.nan
+            return w
+
+        top.add(f, v, v, doc, pos, windows)
+        sample.add(f, keys.random(len(f), dtype=np.float32), v, doc, pos, windows)
+        bar.update(int(lengths.sum()))
+    bar.close()
+    return FeaturePass(
+        n_tokens=n_tokens,
+        fired=fired.view(len(CLASSES), n_feat).cpu().numpy(),
+        act_sum=act_sum.cpu().numpy(),
+        top=top.result(),
+        sample=sample.result(),
+        log_counts=hist.table(),
+        log_edges=hist.edges(),
+    )
+
+
+def check_sae_for_run(loaded: LoadedSAE, run_dir: str | os.PathLike, store: LayerStore | None = None) -> None:
+    """Refuse an SAE trained on another model or layer than the run's activations, naming both."""
+    spec = (read_run_json(run_dir).get("model") or {}).get("spec")
+    name = loaded.model_name
+    if spec and name and model_short(name) != model_short(spec):
+        raise ValueError(
+            f"SAE {loaded.path.name} was trained on model {name!r} ({loaded.hook_name}) but this run's "
+            f"activations come from {spec!r}: explore it in a run of {name!r}, or an SAE trained on {spec!r}"
+        )
+    layers = read_run_json(run_dir).get("layers") or []
+    if store is None and layers and loaded.layer not in layers:
+        raise ValueError(
+            f"SAE {loaded.path.name} reads layer {loaded.layer} ({loaded.hook_name}) but this run stored "
+            f"activations at layers {layers}: collect layer {loaded.layer} in notebook 02, or pick an SAE "
+            "of one of those layers"
+        )
+    if store is not None and int(loaded.sae.d_in) != int(store.d_model):
+        raise ValueError(
+            f"SAE {loaded.path.name} ({loaded.hook_name}, model {name!r}) reads d_in={loaded.sae.d_in} vectors but "
+            f"the run's layer-{loaded.layer} activations of {spec!r} have d_model={store.d_model}: "
+            "use an SAE trained on this model and layer"
+        )
+
+
+def analysis_rows(run_dir: str | os.PathLike, sae_id: str) -> dict[int, dict[str, Any]] | None:
+    """Notebook 04's rows of this SAE by feature, or None when it has not run for it."""
+    path = features_path(run_dir, sae_id)
+    if not path.exists():
+        return None
+    return {int(r["feature"]): {k: r.get(k) for k in ANALYSIS_FIELDS} for r in read_jsonl(path)}
+
+
+def _r(x: float, digits: int = 4) -> float | None:
+    """x rounded to `digits` significant figures for the pages (None for nan)."""
+    x = float(x)
+    return None if not np.isfinite(x) else float(f"{x:.{digits}g}")
+
+
+@dataclass
+class SAEDashboards:
+    """Everything the explorer shows about one SAE's features (module doc)."""
+
+    sae_id: str
+    info: dict[str, Any]
+    """SAE and run facts: layer, hook, architecture, d_in, d_sae, model, tokens scanned, notes."""
+    cfg: ExplorerConfig
+    fp: FeaturePass
+    docs: list[Doc]
+    tokenizer: Any
+    hist: np.ndarray  # [d_sae, hist_bins]
+    quantiles: np.ndarray  # [d_sae, n_quantiles + 1]
+    logits: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None
+    similar: tuple[np.ndarray, np.ndarray]
+    similar_other: dict[str, tuple[np.ndarray, np.ndarray]]
+    analysis: dict[int, dict[str, Any]] | None
+    _pieces: dict[int, list[str]] = field(default_factory=dict, repr=False)
+    _vocab: dict[int, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.info["d_sae"])
+
+    @property
+    def max_activation(self) -> np.ndarray:
+        top = self.fp.top
+        out = np.zeros(self.d_sae, np.float32)
+        has = top.start[1:] > top.start[:-1]
+        out[has] = top.value[top.start[:-1][has]]
+        return out
+
+    def check_feature(self, f: int) -> int:
+        if not 0 <= int(f) < self.d_sae:
+            raise IndexError(f"feature {f} is out of range: {self.sae_id} has d_sae={self.d_sae} latents (0..{self.d_sae - 1})")
+        return int(f)
+
+    def _token_text(self, ids: np.ndarray) -> list[str]:
+        missing = [int(i) for i in np.unique(ids) if int(i) not in self._vocab]
+        if missing:
+            texts = self.tokenizer.batch_decode([[i] for i in missing], skip_special_tokens=False,
+                                                clean_up_tokenization_spaces=False)  # fmt: skip
+            self._vocab.update(zip(missing, texts, strict=True))
+        return [self._vocab[int(i)] for i in ids]
+
+    def table(self) -> dict[str, list[Any]]:
+        """Columns of the feature table, one entry per latent."""
+        fired, n_tok = self.fp.fired, np.maximum(self.fp.n_tokens, 1)
+        total = fired.sum(0)
+        a = self.analysis or {}
+        cols: dict[str, list[Any]] = {
+            "feature": list(range(self.d_sae)),
+            "firing_rate": [_r(x) for x in total / max(int(self.fp.n_tokens.sum()), 1)],
+            "rate_honest": [_r(x) for x in fired[0] / n_tok[0]],
+            "rate_deceptive": [_r(x) for x in fired[1] / n_tok[1]],
+            "max_activation": [_r(x) for x in self.max_activation],
+            "cohens_d": [_r(a[f]["cohens_d"]) if f in a and a[f].get("cohens_d") is not None else None
+                         for f in range(self.d_sae)],  # fmt: skip
+            "q_value": [_r(a[f]["q_value"], 3) if f in a and a[f].get("q_value") is not None else None
+                        for f in range(self.d_sae)],  # fmt: skip
+            "explanation": [a[f].get("explanation") if f in a else None for f in range(self.d_sae)],
+            "tag": [_tag(a.get(f)) for f in range(self.d_sae)],
+        }
+        if self.logits is not None:
+            cols["top_logit"] = self._token_text(self.logits[0][:, 0])
+        return cols
+
+    def _example(self, kept: Kept, i: int) -> dict[str, Any]:
+        d = int(kept.doc[i])
+        doc = self.docs[d]
+        if d not in self._pieces:
+            self._pieces[d] = token_pieces(self.tokenizer, doc.record["completion_token_ids"])
+        w = kept.window[i]
+        inside = np.flatnonzero(~np.isnan(w))
+        lo, hi = int(inside[0]), int(inside[-1]) + 1
+        pos = int(kept.pos[i])
+        start = pos - self.cfg.before + lo  # first window token, in completion-token positions
+        return {
+            "completion_id": doc.id,
+            "label": doc.record.get("label"),
+            "position": doc.n_prompt + pos,
+            "center": self.cfg.before - lo,
+            "activation": _r(kept.value[i]),
+            "tokens": self._pieces[d][start : start + hi - lo],
+            "acts": [_r(x, 3) + 0.0 for x in w[lo:hi]],
+        }
+
+    def page(self, f: int) -> dict[str, Any]:
+        """One feature's page: statistics, histogram, examples, logit effects, similar features, notebook 04."""
+        f = self.check_feature(f)
+        fp, cfg = self.fp, self.cfg
+        n_fire = int(fp.fired[:, f].sum())
+        n_tok = np.maximum(fp.n_tokens, 1)
+        top_s = fp.top.of(f)
+        top = [self._example(fp.top, i) for i in range(top_s.start, top_s.stop)]
+        used = {(e["completion_id"], e["position"]) for e in top}
+        groups = []
+        q = self.quantiles[f]
+        samp = fp.sample.of(f)
+        for j in range(cfg.n_quantiles):
+            lo, hi = float(q[j]), float(q[j + 1])
+            picks = []
+            for i in range(samp.start, samp.stop):  # in random-key order: a uniform draw
+                v = float(fp.sample.value[i])
+                if len(picks) == cfg.per_quantile or not lo < v <= hi:
+                    continue
+                ex = self._example(fp.sample, i)
+                if (ex["completion_id"], ex["position"]) not in used:
+                    used.add((ex["completion_id"], ex["position"]))
+                    picks.append(ex)
+            if n_fire:
+                groups.append({"lo": _r(lo), "hi": _r(hi), "examples": picks})
+        page: dict[str, Any] = {
+            "feature": f,
+            "sae_id": self.sae_id,
+            "n_firing": n_fire,
+            "firing_rate": _r(n_fire / max(int(fp.n_tokens.sum()), 1)),
+            "rates": {c: _r(fp.fired[k, f] / n_tok[k]) for k, c in enumerate(CLASSES)},
+            "fired": {c: int(fp.fired[k, f]) for k, c in enumerate(CLASSES)},
+            "mean_when_firing": _r(fp.act_sum[f] / n_fire) if n_fire else None,
+            "max_activation": _r(self.max_activation[f]),
+            "histogram": {"max": _r(self.max_activation[f]), "counts": self.hist[f].tolist()},
+            "top": top,
+            "quantiles": groups,
+            "similar": [[int(j), _r(c, 3)] for j, c in zip(*(x[f] for x in self.similar), strict=True)],
+            "similar_other": {sid: [[int(j), _r(c, 3)] for j, c in zip(idx[f], cos[f], strict=True)]
+                              for sid, (idx, cos) in self.similar_other.items()},  # fmt: skip
+            "analysis": (self.analysis or {}).get(f),
+            "tag": _tag((self.analysis or {}).get(f)),
+        }
+        if self.logits is not None:
+            ti, tv, bi, bv = (x[f] for x in self.logits)
+            page["logits"] = {
+                "positive": [[t, _r(v, 3)] for t, v in zip(self._token_text(ti), tv, strict=True)],
+                "negative": [[t, _r(v, 3)] for t, v in zip(self._token_text(bi), bv, strict=True)],
+            }
+        return page
+
+
+def _tag(row: dict[str, Any] | None) -> str:
+    """The deception tag in one word: notebook 04's Gemini verdict, or why there is none."""
+    if row is None:
+        return "not analysed"
+    verdict = row.get("deception_related")
+    if verdict is None:
+        return "top feature, not explained"
+    return {"yes": "deception", "no": "not deception", "unclear": "unclear"}.get(verdict, str(verdict))
+
+
+def build_dashboards(
+    run_dir: str | os.PathLike,
+    loaded: LoadedSAE,
+    *,
+    tokenizer: Any,
+    unembedding: Unembedding | None = None,
+    others: Sequence[LoadedSAE] = (),
+    config: ExplorerConfig | None = None,
+    store: LayerStore | None = None,
+) -> SAEDashboards:
+    """The dashboards of every feature of `loaded` over the run's completions at its layer (module doc).
+    `others`: the run's other SAEs (those at the same layer give cross-SAE neighbours); `unembedding`
+    (decoder.unembedding_of(lm.model)) gives logit effects, left out when None."""
+    cfg = config or ExplorerConfig()
+    sae_id = sae_id_of(loaded)
+    check_sae_for_run(loaded, run_dir)
+    store = store or LayerStore(run_dir, loaded.layer)
+    check_sae_for_run(loaded, run_dir, store)
+    records = read_completions(run_dir)
+    docs = docs_for(store, records)
+    if not docs:
+        raise ValueError(f"none of the {len(records)} completions has completion tokens in {store.dir}")
+    fp = feature_pass(store, loaded.sae, docs, cfg, desc=f"{sae_id}: one pass")
+    top_value = np.zeros(int(loaded.sae.d_sae))
+    has = fp.top.start[1:] > fp.top.start[:-1]
+    top_value[has] = fp.top.value[fp.top.start[:-1][has]]
+    W_dec = loaded.sae.W_dec.detach()
+    notes = []
+    logits = None
+    if unembedding is not None:
+        logits = tuple(t.numpy() for t in logit_effects(W_dec, unembedding, cfg.n_logits))
+    else:
+        notes.append("no logit effects: pass the model (unembedding) to compute them")
+    idx, cos = nearest_rows(W_dec, None, cfg.n_similar)
+    similar_other = {}
+    for other in others:
+        if other.layer == loaded.layer and sae_id_of(other) != sae_id and int(other.sae.d_in) == int(loaded.sae.d_in):
+            i2, c2 = nearest_rows(W_dec, other.sae.W_dec.detach().to(W_dec.device), cfg.n_similar)
+            similar_other[sae_id_of(other)] = (i2.numpy(), c2.numpy())
+    analysis = analysis_rows(run_dir, sae_id)
+    if analysis is None:
+        notes.append(NO_ANALYSIS)
+    info = {
+        "sae_id": sae_id,
+        "layer": loaded.layer,
+        "hook_name": loaded.hook_name,
+        "architecture": loaded.cfg.get("architecture"),
+        "d_in": int(loaded.sae.d_in),
+        "d_sae": int(loaded.sae.d_sae),
+        "model_name": loaded.model_name,
+        "n_tokens": {c: int(n) for c, n in zip(CLASSES, fp.n_tokens, strict=True)},
+        "n_completions": len(docs),
+        "n_alive": int((fp.fired.sum(0) > 0).sum()),
+        "logit_note": unembedding.note if unembedding is not None else None,
+        "notes": notes,
+        "config": asdict(cfg),
+    }
+    return SAEDashboards(
+        sae_id=sae_id,
+        info=info,
+        cfg=cfg,
+        fp=fp,
+        docs=list(docs),
+        tokenizer=tokenizer,
+        hist=linear_histograms(fp.log_counts, fp.log_edges, top_value, cfg.hist_bins),
+        quantiles=quantile_edges(fp.log_counts, fp.log_edges, top_value, cfg.n_quantiles),
+        logits=logits,
+        similar=(idx.numpy(), cos.numpy()),
+        similar_other=similar_other,
+        analysis=analysis,
+    )
+

@@ -1,0 +1,122 @@
+"""Features seen through their decoder rows: what each one writes into the vocabulary (logit effects)
+and which other features write nearly the same direction (nearest decoder rows by cosine).
+
+Logit effects (SAEDashboard's "logit effects", Bricken et al. 2023's "logit weights"): for feature f
+with unit decoder row d = W_dec[f], the direct effect on the logits is d read through the final norm
+and the unembedding, W_U · norm(d). The final norm is treated as TransformerLens's `fold_ln` does:
+- its elementwise weight (RMSNorm, LayerNorm) multiplies d (folded into W_U);
+- a LayerNorm also subtracts d's mean over dimensions (linear, so applied exactly);
+- the division by the residual's RMS / std is left out: it is one positive number per token position,
+  the same for every vocabulary entry, so it scales a feature's logit effects but never reorders them.
+Only the direct path is counted: the layers after the SAE's are skipped. A final logit soft-cap
+(nanochat's 15·tanh(x/15)) is monotone and left out for the same reason. Values are logits per unit of
+normalised residual along d.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+_FINAL_NORMS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm")
+"""Where each architecture keeps the norm before its unembedding (NanoChat/Llama/Qwen, GPT-2, GPT-NeoX)."""
+
+
+@dataclass
+class Unembedding:
+    """The read-out a decoder direction goes through: W_U [vocab, d_model] with the final norm folded."""
+
+    W_U: torch.Tensor
+    centre: bool
+    """Subtract the direction's mean first (LayerNorm)."""
+    note: str
+    """How the final norm was treated, in words, for the explorer's pages."""
+
+
+def unembedding_of(model: nn.Module) -> Unembedding:
+    """The model's unembedding with its final norm's weight folded in (module doc)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "weight", None) is None:
+        raise TypeError(f"{type(model).__name__} has no output embedding (lm_head): no logit effects")
+    norm = None
+    for path in _FINAL_NORMS:
+        obj = model
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+        if isinstance(obj, nn.Module):
+            norm = obj
+            break
+    if norm is None:
+        raise TypeError(
+            f"don't know where {type(model).__name__} keeps its final norm (looked for {', '.join(_FINAL_NORMS)}): "
+            "add its path to helpers.explore.decoder._FINAL_NORMS"
+        )
+    W_U = head.weight.detach().float()
+    weight = getattr(norm, "weight", None)
+    centre = isinstance(norm, nn.LayerNorm) or "LayerNorm" in type(norm).__name__
+    kind = "LayerNorm" if centre else type(norm).__name__
+    if weight is not None:
+        W_U = W_U * weight.detach().float()[None, :]
+    note = (
+        f"direct path through the final {kind}"
+        + (" (its weight folded into the unembedding" if weight is not None else " (it has no weight")
+        + (", mean subtracted" if centre else "")
+        + "); the division by the residual's norm is left out: it scales, never reorders, a feature's logits"
+    )
+    return Unembedding(W_U, centre, note)
+
+
+@torch.no_grad()
+def logit_effects(
+    W_dec: torch.Tensor, unembedding: Unembedding, k: int = 10, batch: int = 256
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(top ids, top values, bottom ids, bottom values), each [d_sae, k]: the vocabulary entries each
+    feature's unit decoder row raises and lowers most (module doc), computed `batch` features at a time
+    ([batch, vocab] at most in memory) on W_U's device."""
+    W_U = unembedding.W_U
+    if W_dec.shape[1] != W_U.shape[1]:
+        raise ValueError(
+            f"the SAE writes d_in={W_dec.shape[1]} vectors but the model's unembedding reads d_model="
+            f"{W_U.shape[1]}: use the model the SAE was trained on"
+        )
+    k = min(k, W_U.shape[0])
+    outs: list[list[torch.Tensor]] = [[], [], [], []]
+    for s in range(0, len(W_dec), batch):
+        d = W_dec[s : s + batch].to(W_U.device, torch.float32)
+        d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if unembedding.centre:
+            d = d - d.mean(1, keepdim=True)
+        logits = d @ W_U.T  # [batch, vocab]
+        hi, lo = logits.topk(k, dim=1), logits.topk(k, dim=1, largest=False)
+        for out, t in zip(outs, (hi.indices, hi.values, lo.indices, lo.values), strict=True):
+            out.append(t.cpu())
+    return tuple(torch.cat(o) for o in outs)  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def nearest_rows(
+    W_a: torch.Tensor, W_b: torch.Tensor | None = None, k: int = 6, batch: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, cosines) [n_a, k]: for each row of W_a the k rows of W_b (W_a itself, excluding the row,
+    when W_b is None) with the largest cosine similarity."""
+    same = W_b is None
+    A = W_a.float()
+    A = A / A.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    B = A if same else W_b.float().to(A.device) / W_b.float().to(A.device).norm(dim=1, keepdim=True).clamp_min(1e-12)
+    if A.shape[1] != B.shape[1]:
+        raise ValueError(f"decoder rows of width {A.shape[1]} and {B.shape[1]} cannot be compared")
+    k = min(k, len(B) - (1 if same else 0))
+    idx, val = [], []
+    for s in range(0, len(A), batch):
+        sims = A[s : s + batch] @ B.T  # [batch, n_b]
+        if same:
+            rows = torch.arange(len(sims), device=sims.device)
+            sims[rows, rows + s] = -float("inf")
+        top = sims.topk(k, dim=1)
+        idx.append(top.indices.cpu())
+        val.append(top.values.cpu())
+    if not idx:
+        return torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k)
+    return torch.cat(idx), torch.cat(val)

@@ -1,0 +1,92 @@
+"""Notebook 06 over a run folder: build every SAE's dashboards once, write the static explorer
+(`explorer/`) and the Neuronpedia export (`neuronpedia/`), and summarise them (DESIGN.md §3).
+
+`build_explorer` loads the run's SAEs (optionally filtered by a substring of their id), checks each
+against the run's model and layers, makes its dashboards in one pass over the activation store
+(dashboards.py) and writes them (site.py). An SAE whose data are complete with the same settings (the
+explorer config, its weights file, completions.jsonl, notebook 04's file and whether logit effects were
+computed) is reused, so Run all after a disconnect resumes with the next SAE.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from helpers.analysis.pipeline import load_tokenizer, sae_id_of
+from helpers.explore.dashboards import NO_ANALYSIS, ExplorerConfig, build_dashboards, check_sae_for_run
+from helpers.explore.decoder import unembedding_of
+from helpers.explore.site import is_complete, sae_info, write_sae_data, write_site
+from helpers.run import SAE_WEIGHTS, completions_path, explorer_dir, features_path, saes_dir
+from helpers.saes.io import LoadedSAE, find_sae_folders, load_sae
+
+
+def run_saes(run_dir: str | os.PathLike, sae_filter: str = "", *, device: str = "cpu") -> list[LoadedSAE]:
+    """The run's SAEs whose id contains `sae_filter` (all when empty), loaded; a clear error when none."""
+    folders = find_sae_folders(saes_dir(run_dir))
+    if not folders:
+        raise FileNotFoundError(f"no SAEs under {saes_dir(run_dir)}: train some in notebook 03 first")
+    chosen = [f for f in folders if sae_filter in f.name]
+    if not chosen:
+        raise ValueError(f"no SAE id contains {sae_filter!r}; the run has: {', '.join(f.name for f in folders)}")
+    return [load_sae(f, device=device) for f in chosen]
+
+
+def _stamp(path: Path) -> list[Any]:
+    """What changes when a file is rewritten (size and modification time), or None when it is absent."""
+    return [path.stat().st_size, int(path.stat().st_mtime)] if path.exists() else None
+
+
+def build_explorer(
+    run_dir: str | os.PathLike,
+    *,
+    lm: Any = None,
+    tokenizer: Any = None,
+    sae_filter: str = "",
+    config: ExplorerConfig | None = None,
+    overwrite: bool = False,
+) -> list[dict[str, Any]]:
+    """Dashboards of every feature of the run's SAEs (those matching `sae_filter`), written as the static
+    explorer; returns one summary row per SAE. `lm` (the run's LoadedModel) gives logit effects and the
+    tokenizer; without it the tokenizer is loaded from run.json's model and logit effects are left out."""
+    run_dir = Path(run_dir)
+    cfg = config or ExplorerConfig()
+    device = str(next(lm.model.parameters()).device) if lm is not None else "cpu"
+    everything = run_saes(run_dir, device=device)  # all of them: neighbours in the other SAEs of a layer
+    chosen = [s for s in everything if sae_filter in s.path.name]
+    if not chosen:
+        raise ValueError(f"no SAE id contains {sae_filter!r}; the run has: {', '.join(s.path.name for s in everything)}")
+    for s in chosen:
+        check_sae_for_run(s, run_dir)  # all refused before any work
+    unembedding = unembedding_of(lm.model) if lm is not None else None
+    if tokenizer is None:
+        tokenizer = lm.tokenizer if lm is not None else load_tokenizer(run_dir)
+    rows = []
+    for s in chosen:
+        sid = sae_id_of(s)
+        same_layer = sorted(sae_id_of(o) for o in everything if o.layer == s.layer and o is not s)
+        settings = {"config": asdict(cfg), "weights": _stamp(s.path / SAE_WEIGHTS),
+                    "completions": _stamp(completions_path(run_dir)), "notebook_04": _stamp(features_path(run_dir, sid)),
+                    "logit_effects": unembedding is not None, "same_layer": same_layer}  # fmt: skip
+        if is_complete(run_dir, sid, settings) and not overwrite:
+            print(f"{sid}: explorer data complete, reused (overwrite=True rebuilds them)")
+        else:
+            db = build_dashboards(run_dir, s, tokenizer=tokenizer, unembedding=unembedding, others=everything, config=cfg)
+            write_sae_data(run_dir, db, settings)
+        info = sae_info(run_dir, sid)
+        for note in info["notes"]:
+            print(f"{sid}: {note}")
+        rows.append({"sae_id": sid, "layer": info["layer"], "features": info["d_sae"], "fired": info["n_alive"],
+                     "tokens": sum(info["n_tokens"].values()), "completions": info["n_completions"],
+                     "notebook 04": "no" if NO_ANALYSIS in info["notes"] else "yes"})  # fmt: skip
+    index = write_site(run_dir)
+    print(f"explorer: {index} (open it in a browser; it needs no server)")
+    return rows
+
+
+def explorer_files(run_dir: str | os.PathLike) -> list[Path]:
+    """The explorer's files (for the zip and the Hub), [] when it has not been built."""
+    root = explorer_dir(run_dir)
+    return sorted(p for p in root.rglob("*") if p.is_file() and not p.name.endswith(".tmp")) if root.is_dir() else []
