@@ -4,10 +4,11 @@ training step's interface) and the helpers they use (b_dec's initialisation, spa
 An SAE maps a residual vector x [d_in] to latents f [d_sae] and back:
 
     pre   = (x - b_dec) @ W_enc + b_enc        W_enc [d_in, d_sae]   (SAELens: apply_b_dec_to_input)
-    f     = nonlinearity(pre)                  TopK / JumpReLU / Gated: one file each
-    x_hat = f @ W_dec + b_dec                  W_dec [d_sae, d_in], rows kept unit-norm
+    f     = nonlinearity(pre)                  one file per architecture (registry.py lists them)
+    x_hat = f @ W_dec + b_dec                  W_dec [d_sae, d_in], rows kept unit-norm (except `standard`)
 
-The sparse maths of a training step (`Pattern`, `gather_pre`, `sparse_decode`) is in kernels.py.
+The sparse maths of a training step (`Pattern`, `gather_pre`, `sparse_decode`) is in kernels.py; the
+AuxK loss that TopK and the BatchTopK family share is `auxk_loss` here.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from helpers.saes.kernels import Pattern, gather_pre, recon_loss, sparse_decode
 
 # Under CUDA autocast (fp16 on a T4, bf16 from compute capability 8) the sparse parts run in fp32: only
 # the encoder's dense matmul uses the low precision.
@@ -50,6 +53,9 @@ class SAE(nn.Module):
     name), `latent_biases` and `saelens_tensors`, and implements `encode`, `losses` and `saelens_cfg`."""
 
     architecture: ClassVar[str]
+    saved_architecture: ClassVar[str | None] = None
+    """The cfg.json architecture when it differs from the training one (BatchTopK is saved as `jumprelu`
+    with per-latent thresholds, as SAELens does): `encode` then already computes the saved function."""
     latent_biases: ClassVar[tuple[str, ...]]
     """Parameters in the units of the pre-activations; divided by s when an input scale s is folded."""
     saelens_tensors: ClassVar[tuple[str, ...]]
@@ -76,6 +82,11 @@ class SAE(nn.Module):
     @property
     def W_enc(self) -> Tensor:
         return self.W_enc_T.t()
+
+    @property
+    def saelens_architecture(self) -> str:
+        """The `architecture` written to cfg.json, which SAELens loads."""
+        return self.saved_architecture or self.architecture
 
     # --- the interface every architecture implements -------------------------------------------
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -170,6 +181,21 @@ def geometric_median(x: Tensor, iters: int = 50) -> Tensor:
             return y_new
         y = y_new
     return y
+
+
+def auxk_loss(sae: SAE, x: Tensor, pre: Tensor, dead: Tensor, residual: Tensor, k_aux: int) -> Tensor:
+    """AuxK (Gao et al. 2024, §A.2): ||e - e_hat||^2 / ||e - mean(e)||^2, where e is the detached residual
+    error x - x_hat and e_hat is decoded (without b_dec, through the trainable decoder) from the top-k_aux
+    dead latents' ReLU'd pre-activations of each token. Normalised by e's variance as in OpenAI's
+    reference. `pre` [n, d_sae] is `(x - b_dec) @ W_enc + b_enc` computed under no_grad; `dead` [d_sae] bool."""
+    dead_idx = dead.nonzero().squeeze(1)  # [n_dead]
+    with torch.no_grad():
+        local = pre.index_select(1, dead_idx).topk(min(k_aux, len(dead_idx)), dim=-1, sorted=False).indices
+        p = Pattern.from_indices(dead_idx[local], sae.d_sae)
+    acts = gather_pre(x, sae.b_dec, sae.W_enc_T, sae.b_enc, pre, p).relu()
+    e_hat = sparse_decode(acts, sae.W_dec, p)
+    variance = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+    return recon_loss(e_hat, residual) / variance
 
 
 def adapt_coefficient(

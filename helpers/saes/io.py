@@ -1,14 +1,17 @@
 """Save and load SAEs in the SAELens 6.x folder format, ours and anyone else's (DESIGN.md §6).
 
 A folder holds `cfg.json` and `sae_weights.safetensors` with exactly the tensors `sae_lens.SAE.load_from_disk`
-expects (REFERENCE.md): W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_dec [d_in], plus b_enc (topk,
-jumprelu), threshold (jumprelu), b_gate, b_mag, r_mag (gated). Training normalises inputs by a scalar
-s; `save_sae` folds s into the weights (`SAE.saelens_state`), so the saved SAE takes raw residuals and
-writes `normalize_activations: "none"`. tests/saes/test_io.py loads our folders with sae_lens itself.
+expects (REFERENCE.md): W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_dec [d_in], plus b_enc (standard,
+topk, jumprelu), threshold (jumprelu), b_gate, b_mag, r_mag (gated). BatchTopK and Matryoshka BatchTopK
+are written as `jumprelu` with their inference threshold in every latent (`SAE.saved_architecture`, as
+SAELens does; cfg.json's `trained_as` keeps the training name, and SAELens ignores it). Training normalises
+inputs by a scalar s; `save_sae` folds s into the weights (`SAE.saelens_state`), so the saved SAE takes raw
+residuals and writes `normalize_activations: "none"`. tests/saes/test_io.py loads our folders with
+sae_lens itself.
 
-`load_sae` also reads folders published by others: SAELens < 6 configs (top-level `hook_point`),
-`standard` (ReLU) SAEs as JumpReLU with threshold 0 (the same function), `apply_b_dec_to_input: false`
-and TopK's `rescale_acts_by_decoder_norm` folded into the weights, and hook names written either as
+`load_sae` also reads folders published by others: SAELens < 6 configs (top-level `hook_point`, an
+`activation_fn` instead of an architecture), `apply_b_dec_to_input: false` and TopK's
+`rescale_acts_by_decoder_norm` folded into the weights, and hook names written either as
 `blocks.12.hook_resid_post` or as a module path like `transformer.h.12`.
 """
 
@@ -77,7 +80,7 @@ def save_sae(
         **(metadata or {}),
     }
     cfg = {
-        "architecture": sae.architecture,
+        "architecture": sae.saelens_architecture,
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
         "dtype": "float32",
@@ -119,7 +122,7 @@ def load_sae(source: str | os.PathLike, *, device: str = "cpu") -> LoadedSAE:
         print(f"note: {path.name} expects inputs scaled to unit mean squared norm (unfolded normalisation)")
     tensors = {k: v.float() for k, v in load_file(str(path / SAE_WEIGHTS)).items()}
     tensors = _normalise_tensors(tensors, arch, cfg, path)
-    cls = sae_class("jumprelu" if arch == "standard" else arch)
+    cls = sae_class(arch)
     d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
     if tensors["W_enc"].shape != (d_in, d_sae) or tensors["W_dec"].shape != (d_sae, d_in):
         raise ValueError(
@@ -133,13 +136,16 @@ def load_sae(source: str | os.PathLike, *, device: str = "cpu") -> LoadedSAE:
 
 def _normalise_tensors(tensors: dict, arch: str, cfg: dict, path: Path) -> dict:
     """Map a foreign folder's tensors onto our conventions (b_dec subtracted before encoding, unit-norm
-    TopK decoder rows, ReLU = JumpReLU at threshold 0), refusing unknown or missing tensors."""
+    TopK decoder rows), refusing unknown or missing tensors."""
     scaling = tensors.pop("scaling_factor", None)
     if scaling is not None and not torch.allclose(scaling, torch.ones_like(scaling)):
         raise ValueError(f"{path}: a fine-tuning scaling_factor other than 1 is not supported")
-    if arch == "standard":
-        tensors["threshold"] = torch.zeros_like(tensors["b_enc"])
-    expected = set(sae_class("jumprelu" if arch == "standard" else arch).saelens_tensors)
+    if arch not in ("standard", "topk", "jumprelu", "gated"):
+        raise ValueError(
+            f"{path}: architecture {arch!r} is not one SAELens loads for inference (standard, topk, jumprelu, "
+            "gated); a training-only architecture such as batchtopk must be saved as jumprelu"
+        )
+    expected = set(sae_class(arch).saelens_tensors)
     if set(tensors) != expected:
         raise ValueError(
             f"{path}: a {arch} SAE needs tensors {sorted(expected)}; missing {sorted(expected - set(tensors))}, "

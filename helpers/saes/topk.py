@@ -3,7 +3,8 @@
 f = ReLU(TopK_k(pre)): exactly k latents per token, so L0 is set, not tuned. Dead latents (no firing
 for `dead_tokens` tokens, counted by the training loop) are revived by the AuxK loss (§A.2): the
 top-k_aux dead pre-activations reconstruct the detached residual error e = x - x_hat, normalised by
-e's variance as in OpenAI's reference, with coefficient 1/32 and k_aux = d_in/2 (capped by d_sae).
+e's variance as in OpenAI's reference, with coefficient 1/32 and k_aux = d_in/2 (capped by d_sae);
+`base.auxk_loss`, shared with the BatchTopK family.
 Decoder rows are unit-norm (the loop projects gradients and renormalises); the encoder starts as the
 decoder's transpose (base.SAE).
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from helpers.saes.base import SAE, StepOutput
+from helpers.saes.base import SAE, StepOutput, auxk_loss
 from helpers.saes.kernels import Pattern, gather_pre, recon_loss, sparse_decode
 
 
@@ -56,23 +57,11 @@ class TopKSAE(SAE):
         loss = mse
         n_dead = int(dead.sum())
         if n_dead and self.auxk_coef:
-            auxk = self._auxk(x, pre, dead, n_dead, (x - x_hat).detach())
+            auxk = auxk_loss(self, x, pre, dead, (x - x_hat).detach(), self.k_aux)
             terms["auxk"] = auxk.detach()
             loss = loss + self.auxk_coef * auxk
         fired = torch.bincount(p.col[acts > 0], minlength=self.d_sae)
         return StepOutput(loss, terms, x_hat.detach(), fired)
-
-    def _auxk(self, x: Tensor, pre: Tensor, dead: Tensor, n_dead: int, residual: Tensor) -> Tensor:
-        """AuxK (Gao et al. §A.2): ||e - e_hat||^2 / ||e - mean(e)||^2 with e_hat from the top-k_aux
-        dead latents' ReLU'd pre-activations through the (trainable) decoder, without b_dec."""
-        dead_idx = dead.nonzero().squeeze(1)  # [n_dead]
-        with torch.no_grad():
-            local = pre.index_select(1, dead_idx).topk(min(self.k_aux, n_dead), dim=-1, sorted=False).indices
-            p = Pattern.from_indices(dead_idx[local], self.d_sae)
-        acts = gather_pre(x, self.b_dec, self.W_enc_T, self.b_enc, pre, p).relu()
-        e_hat = sparse_decode(acts, self.W_dec, p)
-        variance = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-        return recon_loss(e_hat, residual) / variance
 
     def saelens_cfg(self) -> dict:
         # Our decoder rows are unit-norm, so SAELens's rescale by decoder norms is the identity.

@@ -41,12 +41,14 @@ from helpers.saes.registry import make_sae, sae_class
 class TrainConfig:
     """Settings of one SAE's training run (the same for every architecture)."""
 
-    architecture: Literal["topk", "jumprelu", "gated"] = "topk"
-    """Registered name in `helpers.saes.ARCHITECTURES`, written to cfg.json."""
+    architecture: Literal["standard", "topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "gated"] = (
+        "topk"
+    )
+    """Registered name in `helpers.saes.ARCHITECTURES` (cfg.json gets the name SAELens loads it by)."""
     expansion: int = 8
     """d_sae = expansion * d_in."""
     l0: int = 32
-    """Sparsity: TopK's k; the target L0 that JumpReLU and Gated steer their sparsity coefficient to."""
+    """Sparsity: TopK's and BatchTopK's k; the target L0 that the others steer their sparsity coefficient to."""
     train_tokens: int = 2_000_000
     """Tokens to train on (the data repeats in new shuffles when a condition has fewer)."""
     batch_size: int = 1024
@@ -73,8 +75,9 @@ class TrainConfig:
     """Tokens used to estimate the normalisation scale and the geometric median for b_dec."""
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     """auto: fp32 on CPU, fp16 (grad scaler) below compute capability 8 (T4), bf16 from 8 (A100, L4, H100)."""
-    sae_options: dict[str, float] = field(default_factory=dict)
-    """Extra constructor arguments of the architecture, e.g. {"bandwidth": 0.002} for JumpReLU."""
+    sae_options: dict[str, Any] = field(default_factory=dict)
+    """Extra constructor arguments of the architecture, e.g. {"bandwidth": 0.002} for JumpReLU or
+    {"matryoshka_widths": [72, 288, 1152, 4608]}; an option the architecture does not take is an error."""
     log_every: int = 10
     """Steps between progress-bar updates and history rows."""
 

@@ -9,8 +9,12 @@ import pytest
 import torch
 
 from helpers.saes import ARCHITECTURES, SAE, GatedSAE, JumpReLUSAE, TopKSAE, kernels, make_sae
+from helpers.saes.batchtopk import BatchTopKSAE
 from helpers.saes.io import load_sae, save_sae
 from helpers.saes.jumprelu import _JumpReLU, _Step
+from helpers.saes.matryoshka_batchtopk import MatryoshkaBatchTopKSAE
+from helpers.saes.registry import sae_class
+from helpers.saes.standard import StandardSAE
 from helpers.saes.train import Run, TrainConfig
 from tests.saes.test_train import residuals
 
@@ -26,17 +30,30 @@ def dense_reference_loss(sae, x: torch.Tensor, dead: torch.Tensor) -> torch.Tens
     """Each architecture's training loss written densely, straight from its paper, with autograd."""
     pre = (x - sae.b_dec) @ sae.W_enc
     mse = lambda x_hat: (x_hat - x).pow(2).sum(-1).mean()  # noqa: E731
+
+    def auxk(pre, x_hat):  # Gao et al. §A.2, normalised by the error's variance
+        e = (x - x_hat).detach()
+        aux = torch.where(dead, pre, -torch.inf).topk(min(sae.k_aux, int(dead.sum())), dim=-1)
+        e_hat = torch.zeros_like(pre).scatter(-1, aux.indices, aux.values.relu()) @ sae.W_dec
+        return sae.auxk_coef * (e_hat - e).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean()
+
     if isinstance(sae, TopKSAE):
         pre = pre + sae.b_enc
         top = pre.topk(sae.k, dim=-1)
         x_hat = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu()) @ sae.W_dec + sae.b_dec
-        e = (x - x_hat).detach()
-        aux = torch.where(dead, pre, -torch.inf).topk(min(sae.k_aux, int(dead.sum())), dim=-1)
-        e_hat = torch.zeros_like(pre).scatter(-1, aux.indices, aux.values.relu()) @ sae.W_dec
-        return (
-            mse(x_hat)
-            + sae.auxk_coef * (e_hat - e).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean()
-        )
+        return mse(x_hat) + auxk(pre, x_hat)
+    if isinstance(sae, BatchTopKSAE):  # Bussmann et al. 2024: the batch's n·k largest ReLU'd pre-activations
+        pre = pre + sae.b_enc
+        top = pre.relu().reshape(-1).topk(round(sae.k * len(x)))
+        f = torch.zeros(pre.numel()).scatter(0, top.indices, pre.reshape(-1)[top.indices].relu()).view_as(pre)
+        if isinstance(sae, MatryoshkaBatchTopKSAE):  # Bussmann et al. 2025: every prefix reconstructs x
+            loss = sum(mse(f[:, :w] @ sae.W_dec[:w] + sae.b_dec) for w in sae.widths)
+        else:
+            loss = mse(f @ sae.W_dec + sae.b_dec)
+        return loss + auxk(pre, f @ sae.W_dec + sae.b_dec)
+    if isinstance(sae, StandardSAE):  # ReLU, L1 weighted by the decoder rows' norms (SAELens `standard`)
+        f = (pre + sae.b_enc).relu()
+        return mse(f @ sae.W_dec + sae.b_dec) + sae.sparsity_coef * (f * sae.W_dec.norm(dim=1)).sum(-1).mean()
     if isinstance(sae, JumpReLUSAE):
         pre = pre + sae.b_enc
         theta = sae.threshold.expand_as(pre)
@@ -52,9 +69,12 @@ def dense_reference_loss(sae, x: torch.Tensor, dead: torch.Tensor) -> torch.Tens
 
 def perturbed(arch: str, x: torch.Tensor) -> SAE:
     """A small SAE with non-trivial biases and thresholds, so every code path is exercised."""
-    sae = make_sae(arch, x.shape[1], 96, l0=6, seed=1)
+    options = {"matryoshka_widths": [8, 30, 96]} if arch == "matryoshka_batchtopk" else {}
+    sae = make_sae(arch, x.shape[1], 96, l0=6, seed=1, **options)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
+        if isinstance(sae, StandardSAE):  # free decoder norms: make them unequal
+            sae.W_dec.mul_(0.5 + torch.rand(96, 1, generator=g))
         sae.b_dec.copy_(x.mean(0) + 0.1 * torch.randn(x.shape[1], generator=g))
         for name in ("b_enc", "b_gate", "b_mag", "r_mag"):
             if hasattr(sae, name):
@@ -82,7 +102,30 @@ def test_sparse_step_equals_dense_reference(arch, dense, acts, monkeypatch):
     torch.testing.assert_close(out.loss.detach(), loss.detach(), rtol=1e-5, atol=1e-6)
     for name, p in ref.named_parameters():
         torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-6, msg=f"gradient of {name}")
-    assert out.fired.sum() == (sae.encode(x)[0] > 0).sum()
+    if isinstance(sae, BatchTopKSAE):  # training picks n·k pairs of the batch; inference thresholds
+        assert out.fired.sum() == round(sae.k * len(x))
+    else:
+        assert out.fired.sum() == (sae.encode(x)[0] > 0).sum()
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka_batchtopk"])
+def test_batchtopk_threshold_reproduces_the_batch_selection(arch, acts):
+    """θ after one step is that batch's smallest selected activation, so the JumpReLU that is saved fires on
+    exactly the selected pairs of that batch but the smallest (pre > θ is strict); later batches average."""
+    x = acts[:128] / acts[:128].pow(2).sum(1).mean().sqrt()
+    sae = perturbed(arch, x)
+    out = sae.losses(x, torch.zeros(96, dtype=torch.bool))
+    sae.after_step(out)
+    pre = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).detach()
+    selected = pre.relu().reshape(-1).topk(round(sae.k * len(x))).values
+    assert float(sae.threshold.min()) == float(sae.threshold.max()) == pytest.approx(float(selected.min()))
+    assert int((sae.encode(x)[0] > 0).sum()) == len(selected) - 1
+    x2 = acts[128:256] / acts[128:256].pow(2).sum(1).mean().sqrt()
+    sae.after_step(sae.losses(x2, torch.zeros(96, dtype=torch.bool)))
+    second = ((x2 - sae.b_dec) @ sae.W_enc + sae.b_enc).detach().relu().reshape(-1).topk(len(selected)).values
+    r = sae.threshold_rate
+    want = ((1 - r) * r * float(selected.min()) + r * float(second.min())) / (1 - (1 - r) ** 2)
+    assert float(sae.threshold[0]) == pytest.approx(want, rel=1e-5), "bias-corrected moving average"
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
@@ -101,10 +144,13 @@ def test_every_architecture_trains_and_round_trips(arch, acts, tmp_path):
     assert sum(losses[-10:]) < 0.5 * sum(losses[:10]), (
         f"{arch}: reconstruction did not improve: {losses[::20]}"
     )
-    torch.testing.assert_close(run.sae.W_dec.norm(dim=1), torch.ones(1152), msg="decoder rows stay unit-norm")
+    if arch != "standard":  # the standard SAE's L1 is weighted by free decoder norms instead
+        torch.testing.assert_close(
+            run.sae.W_dec.norm(dim=1), torch.ones(1152), msg="decoder rows stay unit-norm"
+        )
     save_sae(run.sae, tmp_path, hook_name="blocks.2.hook_resid_post", model_name="smollm2", scale=run.scale)
     loaded = load_sae(tmp_path)
-    assert type(loaded.sae) is type(run.sae) and loaded.layer == 2
+    assert type(loaded.sae) is sae_class(run.sae.saelens_architecture) and loaded.layer == 2
     with torch.no_grad():
         want_acts = run.sae.encode(acts[:50] * run.scale)[0] / run.scale
         want_x_hat = run.sae(acts[:50] * run.scale) / run.scale
@@ -176,7 +222,9 @@ def test_auxk_revives_planted_dead_latents(acts, auxk_coef):
 
 
 def test_unknown_architecture_and_wrong_width_fail_clearly():
-    with pytest.raises(KeyError, match="'relu': known ones are topk, jumprelu, gated"):
+    with pytest.raises(
+        KeyError, match="'relu': known ones are standard, topk, batchtopk, matryoshka_batchtopk"
+    ):
         make_sae("relu", 8, 16)
     with pytest.raises(ValueError, match="d_in=8 but got vectors of size 5"):
         make_sae("gated", 8, 16, l0=4).encode(torch.zeros(2, 5))

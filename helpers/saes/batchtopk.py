@@ -1,0 +1,102 @@
+"""BatchTopK SAE (Bussmann, Leask & Nanda 2024, "BatchTopK Sparse Autoencoders", arXiv 2412.06410).
+
+Training keeps the n·k largest ReLU'd pre-activations of a batch of n tokens, wherever they fall, instead of
+k per token (TopK): a token with much to say gets more latents, an easy one fewer, at the same mean L0.
+That choice depends on the other tokens of the batch, so inference uses a threshold instead (§3.2):
+
+    training:   f = the batch's n·k largest of ReLU(pre)                     (kernels.batch_topk)
+    inference:  f = pre · H(pre - θ)    θ = running mean of the smallest selected activation per batch
+
+so the SAE is saved as a `jumprelu` with θ in every latent's threshold, as SAELens does, and `encode`
+here is that JumpReLU (what SAELens loads is exactly what evaluation measures). θ is an exponential moving
+average with rate `threshold_rate` (SAELens's `topk_threshold_lr`), bias-corrected so that a short run's
+θ is the mean of the batches it saw rather than dragged toward its initial 0.
+
+Dead latents are revived with TopK's AuxK (base.auxk_loss, Gao et al. 2024 §A.2), as in the paper and
+SAELens. `BatchTopKSAE.select` is the hook the Matryoshka variant reuses.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from helpers.saes.base import SAE, StepOutput, auxk_loss
+from helpers.saes.kernels import Pattern, batch_topk, gather_pre, recon_loss, sparse_decode
+
+
+class BatchTopKSAE(SAE):
+    architecture = "batchtopk"
+    saved_architecture = "jumprelu"
+    latent_biases = ("b_enc", "threshold")
+    saelens_tensors = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        *,
+        l0: float = 32,
+        k_aux: int | None = None,
+        auxk_coef: float = 1 / 32,
+        threshold_rate: float = 0.01,
+        seed: int = 0,
+    ):
+        """`l0` is k, the mean number of active latents per token; `k_aux` defaults to min(d_in // 2, d_sae);
+        `threshold_rate` is the moving average's rate for the inference threshold θ."""
+        super().__init__(d_in, d_sae, l0=l0, seed=seed)
+        self.k = float(l0)
+        self.k_aux = min(k_aux or d_in // 2, d_sae)
+        self.auxk_coef, self.threshold_rate = auxk_coef, threshold_rate
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        # θ for every latent (the saved JumpReLU's `threshold`); one value here, as in the paper.
+        self.register_buffer("threshold", torch.zeros(d_sae))
+        self.register_buffer("threshold_steps", torch.zeros((), dtype=torch.int64))
+        self._min_selected: float | None = None
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        self.check_input(x)
+        pre = (x - self.b_dec) @ self.W_enc + self.b_enc
+        return pre * (pre > self.threshold), pre
+
+    def select(self, x: Tensor) -> tuple[Tensor, Pattern, Tensor]:
+        """(pre [n, d_sae] without autograd, the batch's selected pairs, their activations [nnz] with
+        gradients). Records the smallest positive selected activation for θ's update."""
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)  # [n, d_sae]: the only dense matmul
+            k = max(1, round(self.k))
+            p = batch_topk(pre, round(self.k * len(x)), candidates=min(4 * k, self.d_sae))
+        acts = gather_pre(x, self.b_dec, self.W_enc_T, self.b_enc, pre, p).relu()  # [nnz]
+        positive = acts.detach()[acts.detach() > 0]
+        self._min_selected = float(positive.min()) if len(positive) else None
+        return pre, p, acts
+
+    def reconstruction_loss(self, x: Tensor, acts: Tensor, p: Pattern) -> tuple[Tensor, Tensor, dict]:
+        """(loss, x_hat, terms) of the selected activations: plain MSE here, nested prefixes in Matryoshka."""
+        x_hat = sparse_decode(acts, self.W_dec, p) + self.b_dec
+        mse = recon_loss(x_hat, x)
+        return mse, x_hat, {"mse": mse.detach()}
+
+    def losses(self, x: Tensor, dead: Tensor) -> StepOutput:
+        pre, p, acts = self.select(x)
+        loss, x_hat, terms = self.reconstruction_loss(x, acts, p)
+        if int(dead.sum()) and self.auxk_coef:
+            auxk = auxk_loss(self, x, pre, dead, (x - x_hat).detach(), self.k_aux)
+            terms["auxk"] = auxk.detach()
+            loss = loss + self.auxk_coef * auxk
+        fired = torch.bincount(p.col[acts > 0], minlength=self.d_sae)
+        return StepOutput(loss, terms, x_hat.detach(), fired)
+
+    @torch.no_grad()
+    def after_step(self, out: StepOutput) -> None:
+        """θ ← EMA of the smallest selected activation, bias-corrected (Adam-style) for short runs."""
+        if self._min_selected is None:
+            return
+        rate, t = self.threshold_rate, int(self.threshold_steps) + 1
+        decay = (1 - rate) ** t
+        raw = self.threshold * (1 - (1 - rate) ** (t - 1)) * (1 - rate) + rate * self._min_selected
+        self.threshold.copy_(raw / (1 - decay))
+        self.threshold_steps.fill_(t)
+
+    def saelens_cfg(self) -> dict:
+        return {"l0_target": self.target_l0, "trained_as": self.architecture}

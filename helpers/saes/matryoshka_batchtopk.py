@@ -1,0 +1,75 @@
+"""Matryoshka BatchTopK SAE (Bussmann et al. 2025, "Learning Multi-Level Features with Matryoshka Sparse
+Autoencoders", arXiv 2503.17547; Nabeshima 2024).
+
+The latents are ordered, and every prefix of widths w_1 < w_2 < ... < w_G = d_sae must reconstruct x on
+its own (§3):
+
+    loss = Σ_g ||x - (b_dec + Σ_{j < w_g} f_j W_dec_j)||^2  (+ AuxK)
+
+with f chosen by BatchTopK over all latents (batchtopk.py). Early latents then carry the general, frequent
+features and later ones refine them, which resists feature absorption and splitting: on SynthSAEBench's
+ground truth it recovers the most features (REFERENCE.md). Each active pair is decoded once: the groups'
+partial reconstructions are summed cumulatively, so the step costs one sparse decode, not G. Saved, like
+BatchTopK, as a `jumprelu` with the inference threshold θ in every latent.
+
+`matryoshka_widths` defaults to four nested prefixes, d_sae/64, d_sae/16, d_sae/4 and d_sae.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from helpers.saes.batchtopk import BatchTopKSAE
+from helpers.saes.kernels import Pattern, recon_loss, sparse_decode
+
+
+class MatryoshkaBatchTopKSAE(BatchTopKSAE):
+    architecture = "matryoshka_batchtopk"
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        *,
+        l0: float = 32,
+        matryoshka_widths: list[int] | None = None,
+        k_aux: int | None = None,
+        auxk_coef: float = 1 / 32,
+        threshold_rate: float = 0.01,
+        seed: int = 0,
+    ):
+        """`matryoshka_widths`: the prefix sizes, strictly increasing; d_sae is appended when missing."""
+        super().__init__(d_in, d_sae, l0=l0, k_aux=k_aux, auxk_coef=auxk_coef, threshold_rate=threshold_rate,
+                         seed=seed)  # fmt: skip
+        widths = list(matryoshka_widths or sorted({max(1, d_sae // f) for f in (64, 16, 4)} | {d_sae}))
+        if widths[-1] != d_sae:
+            widths.append(d_sae)
+        if (
+            any(b <= a for a, b in zip(widths, widths[1:], strict=False))
+            or widths[0] < 1
+            or widths[-1] > d_sae
+        ):
+            raise ValueError(
+                f"matryoshka_widths must increase strictly within 1..d_sae={d_sae}, got {matryoshka_widths}"
+            )
+        self.widths = widths
+
+    def reconstruction_loss(self, x: Tensor, acts: Tensor, p: Pattern) -> tuple[Tensor, Tensor, dict]:
+        """Σ over prefixes of the prefix's MSE; x_hat is the full width's reconstruction."""
+        x_hat, loss, terms, start = self.b_dec.expand_as(x), 0.0, {}, 0
+        for width in self.widths:
+            in_group = (p.col >= start) & (p.col < width)
+            x_hat = x_hat + sparse_decode(acts[in_group], self.W_dec, p.subset(in_group))
+            mse = recon_loss(x_hat, x)
+            loss = loss + mse
+            terms[f"mse_{width}"] = mse.detach()
+            start = width
+        terms["mse"] = terms.pop(f"mse_{self.d_sae}")
+        return loss, x_hat, terms
+
+    def saelens_cfg(self) -> dict:
+        return {**super().saelens_cfg(), "matryoshka_widths": self.widths}
+
+    @classmethod
+    def kwargs_from_saelens_cfg(cls, cfg: dict) -> dict:
+        return {**super().kwargs_from_saelens_cfg(cfg), "matryoshka_widths": cfg.get("matryoshka_widths")}

@@ -1,0 +1,76 @@
+"""Standard SAE: ReLU latents with an L1 penalty weighted by decoder norms (Bricken et al. 2023, "Towards
+Monosemanticity"; Anthropic's April 2024 update, "Training Sparse Autoencoders"; SAELens's `standard`).
+
+    f     = ReLU((x - b_dec) @ W_enc + b_enc)
+    loss  = ||x - x_hat||^2 + λ · Σ_j f_j ||W_dec_j||
+
+The decoder rows are not held at unit norm here: the penalty is on f_j ||W_dec_j||, which is what latent j
+writes into the residual, so the SAE cannot cheat the L1 term by shrinking f and growing the row (the
+reason the older recipe fixed the norms). The training loop's projections are therefore switched off for
+this class (`project_decoder_grad`, `normalize_decoder`); the rows start unit-norm (base.SAE).
+
+λ is steered toward the target L0 `l0` (base.adapt_coefficient), as for Gated and JumpReLU, so one knob
+sets the sparsity of every architecture. The step is sparse apart from the encoder's forward matmul: every
+term lives on the active set {pre > 0} (early in training that set is large and kernels.py switches to
+dense matmuls, with identical maths).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from helpers.saes.base import SAE, StepOutput, adapt_coefficient
+from helpers.saes.kernels import Pattern, gather_pre, recon_loss, sparse_decode
+
+
+class StandardSAE(SAE):
+    architecture = "standard"
+    latent_biases = ("b_enc",)
+    saelens_tensors = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        *,
+        l0: float = 32,
+        sparsity_coef: float = 0.05,
+        coef_rate: float = 0.02,
+        seed: int = 0,
+    ):
+        """`l0`: target L0; `sparsity_coef`: initial L1 coefficient λ; `coef_rate`: how fast log λ follows
+        the L0 error per step (0 keeps λ fixed, as in SAELens)."""
+        super().__init__(d_in, d_sae, l0=l0, seed=seed)
+        self.coef_rate = coef_rate
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.register_buffer("sparsity_coef", torch.tensor(sparsity_coef, dtype=torch.float32))
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        self.check_input(x)
+        pre = (x - self.b_dec) @ self.W_enc + self.b_enc
+        return pre.relu(), pre
+
+    def losses(self, x: Tensor, dead: Tensor) -> StepOutput:
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)  # [n, d_sae]: the only dense matmul
+            p = Pattern.from_mask(pre > 0)
+        acts = gather_pre(x, self.b_dec, self.W_enc_T, self.b_enc, pre, p)  # [nnz], all > 0
+        x_hat = sparse_decode(acts, self.W_dec, p) + self.b_dec
+        mse = recon_loss(x_hat, x)
+        norms = self.W_dec.norm(dim=1)  # [d_sae], differentiable: the penalty pulls on the rows' norms too
+        l1 = (acts * norms.index_select(0, p.col)).sum() / len(x)
+        fired = torch.bincount(p.col, minlength=self.d_sae)
+        terms = {"mse": mse.detach(), "l1": l1.detach()}
+        return StepOutput(mse + self.sparsity_coef * l1, terms, x_hat.detach(), fired)
+
+    def project_decoder_grad(self) -> None:
+        """No projection: the decoder norms are free (see the module docstring)."""
+
+    def normalize_decoder(self) -> None:
+        """No renormalisation: the decoder norms are free (see the module docstring)."""
+
+    @torch.no_grad()
+    def after_step(self, out: StepOutput) -> None:
+        if self.coef_rate:
+            adapt_coefficient(self.sparsity_coef, out.l0, self.target_l0, self.coef_rate)
