@@ -9,9 +9,11 @@ config defaults. Other models use their tokenizer's chat template; a model with 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 NANOCHAT_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")
 
@@ -91,23 +93,39 @@ def chat(
     temperature: float = 0.0,
     seed: int = 0,
 ) -> str:
-    """One assistant reply (greedy when temperature is 0). Batched sampling lives in `sampling`."""
+    """One assistant reply (greedy when temperature is 0). Batched sampling lives in `collect.sampling`.
+
+    A plain KV-cached loop rather than `model.generate`, so it runs the same on every model this package
+    loads (our nanochat 2026 class has no `generate`); the random draws come from a generator seeded
+    with `seed`, not from the global RNG."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     model, tokenizer = lm.model, lm.tokenizer
+    stops = set(stop_token_ids(tokenizer, getattr(model, "generation_config", None)))
+    generator = torch.Generator().manual_seed(seed)
     ids = torch.tensor([encode_chat(tokenizer, user, system)], device=model.device)
-    stops = stop_token_ids(tokenizer, model.generation_config)
-    torch.manual_seed(seed)
+    cache = DynamicCache(config=model.config)
+    new: list[int] = []
     with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=temperature > 0,
-            temperature=temperature if temperature > 0 else None,
-            top_p=None,
-            top_k=None,
-            eos_token_id=stops,
-            pad_token_id=pad_token_id(tokenizer),
-        )
-    new = out[0, ids.shape[1] :].tolist()
-    cut = next((i for i, t in enumerate(new) if t in stops), len(new))
-    return tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
+        for _ in range(max_new_tokens):
+            logits = (
+                model(input_ids=ids, use_cache=True, **{_cache_kwarg(model): cache}).logits[0, -1].float()
+            )
+            if temperature == 0:
+                token = int(logits.argmax())
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1).cpu()
+                token = int(torch.multinomial(probs, 1, generator=generator))
+            if token in stops:
+                break
+            new.append(token)
+            ids = torch.tensor([[token]], device=model.device)
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def _cache_kwarg(model: Any) -> str:
+    """transformers renamed forward's `past_key_values` to `cache` (5.2x, the old name warns); Colab's 5.15
+    and our nanochat class accept the names their signatures show."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

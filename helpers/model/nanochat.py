@@ -1,9 +1,18 @@
-"""Convert a native nanochat checkpoint folder into a transformers ``NanoChatForCausalLM`` folder.
+"""Convert a native nanochat checkpoint folder (any layout since 2025-10) into a folder transformers loads.
 
-nanochat saves checkpoints in its own layout (``NATIVE_FILES``); everything here loads through
-transformers, so a native folder is converted once: weights renamed as transformers' own
-``convert_nanochat_checkpoints.py`` does, the config read from ``meta_<step>.json`` and the weight
-shapes, the pickled tiktoken tokenizer turned into a fast tokenizer with nanochat's special-token ids.
+nanochat saves checkpoints in its own format (``NATIVE_FILES``); everything here loads through
+transformers' Auto classes, so a native folder is converted once into the conversion cache:
+
+- the layout is detected from the state-dict keys (``nanochat_layouts``; an unknown one is refused with
+  the unexpected and missing keys, nothing is written);
+- the 2025-10 layout becomes transformers' ``NanoChatForCausalLM`` (weights renamed as transformers' own
+  ``convert_nanochat_checkpoints.py`` does; a vocabulary padded to a multiple of 64 is cropped to the
+  tokenizer's size, which crops the logits exactly as nanochat does);
+- every 2026 layout becomes our ``NanoChatGPTForCausalLM`` (``nanochat_gpt``), with upstream's own
+  parameter names and the behaviour the layout implies (or the user's ``overrides``) in its config;
+- the config is read from ``meta_<step>.json`` and the weight shapes, and the pickled tiktoken tokenizer
+  is turned into a fast tokenizer with nanochat's special-token ids (the same special tokens in every
+  layout).
 
 ``tokenizer.pkl`` is a pickle, and unpickling a downloaded file can run arbitrary code: by default a
 restricted unpickler admits only the globals a pickled ``tiktoken.Encoding`` uses; ``trust_pickle=True``
@@ -20,8 +29,13 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
+
+from helpers.model import nanochat_layouts as layouts
+from helpers.model.nanochat_gpt import NanoChatGPTConfig, NanoChatGPTForCausalLM
 
 NATIVE_FILES = {
     "model_<step>.pt": "torch state dict (bf16); keys may carry the `_orig_mod.` prefix of torch.compile",
@@ -164,6 +178,32 @@ def load_tokenizer_pickle(path: str | os.PathLike, *, trust_pickle: bool = False
     return obj
 
 
+# --- transformers' NanoChatForCausalLM, as upstream computes it ---------------------------------------
+class Bf16RotaryTables(nn.Module):
+    """Wraps transformers' NanoChat rotary embedding so its cos/sin tables are rounded to bfloat16.
+
+    nanochat's code of the 2025 layout keeps the tables in bfloat16 on every device (it asserts it), so
+    an fp32 model multiplies q and k by bf16-rounded cos/sin; transformers computes them in fp32. With this
+    wrapper an fp32 NanoChatForCausalLM gives exactly upstream's logits (without it they differ by ~1e-3);
+    in bf16 it changes nothing."""
+
+    def __init__(self, rotary: nn.Module):
+        super().__init__()
+        self.rotary = rotary
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.rotary(x, position_ids)
+        return cos.bfloat16().to(cos.dtype), sin.bfloat16().to(sin.dtype)
+
+
+def match_upstream_rotary(model: nn.Module) -> nn.Module:
+    """Round a transformers NanoChatForCausalLM's rotary tables to bf16 as nanochat's code did (idempotent)."""
+    inner = model.model
+    if not isinstance(inner.rotary_emb, Bf16RotaryTables):
+        inner.rotary_emb = Bf16RotaryTables(inner.rotary_emb)
+    return model
+
+
 def _fast_tokenizer(enc):
     """tiktoken Encoding -> transformers fast tokenizer with nanochat's special tokens at their ids."""
     from transformers import PreTrainedTokenizerFast
@@ -210,25 +250,20 @@ def _key_map(n_layer: int) -> dict[str, str]:
     return out
 
 
-def _few(keys) -> str:
-    keys = sorted(keys)
-    return f"{keys[:5]}{' ...' if len(keys) > 5 else ''} ({len(keys)} in all)"
-
-
 def convert_native_checkpoint(
     folder: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
     step: int | None = None,
     trust_pickle: bool = False,
+    overrides: dict[str, Any] | None = None,
 ) -> Path:
-    """Convert a native nanochat folder to a transformers NanoChatForCausalLM folder at ``out_dir``.
+    """Convert a native nanochat folder into a transformers folder at ``out_dir`` (see the module docstring).
 
-    Writes config.json, model.safetensors, generation_config.json and the tokenizer files into a temporary
-    sibling folder, then renames it to ``out_dir`` (a failure leaves no ``out_dir``). Returns ``out_dir``.
+    ``overrides`` set behaviour the checkpoint's keys cannot tell (``nanochat_layouts.BEHAVIOUR_FIELDS``).
+    Writes config.json, model.safetensors and the tokenizer files into a temporary sibling folder, then
+    renames it to ``out_dir`` (a failure leaves no ``out_dir``). Returns ``out_dir``.
     """
-    from transformers import GenerationConfig, NanoChatConfig, NanoChatForCausalLM
-
     folder, out_dir = Path(folder), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} already exists and is not empty; remove it or pass a new out_dir.")
@@ -265,24 +300,18 @@ def convert_native_checkpoint(
     # mmap: tensors stay on disk until save_pretrained reads them, so RAM holds one copy at most.
     raw = torch.load(model_path, map_location="cpu", weights_only=True, mmap=True)
     sd = {k.removeprefix(_COMPILE_PREFIX): v for k, v in raw.items()}
+    n_layer = int(mc["n_layer"])
+    try:
+        layout = layouts.detect_layout(layouts.state_dict_shapes(sd), n_layer)
+    except layouts.UnknownLayoutError as err:
+        raise layouts.UnknownLayoutError(f"{model_path}: {err}") from None
+    behaviour = layouts.resolve_behaviour(layout, mc, overrides)
+    say("   " + layouts.describe(layout, behaviour, overrides))
 
-    key_map = _key_map(int(mc["n_layer"]))
-    unknown, missing = set(sd) - set(key_map), set(key_map) - set(sd)
-    if unknown:
-        raise ValueError(
-            f"{model_path} has keys this converter does not know: {_few(unknown)}. It supports the original "
-            "nanochat layout (as in the official d20/d32/d34 checkpoints); newer nanochat adds weights such as "
-            "value embeddings, resid_lambdas, x0_lambdas and ve_gate that NanoChatForCausalLM cannot hold."
-        )
-    if missing:
-        raise ValueError(
-            f"{model_path} lacks expected keys {_few(missing)} for n_layer={mc['n_layer']} in {meta_path}."
-        )
-
-    # Shapes (nn.Linear weights are [out, in]): wte [vocab, n_embd], c_k [n_kv_head*head_dim, n_embd],
+    # Shapes (nn.Linear weights are [out, in]): wte [padded vocab, n_embd], c_k [n_kv_head*head_dim, n_embd],
     # c_fc [intermediate, n_embd]. intermediate is read, not assumed (4*n_embd: d20 5120, d32 8192).
     n_embd, n_head = int(mc["n_embd"]), int(mc["n_head"])
-    vocab, hidden = sd["transformer.wte.weight"].shape
+    rows, hidden = sd["transformer.wte.weight"].shape
     head_dim = n_embd // n_head
     k_rows = sd["transformer.h.0.attn.c_k.weight"].shape[0]
     if hidden != n_embd or n_embd % n_head or k_rows % head_dim or n_head % (k_rows // head_dim):
@@ -293,44 +322,26 @@ def convert_native_checkpoint(
     n_kv = k_rows // head_dim
     if "n_kv_head" in mc and int(mc["n_kv_head"]) != n_kv:
         say(f"   note: meta says n_kv_head={mc['n_kv_head']}, weights say {n_kv}; using {n_kv}")
-    if enc.n_vocab > vocab:
+    vocab = int(mc.get("vocab_size") or enc.n_vocab)
+    if enc.n_vocab != vocab or rows < vocab:
         raise ValueError(
-            f"tokenizer has {enc.n_vocab} tokens but the model only {vocab}; they are from different runs."
+            f"tokenizer.pkl has {enc.n_vocab} tokens, {meta_path.name} says vocab_size={mc.get('vocab_size')} and "
+            f"the embedding has {rows} rows: the tokenizer and the checkpoint come from different runs."
         )
-    dtypes = {v.dtype for v in sd.values()}
-    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32  # mixed -> upcast, which loses nothing
+    if rows != vocab:
+        say(f"   vocabulary padded to {rows} rows; logits are cropped to the tokenizer's {vocab} tokens")
 
     bos = specials["<|bos|>"]
     eos = specials.get("<|assistant_end|>", bos)  # the chat stop token (base-only tokenizers: bos)
     ids = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": bos}
-    config = NanoChatConfig(
-        vocab_size=vocab,
-        hidden_size=n_embd,
-        intermediate_size=sd["transformer.h.0.mlp.c_fc.weight"].shape[0],
-        num_hidden_layers=int(mc["n_layer"]),
-        num_attention_heads=n_head,
-        num_key_value_heads=n_kv,
-        max_position_embeddings=int(mc["sequence_len"]),
-        hidden_act="relu2",
-        final_logit_softcapping=15.0,  # nanochat: softcap * tanh(logits / softcap), softcap = 15
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},  # nanochat's rotary base
-        # nanochat's norm() is F.rms_norm with eps=None, i.e. float32's eps even for bf16 inputs; the
-        # transformers default (1e-6) is 8x larger. Tiny effect, but we match the reference exactly.
-        rms_norm_eps=torch.finfo(torch.float32).eps,
-        tie_word_embeddings=False,
-        dtype=dtype,
-        **ids,
-    )
-
-    say("3/4 building NanoChatForCausalLM")
-    with torch.device("meta"):  # no random init of ~2B params; assign=True swaps in the loaded tensors
-        model = NanoChatForCausalLM(config)
-    new_sd = {key_map[k]: v.to(dtype) for k, v in sd.items()}
+    shape = {"vocab": vocab, "n_embd": n_embd, "n_head": n_head, "n_kv": n_kv, "n_layer": n_layer,
+             "seq_len": int(mc["sequence_len"]), "intermediate": sd["transformer.h.0.mlp.c_fc.weight"].shape[0]}  # fmt: skip
+    build = _transformers_nanochat if layout is layouts.ORIGINAL else _nanochat_gpt
+    say(f"3/4 building {build.__doc__.split(':')[0]}")
     try:
-        model.load_state_dict(new_sd, strict=True, assign=True)
+        model = build(sd, shape, behaviour, layout, ids)
     except RuntimeError as err:
         raise ValueError(f"{model_path} does not fit the config built from {meta_path}: {err}") from err
-    model.generation_config = GenerationConfig(**ids)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Same parent, so os.replace is a rename on one filesystem; mkdir (not mkdtemp) keeps umask permissions.
@@ -348,3 +359,74 @@ def convert_native_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
     say(f"done: {out_dir}")
     return out_dir
+
+
+def _transformers_nanochat(sd, shape, behaviour, layout, ids):
+    """NanoChatForCausalLM: the 2025-10 layout, renamed to transformers' keys, padded vocabulary cropped."""
+    from transformers import GenerationConfig, NanoChatConfig, NanoChatForCausalLM
+
+    dtypes = {v.dtype for v in sd.values()}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32  # mixed -> upcast, which loses nothing
+    config = NanoChatConfig(
+        vocab_size=shape["vocab"],
+        hidden_size=shape["n_embd"],
+        intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["n_layer"],
+        num_attention_heads=shape["n_head"],
+        num_key_value_heads=shape["n_kv"],
+        max_position_embeddings=shape["seq_len"],
+        hidden_act="relu2",
+        final_logit_softcapping=float(behaviour["logit_softcap"]),  # softcap * tanh(logits / softcap)
+        rope_parameters={"rope_type": "default", "rope_theta": float(behaviour["rope_theta"])},
+        # nanochat's norm() is F.rms_norm with eps=None, i.e. float32's eps even for bf16 inputs; the
+        # transformers default (1e-6) is 8x larger. Tiny effect, but we match the reference exactly.
+        rms_norm_eps=torch.finfo(torch.float32).eps,
+        tie_word_embeddings=False,
+        dtype=dtype,
+        **ids,
+    )
+    with torch.device("meta"):  # no random init of ~2B params; assign=True swaps in the loaded tensors
+        model = NanoChatForCausalLM(config)
+    key_map = _key_map(shape["n_layer"])
+    vocab = shape["vocab"]
+    # Rows past the tokenizer's vocabulary are padding (nanochat crops the logits to vocab_size): dropping
+    # them from wte and lm_head gives the same logits for every real token.
+    cropped = {"transformer.wte.weight", "lm_head.weight"}
+    new_sd = {key_map[k]: (v[:vocab] if k in cropped else v).to(dtype) for k, v in sd.items()}
+    model.load_state_dict(new_sd, strict=True, assign=True)
+    model.generation_config = GenerationConfig(**ids)
+    return model
+
+
+def _nanochat_gpt(sd, shape, behaviour, layout, ids):
+    """NanoChatGPTForCausalLM: a 2026 layout, upstream's own parameter names, each tensor in its saved dtype."""
+    n_layer = shape["n_layer"]
+    config = NanoChatGPTConfig(
+        vocab_size=shape["vocab"],
+        padded_vocab_size=sd["transformer.wte.weight"].shape[0],
+        hidden_size=shape["n_embd"],
+        intermediate_size=shape["intermediate"],
+        num_hidden_layers=n_layer,
+        num_attention_heads=shape["n_head"],
+        num_key_value_heads=shape["n_kv"],
+        max_position_embeddings=shape["seq_len"],
+        attention_windows=behaviour["attention_windows"],
+        window_pattern=behaviour["window_pattern"],
+        rope_theta=behaviour["rope_theta"],
+        rope_tables_bf16=behaviour["rope_tables_bf16"],
+        qk_scale=behaviour["qk_scale"],
+        logit_softcap=behaviour["logit_softcap"],
+        value_embed_layers=layout.value_embed_layers(n_layer),
+        ve_gate_channels=layout.ve_gate_channels,
+        ve_gate_scale=behaviour.get("ve_gate_scale", 2.0),
+        smear_channels=sd["smear_gate.weight"].shape[1] if layout.smear else 0,
+        backout_layer=n_layer // 2 if layout.smear else None,
+        layout=layout.name,
+        **ids,
+    )
+    with torch.device("meta"):
+        model = NanoChatGPTForCausalLM(config)
+    # nanochat keeps embeddings in bf16 and matrices in fp32: each tensor keeps its dtype on disk (lossless,
+    # smaller); load_model casts everything to the dtype it chooses.
+    model.load_state_dict(dict(sd), strict=True, assign=True)
+    return model

@@ -261,7 +261,10 @@ def test_trust_pickle_uses_plain_pickle_and_says_so(tmp_path, capsys):
 def test_unknown_key_is_refused(tmp_path):
     extra = {"transformer.value_embeds.0.weight": torch.zeros(4, 64)}
     build_native_checkpoint(tmp_path / "native", extra=extra)
-    with pytest.raises(ValueError, match=r"transformer\.value_embeds\.0\.weight.*original nanochat layout"):
+    with pytest.raises(
+        ValueError,
+        match=r"none of the nanochat layouts.*unexpected keys \['transformer\.value_embeds\.0\.weight'\]",
+    ):
         nanochat.convert_native_checkpoint(tmp_path / "native", tmp_path / "hf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["native"]
 
