@@ -19,13 +19,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, NanoChatConfig, Na
 
 from helpers.model import nanochat
 from helpers.model.chat import chat_format_of, encode_chat
+from tests.model.nanochat_oracle import tiny_encoding
 
-SPLIT_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|"""
-    r"""\s+(?!\S)|\s+"""
-)
 SPECIALS = list(nanochat.SPECIAL_TOKENS)
-MERGES = [b"he", b"ll", b"hell", b"hello", b" w", b"or", b" wor", b"ld", b" world", b"th", b"the", b" the"]
 SAMPLE = "hello world, the other thing in 2025!\n  \u00fcn\u00efcode \U0001f600 ok"
 
 # transformers key -> native nanochat key (the reverse of the converter's table, written out independently)
@@ -38,17 +34,6 @@ LAYER_HF_TO_NATIVE = {
     "mlp.fc1": "mlp.c_fc",
     "mlp.fc2": "mlp.c_proj",
 }
-
-
-def tiny_encoding() -> tiktoken.Encoding:
-    """256 byte tokens + a few merges, then nanochat's special tokens right after (as nanochat does)."""
-    ranks = {bytes([i]): i for i in range(256)}
-    for m in MERGES:
-        ranks[m] = len(ranks)
-    special = {s: len(ranks) + i for i, s in enumerate(SPECIALS)}
-    return tiktoken.Encoding(
-        name="rustbpe", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=special
-    )
 
 
 def build_native_checkpoint(
