@@ -3,6 +3,7 @@
 `zip_run(run_dir)`: one .zip beside the run folder, written atomically. The per-token activation store
 (`activations/`, often gigabytes, recomputable by notebook 02 from completions.jsonl), training
 checkpoints, temp files and a judge cache above `max_cache_mb` are left out, and the summary says so.
+Notebook 06's static explorer (`explorer/`) and Neuronpedia export (`neuronpedia/`) go in when present.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from helpers import env
 from helpers.run import (
     DRY_RUN_DIR,
+    explorer_dir,
 )
 
 
@@ -52,6 +54,8 @@ def zip_run(
         raise
     skipped = "; ".join(f"{n} {why}" for why, n in left_out.items()) or "nothing"
     print(f"{out}: {len(kept)} files, {out.stat().st_size / 1e6:.1f} MB (left out: {skipped})")
+    if (explorer_dir(run_dir) / "index.html").exists():
+        print(f"inside: the feature explorer, {run_dir.name}/explorer/index.html (unzip, then open it in a browser)")
     return out
 
 

@@ -121,7 +121,12 @@ class LogHistogram:
 
     def add(self, feature: torch.Tensor, value: torch.Tensor) -> None:
         """feature [m] int64, value [m] > 0, on the histogram's device."""
-        b = ((torch.log2(value.float()) - self.LO) * self.PER_OCTAVE).floor().long().clamp_(0, self.n_bins - 1)
+        b = (
+            ((torch.log2(value.float()) - self.LO) * self.PER_OCTAVE)
+            .floor()
+            .long()
+            .clamp_(0, self.n_bins - 1)
+        )
         self.counts.index_add_(0, feature * self.n_bins + b, torch.ones_like(b))
 
     def edges(self) -> np.ndarray:

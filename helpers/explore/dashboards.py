@@ -107,7 +107,9 @@ class FeaturePass:
     log_edges: np.ndarray
 
 
-def feature_pass(store: LayerStore, sae: Any, docs: Sequence[Doc], cfg: ExplorerConfig, *, desc: str = "") -> FeaturePass:
+def feature_pass(
+    store: LayerStore, sae: Any, docs: Sequence[Doc], cfg: ExplorerConfig, *, desc: str = ""
+) -> FeaturePass:
     """One streamed pass of `sae` over the completion tokens of `docs` in `store` (module doc)."""
     params = list(sae.parameters()) if isinstance(sae, torch.nn.Module) else []
     device = params[0].device if params else torch.device("cpu")
@@ -234,7 +236,9 @@ class SAEDashboards:
 
     def check_feature(self, f: int) -> int:
         if not 0 <= int(f) < self.d_sae:
-            raise IndexError(f"feature {f} is out of range: {self.sae_id} has d_sae={self.d_sae} latents (0..{self.d_sae - 1})")
+            raise IndexError(
+                f"feature {f} is out of range: {self.sae_id} has d_sae={self.d_sae} latents (0..{self.d_sae - 1})"
+            )
         return int(f)
 
     def _token_text(self, ids: np.ndarray) -> list[str]:
@@ -256,10 +260,14 @@ class SAEDashboards:
             "rate_honest": [_r(x) for x in fired[0] / n_tok[0]],
             "rate_deceptive": [_r(x) for x in fired[1] / n_tok[1]],
             "max_activation": [_r(x) for x in self.max_activation],
-            "cohens_d": [_r(a[f]["cohens_d"]) if f in a and a[f].get("cohens_d") is not None else None
-                         for f in range(self.d_sae)],  # fmt: skip
-            "q_value": [_r(a[f]["q_value"], 3) if f in a and a[f].get("q_value") is not None else None
-                        for f in range(self.d_sae)],  # fmt: skip
+            "cohens_d": [
+                _r(a[f]["cohens_d"]) if f in a and a[f].get("cohens_d") is not None else None
+                for f in range(self.d_sae)
+            ],  # fmt: skip
+            "q_value": [
+                _r(a[f]["q_value"], 3) if f in a and a[f].get("q_value") is not None else None
+                for f in range(self.d_sae)
+            ],  # fmt: skip
             "explanation": [a[f].get("explanation") if f in a else None for f in range(self.d_sae)],
             "tag": [_tag(a.get(f)) for f in range(self.d_sae)],
         }
@@ -325,8 +333,10 @@ class SAEDashboards:
             "top": top,
             "quantiles": groups,
             "similar": [[int(j), _r(c, 3)] for j, c in zip(*(x[f] for x in self.similar), strict=True)],
-            "similar_other": {sid: [[int(j), _r(c, 3)] for j, c in zip(idx[f], cos[f], strict=True)]
-                              for sid, (idx, cos) in self.similar_other.items()},  # fmt: skip
+            "similar_other": {
+                sid: [[int(j), _r(c, 3)] for j, c in zip(idx[f], cos[f], strict=True)]
+                for sid, (idx, cos) in self.similar_other.items()
+            },  # fmt: skip
             "analysis": (self.analysis or {}).get(f),
             "tag": _tag((self.analysis or {}).get(f)),
         }
@@ -385,7 +395,11 @@ def build_dashboards(
     idx, cos = nearest_rows(W_dec, None, cfg.n_similar)
     similar_other = {}
     for other in others:
-        if other.layer == loaded.layer and sae_id_of(other) != sae_id and int(other.sae.d_in) == int(loaded.sae.d_in):
+        if (
+            other.layer == loaded.layer
+            and sae_id_of(other) != sae_id
+            and int(other.sae.d_in) == int(loaded.sae.d_in)
+        ):
             i2, c2 = nearest_rows(W_dec, other.sae.W_dec.detach().to(W_dec.device), cfg.n_similar)
             similar_other[sae_id_of(other)] = (i2.numpy(), c2.numpy())
     analysis = analysis_rows(run_dir, sae_id)
@@ -420,4 +434,3 @@ def build_dashboards(
         similar_other=similar_other,
         analysis=analysis,
     )
-

@@ -30,7 +30,9 @@ def run_saes(run_dir: str | os.PathLike, sae_filter: str = "", *, device: str = 
         raise FileNotFoundError(f"no SAEs under {saes_dir(run_dir)}: train some in notebook 03 first")
     chosen = [f for f in folders if sae_filter in f.name]
     if not chosen:
-        raise ValueError(f"no SAE id contains {sae_filter!r}; the run has: {', '.join(f.name for f in folders)}")
+        raise ValueError(
+            f"no SAE id contains {sae_filter!r}; the run has: {', '.join(f.name for f in folders)}"
+        )
     return [load_sae(f, device=device) for f in chosen]
 
 
@@ -57,7 +59,9 @@ def build_explorer(
     everything = run_saes(run_dir, device=device)  # all of them: neighbours in the other SAEs of a layer
     chosen = [s for s in everything if sae_filter in s.path.name]
     if not chosen:
-        raise ValueError(f"no SAE id contains {sae_filter!r}; the run has: {', '.join(s.path.name for s in everything)}")
+        raise ValueError(
+            f"no SAE id contains {sae_filter!r}; the run has: {', '.join(s.path.name for s in everything)}"
+        )
     for s in chosen:
         check_sae_for_run(s, run_dir)  # all refused before any work
     unembedding = unembedding_of(lm.model) if lm is not None else None
@@ -73,7 +77,9 @@ def build_explorer(
         if is_complete(run_dir, sid, settings) and not overwrite:
             print(f"{sid}: explorer data complete, reused (overwrite=True rebuilds them)")
         else:
-            db = build_dashboards(run_dir, s, tokenizer=tokenizer, unembedding=unembedding, others=everything, config=cfg)
+            db = build_dashboards(
+                run_dir, s, tokenizer=tokenizer, unembedding=unembedding, others=everything, config=cfg
+            )
             write_sae_data(run_dir, db, settings)
         info = sae_info(run_dir, sid)
         for note in info["notes"]:
@@ -89,4 +95,8 @@ def build_explorer(
 def explorer_files(run_dir: str | os.PathLike) -> list[Path]:
     """The explorer's files (for the zip and the Hub), [] when it has not been built."""
     root = explorer_dir(run_dir)
-    return sorted(p for p in root.rglob("*") if p.is_file() and not p.name.endswith(".tmp")) if root.is_dir() else []
+    return (
+        sorted(p for p in root.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
+        if root.is_dir()
+        else []
+    )

@@ -71,7 +71,9 @@ def sae_info(run_dir: str | os.PathLike, sae_id: str) -> dict[str, Any]:
     """The facts `write_sae_data` recorded for an SAE (its complete.json's `info`)."""
     path = sae_data_dir(run_dir, sae_id) / COMPLETE
     if not path.exists():
-        raise FileNotFoundError(f"no complete explorer data for {sae_id} in {path.parent}: build_explorer first")
+        raise FileNotFoundError(
+            f"no complete explorer data for {sae_id} in {path.parent}: build_explorer first"
+        )
     return json.loads(path.read_text())["info"]
 
 
@@ -90,8 +92,12 @@ def iter_pages(run_dir: str | os.PathLike, sae_id: str) -> Iterator[dict[str, An
 def read_page(run_dir: str | os.PathLike, sae_id: str, feature: int) -> dict[str, Any]:
     d_sae = int(sae_info(run_dir, sae_id)["d_sae"])
     if not 0 <= int(feature) < d_sae:
-        raise IndexError(f"feature {feature} is out of range: {sae_id} has d_sae={d_sae} latents (0..{d_sae - 1})")
-    return _read_js(sae_data_dir(run_dir, sae_id) / f"pages_{int(feature) // CHUNK:04d}.js")[str(int(feature))]
+        raise IndexError(
+            f"feature {feature} is out of range: {sae_id} has d_sae={d_sae} latents (0..{d_sae - 1})"
+        )
+    return _read_js(sae_data_dir(run_dir, sae_id) / f"pages_{int(feature) // CHUNK:04d}.js")[
+        str(int(feature))
+    ]
 
 
 def write_site(run_dir: str | os.PathLike, *, title: str = "") -> Path:

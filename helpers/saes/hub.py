@@ -30,7 +30,9 @@ from helpers.run import (
     SAE_SPARSITY,
     SAE_WEIGHTS,
     completions_path,
+    explorer_dir,
     features_path,
+    neuronpedia_dir,
     probes_path,
     read_jsonl,
     read_run_json,
@@ -88,6 +90,18 @@ def sae_files(run_dir: str | os.PathLike, sae_ids: list[str]) -> dict[str, Path]
     return files
 
 
+def explorer_files(run_dir: str | os.PathLike) -> dict[str, Path]:
+    """`{path in the repo: local file}` of notebook 06's static explorer and Neuronpedia export, when
+    present (the export's copy of the SAE weights is left out: the SAE folders go up already)."""
+    out = {}
+    for root in (explorer_dir(run_dir), neuronpedia_dir(run_dir)):
+        for path in sorted(root.rglob("*")) if root.is_dir() else []:
+            rel = path.relative_to(run_dir)
+            if path.is_file() and not path.name.endswith(".tmp") and rel.parts[:2] != ("neuronpedia", "saelens"):
+                out[rel.as_posix()] = path
+    return out
+
+
 def publish_saes(
     run_dir: str | os.PathLike,
     sae_ids: list[str],
@@ -101,7 +115,7 @@ def publish_saes(
     HF_TOKEN secret (environment, then Colab secrets). Returns what was (or would be) uploaded."""
     repo_id = check_repo_id(repo_id)
     run_dir = Path(run_dir)
-    files = sae_files(run_dir, list(sae_ids))
+    files = sae_files(run_dir, list(sae_ids)) | explorer_files(run_dir)
     card = model_card(run_dir, list(sae_ids), repo_id)
     listing = sorted(["README.md", *files])
     if dry_run:
@@ -224,6 +238,10 @@ def model_card(run_dir: str | os.PathLike, sae_ids: list[str], repo_id: str) -> 
             lines += [f"- latent {r['feature']}: d = {_ci(r, 'cohens_d', 'd_ci')}, q = {_f(r.get('q_value'), '.3g')}; "
                       f"{r.get('explanation') or 'not explained'}" for r in rows[:5]]  # fmt: skip
     first = sae_ids[0]
+    if explorer_files(run_dir):
+        lines += ["", "## Feature explorer", "", "`explorer/index.html`: dashboards of every feature of the run's SAEs; download "
+                  "the repo and open it in a browser, no server needed. `neuronpedia/`: a Neuronpedia bulk-import "
+                  "export (its README says how to submit it)."]  # fmt: skip
     lines += ["", "## Load", "", "With [SAELens](https://github.com/decoderesearch/SAELens) (6.x):", "", "```python",
               "# pip install sae-lens", "from sae_lens import SAE", "", f'sae = SAE.from_pretrained(release="{repo_id}", sae_id="{first}")',
               "# or from a local copy of the folder:", "from huggingface_hub import snapshot_download", "",

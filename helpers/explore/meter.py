@@ -1,0 +1,110 @@
+"""The live deception meter: the run's raw-activation probe of notebook 04, refit on every labelled
+completion so that it can score new tokens, with its held-out quality and its calibration caveat.
+
+Notebook 04 saves cross-validated metrics (probes.json), not fitted weights. Refitting is cheap (one
+logistic regression on the pooled [n_completions, d_model] residuals of one layer) and uses the same
+objective as `analysis.probes.probe`: each column standardised with the training rows' mean and standard
+deviation, then L2-penalised logistic regression with balanced class weights and an unpenalised
+intercept (scikit-learn's `LogisticRegression(C, class_weight="balanced")`, which notebook 04's solver
+reproduces) at probes.json's C and pooling; tests/explore/test_meter.py checks that refitting this way on
+each training fold gives notebook 04's out-of-fold predictions. Only its weights are new: its quality is the grouped-CV figure of probes.json (completions of
+a prompt group never on both sides), which `DeceptionMeter.cv` carries; the refit's own accuracy on the
+rows it was fit on would be optimistic and is never shown.
+
+Calibration caveat (`CAVEAT`): the probe was trained on one vector per completion, the mean of its
+completion tokens' residuals (or its last token's, with pooling "last"). A single token's residual is
+not such a vector, so a per-token P(deceptive) is the probe's reading of an input it was not fit on;
+the running mean over the tokens generated so far is its own input type (for mean pooling), and only
+its value at the end of an answer matches what the CV figures describe. Neither is calibrated for
+prompts unlike the run's scenarios.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from helpers.collect.capture import load_pooled
+from helpers.collect.completions import read_completions
+from helpers.run import probes_path
+
+CAVEAT = (
+    "calibration caveat: the probe was trained on one pooled vector per completion ({pooling} over its "
+    "tokens); a single token's score reads an input it never saw, and the running mean over the answer so "
+    "far is its own input type only at the end of an answer. Held-out quality (grouped CV): {cv}."
+)
+
+
+@dataclass
+class DeceptionMeter:
+    """A linear probe P(deceptive | x) = sigmoid(x @ coef + intercept) on raw residuals at `layer`."""
+
+    layer: int
+    pooling: str
+    coef: np.ndarray  # [d_model], in raw residual units (the standardisation folded in)
+    intercept: float
+    n_train: int
+    cv: dict[str, Any] | None
+    """probes.json's raw-probe row at this layer (balanced accuracy, AUROC, their CIs), when notebook 04 ran."""
+
+    def score(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        """P(deceptive) of each row of x [n, d_model] (or one vector [d_model] -> [1])."""
+        x = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float64)
+        z = np.atleast_2d(x) @ self.coef + self.intercept
+        return 1.0 / (1.0 + np.exp(-z))
+
+    @property
+    def caveat(self) -> str:
+        if self.cv:
+            lo, hi = self.cv["ba_ci"]
+            cv = f"balanced accuracy {self.cv['balanced_accuracy']:.2f} [{lo:.2f}, {hi:.2f}], AUROC {self.cv['auroc']:.2f}"
+        else:
+            cv = "unknown (notebook 04's probes.json has no raw probe at this layer)"
+        return CAVEAT.format(pooling=self.pooling, cv=cv)
+
+
+def fit_probe(X: np.ndarray, y: np.ndarray, C: float = 1.0) -> tuple[np.ndarray, float]:
+    """(coef [d], intercept) of `probes.probe`'s estimator fit on all rows of X [n, d], with the
+    standardisation folded in so it applies to raw vectors."""
+    X = np.asarray(X, np.float64)
+    mu, sd = X.mean(0), X.std(0)
+    sd[sd == 0] = 1.0  # as probes.probe: a column constant on the training rows carries nothing
+    # A tight tolerance: the meter should be the optimum notebook 04's solver reaches, not an early stop.
+    clf = LogisticRegression(C=C, class_weight="balanced", tol=1e-8, max_iter=10_000)
+    clf.fit((X - mu) / sd, np.asarray(y))
+    w = clf.coef_[0] / sd
+    return w, float(clf.intercept_[0] - mu @ w)
+
+
+def fit_meter(run_dir: str | os.PathLike, layer: int) -> DeceptionMeter:
+    """The deception meter of `layer`: its probe refit on the run's labelled pooled completions (module doc)."""
+    probes = json.loads(probes_path(run_dir).read_text()) if probes_path(run_dir).exists() else {}
+    pooling = probes.get("pooling", "mean")
+    raw = next(
+        (r for r in probes.get("rows", []) if r.get("kind") == "raw" and r.get("layer") == layer), None
+    )
+    C = float(((raw or {}).get("details") or {}).get("C", 1.0))
+    ids, mean, last = load_pooled(run_dir, layer)
+    label = {r["id"]: r.get("label") for r in read_completions(run_dir)}
+    rows = [i for i, cid in enumerate(ids) if label.get(cid) in ("honest", "deceptive")]
+    y = np.array([label[ids[i]] == "deceptive" for i in rows], int)
+    if len(rows) < 4 or y.min() == y.max():
+        raise ValueError(
+            f"the deception meter needs labelled honest and deceptive completions at layer {layer}; the run has "
+            f"{int((y == 0).sum())} honest and {int(y.sum())} deceptive: collect and label more in notebook 02"
+        )
+    X = (mean if pooling == "mean" else last)[rows].numpy()
+    coef, intercept = fit_probe(X, y, C)
+    cv = None
+    if raw is not None:
+        cv = {
+            k: raw.get(k)
+            for k in ("balanced_accuracy", "ba_ci", "auroc", "auroc_ci", "n", "n_groups", "n_folds")
+        }
+    return DeceptionMeter(layer, pooling, coef, intercept, len(rows), cv)

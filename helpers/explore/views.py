@@ -1,0 +1,249 @@
+"""What notebook 06 shows, as HTML strings and display rows: the searchable feature table, a feature
+page, the prompt analyser's per-token heatmap and the live-tracking table. Plain HTML (inline SVG for
+the histogram, coloured spans for tokens), so it renders in a cell's output, in an ipywidgets 7 `HTML`
+widget and inside widget callbacks in Colab, where plotly figures fail (REFERENCE.md "Colab").
+The static explorer (static/index.html) draws the same records in the browser.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from helpers.explore.live import TokenStep
+from helpers.explore.meter import DeceptionMeter
+from helpers.plots import token_html
+
+SORTS = {
+    "firing rate": "firing_rate",
+    "|d| (notebook 04)": "cohens_d",
+    "deceptive - honest rate": "rate_gap",
+    "max activation": "max_activation",
+    "feature": "feature",
+}
+TAGS = (
+    "all",
+    "analysed",
+    "deception",
+    "unclear",
+    "not deception",
+    "top feature, not explained",
+    "not analysed",
+)
+
+
+def select_features(
+    table: dict[str, list[Any]], query: str = "", *, tag: str = "all", sort: str = "firing rate",
+    hide_dead: bool = True, n: int = 20,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Rows of the feature table matching `query` (in the explanation or top logit token; "#12" or "12"
+    finds feature 12) and `tag`, sorted by `sort` (a key of SORTS, largest first), the first `n`."""
+    if sort not in SORTS:
+        raise ValueError(f"sort must be one of {list(SORTS)}, got {sort!r}")
+    if tag not in TAGS:
+        raise ValueError(f"tag must be one of {list(TAGS)}, got {tag!r}")
+    q = query.strip().lower()
+    fid = int(q.lstrip("#")) if q.lstrip("#").isdigit() else None
+    rows = []
+    for i, f in enumerate(table["feature"]):
+        row = {k: v[i] for k, v in table.items()}
+        if fid is not None:
+            if f != fid:
+                continue
+        elif q and q not in f"{row.get('explanation') or ''} {row.get('top_logit') or ''}".lower():
+            continue
+        if hide_dead and fid is None and not row["firing_rate"]:
+            continue
+        if (tag == "analysed" and row["tag"] == "not analysed") or (
+            tag not in ("all", "analysed") and row["tag"] != tag
+        ):
+            continue
+        row["rate_gap"] = (row["rate_deceptive"] or 0) - (row["rate_honest"] or 0)
+        rows.append(row)
+    key = SORTS[sort]
+
+    def order(r: dict[str, Any]) -> tuple[bool, float]:
+        v = r.get(key)
+        v = abs(v) if key == "cohens_d" and v is not None else v
+        return (v is None, -(v or 0) if key != "feature" else v)
+
+    return sorted(rows, key=order)[:n]
+
+
+def default_feature(table: dict[str, list[Any]]) -> int:
+    """The feature to open first: notebook 04's top feature by held-out |d|, else the most frequent."""
+    analysed = [r for r in select_features(table, sort="|d| (notebook 04)", n=1) if r["cohens_d"] is not None]
+    rows = analysed or select_features(table, sort="firing rate", n=1)
+    if not rows:
+        raise ValueError("no feature of this SAE ever fired on the run's completions: nothing to show")
+    return int(rows[0]["feature"])
+
+
+def _f(x: Any, spec: str = ".3g") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def _pct(x: Any) -> str:
+    return "–" if x is None else f"{100 * x:.3g}%"
+
+
+def table_html(rows: Sequence[dict[str, Any]]) -> str:
+    """An HTML table of `select_features` rows."""
+    head = [
+        "feature",
+        "fires",
+        "honest",
+        "deceptive",
+        "max act.",
+        "d",
+        "q",
+        "tag",
+        "top logit",
+        "explanation",
+    ]
+    body = "".join(
+        "<tr>" + "".join(f"<td>{c}</td>" for c in (
+            f"#{r['feature']}", _pct(r["firing_rate"]), _pct(r["rate_honest"]), _pct(r["rate_deceptive"]),
+            _f(r["max_activation"]), _f(r["cohens_d"], "+.2f"), _f(r["q_value"]), html.escape(r["tag"]),
+            f"<code>{html.escape(repr(r.get('top_logit') or ''))}</code>", html.escape(r.get("explanation") or "–"),
+        )) + "</tr>"
+        for r in rows
+    )  # fmt: skip
+    ths = "".join(f"<th style='text-align:left'>{h}</th>" for h in head)
+    return f"<table style='border-collapse:collapse; font-size:13px'><tr>{ths}</tr>{body}</table>"
+
+
+def histogram_svg(hist: dict[str, Any], width: int = 360, height: int = 120) -> str:
+    counts, top = hist["counts"], max(hist["counts"] + [1])
+    n, left, bottom = len(counts), 30, 18
+    bw = (width - left - 4) / max(n, 1)
+    bars = "".join(
+        f'<rect x="{left + i * bw:.1f}" y="{height - bottom - (height - bottom - 6) * c / top:.1f}" '
+        f'width="{max(bw - 1, 1):.1f}" height="{(height - bottom - 6) * c / top:.1f}" fill="#d63027" fill-opacity="0.75">'
+        f"<title>{c}</title></rect>"
+        for i, c in enumerate(counts)
+    )
+    return (f'<svg width="{width}" height="{height}" style="font: 10px sans-serif">{bars}'
+            f'<text x="{left}" y="{height - 4}">0</text><text x="{width - 4}" y="{height - 4}" text-anchor="end">'
+            f'{_f(hist["max"])}</text><text x="{left - 3}" y="10" text-anchor="end">{top}</text></svg>')  # fmt: skip
+
+
+def example_html(ex: dict[str, Any], scale: float) -> str:
+    spans = "".join(
+        f'<span title="{a:.3g}" style="background: rgba(214,48,39,{min(1.0, max(a, 0) / (scale or 1)):.2f});'
+        f'{"outline: 2px solid #222;" if i == ex["center"] else ""}">{html.escape(t)}</span>'
+        for i, (t, a) in enumerate(zip(ex["tokens"], ex["acts"], strict=True))
+    )
+    meta = f"{_f(ex['activation'])} · {html.escape(str(ex.get('label') or 'unlabelled'))}"
+    return (f'<div style="font-family: monospace; white-space: pre-wrap; line-height: 1.8">'
+            f'<span style="color:#666; font-size: 11px">{meta} </span>{spans}</div>')  # fmt: skip
+
+
+def feature_html(page: dict[str, Any], info: dict[str, Any] | None = None) -> str:
+    """One feature's page (the static explorer's, condensed) as HTML."""
+    a = page.get("analysis") or {}
+    expl = html.escape(a.get("explanation") or a.get("explanation_source") or
+                       ("not explained" if page.get("analysis") else "not among notebook 04's top features: no explanation"))  # fmt: skip
+    stats = [
+        ("fires on", f"{_pct(page['firing_rate'])} of completion tokens ({page['n_firing']})"),
+        ("honest / deceptive", f"{_pct(page['rates']['honest'])} / {_pct(page['rates']['deceptive'])}"),
+        ("mean when firing / max", f"{_f(page['mean_when_firing'])} / {_f(page['max_activation'])}"),
+    ]
+    if page.get("analysis"):
+        ci = a.get("d_ci") or [None, None]
+        stats += [("Cohen's d, held out [95% CI]", f"{_f(a.get('cohens_d'), '+.2f')} [{_f(ci[0], '+.2f')}, {_f(ci[1], '+.2f')}]"),
+                  ("q · AUROC", f"{_f(a.get('q_value'))} · {_f(a.get('auroc'))}")]  # fmt: skip
+        for m in ("detection", "fuzzing"):
+            s = a.get(m)
+            stats.append((m, "–" if not s else f"BA {s['balanced_accuracy']:.2f} · AUROC {s['auroc']:.2f}"))
+    parts = [f"<h3>{html.escape(page['sae_id'])} · feature #{page['feature']} · {html.escape(page['tag'])}</h3>",
+             f"<p>{expl}</p><table>" + "".join(f"<tr><td style='color:#666'>{k}</td><td>{v}</td></tr>" for k, v in stats) + "</table>"]  # fmt: skip
+    if page["n_firing"]:
+        parts.append("<b>activation histogram</b><br>" + histogram_svg(page["histogram"]))
+    if page.get("logits"):
+        pos = ", ".join(
+            f"<code>{html.escape(repr(t))}</code> {v:+.2f}" for t, v in page["logits"]["positive"][:8]
+        )
+        neg = ", ".join(
+            f"<code>{html.escape(repr(t))}</code> {v:+.2f}" for t, v in page["logits"]["negative"][:8]
+        )
+        parts.append(f"<p><b>logits raised</b>: {pos}<br><b>lowered</b>: {neg}</p>")
+    sim = ", ".join(f"#{j} ({c:.2f})" for j, c in page["similar"])
+    parts.append(f"<p><b>similar features (decoder cosine)</b>: {sim}</p>")
+    for sid, pairs in (page.get("similar_other") or {}).items():
+        parts.append(
+            f"<p style='color:#666'>{html.escape(sid)}: "
+            + ", ".join(f"#{j} ({c:.2f})" for j, c in pairs)
+            + "</p>"
+        )
+    scale = page["max_activation"] or 1.0
+    parts.append("<b>top activations</b> (one per completion; outlined: the example token)")
+    parts += [example_html(ex, scale) for ex in page["top"]] or ["<p>none</p>"]
+    for g in reversed(page["quantiles"]):
+        parts.append(f"<p style='color:#666; margin-bottom:0'>activations {_f(g['lo'])}–{_f(g['hi'])}</p>")
+        parts += [example_html(ex, scale) for ex in g["examples"]]
+    if info and info.get("notes"):
+        parts.append("".join(f"<p style='color:#a60'>{html.escape(n)}</p>" for n in info["notes"]))
+    return "<div>" + "".join(parts) + "</div>"
+
+
+def analyser_html(
+    tokens: Sequence[str], features: Sequence[int], acts: np.ndarray, labels: dict[int, str] | None = None
+) -> str:
+    """One line of the text per feature, each token as red as that feature's activation on it."""
+    labels = labels or {}
+    lines = []
+    for j, f in enumerate(features):
+        col = acts[:, j]
+        head = f"#{f} (max {col.max():.3g})" + (f": {html.escape(labels[f][:80])}" if labels.get(f) else "")
+        lines.append(
+            f"<div style='color:#666; font-size:12px; margin-top:6px'>{head}</div>"
+            + token_html(tokens, col.tolist())
+        )
+    return "".join(lines) or "<p>no tokens</p>"
+
+
+def live_html(
+    steps: Sequence[TokenStep], meter: DeceptionMeter | None = None, labels: dict[int, str] | None = None
+) -> str:
+    """The live-tracking table: per generated token, the features firing on it (strongest first) and the
+    deception meter (this token alone, and the answer so far), with the meter's caveat under it."""
+    labels = labels or {}
+    rows = []
+    for s in steps:
+        feats = ", ".join(
+            f"#{f} {a:.2g}" + (f" <i>{html.escape(labels[f][:40])}</i>" if labels.get(f) else "")
+            for f, a in s.features
+        )
+        bar = ""
+        if s.meter_running is not None:
+            bar = (f"<span style='display:inline-block; width:{80 * s.meter_running:.0f}px; height:9px; "
+                   f"background:#d63027'></span> {s.meter_running:.2f} (token: {s.meter:.2f})")  # fmt: skip
+        rows.append(
+            f"<tr><td><code>{html.escape(repr(s.text))}</code></td><td>{s.n_firing}</td><td>{feats}</td><td>{bar}</td></tr>"
+        )
+    head = "<tr><th>token</th><th>firing</th><th>top features (activation)</th><th>deception meter: answer so far</th></tr>"
+    text = "".join(s.text for s in steps)
+    caveat = (
+        f"<p style='color:#666; font-size:12px'>{html.escape(meter.caveat)}</p>" if meter is not None else ""
+    )
+    return f"<p><b>answer</b>: {html.escape(text)}</p><table style='font-size:13px'>{head}{''.join(rows)}</table>{caveat}"
+
+
+def show_live(
+    steps: Any, meter: DeceptionMeter | None = None, labels: dict[int, str] | None = None
+) -> list[TokenStep]:
+    """Display the live-tracking table in the cell's output and update it as each step of `steps` (from
+    `track_generation`) arrives; returns the steps. Works in Colab and Jupyter (a display handle)."""
+    from IPython.display import HTML, display
+
+    handle = display(HTML("<p>generating...</p>"), display_id=True)
+    done: list[TokenStep] = []
+    for step in steps:
+        done.append(step)
+        handle.update(HTML(live_html(done, meter, labels)))
+    handle.update(HTML(live_html(done, meter, labels)))
+    return done

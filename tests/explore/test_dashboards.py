@@ -1,0 +1,179 @@
+"""The one-pass dashboards against brute force over the same store (dense SAE activations of every
+token), logit effects against the model's own final norm and unembedding, and the bad inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers.analysis.contexts import docs_for, token_pieces
+from helpers.collect.completions import read_completions
+from helpers.collect.store import LayerStore
+from helpers.explore.dashboards import CLASSES, NO_ANALYSIS, ExplorerConfig, build_dashboards
+from helpers.explore.decoder import logit_effects, nearest_rows, unembedding_of
+from helpers.model.hooks import hook_name
+from helpers.run import sae_dir
+from helpers.saes import TopKSAE
+from helpers.saes.io import load_sae, save_sae
+from tests.conftest import tiny_chat_llama, tiny_model
+from tests.explore.fake_run import ELSEWHERE_ID, LAYER, OTHER_ID, SAE_ID, make_run
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+CFG = ExplorerConfig(n_top=4, n_quantiles=3, per_quantile=2, reservoir=6, before=5, after=2, batch_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def tiny(offline_lm):
+    return tiny_chat_llama(offline_lm.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def run(tiny, tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("explore_run"), tiny)
+
+
+@pytest.fixture(scope="module")
+def db(run, tiny):
+    saes = [load_sae(sae_dir(run, s)) for s in (SAE_ID, OTHER_ID, ELSEWHERE_ID)]
+    return build_dashboards(run, saes[0], tokenizer=tiny.tokenizer, unembedding=unembedding_of(tiny.model),
+                            others=saes, config=CFG)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dense(run):
+    """Brute force: every completion token's SAE activations [n, d_sae], with its doc and class."""
+    store, sae = LayerStore(run, LAYER), load_sae(sae_dir(run, SAE_ID)).sae
+    docs = docs_for(store, read_completions(run))
+    X = np.concatenate([store.tokens_of(d.id)[d.skip :] for d in docs])
+    with torch.no_grad():
+        A = sae.encode(torch.from_numpy(X))[0].numpy()
+    doc = np.repeat(np.arange(len(docs)), [d.n for d in docs])
+    pos = np.concatenate([np.arange(d.n) for d in docs])
+    cls = np.array(
+        [CLASSES.index(d.record["label"]) if d.record["label"] in CLASSES[:2] else 2 for d in docs]
+    )[doc]
+    return docs, A, doc, pos, cls
+
+
+def test_counts_rates_and_maxima_match_brute_force(db, dense):
+    docs, A, _, _, cls = dense
+    for k in range(3):
+        assert (db.fp.fired[k] == (A[cls == k] > 0).sum(0)).all()
+        assert db.fp.n_tokens[k] == (cls == k).sum()
+    assert db.fp.n_tokens[2] > 0, "the ambiguous completion is counted as 'other'"
+    assert np.allclose(db.max_activation, A.max(0), rtol=1e-5)
+    assert np.allclose(db.fp.act_sum, A.sum(0), rtol=1e-4)
+    table = db.table()
+    assert len(table["feature"]) == A.shape[1] and table["firing_rate"][5] == pytest.approx(
+        (A[:, 5] > 0).mean(), rel=1e-3
+    )
+    assert db.info["n_alive"] == int((A.max(0) > 0).sum()) and db.info["n_completions"] == len(docs)
+
+
+def test_top_windows_are_the_best_token_of_the_best_completions(db, dense, tiny):
+    docs, A, doc, pos, _ = dense
+    for f in range(0, A.shape[1], 7):
+        page = db.page(f)
+        per_doc = np.full(len(docs), 0.0)
+        np.maximum.at(per_doc, doc, A[:, f])
+        want = np.sort(per_doc[per_doc > 0])[::-1][: CFG.n_top]
+        assert [ex["activation"] for ex in page["top"]] == pytest.approx(want, rel=1e-3)
+        assert len({ex["completion_id"] for ex in page["top"]}) == len(page["top"])
+        for ex in page["top"] + [e for g in page["quantiles"] for e in g["examples"]]:
+            d = next(i for i, x in enumerate(docs) if x.id == ex["completion_id"])
+            p = ex["position"] - docs[d].n_prompt  # position in the completion
+            rows = np.flatnonzero(doc == d)
+            lo = p - ex["center"]
+            assert ex["acts"] == pytest.approx(A[rows[lo : lo + len(ex["acts"])], f], rel=1e-2, abs=1e-3)
+            pieces = token_pieces(tiny.tokenizer, docs[d].record["completion_token_ids"])
+            assert ex["tokens"] == pieces[lo : lo + len(ex["tokens"])]
+            assert ex["acts"][ex["center"]] == pytest.approx(ex["activation"], rel=1e-2)
+            assert 0 <= ex["center"] <= CFG.before and len(ex["tokens"]) <= CFG.width
+
+
+def test_histograms_and_quantile_groups(db, dense):
+    _, A, _, _, _ = dense
+    for f in range(A.shape[1]):
+        page = db.page(f)
+        assert sum(page["histogram"]["counts"]) == (A[:, f] > 0).sum()
+        for g in page["quantiles"]:
+            assert all(g["lo"] * 0.999 < ex["activation"] <= g["hi"] * 1.001 for ex in g["examples"])
+        seen = [(ex["completion_id"], ex["position"]) for ex in page["top"]]
+        seen += [(ex["completion_id"], ex["position"]) for g in page["quantiles"] for ex in g["examples"]]
+        assert len(seen) == len(set(seen)), "no window shown twice"
+
+
+def test_neighbours_are_the_nearest_decoder_rows_of_this_layer_only(db, run):
+    W = load_sae(sae_dir(run, SAE_ID)).sae.W_dec.detach()
+    Wo = load_sae(sae_dir(run, OTHER_ID)).sae.W_dec.detach()
+    cos = torch.nn.functional.normalize(W, dim=1) @ torch.nn.functional.normalize(W, dim=1).T
+    cos.fill_diagonal_(-2)
+    cross = torch.nn.functional.normalize(W, dim=1) @ torch.nn.functional.normalize(Wo, dim=1).T
+    for f in (0, 17, 95):
+        page = db.page(f)
+        assert [j for j, _ in page["similar"]] == cos[f].topk(CFG.n_similar).indices.tolist()
+        assert [j for j, _ in page["similar_other"][OTHER_ID]] == cross[f].topk(
+            CFG.n_similar
+        ).indices.tolist()
+        assert ELSEWHERE_ID not in page["similar_other"], "an SAE of another layer is not a neighbour"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "nanochat"])
+def test_logit_effects_rank_tokens_as_the_models_own_final_norm_and_head(family):
+    """The peer: the model's final norm module and lm_head applied to the direction itself. The effect
+    of a direction d is logits(norm(d)) - logits(norm(0)) (LayerNorm's bias and lm_head's bias cancel),
+    which must be a positive multiple of ours: same tokens in the same order."""
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(0)
+    W_dec = torch.randn(5, 64, generator=g)
+    ti, tv, bi, bv = logit_effects(W_dec, unembedding_of(model), k=6)
+    norm = {
+        "llama": lambda m: m.model.norm,
+        "gpt2": lambda m: m.transformer.ln_f,
+        "nanochat": lambda m: m.model.norm,
+    }[family](model)
+    with torch.no_grad():
+        head = model.get_output_embeddings()
+        for f in range(5):
+            d = W_dec[f] / W_dec[f].norm()
+            effect = head(norm(3.0 * d[None]))[0] - head(norm(torch.zeros(1, 64)))[0]
+            assert effect.topk(6).indices.tolist() == ti[f].tolist()
+            assert effect.topk(6, largest=False).indices.tolist() == bi[f].tolist()
+            ratio = effect[ti[f]] / tv[f]
+            assert (ratio > 0).all() and torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-3)
+
+
+def test_nearest_rows_refuses_other_widths():
+    with pytest.raises(ValueError, match="width 8 and 9"):
+        nearest_rows(torch.randn(4, 8), torch.randn(4, 9))
+
+
+def test_bad_inputs_name_the_problem(run, tiny, tmp_path, db):
+    with pytest.raises(IndexError, match=r"feature 96 is out of range.*d_sae=96"):
+        db.page(96)
+    save_sae(
+        TopKSAE(32, 16, l0=2),
+        tmp_path / "other_model",
+        hook_name=hook_name(LAYER),
+        model_name="org/other-model",
+    )
+    with pytest.raises(ValueError, match=r"'org/other-model'.*'tiny-llama'"):
+        build_dashboards(run, load_sae(tmp_path / "other_model"), tokenizer=tiny.tokenizer)
+    save_sae(TopKSAE(32, 16, l0=2), tmp_path / "layer0", hook_name=hook_name(0), model_name="tiny-llama")
+    with pytest.raises(ValueError, match=r"reads layer 0.*layers \[1, 2\]"):
+        build_dashboards(run, load_sae(tmp_path / "layer0"), tokenizer=tiny.tokenizer)
+    save_sae(TopKSAE(16, 16, l0=2), tmp_path / "narrow", hook_name=hook_name(LAYER), model_name="tiny-llama")
+    with pytest.raises(ValueError, match=r"d_in=16.*d_model=32"):
+        build_dashboards(run, load_sae(tmp_path / "narrow"), tokenizer=tiny.tokenizer)
+
+
+def test_notebook_04_rows_and_their_absence(db, run, tiny):
+    assert db.page(5)["tag"] == "deception" and "denials" in db.page(5)["analysis"]["explanation"]
+    assert db.page(7)["tag"] == "not deception"
+    assert db.page(11)["tag"] == "top feature, not explained" and db.page(11)["analysis"]["cohens_d"] == -0.4
+    assert db.page(12)["tag"] == "not analysed" and db.page(12)["analysis"] is None
+    assert db.table()["cohens_d"][5] == 1.5 and NO_ANALYSIS not in db.info["notes"]
+    other = build_dashboards(run, load_sae(sae_dir(run, OTHER_ID)), tokenizer=tiny.tokenizer, config=CFG)
+    assert NO_ANALYSIS in other.info["notes"] and "no logit effects" in " ".join(other.info["notes"])
+    assert set(other.table()["tag"]) == {"not analysed"} and "logits" not in other.page(0)
