@@ -170,3 +170,20 @@ def test_05_writes_steering_figures_and_dry_run(smoke_run):
     assert (smoke_run / "figures" / "probes.html").exists()
     assert (smoke_run / "publish_dry_run" / "README.md").exists()
     assert json.loads((smoke_run / "run.json").read_text())["stages"]["05_plot_and_steer"]["status"] == "done"
+
+
+@pytest.mark.notebook
+def test_06_writes_the_explorer_and_a_valid_neuronpedia_export(smoke_run):
+    from helpers.explore.neuronpedia import validate_export
+    from helpers.explore.site import iter_pages, read_table, sae_info
+
+    stage = json.loads((smoke_run / "run.json").read_text())["stages"]["06_explore_features"]
+    assert stage["status"] == "done" and len(stage["saes"]) == 1, "smoke mode explores one SAE"
+    info = sae_info(smoke_run, stage["saes"][0])
+    explorer = smoke_run / "explorer"
+    assert (explorer / "index.html").exists() and (explorer / "data" / "saes.js").exists()
+    assert len(read_table(smoke_run, info["sae_id"])["feature"]) == info["d_sae"] and info["n_alive"] > 0
+    assert any(page["top"] for page in iter_pages(smoke_run, info["sae_id"]))
+    assert len(stage["neuronpedia"]) == 1
+    assert validate_export(smoke_run / "neuronpedia" / stage["neuronpedia"][0])["features"] == info["d_sae"]
+    assert (smoke_run / "publish_dry_run" / "explorer" / "index.html").exists(), "the Hub upload carries it"

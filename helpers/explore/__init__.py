@@ -14,6 +14,7 @@ from helpers.explore.panel import explorer_panel, explorer_path
 from helpers.explore.pipeline import build_explorer
 from helpers.explore.site import read_page, read_table
 from helpers.explore.views import (
+    TABLE_COLUMNS,
     analyser_html,
     default_feature,
     feature_html,
@@ -23,6 +24,7 @@ from helpers.explore.views import (
 )
 
 __all__ = [
+    "TABLE_COLUMNS",
     "ExplorerConfig",
     "analyse_text",
     "analyser_html",

@@ -409,7 +409,8 @@ def build_dashboards(
         "sae_id": sae_id,
         "layer": loaded.layer,
         "hook_name": loaded.hook_name,
-        "architecture": loaded.cfg.get("architecture"),
+        "architecture": loaded.cfg.get("trained_as")
+        or loaded.cfg.get("architecture"),  # batchtopk saves as jumprelu
         "d_in": int(loaded.sae.d_in),
         "d_sae": int(loaded.sae.d_sae),
         "model_name": loaded.model_name,

@@ -22,6 +22,9 @@ from torch import nn
 
 _FINAL_NORMS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm")
 """Where each architecture keeps the norm before its unembedding (NanoChat/Llama/Qwen, GPT-2, GPT-NeoX)."""
+_FUNCTIONAL_RMS_NORM = ("nanochat_gpt",)
+"""Model types whose final norm is a parameter-free RMSNorm applied as a function (no module to find):
+our class for nanochat's 2026 layouts (helpers.model.nanochat_gpt)."""
 
 
 @dataclass
@@ -48,15 +51,21 @@ def unembedding_of(model: nn.Module) -> Unembedding:
         if isinstance(obj, nn.Module):
             norm = obj
             break
-    if norm is None:
+    functional = (
+        norm is None and getattr(getattr(model, "config", None), "model_type", None) in _FUNCTIONAL_RMS_NORM
+    )
+    if norm is None and not functional:
         raise TypeError(
             f"don't know where {type(model).__name__} keeps its final norm (looked for {', '.join(_FINAL_NORMS)}): "
             "add its path to helpers.explore.decoder._FINAL_NORMS"
         )
     W_U = head.weight.detach().float()
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and 0 < vocab < len(W_U):
+        W_U = W_U[:vocab]  # rows padded for speed (nanochat pads to a multiple of 64) are no tokens
     weight = getattr(norm, "weight", None)
     centre = isinstance(norm, nn.LayerNorm) or "LayerNorm" in type(norm).__name__
-    kind = "LayerNorm" if centre else type(norm).__name__
+    kind = "RMSNorm (parameter-free)" if functional else "LayerNorm" if centre else type(norm).__name__
     if weight is not None:
         W_U = W_U * weight.detach().float()[None, :]
     note = (

@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from helpers.analysis.contexts import token_pieces
 from helpers.collect.sampling import sample_next
 from helpers.explore.meter import DeceptionMeter
-from helpers.model.chat import encode_chat, stop_token_ids
+from helpers.model.chat import _cache_kwarg, encode_chat, stop_token_ids
 from helpers.model.hooks import capture, hook_name, run_with_capture
 from helpers.saes.io import LoadedSAE
 from helpers.steer.directions import check_sae_matches
@@ -82,24 +83,23 @@ def track_generation(
     check_sae_matches(sae, lm, sae.layer)
     model, tok = lm.model, lm.tokenizer
     names = sorted({hook_name(sae.layer)} | ({hook_name(meter.layer)} if meter is not None else set()))
-    stops = set(stop_token_ids(tok, model.generation_config))
+    stops = set(stop_token_ids(tok, getattr(model, "generation_config", None)))
     device = next(model.parameters()).device
     param = next(sae.sae.parameters())
     ids = encode_chat(tok, prompt, system)
     generator = torch.Generator().manual_seed(seed)
     answer: list[int] = []
     running, n = None, 0
+    kv = {_cache_kwarg(model): DynamicCache(config=model.config)}  # filled in place by every forward
     with steering or nullcontext(), capture(model, names) as cache:
-        out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1]
+        logits = model(input_ids=torch.tensor([ids], device=device), use_cache=True, **kv).logits[:, -1]
         for i in range(max_new_tokens):
             nxt = sample_next(logits.float(), [generator], temperature, 1.0)  # [1]
             t = int(nxt[0])
             if t in stops:
                 return
             answer.append(t)
-            out = model(input_ids=nxt.view(1, 1).to(device), past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1]
+            logits = model(input_ids=nxt.view(1, 1).to(device), use_cache=True, **kv).logits[:, -1]
             resid = cache[hook_name(sae.layer)][0, -1]  # [d_model] the residual after reading token t
             acts = sae.sae.encode(resid[None].to(param.device, torch.float32))[0][0].float().cpu()
             k = min(top_n, len(acts))

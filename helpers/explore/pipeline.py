@@ -47,17 +47,18 @@ def build_explorer(
     lm: Any = None,
     tokenizer: Any = None,
     sae_filter: str = "",
+    max_saes: int = 0,
     config: ExplorerConfig | None = None,
     overwrite: bool = False,
 ) -> list[dict[str, Any]]:
-    """Dashboards of every feature of the run's SAEs (those matching `sae_filter`), written as the static
-    explorer; returns one summary row per SAE. `lm` (the run's LoadedModel) gives logit effects and the
+    """Dashboards of every feature of the run's SAEs (those matching `sae_filter`, the first `max_saes`
+    of them in id order when > 0), written as the static explorer; returns one summary row per SAE. `lm` (the run's LoadedModel) gives logit effects and the
     tokenizer; without it the tokenizer is loaded from run.json's model and logit effects are left out."""
     run_dir = Path(run_dir)
     cfg = config or ExplorerConfig()
     device = str(next(lm.model.parameters()).device) if lm is not None else "cpu"
     everything = run_saes(run_dir, device=device)  # all of them: neighbours in the other SAEs of a layer
-    chosen = [s for s in everything if sae_filter in s.path.name]
+    chosen = [s for s in everything if sae_filter in s.path.name][: max_saes if max_saes > 0 else None]
     if not chosen:
         raise ValueError(
             f"no SAE id contains {sae_filter!r}; the run has: {', '.join(s.path.name for s in everything)}"

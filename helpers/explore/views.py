@@ -24,6 +24,17 @@ SORTS = {
     "max activation": "max_activation",
     "feature": "feature",
 }
+TABLE_COLUMNS = (
+    "feature",
+    "firing_rate",
+    "rate_honest",
+    "rate_deceptive",
+    "cohens_d",
+    "tag",
+    "top_logit",
+    "explanation",
+)
+"""The columns notebook 06 prints of `select_features` rows."""
 TAGS = (
     "all",
     "analysed",

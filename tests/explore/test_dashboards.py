@@ -12,7 +12,8 @@ from helpers.collect.completions import read_completions
 from helpers.collect.store import LayerStore
 from helpers.explore.dashboards import CLASSES, NO_ANALYSIS, ExplorerConfig, build_dashboards
 from helpers.explore.decoder import logit_effects, nearest_rows, unembedding_of
-from helpers.model.hooks import hook_name
+from helpers.model.hooks import decoder_layers, hook_name
+from helpers.model.nanochat_gpt import NanoChatGPTConfig, NanoChatGPTForCausalLM
 from helpers.run import sae_dir
 from helpers.saes import TopKSAE
 from helpers.saes.io import load_sae, save_sae
@@ -119,27 +120,45 @@ def test_neighbours_are_the_nearest_decoder_rows_of_this_layer_only(db, run):
         assert ELSEWHERE_ID not in page["similar_other"], "an SAE of another layer is not a neighbour"
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "nanochat"])
-def test_logit_effects_rank_tokens_as_the_models_own_final_norm_and_head(family):
-    """The peer: the model's final norm module and lm_head applied to the direction itself. The effect
-    of a direction d is logits(norm(d)) - logits(norm(0)) (LayerNorm's bias and lm_head's bias cancel),
-    which must be a positive multiple of ours: same tokens in the same order."""
-    model = tiny_model(family)
+def _model(family: str):
+    if family == "nanochat_gpt":  # our class for nanochat's 2026 layouts: functional norm, padded vocab
+        cfg = NanoChatGPTConfig(vocab_size=300, padded_vocab_size=320, hidden_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=64)  # fmt: skip
+        return NanoChatGPTForCausalLM(cfg).eval()
+    return tiny_model(family)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "nanochat", "nanochat_gpt"])
+def test_logit_effects_rank_tokens_as_the_models_own_forward(family):
+    """The peer: the model's own forward with its last layer's output replaced by the direction, so the
+    final norm, unembedding (and soft-cap) are the model's. The effect of d is logits(d) - logits(0)
+    (LayerNorm's bias cancels); ours must order the tokens the same way, and without a soft-cap be a
+    positive multiple of it."""
+    model = _model(family)
     g = torch.Generator().manual_seed(0)
     W_dec = torch.randn(5, 64, generator=g)
     ti, tv, bi, bv = logit_effects(W_dec, unembedding_of(model), k=6)
-    norm = {
-        "llama": lambda m: m.model.norm,
-        "gpt2": lambda m: m.transformer.ln_f,
-        "nanochat": lambda m: m.model.norm,
-    }[family](model)
-    with torch.no_grad():
-        head = model.get_output_embeddings()
-        for f in range(5):
-            d = W_dec[f] / W_dec[f].norm()
-            effect = head(norm(3.0 * d[None]))[0] - head(norm(torch.zeros(1, 64)))[0]
-            assert effect.topk(6).indices.tolist() == ti[f].tolist()
-            assert effect.topk(6, largest=False).indices.tolist() == bi[f].tolist()
+    last = decoder_layers(model)[-1]
+
+    def logits_with_last_output(vec: torch.Tensor) -> torch.Tensor:
+        def hook(_m, _i, out):
+            h = out[0] if isinstance(out, tuple) else out
+            new = vec.to(h.dtype).expand_as(h)
+            return (new, *out[1:]) if isinstance(out, tuple) else new
+
+        handle = last.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                return model(input_ids=torch.tensor([[1, 2]])).logits[0, -1].float()
+        finally:
+            handle.remove()
+
+    for f in range(5):
+        d = W_dec[f] / W_dec[f].norm()
+        effect = logits_with_last_output(0.5 * d) - logits_with_last_output(torch.zeros(64))
+        assert len(effect) == 300 and effect.topk(6).indices.tolist() == ti[f].tolist()
+        assert effect.topk(6, largest=False).indices.tolist() == bi[f].tolist()
+        if family != "nanochat_gpt":  # no soft-cap: an exact positive multiple
             ratio = effect[ti[f]] / tv[f]
             assert (ratio > 0).all() and torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-3)
 

@@ -1,0 +1,64 @@
+"""The deception meter: refitting notebook 04's probe recipe on a fold's training rows gives notebook
+04's own out-of-fold predictions (the peer: `analysis.probes.probe`), and fit_meter on a run."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from helpers.analysis.probes import grouped_folds, probe
+from helpers.collect.capture import load_pooled
+from helpers.collect.completions import read_completions, write_completions
+from helpers.explore.meter import fit_meter, fit_probe
+from helpers.run import probes_path
+from tests.conftest import tiny_chat_llama
+from tests.explore.fake_run import LAYER, make_run
+
+
+@pytest.mark.parametrize("d", [6, 80], ids=["d<n", "d>n"])
+def test_refit_reproduces_notebook_04s_out_of_fold_predictions(d):
+    rng = np.random.default_rng(d)
+    n, n_groups = 72, 12
+    groups = np.repeat(np.arange(n_groups), n // n_groups)
+    y = (rng.random(n) < 0.5).astype(int)
+    X = rng.normal(size=(n, d)) * rng.uniform(0.5, 3, d) + 0.8 * y[:, None] * (np.arange(d) < 3)
+    X[:, -1] = 2.0  # a constant column, as a dead SAE feature or a fixed dimension would be
+    result = probe(X, y, groups, n_folds=3, seed=1, n_permutations=0, n_bootstrap=0, C=0.5)
+    for tr, te in grouped_folds(groups, 3, 1, y=y):
+        coef, intercept = fit_probe(X[tr], y[tr], C=0.5)
+        proba = 1 / (1 + np.exp(-(X[te] @ coef + intercept)))
+        assert np.allclose(proba, result.oof_proba[te], atol=2e-4), np.abs(proba - result.oof_proba[te]).max()
+
+
+@pytest.fixture(scope="module")
+def run(offline_lm, tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("meter_run"), tiny_chat_llama(offline_lm.tokenizer))
+
+
+def test_fit_meter_on_a_run(run):
+    meter = fit_meter(run, LAYER)
+    ids, mean, _ = load_pooled(run, LAYER)
+    labels = {r["id"]: r["label"] for r in read_completions(run)}
+    keep = [i for i, c in enumerate(ids) if labels[c] in ("honest", "deceptive")]
+    assert meter.n_train == len(keep) == 23 and meter.pooling == "mean"
+    coef, intercept = fit_probe(mean[keep].numpy(), [labels[ids[i]] == "deceptive" for i in keep], C=0.5)
+    assert np.allclose(
+        meter.score(mean[keep]), 1 / (1 + np.exp(-(mean[keep].numpy() @ coef + intercept))), atol=1e-6
+    )
+    assert (
+        "balanced accuracy 0.80 [0.70, 0.90]" in meter.caveat
+        and "one pooled vector per completion" in meter.caveat
+    )
+    assert meter.score(mean[0]).shape == (1,)
+
+
+def test_meter_without_probes_json_or_labels(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    probes_path(copy).unlink()
+    assert "unknown (notebook 04" in fit_meter(copy, LAYER).caveat
+    write_completions(copy, [{**r, "label": "honest"} for r in read_completions(copy)])
+    with pytest.raises(ValueError, match=r"needs labelled honest and deceptive.*24 honest and 0 deceptive"):
+        fit_meter(copy, LAYER)
