@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -196,10 +197,24 @@ def analysis_rows(run_dir: str | os.PathLike, sae_id: str) -> dict[int, dict[str
     return {int(r["feature"]): {k: r.get(k) for k in ANALYSIS_FIELDS} for r in read_jsonl(path)}
 
 
+def _round_array(x: np.ndarray, digits: int) -> np.ndarray:
+    """x (any shape) rounded to `digits` significant figures, float64, nan kept. The rounded integer is
+    divided by a power of ten, so each value prints in its shortest form in the pages' JSON."""
+    x = np.asarray(x, np.float64)
+    ok = np.isfinite(x) & (x != 0)
+    e = np.zeros(x.shape, np.int64)
+    e[ok] = digits - 1 - np.floor(np.log10(np.abs(x[ok]))).astype(np.int64)
+    up, down = 10.0 ** np.maximum(e, 0), 10.0 ** np.maximum(-e, 0)
+    return np.round(x * up / down) * down / up + 0.0  # + 0.0: no -0.0
+
+
+def _rounded(x: np.ndarray, digits: int = 4) -> list[float | None]:
+    """`_round_array` as a list of Python floats, None for nan."""
+    return [None if v != v else v for v in _round_array(x, digits).tolist()]
+
+
 def _r(x: float, digits: int = 4) -> float | None:
-    """x rounded to `digits` significant figures for the pages (None for nan)."""
-    x = float(x)
-    return None if not np.isfinite(x) else float(f"{x:.{digits}g}")
+    return _rounded(np.array([x]), digits)[0]
 
 
 @dataclass
@@ -226,13 +241,28 @@ class SAEDashboards:
     def d_sae(self) -> int:
         return int(self.info["d_sae"])
 
-    @property
+    @cached_property
     def max_activation(self) -> np.ndarray:
         top = self.fp.top
         out = np.zeros(self.d_sae, np.float32)
         has = top.start[1:] > top.start[:-1]
         out[has] = top.value[top.start[:-1][has]]
         return out
+
+    @cached_property
+    def _shown(self) -> dict[str, np.ndarray]:
+        """The per-feature numbers the pages print, rounded once for all features (4 significant figures)."""
+        fired, n_tok = self.fp.fired, np.maximum(self.fp.n_tokens, 1)
+        total = fired.sum(0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(total > 0, self.fp.act_sum / total, np.nan)
+        return {
+            "firing_rate": _round_array(total / max(int(self.fp.n_tokens.sum()), 1), 4),
+            "rates": _round_array(fired / n_tok[:, None], 4),
+            "mean": _round_array(mean, 4),
+            "max": _round_array(self.max_activation, 4),
+            "quantiles": _round_array(self.quantiles, 4),
+        }
 
     def check_feature(self, f: int) -> int:
         if not 0 <= int(f) < self.d_sae:
@@ -251,15 +281,13 @@ class SAEDashboards:
 
     def table(self) -> dict[str, list[Any]]:
         """Columns of the feature table, one entry per latent."""
-        fired, n_tok = self.fp.fired, np.maximum(self.fp.n_tokens, 1)
-        total = fired.sum(0)
-        a = self.analysis or {}
+        shown, a = self._shown, self.analysis or {}
         cols: dict[str, list[Any]] = {
             "feature": list(range(self.d_sae)),
-            "firing_rate": [_r(x) for x in total / max(int(self.fp.n_tokens.sum()), 1)],
-            "rate_honest": [_r(x) for x in fired[0] / n_tok[0]],
-            "rate_deceptive": [_r(x) for x in fired[1] / n_tok[1]],
-            "max_activation": [_r(x) for x in self.max_activation],
+            "firing_rate": shown["firing_rate"].tolist(),
+            "rate_honest": shown["rates"][0].tolist(),
+            "rate_deceptive": shown["rates"][1].tolist(),
+            "max_activation": shown["max"].tolist(),
             "cohens_d": [
                 _r(a[f]["cohens_d"]) if f in a and a[f].get("cohens_d") is not None else None
                 for f in range(self.d_sae)
@@ -290,22 +318,21 @@ class SAEDashboards:
             "label": doc.record.get("label"),
             "position": doc.n_prompt + pos,
             "center": self.cfg.before - lo,
-            "activation": _r(kept.value[i]),
+            "activation": float(w[self.cfg.before]),
             "tokens": self._pieces[d][start : start + hi - lo],
-            "acts": [_r(x, 3) + 0.0 for x in w[lo:hi]],
+            "acts": w[lo:hi].tolist(),  # rounded to 3 significant figures by build_dashboards
         }
 
     def page(self, f: int) -> dict[str, Any]:
         """One feature's page: statistics, histogram, examples, logit effects, similar features, notebook 04."""
         f = self.check_feature(f)
         fp, cfg = self.fp, self.cfg
-        n_fire = int(fp.fired[:, f].sum())
-        n_tok = np.maximum(fp.n_tokens, 1)
+        n_fire, shown = int(fp.fired[:, f].sum()), self._shown
         top_s = fp.top.of(f)
         top = [self._example(fp.top, i) for i in range(top_s.start, top_s.stop)]
         used = {(e["completion_id"], e["position"]) for e in top}
         groups = []
-        q = self.quantiles[f]
+        q, q_shown = self.quantiles[f], shown["quantiles"][f].tolist()
         samp = fp.sample.of(f)
         for j in range(cfg.n_quantiles):
             lo, hi = float(q[j]), float(q[j + 1])
@@ -319,22 +346,25 @@ class SAEDashboards:
                     used.add((ex["completion_id"], ex["position"]))
                     picks.append(ex)
             if n_fire:
-                groups.append({"lo": _r(lo), "hi": _r(hi), "examples": picks})
+                groups.append({"lo": q_shown[j], "hi": q_shown[j + 1], "examples": picks})
         page: dict[str, Any] = {
             "feature": f,
             "sae_id": self.sae_id,
             "n_firing": n_fire,
-            "firing_rate": _r(n_fire / max(int(fp.n_tokens.sum()), 1)),
-            "rates": {c: _r(fp.fired[k, f] / n_tok[k]) for k, c in enumerate(CLASSES)},
+            "firing_rate": shown["firing_rate"][f].item(),
+            "rates": {c: shown["rates"][k, f].item() for k, c in enumerate(CLASSES)},
             "fired": {c: int(fp.fired[k, f]) for k, c in enumerate(CLASSES)},
-            "mean_when_firing": _r(fp.act_sum[f] / n_fire) if n_fire else None,
-            "max_activation": _r(self.max_activation[f]),
-            "histogram": {"max": _r(self.max_activation[f]), "counts": self.hist[f].tolist()},
+            "mean_when_firing": shown["mean"][f].item() if n_fire else None,
+            "max_activation": shown["max"][f].item(),
+            "histogram": {"max": shown["max"][f].item(), "counts": self.hist[f].tolist()},
             "top": top,
             "quantiles": groups,
-            "similar": [[int(j), _r(c, 3)] for j, c in zip(*(x[f] for x in self.similar), strict=True)],
+            "similar": [
+                [int(j), c]
+                for j, c in zip(self.similar[0][f].tolist(), self.similar[1][f].tolist(), strict=True)
+            ],
             "similar_other": {
-                sid: [[int(j), _r(c, 3)] for j, c in zip(idx[f], cos[f], strict=True)]
+                sid: [[j, c] for j, c in zip(idx[f].tolist(), cos[f].tolist(), strict=True)]
                 for sid, (idx, cos) in self.similar_other.items()
             },  # fmt: skip
             "analysis": (self.analysis or {}).get(f),
@@ -343,8 +373,8 @@ class SAEDashboards:
         if self.logits is not None:
             ti, tv, bi, bv = (x[f] for x in self.logits)
             page["logits"] = {
-                "positive": [[t, _r(v, 3)] for t, v in zip(self._token_text(ti), tv, strict=True)],
-                "negative": [[t, _r(v, 3)] for t, v in zip(self._token_text(bi), bv, strict=True)],
+                "positive": [[t, v] for t, v in zip(self._token_text(ti), tv.tolist(), strict=True)],
+                "negative": [[t, v] for t, v in zip(self._token_text(bi), bv.tolist(), strict=True)],
             }
         return page
 
@@ -382,6 +412,8 @@ def build_dashboards(
     if not docs:
         raise ValueError(f"none of the {len(records)} completions has completion tokens in {store.dir}")
     fp = feature_pass(store, loaded.sae, docs, cfg, desc=f"{sae_id}: one pass")
+    for kept in (fp.top, fp.sample):  # 3 significant figures, once for every window (pages print them)
+        kept.window = _round_array(kept.window, 3)
     top_value = np.zeros(int(loaded.sae.d_sae))
     has = fp.top.start[1:] > fp.top.start[:-1]
     top_value[has] = fp.top.value[fp.top.start[:-1][has]]
@@ -389,7 +421,8 @@ def build_dashboards(
     notes = []
     logits = None
     if unembedding is not None:
-        logits = tuple(t.numpy() for t in logit_effects(W_dec, unembedding, cfg.n_logits))
+        ti, tv, bi, bv = (t.numpy() for t in logit_effects(W_dec, unembedding, cfg.n_logits))
+        logits = (ti, _round_array(tv, 3), bi, _round_array(bv, 3))
     else:
         notes.append("no logit effects: pass the model (unembedding) to compute them")
     idx, cos = nearest_rows(W_dec, None, cfg.n_similar)
@@ -401,7 +434,7 @@ def build_dashboards(
             and int(other.sae.d_in) == int(loaded.sae.d_in)
         ):
             i2, c2 = nearest_rows(W_dec, other.sae.W_dec.detach().to(W_dec.device), cfg.n_similar)
-            similar_other[sae_id_of(other)] = (i2.numpy(), c2.numpy())
+            similar_other[sae_id_of(other)] = (i2.numpy(), _round_array(c2.numpy(), 3))
     analysis = analysis_rows(run_dir, sae_id)
     if analysis is None:
         notes.append(NO_ANALYSIS)
@@ -431,7 +464,7 @@ def build_dashboards(
         hist=linear_histograms(fp.log_counts, fp.log_edges, top_value, cfg.hist_bins),
         quantiles=quantile_edges(fp.log_counts, fp.log_edges, top_value, cfg.n_quantiles),
         logits=logits,
-        similar=(idx.numpy(), cos.numpy()),
+        similar=(idx.numpy(), _round_array(cos.numpy(), 3)),
         similar_other=similar_other,
         analysis=analysis,
     )

@@ -35,8 +35,9 @@ COMPLETE = "complete.json"
 
 
 def _js(kind: str, key: str, data: Any) -> bytes:
-    """A data file: the JSON on its own line between the call's head and tail (read back by `_read_js`)."""
-    body = json.dumps(jsonable(data), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    """A data file: the JSON on its own line between the call's head and tail (read back by `_read_js`).
+    The pages hold Python numbers already; numpy scalars that slip through are converted by `jsonable`."""
+    body = json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=jsonable)
     return f"explorerData({json.dumps(kind)}, {json.dumps(key)},\n{body}\n);\n".encode()
 
 

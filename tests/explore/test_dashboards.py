@@ -79,7 +79,7 @@ def test_top_windows_are_the_best_token_of_the_best_completions(db, dense, tiny)
         per_doc = np.full(len(docs), 0.0)
         np.maximum.at(per_doc, doc, A[:, f])
         want = np.sort(per_doc[per_doc > 0])[::-1][: CFG.n_top]
-        assert [ex["activation"] for ex in page["top"]] == pytest.approx(want, rel=1e-3)
+        assert [ex["activation"] for ex in page["top"]] == pytest.approx(want, rel=5e-3)
         assert len({ex["completion_id"] for ex in page["top"]}) == len(page["top"])
         for ex in page["top"] + [e for g in page["quantiles"] for e in g["examples"]]:
             d = next(i for i, x in enumerate(docs) if x.id == ex["completion_id"])

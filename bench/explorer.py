@@ -1,0 +1,267 @@
+"""Benchmark: the explorer's data for EVERY feature of a d_sae = 16,384 SAE over a 1M-token store, and
+the static page's first paint with 16k features.
+
+    python bench/explorer.py                       # 1M tokens, d_in 576, d_sae 16384, TopK k=32; JSON
+    python bench/explorer.py --tokens 200000       # a quicker look
+    python bench/explorer.py --device cuda         # on a GPU
+
+Data (written once under --data-dir, reused): a store of `--tokens` completion tokens of d_in = 576 (the
+offline model SmolLM2-135M's width) in float16 shards, in completions of 250 tokens with random token ids
+of SmolLM2's vocabulary and alternating honest / deceptive labels; residuals are Gaussian with a few
+high-variance directions. The SAE is a TopK SAE with random weights (k = 32: every token fires exactly
+32 latents, so all 16k are alive, ~2,000 firings each). Random weights and data make the work realistic
+(the same number of nonzero activations, windows, pages and tokens to decode), not the pages.
+
+Measured in a fresh process (its memory is its own; a thread samples /proc/self/status every 20 ms):
+- `build_dashboards` (the one pass; logit effects through SmolLM2's real unembedding; neighbours) and
+  writing the explorer (every feature page, the table), with time and peak anonymous memory;
+- side by side in the same process, the peers: (1) a bare encoder pass over the same store (the SAE's
+  `encode` on every token, outputs dropped: the floor any per-feature statistics pay), and (2) notebook
+  04's example windows (`analysis.contexts.build_contexts`, a Python loop over the features asked for in
+  every batch) for `--peer-features` features, scaled linearly to 16k (an extrapolation, stated so);
+- the page in Debian's headless chromium from file://: first contentful paint, the table's first render
+  (a `performance.mark` the app sets) and opening a feature page (when chromium is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import helpers  # noqa: E402
+from helpers.analysis.contexts import ContextConfig, build_contexts, docs_for, iter_token_acts  # noqa: E402
+from helpers.collect.completions import read_completions, write_completions  # noqa: E402
+from helpers.collect.store import ActivationWriter, LayerStore  # noqa: E402
+from helpers.explore.dashboards import ExplorerConfig, build_dashboards  # noqa: E402
+from helpers.explore.decoder import unembedding_of  # noqa: E402
+from helpers.explore.site import write_sae_data, write_site  # noqa: E402
+from helpers.model.hooks import hook_name  # noqa: E402
+from helpers.run import explorer_dir, sae_dir, update_run_json  # noqa: E402
+from helpers.saes import TopKSAE  # noqa: E402
+from helpers.saes.io import load_sae, save_sae  # noqa: E402
+
+LAYER, DOC_TOKENS, SAE_ID = 15, 250, "bench_topk_L15_mixed"
+
+
+def build_data(data_dir: Path, n_tokens: int, d_in: int, d_sae: int, k: int, vocab: int) -> None:
+    """The store, completions.jsonl, run.json and the SAE (module doc), once per size."""
+    meta = {"tokens": n_tokens, "d_in": d_in, "d_sae": d_sae, "k": k}
+    marker = data_dir / "bench_meta.json"
+    if marker.exists() and json.loads(marker.read_text()) == meta:
+        return
+    shutil.rmtree(data_dir, ignore_errors=True)
+    rng = np.random.default_rng(0)
+    loud = rng.normal(size=(8, d_in)) * 6  # a few high-variance directions, as residual streams have
+    records = []
+    with ActivationWriter(data_dir, LAYER, shard_tokens=65_536) as writer:
+        for i in range(n_tokens // DOC_TOKENS):
+            x = rng.normal(size=(DOC_TOKENS, d_in)) + rng.normal(size=(DOC_TOKENS, 8)) @ loud
+            ids = rng.integers(100, vocab, DOC_TOKENS).tolist()
+            cid = f"p{i // 2}/{'honest' if i % 2 == 0 else 'deceptive'}#0"
+            writer.add(cid, x.astype(np.float32))
+            records.append({"id": cid, "prompt_id": cid.split("#")[0], "group": f"p{i // 20}", "label": cid.split("/")[1][:-2],
+                            "prompt_token_ids": [], "completion_token_ids": ids, "n_tokens": DOC_TOKENS})  # fmt: skip
+    write_completions(data_dir, records)
+    update_run_json(
+        data_dir, model={"spec": helpers.OFFLINE_MODEL, "n_layers": 30, "d_model": d_in}, layers=[LAYER]
+    )
+    save_sae(TopKSAE(d_in, d_sae, l0=k, seed=0), sae_dir(data_dir, SAE_ID), hook_name=hook_name(LAYER),
+             model_name=helpers.OFFLINE_MODEL, metadata={"sae_id": SAE_ID})  # fmt: skip
+    marker.write_text(json.dumps(meta))
+
+
+def _status() -> dict[str, int]:
+    lines = Path("/proc/self/status").read_text().splitlines()
+    return {
+        k: int(v.split()[0]) * 1024
+        for k, v in (ln.split(":", 1) for ln in lines)
+        if k in ("RssAnon", "RssFile")
+    }
+
+
+class PeakMemory:
+    """Peak resident memory (anonymous and file-backed) while the block runs, sampled every 20 ms."""
+
+    def __enter__(self) -> PeakMemory:
+        self.start, self.peak, self._done = (
+            _status(),
+            dict.fromkeys(("RssAnon", "RssFile"), 0),
+            threading.Event(),
+        )
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.02):
+            for key, value in _status().items():
+                self.peak[key] = max(self.peak[key], value)
+
+    def __exit__(self, *_) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def gb(b: float) -> float:
+    return round(b / 2**30, 3)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Runs in a fresh process (main)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data_dir = Path(args.data_dir)
+    lm = helpers.load_model(helpers.OFFLINE_MODEL, device=args.device)
+    loaded = load_sae(sae_dir(data_dir, SAE_ID), device=args.device)
+    store = LayerStore(data_dir, LAYER)
+    cfg = ExplorerConfig(batch_tokens=args.batch_tokens)
+    out: dict = {"tokens": store.n_tokens, "d_in": store.d_model, "d_sae": int(loaded.sae.d_sae), "k": args.k,
+                 "device": args.device, "torch_threads": torch.get_num_threads(), "config": vars(cfg)}  # fmt: skip
+    unembedding = unembedding_of(lm.model)
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        db = build_dashboards(
+            data_dir, loaded, tokenizer=lm.tokenizer, unembedding=unembedding, config=cfg, store=store
+        )
+        t1 = time.perf_counter()
+        write_sae_data(data_dir, db, {"bench": True})
+        index = write_site(data_dir, title="bench: 16k features")
+        t2 = time.perf_counter()
+    out["explorer"] = {
+        "build_dashboards_s": round(t1 - t0, 1),
+        "write_pages_and_table_s": round(t2 - t1, 1),
+        "total_s": round(t2 - t0, 1),
+        "rss_anon_gb_before": gb(mem.start["RssAnon"]),
+        "peak_rss_anon_gb": gb(mem.peak["RssAnon"]),
+        "peak_rss_file_backed_gb": gb(mem.peak["RssFile"]),
+        "features_alive": db.info["n_alive"],
+        "explorer_mb_on_disk": round(sum(p.stat().st_size for p in explorer_dir(data_dir).rglob("*") if p.is_file()) / 2**20, 1),
+        "table_js_mb": round((explorer_dir(data_dir) / "data" / SAE_ID / "table.js").stat().st_size / 2**20, 2),
+    }  # fmt: skip
+    del db
+    # Peer 1: the bare encoder pass over the same tokens.
+    docs = docs_for(store, read_completions(data_dir))
+    t0 = time.perf_counter()
+    for _ in iter_token_acts(store, loaded.sae, docs, batch_tokens=cfg.batch_tokens):
+        pass
+    encode_s = time.perf_counter() - t0
+    out["peer_bare_encoder_pass"] = {"seconds": round(encode_s, 1),
+                                     "explorer_build_over_encode": round(out["explorer"]["build_dashboards_s"] / encode_s, 2)}  # fmt: skip
+    # Peer 2: notebook 04's per-feature example windows for a few features, scaled to all.
+    feats = list(range(args.peer_features))
+    t0 = time.perf_counter()
+    build_contexts(store, loaded.sae, read_completions(data_dir), feats, lm.tokenizer,
+                   ContextConfig(batch_tokens=cfg.batch_tokens))  # fmt: skip
+    peer_s = time.perf_counter() - t0
+    scaled = (peer_s - encode_s * 2) / len(feats) * out[
+        "d_sae"
+    ] + encode_s * 2  # its two passes + per feature
+    out["peer_build_contexts"] = {"features": len(feats), "seconds": round(peer_s, 1),
+                                  "extrapolated_all_features_s": round(scaled, 0),
+                                  "ratio_to_explorer": round(scaled / out["explorer"]["build_dashboards_s"], 1)}  # fmt: skip
+    if args.browser:
+        out["browser"] = first_paint(index)
+    return out
+
+
+def first_paint(index: Path) -> dict:
+    """First contentful paint, table render and a feature page's load, in headless chromium."""
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.options import Options
+        from selenium.webdriver.chrome.service import Service
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+    except ImportError:
+        return {"skipped": "selenium is not installed"}
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not binary or not driver:
+        return {"skipped": "chromium / chromedriver not installed (.ci/install installs them)"}
+    opts = Options()
+    for a in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+    ):
+        opts.add_argument(a)
+    opts.binary_location = binary
+    browser = webdriver.Chrome(service=Service(driver), options=opts)
+    runs = []
+    try:
+        for _ in range(3):
+            browser.get("about:blank")
+            browser.get(index.as_uri())
+            WebDriverWait(browser, 120).until(
+                lambda b: b.execute_script(
+                    "return performance.getEntriesByName('explorer-table-rendered').length"
+                )
+            )
+            fcp = browser.execute_script(
+                "return performance.getEntriesByName('first-contentful-paint')[0].startTime"
+            )
+            table = browser.execute_script(
+                "return performance.getEntriesByName('explorer-table-rendered')[0].startTime"
+            )
+            t0 = browser.execute_script("return performance.now()")
+            browser.find_elements(By.CSS_SELECTOR, "#table tbody tr")[100].click()
+            WebDriverWait(browser, 60).until(
+                lambda b: b.find_elements(By.CSS_SELECTOR, "#top-examples .example")
+            )
+            page = browser.execute_script("return performance.now()") - t0
+            t0 = browser.execute_script("return performance.now()")
+            browser.execute_script("history.back()")
+            box = WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.ID, "search"))[0]
+            box.send_keys("#777")
+            WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "count").text.startswith("1 of"))
+            search = browser.execute_script("return performance.now()") - t0
+            runs.append({"first_contentful_paint_ms": round(fcp), "table_rendered_ms": round(table),
+                         "feature_page_ms": round(page), "back_and_search_ms": round(search)})  # fmt: skip
+    finally:
+        browser.quit()
+    return {"runs": runs, "median": {k: int(np.median([r[k] for r in runs])) for k in runs[0]}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=1_000_000)
+    p.add_argument("--d-in", type=int, default=576)
+    p.add_argument("--d-sae", type=int, default=16_384)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch-tokens", type=int, default=2048)
+    p.add_argument("--peer-features", type=int, default=64)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "explorer_bench"))
+    p.add_argument("--no-browser", dest="browser", action="store_false")
+    p.add_argument("--out", help="also write the JSON here")
+    args = p.parse_args()
+    tok = helpers.load_model(helpers.OFFLINE_MODEL, device="cpu").tokenizer
+    t0 = time.perf_counter()
+    build_data(Path(args.data_dir), args.tokens, args.d_in, args.d_sae, args.k, len(tok))
+    data_s = time.perf_counter() - t0
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh process: its memory is its own
+        result = pool.apply(measure, (args,))
+    result["data_build_s"] = round(data_s, 1)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
