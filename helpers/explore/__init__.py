@@ -10,9 +10,9 @@ from helpers.explore.dashboards import ExplorerConfig, build_dashboards
 from helpers.explore.live import analyse_text, answer_acts, track_generation
 from helpers.explore.meter import fit_meter
 from helpers.explore.neuronpedia import export_neuronpedia, validate_export
-from helpers.explore.panel import explorer_panel, explorer_path
+from helpers.explore.panel import explorer_panel
 from helpers.explore.pipeline import build_explorer
-from helpers.explore.site import read_page, read_table
+from helpers.explore.site import explorer_path, read_page, read_table
 from helpers.explore.views import (
     TABLE_COLUMNS,
     analyser_html,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import html
 import os
-from pathlib import Path
 from typing import Any
 
 from helpers.explore.live import analyse_text, answer_acts, track_generation
@@ -222,7 +221,3 @@ def explorer_panel(
         tabs.set_title(i, title)
     refresh()
     return w.VBox([sae_box, status, tabs])
-
-
-def explorer_path(run_dir: str | os.PathLike) -> Path:
-    return explorer_dir(run_dir) / "index.html"

@@ -19,7 +19,7 @@ from helpers.analysis.pipeline import load_tokenizer, sae_id_of
 from helpers.explore.dashboards import NO_ANALYSIS, ExplorerConfig, build_dashboards, check_sae_for_run
 from helpers.explore.decoder import unembedding_of
 from helpers.explore.site import is_complete, sae_info, write_sae_data, write_site
-from helpers.run import SAE_WEIGHTS, completions_path, explorer_dir, features_path, saes_dir
+from helpers.run import SAE_WEIGHTS, completions_path, features_path, saes_dir
 from helpers.saes.io import LoadedSAE, find_sae_folders, load_sae
 
 
@@ -91,13 +91,3 @@ def build_explorer(
     index = write_site(run_dir)
     print(f"explorer: {index} (open it in a browser; it needs no server)")
     return rows
-
-
-def explorer_files(run_dir: str | os.PathLike) -> list[Path]:
-    """The explorer's files (for the zip and the Hub), [] when it has not been built."""
-    root = explorer_dir(run_dir)
-    return (
-        sorted(p for p in root.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
-        if root.is_dir()
-        else []
-    )

@@ -45,6 +45,11 @@ def _read_js(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8").split("\n")[1])
 
 
+def explorer_path(run_dir: str | os.PathLike) -> Path:
+    """The explorer's page: open it in a browser (from Drive or the unzipped run folder)."""
+    return explorer_dir(run_dir) / "index.html"
+
+
 def sae_data_dir(run_dir: str | os.PathLike, sae_id: str) -> Path:
     return explorer_dir(run_dir) / DATA / sae_id
 
@@ -113,4 +118,4 @@ def write_site(run_dir: str | os.PathLike, *, title: str = "") -> Path:
     meta = {"title": title or f"Feature explorer: {Path(run_dir).name}", "saes": saes}
     atomic_write_bytes(root / DATA / "saes.js", _js("saes", "", meta))
     html = resources.files("helpers.explore").joinpath("static/index.html").read_bytes()
-    return atomic_write_bytes(root / "index.html", html)
+    return atomic_write_bytes(explorer_path(run_dir), html)
