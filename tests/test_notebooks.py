@@ -187,3 +187,57 @@ def test_06_writes_the_explorer_and_a_valid_neuronpedia_export(smoke_run):
     assert len(stage["neuronpedia"]) == 1
     assert validate_export(smoke_run / "neuronpedia" / stage["neuronpedia"][0])["features"] == info["d_sae"]
     assert (smoke_run / "publish_dry_run" / "explorer" / "index.html").exists(), "the Hub upload carries it"
+
+
+@pytest.mark.notebook
+def test_01_to_05_run_on_a_tiny_2026_layout_nanochat_checkpoint(tmp_path, monkeypatch):
+    """Notebooks 01-05 on a native nanochat checkpoint of the newest layout (2026-03-14: value embeddings,
+    smear, backout, sliding windows), which loads as our NanoChatGPTForCausalLM. Smoke mode would replace
+    MODEL by the offline model, so 01 runs without NB_SMOKE and gets MODEL and the smoke values through the
+    runner's parameter injection (offline, CPU, no Gemini key, as smoke_env sets them); 02-05 run in smoke
+    mode on the model 01 recorded in run.json."""
+    from helpers.collect.store import LayerStore
+    from tests.model.nanochat_oracle import write_tiny_2026_checkpoint
+
+    native = write_tiny_2026_checkpoint(tmp_path / "native", n_layer=8, n_embd=64)
+    run_dir = tmp_path / "run"
+    for name, value in {
+        "NB_CACHE_DIR": str(tmp_path / "cache"),
+        "HF_HUB_OFFLINE": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }.items():
+        monkeypatch.setenv(name, value)
+    for secret in ("GEMINI_API_KEY", "GOOGLE_API_KEY"):
+        monkeypatch.delenv(secret, raising=False)
+    first, *rest = notebook_paths(["01", "02", "03", "04", "05"])
+    run_notebook(
+        first, run_dir, smoke=False, params={"MODEL": str(native), "RUN_NAME": "smoke", "MAX_NEW_TOKENS": 12}
+    )
+    for path in rest:
+        run_notebook(path, run_dir, smoke=True)
+
+    run = json.loads((run_dir / "run.json").read_text())
+    model = run["model"]
+    assert (model["spec"], model["source"], model["layout"], model["family"]) == (
+        str(native), "nanochat-native", "2026-03-14", "nanochat",
+    )  # fmt: skip
+    shape = (model["n_layers"], model["d_model"], model["dtype"], model["chat_format"])
+    assert shape == (8, 64, "float32", "nanochat")
+    assert all(run["stages"][p.stem]["status"] == "done" for p in [first, *rest])
+    assert run["stages"]["01_load_checkpoint"]["hook_points"] == 8
+    assert run["layers"] == [3, 6]
+    records = [json.loads(line) for line in (run_dir / "completions.jsonl").read_text().splitlines()]
+    assert len(records) == 32 and {r["label"] for r in records} == {"honest", "deceptive"}
+    for layer in (3, 6):
+        store = LayerStore(run_dir, layer)
+        assert store.d_model == 64 and store.n_tokens == sum(r["n_tokens"] for r in records)
+    cfgs = [json.loads(p.read_text()) for p in (run_dir / "saes").glob("*/cfg.json")]
+    assert cfgs and all(
+        c["d_in"] == 64 and c["metadata"]["hook_name"] == "blocks.3.hook_resid_post" for c in cfgs
+    )
+    metrics = [json.loads(p.read_text()) for p in (run_dir / "saes").glob("*/metrics.json")]
+    assert all("ce_increase" in m["lm"] for m in metrics), "the LM-loss evaluation ran on the 2026 model"
+    assert {"none", "feature", "random_direction"} <= {
+        json.loads(line)["kind"] for line in (run_dir / "steering.jsonl").read_text().splitlines()
+    }
+    assert (run_dir / "figures" / "steering.png").exists() and (run_dir / "probes.json").exists()

@@ -112,7 +112,7 @@ def build_oracle(commit: str, *, seed: int = 0, compute_dtype: str | None = None
 
 
 def save_native(model, model_config: dict, folder: Path, *, step: int = 10, compile_prefix: bool = False,
-                state_dict: dict | None = None) -> Path:  # fmt: skip
+                state_dict: dict | None = None, encoding: tiktoken.Encoding | None = None) -> Path:  # fmt: skip
     """Write `model` as nanochat's checkpoint_manager.save_checkpoint does, plus tokenizer.pkl."""
     folder.mkdir(parents=True, exist_ok=True)
     sd = state_dict if state_dict is not None else model.state_dict()
@@ -122,7 +122,7 @@ def save_native(model, model_config: dict, folder: Path, *, step: int = 10, comp
     meta = {"step": step, "val_bpb": 1.0, "model_config": model_config, "user_config": {}}
     (folder / f"meta_{step:06d}.json").write_text(json.dumps(meta, indent=2))
     with open(folder / "tokenizer.pkl", "wb") as f:
-        pickle.dump(tiny_encoding(), f)
+        pickle.dump(encoding or tiny_encoding(), f)
     return folder
 
 
@@ -146,3 +146,61 @@ def block_outputs(model, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Te
         for h in handles:
             h.remove()
     return logits, outs
+
+
+WORDS = (" the", " car", " is", " safe", " not", " yes", " no", " I", " was", " there", " it", " fine", " broken",
+         " honest", " never", " saw", " money", " wallet", " report", " done", " sure", " we", " can", " sell")  # fmt: skip
+
+
+def word_encoding() -> tiktoken.Encoding:
+    """Bytes, then every prefix of a few English words (so each is one token, with valid BPE merges), then
+    nanochat's special tokens."""
+    ranks = {bytes([i]): i for i in range(256)}
+    for word in WORDS:
+        for end in range(2, len(word) + 1):
+            ranks.setdefault(word[:end].encode(), len(ranks))
+    special = {s: len(ranks) + i for i, s in enumerate(SPECIALS)}
+    return tiktoken.Encoding(
+        name="words", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=special
+    )
+
+
+def write_tiny_2026_checkpoint(
+    folder: Path, *, n_layer: int = 8, n_embd: int = 64, seq_len: int = 2048
+) -> Path:
+    """A tiny random checkpoint of the newest layout (2026-03-14), written as nanochat writes one, for runs
+    that must not depend on ../shared/oracles (the notebook smoke test): built with our own class, whose
+    parameter names are upstream's (`detect_layout` checks the keys when it loads). Random weights would
+    babble random bytes, which leaves a bag-of-words control nothing to count: the lm_head favours the
+    whole-word tokens of `word_encoding`, so the model babbles English words (and still stops at times)."""
+    from helpers.model import nanochat_layouts as layouts
+    from helpers.model.nanochat_gpt import NanoChatGPTConfig, NanoChatGPTForCausalLM
+
+    enc, layout = word_encoding(), layouts.LAYOUTS[-1]
+    model_config = dict(sequence_len=seq_len, vocab_size=enc.n_vocab, n_layer=n_layer, n_head=4, n_kv_head=2,
+                        n_embd=n_embd, window_pattern="SSSL")  # fmt: skip
+    b = layouts.resolve_behaviour(layout, model_config)
+    config = NanoChatGPTConfig(
+        vocab_size=enc.n_vocab,
+        padded_vocab_size=-(-enc.n_vocab // 64) * 64,
+        hidden_size=n_embd,
+        num_hidden_layers=n_layer,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=seq_len,
+        attention_windows=b["attention_windows"],
+        value_embed_layers=layout.value_embed_layers(n_layer),
+        ve_gate_channels=layout.ve_gate_channels,
+        smear_channels=24,
+        backout_layer=n_layer // 2,
+    )
+    torch.manual_seed(0)
+    model = NanoChatGPTForCausalLM(config)
+    words = [enc.encode_single_token(w.encode()) for w in WORDS] + [
+        enc.encode_single_token("<|assistant_end|>")
+    ]
+    with torch.no_grad():
+        head = torch.zeros_like(model.lm_head.weight)
+        head[words] = torch.randn(len(words), n_embd) * 2.0
+        model.lm_head.weight.copy_(head)
+    return save_native(model, model_config, folder, encoding=enc)
