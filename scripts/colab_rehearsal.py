@@ -450,14 +450,32 @@ def remove_foreign_drives(pass_dir: Path) -> list[str]:
     return removed
 
 
+def prepare_notebooks(
+    commit: Commit, notebooks: list[str], literal: str | None, passes: list[str]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per pass, the notebooks to run (name -> notebook JSON): the committed ones with the local install
+    URL and, in the gemini pass, the injected parameters. Done for every pass before anything runs, so a
+    notebook the rehearsal cannot prepare fails at once."""
+    committed = {Path(path).name: json.loads(commit.read(path)) for path in notebooks}
+    prepared: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in passes:
+        prepared[name] = {}
+        for nb_name, nb in committed.items():
+            nb = copy.deepcopy(nb)
+            substitute_install_url(nb, literal, commit.url, nb_name)
+            if name == "gemini" and nb_name[:2] in GEMINI_PARAMS:
+                inject_after_smoke_cell(nb, GEMINI_PARAMS[nb_name[:2]], nb_name)
+            prepared[name][nb_name] = nb
+    return prepared
+
+
 def run_pass(
     name: str,
     commit: Commit,
-    notebooks: list[str],
+    nbs: dict[str, dict[str, Any]],
     python: Path,
     baseline: dict[str, str],
     work: Path,
-    literal: str | None,
     timeout: int,
     timings: dict[str, float],
 ) -> PassResult:
@@ -474,7 +492,6 @@ def run_pass(
     executed_dir.mkdir(parents=True)
     distribution = commit.project()["name"]
 
-    nbs = {path: json.loads(commit.read(path)) for path in notebooks}
     server = None
     secrets: dict[str, str] = {}
     extra: dict[str, str] = {}
@@ -496,13 +513,7 @@ def run_pass(
     changed_so_far: set[str] = set()
     before = installed_versions(python)
     try:
-        for path, nb in nbs.items():
-            nb_name = Path(path).name
-            number = nb_name[:2]
-            nb = copy.deepcopy(nb)
-            substitute_install_url(nb, literal, commit.url, nb_name)
-            if name == "gemini" and number in GEMINI_PARAMS:
-                inject_after_smoke_cell(nb, GEMINI_PARAMS[number], nb_name)
+        for nb_name, nb in nbs.items():
             prepared = pass_dir / "prepared" / nb_name
             prepared.write_text(json.dumps(nb, indent=1))
             # A fresh Colab runtime has no helpers: every notebook's own install cell installs it.
@@ -889,7 +900,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=PASSES, help="run one pass only")
     parser.add_argument("--notebooks", nargs="+", metavar="NN", help="notebook numbers to run (default: all)")
     parser.add_argument("--work", type=Path, help="work folder (default: a new temp folder)")
-    parser.add_argument("--keep", action="store_true", help="keep the temp work folder")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temp work folder (kept anyway on failure)"
+    )
     parser.add_argument(
         "--reuse-venv", action="store_true", help="reuse <work>/venv from an earlier run with --work"
     )
@@ -903,23 +916,28 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.monotonic()
     timings: dict[str, float] = {}
-    commit = resolve_commit(args.checkout)
-    notebooks = commit.notebooks(args.notebooks)
-    literal = args.install_url_literal
-    if literal is None:
-        release = commit.release()
-        if release is not None:
-            literal = release["INSTALL_URL"]
-        else:
-            print(
-                f"note: commit {commit.sha[:10]} has no helpers/release.py; replacing the one GitHub URL of each install cell"
-            )
-    pins = read_preinstalled()
-    work, created = prepare_work(args.work)
+    passes = [args.only] if args.only else list(PASSES)
+    try:
+        commit = resolve_commit(args.checkout)
+        literal = args.install_url_literal
+        if literal is None:
+            release = commit.release()
+            if release is not None:
+                literal = release["INSTALL_URL"]
+            else:
+                print(
+                    f"note: commit {commit.sha[:10]} has no helpers/release.py; replacing the one GitHub URL "
+                    "of each install cell"
+                )
+        prepared = prepare_notebooks(commit, commit.notebooks(args.notebooks), literal, passes)
+        pins = read_preinstalled()
+        work, created = prepare_work(args.work)
+    except RehearsalError as err:
+        print(f"REHEARSAL ERROR: {err}\nColab rehearsal: FAILED\nrehearsal: 0 passed, {len(passes)} failed")
+        return 1
     print(
         f"Colab rehearsal of {commit.checkout} at {commit.sha[:10]}: install URL {commit.url}\nwork folder: {work}"
     )
-    passes = [args.only] if args.only else list(PASSES)
     results: list[PassResult] = []
     setup_error = None
     try:
@@ -940,7 +958,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         for name in passes:
             results.append(
-                run_pass(name, commit, notebooks, python, baseline, work, literal, args.timeout, timings)
+                run_pass(name, commit, prepared[name], python, baseline, work, args.timeout, timings)
             )
     except RehearsalError as err:
         setup_error = str(err)
@@ -966,10 +984,11 @@ def main(argv: list[str] | None = None) -> int:
         for message in res.failures:
             print(f"  - {message}")
         failed |= bool(res.failures)
-    if created and not args.keep:
+    if created and not args.keep and not failed:
         shutil.rmtree(work, ignore_errors=True)
     else:
-        print(f"work folder kept: {work} (executed notebooks in {work / 'executed'})")
+        why = " because the rehearsal failed" if failed and created and not args.keep else ""
+        print(f"work folder kept{why}: {work} (executed notebooks in {work / 'executed'})")
     n_ok = sum(not r.failures for r in results)
     n_failed = len(passes) - n_ok  # a pass that a setup error kept from running counts as failed
     print("Colab rehearsal: " + ("FAILED" if failed else "passed"))
