@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 # Where each architecture keeps its decoder layers, as attribute paths on the *ForCausalLM model.
-# NanoChat/Llama/Qwen/Mistral/Gemma/SmolLM: model.layers; GPT-2: transformer.h; GPT-NeoX: gpt_neox.layers.
+# NanoChat/Llama/Qwen/Mistral/Gemma/SmolLM: model.layers; GPT-2 and our nanochat 2026 class
+# (nanochat_gpt.NanoChatGPTForCausalLM, upstream's names): transformer.h; GPT-NeoX: gpt_neox.layers.
 _LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers")
 _HOOK_NAME = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
 # Module paths that foreign SAEs sometimes use as their hook_name (e.g. published nanochat SAEs).

@@ -207,14 +207,28 @@ def match_upstream_rotary(model: nn.Module) -> nn.Module:
 def _fast_tokenizer(enc):
     """tiktoken Encoding -> transformers fast tokenizer with nanochat's special tokens at their ids."""
     from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
+    from transformers.convert_slow_tokenizer import TikTokenConverter, bytes_to_unicode
 
     # transformers.integrations.tiktoken.convert_tiktoken_to_fast wraps this same converter, but it first
     # writes the ranks with tiktoken's dump_tiktoken_bpe, which needs the extra package `blobfile`, and
-    # re-reads them through tiktoken's path-keyed file cache. Handing the ranks over directly avoids both.
+    # re-reads them through tiktoken's path-keyed file cache. So the vocabulary and merges are made here
+    # from the ranks in memory (transformers <= 5.15, Colab's, reads the ranks only through that file).
     class _RanksConverter(TikTokenConverter):
-        def load_tiktoken_bpe(self, _url):
-            return enc._mergeable_ranks
+        def extract_vocab_merges_from_model(self, _url):
+            ranks = enc._mergeable_ranks  # {token bytes: rank}
+            byte_char = bytes_to_unicode()  # byte -> the printable character byte-level BPE spells it with
+
+            def spell(token: bytes) -> str:
+                return "".join(byte_char[b] for b in token)
+
+            # A token of rank r is made by merging any split (left, right) of it into two tokens; tiktoken
+            # merges the pair whose result has the lowest rank first, so merges are ordered by r.
+            merges = []
+            for token, _rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+                splits = [(token[:i], token[i:]) for i in range(1, len(token))]
+                splits = [(a, b) for a, b in splits if a in ranks and b in ranks]
+                merges += sorted(splits, key=lambda ab: (ranks[ab[0]], ranks[ab[1]]))
+            return {spell(t): r for t, r in ranks.items()}, [(spell(a), spell(b)) for a, b in merges]
 
     specials = sorted(enc._special_tokens.items(), key=lambda kv: kv[1])  # [(token, id)], id order
     backend = _RanksConverter(pattern=enc._pat_str, extra_special_tokens=[t for t, _ in specials]).converted()

@@ -331,7 +331,8 @@ class NanoChatGPTForCausalLM(PreTrainedModel):
             for w in set(cfg.attention_windows)
         }
 
-        x = norm(self.transformer.wte(input_ids))
+        # Embeddings may be stored in bf16 (as nanochat stores them): compute in the matrices' dtype.
+        x = norm(self.transformer.wte(input_ids).to(self.lm_head.weight.dtype))
         if cfg.smear_channels:
             x = self._smear(x, rope_pos, cache)
         x0 = x
@@ -356,7 +357,7 @@ class NanoChatGPTForCausalLM(PreTrainedModel):
         out = CausalLMOutputWithPast(logits=logits, hidden_states=tuple(hidden) if hidden else None)
         if use_cache or past_key_values is not None:
             out[_CACHE_FIELD] = cache
-        return out
+        return out if return_dict is not False else out.to_tuple()
 
     def _positions(self, attention_mask, past: int, B: int, T: int, device):
         """(key positions [B or 1, past + T], query positions [B or 1, T], padded?): positions count real
@@ -387,7 +388,7 @@ class NanoChatGPTForCausalLM(PreTrainedModel):
         cos, sin = freqs.cos(), freqs.sin()
         if self.config.rope_tables_bf16:
             cos, sin = cos.bfloat16(), sin.bfloat16()
-        dtype = self.transformer.wte.weight.dtype
+        dtype = self.lm_head.weight.dtype  # the compute dtype
         return cos.to(dtype)[:, :, None, :], sin.to(dtype)[:, :, None, :]
 
     @staticmethod
