@@ -147,7 +147,8 @@ def _leaderboard(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     rows = [
         {"sae_id": m["sae_id"], "architecture": m["architecture"], "condition": m["condition"],
          "l0": (m.get("activations") or {}).get("l0"),
-         "explained_variance": (m.get("activations") or {}).get("explained_variance")}
+         "explained_variance": (m.get("activations") or {}).get("explained_variance"),
+         "loss_recovered": (m.get("lm") or {}).get("loss_recovered")}
         for m in read_sae_metrics(run_dir)
     ]  # fmt: skip
     if not rows:
@@ -181,6 +182,41 @@ def leaderboard_figure(run_dir: str | os.PathLike, *, backend: str = "plotly") -
                         hovertemplate="%{text}<br>L0 %{x:.1f}<br>EV %{y:.3f}<extra></extra>")  # fmt: skip
     fig.update_layout(title="SAE leaderboard: reconstruction vs sparsity", xaxis_title="L0 (active latents per token)",
                       yaxis_title="explained variance", legend_title="architecture / condition")  # fmt: skip
+    return fig
+
+
+def sae_pareto_figure(run_dir: str | os.PathLike, *, backend: str = "plotly") -> Any:
+    """The Pareto view of an L0 sweep: explained variance and the fraction of LM loss recovered (the CE
+    score) against L0, one line per architecture / condition through its SAEs in order of L0. Up and to
+    the left is better: compare lines at equal L0, never single points at different sparsities."""
+    rows = _leaderboard(run_dir)
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in sorted(rows, key=lambda r: _num(r["l0"])):
+        groups[f"{r['architecture']} / {r['condition']}"].append(r)
+    panels = (
+        ("explained_variance", "explained variance (held out)"),
+        ("loss_recovered", "LM loss recovered (CE score)"),
+    )
+    if _is_mpl(backend):
+        fig, axes = _mpl(2)
+        for ax, (key, title) in zip(axes, panels, strict=True):
+            for i, (name, pts) in enumerate(groups.items()):
+                ax.plot([r["l0"] for r in pts], [_num(r[key]) for r in pts], marker=MPL_MARKERS[i % 6], label=name,
+                        color=PALETTE[i % 8])  # fmt: skip
+            ax.set(xlabel="L0 (active latents per token)", ylabel=title, title=f"{title} vs L0")
+        axes[0].legend(fontsize=8)
+        return fig
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=[p[1] for p in panels])
+    for col, (key, _) in enumerate(panels, 1):
+        for i, (name, pts) in enumerate(groups.items()):
+            fig.add_scatter(x=[r["l0"] for r in pts], y=[r[key] for r in pts], mode="lines+markers", name=name,
+                            legendgroup=name, showlegend=col == 1, line_color=PALETTE[i % 8],
+                            text=[r["sae_id"] for r in pts], row=1, col=col,
+                            hovertemplate="%{text}<br>L0 %{x:.1f}<br>%{y:.3f}<extra></extra>")  # fmt: skip
+    fig.update_xaxes(title_text="L0 (active latents per token)")
+    fig.update_layout(title="SAEs: reconstruction and LM loss against sparsity (up and left is better)")
     return fig
 
 

@@ -129,14 +129,20 @@ def test_03_saves_saelens_folders_with_metrics(smoke_run):
     from sae_lens import SAE
 
     folders = sorted((smoke_run / "saes").glob("*/cfg.json"))
-    archs = {json.loads(p.read_text())["architecture"] for p in folders}
+    cfgs = [json.loads(p.read_text()) for p in folders]
+    archs = {c.get("trained_as", c["architecture"]) for c in cfgs}
     # Smoke data is tiny: mixed always trains; the one-label conditions may be skipped for too few samples
     # (reported in run.json), which is the behaviour a researcher gets with too little data.
-    assert archs == {"topk", "jumprelu", "gated"} and any("_mixed" in str(p) for p in folders)
+    assert archs == {"batchtopk", "matryoshka_batchtopk", "jumprelu"}
+    assert any("_mixed" in str(p) for p in folders)
+    assert {c["architecture"] for c in cfgs} == {"jumprelu"}, "the BatchTopK family is saved as jumprelu"
+    corpus = [p for p in folders if p.parent.name.endswith(("_corpus", "_corpus+behaviour"))]
+    assert len(corpus) == 6, "the corpus conditions train on the corpus notebook 02 stored"
+    assert all("corpus_activations" in json.loads((p.parent / "metrics.json").read_text()) for p in corpus)
     assert (
         len(folders)
         + len(json.loads((smoke_run / "run.json").read_text())["stages"]["03_train_saes"].get("skipped", []))
-        == 9
+        == 15
     )
     for cfg_path in folders:
         metrics = json.loads((cfg_path.parent / "metrics.json").read_text())

@@ -7,6 +7,9 @@ Layout under the run folder (DESIGN.md §3):
         {"dtype": "float16", "n_tokens": N, "d_model": D,
          "entries": [[completion_id, first_row, n_tokens, first_position], ...]}
 
+The reference corpus (`collect/corpus.py`) uses the same format under `corpus/layer_{L}/` (`kind="corpus"`):
+an entry is then one fixed-length text sequence, and its rows are the positions kept.
+
 A completion's tokens are contiguous inside one shard. The `.npy` is written first and the `.json`
 last, both atomically, so a shard without its `.json` is incomplete and is ignored (and rewritten) by a
 resumed run: a disconnect or a full disk never leaves a shard that a reader would trust. `.npy` files
@@ -24,9 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from helpers.run import activations_dir, atomic_write_bytes, atomic_write_json
+from helpers.run import activations_dir, atomic_write_bytes, atomic_write_json, corpus_dir
 
 FP16_MAX = float(np.finfo(np.float16).max)
+FOLDERS = {"activations": activations_dir, "corpus": corpus_dir}
+"""Where a store of each kind lives in the run folder: behaviour completions, or the reference corpus."""
 
 
 class ActivationWriter:
@@ -36,8 +41,10 @@ class ActivationWriter:
     already stored by an earlier run, so the caller can skip them.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, layer: int, *, shard_tokens: int = 65_536):
-        self.dir = activations_dir(run_dir, layer)
+    def __init__(
+        self, run_dir: str | os.PathLike, layer: int, *, shard_tokens: int = 65_536, kind: str = "activations"
+    ):
+        self.dir = FOLDERS[kind](run_dir, layer)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.shard_tokens = shard_tokens
         self._pending: list[tuple[str, np.ndarray, int]] = []
@@ -107,12 +114,13 @@ class ActivationWriter:
 class LayerStore:
     """Read access to one layer's shards. Rows are tokens, numbered across shards in shard order."""
 
-    def __init__(self, run_dir: str | os.PathLike, layer: int):
-        self.dir = activations_dir(run_dir, layer)
+    def __init__(self, run_dir: str | os.PathLike, layer: int, *, kind: str = "activations"):
+        self.dir = FOLDERS[kind](run_dir, layer)
         shards = _complete_shards(self.dir)
         if not shards:
+            what = "reference-corpus step" if kind == "corpus" else "(collect activations)"
             raise FileNotFoundError(
-                f"no activations in {self.dir}: run notebook 02 (collect activations) for layer {layer} first"
+                f"no activations in {self.dir}: run notebook 02 {what} for layer {layer} first"
             )
         self._paths = [self.dir / f"shard_{k:05d}.npy" for k in sorted(shards)]
         self._metas = [shards[k] for k in sorted(shards)]

@@ -5,8 +5,12 @@
   and a histogram of log10 firing frequencies.
 - `lm_loss`: next-token cross-entropy on completion tokens with the residual at `blocks.{L}.hook_resid_post`
   replaced by the SAE's reconstruction (`replace_residual`, a forward hook that is always removed),
-  against the clean model and against zero-ablation: KL to the clean next-token distribution and the
-  fraction of loss recovered, (CE_zero - CE_sae) / (CE_zero - CE_clean).
+  against the clean model and against zero-ablation: the CE increase over the clean model, the KL to the
+  clean next-token distribution, and SAEBench's scores (REFERENCE.md), CE-loss score = (CE_zero - CE_sae)
+  / (CE_zero - CE_clean) (also called the fraction of loss recovered: against zero-ablation, a weak
+  baseline, it flatters, so read it beside the CE and KL increases) and KL score = (KL_zero - KL_sae) /
+  KL_zero. Each has a 95% t interval over prompt groups (`stats.ratio_ci`: completions of one group are
+  not independent), and `evaluate_lm` spreads its completions over as many held-out groups as it can.
 - `leaderboard`: one row per SAE from `saes/*/metrics.json` (plots.leaderboard_figure draws it).
 
 Splicing replaces the residual with the reconstruction, dropping the SAE's error term: that is the
@@ -18,21 +22,23 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from helpers.collect.completions import read_completions, split_completions
+from helpers.collect.completions import analysis_split, read_completions, split_completions
 from helpers.collect.store import LayerStore
 from helpers.model.chat import pad_token_id
 from helpers.model.hooks import hook_module
-from helpers.run import SAE_METRICS, atomic_write_json, read_sae_metrics, sae_dir
+from helpers.run import SAE_METRICS, atomic_write_json, read_sae_metrics, sae_dir, stable_hash
 from helpers.saes.io import load_sae
+from helpers.stats import group_index, ratio_ci
 
 HIST_EDGES = [x / 4 for x in range(-28, 1)]  # log10 firing frequency bins, 1e-7 .. 1
 
@@ -118,17 +124,24 @@ def replace_residual(
 
 @torch.no_grad()
 def lm_loss(
-    model: nn.Module, saes: dict[str, nn.Module], hook_name: str, batches: Iterable[dict[str, Tensor]]
-) -> dict[str, dict[str, float]]:
+    model: nn.Module,
+    saes: dict[str, nn.Module],
+    hook_name: str,
+    batches: Iterable[dict[str, Tensor]],
+    groups: Sequence[str] | None = None,
+) -> dict[str, dict[str, Any]]:
     """CE/KL with each SAE of `saes` (name -> module whose forward reconstructs) spliced in at `hook_name`.
 
     Each batch has `input_ids`, `attention_mask`, `splice` (positions replaced: the tokens the SAE was
-    trained on) and `score` (positions whose next-token prediction is scored), all [batch, seq]."""
-    sums: dict[str, dict[str, float]] = {name: {"ce": 0.0, "kl": 0.0} for name in [*saes, "clean", "zero"]}
-    n = 0
+    trained on) and `score` (positions whose next-token prediction is scored), all [batch, seq].
+    `groups` (one per sequence, in batch order; None: each sequence its own) are the clusters of the CIs."""
+    names = [*saes, "clean", "zero"]
+    per_seq: dict[str, dict[str, list[float]]] = {n: {"ce": [], "kl": []} for n in names}
+    n_tokens: list[int] = []
     for batch in batches:
         ids, mask, score = batch["input_ids"], batch["attention_mask"], batch["score"]
         targets = ids[:, 1:][score[:, :-1]]  # next tokens of the scored positions
+        seq_of = torch.arange(len(ids), device=ids.device)[:, None].expand_as(score)[score]  # [n_scored]
         clean = _log_probs(model, ids, mask, score)
         runs = {"clean": clean}
         with replace_residual(model, hook_name, torch.zeros_like, batch["splice"]):
@@ -136,25 +149,50 @@ def lm_loss(
         for name, sae in saes.items():
             with replace_residual(model, hook_name, sae, batch["splice"]):
                 runs[name] = _log_probs(model, ids, mask, score)
-        for name, lp in runs.items():
-            sums[name]["ce"] += -lp.gather(1, targets[:, None]).sum().item()
-            sums[name]["kl"] += F.kl_div(lp, clean, log_target=True, reduction="sum").item()
-        n += len(targets)
-    if n == 0:
+        for name, lp in runs.items():  # per-token losses summed per sequence
+            ce = -lp.gather(1, targets[:, None])[:, 0]
+            kl = F.kl_div(lp, clean, log_target=True, reduction="none").sum(-1)
+            for key, values in (("ce", ce), ("kl", kl)):
+                sums = torch.zeros(len(ids), dtype=torch.float64)
+                per_seq[name][key] += sums.index_add_(0, seq_of.cpu(), values.double().cpu()).tolist()
+        n_tokens += score.sum(1).tolist()
+    if sum(n_tokens) == 0:
         raise ValueError("no scored tokens: the LM-loss batches were empty")
-    ce = {name: s["ce"] / n for name, s in sums.items()}
+    keys = [str(g) for g in groups] if groups is not None else [str(i) for i in range(len(n_tokens))]
+    if len(keys) != len(n_tokens):
+        raise ValueError(f"{len(keys)} groups for {len(n_tokens)} sequences: pass one group per sequence")
+    gidx, n_groups = group_index(keys)
+
+    def by_group(values: Sequence[float]) -> np.ndarray:
+        return np.bincount(gidx, np.asarray(values, float), n_groups)
+
+    tok = by_group(n_tokens)
+    ce = {n: by_group(per_seq[n]["ce"]) for n in names}
+    kl = {n: by_group(per_seq[n]["kl"]) for n in names}
+    total = tok.sum()
     out = {}
     for name in saes:
-        gap = ce["zero"] - ce["clean"]
+        ce_inc, kl_sae = ratio_ci(ce[name] - ce["clean"], tok), ratio_ci(kl[name], tok)
+        ce_score = ratio_ci(ce["zero"] - ce[name], ce["zero"] - ce["clean"])
+        kl_score = ratio_ci(kl["zero"] - kl[name], kl["zero"])
         out[name] = {
-            "n_tokens": n,
-            "ce_clean": ce["clean"],
-            "ce_sae": ce[name],
-            "ce_zero_ablation": ce["zero"],
-            "ce_increase": ce[name] - ce["clean"],
-            "kl_sae": sums[name]["kl"] / n,
-            "kl_zero_ablation": sums["zero"]["kl"] / n,
-            "loss_recovered": (ce["zero"] - ce[name]) / gap if abs(gap) > 1e-12 else math.nan,
+            "n_tokens": int(total),
+            "n_completions": len(n_tokens),
+            "n_groups": n_groups,
+            "ce_clean": ce["clean"].sum() / total,
+            "ce_sae": ce[name].sum() / total,
+            "ce_zero_ablation": ce["zero"].sum() / total,
+            "ce_increase": ce_inc[0],
+            "ce_increase_ci": ce_inc[1:],
+            "kl_sae": kl_sae[0],
+            "kl_sae_ci": kl_sae[1:],
+            "kl_zero_ablation": kl["zero"].sum() / total,
+            "ce_loss_score": ce_score[0],
+            "ce_loss_score_ci": ce_score[1:],
+            "loss_recovered": ce_score[0],  # the same number under its older name
+            "kl_div_score": kl_score[0],
+            "kl_div_score_ci": kl_score[1:],
+            "ci_method": "95% t interval over prompt groups (cluster-robust, stats.ratio_ci)",
         }
     return out
 
@@ -224,17 +262,32 @@ def evaluate_folder(
     }
 
 
+def lm_eval_rows(rows: list[dict], held: set[str], n_completions: int, seed: int = 0) -> list[dict]:
+    """Up to `n_completions` of the completions `held`, spread over their prompt groups: one completion
+    of every group (groups in a seeded hash order) before a second of any, so the loss averages over as
+    many groups as the budget allows instead of the first few in file order."""
+    by_group: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["id"] in held:
+            by_group.setdefault(str(r.get("group") or r["prompt_id"]), []).append(r)
+    order = sorted(by_group, key=lambda g: stable_hash(seed, "lm-eval", g))
+    depth = max((len(v) for v in by_group.values()), default=0)
+    spread = [by_group[g][i] for i in range(depth) for g in order if i < len(by_group[g])]
+    return spread[:n_completions]
+
+
 def evaluate_lm(
-    run_dir: str | os.PathLike, lm: Any, *, n_completions: int = 32, batch_size: int = 8, saes_per_pass: int = 3,
+    run_dir: str | os.PathLike, lm: Any, *, n_completions: int = 64, batch_size: int = 8, saes_per_pass: int = 3,
     eval_fraction: float = 0.1, seed: int = 0, redo: bool = False,
-) -> dict[str, dict[str, float]]:  # fmt: skip
+) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Add the spliced-in LM loss (`lm` section) to every `saes/*/metrics.json` of the run that lacks it,
-    on up to `n_completions` held-out completions (the same split as training)."""
+    on up to `n_completions` completions no SAE of the layer trained on, spread over prompt groups
+    (`lm_eval_rows`): the held-out split of training, plus the analysis split when every SAE there
+    records that it skipped it (completions.analysis_split), which gives many more groups."""
 
     run_dir = Path(run_dir)
     rows = [r for r in read_completions(run_dir) if "completion_token_ids" in r]
     held = set(split_completions(rows, eval_fraction, seed)[1])
-    rows = [r for r in rows if r["id"] in held]
     todo: dict[int, list[Path]] = {}
     for path in sorted(run_dir.glob("saes/*/metrics.json")):
         m = json.loads(path.read_text())
@@ -244,8 +297,14 @@ def evaluate_lm(
     results = {}
     for layer, folders in todo.items():
         store = LayerStore(run_dir, layer)
-        chosen = [r for r in rows if r["id"] in store.entries][:n_completions]
+        recorded = [(load_sae(f).cfg.get("metadata") or {}).get("analysis_split") for f in folders]
+        splits = {json.dumps(split, sort_keys=True) for split in recorded}
+        unseen = set(held)
+        if len(splits) == 1 and (split := json.loads(splits.pop())):
+            unseen |= set(analysis_split(rows, split["fraction"], split["seed"])[1])
+        chosen = lm_eval_rows([r for r in rows if r["id"] in store.entries], unseen, n_completions, seed)
         first = {r["id"]: store.entries[r["id"]][3] for r in chosen}
+        groups = [str(r.get("group") or r["prompt_id"]) for r in chosen]
         data = list(
             lm_batches(
                 chosen,
@@ -257,7 +316,7 @@ def evaluate_lm(
         )
         for i in range(0, len(folders), saes_per_pass):
             saes = {f.name: load_sae(f, device=lm.model.device).sae for f in folders[i : i + saes_per_pass]}
-            for name, res in lm_loss(lm.model, saes, f"blocks.{layer}.hook_resid_post", data).items():
+            for name, res in lm_loss(lm.model, saes, f"blocks.{layer}.hook_resid_post", data, groups).items():
                 m = json.loads((sae_dir(run_dir, name) / SAE_METRICS).read_text())
                 atomic_write_json(sae_dir(run_dir, name) / SAE_METRICS, {**m, "lm": res})
                 results[name] = res
@@ -270,6 +329,7 @@ LEADERBOARD_COLUMNS = (
     "layer",
     "condition",
     "explained_variance",
+    "corpus_ev",
     "l0",
     "dead_pct",
     "dense_pct",
@@ -277,6 +337,7 @@ LEADERBOARD_COLUMNS = (
     "loss_recovered",
     "ce_increase",
     "kl_sae",
+    "kl_div_score",
     "train_tokens",
 )
 
@@ -289,10 +350,12 @@ def leaderboard(run_dir: str | os.PathLike, sort_by: str = "explained_variance")
         rows.append({
             "sae_id": m["sae_id"], "architecture": m["architecture"], "layer": m["layer"],
             "condition": m["condition"], "explained_variance": act.get("explained_variance"),
+            "corpus_ev": (m.get("corpus_activations") or {}).get("explained_variance"),
             "l0": act.get("l0"), "dead_pct": 100 * act.get("dead_fraction", math.nan),
             "dense_pct": 100 * act.get("dense_fraction", math.nan), "mse": act.get("mse"),
             "loss_recovered": lm.get("loss_recovered"), "ce_increase": lm.get("ce_increase"),
-            "kl_sae": lm.get("kl_sae"), "train_tokens": m.get("training", {}).get("tokens"),
+            "kl_sae": lm.get("kl_sae"), "kl_div_score": lm.get("kl_div_score"),
+            "train_tokens": m.get("training", {}).get("tokens"),
         })  # fmt: skip
     if rows and sort_by not in rows[0]:
         raise KeyError(f"cannot sort by {sort_by!r}: columns are {', '.join(LEADERBOARD_COLUMNS)}")

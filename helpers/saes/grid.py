@@ -1,10 +1,20 @@
-"""The SAE grid of a run: every layer × condition × architecture, trained with `train.train_sae`.
+"""The SAE grid of a run: every layer × condition × architecture (× L0), trained with `train.train_sae`.
 
-Conditions (`completions.ids_for_condition`): `mixed` (honest + deceptive), `deceptive_only`,
-`honest_only`. Each SAE trains on the same token budget, on the training side of a split grouped by
-scenario or fact (`completions.split_completions`); a condition with too few completions or tokens is
-skipped with a message naming the counts; an SAE whose `metrics.json` exists is done and skipped, so
-a rerun after a disconnect continues where it stopped. SAE ids are `{model}_{arch}_L{layer}_{condition}`.
+Conditions: `mixed` (honest + deceptive completions), `deceptive_only`, `honest_only`
+(`completions.ids_for_condition`), `corpus` (the reference corpus of notebook 02: `corpus/layer_{L}/`, or
+streamed through the model when a `corpus_stream` factory is given and nothing is stored) and
+`corpus+behaviour` (every batch mixes corpus and `mixed` tokens, by default in proportion to their
+counts, so each token is seen as often). Each SAE trains on the same token budget; behaviour data on the
+training side of a split grouped by scenario or fact (`completions.split_completions`), the corpus on its
+training sequences (`corpus.split_corpus`). A condition with too few completions or tokens is skipped
+with a message naming the counts; an SAE whose `metrics.json` exists is done and skipped, so a rerun
+after a disconnect continues where it stopped.
+
+Every SAE is evaluated on the held-out behaviour completions when the run has them (`activations` in
+metrics.json: the same tokens for every condition, so a corpus dictionary and a behaviour-only one
+compare on the text the probes read), and on the held-out corpus sequences when a corpus is stored
+(`corpus_activations`). SAE ids are `{model}_{arch}_L{layer}_{condition}`; with an L0 sweep (`l0s`) the
+architecture part carries the L0, `{model}_{arch}-l0-{L0}_L{layer}_{condition}`.
 """
 
 from __future__ import annotations
@@ -12,17 +22,34 @@ from __future__ import annotations
 import itertools
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from helpers.collect.completions import ids_for_condition, read_completions, split_completions
+from helpers.collect.completions import (
+    ANALYSIS_FRACTION,
+    analysis_split,
+    ids_for_condition,
+    read_completions,
+    split_completions,
+)
+from helpers.collect.corpus import corpus_ids
 from helpers.collect.store import LayerStore
 from helpers.model import hooks
 from helpers.run import SAE_METRICS, atomic_write_json, id_part, model_short, read_run_json, sae_dir
 from helpers.saes.evals import evaluate_folder
 from helpers.saes.io import load_sae, save_sae
-from helpers.saes.train import TooFewSamples, TrainConfig, train_sae
+from helpers.saes.train import MixedData, StoreData, StreamData, TooFewSamples, TrainConfig, train_sae
+
+BEHAVIOUR_CONDITIONS = ("mixed", "deceptive_only", "honest_only")
+CORPUS_CONDITIONS = ("corpus", "corpus+behaviour")
+CONDITIONS = BEHAVIOUR_CONDITIONS + CORPUS_CONDITIONS
+
+
+def sae_id_of(spec: str, arch: str, layer: int, condition: str, l0: int | None = None) -> str:
+    """`{model}_{arch}_L{layer}_{condition}`, with `-l0-{l0}` after the architecture in an L0 sweep."""
+    return f"{model_short(spec)}_{arch}{'' if l0 is None else f'-l0-{l0}'}_L{layer}_{condition}"
 
 
 def condition_ids(rows: list[dict], condition: str, train_ids: list[str], store: LayerStore, *,
@@ -54,41 +81,144 @@ def train_grid(
     min_completions: int = 20,
     min_tokens: int = 20_000,
     plan_only: bool = False,
+    l0s: list[int] | None = None,
+    corpus_stream: Callable[[int], Any] | None = None,
+    behaviour_share: float | None = None,
+    stream_eval_tokens: int = 32_768,
 ) -> list[dict[str, Any]]:
-    """Train every layer × condition × architecture SAE of the run that is not complete yet. Returns one
-    row per SAE: status "trained", "done earlier", "skipped" (with the reason) or, with `plan_only`,
-    "to train". Every SAE trains on `cfg.train_tokens` tokens, so conditions compare at equal budgets."""
+    """Train every layer × condition × architecture (× L0 in `l0s`) SAE of the run that is not complete
+    yet. Returns one row per SAE: status "trained", "done earlier", "skipped" (with the reason) or, with
+    `plan_only`, "to train". Every SAE trains on `cfg.train_tokens` tokens, so conditions compare at equal
+    budgets. `corpus_stream(layer)` makes a `collect.corpus.CorpusStream` for layers with no stored corpus;
+    `behaviour_share` fixes the behaviour fraction of `corpus+behaviour` batches."""
     run_dir = Path(run_dir)
+    if unknown := [c for c in conditions if c not in CONDITIONS]:
+        raise ValueError(f"unknown condition(s) {unknown}: choose from {list(CONDITIONS)}")
+    if behaviour_share is not None and not 0 < behaviour_share < 1:
+        raise ValueError(f"behaviour_share must be in (0, 1), got {behaviour_share}")
     spec = (read_run_json(run_dir).get("model") or {}).get("spec")
     if not spec:
         raise FileNotFoundError(f"{run_dir}/run.json has no model: run notebook 01 with this RUN_NAME first")
     rows = read_completions(run_dir)
-    if not rows:
+    if not rows and set(conditions) - {"corpus"}:
         raise FileNotFoundError(f"{run_dir}/completions.jsonl is missing or empty: run notebook 02 first")
-    train_ids, eval_ids = split_completions(rows, eval_fraction, cfg.seed)
+    train_ids, eval_ids = split_completions(rows, eval_fraction, cfg.seed) if rows else ([], [])
+    reserved = set(analysis_split(rows, ANALYSIS_FRACTION, cfg.seed)[1])  # notebook 04's rows: never
+    train_ids = [i for i in train_ids if i not in reserved]  # trained on by any SAE (DESIGN.md §9)
+    sweep = list(l0s) if l0s else [cfg.l0]
     status = []
+    by_layer: dict[int, _Sources] = {}
     for layer, condition in itertools.product(layers, conditions):
-        store, reason = LayerStore(run_dir, layer), None
+        if layer not in by_layer:
+            by_layer[layer] = _Sources(run_dir, layer, rows, train_ids, cfg, corpus_stream)
+        sources = by_layer[layer]
         try:
-            ids = condition_ids(rows, condition, train_ids, store, min_completions=min_completions, min_tokens=min_tokens)  # fmt: skip
-        except TooFewSamples as err:
+            data, n_items = sources.data(condition, min_completions, min_tokens, behaviour_share)
+            reason = None
+        except (TooFewSamples, FileNotFoundError) as err:
             print(f"skipping {condition} at layer {layer}: {err}")
-            ids, reason = [], str(err)
-        for arch in architectures:
-            row = {"sae_id": f"{model_short(spec)}_{arch}_L{layer}_{condition}", "layer": layer,
-                   "condition": condition, "architecture": arch, "completions": len(ids)}  # fmt: skip
+            data, n_items, reason = None, 0, str(err)
+        for arch, l0 in itertools.product(architectures, sweep):
+            row = {"sae_id": sae_id_of(spec, arch, layer, condition, l0 if l0s else None), "layer": layer,
+                   "condition": condition, "architecture": arch, "l0_target": l0, "completions": n_items}  # fmt: skip
             out = sae_dir(run_dir, row["sae_id"])
             if reason or plan_only or (out / SAE_METRICS).exists():
                 done = "done earlier" if (out / SAE_METRICS).exists() else "to train"
                 status.append({**row, "status": "skipped" if reason else done, "reason": reason})
                 continue
             meta = {**row, "model_spec": spec, "n_eval_completions": len(eval_ids),
-                    "dataset_path": f"{run_dir.name}/completions.jsonl"}  # fmt: skip
-            m = train_sae(store, ids, replace(cfg, architecture=arch), out, hook_name=hooks.hook_name(layer),
-                          model_name=spec, eval_ids=eval_ids, metadata=meta, device=device)  # fmt: skip
+                    "analysis_split": {"fraction": ANALYSIS_FRACTION, "seed": cfg.seed},
+                    "dataset_path": sources.dataset_path(condition)}  # fmt: skip
+            m = train_sae(data, None, replace(cfg, architecture=arch, l0=l0), out, hook_name=hooks.hook_name(layer),
+                          model_name=spec, metadata=meta, device=device, **sources.evaluation(eval_ids, stream_eval_tokens))  # fmt: skip
+            if sources.corpus_store is not None:  # the same SAE on held-out corpus text
+                held = evaluate_folder(out, sources.corpus_store, sources.corpus_held, device=device)
+                m["corpus_activations"] = held["activations"]
+                atomic_write_json(out / SAE_METRICS, m)
             summary = {k: m["activations"][k] for k in ("explained_variance", "l0", "dead_fraction")}
             status.append({**row, "status": "trained", **summary})
     return status
+
+
+class _Sources:
+    """The stores of one layer (behaviour completions, reference corpus) and the data of each condition."""
+
+    def __init__(self, run_dir: Path, layer: int, rows: list[dict], train_ids: list[str], cfg: TrainConfig,
+                 corpus_stream: Callable[[int], Any] | None):  # fmt: skip
+        self.run_dir, self.layer, self.rows, self.train_ids, self.cfg = run_dir, layer, rows, train_ids, cfg
+        self.behaviour = LayerStore(run_dir, layer) if rows and _has_store(run_dir, layer) else None
+        self.corpus_store, self.corpus_train, self.corpus_held = None, [], []
+        if _has_store(run_dir, layer, "corpus"):
+            self.corpus_store, self.corpus_train, self.corpus_held = corpus_ids(run_dir, layer, cfg.seed)
+        self.make_stream, self.stream, self.stream_heldout = corpus_stream, None, None
+
+    def data(
+        self, condition: str, min_completions: int, min_tokens: int, share: float | None
+    ) -> tuple[Any, int]:
+        """(training data, completions or sequences it draws from); TooFewSamples says what is missing."""
+        if condition in BEHAVIOUR_CONDITIONS:
+            ids = self._ids(condition, min_completions, min_tokens)
+            return StoreData(self._behaviour(), ids), len(ids)
+        corpus = self._corpus(min_tokens)
+        if condition == "corpus":
+            return corpus, len(self.corpus_train)
+        mixed = StoreData(self._behaviour(), self._ids("mixed", min_completions, min_tokens))
+        n_mixed = mixed.count()
+        if share is None:  # every token as often: proportional to the counts (a stream is cfg.train_tokens)
+            share = n_mixed / ((corpus.count() or self.cfg.train_tokens) + n_mixed)
+        return MixedData([(corpus, 1 - share), (mixed, share)]), len(self.corpus_train) + len(mixed.ids)
+
+    def _behaviour(self) -> LayerStore:
+        if self.behaviour is None:
+            raise FileNotFoundError(f"no behaviour activations at layer {self.layer}: run notebook 02 first")
+        return self.behaviour
+
+    def _ids(self, condition: str, min_completions: int, min_tokens: int) -> list[str]:
+        return condition_ids(self.rows, condition, self.train_ids, self._behaviour(),
+                             min_completions=min_completions, min_tokens=min_tokens)  # fmt: skip
+
+    def _corpus(self, min_tokens: int) -> StoreData | StreamData:
+        if self.corpus_store is None and self.make_stream is not None:
+            self.stream = self.stream or self.make_stream(self.layer)  # made once per layer, when needed
+            return StreamData(self.stream)
+        if self.corpus_store is None:
+            raise FileNotFoundError(
+                f"no reference corpus at layer {self.layer}: collect one in notebook 02 (CORPUS_TOKENS > 0, "
+                "for this layer) or stream it into training (CORPUS_STREAM in notebook 03)"
+            )
+        data = StoreData(self.corpus_store, self.corpus_train)
+        if data.count() < min_tokens:
+            raise TooFewSamples(
+                f"the corpus at layer {self.layer} has {data.count()} training tokens; it needs at least "
+                f"{min_tokens}. Raise CORPUS_TOKENS in notebook 02 or lower MIN_TOKENS."
+            )
+        return data
+
+    def evaluation(self, eval_ids: list[str], stream_tokens: int) -> dict[str, Any]:
+        """train_sae's evaluation arguments: held-out behaviour completions when there are any, else the
+        held-out corpus (stored, or `stream_tokens` of the stream's held-out sequences)."""
+        if self.behaviour is not None and eval_ids:
+            return {
+                "eval_store": self.behaviour,
+                "eval_ids": [i for i in eval_ids if i in self.behaviour.entries],
+            }
+        if self.corpus_store is not None:
+            return {"eval_store": self.corpus_store, "eval_ids": self.corpus_held}
+        if self.stream_heldout is None:
+            self.stream_heldout = self.stream.heldout_batches(stream_tokens)
+        return {"eval_batches": self.stream_heldout}
+
+    def dataset_path(self, condition: str) -> str:
+        where = {"corpus": "corpus/", "corpus+behaviour": "corpus/ + completions.jsonl"}
+        return f"{self.run_dir.name}/{where.get(condition, 'completions.jsonl')}"
+
+
+def _has_store(run_dir: Path, layer: int, kind: str = "activations") -> bool:
+    try:
+        LayerStore(run_dir, layer, kind=kind)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def import_sae(

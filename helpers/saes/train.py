@@ -1,6 +1,7 @@
 """Train one SAE on the activation store: one loop for every architecture, resumable.
 
-`train_sae` streams batches from `store.LayerStore` (never the whole store in RAM), scales them to unit
+`train_sae` streams batches from `store.LayerStore` (never the whole store in RAM; or from any
+`TrainingData`: the reference corpus streamed through forward passes, or a mix of sources), scales them to unit
 mean squared norm (JumpReLU's ε and thresholds assume it), starts b_dec at the geometric median, and
 runs Adam with a warm-up clamped to 5% of the run (a warm-up longer than the run is a known anchor
 bug), a linear decay at the end, gradient clipping, unit-norm decoder rows, and mixed precision (fp16 +
@@ -21,9 +22,9 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -32,8 +33,8 @@ from helpers.collect.store import LayerStore
 from helpers.model import hooks
 from helpers.run import SAE_METRICS, atomic_write_bytes, atomic_write_json, stable_hash
 from helpers.saes.base import SAE, StepOutput, geometric_median
-from helpers.saes.evals import check_finite, evaluate_folder
-from helpers.saes.io import save_sae
+from helpers.saes.evals import activation_metrics, check_finite, evaluate_folder
+from helpers.saes.io import load_sae, save_sae
 from helpers.saes.registry import make_sae, sae_class
 
 
@@ -127,7 +128,9 @@ def amp_settings(device: str, precision: str) -> tuple[torch.dtype | None, bool]
     return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision], precision == "fp16"
 
 
-def batches(store: LayerStore, ids: list[str], cfg: TrainConfig, start: int = 0) -> Iterator[torch.Tensor]:
+def batches(
+    store: LayerStore, ids: list[str] | None, cfg: TrainConfig, start: int = 0
+) -> Iterator[torch.Tensor]:
     """Full batches [batch_size, d_in] from step `start` on: epoch e is a fresh shuffle seeded by
     (seed, e) and drops its last partial batch, so resuming at step `start` re-reads only its epoch."""
     per_epoch = store.count(ids) // cfg.batch_size
@@ -139,6 +142,98 @@ def batches(store: LayerStore, ids: list[str], cfg: TrainConfig, start: int = 0)
         it = store.iter_batches(cfg.batch_size, completion_ids=ids, seed=seed, buffer_bytes=cfg.buffer_bytes)
         yield from itertools.islice(it, skip, per_epoch)
         epoch, skip = epoch + 1, 0
+
+
+class TrainingData(Protocol):
+    """Where training batches come from: a stored layer (`StoreData`), a mix (`MixedData`), or
+    `collect.corpus.CorpusStream` (activations made by forward passes as training goes)."""
+
+    d_model: int
+
+    def count(self) -> int | None:
+        """Tokens available (one epoch), or None for an endless stream."""
+
+    def batches(self, cfg: TrainConfig, start: int) -> Iterator[torch.Tensor]:
+        """Endless batches [cfg.batch_size, d_model], deterministic in cfg.seed, from step `start` on."""
+
+
+@dataclass
+class StoreData:
+    """The tokens of completions (or corpus sequences) `ids` of a store; all of them when None."""
+
+    store: LayerStore
+    ids: list[str] | None = None
+
+    @property
+    def d_model(self) -> int:
+        return self.store.d_model
+
+    def count(self) -> int:
+        return self.store.count(self.ids)
+
+    def batches(self, cfg: TrainConfig, start: int) -> Iterator[torch.Tensor]:
+        return batches(self.store, self.ids, cfg, start)
+
+
+@dataclass
+class StreamData:
+    """An endless stream with `batches(batch_size, seed, start)`, e.g. `collect.corpus.CorpusStream`."""
+
+    stream: Any
+
+    @property
+    def d_model(self) -> int:
+        return self.stream.d_model
+
+    def count(self) -> None:
+        return None
+
+    def batches(self, cfg: TrainConfig, start: int) -> Iterator[torch.Tensor]:
+        return self.stream.batches(cfg.batch_size, seed=cfg.seed, start=start)
+
+
+@dataclass
+class MixedData:
+    """Every batch made of fixed shares of several sources (the `corpus+behaviour` condition): source i
+    gives round(share_i × batch_size) rows of each batch (largest remainders), from its own batches."""
+
+    parts: list[tuple[Any, float]]
+
+    def __post_init__(self):
+        if not self.parts or any(w < 0 for _, w in self.parts) or sum(w for _, w in self.parts) <= 0:
+            raise ValueError(
+                f"MixedData needs sources with non-negative shares summing above 0, got {self.parts}"
+            )
+        if len({d.d_model for d, _ in self.parts}) != 1:
+            raise ValueError(
+                "the mixed sources have different d_model: they come from different models or layers"
+            )
+
+    @property
+    def d_model(self) -> int:
+        return self.parts[0][0].d_model
+
+    def count(self) -> int | None:
+        counts = [d.count() for d, _ in self.parts]
+        return None if None in counts else sum(counts)
+
+    def sizes(self, batch_size: int) -> list[int]:
+        total = sum(w for _, w in self.parts)
+        exact = [batch_size * w / total for _, w in self.parts]
+        sizes = [int(e) for e in exact]
+        for i in sorted(range(len(exact)), key=lambda i: sizes[i] - exact[i])[: batch_size - sum(sizes)]:
+            sizes[i] += 1
+        return sizes
+
+    def batches(self, cfg: TrainConfig, start: int) -> Iterator[torch.Tensor]:
+        its = [d.batches(replace(cfg, batch_size=n, seed=stable_hash(cfg.seed, i) % 2**31), start)
+               for i, ((d, _), n) in enumerate(zip(self.parts, self.sizes(cfg.batch_size), strict=True)) if n]  # fmt: skip
+        while True:
+            yield torch.cat([next(it) for it in its])
+
+
+def as_training_data(data: LayerStore | TrainingData, ids: list[str] | None) -> TrainingData:
+    return StoreData(data, ids) if isinstance(data, LayerStore) else data
 
 
 class Run:
@@ -211,38 +306,47 @@ class Run:
 
 
 def train_sae(
-    store: LayerStore,
-    ids: list[str],
+    store: LayerStore | TrainingData,
+    ids: list[str] | None,
     cfg: TrainConfig,
     out_dir: str | os.PathLike,
     *,
     hook_name: str,
     model_name: str,
     eval_ids: list[str] | None = None,
+    eval_store: LayerStore | None = None,
+    eval_batches: list[torch.Tensor] | None = None,
     metadata: dict[str, Any] | None = None,
     device: str = "cpu",
     until_step: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train one SAE on the tokens of completions `ids`, resuming from `out_dir/checkpoint.pt` if there.
-    `until_step` stops (checkpointed) after that step, e.g. to split a run across sessions. Returns the
-    metrics (also written to `out_dir/metrics.json`) or, when stopped early, {"status": "paused", ...}."""
+    """Train one SAE on the tokens of completions `ids` of `store` (or on any `TrainingData`: a stream,
+    a mix), resuming from `out_dir/checkpoint.pt` if there. Held-out metrics come from `eval_batches`
+    when given, else from the completions `eval_ids` of `eval_store` (default: the training store and
+    ids). `until_step` stops (checkpointed) after that step, e.g. to split a run across sessions. Returns
+    the metrics (also written to `out_dir/metrics.json`) or, when stopped early, {"status": "paused", ...}."""
     out_dir = Path(out_dir)
     ckpt = out_dir / "checkpoint.pt"
     hooks.layer_of(hook_name)  # a bad hook name fails now, not after training
-    run = Run(cfg, store.d_model, device)
+    source = as_training_data(store, ids)
+    if eval_batches is None and eval_store is None and not isinstance(store, LayerStore):
+        raise ValueError("training from a stream or a mix needs eval_store (+ eval_ids) or eval_batches")
+    run = Run(cfg, source.d_model, device)
     if ckpt.exists():
         run.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True))
         print(f"resuming {out_dir.name} at step {run.step}/{cfg.total_steps}")
     else:  # the first batches of the training stream itself; a non-finite one is named as a training batch
-        n_init = max(1, min(-(-cfg.init_tokens // cfg.batch_size), store.count(ids) // cfg.batch_size))
-        init = list(itertools.islice(batches(store, ids, cfg), n_init))  # at most one epoch
+        n_init = -(-cfg.init_tokens // cfg.batch_size)
+        if (count := source.count()) is not None:
+            n_init = max(1, min(n_init, count // cfg.batch_size))  # at most one epoch
+        init = list(itertools.islice(source.batches(cfg, 0), n_init))
         for i, x in enumerate(init):
             check_finite(x, f"training batch {i} (tokens {i * cfg.batch_size}..)")
         run.init_from_data(torch.cat(init))
     end = min(cfg.total_steps, until_step or cfg.total_steps)
     bar = tqdm(total=cfg.total_steps, initial=run.step, desc=out_dir.name, disable=not progress, unit="step")
-    start, data = time.perf_counter(), batches(store, ids, cfg, run.step)
+    start, data = time.perf_counter(), source.batches(cfg, run.step)
     while run.step < end:
         x = next(data)
         check_finite(x, f"training batch {run.step} (tokens {run.step * cfg.batch_size}..)")
@@ -267,7 +371,12 @@ def train_sae(
     tokens = cfg.total_steps * cfg.batch_size
     training = {"tokens": tokens, "seconds": run.seconds, "tokens_per_second": tokens / max(run.seconds, 1e-9),
                 "normalization_scale": run.scale, "config": asdict(cfg), "history": run.history}  # fmt: skip
-    evaluation = evaluate_folder(out_dir, store, eval_ids or ids, device=device)
+    if eval_batches is not None:
+        loaded = load_sae(out_dir, device=device)
+        activations = activation_metrics(loaded.sae, eval_batches, device=device)
+        evaluation = {"hook_name": hook_name, "layer": loaded.layer, "activations": activations}
+    else:
+        evaluation = evaluate_folder(out_dir, eval_store or store, eval_ids or ids, device=device)
     metrics = {**(metadata or {}), "architecture": cfg.architecture, **evaluation, "training": training}
     atomic_write_json(out_dir / SAE_METRICS, metrics)
     ckpt.unlink(missing_ok=True)

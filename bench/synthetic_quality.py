@@ -1,0 +1,283 @@
+"""Benchmark: SAE quality against ground truth, our trainer vs SAELens's, on the same synthetic samples.
+
+    python bench/synthetic_quality.py                       # CPU-sized SynthSAEBench-like world, 5 architectures
+    python bench/synthetic_quality.py --archs batchtopk --tokens 500000   # one architecture, shorter
+
+`sae_lens.synthetic` (SynthSAEBench; Chanin & Garriga-Alonso 2026) generates activations as sparse
+combinations of a known dictionary of feature directions: Zipf-distributed firing probabilities, a
+hierarchy (children fire only with their parent, siblings mutually exclusive), low-rank correlations
+and more features than dimensions (superposition), plus a bias. An SAE is good when its decoder rows
+recover those directions (MCC: mean |cosine| of the best one-to-one matching) and its latents fire when
+their feature does (F1 of each latent as a detector of its best-matching feature, averaged), at a
+given L0, with high explained variance.
+
+Both trainers see the same batches (epochs over one pool of generated samples, scaled to unit mean squared norm
+as our trainer and SAELens's `expected_average_only_in` do) in the same order, at the same width
+(d_sae = the number of true features, as SynthSAEBench does), batch size, token budget, learning rate
+and schedule. BatchTopK, Matryoshka BatchTopK and TopK get the true L0 as k; for JumpReLU SAELens
+targets the true L0 (its "quadratic" mode) and for the standard SAE it uses `--l1`; ours then targets the
+L0 SAELens reached, so every pair is compared at matched sparsity. Steps are timed in alternating chunks
+(or SAELens's phase then ours, with a plain matmul timed beside each chunk to correct for load changes),
+data generation excluded. Both SAEs are saved in the SAELens format (ours with `helpers.saes.io.save_sae`,
+theirs with `save_inference_model`), loaded with `sae_lens.SAE.load_from_disk` and scored by
+`sae_lens.synthetic.eval_sae_on_synthetic_data` on the same held-out samples: one evaluator for both.
+Prints one JSON object; the ratios are ours / SAELens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from helpers.saes.io import save_sae  # noqa: E402
+from helpers.saes.matryoshka_batchtopk import MatryoshkaBatchTopKSAE  # noqa: E402
+from helpers.saes.train import Run, TrainConfig  # noqa: E402
+
+
+def synthetic_world(args):
+    """A CPU-sized SynthSAEBench-like model: `--features` features in `--hidden` dims."""
+    from sae_lens.synthetic import (
+        HierarchyConfig,
+        LowRankCorrelationConfig,
+        OrthogonalizationConfig,
+        SyntheticModel,
+        SyntheticModelConfig,
+        ZipfianFiringProbabilityConfig,
+    )
+
+    cfg = SyntheticModelConfig(
+        num_features=args.features,
+        hidden_dim=args.hidden,
+        firing_probability=ZipfianFiringProbabilityConfig(exponent=0.5, max_prob=args.max_prob, min_prob=args.min_prob),
+        hierarchy=HierarchyConfig(total_root_nodes=args.features // 32, branching_factor=4, max_depth=1,
+                                  mutually_exclusive_portion=0.5),
+        orthogonalization=OrthogonalizationConfig(num_steps=args.orthogonalize) if args.orthogonalize else None,
+        correlation=LowRankCorrelationConfig(rank=16, correlation_scale=0.1, seed=args.seed),
+        std_firing_magnitudes=0.2,
+        mean_firing_magnitudes=1.0,
+        seed=args.seed,
+    )  # fmt: skip
+    return SyntheticModel(cfg)
+
+
+class Samples:
+    """The one data stream both trainers read: a pool of `n` samples generated once (generation is the
+    slow part on a CPU), served in a fresh seeded permutation each epoch."""
+
+    def __init__(self, world, n: int, batch_size: int, seed: int):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.pool = torch.cat([world.sample(8192) for _ in range(-(-n // 8192))])[:n]
+        self.batch_size, self.seed = batch_size, seed
+        self.per_epoch = n // batch_size
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def batch(self, index: int) -> torch.Tensor:
+        epoch, i = divmod(index, self.per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (
+                epoch,
+                torch.randperm(len(self.pool), generator=torch.Generator().manual_seed(self.seed + epoch)),
+            )
+        return self.pool[self._perm[1][i * self.batch_size : (i + 1) * self.batch_size]]
+
+
+class SAELensRun:
+    """SAELens 6.x's `SAETrainer` with one of its training SAEs, fed our batches, stepped as `fit()` does."""
+
+    def __init__(self, arch: str, d_in: int, d_sae: int, k: float, cfg: TrainConfig, args, widths: list[int]):
+        import sae_lens
+        from sae_lens.config import SAETrainerConfig
+        from sae_lens.training.sae_trainer import SAETrainer
+
+        common = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu"}
+        make = {
+            "standard": lambda: sae_lens.StandardTrainingSAE(sae_lens.StandardTrainingSAEConfig(l1_coefficient=args.l1, **common)),
+            "topk": lambda: sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(k=int(k), **common)),
+            "batchtopk": lambda: sae_lens.BatchTopKTrainingSAE(sae_lens.BatchTopKTrainingSAEConfig(k=k, **common)),
+            "matryoshka_batchtopk": lambda: sae_lens.MatryoshkaBatchTopKTrainingSAE(
+                sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(k=k, matryoshka_widths=list(widths), **common)),
+            "jumprelu": lambda: sae_lens.JumpReLUTrainingSAE(sae_lens.JumpReLUTrainingSAEConfig(
+                jumprelu_sparsity_loss_mode="quadratic", target_l0=k, **common)),
+        }  # fmt: skip
+        if arch not in make:
+            raise ValueError(f"no SAELens counterpart wired up for {arch!r}: choose from {sorted(make)}")
+        self.sae = make[arch]()
+        self.sae.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
+        trainer_cfg = SAETrainerConfig(
+            total_training_samples=cfg.train_tokens,
+            train_batch_size_samples=cfg.batch_size,
+            lr=cfg.lr,
+            lr_end=cfg.lr / 10,
+            lr_warm_up_steps=min(cfg.warmup_steps, -(-cfg.total_steps // 20)),
+            lr_decay_steps=int(cfg.decay_fraction * cfg.total_steps),
+            device="cpu",
+            autocast=False,
+        )
+        self.trainer = SAETrainer(trainer_cfg, self.sae, data_provider=iter([]))
+
+    def train_step(self, x: torch.Tensor) -> None:
+        t = self.trainer
+        t.maybe_reset_sparsity()
+        t.step(x)
+        t.n_training_steps += 1
+
+
+def score(folder: Path, world, args, scale: float | None) -> dict:
+    """sae_lens's own loader and ground-truth evaluator, on the same held-out samples for every SAE."""
+    import sae_lens
+    from sae_lens.synthetic import eval_sae_on_synthetic_data
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    sae = sae_lens.SAE.load_from_disk(folder)
+    with torch.random.fork_rng():
+        torch.manual_seed(10**9 + args.seed)
+        res = eval_sae_on_synthetic_data(sae, world.feature_dict, world.activation_generator, num_samples=args.eval_samples,
+                                         batch_size=8192, activation_scaler=ActivationScaler(scaling_factor=scale))  # fmt: skip
+    return {"mcc": round(res.mcc, 4), "f1": round(res.classification.f1_score, 4),
+            "precision": round(res.classification.precision, 4), "recall": round(res.classification.recall, 4),
+            "explained_variance": round(res.explained_variance, 4), "l0": round(res.sae_l0, 2),
+            "dead_latents": res.dead_latents, "true_l0": round(res.true_l0, 2)}  # fmt: skip
+
+
+def compare(arch: str, world, data: Samples, true_l0: float, args, tmp: Path) -> dict:
+    d_in, d_sae = args.hidden, args.features
+    k = round(true_l0, 1)
+    cfg = TrainConfig(architecture=arch, expansion=d_sae // d_in, l0=max(1, round(true_l0)), train_tokens=args.tokens,
+                      batch_size=args.batch_size, lr=args.lr, log_every=50, seed=args.seed)  # fmt: skip
+    widths = MatryoshkaBatchTopKSAE(d_in, d_sae, l0=cfg.l0).widths
+    if arch == "matryoshka_batchtopk":
+        cfg = dataclasses.replace(cfg, sae_options={"matryoshka_widths": widths})
+    init = torch.cat([data.batch(i) for i in range(16)])
+    scale = float(1 / init.pow(2).sum(1).mean().sqrt())  # both trainers' inputs: unit mean squared norm
+    theirs = SAELensRun(arch, d_in, d_sae, k, cfg, args, widths)
+    ours = None
+    matched = arch in ("standard", "jumprelu")  # SAELens first; ours then targets the L0 it reached
+    steps, chunk = cfg.total_steps, args.chunk
+    chunks = [list(range(i, min(i + chunk, steps))) for i in range(0, steps, chunk)]
+    plan = (
+        [(w, c) for w in ("saelens", "ours") for c in chunks]
+        if matched
+        else [(w, c) for c in chunks for w in ("saelens", "ours")]
+    )
+    seconds, matmul = {"ours": 0.0, "saelens": 0.0}, {"ours": 0.0, "saelens": 0.0}
+    W = torch.randn(d_in, d_sae) / d_in**0.5
+    theirs_scores = None
+    cached: tuple[list[int], list[torch.Tensor]] = ([], [])
+    for who, idx in plan:
+        if cached[0] != idx:  # generated once per chunk, outside the timed sections
+            cached = (idx, [data.batch(i) for i in idx])
+        xs = cached[1]
+        if who == "ours" and ours is None:
+            if matched:
+                theirs.sae.save_inference_model(tmp / f"saelens_{arch}")
+                theirs_scores = score(tmp / f"saelens_{arch}", world, args, scale)
+                cfg = dataclasses.replace(cfg, l0=max(1, round(theirs_scores["l0"])))
+            ours = Run(cfg, d_in)
+            ours.init_from_data(init)
+            assert abs(ours.scale - scale) < 1e-6 * scale
+        step = ours.train_step if who == "ours" else (lambda x: theirs.train_step(x * scale))
+        t0 = time.perf_counter()
+        for x in xs:
+            step(x)
+        seconds[who] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for x in xs:
+            x @ W
+        matmul[who] += time.perf_counter() - t0
+    if theirs_scores is None:
+        theirs.sae.save_inference_model(tmp / f"saelens_{arch}")
+        theirs_scores = score(tmp / f"saelens_{arch}", world, args, scale)
+    save_sae(
+        ours.sae,
+        tmp / f"ours_{arch}",
+        hook_name="blocks.0.hook_resid_post",
+        model_name="synthetic",
+        scale=ours.scale,
+    )
+    ours_scores = score(tmp / f"ours_{arch}", world, args, None)  # folded: takes raw activations
+    tokens = steps * cfg.batch_size
+    tps = {w: tokens / seconds[w] for w in seconds}
+    ratio = lambda key: round(ours_scores[key] / theirs_scores[key], 3) if theirs_scores[key] else None  # noqa: E731
+    return {
+        "k_or_l0_target": k if not matched else cfg.l0,
+        "schedule": "SAELens, then ours at SAELens's L0" if matched else "alternating chunks, same k",
+        "ours": {**ours_scores, "tokens_per_s": round(tps["ours"])},
+        "saelens": {**theirs_scores, "tokens_per_s": round(tps["saelens"])},
+        "ratio_ours_over_saelens": {"mcc": ratio("mcc"), "f1": ratio("f1"), "explained_variance": ratio("explained_variance"),
+                                    "l0": ratio("l0"), "tokens_per_s": round(tps["ours"] / tps["saelens"], 2),
+                                    "tokens_per_s_load_corrected": round(tps["ours"] / tps["saelens"] * matmul["ours"] / matmul["saelens"], 2)},
+    }  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", default="standard,batchtopk,matryoshka_batchtopk,jumprelu,topk")
+    p.add_argument("--features", type=int, default=4096, help="true features = d_sae")
+    p.add_argument("--hidden", type=int, default=256, help="activation dimension (d_in)")
+    p.add_argument(
+        "--orthogonalize",
+        type=int,
+        default=0,
+        help="steps of SynthSAEBench's orthogonalisation (slow on CPU)",
+    )
+    p.add_argument("--max-prob", type=float, default=0.06)
+    p.add_argument("--min-prob", type=float, default=0.003)
+    p.add_argument("--tokens", type=int, default=2_000_000, help="training samples per SAE (same for both)")
+    p.add_argument("--pool", type=int, default=500_000, help="distinct training samples (epochs over them)")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--l1", type=float, default=2.0, help="SAELens standard SAE's l1_coefficient")
+    p.add_argument("--eval-samples", type=int, default=50_000)
+    p.add_argument("--chunk", type=int, default=20, help="steps per timed chunk")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if args.features % args.hidden:
+        raise SystemExit("--features must be a multiple of --hidden (our d_sae is expansion x d_in)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    import sae_lens
+
+    world = synthetic_world(args)
+    with torch.random.fork_rng():
+        torch.manual_seed(args.seed)
+        probe = world.activation_generator.sample(20_000)
+    true_l0 = float((probe > 0).float().sum(1).mean())
+    print(f"generating {args.pool:,} samples ...", file=sys.stderr, flush=True)
+    data = Samples(world, args.pool, args.batch_size, args.seed)
+    result = {
+        "machine": {"torch": torch.__version__, "sae_lens": sae_lens.__version__, "threads": torch.get_num_threads()},
+        "world": {"features": args.features, "hidden": args.hidden, "true_l0": round(true_l0, 2),
+                  "training_samples": args.tokens, "unique_samples": args.pool, "batch_size": args.batch_size, "lr": args.lr,
+                  "eval_samples": args.eval_samples},
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in filter(None, args.archs.split(",")):
+            print(f"training {arch} (SAELens and ours) ...", file=sys.stderr, flush=True)
+            result[arch] = compare(arch, world, data, true_l0, args, Path(tmp))
+            print(json.dumps({arch: result[arch]["ratio_ours_over_saelens"]}), file=sys.stderr, flush=True)
+    result["targets"] = {
+        f"{a}_{t}": ok
+        for a, r in result.items() if isinstance(r, dict) and "ratio_ours_over_saelens" in r
+        for t, ok in (("mcc_ge_saelens", r["ours"]["mcc"] >= r["saelens"]["mcc"]),
+                      ("f1_ge_saelens", r["ours"]["f1"] >= r["saelens"]["f1"]),
+                      ("faster_2x", r["ratio_ours_over_saelens"]["tokens_per_s_load_corrected"] >= 2))
+    }  # fmt: skip
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The grid's corpus conditions and L0 sweep: `corpus` and `corpus+behaviour` train from the stored
+reference corpus (or a stream of it), every SAE is evaluated on the same held-out behaviour tokens and on
+held-out corpus text, mixed batches hold each source's share, and missing data is skipped with the fix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from helpers import plots
+from helpers.collect.corpus import BUILTIN_CORPUS, CorpusStream, collect_corpus, corpus_ids
+from helpers.collect.store import LayerStore
+from helpers.run import read_run_json
+from helpers.saes.grid import sae_id_of, train_grid
+from helpers.saes.train import MixedData, StoreData
+from tests.saes.test_train import LAYER, shared_run, small_cfg
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def copy_run(src, dst, with_behaviour: bool = True):
+    dst.mkdir(parents=True)
+    shutil.copy(src / "run.json", dst / "run.json")
+    if with_behaviour:
+        (dst / "completions.jsonl").symlink_to(src / "completions.jsonl")
+        (dst / "activations").symlink_to(src / "activations")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def corpus_run(offline_lm, tmp_path_factory):
+    """The shared behaviour run plus ~4k tokens of the shipped corpus at the same layer."""
+    run = copy_run(shared_run(offline_lm, tmp_path_factory), tmp_path_factory.mktemp("corpus_run") / "run")
+    collect_corpus(offline_lm, BUILTIN_CORPUS, [LAYER], run, max_tokens=4000, seq_len=64, batch_size=8)
+    return run
+
+
+def test_corpus_conditions_and_an_l0_sweep_train_evaluate_and_resume(corpus_run):
+    cfg = small_cfg(train_tokens=16 * 64)
+    kw = dict(min_completions=4, min_tokens=500, l0s=[4, 8])
+    conditions = ["corpus", "corpus+behaviour"]
+    status = train_grid(corpus_run, [LAYER], ["topk", "batchtopk"], conditions, cfg, **kw)
+    spec = read_run_json(corpus_run)["model"]["spec"]
+    assert [r["sae_id"] for r in status] == [
+        sae_id_of(spec, a, LAYER, c, l0) for c in conditions for a in ("topk", "batchtopk") for l0 in (4, 8)
+    ]
+    assert status[0]["sae_id"].endswith(f"_topk-l0-4_L{LAYER}_corpus")
+    assert {r["status"] for r in status} == {"trained"}
+    behaviour_tokens, (store, _, held) = None, corpus_ids(corpus_run, LAYER)
+    for r in status:
+        m = json.loads((corpus_run / "saes" / r["sae_id"] / "metrics.json").read_text())
+        assert m["training"]["config"]["l0"] == r["l0_target"] and m["condition"] == r["condition"]
+        # One yardstick for every condition: the held-out behaviour completions, and held-out corpus text.
+        behaviour_tokens = behaviour_tokens or m["activations"]["n_tokens"]
+        assert m["activations"]["n_tokens"] == behaviour_tokens
+        assert m["corpus_activations"]["n_tokens"] == store.count(held) > 0
+        if r["architecture"] == "topk":
+            assert m["activations"]["l0"] == pytest.approx(r["l0_target"])
+    assert json.loads((corpus_run / "saes" / status[0]["sae_id"] / "metrics.json").read_text())[
+        "dataset_path"
+    ].endswith("corpus/")
+    again = train_grid(corpus_run, [LAYER], ["topk", "batchtopk"], conditions, cfg, **kw)
+    assert {r["status"] for r in again} == {"done earlier"}
+    # The Pareto view: one line per architecture / condition through its L0s, for EV and the CE score.
+    fig = plots.sae_pareto_figure(corpus_run)
+    lines = [t for t in fig.data if t.xaxis == "x"]
+    assert {t.name for t in lines} == {f"{a} / {c}" for a in ("topk", "batchtopk") for c in conditions}
+    assert all(len(t.x) == 2 and t.x[0] < t.x[1] for t in lines), "each line runs through its sweep by L0"
+    assert len(plots.sae_pareto_figure(corpus_run, backend="matplotlib").axes[1].lines) == 4
+
+
+def test_mixed_batches_hold_each_sources_share(corpus_run):
+    store, train, _ = corpus_ids(corpus_run, LAYER)
+    behaviour = LayerStore(corpus_run, LAYER)
+    mix = MixedData([(StoreData(store, train), 0.75), (StoreData(behaviour), 0.25)])
+    assert (
+        mix.sizes(64) == [48, 16]
+        and mix.sizes(10) == [8, 2]
+        and mix.count() == store.count(train) + behaviour.n_tokens
+    )
+    from_corpus = {r.tobytes() for i in train for r in store.tokens_of(i)}
+    it = mix.batches(small_cfg(), 0)
+    for _ in range(5):
+        x = next(it).numpy()
+        assert x.shape == (64, 576)
+        assert all(r.tobytes() in from_corpus for r in x[:48]) and not any(
+            r.tobytes() in from_corpus for r in x[48:]
+        )
+    with pytest.raises(ValueError, match="shares"):
+        MixedData([(StoreData(store), 0.0)])
+
+
+def test_the_corpus_condition_streams_when_nothing_is_stored(offline_lm, corpus_run, tmp_path):
+    """No corpus/ in the run: the corpus SAE trains from forward passes through a bounded buffer and is
+    evaluated on the same held-out behaviour tokens as the stored-corpus SAEs."""
+    run = copy_run(corpus_run, tmp_path / "run")
+    made = []
+
+    def stream(layer):
+        made.append(layer)
+        return CorpusStream(offline_lm, BUILTIN_CORPUS, layer, seq_len=64, batch_size=8, buffer_tokens=512)
+
+    status = train_grid(run, [LAYER], ["topk"], ["corpus", "corpus+behaviour"], small_cfg(train_tokens=12 * 64),
+                        min_completions=4, min_tokens=500, corpus_stream=stream)  # fmt: skip
+    assert [r["status"] for r in status] == ["trained", "trained"] and made == [LAYER], "one stream per layer"
+    m = json.loads((run / "saes" / status[0]["sae_id"] / "metrics.json").read_text())
+    stored = json.loads(next((corpus_run / "saes").glob("*_topk-l0-8_L2_corpus/metrics.json")).read_text())
+    assert m["activations"]["n_tokens"] == stored["activations"]["n_tokens"]
+    assert "corpus_activations" not in m, "no stored corpus to evaluate on"
+    assert np.isfinite(m["activations"]["explained_variance"])
+
+
+def test_missing_corpus_is_skipped_and_a_corpus_only_run_evaluates_on_held_out_text(
+    offline_lm, corpus_run, tmp_path, capsys
+):
+    bare = copy_run(corpus_run, tmp_path / "bare")
+    status = train_grid(
+        bare, [LAYER], ["topk"], ["corpus", "mixed"], small_cfg(), min_completions=4, min_tokens=500
+    )
+    assert [r["status"] for r in status] == ["skipped", "trained"]
+    assert "no reference corpus at layer 2: collect one in notebook 02" in status[0]["reason"]
+    assert "skipping corpus at layer 2" in capsys.readouterr().out
+
+    only = copy_run(corpus_run, tmp_path / "only", with_behaviour=False)
+    (only / "corpus").symlink_to(corpus_run / "corpus")
+    with pytest.raises(FileNotFoundError, match="completions.jsonl is missing"):
+        train_grid(only, [LAYER], ["topk"], ["corpus+behaviour"], small_cfg(), min_tokens=500)
+    (row,) = train_grid(only, [LAYER], ["topk"], ["corpus"], small_cfg(), min_tokens=500)
+    store, _, held = corpus_ids(only, LAYER)
+    m = json.loads((only / "saes" / row["sae_id"] / "metrics.json").read_text())
+    assert m["activations"]["n_tokens"] == store.count(held) == m["corpus_activations"]["n_tokens"]
+    with pytest.raises(ValueError, match=r"unknown condition\(s\) \['corpora'\]"):
+        train_grid(only, [LAYER], ["topk"], ["corpora"], small_cfg())
