@@ -14,6 +14,7 @@ Every path of the run folder is spelled here and nowhere else:
     saes/{sae_id}/                sae_dir(run_dir, sae_id): SAE_CFG, SAE_WEIGHTS, SAE_SPARSITY, SAE_METRICS
     probes.json                   probes_path(run_dir)
     features/{sae_id}.jsonl       features_path(run_dir, sae_id)
+    features/{sae_id}.controls.json  feature_controls_path(run_dir, sae_id): random features, the autointerp baseline
     steering.jsonl                steering_path(run_dir)
     corpus/layer_{L}/             corpus_dir(run_dir, L)
     explorer/                     explorer_dir(run_dir)
@@ -99,6 +100,10 @@ def features_dir(run_dir: str | os.PathLike) -> Path:
 
 def features_path(run_dir: str | os.PathLike, sae_id: str) -> Path:
     return features_dir(run_dir) / f"{sae_id}.jsonl"
+
+
+def feature_controls_path(run_dir: str | os.PathLike, sae_id: str) -> Path:
+    return features_dir(run_dir) / f"{sae_id}.controls.json"
 
 
 def steering_path(run_dir: str | os.PathLike) -> Path:

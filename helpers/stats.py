@@ -1,8 +1,14 @@
-"""Statistics primitives shared by every stage: cluster-bootstrap weights and intervals, balanced
-accuracy, AUROC, rank-sum tests, multiplicity correction, exact sign-flip tests, binomial intervals.
+"""Statistics primitives shared by every stage: cluster-bootstrap weights and intervals, label
+permutations at the level the labels vary, balanced accuracy, AUROC, rank-sum tests, multiplicity
+corrections, exact sign-flip tests, binomial intervals.
 
 A probe's score, a feature's effect and a steering condition are judged by the same numerics here.
 Labels: y = 1 deceptive, 0 honest. Functions take plain numpy arrays and never read the run folder.
+
+Completions of one prompt share the prompt (and prompts of one group, a scenario or a fact, share it):
+they are not independent units. Every resampling here works on the units where the randomness is
+(DESIGN.md §9): bootstrap draws resample groups; permutations move labels between the units that carry
+them (`label_permutations`), never across the rows of a prompt whose label is fixed.
 """
 
 from __future__ import annotations
@@ -37,6 +43,98 @@ def group_index(groups: Sequence) -> tuple[np.ndarray, int]:
     return gidx.ravel(), int(gidx.max()) + 1 if len(gidx) else 0
 
 
+def nested_index(prompts: Sequence | None, groups: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt index, group index) per row, 0-based. `prompts` None: every row is its own prompt. A
+    prompt that appears in two groups is an error (prompts must nest in groups)."""
+    gidx, _ = group_index(groups)
+    pidx = np.arange(len(gidx)) if prompts is None else group_index(prompts)[0]
+    if len(pidx) != len(gidx):
+        raise ValueError(f"{len(pidx)} prompt ids for {len(gidx)} groups: pass one prompt id per row")
+    first_group = np.full(int(pidx.max()) + 1 if len(pidx) else 0, -1)
+    first_group[pidx] = gidx
+    if len(pidx) and not np.array_equal(first_group[pidx], gidx):
+        bad = int(pidx[first_group[pidx] != gidx][0])
+        raise ValueError(
+            f"prompt #{bad} appears in more than one group: every completion of a prompt must carry the same "
+            "group (the scenario or fact); check the `group` and `prompt_id` fields of completions.jsonl"
+        )
+    return pidx, gidx
+
+
+def label_permutations(
+    y: np.ndarray, pidx: np.ndarray, gidx: np.ndarray, n_permutations: int, rng: np.random.Generator
+) -> tuple[np.ndarray, dict[str, int]]:
+    """[n_permutations, n] label vectors drawn under the null, moving labels at the level they vary.
+
+    - a group whose rows all carry one label (one-label group): the group labels are permuted across
+      the one-label groups;
+    - a prompt whose rows carry one label inside a group with both labels (a contrast pair's honest and
+      lie prompts; a scenario's paraphrases labelled per prompt): the prompt labels are permuted among
+      the one-label prompts of the same group, whole prompts at a time;
+    - a prompt with both labels among its completions (same-prompt sampling, labelled per answer): its
+      completions' labels are shuffled within the prompt.
+
+    Under the null (activations independent of labels given prompts and groups, whose random effects
+    are exchangeable within their level) every draw has the distribution of the observed labels, so a
+    permutation test is exact. Shuffling rows across the prompts of a group instead breaks the
+    clustering of labels by prompt: in null worlds with prompt-level effects it rejected 18% at 0.05.
+    Returns the draws and how many units of each kind moved."""
+    y = np.asarray(y).astype(np.int8)
+    n_prompts, n_groups = int(pidx.max()) + 1, int(gidx.max()) + 1
+    group_of = np.zeros(n_prompts, np.int64)
+    group_of[pidx] = gidx
+    p_sum, p_n = np.bincount(pidx, y, n_prompts), np.bincount(pidx, minlength=n_prompts)
+    g_sum, g_n = np.bincount(gidx, y, n_groups), np.bincount(gidx, minlength=n_groups)
+    p_one = (p_n > 0) & ((p_sum == 0) | (p_sum == p_n))
+    g_one = (g_n > 0) & ((g_sum == 0) | (g_sum == g_n))
+    out = np.repeat(y[None], n_permutations, axis=0)
+
+    one_groups = np.flatnonzero(g_one)
+    if len(one_groups) > 1:
+        labels = (g_sum[one_groups] > 0).astype(np.int8)
+        glab = np.zeros((n_permutations, n_groups), np.int8)
+        glab[:, one_groups] = labels[np.argsort(rng.random((n_permutations, len(one_groups))), axis=1)]
+        rows = np.flatnonzero(g_one[gidx])
+        out[:, rows] = glab[:, gidx[rows]]
+
+    one_prompts = np.flatnonzero(p_one & ~g_one[group_of])
+    if len(one_prompts):
+        labels = (p_sum[one_prompts] > 0).astype(np.int8)
+        home = group_of[one_prompts]
+        base = np.argsort(home, kind="stable")  # positions sorted by group
+        order = np.argsort(home[None, :] + rng.random((n_permutations, len(one_prompts))), axis=1)
+        plab = np.zeros((n_permutations, n_prompts), np.int8)
+        plab[:, one_prompts[base]] = labels[order]  # same group sizes on both sides: within-group moves
+        rows = np.flatnonzero(p_one[pidx] & ~g_one[gidx])
+        out[:, rows] = plab[:, pidx[rows]]
+
+    mixed = np.flatnonzero(~p_one[pidx])
+    if len(mixed):
+        home = pidx[mixed]
+        base = mixed[np.argsort(home, kind="stable")]
+        order = np.argsort(home[None, :] + rng.random((n_permutations, len(mixed))), axis=1)
+        out[:, base] = y[mixed[order]]
+    units = {
+        "one_label_groups": int(len(one_groups)) if len(one_groups) > 1 else 0,
+        "one_label_prompts_within_groups": int(len(one_prompts)),
+        "two_label_prompts": int((~p_one & (p_n > 0)).sum()),
+    }
+    return out, units
+
+
+def permutation_scheme(units: dict[str, int]) -> str:
+    """The words for what `label_permutations` moved."""
+    parts = [
+        f"{units['one_label_groups']} one-label groups' labels across groups" if units["one_label_groups"] else "",
+        f"{units['one_label_prompts_within_groups']} prompts' labels within their groups"
+        if units["one_label_prompts_within_groups"] else "",
+        f"completion labels within {units['two_label_prompts']} two-label prompts"
+        if units["two_label_prompts"] else "",
+    ]  # fmt: skip
+    parts = [p for p in parts if p]
+    return "permuted: " + "; ".join(parts) if parts else "nothing to permute (one label unit)"
+
+
 def group_bootstrap_weights(gidx: np.ndarray, n_bootstrap: int, rng: np.random.Generator) -> np.ndarray:
     """[n_bootstrap, n] row weights of a cluster bootstrap: each draw resamples the groups with
     replacement, and a row's weight is how many times its group was drawn."""
@@ -63,6 +161,29 @@ def balanced_accuracy(proba: np.ndarray, y: np.ndarray, W: np.ndarray | None = N
     with np.errstate(invalid="ignore", divide="ignore"):
         recalls = [(W * (hit & (y == c))).sum(1) / (W * (y == c)).sum(1) for c in (0, 1)]
     return (recalls[0] + recalls[1]) / 2
+
+
+def balanced_accuracy_rows(proba: np.ndarray, Y: np.ndarray, W: np.ndarray | None = None) -> np.ndarray:
+    """Balanced accuracy [B] of B prediction rows proba [B, n] against labels Y ([B, n] or [n]), with
+    optional row weights W [B, n] (bootstrap counts); nan where a row lacks a class."""
+    proba = np.atleast_2d(proba)
+    labels = np.broadcast_to(Y, proba.shape)
+    W = np.ones(proba.shape) if W is None else W
+    hit = (proba >= 0.5) == (labels == 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recalls = [(W * (hit & (labels == c))).sum(1) / (W * (labels == c)).sum(1) for c in (0, 1)]
+    return (recalls[0] + recalls[1]) / 2
+
+
+def auroc_rows(scores: np.ndarray, Y: np.ndarray, W: np.ndarray | None = None) -> np.ndarray:
+    """AUROC [B] of each score row [B, n] against its labels (Y [B, n] or [n]), ties 1/2, with optional
+    row weights W [B, n]. Rows are sorted one at a time (B is a few hundred)."""
+    scores = np.atleast_2d(scores)
+    Y = np.broadcast_to(Y, scores.shape)
+    out = np.empty(len(scores))
+    for b in range(len(scores)):
+        out[b] = weighted_auroc(scores[b], Y[b], None if W is None else W[b : b + 1])[0]
+    return out
 
 
 def weighted_auroc(scores: np.ndarray, y: np.ndarray, W: np.ndarray | None = None) -> np.ndarray:
@@ -93,6 +214,18 @@ def bh_qvalues(p: np.ndarray) -> np.ndarray:
     return out
 
 
+def holm(p: Sequence[float]) -> np.ndarray:
+    """Holm (1979) step-down adjusted p-values: family-wise error control for a few comparisons (the
+    raw-vs-SAE probe tests of one layer), valid under any dependence between them."""
+    p = np.asarray(p, float)
+    m = p.size
+    order = np.argsort(p)
+    adj = np.maximum.accumulate(p[order] * (m - np.arange(m)))
+    out = np.empty(m)
+    out[order] = np.minimum(adj, 1.0)
+    return out
+
+
 def rank_sum(acts: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per column of acts [n, d]: (AUROC, two-sided Mann–Whitney p). Constant columns: (0.5, 1)."""
     n, d = acts.shape
@@ -113,6 +246,24 @@ def rank_sum(acts: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     z = (np.maximum(u1, n1 * n0 - u1) - n1 * n0 / 2 - 0.5) / np.where(sigma > 0, sigma, 1)
     p = np.where(sigma > 0, np.clip(2 * stats.norm.sf(z), 0, 1), 1.0)
     return u1 / (n1 * n0), p
+
+
+def ratio_ci(num: np.ndarray, den: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    """(R, lo, hi): the ratio of sums R = sum(num) / sum(den) over independent clusters (one entry per
+    group: a prompt group's summed loss and its token count, say) with a t interval (df = clusters - 1)
+    from its cluster-robust linearised SE, sqrt(G/(G-1) sum_g ((num_g - R den_g) / sum(den))^2). In
+    simulations with skewed cluster effects (gamma, shape 5) it covered 93% with 10 clusters and 94-95%
+    with 23-60, where a percentile cluster bootstrap covered 88-93% (tests/core/test_stats.py). Nan
+    bounds with fewer than 2 clusters."""
+    num, den = np.asarray(num, float), np.asarray(den, float)
+    total = den.sum()
+    r = float(num.sum() / total) if total else math.nan
+    g = len(num)
+    if g < 2 or not total:
+        return r, math.nan, math.nan
+    se = math.sqrt(g / (g - 1) * float((((num - r * den) / total) ** 2).sum()))
+    half = float(stats.t.ppf(0.5 + level / 2, g - 1)) * se
+    return r, r - half, r + half
 
 
 def wilson_ci(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:

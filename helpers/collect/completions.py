@@ -18,6 +18,8 @@ from typing import Any
 from helpers.run import append_jsonl, completions_path, read_jsonl, stable_hash, write_jsonl
 
 LABELS = ("honest", "deceptive", "ambiguous")
+ANALYSIS_FRACTION = 0.5
+"""Share of the prompt groups reserved for notebook 04's probes and feature tests (`analysis_split`)."""
 
 
 def read_completions(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -85,3 +87,27 @@ def split_completions(
         print(f"{len(names)} group(s): none can be held out, so metrics use the training completions")
     train = [i for i in group if group[i] not in held]
     return train, [i for i in group if group[i] in held] or train
+
+
+def analysis_split(
+    rows: list[dict], fraction: float = ANALYSIS_FRACTION, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """(ids SAEs may train on, ids reserved for analysis): about `fraction` of the prompt groups (`group`,
+    else `prompt_id`) are reserved, by a hash of the group name and the seed, so the choice never moves
+    when completions are added and both notebook 03 (which never trains an SAE on the reserved groups)
+    and notebook 04 (which probes and tests features only on them) compute the same split.
+
+    Why (DESIGN.md §9): a `deceptive_only` SAE trains on rows chosen by their label; probed on those rows
+    it scores well in worlds with no signal at all (balanced accuracy +0.03 to +0.10 over a mixed SAE in
+    simulations). Every SAE trained on behaviour data skips the reserved groups, so SAEs of every
+    condition are compared on the same rows none of them saw."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"the analysis fraction must be between 0 and 1, got {fraction}")
+    group = {r["id"]: str(r.get("group") or r["prompt_id"]) for r in rows}
+    names = sorted(set(group.values()))
+    reserved = {g for g in names if stable_hash(seed, "analysis", g) % 10_000 < fraction * 10_000}
+    if len(names) > 1 and not reserved:  # tiny runs: reserve at least one group, keep at least one
+        reserved = {min(names, key=lambda g: stable_hash(seed, "analysis", g))}
+    if len(names) > 1 and len(reserved) == len(names):
+        reserved.discard(max(names, key=lambda g: stable_hash(seed, "analysis", g)))
+    return [i for i in group if group[i] not in reserved], [i for i in group if group[i] in reserved]
