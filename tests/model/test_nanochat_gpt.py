@@ -33,6 +33,7 @@ from tests.model.nanochat_oracle import (
     sample_ids,
     save_native,
     tiny_encoding,
+    write_tiny_2026_checkpoint,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -371,3 +372,32 @@ def test_conversion_keeps_each_tensor_dtype_and_records_the_behaviour(tmp_path):
         "2026-03-14", 100000.0, 1.2, 3.0, 24,
     )  # fmt: skip
     assert cfg["attention_windows"] == [128, 128, 512, 512]  # "SSL" tiled, last layer long
+
+
+def test_hub_repo_with_2026_native_files_loads_and_is_cached(tmp_path, monkeypatch):
+    """A Hub repo holding a 2026-layout native checkpoint (the Hub is unreachable here: huggingface_hub's two
+    calls serve a local folder laid out as the repo) converts once into our class; the next load makes no call."""
+    import huggingface_hub
+
+    repo_dir = write_tiny_2026_checkpoint(tmp_path / "repo", n_layer=2, seq_len=256)
+    calls = []
+
+    def list_repo_files(repo, revision=None):
+        calls.append("list")
+        return sorted(p.name for p in repo_dir.iterdir())
+
+    def hf_hub_download(repo, filename, revision=None):
+        calls.append(filename)
+        return str(repo_dir / filename)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    lm = helpers.load_model("someone/nanochat-2026", device="cpu", cache_dir=tmp_path / "cache")
+    assert (lm.info.source, lm.info.layout, type(lm.model).__name__) == (
+        "nanochat-native", "2026-03-14", "NanoChatGPTForCausalLM",
+    )  # fmt: skip
+    assert calls == ["list", "model_000010.pt", "meta_000010.json", "tokenizer.pkl"]
+    calls.clear()
+    again = helpers.load_model("someone/nanochat-2026", device="cpu", cache_dir=tmp_path / "cache")
+    assert calls == [] and again.info.path == lm.info.path
