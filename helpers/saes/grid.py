@@ -174,8 +174,9 @@ class _Sources:
         return self.behaviour
 
     def _ids(self, condition: str, min_completions: int, min_tokens: int) -> list[str]:
-        return condition_ids(self.rows, condition, self.train_ids, self._behaviour(),
-                             min_completions=min_completions, min_tokens=min_tokens)  # fmt: skip
+        # At least one batch of tokens, so an epoch is never empty.
+        return condition_ids(self.rows, condition, self.train_ids, self._behaviour(), min_completions=min_completions,
+                             min_tokens=max(min_tokens, self.cfg.batch_size))  # fmt: skip
 
     def _corpus(self, min_tokens: int) -> StoreData | StreamData:
         if self.corpus_store is None and self.make_stream is not None:
