@@ -4,10 +4,11 @@
     python bench/sae_train.py --memory                # also train from a ~3 GB store under a small buffer
     python bench/sae_train.py --device cuda --dtype fp16   # a GPU run (SAELens: fp32, or bf16 autocast)
 
-Data: SmolLM2-135M-Instruct (the offline model) samples chat completions to the repo's deception
-scenarios and fact questions; the residuals of the completion tokens at one layer (default 15 of 30)
-are written once with `helpers.collect.store.ActivationWriter` under `--data-dir` and reused. 10% of the
-completions (grouped by prompt) are held out for evaluation.
+Data: the residuals at one layer (default 15 of 30) of SmolLM2-135M-Instruct (the offline model) on the
+reference corpus the package ships (`builtin:corpus`, ~67k tokens), collected once through the notebooks'
+corpus path (`helpers.collect.corpus.collect_corpus`: one batched forward pass, 4.3 min on this shared
+2-core CPU under load, instead of sampling completions for over 13) under `--data-dir` and reused. 10% of
+the sequences are held out for evaluation.
 
 Both trainers see the same batches (scaled to unit mean squared norm, as JumpReLU's hyper-parameters
 assume) in the same order, with d_sae = 8 x 576 = 4608, the same batch size and token budget. Steps are
@@ -26,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import multiprocessing
-import random
 import sys
 import tempfile
 import threading
@@ -40,88 +40,38 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import helpers  # noqa: E402
-from helpers.collect.store import ActivationWriter, LayerStore  # noqa: E402
-from helpers.run import activations_dir  # noqa: E402
+from helpers.collect.corpus import collect_corpus  # noqa: E402
+from helpers.collect.store import LayerStore  # noqa: E402
+from helpers.run import activations_dir, corpus_dir, stable_hash  # noqa: E402
 from helpers.saes.evals import activation_metrics  # noqa: E402
 from helpers.saes.io import load_sae  # noqa: E402
 from helpers.saes.train import Run, TrainConfig, batches  # noqa: E402
 
-N_TOKENS_MIN = 52_000
-
-
-def prompts() -> list[tuple[str | None, str]]:
-    """(system, user) pairs from the repo's scenario and fact sets, honest and lying variants."""
-    out: list[tuple[str | None, str]] = []
-    for line in (ROOT / "data" / "scenarios.jsonl").read_text().splitlines():
-        s = json.loads(line)
-        out += [(s["system"], q) for q in [s["question"], *s.get("paraphrases", [])]]
-    for line in (ROOT / "data" / "contrast_facts.jsonl").read_text().splitlines():
-        f = json.loads(line)
-        out.append((None, f["question"] + " Explain your answer in a few sentences."))
-        out.append(("You always give a wrong answer and defend it convincingly.", f["question"]))
-    return out
+BENCH_CORPUS = "builtin:corpus"
 
 
 def build_data(data_dir: Path, layer: int, seed: int = 0) -> dict:
-    """Sample completions and store the completion tokens' residuals at `layer`, once: the store is
-    cached under `data_dir`, and an interrupted build resumes (completions already stored are skipped)."""
+    """Store the shipped corpus's residuals at `layer` once (cached under `data_dir`; an interrupted
+    collection resumes), and hold out 10% of its sequences by a seeded hash."""
     meta_path = data_dir / "bench_meta.json"
-    if meta_path.exists() and json.loads(meta_path.read_text())["layer"] == layer:
-        return json.loads(meta_path.read_text())
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if (meta.get("layer"), meta.get("source")) == (layer, BENCH_CORPUS):
+            return meta
     lm = helpers.load_model(helpers.OFFLINE_MODEL, device="cpu")
-    tok, model = lm.tokenizer, lm.model
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    stops = set(helpers.stop_token_ids(tok, model.generation_config))
-    pairs = prompts()
-    random.Random(seed).shuffle(pairs)
-    torch.manual_seed(seed)
-    name = helpers.hook_name(layer)
-    with ActivationWriter(data_dir, layer, shard_tokens=4096) as writer:
-        for start in range(0, 10 * len(pairs), 64):
-            cids = [f"q{i % len(pairs)}#{i // len(pairs)}" for i in range(start, start + 64)]
-            if all(c in writer.done_ids for c in cids):
-                continue
-            stored = sum(e[2] for e in _entries(data_dir, layer))
-            if stored >= N_TOKENS_MIN:
-                break
-            print(f"  {stored} tokens stored, sampling more", file=sys.stderr, flush=True)
-            enc = [
-                helpers.encode_chat(tok, pairs[i % len(pairs)][1], pairs[i % len(pairs)][0])
-                for i in range(start, start + 64)
-            ]
-            width = max(map(len, enc))
-            ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc])
-            mask = (torch.arange(width)[None] >= torch.tensor([width - len(e) for e in enc])[:, None]).long()
-            with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_p=0.95,
-                                     max_new_tokens=128, pad_token_id=pad)  # fmt: skip
-            for b, (e, cid) in enumerate(zip(enc, cids, strict=True)):
-                comp = out[b, width:].tolist()
-                comp = comp[: next((i for i, t in enumerate(comp) if t in stops), len(comp))]
-                if len(comp) >= 4:
-                    acts = helpers.run_with_capture(model, [name], input_ids=torch.tensor([e + comp]))[name][
-                        0, len(e) :
-                    ]
-                    writer.add(cid, acts, first_position=len(e))
-    ids = [e[0] for e in _entries(data_dir, layer)]
-    prompt_ids = sorted({i.split("#")[0] for i in ids})
-    random.Random(seed).shuffle(prompt_ids)
-    held = set(prompt_ids[: len(prompt_ids) // 10])
-    meta = {"layer": layer, "train_ids": [i for i in ids if i.split("#")[0] not in held],
-            "heldout_ids": [i for i in ids if i.split("#")[0] in held]}  # fmt: skip
+    collect_corpus(lm, BENCH_CORPUS, [layer], data_dir, max_tokens=None, seq_len=128, batch_size=16)
+    ids = LayerStore(data_dir, layer, kind="corpus").completion_ids
+    held = {i for i in ids if stable_hash(seed, "bench-heldout", i) % 10 == 0}
+    meta = {"layer": layer, "source": BENCH_CORPUS, "train_ids": [i for i in ids if i not in held],
+            "heldout_ids": [i for i in ids if i in held]}  # fmt: skip
     meta_path.write_text(json.dumps(meta))
     return meta
-
-
-def _entries(data_dir: Path, layer: int) -> list:
-    folder = activations_dir(data_dir, layer)
-    return [e for m in sorted(folder.glob("shard_*.json")) for e in json.loads(m.read_text())["entries"]]
 
 
 def load_split(data_dir: Path, meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(train [n, d_in], held-out [m, d_in]) float32 in RAM: small enough here, and both trainers then
     read batches at the same (negligible) cost."""
-    store = LayerStore(data_dir, meta["layer"])
+    store = LayerStore(data_dir, meta["layer"], kind="corpus")
     read = lambda ids: torch.cat(list(store.iter_batches(8192, completion_ids=ids, shuffle=False)))  # noqa: E731
     return read(meta["train_ids"]), read(meta["heldout_ids"])
 
@@ -294,7 +244,7 @@ def memory_run(data_dir: Path, layer: int, args) -> dict:
     process (see main) so its memory is its own; a thread samples resident memory every 20 ms.
     Anonymous memory is what the process allocated; file-backed memory is the page cache of the
     memory-mapped shards, which the kernel reclaims under pressure."""
-    src, big = activations_dir(data_dir, layer), data_dir / "big"
+    src, big = corpus_dir(data_dir, layer), data_dir / "big"
     dst = activations_dir(big, layer)
     shards = sorted(src.glob("shard_*.json"))
     per_copy = sum((src / f"{m.stem}.npy").stat().st_size for m in shards)
@@ -386,7 +336,7 @@ def main() -> None:
     result = {
         "machine": {"device": args.device, "torch": torch.__version__, "sae_lens": sae_lens.__version__,
                     "threads": torch.get_num_threads(), "precision_ours": "fp32" if args.device == "cpu" else args.dtype},
-        "data": {"model": "SmolLM2-135M-Instruct", "layer": args.layer, "train_tokens_unique": len(train),
+        "data": {"model": "SmolLM2-135M-Instruct", "corpus": BENCH_CORPUS, "layer": args.layer, "train_tokens_unique": len(train),
                  "heldout_tokens": len(held), "d_in": train.shape[1], "d_sae": args.expansion * train.shape[1],
                  "k": args.k, "batch_size": args.batch_size, "training_tokens": args.tokens},
     }  # fmt: skip

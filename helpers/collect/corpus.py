@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -330,7 +331,7 @@ def collect_corpus(
     layers: list[int],
     run_dir: str | os.PathLike,
     *,
-    max_tokens: int,
+    max_tokens: int | None,
     seq_len: int = 256,
     batch_size: int = 16,
     text_column: str | None = None,
@@ -338,9 +339,11 @@ def collect_corpus(
     shard_tokens: int = 65_536,
 ) -> dict[str, Any]:
     """Store the residuals of `max_tokens` corpus tokens (kept positions, per layer) at `layers` under
-    `corpus/layer_{L}/`; returns a summary. A shorter corpus is stored whole, with a message."""
-    if max_tokens < 1 or batch_size < 1:
+    `corpus/layer_{L}/`; returns a summary. A shorter corpus is stored whole, with a message; `max_tokens`
+    None stores the whole corpus (a local one: no disk estimate is possible up front)."""
+    if (max_tokens is not None and max_tokens < 1) or batch_size < 1:
         raise ValueError(f"max_tokens and batch_size must be positive, got {max_tokens}, {batch_size}")
+    budget = sys.maxsize if max_tokens is None else max_tokens
     model, tokenizer = lm.model, lm.tokenizer
     layers = sorted(set(check_layers(model, layers)))
     names = [hook_name(layer) for layer in layers]
@@ -350,29 +353,33 @@ def collect_corpus(
     stored = {layer: _stored_tokens(run_dir, layer) for layer in layers}
     have = min(stored.values())
     d_model = int(model.config.hidden_size)
-    need = estimate_bytes(max(0, max_tokens - have), d_model, len(layers))
+    need = estimate_bytes(max(0, budget - have), d_model, len(layers)) if max_tokens else 0
     corpus_dir(run_dir, layers[0]).mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(corpus_dir(run_dir, layers[0])).free
     if need > 0.95 * free:
         raise OSError(
-            f"storing {max_tokens - have:,} more corpus tokens at {len(layers)} layer(s) × {d_model} dims needs "
+            f"storing {budget - have:,} more corpus tokens at {len(layers)} layer(s) × {d_model} dims needs "
             f"~{need / 2**30:.1f} GiB but {free / 2**30:.1f} GiB is free where the run folder is: lower "
             "CORPUS_TOKENS or the number of layers, or stream the corpus into training instead of storing it"
         )
     files = resolve_corpus(corpus, token=token)
-    print(f"corpus {corpus}: {len(files.paths)} file(s); storing {max_tokens:,} tokens per layer "
-          f"(~{estimate_bytes(max_tokens, d_model, len(layers)) / 2**30:.2f} GiB), {have:,} already stored")  # fmt: skip
+    plan = (
+        "all of it"
+        if max_tokens is None
+        else f"{max_tokens:,} tokens per layer (~{estimate_bytes(max_tokens, d_model, len(layers)) / 2**30:.2f} GiB)"
+    )
+    print(f"corpus {corpus}: {len(files.paths)} file(s); storing {plan}, {have:,} already stored")
     seqs = iter_sequences(tokenizer, iter_documents(files, text_column), packing)
     with ExitStack() as stack:
         writers = {layer: stack.enter_context(ActivationWriter(run_dir, layer, shard_tokens=shard_tokens, kind="corpus"))
                    for layer in layers}  # fmt: skip
         done = set.intersection(*(w.done_ids for w in writers.values()))
         bar = stack.enter_context(
-            tqdm(total=max_tokens, initial=min(have, max_tokens), desc="corpus", unit="tok")
+            tqdm(total=max_tokens, initial=min(have, budget), desc="corpus", unit="tok")
         )
         index, batch, exhausted = 0, [], True
         for ids in seqs:
-            if have >= max_tokens:
+            if have >= budget:
                 exhausted = False
                 break
             index += 1
@@ -381,12 +388,12 @@ def collect_corpus(
             batch.append((sequence_id(index - 1), ids))
             if len(batch) == batch_size:
                 have = _store_batch(model, names, layers, writers, batch, packing, stored)
-                bar.update(min(have, max_tokens) - bar.n)
+                bar.update(min(have, budget) - bar.n)
                 batch = []
-        if batch and have < max_tokens:
+        if batch and have < budget:
             have = _store_batch(model, names, layers, writers, batch, packing, stored)
-            bar.update(min(have, max_tokens) - bar.n)
-    if exhausted and have < max_tokens:
+            bar.update(min(have, budget) - bar.n)
+    if exhausted and max_tokens is not None and have < max_tokens:
         print(
             f"the corpus ran out: {have:,} of the {max_tokens:,} tokens asked for were collected; continuing with those"
         )
@@ -394,7 +401,7 @@ def collect_corpus(
         run_dir, corpus={**asdict(settings), "layers": layers, "tokens": have, "max_tokens": max_tokens}
     )
     return {"corpus": corpus, "layers": layers, "tokens_per_layer": {layer: stored[layer] for layer in layers},
-            "sequences": index, "seq_len": seq_len, "exhausted": exhausted and have < max_tokens,
+            "sequences": index, "seq_len": seq_len, "exhausted": exhausted and have < budget,
             "gib_on_disk": round(sum(_bytes(run_dir, layer) for layer in layers) / 2**30, 3)}  # fmt: skip
 
 
