@@ -6,8 +6,9 @@ explanations are scored on held-out windows (scoring.py; REFERENCE.md "Auto-inte
   one sentence, whether it is deception-related, and its kind. The completions' honest / deceptive
   labels are never shown: a feature is explained by the text it fires on, not by which set the text
   came from (DESIGN.md §8).
-- `autointerp`: explain, then score by detection and fuzzing, each against a shuffled-explanation
-  baseline (scoring.py), with one Asker (helpers.gemini): several features per request, validated,
+- `autointerp`: explain, then score by detection and fuzzing, each against the explanation of an
+  unrelated feature (random `controls` of the same SAE, explained in the same requests; scoring.py),
+  with one Asker (helpers.gemini): several features per request, validated,
   cached and budgeted; one daily-quota or budget stop ends the whole pass, and only cached answers are
   still used after it, so the next run continues from the cache.
 - Nothing is invented: without a client every explanation and score is None with its source saying
@@ -72,13 +73,15 @@ def plan(
     score_features_per_request: int | None = None,
     baseline: bool = True,
     fuzzing: bool = True,
+    n_controls: int = 2,
 ) -> dict[str, Any]:
     """Requests an `autointerp` pass over `n_features` features of each of `n_saes` SAEs will send,
-    before follow-ups for features Gemini leaves out; cached requests are free. Each score (detection,
-    fuzzing) and its shuffled baseline is one request per `score_features_per_request` features."""
-    if min(n_features, features_per_request, n_saes) < 0 or features_per_request < 1:
-        raise ValueError("n_features and n_saes must be >= 0 and features_per_request >= 1")
-    explain = math.ceil(n_features / features_per_request)
+    before follow-ups for features Gemini leaves out; cached requests are free. The `n_controls` random
+    features whose explanations are the baselines are explained with them (when `baseline`). Each score
+    (detection, fuzzing) and its baseline is one request per `score_features_per_request` features."""
+    if min(n_features, features_per_request, n_saes, n_controls) < 0 or features_per_request < 1:
+        raise ValueError("n_features, n_saes and n_controls must be >= 0 and features_per_request >= 1")
+    explain = math.ceil((n_features + (n_controls if baseline else 0)) / features_per_request)
     score = math.ceil(n_features / (score_features_per_request or features_per_request))
     rows = {
         "explain_requests": n_saes * explain,
@@ -167,15 +170,23 @@ def autointerp(
     fuzzing: bool = True,
     seed: int = 0,
     max_followups: int = 2,
+    controls: Sequence[FeatureContexts] = (),
 ) -> dict[int, dict[str, Any]]:
-    """Explain, then score by detection and fuzzing with the shuffled baselines (scoring.py): per
-    feature, the fields of both. One stop (quota, budget) ends the whole pass; cached answers are still
-    used after it."""
+    """Explain `contexts` and the random `controls`, then score the contexts' explanations by detection
+    and fuzzing against the controls' explanations (scoring.py): per feature of `contexts`, the fields of
+    both and `baseline_explanation` (the text the baselines used). One stop (quota, budget) ends the
+    whole pass; cached answers are still used after it."""
     if client is None:
         print(f"autointerp: no Gemini client; explanations and scores are marked {OFFLINE!r}")
     asker = Asker(client)
-    expl = _explain(asker, contexts, features_per_request, max_followups)
+    controls = list(controls) if baseline else []
+    expl = _explain(asker, [*contexts, *controls], features_per_request, max_followups)
     texts = {f: e["explanation"] for f, e in expl.items()}
     scores = score_with(asker, contexts, texts, features_per_request=features_per_request, baseline=baseline,
-                        fuzzing=fuzzing, seed=seed, max_followups=max_followups)  # fmt: skip
-    return {f: {"feature": f, **expl[f], **scores[f]} for f in expl}
+                        fuzzing=fuzzing, seed=seed, max_followups=max_followups,
+                        controls=[c.feature for c in controls])  # fmt: skip
+    return {
+        c.feature: {"feature": c.feature, **expl[c.feature], **scores[c.feature],
+                    "baseline_explanation": texts.get(scores[c.feature]["baseline_explanation_of"])}
+        for c in contexts
+    }  # fmt: skip

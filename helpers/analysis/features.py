@@ -1,18 +1,22 @@
 """Which SAE features separate deceptive from honest completions, measured on data not used to pick them.
 
-Features are CHOSEN on one split of the prompt groups and their statistics REPORTED on the other
-(`split_by_group`, `top_features`): the 20 largest of 16k effect sizes, reported on the rows that chose
-them, report the selection's luck (winner's curse). Per feature, vectorised (16k features in seconds):
-- Cohen's d (deceptive minus honest, pooled SD) with a 95% percentile bootstrap CI; pass `groups` to
-  resample prompt groups (a cluster bootstrap), since completions of one prompt are not independent;
-- AUROC = P(deceptive activation > honest) + ties/2, and the two-sided Mann–Whitney U p-value
-  (normal approximation with tie and continuity corrections, as scipy's "asymptotic" method). U treats
-  completions as independent, so with several per prompt its p-values are optimistic: read them with
-  the group-bootstrap CI of d beside them;
-- Benjamini–Hochberg q-values across all features, firing rates (fraction of completions > 0).
+Features are CHOSEN on one split of the prompt groups and TESTED on the other (`split_by_group`,
+`top_features`): the 20 largest of 16k effect sizes, reported on the rows that chose them, report the
+selection's luck (winner's curse). Per feature, vectorised (16k features in seconds):
+- Cohen's d (deceptive minus honest, pooled SD) with a 95% CI from the cluster-robust SE of the mean
+  difference over prompt groups (`feature_stats`), since completions of one prompt are not independent;
+- AUROC = P(deceptive activation > honest) + ties/2 (descriptive), firing rates (fraction > 0).
 
-probes.py and features.py share the numerics of helpers.stats (cluster-bootstrap weights, weighted AUROC, balanced accuracy): a
-probe's score and a feature are judged by the same statistics. Labels: y = 1 deceptive, 0 honest.
+The test (`heldout_tests`) runs only on the k chosen features, on the held-out split, ONE-SIDED in the
+direction the selection split chose (a feature whose sign flips between the halves did not replicate):
+a permutation test of Cohen's d with labels moved at the level they vary (`stats.label_permutations`:
+prompt labels within their group, completion labels within their prompt), so completions of one
+prompt are never treated as independent. A Mann-Whitney test on completions did that: in null worlds
+with half the variance per prompt it put 20% of features at p < 0.05. The q-values are
+Benjamini-Hochberg over the k held-out p-values, valid because the k were chosen on other data.
+
+probes.py and features.py share the numerics of helpers.stats (label permutations, AUROC): a probe's score and a feature are judged by the same statistics. Labels: y = 1
+deceptive, 0 honest.
 """
 
 from __future__ import annotations
@@ -21,8 +25,18 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
+from scipy import stats
 
-from helpers.stats import bh_qvalues, check_labels, group_bootstrap_weights, group_index, rank_sum
+from helpers.stats import (
+    bh_qvalues,
+    check_labels,
+    group_index,
+    label_permutations,
+    nested_index,
+    permutation_scheme,
+    rank_sum,
+)
 
 
 def _cohens_d(diff: np.ndarray, pooled_sd: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -34,51 +48,53 @@ def _cohens_d(diff: np.ndarray, pooled_sd: np.ndarray, scale: np.ndarray) -> np.
         return np.where(pooled_sd <= tiny, flat_d, diff / pooled_sd)
 
 
-def _chunk_stats(a: np.ndarray, y: np.ndarray, W: np.ndarray | None) -> dict[str, np.ndarray]:
-    """Statistics of the columns of a [n, c] (float64); W [B, n] bootstrap weights or None."""
+def _chunk_stats(a: np.ndarray, y: np.ndarray, gidx: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Statistics of the columns of a [n, c] (float64); `gidx` (group per row) asks for the CI of d."""
     dec, hon = y == 1, y == 0
     n1, n0 = int(dec.sum()), int(hon.sum())
     scale = np.abs(a).max(0)
     m1, m0 = a[dec].mean(0), a[hon].mean(0)
-    ss = a[dec].var(0) * n1 + a[hon].var(0) * n0  # within-class sums of squares
-    auc, p = rank_sum(a, y)
+    sd = np.sqrt((a[dec].var(0) * n1 + a[hon].var(0) * n0) / (n1 + n0 - 2))  # pooled within-class SD
     out = {
-        "d": _cohens_d(m1 - m0, np.sqrt(ss / (n1 + n0 - 2)), scale),
+        "d": _cohens_d(m1 - m0, sd, scale),
         "m1": m1,
         "m0": m0,
-        "auc": auc,
-        "p": p,
+        "auc": rank_sum(a, y)[0],  # the AUROC only: rank_sum's p treats completions as independent
         "f1": (a[dec] > 0).mean(0),
         "f0": (a[hon] > 0).mean(0),
         "lo": np.full(a.shape[1], np.nan),
         "hi": np.full(a.shape[1], np.nan),
     }
-    if W is None:
+    if gidx is None:
         return out
-    # Frequency-weighted means and within-class sums of squares for every draw at once ([B, n] @ [n, c]);
-    # centring first keeps the float32 sums of squares accurate.
-    x = (a - a.mean(0)).astype(np.float32)
-    W1, W0 = W * dec, W * hon
-    N1, N0 = W1.sum(1)[:, None], W0.sum(1)[:, None]
+    # Cluster-robust SE of the mean difference: each row's influence on m1 - m0, summed per group, with
+    # Stata's small-sample factor G/(G-1) (N-1)/(N-2) (CR1, as statsmodels' OLS on a class dummy), and
+    # t quantiles with G - 1 degrees of freedom.
+    n_groups = int(gidx.max()) + 1
+    psi = np.where(dec[:, None], (a - m1) / n1, -(a - m0) / n0)
+    per_group = sp.csr_matrix((np.ones(len(gidx)), (gidx, np.arange(len(gidx))))) @ psi  # [G, c]
+    n = len(gidx)
+    se = np.sqrt(n_groups / max(n_groups - 1, 1) * (n - 1) / max(n - 2, 1) * (per_group**2).sum(0))
+    half = stats.t.ppf(0.975, max(n_groups - 1, 1)) * se
     with np.errstate(invalid="ignore", divide="ignore"):
-        bm1, bm0 = (W1 @ x) / N1, (W0 @ x) / N0
-        bss = (W1 @ x**2) - N1 * bm1**2 + (W0 @ x**2) - N0 * bm0**2
-        bd = _cohens_d(bm1 - bm0, np.sqrt(np.maximum(bss, 0) / (N1 + N0 - 2)), scale)
-    bd[((N1 < 2) | (N0 < 2)).ravel()] = np.nan  # a draw without two rows of each class has no d
-    out["lo"], out["hi"] = np.nanpercentile(bd, [2.5, 97.5], axis=0)
+        lo, hi = _cohens_d(m1 - m0 - half, sd, scale), _cohens_d(m1 - m0 + half, sd, scale)
+    ok = n_groups >= 3
+    out["lo"], out["hi"] = np.where(ok, lo, np.nan), np.where(ok, hi, np.nan)
     return out
 
 
 def feature_stats(
-    acts: np.ndarray,
-    y: np.ndarray,
-    *,
-    groups: Sequence | None = None,
-    n_bootstrap: int = 1000,
-    seed: int = 0,
+    acts: np.ndarray, y: np.ndarray, *, groups: Sequence | None = None, ci: bool = True
 ) -> list[dict[str, Any]]:
-    """Per-feature statistics of acts [n, d_sae] (one row per completion, e.g. its mean SAE activation
-    over tokens). `n_bootstrap=0` skips the CI of d (the selection split does not need it)."""
+    """Per-feature effect sizes of acts [n, d_sae] (one row per completion, e.g. its mean SAE activation
+    over tokens): Cohen's d with its 95% CI, AUROC, means and firing rates per class, and no test
+    (`heldout_tests` tests the chosen few). `ci=False` skips the CI (the selection split needs none).
+
+    The CI of d is the CI of the mean difference divided by the pooled SD (treated as known): mean
+    difference ± t(G-1) × its cluster-robust SE over the G `groups` (None: every row its own group).
+    It covered the truth in 95-97% of simulated worlds with 16-113 groups (bench/calibration.py),
+    where the group bootstrap's percentile interval covered 91% with 30 groups (89% for features
+    that fire on < 10% of completions)."""
     acts = acts.numpy() if hasattr(acts, "numpy") else np.asarray(acts)
     if acts.ndim != 2:
         raise ValueError(f"acts must be [n_completions, d_sae], got shape {acts.shape}")
@@ -89,13 +105,12 @@ def feature_stats(
     gidx = group_index(groups)[0] if groups is not None else np.arange(len(y))
     if len(gidx) != len(y):
         raise ValueError(f"{len(gidx)} groups for {len(y)} completions: pass one group per row")
-    W = group_bootstrap_weights(gidx, n_bootstrap, np.random.default_rng([seed, 5])) if n_bootstrap else None
-    chunk = max(1, (1 << 23) // max(len(y), n_bootstrap))  # features at a time: ~64 MB per work array
+    chunk = max(1, (1 << 23) // len(y))  # features at a time: ~64 MB per work array
     parts = [
-        _chunk_stats(acts[:, i : i + chunk].astype(np.float64), y, W) for i in range(0, acts.shape[1], chunk)
+        _chunk_stats(acts[:, i : i + chunk].astype(np.float64), y, gidx if ci else None)
+        for i in range(0, acts.shape[1], chunk)
     ]
     c = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
-    q = bh_qvalues(c["p"])
     return [
         {
             "feature": f,
@@ -104,8 +119,6 @@ def feature_stats(
             "mean_honest": float(c["m0"][f]),
             "mean_deceptive": float(c["m1"][f]),
             "auroc": float(c["auc"][f]),
-            "u_p_value": float(c["p"][f]),
-            "q_value": float(q[f]),
             "firing_rate_honest": float(c["f0"][f]),
             "firing_rate_deceptive": float(c["f1"][f]),
             "n_honest": n0,
@@ -146,14 +159,46 @@ def split_by_group(
     return select_idx, heldout_idx
 
 
+def heldout_tests(
+    acts: np.ndarray,
+    y: np.ndarray,
+    direction: Sequence[float],
+    *,
+    groups: Sequence,
+    prompts: Sequence | None = None,
+    n_permutations: int = 2000,
+    seed: int = 0,
+) -> tuple[np.ndarray, str]:
+    """One-sided permutation p-values [k] of Cohen's d of the columns of acts [n, k], each in the sign of
+    `direction` [k] (+ deceptive higher, - lower), with labels permuted at the level they vary (module
+    doc); Phipson & Smyth's (1 + #null >= observed) / (1 + n_permutations). Also returns the scheme."""
+    a = np.asarray(acts, np.float64)
+    y = check_labels(y, len(a))
+    sign = np.sign(np.asarray(direction, float))
+    if a.ndim != 2 or len(sign) != a.shape[1]:
+        raise ValueError(f"acts must be [n, k] with one direction per column, got {a.shape} and {len(sign)}")
+    pidx, gidx = nested_index(prompts, groups)
+    Y, units = label_permutations(y, pidx, gidx, n_permutations, np.random.default_rng([seed, 10]))
+    Y = np.concatenate([y[None], Y]).astype(np.float64)  # row 0: the observed labels
+    x = a - a.mean(0)
+    n1 = Y.sum(1, keepdims=True)
+    n0 = len(y) - n1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s1, s0 = Y @ x, (1 - Y) @ x  # [B + 1, k] class sums
+        q1, q0 = Y @ x**2, (1 - Y) @ x**2
+        ss = q1 - s1**2 / n1 + q0 - s0**2 / n0
+        d = (s1 / n1 - s0 / n0) / np.sqrt(np.maximum(ss, 0) / (n1 + n0 - 2))
+    d = np.nan_to_num(d * sign, nan=0.0)  # a constant column: no evidence either way
+    p = (1 + (d[1:] >= d[0] - 1e-12).sum(0)) / (1 + n_permutations)
+    return p, permutation_scheme(units)
+
+
 def top_features(
     select_stats: list[dict[str, Any]], heldout_stats: list[dict[str, Any]], k: int = 20
 ) -> list[dict[str, Any]]:
-    """The k features with the largest |d| on the selection split, with their HELD-OUT statistics.
-
-    Adds `rank`, `select_cohens_d` and `q_value_selected`: BH over these k held-out p-values only,
-    valid because the k were chosen on other data (the held-out `q_value` corrects for all d_sae).
-    """
+    """The k features with the largest |d| on the selection split, with their HELD-OUT statistics, and
+    `rank`, `select_cohens_d` and `direction` ("deceptive higher" / "deceptive lower": the sign the
+    selection chose, which the held-out test checks)."""
     if len(select_stats) != len(heldout_stats):
         raise ValueError(
             f"selection stats cover {len(select_stats)} features, held-out {len(heldout_stats)}: "
@@ -162,13 +207,11 @@ def top_features(
     d_sel = np.array([r["cohens_d"] for r in select_stats], float)
     chosen = np.argsort(-np.nan_to_num(np.abs(d_sel), nan=-1.0), kind="stable")[:k]
     held = {r["feature"]: r for r in heldout_stats}
-    rows = [
-        {**held[select_stats[i]["feature"]], "rank": r + 1, "select_cohens_d": float(d_sel[i])}
+    return [
+        {**held[select_stats[i]["feature"]], "rank": r + 1, "select_cohens_d": float(d_sel[i]),
+         "direction": "deceptive higher" if d_sel[i] >= 0 else "deceptive lower"}
         for r, i in enumerate(chosen)
-    ]
-    for row, q in zip(rows, bh_qvalues([row["u_p_value"] for row in rows]), strict=True):
-        row["q_value_selected"] = float(q)
-    return rows
+    ]  # fmt: skip
 
 
 def select_and_report(
@@ -176,18 +219,29 @@ def select_and_report(
     y: np.ndarray,
     groups: Sequence,
     *,
+    prompts: Sequence | None = None,
     k: int = 20,
     test_fraction: float = 0.5,
-    n_bootstrap: int = 1000,
+    n_permutations: int = 2000,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """The whole recipe: split by group, choose by |d| on one side, report the other side's statistics."""
+    """The whole recipe: split by group, choose by |d| on one side, report the other side's statistics
+    and test each chosen feature there, one-sided in the chosen direction (`heldout_tests`)."""
     acts, y = np.asarray(acts), check_labels(y, len(acts))
     groups = np.asarray([str(g) for g in groups])
+    prompts = np.arange(len(y)).astype(str) if prompts is None else np.asarray([str(p) for p in prompts])
     sel, held = split_by_group(groups, test_fraction, seed, y=y)
-    chosen = feature_stats(acts[sel], y[sel], n_bootstrap=0)
-    report = feature_stats(acts[held], y[held], groups=groups[held], n_bootstrap=n_bootstrap, seed=seed)
-    return top_features(chosen, report, k)
+    chosen = feature_stats(acts[sel], y[sel], ci=False)
+    report = feature_stats(acts[held], y[held], groups=groups[held])
+    rows = top_features(chosen, report, k)
+    cols = [r["feature"] for r in rows]
+    p, scheme = heldout_tests(acts[held][:, cols], y[held], [r["select_cohens_d"] for r in rows],
+                              groups=groups[held], prompts=prompts[held], n_permutations=n_permutations,
+                              seed=seed)  # fmt: skip
+    test = f"one-sided permutation test of held-out d in the chosen direction ({scheme}); q: BH over the top {len(rows)}"
+    for row, pv, q in zip(rows, p, bh_qvalues(p), strict=True):
+        row.update(p_value=float(pv), q_value=float(q), test=test, n_permutations=n_permutations)
+    return rows
 
 
 def token_firing_rates(token_acts_iter: Iterable[Any], token_labels: Any) -> tuple[np.ndarray, np.ndarray]:

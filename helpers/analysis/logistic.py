@@ -20,7 +20,7 @@ and CG needs few steps. Tested against scikit-learn on the same problems (tests/
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import expit, log_expit
+from scipy.special import expit
 
 
 def balanced_weights(y: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
@@ -40,8 +40,7 @@ def balanced_weights(y: np.ndarray, counts: np.ndarray | None = None) -> np.ndar
 
 def _objective(Z, Y, S, C, W, c):
     z = W @ Z.T + c[:, None]
-    # log(1 + e^z) - y z = -log_expit(z) + (1 - y) z ... written stably as -(y log s + (1-y) log(1-s))
-    loss = -(Y * log_expit(z) + (1 - Y) * log_expit(-z))
+    loss = np.logaddexp(0.0, z) - Y * z  # log(1 + e^z) - y z, the logistic loss, overflow-free
     return 0.5 * (W * W).sum(1) + C * (S * loss).sum(1)
 
 
@@ -70,6 +69,7 @@ def fit(
     Z2 = Z * Z
     scale = tol * (1 + C * total)
     todo = np.flatnonzero(live)
+    f = np.full(B, np.nan)  # objective at the current point, carried over from the line search
     for _ in range(max_iter):
         if not len(todo):
             break
@@ -88,7 +88,9 @@ def fit(
         D = St * p * (1 - p)  # [b, n] Hessian row weights
         dw, dc = _newton_direction(Z, Z2, D, C, gw, gc, gmax)
         # Backtracking (Armijo) line search, all problems at once.
-        f0 = _objective(Z, Yt, St, C, Wt, ct)
+        f0 = f[todo]
+        if np.isnan(f0).any():
+            f0 = _objective(Z, Yt, St, C, Wt, ct)
         slope = (gw * dw).sum(1) + gc * dc
         step = np.ones(len(todo))
         for _ in range(30):
@@ -99,6 +101,7 @@ def fit(
             step[bad] *= 0.5
         W[todo] = Wt + step[:, None] * dw
         c[todo] = ct + step * dc
+        f[todo] = f1
     return W, c
 
 

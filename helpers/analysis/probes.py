@@ -5,13 +5,24 @@ scenario or fact a prompt belongs to): a probe tested on completions of prompts 
 by recognising the prompt (DESIGN.md §8; test_probes.py shows the inflation). y = 1 deceptive, 0 honest.
 
 - Balanced accuracy at threshold 0.5 (balanced class weights make 0.5 the right threshold) and AUROC,
-  on all out-of-fold predictions; 95% percentile CIs from a cluster bootstrap over groups (which groups
-  were sampled; the probes are not refitted).
+  on all out-of-fold predictions.
+- 95% CIs from a cluster bootstrap WITH REFITTING: each draw resamples the prompt groups (a group drawn
+  twice counts twice, on one side of its fold) and reruns the whole grouped CV on the draw, so the
+  interval includes how much the probe itself changes with its training data; percentile interval,
+  widened to include the estimate when the estimate falls outside it.
+  Bootstrapping fixed out-of-fold predictions instead covered the truth in only 77-90% of null worlds.
+  Measured in simulated worlds (bench/calibration.py): the refitted percentile interval covered the
+  true balanced accuracy in 96-100% of worlds from BA 0.5 to 0.97; the draws centre near the truth
+  rather than on the estimate, so the basic interval (reflected about the estimate) covered 66-93%
+  and the normal one (estimate ± 1.96 SD of the draws) 88% at BA 0.97.
 - Permutation p-value (Phipson & Smyth 2010: (1 + #null >= observed) / (1 + n_permutations)) of the
-  AUROC, re-running the grouped CV per permutation on the same folds.
-- Standardisation is fitted inside each training fold. When d > n_train the probe fits in the training
-  rows' SVD coordinates: L2-penalised weights lie in their span, so predictions are unchanged at a
-  fraction of the cost (Hastie & Tibshirani 2004). Done once per fold, reused by every permutation.
+  AUROC, re-running the grouped CV per permutation on the same folds, with labels permuted at the level
+  they vary (`helpers.stats.label_permutations`: prompt labels within their group, never completions
+  across the prompts of a group). Pass `prompts` whenever several completions share a prompt.
+- Standardisation is fitted inside each training fold, and the probe fits in the training rows' SVD
+  coordinates: L2-penalised weights lie in their span, so predictions are unchanged (Hastie &
+  Tibshirani 2004), and in those coordinates the many refits (permutations, bootstrap draws) of one
+  fold are solved together (`logistic.fit`). Done once per fold, reused by every refit.
 """
 
 from __future__ import annotations
@@ -23,23 +34,32 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from scipy import stats
 from sklearn.feature_extraction.text import CountVectorizer
-from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
+from helpers.analysis import logistic
 from helpers.run import jsonable
 from helpers.stats import (
+    auroc_rows,
     balanced_accuracy,
+    balanced_accuracy_rows,
     check_labels,
     group_bootstrap_weights,
     group_index,
+    label_permutations,
+    nested_index,
     percentile_ci,
+    permutation_scheme,
     weighted_auroc,
 )
+
+_THREADS = ThreadpoolController()  # inspected once: each threadpool_limits() call rescans the libraries
+CI_METHOD = "95% percentile cluster bootstrap over prompt groups, probe refitted in every draw"
 
 
 @dataclass
@@ -52,15 +72,20 @@ class ProbeResult:
     p_value: float  # permutation p-value of the AUROC; nan when n_permutations = 0
     n: int
     n_groups: int
+    n_prompts: int
     n_folds: int
     fold_scores: list[float]  # balanced accuracy per test fold, in fold order (for paired tests)
     n_permutations: int
-    permutation_scheme: str  # "group labels", "blocks" (see `permuted_labels`) or "none"
+    permutation_scheme: str  # what `stats.label_permutations` moved (or "none")
+    n_bootstrap: int
+    ci_method: str
     fold_signature: str  # hash of the fold assignment: `compare_paired` refuses results whose folds differ
     details: dict[str, Any] = field(default_factory=dict)
     oof_proba: np.ndarray = field(default=None, repr=False)  # [n] out-of-fold P(deceptive)
     labels: np.ndarray = field(default=None, repr=False)  # [n] 0/1
     group_idx: np.ndarray = field(default=None, repr=False)  # [n] group index 0..n_groups-1
+    boot_ba: np.ndarray = field(default=None, repr=False)  # [n_bootstrap] refitted draws (paired tests)
+    boot_auroc: np.ndarray = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the per-row arrays, JSON-ready (nan -> None), for probes.json."""
@@ -71,16 +96,24 @@ def grouped_folds(
     groups: Sequence, n_folds: int = 5, seed: int = 0, *, y: np.ndarray | None = None
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """K folds of (train_idx, test_idx) in which no group is on both sides; stratified by `y` when
-    given (sklearn's StratifiedGroupKFold keeps each fold's class balance close to the whole)."""
+    given (sklearn's StratifiedGroupKFold keeps each fold's class balance close to the whole).
+
+    Stratification uses only what the permutation test keeps fixed: a group with both labels is
+    balanced by its rows' labels (permutations move labels within it), while a one-label group counts
+    as a third class whatever its label (permutations move its label to other groups). Folds that
+    depended on which one-label groups are deceptive would differ for every permuted label vector, and
+    the permutation test (run on the observed folds) rejected 14% at 0.10 in such null worlds."""
     gidx, n_groups = group_index(groups)
     if n_folds < 2 or n_groups < n_folds:
         raise ValueError(
             f"{n_folds}-fold grouped CV needs at least {max(n_folds, 2)} prompt groups and n_folds >= 2, "
             f"got {n_groups} groups: lower n_folds to at most {n_groups} or add prompts from more scenarios"
         )
-    labels = np.zeros(len(gidx), int) if y is None else np.asarray(y)
+    labels = np.zeros(len(gidx), int) if y is None else np.asarray(y).astype(int)
     if len(labels) != len(gidx):
         raise ValueError(f"{len(gidx)} groups for {len(labels)} labels: pass one group per completion")
+    g_rate = np.bincount(gidx, labels, n_groups) / np.bincount(gidx, minlength=n_groups)
+    labels = np.where((g_rate[gidx] > 0) & (g_rate[gidx] < 1), labels, 2)
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     return [(tr, te) for tr, te in splitter.split(np.zeros(len(gidx)), labels, gidx)]
 
@@ -90,20 +123,22 @@ def probe(
     y: np.ndarray,
     groups: Sequence,
     *,
+    prompts: Sequence | None = None,
     n_folds: int = 5,
     seed: int = 0,
     n_permutations: int = 200,
-    n_bootstrap: int = 1000,
+    n_bootstrap: int = 200,
     C: float = 1.0,
     name: str = "",
 ) -> ProbeResult:
-    """Grouped-CV logistic-regression probe on X [n, d] (pooled activations or SAE features). Cost on 2 CPU
-    cores at n = 1000 with 200 permutations: ~15 s for d = 2048, ~80 s for d_sae = 16k."""
+    """Grouped-CV logistic-regression probe on X [n, d] (pooled activations or SAE features); `prompts`
+    (one id per row; None: every row its own prompt) sets the permutation level. Every refit is a
+    permutation or a bootstrap draw: cost grows with n_permutations + n_bootstrap (bench/probe_cost.py)."""
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2 or len(X) != len(y):
         raise ValueError(f"X must be [n, d] with n = len(y) = {len(y)}, got shape {X.shape}")
     design = partial(_standardised, X)
-    return _cross_validate(design, y, groups, n_folds, seed, n_permutations, n_bootstrap, C, name)
+    return _cross_validate(design, y, groups, prompts, n_folds, seed, n_permutations, n_bootstrap, C, name)
 
 
 def bag_of_words_probe(
@@ -111,10 +146,11 @@ def bag_of_words_probe(
     y: np.ndarray,
     groups: Sequence,
     *,
+    prompts: Sequence | None = None,
     n_folds: int = 5,
     seed: int = 0,
     n_permutations: int = 200,
-    n_bootstrap: int = 1000,
+    n_bootstrap: int = 200,
     C: float = 1.0,
     name: str = "bag_of_words",
     top_terms: int = 10,
@@ -132,12 +168,18 @@ def bag_of_words_probe(
         vec = CountVectorizer(binary=True, ngram_range=(1, 2), min_df=2).fit([texts[i] for i in tr])
         Z_tr, Z_te = vec.transform([texts[i] for i in tr]), vec.transform([texts[i] for i in te])
         scaler = StandardScaler(with_mean=False).fit(Z_tr)  # sparse stays sparse
-        return scaler.transform(Z_tr), scaler.transform(Z_te), vec
+        return *_svd_coordinates(scaler.transform(Z_tr), scaler.transform(Z_te)), vec
 
-    result = _cross_validate(vectorise, y, groups, n_folds, seed, n_permutations, n_bootstrap, C, name)
+    result = _cross_validate(
+        vectorise, y, groups, prompts, n_folds, seed, n_permutations, n_bootstrap, C, name
+    )
     everything = np.arange(len(texts))
     Z, _, vec = vectorise(everything, everything)
-    order = np.argsort(_fit(Z, result.labels, C).coef_[0])
+    W, c = logistic.fit(Z, result.labels[None], logistic.balanced_weights(result.labels), C)
+    # Back from SVD coordinates Z = Z_terms V (columns of squared norm S^2) to one weight per term:
+    # V w = Z_terms^T Z (w / S^2).
+    Z_terms = StandardScaler(with_mean=False).fit_transform(vec.transform(texts))
+    order = np.argsort(np.asarray(Z_terms.T @ (Z @ (W[0] / (Z * Z).sum(0)))).ravel())
     terms = vec.get_feature_names_out()
     result.details["top_terms"] = {
         "deceptive": [str(terms[i]) for i in order[::-1][:top_terms]],
@@ -170,7 +212,7 @@ def random_direction_control(
     for _ in range(n_directions):
         R = rng.standard_normal((X.shape[1], dim))
         Z = X @ (R / np.linalg.norm(R, axis=0))  # [n, dim] projections on unit directions
-        proba = _oof_proba([_standardised(Z, tr, te) for tr, te in folds], folds, y, C)
+        proba = _refit([_standardised(Z, tr, te) for tr, te in folds], folds, y[None], None, C)[0]
         bas.append(float(balanced_accuracy(proba, y)))
         aucs.append(float(weighted_auroc(proba, y)[0]))
     q5, q50, q95 = np.percentile(bas, [5, 50, 95]).tolist()
@@ -186,13 +228,14 @@ def random_direction_control(
     }
 
 
-def compare_paired(a: ProbeResult, b: ProbeResult, *, n_bootstrap: int = 1000, seed: int = 0) -> dict:
+def compare_paired(a: ProbeResult, b: ProbeResult) -> dict:
     """Is probe `a` better than probe `b` on the same rows and folds?
 
     Test: Nadeau & Bengio's (2003) corrected paired t-test on per-fold balanced accuracy. Folds share
     training rows, so their scores correlate and a plain paired t-test is anticonservative; the variance
     factor 1/k becomes 1/k + n_test/n_train = 1/k + 1/(k-1), df = k - 1 (a Wilcoxon test on 5 folds
-    cannot reach p < 0.0625). Beside it, paired cluster-bootstrap CIs of the pooled differences.
+    cannot reach p < 0.0625). Beside it, CIs of the differences from the two probes' refitted bootstrap
+    draws, which resampled the same groups (same seed), so each draw's difference is paired.
     """
     if a.fold_signature != b.fold_signature or not np.array_equal(a.labels, b.labels):
         raise ValueError(
@@ -206,9 +249,9 @@ def compare_paired(a: ProbeResult, b: ProbeResult, *, n_bootstrap: int = 1000, s
     with np.errstate(divide="ignore", invalid="ignore"):  # se = 0: the same difference in every fold
         t = float(diff.mean() / se) if diff.mean() != 0 else 0.0
     p = float(2 * stats.t.sf(abs(t), k - 1))
-    W = group_bootstrap_weights(a.group_idx, n_bootstrap, np.random.default_rng([seed, 3]))
-    d_ba = balanced_accuracy(a.oof_proba, a.labels, W) - balanced_accuracy(b.oof_proba, b.labels, W)
-    d_auc = weighted_auroc(a.oof_proba, a.labels, W) - weighted_auroc(b.oof_proba, b.labels, W)
+    paired = a.boot_ba is not None and b.boot_ba is not None and len(a.boot_ba) == len(b.boot_ba) > 0
+    d_ba = a.balanced_accuracy - b.balanced_accuracy
+    d_auc = a.auroc - b.auroc
     return {
         "a": a.name,
         "b": b.name,
@@ -218,10 +261,10 @@ def compare_paired(a: ProbeResult, b: ProbeResult, *, n_bootstrap: int = 1000, s
         "t": t,
         "df": k - 1,
         "p_value": p,
-        "ba_difference": a.balanced_accuracy - b.balanced_accuracy,
-        "ba_difference_ci": percentile_ci(d_ba),
-        "auroc_difference": a.auroc - b.auroc,
-        "auroc_difference_ci": percentile_ci(d_auc),
+        "ba_difference": d_ba,
+        "ba_difference_ci": percentile_ci(a.boot_ba - b.boot_ba) if paired else (np.nan, np.nan),
+        "auroc_difference": d_auc,
+        "auroc_difference_ci": percentile_ci(a.boot_auroc - b.boot_auroc) if paired else (np.nan, np.nan),
     }
 
 
@@ -246,30 +289,20 @@ def sae_features(sae: Any, X: np.ndarray | torch.Tensor, batch_size: int = 4096)
     return np.concatenate(out) if out else np.zeros((0, int(sae.d_sae)), np.float32)
 
 
-def permuted_labels(y: np.ndarray, gidx: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, str]:
-    """One draw of labels under the null, respecting the grouping.
-
-    - Labels constant within every group ("group labels"): the group labels are permuted across groups.
-    - Otherwise ("blocks"): whole label blocks are exchanged between groups of equal size, then
-      shuffled within each group. A plain shuffle of all rows would break the clustering of labels
-      by prompt (some prompts elicit lies far more often), making the null too narrow under grouped CV.
-    """
-    sizes, n_dec = np.bincount(gidx), np.bincount(gidx, weights=y)
-    if np.all((n_dec == 0) | (n_dec == sizes)):
-        return rng.permutation((n_dec > 0).astype(y.dtype))[gidx], "group labels"
-    members = [np.flatnonzero(gidx == g) for g in range(len(sizes))]
-    out = np.empty_like(y)
-    for size in np.unique(sizes):
-        same = np.flatnonzero(sizes == size)
-        for dst, src in zip(same, rng.permutation(same), strict=True):
-            out[members[dst]] = rng.permutation(y[members[src]])
-    return out, "blocks"
+def _interval(estimate: float, draws: np.ndarray) -> tuple[float, float]:
+    """The percentile interval of refitted draws, widened to include the estimate when it falls outside
+    (the draws centre near the truth, not on the estimate: module doc); nan without draws."""
+    if not len(draws):
+        return (np.nan, np.nan)
+    lo, hi = percentile_ci(draws)
+    return (min(lo, estimate), max(hi, estimate))
 
 
 def _cross_validate(
-    design: Callable[..., tuple], y, groups, n_folds, seed, n_permutations, n_bootstrap, C, name
+    design: Callable[..., tuple], y, groups, prompts, n_folds, seed, n_permutations, n_bootstrap, C, name
 ):
-    gidx, n_groups = group_index(groups)
+    pidx, gidx = nested_index(prompts, groups)
+    n_groups = int(gidx.max()) + 1
     y = check_labels(y, len(gidx))
     folds = grouped_folds(groups, n_folds, seed, y=y)
     for i, (tr, _) in enumerate(folds):
@@ -280,71 +313,90 @@ def _cross_validate(
                 f"{len(np.unique(gidx[y == gone]))} prompt group(s), and each class needs several groups "
                 f"(ideally >= n_folds={n_folds}): add prompts or lower n_folds"
             )
-    # design(train_idx, test_idx) -> (Z_train, Z_test, ...): label-independent, reused by every permutation
+    # design(train_idx, test_idx) -> (Z_train, Z_test, ...): label-independent, reused by every refit
     designs = [design(tr, te)[:2] for tr, te in folds]
-    proba = _oof_proba(designs, folds, y, C)
+    proba = _refit(designs, folds, y[None], None, C)[0]
     fold_scores = [float(balanced_accuracy(proba[te], y[te])) for _, te in folds]
     ba, auc = float(balanced_accuracy(proba, y)), float(weighted_auroc(proba, y)[0])
-    W = group_bootstrap_weights(gidx, n_bootstrap, np.random.default_rng([seed, 0]))
-    rng = np.random.default_rng([seed, 1])
-    null, scheme = [], "none"
-    for _ in range(n_permutations):
-        y_perm, scheme = permuted_labels(y, gidx, rng)
-        null.append(weighted_auroc(_oof_proba(designs, folds, y_perm, C), y_perm)[0])
-    p = (1 + np.sum(np.asarray(null) >= auc)) / (1 + n_permutations) if n_permutations else np.nan
+
+    boot_ba = boot_auc = np.zeros(0)
+    if n_bootstrap:
+        counts = group_bootstrap_weights(gidx, n_bootstrap, np.random.default_rng([seed, 0])).astype(
+            np.float64
+        )
+        boot = _refit(designs, folds, np.broadcast_to(y, counts.shape), counts, C)
+        boot_ba, boot_auc = balanced_accuracy_rows(boot, y, counts), auroc_rows(boot, y, counts)
+    p, scheme = np.nan, "none"
+    if n_permutations:
+        Y, units = label_permutations(y, pidx, gidx, n_permutations, np.random.default_rng([seed, 1]))
+        null = auroc_rows(_refit(designs, folds, Y, None, C), Y)
+        p, scheme = (1 + np.sum(null >= auc - 1e-12)) / (1 + n_permutations), permutation_scheme(units)
     assignment = np.zeros(len(y), int)  # test fold of each row
     for i, (_, te) in enumerate(folds):
         assignment[te] = i
     return ProbeResult(
         name=name,
         balanced_accuracy=ba,
-        ba_ci=percentile_ci(balanced_accuracy(proba, y, W)),
+        ba_ci=_interval(ba, boot_ba),
         auroc=auc,
-        auroc_ci=percentile_ci(weighted_auroc(proba, y, W)),
+        auroc_ci=_interval(auc, boot_auc),
         p_value=float(p),
         n=len(y),
         n_groups=n_groups,
+        n_prompts=int(pidx.max()) + 1,
         n_folds=n_folds,
         fold_scores=fold_scores,
         n_permutations=n_permutations,
         permutation_scheme=scheme,
+        n_bootstrap=n_bootstrap,
+        ci_method=CI_METHOD,
         fold_signature=hashlib.sha1(assignment.tobytes() + y.tobytes()).hexdigest()[:12],
-        details={"C": C, "seed": seed, "n_bootstrap": n_bootstrap, "class_balance": float(y.mean())},
+        details={"C": C, "seed": seed, "class_balance": float(y.mean())},
         oof_proba=proba,
         labels=y,
         group_idx=gidx,
+        boot_ba=boot_ba,
+        boot_auroc=boot_auc,
     )
 
 
+def _svd_coordinates(Z_tr: Any, Z_te: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Training rows in their SVD coordinates U S [n_tr, r] and test rows in the same basis Z_te V,
+    from the smaller of the two Gram matrices (dense or sparse inputs). Z_tr^T Z_tr becomes diagonal,
+    which is what `logistic.fit`'s preconditioner needs, and r <= min(n_tr, d)."""
+    n, d = Z_tr.shape
+    # A threaded eigh ran 50x slower on a busy 2-core VM; the products keep their threads.
+    if d > n:  # Z_tr = U S V^T via Z_tr Z_tr^T = U S^2 U^T; test: Z_te V = Z_te Z_tr^T U / S
+        gram = np.asarray((Z_tr @ Z_tr.T).todense() if sp.issparse(Z_tr) else Z_tr @ Z_tr.T)
+        with _THREADS.limit(limits=1):
+            eig, U = np.linalg.eigh(gram)
+        keep = eig > max(eig[-1], 0) * 1e-12  # numerically null directions carry nothing
+        S = np.sqrt(eig[keep])
+        cross = Z_te @ Z_tr.T
+        cross = np.asarray(cross.todense() if sp.issparse(cross) else cross)
+        return U[:, keep] * S, cross @ U[:, keep] / S
+    Z_tr = np.asarray(Z_tr.todense()) if sp.issparse(Z_tr) else Z_tr
+    Z_te = np.asarray(Z_te.todense()) if sp.issparse(Z_te) else Z_te
+    with _THREADS.limit(limits=1):
+        eig, V = np.linalg.eigh(Z_tr.T @ Z_tr)
+    keep = eig > max(eig[-1], 0) * 1e-12
+    return Z_tr @ V[:, keep], Z_te @ V[:, keep]
+
+
 def _standardised(X: np.ndarray, tr: np.ndarray, te: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Z-score with the training fold's mean/std; SVD coordinates when d > n_train (module doc)."""
+    """Z-score with the training fold's mean/std, then SVD coordinates (module doc)."""
     mu, sd = X[tr].mean(0), X[tr].std(0)
     sd[sd == 0] = 1.0  # a column constant on the training fold carries nothing; avoid 0/0
-    Z_tr, Z_te = (X[tr] - mu) / sd, (X[te] - mu) / sd
-    if Z_tr.shape[1] > Z_tr.shape[0]:
-        # Z_tr = U S V^T via the Gram matrix Z_tr Z_tr^T = U S^2 U^T (10x faster than an SVD at 800 x 16k):
-        # train coordinates U S, test coordinates Z_te V = Z_te Z_tr^T U / S.
-        gram = Z_tr @ Z_tr.T
-        with threadpool_limits(limits=1):  # a threaded eigh ran 50x slower on a busy 2-core VM
-            eig, U = np.linalg.eigh(gram)
-        keep = eig > eig[-1] * 1e-12  # numerically null directions carry nothing
-        S = np.sqrt(eig[keep])
-        Z_tr, Z_te = U[:, keep] * S, (Z_te @ Z_tr.T) @ U[:, keep] / S
-    return Z_tr, Z_te
+    return _svd_coordinates((X[tr] - mu) / sd, (X[te] - mu) / sd)
 
 
-def _fit(Z: Any, y: np.ndarray, C: float) -> LogisticRegression:
-    # Balanced classes: 0.5 is the BA threshold. Default tol: 1.5-2.3x faster than 1e-6, BA/AUROC +-0.002.
-    return LogisticRegression(C=C, class_weight="balanced", max_iter=2000).fit(Z, y)
-
-
-def _oof_proba(designs: list, folds: list, y: np.ndarray, C: float) -> np.ndarray:
-    """Out-of-fold P(deceptive) [n]. A permuted training fold with one class predicts 0.5 (no information)."""
-    proba = np.full(len(y), 0.5)
-    # One BLAS thread: these fits are small (d <= n_train after the SVD), so threads only add
-    # synchronisation, and on a busy 2-core VM oversubscription made them up to 20x slower.
-    with threadpool_limits(limits=1):
-        for (Z_tr, Z_te), (tr, te) in zip(designs, folds, strict=True):
-            if len(np.unique(y[tr])) == 2:
-                proba[te] = _fit(Z_tr, y[tr], C).predict_proba(Z_te)[:, 1]
+def _refit(designs: list, folds: list, Y: np.ndarray, counts: np.ndarray | None, C: float) -> np.ndarray:
+    """Out-of-fold P(deceptive) [B, n] of B refits: labels Y [B, n] (permutations) and row weights
+    `counts` [B, n] (bootstrap draws; None = all 1). A refit whose training rows hold one class, or
+    rows drawn zero times, predicts 0.5 there (no information); test rows weigh what they were drawn."""
+    proba = np.full(Y.shape, 0.5)
+    for (Z_tr, Z_te), (tr, te) in zip(designs, folds, strict=True):
+        S = logistic.balanced_weights(Y[:, tr], None if counts is None else counts[:, tr])
+        W, c = logistic.fit(Z_tr, Y[:, tr], S, C)
+        proba[:, te] = logistic.predict_proba(Z_te, W, c)
     return proba

@@ -8,25 +8,34 @@ SAE's activations.
   at least one of its tokens. Truth: the window is activating.
 - FUZZING (which tokens?): the activating scoring windows only, each with some tokens marked <<like
   this>>, as the explanation prompt marks firing tokens. In half of them (seeded) the marks sit on
-  exactly the tokens the feature fires on; in the other half on as many tokens drawn at random from the
-  window's silent positions. The reader gives each a 0–1 probability that the marked tokens are the
-  ones the feature fires on. Truth: the marking is correct. An explanation that names only the topic
-  of the text passes detection but not fuzzing, which asks for the tokens.
+  exactly the tokens the feature fires on; in the other half the same pattern of marks (the same runs
+  and gaps) is moved onto tokens where the feature is silent. Every window is shown cropped to the same
+  random amount of text before its first mark and after its last one, so neither the shape of the marks
+  nor where they sit in the text tells right from wrong: a reader that ignores the explanation scores
+  AUROC 0.5 (tests/analysis/test_calibration.py; with marks scattered at random over silent tokens and
+  the example token always marked, counting spans scored 0.83 and checking the position 1.0). The
+  reader gives each a 0–1 probability that the marked tokens are the ones the feature fires on. Truth:
+  the marking is correct. An explanation that names only the topic of the text passes detection but
+  not fuzzing, which asks for the tokens.
 - Each gives balanced accuracy at 0.5 and AUROC, with a Mann–Whitney p-value of the AUROC (about 10–20
-  windows per feature: read the verdict, not the digits). The SHUFFLED BASELINE scores the same windows
-  with another feature's explanation (the next explained feature, cyclically, in the order given): an
+  windows per feature: read the verdict, not the digits). The BASELINE scores the same windows with
+  an UNRELATED feature's explanation: a random live feature of the same SAE (`controls`, chosen by
+  notebook 04 and explained with the others), so the baseline is not a near-copy of the explanation
+  under test, as the next top feature's often is (both are chosen for separating deception). Without
+  controls, the next explained feature (cyclically) stands in, and `baseline_kind` says so. An
   explanation is worth what it beats.
 - Requests go through helpers.gemini (Asker, ask_batched): several features per request, answers validated (feature ids of
   the batch, every window scored once), follow-ups for features left out, cached and budgeted. Nothing
   is invented: a score Gemini did not give is None and its source says why.
 
 Per feature, for each method m in METHODS: `m` and `m_baseline` (metrics dicts or None), `m_source` and
-`m_baseline_source` ("gemini:<model>" or why it is unavailable), `m_ba_over_baseline`; and
-`baseline_explanation_of`, the feature whose explanation the baselines used.
+`m_baseline_source` ("gemini:<model>" or why it is unavailable), `m_ba_over_baseline`;
+`baseline_explanation_of`, the feature whose explanation the baselines used, and `baseline_kind`.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -63,8 +72,8 @@ feature number unchanged, and one score for every window number of that item."""
 FUZZING_SYSTEM = """You test explanations of features of a sparse autoencoder trained on a chat language
 model. Each item gives one feature's explanation and numbered text windows; the feature fires somewhere
 in every window. In each window some tokens are marked <<like this>>. In some windows the marked tokens
-are exactly the tokens the feature fires on; in the others they are random tokens where it does not
-fire. For every window give the probability, from 0 to 1, that the marked tokens are the ones the
+are exactly the tokens the feature fires on; in the others the same pattern of marks was moved onto
+tokens where it does not fire. For every window give the probability, from 0 to 1, that the marked tokens are the ones the
 feature fires on, judging only by the explanation. Return exactly one entry per item with the item's
 feature number unchanged, and one score for every window number of that item."""
 
@@ -86,32 +95,53 @@ def detection_windows(ctx: FeatureContexts, seed: int = 0) -> list[dict[str, Any
 
 
 def fuzzing_windows(ctx: FeatureContexts, seed: int = 0) -> list[dict[str, Any]] | None:
-    """Of the n activating scoring windows, n // 2 correctly and n // 2 wrongly marked (fewer pairs when
-    too few windows can be wrongly marked), in a seeded shuffled order: {"window" (the number shown),
-    "text" (marked), "example" (index in ctx.score), "marked" (token indices in the window), "truth" (1 =
-    the marks are its firing tokens)}. A wrong window marks as many tokens as fire in it, drawn from its
-    silent ones: only a window with that many silent tokens can be wrong. None when no pair can be made."""
+    """Of the activating scoring windows that can be shown both ways, half correctly and half wrongly
+    marked, in a seeded shuffled order: {"window" (the number shown), "text" (cropped and marked),
+    "example" (index in ctx.score), "marked" (marked token indices in the stored window), "shown"
+    ([start, end) of the crop in the stored window), "truth" (1 = the marks are its firing tokens)}.
+
+    Per window: `before` tokens to show before the first mark and `after` after the last are drawn
+    uniformly among the pairs in [L/8, L/2] x [0, L/8] (L: the feature's longest window) for which both
+    the right marks and some shifted copy fit in the window with that much text around them, then a
+    shift s != 0 among those that move every firing token onto a silent one. What a window shows around
+    its marks is thus chosen before, and independently of, whether it shows the right or the shifted
+    marks (which the seed decides). Windows with no such pair are left out; None when no pair of
+    windows (one right, one wrong) can be made."""
     act = [k for k, e in enumerate(ctx.score) if e["kind"] == "activating"]
     rng = np.random.default_rng([seed, 9, ctx.feature])
-    acts = {k: np.asarray(ctx.score[k]["acts"]) for k in act}
-    order = [act[i] for i in rng.permutation(len(act))]
-    can_be_wrong = [k for k in order if (acts[k] <= 0).sum() >= (acts[k] > 0).sum()]
-    n = min(len(act) // 2, len(can_be_wrong))
+    longest = max((len(ctx.score[k]["acts"]) for k in act), default=0)
+    before_range, after_range = (longest // 8, longest // 2), (0, max(1, longest // 8))
+    plans: dict[int, tuple[np.ndarray, np.ndarray, int, int]] = {}
+    for k in (act[i] for i in rng.permutation(len(act))):
+        acts = np.asarray(ctx.score[k]["acts"])
+        fire, n_tok = np.flatnonzero(acts > 0), len(acts)
+        options = []  # (before, after, shifts) where the right marks and some shifted ones both fit
+        for before, after in itertools.product(range(before_range[0], before_range[1] + 1),
+                                               range(after_range[0], after_range[1] + 1)):  # fmt: skip
+            if not len(fire) or fire.min() < before or fire.max() + after > n_tok - 1:
+                continue
+            shifts = [sh for sh in range(before - fire.min(), n_tok - after - fire.max())
+                      if sh and (acts[fire + sh] <= 0).all()]  # fmt: skip
+            if shifts:
+                options.append((before, after, shifts))
+        if options:
+            before, after, shifts = options[int(rng.integers(len(options)))]
+            plans[k] = (fire, fire + int(rng.choice(shifts)), before, after)
+    n = len(plans) // 2
     if n == 0:
         return None
-    wrong = can_be_wrong[:n]
-    right = [k for k in order if k not in wrong][:n]
+    order = list(plans)
+    wrong = set(order[:n])
     out = []
-    for j, k in enumerate(int(k) for k in rng.permutation([*wrong, *right])):
-        marked = np.flatnonzero(acts[k] > 0)
-        if k in wrong:
-            marked = np.sort(rng.choice(np.flatnonzero(acts[k] <= 0), size=len(marked), replace=False))
-        mask = np.zeros(len(acts[k]))
-        mask[marked] = 1.0
-        text = marked_text(ctx.score[k]["tokens"], mask)
-        out.append(
-            {"window": j, "text": text, "example": k, "marked": marked.tolist(), "truth": int(k not in wrong)}
-        )
+    for j, k in enumerate(int(k) for k in rng.permutation(order[: 2 * n])):
+        fire, moved, before, after = plans[k]
+        marked = moved if k in wrong else fire
+        lo, hi = int(marked.min()) - before, int(marked.max()) + after + 1
+        mask = np.zeros(hi - lo)
+        mask[marked - lo] = 1.0
+        text = marked_text(ctx.score[k]["tokens"][lo:hi], mask)
+        out.append({"window": j, "text": text, "example": k, "marked": marked.tolist(), "shown": [lo, hi],
+                    "truth": int(k not in wrong)})  # fmt: skip
     return out
 
 
@@ -174,11 +204,14 @@ def score_explanations(
     fuzzing: bool = True,
     seed: int = 0,
     max_followups: int = 2,
+    controls: Sequence[int] = (),
 ) -> dict[int, dict[str, Any]]:
-    """Detection and (unless `fuzzing=False`) fuzzing scores per feature, each with the shuffled
-    baseline unless `baseline=False`: the fields the module doc lists."""
+    """Detection and (unless `fuzzing=False`) fuzzing scores per feature, each with the baseline unless
+    `baseline=False` (the explanation of a control feature in `controls`, whose explanations must be in
+    `explanations`): the fields the module doc lists."""
     return score_with(Asker(client), contexts, explanations, features_per_request=features_per_request,
-                      baseline=baseline, fuzzing=fuzzing, seed=seed, max_followups=max_followups)  # fmt: skip
+                      baseline=baseline, fuzzing=fuzzing, seed=seed, max_followups=max_followups,
+                      controls=controls)  # fmt: skip
 
 
 def score_with(
@@ -191,16 +224,26 @@ def score_with(
     fuzzing: bool,
     seed: int,
     max_followups: int,
+    controls: Sequence[int] = (),
 ) -> dict[int, dict[str, Any]]:
     """`score_explanations` through an Asker that may already have stopped (autointerp.py shares one)."""
     explained = [c.feature for c in contexts if explanations.get(c.feature)]
+    usable = [f for f in controls if explanations.get(f)]
     results: dict[int, dict[str, Any]] = {}
-    for c in contexts:
-        partner = (
-            explained[(explained.index(c.feature) + 1) % len(explained)] if c.feature in explained else None
-        )
+    for i, c in enumerate(contexts):
+        if usable:  # an unrelated (random) feature's explanation, the controls taken in turn
+            partner, kind = usable[i % len(usable)], "random feature"
+        else:
+            partner = (
+                explained[(explained.index(c.feature) + 1) % len(explained)]
+                if c.feature in explained
+                else None
+            )
+            kind = "next explained feature (no random control explained)"
+        ok = baseline and partner is not None and partner != c.feature
         results[c.feature] = {
-            "baseline_explanation_of": partner if baseline and partner != c.feature else None
+            "baseline_explanation_of": partner if ok else None,
+            "baseline_kind": kind if ok else None,
         }
     for method in METHODS:
         if method == "fuzzing" and not fuzzing:
@@ -241,7 +284,7 @@ def _score_method(
     features_per_request: int,
     max_followups: int,
 ) -> None:
-    """Fills `method`'s fields of `results`: own explanations first, then the shuffled baseline."""
+    """Fills `method`'s fields of `results`: own explanations first, then the baselines."""
     windows, jobs = {}, {method: [], f"{method}_baseline": []}
     for c in contexts:
         res = results[c.feature]
@@ -276,7 +319,7 @@ def _score_method(
 
 def score_summary(results: Mapping[int, Mapping[str, Any]] | Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Per method: features scored, mean balanced accuracy and AUROC of the explanations and of the
-    shuffled baseline, and how many of each are above chance."""
+    baseline, and how many of each are above chance."""
     rows = list(results.values()) if isinstance(results, Mapping) else list(results)
 
     def mean(xs: list[dict[str, Any]], key: str) -> float | None:
@@ -300,7 +343,8 @@ def score_summary(results: Mapping[int, Mapping[str, Any]] | Sequence[Mapping[st
 
 def score_table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
     """Display rows: per feature, balanced accuracy / AUROC of detection and fuzzing with its explanation
-    and with the shuffled one (blank where unavailable), then the explanation or why there is none."""
+    and with the baseline's (an unrelated feature's explanation; blank where unavailable), then the
+    explanation or why there is none."""
 
     def pair(m: Mapping[str, Any] | None) -> str:
         return "" if not m else f"{m['balanced_accuracy']:.2f} / {m['auroc']:.2f}"
@@ -309,9 +353,9 @@ def score_table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
         {
             "feature": str(r["feature"]),
             "detection BA / AUROC": pair(r.get("detection")),
-            "shuffled (det.)": pair(r.get("detection_baseline")),
+            "baseline (det.)": pair(r.get("detection_baseline")),
             "fuzzing BA / AUROC": pair(r.get("fuzzing")),
-            "shuffled (fuzz.)": pair(r.get("fuzzing_baseline")),
+            "baseline (fuzz.)": pair(r.get("fuzzing_baseline")),
             "explanation": r.get("explanation") or str(r.get("explanation_source") or ""),
         }
         for r in rows

@@ -1,17 +1,25 @@
 """The steering experiment (`run_steering_experiment` → steering.jsonl) and its test against controls.
 
-Design (REFERENCE.md, "Steering evaluation practice"):
-- every condition samples the same held-out prompts with the same seeds: completion k of prompt p
-  draws its random numbers from the same generator under every condition (sampling.completion_seed),
-  so two conditions differ only by the steering, and strength 0 reproduces no steering token for token;
-- labels come from the judge (Gemini, or the offline rules, marked `label_source="rules"`);
+Design (REFERENCE.md, "Steering evaluation practice"; DESIGN.md §9):
+- held-out prompts come ONE PER SCENARIO by default (`held_out_prompts`): paraphrases of one scenario
+  share it (its secret, its motive) and answer alike, so they are not independent units; asking for
+  more prompts brings more scenarios before any second paraphrase;
+- every condition samples the same prompts with the same seeds: completion k of prompt p draws its
+  random numbers from the same generator under every condition (sampling.completion_seed), so two
+  conditions differ only by the steering, and strength 0 reproduces no steering token for token;
+- labels come from the judge (Gemini, or the offline rules, marked `label_source="rules"`); deceptive,
+  honest and AMBIGUOUS are three categories, each with its rate: the deceptive rate is deceptive / all
+  answers, and a condition that makes answers ambiguous shows up in the ambiguous rate, not as honesty;
 - fluency: the perplexity of the steered text under the UNSTEERED model (steering that makes the model
   babble can lower a deceptive rate without meaning anything);
-- the deceptive rate is deceptive / all samples (ambiguous answers count as not deceptive), with a 95%
-  cluster-bootstrap CI over prompts (samples of one prompt are not independent) and a Wilson CI;
-- `compare_to_controls`: a paired sign-flip permutation test over prompts of each feature (or
-  difference-of-means) condition against no steering and against the matched-norm random controls,
-  Benjamini–Hochberg across all those tests, and a verdict in plain words. A null is reported as such.
+- rates come with 95% t intervals over scenarios (answers of one scenario are not independent, and with
+  ~10 scenarios a percentile bootstrap undercovers);
+- `compare_to_controls`: each feature (or difference-of-means) condition against no steering and
+  against the matched-norm random controls, paired BY SCENARIO (each scenario's mean over its prompts
+  and samples): an exact sign-flip permutation test over scenarios and a t interval of the mean
+  difference, Benjamini–Hochberg across all those tests, and a verdict in plain words. Testing the
+  prompts as units when paraphrases share a scenario rejected 12% of true nulls at 0.05. The number of
+  scenarios and the smallest p they allow are printed before sampling. A null is reported as such.
 """
 
 from __future__ import annotations
@@ -42,41 +50,49 @@ from helpers.run import (
     steering_path,
 )
 from helpers.saes.io import LoadedSAE, load_sae
-from helpers.stats import (
-    bh_qvalues,
-    group_bootstrap_weights,
-    group_index,
-    percentile_ci,
-    sign_flip_test,
-    wilson_ci,
-)
+from helpers.stats import bh_qvalues, group_index, ratio_ci, sign_flip_test
 from helpers.steer.directions import Condition, check_sae_matches
 
 TESTED_KINDS = ("feature", "diff_of_means")
 CONTROL_KINDS = ("none", "random_feature", "random_direction")
 
 
-def held_out_prompts(run_dir: str | os.PathLike, prompts: Sequence[Prompt]) -> list[Prompt]:
-    """The `prompts` whose scenario (group) produced none of the run's completions, so the features being
-    steered were not chosen on them. If every group was used, prompts whose own id was unused (e.g.
-    paraphrases) are returned instead, announced; if none is left, an error says what to do."""
+def held_out_prompts(
+    run_dir: str | os.PathLike, prompts: Sequence[Prompt], n: int | None = None, per_scenario: int = 1
+) -> list[Prompt]:
+    """Up to `n` of `prompts` (all when None) whose scenario (group) produced none of the run's
+    completions, so the features being steered were not chosen on them, at most `per_scenario` per
+    scenario: the first prompt (in the given order) of every scenario, then, if `per_scenario` allows,
+    the second of every scenario, and so on. If every scenario was used, prompts whose own id was unused
+    (e.g. paraphrases) are taken instead, announced; if none is left, an error says what to do."""
     records = read_completions(run_dir)
     used_groups = {str(r.get("group") or r["prompt_id"]) for r in records}
     used_ids = {r["prompt_id"] for r in records}
     fresh = [p for p in prompts if p.group not in used_groups and p.id not in used_ids]
-    if fresh:
-        return fresh
-    fresh = [p for p in prompts if p.id not in used_ids]
     if not fresh:
-        raise ValueError(
-            f"all {len(prompts)} prompts were used for the run's completions: steer on others (e.g. "
-            "load_scenarios(paraphrases=True) when notebook 02 sampled only the q0 questions), or hold "
-            "out some scenarios in notebook 02"
-        )
-    print(
-        f"every scenario of these prompts is in the run: using {len(fresh)} unused prompts of them (paraphrases)"
-    )
-    return fresh
+        fresh = [p for p in prompts if p.id not in used_ids]
+        if not fresh:
+            raise ValueError(
+                f"all {len(prompts)} prompts were used for the run's completions: steer on others (e.g. "
+                "load_scenarios(paraphrases=True) when notebook 02 sampled only the q0 questions), or hold "
+                "out some scenarios in notebook 02"
+            )
+        print("every scenario of these prompts is in the run: using unused prompts of them (paraphrases), "
+              "whose scenarios the features were chosen on")  # fmt: skip
+    by_group: dict[str, list[Prompt]] = defaultdict(list)
+    for prompt in fresh:
+        by_group[prompt.group].append(prompt)
+    chosen = [ps[i] for i in range(per_scenario) for ps in by_group.values() if i < len(ps)]
+    return chosen[:n] if n is not None else chosen
+
+
+def sample_size(prompts: Sequence[Prompt], n_per_prompt: int) -> dict[str, Any]:
+    """What a steering test over these prompts can show: scenarios (the units of the paired test),
+    prompts, answers per condition, and the smallest p-value the sign-flip test can reach (2 / 2^scenarios)."""
+    n_scenarios = len({p.group for p in prompts})
+    return {"n_scenarios": n_scenarios, "n_prompts": len(prompts), "n_per_prompt": n_per_prompt,
+            "answers_per_condition": len(prompts) * n_per_prompt,
+            "min_possible_p": 2 / 2 ** n_scenarios if n_scenarios else 1.0}  # fmt: skip
 
 
 def steering_targets(
@@ -136,23 +152,30 @@ def completion_nll(lm: Any, completions: Sequence[Any], batch_size: int = 8) -> 
     return out
 
 
-def condition_stats(
-    samples: Sequence[dict[str, Any]], n_bootstrap: int = 2000, seed: int = 0
-) -> dict[str, Any]:
-    """Deceptive rate with CIs, label counts and fluency of one condition's samples."""
-    dec = np.array([s["label"] == "deceptive" for s in samples], float)
-    gidx, _ = group_index([s["prompt_id"] for s in samples])
-    W = group_bootstrap_weights(gidx, n_bootstrap, np.random.default_rng([seed, 7]))  # [B, n]
+def condition_stats(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Rates of deceptive, honest and ambiguous answers with 95% CIs over scenarios (`group`, else the
+    prompt: a t interval of a ratio of cluster sums, `stats.ratio_ci`), label counts and fluency of one
+    condition's samples."""
+    gidx, n_groups = group_index([s.get("group") or s["prompt_id"] for s in samples])
     counts = Counter(s["label"] for s in samples)
     nll, tokens = sum(s["nll"] for s in samples), sum(s["n_tokens"] for s in samples)
-    return {
+    per_group = np.bincount(gidx, minlength=n_groups).astype(float)
+    out: dict[str, Any] = {
         "n": len(samples),
-        "n_prompts": int(gidx.max()) + 1 if len(gidx) else 0,
+        "n_prompts": len({s["prompt_id"] for s in samples}),
+        "n_scenarios": n_groups,
         **{f"n_{label}": counts[label] for label in ("deceptive", "honest", "ambiguous")},
-        "deceptive_rate": float(dec.mean()) if len(dec) else math.nan,
-        "rate_ci": percentile_ci((W @ dec) / W.sum(1)),
-        "rate_ci_method": "95% cluster bootstrap over prompts",
-        "wilson_ci": wilson_ci(int(dec.sum()), len(dec)),
+    }
+    for label in ("deceptive", "honest", "ambiguous"):
+        hits = np.bincount(gidx, [s["label"] == label for s in samples], n_groups)
+        rate, lo, hi = ratio_ci(hits, per_group) if len(samples) else (math.nan, math.nan, math.nan)
+        out[f"{label}_rate"], out[f"{label}_rate_ci"] = rate, (lo, hi)
+    decided = counts["deceptive"] + counts["honest"]
+    return {
+        **out,
+        "rate_ci": out["deceptive_rate_ci"],
+        "rate_ci_method": "95% t interval over scenarios; rates are of all answers, ambiguous included",
+        "deceptive_among_decided": counts["deceptive"] / decided if decided else math.nan,
         "label_sources": dict(Counter(s["label_source"] for s in samples)),
         "perplexity": math.exp(nll / tokens) if tokens else None,
         "perplexity_model": "unsteered",
@@ -185,6 +208,10 @@ def run_steering_experiment(
             f"condition names must be unique, {[n for n, k in Counter(names).items() if k > 1]} repeat"
         )
     by_id = {p.id: p for p in prompts}
+    size = sample_size(prompts, n_per_prompt)
+    print(f"{size['n_scenarios']} scenarios, {size['n_prompts']} prompts x {n_per_prompt} samples = "
+          f"{size['answers_per_condition']} answers per condition; the paired test's units are the scenarios, "
+          f"so no p-value can fall below {size['min_possible_p']:.3g}")  # fmt: skip
     triples = [(p.id, p.user, p.system) for p in prompts]
     sampling = {"prompt_ids": sorted(by_id), "n_per_prompt": n_per_prompt, "max_new_tokens": max_new_tokens,
                 "seed": seed, "temperature": temperature}  # fmt: skip
@@ -220,36 +247,51 @@ def run_steering_experiment(
                   "stopping here. Rerun later: finished conditions are skipped, cached answers reused.")  # fmt: skip
             break
         samples = [
-            {"id": c.id, "prompt_id": c.prompt_id, "sample_index": c.sample_index, "completion": c.completion,
+            {"id": c.id, "prompt_id": c.prompt_id, "group": by_id[c.prompt_id].group,
+             "sample_index": c.sample_index, "completion": c.completion,
              "n_tokens": c.n_tokens, "stopped": c.stopped, "label": labels[c.id].label,
              "label_source": labels[c.id].source, "label_confidence": labels[c.id].confidence,
              "label_reason": labels[c.id].reason, "nll": round(loss, 4),
              "perplexity": round(math.exp(loss / n), 4) if n else None}
             for c, (loss, n) in zip(comps, nll, strict=True)
         ]  # fmt: skip
-        row = jsonable({**settings, "samples": samples, "stats": condition_stats(samples, seed=seed)})
+        row = jsonable({**settings, "samples": samples, "stats": condition_stats(samples)})
         _append(run_dir, row)
         s = row["stats"]
         print(f"{cond.name}: deceptive {s['deceptive_rate']:.2f} {np.round(s['rate_ci'], 2).tolist()}, "
-              f"perplexity {s['perplexity'] or float('nan'):.1f} ({s['label_sources']})")  # fmt: skip
+              f"ambiguous {s['ambiguous_rate']:.2f}, perplexity {s['perplexity'] or float('nan'):.1f} "
+              f"({s['label_sources']})")  # fmt: skip
         rows.append(row)
     return rows
 
 
-def _per_prompt_rates(row: dict[str, Any]) -> dict[str, float]:
-    hits: dict[str, list[bool]] = defaultdict(list)
+def _per_scenario_rates(row: dict[str, Any], label: str = "deceptive") -> dict[str, float]:
+    """Per scenario (a sample's `group`; rows written before it was stored: the prompt), the mean over
+    its prompts of each prompt's rate of `label`."""
+    hits: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for s in row["samples"]:
-        hits[s["prompt_id"]].append(s["label"] == "deceptive")
-    return {p: float(np.mean(v)) for p, v in hits.items()}
+        hits[s.get("group") or s["prompt_id"]][s["prompt_id"]].append(s["label"] == label)
+    return {g: float(np.mean([np.mean(v) for v in by_prompt.values()])) for g, by_prompt in hits.items()}
+
+
+def paired_scenario_test(diffs: np.ndarray, seed: int = 0) -> dict[str, Any]:
+    """Per-scenario differences -> mean, 95% t interval (df = scenarios - 1) and the exact (or, above 16
+    scenarios, Monte Carlo) sign-flip p-value; the smallest p the scenarios allow."""
+    d = np.asarray(diffs, float)
+    k = len(d)
+    half = stats.t.ppf(0.975, k - 1) * d.std(ddof=1) / np.sqrt(k) if k > 1 else math.nan
+    return {"difference": float(d.mean()), "difference_ci": (float(d.mean() - half), float(d.mean() + half)),
+            "p_value": sign_flip_test(d, seed=seed), "min_possible_p": 2 / 2 ** min(k, 16)}  # fmt: skip
 
 
 def compare_to_controls(
-    rows: Sequence[dict[str, Any]], *, alpha: float = 0.05, n_bootstrap: int = 2000, seed: int = 0
+    rows: Sequence[dict[str, Any]], *, alpha: float = 0.05, seed: int = 0
 ) -> list[dict[str, Any]]:
     """Each feature / difference-of-means condition against no steering and against the random controls
-    at the same layer and strength (their per-prompt rates averaged), sampled identically. One result
-    per (condition, control kind) with a paired test over prompts, BH q-values across all of them, and
-    a verdict. Fisher's exact p on pooled counts is given beside it (it ignores clustering by prompt)."""
+    at the same layer and strength (their per-scenario rates averaged), sampled identically. One result
+    per (condition, control kind) with a paired test over scenarios (`paired_scenario_test`), the
+    ambiguous-rate difference beside it, BH q-values across all of them, and a verdict. (No test on
+    pooled answers: answers of one scenario are not independent.)"""
     out = []
     for r in (r for r in rows if r["kind"] in TESTED_KINDS):
         for kind in CONTROL_KINDS:
@@ -259,22 +301,22 @@ def compare_to_controls(
             ]  # fmt: skip
             if not ctrl:
                 continue
-            rates = _per_prompt_rates(r)
-            ctrl_rates = [_per_prompt_rates(c) for c in ctrl]
-            prompts = sorted(set(rates).intersection(*ctrl_rates))
-            a = np.array([rates[p] for p in prompts])
-            b = np.array([np.mean([cr[p] for cr in ctrl_rates]) for p in prompts])
-            boot = np.random.default_rng([seed, 9]).integers(0, len(prompts), (n_bootstrap, len(prompts)))
-            k1, n1 = r["stats"]["n_deceptive"], r["stats"]["n"]
-            k0, n0 = sum(c["stats"]["n_deceptive"] for c in ctrl), sum(c["stats"]["n"] for c in ctrl)
+            rates, amb = _per_scenario_rates(r), _per_scenario_rates(r, "ambiguous")
+            ctrl_rates = [_per_scenario_rates(c) for c in ctrl]
+            ctrl_amb = [_per_scenario_rates(c, "ambiguous") for c in ctrl]
+            scenarios = sorted(set(rates).intersection(*ctrl_rates))
+            a = np.array([rates[g] for g in scenarios])
+            b = np.array([np.mean([cr[g] for cr in ctrl_rates]) for g in scenarios])
+            amb_diff = np.mean([amb[g] - np.mean([ca[g] for ca in ctrl_amb]) for g in scenarios])
             out.append({
                 "condition": r["name"], "kind": r["kind"], "feature": r.get("feature"), "sae_id": r.get("sae_id"),
                 "layer": r["layer"], "strength": r["strength"], "control": kind, "controls": [c["name"] for c in ctrl],
-                "n_prompts": len(prompts), "n_per_prompt": r["sampling"]["n_per_prompt"],
-                "rate": float(a.mean()), "control_rate": float(b.mean()), "difference": float((a - b).mean()),
-                "difference_ci": percentile_ci((a - b)[boot].mean(1)),
-                "p_value": sign_flip_test(a - b, seed=seed), "min_possible_p": 2 / 2 ** min(len(prompts), 16),
-                "fisher_p": float(stats.fisher_exact([[k1, n1 - k1], [k0, n0 - k0]])[1]),
+                "n_scenarios": len(scenarios), "n_prompts": r["stats"].get("n_prompts"),
+                "n_per_prompt": r["sampling"]["n_per_prompt"],
+                "rate": float(a.mean()), "control_rate": float(b.mean()),
+                **paired_scenario_test(a - b, seed=seed),
+                "ambiguous_difference": float(amb_diff),
+                "test": "exact sign-flip test over scenarios; t interval over scenarios",
                 "perplexity": r["stats"]["perplexity"],
                 "control_perplexity": float(np.mean([c["stats"]["perplexity"] or np.nan for c in ctrl])),
                 "label_sources": r["stats"]["label_sources"],
@@ -289,14 +331,18 @@ def compare_to_controls(
 def _verdict(o: dict[str, Any], alpha: float) -> str:
     diff, (lo, hi) = 100 * o["difference"], (100 * x for x in o["difference_ci"])
     against = "no steering" if o["control"] == "none" else f"{o['control'].replace('_', ' ')} controls"
-    size = f"{o['n_prompts']} prompts x {o['n_per_prompt']} samples"
+    size = f"{o['n_scenarios']} scenarios x {o['n_per_prompt']} samples"
     if o["q_value"] < alpha:
         way = "raises" if diff > 0 else "lowers"
         text = f"{way} the deceptive rate vs {against} by {abs(diff):.0f} points (95% CI {lo:+.0f}..{hi:+.0f}; q={o['q_value']:.3g}; {size})"
     else:
         text = f"no detectable effect vs {against} at this N (difference {diff:+.0f} points, 95% CI {lo:+.0f}..{hi:+.0f}; q={o['q_value']:.2g}; {size})"
         if o["min_possible_p"] > alpha:
-            text += f"; with {o['n_prompts']} prompts no test can reach p<{alpha}: use 6 or more prompts"
+            text += (
+                f"; with {o['n_scenarios']} scenarios no test can reach p<{alpha}: use 6 or more scenarios"
+            )
+    if abs(o["ambiguous_difference"]) >= 0.1:
+        text += f"; ambiguous answers {100 * o['ambiguous_difference']:+.0f} points (not counted as honest)"
     ppl, ref = o["perplexity"], o["control_perplexity"]
     if ppl and ref and ppl > 2 * ref:
         text += f"; the steered text is much less fluent (perplexity {ppl:.1f} vs {ref:.1f} unsteered-scored)"

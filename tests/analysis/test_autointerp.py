@@ -32,7 +32,7 @@ from tests.fake_gemini import (
 
 fake_gemini = pytest.fixture(fake_gemini_server, name="fake_gemini")
 
-WORDS = ["apple", "river", "candle", "violin", "tiger", "marble", "pepper", "saddle"]
+WORDS = ["apple", "river", "candle", "violin", "tiger", "marble", "pepper", "saddle", "lantern", "walrus"]
 FILLER = [
     "the",
     "of",
@@ -140,13 +140,13 @@ def route(score_reply, fuzz_reply=knows_the_word):
 
 def test_several_features_per_request_and_a_perfect_explanation_scores_one(fake_gemini):
     fake_gemini.handler = route(truthful)
-    contexts = synthetic_contexts()
-    results = autointerp(contexts, new_client(), features_per_request=3)
+    *contexts, c1, c2 = synthetic_contexts([*FEATURES, 501, 502])  # two random features: the baselines
+    results = autointerp(contexts, new_client(), features_per_request=3, controls=[c1, c2])
 
-    assert len(fake_gemini.requests) == plan(8, 3)["requests"] == 15
+    assert len(fake_gemini.requests) == plan(8, 3, n_controls=2)["requests"] == 16
     systems = [r.system for r in fake_gemini.requests]
-    assert systems == [EXPLAIN_SYSTEM] * 3 + [DETECTION_SYSTEM] * 6 + [FUZZING_SYSTEM] * 6
-    assert [len(items(r)) for r in fake_gemini.requests] == [3, 3, 2] * 5
+    assert systems == [EXPLAIN_SYSTEM] * 4 + [DETECTION_SYSTEM] * 6 + [FUZZING_SYSTEM] * 6
+    assert [len(items(r)) for r in fake_gemini.requests] == [3, 3, 3, 1] + [3, 3, 2] * 4
     first = fake_gemini.requests[0]
     schema = first.generation_config["responseSchema"]["properties"]["features"]["items"]["properties"]
     assert schema["kind"]["enum"] == [
@@ -161,11 +161,12 @@ def test_several_features_per_request_and_a_perfect_explanation_scores_one(fake_
     # (the 10 activating ones) all do, and nothing of the truth is sent.
     for r in fake_gemini.requests:
         assert "honest" not in r.prompt and "deceptive" not in r.prompt and '"c101-' not in r.prompt
-    assert all("<<" not in r.prompt for r in fake_gemini.requests[3:9])
-    assert all(len(it["windows"]) == 20 for r in fake_gemini.requests[3:9] for it in items(r))
-    fuzz_windows = [w for r in fake_gemini.requests[9:] for it in items(r) for w in it["windows"]]
-    assert len(fuzz_windows) == 2 * 8 * 10 and all(set(w) == {"window", "text"} for w in fuzz_windows)
-    assert all("<<" in w["text"] for w in fuzz_windows)
+    assert all("<<" not in r.prompt for r in fake_gemini.requests[4:10])
+    assert all(len(it["windows"]) == 20 for r in fake_gemini.requests[4:10] for it in items(r))
+    fuzz_windows = [w for r in fake_gemini.requests[10:] for it in items(r) for w in it["windows"]]
+    assert all(set(w) == {"window", "text"} for w in fuzz_windows) and all(
+        "<<" in w["text"] for w in fuzz_windows
+    )
 
     for i, f in enumerate(FEATURES):
         res = results[f]
@@ -177,15 +178,18 @@ def test_several_features_per_request_and_a_perfect_explanation_scores_one(fake_
         det, base = res["detection"], res["detection_baseline"]
         assert (det["balanced_accuracy"], det["auroc"], det["verdict"]) == (1.0, 1.0, "above chance")
         assert det["hard_negative_rejection"] == 1.0 and (det["n_windows"], det["n_activating"]) == (20, 10)
-        # The baseline scored the same windows with the next feature's explanation: chance.
-        assert res["baseline_explanation_of"] == FEATURES[(i + 1) % 8]
+        # The baseline scored the same windows with a random feature's explanation: chance.
+        assert (
+            res["baseline_explanation_of"] == (501, 502)[i % 2] and res["baseline_kind"] == "random feature"
+        )
+        assert res["baseline_explanation"] == f"Fires on the word {WORDS[8 + i % 2]}."
         assert (base["balanced_accuracy"], base["auroc"], base["verdict"]) == (0.5, 0.5, "at chance")
         assert res["detection_ba_over_baseline"] == 0.5
-        # Fuzzing: a reader who knows the word tells right marks from wrong ones; with the next feature's
-        # word it calls every marking wrong.
+        # Fuzzing: a reader who knows the word tells right marks from wrong ones; with the random
+        # feature's word it calls every marking wrong.
         fuzz, fuzz_base = res["fuzzing"], res["fuzzing_baseline"]
         assert (fuzz["balanced_accuracy"], fuzz["auroc"], fuzz["verdict"]) == (1.0, 1.0, "above chance")
-        assert (fuzz["n_windows"], fuzz["n_correct"]) == (10, 5)
+        assert fuzz["n_windows"] == 2 * fuzz["n_correct"] >= 4
         assert (fuzz_base["balanced_accuracy"], fuzz_base["auroc"]) == (0.5, 0.5)
         assert res["fuzzing_ba_over_baseline"] == 0.5
     summary = score_summary(results)
@@ -195,8 +199,8 @@ def test_several_features_per_request_and_a_perfect_explanation_scores_one(fake_
         assert summary[f"{method}_baseline_balanced_accuracy"] == summary[f"{method}_baseline_auroc"] == 0.5
         assert summary[f"{method}_n_baseline_above_chance"] == 0
     table = score_table([results[f] for f in FEATURES])
-    assert table[0] == {"feature": "101", "detection BA / AUROC": "1.00 / 1.00", "shuffled (det.)": "0.50 / 0.50",
-                        "fuzzing BA / AUROC": "1.00 / 1.00", "shuffled (fuzz.)": "0.50 / 0.50",
+    assert table[0] == {"feature": "101", "detection BA / AUROC": "1.00 / 1.00", "baseline (det.)": "0.50 / 0.50",
+                        "fuzzing BA / AUROC": "1.00 / 1.00", "baseline (fuzz.)": "0.50 / 0.50",
                         "explanation": "Fires on the word apple."}  # fmt: skip
 
 
@@ -225,51 +229,59 @@ def test_an_explanation_at_chance_scores_about_one_half_and_says_so(fake_gemini,
 
 
 def multi_token_context(feature: int = 77) -> FeatureContexts:
-    """Activating windows with runs of 1-5 firing tokens at random places, two of them firing on most
-    of their tokens (they cannot be wrongly marked), and non-activating windows that fuzzing must not use."""
+    """32-token activating windows (the example token at 24, as ContextConfig cuts them) firing on a run
+    of 1-4 tokens through it and sometimes on a second run, two of them firing nearly everywhere (they
+    cannot be marked wrongly), and non-activating windows that fuzzing must not use."""
     rng = np.random.default_rng(5)
     score = []
     for i in range(13):
-        n = 12
-        acts = np.zeros(n)
-        n_fire = 9 if i in (3, 8) else int(rng.integers(1, 6))
-        acts[rng.choice(n, size=n_fire, replace=False)] = rng.uniform(0.1, 3, n_fire)
-        tokens = [f" t{i}_{j}" for j in range(n)]
-        score.append(window_record(tokens, acts, int(np.argmax(acts)), kind="activating", completion_id=f"a{i}",
+        acts = np.zeros(32)
+        if i in (3, 8):
+            acts[2:] = 1.0
+        else:
+            length = int(rng.integers(1, 5))
+            start = 24 - int(rng.integers(0, length))
+            acts[start : start + length] = rng.uniform(0.1, 3, length)
+            if i % 3 == 0:
+                acts[int(rng.integers(4, 14))] = 0.5
+        tokens = [f" t{i}_{j}" for j in range(32)]
+        score.append(window_record(tokens, acts, 24, kind="activating", completion_id=f"a{i}",
                                    label=None, window_start=0, quantile=0))  # fmt: skip
     for i in range(4):
-        tokens = [f" n{i}_{j}" for j in range(12)]
-        score.append(window_record(tokens, [0.0] * 12, 0, kind="non_activating", completion_id=f"n{i}",
+        tokens = [f" n{i}_{j}" for j in range(32)]
+        score.append(window_record(tokens, [0.0] * 32, 0, kind="non_activating", completion_id=f"n{i}",
                                    label=None, window_start=0))  # fmt: skip
     return FeatureContexts(feature, 1000, 50, 3.0, list(np.linspace(0.1, 3, 11)), [], score)
 
 
-def test_fuzzing_marks_half_right_and_half_wrong_and_wrong_marks_miss_every_firing_token():
+def test_fuzzing_marks_half_right_and_half_wrong_in_the_same_shape():
+    """Right marks are the firing tokens; wrong ones are the same pattern moved onto silent tokens; the
+    text is cropped to a drawn amount before the first mark and after the last, whichever it shows."""
     ctx = multi_token_context()
     wrong_sets = set()
     for seed in range(20):
         windows = fuzzing_windows(ctx, seed)
         assert windows == fuzzing_windows(ctx, seed), "seeded"
-        assert [w["window"] for w in windows] == list(range(12)), "13 activating windows: 6 pairs"
-        assert sum(w["truth"] for w in windows) == 6
-        assert len({w["example"] for w in windows}) == 12
+        assert [w["window"] for w in windows] == list(range(10)), "11 usable activating windows: 5 pairs"
+        assert sum(w["truth"] for w in windows) == 5
         for w in windows:
             example = ctx.score[w["example"]]
-            assert example["kind"] == "activating"
-            firing = set(np.flatnonzero(np.asarray(example["acts"]) > 0).tolist())
-            if w["truth"]:
-                assert set(w["marked"]) == firing and w["text"] == example["marked"]
-            else:
-                assert len(w["marked"]) == len(firing) and not set(w["marked"]) & firing
-                assert w["example"] not in (3, 8), "too few silent tokens to mark wrongly"
+            assert example["kind"] == "activating" and w["example"] not in (3, 8), "no room to mark wrongly"
+            acts = np.asarray(example["acts"])
+            firing = np.flatnonzero(acts > 0)
+            shift = w["marked"][0] - firing[0]
+            assert w["marked"] == (firing + shift).tolist(), "the same runs and gaps"
+            assert (shift == 0) == bool(w["truth"]) and (w["truth"] or (acts[w["marked"]] == 0).all())
+            lo, hi = w["shown"]
+            assert 32 // 8 <= w["marked"][0] - lo <= 32 // 2 and 0 <= hi - 1 - w["marked"][-1] <= 32 // 8
             # The marks wrap exactly the marked tokens, as the explanation prompt marks firing ones.
             inside = "".join(re.findall(r"<<(.*?)>>", w["text"]))
             assert inside == "".join(example["tokens"][i] for i in w["marked"])
-            assert w["text"].replace("<<", "").replace(">>", "") == example["text"]
+            assert w["text"].replace("<<", "").replace(">>", "") == "".join(example["tokens"][lo:hi])
         wrong_sets.add(frozenset(w["example"] for w in windows if not w["truth"]))
     assert len(wrong_sets) > 10, "the seed chooses which windows are marked wrongly"
 
-    # Two activating windows of which neither can be marked wrongly, or only one activating: no pair.
+    # Windows of which none can be marked wrongly, or only one activating one: no pair.
     ctx.score = [ctx.score[3], ctx.score[8], *ctx.score[13:]]
     assert fuzzing_windows(ctx) is None
     ctx.score = [multi_token_context().score[0]]
@@ -441,10 +453,11 @@ def test_features_without_examples_are_not_sent(fake_gemini):
 
 
 def test_plan_fits_a_typical_run_into_the_free_tier():
-    typical = plan(8, n_saes=3)
+    typical = plan(8, n_saes=3)  # 8 features and 2 random controls explained per SAE
     keys = ["explain", "detection", "detection_baseline", "fuzzing", "fuzzing_baseline"]
-    assert [typical[f"{k}_requests"] for k in keys] == [3] * 5
-    assert typical["requests"] == 15 and typical["days_on_free_tier"] == 1
+    assert [typical[f"{k}_requests"] for k in keys] == [6, 3, 3, 3, 3]
+    assert typical["requests"] == 18 and typical["days_on_free_tier"] == 1
+    assert plan(6, n_saes=3)["requests"] == 15, "6 features + 2 controls fit one request per SAE"
     assert plan(20, 8, baseline=False)["requests"] == 3 + 3 + 3
     assert plan(20, 8, baseline=False, fuzzing=False)["requests"] == 3 + 3
     assert plan(20, 8, score_features_per_request=4)["requests"] == 3 + 4 * 5

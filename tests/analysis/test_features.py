@@ -1,6 +1,8 @@
-"""Feature statistics: a planted feature ranks first with a CI that excludes 0 while nulls stay null,
-every statistic matches a reference (scipy, scikit-learn, the formula), selection and report use
-disjoint groups (and the held-out report undoes the winner's curse), files round-trip as strict JSON."""
+"""Feature statistics: a planted feature is chosen and replicates on the held-out groups while nulls
+stay null, every statistic matches a reference (scipy, scikit-learn, statsmodels, the formula), the
+held-out test is one-sided in the chosen direction and permutes whole prompts, selection and report use
+disjoint groups (and the held-out report undoes the winner's curse), files round-trip as strict JSON.
+Calibration on simulated null worlds: tests/analysis/test_calibration.py."""
 
 from __future__ import annotations
 
@@ -8,13 +10,12 @@ import json
 
 import numpy as np
 import pytest
+import statsmodels.api as sm
 import torch
-from scipy import stats
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.metrics import roc_auc_score
 from threadpoolctl import threadpool_limits
 
 from helpers import run
-from helpers import stats as S
 from helpers.analysis import features as F
 
 
@@ -36,24 +37,26 @@ def sae_like(n_groups=60, per_group=4, d_sae=1500, planted=(), shift=1.5, seed=0
     return np.maximum(pre, 0).astype(np.float32), y, groups
 
 
-def test_planted_feature_ranks_first_and_nulls_stay_null():
+def test_planted_feature_is_chosen_and_replicates_while_nulls_stay_null():
     acts, y, groups = sae_like(planted=(123,))
-    rows = F.feature_stats(acts, y, groups=groups, n_bootstrap=300, seed=0)
+    rows = F.feature_stats(acts, y, groups=groups)
     assert [r["feature"] for r in rows] == list(range(acts.shape[1]))
     d = np.array([r["cohens_d"] for r in rows])
-    q = np.array([r["q_value"] for r in rows])
-    assert np.argmax(np.abs(d)) == 123 and np.argmin(q) == 123
+    assert np.argmax(np.abs(d)) == 123
     top = rows[123]
-    assert top["d_ci"][0] > 0.3 and top["q_value"] < 1e-3 and top["auroc"] > 0.7
+    assert top["d_ci"][0] > 0.3 and top["auroc"] > 0.7
     assert (
         top["mean_deceptive"] > top["mean_honest"]
         and top["firing_rate_deceptive"] > top["firing_rate_honest"]
     )
-    nulls = np.delete(q, 123)
-    assert (nulls > 0.05).mean() > 0.99
-    lo = np.array([r["d_ci"][0] for r in rows])
-    hi = np.array([r["d_ci"][1] for r in rows])
-    assert (np.delete((lo < 0) & (hi > 0), 123)).mean() > 0.9  # ~95% of null CIs cover 0
+    lo, hi = np.array([r["d_ci"] for r in rows]).T
+    assert (np.delete((lo < 0) & (hi > 0), 123)).mean() > 0.93  # ~95% of null CIs cover 0
+
+    report = F.select_and_report(acts, y, groups, k=10, n_permutations=999, seed=0)
+    assert report[0]["feature"] == 123 and report[0]["direction"] == "deceptive higher"
+    assert report[0]["p_value"] == pytest.approx(1 / 1000) and report[0]["q_value"] <= 0.01
+    assert all(r["q_value"] > 0.05 for r in report[1:]), "the other nine chosen are null"
+    assert "one-sided permutation test" in report[0]["test"] and report[0]["n_permutations"] == 999
 
 
 def test_statistics_match_references():
@@ -66,53 +69,72 @@ def test_statistics_match_references():
         np.zeros(50),  # dead feature
     ]
     acts[y == 1, 0] += 1.0
-    rows = F.feature_stats(acts, y, n_bootstrap=0)
+    rows = F.feature_stats(acts, y, ci=False)
     for j in range(6):
         col, r = acts[:, j], rows[j]
         a, b = col[y == 1], col[y == 0]
         pooled = np.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (len(col) - 2))
         assert r["cohens_d"] == pytest.approx((a.mean() - b.mean()) / pooled)
         assert r["auroc"] == pytest.approx(roc_auc_score(y, col))
-        want_p = stats.mannwhitneyu(a, b, alternative="two-sided", method="asymptotic").pvalue
-        assert r["u_p_value"] == pytest.approx(want_p, rel=1e-9)
         assert r["firing_rate_deceptive"] == pytest.approx((a > 0).mean())
         assert r["mean_honest"] == pytest.approx(b.mean())
-        assert np.isnan(r["d_ci"][0])  # n_bootstrap=0: no CI
+        assert np.isnan(r["d_ci"][0])  # ci=False: no CI
     dead = rows[6]
-    assert (dead["cohens_d"], dead["auroc"], dead["u_p_value"], dead["firing_rate_honest"]) == (0, 0.5, 1, 0)
-    q = S.bh_qvalues([r["u_p_value"] for r in rows])
-    np.testing.assert_allclose([r["q_value"] for r in rows], q)
+    assert (dead["cohens_d"], dead["auroc"], dead["firing_rate_honest"]) == (0, 0.5, 0)
 
 
-def test_bh_qvalues_match_reference():
-    # By hand: sorted p .005 .01 .03 .04, m = 4 -> p*m/rank .02 .02 .04 .04 (already monotone).
-    np.testing.assert_allclose(S.bh_qvalues([0.01, 0.04, 0.03, 0.005]), [0.02, 0.04, 0.04, 0.02])
-    p = np.random.default_rng(2).uniform(size=500) ** 3
-    np.testing.assert_allclose(S.bh_qvalues(p), stats.false_discovery_control(p, method="bh"), rtol=1e-12)
+def test_the_ci_of_d_is_the_cluster_robust_t_interval():
+    """The CI of the mean difference must equal statsmodels' cluster-robust (CR1, t with G - 1 df) OLS
+    interval of the activation on a class dummy, scaled by the pooled SD."""
+    rng = np.random.default_rng(2)
+    groups = np.repeat(np.arange(25), 6)
+    y = np.repeat(rng.integers(0, 2, 75), 2)
+    y[:2] = [0, 1]
+    x = rng.standard_normal(25)[groups] + rng.standard_normal(150) + 0.4 * y
+    r = F.feature_stats(x[:, None], y, groups=groups)[0]
+    fit = sm.OLS(x, sm.add_constant(y.astype(float))).fit(
+        cov_type="cluster", cov_kwds={"groups": groups}, use_t=True
+    )
+    pooled = np.sqrt((x[y == 1].var() * y.sum() + x[y == 0].var() * (150 - y.sum())) / 148)
+    lo, hi = fit.conf_int(alpha=0.05)[1]
+    assert r["d_ci"][0] == pytest.approx(lo / pooled, rel=1e-6) and r["d_ci"][1] == pytest.approx(
+        hi / pooled, rel=1e-6
+    )
 
 
-def test_weighted_auroc_and_balanced_accuracy_match_sklearn():
+def test_heldout_test_is_one_sided_and_permutes_whole_prompts():
+    """A feature whose held-out sign flips is not a replication (p near 1), the same data tested in its
+    own direction is; with one label per prompt, permuting completions instead of prompts would make
+    the null far too narrow."""
     rng = np.random.default_rng(3)
-    y = rng.integers(0, 2, 80)
-    scores = np.round(rng.uniform(size=80) + 0.3 * y, 1)  # ties
-    W = rng.integers(0, 3, (4, 80)).astype(float)
-    got_auc = S.weighted_auroc(scores, y, W)
-    got_ba = S.balanced_accuracy(scores, y, W)
-    for b in range(4):
-        assert got_auc[b] == pytest.approx(roc_auc_score(y, scores, sample_weight=W[b]))
-        assert got_ba[b] == pytest.approx(balanced_accuracy_score(y, scores >= 0.5, sample_weight=W[b]))
-    assert S.weighted_auroc(scores, y)[0] == pytest.approx(roc_auc_score(y, scores))
+    groups = np.repeat(np.arange(40), 8)
+    prompts = np.repeat(np.arange(80), 4)
+    y = np.repeat(np.tile([0, 1], 40), 4)  # contrast pairs: one label per prompt
+    x = 3 * rng.standard_normal(80)[prompts] + 0.3 * rng.standard_normal(320) - 1.5 * y
+    p_down, scheme = F.heldout_tests(
+        x[:, None], y, [-1.0], groups=groups, prompts=prompts, n_permutations=199
+    )
+    p_up, _ = F.heldout_tests(x[:, None], y, [+1.0], groups=groups, prompts=prompts, n_permutations=199)
+    assert p_down[0] < 0.05 < 0.9 < p_up[0]
+    assert scheme == "permuted: 80 prompts' labels within their groups"
+    null = 3 * rng.standard_normal(80)[prompts] + 0.3 * rng.standard_normal(320)
+    up = [float(np.sign(null[y == 1].mean() - null[y == 0].mean()))]  # the direction the noise points
+    by_prompt = F.heldout_tests(null[:, None], y, up, groups=groups, prompts=prompts, n_permutations=199)[0][
+        0
+    ]
+    by_row = F.heldout_tests(null[:, None], y, up, groups=groups, n_permutations=199)[0][0]
+    assert by_row == 1 / 200 < 0.1 < by_prompt, "completion-level permutations call prompt noise an effect"
 
 
-def test_cluster_bootstrap_is_wider_when_groups_differ():
+def test_grouped_ci_is_wider_when_groups_differ():
     """With one label per group and strong group effects, rows of a group are not independent: the
-    group bootstrap's CI of d must be wider than a row bootstrap's that pretends they are."""
+    cluster-robust CI of d must be wider than one that pretends they are (each row its own cluster)."""
     rng = np.random.default_rng(4)
     groups = np.repeat(np.arange(30), 8)
     y = np.repeat(np.arange(30) % 2, 8)
     acts = (2 * rng.standard_normal(30)[groups] + 0.3 * rng.standard_normal(240) + 0.5 * y)[:, None]
-    by_group = F.feature_stats(acts, y, groups=groups, n_bootstrap=400)[0]["d_ci"]
-    by_row = F.feature_stats(acts, y, n_bootstrap=400)[0]["d_ci"]
+    by_group = F.feature_stats(acts, y, groups=groups)[0]["d_ci"]
+    by_row = F.feature_stats(acts, y)[0]["d_ci"]
     assert by_group[1] - by_group[0] > 2 * (by_row[1] - by_row[0])
 
 
@@ -134,17 +156,17 @@ def test_heldout_report_undoes_the_winners_curse():
     features measured on the other split are null. With a planted feature, it is chosen and holds up."""
     acts, y, groups = sae_like(seed=5)
     sel, held = F.split_by_group(groups, 0.5, seed=0, y=y)
-    chosen = F.feature_stats(acts[sel], y[sel], n_bootstrap=0)
-    report = F.top_features(chosen, F.feature_stats(acts[held], y[held], n_bootstrap=0), k=10)
+    chosen = F.feature_stats(acts[sel], y[sel], ci=False)
+    report = F.top_features(chosen, F.feature_stats(acts[held], y[held], ci=False), k=10)
     assert [r["rank"] for r in report] == list(range(1, 11))
     assert np.mean([abs(r["select_cohens_d"]) for r in report]) > 0.45
     assert np.mean([abs(r["cohens_d"]) for r in report]) < 0.2
-    assert all(r["q_value_selected"] > 0.05 for r in report)
+    assert {r["direction"] for r in report} <= {"deceptive higher", "deceptive lower"}
 
     acts, y, groups = sae_like(planted=(7, 900), seed=6)
-    report = F.select_and_report(acts, y, groups, k=5, n_bootstrap=200, seed=0)
+    report = F.select_and_report(acts, y, groups, k=5, n_permutations=999, seed=0)
     assert {report[0]["feature"], report[1]["feature"]} == {7, 900}
-    assert all(r["d_ci"][0] > 0 and r["q_value_selected"] < 0.01 for r in report[:2])
+    assert all(r["d_ci"][0] > 0 and r["q_value"] < 0.01 for r in report[:2])
     with pytest.raises(ValueError, match="selection stats cover 3 features, held-out 2"):
         F.top_features(chosen[:3], chosen[:2])
 
@@ -165,7 +187,7 @@ def test_token_firing_rates_stream_numpy_and_torch():
 
 def test_features_jsonl_round_trip_is_strict_json(tmp_path):
     acts, y, groups = sae_like(d_sae=5)
-    rows = F.feature_stats(acts, y, groups=groups, n_bootstrap=50)
+    rows = F.feature_stats(acts, y, groups=groups)
     rows[0]["cohens_d"] = float("inf")
     path = tmp_path / "features" / "d32_topk_L12_mixed.jsonl"
     run.write_jsonl(path, rows)

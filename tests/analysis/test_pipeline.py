@@ -21,7 +21,7 @@ from helpers.analysis.pipeline import (
     probe_table,
     sae_completion_acts,
 )
-from helpers.collect.completions import read_completions, write_completions
+from helpers.collect.completions import analysis_split, read_completions, write_completions
 from helpers.collect.store import LayerStore
 from helpers.gemini import OFFLINE, GeminiClient
 from helpers.run import read_jsonl as read_features_jsonl
@@ -31,7 +31,7 @@ from tests.analysis.test_contexts import LAYER, PLANTED, make_run
 from tests.fake_gemini import fake_gemini_server, json_reply
 
 fake_gemini = pytest.fixture(fake_gemini_server, name="fake_gemini")
-FAST = dict(n_folds=4, n_permutations=19, n_bootstrap=200)
+FAST = dict(n_folds=4, n_permutations=19, n_bootstrap=50)
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +63,8 @@ def test_probes_json_has_raw_and_sae_rows_with_cis_p_values_and_controls(run, pr
         assert r["layer"] == LAYER and r["n"] == 96 and r["n_groups"] == 12 and r["n_folds"] == 4
         lo, hi = r["ba_ci"]
         assert lo <= r["balanced_accuracy"] <= hi and r["auroc_ci"][0] <= r["auroc"] <= r["auroc_ci"][1]
-        assert 0 < r["p_value"] <= 1 and r["n_permutations"] == 19
+        assert 0 < r["p_value"] <= 1 and r["n_permutations"] == 19 and r["n_prompts"] == 24
+        assert "completion labels within 24 two-label prompts" in r["permutation_scheme"]
     assert raw["balanced_accuracy"] > 0.8 and raw["p_value"] == pytest.approx(1 / 20)
     assert (
         sae["balanced_accuracy"] > 0.7
@@ -73,7 +74,9 @@ def test_probes_json_has_raw_and_sae_rows_with_cis_p_values_and_controls(run, pr
     )
     assert 0.3 < raw["random_direction"]["ba_mean"] < 0.8 and sae["random_direction"]["n_directions"] == 5
     vs = sae["vs_raw"]
-    assert (vs["a"], vs["b"]) == (run.sae_id, f"raw L{LAYER}") and 0 <= vs["p_value"] <= 1
+    assert (vs["a"], vs["b"]) == (run.sae_id, f"raw L{LAYER}") and 0 <= vs["p_value"] <= vs["p_holm"] <= 1
+    assert vs["multiplicity"] == "Holm over the 1 SAE-vs-raw tests"
+    assert raw["rows"]["rows"].startswith("all labelled completions") and raw["rows"]["n"] == 96
     assert sae["verdict"] in ("SAE beats raw", "raw beats SAE", "no significant difference")
     assert bow["vs_raw"]["b"] == f"raw L{LAYER}" and "top_terms" in bow["details"]
 
@@ -93,12 +96,13 @@ def test_sae_features_are_the_mean_of_per_token_activations(run):
 
 
 def test_the_planted_feature_ranks_first_and_the_file_is_resumed(run, offline_lm, capsys):
-    rows = feature_table(run.dir, run.sae_folder, k=5, tokenizer=offline_lm.tokenizer, n_bootstrap=200)
+    rows = feature_table(run.dir, run.sae_folder, k=5, tokenizer=offline_lm.tokenizer, n_permutations=999)
     path = run.dir / "features" / f"{run.sae_id}.jsonl"
     assert read_features_jsonl(path) == json.loads(json.dumps(rows)) and len(rows) == 5
     top = rows[0]
     assert top["feature"] == PLANTED and top["rank"] == 1
     assert top["cohens_d"] > 1 and top["d_ci"][0] > 0 and top["q_value"] < 0.01 and top["auroc"] > 0.8
+    assert top["direction"] == "deceptive higher" and top["p_value"] == pytest.approx(1 / 1000)
     assert top["token_firing_rate_deceptive"] > 2 * top["token_firing_rate_honest"] > 0
     assert top["firing_rate_deceptive"] > top["firing_rate_honest"]
     assert top["sae_id"] == run.sae_id and top["layer"] == LAYER and top["selection"]["k"] == 5
@@ -110,12 +114,12 @@ def test_the_planted_feature_ranks_first_and_the_file_is_resumed(run, offline_lm
     assert feature_table(run.dir, run.sae_folder, k=5, tokenizer=offline_lm.tokenizer) == rows
     assert "complete, reused" in capsys.readouterr().out
     # overwrite=True recomputes; without a tokenizer it is loaded from the folder run.json names.
-    again = feature_table(run.dir, run.sae_folder, k=5, n_bootstrap=200, overwrite=True)
+    again = feature_table(run.dir, run.sae_folder, k=5, n_permutations=999, overwrite=True)
     assert "loading the tokenizer" in capsys.readouterr().out and again == rows
 
 
 def test_label_features_offline_then_with_gemini(run, offline_lm, fake_gemini, monkeypatch):
-    feature_table(run.dir, run.sae_folder, k=5, tokenizer=offline_lm.tokenizer, n_bootstrap=200)
+    feature_table(run.dir, run.sae_folder, k=5, tokenizer=offline_lm.tokenizer, n_permutations=999)
     rows = label_features(run.dir, run.sae_id, None, n_label=3)
     assert [r["explanation_source"] for r in rows[:3]] == [OFFLINE] * 3
     assert all(r["explanation"] is None and r["detection"] is None and r["fuzzing"] is None for r in rows)
@@ -145,6 +149,11 @@ def test_label_features_offline_then_with_gemini(run, offline_lm, fake_gemini, m
             assert r[method]["verdict"] == "at chance" and r[method]["balanced_accuracy"] == 0.5
             assert r[f"{method}_baseline"] is not None and r["contexts"]["explain"]
         assert r["fuzzing"]["n_windows"] == 2 * r["fuzzing"]["n_correct"] > 0
+        # the baseline is a random live feature's explanation, never one of the top features'
+        assert r["baseline_kind"] == "random feature" and r["baseline_explanation_of"] not in [
+            x["feature"] for x in rows
+        ]
+        assert r["baseline_explanation"].startswith("the token ")
 
 
 @pytest.fixture
@@ -190,3 +199,44 @@ def test_bad_input_fails_clearly(run, copy_run, offline_lm, tmp_path):
         probe_table(run.dir, [LAYER], [], pooling="max", **FAST)
     with pytest.raises(FileNotFoundError, match="run feature_table"):
         label_features(run.dir, "no_such_sae", None)
+
+
+def test_probes_and_features_use_only_the_rows_no_sae_trained_on(run, copy_run, offline_lm, capsys):
+    """An SAE whose metadata records notebook 03's analysis split is probed, with the raw and
+    bag-of-words probes of its layer, on exactly the reserved groups; a label-conditioned SAE trained
+    before the split existed is announced as tested on rows it saw."""
+    dst = copy_run()
+    split = {"fraction": 0.5, "seed": 0}
+    reserved = set(analysis_split(read_completions(dst), **split)[1])
+    sae = load_sae(run.sae_folder)
+    with_split = save_sae(sae.sae, dst / "saes" / "test_jumprelu_L2_deceptive_only", hook_name=sae.hook_name,
+                          model_name=sae.model_name, metadata={"sae_id": "test_jumprelu_L2_deceptive_only",
+                          "condition": "deceptive_only", "analysis_split": split})  # fmt: skip
+    rows = probe_table(dst, [LAYER], [with_split], n_directions=2, **FAST)
+    labelled = [
+        r for r in read_completions(dst) if r["id"] in reserved and r["label"] in ("honest", "deceptive")
+    ]
+    for r in rows:
+        assert r["n"] == len(labelled) < 96 and r["rows"]["analysis_split"] == split
+        assert r["n_groups"] == len({x["group"] for x in labelled})
+    feats = feature_table(dst, with_split, k=3, tokenizer=offline_lm.tokenizer, n_permutations=99)
+    assert feats[0]["selection"]["n"] == len(labelled) and feats[0]["selection"]["rows"].startswith(
+        "analysis split"
+    )
+    controls = json.loads((dst / "features" / "test_jumprelu_L2_deceptive_only.controls.json").read_text())
+    assert len(controls["contexts"]) == 2 and not {c["feature"] for c in controls["contexts"]} & {
+        f["feature"] for f in feats
+    }
+
+    leaky = save_sae(sae.sae, dst / "saes" / "old_deceptive_only", hook_name=sae.hook_name, model_name=sae.model_name,
+                     metadata={"sae_id": "old_deceptive_only", "condition": "deceptive_only"})  # fmt: skip
+    capsys.readouterr()
+    probe_table(dst, [LAYER], [leaky], n_directions=2, **FAST)
+    assert (
+        "WARNING: old_deceptive_only was trained before notebook 03 reserved analysis rows"
+        in capsys.readouterr().out
+    )
+    other = save_sae(sae.sae, dst / "saes" / "other_split", hook_name=sae.hook_name, model_name=sae.model_name,
+                     metadata={"sae_id": "other_split", "analysis_split": {"fraction": 0.3, "seed": 0}})  # fmt: skip
+    with pytest.raises(ValueError, match="reserved different analysis splits"):
+        probe_table(dst, [LAYER], [with_split, other], **FAST)

@@ -1,6 +1,8 @@
 """Probes: a planted linear signal is found (and a shuffled one is not), CV never splits a prompt group
-(and ungrouped CV visibly leaks), results match a plain scikit-learn pipeline, controls and the paired
-comparison behave, bad inputs fail with a clear message."""
+(and ungrouped CV visibly leaks), results match a plain scikit-learn pipeline, the batched solver
+matches scikit-learn's LogisticRegression, the bootstrap refits the probe, folds do not depend on labels
+that permutations move, controls and the paired comparison behave, bad inputs fail with a clear message.
+Calibration on simulated null worlds: tests/analysis/test_calibration.py."""
 
 from __future__ import annotations
 
@@ -16,7 +18,13 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from helpers.analysis import probes
+from helpers.analysis import logistic, probes
+from helpers.stats import (
+    balanced_accuracy_rows,
+    group_bootstrap_weights,
+    label_permutations,
+    nested_index,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -55,16 +63,18 @@ class LinearReLUSAE(torch.nn.Module):
 
 def test_planted_signal_is_found_and_shuffled_labels_are_not():
     X, y, groups = planted()
-    r = probes.probe(X, y, groups, n_permutations=99, n_bootstrap=500, name="raw")
+    r = probes.probe(X, y, groups, n_permutations=99, n_bootstrap=200, name="raw")
     assert r.balanced_accuracy > 0.75 and r.ba_ci[0] > 0.6 and r.auroc_ci[0] > 0.7
     assert r.ba_ci[0] < r.balanced_accuracy < r.ba_ci[1]
     assert r.p_value == pytest.approx(1 / 100)  # no permutation reached the observed AUROC
-    assert (r.n, r.n_groups, r.n_folds, len(r.fold_scores)) == (240, 60, 5, 5)
-    assert r.permutation_scheme == "blocks"  # labels vary within groups
+    assert (r.n, r.n_groups, r.n_prompts, r.n_folds, len(r.fold_scores)) == (240, 60, 240, 5, 5)
+    assert len(r.boot_ba) == r.n_bootstrap == 200 and "refitted" in r.ci_method
+    # labels vary within groups and no prompts were given: every completion is its own prompt
+    assert "prompts' labels within their groups" in r.permutation_scheme
     json.dumps(r.to_dict())  # what probes.json stores
 
     shuffled = np.random.default_rng(1).permutation(y)
-    null = probes.probe(X, shuffled, groups, n_permutations=49, n_bootstrap=500)
+    null = probes.probe(X, shuffled, groups, n_permutations=49, n_bootstrap=200)
     assert abs(null.balanced_accuracy - 0.5) < 0.08 and null.ba_ci[0] < 0.5 < null.ba_ci[1]
     assert null.p_value > 0.1
 
@@ -95,7 +105,8 @@ def test_ungrouped_cv_leaks_and_grouped_cv_does_not():
     grouped = probes.probe(X, y, groups, n_permutations=49, n_bootstrap=200)
     assert leaky.balanced_accuracy > 0.9
     assert grouped.balanced_accuracy < 0.65 and grouped.ba_ci[0] < 0.5
-    assert grouped.permutation_scheme == "group labels" and grouped.p_value > 0.05
+    assert grouped.permutation_scheme == "permuted: 40 one-label groups' labels across groups"
+    assert grouped.p_value > 0.05
 
 
 @pytest.mark.parametrize("d", [16, 400], ids=["d<n", "d>n (SVD path)"])
@@ -112,49 +123,56 @@ def test_matches_a_plain_sklearn_pipeline(d):
         assert score == pytest.approx(balanced_accuracy_score(y[te], want[te] >= 0.5), abs=2e-2)
 
 
-def test_permutations_respect_the_grouping():
+@pytest.mark.parametrize("shape", [(3, 16), (40, 16), (300, 400)], ids=["tiny", "d<n", "d>n"])
+def test_batched_solver_matches_sklearn(shape):
+    """logistic.fit solves scikit-learn's objective (balanced class weights, bootstrap row weights, an
+    unpenalised intercept) for many label vectors at once: the same predictions as one fit each."""
+    n, d = shape
     rng = np.random.default_rng(0)
-    gidx = np.repeat(np.arange(10), 3)
-    constant = np.repeat(np.arange(10) % 2, 3)
-    y_perm, scheme = probes.permuted_labels(constant, gidx, rng)
-    assert scheme == "group labels" and y_perm.sum() == constant.sum()
-    assert all(len(set(y_perm[gidx == g])) == 1 for g in range(10))  # still one label per group
-    sizes = np.r_[np.repeat(np.arange(6), 4), np.repeat([6, 7], 2)]  # six groups of 4, two of 2
-    mixed = rng.integers(0, 2, len(sizes))
-    changed = False
-    for _ in range(20):
-        y_perm, scheme = probes.permuted_labels(mixed, sizes, rng)
-        assert scheme == "blocks"
-        for size in (4, 2):  # the multiset of per-group deceptive counts is kept among equal-size groups
-            gs = [g for g in range(8) if (sizes == g).sum() == size]
-            before = sorted(mixed[sizes == g].sum() for g in gs)
-            assert sorted(y_perm[sizes == g].sum() for g in gs) == before
-        changed |= not np.array_equal(y_perm, mixed)
-    assert changed
+    Z = rng.standard_normal((n * 4, d)) * np.linspace(3, 0.1, d)
+    Y = rng.integers(0, 2, (5, len(Z)))
+    Y[:, :2] = [0, 1]
+    Y[3] = np.maximum(Y[3], Z[:, 0] > 0)  # one problem with signal
+    counts = rng.integers(0, 3, Y.shape).astype(float)
+    counts[:, :2] = 1
+    W, c = logistic.fit(Z, Y, logistic.balanced_weights(Y, counts), 0.3, tol=1e-10)
+    got = logistic.predict_proba(Z, W, c)
+    for b in range(len(Y)):
+        keep = counts[b] > 0
+        ref = LogisticRegression(C=0.3, class_weight="balanced", max_iter=10_000, tol=1e-10)
+        # sklearn's balanced weights count rows, not bootstrap copies: pass them as sample weights
+        S = logistic.balanced_weights(Y[b], counts[b])[0]
+        ref.fit(Z[keep], Y[b, keep], sample_weight=S[keep])
+        np.testing.assert_allclose(got[b], ref.predict_proba(Z)[:, 1], atol=2e-5)
+    one_class = logistic.fit(Z, np.zeros((1, len(Z))), logistic.balanced_weights(np.zeros(len(Z))), 1.0)
+    assert np.all(logistic.predict_proba(Z, *one_class) == 0.5), "a one-class problem predicts 0.5"
 
 
-def test_block_null_keeps_the_label_clustering_a_plain_shuffle_loses():
-    """When prompts differ in how often they elicit lies and activations cluster by prompt, the CV
-    AUROC varies more under the null than a row shuffle suggests: a plain shuffle would give too small
-    p-values (in 60 such null datasets it rejected 12% at 0.05; the block scheme 2%)."""
-    rng = np.random.default_rng(0)
-    groups = np.repeat(np.arange(30), 4)
-    y = (rng.random(120) < rng.choice([0.0, 0.25, 0.75, 1.0], 30)[groups]).astype(int)
-    X = 3 * rng.standard_normal((30, 8))[groups] + rng.standard_normal((120, 8))
-    folds = probes.grouped_folds(groups, 5, 0, y=y)
-    designs = [probes._standardised(X, tr, te) for tr, te in folds]
+def test_folds_do_not_move_when_permutations_move_labels():
+    """Stratification uses only what permutations keep (module doc of grouped_folds): a label vector
+    the permutation test draws gets the same folds as the observed one."""
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(30), 8)
+    prompts = np.repeat(np.arange(120), 2)
+    y = np.repeat(rng.integers(0, 2, 120), 2)  # labels per prompt, groups of 4 prompts
+    base = probes.grouped_folds(groups, 5, 0, y=y)
+    pidx, gidx = nested_index(prompts, groups)
+    for y_perm in label_permutations(y, pidx, gidx, 10, rng)[0]:
+        again = probes.grouped_folds(groups, 5, 0, y=y_perm)
+        assert all(np.array_equal(a[1], b[1]) for a, b in zip(base, again, strict=True))
 
-    def null_sd(draw):
-        aucs = []
-        for _ in range(60):
-            y_perm = draw()
-            aucs.append(roc_auc_score(y_perm, probes._oof_proba(designs, folds, y_perm, 1.0)))
-        return np.std(aucs)
 
-    draws = np.random.default_rng(1)
-    blocks = null_sd(lambda: probes.permuted_labels(y, groups, draws)[0])
-    plain = null_sd(lambda: draws.permutation(y))
-    assert blocks > 1.25 * plain
+def test_the_bootstrap_refits_the_probe():
+    """Each draw reruns the CV on resampled groups: refitted draws vary more than the fixed
+    out-of-fold predictions' group bootstrap would, and two probes with the same seed draw the same
+    groups (their differences are paired)."""
+    X, y, groups = planted(signal=1.0)
+    a = probes.probe(X, y, groups, n_permutations=0, n_bootstrap=100, seed=4)
+    b = probes.probe(X[:, ::-1], y, groups, n_permutations=0, n_bootstrap=100, seed=4)
+    W = group_bootstrap_weights(a.group_idx, 100, np.random.default_rng([4, 0])).astype(float)
+    fixed = balanced_accuracy_rows(np.broadcast_to(a.oof_proba, W.shape), y, W)
+    assert np.nanstd(a.boot_ba) > np.nanstd(fixed)
+    assert np.allclose(a.boot_ba, b.boot_ba, atol=0.02), "same rows up to column order: same draws, same fits"
 
 
 def test_bag_of_words_finds_a_planted_word_and_nothing_without_one():
@@ -176,11 +194,11 @@ def test_bag_of_words_finds_a_planted_word_and_nothing_without_one():
 def test_compare_paired_detects_the_better_probe():
     X, y, groups = planted()
     noise = np.random.default_rng(5).standard_normal(X.shape)
-    good = probes.probe(X, y, groups, n_permutations=0, n_bootstrap=300, name="raw")
-    bad = probes.probe(noise, y, groups, n_permutations=0, n_bootstrap=300, name="noise")
-    out = probes.compare_paired(good, bad, n_bootstrap=300)
+    good = probes.probe(X, y, groups, n_permutations=0, n_bootstrap=100, name="raw")
+    bad = probes.probe(noise, y, groups, n_permutations=0, n_bootstrap=100, name="noise")
+    out = probes.compare_paired(good, bad)
     assert out["mean_difference"] > 0.2 and out["p_value"] < 0.05 and out["ba_difference_ci"][0] > 0.1
-    same = probes.compare_paired(good, good, n_bootstrap=50)
+    same = probes.compare_paired(good, good)
     assert same["p_value"] == 1.0 and same["ba_difference_ci"] == (0.0, 0.0)
     other_folds = probes.probe(X, y, groups, n_permutations=0, n_bootstrap=10, seed=1)
     with pytest.raises(ValueError, match="same rows and folds"):

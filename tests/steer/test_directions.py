@@ -33,9 +33,11 @@ from helpers.steer.directions import (
 from helpers.steer.experiments import (
     compare_to_controls,
     completion_nll,
+    condition_stats,
     held_out_prompts,
     read_steering,
     run_steering_experiment,
+    sample_size,
 )
 from tests.conftest import tiny_chat_llama
 
@@ -276,9 +278,11 @@ def test_experiment_passes_the_judge_client_and_saves_nothing_half_labelled(tiny
     assert seen == ["client"] and read_steering(tmp_path) == []
 
 
-def fake_row(name, kind, per_prompt, strength=4.0, ppl=10.0, n=4):
-    """A steering.jsonl row whose prompt i has per_prompt[i] deceptive samples out of n."""
-    samples = [{"prompt_id": f"p{i}", "label": "deceptive" if k < d else "honest"}
+def fake_row(name, kind, per_prompt, strength=4.0, ppl=10.0, n=4, per_scenario=1, ambiguous=0):
+    """A steering.jsonl row whose prompt i has per_prompt[i] deceptive samples out of n (then
+    `ambiguous` ambiguous ones), prompts taken `per_scenario` at a time into one scenario."""
+    samples = [{"prompt_id": f"p{i}", "group": f"s{i // per_scenario}",
+                "label": "deceptive" if k < d else "ambiguous" if k < d + ambiguous else "honest"}
                for i, d in enumerate(per_prompt) for k in range(n)]  # fmt: skip
     k = sum(s["label"] == "deceptive" for s in samples)
     return {"name": name, "kind": kind, "layer": 3, "strength": strength, "feature": 1 if kind == "feature" else None,
@@ -338,3 +342,47 @@ def test_held_out_prompts_skip_scenarios_the_features_were_chosen_on(tmp_path):
     write([{"id": f"{p.id}#0", "prompt_id": p.id, "group": p.group} for p in prompts])
     with pytest.raises(ValueError, match="all .* prompts were used"):
         held_out_prompts(tmp_path, prompts)
+
+
+def test_held_out_prompts_come_one_per_scenario_first(tmp_path):
+    prompts = [p for p in load_scenarios(paraphrases=True)][:12]
+    scenarios = list(dict.fromkeys(p.group for p in prompts))
+    (tmp_path / "completions.jsonl").write_text("")
+    one_each = held_out_prompts(tmp_path, prompts)
+    assert [p.group for p in one_each] == scenarios and all(p.id.endswith("/q0") for p in one_each)
+    assert [p.group for p in held_out_prompts(tmp_path, prompts, n=2)] == scenarios[:2]
+    two = held_out_prompts(tmp_path, prompts, n=len(scenarios) + 1, per_scenario=2)
+    assert [p.group for p in two] == scenarios + scenarios[:1], (
+        "more prompts: every scenario's second after all firsts"
+    )
+    size = sample_size(one_each, 4)
+    assert size == {"n_scenarios": len(scenarios), "n_prompts": len(scenarios), "n_per_prompt": 4,
+                    "answers_per_condition": 4 * len(scenarios), "min_possible_p": 2 / 2 ** len(scenarios)}  # fmt: skip
+
+
+def test_paraphrases_of_a_scenario_are_one_unit_of_the_test():
+    """Ten prompts from three scenarios are three units: the test's smallest p is 2/2^3, however many
+    paraphrases there are, and the verdict says no test can reach 0.05."""
+    rows = [fake_row("none", "none", [0] * 9, strength=0.0, per_scenario=3),
+            fake_row("f", "feature", [4] * 9, per_scenario=3)]  # fmt: skip
+    (out,) = compare_to_controls(rows)
+    assert out["n_scenarios"] == 3 and out["min_possible_p"] == 0.25 and out["p_value"] == 0.25
+    assert "with 3 scenarios no test can reach p<0.05" in out["verdict"]
+    assert out["difference"] == 1.0 and out["difference_ci"] == (1.0, 1.0)
+
+
+def test_ambiguous_answers_are_their_own_category():
+    base = fake_row("none", "none", [1] * 8, strength=0.0)
+    babble = fake_row("f", "feature", [0] * 8, ambiguous=3)
+    for row in (base, babble):
+        for smp in row["samples"]:
+            smp.update(nll=1.0, n_tokens=2, label_source="rules")
+    st = condition_stats(babble["samples"])
+    assert (st["deceptive_rate"], st["ambiguous_rate"], st["honest_rate"]) == (0.0, 0.75, 0.25)
+    assert st["deceptive_among_decided"] == 0.0 and st["n_scenarios"] == 8
+    assert st["ambiguous_rate_ci"][0] <= 0.75 <= st["ambiguous_rate_ci"][1]
+    (out,) = compare_to_controls([base, babble])
+    assert (
+        out["ambiguous_difference"] == 0.75
+        and "ambiguous answers +75 points (not counted as honest)" in out["verdict"]
+    )
