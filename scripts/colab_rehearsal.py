@@ -704,6 +704,11 @@ def check_run_folder(result: PassResult, pass_dir: Path, python: Path, commit: C
         check_features(result, run, server)
     if "05" in numbers:
         check_steering(result, run, server)
+    if "06" in numbers:
+        index = run / "explorer" / "index.html"
+        check(index.is_file() and index.stat().st_size > 0, "explorer/index.html is missing or empty")
+        nped = run / "neuronpedia"
+        check(nped.is_dir() and any(p.is_file() for p in nped.rglob("*")), "neuronpedia/ holds no export")
     if gemini:
         check(
             (run / "judge_cache.sqlite").is_file(),
