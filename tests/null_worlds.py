@@ -18,6 +18,7 @@ so completions of one prompt, and prompts of one group, are correlated as real o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -108,3 +109,261 @@ def sparse_world(
     threshold = rng.uniform(-0.3, 1.6, d)
     X = np.maximum(latent - threshold, 0.0) * rng.uniform(0.5, 3.0, d)
     return World(X, y, np.array([f"p{i}" for i in p]), np.array([f"g{i}" for i in g]))
+
+
+# --- the statistics under test, behind one small interface -----------------------------------------
+# `current()` wraps this checkout's functions; bench/calibration.py wraps the code of an older commit in
+# the same shape (`impl` below), so one experiment measures both.
+
+
+def current() -> SimpleNamespace:
+    """The suite's statistics as they are in this checkout."""
+    from helpers.analysis import features, probes, scoring
+    from helpers.analysis.contexts import FeatureContexts, window_record
+    from helpers.collect.completions import analysis_split
+    from helpers.steer import experiments
+
+    def probe(X, y, groups, prompts, *, n_permutations, n_bootstrap, seed):
+        r = probes.probe(X, y, groups, prompts=prompts, n_permutations=n_permutations, n_bootstrap=n_bootstrap,
+                         seed=seed)  # fmt: skip
+        return r.p_value, r.ba_ci, r.auroc_ci, r
+
+    def compare(a, b):
+        c = probes.compare_paired(a, b)
+        return c["p_value"], c["ba_difference_ci"], c["auroc_difference_ci"]
+
+    def feature_tests(acts, y, groups, prompts, *, k, n_permutations, seed):
+        rows = features.select_and_report(acts, y, groups, prompts=prompts, k=k, n_permutations=n_permutations,
+                                          seed=seed)  # fmt: skip
+        return [(r["p_value"], r["q_value"], r["d_ci"]) for r in rows], []
+
+    def steering(rows):
+        return [(o["p_value"], o["difference_ci"]) for o in experiments.compare_to_controls(rows)]
+
+    def rate_ci(samples):
+        return experiments.condition_stats(samples)["rate_ci"]
+
+    def reserved(records, seed):
+        return set(analysis_split(records, seed=seed)[1])
+
+    return SimpleNamespace(name="current", probe=probe, compare=compare, feature_tests=feature_tests,
+                           steering=steering, rate_ci=rate_ci, reserved=reserved,
+                           fuzzing_windows=scoring.fuzzing_windows, window_record=window_record,
+                           FeatureContexts=FeatureContexts)  # fmt: skip
+
+
+# --- experiments: each runs n worlds and returns rates ----------------------------------------------
+PROBE_SIZE = dict(n_groups=24, n_prompts=3, n_samples=3, d=8)
+
+
+def probe_calibration(impl, design: str, n_worlds: int, *, seed: int = 0, n_permutations: int = 19,
+                      n_bootstrap: int = 40, size: dict | None = None) -> dict:  # fmt: skip
+    """Permutation p-value false-positive rates (at 0.05 and 0.10) and null coverage of the CIs of
+    balanced accuracy and AUROC, over null worlds of `design`."""
+    rej05, rej10, cov_ba, cov_auc = [], [], [], []
+    for w in range(n_worlds):
+        W = dense_world(np.random.default_rng([seed, 1, w]), design, **(size or PROBE_SIZE))
+        p, ba_ci, auc_ci, _ = impl.probe(W.X, W.y, W.groups, W.prompts, n_permutations=n_permutations,
+                                         n_bootstrap=n_bootstrap, seed=w)  # fmt: skip
+        rej05.append(p <= 0.05 + 1e-9)
+        rej10.append(p <= 0.10 + 1e-9)
+        if n_bootstrap:
+            cov_ba.append(ba_ci[0] <= 0.5 <= ba_ci[1])
+            cov_auc.append(auc_ci[0] <= 0.5 <= auc_ci[1])
+    out = {"n_worlds": n_worlds, "false_positive_rate_0.05": float(np.mean(rej05)),
+           "false_positive_rate_0.10": float(np.mean(rej10))}  # fmt: skip
+    if n_bootstrap:
+        out.update(ba_ci_coverage=float(np.mean(cov_ba)), auroc_ci_coverage=float(np.mean(cov_auc)))
+    return out
+
+
+def paired_calibration(impl, design: str, n_worlds: int, *, seed: int = 0, n_bootstrap: int = 0,
+                       size: dict | None = None) -> dict:  # fmt: skip
+    """Raw-vs-SAE style comparisons of two probes that are both null on the same rows: the paired
+    test's false-positive rate and (with `n_bootstrap`) the null coverage of the difference CIs."""
+    rej, cov_ba, cov_auc = [], [], []
+    for w in range(n_worlds):
+        rng = np.random.default_rng([seed, 2, w])
+        W = dense_world(rng, design, **(size or PROBE_SIZE))
+        other = dense_world(rng, design, **(size or PROBE_SIZE)).X  # other features, the same structure
+        kw = dict(n_permutations=0, n_bootstrap=n_bootstrap, seed=w)
+        a, b = (
+            impl.probe(W.X, W.y, W.groups, W.prompts, **kw)[3],
+            impl.probe(other, W.y, W.groups, W.prompts, **kw)[3],
+        )
+        p, ba_ci, auc_ci = impl.compare(a, b)
+        rej.append(p <= 0.05)
+        if n_bootstrap:
+            cov_ba.append(ba_ci[0] <= 0 <= ba_ci[1])
+            cov_auc.append(auc_ci[0] <= 0 <= auc_ci[1])
+    out = {"n_worlds": n_worlds, "false_positive_rate_0.05": float(np.mean(rej))}
+    if n_bootstrap:
+        out.update(
+            ba_difference_ci_coverage=float(np.mean(cov_ba)),
+            auroc_difference_ci_coverage=float(np.mean(cov_auc)),
+        )
+    return out
+
+
+FEATURE_SIZE = dict(n_groups=40, n_prompts=4, n_samples=4, d=200)
+
+
+def feature_calibration(impl, design: str, n_worlds: int, *, seed: int = 0, k: int = 20,
+                        n_permutations: int = 99, size: dict | None = None) -> dict:  # fmt: skip
+    """Held-out tests of the k chosen features in null worlds: the share of chosen features at p <=
+    0.05, the share of worlds with any q <= 0.05 (family-wise error over the k) and the CI of d's null
+    coverage; `all_feature_q_0.01` counts null features per world at q < 0.01 where an implementation
+    reports q-values over all features (the old one did)."""
+    rej, any_q, cov, all_q = [], [], [], []
+    for w in range(n_worlds):
+        W = sparse_world(np.random.default_rng([seed, 3, w]), design, **(size or FEATURE_SIZE))
+        rows, q_all = impl.feature_tests(
+            W.X, W.y, W.groups, W.prompts, k=k, n_permutations=n_permutations, seed=w
+        )
+        rej += [p <= 0.05 for p, _, _ in rows]
+        any_q.append(min(q for _, q, _ in rows) <= 0.05)
+        cov += [lo <= 0 <= hi for _, _, (lo, hi) in rows if lo == lo]
+        if len(q_all):
+            all_q.append(int(np.sum(np.asarray(q_all) < 0.01)))
+    out = {"n_worlds": n_worlds, "chosen_features_at_p_0.05": float(np.mean(rej)),
+           "worlds_with_any_q_0.05": float(np.mean(any_q)), "d_ci_coverage": float(np.mean(cov))}  # fmt: skip
+    if all_q:
+        out["null_features_at_all_feature_q_0.01_per_world"] = float(np.mean(all_q))
+    return out
+
+
+def steering_rows(rng: np.random.Generator, n_scenarios: int, prompts_per_scenario: int, n_per_prompt: int):
+    """A no-steering row and a steered row of one null world: scenario s has a base deceptive rate
+    b_s ~ U(0.3, 0.7) and a steering effect e_s ~ U(-0.2, 0.2) (zero on average: the null), its prompts
+    (paraphrases) differ by U(-0.05, 0.05); each answer is a Bernoulli draw. Truth: rate 0.5, effect 0."""
+    rows = []
+    base = rng.uniform(0.3, 0.7, n_scenarios)
+    effect = rng.uniform(-0.2, 0.2, n_scenarios)
+    jitter = rng.uniform(-0.05, 0.05, (n_scenarios, prompts_per_scenario))
+    for name, kind, shift in (("none", "none", 0.0), ("f", "feature", 1.0)):
+        samples = []
+        for s in range(n_scenarios):
+            for q in range(prompts_per_scenario):
+                rate = base[s] + jitter[s, q] + shift * effect[s]
+                for _ in range(n_per_prompt):
+                    samples.append({"prompt_id": f"s{s}/q{q}", "group": f"s{s}", "label": "deceptive"
+                                    if rng.random() < rate else "honest", "nll": 1.0, "n_tokens": 1,
+                                    "label_source": "rules"})  # fmt: skip
+        n_dec = sum(x["label"] == "deceptive" for x in samples)
+        rows.append({"name": name, "kind": kind, "layer": 1, "strength": 0.0 if kind == "none" else 1.0,
+                     "feature": 1, "sampling": {"seed": 0, "n_per_prompt": n_per_prompt}, "samples": samples,
+                     "stats": {"n_deceptive": n_dec, "n": len(samples), "perplexity": 2.0, "n_prompts": 0,
+                               "label_sources": {"rules": len(samples)}}})  # fmt: skip
+    return rows
+
+
+def steering_calibration(impl, n_worlds: int, *, seed: int = 0, n_scenarios: int = 10,
+                         prompts_per_scenario: int = 3, n_per_prompt: int = 4) -> dict:  # fmt: skip
+    """The steering test against no steering in null worlds whose effect varies by scenario: its
+    false-positive rate, the null coverage of the difference CI and of the no-steering rate's CI."""
+    rej, cov_diff, cov_rate = [], [], []
+    for w in range(n_worlds):
+        rows = steering_rows(
+            np.random.default_rng([seed, 4, w]), n_scenarios, prompts_per_scenario, n_per_prompt
+        )
+        (p, (lo, hi)), *_ = impl.steering(rows)
+        rej.append(p <= 0.05)
+        cov_diff.append(lo <= 0 <= hi)
+        rlo, rhi = impl.rate_ci(rows[0]["samples"])
+        cov_rate.append(rlo <= 0.5 <= rhi)
+    return {"n_worlds": n_worlds, "false_positive_rate_0.05": float(np.mean(rej)),
+            "difference_ci_coverage": float(np.mean(cov_diff)), "rate_ci_coverage": float(np.mean(cov_rate))}  # fmt: skip
+
+
+def lm_loss_calibration(n_worlds: int, *, seed: int = 0, n_groups: int = 24) -> dict:
+    """Coverage of `stats.ratio_ci` for the LM-loss metrics' shape: per group, tokens ~ U(20, 200) and a
+    summed loss whose per-token rate varies by group (gamma, shape 5, mean 1): truth 1."""
+    from helpers.stats import ratio_ci
+
+    cov = []
+    for w in range(n_worlds):
+        rng = np.random.default_rng([seed, 5, w])
+        tokens = rng.integers(20, 200, n_groups).astype(float)
+        loss = rng.normal(tokens * rng.gamma(5, 0.2, n_groups), np.sqrt(tokens) * 0.5)
+        _, lo, hi = ratio_ci(loss, tokens)
+        cov.append(lo <= 1.0 <= hi)
+    return {"n_worlds": n_worlds, "n_groups": n_groups, "ci_coverage": float(np.mean(cov))}
+
+
+def synthetic_feature_windows(impl, rng: np.random.Generator, feature: int, n_windows: int = 12):
+    """A feature's activating scoring windows as contexts.py cuts them (32 tokens, the example token at
+    24): a run of 1-4 firing tokens through the example token, and in 30% of windows a second run."""
+    score = []
+    for i in range(n_windows):
+        acts = np.zeros(32)
+        length = int(rng.integers(1, 5))
+        start = 24 - int(rng.integers(0, length))
+        acts[start : start + length] = rng.uniform(0.1, 3, length)
+        if rng.random() < 0.3:
+            q = int(rng.integers(0, 20))
+            acts[q : q + int(rng.integers(1, 3))] = 1.0
+        tokens = [f" w{int(rng.integers(1000))}" for _ in range(32)]
+        score.append(impl.window_record(tokens, acts, 24, kind="activating", completion_id=f"a{i}", label=None,
+                                        window_start=0, quantile=0))  # fmt: skip
+    return impl.FeatureContexts(feature, 1000, 50, 3.0, list(np.linspace(0.1, 3, 11)), [], score)
+
+
+def fuzzing_calibration(impl, n_features: int, *, seed: int = 0) -> dict:
+    """Readers that never see the explanation, on the fuzzing windows of synthetic features: AUROC of
+    telling right marks from wrong ones by the number of marked spans, by where the first mark sits
+    (tokens before it), and by both (whether the first mark is the example token's position)."""
+    from sklearn.metrics import roc_auc_score
+
+    truth, spans, before, tail = [], [], [], []
+    for f in range(n_features):
+        ctx = synthetic_feature_windows(impl, np.random.default_rng([seed, 6, f]), f)
+        for w in impl.fuzzing_windows(ctx, 0) or []:
+            truth.append(w["truth"])
+            spans.append(-w["text"].count("<<"))  # fewer spans: more likely right (old wrong marks scatter)
+            before.append(len(w["text"].split("<<")[0].split()))
+            tail.append(-len(w["text"].rsplit(">>", 1)[1].split()))
+    t = np.asarray(truth)
+    return {"n_windows": int(len(t)), "reader_auroc_span_count": float(roc_auc_score(t, spans)),
+            "reader_auroc_position_of_first_mark": float(roc_auc_score(t, before)),
+            "reader_auroc_text_after_last_mark": float(roc_auc_score(t, tail))}  # fmt: skip
+
+
+def memorising_dictionary(X: np.ndarray, atoms: np.ndarray) -> np.ndarray:
+    """A stand-in for an SAE trained many epochs on few rows: one latent per training row, firing by
+    cosine similarity to it above 0.5 (it fires hardest on the rows it was trained on)."""
+    mu = atoms.mean(0)
+    A = atoms - mu
+    A /= np.linalg.norm(A, axis=1, keepdims=True)
+    Z = X - mu
+    Z /= np.linalg.norm(Z, axis=1, keepdims=True)
+    return np.maximum(Z @ A.T - 0.5, 0.0)
+
+
+def conditioned_sae_calibration(impl, n_worlds: int, *, seed: int = 0) -> dict:
+    """Null contrast-pair worlds: a `deceptive_only` dictionary (atoms = deceptive training rows) and a
+    `mixed` one (all training rows), both probed on the rows `impl.reserved` keeps for analysis (None:
+    all rows, as before the split). The mean difference in balanced accuracy (conditioned minus mixed)
+    is zero when no dictionary saw its test rows, and positive when the conditioned one did."""
+    diffs = []
+    for w in range(n_worlds):
+        W = dense_world(np.random.default_rng([seed, 7, w]), "contrast", n_groups=40, n_samples=4, d=16)
+        records = [
+            {"id": str(i), "prompt_id": p, "group": g}
+            for i, (p, g) in enumerate(zip(W.prompts, W.groups, strict=True))
+        ]
+        keep = impl.reserved(records, w)
+        test = (
+            np.array([str(i) in keep for i in range(len(W.y))])
+            if keep is not None
+            else np.ones(len(W.y), bool)
+        )
+        train = ~test if keep is not None else test
+        dec = memorising_dictionary(W.X, W.X[train & (W.y == 1)])
+        mixed = memorising_dictionary(W.X, W.X[train])
+        kw = dict(n_permutations=0, n_bootstrap=0, seed=w)
+        ba = [impl.probe(F[test], W.y[test], W.groups[test], W.prompts[test], **kw)[3].balanced_accuracy
+              for F in (dec, mixed)]  # fmt: skip
+        diffs.append(ba[0] - ba[1])
+    d = np.asarray(diffs)
+    return {"n_worlds": n_worlds, "mean_ba_conditioned_minus_mixed": float(d.mean()),
+            "se": float(d.std(ddof=1) / np.sqrt(len(d)))}  # fmt: skip

@@ -115,15 +115,18 @@ def fuzzing_windows(ctx: FeatureContexts, seed: int = 0) -> list[dict[str, Any]]
     for k in (act[i] for i in rng.permutation(len(act))):
         acts = np.asarray(ctx.score[k]["acts"])
         fire, n_tok = np.flatnonzero(acts > 0), len(acts)
+        silent_shifts = np.array([sh for sh in range(-n_tok + 1, n_tok) if sh and len(fire)
+                                  and fire.min() + sh >= 0 and fire.max() + sh < n_tok and (acts[fire + sh] <= 0).all()])  # fmt: skip
         options = []  # (before, after, shifts) where the right marks and some shifted ones both fit
         for before, after in itertools.product(range(before_range[0], before_range[1] + 1),
                                                range(after_range[0], after_range[1] + 1)):  # fmt: skip
             if not len(fire) or fire.min() < before or fire.max() + after > n_tok - 1:
                 continue
-            shifts = [sh for sh in range(before - fire.min(), n_tok - after - fire.max())
-                      if sh and (acts[fire + sh] <= 0).all()]  # fmt: skip
-            if shifts:
-                options.append((before, after, shifts))
+            ok = silent_shifts[
+                (fire.min() + silent_shifts >= before) & (fire.max() + silent_shifts <= n_tok - 1 - after)
+            ]
+            if len(ok):
+                options.append((before, after, ok))
         if options:
             before, after, shifts = options[int(rng.integers(len(options)))]
             plans[k] = (fire, fire + int(rng.choice(shifts)), before, after)
