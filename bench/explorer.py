@@ -15,10 +15,11 @@ high-variance directions. The SAE is a TopK SAE with random weights (k = 32: eve
 Measured in a fresh process (its memory is its own; a thread samples /proc/self/status every 20 ms):
 - `build_dashboards` (the one pass; logit effects through SmolLM2's real unembedding; neighbours) and
   writing the explorer (every feature page, the table), with time and peak anonymous memory;
-- side by side in the same process, the peers: (1) a bare encoder pass over the same store (the SAE's
-  `encode` on every token, outputs dropped: the floor any per-feature statistics pay), and (2) notebook
-  04's example windows (`analysis.contexts.build_contexts`, a Python loop over the features asked for in
-  every batch) for `--peer-features` features, scaled linearly to 16k (an extrapolation, stated so);
+- side by side in the same process on the first `--subset-tokens` tokens, alternating: our one pass
+  against the peers (1) a bare encoder pass over the same tokens (the SAE's `encode` on every token,
+  outputs dropped: the floor any per-feature statistics pay) and (2) notebook 04's example windows
+  (`analysis.contexts.build_contexts`, a Python loop over the features asked for in every batch) at two
+  feature counts, its per-feature cost scaled to 16k features and the whole store (an extrapolation);
 - the page in Debian's headless chromium from file://: first contentful paint, the table's first render
   (a `performance.mark` the app sets) and opening a feature page (when chromium is installed).
 """
@@ -45,7 +46,7 @@ import helpers  # noqa: E402
 from helpers.analysis.contexts import ContextConfig, build_contexts, docs_for, iter_token_acts  # noqa: E402
 from helpers.collect.completions import read_completions, write_completions  # noqa: E402
 from helpers.collect.store import ActivationWriter, LayerStore  # noqa: E402
-from helpers.explore.dashboards import ExplorerConfig, build_dashboards  # noqa: E402
+from helpers.explore.dashboards import ExplorerConfig, build_dashboards, feature_pass  # noqa: E402
 from helpers.explore.decoder import unembedding_of  # noqa: E402
 from helpers.explore.site import write_sae_data, write_site  # noqa: E402
 from helpers.model.hooks import hook_name  # noqa: E402
@@ -152,29 +153,73 @@ def measure(args: argparse.Namespace) -> dict:
         "table_js_mb": round((explorer_dir(data_dir) / "data" / SAE_ID / "table.js").stat().st_size / 2**20, 2),
     }  # fmt: skip
     del db
-    # Peer 1: the bare encoder pass over the same tokens.
-    docs = docs_for(store, read_completions(data_dir))
-    t0 = time.perf_counter()
-    for _ in iter_token_acts(store, loaded.sae, docs, batch_tokens=cfg.batch_tokens):
-        pass
-    encode_s = time.perf_counter() - t0
-    out["peer_bare_encoder_pass"] = {"seconds": round(encode_s, 1),
-                                     "explorer_build_over_encode": round(out["explorer"]["build_dashboards_s"] / encode_s, 2)}  # fmt: skip
-    # Peer 2: notebook 04's per-feature example windows for a few features, scaled to all.
-    feats = list(range(args.peer_features))
-    t0 = time.perf_counter()
-    build_contexts(store, loaded.sae, read_completions(data_dir), feats, lm.tokenizer,
-                   ContextConfig(batch_tokens=cfg.batch_tokens))  # fmt: skip
-    peer_s = time.perf_counter() - t0
-    scaled = (peer_s - encode_s * 2) / len(feats) * out[
-        "d_sae"
-    ] + encode_s * 2  # its two passes + per feature
-    out["peer_build_contexts"] = {"features": len(feats), "seconds": round(peer_s, 1),
-                                  "extrapolated_all_features_s": round(scaled, 0),
-                                  "ratio_to_explorer": round(scaled / out["explorer"]["build_dashboards_s"], 1)}  # fmt: skip
+    out["peers_on_a_subset"] = peers(
+        store, loaded.sae, lm.tokenizer, read_completions(data_dir), cfg, args, out
+    )
     if args.browser:
         out["browser"] = first_paint(index)
     return out
+
+
+def peers(store: LayerStore, sae, tokenizer, records: list, cfg: ExplorerConfig, args, out: dict) -> dict:
+    """Side by side on the first `--subset-tokens` tokens, alternating so load changes hit all alike:
+    our one pass (`feature_pass`) against (1) a bare encoder pass over the same tokens, and (2) notebook
+    04's `build_contexts` at two feature counts, whose difference gives its cost per feature; that cost
+    scaled to all 16k features and the whole store (it is linear in both) is an extrapolation."""
+    docs = docs_for(store, records)
+    n, sub = 0, []
+    for d in docs:
+        if n >= args.subset_tokens:
+            break
+        sub.append(d)
+        n += d.n
+    ids = {d.id for d in sub}
+    sub_records = [r for r in records if r["id"] in ids]
+
+    def bare() -> None:
+        for _ in iter_token_acts(store, sae, sub, batch_tokens=cfg.batch_tokens):
+            pass
+
+    times: dict[str, list[float]] = {"bare_encoder_pass": [], "explorer_pass": []}
+    for _ in range(2):
+        for name, fn in (
+            ("bare_encoder_pass", bare),
+            ("explorer_pass", lambda: feature_pass(store, sae, sub, cfg)),
+        ):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    contexts = {}
+    for n_feat in (args.peer_features // 4, args.peer_features):
+        t0 = time.perf_counter()
+        build_contexts(
+            store,
+            sae,
+            sub_records,
+            list(range(n_feat)),
+            tokenizer,
+            ContextConfig(batch_tokens=cfg.batch_tokens),
+        )
+        contexts[n_feat] = time.perf_counter() - t0
+    (f1, t1), (f2, t2) = contexts.items()
+    per_feature = (t2 - t1) / (f2 - f1)
+    scale = store.n_tokens / n
+    encode = min(times["bare_encoder_pass"])
+    estimate = (
+        per_feature * out["d_sae"] + 2 * encode
+    ) * scale  # its two passes over the store + per feature
+    explorer = min(times["explorer_pass"])
+    return {
+        "tokens": n,
+        "bare_encoder_pass_s": [round(t, 1) for t in times["bare_encoder_pass"]],
+        "explorer_pass_s": [round(t, 1) for t in times["explorer_pass"]],
+        "explorer_over_bare_encoder": round(explorer / encode, 2),
+        "build_contexts_s": {str(k): round(v, 1) for k, v in contexts.items()},
+        "build_contexts_per_feature_s": round(per_feature, 3),
+        "build_contexts_all_features_whole_store_s_extrapolated": round(estimate),
+        "explorer_pass_whole_store_s_scaled": round(explorer * scale),
+        "ratio_build_contexts_to_explorer_extrapolated": round(estimate / (explorer * scale), 1),
+    }
 
 
 def first_paint(index: Path) -> dict:
@@ -243,7 +288,10 @@ def main() -> None:
     p.add_argument("--d-sae", type=int, default=16_384)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch-tokens", type=int, default=2048)
-    p.add_argument("--peer-features", type=int, default=64)
+    p.add_argument(
+        "--peer-features", type=int, default=128, help="build_contexts at this and a quarter of it"
+    )
+    p.add_argument("--subset-tokens", type=int, default=100_000, help="tokens of the side-by-side peer runs")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "explorer_bench"))
