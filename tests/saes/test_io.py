@@ -132,6 +132,9 @@ def test_legacy_config_and_strict_tensors(tmp_path):
     save_file(tensors, tmp_path / "sae_weights.safetensors")
     with pytest.raises(ValueError, match=r"missing \['threshold'\]"):
         load_sae(tmp_path)
+    (tmp_path / "cfg.json").write_text(json.dumps({**legacy, "architecture": "batchtopk"}))
+    with pytest.raises(ValueError, match="'batchtopk' is not one SAELens loads.*saved as jumprelu"):
+        load_sae(tmp_path)
     (tmp_path / "cfg.json").unlink()
     with pytest.raises(FileNotFoundError, match="not a SAELens SAE folder.*sae_weights.safetensors"):
         load_sae(tmp_path)
