@@ -218,25 +218,16 @@ class Packing:
             nanochat = [tokenizer.convert_tokens_to_ids(t) for t in NANOCHAT_TOKENS]
             special |= set(nanochat)
             sep = nanochat[0]  # <|bos|> starts every document in nanochat's pretraining
-        else:
-            adds_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [
-                tokenizer.bos_token_id
-            ]
-            eot = tokenizer.convert_tokens_to_ids(
-                "<|endoftext|>"
-            )  # GPT-2 style tokenizers' document separator
+        else:  # the BOS a tokenizer prepends itself, else GPT-2 style <|endoftext|>, else EOS or BOS
+            first = tokenizer("a")["input_ids"][:1]
+            adds_bos = tokenizer.bos_token_id is not None and first == [tokenizer.bos_token_id]
+            eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
             eot = eot if eot is not None and tokenizer.convert_ids_to_tokens(eot) == "<|endoftext|>" else None
-            candidates = (
-                tokenizer.bos_token_id if adds_bos else None,
-                eot,
-                tokenizer.eos_token_id,
-                tokenizer.bos_token_id,
-            )
+            candidates = (tokenizer.bos_token_id if adds_bos else None, eot, tokenizer.eos_token_id,
+                          tokenizer.bos_token_id)  # fmt: skip
             sep = next((t for t in candidates if t is not None), None)
             if sep is None:
-                raise ValueError(
-                    "the tokenizer has no BOS, end-of-text or EOS token to separate documents with"
-                )
+                raise ValueError("the tokenizer has no BOS, end-of-text or EOS token to separate documents")
         return cls(seq_len, int(sep), frozenset(special | {int(sep)}))
 
     def keep(self, ids: torch.Tensor) -> torch.Tensor:
@@ -255,25 +246,40 @@ def encode_document(tokenizer: Any, doc: str | list[dict]) -> list[int]:
             f"a chat document must be a list of {{'role', 'content'}} messages, got {str(doc)[:80]}"
         )
     if chat_format_of(tokenizer) == "nanochat":
-        t = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in NANOCHAT_TOKENS}
-        ids, system = [], ""
-        for m in doc:  # nanochat has no system role: it is prepended to the first user message
-            text = tokenizer.encode(str(m["content"]), add_special_tokens=False)
-            if m.get("role") == "system":
-                system = str(m["content"]) + "\n\n"
-            elif m.get("role") == "user":
-                text = tokenizer.encode(system + str(m["content"]), add_special_tokens=False)
-                ids += [t["<|user_start|>"], *text, t["<|user_end|>"]]
-                system = ""
-            else:
-                ids += [t["<|assistant_start|>"], *text, t["<|assistant_end|>"]]
-        return ids
+        return _nanochat_conversation(tokenizer, doc)
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(doc, tokenize=False)
         return tokenizer.encode(text, add_special_tokens=False)
     return tokenizer.encode(
         "\n".join(f"{m.get('role', 'user')}: {m['content']}" for m in doc), add_special_tokens=False
     )
+
+
+def _nanochat_conversation(tokenizer: Any, messages: list[dict]) -> list[int]:
+    """nanochat's rendering of a conversation (its tokenizer's `render_conversation`), without the leading
+    <|bos|> (the packing's separator): a system message joins the first user message, and an assistant
+    message may be a list of parts (`text`, `python` tool calls, `python_output`) in their special tokens."""
+    sp = lambda name: tokenizer.convert_tokens_to_ids(f"<|{name}|>")  # noqa: E731
+    enc = lambda text: tokenizer.encode(str(text), add_special_tokens=False)  # noqa: E731
+    wrap = {"python": ("python_start", "python_end"), "python_output": ("output_start", "output_end")}
+    if messages and messages[0].get("role") == "system" and len(messages) > 1:
+        messages = [
+            {**messages[1], "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"},
+            *messages[2:],
+        ]
+    ids: list[int] = []
+    for m in messages:
+        if m.get("role") == "user":
+            ids += [sp("user_start"), *enc(m["content"]), sp("user_end")]
+            continue
+        ids.append(sp("assistant_start"))
+        for part in (
+            m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+        ):
+            start, end = wrap.get(part.get("type"), (None, None))
+            ids += [sp(start)] * bool(start) + enc(part["text"]) + [sp(end)] * bool(end)
+        ids.append(sp("assistant_end"))
+    return ids
 
 
 def iter_sequences(tokenizer: Any, docs: Iterable[str | list[dict]], packing: Packing) -> Iterator[list[int]]:

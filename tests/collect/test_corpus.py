@@ -17,6 +17,7 @@ import torch
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
+import helpers
 from helpers.collect import corpus
 from helpers.collect.corpus import (
     BUILTIN_CORPUS,
@@ -32,6 +33,7 @@ from helpers.collect.corpus import (
 )
 from helpers.collect.store import LayerStore
 from helpers.model.hooks import hook_name, run_with_capture
+from tests.model import nanochat_oracle
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LAYER = 3
@@ -219,3 +221,30 @@ def test_default_corpus_follows_the_model():
     assert corpus.default_corpus({"family": "nanochat", "layout": "2025-10"}) == corpus.FINEWEB_EDU
     assert corpus.default_corpus({"family": "nanochat", "layout": "2026-03-14"}) == corpus.CLIMBMIX
     assert corpus.default_corpus({"family": "llama"}) == corpus.FINEWEB_EDU
+
+
+def test_chat_documents_render_as_upstream_nanochat_does(tmp_path):
+    """A conversation through our packing equals upstream nanochat's own `render_conversation` (the
+    tokenizer of the 2025-10 oracle commit), tool-call parts included; its special tokens are not kept."""
+    commit = nanochat_oracle.COMMITS[0]
+    model, config = nanochat_oracle.build_oracle(commit)
+    lm = helpers.load_model(str(nanochat_oracle.save_native(model, config, tmp_path / "native")), device="cpu",
+                            cache_dir=tmp_path / "cache")  # fmt: skip
+    upstream = nanochat_oracle.import_oracle(commit, "tokenizer").RustBPETokenizer(
+        nanochat_oracle.tiny_encoding(), "<|bos|>"
+    )
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hello world"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "the world?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "the "}, {"type": "python", "text": "1+1"},
+                                          {"type": "python_output", "text": "2"}, {"type": "text", "text": "world"}]},
+    ]  # fmt: skip
+    want, _ = upstream.render_conversation({"messages": conversation})
+    packing = Packing.for_tokenizer(lm.tokenizer, 256)
+    assert packing.separator == want[0] == lm.tokenizer.convert_tokens_to_ids("<|bos|>")
+    (seq,) = iter_sequences(lm.tokenizer, [conversation], packing)
+    assert seq == want
+    kept = torch.tensor(seq)[packing.keep(torch.tensor([seq]))[0]].tolist()
+    assert kept == [t for t in seq if t < 256 + len(nanochat_oracle.MERGES)], "only text tokens are stored"
