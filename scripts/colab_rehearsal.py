@@ -26,7 +26,10 @@ git URL puts in the runtime (STYLE.md 11). This script rehearses that, on a CPU 
    be what the run folder holds, and the key must appear in no file written).
 
 Work folders: <work>/venv, <work>/<pass>/{drive,content,hf_home}, executed notebooks (with outputs) in
-<work>/executed/<pass>/. Exit status 0 when every check passed.
+<work>/executed/<pass>/. A temp work folder is deleted after a passing run (kept with --keep or after a
+failure); `--work DIR --reuse-venv` keeps the venv between runs while working on the rehearsal.
+pip's cache is reused; only PyPI packages are downloaded. Exit status 0 when every check passed; the
+last line says "rehearsal: N passed, M failed" (passes).
 """
 
 from __future__ import annotations
