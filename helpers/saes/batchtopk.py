@@ -64,8 +64,7 @@ class BatchTopKSAE(SAE):
         gradients). Records the smallest positive selected activation for θ's update."""
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)  # [n, d_sae]: the only dense matmul
-            k = max(1, round(self.k))
-            p = batch_topk(pre, round(self.k * len(x)), candidates=min(4 * k, self.d_sae))
+            p = batch_topk(pre, round(self.k * len(x)))
         acts = gather_pre(x, self.b_dec, self.W_enc_T, self.b_enc, pre, p).relu()  # [nnz]
         positive = acts.detach()[acts.detach() > 0]
         self._min_selected = float(positive.min()) if len(positive) else None

@@ -108,6 +108,20 @@ def test_sparse_step_equals_dense_reference(arch, dense, acts, monkeypatch):
         assert out.fired.sum() == (sae.encode(x)[0] > 0).sum()
 
 
+@pytest.mark.parametrize("skewed", [False, True], ids=["sampled-threshold", "fallback"])
+def test_batch_topk_selects_exactly_the_batchs_largest(skewed):
+    """The sampled threshold never changes the answer: when the sampled rows miss where the large values
+    are (skewed), the full top-k runs; pairs come back in CSR order either way."""
+    pre = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
+    if skewed:
+        pre[0::4] += 5.0  # the sampled rows (stride 4) are the large ones: the threshold overshoots
+    for n_select in (1, 256 * 8, 256 * 60):
+        p = kernels.batch_topk(pre, n_select)
+        want = set(pre.reshape(-1).topk(n_select).indices.tolist())
+        assert set((p.row * 512 + p.col).tolist()) == want and len(p.col) == n_select
+        assert bool(((p.row * 512 + p.col).diff() > 0).all()), "row-major, latents sorted within a row"
+
+
 @pytest.mark.parametrize("arch", ["batchtopk", "matryoshka_batchtopk"])
 def test_batchtopk_threshold_reproduces_the_batch_selection(arch, acts):
     """θ after one step is that batch's smallest selected activation, so the JumpReLU that is saved fires on
