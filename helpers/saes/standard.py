@@ -11,8 +11,8 @@ this class (`project_decoder_grad`, `normalize_decoder`); the rows start unit-no
 
 λ is steered toward the target L0 `l0` (base.adapt_coefficient), as for Gated and JumpReLU, so one knob
 sets the sparsity of every architecture. The step is sparse apart from the encoder's forward matmul: every
-term lives on the active set {pre > 0} (early in training that set is large and kernels.py switches to
-dense matmuls, with identical maths).
+term lives on the active set {pre > 0}. Early in training that set is half the latents; above
+kernels.DENSE_ABOVE the step is then plain dense maths (identical results, cheaper than sparse bookkeeping).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from helpers.saes.base import SAE, StepOutput, adapt_coefficient
-from helpers.saes.kernels import Pattern, gather_pre, recon_loss, sparse_decode
+from helpers.saes.kernels import DENSE_ABOVE, Pattern, gather_pre, recon_loss, sparse_decode
 
 
 class StandardSAE(SAE):
@@ -52,15 +52,23 @@ class StandardSAE(SAE):
         return pre.relu(), pre
 
     def losses(self, x: Tensor, dead: Tensor) -> StepOutput:
+        norms = self.W_dec.norm(dim=1)  # [d_sae], differentiable: the penalty pulls on the rows' norms too
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)  # [n, d_sae]: the only dense matmul
-            p = Pattern.from_mask(pre > 0)
-        acts = gather_pre(x, self.b_dec, self.W_enc_T, self.b_enc, pre, p)  # [nnz], all > 0
-        x_hat = sparse_decode(acts, self.W_dec, p) + self.b_dec
+            active = pre > 0
+            dense = active.sum() > DENSE_ABOVE.get(x.device.type, 0.02) * active.numel()
+        if dense:  # early in training half the latents fire: plain dense maths beats building a Pattern
+            acts_dense = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc).relu()
+            x_hat = acts_dense @ self.W_dec + self.b_dec
+            l1 = (acts_dense * norms).sum() / len(x)
+            fired = active.sum(0)
+        else:
+            p = Pattern.from_mask(active)
+            acts = gather_pre(x, self.b_dec, self.W_enc_T, self.b_enc, pre, p)  # [nnz], all > 0
+            x_hat = sparse_decode(acts, self.W_dec, p) + self.b_dec
+            l1 = (acts * norms.index_select(0, p.col)).sum() / len(x)
+            fired = torch.bincount(p.col, minlength=self.d_sae)
         mse = recon_loss(x_hat, x)
-        norms = self.W_dec.norm(dim=1)  # [d_sae], differentiable: the penalty pulls on the rows' norms too
-        l1 = (acts * norms.index_select(0, p.col)).sum() / len(x)
-        fired = torch.bincount(p.col, minlength=self.d_sae)
         terms = {"mse": mse.detach(), "l1": l1.detach()}
         return StepOutput(mse + self.sparsity_coef * l1, terms, x_hat.detach(), fired)
 
