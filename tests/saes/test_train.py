@@ -143,7 +143,9 @@ def test_warmup_longer_than_the_run_is_clamped():
 
 
 def test_config_errors_name_the_fix():
-    with pytest.raises(KeyError, match="known ones are standard, topk, batchtopk, matryoshka_batchtopk, jumprelu"):
+    with pytest.raises(
+        KeyError, match="known ones are standard, topk, batchtopk, matryoshka_batchtopk, jumprelu"
+    ):
         TrainConfig(architecture="relu")
     with pytest.raises(ValueError, match="bandwidth"):
         TrainConfig(architecture="topk", sae_options={"bandwidth": 0.1})
