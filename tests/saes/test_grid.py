@@ -42,10 +42,10 @@ def test_corpus_conditions_and_an_l0_sweep_train_evaluate_and_resume(corpus_run)
     cfg = small_cfg(train_tokens=16 * 64)
     kw = dict(min_completions=4, min_tokens=500, l0s=[4, 8])
     conditions = ["corpus", "corpus+behaviour"]
-    status = train_grid(corpus_run, [LAYER], ["topk", "batchtopk"], conditions, cfg, **kw)
+    status = train_grid(corpus_run, [LAYER], ["topk"], conditions, cfg, **kw)
     spec = read_run_json(corpus_run)["model"]["spec"]
     assert [r["sae_id"] for r in status] == [
-        sae_id_of(spec, a, LAYER, c, l0) for c in conditions for a in ("topk", "batchtopk") for l0 in (4, 8)
+        sae_id_of(spec, "topk", LAYER, c, l0) for c in conditions for l0 in (4, 8)
     ]
     assert status[0]["sae_id"].endswith(f"_topk-l0-4_L{LAYER}_corpus")
     assert {r["status"] for r in status} == {"trained"}
@@ -62,14 +62,14 @@ def test_corpus_conditions_and_an_l0_sweep_train_evaluate_and_resume(corpus_run)
     assert json.loads((corpus_run / "saes" / status[0]["sae_id"] / "metrics.json").read_text())[
         "dataset_path"
     ].endswith("corpus/")
-    again = train_grid(corpus_run, [LAYER], ["topk", "batchtopk"], conditions, cfg, **kw)
+    again = train_grid(corpus_run, [LAYER], ["topk"], conditions, cfg, **kw)
     assert {r["status"] for r in again} == {"done earlier"}
     # The Pareto view: one line per architecture / condition through its L0s, for EV and the CE score.
     fig = plots.sae_pareto_figure(corpus_run)
     lines = [t for t in fig.data if t.xaxis == "x"]
-    assert {t.name for t in lines} == {f"{a} / {c}" for a in ("topk", "batchtopk") for c in conditions}
+    assert {t.name for t in lines} == {f"topk / {c}" for c in conditions}
     assert all(len(t.x) == 2 and t.x[0] < t.x[1] for t in lines), "each line runs through its sweep by L0"
-    assert len(plots.sae_pareto_figure(corpus_run, backend="matplotlib").axes[1].lines) == 4
+    assert len(plots.sae_pareto_figure(corpus_run, backend="matplotlib").axes[1].lines) == 2
 
 
 def test_mixed_batches_hold_each_sources_share(corpus_run):
