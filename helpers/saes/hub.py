@@ -97,7 +97,11 @@ def explorer_files(run_dir: str | os.PathLike) -> dict[str, Path]:
     for root in (explorer_dir(run_dir), neuronpedia_dir(run_dir)):
         for path in sorted(root.rglob("*")) if root.is_dir() else []:
             rel = path.relative_to(run_dir)
-            if path.is_file() and not path.name.endswith(".tmp") and rel.parts[:2] != ("neuronpedia", "saelens"):
+            if (
+                path.is_file()
+                and not path.name.endswith(".tmp")
+                and rel.parts[:2] != ("neuronpedia", "saelens")
+            ):
                 out[rel.as_posix()] = path
     return out
 
