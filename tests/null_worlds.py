@@ -234,11 +234,11 @@ def feature_calibration(impl, design: str, n_worlds: int, *, seed: int = 0, k: i
 
 def steering_rows(rng: np.random.Generator, n_scenarios: int, prompts_per_scenario: int, n_per_prompt: int):
     """A no-steering row and a steered row of one null world: scenario s has a base deceptive rate
-    b_s ~ U(0.3, 0.7) and a steering effect e_s ~ U(-0.2, 0.2) (zero on average: the null), its prompts
+    b_s ~ U(0.35, 0.65) and a steering effect e_s ~ U(-0.3, 0.3) (zero on average: the null), its prompts
     (paraphrases) differ by U(-0.05, 0.05); each answer is a Bernoulli draw. Truth: rate 0.5, effect 0."""
     rows = []
-    base = rng.uniform(0.3, 0.7, n_scenarios)
-    effect = rng.uniform(-0.2, 0.2, n_scenarios)
+    base = rng.uniform(0.35, 0.65, n_scenarios)
+    effect = rng.uniform(-0.3, 0.3, n_scenarios)
     jitter = rng.uniform(-0.05, 0.05, (n_scenarios, prompts_per_scenario))
     for name, kind, shift in (("none", "none", 0.0), ("f", "feature", 1.0)):
         samples = []

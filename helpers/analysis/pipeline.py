@@ -390,8 +390,23 @@ def label_features(
         if r.get("explanation") is None:
             r["explanation_source"] = f"not labelled (outside the top n_label={n_label})"
     write_jsonl(path, rows)
-    print(f"{sae_id}: {score_summary(results)}")
+    print(f"{sae_id}: {_score_line(score_summary(results))}")
     return rows
+
+
+def _score_line(summary: dict[str, Any]) -> str:
+    """One line of scoring.score_summary: per method, features scored, mean balanced accuracy against the
+    baseline's, and how many are above chance."""
+    parts = []
+    for m in ("detection", "fuzzing"):
+        n = summary[f"{m}_n_scored"]
+        if not n:
+            parts.append(f"{m}: none scored")
+            continue
+        parts.append(f"{m}: {n} scored, balanced accuracy {summary[f'{m}_balanced_accuracy']:.2f} vs baseline "
+                     f"{_fmt(summary[f'{m}_baseline_balanced_accuracy'], '.2f') or '-'}, "
+                     f"{summary[f'{m}_n_above_chance']} above chance")  # fmt: skip
+    return "; ".join(parts)
 
 
 def _fmt(value: Any, spec: str) -> str:

@@ -58,13 +58,17 @@ CONTROL_KINDS = ("none", "random_feature", "random_direction")
 
 
 def held_out_prompts(
-    run_dir: str | os.PathLike, prompts: Sequence[Prompt], n: int | None = None, per_scenario: int = 1
+    run_dir: str | os.PathLike,
+    prompts: Sequence[Prompt],
+    n: int | None = None,
+    per_scenario: int | None = None,
 ) -> list[Prompt]:
     """Up to `n` of `prompts` (all when None) whose scenario (group) produced none of the run's
-    completions, so the features being steered were not chosen on them, at most `per_scenario` per
-    scenario: the first prompt (in the given order) of every scenario, then, if `per_scenario` allows,
-    the second of every scenario, and so on. If every scenario was used, prompts whose own id was unused
-    (e.g. paraphrases) are taken instead, announced; if none is left, an error says what to do."""
+    completions, so the features being steered were not chosen on them, in rounds: the first prompt
+    (in the given order) of every scenario, then the second of every scenario, and so on (at most
+    `per_scenario` rounds). So n prompts come from n scenarios while there are that many: more prompts
+    means more scenarios, the units of the test. If every scenario was used, prompts whose own id was
+    unused (e.g. paraphrases) are taken instead, announced; if none is left, an error says what to do."""
     records = read_completions(run_dir)
     used_groups = {str(r.get("group") or r["prompt_id"]) for r in records}
     used_ids = {r["prompt_id"] for r in records}
@@ -82,7 +86,9 @@ def held_out_prompts(
     by_group: dict[str, list[Prompt]] = defaultdict(list)
     for prompt in fresh:
         by_group[prompt.group].append(prompt)
-    chosen = [ps[i] for i in range(per_scenario) for ps in by_group.values() if i < len(ps)]
+    rounds = max((len(ps) for ps in by_group.values()), default=0)
+    rounds = rounds if per_scenario is None else min(rounds, per_scenario)
+    chosen = [ps[i] for i in range(rounds) for ps in by_group.values() if i < len(ps)]
     return chosen[:n] if n is not None else chosen
 
 
@@ -169,7 +175,8 @@ def condition_stats(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for label in ("deceptive", "honest", "ambiguous"):
         hits = np.bincount(gidx, [s["label"] == label for s in samples], n_groups)
         rate, lo, hi = ratio_ci(hits, per_group) if len(samples) else (math.nan, math.nan, math.nan)
-        out[f"{label}_rate"], out[f"{label}_rate_ci"] = rate, (lo, hi)
+        out[f"{label}_rate"] = rate
+        out[f"{label}_rate_ci"] = (max(lo, 0.0), min(hi, 1.0))  # clipped to where a rate can be
     decided = counts["deceptive"] + counts["honest"]
     return {
         **out,
@@ -280,7 +287,9 @@ def paired_scenario_test(diffs: np.ndarray, seed: int = 0) -> dict[str, Any]:
     d = np.asarray(diffs, float)
     k = len(d)
     half = stats.t.ppf(0.975, k - 1) * d.std(ddof=1) / np.sqrt(k) if k > 1 else math.nan
-    return {"difference": float(d.mean()), "difference_ci": (float(d.mean() - half), float(d.mean() + half)),
+    lo, hi = float(d.mean() - half), float(d.mean() + half)
+    ci = (max(lo, -1.0), min(hi, 1.0))  # clipped to where a difference of rates can be
+    return {"difference": float(d.mean()), "difference_ci": ci,
             "p_value": sign_flip_test(d, seed=seed), "min_possible_p": 2 / 2 ** min(k, 16)}  # fmt: skip
 
 

@@ -19,6 +19,7 @@ from helpers.saes.evals import (
     evaluate_lm,
     leaderboard,
     lm_batches,
+    lm_eval_rows,
     lm_loss,
     replace_residual,
 )
@@ -88,6 +89,20 @@ def test_identity_sae_recovers_all_the_loss(offline_lm, run_dir):
     assert ident["ce_zero_ablation"] > ident["ce_clean"] + 0.5, "zero-ablating a residual hurts"
     assert half["kl_sae"] > 0.01 and half["loss_recovered"] < 0.999, "a lossy splice is measured as such"
     assert ident["n_tokens"] == sum(int(b["score"].sum()) for b in data)
+    # SAEBench's scores beside the increases, each with a CI over the sequences' groups
+    assert half["ce_loss_score"] == half["loss_recovered"] and 0 < half["kl_div_score"] < 1
+    for key in ("ce_increase", "kl_sae", "ce_loss_score", "kl_div_score"):
+        lo, hi = half[f"{key}_ci"]
+        assert lo <= half[key] <= hi and half["n_groups"] == half["n_completions"] == 3
+
+
+def test_lm_eval_rows_spread_over_groups():
+    rows = [{"id": f"g{g}#{k}", "prompt_id": f"g{g}", "group": f"g{g}"} for g in range(5) for k in range(4)]
+    held = {r["id"] for r in rows if r["group"] != "g4"}
+    chosen = lm_eval_rows(rows, held, 6)
+    groups = [r["group"] for r in chosen]
+    assert len(chosen) == 6 and set(groups[:4]) == {"g0", "g1", "g2", "g3"}, "one per group before a second"
+    assert "g4" not in groups and lm_eval_rows(rows, held, 6) == chosen
 
 
 def test_splice_hook_is_removed_even_when_the_pass_fails(offline_lm):

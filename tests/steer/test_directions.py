@@ -348,13 +348,12 @@ def test_held_out_prompts_come_one_per_scenario_first(tmp_path):
     prompts = [p for p in load_scenarios(paraphrases=True)][:12]
     scenarios = list(dict.fromkeys(p.group for p in prompts))
     (tmp_path / "completions.jsonl").write_text("")
-    one_each = held_out_prompts(tmp_path, prompts)
+    one_each = held_out_prompts(tmp_path, prompts, per_scenario=1)
     assert [p.group for p in one_each] == scenarios and all(p.id.endswith("/q0") for p in one_each)
     assert [p.group for p in held_out_prompts(tmp_path, prompts, n=2)] == scenarios[:2]
-    two = held_out_prompts(tmp_path, prompts, n=len(scenarios) + 1, per_scenario=2)
-    assert [p.group for p in two] == scenarios + scenarios[:1], (
-        "more prompts: every scenario's second after all firsts"
-    )
+    more = held_out_prompts(tmp_path, prompts, n=len(scenarios) + 1)
+    assert [p.group for p in more] == scenarios + scenarios[:1], "every scenario's first, then seconds"
+    assert len(held_out_prompts(tmp_path, prompts)) == len(prompts)
     size = sample_size(one_each, 4)
     assert size == {"n_scenarios": len(scenarios), "n_prompts": len(scenarios), "n_per_prompt": 4,
                     "answers_per_condition": 4 * len(scenarios), "min_possible_p": 2 / 2 ** len(scenarios)}  # fmt: skip
