@@ -91,7 +91,7 @@ def small_cfg(arch: str = "topk", **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("arch", ["topk", "jumprelu", "gated"])
+@pytest.mark.parametrize("arch", ["topk", "jumprelu", "gated", "batchtopk"])
 def test_resume_after_interruption_is_bitwise_identical(run_dir, tmp_path, monkeypatch, arch):
     store = LayerStore(run_dir, LAYER)
     ids = store.completion_ids[:12]  # ~570 tokens: 40 steps of 64 cross several epochs and shuffle buffers
