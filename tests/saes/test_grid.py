@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from helpers import plots
+from helpers.collect.completions import analysis_split, read_completions
 from helpers.collect.corpus import BUILTIN_CORPUS, CorpusStream, collect_corpus, corpus_ids
 from helpers.collect.store import LayerStore
 from helpers.run import read_run_json
@@ -134,3 +135,23 @@ def test_missing_corpus_is_skipped_and_a_corpus_only_run_evaluates_on_held_out_t
     assert m["activations"]["n_tokens"] == store.count(held) == m["corpus_activations"]["n_tokens"]
     with pytest.raises(ValueError, match=r"unknown condition\(s\) \['corpora'\]"):
         train_grid(only, [LAYER], ["topk"], ["corpora"], small_cfg())
+
+
+def test_no_sae_trains_on_the_groups_reserved_for_analysis(offline_lm, tmp_path_factory, monkeypatch):
+    """Notebook 04 probes and tests features on `completions.analysis_split`'s groups: no SAE of any
+    behaviour condition may train on them (a deceptive_only SAE would otherwise be tested on rows chosen
+    by their label that it learned), and each SAE records the split it skipped."""
+    run = shared_run(offline_lm, tmp_path_factory)
+    seen = {}
+
+    def fake_train(data, _eval, cfg, out, *, metadata, **_):
+        seen[metadata["condition"]] = (set(data.ids), metadata["analysis_split"])
+        return {"activations": {"explained_variance": 0.5, "l0": 4.0, "dead_fraction": 0.0}}
+
+    monkeypatch.setattr("helpers.saes.grid.train_sae", fake_train)
+    conditions = ["mixed", "deceptive_only", "honest_only"]
+    train_grid(run, [LAYER], ["topk"], conditions, small_cfg(), min_completions=1, min_tokens=1)
+    reserved = set(analysis_split(read_completions(run), seed=small_cfg().seed)[1])
+    assert reserved and set(seen) == set(conditions)
+    for ids, split in seen.values():
+        assert ids and not ids & reserved and split == {"fraction": 0.5, "seed": small_cfg().seed}
