@@ -211,7 +211,7 @@ def test_grid_trains_skips_and_resumes(run_dir, tmp_path, capsys):
     grid = dict(
         layers=[LAYER], architectures=["topk", "gated"], conditions=["mixed", "deceptive_only"], cfg=cfg
     )
-    status = train_grid(run, **grid, min_completions=15, min_tokens=200)
+    status = train_grid(run, **grid, min_completions=8, min_tokens=200)
     assert [s["status"] for s in status] == ["trained", "trained", "skipped", "skipped"]
     assert "skipping deceptive_only at layer 2" in capsys.readouterr().out
     sid = "smollm2-135m-instruct_gated_L2_mixed"
@@ -223,5 +223,5 @@ def test_grid_trains_skips_and_resumes(run_dir, tmp_path, capsys):
         metrics["condition"] == "mixed" and metrics["layer"] == LAYER and metrics["architecture"] == "gated"
     )
     assert 0 < metrics["activations"]["l0"] < 2 * 576 and metrics["training"]["tokens"] == 640
-    again = train_grid(run, **grid, min_completions=15, min_tokens=200)
+    again = train_grid(run, **grid, min_completions=8, min_tokens=200)
     assert [s["status"] for s in again[:2]] == ["done earlier"] * 2
