@@ -3,9 +3,10 @@
 
 Shape: 34 scenarios x 3 paraphrases x 16 samples = 1,632 completions (about 1,600 from 100 prompts);
 notebook 04 probes the analysis split notebook 03 never trains on, about half of them. Raw pooled
-residuals d = 2048; SAE features d_sae = 16,384, non-negative and sparse (about 1,000 non-zero per
-completion, as the mean over ~30 tokens of an L0 ~ 64 SAE). Labels per answer, the prompts' lie rates
-varying; a weak planted signal so the fits are not all trivial.
+residuals d = 2048 with a decaying spectrum (256 latent factors); SAE features d_sae = 16,384,
+non-negative and sparse (about 1,000 non-zero per completion, as the mean over ~30 tokens of an L0 ~ 64
+SAE). Labels per answer, the prompts' lie rates varying; a weak planted signal so the fits are neither
+trivial nor hopeless.
 
 Timed, each in this one process on the same data:
 - `probe_raw` / `probe_sae`: `probes.probe` with 200 permutations and 200 refitted bootstrap draws
@@ -51,8 +52,13 @@ def d32_data(n: int, seed: int = 0):
     group = prompt // 3
     rate = rng.choice([0.1, 0.3, 0.5, 0.7, 0.9], n_prompts)
     y = (rng.random(len(prompt)) < rate[prompt]).astype(int)
-    raw = (rng.standard_normal((group.max() + 1, 2048))[group] + 2 * rng.standard_normal((n_prompts, 2048))[prompt]
-           + rng.standard_normal((len(y), 2048)) + 0.3 * np.outer(y, rng.standard_normal(2048)))  # fmt: skip
+    # Residual streams are far from isotropic: 256 latent factors (group, prompt and completion effects)
+    # through loadings whose scale decays as 1/sqrt(rank), plus a little isotropic noise.
+    latent = (rng.standard_normal((group.max() + 1, 256))[group] + 2 * rng.standard_normal((n_prompts, 256))[prompt]
+              + rng.standard_normal((len(y), 256)))  # fmt: skip
+    latent[:, 7] += 0.8 * y  # a weak deception direction among the factors
+    loadings = rng.standard_normal((256, 2048)) / np.sqrt(np.arange(1, 257))[:, None]
+    raw = latent @ loadings + 0.1 * rng.standard_normal((len(y), 2048))
     sae = np.zeros((len(y), 16384), np.float32)
     for i in range(len(y)):
         on = rng.choice(16384, 1000, replace=False)

@@ -40,6 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from helpers.saes.base import geometric_median  # noqa: E402
 from helpers.saes.io import save_sae  # noqa: E402
 from helpers.saes.matryoshka_batchtopk import MatryoshkaBatchTopKSAE  # noqa: E402
 from helpers.saes.train import Run, TrainConfig  # noqa: E402
@@ -115,6 +116,9 @@ class SAELensRun:
             raise ValueError(f"no SAELens counterpart wired up for {arch!r}: choose from {sorted(make)}")
         self.sae = make[arch]()
         self.sae.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
+        if args.saelens_bdec is not None:  # sensitivity check: SAELens with our b_dec initialisation
+            with torch.no_grad():
+                self.sae.b_dec.copy_(args.saelens_bdec)
         trainer_cfg = SAETrainerConfig(
             total_training_samples=cfg.train_tokens,
             train_batch_size_samples=cfg.batch_size,
@@ -161,6 +165,7 @@ def compare(arch: str, world, data: Samples, true_l0: float, args, tmp: Path) ->
         cfg = dataclasses.replace(cfg, sae_options={"matryoshka_widths": widths})
     init = torch.cat([data.batch(i) for i in range(16)])
     scale = float(1 / init.pow(2).sum(1).mean().sqrt())  # both trainers' inputs: unit mean squared norm
+    args.saelens_bdec = geometric_median(init * scale) if args.saelens_median_init else None
     theirs = SAELensRun(arch, d_in, d_sae, k, cfg, args, widths)
     ours = None
     matched = arch in ("standard", "jumprelu")  # SAELens first; ours then targets the L0 it reached
@@ -241,6 +246,11 @@ def main() -> None:
     p.add_argument("--l1", type=float, default=2.0, help="SAELens standard SAE's l1_coefficient")
     p.add_argument("--eval-samples", type=int, default=50_000)
     p.add_argument("--chunk", type=int, default=20, help="steps per timed chunk")
+    p.add_argument(
+        "--saelens-median-init",
+        action="store_true",
+        help="start SAELens's b_dec at the geometric median as ours does (its default is zeros)",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -260,6 +270,7 @@ def main() -> None:
     data = Samples(world, args.pool, args.batch_size, args.seed)
     result = {
         "machine": {"torch": torch.__version__, "sae_lens": sae_lens.__version__, "threads": torch.get_num_threads()},
+        "saelens_b_dec_init": "geometric median (as ours)" if args.saelens_median_init else "zeros (its default)",
         "world": {"features": args.features, "hidden": args.hidden, "true_l0": round(true_l0, 2),
                   "training_samples": args.tokens, "unique_samples": args.pool, "batch_size": args.batch_size, "lr": args.lr,
                   "eval_samples": args.eval_samples},
@@ -268,7 +279,7 @@ def main() -> None:
         for arch in filter(None, args.archs.split(",")):
             print(f"training {arch} (SAELens and ours) ...", file=sys.stderr, flush=True)
             result[arch] = compare(arch, world, data, true_l0, args, Path(tmp))
-            print(json.dumps({arch: result[arch]["ratio_ours_over_saelens"]}), file=sys.stderr, flush=True)
+            print(json.dumps({arch: result[arch]}), file=sys.stderr, flush=True)  # kept if a later one fails
     result["targets"] = {
         f"{a}_{t}": ok
         for a, r in result.items() if isinstance(r, dict) and "ratio_ours_over_saelens" in r

@@ -170,8 +170,14 @@ def probe_calibration(impl, design: str, n_worlds: int, *, seed: int = 0, n_perm
         if n_bootstrap:
             cov_ba.append(ba_ci[0] <= 0.5 <= ba_ci[1])
             cov_auc.append(auc_ci[0] <= 0.5 <= auc_ci[1])
-    out = {"n_worlds": n_worlds, "false_positive_rate_0.05": float(np.mean(rej05)),
-           "false_positive_rate_0.10": float(np.mean(rej10))}  # fmt: skip
+    out: dict = {"n_worlds": n_worlds}
+    if n_permutations:
+        out.update(
+            {
+                "false_positive_rate_0.05": float(np.mean(rej05)),
+                "false_positive_rate_0.10": float(np.mean(rej10)),
+            }
+        )
     if n_bootstrap:
         out.update(ba_ci_coverage=float(np.mean(cov_ba)), auroc_ci_coverage=float(np.mean(cov_auc)))
     return out
