@@ -1,16 +1,20 @@
 """helpers: the library behind the deception-SAE notebooks.
 
 A thin core and one subpackage per notebook stage; imports run one way, core <- model <- collect <- saes
-<- analysis <- steer (tests/test_imports.py checks it):
+<- analysis <- steer <- explore (tests/test_imports.py checks it):
 
     core       release (version, install URL), env (machine, Drive, secrets, smoke mode), run (THE run
                folder: paths, run.json, atomic writes, JSONL), stats, tables, gemini (the one client),
                plots, publish
-    model/     01: loading any checkpoint, nanochat, chat formatting, hooks
-    collect/   02: prompt sets, sampling, completions, the judge, activation store and capture
-    saes/      03: the SAE contract, kernels, one file per architecture, SAELens io, training, evals, grid
+    model/     01: loading any checkpoint, nanochat (every layout), chat formatting, hooks
+    collect/   02: prompt sets, sampling, completions, the judge, activation store and capture, the
+               reference corpus (streamed Hub or local text)
+    saes/      03: the SAE contract, kernels, one file per architecture (topk, batchtopk,
+               matryoshka_batchtopk, jumprelu, gated, standard), SAELens io, training, evals, grid, Hub
     analysis/  04: probes, feature statistics, token windows, autointerp, scoring
     steer/     05: directions and interventions, steering experiments with controls, the panel
+    explore/   06: per-feature dashboards in one pass, notebook views, live tracking and the deception
+               meter, the static HTML explorer, the Neuronpedia export
 
 The names the notebooks use most are re-exported here (`helpers.setup`, `helpers.load_model`, ...).
 """
