@@ -251,17 +251,20 @@ def rank_sum(acts: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def ratio_ci(num: np.ndarray, den: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
     """(R, lo, hi): the ratio of sums R = sum(num) / sum(den) over independent clusters (one entry per
     group: a prompt group's summed loss and its token count, say) with a t interval (df = clusters - 1)
-    from its cluster-robust linearised SE, sqrt(G/(G-1) sum_g ((num_g - R den_g) / sum(den))^2). In
-    simulations with skewed cluster effects (gamma, shape 5) it covered 93% with 10 clusters and 94-95%
-    with 23-60, where a percentile cluster bootstrap covered 88-93% (tests/core/test_stats.py). Nan
-    bounds with fewer than 2 clusters."""
+    from its cluster-robust linearised SE with each cluster's residual leverage-adjusted (CR3 / HC3 style:
+    R is a weighted least-squares fit in which cluster g has leverage h_g = den_g / sum(den)):
+    sqrt(sum_g ((num_g - R den_g) / (sum(den) (1 - h_g)))^2). On simulated LM-loss shapes (skewed gamma
+    group effects, tests/null_worlds.py) it covers 94% with 5 to 64 clusters, where the plain
+    linearised SE with a G/(G-1) factor covered 91% at 5 and 92% at 10 clusters and a percentile cluster
+    bootstrap 88-93%. Nan bounds with fewer than 2 clusters (or one cluster holding all of `den`)."""
     num, den = np.asarray(num, float), np.asarray(den, float)
     total = den.sum()
     r = float(num.sum() / total) if total else math.nan
     g = len(num)
-    if g < 2 or not total:
+    leverage = den / total if total else np.ones_like(den)
+    if g < 2 or not total or np.any(leverage >= 1):
         return r, math.nan, math.nan
-    se = math.sqrt(g / (g - 1) * float((((num - r * den) / total) ** 2).sum()))
+    se = math.sqrt(float((((num - r * den) / (total * (1 - leverage))) ** 2).sum()))
     half = float(stats.t.ppf(0.5 + level / 2, g - 1)) * se
     return r, r - half, r + half
 

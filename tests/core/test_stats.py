@@ -44,16 +44,18 @@ def test_auroc_and_balanced_accuracy_match_sklearn():
     assert S.weighted_auroc(scores, y)[0] == pytest.approx(roc_auc_score(y, scores))
 
 
-def test_ratio_ci_is_the_linearised_cluster_interval():
+def test_ratio_ci_is_the_leverage_adjusted_cluster_interval():
     rng = np.random.default_rng(4)
     den = rng.integers(5, 50, 12).astype(float)
     num = den * rng.gamma(5, 0.2, 12)
     r, lo, hi = S.ratio_ci(num, den)
     assert r == pytest.approx(num.sum() / den.sum())
-    resid = (num - r * den) / den.sum()
-    half = stats.t.ppf(0.975, 11) * np.sqrt(12 / 11 * (resid**2).sum())
+    resid = (num - r * den) / den.sum() / (1 - den / den.sum())
+    half = stats.t.ppf(0.975, 11) * np.sqrt((resid**2).sum())
     assert (lo, hi) == pytest.approx((r - half, r + half))
     assert np.isnan(S.ratio_ci(num[:1], den[:1])[1])
+    one_holds_all = S.ratio_ci(np.array([1.0, 0.0]), np.array([3.0, 0.0]))  # one cluster has every token
+    assert np.isnan(one_holds_all[1])
 
 
 def test_nested_index_refuses_a_prompt_in_two_groups():
