@@ -19,7 +19,8 @@ residual activations, either stored in the run folder or streamed straight into 
                 dictionary's reconstruction loss.
 
 `collect_corpus` stores the kept positions of `max_tokens` tokens under `corpus/layer_{L}/` in the
-activation store's shard format (one entry per sequence), resumes after a disconnect (stored sequences
+activation store's shard format (one entry per sequence, with the token id and position of every row,
+so the explorer can show corpus text), resumes after a disconnect (stored sequences
 are skipped without a forward pass), estimates the disk it needs before starting, and records its
 settings in run.json. `CorpusStream` instead feeds training from a bounded in-RAM shuffle buffer filled
 by forward passes (as SAELens's activation store does), for budgets beyond a free Drive: 2M tokens ×
@@ -417,14 +418,15 @@ def _store_batch(model, names, layers, writers, batch, packing: Packing, stored:
     ids, mask = _right_pad([s for _, s in batch], packing.separator, model.device)
     keep = packing.keep(ids) & mask.bool()
     acts = run_with_capture(model, names, stop_early=True, input_ids=ids, attention_mask=mask)
+    keep_cpu = keep.cpu()
+    kept = [(s, keep_cpu[i].nonzero()[:, 0]) for i, (_, s) in enumerate(batch)]  # positions kept per sequence
     for layer, name in zip(layers, names, strict=True):
         h = acts[name][keep]  # [n_kept, d_model], rows in (sequence, position) order
         h = (h.half() if h.abs().max() < FP16_MAX else h.float()).cpu()  # the store's float16, made on device
-        counts = keep.sum(1).tolist()
-        first = keep.float().argmax(1).tolist()
-        for (sid, _), rows, pos in zip(batch, h.split(counts), first, strict=True):
+        counts = [len(pos) for _, pos in kept]
+        for (sid, _), rows, (seq, pos) in zip(batch, h.split(counts), kept, strict=True):
             if rows.shape[0] and sid not in writers[layer].done_ids:
-                writers[layer].add(sid, rows, first_position=pos)
+                writers[layer].add(sid, rows, token_ids=[seq[p] for p in pos.tolist()], positions=pos)
                 stored[layer] += rows.shape[0]
     return min(stored.values())
 

@@ -8,20 +8,27 @@ Layout under the run folder (DESIGN.md §3):
          "entries": [[completion_id, first_row, n_tokens, first_position], ...]}
 
 The reference corpus (`collect/corpus.py`) uses the same format under `corpus/layer_{L}/` (`kind="corpus"`):
-an entry is then one fixed-length text sequence, and its rows are the positions kept.
+an entry is then one fixed-length text sequence, and its rows are the positions kept. Its text is not in
+completions.jsonl, so each of its shards also holds the token of every row:
 
-A completion's tokens are contiguous inside one shard. The `.npy` is written first and the `.json`
-last, both atomically, so a shard without its `.json` is incomplete and is ignored (and rewritten) by a
-resumed run: a disconnect or a full disk never leaves a shard that a reader would trust. `.npy` files
-memory-map, so the SAE trainer streams a store larger than RAM (`iter_batches` holds at most
-`buffer_bytes` of activations at a time).
+    corpus/layer_{L}/shard_00000.tokens.npy    [n_tokens, 2] int32: (token id, position in its sequence)
+
+and the shard's `.json` says `"token_ids": true`. Positions need not be consecutive (special tokens are
+not stored), so a reader rebuilds a window from the rows of one sequence whose positions follow each
+other. Stores written before this (no `.tokens.npy`) still load; `LayerStore.token_ids_of` is then None.
+
+A completion's tokens are contiguous inside one shard. The `.npy` (and `.tokens.npy`) are written first
+and the `.json` last, all atomically, so a shard without its `.json` is incomplete and is ignored (and
+rewritten) by a resumed run: a disconnect or a full disk never leaves a shard that a reader would trust.
+`.npy` files memory-map, so the SAE trainer streams a store larger than RAM (`iter_batches` holds at
+most `buffer_bytes` of activations at a time).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +39,16 @@ from helpers.run import activations_dir, atomic_write_bytes, atomic_write_json, 
 FP16_MAX = float(np.finfo(np.float16).max)
 FOLDERS = {"activations": activations_dir, "corpus": corpus_dir}
 """Where a store of each kind lives in the run folder: behaviour completions, or the reference corpus."""
+TOKENS_SUFFIX = ".tokens.npy"
+"""A shard's token ids and positions beside its `.npy` (module doc)."""
 
 
 class ActivationWriter:
     """Accumulates per-completion activations of one layer and writes them as shards of ~`shard_tokens`.
 
     Use as a context manager (the last partial shard is written on exit). `done_ids` lists completions
-    already stored by an earlier run, so the caller can skip them.
+    already stored by an earlier run, so the caller can skip them. Entries added with `token_ids` get
+    them stored beside their rows (module doc); a writer takes all its entries with ids or all without.
     """
 
     def __init__(
@@ -47,14 +57,25 @@ class ActivationWriter:
         self.dir = FOLDERS[kind](run_dir, layer)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.shard_tokens = shard_tokens
-        self._pending: list[tuple[str, np.ndarray, int]] = []
+        self._pending: list[tuple[str, np.ndarray, int, np.ndarray | None]] = []
         self._pending_tokens = 0
+        self._with_ids: bool | None = None
         complete = _complete_shards(self.dir)
         self.done_ids = {e[0] for meta in complete.values() for e in meta["entries"]}
         self._next = max(complete, default=-1) + 1
 
-    def add(self, completion_id: str, acts: torch.Tensor | np.ndarray, first_position: int = 0) -> None:
-        """Queue `acts` ([n_tokens, d_model]) of one completion; flushes a shard when enough are queued."""
+    def add(
+        self,
+        completion_id: str,
+        acts: torch.Tensor | np.ndarray,
+        first_position: int = 0,
+        *,
+        token_ids: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+        positions: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+    ) -> None:
+        """Queue `acts` ([n_tokens, d_model]) of one completion; flushes a shard when enough are queued.
+        `token_ids` [n_tokens]: the token of each row, stored with `positions` [n_tokens] (each row's
+        position in its sequence; default `first_position`, `first_position + 1`, ...)."""
         if completion_id in self.done_ids:
             return
         arr = (
@@ -72,7 +93,19 @@ class ActivationWriter:
                 f"non-finite activation in completion {completion_id!r} at token {bad[0]}, dim {bad[1]}: "
                 "the model overflowed (on a T4 load nanochat in float32) and nothing of it was stored"
             )
-        self._pending.append((completion_id, arr, first_position))
+        ids = None
+        if token_ids is not None:
+            ids = _ids_and_positions(completion_id, len(arr), token_ids, positions, first_position)
+        if self._with_ids is None:
+            self._with_ids = ids is not None
+        if self._with_ids != (ids is not None):
+            raise ValueError(
+                f"{completion_id!r} was added {'without' if ids is None else 'with'} token ids but earlier entries "
+                f"of this writer were not: pass token_ids for every entry of {self.dir}, or for none"
+            )
+        if ids is not None:
+            first_position = int(ids[0, 1]) if len(ids) else first_position
+        self._pending.append((completion_id, arr, first_position, ids))
         self._pending_tokens += len(arr)
         self.done_ids.add(completion_id)
         if self._pending_tokens >= self.shard_tokens:
@@ -81,20 +114,25 @@ class ActivationWriter:
     def flush(self) -> None:
         if not self._pending:
             return
-        data = np.concatenate([a for _, a, _ in self._pending])
+        data = np.concatenate([a for _, a, _, _ in self._pending])
         dtype = "float16" if np.abs(data).max(initial=0) < FP16_MAX else "float32"
         entries, row = [], 0
-        for cid, arr, pos in self._pending:
+        for cid, arr, pos, _ in self._pending:
             entries.append([cid, row, len(arr), pos])
             row += len(arr)
         name = f"shard_{self._next:05d}"
         try:
             atomic_write_bytes(self.dir / f"{name}.npy", _npy_bytes(data.astype(dtype)))
             meta = {"dtype": dtype, "n_tokens": len(data), "d_model": data.shape[1], "entries": entries}
+            if self._with_ids:
+                ids = np.concatenate([i for _, _, _, i in self._pending])
+                atomic_write_bytes(self.dir / f"{name}{TOKENS_SUFFIX}", _npy_bytes(ids))
+                meta["token_ids"] = True
             atomic_write_json(self.dir / f"{name}.json", meta)
         except OSError as err:
-            (self.dir / f"{name}.npy").unlink(missing_ok=True)  # no shard without its index
-            for cid, _, _ in self._pending:
+            for suffix in (".npy", TOKENS_SUFFIX):  # no shard without its index
+                (self.dir / f"{name}{suffix}").unlink(missing_ok=True)
+            for cid, *_ in self._pending:
                 self.done_ids.discard(cid)
             raise OSError(
                 f"writing {name} in {self.dir} failed ({err}). Earlier shards are intact; free disk space "
@@ -130,6 +168,12 @@ class LayerStore:
         # completion id -> (shard, first row in shard, n_tokens, first position)
         self.entries = {e[0]: (s, e[1], e[2], e[3]) for s, m in enumerate(self._metas) for e in m["entries"]}
         self._mmaps: dict[int, np.ndarray] = {}
+        # per shard: whether it holds its rows' token ids (stores written before they were kept do not)
+        self.has_token_ids = [
+            bool(m.get("token_ids")) and (self.dir / f"shard_{k:05d}{TOKENS_SUFFIX}").exists()
+            for k, m in zip(sorted(shards), self._metas, strict=True)
+        ]
+        self._ids: dict[int, np.ndarray] = {}
 
     @property
     def completion_ids(self) -> list[str]:
@@ -144,6 +188,21 @@ class LayerStore:
         """[n_tokens, d_model] float32 of one completion."""
         s, row, n, _ = self.entries[completion_id]
         return np.asarray(self.shard(s)[row : row + n], dtype=np.float32)
+
+    def shard_token_ids(self, s: int) -> np.ndarray | None:
+        """[n_tokens, 2] int32 (token id, position) of shard `s`'s rows, or None when it has none."""
+        if not self.has_token_ids[s]:
+            return None
+        if s not in self._ids:
+            self._ids[s] = np.load(self._paths[s].with_suffix(TOKENS_SUFFIX), mmap_mode="r")
+        return self._ids[s]
+
+    def token_ids_of(self, completion_id: str) -> np.ndarray | None:
+        """[n_tokens, 2] int32 (token id, position in its sequence) of one entry's rows, or None when
+        its shard was written without them."""
+        s, row, n, _ = self.entries[completion_id]
+        ids = self.shard_token_ids(s)
+        return None if ids is None else np.asarray(ids[row : row + n])
 
     def _shard_rows(self, completion_ids: Iterable[str] | None) -> dict[int, np.ndarray]:
         """Rows (within each shard) belonging to `completion_ids` (all when None)."""
@@ -207,6 +266,25 @@ def _complete_shards(folder: Path) -> dict[int, dict]:
         if (folder / f"{meta_path.stem}.npy").exists():
             shards[int(meta_path.stem.split("_")[1])] = json.loads(meta_path.read_text())
     return shards
+
+
+def _ids_and_positions(cid: str, n: int, token_ids, positions, first_position: int) -> np.ndarray:
+    """[n, 2] int32 (token id, position) of one entry, checked against its `n` rows."""
+    ids = np.asarray(token_ids.cpu() if isinstance(token_ids, torch.Tensor) else token_ids, np.int64).ravel()
+    pos = (
+        np.arange(first_position, first_position + n)
+        if positions is None
+        else np.asarray(
+            positions.cpu() if isinstance(positions, torch.Tensor) else positions, np.int64
+        ).ravel()
+    )
+    if len(ids) != n or len(pos) != n:
+        raise ValueError(
+            f"{cid!r} has {n} rows but {len(ids)} token ids and {len(pos)} positions: one of each per row"
+        )
+    if n > 1 and (np.diff(pos) <= 0).any():
+        raise ValueError(f"the positions of {cid!r} must increase, got {pos[:8].tolist()}...")
+    return np.stack([ids, pos], axis=1).astype(np.int32)
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:

@@ -14,6 +14,14 @@ nonzero activations of all latents to the vectorised accumulators of accumulate.
 Windows are cut while the batch is in memory, so no second pass is needed. A window is `before` tokens,
 the token, `after` tokens, inside the completion's own tokens (as in analysis.contexts).
 
+The same pass then streams the reference corpus of the SAE's layer (`corpus/layer_{L}/`, notebook 02)
+when there is one, each shard once, with accumulators of its own: the corpus firing rate, a separate
+histogram of the corpus activations and the top corpus windows, one per sequence. A corpus window stays
+inside one document of its packed sequence (rows whose stored positions follow each other; separators
+and other special tokens are not stored) and its text comes from the token ids the corpus store keeps.
+A corpus stored before those ids were kept still gives rates and histograms; its windows are left out
+and a note says so.
+
 `build_dashboards` adds logit effects and nearest decoder rows (decoder.py, within the SAE and in the
 run's other SAEs at the same layer), and notebook 04's rows (effect size with CI, q, explanation,
 detection / fuzzing, deception tag) for the features it analysed. `SAEDashboards.table()` gives the
@@ -39,7 +47,7 @@ from helpers.collect.completions import read_completions
 from helpers.collect.store import LayerStore
 from helpers.explore.accumulate import Kept, LogHistogram, TopPerFeature, linear_histograms, quantile_edges
 from helpers.explore.decoder import Unembedding, logit_effects, nearest_rows
-from helpers.run import features_path, model_short, read_jsonl, read_run_json
+from helpers.run import corpus_dir, features_path, model_short, read_jsonl, read_run_json
 from helpers.saes.io import LoadedSAE
 
 CLASSES = ("honest", "deceptive", "other")
@@ -76,12 +84,17 @@ class ExplorerConfig:
     """Nearest features by decoder cosine, within the SAE and per other SAE at the same layer."""
     batch_tokens: int = 2048
     """Tokens per encoder batch: [batch_tokens, d_sae] float32 activations are the peak memory."""
+    corpus_tokens: int | None = None
+    """Reference-corpus tokens scanned after the completions: the first sequences of the stored corpus
+    of the SAE's layer, whole, until this many (None: all of it; 0: leave the corpus out)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("n_top", "n_quantiles", "reservoir", "hist_bins", "batch_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.corpus_tokens is not None and self.corpus_tokens < 0:
+            raise ValueError(f"corpus_tokens must be >= 0 (or None: all), got {self.corpus_tokens}")
         for name in ("per_quantile", "before", "after", "n_logits", "n_similar"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -89,6 +102,26 @@ class ExplorerConfig:
     @property
     def width(self) -> int:
         return self.before + 1 + self.after
+
+
+@dataclass
+class CorpusPass:
+    """What the pass gives over the reference corpus, for every feature of the SAE."""
+
+    docs: list[Doc]
+    """The corpus sequences scanned, in store order (`top.doc` indexes them)."""
+    n_tokens: int
+    """Corpus tokens scanned."""
+    n_without_text: int
+    """Of those, tokens of shards stored without token ids (no windows are cut from them)."""
+    fired: np.ndarray
+    """[d_sae] corpus tokens on which each feature is > 0."""
+    max_activation: np.ndarray
+    """[d_sae] float32 largest corpus activation (0 when it never fired)."""
+    top: Kept
+    """Top corpus windows, one per sequence; `pos` is the token's position in its sequence."""
+    log_counts: np.ndarray
+    """[d_sae, n_log_bins] corpus activations in the same log2 bins as `FeaturePass.log_counts`."""
 
 
 @dataclass
@@ -106,12 +139,65 @@ class FeaturePass:
     log_counts: np.ndarray
     """[d_sae, n_log_bins] counts of nonzero activations in log2 bins (`log_edges`)."""
     log_edges: np.ndarray
+    corpus: CorpusPass | None = None
+    """The reference corpus's part of the pass; None when the run has no corpus at this layer."""
+
+
+def corpus_store_of(run_dir: str | os.PathLike, layer: int) -> LayerStore | None:
+    """The stored reference corpus of `layer`, or None when notebook 02 stored none there."""
+    if not corpus_dir(run_dir, layer).exists():
+        return None
+    try:
+        return LayerStore(run_dir, layer, kind="corpus")
+    except FileNotFoundError:
+        return None
+
+
+def corpus_docs(corpus: LayerStore, max_tokens: int | None) -> list[Doc]:
+    """The corpus sequences to scan, in store order: all, or the first ones until `max_tokens` tokens."""
+    docs, total = [], 0
+    for sid, (_, _, n, _) in corpus.entries.items():
+        if max_tokens is not None and total >= max_tokens:
+            break
+        docs.append(Doc(len(docs), {"id": sid}, 0, n))
+        total += n
+    return docs
+
+
+def _window_cutter(
+    acts: torch.Tensor, r: np.ndarray, f: np.ndarray, first: np.ndarray, last: np.ndarray, offsets: np.ndarray
+):
+    """`windows(idx)` for `TopPerFeature.add`: the activations of feature f[idx] on the rows around r[idx]
+    ([len(idx), width]), nan outside rows first[r] .. last[r] - 1 (the token's document)."""
+
+    def windows(idx: np.ndarray) -> np.ndarray:
+        rows = r[idx, None] + offsets[None, :]  # [m, width]
+        inside = (rows >= first[r[idx], None]) & (rows < last[r[idx], None])
+        rows_at = torch.from_numpy(np.clip(rows, 0, len(acts) - 1)).to(acts.device)
+        w = acts[rows_at, torch.from_numpy(f[idx, None]).to(acts.device)].float().cpu().numpy()
+        w[~inside] = np.nan
+        return w
+
+    return windows
+
+
+def _nonzero(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, features, values) of the nonzero activations [rows, d_sae], in COO form."""
+    rows_t, feats_t = acts.nonzero(as_tuple=True)
+    return rows_t, feats_t, acts[rows_t, feats_t]
 
 
 def feature_pass(
-    store: LayerStore, sae: Any, docs: Sequence[Doc], cfg: ExplorerConfig, *, desc: str = ""
+    store: LayerStore,
+    sae: Any,
+    docs: Sequence[Doc],
+    cfg: ExplorerConfig,
+    *,
+    desc: str = "",
+    corpus: LayerStore | None = None,
 ) -> FeaturePass:
-    """One streamed pass of `sae` over the completion tokens of `docs` in `store` (module doc)."""
+    """One streamed pass of `sae` over the completion tokens of `docs` in `store`, then over the
+    reference corpus `corpus` when given (module doc)."""
     params = list(sae.parameters()) if isinstance(sae, torch.nn.Module) else []
     device = params[0].device if params else torch.device("cpu")
     n_feat, width = int(sae.d_sae), cfg.width
@@ -125,7 +211,9 @@ def feature_pass(
     n_tokens = np.zeros(len(CLASSES), np.int64)
     offsets = np.arange(-cfg.before, cfg.after + 1)
     keys = np.random.default_rng([cfg.seed, 11])
-    bar = tqdm(total=sum(d.n for d in docs), unit="tok", unit_scale=True, desc=desc or "explorer pass")
+    c_docs = corpus_docs(corpus, cfg.corpus_tokens) if corpus is not None else []
+    bar = tqdm(total=sum(d.n for d in docs) + sum(d.n for d in c_docs), unit="tok", unit_scale=True,
+               desc=desc or "explorer pass")  # fmt: skip
     for chunk, acts, _ in iter_token_acts(store, sae, docs, batch_tokens=cfg.batch_tokens):
         lengths = np.array([d.n for d in chunk])
         first = np.repeat(np.r_[0, np.cumsum(lengths)[:-1]], lengths)  # [rows] first row of the row's doc
@@ -133,26 +221,18 @@ def feature_pass(
         doc_of_row = np.repeat(np.array([d.index for d in chunk]), lengths)
         class_of_row = klass[doc_of_row]
         n_tokens += np.bincount(class_of_row, minlength=len(CLASSES))
-        rows_t, feats_t = acts.nonzero(as_tuple=True)
-        vals_t = acts[rows_t, feats_t]
+        rows_t, feats_t, vals_t = _nonzero(acts)
         cls_t = torch.from_numpy(class_of_row).to(device)[rows_t]
         fired.index_add_(0, cls_t * n_feat + feats_t, torch.ones_like(feats_t))
         act_sum.index_add_(0, feats_t, vals_t.double())
         hist.add(feats_t, vals_t)
         r, f, v = rows_t.cpu().numpy(), feats_t.cpu().numpy(), vals_t.float().cpu().numpy()
         doc, pos = doc_of_row[r], r - first[r]
-
-        def windows(idx: np.ndarray, r=r, f=f, first=first, last=last, acts=acts) -> np.ndarray:
-            rows = r[idx, None] + offsets[None, :]  # [m, width]
-            inside = (rows >= first[r[idx], None]) & (rows < last[r[idx], None])
-            rows_at = torch.from_numpy(np.clip(rows, 0, len(acts) - 1)).to(device)
-            w = acts[rows_at, torch.from_numpy(f[idx, None]).to(device)].float().cpu().numpy()
-            w[~inside] = np.nan
-            return w
-
+        windows = _window_cutter(acts, r, f, first, last, offsets)
         top.add(f, v, v, doc, pos, windows)
         sample.add(f, keys.random(len(f), dtype=np.float32), v, doc, pos, windows)
         bar.update(int(lengths.sum()))
+    corpus_part = _corpus_pass(corpus, sae, c_docs, cfg, bar) if corpus is not None else None
     bar.close()
     return FeaturePass(
         n_tokens=n_tokens,
@@ -162,6 +242,56 @@ def feature_pass(
         sample=sample.result(),
         log_counts=hist.table(),
         log_edges=hist.edges(),
+        corpus=corpus_part,
+    )
+
+
+def _corpus_pass(corpus: LayerStore, sae: Any, docs: list[Doc], cfg: ExplorerConfig, bar: Any) -> CorpusPass:
+    """The corpus part of `feature_pass`: each sequence of `docs` encoded once, in store order."""
+    n_feat = int(sae.d_sae)
+    top = TopPerFeature(n_feat, cfg.n_top, cfg.width, distinct_docs=True)
+    hist: LogHistogram | None = None
+    fired = max_act = None
+    n_tokens = n_without_text = 0
+    offsets = np.arange(-cfg.before, cfg.after + 1)
+    for chunk, acts, _ in iter_token_acts(corpus, sae, docs, batch_tokens=cfg.batch_tokens):
+        if hist is None:
+            hist = LogHistogram(n_feat, acts.device)
+            fired = torch.zeros(n_feat, dtype=torch.int64, device=acts.device)
+            max_act = torch.zeros(n_feat, dtype=torch.float32, device=acts.device)
+        lengths = np.array([d.n for d in chunk])
+        ids = [corpus.token_ids_of(d.id) for d in chunk]  # [n, 2] (token, position), or None
+        has_text = np.repeat([i is not None for i in ids], lengths)  # [rows]
+        # Documents inside the packed sequences: runs of rows of one sequence at consecutive positions.
+        position = np.concatenate(
+            [i[:, 1] if i is not None else np.arange(d.n) for i, d in zip(ids, chunk, strict=True)]
+        )
+        seq_of_row = np.repeat(np.arange(len(chunk)), lengths)
+        starts = np.r_[True, (seq_of_row[1:] != seq_of_row[:-1]) | (position[1:] != position[:-1] + 1)]
+        start_rows = np.flatnonzero(starts)
+        segment = np.cumsum(starts) - 1
+        first, last = start_rows[segment], np.r_[start_rows[1:], len(position)][segment]
+        n_tokens += len(position)
+        n_without_text += int((~has_text).sum())
+        rows_t, feats_t, vals_t = _nonzero(acts)
+        fired.index_add_(0, feats_t, torch.ones_like(feats_t))
+        max_act.scatter_reduce_(0, feats_t, vals_t.float(), "amax")
+        hist.add(feats_t, vals_t)
+        r, f, v = rows_t.cpu().numpy(), feats_t.cpu().numpy(), vals_t.float().cpu().numpy()
+        text = np.flatnonzero(has_text[r])  # windows only where the corpus kept its token ids
+        r, f, v = r[text], f[text], v[text]
+        doc = np.array([d.index for d in chunk])[seq_of_row[r]]
+        top.add(f, v, v, doc, position[r], _window_cutter(acts, r, f, first, last, offsets))
+        bar.update(int(lengths.sum()))
+    hist = hist or LogHistogram(n_feat)
+    return CorpusPass(
+        docs=docs,
+        n_tokens=n_tokens,
+        n_without_text=n_without_text,
+        fired=fired.cpu().numpy() if fired is not None else np.zeros(n_feat, np.int64),
+        max_activation=max_act.cpu().numpy() if max_act is not None else np.zeros(n_feat, np.float32),
+        top=top.result(),
+        log_counts=hist.table(),
     )
 
 
@@ -234,7 +364,11 @@ class SAEDashboards:
     similar: tuple[np.ndarray, np.ndarray]
     similar_other: dict[str, tuple[np.ndarray, np.ndarray]]
     analysis: dict[int, dict[str, Any]] | None
+    corpus: LayerStore | None = None
+    """The reference corpus the pass scanned (`fp.corpus`), for its windows' text."""
+    corpus_hist: np.ndarray | None = None  # [d_sae, hist_bins], over 0 .. the corpus maximum
     _pieces: dict[int, list[str]] = field(default_factory=dict, repr=False)
+    _corpus_pieces: dict[int, list[str]] = field(default_factory=dict, repr=False)
     _vocab: dict[int, str] = field(default_factory=dict, repr=False)
 
     @property
@@ -256,13 +390,18 @@ class SAEDashboards:
         total = fired.sum(0)
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = np.where(total > 0, self.fp.act_sum / total, np.nan)
-        return {
+        shown = {
             "firing_rate": _round_array(total / max(int(self.fp.n_tokens.sum()), 1), 4),
             "rates": _round_array(fired / n_tok[:, None], 4),
             "mean": _round_array(mean, 4),
             "max": _round_array(self.max_activation, 4),
             "quantiles": _round_array(self.quantiles, 4),
         }
+        c = self.fp.corpus
+        if c is not None:
+            shown["corpus_rate"] = _round_array(c.fired / max(c.n_tokens, 1), 4)
+            shown["corpus_max"] = _round_array(c.max_activation, 4)
+        return shown
 
     def check_feature(self, f: int) -> int:
         if not 0 <= int(f) < self.d_sae:
@@ -299,6 +438,8 @@ class SAEDashboards:
             "explanation": [a[f].get("explanation") if f in a else None for f in range(self.d_sae)],
             "tag": [_tag(a.get(f)) for f in range(self.d_sae)],
         }
+        if self.fp.corpus is not None:
+            cols["rate_corpus"] = shown["corpus_rate"].tolist()
         if self.logits is not None:
             cols["top_logit"] = self._token_text(self.logits[0][:, 0])
         return cols
@@ -321,6 +462,43 @@ class SAEDashboards:
             "activation": float(w[self.cfg.before]),
             "tokens": self._pieces[d][start : start + hi - lo],
             "acts": w[lo:hi].tolist(),  # rounded to 3 significant figures by build_dashboards
+        }
+
+    def _corpus_example(self, kept: Kept, i: int) -> dict[str, Any]:
+        """A top corpus window: its sequence, the token's position in it, the window's text and activations."""
+        d = int(kept.doc[i])
+        doc = self.fp.corpus.docs[d]
+        ids = self.corpus.token_ids_of(doc.id)  # [n, 2] (token id, position); windows come only from these
+        if d not in self._corpus_pieces:
+            self._corpus_pieces[d] = token_pieces(self.tokenizer, ids[:, 0].tolist())
+        w = kept.window[i]
+        inside = np.flatnonzero(~np.isnan(w))
+        lo, hi = int(inside[0]), int(inside[-1]) + 1
+        pos = int(kept.pos[i])
+        # The window's rows follow each other in one document of the sequence: its first row is lo rows
+        # after `before` rows ahead of the token's own row.
+        start = int(np.searchsorted(ids[:, 1], pos)) - self.cfg.before + lo
+        return {
+            "sequence_id": doc.id,
+            "position": pos,
+            "center": self.cfg.before - lo,
+            "activation": float(w[self.cfg.before]),
+            "tokens": self._corpus_pieces[d][start : start + hi - lo],
+            "acts": w[lo:hi].tolist(),
+        }
+
+    def _corpus_page(self, f: int) -> dict[str, Any] | None:
+        c = self.fp.corpus
+        if c is None:
+            return None
+        s, shown = c.top.of(f), self._shown
+        return {
+            "n_tokens": c.n_tokens,
+            "n_firing": int(c.fired[f]),
+            "firing_rate": shown["corpus_rate"][f].item(),
+            "max_activation": shown["corpus_max"][f].item(),
+            "histogram": {"max": shown["corpus_max"][f].item(), "counts": self.corpus_hist[f].tolist()},
+            "top": [self._corpus_example(c.top, i) for i in range(s.start, s.stop)],
         }
 
     def page(self, f: int) -> dict[str, Any]:
@@ -369,6 +547,7 @@ class SAEDashboards:
             },  # fmt: skip
             "analysis": (self.analysis or {}).get(f),
             "tag": _tag((self.analysis or {}).get(f)),
+            "corpus": self._corpus_page(f),
         }
         if self.logits is not None:
             ti, tv, bi, bv = (x[f] for x in self.logits)
@@ -398,10 +577,12 @@ def build_dashboards(
     others: Sequence[LoadedSAE] = (),
     config: ExplorerConfig | None = None,
     store: LayerStore | None = None,
+    corpus: LayerStore | None | bool = True,
 ) -> SAEDashboards:
-    """The dashboards of every feature of `loaded` over the run's completions at its layer (module doc).
-    `others`: the run's other SAEs (those at the same layer give cross-SAE neighbours); `unembedding`
-    (decoder.unembedding_of(lm.model)) gives logit effects, left out when None."""
+    """The dashboards of every feature of `loaded` over the run's completions at its layer, and its
+    reference corpus there (module doc). `others`: the run's other SAEs (those at the same layer give
+    cross-SAE neighbours); `unembedding` (decoder.unembedding_of(lm.model)) gives logit effects, left out
+    when None. `corpus`: True finds the run's stored corpus of the layer, False leaves it out, or a store."""
     cfg = config or ExplorerConfig()
     sae_id = sae_id_of(loaded)
     check_sae_for_run(loaded, run_dir)
@@ -411,8 +592,18 @@ def build_dashboards(
     docs = docs_for(store, records)
     if not docs:
         raise ValueError(f"none of the {len(records)} completions has completion tokens in {store.dir}")
-    fp = feature_pass(store, loaded.sae, docs, cfg, desc=f"{sae_id}: one pass")
-    for kept in (fp.top, fp.sample):  # 3 significant figures, once for every window (pages print them)
+    if corpus is True:
+        corpus = corpus_store_of(run_dir, loaded.layer)
+    corpus = corpus if isinstance(corpus, LayerStore) and cfg.corpus_tokens != 0 else None
+    if corpus is not None and int(corpus.d_model) != int(loaded.sae.d_in):
+        raise ValueError(
+            f"the reference corpus in {corpus.dir} has d_model={corpus.d_model} but SAE {sae_id} reads "
+            f"d_in={loaded.sae.d_in}: the corpus was collected from another model; delete corpus/ and rerun "
+            "notebook 02's corpus step, or pass corpus=False"
+        )
+    fp = feature_pass(store, loaded.sae, docs, cfg, desc=f"{sae_id}: one pass", corpus=corpus)
+    kepts = (fp.top, fp.sample) + ((fp.corpus.top,) if fp.corpus is not None else ())
+    for kept in kepts:  # 3 significant figures, once for every window (pages print them)
         kept.window = _round_array(kept.window, 3)
     top_value = np.zeros(int(loaded.sae.d_sae))
     has = fp.top.start[1:] > fp.top.start[:-1]
@@ -438,6 +629,13 @@ def build_dashboards(
     analysis = analysis_rows(run_dir, sae_id)
     if analysis is None:
         notes.append(NO_ANALYSIS)
+    corpus_info = None
+    if fp.corpus is not None:
+        c = fp.corpus
+        corpus_info = {"n_tokens": c.n_tokens, "n_sequences": len(c.docs), "n_without_text": c.n_without_text,
+                       "n_stored": corpus.n_tokens}  # fmt: skip
+        if c.n_without_text:
+            notes.append(no_corpus_text_note(c.n_without_text, c.n_tokens))
     info = {
         "sae_id": sae_id,
         "layer": loaded.layer,
@@ -448,6 +646,7 @@ def build_dashboards(
         "d_sae": int(loaded.sae.d_sae),
         "model_name": loaded.model_name,
         "n_tokens": {c: int(n) for c, n in zip(CLASSES, fp.n_tokens, strict=True)},
+        "corpus": corpus_info,
         "n_completions": len(docs),
         "n_alive": int((fp.fired.sum(0) > 0).sum()),
         "logit_note": unembedding.note if unembedding is not None else None,
@@ -467,4 +666,20 @@ def build_dashboards(
         similar=(idx.numpy(), _round_array(cos.numpy(), 3)),
         similar_other=similar_other,
         analysis=analysis,
+        corpus=corpus if fp.corpus is not None else None,
+        corpus_hist=None
+        if fp.corpus is None
+        else linear_histograms(fp.corpus.log_counts, fp.log_edges, fp.corpus.max_activation, cfg.hist_bins),
     )
+
+
+def no_corpus_text_note(n_without_text: int, n_tokens: int) -> str:
+    """What the pages say when (part of) the corpus was stored without its token ids."""
+    part = (
+        "the reference corpus was"
+        if n_without_text == n_tokens
+        else f"{n_without_text:,} of the {n_tokens:,} corpus tokens were"
+    )
+    return (f"{part} stored without token ids (collected before notebook 02 kept them), so the corpus has no "
+            "text here: its firing rates and histograms are shown, its windows are not. Delete corpus/ and rerun "
+            "notebook 02's corpus step for corpus windows.")  # fmt: skip

@@ -20,7 +20,9 @@ Mapping: `maxActApprox` = the largest activation seen; `frac_nonzero` = the firi
 scanned completion tokens; the frequency histogram = our activation histogram (bar centres, counts);
 `pos_str`/`neg_str` = the logit effects; `topkCosSimIndices` = nearest decoder rows in the same SAE.
 An activation record is one window (our windows are short: `before` + 1 + `after` tokens of the
-completion, not whole 128-token prompts); quantile-group windows carry `binMin`/`binMax`.
+completion, not whole 128-token prompts); quantile-group windows carry `binMin`/`binMax`. The top windows
+in the reference corpus follow (where the run stored one with its token ids), `dataSource` naming their
+corpus sequence (`corpus:seq000000042`) and `dataIndex` the token's position in it.
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ def _jsonl_gz(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def _activations(page: dict[str, Any], common: dict[str, Any]) -> Iterator[dict[str, Any]]:
     groups = [(None, ex) for ex in page["top"]] + [(g, ex) for g in page["quantiles"] for ex in g["examples"]]
+    groups += [(None, ex) for ex in (page.get("corpus") or {}).get("top", [])]
     for i, (g, ex) in enumerate(groups):
         values = [float(v) for v in ex["acts"]]
         top = max(range(len(values)), key=values.__getitem__)
@@ -122,7 +125,7 @@ def _activations(page: dict[str, Any], common: dict[str, Any]) -> Iterator[dict[
             "binMax": None if g is None else g["hi"],
             "binContains": None if g is None else 1 / max(len(page["quantiles"]), 1),
             "qualifyingTokenIndex": ex["center"],
-            "dataSource": ex["completion_id"],
+            "dataSource": f"corpus:{ex['sequence_id']}" if "sequence_id" in ex else ex["completion_id"],
             "dataIndex": str(ex["position"]),
             **common,
         }
@@ -305,9 +308,10 @@ them with `sae_lens.SAE.load_from_disk`.
 
 What the records hold: per latent its largest activation, firing rate over the run's completion tokens,
 activation histogram, logit effects ({logit_note}) and nearest latents by decoder cosine; per latent its
-top activating windows (one per completion) and windows from quantile groups of its activations; notebook
-04's explanations (Gemini) where there are any, with the effect size and scores in each explanation's
-`notes`. Every record was checked against the fields Neuronpedia's schema requires
+top activating windows (one per completion), windows from quantile groups of its activations and, where
+the run stored a reference corpus with its text, its top windows in that corpus (`dataSource`
+`corpus:<sequence id>`); notebook 04's explanations (Gemini) where there are any, with the effect size
+and scores in each explanation's `notes`. Every record was checked against the fields Neuronpedia's schema requires
 (`helpers.explore.neuronpedia.validate_export`).
 
 ## Submitting it
@@ -323,8 +327,8 @@ top activating windows (one per completion) and windows from quantile groups of 
    under its dataset path as `<model_id>/<source_id>/`, and call its admin import
    (`/api/admin/import?modelId=<model_id>&sourceId=<source_id>`).
 
-Our windows are short (`before` + 1 + `after` tokens of the model's own answers), not 128-token prompts
-from a pretraining corpus; the model id (`{model_id}`) may need to match a model Neuronpedia already hosts.
+Our windows are short (`before` + 1 + `after` tokens of the model's own answers, or of the reference
+corpus), not 128-token prompts; the model id (`{model_id}`) may need to match a model Neuronpedia already hosts.
 """
 
 

@@ -3,8 +3,9 @@
 
 `build_explorer` loads the run's SAEs (optionally filtered by a substring of their id), checks each
 against the run's model and layers, makes its dashboards in one pass over the activation store
-(dashboards.py) and writes them (site.py). An SAE whose data are complete with the same settings (the
-explorer config, its weights file, completions.jsonl, notebook 04's file and whether logit effects were
+(dashboards.py; the reference corpus of its layer too, when notebook 02 stored one) and writes them
+(site.py). An SAE whose data are complete with the same settings (the explorer config, its weights file,
+completions.jsonl, the stored corpus of its layer, notebook 04's file and whether logit effects were
 computed) is reused, so Run all after a disconnect resumes with the next SAE.
 """
 
@@ -16,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from helpers.analysis.pipeline import load_tokenizer, sae_id_of
-from helpers.explore.dashboards import NO_ANALYSIS, ExplorerConfig, build_dashboards, check_sae_for_run
+from helpers.explore.dashboards import (
+    NO_ANALYSIS,
+    ExplorerConfig,
+    build_dashboards,
+    check_sae_for_run,
+    corpus_store_of,
+)
 from helpers.explore.decoder import unembedding_of
 from helpers.explore.site import is_complete, sae_info, write_sae_data, write_site
 from helpers.run import SAE_WEIGHTS, completions_path, features_path, saes_dir
@@ -39,6 +46,12 @@ def run_saes(run_dir: str | os.PathLike, sae_filter: str = "", *, device: str = 
 def _stamp(path: Path) -> list[Any]:
     """What changes when a file is rewritten (size and modification time), or None when it is absent."""
     return [path.stat().st_size, int(path.stat().st_mtime)] if path.exists() else None
+
+
+def _corpus_stamp(run_dir: Path, layer: int) -> list[int] | None:
+    """What changes when the stored corpus of `layer` grows or gains token ids; None when there is none."""
+    corpus = corpus_store_of(run_dir, layer)
+    return None if corpus is None else [corpus.n_tokens, len(corpus.has_token_ids), sum(corpus.has_token_ids)]
 
 
 def build_explorer(
@@ -74,7 +87,8 @@ def build_explorer(
         same_layer = sorted(sae_id_of(o) for o in everything if o.layer == s.layer and o is not s)
         settings = {"config": asdict(cfg), "weights": _stamp(s.path / SAE_WEIGHTS),
                     "completions": _stamp(completions_path(run_dir)), "notebook_04": _stamp(features_path(run_dir, sid)),
-                    "logit_effects": unembedding is not None, "same_layer": same_layer}  # fmt: skip
+                    "logit_effects": unembedding is not None, "same_layer": same_layer,
+                    "corpus": _corpus_stamp(run_dir, s.layer)}  # fmt: skip
         if is_complete(run_dir, sid, settings) and not overwrite:
             print(f"{sid}: explorer data complete, reused (overwrite=True rebuilds them)")
         else:
@@ -87,6 +101,7 @@ def build_explorer(
             print(f"{sid}: {note}")
         rows.append({"sae_id": sid, "layer": info["layer"], "features": info["d_sae"], "fired": info["n_alive"],
                      "tokens": sum(info["n_tokens"].values()), "completions": info["n_completions"],
+                     "corpus tokens": (info.get("corpus") or {}).get("n_tokens", 0),
                      "notebook 04": "no" if NO_ANALYSIS in info["notes"] else "yes"})  # fmt: skip
     index = write_site(run_dir)
     print(f"explorer: {index} (open it in a browser; it needs no server)")

@@ -21,6 +21,7 @@ SORTS = {
     "firing rate": "firing_rate",
     "|d| (notebook 04)": "cohens_d",
     "deceptive - honest rate": "rate_gap",
+    "corpus rate": "rate_corpus",
     "max activation": "max_activation",
     "feature": "feature",
 }
@@ -29,12 +30,13 @@ TABLE_COLUMNS = (
     "firing_rate",
     "rate_honest",
     "rate_deceptive",
+    "rate_corpus",
     "cohens_d",
     "tag",
     "top_logit",
     "explanation",
 )
-"""The columns notebook 06 prints of `select_features` rows."""
+"""The columns notebook 06 prints of `select_features` rows (`rate_corpus`: '-' without a corpus)."""
 TAGS = (
     "all",
     "analysed",
@@ -102,22 +104,14 @@ def _pct(x: Any) -> str:
 
 
 def table_html(rows: Sequence[dict[str, Any]]) -> str:
-    """An HTML table of `select_features` rows."""
-    head = [
-        "feature",
-        "fires",
-        "honest",
-        "deceptive",
-        "max act.",
-        "d",
-        "q",
-        "tag",
-        "top logit",
-        "explanation",
-    ]
+    """An HTML table of `select_features` rows (a `corpus` column when the SAE's corpus was scanned)."""
+    corpus = any("rate_corpus" in r for r in rows)
+    head = ["feature", "fires", "honest", "deceptive", *(["corpus"] if corpus else []), "max act.", "d", "q", "tag",
+            "top logit", "explanation"]  # fmt: skip
     body = "".join(
         "<tr>" + "".join(f"<td>{c}</td>" for c in (
             f"#{r['feature']}", _pct(r["firing_rate"]), _pct(r["rate_honest"]), _pct(r["rate_deceptive"]),
+            *([_pct(r.get("rate_corpus"))] if corpus else []),
             _f(r["max_activation"]), _f(r["cohens_d"], "+.2f"), _f(r["q_value"]), html.escape(r["tag"]),
             f"<code>{html.escape(repr(r.get('top_logit') or ''))}</code>", html.escape(r.get("explanation") or "–"),
         )) + "</tr>"
@@ -143,12 +137,19 @@ def histogram_svg(hist: dict[str, Any], width: int = 360, height: int = 120) -> 
 
 
 def example_html(ex: dict[str, Any], scale: float) -> str:
+    """A window: each token as red as its activation, the example token outlined; a corpus window
+    (`sequence_id`) is labelled with its sequence and position."""
     spans = "".join(
         f'<span title="{a:.3g}" style="background: rgba(214,48,39,{min(1.0, max(a, 0) / (scale or 1)):.2f});'
         f'{"outline: 2px solid #222;" if i == ex["center"] else ""}">{html.escape(t)}</span>'
         for i, (t, a) in enumerate(zip(ex["tokens"], ex["acts"], strict=True))
     )
-    meta = f"{_f(ex['activation'])} · {html.escape(str(ex.get('label') or 'unlabelled'))}"
+    where = (
+        f"corpus {ex['sequence_id']} @{ex['position']}"
+        if "sequence_id" in ex
+        else str(ex.get("label") or "unlabelled")
+    )
+    meta = f"{_f(ex['activation'])} · {html.escape(where)}"
     return (f'<div style="font-family: monospace; white-space: pre-wrap; line-height: 1.8">'
             f'<span style="color:#666; font-size: 11px">{meta} </span>{spans}</div>')  # fmt: skip
 
@@ -163,6 +164,10 @@ def feature_html(page: dict[str, Any], info: dict[str, Any] | None = None) -> st
         ("honest / deceptive", f"{_pct(page['rates']['honest'])} / {_pct(page['rates']['deceptive'])}"),
         ("mean when firing / max", f"{_f(page['mean_when_firing'])} / {_f(page['max_activation'])}"),
     ]
+    corpus = page.get("corpus")
+    if corpus:
+        stats.append(("reference corpus", f"{_pct(corpus['firing_rate'])} of {corpus['n_tokens']:,} corpus tokens "
+                      f"({corpus['n_firing']}), max {_f(corpus['max_activation'])}"))  # fmt: skip
     if page.get("analysis"):
         ci = a.get("d_ci") or [None, None]
         stats += [("Cohen's d, held out [95% CI]", f"{_f(a.get('cohens_d'), '+.2f')} [{_f(ci[0], '+.2f')}, {_f(ci[1], '+.2f')}]"),
@@ -173,7 +178,11 @@ def feature_html(page: dict[str, Any], info: dict[str, Any] | None = None) -> st
     parts = [f"<h3>{html.escape(page['sae_id'])} · feature #{page['feature']} · {html.escape(page['tag'])}</h3>",
              f"<p>{expl}</p><table>" + "".join(f"<tr><td style='color:#666'>{k}</td><td>{v}</td></tr>" for k, v in stats) + "</table>"]  # fmt: skip
     if page["n_firing"]:
-        parts.append("<b>activation histogram</b><br>" + histogram_svg(page["histogram"]))
+        parts.append("<b>activation histogram</b> (completion tokens)<br>" + histogram_svg(page["histogram"]))
+    if corpus and corpus["n_firing"]:
+        parts.append(
+            "<br><b>reference corpus</b> (its own histogram)<br>" + histogram_svg(corpus["histogram"])
+        )
     if page.get("logits"):
         pos = ", ".join(
             f"<code>{html.escape(repr(t))}</code> {v:+.2f}" for t, v in page["logits"]["positive"][:8]
@@ -196,6 +205,14 @@ def feature_html(page: dict[str, Any], info: dict[str, Any] | None = None) -> st
     for g in reversed(page["quantiles"]):
         parts.append(f"<p style='color:#666; margin-bottom:0'>activations {_f(g['lo'])}–{_f(g['hi'])}</p>")
         parts += [example_html(ex, scale) for ex in g["examples"]]
+    if corpus:
+        parts.append("<p><b>Top activations in the reference corpus</b> (one per sequence)</p>")
+        c_scale = corpus["max_activation"] or 1.0
+        parts += [example_html(ex, c_scale) for ex in corpus["top"]] or [
+            "<p>no text: the corpus was stored without token ids</p>"
+            if corpus["n_firing"]
+            else "<p>never fired on the corpus</p>"
+        ]
     if info and info.get("notes"):
         parts.append("".join(f"<p style='color:#a60'>{html.escape(n)}</p>" for n in info["notes"]))
     return "<div>" + "".join(parts) + "</div>"

@@ -1,13 +1,14 @@
 """Reference-corpus activations: the corpus the package ships goes through the same reader as a Hub
 dataset (a Hub filesystem stand-in serves it from a local folder), documents become fixed-length
-sequences with BOS/special positions left out, stored vectors equal the model's residuals, collection
-resumes, the streamed path serves the same training vectors as the stored one, and bad input is named."""
+sequences with BOS/special positions left out, stored vectors equal the model's residuals and keep their
+token ids, collection resumes, the streamed path serves the same training vectors as the stored one, and bad input is named."""
 
 from __future__ import annotations
 
 import json
 import shutil
 from collections import namedtuple
+from itertools import islice
 
 import numpy as np
 import pyarrow as pa
@@ -141,6 +142,15 @@ def test_collect_stores_the_models_residuals_and_resumes(offline_lm, tmp_path, m
     got = store.tokens_of("seq000000000")
     assert got.shape == want.shape and np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
     assert store.entries["seq000000000"][3] == 1, "first stored position"
+    # Each row keeps its token id and position: the kept tokens of the packed sequence, in order.
+    kept = packing.keep(ids)[0].nonzero()[:, 0]
+    assert all(store.has_token_ids)
+    np.testing.assert_array_equal(store.token_ids_of("seq000000000"), np.stack([ids[0, kept], kept], 1))
+    seqs = iter_sequences(offline_lm.tokenizer, docs(), packing)
+    for i, seq in enumerate(islice(seqs, len(store.completion_ids))):
+        got_ids = store.token_ids_of(f"seq{i:09d}")
+        assert got_ids[:, 0].tolist() == [seq[p] for p in got_ids[:, 1]]
+        assert len(got_ids) == len(store.tokens_of(f"seq{i:09d}"))
     run = json.loads((full / "run.json").read_text())["corpus"]
     assert (run["spec"], run["seq_len"], run["tokens"]) == (BUILTIN_CORPUS, 64, store.n_tokens)
 
@@ -162,9 +172,10 @@ def test_collect_stores_the_models_residuals_and_resumes(offline_lm, tmp_path, m
     collect_corpus(offline_lm, BUILTIN_CORPUS, [LAYER, 5], part, **kw)
     for layer in (LAYER, 5):
         a, b = LayerStore(full, layer, kind="corpus"), LayerStore(part, layer, kind="corpus")
-        assert sorted(a.completion_ids) == sorted(b.completion_ids)
+        assert sorted(a.completion_ids) == sorted(b.completion_ids) and all(b.has_token_ids)
         for sid in a.completion_ids:
             assert np.array_equal(a.tokens_of(sid), b.tokens_of(sid))
+            assert np.array_equal(a.token_ids_of(sid), b.token_ids_of(sid)), "ids resume with their rows"
 
     with pytest.raises(ValueError, match=r"other settings \{'seq_len': \(64, 32\)\}"):
         collect_corpus(offline_lm, BUILTIN_CORPUS, [LAYER], full, **{**kw, "seq_len": 32})

@@ -117,3 +117,38 @@ def test_disk_full_leaves_no_corrupt_shard(tmp_path, monkeypatch):
 def test_missing_layer_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="notebook 02"):
         LayerStore(tmp_path, 7)
+
+
+def test_token_ids_round_trip_resume_and_old_stores_without_them(tmp_path):
+    acts = fake_acts(7)
+    rng = np.random.default_rng(0)
+    ids = {cid: rng.integers(0, 50_000, len(a)) for cid, a in acts.items()}
+    pos = {cid: np.sort(rng.choice(np.arange(1, 40), len(a), replace=False)) for cid, a in acts.items()}
+    first = list(acts)[:4]
+    with ActivationWriter(tmp_path, 3, shard_tokens=8, kind="corpus") as w:
+        for cid in first:
+            w.add(cid, acts[cid], token_ids=ids[cid], positions=pos[cid])
+    with ActivationWriter(tmp_path, 3, shard_tokens=8, kind="corpus") as w:  # a resumed run
+        assert w.done_ids == set(first)
+        for cid, a in acts.items():
+            w.add(cid, a, token_ids=torch.tensor(ids[cid]), positions=torch.tensor(pos[cid]))
+    s = LayerStore(tmp_path, 3, kind="corpus")
+    assert sorted(s.completion_ids) == sorted(acts) and len(s.has_token_ids) > 2 and all(s.has_token_ids)
+    for cid in acts:
+        np.testing.assert_array_equal(s.token_ids_of(cid), np.stack([ids[cid], pos[cid]], 1))
+        assert s.entries[cid][3] == pos[cid][0], "the first position is the first row's"
+    # A store written before token ids were kept: its shards load, without ids.
+    old = tmp_path / "old"
+    write(old, acts)
+    for meta in (old / "activations" / "layer_3").glob("shard_*.json"):
+        assert "token_ids" not in meta.read_text()
+    s = LayerStore(old, 3)
+    assert not any(s.has_token_ids) and s.token_ids_of("c0") is None and s.n_tokens > 0
+    with pytest.raises(ValueError, match="3 rows but 2 token ids"), ActivationWriter(tmp_path, 4) as w:
+        w.add("x", acts["c0"], token_ids=[1, 2])
+    with (
+        pytest.raises(ValueError, match="for every entry .* or for none"),
+        ActivationWriter(tmp_path, 4) as w,
+    ):
+        w.add("y", acts["c0"], token_ids=[1, 2, 3])
+        w.add("z", acts["c1"])

@@ -1,7 +1,7 @@
 """A small but real run folder for the explorer's tests: a tiny random Llama that uses SmolLM2's
 tokenizer, honest / deceptive completions with real token ids, their residuals stored and pooled by
-notebook 02's own code, two TopK SAEs at one layer and one at another, notebook 04's rows for one SAE
-and a probes.json."""
+notebook 02's own code, a reference corpus at one layer (notebook 02's `collect_corpus` over the shipped
+corpus), two TopK SAEs at that layer and one at another, notebook 04's rows for one SAE and a probes.json."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from helpers.collect.capture import collect_activations
 from helpers.collect.completions import write_completions
+from helpers.collect.corpus import BUILTIN_CORPUS, collect_corpus
 from helpers.model.chat import encode_chat
 from helpers.model.hooks import hook_name
 from helpers.run import atomic_write_json, features_path, probes_path, sae_dir, update_run_json, write_jsonl
@@ -20,6 +21,8 @@ SAE_ID = "tiny-llama_topk_L1_mixed"
 OTHER_ID = "tiny-llama_topk_L1_honest_only"
 ELSEWHERE_ID = "tiny-llama_topk_L2_mixed"
 D_SAE = 96
+CORPUS_SEQ_LEN = 48
+CORPUS_TOKENS = 1200
 
 ANSWERS = {
     "honest": [
@@ -45,7 +48,7 @@ EXPLANATIONS = {
 }
 
 
-def make_run(root: Path, lm, *, with_analysis: bool = True) -> Path:
+def make_run(root: Path, lm, *, with_analysis: bool = True, with_corpus: bool = True) -> Path:
     """Write the run folder under `root` (module doc) and return it."""
     tok = lm.tokenizer
     records = []
@@ -64,6 +67,9 @@ def make_run(root: Path, lm, *, with_analysis: bool = True) -> Path:
     write_completions(root, records)
     update_run_json(root, model={"spec": "tiny-llama", "n_layers": 3, "d_model": 32}, layers=[LAYER, 2])
     collect_activations(lm, records, [LAYER, 2], root, batch_size=8)
+    if with_corpus:  # several shards, so the explorer streams more than one
+        collect_corpus(lm, BUILTIN_CORPUS, [LAYER], root, max_tokens=CORPUS_TOKENS, seq_len=CORPUS_SEQ_LEN,
+                       batch_size=8, shard_tokens=400)  # fmt: skip
     for sid, layer, seed in ((SAE_ID, LAYER, 1), (OTHER_ID, LAYER, 2), (ELSEWHERE_ID, 2, 3)):
         save_sae(TopKSAE(32, D_SAE, l0=6, seed=seed), sae_dir(root, sid), hook_name=hook_name(layer),
                  model_name="tiny-llama", metadata={"sae_id": sid})  # fmt: skip

@@ -1,7 +1,13 @@
 """The one-pass dashboards against brute force over the same store (dense SAE activations of every
-token), logit effects against the model's own final norm and unembedding, and the bad inputs."""
+token), the reference corpus's part of the pass against brute force over the corpus sequences rebuilt
+from the shipped corpus, logit effects against the model's own final norm and unembedding, an old corpus
+stored without token ids, and the bad inputs."""
 
 from __future__ import annotations
+
+import json
+import shutil
+from itertools import islice
 
 import numpy as np
 import pytest
@@ -9,16 +15,18 @@ import torch
 
 from helpers.analysis.contexts import docs_for, token_pieces
 from helpers.collect.completions import read_completions
-from helpers.collect.store import LayerStore
+from helpers.collect.corpus import BUILTIN_CORPUS, Packing, iter_documents, iter_sequences, resolve_corpus
+from helpers.collect.store import TOKENS_SUFFIX, LayerStore
 from helpers.explore.dashboards import CLASSES, NO_ANALYSIS, ExplorerConfig, build_dashboards
 from helpers.explore.decoder import logit_effects, nearest_rows, unembedding_of
+from helpers.explore.views import feature_html
 from helpers.model.hooks import decoder_layers, hook_name
 from helpers.model.nanochat_gpt import NanoChatGPTConfig, NanoChatGPTForCausalLM
-from helpers.run import sae_dir
+from helpers.run import corpus_dir, sae_dir
 from helpers.saes import TopKSAE
 from helpers.saes.io import load_sae, save_sae
 from tests.conftest import tiny_chat_llama, tiny_model
-from tests.explore.fake_run import ELSEWHERE_ID, LAYER, OTHER_ID, SAE_ID, make_run
+from tests.explore.fake_run import CORPUS_SEQ_LEN, D_SAE, ELSEWHERE_ID, LAYER, OTHER_ID, SAE_ID, make_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CFG = ExplorerConfig(n_top=4, n_quantiles=3, per_quantile=2, reservoir=6, before=5, after=2, batch_tokens=64)
@@ -103,6 +111,78 @@ def test_histograms_and_quantile_groups(db, dense):
         seen = [(ex["completion_id"], ex["position"]) for ex in page["top"]]
         seen += [(ex["completion_id"], ex["position"]) for g in page["quantiles"] for ex in g["examples"]]
         assert len(seen) == len(set(seen)), "no window shown twice"
+
+
+@pytest.fixture(scope="module")
+def dense_corpus(run, tiny):
+    """Brute force over the corpus, independent of its stored token ids: the packed sequences rebuilt
+    from the shipped corpus, their kept positions, and the SAE's activations [n, d_sae] on each."""
+    store, sae = LayerStore(run, LAYER, kind="corpus"), load_sae(sae_dir(run, SAE_ID)).sae
+    packing = Packing.for_tokenizer(tiny.tokenizer, CORPUS_SEQ_LEN)
+    seqs = iter_sequences(tiny.tokenizer, iter_documents(resolve_corpus(BUILTIN_CORPUS)), packing)
+    out = {}
+    for i, seq in enumerate(islice(seqs, len(store.entries))):
+        sid = f"seq{i:09d}"
+        kept = packing.keep(torch.tensor([seq]))[0].nonzero()[:, 0].numpy()
+        with torch.no_grad():
+            acts = sae.encode(torch.from_numpy(store.tokens_of(sid)))[0].numpy()
+        assert len(acts) == len(kept)
+        out[sid] = (seq, kept, acts)
+    return out
+
+
+def test_corpus_rates_and_histograms_match_brute_force(db, dense_corpus):
+    c = db.fp.corpus
+    A = np.concatenate([acts for _, _, acts in dense_corpus.values()])
+    assert c.n_tokens == len(A) == db.info["corpus"]["n_tokens"] and c.n_without_text == 0
+    assert (c.fired == (A > 0).sum(0)).all() and c.fired.sum() > 0
+    assert np.allclose(c.max_activation, A.max(0), rtol=1e-5)
+    table = db.table()
+    for f in range(A.shape[1]):
+        page = db.page(f)["corpus"]
+        assert page["n_firing"] == (A[:, f] > 0).sum() == sum(page["histogram"]["counts"])
+        assert table["rate_corpus"][f] == page["firing_rate"] == pytest.approx((A[:, f] > 0).mean(), rel=1e-3)
+    assert sum(db.page(0)["histogram"]["counts"]) == db.fp.fired[:, 0].sum(), "completions only"
+
+
+def test_top_corpus_windows_are_the_text_that_fired(db, dense_corpus, tiny):
+    best = {sid: acts.max(0) for sid, (_, _, acts) in dense_corpus.items()}  # per sequence [d_sae]
+    for f in range(0, D_SAE, 5):
+        top = db.page(f)["corpus"]["top"]
+        want = np.sort([b[f] for b in best.values() if b[f] > 0])[::-1][: CFG.n_top]
+        assert [ex["activation"] for ex in top] == pytest.approx(want, rel=5e-3)
+        assert len({ex["sequence_id"] for ex in top}) == len(top), "one window per sequence"
+        for ex in top:
+            seq, kept, acts = dense_corpus[ex["sequence_id"]]
+            first = ex["position"] - ex["center"]  # the window is consecutive positions of one document
+            positions = np.arange(first, first + len(ex["tokens"]))
+            rows = np.searchsorted(kept, positions)
+            assert (kept[rows] == positions).all(), "no special token or separator inside a window"
+            assert ex["acts"] == pytest.approx(acts[rows, f], rel=1e-2, abs=1e-3)
+            assert ex["activation"] > 0 and ex["acts"][ex["center"]] == pytest.approx(
+                acts[:, f].max(), rel=1e-2
+            )
+            pieces = token_pieces(tiny.tokenizer, seq)
+            assert ex["tokens"] == pieces[first : first + len(ex["tokens"])]
+            assert 0 <= ex["center"] <= CFG.before and len(ex["tokens"]) <= CFG.width
+
+
+def test_an_old_corpus_without_token_ids_still_builds(run, tiny, tmp_path, db):
+    old = tmp_path / "old_run"
+    shutil.copytree(run, old, ignore=shutil.ignore_patterns("explorer", "neuronpedia"))
+    for meta_path in corpus_dir(old, LAYER).glob("shard_*.json"):  # as written before ids were kept
+        meta = json.loads(meta_path.read_text())
+        del meta["token_ids"]
+        meta_path.write_text(json.dumps(meta))
+        meta_path.with_suffix(TOKENS_SUFFIX).unlink()
+    got = build_dashboards(old, load_sae(sae_dir(old, SAE_ID)), tokenizer=tiny.tokenizer, config=CFG)
+    assert got.info["corpus"]["n_without_text"] == got.info["corpus"]["n_tokens"] == db.fp.corpus.n_tokens
+    assert any("without token ids" in n and "no text" in n for n in got.info["notes"])
+    assert (got.fp.corpus.fired == db.fp.corpus.fired).all(), "rates are still counted"
+    fired = int(np.argmax(db.fp.corpus.fired))
+    page = got.page(fired)
+    assert page["corpus"]["top"] == [] and page["corpus"]["n_firing"] > 0
+    assert "stored without token ids" in feature_html(page, got.info)
 
 
 def test_neighbours_are_the_nearest_decoder_rows_of_this_layer_only(db, run):
@@ -196,3 +276,8 @@ def test_notebook_04_rows_and_their_absence(db, run, tiny):
     other = build_dashboards(run, load_sae(sae_dir(run, OTHER_ID)), tokenizer=tiny.tokenizer, config=CFG)
     assert NO_ANALYSIS in other.info["notes"] and "no logit effects" in " ".join(other.info["notes"])
     assert set(other.table()["tag"]) == {"not analysed"} and "logits" not in other.page(0)
+    elsewhere = build_dashboards(
+        run, load_sae(sae_dir(run, ELSEWHERE_ID)), tokenizer=tiny.tokenizer, config=CFG
+    )
+    assert elsewhere.info["corpus"] is None and elsewhere.page(0)["corpus"] is None, "no corpus at layer 2"
+    assert "rate_corpus" not in elsewhere.table()

@@ -1,5 +1,5 @@
 """The Neuronpedia export: its layout, every record against the schema's required fields, agreement
-with the explorer's pages, and the validator catching broken exports."""
+with the explorer's pages (reference-corpus windows included), and the validator catching broken exports."""
 
 from __future__ import annotations
 
@@ -85,9 +85,16 @@ def test_every_record_has_the_required_fields_and_matches_the_pages(run, exporte
     for rec in acts:
         by_feature.setdefault(int(rec["index"]), []).append(rec)
         assert rec["values"][rec["maxValueTokenIndex"]] == rec["maxValue"] == max(rec["values"])
+    n_corpus = 0
     for f, page in pages.items():
-        shown = page["top"] + [ex for g in page["quantiles"] for ex in g["examples"]]
+        shown = page["top"] + [ex for g in page["quantiles"] for ex in g["examples"]] + page["corpus"]["top"]
         assert [r["tokens"] for r in by_feature.get(f, [])] == [ex["tokens"] for ex in shown]
+        corpus = [r for r in by_feature.get(f, []) if r["dataSource"].startswith("corpus:")]
+        assert [(r["dataSource"], r["dataIndex"]) for r in corpus] == [
+            (f"corpus:{ex['sequence_id']}", str(ex["position"])) for ex in page["corpus"]["top"]
+        ]
+        n_corpus += len(corpus)
+    assert n_corpus > 0, "the reference corpus's top windows are exported"
     assert {r["description"] for r in expl} == {
         "denials of having done something",
         "the word 'vase' and household objects",

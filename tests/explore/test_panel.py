@@ -72,6 +72,8 @@ def test_panel_tabs_drive_the_explorer(run, tiny):
     one(panel, "BoundedIntText", "feature").value = 5
     one(panel, "Button", "show feature").click()
     assert status.value == "" and "denials of having done something" in shown(panel)
+    assert "Top activations in the reference corpus" in shown(panel) and "corpus tokens" in shown(panel)
+    assert ">corpus</th>" in rows.value, "the table's corpus rate column"
 
     one(panel, "Button", "steer this feature").click()
     assert status.value == "" and "<b>unsteered</b>" in shown(panel)

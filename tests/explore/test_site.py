@@ -118,6 +118,8 @@ def test_explorer_in_a_headless_browser(run):
             len(rows) == min(200, n_alive)
             and f"{n_alive} of {D_SAE} features" in browser.find_element(By.ID, "count").text
         )
+        heads = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#table th")]
+        assert "corpus" in heads and len(rows[0].find_elements(By.TAG_NAME, "td")) == len(heads)
         browser.save_screenshot(str(shots / "table.png"))
 
         browser.find_element(By.ID, "search").send_keys("denial")
@@ -138,6 +140,21 @@ def test_explorer_in_a_headless_browser(run):
         assert browser.find_elements(By.CSS_SELECTOR, "#logits .tok") and browser.find_elements(
             By.CSS_SELECTOR, "#similar a"
         )
+        corpus = page["corpus"]
+        assert f"{corpus['n_tokens']:,} corpus tokens" in browser.find_element(By.ID, "corpus-rate").text
+        assert (
+            f"{corpus['n_tokens']:,} corpus tokens scanned" in browser.find_element(By.ID, "sae-facts").text
+        )
+        if corpus["n_firing"]:
+            assert browser.find_elements(By.CSS_SELECTOR, "#corpus-histogram rect")
+        shown = browser.find_elements(By.CSS_SELECTOR, "#corpus-examples .example")
+        assert len(shown) == len(corpus["top"]) and "Top activations in the reference corpus" in (
+            browser.find_element(By.ID, "corpus-examples").text
+        )
+        for ex, el in zip(corpus["top"], shown, strict=True):
+            assert ex["sequence_id"] in el.text and "".join(ex["tokens"]).strip() in el.text.replace(
+                "⏎\n", "\n"
+            )
         browser.save_screenshot(str(shots / "feature.png"))
 
         browser.get(f"{url}#sae={SAE_ID}&f=9999")
