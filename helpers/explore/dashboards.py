@@ -648,7 +648,7 @@ def build_dashboards(
         "n_tokens": {c: int(n) for c, n in zip(CLASSES, fp.n_tokens, strict=True)},
         "corpus": corpus_info,
         "n_completions": len(docs),
-        "n_alive": int((fp.fired.sum(0) > 0).sum()),
+        "n_alive": int(((fp.fired.sum(0) + (fp.corpus.fired if fp.corpus is not None else 0)) > 0).sum()),
         "logit_note": unembedding.note if unembedding is not None else None,
         "notes": notes,
         "config": asdict(cfg),

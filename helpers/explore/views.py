@@ -68,7 +68,7 @@ def select_features(
                 continue
         elif q and q not in f"{row.get('explanation') or ''} {row.get('top_logit') or ''}".lower():
             continue
-        if hide_dead and fid is None and not row["firing_rate"]:
+        if hide_dead and fid is None and not row["firing_rate"] and not row.get("rate_corpus"):
             continue
         if (tag == "analysed" and row["tag"] == "not analysed") or (
             tag not in ("all", "analysed") and row["tag"] != tag

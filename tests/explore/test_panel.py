@@ -104,6 +104,8 @@ def test_parse_and_select():
     assert [r["feature"] for r in select_features(table, tag="analysed", hide_dead=False)] == [2, 1]
     assert [r["feature"] for r in select_features(table, sort="deceptive - honest rate")] == [2, 0]
     assert default_feature(table) == 2
+    corpus_only = {**table, "rate_corpus": [0.0, 0.2, 0.0]}  # feature 1 fires on the corpus alone
+    assert [r["feature"] for r in select_features(corpus_only)] == [2, 0, 1], "a corpus-only feature is alive"
     with pytest.raises(ValueError, match="sort must be one of"):
         select_features(table, sort="nonsense")
 
