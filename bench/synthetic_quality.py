@@ -128,6 +128,13 @@ class SAELensRun:
             lr_decay_steps=int(cfg.decay_fraction * cfg.total_steps),
             device="cpu",
             autocast=False,
+            # careful: AuxK / resampling see latents dead by our trainer's rule (its default window is
+            # 1000 steps, as long as this whole run, so it never acts)
+            **(
+                {"dead_feature_window": max(1, cfg.dead_after // cfg.batch_size)}
+                if args.saelens_careful
+                else {}
+            ),
         )
         self.trainer = SAETrainer(trainer_cfg, self.sae, data_provider=iter([]))
 
@@ -165,7 +172,8 @@ def compare(arch: str, world, data: Samples, true_l0: float, args, tmp: Path) ->
         cfg = dataclasses.replace(cfg, sae_options={"matryoshka_widths": widths})
     init = torch.cat([data.batch(i) for i in range(16)])
     scale = float(1 / init.pow(2).sum(1).mean().sqrt())  # both trainers' inputs: unit mean squared norm
-    args.saelens_bdec = geometric_median(init * scale) if args.saelens_median_init else None
+    careful = args.saelens_median_init or args.saelens_careful
+    args.saelens_bdec = geometric_median(init * scale) if careful else None
     theirs = SAELensRun(arch, d_in, d_sae, k, cfg, args, widths)
     ours = None
     matched = arch in ("standard", "jumprelu")  # SAELens first; ours then targets the L0 it reached
@@ -251,6 +259,12 @@ def main() -> None:
         action="store_true",
         help="start SAELens's b_dec at the geometric median as ours does (its default is zeros)",
     )
+    p.add_argument(
+        "--saelens-careful",
+        action="store_true",
+        help="SAELens as a careful user would set it up for a run this short: b_dec at the geometric median "
+        "and its dead-latent window at our trainer's (train tokens / 20) instead of 1000 steps",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -270,7 +284,9 @@ def main() -> None:
     data = Samples(world, args.pool, args.batch_size, args.seed)
     result = {
         "machine": {"torch": torch.__version__, "sae_lens": sae_lens.__version__, "threads": torch.get_num_threads()},
-        "saelens_b_dec_init": "geometric median (as ours)" if args.saelens_median_init else "zeros (its default)",
+        "saelens_b_dec_init": "geometric median (as ours)" if args.saelens_median_init or args.saelens_careful
+        else "zeros (its default)",
+        "saelens_dead_feature_window": "train tokens / 20 (as ours)" if args.saelens_careful else "1000 steps (its default)",
         "world": {"features": args.features, "hidden": args.hidden, "true_l0": round(true_l0, 2),
                   "training_samples": args.tokens, "unique_samples": args.pool, "batch_size": args.batch_size, "lr": args.lr,
                   "eval_samples": args.eval_samples},
