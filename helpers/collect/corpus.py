@@ -14,9 +14,13 @@ residual activations, either stored in the run folder or streamed straight into 
     sequences   documents tokenised and packed into fixed-length sequences, each starting with a
                 separator token (nanochat's <|bos|>, else the tokenizer's BOS/end-of-text), as SAELens and
                 nanochat's own loader do.
-    positions   position 0 and every special token are left out: their residuals carry norms ~100x the
-                others (SmolLM2 layer 15: 22,664 at position 0 vs a median of 167) and would dominate a
-                dictionary's reconstruction loss.
+    positions   the first `SKIP_FIRST` positions of every sequence and every special token are left out:
+                their residuals can carry norms ~100x the others and would dominate a dictionary's
+                reconstruction loss. SmolLM2 layer 15 on the shipped corpus: 22,664 at position 0 (the
+                separator) and, in 43 of 269 sequences, up to 23,653 at position 1 too (the attention
+                sink settles on the first text token), against a median of 168 and a maximum of 236 at
+                every later position. Collection prints a warning if a stored row still has a norm over
+                `MASSIVE_RATIO` times its batch's median.
 
 `collect_corpus` stores the kept positions of `max_tokens` tokens under `corpus/layer_{L}/` in the
 activation store's shard format (one entry per sequence, with the token id and position of every row,
@@ -61,6 +65,9 @@ TEXT_COLUMNS = ("text", "content", "document")
 CHAT_COLUMNS = ("messages", "conversations", "conversation")
 SUFFIXES = (".parquet", ".jsonl", ".json", ".txt")
 EVAL_FRACTION = 0.05
+SKIP_FIRST = 2
+"""Positions never stored at the start of each sequence: the separator and the attention sink after it."""
+MASSIVE_RATIO = 20.0
 
 
 def default_corpus(model_info: dict[str, Any]) -> str:
@@ -206,12 +213,17 @@ class Packing:
     separator: int
     """Starts every sequence and separates documents."""
     special_ids: frozenset[int]
-    """Tokens whose positions are not stored (with position 0)."""
+    """Tokens whose positions are not stored (with the first `skip_first` positions)."""
+    skip_first: int = 2
+    """Positions 0 .. skip_first - 1 of every sequence are never stored (the separator and the attention
+    sink after it; see the module doc)."""
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Any, seq_len: int) -> Packing:
-        if seq_len < 2:
-            raise ValueError(f"seq_len must be at least 2 (position 0 is never stored), got {seq_len}")
+        if seq_len <= SKIP_FIRST:
+            raise ValueError(
+                f"seq_len must be above {SKIP_FIRST} (positions 0-{SKIP_FIRST - 1} are never stored), got {seq_len}"
+            )
         special = {int(i) for i in tokenizer.all_special_ids}
         decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
         special |= {int(i) for i, tok in decoder.items() if getattr(tok, "special", False)}
@@ -229,12 +241,12 @@ class Packing:
             sep = next((t for t in candidates if t is not None), None)
             if sep is None:
                 raise ValueError("the tokenizer has no BOS, end-of-text or EOS token to separate documents")
-        return cls(seq_len, int(sep), frozenset(special | {int(sep)}))
+        return cls(seq_len, int(sep), frozenset(special | {int(sep)}), SKIP_FIRST)
 
     def keep(self, ids: torch.Tensor) -> torch.Tensor:
         """[batch, seq] bool: the positions whose residuals are stored."""
         mask = ~torch.isin(ids, torch.tensor(sorted(self.special_ids), device=ids.device))
-        mask[:, 0] = False
+        mask[:, : self.skip_first] = False
         return mask
 
 
@@ -422,6 +434,7 @@ def _store_batch(model, names, layers, writers, batch, packing: Packing, stored:
     kept = [(s, keep_cpu[i].nonzero()[:, 0]) for i, (_, s) in enumerate(batch)]  # positions kept per sequence
     for layer, name in zip(layers, names, strict=True):
         h = acts[name][keep]  # [n_kept, d_model], rows in (sequence, position) order
+        _warn_if_massive(h, layer)
         h = (h.half() if h.abs().max() < FP16_MAX else h.float()).cpu()  # the store's float16, made on device
         counts = [len(pos) for _, pos in kept]
         for (sid, _), rows, (seq, pos) in zip(batch, h.split(counts), kept, strict=True):
@@ -429,6 +442,24 @@ def _store_batch(model, names, layers, writers, batch, packing: Packing, stored:
                 writers[layer].add(sid, rows, token_ids=[seq[p] for p in pos.tolist()], positions=pos)
                 stored[layer] += rows.shape[0]
     return min(stored.values())
+
+
+_warned: set[int] = set()
+
+
+def _warn_if_massive(h: torch.Tensor, layer: int) -> None:
+    """Print once per layer if a stored row's norm is over MASSIVE_RATIO x the batch's median."""
+    if layer in _warned or len(h) < 16:
+        return
+    norms = h.float().norm(dim=1)
+    ratio = float(norms.max() / norms.median().clamp_min(1e-12))
+    if ratio > MASSIVE_RATIO:
+        _warned.add(layer)
+        print(
+            f"warning: layer {layer}: a stored corpus token has {ratio:.0f}x the median residual norm (massive "
+            "activation); such tokens dominate an SAE's loss. If this recurs, find the position or token "
+            "(corpus/ keeps token ids and positions) and leave it out."
+        )
 
 
 def _right_pad(seqs: list[list[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:

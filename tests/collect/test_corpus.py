@@ -121,9 +121,9 @@ def test_sequences_are_fixed_length_and_skip_bos_and_special_positions(offline_l
     assert stream[: len(first) + 1] == [*first, packing.separator], "documents in order, then a separator"
     keep = packing.keep(torch.tensor([s for s in seqs if len(s) == 32]))
     ids = torch.tensor([s for s in seqs if len(s) == 32])
-    assert not keep[:, 0].any(), "position 0 (the attention sink) is never kept"
+    assert not keep[:, :2].any(), "positions 0 (the separator) and 1 (the attention sink) are never kept"
     specials = torch.isin(ids, torch.tensor(sorted(packing.special_ids)))
-    assert specials[:, 1:].any() and not (keep & specials).any() and bool((keep | specials)[:, 1:].all())
+    assert specials[:, 2:].any() and not (keep & specials).any() and bool((keep | specials)[:, 2:].all())
     assert tok.convert_tokens_to_ids("<|im_start|>") in stream, "chat rows use the model's chat template"
 
 
@@ -141,7 +141,7 @@ def test_collect_stores_the_models_residuals_and_resumes(offline_lm, tmp_path, m
     want = want[packing.keep(ids)[0]].half().float().numpy()
     got = store.tokens_of("seq000000000")
     assert got.shape == want.shape and np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
-    assert store.entries["seq000000000"][3] == 1, "first stored position"
+    assert store.entries["seq000000000"][3] == packing.skip_first == 2, "first stored position"
     # Each row keeps its token id and position: the kept tokens of the packed sequence, in order.
     kept = packing.keep(ids)[0].nonzero()[:, 0]
     assert all(store.has_token_ids)
@@ -185,7 +185,12 @@ def test_collect_stores_the_models_residuals_and_resumes(offline_lm, tmp_path, m
     short = collect_corpus(offline_lm, str(tmp_path / "three.jsonl"), [LAYER], tmp_path / "short",
                            max_tokens=10 * total, seq_len=64, batch_size=8)  # fmt: skip
     assert "the corpus ran out: " in capsys.readouterr().out and short["exhausted"]
-    assert short["tokens_per_layer"][LAYER] == total, "every document token is kept (separators are not)"
+    seqs64 = list(
+        iter_sequences(offline_lm.tokenizer, docs()[:3], Packing.for_tokenizer(offline_lm.tokenizer, 64))
+    )
+    # every document token is kept except the one right after each sequence's separator (the attention sink)
+    sinks = sum(s[1] != packing.separator for s in seqs64 if len(s) > 1)
+    assert short["tokens_per_layer"][LAYER] == total - sinks and 0 < sinks == len(seqs64)
 
 
 def test_a_budget_beyond_the_free_disk_is_refused_before_any_work(offline_lm, tmp_path, monkeypatch):
