@@ -61,8 +61,8 @@ def _num(v: Any) -> float:
 def save_figure(fig: Any, run_dir: str | os.PathLike, name: str) -> Path:
     """Write a plotly figure as `figures/{name}.html` (plotly.js from its CDN, so files stay small) or a
     matplotlib figure as `figures/{name}.png`, atomically; returns the path."""
-    if not re.fullmatch(r"[\w.\-]+", name):
-        raise ValueError(f"figure name {name!r} must be a plain file name (letters, digits, _ . -)")
+    if not re.fullmatch(r"[\w.+\-]+", name):  # '+': SAE ids of the corpus+behaviour condition
+        raise ValueError(f"figure name {name!r} must be a plain file name (letters, digits, _ . + -)")
     folder = figures_dir(run_dir)
     if hasattr(fig, "to_html"):
         return atomic_write_bytes(folder / f"{name}.html", fig.to_html(include_plotlyjs="cdn").encode())

@@ -125,6 +125,8 @@ def test_save_figure_and_save_all(run):
         "features_m_topk_L3_mixed",
     }
     assert {p.suffix for p in saved["steering"]} == {".html", ".png"}
+    plus = plots.save_figure(plots.probe_figure(run), run, "features_m_topk_L3_corpus+behaviour")
+    assert plus.name == "features_m_topk_L3_corpus+behaviour.html", "the corpus+behaviour condition's SAE ids"
     with pytest.raises(ValueError, match="plain file name"):
         plots.save_figure(plots.probe_figure(run), run, "../escape")
     with pytest.raises(ValueError, match="backend"):
