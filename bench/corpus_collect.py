@@ -25,6 +25,7 @@ whole data would be `tokens × d_model × 4` bytes as float32, which never exist
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import shutil
@@ -101,15 +102,16 @@ def collection(lm, args) -> dict:
     def collect():
         tmp = Path(tempfile.mkdtemp(prefix="corpus_bench_"))
         try:
-            collect_corpus(
-                lm,
-                args.corpus,
-                layers,
-                tmp,
-                max_tokens=kept,
-                seq_len=args.seq_len,
-                batch_size=args.batch_size,
-            )
+            with contextlib.redirect_stdout(sys.stderr):  # its messages; stdout carries only the JSON
+                collect_corpus(
+                    lm,
+                    args.corpus,
+                    layers,
+                    tmp,
+                    max_tokens=kept,
+                    seq_len=args.seq_len,
+                    batch_size=args.batch_size,
+                )
         finally:
             shutil.rmtree(tmp)
 
