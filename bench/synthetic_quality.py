@@ -45,9 +45,15 @@ from helpers.saes.io import save_sae  # noqa: E402
 from helpers.saes.matryoshka_batchtopk import MatryoshkaBatchTopKSAE  # noqa: E402
 from helpers.saes.train import Run, TrainConfig  # noqa: E402
 
+WORLD_SEED_OFFSET = 7_919
+"""The world's seed is `--seed` + this. With the same seed as the trainers, SynthSAEBench's feature
+dictionary (unit rows of a seeded randn of shape [features, hidden]) was bit-for-bit our SAEs' initial
+decoder (d_sae = features): an untrained SAE of ours scored MCC 1.0. `untrained` in the output checks it."""
+
 
 def synthetic_world(args):
-    """A CPU-sized SynthSAEBench-like model: `--features` features in `--hidden` dims."""
+    """A CPU-sized SynthSAEBench-like model: `--features` features in `--hidden` dims, seeded apart from
+    the trainers (WORLD_SEED_OFFSET)."""
     from sae_lens.synthetic import (
         HierarchyConfig,
         LowRankCorrelationConfig,
@@ -64,10 +70,10 @@ def synthetic_world(args):
         hierarchy=HierarchyConfig(total_root_nodes=args.features // 32, branching_factor=4, max_depth=1,
                                   mutually_exclusive_portion=0.5),
         orthogonalization=OrthogonalizationConfig(num_steps=args.orthogonalize) if args.orthogonalize else None,
-        correlation=LowRankCorrelationConfig(rank=16, correlation_scale=0.1, seed=args.seed),
+        correlation=LowRankCorrelationConfig(rank=16, correlation_scale=0.1, seed=args.seed + WORLD_SEED_OFFSET),
         std_firing_magnitudes=0.2,
         mean_firing_magnitudes=1.0,
-        seed=args.seed,
+        seed=args.seed + WORLD_SEED_OFFSET,
     )  # fmt: skip
     return SyntheticModel(cfg)
 
@@ -175,6 +181,15 @@ def compare(arch: str, world, data: Samples, true_l0: float, args, tmp: Path) ->
     careful = args.saelens_median_init or args.saelens_careful
     args.saelens_bdec = geometric_median(init * scale) if careful else None
     theirs = SAELensRun(arch, d_in, d_sae, k, cfg, args, widths)
+    # control: both SAEs before any step (a world that leaks into an initialisation scores high here)
+    theirs.sae.save_inference_model(tmp / f"saelens_{arch}_untrained")
+    untrained = {"saelens": score(tmp / f"saelens_{arch}_untrained", world, args, scale)}
+    fresh = Run(cfg, d_in)
+    fresh.init_from_data(init)
+    save_sae(fresh.sae, tmp / f"ours_{arch}_untrained", hook_name="blocks.0.hook_resid_post", model_name="synthetic",
+             scale=fresh.scale)  # fmt: skip
+    untrained["ours"] = score(tmp / f"ours_{arch}_untrained", world, args, None)
+    del fresh
     ours = None
     matched = arch in ("standard", "jumprelu")  # SAELens first; ours then targets the L0 it reached
     steps, chunk = cfg.total_steps, args.chunk
@@ -226,6 +241,7 @@ def compare(arch: str, world, data: Samples, true_l0: float, args, tmp: Path) ->
     return {
         "k_or_l0_target": k if not matched else cfg.l0,
         "schedule": "SAELens, then ours at SAELens's L0" if matched else "alternating chunks, same k",
+        "untrained": {w: {k: untrained[w][k] for k in ("mcc", "f1", "explained_variance")} for w in untrained},
         "ours": {**ours_scores, "tokens_per_s": round(tps["ours"])},
         "saelens": {**theirs_scores, "tokens_per_s": round(tps["saelens"])},
         "ratio_ours_over_saelens": {"mcc": ratio("mcc"), "f1": ratio("f1"), "explained_variance": ratio("explained_variance"),
