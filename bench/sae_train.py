@@ -35,6 +35,7 @@ import argparse
 import dataclasses
 import json
 import multiprocessing
+import shutil
 import sys
 import tempfile
 import threading
@@ -48,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import helpers  # noqa: E402
-from helpers.collect.corpus import collect_corpus  # noqa: E402
+from helpers.collect.corpus import SKIP_FIRST, collect_corpus  # noqa: E402
 from helpers.collect.store import LayerStore  # noqa: E402
 from helpers.run import activations_dir, corpus_dir, stable_hash  # noqa: E402
 from helpers.saes.evals import activation_metrics  # noqa: E402
@@ -64,13 +65,20 @@ def build_data(data_dir: Path, layer: int, seed: int = 0) -> dict:
     meta_path = data_dir / "bench_meta.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        if (meta.get("layer"), meta.get("source")) == (layer, BENCH_CORPUS):
+        if (meta.get("layer"), meta.get("source"), meta.get("skip_first")) == (
+            layer,
+            BENCH_CORPUS,
+            SKIP_FIRST,
+        ):
             return meta
+        shutil.rmtree(data_dir)  # captured by other code or settings (e.g. before position 1 was left out)
+    elif data_dir.exists() and any(data_dir.iterdir()) and not (data_dir / "corpus").exists():
+        raise SystemExit(f"--data-dir {data_dir} holds other files: pass an empty or new folder")
     lm = helpers.load_model(helpers.OFFLINE_MODEL, device="cpu")
     collect_corpus(lm, BENCH_CORPUS, [layer], data_dir, max_tokens=None, seq_len=128, batch_size=16)
     ids = LayerStore(data_dir, layer, kind="corpus").completion_ids
     held = {i for i in ids if stable_hash(seed, "bench-heldout", i) % 10 == 0}
-    meta = {"layer": layer, "source": BENCH_CORPUS, "train_ids": [i for i in ids if i not in held],
+    meta = {"layer": layer, "source": BENCH_CORPUS, "skip_first": SKIP_FIRST, "train_ids": [i for i in ids if i not in held],
             "heldout_ids": [i for i in ids if i in held]}  # fmt: skip
     meta_path.write_text(json.dumps(meta))
     return meta
