@@ -53,18 +53,20 @@ class StandardSAE(SAE):
 
     def losses(self, x: Tensor, dead: Tensor) -> StepOutput:
         norms = self.W_dec.norm(dim=1)  # [d_sae], differentiable: the penalty pulls on the rows' norms too
+        # The only dense matmul, once: with gradients for the dense path; the sparse path reads it detached
+        # and gathers its active entries with their own gradients.
+        pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)  # [n, d_sae]
         with torch.no_grad():
-            pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)  # [n, d_sae]: the only dense matmul
             active = pre > 0
             dense = active.sum() > DENSE_ABOVE.get(x.device.type, 0.02) * active.numel()
         if dense:  # early in training half the latents fire: plain dense maths beats building a Pattern
-            acts_dense = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc).relu()
+            acts_dense = pre.relu()
             x_hat = acts_dense @ self.W_dec + self.b_dec
             l1 = (acts_dense * norms).sum() / len(x)
             fired = active.sum(0)
         else:
             p = Pattern.from_mask(active)
-            acts = gather_pre(x, self.b_dec, self.W_enc_T, self.b_enc, pre, p)  # [nnz], all > 0
+            acts = gather_pre(x, self.b_dec, self.W_enc_T, self.b_enc, pre.detach(), p)  # [nnz], all > 0
             x_hat = sparse_decode(acts, self.W_dec, p) + self.b_dec
             l1 = (acts * norms.index_select(0, p.col)).sum() / len(x)
             fired = torch.bincount(p.col, minlength=self.d_sae)
