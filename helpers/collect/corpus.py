@@ -214,7 +214,7 @@ class Packing:
     """Starts every sequence and separates documents."""
     special_ids: frozenset[int]
     """Tokens whose positions are not stored (with the first `skip_first` positions)."""
-    skip_first: int = 2
+    skip_first: int = SKIP_FIRST
     """Positions 0 .. skip_first - 1 of every sequence are never stored (the separator and the attention
     sink after it; see the module doc)."""
 
@@ -241,7 +241,7 @@ class Packing:
             sep = next((t for t in candidates if t is not None), None)
             if sep is None:
                 raise ValueError("the tokenizer has no BOS, end-of-text or EOS token to separate documents")
-        return cls(seq_len, int(sep), frozenset(special | {int(sep)}), SKIP_FIRST)
+        return cls(seq_len, int(sep), frozenset(special | {int(sep)}))
 
     def keep(self, ids: torch.Tensor) -> torch.Tensor:
         """[batch, seq] bool: the positions whose residuals are stored."""
@@ -397,6 +397,7 @@ def collect_corpus(
             tqdm(total=max_tokens, initial=min(have, budget), desc="corpus", unit="tok")
         )
         index, batch, exhausted = 0, [], True
+        warned: set[int] = set()  # layers already warned of a massive activation in this collection
         for ids in seqs:
             if have >= budget:
                 exhausted = False
@@ -406,11 +407,11 @@ def collect_corpus(
                 continue
             batch.append((sequence_id(index - 1), ids))
             if len(batch) == batch_size:
-                have = _store_batch(model, names, layers, writers, batch, packing, stored)
+                have = _store_batch(model, names, layers, writers, batch, packing, stored, warned)
                 bar.update(min(have, budget) - bar.n)
                 batch = []
         if batch and have < budget:
-            have = _store_batch(model, names, layers, writers, batch, packing, stored)
+            have = _store_batch(model, names, layers, writers, batch, packing, stored, warned)
             bar.update(min(have, budget) - bar.n)
     if exhausted and max_tokens is not None and have < max_tokens:
         print(
@@ -424,7 +425,9 @@ def collect_corpus(
             "gib_on_disk": round(sum(_bytes(run_dir, layer) for layer in layers) / 2**30, 3)}  # fmt: skip
 
 
-def _store_batch(model, names, layers, writers, batch, packing: Packing, stored: dict[int, int]) -> int:
+def _store_batch(
+    model, names, layers, writers, batch, packing: Packing, stored: dict[int, int], warned: set[int]
+) -> int:
     """One forward pass over `batch` [(id, token ids)]; kept positions go to each layer's writer.
     Returns the smallest per-layer token count stored so far."""
     ids, mask = _right_pad([s for _, s in batch], packing.separator, model.device)
@@ -434,7 +437,7 @@ def _store_batch(model, names, layers, writers, batch, packing: Packing, stored:
     kept = [(s, keep_cpu[i].nonzero()[:, 0]) for i, (_, s) in enumerate(batch)]  # positions kept per sequence
     for layer, name in zip(layers, names, strict=True):
         h = acts[name][keep]  # [n_kept, d_model], rows in (sequence, position) order
-        _warn_if_massive(h, layer)
+        _warn_if_massive(h, layer, warned)
         h = (h.half() if h.abs().max() < FP16_MAX else h.float()).cpu()  # the store's float16, made on device
         counts = [len(pos) for _, pos in kept]
         for (sid, _), rows, (seq, pos) in zip(batch, h.split(counts), kept, strict=True):
@@ -444,17 +447,15 @@ def _store_batch(model, names, layers, writers, batch, packing: Packing, stored:
     return min(stored.values())
 
 
-_warned: set[int] = set()
-
-
-def _warn_if_massive(h: torch.Tensor, layer: int) -> None:
-    """Print once per layer if a stored row's norm is over MASSIVE_RATIO x the batch's median."""
-    if layer in _warned or len(h) < 16:
+def _warn_if_massive(h: torch.Tensor, layer: int, warned: set[int]) -> None:
+    """Print once per layer (per collection: `warned`) if a stored row's norm is over MASSIVE_RATIO x the
+    batch's median."""
+    if layer in warned or len(h) < 16:
         return
     norms = h.float().norm(dim=1)
     ratio = float(norms.max() / norms.median().clamp_min(1e-12))
     if ratio > MASSIVE_RATIO:
-        _warned.add(layer)
+        warned.add(layer)
         print(
             f"warning: layer {layer}: a stored corpus token has {ratio:.0f}x the median residual norm (massive "
             "activation); such tokens dominate an SAE's loss. If this recurs, find the position or token "

@@ -264,3 +264,16 @@ def test_chat_documents_render_as_upstream_nanochat_does(tmp_path):
     assert seq == want
     kept = torch.tensor(seq)[packing.keep(torch.tensor([seq]))[0]].tolist()
     assert kept == [t for t in seq if t < 256 + len(nanochat_oracle.MERGES)], "only text tokens are stored"
+
+
+def test_a_massive_activation_left_in_the_store_is_reported_once_per_layer_and_collection(capsys):
+    h = torch.full((32, 8), 1.0)
+    h[5] = 100.0  # a row with 100x the median norm
+    warned: set[int] = set()
+    corpus._warn_if_massive(h[:, :4].clone().fill_(1.0), 7, warned)
+    assert capsys.readouterr().out == "" and not warned, "ordinary rows: no warning"
+    corpus._warn_if_massive(h, 7, warned)
+    corpus._warn_if_massive(h, 7, warned)
+    assert capsys.readouterr().out.count("warning: layer 7") == 1 and warned == {7}
+    corpus._warn_if_massive(h, 7, set())  # a new collection warns again
+    assert "100x the median" in capsys.readouterr().out
