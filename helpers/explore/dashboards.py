@@ -232,7 +232,7 @@ def feature_pass(
         top.add(f, v, v, doc, pos, windows)
         sample.add(f, keys.random(len(f), dtype=np.float32), v, doc, pos, windows)
         bar.update(int(lengths.sum()))
-    corpus_part = _corpus_pass(corpus, sae, c_docs, cfg, bar) if corpus is not None else None
+    corpus_part = _corpus_pass(corpus, sae, device, c_docs, cfg, bar) if corpus is not None else None
     bar.close()
     return FeaturePass(
         n_tokens=n_tokens,
@@ -246,19 +246,18 @@ def feature_pass(
     )
 
 
-def _corpus_pass(corpus: LayerStore, sae: Any, docs: list[Doc], cfg: ExplorerConfig, bar: Any) -> CorpusPass:
+def _corpus_pass(
+    corpus: LayerStore, sae: Any, device: torch.device, docs: list[Doc], cfg: ExplorerConfig, bar: Any
+) -> CorpusPass:
     """The corpus part of `feature_pass`: each sequence of `docs` encoded once, in store order."""
     n_feat = int(sae.d_sae)
     top = TopPerFeature(n_feat, cfg.n_top, cfg.width, distinct_docs=True)
-    hist: LogHistogram | None = None
-    fired = max_act = None
+    hist = LogHistogram(n_feat, device)
+    fired = torch.zeros(n_feat, dtype=torch.int64, device=device)
+    max_act = torch.zeros(n_feat, dtype=torch.float32, device=device)
     n_tokens = n_without_text = 0
     offsets = np.arange(-cfg.before, cfg.after + 1)
     for chunk, acts, _ in iter_token_acts(corpus, sae, docs, batch_tokens=cfg.batch_tokens):
-        if hist is None:
-            hist = LogHistogram(n_feat, acts.device)
-            fired = torch.zeros(n_feat, dtype=torch.int64, device=acts.device)
-            max_act = torch.zeros(n_feat, dtype=torch.float32, device=acts.device)
         lengths = np.array([d.n for d in chunk])
         ids = [corpus.token_ids_of(d.id) for d in chunk]  # [n, 2] (token, position), or None
         has_text = np.repeat([i is not None for i in ids], lengths)  # [rows]
@@ -283,13 +282,12 @@ def _corpus_pass(corpus: LayerStore, sae: Any, docs: list[Doc], cfg: ExplorerCon
         doc = np.array([d.index for d in chunk])[seq_of_row[r]]
         top.add(f, v, v, doc, position[r], _window_cutter(acts, r, f, first, last, offsets))
         bar.update(int(lengths.sum()))
-    hist = hist or LogHistogram(n_feat)
     return CorpusPass(
         docs=docs,
         n_tokens=n_tokens,
         n_without_text=n_without_text,
-        fired=fired.cpu().numpy() if fired is not None else np.zeros(n_feat, np.int64),
-        max_activation=max_act.cpu().numpy() if max_act is not None else np.zeros(n_feat, np.float32),
+        fired=fired.cpu().numpy(),
+        max_activation=max_act.cpu().numpy(),
         top=top.result(),
         log_counts=hist.table(),
     )
