@@ -146,7 +146,12 @@ def test_batchtopk_threshold_reproduces_the_batch_selection(arch, acts):
 def test_every_architecture_trains_and_round_trips(arch, acts, tmp_path):
     cfg = TrainConfig(architecture=arch, expansion=2, l0=16, train_tokens=120 * 64, batch_size=64, lr=1e-3)
     run = Run(cfg, d_in=576)
-    assert torch.equal(run.sae.W_enc, run.sae.W_dec.t()), "encoder starts as the decoder's transpose"
+    assert torch.equal(run.sae.W_enc, run.sae.W_dec.t() * run.sae.encoder_init_scale), (
+        "encoder: the decoder's transpose"
+    )
+    assert run.sae.encoder_init_scale == (
+        0.1 if arch in ("topk", "batchtopk", "matryoshka_batchtopk") else 1.0
+    )
     run.init_from_data(acts[:512])
     x0 = acts[:512] * run.scale
     pull = (x0 - run.sae.b_dec) / (x0 - run.sae.b_dec).norm(dim=1, keepdim=True)
