@@ -127,7 +127,7 @@ def test_until_step_pauses_and_a_changed_config_is_refused(run_dir, tmp_path):
     paused = train_sae(store, store.completion_ids, small_cfg(), tmp_path, until_step=15, **kw)
     assert paused == {"status": "paused", "step": 15, "checkpoint": str(tmp_path / "checkpoint.pt")}
     with pytest.raises(ValueError, match="other settings.*delete it"):
-        train_sae(store, store.completion_ids, small_cfg(lr=1e-3), tmp_path, **kw)
+        train_sae(store, store.completion_ids, small_cfg(lr=3e-4), tmp_path, **kw)
 
 
 def test_warmup_longer_than_the_run_is_clamped():
