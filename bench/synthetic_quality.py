@@ -275,7 +275,12 @@ def main() -> None:
     p.add_argument("--pool", type=int, default=500_000, help="distinct training samples (epochs over them)")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--lrs", default="1e-3,3e-3", help="learning rates, both trainers at each")
-    p.add_argument("--l1", type=float, default=2.0, help="SAELens standard SAE's l1_coefficient")
+    p.add_argument(
+        "--l1",
+        type=float,
+        default=0.3,
+        help="SAELens standard SAE's l1_coefficient (0.3 reaches L0 ~13 in the default world; 2.0 left it at L0 0.01)",
+    )
     p.add_argument("--eval-samples", type=int, default=20_000)
     p.add_argument("--chunk", type=int, default=20, help="steps per timed chunk")
     p.add_argument(

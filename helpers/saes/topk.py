@@ -6,7 +6,7 @@ top-k_aux dead pre-activations reconstruct the detached residual error e = x - x
 e's variance as in OpenAI's reference, with coefficient 1/32 and k_aux = d_in/2 (capped by d_sae);
 `base.auxk_loss`, shared with the BatchTopK family.
 Decoder rows are unit-norm (the loop projects gradients and renormalises); the encoder starts as the
-decoder's transpose, scaled by 0.1 (base.SAE.encoder_init_scale).
+decoder's transpose (base.SAE; unlike BatchTopK's, not scaled down: see encoder_init_scale).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from helpers.saes.kernels import Pattern, gather_pre, recon_loss, sparse_decode
 
 class TopKSAE(SAE):
     architecture = "topk"
-    encoder_init_scale = 0.1  # base.SAE.encoder_init_scale
     latent_biases = ("b_enc",)
     saelens_tensors = ("W_enc", "b_enc", "W_dec", "b_dec")
 

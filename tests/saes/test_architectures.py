@@ -149,9 +149,7 @@ def test_every_architecture_trains_and_round_trips(arch, acts, tmp_path):
     assert torch.equal(run.sae.W_enc, run.sae.W_dec.t() * run.sae.encoder_init_scale), (
         "encoder: the decoder's transpose"
     )
-    assert run.sae.encoder_init_scale == (
-        0.1 if arch in ("topk", "batchtopk", "matryoshka_batchtopk") else 1.0
-    )
+    assert run.sae.encoder_init_scale == (0.1 if arch in ("batchtopk", "matryoshka_batchtopk") else 1.0)
     run.init_from_data(acts[:512])
     x0 = acts[:512] * run.scale
     pull = (x0 - run.sae.b_dec) / (x0 - run.sae.b_dec).norm(dim=1, keepdim=True)
