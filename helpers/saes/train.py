@@ -299,9 +299,15 @@ class Run:
                 "scaler": self.scaler.state_dict()}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["config"] != json.loads(json.dumps(asdict(self.cfg))):
+        now = json.loads(json.dumps(asdict(self.cfg)))
+        if state["config"] != now:
+            diff = ", ".join(
+                f"{k}: checkpoint {state['config'].get(k)!r}, now {now.get(k)!r}"
+                for k in sorted(set(state["config"]) | set(now)) if state["config"].get(k) != now.get(k)
+            )  # fmt: skip
             raise ValueError(
-                f"the checkpoint was made with other settings ({state['config']}): delete it to start over"
+                f"the checkpoint was made with other settings ({diff}): set them back to resume it "
+                "(e.g. LR = 3e-4 for a checkpoint from before lr 1e-3 became the default), or delete it to start over"
             )
         for obj, key in ((self.sae, "sae"), (self.opt, "optimizer"), (self.scaler, "scaler")):
             obj.load_state_dict(state[key])

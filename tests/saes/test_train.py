@@ -126,7 +126,7 @@ def test_until_step_pauses_and_a_changed_config_is_refused(run_dir, tmp_path):
     kw = dict(hook_name=hook_name(LAYER), model_name="m", progress=False)
     paused = train_sae(store, store.completion_ids, small_cfg(), tmp_path, until_step=15, **kw)
     assert paused == {"status": "paused", "step": 15, "checkpoint": str(tmp_path / "checkpoint.pt")}
-    with pytest.raises(ValueError, match="other settings.*delete it"):
+    with pytest.raises(ValueError, match=r"other settings \(lr: checkpoint 0.001, now 0.0003\).*delete it"):
         train_sae(store, store.completion_ids, small_cfg(lr=3e-4), tmp_path, **kw)
 
 
