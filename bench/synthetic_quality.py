@@ -176,7 +176,10 @@ def score(folder: Path, world, args, scale: float | None) -> dict:
             "dead_latents": res.dead_latents, "true_l0": round(res.true_l0, 2)}  # fmt: skip
 
 
-def compare(arch: str, world, data: Samples, true_l0: float, lr: float, args, tmp: Path) -> dict:
+def compare(
+    arch: str, world, data: Samples, true_l0: float, lr: float, args, tmp: Path, control: bool
+) -> dict:
+    """Both trainers at `lr` on the same batches; with `control`, both SAEs also scored before any step."""
     d_in, d_sae = args.hidden, args.features
     k = round(true_l0, 1)
     cfg = TrainConfig(architecture=arch, expansion=d_sae // d_in, l0=max(1, round(true_l0)), train_tokens=args.tokens,
@@ -189,15 +192,16 @@ def compare(arch: str, world, data: Samples, true_l0: float, lr: float, args, tm
     careful = args.saelens_median_init or args.saelens_careful
     args.saelens_bdec = geometric_median(init * scale) if careful else None
     theirs = SAELensRun(arch, d_in, d_sae, k, cfg, args, widths)
-    # control: both SAEs before any step (a world that leaks into an initialisation scores high here)
-    theirs.sae.save_inference_model(tmp / f"saelens_{arch}_untrained")
-    untrained = {"saelens": score(tmp / f"saelens_{arch}_untrained", world, args, scale)}
-    fresh = Run(cfg, d_in)
-    fresh.init_from_data(init)
-    save_sae(fresh.sae, tmp / f"ours_{arch}_untrained", hook_name="blocks.0.hook_resid_post", model_name="synthetic",
-             scale=fresh.scale)  # fmt: skip
-    untrained["ours"] = score(tmp / f"ours_{arch}_untrained", world, args, None)
-    del fresh
+    untrained = {}
+    if control:  # both SAEs before any step (a world that leaks into an initialisation scores high here)
+        theirs.sae.save_inference_model(tmp / f"saelens_{arch}_untrained")
+        untrained["saelens"] = score(tmp / f"saelens_{arch}_untrained", world, args, scale)
+        fresh = Run(cfg, d_in)
+        fresh.init_from_data(init)
+        save_sae(fresh.sae, tmp / f"ours_{arch}_untrained", hook_name="blocks.0.hook_resid_post",
+                 model_name="synthetic", scale=fresh.scale)  # fmt: skip
+        untrained["ours"] = score(tmp / f"ours_{arch}_untrained", world, args, None)
+        del fresh
     ours = None
     matched = arch in ("standard", "jumprelu")  # SAELens first; ours then targets the L0 it reached
     steps, chunk = cfg.total_steps, args.chunk
@@ -249,7 +253,8 @@ def compare(arch: str, world, data: Samples, true_l0: float, lr: float, args, tm
     return {
         "k_or_l0_target": k if not matched else cfg.l0,
         "schedule": "SAELens, then ours at SAELens's L0" if matched else "alternating chunks, same k",
-        "untrained": {w: {k: untrained[w][k] for k in ("mcc", "f1", "explained_variance")} for w in untrained},
+        **({"untrained": {w: {m: untrained[w][m] for m in ("mcc", "f1", "explained_variance")} for w in untrained}}
+           if control else {}),
         "ours": {**ours_scores, "tokens_per_s": round(tps["ours"])},
         "saelens": {**theirs_scores, "tokens_per_s": round(tps["saelens"])},
         "ratio_ours_over_saelens": {"mcc": ratio("mcc"), "f1": ratio("f1"), "explained_variance": ratio("explained_variance"),
@@ -326,11 +331,11 @@ def main() -> None:
             runs = {}
             for lr in lrs:
                 print(f"training {arch} at lr {lr:g} (SAELens and ours) ...", file=sys.stderr, flush=True)
-                runs[f"lr={lr:g}"] = compare(arch, world, data, true_l0, lr, args, Path(tmp))
+                runs[f"lr={lr:g}"] = compare(
+                    arch, world, data, true_l0, lr, args, Path(tmp), control=not runs
+                )
                 print(json.dumps({arch: {f"lr={lr:g}": runs[f"lr={lr:g}"]}}), file=sys.stderr, flush=True)
-            untrained = next(iter(runs.values()))["untrained"]  # the same SAEs at every lr
-            for r in runs.values():
-                del r["untrained"]
+            untrained = next(iter(runs.values())).pop("untrained")  # scored once: initialisation has no lr
             best = {
                 who: {m: max((r[who][m], key) for key, r in runs.items()) for m in ("mcc", "f1")}
                 for who in ("ours", "saelens")

@@ -24,9 +24,8 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
 
-import sae_train  # noqa: E402  (bench/sae_train.py: the data and its held-out split)
+import sae_train  # noqa: E402  (bench/sae_train.py: the data, its held-out split and the metrics)
 
-from helpers.saes.evals import activation_metrics  # noqa: E402
 from helpers.saes.train import Run, TrainConfig  # noqa: E402
 
 
@@ -58,11 +57,10 @@ def main() -> None:
             data, t0 = sae_train.stream(train, cfg.batch_size, 0), time.perf_counter()
             for _ in range(cfg.total_steps):
                 run.train_step(next(data))
-            m = activation_metrics(run.sae, (held * run.scale).split(4096))  # the SAE works in scaled units
+            seconds = round(time.perf_counter() - t0)
+            m = sae_train.metrics(run.sae, held * run.scale, "cpu")  # the SAE works in scaled units
             print(json.dumps({"arch": arch, "lr": float(lr), "encoder_init_scale": scale, "steps": cfg.total_steps,
-                              "explained_variance": round(m["explained_variance"], 4), "l0": round(m["l0"], 1),
-                              "dead_fraction": round(m["dead_fraction"], 4),
-                              "seconds": round(time.perf_counter() - t0)}), flush=True)  # fmt: skip
+                              **m, "seconds": seconds}), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -80,8 +80,8 @@ class SAE(nn.Module):
         w /= w.norm(dim=1, keepdim=True)  # unit-norm decoder rows (Gao et al. 2024, §2.1)
         self.W_dec = nn.Parameter(w)
         # Encoder initialised as the decoder's transpose (Gao et al. §A.1), times encoder_init_scale. Stored
-        # latent-major as W_enc_T [d_sae, d_in] so a latent's gradient is one contiguous row (sparse updates, fused Adam);
-        # `W_enc` [d_in, d_sae] is the SAELens-shaped view of it.
+        # latent-major as W_enc_T [d_sae, d_in] so a latent's gradient is one contiguous row (sparse updates,
+        # fused Adam); `W_enc` [d_in, d_sae] is the SAELens-shaped view of it.
         self.W_enc_T = nn.Parameter(w * self.encoder_init_scale)
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.int64))

@@ -57,10 +57,12 @@ class TrainConfig:
     lr: float = 1e-3
     """Adam learning rate after warm-up. 1e-3 rather than SAELens's 3e-4: on the shipped corpus's layer-15
     activations (SmolLM2, d_sae 4608, L0 32, 1,000 steps; BatchTopK with its smaller initial encoder,
-    base.SAE.encoder_init_scale) held-out explained variance rose for every architecture tried (TopK 0.926 → 0.948, BatchTopK 0.921 → 0.949, JumpReLU 0.932 → 0.949, standard
-    0.860 → 0.928; Gated 0.902 → 0.936, but with 17% of latents dead instead of 10%), and on synthetic data with a known dictionary BatchTopK's recovered-feature MCC rose
-    from 0.53 to 0.69 (bench/synthetic_quality.py). Runs much longer than a few thousand steps, or much
-    wider SAEs, may want less (Gao et al. 2024 scale it down with the number of latents)."""
+    base.SAE.encoder_init_scale) held-out explained variance rose for every architecture tried (TopK
+    0.926 → 0.948, BatchTopK 0.921 → 0.949, JumpReLU 0.932 → 0.949, standard 0.860 → 0.928; Gated
+    0.902 → 0.936, but with 17% of latents dead instead of 10%; bench/train_defaults.py), and on synthetic
+    data with a known dictionary BatchTopK's recovered-feature MCC rose from 0.53 to 0.69
+    (bench/synthetic_quality.py). Runs much longer than a few thousand steps, or much wider SAEs, may want
+    less (Gao et al. 2024 scale it down with the number of latents)."""
     warmup_steps: int = 100
     """Linear warm-up; clamped to 5% of the run."""
     decay_fraction: float = 0.2
