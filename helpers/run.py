@@ -9,6 +9,7 @@ Every path of the run folder is spelled here and nowhere else:
 
     run.json                      RUN_JSON
     completions.jsonl             completions_path(run_dir)
+    datasets.json                 datasets_path(run_dir): every dataset of the run, its role and source
     activations/layer_{L}/        activations_dir(run_dir, L)
     pooled/layer_{L}.safetensors  pooled_path(run_dir, L)
     saes/{sae_id}/                sae_dir(run_dir, sae_id): SAE_CFG, SAE_WEIGHTS, SAE_SPARSITY, SAE_METRICS
@@ -47,6 +48,12 @@ JUDGE_CACHE = "judge_cache.sqlite"
 
 def completions_path(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "completions.jsonl"
+
+
+def datasets_path(run_dir: str | os.PathLike) -> Path:
+    """The run's datasets with their roles (train / eval / control), kinds and licences
+    (`helpers.collect.datasets` writes and reads it)."""
+    return Path(run_dir) / "datasets.json"
 
 
 def activations_dir(run_dir: str | os.PathLike, layer: int) -> Path:
