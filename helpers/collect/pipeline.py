@@ -1,4 +1,10 @@
-"""Notebook 02's steps over the run folder: choose prompts, sample into completions.jsonl, label, show.
+"""Notebook 02's steps over the run folder: choose datasets, sample into completions.jsonl, label, show.
+
+A run holds one or more datasets with roles (train / eval / control, `datasets.py`): `load_datasets`
+reads them, `write_datasets` declares them in datasets.json, `sample_into_run` answers the prompts of
+on-policy ones, `add_transcripts` reads off-policy transcripts through the model without sampling, and
+`label_run` labels each dataset its own way (judge, instruction, the dataset's label; control answers are
+never judged, so they cost no Gemini request).
 
 Each step resumes: sampling skips completion ids already in `completions.jsonl` (appended a batch at a
 time), labelling only sends completions that have no label yet (or lost theirs to a quota stop), and the
@@ -19,6 +25,18 @@ from helpers.collect.completions import (
     read_completions,
     write_completions,
 )
+from helpers.collect.datasets import (
+    OURS,
+    RunDataset,
+    check_declared,
+    dataset_name,
+    dataset_of,
+    load_benign,
+    load_public,
+    read_datasets,
+    spec_for,
+    transcript_records,
+)
 from helpers.collect.judge import label_all
 from helpers.collect.prompts import (
     Prompt,
@@ -34,7 +52,18 @@ from helpers.env import get_secret
 from helpers.gemini import GeminiClient
 from helpers.tables import format_table
 
-BUILTIN = {"builtin:scenarios": load_scenarios, "builtin:contrast": load_contrast_pairs}
+BUILTIN = {
+    "builtin:scenarios": load_scenarios,
+    "builtin:contrast": load_contrast_pairs,
+    "builtin:benign": load_benign,
+}
+BUILTIN_ROLES = {
+    "builtin:contrast": ("train", "instruction"),
+    "builtin:scenarios": ("eval", "judge"),
+    "builtin:benign": ("control", "none"),
+}
+"""Each built-in set's role and labelling unless a DATASETS entry says otherwise."""
+ENTRY_KEYS = ("data", "role", "label_by", "name", "limit", "columns", "split", "config", "subsets")
 
 
 def load_prompts(
@@ -45,7 +74,8 @@ def load_prompts(
     hf_config: str | None = None,
     limit: int | None = None,
 ) -> list[Prompt]:
-    """Prompts from `builtin:scenarios`, `builtin:contrast`, `hf:<dataset id>`, or a CSV/JSONL/JSON path or URL."""
+    """Prompts from `builtin:scenarios`, `builtin:contrast`, `builtin:benign`, `hf:<dataset id>` (with
+    `columns`), or a CSV/JSONL/JSON path or URL."""
     if data in BUILTIN:
         prompts = BUILTIN[data]()
     elif data.startswith("hf:"):
@@ -77,8 +107,97 @@ def spread_over_groups(prompts: list[Prompt], limit: int) -> list[Prompt]:
     return out
 
 
+def load_datasets(
+    entries: list[dict[str, Any]],
+    *,
+    limit: int | None = None,
+    columns: dict[str, str] | None = None,
+    split: str = "train",
+    hf_config: str | None = None,
+) -> list[RunDataset]:
+    """The datasets of notebook 02's DATASETS: each entry is `{"data": ..., "role": ..., "label_by": ...}`
+    plus optional `name`, `limit` (default `limit`), and for a dataset we have no spec for `columns`,
+    `split`, `config` (defaults from the arguments); `subsets` picks diverse-deception's sources.
+
+    `data` is `builtin:contrast` / `scenarios` / `benign`, `hf:<id>` (a public dataset of
+    `datasets.SPECS`, or any Hub dataset with `columns`), or a CSV / JSONL / JSON path or URL. Built-in and
+    registered sets have a default role and labelling; other data needs its `role`."""
+    out: list[RunDataset] = []
+    for entry in entries:
+        if unknown := sorted(set(entry) - set(ENTRY_KEYS)):
+            raise ValueError(f"DATASETS entry {entry}: unknown key(s) {unknown}; allowed: {list(ENTRY_KEYS)}")
+        if not entry.get("data"):
+            raise ValueError(f"DATASETS entry {entry} has no 'data' (e.g. 'builtin:contrast')")
+        data, n = str(entry["data"]), entry.get("limit", limit) or None
+        spec = spec_for(data) if data.startswith("hf:") and not entry.get("columns", columns) else None
+        if spec is not None:
+            loaded = load_public(
+                spec, token=get_secret("HF_TOKEN"), role=entry.get("role"), label_by=entry.get("label_by"),
+                name=entry.get("name"), subsets=entry.get("subsets"),
+                configs=[entry["config"]] if entry.get("config") else None,
+            )  # fmt: skip
+            for d in loaded:
+                if d.kind == "prompts" and n:
+                    d.prompts = spread_over_groups(dedupe(d.prompts), n)
+                elif n:
+                    d.transcripts = d.transcripts[:n]
+            out += loaded
+            continue
+        role, label_by = BUILTIN_ROLES.get(data, (entry.get("role"), entry.get("label_by") or "judge"))
+        if role is None:
+            raise ValueError(f"DATASETS entry {entry}: say its role ('train', 'eval' or 'control')")
+        prompts = load_prompts(
+            data, columns=entry.get("columns", columns), split=entry.get("split", split),
+            hf_config=entry.get("config", hf_config), limit=n,
+        )  # fmt: skip
+        out.append(
+            RunDataset(
+                name=entry.get("name") or dataset_name(data), spec=data, role=entry.get("role") or role,
+                kind="prompts", source=prompts[0].source if prompts else data,
+                licence=OURS if data in BUILTIN else "your data (not checked)",
+                label_by=entry.get("label_by") or label_by, prompts=prompts,
+            )
+        )  # fmt: skip
+    check_unique_ids(out)
+    for d in out:
+        n_items = len(d.prompts) if d.kind == "prompts" else len(d.transcripts)
+        print(f"{d.name}: {d.role}, {d.kind} ({'on' if d.kind == 'prompts' else 'off'}-policy), {n_items} "
+              f"{d.kind}, labels by {d.label_by}; {d.source}")  # fmt: skip
+    return out
+
+
+def check_unique_ids(datasets: list[RunDataset]) -> None:
+    """Prompt ids never collide across the datasets of a run (they key completions)."""
+    owner: dict[str, str] = {}
+    for d in datasets:
+        for pid in [p.id for p in d.prompts] + [t.id for t in d.transcripts]:
+            if owner.setdefault(pid, d.name) != d.name:
+                raise ValueError(
+                    f"prompt id {pid!r} is in datasets {owner[pid]!r} and {d.name!r}: the same data twice? "
+                    "Drop one entry, or load your file with other ids (an `id` column)."
+                )
+
+
+def add_transcripts(
+    tokenizer: Any, datasets: list[RunDataset], run_dir: str | os.PathLike, *, max_context: int | None = None
+) -> list[dict[str, Any]]:
+    """Append the off-policy datasets' transcripts to completions.jsonl (no sampling: their text is read
+    through the model later, as a sampled completion's is); those already there are skipped. Returns all rows."""
+    off = [d for d in datasets if d.kind == "transcripts"]
+    check_declared(run_dir, [d.name for d in off])
+    done = {r["id"] for r in read_completions(run_dir)}
+    for d in off:
+        new = [r for r in transcript_records(tokenizer, d, max_context=max_context) if r["id"] not in done]
+        if new:
+            append_completions(run_dir, new)
+        print(
+            f"{d.name}: {len(new)} transcripts added ({len(d.transcripts) - len(new)} already there or too long)"
+        )
+    return read_completions(run_dir)
+
+
 def completion_record(c: Completion, p: Prompt) -> dict[str, Any]:
-    """A completions.jsonl row: the sample, where its prompt came from, and empty label fields."""
+    """A completions.jsonl row: the sample, where its prompt came from, its dataset, and empty label fields."""
     return {
         **c.to_dict(),
         "source": p.source,
@@ -91,6 +210,8 @@ def completion_record(c: Completion, p: Prompt) -> dict[str, Any]:
         "label_source": None,
         "label_confidence": None,
         "label_reason": None,
+        "dataset": p.meta.get("dataset") or dataset_name(p.source),
+        "policy": "on-policy",
     }
 
 
@@ -109,6 +230,7 @@ def sample_into_run(
     """Sample what is missing from completions.jsonl (appending each batch as it finishes); return all rows."""
     max_context = getattr(lm.model.config, "max_position_embeddings", None) or 2048
     check_fits_context(prompts, lm.tokenizer, max_context, max_new_tokens)
+    check_declared(run_dir, {p.meta.get("dataset") or dataset_name(p.source) for p in prompts})
     by_id = {p.id: p for p in prompts}
     done = {r["id"] for r in read_completions(run_dir)}
     wanted = len(prompts) * n_per_prompt
@@ -140,52 +262,68 @@ def label_run(
     batch_size: int = 25,
     label_by: str = "judge",
 ) -> list[dict[str, Any]]:
-    """Label the completions that have no label yet; rewrite completions.jsonl with everything obtained.
+    """Label the completions that have no label yet, each by its dataset's `label_by` (datasets.json);
+    rewrite completions.jsonl with everything obtained.
 
-    `label_by="judge"` labels what each completion says (Gemini, or the offline rules).
-    `label_by="instruction"` is for contrast pairs and labelled datasets: the label is the prompt's
-    `expected_label` (the honest / dishonest instruction), marked `label_source="instruction"`; this is
-    instructed deception, a different question from what the model chooses to say.
+    `judge` labels what each completion says (Gemini, or the offline rules). `instruction` is for contrast
+    pairs and labelled datasets: the label is the prompt's `expected_label` (the honest / dishonest
+    instruction), marked `label_source="instruction"`; instructed deception, a different question from
+    what the model chooses to say. Transcripts carry their dataset's label already. Control answers are
+    never judged (no Gemini request is spent on them): `label=None`, `label_source="control"`.
+    `label_by` is used for records of a dataset datasets.json does not name (a run folder from before it).
+    Records written before runs had several datasets get their `dataset` and `policy` fields here.
     """
     if label_by not in ("judge", "instruction"):
         raise ValueError(f"label_by must be 'judge' or 'instruction', got {label_by!r}")
     records = read_completions(run_dir)
+    entries = {e["name"]: e for e in read_datasets(run_dir)}
     by_id = {p.id: p for p in prompts}
-    todo = [r for r in records if r.get("label") is None or r.get("label_source") == "none"]
-    if not todo:
-        print(f"all {len(records)} completions are labelled")
-        return records
-    if label_by == "instruction":
-        missing = sorted({r["prompt_id"] for r in todo if not r.get("expected_label")})
-        if missing:
-            raise ValueError(
-                f"label_by='instruction' needs prompts with an expected label; {len(missing)} have none "
-                f"(e.g. {missing[:3]}). Use builtin:contrast or a dataset with a label column, or label_by='judge'."
-            )
-        for r in todo:
-            r.update(
-                label=r["expected_label"],
-                label_source="instruction",
-                label_confidence=1.0,
-                label_reason="contrast pair: the label is the instruction the prompt gave",
-            )
-        write_completions(run_dir, records)
-        return records
-    labels = label_all(todo, by_id, client=client, batch_size=batch_size)
+
+    def method(r: dict[str, Any]) -> str:
+        entry = entries.get(dataset_of(r)) or {}
+        return "control" if entry.get("role") == "control" else entry.get("label_by") or label_by
+
     for r in records:
-        if (lab := labels.get(r["id"])) is not None:
-            r.update(
-                label=lab.label,
-                label_source=lab.source,
-                label_confidence=lab.confidence,
-                label_reason=lab.reason,
-            )
-    write_completions(run_dir, records)
-    missing = sum(1 for r in records if r.get("label_source") == "none")
+        r.setdefault("dataset", dataset_of(r))
+        r.setdefault("policy", "off-policy" if r.get("kind") == "transcript" else "on-policy")
+        if method(r) == "control" and r.get("label_source") != "control":
+            r.update(label=None, label_source="control", label_confidence=None,
+                     label_reason="control set: answers are never judged")  # fmt: skip
+    todo = [
+        r for r in records
+        if (r.get("label") is None or r.get("label_source") == "none") and method(r) in ("judge", "instruction")
+    ]  # fmt: skip
+    instructed = [r for r in todo if method(r) == "instruction"]
+    missing = sorted({r["prompt_id"] for r in instructed if not r.get("expected_label")})
     if missing:
-        print(
-            f"{missing} completions are still unlabelled (quota or budget): rerun this cell later to finish"
+        raise ValueError(
+            f"label_by='instruction' needs prompts with an expected label; {len(missing)} have none "
+            f"(e.g. {missing[:3]}). Use builtin:contrast or a dataset with a label column, or label_by='judge'."
         )
+    for r in instructed:
+        r.update(
+            label=r["expected_label"],
+            label_source="instruction",
+            label_confidence=1.0,
+            label_reason="contrast pair: the label is the instruction the prompt gave",
+        )
+    judged = [r for r in todo if method(r) == "judge"]
+    if judged:
+        labels = label_all(judged, by_id, client=client, batch_size=batch_size)
+        for r in judged:
+            if (lab := labels.get(r["id"])) is not None:
+                r.update(
+                    label=lab.label,
+                    label_source=lab.source,
+                    label_confidence=lab.confidence,
+                    label_reason=lab.reason,
+                )
+    write_completions(run_dir, records)
+    if not todo:
+        print(f"all {len(records)} completions are labelled (control answers stay unlabelled by design)")
+    still = sum(1 for r in records if r.get("label_source") == "none")
+    if still:
+        print(f"{still} completions are still unlabelled (quota or budget): rerun this cell later to finish")
     return records
 
 
