@@ -1,6 +1,6 @@
 """Statistics primitives shared by every stage: cluster-bootstrap weights and intervals, label
 permutations at the level the labels vary, balanced accuracy, AUROC, rank-sum tests, multiplicity
-corrections, exact sign-flip tests, binomial intervals.
+corrections, exact sign-flip tests, binomial intervals (plain and over clusters).
 
 A probe's score, a feature's effect and a steering condition are judged by the same numerics here.
 Labels: y = 1 deceptive, 0 honest. Functions take plain numpy arrays and never read the run folder.
@@ -278,6 +278,65 @@ def wilson_ci(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, floa
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def cluster_design_effect(hits: np.ndarray, sizes: np.ndarray) -> float:
+    """Design effect of a proportion over clusters (scenarios): 1 + (n0 - 1) ICC, floored at 1, with
+    the ANOVA estimate of the intra-cluster correlation of the 0/1 outcomes (Fleiss 1981; Donner 1986)
+    and n0 the ANOVA's average cluster size (N - sum n_g^2 / N) / (G - 1). `hits` [G]: successes per
+    cluster, `sizes` [G]: answers per cluster. 1 with fewer than 2 clusters or no variation."""
+    hits, sizes = np.asarray(hits, float), np.asarray(sizes, float)
+    keep = sizes > 0
+    hits, sizes = hits[keep], sizes[keep]
+    g, n = len(sizes), float(sizes.sum())
+    if g < 2 or n <= g:
+        return 1.0
+    p, p_g = hits.sum() / n, hits / sizes
+    msb = float((sizes * (p_g - p) ** 2).sum() / (g - 1))
+    msw = float((hits * (1 - p_g)).sum() / (n - g))
+    n0 = (n - float((sizes**2).sum()) / n) / (g - 1)
+    if msb + (n0 - 1) * msw <= 0:
+        return 1.0
+    icc = (msb - msw) / (msb + (n0 - 1) * msw)
+    return max(1.0, 1.0 + (n0 - 1) * icc)
+
+
+def cluster_wilson_ci(hits: np.ndarray, sizes: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    """(rate, lo, hi): a proportion over clusters (answers grouped by scenario) with the Wilson score
+    interval at the effective sample size n / design effect (`cluster_design_effect`) and the t
+    quantile with clusters - 1 degrees of freedom for z (the design effect is estimated). Unlike a t
+    interval of cluster rates it stays inside [0, 1], is not [0, 0] when no answer is a hit, and holds
+    with rare outcomes: with 10 scenarios x 4 answers and mean rates 0.02-0.10 the t interval covered
+    41-81% of simulated worlds and this one >= 93% (tests/analysis/test_calibration.py)."""
+    hits, sizes = np.asarray(hits, float), np.asarray(sizes, float)
+    n = float(sizes.sum())
+    if n == 0:
+        return (math.nan, math.nan, math.nan)
+    rate = float(hits.sum() / n)
+    n_eff = n / cluster_design_effect(hits, sizes)
+    g = int((sizes > 0).sum())
+    z = float(stats.t.ppf(0.5 + level / 2, g - 1) if g > 1 else stats.norm.ppf(0.5 + level / 2))
+    denom = 1 + z * z / n_eff
+    centre = (rate + z * z / (2 * n_eff)) / denom
+    half = z * math.sqrt(rate * (1 - rate) / n_eff + z * z / (4 * n_eff * n_eff)) / denom
+    return rate, max(0.0, centre - half), min(1.0, centre + half)
+
+
+def difference_ci(
+    a: tuple[float, float, float], b: tuple[float, float, float], correlation: float
+) -> tuple[float, float]:
+    """Interval of a - b from the intervals (estimate, lo, hi) of a and b and the correlation of their
+    estimates: the MOVER of Zou & Donner (2008), which carries asymmetric score intervals (Wilson's near
+    0 or 1) over to the difference: lo = d - sqrt(da^2 + db^2 - 2 r da db) with da = a - lo_a, db =
+    hi_b - b, and the mirror image for hi. Nan when either interval is."""
+    (pa, la, ua), (pb, lb, ub) = a, b
+    if not all(map(math.isfinite, (pa, la, ua, pb, lb, ub))):
+        return (math.nan, math.nan)
+    r = correlation if math.isfinite(correlation) else 0.0
+    d = pa - pb
+    lo = d - math.sqrt(max((pa - la) ** 2 + (ub - pb) ** 2 - 2 * r * (pa - la) * (ub - pb), 0.0))
+    hi = d + math.sqrt(max((ua - pa) ** 2 + (pb - lb) ** 2 - 2 * r * (ua - pa) * (pb - lb), 0.0))
+    return (lo, hi)
+
+
 def sign_flip_test(diffs: np.ndarray, n_permutations: int = 10_000, seed: int = 0) -> float:
     """Two-sided paired permutation p-value of mean(diffs) = 0, flipping each prompt's sign: exact over
     all 2^P flips for P <= 16 prompts, else Monte Carlo. The smallest possible p is 2 / 2^P."""
@@ -287,3 +346,122 @@ def sign_flip_test(diffs: np.ndarray, n_permutations: int = 10_000, seed: int = 
         return float(np.mean(np.abs(signs @ d / len(d)) >= obs - 1e-12))
     signs = np.random.default_rng([seed, 8]).choice((1.0, -1.0), size=(n_permutations, len(d)))
     return float((1 + np.sum(np.abs(signs @ d / len(d)) >= obs - 1e-12)) / (1 + n_permutations))
+
+
+# --- A detector evaluated on another dataset (the field's protocol: REFERENCE.md "Deception detection") ---
+# The probe is fixed (trained on other data), so only the evaluation set's sampling is uncertain, and its
+# completions are clustered by prompt group: every interval below treats groups as the independent units.
+
+
+AUROC_VARIANCE_FLOOR = 0.25
+"""Share of Hanley & McNeil's independent-rows variance below which `clustered_auroc`'s variance never falls."""
+
+
+def clustered_auroc(
+    scores: np.ndarray, y: np.ndarray, clusters: Sequence, level: float = 0.95
+) -> tuple[float, float, float]:
+    """(AUROC, lo, hi) of fixed scores against labels y, with Obuchowski's (1997, Biometrics 53:567)
+    nonparametric variance for clustered data: each positive's placement V10 (share of negatives it
+    outranks, ties 1/2) and each negative's V01 are summed per cluster, and
+    var = S10/M + S01/N + 2 S11/(M N) with S10 = I/((I-1) M) sum_i (V10_i - m_i A)^2 (S01 alike, S11 the
+    cross term), I clusters holding M positives and N negatives in all. The interval is built on the logit
+    scale with t(I - 1) quantiles (stays inside [0, 1]; few clusters widen it); a cluster may hold both
+    labels. At AUROC 0 or 1 the logit is taken at half a pair from the boundary. Nan bounds with fewer
+    than 2 clusters; nan throughout when a label is missing."""
+    s, y = np.asarray(scores, float), np.asarray(y).astype(int)
+    cidx, n_clusters = group_index(clusters)
+    pos, neg = s[y == 1], s[y == 0]
+    M, N = len(pos), len(neg)
+    if M == 0 or N == 0:
+        return (math.nan, math.nan, math.nan)
+    neg_sorted, pos_sorted = np.sort(neg), np.sort(pos)
+    v10 = (np.searchsorted(neg_sorted, pos, "left") + np.searchsorted(neg_sorted, pos, "right")) / (2 * N)
+    v01 = (2 * M - np.searchsorted(pos_sorted, neg, "left") - np.searchsorted(pos_sorted, neg, "right")) / (
+        2 * M
+    )
+    auc = float(v10.mean())
+    if n_clusters < 2:
+        return (auc, math.nan, math.nan)
+    m_i = np.bincount(cidx[y == 1], minlength=n_clusters)
+    n_i = np.bincount(cidx[y == 0], minlength=n_clusters)
+    r10 = np.bincount(cidx[y == 1], v10, n_clusters) - m_i * auc
+    r01 = np.bincount(cidx[y == 0], v01, n_clusters) - n_i * auc
+    k = n_clusters / (n_clusters - 1)
+    var = k * ((r10**2).sum() / M**2 + (r01**2).sum() / N**2 + 2 * (r10 * r01).sum() / (M * N))
+    edge = 0.5 / (M * N)
+    a = min(max(auc, edge), 1 - edge)
+    # A quarter of Hanley & McNeil's (1982) variance for independent rows as a floor: near AUROC 1 few
+    # pairs are misordered and the placement variance alone collapses (coverage 0.82 at AUROC 0.997
+    # with 12 groups; 0.985 with the floor, and 0.94 unchanged at AUROC 0.5-0.94: test_detection.py).
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var_hm = (a * (1 - a) + (M - 1) * (q1 - a * a) + (N - 1) * (q2 - a * a)) / (M * N)
+    se_logit = math.sqrt(max(var, AUROC_VARIANCE_FLOOR * var_hm, 0.0)) / (a * (1 - a))
+    # Degrees of freedom from the scarcer side: with labels held by whole groups, the positives'
+    # placement variance rests on the groups that hold positives only.
+    df = max(1, min(np.count_nonzero(m_i), np.count_nonzero(n_i), n_clusters) - 1)
+    half = float(stats.t.ppf(0.5 + level / 2, df)) * se_logit
+    centre = math.log(a / (1 - a))
+    return (auc, float(1 / (1 + math.exp(-(centre - half)))), float(1 / (1 + math.exp(-(centre + half)))))
+
+
+def clustered_proportion_ci(
+    hits: np.ndarray, clusters: Sequence, level: float = 0.95
+) -> tuple[float, float, float]:
+    """(p, lo, hi): a proportion of 0/1 outcomes that come in clusters (completions of one prompt group),
+    as a Wilson interval on the effective sample size n / deff, with the design effect deff = the
+    cluster-robust variance of p over the binomial one (floored at 1). With no hit or no miss the design
+    effect cannot be estimated: each cluster then counts as one unit (n_eff = clusters for equal sizes),
+    the conservative end. Wilson keeps the interval away from [0, 0] when nothing was seen, where a
+    percentile bootstrap collapses. The quantile is t with df = (clusters on the scarcer side: holding a
+    hit, or a miss) - 1, at least min(clusters - 1, 5): a rare outcome seen in 3 of 30 groups rests on
+    those 3 (coverage 0.925 -> 0.96 at rate 0.03 with strong group effects; test_detection.py)."""
+    h = np.asarray(hits, float)
+    n = len(h)
+    if n == 0:
+        return (math.nan, math.nan, math.nan)
+    cidx, n_clusters = group_index(clusters)
+    p = float(h.mean())
+    sizes = np.bincount(cidx, minlength=n_clusters).astype(float)
+    sums = np.bincount(cidx, h, n_clusters)
+    if 0 < p < 1 and n_clusters > 1:
+        var_cluster = n_clusters / (n_clusters - 1) * float(((sums - p * sizes) ** 2).sum()) / n**2
+        n_eff = n / max(1.0, var_cluster / (p * (1 - p) / n))
+    else:
+        n_eff = n * n / float((sizes**2).sum())  # = clusters for equal sizes
+    if n_clusters > 1:
+        scarce = min(n_clusters, np.count_nonzero(sums), np.count_nonzero(sums < sizes))
+        z = float(stats.t.ppf(0.5 + level / 2, max(scarce - 1, min(n_clusters - 1, 5))))
+    else:
+        z = float(stats.norm.ppf(0.5 + level / 2))
+    denom = 1 + z * z / n_eff
+    centre = (p + z * z / (2 * n_eff)) / denom
+    half = z * math.sqrt(p * (1 - p) / n_eff + z * z / (4 * n_eff * n_eff)) / denom
+    return (p, max(0.0, centre - half), min(1.0, centre + half))
+
+
+def control_threshold(control_scores: np.ndarray, fpr: float = 0.01) -> dict[str, Any]:
+    """The score threshold at which at most `fpr` of the control (benign) answers score above it: with n
+    control scores, k = floor(fpr n) may exceed it, so the threshold is the (k+1)-th largest score and a
+    completion is flagged when its score is strictly above. `realised_fpr` = exceedances / n on the
+    control set itself; `resolution` = 1 / n (the FPR steps that n answers can express; fewer than
+    1 / fpr answers cannot express `fpr` at all, and `too_small` says so); `fpr_upper` = the one-sided
+    95% Clopper-Pearson bound on the control population's FPR at this threshold (treating the control
+    answers as independent: one answer per prompt)."""
+    c = np.sort(np.asarray(control_scores, float))[::-1]
+    n = len(c)
+    if n == 0:
+        raise ValueError("the control set is empty: add a control dataset (role 'control') to the run")
+    k = int(math.floor(fpr * n + 1e-9))
+    threshold = float(c[min(k, n - 1)])
+    exceed = int((c > threshold).sum())
+    upper = float(stats.beta.ppf(0.95, exceed + 1, n - exceed)) if exceed < n else 1.0
+    return {
+        "threshold": threshold,
+        "target_fpr": fpr,
+        "n_control": n,
+        "control_exceed": exceed,
+        "realised_fpr": exceed / n,
+        "resolution": 1 / n,
+        "fpr_upper": upper,
+        "too_small": n < math.ceil(1 / fpr - 1e-9),
+    }

@@ -1,0 +1,224 @@
+"""A deception detector measured the way the field measures it (REFERENCE.md "Deception detection").
+
+Goldowsky-Dill et al. 2025 and UK AISI's probe cards train a probe on one dataset (instructed pairs),
+apply it unchanged to OTHER datasets, and report per evaluation set the AUROC and the recall at the
+threshold that flags 1% of a benign control set (answers to ordinary requests); Natarajan et al. 2026
+found the training set explains most of the variance, so every number is per dataset and a train x eval
+transfer matrix sits beside it, never one pooled figure.
+
+- `fit_scores`: one L2 logistic probe on the training rows (standardised on them, class-balanced, the
+  same objective as the grouped-CV probes in probes.py), its decision values (logits) on other rows.
+- `evaluate_set`: one evaluation set against the control threshold: AUROC with a clustered CI
+  (`stats.clustered_auroc`), recall of the deceptive completions and balanced accuracy at the threshold
+  with cluster-adjusted Wilson CIs, and the threshold's resolution. A number that cannot be computed is
+  None with the reason in `why`.
+- `transfer_matrix`: every labelled dataset as training set against every labelled dataset as
+  evaluation set (the diagonal is the grouped cross-validation AUROC, since a probe scored on its own
+  training rows says nothing).
+
+The probe is fixed once trained, so the intervals describe the evaluation set's sampling only (groups as
+the units: completions of one scenario or fact are not independent); how much the probe would change
+with other training data is the grouped-CV rows' refitted bootstrap (probes.py). Recall is "at the
+threshold set on these control answers": with n control answers the FPR it stands for is only known to
+1/n, which every row states (`resolution`, `fpr_upper`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from helpers.analysis import logistic
+from helpers.analysis.probes import grouped_folds
+from helpers.stats import clustered_auroc, clustered_proportion_ci, control_threshold, group_index
+
+CONTROL_FPR = 0.01
+"""The false-positive rate on the control set at which recall is reported (the field's 1%)."""
+MIN_GROUPS = 2
+"""An evaluation set with fewer groups gets no interval (nothing to estimate a cluster variance from)."""
+
+
+@dataclass
+class EvalSet:
+    """The rows of one dataset at one layer: indices into the layer's matrix, labels (None for the
+    control set, whose answers are benign by construction and never judged) and prompt groups."""
+
+    name: str
+    role: str  # "train" | "eval" | "control"
+    idx: np.ndarray
+    y: np.ndarray | None
+    groups: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return len(self.idx)
+
+
+def fit_scores(
+    X: np.ndarray, train_idx: np.ndarray, y_train: np.ndarray, targets: Sequence[np.ndarray], C: float = 1.0
+) -> list[np.ndarray]:
+    """Decision values (log-odds of deceptive) of a probe fitted on X[train_idx] for each index array in
+    `targets`. Standardisation and the fit see the training rows only; class weights are balanced as in
+    the grouped-CV probes, so 0 is the balanced threshold."""
+    X = np.asarray(X, np.float64)
+    y_train = np.asarray(y_train).astype(int)
+    if len(np.unique(y_train)) < 2:
+        raise ValueError(
+            f"the training rows hold one class only ({int(y_train.sum())} deceptive of {len(y_train)}): a "
+            "probe needs both; add the other class to the training dataset"
+        )
+    tr = np.asarray(train_idx)
+    mu, sd = X[tr].mean(0), X[tr].std(0)
+    sd[sd == 0] = 1.0
+    Z = (X[tr] - mu) / sd
+    # Fit in the training rows' span (the L2 solution lies there: probes.py's SVD coordinates).
+    if Z.shape[1] > Z.shape[0]:
+        _, sv, vt = np.linalg.svd(Z, full_matrices=False)
+        basis = vt[sv > sv[0] * 1e-10].T  # [d, r]: the numerically non-null directions
+    else:
+        basis = None
+    Zc = Z @ basis if basis is not None else Z
+    W, c = logistic.fit(Zc, y_train[None], logistic.balanced_weights(y_train), C)
+    w = (basis @ W[0]) if basis is not None else W[0]
+    return [((X[np.asarray(t)] - mu) / sd) @ w + c[0] for t in targets]
+
+
+def _mover_mean(a: tuple[float, float, float], b: tuple[float, float, float]) -> tuple[float, float, float]:
+    """The mean of two proportions with a MOVER interval (Newcombe 1998, method 10) from each one's
+    interval: conservative when the two move against each other, as recall and specificity of one
+    threshold do under a shared group effect."""
+    (pa, la, ua), (pb, lb, ub) = a, b
+    est = (pa + pb) / 2
+    lo = est - math.sqrt((pa - la) ** 2 + (pb - lb) ** 2) / 2
+    hi = est + math.sqrt((ua - pa) ** 2 + (ub - pb) ** 2) / 2
+    return est, lo, hi
+
+
+def evaluate_set(
+    scores: np.ndarray,
+    y: np.ndarray,
+    groups: Sequence,
+    control_scores: np.ndarray | None,
+    *,
+    fpr: float = CONTROL_FPR,
+) -> dict[str, Any]:
+    """Metrics of fixed detector scores on one labelled evaluation set (module doc). Without a control
+    set the threshold-based numbers are None with the reason; with one, `threshold` holds
+    `stats.control_threshold`'s record (resolution, realised FPR, its 95% upper bound)."""
+    s, y = np.asarray(scores, float), np.asarray(y).astype(int)
+    groups = np.asarray(groups)
+    n_groups = group_index(groups)[1] if len(groups) else 0
+    out: dict[str, Any] = {
+        "n": len(s),
+        "n_deceptive": int(y.sum()),
+        "n_honest": int(len(y) - y.sum()),
+        "n_groups": n_groups,
+        "auroc": None,
+        "auroc_ci": [None, None],
+        "recall": None,
+        "recall_ci": [None, None],
+        "ba_at_threshold": None,
+        "ba_ci": [None, None],
+        "threshold": None,
+        "why": [],
+        "ci_method": "clustered by prompt group: Obuchowski AUROC (logit, t df = groups - 1); "
+        "cluster-adjusted Wilson for recall / specificity, MOVER for their mean",
+    }
+    why = out["why"]
+    if len(s) == 0:
+        why.append("no completions of this set at this layer")
+        return out
+    two_classes = 0 < y.sum() < len(y)
+    if two_classes:
+        auc, lo, hi = clustered_auroc(s, y, groups)
+        out["auroc"] = auc
+        if n_groups >= MIN_GROUPS and not math.isnan(lo):
+            out["auroc_ci"] = [lo, hi]
+        else:
+            why.append(f"AUROC has no CI: {n_groups} prompt group(s), an interval needs >= {MIN_GROUPS}")
+    else:
+        which = "deceptive" if y.sum() else "honest"
+        why.append(f"AUROC undefined: every completion of this set is {which}")
+    if control_scores is None or len(control_scores) == 0:
+        why.append("no control set in this run: recall at a fixed FPR needs benign answers (role 'control')")
+        return out
+    thr = control_threshold(control_scores, fpr)
+    out["threshold"] = thr
+    if thr["too_small"]:
+        why.append(
+            f"the control set has {thr['n_control']} answers, too few to express {fpr:.0%} FPR "
+            f"(resolution {thr['resolution']:.3f}): the threshold is the highest control score"
+        )
+    flagged = s > thr["threshold"]
+    if y.sum():
+        rec = clustered_proportion_ci(flagged[y == 1], groups[y == 1])
+        out["recall"], out["recall_ci"] = rec[0], [rec[1], rec[2]]
+    else:
+        why.append("recall undefined: no deceptive completion in this set")
+    if two_classes:
+        spec = clustered_proportion_ci(~flagged[y == 0], groups[y == 0])
+        ba = _mover_mean(rec, spec)
+        out["ba_at_threshold"], out["ba_ci"] = ba[0], [max(0.0, ba[1]), min(1.0, ba[2])]
+    return out
+
+
+def cv_scores(
+    X: np.ndarray, y: np.ndarray, groups: Sequence, *, n_folds: int = 5, seed: int = 0, C: float = 1.0
+) -> np.ndarray:
+    """Out-of-fold decision values of grouped cross-validation (the same folds as probes.probe with this
+    seed): the diagonal of the transfer matrix, where a probe is never scored on rows it trained on."""
+    y = np.asarray(y).astype(int)
+    out = np.zeros(len(y))
+    for tr, te in grouped_folds(groups, n_folds, seed, y=y):
+        out[te] = fit_scores(X, tr, y[tr], [te], C)[0]
+    return out
+
+
+def transfer_matrix(
+    X: np.ndarray,
+    sets: Sequence[EvalSet],
+    *,
+    n_folds: int = 5,
+    seed: int = 0,
+    C: float = 1.0,
+) -> dict[str, Any]:
+    """AUROC of a probe trained on each labelled dataset (rows) and applied to each labelled dataset
+    (columns) of X; the diagonal by grouped CV within the dataset. Cells that cannot be computed (one
+    class, too few groups for CV) are None with the reason in `why`."""
+    labelled = [s for s in sets if s.y is not None and s.n]
+    names = [s.name for s in labelled]
+    auroc: list[list[float | None]] = [[None] * len(labelled) for _ in labelled]
+    ci: list[list[list[float | None]]] = [[[None, None] for _ in labelled] for _ in labelled]
+    why: dict[str, str] = {}
+    for i, tr in enumerate(labelled):
+        if len(np.unique(tr.y)) < 2:
+            why[tr.name] = "one class only: cannot train a probe on it"
+            continue
+        targets = [s.idx for s in labelled]
+        scores = fit_scores(X, tr.idx, tr.y, targets, C)
+        for j, ev in enumerate(labelled):
+            if i == j:
+                try:
+                    s = cv_scores(X[tr.idx], tr.y, tr.groups, n_folds=n_folds, seed=seed, C=C)
+                except ValueError as err:
+                    why[f"{tr.name}->{ev.name}"] = f"no grouped CV: {err}"
+                    continue
+            else:
+                s = scores[j]
+            if 0 < ev.y.sum() < len(ev.y):
+                a, lo, hi = clustered_auroc(s, ev.y, ev.groups)
+                auroc[i][j], ci[i][j] = a, [None if math.isnan(lo) else lo, None if math.isnan(hi) else hi]
+            else:
+                why[f"{tr.name}->{ev.name}"] = f"{ev.name} holds one class only"
+    return {
+        "train": names,
+        "eval": names,
+        "auroc": auroc,
+        "auroc_ci": ci,
+        "diagonal": "grouped cross-validation within the dataset (out-of-fold scores)",
+        "why": why,
+    }
