@@ -101,15 +101,26 @@ def test_01_writes_valid_run_json(smoke_run):
 def test_02_writes_labelled_completions_and_activations(smoke_run):
     from helpers.collect.capture import load_pooled
     from helpers.collect.completions import read_completions
+    from helpers.collect.datasets import read_datasets
     from helpers.collect.store import LayerStore
 
     records = read_completions(smoke_run)
-    assert len(records) == 16 * 2, "8 contrast facts x 2 instructions x 2 samples in smoke mode"
-    assert len({r["group"] for r in records}) == 8, "contrast pairs stay whole"
-    assert {r["label"] for r in records} == {"honest", "deceptive"}
-    assert {r["label_source"] for r in records} == {"instruction"}, "instruction labels must say so"
-    for r in records:
+    entries = read_datasets(smoke_run)
+    assert [(e["name"], e["role"], e["label_by"], e["n_prompts"]) for e in entries] == [
+        ("contrast", "train", "instruction", 16), ("scenarios", "eval", "judge", 3), ("benign", "control", "none", 3)
+    ]  # fmt: skip
+    by_set = {e["name"]: [r for r in records if r["dataset"] == e["name"]] for e in entries}
+    assert len(records) == sum(map(len, by_set.values())) == (16 + 3 + 3) * 2
+    assert {r["policy"] for r in records} == {"on-policy"}
+    contrast = by_set["contrast"]
+    assert len(contrast) == 16 * 2, "8 contrast facts x 2 instructions x 2 samples in smoke mode"
+    assert len({r["group"] for r in contrast}) == 8, "contrast pairs stay whole"
+    assert {r["label"] for r in contrast} == {"honest", "deceptive"}
+    assert {r["label_source"] for r in contrast} == {"instruction"}, "instruction labels must say so"
+    for r in contrast:
         assert r["label"] == ("honest" if r["prompt_id"].endswith("/honest") else "deceptive")
+    assert {r["label_source"] for r in by_set["scenarios"]} == {"rules"}, "the offline judge, marked"
+    assert {(r["label"], r["label_source"]) for r in by_set["benign"]} == {(None, "control")}, "never judged"
     run = json.loads((smoke_run / "run.json").read_text())
     assert run["layers"] == [3, 6] and run["stages"]["02_collect_activations"]["status"] == "done"
     for layer in (3, 6):
