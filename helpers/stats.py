@@ -1,6 +1,6 @@
 """Statistics primitives shared by every stage: cluster-bootstrap weights and intervals, label
 permutations at the level the labels vary, balanced accuracy, AUROC, rank-sum tests, multiplicity
-corrections, exact sign-flip tests, binomial intervals (plain and over clusters).
+corrections, exact sign-flip tests, binomial intervals.
 
 A probe's score, a feature's effect and a steering condition are judged by the same numerics here.
 Labels: y = 1 deceptive, 0 honest. Functions take plain numpy arrays and never read the run folder.
@@ -278,54 +278,12 @@ def wilson_ci(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, floa
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def cluster_design_effect(hits: np.ndarray, sizes: np.ndarray) -> float:
-    """Design effect of a proportion over clusters (scenarios): 1 + (n0 - 1) ICC, floored at 1, with
-    the ANOVA estimate of the intra-cluster correlation of the 0/1 outcomes (Fleiss 1981; Donner 1986)
-    and n0 the ANOVA's average cluster size (N - sum n_g^2 / N) / (G - 1). `hits` [G]: successes per
-    cluster, `sizes` [G]: answers per cluster. 1 with fewer than 2 clusters or no variation."""
-    hits, sizes = np.asarray(hits, float), np.asarray(sizes, float)
-    keep = sizes > 0
-    hits, sizes = hits[keep], sizes[keep]
-    g, n = len(sizes), float(sizes.sum())
-    if g < 2 or n <= g:
-        return 1.0
-    p, p_g = hits.sum() / n, hits / sizes
-    msb = float((sizes * (p_g - p) ** 2).sum() / (g - 1))
-    msw = float((hits * (1 - p_g)).sum() / (n - g))
-    n0 = (n - float((sizes**2).sum()) / n) / (g - 1)
-    if msb + (n0 - 1) * msw <= 0:
-        return 1.0
-    icc = (msb - msw) / (msb + (n0 - 1) * msw)
-    return max(1.0, 1.0 + (n0 - 1) * icc)
-
-
-def cluster_wilson_ci(hits: np.ndarray, sizes: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
-    """(rate, lo, hi): a proportion over clusters (answers grouped by scenario) with the Wilson score
-    interval at the effective sample size n / design effect (`cluster_design_effect`) and the t
-    quantile with clusters - 1 degrees of freedom for z (the design effect is estimated). Unlike a t
-    interval of cluster rates it stays inside [0, 1], is not [0, 0] when no answer is a hit, and holds
-    with rare outcomes: with 10 scenarios x 4 answers and mean rates 0.02-0.10 the t interval covered
-    41-81% of simulated worlds and this one >= 93% (tests/analysis/test_calibration.py)."""
-    hits, sizes = np.asarray(hits, float), np.asarray(sizes, float)
-    n = float(sizes.sum())
-    if n == 0:
-        return (math.nan, math.nan, math.nan)
-    rate = float(hits.sum() / n)
-    n_eff = n / cluster_design_effect(hits, sizes)
-    g = int((sizes > 0).sum())
-    z = float(stats.t.ppf(0.5 + level / 2, g - 1) if g > 1 else stats.norm.ppf(0.5 + level / 2))
-    denom = 1 + z * z / n_eff
-    centre = (rate + z * z / (2 * n_eff)) / denom
-    half = z * math.sqrt(rate * (1 - rate) / n_eff + z * z / (4 * n_eff * n_eff)) / denom
-    return rate, max(0.0, centre - half), min(1.0, centre + half)
-
-
 def difference_ci(
     a: tuple[float, float, float], b: tuple[float, float, float], correlation: float
 ) -> tuple[float, float]:
     """Interval of a - b from the intervals (estimate, lo, hi) of a and b and the correlation of their
-    estimates: the MOVER of Zou & Donner (2008), which carries asymmetric score intervals (Wilson's near
-    0 or 1) over to the difference: lo = d - sqrt(da^2 + db^2 - 2 r da db) with da = a - lo_a, db =
+    estimates (e.g. of two steering conditions' per-scenario rates): the MOVER of Zou & Donner (2008),
+    which carries asymmetric score intervals (Wilson's near 0 or 1) over to the difference: lo = d - sqrt(da^2 + db^2 - 2 r da db) with da = a - lo_a, db =
     hi_b - b, and the mirror image for hi. Nan when either interval is."""
     (pa, la, ua), (pb, lb, ub) = a, b
     if not all(map(math.isfinite, (pa, la, ua, pb, lb, ub))):

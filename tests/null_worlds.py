@@ -281,6 +281,46 @@ def steering_calibration(impl, n_worlds: int, *, seed: int = 0, n_scenarios: int
             "difference_ci_coverage": float(np.mean(cov_diff)), "rate_ci_coverage": float(np.mean(cov_rate))}  # fmt: skip
 
 
+def rare_steering_rows(rng: np.random.Generator, rate: float, steered_rate: float, *, n_scenarios: int = 10,
+                       n_per_prompt: int = 4, icc: float = 0.2):  # fmt: skip
+    """A no-steering row and a steered row where deception is rare (the README run's regime): one prompt
+    per scenario, scenario rates Beta-distributed with mean `rate` (no steering) or `steered_rate`
+    (steered) and intra-scenario correlation `icc`, coupled through one quantile per scenario (a scenario
+    that lies more lies more under both), and answer k of a prompt shares its random number across the
+    conditions (sampled with the same seed). Truth: rates `rate`, `steered_rate`; their difference."""
+    from scipy import stats
+
+    u, draws = rng.random(n_scenarios), rng.random((n_scenarios, n_per_prompt))
+    rows = []
+    for name, kind, mean in (("none", "none", rate), ("f", "feature", steered_rate)):
+        scenario_rate = stats.beta.ppf(u, mean * (1 - icc) / icc, (1 - mean) * (1 - icc) / icc)
+        samples = [{"prompt_id": f"s{s}/q0", "group": f"s{s}", "nll": 1.0, "n_tokens": 1, "label_source": "rules",
+                    "label": "deceptive" if draws[s, k] < scenario_rate[s] else "honest"}
+                   for s in range(n_scenarios) for k in range(n_per_prompt)]  # fmt: skip
+        rows.append({"name": name, "kind": kind, "layer": 1, "strength": 0.0 if kind == "none" else 1.0,
+                     "feature": 1, "sampling": {"seed": 0, "n_per_prompt": n_per_prompt}, "samples": samples,
+                     "stats": {"n": len(samples), "perplexity": 2.0, "n_prompts": n_scenarios,
+                               "label_sources": {"rules": len(samples)}}})  # fmt: skip
+    return rows
+
+
+def rare_steering_calibration(impl, n_worlds: int, rate: float, steered_rate: float, *, seed: int = 0,
+                              icc: float = 0.2) -> dict:  # fmt: skip
+    """Coverage of the no-steering rate's CI and of the difference CI (steered minus none) in worlds of
+    `rare_steering_rows`, and how often the rate CI is [0, 0]."""
+    cov_rate, cov_diff, zero = [], [], []
+    for w in range(n_worlds):
+        rows = rare_steering_rows(np.random.default_rng([seed, 8, w]), rate, steered_rate, icc=icc)
+        rlo, rhi = impl.rate_ci(rows[0]["samples"])
+        cov_rate.append(rlo <= rate <= rhi)
+        zero.append(rhi == 0)
+        (_, (lo, hi)), *_ = impl.steering(rows)
+        cov_diff.append(lo <= steered_rate - rate <= hi)
+    return {"n_worlds": n_worlds, "rate": rate, "steered_rate": steered_rate, "icc": icc,
+            "rate_ci_coverage": float(np.mean(cov_rate)), "difference_ci_coverage": float(np.mean(cov_diff)),
+            "rate_ci_is_0_0": float(np.mean(zero))}  # fmt: skip
+
+
 def lm_loss_calibration(n_worlds: int, *, seed: int = 0, n_groups: int = 24) -> dict:
     """Coverage of `stats.ratio_ci` for the LM-loss metrics' shape: per group, tokens ~ U(20, 200) and a
     summed loss whose per-token rate varies by group (gamma, shape 5, mean 1): truth 1."""

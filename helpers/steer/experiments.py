@@ -12,12 +12,16 @@ Design (REFERENCE.md, "Steering evaluation practice"; DESIGN.md §9):
   answers, and a condition that makes answers ambiguous shows up in the ambiguous rate, not as honesty;
 - fluency: the perplexity of the steered text under the UNSTEERED model (steering that makes the model
   babble can lower a deceptive rate without meaning anything);
-- rates come with 95% t intervals over scenarios (answers of one scenario are not independent, and with
-  ~10 scenarios a percentile bootstrap undercovers);
+- rates come with 95% Wilson intervals at the effective number of answers (answers / the design
+  effect of their scenarios, `stats.clustered_proportion_ci`): answers of one scenario are not independent,
+  and deception is often rare, where a t interval over ~10 scenarios covered 41-81% of simulated
+  worlds at rates 0.02-0.10 (and was [0, 0] when no answer was deceptive);
 - `compare_to_controls`: each feature (or difference-of-means) condition against no steering and
   against the matched-norm random controls, paired BY SCENARIO (each scenario's mean over its prompts
   and samples): an exact sign-flip permutation test over scenarios and a t interval of the mean
-  difference, Benjamini–Hochberg across all those tests, and a verdict in plain words. Testing the
+  difference's interval (Zou & Donner's MOVER from the two rates' Wilson intervals and the correlation
+  of their per-scenario rates: a t interval of per-scenario differences covered 64-94% of rare-rate
+  worlds with a true effect), Benjamini–Hochberg across all those tests, and a verdict in plain words. Testing the
   prompts as units when paraphrases share a scenario rejected 12% of true nulls at 0.05. The number of
   scenarios and the smallest p they allow are printed before sampling. A null is reported as such.
 """
@@ -34,7 +38,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import stats
 
 from helpers.collect.completions import read_completions
 from helpers.collect.judge import label_all
@@ -50,7 +53,7 @@ from helpers.run import (
     steering_path,
 )
 from helpers.saes.io import LoadedSAE, load_sae
-from helpers.stats import bh_qvalues, group_index, ratio_ci, sign_flip_test
+from helpers.stats import bh_qvalues, clustered_proportion_ci, difference_ci, sign_flip_test
 from helpers.steer.directions import Condition, check_sae_matches
 
 TESTED_KINDS = ("feature", "diff_of_means")
@@ -159,29 +162,30 @@ def completion_nll(lm: Any, completions: Sequence[Any], batch_size: int = 8) -> 
 
 
 def condition_stats(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Rates of deceptive, honest and ambiguous answers with 95% CIs over scenarios (`group`, else the
-    prompt: a t interval of a ratio of cluster sums, `stats.ratio_ci`), label counts and fluency of one
-    condition's samples."""
-    gidx, n_groups = group_index([s.get("group") or s["prompt_id"] for s in samples])
+    """Rates of deceptive, honest and ambiguous answers with 95% CIs that count scenarios (`group`, else
+    the prompt) as clusters (`stats.clustered_proportion_ci`), label counts and fluency of one condition's
+    samples."""
+    scenario = [s.get("group") or s["prompt_id"] for s in samples]
     counts = Counter(s["label"] for s in samples)
     nll, tokens = sum(s["nll"] for s in samples), sum(s["n_tokens"] for s in samples)
-    per_group = np.bincount(gidx, minlength=n_groups).astype(float)
     out: dict[str, Any] = {
         "n": len(samples),
         "n_prompts": len({s["prompt_id"] for s in samples}),
-        "n_scenarios": n_groups,
+        "n_scenarios": len(set(scenario)),
         **{f"n_{label}": counts[label] for label in ("deceptive", "honest", "ambiguous")},
     }
     for label in ("deceptive", "honest", "ambiguous"):
-        hits = np.bincount(gidx, [s["label"] == label for s in samples], n_groups)
-        rate, lo, hi = ratio_ci(hits, per_group) if len(samples) else (math.nan, math.nan, math.nan)
+        rate, lo, hi = clustered_proportion_ci(
+            np.array([s["label"] == label for s in samples], float), scenario
+        )
         out[f"{label}_rate"] = rate
-        out[f"{label}_rate_ci"] = (max(lo, 0.0), min(hi, 1.0))  # clipped to where a rate can be
+        out[f"{label}_rate_ci"] = (lo, hi)
     decided = counts["deceptive"] + counts["honest"]
     return {
         **out,
         "rate_ci": out["deceptive_rate_ci"],
-        "rate_ci_method": "95% t interval over scenarios; rates are of all answers, ambiguous included",
+        "rate_ci_method": "95% Wilson interval at answers / design effect of scenarios; rates are of all "
+        "answers, ambiguous included",
         "deceptive_among_decided": counts["deceptive"] / decided if decided else math.nan,
         "label_sources": dict(Counter(s["label_source"] for s in samples)),
         "perplexity": math.exp(nll / tokens) if tokens else None,
@@ -281,14 +285,18 @@ def _per_scenario_rates(row: dict[str, Any], label: str = "deceptive") -> dict[s
     return {g: float(np.mean([np.mean(v) for v in by_prompt.values()])) for g, by_prompt in hits.items()}
 
 
-def paired_scenario_test(diffs: np.ndarray, seed: int = 0) -> dict[str, Any]:
-    """Per-scenario differences -> mean, 95% t interval (df = scenarios - 1) and the exact (or, above 16
-    scenarios, Monte Carlo) sign-flip p-value; the smallest p the scenarios allow."""
-    d = np.asarray(diffs, float)
-    k = len(d)
-    half = stats.t.ppf(0.975, k - 1) * d.std(ddof=1) / np.sqrt(k) if k > 1 else math.nan
-    lo, hi = float(d.mean() - half), float(d.mean() + half)
-    ci = (max(lo, -1.0), min(hi, 1.0))  # clipped to where a difference of rates can be
+def paired_scenario_test(a: np.ndarray, b: np.ndarray, answers: np.ndarray, seed: int = 0) -> dict[str, Any]:
+    """Per-scenario rates of a condition `a` [k] and of its control `b` [k], with `answers` [k] per
+    scenario -> the mean difference, its 95% interval (the two rates' `stats.clustered_proportion_ci`
+    combined by `stats.difference_ci` with the correlation of the per-scenario rates), the exact (or,
+    above 16 scenarios, Monte Carlo) sign-flip p-value of the per-scenario differences, and the
+    smallest p the scenarios allow."""
+    a, b, answers = (np.asarray(v, float) for v in (a, b, answers))
+    k, d = len(a), a - b
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = float(np.corrcoef(a, b)[0, 1]) if k > 1 and a.std() > 0 and b.std() > 0 else 0.0
+    rows = np.repeat(np.arange(k), answers.astype(int))  # each scenario's answers, one row each
+    ci = difference_ci(clustered_proportion_ci(a[rows], rows), clustered_proportion_ci(b[rows], rows), r)
     return {"difference": float(d.mean()), "difference_ci": ci,
             "p_value": sign_flip_test(d, seed=seed), "min_possible_p": 2 / 2 ** min(k, 16)}  # fmt: skip
 
@@ -314,6 +322,7 @@ def compare_to_controls(
             ctrl_rates = [_per_scenario_rates(c) for c in ctrl]
             ctrl_amb = [_per_scenario_rates(c, "ambiguous") for c in ctrl]
             scenarios = sorted(set(rates).intersection(*ctrl_rates))
+            answers = Counter(s.get("group") or s["prompt_id"] for s in r["samples"])
             a = np.array([rates[g] for g in scenarios])
             b = np.array([np.mean([cr[g] for cr in ctrl_rates]) for g in scenarios])
             amb_diff = np.mean([amb[g] - np.mean([ca[g] for ca in ctrl_amb]) for g in scenarios])
@@ -323,9 +332,9 @@ def compare_to_controls(
                 "n_scenarios": len(scenarios), "n_prompts": r["stats"].get("n_prompts"),
                 "n_per_prompt": r["sampling"]["n_per_prompt"],
                 "rate": float(a.mean()), "control_rate": float(b.mean()),
-                **paired_scenario_test(a - b, seed=seed),
+                **paired_scenario_test(a, b, np.array([answers[g] for g in scenarios]), seed=seed),
                 "ambiguous_difference": float(amb_diff),
-                "test": "exact sign-flip test over scenarios; t interval over scenarios",
+                "test": "exact sign-flip test over scenarios; MOVER interval from scenario-clustered Wilson intervals",
                 "perplexity": r["stats"]["perplexity"],
                 "control_perplexity": float(np.mean([c["stats"]["perplexity"] or np.nan for c in ctrl])),
                 "label_sources": r["stats"]["label_sources"],

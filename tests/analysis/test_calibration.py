@@ -74,6 +74,19 @@ def test_steering_tests_and_cis(impl):
     assert r["difference_ci_coverage"] >= 0.93 and r["rate_ci_coverage"] >= 0.93, r
 
 
+def test_steering_cis_when_deception_is_rare(impl):
+    """Rare outcomes (DESIGN §9): 10 scenarios x 4 answers at deceptive rates 0.02-0.10, scenario rates
+    correlated (ICC 0.05 and 0.3), steering that raises the rate. The rate CI covers the true rate and is
+    never [0, 0]; the difference CI covers the true difference. A t interval over scenarios covered
+    41-89% (rates) and 61-84% (differences) here. 150 worlds per cell, 6 cells: SE of a pooled coverage
+    of 0.95 is 0.007, of one cell 0.018."""
+    runs = [nw.rare_steering_calibration(impl, 150, rate, steered, icc=icc)
+            for rate, steered in ((0.02, 0.05), (0.05, 0.10), (0.10, 0.10)) for icc in (0.05, 0.3)]  # fmt: skip
+    for key in ("rate_ci_coverage", "difference_ci_coverage"):
+        assert np.mean([r[key] for r in runs]) >= 0.93 and min(r[key] for r in runs) >= 0.9, runs
+    assert max(r["rate_ci_is_0_0"] for r in runs) == 0, runs
+
+
 def test_lm_loss_cis():
     """M3: the CE / KL increases and scores are ratios of sums over prompt groups; their t intervals
     cover with the groups evaluate_lm spreads its completions over (skewed group effects)."""

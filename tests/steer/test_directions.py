@@ -17,7 +17,7 @@ from helpers.collect.sampling import sample_completions
 from helpers.model.hooks import capture, decoder_layers, hook_name
 from helpers.saes import JumpReLUSAE, TopKSAE
 from helpers.saes.io import load_sae, save_sae
-from helpers.stats import sign_flip_test, wilson_ci
+from helpers.stats import difference_ci, sign_flip_test, wilson_ci
 from helpers.steer.directions import (
     Condition,
     build_conditions,
@@ -314,6 +314,11 @@ def test_statistics_match_scipy():
     for k, n in ((0, 10), (3, 10), (17, 40)):
         ref = stats.binomtest(k, n).proportion_ci(method="wilson")
         assert wilson_ci(k, n) == pytest.approx((ref.low, ref.high), abs=1e-9)
+    # The MOVER with uncorrelated estimates is Newcombe's hybrid score interval (statsmodels' "newcomb").
+    from statsmodels.stats.proportion import confint_proportions_2indep
+
+    ref = confint_proportions_2indep(7, 20, 3, 25, method="newcomb")
+    assert difference_ci((7 / 20, *wilson_ci(7, 20)), (3 / 25, *wilson_ci(3, 25)), 0.0) == pytest.approx(ref)
     diffs = np.array([0.5, 0.25, -0.25, 0.75, 0.5, 0.0, 1.0])
     ref = stats.permutation_test((diffs,), np.mean, permutation_type="samples", n_resamples=np.inf)
     assert sign_flip_test(diffs) == pytest.approx(ref.pvalue)
@@ -367,7 +372,8 @@ def test_paraphrases_of_a_scenario_are_one_unit_of_the_test():
     (out,) = compare_to_controls(rows)
     assert out["n_scenarios"] == 3 and out["min_possible_p"] == 0.25 and out["p_value"] == 0.25
     assert "with 3 scenarios no test can reach p<0.05" in out["verdict"]
-    assert out["difference"] == 1.0 and out["difference_ci"] == (1.0, 1.0)
+    # all lie vs none, but 3 scenarios: the interval is as wide as the test is weak, not (1, 1)
+    assert out["difference"] == 1.0 and out["difference_ci"][0] < 0.5 and out["difference_ci"][1] == 1.0
 
 
 def test_ambiguous_answers_are_their_own_category():
