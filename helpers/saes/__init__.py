@@ -9,6 +9,7 @@
     evals.py      explained variance, L0, dead/dense fractions, spliced-in CE/KL, the leaderboard
     grid.py       the layer x condition x architecture (x L0) grid of a run; importing published SAEs
     hub.py        publishing SAEs to the Hugging Face Hub with a model card
+    random_control.py  random-weight SAEs of the same class and L0 (arXiv 2602.14111), the probing control
 
 The names notebook 03 uses are re-exported here.
 """
@@ -21,6 +22,7 @@ from helpers.saes.grid import import_sae, train_grid
 from helpers.saes.io import LoadedSAE, find_sae_folders, load_sae, save_sae
 from helpers.saes.jumprelu import JumpReLUSAE
 from helpers.saes.matryoshka_batchtopk import MatryoshkaBatchTopKSAE
+from helpers.saes.random_control import l0_on, random_sae_like
 from helpers.saes.registry import ARCHITECTURES, make_sae, sae_class
 from helpers.saes.standard import StandardSAE
 from helpers.saes.topk import TopKSAE
@@ -41,9 +43,11 @@ __all__ = [
     "evaluate_lm",
     "find_sae_folders",
     "import_sae",
+    "l0_on",
     "leaderboard",
     "load_sae",
     "make_sae",
+    "random_sae_like",
     "sae_class",
     "save_sae",
     "train_grid",
