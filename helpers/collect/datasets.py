@@ -25,6 +25,7 @@ No row of these datasets is ever stored in this repository; their licences are p
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from helpers.collect.completions import read_completions
 from helpers.collect.prompts import Prompt, contrast_user_text, data_dir, dedupe
 from helpers.model.chat import NANOCHAT_TOKENS, chat_format_of, encode_chat
 from helpers.run import atomic_write_json, datasets_path, read_jsonl, read_run_json
@@ -586,8 +588,6 @@ def read_datasets(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     run.json's `data.spec`, role "train" ([] when run.json records no data either)."""
     path = datasets_path(run_dir)
     if path.exists():
-        import json
-
         try:
             return list(json.loads(path.read_text())["datasets"])
         except (json.JSONDecodeError, KeyError, TypeError) as err:
@@ -611,8 +611,6 @@ def write_datasets(
     A run folder that already holds completions keeps them apart: a dataset it does not declare yet (or
     one declared with another spec) is refused unless `add=True`, so two experiments never mix silently
     in one completions.jsonl. Nothing is written when refusing."""
-    from helpers.collect.completions import read_completions
-
     new = list(datasets)
     names = [d.name for d in new]
     if dup := sorted({n for n in names if names.count(n) > 1}):
@@ -645,8 +643,6 @@ def write_datasets(
 def check_declared(run_dir: str | os.PathLike, names: Iterable[str]) -> None:
     """Refuse to append completions of a dataset that datasets.json does not declare (when the run folder
     already holds completions), naming the fix."""
-    from helpers.collect.completions import read_completions
-
     declared = {e["name"] for e in read_datasets(run_dir)}
     records = read_completions(run_dir)
     declared |= {dataset_of(r) for r in records} if not datasets_path(run_dir).exists() else set()
