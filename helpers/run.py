@@ -74,9 +74,14 @@ def layer_of_dir(folder: str | os.PathLike) -> int:
     return int(name.removeprefix("layer_"))
 
 
+def pooled_dir(run_dir: str | os.PathLike) -> Path:
+    """The pooled vectors of every layer (the stored layers and the layer sweep's)."""
+    return Path(run_dir) / "pooled"
+
+
 def pooled_path(run_dir: str | os.PathLike, layer: int) -> Path:
-    """One vector per completion (mean and last token) at one layer, for the probes."""
-    return Path(run_dir) / "pooled" / f"layer_{layer}.safetensors"
+    """One vector per completion (mean and last token, the prompt's last token) at one layer, for the probes."""
+    return pooled_dir(run_dir) / f"layer_{layer}.safetensors"
 
 
 def saes_dir(run_dir: str | os.PathLike) -> Path:

@@ -11,20 +11,28 @@ Outputs in the run folder (DESIGN.md §3):
   rounded to float16 (a completion that overflows float16 is kept in float32), through
   `store.ActivationWriter`.
 - `pooled/layer_{L}.safetensors`: `mean` and `last` `[n_completions, d_model]` float32 over the
-  completion tokens, row order in the metadata (`completion_ids`, a JSON list). They are computed from
-  the values *as stored* (after the float16 rounding), so a pooled row equals the mean / last of that
-  completion's rows in the store: probes on pooled vectors and SAEs on stored tokens see the same
-  numbers.
+  completion tokens, and `prompt_last`: the residual at the prompt's last token (the chat template's
+  assistant header), read before the model wrote anything: the prompt-only probe's input (if it reads
+  the label as well as the answer does, a probe reads the instruction, not the answer). Row order in
+  the metadata (`completion_ids`, a JSON list). They are computed from the values *as stored* (after
+  the float16 rounding), so a pooled row equals the mean / last of that completion's rows in the store:
+  probes on pooled vectors and SAEs on stored tokens see the same numbers.
+- Pooled vectors (no per-token store) also at the `sweep_layers`, by default every layer of a model
+  with up to 16 and an even stride over deeper ones (`default_sweep_layers`): the layer sweep of
+  notebook 04 (signal against depth). They cost the forward pass to the deepest of them and
+  3 x d_model float32 per completion and layer.
 
-Resume: completions already in every layer's store are skipped; pooled rows of completions that were
-stored but not yet pooled (a disconnect between a shard and the pooled file) are read back from the
-store, so a run that was interrupted ends with the same files as one that was not.
+Resume: completions already in every layer's store and pooled file are skipped; pooled rows of
+completions that were stored but not yet pooled (a disconnect between a shard and the pooled file) take
+their mean and last from the store, so a run that was interrupted ends with the same files as one that
+was not.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import Any, NamedTuple
 
@@ -36,8 +44,18 @@ from tqdm.auto import tqdm
 from helpers.collect.sampling import Completion
 from helpers.collect.store import FP16_MAX, ActivationWriter, LayerStore
 from helpers.model.chat import pad_token_id
-from helpers.model.hooks import check_layers, hook_name, run_with_capture
-from helpers.run import atomic_write_bytes, pooled_path
+from helpers.model.hooks import check_layers, decoder_layers, hook_name, run_with_capture
+from helpers.run import atomic_write_bytes, pooled_dir, pooled_path
+
+SWEEP_MAX_LAYERS = 16
+"""`default_sweep_layers` pools every layer up to this depth, and about this many layers beyond it."""
+
+
+def default_sweep_layers(n_layers: int) -> list[int]:
+    """Every layer when there are at most SWEEP_MAX_LAYERS, else an even stride that keeps the last one
+    (d32: 16 of 32 layers)."""
+    stride = -(-n_layers // SWEEP_MAX_LAYERS)  # ceil
+    return sorted({*range(n_layers - 1, -1, -stride)})
 
 
 class _Row(NamedTuple):
@@ -55,8 +73,10 @@ def collect_activations(
     batch_size: int = 16,
     include_prompt: bool = False,
     shard_tokens: int = 65_536,
+    sweep_layers: Sequence[int] | str | None = "auto",
 ) -> dict[str, Any]:
-    """Store per-token and pooled residual activations of `completions` at `layers`; returns a summary.
+    """Store per-token and pooled residual activations of `completions` at `layers`, and pooled vectors
+    alone at `sweep_layers` ("auto": `default_sweep_layers`; None or []: none); returns a summary.
 
     `completions` are `Completion`s or their `to_dict()` rows (from completions.jsonl). Completions with
     no tokens are listed under "empty" and store nothing. Non-finite activations raise the store's
@@ -66,19 +86,30 @@ def collect_activations(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     model = lm.model
     layers = sorted(set(check_layers(model, layers)))
+    if sweep_layers == "auto":
+        sweep_layers = default_sweep_layers(len(decoder_layers(model)))
+    pooled_only = sorted(set(check_layers(model, sweep_layers or [])) - set(layers))
+    all_layers = sorted({*layers, *pooled_only})
     rows = _rows(completions)
-    names = [hook_name(layer) for layer in layers]
+    names = {layer: hook_name(layer) for layer in all_layers}
     pad_id = pad_token_id(lm.tokenizer)
-    # Per layer: completion id -> (mean, last) [d_model] of the completion rows as stored.
-    fresh: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {layer: {} for layer in layers}
+    pooled_ids = {layer: _pooled_ids(run_dir, layer) for layer in all_layers}
+    # Per layer: completion id -> {"mean", "last", "prompt_last"} [d_model] (mean / last as stored).
+    fresh: dict[int, dict[str, dict[str, torch.Tensor]]] = {layer: {} for layer in all_layers}
     tokens_stored = dict.fromkeys(layers, 0)
     with ExitStack() as stack:
         writers = {
             layer: stack.enter_context(ActivationWriter(run_dir, layer, shard_tokens=shard_tokens))
             for layer in layers
         }
+
+        def complete(r: _Row) -> bool:
+            return all(r.id in w.done_ids for w in writers.values()) and all(
+                r.id in pooled_ids[layer] for layer in all_layers
+            )
+
         empty = [r.id for r in rows if not r.completion]
-        todo = [r for r in rows if r.completion and any(r.id not in w.done_ids for w in writers.values())]
+        todo = [r for r in rows if r.completion and not complete(r)]
         skipped = sum(1 for r in rows if r.completion) - len(todo)
         # Similar lengths share a batch, so little of each forward pass is spent on padding.
         todo.sort(key=lambda r: len(r.prompt) + len(r.completion))
@@ -88,20 +119,29 @@ def collect_activations(
                 ids, mask = _right_pad([r.prompt + r.completion for r in batch], pad_id, model.device)
                 # Right padding keeps every real token at its unpadded position (0, 1, ...), and causal
                 # attention never lets a real token see the pads after it. {name: [b, width, d_model]}
-                acts = run_with_capture(model, names, stop_early=True, input_ids=ids, attention_mask=mask)
-                for layer, name in zip(layers, names, strict=True):
+                acts = run_with_capture(
+                    model, list(names.values()), stop_early=True, input_ids=ids, attention_mask=mask
+                )
+                for layer, name in names.items():
                     stored = _as_stored(acts[name], batch, include_prompt)
-                    for row, (first, vectors) in zip(batch, stored, strict=True):
-                        if row.id in writers[layer].done_ids:
-                            continue  # stored in this layer by an earlier run, not yet in another one
-                        writers[layer].add(row.id, vectors, first_position=first)
+                    prompt_last = _prompt_last(acts[name], batch)
+                    writer = writers.get(layer)
+                    for b, (row, (first, vectors)) in enumerate(zip(batch, stored, strict=True)):
                         completion = vectors[len(row.prompt) - first :]  # [n_tokens, d_model]
-                        fresh[layer][row.id] = (completion.mean(0), completion[-1].clone())
-                        tokens_stored[layer] += len(vectors)
+                        pooled = {"prompt_last": prompt_last[b]}
+                        if writer is None or row.id not in writer.done_ids:
+                            pooled |= {"mean": completion.mean(0), "last": completion[-1].clone()}
+                        if writer is not None and row.id not in writer.done_ids:
+                            writer.add(row.id, vectors, first_position=first)
+                            tokens_stored[layer] += len(vectors)
+                        elif writer is None:
+                            _check_finite(completion, row.id, layer)
+                        fresh[layer][row.id] = pooled
                 bar.update(len(batch))
-    pooled = {layer: _write_pooled(run_dir, layer, rows, fresh[layer]) for layer in layers}
+    pooled = {layer: _write_pooled(run_dir, layer, rows, fresh[layer]) for layer in all_layers}
     return {
         "layers": layers,
+        "sweep_layers": all_layers,
         "completions": len(rows),
         "stored": len(todo),
         "skipped_done": skipped,
@@ -110,6 +150,49 @@ def collect_activations(
         "pooled_rows": pooled,
         "include_prompt": include_prompt,
     }
+
+
+def _check_finite(vectors: torch.Tensor, cid: str, layer: int) -> None:
+    """A pooled-only layer has no store to refuse non-finite values: the same error here."""
+    if not torch.isfinite(vectors).all():
+        token, dim = (~torch.isfinite(vectors)).nonzero()[0].tolist()
+        raise ValueError(
+            f"non-finite activation in completion {cid!r} at token {token}, dimension {dim} (layer {layer}): "
+            "the model overflowed; load it in float32 (dtype=torch.float32)"
+        )
+
+
+def _pooled_ids(run_dir: str | os.PathLike, layer: int) -> set[str]:
+    """Completion ids already in a layer's pooled file with every pooled vector (an older file without
+    `prompt_last` counts as empty for it: those rows are recomputed)."""
+    path = pooled_path(run_dir, layer)
+    if not path.exists():
+        return set()
+    with safe_open(str(path), framework="pt") as f:
+        if "prompt_last" not in f.keys():  # noqa: SIM118 - safe_open has keys(), no __contains__
+            return set()
+        return set(json.loads(f.metadata()["completion_ids"]))
+
+
+def pooled_layers(run_dir: str | os.PathLike) -> list[int]:
+    """The layers with a pooled file (the stored layers and the sweep layers), in order."""
+    folder = pooled_dir(run_dir)
+    found = (
+        [p.stem.removeprefix("layer_") for p in folder.glob("layer_*.safetensors")] if folder.exists() else []
+    )
+    return sorted(int(x) for x in found if x.isdigit())
+
+
+def load_pooled_prompt(run_dir: str | os.PathLike, layer: int) -> tuple[list[str], torch.Tensor] | None:
+    """`(completion_ids, prompt_last [n, d_model])` of one layer, or None for a pooled file written
+    before prompt vectors were kept (rerun notebook 02's collection to add them)."""
+    path = pooled_path(run_dir, layer)
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        if "prompt_last" not in f.keys():  # noqa: SIM118
+            return None
+        return json.loads(f.metadata()["completion_ids"]), f.get_tensor("prompt_last")
 
 
 def load_pooled(run_dir: str | os.PathLike, layer: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -150,34 +233,50 @@ def _as_stored(
     return out
 
 
+def _prompt_last(hidden: torch.Tensor, batch: list[_Row]) -> list[torch.Tensor]:
+    """Per row of `hidden` [b, width, d_model]: the vector at its prompt's last token, float32 on the CPU,
+    rounded through float16 as stored vectors are (kept exact where it would overflow)."""
+    at = torch.tensor([len(r.prompt) - 1 for r in batch], device=hidden.device)
+    vectors = hidden[torch.arange(len(batch), device=hidden.device), at].float().cpu()  # [b, d_model]
+    fits = vectors.abs().amax(-1) < FP16_MAX
+    return [v.half().float() if ok else v.clone() for v, ok in zip(vectors, fits.tolist(), strict=True)]
+
+
 def _write_pooled(run_dir: str | os.PathLike, layer: int, rows: list[_Row], fresh: dict) -> int:
-    """Append pooled rows for every stored completion of `rows` not yet in the pooled file; returns its rows."""
+    """Rewrite the layer's pooled file with a row for every completion of `rows` that has one now or
+    had one before; returns its rows. Mean and last of a completion stored by an earlier, interrupted
+    run come from the store (exactly what it holds); `prompt_last` always from this run's pass."""
     path = pooled_path(run_dir, layer)
-    ids, mean, last = load_pooled(run_dir, layer) if path.exists() else ([], None, None)
-    have = set(ids)
-    need = [r for r in rows if r.completion and r.id not in have]
+    old: dict[str, dict[str, torch.Tensor]] = {}
+    if path.exists():
+        with safe_open(str(path), framework="pt") as f:
+            ids = json.loads(f.metadata()["completion_ids"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        if "prompt_last" in tensors:  # an older file without it is rebuilt from this pass
+            old = {cid: {k: t[i] for k, t in tensors.items()} for i, cid in enumerate(ids)}
+    need = [r for r in rows if r.completion and r.id not in old]
     if not need:
-        return len(ids)
-    store = LayerStore(run_dir, layer)
-    new_mean, new_last = [], []
+        return len(old)
+    store = LayerStore(run_dir, layer) if any("mean" not in fresh.get(r.id, {}) for r in need) else None
     for row in need:
-        if row.id not in store.entries:
+        if row.id not in fresh:
             raise RuntimeError(
-                f"completion {row.id!r} should be in {store.dir} but is not: rerun collect_activations"
+                f"completion {row.id!r} has no pooled vectors at layer {layer}: rerun collect_activations"
             )
-        if row.id in fresh:
-            m, lst = fresh[row.id]
-        else:  # stored by an earlier run that was interrupted before it wrote the pooled file
+        vectors = dict(fresh[row.id])
+        if "mean" not in vectors:  # stored by an earlier run that was interrupted before pooling
+            if row.id not in store.entries:
+                raise RuntimeError(
+                    f"completion {row.id!r} should be in {store.dir} but is not: rerun collect_activations"
+                )
             first_position = store.entries[row.id][3]
             completion = torch.tensor(store.tokens_of(row.id))[len(row.prompt) - first_position :]
-            m, lst = completion.mean(0), completion[-1]
-        new_mean.append(m)
-        new_last.append(lst)
-    ids += [r.id for r in need]
-    mean = torch.cat([t for t in (mean, torch.stack(new_mean)) if t is not None])  # [n, d_model]
-    last = torch.cat([t for t in (last, torch.stack(new_last)) if t is not None])
+            vectors |= {"mean": completion.mean(0), "last": completion[-1]}
+        old[row.id] = vectors
+    ids = list(old)
     data = safetensors_bytes(
-        {"mean": mean.contiguous(), "last": last.contiguous()}, metadata={"completion_ids": json.dumps(ids)}
+        {k: torch.stack([old[cid][k] for cid in ids]).contiguous() for k in ("mean", "last", "prompt_last")},
+        metadata={"completion_ids": json.dumps(ids)},
     )
     atomic_write_bytes(path, data)
     return len(ids)

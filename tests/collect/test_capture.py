@@ -7,10 +7,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save as safetensors_bytes
 
 import helpers
 from helpers.collect import capture as collect
-from helpers.collect.capture import collect_activations, load_pooled
+from helpers.collect.capture import (
+    collect_activations,
+    default_sweep_layers,
+    load_pooled,
+    load_pooled_prompt,
+    pooled_layers,
+)
 from helpers.collect.sampling import Completion
 from helpers.collect.store import FP16_MAX, LayerStore
 from helpers.run import activations_dir, pooled_path
@@ -103,7 +110,47 @@ def test_pooled_mean_and_last_are_those_of_the_stored_rows(completions, collecte
             stored = torch.tensor(store.tokens_of(cid))
             torch.testing.assert_close(mean[i], stored.mean(0), rtol=0, atol=1e-6)
             assert torch.equal(last[i], stored[-1])
-    assert summary["pooled_rows"] == dict.fromkeys(LAYERS, 4)
+    assert {layer: summary["pooled_rows"][layer] for layer in LAYERS} == dict.fromkeys(LAYERS, 4)
+
+
+def test_prompt_vectors_and_sweep_layers_against_transformers(collected, completions, reference):
+    """`prompt_last` is the residual at the prompt's last token (before the answer), at the stored layers
+    and at the pooled-only sweep layers, whose mean / last are those of transformers' hidden states."""
+    run_dir, summary = collected
+    assert summary["sweep_layers"] == sorted({*default_sweep_layers(30), *LAYERS})
+    assert pooled_layers(run_dir) == summary["sweep_layers"]
+    sweep_only = [layer for layer in summary["sweep_layers"] if layer not in LAYERS]
+    assert sweep_only and not activations_dir(run_dir, sweep_only[0]).exists()
+    for layer in [1, 14, sweep_only[0], sweep_only[-2]]:
+        ids, prompt_last = load_pooled_prompt(run_dir, layer)
+        pooled_ids, mean, last = load_pooled(run_dir, layer)
+        assert ids == pooled_ids and prompt_last.shape == (4, 576)
+        for c in completions:
+            if not c.n_tokens:
+                assert c.id not in ids
+                continue
+            hidden = reference[c.id][layer + 1][0]  # [T, d]: hidden_states[0] is the embedding
+            i = ids.index(c.id)
+            torch.testing.assert_close(prompt_last[i], hidden[c.n_prompt_tokens - 1], rtol=1e-2, atol=1e-2)
+            answer = hidden[c.n_prompt_tokens :]
+            torch.testing.assert_close(mean[i], answer.mean(0), rtol=1e-2, atol=1e-2)
+            torch.testing.assert_close(last[i], answer[-1], rtol=1e-2, atol=1e-2)
+
+
+def test_a_pooled_file_without_prompt_vectors_is_completed(offline_lm, completions, tmp_path):
+    """A run folder from before prompt vectors: its pooled rows are rebuilt (mean / last unchanged)."""
+    collect_activations(offline_lm, completions[:3], [1], tmp_path, sweep_layers=None)
+    ids, mean, last = load_pooled(tmp_path, 1)
+    mean, last = mean.clone(), last.clone()  # the loaded tensors may map the file about to be replaced
+    old = safetensors_bytes({"mean": mean, "last": last}, metadata={"completion_ids": json.dumps(ids)})
+    pooled_path(tmp_path, 1).write_bytes(old)
+    assert load_pooled_prompt(tmp_path, 1) is None
+    summary = collect_activations(offline_lm, completions[:3], [1], tmp_path, sweep_layers=None)
+    assert summary["stored"] == 3 and summary["tokens_stored"] == {1: 0}  # nothing stored twice
+    new_ids, new_mean, new_last = load_pooled(tmp_path, 1)
+    order = [new_ids.index(cid) for cid in ids]
+    assert torch.equal(new_mean[order], mean) and torch.equal(new_last[order], last)
+    assert load_pooled_prompt(tmp_path, 1)[1].shape == (3, 576)
 
 
 def test_empty_completion_is_reported_and_stores_nothing(collected):
@@ -137,7 +184,12 @@ def test_resume_after_interruption_equals_one_pass(offline_lm, completions, tmp_
     # Then half the completions (as if the notebook ran on a subset), then all of them.
     collect_activations(offline_lm, completions[:2], layers, resumed, **kwargs)
     summary = collect_activations(offline_lm, completions, layers, resumed, **kwargs)
-    assert summary["skipped_done"] == len(done | {"vase#0", "vase#1"}) and summary["empty"] == ["cookie#1"]
+    # Completions stored before the disconnect but not pooled go through the model again (their prompt
+    # vectors are not in the store) without being stored twice; the two finished ones are skipped.
+    assert summary["skipped_done"] == 2 and summary["empty"] == ["cookie#1"]
+    store = LayerStore(resumed, 1)
+    new = set(store.completion_ids) - done - {"vase#0", "vase#1"}
+    assert summary["tokens_stored"][1] == sum(len(store.tokens_of(c)) for c in new)
     again = collect_activations(offline_lm, completions, layers, resumed, **kwargs)
     assert again["stored"] == 0 and again["skipped_done"] == 4
 
