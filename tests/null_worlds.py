@@ -10,7 +10,11 @@ so completions of one prompt, and prompts of one group, are correlated as real o
 - "paraphrase": per group several paraphrase prompts, each labelled as a whole at random (scenario
   prompts whose answers are all judged alike);
 - "sampled": per group several prompts, each completion labelled on its own with a prompt-specific
-  probability of lying (same-prompt sampling judged per answer).
+  probability of lying (same-prompt sampling judged per answer);
+- "grouped" (not in DESIGNS): every prompt of a group carries the group's label, half the groups each
+  (scenarios that are all deceptive or all honest: a label sits in few groups when groups are few).
+
+`deceptive_share` (paraphrase and grouped) sets the share of deceptive prompts or groups (0.2: 80/20).
 
 `signal` plants a shift of `signal` (in noise SDs) along one unit direction for deceptive rows.
 """
@@ -34,7 +38,8 @@ class World:
     direction: np.ndarray | None = None  # the planted direction, when there is one
 
 
-def labels_and_ids(rng: np.random.Generator, design: str, n_groups: int, n_prompts: int, n_samples: int):
+def labels_and_ids(rng: np.random.Generator, design: str, n_groups: int, n_prompts: int, n_samples: int,
+                   deceptive_share: float = 0.5):  # fmt: skip
     """(y, prompt index, group index) of one world's rows."""
     if design == "contrast":
         n_prompts = 2
@@ -43,7 +48,7 @@ def labels_and_ids(rng: np.random.Generator, design: str, n_groups: int, n_promp
     if design == "contrast":
         y = np.repeat(np.tile([0, 1], n_groups), n_samples)
     elif design == "paraphrase":
-        prompt_labels = rng.integers(0, 2, n_groups * n_prompts)
+        prompt_labels = (rng.random(n_groups * n_prompts) < deceptive_share).astype(int)
         # keep both classes in the world (a one-class world cannot be probed)
         prompt_labels[:2] = [0, 1]
         y = prompt_labels[p]
@@ -51,6 +56,10 @@ def labels_and_ids(rng: np.random.Generator, design: str, n_groups: int, n_promp
         rate = rng.choice([0.0, 0.2, 0.5, 0.8, 1.0], n_groups * n_prompts)
         y = (rng.random(len(p)) < rate[p]).astype(int)
         y[:2] = [0, 1]
+    elif design == "grouped":
+        n_dec = min(max(round(deceptive_share * n_groups), 1), n_groups - 1)
+        group_labels = rng.permutation(np.r_[np.ones(n_dec, int), np.zeros(n_groups - n_dec, int)])
+        y = group_labels[g]
     else:
         raise ValueError(f"unknown design {design!r}: choose one of {DESIGNS}")
     return y, p, g
@@ -68,9 +77,10 @@ def dense_world(
     prompt_sd: float = 2.0,
     noise_sd: float = 0.5,
     signal: float = 0.0,
+    deceptive_share: float = 0.5,
 ) -> World:
     """Pooled activations of one world (the referee's W1 world: prompt sd 2, noise 0.5, d 16)."""
-    y, p, g = labels_and_ids(rng, design, n_groups, n_prompts, n_samples)
+    y, p, g = labels_and_ids(rng, design, n_groups, n_prompts, n_samples, deceptive_share)
     X = (
         group_sd * rng.standard_normal((g.max() + 1, d))[g]
         + prompt_sd * rng.standard_normal((p.max() + 1, d))[p]
@@ -93,12 +103,13 @@ def sparse_world(
     prompt_share: float = 0.5,
     signal: float = 0.0,
     n_signal: int = 0,
+    deceptive_share: float = 0.5,
 ) -> World:
     """Per-completion SAE feature means of one world: ReLU(latent - threshold) with latent = group +
     prompt + noise effects, `prompt_share` of the latent variance per prompt (half at the W3 world),
     thresholds spread so features fire on 5-60% of completions. The first `n_signal` features get
     `signal` latent SDs more for deceptive rows."""
-    y, p, g = labels_and_ids(rng, design, n_groups, n_prompts, n_samples)
+    y, p, g = labels_and_ids(rng, design, n_groups, n_prompts, n_samples, deceptive_share)
     share_g = 0.25
     latent = (
         np.sqrt(share_g) * rng.standard_normal((g.max() + 1, d))[g]
@@ -137,6 +148,9 @@ def current() -> SimpleNamespace:
                                           seed=seed)  # fmt: skip
         return [(r["p_value"], r["q_value"], r["d_ci"]) for r in rows], []
 
+    def d_cis(acts, y, groups):
+        return [r["d_ci"] for r in features.feature_stats(acts, y, groups=groups)]
+
     def steering(rows):
         return [(o["p_value"], o["difference_ci"]) for o in experiments.compare_to_controls(rows)]
 
@@ -147,7 +161,7 @@ def current() -> SimpleNamespace:
         return set(analysis_split(records, seed=seed)[1])
 
     return SimpleNamespace(name="current", probe=probe, compare=compare, feature_tests=feature_tests,
-                           steering=steering, rate_ci=rate_ci, reserved=reserved,
+                           d_cis=d_cis, steering=steering, rate_ci=rate_ci, reserved=reserved,
                            fuzzing_windows=scoring.fuzzing_windows, window_record=window_record,
                            FeatureContexts=FeatureContexts)  # fmt: skip
 
@@ -236,6 +250,22 @@ def feature_calibration(impl, design: str, n_worlds: int, *, seed: int = 0, k: i
     if all_q:
         out["null_features_at_all_feature_q_0.01_per_world"] = float(np.mean(all_q))
     return out
+
+
+def d_ci_calibration(impl, design: str, n_worlds: int, *, seed: int = 0, world: str = "sparse",
+                     size: dict | None = None) -> dict:  # fmt: skip
+    """Null coverage of the CI of Cohen's d (`features.feature_stats`) over every feature of null worlds
+    (`world`: "sparse" or "dense", `size` its keywords), pooled; `se`: its Monte-Carlo SE from the
+    spread of the per-world coverage (features of one world share its labels)."""
+    make = sparse_world if world == "sparse" else dense_world
+    per_world = []
+    for w in range(n_worlds):
+        W = make(np.random.default_rng([seed, 9, w]), design, **(size or FEATURE_SIZE))
+        cov = [lo <= 0 <= hi for lo, hi in impl.d_cis(W.X, W.y, W.groups) if lo == lo]
+        if cov:
+            per_world.append(np.mean(cov))
+    return {"n_worlds": n_worlds, "d_ci_coverage": float(np.mean(per_world)),
+            "se": float(np.std(per_world, ddof=1) / np.sqrt(len(per_world)))}  # fmt: skip
 
 
 def steering_rows(rng: np.random.Generator, n_scenarios: int, prompts_per_scenario: int, n_per_prompt: int):

@@ -3,8 +3,9 @@
 Features are CHOSEN on one split of the prompt groups and TESTED on the other (`split_by_group`,
 `top_features`): the 20 largest of 16k effect sizes, reported on the rows that chose them, report the
 selection's luck (winner's curse). Per feature, vectorised (16k features in seconds):
-- Cohen's d (deceptive minus honest, pooled SD) with a 95% CI from the cluster-robust SE of the mean
-  difference over prompt groups (`feature_stats`), since completions of one prompt are not independent;
+- Cohen's d (deceptive minus honest, pooled SD) with a 95% CI from the cluster-robust (CR2) SE of the
+  mean difference over prompt groups with Bell-McCaffrey degrees of freedom (`feature_stats`), since
+  completions of one prompt are not independent and a label may sit in few groups;
 - AUROC = P(deceptive activation > honest) + ties/2 (descriptive), firing rates (fraction > 0).
 
 The test (`heldout_tests`) runs only on the k chosen features, on the held-out split, ONE-SIDED in the
@@ -48,15 +49,28 @@ def _cohens_d(diff: np.ndarray, pooled_sd: np.ndarray, scale: np.ndarray) -> np.
         return np.where(pooled_sd <= tiny, flat_d, diff / pooled_sd)
 
 
+def bell_mccaffrey_df(x: np.ndarray, y: np.ndarray, gidx: np.ndarray, n_groups: int) -> float:
+    """Bell & McCaffrey's degrees of freedom of the CR2 variance sum_g (sum_{i in g} x_i e_i)^2 of the
+    class-mean contrast, under independent homoscedastic errors: with G_g = (I - H) x_g (x_g: the
+    weights x on group g's rows, zero elsewhere), df = tr(G'G)^2 / tr((G'G)^2). H projects on the class
+    indicators, so G'G = diag(sum_g x^2) - sum_c s_c s_c' / n_c with s_c[g] = sum of x over group g's
+    class-c rows: a [G, G] matrix, whatever the number of rows."""
+    M = np.diag(np.bincount(gidx, x * x, n_groups))
+    for c in (0, 1):
+        s_c = np.bincount(gidx[y == c], x[y == c], n_groups)
+        M -= np.outer(s_c, s_c) / (y == c).sum()
+    return float(np.trace(M) ** 2 / (M * M).sum())
+
+
 def _chunk_stats(a: np.ndarray, y: np.ndarray, gidx: np.ndarray | None) -> dict[str, np.ndarray]:
     """Statistics of the columns of a [n, c] (float64); `gidx` (group per row) asks for the CI of d."""
     dec, hon = y == 1, y == 0
     n1, n0 = int(dec.sum()), int(hon.sum())
-    scale = np.abs(a).max(0)
+    scale_a = np.abs(a).max(0)
     m1, m0 = a[dec].mean(0), a[hon].mean(0)
     sd = np.sqrt((a[dec].var(0) * n1 + a[hon].var(0) * n0) / (n1 + n0 - 2))  # pooled within-class SD
     out = {
-        "d": _cohens_d(m1 - m0, sd, scale),
+        "d": _cohens_d(m1 - m0, sd, scale_a),
         "m1": m1,
         "m0": m0,
         "auc": rank_sum(a, y)[0],  # the AUROC only: rank_sum's p treats completions as independent
@@ -67,19 +81,25 @@ def _chunk_stats(a: np.ndarray, y: np.ndarray, gidx: np.ndarray | None) -> dict[
     }
     if gidx is None:
         return out
-    # Cluster-robust SE of the mean difference: each row's influence on m1 - m0, summed per group, with
-    # Stata's small-sample factor G/(G-1) (N-1)/(N-2) (CR1, as statsmodels' OLS on a class dummy), and
-    # t quantiles with G - 1 degrees of freedom.
+    # Cluster-robust SE of the mean difference with CR2's bias reduction and Bell & McCaffrey's (2002)
+    # degrees of freedom (Pustejovsky & Tipton 2018; Imbens & Kolesar 2016): m1 - m0 is the OLS
+    # contrast of the activation on two class indicators, whose hat matrix within group g and class c
+    # is J / n_c on its m_gc rows, so (I - H_gg)^(-1/2) scales the rows' influence by
+    # (1 - m_gc / n_c)^(-1/2). Both depend only on labels and groups: computed once for all features.
     n_groups = int(gidx.max()) + 1
-    psi = np.where(dec[:, None], (a - m1) / n1, -(a - m0) / n0)
+    m = np.stack([np.bincount(gidx[y == c], minlength=n_groups) for c in (0, 1)])  # [2, G] rows per class
+    n_c = np.array([[n0], [n1]])
+    if n_groups < 3 or (m == n_c).any():  # too few groups, or one group holds a whole class: no CI
+        return out
+    scale = 1 / np.sqrt(1 - m / n_c)  # [2, G]
+    x = np.where(dec, 1 / n1, -1 / n0) * scale[y, gidx]  # [n] adjusted contrast weights
+    psi = np.where(dec[:, None], a - m1, a - m0) * x[:, None]
     per_group = sp.csr_matrix((np.ones(len(gidx)), (gidx, np.arange(len(gidx))))) @ psi  # [G, c]
-    n = len(gidx)
-    se = np.sqrt(n_groups / max(n_groups - 1, 1) * (n - 1) / max(n - 2, 1) * (per_group**2).sum(0))
-    half = stats.t.ppf(0.975, max(n_groups - 1, 1)) * se
+    se = np.sqrt((per_group**2).sum(0))
+    half = stats.t.ppf(0.975, bell_mccaffrey_df(x, y, gidx, n_groups)) * se
     with np.errstate(invalid="ignore", divide="ignore"):
-        lo, hi = _cohens_d(m1 - m0 - half, sd, scale), _cohens_d(m1 - m0 + half, sd, scale)
-    ok = n_groups >= 3
-    out["lo"], out["hi"] = np.where(ok, lo, np.nan), np.where(ok, hi, np.nan)
+        lo, hi = _cohens_d(m1 - m0 - half, sd, scale_a), _cohens_d(m1 - m0 + half, sd, scale_a)
+    out["lo"], out["hi"] = lo, hi
     return out
 
 
@@ -91,10 +111,13 @@ def feature_stats(
     (`heldout_tests` tests the chosen few). `ci=False` skips the CI (the selection split needs none).
 
     The CI of d is the CI of the mean difference divided by the pooled SD (treated as known): mean
-    difference ± t(G-1) × its cluster-robust SE over the G `groups` (None: every row its own group).
-    It covered the truth in 95-97% of simulated worlds with 16-113 groups (bench/calibration.py),
-    where the group bootstrap's percentile interval covered 91% with 30 groups (89% for features
-    that fire on < 10% of completions)."""
+    difference ± t(df) × its cluster-robust SE over the `groups` (None: every row its own group), CR2
+    with Bell & McCaffrey's df (`bell_mccaffrey_df`: few groups holding a label give few df). The CR1
+    SE with t(G - 1) covered 95-97% of simulated worlds with 16-113 groups (bench/calibration.py) but
+    83% when 2-3 of 12 groups held the deceptive label and 92% with 80/20 labels per paraphrase; CR2
+    with these df covered 95-99.6% there (tests/analysis/test_calibration.py). The group bootstrap's
+    percentile interval covered 91% with 30 groups (89% for features that fire on < 10% of
+    completions). Nan when a class sits in one group (or fewer than 3 groups)."""
     acts = acts.numpy() if hasattr(acts, "numpy") else np.asarray(acts)
     if acts.ndim != 2:
         raise ValueError(f"acts must be [n_completions, d_sae], got shape {acts.shape}")

@@ -66,6 +66,20 @@ def test_held_out_feature_tests(impl):
     assert min(r["d_ci_coverage"] for r in runs) >= 0.93, runs
 
 
+def test_the_ci_of_d_with_few_groups_and_unbalanced_labels(impl):
+    """Few groups (12), unbalanced labels (80/20): the CI of d covers zero when 2 of 12 groups hold the
+    deceptive label, with 3 groups per label (6 groups), and with 80/20 labels per paraphrase on sparse
+    features: 0.996, 0.95, 0.95 (CR1 with t(G - 1) covered 0.82, 0.92, 0.92). 200 worlds per design: the
+    Monte-Carlo SE of each coverage, from the spread over worlds, is 0.001-0.006."""
+    few = dict(n_groups=12, n_prompts=4, n_samples=4, d=20)
+    runs = [
+        nw.d_ci_calibration(impl, "grouped", 200, world="dense", size={**few, "deceptive_share": 0.2}),
+        nw.d_ci_calibration(impl, "grouped", 200, world="dense", size={**few, "n_groups": 6}),
+        nw.d_ci_calibration(impl, "paraphrase", 200, size={**few, "d": 100, "deceptive_share": 0.2}),
+    ]
+    assert min(r["d_ci_coverage"] for r in runs) >= 0.93, runs
+
+
 def test_steering_tests_and_cis(impl):
     """M2: paraphrases share their scenario's effect; the test over scenarios keeps its level, its CI
     covers a zero effect, and a condition's rate CI covers the true rate."""

@@ -10,8 +10,8 @@ import json
 
 import numpy as np
 import pytest
-import statsmodels.api as sm
 import torch
+from scipy import stats
 from sklearn.metrics import roc_auc_score
 from threadpoolctl import threadpool_limits
 
@@ -83,23 +83,44 @@ def test_statistics_match_references():
     assert (dead["cohens_d"], dead["auroc"], dead["firing_rate_honest"]) == (0, 0.5, 0)
 
 
-def test_the_ci_of_d_is_the_cluster_robust_t_interval():
-    """The CI of the mean difference must equal statsmodels' cluster-robust (CR1, t with G - 1 df) OLS
-    interval of the activation on a class dummy, scaled by the pooled SD."""
+def cr2_bell_mccaffrey(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[float, float, float]:
+    """(m1 - m0, its CR2 SE, Bell-McCaffrey df) by the textbook matrices (Pustejovsky & Tipton 2018):
+    OLS of x on class indicators X, A_g = (I - H_gg)^(-1/2) by eigendecomposition, V = sum_g (c' B X_g'
+    A_g e_g)^2 with B = (X'X)^-1, and df = tr(G'G)^2 / tr((G'G)^2), G_g = (I - H)_g' A_g X_g B c."""
+    X = np.c_[1 - y, y].astype(float)
+    B = np.linalg.inv(X.T @ X)
+    c = np.array([-1.0, 1.0])
+    H = X @ B @ X.T
+    e = x - H @ x
+    V, cols = 0.0, []
+    for g in np.unique(groups):
+        rows = groups == g
+        val, vec = np.linalg.eigh(np.eye(rows.sum()) - H[np.ix_(rows, rows)])
+        A = vec @ np.diag(val**-0.5) @ vec.T
+        V += float(c @ B @ X[rows].T @ A @ e[rows]) ** 2
+        cols.append((np.eye(len(x)) - H)[:, rows] @ A @ X[rows] @ B @ c)
+    GG = np.array(cols) @ np.array(cols).T
+    return float(c @ B @ X.T @ x), np.sqrt(V), float(np.trace(GG) ** 2 / np.trace(GG @ GG))
+
+
+def test_the_ci_of_d_is_the_cr2_interval_with_bell_mccaffrey_df():
+    """The CI of the mean difference must equal the textbook CR2 interval with Bell-McCaffrey degrees of
+    freedom (dense matrices, `cr2_bell_mccaffrey`), scaled by the pooled SD; with one-label groups and
+    80/20 labels its df are far below G - 1 (the old CR1 interval's t(G - 1) undercovered there)."""
     rng = np.random.default_rng(2)
-    groups = np.repeat(np.arange(25), 6)
-    y = np.repeat(rng.integers(0, 2, 75), 2)
-    y[:2] = [0, 1]
-    x = rng.standard_normal(25)[groups] + rng.standard_normal(150) + 0.4 * y
-    r = F.feature_stats(x[:, None], y, groups=groups)[0]
-    fit = sm.OLS(x, sm.add_constant(y.astype(float))).fit(
-        cov_type="cluster", cov_kwds={"groups": groups}, use_t=True
-    )
-    pooled = np.sqrt((x[y == 1].var() * y.sum() + x[y == 0].var() * (150 - y.sum())) / 148)
-    lo, hi = fit.conf_int(alpha=0.05)[1]
-    assert r["d_ci"][0] == pytest.approx(lo / pooled, rel=1e-6) and r["d_ci"][1] == pytest.approx(
-        hi / pooled, rel=1e-6
-    )
+    for groups, y in (
+        (np.repeat(np.arange(25), 6), np.repeat(np.arange(75) % 2, 2)),  # labels per prompt
+        (np.repeat(np.arange(12), 5), np.repeat((np.arange(12) < 3).astype(int), 5)),  # 3 of 12 groups lie
+    ):
+        n = len(y)
+        x = rng.standard_normal(groups.max() + 1)[groups] + rng.standard_normal(n) + 0.4 * y
+        r = F.feature_stats(x[:, None], y, groups=groups)[0]
+        diff, se, df = cr2_bell_mccaffrey(x, y, groups)
+        pooled = np.sqrt((x[y == 1].var() * y.sum() + x[y == 0].var() * (n - y.sum())) / (n - 2))
+        half = stats.t.ppf(0.975, df) * se
+        assert r["d_ci"][0] == pytest.approx((diff - half) / pooled, rel=1e-6)
+        assert r["d_ci"][1] == pytest.approx((diff + half) / pooled, rel=1e-6)
+    assert df < 4, "3 deceptive groups of 12: few degrees of freedom"
 
 
 def test_heldout_test_is_one_sided_and_permutes_whole_prompts():
