@@ -1,5 +1,5 @@
 """Notebook 04: which features separate deception. Probes on raw activations and SAE features
-(`probes.py`), per-feature statistics with held-out selection (`features.py`), token windows
+(`probes.py`) and the field's detector protocol on other datasets (`detection.py`), per-feature statistics with held-out selection (`features.py`), token windows
 (`windows.py` chooses, `contexts.py` cuts and marks), Gemini explanations (`autointerp.py`) and their
 detection/fuzzing scores (`scoring.py`); `pipeline.py` holds the notebook's steps, re-exported here.
 """
@@ -10,8 +10,13 @@ from helpers.analysis.pipeline import (
     feature_summary,
     feature_table,
     label_features,
+    layer_sweep,
     probe_summary,
     probe_table,
+    read_probes,
+    sae_pair_summary,
+    sweep_summary,
+    transfer_summary,
 )
 from helpers.analysis.scoring import score_table
 
@@ -21,7 +26,12 @@ __all__ = [
     "feature_summary",
     "feature_table",
     "label_features",
+    "layer_sweep",
     "probe_summary",
     "probe_table",
+    "read_probes",
+    "sae_pair_summary",
+    "sweep_summary",
+    "transfer_summary",
     "score_table",
 ]

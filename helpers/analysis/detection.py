@@ -26,11 +26,14 @@ threshold set on these control answers": with n control answers the FPR it stand
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from sklearn.feature_extraction.text import CountVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
 
 from helpers.analysis import logistic
 from helpers.analysis.probes import grouped_folds
@@ -222,3 +225,53 @@ def transfer_matrix(
         "diagonal": "grouped cross-validation within the dataset (out-of-fold scores)",
         "why": why,
     }
+
+
+def bag_of_words_scores(
+    texts: Sequence[str],
+    train_idx: np.ndarray,
+    y_train: np.ndarray,
+    targets: Sequence[np.ndarray],
+    C: float = 1.0,
+) -> list[np.ndarray]:
+    """The surface-wording control on other datasets: binary unigrams + bigrams seen in >= 2 training
+    texts, scaled to unit variance on the training rows (as probes.bag_of_words_probe), one balanced
+    logistic fit; decision values on each target index array."""
+    vec = CountVectorizer(binary=True, ngram_range=(1, 2), min_df=2)
+    Z_tr = vec.fit_transform([texts[i] for i in train_idx])
+    scaler = StandardScaler(with_mean=False).fit(Z_tr)
+    fit = LogisticRegression(C=C, class_weight="balanced", max_iter=5000).fit(scaler.transform(Z_tr), y_train)
+    return [fit.decision_function(scaler.transform(vec.transform([texts[i] for i in t]))) for t in targets]
+
+
+def transfer_rows(
+    scores_for: Callable[[np.ndarray, np.ndarray, list[np.ndarray]], list[np.ndarray]],
+    sets: Sequence[EvalSet],
+    reader: dict[str, Any],
+    *,
+    fpr: float = CONTROL_FPR,
+) -> list[dict[str, Any]]:
+    """One row per evaluation set for one reader (raw activations of a layer, an SAE's features, ...):
+    the probe `scores_for(train_idx, y_train, targets)` trains on every training set's rows together and
+    scores each evaluation set and the control set; `evaluate_set` makes each row. `reader` (layer,
+    kind, sae_id, ...) is copied into every row."""
+    train = [s for s in sets if s.role == "train" and s.y is not None and s.n]
+    evals = [s for s in sets if s.role == "eval" and s.y is not None and s.n]
+    control = next((s for s in sets if s.role == "control" and s.n), None)
+    if not train or not evals:
+        return []
+    train_idx = np.concatenate([s.idx for s in train])
+    y_train = np.concatenate([s.y for s in train])
+    targets = [s.idx for s in evals] + ([control.idx] if control is not None else [])
+    scores = scores_for(train_idx, y_train, targets)
+    control_scores = scores[len(evals)] if control is not None else None
+    common = {
+        **reader,
+        "train_sets": [s.name for s in train],
+        "n_train": len(train_idx),
+        "control_set": control.name if control is not None else None,
+    }
+    return [
+        {**common, "eval_set": s.name, **evaluate_set(sc, s.y, s.groups, control_scores, fpr=fpr)}
+        for s, sc in zip(evals, scores, strict=False)
+    ]

@@ -29,7 +29,7 @@ import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -46,10 +46,20 @@ from helpers.analysis.contexts import (
     docs_for,
     iter_token_acts,
 )
+from helpers.analysis.detection import (
+    CONTROL_FPR,
+    EvalSet,
+    bag_of_words_scores,
+    cv_scores,
+    fit_scores,
+    transfer_matrix,
+    transfer_rows,
+)
 from helpers.analysis.features import select_and_report, token_firing_rates
 from helpers.analysis.scoring import score_summary
-from helpers.collect.capture import load_pooled
+from helpers.collect.capture import load_pooled, load_pooled_prompt, pooled_layers
 from helpers.collect.completions import analysis_split, read_completions
+from helpers.collect.datasets import dataset_of, read_datasets
 from helpers.collect.store import LayerStore
 from helpers.gemini import GeminiClient
 from helpers.model.load import load_model
@@ -64,7 +74,9 @@ from helpers.run import (
     write_jsonl,
 )
 from helpers.saes.io import LoadedSAE, load_sae
-from helpers.stats import check_labels, holm
+from helpers.saes.random_control import VARIANTS as RANDOM_VARIANTS
+from helpers.saes.random_control import l0_on, random_sae_like
+from helpers.stats import balanced_accuracy, check_labels, clustered_auroc, holm
 
 Pooling = Literal["mean", "last"]
 SAE_POOLING = {
@@ -165,7 +177,7 @@ def sae_completion_acts(
     return out
 
 
-def _row(layer: int, kind: str, result: probes.ProbeResult, **extra: Any) -> dict[str, Any]:
+def _row(layer: int | None, kind: str, result: probes.ProbeResult, **extra: Any) -> dict[str, Any]:
     return {"layer": layer, "kind": kind, **result.to_dict(), **extra}
 
 
@@ -177,6 +189,102 @@ def _verdict(cmp: dict[str, Any], alpha: float = 0.05) -> str:
     if cmp["p_holm"] < alpha:
         return "SAE beats raw" if cmp["mean_difference"] > 0 else "raw beats SAE"
     return "no significant difference"
+
+
+def dataset_roles(run_dir: str | os.PathLike) -> dict[str, str]:
+    """{dataset name: role} from datasets.json ({} for a run without one: every dataset trains)."""
+    return {e["name"]: e.get("role", "train") for e in read_datasets(run_dir)}
+
+
+class LayerRows(NamedTuple):
+    """The completions one layer's probes use: labelled rows of the train and eval sets (restricted to
+    the analysis split when the layer's SAEs reserved one) and every row of the control set (its
+    answers are benign by construction, never judged and never trained on by a label-chosen SAE)."""
+
+    docs: list[Doc]
+    y: np.ndarray  # [n] 1 deceptive, 0 honest, -1 control (not labelled)
+    groups: np.ndarray
+    prompts: np.ndarray
+    sets: list[EvalSet]  # one per dataset, in datasets.json order
+    train: np.ndarray  # row indices of the train sets: the grouped-CV rows
+
+
+def layer_rows(
+    run_dir: str | os.PathLike, store: LayerStore, keep: set[str] | None, roles: dict[str, str]
+) -> LayerRows:
+    """The rows of `store` each probe of this layer uses (LayerRows), with what was left out printed."""
+    records = read_completions(run_dir)
+    if not records:
+        raise FileNotFoundError(f"{run_dir}/completions.jsonl is missing or empty: run notebook 02 first")
+    chosen = []
+    for r in records:
+        role = roles.get(dataset_of(r), "train")
+        if role == "control" or (
+            r.get("label") in ("honest", "deceptive") and (keep is None or r["id"] in keep)
+        ):
+            chosen.append(r)
+    docs = docs_for(store, chosen)
+    names = list(dict.fromkeys([*roles, *(dataset_of(d.record) for d in docs)]))
+    of = np.array([dataset_of(d.record) for d in docs])
+    is_control = np.array([roles.get(n, "train") == "control" for n in of], bool)
+    y = np.array(
+        [-1 if c else int(d.record["label"] == "deceptive") for d, c in zip(docs, is_control, strict=True)]
+    )
+    groups = np.array([str(d.record.get("group") or d.record["prompt_id"]) for d in docs])
+    prompts = np.array([str(d.record["prompt_id"]) for d in docs])
+    sets = []
+    for name in names:
+        idx = np.flatnonzero(of == name)
+        role = roles.get(name, "train")
+        if len(idx):
+            sets.append(EvalSet(name, role, idx, None if role == "control" else y[idx], groups[idx]))
+    train = np.flatnonzero((y >= 0) & np.isin(of, [s.name for s in sets if s.role == "train"]))
+    parts = [
+        f"{s.name} ({s.role}): {s.n}" + ("" if s.y is None else f", {int(s.y.sum())} deceptive") for s in sets
+    ]
+    print("rows by dataset: " + "; ".join(parts))
+    if not len(train):
+        raise ValueError(
+            "no labelled completions of a training dataset at this layer: datasets.json gives roles "
+            f"{roles}; a probe needs a dataset with role 'train' (notebook 02's DATASETS)"
+        )
+    check_labels(y[train], len(train))
+    return LayerRows(docs, y, groups, prompts, sets, train)
+
+
+def _probe_rows_ids(lr: LayerRows, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return lr.y[idx], lr.groups[idx], lr.prompts[idx]
+
+
+def _truncated_acts(
+    store: LayerStore, sae: Any, docs: Sequence[Doc], m: int, batch_tokens: int
+) -> np.ndarray:
+    """[n_docs, d_sae]: per completion, the mean over its tokens of the SAE activations with each token
+    cut to its `m` largest (SAEs compared at one L0 on the probed tokens: DESIGN.md §9)."""
+    out, row = np.zeros((len(docs), int(sae.d_sae)), np.float32), 0
+    for chunk, acts, _ in iter_token_acts(store, sae, docs, batch_tokens=batch_tokens):
+        top = torch.topk(acts, min(m, acts.shape[1]), dim=1)
+        cut = torch.zeros_like(acts).scatter_(1, top.indices, top.values)
+        lengths = torch.tensor([d.n for d in chunk])
+        seg = torch.repeat_interleave(torch.arange(len(chunk)), lengths)
+        pooled = torch.zeros(len(chunk), acts.shape[1]).index_add_(0, seg, cut.cpu()) / lengths[:, None]
+        out[row : row + len(chunk)] = pooled.numpy()
+        row += len(chunk)
+    return out
+
+
+def _calibration_tokens(store: LayerStore, docs: Sequence[Doc], limit: int, seed: int) -> torch.Tensor:
+    """Up to `limit` completion tokens of `docs` (whole completions in a seeded order): the tokens a
+    random-SAE control is calibrated on, so its L0 is matched where the probes read."""
+    order = np.random.default_rng([seed, 13]).permutation(len(docs))
+    parts, total = [], 0
+    for i in order:
+        d = docs[i]
+        parts.append(store.tokens_of(d.id)[d.skip :])
+        total += d.n
+        if total >= limit:
+            break
+    return torch.from_numpy(np.concatenate(parts)[:limit].astype(np.float32))
 
 
 def probe_table(
@@ -191,11 +299,26 @@ def probe_table(
     n_directions: int = 20,
     seed: int = 0,
     batch_tokens: int = 1024,
+    control_fpr: float = CONTROL_FPR,
+    random_variant: str = "frozen_encoder",
+    calibration_tokens: int = 20_000,
+    sweep_bootstrap: int | None = 50,
 ) -> list[dict[str, Any]]:
-    """Probe rows for `layers` and the SAEs in `sae_folders` (each must read one of `layers`); also
-    written to `run_dir/probes.json`. Every probe of a layer uses the same completions and folds: the
-    analysis split when the layer's SAEs reserved one (module doc). The raw-vs-SAE tests of the whole
-    table are Holm-corrected together (`p_holm`; the verdict uses it)."""
+    """Probe rows for `layers` and the SAEs in `sae_folders` (each must read one of `layers`); everything
+    is written to `run_dir/probes.json`.
+
+    `rows` (returned): per layer, grouped-CV probes on the TRAINING datasets' rows: raw activations (with
+    the full statistics: permutation p, refitted bootstrap CIs, random directions), bag-of-words, the
+    prompt-only probe (the prompt's last token: does the probe read the instruction?), and per SAE its
+    features (full statistics, `vs_raw`) and its random-weight control (`saes.random_control`, same
+    class, width and L0 on these tokens; `vs_trained`); then the multi-layer ensembles (mean of the
+    layers' probe scores, and one probe on the concatenated layers). The raw-vs-SAE tests are
+    Holm-corrected together (`p_holm`; the verdict uses it).
+    `transfer`: every reader trained on the train sets and applied to each eval set, with recall at the
+    control set's `control_fpr` threshold (detection.py). `transfer_matrix`: per layer, raw probes
+    trained on each labelled dataset and scored on each. `sae_vs_sae`: per layer, every pair of SAEs at
+    the L0 of the sparsest one on the probed tokens (paired test, Holm over all pairs). `layer_sweep`:
+    `layer_sweep` with `sweep_bootstrap` refitted draws (None: no sweep)."""
     if pooling not in SAE_POOLING:
         raise ValueError(f"pooling must be one of {sorted(SAE_POOLING)}, got {pooling!r}")
     run_dir, layers = Path(run_dir), [int(layer) for layer in layers]
@@ -205,61 +328,309 @@ def probe_table(
             raise ValueError(
                 f"SAE {sae_id_of(s)} reads layer {s.layer}, which is not in layers={layers}: add it"
             )
+    roles = dataset_roles(run_dir)
     texts = {r["id"]: r.get("completion") or "" for r in read_completions(run_dir)}
     common = dict(n_folds=n_folds, seed=seed, n_permutations=n_permutations, n_bootstrap=n_bootstrap)
+    light = dict(n_folds=n_folds, seed=seed, n_permutations=0, n_bootstrap=0)
     rows: list[dict[str, Any]] = []
+    transfer: list[dict[str, Any]] = []
+    matrices: dict[str, Any] = {}
+    pairs: list[dict[str, Any]] = []
+    per_layer: dict[int, tuple[LayerRows, np.ndarray]] = {}
     bow_cache: dict[tuple[str, ...], probes.ProbeResult] = {}
-    bar = tqdm(total=len(layers) + len(saes), desc="probes (layers, then their SAEs)", unit="probe")
+    bar = tqdm(total=len(layers) + 2 * len(saes), desc="probes (layers, SAEs, random SAEs)", unit="probe")
     for layer in layers:
         store = LayerStore(run_dir, layer)
         layer_saes = [s for s in saes if s.layer == layer]
         keep, used = reserved_rows(run_dir, layer_saes)
-        docs, y, groups, prompts = labelled_docs(run_dir, store, keep)
-        used = {**used, "n": len(docs), "n_groups": len(set(groups)), "n_prompts": len(set(prompts))}
-        print(f"layer {layer}: {used['rows']}: {used['n']} completions, {used['n_groups']} groups")
+        lr = layer_rows(run_dir, store, keep, roles)
+        tr = lr.train
+        y, groups, prompts = _probe_rows_ids(lr, tr)
+        train_sets = [s.name for s in lr.sets if s.role == "train"]
+        used = {**used, "datasets": train_sets, "n": len(tr), "n_groups": len(set(groups)),
+                "n_prompts": len(set(prompts))}  # fmt: skip
+        print(f"layer {layer}: {used['rows']}: {used['n']} training completions, {used['n_groups']} groups")
         ids, mean, last = load_pooled(run_dir, layer)
         where = {cid: i for i, cid in enumerate(ids)}
-        missing = [d.id for d in docs if d.id not in where]
+        missing = [d.id for d in lr.docs if d.id not in where]
         if missing:
             raise ValueError(f"{len(missing)} completions (e.g. {missing[0]!r}) are stored but not pooled at "
                              f"layer {layer}: rerun collect_activations to finish the pooled file")  # fmt: skip
-        X = (mean if pooling == "mean" else last)[[where[d.id] for d in docs]].numpy()
-        raw = probes.probe(X, y, groups, prompts=prompts, name=f"raw L{layer}", **common)
-        rd = probes.random_direction_control(
-            X, y, groups, n_directions=n_directions, n_folds=n_folds, seed=seed
-        )
+        order = [where[d.id] for d in lr.docs]
+        X_all = (mean if pooling == "mean" else last)[order].numpy().astype(np.float64)
+        per_layer[layer] = (lr, X_all)
+
+        def fitted(X: np.ndarray) -> Any:
+            return lambda t_idx, y_t, targets: fit_scores(X, t_idx, y_t, targets)
+
+        def reader(kind: str, layer: int = layer, **extra: Any) -> dict[str, Any]:
+            return {"layer": layer, "kind": kind, **extra}
+
+        raw = probes.probe(X_all[tr], y, groups, prompts=prompts, name=f"raw L{layer}", **common)
+        rd = probes.random_direction_control(X_all[tr], y, groups, n_directions=n_directions, n_folds=n_folds,
+                                             seed=seed)  # fmt: skip
         rows.append(_row(layer, "raw", raw, pooling=pooling, random_direction=_random_summary(rd), rows=used))
+        transfer += transfer_rows(fitted(X_all), lr.sets, reader("raw"), fpr=control_fpr)
+        matrices[str(layer)] = transfer_matrix(X_all, lr.sets, n_folds=n_folds, seed=seed)
         bar.update()
-        key = tuple(d.id for d in docs)
+        key = tuple(lr.docs[i].id for i in tr)
+        all_texts = [texts[d.id] for d in lr.docs]
         if key not in bow_cache:
             bow_cache[key] = probes.bag_of_words_probe(
-                [texts[d.id] for d in docs], y, groups, prompts=prompts, **common
+                [all_texts[i] for i in tr], y, groups, prompts=prompts, **common
             )
         rows.append(_row(layer, "bag_of_words", bow_cache[key], vs_raw=probes.compare_paired(bow_cache[key], raw),
                          rows=used))  # fmt: skip
+        transfer += transfer_rows(
+            lambda t_idx, y_t, targets, words=all_texts: bag_of_words_scores(words, t_idx, y_t, targets),
+            lr.sets, reader("bag_of_words"), fpr=control_fpr,
+        )  # fmt: skip
+        prompt_vectors = load_pooled_prompt(run_dir, layer)
+        if prompt_vectors is None:
+            rows.append({"layer": layer, "kind": "prompt_only", "why": "this run's pooled vectors predate prompt "
+                         "vectors: rerun notebook 02's collection step to add them"})  # fmt: skip
+        else:
+            p_where = {cid: i for i, cid in enumerate(prompt_vectors[0])}
+            X_prompt = prompt_vectors[1][[p_where[d.id] for d in lr.docs]].numpy().astype(np.float64)
+            res = probes.probe(
+                X_prompt[tr], y, groups, prompts=prompts, name=f"prompt-only L{layer}", **light
+            )
+            rows.append(_row(layer, "prompt_only", res, vs_raw=probes.compare_paired(res, raw), rows=used,
+                             reads="the residual at the prompt's last token, before the answer"))  # fmt: skip
+            transfer += transfer_rows(fitted(X_prompt), lr.sets, reader("prompt_only"), fpr=control_fpr)
+        sae_feats: dict[str, tuple[Any, np.ndarray, float]] = {}
         for s in layer_saes:
             check_sae_fits(s.sae, store.d_model)
-            Xs = sae_completion_acts(store, s.sae, docs, pooling=pooling, batch_tokens=batch_tokens)
-            res = probes.probe(Xs, y, groups, prompts=prompts, name=sae_id_of(s), **common)
-            rd = probes.random_direction_control(
-                Xs, y, groups, n_directions=n_directions, n_folds=n_folds, seed=seed
+            sid = sae_id_of(s)
+            Xs = np.zeros((len(lr.docs), int(s.sae.d_sae)), np.float32)
+            fired = sum(
+                float((a > 0).sum())
+                for a in _pooled_sae_acts(store, s.sae, lr.docs, pooling, Xs, batch_tokens)
             )
-            rows.append(_row(layer, "sae", res, sae_id=sae_id_of(s), architecture=s.cfg.get("architecture"),
-                             condition=(s.cfg.get("metadata") or {}).get("condition"), pooling=SAE_POOLING[pooling],
-                             random_direction=_random_summary(rd), vs_raw=probes.compare_paired(res, raw), rows=used))  # fmt: skip
+            l0 = fired / max(1, sum(d.n for d in lr.docs))
+            sae_feats[sid] = (s, Xs, l0)
+            res = probes.probe(Xs[tr], y, groups, prompts=prompts, name=sid, **common)
+            rd = probes.random_direction_control(Xs[tr], y, groups, n_directions=n_directions, n_folds=n_folds,
+                                                 seed=seed)  # fmt: skip
+            meta = s.cfg.get("metadata") or {}
+            info = {"sae_id": sid, "architecture": s.cfg.get("architecture"), "condition": meta.get("condition"),
+                    "l0_probed_tokens": l0}  # fmt: skip
+            rows.append(_row(layer, "sae", res, **info, pooling=SAE_POOLING[pooling], random_direction=_random_summary(rd),
+                             vs_raw=probes.compare_paired(res, raw), rows=used))  # fmt: skip
+            transfer += transfer_rows(fitted(Xs), lr.sets, reader("sae", **info), fpr=control_fpr)
             bar.update()
+            calib = _calibration_tokens(store, lr.docs, calibration_tokens, seed)
+            rand = random_sae_like(s.sae, calib, variant=random_variant, seed=seed)
+            Xr = sae_completion_acts(store, rand, lr.docs, pooling=pooling, batch_tokens=batch_tokens)
+            rres = probes.probe(Xr[tr], y, groups, prompts=prompts, name=f"random {sid}", **light)
+            rinfo = {"sae_id": sid, "architecture": info["architecture"], "condition": info["condition"],
+                     "variant": random_variant, "variant_description": RANDOM_VARIANTS[random_variant],
+                     "l0_probed_tokens": l0_on(rand, calib)}  # fmt: skip
+            rows.append(_row(layer, "random_sae", rres, **rinfo, vs_trained=probes.compare_paired(res, rres),
+                             rows=used))  # fmt: skip
+            transfer += transfer_rows(fitted(Xr), lr.sets, reader("random_sae", **rinfo), fpr=control_fpr)
+            bar.update()
+        pairs += _sae_pairs(store, sae_feats, lr, tr, pooling, batch_tokens, layer, light)
     bar.close()
+    rows += _ensemble_rows(
+        per_layer, transfer, control_fpr, n_folds=n_folds, seed=seed, n_bootstrap=n_bootstrap
+    )
     tests = [r["vs_raw"] for r in rows if r["kind"] == "sae"]
     for cmp, adjusted in zip(tests, holm([c["p_value"] for c in tests]), strict=True):
         cmp["p_holm"], cmp["multiplicity"] = float(adjusted), f"Holm over the {len(tests)} SAE-vs-raw tests"
     for r in rows:
         if r["kind"] == "sae":
             r["verdict"] = _verdict(r["vs_raw"])
+    sweep = None
+    if sweep_bootstrap is not None:
+        sweep = layer_sweep(run_dir, pooling=pooling, n_folds=n_folds, seed=seed, n_bootstrap=sweep_bootstrap,
+                            control_fpr=control_fpr)  # fmt: skip
+    for cmp, adjusted in zip(pairs, holm([c["p_value"] for c in pairs]), strict=True):
+        cmp["p_holm"], cmp["multiplicity"] = float(adjusted), f"Holm over the {len(pairs)} SAE-vs-SAE tests"
     atomic_write_json(
         probes_path(run_dir),
-        {"pooling": pooling, "sae_features": SAE_POOLING[pooling], **common, "rows": rows},
-    )
+        {"pooling": pooling, "sae_features": SAE_POOLING[pooling], **common, "datasets": read_datasets(run_dir),
+         "control_fpr": control_fpr, "rows": rows, "transfer": transfer, "transfer_matrix": matrices,
+         "sae_vs_sae": pairs, "layer_sweep": sweep},
+    )  # fmt: skip
     return rows
+
+
+def _sae_pairs(
+    store: LayerStore,
+    feats: dict[str, tuple[Any, np.ndarray, float]],
+    lr: LayerRows,
+    tr: np.ndarray,
+    pooling: Pooling,
+    batch_tokens: int,
+    layer: int,
+    light: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Every pair of this layer's SAEs compared at one L0: each SAE's per-token activations cut to the
+    sparsest SAE's mean L0 on the probed tokens (rounded), probed with the same folds, then the paired
+    test of probes.compare_paired (Holm is applied over the whole table by the caller)."""
+    if len(feats) < 2:
+        return []
+    m = max(1, round(min(l0 for _, _, l0 in feats.values())))
+    y, groups, prompts = _probe_rows_ids(lr, tr)
+    results = {}
+    for sid, (s, Xs, l0) in feats.items():
+        X = (
+            Xs
+            if l0 <= m * 1.05 or pooling != "mean"
+            else _truncated_acts(store, s.sae, lr.docs, m, batch_tokens)
+        )
+        results[sid] = (probes.probe(X[tr], y, groups, prompts=prompts, name=sid, **light), l0)
+    out = []
+    ids = list(results)
+    for i, a in enumerate(ids):
+        for b in ids[i + 1 :]:
+            cmp = probes.compare_paired(results[a][0], results[b][0])
+            out.append({**cmp, "layer": layer, "matched_l0": m, "l0_before": [results[a][1], results[b][1]],
+                        "how": "each token's SAE activations cut to its m largest, m = the sparsest SAE's mean L0 "
+                        "on the probed tokens" + ("" if pooling == "mean" else " (not applied: pooling='last')"),
+                        "balanced_accuracy": [results[a][0].balanced_accuracy, results[b][0].balanced_accuracy]})  # fmt: skip
+    return out
+
+
+def _ensemble_rows(
+    per_layer: dict[int, tuple[LayerRows, np.ndarray]],
+    transfer: list[dict[str, Any]],
+    fpr: float,
+    *,
+    n_folds: int,
+    seed: int,
+    n_bootstrap: int,
+) -> list[dict[str, Any]]:
+    """The multi-layer raw-activation ensembles (Nordby, Pais, Parrack 2026) on the completions every
+    layer has: the mean of the per-layer probes' scores, and one probe on the concatenated layers;
+    grouped-CV rows returned, transfer rows appended to `transfer`."""
+    if len(per_layer) < 2:
+        return []
+    layers = sorted(per_layer)
+    common_ids = set.intersection(*({d.id for d in lr.docs} for lr, _ in per_layer.values()))
+    first = per_layer[layers[0]][0]
+    keep = np.array([i for i, d in enumerate(first.docs) if d.id in common_ids])
+    idx_of = {layer: {d.id: i for i, d in enumerate(lr.docs)} for layer, (lr, _) in per_layer.items()}
+    Xs = [per_layer[layer][1][[idx_of[layer][first.docs[i].id] for i in keep]] for layer in layers]
+    lr = LayerRows(
+        [first.docs[i] for i in keep],
+        first.y[keep],
+        first.groups[keep],
+        first.prompts[keep],
+        [],
+        np.zeros(0, int),
+    )
+    pos = {old: new for new, old in enumerate(keep)}
+    sets = [EvalSet(s.name, s.role, np.array([pos[i] for i in s.idx if i in pos], int), None, s.groups)
+            for s in first.sets]  # fmt: skip
+    sets = [EvalSet(s.name, s.role, s.idx, None if s.role == "control" else lr.y[s.idx], lr.groups[s.idx])
+            for s in sets]  # fmt: skip
+    tr = np.flatnonzero((lr.y >= 0) & np.isin([dataset_of(d.record) for d in lr.docs],
+                                              [s.name for s in sets if s.role == "train"]))  # fmt: skip
+    y, groups, prompts = lr.y[tr], lr.groups[tr], lr.prompts[tr]
+    name = "+".join(f"L{layer}" for layer in layers)
+    used = {"rows": "completions every layer has", "n": len(tr), "n_groups": len(set(groups))}
+    concat = np.hstack(Xs)
+    res = probes.probe(concat[tr], y, groups, prompts=prompts, name=f"concat {name}", n_folds=n_folds, seed=seed,
+                       n_permutations=0, n_bootstrap=n_bootstrap)  # fmt: skip
+    oof = np.mean([cv_scores(X[tr], y, groups, n_folds=n_folds, seed=seed) for X in Xs], axis=0)
+    auc, lo, hi = clustered_auroc(oof, y, groups)
+    mean_row = {"layer": None, "kind": "ensemble_mean", "name": f"mean of {name}", "layers": layers,
+                "auroc": auc, "auroc_ci": [lo, hi], "n": len(tr), "n_groups": len(set(groups)),
+                "balanced_accuracy": float(balanced_accuracy(1 / (1 + np.exp(-oof)), y)), "ba_ci": [None, None],
+                "ci_method": "AUROC: Obuchowski over the out-of-fold scores (fixed folds; no refit)", "rows": used}  # fmt: skip
+    transfer += transfer_rows(
+        lambda t_idx, y_t, targets: [np.mean(z, axis=0) for z in zip(*(fit_scores(X, t_idx, y_t, targets) for X in Xs), strict=True)],
+        sets, {"layer": None, "layers": layers, "kind": "ensemble_mean"}, fpr=fpr,
+    )  # fmt: skip
+    transfer += transfer_rows(
+        lambda t_idx, y_t, targets: fit_scores(concat, t_idx, y_t, targets),
+        sets, {"layer": None, "layers": layers, "kind": "ensemble_concat"}, fpr=fpr,
+    )  # fmt: skip
+    return [mean_row, _row(None, "ensemble_concat", res, layers=layers, rows=used)]
+
+
+def layer_sweep(
+    run_dir: str | os.PathLike,
+    *,
+    pooling: Pooling = "mean",
+    n_folds: int = 5,
+    seed: int = 0,
+    n_bootstrap: int = 50,
+    control_fpr: float = CONTROL_FPR,
+) -> dict[str, Any]:
+    """Signal against depth: at every layer with pooled vectors (notebook 02 pools every layer up to 16
+    and an even stride beyond), a raw probe on the training datasets' labelled completions (grouped CV,
+    `n_bootstrap` refitted draws for its CI, no permutations: this is the cheap overview) and, where
+    the run has evaluation sets, the same probe trained on the train sets and scored on each (AUROC with
+    its clustered CI, recall at the control threshold). Uses every labelled completion (no SAE is
+    involved). `peak`: the layer with the highest mean eval AUROC (CV AUROC without eval sets)."""
+    run_dir = Path(run_dir)
+    roles = dataset_roles(run_dir)
+    n_layers = (read_run_json(run_dir).get("model") or {}).get("n_layers")
+    records = read_completions(run_dir)
+    out_rows = []
+    layers = pooled_layers(run_dir)
+    for layer in tqdm(layers, desc="layer sweep", unit="layer"):
+        ids, mean, last = load_pooled(run_dir, layer)
+        where = {cid: i for i, cid in enumerate(ids)}
+        chosen = [r for r in records if r["id"] in where and (roles.get(dataset_of(r), "train") == "control"
+                  or r.get("label") in ("honest", "deceptive"))]  # fmt: skip
+        of = np.array([dataset_of(r) for r in chosen])
+        control = np.array([roles.get(n, "train") == "control" for n in of], bool)
+        y = np.array(
+            [-1 if c else int(r["label"] == "deceptive") for r, c in zip(chosen, control, strict=True)]
+        )
+        groups = np.array([str(r.get("group") or r["prompt_id"]) for r in chosen])
+        prompts = np.array([str(r["prompt_id"]) for r in chosen])
+        X = (mean if pooling == "mean" else last)[[where[r["id"]] for r in chosen]].numpy().astype(np.float64)
+        names = list(dict.fromkeys([*roles, *of]))
+        sets = [EvalSet(n, roles.get(n, "train"), idx, None if roles.get(n, "train") == "control" else y[idx],
+                        groups[idx]) for n in names if len(idx := np.flatnonzero(of == n))]  # fmt: skip
+        tr = np.flatnonzero((y >= 0) & np.isin(of, [s.name for s in sets if s.role == "train"]))
+        row: dict[str, Any] = {"layer": layer, "relative_depth": layer / (n_layers - 1) if n_layers else None,
+                               "n_train": len(tr)}  # fmt: skip
+        try:
+            res = probes.probe(X[tr], y[tr], groups[tr], prompts=prompts[tr], name=f"raw L{layer}", n_folds=n_folds,
+                               seed=seed, n_permutations=0, n_bootstrap=n_bootstrap)  # fmt: skip
+            row |= {"cv_auroc": res.auroc, "cv_auroc_ci": list(res.auroc_ci), "cv_balanced_accuracy": res.balanced_accuracy,
+                    "cv_ba_ci": list(res.ba_ci)}  # fmt: skip
+        except ValueError as err:
+            row["why"] = str(err)
+        row["transfer"] = [
+            {k: t[k] for k in ("eval_set", "auroc", "auroc_ci", "recall", "recall_ci", "n", "why")}
+            for t in transfer_rows(
+                lambda t_idx, y_t, targets, X=X: fit_scores(X, t_idx, y_t, targets),
+                sets,
+                {"layer": layer},
+                fpr=control_fpr,
+            )  # fmt: skip
+        ]
+        out_rows.append(jsonable(row))
+
+    def signal(r: dict[str, Any]) -> float:
+        evals = [t["auroc"] for t in r["transfer"] if t["auroc"] is not None]
+        value = np.mean(evals) if evals else r.get("cv_auroc")
+        return -1.0 if value is None else float(value)
+
+    peak = max(out_rows, key=signal) if out_rows else None
+    return {
+        "layers": layers,
+        "n_layers": n_layers,
+        "rows": out_rows,
+        "peak": None
+        if peak is None
+        else {
+            "layer": peak["layer"],
+            "relative_depth": peak["relative_depth"],
+            "signal": signal(peak),
+        },  # fmt: skip
+        "signal": "mean AUROC over the eval sets (train on the train sets)"
+        if any(r["transfer"] for r in out_rows)
+        else "grouped-CV AUROC within the train sets",
+        "n_bootstrap": n_bootstrap,
+    }
 
 
 def load_tokenizer(run_dir: str | os.PathLike) -> Any:
@@ -413,26 +784,109 @@ def _fmt(value: Any, spec: str) -> str:
     return "" if value is None or value != value else format(value, spec)
 
 
+def _ci(value: float | None, bounds: Sequence[float | None] | None, spec: str = ".2f") -> str:
+    if value is None or value != value:
+        return "-"
+    inside = "" if not bounds or None in bounds else f" [{bounds[0]:{spec}}, {bounds[1]:{spec}}]"
+    return f"{value:{spec}}{inside}"
+
+
 def probe_summary(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """One short display row per probe of `probe_table`: balanced accuracy and AUROC with their CIs,
-    the permutation p-value, and (for SAEs) the verdict against the raw-activation probe with its
-    Holm-corrected p."""
+    """One short display row per probe of `probe_table` (grouped CV on the training datasets): balanced
+    accuracy and AUROC with their CIs, the permutation p-value, and the comparison each kind is made
+    for: an SAE against the raw probe (verdict, Holm p), its random-weight control against the SAE, the
+    prompt-only probe against the raw one. A row that could not be computed says why."""
+    out = []
+    for r in rows:
+        name = r.get("sae_id") or r.get("name") or r["kind"]
+        if r["kind"] == "random_sae":
+            name = f"random {r['sae_id']}"
+        if r["kind"] == "prompt_only":
+            name = "prompt only"
+        if "why" in r:
+            out.append(
+                {"layer": str(r["layer"]), "probe": name, "rows": "", "balanced acc [95% CI]": r["why"]}
+            )
+            continue
+        cmp = ""
+        if r.get("verdict"):
+            cmp = f"vs raw: {r['verdict']} (Holm p {r['vs_raw']['p_holm']:.3g})"
+        elif r["kind"] == "random_sae":
+            cmp = f"trained - random: {r['vs_trained']['mean_difference']:+.2f} (p {r['vs_trained']['p_value']:.3g})"
+        elif r["kind"] == "prompt_only":
+            cmp = f"answer - prompt: {-r['vs_raw']['mean_difference']:+.2f} (p {r['vs_raw']['p_value']:.3g})"
+        out.append({
+            "layer": str(r["layer"]) if r["layer"] is not None else "+".join(map(str, r.get("layers", []))),
+            "probe": name,
+            "rows": str((r.get("rows") or {}).get("n", r.get("n"))),
+            "balanced acc [95% CI]": _ci(r.get("balanced_accuracy"), r.get("ba_ci")),
+            "AUROC [95% CI]": _ci(r.get("auroc"), r.get("auroc_ci")),
+            "perm. p": _fmt(r.get("p_value"), ".3f"),
+            "comparison": cmp,
+        })  # fmt: skip
+    return out
 
-    def ci(value: float, bounds: Sequence[float | None]) -> str:
-        inside = "" if None in bounds else f" [{bounds[0]:.2f}, {bounds[1]:.2f}]"
-        return f"{value:.2f}{inside}"
 
+def read_probes(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """probes.json of the run (written by probe_table)."""
+    path = probes_path(run_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run probe_table (notebook 04) first")
+    return json.loads(path.read_text())
+
+
+def transfer_summary(probes_json: dict[str, Any]) -> list[dict[str, str]]:
+    """One display row per reader x evaluation set of probes.json's `transfer`: trained on the train
+    sets, scored on another dataset: AUROC, recall and balanced accuracy at the control set's threshold,
+    each with its 95% CI, and the threshold's real resolution; a missing number shows its reason."""
+    out = []
+    for t in probes_json.get("transfer") or []:
+        thr = t.get("threshold") or {}
+        kind = {"sae": t.get("sae_id"), "random_sae": f"random {t.get('sae_id')}"}.get(t["kind"], t["kind"])
+        res = ""
+        if thr:
+            res = f"{thr['control_exceed']}/{thr['n_control']} control above (FPR <= {thr['fpr_upper']:.3f})"
+            res += " TOO FEW for 1%" if thr["too_small"] else ""
+        out.append({
+            "layer": str(t["layer"]) if t.get("layer") is not None else "+".join(map(str, t.get("layers", []))),
+            "probe": str(kind),
+            "train -> eval": f"{'+'.join(t['train_sets'])} -> {t['eval_set']}",
+            "n (groups)": f"{t['n']} ({t['n_groups']})",
+            "AUROC [95% CI]": _ci(t["auroc"], t["auroc_ci"]),
+            f"recall @ {probes_json.get('control_fpr', CONTROL_FPR):.0%} FPR": _ci(t["recall"], t["recall_ci"]),
+            "BA @ threshold": _ci(t["ba_at_threshold"], t["ba_ci"]),
+            "control threshold": res or "; ".join(t["why"]),
+        })  # fmt: skip
+    return out
+
+
+def sweep_summary(probes_json: dict[str, Any]) -> list[dict[str, str]]:
+    """One display row per layer of the layer sweep: relative depth, the grouped-CV AUROC within the
+    train sets and the AUROC on each eval set, with 95% CIs."""
+    sweep = probes_json.get("layer_sweep") or {}
+    out = []
+    for r in sweep.get("rows") or []:
+        row = {"layer": str(r["layer"]), "depth": _fmt(r.get("relative_depth"), ".0%"),
+               "CV AUROC (train sets)": _ci(r.get("cv_auroc"), r.get("cv_auroc_ci"))}  # fmt: skip
+        for t in r["transfer"]:
+            row[f"AUROC on {t['eval_set']}"] = _ci(t["auroc"], t["auroc_ci"])
+        out.append(row)
+    return out
+
+
+def sae_pair_summary(probes_json: dict[str, Any]) -> list[dict[str, str]]:
+    """SAE-vs-SAE paired tests at matched L0 (probes.json `sae_vs_sae`), one row per pair."""
     return [
         {
-            "layer": str(r["layer"]),
-            "probe": r.get("sae_id") or r["kind"],
-            "rows": str((r.get("rows") or {}).get("n", r["n"])),
-            "balanced acc [95% CI]": ci(r["balanced_accuracy"], r["ba_ci"]),
-            "AUROC [95% CI]": ci(r["auroc"], r["auroc_ci"]),
-            "perm. p": _fmt(r.get("p_value"), ".3f"),
-            "vs raw (Holm p)": f"{r['verdict']} ({r['vs_raw']['p_holm']:.3g})" if r.get("verdict") else "",
+            "layer": str(c["layer"]),
+            "a": c["a"],
+            "b": c["b"],
+            "matched L0": str(c["matched_l0"]),
+            "BA a / b": f"{c['balanced_accuracy'][0]:.2f} / {c['balanced_accuracy'][1]:.2f}",
+            "a - b (folds)": f"{c['mean_difference']:+.3f}",
+            "Holm p": f"{c['p_holm']:.3g}",
         }
-        for r in rows
+        for c in probes_json.get("sae_vs_sae") or []
     ]
 
 

@@ -10,6 +10,8 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 from threadpoolctl import threadpool_limits
 
 from helpers.analysis.autointerp import EXPLAIN_SYSTEM
@@ -18,12 +20,19 @@ from helpers.analysis.pipeline import (
     NOT_LABELLED,
     feature_table,
     label_features,
+    probe_summary,
     probe_table,
+    read_probes,
     sae_completion_acts,
+    sae_pair_summary,
+    sweep_summary,
+    transfer_summary,
 )
+from helpers.collect.capture import load_pooled
 from helpers.collect.completions import analysis_split, read_completions, write_completions
 from helpers.collect.store import LayerStore
 from helpers.gemini import OFFLINE, GeminiClient
+from helpers.run import atomic_write_json, datasets_path, pooled_path
 from helpers.run import read_jsonl as read_features_jsonl
 from helpers.saes import JumpReLUSAE
 from helpers.saes.io import load_sae, save_sae
@@ -57,8 +66,12 @@ def test_probes_json_has_raw_and_sae_rows_with_cis_p_values_and_controls(run, pr
     assert saved["rows"] == json.loads(json.dumps(probe_rows))
     assert saved["sae_features"].startswith("mean over the completion's tokens")
     kinds = [r["kind"] for r in saved["rows"]]
-    assert kinds == ["raw", "bag_of_words", "sae"]
-    raw, bow, sae = saved["rows"]
+    assert kinds == ["raw", "bag_of_words", "prompt_only", "sae", "random_sae"]
+    raw, bow, prompt_only, sae, random_sae = saved["rows"]
+    assert "predate prompt vectors" in prompt_only["why"]  # this synthetic run has no prompt vectors
+    assert random_sae["sae_id"] == sae["sae_id"] and random_sae["vs_trained"]["a"] == run.sae_id
+    assert random_sae["l0_probed_tokens"] == pytest.approx(sae["l0_probed_tokens"], rel=0.05)
+    assert saved["transfer"] == [] and saved["sae_vs_sae"] == []  # one dataset, one SAE
     for r in (raw, bow, sae):
         assert r["layer"] == LAYER and r["n"] == 96 and r["n_groups"] == 12 and r["n_folds"] == 4
         lo, hi = r["ba_ci"]
@@ -216,7 +229,7 @@ def test_probes_and_features_use_only_the_rows_no_sae_trained_on(run, copy_run, 
     labelled = [
         r for r in read_completions(dst) if r["id"] in reserved and r["label"] in ("honest", "deceptive")
     ]
-    for r in rows:
+    for r in (r for r in rows if "why" not in r):
         assert r["n"] == len(labelled) < 96 and r["rows"]["analysis_split"] == split
         assert r["n_groups"] == len({x["group"] for x in labelled})
     feats = feature_table(dst, with_split, k=3, tokenizer=offline_lm.tokenizer, n_permutations=99)
@@ -240,3 +253,57 @@ def test_probes_and_features_use_only_the_rows_no_sae_trained_on(run, copy_run, 
                      metadata={"sae_id": "other_split", "analysis_split": {"fraction": 0.3, "seed": 0}})  # fmt: skip
     with pytest.raises(ValueError, match="reserved different analysis splits"):
         probe_table(dst, [LAYER], [with_split, other], **FAST)
+
+
+def test_the_fields_protocol_train_on_one_dataset_evaluate_on_another(run, copy_run, tmp_path):
+    """Groups s0-s5 as the training set, s6-s11 as the evaluation set, the unlabelled answers as the
+    control set: probes.json gets transfer rows for every reader, a transfer matrix, the layer sweep, the
+    SAE-vs-SAE test at matched L0; the planted signal transfers; a control set under 100 answers is marked."""
+    dst = copy_run()
+    records = read_completions(dst)
+    for r in records:
+        g = int(r["group"][1:])
+        r["dataset"] = "benign" if r["label"] is None else ("facts" if g < 6 else "scenes")
+    write_completions(dst, records)
+    roles = {"facts": "train", "scenes": "eval", "benign": "control"}
+    atomic_write_json(datasets_path(dst), {"datasets": [{"name": n, "role": r} for n, r in roles.items()]})
+    ids, mean, last = load_pooled(dst, LAYER)
+    prompt_last = torch.randn(len(ids), mean.shape[1], generator=torch.Generator().manual_seed(0))
+    save_file({"mean": mean.clone(), "last": last.clone(), "prompt_last": prompt_last},
+              str(pooled_path(dst, LAYER)), metadata={"completion_ids": json.dumps(ids)})  # fmt: skip
+    sae = load_sae(run.sae_folder)
+    twin = save_sae(sae.sae, dst / "saes" / "twin", hook_name=sae.hook_name, model_name=sae.model_name,
+                    metadata={"sae_id": "twin"})  # fmt: skip
+    rows = probe_table(dst, [LAYER], [run.sae_folder, twin], n_directions=2, **FAST)
+    saved = read_probes(dst)
+    n_train = sum(r["dataset"] == "facts" and r["label"] in ("honest", "deceptive") for r in records)
+    raw = rows[0]
+    assert raw["kind"] == "raw" and raw["n"] == n_train == 48 and raw["rows"]["datasets"] == ["facts"]
+    prompt = next(r for r in rows if r["kind"] == "prompt_only")
+    assert prompt["balanced_accuracy"] < raw["balanced_accuracy"] - 0.2  # noise: reads no instruction
+    kinds = {(t["kind"], t.get("sae_id")) for t in saved["transfer"]}
+    assert kinds >= {("raw", None), ("bag_of_words", None), ("prompt_only", None), ("sae", run.sae_id),
+                     ("random_sae", run.sae_id), ("sae", "twin")}  # fmt: skip
+    for t in saved["transfer"]:
+        assert t["train_sets"] == ["facts"] and t["eval_set"] == "scenes" and t["control_set"] == "benign"
+        assert t["n"] == 48 and t["n_groups"] == 6 and t["threshold"]["n_control"] == 24
+        assert t["threshold"]["too_small"] and any("too few to express 1% FPR" in w for w in t["why"])
+    raw_t = next(t for t in saved["transfer"] if t["kind"] == "raw")
+    assert raw_t["auroc"] > 0.8 and raw_t["auroc_ci"][0] <= raw_t["auroc"] <= raw_t["auroc_ci"][1]
+    assert 0 <= raw_t["recall_ci"][0] <= raw_t["recall"] <= raw_t["recall_ci"][1] <= 1
+    matrix = saved["transfer_matrix"][str(LAYER)]
+    assert matrix["train"] == ["facts", "scenes"] and all(
+        v is not None for row in matrix["auroc"] for v in row
+    )
+    (pair,) = saved["sae_vs_sae"]
+    assert {pair["a"], pair["b"]} == {run.sae_id, "twin"} and pair["mean_difference"] == 0
+    sweep = saved["layer_sweep"]
+    assert sweep["layers"] == [LAYER] and sweep["peak"]["layer"] == LAYER
+    assert sweep["rows"][0]["transfer"][0]["eval_set"] == "scenes"
+    for table in (
+        probe_summary(rows),
+        transfer_summary(saved),
+        sweep_summary(saved),
+        sae_pair_summary(saved),
+    ):
+        assert table and all(isinstance(v, str) for row in table for v in row.values())
