@@ -96,9 +96,12 @@ def probe_series(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, dict[s
     data = json.loads(_need(probes_path(run_dir), "probes.json").read_text())
     series: dict[str, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
     for r in data["rows"] if isinstance(data, dict) else data:
-        if r.get("kind") == "sae":
+        if r.get("layer") is None or "why" in r:  # multi-layer ensembles; rows that have no number
+            continue
+        if r.get("kind") in ("sae", "random_sae"):
             m = re.search(r"_L\d+_(.+)$", str(r.get("sae_id", "")))
             name = f"{r.get('architecture') or 'sae'}" + (f" ({m.group(1)})" if m else "")
+            name = f"random {name}" if r["kind"] == "random_sae" else name
         else:
             name = str(r.get("kind", "raw")).replace("_", " ")
         series[name].append((int(r["layer"]), r))
@@ -139,6 +142,98 @@ def _xy_ci(pts: list, key: str, ci: str) -> tuple[np.ndarray, ...]:
     x, y = np.array([p[0] for p in pts]), np.array([_num(p[1].get(key)) for p in pts])
     lo, hi = np.array([[_num(v) for v in (p[1].get(ci) or (None, None))] for p in pts]).reshape(-1, 2).T
     return x, y, np.where(np.isnan(lo), y, lo), np.where(np.isnan(hi), y, hi)  # no CI: no bar
+
+
+def _probes(run_dir: str | os.PathLike) -> dict[str, Any]:
+    data = json.loads(_need(probes_path(run_dir), "probes.json").read_text())
+    if not isinstance(data, dict):
+        raise MissingInput("probes.json predates the detection protocol: rerun notebook 04")
+    return data
+
+
+def transfer_figure(run_dir: str | os.PathLike, *, backend: str = "plotly") -> Any:
+    """The train x eval transfer matrix of the raw probe, one heatmap per layer: AUROC of a probe trained
+    on the row's dataset and scored on the column's (diagonal: grouped CV within the dataset)."""
+    matrices = _probes(run_dir).get("transfer_matrix") or {}
+    matrices = {k: m for k, m in matrices.items() if len(m["train"]) > 1}
+    if not matrices:
+        raise MissingInput("no transfer matrix: the run needs two labelled datasets (notebook 02's DATASETS)")
+    layers = sorted(matrices, key=int)
+
+    def grid(m: dict[str, Any]) -> np.ndarray:
+        return np.array([[_num(v) for v in row] for row in m["auroc"]])
+
+    if _is_mpl(backend):
+        fig, axes = _mpl(len(layers), width=4.5)
+        for ax, layer in zip(axes, layers, strict=True):
+            m = matrices[layer]
+            ax.imshow(grid(m), vmin=0.5, vmax=1.0, cmap="viridis")
+            ax.set_xticks(range(len(m["eval"])), m["eval"], rotation=45, ha="right", fontsize=8)
+            ax.set_yticks(range(len(m["train"])), m["train"], fontsize=8)
+            for i, row in enumerate(grid(m)):
+                for j, v in enumerate(row):
+                    ax.text(j, i, "-" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", color="w")
+            ax.set(title=f"layer {layer}: AUROC", xlabel="evaluated on", ylabel="trained on")
+        return fig
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=len(layers), subplot_titles=[f"layer {k}" for k in layers])
+    for col, layer in enumerate(layers, 1):
+        m = matrices[layer]
+        z = grid(m)
+        text = [["-" if np.isnan(v) else f"{v:.2f}" for v in row] for row in z]
+        fig.add_heatmap(z=z, x=m["eval"], y=m["train"], zmin=0.5, zmax=1.0, colorscale="Viridis", text=text,
+                        texttemplate="%{text}", showscale=col == 1, row=1, col=col)  # fmt: skip
+    fig.update_xaxes(title_text="evaluated on")
+    fig.update_yaxes(title_text="trained on", col=1)
+    fig.update_layout(
+        title="Transfer: raw probe AUROC, trained on one dataset, scored on another (diagonal: CV)"
+    )
+    return fig
+
+
+def layer_sweep_figure(run_dir: str | os.PathLike, *, backend: str = "plotly") -> Any:
+    """Signal against relative depth (layer / (n_layers - 1); the layer when unknown): the grouped-CV AUROC
+    within the training sets and the AUROC on each evaluation set, with 95% CIs; the peak marked."""
+    sweep = _probes(run_dir).get("layer_sweep") or {}
+    rows = sweep.get("rows") or []
+    if not rows:
+        raise MissingInput("no layer sweep in probes.json: rerun notebook 04 with SWEEP = True")
+    depth = all(r.get("relative_depth") is not None for r in rows)
+    x = np.array([r["relative_depth"] if depth else r["layer"] for r in rows], float)
+    lines: dict[str, list[tuple[float, float, float]]] = {"CV within train sets": []}
+    for r in rows:
+        lo, hi = r.get("cv_auroc_ci") or (None, None)
+        lines["CV within train sets"].append((_num(r.get("cv_auroc")), _num(lo), _num(hi)))
+        for t in r["transfer"]:
+            lo, hi = t["auroc_ci"] or (None, None)
+            lines.setdefault(f"on {t['eval_set']}", []).append((_num(t["auroc"]), _num(lo), _num(hi)))
+    xlabel = "relative depth (layer / (n_layers - 1))" if depth else "layer"
+    peak = sweep.get("peak") or {}
+    title = "Deception signal by depth (raw probes, 95% CI)"
+    if peak:
+        title += f"; peak at layer {peak['layer']}" + (f" ({peak['relative_depth']:.0%})" if depth else "")
+    if _is_mpl(backend):
+        fig, (ax,) = _mpl(1, width=7)
+        for i, (name, pts) in enumerate(lines.items()):
+            y, lo, hi = (np.array(v) for v in zip(*pts, strict=True))
+            ax.errorbar(x[: len(y)], y, yerr=[y - np.where(np.isnan(lo), y, lo), np.where(np.isnan(hi), y, hi) - y],
+                        marker=MPL_MARKERS[i % 6], capsize=3, label=name)  # fmt: skip
+        ax.axhline(0.5, color="grey", ls=":", lw=1)
+        ax.set(xlabel=xlabel, ylabel="AUROC", title=title)
+        ax.legend(fontsize=8)
+        return fig
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for i, (name, pts) in enumerate(lines.items()):
+        y, lo, hi = (np.array(v) for v in zip(*pts, strict=True))
+        fig.add_scatter(x=x[: len(y)], y=y, mode="lines+markers", name=name, line_color=PALETTE[i % 8],
+                        error_y=dict(type="data", symmetric=False, array=np.where(np.isnan(hi), y, hi) - y,
+                        arrayminus=y - np.where(np.isnan(lo), y, lo)))  # fmt: skip
+    fig.add_hline(y=0.5, line_dash="dot", line_color="grey")
+    fig.update_layout(title=title, xaxis_title=xlabel, yaxis_title="AUROC")
+    return fig
 
 
 # --- SAEs -----------------------------------------------------------------------------------------
@@ -367,15 +462,16 @@ def steering_figure(run_dir_or_rows: Any, *, backend: str = "plotly") -> Any:
 
 def save_all(run_dir: str | os.PathLike) -> dict[str, list[Path]]:
     """Draw and save every figure whose inputs exist (key ones also as .png); print what is missing."""
-    makers: dict[str, Any] = {"probes": probe_figure, "sae_leaderboard": leaderboard_figure,
-                              "firing_density": firing_density_figure, "steering": steering_figure}  # fmt: skip
+    makers: dict[str, Any] = {"probes": probe_figure, "transfer": transfer_figure, "layer_sweep": layer_sweep_figure,
+                              "sae_leaderboard": leaderboard_figure, "firing_density": firing_density_figure,
+                              "steering": steering_figure}  # fmt: skip
     for path in sorted(Path(run_dir).glob("features/*.jsonl")):
         makers[f"features_{path.stem}"] = lambda rd, sid=path.stem: feature_effects_figure(rd, sid)
     saved: dict[str, list[Path]] = {}
     for name, make in makers.items():
         try:
             saved[name] = [save_figure(make(run_dir), run_dir, name)]
-            if name in ("probes", "sae_leaderboard", "steering"):
+            if name in ("probes", "transfer", "layer_sweep", "sae_leaderboard", "steering"):
                 saved[name].append(save_figure(make(run_dir, backend="matplotlib"), run_dir, name))
         except MissingInput as err:
             print(f"{name}: skipped ({err})")

@@ -140,7 +140,27 @@ def test_missing_inputs_name_the_notebook(tmp_path, capsys):
         with pytest.raises(plots.MissingInput, match=where):
             make(tmp_path)
     assert plots.save_all(tmp_path) == {}
-    assert capsys.readouterr().out.count("skipped") == 4
+    assert capsys.readouterr().out.count("skipped") == 6
+
+
+def test_transfer_and_layer_sweep_figures(tmp_path):
+    m = {"train": ["facts", "scenes"], "eval": ["facts", "scenes"], "auroc": [[0.95, 0.7], [None, 0.9]]}
+    t = {"eval_set": "scenes", "auroc": 0.7, "auroc_ci": [0.6, 0.8]}
+    sweep = {"rows": [{"layer": k, "relative_depth": k / 4, "cv_auroc": 0.6 + k / 20, "cv_auroc_ci": [0.5, 0.9],
+                       "transfer": [t]} for k in range(5)], "peak": {"layer": 4, "relative_depth": 1.0}}  # fmt: skip
+    (tmp_path / "probes.json").write_text(
+        json.dumps({"rows": [], "transfer_matrix": {"3": m}, "layer_sweep": sweep})
+    )
+    fig = plots.transfer_figure(tmp_path)
+    heat = fig.data[0]
+    assert list(heat.y) == ["facts", "scenes"] and np.isnan(heat.z[1][0]) and heat.text[1][0] == "-"
+    assert len(plots.transfer_figure(tmp_path, backend="matplotlib").axes[0].images) == 1
+    fig = plots.layer_sweep_figure(tmp_path)
+    assert [d.name for d in fig.data] == ["CV within train sets", "on scenes"]
+    assert (
+        list(fig.data[0].x) == [0, 0.25, 0.5, 0.75, 1.0] and "peak at layer 4 (100%)" in fig.layout.title.text
+    )
+    assert len(plots.layer_sweep_figure(tmp_path, backend="matplotlib").axes[0].containers) == 2
 
 
 def test_token_heatmap_and_html():
