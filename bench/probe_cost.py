@@ -19,6 +19,15 @@ Timed, each in this one process on the same data:
 The estimate for notebook 04's statistics at d32 (3 layers, 9 SAEs per layer: 3 raw + 3 bag-of-words
 + 27 SAE probes and 27 feature tables) excludes encoding the store through the SAEs and the windows.
 
+With `--protocol` (the field's protocol of detection.py, timed in the same process on the same data):
+the rows it adds per layer — the prompt-only probe, a random-weight SAE probe per SAE (grouped CV, no
+permutations or bootstrap), every reader trained on the train set and scored on an eval set and a
+400-answer control set (raw, prompt-only, 9 SAEs, 9 random SAEs), the 2 x 2 transfer matrix, the 36
+SAE-vs-SAE probes and tests — and once per run the multi-layer ensembles (a probe on the 3 layers
+concatenated with 200 refitted draws, the mean of per-layer scores) and a 16-layer sweep (50 refitted
+draws per layer). The CV rows keep their size (816), so the ratio is an upper bound. Encoding through
+the random SAEs and the L0-matched re-encoding are excluded, as SAE encoding is above.
+
     python bench/probe_cost.py                 # 2 threads, as Colab's CPU
     python bench/probe_cost.py --threads 1 --n 1632
 """
@@ -26,6 +35,7 @@ The estimate for notebook 04's statistics at d32 (3 layers, 9 SAEs per layer: 3 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -39,7 +49,7 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 
-from helpers.analysis import features, probes  # noqa: E402
+from helpers.analysis import detection, features, probes  # noqa: E402
 from helpers.stats import label_permutations, nested_index  # noqa: E402
 
 
@@ -80,6 +90,56 @@ def sklearn_loop(X, y, groups, prompts, n_permutations: int) -> float:
     return time.perf_counter() - start
 
 
+def protocol_cost(raw, sae, y, groups, prompts) -> dict:
+    """Seconds of the rows the field's protocol adds (module doc), on this data split by group into a
+    train and an eval set, with 400 control rows drawn from another world of the same shape."""
+    gidx = np.unique(groups, return_inverse=True)[1]
+    train_idx, eval_idx = np.flatnonzero(gidx % 2 == 0), np.flatnonzero(gidx % 2 == 1)
+    c_raw, c_sae, *_ = d32_data(400, seed=1)
+    raw_all, sae_all = np.vstack([raw, c_raw]), np.vstack([sae, c_sae]).astype(np.float64)
+    control_idx = np.arange(len(y), len(y) + 400)
+    sets = [
+        detection.EvalSet("train", "train", train_idx, y[train_idx], groups[train_idx]),
+        detection.EvalSet("eval", "eval", eval_idx, y[eval_idx], groups[eval_idx]),
+        detection.EvalSet("control", "control", control_idx, None, np.arange(400).astype(str)),
+    ]
+
+    def transfer(X):
+        return detection.transfer_rows(lambda t, yt, tg: detection.fit_scores(X, t, yt, tg), sets, {})
+
+    light = dict(n_permutations=0, n_bootstrap=0)
+    timings = {}
+    timings["prompt_only_probe"], _ = timed(lambda: probes.probe(raw, y, groups, prompts=prompts, **light))
+    timings["random_sae_probe_x9"], _ = timed(
+        lambda: [probes.probe(sae, y, groups, prompts=prompts, **light) for _ in range(9)]
+    )
+    timings["transfer_raw_and_prompt"], _ = timed(lambda: [transfer(raw_all) for _ in range(2)])
+    timings["transfer_sae_and_random_x18"], _ = timed(lambda: [transfer(sae_all) for _ in range(18)])
+    timings["transfer_matrix"], _ = timed(lambda: detection.transfer_matrix(raw_all, sets))
+    timings["sae_vs_sae_36_pairs"], _ = timed(lambda: [
+        probes.compare_paired(a, b) for a, b in itertools.combinations(
+            [probes.probe(sae, y, groups, prompts=prompts, **light) for _ in range(9)], 2)
+    ])  # fmt: skip
+    per_layer = sum(timings.values())
+    layers3 = np.hstack([raw, raw[::-1] * 0.5, raw + 0.1])
+    run = {}
+    run["ensemble_concat_probe"], _ = timed(
+        lambda: probes.probe(layers3, y, groups, prompts=prompts, n_permutations=0, n_bootstrap=200)
+    )
+    run["ensemble_mean_cv"], _ = timed(lambda: [detection.cv_scores(raw, y, groups) for _ in range(3)])
+    run["ensemble_transfers"], _ = timed(lambda: [transfer(raw_all) for _ in range(4)])
+    run["layer_sweep_16_layers"], _ = timed(lambda: [
+        (probes.probe(raw[train_idx], y[train_idx], groups[train_idx], prompts=prompts[train_idx],
+                      n_permutations=0, n_bootstrap=50), transfer(raw_all)) for _ in range(16)
+    ])  # fmt: skip
+    return {
+        "per_layer": {k: round(v, 2) for k, v in timings.items()},
+        "per_layer_seconds": round(per_layer, 1),
+        "per_run": {k: round(v, 2) for k, v in run.items()},
+        "per_run_seconds": round(sum(run.values()), 1),
+    }
+
+
 def timed(fn) -> tuple[float, object]:
     start = time.perf_counter()
     out = fn()
@@ -92,6 +152,7 @@ def main() -> None:
         "--n", type=int, default=816, help="completions probed (816: the analysis split of 1,632)"
     )
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--protocol", action="store_true", help="also time the rows the field's protocol adds")
     ap.add_argument(
         "--peer-permutations", type=int, default=20, help="sklearn fits timed, then scaled to 200"
     )
@@ -118,15 +179,21 @@ def main() -> None:
             lambda: features.select_and_report(sae, y, groups, prompts=prompts, k=20, n_permutations=2000)
         )
         out["features"] = {"seconds": round(t_f, 1), "top_p_value": rows[0]["p_value"]}
+        if args.protocol:
+            out["protocol"] = protocol_cost(raw, sae, y, groups, prompts)
     per_layer = out["probe_raw"]["seconds"] + out["probe_raw"]["random_direction_control_seconds"] + 9 * (
         out["probe_sae"]["seconds"] + out["probe_sae"]["random_direction_control_seconds"] + out["features"]["seconds"])  # fmt: skip
+    today = 3 * per_layer
+    if args.protocol:
+        added = 3 * out["protocol"]["per_layer_seconds"] + out["protocol"]["per_run_seconds"]
+        out["protocol"]["ratio_to_today"] = round((today + added) / today, 3)
     print(json.dumps({
         "benchmark": "notebook 04 statistics at nanochat-d32 scale, synthetic data (bench/probe_cost.py)",
         "command": " ".join(["python", "bench/probe_cost.py", *sys.argv[1:]]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.threads} BLAS threads",
         "n_completions": args.n, "d_model": 2048, "d_sae": 16384,
         **out,
-        "estimate_notebook_04_statistics_3_layers_9_saes_minutes": round(3 * per_layer / 60, 1),
+        "estimate_notebook_04_statistics_3_layers_9_saes_minutes": round(today / 60, 1),
         "excluded": "bag-of-words probes (~ a raw probe each), encoding the store through the SAEs, example windows",
     }, indent=1))  # fmt: skip
 

@@ -205,3 +205,32 @@ def test_recall_and_ba_coverage_at_the_control_threshold():
         hits_r.append(out["recall_ci"][0] <= recall <= out["recall_ci"][1])
         hits_b.append(out["ba_ci"][0] <= (recall + spec) / 2 <= out["ba_ci"][1])
     assert np.mean(hits_r) >= 0.93 and np.mean(hits_b) >= 0.93, (np.mean(hits_r), np.mean(hits_b))
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.6])
+def test_transfer_auroc_covers_the_fixed_probes_true_auroc(shift):
+    """End to end: a probe trained on one simulated dataset, scored on another whose completions share
+    group effects; the eval set's AUROC CI covers the trained probe's population AUROC (null: 0.5)."""
+    rng = np.random.default_rng([5, int(10 * shift)])
+    d, hits = 20, []
+
+    def dataset(n_groups, per_group):
+        g = np.repeat(np.arange(n_groups), per_group)
+        y = np.tile([0, 1], len(g) // 2)
+        effects = rng.normal(0, 0.8, (n_groups, d))
+        return effects[g] + rng.normal(size=(len(g), d)) + np.outer(shift * y, np.eye(d)[0]), y, g
+
+    for _ in range(200):  # SE 0.015 at 0.95
+        X_tr, y_tr, _ = dataset(10, 8)
+        X_ev, y_ev, g_ev = dataset(12, 8)
+        X = np.vstack([X_tr, X_ev])
+        tr, ev = np.arange(len(y_tr)), np.arange(len(y_tr), len(X))
+        # The probe's weights w on the raw scale: its scores on unit vectors, less the intercept.
+        basis = np.vstack([np.zeros(d), np.eye(d)])
+        s0, *s = fit_scores(np.vstack([X, basis]), tr, y_tr, [ev, *[[len(X) + 1 + i] for i in range(d)]])
+        w = np.array([v[0] for v in s]) - fit_scores(np.vstack([X, basis]), tr, y_tr, [[len(X)]])[0][0]
+        # Score = w.x + c: per class Gaussian with variance |w|^2 (0.8^2 + 1), means differ by shift * w0.
+        truth = stats.norm.cdf(shift * w[0] / math.sqrt(2 * (w @ w) * (0.64 + 1)))
+        _, lo, hi = clustered_auroc(s0, y_ev, g_ev)
+        hits.append(lo <= truth <= hi)
+    assert np.mean(hits) >= 0.93, np.mean(hits)
