@@ -45,6 +45,25 @@ def test_probe_permutation_p_values_and_cis(impl):
         assert np.mean([r[key] for r in cis.values()]) >= 0.93, cis
 
 
+def test_probe_with_few_groups_and_unbalanced_labels(impl):
+    """Few groups (12 scenarios, each all honest or all deceptive: labels permuted across groups) and
+    80/20 labels per paraphrase: the permutation p keeps its level and the refitted bootstrap CIs cover
+    chance. 240 worlds per design: SE of a pooled false-positive rate of 0.05 is 0.010."""
+    designs = {
+        "grouped": dict(n_groups=12, n_prompts=3, n_samples=2, d=6),
+        "paraphrase": dict(n_groups=20, n_prompts=3, n_samples=2, d=6, deceptive_share=0.2),
+    }
+    tests = {d: nw.probe_calibration(impl, d, 240, size=size, n_bootstrap=0) for d, size in designs.items()}
+    for alpha in ("0.05", "0.10"):
+        assert (
+            abs(np.mean([r[f"false_positive_rate_{alpha}"] for r in tests.values()]) - float(alpha)) <= 0.03
+        )
+    cis = {d: nw.probe_calibration(impl, d, 40, size=size, n_permutations=0, n_bootstrap=30, seed=1)
+           for d, size in designs.items()}  # fmt: skip
+    for key in ("ba_ci_coverage", "auroc_ci_coverage"):
+        assert np.mean([r[key] for r in cis.values()]) >= 0.93, cis
+
+
 def test_paired_probe_comparison(impl):
     """The raw-vs-SAE test (Nadeau-Bengio on fold scores) between two null probes on the same rows, and
     the paired bootstrap CIs of their differences. The test is conservative at these sizes (0-4% at
