@@ -10,7 +10,8 @@
   / (CE_zero - CE_clean) (also called the fraction of loss recovered: against zero-ablation, a weak
   baseline, it flatters, so read it beside the CE and KL increases) and KL score = (KL_zero - KL_sae) /
   KL_zero. Each has a 95% t interval over prompt groups (`stats.ratio_ci`: completions of one group are
-  not independent), and `evaluate_lm` spreads its completions over as many held-out groups as it can.
+  not independent), and `evaluate_lm` spreads its completions over as many held-out groups as it can,
+  honest and deceptive in turn, and reports the CE increase and KL of each label apart (`by_label`).
 - `leaderboard`: one row per SAE from `saes/*/metrics.json` (plots.leaderboard_figure draws it).
 
 Splicing replaces the residual with the reconstruction, dropping the SAE's error term: that is the
@@ -129,12 +130,15 @@ def lm_loss(
     hook_name: str,
     batches: Iterable[dict[str, Tensor]],
     groups: Sequence[str] | None = None,
+    labels: Sequence[str | None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """CE/KL with each SAE of `saes` (name -> module whose forward reconstructs) spliced in at `hook_name`.
 
     Each batch has `input_ids`, `attention_mask`, `splice` (positions replaced: the tokens the SAE was
     trained on) and `score` (positions whose next-token prediction is scored), all [batch, seq].
-    `groups` (one per sequence, in batch order; None: each sequence its own) are the clusters of the CIs."""
+    `groups` (one per sequence, in batch order; None: each sequence its own) are the clusters of the CIs.
+    `labels` (one per sequence: "honest", "deceptive", other or None) add `by_label`: the CE increase and
+    KL of the honest and of the deceptive sequences apart (an SAE may reconstruct lies worse)."""
     names = [*saes, "clean", "zero"]
     per_seq: dict[str, dict[str, list[float]]] = {n: {"ce": [], "kl": []} for n in names}
     n_tokens: list[int] = []
@@ -162,36 +166,63 @@ def lm_loss(
     if len(keys) != len(n_tokens):
         raise ValueError(f"{len(keys)} groups for {len(n_tokens)} sequences: pass one group per sequence")
     gidx, n_groups = group_index(keys)
+    if labels is not None and len(labels) != len(n_tokens):
+        raise ValueError(f"{len(labels)} labels for {len(n_tokens)} sequences: pass one label per sequence")
+    subsets = {"all": np.ones(len(n_tokens), bool)}
+    for label in ("honest", "deceptive"):
+        if labels is not None and label in labels:
+            subsets[label] = np.array([lab == label for lab in labels])
 
-    def by_group(values: Sequence[float]) -> np.ndarray:
-        return np.bincount(gidx, np.asarray(values, float), n_groups)
+    def by_group(values: Sequence[float], keep: np.ndarray) -> np.ndarray:
+        return np.bincount(gidx[keep], np.asarray(values, float)[keep], n_groups)[np.unique(gidx[keep])]
 
-    tok = by_group(n_tokens)
-    ce = {n: by_group(per_seq[n]["ce"]) for n in names}
-    kl = {n: by_group(per_seq[n]["kl"]) for n in names}
-    total = tok.sum()
+    sums = {
+        part: {"tok": by_group(n_tokens, keep)}
+        | {f"{key}_{n}": by_group(per_seq[n][key], keep) for n in names for key in ("ce", "kl")}
+        for part, keep in subsets.items()
+    }
     out = {}
     for name in saes:
-        ce_inc, kl_sae = ratio_ci(ce[name] - ce["clean"], tok), ratio_ci(kl[name], tok)
-        ce_score = ratio_ci(ce["zero"] - ce[name], ce["zero"] - ce["clean"])
-        kl_score = ratio_ci(kl["zero"] - kl[name], kl["zero"])
+        a = sums["all"]
+        total = a["tok"].sum()
+        ce_inc, kl_sae = (
+            ratio_ci(a[f"ce_{name}"] - a["ce_clean"], a["tok"]),
+            ratio_ci(a[f"kl_{name}"], a["tok"]),
+        )
+        ce_score = ratio_ci(a["ce_zero"] - a[f"ce_{name}"], a["ce_zero"] - a["ce_clean"])
+        kl_score = ratio_ci(a["kl_zero"] - a[f"kl_{name}"], a["kl_zero"])
+        by_label = {}
+        for label in subsets.keys() - {"all"}:
+            part, keep = sums[label], subsets[label]
+            ce_l = ratio_ci(part[f"ce_{name}"] - part["ce_clean"], part["tok"])
+            kl_l = ratio_ci(part[f"kl_{name}"], part["tok"])
+            by_label[label] = {
+                "n_tokens": int(part["tok"].sum()),
+                "n_completions": int(keep.sum()),
+                "n_groups": len(part["tok"]),
+                "ce_increase": ce_l[0],
+                "ce_increase_ci": ce_l[1:],
+                "kl_sae": kl_l[0],
+                "kl_sae_ci": kl_l[1:],
+            }
         out[name] = {
             "n_tokens": int(total),
             "n_completions": len(n_tokens),
             "n_groups": n_groups,
-            "ce_clean": ce["clean"].sum() / total,
-            "ce_sae": ce[name].sum() / total,
-            "ce_zero_ablation": ce["zero"].sum() / total,
+            "ce_clean": a["ce_clean"].sum() / total,
+            "ce_sae": a[f"ce_{name}"].sum() / total,
+            "ce_zero_ablation": a["ce_zero"].sum() / total,
             "ce_increase": ce_inc[0],
             "ce_increase_ci": ce_inc[1:],
             "kl_sae": kl_sae[0],
             "kl_sae_ci": kl_sae[1:],
-            "kl_zero_ablation": kl["zero"].sum() / total,
+            "kl_zero_ablation": a["kl_zero"].sum() / total,
             "ce_loss_score": ce_score[0],
             "ce_loss_score_ci": ce_score[1:],
             "loss_recovered": ce_score[0],  # the same number under its older name
             "kl_div_score": kl_score[0],
             "kl_div_score_ci": kl_score[1:],
+            "by_label": dict(sorted(by_label.items())),
             "ci_method": "95% t interval over prompt groups (cluster-robust, stats.ratio_ci)",
         }
     return out
@@ -263,14 +294,26 @@ def evaluate_folder(
 
 
 def lm_eval_rows(rows: list[dict], held: set[str], n_completions: int, seed: int = 0) -> list[dict]:
-    """Up to `n_completions` of the completions `held`, spread over their prompt groups: one completion
-    of every group (groups in a seeded hash order) before a second of any, so the loss averages over as
-    many groups as the budget allows instead of the first few in file order."""
+    """Up to `n_completions` of the completions `held`, spread over their prompt groups and labels: one
+    completion of every group (groups in a seeded hash order) before a second of any, so the loss
+    averages over as many groups as the budget allows instead of the first few in file order; within a
+    group the labels take turns, and alternate groups start with the other label, so the first round is
+    half honest and half deceptive (in file order, where the honest prompt comes first, it was all
+    honest)."""
     by_group: dict[str, list[dict]] = {}
     for r in rows:
         if r["id"] in held:
             by_group.setdefault(str(r.get("group") or r["prompt_id"]), []).append(r)
     order = sorted(by_group, key=lambda g: stable_hash(seed, "lm-eval", g))
+    for j, g in enumerate(order):
+        first = ("honest", "deceptive")[j % 2]
+        turn: dict[str, int] = {}  # each row's position among the rows of its label in the group
+        keys = []
+        for r in by_group[g]:
+            label = str(r.get("label"))
+            turn[label] = turn.get(label, 0) + 1
+            keys.append((turn[label], label != first, label not in ("honest", "deceptive")))
+        by_group[g] = [r for _, r in sorted(zip(keys, by_group[g], strict=True), key=lambda kr: kr[0])]
     depth = max((len(v) for v in by_group.values()), default=0)
     spread = [by_group[g][i] for i in range(depth) for g in order if i < len(by_group[g])]
     return spread[:n_completions]
@@ -305,6 +348,7 @@ def evaluate_lm(
         chosen = lm_eval_rows([r for r in rows if r["id"] in store.entries], unseen, n_completions, seed)
         first = {r["id"]: store.entries[r["id"]][3] for r in chosen}
         groups = [str(r.get("group") or r["prompt_id"]) for r in chosen]
+        labels = [r.get("label") for r in chosen]
         data = list(
             lm_batches(
                 chosen,
@@ -316,7 +360,9 @@ def evaluate_lm(
         )
         for i in range(0, len(folders), saes_per_pass):
             saes = {f.name: load_sae(f, device=lm.model.device).sae for f in folders[i : i + saes_per_pass]}
-            for name, res in lm_loss(lm.model, saes, f"blocks.{layer}.hook_resid_post", data, groups).items():
+            for name, res in lm_loss(
+                lm.model, saes, f"blocks.{layer}.hook_resid_post", data, groups, labels
+            ).items():
                 m = json.loads((sae_dir(run_dir, name) / SAE_METRICS).read_text())
                 atomic_write_json(sae_dir(run_dir, name) / SAE_METRICS, {**m, "lm": res})
                 results[name] = res
@@ -338,6 +384,10 @@ LEADERBOARD_COLUMNS = (
     "ce_increase",
     "kl_sae",
     "kl_div_score",
+    "ce_increase_honest",
+    "ce_increase_deceptive",
+    "kl_sae_honest",
+    "kl_sae_deceptive",
     "train_tokens",
 )
 
@@ -355,6 +405,8 @@ def leaderboard(run_dir: str | os.PathLike, sort_by: str = "explained_variance")
             "dense_pct": 100 * act.get("dense_fraction", math.nan), "mse": act.get("mse"),
             "loss_recovered": lm.get("loss_recovered"), "ce_increase": lm.get("ce_increase"),
             "kl_sae": lm.get("kl_sae"), "kl_div_score": lm.get("kl_div_score"),
+            **{f"{key}_{label}": (lm.get("by_label") or {}).get(label, {}).get(key)
+               for key in ("ce_increase", "kl_sae") for label in ("honest", "deceptive")},
             "train_tokens": m.get("training", {}).get("tokens"),
         })  # fmt: skip
     if rows and sort_by not in rows[0]:

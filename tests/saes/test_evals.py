@@ -94,15 +94,38 @@ def test_identity_sae_recovers_all_the_loss(offline_lm, run_dir):
     for key in ("ce_increase", "kl_sae", "ce_loss_score", "kl_div_score"):
         lo, hi = half[f"{key}_ci"]
         assert lo <= half[key] <= hi and half["n_groups"] == half["n_completions"] == 3
+    assert half["by_label"] == {}, "no labels given: no per-label rows"
+    # per label: the token-weighted mean of the two labels' CE increases and KLs is the pooled one
+    n_seq = sum(len(b["input_ids"]) for b in data)
+    labels = ["honest", "deceptive", "honest"][:n_seq] + ["deceptive"] * max(n_seq - 3, 0)
+    res = lm_loss(offline_lm.model, {"half": lambda h: 0.5 * h}, hook_name(LAYER), data, labels=labels)[
+        "half"
+    ]
+    parts = res["by_label"]
+    assert set(parts) == {"honest", "deceptive"} and parts["honest"]["n_completions"] == labels.count(
+        "honest"
+    )
+    for key in ("ce_increase", "kl_sae"):
+        pooled = sum(p[key] * p["n_tokens"] for p in parts.values()) / res["n_tokens"]
+        assert pooled == pytest.approx(res[key], rel=1e-9) and res[key] == pytest.approx(half[key], rel=1e-9)
+        assert all(
+            p[f"{key}_ci"][0] <= p[key] <= p[f"{key}_ci"][1] for p in parts.values() if p["n_groups"] > 1
+        )
 
 
-def test_lm_eval_rows_spread_over_groups():
-    rows = [{"id": f"g{g}#{k}", "prompt_id": f"g{g}", "group": f"g{g}"} for g in range(5) for k in range(4)]
+def test_lm_eval_rows_spread_over_groups_and_labels():
+    # file order as notebook 02 writes it: each group's honest prompt first, then its lie prompt
+    rows = [{"id": f"g{g}#{k}", "prompt_id": f"g{g}/{k // 2}", "group": f"g{g}", "label": ("honest", "deceptive")[k // 2]}
+            for g in range(5) for k in range(4)]  # fmt: skip
     held = {r["id"] for r in rows if r["group"] != "g4"}
     chosen = lm_eval_rows(rows, held, 6)
     groups = [r["group"] for r in chosen]
     assert len(chosen) == 6 and set(groups[:4]) == {"g0", "g1", "g2", "g3"}, "one per group before a second"
     assert "g4" not in groups and lm_eval_rows(rows, held, 6) == chosen
+    labels = [r["label"] for r in chosen[:4]]
+    assert labels.count("honest") == labels.count("deceptive") == 2, "the first round is half each label"
+    both = lm_eval_rows(rows, held, 8)
+    assert all({r["label"] for r in both if r["group"] == g} == {"honest", "deceptive"} for g in set(groups))
 
 
 def test_splice_hook_is_removed_even_when_the_pass_fails(offline_lm):
@@ -142,6 +165,10 @@ def test_evaluate_lm_and_leaderboard(offline_lm, run_dir, tmp_path):
     rows = leaderboard(run, sort_by="explained_variance")
     assert [r["sae_id"] for r in rows] == sorted(res, key=lambda s: -res_ev(run, s))
     assert all(math.isfinite(r["kl_sae"]) and r["loss_recovered"] is not None for r in rows)
+    lm = json.loads((run / "saes" / rows[0]["sae_id"] / "metrics.json").read_text())["lm"]
+    assert lm["by_label"] and lm["n_completions"] == sum(p["n_completions"] for p in lm["by_label"].values())
+    for label, part in lm["by_label"].items():  # the completions chosen carry their labels
+        assert rows[0][f"ce_increase_{label}"] == part["ce_increase"] and part["n_completions"] >= 1
     assert evaluate_lm(run, offline_lm) == {}, "already evaluated: nothing to redo"
 
 
