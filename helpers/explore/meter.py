@@ -1,5 +1,5 @@
 """The live deception meter: the run's raw-activation probe of notebook 04, refit on every labelled
-completion so that it can score new tokens, with its held-out quality and its calibration caveat.
+completion so that it can score new tokens, with its own held-out quality and its calibration caveat.
 
 Notebook 04 saves cross-validated metrics (probes.json), not fitted weights. Refitting is cheap (one
 logistic regression on the pooled [n_completions, d_model] residuals of one layer) and uses the same
@@ -7,9 +7,12 @@ objective as `analysis.probes.probe`: each column standardised with the training
 deviation, then L2-penalised logistic regression with balanced class weights and an unpenalised
 intercept (scikit-learn's `LogisticRegression(C, class_weight="balanced")`, which notebook 04's solver
 reproduces) at probes.json's C and pooling; tests/explore/test_meter.py checks that refitting this way on
-each training fold gives notebook 04's out-of-fold predictions. Only its weights are new: its quality is the grouped-CV figure of probes.json (completions of
-a prompt group never on both sides), which `DeceptionMeter.cv` carries; the refit's own accuracy on the
-rows it was fit on would be optimistic and is never shown.
+each training fold gives notebook 04's out-of-fold predictions. Its quality (`DeceptionMeter.cv`) is
+the grouped cross-validation of that same recipe on the rows the meter is fit on (`analysis.probes.probe`:
+completions of a prompt group never on both sides, refitted cluster-bootstrap CIs): every labelled
+completion, where notebook 04's raw probe (probes.json, kept as `DeceptionMeter.analysis_cv` and quoted
+beside it, named as such) saw only the analysis split. The refit's accuracy on the rows it was fit on
+would be optimistic and is never shown.
 
 Calibration caveat (`CAVEAT`): the probe was trained on one vector per completion, the mean of its
 completion tokens' residuals (or its last token's, with pooling "last"). A single token's residual is
@@ -30,6 +33,7 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
+from helpers.analysis.probes import probe
 from helpers.collect.capture import load_pooled
 from helpers.collect.completions import read_completions
 from helpers.run import probes_path
@@ -37,7 +41,8 @@ from helpers.run import probes_path
 CAVEAT = (
     "calibration caveat: the probe was trained on one pooled vector per completion ({pooling} over its "
     "tokens); a single token's score reads an input it never saw, and the running mean over the answer so "
-    "far is its own input type only at the end of an answer. Held-out quality (grouped CV): {cv}."
+    "far is its own input type only at the end of an answer. Held-out quality of this meter (grouped CV on "
+    "the {n} labelled completions it is fit on): {cv}. Notebook 04's raw probe on its analysis split: {analysis}."
 )
 
 
@@ -50,8 +55,11 @@ class DeceptionMeter:
     coef: np.ndarray  # [d_model], in raw residual units (the standardisation folded in)
     intercept: float
     n_train: int
-    cv: dict[str, Any] | None
-    """probes.json's raw-probe row at this layer (balanced accuracy, AUROC, their CIs), when notebook 04 ran."""
+    cv: dict[str, Any]
+    """Grouped CV of this meter's recipe on its own training rows (balanced accuracy, AUROC, their CIs,
+    n, n_groups, n_folds), or {"reason": why there is none}."""
+    analysis_cv: dict[str, Any] | None = None
+    """probes.json's raw-probe row at this layer (notebook 04, analysis split), when notebook 04 ran."""
 
     def score(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         """P(deceptive) of each row of x [n, d_model] (or one vector [d_model] -> [1])."""
@@ -61,12 +69,17 @@ class DeceptionMeter:
 
     @property
     def caveat(self) -> str:
-        if self.cv:
-            lo, hi = self.cv["ba_ci"]
-            cv = f"balanced accuracy {self.cv['balanced_accuracy']:.2f} [{lo:.2f}, {hi:.2f}], AUROC {self.cv['auroc']:.2f}"
-        else:
-            cv = "unknown (notebook 04's probes.json has no raw probe at this layer)"
-        return CAVEAT.format(pooling=self.pooling, cv=cv)
+        def quality(cv: dict[str, Any]) -> str:
+            lo, hi = cv["ba_ci"]
+            return f"balanced accuracy {cv['balanced_accuracy']:.2f} [{lo:.2f}, {hi:.2f}], AUROC {cv['auroc']:.2f}"
+
+        own = quality(self.cv) if "reason" not in self.cv else f"unknown ({self.cv['reason']})"
+        analysis = (
+            quality(self.analysis_cv)
+            if self.analysis_cv
+            else "none (probes.json has no raw probe at this layer)"
+        )
+        return CAVEAT.format(pooling=self.pooling, n=self.n_train, cv=own, analysis=analysis)
 
 
 def fit_probe(X: np.ndarray, y: np.ndarray, C: float = 1.0) -> tuple[np.ndarray, float]:
@@ -82,8 +95,11 @@ def fit_probe(X: np.ndarray, y: np.ndarray, C: float = 1.0) -> tuple[np.ndarray,
     return w, float(clf.intercept_[0] - mu @ w)
 
 
-def fit_meter(run_dir: str | os.PathLike, layer: int) -> DeceptionMeter:
-    """The deception meter of `layer`: its probe refit on the run's labelled pooled completions (module doc)."""
+def fit_meter(
+    run_dir: str | os.PathLike, layer: int, *, n_bootstrap: int = 100, seed: int = 0
+) -> DeceptionMeter:
+    """The deception meter of `layer`: its probe refit on the run's labelled pooled completions, and that
+    recipe's grouped-CV quality on the same rows with `n_bootstrap` refitted draws for its CIs (module doc)."""
     probes = json.loads(probes_path(run_dir).read_text()) if probes_path(run_dir).exists() else {}
     pooling = probes.get("pooling", "mean")
     raw = next(
@@ -91,7 +107,8 @@ def fit_meter(run_dir: str | os.PathLike, layer: int) -> DeceptionMeter:
     )
     C = float(((raw or {}).get("details") or {}).get("C", 1.0))
     ids, mean, last = load_pooled(run_dir, layer)
-    label = {r["id"]: r.get("label") for r in read_completions(run_dir)}
+    records = {r["id"]: r for r in read_completions(run_dir)}
+    label = {cid: r.get("label") for cid, r in records.items()}
     rows = [i for i, cid in enumerate(ids) if label.get(cid) in ("honest", "deceptive")]
     y = np.array([label[ids[i]] == "deceptive" for i in rows], int)
     if len(rows) < 4 or y.min() == y.max():
@@ -101,10 +118,14 @@ def fit_meter(run_dir: str | os.PathLike, layer: int) -> DeceptionMeter:
         )
     X = (mean if pooling == "mean" else last)[rows].numpy()
     coef, intercept = fit_probe(X, y, C)
-    cv = None
-    if raw is not None:
-        cv = {
-            k: raw.get(k)
-            for k in ("balanced_accuracy", "ba_ci", "auroc", "auroc_ci", "n", "n_groups", "n_folds")
-        }
-    return DeceptionMeter(layer, pooling, coef, intercept, len(rows), cv)
+    keys = ("balanced_accuracy", "ba_ci", "auroc", "auroc_ci", "n", "n_groups", "n_folds")
+    groups = [str(records[ids[i]].get("group") or records[ids[i]]["prompt_id"]) for i in rows]
+    n_groups = len(set(groups))
+    try:
+        result = probe(X, y, groups, prompts=[records[ids[i]]["prompt_id"] for i in rows],
+                       n_folds=min(5, n_groups), seed=seed, n_permutations=0, n_bootstrap=n_bootstrap, C=C)  # fmt: skip
+        cv = {k: getattr(result, k) for k in keys} | {"ci_method": result.ci_method}
+    except ValueError as err:  # too few groups, or a class in too few of them, for a grouped CV
+        cv = {"reason": f"no grouped CV on {n_groups} prompt groups: {err}"}
+    analysis_cv = {k: raw.get(k) for k in keys} if raw is not None else None
+    return DeceptionMeter(layer, pooling, coef, intercept, len(rows), cv, analysis_cv)

@@ -43,14 +43,29 @@ def test_fit_meter_on_a_run(run):
     labels = {r["id"]: r["label"] for r in read_completions(run)}
     keep = [i for i, c in enumerate(ids) if labels[c] in ("honest", "deceptive")]
     assert meter.n_train == len(keep) == 23 and meter.pooling == "mean"
-    coef, intercept = fit_probe(mean[keep].numpy(), [labels[ids[i]] == "deceptive" for i in keep], C=0.5)
+    y = np.array([labels[ids[i]] == "deceptive" for i in keep], int)
+    labels_and_groups = {r["id"]: r["group"] for r in read_completions(run)}
+    coef, intercept = fit_probe(mean[keep].numpy(), y, C=0.5)
     assert np.allclose(
         meter.score(mean[keep]), 1 / (1 + np.exp(-(mean[keep].numpy() @ coef + intercept))), atol=1e-6
     )
+    # its quality is the grouped CV of its own recipe on the rows it is fit on (the peer: notebook 04's
+    # probe on those rows); notebook 04's figure for the analysis split is quoted beside it, as such
+    groups = [labels_and_groups[ids[i]] for i in keep]
+    ref = probe(mean[keep].numpy(), y, groups, prompts=[ids[i].split("#")[0] for i in keep], n_folds=5,
+                n_permutations=0, n_bootstrap=100, C=0.5)  # fmt: skip
+    assert meter.cv["balanced_accuracy"] == ref.balanced_accuracy and meter.cv["ba_ci"] == ref.ba_ci
+    assert meter.cv["n"] == 23 and meter.cv["n_groups"] == 6 and meter.analysis_cv["balanced_accuracy"] == 0.8
+    lo, hi = ref.ba_ci
     assert (
-        "balanced accuracy 0.80 [0.70, 0.90]" in meter.caveat
-        and "one pooled vector per completion" in meter.caveat
+        f"balanced accuracy {ref.balanced_accuracy:.2f} [{lo:.2f}, {hi:.2f}]"
+        in meter.caveat.split("Notebook 04")[0]
     )
+    assert "grouped CV on the 23 labelled completions it is fit on" in meter.caveat
+    assert (
+        "Notebook 04's raw probe on its analysis split: balanced accuracy 0.80 [0.70, 0.90]" in meter.caveat
+    )
+    assert "one pooled vector per completion" in meter.caveat
     assert meter.score(mean[0]).shape == (1,)
 
 
@@ -58,7 +73,7 @@ def test_meter_without_probes_json_or_labels(run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     probes_path(copy).unlink()
-    assert "unknown (notebook 04" in fit_meter(copy, LAYER).caveat
+    assert "analysis split: none (probes.json has no raw probe" in fit_meter(copy, LAYER).caveat
     write_completions(copy, [{**r, "label": "honest"} for r in read_completions(copy)])
     with pytest.raises(ValueError, match=r"needs labelled honest and deceptive.*24 honest and 0 deceptive"):
         fit_meter(copy, LAYER)
