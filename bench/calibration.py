@@ -10,6 +10,7 @@ accuracy (of a probe trained on 4/5 of the groups, on new groups) is found by Mo
     git worktree add /tmp/oldmain 2d3aafb      # the code before issue 11
     python bench/calibration.py --old-checkout /tmp/oldmain > bench/results/calibration.json
     python bench/calibration.py --scale 0.2    # a quick look, this checkout only
+    python bench/calibration.py --scale 0.2 --only "rare,CI of d,one-label,80/20"   # issue 19's designs
 
 The "before" side runs in a child process whose `helpers` is the old checkout's (same worlds, same
 seeds); a statistic the old code did not have is reported as null there.
@@ -135,6 +136,27 @@ def measure(impl, scale: float, which: set[str] | None, truths: dict[str, float]
         "fuzzing readers without the explanation": lambda: nw.fuzzing_calibration(impl, n(1000)),
         "label-conditioned dictionary vs mixed (null worlds)": lambda: nw.conditioned_sae_calibration(impl, n(200)),
     }  # fmt: skip
+    few = dict(n_groups=12, n_prompts=4, n_samples=4, d=20)  # DESIGN §9: few groups, 80/20, rare outcomes
+    small = dict(n_groups=12, n_prompts=3, n_samples=2, d=6)
+    jobs |= {
+        **{f"steering CIs, rare deception ({r} -> {s}, ICC {icc})": (
+            lambda r=r, s=s, icc=icc: nw.rare_steering_calibration(impl, n(1000), r, s, icc=icc))
+           for r, s in ((0.02, 0.05), (0.05, 0.10), (0.10, 0.10)) for icc in (0.05, 0.3)},
+        "probe permutation p (12 one-label groups)": lambda: nw.probe_calibration(impl, "grouped", n(300), size=small, n_bootstrap=0),
+        "probe CIs, null (12 one-label groups)": lambda: nw.probe_calibration(
+            impl, "grouped", n(150), size=small, n_permutations=0, n_bootstrap=100, seed=1),
+        "probe permutation p (paraphrase, 80/20)": lambda: nw.probe_calibration(
+            impl, "paraphrase", n(300), size={**small, "n_groups": 20, "deceptive_share": 0.2}, n_bootstrap=0),
+    }  # fmt: skip
+    if hasattr(impl, "d_cis"):  # feature_stats' CI of d on its own (the pre-issue-11 code had another shape)
+        jobs |= {
+            "CI of d (12 groups, 2 deceptive)": lambda: nw.d_ci_calibration(
+                impl, "grouped", n(500), world="dense", size={**few, "deceptive_share": 0.2}),
+            "CI of d (6 groups, 3 per label)": lambda: nw.d_ci_calibration(
+                impl, "grouped", n(500), world="dense", size={**few, "n_groups": 6}),
+            "CI of d (paraphrase 80/20, sparse)": lambda: nw.d_ci_calibration(
+                impl, "paraphrase", n(500), size={**few, "d": 100, "deceptive_share": 0.2}),
+        }  # fmt: skip
     if impl.name != "before":  # the old code printed no LM-loss CI
         for g in (10, 24, 40, 64):
             jobs[f"LM-loss CIs ({g} groups)"] = lambda g=g: nw.lm_loss_calibration(n(5000), n_groups=g)
