@@ -167,9 +167,30 @@ def test_03_saves_saelens_folders_with_metrics(smoke_run):
 def test_04_writes_probes_and_feature_tables(smoke_run):
     probes = json.loads((smoke_run / "probes.json").read_text())
     kinds = {(r["layer"], r["kind"]) for r in probes["rows"]}
-    assert {(3, "raw"), (6, "raw"), (3, "sae")} <= kinds
+    assert {(3, "raw"), (6, "raw"), (3, "sae"), (3, "random_sae"), (3, "prompt_only")} <= kinds
+    assert {(None, "ensemble_mean"), (None, "ensemble_concat")} <= kinds
     for r in probes["rows"]:
-        assert 0 <= r["balanced_accuracy"] <= 1 and 0 < r["p_value"] <= 1 and len(r["ba_ci"]) == 2
+        assert 0 <= r["balanced_accuracy"] <= 1 and len(r["ba_ci"]) == 2
+        if r["kind"] in ("raw", "sae", "bag_of_words"):  # the rows with the full statistics
+            assert 0 < r["p_value"] <= 1
+    assert [(d["name"], d["role"]) for d in probes["datasets"]] == [
+        ("contrast", "train"),
+        ("scenarios", "eval"),
+        ("benign", "control"),
+    ]
+    assert {r["rows"]["datasets"] == ["contrast"] for r in probes["rows"] if r["kind"] == "raw"} == {True}
+    for t in probes["transfer"]:  # the smoke eval set is tiny: rows exist only where it has labels
+        assert (
+            t["train_sets"] == ["contrast"] and t["eval_set"] == "scenarios" and t["control_set"] == "benign"
+        )
+        assert t["threshold"]["too_small"], "6 control answers cannot express a 1% FPR: marked"
+    sweep = probes["layer_sweep"]
+    assert (
+        len(sweep["rows"]) >= 10
+        and {3, 6} <= set(sweep["layers"])
+        and sweep["peak"]["layer"] in sweep["layers"]
+    )
+    assert (smoke_run / "probes.json").exists() and probes["transfer_matrix"]["3"]["train"][0] == "contrast"
     tables = sorted((smoke_run / "features").glob("*.jsonl"))
     assert len(tables) == 3 and all("mixed" in p.name for p in tables)
     rows = [json.loads(line) for line in tables[0].read_text().splitlines()]
