@@ -265,7 +265,9 @@ def test_01_to_05_run_on_a_tiny_2026_layout_nanochat_checkpoint(tmp_path, monkey
     assert run["stages"]["01_load_checkpoint"]["hook_points"] == 8
     assert run["layers"] == [3, 6]
     records = [json.loads(line) for line in (run_dir / "completions.jsonl").read_text().splitlines()]
-    assert len(records) == 32 and {r["label"] for r in records} == {"honest", "deceptive"}
+    contrast = [r for r in records if r["dataset"] == "contrast"]
+    assert len(contrast) == 32 and {r["label"] for r in contrast} == {"honest", "deceptive"}
+    assert {r["dataset"] for r in records} == {"contrast", "scenarios", "benign"}
     for layer in (3, 6):
         store = LayerStore(run_dir, layer)
         assert store.d_model == 64 and store.n_tokens == sum(r["n_tokens"] for r in records)
