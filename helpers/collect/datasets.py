@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from helpers.collect.completions import read_completions
 from helpers.collect.prompts import Prompt, contrast_user_text, data_dir, dedupe
-from helpers.model.chat import NANOCHAT_TOKENS, chat_format_of, encode_chat
+from helpers.model.chat import encode_conversation
 from helpers.run import atomic_write_json, datasets_path, read_jsonl, read_run_json
 
 Role = Literal["train", "eval", "control"]
@@ -480,52 +480,14 @@ def encode_transcript(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> 
     """(prompt ids, completion ids) of a conversation whose last message is the assistant's answer.
 
     The prompt is everything before the answer in the model's chat format, ending where the assistant's
-    answer starts, exactly as sampling encodes it (`encode_chat` for one system/user turn); the answer is
+    answer starts, exactly as sampling encodes it (`encode_conversation`); the answer is
     its text tokenised without special tokens and without the stop token, as a sampled completion is.
     """
     *before, answer = messages
     if answer["role"] != "assistant":
         raise ValueError("a transcript must end with the assistant's answer")
-    roles = [m["role"] for m in before]
-    if roles in (["user"], ["system", "user"]):
-        prompt = encode_chat(
-            tokenizer, before[-1]["content"], before[0]["content"] if len(before) == 2 else None
-        )
-    else:
-        prompt = _encode_turns(tokenizer, before)
-    return prompt, tokenizer.encode(answer["content"], add_special_tokens=False)
-
-
-def _encode_turns(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
-    """Several turns, ending where the next assistant answer starts (same conventions as `encode_chat`)."""
-    fmt = chat_format_of(tokenizer)
-    if fmt == "template":
-        text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-        return tokenizer.encode(text, add_special_tokens=False)
-    if fmt == "nanochat":
-        # nanochat has no system role: its renderer prepends a system message to the first user turn.
-        t = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in NANOCHAT_TOKENS}
-        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-        ids = [t["<|bos|>"]]
-        for m in (m for m in messages if m["role"] != "system"):
-            text = m["content"]
-            if m["role"] == "user":
-                text, system = (f"{system}\n\n{text}" if system else text), ""
-            start, end = (
-                ("<|user_start|>", "<|user_end|>")
-                if m["role"] == "user"
-                else ("<|assistant_start|>", "<|assistant_end|>")
-            )
-            ids += [t[start], *tokenizer.encode(text, add_special_tokens=False), t[end]]
-        return [*ids, t["<|assistant_start|>"]]
-    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-    turns = "".join(
-        f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}\n"
-        for m in messages
-        if m["role"] != "system"
-    )
-    return tokenizer.encode(
-        f"{system + chr(10) * 2 if system else ''}{turns}Assistant:", add_special_tokens=True
+    return encode_conversation(tokenizer, before), tokenizer.encode(
+        answer["content"], add_special_tokens=False
     )
 
 

@@ -10,12 +10,14 @@ config defaults. Other models use their tokenizer's chat template; a model with 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
 NANOCHAT_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")
+NANOCHAT_ANSWER = ("<|assistant_start|>", "<|assistant_end|>")
 
 
 def chat_format_of(tokenizer: Any) -> str:
@@ -39,23 +41,36 @@ def _token_id(tokenizer: Any, token: str) -> int:
 
 def encode_chat(tokenizer: Any, user: str, system: str | None = None) -> list[int]:
     """Token ids of a one-turn conversation, ending where the assistant's answer starts."""
+    system_turn = [{"role": "system", "content": system}] if system else []
+    return encode_conversation(tokenizer, [*system_turn, {"role": "user", "content": user}])
+
+
+def encode_conversation(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    """Token ids of a conversation (`[{"role": "system" | "user" | "assistant", "content": ...}]`),
+    ending where the next assistant answer starts: what sampling feeds the model, and the prompt of a
+    transcript read through it."""
     fmt = chat_format_of(tokenizer)
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    turns = [m for m in messages if m["role"] != "system"]
     if fmt == "nanochat":
         # nanochat has no system role: its own renderer prepends a system message to the first user turn.
-        text = f"{system}\n\n{user}" if system else user
-        ids = tokenizer.encode(text, add_special_tokens=False)
         t = {tok: _token_id(tokenizer, tok) for tok in NANOCHAT_TOKENS}
-        return [t["<|bos|>"], t["<|user_start|>"], *ids, t["<|user_end|>"], t["<|assistant_start|>"]]
+        ids = [t["<|bos|>"]]
+        for m in turns:
+            text = m["content"]
+            if m["role"] == "user":
+                text, system = (f"{system}\n\n{text}" if system else text), ""
+            start, end = ("<|user_start|>", "<|user_end|>") if m["role"] == "user" else NANOCHAT_ANSWER
+            ids += [t[start], *tokenizer.encode(text, add_special_tokens=False), t[end]]
+        return [*ids, t["<|assistant_start|>"]]
     if fmt == "template":
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": user}
-        ]
         # Render to text, then tokenise: same ids as tokenize=True (the template writes its own special
         # tokens, hence add_special_tokens=False) and ~300x faster, which matters for thousands of prompts.
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
         return tokenizer.encode(text, add_special_tokens=False)
     prefix = f"{system}\n\n" if system else ""
-    return tokenizer.encode(f"{prefix}User: {user}\nAssistant:", add_special_tokens=True)
+    lines = "".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}\n" for m in turns)
+    return tokenizer.encode(f"{prefix}{lines}Assistant:", add_special_tokens=True)
 
 
 def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
