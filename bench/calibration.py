@@ -85,7 +85,7 @@ def probe_truth(signal: float, n_rep: int, size: dict) -> float:
         test = dense_world(rng, "contrast", **{**size, "n_groups": 300, "signal": 0.0})
         test.X += signal * 0.5 * np.outer(test.y, train.direction)  # the same planted direction
         X = np.r_[train.X, test.X]
-        Z_tr, Z_te = probes._standardised(X, np.arange(len(train.y)), np.arange(len(train.y), len(X)))
+        Z_tr, Z_te = probes.standardised_design(X, np.arange(len(train.y)), np.arange(len(train.y), len(X)))
         W, c = logistic.fit(Z_tr, train.y[None], logistic.balanced_weights(train.y), 1.0)
         out.append(balanced_accuracy(logistic.predict_proba(Z_te, W, c)[0], test.y))
     return float(np.mean(out))

@@ -23,8 +23,8 @@ With `--protocol` (the field's protocol of detection.py, timed in the same proce
 the rows it adds per layer — the prompt-only probe, a random-weight SAE probe per SAE (grouped CV, no
 permutations or bootstrap), every reader trained on the train set and scored on an eval set and a
 400-answer control set (raw, prompt-only, 9 SAEs, 9 random SAEs), the 2 x 2 transfer matrix, the 36
-SAE-vs-SAE probes and tests — and once per run the multi-layer ensembles (a probe on the 3 layers
-concatenated with 200 refitted draws, the mean of per-layer scores) and a 16-layer sweep (50 refitted
+SAE-vs-SAE tests with 8 SAEs re-probed at the matched L0 (the sparsest keeps its own probe) — and once
+per run the multi-layer ensembles (a probe on the 3 layers concatenated with 50 refitted draws, the mean of per-layer scores) and a 16-layer sweep (50 refitted
 draws per layer). The CV rows keep their size (816), so the ratio is an upper bound. Encoding through
 the random SAEs and the L0-matched re-encoding are excluded, as SAE encoding is above.
 
@@ -81,7 +81,7 @@ def sklearn_loop(X, y, groups, prompts, n_permutations: int) -> float:
     """Seconds for the previous approach: the same folds and designs, one sklearn fit per permutation."""
     folds = probes.grouped_folds(groups, 5, 0, y=y)
     start = time.perf_counter()
-    designs = [probes._standardised(X, tr, te) for tr, te in folds]
+    designs = [probes.standardised_design(X, tr, te) for tr, te in folds]
     pidx, gidx = nested_index(prompts, groups)
     Y, _ = label_permutations(y, pidx, gidx, n_permutations, np.random.default_rng(1))
     for labels in np.concatenate([y[None], Y]):
@@ -116,15 +116,15 @@ def protocol_cost(raw, sae, y, groups, prompts) -> dict:
     timings["transfer_raw_and_prompt"], _ = timed(lambda: [transfer(raw_all) for _ in range(2)])
     timings["transfer_sae_and_random_x18"], _ = timed(lambda: [transfer(sae_all) for _ in range(18)])
     timings["transfer_matrix"], _ = timed(lambda: detection.transfer_matrix(raw_all, sets))
-    timings["sae_vs_sae_36_pairs"], _ = timed(lambda: [
+    timings["sae_vs_sae_8_reprobed_28_pairs"], _ = timed(lambda: [
         probes.compare_paired(a, b) for a, b in itertools.combinations(
-            [probes.probe(sae, y, groups, prompts=prompts, **light) for _ in range(9)], 2)
+            [probes.probe(sae, y, groups, prompts=prompts, **light) for _ in range(8)], 2)
     ])  # fmt: skip
     per_layer = sum(timings.values())
     layers3 = np.hstack([raw, raw[::-1] * 0.5, raw + 0.1])
     run = {}
     run["ensemble_concat_probe"], _ = timed(
-        lambda: probes.probe(layers3, y, groups, prompts=prompts, n_permutations=0, n_bootstrap=200)
+        lambda: probes.probe(layers3, y, groups, prompts=prompts, n_permutations=0, n_bootstrap=50)
     )
     run["ensemble_mean_cv"], _ = timed(lambda: [detection.cv_scores(raw, y, groups) for _ in range(3)])
     run["ensemble_transfers"], _ = timed(lambda: [transfer(raw_all) for _ in range(4)])

@@ -36,7 +36,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from helpers.analysis import logistic
-from helpers.analysis.probes import grouped_folds
+from helpers.analysis.probes import grouped_folds, standardised_design
 from helpers.stats import (
     clustered_auroc,
     clustered_proportion_ci,
@@ -71,29 +71,22 @@ def fit_scores(
     X: np.ndarray, train_idx: np.ndarray, y_train: np.ndarray, targets: Sequence[np.ndarray], C: float = 1.0
 ) -> list[np.ndarray]:
     """Decision values (log-odds of deceptive) of a probe fitted on X[train_idx] for each index array in
-    `targets`. Standardisation and the fit see the training rows only; class weights are balanced as in
-    the grouped-CV probes, so 0 is the balanced threshold."""
-    X = np.asarray(X, np.float64)
+    `targets`. Standardisation and the fit see the training rows only, in their SVD coordinates, as the
+    grouped-CV probes do (probes.standardised_design); class weights are balanced, so 0 is the balanced
+    threshold."""
     y_train = np.asarray(y_train).astype(int)
     if len(np.unique(y_train)) < 2:
         raise ValueError(
             f"the training rows hold one class only ({int(y_train.sum())} deceptive of {len(y_train)}): a "
             "probe needs both; add the other class to the training dataset"
         )
-    tr = np.asarray(train_idx)
-    mu, sd = X[tr].mean(0), X[tr].std(0)
-    sd[sd == 0] = 1.0
-    Z = (X[tr] - mu) / sd
-    # Fit in the training rows' span (the L2 solution lies there: probes.py's SVD coordinates).
-    if Z.shape[1] > Z.shape[0]:
-        _, sv, vt = np.linalg.svd(Z, full_matrices=False)
-        basis = vt[sv > sv[0] * 1e-10].T  # [d, r]: the numerically non-null directions
-    else:
-        basis = None
-    Zc = Z @ basis if basis is not None else Z
-    W, c = logistic.fit(Zc, y_train[None], logistic.balanced_weights(y_train), C)
-    w = (basis @ W[0]) if basis is not None else W[0]
-    return [((X[np.asarray(t)] - mu) / sd) @ w + c[0] for t in targets]
+    targets = [np.asarray(t, int) for t in targets]
+    Z_tr, Z_te = standardised_design(
+        np.asarray(X, np.float64), np.asarray(train_idx), np.concatenate(targets)
+    )
+    W, c = logistic.fit(Z_tr, y_train[None], logistic.balanced_weights(y_train), C)
+    scores = Z_te @ W[0] + c[0]
+    return np.split(scores, np.cumsum([len(t) for t in targets])[:-1])
 
 
 def evaluate_set(

@@ -398,7 +398,7 @@ def probe_table(
             rows.append(_row(layer, "prompt_only", res, vs_raw=probes.compare_paired(res, raw), rows=used,
                              reads="the residual at the prompt's last token, before the answer"))  # fmt: skip
             transfer += transfer_rows(fitted(X_prompt), lr.sets, reader("prompt_only"), fpr=control_fpr)
-        sae_feats: dict[str, tuple[Any, np.ndarray, float]] = {}
+        sae_feats: dict[str, tuple[Any, probes.ProbeResult, float]] = {}
         for s in layer_saes:
             check_sae_fits(s.sae, store.d_model)
             sid = sae_id_of(s)
@@ -408,8 +408,8 @@ def probe_table(
                 for a in _pooled_sae_acts(store, s.sae, lr.docs, pooling, Xs, batch_tokens)
             )
             l0 = fired / max(1, sum(d.n for d in lr.docs))
-            sae_feats[sid] = (s, Xs, l0)
             res = probes.probe(Xs[tr], y, groups, prompts=prompts, name=sid, **common)
+            sae_feats[sid] = (s, res, l0)
             rd = probes.random_direction_control(Xs[tr], y, groups, n_directions=n_directions, n_folds=n_folds,
                                                  seed=seed)  # fmt: skip
             meta = s.cfg.get("metadata") or {}
@@ -458,7 +458,7 @@ def probe_table(
 
 def _sae_pairs(
     store: LayerStore,
-    feats: dict[str, tuple[Any, np.ndarray, float]],
+    feats: dict[str, tuple[Any, probes.ProbeResult, float]],
     lr: LayerRows,
     tr: np.ndarray,
     pooling: Pooling,
@@ -471,16 +471,14 @@ def _sae_pairs(
     test of probes.compare_paired (Holm is applied over the whole table by the caller)."""
     if len(feats) < 2:
         return []
-    m = max(1, round(min(l0 for _, _, l0 in feats.values())))
+    m = max(1, round(min(l0 for *_, l0 in feats.values())))
     y, groups, prompts = _probe_rows_ids(lr, tr)
     results = {}
-    for sid, (s, Xs, l0) in feats.items():
-        X = (
-            Xs
-            if l0 <= m * 1.05 or pooling != "mean"
-            else _truncated_acts(store, s.sae, lr.docs, m, batch_tokens)
-        )
-        results[sid] = (probes.probe(X[tr], y, groups, prompts=prompts, name=sid, **light), l0)
+    for sid, (s, res, l0) in feats.items():
+        if l0 > m * 1.05 and pooling == "mean":  # else its own probe's folds already stand at this L0
+            X = _truncated_acts(store, s.sae, lr.docs, m, batch_tokens)
+            res = probes.probe(X[tr], y, groups, prompts=prompts, name=sid, **light)
+        results[sid] = (res, l0)
     out = []
     ids = list(results)
     for i, a in enumerate(ids):
@@ -532,8 +530,10 @@ def _ensemble_rows(
     name = "+".join(f"L{layer}" for layer in layers)
     used = {"rows": "completions every layer has", "n": len(tr), "n_groups": len(set(groups))}
     concat = np.hstack(Xs)
+    # A quarter of the bootstrap draws (at least 50): the concatenated design is as costly as a raw
+    # probe's, and this row is a baseline beside them, not a headline (bench/probe_cost.py --protocol).
     res = probes.probe(concat[tr], y, groups, prompts=prompts, name=f"concat {name}", n_folds=n_folds, seed=seed,
-                       n_permutations=0, n_bootstrap=n_bootstrap)  # fmt: skip
+                       n_permutations=0, n_bootstrap=min(n_bootstrap, max(50, n_bootstrap // 4)))  # fmt: skip
     oof = np.mean([cv_scores(X[tr], y, groups, n_folds=n_folds, seed=seed) for X in Xs], axis=0)
     auc, lo, hi = clustered_auroc(oof, y, groups)
     mean_row = {"layer": None, "kind": "ensemble_mean", "name": f"mean of {name}", "layers": layers,

@@ -139,7 +139,7 @@ def probe(
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2 or len(X) != len(y):
         raise ValueError(f"X must be [n, d] with n = len(y) = {len(y)}, got shape {X.shape}")
-    design = partial(_standardised, X)
+    design = partial(standardised_design, X)
     return _cross_validate(design, y, groups, prompts, n_folds, seed, n_permutations, n_bootstrap, C, name)
 
 
@@ -214,7 +214,7 @@ def random_direction_control(
     for _ in range(n_directions):
         R = rng.standard_normal((X.shape[1], dim))
         Z = X @ (R / np.linalg.norm(R, axis=0))  # [n, dim] projections on unit directions
-        proba = _refit([_standardised(Z, tr, te) for tr, te in folds], folds, y[None], None, C)[0]
+        proba = _refit([standardised_design(Z, tr, te) for tr, te in folds], folds, y[None], None, C)[0]
         bas.append(float(balanced_accuracy(proba, y)))
         aucs.append(float(weighted_auroc(proba, y)[0]))
     q5, q50, q95 = np.percentile(bas, [5, 50, 95]).tolist()
@@ -385,8 +385,9 @@ def _svd_coordinates(Z_tr: Any, Z_te: Any) -> tuple[np.ndarray, np.ndarray]:
     return Z_tr @ V[:, keep], Z_te @ V[:, keep]
 
 
-def _standardised(X: np.ndarray, tr: np.ndarray, te: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Z-score with the training fold's mean/std, then SVD coordinates (module doc)."""
+def standardised_design(X: np.ndarray, tr: np.ndarray, te: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Z-score with the training rows' mean/std, then SVD coordinates (module doc): the design every
+    probe fits on (here and in detection.py)."""
     mu, sd = X[tr].mean(0), X[tr].std(0)
     sd[sd == 0] = 1.0  # a column constant on the training fold carries nothing; avoid 0/0
     return _svd_coordinates((X[tr] - mu) / sd, (X[te] - mu) / sd)
