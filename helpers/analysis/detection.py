@@ -196,6 +196,14 @@ def transfer_matrix(
         scores = fit_scores(X, tr.idx, tr.y, targets, C)
         for j, ev in enumerate(labelled):
             if i == j:
+                per_class = [len(set(tr.groups[tr.y == c])) for c in (0, 1)]
+                if min(per_class) < n_folds:
+                    why[f"{tr.name}->{ev.name}"] = (
+                        f"no grouped CV: {min(per_class)} prompt group(s) hold "
+                        f"{('honest', 'deceptive')[int(np.argmin(per_class))]} completions, {n_folds}-fold CV needs "
+                        f"{n_folds}"
+                    )
+                    continue
                 try:
                     s = cv_scores(X[tr.idx], tr.y, tr.groups, n_folds=n_folds, seed=seed, C=C)
                 except ValueError as err:

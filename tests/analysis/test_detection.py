@@ -134,6 +134,12 @@ def test_transfer_matrix_diagonal_is_cross_validated():
     m0 = transfer_matrix(Xn, [a, b], n_folds=3)
     in_sample = roc_auc_score(a.y, fit_scores(Xn, a.idx, a.y, [a.idx])[0])
     assert in_sample > 0.95 and abs(m0["auroc"][0][0] - 0.5) < 0.2
+    # A dataset whose deceptive completions sit in one group gets no diagonal, with the reason.
+    c = EvalSet(
+        "c", "eval", np.arange(60, 68), np.array([0] * 6 + [1] * 2), np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    )
+    m1 = transfer_matrix(X, [a, c], n_folds=3)
+    assert m1["auroc"][1][1] is None and "1 prompt group(s) hold deceptive" in m1["why"]["c->c"]
 
 
 def _world(rng, n_groups, per_group, shift, group_sd, frac_pos, whole_groups):
