@@ -397,22 +397,29 @@ def clustered_proportion_ci(
     return (p, max(0.0, centre - half), min(1.0, centre + half))
 
 
-def control_threshold(control_scores: np.ndarray, fpr: float = 0.01) -> dict[str, Any]:
+def control_threshold(
+    control_scores: np.ndarray, fpr: float = 0.01, groups: Sequence | None = None
+) -> dict[str, Any]:
     """The score threshold at which at most `fpr` of the control (benign) answers score above it: with n
     control scores, k = floor(fpr n) may exceed it, so the threshold is the (k+1)-th largest score and a
     completion is flagged when its score is strictly above. `realised_fpr` = exceedances / n on the
     control set itself; `resolution` = 1 / n (the FPR steps that n answers can express; fewer than
     1 / fpr answers cannot express `fpr` at all, and `too_small` says so); `fpr_upper` = the one-sided
-    95% Clopper-Pearson bound on the control population's FPR at this threshold (treating the control
-    answers as independent: one answer per prompt)."""
-    c = np.sort(np.asarray(control_scores, float))[::-1]
+    95% bound on the control population's FPR at this threshold: Clopper-Pearson when each answer is its
+    own unit, and with `groups` (several answers per control prompt) the upper end of the two-sided 90%
+    `clustered_proportion_ci`, which counts prompts, not answers."""
+    c_unsorted = np.asarray(control_scores, float)
+    c = np.sort(c_unsorted)[::-1]
     n = len(c)
     if n == 0:
         raise ValueError("the control set is empty: add a control dataset (role 'control') to the run")
     k = int(math.floor(fpr * n + 1e-9))
     threshold = float(c[min(k, n - 1)])
     exceed = int((c > threshold).sum())
-    upper = float(stats.beta.ppf(0.95, exceed + 1, n - exceed)) if exceed < n else 1.0
+    if groups is not None and group_index(groups)[1] < n:
+        upper = clustered_proportion_ci(c_unsorted > threshold, groups, level=0.90)[2]
+    else:
+        upper = float(stats.beta.ppf(0.95, exceed + 1, n - exceed)) if exceed < n else 1.0
     return {
         "threshold": threshold,
         "target_fpr": fpr,

@@ -96,6 +96,7 @@ def evaluate_set(
     control_scores: np.ndarray | None,
     *,
     fpr: float = CONTROL_FPR,
+    control_groups: Sequence | None = None,
 ) -> dict[str, Any]:
     """Metrics of fixed detector scores on one labelled evaluation set (module doc). Without a control
     set the threshold-based numbers are None with the reason; with one, `threshold` holds
@@ -137,7 +138,7 @@ def evaluate_set(
     if control_scores is None or len(control_scores) == 0:
         why.append("no control set in this run: recall at a fixed FPR needs benign answers (role 'control')")
         return out
-    thr = control_threshold(control_scores, fpr)
+    thr = control_threshold(control_scores, fpr, control_groups)
     out["threshold"] = thr
     if thr["too_small"]:
         why.append(
@@ -271,6 +272,17 @@ def transfer_rows(
         "control_set": control.name if control is not None else None,
     }
     return [
-        {**common, "eval_set": s.name, **evaluate_set(sc, s.y, s.groups, control_scores, fpr=fpr)}
+        {
+            **common,
+            "eval_set": s.name,
+            **evaluate_set(
+                sc,
+                s.y,
+                s.groups,
+                control_scores,
+                fpr=fpr,
+                control_groups=None if control is None else control.groups,
+            ),
+        }
         for s, sc in zip(evals, scores, strict=False)
     ]

@@ -240,3 +240,20 @@ def test_transfer_auroc_covers_the_fixed_probes_true_auroc(shift):
         _, lo, hi = clustered_auroc(s0, y_ev, g_ev)
         hits.append(lo <= truth <= hi)
     assert np.mean(hits) >= 0.93, np.mean(hits)
+
+
+def test_control_fpr_bound_counts_prompts_when_answers_share_one():
+    """Three answers per control prompt with a strong prompt effect: the 95% upper bound on the control
+    population's FPR at the threshold holds when it counts prompts (groups=), and falls short when it
+    treats the answers as independent."""
+    rng = np.random.default_rng(9)
+    n_prompts, per, sd_prompt = 150, 3, 1.5
+    g = np.repeat(np.arange(n_prompts), per)
+    total_sd = math.sqrt(sd_prompt**2 + 1)
+    held, naive = [], []
+    for _ in range(400):  # SE 0.011 at 0.95
+        scores = rng.normal(0, sd_prompt, n_prompts)[g] + rng.normal(size=len(g))
+        truth = stats.norm.sf(control_threshold(scores, 0.01)["threshold"] / total_sd)
+        held.append(truth <= control_threshold(scores, 0.01, g)["fpr_upper"])
+        naive.append(truth <= control_threshold(scores, 0.01)["fpr_upper"])
+    assert np.mean(held) >= 0.93 and np.mean(naive) < np.mean(held), (np.mean(held), np.mean(naive))
