@@ -216,15 +216,32 @@ def load_file(
             urllib.request.urlretrieve(text, local)  # noqa: S310 - the scheme is http(s), checked above
         elif not local.is_file():
             raise FileNotFoundError(f"{local} does not exist; check the path (in Colab, is Drive mounted?)")
-        rows, found = _read_rows(local, suffix)
+        rows, found = _read_rows(local, suffix, text)
     src = source or (f"url:{text}" if is_url else f"file:{name}")
     return _rows_to_prompts(
         rows, columns or DEFAULT_FILE_COLUMNS, src, found, label_map, explicit=bool(columns)
     )
 
 
-def _read_rows(path: Path, suffix: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows as dicts and the column names found (in first-seen order)."""
+def _read_rows(path: Path, suffix: str, shown: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows as dicts and the column names found (in first-seen order). A file that is not UTF-8, or
+    that holds no rows, is an error naming the file (`shown`: the path or URL as given) and the fix (a
+    spreadsheet's "CSV" export is often Latin-1 or Windows-1252)."""
+    try:
+        rows, found = _decode_rows(path, suffix)
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{shown} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start} is not valid "
+            "UTF-8): save it as UTF-8 (in a spreadsheet: File > Save as / Download > CSV UTF-8; in Python: "
+            "open(path, encoding='latin-1') then write it back with encoding='utf-8') and load it again"
+        ) from err
+    if not rows:
+        has = "has a header but no rows" if found else "is empty"
+        raise ValueError(f"{shown} {has}: add one row per prompt (see data/custom_template.csv)")
+    return rows, found
+
+
+def _decode_rows(path: Path, suffix: str) -> tuple[list[dict[str, Any]], list[str]]:
     if suffix == ".csv":
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)

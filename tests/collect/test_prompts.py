@@ -12,6 +12,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from helpers.collect.pipeline import load_datasets
 from helpers.collect.prompts import (
     DISHONEST_INSTRUCTION,
     HONEST_INSTRUCTION,
@@ -276,3 +277,24 @@ def test_hf_loader_without_datasets_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
     with pytest.raises(ImportError, match="pip install datasets"):
         load_hf_dataset("truthfulqa/truthful_qa", columns={"user": "question"})
+
+
+def test_a_file_that_is_not_utf8_says_save_it_as_utf8(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes("prompt,label\nDid you take the café money?,deceptive\n".encode("cp1252"))
+    with pytest.raises(ValueError, match=r"excel\.csv is not UTF-8 text.*save it as UTF-8"):
+        load_datasets([{"data": str(path), "role": "eval"}])  # as notebook 02 loads DATASETS
+    assert path.read_bytes().decode("cp1252").startswith("prompt,label")  # the file is left as it was
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"), [("prompt,label\n", "has a header but no rows"), ("", "is empty")]
+)
+def test_a_file_without_rows_says_so(tmp_path, text, problem):
+    path = tmp_path / "mine.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"mine\.csv {problem}: add one row per prompt"):
+        load_datasets([{"data": str(path), "role": "eval"}])
+    (tmp_path / "mine.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"mine\.jsonl is empty"):
+        load_file(tmp_path / "mine.jsonl")
