@@ -20,6 +20,9 @@ other. Stores written before this (no `.tokens.npy`) still load; `LayerStore.tok
 A completion's tokens are contiguous inside one shard. The `.npy` (and `.tokens.npy`) are written first
 and the `.json` last, all atomically, so a shard without its `.json` is incomplete and is ignored (and
 rewritten) by a resumed run: a disconnect or a full disk never leaves a shard that a reader would trust.
+Each reader and writer checks every shard's `.npy` against its `.json` on open (header and file size; no
+data read): a damaged shard (truncated by a Drive sync cut short) stops a reader with the completions it
+holds, and a writer removes it and collects them again, so rerunning notebook 02 repairs the store.
 `.npy` files memory-map, so the SAE trainer streams a store larger than RAM (`iter_batches` holds at
 most `buffer_bytes` of activations at a time).
 """
@@ -61,6 +64,8 @@ class ActivationWriter:
         self._pending_tokens = 0
         self._with_ids: bool | None = None
         complete = _complete_shards(self.dir)
+        for k, problem in _broken_shards(self.dir, complete).items():
+            _remove_broken(self.dir, k, complete.pop(k), problem)
         self.done_ids = {e[0] for meta in complete.values() for e in meta["entries"]}
         self._next = max(complete, default=-1) + 1
 
@@ -155,10 +160,21 @@ class LayerStore:
     def __init__(self, run_dir: str | os.PathLike, layer: int, *, kind: str = "activations"):
         self.dir = FOLDERS[kind](run_dir, layer)
         shards = _complete_shards(self.dir)
+        what = "reference-corpus step" if kind == "corpus" else "(collect activations)"
         if not shards:
-            what = "reference-corpus step" if kind == "corpus" else "(collect activations)"
             raise FileNotFoundError(
                 f"no activations in {self.dir}: run notebook 02 {what} for layer {layer} first"
+            )
+        if broken := _broken_shards(self.dir, shards):
+            k, problem = next(iter(broken.items()))
+            ids = [e[0] for j in broken for e in shards[j]["entries"]]
+            more = f" and {len(broken) - 1} other shard(s)" if len(broken) > 1 else ""
+            raise ValueError(
+                f"{self.dir / f'shard_{k:05d}.npy'} is damaged ({problem}){more}; it holds {len(ids)} "
+                f"{'sequence' if kind == 'corpus' else 'completion'}(s) {ids[:5]}{'...' if len(ids) > 5 else ''}. "
+                f"Rerun notebook 02 {what} for layer {layer}: it removes the damaged shard(s) and collects "
+                "those again, leaving every other shard as it is (a Drive sync cut short or a full disk "
+                "leaves such a file)."
             )
         self._paths = [self.dir / f"shard_{k:05d}.npy" for k in sorted(shards)]
         self._metas = [shards[k] for k in sorted(shards)]
@@ -266,6 +282,56 @@ def _complete_shards(folder: Path) -> dict[int, dict]:
         if (folder / f"{meta_path.stem}.npy").exists():
             shards[int(meta_path.stem.split("_")[1])] = json.loads(meta_path.read_text())
     return shards
+
+
+def _broken_shards(folder: Path, shards: dict[int, dict]) -> dict[int, str]:
+    """Shards whose `.npy` (or `.tokens.npy`) does not hold what their `.json` index says: the problem
+    of each, e.g. a file truncated by a sync cut short, which would fail later as a bare mmap error."""
+    broken = {}
+    for k, meta in shards.items():
+        expected = [(f"shard_{k:05d}.npy", (meta["n_tokens"], meta["d_model"]))]
+        if meta.get("token_ids") and (folder / f"shard_{k:05d}{TOKENS_SUFFIX}").exists():
+            expected.append((f"shard_{k:05d}{TOKENS_SUFFIX}", (meta["n_tokens"], 2)))
+        for name, shape in expected:
+            if problem := _npy_problem(folder / name, shape):
+                broken[k] = f"{name}: {problem}"
+                break
+    return broken
+
+
+def _npy_problem(path: Path, shape: tuple[int, int]) -> str | None:
+    """Why the `.npy` at `path` is not a complete array of `shape` (None when it is), from its header
+    and its size; the data is not read."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            found, _, dtype = read(f)
+        except (ValueError, OSError, SyntaxError) as err:
+            return f"unreadable header ({err}), {size} bytes"
+        offset = f.tell()
+    if tuple(found) != tuple(shape):
+        return f"shape {tuple(found)}, the index says {tuple(shape)}"
+    want = offset + int(np.prod(shape)) * dtype.itemsize
+    return None if size == want else f"{size} bytes, a complete shard has {want}"
+
+
+def _remove_broken(folder: Path, k: int, meta: dict, problem: str) -> None:
+    """Remove a damaged shard, index first (so it is never half-trusted), announcing the completions
+    it held: the writer's caller collects them again."""
+    (folder / f"shard_{k:05d}.json").unlink()
+    for suffix in (".npy", TOKENS_SUFFIX):
+        (folder / f"shard_{k:05d}{suffix}").unlink(missing_ok=True)
+    ids = [e[0] for e in meta["entries"]]
+    print(
+        f"removed damaged shard_{k:05d} of {folder} ({problem}); its {len(ids)} entries "
+        f"{ids[:5]}{'...' if len(ids) > 5 else ''} are collected again"
+    )
 
 
 def _ids_and_positions(cid: str, n: int, token_ids, positions, first_position: int) -> np.ndarray:

@@ -278,3 +278,19 @@ def test_non_finite_activation_names_the_completion(offline_lm, completions, tmp
     assert not pooled_path(tmp_path, 1).exists()
     with pytest.raises(FileNotFoundError, match="notebook 02"):
         load_pooled(tmp_path, 1)
+
+
+def test_rerunning_collection_repairs_a_truncated_shard(offline_lm, completions, tmp_path):
+    kwargs = dict(batch_size=1, shard_tokens=8)
+    one_pass, damaged = tmp_path / "one_pass", tmp_path / "damaged"
+    collect_activations(offline_lm, completions, [1], one_pass, **kwargs)
+    collect_activations(offline_lm, completions, [1], damaged, **kwargs)
+    shard = activations_dir(damaged, 1) / "shard_00000.npy"
+    shard.write_bytes(shard.read_bytes()[:-64])
+    with pytest.raises(ValueError, match="is damaged"):
+        LayerStore(damaged, 1)
+    collect_activations(offline_lm, completions, [1], damaged, **kwargs)
+    a, b = LayerStore(one_pass, 1), LayerStore(damaged, 1)
+    assert sorted(a.completion_ids) == sorted(b.completion_ids)
+    for cid in a.completion_ids:
+        np.testing.assert_array_equal(a.tokens_of(cid), b.tokens_of(cid))

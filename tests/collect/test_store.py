@@ -152,3 +152,24 @@ def test_token_ids_round_trip_resume_and_old_stores_without_them(tmp_path):
     ):
         w.add("y", acts["c0"], token_ids=[1, 2, 3])
         w.add("z", acts["c1"])
+
+
+def test_a_truncated_shard_names_its_completions_and_a_rerun_recollects_them(tmp_path, capsys):
+    acts = fake_acts(6)
+    write(tmp_path, acts, shard_tokens=8)
+    d = activations_dir(tmp_path, 3)
+    shard = d / "shard_00001.npy"
+    held = [e[0] for e in LayerStore(tmp_path, 3)._metas[1]["entries"]]
+    shard.write_bytes(shard.read_bytes()[:-40])  # a Drive sync cut short
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    with pytest.raises(ValueError, match=rf"shard_00001\.npy is damaged .*{held[0]}.*Rerun notebook 02"):
+        LayerStore(tmp_path, 3)  # was: ValueError: mmap length is greater than file size (on first read)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # the error changed nothing
+
+    w = ActivationWriter(tmp_path, 3, shard_tokens=8)  # what rerunning notebook 02 does
+    assert w.done_ids == set(acts) - set(held) and "removed damaged shard_00001" in capsys.readouterr().out
+    write(tmp_path, acts, shard_tokens=8)
+    s = LayerStore(tmp_path, 3)
+    assert sorted(s.completion_ids) == sorted(acts)
+    for cid, a in acts.items():
+        np.testing.assert_allclose(s.tokens_of(cid), a.numpy(), atol=1e-2)
