@@ -26,9 +26,11 @@ Every path of the run folder is spelled here and nowhere else:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -141,21 +143,44 @@ def judge_cache_path(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / JUDGE_CACHE
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+"""A full disk, or a full quota (Google Drive): errors that `atomic_write_bytes` explains."""
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` via a temp file in the same folder + `os.replace` (atomic on POSIX)."""
+    """Write `data` to `path` via a temp file in the same folder + `os.replace` (atomic on POSIX): on any
+    error the old file, if any, is kept as it was. A full disk is an OSError (same errno) naming the
+    folder, its free space and the fix, instead of a bare `[Errno 28]`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in DISK_FULL:
+            raise OSError(err.errno, _disk_full_message(path, len(data), err)) from err
         raise
     return path
+
+
+def _disk_full_message(path: Path, size: int, err: OSError) -> str:
+    folder = next((p for p in [path.parent, *path.parents] if p.exists()), path.parent)
+    free = shutil.disk_usage(folder).free
+    kept = "the previous version is kept" if path.exists() else "nothing of it was written"
+    return (
+        f"the disk (or Drive quota) holding {path.parent} is full: writing {path.name} ({size / 1e6:.1f} MB) "
+        f"failed with {err.strerror or err}; {free / 1e9:.2f} GB free there, and {kept}. Free space (delete "
+        "old run folders, SAE checkpoints or other files; on Drive also empty the trash) or set the run folder "
+        "on a larger disk, then rerun this cell: finished work is skipped (SAE training resumes from its last "
+        "checkpoint)."
+    )
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

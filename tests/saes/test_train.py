@@ -7,9 +7,11 @@ imported by the other SAE test files.
 
 from __future__ import annotations
 
+import errno
 import inspect
 import itertools
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -225,3 +227,27 @@ def test_grid_trains_skips_and_resumes(run_dir, tmp_path, capsys):
     assert 0 < metrics["activations"]["l0"] < 2 * 576 and metrics["training"]["tokens"] == 640
     again = train_grid(run, **grid, min_completions=8, min_tokens=200)
     assert [s["status"] for s in again[:2]] == ["done earlier"] * 2
+
+
+def test_a_full_disk_names_the_folder_free_space_and_fix_and_keeps_the_checkpoint(
+    run_dir, tmp_path, monkeypatch
+):
+    store = LayerStore(run_dir, LAYER)
+    kw = dict(hook_name=hook_name(LAYER), model_name="m", progress=False)
+    train_sae(store, store.completion_ids, small_cfg(), tmp_path, until_step=10, **kw)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)  # the disk fills while the step-20 checkpoint is written
+    with pytest.raises(
+        OSError, match=rf"{tmp_path} is full.*checkpoint\.pt.* GB free there.*Free space"
+    ) as err:
+        train_sae(store, store.completion_ids, small_cfg(), tmp_path, **kw)
+    assert err.value.errno == errno.ENOSPC
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # step 10 kept, no temp file
+    monkeypatch.undo()
+    assert (
+        train_sae(store, store.completion_ids, small_cfg(), tmp_path, **kw)["training"]["tokens"] == 40 * 64
+    )
