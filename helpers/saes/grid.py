@@ -36,8 +36,17 @@ from helpers.collect.completions import (
 )
 from helpers.collect.corpus import corpus_ids
 from helpers.collect.store import LayerStore
+from helpers.env import NotebookError
 from helpers.model import hooks
-from helpers.run import SAE_METRICS, atomic_write_json, id_part, model_short, read_run_json, sae_dir
+from helpers.run import (
+    SAE_METRICS,
+    atomic_write_json,
+    id_part,
+    layer_of_dir,
+    model_short,
+    read_run_json,
+    sae_dir,
+)
 from helpers.saes.evals import evaluate_folder
 from helpers.saes.io import load_sae, save_sae
 from helpers.saes.train import MixedData, StoreData, StreamData, TooFewSamples, TrainConfig, train_sae
@@ -102,6 +111,7 @@ def train_grid(
     rows = read_completions(run_dir)
     if not rows and set(conditions) - {"corpus"}:
         raise FileNotFoundError(f"{run_dir}/completions.jsonl is missing or empty: run notebook 02 first")
+    check_layers_collected(run_dir, layers, streamed=corpus_stream is not None)
     train_ids, eval_ids = split_completions(rows, eval_fraction, cfg.seed) if rows else ([], [])
     reserved = set(analysis_split(rows, ANALYSIS_FRACTION, cfg.seed)[1])  # notebook 04's rows: never
     train_ids = [i for i in train_ids if i not in reserved]  # trained on by any SAE (DESIGN.md §9)
@@ -138,6 +148,32 @@ def train_grid(
             summary = {k: m["activations"][k] for k in ("explained_variance", "l0", "dead_fraction")}
             status.append({**row, "status": "trained", **summary})
     return status
+
+
+def collected_layers(run_dir: str | os.PathLike) -> list[int]:
+    """Layers with stored activations (behaviour completions or the reference corpus) in the run."""
+    found = {
+        layer_of_dir(d) for kind in ("activations", "corpus") for d in (Path(run_dir) / kind).glob("layer_*")
+    }
+    return sorted(
+        layer
+        for layer in found
+        if _has_store(Path(run_dir), layer) or _has_store(Path(run_dir), layer, "corpus")
+    )
+
+
+def check_layers_collected(run_dir: str | os.PathLike, layers: list[int], *, streamed: bool = False) -> None:
+    """Every layer asked for has activations stored by notebook 02 (a corpus stream makes its own): one
+    error listing the collected layers, instead of a skip per SAE and no SAE at all."""
+    if not layers:
+        raise NotebookError(f"no layers to train on in {run_dir}: run notebook 02 first, or set LAYERS")
+    collected = collected_layers(run_dir)
+    if missing := [] if streamed else [layer for layer in layers if layer not in collected]:
+        raise NotebookError(
+            f"LAYERS names layer(s) {missing} that notebook 02 did not collect in {run_dir}; collected: "
+            f"{collected or 'none'}. Set LAYERS to some of {collected} (or [] for all of them), or add the "
+            "layers to notebook 02's LAYERS and rerun it (it collects only what is missing)."
+        )
 
 
 class _Sources:

@@ -14,6 +14,7 @@ from helpers import plots
 from helpers.collect.completions import analysis_split, read_completions
 from helpers.collect.corpus import BUILTIN_CORPUS, CorpusStream, collect_corpus, corpus_ids
 from helpers.collect.store import LayerStore
+from helpers.env import NotebookError
 from helpers.run import read_run_json
 from helpers.saes.grid import sae_id_of, train_grid
 from helpers.saes.train import MixedData, StoreData
@@ -155,3 +156,15 @@ def test_no_sae_trains_on_the_groups_reserved_for_analysis(offline_lm, tmp_path_
     assert reserved and set(seen) == set(conditions)
     for ids, split in seen.values():
         assert ids and not ids & reserved and split == {"fraction": 0.5, "seed": small_cfg().seed}
+
+
+def test_a_layer_notebook_02_did_not_collect_is_one_error_listing_the_collected_ones(
+    offline_lm, tmp_path_factory, tmp_path
+):
+    run = copy_run(shared_run(offline_lm, tmp_path_factory), tmp_path / "run")
+    for layers in ([LAYER, 9], []):  # was: "run notebook 02 first" per SAE, then an IndexError
+        with pytest.raises(
+            NotebookError, match=r"(\[9\] that notebook 02 did not collect.*collected: \[2\]|no layers)"
+        ):
+            train_grid(run, layers, ["topk"], ["mixed"], small_cfg(), plan_only=True)
+    assert not (run / "saes").exists()
