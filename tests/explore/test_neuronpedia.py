@@ -6,12 +6,20 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from helpers.explore.dashboards import ExplorerConfig
-from helpers.explore.neuronpedia import REQUIRED, export_neuronpedia, set_id_of, validate_export
+from helpers.explore.neuronpedia import (
+    SCHEMA,
+    SCHEMA_SOURCE,
+    export_neuronpedia,
+    release_name_of,
+    set_id_of,
+    validate_export,
+)
 from helpers.explore.pipeline import build_explorer
 from helpers.explore.site import iter_pages, sae_info
 from helpers.run import neuronpedia_dir, sae_dir
@@ -19,6 +27,8 @@ from tests.conftest import tiny_chat_llama
 from tests.explore.fake_run import D_SAE, LAYER, OTHER_ID, SAE_ID, make_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+FIXTURE = json.loads((Path(__file__).parent / "neuronpedia_schema.json").read_text())
+"""Neuronpedia's schema as derived from its schema.prisma; the file names the commit."""
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +56,12 @@ def test_layout_and_counts(run, exported):
     for name in ("release", "model", "sourceset", "source"):
         assert len((source / f"{name}.jsonl").read_text().splitlines()) == 1
     assert sorted(p.name for p in (source / "features").iterdir()) == ["batch-0.jsonl.gz"]
-    assert exported[0]["features"] == D_SAE and exported[0]["explanations"] == 2
+    firing = sum(1 for p in iter_pages(run, SAE_ID) if p["n_firing"] or p["corpus"]["n_firing"])
+    assert exported[0]["features"] == firing and exported[0]["explanations"] == 2
     assert (
         exported[1]["explanations"] == 0
         and not (
-            neuronpedia_dir(run) / "tiny-llama" / exported[1]["source"].split("/")[1] / "explanations"
+            neuronpedia_dir(run) / "tiny-llama" / exported[1]["source"].split("/")[1] / "explanations-pending"
         ).exists()
     )
     readme = (neuronpedia_dir(run) / "README.md").read_text()
@@ -68,14 +79,11 @@ def test_every_record_has_the_required_fields_and_matches_the_pages(run, exporte
     source = neuronpedia_dir(run) / exported[0]["source"]
     feats = records(source / "features" / "batch-0.jsonl.gz")
     acts = records(source / "activations" / "batch-0.jsonl.gz")
-    expl = records(source / "explanations" / "batch-0.jsonl.gz")
-    for kind, recs in (("feature", feats), ("activation", acts), ("explanation", expl)):
-        for rec in recs:
-            assert set(REQUIRED[kind]) <= set(rec), (kind, sorted(set(REQUIRED[kind]) - set(rec)))
+    expl = records(source / "explanations-pending" / "batch-0.jsonl.gz")
     pages = {p["feature"]: p for p in iter_pages(run, SAE_ID)}
     for rec in feats:
         page = pages[int(rec["index"])]
-        assert rec["maxActApprox"] == (page["max_activation"] or 0) and rec["frac_nonzero"] == (
+        assert rec["maxActApprox"] >= (page["max_activation"] or 0) and rec["frac_nonzero"] == (
             page["firing_rate"] or 0
         )
         assert rec["freq_hist_data_bar_heights"] == page["histogram"]["counts"]
@@ -87,7 +95,9 @@ def test_every_record_has_the_required_fields_and_matches_the_pages(run, exporte
         assert rec["values"][rec["maxValueTokenIndex"]] == rec["maxValue"] == max(rec["values"])
     n_corpus = 0
     for f, page in pages.items():
-        shown = page["top"] + [ex for g in page["quantiles"] for ex in g["examples"]] + page["corpus"]["top"]
+        if f not in by_feature:
+            continue
+        shown = page["top"] + page["corpus"]["top"] + [ex for g in page["quantiles"] for ex in g["examples"]]
         assert [r["tokens"] for r in by_feature.get(f, [])] == [ex["tokens"] for ex in shown]
         corpus = [r for r in by_feature.get(f, []) if r["dataSource"].startswith("corpus:")]
         assert [(r["dataSource"], r["dataIndex"]) for r in corpus] == [
@@ -104,7 +114,7 @@ def test_every_record_has_the_required_fields_and_matches_the_pages(run, exporte
 
 def test_validator_names_what_is_broken(run, exported, tmp_path):
     good = neuronpedia_dir(run) / exported[0]["source"]
-    assert validate_export(good)["features"] == D_SAE
+    assert validate_export(good)["features"] == exported[0]["features"]
     broken = tmp_path / good.name
     shutil.copytree(good, broken)
     acts = broken / "activations" / "batch-0.jsonl.gz"
@@ -118,7 +128,7 @@ def test_validator_names_what_is_broken(run, exported, tmp_path):
     text = str(err.value)
     assert (
         "model.jsonl is missing" in text
-        and "'maxValue' is None" in text
+        and "lacks the required column 'maxValue'" in text
         and "'99999' is not an exported feature" in text
     )
 
@@ -128,3 +138,163 @@ def test_an_sae_without_explorer_data_is_refused(run):
         export_neuronpedia(run, ["tiny-llama_topk_L2_mixed"])
     with pytest.raises(ValueError, match="sae_ids is empty"):
         export_neuronpedia(run, [])
+
+
+# Against the schema fixture derived from Neuronpedia's schema.prisma (tests/explore/neuronpedia_schema.json).
+
+
+def meta(run, exported, name):
+    return json.loads((neuronpedia_dir(run) / exported[0]["source"] / f"{name}.jsonl").read_text())
+
+
+def test_the_fixture_names_its_source_and_the_module_follows_it():
+    assert FIXTURE["_source"]["repo"] + "@" + FIXTURE["_source"]["commit"] == SCHEMA_SOURCE
+    assert FIXTURE["enums"]["Visibility"] == ["PUBLIC", "UNLISTED", "PRIVATE"]
+    for table, model in SCHEMA["models"].items():
+        full = FIXTURE["models"][table]["columns"]
+        for col, spec in model["columns"].items():
+            assert full[col] == spec, (table, col)
+        required = {
+            c for c, v in full.items() if not v["nullable"] and v["default"] is None and not v["list"]
+        }
+        assert required <= set(model["columns"]), (table, required - set(model["columns"]))
+
+
+def test_every_source_validates_against_the_fixture(run, exported):
+    for row in exported:
+        counts = validate_export(neuronpedia_dir(run) / row["source"], FIXTURE)
+        assert counts["features"] == row["features"] > 0
+
+
+def old_style(run, exported, tmp_path, edit):
+    """A copy of the first source with one record edited back to what the old export wrote."""
+    good = neuronpedia_dir(run) / exported[0]["source"]
+    broken = tmp_path / good.name
+    shutil.copytree(good, broken)
+    edit(broken)
+    with pytest.raises(ValueError) as err:
+        validate_export(broken, FIXTURE)
+    return str(err.value)
+
+
+def rewrite(path, change):
+    if path.suffix == ".gz":
+        rows = [change(r) or r for r in records(path)]
+        path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    else:
+        rec = json.loads(path.read_text())
+        change(rec)
+        path.write_text(json.dumps(rec) + "\n")
+
+
+def test_model_has_an_owner(run, exported, tmp_path):
+    assert (
+        meta(run, exported, "model")["owner"] == "tester"
+    )  # no Hub organisation: the creator, in the README
+    text = old_style(run, exported, tmp_path, lambda d: rewrite(d / "model.jsonl", lambda r: r.pop("owner")))
+    assert "lacks the required column 'owner'" in text
+
+
+@pytest.mark.parametrize("name", ["release", "model", "sourceset", "source"])
+def test_visibility_is_public(run, exported, name):
+    assert meta(run, exported, name)["visibility"] == "PUBLIC"
+
+
+def test_a_visibility_outside_the_enum_is_refused(run, exported, tmp_path):
+    text = old_style(
+        run,
+        exported,
+        tmp_path,
+        lambda d: rewrite(d / "source.jsonl", lambda r: r.update(visibility="public")),
+    )
+    assert "'visibility' is 'public', needs one of ['PUBLIC', 'UNLISTED', 'PRIVATE']" in text
+    with pytest.raises(ValueError, match="visibility='open'"):
+        export_neuronpedia(run, [SAE_ID], visibility="open", include_weights=False)
+
+
+def test_release_name_is_unique_per_user_and_run(run, exported):
+    name = meta(run, exported, "release")["name"]
+    assert name != "deception-sae-lab" and name == release_name_of(run, [SAE_ID, OTHER_ID], "tester")
+    assert name.startswith(f"dsl-{run.name.lower().replace('_', '-')}-tiny-llama-")
+    assert release_name_of(run, [SAE_ID, OTHER_ID], "someone else") != name
+    assert release_name_of(run, [SAE_ID], "tester") != name
+    assert meta(run, exported, "sourceset")["releaseName"] == name
+
+
+def test_top_windows_carry_the_top_marker_and_quantile_windows_a_share_of_all_tokens(run, exported, tmp_path):
+    source = neuronpedia_dir(run) / exported[0]["source"]
+    feats = {r["index"]: r for r in records(source / "features" / "batch-0.jsonl.gz")}
+    acts = records(source / "activations" / "batch-0.jsonl.gz")
+    pages = {str(p["feature"]): p for p in iter_pages(run, SAE_ID)}
+    n_top = sum(len(p["top"]) + len(p["corpus"]["top"]) for i, p in pages.items() if i in feats)
+    top = [r for r in acts if r["binMin"] == -1]
+    assert len(top) == n_top > 0
+    assert all(r["binContains"] == -1 and r["binMax"] == feats[r["index"]]["maxActApprox"] for r in top)
+    binned = [r for r in acts if r["binMin"] != -1]
+    assert binned, "the fake run has quantile windows"
+    for r in binned:
+        rate = pages[r["index"]]["firing_rate"]
+        n_groups = len(pages[r["index"]]["quantiles"])
+        assert r["binContains"] == pytest.approx(rate / n_groups) and r["binContains"] <= rate
+    text = old_style(run, exported, tmp_path, lambda d: rewrite(
+        d / "activations" / "batch-0.jsonl.gz",
+        lambda r: r.update(binMin=None, binMax=None, binContains=None) if r["binMin"] == -1 else None))  # fmt: skip
+    assert "a top window has -1" in text
+
+
+def test_max_act_approx_bounds_every_exported_window(run, exported, tmp_path):
+    source = neuronpedia_dir(run) / exported[0]["source"]
+    feats = {r["index"]: r["maxActApprox"] for r in records(source / "features" / "batch-0.jsonl.gz")}
+    acts = records(source / "activations" / "batch-0.jsonl.gz")
+    pages = {str(p["feature"]): p for p in iter_pages(run, SAE_ID)}
+    for i, m in feats.items():
+        windows = max(r["maxValue"] for r in acts if r["index"] == i)
+        assert m == max(windows, pages[i]["max_activation"])
+    # the old export: maxActApprox = the completions' maximum, below a corpus window's
+    text = old_style(run, exported, tmp_path, lambda d: rewrite(
+        d / "features" / "batch-0.jsonl.gz", lambda r: r.update(maxActApprox=r["maxActApprox"] / 2)))  # fmt: skip
+    assert "exceeds the feature's maxActApprox" in text
+
+
+def test_never_firing_features_are_left_out_by_default(run, exported, monkeypatch):
+    from helpers.explore import neuronpedia
+
+    pages = list(iter_pages(run, OTHER_ID))
+    dead = {0, 5}
+    for p in pages:  # the fake run has no dead feature: make two, as a smoke run's SAE has hundreds
+        if p["feature"] in dead:
+            p.update(n_firing=0, corpus={**p["corpus"], "n_firing": 0, "top": []}, top=[], quantiles=[])
+    monkeypatch.setattr(neuronpedia, "iter_pages", lambda *_: iter(pages))
+    folder = neuronpedia.export_sae(run, OTHER_ID, release="r", creator_name="t", include_weights=False)
+    indices = {r["index"] for r in records(folder / "features" / "batch-0.jsonl.gz")}
+    assert len(indices) == D_SAE - 2 and not indices & {"0", "5"}
+    folder = neuronpedia.export_sae(
+        run, OTHER_ID, release="r", creator_name="t", include_weights=False, include_dead=True
+    )
+    assert len(records(folder / "features" / "batch-0.jsonl.gz")) == D_SAE
+    monkeypatch.undo()
+    export_neuronpedia(run, [SAE_ID, OTHER_ID], creator_name="tester", hf_repo_id="me/saes")
+
+
+def test_explanations_wait_outside_the_import_with_what_to_ask(run, exported):
+    source = neuronpedia_dir(run) / exported[0]["source"]
+    assert not (source / "explanations").exists(), "the import would refuse foreign keys Neuronpedia lacks"
+    expl = records(source / "explanations-pending" / "batch-0.jsonl.gz")
+    readme = (neuronpedia_dir(run) / "README.md").read_text()
+    assert expl and all(r["typeName"] in readme for r in expl)
+    assert all(f"`{r['explanationModelName']}`" in readme for r in expl)
+    assert "explanations-pending/" in readme and SCHEMA_SOURCE in readme
+
+
+def test_an_unknown_column_or_a_ragged_batch_is_refused(run, exported, tmp_path):
+    def edit(d):
+        rewrite(d / "release.jsonl", lambda r: r.update(title="x"))
+        path = d / "features" / "batch-0.jsonl.gz"
+        rows = records(path)
+        del rows[1]["frac_nonzero"]
+        path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+
+    text = old_style(run, exported, tmp_path, edit)
+    assert (
+        "column 'title' is not in Neuronpedia's SourceRelease" in text and "keys differ from line 1's" in text
+    )
