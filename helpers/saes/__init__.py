@@ -18,7 +18,7 @@ from helpers.saes.base import SAE, StepOutput
 from helpers.saes.batchtopk import BatchTopKSAE
 from helpers.saes.evals import evaluate_lm, leaderboard
 from helpers.saes.gated import GatedSAE
-from helpers.saes.grid import import_sae, train_grid
+from helpers.saes.grid import import_sae, run_saes, train_grid
 from helpers.saes.io import LoadedSAE, find_sae_folders, load_sae, save_sae
 from helpers.saes.jumprelu import JumpReLUSAE
 from helpers.saes.matryoshka_batchtopk import MatryoshkaBatchTopKSAE
@@ -48,6 +48,7 @@ __all__ = [
     "load_sae",
     "make_sae",
     "random_sae_like",
+    "run_saes",
     "sae_class",
     "save_sae",
     "train_grid",

@@ -48,7 +48,7 @@ from helpers.run import (
     sae_dir,
 )
 from helpers.saes.evals import evaluate_folder
-from helpers.saes.io import load_sae, save_sae
+from helpers.saes.io import find_sae_folders, load_sae, save_sae
 from helpers.saes.train import MixedData, StoreData, StreamData, TooFewSamples, TrainConfig, train_sae
 
 BEHAVIOUR_CONDITIONS = ("mixed", "deceptive_only", "honest_only")
@@ -174,6 +174,41 @@ def check_layers_collected(run_dir: str | os.PathLike, layers: list[int], *, str
             f"{collected or 'none'}. Set LAYERS to some of {collected} (or [] for all of them), or add the "
             "layers to notebook 02's LAYERS and rerun it (it collects only what is missing)."
         )
+
+
+TRAIN_STAGE = "03_train_saes"
+"""Notebook 03's stage in `run.json`."""
+
+
+def run_saes(run_dir: str | os.PathLike, name_filter: str = "") -> list[Path]:
+    """The run's SAE folders whose name contains `name_filter`, for the analyses of notebooks 04-05.
+
+    No SAE is an error while notebook 03 has not finished (a later notebook would otherwise mark itself
+    done with none); once 03 is done, none means it trained none on purpose (every condition skipped, or
+    only probes wanted) and the later notebooks go on with the residual-stream probes, saying so. A
+    `name_filter` that matches none of the SAEs present is an error listing them."""
+    found = find_sae_folders(Path(run_dir) / "saes")
+    folders = [f for f in found if name_filter in f.name]
+    stage = (read_run_json(run_dir).get("stages") or {}).get(TRAIN_STAGE, {}).get("status")
+    if found and not folders:
+        raise NotebookError(
+            f"SAE_FILTER {name_filter!r} matches none of the {len(found)} SAE(s) of {run_dir}: "
+            f"{[f.name for f in found]}. Use part of one of these names, or '' for all."
+        )
+    if not folders and stage != "done":
+        raise NotebookError(
+            f"no SAE in {Path(run_dir) / 'saes'} and notebook 03 has not finished on this run (its stage is "
+            f"{stage or 'not started'}): run notebook 03 with RUN_NAME {Path(run_dir).name!r} to the end first."
+        )
+    if not folders:
+        print(
+            f"notebook 03 finished without training an SAE in {run_dir}: only the residual-stream probes run"
+        )
+    elif stage != "done":
+        print(
+            f"note: notebook 03 has not finished on this run; analysing the {len(folders)} SAE(s) found so far"
+        )
+    return folders
 
 
 class _Sources:

@@ -15,8 +15,10 @@ from helpers.collect.completions import analysis_split, read_completions
 from helpers.collect.corpus import BUILTIN_CORPUS, CorpusStream, collect_corpus, corpus_ids
 from helpers.collect.store import LayerStore
 from helpers.env import NotebookError
-from helpers.run import read_run_json
-from helpers.saes.grid import sae_id_of, train_grid
+from helpers.run import mark_stage, read_run_json, update_run_json
+from helpers.saes.grid import run_saes, sae_id_of, train_grid
+from helpers.saes.io import save_sae
+from helpers.saes.registry import make_sae
 from helpers.saes.train import MixedData, StoreData
 from tests.saes.test_train import LAYER, shared_run, small_cfg
 
@@ -168,3 +170,32 @@ def test_a_layer_notebook_02_did_not_collect_is_one_error_listing_the_collected_
         ):
             train_grid(run, layers, ["topk"], ["mixed"], small_cfg(), plan_only=True)
     assert not (run / "saes").exists()
+
+
+def test_notebook_04_stops_when_notebook_03_has_not_finished_and_left_no_sae(tmp_path, capsys):
+    run = tmp_path / "run"
+    update_run_json(run, run_name="run")
+    mark_stage(run, "03_train_saes", "started")
+    before = (run / "run.json").read_bytes()
+    with pytest.raises(
+        NotebookError, match=r"no SAE in .*notebook 03 has not finished.*stage is started.*run notebook 03"
+    ):
+        run_saes(run)  # was: notebook 04 went on and marked itself done with 0 SAEs
+    assert (run / "run.json").read_bytes() == before
+    mark_stage(run, "03_train_saes", saes=[])  # 03 finished and trained none on purpose: 04 goes on
+    assert run_saes(run) == [] and "only the residual-stream probes run" in capsys.readouterr().out
+
+
+def test_sae_filter_matching_no_sae_lists_them(tmp_path, capsys):
+    run = tmp_path / "run"
+    update_run_json(run, run_name="run")
+    save_sae(
+        make_sae("topk", 8, 16, l0=2),
+        run / "saes" / "m_topk_L2_mixed",
+        hook_name="blocks.2.hook_resid_post",
+        model_name="m",
+    )
+    with pytest.raises(NotebookError, match=r"SAE_FILTER 'honest' matches none.*m_topk_L2_mixed"):
+        run_saes(run, "honest")
+    assert [f.name for f in run_saes(run, "mixed")] == ["m_topk_L2_mixed"]
+    assert "notebook 03 has not finished" in capsys.readouterr().out
