@@ -173,13 +173,23 @@ def split_by_group(
     is_held = np.isin(gidx, held)
     select_idx, heldout_idx = np.flatnonzero(~is_held), np.flatnonzero(is_held)
     if y is not None:
-        for side, idx in (("selection", select_idx), ("held-out", heldout_idx)):
-            if len(np.unique(np.asarray(y)[idx])) < 2:
-                raise ValueError(
-                    f"the {side} split of {n_groups} groups has only one label class: "
-                    "add prompts (more groups with deceptive completions) or change the seed"
+        for side, idx, move in (("selection", select_idx, "lower"), ("held-out", heldout_idx, "raise")):
+            n1 = int(np.asarray(y)[idx].sum())
+            n0 = len(idx) - n1
+            if min(n0, n1) < 2:  # Cohen's d needs two of each class (a pooled SD per class)
+                short = "deceptive" if n1 < 2 else "honest"
+                groups_of = len(np.unique(gidx[idx]))
+                raise TooFewCompletions(
+                    f"the {side} split ({groups_of} of {n_groups} prompt groups) has {n0} honest and {n1} deceptive "
+                    f"completions; the statistics need at least 2 of each. Add prompts so that more groups hold "
+                    f"{short} completions (notebook 02: more prompts, or more DATASETS / groups), or {move} "
+                    f"test_fraction (now {test_fraction}) to give the {side} split more groups."
                 )
     return select_idx, heldout_idx
+
+
+class TooFewCompletions(ValueError):
+    """A split of the prompt groups holds fewer than 2 completions of a class: no effect size."""
 
 
 def heldout_tests(

@@ -55,7 +55,12 @@ from helpers.analysis.detection import (
     transfer_matrix,
     transfer_rows,
 )
-from helpers.analysis.features import select_and_report, token_firing_rates
+from helpers.analysis.features import (
+    TooFewCompletions,
+    select_and_report,
+    split_by_group,
+    token_firing_rates,
+)
 from helpers.analysis.scoring import score_summary
 from helpers.collect.capture import load_pooled, load_pooled_prompt, pooled_layers
 from helpers.collect.completions import analysis_split, read_completions
@@ -703,6 +708,12 @@ def feature_table(
     keep, used = reserved_rows(run_dir, [loaded])
     docs, y, groups, prompts = labelled_docs(run_dir, store, keep)
     used = {**used, "n": len(docs), "n_groups": len(set(groups))}
+    try:  # before the SAE pass, naming the SAE: notebook 04 loops over several
+        split_by_group(groups, test_fraction, seed, y=y)
+    except TooFewCompletions as err:
+        raise TooFewCompletions(
+            f"feature_table of SAE {sae_id} ({len(docs)} analysis completions): {err}"
+        ) from err
     means = np.zeros((len(docs), int(sae.d_sae)), np.float32)
     token_labels = np.repeat(y, [d.n for d in docs])
     stream = _pooled_sae_acts(store, sae, docs, "mean", means, batch_tokens)

@@ -307,3 +307,19 @@ def test_the_fields_protocol_train_on_one_dataset_evaluate_on_another(run, copy_
         sae_pair_summary(saved),
     ):
         assert table and all(isinstance(v, str) for row in table for v in row.values())
+
+
+def test_too_few_completions_of_a_label_in_a_split_names_the_sae_split_and_fix(run, copy_run, offline_lm):
+    rows = read_completions(run.dir)
+    firsts = {}  # one deceptive completion in each of two groups: a split holds at most 1 deceptive
+    for r in rows:
+        if r["label"] == "deceptive" and len(firsts) < 2:
+            firsts.setdefault(r["group"], r["id"])
+    keep = set(firsts.values())
+    few = copy_run(lambda r: r["label"] if r["label"] != "deceptive" or r["id"] in keep else "ambiguous")
+    before = {p.relative_to(few): p.read_bytes() for p in few.rglob("*") if p.is_file()}
+    with pytest.raises(
+        ValueError, match=rf"SAE {run.sae_id} .*split .* 1 deceptive completions.*test_fraction"
+    ):
+        feature_table(few, run.sae_folder, tokenizer=offline_lm.tokenizer)  # was: Cohen's d needs >= 2 ...
+    assert {p.relative_to(few): p.read_bytes() for p in few.rglob("*") if p.is_file()} == before
