@@ -68,6 +68,8 @@ def inject_parameters(nb, params: dict[str, Any]) -> None:
     source = "\n".join(f"{k} = {v!r}" for k, v in params.items())
     cell = nbformat.v4.new_code_cell("# Injected parameters\n" + source)
     cell.metadata["tags"] = ["injected-parameters"]
+    if (nb.nbformat, nb.nbformat_minor) < (4, 5):  # cell ids came with 4.5: a 4.4 notebook must have none
+        cell.pop("id", None)
     nb.cells.insert(at + 1, cell)
 
 

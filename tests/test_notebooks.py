@@ -61,6 +61,15 @@ def test_static_contract(path: Path):
     assert re.search(r"helpers\.smoke_overrides\(\s*globals\(\)", smoke_cell), "smoke cell follows parameters"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_valid_under_nbformat_as_stored_and_with_injected_parameters(path: Path):
+    raw = json.loads(path.read_text())
+    nbformat.validate(raw)  # e.g. cell ids are allowed from nbformat 4.5 only
+    nb = nbformat.read(path, as_version=4)
+    inject_parameters(nb, {})  # what the runner executes
+    nbformat.validate(nb)
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     """Run all notebooks in order into one run folder, as a researcher would in Colab."""
