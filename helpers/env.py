@@ -286,11 +286,18 @@ def setup(
     return env
 
 
+def _existing(path: Path) -> Path:
+    """`path`, or its nearest existing parent (a run folder is created only when a notebook names it)."""
+    return next((p for p in (path, *path.parents) if p.exists()), Path.cwd())
+
+
 def print_summary(env: Env, version: str) -> None:
     import transformers
 
     mem = psutil.virtual_memory()
-    disk = shutil.disk_usage(env.cache_dir)
+    runs = Path(os.environ.get("NB_RUN_DIR") or env.runs_root).expanduser()
+    disk = shutil.disk_usage(_existing(runs))  # what fills up: activations, SAEs, checkpoints
+    cache_disk = shutil.disk_usage(env.cache_dir)
     gpu = (
         f"{env.gpu_name} (compute capability {env.compute_capability[0]}.{env.compute_capability[1]})"
         if (env.gpu_name and env.compute_capability)
@@ -302,11 +309,11 @@ def print_summary(env: Env, version: str) -> None:
         f"colab: {env.in_colab}, smoke mode: {env.smoke}",
         f"device: {env.device}; GPU: {gpu}",
         f"RAM: {mem.total / 2**30:.1f} GiB total, {mem.available / 2**30:.1f} GiB free",
-        f"disk free: {disk.free / 2**30:.1f} GiB",
+        f"disk free for the runs folder: {disk.free / 2**30:.1f} GiB",
         "runs folder: "
         + (os.environ.get("NB_RUN_DIR") or str(env.runs_root))
         + (" (Google Drive)" if env.drive_mounted else ""),
-        f"model cache: {env.cache_dir}",
+        f"model cache: {env.cache_dir} ({cache_disk.free / 2**30:.1f} GiB free there)",
         "secrets: " + ", ".join(f"{n} {'set' if get_secret(n) else 'missing'}" for n in SECRET_NAMES),
     ]
     print("\n".join(lines))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -183,3 +184,20 @@ def test_a_notebook_for_another_release_stops_with_the_fix(tmp_path, monkeypatch
         helpers.setup(notebook_version="9.9.9", quiet=True)
     assert "--force-reinstall" in str(err.value) and "@v9.9.9" in str(err.value)
     assert helpers.setup(notebook_version=helpers.__version__, quiet=True).device == "cpu"
+
+
+def test_setup_reports_the_free_space_of_the_run_folders_disk_not_the_caches(tmp_path, monkeypatch, capsys):
+    runs, cache = tmp_path / "runs_disk" / "run", tmp_path / "cache_disk"
+    runs.parent.mkdir()  # the run folder itself does not exist yet: its disk is its parent's
+    monkeypatch.setenv("NB_RUN_DIR", str(runs))
+    monkeypatch.setenv("NB_CACHE_DIR", str(cache))
+    gib = 2**30
+
+    def usage(path):
+        free = {runs.parent: 3 * gib, cache: 70 * gib}[Path(path)]
+        return types.SimpleNamespace(total=100 * gib, used=100 * gib - free, free=free)
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    helpers.setup()
+    out = capsys.readouterr().out
+    assert "disk free for the runs folder: 3.0 GiB" in out and "(70.0 GiB free there)" in out
