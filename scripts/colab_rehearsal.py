@@ -69,10 +69,13 @@ LABELS = ("honest", "deceptive", "ambiguous")
 
 # Parameters injected into the gemini pass (after each notebook's smoke cell, so they win over it).
 GEMINI_PARAMS: dict[str, dict[str, Any]] = {
-    # the judge labels scenario completions (the smoke run labels contrast facts by instruction)
+    # the judge labels scenario completions (the smoke run labels contrast facts by instruction); the
+    # benign control answers are never sent to it
     "02": {
-        "DATA": "builtin:scenarios",
-        "LABEL_BY": "judge",
+        "DATASETS": [
+            {"data": "builtin:scenarios", "role": "train", "label_by": "judge"},
+            {"data": "builtin:benign", "role": "control", "limit": 3},
+        ],
         "N_PROMPTS": 12,
         "N_PER_PROMPT": 2,
         "JUDGE_BATCH": 10,
@@ -731,10 +734,10 @@ def check_completions(result: PassResult, run: Path, meta: dict[str, Any], serve
     for r in rows:
         if not check(needed <= set(r), f"a completion lacks {sorted(needed - set(r))}: {r.get('id')}"):
             return
-    check(
-        {r["label"] for r in rows} <= set(LABELS),
-        f"labels outside {LABELS}: {sorted({r['label'] for r in rows})}",
-    )
+    control = [r for r in rows if r.get("label_source") == "control"]
+    check(all(r["label"] is None for r in control), "a control answer was labelled: they are never judged")
+    labels = {r["label"] for r in rows if r.get("label_source") != "control"}
+    check(labels <= set(LABELS), f"labels outside {LABELS}: {sorted(map(str, labels))}")
     sources = sorted({str(r["label_source"]) for r in rows})
     if server is None:
         check(not any(s.startswith("gemini:") for s in sources), f"offline pass, yet labels from {sources}")
@@ -752,7 +755,9 @@ def check_completions(result: PassResult, run: Path, meta: dict[str, Any], serve
 def check_gemini_labels(result: PassResult, rows: list[dict[str, Any]], server: Any, where: str) -> None:
     """Every non-empty answer was labelled by "Gemini", with exactly the label the server gave its id."""
     served = {f"gemini:{m}" for m in server.server.models}
-    judged = [r for r in rows if str(r.get("completion") or "").strip()]
+    judged = [
+        r for r in rows if str(r.get("completion") or "").strip() and r.get("label_source") != "control"
+    ]
     result.check(judged, f"{where}: no non-empty completion to judge")
     wrong_source = [(r["id"], r["label_source"]) for r in judged if r["label_source"] not in served]
     result.check(
