@@ -99,12 +99,15 @@ def sae_id_of(loaded: LoadedSAE) -> str:
 def labelled_docs(
     run_dir: str | os.PathLike, store: LayerStore, keep: set[str] | None = None
 ) -> tuple[list[Doc], np.ndarray, np.ndarray, np.ndarray]:
-    """(docs, y, groups, prompts) of the completions labelled honest or deceptive that have activations
-    in `store` (and are in `keep`, when given), in store order; prints what was left out. One label
-    class raises the probes' error."""
+    """(docs, y, groups, prompts) of the TRAINING datasets' completions labelled honest or deceptive
+    that have activations in `store` (and are in `keep`, when given), in store order; prints what was
+    left out. Features are chosen and tested where the probes are trained (eval sets are for transfer,
+    never pooled in). One label class raises the probes' error."""
     records = read_completions(run_dir)
     if not records:
         raise FileNotFoundError(f"{run_dir}/completions.jsonl is missing or empty: run notebook 02 first")
+    roles = dataset_roles(run_dir)
+    records = [r for r in records if roles.get(dataset_of(r), "train") == "train"]
     if keep is not None:
         records = [r for r in records if r["id"] in keep]
     counts = Counter(r.get("label") or "unlabelled" for r in records)
@@ -653,7 +656,7 @@ def load_tokenizer(run_dir: str | os.PathLike) -> Any:
     return load_model(model["spec"], revision=model.get("revision"), device="cpu").tokenizer
 
 
-FEATURE_TEST = "held-out, one-sided, prompt-level permutations"
+FEATURE_TEST = "held-out, one-sided, prompt-level permutations, on the training datasets"
 """Recorded in every feature file: a file written by an older test is recomputed, not reused."""
 
 
@@ -707,7 +710,8 @@ def feature_table(
     check_sae_fits(sae, store.d_model)
     keep, used = reserved_rows(run_dir, [loaded])
     docs, y, groups, prompts = labelled_docs(run_dir, store, keep)
-    used = {**used, "n": len(docs), "n_groups": len(set(groups))}
+    used = {**used, "datasets": sorted({dataset_of(d.record) for d in docs}), "n": len(docs),
+            "n_groups": len(set(groups))}  # fmt: skip
     try:  # before the SAE pass, naming the SAE: notebook 04 loops over several
         split_by_group(groups, test_fraction, seed, y=y)
     except TooFewCompletions as err:

@@ -255,7 +255,7 @@ def test_probes_and_features_use_only_the_rows_no_sae_trained_on(run, copy_run, 
         probe_table(dst, [LAYER], [with_split, other], **FAST)
 
 
-def test_the_fields_protocol_train_on_one_dataset_evaluate_on_another(run, copy_run, tmp_path):
+def test_the_fields_protocol_train_on_one_dataset_evaluate_on_another(run, copy_run, offline_lm):
     """Groups s0-s5 as the training set, s6-s11 as the evaluation set, the unlabelled answers as the
     control set: probes.json gets transfer rows for every reader, a transfer matrix, the layer sweep, the
     SAE-vs-SAE test at matched L0; the planted signal transfers; a control set under 100 answers is marked."""
@@ -300,6 +300,8 @@ def test_the_fields_protocol_train_on_one_dataset_evaluate_on_another(run, copy_
     sweep = saved["layer_sweep"]
     assert sweep["layers"] == [LAYER] and sweep["peak"]["layer"] == LAYER
     assert sweep["rows"][0]["transfer"][0]["eval_set"] == "scenes"
+    feats = feature_table(dst, run.sae_folder, k=3, tokenizer=offline_lm.tokenizer, n_permutations=99)
+    assert feats[0]["selection"]["datasets"] == ["facts"] and feats[0]["selection"]["n"] == 48  # train only
     for table in (
         probe_summary(rows),
         transfer_summary(saved),
