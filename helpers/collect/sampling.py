@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from helpers.model.chat import encode_chat, pad_token_id, stop_token_ids
+from helpers.model.chat import cache_kwarg, encode_chat, pad_token_id, stop_token_ids
 
 
 @dataclass
@@ -157,8 +157,8 @@ def generate_batch(
         input_ids=ids,
         attention_mask=mask,
         position_ids=positions,
-        past_key_values=cache,
         use_cache=True,
+        **{cache_kwarg(model): cache},
         **extra,
     ).logits[:, -1]  # [U, vocab]
     # Copy each prompt's cache to its sample rows: batch goes from U distinct prompts to B rows.
@@ -192,8 +192,8 @@ def generate_batch(
             input_ids=torch.tensor(new, device=device)[:, None],
             attention_mask=mask,
             position_ids=next_pos[:, None],
-            past_key_values=cache,
             use_cache=True,
+            **{cache_kwarg(model): cache},
         ).logits[:, -1]  # [b, vocab]
         next_pos = next_pos + 1
     return [(tokens[i], stopped[i]) for i in range(n)]

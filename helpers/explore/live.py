@@ -24,7 +24,7 @@ from transformers import DynamicCache
 from helpers.analysis.contexts import token_pieces
 from helpers.collect.sampling import sample_next
 from helpers.explore.meter import DeceptionMeter
-from helpers.model.chat import _cache_kwarg, encode_chat, stop_token_ids
+from helpers.model.chat import cache_kwarg, encode_chat, stop_token_ids
 from helpers.model.hooks import capture, hook_name, run_with_capture
 from helpers.saes.io import LoadedSAE
 from helpers.steer.directions import check_sae_matches
@@ -90,7 +90,7 @@ def track_generation(
     generator = torch.Generator().manual_seed(seed)
     answer: list[int] = []
     running, n = None, 0
-    kv = {_cache_kwarg(model): DynamicCache(config=model.config)}  # filled in place by every forward
+    kv = {cache_kwarg(model): DynamicCache(config=model.config)}  # filled in place by every forward
     with steering or nullcontext(), capture(model, names) as cache:
         logits = model(input_ids=torch.tensor([ids], device=device), use_cache=True, **kv).logits[:, -1]
         for i in range(max_new_tokens):

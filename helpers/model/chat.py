@@ -125,9 +125,7 @@ def chat(
     new: list[int] = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            logits = (
-                model(input_ids=ids, use_cache=True, **{_cache_kwarg(model): cache}).logits[0, -1].float()
-            )
+            logits = model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache}).logits[0, -1].float()
             if temperature == 0:
                 token = int(logits.argmax())
             else:
@@ -140,7 +138,7 @@ def chat(
     return tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
-def _cache_kwarg(model: Any) -> str:
+def cache_kwarg(model: Any) -> str:
     """transformers renamed forward's `past_key_values` to `cache` (5.2x, the old name warns); Colab's 5.15
     and our nanochat class accept the names their signatures show."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
