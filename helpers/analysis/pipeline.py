@@ -80,7 +80,7 @@ from helpers.run import (
 )
 from helpers.saes.io import LoadedSAE, load_sae
 from helpers.saes.random_control import VARIANTS as RANDOM_VARIANTS
-from helpers.saes.random_control import l0_on, random_sae_like
+from helpers.saes.random_control import random_sae_like
 from helpers.stats import balanced_accuracy, check_labels, clustered_auroc, holm
 
 Pooling = Literal["mean", "last"]
@@ -155,12 +155,22 @@ def reserved_rows(
 
 
 def _pooled_sae_acts(
-    store: LayerStore, sae: Any, docs: Sequence[Doc], pooling: Pooling, out: np.ndarray, batch_tokens: int
+    store: LayerStore,
+    sae: Any,
+    docs: Sequence[Doc],
+    pooling: Pooling,
+    out: np.ndarray,
+    batch_tokens: int,
+    top_m: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Fills out [n_docs, d_sae] with each completion's SAE activations pooled over its tokens, and
-    yields every batch's per-token activations [n, d_sae] (for token statistics) on the way."""
+    yields every batch's per-token activations [n, d_sae] (for token statistics) on the way. With
+    `top_m`, each token's activations are first cut to its m largest (SAEs compared at one L0)."""
     row = 0
     for chunk, acts, _ in iter_token_acts(store, sae, docs, batch_tokens=batch_tokens):
+        if top_m is not None:
+            top = torch.topk(acts, min(top_m, acts.shape[1]), dim=1)
+            acts = torch.zeros_like(acts).scatter_(1, top.indices, top.values)
         lengths = torch.tensor([d.n for d in chunk], device=acts.device)
         if pooling == "mean":
             seg = torch.repeat_interleave(torch.arange(len(chunk), device=acts.device), lengths)
@@ -174,15 +184,34 @@ def _pooled_sae_acts(
 
 
 def sae_completion_acts(
-    store: LayerStore, sae: Any, docs: Sequence[Doc], *, pooling: Pooling = "mean", batch_tokens: int = 1024
+    store: LayerStore,
+    sae: Any,
+    docs: Sequence[Doc],
+    *,
+    pooling: Pooling = "mean",
+    batch_tokens: int = 1024,
+    top_m: int | None = None,
 ) -> np.ndarray:
     """[n_docs, d_sae] float32: per completion, its per-token SAE activations pooled (module doc)."""
+    return _sae_features(store, sae, docs, pooling, batch_tokens, top_m)[0]
+
+
+def _sae_features(
+    store: LayerStore,
+    sae: Any,
+    docs: Sequence[Doc],
+    pooling: Pooling,
+    batch_tokens: int,
+    top_m: int | None = None,
+) -> tuple[np.ndarray, float]:
+    """(pooled features [n_docs, d_sae] float32, mean L0 over the docs' tokens) in one pass."""
     if pooling not in SAE_POOLING:
         raise ValueError(f"pooling must be one of {sorted(SAE_POOLING)}, got {pooling!r}")
     out = np.zeros((len(docs), int(sae.d_sae)), np.float32)
-    for _ in _pooled_sae_acts(store, sae, docs, pooling, out, batch_tokens):
-        pass
-    return out
+    fired = sum(
+        float((a > 0).sum()) for a in _pooled_sae_acts(store, sae, docs, pooling, out, batch_tokens, top_m)
+    )
+    return out, fired / max(1, sum(d.n for d in docs))
 
 
 def _row(layer: int | None, kind: str, result: probes.ProbeResult, **extra: Any) -> dict[str, Any]:
@@ -224,29 +253,8 @@ def layer_rows(
     records = read_completions(run_dir)
     if not records:
         raise FileNotFoundError(f"{run_dir}/completions.jsonl is missing or empty: run notebook 02 first")
-    chosen = []
-    for r in records:
-        role = roles.get(dataset_of(r), "train")
-        if role == "control" or (
-            r.get("label") in ("honest", "deceptive") and (keep is None or r["id"] in keep)
-        ):
-            chosen.append(r)
-    docs = docs_for(store, chosen)
-    names = list(dict.fromkeys([*roles, *(dataset_of(d.record) for d in docs)]))
-    of = np.array([dataset_of(d.record) for d in docs])
-    is_control = np.array([roles.get(n, "train") == "control" for n in of], bool)
-    y = np.array(
-        [-1 if c else int(d.record["label"] == "deceptive") for d, c in zip(docs, is_control, strict=True)]
-    )
-    groups = np.array([str(d.record.get("group") or d.record["prompt_id"]) for d in docs])
-    prompts = np.array([str(d.record["prompt_id"]) for d in docs])
-    sets = []
-    for name in names:
-        idx = np.flatnonzero(of == name)
-        role = roles.get(name, "train")
-        if len(idx):
-            sets.append(EvalSet(name, role, idx, None if role == "control" else y[idx], groups[idx]))
-    train = np.flatnonzero((y >= 0) & np.isin(of, [s.name for s in sets if s.role == "train"]))
+    docs = docs_for(store, [r for r in records if _probed(r, roles, keep)])
+    y, groups, prompts, sets, train = _labels_and_sets([d.record for d in docs], roles)
     parts = [
         f"{s.name} ({s.role}): {s.n}" + ("" if s.y is None else f", {int(s.y.sum())} deceptive") for s in sets
     ]
@@ -260,25 +268,40 @@ def layer_rows(
     return LayerRows(docs, y, groups, prompts, sets, train)
 
 
+def _probed(record: dict[str, Any], roles: dict[str, str], keep: set[str] | None) -> bool:
+    """Whether the probes use a completion: every control answer (benign by construction, never judged
+    and never trained on by a label-chosen SAE), else labelled honest / deceptive and in `keep`."""
+    if roles.get(dataset_of(record), "train") == "control":
+        return True
+    return record.get("label") in ("honest", "deceptive") and (keep is None or record["id"] in keep)
+
+
+def _labels_and_sets(
+    records: Sequence[dict[str, Any]], roles: dict[str, str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[EvalSet], np.ndarray]:
+    """(y, groups, prompts, sets, train) of the probed `records` in their order: y 1 deceptive, 0 honest,
+    -1 control; one EvalSet per dataset (datasets.json order); train = row indices of the train sets."""
+    of = np.array([dataset_of(r) for r in records])
+    role_of = {n: roles.get(n, "train") for n in dict.fromkeys([*roles, *of])}
+    y = np.array(
+        [
+            -1 if role_of[n] == "control" else int(r["label"] == "deceptive")
+            for r, n in zip(records, of, strict=True)
+        ]
+    )
+    groups = np.array([str(r.get("group") or r["prompt_id"]) for r in records])
+    prompts = np.array([str(r["prompt_id"]) for r in records])
+    sets = [
+        EvalSet(n, role, idx, None if role == "control" else y[idx], groups[idx])
+        for n, role in role_of.items()
+        if len(idx := np.flatnonzero(of == n))
+    ]
+    train = np.flatnonzero((y >= 0) & np.isin(of, [s.name for s in sets if s.role == "train"]))
+    return y, groups, prompts, sets, train
+
+
 def _probe_rows_ids(lr: LayerRows, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return lr.y[idx], lr.groups[idx], lr.prompts[idx]
-
-
-def _truncated_acts(
-    store: LayerStore, sae: Any, docs: Sequence[Doc], m: int, batch_tokens: int
-) -> np.ndarray:
-    """[n_docs, d_sae]: per completion, the mean over its tokens of the SAE activations with each token
-    cut to its `m` largest (SAEs compared at one L0 on the probed tokens: DESIGN.md §9)."""
-    out, row = np.zeros((len(docs), int(sae.d_sae)), np.float32), 0
-    for chunk, acts, _ in iter_token_acts(store, sae, docs, batch_tokens=batch_tokens):
-        top = torch.topk(acts, min(m, acts.shape[1]), dim=1)
-        cut = torch.zeros_like(acts).scatter_(1, top.indices, top.values)
-        lengths = torch.tensor([d.n for d in chunk])
-        seg = torch.repeat_interleave(torch.arange(len(chunk)), lengths)
-        pooled = torch.zeros(len(chunk), acts.shape[1]).index_add_(0, seg, cut.cpu()) / lengths[:, None]
-        out[row : row + len(chunk)] = pooled.numpy()
-        row += len(chunk)
-    return out
 
 
 def _calibration_tokens(store: LayerStore, docs: Sequence[Doc], limit: int, seed: int) -> torch.Tensor:
@@ -410,12 +433,7 @@ def probe_table(
         for s in layer_saes:
             check_sae_fits(s.sae, store.d_model)
             sid = sae_id_of(s)
-            Xs = np.zeros((len(lr.docs), int(s.sae.d_sae)), np.float32)
-            fired = sum(
-                float((a > 0).sum())
-                for a in _pooled_sae_acts(store, s.sae, lr.docs, pooling, Xs, batch_tokens)
-            )
-            l0 = fired / max(1, sum(d.n for d in lr.docs))
+            Xs, l0 = _sae_features(store, s.sae, lr.docs, pooling, batch_tokens)
             res = probes.probe(Xs[tr], y, groups, prompts=prompts, name=sid, **common)
             sae_feats[sid] = (s, res, l0)
             rd = probes.random_direction_control(Xs[tr], y, groups, n_directions=n_directions, n_folds=n_folds,
@@ -429,11 +447,11 @@ def probe_table(
             bar.update()
             calib = _calibration_tokens(store, lr.docs, calibration_tokens, seed)
             rand = random_sae_like(s.sae, calib, variant=random_variant, seed=seed)
-            Xr = sae_completion_acts(store, rand, lr.docs, pooling=pooling, batch_tokens=batch_tokens)
+            Xr, rand_l0 = _sae_features(store, rand, lr.docs, pooling, batch_tokens)
             rres = probes.probe(Xr[tr], y, groups, prompts=prompts, name=f"random {sid}", **light)
             rinfo = {"sae_id": sid, "architecture": info["architecture"], "condition": info["condition"],
                      "variant": random_variant, "variant_description": RANDOM_VARIANTS[random_variant],
-                     "l0_probed_tokens": l0_on(rand, calib)}  # fmt: skip
+                     "l0_probed_tokens": rand_l0}  # fmt: skip
             rows.append(_row(layer, "random_sae", rres, **rinfo, vs_trained=probes.compare_paired(res, rres),
                              rows=used))  # fmt: skip
             transfer += transfer_rows(fitted(Xr), lr.sets, reader("random_sae", **rinfo), fpr=control_fpr)
@@ -484,7 +502,7 @@ def _sae_pairs(
     results = {}
     for sid, (s, res, l0) in feats.items():
         if l0 > m * 1.05 and pooling == "mean":  # else its own probe's folds already stand at this L0
-            X = _truncated_acts(store, s.sae, lr.docs, m, batch_tokens)
+            X = sae_completion_acts(store, s.sae, lr.docs, batch_tokens=batch_tokens, top_m=m)
             res = probes.probe(X[tr], y, groups, prompts=prompts, name=sid, **light)
         results[sid] = (res, l0)
     out = []
@@ -583,20 +601,9 @@ def layer_sweep(
     for layer in tqdm(layers, desc="layer sweep", unit="layer"):
         ids, mean, last = load_pooled(run_dir, layer)
         where = {cid: i for i, cid in enumerate(ids)}
-        chosen = [r for r in records if r["id"] in where and (roles.get(dataset_of(r), "train") == "control"
-                  or r.get("label") in ("honest", "deceptive"))]  # fmt: skip
-        of = np.array([dataset_of(r) for r in chosen])
-        control = np.array([roles.get(n, "train") == "control" for n in of], bool)
-        y = np.array(
-            [-1 if c else int(r["label"] == "deceptive") for r, c in zip(chosen, control, strict=True)]
-        )
-        groups = np.array([str(r.get("group") or r["prompt_id"]) for r in chosen])
-        prompts = np.array([str(r["prompt_id"]) for r in chosen])
+        chosen = [r for r in records if r["id"] in where and _probed(r, roles, None)]
+        y, groups, prompts, sets, tr = _labels_and_sets(chosen, roles)
         X = (mean if pooling == "mean" else last)[[where[r["id"]] for r in chosen]].numpy().astype(np.float64)
-        names = list(dict.fromkeys([*roles, *of]))
-        sets = [EvalSet(n, roles.get(n, "train"), idx, None if roles.get(n, "train") == "control" else y[idx],
-                        groups[idx]) for n in names if len(idx := np.flatnonzero(of == n))]  # fmt: skip
-        tr = np.flatnonzero((y >= 0) & np.isin(of, [s.name for s in sets if s.role == "train"]))
         row: dict[str, Any] = {"layer": layer, "relative_depth": layer / (n_layers - 1) if n_layers else None,
                                "n_train": len(tr)}  # fmt: skip
         try:

@@ -106,6 +106,16 @@ def test_sae_features_are_the_mean_of_per_token_activations(run):
         last = np.stack([sae.encode(torch.from_numpy(run.vectors[d.id]))[0][-1].numpy() for d in docs])
     np.testing.assert_allclose(got, want, atol=1e-6)
     np.testing.assert_allclose(sae_completion_acts(store, sae, docs, pooling="last"), last, atol=1e-6)
+    # top_m (SAEs compared at one L0): each token cut to its m largest activations, then the mean.
+    with torch.no_grad():
+        cut = []
+        for d in docs:
+            acts = sae.encode(torch.from_numpy(run.vectors[d.id]))[0]
+            top = torch.topk(acts, 1, dim=1)
+            cut.append(torch.zeros_like(acts).scatter_(1, top.indices, top.values).mean(0).numpy())
+    np.testing.assert_allclose(
+        sae_completion_acts(store, sae, docs, batch_tokens=50, top_m=1), np.stack(cut), atol=1e-6
+    )
 
 
 def test_the_planted_feature_ranks_first_and_the_file_is_resumed(run, offline_lm, capsys):
