@@ -47,6 +47,8 @@ from helpers.model.chat import pad_token_id
 from helpers.model.hooks import check_layers, decoder_layers, hook_name, run_with_capture
 from helpers.run import atomic_write_bytes, pooled_dir, pooled_path
 
+POOLED = ("mean", "last", "prompt_last")
+"""The vectors of a pooled file, each [n_completions, d_model] (module doc)."""
 SWEEP_MAX_LAYERS = 16
 """`default_sweep_layers` pools every layer up to this depth, and about this many layers beyond it."""
 
@@ -165,13 +167,8 @@ def _check_finite(vectors: torch.Tensor, cid: str, layer: int) -> None:
 def _pooled_ids(run_dir: str | os.PathLike, layer: int) -> set[str]:
     """Completion ids already in a layer's pooled file with every pooled vector (an older file without
     `prompt_last` counts as empty for it: those rows are recomputed)."""
-    path = pooled_path(run_dir, layer)
-    if not path.exists():
-        return set()
-    with safe_open(str(path), framework="pt") as f:
-        if "prompt_last" not in f.keys():  # noqa: SIM118 - safe_open has keys(), no __contains__
-            return set()
-        return set(json.loads(f.metadata()["completion_ids"]))
+    pooled = load_pooled_prompt(run_dir, layer)
+    return set(pooled[0]) if pooled else set()
 
 
 def pooled_layers(run_dir: str | os.PathLike) -> list[int]:
@@ -183,28 +180,36 @@ def pooled_layers(run_dir: str | os.PathLike) -> list[int]:
     return sorted(int(x) for x in found if x.isdigit())
 
 
-def load_pooled_prompt(run_dir: str | os.PathLike, layer: int) -> tuple[list[str], torch.Tensor] | None:
-    """`(completion_ids, prompt_last [n, d_model])` of one layer, or None for a pooled file written
-    before prompt vectors were kept (rerun notebook 02's collection to add them)."""
+def _read_pooled(
+    run_dir: str | os.PathLike, layer: int, keys: Sequence[str] = POOLED
+) -> tuple[list[str], dict[str, torch.Tensor]] | None:
+    """`(completion_ids, {key: [n, d_model]})` of one layer's pooled file, for those of `keys` it holds
+    (a file from before prompt vectors lacks `prompt_last`); None when there is no file."""
     path = pooled_path(run_dir, layer)
     if not path.exists():
         return None
     with safe_open(str(path), framework="pt") as f:
-        if "prompt_last" not in f.keys():  # noqa: SIM118
-            return None
-        return json.loads(f.metadata()["completion_ids"]), f.get_tensor("prompt_last")
+        present = set(f.keys())
+        return json.loads(f.metadata()["completion_ids"]), {k: f.get_tensor(k) for k in keys if k in present}
+
+
+def load_pooled_prompt(run_dir: str | os.PathLike, layer: int) -> tuple[list[str], torch.Tensor] | None:
+    """`(completion_ids, prompt_last [n, d_model])` of one layer, or None for a pooled file written
+    before prompt vectors were kept (rerun notebook 02's collection to add them)."""
+    pooled = _read_pooled(run_dir, layer, ("prompt_last",))
+    return (pooled[0], pooled[1]["prompt_last"]) if pooled and pooled[1] else None
 
 
 def load_pooled(run_dir: str | os.PathLike, layer: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """`(completion_ids, mean [n, d_model], last [n, d_model])` of one layer, rows in id order."""
-    path = pooled_path(run_dir, layer)
-    if not path.exists():
+    pooled = _read_pooled(run_dir, layer, ("mean", "last"))
+    if pooled is None:
         raise FileNotFoundError(
-            f"no pooled activations at {path}: run collect_activations (notebook 02) for layer {layer} first"
+            f"no pooled activations at {pooled_path(run_dir, layer)}: run collect_activations (notebook 02) "
+            f"for layer {layer} first"
         )
-    with safe_open(str(path), framework="pt") as f:
-        ids = json.loads(f.metadata()["completion_ids"])
-        return ids, f.get_tensor("mean"), f.get_tensor("last")
+    ids, tensors = pooled
+    return ids, tensors["mean"], tensors["last"]
 
 
 def _as_stored(
@@ -246,14 +251,11 @@ def _write_pooled(run_dir: str | os.PathLike, layer: int, rows: list[_Row], fres
     """Rewrite the layer's pooled file with a row for every completion of `rows` that has one now or
     had one before; returns its rows. Mean and last of a completion stored by an earlier, interrupted
     run come from the store (exactly what it holds); `prompt_last` always from this run's pass."""
-    path = pooled_path(run_dir, layer)
     old: dict[str, dict[str, torch.Tensor]] = {}
-    if path.exists():
-        with safe_open(str(path), framework="pt") as f:
-            ids = json.loads(f.metadata()["completion_ids"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        if "prompt_last" in tensors:  # an older file without it is rebuilt from this pass
-            old = {cid: {k: t[i] for k, t in tensors.items()} for i, cid in enumerate(ids)}
+    pooled = _read_pooled(run_dir, layer)
+    if pooled is not None and len(pooled[1]) == len(POOLED):  # an older file without prompt_last is rebuilt
+        ids, tensors = pooled
+        old = {cid: {k: t[i] for k, t in tensors.items()} for i, cid in enumerate(ids)}
     need = [r for r in rows if r.completion and r.id not in old]
     if not need:
         return len(old)
@@ -275,10 +277,10 @@ def _write_pooled(run_dir: str | os.PathLike, layer: int, rows: list[_Row], fres
         old[row.id] = vectors
     ids = list(old)
     data = safetensors_bytes(
-        {k: torch.stack([old[cid][k] for cid in ids]).contiguous() for k in ("mean", "last", "prompt_last")},
+        {k: torch.stack([old[cid][k] for cid in ids]).contiguous() for k in POOLED},
         metadata={"completion_ids": json.dumps(ids)},
     )
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(pooled_path(run_dir, layer), data)
     return len(ids)
 
 
