@@ -28,15 +28,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
-from sklearn.feature_extraction.text import CountVectorizer
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
 
 from helpers.analysis import logistic
-from helpers.analysis.probes import grouped_folds, standardised_design
+from helpers.analysis.probes import bag_of_words_design, grouped_folds, standardised_design
 from helpers.stats import (
     clustered_auroc,
     clustered_proportion_ci,
@@ -74,6 +72,27 @@ def fit_scores(
     `targets`. Standardisation and the fit see the training rows only, in their SVD coordinates, as the
     grouped-CV probes do (probes.standardised_design); class weights are balanced, so 0 is the balanced
     threshold."""
+    return _fit_and_score(
+        partial(standardised_design, np.asarray(X, np.float64)), train_idx, y_train, targets, C
+    )
+
+
+def bag_of_words_scores(
+    texts: Sequence[str],
+    train_idx: np.ndarray,
+    y_train: np.ndarray,
+    targets: Sequence[np.ndarray],
+    C: float = 1.0,
+) -> list[np.ndarray]:
+    """The surface-wording control on other datasets: the bag-of-words probe's design
+    (probes.bag_of_words_design, fitted on the training texts) and fit; decision values per target."""
+    return _fit_and_score(partial(bag_of_words_design, list(texts)), train_idx, y_train, targets, C)
+
+
+def _fit_and_score(
+    design: Callable[[np.ndarray, np.ndarray], tuple], train_idx, y_train, targets, C: float
+) -> list[np.ndarray]:
+    """One balanced L2 logistic fit on design(train, all targets)'s training rows; scores per target."""
     y_train = np.asarray(y_train).astype(int)
     if len(np.unique(y_train)) < 2:
         raise ValueError(
@@ -81,9 +100,7 @@ def fit_scores(
             "probe needs both; add the other class to the training dataset"
         )
     targets = [np.asarray(t, int) for t in targets]
-    Z_tr, Z_te = standardised_design(
-        np.asarray(X, np.float64), np.asarray(train_idx), np.concatenate(targets)
-    )
+    Z_tr, Z_te = design(np.asarray(train_idx), np.concatenate(targets))[:2]
     W, c = logistic.fit(Z_tr, y_train[None], logistic.balanced_weights(y_train), C)
     scores = Z_te @ W[0] + c[0]
     return np.split(scores, np.cumsum([len(t) for t in targets])[:-1])
@@ -225,23 +242,6 @@ def transfer_matrix(
         "diagonal": "grouped cross-validation within the dataset (out-of-fold scores)",
         "why": why,
     }
-
-
-def bag_of_words_scores(
-    texts: Sequence[str],
-    train_idx: np.ndarray,
-    y_train: np.ndarray,
-    targets: Sequence[np.ndarray],
-    C: float = 1.0,
-) -> list[np.ndarray]:
-    """The surface-wording control on other datasets: binary unigrams + bigrams seen in >= 2 training
-    texts, scaled to unit variance on the training rows (as probes.bag_of_words_probe), one balanced
-    logistic fit; decision values on each target index array."""
-    vec = CountVectorizer(binary=True, ngram_range=(1, 2), min_df=2)
-    Z_tr = vec.fit_transform([texts[i] for i in train_idx])
-    scaler = StandardScaler(with_mean=False).fit(Z_tr)
-    fit = LogisticRegression(C=C, class_weight="balanced", max_iter=5000).fit(scaler.transform(Z_tr), y_train)
-    return [fit.decision_function(scaler.transform(vec.transform([texts[i] for i in t]))) for t in targets]
 
 
 def transfer_rows(

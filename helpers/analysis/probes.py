@@ -166,12 +166,7 @@ def bag_of_words_probe(
     if len(texts) != len(y):
         raise ValueError(f"{len(texts)} texts but {len(y)} labels: pass one text per labelled completion")
 
-    def vectorise(tr: np.ndarray, te: np.ndarray):
-        vec = CountVectorizer(binary=True, ngram_range=(1, 2), min_df=2).fit([texts[i] for i in tr])
-        Z_tr, Z_te = vec.transform([texts[i] for i in tr]), vec.transform([texts[i] for i in te])
-        scaler = StandardScaler(with_mean=False).fit(Z_tr)  # sparse stays sparse
-        return *_svd_coordinates(scaler.transform(Z_tr), scaler.transform(Z_te)), vec
-
+    vectorise = partial(bag_of_words_design, texts)
     result = _cross_validate(
         vectorise, y, groups, prompts, n_folds, seed, n_permutations, n_bootstrap, C, name
     )
@@ -188,6 +183,15 @@ def bag_of_words_probe(
         "honest": [str(terms[i]) for i in order[:top_terms]],
     }
     return result
+
+
+def bag_of_words_design(texts: Sequence[str], tr: np.ndarray, te: np.ndarray) -> tuple[Any, Any, Any]:
+    """(Z_train, Z_test, vectoriser): the bag-of-words probe's design, binary unigrams + bigrams seen in
+    >= 2 training texts, scaled to unit variance on the training rows, in SVD coordinates."""
+    vec = CountVectorizer(binary=True, ngram_range=(1, 2), min_df=2).fit([texts[i] for i in tr])
+    Z_tr, Z_te = vec.transform([texts[i] for i in tr]), vec.transform([texts[i] for i in te])
+    scaler = StandardScaler(with_mean=False).fit(Z_tr)  # sparse stays sparse
+    return *_svd_coordinates(scaler.transform(Z_tr), scaler.transform(Z_te)), vec
 
 
 def random_direction_control(

@@ -10,10 +10,12 @@ import math
 import numpy as np
 import pytest
 from scipy import stats
+from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
+from sklearn.preprocessing import StandardScaler
 
-from helpers.analysis.detection import EvalSet, evaluate_set, fit_scores, transfer_matrix
+from helpers.analysis.detection import EvalSet, bag_of_words_scores, evaluate_set, fit_scores, transfer_matrix
 from helpers.stats import clustered_auroc, clustered_proportion_ci, control_threshold
 
 
@@ -257,3 +259,17 @@ def test_control_fpr_bound_counts_prompts_when_answers_share_one():
         held.append(truth <= control_threshold(scores, 0.01, g)["fpr_upper"])
         naive.append(truth <= control_threshold(scores, 0.01)["fpr_upper"])
     assert np.mean(held) >= 0.93 and np.mean(naive) < np.mean(held), (np.mean(held), np.mean(naive))
+
+
+def test_bag_of_words_scores_match_sklearn_on_the_same_terms():
+    rng = np.random.default_rng(11)
+    words = ["yes", "no", "maybe", "sure", "never", "truth", "lie", "well"]
+    texts = [" ".join(rng.choice(words, 6)) + (" lie" if i % 2 else " truth") for i in range(60)]
+    y = np.arange(60) % 2
+    tr, te = np.arange(40), np.arange(40, 60)
+    vec = CountVectorizer(binary=True, ngram_range=(1, 2), min_df=2).fit([texts[i] for i in tr])
+    scaler = StandardScaler(with_mean=False).fit(vec.transform([texts[i] for i in tr]))
+    ref = LogisticRegression(C=1.0, class_weight="balanced", tol=1e-10, max_iter=10_000)
+    ref.fit(scaler.transform(vec.transform([texts[i] for i in tr])), y[tr])
+    want = ref.decision_function(scaler.transform(vec.transform([texts[i] for i in te])))
+    np.testing.assert_allclose(bag_of_words_scores(texts, tr, y[tr], [te])[0], want, atol=1e-4)
