@@ -269,8 +269,9 @@ def ratio_ci(num: np.ndarray, den: np.ndarray, level: float = 0.95) -> tuple[flo
     return r, r - half, r + half
 
 
-def wilson_ci(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval of a proportion k/n (treats samples as independent)."""
+def wilson_ci(k: float, n: float, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n (treats samples as independent; n may be an effective
+    sample size, k = p n)."""
     if n == 0:
         return (math.nan, math.nan)
     p, denom = k / n, 1 + z * z / n
@@ -391,10 +392,7 @@ def clustered_proportion_ci(
         z = float(stats.t.ppf(0.5 + level / 2, max(scarce - 1, min(n_clusters - 1, 5))))
     else:
         z = float(stats.norm.ppf(0.5 + level / 2))
-    denom = 1 + z * z / n_eff
-    centre = (p + z * z / (2 * n_eff)) / denom
-    half = z * math.sqrt(p * (1 - p) / n_eff + z * z / (4 * n_eff * n_eff)) / denom
-    return (p, max(0.0, centre - half), min(1.0, centre + half))
+    return (p, *wilson_ci(p * n_eff, n_eff, z))
 
 
 def control_threshold(
