@@ -42,7 +42,7 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from helpers.collect.sampling import Completion
-from helpers.collect.store import FP16_MAX, ActivationWriter, LayerStore
+from helpers.collect.store import FP16_MAX, ActivationWriter, LayerStore, check_finite_tokens
 from helpers.model.chat import pad_token_id
 from helpers.model.hooks import check_layers, decoder_layers, hook_name, run_with_capture
 from helpers.run import atomic_write_bytes, pooled_dir, pooled_path
@@ -137,7 +137,7 @@ def collect_activations(
                             writer.add(row.id, vectors, first_position=first)
                             tokens_stored[layer] += len(vectors)
                         elif writer is None:
-                            _check_finite(completion, row.id, layer)
+                            check_finite_tokens(completion.numpy(), row.id)  # no store to refuse it
                         fresh[layer][row.id] = pooled
                 bar.update(len(batch))
     pooled = {layer: _write_pooled(run_dir, layer, rows, fresh[layer]) for layer in all_layers}
@@ -152,16 +152,6 @@ def collect_activations(
         "pooled_rows": pooled,
         "include_prompt": include_prompt,
     }
-
-
-def _check_finite(vectors: torch.Tensor, cid: str, layer: int) -> None:
-    """A pooled-only layer has no store to refuse non-finite values: the same error here."""
-    if not torch.isfinite(vectors).all():
-        token, dim = (~torch.isfinite(vectors)).nonzero()[0].tolist()
-        raise ValueError(
-            f"non-finite activation in completion {cid!r} at token {token}, dimension {dim} (layer {layer}): "
-            "the model overflowed; load it in float32 (dtype=torch.float32)"
-        )
 
 
 def _pooled_ids(run_dir: str | os.PathLike, layer: int) -> set[str]:

@@ -46,6 +46,16 @@ TOKENS_SUFFIX = ".tokens.npy"
 """A shard's token ids and positions beside its `.npy` (module doc)."""
 
 
+def check_finite_tokens(arr: np.ndarray, completion_id: str) -> None:
+    """Refuse a completion's activations [n_tokens, d_model] holding NaN or inf, naming token and dim."""
+    if not np.isfinite(arr).all():
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        raise ValueError(
+            f"non-finite activation in completion {completion_id!r} at token {bad[0]}, dim {bad[1]}: "
+            "the model overflowed (on a T4 load nanochat in float32) and nothing of it was stored"
+        )
+
+
 class ActivationWriter:
     """Accumulates per-completion activations of one layer and writes them as shards of ~`shard_tokens`.
 
@@ -92,12 +102,7 @@ class ActivationWriter:
             raise ValueError(
                 f"activations of {completion_id!r} must be [n_tokens, d_model], got shape {arr.shape}"
             )
-        if not np.isfinite(arr).all():
-            bad = np.argwhere(~np.isfinite(arr))[0]
-            raise ValueError(
-                f"non-finite activation in completion {completion_id!r} at token {bad[0]}, dim {bad[1]}: "
-                "the model overflowed (on a T4 load nanochat in float32) and nothing of it was stored"
-            )
+        check_finite_tokens(arr, completion_id)
         ids = None
         if token_ids is not None:
             ids = _ids_and_positions(completion_id, len(arr), token_ids, positions, first_position)

@@ -276,6 +276,12 @@ def test_non_finite_activation_names_the_completion(offline_lm, completions, tmp
     ):
         collect_activations(offline_lm, [completions[4]], [1], tmp_path)
     assert not pooled_path(tmp_path, 1).exists()
+    with (  # a pooled-only sweep layer has no store, and refuses it the same way
+        helpers.add_to_residual(offline_lm.model, {"blocks.3.hook_resid_post": inf}),
+        pytest.raises(ValueError, match=r"non-finite activation in completion 'hi#0' at token 0"),
+    ):
+        collect_activations(offline_lm, [completions[4]], [1], tmp_path / "sweep", sweep_layers=[3])
+    assert not pooled_path(tmp_path / "sweep", 3).exists()
     with pytest.raises(FileNotFoundError, match="notebook 02"):
         load_pooled(tmp_path, 1)
 
