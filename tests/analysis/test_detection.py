@@ -129,6 +129,7 @@ def test_transfer_matrix_diagonal_is_cross_validated():
     m = transfer_matrix(X, [a, b], n_folds=3)
     assert m["train"] == ["a", "b"]
     assert all(0.8 < m["auroc"][i][j] <= 1 for i in range(2) for j in range(2))
+    assert m["auroc_ci"][0][0] == [None, None] and None not in m["auroc_ci"][0][1]  # no CI on CV scores
     off = fit_scores(X, a.idx, a.y, [b.idx])[0]
     assert m["auroc"][0][1] == pytest.approx(roc_auc_score(b.y, off))
     # The diagonal is not the in-sample score: on pure noise it is near 0.5, in-sample it is not.
