@@ -1,6 +1,12 @@
 """Figures of a run (notebook 05): interactive plotly figures saved as .html under `figures/`, and
 matplotlib twins (`backend="matplotlib"`, saved as .png) of the key ones, with no kaleido needed.
 
+Readable anywhere: a saved .html loads plotly.js from `figures/plotly.min.js` beside it (written once
+per run folder, 4.8 MB for plotly 5.24) instead of a CDN, so it opens on Drive offline and in a zip;
+inlining the library would cost those 4.8 MB in every figure file. In a notebook, `show(fig)` displays
+the interactive figure and under it a static PNG drawn by matplotlib from the figure's own traces
+(`static_figure`), which GitHub shows where plotly's JavaScript never runs (Colab has no kaleido).
+
 Every function reads the run folder (DESIGN.md §3) and returns a figure; `save_figure` writes it.
 A missing input raises `MissingInput`, which names the notebook that writes it. Error bars are the
 95% intervals stored by the step that computed them (probes: cluster bootstrap; features: bootstrap
@@ -41,6 +47,7 @@ SOURCES = {
 }
 SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "cross")
 MPL_MARKERS = ("o", "s", "D", "^", "x", "P")
+PLOTLY_JS = "plotly.min.js"  # in figures/, beside the .html files that load it
 PALETTE = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880")
 
 
@@ -59,18 +66,238 @@ def _num(v: Any) -> float:
 
 
 def save_figure(fig: Any, run_dir: str | os.PathLike, name: str) -> Path:
-    """Write a plotly figure as `figures/{name}.html` (plotly.js from its CDN, so files stay small) or a
-    matplotlib figure as `figures/{name}.png`, atomically; returns the path."""
+    """Write a plotly figure as `figures/{name}.html` (plotly.js from `figures/plotly.min.js`, written
+    beside it once: no network needed to open it) or a matplotlib figure as `figures/{name}.png`,
+    atomically; returns the path."""
     if not re.fullmatch(r"[\w.+\-]+", name):  # '+': SAE ids of the corpus+behaviour condition
         raise ValueError(f"figure name {name!r} must be a plain file name (letters, digits, _ . + -)")
     folder = figures_dir(run_dir)
     if hasattr(fig, "to_html"):
-        return atomic_write_bytes(folder / f"{name}.html", fig.to_html(include_plotlyjs="cdn").encode())
+        _write_plotly_js(folder)
+        html_text = fig.to_html(include_plotlyjs=PLOTLY_JS)  # a relative <script src>: the file beside it
+        return atomic_write_bytes(folder / f"{name}.html", html_text.encode())
     if hasattr(fig, "savefig"):
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=150, bbox_inches="tight")
         return atomic_write_bytes(folder / f"{name}.png", buf.getvalue())
     raise TypeError(f"save_figure takes a plotly or matplotlib figure, got {type(fig).__name__}")
+
+
+def _write_plotly_js(folder: Path) -> Path:
+    """`folder/plotly.min.js`: the installed plotly's bundle, written when missing or different."""
+    from plotly.offline import get_plotlyjs
+
+    js = get_plotlyjs().encode()
+    path = folder / PLOTLY_JS
+    if not path.exists() or path.stat().st_size != len(js) or path.read_bytes() != js:
+        atomic_write_bytes(path, js)
+    return path
+
+
+# --- static images of plotly figures (for notebooks read where no JavaScript runs) ------------------
+MPL_SYMBOLS = {"circle": "o", "square": "s", "diamond": "D", "triangle-up": "^", "x": "x", "cross": "P"}
+DASHES = {"dot": ":", "dash": "--", "dashdot": "-.", "longdash": "--", "solid": "-", None: "-"}
+
+
+def _color(c: Any, default: str = "#444") -> Any:
+    """A plotly colour ('#rrggbb', a name, 'rgb(r,g,b)', 'rgba(r,g,b,a)') as matplotlib takes it."""
+    if c is None:
+        return default
+    m = re.fullmatch(r"rgba?\(([^)]*)\)", str(c).replace(" ", ""))
+    if not m:
+        return c
+    v = [float(x) for x in m.group(1).split(",")]
+    return (v[0] / 255, v[1] / 255, v[2] / 255, v[3] if len(v) > 3 else 1.0)
+
+
+def _values(v: Any) -> list[Any]:
+    return [] if v is None else list(np.asarray(v, dtype=object).tolist()) if not isinstance(v, list) else v
+
+
+def _err(e: dict[str, Any] | None, n: int) -> np.ndarray | None:
+    """plotly's error_x / error_y (type "data") as matplotlib's [2, n] (minus, plus) or None."""
+    if not e or e.get("visible") is False or e.get("array") is None:
+        return None
+    plus = np.array([_num(v) for v in _values(e["array"])], float)
+    minus = plus if e.get("symmetric", True) is not False and e.get("arrayminus") is None else None
+    minus = np.array([_num(v) for v in _values(e.get("arrayminus"))], float) if minus is None else minus
+    return np.nan_to_num(np.vstack([minus, plus])[:, :n])
+
+
+class _Axis:
+    """Positions of one plotly axis: numbers as they are, categories (strings) at 0, 1, 2, ..."""
+
+    def __init__(self) -> None:
+        self.categories: list[str] = []
+
+    def __call__(self, values: list[Any]) -> np.ndarray:
+        if any(isinstance(v, str) for v in values):
+            for v in values:
+                if str(v) not in self.categories:
+                    self.categories.append(str(v))
+            return np.array([self.categories.index(str(v)) for v in values], float)
+        return np.array([_num(v) for v in values], float)
+
+
+def static_figure(fig: Any) -> Any:
+    """A matplotlib Figure drawn from a plotly figure's traces and layout: scatter (lines, markers,
+    error bars, open/closed symbols), bar and heatmap (with cell text) traces on their subplots, the
+    hline/vline/hrect shapes, annotations, titles and axis titles: what `plots.py` makes. Another trace
+    type is a ValueError naming it (a static copy that silently dropped a trace would mislead)."""
+    from matplotlib import transforms
+    from matplotlib.colors import LinearSegmentedColormap
+    from matplotlib.figure import Figure
+
+    # the objects' own JSON (numpy arrays kept; to_dict base64-encodes them in plotly >= 6)
+    data, layout = [t.to_plotly_json() for t in fig.data], fig.layout.to_plotly_json()
+    unknown = sorted({t.get("type", "scatter") for t in data} - {"scatter", "bar", "heatmap"})
+    if unknown:
+        raise ValueError(f"static_figure draws scatter, bar and heatmap traces; this figure has {unknown}")
+    out = Figure(figsize=(layout.get("width", 900) / 100, layout.get("height", 450) / 100))
+    box = (0.08, 0.14, 0.70, 0.72)  # left, bottom, width, height of the plotting area (legend at the right)
+    names = sorted({(t.get("xaxis", "x"), t.get("yaxis", "y")) for t in data} | {("x", "y")},
+                   key=lambda p: (len(p[0]), p[0]))  # fmt: skip
+    names = [
+        p
+        for p in names
+        if p != ("x", "y") or any(t.get("xaxis", "x") == "x" for t in data) or len(names) == 1
+    ]
+    axes, scales = {}, {}
+    for xa, ya in names:
+        xl, yl = layout.get("xaxis" + xa[1:], {}), layout.get("yaxis" + ya[1:], {})
+        (x0, x1), (y0, y1) = xl.get("domain", (0, 1)), yl.get("domain", (0, 1))
+        ax = out.add_axes(
+            (box[0] + x0 * box[2], box[1] + y0 * box[3], (x1 - x0) * box[2] * 0.94, (y1 - y0) * box[3])
+        )
+        ax.set_xlabel((xl.get("title") or {}).get("text") or "", fontsize=9)
+        ax.set_ylabel((yl.get("title") or {}).get("text") or "", fontsize=9)
+        ax.tick_params(labelsize=8)
+        axes[xa], axes[ya] = ax, ax
+        scales[ax] = (_Axis(), _Axis(), xl, yl)
+    legend: list[tuple[Any, str]] = []
+    for i, t in enumerate(data):
+        ax = axes[t.get("xaxis", "x")]
+        sx, sy = scales[ax][:2]
+        color = _color((t.get("line") or {}).get("color") or (t.get("marker") or {}).get("color")
+                       if not isinstance((t.get("marker") or {}).get("color"), list) else None, PALETTE[i % 8])  # fmt: skip
+        kind = t.get("type", "scatter")
+        if kind == "heatmap":
+            z = np.array([[_num(v) for v in row] for row in t["z"]], float)
+            scale = t.get("colorscale") or [[0, "#440154"], [1, "#fde725"]]
+            if isinstance(scale, str):
+                import plotly.colors
+
+                scale = plotly.colors.get_colorscale(scale)
+            cmap = LinearSegmentedColormap.from_list("plotly", [(float(p), _color(c)) for p, c in scale])
+            im = ax.imshow(
+                z, cmap=cmap, vmin=t.get("zmin"), vmax=t.get("zmax"), aspect="auto", origin="lower"
+            )
+            xs, ys = _values(t.get("x")), _values(t.get("y"))
+            if xs:
+                ax.set_xticks(range(len(xs)), [str(v) for v in xs], rotation=30, ha="right")
+            if ys:
+                ax.set_yticks(range(len(ys)), [str(v) for v in ys])
+            if t.get("text") is not None and t.get("texttemplate"):
+                for r, row in enumerate(t["text"]):
+                    for c, txt in enumerate(row):
+                        ax.text(c, r, str(txt), ha="center", va="center", fontsize=7)
+            if t.get("showscale", True) is not False:
+                out.colorbar(im, ax=ax, fraction=0.05)
+            continue
+        if kind == "bar":
+            x, y = sx(_values(t.get("x"))), sy(_values(t.get("y")))
+            bars = ax.bar(x, y, width=t.get("width") or 0.8, color=color, alpha=t.get("opacity", 1.0))
+            legend.append((bars, t.get("name") or ""))
+            continue
+        x, y = sx(_values(t.get("x"))), sy(_values(t.get("y")))
+        mode = t.get("mode") or ("lines+markers" if len(x) < 20 else "lines")
+        xerr, yerr = _err(t.get("error_x"), len(x)), _err(t.get("error_y"), len(y))
+        line = ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor=color, capsize=3, lw=1)
+        if "lines" in mode:
+            line = ax.plot(x, y, color=color, ls=DASHES.get((t.get("line") or {}).get("dash"), "-"))[0]
+        if "markers" in mode:
+            symbols = (t.get("marker") or {}).get("symbol") or "circle"
+            symbols = symbols if isinstance(symbols, list) else [symbols] * len(x)
+            for sym in dict.fromkeys(symbols):
+                k = np.array([s == sym for s in symbols])
+                base = str(sym).replace("-open", "")
+                line = ax.scatter(x[k], y[k], marker=MPL_SYMBOLS.get(base, "o"), s=30, edgecolors=color,
+                                  facecolors="none" if str(sym).endswith("-open") else color)  # fmt: skip
+        if t.get("showlegend", True) is not False and t.get("name"):
+            legend.append((line, t["name"]))
+    for ax, (sx, sy, xl, yl) in scales.items():
+        for s, setter in ((sx, ax.set_xticks), (sy, ax.set_yticks)):
+            if s.categories:
+                setter(range(len(s.categories)), [c[:60] for c in s.categories], fontsize=7)
+        if yl.get("range"):
+            ax.set_ylim(*yl["range"])
+        if yl.get("autorange") == "reversed":
+            ax.invert_yaxis()
+        for al, hide in ((xl, ax.set_xticks), (yl, ax.set_yticks)):
+            if al.get("showticklabels") is False:
+                hide([])
+
+    def ref_axes(ref: str) -> Any:
+        return axes.get(str(ref).split()[0], axes.get("x"))
+
+    for sh in layout.get("shapes", []):
+        ax = ref_axes(
+            sh.get("xref", "x") if str(sh.get("xref", "x")).startswith("x") else sh.get("yref", "y")
+        )
+        style = {"color": _color((sh.get("line") or {}).get("color"), "grey"), "lw": 1,
+                 "ls": DASHES.get((sh.get("line") or {}).get("dash"), "-")}  # fmt: skip
+        x_dom, y_dom = "domain" in str(sh.get("xref")), "domain" in str(sh.get("yref"))
+        if sh.get("type") == "rect" and x_dom:
+            ax.axhspan(sh["y0"], sh["y1"], sh["x0"], sh["x1"], color=_color(sh.get("fillcolor"), "grey"),
+                       alpha=sh.get("opacity", 0.2), lw=0)  # fmt: skip
+        elif sh.get("type") == "line" and x_dom and sh["y0"] == sh["y1"]:
+            ax.axhline(sh["y0"], sh["x0"], sh["x1"], **style)
+        elif sh.get("type") == "line" and y_dom and sh["x0"] == sh["x1"]:
+            ax.axvline(sh["x0"], sh["y0"], sh["y1"], **style)
+        else:
+            ax.plot([sh["x0"], sh["x1"]], [sh["y0"], sh["y1"]], **style)
+    for a in layout.get("annotations", []):
+        if a.get("xref") == "paper" and a.get("yref") == "paper":
+            out.text(box[0] + a["x"] * box[2], box[1] + a["y"] * box[3] + 0.01, a.get("text", ""), ha="center",
+                     va="bottom", fontsize=9)  # fmt: skip
+            continue
+        ax = ref_axes(a.get("xref", "x"))
+        tx = ax.transAxes if "domain" in str(a.get("xref")) else ax.transData
+        ty = ax.transAxes if "domain" in str(a.get("yref")) else ax.transData
+        ax.text(a["x"], a["y"], a.get("text", ""), transform=transforms.blended_transform_factory(tx, ty),
+                ha=a.get("xanchor", "center").replace("auto", "center"), va="bottom", fontsize=8)  # fmt: skip
+    title = (layout.get("title") or {}).get("text")
+    if title:
+        out.suptitle(title, fontsize=10)
+    if legend:
+        out.legend(
+            [h for h, _ in legend], [n for _, n in legend], loc="center right", fontsize=7, frameon=False
+        )
+    return out
+
+
+def png_bytes(fig: Any, dpi: int = 100) -> bytes:
+    """A matplotlib figure (or a plotly one, through `static_figure`) as PNG bytes."""
+    buf = io.BytesIO()
+    (fig if hasattr(fig, "savefig") else static_figure(fig)).savefig(
+        buf, format="png", dpi=dpi, bbox_inches="tight"
+    )
+    return buf.getvalue()
+
+
+def show(fig: Any) -> None:
+    """Show a figure in a notebook so that it reads anywhere: a plotly figure interactive and, under
+    it, as a static PNG (`static_figure`; GitHub and other viewers without plotly's JavaScript show
+    only that); a matplotlib figure as its PNG. Use it instead of `fig.show()`."""
+    from IPython.display import Image, display
+
+    if hasattr(fig, "savefig"):
+        display(Image(data=png_bytes(fig, dpi=150)))
+    elif hasattr(fig, "to_dict"):
+        display(fig)
+        display(Image(data=png_bytes(fig)))
+    else:
+        raise TypeError(f"plots.show takes a plotly or matplotlib figure, got {type(fig).__name__}")
 
 
 def _is_mpl(backend: str) -> bool:
