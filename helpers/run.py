@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from helpers.env import NotebookError
 from helpers.release import __version__
 
 RUN_JSON = "run.json"
@@ -282,33 +283,233 @@ def read_run_json(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def update_run_json(run_dir: str | os.PathLike, **fields: Any) -> dict[str, Any]:
-    """Merge `fields` into `run.json` (top-level keys; dict values merged one level deep) atomically."""
+    """Merge `fields` into `run.json` (top-level keys; dict values merged one level deep) atomically.
+
+    Provenance is never overwritten: `created_with` keeps the release that started the run, `history`
+    only grows, and a write by another release than the last one is recorded there (`package_version` is
+    the release of the latest write)."""
 
     run = read_run_json(run_dir)
     for key, value in fields.items():
+        if key in (HISTORY, "created_with"):
+            raise ValueError(f"run.json's {key!r} is append-only: use mark_stage / check_stage_settings")
         if isinstance(value, dict) and isinstance(run.get(key), dict):
             run[key] = {**run[key], **value}
         else:
             run[key] = value
+    now = _now()
+    before = run.get("package_version")
+    run.setdefault("created_with", before or __version__)
+    if before and before != __version__:
+        _history(run).append({"event": "release changed", "from": before, "to": __version__, "at": now})
     run["package_version"] = __version__
-    run["updated_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    run["updated_at"] = now
     atomic_write_json(Path(run_dir) / RUN_JSON, run)
     return run
+
+
+HISTORY = "history"
+"""run.json's list of what happened to the run, oldest first, never rewritten: each stage's status with the
+release and the settings hash that produced it, settings recorded or replaced, release changes."""
+SETTINGS = "settings"
+"""run.json's record of each stage's settings: {stage: {"hash", "values", "package_version", "at"}}."""
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _history(run: dict[str, Any]) -> list[dict[str, Any]]:
+    return run.setdefault(HISTORY, [])
 
 
 def mark_stage(
     run_dir: str | os.PathLike, stage: str, status: str = "done", **details: Any
 ) -> dict[str, Any]:
-    """Record a stage's status (e.g. `mark_stage(run_dir, "load_checkpoint")`) in `run.json`."""
+    """Record a stage's status (e.g. `mark_stage(run_dir, "load_checkpoint")`) in `run.json`, and append
+    it to the history with the release and the stage's settings hash (when it recorded settings)."""
     if status not in ("started", "done", "failed"):
         raise ValueError(f"stage status must be 'started', 'done' or 'failed', got {status!r}")
-    entry = {"status": status, "at": datetime.now(UTC).isoformat(timespec="seconds"), **details}
+    now = _now()
+    entry = {"status": status, "at": now, "package_version": __version__, **details}
+    run = read_run_json(run_dir)
+    settings_hash = ((run.get(SETTINGS) or {}).get(stage) or {}).get("hash")
+    event = {"stage": stage, "status": status, "package_version": __version__, "at": now}
+    _append_history(run_dir, {**event, **({"settings_hash": settings_hash} if settings_hash else {})})
     return update_run_json(run_dir, stages={stage: entry})
 
 
+def _append_history(run_dir: str | os.PathLike, event: dict[str, Any]) -> None:
+    run = read_run_json(run_dir)
+    _history(run).append(event)
+    run.setdefault("created_with", run.get("package_version") or __version__)
+    atomic_write_json(Path(run_dir) / RUN_JSON, run)
+
+
+# --- settings-aware resume --------------------------------------------------------------------------------
+def settings_hash(values: Any) -> str:
+    """A stable 16-hex-digit hash of settings (JSON with sorted keys: the same in every process)."""
+    text = json.dumps(jsonable(values), sort_keys=True, allow_nan=False, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+_ABSENT = "(absent)"
+
+
+def settings_diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every leaf that differs; `(absent)` marks a missing key."""
+    old, new = jsonable(old), jsonable(new)
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if k not in old:
+                out.append((key, _ABSENT, new[k]))
+            elif k not in new:
+                out.append((key, old[k], _ABSENT))
+            else:
+                out += settings_diff(old[k], new[k], key)
+        return out
+    return [] if old == new else [(prefix, old, new)]
+
+
+def _adds(key: str, old: Any, new: Any, addable: tuple[str, ...]) -> bool:
+    """Whether changing `key` from `old` to `new` only adds to what is there (more of the same data):
+    a new entry, a larger count, or a list that keeps every old item; and `key` is one of `addable`
+    (dotted keys; `*` matches any one part)."""
+
+    def matches(pattern: str) -> bool:
+        parts, want = key.split("."), pattern.split(".")
+        return len(parts) == len(want) and all(w in ("*", p) for w, p in zip(want, parts, strict=True))
+
+    if not any(matches(p) for p in addable) or new == _ABSENT:
+        return False
+    if old == _ABSENT:
+        return True
+    if isinstance(old, int | float) and isinstance(new, int | float) and not isinstance(old, bool):
+        return new > old
+    if isinstance(old, list) and isinstance(new, list):
+        return all(x in new for x in old)
+    return False
+
+
+def describe_diff(diff: list[tuple[str, Any, Any]], limit: int = 12) -> str:
+    """'key: old → new' lines for a settings difference (at most `limit`, then a count)."""
+    lines = [f"  {k}: {_short(a)} → {_short(b)}" for k, a, b in diff[:limit]]
+    if len(diff) > limit:
+        lines.append(f"  ... and {len(diff) - limit} more")
+    return "\n".join(lines)
+
+
+def _short(v: Any, width: int = 70) -> str:
+    text = v if v == _ABSENT else json.dumps(v, default=str)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def settings_conflict(
+    what: str,
+    diff: list[tuple[str, Any, Any]],
+    *,
+    can_add: bool,
+    overwrite_does: str,
+    add_param: str = "ADD_TO_RUN",
+    recorded: str = "",
+) -> NotebookError:
+    """The error of a rerun whose settings differ from those that made what is on disk: what differs
+    (old → new) and the choices. Nothing has been written when it is raised."""
+    choices = [
+        "a new RUN_NAME: a new run folder for the new settings (this one stays as it is)",
+        f"OVERWRITE = True: {overwrite_does}",
+    ]
+    if can_add:
+        choices.append(f"{add_param} = True: add to this run (every difference above only adds data)")
+    else:
+        choices.append("or set the parameters back to the values on the left to resume this run")
+    return NotebookError(
+        f"{what} already holds results made with other settings{recorded}; nothing was written. "
+        f"What differs (on disk → now):\n{describe_diff(diff)}\nChoose one:\n"
+        + "\n".join(f"  - {c}" for c in choices)
+    )
+
+
+def check_stage_settings(
+    run_dir: str | os.PathLike,
+    stage: str,
+    settings: dict[str, Any],
+    *,
+    overwrite: bool = False,
+    add: bool = False,
+    addable: tuple[str, ...] = (),
+    overwrite_does: str = "redo this stage with the new settings (its earlier outputs are replaced)",
+    has_outputs: bool = True,
+) -> str:
+    """Compare a stage's `settings` (what determines its outputs) with those recorded in run.json by its
+    last run, and record them. Returns what to do:
+
+    - "new": nothing recorded yet (or the stage left no outputs: `has_outputs` False): go on;
+    - "same": the same settings: go on, finished work is skipped as before;
+    - "add": differences that only add (keys under `addable`: new entries, larger counts, longer lists)
+      and `add` is True: go on, adding;
+    - "overwrite": other settings and `overwrite` True: the caller replaces the stage's outputs.
+
+    Any other difference raises a NotebookError naming each (on disk → now) and the choices, before
+    anything is written (run.json included). The check, the settings and the release go to the history.
+    E.g. notebook 05: `check_stage_settings(run_dir, "05_steer", {"sae": SAE_ID, "strengths": STRENGTHS,
+    ...}, overwrite=OVERWRITE)` before its first write."""
+    run = read_run_json(run_dir)
+    before = (run.get(SETTINGS) or {}).get(stage)
+    new_hash = settings_hash(settings)
+    if before and before.get("hash") == new_hash:
+        return "same"
+    decision = "new"
+    if before and has_outputs:
+        diff = settings_diff(before.get("values"), settings)
+        adds_only = bool(diff) and all(_adds(k, a, b, addable) for k, a, b in diff)
+        if adds_only and add:
+            decision = "add"
+        elif overwrite:
+            decision = "overwrite"
+        else:
+            raise settings_conflict(
+                f"stage {stage} of {Path(run_dir)}",
+                diff,
+                can_add=adds_only,
+                overwrite_does=overwrite_does,
+                recorded=f" (recorded {before.get('at')} by release {before.get('package_version')})",
+            )
+    record = {"hash": new_hash, "values": jsonable(settings), "package_version": __version__, "at": _now()}
+    _append_history(
+        run_dir,
+        {"stage": stage, "settings": decision, "settings_hash": new_hash, "previous_hash": (before or {}).get("hash"),
+         "package_version": __version__, "at": record["at"]},
+    )  # fmt: skip
+    update_run_json(run_dir, **{SETTINGS: {stage: record}})
+    return decision
+
+
+def release_flag(version: str | None) -> str:
+    """'' for a result made by this release; otherwise a short flag for a table column, e.g. 'older
+    release 0.1.0' (or 'release not recorded' for results from before releases were recorded)."""
+    if version == __version__:
+        return ""
+    return (
+        "release not recorded"
+        if not version
+        else f"{'older' if _older(version) else 'other'} release {version}"
+    )
+
+
+def _older(version: str) -> bool:
+    def key(v: str) -> tuple:
+        return tuple(int(p) if p.isdigit() else 0 for p in v.split("+")[0].split("."))
+
+    return key(version) < key(__version__)
+
+
 def run_summary(run_dir: str | os.PathLike) -> str:
-    """A few readable lines about the run (what a notebook ends on, instead of the whole run.json):
-    the folder, the model, the layers, and each stage's status with the scalar details it recorded."""
+    """A few readable lines about the run (what a notebook ends on, instead of the whole run.json): the
+    folder, the model, the layers, the release that started it, and each stage's status with what it
+    recorded, in words (a dict of counts as its values, a list as its items)."""
     run = read_run_json(run_dir)
     model = run.get("model") or {}
     lines = [f"run folder: {Path(run_dir)}"]
@@ -316,16 +517,42 @@ def run_summary(run_dir: str | os.PathLike) -> str:
         lines.append(f"model: {model.get('spec')} ({model.get('dtype')}, {model.get('n_layers')} layers)")
     if run.get("layers"):
         lines.append(f"layers: {run['layers']}")
+    if run.get("created_with"):
+        changed = [e for e in run.get(HISTORY, []) if e.get("event") == "release changed"]
+        lines.append(
+            f"started with release {run['created_with']}"
+            + (f", since written by {', '.join(e['to'] for e in changed)}" if changed else "")
+        )
     for stage, entry in (run.get("stages") or {}).items():
         details = [
-            f"{k}={v}" for k, v in entry.items()
-            if k not in ("status", "at") and isinstance(v, int | float | str) and len(str(v)) <= 60
-        ]  # fmt: skip
-        counts = [f"{k}: {len(v)}" for k, v in entry.items() if isinstance(v, list | dict)]
-        lines.append(
-            f"  {stage}: {entry.get('status')} {entry.get('at', '')}  " + ", ".join(details + counts)
-        )
+            f"{k}: {_in_words(v)}"
+            for k, v in entry.items()
+            if k not in ("status", "at", "package_version") and _in_words(v) is not None
+        ]
+        flag = release_flag(entry.get("package_version")) if "package_version" in entry else ""
+        head = f"  {stage}: {entry.get('status')} {entry.get('at', '')}" + (f" ({flag})" if flag else "")
+        lines.append(head + ("; " + "; ".join(details) if details else ""))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _in_words(v: Any, width: int = 80) -> str | None:
+    """A recorded value as a reader wants it: `honest 12, deceptive 10` for a dict of scalars, the items
+    of a short list, `5 (a, b, ...)` for a long one; None for what does not fit on a line."""
+    if isinstance(v, dict):
+        if not v or not all(isinstance(x, int | float | str | None) for x in v.values()):
+            return f"{len(v)} entries" if v else "none"
+        text = ", ".join(f"{k} {x}" for k, x in v.items())
+    elif isinstance(v, list | tuple):
+        if not v:
+            return "none"
+        text = ", ".join(map(str, v))
+        if len(text) > width:
+            return f"{len(v)} ({text[: width - 10]}...)"
+    elif isinstance(v, int | float | str):
+        text = str(v)
+    else:
+        return None
+    return text if len(text) <= width else None
 
 
 def stage_done(run_dir: str | os.PathLike, stage: str) -> bool:

@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 from helpers.collect.completions import read_completions
 from helpers.collect.prompts import Prompt, contrast_user_text, data_dir, dedupe
+from helpers.env import NotebookError
 from helpers.model.chat import encode_conversation
 from helpers.run import atomic_write_json, datasets_path, read_jsonl, read_run_json
 
@@ -584,12 +585,12 @@ def write_datasets(
     if used and not add:
         clash = [d.name for d in new if d.name not in old or (old[d.name].get("spec") not in ("", d.spec))]
         if clash:
-            raise ValueError(
+            raise NotebookError(
                 f"{Path(run_dir)} already holds completions of {sorted(used)}, and this run adds {clash}, which "
                 f"its datasets.json does not declare (declared: {sorted(old)}). Completions of different "
                 "experiments must not mix silently. Use a new RUN_NAME, or, to add them to this run on "
-                "purpose, call collect.write_datasets(run_dir, datasets, add=True) before sampling. "
-                "Nothing was changed."
+                "purpose, set ADD_TO_RUN = True in notebook 02 (collect.write_datasets(run_dir, datasets, "
+                "add=True)), or OVERWRITE = True to replace them. Nothing was changed."
             )
     entries = {**old, **{d.name: d.entry() for d in new}}
     for e in entries.values():

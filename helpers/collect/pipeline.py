@@ -15,6 +15,7 @@ where it stopped and spends nothing twice.
 from __future__ import annotations
 
 import os
+import shutil
 import textwrap
 from typing import Any
 
@@ -50,6 +51,13 @@ from helpers.collect.prompts import (
 from helpers.collect.sampling import Completion, sample_completions
 from helpers.env import get_secret
 from helpers.gemini import GeminiClient
+from helpers.run import (
+    activations_dir,
+    check_stage_settings,
+    completions_path,
+    datasets_path,
+    pooled_dir,
+)
 from helpers.tables import format_table
 
 BUILTIN = {
@@ -194,6 +202,78 @@ def add_transcripts(
             f"{d.name}: {len(new)} transcripts added ({len(d.transcripts) - len(new)} already there or too long)"
         )
     return read_completions(run_dir)
+
+
+COLLECT_STAGE = "02_collect_activations"
+"""Notebook 02's stage in run.json (its settings: `collection_settings`)."""
+ADDABLE = ("datasets.*", "datasets.*.n_items", "sampling.n_per_prompt", "layers")
+"""Changes of notebook 02's settings that only add to a run (ADD_TO_RUN): another dataset, more prompts
+of a dataset (a larger N_PROMPTS keeps the earlier ones), more samples per prompt, more layers."""
+
+
+def collection_settings(
+    model_spec: str,
+    datasets: list[RunDataset],
+    layers: list[int],
+    *,
+    n_per_prompt: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int,
+    include_prompt: bool,
+) -> dict[str, Any]:
+    """What determines notebook 02's completions and activations (compared on a rerun)."""
+    return {
+        "model": model_spec,
+        "datasets": {
+            d.name: {
+                "spec": d.spec,
+                "role": d.role,
+                "kind": d.kind,
+                "label_by": d.label_by,
+                "n_items": len(d.prompts if d.kind == "prompts" else d.transcripts),
+            }
+            for d in datasets
+        },  # fmt: skip
+        "sampling": {
+            "n_per_prompt": n_per_prompt,
+            "temperature": temperature,
+            "top_p": top_p,
+            "max_new_tokens": max_new_tokens,
+            "seed": seed,
+        },  # fmt: skip
+        "layers": sorted(layers),
+        "include_prompt": include_prompt,
+    }
+
+
+def check_collection(
+    run_dir: str | os.PathLike, settings: dict[str, Any], *, overwrite: bool = False, add: bool = False
+) -> str:
+    """Notebook 02's settings against those that made the run folder's completions (run.json): the same
+    resume; other settings stop before anything is written, naming each difference and the choices (a
+    new RUN_NAME, OVERWRITE, or ADD_TO_RUN when the change only adds: another dataset, more prompts,
+    samples or layers). With `overwrite`, the completions, datasets.json, activations and pooled vectors
+    made with the old settings are deleted here (the corpus and the judge's cache are kept). Returns
+    check_stage_settings's decision."""
+    has_outputs = completions_path(run_dir).exists() or datasets_path(run_dir).exists()
+    decision = check_stage_settings(
+        run_dir, COLLECT_STAGE, settings, overwrite=overwrite, add=add, addable=ADDABLE, has_outputs=has_outputs,
+        overwrite_does="delete this run's completions, datasets.json, activations and pooled vectors and "
+        "collect them again with the new settings (the corpus and the judge's cache are kept)",
+    )  # fmt: skip
+    if decision == "overwrite":
+        for path in (completions_path(run_dir), datasets_path(run_dir)):
+            path.unlink(missing_ok=True)
+        for folder in [pooled_dir(run_dir), activations_dir(run_dir, 0).parent]:
+            shutil.rmtree(folder, ignore_errors=True)
+        print(
+            "OVERWRITE: removed the completions, datasets.json, activations and pooled vectors of the old settings"
+        )
+    elif decision == "add":
+        print("ADD_TO_RUN: adding to this run's completions (what is there is kept and skipped)")
+    return decision
 
 
 def completion_record(c: Completion, p: Prompt) -> dict[str, Any]:

@@ -8,7 +8,11 @@ counts, so each token is seen as often). Each SAE trains on the same token budge
 training side of a split grouped by scenario or fact (`completions.split_completions`), the corpus on its
 training sequences (`corpus.split_corpus`). A condition with too few completions or tokens is skipped
 with a message naming the counts; an SAE whose `metrics.json` exists is done and skipped, so a rerun
-after a disconnect continues where it stopped.
+after a disconnect continues where it stopped, but only when it was made with the same settings: each
+SAE records what determines it (`sae_settings`: the training config, the model, layer, condition and a
+fingerprint of its training data) with their hash and the release in `metrics.json`, and a rerun whose
+settings differ for any finished or checkpointed SAE stops before training anything, naming each
+difference (old → new) and the choices (a new RUN_NAME, OVERWRITE to retrain those SAEs).
 
 Every SAE is evaluated on the held-out behaviour completions when the run has them (`activations` in
 metrics.json: the same tokens for every condition, so a corpus dictionary and a behaviour-only one
@@ -20,12 +24,16 @@ architecture part carries the L0, `{model}_{arch}-l0-{L0}_L{layer}_{condition}`.
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import shutil
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from helpers.collect.completions import (
     ANALYSIS_FRACTION,
@@ -38,14 +46,21 @@ from helpers.collect.corpus import corpus_ids
 from helpers.collect.store import LayerStore
 from helpers.env import NotebookError
 from helpers.model import hooks
+from helpers.release import __version__
 from helpers.run import (
     SAE_METRICS,
     atomic_write_json,
+    describe_diff,
     id_part,
+    jsonable,
     layer_of_dir,
     model_short,
     read_run_json,
+    release_flag,
     sae_dir,
+    saes_dir,
+    settings_diff,
+    settings_hash,
 )
 from helpers.saes.evals import evaluate_folder
 from helpers.saes.io import find_sae_folders, load_sae, save_sae
@@ -94,12 +109,15 @@ def train_grid(
     corpus_stream: Callable[[int], Any] | None = None,
     behaviour_share: float | None = None,
     stream_eval_tokens: int = 32_768,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Train every layer × condition × architecture (× L0 in `l0s`) SAE of the run that is not complete
     yet. Returns one row per SAE: status "trained", "done earlier", "skipped" (with the reason) or, with
     `plan_only`, "to train". Every SAE trains on `cfg.train_tokens` tokens, so conditions compare at equal
     budgets. `corpus_stream(layer)` makes a `collect.corpus.CorpusStream` for layers with no stored corpus;
-    `behaviour_share` fixes the behaviour fraction of `corpus+behaviour` batches."""
+    `behaviour_share` fixes the behaviour fraction of `corpus+behaviour` batches. An SAE finished (or
+    checkpointed) with other settings stops the grid before it trains anything (module doc), unless
+    `overwrite`, which deletes it to train it again."""
     run_dir = Path(run_dir)
     if unknown := [c for c in conditions if c not in CONDITIONS]:
         raise ValueError(f"unknown condition(s) {unknown}: choose from {list(CONDITIONS)}")
@@ -116,7 +134,7 @@ def train_grid(
     reserved = set(analysis_split(rows, ANALYSIS_FRACTION, cfg.seed)[1])  # notebook 04's rows: never
     train_ids = [i for i in train_ids if i not in reserved]  # trained on by any SAE (DESIGN.md §9)
     sweep = list(l0s) if l0s else [cfg.l0]
-    status = []
+    plan = []
     by_layer: dict[int, _Sources] = {}
     for layer, condition in itertools.product(layers, conditions):
         if layer not in by_layer:
@@ -131,23 +149,125 @@ def train_grid(
         for arch, l0 in itertools.product(architectures, sweep):
             row = {"sae_id": sae_id_of(spec, arch, layer, condition, l0 if l0s else None), "layer": layer,
                    "condition": condition, "architecture": arch, "l0_target": l0, "completions": n_items}  # fmt: skip
-            out = sae_dir(run_dir, row["sae_id"])
-            if reason or plan_only or (out / SAE_METRICS).exists():
-                done = "done earlier" if (out / SAE_METRICS).exists() else "to train"
-                status.append({**row, "status": "skipped" if reason else done, "reason": reason})
-                continue
-            meta = {**row, "model_spec": spec, "n_eval_completions": len(eval_ids),
-                    "analysis_split": {"fraction": ANALYSIS_FRACTION, "seed": cfg.seed},
-                    "dataset_path": sources.dataset_path(condition)}  # fmt: skip
-            m = train_sae(data, None, replace(cfg, architecture=arch, l0=l0), out, hook_name=hooks.hook_name(layer),
-                          model_name=spec, metadata=meta, device=device, **sources.evaluation(eval_ids, stream_eval_tokens))  # fmt: skip
-            if sources.corpus_store is not None:  # the same SAE on held-out corpus text
-                held = evaluate_folder(out, sources.corpus_store, sources.corpus_held, device=device)
-                m["corpus_activations"] = held["activations"]
-                atomic_write_json(out / SAE_METRICS, m)
-            summary = {k: m["activations"][k] for k in ("explained_variance", "l0", "dead_fraction")}
-            status.append({**row, "status": "trained", **summary})
+            run_cfg = replace(cfg, architecture=arch, l0=l0)
+            settings = None if reason else sae_settings(run_cfg, spec, layer, condition, data)
+            plan.append((row, sources, data, reason, run_cfg, settings))
+    _check_finished(
+        run_dir, [(r["sae_id"], c, st) for r, _, _, reason, c, st in plan if not reason], overwrite
+    )
+    status = []
+    for row, sources, data, reason, run_cfg, settings in plan:
+        out, layer, condition = sae_dir(run_dir, row["sae_id"]), row["layer"], row["condition"]
+        if reason or plan_only or (out / SAE_METRICS).exists():
+            done = "done earlier" if (out / SAE_METRICS).exists() else "to train"
+            status.append({**row, "status": "skipped" if reason else done, "reason": reason})
+            continue
+        meta = {**row, "model_spec": spec, "n_eval_completions": len(eval_ids),
+                "analysis_split": {"fraction": ANALYSIS_FRACTION, "seed": cfg.seed},
+                "dataset_path": sources.dataset_path(condition), "settings": settings,
+                "settings_hash": settings_hash(settings), "package_version": __version__}  # fmt: skip
+        m = train_sae(data, None, run_cfg, out, hook_name=hooks.hook_name(layer), model_name=spec, metadata=meta,
+                      device=device, **sources.evaluation(eval_ids, stream_eval_tokens))  # fmt: skip
+        if sources.corpus_store is not None:  # the same SAE on held-out corpus text
+            held = evaluate_folder(out, sources.corpus_store, sources.corpus_held, device=device)
+            m["corpus_activations"] = held["activations"]
+            atomic_write_json(out / SAE_METRICS, m)
+        summary = {k: m["activations"][k] for k in ("explained_variance", "l0", "dead_fraction")}
+        status.append({**row, "status": "trained", **summary})
     return status
+
+
+RESUME_ONLY = ("checkpoint_every", "log_every")
+"""TrainConfig fields that change how a run is checkpointed or logged, not the SAE it makes."""
+
+
+def sae_settings(cfg: TrainConfig, spec: str, layer: int, condition: str, data: Any) -> dict[str, Any]:
+    """What determines one SAE (compared on a rerun): its training config, the model, layer and condition,
+    and its training data (which store and a hash of the completion / sequence ids it draws from)."""
+    training = {k: v for k, v in asdict(cfg).items() if k not in RESUME_ONLY}
+    return jsonable({"training": training, "model": spec, "layer": layer, "condition": condition,
+                     "data": _data_settings(data)})  # fmt: skip
+
+
+def _data_settings(data: Any) -> Any:
+    if isinstance(data, StoreData):
+        ids = sorted(data.ids)
+        return {"store": f"{data.store.dir.parent.name}/{data.store.dir.name}", "items": len(ids),
+                "ids_hash": settings_hash(ids)}  # fmt: skip
+    if isinstance(data, StreamData):
+        stream = data.stream
+        return {"stream": getattr(stream, "corpus", type(stream).__name__),
+                "seq_len": getattr(getattr(stream, "packing", None), "seq_len", None)}  # fmt: skip
+    if isinstance(data, MixedData):
+        return [{"share": round(float(w), 6), **_data_settings(d)} for d, w in data.parts]
+    raise TypeError(f"no settings for training data of type {type(data).__name__}")
+
+
+def _recorded_settings(folder: Path) -> tuple[dict[str, Any] | None, str]:
+    """(settings, where) of what is on disk in an SAE folder: metrics.json's `settings` (or, for an SAE from
+    before they were recorded, its training config), else a checkpoint's config; (None, "") when empty."""
+    if (folder / SAE_METRICS).exists():
+        m = json.loads((folder / SAE_METRICS).read_text())
+        if m.get("settings") is not None:
+            return m["settings"], f"finished, release {m.get('package_version')}"
+        config = (m.get("training") or {}).get("config") or {}
+        return {
+            "training": {k: v for k, v in config.items() if k not in RESUME_ONLY}
+        }, "finished, release not recorded"
+    if (folder / "checkpoint.pt").exists():
+        config = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)["config"]
+        return {"training": {k: v for k, v in config.items() if k not in RESUME_ONLY}}, "checkpoint"
+    return None, ""
+
+
+def _check_finished(
+    run_dir: Path, planned: list[tuple[str, TrainConfig, dict[str, Any]]], overwrite: bool
+) -> None:
+    """Stop before training anything when a finished or checkpointed SAE of the plan was made with other
+    settings (naming each difference), or with `overwrite` delete those SAE folders to train them again.
+    An SAE recorded before settings were, is compared on what it recorded (its training config)."""
+    conflicts = []
+    for sae_id, cfg, settings in planned:
+        folder = sae_dir(run_dir, sae_id)
+        old, where = _recorded_settings(folder)
+        if old is None:
+            continue
+        new = settings if "model" in old else {"training": settings["training"]}
+        if where == "checkpoint":  # train.py resumes a checkpoint only with its exact config
+            new = {"training": {k: v for k, v in jsonable(asdict(cfg)).items() if k not in RESUME_ONLY}}
+        if "model" not in old:  # fields added to TrainConfig since: compare what both know
+            new = {"training": {k: v for k, v in new["training"].items() if k in old["training"]}}
+        if diff := settings_diff(old, new):
+            conflicts.append((sae_id, where, diff))
+    if not conflicts:
+        return
+    if overwrite:
+        for sae_id, where, _ in conflicts:
+            shutil.rmtree(sae_dir(run_dir, sae_id))
+            print(f"OVERWRITE: removed {sae_id} ({where}, other settings); it is trained again")
+        return
+    text = "\n".join(f"{sae_id} ({where}):\n{describe_diff(diff)}" for sae_id, where, diff in conflicts)
+    raise NotebookError(
+        f"{len(conflicts)} SAE(s) in {saes_dir(run_dir)} were made with other settings than this run's; "
+        f"nothing was trained. What differs (on disk → now):\n{text}\nChoose one:\n"
+        "  - a new RUN_NAME: train the new settings in a new run folder (this one stays as it is)\n"
+        "  - OVERWRITE = True: delete these SAEs (and their checkpoints) and train them again with the new settings\n"
+        "  - or set the parameters back to the values on the left to resume this run"
+    )
+
+
+def sae_release_flag(run_dir: str | os.PathLike, sae_id: str) -> str:
+    """'' for an SAE made by this release, else a flag for the tables that show it ('older release 0.1.0',
+    'release not recorded'): the leaderboard's `release` column, and the explorer's."""
+    path = sae_dir(run_dir, sae_id) / SAE_METRICS
+    version = json.loads(path.read_text()).get("package_version") if path.exists() else None
+    return release_flag(version)
+
+
+def with_release_flags(run_dir: str | os.PathLike, board: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Leaderboard rows with a `release` column (`sae_release_flag`), so results of an older release are
+    seen as such beside new ones."""
+    return [{**r, "release": sae_release_flag(run_dir, r["sae_id"])} for r in board]
 
 
 def collected_layers(run_dir: str | os.PathLike) -> list[int]:

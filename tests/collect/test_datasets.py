@@ -21,6 +21,7 @@ from helpers.collect.pipeline import (
     sample_into_run,
 )
 from helpers.collect.sampling import Completion
+from helpers.env import NotebookError
 from helpers.gemini import client_for
 from helpers.model.chat import encode_chat
 from helpers.run import datasets_path, update_run_json
@@ -240,7 +241,7 @@ def test_a_run_refuses_an_undeclared_dataset_and_keeps_its_completions(tmp_path,
     before = read_completions(tmp_path)
     assert len(before) == 2 and {(r["dataset"], r["policy"]) for r in before} == {("contrast", "on-policy")}
     benign = load_datasets([{"data": "builtin:benign", "limit": 2}])
-    with pytest.raises(ValueError, match=r"adds \['benign'\].*new RUN_NAME"):
+    with pytest.raises(NotebookError, match=r"adds \['benign'\].*new RUN_NAME"):
         ds.write_datasets(tmp_path, contrast + benign)
     with pytest.raises(ValueError, match=r"\['benign'\] are not declared"):
         sample_into_run(lm, benign[0].prompts, tmp_path, n_per_prompt=1, max_new_tokens=3)
