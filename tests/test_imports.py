@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "helpers"
-STAGES = ("core", "model", "collect", "saes", "analysis", "steer", "explore")
+STAGES = ("core", "model", "collect", "saes", "analysis", "steer", "explore", "sweep")
 CORE_ORDER = ("release", "env", "run", "stats", "tables", "gemini", "plots", "publish")
 """Within the core, a module may import only those before it."""
 
