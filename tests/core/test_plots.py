@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
+import nbformat
 import numpy as np
 import pytest
+from matplotlib.collections import LineCollection, PathCollection
 
 from helpers import plots
 from helpers.steer.experiments import read_steering
@@ -114,6 +117,7 @@ def test_steering_dose_response(run):
 def test_save_figure_and_save_all(run):
     html_path = plots.save_figure(plots.probe_figure(run), run, "probes_test")
     assert html_path == run / "figures" / "probes_test.html" and "plotly" in html_path.read_text()
+    assert '<script charset="utf-8" src="plotly.min.js"></script>' in html_path.read_text()
     png = plots.save_figure(plots.probe_figure(run, backend="matplotlib"), run, "probes_test")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = plots.save_all(run)
@@ -174,3 +178,136 @@ def test_token_heatmap_and_html():
     assert "&lt;b&gt;" in page and "rgba(220,40,40,1.00)" in page and "rgba(220,40,40,0.00)" in page
     with pytest.raises(ValueError, match="one per token"):
         plots.token_heatmap(["a"], [1.0, 2.0])
+
+
+def test_saved_figures_open_offline_with_plotly_js_beside_them(run):
+    from plotly.offline import get_plotlyjs
+
+    first = plots.save_figure(plots.steering_figure(run), run, "offline_a")
+    js = run / "figures" / "plotly.min.js"
+    assert js.read_bytes() == get_plotlyjs().encode()
+    written = js.stat().st_mtime_ns
+    second = plots.save_figure(plots.probe_figure(run), run, "offline_b")
+    assert js.stat().st_mtime_ns == written, "the bundle is written once per run folder, not per figure"
+    for path in (first, second):
+        page = path.read_text()
+        assert path.stat().st_size < 100_000, "the library is not inlined in every figure"
+        assert not re.findall(r"(?:src|href)=[\"']?(?:https?:)?//", page), "no network reference"
+        assert re.findall(r"<script[^>]*src=\"([^\"]+)\"", page) == ["plotly.min.js"]
+    js.write_bytes(b"// an older plotly")
+    plots.save_figure(plots.probe_figure(run), run, "offline_b")
+    assert js.read_bytes() == get_plotlyjs().encode(), "a different bundle is replaced by the installed one"
+
+
+def test_saved_figure_draws_in_a_headless_browser_with_no_network(run):
+    from tests.explore.test_site import _browser
+
+    path = plots.save_figure(plots.steering_figure(run), run, "offline_browser")
+    browser = _browser()
+    try:
+        # any http(s) request fails, as on Drive offline or an unzipped folder without internet
+        browser.execute_cdp_cmd("Network.enable", {})
+        browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["http://*", "https://*"]})
+        browser.get(path.as_uri())
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        WebDriverWait(browser, 20).until(
+            lambda b: b.execute_script(
+                "return document.querySelectorAll('.plotly .scatterlayer .trace').length"
+            )
+        )
+        assert browser.execute_script("return typeof Plotly") == "object"
+        scripts = browser.execute_script(
+            "return Array.from(document.scripts).filter(s => s.src).map(s => s.src)"
+        )
+        assert scripts == [(path.parent / "plotly.min.js").as_uri()]
+        # every trace of the figure drawn (2 lines; the no-steering band is a shape)
+        assert browser.execute_script("return document.querySelectorAll('.scatterlayer .trace').length") == 2
+        # a request the page tried to make over the network would be blocked and logged as an error here
+        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+    finally:
+        browser.quit()
+
+
+def test_static_figure_draws_the_plotly_traces(run):
+    fig = plots.probe_figure(run)
+    static = plots.static_figure(fig)
+    panels = [ax for ax in static.axes if ax.get_label() != "<colorbar>"]
+    assert len(panels) == 2 and [ax.get_title() or "" for ax in panels] == ["", ""]
+    assert {t.get_text() for t in static.texts} >= {"balanced accuracy", "AUROC"}
+    assert static._suptitle.get_text() == fig.layout.title.text
+    for col, ax in enumerate(panels):
+        traces = [t for t in fig.data if (t.xaxis or "x") == ("x" if col == 0 else "x2")]
+        drawn = [
+            np.nan_to_num(line.get_ydata(), nan=-1).round(6).tolist()
+            for line in ax.lines
+            if line.get_linestyle() == "-"
+        ]
+        assert drawn == [np.nan_to_num(np.asarray(t.y, float), nan=-1).round(6).tolist() for t in traces]
+        # the error bars are the CIs: a vertical segment from lo to hi at each point
+        segments = [
+            g for c in ax.collections if isinstance(c, LineCollection) for g in c.get_segments() if len(g)
+        ]
+        got = {(g[0][0], round(g[0][1], 6), round(g[1][1], 6)) for g in segments}
+        for t in traces:
+            e = t.error_y
+            for x, y, minus, plus in zip(t.x, t.y, e.arrayminus, e.array, strict=True):
+                if np.isnan(y):  # a row without this metric: no point, no bar
+                    continue
+                assert (x, round(y - minus, 6), round(y + plus, 6)) in got
+        assert any(line.get_linestyle() == ":" and line.get_ydata()[0] == 0.5 for line in ax.lines), (
+            "chance line"
+        )
+    legend = [t.get_text() for t in static.legends[0].get_texts()]
+    assert legend == list(plots.probe_series(run)), "one legend entry per line, not per panel"
+
+    effects = plots.static_figure(plots.feature_effects_figure(run, "m_topk_L3_mixed"))
+    (ax,) = effects.axes
+    assert [t.get_text() for t in ax.get_yticklabels()] == [
+        "#3: not explained",
+        "#7: not explained",
+        "#11: says <lie>",
+    ]
+    markers = {
+        len(c.get_offsets()): len(c.get_facecolors()) for c in ax.collections if isinstance(c, PathCollection)
+    }
+    assert markers == {1: 1, 2: 0}, "the q < 0.05 feature filled, the other two open (no fill)"
+
+    steering = plots.static_figure(plots.steering_figure(run))
+    (ax,) = steering.axes
+    assert any(p.get_alpha() == 0.2 for p in ax.patches), "the no-steering band"
+    assert "no steering" in [t.get_text() for t in ax.texts]
+    heat = plots.static_figure(plots.token_heatmap(["a", "<b>", "c"], [0.0, 2.0, 1.0], width=2))
+    image = heat.axes[0].images[0].get_array()
+    assert image.shape == (2, 2) and image[0, 1] == 2.0 and image.mask[1, 1]
+    assert [t.get_text() for t in heat.axes[0].texts] == ["a", "<b>", "c", ""]
+    density = plots.static_figure(plots.firing_density_figure(run))
+    assert len(density.axes[0].patches) == 3 * 28 and len(density.legends[0].get_texts()) == 3
+    import plotly.graph_objects as go
+
+    with pytest.raises(ValueError, match=r"scatter, bar and heatmap.*\['pie'\]"):
+        plots.static_figure(go.Figure(go.Pie(values=[1, 2])))
+    assert plots.png_bytes(fig)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_show_in_a_notebook_gives_an_interactive_figure_and_a_png(run, tmp_path):
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell(
+            f"from helpers import plots\nplots.show(plots.steering_figure({str(run)!r}))"
+        ),
+        nbformat.v4.new_code_cell(
+            f"plots.show(plots.steering_figure({str(run)!r}, backend='matplotlib'))\nplots.show('x')"
+        ),
+    ]
+    with pytest.raises(Exception, match="plotly or matplotlib figure, got str"):
+        NotebookClient(
+            nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
+    first, second = ([o for o in c.outputs if o.output_type == "display_data"] for c in nb.cells)
+    assert len(first) == 2 and "image/png" not in first[0].data and "image/png" in first[1].data
+    assert "application/vnd.plotly.v1+json" in first[0].data or "text/html" in first[0].data
+    assert len(second) == 1 and list(second[0].data) == ["image/png", "text/plain"]
