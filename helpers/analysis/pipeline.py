@@ -69,13 +69,18 @@ from helpers.collect.store import LayerStore
 from helpers.gemini import GeminiClient
 from helpers.model.load import load_model
 from helpers.run import (
+    SAE_METRICS,
     atomic_write_json,
+    check_stage_settings,
     feature_controls_path,
+    features_dir,
     features_path,
     jsonable,
     probes_path,
     read_jsonl,
     read_run_json,
+    sae_dir,
+    settings_hash,
     write_jsonl,
 )
 from helpers.saes.io import LoadedSAE, load_sae
@@ -749,6 +754,70 @@ def feature_table(
                  detection=None, detection_baseline=None, fuzzing=None, fuzzing_baseline=None)  # fmt: skip
     write_jsonl(path, rows)
     return [jsonable(r) for r in rows]  # as the file holds them (lists, None for nan)
+
+
+def feature_tables(
+    run_dir: str | os.PathLike, sae_folders: Sequence[str | os.PathLike], **kwargs: Any
+) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+    """feature_table for each SAE; an SAE whose analysis rows hold too few completions of a label is
+    skipped with the reason, and the others go on. Returns ({sae_id: rows}, one status row per SAE:
+    "done" with its counts, or "skipped" with the reason) for the notebook's table."""
+    tables: dict[str, list[dict[str, Any]]] = {}
+    status = []
+    for folder in sae_folders:
+        name = Path(folder).name
+        try:
+            rows = feature_table(run_dir, folder, **kwargs)
+        except TooFewCompletions as err:
+            print(f"skipping {name}: {err}")
+            status.append({"sae_id": name, "status": "skipped", "features": 0, "completions": None,
+                           "reason": str(err)})  # fmt: skip
+            continue
+        tables[name] = rows
+        sel = rows[0]["selection"] if rows else {}
+        status.append({"sae_id": name, "status": "done", "features": len(rows), "completions": sel.get("n"),
+                       "reason": ""})  # fmt: skip
+    return tables, status
+
+
+ANALYSIS_STAGE = "04_autolabel_features"
+"""Notebook 04's stage in run.json (its settings: `analysis_settings`)."""
+
+
+def analysis_settings(
+    run_dir: str | os.PathLike, sae_folders: Sequence[str | os.PathLike], params: dict[str, Any]
+) -> dict[str, Any]:
+    """What determines notebook 04's outputs: its parameters, each SAE's settings hash (from its
+    metrics.json: an SAE trained again gives another) and a hash of the labelled completions."""
+    saes = {}
+    for folder in sae_folders:
+        path = Path(folder) / SAE_METRICS
+        m = json.loads(path.read_text()) if path.exists() else {}
+        saes[Path(folder).name] = m.get("settings_hash") or settings_hash(
+            (m.get("training") or {}).get("config")
+        )
+    rows = read_completions(run_dir)
+    labels = settings_hash(sorted((r["id"], str(r.get("label")), dataset_of(r)) for r in rows))
+    return {"params": params, "saes": saes, "completions": {"n": len(rows), "labels_hash": labels}}
+
+
+def check_analysis(run_dir: str | os.PathLike, settings: dict[str, Any], *, overwrite: bool = False) -> bool:
+    """Notebook 04's settings against those of the probes and features already in the run folder: the
+    same (or only more SAEs) go on; others stop before anything is written, naming what differs, unless
+    `overwrite`. Returns whether the features must be recomputed (pass it to feature_table)."""
+    has_outputs = probes_path(run_dir).exists() or any(features_dir(run_dir).glob("*.jsonl"))
+    before = ((read_run_json(run_dir).get("settings") or {}).get(ANALYSIS_STAGE) or {}).get("values") or {}
+    kept = {k: v for k, v in (before.get("saes") or {}).items() if Path(sae_dir(run_dir, k)).exists()}
+    settings = {
+        **settings,
+        "saes": {**kept, **settings["saes"]},
+    }  # SAEs left out by SAE_FILTER stay as they are
+    decision = check_stage_settings(
+        run_dir, ANALYSIS_STAGE, settings, overwrite=overwrite, add=True, addable=("saes.*",),
+        has_outputs=has_outputs, overwrite_does="recompute the probes and every SAE's features and explanations "
+        "with the new settings (Gemini answers are cached: nothing is paid twice)",
+    )  # fmt: skip
+    return decision == "overwrite"
 
 
 def label_features(

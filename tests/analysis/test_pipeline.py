@@ -18,7 +18,10 @@ from helpers.analysis.autointerp import EXPLAIN_SYSTEM
 from helpers.analysis.contexts import docs_for
 from helpers.analysis.pipeline import (
     NOT_LABELLED,
+    analysis_settings,
+    check_analysis,
     feature_table,
+    feature_tables,
     label_features,
     probe_summary,
     probe_table,
@@ -335,3 +338,41 @@ def test_too_few_completions_of_a_label_in_a_split_names_the_sae_split_and_fix(r
     ):
         feature_table(few, run.sae_folder, tokenizer=offline_lm.tokenizer)  # was: Cohen's d needs >= 2 ...
     assert {p.relative_to(few): p.read_bytes() for p in few.rglob("*") if p.is_file()} == before
+
+
+def test_feature_tables_skip_an_sae_lacking_data_with_the_reason_and_go_on(run, copy_run, offline_lm):
+    rows = read_completions(run.dir)
+    first = next(r["id"] for r in rows if r["label"] == "deceptive")
+    few = copy_run(lambda r: r["label"] if r["label"] != "deceptive" or r["id"] == first else "ambiguous")
+    before = {p.relative_to(few): p.read_bytes() for p in few.rglob("*") if p.is_file()}
+    tables, status = feature_tables(
+        few, [run.sae_folder], tokenizer=offline_lm.tokenizer, k=3, n_permutations=9
+    )
+    assert tables == {}
+    assert [(s["sae_id"], s["status"]) for s in status] == [(run.sae_id, "skipped")]
+    reason = status[0]["reason"]
+    assert re.search(r"split .* 0 deceptive completions.*Add prompts", reason), reason
+    assert {p.relative_to(few): p.read_bytes() for p in few.rglob("*") if p.is_file()} == before
+    tables, status = feature_tables(
+        run.dir, [run.sae_folder], tokenizer=offline_lm.tokenizer, k=3, n_permutations=9
+    )
+    assert list(tables) == [run.sae_id] and status[0]["status"] == "done" and status[0]["features"] == 3
+
+
+def test_notebook_04_settings_resume_add_saes_and_stop_on_a_change(run, copy_run):
+    from helpers.env import NotebookError
+
+    folder = copy_run(lambda r: r["label"])
+    params = {"TOP_K": 20, "SEED": 0}
+    settings = analysis_settings(folder, [run.sae_folder], params)
+    assert not check_analysis(folder, settings)  # first time: recorded
+    assert not check_analysis(folder, settings)  # same: resume
+    atomic_write_json(folder / "probes.json", {"rows": []})  # outputs exist from now on
+    with pytest.raises(NotebookError, match=r"(?s)params.TOP_K: 20 → 5.*OVERWRITE = True"):
+        check_analysis(folder, analysis_settings(folder, [run.sae_folder], {**params, "TOP_K": 5}))
+    assert check_analysis(
+        folder, analysis_settings(folder, [run.sae_folder], {**params, "TOP_K": 5}), overwrite=True
+    )
+    assert not check_analysis(folder, analysis_settings(folder, [], {**params, "TOP_K": 5})), (
+        "SAE_FILTER narrower"
+    )
