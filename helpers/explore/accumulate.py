@@ -37,6 +37,9 @@ class Kept:
     pos: np.ndarray  # [m] int64 position of the token in its document
     window: np.ndarray  # [m, width] float32 activations around it; nan outside the document
     start: np.ndarray  # [n_features + 1] int64
+    extra: np.ndarray | None = None
+    """[m, extra_width] int32 per-entry columns the caller cut with the window (e.g. the other features
+    firing on the entry's token), or None when the accumulator keeps none."""
 
     def of(self, f: int) -> slice:
         return slice(int(self.start[f]), int(self.start[f + 1]))
@@ -46,10 +49,20 @@ class TopPerFeature:
     """Per feature, the k entries with the largest score (ties: the earlier entry), optionally at most
     one per document (its best)."""
 
-    def __init__(self, n_features: int, k: int, width: int, *, distinct_docs: bool, budget: int = 1 << 19):
+    def __init__(
+        self,
+        n_features: int,
+        k: int,
+        width: int,
+        *,
+        distinct_docs: bool,
+        budget: int = 1 << 19,
+        extra_width: int = 0,
+    ):
         if k < 1 or width < 1:
             raise ValueError(f"k and width must be at least 1, got k={k}, width={width}")
         self.n, self.k, self.width, self.distinct = n_features, k, width, distinct_docs
+        self.extra_width = extra_width
         self.threshold = np.full(n_features, -np.inf, np.float32)
         self.budget = budget
         self._parts: list[tuple[np.ndarray, ...]] = []
@@ -64,13 +77,20 @@ class TopPerFeature:
         doc: np.ndarray,
         pos: np.ndarray,
         windows: Callable[[np.ndarray], np.ndarray],
+        extra: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         """Offer entries; `windows(idx)` returns the [len(idx), width] windows of the entries `idx` that
-        pass the feature's current threshold (only those are cut)."""
+        pass the feature's current threshold (only those are cut), `extra(idx)` their [len(idx),
+        extra_width] extra columns (required when the accumulator was made with extra_width > 0)."""
         idx = np.flatnonzero(score > self.threshold[feature])
         if not len(idx):
             return
-        self._parts.append((feature[idx], score[idx], value[idx], doc[idx], pos[idx], windows(idx)))
+        if self.extra_width and extra is None:
+            raise ValueError(
+                f"this accumulator keeps {self.extra_width} extra columns per entry: pass extra="
+            )
+        ex = extra(idx).astype(np.int32) if self.extra_width else np.zeros((len(idx), 0), np.int32)
+        self._parts.append((feature[idx], score[idx], value[idx], doc[idx], pos[idx], windows(idx), ex))
         self._pending += len(idx)
         if self._pending > max(self.budget, self._kept):
             self._compact()
@@ -78,7 +98,7 @@ class TopPerFeature:
     def _compact(self) -> None:
         if len(self._parts) == 1 and self._pending == 0:
             return
-        f, s, v, d, p, w = (np.concatenate(x) for x in zip(*self._parts, strict=True))
+        f, s, v, d, p, w, x = (np.concatenate(c) for c in zip(*self._parts, strict=True))
         if self.distinct:  # the best entry of each (feature, document)
             order = np.lexsort((-s, d, f))
             first = np.r_[True, (f[order][1:] != f[order][:-1]) | (d[order][1:] != d[order][:-1])]
@@ -90,21 +110,22 @@ class TopPerFeature:
         group_start = np.searchsorted(fs, fs, side="left")
         rank = np.arange(len(fs)) - group_start
         sel = sel[rank < self.k]
-        f, s, v, d, p, w = f[sel], s[sel], v[sel], d[sel], p[sel], w[sel]
+        f, s, v, d, p, w, x = f[sel], s[sel], v[sel], d[sel], p[sel], w[sel], x[sel]
         full = np.flatnonzero(rank[rank < self.k] == self.k - 1)  # the k-th entry of full features
         self.threshold[f[full]] = s[full]
-        self._parts = [(f, s, v, d, p, w)]
+        self._parts = [(f, s, v, d, p, w, x)]
         self._pending, self._kept = 0, len(f)
 
     def result(self) -> Kept:
         if not self._parts:
             e = np.zeros(0, np.int64)
             return Kept(e, e.astype(np.float32), e.astype(np.float32), e, e,
-                        np.zeros((0, self.width), np.float32), np.zeros(self.n + 1, np.int64))  # fmt: skip
+                        np.zeros((0, self.width), np.float32), np.zeros(self.n + 1, np.int64),
+                        np.zeros((0, self.extra_width), np.int32) if self.extra_width else None)  # fmt: skip
         self._compact()
-        f, s, v, d, p, w = self._parts[0]
+        f, s, v, d, p, w, x = self._parts[0]
         start = np.searchsorted(f, np.arange(self.n + 1), side="left")
-        return Kept(f.astype(np.int64), s, v, d, p, w, start)
+        return Kept(f.astype(np.int64), s, v, d, p, w, start, x if self.extra_width else None)
 
 
 class LogHistogram:
@@ -138,27 +159,71 @@ class LogHistogram:
         return self.counts.view(self.n, self.n_bins).cpu().numpy()
 
 
-def linear_histograms(counts: np.ndarray, edges: np.ndarray, top: np.ndarray, n_bins: int) -> np.ndarray:
-    """Rebin log-binned counts [F, B] into `n_bins` equal-width bins over [0, top[f]] per feature
-    ([F, n_bins]); each log bin goes whole to the display bin of its geometric centre, so a count can
-    sit one display bin off near a bin boundary (the log bins are 9% wide)."""
+def linear_histograms(
+    counts: np.ndarray, edges: np.ndarray, top: np.ndarray, n_bins: int, bottom: np.ndarray | None = None
+) -> np.ndarray:
+    """Rebin log-binned counts [F, B] into `n_bins` equal-width bins over [bottom[f], top[f]] per feature
+    ([F, n_bins]; bottom: the smallest nonzero activation, 0 when not given); each log bin goes whole to
+    the display bin of its geometric centre (clipped into the range; the bins of the smallest and the
+    largest activation to the first and the last bar), so a count can sit one display bin off near a bin
+    boundary (the log bins are 9% wide)."""
     centre = np.sqrt(edges[:-1] * edges[1:])  # [B]
-    scale = np.where(top > 0, top, 1.0)[:, None]
-    target = np.clip((centre[None, :] / scale * n_bins).astype(np.int64), 0, n_bins - 1)  # [F, B]
+    low = np.zeros(len(counts)) if bottom is None else np.asarray(bottom, np.float64)
+    span = np.asarray(top, np.float64) - low
+    scale = np.where(span > 0, span, 1.0)[:, None]
+    target = np.clip(((centre[None, :] - low[:, None]) / scale * n_bins).astype(np.int64), 0, n_bins - 1)
+    # The log bins holding the smallest and the largest activation go to the first and the last bar (their
+    # centres can lie a few % inside the range, one or more bars in when the range is narrow).
+    rows = np.arange(len(counts))
+    for value, bar in ((low, 0), (np.asarray(top, np.float64), n_bins - 1)):
+        b = np.clip(np.searchsorted(edges, value, side="right") - 1, 0, len(centre) - 1)
+        target[rows[value > 0], b[value > 0]] = bar
     flat = (np.arange(len(counts))[:, None] * n_bins + target).ravel()
     out = np.bincount(flat, weights=counts.ravel(), minlength=len(counts) * n_bins)
     return out.reshape(len(counts), n_bins).astype(np.int64)
 
 
-def quantile_edges(counts: np.ndarray, edges: np.ndarray, top: np.ndarray, n_groups: int) -> np.ndarray:
-    """[F, n_groups + 1] activation values cutting each feature's nonzero activations into groups of
-    equal count: the first edge 0, the last the maximum, the others the upper edge of the log bin where
-    the cumulative count crosses j / n_groups (within 9% of the exact quantile)."""
+def quantile_edges(
+    counts: np.ndarray, edges: np.ndarray, top: np.ndarray, n_groups: int, bottom: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(edges, below), each [F, n_groups + 1]: activation values cutting each feature's nonzero
+    activations into groups of equal count, and how many activations lie at or below each edge. The
+    first edge is `bottom` (the smallest nonzero activation; 0 when not given), the last the maximum, the
+    others the upper edge of the log bin where the cumulative count crosses j / n_groups (within 9% of
+    the exact quantile), so a group's count (the difference of `below`) is exact. Edges can coincide
+    (many equal activations); `distinct_groups` merges those groups."""
     cum = np.cumsum(counts, axis=1)  # [F, B]
-    total = np.maximum(cum[:, -1:], 1)
+    total = cum[:, -1]
     out = np.zeros((len(counts), n_groups + 1))
+    below = np.zeros((len(counts), n_groups + 1), np.int64)
+    if bottom is not None:
+        out[:, 0] = bottom
     for j in range(1, n_groups):
-        b = np.argmax(cum >= total * j / n_groups, axis=1)
-        out[:, j] = np.minimum(edges[b + 1], top)
+        b = np.argmax(cum >= np.maximum(total, 1)[:, None] * j / n_groups, axis=1)
+        out[:, j] = np.clip(edges[b + 1], out[:, 0], top)
+        below[:, j] = np.where(edges[b + 1] >= top, total, cum[np.arange(len(cum)), b])
     out[:, -1] = top
-    return out
+    below[:, -1] = total
+    return out, below
+
+
+def distinct_groups(edges: np.ndarray, below: np.ndarray) -> list[tuple[float, float, int]]:
+    """One feature's quantile groups as (lo, hi, count) with distinct edges and at least one activation
+    each: groups whose edges coincide, or that hold no activation, are merged into their neighbour above
+    (the first group includes its lower edge, the smallest activation). A feature whose activations all
+    lie in one log bin gets one group; one that never fired, none."""
+    if below[-1] == 0:
+        return []
+    groups: list[tuple[float, float, int]] = []
+    lo, n_lo = float(edges[0]), 0
+    for j in range(1, len(edges)):
+        hi, n_hi = float(edges[j]), int(below[j])
+        if j < len(edges) - 1 and (hi <= lo or n_hi == n_lo or hi >= float(edges[-1])):
+            continue  # merged into the next group
+        # The last group empty (float rounding at a bin edge): widen the one below instead.
+        if n_hi == n_lo and groups:
+            groups[-1] = (groups[-1][0], hi, groups[-1][2])
+        else:
+            groups.append((lo, hi, n_hi - n_lo))
+        lo, n_lo = hi, n_hi
+    return groups

@@ -45,8 +45,15 @@ from helpers.analysis.contexts import Doc, docs_for, iter_token_acts, token_piec
 from helpers.analysis.pipeline import sae_id_of
 from helpers.collect.completions import read_completions
 from helpers.collect.store import LayerStore
-from helpers.explore.accumulate import Kept, LogHistogram, TopPerFeature, linear_histograms, quantile_edges
-from helpers.explore.decoder import Unembedding, logit_effects, nearest_rows
+from helpers.explore.accumulate import (
+    Kept,
+    LogHistogram,
+    TopPerFeature,
+    distinct_groups,
+    linear_histograms,
+    quantile_edges,
+)
+from helpers.explore.decoder import Unembedding, logit_summary, nearest_rows
 from helpers.run import corpus_dir, features_path, model_short, read_jsonl, read_run_json
 from helpers.saes.io import LoadedSAE
 
@@ -57,6 +64,10 @@ ANALYSIS_FIELDS = ("rank", "cohens_d", "d_ci", "q_value", "auroc", "mean_honest"
                    "deception_related", "kind", "detection", "detection_baseline", "fuzzing",
                    "fuzzing_baseline")  # fmt: skip
 """What a page shows of notebook 04's row for a feature (features/{sae_id}.jsonl)."""
+DATA_FORMAT = 2
+"""The version of the pages' fields: 2 added the logit histogram, co-activation neighbours, histograms
+from the smallest activation and quantile groups with their counts. The static page names what an
+explorer built by an older release lacks; `build_explorer` rebuilds such data."""
 NO_ANALYSIS = "no notebook 04 results for this SAE: no effect sizes, explanations or deception tags"
 
 
@@ -67,7 +78,8 @@ class ExplorerConfig:
     n_top: int = 8
     """Top-activating windows, one per completion."""
     n_quantiles: int = 4
-    """Quantile groups of the nonzero activations (each ~1/n_quantiles of the firings)."""
+    """Quantile groups of the nonzero activations (each ~1/n_quantiles of the firings; groups whose edges
+    would coincide are merged, so a page can show fewer, never an empty or zero-width one)."""
     per_quantile: int = 2
     """Windows shown per quantile group."""
     reservoir: int = 32
@@ -77,9 +89,17 @@ class ExplorerConfig:
     after: int = 4
     """Tokens shown after it."""
     hist_bins: int = 24
-    """Bars of the activation histogram (equal width from 0 to the feature's maximum)."""
+    """Bars of the activation histogram (equal width from the feature's smallest nonzero activation to its
+    maximum)."""
     n_logits: int = 10
     """Tokens most raised and most lowered by the feature's decoder row."""
+    logit_bins: int = 32
+    """Bars of the logit-weight histogram (the decoder row's weights over the whole vocabulary)."""
+    n_coactive: int = 6
+    """Co-activation neighbours per feature: the features that fire on the same tokens most often."""
+    coactive_width: int = 16
+    """Per sampled token, how many of the strongest other features firing on it are recorded (the
+    co-activation neighbours are counted from these)."""
     n_similar: int = 6
     """Nearest features by decoder cosine, within the SAE and per other SAE at the same layer."""
     batch_tokens: int = 2048
@@ -90,12 +110,20 @@ class ExplorerConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("n_top", "n_quantiles", "reservoir", "hist_bins", "batch_tokens"):
+        for name in ("n_top", "n_quantiles", "reservoir", "hist_bins", "batch_tokens", "logit_bins"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.corpus_tokens is not None and self.corpus_tokens < 0:
             raise ValueError(f"corpus_tokens must be >= 0 (or None: all), got {self.corpus_tokens}")
-        for name in ("per_quantile", "before", "after", "n_logits", "n_similar"):
+        for name in (
+            "per_quantile",
+            "before",
+            "after",
+            "n_logits",
+            "n_similar",
+            "n_coactive",
+            "coactive_width",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -118,6 +146,8 @@ class CorpusPass:
     """[d_sae] corpus tokens on which each feature is > 0."""
     max_activation: np.ndarray
     """[d_sae] float32 largest corpus activation (0 when it never fired)."""
+    min_activation: np.ndarray
+    """[d_sae] float32 smallest nonzero corpus activation (0 when it never fired)."""
     top: Kept
     """Top corpus windows, one per sequence; `pos` is the token's position in its sequence."""
     log_counts: np.ndarray
@@ -134,8 +164,12 @@ class FeaturePass:
     """[len(CLASSES), d_sae] tokens on which each feature is > 0, per class."""
     act_sum: np.ndarray
     """[d_sae] sum of each feature's activations (float64)."""
+    min_activation: np.ndarray
+    """[d_sae] float32 smallest nonzero activation (0 when it never fired)."""
     top: Kept
     sample: Kept
+    """A uniform sample of each feature's firings; `extra` holds, per sampled token, the strongest other
+    features firing on it (-1 padding)."""
     log_counts: np.ndarray
     """[d_sae, n_log_bins] counts of nonzero activations in log2 bins (`log_edges`)."""
     log_edges: np.ndarray
@@ -181,6 +215,55 @@ def _window_cutter(
     return windows
 
 
+def _cofiring(acts: torch.Tensor, r: np.ndarray, m: int):
+    """`extra(idx)` for `TopPerFeature.add`: the `m` strongest features firing on row r[idx] ([len(idx), m]
+    feature ids, -1 where fewer fire). The rows' top m are found once per batch, only when asked for."""
+    found: list[np.ndarray] = []
+
+    def extra(idx: np.ndarray) -> np.ndarray:
+        if not found:
+            top = acts.topk(m, dim=1)
+            ids = top.indices.to(torch.int32)
+            ids[top.values <= 0] = -1
+            found.append(ids.cpu().numpy())
+        return found[0][r[idx]]
+
+    return extra
+
+
+def coactive_neighbours(
+    sample: Kept, fired: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(neighbours [F, k] (-1 padding), Jaccard [F, k], P(g fires | f fires) [F, k], sample size [F]):
+    per feature f, the features g that fire on the same tokens most, by the Jaccard index of their
+    firing sets |f ∩ g| / |f ∪ g|, estimated from f's uniform sample of firings (`sample.extra`: the
+    other features firing on each sampled token) and the firing counts `fired` [F]:
+    |f ∩ g| ≈ fired[f] · P(g | f). Jaccard ranks a feature that fires everywhere below one that fires
+    where f fires and rarely elsewhere. Vectorised over all features (no loop over features)."""
+    n = len(fired)
+    size = np.diff(sample.start)
+    idx = np.full((n, k), -1, np.int64)
+    jac, cond = np.zeros((n, k)), np.zeros((n, k))
+    if sample.extra is None or not len(sample.feature) or k == 0:
+        return idx, jac, cond, size
+    f = np.repeat(sample.feature, sample.extra.shape[1])
+    g = sample.extra.ravel().astype(np.int64)
+    ok = (g >= 0) & (g != f)
+    key, count = np.unique(f[ok] * n + g[ok], return_counts=True)
+    f, g = key // n, key % n
+    p = count / size[f]
+    both = fired[f] * p
+    j = both / np.maximum(fired[f] + fired[g] - both, 1e-12)
+    order = np.lexsort((g, -j, f))
+    f, g, j, p = f[order], g[order], j[order], p[order]
+    rank = np.arange(len(f)) - np.searchsorted(f, f, side="left")
+    keep = rank < k
+    idx[f[keep], rank[keep]] = g[keep]
+    jac[f[keep], rank[keep]] = j[keep]
+    cond[f[keep], rank[keep]] = p[keep]
+    return idx, jac, cond, size
+
+
 def _nonzero(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, features, values) of the nonzero activations [rows, d_sae], in COO form."""
     rows_t, feats_t = acts.nonzero(as_tuple=True)
@@ -204,10 +287,12 @@ def feature_pass(
     klass = np.array([CLASSES.index(d.record.get("label")) if d.record.get("label") in CLASSES[:2] else 2
                       for d in docs], np.int64)  # fmt: skip
     top = TopPerFeature(n_feat, cfg.n_top, width, distinct_docs=True)
-    sample = TopPerFeature(n_feat, cfg.reservoir, width, distinct_docs=False)
+    m = min(cfg.coactive_width, n_feat)
+    sample = TopPerFeature(n_feat, cfg.reservoir, width, distinct_docs=False, extra_width=m)
     hist = LogHistogram(n_feat, device)
     fired = torch.zeros(len(CLASSES) * n_feat, dtype=torch.int64, device=device)
     act_sum = torch.zeros(n_feat, dtype=torch.float64, device=device)
+    min_act = torch.full((n_feat,), float("inf"), dtype=torch.float32, device=device)
     n_tokens = np.zeros(len(CLASSES), np.int64)
     offsets = np.arange(-cfg.before, cfg.after + 1)
     keys = np.random.default_rng([cfg.seed, 11])
@@ -225,12 +310,13 @@ def feature_pass(
         cls_t = torch.from_numpy(class_of_row).to(device)[rows_t]
         fired.index_add_(0, cls_t * n_feat + feats_t, torch.ones_like(feats_t))
         act_sum.index_add_(0, feats_t, vals_t.double())
+        min_act.scatter_reduce_(0, feats_t, vals_t.float(), "amin")
         hist.add(feats_t, vals_t)
         r, f, v = rows_t.cpu().numpy(), feats_t.cpu().numpy(), vals_t.float().cpu().numpy()
         doc, pos = doc_of_row[r], r - first[r]
         windows = _window_cutter(acts, r, f, first, last, offsets)
         top.add(f, v, v, doc, pos, windows)
-        sample.add(f, keys.random(len(f), dtype=np.float32), v, doc, pos, windows)
+        sample.add(f, keys.random(len(f), dtype=np.float32), v, doc, pos, windows, _cofiring(acts, r, m))
         bar.update(int(lengths.sum()))
     corpus_part = _corpus_pass(corpus, sae, device, c_docs, cfg, bar) if corpus is not None else None
     bar.close()
@@ -238,6 +324,7 @@ def feature_pass(
         n_tokens=n_tokens,
         fired=fired.view(len(CLASSES), n_feat).cpu().numpy(),
         act_sum=act_sum.cpu().numpy(),
+        min_activation=torch.where(min_act.isinf(), 0.0, min_act).cpu().numpy(),
         top=top.result(),
         sample=sample.result(),
         log_counts=hist.table(),
@@ -255,6 +342,7 @@ def _corpus_pass(
     hist = LogHistogram(n_feat, device)
     fired = torch.zeros(n_feat, dtype=torch.int64, device=device)
     max_act = torch.zeros(n_feat, dtype=torch.float32, device=device)
+    min_act = torch.full((n_feat,), float("inf"), dtype=torch.float32, device=device)
     n_tokens = n_without_text = 0
     offsets = np.arange(-cfg.before, cfg.after + 1)
     for chunk, acts, _ in iter_token_acts(corpus, sae, docs, batch_tokens=cfg.batch_tokens):
@@ -275,6 +363,7 @@ def _corpus_pass(
         rows_t, feats_t, vals_t = _nonzero(acts)
         fired.index_add_(0, feats_t, torch.ones_like(feats_t))
         max_act.scatter_reduce_(0, feats_t, vals_t.float(), "amax")
+        min_act.scatter_reduce_(0, feats_t, vals_t.float(), "amin")
         hist.add(feats_t, vals_t)
         r, f, v = rows_t.cpu().numpy(), feats_t.cpu().numpy(), vals_t.float().cpu().numpy()
         text = np.flatnonzero(has_text[r])  # windows only where the corpus kept its token ids
@@ -288,6 +377,7 @@ def _corpus_pass(
         n_without_text=n_without_text,
         fired=fired.cpu().numpy(),
         max_activation=max_act.cpu().numpy(),
+        min_activation=torch.where(min_act.isinf(), 0.0, min_act).cpu().numpy(),
         top=top.result(),
         log_counts=hist.table(),
     )
@@ -356,15 +446,21 @@ class SAEDashboards:
     fp: FeaturePass
     docs: list[Doc]
     tokenizer: Any
-    hist: np.ndarray  # [d_sae, hist_bins]
-    quantiles: np.ndarray  # [d_sae, n_quantiles + 1]
+    hist: np.ndarray  # [d_sae, hist_bins], over the smallest nonzero activation .. the maximum
+    quantiles: np.ndarray  # [d_sae, n_quantiles + 1] edges (accumulate.quantile_edges)
     logits: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None
     similar: tuple[np.ndarray, np.ndarray]
     similar_other: dict[str, tuple[np.ndarray, np.ndarray]]
     analysis: dict[int, dict[str, Any]] | None
     corpus: LayerStore | None = None
     """The reference corpus the pass scanned (`fp.corpus`), for its windows' text."""
-    corpus_hist: np.ndarray | None = None  # [d_sae, hist_bins], over 0 .. the corpus maximum
+    corpus_hist: np.ndarray | None = None  # [d_sae, hist_bins], over the corpus minimum .. maximum
+    quantile_below: np.ndarray | None = None
+    """[d_sae, n_quantiles + 1] activations at or below each quantile edge (group counts)."""
+    logit_hist: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    """(lo [d_sae], hi [d_sae], counts [d_sae, logit_bins]): the logit weights over the vocabulary."""
+    coactive: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+    """`coactive_neighbours`' (neighbours, Jaccard, P(g | f), sample size)."""
     _pieces: dict[int, list[str]] = field(default_factory=dict, repr=False)
     _corpus_pieces: dict[int, list[str]] = field(default_factory=dict, repr=False)
     _vocab: dict[int, str] = field(default_factory=dict, repr=False)
@@ -393,12 +489,14 @@ class SAEDashboards:
             "rates": _round_array(fired / n_tok[:, None], 4),
             "mean": _round_array(mean, 4),
             "max": _round_array(self.max_activation, 4),
+            "min": _round_array(self.fp.min_activation, 4),
             "quantiles": _round_array(self.quantiles, 4),
         }
         c = self.fp.corpus
         if c is not None:
             shown["corpus_rate"] = _round_array(c.fired / max(c.n_tokens, 1), 4)
             shown["corpus_max"] = _round_array(c.max_activation, 4)
+            shown["corpus_min"] = _round_array(c.min_activation, 4)
         return shown
 
     def check_feature(self, f: int) -> int:
@@ -495,7 +593,11 @@ class SAEDashboards:
             "n_firing": int(c.fired[f]),
             "firing_rate": shown["corpus_rate"][f].item(),
             "max_activation": shown["corpus_max"][f].item(),
-            "histogram": {"max": shown["corpus_max"][f].item(), "counts": self.corpus_hist[f].tolist()},
+            "histogram": {
+                "min": shown["corpus_min"][f].item(),
+                "max": shown["corpus_max"][f].item(),
+                "counts": self.corpus_hist[f].tolist(),
+            },  # fmt: skip
             "top": [self._corpus_example(c.top, i) for i in range(s.start, s.stop)],
         }
 
@@ -508,21 +610,23 @@ class SAEDashboards:
         top = [self._example(fp.top, i) for i in range(top_s.start, top_s.stop)]
         used = {(e["completion_id"], e["position"]) for e in top}
         groups = []
-        q, q_shown = self.quantiles[f], shown["quantiles"][f].tolist()
+        below = (
+            self.quantile_below[f]
+            if self.quantile_below is not None
+            else np.zeros(len(self.quantiles[f]), int)
+        )
         samp = fp.sample.of(f)
-        for j in range(cfg.n_quantiles):
-            lo, hi = float(q[j]), float(q[j + 1])
+        for j, (lo, hi, count) in enumerate(distinct_groups(self.quantiles[f], below)):
             picks = []
             for i in range(samp.start, samp.stop):  # in random-key order: a uniform draw
                 v = float(fp.sample.value[i])
-                if len(picks) == cfg.per_quantile or not lo < v <= hi:
+                if len(picks) == cfg.per_quantile or not (lo < v <= hi or (j == 0 and v == lo)):
                     continue
                 ex = self._example(fp.sample, i)
                 if (ex["completion_id"], ex["position"]) not in used:
                     used.add((ex["completion_id"], ex["position"]))
                     picks.append(ex)
-            if n_fire:
-                groups.append({"lo": q_shown[j], "hi": q_shown[j + 1], "examples": picks})
+            groups.append({"lo": _r(lo), "hi": _r(hi), "count": count, "examples": picks})
         page: dict[str, Any] = {
             "feature": f,
             "sae_id": self.sae_id,
@@ -532,7 +636,12 @@ class SAEDashboards:
             "fired": {c: int(fp.fired[k, f]) for k, c in enumerate(CLASSES)},
             "mean_when_firing": shown["mean"][f].item() if n_fire else None,
             "max_activation": shown["max"][f].item(),
-            "histogram": {"max": shown["max"][f].item(), "counts": self.hist[f].tolist()},
+            "min_activation": shown["min"][f].item(),
+            "histogram": {
+                "min": shown["min"][f].item(),
+                "max": shown["max"][f].item(),
+                "counts": self.hist[f].tolist(),
+            },
             "top": top,
             "quantiles": groups,
             "similar": [
@@ -547,6 +656,16 @@ class SAEDashboards:
             "tag": _tag((self.analysis or {}).get(f)),
             "corpus": self._corpus_page(f),
         }
+        if self.coactive is not None:
+            idx, jac, cond, size = self.coactive
+            page["coactive"] = {
+                "sample": int(size[f]),
+                "neighbours": [[int(g), j, p] for g, j, p in zip(idx[f].tolist(), jac[f].tolist(), cond[f].tolist(),
+                                                              strict=True) if g >= 0],
+            }  # fmt: skip
+        if self.logit_hist is not None:
+            lo, hi, counts = self.logit_hist
+            page["logit_histogram"] = {"min": lo[f].item(), "max": hi[f].item(), "counts": counts[f].tolist()}
         if self.logits is not None:
             ti, tv, bi, bv = (x[f] for x in self.logits)
             page["logits"] = {
@@ -608,12 +727,28 @@ def build_dashboards(
     top_value[has] = fp.top.value[fp.top.start[:-1][has]]
     W_dec = loaded.sae.W_dec.detach()
     notes = []
-    logits = None
+    logits = logit_hist = None
     if unembedding is not None:
-        ti, tv, bi, bv = (t.numpy() for t in logit_effects(W_dec, unembedding, cfg.n_logits))
-        logits = (ti, _round_array(tv, 3), bi, _round_array(bv, 3))
+        ls = logit_summary(W_dec, unembedding, cfg.n_logits, hist_bins=cfg.logit_bins)
+        logits = (ls.top_ids.numpy(), _round_array(ls.top_values.numpy(), 3), ls.bottom_ids.numpy(),
+                  _round_array(ls.bottom_values.numpy(), 3))  # fmt: skip
+        logit_hist = (
+            _round_array(ls.hist_lo.numpy(), 4),
+            _round_array(ls.hist_hi.numpy(), 4),
+            ls.hist_counts.numpy(),
+        )
     else:
-        notes.append("no logit effects: pass the model (unembedding) to compute them")
+        notes.append("no logit effects or logit histograms: the explorer was built without the model (pass lm= "
+                     "to build_explorer, as notebook 06 does, to compute them)")  # fmt: skip
+    fired_total = fp.fired.sum(0)
+    if not fired_total.any():
+        notes.append(f"no feature of this SAE fired on any of the {int(fp.n_tokens.sum()):,} completion tokens scanned: "
+                     "every page is a dead feature's (no histograms, windows or co-activation). Check that the SAE "
+                     "was trained (notebook 03) on this model and layer, and that its threshold is not too high.")  # fmt: skip
+    if not fp.n_tokens[2]:
+        notes.append(
+            "the run has no ambiguous, unlabelled or control completions: the 'other' rates are empty"
+        )
     idx, cos = nearest_rows(W_dec, None, cfg.n_similar)
     similar_other = {}
     for other in others:
@@ -635,6 +770,7 @@ def build_dashboards(
         if c.n_without_text:
             notes.append(no_corpus_text_note(c.n_without_text, c.n_tokens))
     info = {
+        "format": DATA_FORMAT,
         "sae_id": sae_id,
         "layer": loaded.layer,
         "hook_name": loaded.hook_name,
@@ -651,6 +787,10 @@ def build_dashboards(
         "notes": notes,
         "config": asdict(cfg),
     }
+    co_idx, co_jac, co_cond, co_size = coactive_neighbours(fp.sample, fired_total, cfg.n_coactive)
+    q_edges, q_below = quantile_edges(
+        fp.log_counts, fp.log_edges, top_value, cfg.n_quantiles, fp.min_activation
+    )
     return SAEDashboards(
         sae_id=sae_id,
         info=info,
@@ -658,8 +798,11 @@ def build_dashboards(
         fp=fp,
         docs=list(docs),
         tokenizer=tokenizer,
-        hist=linear_histograms(fp.log_counts, fp.log_edges, top_value, cfg.hist_bins),
-        quantiles=quantile_edges(fp.log_counts, fp.log_edges, top_value, cfg.n_quantiles),
+        hist=linear_histograms(fp.log_counts, fp.log_edges, top_value, cfg.hist_bins, fp.min_activation),
+        quantiles=q_edges,
+        quantile_below=q_below,
+        logit_hist=logit_hist,
+        coactive=(co_idx, _round_array(co_jac, 3), _round_array(co_cond, 3), co_size),
         logits=logits,
         similar=(idx.numpy(), _round_array(cos.numpy(), 3)),
         similar_other=similar_other,
@@ -667,7 +810,13 @@ def build_dashboards(
         corpus=corpus if fp.corpus is not None else None,
         corpus_hist=None
         if fp.corpus is None
-        else linear_histograms(fp.corpus.log_counts, fp.log_edges, fp.corpus.max_activation, cfg.hist_bins),
+        else linear_histograms(
+            fp.corpus.log_counts,
+            fp.log_edges,
+            fp.corpus.max_activation,
+            cfg.hist_bins,
+            fp.corpus.min_activation,
+        ),
     )
 
 

@@ -77,21 +77,37 @@ def unembedding_of(model: nn.Module) -> Unembedding:
     return Unembedding(W_U, centre, note)
 
 
+@dataclass
+class LogitSummary:
+    """What each feature's unit decoder row writes into the vocabulary (module doc), for all features."""
+
+    top_ids: torch.Tensor  # [d_sae, k] the entries raised most
+    top_values: torch.Tensor  # [d_sae, k]
+    bottom_ids: torch.Tensor  # [d_sae, k] the entries lowered most
+    bottom_values: torch.Tensor  # [d_sae, k]
+    hist_lo: torch.Tensor  # [d_sae] the smallest logit weight over the vocabulary
+    hist_hi: torch.Tensor  # [d_sae] the largest
+    hist_counts: torch.Tensor  # [d_sae, hist_bins] int64 vocabulary entries per equal-width bin of [lo, hi]
+
+
 @torch.no_grad()
-def logit_effects(
-    W_dec: torch.Tensor, unembedding: Unembedding, k: int = 10, batch: int = 256
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(top ids, top values, bottom ids, bottom values), each [d_sae, k]: the vocabulary entries each
-    feature's unit decoder row raises and lowers most (module doc), computed `batch` features at a time
-    ([batch, vocab] at most in memory) on W_U's device."""
+def logit_summary(
+    W_dec: torch.Tensor, unembedding: Unembedding, k: int = 10, hist_bins: int = 32, batch: int = 256
+) -> LogitSummary:
+    """The vocabulary entries each feature's unit decoder row raises and lowers most, and the
+    distribution of its logit weights over the whole vocabulary (SAEDashboard's / Neuronpedia's logit
+    histogram: `hist_bins` equal-width bins from the smallest to the largest weight), from one product
+    with the unembedding, `batch` features at a time ([batch, vocab] at most in memory) on W_U's device."""
     W_U = unembedding.W_U
     if W_dec.shape[1] != W_U.shape[1]:
         raise ValueError(
             f"the SAE writes d_in={W_dec.shape[1]} vectors but the model's unembedding reads d_model="
             f"{W_U.shape[1]}: use the model the SAE was trained on"
         )
+    if hist_bins < 1:
+        raise ValueError(f"hist_bins must be at least 1, got {hist_bins}")
     k = min(k, W_U.shape[0])
-    outs: list[list[torch.Tensor]] = [[], [], [], []]
+    outs: list[list[torch.Tensor]] = [[], [], [], [], [], [], []]
     for s in range(0, len(W_dec), batch):
         d = W_dec[s : s + batch].to(W_U.device, torch.float32)
         d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -99,9 +115,32 @@ def logit_effects(
             d = d - d.mean(1, keepdim=True)
         logits = d @ W_U.T  # [batch, vocab]
         hi, lo = logits.topk(k, dim=1), logits.topk(k, dim=1, largest=False)
-        for out, t in zip(outs, (hi.indices, hi.values, lo.indices, lo.values), strict=True):
+        w_lo, w_hi = logits.amin(1), logits.amax(1)
+        span = (w_hi - w_lo).clamp_min(1e-12)
+        b = ((logits - w_lo[:, None]) / span[:, None] * hist_bins).long().clamp_(0, hist_bins - 1)
+        b += torch.arange(len(logits), device=b.device)[:, None] * hist_bins
+        counts = torch.zeros(len(logits) * hist_bins, dtype=torch.int64, device=b.device)
+        counts.index_add_(0, b.view(-1), torch.ones(b.numel(), dtype=torch.int64, device=b.device))
+        parts = (
+            hi.indices,
+            hi.values,
+            lo.indices,
+            lo.values,
+            w_lo,
+            w_hi,
+            counts.view(len(logits), hist_bins),
+        )
+        for out, t in zip(outs, parts, strict=True):
             out.append(t.cpu())
-    return tuple(torch.cat(o) for o in outs)  # type: ignore[return-value]
+    return LogitSummary(*(torch.cat(o) for o in outs))
+
+
+def logit_effects(
+    W_dec: torch.Tensor, unembedding: Unembedding, k: int = 10, batch: int = 256
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(top ids, top values, bottom ids, bottom values), each [d_sae, k]: `logit_summary`'s ranking."""
+    s = logit_summary(W_dec, unembedding, k, hist_bins=1, batch=batch)
+    return s.top_ids, s.top_values, s.bottom_ids, s.bottom_values
 
 
 @torch.no_grad()

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.explore.accumulate import LogHistogram, TopPerFeature, linear_histograms, quantile_edges
+from helpers.explore.accumulate import (
+    LogHistogram,
+    TopPerFeature,
+    distinct_groups,
+    linear_histograms,
+    quantile_edges,
+)
 
 
 def stream(seed: int, n_features: int = 40, n_batches: int = 30, per_batch: int = 300):
@@ -40,13 +46,16 @@ def brute_top(entries, n_features, k, distinct):
 @pytest.mark.parametrize("distinct", [True, False])
 def test_top_per_feature_matches_brute_force(distinct):
     n_features, k = 40, 5
-    acc = TopPerFeature(n_features, k, width=3, distinct_docs=distinct, budget=200)  # many compactions
+    acc = TopPerFeature(
+        n_features, k, width=3, distinct_docs=distinct, budget=200, extra_width=2
+    )  # many compactions
     parts, count = [], 0
     for f, v, d, p in stream(1):
         # the window of an entry encodes where it came from, to check each entry keeps its own window
         acc.add(
-            f, v, v, d, p, lambda idx, d=d, p=p: np.stack([d[idx], p[idx], d[idx] * 0], 1).astype(np.float32)
-        )
+            f, v, v, d, p, lambda idx, d=d, p=p: np.stack([d[idx], p[idx], d[idx] * 0], 1).astype(np.float32),
+            lambda idx, d=d, p=p: np.stack([p[idx], d[idx]], 1),
+        )  # fmt: skip
         parts.append((f, v, d, p, np.arange(count, count + len(f))))
         count += len(f)
     entries = tuple(np.concatenate(x) for x in zip(*parts, strict=True))
@@ -59,6 +68,9 @@ def test_top_per_feature_matches_brute_force(distinct):
         if distinct:
             assert len({g[1] for g in got}) == len(got), "one entry per document"
         assert (kept.window[s, 0] == kept.doc[s]).all() and (kept.window[s, 1] == kept.pos[s]).all()
+        assert (kept.extra[s, 0] == kept.pos[s]).all() and (kept.extra[s, 1] == kept.doc[s]).all(), (
+            "extra kept along"
+        )
         assert (kept.feature[s] == feat).all()
 
 
@@ -96,8 +108,44 @@ def test_log_histogram_counts_and_derived_views():
     for f in range(n_features):
         exact, _ = np.histogram(vals[feats == f], bins=np.linspace(0, top[f], 11))
         assert np.abs(lin[f] - exact).sum() <= 0.12 * exact.sum(), "a count moves at most one display bin"
-    q = quantile_edges(table, edges, top, 4)
+    low = np.array([vals[feats == f].min() for f in range(n_features)])
+    lin = linear_histograms(table, edges, top, 10, low)
+    assert (lin.sum(1) == table.sum(1)).all()
     for f in range(n_features):
-        exact = np.quantile(vals[feats == f], [0.25, 0.5, 0.75])
-        assert q[f, 0] == 0 and q[f, -1] == pytest.approx(top[f])
+        exact, _ = np.histogram(vals[feats == f], bins=np.linspace(low[f], top[f], 11))
+        assert np.abs(lin[f] - exact).sum() <= 0.12 * exact.sum(), "from the smallest activation, too"
+        assert lin[f, 0] > 0, "the first bar starts at the smallest nonzero activation"
+    q, below = quantile_edges(table, edges, top, 4, low)
+    for f in range(n_features):
+        v = vals[feats == f]
+        exact = np.quantile(v, [0.25, 0.5, 0.75])
+        assert q[f, 0] == low[f] and q[f, -1] == pytest.approx(top[f])
         assert np.all(q[f, 1:-1] >= exact * 0.99) and np.all(q[f, 1:-1] <= exact * 1.10), "within one 9% bin"
+        assert [int((v <= e).sum()) for e in q[f, 1:]] == below[f, 1:].tolist(), (
+            "exact counts below each edge"
+        )
+        groups = distinct_groups(q[f], below[f])
+        assert len(groups) == 4 and sum(c for _, _, c in groups) == len(v)
+
+
+def test_quantile_groups_never_degenerate():
+    """Many equal activations (a feature that fires at one value, or mostly at one): no zero-width group,
+    no empty group, counts that add up; a feature that never fired has none."""
+    h = LogHistogram(4)
+    one = np.full(50, 25.0, np.float32)  # always 25: 'activation 25–25' four times before
+    mostly = np.r_[np.full(90, 3.0), np.linspace(4, 9, 10)].astype(np.float32)
+    two = np.r_[np.full(10, 1.0), np.full(30, 8.0)].astype(np.float32)
+    for f, v in enumerate((one, mostly, two)):
+        h.add(torch.full((len(v),), f), torch.from_numpy(v))
+    table, edges = h.table(), h.edges()
+    top = np.array([25.0, 9.0, 8.0, 0.0])
+    low = np.array([25.0, 3.0, 1.0, 0.0])
+    q, below = quantile_edges(table, edges, top, 4, low)
+    got = [distinct_groups(q[f], below[f]) for f in range(4)]
+    assert got[0] == [(25.0, 25.0, 50)], "one value: one group"
+    assert got[3] == [], "never fired: no group"
+    for f, v in ((1, mostly), (2, two)):
+        assert all(lo < hi and c > 0 for lo, hi, c in got[f]), got[f]
+        assert sum(c for _, _, c in got[f]) == len(v) and got[f][0][0] == v.min() and got[f][-1][1] == v.max()
+        for lo, hi, c in got[f]:
+            assert c == int(((v > lo) & (v <= hi)).sum() + (v == lo).sum() * (lo == v.min())), (lo, hi, c)

@@ -18,7 +18,7 @@ from helpers.collect.completions import read_completions
 from helpers.collect.corpus import BUILTIN_CORPUS, Packing, iter_documents, iter_sequences, resolve_corpus
 from helpers.collect.store import TOKENS_SUFFIX, LayerStore
 from helpers.explore.dashboards import CLASSES, NO_ANALYSIS, ExplorerConfig, build_dashboards
-from helpers.explore.decoder import logit_effects, nearest_rows, unembedding_of
+from helpers.explore.decoder import logit_effects, logit_summary, nearest_rows, unembedding_of
 from helpers.explore.views import feature_html
 from helpers.model.hooks import decoder_layers, hook_name
 from helpers.model.nanochat_gpt import NanoChatGPTConfig, NanoChatGPTForCausalLM
@@ -107,9 +107,17 @@ def test_histograms_and_quantile_groups(db, dense):
     _, A, _, _, _ = dense
     for f in range(A.shape[1]):
         page = db.page(f)
-        assert sum(page["histogram"]["counts"]) == (A[:, f] > 0).sum()
+        fired = A[:, f][A[:, f] > 0]
+        assert sum(page["histogram"]["counts"]) == len(fired)
+        if len(fired):
+            assert page["histogram"]["min"] == pytest.approx(fired.min(), rel=1e-3), "starts at the smallest"
+            if fired.max() > fired.min() * 2 ** (1 / 4):  # not all inside one or two 9%-wide log bins
+                assert page["histogram"]["counts"][0] > 0 and page["histogram"]["counts"][-1] > 0
+        assert sum(g["count"] for g in page["quantiles"]) == len(fired), "groups hold every firing"
         for g in page["quantiles"]:
-            assert all(g["lo"] * 0.999 < ex["activation"] <= g["hi"] * 1.001 for ex in g["examples"])
+            assert g["count"] > 0 and (g["lo"] < g["hi"] or len(page["quantiles"]) == 1), "never degenerate"
+            # windows print 3 significant figures (a value can round 0.5% across its group's edge)
+            assert all(g["lo"] * 0.995 <= ex["activation"] <= g["hi"] * 1.005 for ex in g["examples"])
         seen = [(ex["completion_id"], ex["position"]) for ex in page["top"]]
         seen += [(ex["completion_id"], ex["position"]) for g in page["quantiles"] for ex in g["examples"]]
         assert len(seen) == len(set(seen)), "no window shown twice"
@@ -220,6 +228,7 @@ def test_logit_effects_rank_tokens_as_the_models_own_forward(family):
     g = torch.Generator().manual_seed(0)
     W_dec = torch.randn(5, 64, generator=g)
     ti, tv, bi, bv = logit_effects(W_dec, unembedding_of(model), k=6)
+    summary = logit_summary(W_dec, unembedding_of(model), k=6, hist_bins=12, batch=2)
     last = decoder_layers(model)[-1]
 
     def logits_with_last_output(vec: torch.Tensor) -> torch.Tensor:
@@ -243,6 +252,42 @@ def test_logit_effects_rank_tokens_as_the_models_own_forward(family):
         if family != "nanochat_gpt":  # no soft-cap: an exact positive multiple
             ratio = effect[ti[f]] / tv[f]
             assert (ratio > 0).all() and torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-3)
+            # equal-width bins over [min, max] do not change under a positive scale: the model's own
+            # effect gives the same logit histogram (up to a weight rounding across a bin edge)
+            want, _ = np.histogram(effect.numpy(), bins=12, range=(effect.min().item(), effect.max().item()))
+            got = summary.hist_counts[f].numpy()
+            assert got.sum() == 300 and np.abs(got - want).sum() <= 2, (got, want)
+        assert summary.hist_hi[f].item() == pytest.approx(tv[f, 0].item(), rel=1e-5)
+        assert summary.hist_lo[f].item() == pytest.approx(bv[f, 0].item(), rel=1e-5)
+
+
+def test_coactivation_neighbours_are_the_features_firing_on_the_same_tokens(run, tiny, dense):
+    """With a sample that holds every firing and every co-firing feature recorded, the estimate is exact:
+    the neighbours are brute force's top features by the Jaccard index of the firing sets."""
+    _, A, _, _, _ = dense
+    cfg = ExplorerConfig(n_top=2, reservoir=10_000, coactive_width=D_SAE, n_coactive=4, batch_tokens=64)
+    full = build_dashboards(run, load_sae(sae_dir(run, SAE_ID)), tokenizer=tiny.tokenizer, config=cfg)
+    on = A > 0
+    both = on.T.astype(int) @ on.astype(int)  # [F, F] tokens where both fire
+    n = on.sum(0)
+    jac = both / np.maximum(n[:, None] + n[None, :] - both, 1)
+    np.fill_diagonal(jac, -1)
+    checked = 0
+    for f in range(D_SAE):
+        got = full.page(f)["coactive"]
+        assert got["sample"] == n[f]
+        if not n[f]:
+            assert got["neighbours"] == [], "a dead feature has no co-activation neighbours"
+            continue
+        want = [g for g in np.lexsort((np.arange(D_SAE), -jac[f]))[:4] if jac[f, g] > 0]
+        assert [g for g, _, _ in got["neighbours"]] == want, f
+        for g, j, p in got["neighbours"]:
+            assert j == pytest.approx(jac[f, g], rel=5e-3) and p == pytest.approx(both[f, g] / n[f], rel=5e-3)
+        checked += 1
+    assert checked > 50
+    sampled = db_page = build_dashboards(run, load_sae(sae_dir(run, SAE_ID)), tokenizer=tiny.tokenizer,
+                                         config=ExplorerConfig(reservoir=4, coactive_width=3)).page(5)  # fmt: skip
+    assert sampled["coactive"]["sample"] == min(4, n[5]) and db_page["coactive"]["neighbours"]
 
 
 def test_nearest_rows_refuses_other_widths():
