@@ -1,0 +1,491 @@
+"""Training SAEs with SAELens, on several GPUs or a bigger machine, from a run's stored activations, and
+bringing them back into the run folder (issue 23).
+
+Three pieces, all on the training rows notebook 03 would use (`Selection`): the training side of the
+held-out split of `split_completions`, minus the groups notebook 04 reserves for analysis
+(`analysis_split`), and the corpus's training sequences (`corpus_ids`), so an SAE trained elsewhere
+never saw the rows notebook 04 tests it on.
+
+- `export_saelens_cache`: a layer's rows written as SAELens's cached-activations dataset, the folder
+  `CacheActivationsRunner` writes and `ActivationsStore` reads with `use_cached_activations=True` and
+  `cached_activations_path` (sae_lens 6.54: `cache_activations_runner.py` builds the features
+  `{hook_name: Array2D(shape=(context_size, d_in), dtype), "token_ids": Sequence(Value("int32"),
+  length=context_size)}` and saves them with `Dataset.save_to_disk`; `training/activations_store.py`
+  `load_cached_activation_dataset` checks `features[hook_name].shape == (context_size, d_in)` and reads
+  rows in order). Completions have different lengths, and an SAE reads every token alone, so the
+  tokens are packed: the selected completions (in a seeded random order) are concatenated and cut into
+  rows of `context_size` tokens; the last partial row is dropped (its count is reported). A packed
+  row crosses completion boundaries, so position-dependent SAELens options (`seqpos_slice`) must stay
+  off. Rows are written `shard_bytes` at a time as Arrow files of the dataset, so memory stays bounded
+  whatever the store's size; an interrupted export resumes at its first missing file.
+- `store_batches`: the same rows as an endless iterator of float32 `(batch, d_in)` tensors, the data
+  provider SAELens's `SAETrainer` takes (its `DataProvider = Iterator[torch.Tensor]`), for training on a
+  machine that holds the run folder without writing a second copy of the activations.
+- `import_saelens_sae`: a folder SAELens wrote (`save_inference_model`, or a runner's final folder)
+  read with `io.load_sae`, saved into `saes/<sae_id>/` in our layout and evaluated on the run's
+  held-out rows into `metrics.json`, as `grid.train_grid` does, so notebooks 04-06 read it like ours.
+
+Only SAELens releases whose format was checked are accepted (`TESTED_SAELENS`): another one is refused
+with the versions tested, because the schema above is SAELens's and may change with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from helpers.collect.completions import (
+    ANALYSIS_FRACTION,
+    analysis_split,
+    ids_for_condition,
+    read_completions,
+    split_completions,
+)
+from helpers.collect.corpus import corpus_ids
+from helpers.collect.store import LayerStore
+from helpers.model.hooks import hook_name
+from helpers.run import (
+    SAE_CFG,
+    SAE_METRICS,
+    SAE_WEIGHTS,
+    atomic_write_json,
+    read_run_json,
+    sae_dir,
+    stable_hash,
+)
+from helpers.saes.evals import evaluate_folder
+from helpers.saes.grid import BEHAVIOUR_CONDITIONS, collected_layers, sae_id_of
+from helpers.saes.io import LoadedSAE, load_sae, save_sae
+from helpers.saes.train import MixedData, StoreData, TrainConfig
+
+TESTED_SAELENS = ("6.54.12",)
+"""SAELens releases whose cached-activations schema and saved-SAE folders tests/saes/test_handoff.py
+checked; releases sharing their major.minor are accepted, others refused."""
+EXPORT_MANIFEST = "deception_sae_lab_export.json"
+"""Written last into an export folder: what it holds and from which run (a folder without it is partial)."""
+PARTIAL_MANIFEST = "deception_sae_lab_export.partial.json"
+"""Written first: the settings of an export under way, so a rerun resumes it and nothing else."""
+KINDS = ("activations", "corpus")
+
+
+def check_saelens_version(version: str | None = None) -> str:
+    """The SAELens release to write for or read from: `version`, else the installed one, else the
+    tested one. One whose major.minor no tested release shares is refused, naming the tested ones."""
+    if version is None:
+        try:
+            version = importlib.metadata.version("sae-lens")
+        except importlib.metadata.PackageNotFoundError:
+            version = TESTED_SAELENS[-1]
+    known = {".".join(v.split(".")[:2]) for v in TESTED_SAELENS}
+    if ".".join(str(version).split(".")[:2]) not in known:
+        raise ValueError(
+            f"sae_lens {version} is a release whose cached-activations and SAE formats were not checked here "
+            f"(tested: {', '.join(TESTED_SAELENS)}). Install a tested one (pip install "
+            f"sae-lens=={TESTED_SAELENS[-1]}) on the machine that trains, or check the new format first."
+        )
+    return str(version)
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Which rows of one layer an SAE trained elsewhere uses: the stores of `kinds` (behaviour
+    completions in `activations/`, the reference corpus in `corpus/`, or both) and, of the behaviour
+    completions, those of `condition` on the training side of notebook 03's splits."""
+
+    run_dir: str
+    layer: int
+    kinds: tuple[str, ...] = ("activations",)
+    condition: str = "mixed"
+    """A behaviour condition of notebook 03 (mixed, deceptive_only, honest_only)."""
+    eval_fraction: float = 0.1
+    """Notebook 03's held-out share of prompt groups (its metrics are computed on them)."""
+    seed: int = 0
+    """Notebook 03's seed: the held-out and analysis splits depend on it."""
+
+    def __post_init__(self):
+        kinds = tuple(self.kinds)
+        object.__setattr__(self, "kinds", kinds)
+        object.__setattr__(self, "run_dir", str(self.run_dir))
+        if not kinds or len(set(kinds)) != len(kinds) or set(kinds) - set(KINDS):
+            raise ValueError(f"kinds must be some of {KINDS} (each once), got {kinds}")
+        if self.condition not in BEHAVIOUR_CONDITIONS:
+            raise ValueError(f"condition must be one of {BEHAVIOUR_CONDITIONS}, got {self.condition!r}")
+
+    @property
+    def grid_condition(self) -> str:
+        """The condition's name in notebook 03's grid (`corpus`, `corpus+behaviour`, or the behaviour one)."""
+        if self.kinds == ("corpus",):
+            return "corpus"
+        return "corpus+behaviour" if "corpus" in self.kinds else self.condition
+
+    def sources(self) -> list[tuple[str, LayerStore, list[str]]]:
+        """(kind, store, training ids) per kind; a missing layer is an error naming the collected ones."""
+        run_dir = Path(self.run_dir)
+        out = []
+        for kind in self.kinds:
+            try:
+                store = LayerStore(run_dir, self.layer, kind=kind)
+            except FileNotFoundError as err:
+                raise FileNotFoundError(
+                    f"layer {self.layer} has no {kind} store in {run_dir} ({err}). Layers with stored "
+                    f"activations: {collected_layers(run_dir) or 'none'}; choose one of them, or collect "
+                    "this layer in notebook 02 first."
+                ) from err
+            if kind == "corpus":
+                ids = corpus_ids(run_dir, self.layer, self.seed)[1]
+            else:
+                rows = read_completions(run_dir)
+                train = set(split_completions(rows, self.eval_fraction, self.seed)[0])
+                train -= set(analysis_split(rows, ANALYSIS_FRACTION, self.seed)[1])
+                ids = [
+                    i for i in ids_for_condition(rows, self.condition) if i in train and i in store.entries
+                ]
+            if not ids:
+                raise ValueError(
+                    f"no training {kind} rows of condition {self.condition!r} at layer {self.layer}"
+                )
+            out.append((kind, store, ids))
+        if len({s.d_model for _, s, _ in out}) != 1:
+            raise ValueError(f"the {self.kinds} stores of layer {self.layer} have different d_model")
+        return out
+
+    def held_out(self) -> tuple[LayerStore, list[str]]:
+        """Where grid.train_grid evaluates an SAE of this layer: the held-out behaviour completions when
+        the run has them, else the held-out corpus sequences."""
+        run_dir = Path(self.run_dir)
+        rows = read_completions(run_dir)
+        try:
+            store = LayerStore(run_dir, self.layer)
+        except FileNotFoundError:
+            store, _, held = corpus_ids(run_dir, self.layer, self.seed)
+            return store, held
+        held = split_completions(rows, self.eval_fraction, self.seed)[1]
+        return store, [i for i in held if i in store.entries]
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able settings (the run by folder name and model), for manifests and SAE metadata."""
+        run = read_run_json(self.run_dir)
+        return {
+            "run": Path(self.run_dir).name,
+            "model_spec": (run.get("model") or {}).get("spec"),
+            "layer": self.layer,
+            "kinds": list(self.kinds),
+            "condition": self.grid_condition,
+            "eval_fraction": self.eval_fraction,
+            "seed": self.seed,
+            "analysis_split": {"fraction": ANALYSIS_FRACTION, "seed": self.seed},
+        }
+
+
+# --- SAELens's cached-activations dataset ---------------------------------------------------------------
+def export_saelens_cache(
+    selection: Selection,
+    out_dir: str | os.PathLike,
+    *,
+    context_size: int = 128,
+    dtype: str = "float32",
+    shard_bytes: int = 1 << 28,
+    saelens_version: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write the rows of `selection` into `out_dir` as SAELens's cached-activations dataset (module doc)
+    and return its manifest (also in `out_dir/deception_sae_lab_export.json`). `dtype` is the Array2D's
+    (SAELens writes its cfg.dtype, float32 by default; float16 halves the disk and is what the store
+    holds). At most about `shard_bytes` of activations are in memory at a time. A folder holding this
+    same export is reused; one holding anything else is refused and left as it is."""
+    from datasets import Array2D, Features, Sequence, Value  # the test extra; Colab preinstalls it
+
+    version = check_saelens_version(saelens_version)
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+    out = Path(out_dir)
+    sources = selection.sources()
+    order = _packing_order(sources, selection.seed)
+    d_in = sources[0][1].d_model
+    n_tokens = int(sum(n for _, _, _, n in order))
+    if context_size < 1 or context_size > n_tokens:
+        raise ValueError(
+            f"context_size {context_size} is larger than the {n_tokens} training tokens of {selection.kinds} at "
+            f"layer {selection.layer} (the longest completion has {max(n for *_, n in order)}): not one row of "
+            f"SAELens's dataset can be filled. Use a context_size of at most {n_tokens}, or collect more."
+        )
+    ids_of = _token_source(selection, sources)
+    rows_total = n_tokens // context_size
+    rows_per_file = max(1, shard_bytes // (context_size * d_in * np.dtype(dtype).itemsize))
+    n_files = -(-rows_total // rows_per_file)
+    hook = hook_name(selection.layer)
+    manifest = {
+        "format": "sae_lens cached activations (datasets save_to_disk)",
+        "sae_lens_version": version,
+        **selection.describe(),
+        "hook_name": hook,
+        "d_in": d_in,
+        "context_size": context_size,
+        "dtype": dtype,
+        "token_ids": ids_of is not None,
+        "n_rows": rows_total,
+        "n_tokens": rows_total * context_size,
+        "tokens_dropped": n_tokens - rows_total * context_size,
+        "n_entries": len(order),
+        "files": n_files,
+        "rows_per_file": rows_per_file,
+    }
+    if _existing_export(out, manifest):
+        print(f"{out} already holds this export ({rows_total} rows of {context_size} tokens): reused")
+        return json.loads((out / EXPORT_MANIFEST).read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / PARTIAL_MANIFEST, manifest)
+
+    columns = {hook: Array2D(shape=(context_size, d_in), dtype=dtype)}
+    if ids_of is not None:  # SAELens uses them to drop special tokens (exclude_special_tokens)
+        columns["token_ids"] = Sequence(Value("int32"), length=context_size)
+    features = Features(columns)
+    names = [f"data-{k:05d}-of-{n_files:05d}.arrow" for k in range(n_files)]
+    starts = np.cumsum([0] + [n for *_, n in order])
+    for k in tqdm(range(n_files), desc=f"export layer {selection.layer}", disable=not progress):
+        if (out / names[k]).exists():  # written whole (renamed into place) by an earlier run
+            continue
+        rows = min(rows_per_file, rows_total - k * rows_per_file)
+        first = k * rows_per_file * context_size
+        acts, ids = _packed(order, starts, first, first + rows * context_size, d_in, dtype, ids_of)
+        _write_arrow(out / names[k], features, hook, acts.reshape(rows, context_size, d_in),
+                     None if ids is None else ids.reshape(rows, context_size))  # fmt: skip
+    _write_dataset_json(out, features, names, stable_hash(manifest))
+    atomic_write_json(out / EXPORT_MANIFEST, manifest)
+    (out / PARTIAL_MANIFEST).unlink()
+    return manifest
+
+
+def _existing_export(out: Path, manifest: dict[str, Any]) -> bool:
+    """True when `out` holds this export complete; False when it is empty, absent, or this export's
+    partial state (resumed); otherwise an error that names what is there and changes nothing."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise FileExistsError(f"{out} is a file: choose another export folder")
+    for name, complete in ((EXPORT_MANIFEST, True), (PARTIAL_MANIFEST, False)):
+        if (out / name).exists():
+            found = json.loads((out / name).read_text())
+            if found == manifest:
+                return complete
+            diff = {k: (found.get(k), v) for k, v in manifest.items() if found.get(k) != v}
+            raise FileExistsError(
+                f"{out} holds {'an' if complete else 'an unfinished'} export of other data or settings "
+                f"(was, now: {diff}); nothing was changed. Choose another folder, or delete this one to "
+                "replace it."
+            )
+    if found := sorted(p.name for p in out.iterdir())[:8]:
+        raise FileExistsError(
+            f"{out} is not empty and holds no export of this package ({found}); nothing was changed. "
+            "Choose an empty or new folder."
+        )
+    return False
+
+
+def _packing_order(sources, seed: int) -> list[tuple[str, LayerStore, str, int]]:
+    """(kind, store, id, n_tokens) of every selected entry, in one seeded random order across kinds, so
+    a dataset read in order (as SAELens reads its cache) mixes completions and corpus throughout."""
+    order = [(kind, store, i, store.entries[i][2]) for kind, store, ids in sources for i in ids]
+    perm = np.random.default_rng(stable_hash(seed, "export") % 2**32).permutation(len(order))
+    return [order[j] for j in perm if order[j][3] > 0]
+
+
+def _token_source(selection: Selection, sources) -> Callable[[str, LayerStore, str], np.ndarray] | None:
+    """`(kind, store, id) -> [n] int32` token ids of an entry's rows (the corpus store's own; for a
+    completion, the prompt + completion tokens capture ran the model on, from completions.jsonl), or
+    None when some entry has none (a store written before token ids were kept): then no column."""
+    tokens: dict[str, list[int]] = {}
+    for kind, store, ids in sources:
+        if kind == "corpus" and not all(store.has_token_ids):
+            return None
+        if kind == "activations":
+            rows = {r["id"]: r for r in read_completions(selection.run_dir)}
+            if any("prompt_token_ids" not in rows[i] or "completion_token_ids" not in rows[i] for i in ids):
+                return None
+            tokens = {
+                i: list(rows[i]["prompt_token_ids"]) + list(rows[i]["completion_token_ids"]) for i in ids
+            }
+
+    def ids_of(kind: str, store: LayerStore, cid: str) -> np.ndarray:
+        if kind == "corpus":
+            return store.token_ids_of(cid)[:, 0]
+        _, _, n, first = store.entries[cid]
+        if first + n > len(tokens[cid]):
+            raise ValueError(
+                f"{cid!r} has stored rows past its {len(tokens[cid])} tokens: completions.jsonl changed"
+            )
+        return np.asarray(tokens[cid][first : first + n], np.int32)
+
+    return ids_of
+
+
+def _packed(order, starts, lo: int, hi: int, d_in: int, dtype: str, ids_of):
+    """Tokens [lo, hi) of the packed stream: ([hi-lo, d_in] activations, [hi-lo] int32 ids or None)."""
+    acts = np.empty((hi - lo, d_in), dtype)
+    ids = np.empty(hi - lo, np.int32) if ids_of is not None else None
+    j = int(np.searchsorted(starts, lo, side="right")) - 1
+    pos = lo
+    while pos < hi:
+        kind, store, cid, n = order[j]
+        a, b = pos - starts[j], min(n, hi - starts[j])
+        s, row, _, _ = store.entries[cid]
+        acts[pos - lo : pos - lo + b - a] = store.shard(s)[row + a : row + b]
+        if ids is not None:
+            ids[pos - lo : pos - lo + b - a] = ids_of(kind, store, cid)[a:b]
+        pos += b - a
+        j += 1
+    return acts, ids
+
+
+def _write_arrow(path: Path, features, hook: str, acts: np.ndarray, ids: np.ndarray | None) -> None:
+    """One Arrow file of the dataset, built from the arrays without a Python-level copy (datasets'
+    Array2D storage is list<list<value>>), written under a temporary name and renamed into place."""
+    import pyarrow as pa
+    from datasets.arrow_writer import ArrowWriter
+
+    schema = features.arrow_schema
+    rows, ctx, d = acts.shape
+    storage = schema.field(hook).type.storage_type
+    if not (pa.types.is_list(storage) and pa.types.is_list(storage.value_type)):
+        raise RuntimeError(
+            f"this datasets release stores Array2D as {storage}, not list<list<>>: not supported"
+        )
+    inner = pa.ListArray.from_arrays(pa.array(np.arange(0, rows * ctx * d + 1, d, dtype=np.int32)),
+                                     pa.array(acts.reshape(-1)))  # fmt: skip
+    outer = pa.ListArray.from_arrays(pa.array(np.arange(0, rows * ctx + 1, ctx, dtype=np.int32)), inner)
+    arrays = [pa.ExtensionArray.from_storage(schema.field(hook).type, outer)]
+    if ids is not None:
+        arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), ctx))
+    table = pa.Table.from_arrays(arrays, schema=schema)
+    tmp = path.with_name(f".{path.name}.tmp")
+    writer = ArrowWriter(features=features, path=str(tmp))
+    try:
+        writer.write_table(table)
+        writer.finalize()
+    finally:
+        writer.close()
+    os.replace(tmp, path)
+
+
+def _write_dataset_json(out: Path, features, names: list[str], fingerprint: int) -> None:
+    """`state.json` and `dataset_info.json` as `Dataset.save_to_disk` writes them for these files: the
+    info is the one datasets itself writes for an empty dataset of these features (its own serialiser,
+    whatever the installed release)."""
+    from datasets import Dataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        Dataset.from_dict({k: [] for k in features}, features=features).save_to_disk(tmp)
+        info = json.loads((Path(tmp) / "dataset_info.json").read_text())
+    state = {
+        "_data_files": [{"filename": n} for n in names],
+        "_fingerprint": f"{fingerprint:016x}"[:16],
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    atomic_write_json(out / "dataset_info.json", info)
+    atomic_write_json(out / "state.json", state)
+
+
+# --- SAELens's SAETrainer on our store ------------------------------------------------------------------
+def store_batches(
+    selection: Selection, batch_size: int, *, buffer_bytes: int = 1 << 29
+) -> Iterator[torch.Tensor]:
+    """Endless float32 `(batch_size, d_in)` batches of the rows of `selection`, in fresh seeded shuffles
+    (train.batches: a shuffle buffer of at most `buffer_bytes`), for SAELens's
+    `SAETrainer(cfg, sae, data_provider=store_batches(...))`. With both kinds, each batch holds corpus and
+    behaviour rows in proportion to their counts, as notebook 03's `corpus+behaviour` condition."""
+    sources = selection.sources()
+    data = [(StoreData(store, ids), store.count(ids)) for _, store, ids in sources]
+    if sum(n for _, n in data) < batch_size:
+        raise ValueError(
+            f"the selection holds {sum(n for _, n in data)} tokens, fewer than one batch of {batch_size}"
+        )
+    cfg = TrainConfig(
+        batch_size=batch_size, train_tokens=batch_size, seed=selection.seed, buffer_bytes=buffer_bytes
+    )
+    source = data[0][0] if len(data) == 1 else MixedData([(d, float(n)) for d, n in data])
+    return source.batches(cfg, 0)
+
+
+# --- back into the run folder ---------------------------------------------------------------------------
+def _load_trained(folder: Path, hook: str) -> LoadedSAE:
+    """`io.load_sae` of a folder SAELens saved. An SAE trained with a bare SAETrainer (not its runner)
+    is saved without a hook name (the runner sets it); it is then read as reading `hook`, announced, from
+    a temporary copy: the user's folder is never changed."""
+    cfg = json.loads((folder / SAE_CFG).read_text()) if (folder / SAE_CFG).is_file() else None
+    meta = (cfg or {}).get("metadata") or {}
+    if cfg is None or meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point"):
+        return load_sae(folder)
+    print(f"{folder} names no hook (saved by a bare SAETrainer): read as {hook}, the exported layer's")
+    tmp = Path(tempfile.mkdtemp(prefix="saelens_import_"))
+    shutil.copy(folder / SAE_WEIGHTS, tmp / SAE_WEIGHTS)
+    atomic_write_json(tmp / SAE_CFG, {**cfg, "metadata": {**meta, "hook_name": hook}})
+    loaded = load_sae(tmp)
+    shutil.rmtree(tmp)
+    return loaded
+
+
+def import_saelens_sae(
+    folder: str | os.PathLike, selection: Selection, *, note: str = "", device: str = "cpu"
+) -> str:
+    """Copy an SAE that SAELens trained on `selection` (its saved folder: cfg.json and
+    sae_weights.safetensors) into `saes/<sae_id>/` of the run and evaluate it on the held-out rows
+    notebook 03 uses, writing metrics.json; returns the sae_id `{model}_{arch}-saelens_L{layer}_{condition}`.
+    The SAE's metadata records the analysis split its training skipped, as notebook 04 expects."""
+    loaded = _load_trained(Path(folder), hook_name(selection.layer))
+    meta = loaded.cfg.get("metadata") or {}
+    trained_with = meta.get("sae_lens_training_version") or meta.get("sae_lens_version")
+    if trained_with:
+        check_saelens_version(str(trained_with))
+    if loaded.layer != selection.layer:
+        raise ValueError(
+            f"{folder} reads layer {loaded.layer} ({loaded.hook_name}), the selection is layer {selection.layer}"
+        )
+    held_store, held_ids = selection.held_out()
+    if loaded.sae.d_in != held_store.d_model:
+        raise ValueError(
+            f"{folder} has d_in {loaded.sae.d_in}; the run's layer {selection.layer} has {held_store.d_model}"
+        )
+    info = selection.describe()
+    spec = info["model_spec"] or loaded.model_name or "unknown"
+    sae_id = sae_id_of(spec, f"{loaded.sae.architecture}-saelens", selection.layer, selection.grid_condition)
+    out = sae_dir(selection.run_dir, sae_id)
+    if (out / SAE_METRICS).exists():
+        print(f"{sae_id} was imported earlier: kept (delete {out} to import again)")
+        return sae_id
+    row = {"sae_id": sae_id, "layer": selection.layer, "condition": info["condition"],
+           "architecture": loaded.sae.architecture, "model_spec": spec, "trained_with": f"sae_lens {trained_with}",
+           "imported_from": str(folder), "hook_from_selection": loaded.path != Path(folder), "analysis_split": info["analysis_split"], "selection": info,
+           **({"note": note} if note else {})}  # fmt: skip
+    save_sae(loaded.sae, out, hook_name=hook_name(selection.layer), model_name=spec, metadata=row)
+    evaluation = evaluate_folder(out, held_store, held_ids, device=device)
+    atomic_write_json(out / SAE_METRICS, {**row, **evaluation})
+    print(f"imported {sae_id}: explained variance {evaluation['activations']['explained_variance']:.3f}, "
+          f"L0 {evaluation['activations']['l0']:.1f} on {len(held_ids)} held-out "
+          f"{'sequences' if held_store.dir.parent.name == 'corpus' else 'completions'}")  # fmt: skip
+    return sae_id
+
+
+__all__ = [
+    "EXPORT_MANIFEST",
+    "TESTED_SAELENS",
+    "Selection",
+    "check_saelens_version",
+    "export_saelens_cache",
+    "import_saelens_sae",
+    "store_batches",
+]
