@@ -50,7 +50,16 @@ from tqdm.auto import tqdm
 from helpers.collect.store import FP16_MAX, ActivationWriter, LayerStore
 from helpers.model.chat import NANOCHAT_TOKENS, chat_format_of
 from helpers.model.hooks import check_layers, hook_name, run_with_capture
-from helpers.run import corpus_dir, read_run_json, stable_hash, update_run_json
+from helpers.run import (
+    SETTINGS,
+    check_stage_settings,
+    corpus_dir,
+    read_run_json,
+    settings_conflict,
+    settings_diff,
+    stable_hash,
+    update_run_json,
+)
 
 BUILTIN_CORPUS = "builtin:corpus"
 BUILTIN_PATH = Path(__file__).parent / "data" / "corpus_sample.parquet"
@@ -356,10 +365,13 @@ def collect_corpus(
     text_column: str | None = None,
     token: str | None = None,
     shard_tokens: int = 65_536,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Store the residuals of `max_tokens` corpus tokens (kept positions, per layer) at `layers` under
     `corpus/layer_{L}/`; returns a summary. A shorter corpus is stored whole, with a message; `max_tokens`
-    None stores the whole corpus (a local one: no disk estimate is possible up front)."""
+    None stores the whole corpus (a local one: no disk estimate is possible up front). A stored corpus made
+    with other settings stops this before anything is written, unless `overwrite` (which deletes it); more
+    tokens or more layers add to it."""
     if (max_tokens is not None and max_tokens < 1) or batch_size < 1:
         raise ValueError(f"max_tokens and batch_size must be positive, got {max_tokens}, {batch_size}")
     budget = sys.maxsize if max_tokens is None else max_tokens
@@ -368,9 +380,14 @@ def collect_corpus(
     names = [hook_name(layer) for layer in layers]
     packing = Packing.for_tokenizer(tokenizer, seq_len)
     settings = CorpusSettings(corpus, text_column, seq_len, packing.separator, len(tokenizer))
-    _check_settings(run_dir, settings, layers)
+    _check_settings(run_dir, settings, layers, overwrite)
     stored = {layer: _stored_tokens(run_dir, layer) for layer in layers}
     have = min(stored.values())
+    already = (
+        f"{have:,} already stored"
+        if len(set(stored.values())) == 1
+        else "already stored: " + ", ".join(f"layer {layer} {n:,}" for layer, n in stored.items())
+    )
     d_model = int(model.config.hidden_size)
     need = estimate_bytes(max(0, budget - have), d_model, len(layers)) if max_tokens else 0
     corpus_dir(run_dir, layers[0]).mkdir(parents=True, exist_ok=True)
@@ -387,7 +404,7 @@ def collect_corpus(
         if max_tokens is None
         else f"{max_tokens:,} tokens per layer (~{estimate_bytes(max_tokens, d_model, len(layers)) / 2**30:.2f} GiB)"
     )
-    print(f"corpus {corpus}: {len(files.paths)} file(s); storing {plan}, {have:,} already stored")
+    print(f"corpus {corpus}: {len(files.paths)} file(s); storing {plan}, {already}")
     seqs = iter_sequences(tokenizer, iter_documents(files, text_column), packing)
     with ExitStack() as stack:
         writers = {layer: stack.enter_context(ActivationWriter(run_dir, layer, shard_tokens=shard_tokens, kind="corpus"))
@@ -485,16 +502,39 @@ def _bytes(run_dir: str | os.PathLike, layer: int) -> int:
     return sum(p.stat().st_size for p in folder.glob("shard_*")) if folder.exists() else 0
 
 
-def _check_settings(run_dir: str | os.PathLike, settings: CorpusSettings, layers: list[int]) -> None:
-    before = read_run_json(run_dir).get("corpus") or {}
-    if not any(_stored_tokens(run_dir, layer) for layer in layers) or not before:
-        return
-    changed = {k: (before.get(k), v) for k, v in asdict(settings).items() if before.get(k) != v}
-    if changed:
-        raise ValueError(
-            f"corpus/ already holds activations made with other settings {changed} (before, now): resuming would "
-            "mix two corpora. Use the same settings, or delete the run folder's corpus/ to start over."
-        )
+CORPUS_STAGE = "02_corpus"
+"""The reference corpus's settings in run.json (`CorpusSettings`; more tokens or layers only add)."""
+
+
+def _check_settings(
+    run_dir: str | os.PathLike, settings: CorpusSettings, layers: list[int], overwrite: bool
+) -> None:
+    """The corpus settings against those of the corpus already stored (any layer): the same resume (more
+    tokens and layers add); others stop before anything is written, naming each difference and the
+    choices, unless `overwrite`, which deletes corpus/. A run folder from before settings were recorded
+    is compared with run.json's `corpus`."""
+    folder = corpus_dir(run_dir, 0).parent
+    stored = sorted(
+        {
+            *layers,
+            *(int(d.name.removeprefix("layer_")) for d in folder.glob("layer_*") if d.name[6:].isdigit()),
+        }
+    )
+    has = any(_stored_tokens(run_dir, layer) for layer in stored)
+    values = asdict(settings)
+    run = read_run_json(run_dir)
+    overwrite_does = f"delete {folder} and collect the corpus again with the new settings"
+    legacy_diff = []
+    if has and not (run.get(SETTINGS) or {}).get(CORPUS_STAGE) and run.get("corpus"):
+        before = {k: run["corpus"].get(k) for k in values}
+        if (legacy_diff := settings_diff(before, values)) and not overwrite:
+            raise settings_conflict(f"{folder}", legacy_diff, can_add=False, overwrite_does=overwrite_does)
+    decision = check_stage_settings(
+        run_dir, CORPUS_STAGE, values, overwrite=overwrite, has_outputs=has, overwrite_does=overwrite_does
+    )
+    if decision == "overwrite" or (legacy_diff and overwrite):
+        shutil.rmtree(folder)
+        print(f"OVERWRITE: removed {folder} (made with other settings)")
 
 
 # --- streamed -----------------------------------------------------------------------------------------

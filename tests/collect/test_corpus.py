@@ -6,6 +6,7 @@ token ids, collection resumes, the streamed path serves the same training vector
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections import namedtuple
 from itertools import islice
@@ -33,6 +34,7 @@ from helpers.collect.corpus import (
     resolve_corpus,
 )
 from helpers.collect.store import LayerStore
+from helpers.env import NotebookError
 from helpers.model.hooks import hook_name, run_with_capture
 from tests.model import nanochat_oracle
 
@@ -169,7 +171,10 @@ def test_collect_stores_the_models_residuals_and_resumes(offline_lm, tmp_path, m
     stored_before = LayerStore(part, LAYER, kind="corpus").n_tokens
     assert 0 < stored_before < 1500
     monkeypatch.setattr(corpus, "run_with_capture", real)
+    capsys.readouterr()
     collect_corpus(offline_lm, BUILTIN_CORPUS, [LAYER, 5], part, **kw)
+    said = capsys.readouterr().out
+    assert re.search(rf"(?<![\d,]){stored_before:,} already stored|layer {LAYER} {stored_before:,}", said), said
     for layer in (LAYER, 5):
         a, b = LayerStore(full, layer, kind="corpus"), LayerStore(part, layer, kind="corpus")
         assert sorted(a.completion_ids) == sorted(b.completion_ids) and all(b.has_token_ids)
@@ -177,8 +182,10 @@ def test_collect_stores_the_models_residuals_and_resumes(offline_lm, tmp_path, m
             assert np.array_equal(a.tokens_of(sid), b.tokens_of(sid))
             assert np.array_equal(a.token_ids_of(sid), b.token_ids_of(sid)), "ids resume with their rows"
 
-    with pytest.raises(ValueError, match=r"other settings \{'seq_len': \(64, 32\)\}"):
+    before = {p: p.read_bytes() for p in full.rglob("*") if p.is_file()}
+    with pytest.raises(NotebookError, match=r"(?s)other settings.*seq_len: 64 → 32.*OVERWRITE = True"):
         collect_corpus(offline_lm, BUILTIN_CORPUS, [LAYER], full, **{**kw, "seq_len": 32})
+    assert {p: p.read_bytes() for p in full.rglob("*") if p.is_file()} == before, "nothing written"
     capsys.readouterr()
     (tmp_path / "three.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs()[:3]))
     total = sum(len(offline_lm.tokenizer.encode(d, add_special_tokens=False)) for d in docs()[:3])
