@@ -29,6 +29,8 @@ from helpers.model.hooks import capture, hook_name, run_with_capture
 from helpers.saes.io import LoadedSAE
 from helpers.steer.directions import check_sae_matches
 
+NO_FEATURE_FIRES = "no feature fires on this text: every feature of this SAE is 0 on all of its tokens"
+
 
 @dataclass
 class TokenStep:
@@ -119,7 +121,8 @@ def analyse_text(
     lm: Any, sae: LoadedSAE, text: str, *, features: Sequence[int] | None = None, top_n: int = 6
 ) -> tuple[list[str], list[int], np.ndarray]:
     """(tokens, features, acts [n_tokens, len(features)]) of `text` through the model and the SAE: the
-    given features, or the `top_n` with the largest activation anywhere in the text.
+    given features, or up to `top_n` with the largest activation anywhere in the text among those that
+    fire on it (none when no feature does: `NO_FEATURE_FIRES`, never features 0..5 at 0).
 
     The text is read after the tokenizer's BOS token when it has one (as the model reads every prompt):
     the first position of a sequence is an attention sink whose residual norm is far above every other
@@ -145,24 +148,23 @@ def analyse_text(
     param = next(sae.sae.parameters())
     with torch.no_grad():
         acts = sae.sae.encode(resid.to(param.device, torch.float32))[0].float().cpu().numpy()  # [n, d_sae]
-    chosen = (
-        [int(f) for f in features]
-        if features
-        else [int(f) for f in np.argsort(-acts.max(0), kind="stable")[:top_n]]
-    )
+    chosen = [int(f) for f in features] if features else _top_firing(acts, top_n)
     return token_pieces(tok, ids), chosen, acts[:, chosen]
+
+
+def _top_firing(acts: np.ndarray, top_n: int) -> list[int]:
+    """The (up to) `top_n` features of acts [n_tokens, d_sae] with the largest maximum, among those > 0."""
+    peak = acts.max(0) if len(acts) else np.zeros(acts.shape[1])
+    return [int(f) for f in np.argsort(-peak, kind="stable")[:top_n] if peak[f] > 0]
 
 
 def answer_acts(
     steps: Sequence[TokenStep], features: Sequence[int] | None = None, top_n: int = 6
 ) -> tuple[list[str], list[int], np.ndarray]:
-    """The analyser's view of a tracked answer: (tokens, features, acts [n_tokens, len(features)])."""
+    """The analyser's view of a tracked answer: (tokens, features, acts [n_tokens, len(features)]), the
+    features chosen as in `analyse_text`."""
     if not steps:
         return [], [], np.zeros((0, 0), np.float32)
     full = np.stack([s.acts for s in steps])  # [n, d_sae]
-    chosen = (
-        [int(f) for f in features]
-        if features
-        else [int(f) for f in np.argsort(-full.max(0), kind="stable")[:top_n]]
-    )
+    chosen = [int(f) for f in features] if features else _top_firing(full, top_n)
     return [s.text for s in steps], chosen, full[:, chosen]

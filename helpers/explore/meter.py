@@ -20,10 +20,17 @@ not such a vector, so a per-token P(deceptive) is the probe's reading of an inpu
 the running mean over the tokens generated so far is its own input type (for mean pooling), and only
 its value at the end of an answer matches what the CV figures describe. Neither is calibrated for
 prompts unlike the run's scenarios.
+
+Honesty about chance: the meter is drawn greyed out, and says why, unless the probe it actually uses is
+better than chance by its own grouped CV: both the AUROC and the balanced-accuracy 95% CIs above 0.5
+(`DeceptionMeter.chance`). A probe whose CI includes 0.5 would otherwise paint confident red bars
+(P = 0.9 is an extreme of a logistic fit, not evidence). The figure quoted first is always that probe's
+own (`DeceptionMeter.quality`); notebook 04's is quoted after it, named as a different fit.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import os
 from dataclasses import dataclass
@@ -38,11 +45,13 @@ from helpers.collect.capture import load_pooled
 from helpers.collect.completions import read_completions
 from helpers.run import probes_path
 
+METER_COLOUR, CHANCE_COLOUR = "#d63027", "#b8b8b8"
 CAVEAT = (
-    "calibration caveat: the probe was trained on one pooled vector per completion ({pooling} over its "
-    "tokens); a single token's score reads an input it never saw, and the running mean over the answer so "
-    "far is its own input type only at the end of an answer. Held-out quality of this meter (grouped CV on "
-    "the {n} labelled completions it is fit on): {cv}. Notebook 04's raw probe on its analysis split: {analysis}."
+    "meter's probe (raw residuals at layer {layer}), by its own held-out quality (grouped CV on the {n} "
+    "labelled completions it is fit on): {cv}. Notebook 04's raw probe on its analysis split (another fit): "
+    "{analysis}. Calibration caveat: the probe was trained on one pooled vector per completion ({pooling} "
+    "over its tokens); a single token's score reads an input it never saw, and the running mean over the "
+    "answer so far is its own input type only at the end of an answer."
 )
 
 
@@ -68,18 +77,58 @@ class DeceptionMeter:
         return 1.0 / (1.0 + np.exp(-z))
 
     @property
-    def caveat(self) -> str:
-        def quality(cv: dict[str, Any]) -> str:
-            lo, hi = cv["ba_ci"]
-            return f"balanced accuracy {cv['balanced_accuracy']:.2f} [{lo:.2f}, {hi:.2f}], AUROC {cv['auroc']:.2f}"
+    def chance(self) -> str | None:
+        """Why this meter is no better than chance (its own grouped CV: an AUROC or balanced-accuracy
+        95% CI that includes 0.5, or no CV at all), or None when both CIs lie above 0.5."""
+        if "reason" in self.cv:
+            return f"its quality is unknown ({self.cv['reason']})"
+        for key, ci, name in (
+            ("auroc", "auroc_ci", "AUROC"),
+            ("balanced_accuracy", "ba_ci", "balanced accuracy"),
+        ):
+            if self.cv.get(ci) is None or None in self.cv[ci]:
+                return f"its {name} has no confidence interval (too few prompt groups to bootstrap)"
+            lo, hi = self.cv[ci]
+            if lo <= 0.5:
+                return f"its {name} {self.cv[key]:.2f} [{lo:.2f}, {hi:.2f}] includes chance (0.5)"
+        return None
 
-        own = quality(self.cv) if "reason" not in self.cv else f"unknown ({self.cv['reason']})"
+    @property
+    def caveat(self) -> str:
         analysis = (
-            quality(self.analysis_cv)
+            _quality(self.analysis_cv)
             if self.analysis_cv
             else "none (probes.json has no raw probe at this layer)"
         )
-        return CAVEAT.format(pooling=self.pooling, n=self.n_train, cv=own, analysis=analysis)
+        text = CAVEAT.format(
+            layer=self.layer, pooling=self.pooling, n=self.n_train, cv=_quality(self.cv), analysis=analysis
+        )
+        if self.chance:
+            return f"Greyed out: this meter is no better than chance: {self.chance}. The {text}"
+        return f"The {text}"
+
+    def bar_html(self, value: float, token: float | None = None) -> str:
+        """A reading as an HTML bar: red, as long as P(deceptive), when the probe beats chance; grey with
+        the reason on hover (and no colour to read meaning into) when it does not (`chance`)."""
+        reading = f"{value:.2f}" + (f" (token: {token:.2f})" if token is not None else "")
+        style = f"display:inline-block; width:{80 * value:.0f}px; height:9px; background:"
+        if self.chance is None:
+            return f"<span style='{style}{METER_COLOUR}'></span> {reading}"
+        why = html.escape(f"no better than chance: {self.chance}")
+        return (f"<span style='color:#999' title=\"{why}\"><span style='{style}{CHANCE_COLOUR}'></span> {reading} "
+                "<i>no better than chance</i></span>")  # fmt: skip
+
+
+def _quality(cv: dict[str, Any]) -> str:
+    if "reason" in cv:
+        return f"unknown ({cv['reason']})"
+
+    def ci(key: str) -> str:
+        lo, hi = cv.get(key) or (None, None)
+        return "" if lo is None or hi is None else f" [{lo:.2f}, {hi:.2f}]"
+
+    auroc = "unknown" if cv.get("auroc") is None else f"{cv['auroc']:.2f}{ci('auroc_ci')}"
+    return f"balanced accuracy {cv['balanced_accuracy']:.2f}{ci('ba_ci')}, AUROC {auroc}"
 
 
 def fit_probe(X: np.ndarray, y: np.ndarray, C: float = 1.0) -> tuple[np.ndarray, float]:

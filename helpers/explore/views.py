@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from helpers.explore.live import TokenStep
+from helpers.explore.live import NO_FEATURE_FIRES, TokenStep
 from helpers.explore.meter import DeceptionMeter
 from helpers.plots import token_html
 
@@ -223,6 +223,8 @@ def analyser_html(
 ) -> str:
     """One line of the text per feature, each token as red as that feature's activation on it."""
     labels = labels or {}
+    if len(tokens) and not len(features):
+        return f"<p>{NO_FEATURE_FIRES}</p>"
     lines = []
     for j, f in enumerate(features):
         col = acts[:, j]
@@ -246,10 +248,11 @@ def live_html(
             f"#{f} {a:.2g}" + (f" <i>{html.escape(labels[f][:40])}</i>" if labels.get(f) else "")
             for f, a in s.features
         )
-        bar = ""
-        if s.meter_running is not None:
-            bar = (f"<span style='display:inline-block; width:{80 * s.meter_running:.0f}px; height:9px; "
-                   f"background:#d63027'></span> {s.meter_running:.2f} (token: {s.meter:.2f})")  # fmt: skip
+        bar = (
+            meter.bar_html(s.meter_running, s.meter)
+            if meter is not None and s.meter_running is not None
+            else ""
+        )
         rows.append(
             f"<tr><td><code>{html.escape(repr(s.text))}</code></td><td>{s.n_firing}</td><td>{feats}</td><td>{bar}</td></tr>"
         )

@@ -3,12 +3,15 @@ tokens, and a plain forward pass over prompt + answer (no cache) for every token
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
-from helpers.explore.live import analyse_text, answer_acts, track_generation
+from helpers.explore.live import NO_FEATURE_FIRES, analyse_text, answer_acts, track_generation
 from helpers.explore.meter import fit_meter
+from helpers.explore.views import analyser_html
 from helpers.model.chat import encode_chat
 from helpers.model.hooks import hook_name, run_with_capture
 from helpers.run import sae_dir
@@ -17,7 +20,9 @@ from helpers.steer.directions import feature_direction, steer
 from tests.conftest import tiny_chat_llama
 from tests.explore.fake_run import LAYER, SAE_ID, make_run
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# FutureWarning as an error: transformers' deprecations (e.g. the KV cache's keyword) once reached notebook
+# 06's output from our own decoding loop
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.filterwarnings("error::FutureWarning")]
 PROMPT = "Did you take the money from the drawer?"
 
 
@@ -96,3 +101,27 @@ def test_analyser_reads_the_text_after_bos(tiny, sae):
         analyse_text(tiny, sae, "  ")
     with pytest.raises(ValueError, match="prompt is empty"):
         next(track_generation(tiny, sae, ""))
+
+
+def test_analyser_shows_only_features_that_fire_and_says_when_none_does(tiny, sae):
+    text = "I never took the money."
+    _, top, acts = analyse_text(tiny, sae, text, top_n=96)
+    ids = tiny.tokenizer.encode(text, add_special_tokens=False)
+    want, _ = full_pass_acts(tiny, sae, [tiny.tokenizer.bos_token_id, *ids])
+    firing = want[1:].max(0) > 0
+    assert 0 < firing.sum() < 96 and top == [
+        int(f) for f in np.argsort(-want[1:].max(0), kind="stable")[: firing.sum()]
+    ]
+    assert (acts.max(0) > 0).all()
+    dead = copy.deepcopy(sae)
+    with torch.no_grad():
+        dead.sae.b_enc.fill_(-1e6)  # every pre-activation negative: no feature fires anywhere
+    tokens, none, empty = analyse_text(tiny, dead, text)
+    assert none == [] and empty.shape == (len(tokens), 0)
+    page = analyser_html(tokens, none, empty)
+    assert NO_FEATURE_FIRES in page and "max 0" not in page and "#0" not in page
+    steps = list(track_generation(tiny, dead, PROMPT, max_new_tokens=3))
+    assert all(s.features == [] and s.n_firing == 0 for s in steps)
+    assert answer_acts(steps)[1] == []
+    # features asked for by number are shown even at 0: the user chose them
+    assert analyse_text(tiny, dead, text, features=[0, 5])[1] == [0, 5]
