@@ -369,24 +369,51 @@ def _cross_validate(
 def _svd_coordinates(Z_tr: Any, Z_te: Any) -> tuple[np.ndarray, np.ndarray]:
     """Training rows in their SVD coordinates U S [n_tr, r] and test rows in the same basis Z_te V,
     from the smaller of the two Gram matrices (dense or sparse inputs). Z_tr^T Z_tr becomes diagonal,
-    which is what `logistic.fit`'s preconditioner needs, and r <= min(n_tr, d)."""
+    which is what `logistic.fit`'s preconditioner needs, and r <= min(n_tr, d).
+
+    Dense inputs: the products run where `logistic.pick_device()` says (numpy on the CPU, else torch,
+    float64), streamed through the device in blocks of `logistic.MEMORY_BUDGET`; the small [r, r]
+    eigendecomposition runs in numpy on the CPU either way, so both paths share it."""
     n, d = Z_tr.shape
-    # A threaded eigh ran 50x slower on a busy 2-core VM; the products keep their threads.
-    if d > n:  # Z_tr = U S V^T via Z_tr Z_tr^T = U S^2 U^T; test: Z_te V = Z_te Z_tr^T U / S
-        gram = np.asarray((Z_tr @ Z_tr.T).todense() if sp.issparse(Z_tr) else Z_tr @ Z_tr.T)
-        with _THREADS.limit(limits=1):
-            eig, U = np.linalg.eigh(gram)
-        keep = eig > max(eig[-1], 0) * 1e-12  # numerically null directions carry nothing
+    if sp.issparse(Z_tr) and d > n:  # bag of words: the sparse products, on the CPU
+        gram = np.asarray((Z_tr @ Z_tr.T).todense())
+        eig, U, keep = _eigh(gram)
         S = np.sqrt(eig[keep])
-        cross = Z_te @ Z_tr.T
-        cross = np.asarray(cross.todense() if sp.issparse(cross) else cross)
-        return U[:, keep] * S, cross @ U[:, keep] / S
-    Z_tr = np.asarray(Z_tr.todense()) if sp.issparse(Z_tr) else Z_tr
-    Z_te = np.asarray(Z_te.todense()) if sp.issparse(Z_te) else Z_te
+        return U[:, keep] * S, np.asarray((Z_te @ Z_tr.T).todense()) @ U[:, keep] / S
+    Z_tr = np.asarray(Z_tr.todense()) if sp.issparse(Z_tr) else np.asarray(Z_tr, np.float64)
+    Z_te = np.asarray(Z_te.todense()) if sp.issparse(Z_te) else np.asarray(Z_te, np.float64)
+    dev = logistic.pick_device()
+    put = partial(logistic.to_device, dev=dev)
+    # blocks of columns (d > n) or rows (d <= n) of this size fit the budget on the device
+    block = max(n, d, 1) if dev is None else max(1, logistic.MEMORY_BUDGET // (8 * (n + len(Z_te) + d)))
+    if d > n:  # Z_tr = U S V^T via Z_tr Z_tr^T = U S^2 U^T; test: Z_te V = Z_te Z_tr^T U / S
+        gram, cross = 0, 0
+        for j in range(0, d, block):
+            A, T = put(Z_tr[:, j : j + block]), put(Z_te[:, j : j + block])
+            gram, cross = gram + A @ A.T, cross + T @ A.T
+        eig, U, keep = _eigh(logistic.to_numpy(gram))
+        S = np.sqrt(eig[keep])
+        return U[:, keep] * S, logistic.to_numpy(cross @ put(U[:, keep])) / S
+    gram = 0
+    for i in range(0, n, block):
+        A = put(Z_tr[i : i + block])
+        gram = gram + A.T @ A
+    eig, V, keep = _eigh(logistic.to_numpy(gram))
+    Vk = put(V[:, keep])
+
+    def rotate(M):  # M V, a block of rows at a time
+        parts = [logistic.to_numpy(put(M[i : i + block]) @ Vk) for i in range(0, len(M), block)]
+        return np.concatenate(parts) if parts else np.zeros((0, len(Vk.T)))
+
+    return rotate(Z_tr), rotate(Z_te)
+
+
+def _eigh(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Eigenvalues, eigenvectors and which to keep (numerically null directions carry nothing)."""
+    # A threaded eigh ran 50x slower on a busy 2-core VM; the products keep their threads.
     with _THREADS.limit(limits=1):
-        eig, V = np.linalg.eigh(Z_tr.T @ Z_tr)
-    keep = eig > max(eig[-1], 0) * 1e-12
-    return Z_tr @ V[:, keep], Z_te @ V[:, keep]
+        eig, U = np.linalg.eigh(gram)
+    return eig, U, eig > max(eig[-1], 0) * 1e-12
 
 
 def standardised_design(X: np.ndarray, tr: np.ndarray, te: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
