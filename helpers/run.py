@@ -174,7 +174,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def _disk_full_message(path: Path, size: int, err: OSError) -> str:
     folder = next((p for p in [path.parent, *path.parents] if p.exists()), path.parent)
     free = shutil.disk_usage(folder).free
-    kept = "the previous version is kept" if path.exists() else "nothing of it was written"
+    kept = "what was there before is kept" if path.exists() else "nothing of it was written"
     return (
         f"the disk (or Drive quota) holding {path.parent} is full: writing {path.name} ({size / 1e6:.1f} MB) "
         f"failed with {err.strerror or err}; {free / 1e9:.2f} GB free there, and {kept}. Free space (delete "
@@ -247,10 +247,16 @@ def append_jsonl(path: str | os.PathLike, rows: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _drop_torn_tail(path)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(_jsonl_line(r) for r in rows))
-        f.flush()
-        os.fsync(f.fileno())
+    text = "".join(_jsonl_line(r) for r in rows)
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        if err.errno in DISK_FULL:  # what did reach the disk is a torn tail: the next append drops it
+            raise OSError(err.errno, _disk_full_message(path, len(text.encode()), err)) from err
+        raise
 
 
 def _drop_torn_tail(path: Path) -> None:
@@ -442,6 +448,7 @@ def check_stage_settings(
     addable: tuple[str, ...] = (),
     overwrite_does: str = "redo this stage with the new settings (its earlier outputs are replaced)",
     has_outputs: bool = True,
+    legacy: dict[str, Any] | None = None,
 ) -> str:
     """Compare a stage's `settings` (what determines its outputs) with those recorded in run.json by its
     last run, and record them. Returns what to do:
@@ -454,10 +461,17 @@ def check_stage_settings(
 
     Any other difference raises a NotebookError naming each (on disk → now) and the choices, before
     anything is written (run.json included). The check, the settings and the release go to the history.
+    `legacy`: the settings to compare with when none are recorded (what an older run.json says).
     E.g. notebook 05: `check_stage_settings(run_dir, "05_steer", {"sae": SAE_ID, "strengths": STRENGTHS,
     ...}, overwrite=OVERWRITE)` before its first write."""
     run = read_run_json(run_dir)
     before = (run.get(SETTINGS) or {}).get(stage)
+    if before is None and legacy is not None:  # a run folder from before settings were recorded
+        before = {
+            "values": legacy,
+            "at": run.get("updated_at"),
+            "package_version": run.get("package_version"),
+        }
     new_hash = settings_hash(settings)
     if before and before.get("hash") == new_hash:
         return "same"
