@@ -5,8 +5,8 @@
 against the run's model and layers, makes its dashboards in one pass over the activation store
 (dashboards.py; the reference corpus of its layer too, when notebook 02 stored one) and writes them
 (site.py). An SAE whose data are complete with the same settings (the explorer config, its weights file,
-completions.jsonl, the stored corpus of its layer, notebook 04's file and whether logit effects were
-computed) is reused, so Run all after a disconnect resumes with the next SAE.
+completions.jsonl, the stored corpus of its layer, notebook 04's file, whether logit effects were
+computed and the version of the pages' fields, `DATA_FORMAT`: data of an older release are rebuilt) is reused, so Run all after a disconnect resumes with the next SAE.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 from helpers.analysis.pipeline import load_tokenizer, sae_id_of
 from helpers.explore.dashboards import (
+    DATA_FORMAT,
     NO_ANALYSIS,
     ExplorerConfig,
     build_dashboards,
@@ -85,7 +86,7 @@ def build_explorer(
     for s in chosen:
         sid = sae_id_of(s)
         same_layer = sorted(sae_id_of(o) for o in everything if o.layer == s.layer and o is not s)
-        settings = {"config": asdict(cfg), "weights": _stamp(s.path / SAE_WEIGHTS),
+        settings = {"format": DATA_FORMAT, "config": asdict(cfg), "weights": _stamp(s.path / SAE_WEIGHTS),
                     "completions": _stamp(completions_path(run_dir)), "notebook_04": _stamp(features_path(run_dir, sid)),
                     "logit_effects": unembedding is not None, "same_layer": same_layer,
                     "corpus": _corpus_stamp(run_dir, s.layer)}  # fmt: skip

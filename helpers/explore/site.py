@@ -7,10 +7,13 @@ load scripts), each calling `explorerData(kind, key, data)`:
     explorer/data/saes.js                     the SAEs: facts, notes, where their data lie
     explorer/data/{sae_id}/table.js           the feature table (one column array per field, all features)
     explorer/data/{sae_id}/pages_{k:04d}.js   feature pages k*CHUNK .. (k+1)*CHUNK-1, loaded on demand
+    explorer/data/{sae_id}/text.js            per feature, the text of its top windows (completions and
+                                              corpus): loaded when the table's search looks in window text
     explorer/data/{sae_id}/complete.json      written last: the build's settings (a rerun skips the SAE)
 
 16k features stay fast: the first paint needs only table.js (a few MB of column arrays), the table
-renders 200 rows at a time, and a feature page loads one chunk of CHUNK pages. Each data file is
+renders 200 rows at a time, a feature page loads one chunk of CHUNK pages, and text.js loads only for
+a search in the windows' text. The density view (firing rates of all features) is drawn from table.js. Each data file is
 written atomically; `complete.json` last, so an interrupted build is redone, never trusted.
 """
 
@@ -32,6 +35,7 @@ CHUNK = 64
 """Feature pages per data file."""
 DATA = "data"
 COMPLETE = "complete.json"
+TEXT = "text.js"
 
 
 def _js(kind: str, key: str, data: Any) -> bytes:
@@ -65,12 +69,22 @@ def write_sae_data(run_dir: str | os.PathLike, db: SAEDashboards, settings: dict
     out = sae_data_dir(run_dir, db.sae_id)
     (out / COMPLETE).unlink(missing_ok=True)
     n_chunks = -(-db.d_sae // CHUNK)
+    text = []
     for k in tqdm(range(n_chunks), desc=f"{db.sae_id}: feature pages", unit="chunk"):
         pages = {str(f): db.page(f) for f in range(k * CHUNK, min((k + 1) * CHUNK, db.d_sae))}
         atomic_write_bytes(out / f"pages_{k:04d}.js", _js("pages", f"{db.sae_id}/{k}", pages))
+        text += [window_text(p) for p in pages.values()]
+    atomic_write_bytes(out / TEXT, _js("text", db.sae_id, text))
     atomic_write_bytes(out / "table.js", _js("table", db.sae_id, db.table()))
     atomic_write_json(out / COMPLETE, {"info": db.info, "chunk": CHUNK, "settings": jsonable(settings)})
     return out
+
+
+def window_text(page: dict[str, Any]) -> str:
+    """What the table's text search looks in for a feature: its top windows (completions', then the
+    corpus's), one per line, as the page shows them."""
+    windows = page["top"] + (page.get("corpus") or {}).get("top", [])
+    return "\n".join("".join(ex["tokens"]).replace("\n", " ") for ex in windows)
 
 
 def sae_info(run_dir: str | os.PathLike, sae_id: str) -> dict[str, Any]:

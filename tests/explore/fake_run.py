@@ -48,8 +48,11 @@ EXPLANATIONS = {
 }
 
 
-def make_run(root: Path, lm, *, with_analysis: bool = True, with_corpus: bool = True) -> Path:
-    """Write the run folder under `root` (module doc) and return it."""
+def make_run(
+    root: Path, lm, *, with_analysis: bool = True, with_corpus: bool = True, with_other: bool = True
+) -> Path:
+    """Write the run folder under `root` (module doc) and return it; `with_other=False` leaves every
+    completion honest or deceptive (no ambiguous, unlabelled or control completion)."""
     tok = lm.tokenizer
     records = []
     for label, answers in ANSWERS.items():
@@ -63,7 +66,8 @@ def make_run(root: Path, lm, *, with_analysis: bool = True, with_corpus: bool = 
                     "prompt_token_ids": encode_chat(tok, prompt), "completion_token_ids": tok.encode(answer, add_special_tokens=False),
                 })  # fmt: skip
                 records[-1]["n_tokens"] = len(records[-1]["completion_token_ids"])
-    records[0]["label"] = "ambiguous"  # one token class "other"
+    if with_other:
+        records[0]["label"] = "ambiguous"  # one token class "other"
     write_completions(root, records)
     update_run_json(root, model={"spec": "tiny-llama", "n_layers": 3, "d_model": 32}, layers=[LAYER, 2])
     collect_activations(lm, records, [LAYER, 2], root, batch_size=8)

@@ -2,7 +2,10 @@
 (Debian's chromium + chromium-driver, driven by selenium) opened from file:// with no server.
 
 The browser test builds the explorer of a small real run in `runs/ci_explorer/` at the repository root
-(git-ignored) and saves its screenshots there, in `explorer_screenshots/`, as CI artifacts."""
+(git-ignored) and saves its screenshots there, in `explorer_screenshots/`, as CI artifacts; the bad-input
+test does the same for a run whose SAE never fires, without notebook 04 or other/control completions,
+and for data as an older release wrote them (`runs/ci_explorer_bad/`). Both read the browser's network
+log: every request the page makes stays on file:// (no CDN, no server)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers.explore.dashboards import ExplorerConfig
 from helpers.explore.pipeline import build_explorer
@@ -23,13 +27,19 @@ from helpers.explore.site import (
     read_table,
     sae_data_dir,
     sae_info,
+    window_text,
+    write_site,
 )
-from helpers.run import explorer_dir
+from helpers.model.hooks import hook_name
+from helpers.run import explorer_dir, sae_dir
+from helpers.saes import TopKSAE
+from helpers.saes.io import save_sae
 from tests.conftest import tiny_chat_llama
-from tests.explore.fake_run import D_SAE, SAE_ID, make_run
+from tests.explore.fake_run import D_SAE, LAYER, SAE_ID, make_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "runs" / "ci_explorer"
+BAD = ARTIFACTS.with_name("ci_explorer_bad")
 CFG = ExplorerConfig(n_top=4, n_quantiles=3, per_quantile=2, reservoir=8, before=6, after=2)
 
 
@@ -95,13 +105,29 @@ def _browser():
     ):
         opts.add_argument(arg)
     opts.binary_location = binary
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     return webdriver.Chrome(service=Service(driver), options=opts)
 
 
+def _requests(browser) -> list[str]:
+    """Every URL the page asked for since the last call (the browser's network log)."""
+    urls = []
+    for entry in browser.get_log("performance"):
+        msg = json.loads(entry["message"])["message"]
+        if msg["method"] == "Network.requestWillBeSent":
+            urls.append(msg["params"]["request"]["url"])
+    return urls
+
+
+def _offline(urls: list[str]) -> None:
+    away = [u for u in urls if not u.startswith(("file://", "data:", "about:"))]
+    assert urls and not away, f"requests leaving the machine: {away}"
+
+
 def test_explorer_in_a_headless_browser(run):
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     shots = run / "explorer_screenshots"
     shots.mkdir(exist_ok=True)
@@ -120,9 +146,39 @@ def test_explorer_in_a_headless_browser(run):
         )
         heads = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#table th")]
         assert "corpus" in heads and len(rows[0].find_elements(By.TAG_NAME, "td")) == len(heads)
+        table = read_table(run, SAE_ID)
+        bars = browser.find_elements(By.CSS_SELECTOR, "#density-svg rect")
+        heights = [float(b.get_attribute("height")) for b in bars]
+        counted = sum(
+            int(b.find_element(By.TAG_NAME, "title").get_attribute("textContent").split()[0]) for b in bars
+        )
+        assert counted == sum(r > 0 for r in table["firing_rate"]) and max(heights) > 50, (
+            "every firing feature in a bar"
+        )
+        assert browser.find_elements(By.CSS_SELECTOR, "#density-corpus-svg rect"), "the corpus's density too"
+        facts = browser.find_element(By.ID, "density-facts").text
+        assert f"never fired {D_SAE - sum(r > 0 for r in table['firing_rate'])}" in facts
         browser.save_screenshot(str(shots / "table.png"))
 
+        # search in the text of the top windows (text.js, loaded on demand): a word of feature 5's top window
+        page5 = read_page(run, SAE_ID, 5)
+        word = max("".join(page5["top"][0]["tokens"]).split(), key=len).strip(".,!?;:").lower()
+        Select(browser.find_element(By.ID, "where")).select_by_value("text")
+        browser.find_element(By.ID, "search").send_keys(word)
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#table td.snippet mark"))
+        hits = {r.get_attribute("data-f") for r in browser.find_elements(By.CSS_SELECTOR, "#table tbody tr")}
+        want = {str(p["feature"]) for p in iter_pages(run, SAE_ID)
+                if word in window_text(p).lower() and (p["n_firing"] or p["corpus"]["n_firing"])}  # fmt: skip
+        assert "5" in hits and hits == want, (word, hits ^ want)
+        assert all(
+            m.text.lower() == word for m in browser.find_elements(By.CSS_SELECTOR, "#table td.snippet mark")
+        )
+        browser.save_screenshot(str(shots / "text_search.png"))
+        browser.find_element(By.ID, "search").clear()
+        Select(browser.find_element(By.ID, "where")).select_by_value("labels")
+
         browser.find_element(By.ID, "search").send_keys("denial")
+        wait.until(lambda b: not b.find_elements(By.CSS_SELECTOR, "#table td.snippet"))
         wait.until(lambda b: b.find_element(By.ID, "count").text.startswith("1 of"))
         rows = browser.find_elements(By.CSS_SELECTOR, "#table tbody tr")
         assert len(rows) == 1 and rows[0].get_attribute("data-f") == "5" and "denials" in rows[0].text
@@ -155,13 +211,153 @@ def test_explorer_in_a_headless_browser(run):
             assert ex["sequence_id"] in el.text and "".join(ex["tokens"]).strip() in el.text.replace(
                 "⏎\n", "\n"
             )
+        # the new views: logit histogram, co-activation, quantile groups with counts, held-out d, scores
+        lh = page["logit_histogram"]
+        bars = browser.find_elements(By.CSS_SELECTOR, "#logit-histogram rect")
+        assert (
+            len(bars) == len(lh["counts"]) == CFG.logit_bins
+            and sum(float(b.get_attribute("height")) > 0 for b in bars) > 3
+        )
+        assert (
+            f"each of the {sum(lh['counts']):,} vocabulary entries"
+            in browser.find_element(By.ID, "logit-card").text
+        )
+        links = browser.find_elements(By.CSS_SELECTOR, "#coactive a[data-f]")
+        assert (
+            [int(a.get_attribute("data-f")) for a in links]
+            == [g for g, _, _ in page["coactive"]["neighbours"]]
+            != []
+        )
+        heads = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#quantiles .group-head")]
+        assert len(heads) == len(page["quantiles"]) and all("firings" in h for h in heads)
+        assert "+1.5 [0.5, 2]" in browser.find_element(By.ID, "held-out-d").text
+        assert "CI excludes 0" in browser.find_element(By.ID, "held-out-d").text
+        assert "shuffled explanations: no baseline scored" in browser.find_element(By.ID, "detection").text
+        hist = browser.find_elements(By.CSS_SELECTOR, "#histogram text")
+        assert hist[0].text == f"{page['histogram']['min']:.3g}".rstrip("0").rstrip("."), (
+            "starts at the smallest activation"
+        )
         browser.save_screenshot(str(shots / "feature.png"))
+
+        # per-token hover: the token's activation and the feature's top logit effect at it
+        center = browser.find_element(By.CSS_SELECTOR, "#top-examples .example .t.center")
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", center)
+        ActionChains(browser).move_to_element(center).perform()
+        wait.until(lambda b: b.find_element(By.ID, "tip").is_displayed())
+        tip = browser.find_element(By.ID, "tip").text
+        top_tok, top_w = page["logits"]["positive"][0]
+        assert "activation" in tip and "top logit effect here" in tip and top_tok.strip() in tip, tip
+        act = page["top"][0]["activation"]
+        assert f"{act * top_w:.2g}"[:3] in tip.replace("+", ""), (tip, act * top_w)
+        browser.save_screenshot(str(shots / "hover.png"))
 
         browser.get(f"{url}#sae={SAE_ID}&f=9999")
         wait.until(lambda b: b.find_elements(By.ID, "feature-error"))
         assert "out of range" in browser.find_element(By.ID, "feature-error").text
         errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, json.dumps(errors, indent=1)
+        urls = _requests(browser)
+        _offline(urls)
+        assert any(u.endswith("/text.js") for u in urls) and any(u.endswith("/table.js") for u in urls)
     finally:
         browser.quit()
-    assert all((shots / f"{name}.png").stat().st_size > 10_000 for name in ("table", "search", "feature"))
+    names = ("table", "text_search", "search", "feature", "hover")
+    assert all((shots / f"{name}.png").stat().st_size > 10_000 for name in names)
+
+
+@pytest.fixture(scope="module")
+def bad_run(tiny):
+    """A run whose SAE never fires (encoder bias far below zero), without notebook 04, a corpus or any
+    other (ambiguous / unlabelled / control) completion."""
+    shutil.rmtree(BAD, ignore_errors=True)
+    BAD.mkdir(parents=True)
+    make_run(BAD, tiny, with_analysis=False, with_corpus=False, with_other=False)
+    sae = TopKSAE(32, D_SAE, l0=6, seed=1)
+    with torch.no_grad():
+        sae.b_enc.fill_(-1e4)
+    save_sae(
+        sae,
+        sae_dir(BAD, SAE_ID),
+        hook_name=hook_name(LAYER),
+        model_name="tiny-llama",
+        metadata={"sae_id": SAE_ID},
+    )
+    build_explorer(BAD, lm=tiny, config=CFG, sae_filter="L1_mixed")
+    return BAD
+
+
+def _older_release(run: Path, into: Path) -> None:
+    """The explorer data of `run` as the release before DATA_FORMAT 2 wrote them: no format, no logit
+    histogram, co-activation, histogram minimum, group counts or text.js."""
+    shutil.copytree(run, into)
+    folder = sae_data_dir(into, SAE_ID)
+    (folder / "text.js").unlink()
+    done = json.loads((folder / "complete.json").read_text())
+    del done["info"]["format"]
+    (folder / "complete.json").write_text(json.dumps(done))
+    for path in folder.glob("pages_*.js"):
+        pages = _read_js(path)
+        for p in pages.values():
+            for key in ("logit_histogram", "coactive", "min_activation"):
+                p.pop(key, None)
+            p["histogram"].pop("min")
+            for g in p["quantiles"]:
+                g.pop("count")
+        path.write_bytes(_js("pages", path.read_text().split('"')[3], pages))
+    write_site(into)
+
+
+def test_bad_input_views_say_what_is_missing(bad_run, run, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    shots = bad_run / "explorer_screenshots"
+    shots.mkdir(exist_ok=True)
+    info = sae_info(bad_run, SAE_ID)
+    assert info["n_alive"] == 0 and any("no feature of this SAE fired" in n for n in info["notes"])
+    assert any("no ambiguous, unlabelled or control completions" in n for n in info["notes"])
+    old = tmp_path / "older"
+    _older_release(run, old)
+    browser = _browser()
+    try:
+        wait = WebDriverWait(browser, 20)
+        url = (explorer_dir(bad_run) / "index.html").as_uri()
+        browser.get(f"{url}#sae={SAE_ID}")
+        wait.until(lambda b: b.find_elements(By.ID, "density-empty"))
+        assert "No feature of this SAE fired" in browser.find_element(By.ID, "density-empty").text
+        assert "0 of 96 features" in browser.find_element(By.ID, "count").text
+        browser.save_screenshot(str(shots / "nothing_fires.png"))
+
+        browser.get(f"{url}#sae={SAE_ID}&f=3")
+        wait.until(lambda b: b.find_elements(By.ID, "dead-note"))
+        assert "never fired on the" in browser.find_element(By.ID, "dead-note").text
+        assert "never fired" in browser.find_element(By.ID, "histogram").text
+        assert browser.find_elements(By.CSS_SELECTOR, "#logit-histogram rect"), "the decoder's view stays"
+        assert "Never fired" in browser.find_element(By.ID, "coactive-none").text
+        assert "no such completions" in browser.find_element(By.ID, "no-other").text
+        assert "notebook 04 has not run" in browser.find_element(By.ID, "held-out-d").text
+        browser.save_screenshot(str(shots / "dead_feature.png"))
+        _offline(_requests(browser))
+
+        url = (explorer_dir(old) / "index.html").as_uri()
+        browser.get(f"{url}#sae={SAE_ID}")
+        wait.until(lambda b: b.find_elements(By.ID, "older-note"))
+        Select(browser.find_element(By.ID, "where")).select_by_value("text")
+        browser.find_element(By.ID, "search").send_keys("the")
+        wait.until(lambda b: b.find_elements(By.ID, "text-missing"))
+        assert "older release" in browser.find_element(By.ID, "text-missing").text
+        browser.get(f"{url}#sae={SAE_ID}&f=5")
+        wait.until(lambda b: b.find_elements(By.ID, "logit-histogram-missing"))
+        for el in ("logit-histogram-missing", "coactive-missing"):
+            assert "older release" in browser.find_element(By.ID, el).text
+        assert browser.find_elements(By.CSS_SELECTOR, "#histogram rect") and browser.find_elements(
+            By.CSS_SELECTOR, "#quantiles .group-head"
+        )
+        browser.save_screenshot(str(shots / "older_release.png"))
+        errors = [
+            e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "text.js" not in e["message"]
+        ]
+        assert not errors, json.dumps(errors, indent=1)
+        _offline(_requests(browser))
+    finally:
+        browser.quit()
