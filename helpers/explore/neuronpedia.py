@@ -10,7 +10,20 @@ import route reads, one folder per source (`<model_id>/<layer>-<set_id>`), plus 
         features/batch-<k>.jsonl.gz                   one record per latent (`Neuron` in their database)
         activations/batch-<k>.jsonl.gz                the example windows of those latents
         explanations-pending/batch-0.jsonl.gz         notebook 04's explanations (README: what to ask first)
+    neuronpedia/upload-batch/<model_id>/<layer>-<set_id>/batch-<k>.json
+                                                      the same features as bodies of Neuronpedia's self-serve
+                                                      `POST /api/feature/upload-batch` (<= 128 features each)
     neuronpedia/saelens/<sae_id>/                     cfg.json + sae_weights.safetensors (SAELens 6.x)
+
+The self-serve route (`UPLOAD_SOURCE`, `apps/webapp/app/api/feature/upload-batch/route.tsx`) serves a user
+with an API key and no contact with Neuronpedia's team: `POST /api/model/new` (when the model is not on
+Neuronpedia), `POST /api/source-set/new` (creates the sources `<layer>-<set name>` of every layer,
+UNLISTED, owned by the caller), then one upload-batch call per file. It stores less than the bulk layout:
+per feature its density, top / bottom logits, explanations (method and model names must be ones
+Neuronpedia already has, so ours go without them) and windows (`quantileMin/Max/Fraction` become
+binMin/binMax/binContains); no histograms, no decoder neighbours, and a feature needs at least one window.
+`UPLOAD_SCHEMA` holds the route's request schema (tests/explore/neuronpedia_upload_batch_schema.json is the
+derivation, a test keeps the two equal) and `validate_upload_batch` checks a body against it.
 
 `SCHEMA` holds, per record type, the columns of Neuronpedia's schema that the export writes or that the
 schema requires (hijohnnylin/neuronpedia at `SCHEMA_SOURCE`; tests/explore/neuronpedia_schema.json
@@ -18,7 +31,9 @@ is the full derivation and a test keeps the two equal); `validate_export` checks
 admin import's own rules against it. Field names are theirs (camelCase, some snake_case).
 
 Mapping: `frac_nonzero` = the firing rate over the scanned completion tokens; the frequency histogram =
-our activation histogram (bar centres, counts); `pos_str`/`neg_str` = the logit effects;
+our activation histogram (bar centres from the smallest nonzero activation, counts); the logit histogram
+(`logits_hist_data_*`) = the decoder row's logit weights over the vocabulary (bar centres, counts; empty
+lists when the explorer was built without the model); `pos_str`/`neg_str` = the logit effects;
 `topkCosSimIndices` = nearest decoder rows in the same SAE; `maxActApprox` = the largest activation seen
 or exported. An activation record is one window (our windows are short: `before` + 1
 + `after` tokens, not whole 128-token prompts); top windows carry binMin = binContains = -1 and binMax =
@@ -34,6 +49,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -89,6 +105,7 @@ SCHEMA: dict[str, Any] = {
             "modelId:String layer:String index:String creatorId:String? createdAt:DateTime=now() "
             "maxActApprox:Float?=0 hasVector:Boolean=false frac_nonzero:Float=0 "
             "freq_hist_data_bar_heights:Float[]=[] freq_hist_data_bar_values:Float[]=[] "
+            "logits_hist_data_bar_heights:Float[]=[] logits_hist_data_bar_values:Float[]=[] "
             "pos_str:String[]=[] pos_values:Float[]=[] neg_str:String[]=[] neg_values:Float[]=[] "
             "topkCosSimIndices:Int[]=[] topkCosSimValues:Float[]=[]")},
         "Activation": {"columns": _cols(
@@ -111,6 +128,163 @@ EXPLANATION_TYPE = "deception-sae-lab_contrast"
 FEATURES_PER_BATCH = 1024
 CREATOR_ID = "REPLACE-with-your-Neuronpedia-creator-id"
 """Neuronpedia's database id of the uploader; their team fills it in when they import a submission."""
+
+
+UPLOAD_SOURCE = "hijohnnylin/neuronpedia@ebb8426fc550ad5d1f76d52c271a624af3c08a57"
+"""The commit whose `apps/webapp/app/api/feature/upload-batch/route.tsx` (and the source-set / model
+routes it depends on) `UPLOAD_SCHEMA` follows."""
+UPLOAD_BATCH = "upload-batch"
+EMPTY_TOKEN = "\u200b"
+"""What an empty token piece is sent as (the route requires non-empty strings): a zero-width space."""
+UPLOAD_SCHEMA: dict[str, Any] = {
+    "route": {
+        "method": "POST",
+        "path": "/api/feature/upload-batch",
+        "auth_header": "x-api-key",
+        "max_features": 128,
+    },
+    "body": {
+        "type": "object",
+        "fields": {
+            "modelId": {"type": "string", "required": True, "lowercase": True},
+            "source": {"type": "string", "required": True, "lowercase": True},
+            "features": {
+                "type": "array",
+                "required": True,
+                "min": 1,
+                "max": 128,
+                "of": {
+                    "type": "object",
+                    "fields": {
+                        "index": {
+                            "type": "number",
+                            "integer": True,
+                            "required": True,
+                            "min": 0,
+                            "max": 10000000,
+                        },
+                        "density": {"type": "number", "required": False, "min": 0, "max": 1},
+                        "topLogits": {
+                            "type": "array",
+                            "required": False,
+                            "nullable": True,
+                            "max": 20,
+                            "of": {
+                                "type": "object",
+                                "fields": {
+                                    "token": {"type": "string", "required": True},
+                                    "value": {"type": "number", "required": True},
+                                },
+                            },
+                        },
+                        "bottomLogits": {
+                            "type": "array",
+                            "required": False,
+                            "nullable": True,
+                            "max": 20,
+                            "of": {
+                                "type": "object",
+                                "fields": {
+                                    "token": {"type": "string", "required": True},
+                                    "value": {"type": "number", "required": True},
+                                },
+                            },
+                        },
+                        "explanations": {
+                            "type": "array",
+                            "required": False,
+                            "of": {
+                                "type": "object",
+                                "fields": {
+                                    "text": {"type": "string", "required": True, "min": 1, "max": 512},
+                                    "methodName": {
+                                        "type": "string",
+                                        "required": False,
+                                        "nullable": True,
+                                        "lowercase": True,
+                                    },
+                                    "modelName": {
+                                        "type": "string",
+                                        "required": False,
+                                        "nullable": True,
+                                        "lowercase": True,
+                                    },
+                                },
+                            },
+                        },
+                        "activations": {
+                            "type": "array",
+                            "required": True,
+                            "min": 1,
+                            "of": {
+                                "type": "object",
+                                "fields": {
+                                    "tokens": {
+                                        "type": "array",
+                                        "required": True,
+                                        "min": 1,
+                                        "max": 1024,
+                                        "of": {"type": "string", "required": True},
+                                    },
+                                    "values": {
+                                        "type": "array",
+                                        "required": True,
+                                        "min": 1,
+                                        "max": 1024,
+                                        "of": {"type": "number", "required": True},
+                                    },
+                                    "quantileMax": {
+                                        "type": "number",
+                                        "required": False,
+                                        "nullable": True,
+                                        "max": 99999999,
+                                    },
+                                    "quantileMin": {
+                                        "type": "number",
+                                        "required": False,
+                                        "nullable": True,
+                                        "max": 99999999,
+                                    },
+                                    "quantileFraction": {
+                                        "type": "number",
+                                        "required": False,
+                                        "nullable": True,
+                                        "min": 0,
+                                        "max": 1,
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+    "prerequisites": {
+        "model": {
+            "route": "POST /api/model/new",
+            "when": "the model id is not on Neuronpedia yet",
+            "id_pattern": "^[a-z][a-z0-9.-]*[a-z0-9]$|^[a-z]$",
+            "id_min": 2,
+            "id_max": 32,
+            "id_forbids": ["--", ".."],
+            "layers_min": 1,
+            "layers_max": 127,
+        },
+        "source_set": {
+            "route": "POST /api/source-set/new",
+            "body": ["name", "modelId", "description", "url"],
+            "name_pattern": "^[a-z][a-z0-9-]*[a-z0-9]$|^[a-z0-9]$",
+            "name_forbids": ["--"],
+            "name_not": ["neurons"],
+            "description_max": 128,
+            "visibility": "UNLISTED",
+            "creates_sources": "{layer}-{name} for every layer 0 .. model.layers - 1",
+        },
+    },
+}
+"""The self-serve upload route's request body (yup schema as JSON: type, required, nullable, min / max,
+integer, lowercase) and what must exist before the call, from `UPLOAD_SOURCE`."""
 
 
 def model_id_of(run_dir: str | os.PathLike) -> str:
@@ -202,18 +376,28 @@ def _activations(page: dict[str, Any], common: dict[str, Any], max_act: float) -
         }
 
 
+def _bars(h: dict[str, Any] | None) -> tuple[list[float], list[float]]:
+    """(heights, centres) of a page's histogram ({min, max, counts}; min 0 in data of an older release)."""
+    if not h:
+        return [], []
+    n, lo = len(h["counts"]), float(h.get("min") or 0)
+    width = (float(h["max"] or 0) - lo) / max(n, 1)
+    return [float(c) for c in h["counts"]], [round(lo + width * (i + 0.5), 6) for i in range(n)]
+
+
 def _feature(page: dict[str, Any], common: dict[str, Any], max_act: float) -> dict[str, Any]:
-    h = page["histogram"]
-    n = len(h["counts"])
-    width = (h["max"] or 0) / max(n, 1)
+    heights, values = _bars(page["histogram"])
+    logit_heights, logit_values = _bars(page.get("logit_histogram"))
     logits = page.get("logits") or {"positive": [], "negative": []}
     return {
         "index": str(page["feature"]),
         "maxActApprox": max_act,
         "hasVector": False,
         "frac_nonzero": page["firing_rate"] or 0,
-        "freq_hist_data_bar_heights": [float(c) for c in h["counts"]],
-        "freq_hist_data_bar_values": [round(width * (i + 0.5), 6) for i in range(n)],
+        "freq_hist_data_bar_heights": heights,
+        "freq_hist_data_bar_values": values,
+        "logits_hist_data_bar_heights": logit_heights,
+        "logits_hist_data_bar_values": logit_values,
         "pos_str": [t for t, _ in logits["positive"]],
         "pos_values": [v for _, v in logits["positive"]],
         "neg_str": [t for t, _ in logits["negative"]],
@@ -305,6 +489,7 @@ def export_sae(
         )
     if explanations:
         _jsonl_gz(out / EXPLANATIONS_PENDING / "batch-0.jsonl.gz", explanations)
+    write_upload_batches(run_dir, sae_id, model_id=model_id, source_id=source_id, include_dead=include_dead)
     if include_weights:
         dst = neuronpedia_dir(run_dir) / "saelens" / sae_id
         dst.mkdir(parents=True, exist_ok=True)
@@ -312,6 +497,180 @@ def export_sae(
             if (sae_dir(run_dir, sae_id) / name).exists():
                 shutil.copyfile(sae_dir(run_dir, sae_id) / name, dst / name)
     return out
+
+
+def _token(t: str) -> str:
+    return t or EMPTY_TOKEN
+
+
+def _upload_feature(page: dict[str, Any], max_act: float) -> dict[str, Any] | None:
+    """One feature of an upload-batch body (module doc), or None when it has no window to send (the route
+    needs at least one)."""
+    top = {
+        "quantileMin": -1.0,
+        "quantileMax": max_act,
+        "quantileFraction": None,
+    }  # binMin -1: "Top Activations"
+    windows = [(top, ex) for ex in page["top"] + (page.get("corpus") or {}).get("top", [])]
+    n_groups = max(len(page["quantiles"]), 1)
+    for g in page["quantiles"]:
+        share = g["count"] / max(page["n_firing"], 1) if "count" in g else 1 / n_groups
+        binned = {"quantileMin": float(g["lo"]), "quantileMax": float(g["hi"]),
+                  "quantileFraction": float(page["firing_rate"] or 0) * share}  # fmt: skip
+        windows += [(binned, ex) for ex in g["examples"]]
+    if not windows:
+        return None
+    logits = page.get("logits") or {"positive": [], "negative": []}
+    a = page.get("analysis") or {}
+    out: dict[str, Any] = {
+        "index": int(page["feature"]),
+        "density": float(page["firing_rate"] or 0),
+        "topLogits": [{"token": _token(t), "value": float(v)} for t, v in logits["positive"][:20]],
+        "bottomLogits": [{"token": _token(t), "value": float(v)} for t, v in logits["negative"][:20]],
+        "activations": [{"tokens": [_token(t) for t in ex["tokens"]], "values": [float(v) for v in ex["acts"]], **bins}
+                        for bins, ex in windows],
+    }  # fmt: skip
+    if a.get("explanation"):
+        out["explanations"] = [{"text": a["explanation"][:512], "methodName": None, "modelName": None}]
+    return out
+
+
+def write_upload_batches(
+    run_dir: str | os.PathLike, sae_id: str, *, model_id: str, source_id: str, include_dead: bool = False
+) -> tuple[Path, int, int]:
+    """The SAE's features as bodies of `POST /api/feature/upload-batch`, at most the route's 128 per file
+    (module doc), each checked by `validate_upload_batch`; returns (folder, features written, features
+    left out: never firing, or without a window to send)."""
+    out = neuronpedia_dir(run_dir) / UPLOAD_BATCH / model_id / source_id
+    if out.exists():
+        shutil.rmtree(out)
+    per = UPLOAD_SCHEMA["route"]["max_features"]
+    batch, k, n, left_out = [], 0, 0, 0
+
+    def flush() -> None:
+        nonlocal batch, k
+        body = {"modelId": model_id, "source": source_id, "features": batch}
+        problems = validate_upload_batch(body)
+        if problems:
+            raise ValueError(
+                f"upload batch {k} of {sae_id} breaks the route's schema:\n" + "\n".join(problems[:10])
+            )
+        atomic_write_bytes(
+            out / f"batch-{k:04d}.json", json.dumps(body, ensure_ascii=False, allow_nan=False).encode()
+        )
+        batch, k = [], k + 1
+
+    for page in iter_pages(run_dir, sae_id):
+        feature = _upload_feature(page, _max_act(page)) if include_dead or _fires(page) else None
+        if feature is None:
+            left_out += 1
+            continue
+        batch.append(feature)
+        n += 1
+        if len(batch) == per:
+            flush()
+    if batch:
+        flush()
+    return out, n, left_out
+
+
+def _yup(spec: dict[str, Any], value: Any, where: str, problems: list[str]) -> None:
+    """Check `value` against one field of the route's yup schema as `UPLOAD_SCHEMA` writes it."""
+    if value is None:  # absent or null (an object's null fields are checked by the object)
+        if spec.get("required"):
+            problems.append(f"{where} is missing or null; the route requires it")
+        return
+    typ, size = spec["type"], None
+    if typ == "string":
+        if not isinstance(value, str):
+            return problems.append(f"{where} is {value!r}, needs a string")
+        if spec.get("required") and value == "":
+            problems.append(f"{where} is empty; the route requires a non-empty string")
+        if spec.get("lowercase") and value != value.lower():
+            problems.append(f"{where} {value!r} is lower-cased by the route: name it in lower case")
+        size = len(value)
+    elif typ == "number":
+        if (
+            not isinstance(value, int | float)
+            or isinstance(value, bool)
+            or value != value
+            or abs(value) == float("inf")
+        ):
+            return problems.append(f"{where} is {value!r}, needs a finite number")
+        if spec.get("integer") and value != int(value):
+            problems.append(f"{where} is {value!r}, needs an integer")
+        size = value
+    elif typ == "array":
+        if not isinstance(value, list):
+            return problems.append(f"{where} is {type(value).__name__}, needs a list")
+        size = len(value)
+        for i, item in enumerate(value):
+            _yup(spec["of"], item, f"{where}[{i}]", problems)
+    elif typ == "object":
+        if not isinstance(value, dict):
+            return problems.append(f"{where} is {type(value).__name__}, needs an object")
+        for key in value.keys() - spec["fields"].keys():
+            problems.append(f"{where}.{key} is not a field of the route (it would be dropped)")
+        for key, sub in spec["fields"].items():
+            if key in value or sub.get("required"):
+                if key in value and value[key] is None and not sub.get("nullable"):
+                    problems.append(f"{where}.{key} is null; the route takes it absent or {sub['type']}")
+                    continue
+                _yup(sub, value.get(key), f"{where}.{key}", problems)
+    what = "long" if typ in ("string", "array") else ""
+    if size is not None and "min" in spec and size < spec["min"]:
+        problems.append(
+            f"{where} is {size}{' ' + what if what else ''}, the route's minimum is {spec['min']}"
+        )
+    if size is not None and "max" in spec and size > spec["max"]:
+        problems.append(
+            f"{where} is {size}{' ' + what if what else ''}, the route's maximum is {spec['max']}"
+        )
+
+
+def validate_upload_batch(body: dict[str, Any], schema: dict[str, Any] | None = None) -> list[str]:
+    """The problems (none: an empty list) that Neuronpedia's upload-batch route would find in `body`: its
+    yup schema (`UPLOAD_SCHEMA`, or a schema of the same shape such as the test fixture), then the route's
+    own checks: tokens and values of equal length, unique indexes, explanation method / model names left
+    null (non-null ones must already exist on Neuronpedia), and a source `<layer>-<set name>` whose set
+    name the source-set route accepts."""
+    schema = schema or UPLOAD_SCHEMA
+    problems: list[str] = []
+    _yup(schema["body"], body, "body", problems)
+    if problems:
+        return problems
+    for i, f in enumerate(body["features"]):
+        for j, act in enumerate(f["activations"]):
+            if len(act["tokens"]) != len(act["values"]):
+                problems.append(
+                    f"body.features[{i}].activations[{j}]: {len(act['tokens'])} tokens, {len(act['values'])} values"
+                )
+        for j, e in enumerate(f.get("explanations") or []):
+            for key in ("methodName", "modelName"):
+                if e.get(key) is not None:
+                    problems.append(f"body.features[{i}].explanations[{j}].{key} is {e[key]!r}: it must name a type "
+                                    "Neuronpedia already has (ask their team), or be null")  # fmt: skip
+    indexes = [f["index"] for f in body["features"]]
+    if len(set(indexes)) != len(indexes):
+        problems.append("body.features: indexes repeat; the route requires unique indexes per call")
+    pre = schema["prerequisites"]
+    layer, _, set_name = body["source"].partition("-")
+    name = pre["source_set"]
+    if (
+        not layer.isdigit()
+        or not re.fullmatch(name["name_pattern"], set_name)
+        or set_name in name["name_not"]
+        or any(x in set_name for x in name["name_forbids"])
+    ):
+        problems.append(
+            f"body.source {body['source']!r} is not <layer>-<set name> with a set name the source-set route accepts"
+        )
+    model = pre["model"]
+    mid = body["modelId"]
+    if not (re.fullmatch(model["id_pattern"], mid) and model["id_min"] <= len(mid) <= model["id_max"]
+            and not any(x in mid for x in model["id_forbids"])):  # fmt: skip
+        problems.append(f"body.modelId {mid!r} is not an id the model route accepts")
+    return problems
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -457,8 +816,29 @@ the run stored a reference corpus with its text, its top windows in that corpus 
 and scores in each explanation's `notes`. Features that fire nowhere are left out ({n_dead} of them).
 Release `{release}`, visibility {visibility}, model owner `{owner}`. Every record was checked against
 Neuronpedia's schema ({schema}: `apps/webapp/prisma/schema.prisma`) and its admin import
-(`helpers.explore.neuronpedia.validate_export`). No logit histogram (`logits_hist_data_*`): only the top
-logit effects are stored.
+(`helpers.explore.neuronpedia.validate_export`). Each latent's logit histogram (`logits_hist_data_*`: its
+decoder row's logit weights over the vocabulary) is there when the explorer was built with the model.
+
+## Without Neuronpedia's team: the self-serve upload route
+
+`upload-batch/<model_id>/<source_id>/batch-*.json` hold the same latents as request bodies of Neuronpedia's
+`POST /api/feature/upload-batch` (at most 128 latents each; read from {upload_source},
+`apps/webapp/app/api/feature/upload-batch/route.tsx`, and checked against its request schema). That route
+needs only your API key (Settings on neuronpedia.org), sent as the `x-api-key` header:
+
+1. If Neuronpedia has no model `{model_id}` yet: `POST /api/model/new` with
+   `{{"id": "{model_id}", "layers": <the model's layer count>}}`.
+2. `POST /api/source-set/new` with `{{"modelId": "{model_id}", "name": "<set name>", "description": "..."}}`
+   for each set name below; it creates the sources `<layer>-<set name>` of every layer, UNLISTED, yours.
+3. Each file in turn: `curl -X POST https://www.neuronpedia.org/api/feature/upload-batch -H "x-api-key: $KEY"
+   -H "Content-Type: application/json" --data @batch-0000.json`.
+
+Sources: {upload_sources}. The route stores less than the bulk layout above: per latent its density, top
+and bottom logits, windows (quantile windows with their interval and share of all tokens; top windows
+with quantileMin -1) and explanations without a method or model name (the route refuses names Neuronpedia
+does not already have); no activation or logit histograms and no decoder neighbours. Latents with no
+window to send are left out ({n_no_window}). Empty token pieces are sent as a zero-width space (the route
+refuses empty strings).
 
 ## Explanations: what to ask Neuronpedia's team
 
@@ -511,24 +891,36 @@ def export_neuronpedia(
     release = release or release_name_of(run_dir, sae_ids, creator_name)
     owner = model_owner or model_owner_of(run_dir) or creator_name
     rows, sources, n_dead, models = [], [], 0, set()
+    upload_sources: list[str] = []
+    n_no_window = 0
     for sid in sae_ids:
         folder = export_sae(run_dir, sid, release=release, creator_name=creator_name, creator_id=creator_id,
                             model_id=model_id, model_owner=owner, visibility=visibility, hf_repo_id=hf_repo_id,
                             include_weights=include_weights, include_dead=include_dead)  # fmt: skip
         counts = validate_export(folder)
+        batches = neuronpedia_dir(run_dir) / UPLOAD_BATCH / folder.parent.name / folder.name
+        n_upload = sum(
+            len(json.loads(b.read_text())["features"]) for b in sorted(batches.glob("batch-*.json"))
+        )
+        n_no_window += counts["features"] - n_upload  # exported above, but with no window to send
+        upload_sources.append(
+            f"`{folder.name}` (set name `{folder.name.split('-', 1)[1]}`, {n_upload} latents)"
+        )
         n_dead += int(sae_info(run_dir, sid)["d_sae"]) - counts["features"]
         for path in (folder / EXPLANATIONS_PENDING).glob("batch-*.jsonl.gz"):
             models |= {r["explanationModelName"] for r in _records(path)}
         rel = folder.relative_to(neuronpedia_dir(run_dir))
         sources.append(f"- `{rel}/`: `{sid}`")
         rows.append({"sae_id": sid, "source": str(rel), "features": counts["features"],
-                     "activations": counts["activations"], "explanations": counts["explanations"], "valid": True})  # fmt: skip
+                     "activations": counts["activations"], "explanations": counts["explanations"],
+                     "upload batches": len(list(batches.glob("batch-*.json"))), "valid": True})  # fmt: skip
     info = sae_info(run_dir, sae_ids[0])
     text = README.format(run=Path(run_dir).name, version=__version__, sources="\n".join(sources),
                          logit_note=info.get("logit_note") or "not computed: the model was not loaded",
                          creator_id=creator_id, model_id=model_id or model_id_of(run_dir), n_dead=n_dead,
                          release=release, visibility=visibility, owner=owner, schema=SCHEMA_SOURCE,
-                         explanation_type=EXPLANATION_TYPE,
+                         explanation_type=EXPLANATION_TYPE, upload_source=UPLOAD_SOURCE,
+                         upload_sources=", ".join(upload_sources) or "(none)", n_no_window=n_no_window,
                          models=", ".join(f"`{m}`" for m in sorted(models)) or "(none yet)")  # fmt: skip
     atomic_write_bytes(neuronpedia_dir(run_dir) / "README.md", text.encode())
     return rows

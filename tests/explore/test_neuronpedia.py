@@ -15,10 +15,14 @@ from helpers.explore.dashboards import ExplorerConfig
 from helpers.explore.neuronpedia import (
     SCHEMA,
     SCHEMA_SOURCE,
+    UPLOAD_SCHEMA,
+    UPLOAD_SOURCE,
     export_neuronpedia,
     release_name_of,
     set_id_of,
     validate_export,
+    validate_upload_batch,
+    write_upload_batches,
 )
 from helpers.explore.pipeline import build_explorer
 from helpers.explore.site import iter_pages, sae_info
@@ -233,9 +237,13 @@ def test_top_windows_carry_the_top_marker_and_quantile_windows_a_share_of_all_to
     binned = [r for r in acts if r["binMin"] != -1]
     assert binned, "the fake run has quantile windows"
     for r in binned:
-        rate = pages[r["index"]]["firing_rate"]
-        n_groups = len(pages[r["index"]]["quantiles"])
-        assert r["binContains"] == pytest.approx(rate / n_groups) and r["binContains"] <= rate
+        page = pages[r["index"]]
+        group = next(g for g in page["quantiles"] if (g["lo"], g["hi"]) == (r["binMin"], r["binMax"]))
+        share = group["count"] / page["n_firing"]  # the group's share of the firings, exact
+        assert (
+            r["binContains"] == pytest.approx(page["firing_rate"] * share)
+            and r["binContains"] <= page["firing_rate"]
+        )
     text = old_style(run, exported, tmp_path, lambda d: rewrite(
         d / "activations" / "batch-0.jsonl.gz",
         lambda r: r.update(binMin=None, binMax=None, binContains=None) if r["binMin"] == -1 else None))  # fmt: skip
@@ -298,3 +306,121 @@ def test_an_unknown_column_or_a_ragged_batch_is_refused(run, exported, tmp_path)
     assert (
         "column 'title' is not in Neuronpedia's SourceRelease" in text and "keys differ from line 1's" in text
     )
+
+
+UPLOAD_FIXTURE = json.loads((Path(__file__).parent / "neuronpedia_upload_batch_schema.json").read_text())
+"""The self-serve upload route's request schema as derived from its route.tsx; the file names the commit."""
+
+
+def test_logit_and_frequency_histograms_are_exported(run, exported):
+    source = neuronpedia_dir(run) / exported[0]["source"]
+    feats = records(source / "features" / "batch-0.jsonl.gz")
+    pages = {str(p["feature"]): p for p in iter_pages(run, SAE_ID)}
+    for r in feats:
+        page = pages[r["index"]]
+        lh, h = page["logit_histogram"], page["histogram"]
+        assert (
+            r["logits_hist_data_bar_heights"] == [float(c) for c in lh["counts"]] and sum(lh["counts"]) > 1000
+        )
+        assert len(r["logits_hist_data_bar_values"]) == len(lh["counts"])
+        assert (
+            lh["min"] < r["logits_hist_data_bar_values"][0] < r["logits_hist_data_bar_values"][-1] < lh["max"]
+        )
+        if page["n_firing"]:  # the frequency histogram starts at the smallest nonzero activation, not at 0
+            assert (
+                h["min"]
+                <= r["freq_hist_data_bar_values"][0]
+                <= h["min"] + (h["max"] - h["min"]) / len(h["counts"])
+            )
+
+
+def test_the_upload_fixture_names_its_source_and_the_module_follows_it():
+    src = UPLOAD_FIXTURE["_source"]
+    assert f"{src['repo']}@{src['commit']}" == UPLOAD_SOURCE
+    assert "apps/webapp/app/api/feature/upload-batch/route.tsx" in src["paths"]
+    assert {k: UPLOAD_FIXTURE[k] for k in ("route", "body", "prerequisites")} == UPLOAD_SCHEMA
+    assert (
+        UPLOAD_FIXTURE["body"]["fields"]["features"]["max"] == UPLOAD_FIXTURE["route"]["max_features"] == 128
+    )
+
+
+def test_upload_batches_follow_the_route(run, exported, monkeypatch):
+    """Every batch passes the route's schema and checks as the fixture states them, and holds the features
+    the bulk export holds that have a window, with the pages' numbers."""
+    source = neuronpedia_dir(run) / exported[0]["source"]
+    folder = neuronpedia_dir(run) / "upload-batch" / source.parent.name / source.name
+    batches = sorted(folder.glob("batch-*.json"))
+    assert batches and exported[0]["upload batches"] == len(batches)
+    bodies = [json.loads(b.read_text()) for b in batches]
+    for body in bodies:
+        assert validate_upload_batch(body, UPLOAD_FIXTURE) == []
+        assert body["source"] == source.name and body["modelId"] == source.parent.name
+    sent = [f for body in bodies for f in body["features"]]
+    bulk = records(source / "features" / "batch-0.jsonl.gz")
+    pages = {p["feature"]: p for p in iter_pages(run, SAE_ID)}
+    with_window = [
+        int(r["index"])
+        for r in bulk
+        if pages[int(r["index"])]["top"] or pages[int(r["index"])]["corpus"]["top"]
+    ]
+    assert [f["index"] for f in sent] == with_window
+    for f in sent:
+        page = pages[f["index"]]
+        assert f["density"] == page["firing_rate"]
+        assert [x["token"] for x in f["topLogits"]] == [t or "\u200b" for t, _ in page["logits"]["positive"]]
+        tops = [a for a in f["activations"] if a["quantileMin"] == -1]
+        assert len(tops) == len(page["top"]) + len(page["corpus"]["top"])
+        assert len(f["activations"]) - len(tops) == sum(len(g["examples"]) for g in page["quantiles"])
+        if (page.get("analysis") or {}).get("explanation"):
+            assert f["explanations"] == [
+                {"text": page["analysis"]["explanation"], "methodName": None, "modelName": None}
+            ]
+    readme = (neuronpedia_dir(run) / "README.md").read_text()
+    assert "POST /api/feature/upload-batch" in readme and UPLOAD_SOURCE in readme and source.name in readme
+    # at most the route's limit per call: with a limit of 10 the same features go in several files
+    monkeypatch.setitem(UPLOAD_SCHEMA["route"], "max_features", 10)
+    folder, n, left_out = write_upload_batches(
+        run, SAE_ID, model_id=source.parent.name, source_id=source.name
+    )
+    small = [json.loads(b.read_text())["features"] for b in sorted(folder.glob("batch-*.json"))]
+    assert len(small) == -(-len(with_window) // 10) and all(len(b) <= 10 for b in small)
+    assert [f["index"] for b in small for f in b] == with_window and n == len(with_window)
+    assert n + left_out == D_SAE
+
+
+@pytest.mark.parametrize(
+    "break_it, says",
+    [
+        (lambda b: b["features"].extend(b["features"][:1] * 129), "maximum is 128"),
+        (lambda b: b["features"][0]["activations"][0]["tokens"].__setitem__(0, ""), "non-empty string"),
+        (lambda b: b["features"][0]["activations"][0]["values"].pop(), "tokens"),
+        (lambda b: b["features"].append(dict(b["features"][0])), "indexes repeat"),
+        (
+            lambda b: b["features"][0].__setitem__(
+                "explanations", [{"text": "x", "methodName": "ours", "modelName": None}]
+            ),
+            "already has",
+        ),
+        (lambda b: b["features"][0]["activations"][0].__setitem__("quantileFraction", -1), "minimum is 0"),
+        (lambda b: b["features"][0].__setitem__("activations", []), "minimum is 1"),
+        (lambda b: b.__setitem__("source", "1-dsl--x"), "set name"),
+        (
+            lambda b: b["features"][0].__setitem__("freq_hist_data_bar_heights", [1.0]),
+            "not a field of the route",
+        ),
+        (lambda b: b["features"][0].__setitem__("index", 1.5), "needs an integer"),
+        (
+            lambda b: b["features"][0].__setitem__("topLogits", [{"token": "a", "value": 1.0}] * 21),
+            "maximum is 20",
+        ),
+    ],
+)
+def test_the_upload_validator_names_what_the_route_would_refuse(run, exported, break_it, says):
+    source = neuronpedia_dir(run) / exported[0]["source"]
+    path = sorted(
+        (neuronpedia_dir(run) / "upload-batch" / source.parent.name / source.name).glob("batch-*.json")
+    )[0]
+    body = json.loads(path.read_text())
+    break_it(body)
+    problems = validate_upload_batch(body, UPLOAD_FIXTURE)
+    assert any(says in p for p in problems), problems
