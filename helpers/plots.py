@@ -127,8 +127,8 @@ def _err(e: dict[str, Any] | None, n: int) -> np.ndarray | None:
 class _Axis:
     """Positions of one plotly axis: numbers as they are, categories (strings) at 0, 1, 2, ..."""
 
-    def __init__(self) -> None:
-        self.categories: list[str] = []
+    def __init__(self, order: Sequence[Any] | None = None) -> None:
+        self.categories: list[str] = [str(c) for c in order or ()]  # the layout's categoryarray, if any
 
     def __call__(self, values: list[Any]) -> np.ndarray:
         if any(isinstance(v, str) for v in values):
@@ -173,7 +173,7 @@ def static_figure(fig: Any) -> Any:
         ax.set_ylabel((yl.get("title") or {}).get("text") or "", fontsize=9)
         ax.tick_params(labelsize=8)
         axes[xa], axes[ya] = ax, ax
-        scales[ax] = (_Axis(), _Axis(), xl, yl)
+        scales[ax] = (_Axis(xl.get("categoryarray")), _Axis(yl.get("categoryarray")), xl, yl)
     legend: list[tuple[Any, str]] = []
     for i, t in enumerate(data):
         ax = axes[t.get("xaxis", "x")]
@@ -684,6 +684,34 @@ def steering_figure(run_dir_or_rows: Any, *, backend: str = "plotly") -> Any:
     fig.update_layout(
         title=title, xaxis_title=xlabel, yaxis_title="deceptive rate", yaxis_range=[-0.02, 1.02]
     )
+    return fig
+
+
+def control_comparison_figure(results: Sequence[dict[str, Any]], *, alpha: float = 0.05) -> Any:
+    """Each steered condition against each control (`steer.compare_to_controls`' results): the difference
+    in deceptive rate in points with its 95% CI, one marker colour per control, filled where q < alpha.
+    Zero is no effect; a bar across zero is a null at this sample size."""
+    import plotly.graph_objects as go
+
+    if not results:
+        raise MissingInput(
+            f"no comparisons to draw: run {SOURCES['steering.jsonl']} with feature conditions first"
+        )
+    conditions = list(dict.fromkeys(o["condition"] for o in results))
+    fig = go.Figure()
+    for i, control in enumerate(dict.fromkeys(o["control"] for o in results)):
+        rows = [o for o in results if o["control"] == control]
+        d = np.array([100 * o["difference"] for o in rows])
+        lo, hi = (np.array([100 * o["difference_ci"][k] for o in rows]) for k in (0, 1))
+        fig.add_scatter(x=d, y=[o["condition"] for o in rows], mode="markers", name=f"vs {control.replace('_', ' ')}",
+                        marker=dict(size=9, color=PALETTE[i % 8], symbol=["circle" if o["q_value"] < alpha else
+                        "circle-open" for o in rows]), error_x=dict(type="data", symmetric=False, array=hi - d,
+                        arrayminus=d - lo), customdata=[[o["q_value"]] for o in rows],
+                        hovertemplate="%{y}<br>%{x:+.0f} points<br>q %{customdata[0]:.2g}<extra></extra>")  # fmt: skip
+    fig.add_vline(x=0, line_dash="dot", line_color="grey")
+    fig.update_yaxes(categoryorder="array", categoryarray=conditions[::-1])
+    fig.update_layout(title=f"Steering vs controls: difference in deceptive rate (95% CI; filled: q < {alpha})",
+                      xaxis_title="difference in deceptive rate (points)", height=max(300, 30 * len(conditions) + 140))  # fmt: skip
     return fig
 
 

@@ -11,6 +11,7 @@ from helpers.steer.directions import (
 )
 from helpers.steer.experiments import (
     compare_to_controls,
+    comparison_table,
     held_out_prompts,
     run_steering_experiment,
     steering_targets,
@@ -21,6 +22,7 @@ __all__ = [
     "build_conditions",
     "check_sae_matches",
     "compare_to_controls",
+    "comparison_table",
     "diff_of_means_direction",
     "held_out_prompts",
     "residual_norm",

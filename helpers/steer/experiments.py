@@ -105,9 +105,19 @@ def sample_size(prompts: Sequence[Prompt], n_per_prompt: int) -> dict[str, Any]:
 
 
 def steering_targets(
-    run_dir: str | os.PathLike, lm: Any, sae_id: str = "", n_features: int = 3, *, device: str = "cpu"
+    run_dir: str | os.PathLike,
+    lm: Any,
+    sae_id: str = "",
+    n_features: int = 3,
+    *,
+    device: str = "cpu",
+    alpha: float = 0.05,
 ) -> tuple[LoadedSAE, list[dict[str, Any]]]:
-    """The SAE to steer and its top `n_features` features (rows of `features/{sae_id}.jsonl` by rank).
+    """The SAE to steer and `n_features` of its features (rows of `features/{sae_id}.jsonl`), those that
+    REPLICATED first: notebook 04 chose features on one half of the prompt groups and tested them on the
+    other, one-sided in the chosen direction; a feature with held-out q < `alpha` replicated. Then the
+    rest by rank. Each row gets `replicated` (bool); how many replicated is printed, and when none did,
+    that the features steered are unvalidated candidates.
 
     `sae_id` empty picks the first `mixed` SAE that notebook 04 analysed (else the first analysed one).
     The SAE is checked against `lm` (same width and hook): a mismatch is an error naming both."""
@@ -124,7 +134,21 @@ def steering_targets(
     sae = load_sae(sae_dir(run_dir, sae_id), device=device)
     check_sae_matches(sae, lm)
     rows = sorted(read_jsonl(features_path(run_dir, sae_id)), key=lambda r: r["rank"])
-    return sae, rows[:n_features]
+    for r in rows:
+        r["replicated"] = r.get("q_value") is not None and r["q_value"] < alpha
+    chosen = sorted(rows, key=lambda r: (not r["replicated"], r["rank"]))[:n_features]
+    n_rep = sum(r["replicated"] for r in rows)
+    if not any(r.get("q_value") is not None for r in rows):
+        print(f"{sae_id}: notebook 04's table has no held-out q-values (an older run: rerun notebook 04); "
+              f"steering the top {len(chosen)} by rank, none of them validated on held-out data")  # fmt: skip
+    elif n_rep == 0:
+        print(f"{sae_id}: no feature replicated on the held-out half (every q >= {alpha}): steering the top "
+              f"{len(chosen)} by selection-split effect size as unvalidated candidates, not deception features")  # fmt: skip
+    else:
+        extra = f", then {len(chosen) - n_rep} that did not, by rank" if len(chosen) > n_rep else ""
+        print(f"{sae_id}: {n_rep} of {len(rows)} analysed features replicated on the held-out half (q < {alpha}): "
+              f"steering {min(n_rep, len(chosen))} of them first{extra}")  # fmt: skip
+    return sae, chosen
 
 
 def read_steering(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -367,3 +391,66 @@ def _verdict(o: dict[str, Any], alpha: float) -> str:
     if "rules" in o["label_sources"]:
         text += " [labels: offline rules]"
     return text
+
+
+CONTROL_NAMES = {
+    "none": "no steering",
+    "random_feature": "random features",
+    "random_direction": "random directions",
+}
+
+
+def comparison_table(
+    results: Sequence[dict[str, Any]], *, alpha: float = 0.05
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """`compare_to_controls`' results as a table: one row per steered condition, one column per control
+    (`vs no steering`, ...) holding the difference in deceptive rate in points, its 95% CI and q (`*`
+    when q < alpha), then a short verdict across the controls and the row's own flags (fluency,
+    ambiguous answers). What every row shares (sample size, the smallest p the scenarios allow, offline
+    labels, how many tests passed) is returned once as notes, instead of repeated in every sentence."""
+    by_condition: dict[str, dict[str, Any]] = {}
+    for o in results:
+        row = by_condition.setdefault(o["condition"], {"condition": o["condition"], "strength": o["strength"],
+                                                       "rate %": round(100 * o["rate"]), "_sig": [], "_flags": set()})  # fmt: skip
+        lo, hi = (100 * x for x in o["difference_ci"])
+        star = "*" if o["q_value"] < alpha else ""
+        row[f"vs {CONTROL_NAMES[o['control']]}"] = (
+            f"{100 * o['difference']:+.0f} [{lo:+.0f}, {hi:+.0f}] q={o['q_value']:.2g}{star}"
+        )
+        row["_sig"].append(np.sign(o["difference"]) if star else 0.0)
+        if o["control"] == "none" and abs(o["ambiguous_difference"]) >= 0.1:
+            row["_flags"].add(f"ambiguous answers {100 * o['ambiguous_difference']:+.0f} pts (not honest)")
+        ppl, ref = o["perplexity"], o["control_perplexity"]
+        if ppl and ref and ppl > 2 * ref:
+            row["_flags"].add("much less fluent")
+    rows = []
+    for row in by_condition.values():
+        sig = row.pop("_sig")
+        up, down = sum(v > 0 for v in sig), sum(v < 0 for v in sig)
+        if not up and not down:
+            row["verdict"] = "no detectable effect"
+        elif up and down:
+            row["verdict"] = "raises vs some controls, lowers vs others"
+        else:
+            way, n = ("raises", up) if up else ("lowers", down)
+            row["verdict"] = (
+                f"{way} the rate beyond every control"
+                if n == len(sig)
+                else f"{way} the rate vs {n} of {len(sig)} controls only"
+            )
+        row["flags"] = "; ".join(sorted(row.pop("_flags"))) or "-"
+        rows.append(row)
+    notes = []
+    if results:
+        n_sig = sum(o["q_value"] < alpha for o in results)
+        notes.append(f"{n_sig} of {len(results)} comparisons at q < {alpha} (* ; Benjamini-Hochberg over all "
+                     "of them; differences in points of deceptive rate, 95% CI)")  # fmt: skip
+        sizes = sorted({(o["n_scenarios"], o["n_per_prompt"]) for o in results})
+        notes.append("sample: " + ", ".join(f"{k} scenarios x {m} samples per prompt" for k, m in sizes))
+        few = sorted({o["n_scenarios"] for o in results if o["min_possible_p"] > alpha})
+        if few:
+            notes.append(f"with {'/'.join(map(str, few))} scenarios no test can reach p < {alpha}: "
+                         "use 6 or more scenarios (N_HELD_OUT_PROMPTS)")  # fmt: skip
+        if any("rules" in o["label_sources"] for o in results):
+            notes.append("labels: offline rules (no Gemini judge), a rough proxy for deception")
+    return rows, notes
