@@ -25,8 +25,15 @@ never saw the rows notebook 04 tests it on.
   read with `io.load_sae`, saved into `saes/<sae_id>/` in our layout and evaluated on the run's
   held-out rows into `metrics.json`, as `grid.train_grid` does, so notebooks 04-06 read it like ours.
 
-Only SAELens releases whose format was checked are accepted (`TESTED_SAELENS`): another one is refused
-with the versions tested, because the schema above is SAELens's and may change with it.
+EleutherAI's sparsify reads no activations: it runs the model itself on tokens. `export_sparsify_tokens`
+writes the corpus's training sequences as its uint16 token memmap, `sparsify_command` the `python -m` /
+`torchrun` line that trains on 1 or N GPUs through `saes.sparsify_main` (sparsify's CLI, able to load our
+nanochat class), and `import_sparsify_sae` brings a `<hookpoint>/cfg.json` + `sae.safetensors` folder back
+as a TopK SAE, as `import_saelens_sae` does.
+
+Only SAELens and sparsify releases whose formats were checked are accepted (`TESTED_SAELENS`,
+`TESTED_SPARSIFY`): another one is refused with the versions tested, as the formats are theirs and may
+change with them.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from helpers.collect.completions import (
@@ -59,6 +67,7 @@ from helpers.run import (
     SAE_CFG,
     SAE_METRICS,
     SAE_WEIGHTS,
+    atomic_write_bytes,
     atomic_write_json,
     read_run_json,
     sae_dir,
@@ -72,6 +81,9 @@ from helpers.saes.train import MixedData, StoreData, TrainConfig
 TESTED_SAELENS = ("6.54.12",)
 """SAELens releases whose cached-activations schema and saved-SAE folders tests/saes/test_handoff.py
 checked; releases sharing their major.minor are accepted, others refused."""
+TESTED_SPARSIFY = ("1.3.3",)
+"""EleutherAI sparsify (eai-sparsify) releases whose memmap input and `<hook>/cfg.json` + `sae.safetensors`
+output tests/saes/test_handoff_sparsify.py checked (accepted as for SAELens)."""
 EXPORT_MANIFEST = "deception_sae_lab_export.json"
 """Written last into an export folder: what it holds and from which run (a folder without it is partial)."""
 PARTIAL_MANIFEST = "deception_sae_lab_export.partial.json"
@@ -82,17 +94,30 @@ KINDS = ("activations", "corpus")
 def check_saelens_version(version: str | None = None) -> str:
     """The SAELens release to write for or read from: `version`, else the installed one, else the
     tested one. One whose major.minor no tested release shares is refused, naming the tested ones."""
+    return _check_version(
+        "sae-lens", "sae_lens", version, TESTED_SAELENS, "cached-activations and SAE formats"
+    )
+
+
+def check_sparsify_version(version: str | None = None) -> str:
+    """As `check_saelens_version`, for EleutherAI's sparsify (PyPI: eai-sparsify)."""
+    return _check_version(
+        "eai-sparsify", "sparsify", version, TESTED_SPARSIFY, "token memmap and output folders"
+    )
+
+
+def _check_version(dist: str, name: str, version: str | None, tested: tuple[str, ...], what: str) -> str:
     if version is None:
         try:
-            version = importlib.metadata.version("sae-lens")
+            version = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
-            version = TESTED_SAELENS[-1]
-    known = {".".join(v.split(".")[:2]) for v in TESTED_SAELENS}
+            version = tested[-1]
+    known = {".".join(v.split(".")[:2]) for v in tested}
     if ".".join(str(version).split(".")[:2]) not in known:
         raise ValueError(
-            f"sae_lens {version} is a release whose cached-activations and SAE formats were not checked here "
-            f"(tested: {', '.join(TESTED_SAELENS)}). Install a tested one (pip install "
-            f"sae-lens=={TESTED_SAELENS[-1]}) on the machine that trains, or check the new format first."
+            f"{name} {version} is a release whose {what} were not checked here (tested: {', '.join(tested)}). "
+            f"Install a tested one (pip install {dist}=={tested[-1]}) on the machine that trains, or check the "
+            "new format first."
         )
     return str(version)
 
@@ -439,9 +464,7 @@ def _load_trained(folder: Path, hook: str) -> LoadedSAE:
     return loaded
 
 
-def import_saelens_sae(
-    folder: str | os.PathLike, selection: Selection, *, note: str = "", device: str = "cpu"
-) -> str:
+def import_saelens_sae(folder: str | os.PathLike, selection: Selection, *, device: str = "cpu") -> str:
     """Copy an SAE that SAELens trained on `selection` (its saved folder: cfg.json and
     sae_weights.safetensors) into `saes/<sae_id>/` of the run and evaluate it on the held-out rows
     notebook 03 uses, writing metrics.json; returns the sae_id `{model}_{arch}-saelens_L{layer}_{condition}`.
@@ -451,6 +474,12 @@ def import_saelens_sae(
     trained_with = meta.get("sae_lens_training_version") or meta.get("sae_lens_version")
     if trained_with:
         check_saelens_version(str(trained_with))
+    return _import_loaded(loaded, Path(folder), selection, "saelens", f"sae_lens {trained_with}", device)
+
+
+def _import_loaded(loaded: LoadedSAE, folder: Path, selection: Selection, engine: str, trained_with: str,
+                   device: str) -> str:  # fmt: skip
+    """Save `loaded` as `{model}_{arch}-{engine}_L{layer}_{condition}` in the run and evaluate it there."""
     if loaded.layer != selection.layer:
         raise ValueError(
             f"{folder} reads layer {loaded.layer} ({loaded.hook_name}), the selection is layer {selection.layer}"
@@ -462,15 +491,14 @@ def import_saelens_sae(
         )
     info = selection.describe()
     spec = info["model_spec"] or loaded.model_name or "unknown"
-    sae_id = sae_id_of(spec, f"{loaded.sae.architecture}-saelens", selection.layer, selection.grid_condition)
+    sae_id = sae_id_of(spec, f"{loaded.sae.architecture}-{engine}", selection.layer, selection.grid_condition)
     out = sae_dir(selection.run_dir, sae_id)
     if (out / SAE_METRICS).exists():
         print(f"{sae_id} was imported earlier: kept (delete {out} to import again)")
         return sae_id
     row = {"sae_id": sae_id, "layer": selection.layer, "condition": info["condition"],
-           "architecture": loaded.sae.architecture, "model_spec": spec, "trained_with": f"sae_lens {trained_with}",
-           "imported_from": str(folder), "hook_from_selection": loaded.path != Path(folder), "analysis_split": info["analysis_split"], "selection": info,
-           **({"note": note} if note else {})}  # fmt: skip
+           "architecture": loaded.sae.architecture, "model_spec": spec, "trained_with": trained_with,
+           "imported_from": str(folder), "analysis_split": info["analysis_split"], "selection": info}  # fmt: skip
     save_sae(loaded.sae, out, hook_name=hook_name(selection.layer), model_name=spec, metadata=row)
     evaluation = evaluate_folder(out, held_store, held_ids, device=device)
     atomic_write_json(out / SAE_METRICS, {**row, **evaluation})
@@ -480,9 +508,117 @@ def import_saelens_sae(
     return sae_id
 
 
+# --- EleutherAI sparsify -----------------------------------------------------------------------------------
+def export_sparsify_tokens(
+    selection: Selection,
+    out_path: str | os.PathLike,
+    *,
+    ctx_len: int | None = None,
+    vocab_size: int | None = None,
+) -> dict[str, Any]:
+    """The training sequences of the run's reference corpus as sparsify's token memmap: uint16, read as
+    `np.memmap(path, uint16).reshape(-1, ctx_len)` (sparsify/data.py `MemmapDataset`; it runs the model
+    on them itself). Each stored sequence's token ids in order (the special tokens the store skips are
+    not there), concatenated and cut into rows of `ctx_len` (default: the corpus's sequence length); the
+    last partial row is dropped. Held-out sequences stay out, so notebook 03's evaluation stays
+    held out. Returns the manifest (also `<out>.json`); an existing file from other settings is refused."""
+    if selection.kinds != ("corpus",):
+        raise ValueError(
+            "sparsify runs the model on tokens: export the corpus (kinds=('corpus',)), not stored activations"
+        )
+    check_sparsify_version()
+    out = Path(out_path)
+    if out.suffix != ".bin":
+        raise ValueError(f"{out}: sparsify reads a token memmap only from a path ending in .bin")
+    ((_, store, ids),) = selection.sources()
+    if not all(store.has_token_ids):
+        raise ValueError(
+            f"{store.dir} was written without token ids: recollect the corpus (notebook 02) to export it"
+        )
+    run = read_run_json(selection.run_dir)
+    ctx_len = ctx_len or int((run.get("corpus") or {}).get("seq_len") or 0)
+    vocab = vocab_size or (run.get("corpus") or {}).get("vocab_size")
+    if not ctx_len:
+        raise ValueError("pass ctx_len: run.json records no corpus sequence length")
+    if vocab is not None and int(vocab) > 2**16:
+        raise ValueError(f"the vocabulary has {vocab} tokens; sparsify's memmap is uint16 (at most 65,536)")
+    n_tokens = sum(store.entries[i][2] for i in ids)
+    if n_tokens < ctx_len:
+        raise ValueError(f"ctx_len {ctx_len} is larger than the {n_tokens} training tokens of the corpus")
+    manifest = {"format": "sparsify uint16 token memmap", "sparsify_version": check_sparsify_version(),
+                **selection.describe(), "ctx_len": ctx_len, "n_rows": n_tokens // ctx_len,
+                "tokens_dropped": n_tokens % ctx_len}  # fmt: skip
+    side = out.with_suffix(".json")
+    if out.exists() or side.exists():
+        found = json.loads(side.read_text()) if side.exists() else None
+        if found == manifest and out.exists():
+            print(f"{out} already holds this export: reused")
+            return manifest
+        raise FileExistsError(
+            f"{out} exists from another export or other settings ({found}); nothing was changed"
+        )
+    tokens = np.concatenate([store.token_ids_of(i)[:, 0] for i in ids])[: manifest["n_rows"] * ctx_len]
+    if len(tokens) and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise ValueError(f"token ids up to {tokens.max()} do not fit sparsify's uint16 memmap")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, tokens.astype(np.uint16).tobytes())
+    atomic_write_json(side, manifest)
+    return manifest
+
+
+def sparsify_command(
+    model: str, tokens_path: str | os.PathLike, layers: list[int], *, ctx_len: int, n_gpus: int = 1, k: int = 32,
+    expansion_factor: int = 8, batch_size: int = 8, save_dir: str = "sparsify_out", run_name: str = "run",
+) -> str:  # fmt: skip
+    """The shell command that trains sparsify's TopK SAEs at `layers` (our `blocks.{i}.hook_resid_post` is
+    the output of `transformer.h[i]`: sparsify's hookpoint `h.{i}` of the base model) on `n_gpus` GPUs,
+    through `python -m helpers.saes.sparsify_main` (sparsify's own CLI once our nanochat class is
+    registered, with bf16 off on GPUs without it, e.g. a T4)."""
+    if n_gpus < 1:
+        raise ValueError(f"n_gpus must be at least 1, got {n_gpus}")
+    launch = "python -m" if n_gpus == 1 else f"torchrun --nproc_per_node {n_gpus} -m"
+    hooks_ = " ".join(f"h.{i}" for i in layers)
+    return (f"{launch} helpers.saes.sparsify_main {model} {tokens_path} --ctx_len {ctx_len} --hookpoints {hooks_} "
+            f"--k {k} --expansion_factor {expansion_factor} --batch_size {batch_size} --loss_fn fvu "
+            f"--save_dir {save_dir} --run_name {run_name} --log_to_wandb false")  # fmt: skip
+
+
+def import_sparsify_sae(folder: str | os.PathLike, selection: Selection, *, device: str = "cpu") -> str:
+    """Bring a sparsify output folder for one hookpoint (`cfg.json` + `sae.safetensors`; TopK, no skip
+    connection, not a transcoder) into `saes/<sae_id>/` as a TopK SAE in SAELens's format, evaluated as
+    `import_saelens_sae` does; returns `{model}_topk-sparsify_L{layer}_{condition}`."""
+    folder = Path(folder)
+    check_sparsify_version()
+    cfg = json.loads((folder / "cfg.json").read_text())
+    if cfg.get("activation", "topk") != "topk" or cfg.get("transcode") or cfg.get("skip_connection"):
+        raise ValueError(f"{folder}: only sparsify's plain TopK SAEs are imported (got {cfg})")
+    t = load_file(str(folder / "sae.safetensors"))
+    if set(t) != {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}:
+        raise ValueError(f"{folder}/sae.safetensors holds {sorted(t)}: not a sparsify 1.3 SAE")
+    d_sae, d_in = t["encoder.weight"].shape
+    # sparsify: top-k of relu(W (x - b_dec) + b), decoded as acts @ W_dec + b_dec: SAELens's topk with W_enc = W^T
+    tmp = Path(tempfile.mkdtemp(prefix="sparsify_import_"))
+    save_file({"W_enc": t["encoder.weight"].T.contiguous().float(), "b_enc": t["encoder.bias"].float(),
+               "W_dec": t["W_dec"].float().contiguous(), "b_dec": t["b_dec"].float()}, str(tmp / SAE_WEIGHTS))  # fmt: skip
+    atomic_write_json(tmp / SAE_CFG, {"architecture": "topk", "d_in": d_in, "d_sae": d_sae, "k": int(cfg["k"]),
+                                      "apply_b_dec_to_input": True, "normalize_activations": "none",
+                                      "metadata": {"hook_name": hook_name(selection.layer)}})  # fmt: skip
+    try:
+        return _import_loaded(
+            load_sae(tmp), folder, selection, "sparsify", f"sparsify {check_sparsify_version()}", device
+        )
+    finally:
+        shutil.rmtree(tmp)
+
+
 __all__ = [
     "EXPORT_MANIFEST",
     "TESTED_SAELENS",
+    "TESTED_SPARSIFY",
+    "check_sparsify_version",
+    "export_sparsify_tokens",
+    "import_sparsify_sae",
+    "sparsify_command",
     "Selection",
     "check_saelens_version",
     "export_saelens_cache",
