@@ -26,6 +26,7 @@ import json
 import os
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,19 @@ from typing import Any
 import torch
 
 from helpers import gemini
+from helpers.analysis.features import TooFewCompletions
 from helpers.analysis.pipeline import feature_table, probe_table
 from helpers.collect.capture import collect_activations
 from helpers.collect.corpus import collect_corpus, default_corpus
 from helpers.collect.datasets import write_datasets
-from helpers.collect.pipeline import add_transcripts, label_run, load_datasets, sample_into_run
+from helpers.collect.pipeline import (
+    add_transcripts,
+    check_collection,
+    collection_settings,
+    label_run,
+    load_datasets,
+    sample_into_run,
+)
 from helpers.env import NotebookError, get_secret
 from helpers.model.chat import chat
 from helpers.model.hooks import check_layers, hook_points
@@ -206,6 +215,12 @@ def stage_collect(run_dir: Path, study: Study, lm: _Lazy) -> dict[str, Any]:
     loaded = lm.get()
     layers = read_run_json(run_dir)["layers"]
     datasets = load_datasets(study.datasets, limit=study.n_prompts or None)
+    # As notebook 02: the settings that make the completions, checked against the run folder's before writing.
+    settings = collection_settings(loaded.info.spec, datasets, layers, n_per_prompt=study.n_per_prompt,
+                                   temperature=study.temperature, top_p=study.top_p,
+                                   max_new_tokens=study.max_new_tokens, seed=study.seed,
+                                   include_prompt=study.include_prompt_tokens)  # fmt: skip
+    check_collection(run_dir, settings)
     write_datasets(run_dir, datasets)
     prompts = [p for d in datasets for p in d.prompts]
     sample_into_run(loaded, prompts, run_dir, n_per_prompt=study.n_per_prompt, temperature=study.temperature,
@@ -271,12 +286,20 @@ def stage_analyse(run_dir: Path, study: Study) -> dict[str, Any]:
                 n_permutations=study.n_permutations, n_bootstrap=study.n_bootstrap, seed=study.seed,
                 control_fpr=study.control_fpr, random_variant=study.random_sae,
                 sweep_bootstrap=None if study.sweep_bootstrap < 0 else study.sweep_bootstrap)  # fmt: skip
+    skipped = {}
     for folder in sae_folders:
-        feature_table(run_dir, folder, k=study.top_k, seed=study.seed, tokenizer=None,
-                      n_permutations=study.feature_permutations)  # fmt: skip
+        try:
+            feature_table(run_dir, folder, k=study.top_k, seed=study.seed, tokenizer=None,
+                          n_permutations=study.feature_permutations)  # fmt: skip
+        except (
+            TooFewCompletions
+        ) as err:  # one SAE's feature statistics, not the model's probes: say so, go on
+            print(f"no feature table for {folder.name}: {err}")
+            skipped[folder.name] = str(err)
     mark_stage(run_dir, STAGES[3], saes=[f.name for f in sae_folders], layers=layers, gemini=False, by="sweep",
-               autointerp="not run by the sweep: open notebook 04 with this RUN_NAME to label features")  # fmt: skip
-    return {"saes": len(sae_folders)}
+               autointerp="not run by the sweep: open notebook 04 with this RUN_NAME to label features",
+               feature_tables_skipped=skipped)  # fmt: skip
+    return {"saes": len(sae_folders), "feature_tables_skipped": skipped}
 
 
 def free_memory(device: str) -> dict[str, float]:
@@ -309,9 +332,11 @@ def run_model(
     device: str,
     cache_dir: Path | None,
     record: dict[str, Any],
+    save: Callable[[], Any] = lambda: None,
 ) -> None:
     """Every stage of one model that its run folder does not mark done, in order; `record` (the model's
-    entry of sweep.json) gets each stage's summary and seconds. An exception propagates to `run_sweep`."""
+    entry of sweep.json) gets each stage's summary and seconds, and `save` writes it as each stage starts
+    and ends. An exception propagates to `run_sweep`."""
     lm = _Lazy(run_dir, device, cache_dir)
     steps = {
         STAGES[0]: lambda: stage_load(run_dir, spec, study, lm),
@@ -325,9 +350,11 @@ def run_model(
                 record["stages"].setdefault(stage, {"status": "done", "note": "done earlier"})
                 continue
             record["stage"] = stage
+            save()
             t0 = time.perf_counter()
             out = step()
             record["stages"][stage] = {"status": "done", "seconds": round(time.perf_counter() - t0, 2), **out}
+            save()
             if stage == STAGES[2]:
                 lm.free()  # notebook 04 reads the run folder only: the model leaves memory first
                 free_memory(device)
@@ -389,7 +416,8 @@ def run_sweep(
         run_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         try:
-            run_model(run_dir, spec, study, device=device, cache_dir=cache_dir, record=record)
+            run_model(run_dir, spec, study, device=device, cache_dir=cache_dir, record=record,
+                      save=lambda: atomic_write_json(path, state))  # fmt: skip
             record["status"] = "done"
             record.pop("stage", None)
         except Exception as err:  # noqa: BLE001 - one model's failure (OOM, unknown layout, ...) is its row
