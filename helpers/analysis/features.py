@@ -29,6 +29,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy import stats
 
+from helpers.analysis import logistic
 from helpers.stats import (
     bh_qvalues,
     check_labels,
@@ -216,14 +217,28 @@ def heldout_tests(
     x = a - a.mean(0)
     n1 = Y.sum(1, keepdims=True)
     n0 = len(y) - n1
+    s1, q1 = _class_sums(Y, x)  # [B + 1, k] deceptive sums of x and x^2
+    s0, q0 = x.sum(0) - s1, (x**2).sum(0) - q1
     with np.errstate(invalid="ignore", divide="ignore"):
-        s1, s0 = Y @ x, (1 - Y) @ x  # [B + 1, k] class sums
-        q1, q0 = Y @ x**2, (1 - Y) @ x**2
         ss = q1 - s1**2 / n1 + q0 - s0**2 / n0
         d = (s1 / n1 - s0 / n0) / np.sqrt(np.maximum(ss, 0) / (n1 + n0 - 2))
     d = np.nan_to_num(d * sign, nan=0.0)  # a constant column: no evidence either way
     p = (1 + (d[1:] >= d[0] - 1e-12).sum(0)) / (1 + n_permutations)
     return p, permutation_scheme(units)
+
+
+def _class_sums(Y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(Y @ x, Y @ x^2) for label rows Y [B, n] and columns x [n, k], on the statistics device
+    (`logistic.pick_device`: numpy on the CPU, else torch in float64), a block of label rows within
+    `logistic.MEMORY_BUDGET` at a time."""
+    dev = logistic.pick_device()
+    if dev is None:
+        return Y @ x, Y @ x**2
+    xx = logistic.to_device(np.concatenate([x, x**2], axis=1), dev)
+    block = max(1, logistic.MEMORY_BUDGET // (8 * (Y.shape[1] + xx.shape[1])))
+    out = np.concatenate([logistic.to_numpy(logistic.to_device(Y[i : i + block], dev) @ xx)
+                          for i in range(0, len(Y), block)])  # fmt: skip
+    return out[:, : x.shape[1]], out[:, x.shape[1] :]
 
 
 def top_features(

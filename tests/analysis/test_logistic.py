@@ -1,0 +1,152 @@
+"""The batched logistic fit on every path it runs on: numpy on the CPU, and torch on a device (here
+the CPU, named "cpu": the code a GPU runs, without a GPU). Both solve scikit-learn's objective (balanced
+class weights, bootstrap row weights, an unpenalised intercept) and agree with each other; chunking
+within the memory budget and a CUDA out-of-memory error change nothing; and whole probes and feature
+tests on the calibration worlds (tests/null_worlds.py) give the same numbers on both paths."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_limits
+
+from helpers.analysis import features, logistic, probes
+from tests import null_worlds
+
+PATHS = [None, "cpu"]  # numpy, torch
+PATH_IDS = ["numpy", "torch"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: threads only contend with other jobs on a shared CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """Run every fit and design of the test in torch on the CPU (the module setting notebooks leave at
+    None, which is CUDA when there is one)."""
+    monkeypatch.setattr(logistic, "DEVICE", "cpu")
+
+
+def problems(n, d, seed=0):
+    rng = np.random.default_rng(seed)
+    Z = rng.standard_normal((n, d)) * np.linspace(3, 0.1, d)
+    Y = rng.integers(0, 2, (5, n))
+    Y[:, :2] = [0, 1]
+    Y[3] = np.maximum(Y[3], Z[:, 0] > 0)  # one problem with signal
+    counts = rng.integers(0, 3, Y.shape).astype(float)
+    counts[:, :2] = 1
+    return Z, Y, counts
+
+
+@pytest.mark.parametrize("device", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("shape", [(12, 16), (160, 16), (300, 400)], ids=["tiny", "d<n", "d>n"])
+def test_batched_solver_matches_sklearn(shape, device):
+    """The same predictions as one scikit-learn fit per problem, on either path."""
+    Z, Y, counts = problems(*shape)
+    W, c = logistic.fit(Z, Y, logistic.balanced_weights(Y, counts), 0.3, tol=1e-10, device=device)
+    got = logistic.predict_proba(Z, W, c)
+    for b in range(len(Y)):
+        keep = counts[b] > 0
+        ref = LogisticRegression(C=0.3, class_weight="balanced", max_iter=10_000, tol=1e-10)
+        # sklearn's balanced weights count rows, not bootstrap copies: pass them as sample weights
+        S = logistic.balanced_weights(Y[b], counts[b])[0]
+        ref.fit(Z[keep], Y[b, keep], sample_weight=S[keep])
+        np.testing.assert_allclose(got[b], ref.predict_proba(Z)[:, 1], atol=2e-5)
+    zero = np.zeros((1, len(Z)))
+    one_class = logistic.fit(Z, zero, logistic.balanced_weights(zero), 1.0, device=device)
+    assert np.all(logistic.predict_proba(Z, *one_class) == 0.5), "a one-class problem predicts 0.5"
+
+
+def test_torch_path_equals_numpy_path():
+    """Same solver, same float64: the two paths differ by summation order only."""
+    Z, Y, counts = problems(200, 150, seed=1)
+    S = logistic.balanced_weights(Y, counts)
+    W0, c0 = logistic.fit(Z, Y, S)
+    W1, c1 = logistic.fit(Z, Y, S, device="cpu")
+    assert logistic.pick_device() is None and logistic.pick_device("cpu") == torch.device("cpu")
+    np.testing.assert_allclose(
+        logistic.predict_proba(Z, W1, c1), logistic.predict_proba(Z, W0, c0), atol=1e-7
+    )
+    np.testing.assert_allclose(W1, W0, atol=1e-6)
+
+
+def test_chunks_and_out_of_memory_change_nothing(monkeypatch):
+    """A budget of a few problems per chunk gives the fits of one chunk; an out-of-memory error halves
+    the chunk and keeps going, and one on a single problem is raised (nothing smaller to try)."""
+    Z, Y, counts = problems(60, 10, seed=2)
+    S = logistic.balanced_weights(Y, counts)
+    W0, c0 = logistic.fit(Z, Y, S, device="cpu")
+    monkeypatch.setattr(logistic, "MEMORY_BUDGET", 8 * (12 * 60 + 8 * 10) * 2)  # 2 problems a chunk
+    W1, c1 = logistic.fit(Z, Y, S, device="cpu")
+    np.testing.assert_allclose(W1, W0, atol=1e-9)
+
+    solve, sizes = logistic._fit, []
+
+    def short_of_memory(Z, Y, *args):
+        sizes.append(len(Y))
+        if len(Y) > 1 or len(sizes) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return solve(Z, Y, *args)
+
+    monkeypatch.setattr(logistic, "_fit", short_of_memory)
+    W2, c2 = logistic.fit(Z, Y, S, device="cpu")
+    assert sizes[:3] == [2, 1, 1] and len(sizes) == 6  # halved once, then one problem at a time
+    np.testing.assert_allclose(W2, W0, atol=1e-9)
+    sizes.clear()
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        logistic.fit(Z, Y[:1], S[:1], device="cpu")  # short of memory even for one problem
+    assert sizes == [1]
+
+
+@pytest.mark.parametrize("shape", [(40, 8), (40, 120)], ids=["d<n", "d>n"])
+def test_design_on_the_device_and_in_blocks(shape, monkeypatch):
+    """The probes' SVD coordinates from the torch path, in blocks of a few rows or columns, span the
+    same space as numpy's (signs and order of directions may differ): same Gram matrices."""
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((60, shape[1]))
+    tr, te = np.arange(40), np.arange(40, 60)
+    A, B = probes.standardised_design(X, tr, te)
+    monkeypatch.setattr(logistic, "DEVICE", "cpu")
+    monkeypatch.setattr(logistic, "MEMORY_BUDGET", 8 * 200 * 7)  # blocks of 7 rows or columns
+    A1, B1 = probes.standardised_design(X, tr, te)
+    assert A1.shape == A.shape and B1.shape == B.shape
+    np.testing.assert_allclose(A1 @ A1.T, A @ A.T, atol=1e-9)
+    np.testing.assert_allclose(B1 @ A1.T, B @ A.T, atol=1e-9)
+    np.testing.assert_allclose(A1.T @ A1, np.diag(np.diag(A1.T @ A1)), atol=1e-8)  # diagonal
+
+
+@pytest.mark.parametrize("design", null_worlds.DESIGNS)
+def test_probes_and_feature_tests_agree_on_the_calibration_worlds(design, monkeypatch):
+    """A whole probe (grouped CV, permutations, refitted bootstrap) and a feature table on a null world
+    and on one with a planted signal give the same numbers on both paths: p-values and CIs exactly
+    unless a refit lands on a tie, out-of-fold probabilities to 1e-6 (the solver's tolerance moves
+    them ~1e-5)."""
+    for w, signal in enumerate((0.0, 1.5)):
+        W = null_worlds.dense_world(
+            np.random.default_rng([7, w]), design, signal=signal, **null_worlds.PROBE_SIZE
+        )
+        S = null_worlds.sparse_world(np.random.default_rng([8, w]), design, n_groups=24, d=60, signal=signal,
+                                     n_signal=3)  # fmt: skip
+        runs = []
+        for device in PATHS:
+            monkeypatch.setattr(logistic, "DEVICE", device)
+            r = probes.probe(W.X, W.y, W.groups, prompts=W.prompts, n_permutations=19, n_bootstrap=20, seed=w)
+            f = features.select_and_report(S.X, S.y, S.groups, prompts=S.prompts, k=5, n_permutations=199)
+            runs.append((r, f))
+        (a, fa), (b, fb) = runs
+        np.testing.assert_allclose(b.oof_proba, a.oof_proba, atol=1e-6)
+        assert [b.p_value, *b.ba_ci, *b.auroc_ci] == pytest.approx(
+            [a.p_value, *a.ba_ci, *a.auroc_ci], abs=1e-9
+        )
+        np.testing.assert_allclose(b.boot_auroc, a.boot_auroc, atol=1e-9)
+        assert [(r["feature"], r["p_value"]) for r in fb] == [(r["feature"], r["p_value"]) for r in fa]
+        np.testing.assert_allclose([r["cohens_d"] for r in fb], [r["cohens_d"] for r in fa], rtol=1e-12)
