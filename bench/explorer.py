@@ -151,6 +151,7 @@ def measure(args: argparse.Namespace) -> dict:
         "features_alive": db.info["n_alive"],
         "explorer_mb_on_disk": round(sum(p.stat().st_size for p in explorer_dir(data_dir).rglob("*") if p.is_file()) / 2**20, 1),
         "table_js_mb": round((explorer_dir(data_dir) / "data" / SAE_ID / "table.js").stat().st_size / 2**20, 2),
+        "text_js_mb": round((explorer_dir(data_dir) / "data" / SAE_ID / "text.js").stat().st_size / 2**20, 2),
     }  # fmt: skip
     del db
     out["peers_on_a_subset"] = peers(

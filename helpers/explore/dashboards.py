@@ -215,17 +215,22 @@ def _window_cutter(
     return windows
 
 
-def _cofiring(acts: torch.Tensor, r: np.ndarray, m: int):
+def _cofiring(n_rows: int, r: np.ndarray, f: np.ndarray, v: np.ndarray, m: int):
     """`extra(idx)` for `TopPerFeature.add`: the `m` strongest features firing on row r[idx] ([len(idx), m]
-    feature ids, -1 where fewer fire). The rows' top m are found once per batch, only when asked for."""
+    feature ids, -1 where fewer fire), from the batch's nonzero activations (r, f, v) in COO form; the
+    table of every row's top m is made once per batch, only when asked for (a sort of the nonzeros, no
+    pass over the dense activations)."""
     found: list[np.ndarray] = []
 
     def extra(idx: np.ndarray) -> np.ndarray:
         if not found:
-            top = acts.topk(m, dim=1)
-            ids = top.indices.to(torch.int32)
-            ids[top.values <= 0] = -1
-            found.append(ids.cpu().numpy())
+            order = np.lexsort((-v, r))  # by row, strongest first
+            rows = r[order]
+            rank = np.arange(len(rows)) - np.searchsorted(rows, rows, side="left")
+            keep = rank < m
+            table = np.full((n_rows, m), -1, np.int32)
+            table[rows[keep], rank[keep]] = f[order][keep]
+            found.append(table)
         return found[0][r[idx]]
 
     return extra
@@ -316,7 +321,9 @@ def feature_pass(
         doc, pos = doc_of_row[r], r - first[r]
         windows = _window_cutter(acts, r, f, first, last, offsets)
         top.add(f, v, v, doc, pos, windows)
-        sample.add(f, keys.random(len(f), dtype=np.float32), v, doc, pos, windows, _cofiring(acts, r, m))
+        sample.add(
+            f, keys.random(len(f), dtype=np.float32), v, doc, pos, windows, _cofiring(len(acts), r, f, v, m)
+        )
         bar.update(int(lengths.sum()))
     corpus_part = _corpus_pass(corpus, sae, device, c_docs, cfg, bar) if corpus is not None else None
     bar.close()

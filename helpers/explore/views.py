@@ -121,18 +121,20 @@ def table_html(rows: Sequence[dict[str, Any]]) -> str:
     return f"<table style='border-collapse:collapse; font-size:13px'><tr>{ths}</tr>{body}</table>"
 
 
-def histogram_svg(hist: dict[str, Any], width: int = 360, height: int = 120) -> str:
+def histogram_svg(hist: dict[str, Any], width: int = 360, height: int = 120, colour: str = "#d63027") -> str:
+    """Bars of a page's histogram ({min, max, counts}: equal-width bins from min, 0 in data of an older
+    release, to max)."""
     counts, top = hist["counts"], max(hist["counts"] + [1])
     n, left, bottom = len(counts), 30, 18
     bw = (width - left - 4) / max(n, 1)
     bars = "".join(
         f'<rect x="{left + i * bw:.1f}" y="{height - bottom - (height - bottom - 6) * c / top:.1f}" '
-        f'width="{max(bw - 1, 1):.1f}" height="{(height - bottom - 6) * c / top:.1f}" fill="#d63027" fill-opacity="0.75">'
+        f'width="{max(bw - 1, 1):.1f}" height="{(height - bottom - 6) * c / top:.1f}" fill="{colour}" fill-opacity="0.75">'
         f"<title>{c}</title></rect>"
         for i, c in enumerate(counts)
     )
     return (f'<svg width="{width}" height="{height}" style="font: 10px sans-serif">{bars}'
-            f'<text x="{left}" y="{height - 4}">0</text><text x="{width - 4}" y="{height - 4}" text-anchor="end">'
+            f'<text x="{left}" y="{height - 4}">{_f(hist.get("min") or 0)}</text><text x="{width - 4}" y="{height - 4}" text-anchor="end">'
             f'{_f(hist["max"])}</text><text x="{left - 3}" y="10" text-anchor="end">{top}</text></svg>')  # fmt: skip
 
 
@@ -178,7 +180,11 @@ def feature_html(page: dict[str, Any], info: dict[str, Any] | None = None) -> st
     parts = [f"<h3>{html.escape(page['sae_id'])} · feature #{page['feature']} · {html.escape(page['tag'])}</h3>",
              f"<p>{expl}</p><table>" + "".join(f"<tr><td style='color:#666'>{k}</td><td>{v}</td></tr>" for k, v in stats) + "</table>"]  # fmt: skip
     if page["n_firing"]:
-        parts.append("<b>activation histogram</b> (completion tokens)<br>" + histogram_svg(page["histogram"]))
+        parts.append("<b>activation histogram</b> (completion tokens, from the smallest nonzero activation)<br>"
+                     + histogram_svg(page["histogram"]))  # fmt: skip
+    elif not (corpus or {}).get("n_firing"):
+        parts.append("<p style='color:#a60'>This feature never fired on the scanned tokens: no histogram, windows or "
+                     "co-activation; its decoder views (logit effects, similar features) still apply.</p>")  # fmt: skip
     if corpus and corpus["n_firing"]:
         parts.append(
             "<br><b>reference corpus</b> (its own histogram)<br>" + histogram_svg(corpus["histogram"])
@@ -191,6 +197,17 @@ def feature_html(page: dict[str, Any], info: dict[str, Any] | None = None) -> st
             f"<code>{html.escape(repr(t))}</code> {v:+.2f}" for t, v in page["logits"]["negative"][:8]
         )
         parts.append(f"<p><b>logits raised</b>: {pos}<br><b>lowered</b>: {neg}</p>")
+    if page.get("logit_histogram"):
+        parts.append(
+            "<b>logit weights over the vocabulary</b><br>"
+            + histogram_svg(page["logit_histogram"], colour="#2952a3")
+        )
+    co = page.get("coactive")
+    if co and co["neighbours"]:
+        pairs = ", ".join(
+            f"#{g} (Jaccard {j:.2g}, fires with it {100 * p:.0f}%)" for g, j, p in co["neighbours"]
+        )
+        parts.append(f"<p><b>co-activating features</b> (from {co['sample']} sampled firings): {pairs}</p>")
     sim = ", ".join(f"#{j} ({c:.2f})" for j, c in page["similar"])
     parts.append(f"<p><b>similar features (decoder cosine)</b>: {sim}</p>")
     for sid, pairs in (page.get("similar_other") or {}).items():
@@ -203,7 +220,10 @@ def feature_html(page: dict[str, Any], info: dict[str, Any] | None = None) -> st
     parts.append("<b>top activations</b> (one per completion; outlined: the example token)")
     parts += [example_html(ex, scale) for ex in page["top"]] or ["<p>none</p>"]
     for g in reversed(page["quantiles"]):
-        parts.append(f"<p style='color:#666; margin-bottom:0'>activations {_f(g['lo'])}–{_f(g['hi'])}</p>")
+        count = f" · {g['count']} firings" if "count" in g else ""
+        parts.append(
+            f"<p style='color:#666; margin-bottom:0'>activations {_f(g['lo'])}–{_f(g['hi'])}{count}</p>"
+        )
         parts += [example_html(ex, scale) for ex in g["examples"]]
     if corpus:
         parts.append("<p><b>Top activations in the reference corpus</b> (one per sequence)</p>")

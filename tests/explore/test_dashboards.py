@@ -195,6 +195,21 @@ def test_an_old_corpus_without_token_ids_still_builds(run, tiny, tmp_path, db):
     assert "stored without token ids" in feature_html(page, got.info)
 
 
+def test_the_notebook_page_shows_the_new_views(db, dense):
+    _, A, _, _, _ = dense
+    f = int(np.argmax((A > 0).sum(0)))
+    page = db.page(f)
+    text = feature_html(page, db.info)
+    assert "logit weights over the vocabulary" in text and text.count("#2952a3") == len(
+        page["logit_histogram"]["counts"]
+    )
+    assert "co-activating features" in text and f"#{page['coactive']['neighbours'][0][0]} (Jaccard" in text
+    assert all(f"{g['count']} firings" in text for g in page["quantiles"])
+    dead = [g for g in range(A.shape[1]) if not (A[:, g] > 0).any() and not db.fp.corpus.fired[g]]
+    if dead:
+        assert "never fired on the scanned tokens" in feature_html(db.page(dead[0]), db.info)
+
+
 def test_neighbours_are_the_nearest_decoder_rows_of_this_layer_only(db, run):
     W = load_sae(sae_dir(run, SAE_ID)).sae.W_dec.detach()
     Wo = load_sae(sae_dir(run, OTHER_ID)).sae.W_dec.detach()
