@@ -176,6 +176,14 @@ def _resolve(
                     path, out, step=step, trust_pickle=trust_pickle, overrides=overrides
                 )
             return out, "nanochat-native"
+        if found := nanochat.experiment_checkpoints(path):
+            if len(found) > 1:
+                raise FileNotFoundError(
+                    f"{path} is a nanochat experiment with several checkpoints: pass one of "
+                    f"{[str(f) for f in found]} (base: pretrained; mid, sft, rl: chat stages)"
+                )
+            print(f"{path} is a nanochat experiment folder: loading its one checkpoint, {found[0]}")
+            return _resolve(str(found[0]), revision, cache, trust_pickle, overrides)
         _check_weight_folder(path)
         return path, "folder"
     if str(path).startswith(str(drive_home().parent)) and not drive_home().is_dir():

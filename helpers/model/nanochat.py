@@ -88,6 +88,42 @@ def _checkpoints(folder: str | os.PathLike) -> dict[int, tuple[Path, Path]]:
     return found
 
 
+def tokenizer_path(folder: str | os.PathLike) -> Path:
+    """The ``tokenizer.pkl`` of a checkpoint folder: in the folder itself, else two levels up in
+    ``tokenizer/``, where nanochat keeps it: since the experiment refactor (PR #800, commit e4286f8)
+    checkpoints sit in ``experiments/<name>/<model_tag>/<base|mid|sft|rl>/`` and the tokenizer in
+    ``experiments/<name>/tokenizer/``; before it, in ``<base_dir>/<source>_checkpoints/<model_tag>/`` and
+    ``<base_dir>/tokenizer/``. The other one is announced."""
+    folder = Path(folder)
+    here, shared = folder / "tokenizer.pkl", folder.resolve().parents[1] / "tokenizer" / "tokenizer.pkl"
+    if here.is_file():
+        return here
+    if shared.is_file():
+        print(f"using the tokenizer of this nanochat experiment: {shared}")
+        return shared
+    hint = ""
+    if (folder / "token_bytes.pt").is_file():
+        hint = " token_bytes.pt is not a tokenizer (it only holds each token's byte length);"
+    raise FileNotFoundError(
+        f"{here} is missing, and so is {shared}.{hint} tokenizer.pkl is needed: copy it from the same nanochat "
+        "run into the folder (nanochat keeps it in experiments/<name>/tokenizer/, or ~/.cache/nanochat/tokenizer/ "
+        "before its experiment refactor)."
+    )
+
+
+def experiment_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """Checkpoint folders under a nanochat experiment (``experiments/<name>``, PR #800) or one of its
+    model tags (``experiments/<name>/<model_tag>``): every ``<model_tag>/<stage>/`` or ``<stage>/``
+    holding a checkpoint, stages in training order. Empty when ``folder`` is neither."""
+    folder = Path(folder)
+    stages = ("base", "mid", "sft", "rl")
+    found = [folder / s for s in stages if is_native_checkpoint(folder / s)]
+    if not found and folder.is_dir() and (folder / "tokenizer").is_dir():
+        for tag in sorted(p for p in folder.iterdir() if p.is_dir() and p.name != "tokenizer"):
+            found += [tag / s for s in stages if is_native_checkpoint(tag / s)]
+    return found
+
+
 def is_native_checkpoint(folder: str | os.PathLike) -> bool:
     """True when ``folder`` holds at least one ``model_<step>.pt`` with a matching ``meta_<step>.json``."""
     return bool(_checkpoints(folder))
@@ -288,16 +324,8 @@ def convert_native_checkpoint(
         print(f"[nanochat {time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
 
     model_path, meta_path = _checkpoints(folder)[step]
-    tok_path = folder / "tokenizer.pkl"
-    if not tok_path.is_file():
-        hint = ""
-        if (folder / "token_bytes.pt").is_file():
-            hint = " token_bytes.pt is not a tokenizer (it only holds each token's byte length);"
-        raise FileNotFoundError(
-            f"{tok_path} is missing.{hint} tokenizer.pkl is needed: copy it from the same nanochat run "
-            "(nanochat keeps it in ~/.cache/nanochat/tokenizer/) into the folder."
-        )
-    say(f"1/4 tokenizer {tok_path.name}")
+    tok_path = tokenizer_path(folder)
+    say(f"1/4 tokenizer {tok_path if tok_path.parent != folder else tok_path.name}")
     enc = load_tokenizer_pickle(tok_path, trust_pickle=trust_pickle)
     specials = enc._special_tokens  # {token: id}
     if "<|bos|>" not in specials:
