@@ -65,6 +65,9 @@ SMOKE_RUN = "smoke"
 GITHUB_URL = re.compile(r"git\+https://github\.com/[\w.-]+/[\w.-]+@[\w.+-]+")
 MARKER = ".colab-rehearsal"
 PASSES = ("offline", "gemini")
+SWEEP_NOTEBOOKS = ("07",)
+"""Notebooks that run other notebooks' stages over many models, in run folders of their own."""
+SWEEP_STAGES = ("01_load_checkpoint", "02_collect_activations", "03_train_saes", "04_autolabel_features")
 LABELS = ("honest", "deceptive", "ambiguous")
 
 # Parameters injected into the gemini pass (after each notebook's smoke cell, so they win over it).
@@ -671,6 +674,8 @@ def check_run_folder(result: PassResult, pass_dir: Path, python: Path, commit: C
     meta = json.loads(run_json.read_text())
     stages = meta.get("stages", {})
     for nb_name in done:
+        if nb_name[:2] in SWEEP_NOTEBOOKS:  # its stages are marked in each model's own run folder
+            continue
         stage = Path(nb_name).stem
         check(
             stages.get(stage, {}).get("status") == "done",
@@ -715,12 +720,53 @@ def check_run_folder(result: PassResult, pass_dir: Path, python: Path, commit: C
         check(index.is_file() and index.stat().st_size > 0, "explorer/index.html is missing or empty")
         nped = run / "neuronpedia"
         check(nped.is_dir() and any(p.is_file() for p in nped.rglob("*")), "neuronpedia/ holds no export")
+    if "07" in numbers:
+        check_sweep(result, run.parent.parent)
     if gemini:
         check(
             (run / "judge_cache.sqlite").is_file(),
             "no judge_cache.sqlite in the run folder of the gemini pass",
         )
         check_server(result, server, log, numbers)
+
+
+def check_sweep(result: PassResult, project: Path) -> None:
+    """Notebook 07's smoke sweep: every model done in its own run folder (runs/smoke__<model>, all four
+    stages marked there), and the comparison in sweeps/smoke/ (a CSV and JSON row per model × layer, the
+    three figures, the summary naming each model)."""
+    check = result.check
+    sweep_dir = project / "sweeps" / SMOKE_RUN
+    state_path = sweep_dir / "sweep.json"
+    if not check(state_path.is_file(), f"notebook 07 wrote no {state_path}"):
+        return
+    models = json.loads(state_path.read_text()).get("models", {})
+    check(
+        len(models) >= 3,
+        f"the smoke sweep has {len(models)} models, expected the offline one and two tiny ones",
+    )
+    for key, entry in models.items():
+        check(
+            entry.get("status") == "done",
+            f"sweep model {key}: {entry.get('status')} {entry.get('error', '')}",
+        )
+        run_dir = project / "runs" / f"{SMOKE_RUN}__{key}"
+        stages = json.loads((run_dir / "run.json").read_text()).get("stages", {}) if run_dir.is_dir() else {}
+        missing = [s for s in SWEEP_STAGES if stages.get(s, {}).get("status") != "done"]
+        check(not missing, f"sweep model {key}: stages {missing} not done in {run_dir}")
+    table = sweep_dir / "comparison.csv"
+    if check(table.is_file(), f"no {table}"):
+        lines = table.read_text().splitlines()
+        rows = json.loads((sweep_dir / "comparison.json").read_text())["rows"]
+        check(
+            len(lines) - 1 == len(rows) >= 2 * len(models),
+            f"{len(lines) - 1} CSV rows, {len(rows)} JSON rows",
+        )
+        check(all(r.get("raw_auroc") is not None for r in rows), "a comparison row without a raw-probe AUROC")
+    for name in ("sweep_depth", "sweep_sae_minus_raw", "sweep_scale"):
+        fig = sweep_dir / "figures" / f"{name}.html"
+        check(fig.is_file() and fig.stat().st_size > 0, f"{fig} is missing or empty")
+    summary = sweep_dir / "summary.md"
+    check(summary.is_file() and all(k in summary.read_text() for k in models), f"{summary} misses a model")
 
 
 def check_completions(result: PassResult, run: Path, meta: dict[str, Any], server: Any) -> None:
@@ -866,7 +912,7 @@ def check_server(result: PassResult, server: Any, log: list[dict[str, Any]], num
         any(r["name"] in ("GEMINI_API_KEY", "GOOGLE_API_KEY") for r in asked),
         "the Gemini key never came through google.colab.userdata",
     )
-    expected = {"02": "judge", "04": "explain", "05": "judge"}
+    expected = {"02": "judge", "04": "explain", "05": "judge", "07": "judge"}
     for number, kind in expected.items():
         if number in numbers:
             check(server.kinds[kind], f"notebook {number} sent no {kind} request to the fake Gemini")

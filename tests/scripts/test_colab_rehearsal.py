@@ -150,3 +150,45 @@ def test_fake_gemini_answers_explanations_and_scores(gemini):
     assert [[w.score for w in f.scores] for f in answer.features] == gemini.scores[5]
     assert gemini.kinds == {"explain": 1, "score": 1} and not gemini.unrecognised
     assert helpers.__version__  # the package under test is importable beside the stand-ins
+
+
+def _sweep_tree(project: Path, models: list[str]) -> Path:
+    """What notebook 07's smoke sweep leaves on Drive, written by hand in its formats."""
+    sweep_dir = project / "sweeps" / rehearsal.SMOKE_RUN
+    (sweep_dir / "figures").mkdir(parents=True)
+    state = {"models": {k: {"status": "done"} for k in models}}
+    (sweep_dir / "sweep.json").write_text(json.dumps(state))
+    for key in models:
+        run = project / "runs" / f"{rehearsal.SMOKE_RUN}__{key}"
+        run.mkdir(parents=True)
+        stages = {s: {"status": "done"} for s in rehearsal.SWEEP_STAGES}
+        (run / "run.json").write_text(json.dumps({"stages": stages}))
+    rows = [{"model": k, "layer": layer, "raw_auroc": 0.5} for k in models for layer in (1, 2)]
+    (sweep_dir / "comparison.json").write_text(json.dumps({"rows": rows}))
+    (sweep_dir / "comparison.csv").write_text(
+        "model,layer,raw_auroc\n" + "".join(f"{r['model']},{r['layer']},0.5\n" for r in rows)
+    )
+    for name in ("sweep_depth", "sweep_sae_minus_raw", "sweep_scale"):
+        (sweep_dir / "figures" / f"{name}.html").write_text("<html></html>")
+    (sweep_dir / "summary.md").write_text("| " + " | ".join(models) + " |\n")
+    return sweep_dir
+
+
+def test_sweep_check_passes_a_complete_sweep_and_names_what_is_missing(tmp_path: Path):
+    models = ["smollm2-135m-instruct", "tiny-1a2b3c", "tiny-4d5e6f"]
+    sweep_dir = _sweep_tree(tmp_path, models)
+    ok = rehearsal.PassResult("offline")
+    rehearsal.check_sweep(ok, tmp_path)
+    assert ok.failures == []
+    state = json.loads((sweep_dir / "sweep.json").read_text())
+    state["models"]["tiny-4d5e6f"] = {"status": "failed", "error": "IndexError: layer 9"}
+    (sweep_dir / "sweep.json").write_text(json.dumps(state))
+    (sweep_dir / "figures" / "sweep_scale.html").unlink()
+    run = tmp_path / "runs" / f"{rehearsal.SMOKE_RUN}__tiny-1a2b3c" / "run.json"
+    run.write_text(json.dumps({"stages": {"01_load_checkpoint": {"status": "done"}}}))
+    bad = rehearsal.PassResult("offline")
+    rehearsal.check_sweep(bad, tmp_path)
+    text = "\n".join(bad.failures)
+    assert "tiny-4d5e6f: failed IndexError: layer 9" in text and "sweep_scale.html" in text
+    assert "tiny-1a2b3c: stages ['02_collect_activations', '03_train_saes', '04_autolabel_features']" in text
+    assert len(bad.failures) == 3
