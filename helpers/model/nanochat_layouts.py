@@ -194,11 +194,40 @@ def _gate_width(shapes: Mapping[str, tuple[int, ...]]) -> int | None:
     return widths.pop() if len(widths) == 1 else None
 
 
+BRANCHES = (
+    ("a mixture-of-experts MLP (branch moe3, commit 3a76bb9: num_experts routed experts, top_k per token, "
+     "a shared expert)", lambda s: any(".mlp.router." in k or ".mlp.experts." in k or ".mlp.shared_expert." in k
+                                       for k in s)),
+    ("hyper-connections (PR #812, commit 83ba923: hc_rate parallel residual streams, a residual of shape "
+     "(B, T, N, D) mixed by each block's attn_hc / mlp_hc)", lambda s: any("_hc." in k for k in s)),
+    ("widening (PR #807, commit 4197e95: token embeddings of n_token_embd channels and narrower first layers "
+     "widened to n_embd)", lambda s: "transformer.wte.weight" in s and "lm_head.weight" in s
+     and s["transformer.wte.weight"][-1] != s["lm_head.weight"][-1]),
+)  # fmt: skip
+"""nanochat features of unmerged or side branches (../shared/oracles/nanochat), each recognised from its
+parameters, that this loader refuses by name: none has a hook point that means what
+`blocks.{i}.hook_resid_post` means in the supported layouts (one residual stream of width n_embd after
+every block), so activations, SAEs and steering would silently read something else."""
+
+
+def refuse_branches(shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """`UnknownLayoutError` naming the feature and commit when the checkpoint comes from one of `BRANCHES`."""
+    found = [name for name, test in BRANCHES if test(shapes)]
+    if found:
+        raise UnknownLayoutError(
+            f"This checkpoint uses {' and '.join(found)}, which this loader does not support: nothing was "
+            "converted. Supported are the layouts of nanochat's main branch up to 92d63d4 "
+            f"({', '.join(lay.name for lay in LAYOUTS)}); train or export a dense checkpoint of one of them."
+        )
+
+
 def detect_layout(shapes: Mapping[str, tuple[int, ...]], n_layer: int) -> Layout:
     """The layout whose keys are exactly `shapes`' keys (state-dict key -> shape, `_orig_mod.` removed).
 
-    Raises `UnknownLayoutError` listing the unexpected and missing keys against the closest layout, and
-    every layout known, when none matches."""
+    A checkpoint of a branch in `BRANCHES` is refused by name; otherwise raises `UnknownLayoutError`
+    listing the unexpected and missing keys against the closest layout, and every layout known, when
+    none matches."""
+    refuse_branches(shapes)
     keys = set(shapes)
     width = _gate_width(shapes)
     matches = [
