@@ -17,12 +17,15 @@ from helpers.sweep.plan import (
     model_keys,
     model_size,
     plan_rows,
+    plan_table,
 )
-from helpers.sweep.runner import STAGES, Study, SweepFolders, read_sweep, run_sweep
+from helpers.sweep.runner import SMOKE_STUDY, STAGES, Study, SweepFolders, read_sweep, run_sweep, status_table
+from helpers.sweep.tiny import tiny_random_model
 
 __all__ = [
     "COLAB_T4_MODELS",
     "CPU_MODELS",
+    "SMOKE_STUDY",
     "STAGES",
     "ModelSpec",
     "Study",
@@ -34,8 +37,11 @@ __all__ = [
     "model_keys",
     "model_size",
     "plan_rows",
+    "plan_table",
     "read_sweep",
     "run_sweep",
     "sae_differences",
     "scale_trend",
+    "status_table",
+    "tiny_random_model",
 ]

@@ -38,7 +38,7 @@ from helpers.run import (
     read_sae_metrics,
 )
 from helpers.stats import holm
-from helpers.sweep.plan import relative_depth
+from helpers.sweep.plan import params_text, relative_depth
 
 TABLE = "comparison"
 COLUMNS = [
@@ -318,8 +318,7 @@ def summary_markdown(sweep: dict[str, Any], rows: list[dict[str, Any]], trend: d
              "[CI] (p Holm, sweep) | random SAE AUROC | ensemble AUROC | max feature d |",
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in peak_rows(rows):
-        n = r.get("n_params")
-        params = "–" if not n else f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
+        params = params_text(r.get("n_params"))
         sae = (f"{_f(r['sae_minus_raw_ba'], '+.3f')} [{_f(r['sae_minus_raw_ba_lo'], '+.3f')}, "
                f"{_f(r['sae_minus_raw_ba_hi'], '+.3f')}] (p {_f(r['sae_vs_raw_p_holm_sweep'], '.2g')})"
                if r.get("best_sae") else "no SAE")  # fmt: skip

@@ -317,6 +317,25 @@ def plan_rows(
     return rows
 
 
+def params_text(n: int | None) -> str:
+    """1_880_000_000 -> '1.88B'; 134_515_008 -> '135M'; None -> '?'."""
+    if not n:
+        return "?"
+    return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
+
+
+def plan_table(rows: list[PlanRow], drop: list[str] = ()) -> list[dict[str, Any]]:
+    """The plan as printable rows; `drop` (model keys) marks the models the sweep will leave out."""
+    unknown = sorted(set(drop) - {r.key for r in rows})
+    if unknown:
+        raise ValueError(
+            f"DROP names {unknown}, which are not in the plan; its models are {[r.key for r in rows]}"
+        )
+    return [{"model": r.key, "params": params_text(r.n_params), "layers": r.layers, "dtype": r.dtype,
+             "gpu_gib": r.gpu_gib, "ram_gb": r.ram_gb, "hours_here": r.hours_here, "hours_t4": r.hours_t4,
+             "fits_t4": r.fits_t4, "run": "dropped" if r.key in drop else "yes", "note": r.note} for r in rows]  # fmt: skip
+
+
 def memory_now(device: str) -> dict[str, float]:
     """What is in use and free now: this process's RSS and the machine's available RAM (GB); on CUDA the
     allocated, reserved and free GPU memory (GiB)."""

@@ -57,6 +57,9 @@ from helpers.saes.grid import run_saes, train_grid
 from helpers.saes.train import TrainConfig
 from helpers.sweep.plan import ModelSpec, PlanRow, StudySize, layers_at, memory_now, model_keys
 
+SMOKE_STUDY = dict(corpus_seq_len=64, sae_batch_size=64, checkpoint_every=4, lm_eval_completions=2,
+                   sweep_bootstrap=10, top_k=4, feature_permutations=99)  # fmt: skip
+"""What notebook 07's smoke mode sets beyond its form's parameters: few steps and draws (as 03's and 04's)."""
 STAGES = ("01_load_checkpoint", "02_collect_activations", "03_train_saes", "04_autolabel_features")
 SWEEP_JSON = "sweep.json"
 
@@ -309,6 +312,14 @@ def free_memory(device: str) -> dict[str, float]:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
     return memory_now(device)
+
+
+def status_table(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """sweep.json's models as printable rows: status, the stage reached, minutes, memory after, the error."""
+    return [{"model": k, "status": v.get("status"), "stage": v.get("stage") if v.get("status") != "done" else "",
+             "minutes": (v.get("seconds") or 0) / 60, "rss_gb_after": (v.get("memory_after") or {}).get("rss_gb"),
+             "gpu_gib_after": (v.get("memory_after") or {}).get("cuda_allocated_gib"),
+             "error": (v.get("error") or v.get("memory_warning") or "")[:160]} for k, v in state["models"].items()]  # fmt: skip
 
 
 def too_big(row: PlanRow | None, free: dict[str, float]) -> str | None:

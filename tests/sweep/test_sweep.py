@@ -240,3 +240,24 @@ def test_changed_study_is_refused(swept, tmp_path):
     path.write_text(json.dumps(cfg))
     res = _drive(path)
     assert res.returncode != 0 and "other study parameters (l0 differ)" in res.stderr
+
+
+def test_too_big_and_drop_name_the_numbers():
+    from helpers.sweep.plan import PlanRow, plan_table
+    from helpers.sweep.runner import too_big
+
+    free = {"rss_gb": 1.0, "ram_available_gb": 10.0, "cuda_free_gib": 14.0}
+    assert too_big(PlanRow("m", "s", 10**9, ram_gb=8.0, gpu_gib=5.0), free) is None
+    assert "needs ≈ 30.0 GB of RAM, 10.0 GB available" in too_big(PlanRow("m", "s", 10**9, ram_gb=30.0), free)
+    assert "needs ≈ 20.0 GiB of GPU memory, 14.0 GiB free" in too_big(
+        PlanRow("m", "s", 10**9, ram_gb=4.0, gpu_gib=20.0), free
+    )
+    assert too_big(PlanRow("m", "s", note="size unknown"), free) is None  # unknown size: it tries to load
+    rows = [PlanRow("a", "x/a", 1_880_000_000), PlanRow("b", "x/b", 134_515_008)]
+    table = plan_table(rows, ["b"])
+    assert [(r["model"], r["params"], r["run"]) for r in table] == [
+        ("a", "1.88B", "yes"),
+        ("b", "135M", "dropped"),
+    ]
+    with pytest.raises(ValueError, match=r"DROP names \['c'\]"):
+        plan_table(rows, ["c"])
