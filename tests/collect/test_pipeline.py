@@ -6,9 +6,16 @@ from __future__ import annotations
 import pytest
 
 from helpers.collect.completions import append_completions, read_completions
-from helpers.collect.pipeline import completion_record, label_run
+from helpers.collect.pipeline import (
+    check_collection,
+    collection_settings,
+    completion_record,
+    label_run,
+    load_datasets,
+)
 from helpers.collect.prompts import load_scenarios
 from helpers.collect.sampling import Completion
+from helpers.env import NotebookError
 from helpers.gemini import client_for
 from helpers.run import judge_cache_path
 from tests.collect.test_judge import by_first_word
@@ -64,3 +71,42 @@ def test_no_key_means_offline_rules(tmp_path, monkeypatch, capsys):
         monkeypatch.delenv(name, raising=False)
     assert client_for(tmp_path, purpose="judge") is None
     assert "no GEMINI_API_KEY" in capsys.readouterr().out
+
+
+def test_collection_settings_resume_add_on_request_and_overwrite(tmp_path):
+    """Notebook 02's settings check (issue 21): the same settings resume; more samples or another dataset
+    need ADD_TO_RUN (offered only when the change only adds); other settings need a new run or OVERWRITE,
+    which deletes the old completions and activations. A refusal writes nothing."""
+    contrast = load_datasets(
+        [{"data": "builtin:contrast", "role": "train", "label_by": "instruction", "limit": 4}]
+    )
+    benign = load_datasets([{"data": "builtin:benign", "limit": 2}])
+    sampling = dict(
+        n_per_prompt=2, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=0, include_prompt=False
+    )
+
+    def settings(datasets, layers=(3,), **kw):
+        return collection_settings("m", datasets, list(layers), **{**sampling, **kw})
+
+    assert check_collection(tmp_path, settings(contrast)) == "new"
+    sampled_run(tmp_path)
+    (tmp_path / "activations" / "layer_3").mkdir(parents=True)
+    assert check_collection(tmp_path, settings(contrast)) == "same"
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for changed, line, can_add in (
+        (settings(contrast, n_per_prompt=4), "sampling.n_per_prompt: 2 → 4", True),
+        (settings(contrast + benign), "datasets.benign: (absent) → ", True),
+        (settings(contrast, layers=(3, 6)), "layers: [3] → [3, 6]", True),
+        (settings(contrast, temperature=0.5), "sampling.temperature: 1.0 → 0.5", False),
+        (settings(benign), "datasets.contrast: {", False),
+    ):
+        with pytest.raises(NotebookError) as err:
+            check_collection(tmp_path, changed)
+        assert line in str(err.value) and ("ADD_TO_RUN = True" in str(err.value)) == can_add, str(err.value)
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files, "nothing written"
+    assert check_collection(tmp_path, settings(contrast + benign, n_per_prompt=4), add=True) == "add"
+    assert read_completions(tmp_path), "adding keeps what is there"
+    with pytest.raises(NotebookError, match="sampling.temperature"):
+        check_collection(tmp_path, settings(contrast, temperature=0.5), add=True)
+    assert check_collection(tmp_path, settings(contrast, temperature=0.5), overwrite=True) == "overwrite"
+    assert not read_completions(tmp_path) and not (tmp_path / "activations").exists()
