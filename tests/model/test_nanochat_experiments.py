@@ -106,3 +106,27 @@ def test_a_checkpoint_without_any_tokenizer_names_both_places(experiment, tmp_pa
         FileNotFoundError, match=r"tokenizer.pkl is missing, and so is .*a/tokenizer/tokenizer.pkl"
     ):
         helpers.load_model(str(lone), device="cpu", cache_dir=tmp_path / "cache")
+
+
+def test_a_hub_repo_with_several_stages_is_loaded_one_folder_at_a_time():
+    """A community repo holding base, SFT and RL checkpoints (as Bevisy/nanochat-d24 says it does: its file
+    list is not reachable offline, so the layouts here are the two nanochat writes) never mixes stages."""
+    from helpers.model.load import native_hub_files
+
+    stages = ["base/model_021400.pt", "base/meta_021400.json", "sft/model_000700.pt", "sft/meta_000700.json",
+              "rl/model_000300.pt", "rl/meta_000300.json", "tokenizer/tokenizer.pkl", "README.md"]  # fmt: skip
+    with pytest.raises(
+        FileNotFoundError, match=r"several folders.*'org/d24/base', 'org/d24/rl', 'org/d24/sft'"
+    ):
+        native_hub_files(stages, repo="org/d24")
+    assert native_hub_files(stages, "sft") == [
+        "sft/model_000700.pt",
+        "sft/meta_000700.json",
+        "tokenizer/tokenizer.pkl",
+    ]
+    assert native_hub_files(stages, "rl")[0] == "rl/model_000300.pt"
+    assert native_hub_files(stages, "mid") is None
+    experiment = ["experiments/e/d24/sft/model_000700.pt", "experiments/e/d24/sft/meta_000700.json",
+                  "experiments/e/tokenizer/tokenizer.pkl", "experiments/e/d24/base/model_021400.pt",
+                  "experiments/e/d24/base/meta_021400.json"]  # fmt: skip
+    assert native_hub_files(experiment, "experiments/e/d24/sft") == experiment[:3]
