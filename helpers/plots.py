@@ -2,7 +2,7 @@
 matplotlib twins (`backend="matplotlib"`, saved as .png) of the key ones, with no kaleido needed.
 
 Readable anywhere: a saved .html loads plotly.js from `figures/plotly.min.js` beside it (written once
-per run folder, 4.8 MB for plotly 5.24) instead of a CDN, so it opens on Drive offline and in a zip;
+per run folder: 4.8 MB with plotly 7.1) instead of a CDN, so it opens on Drive offline and in a zip;
 inlining the library would cost those 4.8 MB in every figure file. In a notebook, `show(fig)` displays
 the interactive figure and under it a static PNG drawn by matplotlib from the figure's own traces
 (`static_figure`), which GitHub shows where plotly's JavaScript never runs (Colab has no kaleido).
@@ -288,14 +288,20 @@ def png_bytes(fig: Any, dpi: int = 100) -> bytes:
 def show(fig: Any) -> None:
     """Show a figure in a notebook so that it reads anywhere: a plotly figure interactive and, under
     it, as a static PNG (`static_figure`; GitHub and other viewers without plotly's JavaScript show
-    only that); a matplotlib figure as its PNG. Use it instead of `fig.show()`."""
+    only that); a matplotlib figure as its PNG. Use it instead of `fig.show()`. A plotly trace type that
+    `static_figure` does not draw gets the interactive figure only, and a line saying so."""
     from IPython.display import Image, display
 
     if hasattr(fig, "savefig"):
         display(Image(data=png_bytes(fig, dpi=150)))
     elif hasattr(fig, "to_dict"):
         display(fig)
-        display(Image(data=png_bytes(fig)))
+        try:
+            png = png_bytes(fig)
+        except ValueError as err:  # a trace type static_figure does not draw: said, not hidden
+            print(f"(no static copy of this figure: {err})")
+            return
+        display(Image(data=png))
     else:
         raise TypeError(f"plots.show takes a plotly or matplotlib figure, got {type(fig).__name__}")
 

@@ -300,6 +300,7 @@ def test_show_in_a_notebook_gives_an_interactive_figure_and_a_png(run, tmp_path)
             f"from helpers import plots\nplots.show(plots.steering_figure({str(run)!r}))"
         ),
         nbformat.v4.new_code_cell(
+            "import plotly.graph_objects as go\nplots.show(go.Figure(go.Pie(values=[1, 2])))\n"
             f"plots.show(plots.steering_figure({str(run)!r}, backend='matplotlib'))\nplots.show('x')"
         ),
     ]
@@ -310,4 +311,7 @@ def test_show_in_a_notebook_gives_an_interactive_figure_and_a_png(run, tmp_path)
     first, second = ([o for o in c.outputs if o.output_type == "display_data"] for c in nb.cells)
     assert len(first) == 2 and "image/png" not in first[0].data and "image/png" in first[1].data
     assert "application/vnd.plotly.v1+json" in first[0].data or "text/html" in first[0].data
-    assert len(second) == 1 and list(second[0].data) == ["image/png", "text/plain"]
+    pie, mpl = second
+    assert "image/png" not in pie.data and list(mpl.data) == ["image/png", "text/plain"]
+    said = "".join(o.get("text", "") for o in nb.cells[1].outputs if o.output_type == "stream")
+    assert "(no static copy of this figure: static_figure draws scatter, bar and heatmap traces" in said
