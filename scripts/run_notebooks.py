@@ -9,7 +9,7 @@
 `{"02": {"N_PROMPTS": 100}}`: a cell setting them is inserted after that notebook's parameters cell, as
 papermill does, so the run is exactly Run all with those values typed into the form.
 
-`--demo` runs the parameters in `scripts/demo_params.json` (the same format) on the offline model with no
+`--demo` runs the notebooks of `scripts/demo_params.json` (the same format) on the offline model with no
 Hub and no Gemini key, like smoke mode but not in smoke mode (`NB_SMOKE` unset, so the notebooks keep the
 values given): data and training sized to finish in about a quarter of an hour on a 2-core CPU with
 results that are not degenerate (a probe that reads the label, SAEs whose features fire).
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--demo runs its own preset; pass --params without --demo to run yours")
     run_dir = Path(args.run_dir or ("runs/demo" if args.demo else "runs/smoke")).resolve()
     params = read_params(DEMO_PARAMS if args.demo else args.params) if (args.demo or args.params) else {}
-    paths = notebook_paths(args.numbers)
+    paths = notebook_paths(args.numbers or (sorted(params) if args.demo else None))
     started = time.perf_counter()
     for path in paths:
         print(f"running {path.name} -> {run_dir}", flush=True)
