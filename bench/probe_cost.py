@@ -31,6 +31,9 @@ the random SAEs and the L0-matched re-encoding are excluded, as SAE encoding is 
     python bench/probe_cost.py                 # 2 threads, as Colab's CPU
     python bench/probe_cost.py --threads 1 --n 1632
     python bench/probe_cost.py --device cuda --protocol   # the statistics on a GPU (logistic.DEVICE)
+    # before vs after in one run, in CPU seconds (robust to other jobs on a shared machine), the old code
+    # from a worktree: git worktree add --detach /tmp/base <commit>
+    python bench/probe_cost.py --threads 1 --protocol --clock cpu --peer-permutations 0 --baseline /tmp/base
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import itertools
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,7 +52,8 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# --baseline runs this file again with the helpers of another checkout first on the path
+sys.path.insert(0, os.environ.get("PROBE_COST_CHECKOUT") or str(Path(__file__).resolve().parent.parent))
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 
 from helpers.analysis import detection, features, logistic, probes  # noqa: E402
@@ -142,10 +147,42 @@ def protocol_cost(raw, sae, y, groups, prompts) -> dict:
     }
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.process_time (this process's CPU seconds, all threads)
+
+
 def timed(fn) -> tuple[float, object]:
-    start = time.perf_counter()
+    start = CLOCK()
     out = fn()
-    return time.perf_counter() - start, out
+    return CLOCK() - start, out
+
+
+def side_by_side(args, argv: list[str]) -> None:
+    """--baseline: this benchmark on the baseline checkout's helpers, then on this one's, one JSON."""
+    rest = [a for i, a in enumerate(argv) if a != "--baseline" and (i == 0 or argv[i - 1] != "--baseline")]
+    runs = {}
+    for name, checkout in (("baseline", args.baseline), ("current", "")):
+        env = {**os.environ, "PROBE_COST_CHECKOUT": str(Path(checkout).resolve()) if checkout else ""}
+        out = subprocess.run(
+            [sys.executable, __file__, *rest], env=env, capture_output=True, text=True, check=True
+        )
+        runs[name] = json.loads(out.stdout)
+    commit = subprocess.run(["git", "-C", args.baseline, "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()  # fmt: skip
+
+    def ratios(a, b):  # current / baseline for every number both runs share
+        if isinstance(a, dict):
+            return {k: r for k in a if k in b and (r := ratios(a[k], b[k])) is not None} or None
+        if isinstance(a, int | float) and isinstance(b, int | float) and a and not isinstance(a, bool):
+            return round(b / a, 3)
+        return None
+
+    print(json.dumps({
+        "benchmark": "notebook 04 statistics before vs after, one run (bench/probe_cost.py --baseline)",
+        "command": " ".join(["python", "bench/probe_cost.py", *argv]),
+        "baseline_commit": commit,
+        "current_over_baseline": ratios(runs["baseline"], runs["current"]),
+        **runs,
+    }, indent=1))  # fmt: skip
 
 
 def main() -> None:
@@ -163,10 +200,16 @@ def main() -> None:
         default=None,
         help="logistic.DEVICE: cuda, cpu (torch on the CPU); default numpy on the CPU",
     )
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: process CPU seconds")
+    ap.add_argument("--baseline", help="a checkout of older code (git worktree): run both, one JSON")
     args = ap.parse_args()
+    if args.baseline:
+        return side_by_side(args, sys.argv[1:])
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     logistic.DEVICE = args.device
-    dev = logistic.pick_device()
+    dev = getattr(logistic, "pick_device", lambda: None)()  # a baseline checkout may predate it
     raw, sae, y, groups, prompts = d32_data(args.n)
     out: dict = {}
     with threadpool_limits(limits=args.threads):
@@ -179,6 +222,8 @@ def main() -> None:
                 sklearn_loop(X, y, groups, prompts, args.peer_permutations)
                 * 201
                 / (args.peer_permutations + 1)
+                if args.peer_permutations
+                else float("nan")
             )
             out[f"probe_{name}"] = {"seconds": round(t, 1), "random_direction_control_seconds": round(t_rd, 1),
                                     "balanced_accuracy": round(r.balanced_accuracy, 3), "ba_ci": [round(v, 3) for v in r.ba_ci],
@@ -201,6 +246,7 @@ def main() -> None:
         "benchmark": "notebook 04 statistics at nanochat-d32 scale, synthetic data (bench/probe_cost.py)",
         "command": " ".join(["python", "bench/probe_cost.py", *sys.argv[1:]]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.threads} BLAS threads",
+        "clock": "process CPU seconds" if args.clock == "cpu" else "wall seconds",
         "statistics_device": "numpy (CPU)" if dev is None else str(dev)
         + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
         "n_completions": args.n, "d_model": 2048, "d_sae": 16384,
