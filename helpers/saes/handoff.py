@@ -146,6 +146,11 @@ class Selection:
             raise ValueError(f"kinds must be some of {KINDS} (each once), got {kinds}")
         if self.condition not in BEHAVIOUR_CONDITIONS:
             raise ValueError(f"condition must be one of {BEHAVIOUR_CONDITIONS}, got {self.condition!r}")
+        if len(kinds) == 2 and self.condition != "mixed":
+            raise ValueError(
+                f"corpus + behaviour uses the mixed completions (notebook 03's corpus+behaviour), not "
+                f"{self.condition!r}: pass condition='mixed', or kinds=('activations',) for {self.condition!r}"
+            )
 
     @property
     def grid_condition(self) -> str:
@@ -239,7 +244,9 @@ def export_saelens_cache(
     order = _packing_order(sources, selection.seed)
     d_in = sources[0][1].d_model
     n_tokens = int(sum(n for _, _, _, n in order))
-    if context_size < 1 or context_size > n_tokens:
+    if context_size < 1:
+        raise ValueError(f"context_size must be at least 1, got {context_size}")
+    if context_size > n_tokens:
         raise ValueError(
             f"context_size {context_size} is larger than the {n_tokens} training tokens of {selection.kinds} at "
             f"layer {selection.layer} (the longest completion has {max(n for *_, n in order)}): not one row of "
@@ -284,6 +291,10 @@ def export_saelens_cache(
         rows = min(rows_per_file, rows_total - k * rows_per_file)
         first = k * rows_per_file * context_size
         acts, ids = _packed(order, starts, first, first + rows * context_size, d_in, dtype, ids_of)
+        if dtype == "float16" and not np.isfinite(acts).all():  # a shard the store kept in float32
+            raise ValueError(
+                f"activations of layer {selection.layer} overflow float16: export with dtype='float32'"
+            )
         _write_arrow(out / names[k], features, hook, acts.reshape(rows, context_size, d_in),
                      None if ids is None else ids.reshape(rows, context_size))  # fmt: skip
     _write_dataset_json(out, features, names, stable_hash(manifest))

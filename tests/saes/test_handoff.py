@@ -219,6 +219,8 @@ def test_bad_input_is_refused_and_nothing_is_overwritten(run, tmp_path):
         FileNotFoundError, match=r"layer 0 has no activations store.*Layers with stored activations: \[1, 2\]"
     ):
         Selection(run, 0).sources()
+    with pytest.raises(ValueError, match="corpus \\+ behaviour uses the mixed completions"):
+        Selection(run, LAYER, kinds=("activations", "corpus"), condition="honest_only")
     sel = Selection(run, LAYER)
     with pytest.raises(ValueError, match="context_size 100000 is larger than the .* training tokens"):
         export_saelens_cache(sel, tmp_path / "big", context_size=100_000, progress=False)
