@@ -145,8 +145,9 @@ class ActivationWriter:
             for cid, *_ in self._pending:
                 self.done_ids.discard(cid)
             raise OSError(
-                f"writing {name} in {self.dir} failed ({err}). Earlier shards are intact; free disk space "
-                "(or Drive quota) and rerun: collection resumes after the last complete shard."
+                err.errno,
+                f"writing {name} in {self.dir} failed ({err.strerror or err}). Earlier shards are intact; free "
+                "disk space (or Drive quota) and rerun: collection resumes after the last complete shard.",
             ) from err
         self._next += 1
         self._pending, self._pending_tokens = [], 0
