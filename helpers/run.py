@@ -5,6 +5,14 @@ and is renamed into place, so a Colab disconnect mid-write never leaves a half-w
 later stage would trust. `run.json` records what the run is (model, dtype, layers, seeds, package
 version) and which stages finished, so Run all after a disconnect skips finished work.
 
+A run folder holds one experiment. Each stage records the settings that determine its outputs (`settings`
+in run.json: a stable hash and the readable values) and `check_stage_settings` compares a rerun's with
+them before anything is written: the same settings resume; others stop with a NotebookError naming each
+difference (on disk → now) and the choices (a new RUN_NAME, OVERWRITE, or ADD_TO_RUN where the change only
+adds data). Provenance is append-only: `created_with` is the release that started the run and `history`
+lists every stage's status and settings check with the release that made it; `release_flag` marks results
+of an older release where they are shown.
+
 Every path of the run folder is spelled here and nowhere else:
 
     run.json                      RUN_JSON
