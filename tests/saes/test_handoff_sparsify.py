@@ -16,6 +16,7 @@ from transformers import AutoModel
 import helpers
 from helpers.collect.corpus import BUILTIN_CORPUS, collect_corpus
 from helpers.collect.store import LayerStore
+from helpers.model.hooks import hook_name, run_with_capture
 from helpers.run import SAE_METRICS, sae_dir, update_run_json
 from helpers.saes.handoff import (
     Selection,
@@ -61,6 +62,17 @@ def test_sparsify_trains_on_our_nanochat_and_its_sae_comes_back(nanochat_run, tm
     register()
     model = AutoModel.from_pretrained(lm.info.path).eval()  # how sparsify's command line loads it
     assert type(model).__name__ == "NanoChatGPTForCausalLM"
+    # sparsify's hookpoint h.1 (a module of model.base_model, whose output it reads) is our layer-1 hook
+    seen = []
+    handle = dict(model.base_model.named_modules())[f"h.{LAYER}"].register_forward_hook(
+        lambda _m, _i, out: seen.append(out[0] if isinstance(out, tuple) else out)
+    )
+    batch = torch.from_numpy(data[0]["input_ids"].numpy().astype(np.int64))[None]
+    with torch.no_grad():
+        model(batch)
+    handle.remove()
+    ours = run_with_capture(model, [hook_name(LAYER)], input_ids=batch)[hook_name(LAYER)]
+    torch.testing.assert_close(seen[0], ours)
     cfg = TrainConfig(SparseCoderConfig(k=4, expansion_factor=2), batch_size=4, hookpoints=[f"h.{LAYER}"],
                       log_to_wandb=False, save_dir=str(tmp_path / "out"), run_name="r", optimizer="adam",
                       lr_warmup_steps=1)  # fmt: skip
