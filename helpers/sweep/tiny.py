@@ -3,8 +3,10 @@
 A sweep's machinery (plan, one model after another, resume, the comparison across architectures) needs
 models of several architectures; offline there is one real model (`OFFLINE_MODEL`). These are Llama- and
 GPT-NeoX-family models of a few layers × 64, random weights, saved as transformers folders with the
-offline model's tokenizer and chat template, exactly as a user's own folder would be. Their probe numbers
-are chance-level noise by construction: a smoke run checks that the sweep runs, never what it finds.
+offline model's tokenizer and chat template, exactly as a user's own folder would be. Their numbers say
+nothing about deception: even a random network carries the prompt's honest / dishonest instruction into
+the answer's residuals, so an instructed train set is separable (smoke AUROCs of 1.0 are that, and the
+prompt-only probe row shows it). A smoke run checks that the sweep runs, never what it finds.
 """
 
 from __future__ import annotations
