@@ -10,6 +10,9 @@
     grid.py       the layer x condition x architecture (x L0) grid of a run; importing published SAEs
     hub.py        publishing SAEs to the Hugging Face Hub with a model card
     random_control.py  random-weight SAEs of the same class and L0 (arXiv 2602.14111), the probing control
+    handoff.py    beyond one GPU: a layer as SAELens's cached-activations dataset or SAETrainer's data, the
+                  corpus as sparsify's token file and its command; their SAEs imported back into saes/
+    sparsify_main.py  `python -m helpers.saes.sparsify_main`: sparsify's CLI with our nanochat class loadable
 
 The names notebook 03 uses are re-exported here.
 """
