@@ -242,6 +242,7 @@ def main() -> None:
     if args.protocol:
         added = 3 * out["protocol"]["per_layer_seconds"] + out["protocol"]["per_run_seconds"]
         out["protocol"]["ratio_to_today"] = round((today + added) / today, 3)
+        out["protocol"]["estimate_with_protocol_minutes"] = round((today + added) / 60, 1)
     print(json.dumps({
         "benchmark": "notebook 04 statistics at nanochat-d32 scale, synthetic data (bench/probe_cost.py)",
         "command": " ".join(["python", "bench/probe_cost.py", *sys.argv[1:]]),

@@ -48,6 +48,7 @@ _NUMPY = SimpleNamespace(
     softplus=lambda z: np.logaddexp(0.0, z),
     rowmax=lambda a: a.max(1, initial=0.0),
     flatnonzero=np.flatnonzero,
+    arange=np.arange,
 )
 
 
@@ -58,6 +59,7 @@ def _torch_ops(dev: torch.device) -> SimpleNamespace:
         softplus=torch.nn.functional.softplus,
         rowmax=lambda a: a.amax(1) if a.shape[1] else a.new_zeros(len(a)),
         flatnonzero=lambda a: torch.nonzero(a).ravel(),
+        arange=lambda n: torch.arange(n, device=dev),
     )
 
 
@@ -199,7 +201,7 @@ def _newton_direction(Z, Z2, D, C, gw, gc, ops, max_cg: int = 200):
     xw, xc = xp.zeros_like(gw), xp.zeros_like(gc)  # the directions, written as problems finish
     gnorm = xp.sqrt((gw * gw).sum(1) + gc * gc)
     target = xp.where(gnorm < 0.25, xp.sqrt(gnorm), 0.5) * gnorm
-    idx = ops.flatnonzero(gnorm >= 0)  # the problems still iterating, and their state below
+    idx = ops.arange(len(gw))  # the problems still iterating, and their state below
     aw, ac = xp.zeros_like(gw), xp.zeros_like(gc)
     rw, rc = -gw, -gc
     pw, pc = rw / Mw, rc / Mc
