@@ -137,8 +137,8 @@ def test_explorer_in_a_headless_browser(run):
         url = (explorer_dir(run) / "index.html").as_uri()
         assert url.startswith("file://")
         browser.get(f"{url}#sae={SAE_ID}")
-        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#table tbody tr")) > 0)
-        rows = browser.find_elements(By.CSS_SELECTOR, "#table tbody tr")
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#table tbody tr[data-f]")) > 0)
+        rows = browser.find_elements(By.CSS_SELECTOR, "#table tbody tr[data-f]")
         n_alive = sae_info(run, SAE_ID)["n_alive"]
         assert (
             len(rows) == min(200, n_alive)
@@ -166,7 +166,10 @@ def test_explorer_in_a_headless_browser(run):
         Select(browser.find_element(By.ID, "where")).select_by_value("text")
         browser.find_element(By.ID, "search").send_keys(word)
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#table td.snippet mark"))
-        hits = {r.get_attribute("data-f") for r in browser.find_elements(By.CSS_SELECTOR, "#table tbody tr")}
+        hits = {
+            r.get_attribute("data-f")
+            for r in browser.find_elements(By.CSS_SELECTOR, "#table tbody tr[data-f]")
+        }
         want = {str(p["feature"]) for p in iter_pages(run, SAE_ID)
                 if word in window_text(p).lower() and (p["n_firing"] or p["corpus"]["n_firing"])}  # fmt: skip
         assert "5" in hits and hits == want, (word, hits ^ want)
@@ -180,7 +183,7 @@ def test_explorer_in_a_headless_browser(run):
         browser.find_element(By.ID, "search").send_keys("denial")
         wait.until(lambda b: not b.find_elements(By.CSS_SELECTOR, "#table td.snippet"))
         wait.until(lambda b: b.find_element(By.ID, "count").text.startswith("1 of"))
-        rows = browser.find_elements(By.CSS_SELECTOR, "#table tbody tr")
+        rows = browser.find_elements(By.CSS_SELECTOR, "#table tbody tr[data-f]")
         assert len(rows) == 1 and rows[0].get_attribute("data-f") == "5" and "denials" in rows[0].text
         browser.save_screenshot(str(shots / "search.png"))
 
@@ -326,6 +329,7 @@ def test_bad_input_views_say_what_is_missing(bad_run, run, tmp_path):
         wait.until(lambda b: b.find_elements(By.ID, "density-empty"))
         assert "No feature of this SAE fired" in browser.find_element(By.ID, "density-empty").text
         assert "0 of 96 features" in browser.find_element(By.ID, "count").text
+        assert "Every feature of this SAE is dead" in browser.find_element(By.ID, "no-rows").text
         browser.save_screenshot(str(shots / "nothing_fires.png"))
 
         browser.get(f"{url}#sae={SAE_ID}&f=3")
