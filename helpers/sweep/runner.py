@@ -366,9 +366,10 @@ def run_model(
             out = step()
             record["stages"][stage] = {"status": "done", "seconds": round(time.perf_counter() - t0, 2), **out}
             save()
-            if stage == STAGES[2]:
-                lm.free()  # notebook 04 reads the run folder only: the model leaves memory first
-                free_memory(device)
+            if stage == STAGES[2]:  # notebook 04 reads the run folder only: the model leaves memory first
+                lm.free()  # (no gc here: a full collection costs ~1 s with transformers loaded; once per model)
+                if device == "cuda":
+                    torch.cuda.empty_cache()
     finally:
         lm.free()
 
@@ -400,48 +401,63 @@ def run_sweep(
         )
     state = {"name": folders.name, "study": study.to_dict(), "models": state.get("models", {}),
              "baseline_memory": state.get("baseline_memory") or free_memory(device)}  # fmt: skip
-    for spec, key in zip(specs, keys, strict=True):
-        run_dir = folders.run_dir(key)
-        entry = state["models"].get(key) or {}
-        if entry.get("spec") not in (None, spec.spec):
-            raise NotebookError(
-                f"model key {key!r} of sweep {folders.name!r} was {entry['spec']!r}, now {spec.spec!r}: give the "
-                "new model another 'name', or use a new SWEEP_NAME"
-            )
-        if key in skip:
-            state["models"][key] = {**entry, "spec": spec.spec, "status": "dropped", "run_dir": str(run_dir)}
-            continue
-        if entry.get("status") == "done" and all(stage_done(run_dir, s) for s in STAGES):
-            print(f"{key}: done earlier ({run_dir})")
-            continue
-        record = {"spec": spec.spec, "revision": spec.revision, "run_dir": str(run_dir), "status": "running",
-                  "stages": {}, "memory_before": memory_now(device)}  # fmt: skip
-        state["models"][key] = record
-        if why := too_big(sizes.get(key), record["memory_before"]):
-            record.update(status="too big", error=why)
-            print(f"{key}: not loaded: {why}", flush=True)
+    # What is alive now (imports, the notebook's objects) is moved out of the collector's way: the full
+    # collection between models then looks at the models' objects only (~1 s less per model with
+    # transformers loaded; bench/sweep.py). Unfrozen when the sweep ends, however it ends.
+    free_memory(device)
+    gc.freeze()
+    try:
+        for spec, key in zip(specs, keys, strict=True):
+            run_dir = folders.run_dir(key)
+            entry = state["models"].get(key) or {}
+            if entry.get("spec") not in (None, spec.spec):
+                raise NotebookError(
+                    f"model key {key!r} of sweep {folders.name!r} was {entry['spec']!r}, now {spec.spec!r}: give the "
+                    "new model another 'name', or use a new SWEEP_NAME"
+                )
+            if key in skip:
+                state["models"][key] = {
+                    **entry,
+                    "spec": spec.spec,
+                    "status": "dropped",
+                    "run_dir": str(run_dir),
+                }
+                continue
+            if entry.get("status") == "done" and all(stage_done(run_dir, s) for s in STAGES):
+                print(f"{key}: done earlier ({run_dir})")
+                continue
+            record = {"spec": spec.spec, "revision": spec.revision, "run_dir": str(run_dir), "status": "running",
+                      "stages": {}, "memory_before": memory_now(device)}  # fmt: skip
+            state["models"][key] = record
+            if why := too_big(sizes.get(key), record["memory_before"]):
+                record.update(status="too big", error=why)
+                print(f"{key}: not loaded: {why}", flush=True)
+                atomic_write_json(path, state)
+                continue
             atomic_write_json(path, state)
-            continue
-        atomic_write_json(path, state)
-        print(f"=== {key}: {spec.spec} -> {run_dir}", flush=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        try:
-            run_model(run_dir, spec, study, device=device, cache_dir=cache_dir, record=record,
-                      save=lambda: atomic_write_json(path, state))  # fmt: skip
-            record["status"] = "done"
-            record.pop("stage", None)
-        except Exception as err:  # noqa: BLE001 - one model's failure (OOM, unknown layout, ...) is its row
-            record.update(status="failed", error=f"{type(err).__name__}: {err}",
-                          traceback=traceback.format_exc(limit=-3))  # fmt: skip
-            print(f"{key} failed at {record.get('stage')}: {record['error']}", flush=True)
-            if (run_dir / "run.json").exists():
-                mark_stage(run_dir, record["stage"], "failed", error=record["error"], by="sweep")
-        record["seconds"] = round(time.perf_counter() - t0, 2)
-        record["memory_after"] = after = free_memory(device)
-        leak = after.get("cuda_allocated_gib", 0.0) - state["baseline_memory"].get("cuda_allocated_gib", 0.0)
-        if leak > 0.05:
-            record["memory_warning"] = f"{leak:.2f} GiB of GPU memory still allocated after {key}"
-            print("WARNING:", record["memory_warning"])
-        atomic_write_json(path, state)
+            print(f"=== {key}: {spec.spec} -> {run_dir}", flush=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            try:
+                run_model(run_dir, spec, study, device=device, cache_dir=cache_dir, record=record,
+                          save=lambda: atomic_write_json(path, state))  # fmt: skip
+                record["status"] = "done"
+                record.pop("stage", None)
+            except Exception as err:  # noqa: BLE001 - one model's failure (OOM, unknown layout, ...) is its row
+                record.update(status="failed", error=f"{type(err).__name__}: {err}",
+                              traceback=traceback.format_exc(limit=-3))  # fmt: skip
+                print(f"{key} failed at {record.get('stage')}: {record['error']}", flush=True)
+                if (run_dir / "run.json").exists():
+                    mark_stage(run_dir, record["stage"], "failed", error=record["error"], by="sweep")
+            record["seconds"] = round(time.perf_counter() - t0, 2)
+            record["memory_after"] = after = free_memory(device)
+            leak = after.get("cuda_allocated_gib", 0.0) - state["baseline_memory"].get(
+                "cuda_allocated_gib", 0.0
+            )
+            if leak > 0.05:
+                record["memory_warning"] = f"{leak:.2f} GiB of GPU memory still allocated after {key}"
+                print("WARNING:", record["memory_warning"])
+            atomic_write_json(path, state)
+    finally:
+        gc.unfreeze()
     return state
