@@ -424,3 +424,29 @@ def test_the_upload_validator_names_what_the_route_would_refuse(run, exported, b
     break_it(body)
     problems = validate_upload_batch(body, UPLOAD_FIXTURE)
     assert any(says in p for p in problems), problems
+
+
+def test_explorer_data_of_an_older_release_still_export(run, tmp_path):
+    """Pages written before the logit histogram, group counts and histogram minimum (DATA_FORMAT 1): the
+    export still validates, with empty logit histograms and equal group shares."""
+    old = tmp_path / "old_run"
+    shutil.copytree(run, old)
+    shutil.rmtree(neuronpedia_dir(old), ignore_errors=True)
+    folder = old / "explorer" / "data" / SAE_ID
+    for path in folder.glob("pages_*.js"):
+        head, body, tail = path.read_text().split("\n", 2)
+        pages = json.loads(body)
+        for p in pages.values():
+            for key in ("logit_histogram", "coactive", "min_activation"):
+                p.pop(key)
+            p["histogram"].pop("min")
+            for g in p["quantiles"]:
+                g.pop("count")
+        path.write_text(head + "\n" + json.dumps(pages) + "\n" + tail)
+    rows = export_neuronpedia(old, [SAE_ID], creator_name="tester")
+    source = neuronpedia_dir(old) / rows[0]["source"]
+    assert validate_export(source, FIXTURE)["features"] == rows[0]["features"] > 0
+    feats = records(source / "features" / "batch-0.jsonl.gz")
+    assert all(r["logits_hist_data_bar_heights"] == [] == r["logits_hist_data_bar_values"] for r in feats)
+    for b in sorted((neuronpedia_dir(old) / "upload-batch").rglob("batch-*.json")):
+        assert validate_upload_batch(json.loads(b.read_text()), UPLOAD_FIXTURE) == []
