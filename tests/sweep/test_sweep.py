@@ -261,3 +261,20 @@ def test_too_big_and_drop_name_the_numbers():
     ]
     with pytest.raises(ValueError, match=r"DROP names \['c'\]"):
         plan_table(rows, ["c"])
+
+
+def test_a_model_too_big_for_free_memory_is_not_loaded_and_a_dropped_one_not_run(tmp_path):
+    from helpers.sweep.plan import PlanRow
+    from helpers.sweep.runner import run_sweep
+
+    folders = SweepFolders(tmp_path, "big")
+    specs = ["org/huge-model", "org/left-out"]  # neither exists: loading either would fail, not say "too big"
+    state = run_sweep(specs, Study(**STUDY), folders, plan=[PlanRow("huge-model", specs[0], 10**12, ram_gb=4000.0)],
+                      skip=["left-out"])  # fmt: skip
+    huge, left = state["models"]["huge-model"], state["models"]["left-out"]
+    assert huge["status"] == "too big" and "needs ≈ 4000.0 GB of RAM" in huge["error"]
+    assert left["status"] == "dropped"
+    assert not folders.run_dir("huge-model").exists() and not folders.run_dir("left-out").exists()
+    rows = compare(folders.sweep_dir, state)["rows"]
+    assert [(r["model"], r["status"]) for r in rows] == [("huge-model", "too big"), ("left-out", "dropped")]
+    assert "needs ≈ 4000.0 GB" in rows[0]["error"]
