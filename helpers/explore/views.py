@@ -87,12 +87,11 @@ def select_features(
 
 
 def default_feature(table: dict[str, list[Any]]) -> int:
-    """The feature to open first: notebook 04's top feature by held-out |d|, else the most frequent."""
+    """The feature to open first: notebook 04's top feature by held-out |d|, else the most frequent; feature
+    0 when no feature ever fired (its page says so, and the SAE's notes say why), so Run all goes on."""
     analysed = [r for r in select_features(table, sort="|d| (notebook 04)", n=1) if r["cohens_d"] is not None]
     rows = analysed or select_features(table, sort="firing rate", n=1)
-    if not rows:
-        raise ValueError("no feature of this SAE ever fired on the run's completions: nothing to show")
-    return int(rows[0]["feature"])
+    return int(rows[0]["feature"]) if rows else 0
 
 
 def _f(x: Any, spec: str = ".3g") -> str:

@@ -19,7 +19,7 @@ from helpers.collect.corpus import BUILTIN_CORPUS, Packing, iter_documents, iter
 from helpers.collect.store import TOKENS_SUFFIX, LayerStore
 from helpers.explore.dashboards import CLASSES, NO_ANALYSIS, ExplorerConfig, build_dashboards
 from helpers.explore.decoder import logit_effects, logit_summary, nearest_rows, unembedding_of
-from helpers.explore.views import feature_html
+from helpers.explore.views import default_feature, feature_html
 from helpers.model.hooks import decoder_layers, hook_name
 from helpers.model.nanochat_gpt import NanoChatGPTConfig, NanoChatGPTForCausalLM
 from helpers.run import corpus_dir, sae_dir
@@ -205,6 +205,12 @@ def test_the_notebook_page_shows_the_new_views(db, dense):
     )
     assert "co-activating features" in text and f"#{page['coactive']['neighbours'][0][0]} (Jaccard" in text
     assert all(f"{g['count']} firings" in text for g in page["quantiles"])
+    table = db.table()
+    nothing = {
+        k: [0.0 if k in ("firing_rate", "rate_corpus") else v for v in col] for k, col in table.items()
+    }
+    nothing["cohens_d"] = [None] * len(table["feature"])
+    assert default_feature(nothing) == 0, "no feature fired: open feature 0 (its page says it never fired)"
     dead = [g for g in range(A.shape[1]) if not (A[:, g] > 0).any() and not db.fp.corpus.fired[g]]
     if dead:
         assert "never fired on the scanned tokens" in feature_html(db.page(dead[0]), db.info)
