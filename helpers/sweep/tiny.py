@@ -12,6 +12,7 @@ prompt-only probe row shows it). A smoke run checks that the sweep runs, never w
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -50,6 +51,15 @@ def tiny_random_model(folder: str | os.PathLike, family: str, *, n_layers: int =
         weight = torch.zeros_like(head.weight)
         weight[words] = torch.randn(len(words), weight.shape[1]) * 2.0
         head.weight.copy_(weight)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    # Written beside the folder and renamed into place: a second process building the same model at the
+    # same time (two smoke runs sharing a cache) never reads a half-written folder.
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(tmp)
+        if not (folder / "config.json").is_file():
+            raise
     return folder
