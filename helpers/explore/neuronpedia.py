@@ -883,7 +883,8 @@ def export_neuronpedia(
     include_dead: bool = False,
 ) -> list[dict[str, Any]]:
     """Export the SAEs `sae_ids` (their explorer data must be complete), validate every source folder,
-    and write the README; returns one summary row per SAE. `release` defaults to `release_name_of` (unique
+    and write the README; returns one summary row per SAE (an SAE where no feature fires gets a row saying
+    so, `source` None, and no folder). `release` defaults to `release_name_of` (unique
     per user and run); `model_owner` (Neuronpedia's required `Model.owner`) to the model's Hub organisation,
     else `creator_name`."""
     if not sae_ids:
@@ -894,6 +895,14 @@ def export_neuronpedia(
     upload_sources: list[str] = []
     n_no_window = 0
     for sid in sae_ids:
+        if (
+            not include_dead and not sae_info(run_dir, sid)["n_alive"]
+        ):  # an SAE where nothing fires: a row, no stop
+            why = "no feature fires on the run's data (include_dead=True exports its latents anyway)"
+            print(f"{sid}: left out of the Neuronpedia export: {why}")
+            rows.append({"sae_id": sid, "source": None, "features": 0, "activations": 0, "explanations": 0,
+                         "upload batches": 0, "valid": None, "left out": why})  # fmt: skip
+            continue
         folder = export_sae(run_dir, sid, release=release, creator_name=creator_name, creator_id=creator_id,
                             model_id=model_id, model_owner=owner, visibility=visibility, hf_repo_id=hf_repo_id,
                             include_weights=include_weights, include_dead=include_dead)  # fmt: skip
@@ -915,6 +924,7 @@ def export_neuronpedia(
                      "activations": counts["activations"], "explanations": counts["explanations"],
                      "upload batches": len(list(batches.glob("batch-*.json"))), "valid": True})  # fmt: skip
     info = sae_info(run_dir, sae_ids[0])
+    sources += [f"- `{r['sae_id']}`: left out, {r['left out']}" for r in rows if r.get("left out")]
     text = README.format(run=Path(run_dir).name, version=__version__, sources="\n".join(sources),
                          logit_note=info.get("logit_note") or "not computed: the model was not loaded",
                          creator_id=creator_id, model_id=model_id or model_id_of(run_dir), n_dead=n_dead,

@@ -450,3 +450,22 @@ def test_explorer_data_of_an_older_release_still_export(run, tmp_path):
     assert all(r["logits_hist_data_bar_heights"] == [] == r["logits_hist_data_bar_values"] for r in feats)
     for b in sorted((neuronpedia_dir(old) / "upload-batch").rglob("batch-*.json")):
         assert validate_upload_batch(json.loads(b.read_text()), UPLOAD_FIXTURE) == []
+
+
+def test_an_sae_where_nothing_fires_gets_a_row_not_a_traceback(run, monkeypatch, capsys):
+    from helpers.explore import neuronpedia
+
+    real = neuronpedia.sae_info
+    monkeypatch.setattr(
+        neuronpedia,
+        "sae_info",
+        lambda r, sid: {**real(r, sid), "n_alive": 0} if sid == OTHER_ID else real(r, sid),
+    )
+    rows = export_neuronpedia(run, [SAE_ID, OTHER_ID], creator_name="tester", include_weights=False)
+    assert (
+        rows[0]["valid"] is True and rows[1]["source"] is None and "no feature fires" in rows[1]["left out"]
+    )
+    assert "left out of the Neuronpedia export" in capsys.readouterr().out
+    assert f"`{OTHER_ID}`: left out, no feature fires" in (neuronpedia_dir(run) / "README.md").read_text()
+    monkeypatch.undo()
+    export_neuronpedia(run, [SAE_ID, OTHER_ID], creator_name="tester", hf_repo_id="me/saes")
