@@ -251,17 +251,25 @@ def compare_paired(a: ProbeResult, b: ProbeResult) -> dict:
         )
     diff = np.asarray(a.fold_scores) - np.asarray(b.fold_scores)
     k = len(diff)
-    se = np.sqrt(diff.var(ddof=1) * (1 / k + 1 / (k - 1)))
-    with np.errstate(divide="ignore", invalid="ignore"):  # se = 0: the same difference in every fold
-        t = float(diff.mean() / se) if diff.mean() != 0 else 0.0
-    p = float(2 * stats.t.sf(abs(t), k - 1))
+    test = "Nadeau-Bengio corrected paired t-test on fold balanced accuracy"
+    if np.ptp(diff) <= 1e-12:  # the same difference in every fold: the t statistic's variance is 0
+        t = 0.0 if abs(diff.mean()) <= 1e-12 else float(np.sign(diff.mean()) * np.inf)
+        # t = ±inf would give p = 0, which no test of k folds can support: the exact two-sided sign test
+        # (every fold on one side) is the smallest p these folds can give.
+        p = 1.0 if t == 0 else min(1.0, 2 * 0.5**k)
+        if t != 0:
+            test = "exact sign test on fold balanced accuracy (the same difference in every fold: no t-test)"
+    else:
+        se = np.sqrt(diff.var(ddof=1) * (1 / k + 1 / (k - 1)))
+        t = float(diff.mean() / se)
+        p = float(2 * stats.t.sf(abs(t), k - 1))
     paired = a.boot_ba is not None and b.boot_ba is not None and len(a.boot_ba) == len(b.boot_ba) > 0
     d_ba = a.balanced_accuracy - b.balanced_accuracy
     d_auc = a.auroc - b.auroc
     return {
         "a": a.name,
         "b": b.name,
-        "test": "Nadeau-Bengio corrected paired t-test on fold balanced accuracy",
+        "test": test,
         "mean_difference": float(diff.mean()),
         "fold_differences": diff.tolist(),
         "t": t,

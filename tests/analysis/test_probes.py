@@ -7,6 +7,7 @@ Calibration on simulated null worlds: tests/analysis/test_calibration.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -179,6 +180,19 @@ def test_compare_paired_detects_the_better_probe():
     other_folds = probes.probe(X, y, groups, n_permutations=0, n_bootstrap=10, seed=1)
     with pytest.raises(ValueError, match="same rows and folds"):
         probes.compare_paired(good, other_folds)
+
+
+def test_compare_paired_never_gives_p_zero_for_a_constant_fold_difference():
+    # Two probes whose fold balanced accuracies differ by the same amount in every fold (a perfect probe
+    # against one at chance): the t statistic's variance is 0; p must be the sign test's floor, not 0.
+    X, y, groups = planted()
+    good = probes.probe(X, y, groups, n_permutations=0, n_bootstrap=0, name="raw")
+    flat = dataclasses.replace(good, name="flat", fold_scores=[s - 0.25 for s in good.fold_scores])
+    out = probes.compare_paired(good, flat)
+    k = len(good.fold_scores)
+    assert out["mean_difference"] == pytest.approx(0.25)
+    assert out["p_value"] == pytest.approx(2 * 0.5**k) and out["p_value"] > 0
+    assert "sign test" in out["test"]
 
 
 def test_random_direction_control_separates_specific_from_broad_signals():
