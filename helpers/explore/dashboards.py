@@ -624,7 +624,7 @@ class SAEDashboards:
         )
         samp = fp.sample.of(f)
         for j, (lo, hi, count) in enumerate(distinct_groups(self.quantiles[f], below)):
-            picks = []
+            picks, seen_above = [], None
             for i in range(samp.start, samp.stop):  # in random-key order: a uniform draw
                 v = float(fp.sample.value[i])
                 if len(picks) == cfg.per_quantile or not (lo < v <= hi or (j == 0 and v == lo)):
@@ -633,6 +633,16 @@ class SAEDashboards:
                 if (ex["completion_id"], ex["position"]) not in used:
                     used.add((ex["completion_id"], ex["position"]))
                     picks.append(ex)
+                elif seen_above is None:
+                    seen_above = ex
+            if seen_above is None:  # the sample missed the group: its top windows inside it, if any
+                inside = [k for k in range(top_s.start, top_s.stop)
+                          if lo < float(fp.top.value[k]) <= hi or (j == 0 and float(fp.top.value[k]) == lo)]  # fmt: skip
+                seen_above = top[inside[0] - top_s.start] if inside else None
+            if not picks and seen_above is not None and cfg.per_quantile:
+                # every sampled firing of the group is already shown above: show one again, marked so,
+                # rather than an empty group (few firings: the top windows hold most of them)
+                picks.append({**seen_above, "shown_above": True})
             groups.append({"lo": _r(lo), "hi": _r(hi), "count": count, "examples": picks})
         page: dict[str, Any] = {
             "feature": f,
