@@ -69,26 +69,27 @@ from helpers.saes.train import Run, TrainConfig, batches  # noqa: E402
 BENCH_CORPUS = "builtin:corpus"
 
 
-def build_data(data_dir: Path, layer: int, seed: int = 0) -> dict:
+def build_data(data_dir: Path, layer: int, seed: int = 0, max_tokens: int | None = None) -> dict:
     """Store the shipped corpus's residuals at `layer` once (cached under `data_dir`; an interrupted
     collection resumes), and hold out 10% of its sequences by a seeded hash."""
     meta_path = data_dir / "bench_meta.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        if (meta.get("layer"), meta.get("source"), meta.get("skip_first")) == (
+        if (meta.get("layer"), meta.get("source"), meta.get("skip_first"), meta.get("max_tokens")) == (
             layer,
             BENCH_CORPUS,
             SKIP_FIRST,
+            max_tokens,
         ):
             return meta
         shutil.rmtree(data_dir)  # captured by other code or settings (e.g. before position 1 was left out)
     elif data_dir.exists() and any(data_dir.iterdir()) and not (data_dir / "corpus").exists():
         raise SystemExit(f"--data-dir {data_dir} holds other files: pass an empty or new folder")
     lm = helpers.load_model(helpers.OFFLINE_MODEL, device="cpu")
-    collect_corpus(lm, BENCH_CORPUS, [layer], data_dir, max_tokens=None, seq_len=128, batch_size=16)
+    collect_corpus(lm, BENCH_CORPUS, [layer], data_dir, max_tokens=max_tokens, seq_len=128, batch_size=16)
     ids = LayerStore(data_dir, layer, kind="corpus").completion_ids
     held = {i for i in ids if stable_hash(seed, "bench-heldout", i) % 10 == 0}
-    meta = {"layer": layer, "source": BENCH_CORPUS, "skip_first": SKIP_FIRST, "train_ids": [i for i in ids if i not in held],
+    meta = {"layer": layer, "source": BENCH_CORPUS, "skip_first": SKIP_FIRST, "max_tokens": max_tokens, "train_ids": [i for i in ids if i not in held],
             "heldout_ids": [i for i in ids if i in held]}  # fmt: skip
     meta_path.write_text(json.dumps(meta))
     return meta
@@ -387,6 +388,7 @@ def main() -> None:
         "--data-dir", default="/tmp/sae_bench_data", help="where the captured activations are cached"
     )
     p.add_argument("--layer", type=int, default=15)
+    p.add_argument("--max-tokens", type=int, default=None, help="corpus tokens to store (default: all, ~67k)")
     p.add_argument("--archs", default="topk,batchtopk,jumprelu,standard")
     p.add_argument("--tokens", type=int, default=400 * 1024, help="training tokens per SAE (same for both)")
     p.add_argument("--batch-size", type=int, default=1024)
@@ -423,7 +425,7 @@ def main() -> None:
     import sae_lens
 
     data_dir = Path(args.data_dir)
-    meta = build_data(data_dir, args.layer, args.seed)
+    meta = build_data(data_dir, args.layer, args.seed, args.max_tokens)
     train, held = load_split(data_dir, meta)
     result = {
         "machine": {"device": args.device, "torch": torch.__version__, "sae_lens": sae_lens.__version__,

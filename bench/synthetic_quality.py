@@ -17,8 +17,10 @@ need far more samples than a CPU session gives: at 4,096 x 256 and 262k samples 
 past its untrained SAE (bench/results/synthetic_quality_cpu_small.json), so `untrained` (both SAEs scored
 before any step) is printed beside every result as the floor.
 
-Both trainers see the same batches (epochs over one pool of generated samples, scaled to unit mean squared
-norm as our trainer and SAELens's `expected_average_only_in` do) in the same order, at the same width
+Both trainers see the same batches (epochs over one pool of generated samples) in the same order, each at
+its own input scale: ours at unit mean squared norm, SAELens's at mean norm sqrt(d_in), which is what its
+`expected_average_only_in` does (sae_lens 6.54.12, `training/activation_scaler.py` line 90:
+`scaling_factor = (d_in**0.5) / mean_norm`), both estimated on the same first 16 batches; at the same width
 (d_sae = the number of true features, as SynthSAEBench does), batch size, token budget and schedule, at
 each learning rate of `--lrs` (the best learning rate differs between trainers and architectures, so a
 careful user of either would pick it: the targets compare each trainer at its best rate of the grid, and
@@ -117,12 +119,14 @@ class SAELensRun:
         from sae_lens.training.sae_trainer import SAETrainer
 
         common = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu"}
+        # TopK family: SAELens's sparse path (fp32, no autocast), which needs rescale_acts_by_decoder_norm=False
+        sparse = {"use_sparse_activations": True, "rescale_acts_by_decoder_norm": False}
         make = {
             "standard": lambda: sae_lens.StandardTrainingSAE(sae_lens.StandardTrainingSAEConfig(l1_coefficient=args.l1, **common)),
-            "topk": lambda: sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(k=int(k), **common)),
-            "batchtopk": lambda: sae_lens.BatchTopKTrainingSAE(sae_lens.BatchTopKTrainingSAEConfig(k=k, **common)),
+            "topk": lambda: sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(k=int(k), **sparse, **common)),
+            "batchtopk": lambda: sae_lens.BatchTopKTrainingSAE(sae_lens.BatchTopKTrainingSAEConfig(k=k, **sparse, **common)),
             "matryoshka_batchtopk": lambda: sae_lens.MatryoshkaBatchTopKTrainingSAE(
-                sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(k=k, matryoshka_widths=list(widths), **common)),
+                sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(k=k, matryoshka_widths=list(widths), **sparse, **common)),
             "jumprelu": lambda: sae_lens.JumpReLUTrainingSAE(sae_lens.JumpReLUTrainingSAEConfig(
                 jumprelu_sparsity_loss_mode="quadratic", target_l0=k, **common)),
         }  # fmt: skip
@@ -187,15 +191,18 @@ def compare(
     widths = MatryoshkaBatchTopKSAE(d_in, d_sae, l0=cfg.l0).widths
     if arch == "matryoshka_batchtopk":
         cfg = dataclasses.replace(cfg, sae_options={"matryoshka_widths": widths})
+    if args.ours_auxk_coef is not None and arch in ("topk", "batchtopk", "matryoshka_batchtopk"):
+        cfg = dataclasses.replace(cfg, sae_options={**cfg.sae_options, "auxk_coef": args.ours_auxk_coef})
     init = torch.cat([data.batch(i) for i in range(16)])
-    scale = float(1 / init.pow(2).sum(1).mean().sqrt())  # both trainers' inputs: unit mean squared norm
+    scale = float(1 / init.pow(2).sum(1).mean().sqrt())  # ours: unit mean squared norm
+    lens_scale = d_in**0.5 / float(init.norm(dim=1).mean())  # SAELens: mean norm sqrt(d_in)
     careful = args.saelens_median_init or args.saelens_careful
-    args.saelens_bdec = geometric_median(init * scale) if careful else None
+    args.saelens_bdec = geometric_median(init * lens_scale) if careful else None
     theirs = SAELensRun(arch, d_in, d_sae, k, cfg, args, widths)
     untrained = {}
     if control:  # both SAEs before any step (a world that leaks into an initialisation scores high here)
         theirs.sae.save_inference_model(tmp / f"saelens_{arch}_untrained")
-        untrained["saelens"] = score(tmp / f"saelens_{arch}_untrained", world, args, scale)
+        untrained["saelens"] = score(tmp / f"saelens_{arch}_untrained", world, args, lens_scale)
         fresh = Run(cfg, d_in)
         fresh.init_from_data(init)
         save_sae(fresh.sae, tmp / f"ours_{arch}_untrained", hook_name="blocks.0.hook_resid_post",
@@ -222,12 +229,16 @@ def compare(
         if who == "ours" and ours is None:
             if matched:
                 theirs.sae.save_inference_model(tmp / f"saelens_{arch}")
-                theirs_scores = score(tmp / f"saelens_{arch}", world, args, scale)
+                theirs_scores = score(tmp / f"saelens_{arch}", world, args, lens_scale)
                 cfg = dataclasses.replace(cfg, l0=max(1, round(theirs_scores["l0"])))
             ours = Run(cfg, d_in)
             ours.init_from_data(init)
             assert abs(ours.scale - scale) < 1e-6 * scale
-        step = ours.train_step if who == "ours" else (lambda x: theirs.train_step(x * scale))
+            if args.ours_input_norm == "sqrt_d_in":  # ablation: ours at SAELens's input scale
+                ours.scale = lens_scale
+                with torch.no_grad():
+                    ours.sae.b_dec.copy_(geometric_median(init * lens_scale))
+        step = ours.train_step if who == "ours" else (lambda x: theirs.train_step(x * lens_scale))
         t0 = time.perf_counter()
         for x in xs:
             step(x)
@@ -238,7 +249,7 @@ def compare(
         matmul[who] += time.perf_counter() - t0
     if theirs_scores is None:
         theirs.sae.save_inference_model(tmp / f"saelens_{arch}")
-        theirs_scores = score(tmp / f"saelens_{arch}", world, args, scale)
+        theirs_scores = score(tmp / f"saelens_{arch}", world, args, lens_scale)
     save_sae(
         ours.sae,
         tmp / f"ours_{arch}",
@@ -284,7 +295,7 @@ def main() -> None:
         "--l1",
         type=float,
         default=0.3,
-        help="SAELens standard SAE's l1_coefficient (0.3 reaches L0 ~13 in the default world; 2.0 left it at L0 0.01)",
+        help="SAELens standard SAE's l1_coefficient, at its sqrt(d_in) input scale (ours then targets the L0 it reached)",
     )
     p.add_argument("--eval-samples", type=int, default=20_000)
     p.add_argument("--chunk", type=int, default=20, help="steps per timed chunk")
@@ -298,6 +309,15 @@ def main() -> None:
         action="store_true",
         help="SAELens as a careful user would set it up for a run this short: b_dec at the geometric median "
         "and its dead-latent window at our trainer's (train tokens / 20) instead of 1000 steps",
+    )
+    p.add_argument(
+        "--ours-input-norm",
+        default="unit",
+        choices=["unit", "sqrt_d_in"],
+        help="ablation: ours at unit mean squared norm (its default) or at SAELens's mean norm sqrt(d_in)",
+    )
+    p.add_argument(
+        "--ours-auxk-coef", type=float, default=None, help="ablation: our TopK/BatchTopK AuxK coefficient"
     )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -319,6 +339,8 @@ def main() -> None:
     data = Samples(world, args.pool, args.batch_size, args.seed)
     result = {
         "machine": {"torch": torch.__version__, "sae_lens": sae_lens.__version__, "threads": torch.get_num_threads()},
+        "ours_input_norm": args.ours_input_norm,
+        "saelens_input_norm": "mean norm sqrt(d_in) (its expected_average_only_in)",
         "saelens_b_dec_init": "geometric median (as ours)" if args.saelens_median_init or args.saelens_careful
         else "zeros (its default)",
         "saelens_dead_feature_window": "train tokens / 20 (as ours)" if args.saelens_careful else "1000 steps (its default)",
