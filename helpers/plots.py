@@ -228,7 +228,11 @@ def static_figure(fig: Any) -> Any:
     for ax, (sx, sy, xl, yl) in scales.items():
         for s, setter in ((sx, ax.set_xticks), (sy, ax.set_yticks)):
             if s.categories:
-                setter(range(len(s.categories)), [c[:60] for c in s.categories], fontsize=7)
+                setter(
+                    range(len(s.categories)),
+                    [c if len(c) <= 60 else f"{c[:24]}…{c[-35:]}" for c in s.categories],
+                    fontsize=7,
+                )
         if yl.get("range"):
             ax.set_ylim(*yl["range"])
         if yl.get("autorange") == "reversed":
