@@ -10,12 +10,13 @@ corpus path (`helpers.collect.corpus.collect_corpus`: one batched forward pass, 
 2-core CPU under load, instead of sampling completions for over 13) under `--data-dir` and reused. 10% of
 the sequences are held out for evaluation.
 
-Both trainers see the same batches in the same order, each at its own input scale: ours scaled to unit mean
-squared norm (`helpers.saes.train.Run.init_from_data`), SAELens's to mean norm sqrt(d_in), which is what
+Both trainers see the same batches in the same order, each at its own input scale: ours at its
+`TrainConfig.input_norm` (mean norm sqrt(d_in) for TopK and BatchTopK, unit mean squared norm for the
+others), SAELens's at mean norm sqrt(d_in), which is what
 its `normalize_activations="expected_average_only_in"` does (sae_lens 6.54.12,
 `training/activation_scaler.py` line 90: `scaling_factor = (d_in**0.5) / mean_norm`, estimated from
 `n_batches_for_norm_estimate` batches by `training/sae_trainer.py` lines 169-177; here from the same
-first `TrainConfig.init_tokens` tokens ours uses; 24x ours for d_in = 576). d_sae = 8 x 576 = 4608, the same
+first `TrainConfig.init_tokens` tokens ours uses; 24x the unit-mean-squared-norm scale for d_in = 576). d_sae = 8 x 576 = 4608, the same
 batch size, token budget, learning rate and schedule. SAELens runs as its most careful user would set
 it up for a run this short: TopK and BatchTopK on its sparse path (`use_sparse_activations=True`, which
 needs `rescale_acts_by_decoder_norm=False`: with the default True it fails in backward on torch 2.13),
@@ -33,8 +34,8 @@ variance, L0, dead fraction on held-out tokens, each SAE on the held-out tokens 
 the metrics do not depend on it) uses `helpers.saes.evals.activation_metrics` for both, and
 `explained_variance_typical` is the explained variance without the held-out massive activations (a
 handful of tokens whose norm is ~140x the median and which carry 97% of the variance, so the plain
-figure mostly says how well those few are rebuilt). `--ours-input-norm sqrt_d_in` trains ours at
-SAELens's scale instead (an ablation).
+figure mostly says how well those few are rebuilt). `--ours-input-norm`, `--ours-lr` and `--auxk-coef`
+change ours only (ablations).
 SAELens's SAE is saved with its own `save_inference_model` and read back with `helpers.saes.io.load_sae`.
 """
 
@@ -178,15 +179,10 @@ def saelens_scale(x0: torch.Tensor) -> float:
     return x0.shape[1] ** 0.5 / float(x0.norm(dim=1).mean())
 
 
-def our_run(cfg: TrainConfig, x0: torch.Tensor, device: str, input_norm: str) -> Run:
-    """Our trainer, initialised on x0; `input_norm="sqrt_d_in"` (an ablation) moves it to SAELens's scale
-    (b_dec at the geometric median at that scale)."""
+def our_run(cfg: TrainConfig, x0: torch.Tensor, device: str) -> Run:
+    """Our trainer, initialised on x0 (at the input scale `cfg.input_norm` picks)."""
     run = Run(cfg, x0.shape[1], device)
     run.init_from_data(x0)
-    if input_norm == "sqrt_d_in":
-        run.scale = saelens_scale(x0)
-        with torch.no_grad():
-            run.sae.b_dec.copy_(geometric_median(x0.to(device) * run.scale))
     return run
 
 
@@ -227,9 +223,9 @@ def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path)
     cfg = TrainConfig(architecture=arch, expansion=args.expansion, l0=args.k, train_tokens=args.tokens, lr=args.lr,
                       batch_size=args.batch_size, log_every=50, precision=precision, seed=args.seed,
                       sae_options=options)  # fmt: skip
-    ours_cfg = dataclasses.replace(cfg, lr=args.ours_lr or args.lr)
+    ours_cfg = dataclasses.replace(cfg, lr=args.ours_lr or args.lr, input_norm=args.ours_input_norm)
     x0 = train[: cfg.init_tokens]
-    ours = our_run(ours_cfg, x0, device, args.ours_input_norm)
+    ours = our_run(ours_cfg, x0, device)
     scale, lens_scale = ours.scale, saelens_scale(x0)
     dead_window = max(1, cfg.dead_after // cfg.batch_size)
     lens = SAELensTrainer(arch, d_in, cfg.expansion * d_in, args.k, cfg, device, precision == "bf16", args.l1,
@@ -254,7 +250,7 @@ def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path)
         if who == "ours" and sequential and ours.step == 0:
             evals["saelens"] = metrics(lens.inference_sae(tmp / f"saelens_{arch}"), held * lens_scale, device)
             ours_cfg = dataclasses.replace(ours_cfg, l0=max(1, round(evals["saelens"]["l0"])))
-            ours = our_run(ours_cfg, x0, device, args.ours_input_norm)
+            ours = our_run(ours_cfg, x0, device)
         step = ours.train_step if who == "ours" else (lambda x: lens.train_step(x.to(device) * lens_scale))
         sync(device)
         t0 = time.perf_counter()
@@ -278,7 +274,7 @@ def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path)
         "tokens": tokens,
         "schedule": "SAELens, then ours at its L0" if sequential else "alternating chunks",
         "ours": {"tokens_per_s": round(tokens / seconds["ours"]), "l0_target": ours_cfg.l0, "lr": ours_cfg.lr,
-                 "input_scale": round(scale, 5), **metrics(ours.sae, held * scale, device)},
+                 "input_norm": ours.input_norm, "input_scale": round(scale, 5), **metrics(ours.sae, held * scale, device)},
         "saelens": {"tokens_per_s": round(tokens / seconds["saelens"]), "lr": cfg.lr, "input_scale": round(lens_scale, 5),
                     **({"use_sparse_activations": precision != "bf16"} if not sequential else {}),
                     **evals["saelens"]},
@@ -404,9 +400,10 @@ def main() -> None:
     p.add_argument("--ours-lr", type=float, default=None, help="ablation: our learning rate only")
     p.add_argument(
         "--ours-input-norm",
-        default="unit",
-        choices=["unit", "sqrt_d_in"],
-        help="ablation: ours at unit mean squared norm (its default) or at SAELens's mean norm sqrt(d_in)",
+        default="auto",
+        choices=["auto", "unit", "sqrt_d_in"],
+        help="ablation: our TrainConfig.input_norm (auto: the architecture's; unit: unit mean squared norm; "
+        "sqrt_d_in: SAELens's mean norm sqrt(d_in))",
     )
     p.add_argument(
         "--auxk-coef", type=float, default=None, help="ablation: our TopK/BatchTopK AuxK coefficient"

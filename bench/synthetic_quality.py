@@ -18,7 +18,8 @@ past its untrained SAE (bench/results/synthetic_quality_cpu_small.json), so `unt
 before any step) is printed beside every result as the floor.
 
 Both trainers see the same batches (epochs over one pool of generated samples) in the same order, each at
-its own input scale: ours at unit mean squared norm, SAELens's at mean norm sqrt(d_in), which is what its
+its own input scale: ours at its `TrainConfig.input_norm` (mean norm sqrt(d_in) for the TopK family, unit
+mean squared norm for the others), SAELens's at mean norm sqrt(d_in), which is what its
 `expected_average_only_in` does (sae_lens 6.54.12, `training/activation_scaler.py` line 90:
 `scaling_factor = (d_in**0.5) / mean_norm`), both estimated on the same first 16 batches; at the same width
 (d_sae = the number of true features, as SynthSAEBench does), batch size, token budget and schedule, at
@@ -187,14 +188,14 @@ def compare(
     d_in, d_sae = args.hidden, args.features
     k = round(true_l0, 1)
     cfg = TrainConfig(architecture=arch, expansion=d_sae // d_in, l0=max(1, round(true_l0)), train_tokens=args.tokens,
-                      batch_size=args.batch_size, lr=lr, log_every=50, seed=args.seed)  # fmt: skip
+                      batch_size=args.batch_size, lr=lr, log_every=50, seed=args.seed,
+                      input_norm=args.ours_input_norm)  # fmt: skip
     widths = MatryoshkaBatchTopKSAE(d_in, d_sae, l0=cfg.l0).widths
     if arch == "matryoshka_batchtopk":
         cfg = dataclasses.replace(cfg, sae_options={"matryoshka_widths": widths})
     if args.ours_auxk_coef is not None and arch in ("topk", "batchtopk", "matryoshka_batchtopk"):
         cfg = dataclasses.replace(cfg, sae_options={**cfg.sae_options, "auxk_coef": args.ours_auxk_coef})
     init = torch.cat([data.batch(i) for i in range(16)])
-    scale = float(1 / init.pow(2).sum(1).mean().sqrt())  # ours: unit mean squared norm
     lens_scale = d_in**0.5 / float(init.norm(dim=1).mean())  # SAELens: mean norm sqrt(d_in)
     careful = args.saelens_median_init or args.saelens_careful
     args.saelens_bdec = geometric_median(init * lens_scale) if careful else None
@@ -233,11 +234,6 @@ def compare(
                 cfg = dataclasses.replace(cfg, l0=max(1, round(theirs_scores["l0"])))
             ours = Run(cfg, d_in)
             ours.init_from_data(init)
-            assert abs(ours.scale - scale) < 1e-6 * scale
-            if args.ours_input_norm == "sqrt_d_in":  # ablation: ours at SAELens's input scale
-                ours.scale = lens_scale
-                with torch.no_grad():
-                    ours.sae.b_dec.copy_(geometric_median(init * lens_scale))
         step = ours.train_step if who == "ours" else (lambda x: theirs.train_step(x * lens_scale))
         t0 = time.perf_counter()
         for x in xs:
@@ -312,9 +308,10 @@ def main() -> None:
     )
     p.add_argument(
         "--ours-input-norm",
-        default="unit",
-        choices=["unit", "sqrt_d_in"],
-        help="ablation: ours at unit mean squared norm (its default) or at SAELens's mean norm sqrt(d_in)",
+        default="auto",
+        choices=["auto", "unit", "sqrt_d_in"],
+        help="ablation: our TrainConfig.input_norm (auto: the architecture's; unit: unit mean squared norm; "
+        "sqrt_d_in: SAELens's mean norm sqrt(d_in))",
     )
     p.add_argument(
         "--ours-auxk-coef", type=float, default=None, help="ablation: our TopK/BatchTopK AuxK coefficient"

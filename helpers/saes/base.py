@@ -63,6 +63,10 @@ class SAE(nn.Module):
     lr 3e-3) that raised BatchTopK's recovered-feature MCC from 0.70 to 0.82 and Matryoshka's from 0.64
     to 0.72; at lr 3e-4 it changed little (0.52 → 0.53). It did not help TopK (0.924 → 0.918 and 0.933 →
     0.917 on two worlds) and hurt JumpReLU (0.72 → 0.63), whose thresholds are in the encoder's units."""
+    input_norm: ClassVar[str] = "unit"
+    """The input scale the trainer uses for this architecture when `TrainConfig.input_norm` is "auto":
+    "unit" (unit mean squared norm; the sparsity settings of JumpReLU, Gated and standard are in its units)
+    or "sqrt_d_in" (mean norm sqrt(d_in), SAELens's `expected_average_only_in`; the k-sparse family)."""
     latent_biases: ClassVar[tuple[str, ...]]
     """Parameters in the units of the pre-activations; divided by s when an input scale s is folded."""
     saelens_tensors: ClassVar[tuple[str, ...]]

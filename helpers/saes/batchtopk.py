@@ -27,6 +27,7 @@ from helpers.saes.kernels import Pattern, batch_topk, gather_pre, recon_loss, sp
 
 class BatchTopKSAE(SAE):
     architecture = "batchtopk"
+    input_norm = "sqrt_d_in"  # see TrainConfig.input_norm
     encoder_init_scale = 0.1  # base.SAE.encoder_init_scale
     saved_architecture = "jumprelu"
     latent_biases = ("b_enc", "threshold")

@@ -20,6 +20,7 @@ from helpers.saes.kernels import Pattern, gather_pre, recon_loss, sparse_decode
 
 class TopKSAE(SAE):
     architecture = "topk"
+    input_norm = "sqrt_d_in"  # see TrainConfig.input_norm
     latent_biases = ("b_enc",)
     saelens_tensors = ("W_enc", "b_enc", "W_dec", "b_dec")
 
