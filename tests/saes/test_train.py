@@ -132,6 +132,38 @@ def test_until_step_pauses_and_a_changed_config_is_refused(run_dir, tmp_path):
         train_sae(store, store.completion_ids, small_cfg(lr=3e-4), tmp_path, **kw)
 
 
+@pytest.mark.parametrize(
+    ("arch", "input_norm", "want"),
+    [("topk", "auto", "sqrt_d_in"), ("batchtopk", "auto", "sqrt_d_in"), ("matryoshka_batchtopk", "auto", "sqrt_d_in"),
+     ("jumprelu", "auto", "unit"), ("standard", "auto", "unit"), ("topk", "unit", "unit"), ("jumprelu", "sqrt_d_in", "sqrt_d_in")],
+)  # fmt: skip
+def test_input_norm_sets_the_training_scale(arch, input_norm, want):
+    x = torch.randn(512, 16, generator=torch.Generator().manual_seed(0)) * 7 + 3
+    run = Run(TrainConfig(architecture=arch, l0=4, input_norm=input_norm), d_in=16)
+    run.init_from_data(x)
+    assert run.input_norm == want
+    scaled = x * run.scale
+    if want == "sqrt_d_in":  # SAELens's expected_average_only_in: mean norm sqrt(d_in)
+        assert float(scaled.norm(dim=1).mean()) == pytest.approx(4.0, rel=1e-5)
+    else:
+        assert float(scaled.pow(2).sum(1).mean()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_a_checkpoint_from_before_input_norm_resumes_at_its_own_scale():
+    run = Run(TrainConfig(architecture="topk", l0=4), d_in=16)
+    run.init_from_data(torch.randn(256, 16, generator=torch.Generator().manual_seed(1)) * 5)
+    state = run.state_dict()
+    state["config"] = {k: v for k, v in state["config"].items() if k != "input_norm"}
+    state["scale"] = 0.123  # the unit-scale factor an older run used
+    resumed = Run(TrainConfig(architecture="topk", l0=4), d_in=16)
+    resumed.load_state_dict(state)
+    assert resumed.scale == 0.123
+    with pytest.raises(ValueError, match=r"input_norm: checkpoint 'unit', now 'auto'"):
+        Run(TrainConfig(architecture="topk", l0=4), d_in=16).load_state_dict(
+            {**state, "config": {**state["config"], "input_norm": "unit"}}
+        )
+
+
 def test_warmup_longer_than_the_run_is_clamped():
     cfg = TrainConfig(
         train_tokens=100 * 1024, batch_size=1024, warmup_steps=10_000, lr=1e-3, decay_fraction=0.2
