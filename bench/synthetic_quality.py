@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 from helpers.saes.base import geometric_median  # noqa: E402
 from helpers.saes.io import save_sae  # noqa: E402
 from helpers.saes.matryoshka_batchtopk import MatryoshkaBatchTopKSAE  # noqa: E402
+from helpers.saes.registry import sae_class  # noqa: E402
 from helpers.saes.train import Run, TrainConfig  # noqa: E402
 
 WORLD_SEED_OFFSET = 7_919
@@ -189,7 +190,7 @@ def compare(
     k = round(true_l0, 1)
     cfg = TrainConfig(architecture=arch, expansion=d_sae // d_in, l0=max(1, round(true_l0)), train_tokens=args.tokens,
                       batch_size=args.batch_size, lr=lr, log_every=50, seed=args.seed,
-                      input_norm=args.ours_input_norm)  # fmt: skip
+                      input_norm=args.ours_input_norm, **({"grad_clip": args.ours_grad_clip} if args.ours_grad_clip else {}))  # fmt: skip
     widths = MatryoshkaBatchTopKSAE(d_in, d_sae, l0=cfg.l0).widths
     if arch == "matryoshka_batchtopk":
         cfg = dataclasses.replace(cfg, sae_options={"matryoshka_widths": widths})
@@ -316,6 +317,13 @@ def main() -> None:
     p.add_argument(
         "--ours-auxk-coef", type=float, default=None, help="ablation: our TopK/BatchTopK AuxK coefficient"
     )
+    p.add_argument("--ours-grad-clip", type=float, default=None, help="ablation: our TrainConfig.grad_clip")
+    p.add_argument(
+        "--ours-encoder-init-scale",
+        type=float,
+        default=None,
+        help="ablation: the architecture's SAE.encoder_init_scale",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -323,6 +331,11 @@ def main() -> None:
         raise SystemExit("--features must be a multiple of --hidden (our d_sae is expansion x d_in)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if (
+        args.ours_encoder_init_scale is not None
+    ):  # an ablation: the class's initial encoder scale, for this run
+        for arch in filter(None, args.archs.split(",")):
+            sae_class(arch).encoder_init_scale = args.ours_encoder_init_scale
     warnings.filterwarnings("ignore", category=UserWarning)
     import sae_lens
 
@@ -337,6 +350,8 @@ def main() -> None:
     result = {
         "machine": {"torch": torch.__version__, "sae_lens": sae_lens.__version__, "threads": torch.get_num_threads()},
         "ours_input_norm": args.ours_input_norm,
+        "ours_ablations": {"grad_clip": args.ours_grad_clip, "encoder_init_scale": args.ours_encoder_init_scale,
+                           "auxk_coef": args.ours_auxk_coef},  # fmt: skip
         "saelens_input_norm": "mean norm sqrt(d_in) (its expected_average_only_in)",
         "saelens_b_dec_init": "geometric median (as ours)" if args.saelens_median_init or args.saelens_careful
         else "zeros (its default)",
