@@ -10,13 +10,14 @@ import shutil
 import numpy as np
 import pytest
 
+import helpers
 from helpers import plots
 from helpers.collect.completions import analysis_split, read_completions
 from helpers.collect.corpus import BUILTIN_CORPUS, CorpusStream, collect_corpus, corpus_ids
 from helpers.collect.store import LayerStore
 from helpers.env import NotebookError
-from helpers.run import mark_stage, read_run_json, update_run_json
-from helpers.saes.grid import run_saes, sae_id_of, train_grid
+from helpers.run import mark_stage, read_run_json, settings_hash, update_run_json
+from helpers.saes.grid import run_saes, sae_id_of, sae_release_flag, train_grid
 from helpers.saes.io import save_sae
 from helpers.saes.registry import make_sae
 from helpers.saes.train import MixedData, StoreData
@@ -199,3 +200,58 @@ def test_sae_filter_matching_no_sae_lists_them(tmp_path, capsys):
         run_saes(run, "honest")
     assert [f.name for f in run_saes(run, "mixed")] == ["m_topk_L2_mixed"]
     assert "notebook 03 has not finished" in capsys.readouterr().out
+
+
+def test_a_rerun_with_other_settings_stops_before_training_and_overwrite_retrains(
+    offline_lm, tmp_path_factory, tmp_path
+):
+    """Issue 21: an SAE with a metrics.json was reused whatever its settings (LR, TRAIN_TOKENS, release)."""
+    run = copy_run(shared_run(offline_lm, tmp_path_factory), tmp_path / "run")
+    kw = dict(min_completions=4, min_tokens=64)
+    cfg = small_cfg(train_tokens=8 * 64, checkpoint_every=4)
+    (row,) = train_grid(run, [LAYER], ["topk"], ["mixed"], cfg, **kw)
+    folder = run / "saes" / row["sae_id"]
+    m = json.loads((folder / "metrics.json").read_text())
+    assert m["package_version"] == helpers.__version__ and m["settings_hash"] == settings_hash(m["settings"])
+    assert (
+        m["settings"]["data"]["store"] == f"activations/layer_{LAYER}"
+        and m["settings"]["training"]["lr"] == cfg.lr
+    )
+    assert sae_release_flag(run, row["sae_id"]) == ""
+
+    def digest():
+        return {p: p.read_bytes() for p in sorted((run / "saes").rglob("*")) if p.is_file()}
+
+    before = digest()
+    (again,) = train_grid(
+        run, [LAYER], ["topk"], ["mixed"], small_cfg(train_tokens=8 * 64, checkpoint_every=2), **kw
+    )
+    assert again["status"] == "done earlier", "checkpoint_every does not change the SAE"
+    for changed, line in ((dict(lr=3e-4), "training.lr: 0.001 → 0.0003"),
+                          (dict(train_tokens=16 * 64), "training.train_tokens: 512 → 1024")):  # fmt: skip
+        for plan_only in (True, False):
+            with pytest.raises(
+                NotebookError, match=rf"(?s){row['sae_id']} \(finished, release .*{line}.*OVERWRITE"
+            ):
+                train_grid(
+                    run,
+                    [LAYER],
+                    ["topk"],
+                    ["mixed"],
+                    small_cfg(**{"train_tokens": 8 * 64, **changed}),
+                    plan_only=plan_only,
+                    **kw,
+                )
+    assert digest() == before, "nothing trained or rewritten"
+    # An SAE from before settings were recorded (release 0.1.0 at lr 3e-4) is compared on its training config.
+    legacy = {k: v for k, v in m.items() if k not in ("settings", "settings_hash", "package_version")}
+    legacy["training"] = {**m["training"], "config": {**m["training"]["config"], "lr": 3e-4}}
+    (folder / "metrics.json").write_text(json.dumps(legacy))
+    assert sae_release_flag(run, row["sae_id"]) == "release not recorded"
+    with pytest.raises(NotebookError, match=r"(?s)release not recorded.*training.lr: 0.0003 → 0.001"):
+        train_grid(run, [LAYER], ["topk"], ["mixed"], cfg, **kw)
+    (redone,) = train_grid(run, [LAYER], ["topk"], ["mixed"], cfg, overwrite=True, **kw)
+    assert redone["status"] == "trained"
+    m2 = json.loads((folder / "metrics.json").read_text())
+    assert m2["settings_hash"] == m["settings_hash"], "the same settings as the first training"
+    assert (folder / "sae_weights.safetensors").read_bytes() == before[folder / "sae_weights.safetensors"]
