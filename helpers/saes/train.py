@@ -89,7 +89,9 @@ class TrainConfig:
     BatchTopK family, unit for the others, whose sparsity settings are in unit-scale units). At sqrt(d_in)
     the biases move by a smaller share of the data's scale per Adam step: on synthetic data with a known
     dictionary (bench/synthetic_quality.py, 1M samples, lr 1e-3) TopK's recovered-feature MCC rose from
-    0.548 to 0.601 and BatchTopK's from 0.524 to 0.573."""
+    0.548 to 0.601 and BatchTopK's from 0.524 to 0.573; on SmolLM2 layer-15 activations (150 steps, d_sae
+    4608, bench/sae_train.py) held-out explained variance rose from 0.8835 to 0.8937 (TopK) and 0.8688 to
+    0.8904 (BatchTopK)."""
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     """auto: fp32 on CPU, fp16 (grad scaler) below compute capability 8 (T4), bf16 from 8 (A100, L4, H100)."""
     sae_options: dict[str, Any] = field(default_factory=dict)
