@@ -220,6 +220,29 @@ def test_05_writes_steering_figures_and_dry_run(smoke_run):
 
 
 @pytest.mark.notebook
+def test_every_interactive_figure_has_a_static_image_after_it(smoke_run):
+    # Plotly's JSON output is blank where its JavaScript does not run (GitHub, a downloaded notebook):
+    # every one must be followed, in the same cell, by the PNG that plots.show draws beside it.
+    plotly_json, counted = "application/vnd.plotly.v1+json", 0
+    for path in sorted((smoke_run / "executed").glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        for index, cell in enumerate(nb.cells):
+            outputs = [
+                o
+                for o in cell.get("outputs", [])
+                if o.get("output_type") in ("display_data", "execute_result")
+            ]
+            for at, out in enumerate(outputs):
+                if plotly_json in out.get("data", {}):
+                    counted += 1
+                    after = [o.get("data", {}) for o in outputs[at + 1 :]]
+                    assert any("image/png" in d for d in after), (
+                        f"{path.name} cell {index}: plotly output, no PNG"
+                    )
+    assert counted >= 5, f"only {counted} interactive figures in the executed smoke notebooks"
+
+
+@pytest.mark.notebook
 def test_06_writes_the_explorer_and_a_valid_neuronpedia_export(smoke_run):
     from helpers.explore.neuronpedia import validate_export
     from helpers.explore.site import iter_pages, read_table, sae_info

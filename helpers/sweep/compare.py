@@ -266,12 +266,13 @@ def sae_minus_raw_figure(tests: list[dict[str, Any]]) -> Any:
         y = np.array([np.nan if t["ba_difference"] is None else t["ba_difference"] for t in ts], float)
         lo = np.array([np.nan if t["ba_difference_lo"] is None else t["ba_difference_lo"] for t in ts], float)
         hi = np.array([np.nan if t["ba_difference_hi"] is None else t["ba_difference_hi"] for t in ts], float)
-        fig.add_trace(go.Box(x=[t["model"] for t in ts], y=y, name=arch, boxpoints="all", jitter=0.3))
-        fig.add_trace(go.Scatter(x=[t["model"] for t in ts], y=y, mode="markers", showlegend=False,
-                                 marker={"size": 1}, hovertext=[f"{t['sae_id']} p_holm={t['p_holm_sweep']:.3g}" for t in ts],
+        # One marker per SAE with its CI, architectures side by side within a model (scattermode "group"); plain
+        # scatter traces, so plots.show can draw the static copy too.
+        fig.add_trace(go.Scatter(x=[t["model"] for t in ts], y=y, mode="markers", name=arch, marker={"size": 9},
+                                 hovertext=[f"{t['sae_id']} p_holm={t['p_holm_sweep']:.3g}" for t in ts],
                                  error_y={"type": "data", "symmetric": False, "array": hi - y, "arrayminus": y - lo}))  # fmt: skip
     fig.add_hline(y=0, line_dash="dot")
-    fig.update_layout(boxmode="group", title="SAE probe minus raw probe (balanced accuracy), per model and architecture",
+    fig.update_layout(scattermode="group", title="SAE probe minus raw probe (balanced accuracy), per model and architecture",
                       yaxis_title="BA difference (SAE − raw)")  # fmt: skip
     return fig
 
