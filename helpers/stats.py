@@ -276,7 +276,9 @@ def wilson_ci(k: float, n: float, z: float = 1.959963984540054) -> tuple[float, 
         return (math.nan, math.nan)
     p, denom = k / n, 1 + z * z / n
     centre, half = (p + z * z / (2 * n)) / denom, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # The interval contains p exactly; rounding can put its end a hair past p (5.6e-17 above k = 0), which a
+    # plot's error bar (p - lo < 0) refuses.
+    return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))
 
 
 def difference_ci(

@@ -107,3 +107,12 @@ def test_label_permutations_move_labels_only_at_the_level_they_vary():
     assert {int(d[first][0]) for d in draws} == {0, 1}, "a pair's prompts swap labels"
     mixed = gidx == 12
     assert len({tuple(d[mixed]) for d in draws}) == 10, "all C(5,2) orders of one prompt's completions"
+
+
+@pytest.mark.parametrize("n", [1, 3, 7, 10, 2.5, 13.7, 100])
+def test_wilson_interval_contains_the_proportion_exactly_at_zero_and_one(n):
+    # At k = 0 the formula's lower end came out 5.6e-17 (above p = 0): a plot's error bar p - lo < 0 failed.
+    assert S.wilson_ci(0, n)[0] == 0.0 and S.wilson_ci(n, n)[1] == 1.0
+    for k in np.linspace(0, n, 7):
+        lo, hi = S.wilson_ci(k, n)
+        assert lo <= k / n <= hi
