@@ -114,6 +114,15 @@ def _values(v: Any) -> list[Any]:
     return [] if v is None else list(np.asarray(v, dtype=object).tolist()) if not isinstance(v, list) else v
 
 
+def error_bars(y: Any, lo: Any, hi: Any) -> np.ndarray:
+    """matplotlib's [2, n] error-bar lengths (below, above) of estimates y with intervals [lo, hi]: a
+    missing end draws no bar, and an end a rounding error past its estimate (an interval stored by an
+    older release) draws none instead of failing ('yerr must not contain negative values')."""
+    y, lo, hi = (np.asarray(v, dtype=float) for v in (y, lo, hi))
+    below, above = np.where(np.isnan(lo), 0.0, y - lo), np.where(np.isnan(hi), 0.0, hi - y)
+    return np.clip(np.nan_to_num(np.vstack([below, above])), 0.0, None)
+
+
 def _err(e: dict[str, Any] | None, n: int) -> np.ndarray | None:
     """plotly's error_x / error_y (type "data") as matplotlib's [2, n] (minus, plus) or None."""
     if not e or e.get("visible") is False or e.get("array") is None:
@@ -121,7 +130,7 @@ def _err(e: dict[str, Any] | None, n: int) -> np.ndarray | None:
     plus = np.array([_num(v) for v in _values(e["array"])], float)
     minus = plus if e.get("symmetric", True) is not False and e.get("arrayminus") is None else None
     minus = np.array([_num(v) for v in _values(e.get("arrayminus"))], float) if minus is None else minus
-    return np.nan_to_num(np.vstack([minus, plus])[:, :n])
+    return np.clip(np.nan_to_num(np.vstack([minus, plus])[:, :n]), 0.0, None)
 
 
 class _Axis:
@@ -355,7 +364,9 @@ def probe_figure(run_dir: str | os.PathLike, *, backend: str = "plotly") -> Any:
         for ax, (key, ci, title) in zip(axes, panels, strict=True):
             for i, (name, pts) in enumerate(series.items()):
                 x, y, lo, hi = _xy_ci(pts, key, ci)
-                ax.errorbar(x, y, yerr=[y - lo, hi - y], marker=MPL_MARKERS[i % 6], capsize=3, label=name)
+                ax.errorbar(
+                    x, y, yerr=error_bars(y, lo, hi), marker=MPL_MARKERS[i % 6], capsize=3, label=name
+                )
             ax.axhline(0.5, color="grey", ls=":", lw=1)
             ax.set(xlabel="layer", ylabel=title, title=f"{title} by layer")
         axes[0].legend(fontsize=8)
@@ -454,8 +465,9 @@ def layer_sweep_figure(run_dir: str | os.PathLike, *, backend: str = "plotly") -
         fig, (ax,) = _mpl(1, width=7)
         for i, (name, pts) in enumerate(lines.items()):
             y, lo, hi = (np.array(v) for v in zip(*pts, strict=True))
-            ax.errorbar(x[: len(y)], y, yerr=[y - np.where(np.isnan(lo), y, lo), np.where(np.isnan(hi), y, hi) - y],
-                        marker=MPL_MARKERS[i % 6], capsize=3, label=name)  # fmt: skip
+            ax.errorbar(
+                x[: len(y)], y, yerr=error_bars(y, lo, hi), marker=MPL_MARKERS[i % 6], capsize=3, label=name
+            )
         ax.axhline(0.5, color="grey", ls=":", lw=1)
         ax.set(xlabel=xlabel, ylabel="AUROC", title=title)
         ax.legend(fontsize=8)
@@ -674,7 +686,7 @@ def steering_figure(run_dir_or_rows: Any, *, backend: str = "plotly") -> Any:
         fig, (ax,) = _mpl(1, 7.0)
         for i, (name, pts) in enumerate(lines.items()):
             s, y, lo, hi = (np.array(v) for v in zip(*pts, strict=True))
-            ax.errorbar(s, y, yerr=[y - lo, hi - y], marker=MPL_MARKERS[i % 6], capsize=3, label=name)
+            ax.errorbar(s, y, yerr=error_bars(y, lo, hi), marker=MPL_MARKERS[i % 6], capsize=3, label=name)
         if none:
             ax.axhspan(none[0][2], none[0][3], color="grey", alpha=0.2)
             ax.axhline(none[0][1], color="grey", ls="--", label="no steering")

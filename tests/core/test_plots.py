@@ -114,6 +114,19 @@ def test_steering_dose_response(run):
     assert len(mpl.axes[0].containers) == 2
 
 
+def test_steering_figure_draws_an_interval_a_rounding_error_past_its_rate():
+    # A rate of 0 whose stored Wilson interval starts at 5.6e-17 (as steering.jsonl rows of the demo held)
+    # stopped notebook 05's save_all: matplotlib refuses negative error-bar lengths.
+    rows = [
+        steering_row(f"f {s}", "feature", s, 0.0, 5.551115123125783e-17, 0.86, feature=3) for s in (-1.0, 1.0)
+    ]
+    mpl = plots.steering_figure(rows, backend="matplotlib")
+    assert len(mpl.axes[0].containers) == 1
+    np.testing.assert_allclose(
+        plots.error_bars([0.0, 0.5], [1e-17, np.nan], [0.8, 0.6]), [[0, 0], [0.8, 0.1]]
+    )
+
+
 def test_save_figure_and_save_all(run):
     html_path = plots.save_figure(plots.probe_figure(run), run, "probes_test")
     assert html_path == run / "figures" / "probes_test.html" and "plotly" in html_path.read_text()
