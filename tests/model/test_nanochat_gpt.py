@@ -20,7 +20,7 @@ import torch
 import helpers
 from helpers.collect.sampling import generate_batch
 from helpers.model import nanochat, nanochat_layouts
-from helpers.model.chat import encode_chat, stop_token_ids
+from helpers.model.chat import cache_kwarg, encode_chat, stop_token_ids
 from helpers.model.hooks import add_to_residual, capture, hook_name, hook_points
 from tests.model.nanochat_oracle import (
     COMMITS,
@@ -192,14 +192,14 @@ def test_incremental_decoding_logits_match_upstream(case):
     with torch.no_grad():
         steps.append(
             lm.model(
-                ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
+                ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kwarg(lm.model): cache}
             ).logits[:, -1]
         )
         next_pos = pos[:, -1] + 1
         for t in range(20 - 1):
             col = [r[start - (n - len(r)) + t] for r in rows]
             mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
-            out = lm.model(torch.tensor(col)[:, None], attention_mask=mask, position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)  # fmt: skip
+            out = lm.model(torch.tensor(col)[:, None], attention_mask=mask, position_ids=next_pos[:, None], use_cache=True, **{cache_kwarg(lm.model): cache})  # fmt: skip
             steps.append(out.logits[:, -1])
             next_pos = next_pos + 1
     got = torch.stack(steps, 1)  # [2, 20, vocab]
