@@ -412,15 +412,26 @@ def probe_table(
         key = tuple(lr.docs[i].id for i in tr)
         all_texts = [texts[d.id] for d in lr.docs]
         if key not in bow_cache:
-            bow_cache[key] = probes.bag_of_words_probe(
-                [all_texts[i] for i in tr], y, groups, prompts=prompts, **common
-            )
-        rows.append(_row(layer, "bag_of_words", bow_cache[key], vs_raw=probes.compare_paired(bow_cache[key], raw),
-                         rows=used))  # fmt: skip
-        transfer += transfer_rows(
-            lambda t_idx, y_t, targets, words=all_texts: bag_of_words_scores(words, t_idx, y_t, targets),
-            lr.sets, reader("bag_of_words"), fpr=control_fpr,
-        )  # fmt: skip
+            try:
+                bow_cache[key] = probes.bag_of_words_probe(
+                    [all_texts[i] for i in tr], y, groups, prompts=prompts, **common
+                )
+            except ValueError as err:  # scikit-learn's vectoriser: no word or pair in two answers of a fold
+                if "no terms remain" not in str(err) and "empty vocabulary" not in str(err):
+                    raise
+                bow_cache[key] = (
+                    "no bag-of-words probe: the training answers of a fold share no word or word pair (answers "
+                    "without words, e.g. from a random or untrained model), so there is no wording to read"
+                )
+        if isinstance(bow_cache[key], str):
+            rows.append({"layer": layer, "kind": "bag_of_words", "why": bow_cache[key]})
+        else:
+            rows.append(_row(layer, "bag_of_words", bow_cache[key], rows=used,
+                             vs_raw=probes.compare_paired(bow_cache[key], raw)))  # fmt: skip
+            transfer += transfer_rows(
+                lambda t_idx, y_t, targets, words=all_texts: bag_of_words_scores(words, t_idx, y_t, targets),
+                lr.sets, reader("bag_of_words"), fpr=control_fpr,
+            )  # fmt: skip
         prompt_vectors = load_pooled_prompt(run_dir, layer)
         if prompt_vectors is None:
             rows.append({"layer": layer, "kind": "prompt_only", "why": "this run's pooled vectors predate prompt "

@@ -268,6 +268,18 @@ def test_probes_and_features_use_only_the_rows_no_sae_trained_on(run, copy_run, 
         probe_table(dst, [LAYER], [with_split, other], **FAST)
 
 
+def test_answers_without_words_get_a_bag_of_words_row_saying_why(run, copy_run):
+    # Answers of a random tiny model can hold no word: scikit-learn's vectoriser raised "no terms remain" and
+    # stopped the whole table; now that one row says why and the raw probe is still there.
+    dst = copy_run()
+    records = read_completions(dst)
+    write_completions(dst, [{**r, "completion": "..." if i % 2 else "?!"} for i, r in enumerate(records)])
+    rows = probe_table(dst, [LAYER], [], **FAST)
+    bow = next(r for r in rows if r["kind"] == "bag_of_words")
+    assert "share no word" in bow["why"] and "balanced_accuracy" not in bow
+    assert next(r for r in rows if r["kind"] == "raw")["balanced_accuracy"] > 0.5
+
+
 def test_the_fields_protocol_train_on_one_dataset_evaluate_on_another(run, copy_run, offline_lm):
     """Groups s0-s5 as the training set, s6-s11 as the evaluation set, the unlabelled answers as the
     control set: probes.json gets transfer rows for every reader, a transfer matrix, the layer sweep, the
