@@ -282,18 +282,23 @@ def stable_hash(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
-def read_run_json(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """The run's `run.json`, or {} for a fresh run folder. A corrupt file is an error, never overwritten."""
-    path = Path(run_dir) / RUN_JSON
+def read_json_record(path: str | os.PathLike, fix: str = "fix or delete it") -> dict[str, Any]:
+    """A JSON record file (run.json, a sweep's sweep.json), or {} when it does not exist yet. A corrupt
+    file is an error naming `fix`, never overwritten."""
+    path = Path(path)
     if not path.exists():
         return {}
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(
-            f"{path} is not valid JSON ({err}). It was not overwritten: fix or delete it, "
-            "or start a new run with another run_name."
-        ) from err
+        raise ValueError(f"{path} is not valid JSON ({err}). It was not overwritten: {fix}") from err
+
+
+def read_run_json(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The run's `run.json`, or {} for a fresh run folder. A corrupt file is an error, never overwritten."""
+    return read_json_record(
+        Path(run_dir) / RUN_JSON, "fix or delete it, or start a new run with another run_name."
+    )
 
 
 def update_run_json(run_dir: str | os.PathLike, **fields: Any) -> dict[str, Any]:

@@ -22,7 +22,6 @@ model; GPU memory still allocated after a model (a leak) is reported in its row.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import time
 import traceback
@@ -51,7 +50,14 @@ from helpers.env import NotebookError, get_secret
 from helpers.model.chat import chat
 from helpers.model.hooks import check_layers, hook_points
 from helpers.model.load import load_model
-from helpers.run import atomic_write_json, mark_stage, read_run_json, stage_done, update_run_json
+from helpers.run import (
+    atomic_write_json,
+    mark_stage,
+    read_json_record,
+    read_run_json,
+    stage_done,
+    update_run_json,
+)
 from helpers.saes.evals import evaluate_lm, leaderboard
 from helpers.saes.grid import run_saes, train_grid
 from helpers.saes.train import TrainConfig
@@ -167,15 +173,7 @@ class SweepFolders:
 def read_sweep(path: Path) -> dict[str, Any]:
     """A sweep folder's sweep.json ({} when new); a corrupt file is an error, never overwritten."""
     path = Path(path)
-    path = path / SWEEP_JSON if path.is_dir() else path
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"{path} is not valid JSON ({err}); it was not overwritten: fix or delete it"
-        ) from err
+    return read_json_record(path / SWEEP_JSON if path.is_dir() else path)
 
 
 class _Lazy:
