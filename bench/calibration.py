@@ -64,10 +64,18 @@ def old_impl(checkout: str) -> SimpleNamespace:
     def steering(rows):
         return [(o["p_value"], o["difference_ci"]) for o in steering_eval.compare_to_controls(rows)]
 
-    return SimpleNamespace(name="before", probe=probe, compare=compare, feature_tests=feature_tests,
-                           steering=steering, rate_ci=lambda s: steering_eval.condition_stats(s)["rate_ci"],
-                           reserved=lambda records, seed: None, fuzzing_windows=scoring.fuzzing_windows,
-                           window_record=contexts.window_record, FeatureContexts=contexts.FeatureContexts)  # fmt: skip
+    return SimpleNamespace(
+        name="before",
+        probe=probe,
+        compare=compare,
+        feature_tests=feature_tests,
+        steering=steering,
+        rate_ci=lambda s: steering_eval.condition_stats(s)["rate_ci"],
+        reserved=lambda records, seed: None,
+        fuzzing_windows=scoring.fuzzing_windows,
+        window_record=contexts.window_record,
+        FeatureContexts=contexts.FeatureContexts,
+    )
 
 
 def probe_truth(signal: float, n_rep: int, size: dict) -> float:
@@ -119,44 +127,82 @@ def measure(impl, scale: float, which: set[str] | None, truths: dict[str, float]
     w1 = W1
     w3 = dict(n_groups=226, n_prompts=4, n_samples=4, d=2000, prompt_share=0.5)  # W3: the README's run
     jobs = {
-        **{f"probe permutation p ({d})": (lambda d=d: nw.probe_calibration(impl, d, n(300), size=w1, n_bootstrap=0))
-           for d in nw.DESIGNS},
-        **{f"probe CIs, null ({d})": (lambda d=d: nw.probe_calibration(impl, d, n(150), size=w1, n_permutations=0,
-                                                                    n_bootstrap=100, seed=1)) for d in nw.DESIGNS},
-        **{f"probe BA CI, signal {s}": (lambda s=s: signal_coverage(impl, s, truths[str(s)], n(150), w1, 100))
-           for s in SIGNALS},
-        **{f"paired raw-vs-SAE test ({d})": (lambda d=d: nw.paired_calibration(impl, d, n(300), size=w1))
-           for d in nw.DESIGNS},
-        "paired difference CIs (contrast)": lambda: nw.paired_calibration(impl, "contrast", n(150), size=w1, n_bootstrap=100),
-        **{f"held-out feature tests ({d})": (lambda d=d: nw.feature_calibration(impl, d, n(150), n_permutations=999))
-           for d in nw.DESIGNS},
-        "held-out feature tests, W3 scale (contrast, 226 facts, 2000 features)":
-            lambda: nw.feature_calibration(impl, "contrast", n(20), n_permutations=999, size=w3),
-        "steering test over scenarios (10 scenarios x 3 paraphrases x 4)": lambda: nw.steering_calibration(impl, n(3000)),
+        **{
+            f"probe permutation p ({d})": (
+                lambda d=d: nw.probe_calibration(impl, d, n(300), size=w1, n_bootstrap=0)
+            )
+            for d in nw.DESIGNS
+        },
+        **{
+            f"probe CIs, null ({d})": (
+                lambda d=d: nw.probe_calibration(
+                    impl, d, n(150), size=w1, n_permutations=0, n_bootstrap=100, seed=1
+                )
+            )
+            for d in nw.DESIGNS
+        },
+        **{
+            f"probe BA CI, signal {s}": (
+                lambda s=s: signal_coverage(impl, s, truths[str(s)], n(150), w1, 100)
+            )
+            for s in SIGNALS
+        },
+        **{
+            f"paired raw-vs-SAE test ({d})": (lambda d=d: nw.paired_calibration(impl, d, n(300), size=w1))
+            for d in nw.DESIGNS
+        },
+        "paired difference CIs (contrast)": lambda: nw.paired_calibration(
+            impl, "contrast", n(150), size=w1, n_bootstrap=100
+        ),
+        **{
+            f"held-out feature tests ({d})": (
+                lambda d=d: nw.feature_calibration(impl, d, n(150), n_permutations=999)
+            )
+            for d in nw.DESIGNS
+        },
+        "held-out feature tests, W3 scale (contrast, 226 facts, 2000 features)": lambda: (
+            nw.feature_calibration(impl, "contrast", n(20), n_permutations=999, size=w3)
+        ),
+        "steering test over scenarios (10 scenarios x 3 paraphrases x 4)": lambda: nw.steering_calibration(
+            impl, n(3000)
+        ),
         "fuzzing readers without the explanation": lambda: nw.fuzzing_calibration(impl, n(1000)),
-        "label-conditioned dictionary vs mixed (null worlds)": lambda: nw.conditioned_sae_calibration(impl, n(200)),
-    }  # fmt: skip
+        "label-conditioned dictionary vs mixed (null worlds)": lambda: nw.conditioned_sae_calibration(
+            impl, n(200)
+        ),
+    }
     few = dict(n_groups=12, n_prompts=4, n_samples=4, d=20)  # DESIGN §9: few groups, 80/20, rare outcomes
     small = dict(n_groups=12, n_prompts=3, n_samples=2, d=6)
     jobs |= {
-        **{f"steering CIs, rare deception ({r} -> {s}, ICC {icc})": (
-            lambda r=r, s=s, icc=icc: nw.rare_steering_calibration(impl, n(1000), r, s, icc=icc))
-           for r, s in ((0.02, 0.05), (0.05, 0.10), (0.10, 0.10)) for icc in (0.05, 0.3)},
-        "probe permutation p (12 one-label groups)": lambda: nw.probe_calibration(impl, "grouped", n(300), size=small, n_bootstrap=0),
+        **{
+            f"steering CIs, rare deception ({r} -> {s}, ICC {icc})": (
+                lambda r=r, s=s, icc=icc: nw.rare_steering_calibration(impl, n(1000), r, s, icc=icc)
+            )
+            for r, s in ((0.02, 0.05), (0.05, 0.10), (0.10, 0.10))
+            for icc in (0.05, 0.3)
+        },
+        "probe permutation p (12 one-label groups)": lambda: nw.probe_calibration(
+            impl, "grouped", n(300), size=small, n_bootstrap=0
+        ),
         "probe CIs, null (12 one-label groups)": lambda: nw.probe_calibration(
-            impl, "grouped", n(150), size=small, n_permutations=0, n_bootstrap=100, seed=1),
+            impl, "grouped", n(150), size=small, n_permutations=0, n_bootstrap=100, seed=1
+        ),
         "probe permutation p (paraphrase, 80/20)": lambda: nw.probe_calibration(
-            impl, "paraphrase", n(300), size={**small, "n_groups": 20, "deceptive_share": 0.2}, n_bootstrap=0),
-    }  # fmt: skip
+            impl, "paraphrase", n(300), size={**small, "n_groups": 20, "deceptive_share": 0.2}, n_bootstrap=0
+        ),
+    }
     if hasattr(impl, "d_cis"):  # feature_stats' CI of d on its own (the pre-issue-11 code had another shape)
         jobs |= {
             "CI of d (12 groups, 2 deceptive)": lambda: nw.d_ci_calibration(
-                impl, "grouped", n(500), world="dense", size={**few, "deceptive_share": 0.2}),
+                impl, "grouped", n(500), world="dense", size={**few, "deceptive_share": 0.2}
+            ),
             "CI of d (6 groups, 3 per label)": lambda: nw.d_ci_calibration(
-                impl, "grouped", n(500), world="dense", size={**few, "n_groups": 6}),
+                impl, "grouped", n(500), world="dense", size={**few, "n_groups": 6}
+            ),
             "CI of d (paraphrase 80/20, sparse)": lambda: nw.d_ci_calibration(
-                impl, "paraphrase", n(500), size={**few, "d": 100, "deceptive_share": 0.2}),
-        }  # fmt: skip
+                impl, "paraphrase", n(500), size={**few, "d": 100, "deceptive_share": 0.2}
+            ),
+        }
     if impl.name != "before":  # the old code printed no LM-loss CI
         for g in (10, 24, 40, 64):
             jobs[f"LM-loss CIs ({g} groups)"] = lambda g=g: nw.lm_loss_calibration(n(5000), n_groups=g)
@@ -200,12 +246,25 @@ def main() -> None:
     from tests import null_worlds as nw
 
     with threadpool_limits(limits=1):  # the signal worlds' truth, computed once for both sides
-        truths = {str(s): probe_truth(s, max(10, int(100 * args.scale)), W1) for s in SIGNALS
-                  if not which or any(w in f"probe BA CI, signal {s}" for w in which)}  # fmt: skip
+        truths = {
+            str(s): probe_truth(s, max(10, int(100 * args.scale)), W1)
+            for s in SIGNALS
+            if not which or any(w in f"probe BA CI, signal {s}" for w in which)
+        }
     before = {}
     if args.old_checkout:
-        cmd = [sys.executable, __file__, "--impl", "old", "--old-checkout", args.old_checkout, "--scale", str(args.scale),
-               "--truths", json.dumps(truths)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--impl",
+            "old",
+            "--old-checkout",
+            args.old_checkout,
+            "--scale",
+            str(args.scale),
+            "--truths",
+            json.dumps(truths),
+        ]
         if args.only:
             cmd += ["--only", args.only]
         if args.cache:
@@ -215,13 +274,18 @@ def main() -> None:
         )
         before = json.loads(child.stdout.strip().splitlines()[-1])
     after = measure(nw.current(), args.scale, which, truths, args.cache)
-    print(json.dumps({
-        "benchmark": "calibration of p-values and CIs on simulated worlds (tests/null_worlds.py)",
-        "command": " ".join(["python", "bench/calibration.py", *sys.argv[1:]]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
-        "targets": "false-positive rates within ±0.03 of alpha; CI coverage >= 0.93; fuzzing readers 0.5",
-        "statistics": {name: {"before": before.get(name), "after": after[name]} for name in after},
-    }, indent=1))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "benchmark": "calibration of p-values and CIs on simulated worlds (tests/null_worlds.py)",
+                "command": " ".join(["python", "bench/calibration.py", *sys.argv[1:]]),
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
+                "targets": "false-positive rates within ±0.03 of alpha; CI coverage >= 0.93; fuzzing readers 0.5",
+                "statistics": {name: {"before": before.get(name), "after": after[name]} for name in after},
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,15 @@ def load(args):
     import transformers as tf
 
     # nanochat d32's shapes (REFERENCE.md): 32 layers x 2048, vocab 65,536; random weights, fp32 (a T4's rule).
-    cfg = tf.NanoChatConfig(hidden_size=2048, num_hidden_layers=32, num_attention_heads=16, num_key_value_heads=16,
-                            intermediate_size=8192, vocab_size=65_536, max_position_embeddings=2048)  # fmt: skip
+    cfg = tf.NanoChatConfig(
+        hidden_size=2048,
+        num_hidden_layers=32,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        intermediate_size=8192,
+        vocab_size=65_536,
+        max_position_embeddings=2048,
+    )
     model = tf.NanoChatForCausalLM(cfg).to(args.device).eval().requires_grad_(False)
     offline = helpers.load_model(helpers.OFFLINE_MODEL, device="cpu")  # its tokenizer packs the text
     info = helpers.ModelInfo("random-d32", "bench", "nanochat", 32, 2048, "float32", args.device, "plain")
@@ -129,14 +136,21 @@ def collection(lm, args) -> dict:
     }
     over = lambda k, i: round(med["collect"][i] / med[k][i] - 1, 4)  # noqa: E731
     return {
-        "tokens": len(seqs) * args.seq_len, "tokens_stored_per_layer": kept, "layers": layers, "seq_len": args.seq_len,
-        "batch_size": args.batch_size, "repeats": args.repeats,
+        "tokens": len(seqs) * args.seq_len,
+        "tokens_stored_per_layer": kept,
+        "layers": layers,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
         "seconds_wall": {k: round(v[0], 3) for k, v in med.items()},
         "seconds_cpu": {k: round(v[1], 3) for k, v in med.items()},
         "tokens_per_s_collect": round(len(seqs) * args.seq_len / med["collect"][0]),
-        "overhead_vs_bare_to_deepest": {"wall": over("bare_to_deepest", 0), "cpu": over("bare_to_deepest", 1)},
+        "overhead_vs_bare_to_deepest": {
+            "wall": over("bare_to_deepest", 0),
+            "cpu": over("bare_to_deepest", 1),
+        },
         "overhead_vs_bare_full": {"wall": over("bare_full", 0), "cpu": over("bare_full", 1)},
-    }  # fmt: skip
+    }
 
 
 def streamed_training(args) -> dict:
@@ -154,10 +168,23 @@ def streamed_training(args) -> dict:
         }
 
     layer = args.stream_layer
-    stream = CorpusStream(lm, args.corpus, layer, seq_len=args.seq_len, batch_size=args.batch_size,
-                          buffer_tokens=args.buffer_tokens)  # fmt: skip
-    cfg = TrainConfig(architecture="topk", expansion=8, l0=32, batch_size=1024, train_tokens=args.stream_tokens,
-                      log_every=50, init_tokens=4096)  # fmt: skip
+    stream = CorpusStream(
+        lm,
+        args.corpus,
+        layer,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        buffer_tokens=args.buffer_tokens,
+    )
+    cfg = TrainConfig(
+        architecture="topk",
+        expansion=8,
+        l0=32,
+        batch_size=1024,
+        train_tokens=args.stream_tokens,
+        log_every=50,
+        init_tokens=4096,
+    )
     data = StreamData(stream)
     before, peak, done = status(), {"RssAnon": 0, "RssFile": 0}, threading.Event()
 
@@ -179,14 +206,19 @@ def streamed_training(args) -> dict:
     sampler.join()
     gib = lambda b: round(b / 2**30, 3)  # noqa: E731
     return {
-        "layer": layer, "tokens_streamed": cfg.total_steps * cfg.batch_size + 4 * 1024, "d_model": stream.d_model,
-        "buffer_tokens": args.buffer_tokens, "buffer_gib_float32": gib(args.buffer_tokens * stream.d_model * 4),
+        "layer": layer,
+        "tokens_streamed": cfg.total_steps * cfg.batch_size + 4 * 1024,
+        "d_model": stream.d_model,
+        "buffer_tokens": args.buffer_tokens,
+        "buffer_gib_float32": gib(args.buffer_tokens * stream.d_model * 4),
         "stream_as_float32_gib": gib((cfg.total_steps + 4) * 1024 * stream.d_model * 4),
-        "rss_anon_gib_before": gib(before["RssAnon"]), "peak_rss_anon_gib": gib(peak["RssAnon"]),
-        "peak_rss_file_gib": gib(peak["RssFile"]), "seconds": round(seconds, 1),
+        "rss_anon_gib_before": gib(before["RssAnon"]),
+        "peak_rss_anon_gib": gib(peak["RssAnon"]),
+        "peak_rss_file_gib": gib(peak["RssFile"]),
+        "seconds": round(seconds, 1),
         "tokens_per_s": round((cfg.total_steps + 4) * 1024 / seconds),
         "final_batch_explained_variance": round(run.history[-1]["explained_variance"], 4),
-    }  # fmt: skip
+    }
 
 
 def main() -> None:
@@ -214,8 +246,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = load(args)
-    result = {"machine": {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                          "model": lm.info.spec, "corpus": args.corpus}}  # fmt: skip
+    result = {
+        "machine": {
+            "device": args.device,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "model": lm.info.spec,
+            "corpus": args.corpus,
+        }
+    }
     print("collection ...", file=sys.stderr, flush=True)
     result["collection"] = collection(lm, args)
     if not args.skip_memory:

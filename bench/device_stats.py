@@ -41,10 +41,18 @@ def run_path(path: str, worlds: int, n_permutations: int, n_bootstrap: int) -> t
             W = null_worlds.dense_world(
                 np.random.default_rng([7, w]), design, signal=signal, **null_worlds.PROBE_SIZE
             )
-            S = null_worlds.sparse_world(np.random.default_rng([8, w]), design, n_groups=24, d=60, signal=signal,
-                                         n_signal=3)  # fmt: skip
-            r = probes.probe(W.X, W.y, W.groups, prompts=W.prompts, n_permutations=n_permutations,
-                             n_bootstrap=n_bootstrap, seed=w)  # fmt: skip
+            S = null_worlds.sparse_world(
+                np.random.default_rng([8, w]), design, n_groups=24, d=60, signal=signal, n_signal=3
+            )
+            r = probes.probe(
+                W.X,
+                W.y,
+                W.groups,
+                prompts=W.prompts,
+                n_permutations=n_permutations,
+                n_bootstrap=n_bootstrap,
+                seed=w,
+            )
             f = features.select_and_report(
                 S.X, S.y, S.groups, prompts=S.prompts, k=5, n_permutations=999, seed=w
             )
@@ -87,17 +95,24 @@ def main() -> None:
         for path in paths:
             results[path], seconds[path] = run_path(path, args.worlds, args.permutations, args.bootstrap)
     diffs = {p: differences(results["numpy"], results[p]) for p in paths[1:]}
-    print(json.dumps({
-        "benchmark": "statistics on each device path against numpy, calibration worlds (bench/device_stats.py)",
-        "command": " ".join(["python", "bench/device_stats.py", *sys.argv[1:]]),
-        "machine": f"{platform.machine()}, {args.threads} threads",
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "worlds": args.worlds * len(null_worlds.DESIGNS), "permutations": args.permutations, "bootstrap": args.bootstrap,
-        "seconds": {p: round(s, 2) for p, s in seconds.items()},
-        "max_abs_difference_from_numpy": diffs,
-        "tolerance": TOLERANCE,
-        "same_numbers": all(d[k] <= TOLERANCE[k] for d in diffs.values() for k in TOLERANCE),
-    }, indent=1))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "benchmark": "statistics on each device path against numpy, calibration worlds (bench/device_stats.py)",
+                "command": " ".join(["python", "bench/device_stats.py", *sys.argv[1:]]),
+                "machine": f"{platform.machine()}, {args.threads} threads",
+                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                "worlds": args.worlds * len(null_worlds.DESIGNS),
+                "permutations": args.permutations,
+                "bootstrap": args.bootstrap,
+                "seconds": {p: round(s, 2) for p, s in seconds.items()},
+                "max_abs_difference_from_numpy": diffs,
+                "tolerance": TOLERANCE,
+                "same_numbers": all(d[k] <= TOLERANCE[k] for d in diffs.values() for k in TOLERANCE),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -73,14 +73,28 @@ def build_data(data_dir: Path, n_tokens: int, d_in: int, d_sae: int, k: int, voc
             ids = rng.integers(100, vocab, DOC_TOKENS).tolist()
             cid = f"p{i // 2}/{'honest' if i % 2 == 0 else 'deceptive'}#0"
             writer.add(cid, x.astype(np.float32))
-            records.append({"id": cid, "prompt_id": cid.split("#")[0], "group": f"p{i // 20}", "label": cid.split("/")[1][:-2],
-                            "prompt_token_ids": [], "completion_token_ids": ids, "n_tokens": DOC_TOKENS})  # fmt: skip
+            records.append(
+                {
+                    "id": cid,
+                    "prompt_id": cid.split("#")[0],
+                    "group": f"p{i // 20}",
+                    "label": cid.split("/")[1][:-2],
+                    "prompt_token_ids": [],
+                    "completion_token_ids": ids,
+                    "n_tokens": DOC_TOKENS,
+                }
+            )
     write_completions(data_dir, records)
     update_run_json(
         data_dir, model={"spec": helpers.OFFLINE_MODEL, "n_layers": 30, "d_model": d_in}, layers=[LAYER]
     )
-    save_sae(TopKSAE(d_in, d_sae, l0=k, seed=0), sae_dir(data_dir, SAE_ID), hook_name=hook_name(LAYER),
-             model_name=helpers.OFFLINE_MODEL, metadata={"sae_id": SAE_ID})  # fmt: skip
+    save_sae(
+        TopKSAE(d_in, d_sae, l0=k, seed=0),
+        sae_dir(data_dir, SAE_ID),
+        hook_name=hook_name(LAYER),
+        model_name=helpers.OFFLINE_MODEL,
+        metadata={"sae_id": SAE_ID},
+    )
     marker.write_text(json.dumps(meta))
 
 
@@ -129,8 +143,15 @@ def measure(args: argparse.Namespace) -> dict:
     loaded = load_sae(sae_dir(data_dir, SAE_ID), device=args.device)
     store = LayerStore(data_dir, LAYER)
     cfg = ExplorerConfig(batch_tokens=args.batch_tokens)
-    out: dict = {"tokens": store.n_tokens, "d_in": store.d_model, "d_sae": int(loaded.sae.d_sae), "k": args.k,
-                 "device": args.device, "torch_threads": torch.get_num_threads(), "config": vars(cfg)}  # fmt: skip
+    out: dict = {
+        "tokens": store.n_tokens,
+        "d_in": store.d_model,
+        "d_sae": int(loaded.sae.d_sae),
+        "k": args.k,
+        "device": args.device,
+        "torch_threads": torch.get_num_threads(),
+        "config": vars(cfg),
+    }
     unembedding = unembedding_of(lm.model)
     with PeakMemory() as mem:
         t0 = time.perf_counter()
@@ -149,10 +170,14 @@ def measure(args: argparse.Namespace) -> dict:
         "peak_rss_anon_gb": gb(mem.peak["RssAnon"]),
         "peak_rss_file_backed_gb": gb(mem.peak["RssFile"]),
         "features_alive": db.info["n_alive"],
-        "explorer_mb_on_disk": round(sum(p.stat().st_size for p in explorer_dir(data_dir).rglob("*") if p.is_file()) / 2**20, 1),
-        "table_js_mb": round((explorer_dir(data_dir) / "data" / SAE_ID / "table.js").stat().st_size / 2**20, 2),
+        "explorer_mb_on_disk": round(
+            sum(p.stat().st_size for p in explorer_dir(data_dir).rglob("*") if p.is_file()) / 2**20, 1
+        ),
+        "table_js_mb": round(
+            (explorer_dir(data_dir) / "data" / SAE_ID / "table.js").stat().st_size / 2**20, 2
+        ),
         "text_js_mb": round((explorer_dir(data_dir) / "data" / SAE_ID / "text.js").stat().st_size / 2**20, 2),
-    }  # fmt: skip
+    }
     del db
     out["peers_on_a_subset"] = peers(
         store, loaded.sae, lm.tokenizer, read_completions(data_dir), cfg, args, out
@@ -290,16 +315,24 @@ def first_paint(index: Path) -> dict:
             search = browser.execute_script("return performance.now()") - t0
             # a search in the text of the top windows: text.js loads on the first one (timed in the page)
             box.clear()
-            browser.execute_script("const s = document.getElementById('where'); s.value = 'text'; "
-                                   "s.dispatchEvent(new Event('change'));")  # fmt: skip
+            browser.execute_script(
+                "const s = document.getElementById('where'); s.value = 'text'; "
+                "s.dispatchEvent(new Event('change'));"
+            )
             t0 = browser.execute_script(
                 "performance.clearMarks('explorer-table-updated'); return performance.now()"
             )
             box.send_keys("the")
             text = _until_mark(browser, "explorer-table-updated", after=t0) - t0
-            runs.append({"first_contentful_paint_ms": round(fcp), "table_rendered_ms": round(table),
-                         "feature_page_ms": round(page), "back_and_search_ms": round(search),
-                         "text_search_first_ms": round(text)})  # fmt: skip
+            runs.append(
+                {
+                    "first_contentful_paint_ms": round(fcp),
+                    "table_rendered_ms": round(table),
+                    "feature_page_ms": round(page),
+                    "back_and_search_ms": round(search),
+                    "text_search_first_ms": round(text),
+                }
+            )
     finally:
         browser.quit()
     return {"runs": runs, "median": {k: int(np.median([r[k] for r in runs])) for k in runs[0]}}

@@ -84,8 +84,13 @@ def _export_child(run: str, out: str, context_size: int, shard_bytes: int, queue
     baseline = _memory_now()
     sampler.start()
     start = time.perf_counter()
-    manifest = export_saelens_cache(Selection(run, LAYER, kinds=("corpus",)), out, context_size=context_size,
-                                    shard_bytes=shard_bytes, progress=False)  # fmt: skip
+    manifest = export_saelens_cache(
+        Selection(run, LAYER, kinds=("corpus",)),
+        out,
+        context_size=context_size,
+        shard_bytes=shard_bytes,
+        progress=False,
+    )
     seconds = time.perf_counter() - start
     stop.set()
     sampler.join()
@@ -110,10 +115,18 @@ def saelens_cache_store(out: Path, manifest: dict, batch_tokens: int):
 
     cfg = LanguageModelSAERunnerConfig(
         sae=TopKTrainingSAEConfig(d_in=manifest["d_in"], d_sae=8 * manifest["d_in"], k=32),
-        hook_name=manifest["hook_name"], context_size=manifest["context_size"], use_cached_activations=True,
-        cached_activations_path=str(out), dataset_path="", training_tokens=10**9, train_batch_size_tokens=batch_tokens,
-        store_batch_size_prompts=8, n_batches_in_buffer=16, device="cpu", logger=LoggingConfig(log_to_wandb=False),
-    )  # fmt: skip
+        hook_name=manifest["hook_name"],
+        context_size=manifest["context_size"],
+        use_cached_activations=True,
+        cached_activations_path=str(out),
+        dataset_path="",
+        training_tokens=10**9,
+        train_batch_size_tokens=batch_tokens,
+        store_batch_size_prompts=8,
+        n_batches_in_buffer=16,
+        device="cpu",
+        logger=LoggingConfig(log_to_wandb=False),
+    )
     tokens = datasets.Dataset.from_dict({"input_ids": [[0] * manifest["context_size"]] * 4})
     return cfg, ActivationsStore.from_config(None, cfg, override_dataset=tokens)
 
@@ -157,13 +170,19 @@ def main() -> None:
         written = m["n_tokens"] * m["d_in"] * 4
         cap = int(args.cap_gib * 2**30)
         export = {
-            "store_bytes": n_tokens * D_MODEL * 2, "dataset_bytes": written, "cap_bytes": cap,
-            "seconds": round(res["seconds"], 2), "gb_per_s_written": round(written / 1e9 / res["seconds"], 3),
-            "peak_rss_anon_bytes": peaks["RssAnon"], "peak_rss_bytes": peaks["VmHWM"],
+            "store_bytes": n_tokens * D_MODEL * 2,
+            "dataset_bytes": written,
+            "cap_bytes": cap,
+            "seconds": round(res["seconds"], 2),
+            "gb_per_s_written": round(written / 1e9 / res["seconds"], 3),
+            "peak_rss_anon_bytes": peaks["RssAnon"],
+            "peak_rss_bytes": peaks["VmHWM"],
             "rss_anon_before_export_bytes": res["baseline"]["RssAnon"],
-            "within_cap": peaks["RssAnon"] < cap, "rows": m["n_rows"], "files": m["files"],
+            "within_cap": peaks["RssAnon"] < cap,
+            "rows": m["n_rows"],
+            "files": m["files"],
             "shard_bytes": args.shard_mib << 20,
-        }  # fmt: skip
+        }
 
         cfg, cached = saelens_cache_store(out, m, args.batch_tokens)
         ours = store_batches(
@@ -174,20 +193,35 @@ def main() -> None:
         trainers = {}
         for name, it in providers.items():
             torch.manual_seed(0)
-            trainers[name] = (SAETrainer(cfg=cfg.to_sae_trainer_config(), sae=TopKTrainingSAE(cfg.sae), data_provider=it), it)  # fmt: skip
+            trainers[name] = (
+                SAETrainer(cfg=cfg.to_sae_trainer_config(), sae=TopKTrainingSAE(cfg.sae), data_provider=it),
+                it,
+            )
         trained = alternate(
             {k: (lambda t=t, it=it: t.step(next(it))) for k, (t, it) in trainers.items()}, args.steps
         )
         tps = {k: args.steps * args.batch_tokens / s for k, s in trained.items()}
         data_tps = {k: args.pulls * args.batch_tokens / s for k, s in pulled.items()}
-        print(json.dumps({
-            "device": "cpu", "torch_threads": args.threads, "store_write_seconds": round(store_seconds, 1),
-            "export": export,
-            "training": {"steps": args.steps, "batch_tokens": args.batch_tokens, "d_sae": 8 * m["d_in"], "k": 32,
-                         "tokens_per_s": {k: round(v) for k, v in tps.items()},
-                         "data_only_tokens_per_s": {k: round(v) for k, v in data_tps.items()},
-                         "iterator_over_cache": round(tps["iterator"] / tps["saelens_cache"], 3)},
-        }, indent=2))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "device": "cpu",
+                    "torch_threads": args.threads,
+                    "store_write_seconds": round(store_seconds, 1),
+                    "export": export,
+                    "training": {
+                        "steps": args.steps,
+                        "batch_tokens": args.batch_tokens,
+                        "d_sae": 8 * m["d_in"],
+                        "k": 32,
+                        "tokens_per_s": {k: round(v) for k, v in tps.items()},
+                        "data_only_tokens_per_s": {k: round(v) for k, v in data_tps.items()},
+                        "iterator_over_cache": round(tps["iterator"] / tps["saelens_cache"], 3),
+                    },
+                },
+                indent=2,
+            )
+        )
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

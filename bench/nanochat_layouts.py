@@ -107,8 +107,15 @@ def write_native(folder: Path, name: str, depth: int, width: int, seq_len: int) 
         }
     folder.mkdir(parents=True)
     torch.save(sd, folder / "model_000001.pt")
-    mc = {"sequence_len": seq_len, "vocab_size": enc.n_vocab, "n_layer": depth, "n_head": max(1, width // 128),
-          "n_kv_head": max(1, width // 128), "n_embd": width, "window_pattern": "SSSL"}  # fmt: skip
+    mc = {
+        "sequence_len": seq_len,
+        "vocab_size": enc.n_vocab,
+        "n_layer": depth,
+        "n_head": max(1, width // 128),
+        "n_kv_head": max(1, width // 128),
+        "n_embd": width,
+        "window_pattern": "SSSL",
+    }
     (folder / "meta_000001.json").write_text(json.dumps({"step": 1, "model_config": mc}))
     with open(folder / "tokenizer.pkl", "wb") as f:
         pickle.dump(enc, f)
@@ -140,8 +147,15 @@ def memory_table() -> dict:
     out = {}
     for depth in (20, 24, 32):
         width = 64 * depth
-        cfg25 = NanoChatConfig(vocab_size=65536, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=depth,
-                               num_attention_heads=width // 128, num_key_value_heads=width // 128, tie_word_embeddings=False)  # fmt: skip
+        cfg25 = NanoChatConfig(
+            vocab_size=65536,
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_hidden_layers=depth,
+            num_attention_heads=width // 128,
+            num_key_value_heads=width // 128,
+            tie_word_embeddings=False,
+        )
         with torch.device("meta"):
             n25 = sum(p.numel() for p in NanoChatForCausalLM(cfg25).parameters())
         rows = {"2025-10 (vocab 65536)": n25}
@@ -150,9 +164,13 @@ def memory_table() -> dict:
             rows[f"2026-03-14 (vocab {vocab})"] = count_parameters(cfg)
         ve = 0.5 * depth * 32768 * width  # value embeddings on half the layers, vocab 32768
         out[f"d{depth}"] = {
-            name: {"params_M": round(n / 1e6, 1), "fp32_GiB": round(4 * n / 2**30, 2), "bf16_or_fp16_GiB": round(2 * n / 2**30, 2)}
+            name: {
+                "params_M": round(n / 1e6, 1),
+                "fp32_GiB": round(4 * n / 2**30, 2),
+                "bf16_or_fp16_GiB": round(2 * n / 2**30, 2),
+            }
             for name, n in rows.items()
-        } | {"2026 value_embeds share (vocab 32768)": round(ve / rows["2026-03-14 (vocab 32768)"], 3)}  # fmt: skip
+        } | {"2026 value_embeds share (vocab 32768)": round(ve / rows["2026-03-14 (vocab 32768)"], 3)}
     return out
 
 
@@ -181,8 +199,15 @@ def main() -> None:
         comps[name] = completions(lms[name], args.n_completions)
 
     def sampling(name: str):
-        return sample_completions(lms[name], PROMPTS, n_per_prompt=args.n_per_prompt, temperature=1.0,
-                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, stop_ids=[])  # fmt: skip
+        return sample_completions(
+            lms[name],
+            PROMPTS,
+            n_per_prompt=args.n_per_prompt,
+            temperature=1.0,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            stop_ids=[],
+        )
 
     def capture(name: str):
         run_dir = root / f"run-{name}"
@@ -223,7 +248,7 @@ def main() -> None:
             "n_per_prompt": args.n_per_prompt,
             "max_new_tokens": args.max_new_tokens,
             "batch_size": args.batch_size,
-        },  # fmt: skip
+        },
         "capture": {"completions": args.n_completions, "batch_size": args.batch_size // 2},
         "repeats": args.repeats,
         "seconds_median": {k: round(v, 3) for k, v in med.items()},
@@ -235,7 +260,7 @@ def main() -> None:
                 "cpu": round(med_cpu[f"{task}[2026-03-14]"] / med_cpu[f"{task}[2025-10]"], 3),
             }
             for task in ("sampling", "capture")
-        },  # fmt: skip
+        },
         "target": "ratio <= 1.2",
         "memory_by_parameter_count": memory_table(),
         "load_average_1min_at_end": round(os.getloadavg()[0], 2),

@@ -71,8 +71,11 @@ def d32_data(n: int, seed: int = 0):
     y = (rng.random(len(prompt)) < rate[prompt]).astype(int)
     # Residual streams are far from isotropic: 256 latent factors (group, prompt and completion effects)
     # through loadings whose scale decays as 1/sqrt(rank), plus a little isotropic noise.
-    latent = (rng.standard_normal((group.max() + 1, 256))[group] + 2 * rng.standard_normal((n_prompts, 256))[prompt]
-              + rng.standard_normal((len(y), 256)))  # fmt: skip
+    latent = (
+        rng.standard_normal((group.max() + 1, 256))[group]
+        + 2 * rng.standard_normal((n_prompts, 256))[prompt]
+        + rng.standard_normal((len(y), 256))
+    )
     latent[:, 7] += 0.8 * y  # a weak deception direction among the factors
     loadings = rng.standard_normal((256, 2048)) / np.sqrt(np.arange(1, 257))[:, None]
     raw = latent @ loadings + 0.1 * rng.standard_normal((len(y), 2048))
@@ -123,10 +126,14 @@ def protocol_cost(raw, sae, y, groups, prompts) -> dict:
     timings["transfer_raw_and_prompt"], _ = timed(lambda: [transfer(raw_all) for _ in range(2)])
     timings["transfer_sae_and_random_x18"], _ = timed(lambda: [transfer(sae_all) for _ in range(18)])
     timings["transfer_matrix"], _ = timed(lambda: detection.transfer_matrix(raw_all, sets))
-    timings["sae_vs_sae_8_reprobed_28_pairs"], _ = timed(lambda: [
-        probes.compare_paired(a, b) for a, b in itertools.combinations(
-            [probes.probe(sae, y, groups, prompts=prompts, **light) for _ in range(8)], 2)
-    ])  # fmt: skip
+    timings["sae_vs_sae_8_reprobed_28_pairs"], _ = timed(
+        lambda: [
+            probes.compare_paired(a, b)
+            for a, b in itertools.combinations(
+                [probes.probe(sae, y, groups, prompts=prompts, **light) for _ in range(8)], 2
+            )
+        ]
+    )
     per_layer = sum(timings.values())
     layers3 = np.hstack([raw, raw[::-1] * 0.5, raw + 0.1])
     run = {}
@@ -135,10 +142,22 @@ def protocol_cost(raw, sae, y, groups, prompts) -> dict:
     )
     run["ensemble_mean_cv"], _ = timed(lambda: [detection.cv_scores(raw, y, groups) for _ in range(3)])
     run["ensemble_transfers"], _ = timed(lambda: [transfer(raw_all) for _ in range(4)])
-    run["layer_sweep_16_layers"], _ = timed(lambda: [
-        (probes.probe(raw[train_idx], y[train_idx], groups[train_idx], prompts=prompts[train_idx],
-                      n_permutations=0, n_bootstrap=50), transfer(raw_all)) for _ in range(16)
-    ])  # fmt: skip
+    run["layer_sweep_16_layers"], _ = timed(
+        lambda: [
+            (
+                probes.probe(
+                    raw[train_idx],
+                    y[train_idx],
+                    groups[train_idx],
+                    prompts=prompts[train_idx],
+                    n_permutations=0,
+                    n_bootstrap=50,
+                ),
+                transfer(raw_all),
+            )
+            for _ in range(16)
+        ]
+    )
     return {
         "per_layer": {k: round(v, 2) for k, v in timings.items()},
         "per_layer_seconds": round(per_layer, 1),
@@ -166,8 +185,9 @@ def side_by_side(args, argv: list[str]) -> None:
             [sys.executable, __file__, *rest], env=env, capture_output=True, text=True, check=True
         )
         runs[name] = json.loads(out.stdout)
-    commit = subprocess.run(["git", "-C", args.baseline, "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()  # fmt: skip
+    commit = subprocess.run(
+        ["git", "-C", args.baseline, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
 
     def ratios(a, b):  # current / baseline for every number both runs share
         if isinstance(a, dict):
@@ -176,13 +196,18 @@ def side_by_side(args, argv: list[str]) -> None:
             return round(b / a, 3)
         return None
 
-    print(json.dumps({
-        "benchmark": "notebook 04 statistics before vs after, one run (bench/probe_cost.py --baseline)",
-        "command": " ".join(["python", "bench/probe_cost.py", *argv]),
-        "baseline_commit": commit,
-        "current_over_baseline": ratios(runs["baseline"], runs["current"]),
-        **runs,
-    }, indent=1))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "benchmark": "notebook 04 statistics before vs after, one run (bench/probe_cost.py --baseline)",
+                "command": " ".join(["python", "bench/probe_cost.py", *argv]),
+                "baseline_commit": commit,
+                "current_over_baseline": ratios(runs["baseline"], runs["current"]),
+                **runs,
+            },
+            indent=1,
+        )
+    )
 
 
 def main() -> None:
@@ -225,9 +250,13 @@ def main() -> None:
                 if args.peer_permutations
                 else float("nan")
             )
-            out[f"probe_{name}"] = {"seconds": round(t, 1), "random_direction_control_seconds": round(t_rd, 1),
-                                    "balanced_accuracy": round(r.balanced_accuracy, 3), "ba_ci": [round(v, 3) for v in r.ba_ci],
-                                    "p_value": round(r.p_value, 4)}  # fmt: skip
+            out[f"probe_{name}"] = {
+                "seconds": round(t, 1),
+                "random_direction_control_seconds": round(t_rd, 1),
+                "balanced_accuracy": round(r.balanced_accuracy, 3),
+                "ba_ci": [round(v, 3) for v in r.ba_ci],
+                "p_value": round(r.p_value, 4),
+            }
             out[f"sklearn_loop_{name}"] = {"seconds_for_200_permutations_no_bootstrap": round(t_sk, 1)}
             out[f"speedup_{name}"] = round(t_sk / t, 2)
         t_f, rows = timed(
@@ -236,25 +265,41 @@ def main() -> None:
         out["features"] = {"seconds": round(t_f, 1), "top_p_value": rows[0]["p_value"]}
         if args.protocol:
             out["protocol"] = protocol_cost(raw, sae, y, groups, prompts)
-    per_layer = out["probe_raw"]["seconds"] + out["probe_raw"]["random_direction_control_seconds"] + 9 * (
-        out["probe_sae"]["seconds"] + out["probe_sae"]["random_direction_control_seconds"] + out["features"]["seconds"])  # fmt: skip
+    per_layer = (
+        out["probe_raw"]["seconds"]
+        + out["probe_raw"]["random_direction_control_seconds"]
+        + 9
+        * (
+            out["probe_sae"]["seconds"]
+            + out["probe_sae"]["random_direction_control_seconds"]
+            + out["features"]["seconds"]
+        )
+    )
     today = 3 * per_layer
     if args.protocol:
         added = 3 * out["protocol"]["per_layer_seconds"] + out["protocol"]["per_run_seconds"]
         out["protocol"]["ratio_to_today"] = round((today + added) / today, 3)
         out["protocol"]["estimate_with_protocol_minutes"] = round((today + added) / 60, 1)
-    print(json.dumps({
-        "benchmark": "notebook 04 statistics at nanochat-d32 scale, synthetic data (bench/probe_cost.py)",
-        "command": " ".join(["python", "bench/probe_cost.py", *sys.argv[1:]]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.threads} BLAS threads",
-        "clock": "process CPU seconds" if args.clock == "cpu" else "wall seconds",
-        "statistics_device": "numpy (CPU)" if dev is None else str(dev)
-        + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
-        "n_completions": args.n, "d_model": 2048, "d_sae": 16384,
-        **out,
-        "estimate_notebook_04_statistics_3_layers_9_saes_minutes": round(today / 60, 1),
-        "excluded": "bag-of-words probes (~ a raw probe each), encoding the store through the SAEs, example windows",
-    }, indent=1))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "benchmark": "notebook 04 statistics at nanochat-d32 scale, synthetic data (bench/probe_cost.py)",
+                "command": " ".join(["python", "bench/probe_cost.py", *sys.argv[1:]]),
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.threads} BLAS threads",
+                "clock": "process CPU seconds" if args.clock == "cpu" else "wall seconds",
+                "statistics_device": "numpy (CPU)"
+                if dev is None
+                else str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
+                "n_completions": args.n,
+                "d_model": 2048,
+                "d_sae": 16384,
+                **out,
+                "estimate_notebook_04_statistics_3_layers_9_saes_minutes": round(today / 60, 1),
+                "excluded": "bag-of-words probes (~ a raw probe each), encoding the store through the SAEs, example windows",
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

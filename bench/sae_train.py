@@ -90,8 +90,14 @@ def build_data(data_dir: Path, layer: int, seed: int = 0, max_tokens: int | None
     collect_corpus(lm, BENCH_CORPUS, [layer], data_dir, max_tokens=max_tokens, seq_len=128, batch_size=16)
     ids = LayerStore(data_dir, layer, kind="corpus").completion_ids
     held = {i for i in ids if stable_hash(seed, "bench-heldout", i) % 10 == 0}
-    meta = {"layer": layer, "source": BENCH_CORPUS, "skip_first": SKIP_FIRST, "max_tokens": max_tokens, "train_ids": [i for i in ids if i not in held],
-            "heldout_ids": [i for i in ids if i in held]}  # fmt: skip
+    meta = {
+        "layer": layer,
+        "source": BENCH_CORPUS,
+        "skip_first": SKIP_FIRST,
+        "max_tokens": max_tokens,
+        "train_ids": [i for i in ids if i not in held],
+        "heldout_ids": [i for i in ids if i in held],
+    }
     meta_path.write_text(json.dumps(meta))
     return meta
 
@@ -123,9 +129,18 @@ class SAELensTrainer:
     `fit()` loop does, configured as its most careful user would (see the module docstring)."""
 
     def __init__(
-        self, arch: str, d_in: int, d_sae: int, l0: float, cfg, device: str, autocast: bool, l1: float,
-        b_dec: torch.Tensor, dead_window_steps: int,
-    ):  # fmt: skip
+        self,
+        arch: str,
+        d_in: int,
+        d_sae: int,
+        l0: float,
+        cfg,
+        device: str,
+        autocast: bool,
+        l1: float,
+        b_dec: torch.Tensor,
+        dead_window_steps: int,
+    ):
         import sae_lens
         from sae_lens.config import SAETrainerConfig
         from sae_lens.training.sae_trainer import SAETrainer
@@ -135,13 +150,24 @@ class SAELensTrainer:
         # rescale_acts_by_decoder_norm=False (True fails in backward on torch 2.13).
         sparse = {"use_sparse_activations": not autocast, "rescale_acts_by_decoder_norm": autocast}
         make = {
-            "topk": lambda: sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(k=int(l0), **sparse, **common)),
-            "batchtopk": lambda: sae_lens.BatchTopKTrainingSAE(sae_lens.BatchTopKTrainingSAEConfig(k=l0, **sparse, **common)),
-            "jumprelu": lambda: sae_lens.JumpReLUTrainingSAE(sae_lens.JumpReLUTrainingSAEConfig(
-                jumprelu_sparsity_loss_mode="quadratic", target_l0=l0, **common)),
-            "standard": lambda: sae_lens.StandardTrainingSAE(sae_lens.StandardTrainingSAEConfig(l1_coefficient=l1, **common)),
-            "gated": lambda: sae_lens.GatedTrainingSAE(sae_lens.GatedTrainingSAEConfig(l1_coefficient=l1, **common)),
-        }  # fmt: skip
+            "topk": lambda: sae_lens.TopKTrainingSAE(
+                sae_lens.TopKTrainingSAEConfig(k=int(l0), **sparse, **common)
+            ),
+            "batchtopk": lambda: sae_lens.BatchTopKTrainingSAE(
+                sae_lens.BatchTopKTrainingSAEConfig(k=l0, **sparse, **common)
+            ),
+            "jumprelu": lambda: sae_lens.JumpReLUTrainingSAE(
+                sae_lens.JumpReLUTrainingSAEConfig(
+                    jumprelu_sparsity_loss_mode="quadratic", target_l0=l0, **common
+                )
+            ),
+            "standard": lambda: sae_lens.StandardTrainingSAE(
+                sae_lens.StandardTrainingSAEConfig(l1_coefficient=l1, **common)
+            ),
+            "gated": lambda: sae_lens.GatedTrainingSAE(
+                sae_lens.GatedTrainingSAEConfig(l1_coefficient=l1, **common)
+            ),
+        }
         if arch not in make:
             raise ValueError(f"no SAELens counterpart wired up for {arch!r}: choose from {sorted(make)}")
         sae = make[arch]()
@@ -208,8 +234,10 @@ def metrics(sae, held: torch.Tensor, device: str) -> dict:
     """Held-out metrics, and the explained variance of the tokens that are not massive activations."""
     m = activation_metrics(sae, held.split(4096), device=device)
     typical = activation_metrics(sae, held[~massive(held)].split(4096), device=device)
-    return {**{k: round(m[k], 4) for k in ("explained_variance", "l0", "dead_fraction", "dense_fraction")},
-            "explained_variance_typical": round(typical["explained_variance"], 4)}  # fmt: skip
+    return {
+        **{k: round(m[k], 4) for k in ("explained_variance", "l0", "dead_fraction", "dense_fraction")},
+        "explained_variance_typical": round(typical["explained_variance"], 4),
+    }
 
 
 def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path) -> dict:
@@ -220,16 +248,35 @@ def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path)
     options = (
         {"auxk_coef": args.auxk_coef} if args.auxk_coef is not None and arch in ("topk", "batchtopk") else {}
     )
-    cfg = TrainConfig(architecture=arch, expansion=args.expansion, l0=args.k, train_tokens=args.tokens, lr=args.lr,
-                      batch_size=args.batch_size, log_every=50, precision=precision, seed=args.seed,
-                      sae_options=options)  # fmt: skip
+    cfg = TrainConfig(
+        architecture=arch,
+        expansion=args.expansion,
+        l0=args.k,
+        train_tokens=args.tokens,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        log_every=50,
+        precision=precision,
+        seed=args.seed,
+        sae_options=options,
+    )
     ours_cfg = dataclasses.replace(cfg, lr=args.ours_lr or args.lr, input_norm=args.ours_input_norm)
     x0 = train[: cfg.init_tokens]
     ours = our_run(ours_cfg, x0, device)
     scale, lens_scale = ours.scale, saelens_scale(x0)
     dead_window = max(1, cfg.dead_after // cfg.batch_size)
-    lens = SAELensTrainer(arch, d_in, cfg.expansion * d_in, args.k, cfg, device, precision == "bf16", args.l1,
-                          geometric_median(x0.to(device) * lens_scale), dead_window)  # fmt: skip
+    lens = SAELensTrainer(
+        arch,
+        d_in,
+        cfg.expansion * d_in,
+        args.k,
+        cfg,
+        device,
+        precision == "bf16",
+        args.l1,
+        geometric_median(x0.to(device) * lens_scale),
+        dead_window,
+    )
     W = torch.randn(d_in, cfg.expansion * d_in, device=device) / d_in**0.5
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     data = stream(train, cfg.batch_size, args.seed)
@@ -273,18 +320,33 @@ def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path)
         "steps": cfg.total_steps,
         "tokens": tokens,
         "schedule": "SAELens, then ours at its L0" if sequential else "alternating chunks",
-        "ours": {"tokens_per_s": round(tokens / seconds["ours"]), "l0_target": ours_cfg.l0, "lr": ours_cfg.lr,
-                 "input_norm": ours.input_norm, "input_scale": round(scale, 5), **metrics(ours.sae, held * scale, device)},
-        "saelens": {"tokens_per_s": round(tokens / seconds["saelens"]), "lr": cfg.lr, "input_scale": round(lens_scale, 5),
-                    **({"use_sparse_activations": precision != "bf16"} if not sequential else {}),
-                    **evals["saelens"]},
-        "saelens_settings": {"dead_feature_window_steps": dead_window, "normalize": "mean norm sqrt(d_in)",
-                             "b_dec_init": "geometric median of the first tokens (as ours)"},
+        "ours": {
+            "tokens_per_s": round(tokens / seconds["ours"]),
+            "l0_target": ours_cfg.l0,
+            "lr": ours_cfg.lr,
+            "input_norm": ours.input_norm,
+            "input_scale": round(scale, 5),
+            **metrics(ours.sae, held * scale, device),
+        },
+        "saelens": {
+            "tokens_per_s": round(tokens / seconds["saelens"]),
+            "lr": cfg.lr,
+            "input_scale": round(lens_scale, 5),
+            **({"use_sparse_activations": precision != "bf16"} if not sequential else {}),
+            **evals["saelens"],
+        },
+        "saelens_settings": {
+            "dead_feature_window_steps": dead_window,
+            "normalize": "mean norm sqrt(d_in)",
+            "b_dec_init": "geometric median of the first tokens (as ours)",
+        },
         "matmul_gflop_per_s": {w: round(r / 1e9, 1) for w, r in rate.items()},
         "speedup": round(seconds["saelens"] / seconds["ours"], 2),
         # tokens per dense-matmul-equivalent: insensitive to the machine's load changing between phases
-        "speedup_load_corrected": round(seconds["saelens"] * rate["saelens"] / (seconds["ours"] * rate["ours"]), 2),
-    }  # fmt: skip
+        "speedup_load_corrected": round(
+            seconds["saelens"] * rate["saelens"] / (seconds["ours"] * rate["ours"]), 2
+        ),
+    }
     if arch == "topk":  # the encoder's forward matmul is all the dense work a sparse TopK step must do
         out["ours"]["step_gflop_per_s"] = round(flops * cfg.total_steps / seconds["ours"] / 1e9, 1)
         out["ours"]["fraction_of_matmul_rate"] = round(
@@ -351,8 +413,15 @@ def memory_run(data_dir: Path, layer: int, args) -> dict:
 
     store = LayerStore(big, layer)
     ids = store.completion_ids
-    cfg = TrainConfig(architecture="topk", expansion=args.expansion, l0=args.k, batch_size=args.batch_size,
-                      train_tokens=store.count(ids), buffer_bytes=args.buffer_mb << 20, log_every=100)  # fmt: skip
+    cfg = TrainConfig(
+        architecture="topk",
+        expansion=args.expansion,
+        l0=args.k,
+        batch_size=args.batch_size,
+        train_tokens=store.count(ids),
+        buffer_bytes=args.buffer_mb << 20,
+        log_every=100,
+    )
     run, sampler = Run(cfg, store.d_model), threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
@@ -425,14 +494,29 @@ def main() -> None:
     meta = build_data(data_dir, args.layer, args.seed, args.max_tokens)
     train, held = load_split(data_dir, meta)
     result = {
-        "machine": {"device": args.device, "torch": torch.__version__, "sae_lens": sae_lens.__version__,
-                    "threads": torch.get_num_threads(), "precision_ours": "fp32" if args.device == "cpu" else args.dtype},
-        "data": {"model": "SmolLM2-135M-Instruct", "corpus": BENCH_CORPUS, "layer": args.layer, "train_tokens_unique": len(train),
-                 "heldout_tokens": len(held), "d_in": train.shape[1], "d_sae": args.expansion * train.shape[1],
-                 "k": args.k, "lr": args.lr, "batch_size": args.batch_size, "training_tokens": args.tokens,
-                 "heldout_massive_tokens": int(massive(held).sum()), "heldout_variance_share_of_massive_tokens":
-                 round(float(variance_share(held, massive(held))), 4)},
-    }  # fmt: skip
+        "machine": {
+            "device": args.device,
+            "torch": torch.__version__,
+            "sae_lens": sae_lens.__version__,
+            "threads": torch.get_num_threads(),
+            "precision_ours": "fp32" if args.device == "cpu" else args.dtype,
+        },
+        "data": {
+            "model": "SmolLM2-135M-Instruct",
+            "corpus": BENCH_CORPUS,
+            "layer": args.layer,
+            "train_tokens_unique": len(train),
+            "heldout_tokens": len(held),
+            "d_in": train.shape[1],
+            "d_sae": args.expansion * train.shape[1],
+            "k": args.k,
+            "lr": args.lr,
+            "batch_size": args.batch_size,
+            "training_tokens": args.tokens,
+            "heldout_massive_tokens": int(massive(held).sum()),
+            "heldout_variance_share_of_massive_tokens": round(float(variance_share(held, massive(held))), 4),
+        },
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for arch in filter(None, args.archs.split(",")):
             print(f"training {arch} (SAELens and ours) ...", file=sys.stderr, flush=True)

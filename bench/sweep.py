@@ -44,15 +44,37 @@ from helpers.sweep.runner import Study, SweepFolders, free_memory, run_sweep
 from helpers.sweep.tiny import tiny_random_model
 
 STUDY = dict(
-    datasets=[{"data": "builtin:contrast", "role": "train", "label_by": "instruction"},
-              {"data": "builtin:scenarios", "role": "eval", "label_by": "judge", "limit": 3},
-              {"data": "builtin:benign", "role": "control", "limit": 3}],
-    depths=[0.25, 0.5], n_prompts=16, n_per_prompt=2, max_new_tokens=8, batch_size=16, use_gemini=False,
-    corpus="builtin:corpus", corpus_tokens=1024, corpus_seq_len=64, architectures=["topk"], conditions=["mixed"],
-    expansion=2, l0=8, train_tokens=512, sae_batch_size=64, checkpoint_every=4, min_completions=8, min_tokens=64,
-    lm_eval_completions=2, n_folds=2, n_permutations=9, n_bootstrap=20, sweep_bootstrap=10, top_k=4,
+    datasets=[
+        {"data": "builtin:contrast", "role": "train", "label_by": "instruction"},
+        {"data": "builtin:scenarios", "role": "eval", "label_by": "judge", "limit": 3},
+        {"data": "builtin:benign", "role": "control", "limit": 3},
+    ],
+    depths=[0.25, 0.5],
+    n_prompts=16,
+    n_per_prompt=2,
+    max_new_tokens=8,
+    batch_size=16,
+    use_gemini=False,
+    corpus="builtin:corpus",
+    corpus_tokens=1024,
+    corpus_seq_len=64,
+    architectures=["topk"],
+    conditions=["mixed"],
+    expansion=2,
+    l0=8,
+    train_tokens=512,
+    sae_batch_size=64,
+    checkpoint_every=4,
+    min_completions=8,
+    min_tokens=64,
+    lm_eval_completions=2,
+    n_folds=2,
+    n_permutations=9,
+    n_bootstrap=20,
+    sweep_bootstrap=10,
+    top_k=4,
     feature_permutations=99,
-)  # fmt: skip
+)
 
 
 def direct(models: list[str], study: Study, root: Path, cache: Path) -> float:
@@ -111,8 +133,10 @@ def main() -> None:
 def measure(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
     cache = work / "cache"
-    models = [str(tiny_random_model(work / "models" / "llama", "llama")),
-              str(tiny_random_model(work / "models" / "gpt_neox", "gpt_neox", n_layers=3))]  # fmt: skip
+    models = [
+        str(tiny_random_model(work / "models" / "llama", "llama")),
+        str(tiny_random_model(work / "models" / "gpt_neox", "gpt_neox", n_layers=3)),
+    ]
     if args.offline:
         models.insert(1, helpers.OFFLINE_MODEL)
     study = Study(**STUDY)

@@ -78,15 +78,25 @@ def synthetic_world(args):
     cfg = SyntheticModelConfig(
         num_features=args.features,
         hidden_dim=args.hidden,
-        firing_probability=ZipfianFiringProbabilityConfig(exponent=0.5, max_prob=args.max_prob, min_prob=args.min_prob),
-        hierarchy=HierarchyConfig(total_root_nodes=args.features // 32, branching_factor=4, max_depth=1,
-                                  mutually_exclusive_portion=0.5),
-        orthogonalization=OrthogonalizationConfig(num_steps=args.orthogonalize) if args.orthogonalize else None,
-        correlation=LowRankCorrelationConfig(rank=16, correlation_scale=0.1, seed=args.seed + WORLD_SEED_OFFSET),
+        firing_probability=ZipfianFiringProbabilityConfig(
+            exponent=0.5, max_prob=args.max_prob, min_prob=args.min_prob
+        ),
+        hierarchy=HierarchyConfig(
+            total_root_nodes=args.features // 32,
+            branching_factor=4,
+            max_depth=1,
+            mutually_exclusive_portion=0.5,
+        ),
+        orthogonalization=OrthogonalizationConfig(num_steps=args.orthogonalize)
+        if args.orthogonalize
+        else None,
+        correlation=LowRankCorrelationConfig(
+            rank=16, correlation_scale=0.1, seed=args.seed + WORLD_SEED_OFFSET
+        ),
         std_firing_magnitudes=0.2,
         mean_firing_magnitudes=1.0,
         seed=args.seed + WORLD_SEED_OFFSET,
-    )  # fmt: skip
+    )
     return SyntheticModel(cfg)
 
 
@@ -124,14 +134,26 @@ class SAELensRun:
         # TopK family: SAELens's sparse path (fp32, no autocast), which needs rescale_acts_by_decoder_norm=False
         sparse = {"use_sparse_activations": True, "rescale_acts_by_decoder_norm": False}
         make = {
-            "standard": lambda: sae_lens.StandardTrainingSAE(sae_lens.StandardTrainingSAEConfig(l1_coefficient=args.l1, **common)),
-            "topk": lambda: sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(k=int(k), **sparse, **common)),
-            "batchtopk": lambda: sae_lens.BatchTopKTrainingSAE(sae_lens.BatchTopKTrainingSAEConfig(k=k, **sparse, **common)),
+            "standard": lambda: sae_lens.StandardTrainingSAE(
+                sae_lens.StandardTrainingSAEConfig(l1_coefficient=args.l1, **common)
+            ),
+            "topk": lambda: sae_lens.TopKTrainingSAE(
+                sae_lens.TopKTrainingSAEConfig(k=int(k), **sparse, **common)
+            ),
+            "batchtopk": lambda: sae_lens.BatchTopKTrainingSAE(
+                sae_lens.BatchTopKTrainingSAEConfig(k=k, **sparse, **common)
+            ),
             "matryoshka_batchtopk": lambda: sae_lens.MatryoshkaBatchTopKTrainingSAE(
-                sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(k=k, matryoshka_widths=list(widths), **sparse, **common)),
-            "jumprelu": lambda: sae_lens.JumpReLUTrainingSAE(sae_lens.JumpReLUTrainingSAEConfig(
-                jumprelu_sparsity_loss_mode="quadratic", target_l0=k, **common)),
-        }  # fmt: skip
+                sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(
+                    k=k, matryoshka_widths=list(widths), **sparse, **common
+                )
+            ),
+            "jumprelu": lambda: sae_lens.JumpReLUTrainingSAE(
+                sae_lens.JumpReLUTrainingSAEConfig(
+                    jumprelu_sparsity_loss_mode="quadratic", target_l0=k, **common
+                )
+            ),
+        }
         if arch not in make:
             raise ValueError(f"no SAELens counterpart wired up for {arch!r}: choose from {sorted(make)}")
         self.sae = make[arch]()
@@ -174,12 +196,24 @@ def score(folder: Path, world, args, scale: float | None) -> dict:
     sae = sae_lens.SAE.load_from_disk(folder)
     with torch.random.fork_rng():
         torch.manual_seed(10**9 + args.seed)
-        res = eval_sae_on_synthetic_data(sae, world.feature_dict, world.activation_generator, num_samples=args.eval_samples,
-                                         batch_size=8192, activation_scaler=ActivationScaler(scaling_factor=scale))  # fmt: skip
-    return {"mcc": round(res.mcc, 4), "f1": round(res.classification.f1_score, 4),
-            "precision": round(res.classification.precision, 4), "recall": round(res.classification.recall, 4),
-            "explained_variance": round(res.explained_variance, 4), "l0": round(res.sae_l0, 2),
-            "dead_latents": res.dead_latents, "true_l0": round(res.true_l0, 2)}  # fmt: skip
+        res = eval_sae_on_synthetic_data(
+            sae,
+            world.feature_dict,
+            world.activation_generator,
+            num_samples=args.eval_samples,
+            batch_size=8192,
+            activation_scaler=ActivationScaler(scaling_factor=scale),
+        )
+    return {
+        "mcc": round(res.mcc, 4),
+        "f1": round(res.classification.f1_score, 4),
+        "precision": round(res.classification.precision, 4),
+        "recall": round(res.classification.recall, 4),
+        "explained_variance": round(res.explained_variance, 4),
+        "l0": round(res.sae_l0, 2),
+        "dead_latents": res.dead_latents,
+        "true_l0": round(res.true_l0, 2),
+    }
 
 
 def compare(
@@ -188,9 +222,18 @@ def compare(
     """Both trainers at `lr` on the same batches; with `control`, both SAEs also scored before any step."""
     d_in, d_sae = args.hidden, args.features
     k = round(true_l0, 1)
-    cfg = TrainConfig(architecture=arch, expansion=d_sae // d_in, l0=max(1, round(true_l0)), train_tokens=args.tokens,
-                      batch_size=args.batch_size, lr=lr, log_every=50, seed=args.seed,
-                      input_norm=args.ours_input_norm, **({"grad_clip": args.ours_grad_clip} if args.ours_grad_clip else {}))  # fmt: skip
+    cfg = TrainConfig(
+        architecture=arch,
+        expansion=d_sae // d_in,
+        l0=max(1, round(true_l0)),
+        train_tokens=args.tokens,
+        batch_size=args.batch_size,
+        lr=lr,
+        log_every=50,
+        seed=args.seed,
+        input_norm=args.ours_input_norm,
+        **({"grad_clip": args.ours_grad_clip} if args.ours_grad_clip else {}),
+    )
     widths = MatryoshkaBatchTopKSAE(d_in, d_sae, l0=cfg.l0).widths
     if arch == "matryoshka_batchtopk":
         cfg = dataclasses.replace(cfg, sae_options={"matryoshka_widths": widths})
@@ -207,8 +250,13 @@ def compare(
         untrained["saelens"] = score(tmp / f"saelens_{arch}_untrained", world, args, lens_scale)
         fresh = Run(cfg, d_in)
         fresh.init_from_data(init)
-        save_sae(fresh.sae, tmp / f"ours_{arch}_untrained", hook_name="blocks.0.hook_resid_post",
-                 model_name="synthetic", scale=fresh.scale)  # fmt: skip
+        save_sae(
+            fresh.sae,
+            tmp / f"ours_{arch}_untrained",
+            hook_name="blocks.0.hook_resid_post",
+            model_name="synthetic",
+            scale=fresh.scale,
+        )
         untrained["ours"] = score(tmp / f"ours_{arch}_untrained", world, args, None)
         del fresh
     ours = None
@@ -261,14 +309,28 @@ def compare(
     return {
         "k_or_l0_target": k if not matched else cfg.l0,
         "schedule": "SAELens, then ours at SAELens's L0" if matched else "alternating chunks, same k",
-        **({"untrained": {w: {m: untrained[w][m] for m in ("mcc", "f1", "explained_variance")} for w in untrained}}
-           if control else {}),
+        **(
+            {
+                "untrained": {
+                    w: {m: untrained[w][m] for m in ("mcc", "f1", "explained_variance")} for w in untrained
+                }
+            }
+            if control
+            else {}
+        ),
         "ours": {**ours_scores, "tokens_per_s": round(tps["ours"])},
         "saelens": {**theirs_scores, "tokens_per_s": round(tps["saelens"])},
-        "ratio_ours_over_saelens": {"mcc": ratio("mcc"), "f1": ratio("f1"), "explained_variance": ratio("explained_variance"),
-                                    "l0": ratio("l0"), "tokens_per_s": round(tps["ours"] / tps["saelens"], 2),
-                                    "tokens_per_s_load_corrected": round(tps["ours"] / tps["saelens"] * matmul["ours"] / matmul["saelens"], 2)},
-    }  # fmt: skip
+        "ratio_ours_over_saelens": {
+            "mcc": ratio("mcc"),
+            "f1": ratio("f1"),
+            "explained_variance": ratio("explained_variance"),
+            "l0": ratio("l0"),
+            "tokens_per_s": round(tps["ours"] / tps["saelens"], 2),
+            "tokens_per_s_load_corrected": round(
+                tps["ours"] / tps["saelens"] * matmul["ours"] / matmul["saelens"], 2
+            ),
+        },
+    }
 
 
 def main() -> None:
@@ -348,18 +410,35 @@ def main() -> None:
     print(f"generating {args.pool:,} samples ...", file=sys.stderr, flush=True)
     data = Samples(world, args.pool, args.batch_size, args.seed)
     result = {
-        "machine": {"torch": torch.__version__, "sae_lens": sae_lens.__version__, "threads": torch.get_num_threads()},
+        "machine": {
+            "torch": torch.__version__,
+            "sae_lens": sae_lens.__version__,
+            "threads": torch.get_num_threads(),
+        },
         "ours_input_norm": args.ours_input_norm,
-        "ours_ablations": {"grad_clip": args.ours_grad_clip, "encoder_init_scale": args.ours_encoder_init_scale,
-                           "auxk_coef": args.ours_auxk_coef},  # fmt: skip
+        "ours_ablations": {
+            "grad_clip": args.ours_grad_clip,
+            "encoder_init_scale": args.ours_encoder_init_scale,
+            "auxk_coef": args.ours_auxk_coef,
+        },
         "saelens_input_norm": "mean norm sqrt(d_in) (its expected_average_only_in)",
-        "saelens_b_dec_init": "geometric median (as ours)" if args.saelens_median_init or args.saelens_careful
+        "saelens_b_dec_init": "geometric median (as ours)"
+        if args.saelens_median_init or args.saelens_careful
         else "zeros (its default)",
-        "saelens_dead_feature_window": "train tokens / 20 (as ours)" if args.saelens_careful else "1000 steps (its default)",
-        "world": {"features": args.features, "hidden": args.hidden, "true_l0": round(true_l0, 2),
-                  "training_samples": args.tokens, "unique_samples": args.pool, "batch_size": args.batch_size, "lrs": lrs,
-                  "eval_samples": args.eval_samples},
-    }  # fmt: skip
+        "saelens_dead_feature_window": "train tokens / 20 (as ours)"
+        if args.saelens_careful
+        else "1000 steps (its default)",
+        "world": {
+            "features": args.features,
+            "hidden": args.hidden,
+            "true_l0": round(true_l0, 2),
+            "training_samples": args.tokens,
+            "unique_samples": args.pool,
+            "batch_size": args.batch_size,
+            "lrs": lrs,
+            "eval_samples": args.eval_samples,
+        },
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for arch in filter(None, args.archs.split(",")):
             runs = {}
@@ -374,17 +453,37 @@ def main() -> None:
                 who: {m: max((r[who][m], key) for key, r in runs.items()) for m in ("mcc", "f1")}
                 for who in ("ours", "saelens")
             }
-            result[arch] = {"untrained": untrained, **runs,
-                            "best_over_lrs": {who: {m: {"value": v, "at": at} for m, (v, at) in b.items()}
-                                              for who, b in best.items()}}  # fmt: skip
+            result[arch] = {
+                "untrained": untrained,
+                **runs,
+                "best_over_lrs": {
+                    who: {m: {"value": v, "at": at} for m, (v, at) in b.items()} for who, b in best.items()
+                },
+            }
     result["targets"] = {
         f"{a}_{t}": ok
-        for a, r in result.items() if isinstance(r, dict) and "best_over_lrs" in r
-        for t, ok in (("mcc_ge_saelens", r["best_over_lrs"]["ours"]["mcc"]["value"] >= r["best_over_lrs"]["saelens"]["mcc"]["value"]),
-                      ("f1_ge_saelens", r["best_over_lrs"]["ours"]["f1"]["value"] >= r["best_over_lrs"]["saelens"]["f1"]["value"]),
-                      ("faster_2x", min(v["ratio_ours_over_saelens"]["tokens_per_s_load_corrected"]
-                                        for k, v in r.items() if k.startswith("lr=")) >= 2))
-    }  # fmt: skip
+        for a, r in result.items()
+        if isinstance(r, dict) and "best_over_lrs" in r
+        for t, ok in (
+            (
+                "mcc_ge_saelens",
+                r["best_over_lrs"]["ours"]["mcc"]["value"] >= r["best_over_lrs"]["saelens"]["mcc"]["value"],
+            ),
+            (
+                "f1_ge_saelens",
+                r["best_over_lrs"]["ours"]["f1"]["value"] >= r["best_over_lrs"]["saelens"]["f1"]["value"],
+            ),
+            (
+                "faster_2x",
+                min(
+                    v["ratio_ours_over_saelens"]["tokens_per_s_load_corrected"]
+                    for k, v in r.items()
+                    if k.startswith("lr=")
+                )
+                >= 2,
+            ),
+        )
+    }
     print(json.dumps(result, indent=2))
 
 

@@ -47,8 +47,16 @@ def main() -> None:
     for arch in args.archs.split(","):
         for variant in args.variants.split(","):
             lr, enc = variant.split(":")
-            cfg = TrainConfig(architecture=arch, expansion=8, l0=args.k, train_tokens=args.steps * 1024,
-                              batch_size=1024, lr=float(lr), log_every=100, seed=0)  # fmt: skip
+            cfg = TrainConfig(
+                architecture=arch,
+                expansion=8,
+                l0=args.k,
+                train_tokens=args.steps * 1024,
+                batch_size=1024,
+                lr=float(lr),
+                log_every=100,
+                seed=0,
+            )
             run = Run(cfg, train.shape[1])
             run.init_from_data(train[: cfg.init_tokens])
             scale = run.sae.encoder_init_scale if enc == "default" else float(enc)
@@ -59,8 +67,19 @@ def main() -> None:
                 run.train_step(next(data))
             seconds = round(time.perf_counter() - t0)
             m = sae_train.metrics(run.sae, held * run.scale, "cpu")  # the SAE works in scaled units
-            print(json.dumps({"arch": arch, "lr": float(lr), "encoder_init_scale": scale, "steps": cfg.total_steps,
-                              **m, "seconds": seconds}), flush=True)  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        "arch": arch,
+                        "lr": float(lr),
+                        "encoder_init_scale": scale,
+                        "steps": cfg.total_steps,
+                        **m,
+                        "seconds": seconds,
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -416,7 +416,13 @@ def ask_batched(
             got.update(parse(answer, chunk))
 
     for start in range(0, len(items), batch_size):
-        ask_with_followups(items[start : start + batch_size], lambda it: it["feature"], ask_chunk, got,
-                           max_followups, lambda p: f"feature(s) {[it['feature'] for it in p]}",
-                           quiet=lambda: bool(asker.stopped))  # fmt: skip
+        ask_with_followups(
+            items[start : start + batch_size],
+            lambda it: it["feature"],
+            ask_chunk,
+            got,
+            max_followups,
+            lambda p: f"feature(s) {[it['feature'] for it in p]}",
+            quiet=lambda: bool(asker.stopped),
+        )
     return got

@@ -164,8 +164,10 @@ def static_figure(fig: Any) -> Any:
         raise ValueError(f"static_figure draws scatter, bar and heatmap traces; this figure has {unknown}")
     out = Figure(figsize=(layout.get("width", 900) / 100, layout.get("height", 450) / 100))
     box = (0.08, 0.14, 0.70, 0.72)  # left, bottom, width, height of the plotting area (legend at the right)
-    names = sorted({(t.get("xaxis", "x"), t.get("yaxis", "y")) for t in data} | {("x", "y")},
-                   key=lambda p: (len(p[0]), p[0]))  # fmt: skip
+    names = sorted(
+        {(t.get("xaxis", "x"), t.get("yaxis", "y")) for t in data} | {("x", "y")},
+        key=lambda p: (len(p[0]), p[0]),
+    )
     names = [
         p
         for p in names
@@ -187,8 +189,12 @@ def static_figure(fig: Any) -> Any:
     for i, t in enumerate(data):
         ax = axes[t.get("xaxis", "x")]
         sx, sy = scales[ax][:2]
-        color = _color((t.get("line") or {}).get("color") or (t.get("marker") or {}).get("color")
-                       if not isinstance((t.get("marker") or {}).get("color"), list) else None, PALETTE[i % 8])  # fmt: skip
+        color = _color(
+            (t.get("line") or {}).get("color") or (t.get("marker") or {}).get("color")
+            if not isinstance((t.get("marker") or {}).get("color"), list)
+            else None,
+            PALETTE[i % 8],
+        )
         kind = t.get("type", "scatter")
         if kind == "heatmap":
             z = np.array([[_num(v) for v in row] for row in t["z"]], float)
@@ -230,8 +236,14 @@ def static_figure(fig: Any) -> Any:
             for sym in dict.fromkeys(symbols):
                 k = np.array([s == sym for s in symbols])
                 base = str(sym).replace("-open", "")
-                line = ax.scatter(x[k], y[k], marker=MPL_SYMBOLS.get(base, "o"), s=30, edgecolors=color,
-                                  facecolors="none" if str(sym).endswith("-open") else color)  # fmt: skip
+                line = ax.scatter(
+                    x[k],
+                    y[k],
+                    marker=MPL_SYMBOLS.get(base, "o"),
+                    s=30,
+                    edgecolors=color,
+                    facecolors="none" if str(sym).endswith("-open") else color,
+                )
         if t.get("showlegend", True) is not False and t.get("name"):
             legend.append((line, t["name"]))
     for ax, (sx, sy, xl, yl) in scales.items():
@@ -257,12 +269,22 @@ def static_figure(fig: Any) -> Any:
         ax = ref_axes(
             sh.get("xref", "x") if str(sh.get("xref", "x")).startswith("x") else sh.get("yref", "y")
         )
-        style = {"color": _color((sh.get("line") or {}).get("color"), "grey"), "lw": 1,
-                 "ls": DASHES.get((sh.get("line") or {}).get("dash"), "-")}  # fmt: skip
+        style = {
+            "color": _color((sh.get("line") or {}).get("color"), "grey"),
+            "lw": 1,
+            "ls": DASHES.get((sh.get("line") or {}).get("dash"), "-"),
+        }
         x_dom, y_dom = "domain" in str(sh.get("xref")), "domain" in str(sh.get("yref"))
         if sh.get("type") == "rect" and x_dom:
-            ax.axhspan(sh["y0"], sh["y1"], sh["x0"], sh["x1"], color=_color(sh.get("fillcolor"), "grey"),
-                       alpha=sh.get("opacity", 0.2), lw=0)  # fmt: skip
+            ax.axhspan(
+                sh["y0"],
+                sh["y1"],
+                sh["x0"],
+                sh["x1"],
+                color=_color(sh.get("fillcolor"), "grey"),
+                alpha=sh.get("opacity", 0.2),
+                lw=0,
+            )
         elif sh.get("type") == "line" and x_dom and sh["y0"] == sh["y1"]:
             ax.axhline(sh["y0"], sh["x0"], sh["x1"], **style)
         elif sh.get("type") == "line" and y_dom and sh["x0"] == sh["x1"]:
@@ -271,14 +293,27 @@ def static_figure(fig: Any) -> Any:
             ax.plot([sh["x0"], sh["x1"]], [sh["y0"], sh["y1"]], **style)
     for a in layout.get("annotations", []):
         if a.get("xref") == "paper" and a.get("yref") == "paper":
-            out.text(box[0] + a["x"] * box[2], box[1] + a["y"] * box[3] + 0.01, a.get("text", ""), ha="center",
-                     va="bottom", fontsize=9)  # fmt: skip
+            out.text(
+                box[0] + a["x"] * box[2],
+                box[1] + a["y"] * box[3] + 0.01,
+                a.get("text", ""),
+                ha="center",
+                va="bottom",
+                fontsize=9,
+            )
             continue
         ax = ref_axes(a.get("xref", "x"))
         tx = ax.transAxes if "domain" in str(a.get("xref")) else ax.transData
         ty = ax.transAxes if "domain" in str(a.get("yref")) else ax.transData
-        ax.text(a["x"], a["y"], a.get("text", ""), transform=transforms.blended_transform_factory(tx, ty),
-                ha=a.get("xanchor", "center").replace("auto", "center"), va="bottom", fontsize=8)  # fmt: skip
+        ax.text(
+            a["x"],
+            a["y"],
+            a.get("text", ""),
+            transform=transforms.blended_transform_factory(tx, ty),
+            ha=a.get("xanchor", "center").replace("auto", "center"),
+            va="bottom",
+            fontsize=8,
+        )
     title = (layout.get("title") or {}).get("text")
     if title:
         out.suptitle(title, fontsize=10)
@@ -377,9 +412,18 @@ def probe_figure(run_dir: str | os.PathLike, *, backend: str = "plotly") -> Any:
     for col, (key, ci, _) in enumerate(panels, 1):
         for i, (name, pts) in enumerate(series.items()):
             x, y, lo, hi = _xy_ci(pts, key, ci)
-            fig.add_scatter(x=x, y=y, mode="lines+markers", name=name, legendgroup=name, showlegend=col == 1,
-                            line_color=PALETTE[i % 8], error_y=dict(type="data", symmetric=False, array=hi - y,
-                            arrayminus=y - lo), row=1, col=col)  # fmt: skip
+            fig.add_scatter(
+                x=x,
+                y=y,
+                mode="lines+markers",
+                name=name,
+                legendgroup=name,
+                showlegend=col == 1,
+                line_color=PALETTE[i % 8],
+                error_y=dict(type="data", symmetric=False, array=hi - y, arrayminus=y - lo),
+                row=1,
+                col=col,
+            )
         fig.add_hline(y=0.5, line_dash="dot", line_color="grey", row=1, col=col)
     fig.update_xaxes(title_text="layer")
     fig.update_layout(title="Probes for deception: raw residual vs SAE features (95% CI)")
@@ -430,8 +474,19 @@ def transfer_figure(run_dir: str | os.PathLike, *, backend: str = "plotly") -> A
         m = matrices[layer]
         z = grid(m)
         text = [["-" if np.isnan(v) else f"{v:.2f}" for v in row] for row in z]
-        fig.add_heatmap(z=z, x=m["eval"], y=m["train"], zmin=0.5, zmax=1.0, colorscale="Viridis", text=text,
-                        texttemplate="%{text}", showscale=col == 1, row=1, col=col)  # fmt: skip
+        fig.add_heatmap(
+            z=z,
+            x=m["eval"],
+            y=m["train"],
+            zmin=0.5,
+            zmax=1.0,
+            colorscale="Viridis",
+            text=text,
+            texttemplate="%{text}",
+            showscale=col == 1,
+            row=1,
+            col=col,
+        )
     fig.update_xaxes(title_text="evaluated on")
     fig.update_yaxes(title_text="trained on", col=1)
     fig.update_layout(
@@ -477,9 +532,19 @@ def layer_sweep_figure(run_dir: str | os.PathLike, *, backend: str = "plotly") -
     fig = go.Figure()
     for i, (name, pts) in enumerate(lines.items()):
         y, lo, hi = (np.array(v) for v in zip(*pts, strict=True))
-        fig.add_scatter(x=x[: len(y)], y=y, mode="lines+markers", name=name, line_color=PALETTE[i % 8],
-                        error_y=dict(type="data", symmetric=False, array=np.where(np.isnan(hi), y, hi) - y,
-                        arrayminus=y - np.where(np.isnan(lo), y, lo)))  # fmt: skip
+        fig.add_scatter(
+            x=x[: len(y)],
+            y=y,
+            mode="lines+markers",
+            name=name,
+            line_color=PALETTE[i % 8],
+            error_y=dict(
+                type="data",
+                symmetric=False,
+                array=np.where(np.isnan(hi), y, hi) - y,
+                arrayminus=y - np.where(np.isnan(lo), y, lo),
+            ),
+        )
     fig.add_hline(y=0.5, line_dash="dot", line_color="grey")
     fig.update_layout(title=title, xaxis_title=xlabel, yaxis_title="AUROC")
     return fig
@@ -489,12 +554,16 @@ def layer_sweep_figure(run_dir: str | os.PathLike, *, backend: str = "plotly") -
 def _leaderboard(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """architecture, condition, sae_id, L0 and explained variance of every SAE with a metrics.json."""
     rows = [
-        {"sae_id": m["sae_id"], "architecture": m["architecture"], "condition": m["condition"],
-         "l0": (m.get("activations") or {}).get("l0"),
-         "explained_variance": (m.get("activations") or {}).get("explained_variance"),
-         "loss_recovered": (m.get("lm") or {}).get("loss_recovered")}
+        {
+            "sae_id": m["sae_id"],
+            "architecture": m["architecture"],
+            "condition": m["condition"],
+            "l0": (m.get("activations") or {}).get("l0"),
+            "explained_variance": (m.get("activations") or {}).get("explained_variance"),
+            "loss_recovered": (m.get("lm") or {}).get("loss_recovered"),
+        }
         for m in read_sae_metrics(run_dir)
-    ]  # fmt: skip
+    ]
     if not rows:
         raise MissingInput(f"{saes_dir(run_dir)} holds no metrics.json: run {SOURCES['saes']} first")
     return rows
@@ -505,13 +574,23 @@ def leaderboard_figure(run_dir: str | os.PathLike, *, backend: str = "plotly") -
     rows = _leaderboard(run_dir)
     archs = sorted({r["architecture"] for r in rows})
     conds = sorted({str(r["condition"]) for r in rows})
-    groups = [(a, c) for a in archs for c in conds if any(r["architecture"] == a and str(r["condition"]) == c for r in rows)]  # fmt: skip
+    groups = [
+        (a, c)
+        for a in archs
+        for c in conds
+        if any(r["architecture"] == a and str(r["condition"]) == c for r in rows)
+    ]
     if _is_mpl(backend):
         fig, (ax,) = _mpl(1, 7.0)
         for a, c in groups:
             pts = [r for r in rows if r["architecture"] == a and str(r["condition"]) == c]
-            ax.scatter([r["l0"] for r in pts], [_num(r["explained_variance"]) for r in pts], label=f"{a} / {c}",
-                       color=PALETTE[archs.index(a) % 8], marker=MPL_MARKERS[conds.index(c) % 6])  # fmt: skip
+            ax.scatter(
+                [r["l0"] for r in pts],
+                [_num(r["explained_variance"]) for r in pts],
+                label=f"{a} / {c}",
+                color=PALETTE[archs.index(a) % 8],
+                marker=MPL_MARKERS[conds.index(c) % 6],
+            )
         ax.set(xlabel="L0 (active latents per token)", ylabel="explained variance", title="SAE leaderboard")
         ax.legend(fontsize=8)
         return fig
@@ -520,12 +599,21 @@ def leaderboard_figure(run_dir: str | os.PathLike, *, backend: str = "plotly") -
     fig = go.Figure()
     for a, c in groups:
         pts = [r for r in rows if r["architecture"] == a and str(r["condition"]) == c]
-        fig.add_scatter(x=[r["l0"] for r in pts], y=[r["explained_variance"] for r in pts], mode="markers",
-                        name=f"{a} / {c}", text=[r["sae_id"] for r in pts], marker=dict(size=11,
-                        color=PALETTE[archs.index(a) % 8], symbol=SYMBOLS[conds.index(c) % 6]),
-                        hovertemplate="%{text}<br>L0 %{x:.1f}<br>EV %{y:.3f}<extra></extra>")  # fmt: skip
-    fig.update_layout(title="SAE leaderboard: reconstruction vs sparsity", xaxis_title="L0 (active latents per token)",
-                      yaxis_title="explained variance", legend_title="architecture / condition")  # fmt: skip
+        fig.add_scatter(
+            x=[r["l0"] for r in pts],
+            y=[r["explained_variance"] for r in pts],
+            mode="markers",
+            name=f"{a} / {c}",
+            text=[r["sae_id"] for r in pts],
+            marker=dict(size=11, color=PALETTE[archs.index(a) % 8], symbol=SYMBOLS[conds.index(c) % 6]),
+            hovertemplate="%{text}<br>L0 %{x:.1f}<br>EV %{y:.3f}<extra></extra>",
+        )
+    fig.update_layout(
+        title="SAE leaderboard: reconstruction vs sparsity",
+        xaxis_title="L0 (active latents per token)",
+        yaxis_title="explained variance",
+        legend_title="architecture / condition",
+    )
     return fig
 
 
@@ -545,8 +633,13 @@ def sae_pareto_figure(run_dir: str | os.PathLike, *, backend: str = "plotly") ->
         fig, axes = _mpl(2)
         for ax, (key, title) in zip(axes, panels, strict=True):
             for i, (name, pts) in enumerate(groups.items()):
-                ax.plot([r["l0"] for r in pts], [_num(r[key]) for r in pts], marker=MPL_MARKERS[i % 6], label=name,
-                        color=PALETTE[i % 8])  # fmt: skip
+                ax.plot(
+                    [r["l0"] for r in pts],
+                    [_num(r[key]) for r in pts],
+                    marker=MPL_MARKERS[i % 6],
+                    label=name,
+                    color=PALETTE[i % 8],
+                )
             ax.set(xlabel="L0 (active latents per token)", ylabel=title, title=f"{title} vs L0")
         axes[0].legend(fontsize=8)
         return fig
@@ -555,10 +648,19 @@ def sae_pareto_figure(run_dir: str | os.PathLike, *, backend: str = "plotly") ->
     fig = make_subplots(rows=1, cols=2, subplot_titles=[p[1] for p in panels])
     for col, (key, _) in enumerate(panels, 1):
         for i, (name, pts) in enumerate(groups.items()):
-            fig.add_scatter(x=[r["l0"] for r in pts], y=[r[key] for r in pts], mode="lines+markers", name=name,
-                            legendgroup=name, showlegend=col == 1, line_color=PALETTE[i % 8],
-                            text=[r["sae_id"] for r in pts], row=1, col=col,
-                            hovertemplate="%{text}<br>L0 %{x:.1f}<br>%{y:.3f}<extra></extra>")  # fmt: skip
+            fig.add_scatter(
+                x=[r["l0"] for r in pts],
+                y=[r[key] for r in pts],
+                mode="lines+markers",
+                name=name,
+                legendgroup=name,
+                showlegend=col == 1,
+                line_color=PALETTE[i % 8],
+                text=[r["sae_id"] for r in pts],
+                row=1,
+                col=col,
+                hovertemplate="%{text}<br>L0 %{x:.1f}<br>%{y:.3f}<extra></extra>",
+            )
     fig.update_xaxes(title_text="L0 (active latents per token)")
     fig.update_layout(title="SAEs: reconstruction and LM loss against sparsity (up and left is better)")
     return fig
@@ -576,14 +678,23 @@ def firing_density_figure(run_dir: str | os.PathLike, sae_ids: Sequence[str] | N
         if hist is None or (sae_ids is not None and sid not in sae_ids):
             continue
         edges = np.array(hist["log10_edges"], float)
-        fig.add_bar(x=(edges[1:] + edges[:-1]) / 2, y=hist["counts"], name=f"{sid} ({hist.get('never', 0)} never fire)",
-                    width=float(np.diff(edges).mean()), opacity=0.6)  # fmt: skip
+        fig.add_bar(
+            x=(edges[1:] + edges[:-1]) / 2,
+            y=hist["counts"],
+            name=f"{sid} ({hist.get('never', 0)} never fire)",
+            width=float(np.diff(edges).mean()),
+            opacity=0.6,
+        )
     if not fig.data:
         raise MissingInput(
             f"no metrics.json with a firing histogram under {Path(run_dir) / 'saes'}: run {SOURCES['saes']}"
         )
-    fig.update_layout(barmode="overlay", title="Latent firing density", xaxis_title="log10 firing frequency (per token)",
-                      yaxis_title="latents")  # fmt: skip
+    fig.update_layout(
+        barmode="overlay",
+        title="Latent firing density",
+        xaxis_title="log10 firing frequency (per token)",
+        yaxis_title="latents",
+    )
     return fig
 
 
@@ -602,15 +713,24 @@ def feature_effects_figure(run_dir: str | os.PathLike, sae_id: str, *, top: int 
     ci = np.array([[_num(x) for x in (r.get("d_ci") or [None, None])] for r in rows]).reshape(-1, 2)
     labels = [f"#{r['feature']}: {(r.get('explanation') or 'not explained')[:50]}" for r in rows]
     sig = [r.get("q_value") is not None and r["q_value"] < 0.05 for r in rows]
-    fig = go.Figure(go.Scatter(
-        x=d, y=labels, mode="markers", error_x=dict(type="data", symmetric=False, array=ci[:, 1] - d, arrayminus=d - ci[:, 0]),
-        marker=dict(size=9, color=PALETTE[1], symbol=["circle" if s else "circle-open" for s in sig]),
-        customdata=[[r.get("q_value"), r.get("mean_honest"), r.get("mean_deceptive")] for r in rows],
-        hovertemplate="%{y}<br>d %{x:.2f}<br>q %{customdata[0]:.3g}<br>mean honest %{customdata[1]:.3g}"
-                      "<br>mean deceptive %{customdata[2]:.3g}<extra></extra>"))  # fmt: skip
+    fig = go.Figure(
+        go.Scatter(
+            x=d,
+            y=labels,
+            mode="markers",
+            error_x=dict(type="data", symmetric=False, array=ci[:, 1] - d, arrayminus=d - ci[:, 0]),
+            marker=dict(size=9, color=PALETTE[1], symbol=["circle" if s else "circle-open" for s in sig]),
+            customdata=[[r.get("q_value"), r.get("mean_honest"), r.get("mean_deceptive")] for r in rows],
+            hovertemplate="%{y}<br>d %{x:.2f}<br>q %{customdata[0]:.3g}<br>mean honest %{customdata[1]:.3g}"
+            "<br>mean deceptive %{customdata[2]:.3g}<extra></extra>",
+        )
+    )
     fig.add_vline(x=0, line_dash="dot", line_color="grey")
-    fig.update_layout(title=f"{sae_id}: top features by effect size (95% CI; filled: q < 0.05)",
-                      xaxis_title="Cohen's d (deceptive - honest)", height=max(300, 28 * len(rows) + 120))  # fmt: skip
+    fig.update_layout(
+        title=f"{sae_id}: top features by effect size (95% CI; filled: q < 0.05)",
+        xaxis_title="Cohen's d (deceptive - honest)",
+        height=max(300, 28 * len(rows) + 120),
+    )
     return fig
 
 
@@ -628,8 +748,16 @@ def token_heatmap(
     text = [[""] * width for _ in range(n_rows)]
     for i, (tok, a) in enumerate(zip(tokens, activations, strict=True)):
         z[i // width][i % width], text[i // width][i % width] = float(a), tok.replace("\n", "⏎")
-    fig = go.Figure(go.Heatmap(z=z, text=text, texttemplate="%{text}", colorscale="Reds", zmin=0,
-                               hovertemplate="%{text}: %{z:.3f}<extra></extra>"))  # fmt: skip
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            text=text,
+            texttemplate="%{text}",
+            colorscale="Reds",
+            zmin=0,
+            hovertemplate="%{text}: %{z:.3f}<extra></extra>",
+        )
+    )
     fig.update_yaxes(autorange="reversed", showticklabels=False)
     fig.update_xaxes(showticklabels=False)
     fig.update_layout(title=title, height=120 + 40 * n_rows)
@@ -664,10 +792,17 @@ def steering_lines(rows: Sequence[dict[str, Any]]) -> dict[str, list[tuple[float
             name = f"L{r['layer']} {name}"
         points[name][float(r["strength"])].append(r["stats"])
     return {
-        name: [(s, float(np.mean([st["deceptive_rate"] for st in g])), min(_num(st["rate_ci"][0]) for st in g),
-                max(_num(st["rate_ci"][1]) for st in g)) for s, g in sorted(by_s.items())]
+        name: [
+            (
+                s,
+                float(np.mean([st["deceptive_rate"] for st in g])),
+                min(_num(st["rate_ci"][0]) for st in g),
+                max(_num(st["rate_ci"][1]) for st in g),
+            )
+            for s, g in sorted(by_s.items())
+        ]
         for name, by_s in points.items()
-    }  # fmt: skip
+    }
 
 
 def steering_figure(run_dir_or_rows: Any, *, backend: str = "plotly") -> Any:
@@ -677,8 +812,10 @@ def steering_figure(run_dir_or_rows: Any, *, backend: str = "plotly") -> Any:
         run_dir_or_rows if isinstance(run_dir_or_rows, list) else read_jsonl(steering_path(run_dir_or_rows))
     )
     if not rows:
-        raise MissingInput(f"no steering rows ({run_dir_or_rows if not isinstance(run_dir_or_rows, list) else 'empty list'}): "
-                           f"run {SOURCES['steering.jsonl']} first")  # fmt: skip
+        raise MissingInput(
+            f"no steering rows ({run_dir_or_rows if not isinstance(run_dir_or_rows, list) else 'empty list'}): "
+            f"run {SOURCES['steering.jsonl']} first"
+        )
     lines = steering_lines(rows)
     none = lines.pop("none", None)
     xlabel, title = "steering strength (x typical residual norm)", "Steering dose-response (95% CI)"
@@ -698,8 +835,14 @@ def steering_figure(run_dir_or_rows: Any, *, backend: str = "plotly") -> Any:
     fig = go.Figure()
     for i, (name, pts) in enumerate(lines.items()):
         s, y, lo, hi = (np.array(v) for v in zip(*pts, strict=True))
-        fig.add_scatter(x=s, y=y, mode="lines+markers", name=name, line_color=PALETTE[i % 8],
-                        error_y=dict(type="data", symmetric=False, array=hi - y, arrayminus=y - lo))  # fmt: skip
+        fig.add_scatter(
+            x=s,
+            y=y,
+            mode="lines+markers",
+            name=name,
+            line_color=PALETTE[i % 8],
+            error_y=dict(type="data", symmetric=False, array=hi - y, arrayminus=y - lo),
+        )
     if none:
         fig.add_hrect(y0=none[0][2], y1=none[0][3], fillcolor="grey", opacity=0.2, line_width=0)
         fig.add_hline(y=none[0][1], line_dash="dash", line_color="grey", annotation_text="no steering")
@@ -725,23 +868,40 @@ def control_comparison_figure(results: Sequence[dict[str, Any]], *, alpha: float
         rows = [o for o in results if o["control"] == control]
         d = np.array([100 * o["difference"] for o in rows])
         lo, hi = (np.array([100 * o["difference_ci"][k] for o in rows]) for k in (0, 1))
-        fig.add_scatter(x=d, y=[o["condition"] for o in rows], mode="markers", name=f"vs {control.replace('_', ' ')}",
-                        marker=dict(size=9, color=PALETTE[i % 8], symbol=["circle" if o["q_value"] < alpha else
-                        "circle-open" for o in rows]), error_x=dict(type="data", symmetric=False, array=hi - d,
-                        arrayminus=d - lo), customdata=[[o["q_value"]] for o in rows],
-                        hovertemplate="%{y}<br>%{x:+.0f} points<br>q %{customdata[0]:.2g}<extra></extra>")  # fmt: skip
+        fig.add_scatter(
+            x=d,
+            y=[o["condition"] for o in rows],
+            mode="markers",
+            name=f"vs {control.replace('_', ' ')}",
+            marker=dict(
+                size=9,
+                color=PALETTE[i % 8],
+                symbol=["circle" if o["q_value"] < alpha else "circle-open" for o in rows],
+            ),
+            error_x=dict(type="data", symmetric=False, array=hi - d, arrayminus=d - lo),
+            customdata=[[o["q_value"]] for o in rows],
+            hovertemplate="%{y}<br>%{x:+.0f} points<br>q %{customdata[0]:.2g}<extra></extra>",
+        )
     fig.add_vline(x=0, line_dash="dot", line_color="grey")
     fig.update_yaxes(categoryorder="array", categoryarray=conditions[::-1])
-    fig.update_layout(title=f"Steering vs controls: difference in deceptive rate (95% CI; filled: q < {alpha})",
-                      xaxis_title="difference in deceptive rate (points)", height=max(300, 30 * len(conditions) + 140))  # fmt: skip
+    fig.update_layout(
+        title=f"Steering vs controls: difference in deceptive rate (95% CI; filled: q < {alpha})",
+        xaxis_title="difference in deceptive rate (points)",
+        height=max(300, 30 * len(conditions) + 140),
+    )
     return fig
 
 
 def save_all(run_dir: str | os.PathLike) -> dict[str, list[Path]]:
     """Draw and save every figure whose inputs exist (key ones also as .png); print what is missing."""
-    makers: dict[str, Any] = {"probes": probe_figure, "transfer": transfer_figure, "layer_sweep": layer_sweep_figure,
-                              "sae_leaderboard": leaderboard_figure, "firing_density": firing_density_figure,
-                              "steering": steering_figure}  # fmt: skip
+    makers: dict[str, Any] = {
+        "probes": probe_figure,
+        "transfer": transfer_figure,
+        "layer_sweep": layer_sweep_figure,
+        "sae_leaderboard": leaderboard_figure,
+        "firing_density": firing_density_figure,
+        "steering": steering_figure,
+    }
     for path in sorted(Path(run_dir).glob("features/*.jsonl")):
         makers[f"features_{path.stem}"] = lambda rd, sid=path.stem: feature_effects_figure(rd, sid)
     saved: dict[str, list[Path]] = {}

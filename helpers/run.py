@@ -507,9 +507,15 @@ def check_stage_settings(
     record = {"hash": new_hash, "values": jsonable(settings), "package_version": __version__, "at": _now()}
     _append_history(
         run_dir,
-        {"stage": stage, "settings": decision, "settings_hash": new_hash, "previous_hash": (before or {}).get("hash"),
-         "package_version": __version__, "at": record["at"]},
-    )  # fmt: skip
+        {
+            "stage": stage,
+            "settings": decision,
+            "settings_hash": new_hash,
+            "previous_hash": (before or {}).get("hash"),
+            "package_version": __version__,
+            "at": record["at"],
+        },
+    )
     update_run_json(run_dir, **{SETTINGS: {stage: record}})
     return decision
 

@@ -125,12 +125,16 @@ def label_permutations(
 def permutation_scheme(units: dict[str, int]) -> str:
     """The words for what `label_permutations` moved."""
     parts = [
-        f"{units['one_label_groups']} one-label groups' labels across groups" if units["one_label_groups"] else "",
+        f"{units['one_label_groups']} one-label groups' labels across groups"
+        if units["one_label_groups"]
+        else "",
         f"{units['one_label_prompts_within_groups']} prompts' labels within their groups"
-        if units["one_label_prompts_within_groups"] else "",
+        if units["one_label_prompts_within_groups"]
+        else "",
         f"completion labels within {units['two_label_prompts']} two-label prompts"
-        if units["two_label_prompts"] else "",
-    ]  # fmt: skip
+        if units["two_label_prompts"]
+        else "",
+    ]
     parts = [p for p in parts if p]
     return "permuted: " + "; ".join(parts) if parts else "nothing to permute (one label unit)"
 

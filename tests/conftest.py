@@ -121,9 +121,16 @@ def tiny_chat_llama(tokenizer):
     import transformers as tf
 
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                         max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    cfg = tf.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     model = tf.LlamaForCausalLM(cfg).eval().requires_grad_(False)
     info = SimpleNamespace(spec="tiny-llama", d_model=32, n_layers=3)
     return SimpleNamespace(model=model, tokenizer=tokenizer, info=info)

@@ -110,8 +110,17 @@ def main(run_dir: Path, fault: str) -> None:
     datasets = load_datasets(
         [{"data": "builtin:contrast", "role": "train", "label_by": "instruction", "limit": 12}]
     )
-    settings = collection_settings(lm.info.spec, datasets, [LAYER], n_per_prompt=2, temperature=1.0, top_p=1.0,
-                                   max_new_tokens=8, seed=0, include_prompt=False)  # fmt: skip
+    settings = collection_settings(
+        lm.info.spec,
+        datasets,
+        [LAYER],
+        n_per_prompt=2,
+        temperature=1.0,
+        top_p=1.0,
+        max_new_tokens=8,
+        seed=0,
+        include_prompt=False,
+    )
     check_collection(run_dir, settings)
     write_datasets(run_dir, datasets)
     prompts = [p for d in datasets for p in d.prompts]
@@ -120,12 +129,21 @@ def main(run_dir: Path, fault: str) -> None:
     collect_activations(lm, records, [LAYER], run_dir, batch_size=8, shard_tokens=96, sweep_layers=None)
 
     CURRENT[0] = "corpus"
-    corpus_mod.collect_corpus(lm, corpus_mod.BUILTIN_CORPUS, [LAYER], run_dir, max_tokens=768, seq_len=64,
-                              batch_size=4, shard_tokens=192)  # fmt: skip
+    corpus_mod.collect_corpus(
+        lm,
+        corpus_mod.BUILTIN_CORPUS,
+        [LAYER],
+        run_dir,
+        max_tokens=768,
+        seq_len=64,
+        batch_size=4,
+        shard_tokens=192,
+    )
 
     CURRENT[0] = "train"
-    cfg = TrainConfig(expansion=1, l0=8, train_tokens=768, batch_size=32, checkpoint_every=5, seed=0,
-                      init_tokens=256)  # fmt: skip
+    cfg = TrainConfig(
+        expansion=1, l0=8, train_tokens=768, batch_size=32, checkpoint_every=5, seed=0, init_tokens=256
+    )
     train_grid(run_dir, [LAYER], ["topk"], ["mixed", "corpus"], cfg, min_completions=4, min_tokens=32)
 
     CURRENT[0] = "explore"

@@ -38,8 +38,14 @@ class World:
     direction: np.ndarray | None = None  # the planted direction, when there is one
 
 
-def labels_and_ids(rng: np.random.Generator, design: str, n_groups: int, n_prompts: int, n_samples: int,
-                   deceptive_share: float = 0.5):  # fmt: skip
+def labels_and_ids(
+    rng: np.random.Generator,
+    design: str,
+    n_groups: int,
+    n_prompts: int,
+    n_samples: int,
+    deceptive_share: float = 0.5,
+):
     """(y, prompt index, group index) of one world's rows."""
     if design == "contrast":
         n_prompts = 2
@@ -135,8 +141,9 @@ def current() -> SimpleNamespace:
     from helpers.steer import experiments
 
     def probe(X, y, groups, prompts, *, n_permutations, n_bootstrap, seed):
-        r = probes.probe(X, y, groups, prompts=prompts, n_permutations=n_permutations, n_bootstrap=n_bootstrap,
-                         seed=seed)  # fmt: skip
+        r = probes.probe(
+            X, y, groups, prompts=prompts, n_permutations=n_permutations, n_bootstrap=n_bootstrap, seed=seed
+        )
         return r.p_value, r.ba_ci, r.auroc_ci, r
 
     def compare(a, b):
@@ -144,8 +151,9 @@ def current() -> SimpleNamespace:
         return c["p_value"], c["ba_difference_ci"], c["auroc_difference_ci"]
 
     def feature_tests(acts, y, groups, prompts, *, k, n_permutations, seed):
-        rows = features.select_and_report(acts, y, groups, prompts=prompts, k=k, n_permutations=n_permutations,
-                                          seed=seed)  # fmt: skip
+        rows = features.select_and_report(
+            acts, y, groups, prompts=prompts, k=k, n_permutations=n_permutations, seed=seed
+        )
         return [(r["p_value"], r["q_value"], r["d_ci"]) for r in rows], []
 
     def d_cis(acts, y, groups):
@@ -160,25 +168,43 @@ def current() -> SimpleNamespace:
     def reserved(records, seed):
         return set(analysis_split(records, seed=seed)[1])
 
-    return SimpleNamespace(name="current", probe=probe, compare=compare, feature_tests=feature_tests,
-                           d_cis=d_cis, steering=steering, rate_ci=rate_ci, reserved=reserved,
-                           fuzzing_windows=scoring.fuzzing_windows, window_record=window_record,
-                           FeatureContexts=FeatureContexts)  # fmt: skip
+    return SimpleNamespace(
+        name="current",
+        probe=probe,
+        compare=compare,
+        feature_tests=feature_tests,
+        d_cis=d_cis,
+        steering=steering,
+        rate_ci=rate_ci,
+        reserved=reserved,
+        fuzzing_windows=scoring.fuzzing_windows,
+        window_record=window_record,
+        FeatureContexts=FeatureContexts,
+    )
 
 
 # --- experiments: each runs n worlds and returns rates ----------------------------------------------
 PROBE_SIZE = dict(n_groups=24, n_prompts=3, n_samples=3, d=8)
 
 
-def probe_calibration(impl, design: str, n_worlds: int, *, seed: int = 0, n_permutations: int = 19,
-                      n_bootstrap: int = 40, size: dict | None = None) -> dict:  # fmt: skip
+def probe_calibration(
+    impl,
+    design: str,
+    n_worlds: int,
+    *,
+    seed: int = 0,
+    n_permutations: int = 19,
+    n_bootstrap: int = 40,
+    size: dict | None = None,
+) -> dict:
     """Permutation p-value false-positive rates (at 0.05 and 0.10) and null coverage of the CIs of
     balanced accuracy and AUROC, over null worlds of `design`."""
     rej05, rej10, cov_ba, cov_auc = [], [], [], []
     for w in range(n_worlds):
         W = dense_world(np.random.default_rng([seed, 1, w]), design, **(size or PROBE_SIZE))
-        p, ba_ci, auc_ci, _ = impl.probe(W.X, W.y, W.groups, W.prompts, n_permutations=n_permutations,
-                                         n_bootstrap=n_bootstrap, seed=w)  # fmt: skip
+        p, ba_ci, auc_ci, _ = impl.probe(
+            W.X, W.y, W.groups, W.prompts, n_permutations=n_permutations, n_bootstrap=n_bootstrap, seed=w
+        )
         rej05.append(p <= 0.05 + 1e-9)
         rej10.append(p <= 0.10 + 1e-9)
         if n_bootstrap:
@@ -197,8 +223,9 @@ def probe_calibration(impl, design: str, n_worlds: int, *, seed: int = 0, n_perm
     return out
 
 
-def paired_calibration(impl, design: str, n_worlds: int, *, seed: int = 0, n_bootstrap: int = 0,
-                       size: dict | None = None) -> dict:  # fmt: skip
+def paired_calibration(
+    impl, design: str, n_worlds: int, *, seed: int = 0, n_bootstrap: int = 0, size: dict | None = None
+) -> dict:
     """Raw-vs-SAE style comparisons of two probes that are both null on the same rows: the paired
     test's false-positive rate and (with `n_bootstrap`) the null coverage of the difference CIs."""
     rej, cov_ba, cov_auc = [], [], []
@@ -228,8 +255,16 @@ def paired_calibration(impl, design: str, n_worlds: int, *, seed: int = 0, n_boo
 FEATURE_SIZE = dict(n_groups=40, n_prompts=4, n_samples=4, d=200)
 
 
-def feature_calibration(impl, design: str, n_worlds: int, *, seed: int = 0, k: int = 20,
-                        n_permutations: int = 99, size: dict | None = None) -> dict:  # fmt: skip
+def feature_calibration(
+    impl,
+    design: str,
+    n_worlds: int,
+    *,
+    seed: int = 0,
+    k: int = 20,
+    n_permutations: int = 99,
+    size: dict | None = None,
+) -> dict:
     """Held-out tests of the k chosen features in null worlds: the share of chosen features at p <=
     0.05, the share of worlds with any q <= 0.05 (family-wise error over the k) and the CI of d's null
     coverage; `all_feature_q_0.01` counts null features per world at q < 0.01 where an implementation
@@ -245,15 +280,20 @@ def feature_calibration(impl, design: str, n_worlds: int, *, seed: int = 0, k: i
         cov += [lo <= 0 <= hi for _, _, (lo, hi) in rows if lo == lo]
         if len(q_all):
             all_q.append(int(np.sum(np.asarray(q_all) < 0.01)))
-    out = {"n_worlds": n_worlds, "chosen_features_at_p_0.05": float(np.mean(rej)),
-           "worlds_with_any_q_0.05": float(np.mean(any_q)), "d_ci_coverage": float(np.mean(cov))}  # fmt: skip
+    out = {
+        "n_worlds": n_worlds,
+        "chosen_features_at_p_0.05": float(np.mean(rej)),
+        "worlds_with_any_q_0.05": float(np.mean(any_q)),
+        "d_ci_coverage": float(np.mean(cov)),
+    }
     if all_q:
         out["null_features_at_all_feature_q_0.01_per_world"] = float(np.mean(all_q))
     return out
 
 
-def d_ci_calibration(impl, design: str, n_worlds: int, *, seed: int = 0, world: str = "sparse",
-                     size: dict | None = None) -> dict:  # fmt: skip
+def d_ci_calibration(
+    impl, design: str, n_worlds: int, *, seed: int = 0, world: str = "sparse", size: dict | None = None
+) -> dict:
     """Null coverage of the CI of Cohen's d (`features.feature_stats`) over every feature of null worlds
     (`world`: "sparse" or "dense", `size` its keywords), pooled; `se`: its Monte-Carlo SE from the
     spread of the per-world coverage (features of one world share its labels)."""
@@ -264,8 +304,11 @@ def d_ci_calibration(impl, design: str, n_worlds: int, *, seed: int = 0, world: 
         cov = [lo <= 0 <= hi for lo, hi in impl.d_cis(W.X, W.y, W.groups) if lo == lo]
         if cov:
             per_world.append(np.mean(cov))
-    return {"n_worlds": n_worlds, "d_ci_coverage": float(np.mean(per_world)),
-            "se": float(np.std(per_world, ddof=1) / np.sqrt(len(per_world)))}  # fmt: skip
+    return {
+        "n_worlds": n_worlds,
+        "d_ci_coverage": float(np.mean(per_world)),
+        "se": float(np.std(per_world, ddof=1) / np.sqrt(len(per_world))),
+    }
 
 
 def steering_rows(rng: np.random.Generator, n_scenarios: int, prompts_per_scenario: int, n_per_prompt: int):
@@ -282,19 +325,47 @@ def steering_rows(rng: np.random.Generator, n_scenarios: int, prompts_per_scenar
             for q in range(prompts_per_scenario):
                 rate = base[s] + jitter[s, q] + shift * effect[s]
                 for _ in range(n_per_prompt):
-                    samples.append({"prompt_id": f"s{s}/q{q}", "group": f"s{s}", "label": "deceptive"
-                                    if rng.random() < rate else "honest", "nll": 1.0, "n_tokens": 1,
-                                    "label_source": "rules"})  # fmt: skip
+                    samples.append(
+                        {
+                            "prompt_id": f"s{s}/q{q}",
+                            "group": f"s{s}",
+                            "label": "deceptive" if rng.random() < rate else "honest",
+                            "nll": 1.0,
+                            "n_tokens": 1,
+                            "label_source": "rules",
+                        }
+                    )
         n_dec = sum(x["label"] == "deceptive" for x in samples)
-        rows.append({"name": name, "kind": kind, "layer": 1, "strength": 0.0 if kind == "none" else 1.0,
-                     "feature": 1, "sampling": {"seed": 0, "n_per_prompt": n_per_prompt}, "samples": samples,
-                     "stats": {"n_deceptive": n_dec, "n": len(samples), "perplexity": 2.0, "n_prompts": 0,
-                               "label_sources": {"rules": len(samples)}}})  # fmt: skip
+        rows.append(
+            {
+                "name": name,
+                "kind": kind,
+                "layer": 1,
+                "strength": 0.0 if kind == "none" else 1.0,
+                "feature": 1,
+                "sampling": {"seed": 0, "n_per_prompt": n_per_prompt},
+                "samples": samples,
+                "stats": {
+                    "n_deceptive": n_dec,
+                    "n": len(samples),
+                    "perplexity": 2.0,
+                    "n_prompts": 0,
+                    "label_sources": {"rules": len(samples)},
+                },
+            }
+        )
     return rows
 
 
-def steering_calibration(impl, n_worlds: int, *, seed: int = 0, n_scenarios: int = 10,
-                         prompts_per_scenario: int = 3, n_per_prompt: int = 4) -> dict:  # fmt: skip
+def steering_calibration(
+    impl,
+    n_worlds: int,
+    *,
+    seed: int = 0,
+    n_scenarios: int = 10,
+    prompts_per_scenario: int = 3,
+    n_per_prompt: int = 4,
+) -> dict:
     """The steering test against no steering in null worlds whose effect varies by scenario: its
     false-positive rate, the null coverage of the difference CI and of the no-steering rate's CI."""
     rej, cov_diff, cov_rate = [], [], []
@@ -307,12 +378,23 @@ def steering_calibration(impl, n_worlds: int, *, seed: int = 0, n_scenarios: int
         cov_diff.append(lo <= 0 <= hi)
         rlo, rhi = impl.rate_ci(rows[0]["samples"])
         cov_rate.append(rlo <= 0.5 <= rhi)
-    return {"n_worlds": n_worlds, "false_positive_rate_0.05": float(np.mean(rej)),
-            "difference_ci_coverage": float(np.mean(cov_diff)), "rate_ci_coverage": float(np.mean(cov_rate))}  # fmt: skip
+    return {
+        "n_worlds": n_worlds,
+        "false_positive_rate_0.05": float(np.mean(rej)),
+        "difference_ci_coverage": float(np.mean(cov_diff)),
+        "rate_ci_coverage": float(np.mean(cov_rate)),
+    }
 
 
-def rare_steering_rows(rng: np.random.Generator, rate: float, steered_rate: float, *, n_scenarios: int = 10,
-                       n_per_prompt: int = 4, icc: float = 0.2):  # fmt: skip
+def rare_steering_rows(
+    rng: np.random.Generator,
+    rate: float,
+    steered_rate: float,
+    *,
+    n_scenarios: int = 10,
+    n_per_prompt: int = 4,
+    icc: float = 0.2,
+):
     """A no-steering row and a steered row where deception is rare (the README run's regime): one prompt
     per scenario, scenario rates Beta-distributed with mean `rate` (no steering) or `steered_rate`
     (steered) and intra-scenario correlation `icc`, coupled through one quantile per scenario (a scenario
@@ -324,18 +406,41 @@ def rare_steering_rows(rng: np.random.Generator, rate: float, steered_rate: floa
     rows = []
     for name, kind, mean in (("none", "none", rate), ("f", "feature", steered_rate)):
         scenario_rate = stats.beta.ppf(u, mean * (1 - icc) / icc, (1 - mean) * (1 - icc) / icc)
-        samples = [{"prompt_id": f"s{s}/q0", "group": f"s{s}", "nll": 1.0, "n_tokens": 1, "label_source": "rules",
-                    "label": "deceptive" if draws[s, k] < scenario_rate[s] else "honest"}
-                   for s in range(n_scenarios) for k in range(n_per_prompt)]  # fmt: skip
-        rows.append({"name": name, "kind": kind, "layer": 1, "strength": 0.0 if kind == "none" else 1.0,
-                     "feature": 1, "sampling": {"seed": 0, "n_per_prompt": n_per_prompt}, "samples": samples,
-                     "stats": {"n": len(samples), "perplexity": 2.0, "n_prompts": n_scenarios,
-                               "label_sources": {"rules": len(samples)}}})  # fmt: skip
+        samples = [
+            {
+                "prompt_id": f"s{s}/q0",
+                "group": f"s{s}",
+                "nll": 1.0,
+                "n_tokens": 1,
+                "label_source": "rules",
+                "label": "deceptive" if draws[s, k] < scenario_rate[s] else "honest",
+            }
+            for s in range(n_scenarios)
+            for k in range(n_per_prompt)
+        ]
+        rows.append(
+            {
+                "name": name,
+                "kind": kind,
+                "layer": 1,
+                "strength": 0.0 if kind == "none" else 1.0,
+                "feature": 1,
+                "sampling": {"seed": 0, "n_per_prompt": n_per_prompt},
+                "samples": samples,
+                "stats": {
+                    "n": len(samples),
+                    "perplexity": 2.0,
+                    "n_prompts": n_scenarios,
+                    "label_sources": {"rules": len(samples)},
+                },
+            }
+        )
     return rows
 
 
-def rare_steering_calibration(impl, n_worlds: int, rate: float, steered_rate: float, *, seed: int = 0,
-                              icc: float = 0.2) -> dict:  # fmt: skip
+def rare_steering_calibration(
+    impl, n_worlds: int, rate: float, steered_rate: float, *, seed: int = 0, icc: float = 0.2
+) -> dict:
     """Coverage of the no-steering rate's CI and of the difference CI (steered minus none) in worlds of
     `rare_steering_rows`, and how often the rate CI is [0, 0]."""
     cov_rate, cov_diff, zero = [], [], []
@@ -346,9 +451,15 @@ def rare_steering_calibration(impl, n_worlds: int, rate: float, steered_rate: fl
         zero.append(rhi == 0)
         (_, (lo, hi)), *_ = impl.steering(rows)
         cov_diff.append(lo <= steered_rate - rate <= hi)
-    return {"n_worlds": n_worlds, "rate": rate, "steered_rate": steered_rate, "icc": icc,
-            "rate_ci_coverage": float(np.mean(cov_rate)), "difference_ci_coverage": float(np.mean(cov_diff)),
-            "rate_ci_is_0_0": float(np.mean(zero))}  # fmt: skip
+    return {
+        "n_worlds": n_worlds,
+        "rate": rate,
+        "steered_rate": steered_rate,
+        "icc": icc,
+        "rate_ci_coverage": float(np.mean(cov_rate)),
+        "difference_ci_coverage": float(np.mean(cov_diff)),
+        "rate_ci_is_0_0": float(np.mean(zero)),
+    }
 
 
 def lm_loss_calibration(n_worlds: int, *, seed: int = 0, n_groups: int = 24) -> dict:
@@ -379,8 +490,18 @@ def synthetic_feature_windows(impl, rng: np.random.Generator, feature: int, n_wi
             q = int(rng.integers(0, 20))
             acts[q : q + int(rng.integers(1, 3))] = 1.0
         tokens = [f" w{int(rng.integers(1000))}" for _ in range(32)]
-        score.append(impl.window_record(tokens, acts, 24, kind="activating", completion_id=f"a{i}", label=None,
-                                        window_start=0, quantile=0))  # fmt: skip
+        score.append(
+            impl.window_record(
+                tokens,
+                acts,
+                24,
+                kind="activating",
+                completion_id=f"a{i}",
+                label=None,
+                window_start=0,
+                quantile=0,
+            )
+        )
     return impl.FeatureContexts(feature, 1000, 50, 3.0, list(np.linspace(0.1, 3, 11)), [], score)
 
 
@@ -399,9 +520,12 @@ def fuzzing_calibration(impl, n_features: int, *, seed: int = 0) -> dict:
             before.append(len(w["text"].split("<<")[0].split()))
             tail.append(-len(w["text"].rsplit(">>", 1)[1].split()))
     t = np.asarray(truth)
-    return {"n_windows": int(len(t)), "reader_auroc_span_count": float(roc_auc_score(t, spans)),
-            "reader_auroc_position_of_first_mark": float(roc_auc_score(t, before)),
-            "reader_auroc_text_after_last_mark": float(roc_auc_score(t, tail))}  # fmt: skip
+    return {
+        "n_windows": int(len(t)),
+        "reader_auroc_span_count": float(roc_auc_score(t, spans)),
+        "reader_auroc_position_of_first_mark": float(roc_auc_score(t, before)),
+        "reader_auroc_text_after_last_mark": float(roc_auc_score(t, tail)),
+    }
 
 
 def memorising_dictionary(X: np.ndarray, atoms: np.ndarray) -> np.ndarray:
@@ -437,9 +561,14 @@ def conditioned_sae_calibration(impl, n_worlds: int, *, seed: int = 0) -> dict:
         dec = memorising_dictionary(W.X, W.X[train & (W.y == 1)])
         mixed = memorising_dictionary(W.X, W.X[train])
         kw = dict(n_permutations=0, n_bootstrap=0, seed=w)
-        ba = [impl.probe(F[test], W.y[test], W.groups[test], W.prompts[test], **kw)[3].balanced_accuracy
-              for F in (dec, mixed)]  # fmt: skip
+        ba = [
+            impl.probe(F[test], W.y[test], W.groups[test], W.prompts[test], **kw)[3].balanced_accuracy
+            for F in (dec, mixed)
+        ]
         diffs.append(ba[0] - ba[1])
     d = np.asarray(diffs)
-    return {"n_worlds": n_worlds, "mean_ba_conditioned_minus_mixed": float(d.mean()),
-            "se": float(d.std(ddof=1) / np.sqrt(len(d)))}  # fmt: skip
+    return {
+        "n_worlds": n_worlds,
+        "mean_ba_conditioned_minus_mixed": float(d.mean()),
+        "se": float(d.std(ddof=1) / np.sqrt(len(d))),
+    }

@@ -116,8 +116,10 @@ def test_02_writes_labelled_completions_and_activations(smoke_run):
     records = read_completions(smoke_run)
     entries = read_datasets(smoke_run)
     assert [(e["name"], e["role"], e["label_by"], e["n_prompts"]) for e in entries] == [
-        ("contrast", "train", "instruction", 16), ("scenarios", "eval", "judge", 3), ("benign", "control", "none", 3)
-    ]  # fmt: skip
+        ("contrast", "train", "instruction", 16),
+        ("scenarios", "eval", "judge", 3),
+        ("benign", "control", "none", 3),
+    ]
     by_set = {e["name"]: [r for r in records if r["dataset"] == e["name"]] for e in entries}
     assert len(records) == sum(map(len, by_set.values())) == (16 + 3 + 3) * 2
     assert {r["policy"] for r in records} == {"on-policy"}
@@ -291,8 +293,11 @@ def test_01_to_05_run_on_a_tiny_2026_layout_nanochat_checkpoint(tmp_path, monkey
     run = json.loads((run_dir / "run.json").read_text())
     model = run["model"]
     assert (model["spec"], model["source"], model["layout"], model["family"]) == (
-        str(native), "nanochat-native", "2026-03-14", "nanochat",
-    )  # fmt: skip
+        str(native),
+        "nanochat-native",
+        "2026-03-14",
+        "nanochat",
+    )
     shape = (model["n_layers"], model["d_model"], model["dtype"], model["chat_format"])
     assert shape == (8, 64, "float32", "nanochat")
     assert all(run["stages"][p.stem]["status"] == "done" for p in [first, *rest])

@@ -26,9 +26,16 @@ from scripts.run_notebooks import NOTEBOOK_DIR, run_notebook
 pytestmark = pytest.mark.notebook
 
 BASE_02 = dict(
-    DATA="builtin:contrast", LABEL_BY="instruction", N_PROMPTS=16, N_PER_PROMPT=2, MAX_NEW_TOKENS=8,
-    BATCH_SIZE=16, LAYERS=[3], CORPUS_TOKENS=0, USE_GEMINI=False,
-)  # fmt: skip
+    DATA="builtin:contrast",
+    LABEL_BY="instruction",
+    N_PROMPTS=16,
+    N_PER_PROMPT=2,
+    MAX_NEW_TOKENS=8,
+    BATCH_SIZE=16,
+    LAYERS=[3],
+    CORPUS_TOKENS=0,
+    USE_GEMINI=False,
+)
 """Notebook 02 as a small study: 8 contrast facts (both labels, so notebook 03 trains), one layer, no
 corpus. Run outside smoke mode so that every injected value counts (the smoke cell would replace DATA)."""
 GRID_03 = {"ARCHITECTURES": ["topk"], "CONDITIONS": ["mixed"]}

@@ -182,11 +182,23 @@ def autointerp(
     controls = list(controls) if baseline else []
     expl = _explain(asker, [*contexts, *controls], features_per_request, max_followups)
     texts = {f: e["explanation"] for f, e in expl.items()}
-    scores = score_with(asker, contexts, texts, features_per_request=features_per_request, baseline=baseline,
-                        fuzzing=fuzzing, seed=seed, max_followups=max_followups,
-                        controls=[c.feature for c in controls])  # fmt: skip
+    scores = score_with(
+        asker,
+        contexts,
+        texts,
+        features_per_request=features_per_request,
+        baseline=baseline,
+        fuzzing=fuzzing,
+        seed=seed,
+        max_followups=max_followups,
+        controls=[c.feature for c in controls],
+    )
     return {
-        c.feature: {"feature": c.feature, **expl[c.feature], **scores[c.feature],
-                    "baseline_explanation": texts.get(scores[c.feature]["baseline_explanation_of"])}
+        c.feature: {
+            "feature": c.feature,
+            **expl[c.feature],
+            **scores[c.feature],
+            "baseline_explanation": texts.get(scores[c.feature]["baseline_explanation_of"]),
+        }
         for c in contexts
-    }  # fmt: skip
+    }

@@ -258,8 +258,16 @@ def build_contexts(
             if d not in pieces:
                 pieces[d] = token_pieces(tokenizer, docs[d].record["completion_token_ids"])
             rec = docs[d].record
-            ex = window_record(pieces[d][lo:hi], window_acts(d, lo, hi), pos - lo, kind=kind, completion_id=rec["id"],
-                               label=rec.get("label"), window_start=docs[d].n_prompt + lo, quantile=b)  # fmt: skip
+            ex = window_record(
+                pieces[d][lo:hi],
+                window_acts(d, lo, hi),
+                pos - lo,
+                kind=kind,
+                completion_id=rec["id"],
+                label=rec.get("label"),
+                window_start=docs[d].n_prompt + lo,
+                quantile=b,
+            )
             (out[f].explain if s == 0 else out[f].score).append(ex)
     return out
 

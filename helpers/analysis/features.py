@@ -236,8 +236,9 @@ def _class_sums(Y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return Y @ x, Y @ x**2
     xx = logistic.to_device(np.concatenate([x, x**2], axis=1), dev)
     block = max(1, logistic.MEMORY_BUDGET // (8 * (Y.shape[1] + xx.shape[1])))
-    out = np.concatenate([logistic.to_numpy(logistic.to_device(Y[i : i + block], dev) @ xx)
-                          for i in range(0, len(Y), block)])  # fmt: skip
+    out = np.concatenate(
+        [logistic.to_numpy(logistic.to_device(Y[i : i + block], dev) @ xx) for i in range(0, len(Y), block)]
+    )
     return out[:, : x.shape[1]], out[:, x.shape[1] :]
 
 
@@ -256,10 +257,14 @@ def top_features(
     chosen = np.argsort(-np.nan_to_num(np.abs(d_sel), nan=-1.0), kind="stable")[:k]
     held = {r["feature"]: r for r in heldout_stats}
     return [
-        {**held[select_stats[i]["feature"]], "rank": r + 1, "select_cohens_d": float(d_sel[i]),
-         "direction": "deceptive higher" if d_sel[i] >= 0 else "deceptive lower"}
+        {
+            **held[select_stats[i]["feature"]],
+            "rank": r + 1,
+            "select_cohens_d": float(d_sel[i]),
+            "direction": "deceptive higher" if d_sel[i] >= 0 else "deceptive lower",
+        }
         for r, i in enumerate(chosen)
-    ]  # fmt: skip
+    ]
 
 
 def select_and_report(
@@ -283,9 +288,15 @@ def select_and_report(
     report = feature_stats(acts[held], y[held], groups=groups[held])
     rows = top_features(chosen, report, k)
     cols = [r["feature"] for r in rows]
-    p, scheme = heldout_tests(acts[held][:, cols], y[held], [r["select_cohens_d"] for r in rows],
-                              groups=groups[held], prompts=prompts[held], n_permutations=n_permutations,
-                              seed=seed)  # fmt: skip
+    p, scheme = heldout_tests(
+        acts[held][:, cols],
+        y[held],
+        [r["select_cohens_d"] for r in rows],
+        groups=groups[held],
+        prompts=prompts[held],
+        n_permutations=n_permutations,
+        seed=seed,
+    )
     test = f"one-sided permutation test of held-out d in the chosen direction ({scheme}); q: BH over the top {len(rows)}"
     for row, pv, q in zip(rows, p, bh_qvalues(p), strict=True):
         row.update(p_value=float(pv), q_value=float(q), test=test, n_permutations=n_permutations)

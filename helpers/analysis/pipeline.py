@@ -139,14 +139,19 @@ def reserved_rows(
     SAEs' metadata) and a description for the output, or (None, "all rows") when no SAE records one.
     SAEs that record different splits cannot be compared on one set of rows: an error. A
     label-conditioned SAE trained before the split existed is announced: it saw the rows it is tested on."""
-    splits = {json.dumps(m["analysis_split"], sort_keys=True)
-              for s in saes if (m := s.cfg.get("metadata") or {}).get("analysis_split")}  # fmt: skip
+    splits = {
+        json.dumps(m["analysis_split"], sort_keys=True)
+        for s in saes
+        if (m := s.cfg.get("metadata") or {}).get("analysis_split")
+    }
     for s in saes:
         meta = s.cfg.get("metadata") or {}
         if not meta.get("analysis_split") and meta.get("condition") in ("deceptive_only", "honest_only"):
-            print(f"WARNING: {sae_id_of(s)} was trained before notebook 03 reserved analysis rows: it trained on "
-                  "rows chosen by their label, so its probe and features are tested on rows it saw and its "
-                  "numbers are inflated. Retrain it with notebook 03 (delete its folder) before comparing it.")  # fmt: skip
+            print(
+                f"WARNING: {sae_id_of(s)} was trained before notebook 03 reserved analysis rows: it trained on "
+                "rows chosen by their label, so its probe and features are tested on rows it saw and its "
+                "numbers are inflated. Retrain it with notebook 03 (delete its folder) before comparing it."
+            )
     if len(splits) > 1:
         raise ValueError(
             f"these SAEs reserved different analysis splits ({sorted(splits)}): retrain them with one notebook 03 "
@@ -383,15 +388,22 @@ def probe_table(
         tr = lr.train
         y, groups, prompts = _probe_rows_ids(lr, tr)
         train_sets = [s.name for s in lr.sets if s.role == "train"]
-        used = {**used, "datasets": train_sets, "n": len(tr), "n_groups": len(set(groups)),
-                "n_prompts": len(set(prompts))}  # fmt: skip
+        used = {
+            **used,
+            "datasets": train_sets,
+            "n": len(tr),
+            "n_groups": len(set(groups)),
+            "n_prompts": len(set(prompts)),
+        }
         print(f"layer {layer}: {used['rows']}: {used['n']} training completions, {used['n_groups']} groups")
         ids, mean, last = load_pooled(run_dir, layer)
         where = {cid: i for i, cid in enumerate(ids)}
         missing = [d.id for d in lr.docs if d.id not in where]
         if missing:
-            raise ValueError(f"{len(missing)} completions (e.g. {missing[0]!r}) are stored but not pooled at "
-                             f"layer {layer}: rerun collect_activations to finish the pooled file")  # fmt: skip
+            raise ValueError(
+                f"{len(missing)} completions (e.g. {missing[0]!r}) are stored but not pooled at "
+                f"layer {layer}: rerun collect_activations to finish the pooled file"
+            )
         order = [where[d.id] for d in lr.docs]
         X_all = (mean if pooling == "mean" else last)[order].numpy().astype(np.float64)
         per_layer[layer] = (lr, X_all)
@@ -403,8 +415,9 @@ def probe_table(
             return {"layer": layer, "kind": kind, **extra}
 
         raw = probes.probe(X_all[tr], y, groups, prompts=prompts, name=f"raw L{layer}", **common)
-        rd = probes.random_direction_control(X_all[tr], y, groups, n_directions=n_directions, n_folds=n_folds,
-                                             seed=seed)  # fmt: skip
+        rd = probes.random_direction_control(
+            X_all[tr], y, groups, n_directions=n_directions, n_folds=n_folds, seed=seed
+        )
         rows.append(_row(layer, "raw", raw, pooling=pooling, random_direction=_random_summary(rd), rows=used))
         transfer += transfer_rows(fitted(X_all), lr.sets, reader("raw"), fpr=control_fpr)
         matrices[str(layer)] = transfer_matrix(X_all, lr.sets, n_folds=n_folds, seed=seed)
@@ -426,24 +439,47 @@ def probe_table(
         if isinstance(bow_cache[key], str):
             rows.append({"layer": layer, "kind": "bag_of_words", "why": bow_cache[key]})
         else:
-            rows.append(_row(layer, "bag_of_words", bow_cache[key], rows=used,
-                             vs_raw=probes.compare_paired(bow_cache[key], raw)))  # fmt: skip
+            rows.append(
+                _row(
+                    layer,
+                    "bag_of_words",
+                    bow_cache[key],
+                    rows=used,
+                    vs_raw=probes.compare_paired(bow_cache[key], raw),
+                )
+            )
             transfer += transfer_rows(
                 lambda t_idx, y_t, targets, words=all_texts: bag_of_words_scores(words, t_idx, y_t, targets),
-                lr.sets, reader("bag_of_words"), fpr=control_fpr,
-            )  # fmt: skip
+                lr.sets,
+                reader("bag_of_words"),
+                fpr=control_fpr,
+            )
         prompt_vectors = load_pooled_prompt(run_dir, layer)
         if prompt_vectors is None:
-            rows.append({"layer": layer, "kind": "prompt_only", "why": "this run's pooled vectors predate prompt "
-                         "vectors: rerun notebook 02's collection step to add them"})  # fmt: skip
+            rows.append(
+                {
+                    "layer": layer,
+                    "kind": "prompt_only",
+                    "why": "this run's pooled vectors predate prompt "
+                    "vectors: rerun notebook 02's collection step to add them",
+                }
+            )
         else:
             p_where = {cid: i for i, cid in enumerate(prompt_vectors[0])}
             X_prompt = prompt_vectors[1][[p_where[d.id] for d in lr.docs]].numpy().astype(np.float64)
             res = probes.probe(
                 X_prompt[tr], y, groups, prompts=prompts, name=f"prompt-only L{layer}", **light
             )
-            rows.append(_row(layer, "prompt_only", res, vs_raw=probes.compare_paired(res, raw), rows=used,
-                             reads="the residual at the prompt's last token, before the answer"))  # fmt: skip
+            rows.append(
+                _row(
+                    layer,
+                    "prompt_only",
+                    res,
+                    vs_raw=probes.compare_paired(res, raw),
+                    rows=used,
+                    reads="the residual at the prompt's last token, before the answer",
+                )
+            )
             transfer += transfer_rows(fitted(X_prompt), lr.sets, reader("prompt_only"), fpr=control_fpr)
         sae_feats: dict[str, tuple[Any, probes.ProbeResult, float]] = {}
         for s in layer_saes:
@@ -452,24 +488,47 @@ def probe_table(
             Xs, l0 = _sae_features(store, s.sae, lr.docs, pooling, batch_tokens)
             res = probes.probe(Xs[tr], y, groups, prompts=prompts, name=sid, **common)
             sae_feats[sid] = (s, res, l0)
-            rd = probes.random_direction_control(Xs[tr], y, groups, n_directions=n_directions, n_folds=n_folds,
-                                                 seed=seed)  # fmt: skip
+            rd = probes.random_direction_control(
+                Xs[tr], y, groups, n_directions=n_directions, n_folds=n_folds, seed=seed
+            )
             meta = s.cfg.get("metadata") or {}
-            info = {"sae_id": sid, "architecture": s.cfg.get("architecture"), "condition": meta.get("condition"),
-                    "l0_probed_tokens": l0}  # fmt: skip
-            rows.append(_row(layer, "sae", res, **info, pooling=SAE_POOLING[pooling], random_direction=_random_summary(rd),
-                             vs_raw=probes.compare_paired(res, raw), rows=used))  # fmt: skip
+            info = {
+                "sae_id": sid,
+                "architecture": s.cfg.get("architecture"),
+                "condition": meta.get("condition"),
+                "l0_probed_tokens": l0,
+            }
+            rows.append(
+                _row(
+                    layer,
+                    "sae",
+                    res,
+                    **info,
+                    pooling=SAE_POOLING[pooling],
+                    random_direction=_random_summary(rd),
+                    vs_raw=probes.compare_paired(res, raw),
+                    rows=used,
+                )
+            )
             transfer += transfer_rows(fitted(Xs), lr.sets, reader("sae", **info), fpr=control_fpr)
             bar.update()
             calib = _calibration_tokens(store, lr.docs, calibration_tokens, seed)
             rand = random_sae_like(s.sae, calib, variant=random_variant, seed=seed)
             Xr, rand_l0 = _sae_features(store, rand, lr.docs, pooling, batch_tokens)
             rres = probes.probe(Xr[tr], y, groups, prompts=prompts, name=f"random {sid}", **light)
-            rinfo = {"sae_id": sid, "architecture": info["architecture"], "condition": info["condition"],
-                     "variant": random_variant, "variant_description": RANDOM_VARIANTS[random_variant],
-                     "l0_probed_tokens": rand_l0}  # fmt: skip
-            rows.append(_row(layer, "random_sae", rres, **rinfo, vs_trained=probes.compare_paired(res, rres),
-                             rows=used))  # fmt: skip
+            rinfo = {
+                "sae_id": sid,
+                "architecture": info["architecture"],
+                "condition": info["condition"],
+                "variant": random_variant,
+                "variant_description": RANDOM_VARIANTS[random_variant],
+                "l0_probed_tokens": rand_l0,
+            }
+            rows.append(
+                _row(
+                    layer, "random_sae", rres, **rinfo, vs_trained=probes.compare_paired(res, rres), rows=used
+                )
+            )
             transfer += transfer_rows(fitted(Xr), lr.sets, reader("random_sae", **rinfo), fpr=control_fpr)
             bar.update()
         pairs += _sae_pairs(store, sae_feats, lr, tr, pooling, batch_tokens, layer, light)
@@ -485,16 +544,31 @@ def probe_table(
             r["verdict"] = _verdict(r["vs_raw"])
     sweep = None
     if sweep_bootstrap is not None:
-        sweep = layer_sweep(run_dir, pooling=pooling, n_folds=n_folds, seed=seed, n_bootstrap=sweep_bootstrap,
-                            control_fpr=control_fpr)  # fmt: skip
+        sweep = layer_sweep(
+            run_dir,
+            pooling=pooling,
+            n_folds=n_folds,
+            seed=seed,
+            n_bootstrap=sweep_bootstrap,
+            control_fpr=control_fpr,
+        )
     for cmp, adjusted in zip(pairs, holm([c["p_value"] for c in pairs]), strict=True):
         cmp["p_holm"], cmp["multiplicity"] = float(adjusted), f"Holm over the {len(pairs)} SAE-vs-SAE tests"
     atomic_write_json(
         probes_path(run_dir),
-        {"pooling": pooling, "sae_features": SAE_POOLING[pooling], **common, "datasets": read_datasets(run_dir),
-         "control_fpr": control_fpr, "rows": rows, "transfer": transfer, "transfer_matrix": matrices,
-         "sae_vs_sae": pairs, "layer_sweep": sweep},
-    )  # fmt: skip
+        {
+            "pooling": pooling,
+            "sae_features": SAE_POOLING[pooling],
+            **common,
+            "datasets": read_datasets(run_dir),
+            "control_fpr": control_fpr,
+            "rows": rows,
+            "transfer": transfer,
+            "transfer_matrix": matrices,
+            "sae_vs_sae": pairs,
+            "layer_sweep": sweep,
+        },
+    )
     return rows
 
 
@@ -526,10 +600,17 @@ def _sae_pairs(
     for i, a in enumerate(ids):
         for b in ids[i + 1 :]:
             cmp = probes.compare_paired(results[a][0], results[b][0])
-            out.append({**cmp, "layer": layer, "matched_l0": m, "l0_before": [results[a][1], results[b][1]],
-                        "how": "each token's SAE activations cut to its m largest, m = the sparsest SAE's mean L0 "
-                        "on the probed tokens" + ("" if pooling == "mean" else " (not applied: pooling='last')"),
-                        "balanced_accuracy": [results[a][0].balanced_accuracy, results[b][0].balanced_accuracy]})  # fmt: skip
+            out.append(
+                {
+                    **cmp,
+                    "layer": layer,
+                    "matched_l0": m,
+                    "l0_before": [results[a][1], results[b][1]],
+                    "how": "each token's SAE activations cut to its m largest, m = the sparsest SAE's mean L0 "
+                    "on the probed tokens" + ("" if pooling == "mean" else " (not applied: pooling='last')"),
+                    "balanced_accuracy": [results[a][0].balanced_accuracy, results[b][0].balanced_accuracy],
+                }
+            )
     return out
 
 
@@ -562,34 +643,65 @@ def _ensemble_rows(
         np.zeros(0, int),
     )
     pos = {old: new for new, old in enumerate(keep)}
-    sets = [EvalSet(s.name, s.role, np.array([pos[i] for i in s.idx if i in pos], int), None, s.groups)
-            for s in first.sets]  # fmt: skip
-    sets = [EvalSet(s.name, s.role, s.idx, None if s.role == "control" else lr.y[s.idx], lr.groups[s.idx])
-            for s in sets]  # fmt: skip
-    tr = np.flatnonzero((lr.y >= 0) & np.isin([dataset_of(d.record) for d in lr.docs],
-                                              [s.name for s in sets if s.role == "train"]))  # fmt: skip
+    sets = [
+        EvalSet(s.name, s.role, np.array([pos[i] for i in s.idx if i in pos], int), None, s.groups)
+        for s in first.sets
+    ]
+    sets = [
+        EvalSet(s.name, s.role, s.idx, None if s.role == "control" else lr.y[s.idx], lr.groups[s.idx])
+        for s in sets
+    ]
+    tr = np.flatnonzero(
+        (lr.y >= 0)
+        & np.isin([dataset_of(d.record) for d in lr.docs], [s.name for s in sets if s.role == "train"])
+    )
     y, groups, prompts = lr.y[tr], lr.groups[tr], lr.prompts[tr]
     name = "+".join(f"L{layer}" for layer in layers)
     used = {"rows": "completions every layer has", "n": len(tr), "n_groups": len(set(groups))}
     concat = np.hstack(Xs)
     # A quarter of the bootstrap draws (at least 50): the concatenated design is as costly as a raw
     # probe's, and this row is a baseline beside them, not a headline (bench/probe_cost.py --protocol).
-    res = probes.probe(concat[tr], y, groups, prompts=prompts, name=f"concat {name}", n_folds=n_folds, seed=seed,
-                       n_permutations=0, n_bootstrap=min(n_bootstrap, max(50, n_bootstrap // 4)))  # fmt: skip
+    res = probes.probe(
+        concat[tr],
+        y,
+        groups,
+        prompts=prompts,
+        name=f"concat {name}",
+        n_folds=n_folds,
+        seed=seed,
+        n_permutations=0,
+        n_bootstrap=min(n_bootstrap, max(50, n_bootstrap // 4)),
+    )
     oof = np.mean([cv_scores(X[tr], y, groups, n_folds=n_folds, seed=seed) for X in Xs], axis=0)
-    mean_row = {"layer": None, "kind": "ensemble_mean", "name": f"mean of {name}", "layers": layers,
-                "auroc": float(weighted_auroc(oof, y)[0]), "auroc_ci": [None, None], "n": len(tr),
-                "n_groups": len(set(groups)), "balanced_accuracy": float(balanced_accuracy(1 / (1 + np.exp(-oof)), y)),
-                "ba_ci": [None, None], "ci_method": "none: an interval on fixed out-of-fold scores ignores the refits "
-                "(0.87 coverage in null worlds); see the transfer rows and the concatenated ensemble", "rows": used}  # fmt: skip
+    mean_row = {
+        "layer": None,
+        "kind": "ensemble_mean",
+        "name": f"mean of {name}",
+        "layers": layers,
+        "auroc": float(weighted_auroc(oof, y)[0]),
+        "auroc_ci": [None, None],
+        "n": len(tr),
+        "n_groups": len(set(groups)),
+        "balanced_accuracy": float(balanced_accuracy(1 / (1 + np.exp(-oof)), y)),
+        "ba_ci": [None, None],
+        "ci_method": "none: an interval on fixed out-of-fold scores ignores the refits "
+        "(0.87 coverage in null worlds); see the transfer rows and the concatenated ensemble",
+        "rows": used,
+    }
     transfer += transfer_rows(
-        lambda t_idx, y_t, targets: [np.mean(z, axis=0) for z in zip(*(fit_scores(X, t_idx, y_t, targets) for X in Xs), strict=True)],
-        sets, {"layer": None, "layers": layers, "kind": "ensemble_mean"}, fpr=fpr,
-    )  # fmt: skip
+        lambda t_idx, y_t, targets: [
+            np.mean(z, axis=0) for z in zip(*(fit_scores(X, t_idx, y_t, targets) for X in Xs), strict=True)
+        ],
+        sets,
+        {"layer": None, "layers": layers, "kind": "ensemble_mean"},
+        fpr=fpr,
+    )
     transfer += transfer_rows(
         lambda t_idx, y_t, targets: fit_scores(concat, t_idx, y_t, targets),
-        sets, {"layer": None, "layers": layers, "kind": "ensemble_concat"}, fpr=fpr,
-    )  # fmt: skip
+        sets,
+        {"layer": None, "layers": layers, "kind": "ensemble_concat"},
+        fpr=fpr,
+    )
     return [mean_row, _row(None, "ensemble_concat", res, layers=layers, rows=used)]
 
 
@@ -620,13 +732,29 @@ def layer_sweep(
         chosen = [r for r in records if r["id"] in where and _probed(r, roles, None)]
         y, groups, prompts, sets, tr = _labels_and_sets(chosen, roles)
         X = (mean if pooling == "mean" else last)[[where[r["id"]] for r in chosen]].numpy().astype(np.float64)
-        row: dict[str, Any] = {"layer": layer, "relative_depth": layer / (n_layers - 1) if n_layers else None,
-                               "n_train": len(tr)}  # fmt: skip
+        row: dict[str, Any] = {
+            "layer": layer,
+            "relative_depth": layer / (n_layers - 1) if n_layers else None,
+            "n_train": len(tr),
+        }
         try:
-            res = probes.probe(X[tr], y[tr], groups[tr], prompts=prompts[tr], name=f"raw L{layer}", n_folds=n_folds,
-                               seed=seed, n_permutations=0, n_bootstrap=n_bootstrap)  # fmt: skip
-            row |= {"cv_auroc": res.auroc, "cv_auroc_ci": list(res.auroc_ci), "cv_balanced_accuracy": res.balanced_accuracy,
-                    "cv_ba_ci": list(res.ba_ci)}  # fmt: skip
+            res = probes.probe(
+                X[tr],
+                y[tr],
+                groups[tr],
+                prompts=prompts[tr],
+                name=f"raw L{layer}",
+                n_folds=n_folds,
+                seed=seed,
+                n_permutations=0,
+                n_bootstrap=n_bootstrap,
+            )
+            row |= {
+                "cv_auroc": res.auroc,
+                "cv_auroc_ci": list(res.auroc_ci),
+                "cv_balanced_accuracy": res.balanced_accuracy,
+                "cv_ba_ci": list(res.ba_ci),
+            }
         except ValueError as err:
             row["why"] = str(err)
         row["transfer"] = [
@@ -636,7 +764,7 @@ def layer_sweep(
                 sets,
                 {"layer": layer},
                 fpr=control_fpr,
-            )  # fmt: skip
+            )
         ]
         out_rows.append(jsonable(row))
 
@@ -656,7 +784,7 @@ def layer_sweep(
             "layer": peak["layer"],
             "relative_depth": peak["relative_depth"],
             "signal": signal(peak),
-        },  # fmt: skip
+        },
         "signal": "mean AUROC over the eval sets (train on the train sets)"
         if any(r["transfer"] for r in out_rows)
         else "grouped-CV AUROC within the train sets",
@@ -733,8 +861,12 @@ def feature_table(
     check_sae_fits(sae, store.d_model)
     keep, used = reserved_rows(run_dir, [loaded])
     docs, y, groups, prompts = labelled_docs(run_dir, store, keep)
-    used = {**used, "datasets": sorted({dataset_of(d.record) for d in docs}), "n": len(docs),
-            "n_groups": len(set(groups))}  # fmt: skip
+    used = {
+        **used,
+        "datasets": sorted({dataset_of(d.record) for d in docs}),
+        "n": len(docs),
+        "n_groups": len(set(groups)),
+    }
     try:  # before the SAE pass, naming the SAE: notebook 04 loops over several
         split_by_group(groups, test_fraction, seed, y=y)
     except TooFewCompletions as err:
@@ -745,24 +877,60 @@ def feature_table(
     token_labels = np.repeat(y, [d.n for d in docs])
     stream = _pooled_sae_acts(store, sae, docs, "mean", means, batch_tokens)
     rate_honest, rate_deceptive = token_firing_rates(stream, token_labels)
-    rows = select_and_report(means, y, groups, prompts=prompts, k=k, test_fraction=test_fraction,
-                             n_permutations=n_permutations, seed=seed)  # fmt: skip
+    rows = select_and_report(
+        means,
+        y,
+        groups,
+        prompts=prompts,
+        k=k,
+        test_fraction=test_fraction,
+        n_permutations=n_permutations,
+        seed=seed,
+    )
     controls = control_features(means, [r["feature"] for r in rows], n_controls, seed)
     cfg = context_config or ContextConfig(seed=seed, batch_tokens=batch_tokens)
-    contexts = build_contexts(store, sae, read_completions(run_dir), [r["feature"] for r in rows] + controls,
-                              tokenizer if tokenizer is not None else load_tokenizer(run_dir), cfg)  # fmt: skip
-    atomic_write_json(feature_controls_path(run_dir, sae_id),
-                      {"why": "random live features of this SAE: their explanations are the autointerp baseline",
-                       "seed": seed, "contexts": [contexts[f].to_dict() for f in controls]})  # fmt: skip
-    selection = {"k": k, "seed": seed, "test_fraction": test_fraction, "per_completion": SAE_POOLING["mean"],
-                 "test": FEATURE_TEST, **used}  # fmt: skip
+    contexts = build_contexts(
+        store,
+        sae,
+        read_completions(run_dir),
+        [r["feature"] for r in rows] + controls,
+        tokenizer if tokenizer is not None else load_tokenizer(run_dir),
+        cfg,
+    )
+    atomic_write_json(
+        feature_controls_path(run_dir, sae_id),
+        {
+            "why": "random live features of this SAE: their explanations are the autointerp baseline",
+            "seed": seed,
+            "contexts": [contexts[f].to_dict() for f in controls],
+        },
+    )
+    selection = {
+        "k": k,
+        "seed": seed,
+        "test_fraction": test_fraction,
+        "per_completion": SAE_POOLING["mean"],
+        "test": FEATURE_TEST,
+        **used,
+    }
     for r in rows:
         f = r["feature"]
-        r.update(sae_id=sae_id, layer=loaded.layer, selection=selection,
-                 token_firing_rate_honest=float(rate_honest[f]), token_firing_rate_deceptive=float(rate_deceptive[f]),
-                 contexts={key: v for key, v in contexts[f].to_dict().items() if key != "feature"},
-                 explanation=None, explanation_source=NOT_LABELLED, deception_related=None, kind=None,
-                 detection=None, detection_baseline=None, fuzzing=None, fuzzing_baseline=None)  # fmt: skip
+        r.update(
+            sae_id=sae_id,
+            layer=loaded.layer,
+            selection=selection,
+            token_firing_rate_honest=float(rate_honest[f]),
+            token_firing_rate_deceptive=float(rate_deceptive[f]),
+            contexts={key: v for key, v in contexts[f].to_dict().items() if key != "feature"},
+            explanation=None,
+            explanation_source=NOT_LABELLED,
+            deception_related=None,
+            kind=None,
+            detection=None,
+            detection_baseline=None,
+            fuzzing=None,
+            fuzzing_baseline=None,
+        )
     write_jsonl(path, rows)
     return [jsonable(r) for r in rows]  # as the file holds them (lists, None for nan)
 
@@ -781,13 +949,21 @@ def feature_tables(
             rows = feature_table(run_dir, folder, **kwargs)
         except TooFewCompletions as err:
             print(f"skipping {name}: {err}")
-            status.append({"sae_id": name, "status": "skipped", "features": 0, "completions": None,
-                           "reason": str(err)})  # fmt: skip
+            status.append(
+                {"sae_id": name, "status": "skipped", "features": 0, "completions": None, "reason": str(err)}
+            )
             continue
         tables[name] = rows
         sel = rows[0]["selection"] if rows else {}
-        status.append({"sae_id": name, "status": "done", "features": len(rows), "completions": sel.get("n"),
-                       "reason": ""})  # fmt: skip
+        status.append(
+            {
+                "sae_id": name,
+                "status": "done",
+                "features": len(rows),
+                "completions": sel.get("n"),
+                "reason": "",
+            }
+        )
     return tables, status
 
 
@@ -824,10 +1000,16 @@ def check_analysis(run_dir: str | os.PathLike, settings: dict[str, Any], *, over
         "saes": {**kept, **settings["saes"]},
     }  # SAEs left out by SAE_FILTER stay as they are
     decision = check_stage_settings(
-        run_dir, ANALYSIS_STAGE, settings, overwrite=overwrite, add=True, addable=("saes.*",),
-        has_outputs=has_outputs, overwrite_does="recompute the probes and every SAE's features and explanations "
+        run_dir,
+        ANALYSIS_STAGE,
+        settings,
+        overwrite=overwrite,
+        add=True,
+        addable=("saes.*",),
+        has_outputs=has_outputs,
+        overwrite_does="recompute the probes and every SAE's features and explanations "
         "with the new settings (Gemini answers are cached: nothing is paid twice)",
-    )  # fmt: skip
+    )
     return decision == "overwrite"
 
 
@@ -849,7 +1031,11 @@ def label_features(
     chosen = rows[:n_label]
     contexts = [FeatureContexts.from_dict({"feature": r["feature"], **r["contexts"]}) for r in chosen]
     control_file = feature_controls_path(run_dir, sae_id)
-    controls = [FeatureContexts.from_dict(c) for c in json.loads(control_file.read_text())["contexts"]] if control_file.exists() else []  # fmt: skip
+    controls = (
+        [FeatureContexts.from_dict(c) for c in json.loads(control_file.read_text())["contexts"]]
+        if control_file.exists()
+        else []
+    )
     if not controls:
         print(
             f"{sae_id}: no random control features (rerun feature_table): the baseline borrows the next top feature's explanation"
@@ -876,9 +1062,11 @@ def _score_line(summary: dict[str, Any]) -> str:
         if not n:
             parts.append(f"{m}: none scored")
             continue
-        parts.append(f"{m}: {n} scored, balanced accuracy {summary[f'{m}_balanced_accuracy']:.2f} vs baseline "
-                     f"{_fmt(summary[f'{m}_baseline_balanced_accuracy'], '.2f') or '-'}, "
-                     f"{summary[f'{m}_n_above_chance']} above chance")  # fmt: skip
+        parts.append(
+            f"{m}: {n} scored, balanced accuracy {summary[f'{m}_balanced_accuracy']:.2f} vs baseline "
+            f"{_fmt(summary[f'{m}_baseline_balanced_accuracy'], '.2f') or '-'}, "
+            f"{summary[f'{m}_n_above_chance']} above chance"
+        )
     return "; ".join(parts)
 
 
@@ -917,15 +1105,19 @@ def probe_summary(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
             cmp = f"trained - random: {r['vs_trained']['mean_difference']:+.2f} (p {r['vs_trained']['p_value']:.3g})"
         elif r["kind"] == "prompt_only":
             cmp = f"answer - prompt: {-r['vs_raw']['mean_difference']:+.2f} (p {r['vs_raw']['p_value']:.3g})"
-        out.append({
-            "layer": str(r["layer"]) if r["layer"] is not None else "+".join(map(str, r.get("layers", []))),
-            "probe": name,
-            "rows": str((r.get("rows") or {}).get("n", r.get("n"))),
-            "balanced acc [95% CI]": _ci(r.get("balanced_accuracy"), r.get("ba_ci")),
-            "AUROC [95% CI]": _ci(r.get("auroc"), r.get("auroc_ci")),
-            "perm. p": _fmt(r.get("p_value"), ".3f"),
-            "comparison": cmp,
-        })  # fmt: skip
+        out.append(
+            {
+                "layer": str(r["layer"])
+                if r["layer"] is not None
+                else "+".join(map(str, r.get("layers", []))),
+                "probe": name,
+                "rows": str((r.get("rows") or {}).get("n", r.get("n"))),
+                "balanced acc [95% CI]": _ci(r.get("balanced_accuracy"), r.get("ba_ci")),
+                "AUROC [95% CI]": _ci(r.get("auroc"), r.get("auroc_ci")),
+                "perm. p": _fmt(r.get("p_value"), ".3f"),
+                "comparison": cmp,
+            }
+        )
     return out
 
 
@@ -949,16 +1141,22 @@ def transfer_summary(probes_json: dict[str, Any]) -> list[dict[str, str]]:
         if thr:
             res = f"{thr['control_exceed']}/{thr['n_control']} control above (FPR <= {thr['fpr_upper']:.3f})"
             res += " TOO FEW for 1%" if thr["too_small"] else ""
-        out.append({
-            "layer": str(t["layer"]) if t.get("layer") is not None else "+".join(map(str, t.get("layers", []))),
-            "probe": str(kind),
-            "train -> eval": f"{'+'.join(t['train_sets'])} -> {t['eval_set']}",
-            "n (groups)": f"{t['n']} ({t['n_groups']})",
-            "AUROC [95% CI]": _ci(t["auroc"], t["auroc_ci"]),
-            f"recall @ {probes_json.get('control_fpr', CONTROL_FPR):.0%} FPR": _ci(t["recall"], t["recall_ci"]),
-            "BA @ threshold": _ci(t["ba_at_threshold"], t["ba_ci"]),
-            "control threshold": res or "; ".join(t["why"]),
-        })  # fmt: skip
+        out.append(
+            {
+                "layer": str(t["layer"])
+                if t.get("layer") is not None
+                else "+".join(map(str, t.get("layers", []))),
+                "probe": str(kind),
+                "train -> eval": f"{'+'.join(t['train_sets'])} -> {t['eval_set']}",
+                "n (groups)": f"{t['n']} ({t['n_groups']})",
+                "AUROC [95% CI]": _ci(t["auroc"], t["auroc_ci"]),
+                f"recall @ {probes_json.get('control_fpr', CONTROL_FPR):.0%} FPR": _ci(
+                    t["recall"], t["recall_ci"]
+                ),
+                "BA @ threshold": _ci(t["ba_at_threshold"], t["ba_ci"]),
+                "control threshold": res or "; ".join(t["why"]),
+            }
+        )
     return out
 
 
@@ -968,8 +1166,11 @@ def sweep_summary(probes_json: dict[str, Any]) -> list[dict[str, str]]:
     sweep = probes_json.get("layer_sweep") or {}
     out = []
     for r in sweep.get("rows") or []:
-        row = {"layer": str(r["layer"]), "depth": _fmt(r.get("relative_depth"), ".0%"),
-               "CV AUROC (train sets)": _ci(r.get("cv_auroc"), r.get("cv_auroc_ci"))}  # fmt: skip
+        row = {
+            "layer": str(r["layer"]),
+            "depth": _fmt(r.get("relative_depth"), ".0%"),
+            "CV AUROC (train sets)": _ci(r.get("cv_auroc"), r.get("cv_auroc_ci")),
+        }
         for t in r["transfer"]:
             row[f"AUROC on {t['eval_set']}"] = _ci(t["auroc"], t["auroc_ci"])
         out.append(row)

@@ -115,11 +115,21 @@ def fuzzing_windows(ctx: FeatureContexts, seed: int = 0) -> list[dict[str, Any]]
     for k in (act[i] for i in rng.permutation(len(act))):
         acts = np.asarray(ctx.score[k]["acts"])
         fire, n_tok = np.flatnonzero(acts > 0), len(acts)
-        silent_shifts = np.array([sh for sh in range(-n_tok + 1, n_tok) if sh and len(fire)
-                                  and fire.min() + sh >= 0 and fire.max() + sh < n_tok and (acts[fire + sh] <= 0).all()])  # fmt: skip
+        silent_shifts = np.array(
+            [
+                sh
+                for sh in range(-n_tok + 1, n_tok)
+                if sh
+                and len(fire)
+                and fire.min() + sh >= 0
+                and fire.max() + sh < n_tok
+                and (acts[fire + sh] <= 0).all()
+            ]
+        )
         options = []  # (before, after, shifts) where the right marks and some shifted ones both fit
-        for before, after in itertools.product(range(before_range[0], before_range[1] + 1),
-                                               range(after_range[0], after_range[1] + 1)):  # fmt: skip
+        for before, after in itertools.product(
+            range(before_range[0], before_range[1] + 1), range(after_range[0], after_range[1] + 1)
+        ):
             if not len(fire) or fire.min() < before or fire.max() + after > n_tok - 1:
                 continue
             ok = silent_shifts[
@@ -143,8 +153,16 @@ def fuzzing_windows(ctx: FeatureContexts, seed: int = 0) -> list[dict[str, Any]]
         mask = np.zeros(hi - lo)
         mask[marked - lo] = 1.0
         text = marked_text(ctx.score[k]["tokens"][lo:hi], mask)
-        out.append({"window": j, "text": text, "example": k, "marked": marked.tolist(), "shown": [lo, hi],
-                    "truth": int(k not in wrong)})  # fmt: skip
+        out.append(
+            {
+                "window": j,
+                "text": text,
+                "example": k,
+                "marked": marked.tolist(),
+                "shown": [lo, hi],
+                "truth": int(k not in wrong),
+            }
+        )
     return out
 
 
@@ -212,9 +230,17 @@ def score_explanations(
     """Detection and (unless `fuzzing=False`) fuzzing scores per feature, each with the baseline unless
     `baseline=False` (the explanation of a control feature in `controls`, whose explanations must be in
     `explanations`): the fields the module doc lists."""
-    return score_with(Asker(client), contexts, explanations, features_per_request=features_per_request,
-                      baseline=baseline, fuzzing=fuzzing, seed=seed, max_followups=max_followups,
-                      controls=controls)  # fmt: skip
+    return score_with(
+        Asker(client),
+        contexts,
+        explanations,
+        features_per_request=features_per_request,
+        baseline=baseline,
+        fuzzing=fuzzing,
+        seed=seed,
+        max_followups=max_followups,
+        controls=controls,
+    )
 
 
 def score_with(
@@ -251,11 +277,26 @@ def score_with(
     for method in METHODS:
         if method == "fuzzing" and not fuzzing:
             for res in results.values():
-                res.update({method: None, f"{method}_baseline": None, f"{method}_source": "not run",
-                            f"{method}_baseline_source": "not run"})  # fmt: skip
+                res.update(
+                    {
+                        method: None,
+                        f"{method}_baseline": None,
+                        f"{method}_source": "not run",
+                        f"{method}_baseline_source": "not run",
+                    }
+                )
             continue
-        _score_method(asker, method, contexts, explanations, results, baseline, seed,
-                      features_per_request, max_followups)  # fmt: skip
+        _score_method(
+            asker,
+            method,
+            contexts,
+            explanations,
+            results,
+            baseline,
+            seed,
+            features_per_request,
+            max_followups,
+        )
     for res in results.values():  # how far each explanation beats another feature's on the same windows
         for method in METHODS:
             own, base = res[method], res[f"{method}_baseline"]
@@ -311,8 +352,16 @@ def _score_method(
             {"feature": c.feature, "explanation": explanations[partner], "windows": shown}
         )
     for key, items in jobs.items():
-        got = ask_batched(asker, items, VERBS[method], ScoreAnswer, SYSTEMS[method], _parse,
-                          features_per_request, max_followups)  # fmt: skip
+        got = ask_batched(
+            asker,
+            items,
+            VERBS[method],
+            ScoreAnswer,
+            SYSTEMS[method],
+            _parse,
+            features_per_request,
+            max_followups,
+        )
         for item in items:
             f = item["feature"]
             if f in got:
@@ -332,15 +381,17 @@ def score_summary(results: Mapping[int, Mapping[str, Any]] | Sequence[Mapping[st
     for m in METHODS:
         own = [r[m] for r in rows if r.get(m)]
         base = [r[f"{m}_baseline"] for r in rows if r.get(f"{m}_baseline")]
-        out.update({
-            f"{m}_n_scored": len(own),
-            f"{m}_balanced_accuracy": mean(own, "balanced_accuracy"),
-            f"{m}_auroc": mean(own, "auroc"),
-            f"{m}_baseline_balanced_accuracy": mean(base, "balanced_accuracy"),
-            f"{m}_baseline_auroc": mean(base, "auroc"),
-            f"{m}_n_above_chance": sum(x["verdict"] == "above chance" for x in own),
-            f"{m}_n_baseline_above_chance": sum(x["verdict"] == "above chance" for x in base),
-        })  # fmt: skip
+        out.update(
+            {
+                f"{m}_n_scored": len(own),
+                f"{m}_balanced_accuracy": mean(own, "balanced_accuracy"),
+                f"{m}_auroc": mean(own, "auroc"),
+                f"{m}_baseline_balanced_accuracy": mean(base, "balanced_accuracy"),
+                f"{m}_baseline_auroc": mean(base, "auroc"),
+                f"{m}_n_above_chance": sum(x["verdict"] == "above chance" for x in own),
+                f"{m}_n_baseline_above_chance": sum(x["verdict"] == "above chance" for x in base),
+            }
+        )
     return out
 
 

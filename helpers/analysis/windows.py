@@ -184,8 +184,12 @@ class WindowSelection:
         """The candidates kept: activating ones that fire at their token in the second pass, negatives
         whose whole window is silent and free, up to the wanted count per side and kind."""
         cfg, counts = self.cfg, {}
-        wanted = {(0, "non_activating"): cfg.explain_non_activating, (0, "hard_negative"): cfg.explain_hard_negatives,
-                  (1, "non_activating"): cfg.score_non_activating, (1, "hard_negative"): cfg.score_hard_negatives}  # fmt: skip
+        wanted = {
+            (0, "non_activating"): cfg.explain_non_activating,
+            (0, "hard_negative"): cfg.explain_hard_negatives,
+            (1, "non_activating"): cfg.score_non_activating,
+            (1, "hard_negative"): cfg.score_hard_negatives,
+        }
         for s, kind, d, pos, b in self.candidates:
             lo, hi = max(0, pos - cfg.before), min(self.docs[d].n, pos + cfg.after + 1)
             acts = window_acts(d, lo, hi)

@@ -245,8 +245,12 @@ class Packing:
             adds_bos = tokenizer.bos_token_id is not None and first == [tokenizer.bos_token_id]
             eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
             eot = eot if eot is not None and tokenizer.convert_ids_to_tokens(eot) == "<|endoftext|>" else None
-            candidates = (tokenizer.bos_token_id if adds_bos else None, eot, tokenizer.eos_token_id,
-                          tokenizer.bos_token_id)  # fmt: skip
+            candidates = (
+                tokenizer.bos_token_id if adds_bos else None,
+                eot,
+                tokenizer.eos_token_id,
+                tokenizer.bos_token_id,
+            )
             sep = next((t for t in candidates if t is not None), None)
             if sep is None:
                 raise ValueError("the tokenizer has no BOS, end-of-text or EOS token to separate documents")
@@ -407,8 +411,12 @@ def collect_corpus(
     print(f"corpus {corpus}: {len(files.paths)} file(s); storing {plan}, {already}")
     seqs = iter_sequences(tokenizer, iter_documents(files, text_column), packing)
     with ExitStack() as stack:
-        writers = {layer: stack.enter_context(ActivationWriter(run_dir, layer, shard_tokens=shard_tokens, kind="corpus"))
-                   for layer in layers}  # fmt: skip
+        writers = {
+            layer: stack.enter_context(
+                ActivationWriter(run_dir, layer, shard_tokens=shard_tokens, kind="corpus")
+            )
+            for layer in layers
+        }
         done = set.intersection(*(w.done_ids for w in writers.values()))
         bar = stack.enter_context(
             tqdm(total=max_tokens, initial=min(have, budget), desc="corpus", unit="tok")
@@ -437,9 +445,15 @@ def collect_corpus(
     update_run_json(
         run_dir, corpus={**asdict(settings), "layers": layers, "tokens": have, "max_tokens": max_tokens}
     )
-    return {"corpus": corpus, "layers": layers, "tokens_per_layer": {layer: stored[layer] for layer in layers},
-            "sequences": index, "seq_len": seq_len, "exhausted": exhausted and have < budget,
-            "gib_on_disk": round(sum(_bytes(run_dir, layer) for layer in layers) / 2**30, 3)}  # fmt: skip
+    return {
+        "corpus": corpus,
+        "layers": layers,
+        "tokens_per_layer": {layer: stored[layer] for layer in layers},
+        "sequences": index,
+        "seq_len": seq_len,
+        "exhausted": exhausted and have < budget,
+        "gib_on_disk": round(sum(_bytes(run_dir, layer) for layer in layers) / 2**30, 3),
+    }
 
 
 def _store_batch(
@@ -550,9 +564,19 @@ class CorpusStream:
     bitwise identical to an uninterrupted run, unlike training from a stored corpus.
     """
 
-    def __init__(self, lm: Any, corpus: str, layer: int, *, seq_len: int = 256, batch_size: int = 16,
-                 buffer_tokens: int = 1 << 16, text_column: str | None = None, token: str | None = None,
-                 seed: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        lm: Any,
+        corpus: str,
+        layer: int,
+        *,
+        seq_len: int = 256,
+        batch_size: int = 16,
+        buffer_tokens: int = 1 << 16,
+        text_column: str | None = None,
+        token: str | None = None,
+        seed: int = 0,
+    ):
         self.lm, self.corpus, self.layer, self.text_column, self.seed = lm, corpus, layer, text_column, seed
         check_layers(lm.model, [layer])
         self.packing = Packing.for_tokenizer(lm.tokenizer, seq_len)
@@ -640,15 +664,32 @@ def corpus_ids(
 
 
 def stream_factory(
-    lm: Any, run_dir: str | os.PathLike, *, corpus: str | None = None, buffer_tokens: int = 1 << 17,
-    batch_size: int = 16, token: str | None = None, seed: int = 0,
-) -> Callable[[int], CorpusStream]:  # fmt: skip
+    lm: Any,
+    run_dir: str | os.PathLike,
+    *,
+    corpus: str | None = None,
+    buffer_tokens: int = 1 << 17,
+    batch_size: int = 16,
+    token: str | None = None,
+    seed: int = 0,
+) -> Callable[[int], CorpusStream]:
     """`layer -> CorpusStream` with the corpus notebook 02 recorded in run.json (`corpus` overrides the
     source; without either, the model's default corpus), for `saes.train_grid(corpus_stream=...)`."""
     recorded = read_run_json(run_dir).get("corpus") or {}
     spec = corpus or recorded.get("spec") or default_corpus(lm.info.to_dict())
     seq_len, column = int(recorded.get("seq_len") or 256), recorded.get("text_column")
-    print(f"streaming {spec} into training: sequences of {seq_len} tokens, a shuffle buffer of "
-          f"{buffer_tokens:,} vectors (~{buffer_tokens * int(lm.model.config.hidden_size) * 4 / 2**30:.2f} GiB)")  # fmt: skip
-    return lambda layer: CorpusStream(lm, spec, layer, seq_len=seq_len, batch_size=batch_size, buffer_tokens=buffer_tokens,
-                                      text_column=column, token=token, seed=seed)  # fmt: skip
+    print(
+        f"streaming {spec} into training: sequences of {seq_len} tokens, a shuffle buffer of "
+        f"{buffer_tokens:,} vectors (~{buffer_tokens * int(lm.model.config.hidden_size) * 4 / 2**30:.2f} GiB)"
+    )
+    return lambda layer: CorpusStream(
+        lm,
+        spec,
+        layer,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        buffer_tokens=buffer_tokens,
+        text_column=column,
+        token=token,
+        seed=seed,
+    )

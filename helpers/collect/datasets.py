@@ -346,8 +346,18 @@ def _instructed_statements(spec: DatasetSpec, rows: list[dict[str, Any]]) -> lis
         for instruction, label in (("honest", "honest"), ("dishonest", "deceptive")):
             pid, group = f"{spec.name}/{i}/{instruction}", f"{spec.name}/{i}"
             meta = {"instruction": instruction, "statement": statement, "statement_is_true": truth}
-            out.append(Prompt(pid, f"hf:{spec.hub_id}", contrast_user_text(question, instruction), None,
-                              group, "contrast", label, meta))  # fmt: skip
+            out.append(
+                Prompt(
+                    pid,
+                    f"hf:{spec.hub_id}",
+                    contrast_user_text(question, instruction),
+                    None,
+                    group,
+                    "contrast",
+                    label,
+                    meta,
+                )
+            )
     return out
 
 
@@ -378,7 +388,7 @@ def _deceptionbench(spec: DatasetSpec, rows: list[dict[str, Any]]) -> list[Promp
             r.get("system_prompt"),
             type=r.get("type"),
             inner_prompt=r.get("inner_prompt"),
-        )  # fmt: skip
+        )
         for i, r in enumerate(rows)
     ]
 
@@ -411,7 +421,7 @@ def _mask(spec: DatasetSpec, rows: list[dict[str, Any]]) -> list[Prompt]:
             str(r.get("task_id") or "") or None,
             proposition=r.get("proposition"),
             ground_truth=r.get("ground_truth"),
-        )  # fmt: skip
+        )
         for i, r in enumerate(rows)
     ]
 
@@ -430,44 +440,96 @@ SPECS: dict[str, DatasetSpec] = {
     s.hub_id: s
     for s in (
         DatasetSpec(
-            "AlignmentResearch/diverse-deception", "diverse_deception", "transcripts", "eval", "dataset",
-            ("messages", "label", "source_dataset", "pair_id"), _transcripts, UNCONFIRMED,
+            "AlignmentResearch/diverse-deception",
+            "diverse_deception",
+            "transcripts",
+            "eval",
+            "dataset",
+            ("messages", "label", "source_dataset", "pair_id"),
+            _transcripts,
+            UNCONFIRMED,
             "FAR.AI (AlignmentResearch), diverse-deception: honest/deceptive transcripts from many sources",
             group_by="source_dataset",
         ),
         DatasetSpec(
-            "L1Fthrasir/Facts-true-false", "facts", "prompts", "train", "instruction", ("statement", "label"),
-            _instructed_statements, UNCONFIRMED,
+            "L1Fthrasir/Facts-true-false",
+            "facts",
+            "prompts",
+            "train",
+            "instruction",
+            ("statement", "label"),
+            _instructed_statements,
+            UNCONFIRMED,
             "true/false facts (Azaria & Mitchell 2023) as used by Goldowsky-Dill et al. 2025 and UK AISI's probes",
         ),
         DatasetSpec(
-            "PKU-Alignment/DeceptionBench", "deceptionbench", "prompts", "eval", "judge",
-            ("outer_prompt", "system_prompt", "inner_prompt"), _deceptionbench, "MIT",
+            "PKU-Alignment/DeceptionBench",
+            "deceptionbench",
+            "prompts",
+            "eval",
+            "judge",
+            ("outer_prompt", "system_prompt", "inner_prompt"),
+            _deceptionbench,
+            "MIT",
             "Ji et al. 2025, Mitigating Deceptive Alignment via Self-Monitoring (DeceptionBench, 180 scenarios)",
-            split="test", redistribution="allowed",
+            split="test",
+            redistribution="allowed",
         ),
         DatasetSpec(
-            "Cadenza-Labs/liars-bench", "liars_bench", "prompts", "eval", "judge", ("messages",), _chat_prompts,
-            UNCONFIRMED + "; its labels belong to the four models that answered, so only its prompts are used",
+            "Cadenza-Labs/liars-bench",
+            "liars_bench",
+            "prompts",
+            "eval",
+            "judge",
+            ("messages",),
+            _chat_prompts,
+            UNCONFIRMED
+            + "; its labels belong to the four models that answered, so only its prompts are used",
             "Kretschmar et al. 2025, Liars' Bench: Evaluating Lie Detectors for Language Models (arXiv 2511.16035)",
-            split="test", configs=("instructed-deception",), gated=True,
+            split="test",
+            configs=("instructed-deception",),
+            gated=True,
         ),
         DatasetSpec(
-            "cais/MASK", "mask", "prompts", "eval", "judge", ("system_prompt", "user_prompt"), _mask,
+            "cais/MASK",
+            "mask",
+            "prompts",
+            "eval",
+            "judge",
+            ("system_prompt", "user_prompt"),
+            _mask,
             "see the dataset card (gated; terms accepted on the Hub)",
             "Ren et al. 2025, The MASK Benchmark: Disentangling Honesty from Accuracy in AI Systems",
-            split="test", configs=("known_facts",), gated=True,
+            split="test",
+            configs=("known_facts",),
+            gated=True,
         ),
         DatasetSpec(
-            "tatsu-lab/alpaca", "alpaca", "prompts", "control", "none", ("instruction", "input"), _alpaca,
-            "CC BY-NC 4.0", "Taori et al. 2023, Stanford Alpaca", redistribution="non-commercial",
+            "tatsu-lab/alpaca",
+            "alpaca",
+            "prompts",
+            "control",
+            "none",
+            ("instruction", "input"),
+            _alpaca,
+            "CC BY-NC 4.0",
+            "Taori et al. 2023, Stanford Alpaca",
+            redistribution="non-commercial",
         ),
         DatasetSpec(
-            "HuggingFaceTB/smol-smoltalk", "smoltalk", "prompts", "control", "none", ("messages",), _chat_prompts,
-            "Apache-2.0", "Allal et al. 2025, SmolLM2 (smol-smoltalk)", redistribution="allowed",
+            "HuggingFaceTB/smol-smoltalk",
+            "smoltalk",
+            "prompts",
+            "control",
+            "none",
+            ("messages",),
+            _chat_prompts,
+            "Apache-2.0",
+            "Allal et al. 2025, SmolLM2 (smol-smoltalk)",
+            redistribution="allowed",
         ),
     )
-}  # fmt: skip
+}
 """The public datasets we read, by Hub id."""
 
 
@@ -509,16 +571,32 @@ def transcript_records(
             continue
         user = next((m["content"] for m in reversed(t.messages[:-1]) if m["role"] == "user"), "")
         system = next((m["content"] for m in t.messages[:-1] if m["role"] == "system"), None)
-        records.append({
-            "id": f"{t.id}#0", "prompt_id": t.id, "sample_index": 0,
-            "prompt_token_ids": prompt_ids, "completion_token_ids": completion_ids,
-            "completion": tokenizer.decode(completion_ids, skip_special_tokens=True).strip(),
-            "n_prompt_tokens": len(prompt_ids), "n_tokens": len(completion_ids), "stopped": True, "seed": None,
-            "source": dataset.source, "group": t.group, "kind": "transcript", "prompt": user, "system": system,
-            "expected_label": t.label, "label": t.label, "label_source": f"dataset:{hub_id}",
-            "label_confidence": 1.0, "label_reason": f"the label given by {hub_id} (another model's text)",
-            "dataset": dataset.name, "policy": "off-policy",
-        })  # fmt: skip
+        records.append(
+            {
+                "id": f"{t.id}#0",
+                "prompt_id": t.id,
+                "sample_index": 0,
+                "prompt_token_ids": prompt_ids,
+                "completion_token_ids": completion_ids,
+                "completion": tokenizer.decode(completion_ids, skip_special_tokens=True).strip(),
+                "n_prompt_tokens": len(prompt_ids),
+                "n_tokens": len(completion_ids),
+                "stopped": True,
+                "seed": None,
+                "source": dataset.source,
+                "group": t.group,
+                "kind": "transcript",
+                "prompt": user,
+                "system": system,
+                "expected_label": t.label,
+                "label": t.label,
+                "label_source": f"dataset:{hub_id}",
+                "label_confidence": 1.0,
+                "label_reason": f"the label given by {hub_id} (another model's text)",
+                "dataset": dataset.name,
+                "policy": "off-policy",
+            }
+        )
     if too_long:
         print(
             f"{dataset.name}: left out {too_long} transcript(s) longer than the model's context ({max_context})"
@@ -559,11 +637,19 @@ def read_datasets(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     if not data.get("spec"):
         return []
     spec = str(data["spec"])
-    return [{
-        "name": dataset_name(spec), "spec": spec, "role": "train", "kind": "prompts", "policy": "on-policy",
-        "source": spec, "licence": OURS if spec.startswith("builtin:") else "not recorded",
-        "label_by": data.get("label_by") or "judge", "n_prompts": int(data.get("n_prompts") or 0),
-    }]  # fmt: skip
+    return [
+        {
+            "name": dataset_name(spec),
+            "spec": spec,
+            "role": "train",
+            "kind": "prompts",
+            "policy": "on-policy",
+            "source": spec,
+            "licence": OURS if spec.startswith("builtin:") else "not recorded",
+            "label_by": data.get("label_by") or "judge",
+            "n_prompts": int(data.get("n_prompts") or 0),
+        }
+    ]
 
 
 def write_datasets(

@@ -197,9 +197,14 @@ def label_completions(
     }
     try:
         for batch in _batches([it for it in items if not _is_empty(it)], batch_size):
-            ask_with_followups(batch, lambda it: str(it["id"]),
-                               lambda chunk, attempt: labels.update(_request(client, chunk, attempt)), labels,
-                               max_followups, lambda p: f"{len(p)} id(s) {[str(it['id']) for it in p][:5]}")  # fmt: skip
+            ask_with_followups(
+                batch,
+                lambda it: str(it["id"]),
+                lambda chunk, attempt: labels.update(_request(client, chunk, attempt)),
+                labels,
+                max_followups,
+                lambda p: f"{len(p)} id(s) {[str(it['id']) for it in p][:5]}",
+            )
             if on_progress is not None:
                 on_progress(len(labels), len(items))
     except (DailyQuotaExceeded, BudgetExhausted) as err:

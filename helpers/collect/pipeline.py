@@ -140,10 +140,14 @@ def load_datasets(
         spec = spec_for(data) if data.startswith("hf:") and not entry.get("columns", columns) else None
         if spec is not None:
             loaded = load_public(
-                spec, token=get_secret("HF_TOKEN"), role=entry.get("role"), label_by=entry.get("label_by"),
-                name=entry.get("name"), subsets=entry.get("subsets"),
+                spec,
+                token=get_secret("HF_TOKEN"),
+                role=entry.get("role"),
+                label_by=entry.get("label_by"),
+                name=entry.get("name"),
+                subsets=entry.get("subsets"),
                 configs=[entry["config"]] if entry.get("config") else None,
-            )  # fmt: skip
+            )
             for d in loaded:
                 if d.kind == "prompts" and n:
                     d.prompts = spread_over_groups(dedupe(d.prompts), n)
@@ -155,22 +159,31 @@ def load_datasets(
         if role is None:
             raise ValueError(f"DATASETS entry {entry}: say its role ('train', 'eval' or 'control')")
         prompts = load_prompts(
-            data, columns=entry.get("columns", columns), split=entry.get("split", split),
-            hf_config=entry.get("config", hf_config), limit=n,
-        )  # fmt: skip
+            data,
+            columns=entry.get("columns", columns),
+            split=entry.get("split", split),
+            hf_config=entry.get("config", hf_config),
+            limit=n,
+        )
         out.append(
             RunDataset(
-                name=entry.get("name") or dataset_name(data), spec=data, role=entry.get("role") or role,
-                kind="prompts", source=prompts[0].source if prompts else data,
+                name=entry.get("name") or dataset_name(data),
+                spec=data,
+                role=entry.get("role") or role,
+                kind="prompts",
+                source=prompts[0].source if prompts else data,
                 licence=OURS if data in BUILTIN else "your data (not checked)",
-                label_by=entry.get("label_by") or label_by, prompts=prompts,
+                label_by=entry.get("label_by") or label_by,
+                prompts=prompts,
             )
-        )  # fmt: skip
+        )
     check_unique_ids(out)
     for d in out:
         n_items = len(d.prompts) if d.kind == "prompts" else len(d.transcripts)
-        print(f"{d.name}: {d.role}, {d.kind} ({'on' if d.kind == 'prompts' else 'off'}-policy), {n_items} "
-              f"{d.kind}, labels by {d.label_by}; {d.source}")  # fmt: skip
+        print(
+            f"{d.name}: {d.role}, {d.kind} ({'on' if d.kind == 'prompts' else 'off'}-policy), {n_items} "
+            f"{d.kind}, labels by {d.label_by}; {d.source}"
+        )
     return out
 
 
@@ -235,14 +248,14 @@ def collection_settings(
                 "n_items": len(d.prompts if d.kind == "prompts" else d.transcripts),
             }
             for d in datasets
-        },  # fmt: skip
+        },
         "sampling": {
             "n_per_prompt": n_per_prompt,
             "temperature": temperature,
             "top_p": top_p,
             "max_new_tokens": max_new_tokens,
             "seed": seed,
-        },  # fmt: skip
+        },
         "layers": sorted(layers),
         "include_prompt": include_prompt,
     }
@@ -259,10 +272,16 @@ def check_collection(
     check_stage_settings's decision."""
     has_outputs = completions_path(run_dir).exists() or datasets_path(run_dir).exists()
     decision = check_stage_settings(
-        run_dir, COLLECT_STAGE, settings, overwrite=overwrite, add=add, addable=ADDABLE, has_outputs=has_outputs,
+        run_dir,
+        COLLECT_STAGE,
+        settings,
+        overwrite=overwrite,
+        add=add,
+        addable=ADDABLE,
+        has_outputs=has_outputs,
         overwrite_does="delete this run's completions, datasets.json, activations and pooled vectors and "
         "collect them again with the new settings (the corpus and the judge's cache are kept)",
-    )  # fmt: skip
+    )
     if decision == "overwrite":
         for path in (completions_path(run_dir), datasets_path(run_dir)):
             path.unlink(missing_ok=True)
@@ -367,12 +386,18 @@ def label_run(
         r.setdefault("dataset", dataset_of(r))
         r.setdefault("policy", "off-policy" if r.get("kind") == "transcript" else "on-policy")
         if method(r) == "control" and r.get("label_source") != "control":
-            r.update(label=None, label_source="control", label_confidence=None,
-                     label_reason="control set: answers are never judged")  # fmt: skip
+            r.update(
+                label=None,
+                label_source="control",
+                label_confidence=None,
+                label_reason="control set: answers are never judged",
+            )
     todo = [
-        r for r in records
-        if (r.get("label") is None or r.get("label_source") == "none") and method(r) in ("judge", "instruction")
-    ]  # fmt: skip
+        r
+        for r in records
+        if (r.get("label") is None or r.get("label_source") == "none")
+        and method(r) in ("judge", "instruction")
+    ]
     instructed = [r for r in todo if method(r) == "instruction"]
     missing = sorted({r["prompt_id"] for r in instructed if not r.get("expected_label")})
     if missing:

@@ -119,9 +119,16 @@ class TopPerFeature:
     def result(self) -> Kept:
         if not self._parts:
             e = np.zeros(0, np.int64)
-            return Kept(e, e.astype(np.float32), e.astype(np.float32), e, e,
-                        np.zeros((0, self.width), np.float32), np.zeros(self.n + 1, np.int64),
-                        np.zeros((0, self.extra_width), np.int32) if self.extra_width else None)  # fmt: skip
+            return Kept(
+                e,
+                e.astype(np.float32),
+                e.astype(np.float32),
+                e,
+                e,
+                np.zeros((0, self.width), np.float32),
+                np.zeros(self.n + 1, np.int64),
+                np.zeros((0, self.extra_width), np.int32) if self.extra_width else None,
+            )
         self._compact()
         f, s, v, d, p, w, x = self._parts[0]
         start = np.searchsorted(f, np.arange(self.n + 1), side="left")

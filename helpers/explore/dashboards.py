@@ -59,10 +59,25 @@ from helpers.saes.io import LoadedSAE
 
 CLASSES = ("honest", "deceptive", "other")
 """Token classes: the label of the token's completion; `other` = ambiguous or unlabelled."""
-ANALYSIS_FIELDS = ("rank", "cohens_d", "d_ci", "q_value", "auroc", "mean_honest", "mean_deceptive",
-                   "firing_rate_honest", "firing_rate_deceptive", "explanation", "explanation_source",
-                   "deception_related", "kind", "detection", "detection_baseline", "fuzzing",
-                   "fuzzing_baseline")  # fmt: skip
+ANALYSIS_FIELDS = (
+    "rank",
+    "cohens_d",
+    "d_ci",
+    "q_value",
+    "auroc",
+    "mean_honest",
+    "mean_deceptive",
+    "firing_rate_honest",
+    "firing_rate_deceptive",
+    "explanation",
+    "explanation_source",
+    "deception_related",
+    "kind",
+    "detection",
+    "detection_baseline",
+    "fuzzing",
+    "fuzzing_baseline",
+)
 """What a page shows of notebook 04's row for a feature (features/{sae_id}.jsonl)."""
 DATA_FORMAT = 2
 """The version of the pages' fields: 2 added the logit histogram, co-activation neighbours, histograms
@@ -289,8 +304,10 @@ def feature_pass(
     params = list(sae.parameters()) if isinstance(sae, torch.nn.Module) else []
     device = params[0].device if params else torch.device("cpu")
     n_feat, width = int(sae.d_sae), cfg.width
-    klass = np.array([CLASSES.index(d.record.get("label")) if d.record.get("label") in CLASSES[:2] else 2
-                      for d in docs], np.int64)  # fmt: skip
+    klass = np.array(
+        [CLASSES.index(d.record.get("label")) if d.record.get("label") in CLASSES[:2] else 2 for d in docs],
+        np.int64,
+    )
     top = TopPerFeature(n_feat, cfg.n_top, width, distinct_docs=True)
     m = min(cfg.coactive_width, n_feat)
     sample = TopPerFeature(n_feat, cfg.reservoir, width, distinct_docs=False, extra_width=m)
@@ -302,8 +319,12 @@ def feature_pass(
     offsets = np.arange(-cfg.before, cfg.after + 1)
     keys = np.random.default_rng([cfg.seed, 11])
     c_docs = corpus_docs(corpus, cfg.corpus_tokens) if corpus is not None else []
-    bar = tqdm(total=sum(d.n for d in docs) + sum(d.n for d in c_docs), unit="tok", unit_scale=True,
-               desc=desc or "explorer pass")  # fmt: skip
+    bar = tqdm(
+        total=sum(d.n for d in docs) + sum(d.n for d in c_docs),
+        unit="tok",
+        unit_scale=True,
+        desc=desc or "explorer pass",
+    )
     for chunk, acts, _ in iter_token_acts(store, sae, docs, batch_tokens=cfg.batch_tokens):
         lengths = np.array([d.n for d in chunk])
         first = np.repeat(np.r_[0, np.cumsum(lengths)[:-1]], lengths)  # [rows] first row of the row's doc
@@ -516,8 +537,9 @@ class SAEDashboards:
     def _token_text(self, ids: np.ndarray) -> list[str]:
         missing = [int(i) for i in np.unique(ids) if int(i) not in self._vocab]
         if missing:
-            texts = self.tokenizer.batch_decode([[i] for i in missing], skip_special_tokens=False,
-                                                clean_up_tokenization_spaces=False)  # fmt: skip
+            texts = self.tokenizer.batch_decode(
+                [[i] for i in missing], skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
             self._vocab.update(zip(missing, texts, strict=True))
         return [self._vocab[int(i)] for i in ids]
 
@@ -533,11 +555,11 @@ class SAEDashboards:
             "cohens_d": [
                 _r(a[f]["cohens_d"]) if f in a and a[f].get("cohens_d") is not None else None
                 for f in range(self.d_sae)
-            ],  # fmt: skip
+            ],
             "q_value": [
                 _r(a[f]["q_value"], 3) if f in a and a[f].get("q_value") is not None else None
                 for f in range(self.d_sae)
-            ],  # fmt: skip
+            ],
             "explanation": [a[f].get("explanation") if f in a else None for f in range(self.d_sae)],
             "tag": [_tag(a.get(f)) for f in range(self.d_sae)],
         }
@@ -604,7 +626,7 @@ class SAEDashboards:
                 "min": shown["corpus_min"][f].item(),
                 "max": shown["corpus_max"][f].item(),
                 "counts": self.corpus_hist[f].tolist(),
-            },  # fmt: skip
+            },
             "top": [self._corpus_example(c.top, i) for i in range(s.start, s.stop)],
         }
 
@@ -636,8 +658,11 @@ class SAEDashboards:
                 elif seen_above is None:
                     seen_above = ex
             if seen_above is None:  # the sample missed the group: its top windows inside it, if any
-                inside = [k for k in range(top_s.start, top_s.stop)
-                          if lo < float(fp.top.value[k]) <= hi or (j == 0 and float(fp.top.value[k]) == lo)]  # fmt: skip
+                inside = [
+                    k
+                    for k in range(top_s.start, top_s.stop)
+                    if lo < float(fp.top.value[k]) <= hi or (j == 0 and float(fp.top.value[k]) == lo)
+                ]
                 seen_above = top[inside[0] - top_s.start] if inside else None
             if not picks and seen_above is not None and cfg.per_quantile:
                 # every sampled firing of the group is already shown above: show one again, marked so,
@@ -668,7 +693,7 @@ class SAEDashboards:
             "similar_other": {
                 sid: [[j, c] for j, c in zip(idx[f].tolist(), cos[f].tolist(), strict=True)]
                 for sid, (idx, cos) in self.similar_other.items()
-            },  # fmt: skip
+            },
             "analysis": (self.analysis or {}).get(f),
             "tag": _tag((self.analysis or {}).get(f)),
             "corpus": self._corpus_page(f),
@@ -677,9 +702,12 @@ class SAEDashboards:
             idx, jac, cond, size = self.coactive
             page["coactive"] = {
                 "sample": int(size[f]),
-                "neighbours": [[int(g), j, p] for g, j, p in zip(idx[f].tolist(), jac[f].tolist(), cond[f].tolist(),
-                                                              strict=True) if g >= 0],
-            }  # fmt: skip
+                "neighbours": [
+                    [int(g), j, p]
+                    for g, j, p in zip(idx[f].tolist(), jac[f].tolist(), cond[f].tolist(), strict=True)
+                    if g >= 0
+                ],
+            }
         if self.logit_hist is not None:
             lo, hi, counts = self.logit_hist
             page["logit_histogram"] = {"min": lo[f].item(), "max": hi[f].item(), "counts": counts[f].tolist()}
@@ -747,21 +775,29 @@ def build_dashboards(
     logits = logit_hist = None
     if unembedding is not None:
         ls = logit_summary(W_dec, unembedding, cfg.n_logits, hist_bins=cfg.logit_bins)
-        logits = (ls.top_ids.numpy(), _round_array(ls.top_values.numpy(), 3), ls.bottom_ids.numpy(),
-                  _round_array(ls.bottom_values.numpy(), 3))  # fmt: skip
+        logits = (
+            ls.top_ids.numpy(),
+            _round_array(ls.top_values.numpy(), 3),
+            ls.bottom_ids.numpy(),
+            _round_array(ls.bottom_values.numpy(), 3),
+        )
         logit_hist = (
             _round_array(ls.hist_lo.numpy(), 4),
             _round_array(ls.hist_hi.numpy(), 4),
             ls.hist_counts.numpy(),
         )
     else:
-        notes.append("no logit effects or logit histograms: the explorer was built without the model (pass lm= "
-                     "to build_explorer, as notebook 06 does, to compute them)")  # fmt: skip
+        notes.append(
+            "no logit effects or logit histograms: the explorer was built without the model (pass lm= "
+            "to build_explorer, as notebook 06 does, to compute them)"
+        )
     fired_total = fp.fired.sum(0)
     if not fired_total.any():
-        notes.append(f"no feature of this SAE fired on any of the {int(fp.n_tokens.sum()):,} completion tokens scanned: "
-                     "every page is a dead feature's (no histograms, windows or co-activation). Check that the SAE "
-                     "was trained (notebook 03) on this model and layer, and that its threshold is not too high.")  # fmt: skip
+        notes.append(
+            f"no feature of this SAE fired on any of the {int(fp.n_tokens.sum()):,} completion tokens scanned: "
+            "every page is a dead feature's (no histograms, windows or co-activation). Check that the SAE "
+            "was trained (notebook 03) on this model and layer, and that its threshold is not too high."
+        )
     if not fp.n_tokens[2]:
         notes.append(
             "the run has no ambiguous, unlabelled or control completions: the 'other' rates are empty"
@@ -782,8 +818,12 @@ def build_dashboards(
     corpus_info = None
     if fp.corpus is not None:
         c = fp.corpus
-        corpus_info = {"n_tokens": c.n_tokens, "n_sequences": len(c.docs), "n_without_text": c.n_without_text,
-                       "n_stored": corpus.n_tokens}  # fmt: skip
+        corpus_info = {
+            "n_tokens": c.n_tokens,
+            "n_sequences": len(c.docs),
+            "n_without_text": c.n_without_text,
+            "n_stored": corpus.n_tokens,
+        }
         if c.n_without_text:
             notes.append(no_corpus_text_note(c.n_without_text, c.n_tokens))
     info = {
@@ -844,6 +884,8 @@ def no_corpus_text_note(n_without_text: int, n_tokens: int) -> str:
         if n_without_text == n_tokens
         else f"{n_without_text:,} of the {n_tokens:,} corpus tokens were"
     )
-    return (f"{part} stored without token ids (collected before notebook 02 kept them), so the corpus has no "
-            "text here: its firing rates and histograms are shown, its windows are not. Delete corpus/ and rerun "
-            "notebook 02's corpus step for corpus windows.")  # fmt: skip
+    return (
+        f"{part} stored without token ids (collected before notebook 02 kept them), so the corpus has no "
+        "text here: its firing rates and histograms are shown, its windows are not. Delete corpus/ and rerun "
+        "notebook 02's corpus step for corpus windows."
+    )

@@ -106,8 +106,14 @@ def track_generation(
             acts = sae.sae.encode(resid[None].to(param.device, torch.float32))[0][0].float().cpu()
             k = min(top_n, len(acts))
             top = acts.topk(k)
-            step = TokenStep(i, t, _piece(tok, ids + answer), [(int(f), float(a)) for f, a in zip(top.indices, top.values, strict=True) if a > 0],
-                             int((acts > 0).sum()), acts=acts.numpy())  # fmt: skip
+            step = TokenStep(
+                i,
+                t,
+                _piece(tok, ids + answer),
+                [(int(f), float(a)) for f, a in zip(top.indices, top.values, strict=True) if a > 0],
+                int((acts > 0).sum()),
+                acts=acts.numpy(),
+            )
             if meter is not None:
                 r = cache[hook_name(meter.layer)][0, -1].float().cpu()
                 running = r.clone() if running is None else running + r

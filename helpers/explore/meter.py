@@ -115,8 +115,10 @@ class DeceptionMeter:
         if self.chance is None:
             return f"<span style='{style}{METER_COLOUR}'></span> {reading}"
         why = html.escape(f"no better than chance: {self.chance}")
-        return (f"<span style='color:#999' title=\"{why}\"><span style='{style}{CHANCE_COLOUR}'></span> {reading} "
-                "<i>no better than chance</i></span>")  # fmt: skip
+        return (
+            f"<span style='color:#999' title=\"{why}\"><span style='{style}{CHANCE_COLOUR}'></span> {reading} "
+            "<i>no better than chance</i></span>"
+        )
 
 
 def _quality(cv: dict[str, Any]) -> str:
@@ -171,8 +173,17 @@ def fit_meter(
     groups = [str(records[ids[i]].get("group") or records[ids[i]]["prompt_id"]) for i in rows]
     n_groups = len(set(groups))
     try:
-        result = probe(X, y, groups, prompts=[records[ids[i]]["prompt_id"] for i in rows],
-                       n_folds=min(5, n_groups), seed=seed, n_permutations=0, n_bootstrap=n_bootstrap, C=C)  # fmt: skip
+        result = probe(
+            X,
+            y,
+            groups,
+            prompts=[records[ids[i]]["prompt_id"] for i in rows],
+            n_folds=min(5, n_groups),
+            seed=seed,
+            n_permutations=0,
+            n_bootstrap=n_bootstrap,
+            C=C,
+        )
         cv = {k: getattr(result, k) for k in keys} | {"ci_method": result.ci_method}
     except ValueError as err:  # too few groups, or a class in too few of them, for a grouped CV
         cv = {"reason": f"no grouped CV on {n_groups} prompt groups: {err}"}

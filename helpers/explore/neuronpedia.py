@@ -80,43 +80,79 @@ def _cols(spec: str) -> dict[str, dict[str, Any]]:
     for item in spec.split():
         name, typ = item.split(":")
         typ, _, default = typ.partition("=")
-        out[name] = {"type": typ.rstrip("[]?"), "list": "[]" in typ, "nullable": typ.endswith("?"),
-                     "default": default or None}  # fmt: skip
+        out[name] = {
+            "type": typ.rstrip("[]?"),
+            "list": "[]" in typ,
+            "nullable": typ.endswith("?"),
+            "default": default or None,
+        }
     return out
 
 
 _WHO = "creatorId:String createdAt:DateTime=now()"
 SCHEMA: dict[str, Any] = {
-    "files": {"release": "SourceRelease", "model": "Model", "sourceset": "SourceSet", "source": "Source",
-              "feature": "Neuron", "activation": "Activation", "explanation": "Explanation"},
+    "files": {
+        "release": "SourceRelease",
+        "model": "Model",
+        "sourceset": "SourceSet",
+        "source": "Source",
+        "feature": "Neuron",
+        "activation": "Activation",
+        "explanation": "Explanation",
+    },
     "enums": {"Visibility": ["PUBLIC", "UNLISTED", "PRIVATE"]},
     "models": {
-        "SourceRelease": {"columns": _cols(f"name:String description:String descriptionShort:String? urls:String[] "
-                                           f"creatorName:String visibility:Visibility=PRIVATE {_WHO}")},
-        "Model": {"columns": _cols(f"id:String instruct:Boolean=false displayName:String=\"\" "
-                                   f"displayNameShort:String=\"\" layers:Int neuronsPerLayer:Int dimension:Int? "
-                                   f"owner:String visibility:Visibility=PRIVATE {_WHO}")},
-        "SourceSet": {"columns": _cols(f"modelId:String name:String description:String creatorName:String "
-                                       f"releaseName:String? visibility:Visibility=PRIVATE type:String=\"\" {_WHO}")},
-        "Source": {"columns": _cols(f"id:String modelId:String setName:String hasDashboards:Boolean=true "
-                                    f"saelensSaeId:String? hfRepoId:String? hfFolderId:String? dataset:String? "
-                                    f"num_prompts:Int? notes:String? visibility:Visibility=PRIVATE {_WHO}")},
-        "Neuron": {"columns": _cols(
-            "modelId:String layer:String index:String creatorId:String? createdAt:DateTime=now() "
-            "maxActApprox:Float?=0 hasVector:Boolean=false frac_nonzero:Float=0 "
-            "freq_hist_data_bar_heights:Float[]=[] freq_hist_data_bar_values:Float[]=[] "
-            "logits_hist_data_bar_heights:Float[]=[] logits_hist_data_bar_values:Float[]=[] "
-            "pos_str:String[]=[] pos_values:Float[]=[] neg_str:String[]=[] neg_values:Float[]=[] "
-            "topkCosSimIndices:Int[]=[] topkCosSimValues:Float[]=[]")},
-        "Activation": {"columns": _cols(
-            f"id:String=cuid() tokens:String[] index:String layer:String modelId:String values:Float[] "
-            f"maxValue:Float maxValueTokenIndex:Int minValue:Float binMin:Float? binMax:Float? binContains:Float? "
-            f"qualifyingTokenIndex:Int? dataSource:String? dataIndex:String? {_WHO}")},
-        "Explanation": {"columns": _cols(
-            "id:String=cuid() modelId:String layer:String index:String description:String authorId:String "
-            "notes:String? typeName:String? explanationModelName:String? createdAt:DateTime=now()")},
+        "SourceRelease": {
+            "columns": _cols(
+                f"name:String description:String descriptionShort:String? urls:String[] "
+                f"creatorName:String visibility:Visibility=PRIVATE {_WHO}"
+            )
+        },
+        "Model": {
+            "columns": _cols(
+                f'id:String instruct:Boolean=false displayName:String="" '
+                f'displayNameShort:String="" layers:Int neuronsPerLayer:Int dimension:Int? '
+                f"owner:String visibility:Visibility=PRIVATE {_WHO}"
+            )
+        },
+        "SourceSet": {
+            "columns": _cols(
+                f"modelId:String name:String description:String creatorName:String "
+                f'releaseName:String? visibility:Visibility=PRIVATE type:String="" {_WHO}'
+            )
+        },
+        "Source": {
+            "columns": _cols(
+                f"id:String modelId:String setName:String hasDashboards:Boolean=true "
+                f"saelensSaeId:String? hfRepoId:String? hfFolderId:String? dataset:String? "
+                f"num_prompts:Int? notes:String? visibility:Visibility=PRIVATE {_WHO}"
+            )
+        },
+        "Neuron": {
+            "columns": _cols(
+                "modelId:String layer:String index:String creatorId:String? createdAt:DateTime=now() "
+                "maxActApprox:Float?=0 hasVector:Boolean=false frac_nonzero:Float=0 "
+                "freq_hist_data_bar_heights:Float[]=[] freq_hist_data_bar_values:Float[]=[] "
+                "logits_hist_data_bar_heights:Float[]=[] logits_hist_data_bar_values:Float[]=[] "
+                "pos_str:String[]=[] pos_values:Float[]=[] neg_str:String[]=[] neg_values:Float[]=[] "
+                "topkCosSimIndices:Int[]=[] topkCosSimValues:Float[]=[]"
+            )
+        },
+        "Activation": {
+            "columns": _cols(
+                f"id:String=cuid() tokens:String[] index:String layer:String modelId:String values:Float[] "
+                f"maxValue:Float maxValueTokenIndex:Int minValue:Float binMin:Float? binMax:Float? binContains:Float? "
+                f"qualifyingTokenIndex:Int? dataSource:String? dataIndex:String? {_WHO}"
+            )
+        },
+        "Explanation": {
+            "columns": _cols(
+                "id:String=cuid() modelId:String layer:String index:String description:String authorId:String "
+                "notes:String? typeName:String? explanationModelName:String? createdAt:DateTime=now()"
+            )
+        },
     },
-}  # fmt: skip
+}
 """The columns of Neuronpedia's schema our export writes, plus every column it requires (not nullable, no
 default, not a list), per record type, in the shape of tests/explore/neuronpedia_schema.json (a test keeps
 them equal). `validate_export` checks records against it or against a fuller schema of the same shape."""
@@ -354,8 +390,11 @@ def _activations(page: dict[str, Any], common: dict[str, Any], max_act: float) -
     n_groups = max(len(page["quantiles"]), 1)
     for g in page["quantiles"]:
         share = g["count"] / max(page["n_firing"], 1) if "count" in g else 1 / n_groups
-        binned = {"binMin": float(g["lo"]), "binMax": float(g["hi"]),
-                  "binContains": float(page["firing_rate"] or 0) * share}  # fmt: skip
+        binned = {
+            "binMin": float(g["lo"]),
+            "binMax": float(g["hi"]),
+            "binContains": float(page["firing_rate"] or 0) * share,
+        }
         groups += [(binned, ex) for ex in g["examples"]]
     for i, (bins, ex) in enumerate(groups):
         values = [float(v) for v in ex["acts"]]
@@ -440,21 +479,52 @@ def export_sae(
     creator = {"creatorId": creator_id, "createdAt": now}
     desc = f"Residual stream, layer {info['layer']}: {info['architecture']} SAE ({sae_id}), {info['d_sae']} latents"
     meta = {
-        "release": {"name": release, "description": f"Deception SAEs of {model_id} (deception-sae-lab)",
-                    "descriptionShort": "deception-sae-lab", "creatorName": creator_name, "urls": [],
-                    "visibility": visibility, **creator},
-        "model": {"id": model_id, "instruct": True, "displayName": (run.get("model") or {}).get("spec") or model_id,
-                  "displayNameShort": model_id, "layers": int((run.get("model") or {}).get("n_layers") or 0),
-                  "dimension": info["d_in"], "neuronsPerLayer": info["d_in"], "owner": owner,
-                  "visibility": visibility, **creator},
-        "sourceset": {"modelId": model_id, "name": set_id, "description": desc, "creatorName": creator_name,
-                      "releaseName": release, "visibility": visibility, "type": "saelens", **creator},
-        "source": {"id": source_id, "modelId": model_id, "setName": set_id, "hasDashboards": True,
-                   "saelensSaeId": sae_id, "hfRepoId": hf_repo_id, "hfFolderId": sae_id if hf_repo_id else None,
-                   "dataset": "deception-sae-lab completions (honest / deceptive answers of the model itself)",
-                   "num_prompts": info["n_completions"], "notes": info.get("logit_note"),
-                   "visibility": visibility, **creator},
-    }  # fmt: skip
+        "release": {
+            "name": release,
+            "description": f"Deception SAEs of {model_id} (deception-sae-lab)",
+            "descriptionShort": "deception-sae-lab",
+            "creatorName": creator_name,
+            "urls": [],
+            "visibility": visibility,
+            **creator,
+        },
+        "model": {
+            "id": model_id,
+            "instruct": True,
+            "displayName": (run.get("model") or {}).get("spec") or model_id,
+            "displayNameShort": model_id,
+            "layers": int((run.get("model") or {}).get("n_layers") or 0),
+            "dimension": info["d_in"],
+            "neuronsPerLayer": info["d_in"],
+            "owner": owner,
+            "visibility": visibility,
+            **creator,
+        },
+        "sourceset": {
+            "modelId": model_id,
+            "name": set_id,
+            "description": desc,
+            "creatorName": creator_name,
+            "releaseName": release,
+            "visibility": visibility,
+            "type": "saelens",
+            **creator,
+        },
+        "source": {
+            "id": source_id,
+            "modelId": model_id,
+            "setName": set_id,
+            "hasDashboards": True,
+            "saelensSaeId": sae_id,
+            "hfRepoId": hf_repo_id,
+            "hfFolderId": sae_id if hf_repo_id else None,
+            "dataset": "deception-sae-lab completions (honest / deceptive answers of the model itself)",
+            "num_prompts": info["n_completions"],
+            "notes": info.get("logit_note"),
+            "visibility": visibility,
+            **creator,
+        },
+    }
     for name, record in meta.items():
         atomic_write_bytes(out / f"{name}.jsonl", (json.dumps(record, ensure_ascii=False) + "\n").encode())
     common = {"modelId": model_id, "layer": source_id, **creator}
@@ -468,13 +538,33 @@ def export_sae(
         acts.extend(_activations(page, common, max_act))
         a = page.get("analysis") or {}
         if a.get("explanation"):
-            notes = {key: a.get(key) for key in ("deception_related", "kind", "cohens_d", "d_ci", "q_value",
-                                                 "detection", "fuzzing", "explanation_source")}  # fmt: skip
-            explanations.append({"id": _cuid(source_id, page["feature"], "explanation"), "modelId": model_id,
-                                 "layer": source_id, "index": str(page["feature"]), "description": a["explanation"],
-                                 "authorId": creator_id, "typeName": EXPLANATION_TYPE,
-                                 "explanationModelName": id_part(str(a.get("explanation_source") or "unknown")),
-                                 "notes": json.dumps(notes), "createdAt": now})  # fmt: skip
+            notes = {
+                key: a.get(key)
+                for key in (
+                    "deception_related",
+                    "kind",
+                    "cohens_d",
+                    "d_ci",
+                    "q_value",
+                    "detection",
+                    "fuzzing",
+                    "explanation_source",
+                )
+            }
+            explanations.append(
+                {
+                    "id": _cuid(source_id, page["feature"], "explanation"),
+                    "modelId": model_id,
+                    "layer": source_id,
+                    "index": str(page["feature"]),
+                    "description": a["explanation"],
+                    "authorId": creator_id,
+                    "typeName": EXPLANATION_TYPE,
+                    "explanationModelName": id_part(str(a.get("explanation_source") or "unknown")),
+                    "notes": json.dumps(notes),
+                    "createdAt": now,
+                }
+            )
         if len(features) == FEATURES_PER_BATCH:
             _jsonl_gz(out / "features" / f"batch-{k}.jsonl.gz", features)
             _jsonl_gz(out / "activations" / f"batch-{k}.jsonl.gz", acts)
@@ -515,8 +605,11 @@ def _upload_feature(page: dict[str, Any], max_act: float) -> dict[str, Any] | No
     n_groups = max(len(page["quantiles"]), 1)
     for g in page["quantiles"]:
         share = g["count"] / max(page["n_firing"], 1) if "count" in g else 1 / n_groups
-        binned = {"quantileMin": float(g["lo"]), "quantileMax": float(g["hi"]),
-                  "quantileFraction": float(page["firing_rate"] or 0) * share}  # fmt: skip
+        binned = {
+            "quantileMin": float(g["lo"]),
+            "quantileMax": float(g["hi"]),
+            "quantileFraction": float(page["firing_rate"] or 0) * share,
+        }
         windows += [(binned, ex) for ex in g["examples"]]
     if not windows:
         return None
@@ -527,9 +620,11 @@ def _upload_feature(page: dict[str, Any], max_act: float) -> dict[str, Any] | No
         "density": float(page["firing_rate"] or 0),
         "topLogits": [{"token": _token(t), "value": float(v)} for t, v in logits["positive"][:20]],
         "bottomLogits": [{"token": _token(t), "value": float(v)} for t, v in logits["negative"][:20]],
-        "activations": [{"tokens": [_token(t) for t in ex["tokens"]], "values": [float(v) for v in ex["acts"]], **bins}
-                        for bins, ex in windows],
-    }  # fmt: skip
+        "activations": [
+            {"tokens": [_token(t) for t in ex["tokens"]], "values": [float(v) for v in ex["acts"]], **bins}
+            for bins, ex in windows
+        ],
+    }
     if a.get("explanation"):
         out["explanations"] = [{"text": a["explanation"][:512], "methodName": None, "modelName": None}]
     return out
@@ -648,8 +743,10 @@ def validate_upload_batch(body: dict[str, Any], schema: dict[str, Any] | None = 
         for j, e in enumerate(f.get("explanations") or []):
             for key in ("methodName", "modelName"):
                 if e.get(key) is not None:
-                    problems.append(f"body.features[{i}].explanations[{j}].{key} is {e[key]!r}: it must name a type "
-                                    "Neuronpedia already has (ask their team), or be null")  # fmt: skip
+                    problems.append(
+                        f"body.features[{i}].explanations[{j}].{key} is {e[key]!r}: it must name a type "
+                        "Neuronpedia already has (ask their team), or be null"
+                    )
     indexes = [f["index"] for f in body["features"]]
     if len(set(indexes)) != len(indexes):
         problems.append("body.features: indexes repeat; the route requires unique indexes per call")
@@ -667,8 +764,11 @@ def validate_upload_batch(body: dict[str, Any], schema: dict[str, Any] | None = 
         )
     model = pre["model"]
     mid = body["modelId"]
-    if not (re.fullmatch(model["id_pattern"], mid) and model["id_min"] <= len(mid) <= model["id_max"]
-            and not any(x in mid for x in model["id_forbids"])):  # fmt: skip
+    if not (
+        re.fullmatch(model["id_pattern"], mid)
+        and model["id_min"] <= len(mid) <= model["id_max"]
+        and not any(x in mid for x in model["id_forbids"])
+    ):
         problems.append(f"body.modelId {mid!r} is not an id the model route accepts")
     return problems
 
@@ -783,14 +883,18 @@ def validate_export(folder: str | os.PathLike, schema: dict[str, Any] | None = N
                             f"{where}: {len(rec['tokens'] or [])} tokens but {len(rec['values'] or [])} values"
                         )
                     if (rec.get("maxValue") or 0) > max_act.get(rec.get("index"), float("inf")):
-                        problems.append(f"{where}: maxValue {rec['maxValue']} exceeds the feature's maxActApprox "
-                                        f"{max_act[rec['index']]}")  # fmt: skip
+                        problems.append(
+                            f"{where}: maxValue {rec['maxValue']} exceeds the feature's maxActApprox "
+                            f"{max_act[rec['index']]}"
+                        )
                     if rec.get("binMin") == -1 and rec.get("binContains") != -1:
                         problems.append(f"{where}: a top window (binMin -1) needs binContains -1")
                     if rec.get("binMin") is None or not -1 <= (rec.get("binContains") or 0) <= 1:
-                        problems.append(f"{where}: binMin {rec.get('binMin')!r} / binContains "
-                                        f"{rec.get('binContains')!r}: a top window has -1, a quantile window "
-                                        "its interval and share of all tokens")  # fmt: skip
+                        problems.append(
+                            f"{where}: binMin {rec.get('binMin')!r} / binContains "
+                            f"{rec.get('binContains')!r}: a top window has -1, a quantile window "
+                            "its interval and share of all tokens"
+                        )
                 counts[sub.split("-")[0]] += 1
     if problems:
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
@@ -900,12 +1004,32 @@ def export_neuronpedia(
         ):  # an SAE where nothing fires: a row, no stop
             why = "no feature fires on the run's data (include_dead=True exports its latents anyway)"
             print(f"{sid}: left out of the Neuronpedia export: {why}")
-            rows.append({"sae_id": sid, "source": None, "features": 0, "activations": 0, "explanations": 0,
-                         "upload batches": 0, "valid": None, "left out": why})  # fmt: skip
+            rows.append(
+                {
+                    "sae_id": sid,
+                    "source": None,
+                    "features": 0,
+                    "activations": 0,
+                    "explanations": 0,
+                    "upload batches": 0,
+                    "valid": None,
+                    "left out": why,
+                }
+            )
             continue
-        folder = export_sae(run_dir, sid, release=release, creator_name=creator_name, creator_id=creator_id,
-                            model_id=model_id, model_owner=owner, visibility=visibility, hf_repo_id=hf_repo_id,
-                            include_weights=include_weights, include_dead=include_dead)  # fmt: skip
+        folder = export_sae(
+            run_dir,
+            sid,
+            release=release,
+            creator_name=creator_name,
+            creator_id=creator_id,
+            model_id=model_id,
+            model_owner=owner,
+            visibility=visibility,
+            hf_repo_id=hf_repo_id,
+            include_weights=include_weights,
+            include_dead=include_dead,
+        )
         counts = validate_export(folder)
         batches = neuronpedia_dir(run_dir) / UPLOAD_BATCH / folder.parent.name / folder.name
         n_upload = sum(
@@ -920,17 +1044,36 @@ def export_neuronpedia(
             models |= {r["explanationModelName"] for r in _records(path)}
         rel = folder.relative_to(neuronpedia_dir(run_dir))
         sources.append(f"- `{rel}/`: `{sid}`")
-        rows.append({"sae_id": sid, "source": str(rel), "features": counts["features"],
-                     "activations": counts["activations"], "explanations": counts["explanations"],
-                     "upload batches": len(list(batches.glob("batch-*.json"))), "valid": True})  # fmt: skip
+        rows.append(
+            {
+                "sae_id": sid,
+                "source": str(rel),
+                "features": counts["features"],
+                "activations": counts["activations"],
+                "explanations": counts["explanations"],
+                "upload batches": len(list(batches.glob("batch-*.json"))),
+                "valid": True,
+            }
+        )
     info = sae_info(run_dir, sae_ids[0])
     sources += [f"- `{r['sae_id']}`: left out, {r['left out']}" for r in rows if r.get("left out")]
-    text = README.format(run=Path(run_dir).name, version=__version__, sources="\n".join(sources),
-                         logit_note=info.get("logit_note") or "not computed: the model was not loaded",
-                         creator_id=creator_id, model_id=model_id or model_id_of(run_dir), n_dead=n_dead,
-                         release=release, visibility=visibility, owner=owner, schema=SCHEMA_SOURCE,
-                         explanation_type=EXPLANATION_TYPE, upload_source=UPLOAD_SOURCE,
-                         upload_sources=", ".join(upload_sources) or "(none)", n_no_window=n_no_window,
-                         models=", ".join(f"`{m}`" for m in sorted(models)) or "(none yet)")  # fmt: skip
+    text = README.format(
+        run=Path(run_dir).name,
+        version=__version__,
+        sources="\n".join(sources),
+        logit_note=info.get("logit_note") or "not computed: the model was not loaded",
+        creator_id=creator_id,
+        model_id=model_id or model_id_of(run_dir),
+        n_dead=n_dead,
+        release=release,
+        visibility=visibility,
+        owner=owner,
+        schema=SCHEMA_SOURCE,
+        explanation_type=EXPLANATION_TYPE,
+        upload_source=UPLOAD_SOURCE,
+        upload_sources=", ".join(upload_sources) or "(none)",
+        n_no_window=n_no_window,
+        models=", ".join(f"`{m}`" for m in sorted(models)) or "(none yet)",
+    )
     atomic_write_bytes(neuronpedia_dir(run_dir) / "README.md", text.encode())
     return rows

@@ -112,8 +112,12 @@ def explorer_panel(
         return run
 
     # --- features -------------------------------------------------------------------------------
-    search = w.Text(placeholder="search explanations / top tokens, or #feature", description="search", style=full,
-                    layout=w.Layout(width="50%"))  # fmt: skip
+    search = w.Text(
+        placeholder="search explanations / top tokens, or #feature",
+        description="search",
+        style=full,
+        layout=w.Layout(width="50%"),
+    )
     tag = w.Dropdown(options=list(TAGS), value="all", description="deception tag", style=full)
     sort = w.Dropdown(options=list(SORTS), value="firing rate", description="sort by", style=full)
     dead = w.Checkbox(value=True, description="hide features that never fired", style=full)
@@ -136,8 +140,16 @@ def explorer_panel(
     feature = w.BoundedIntText(value=0, min=0, max=d_sae - 1, description="feature", style=full)
     show = w.Button(description="show feature", button_style="primary")
     page_html = w.HTML()
-    strength = w.FloatSlider(value=0.5, min=-3.0, max=3.0, step=0.05, continuous_update=False, style=full,
-                             description="steer (x typical residual norm)", layout=w.Layout(width="60%"))  # fmt: skip
+    strength = w.FloatSlider(
+        value=0.5,
+        min=-3.0,
+        max=3.0,
+        step=0.05,
+        continuous_update=False,
+        style=full,
+        description="steer (x typical residual norm)",
+        layout=w.Layout(width="60%"),
+    )
     steer_prompt = w.Textarea(value=prompt, description="prompt", layout=w.Layout(width="95%", height="50px"))
     steer_button = w.Button(description="steer this feature")
     steer_html = w.HTML()
@@ -153,11 +165,22 @@ def explorer_panel(
         s = sae()
         if s.layer not in units:
             units[s.layer] = steering.residual_norm(run_dir, s.layer)
-        out = generate_pair(lm, s, feature.value, strength.value, steer_prompt.value, unit=units[s.layer],
-                            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)  # fmt: skip
-        steer_html.value = (f"<p><b>unsteered</b>: {html.escape(out['unsteered'])}</p><p><b>steered</b> (feature "
-                            f"{out['feature']} added at {out['strength']:+g} x {out['unit']:.1f}): "
-                            f"{html.escape(out['steered'])}</p>")  # fmt: skip
+        out = generate_pair(
+            lm,
+            s,
+            feature.value,
+            strength.value,
+            steer_prompt.value,
+            unit=units[s.layer],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+        )
+        steer_html.value = (
+            f"<p><b>unsteered</b>: {html.escape(out['unsteered'])}</p><p><b>steered</b> (feature "
+            f"{out['feature']} added at {out['strength']:+g} x {out['unit']:.1f}): "
+            f"{html.escape(out['steered'])}</p>"
+        )
 
     show.on_click(on_show)
     steer_button.on_click(on_steer)
@@ -167,8 +190,12 @@ def explorer_panel(
         options=["analyse this text", "let the model answer it"], description="mode", style=full
     )
     text = w.Textarea(value=prompt, description="text", layout=w.Layout(width="95%", height="60px"))
-    chosen = w.Text(value="", placeholder="e.g. 12, 40 (empty: the text's top features)", description="features",
-                    style=full)  # fmt: skip
+    chosen = w.Text(
+        value="",
+        placeholder="e.g. 12, 40 (empty: the text's top features)",
+        description="features",
+        style=full,
+    )
     analyse = w.Button(description="analyse", button_style="primary")
     analyser_out = w.HTML()
 
@@ -178,8 +205,11 @@ def explorer_panel(
         if mode.value == "analyse this text":
             tokens, fs, acts = analyse_text(lm, sae(), text.value, features=feats)
         else:
-            steps = list(track_generation(lm, sae(), text.value, max_new_tokens=max_new_tokens,
-                                          temperature=temperature, seed=seed))  # fmt: skip
+            steps = list(
+                track_generation(
+                    lm, sae(), text.value, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+                )
+            )
             tokens, fs, acts = answer_acts(steps, feats)
         analyser_out.value = analyser_html(tokens, fs, acts, labels())
 
@@ -197,8 +227,15 @@ def explorer_panel(
         if s.layer not in meters:
             meters[s.layer] = fit_meter(run_dir, s.layer)
         steps, names = [], labels()
-        for step in track_generation(lm, s, live_prompt.value, meter=meters[s.layer], max_new_tokens=n_tokens.value,
-                                     temperature=temperature, seed=seed):  # fmt: skip
+        for step in track_generation(
+            lm,
+            s,
+            live_prompt.value,
+            meter=meters[s.layer],
+            max_new_tokens=n_tokens.value,
+            temperature=temperature,
+            seed=seed,
+        ):
             steps.append(step)
             live_out.value = live_html(steps, meters[s.layer], names)  # updates as each token arrives
         live_out.value = live_html(steps, meters[s.layer], names)
@@ -211,12 +248,14 @@ def explorer_panel(
         refresh()
 
     sae_box.observe(on_sae, names="value")
-    tabs = w.Tab(children=[
-        w.VBox([w.HBox([search, tag]), w.HBox([sort, dead]), rows_html]),
-        w.VBox([w.HBox([feature, show]), page_html, strength, steer_prompt, steer_button, steer_html]),
-        w.VBox([mode, text, chosen, analyse, analyser_out]),
-        w.VBox([live_prompt, n_tokens, go, live_out]),
-    ])  # fmt: skip
+    tabs = w.Tab(
+        children=[
+            w.VBox([w.HBox([search, tag]), w.HBox([sort, dead]), rows_html]),
+            w.VBox([w.HBox([feature, show]), page_html, strength, steer_prompt, steer_button, steer_html]),
+            w.VBox([mode, text, chosen, analyse, analyser_out]),
+            w.VBox([live_prompt, n_tokens, go, live_out]),
+        ]
+    )
     for i, title in enumerate(("features", "feature page", "prompt analyser", "live tracking")):
         tabs.set_title(i, title)
     refresh()

@@ -86,10 +86,16 @@ def build_explorer(
     for s in chosen:
         sid = sae_id_of(s)
         same_layer = sorted(sae_id_of(o) for o in everything if o.layer == s.layer and o is not s)
-        settings = {"format": DATA_FORMAT, "config": asdict(cfg), "weights": _stamp(s.path / SAE_WEIGHTS),
-                    "completions": _stamp(completions_path(run_dir)), "notebook_04": _stamp(features_path(run_dir, sid)),
-                    "logit_effects": unembedding is not None, "same_layer": same_layer,
-                    "corpus": _corpus_stamp(run_dir, s.layer)}  # fmt: skip
+        settings = {
+            "format": DATA_FORMAT,
+            "config": asdict(cfg),
+            "weights": _stamp(s.path / SAE_WEIGHTS),
+            "completions": _stamp(completions_path(run_dir)),
+            "notebook_04": _stamp(features_path(run_dir, sid)),
+            "logit_effects": unembedding is not None,
+            "same_layer": same_layer,
+            "corpus": _corpus_stamp(run_dir, s.layer),
+        }
         if is_complete(run_dir, sid, settings) and not overwrite:
             print(f"{sid}: explorer data complete, reused (overwrite=True rebuilds them)")
         else:
@@ -100,10 +106,18 @@ def build_explorer(
         info = sae_info(run_dir, sid)
         for note in info["notes"]:
             print(f"{sid}: {note}")
-        rows.append({"sae_id": sid, "layer": info["layer"], "features": info["d_sae"], "fired": info["n_alive"],
-                     "tokens": sum(info["n_tokens"].values()), "completions": info["n_completions"],
-                     "corpus tokens": (info.get("corpus") or {}).get("n_tokens", 0),
-                     "notebook 04": "no" if NO_ANALYSIS in info["notes"] else "yes"})  # fmt: skip
+        rows.append(
+            {
+                "sae_id": sid,
+                "layer": info["layer"],
+                "features": info["d_sae"],
+                "fired": info["n_alive"],
+                "tokens": sum(info["n_tokens"].values()),
+                "completions": info["n_completions"],
+                "corpus tokens": (info.get("corpus") or {}).get("n_tokens", 0),
+                "notebook 04": "no" if NO_ANALYSIS in info["notes"] else "yes",
+            }
+        )
     index = write_site(run_dir)
     print(f"explorer: {index} (open it in a browser; it needs no server)")
     return rows

@@ -49,9 +49,14 @@ TAGS = (
 
 
 def select_features(
-    table: dict[str, list[Any]], query: str = "", *, tag: str = "all", sort: str = "firing rate",
-    hide_dead: bool = True, n: int = 20,
-) -> list[dict[str, Any]]:  # fmt: skip
+    table: dict[str, list[Any]],
+    query: str = "",
+    *,
+    tag: str = "all",
+    sort: str = "firing rate",
+    hide_dead: bool = True,
+    n: int = 20,
+) -> list[dict[str, Any]]:
     """Rows of the feature table matching `query` (in the explanation or top logit token; "#12" or "12"
     finds feature 12) and `tag`, sorted by `sort` (a key of SORTS, largest first), the first `n`."""
     if sort not in SORTS:
@@ -105,17 +110,40 @@ def _pct(x: Any) -> str:
 def table_html(rows: Sequence[dict[str, Any]]) -> str:
     """An HTML table of `select_features` rows (a `corpus` column when the SAE's corpus was scanned)."""
     corpus = any("rate_corpus" in r for r in rows)
-    head = ["feature", "fires", "honest", "deceptive", *(["corpus"] if corpus else []), "max act.", "d", "q", "tag",
-            "top logit", "explanation"]  # fmt: skip
+    head = [
+        "feature",
+        "fires",
+        "honest",
+        "deceptive",
+        *(["corpus"] if corpus else []),
+        "max act.",
+        "d",
+        "q",
+        "tag",
+        "top logit",
+        "explanation",
+    ]
     body = "".join(
-        "<tr>" + "".join(f"<td>{c}</td>" for c in (
-            f"#{r['feature']}", _pct(r["firing_rate"]), _pct(r["rate_honest"]), _pct(r["rate_deceptive"]),
-            *([_pct(r.get("rate_corpus"))] if corpus else []),
-            _f(r["max_activation"]), _f(r["cohens_d"], "+.2f"), _f(r["q_value"]), html.escape(r["tag"]),
-            f"<code>{html.escape(repr(r.get('top_logit') or ''))}</code>", html.escape(r.get("explanation") or "–"),
-        )) + "</tr>"
+        "<tr>"
+        + "".join(
+            f"<td>{c}</td>"
+            for c in (
+                f"#{r['feature']}",
+                _pct(r["firing_rate"]),
+                _pct(r["rate_honest"]),
+                _pct(r["rate_deceptive"]),
+                *([_pct(r.get("rate_corpus"))] if corpus else []),
+                _f(r["max_activation"]),
+                _f(r["cohens_d"], "+.2f"),
+                _f(r["q_value"]),
+                html.escape(r["tag"]),
+                f"<code>{html.escape(repr(r.get('top_logit') or ''))}</code>",
+                html.escape(r.get("explanation") or "–"),
+            )
+        )
+        + "</tr>"
         for r in rows
-    )  # fmt: skip
+    )
     ths = "".join(f"<th style='text-align:left'>{h}</th>" for h in head)
     return f"<table style='border-collapse:collapse; font-size:13px'><tr>{ths}</tr>{body}</table>"
 
@@ -132,9 +160,11 @@ def histogram_svg(hist: dict[str, Any], width: int = 360, height: int = 120, col
         f"<title>{c}</title></rect>"
         for i, c in enumerate(counts)
     )
-    return (f'<svg width="{width}" height="{height}" style="font: 10px sans-serif">{bars}'
-            f'<text x="{left}" y="{height - 4}">{_f(hist.get("min") or 0)}</text><text x="{width - 4}" y="{height - 4}" text-anchor="end">'
-            f'{_f(hist["max"])}</text><text x="{left - 3}" y="10" text-anchor="end">{top}</text></svg>')  # fmt: skip
+    return (
+        f'<svg width="{width}" height="{height}" style="font: 10px sans-serif">{bars}'
+        f'<text x="{left}" y="{height - 4}">{_f(hist.get("min") or 0)}</text><text x="{width - 4}" y="{height - 4}" text-anchor="end">'
+        f'{_f(hist["max"])}</text><text x="{left - 3}" y="10" text-anchor="end">{top}</text></svg>'
+    )
 
 
 def example_html(ex: dict[str, Any], scale: float) -> str:
@@ -151,15 +181,24 @@ def example_html(ex: dict[str, Any], scale: float) -> str:
         else str(ex.get("label") or "unlabelled")
     )
     meta = f"{_f(ex['activation'])} · {html.escape(where)}"
-    return (f'<div style="font-family: monospace; white-space: pre-wrap; line-height: 1.8">'
-            f'<span style="color:#666; font-size: 11px">{meta} </span>{spans}</div>')  # fmt: skip
+    return (
+        f'<div style="font-family: monospace; white-space: pre-wrap; line-height: 1.8">'
+        f'<span style="color:#666; font-size: 11px">{meta} </span>{spans}</div>'
+    )
 
 
 def feature_html(page: dict[str, Any], info: dict[str, Any] | None = None) -> str:
     """One feature's page (the static explorer's, condensed) as HTML."""
     a = page.get("analysis") or {}
-    expl = html.escape(a.get("explanation") or a.get("explanation_source") or
-                       ("not explained" if page.get("analysis") else "not among notebook 04's top features: no explanation"))  # fmt: skip
+    expl = html.escape(
+        a.get("explanation")
+        or a.get("explanation_source")
+        or (
+            "not explained"
+            if page.get("analysis")
+            else "not among notebook 04's top features: no explanation"
+        )
+    )
     stats = [
         ("fires on", f"{_pct(page['firing_rate'])} of completion tokens ({page['n_firing']})"),
         ("honest / deceptive", f"{_pct(page['rates']['honest'])} / {_pct(page['rates']['deceptive'])}"),
@@ -167,23 +206,41 @@ def feature_html(page: dict[str, Any], info: dict[str, Any] | None = None) -> st
     ]
     corpus = page.get("corpus")
     if corpus:
-        stats.append(("reference corpus", f"{_pct(corpus['firing_rate'])} of {corpus['n_tokens']:,} corpus tokens "
-                      f"({corpus['n_firing']}), max {_f(corpus['max_activation'])}"))  # fmt: skip
+        stats.append(
+            (
+                "reference corpus",
+                f"{_pct(corpus['firing_rate'])} of {corpus['n_tokens']:,} corpus tokens "
+                f"({corpus['n_firing']}), max {_f(corpus['max_activation'])}",
+            )
+        )
     if page.get("analysis"):
         ci = a.get("d_ci") or [None, None]
-        stats += [("Cohen's d, held out [95% CI]", f"{_f(a.get('cohens_d'), '+.2f')} [{_f(ci[0], '+.2f')}, {_f(ci[1], '+.2f')}]"),
-                  ("q · AUROC", f"{_f(a.get('q_value'))} · {_f(a.get('auroc'))}")]  # fmt: skip
+        stats += [
+            (
+                "Cohen's d, held out [95% CI]",
+                f"{_f(a.get('cohens_d'), '+.2f')} [{_f(ci[0], '+.2f')}, {_f(ci[1], '+.2f')}]",
+            ),
+            ("q · AUROC", f"{_f(a.get('q_value'))} · {_f(a.get('auroc'))}"),
+        ]
         for m in ("detection", "fuzzing"):
             s = a.get(m)
             stats.append((m, "–" if not s else f"BA {s['balanced_accuracy']:.2f} · AUROC {s['auroc']:.2f}"))
-    parts = [f"<h3>{html.escape(page['sae_id'])} · feature #{page['feature']} · {html.escape(page['tag'])}</h3>",
-             f"<p>{expl}</p><table>" + "".join(f"<tr><td style='color:#666'>{k}</td><td>{v}</td></tr>" for k, v in stats) + "</table>"]  # fmt: skip
+    parts = [
+        f"<h3>{html.escape(page['sae_id'])} · feature #{page['feature']} · {html.escape(page['tag'])}</h3>",
+        f"<p>{expl}</p><table>"
+        + "".join(f"<tr><td style='color:#666'>{k}</td><td>{v}</td></tr>" for k, v in stats)
+        + "</table>",
+    ]
     if page["n_firing"]:
-        parts.append("<b>activation histogram</b> (completion tokens, from the smallest nonzero activation)<br>"
-                     + histogram_svg(page["histogram"]))  # fmt: skip
+        parts.append(
+            "<b>activation histogram</b> (completion tokens, from the smallest nonzero activation)<br>"
+            + histogram_svg(page["histogram"])
+        )
     elif not (corpus or {}).get("n_firing"):
-        parts.append("<p style='color:#a60'>This feature never fired on the scanned tokens: no histogram, windows or "
-                     "co-activation; its decoder views (logit effects, similar features) still apply.</p>")  # fmt: skip
+        parts.append(
+            "<p style='color:#a60'>This feature never fired on the scanned tokens: no histogram, windows or "
+            "co-activation; its decoder views (logit effects, similar features) still apply.</p>"
+        )
     if corpus and corpus["n_firing"]:
         parts.append(
             "<br><b>reference corpus</b> (its own histogram)<br>" + histogram_svg(corpus["histogram"])

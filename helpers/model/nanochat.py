@@ -292,8 +292,14 @@ def _fast_tokenizer(enc):
 def _key_map(n_layer: int) -> dict[str, str]:
     """native key -> transformers key (same table as transformers' convert_nanochat_checkpoints.py)."""
     out = {"transformer.wte.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight"}
-    pairs = {"attn.c_q": "self_attn.q_proj", "attn.c_k": "self_attn.k_proj", "attn.c_v": "self_attn.v_proj",
-             "attn.c_proj": "self_attn.o_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}  # fmt: skip
+    pairs = {
+        "attn.c_q": "self_attn.q_proj",
+        "attn.c_k": "self_attn.k_proj",
+        "attn.c_v": "self_attn.v_proj",
+        "attn.c_proj": "self_attn.o_proj",
+        "mlp.c_fc": "mlp.fc1",
+        "mlp.c_proj": "mlp.fc2",
+    }
     for i in range(n_layer):
         for old, new in pairs.items():
             out[f"transformer.h.{i}.{old}.weight"] = f"model.layers.{i}.{new}.weight"
@@ -376,8 +382,15 @@ def convert_native_checkpoint(
     bos = specials["<|bos|>"]
     eos = specials.get("<|assistant_end|>", bos)  # the chat stop token (base-only tokenizers: bos)
     ids = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": bos}
-    shape = {"vocab": vocab, "n_embd": n_embd, "n_head": n_head, "n_kv": n_kv, "n_layer": n_layer,
-             "seq_len": int(mc["sequence_len"]), "intermediate": sd["transformer.h.0.mlp.c_fc.weight"].shape[0]}  # fmt: skip
+    shape = {
+        "vocab": vocab,
+        "n_embd": n_embd,
+        "n_head": n_head,
+        "n_kv": n_kv,
+        "n_layer": n_layer,
+        "seq_len": int(mc["sequence_len"]),
+        "intermediate": sd["transformer.h.0.mlp.c_fc.weight"].shape[0],
+    }
     build = _transformers_nanochat if layout is layouts.ORIGINAL else _nanochat_gpt
     say(f"3/4 building {build.__doc__.split(':')[0]}")
     try:

@@ -195,15 +195,26 @@ def _gate_width(shapes: Mapping[str, tuple[int, ...]]) -> int | None:
 
 
 BRANCHES = (
-    ("a mixture-of-experts MLP (branch moe3, commit 3a76bb9: num_experts routed experts, top_k per token, "
-     "a shared expert)", lambda s: any(".mlp.router." in k or ".mlp.experts." in k or ".mlp.shared_expert." in k
-                                       for k in s)),
-    ("hyper-connections (PR #812, commit 83ba923: hc_rate parallel residual streams, a residual of shape "
-     "(B, T, N, D) mixed by each block's attn_hc / mlp_hc)", lambda s: any("_hc." in k for k in s)),
-    ("widening (PR #807, commit 4197e95: token embeddings of n_token_embd channels and narrower first layers "
-     "widened to n_embd)", lambda s: "transformer.wte.weight" in s and "lm_head.weight" in s
-     and s["transformer.wte.weight"][-1] != s["lm_head.weight"][-1]),
-)  # fmt: skip
+    (
+        "a mixture-of-experts MLP (branch moe3, commit 3a76bb9: num_experts routed experts, top_k per token, "
+        "a shared expert)",
+        lambda s: any(".mlp.router." in k or ".mlp.experts." in k or ".mlp.shared_expert." in k for k in s),
+    ),
+    (
+        "hyper-connections (PR #812, commit 83ba923: hc_rate parallel residual streams, a residual of shape "
+        "(B, T, N, D) mixed by each block's attn_hc / mlp_hc)",
+        lambda s: any("_hc." in k for k in s),
+    ),
+    (
+        "widening (PR #807, commit 4197e95: token embeddings of n_token_embd channels and narrower first layers "
+        "widened to n_embd)",
+        lambda s: (
+            "transformer.wte.weight" in s
+            and "lm_head.weight" in s
+            and s["transformer.wte.weight"][-1] != s["lm_head.weight"][-1]
+        ),
+    ),
+)
 """nanochat features of unmerged or side branches (../shared/oracles/nanochat), each recognised from its
 parameters, that this loader refuses by name: none has a hook point that means what
 `blocks.{i}.hook_resid_post` means in the supported layouts (one residual stream of width n_embd after

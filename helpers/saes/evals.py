@@ -320,9 +320,16 @@ def lm_eval_rows(rows: list[dict], held: set[str], n_completions: int, seed: int
 
 
 def evaluate_lm(
-    run_dir: str | os.PathLike, lm: Any, *, n_completions: int = 64, batch_size: int = 8, saes_per_pass: int = 3,
-    eval_fraction: float = 0.1, seed: int = 0, redo: bool = False,
-) -> dict[str, dict[str, Any]]:  # fmt: skip
+    run_dir: str | os.PathLike,
+    lm: Any,
+    *,
+    n_completions: int = 64,
+    batch_size: int = 8,
+    saes_per_pass: int = 3,
+    eval_fraction: float = 0.1,
+    seed: int = 0,
+    redo: bool = False,
+) -> dict[str, dict[str, Any]]:
     """Add the spliced-in LM loss (`lm` section) to every `saes/*/metrics.json` of the run that lacks it,
     on up to `n_completions` completions no SAE of the layer trained on, spread over prompt groups
     (`lm_eval_rows`): the held-out split of training, plus the analysis split when every SAE there
@@ -397,18 +404,30 @@ def leaderboard(run_dir: str | os.PathLike, sort_by: str = "explained_variance")
     rows = []
     for m in read_sae_metrics(run_dir):
         act, lm = m.get("activations", {}), m.get("lm", {})
-        rows.append({
-            "sae_id": m["sae_id"], "architecture": m["architecture"], "layer": m["layer"],
-            "condition": m["condition"], "explained_variance": act.get("explained_variance"),
-            "corpus_ev": (m.get("corpus_activations") or {}).get("explained_variance"),
-            "l0": act.get("l0"), "dead_pct": 100 * act.get("dead_fraction", math.nan),
-            "dense_pct": 100 * act.get("dense_fraction", math.nan), "mse": act.get("mse"),
-            "loss_recovered": lm.get("loss_recovered"), "ce_increase": lm.get("ce_increase"),
-            "kl_sae": lm.get("kl_sae"), "kl_div_score": lm.get("kl_div_score"),
-            **{f"{key}_{label}": (lm.get("by_label") or {}).get(label, {}).get(key)
-               for key in ("ce_increase", "kl_sae") for label in ("honest", "deceptive")},
-            "train_tokens": m.get("training", {}).get("tokens"),
-        })  # fmt: skip
+        rows.append(
+            {
+                "sae_id": m["sae_id"],
+                "architecture": m["architecture"],
+                "layer": m["layer"],
+                "condition": m["condition"],
+                "explained_variance": act.get("explained_variance"),
+                "corpus_ev": (m.get("corpus_activations") or {}).get("explained_variance"),
+                "l0": act.get("l0"),
+                "dead_pct": 100 * act.get("dead_fraction", math.nan),
+                "dense_pct": 100 * act.get("dense_fraction", math.nan),
+                "mse": act.get("mse"),
+                "loss_recovered": lm.get("loss_recovered"),
+                "ce_increase": lm.get("ce_increase"),
+                "kl_sae": lm.get("kl_sae"),
+                "kl_div_score": lm.get("kl_div_score"),
+                **{
+                    f"{key}_{label}": (lm.get("by_label") or {}).get(label, {}).get(key)
+                    for key in ("ce_increase", "kl_sae")
+                    for label in ("honest", "deceptive")
+                },
+                "train_tokens": m.get("training", {}).get("tokens"),
+            }
+        )
     if rows and sort_by not in rows[0]:
         raise KeyError(f"cannot sort by {sort_by!r}: columns are {', '.join(LEADERBOARD_COLUMNS)}")
     return sorted(rows, key=lambda r: -math.inf if r[sort_by] is None else r[sort_by], reverse=True)

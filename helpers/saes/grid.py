@@ -76,8 +76,15 @@ def sae_id_of(spec: str, arch: str, layer: int, condition: str, l0: int | None =
     return f"{model_short(spec)}_{arch}{'' if l0 is None else f'-l0-{l0}'}_L{layer}_{condition}"
 
 
-def condition_ids(rows: list[dict], condition: str, train_ids: list[str], store: LayerStore, *,
-                  min_completions: int = 20, min_tokens: int = 20_000) -> list[str]:  # fmt: skip
+def condition_ids(
+    rows: list[dict],
+    condition: str,
+    train_ids: list[str],
+    store: LayerStore,
+    *,
+    min_completions: int = 20,
+    min_tokens: int = 20_000,
+) -> list[str]:
     """Training completions of `condition` (completions.ids_for_condition: mixed = honest + deceptive)
     that have activations in `store`; TooFewSamples names the counts by label."""
     train = set(train_ids)
@@ -147,8 +154,14 @@ def train_grid(
             print(f"skipping {condition} at layer {layer}: {err}")
             data, n_items, reason = None, 0, str(err)
         for arch, l0 in itertools.product(architectures, sweep):
-            row = {"sae_id": sae_id_of(spec, arch, layer, condition, l0 if l0s else None), "layer": layer,
-                   "condition": condition, "architecture": arch, "l0_target": l0, "completions": n_items}  # fmt: skip
+            row = {
+                "sae_id": sae_id_of(spec, arch, layer, condition, l0 if l0s else None),
+                "layer": layer,
+                "condition": condition,
+                "architecture": arch,
+                "l0_target": l0,
+                "completions": n_items,
+            }
             run_cfg = replace(cfg, architecture=arch, l0=l0)
             settings = None if reason else sae_settings(run_cfg, spec, layer, condition, data)
             plan.append((row, sources, data, reason, run_cfg, settings))
@@ -162,12 +175,27 @@ def train_grid(
             done = "done earlier" if (out / SAE_METRICS).exists() else "to train"
             status.append({**row, "status": "skipped" if reason else done, "reason": reason})
             continue
-        meta = {**row, "model_spec": spec, "n_eval_completions": len(eval_ids),
-                "analysis_split": {"fraction": ANALYSIS_FRACTION, "seed": cfg.seed},
-                "dataset_path": sources.dataset_path(condition), "settings": settings,
-                "settings_hash": settings_hash(settings), "package_version": __version__}  # fmt: skip
-        m = train_sae(data, None, run_cfg, out, hook_name=hooks.hook_name(layer), model_name=spec, metadata=meta,
-                      device=device, **sources.evaluation(eval_ids, stream_eval_tokens))  # fmt: skip
+        meta = {
+            **row,
+            "model_spec": spec,
+            "n_eval_completions": len(eval_ids),
+            "analysis_split": {"fraction": ANALYSIS_FRACTION, "seed": cfg.seed},
+            "dataset_path": sources.dataset_path(condition),
+            "settings": settings,
+            "settings_hash": settings_hash(settings),
+            "package_version": __version__,
+        }
+        m = train_sae(
+            data,
+            None,
+            run_cfg,
+            out,
+            hook_name=hooks.hook_name(layer),
+            model_name=spec,
+            metadata=meta,
+            device=device,
+            **sources.evaluation(eval_ids, stream_eval_tokens),
+        )
         if sources.corpus_store is not None:  # the same SAE on held-out corpus text
             held = evaluate_folder(out, sources.corpus_store, sources.corpus_held, device=device)
             m["corpus_activations"] = held["activations"]
@@ -185,19 +213,31 @@ def sae_settings(cfg: TrainConfig, spec: str, layer: int, condition: str, data: 
     """What determines one SAE (compared on a rerun): its training config, the model, layer and condition,
     and its training data (which store and a hash of the completion / sequence ids it draws from)."""
     training = {k: v for k, v in asdict(cfg).items() if k not in RESUME_ONLY}
-    return jsonable({"training": training, "model": spec, "layer": layer, "condition": condition,
-                     "data": _data_settings(data)})  # fmt: skip
+    return jsonable(
+        {
+            "training": training,
+            "model": spec,
+            "layer": layer,
+            "condition": condition,
+            "data": _data_settings(data),
+        }
+    )
 
 
 def _data_settings(data: Any) -> Any:
     if isinstance(data, StoreData):
         ids = sorted(data.ids)
-        return {"store": f"{data.store.dir.parent.name}/{data.store.dir.name}", "items": len(ids),
-                "ids_hash": settings_hash(ids)}  # fmt: skip
+        return {
+            "store": f"{data.store.dir.parent.name}/{data.store.dir.name}",
+            "items": len(ids),
+            "ids_hash": settings_hash(ids),
+        }
     if isinstance(data, StreamData):
         stream = data.stream
-        return {"stream": getattr(stream, "corpus", type(stream).__name__),
-                "seq_len": getattr(getattr(stream, "packing", None), "seq_len", None)}  # fmt: skip
+        return {
+            "stream": getattr(stream, "corpus", type(stream).__name__),
+            "seq_len": getattr(getattr(stream, "packing", None), "seq_len", None),
+        }
     if isinstance(data, MixedData):
         return [{"share": round(float(w), 6), **_data_settings(d)} for d, w in data.parts]
     raise TypeError(f"no settings for training data of type {type(data).__name__}")
@@ -334,8 +374,15 @@ def run_saes(run_dir: str | os.PathLike, name_filter: str = "") -> list[Path]:
 class _Sources:
     """The stores of one layer (behaviour completions, reference corpus) and the data of each condition."""
 
-    def __init__(self, run_dir: Path, layer: int, rows: list[dict], train_ids: list[str], cfg: TrainConfig,
-                 corpus_stream: Callable[[int], Any] | None):  # fmt: skip
+    def __init__(
+        self,
+        run_dir: Path,
+        layer: int,
+        rows: list[dict],
+        train_ids: list[str],
+        cfg: TrainConfig,
+        corpus_stream: Callable[[int], Any] | None,
+    ):
         self.run_dir, self.layer, self.rows, self.train_ids, self.cfg = run_dir, layer, rows, train_ids, cfg
         self.behaviour = LayerStore(run_dir, layer) if rows and _has_store(run_dir, layer) else None
         self.corpus_store, self.corpus_train, self.corpus_held = None, [], []
@@ -366,8 +413,14 @@ class _Sources:
 
     def _ids(self, condition: str, min_completions: int, min_tokens: int) -> list[str]:
         # At least one batch of tokens, so an epoch is never empty.
-        return condition_ids(self.rows, condition, self.train_ids, self._behaviour(), min_completions=min_completions,
-                             min_tokens=max(min_tokens, self.cfg.batch_size))  # fmt: skip
+        return condition_ids(
+            self.rows,
+            condition,
+            self.train_ids,
+            self._behaviour(),
+            min_completions=min_completions,
+            min_tokens=max(min_tokens, self.cfg.batch_size),
+        )
 
     def _corpus(self, min_tokens: int) -> StoreData | StreamData:
         if self.corpus_store is None and self.make_stream is not None:
@@ -432,8 +485,13 @@ def import_sae(
         "condition": f"imported-{name}",
         "imported_from": str(source),
     }
-    save_sae(loaded.sae, folder, hook_name=f"blocks.{loaded.layer}.hook_resid_post",
-             model_name=loaded.model_name or "unknown", metadata=meta)  # fmt: skip
+    save_sae(
+        loaded.sae,
+        folder,
+        hook_name=f"blocks.{loaded.layer}.hook_resid_post",
+        model_name=loaded.model_name or "unknown",
+        metadata=meta,
+    )
     held = split_completions(read_completions(run_dir), eval_fraction, seed)[1]
     store = LayerStore(run_dir, loaded.layer)
     evaluation = evaluate_folder(folder, store, [i for i in held if i in store.entries])

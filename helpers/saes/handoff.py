@@ -295,8 +295,13 @@ def export_saelens_cache(
             raise ValueError(
                 f"activations of layer {selection.layer} overflow float16: export with dtype='float32'"
             )
-        _write_arrow(out / names[k], features, hook, acts.reshape(rows, context_size, d_in),
-                     None if ids is None else ids.reshape(rows, context_size))  # fmt: skip
+        _write_arrow(
+            out / names[k],
+            features,
+            hook,
+            acts.reshape(rows, context_size, d_in),
+            None if ids is None else ids.reshape(rows, context_size),
+        )
     _write_dataset_json(out, features, names, stable_hash(manifest))
     atomic_write_json(out / EXPORT_MANIFEST, manifest)
     (out / PARTIAL_MANIFEST).unlink()
@@ -397,8 +402,9 @@ def _write_arrow(path: Path, features, hook: str, acts: np.ndarray, ids: np.ndar
         raise RuntimeError(
             f"this datasets release stores Array2D as {storage}, not list<list<>>: not supported"
         )
-    inner = pa.ListArray.from_arrays(pa.array(np.arange(0, rows * ctx * d + 1, d, dtype=np.int32)),
-                                     pa.array(acts.reshape(-1)))  # fmt: skip
+    inner = pa.ListArray.from_arrays(
+        pa.array(np.arange(0, rows * ctx * d + 1, d, dtype=np.int32)), pa.array(acts.reshape(-1))
+    )
     outer = pa.ListArray.from_arrays(pa.array(np.arange(0, rows * ctx + 1, ctx, dtype=np.int32)), inner)
     arrays = [pa.ExtensionArray.from_storage(schema.field(hook).type, outer)]
     if ids is not None:
@@ -488,8 +494,9 @@ def import_saelens_sae(folder: str | os.PathLike, selection: Selection, *, devic
     return _import_loaded(loaded, Path(folder), selection, "saelens", f"sae_lens {trained_with}", device)
 
 
-def _import_loaded(loaded: LoadedSAE, folder: Path, selection: Selection, engine: str, trained_with: str,
-                   device: str) -> str:  # fmt: skip
+def _import_loaded(
+    loaded: LoadedSAE, folder: Path, selection: Selection, engine: str, trained_with: str, device: str
+) -> str:
     """Save `loaded` as `{model}_{arch}-{engine}_L{layer}_{condition}` in the run and evaluate it there."""
     if loaded.layer != selection.layer:
         raise ValueError(
@@ -507,15 +514,25 @@ def _import_loaded(loaded: LoadedSAE, folder: Path, selection: Selection, engine
     if (out / SAE_METRICS).exists():
         print(f"{sae_id} was imported earlier: kept (delete {out} to import again)")
         return sae_id
-    row = {"sae_id": sae_id, "layer": selection.layer, "condition": info["condition"],
-           "architecture": loaded.sae.architecture, "model_spec": spec, "trained_with": trained_with,
-           "imported_from": str(folder), "analysis_split": info["analysis_split"], "selection": info}  # fmt: skip
+    row = {
+        "sae_id": sae_id,
+        "layer": selection.layer,
+        "condition": info["condition"],
+        "architecture": loaded.sae.architecture,
+        "model_spec": spec,
+        "trained_with": trained_with,
+        "imported_from": str(folder),
+        "analysis_split": info["analysis_split"],
+        "selection": info,
+    }
     save_sae(loaded.sae, out, hook_name=hook_name(selection.layer), model_name=spec, metadata=row)
     evaluation = evaluate_folder(out, held_store, held_ids, device=device)
     atomic_write_json(out / SAE_METRICS, {**row, **evaluation})
-    print(f"imported {sae_id}: explained variance {evaluation['activations']['explained_variance']:.3f}, "
-          f"L0 {evaluation['activations']['l0']:.1f} on {len(held_ids)} held-out "
-          f"{'sequences' if held_store.dir.parent.name == 'corpus' else 'completions'}")  # fmt: skip
+    print(
+        f"imported {sae_id}: explained variance {evaluation['activations']['explained_variance']:.3f}, "
+        f"L0 {evaluation['activations']['l0']:.1f} on {len(held_ids)} held-out "
+        f"{'sequences' if held_store.dir.parent.name == 'corpus' else 'completions'}"
+    )
     return sae_id
 
 
@@ -556,9 +573,14 @@ def export_sparsify_tokens(
     n_tokens = sum(store.entries[i][2] for i in ids)
     if n_tokens < ctx_len:
         raise ValueError(f"ctx_len {ctx_len} is larger than the {n_tokens} training tokens of the corpus")
-    manifest = {"format": "sparsify uint16 token memmap", "sparsify_version": check_sparsify_version(),
-                **selection.describe(), "ctx_len": ctx_len, "n_rows": n_tokens // ctx_len,
-                "tokens_dropped": n_tokens % ctx_len}  # fmt: skip
+    manifest = {
+        "format": "sparsify uint16 token memmap",
+        "sparsify_version": check_sparsify_version(),
+        **selection.describe(),
+        "ctx_len": ctx_len,
+        "n_rows": n_tokens // ctx_len,
+        "tokens_dropped": n_tokens % ctx_len,
+    }
     side = out.with_suffix(".json")
     if out.exists() or side.exists():
         found = json.loads(side.read_text()) if side.exists() else None
@@ -578,9 +600,18 @@ def export_sparsify_tokens(
 
 
 def sparsify_command(
-    model: str, tokens_path: str | os.PathLike, layers: list[int], *, ctx_len: int, n_gpus: int = 1, k: int = 32,
-    expansion_factor: int = 8, batch_size: int = 8, save_dir: str = "sparsify_out", run_name: str = "run",
-) -> str:  # fmt: skip
+    model: str,
+    tokens_path: str | os.PathLike,
+    layers: list[int],
+    *,
+    ctx_len: int,
+    n_gpus: int = 1,
+    k: int = 32,
+    expansion_factor: int = 8,
+    batch_size: int = 8,
+    save_dir: str = "sparsify_out",
+    run_name: str = "run",
+) -> str:
     """The shell command that trains sparsify's TopK SAEs at `layers` (our `blocks.{i}.hook_resid_post` is
     the output of `transformer.h[i]`: sparsify's hookpoint `h.{i}` of the base model) on `n_gpus` GPUs,
     through `python -m helpers.saes.sparsify_main` (sparsify's own CLI once our nanochat class is
@@ -589,9 +620,11 @@ def sparsify_command(
         raise ValueError(f"n_gpus must be at least 1, got {n_gpus}")
     launch = "python -m" if n_gpus == 1 else f"torchrun --nproc_per_node {n_gpus} -m"
     hooks_ = " ".join(f"h.{i}" for i in layers)
-    return (f"{launch} helpers.saes.sparsify_main {model} {tokens_path} --ctx_len {ctx_len} --hookpoints {hooks_} "
-            f"--k {k} --expansion_factor {expansion_factor} --batch_size {batch_size} --loss_fn fvu "
-            f"--save_dir {save_dir} --run_name {run_name} --log_to_wandb false")  # fmt: skip
+    return (
+        f"{launch} helpers.saes.sparsify_main {model} {tokens_path} --ctx_len {ctx_len} --hookpoints {hooks_} "
+        f"--k {k} --expansion_factor {expansion_factor} --batch_size {batch_size} --loss_fn fvu "
+        f"--save_dir {save_dir} --run_name {run_name} --log_to_wandb false"
+    )
 
 
 def import_sparsify_sae(folder: str | os.PathLike, selection: Selection, *, device: str = "cpu") -> str:
@@ -609,11 +642,27 @@ def import_sparsify_sae(folder: str | os.PathLike, selection: Selection, *, devi
     d_sae, d_in = t["encoder.weight"].shape
     # sparsify: top-k of relu(W (x - b_dec) + b), decoded as acts @ W_dec + b_dec: SAELens's topk with W_enc = W^T
     tmp = Path(tempfile.mkdtemp(prefix="sparsify_import_"))
-    save_file({"W_enc": t["encoder.weight"].T.contiguous().float(), "b_enc": t["encoder.bias"].float(),
-               "W_dec": t["W_dec"].float().contiguous(), "b_dec": t["b_dec"].float()}, str(tmp / SAE_WEIGHTS))  # fmt: skip
-    atomic_write_json(tmp / SAE_CFG, {"architecture": "topk", "d_in": d_in, "d_sae": d_sae, "k": int(cfg["k"]),
-                                      "apply_b_dec_to_input": True, "normalize_activations": "none",
-                                      "metadata": {"hook_name": hook_name(selection.layer)}})  # fmt: skip
+    save_file(
+        {
+            "W_enc": t["encoder.weight"].T.contiguous().float(),
+            "b_enc": t["encoder.bias"].float(),
+            "W_dec": t["W_dec"].float().contiguous(),
+            "b_dec": t["b_dec"].float(),
+        },
+        str(tmp / SAE_WEIGHTS),
+    )
+    atomic_write_json(
+        tmp / SAE_CFG,
+        {
+            "architecture": "topk",
+            "d_in": d_in,
+            "d_sae": d_sae,
+            "k": int(cfg["k"]),
+            "apply_b_dec_to_input": True,
+            "normalize_activations": "none",
+            "metadata": {"hook_name": hook_name(selection.layer)},
+        },
+    )
     try:
         return _import_loaded(
             load_sae(tmp), folder, selection, "sparsify", f"sparsify {check_sparsify_version()}", device

@@ -188,25 +188,41 @@ def model_card(run_dir: str | os.PathLike, sae_ids: list[str], repo_id: str) -> 
     ).get("model_name")
     hub_model = isinstance(spec, str) and re.fullmatch(r"[\w.\-]+/[\w.\-]+", spec) and not Path(spec).exists()
     archs = sorted({c["architecture"] for c in cfgs.values()})
-    data = ModelCardData(library_name="saelens", base_model=spec if hub_model else None,
-                         tags=["saelens", "sparse-autoencoder", "interpretability", "deception", *archs])  # fmt: skip
-    lines = [f"---\n{data.to_yaml()}\n---", f"# Deception SAEs for `{spec}`", "",
-             f"{len(sae_ids)} sparse autoencoder(s) trained on the residual stream of `{spec}` with "
-             f"[deception-sae-lab](https://github.com/{GITHUB_REPO}) {__version__}, in the SAELens 6.x format "
-             "(one folder per SAE). Activation normalisation is folded into the weights: they take raw residuals.",
-             "", "## SAEs", "",
-             "| folder (sae_id) | architecture | hook | d_in -> d_sae | condition | training tokens | explained variance | L0 | dead % | LM loss recovered |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    data = ModelCardData(
+        library_name="saelens",
+        base_model=spec if hub_model else None,
+        tags=["saelens", "sparse-autoencoder", "interpretability", "deception", *archs],
+    )
+    lines = [
+        f"---\n{data.to_yaml()}\n---",
+        f"# Deception SAEs for `{spec}`",
+        "",
+        f"{len(sae_ids)} sparse autoencoder(s) trained on the residual stream of `{spec}` with "
+        f"[deception-sae-lab](https://github.com/{GITHUB_REPO}) {__version__}, in the SAELens 6.x format "
+        "(one folder per SAE). Activation normalisation is folded into the weights: they take raw residuals.",
+        "",
+        "## SAEs",
+        "",
+        "| folder (sae_id) | architecture | hook | d_in -> d_sae | condition | training tokens | explained variance | L0 | dead % | LM loss recovered |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for sid in sae_ids:
         c, m = cfgs[sid], metrics[sid]
         act, meta = m.get("activations") or {}, c.get("metadata") or {}
         dead = None if act.get("dead_fraction") is None else 100 * act["dead_fraction"]
-        lines.append(f"| `{sid}` | {c['architecture']} | `{meta.get('hook_name')}` | {c['d_in']} -> {c['d_sae']} | "
-                     f"{m.get('condition') or meta.get('condition') or '-'} | {_f((m.get('training') or {}).get('tokens'), ',')} | "
-                     f"{_f(act.get('explained_variance'))} | {_f(act.get('l0'), '.1f')} | {_f(dead, '.1f')} | "
-                     f"{_f((m.get('lm') or {}).get('loss_recovered'))} |")  # fmt: skip
-    lines += ["", "`hook` is TransformerLens's name: `blocks.{L}.hook_resid_post` is the output of decoder layer L.",
-              "", "## Training data and conditions", ""]  # fmt: skip
+        lines.append(
+            f"| `{sid}` | {c['architecture']} | `{meta.get('hook_name')}` | {c['d_in']} -> {c['d_sae']} | "
+            f"{m.get('condition') or meta.get('condition') or '-'} | {_f((m.get('training') or {}).get('tokens'), ',')} | "
+            f"{_f(act.get('explained_variance'))} | {_f(act.get('l0'), '.1f')} | {_f(dead, '.1f')} | "
+            f"{_f((m.get('lm') or {}).get('loss_recovered'))} |"
+        )
+    lines += [
+        "",
+        "`hook` is TransformerLens's name: `blocks.{L}.hook_resid_post` is the output of decoder layer L.",
+        "",
+        "## Training data and conditions",
+        "",
+    ]
     records = read_jsonl(completions_path(run_dir))
     if records:
         labels, judges = (
@@ -214,9 +230,11 @@ def model_card(run_dir: str | os.PathLike, sae_ids: list[str], repo_id: str) -> 
             Counter(r.get("label_source") for r in records),
         )
         sources = Counter(r.get("source") for r in records)
-        lines.append(f"Residual activations of the model's own completions: {len(records)} completions of "
-                     f"{len({r['prompt_id'] for r in records})} prompts ({', '.join(f'{k}: {v}' for k, v in sorted(sources.items(), key=str))}), "
-                     f"labelled {_counts(labels)} by {_counts(judges)}.")  # fmt: skip
+        lines.append(
+            f"Residual activations of the model's own completions: {len(records)} completions of "
+            f"{len({r['prompt_id'] for r in records})} prompts ({', '.join(f'{k}: {v}' for k, v in sorted(sources.items(), key=str))}), "
+            f"labelled {_counts(labels)} by {_counts(judges)}."
+        )
         if "rules" in judges:
             lines.append("Labels with source `rules` come from the offline regex judge, not from an LLM.")
     else:
@@ -227,10 +245,18 @@ def model_card(run_dir: str | os.PathLike, sae_ids: list[str], repo_id: str) -> 
     ours = [r for r in probes if r.get("kind") == "sae" and r.get("sae_id") in sae_ids]
     if ours:
         raw = {r["layer"]: r for r in probes if r.get("kind") == "raw"}
-        lines += ["", "## Probes: deceptive vs honest completions (grouped CV, 95% CIs)", "",
-                  "| sae_id | layer | balanced accuracy | AUROC | raw residual balanced accuracy | verdict |", "|---|---|---|---|---|---|"]  # fmt: skip
-        lines += [f"| `{r['sae_id']}` | {r['layer']} | {_ci(r, 'balanced_accuracy', 'ba_ci')} | {_ci(r, 'auroc', 'auroc_ci')} | "
-                  f"{_ci(raw.get(r['layer'], {}), 'balanced_accuracy', 'ba_ci')} | {r.get('verdict', '-')} |" for r in ours]  # fmt: skip
+        lines += [
+            "",
+            "## Probes: deceptive vs honest completions (grouped CV, 95% CIs)",
+            "",
+            "| sae_id | layer | balanced accuracy | AUROC | raw residual balanced accuracy | verdict |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| `{r['sae_id']}` | {r['layer']} | {_ci(r, 'balanced_accuracy', 'ba_ci')} | {_ci(r, 'auroc', 'auroc_ci')} | "
+            f"{_ci(raw.get(r['layer'], {}), 'balanced_accuracy', 'ba_ci')} | {r.get('verdict', '-')} |"
+            for r in ours
+        ]
     for sid in sae_ids:
         path = features_path(run_dir, sid)
         if path.exists():
@@ -239,18 +265,48 @@ def model_card(run_dir: str | os.PathLike, sae_ids: list[str], repo_id: str) -> 
                 key=lambda r: r.get("rank") or 1e9,
             )
             lines += ["", f"## Top features of `{sid}` (held-out Cohen's d, deceptive - honest)", ""]
-            lines += [f"- latent {r['feature']}: d = {_ci(r, 'cohens_d', 'd_ci')}, q = {_f(r.get('q_value'), '.3g')}; "
-                      f"{r.get('explanation') or 'not explained'}" for r in rows[:5]]  # fmt: skip
+            lines += [
+                f"- latent {r['feature']}: d = {_ci(r, 'cohens_d', 'd_ci')}, q = {_f(r.get('q_value'), '.3g')}; "
+                f"{r.get('explanation') or 'not explained'}"
+                for r in rows[:5]
+            ]
     first = sae_ids[0]
     if explorer_files(run_dir):
-        lines += ["", "## Feature explorer", "", "`explorer/index.html`: dashboards of every feature of the run's SAEs; download "
-                  "the repo and open it in a browser, no server needed. `neuronpedia/`: a Neuronpedia bulk-import "
-                  "export (its README says how to submit it)."]  # fmt: skip
-    lines += ["", "## Load", "", "With [SAELens](https://github.com/decoderesearch/SAELens) (6.x):", "", "```python",
-              "# pip install sae-lens", "from sae_lens import SAE", "", f'sae = SAE.from_pretrained(release="{repo_id}", sae_id="{first}")',
-              "# or from a local copy of the folder:", "from huggingface_hub import snapshot_download", "",
-              f'path = snapshot_download("{repo_id}", allow_patterns=["{first}/*"])', f'sae = SAE.load_from_disk(f"{{path}}/{first}")',
-              "```", "", f"With [helpers](https://github.com/{GITHUB_REPO}):", "", "```python",
-              f"# pip install {INSTALL_URL}", "from helpers.saes.io import load_sae", "", f'loaded = load_sae("{repo_id}/{first}")  # .sae, .hook_name, .layer',
-              "acts, pre_acts = loaded.sae.encode(residual)  # residual: [..., d_in] at loaded.hook_name", "```", ""]  # fmt: skip
+        lines += [
+            "",
+            "## Feature explorer",
+            "",
+            "`explorer/index.html`: dashboards of every feature of the run's SAEs; download "
+            "the repo and open it in a browser, no server needed. `neuronpedia/`: a Neuronpedia bulk-import "
+            "export (its README says how to submit it).",
+        ]
+    lines += [
+        "",
+        "## Load",
+        "",
+        "With [SAELens](https://github.com/decoderesearch/SAELens) (6.x):",
+        "",
+        "```python",
+        "# pip install sae-lens",
+        "from sae_lens import SAE",
+        "",
+        f'sae = SAE.from_pretrained(release="{repo_id}", sae_id="{first}")',
+        "# or from a local copy of the folder:",
+        "from huggingface_hub import snapshot_download",
+        "",
+        f'path = snapshot_download("{repo_id}", allow_patterns=["{first}/*"])',
+        f'sae = SAE.load_from_disk(f"{{path}}/{first}")',
+        "```",
+        "",
+        f"With [helpers](https://github.com/{GITHUB_REPO}):",
+        "",
+        "```python",
+        f"# pip install {INSTALL_URL}",
+        "from helpers.saes.io import load_sae",
+        "",
+        f'loaded = load_sae("{repo_id}/{first}")  # .sae, .hook_name, .layer',
+        "acts, pre_acts = loaded.sae.encode(residual)  # residual: [..., d_in] at loaded.hook_name",
+        "```",
+        "",
+    ]
     return "\n".join(lines)

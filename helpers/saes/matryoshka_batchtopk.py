@@ -39,8 +39,9 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         seed: int = 0,
     ):
         """`matryoshka_widths`: the prefix sizes, strictly increasing; d_sae is appended when missing."""
-        super().__init__(d_in, d_sae, l0=l0, k_aux=k_aux, auxk_coef=auxk_coef, threshold_rate=threshold_rate,
-                         seed=seed)  # fmt: skip
+        super().__init__(
+            d_in, d_sae, l0=l0, k_aux=k_aux, auxk_coef=auxk_coef, threshold_rate=threshold_rate, seed=seed
+        )
         widths = list(matryoshka_widths or sorted({max(1, d_sae // f) for f in (64, 16, 4)} | {d_sae}))
         if widths[-1] != d_sae:
             widths.append(d_sae)

@@ -244,8 +244,11 @@ class MixedData:
         return sizes
 
     def batches(self, cfg: TrainConfig, start: int) -> Iterator[torch.Tensor]:
-        its = [d.batches(replace(cfg, batch_size=n, seed=stable_hash(cfg.seed, i) % 2**31), start)
-               for i, ((d, _), n) in enumerate(zip(self.parts, self.sizes(cfg.batch_size), strict=True)) if n]  # fmt: skip
+        its = [
+            d.batches(replace(cfg, batch_size=n, seed=stable_hash(cfg.seed, i) % 2**31), start)
+            for i, ((d, _), n) in enumerate(zip(self.parts, self.sizes(cfg.batch_size), strict=True))
+            if n
+        ]
         while True:
             yield torch.cat([next(it) for it in its])
 
@@ -309,16 +312,31 @@ class Run:
         self.step += 1
         if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
             ev = 1 - (x - out.x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()  # this batch, scaled units
-            self.history.append({"step": self.step, "tokens": self.step * cfg.batch_size, "lr": cfg.lr_at(self.step - 1),
-                                 "loss": float(out.loss.detach()), **{k: float(v) for k, v in out.terms.items()},
-                                 "l0": out.l0, "explained_variance": float(ev),
-                                 "dead_fraction": float(sae.dead_mask(cfg.dead_after).float().mean())})  # fmt: skip
+            self.history.append(
+                {
+                    "step": self.step,
+                    "tokens": self.step * cfg.batch_size,
+                    "lr": cfg.lr_at(self.step - 1),
+                    "loss": float(out.loss.detach()),
+                    **{k: float(v) for k, v in out.terms.items()},
+                    "l0": out.l0,
+                    "explained_variance": float(ev),
+                    "dead_fraction": float(sae.dead_mask(cfg.dead_after).float().mean()),
+                }
+            )
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": asdict(self.cfg), "step": self.step, "scale": self.scale, "seconds": self.seconds,
-                "history": self.history, "sae": self.sae.state_dict(), "optimizer": self.opt.state_dict(),
-                "scaler": self.scaler.state_dict()}  # fmt: skip
+        return {
+            "config": asdict(self.cfg),
+            "step": self.step,
+            "scale": self.scale,
+            "seconds": self.seconds,
+            "history": self.history,
+            "sae": self.sae.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         now = json.loads(json.dumps(asdict(self.cfg)))
@@ -327,8 +345,9 @@ class Run:
         if state["config"] != now:
             diff = ", ".join(
                 f"{k}: checkpoint {state['config'].get(k)!r}, now {now.get(k)!r}"
-                for k in sorted(set(state["config"]) | set(now)) if state["config"].get(k) != now.get(k)
-            )  # fmt: skip
+                for k in sorted(set(state["config"]) | set(now))
+                if state["config"].get(k) != now.get(k)
+            )
             raise ValueError(
                 f"the checkpoint was made with other settings ({diff}): set them back to resume it "
                 "(e.g. LR = 3e-4 for a checkpoint from before lr 1e-3 became the default), or delete it to start over"
@@ -388,8 +407,12 @@ def train_sae(
         run.train_step(x)
         if run.step % cfg.log_every == 0:
             row = run.history[-1]
-            bar.set_postfix(loss=f"{row['loss']:.4g}", L0=f"{row['l0']:.1f}", EV=f"{row['explained_variance']:.3f}",
-                            dead=f"{100 * row['dead_fraction']:.1f}%")  # fmt: skip
+            bar.set_postfix(
+                loss=f"{row['loss']:.4g}",
+                L0=f"{row['l0']:.1f}",
+                EV=f"{row['explained_variance']:.3f}",
+                dead=f"{100 * row['dead_fraction']:.1f}%",
+            )
         bar.update(1)
         if run.step % cfg.checkpoint_every == 0 or run.step == end:
             run.seconds, start = run.seconds + time.perf_counter() - start, time.perf_counter()
@@ -404,8 +427,14 @@ def train_sae(
     meta = {**(metadata or {}), "training": asdict(cfg)}
     save_sae(run.sae, out_dir, hook_name=hook_name, model_name=model_name, scale=run.scale, metadata=meta)
     tokens = cfg.total_steps * cfg.batch_size
-    training = {"tokens": tokens, "seconds": run.seconds, "tokens_per_second": tokens / max(run.seconds, 1e-9),
-                "normalization_scale": run.scale, "config": asdict(cfg), "history": run.history}  # fmt: skip
+    training = {
+        "tokens": tokens,
+        "seconds": run.seconds,
+        "tokens_per_second": tokens / max(run.seconds, 1e-9),
+        "normalization_scale": run.scale,
+        "config": asdict(cfg),
+        "history": run.history,
+    }
     if eval_batches is not None:
         loaded = load_sae(out_dir, device=device)
         activations = activation_metrics(loaded.sae, eval_batches, device=device)

@@ -251,10 +251,18 @@ class Condition:
         sha = None
         if self.direction is not None:
             sha = hashlib.sha256(np.round(self.direction.numpy(), 5).astype(np.float32).tobytes()).hexdigest()
-        return {"name": self.name, "kind": self.kind, "layer": self.layer, "strength": self.strength,
-                "residual_norm": self.residual_norm, "vector_norm": abs(self.strength) * self.residual_norm,
-                "feature": self.feature, "sae_id": self.sae_id, "control_seed": self.control_seed,
-                "direction_sha256": sha}  # fmt: skip
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "layer": self.layer,
+            "strength": self.strength,
+            "residual_norm": self.residual_norm,
+            "vector_norm": abs(self.strength) * self.residual_norm,
+            "feature": self.feature,
+            "sae_id": self.sae_id,
+            "control_seed": self.control_seed,
+            "direction_sha256": sha,
+        }
 
 
 def build_conditions(
@@ -278,15 +286,38 @@ def build_conditions(
     for s in strengths:
         common = dict(layer=layer, strength=float(s), residual_norm=residual_norm)
         for f in features:
-            out.append(Condition(f"L{layer} feature {sid}/{f} @ {s:+g}", "feature", direction=feature_direction(sae, f),
-                                 feature=int(f), sae_id=sid, **common))  # fmt: skip
+            out.append(
+                Condition(
+                    f"L{layer} feature {sid}/{f} @ {s:+g}",
+                    "feature",
+                    direction=feature_direction(sae, f),
+                    feature=int(f),
+                    sae_id=sid,
+                    **common,
+                )
+            )
         for r in range(n_random):
             latent = random_feature(sae, exclude=features, seed=seed + r)
-            out.append(Condition(f"L{layer} random_feature {sid}/{latent} @ {s:+g}", "random_feature",
-                                 direction=feature_direction(sae, latent), feature=latent, sae_id=sid,
-                                 control_seed=seed + r, **common))  # fmt: skip
-            out.append(Condition(f"L{layer} random_direction seed {seed + r} @ {s:+g}", "random_direction",
-                                 direction=random_direction(d, 1.0, seed + r), control_seed=seed + r, **common))  # fmt: skip
+            out.append(
+                Condition(
+                    f"L{layer} random_feature {sid}/{latent} @ {s:+g}",
+                    "random_feature",
+                    direction=feature_direction(sae, latent),
+                    feature=latent,
+                    sae_id=sid,
+                    control_seed=seed + r,
+                    **common,
+                )
+            )
+            out.append(
+                Condition(
+                    f"L{layer} random_direction seed {seed + r} @ {s:+g}",
+                    "random_direction",
+                    direction=random_direction(d, 1.0, seed + r),
+                    control_seed=seed + r,
+                    **common,
+                )
+            )
         if diff_of_means is not None:
             out.append(
                 Condition(

@@ -84,8 +84,10 @@ def held_out_prompts(
                 "load_scenarios(paraphrases=True) when notebook 02 sampled only the q0 questions), or hold "
                 "out some scenarios in notebook 02"
             )
-        print("every scenario of these prompts is in the run: using unused prompts of them (paraphrases), "
-              "whose scenarios the features were chosen on")  # fmt: skip
+        print(
+            "every scenario of these prompts is in the run: using unused prompts of them (paraphrases), "
+            "whose scenarios the features were chosen on"
+        )
     by_group: dict[str, list[Prompt]] = defaultdict(list)
     for prompt in fresh:
         by_group[prompt.group].append(prompt)
@@ -99,9 +101,13 @@ def sample_size(prompts: Sequence[Prompt], n_per_prompt: int) -> dict[str, Any]:
     """What a steering test over these prompts can show: scenarios (the units of the paired test),
     prompts, answers per condition, and the smallest p-value the sign-flip test can reach (2 / 2^scenarios)."""
     n_scenarios = len({p.group for p in prompts})
-    return {"n_scenarios": n_scenarios, "n_prompts": len(prompts), "n_per_prompt": n_per_prompt,
-            "answers_per_condition": len(prompts) * n_per_prompt,
-            "min_possible_p": 2 / 2 ** n_scenarios if n_scenarios else 1.0}  # fmt: skip
+    return {
+        "n_scenarios": n_scenarios,
+        "n_prompts": len(prompts),
+        "n_per_prompt": n_per_prompt,
+        "answers_per_condition": len(prompts) * n_per_prompt,
+        "min_possible_p": 2 / 2**n_scenarios if n_scenarios else 1.0,
+    }
 
 
 def steering_targets(
@@ -139,15 +145,21 @@ def steering_targets(
     chosen = sorted(rows, key=lambda r: (not r["replicated"], r["rank"]))[:n_features]
     n_rep = sum(r["replicated"] for r in rows)
     if not any(r.get("q_value") is not None for r in rows):
-        print(f"{sae_id}: notebook 04's table has no held-out q-values (an older run: rerun notebook 04); "
-              f"steering the top {len(chosen)} by rank, none of them validated on held-out data")  # fmt: skip
+        print(
+            f"{sae_id}: notebook 04's table has no held-out q-values (an older run: rerun notebook 04); "
+            f"steering the top {len(chosen)} by rank, none of them validated on held-out data"
+        )
     elif n_rep == 0:
-        print(f"{sae_id}: no feature replicated on the held-out half (every q >= {alpha}): steering the top "
-              f"{len(chosen)} by selection-split effect size as unvalidated candidates, not deception features")  # fmt: skip
+        print(
+            f"{sae_id}: no feature replicated on the held-out half (every q >= {alpha}): steering the top "
+            f"{len(chosen)} by selection-split effect size as unvalidated candidates, not deception features"
+        )
     else:
         extra = f", then {len(chosen) - n_rep} that did not, by rank" if len(chosen) > n_rep else ""
-        print(f"{sae_id}: {n_rep} of {len(rows)} analysed features replicated on the held-out half (q < {alpha}): "
-              f"steering {min(n_rep, len(chosen))} of them first{extra}")  # fmt: skip
+        print(
+            f"{sae_id}: {n_rep} of {len(rows)} analysed features replicated on the held-out half (q < {alpha}): "
+            f"steering {min(n_rep, len(chosen))} of them first{extra}"
+        )
     return sae, chosen
 
 
@@ -244,12 +256,19 @@ def run_steering_experiment(
         )
     by_id = {p.id: p for p in prompts}
     size = sample_size(prompts, n_per_prompt)
-    print(f"{size['n_scenarios']} scenarios, {size['n_prompts']} prompts x {n_per_prompt} samples = "
-          f"{size['answers_per_condition']} answers per condition; the paired test's units are the scenarios, "
-          f"so no p-value can fall below {size['min_possible_p']:.3g}")  # fmt: skip
+    print(
+        f"{size['n_scenarios']} scenarios, {size['n_prompts']} prompts x {n_per_prompt} samples = "
+        f"{size['answers_per_condition']} answers per condition; the paired test's units are the scenarios, "
+        f"so no p-value can fall below {size['min_possible_p']:.3g}"
+    )
     triples = [(p.id, p.user, p.system) for p in prompts]
-    sampling = {"prompt_ids": sorted(by_id), "n_per_prompt": n_per_prompt, "max_new_tokens": max_new_tokens,
-                "seed": seed, "temperature": temperature}  # fmt: skip
+    sampling = {
+        "prompt_ids": sorted(by_id),
+        "n_per_prompt": n_per_prompt,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        "temperature": temperature,
+    }
     done = {r["name"]: r for r in read_steering(run_dir)}
     rows = []
     for cond in conditions:
@@ -268,8 +287,15 @@ def run_steering_experiment(
             rows.append(done[cond.name])
             continue
         with cond.context(lm.model):
-            comps = sample_completions(lm, triples, n_per_prompt=n_per_prompt, temperature=temperature,
-                                       max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)  # fmt: skip
+            comps = sample_completions(
+                lm,
+                triples,
+                n_per_prompt=n_per_prompt,
+                temperature=temperature,
+                max_new_tokens=max_new_tokens,
+                seed=seed,
+                batch_size=batch_size,
+            )
         nll = completion_nll(lm, comps)  # outside the context: fluency under the unsteered model
         labels = label_all(
             [{"id": c.id, "prompt_id": c.prompt_id, "completion": c.completion} for c in comps],
@@ -278,24 +304,37 @@ def run_steering_experiment(
         )
         missing = [i for i, lab in labels.items() if lab.source == "none"]
         if missing:  # an unlabelled answer would count as "not deceptive" and bias the rate: keep nothing
-            print(f"{cond.name}: {len(missing)} answers unlabelled (Gemini quota or budget): not saved; "
-                  "stopping here. Rerun later: finished conditions are skipped, cached answers reused.")  # fmt: skip
+            print(
+                f"{cond.name}: {len(missing)} answers unlabelled (Gemini quota or budget): not saved; "
+                "stopping here. Rerun later: finished conditions are skipped, cached answers reused."
+            )
             break
         samples = [
-            {"id": c.id, "prompt_id": c.prompt_id, "group": by_id[c.prompt_id].group,
-             "sample_index": c.sample_index, "completion": c.completion,
-             "n_tokens": c.n_tokens, "stopped": c.stopped, "label": labels[c.id].label,
-             "label_source": labels[c.id].source, "label_confidence": labels[c.id].confidence,
-             "label_reason": labels[c.id].reason, "nll": round(loss, 4),
-             "perplexity": round(math.exp(loss / n), 4) if n else None}
+            {
+                "id": c.id,
+                "prompt_id": c.prompt_id,
+                "group": by_id[c.prompt_id].group,
+                "sample_index": c.sample_index,
+                "completion": c.completion,
+                "n_tokens": c.n_tokens,
+                "stopped": c.stopped,
+                "label": labels[c.id].label,
+                "label_source": labels[c.id].source,
+                "label_confidence": labels[c.id].confidence,
+                "label_reason": labels[c.id].reason,
+                "nll": round(loss, 4),
+                "perplexity": round(math.exp(loss / n), 4) if n else None,
+            }
             for c, (loss, n) in zip(comps, nll, strict=True)
-        ]  # fmt: skip
+        ]
         row = jsonable({**settings, "samples": samples, "stats": condition_stats(samples)})
         _append(run_dir, row)
         s = row["stats"]
-        print(f"{cond.name}: deceptive {s['deceptive_rate']:.2f} {np.round(s['rate_ci'], 2).tolist()}, "
-              f"ambiguous {s['ambiguous_rate']:.2f}, perplexity {s['perplexity'] or float('nan'):.1f} "
-              f"({s['label_sources']})")  # fmt: skip
+        print(
+            f"{cond.name}: deceptive {s['deceptive_rate']:.2f} {np.round(s['rate_ci'], 2).tolist()}, "
+            f"ambiguous {s['ambiguous_rate']:.2f}, perplexity {s['perplexity'] or float('nan'):.1f} "
+            f"({s['label_sources']})"
+        )
         rows.append(row)
     return rows
 
@@ -321,8 +360,12 @@ def paired_scenario_test(a: np.ndarray, b: np.ndarray, answers: np.ndarray, seed
         r = float(np.corrcoef(a, b)[0, 1]) if k > 1 and a.std() > 0 and b.std() > 0 else 0.0
     rows = np.repeat(np.arange(k), answers.astype(int))  # each scenario's answers, one row each
     ci = difference_ci(clustered_proportion_ci(a[rows], rows), clustered_proportion_ci(b[rows], rows), r)
-    return {"difference": float(d.mean()), "difference_ci": ci,
-            "p_value": sign_flip_test(d, seed=seed), "min_possible_p": 2 / 2 ** min(k, 16)}  # fmt: skip
+    return {
+        "difference": float(d.mean()),
+        "difference_ci": ci,
+        "p_value": sign_flip_test(d, seed=seed),
+        "min_possible_p": 2 / 2 ** min(k, 16),
+    }
 
 
 def compare_to_controls(
@@ -337,9 +380,12 @@ def compare_to_controls(
     for r in (r for r in rows if r["kind"] in TESTED_KINDS):
         for kind in CONTROL_KINDS:
             ctrl = [
-                c for c in rows if c["kind"] == kind and c["sampling"] == r["sampling"]
+                c
+                for c in rows
+                if c["kind"] == kind
+                and c["sampling"] == r["sampling"]
                 and (kind == "none" or (c["layer"] == r["layer"] and c["strength"] == r["strength"]))
-            ]  # fmt: skip
+            ]
             if not ctrl:
                 continue
             rates, amb = _per_scenario_rates(r), _per_scenario_rates(r, "ambiguous")
@@ -350,19 +396,29 @@ def compare_to_controls(
             a = np.array([rates[g] for g in scenarios])
             b = np.array([np.mean([cr[g] for cr in ctrl_rates]) for g in scenarios])
             amb_diff = np.mean([amb[g] - np.mean([ca[g] for ca in ctrl_amb]) for g in scenarios])
-            out.append({
-                "condition": r["name"], "kind": r["kind"], "feature": r.get("feature"), "sae_id": r.get("sae_id"),
-                "layer": r["layer"], "strength": r["strength"], "control": kind, "controls": [c["name"] for c in ctrl],
-                "n_scenarios": len(scenarios), "n_prompts": r["stats"].get("n_prompts"),
-                "n_per_prompt": r["sampling"]["n_per_prompt"],
-                "rate": float(a.mean()), "control_rate": float(b.mean()),
-                **paired_scenario_test(a, b, np.array([answers[g] for g in scenarios]), seed=seed),
-                "ambiguous_difference": float(amb_diff),
-                "test": "exact sign-flip test over scenarios; MOVER interval from scenario-clustered Wilson intervals",
-                "perplexity": r["stats"]["perplexity"],
-                "control_perplexity": float(np.mean([c["stats"]["perplexity"] or np.nan for c in ctrl])),
-                "label_sources": r["stats"]["label_sources"],
-            })  # fmt: skip
+            out.append(
+                {
+                    "condition": r["name"],
+                    "kind": r["kind"],
+                    "feature": r.get("feature"),
+                    "sae_id": r.get("sae_id"),
+                    "layer": r["layer"],
+                    "strength": r["strength"],
+                    "control": kind,
+                    "controls": [c["name"] for c in ctrl],
+                    "n_scenarios": len(scenarios),
+                    "n_prompts": r["stats"].get("n_prompts"),
+                    "n_per_prompt": r["sampling"]["n_per_prompt"],
+                    "rate": float(a.mean()),
+                    "control_rate": float(b.mean()),
+                    **paired_scenario_test(a, b, np.array([answers[g] for g in scenarios]), seed=seed),
+                    "ambiguous_difference": float(amb_diff),
+                    "test": "exact sign-flip test over scenarios; MOVER interval from scenario-clustered Wilson intervals",
+                    "perplexity": r["stats"]["perplexity"],
+                    "control_perplexity": float(np.mean([c["stats"]["perplexity"] or np.nan for c in ctrl])),
+                    "label_sources": r["stats"]["label_sources"],
+                }
+            )
     q = bh_qvalues(np.array([o["p_value"] for o in out])) if out else []
     for o, qv in zip(out, q, strict=True):
         o["q_value"] = float(qv)
@@ -410,8 +466,16 @@ def comparison_table(
     labels, how many tests passed) is returned once as notes, instead of repeated in every sentence."""
     by_condition: dict[str, dict[str, Any]] = {}
     for o in results:
-        row = by_condition.setdefault(o["condition"], {"condition": o["condition"], "strength": o["strength"],
-                                                       "rate %": round(100 * o["rate"]), "_sig": [], "_flags": set()})  # fmt: skip
+        row = by_condition.setdefault(
+            o["condition"],
+            {
+                "condition": o["condition"],
+                "strength": o["strength"],
+                "rate %": round(100 * o["rate"]),
+                "_sig": [],
+                "_flags": set(),
+            },
+        )
         lo, hi = (100 * x for x in o["difference_ci"])
         star = "*" if o["q_value"] < alpha else ""
         row[f"vs {CONTROL_NAMES[o['control']]}"] = (
@@ -443,14 +507,18 @@ def comparison_table(
     notes = []
     if results:
         n_sig = sum(o["q_value"] < alpha for o in results)
-        notes.append(f"{n_sig} of {len(results)} comparisons at q < {alpha} (* ; Benjamini-Hochberg over all "
-                     "of them; differences in points of deceptive rate, 95% CI)")  # fmt: skip
+        notes.append(
+            f"{n_sig} of {len(results)} comparisons at q < {alpha} (* ; Benjamini-Hochberg over all "
+            "of them; differences in points of deceptive rate, 95% CI)"
+        )
         sizes = sorted({(o["n_scenarios"], o["n_per_prompt"]) for o in results})
         notes.append("sample: " + ", ".join(f"{k} scenarios x {m} samples per prompt" for k, m in sizes))
         few = sorted({o["n_scenarios"] for o in results if o["min_possible_p"] > alpha})
         if few:
-            notes.append(f"with {'/'.join(map(str, few))} scenarios no test can reach p < {alpha}: "
-                         "use 6 or more scenarios (N_HELD_OUT_PROMPTS)")  # fmt: skip
+            notes.append(
+                f"with {'/'.join(map(str, few))} scenarios no test can reach p < {alpha}: "
+                "use 6 or more scenarios (N_HELD_OUT_PROMPTS)"
+            )
         if any("rules" in o["label_sources"] for o in results):
             notes.append("labels: offline rules (no Gemini judge), a rough proxy for deception")
     return rows, notes

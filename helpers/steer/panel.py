@@ -82,13 +82,22 @@ def generate_pair(
         ctx = steering.clamp_feature(lm, sae, sae.layer, feature, value)
     with ctx:
         steered = sample_completions(lm, prompts, **kw)[0].completion
-    return {"unsteered": unsteered, "steered": steered, "feature": int(feature), "layer": sae.layer,
-            "mode": mode, "strength": float(strength), "unit": float(unit)}  # fmt: skip
+    return {
+        "unsteered": unsteered,
+        "steered": steered,
+        "feature": int(feature),
+        "layer": sae.layer,
+        "mode": mode,
+        "strength": float(strength),
+        "unit": float(unit),
+    }
 
 
 def _card(title: str, text: str) -> str:
-    return (f'<div style="border:1px solid #ccc; border-radius:4px; padding:6px; white-space:pre-wrap">'
-            f"<b>{html.escape(title)}</b><br>{html.escape(text) or '<i>(empty)</i>'}</div>")  # fmt: skip
+    return (
+        f'<div style="border:1px solid #ccc; border-radius:4px; padding:6px; white-space:pre-wrap">'
+        f"<b>{html.escape(title)}</b><br>{html.escape(text) or '<i>(empty)</i>'}</div>"
+    )
 
 
 def steering_panel(
@@ -114,13 +123,21 @@ def steering_panel(
     d_sae = {str(f): int(json.loads((f / SAE_CFG).read_text())["d_sae"]) for f in folders}
     full = {"description_width": "initial"}
     sae_box = w.Dropdown(options=[(f.name, str(f)) for f in folders], description="SAE", style=full)
-    feat_box = w.Dropdown(options=[("(type a latent)", -1)], description="feature", style=full,
-                          layout=w.Layout(width="60%"))  # fmt: skip
+    feat_box = w.Dropdown(
+        options=[("(type a latent)", -1)], description="feature", style=full, layout=w.Layout(width="60%")
+    )
     latent = w.BoundedIntText(value=0, min=0, max=d_sae[sae_box.value] - 1, description="latent", style=full)
     mode = w.Dropdown(options=list(MODES), value="add", description="mode", style=full)
-    strength = w.FloatSlider(value=0.5, min=-3.0, max=3.0, step=0.05, continuous_update=False, style=full,
-                             description="strength (x typical residual norm)",
-                             layout=w.Layout(width="60%"))  # fmt: skip
+    strength = w.FloatSlider(
+        value=0.5,
+        min=-3.0,
+        max=3.0,
+        step=0.05,
+        continuous_update=False,
+        style=full,
+        description="strength (x typical residual norm)",
+        layout=w.Layout(width="60%"),
+    )
     system_box = w.Textarea(value=system, description="system", layout=w.Layout(width="95%", height="70px"))
     prompt_box = w.Textarea(value=prompt, description="prompt", layout=w.Layout(width="95%", height="50px"))
     button = w.Button(description="Generate", button_style="primary")
@@ -152,9 +169,19 @@ def steering_panel(
                 except FileNotFoundError:  # no activations in this run: measure on the prompt, announced
                     units[sae.layer] = steering.measure_residual_norm(lm, sae.layer, [prompt_box.value])
                     notes[sae.layer] = " (measured on this prompt: the run has no stored activations)"
-            out = generate_pair(lm, sae, latent.value, strength.value, prompt_box.value, system=system_box.value,
-                                mode=mode.value, unit=units[sae.layer], max_new_tokens=max_new_tokens,
-                                temperature=temperature, seed=seed)  # fmt: skip
+            out = generate_pair(
+                lm,
+                sae,
+                latent.value,
+                strength.value,
+                prompt_box.value,
+                system=system_box.value,
+                mode=mode.value,
+                unit=units[sae.layer],
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                seed=seed,
+            )
         except Exception as err:  # noqa: BLE001 - a callback's exception is invisible in Colab: show it
             status.value = f"<b style='color:#b00'>{type(err).__name__}</b>: {html.escape(str(err))}"
             return
@@ -170,5 +197,15 @@ def steering_panel(
     feat_box.observe(on_feature, names="value")
     button.on_click(on_click)
     on_sae()
-    return w.VBox([w.HBox([sae_box, feat_box]), w.HBox([latent, mode]), strength, system_box, prompt_box,
-                   button, status, w.HBox([left, right])])  # fmt: skip
+    return w.VBox(
+        [
+            w.HBox([sae_box, feat_box]),
+            w.HBox([latent, mode]),
+            strength,
+            system_box,
+            prompt_box,
+            button,
+            status,
+            w.HBox([left, right]),
+        ]
+    )

@@ -42,14 +42,47 @@ from helpers.sweep.plan import params_text, relative_depth
 
 TABLE = "comparison"
 COLUMNS = [
-    "model", "spec", "status", "n_params", "n_layers", "layer", "relative_depth",
-    "raw_auroc", "raw_auroc_lo", "raw_auroc_hi", "raw_ba", "raw_ba_lo", "raw_ba_hi", "raw_n", "raw_n_groups",
-    "recall_at_fpr", "best_sae", "sae_architecture", "sae_auroc", "sae_ba", "sae_minus_raw_ba",
-    "sae_minus_raw_ba_lo", "sae_minus_raw_ba_hi", "sae_minus_raw_auroc", "sae_vs_raw_p", "sae_vs_raw_p_holm_sweep",
-    "random_sae_auroc", "random_sae_ba", "sae_explained_variance", "sae_l0", "sae_ce_loss_score",
-    "max_feature_d", "max_feature_d_lo", "max_feature_d_hi", "max_feature_sae", "ensemble_concat_auroc",
-    "ensemble_concat_auroc_lo", "ensemble_concat_auroc_hi", "ensemble_mean_auroc", "error",
-]  # fmt: skip
+    "model",
+    "spec",
+    "status",
+    "n_params",
+    "n_layers",
+    "layer",
+    "relative_depth",
+    "raw_auroc",
+    "raw_auroc_lo",
+    "raw_auroc_hi",
+    "raw_ba",
+    "raw_ba_lo",
+    "raw_ba_hi",
+    "raw_n",
+    "raw_n_groups",
+    "recall_at_fpr",
+    "best_sae",
+    "sae_architecture",
+    "sae_auroc",
+    "sae_ba",
+    "sae_minus_raw_ba",
+    "sae_minus_raw_ba_lo",
+    "sae_minus_raw_ba_hi",
+    "sae_minus_raw_auroc",
+    "sae_vs_raw_p",
+    "sae_vs_raw_p_holm_sweep",
+    "random_sae_auroc",
+    "random_sae_ba",
+    "sae_explained_variance",
+    "sae_l0",
+    "sae_ce_loss_score",
+    "max_feature_d",
+    "max_feature_d_lo",
+    "max_feature_d_hi",
+    "max_feature_sae",
+    "ensemble_concat_auroc",
+    "ensemble_concat_auroc_lo",
+    "ensemble_concat_auroc_hi",
+    "ensemble_mean_auroc",
+    "error",
+]
 
 
 def _ci(pair: Any) -> tuple[Any, Any]:
@@ -112,12 +145,25 @@ def model_rows(key: str, entry: dict[str, Any], n_params: int | None) -> list[di
         layer = raw["layer"]
         a_lo, a_hi = _ci(raw.get("auroc_ci"))
         b_lo, b_hi = _ci(raw.get("ba_ci"))
-        row = {**base, "n_layers": n_layers, "layer": layer, "relative_depth": relative_depth(layer, n_layers),
-               "raw_auroc": raw.get("auroc"), "raw_auroc_lo": a_lo, "raw_auroc_hi": a_hi,
-               "raw_ba": raw.get("balanced_accuracy"), "raw_ba_lo": b_lo, "raw_ba_hi": b_hi, "raw_n": raw.get("n"),
-               "raw_n_groups": raw.get("n_groups"), "recall_at_fpr": _recall(probes, layer),
-               "ensemble_concat_auroc": concat.get("auroc"), "ensemble_concat_auroc_lo": c_lo,
-               "ensemble_concat_auroc_hi": c_hi, "ensemble_mean_auroc": mean.get("auroc")}  # fmt: skip
+        row = {
+            **base,
+            "n_layers": n_layers,
+            "layer": layer,
+            "relative_depth": relative_depth(layer, n_layers),
+            "raw_auroc": raw.get("auroc"),
+            "raw_auroc_lo": a_lo,
+            "raw_auroc_hi": a_hi,
+            "raw_ba": raw.get("balanced_accuracy"),
+            "raw_ba_lo": b_lo,
+            "raw_ba_hi": b_hi,
+            "raw_n": raw.get("n"),
+            "raw_n_groups": raw.get("n_groups"),
+            "recall_at_fpr": _recall(probes, layer),
+            "ensemble_concat_auroc": concat.get("auroc"),
+            "ensemble_concat_auroc_lo": c_lo,
+            "ensemble_concat_auroc_hi": c_hi,
+            "ensemble_mean_auroc": mean.get("auroc"),
+        }
         saes = [r for r in _rows_of(probes, "sae", layer) if r.get("auroc") is not None]
         if saes:
             best = max(saes, key=lambda r: r["auroc"])
@@ -128,13 +174,22 @@ def model_rows(key: str, entry: dict[str, Any], n_params: int | None) -> list[di
             )
             m = metrics.get(best["sae_id"], {})
             act, lm = m.get("activations", {}), m.get("lm", {})
-            row.update(best_sae=best["sae_id"], sae_architecture=best.get("architecture"), sae_auroc=best["auroc"],
-                       sae_ba=best.get("balanced_accuracy"), sae_minus_raw_ba=cmp.get("ba_difference"),
-                       sae_minus_raw_ba_lo=d_lo, sae_minus_raw_ba_hi=d_hi,
-                       sae_minus_raw_auroc=cmp.get("auroc_difference"), sae_vs_raw_p=cmp.get("p_value"),
-                       random_sae_auroc=rand.get("auroc"), random_sae_ba=rand.get("balanced_accuracy"),
-                       sae_explained_variance=act.get("explained_variance"), sae_l0=act.get("l0"),
-                       sae_ce_loss_score=lm.get("ce_loss_score", lm.get("loss_recovered")))  # fmt: skip
+            row.update(
+                best_sae=best["sae_id"],
+                sae_architecture=best.get("architecture"),
+                sae_auroc=best["auroc"],
+                sae_ba=best.get("balanced_accuracy"),
+                sae_minus_raw_ba=cmp.get("ba_difference"),
+                sae_minus_raw_ba_lo=d_lo,
+                sae_minus_raw_ba_hi=d_hi,
+                sae_minus_raw_auroc=cmp.get("auroc_difference"),
+                sae_vs_raw_p=cmp.get("p_value"),
+                random_sae_auroc=rand.get("auroc"),
+                random_sae_ba=rand.get("balanced_accuracy"),
+                sae_explained_variance=act.get("explained_variance"),
+                sae_l0=act.get("l0"),
+                sae_ce_loss_score=lm.get("ce_loss_score", lm.get("loss_recovered")),
+            )
         row.update(_max_feature(run_dir, [r["sae_id"] for r in _rows_of(probes, "sae", layer)]))
         out.append(row)
     return out
@@ -155,10 +210,20 @@ def sae_differences(sweep: dict[str, Any]) -> list[dict[str, Any]]:
             if cmp.get("p_value") is None:
                 continue
             lo, hi = _ci(cmp.get("ba_difference_ci"))
-            tests.append({"model": key, "layer": r["layer"], "relative_depth": relative_depth(r["layer"], n_layers),
-                          "sae_id": r["sae_id"], "architecture": r.get("architecture"),
-                          "condition": r.get("condition"), "ba_difference": cmp.get("ba_difference"),
-                          "ba_difference_lo": lo, "ba_difference_hi": hi, "p_value": cmp["p_value"]})  # fmt: skip
+            tests.append(
+                {
+                    "model": key,
+                    "layer": r["layer"],
+                    "relative_depth": relative_depth(r["layer"], n_layers),
+                    "sae_id": r["sae_id"],
+                    "architecture": r.get("architecture"),
+                    "condition": r.get("condition"),
+                    "ba_difference": cmp.get("ba_difference"),
+                    "ba_difference_lo": lo,
+                    "ba_difference_hi": hi,
+                    "p_value": cmp["p_value"],
+                }
+            )
     for t, adj in zip(tests, holm([t["p_value"] for t in tests]), strict=True):
         t["p_holm_sweep"] = float(adj)
     return tests
@@ -228,8 +293,11 @@ def scale_trend(rows: list[dict[str, Any]]) -> dict[str, Any]:
     t = float(sps.t.ppf(0.975, n - 2))
     half = t * s * np.sqrt(1 / n + (grid - xm) ** 2 / sxx)
     se = s / math.sqrt(sxx)
-    out.update(slope_ci=[slope - t * se, slope + t * se], band_lo=(out["fit"] - half).tolist(),
-               band_hi=(np.array(out["fit"]) + half).tolist())  # fmt: skip
+    out.update(
+        slope_ci=[slope - t * se, slope + t * se],
+        band_lo=(out["fit"] - half).tolist(),
+        band_hi=(np.array(out["fit"]) + half).tolist(),
+    )
     return out
 
 
@@ -244,15 +312,27 @@ def depth_figure(rows: list[dict[str, Any]]) -> Any:
     go = _go()
     fig = go.Figure()
     for model in dict.fromkeys(r["model"] for r in rows if r.get("raw_auroc") is not None):
-        pts = sorted((r for r in rows if r["model"] == model and r.get("raw_auroc") is not None),
-                     key=lambda r: r["relative_depth"])  # fmt: skip
+        pts = sorted(
+            (r for r in rows if r["model"] == model and r.get("raw_auroc") is not None),
+            key=lambda r: r["relative_depth"],
+        )
         y = np.array([r["raw_auroc"] for r in pts], float)
         lo = np.array([np.nan if r["raw_auroc_lo"] is None else r["raw_auroc_lo"] for r in pts], float)
         hi = np.array([np.nan if r["raw_auroc_hi"] is None else r["raw_auroc_hi"] for r in pts], float)
-        fig.add_trace(go.Scatter(x=[r["relative_depth"] for r in pts], y=y, name=model, mode="lines+markers",
-                                 error_y={"type": "data", "symmetric": False, "array": hi - y, "arrayminus": y - lo}))  # fmt: skip
-    fig.update_layout(title="Deception signal vs depth (raw-activation probe, 95% CI)",
-                      xaxis_title="relative depth (layer + 1) / n_layers", yaxis_title="AUROC")  # fmt: skip
+        fig.add_trace(
+            go.Scatter(
+                x=[r["relative_depth"] for r in pts],
+                y=y,
+                name=model,
+                mode="lines+markers",
+                error_y={"type": "data", "symmetric": False, "array": hi - y, "arrayminus": y - lo},
+            )
+        )
+    fig.update_layout(
+        title="Deception signal vs depth (raw-activation probe, 95% CI)",
+        xaxis_title="relative depth (layer + 1) / n_layers",
+        yaxis_title="AUROC",
+    )
     return fig
 
 
@@ -268,12 +348,23 @@ def sae_minus_raw_figure(tests: list[dict[str, Any]]) -> Any:
         hi = np.array([np.nan if t["ba_difference_hi"] is None else t["ba_difference_hi"] for t in ts], float)
         # One marker per SAE with its CI, architectures side by side within a model (scattermode "group"); plain
         # scatter traces, so plots.show can draw the static copy too.
-        fig.add_trace(go.Scatter(x=[t["model"] for t in ts], y=y, mode="markers", name=arch, marker={"size": 9},
-                                 hovertext=[f"{t['sae_id']} p_holm={t['p_holm_sweep']:.3g}" for t in ts],
-                                 error_y={"type": "data", "symmetric": False, "array": hi - y, "arrayminus": y - lo}))  # fmt: skip
+        fig.add_trace(
+            go.Scatter(
+                x=[t["model"] for t in ts],
+                y=y,
+                mode="markers",
+                name=arch,
+                marker={"size": 9},
+                hovertext=[f"{t['sae_id']} p_holm={t['p_holm_sweep']:.3g}" for t in ts],
+                error_y={"type": "data", "symmetric": False, "array": hi - y, "arrayminus": y - lo},
+            )
+        )
     fig.add_hline(y=0, line_dash="dot")
-    fig.update_layout(scattermode="group", title="SAE probe minus raw probe (balanced accuracy), per model and architecture",
-                      yaxis_title="BA difference (SAE − raw)")  # fmt: skip
+    fig.update_layout(
+        scattermode="group",
+        title="SAE probe minus raw probe (balanced accuracy), per model and architecture",
+        yaxis_title="BA difference (SAE − raw)",
+    )
     return fig
 
 
@@ -282,15 +373,31 @@ def scale_figure(trend: dict[str, Any], rows: list[dict[str, Any]]) -> Any:
     go = _go()
     fig = go.Figure()
     peaks = [r for r in peak_rows(rows) if r.get("n_params")]
-    fig.add_trace(go.Scatter(x=[r["n_params"] for r in peaks], y=[r["raw_auroc"] for r in peaks], mode="markers+text",
-                             text=[r["model"] for r in peaks], textposition="top center", name="peak layer"))  # fmt: skip
+    fig.add_trace(
+        go.Scatter(
+            x=[r["n_params"] for r in peaks],
+            y=[r["raw_auroc"] for r in peaks],
+            mode="markers+text",
+            text=[r["model"] for r in peaks],
+            textposition="top center",
+            name="peak layer",
+        )
+    )
     title = "Peak raw-probe AUROC vs parameters"
     if "fit" in trend:
         xs = [10**g for g in trend["grid"]]
         fig.add_trace(go.Scatter(x=xs, y=trend["fit"], mode="lines", name="least squares in log10(params)"))
         if "band_lo" in trend:
-            fig.add_trace(go.Scatter(x=xs + xs[::-1], y=trend["band_hi"] + trend["band_lo"][::-1], fill="toself",
-                                     line={"width": 0}, opacity=0.2, name="95% band"))  # fmt: skip
+            fig.add_trace(
+                go.Scatter(
+                    x=xs + xs[::-1],
+                    y=trend["band_hi"] + trend["band_lo"][::-1],
+                    fill="toself",
+                    line={"width": 0},
+                    opacity=0.2,
+                    name="95% band",
+                )
+            )
             lo, hi = trend["slope_ci"]
             title += f": {trend['slope']:+.3f} AUROC per 10× [{lo:+.3f}, {hi:+.3f}]"
         else:
@@ -308,34 +415,46 @@ def _f(v: Any, spec: str = ".3f") -> str:
 def summary_markdown(sweep: dict[str, Any], rows: list[dict[str, Any]], trend: dict[str, Any]) -> str:
     """The sweep in a few lines and one table per model's peak layer, ready to paste."""
     study = sweep.get("study", {})
-    lines = [f"## Deception probes across models: sweep `{sweep.get('name')}`", "",
-             f"Study: datasets {', '.join(d.get('name') or d['data'] for d in study.get('datasets', []))}; "
-             f"{study.get('n_per_prompt')} completions per prompt, {study.get('max_new_tokens')} new tokens; "
-             f"relative depths {study.get('depths')}; SAEs {', '.join(study.get('architectures', []))} × "
-             f"{', '.join(study.get('conditions', []))}, expansion {study.get('expansion')}, L0 {study.get('l0')}, "
-             f"{study.get('train_tokens'):,} training tokens; {study.get('n_folds')}-fold grouped CV, "
-             f"{study.get('n_bootstrap')} bootstrap refits, recall at {study.get('control_fpr')} FPR on the control set.",
-             "", "| model | params | peak layer (depth) | raw AUROC [95% CI] | raw BA | recall @ FPR | best SAE − raw BA "
-             "[CI] (p Holm, sweep) | random SAE AUROC | ensemble AUROC | max feature d |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"## Deception probes across models: sweep `{sweep.get('name')}`",
+        "",
+        f"Study: datasets {', '.join(d.get('name') or d['data'] for d in study.get('datasets', []))}; "
+        f"{study.get('n_per_prompt')} completions per prompt, {study.get('max_new_tokens')} new tokens; "
+        f"relative depths {study.get('depths')}; SAEs {', '.join(study.get('architectures', []))} × "
+        f"{', '.join(study.get('conditions', []))}, expansion {study.get('expansion')}, L0 {study.get('l0')}, "
+        f"{study.get('train_tokens'):,} training tokens; {study.get('n_folds')}-fold grouped CV, "
+        f"{study.get('n_bootstrap')} bootstrap refits, recall at {study.get('control_fpr')} FPR on the control set.",
+        "",
+        "| model | params | peak layer (depth) | raw AUROC [95% CI] | raw BA | recall @ FPR | best SAE − raw BA "
+        "[CI] (p Holm, sweep) | random SAE AUROC | ensemble AUROC | max feature d |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in peak_rows(rows):
         params = params_text(r.get("n_params"))
-        sae = (f"{_f(r['sae_minus_raw_ba'], '+.3f')} [{_f(r['sae_minus_raw_ba_lo'], '+.3f')}, "
-               f"{_f(r['sae_minus_raw_ba_hi'], '+.3f')}] (p {_f(r['sae_vs_raw_p_holm_sweep'], '.2g')})"
-               if r.get("best_sae") else "no SAE")  # fmt: skip
+        sae = (
+            f"{_f(r['sae_minus_raw_ba'], '+.3f')} [{_f(r['sae_minus_raw_ba_lo'], '+.3f')}, "
+            f"{_f(r['sae_minus_raw_ba_hi'], '+.3f')}] (p {_f(r['sae_vs_raw_p_holm_sweep'], '.2g')})"
+            if r.get("best_sae")
+            else "no SAE"
+        )
         lines.append(
             f"| {r['model']} | {params} | {r['layer']} ({r['relative_depth']:.0%}) | {_f(r['raw_auroc'])} "
             f"[{_f(r['raw_auroc_lo'])}, {_f(r['raw_auroc_hi'])}] | {_f(r['raw_ba'])} | {r.get('recall_at_fpr') or '–'} "
             f"| {sae} | {_f(r.get('random_sae_auroc'))} | {_f(r.get('ensemble_concat_auroc'))} | {_f(r.get('max_feature_d'), '.2f')} |"
-        )  # fmt: skip
+        )
     failed = [r for r in rows if r.get("error")]
     for r in failed:
         lines.append(f"\n- {r['model']} ({r['spec']}): {r['status']}: {r['error']}")
     if "slope" in trend:
-        ci = (f" [{trend['slope_ci'][0]:+.3f}, {trend['slope_ci'][1]:+.3f}]" if "slope_ci" in trend
-              else f" ({trend['why']})")  # fmt: skip
-        lines.append(f"\nPeak AUROC vs size: {trend['slope']:+.3f} AUROC per 10× parameters{ci}, "
-                     f"{trend['n_models']} models (Nordby, Pais, Parrack 2026 report about +0.05).")  # fmt: skip
+        ci = (
+            f" [{trend['slope_ci'][0]:+.3f}, {trend['slope_ci'][1]:+.3f}]"
+            if "slope_ci" in trend
+            else f" ({trend['why']})"
+        )
+        lines.append(
+            f"\nPeak AUROC vs size: {trend['slope']:+.3f} AUROC per 10× parameters{ci}, "
+            f"{trend['n_models']} models (Nordby, Pais, Parrack 2026 report about +0.05)."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -348,8 +467,11 @@ def compare(
     paths = write_comparison(sweep_dir, rows, tests)
     trend = scale_trend(rows)
     atomic_write_json(sweep_dir / "scale_trend.json", trend)
-    figures = {"depth": depth_figure(rows), "sae_minus_raw": sae_minus_raw_figure(tests),
-               "scale": scale_figure(trend, rows)}  # fmt: skip
+    figures = {
+        "depth": depth_figure(rows),
+        "sae_minus_raw": sae_minus_raw_figure(tests),
+        "scale": scale_figure(trend, rows),
+    }
     for name, fig in figures.items():
         paths[name] = save_figure(fig, sweep_dir, f"sweep_{name}")
     text = summary_markdown(sweep, rows, trend)

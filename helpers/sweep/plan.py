@@ -45,10 +45,19 @@ RUNTIME_RAM_GB = 2.5
 
 KNOWN_SIZES = {
     # Checked facts (REFERENCE.md "nanochat"): native files on the Hub have no transformers config to read.
-    "karpathy/nanochat-d32": {"n_params": 1_880_000_000, "n_layers": 32, "d_model": 2048, "family": "nanochat"},
-    "nanochat-students/nanochat-d20": {"n_params": 561_000_000, "n_layers": 20, "d_model": 1280,
-                                       "family": "nanochat"},
-}  # fmt: skip
+    "karpathy/nanochat-d32": {
+        "n_params": 1_880_000_000,
+        "n_layers": 32,
+        "d_model": 2048,
+        "family": "nanochat",
+    },
+    "nanochat-students/nanochat-d20": {
+        "n_params": 561_000_000,
+        "n_layers": 20,
+        "d_model": 1280,
+        "family": "nanochat",
+    },
+}
 
 COLAB_T4_MODELS = [
     "nanochat-students/nanochat-d20",
@@ -251,9 +260,11 @@ def estimate(
     """Memory and time for one model (see the module doc for the cost model)."""
     if size.n_params is None:
         return {}
-    dtype = choose_dtype(device, size.family or "", capability) if device != "t4" else (
-        torch.float32 if size.family == "nanochat" else torch.float16
-    )  # fmt: skip
+    dtype = (
+        choose_dtype(device, size.family or "", capability)
+        if device != "t4"
+        else (torch.float32 if size.family == "nanochat" else torch.float16)
+    )
     width = torch.finfo(dtype).bits // 8
     weights = size.n_params * width
     flops = rates.flops_fp32 if width == 4 else rates.flops_fp16
@@ -311,9 +322,22 @@ def plan_rows(
         note = f"{size.n_layers} layers × {size.d_model} ({size.family}); {size.how}"
         if bad:
             note = f"layers {bad} out of range: this model has layers 0..{size.n_layers - 1}; " + note
-        rows.append(PlanRow(key, m.spec, size.n_params, ",".join(map(str, layers)), here["dtype"], here["gpu_gib"] if
-                            device == "cuda" else None, here["ram_gb"], here["hours"], on_t4["hours"], fits, note,
-                            {"n_layers": size.n_layers, "d_model": size.d_model, "family": size.family}))  # fmt: skip
+        rows.append(
+            PlanRow(
+                key,
+                m.spec,
+                size.n_params,
+                ",".join(map(str, layers)),
+                here["dtype"],
+                here["gpu_gib"] if device == "cuda" else None,
+                here["ram_gb"],
+                here["hours"],
+                on_t4["hours"],
+                fits,
+                note,
+                {"n_layers": size.n_layers, "d_model": size.d_model, "family": size.family},
+            )
+        )
     return rows
 
 
@@ -331,18 +355,36 @@ def plan_table(rows: list[PlanRow], drop: list[str] = ()) -> list[dict[str, Any]
         raise ValueError(
             f"DROP names {unknown}, which are not in the plan; its models are {[r.key for r in rows]}"
         )
-    return [{"model": r.key, "params": params_text(r.n_params), "layers": r.layers, "dtype": r.dtype,
-             "gpu_gib": r.gpu_gib, "ram_gb": r.ram_gb, "hours_here": r.hours_here, "hours_t4": r.hours_t4,
-             "fits_t4": r.fits_t4, "run": "dropped" if r.key in drop else "yes", "note": r.note} for r in rows]  # fmt: skip
+    return [
+        {
+            "model": r.key,
+            "params": params_text(r.n_params),
+            "layers": r.layers,
+            "dtype": r.dtype,
+            "gpu_gib": r.gpu_gib,
+            "ram_gb": r.ram_gb,
+            "hours_here": r.hours_here,
+            "hours_t4": r.hours_t4,
+            "fits_t4": r.fits_t4,
+            "run": "dropped" if r.key in drop else "yes",
+            "note": r.note,
+        }
+        for r in rows
+    ]
 
 
 def memory_now(device: str) -> dict[str, float]:
     """What is in use and free now: this process's RSS and the machine's available RAM (GB); on CUDA the
     allocated, reserved and free GPU memory (GiB)."""
-    out = {"rss_gb": psutil.Process(os.getpid()).memory_info().rss / 1e9,
-           "ram_available_gb": psutil.virtual_memory().available / 1e9}  # fmt: skip
+    out = {
+        "rss_gb": psutil.Process(os.getpid()).memory_info().rss / 1e9,
+        "ram_available_gb": psutil.virtual_memory().available / 1e9,
+    }
     if device == "cuda" and torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info()
-        out.update(cuda_allocated_gib=torch.cuda.memory_allocated() / 2**30,
-                   cuda_reserved_gib=torch.cuda.memory_reserved() / 2**30, cuda_free_gib=free / 2**30)  # fmt: skip
+        out.update(
+            cuda_allocated_gib=torch.cuda.memory_allocated() / 2**30,
+            cuda_reserved_gib=torch.cuda.memory_reserved() / 2**30,
+            cuda_free_gib=free / 2**30,
+        )
     return out

@@ -63,8 +63,15 @@ from helpers.saes.grid import run_saes, train_grid
 from helpers.saes.train import TrainConfig
 from helpers.sweep.plan import ModelSpec, PlanRow, StudySize, layers_at, memory_now, model_keys
 
-SMOKE_STUDY = dict(corpus_seq_len=64, sae_batch_size=64, checkpoint_every=4, lm_eval_completions=2,
-                   sweep_bootstrap=10, top_k=4, feature_permutations=99)  # fmt: skip
+SMOKE_STUDY = dict(
+    corpus_seq_len=64,
+    sae_batch_size=64,
+    checkpoint_every=4,
+    lm_eval_completions=2,
+    sweep_bootstrap=10,
+    top_k=4,
+    feature_permutations=99,
+)
 """What notebook 07's smoke mode sets beyond its form's parameters: few steps and draws (as 03's and 04's)."""
 STAGES = ("01_load_checkpoint", "02_collect_activations", "03_train_saes", "04_autolabel_features")
 SWEEP_JSON = "sweep.json"
@@ -141,8 +148,16 @@ class Study:
             completions * (self.max_new_tokens + 64) + self.corpus_tokens + self.lm_eval_completions * 128
         )
         n_saes = len(self.depths) * len(self.architectures) * len(self.conditions)
-        return StudySize(completions, self.max_new_tokens, self.batch_size, forward, n_saes, self.train_tokens,
-                         self.expansion, len(self.depths))  # fmt: skip
+        return StudySize(
+            completions,
+            self.max_new_tokens,
+            self.batch_size,
+            forward,
+            n_saes,
+            self.train_tokens,
+            self.expansion,
+            len(self.depths),
+        )
 
 
 @dataclass
@@ -217,18 +232,37 @@ def stage_collect(run_dir: Path, study: Study, lm: _Lazy) -> dict[str, Any]:
     layers = read_run_json(run_dir)["layers"]
     datasets = load_datasets(study.datasets, limit=study.n_prompts or None)
     # As notebook 02: the settings that make the completions, checked against the run folder's before writing.
-    settings = collection_settings(loaded.info.spec, datasets, layers, n_per_prompt=study.n_per_prompt,
-                                   temperature=study.temperature, top_p=study.top_p,
-                                   max_new_tokens=study.max_new_tokens, seed=study.seed,
-                                   include_prompt=study.include_prompt_tokens)  # fmt: skip
+    settings = collection_settings(
+        loaded.info.spec,
+        datasets,
+        layers,
+        n_per_prompt=study.n_per_prompt,
+        temperature=study.temperature,
+        top_p=study.top_p,
+        max_new_tokens=study.max_new_tokens,
+        seed=study.seed,
+        include_prompt=study.include_prompt_tokens,
+    )
     check_collection(run_dir, settings)
     write_datasets(run_dir, datasets)
     prompts = [p for d in datasets for p in d.prompts]
-    sample_into_run(loaded, prompts, run_dir, n_per_prompt=study.n_per_prompt, temperature=study.temperature,
-                    top_p=study.top_p, max_new_tokens=study.max_new_tokens, seed=study.seed,
-                    batch_size=study.batch_size)  # fmt: skip
-    add_transcripts(loaded.tokenizer, datasets, run_dir,
-                    max_context=getattr(loaded.model.config, "max_position_embeddings", None))  # fmt: skip
+    sample_into_run(
+        loaded,
+        prompts,
+        run_dir,
+        n_per_prompt=study.n_per_prompt,
+        temperature=study.temperature,
+        top_p=study.top_p,
+        max_new_tokens=study.max_new_tokens,
+        seed=study.seed,
+        batch_size=study.batch_size,
+    )
+    add_transcripts(
+        loaded.tokenizer,
+        datasets,
+        run_dir,
+        max_context=getattr(loaded.model.config, "max_position_embeddings", None),
+    )
     client = (
         gemini.client_for(
             run_dir,
@@ -236,45 +270,90 @@ def stage_collect(run_dir: Path, study: Study, lm: _Lazy) -> dict[str, Any]:
             model=study.gemini_model,
             max_requests=study.max_judge_requests,
             purpose="judge",
-        )  # fmt: skip
+        )
         if any(d.label_by == "judge" for d in datasets)
         else None
     )
     records = label_run(run_dir, prompts, client=client, batch_size=study.judge_batch, label_by="judge")
-    summary = collect_activations(loaded, records, layers, run_dir, batch_size=max(1, study.batch_size // 2),
-                                  include_prompt=study.include_prompt_tokens)  # fmt: skip
+    summary = collect_activations(
+        loaded,
+        records,
+        layers,
+        run_dir,
+        batch_size=max(1, study.batch_size // 2),
+        include_prompt=study.include_prompt_tokens,
+    )
     corpus_spec = default_corpus(loaded.info.to_dict()) if study.corpus == "auto" else study.corpus
     corpus_tokens = {}
     if study.corpus_tokens > 0:
         corpus_tokens = collect_corpus(
-            loaded, corpus_spec, layers, run_dir, max_tokens=study.corpus_tokens, seq_len=study.corpus_seq_len,
-            batch_size=max(1, study.batch_size // 2), token=get_secret("HF_TOKEN"),
-        )["tokens_per_layer"]  # fmt: skip
+            loaded,
+            corpus_spec,
+            layers,
+            run_dir,
+            max_tokens=study.corpus_tokens,
+            seq_len=study.corpus_seq_len,
+            batch_size=max(1, study.batch_size // 2),
+            token=get_secret("HF_TOKEN"),
+        )["tokens_per_layer"]
     update_run_json(
         run_dir,
-        data={"spec": "datasets.json", "datasets": [d.name for d in datasets], "n_prompts": len(prompts),
-              "n_per_prompt": study.n_per_prompt, "temperature": study.temperature, "top_p": study.top_p,
-              "max_new_tokens": study.max_new_tokens, "seed": study.seed},
+        data={
+            "spec": "datasets.json",
+            "datasets": [d.name for d in datasets],
+            "n_prompts": len(prompts),
+            "n_per_prompt": study.n_per_prompt,
+            "temperature": study.temperature,
+            "top_p": study.top_p,
+            "max_new_tokens": study.max_new_tokens,
+            "seed": study.seed,
+        },
         corpus={"spec": corpus_spec, "seq_len": study.corpus_seq_len, "text_column": None},
-    )  # fmt: skip
+    )
     labels = {k: sum(r.get("label") == k for r in records) for k in ("honest", "deceptive", "ambiguous")}
-    mark_stage(run_dir, STAGES[1], n_completions=len(records), labels=labels, tokens=summary["tokens_stored"],
-               corpus_tokens=corpus_tokens, by="sweep")  # fmt: skip
+    mark_stage(
+        run_dir,
+        STAGES[1],
+        n_completions=len(records),
+        labels=labels,
+        tokens=summary["tokens_stored"],
+        corpus_tokens=corpus_tokens,
+        by="sweep",
+    )
     return {"n_completions": len(records), "labels": labels}
 
 
 def stage_train(run_dir: Path, study: Study, lm: _Lazy, device: str) -> dict[str, Any]:
     """Notebook 03: the SAE grid, then the LM loss with each SAE spliced in."""
     layers = read_run_json(run_dir)["layers"]
-    cfg = TrainConfig(expansion=study.expansion, l0=study.l0, train_tokens=study.train_tokens,
-                      batch_size=study.sae_batch_size, lr=study.lr, checkpoint_every=study.checkpoint_every,
-                      seed=study.seed)  # fmt: skip
-    status = train_grid(run_dir, layers=layers, architectures=study.architectures, conditions=study.conditions,
-                        cfg=cfg, device=device, min_completions=study.min_completions, min_tokens=study.min_tokens)  # fmt: skip
+    cfg = TrainConfig(
+        expansion=study.expansion,
+        l0=study.l0,
+        train_tokens=study.train_tokens,
+        batch_size=study.sae_batch_size,
+        lr=study.lr,
+        checkpoint_every=study.checkpoint_every,
+        seed=study.seed,
+    )
+    status = train_grid(
+        run_dir,
+        layers=layers,
+        architectures=study.architectures,
+        conditions=study.conditions,
+        cfg=cfg,
+        device=device,
+        min_completions=study.min_completions,
+        min_tokens=study.min_tokens,
+    )
     evaluate_lm(run_dir, lm.get(), n_completions=study.lm_eval_completions, seed=study.seed)
     board = leaderboard(run_dir)
-    mark_stage(run_dir, STAGES[2], saes=[r["sae_id"] for r in board],
-               skipped=[r["sae_id"] for r in status if r["status"] == "skipped"], by="sweep")  # fmt: skip
+    mark_stage(
+        run_dir,
+        STAGES[2],
+        saes=[r["sae_id"] for r in board],
+        skipped=[r["sae_id"] for r in status if r["status"] == "skipped"],
+        by="sweep",
+    )
     return {"saes": len(board)}
 
 
@@ -283,23 +362,45 @@ def stage_analyse(run_dir: Path, study: Study) -> dict[str, Any]:
     sweep) and each SAE's feature table."""
     layers = read_run_json(run_dir)["layers"]
     sae_folders = run_saes(run_dir)
-    probe_table(run_dir, layers, sae_folders, pooling=study.pooling, n_folds=study.n_folds,
-                n_permutations=study.n_permutations, n_bootstrap=study.n_bootstrap, seed=study.seed,
-                control_fpr=study.control_fpr, random_variant=study.random_sae,
-                sweep_bootstrap=None if study.sweep_bootstrap < 0 else study.sweep_bootstrap)  # fmt: skip
+    probe_table(
+        run_dir,
+        layers,
+        sae_folders,
+        pooling=study.pooling,
+        n_folds=study.n_folds,
+        n_permutations=study.n_permutations,
+        n_bootstrap=study.n_bootstrap,
+        seed=study.seed,
+        control_fpr=study.control_fpr,
+        random_variant=study.random_sae,
+        sweep_bootstrap=None if study.sweep_bootstrap < 0 else study.sweep_bootstrap,
+    )
     skipped = {}
     for folder in sae_folders:
         try:
-            feature_table(run_dir, folder, k=study.top_k, seed=study.seed, tokenizer=None,
-                          n_permutations=study.feature_permutations)  # fmt: skip
+            feature_table(
+                run_dir,
+                folder,
+                k=study.top_k,
+                seed=study.seed,
+                tokenizer=None,
+                n_permutations=study.feature_permutations,
+            )
         except (
             TooFewCompletions
         ) as err:  # one SAE's feature statistics, not the model's probes: say so, go on
             print(f"no feature table for {folder.name}: {err}")
             skipped[folder.name] = str(err)
-    mark_stage(run_dir, STAGES[3], saes=[f.name for f in sae_folders], layers=layers, gemini=False, by="sweep",
-               autointerp="not run by the sweep: open notebook 04 with this RUN_NAME to label features",
-               feature_tables_skipped=skipped)  # fmt: skip
+    mark_stage(
+        run_dir,
+        STAGES[3],
+        saes=[f.name for f in sae_folders],
+        layers=layers,
+        gemini=False,
+        by="sweep",
+        autointerp="not run by the sweep: open notebook 04 with this RUN_NAME to label features",
+        feature_tables_skipped=skipped,
+    )
     return {"saes": len(sae_folders), "feature_tables_skipped": skipped}
 
 
@@ -314,10 +415,18 @@ def free_memory(device: str) -> dict[str, float]:
 
 def status_table(state: dict[str, Any]) -> list[dict[str, Any]]:
     """sweep.json's models as printable rows: status, the stage reached, minutes, memory after, the error."""
-    return [{"model": k, "status": v.get("status"), "stage": v.get("stage") if v.get("status") != "done" else "",
-             "minutes": (v.get("seconds") or 0) / 60, "rss_gb_after": (v.get("memory_after") or {}).get("rss_gb"),
-             "gpu_gib_after": (v.get("memory_after") or {}).get("cuda_allocated_gib"),
-             "error": (v.get("error") or v.get("memory_warning") or "")[:160]} for k, v in state["models"].items()]  # fmt: skip
+    return [
+        {
+            "model": k,
+            "status": v.get("status"),
+            "stage": v.get("stage") if v.get("status") != "done" else "",
+            "minutes": (v.get("seconds") or 0) / 60,
+            "rss_gb_after": (v.get("memory_after") or {}).get("rss_gb"),
+            "gpu_gib_after": (v.get("memory_after") or {}).get("cuda_allocated_gib"),
+            "error": (v.get("error") or v.get("memory_warning") or "")[:160],
+        }
+        for k, v in state["models"].items()
+    ]
 
 
 def too_big(row: PlanRow | None, free: dict[str, float]) -> str | None:
@@ -325,11 +434,15 @@ def too_big(row: PlanRow | None, free: dict[str, float]) -> str | None:
     if row is None or row.ram_gb is None:
         return None
     if row.ram_gb > free["ram_available_gb"] + free["rss_gb"]:
-        return (f"needs ≈ {row.ram_gb:.1f} GB of RAM, {free['ram_available_gb']:.1f} GB available: drop it from "
-                "the plan or use a machine with more memory")  # fmt: skip
+        return (
+            f"needs ≈ {row.ram_gb:.1f} GB of RAM, {free['ram_available_gb']:.1f} GB available: drop it from "
+            "the plan or use a machine with more memory"
+        )
     if row.gpu_gib is not None and "cuda_free_gib" in free and row.gpu_gib > free["cuda_free_gib"]:
-        return (f"needs ≈ {row.gpu_gib:.1f} GiB of GPU memory, {free['cuda_free_gib']:.1f} GiB free: drop it or "
-                "use a bigger GPU")  # fmt: skip
+        return (
+            f"needs ≈ {row.gpu_gib:.1f} GiB of GPU memory, {free['cuda_free_gib']:.1f} GiB free: drop it or "
+            "use a bigger GPU"
+        )
     return None
 
 
@@ -397,8 +510,12 @@ def run_sweep(
             f"sweep {folders.name!r} was run with other study parameters ({', '.join(changed)} differ): its "
             "runs would mix two studies. Use a new SWEEP_NAME, or set the parameters back."
         )
-    state = {"name": folders.name, "study": study.to_dict(), "models": state.get("models", {}),
-             "baseline_memory": state.get("baseline_memory") or free_memory(device)}  # fmt: skip
+    state = {
+        "name": folders.name,
+        "study": study.to_dict(),
+        "models": state.get("models", {}),
+        "baseline_memory": state.get("baseline_memory") or free_memory(device),
+    }
     # What is alive now (imports, the notebook's objects) is moved out of the collector's way: the full
     # collection between models then looks at the models' objects only (~1 s less per model with
     # transformers loaded; bench/sweep.py). Unfrozen when the sweep ends, however it ends.
@@ -424,8 +541,14 @@ def run_sweep(
             if entry.get("status") == "done" and all(stage_done(run_dir, s) for s in STAGES):
                 print(f"{key}: done earlier ({run_dir})")
                 continue
-            record = {"spec": spec.spec, "revision": spec.revision, "run_dir": str(run_dir), "status": "running",
-                      "stages": {}, "memory_before": memory_now(device)}  # fmt: skip
+            record = {
+                "spec": spec.spec,
+                "revision": spec.revision,
+                "run_dir": str(run_dir),
+                "status": "running",
+                "stages": {},
+                "memory_before": memory_now(device),
+            }
             state["models"][key] = record
             if why := too_big(sizes.get(key), record["memory_before"]):
                 record.update(status="too big", error=why)
@@ -437,13 +560,23 @@ def run_sweep(
             run_dir.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
             try:
-                run_model(run_dir, spec, study, device=device, cache_dir=cache_dir, record=record,
-                          save=lambda: atomic_write_json(path, state))  # fmt: skip
+                run_model(
+                    run_dir,
+                    spec,
+                    study,
+                    device=device,
+                    cache_dir=cache_dir,
+                    record=record,
+                    save=lambda: atomic_write_json(path, state),
+                )
                 record["status"] = "done"
                 record.pop("stage", None)
             except Exception as err:  # noqa: BLE001 - one model's failure (OOM, unknown layout, ...) is its row
-                record.update(status="failed", error=f"{type(err).__name__}: {err}",
-                              traceback=traceback.format_exc(limit=-3))  # fmt: skip
+                record.update(
+                    status="failed",
+                    error=f"{type(err).__name__}: {err}",
+                    traceback=traceback.format_exc(limit=-3),
+                )
                 print(f"{key} failed at {record.get('stage')}: {record['error']}", flush=True)
                 if (run_dir / "run.json").exists():
                     mark_stage(run_dir, record["stage"], "failed", error=record["error"], by="sweep")

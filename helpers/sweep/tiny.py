@@ -20,8 +20,28 @@ import torch
 from helpers.model.load import offline_gguf_path
 
 FAMILIES = ("llama", "gpt_neox")
-WORDS = (" the", " car", " is", " safe", " not", " yes", " no", " I", " was", " there", " it", " fine", " never",
-         " saw", " money", " report", " done", " sure", " we", " can")  # fmt: skip
+WORDS = (
+    " the",
+    " car",
+    " is",
+    " safe",
+    " not",
+    " yes",
+    " no",
+    " I",
+    " was",
+    " there",
+    " it",
+    " fine",
+    " never",
+    " saw",
+    " money",
+    " report",
+    " done",
+    " sure",
+    " we",
+    " can",
+)
 
 
 def tiny_random_model(folder: str | os.PathLike, family: str, *, n_layers: int = 4, seed: int = 0) -> Path:
@@ -35,9 +55,17 @@ def tiny_random_model(folder: str | os.PathLike, family: str, *, n_layers: int =
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     gguf = offline_gguf_path()
     tok = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    common = dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
-                  intermediate_size=128, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-                  eos_token_id=tok.eos_token_id, tie_word_embeddings=False)  # fmt: skip
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     if family == "llama":
         model = tf.LlamaForCausalLM(tf.LlamaConfig(num_key_value_heads=2, **common))

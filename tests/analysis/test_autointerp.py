@@ -79,8 +79,16 @@ def synthetic_contexts(features=FEATURES, seed: int = 0) -> list[FeatureContexts
             if kind == "activating":
                 tokens[center], acts[center] = " " + WORDS[i], float(rng.uniform(0.5, 5))
             label = str(rng.choice(["honest", "deceptive"]))
-            return window_record(tokens, acts, center, kind=kind, completion_id=f"c{f}-{next(n)}", label=label,
-                                 window_start=10, quantile=int(rng.integers(10)) if kind == "activating" else None)  # fmt: skip
+            return window_record(
+                tokens,
+                acts,
+                center,
+                kind=kind,
+                completion_id=f"c{f}-{next(n)}",
+                label=label,
+                window_start=10,
+                quantile=int(rng.integers(10)) if kind == "activating" else None,
+            )
 
         explain = [window(k) for k in ["activating"] * 6 + ["non_activating"] * 3 + ["hard_negative"] * 2]
         score = [window(k) for k in ["activating"] * 10 + ["non_activating"] * 5 + ["hard_negative"] * 5]
@@ -97,8 +105,14 @@ def explain_from_markers(request: RecordedRequest):
     answers = []
     for it in items(request):
         word = re.search(r"<<\s*(\w+)>>", it["activating"][0]["text"]).group(1)
-        answers.append({"feature": it["feature"], "explanation": f"Fires on the word {word}.",
-                        "deception_related": "no", "kind": "none"})  # fmt: skip
+        answers.append(
+            {
+                "feature": it["feature"],
+                "explanation": f"Fires on the word {word}.",
+                "deception_related": "no",
+                "kind": "none",
+            }
+        )
     return json_reply({"features": answers})
 
 
@@ -171,8 +185,16 @@ def test_several_features_per_request_and_a_perfect_explanation_scores_one(fake_
     for i, f in enumerate(FEATURES):
         res = results[f]
         assert res["explanation"] == f"Fires on the word {WORDS[i]}."
-        sources = [res[k] for k in ("explanation_source", "detection_source", "detection_baseline_source",
-                                    "fuzzing_source", "fuzzing_baseline_source")]  # fmt: skip
+        sources = [
+            res[k]
+            for k in (
+                "explanation_source",
+                "detection_source",
+                "detection_baseline_source",
+                "fuzzing_source",
+                "fuzzing_baseline_source",
+            )
+        ]
         assert sources == [f"gemini:{DEFAULT_MODEL}"] * 5
         assert (res["deception_related"], res["kind"]) == ("no", "none")
         det, base = res["detection"], res["detection_baseline"]
@@ -199,9 +221,14 @@ def test_several_features_per_request_and_a_perfect_explanation_scores_one(fake_
         assert summary[f"{method}_baseline_balanced_accuracy"] == summary[f"{method}_baseline_auroc"] == 0.5
         assert summary[f"{method}_n_baseline_above_chance"] == 0
     table = score_table([results[f] for f in FEATURES])
-    assert table[0] == {"feature": "101", "detection BA / AUROC": "1.00 / 1.00", "baseline (det.)": "0.50 / 0.50",
-                        "fuzzing BA / AUROC": "1.00 / 1.00", "baseline (fuzz.)": "0.50 / 0.50",
-                        "explanation": "Fires on the word apple."}  # fmt: skip
+    assert table[0] == {
+        "feature": "101",
+        "detection BA / AUROC": "1.00 / 1.00",
+        "baseline (det.)": "0.50 / 0.50",
+        "fuzzing BA / AUROC": "1.00 / 1.00",
+        "baseline (fuzz.)": "0.50 / 0.50",
+        "explanation": "Fires on the word apple.",
+    }
 
 
 @pytest.mark.parametrize("kind", ["constant", "random"])
@@ -245,12 +272,31 @@ def multi_token_context(feature: int = 77) -> FeatureContexts:
             if i % 3 == 0:
                 acts[int(rng.integers(4, 14))] = 0.5
         tokens = [f" t{i}_{j}" for j in range(32)]
-        score.append(window_record(tokens, acts, 24, kind="activating", completion_id=f"a{i}",
-                                   label=None, window_start=0, quantile=0))  # fmt: skip
+        score.append(
+            window_record(
+                tokens,
+                acts,
+                24,
+                kind="activating",
+                completion_id=f"a{i}",
+                label=None,
+                window_start=0,
+                quantile=0,
+            )
+        )
     for i in range(4):
         tokens = [f" n{i}_{j}" for j in range(32)]
-        score.append(window_record(tokens, [0.0] * 32, 0, kind="non_activating", completion_id=f"n{i}",
-                                   label=None, window_start=0))  # fmt: skip
+        score.append(
+            window_record(
+                tokens,
+                [0.0] * 32,
+                0,
+                kind="non_activating",
+                completion_id=f"n{i}",
+                label=None,
+                window_start=0,
+            )
+        )
     return FeatureContexts(feature, 1000, 50, 3.0, list(np.linspace(0.1, 3, 11)), [], score)
 
 
@@ -322,10 +368,24 @@ def test_fuzzing_answers_are_validated_and_asked_again(fake_gemini, capsys):
 def test_wrong_and_missing_feature_ids_are_asked_again(fake_gemini, capsys):
     def one_right_one_stranger(request):
         it = items(request)[0]
-        return json_reply({"features": [
-            {"feature": it["feature"], "explanation": "Fires on the word apple.", "deception_related": "no", "kind": "none"},
-            {"feature": 424242, "explanation": "not ours", "deception_related": "yes", "kind": "evasion"},
-        ]})  # fmt: skip
+        return json_reply(
+            {
+                "features": [
+                    {
+                        "feature": it["feature"],
+                        "explanation": "Fires on the word apple.",
+                        "deception_related": "no",
+                        "kind": "none",
+                    },
+                    {
+                        "feature": 424242,
+                        "explanation": "not ours",
+                        "deception_related": "yes",
+                        "kind": "evasion",
+                    },
+                ]
+            }
+        )
 
     fake_gemini.handler = route(truthful)
     fake_gemini.push(one_right_one_stranger)

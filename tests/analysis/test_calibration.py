@@ -39,8 +39,10 @@ def test_probe_permutation_p_values_and_cis(impl):
         pooled = np.mean([r[f"false_positive_rate_{alpha}"] for r in tests.values()])
         assert abs(pooled - float(alpha)) <= 0.03, (alpha, tests)
     assert all(r["false_positive_rate_0.05"] <= 0.10 for r in tests.values()), tests
-    cis = {d: nw.probe_calibration(impl, d, 40, size=SMALL, n_permutations=0, n_bootstrap=30, seed=1)
-           for d in nw.DESIGNS}  # fmt: skip
+    cis = {
+        d: nw.probe_calibration(impl, d, 40, size=SMALL, n_permutations=0, n_bootstrap=30, seed=1)
+        for d in nw.DESIGNS
+    }
     for key in ("ba_ci_coverage", "auroc_ci_coverage"):
         assert np.mean([r[key] for r in cis.values()]) >= 0.93, cis
 
@@ -58,8 +60,10 @@ def test_probe_with_few_groups_and_unbalanced_labels(impl):
         assert (
             abs(np.mean([r[f"false_positive_rate_{alpha}"] for r in tests.values()]) - float(alpha)) <= 0.03
         )
-    cis = {d: nw.probe_calibration(impl, d, 40, size=size, n_permutations=0, n_bootstrap=30, seed=1)
-           for d, size in designs.items()}  # fmt: skip
+    cis = {
+        d: nw.probe_calibration(impl, d, 40, size=size, n_permutations=0, n_bootstrap=30, seed=1)
+        for d, size in designs.items()
+    }
     for key in ("ba_ci_coverage", "auroc_ci_coverage"):
         assert np.mean([r[key] for r in cis.values()]) >= 0.93, cis
 
@@ -113,8 +117,11 @@ def test_steering_cis_when_deception_is_rare(impl):
     never [0, 0]; the difference CI covers the true difference. A t interval over scenarios covered
     41-89% (rates) and 61-84% (differences) here. 150 worlds per cell, 6 cells: SE of a pooled coverage
     of 0.95 is 0.007, of one cell 0.018."""
-    runs = [nw.rare_steering_calibration(impl, 150, rate, steered, icc=icc)
-            for rate, steered in ((0.02, 0.05), (0.05, 0.10), (0.10, 0.10)) for icc in (0.05, 0.3)]  # fmt: skip
+    runs = [
+        nw.rare_steering_calibration(impl, 150, rate, steered, icc=icc)
+        for rate, steered in ((0.02, 0.05), (0.05, 0.10), (0.10, 0.10))
+        for icc in (0.05, 0.3)
+    ]
     for key in ("rate_ci_coverage", "difference_ci_coverage"):
         assert np.mean([r[key] for r in runs]) >= 0.93 and min(r[key] for r in runs) >= 0.9, runs
     assert max(r["rate_ci_is_0_0"] for r in runs) == 0, runs

@@ -104,24 +104,50 @@ def make_run(root: Path, tokenizer, *, seed: int = 0, model_path: str | None = N
                     else:
                         writer.add(cid, x, first_position=len(prompt_ids))
                     vectors[cid] = x
-                    records.append({"id": cid, "prompt_id": f"s{g}/q{q}", "group": f"s{g}", "prompt": "",
-                                    "completion": tokenizer.decode(comp), "prompt_token_ids": prompt_ids,
-                                    "completion_token_ids": comp, "label": label})  # fmt: skip
+                    records.append(
+                        {
+                            "id": cid,
+                            "prompt_id": f"s{g}/q{q}",
+                            "group": f"s{g}",
+                            "prompt": "",
+                            "completion": tokenizer.decode(comp),
+                            "prompt_token_ids": prompt_ids,
+                            "completion_token_ids": comp,
+                            "label": label,
+                        }
+                    )
     write_completions(root, records)
     store = LayerStore(root, LAYER)
     order = [r["id"] for r in records]
     mean = torch.stack([torch.from_numpy(vectors[c].mean(0)) for c in order])
     last = torch.stack([torch.from_numpy(vectors[c][-1]) for c in order])
     (root / "pooled").mkdir(exist_ok=True)
-    save_file({"mean": mean, "last": last}, str(root / "pooled" / f"layer_{LAYER}.safetensors"),
-              metadata={"completion_ids": json.dumps(order)})  # fmt: skip
+    save_file(
+        {"mean": mean, "last": last},
+        str(root / "pooled" / f"layer_{LAYER}.safetensors"),
+        metadata={"completion_ids": json.dumps(order)},
+    )
     sae_id = f"test_jumprelu_L{LAYER}_mixed"
-    folder = save_sae(planted_sae(), root / "saes" / sae_id, hook_name=f"blocks.{LAYER}.hook_resid_post",
-                      model_name="offline:smollm2-135m-instruct", metadata={"sae_id": sae_id})  # fmt: skip
+    folder = save_sae(
+        planted_sae(),
+        root / "saes" / sae_id,
+        hook_name=f"blocks.{LAYER}.hook_resid_post",
+        model_name="offline:smollm2-135m-instruct",
+        metadata={"sae_id": sae_id},
+    )
     if model_path:
         update_run_json(root, model={"spec": "offline:smollm2-135m-instruct", "path": model_path})
-    return SimpleNamespace(dir=root, layer=LAYER, store=store, records=records, vectors=vectors,
-                           sae_folder=folder, sae_id=sae_id, planted=PLANTED, dead=DEAD)  # fmt: skip
+    return SimpleNamespace(
+        dir=root,
+        layer=LAYER,
+        store=store,
+        records=records,
+        vectors=vectors,
+        sae_folder=folder,
+        sae_id=sae_id,
+        planted=PLANTED,
+        dead=DEAD,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -182,8 +208,11 @@ def test_windows_hold_the_sae_activations_and_markers_surround_exactly_the_firin
         assert ex["label"] == rec["label"] and ex["activation"] == ex["acts"][ex["center"]]
         ids = rec["completion_token_ids"][lo : lo + len(ex["tokens"])]
         assert ex["text"] == "".join(ex["tokens"]) == offline_lm.tokenizer.decode(ids)
-        runs = ["".join(t for t, _ in grp) for on, grp in itertools.groupby(zip(ex["tokens"], ref, strict=True),
-                                                                             key=lambda p: p[1] > 0) if on]  # fmt: skip
+        runs = [
+            "".join(t for t, _ in grp)
+            for on, grp in itertools.groupby(zip(ex["tokens"], ref, strict=True), key=lambda p: p[1] > 0)
+            if on
+        ]
         assert re.findall(r"<<(.*?)>>", ex["marked"], re.S) == runs
         assert ex["marked"].replace("<<", "").replace(">>", "") == ex["text"]
         assert len(ex["tokens"]) <= 32 and 0 <= ex["center"] < len(ex["tokens"])
@@ -210,8 +239,15 @@ def test_negative_windows_are_silent_and_hard_negatives_are_near_misses(run, con
                 acts, pre = sae.encode(torch.from_numpy(x))
             silent_pre += pre[acts[:, f] == 0, f].tolist()
         with torch.no_grad():
-            hard_pre = [float(sae.encode(torch.from_numpy(run.vectors[e["completion_id"]]))[1][
-                e["window_start"] - len(by_id[e["completion_id"]]["prompt_token_ids"]) + e["center"], f]) for e in hard]  # fmt: skip
+            hard_pre = [
+                float(
+                    sae.encode(torch.from_numpy(run.vectors[e["completion_id"]]))[1][
+                        e["window_start"] - len(by_id[e["completion_id"]]["prompt_token_ids"]) + e["center"],
+                        f,
+                    ]
+                )
+                for e in hard
+            ]
         assert np.median(hard_pre) > np.quantile(silent_pre, 0.9), "hard negatives are the nearest misses"
 
 

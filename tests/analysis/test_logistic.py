@@ -134,8 +134,9 @@ def test_probes_and_feature_tests_agree_on_the_calibration_worlds(design, monkey
         W = null_worlds.dense_world(
             np.random.default_rng([7, w]), design, signal=signal, **null_worlds.PROBE_SIZE
         )
-        S = null_worlds.sparse_world(np.random.default_rng([8, w]), design, n_groups=24, d=60, signal=signal,
-                                     n_signal=3)  # fmt: skip
+        S = null_worlds.sparse_world(
+            np.random.default_rng([8, w]), design, n_groups=24, d=60, signal=signal, n_signal=3
+        )
         runs = []
         for device in PATHS:
             monkeypatch.setattr(logistic, "DEVICE", device)

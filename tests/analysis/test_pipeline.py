@@ -157,10 +157,26 @@ def test_label_features_offline_then_with_gemini(run, offline_lm, fake_gemini, m
             out = []
             for it in body:
                 word = re.search(r"<<\s*([^<>]+?)>>", it["activating"][-1]["text"]).group(1)
-                out.append({"feature": it["feature"], "explanation": f"the token {word}", "deception_related": "unclear", "kind": "other"})  # fmt: skip
+                out.append(
+                    {
+                        "feature": it["feature"],
+                        "explanation": f"the token {word}",
+                        "deception_related": "unclear",
+                        "kind": "other",
+                    }
+                )
             return json_reply({"features": out})
-        return json_reply({"features": [{"feature": it["feature"], "scores": [
-            {"window": w["window"], "score": 0.9} for w in it["windows"]]} for it in body]})  # fmt: skip
+        return json_reply(
+            {
+                "features": [
+                    {
+                        "feature": it["feature"],
+                        "scores": [{"window": w["window"], "score": 0.9} for w in it["windows"]],
+                    }
+                    for it in body
+                ]
+            }
+        )
 
     fake_gemini.handler = handler
     client = GeminiClient(cache_path=run.dir / "judge_cache.sqlite", sleep=lambda s: None)
@@ -211,14 +227,19 @@ def test_bad_input_fails_clearly(run, copy_run, offline_lm, tmp_path):
         feature_table(one_group, run.sae_folder, tokenizer=offline_lm.tokenizer)
     shutil.rmtree(one_group)
 
-    narrow = save_sae(JumpReLUSAE(8, 20, l0=2), tmp_path / "narrow", hook_name=f"blocks.{LAYER}.hook_resid_post",
-                      model_name="other")  # fmt: skip
+    narrow = save_sae(
+        JumpReLUSAE(8, 20, l0=2),
+        tmp_path / "narrow",
+        hook_name=f"blocks.{LAYER}.hook_resid_post",
+        model_name="other",
+    )
     with pytest.raises(ValueError, match=r"d_in=8 .*d_model=16"):
         probe_table(run.dir, [LAYER], [narrow], **FAST)
     with pytest.raises(ValueError, match=r"d_in=8 .*d_model=16"):
         feature_table(run.dir, narrow, tokenizer=offline_lm.tokenizer)
-    elsewhere = save_sae(JumpReLUSAE(16, 20, l0=2), tmp_path / "L5", hook_name="blocks.5.hook_resid_post",
-                         model_name="other")  # fmt: skip
+    elsewhere = save_sae(
+        JumpReLUSAE(16, 20, l0=2), tmp_path / "L5", hook_name="blocks.5.hook_resid_post", model_name="other"
+    )
     with pytest.raises(ValueError, match=r"reads layer 5, which is not in layers=\[2\]"):
         probe_table(run.dir, [LAYER], [elsewhere], **FAST)
     with pytest.raises(ValueError, match="pooling must be one of"):
@@ -235,9 +256,17 @@ def test_probes_and_features_use_only_the_rows_no_sae_trained_on(run, copy_run, 
     split = {"fraction": 0.5, "seed": 0}
     reserved = set(analysis_split(read_completions(dst), **split)[1])
     sae = load_sae(run.sae_folder)
-    with_split = save_sae(sae.sae, dst / "saes" / "test_jumprelu_L2_deceptive_only", hook_name=sae.hook_name,
-                          model_name=sae.model_name, metadata={"sae_id": "test_jumprelu_L2_deceptive_only",
-                          "condition": "deceptive_only", "analysis_split": split})  # fmt: skip
+    with_split = save_sae(
+        sae.sae,
+        dst / "saes" / "test_jumprelu_L2_deceptive_only",
+        hook_name=sae.hook_name,
+        model_name=sae.model_name,
+        metadata={
+            "sae_id": "test_jumprelu_L2_deceptive_only",
+            "condition": "deceptive_only",
+            "analysis_split": split,
+        },
+    )
     rows = probe_table(dst, [LAYER], [with_split], n_directions=2, **FAST)
     labelled = [
         r for r in read_completions(dst) if r["id"] in reserved and r["label"] in ("honest", "deceptive")
@@ -254,16 +283,26 @@ def test_probes_and_features_use_only_the_rows_no_sae_trained_on(run, copy_run, 
         f["feature"] for f in feats
     }
 
-    leaky = save_sae(sae.sae, dst / "saes" / "old_deceptive_only", hook_name=sae.hook_name, model_name=sae.model_name,
-                     metadata={"sae_id": "old_deceptive_only", "condition": "deceptive_only"})  # fmt: skip
+    leaky = save_sae(
+        sae.sae,
+        dst / "saes" / "old_deceptive_only",
+        hook_name=sae.hook_name,
+        model_name=sae.model_name,
+        metadata={"sae_id": "old_deceptive_only", "condition": "deceptive_only"},
+    )
     capsys.readouterr()
     probe_table(dst, [LAYER], [leaky], n_directions=2, **FAST)
     assert (
         "WARNING: old_deceptive_only was trained before notebook 03 reserved analysis rows"
         in capsys.readouterr().out
     )
-    other = save_sae(sae.sae, dst / "saes" / "other_split", hook_name=sae.hook_name, model_name=sae.model_name,
-                     metadata={"sae_id": "other_split", "analysis_split": {"fraction": 0.3, "seed": 0}})  # fmt: skip
+    other = save_sae(
+        sae.sae,
+        dst / "saes" / "other_split",
+        hook_name=sae.hook_name,
+        model_name=sae.model_name,
+        metadata={"sae_id": "other_split", "analysis_split": {"fraction": 0.3, "seed": 0}},
+    )
     with pytest.raises(ValueError, match="reserved different analysis splits"):
         probe_table(dst, [LAYER], [with_split, other], **FAST)
 
@@ -294,11 +333,19 @@ def test_the_fields_protocol_train_on_one_dataset_evaluate_on_another(run, copy_
     atomic_write_json(datasets_path(dst), {"datasets": [{"name": n, "role": r} for n, r in roles.items()]})
     ids, mean, last = load_pooled(dst, LAYER)
     prompt_last = torch.randn(len(ids), mean.shape[1], generator=torch.Generator().manual_seed(0))
-    save_file({"mean": mean.clone(), "last": last.clone(), "prompt_last": prompt_last},
-              str(pooled_path(dst, LAYER)), metadata={"completion_ids": json.dumps(ids)})  # fmt: skip
+    save_file(
+        {"mean": mean.clone(), "last": last.clone(), "prompt_last": prompt_last},
+        str(pooled_path(dst, LAYER)),
+        metadata={"completion_ids": json.dumps(ids)},
+    )
     sae = load_sae(run.sae_folder)
-    twin = save_sae(sae.sae, dst / "saes" / "twin", hook_name=sae.hook_name, model_name=sae.model_name,
-                    metadata={"sae_id": "twin"})  # fmt: skip
+    twin = save_sae(
+        sae.sae,
+        dst / "saes" / "twin",
+        hook_name=sae.hook_name,
+        model_name=sae.model_name,
+        metadata={"sae_id": "twin"},
+    )
     rows = probe_table(dst, [LAYER], [run.sae_folder, twin], n_directions=2, **FAST)
     saved = read_probes(dst)
     n_train = sum(r["dataset"] == "facts" and r["label"] in ("honest", "deceptive") for r in records)
@@ -307,8 +354,14 @@ def test_the_fields_protocol_train_on_one_dataset_evaluate_on_another(run, copy_
     prompt = next(r for r in rows if r["kind"] == "prompt_only")
     assert prompt["balanced_accuracy"] < raw["balanced_accuracy"] - 0.2  # noise: reads no instruction
     kinds = {(t["kind"], t.get("sae_id")) for t in saved["transfer"]}
-    assert kinds >= {("raw", None), ("bag_of_words", None), ("prompt_only", None), ("sae", run.sae_id),
-                     ("random_sae", run.sae_id), ("sae", "twin")}  # fmt: skip
+    assert kinds >= {
+        ("raw", None),
+        ("bag_of_words", None),
+        ("prompt_only", None),
+        ("sae", run.sae_id),
+        ("random_sae", run.sae_id),
+        ("sae", "twin"),
+    }
     for t in saved["transfer"]:
         assert t["train_sets"] == ["facts"] and t["eval_set"] == "scenes" and t["control_set"] == "benign"
         assert t["n"] == 48 and t["n_groups"] == 6 and t["threshold"]["n_control"] == 24

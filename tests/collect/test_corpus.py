@@ -190,8 +190,15 @@ def test_collect_stores_the_models_residuals_and_resumes(offline_lm, tmp_path, m
     capsys.readouterr()
     (tmp_path / "three.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs()[:3]))
     total = sum(len(offline_lm.tokenizer.encode(d, add_special_tokens=False)) for d in docs()[:3])
-    short = collect_corpus(offline_lm, str(tmp_path / "three.jsonl"), [LAYER], tmp_path / "short",
-                           max_tokens=10 * total, seq_len=64, batch_size=8)  # fmt: skip
+    short = collect_corpus(
+        offline_lm,
+        str(tmp_path / "three.jsonl"),
+        [LAYER],
+        tmp_path / "short",
+        max_tokens=10 * total,
+        seq_len=64,
+        batch_size=8,
+    )
     assert "the corpus ran out: " in capsys.readouterr().out and short["exhausted"]
     seqs64 = list(
         iter_sequences(offline_lm.tokenizer, docs()[:3], Packing.for_tokenizer(offline_lm.tokenizer, 64))
@@ -252,8 +259,11 @@ def test_chat_documents_render_as_upstream_nanochat_does(tmp_path):
     tokenizer of the 2025-10 oracle commit), tool-call parts included; its special tokens are not kept."""
     commit = nanochat_oracle.COMMITS[0]
     model, config = nanochat_oracle.build_oracle(commit)
-    lm = helpers.load_model(str(nanochat_oracle.save_native(model, config, tmp_path / "native")), device="cpu",
-                            cache_dir=tmp_path / "cache")  # fmt: skip
+    lm = helpers.load_model(
+        str(nanochat_oracle.save_native(model, config, tmp_path / "native")),
+        device="cpu",
+        cache_dir=tmp_path / "cache",
+    )
     upstream = nanochat_oracle.import_oracle(commit, "tokenizer").RustBPETokenizer(
         nanochat_oracle.tiny_encoding(), "<|bos|>"
     )
@@ -262,9 +272,16 @@ def test_chat_documents_render_as_upstream_nanochat_does(tmp_path):
         {"role": "user", "content": "hello world"},
         {"role": "assistant", "content": "hello"},
         {"role": "user", "content": "the world?"},
-        {"role": "assistant", "content": [{"type": "text", "text": "the "}, {"type": "python", "text": "1+1"},
-                                          {"type": "python_output", "text": "2"}, {"type": "text", "text": "world"}]},
-    ]  # fmt: skip
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "the "},
+                {"type": "python", "text": "1+1"},
+                {"type": "python_output", "text": "2"},
+                {"type": "text", "text": "world"},
+            ],
+        },
+    ]
     want, _ = upstream.render_conversation({"messages": conversation})
     packing = Packing.for_tokenizer(lm.tokenizer, 256)
     assert packing.separator == want[0] == lm.tokenizer.convert_tokens_to_ids("<|bos|>")

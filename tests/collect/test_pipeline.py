@@ -31,9 +31,18 @@ def sampled_run(tmp_path, n: int = 6):
     records = []
     for i in range(n):
         p = prompts[i % 2]
-        c = Completion(id=f"{p.id}#{i}", prompt_id=p.id, sample_index=i, prompt_token_ids=[1, 2],
-                       completion_token_ids=[3], completion=ANSWERS[i % 3], n_prompt_tokens=2, n_tokens=1,
-                       stopped=True, seed=0)  # fmt: skip
+        c = Completion(
+            id=f"{p.id}#{i}",
+            prompt_id=p.id,
+            sample_index=i,
+            prompt_token_ids=[1, 2],
+            completion_token_ids=[3],
+            completion=ANSWERS[i % 3],
+            n_prompt_tokens=2,
+            n_tokens=1,
+            stopped=True,
+            seed=0,
+        )
         records.append(completion_record(c, p))
     append_completions(tmp_path, records)
     return prompts

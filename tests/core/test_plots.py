@@ -17,14 +17,31 @@ EDGES = [x / 4 for x in range(-28, 1)]
 
 
 def probe_row(layer, kind, ba, auroc, **extra):
-    return {"layer": layer, "kind": kind, "name": f"{kind} L{layer}", "balanced_accuracy": ba,
-            "ba_ci": [ba - 0.05, ba + 0.04], "auroc": auroc, "auroc_ci": None if auroc is None else [auroc - 0.06, auroc + 0.03],
-            "p_value": 0.01, "n": 40, "unused_extra_key": {"a": 1}, **extra}  # fmt: skip
+    return {
+        "layer": layer,
+        "kind": kind,
+        "name": f"{kind} L{layer}",
+        "balanced_accuracy": ba,
+        "ba_ci": [ba - 0.05, ba + 0.04],
+        "auroc": auroc,
+        "auroc_ci": None if auroc is None else [auroc - 0.06, auroc + 0.03],
+        "p_value": 0.01,
+        "n": 40,
+        "unused_extra_key": {"a": 1},
+        **extra,
+    }
 
 
 def steering_row(name, kind, strength, rate, lo, hi, feature=None):
-    return {"name": name, "kind": kind, "layer": 3, "strength": strength, "feature": feature, "sae_id": "m_topk_L3_mixed",
-            "stats": {"deceptive_rate": rate, "rate_ci": [lo, hi], "n": 8}}  # fmt: skip
+    return {
+        "name": name,
+        "kind": kind,
+        "layer": 3,
+        "strength": strength,
+        "feature": feature,
+        "sae_id": "m_topk_L3_mixed",
+        "stats": {"deceptive_rate": rate, "rate_ci": [lo, hi], "n": 8},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -43,20 +60,47 @@ def run(tmp_path_factory):
         sid = f"m_{arch}_L3_{cond}"
         counts = [0] * 28
         counts[20 + i] = 30
-        metrics = {"sae_id": sid, "architecture": arch, "layer": 3, "condition": cond, "activations": {
-            "explained_variance": 0.7 + 0.05 * i, "l0": 16.0 + 8 * i, "dead_fraction": 0.1, "dense_fraction": 0.0,
-            "mse": 0.1, "firing_histogram": {"log10_edges": EDGES, "counts": counts, "never": 2 + i}}}  # fmt: skip
+        metrics = {
+            "sae_id": sid,
+            "architecture": arch,
+            "layer": 3,
+            "condition": cond,
+            "activations": {
+                "explained_variance": 0.7 + 0.05 * i,
+                "l0": 16.0 + 8 * i,
+                "dead_fraction": 0.1,
+                "dense_fraction": 0.0,
+                "mse": 0.1,
+                "firing_histogram": {"log10_edges": EDGES, "counts": counts, "never": 2 + i},
+            },
+        }
         (root / "saes" / sid).mkdir(parents=True)
         (root / "saes" / sid / "metrics.json").write_text(json.dumps(metrics))
-    feats = [{"feature": f, "rank": r + 1, "cohens_d": d, "d_ci": [d - 0.3, d + 0.2], "q_value": q,
-              "mean_honest": 0.1, "mean_deceptive": 0.4, "explanation": e, "other": [1, 2]}
-             for r, (f, d, q, e) in enumerate([(11, 1.2, 0.001, "says <lie>"), (7, -0.8, 0.2, None), (3, 0.1, 0.9, None)])]  # fmt: skip
+    feats = [
+        {
+            "feature": f,
+            "rank": r + 1,
+            "cohens_d": d,
+            "d_ci": [d - 0.3, d + 0.2],
+            "q_value": q,
+            "mean_honest": 0.1,
+            "mean_deceptive": 0.4,
+            "explanation": e,
+            "other": [1, 2],
+        }
+        for r, (f, d, q, e) in enumerate(
+            [(11, 1.2, 0.001, "says <lie>"), (7, -0.8, 0.2, None), (3, 0.1, 0.9, None)]
+        )
+    ]
     (root / "features").mkdir()
     (root / "features" / "m_topk_L3_mixed.jsonl").write_text("".join(json.dumps(f) + "\n" for f in feats))
     steer = [steering_row("none", "none", 0.0, 0.3, 0.2, 0.4)]
     for s, rate in ((-4.0, 0.1), (4.0, 0.6)):
         steer.append(steering_row(f"f {s}", "feature", s, rate, rate - 0.1, rate + 0.1, feature=11))
-        steer += [steering_row(f"rd{k} {s}", "random_direction", s, 0.3 + 0.02 * k, 0.2 + k * 0.05, 0.4 + k * 0.05) for k in range(2)]  # fmt: skip
+        steer += [
+            steering_row(f"rd{k} {s}", "random_direction", s, 0.3 + 0.02 * k, 0.2 + k * 0.05, 0.4 + k * 0.05)
+            for k in range(2)
+        ]
     (root / "steering.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steer))
     return root
 
@@ -151,9 +195,13 @@ def test_save_figure_and_save_all(run):
 
 
 def test_missing_inputs_name_the_notebook(tmp_path, capsys):
-    for make, where in ((plots.probe_figure, "notebook 04"), (plots.leaderboard_figure, "notebook 03"),
-                        (plots.firing_density_figure, "notebook 03"), (plots.steering_figure, "notebook 05"),
-                        (lambda rd: plots.feature_effects_figure(rd, "x"), "notebook 04")):  # fmt: skip
+    for make, where in (
+        (plots.probe_figure, "notebook 04"),
+        (plots.leaderboard_figure, "notebook 03"),
+        (plots.firing_density_figure, "notebook 03"),
+        (plots.steering_figure, "notebook 05"),
+        (lambda rd: plots.feature_effects_figure(rd, "x"), "notebook 04"),
+    ):
         with pytest.raises(plots.MissingInput, match=where):
             make(tmp_path)
     assert plots.save_all(tmp_path) == {}
@@ -163,8 +211,19 @@ def test_missing_inputs_name_the_notebook(tmp_path, capsys):
 def test_transfer_and_layer_sweep_figures(tmp_path):
     m = {"train": ["facts", "scenes"], "eval": ["facts", "scenes"], "auroc": [[0.95, 0.7], [None, 0.9]]}
     t = {"eval_set": "scenes", "auroc": 0.7, "auroc_ci": [0.6, 0.8]}
-    sweep = {"rows": [{"layer": k, "relative_depth": k / 4, "cv_auroc": 0.6 + k / 20, "cv_auroc_ci": [0.5, 0.9],
-                       "transfer": [t]} for k in range(5)], "peak": {"layer": 4, "relative_depth": 1.0}}  # fmt: skip
+    sweep = {
+        "rows": [
+            {
+                "layer": k,
+                "relative_depth": k / 4,
+                "cv_auroc": 0.6 + k / 20,
+                "cv_auroc_ci": [0.5, 0.9],
+                "transfer": [t],
+            }
+            for k in range(5)
+        ],
+        "peak": {"layer": 4, "relative_depth": 1.0},
+    }
     (tmp_path / "probes.json").write_text(
         json.dumps({"rows": [], "transfer_matrix": {"3": m}, "layer_sweep": sweep})
     )

@@ -60,11 +60,21 @@ def make_run(
             for s in range(2):  # two samples per prompt: completions of one prompt share a group
                 prompt = ("Tell the truth: " if label == "honest" else "Lie: ") + f"question {i}?"
                 answer = text if s == 0 else text.replace(".", "!")
-                records.append({
-                    "id": f"q{i}/{label}#{s}", "prompt_id": f"q{i}/{label}", "group": f"q{i}", "source": "test",
-                    "prompt": prompt, "system": None, "completion": answer, "label": label, "label_source": "instruction",
-                    "prompt_token_ids": encode_chat(tok, prompt), "completion_token_ids": tok.encode(answer, add_special_tokens=False),
-                })  # fmt: skip
+                records.append(
+                    {
+                        "id": f"q{i}/{label}#{s}",
+                        "prompt_id": f"q{i}/{label}",
+                        "group": f"q{i}",
+                        "source": "test",
+                        "prompt": prompt,
+                        "system": None,
+                        "completion": answer,
+                        "label": label,
+                        "label_source": "instruction",
+                        "prompt_token_ids": encode_chat(tok, prompt),
+                        "completion_token_ids": tok.encode(answer, add_special_tokens=False),
+                    }
+                )
                 records[-1]["n_tokens"] = len(records[-1]["completion_token_ids"])
     if with_other:
         records[0]["label"] = "ambiguous"  # one token class "other"
@@ -72,20 +82,73 @@ def make_run(
     update_run_json(root, model={"spec": "tiny-llama", "n_layers": 3, "d_model": 32}, layers=[LAYER, 2])
     collect_activations(lm, records, [LAYER, 2], root, batch_size=8)
     if with_corpus:  # several shards, so the explorer streams more than one
-        collect_corpus(lm, BUILTIN_CORPUS, [LAYER], root, max_tokens=CORPUS_TOKENS, seq_len=CORPUS_SEQ_LEN,
-                       batch_size=8, shard_tokens=400)  # fmt: skip
+        collect_corpus(
+            lm,
+            BUILTIN_CORPUS,
+            [LAYER],
+            root,
+            max_tokens=CORPUS_TOKENS,
+            seq_len=CORPUS_SEQ_LEN,
+            batch_size=8,
+            shard_tokens=400,
+        )
     for sid, layer, seed in ((SAE_ID, LAYER, 1), (OTHER_ID, LAYER, 2), (ELSEWHERE_ID, 2, 3)):
-        save_sae(TopKSAE(32, D_SAE, l0=6, seed=seed), sae_dir(root, sid), hook_name=hook_name(layer),
-                 model_name="tiny-llama", metadata={"sae_id": sid})  # fmt: skip
+        save_sae(
+            TopKSAE(32, D_SAE, l0=6, seed=seed),
+            sae_dir(root, sid),
+            hook_name=hook_name(layer),
+            model_name="tiny-llama",
+            metadata={"sae_id": sid},
+        )
     if with_analysis:
-        rows = [{"feature": f, "rank": r + 1, "cohens_d": 1.5 - r, "d_ci": [0.5, 2.0], "q_value": 0.01, "auroc": 0.8,
-                 "explanation": e, "explanation_source": "gemini:test", "deception_related": dec, "kind": kind,
-                 "detection": {"balanced_accuracy": 0.7, "auroc": 0.75}, "fuzzing": None}
-                for r, (f, (e, dec, kind)) in enumerate(EXPLANATIONS.items())]  # fmt: skip
-        rows.append({"feature": 11, "rank": 3, "cohens_d": -0.4, "d_ci": [-0.9, 0.1], "q_value": 0.2, "explanation": None,
-                     "explanation_source": "not labelled (outside the top n_label=2)", "deception_related": None})  # fmt: skip
+        rows = [
+            {
+                "feature": f,
+                "rank": r + 1,
+                "cohens_d": 1.5 - r,
+                "d_ci": [0.5, 2.0],
+                "q_value": 0.01,
+                "auroc": 0.8,
+                "explanation": e,
+                "explanation_source": "gemini:test",
+                "deception_related": dec,
+                "kind": kind,
+                "detection": {"balanced_accuracy": 0.7, "auroc": 0.75},
+                "fuzzing": None,
+            }
+            for r, (f, (e, dec, kind)) in enumerate(EXPLANATIONS.items())
+        ]
+        rows.append(
+            {
+                "feature": 11,
+                "rank": 3,
+                "cohens_d": -0.4,
+                "d_ci": [-0.9, 0.1],
+                "q_value": 0.2,
+                "explanation": None,
+                "explanation_source": "not labelled (outside the top n_label=2)",
+                "deception_related": None,
+            }
+        )
         write_jsonl(features_path(root, SAE_ID), rows)
-        atomic_write_json(probes_path(root), {"pooling": "mean", "rows": [
-            {"layer": LAYER, "kind": "raw", "balanced_accuracy": 0.8, "ba_ci": [0.7, 0.9], "auroc": 0.85,
-             "auroc_ci": [0.75, 0.95], "n": 24, "n_groups": 6, "n_folds": 3, "details": {"C": 0.5}}]})  # fmt: skip
+        atomic_write_json(
+            probes_path(root),
+            {
+                "pooling": "mean",
+                "rows": [
+                    {
+                        "layer": LAYER,
+                        "kind": "raw",
+                        "balanced_accuracy": 0.8,
+                        "ba_ci": [0.7, 0.9],
+                        "auroc": 0.85,
+                        "auroc_ci": [0.75, 0.95],
+                        "n": 24,
+                        "n_groups": 6,
+                        "n_folds": 3,
+                        "details": {"C": 0.5},
+                    }
+                ],
+            },
+        )
     return root

@@ -53,9 +53,14 @@ def test_top_per_feature_matches_brute_force(distinct):
     for f, v, d, p in stream(1):
         # the window of an entry encodes where it came from, to check each entry keeps its own window
         acc.add(
-            f, v, v, d, p, lambda idx, d=d, p=p: np.stack([d[idx], p[idx], d[idx] * 0], 1).astype(np.float32),
+            f,
+            v,
+            v,
+            d,
+            p,
+            lambda idx, d=d, p=p: np.stack([d[idx], p[idx], d[idx] * 0], 1).astype(np.float32),
             lambda idx, d=d, p=p: np.stack([p[idx], d[idx]], 1),
-        )  # fmt: skip
+        )
         parts.append((f, v, d, p, np.arange(count, count + len(f))))
         count += len(f)
     entries = tuple(np.concatenate(x) for x in zip(*parts, strict=True))
@@ -84,8 +89,14 @@ def test_random_keys_give_a_uniform_sample():
         acc = TopPerFeature(1, k, width=1, distinct_docs=False, budget=4)
         for start in range(0, n, 7):
             idx = np.arange(start, min(start + 7, n))
-            acc.add(np.zeros(len(idx), np.int64), rng.random(len(idx)).astype(np.float32), idx.astype(np.float32),
-                    idx, idx, lambda i: np.zeros((len(i), 1), np.float32))  # fmt: skip
+            acc.add(
+                np.zeros(len(idx), np.int64),
+                rng.random(len(idx)).astype(np.float32),
+                idx.astype(np.float32),
+                idx,
+                idx,
+                lambda i: np.zeros((len(i), 1), np.float32),
+            )
         hits[acc.result().value.astype(int)] += 1
     assert np.allclose(hits / reps, k / n, atol=0.04), hits / reps
 

@@ -45,8 +45,14 @@ def run(tiny, tmp_path_factory):
 @pytest.fixture(scope="module")
 def db(run, tiny):
     saes = [load_sae(sae_dir(run, s)) for s in (SAE_ID, OTHER_ID, ELSEWHERE_ID)]
-    return build_dashboards(run, saes[0], tokenizer=tiny.tokenizer, unembedding=unembedding_of(tiny.model),
-                            others=saes, config=CFG)  # fmt: skip
+    return build_dashboards(
+        run,
+        saes[0],
+        tokenizer=tiny.tokenizer,
+        unembedding=unembedding_of(tiny.model),
+        others=saes,
+        config=CFG,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -244,8 +250,14 @@ def test_neighbours_are_the_nearest_decoder_rows_of_this_layer_only(db, run):
 
 def _model(family: str):
     if family == "nanochat_gpt":  # our class for nanochat's 2026 layouts: functional norm, padded vocab
-        cfg = NanoChatGPTConfig(vocab_size=300, padded_vocab_size=320, hidden_size=64, num_hidden_layers=2,
-                                num_attention_heads=4, max_position_embeddings=64)  # fmt: skip
+        cfg = NanoChatGPTConfig(
+            vocab_size=300,
+            padded_vocab_size=320,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+        )
         return NanoChatGPTForCausalLM(cfg).eval()
     return tiny_model(family)
 
@@ -317,8 +329,12 @@ def test_coactivation_neighbours_are_the_features_firing_on_the_same_tokens(run,
             assert j == pytest.approx(jac[f, g], rel=5e-3) and p == pytest.approx(both[f, g] / n[f], rel=5e-3)
         checked += 1
     assert checked > 50
-    sampled = db_page = build_dashboards(run, load_sae(sae_dir(run, SAE_ID)), tokenizer=tiny.tokenizer,
-                                         config=ExplorerConfig(reservoir=4, coactive_width=3)).page(5)  # fmt: skip
+    sampled = db_page = build_dashboards(
+        run,
+        load_sae(sae_dir(run, SAE_ID)),
+        tokenizer=tiny.tokenizer,
+        config=ExplorerConfig(reservoir=4, coactive_width=3),
+    ).page(5)
     assert sampled["coactive"]["sample"] == min(4, n[5]) and db_page["coactive"]["neighbours"]
 
 

@@ -54,8 +54,9 @@ def test_tracked_tokens_and_features_match_generate_and_a_full_forward(tiny, sae
     steps = list(track_generation(tiny, sae, PROMPT, meter=meter, max_new_tokens=7, top_n=4))
     ids = encode_chat(tiny.tokenizer, PROMPT)
     with torch.no_grad():
-        ref = tiny.model.generate(torch.tensor([ids]), max_new_tokens=7, do_sample=False, eos_token_id=None,
-                                  pad_token_id=0)[0, len(ids):].tolist()  # fmt: skip
+        ref = tiny.model.generate(
+            torch.tensor([ids]), max_new_tokens=7, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(ids) :].tolist()
     assert [s.token_id for s in steps] == ref[: len(steps)] and len(steps) == 7
     acts, resid = full_pass_acts(tiny, sae, ids + ref)
     for s in steps:

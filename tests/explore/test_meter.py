@@ -55,8 +55,16 @@ def test_fit_meter_on_a_run(run):
     # its quality is the grouped CV of its own recipe on the rows it is fit on (the peer: notebook 04's
     # probe on those rows); notebook 04's figure for the analysis split is quoted beside it, as such
     groups = [labels_and_groups[ids[i]] for i in keep]
-    ref = probe(mean[keep].numpy(), y, groups, prompts=[ids[i].split("#")[0] for i in keep], n_folds=5,
-                n_permutations=0, n_bootstrap=100, C=0.5)  # fmt: skip
+    ref = probe(
+        mean[keep].numpy(),
+        y,
+        groups,
+        prompts=[ids[i].split("#")[0] for i in keep],
+        n_folds=5,
+        n_permutations=0,
+        n_bootstrap=100,
+        C=0.5,
+    )
     assert meter.cv["balanced_accuracy"] == ref.balanced_accuracy and meter.cv["ba_ci"] == ref.ba_ci
     assert meter.cv["n"] == 23 and meter.cv["n_groups"] == 6 and meter.analysis_cv["balanced_accuracy"] == 0.8
     lo, hi = ref.ba_ci
@@ -88,8 +96,16 @@ def test_meter_without_probes_json_or_labels(run, tmp_path):
 def test_meter_greys_out_and_says_why_when_its_probe_is_no_better_than_chance(run):
     meter = fit_meter(run, LAYER)
     steps = [TokenStep(0, 1, "No", [], 0, meter=0.95, meter_running=0.93)]
-    good = dataclasses.replace(meter, cv={**meter.cv, "auroc": 0.9, "auroc_ci": (0.8, 0.97),
-                                          "balanced_accuracy": 0.85, "ba_ci": (0.7, 0.95)})  # fmt: skip
+    good = dataclasses.replace(
+        meter,
+        cv={
+            **meter.cv,
+            "auroc": 0.9,
+            "auroc_ci": (0.8, 0.97),
+            "balanced_accuracy": 0.85,
+            "ba_ci": (0.7, 0.95),
+        },
+    )
     assert good.chance is None and not good.caveat.startswith("Greyed out")
     assert "layer 1" in good.caveat and "AUROC 0.90 [0.80, 0.97]" in good.caveat.split("Notebook 04")[0]
     page = live_html(steps, good)

@@ -244,9 +244,15 @@ def test_top_windows_carry_the_top_marker_and_quantile_windows_a_share_of_all_to
             r["binContains"] == pytest.approx(page["firing_rate"] * share)
             and r["binContains"] <= page["firing_rate"]
         )
-    text = old_style(run, exported, tmp_path, lambda d: rewrite(
-        d / "activations" / "batch-0.jsonl.gz",
-        lambda r: r.update(binMin=None, binMax=None, binContains=None) if r["binMin"] == -1 else None))  # fmt: skip
+    text = old_style(
+        run,
+        exported,
+        tmp_path,
+        lambda d: rewrite(
+            d / "activations" / "batch-0.jsonl.gz",
+            lambda r: r.update(binMin=None, binMax=None, binContains=None) if r["binMin"] == -1 else None,
+        ),
+    )
     assert "a top window has -1" in text
 
 
@@ -259,8 +265,14 @@ def test_max_act_approx_bounds_every_exported_window(run, exported, tmp_path):
         windows = max(r["maxValue"] for r in acts if r["index"] == i)
         assert m == max(windows, pages[i]["max_activation"])
     # the old export: maxActApprox = the completions' maximum, below a corpus window's
-    text = old_style(run, exported, tmp_path, lambda d: rewrite(
-        d / "features" / "batch-0.jsonl.gz", lambda r: r.update(maxActApprox=r["maxActApprox"] / 2)))  # fmt: skip
+    text = old_style(
+        run,
+        exported,
+        tmp_path,
+        lambda d: rewrite(
+            d / "features" / "batch-0.jsonl.gz", lambda r: r.update(maxActApprox=r["maxActApprox"] / 2)
+        ),
+    )
     assert "exceeds the feature's maxActApprox" in text
 
 

@@ -21,8 +21,20 @@ from tests.explore.fake_run import SAE_ID, make_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # What ipywidgets 7.x (Colab) and 8.x both have; the panel must use no others.
-COMMON_WIDGETS = {"Dropdown", "BoundedIntText", "IntSlider", "FloatSlider", "Text", "Textarea", "Checkbox",
-                  "Button", "HTML", "HBox", "VBox", "Tab"}  # fmt: skip
+COMMON_WIDGETS = {
+    "Dropdown",
+    "BoundedIntText",
+    "IntSlider",
+    "FloatSlider",
+    "Text",
+    "Textarea",
+    "Checkbox",
+    "Button",
+    "HTML",
+    "HBox",
+    "VBox",
+    "Tab",
+}
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +111,18 @@ def test_panel_tabs_drive_the_explorer(run, tiny):
 
 def test_parse_and_select():
     assert parse_features(" 12, #40 7") == [12, 40, 7] and parse_features("") is None
-    table = {"feature": [0, 1, 2], "firing_rate": [0.1, 0.0, 0.3], "rate_honest": [0.1, 0, 0.1],
-             "rate_deceptive": [0.1, 0, 0.5], "max_activation": [1, 0, 2], "cohens_d": [None, None, -2.0],
-             "q_value": [None, None, 0.01], "explanation": [None, "dead", "lies"], "tag": ["not analysed", "unclear", "deception"],
-             "top_logit": ["a", "b", "c"]}  # fmt: skip
+    table = {
+        "feature": [0, 1, 2],
+        "firing_rate": [0.1, 0.0, 0.3],
+        "rate_honest": [0.1, 0, 0.1],
+        "rate_deceptive": [0.1, 0, 0.5],
+        "max_activation": [1, 0, 2],
+        "cohens_d": [None, None, -2.0],
+        "q_value": [None, None, 0.01],
+        "explanation": [None, "dead", "lies"],
+        "tag": ["not analysed", "unclear", "deception"],
+        "top_logit": ["a", "b", "c"],
+    }
     assert [r["feature"] for r in select_features(table)] == [2, 0], "dead hidden, largest rate first"
     assert [r["feature"] for r in select_features(table, "#1")] == [1], "an id finds a dead feature too"
     assert [r["feature"] for r in select_features(table, tag="analysed", hide_dead=False)] == [2, 1]

@@ -93,8 +93,10 @@ def _browser():
     )
     driver = shutil.which("chromedriver")
     if not binary or not driver:
-        pytest.skip(f"no headless browser: chromium {'found' if binary else 'missing'}, chromedriver "
-                    f"{'found' if driver else 'missing'} (.ci/install installs Debian's chromium and chromium-driver)")  # fmt: skip
+        pytest.skip(
+            f"no headless browser: chromium {'found' if binary else 'missing'}, chromedriver "
+            f"{'found' if driver else 'missing'} (.ci/install installs Debian's chromium and chromium-driver)"
+        )
     opts = Options()
     for arg in (
         "--headless=new",
@@ -170,8 +172,11 @@ def test_explorer_in_a_headless_browser(run):
             r.get_attribute("data-f")
             for r in browser.find_elements(By.CSS_SELECTOR, "#table tbody tr[data-f]")
         }
-        want = {str(p["feature"]) for p in iter_pages(run, SAE_ID)
-                if word in window_text(p).lower() and (p["n_firing"] or p["corpus"]["n_firing"])}  # fmt: skip
+        want = {
+            str(p["feature"])
+            for p in iter_pages(run, SAE_ID)
+            if word in window_text(p).lower() and (p["n_firing"] or p["corpus"]["n_firing"])
+        }
         assert "5" in hits and hits == want, (word, hits ^ want)
         assert all(
             m.text.lower() == word for m in browser.find_elements(By.CSS_SELECTOR, "#table td.snippet mark")

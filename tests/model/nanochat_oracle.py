@@ -30,9 +30,13 @@ LAYOUT_OF = {
 # window), value embeddings, smear and backout. The 2026-07 short window is ceil(seq/4/128)*128 = 128.
 CONFIGS = {
     "2025-10-21-a088b7a": dict(sequence_len=64, n_layer=3, n_head=4, n_kv_head=2, n_embd=64),
-    "2026-01-30-2e17723": dict(sequence_len=64, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SSSL"),
-    "2026-07-03-92d63d4": dict(sequence_len=512, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SSL"),
-}  # fmt: skip
+    "2026-01-30-2e17723": dict(
+        sequence_len=64, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SSSL"
+    ),
+    "2026-07-03-92d63d4": dict(
+        sequence_len=512, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SSL"
+    ),
+}
 LONG = {"2025-10-21-a088b7a": 40, "2026-01-30-2e17723": 48, "2026-07-03-92d63d4": 160}
 """A test sequence length past each commit's short window (32, 32 and 128 tokens)."""
 
@@ -41,9 +45,16 @@ SPLIT_PATTERN = (
     r"""\s+(?!\S)|\s+"""
 )
 SPECIALS = (
-    "<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-    "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>",
-)  # fmt: skip
+    "<|bos|>",
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|python_start|>",
+    "<|python_end|>",
+    "<|output_start|>",
+    "<|output_end|>",
+)
 MERGES = [b"he", b"ll", b"hell", b"hello", b" w", b"or", b" wor", b"ld", b" world", b"th", b"the", b" the"]
 
 
@@ -111,8 +122,16 @@ def build_oracle(commit: str, *, seed: int = 0, compute_dtype: str | None = None
     return model.eval().requires_grad_(False), model_config
 
 
-def save_native(model, model_config: dict, folder: Path, *, step: int = 10, compile_prefix: bool = False,
-                state_dict: dict | None = None, encoding: tiktoken.Encoding | None = None) -> Path:  # fmt: skip
+def save_native(
+    model,
+    model_config: dict,
+    folder: Path,
+    *,
+    step: int = 10,
+    compile_prefix: bool = False,
+    state_dict: dict | None = None,
+    encoding: tiktoken.Encoding | None = None,
+) -> Path:
     """Write `model` as nanochat's checkpoint_manager.save_checkpoint does, plus tokenizer.pkl."""
     folder.mkdir(parents=True, exist_ok=True)
     sd = state_dict if state_dict is not None else model.state_dict()
@@ -148,8 +167,32 @@ def block_outputs(model, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Te
     return logits, outs
 
 
-WORDS = (" the", " car", " is", " safe", " not", " yes", " no", " I", " was", " there", " it", " fine", " broken",
-         " honest", " never", " saw", " money", " wallet", " report", " done", " sure", " we", " can", " sell")  # fmt: skip
+WORDS = (
+    " the",
+    " car",
+    " is",
+    " safe",
+    " not",
+    " yes",
+    " no",
+    " I",
+    " was",
+    " there",
+    " it",
+    " fine",
+    " broken",
+    " honest",
+    " never",
+    " saw",
+    " money",
+    " wallet",
+    " report",
+    " done",
+    " sure",
+    " we",
+    " can",
+    " sell",
+)
 
 
 def word_encoding() -> tiktoken.Encoding:
@@ -177,8 +220,15 @@ def write_tiny_2026_checkpoint(
     from helpers.model.nanochat_gpt import NanoChatGPTConfig, NanoChatGPTForCausalLM
 
     enc, layout = word_encoding(), layouts.LAYOUTS[-1]
-    model_config = dict(sequence_len=seq_len, vocab_size=enc.n_vocab, n_layer=n_layer, n_head=4, n_kv_head=2,
-                        n_embd=n_embd, window_pattern="SSSL")  # fmt: skip
+    model_config = dict(
+        sequence_len=seq_len,
+        vocab_size=enc.n_vocab,
+        n_layer=n_layer,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=n_embd,
+        window_pattern="SSSL",
+    )
     b = layouts.resolve_behaviour(layout, model_config)
     config = NanoChatGPTConfig(
         vocab_size=enc.n_vocab,

@@ -70,8 +70,17 @@ def build_native_checkpoint(
         native = {f"_orig_mod.{k}": v for k, v in native.items()}
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(native, folder / f"model_{step:06d}.pt")
-    meta = {"model_config": {"vocab_size": enc.n_vocab, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_kv_head": 2,
-                             "sequence_len": 128}, "step": step}  # fmt: skip
+    meta = {
+        "model_config": {
+            "vocab_size": enc.n_vocab,
+            "n_embd": 64,
+            "n_layer": 2,
+            "n_head": 4,
+            "n_kv_head": 2,
+            "sequence_len": 128,
+        },
+        "step": step,
+    }
     (folder / f"meta_{step:06d}.json").write_text(json.dumps(meta))
     with open(folder / "tokenizer.pkl", "wb") as f:
         pickle.dump(enc, f)
@@ -298,8 +307,12 @@ def test_load_model_converts_native_folder_once_and_formats_chat(tmp_path, capsy
     lm = helpers.load_model(str(tmp_path / "native"), device="cpu", cache_dir=tmp_path / "cache")
     info = lm.info
     assert (info.source, info.family, info.chat_format, info.n_layers, info.d_model) == (
-        "nanochat-native", "nanochat", "nanochat", 2, 64,
-    )  # fmt: skip
+        "nanochat-native",
+        "nanochat",
+        "nanochat",
+        2,
+        64,
+    )
     converted_dir = Path(info.path)
     assert converted_dir.parent == tmp_path / "cache" / "converted"
     stamp = (converted_dir / "config.json").stat().st_mtime_ns
@@ -320,8 +333,15 @@ def test_load_model_converts_native_folder_once_and_formats_chat(tmp_path, capsy
 def test_native_hub_files_picks_latest_step_and_tokenizer():
     from helpers.model.load import native_hub_files
 
-    flat = ["README.md", "model_000650.pt", "meta_000650.json", "model_000100.pt", "meta_000100.json",
-            "tokenizer.pkl", "token_bytes.pt"]  # fmt: skip
+    flat = [
+        "README.md",
+        "model_000650.pt",
+        "meta_000650.json",
+        "model_000100.pt",
+        "meta_000100.json",
+        "tokenizer.pkl",
+        "token_bytes.pt",
+    ]
     assert native_hub_files(flat) == ["model_000650.pt", "meta_000650.json", "tokenizer.pkl"]
     nested = ["chatsft/d32/model_000650.pt", "chatsft/d32/meta_000650.json", "tokenizer/tokenizer.pkl"]
     assert native_hub_files(nested) == nested

@@ -14,10 +14,16 @@ from tests.model.nanochat_oracle import import_oracle, save_native, tiny_encodin
 
 BASE = dict(sequence_len=64, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SL")
 BRANCHES = {
-    "2026-07-03-3a76bb9-moe3": (dict(num_experts=4, top_k=2), r"mixture-of-experts MLP \(branch moe3, commit 3a76bb9"),
+    "2026-07-03-3a76bb9-moe3": (
+        dict(num_experts=4, top_k=2),
+        r"mixture-of-experts MLP \(branch moe3, commit 3a76bb9",
+    ),
     "2026-07-13-4197e95-widening": (dict(n_token_embd=32), r"widening \(PR #807, commit 4197e95"),
-    "2026-07-22-83ba923-hyperconn": (dict(hc_rate=2, hc_dynamic=True), r"hyper-connections \(PR #812, commit 83ba923"),
-}  # fmt: skip
+    "2026-07-22-83ba923-hyperconn": (
+        dict(hc_rate=2, hc_dynamic=True),
+        r"hyper-connections \(PR #812, commit 83ba923",
+    ),
+}
 
 
 @pytest.mark.parametrize("commit", sorted(BRANCHES))

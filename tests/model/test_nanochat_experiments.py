@@ -33,8 +33,11 @@ def experiment(tmp_path_factory):
     """experiments/deception/d4/{base,sft} written by upstream's code (sft with other weights), and the
     upstream models that wrote them."""
     root = tmp_path_factory.mktemp("nanochat_experiments")
-    assert filecmp.cmp(oracle_dir(EXPERIMENTS) / "nanochat" / "gpt.py", oracle_dir(MODEL) / "nanochat" / "gpt.py",
-                       shallow=False)  # fmt: skip
+    assert filecmp.cmp(
+        oracle_dir(EXPERIMENTS) / "nanochat" / "gpt.py",
+        oracle_dir(MODEL) / "nanochat" / "gpt.py",
+        shallow=False,
+    )
     mp = pytest.MonkeyPatch()
     mp.setenv("NANOCHAT_BASE_DIR", str(root))
     mp.setenv("NANOCHAT_EXPERIMENT", "deception")
@@ -113,8 +116,16 @@ def test_a_hub_repo_with_several_stages_is_loaded_one_folder_at_a_time():
     list is not reachable offline, so the layouts here are the two nanochat writes) never mixes stages."""
     from helpers.model.load import native_hub_files
 
-    stages = ["base/model_021400.pt", "base/meta_021400.json", "sft/model_000700.pt", "sft/meta_000700.json",
-              "rl/model_000300.pt", "rl/meta_000300.json", "tokenizer/tokenizer.pkl", "README.md"]  # fmt: skip
+    stages = [
+        "base/model_021400.pt",
+        "base/meta_021400.json",
+        "sft/model_000700.pt",
+        "sft/meta_000700.json",
+        "rl/model_000300.pt",
+        "rl/meta_000300.json",
+        "tokenizer/tokenizer.pkl",
+        "README.md",
+    ]
     with pytest.raises(
         FileNotFoundError, match=r"several folders.*'org/d24/base', 'org/d24/rl', 'org/d24/sft'"
     ):
@@ -126,7 +137,11 @@ def test_a_hub_repo_with_several_stages_is_loaded_one_folder_at_a_time():
     ]
     assert native_hub_files(stages, "rl")[0] == "rl/model_000300.pt"
     assert native_hub_files(stages, "mid") is None
-    experiment = ["experiments/e/d24/sft/model_000700.pt", "experiments/e/d24/sft/meta_000700.json",
-                  "experiments/e/tokenizer/tokenizer.pkl", "experiments/e/d24/base/model_021400.pt",
-                  "experiments/e/d24/base/meta_021400.json"]  # fmt: skip
+    experiment = [
+        "experiments/e/d24/sft/model_000700.pt",
+        "experiments/e/d24/sft/meta_000700.json",
+        "experiments/e/tokenizer/tokenizer.pkl",
+        "experiments/e/d24/base/model_021400.pt",
+        "experiments/e/d24/base/meta_021400.json",
+    ]
     assert native_hub_files(experiment, "experiments/e/d24/sft") == experiment[:3]

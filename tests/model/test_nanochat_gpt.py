@@ -199,7 +199,13 @@ def test_incremental_decoding_logits_match_upstream(case):
         for t in range(20 - 1):
             col = [r[start - (n - len(r)) + t] for r in rows]
             mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
-            out = lm.model(torch.tensor(col)[:, None], attention_mask=mask, position_ids=next_pos[:, None], use_cache=True, **{cache_kwarg(lm.model): cache})  # fmt: skip
+            out = lm.model(
+                torch.tensor(col)[:, None],
+                attention_mask=mask,
+                position_ids=next_pos[:, None],
+                use_cache=True,
+                **{cache_kwarg(lm.model): cache},
+            )
             steps.append(out.logits[:, -1])
             next_pos = next_pos + 1
     got = torch.stack(steps, 1)  # [2, 20, vocab]
@@ -234,9 +240,13 @@ def test_chat_prompt_and_stop_tokens_match_upstream(case):
     (system merged into the first user turn) and we stop where upstream's engine stops."""
     commit, _, _, lm, _, _ = case
     upstream = import_oracle(commit, "tokenizer").RustBPETokenizer(tiny_encoding(), "<|bos|>")
-    conversation = {"messages": [{"role": "system", "content": "Be brief."},
-                                 {"role": "user", "content": "hello world, the thing"},
-                                 {"role": "assistant", "content": ""}]}  # fmt: skip
+    conversation = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hello world, the thing"},
+            {"role": "assistant", "content": ""},
+        ]
+    }
     assert encode_chat(lm.tokenizer, "hello world, the thing", system="Be brief.") == (
         upstream.render_for_completion(conversation)
     )
@@ -251,8 +261,16 @@ def test_chat_reply_is_the_samplers_greedy_reply(case):
     _, _, _, lm, _, _ = case
     prompt = encode_chat(lm.tokenizer, "hello world")
     stops = stop_token_ids(lm.tokenizer)
-    ((tokens, _),) = generate_batch(lm.model, [prompt], [torch.Generator()], temperature=0.0, top_p=1.0,
-                                    max_new_tokens=10, stop_ids=stops, pad_id=stops[-1])  # fmt: skip
+    ((tokens, _),) = generate_batch(
+        lm.model,
+        [prompt],
+        [torch.Generator()],
+        temperature=0.0,
+        top_p=1.0,
+        max_new_tokens=10,
+        stop_ids=stops,
+        pad_id=stops[-1],
+    )
     assert (
         helpers.chat(lm, "hello world", max_new_tokens=10)
         == lm.tokenizer.decode(tokens, skip_special_tokens=True).strip()
@@ -368,9 +386,19 @@ def test_conversion_keeps_each_tensor_dtype_and_records_the_behaviour(tmp_path):
         and saved["lm_head.weight"].dtype == torch.float32
     )
     cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["layout"], cfg["rope_theta"], cfg["qk_scale"], cfg["ve_gate_scale"], cfg["smear_channels"]) == (
-        "2026-03-14", 100000.0, 1.2, 3.0, 24,
-    )  # fmt: skip
+    assert (
+        cfg["layout"],
+        cfg["rope_theta"],
+        cfg["qk_scale"],
+        cfg["ve_gate_scale"],
+        cfg["smear_channels"],
+    ) == (
+        "2026-03-14",
+        100000.0,
+        1.2,
+        3.0,
+        24,
+    )
     assert cfg["attention_windows"] == [128, 128, 512, 512]  # "SSL" tiled, last layer long
 
 
@@ -395,8 +423,10 @@ def test_hub_repo_with_2026_native_files_loads_and_is_cached(tmp_path, monkeypat
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
     lm = helpers.load_model("someone/nanochat-2026", device="cpu", cache_dir=tmp_path / "cache")
     assert (lm.info.source, lm.info.layout, type(lm.model).__name__) == (
-        "nanochat-native", "2026-03-14", "NanoChatGPTForCausalLM",
-    )  # fmt: skip
+        "nanochat-native",
+        "2026-03-14",
+        "NanoChatGPTForCausalLM",
+    )
     assert calls == ["list", "model_000010.pt", "meta_000010.json", "tokenizer.pkl"]
     calls.clear()
     again = helpers.load_model("someone/nanochat-2026", device="cpu", cache_dir=tmp_path / "cache")

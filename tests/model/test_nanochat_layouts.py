@@ -59,8 +59,14 @@ def test_behaviour_implied_by_each_layout():
     }
     for name, expected in want.items():
         b = L.resolve_behaviour(L.LAYOUTS[L.LAYOUT_NAMES.index(name)], {"sequence_len": seq, "n_layer": 4})
-        got = (b["rope_theta"], b["qk_scale"], b["logit_softcap"], b["rope_tables_bf16"], b.get("ve_gate_scale"),
-               b["short_window"])  # fmt: skip
+        got = (
+            b["rope_theta"],
+            b["qk_scale"],
+            b["logit_softcap"],
+            b["rope_tables_bf16"],
+            b.get("ve_gate_scale"),
+            b["short_window"],
+        )
         assert got == expected, name
     original = L.resolve_behaviour(L.ORIGINAL, {"sequence_len": seq, "n_layer": 4})
     assert (original["rope_theta"], original["logit_softcap"]) == (
@@ -76,8 +82,17 @@ def test_behaviour_implied_by_each_layout():
 def test_windows_match_upstreams_compute_window_sizes(commit, seq_len, pattern, n_layer):
     gpt = import_oracle(commit)
     with torch.device("meta"):
-        model = gpt.GPT(gpt.GPTConfig(sequence_len=seq_len, vocab_size=64, n_layer=n_layer, n_head=2, n_kv_head=2,
-                                      n_embd=32, window_pattern=pattern))  # fmt: skip
+        model = gpt.GPT(
+            gpt.GPTConfig(
+                sequence_len=seq_len,
+                vocab_size=64,
+                n_layer=n_layer,
+                n_head=2,
+                n_kv_head=2,
+                n_embd=32,
+                window_pattern=pattern,
+            )
+        )
     layout = {"2026-01-30-2e17723": "2026-01-16b", "2026-07-03-92d63d4": "2026-03-14"}[commit]
     b = L.resolve_behaviour(
         L.LAYOUTS[L.LAYOUT_NAMES.index(layout)],

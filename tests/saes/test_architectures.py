@@ -220,8 +220,15 @@ def test_gated_gate_learns_through_a_frozen_decoder(acts):
 
 @pytest.mark.parametrize("auxk_coef", [1 / 32, 0.0])
 def test_auxk_revives_planted_dead_latents(acts, auxk_coef):
-    cfg = TrainConfig(expansion=2, l0=16, train_tokens=100 * 64, batch_size=64, lr=2e-3, dead_tokens=1024,
-                      sae_options={"auxk_coef": auxk_coef})  # fmt: skip
+    cfg = TrainConfig(
+        expansion=2,
+        l0=16,
+        train_tokens=100 * 64,
+        batch_size=64,
+        lr=2e-3,
+        dead_tokens=1024,
+        sae_options={"auxk_coef": auxk_coef},
+    )
     run = Run(cfg, d_in=576)
     run.init_from_data(acts[:512])
     planted = torch.arange(0, 1152, 4)  # 288 latents whose encoder rows are shrunk 100x: never in the top-k

@@ -79,8 +79,9 @@ def batches_of(run_dir, lm, n: int):
 def test_identity_sae_recovers_all_the_loss(offline_lm, run_dir):
     data = batches_of(run_dir, offline_lm, 3)
     assert data[0]["splice"].sum() > data[0]["score"].sum() > 0
-    res = lm_loss(offline_lm.model, {"identity": torch.nn.Identity(), "half": lambda h: 0.5 * h},
-                  hook_name(LAYER), data)  # fmt: skip
+    res = lm_loss(
+        offline_lm.model, {"identity": torch.nn.Identity(), "half": lambda h: 0.5 * h}, hook_name(LAYER), data
+    )
     ident, half = res["identity"], res["half"]
     assert ident["ce_sae"] == pytest.approx(ident["ce_clean"], abs=1e-5)
     assert ident["kl_sae"] == pytest.approx(0.0, abs=1e-6) and ident["loss_recovered"] == pytest.approx(
@@ -115,8 +116,16 @@ def test_identity_sae_recovers_all_the_loss(offline_lm, run_dir):
 
 def test_lm_eval_rows_spread_over_groups_and_labels():
     # file order as notebook 02 writes it: each group's honest prompt first, then its lie prompt
-    rows = [{"id": f"g{g}#{k}", "prompt_id": f"g{g}/{k // 2}", "group": f"g{g}", "label": ("honest", "deceptive")[k // 2]}
-            for g in range(5) for k in range(4)]  # fmt: skip
+    rows = [
+        {
+            "id": f"g{g}#{k}",
+            "prompt_id": f"g{g}/{k // 2}",
+            "group": f"g{g}",
+            "label": ("honest", "deceptive")[k // 2],
+        }
+        for g in range(5)
+        for k in range(4)
+    ]
     held = {r["id"] for r in rows if r["group"] != "g4"}
     chosen = lm_eval_rows(rows, held, 6)
     groups = [r["group"] for r in chosen]

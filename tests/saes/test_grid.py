@@ -108,8 +108,16 @@ def test_the_corpus_condition_streams_when_nothing_is_stored(offline_lm, corpus_
         made.append(layer)
         return CorpusStream(offline_lm, BUILTIN_CORPUS, layer, seq_len=64, batch_size=8, buffer_tokens=512)
 
-    status = train_grid(run, [LAYER], ["topk"], ["corpus", "corpus+behaviour"], small_cfg(train_tokens=12 * 64),
-                        min_completions=4, min_tokens=500, corpus_stream=stream)  # fmt: skip
+    status = train_grid(
+        run,
+        [LAYER],
+        ["topk"],
+        ["corpus", "corpus+behaviour"],
+        small_cfg(train_tokens=12 * 64),
+        min_completions=4,
+        min_tokens=500,
+        corpus_stream=stream,
+    )
     assert [r["status"] for r in status] == ["trained", "trained"] and made == [LAYER], "one stream per layer"
     m = json.loads((run / "saes" / status[0]["sae_id"] / "metrics.json").read_text())
     stored = json.loads(next((corpus_run / "saes").glob("*_topk-l0-8_L2_corpus/metrics.json")).read_text())
@@ -227,8 +235,10 @@ def test_a_rerun_with_other_settings_stops_before_training_and_overwrite_retrain
         run, [LAYER], ["topk"], ["mixed"], small_cfg(train_tokens=8 * 64, checkpoint_every=2), **kw
     )
     assert again["status"] == "done earlier", "checkpoint_every does not change the SAE"
-    for changed, line in ((dict(lr=3e-4), "training.lr: 0.001 → 0.0003"),
-                          (dict(train_tokens=16 * 64), "training.train_tokens: 512 → 1024")):  # fmt: skip
+    for changed, line in (
+        (dict(lr=3e-4), "training.lr: 0.001 → 0.0003"),
+        (dict(train_tokens=16 * 64), "training.train_tokens: 512 → 1024"),
+    ):
         for plan_only in (True, False):
             with pytest.raises(
                 NotebookError, match=rf"(?s){row['sae_id']} \(finished, release .*{line}.*OVERWRITE"

@@ -47,8 +47,9 @@ CTX = 16
 
 @pytest.fixture(scope="module")
 def run(offline_lm, tmp_path_factory) -> Path:
-    return make_run(tmp_path_factory.mktemp("handoff") / "run", tiny_chat_llama(offline_lm.tokenizer),
-                    with_analysis=False)  # fmt: skip
+    return make_run(
+        tmp_path_factory.mktemp("handoff") / "run", tiny_chat_llama(offline_lm.tokenizer), with_analysis=False
+    )
 
 
 def selected_rows(selection: Selection) -> np.ndarray:
@@ -61,8 +62,11 @@ def as_set(rows: np.ndarray) -> set[bytes]:
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def saelens_store(
@@ -101,12 +105,17 @@ def test_saelens_reads_our_export_trains_on_it_and_the_sae_comes_back(run, offli
     # save_to_disk writes it for them, and every exported token is a training row of the store.
     ds = datasets.load_from_disk(str(out))
     hook = f"blocks.{LAYER}.hook_resid_post"
-    want = datasets.Features({hook: datasets.Array2D(shape=(CTX, 32), dtype="float32"),
-                              "token_ids": datasets.Sequence(datasets.Value("int32"), length=CTX)})  # fmt: skip
+    want = datasets.Features(
+        {
+            hook: datasets.Array2D(shape=(CTX, 32), dtype="float32"),
+            "token_ids": datasets.Sequence(datasets.Value("int32"), length=CTX),
+        }
+    )
     assert ds.features == want and len(ds) == manifest["n_rows"]
     ref = tmp_path / "reference"
-    datasets.Dataset.from_dict({hook: np.zeros((1, CTX, 32), np.float32), "token_ids": np.zeros((1, CTX), np.int32)},
-                               features=want).save_to_disk(str(ref))  # fmt: skip
+    datasets.Dataset.from_dict(
+        {hook: np.zeros((1, CTX, 32), np.float32), "token_ids": np.zeros((1, CTX), np.int32)}, features=want
+    ).save_to_disk(str(ref))
     assert json.loads((out / "dataset_info.json").read_text()) == json.loads(
         (ref / "dataset_info.json").read_text()
     )
@@ -122,8 +131,11 @@ def test_saelens_reads_our_export_trains_on_it_and_the_sae_comes_back(run, offli
     # token ids travel with their rows: a corpus row's id is the one the corpus store holds for it
     ids = np.asarray(ds.with_format("numpy")["token_ids"]).reshape(-1)
     corpus = LayerStore(run, LAYER, kind="corpus")
-    row_id = {r.tobytes(): t for i in corpus.completion_ids
-              for r, t in zip(corpus.tokens_of(i), corpus.token_ids_of(i)[:, 0], strict=True)}  # fmt: skip
+    row_id = {
+        r.tobytes(): t
+        for i in corpus.completion_ids
+        for r, t in zip(corpus.tokens_of(i), corpus.token_ids_of(i)[:, 0], strict=True)
+    }
     hits = [(row_id[r.tobytes()], t) for r, t in zip(exported, ids, strict=True) if r.tobytes() in row_id]
     assert len(hits) > 100 and all(a == b for a, b in hits)
 
@@ -178,9 +190,14 @@ def test_float16_export_and_our_store_as_saetrainers_data_provider(run, tmp_path
     seen = [next(batches) for _ in range(80)]  # several epochs of the ~1k training tokens
     assert all(b.shape == (32, 32) and b.dtype == torch.float32 for b in seen)
     assert as_set(torch.cat(seen).numpy()) == rows  # every training row, and nothing else
-    cfg = LanguageModelSAERunnerConfig(sae=TopKTrainingSAEConfig(d_in=32, d_sae=64, k=4), hook_name=m16["hook_name"],
-                                       training_tokens=200 * 32, train_batch_size_tokens=32, device="cpu",
-                                       logger=LoggingConfig(log_to_wandb=False))  # fmt: skip
+    cfg = LanguageModelSAERunnerConfig(
+        sae=TopKTrainingSAEConfig(d_in=32, d_sae=64, k=4),
+        hook_name=m16["hook_name"],
+        training_tokens=200 * 32,
+        train_batch_size_tokens=32,
+        device="cpu",
+        logger=LoggingConfig(log_to_wandb=False),
+    )
     torch.manual_seed(0)
     trained = SAETrainer(
         cfg=cfg.to_sae_trainer_config(), sae=TopKTrainingSAE(cfg.sae), data_provider=batches
@@ -258,8 +275,11 @@ def test_bad_input_is_refused_and_nothing_is_overwritten(run, tmp_path):
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=32, d_sae=64, k=4))
     sae.save_inference_model(str(tmp_path / "future"))
     cfg = json.loads((tmp_path / "future" / "cfg.json").read_text())
-    cfg.setdefault("metadata", {}).update(hook_name=f"blocks.{LAYER}.hook_resid_post", sae_lens_version="7.2.0",
-                                          sae_lens_training_version="7.2.0")  # fmt: skip
+    cfg.setdefault("metadata", {}).update(
+        hook_name=f"blocks.{LAYER}.hook_resid_post",
+        sae_lens_version="7.2.0",
+        sae_lens_training_version="7.2.0",
+    )
     (tmp_path / "future" / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="sae_lens 7.2.0"):
         import_saelens_sae(tmp_path / "future", sel)

@@ -73,9 +73,16 @@ def test_sparsify_trains_on_our_nanochat_and_its_sae_comes_back(nanochat_run, tm
     handle.remove()
     ours = run_with_capture(model, [hook_name(LAYER)], input_ids=batch)[hook_name(LAYER)]
     torch.testing.assert_close(seen[0], ours)
-    cfg = TrainConfig(SparseCoderConfig(k=4, expansion_factor=2), batch_size=4, hookpoints=[f"h.{LAYER}"],
-                      log_to_wandb=False, save_dir=str(tmp_path / "out"), run_name="r", optimizer="adam",
-                      lr_warmup_steps=1)  # fmt: skip
+    cfg = TrainConfig(
+        SparseCoderConfig(k=4, expansion_factor=2),
+        batch_size=4,
+        hookpoints=[f"h.{LAYER}"],
+        log_to_wandb=False,
+        save_dir=str(tmp_path / "out"),
+        run_name="r",
+        optimizer="adam",
+        lr_warmup_steps=1,
+    )
     Trainer(cfg, data, model).fit()
     folder = tmp_path / "out" / "r" / f"h.{LAYER}"
     assert (folder / "cfg.json").exists() and (folder / "sae.safetensors").exists()

@@ -43,20 +43,58 @@ def run(tmp_path):
         with torch.no_grad():  # non-trivial biases so a wrong load would show
             sae.b_dec.normal_(generator=torch.Generator().manual_seed(i))
             sae.b_enc.normal_(0, 0.1, generator=torch.Generator().manual_seed(i + 5))
-        save_sae(sae, root / "saes" / sid, hook_name=hook_name(layer), model_name=SPEC, scale=2.0,
-                 metadata={"sae_id": sid, "condition": cond})  # fmt: skip
-        metrics = {"sae_id": sid, "architecture": sae.architecture, "layer": layer, "condition": cond,
-                   "activations": {"explained_variance": 0.8123 - i / 10, "l0": 12.5, "dead_fraction": 0.25},
-                   "training": {"tokens": 20480}, "lm": {"loss_recovered": 0.9}}  # fmt: skip
+        save_sae(
+            sae,
+            root / "saes" / sid,
+            hook_name=hook_name(layer),
+            model_name=SPEC,
+            scale=2.0,
+            metadata={"sae_id": sid, "condition": cond},
+        )
+        metrics = {
+            "sae_id": sid,
+            "architecture": sae.architecture,
+            "layer": layer,
+            "condition": cond,
+            "activations": {"explained_variance": 0.8123 - i / 10, "l0": 12.5, "dead_fraction": 0.25},
+            "training": {"tokens": 20480},
+            "lm": {"loss_recovered": 0.9},
+        }
         (root / "saes" / sid / "metrics.json").write_text(json.dumps(metrics))
     (root / "saes" / IDS[0] / "checkpoint.pt").write_bytes(b"stale")
     save_sae(TopKSAE(16, 8, l0=2), root / "saes" / "not_chosen", hook_name=hook_name(1), model_name=SPEC)
-    comps = [{"id": f"s{i}/q0#0", "prompt_id": f"s{i}/q0", "source": "builtin:scenarios",
-              "label": ("honest", "deceptive", "ambiguous")[i % 3], "label_source": "rules"} for i in range(6)]  # fmt: skip
+    comps = [
+        {
+            "id": f"s{i}/q0#0",
+            "prompt_id": f"s{i}/q0",
+            "source": "builtin:scenarios",
+            "label": ("honest", "deceptive", "ambiguous")[i % 3],
+            "label_source": "rules",
+        }
+        for i in range(6)
+    ]
     (root / "completions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in comps))
-    probes = [{"layer": 3, "kind": "raw", "balanced_accuracy": 0.7, "ba_ci": [0.6, 0.8], "auroc": 0.75, "auroc_ci": [0.65, 0.85]},
-              {"layer": 3, "kind": "sae", "sae_id": IDS[0], "balanced_accuracy": 0.66, "ba_ci": [0.55, 0.77], "auroc": 0.7,
-               "auroc_ci": [0.6, 0.8], "verdict": "no significant difference", "extra": 1}]  # fmt: skip
+    probes = [
+        {
+            "layer": 3,
+            "kind": "raw",
+            "balanced_accuracy": 0.7,
+            "ba_ci": [0.6, 0.8],
+            "auroc": 0.75,
+            "auroc_ci": [0.65, 0.85],
+        },
+        {
+            "layer": 3,
+            "kind": "sae",
+            "sae_id": IDS[0],
+            "balanced_accuracy": 0.66,
+            "ba_ci": [0.55, 0.77],
+            "auroc": 0.7,
+            "auroc_ci": [0.6, 0.8],
+            "verdict": "no significant difference",
+            "extra": 1,
+        },
+    ]
     (root / "probes.json").write_text(json.dumps({"rows": probes}))
     (root / "features").mkdir()
     feats = [
@@ -98,12 +136,24 @@ def test_dry_run_writes_the_exact_upload_and_a_complete_card(run, no_network):
     card = huggingface_hub.ModelCard(text)
     assert card.data.library_name == "saelens" and card.data.base_model == SPEC
     assert {"saelens", "sparse-autoencoder", "topk", "jumprelu"} <= set(card.data.tags)
-    for needed in ("`blocks.3.hook_resid_post`", "`blocks.5.hook_resid_post`", "| 16 -> 40 |", "| 0.812 |", "20,480",
-                   "deceptive_only`: trained on the tokens of deceptive completions only", "6 completions of 6 prompts",
-                   "honest: 2", "offline regex judge", "0.660 [0.550, 0.770]", "0.700 [0.600, 0.800]",
-                   "latent 7: d = 1.100 [0.800, 1.400]", "denial of a secret",
-                   f'SAE.from_pretrained(release="someone/deception-saes", sae_id="{IDS[0]}")',
-                   "SAE.load_from_disk", f'load_sae("someone/deception-saes/{IDS[0]}")'):  # fmt: skip
+    for needed in (
+        "`blocks.3.hook_resid_post`",
+        "`blocks.5.hook_resid_post`",
+        "| 16 -> 40 |",
+        "| 0.812 |",
+        "20,480",
+        "deceptive_only`: trained on the tokens of deceptive completions only",
+        "6 completions of 6 prompts",
+        "honest: 2",
+        "offline regex judge",
+        "0.660 [0.550, 0.770]",
+        "0.700 [0.600, 0.800]",
+        "latent 7: d = 1.100 [0.800, 1.400]",
+        "denial of a secret",
+        f'SAE.from_pretrained(release="someone/deception-saes", sae_id="{IDS[0]}")',
+        "SAE.load_from_disk",
+        f'load_sae("someone/deception-saes/{IDS[0]}")',
+    ):
         assert needed in text, needed
     # A second dry run replaces the first: the folder always lists exactly one upload.
     publish_saes(run, IDS[:1], "someone/deception-saes", dry_run=True)
@@ -166,8 +216,14 @@ def test_upload_is_one_commit_of_exactly_the_dry_run_files(run, monkeypatch):
         "create_repo",
         lambda self, repo_id, **kw: calls.append(("repo", repo_id, kw, self.token)),
     )
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", lambda self, repo_id, operations, **kw: calls.append(
-        ("commit", repo_id, operations, kw)) or SimpleNamespace(commit_url="https://hf.co/c/1"))  # fmt: skip
+    monkeypatch.setattr(
+        huggingface_hub.HfApi,
+        "create_commit",
+        lambda self, repo_id, operations, **kw: (
+            calls.append(("commit", repo_id, operations, kw))
+            or SimpleNamespace(commit_url="https://hf.co/c/1")
+        ),
+    )
     monkeypatch.setenv("HF_TOKEN", "hf_from_env")
     out = publish_saes(run, IDS, "someone/deception-saes", private=True)
     assert [c[0] for c in calls] == ["repo", "commit"], "all files must go up in a single commit"

@@ -56,8 +56,12 @@ def test_sae_lens_reproduces_our_encode_and_decode(arch, acts, tmp_path):
         1152,
         "blocks.2.hook_resid_post",
     )
-    expected = {"standard": {"b_enc"}, "topk": {"b_enc"}, "jumprelu": {"b_enc", "threshold"},
-                "gated": {"b_gate", "b_mag", "r_mag"}}  # fmt: skip
+    expected = {
+        "standard": {"b_enc"},
+        "topk": {"b_enc"},
+        "jumprelu": {"b_enc", "threshold"},
+        "gated": {"b_gate", "b_mag", "r_mag"},
+    }
     assert (
         set(load_file(tmp_path / "sae_weights.safetensors")) == {"W_enc", "W_dec", "b_dec"} | expected[saved]
     )
@@ -67,8 +71,12 @@ def test_sae_lens_reproduces_our_encode_and_decode(arch, acts, tmp_path):
 
 def sae_lens_sae(arch: str, hook: str, **cfg_kw):
     """An SAE built and perturbed with sae_lens's own classes (as a published folder would be)."""
-    classes = {"standard": (sae_lens.StandardSAE, sae_lens.StandardSAEConfig), "topk": (sae_lens.TopKSAE, sae_lens.TopKSAEConfig),
-               "jumprelu": (sae_lens.JumpReLUSAE, sae_lens.JumpReLUSAEConfig), "gated": (sae_lens.GatedSAE, sae_lens.GatedSAEConfig)}  # fmt: skip
+    classes = {
+        "standard": (sae_lens.StandardSAE, sae_lens.StandardSAEConfig),
+        "topk": (sae_lens.TopKSAE, sae_lens.TopKSAEConfig),
+        "jumprelu": (sae_lens.JumpReLUSAE, sae_lens.JumpReLUSAEConfig),
+        "gated": (sae_lens.GatedSAE, sae_lens.GatedSAEConfig),
+    }
     cls, cfg_cls = classes[arch]
     meta = sae_lens.saes.sae.SAEMetadata(hook_name=hook, model_name="nanochat-d32")
     sae = cls(cfg_cls(d_in=576, d_sae=256, metadata=meta, **cfg_kw))
@@ -113,10 +121,20 @@ def test_folders_written_by_sae_lens_load_through_the_same_function(arch, hook, 
 
 def test_legacy_config_and_strict_tensors(tmp_path):
     g = torch.Generator().manual_seed(0)
-    tensors = {"W_enc": torch.randn(8, 16, generator=g), "W_dec": torch.randn(16, 8, generator=g),
-               "b_enc": torch.randn(16, generator=g), "b_dec": torch.randn(8, generator=g)}  # fmt: skip
-    legacy = {"d_in": 8, "d_sae": 16, "dtype": "float32", "hook_point": "blocks.2.hook_resid_post",
-              "activation_fn_str": "relu", "sae_lens_version": "3.5.0"}  # fmt: skip
+    tensors = {
+        "W_enc": torch.randn(8, 16, generator=g),
+        "W_dec": torch.randn(16, 8, generator=g),
+        "b_enc": torch.randn(16, generator=g),
+        "b_dec": torch.randn(8, generator=g),
+    }
+    legacy = {
+        "d_in": 8,
+        "d_sae": 16,
+        "dtype": "float32",
+        "hook_point": "blocks.2.hook_resid_post",
+        "activation_fn_str": "relu",
+        "sae_lens_version": "3.5.0",
+    }
     (tmp_path / "cfg.json").write_text(json.dumps(legacy))
     save_file(tensors, tmp_path / "sae_weights.safetensors")
     loaded = load_sae(tmp_path)

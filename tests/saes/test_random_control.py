@@ -44,8 +44,13 @@ def trained(tmp_path_factory) -> dict:
         run.init_from_data(data[:2048])
         for i in range(cfg.total_steps):
             run.train_step(data[(i * 128) % len(data) :][:128])
-        folder = save_sae(run.sae, tmp_path_factory.mktemp(arch), hook_name="blocks.1.hook_resid_post",
-                          model_name="world", scale=run.scale)  # fmt: skip
+        folder = save_sae(
+            run.sae,
+            tmp_path_factory.mktemp(arch),
+            hook_name="blocks.1.hook_resid_post",
+            model_name="world",
+            scale=run.scale,
+        )
         out[arch] = (run.sae.eval(), run.scale, load_sae(folder).sae)
     return out
 

@@ -58,8 +58,15 @@ def build_run(run_dir: Path, lm, labels: list[str], tokens_each: int = 48, layer
             ids = torch.tensor([prompt + completion])
             acts = run_with_capture(lm.model, [hook_name(layer)], input_ids=ids)[hook_name(layer)]
             writer.add(f"p{i // 2}#{i % 2}", acts[0, len(prompt) :], first_position=len(prompt))
-            rows.append({"id": f"p{i // 2}#{i % 2}", "prompt_id": f"p{i // 2}", "label": label,
-                         "prompt_token_ids": prompt, "completion_token_ids": completion})  # fmt: skip
+            rows.append(
+                {
+                    "id": f"p{i // 2}#{i % 2}",
+                    "prompt_id": f"p{i // 2}",
+                    "label": label,
+                    "prompt_token_ids": prompt,
+                    "completion_token_ids": completion,
+                }
+            )
     (run_dir / "completions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run_dir
 
@@ -88,8 +95,17 @@ def run_dir(offline_lm, tmp_path_factory):
 
 
 def small_cfg(arch: str = "topk", **kw) -> TrainConfig:
-    base = dict(architecture=arch, expansion=2, l0=8, train_tokens=40 * 64, batch_size=64, checkpoint_every=10,
-                log_every=5, init_tokens=256, buffer_bytes=40_000)  # fmt: skip
+    base = dict(
+        architecture=arch,
+        expansion=2,
+        l0=8,
+        train_tokens=40 * 64,
+        batch_size=64,
+        checkpoint_every=10,
+        log_every=5,
+        init_tokens=256,
+        buffer_bytes=40_000,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -134,9 +150,16 @@ def test_until_step_pauses_and_a_changed_config_is_refused(run_dir, tmp_path):
 
 @pytest.mark.parametrize(
     ("arch", "input_norm", "want"),
-    [("topk", "auto", "sqrt_d_in"), ("batchtopk", "auto", "sqrt_d_in"), ("matryoshka_batchtopk", "auto", "sqrt_d_in"),
-     ("jumprelu", "auto", "unit"), ("standard", "auto", "unit"), ("topk", "unit", "unit"), ("jumprelu", "sqrt_d_in", "sqrt_d_in")],
-)  # fmt: skip
+    [
+        ("topk", "auto", "sqrt_d_in"),
+        ("batchtopk", "auto", "sqrt_d_in"),
+        ("matryoshka_batchtopk", "auto", "sqrt_d_in"),
+        ("jumprelu", "auto", "unit"),
+        ("standard", "auto", "unit"),
+        ("topk", "unit", "unit"),
+        ("jumprelu", "sqrt_d_in", "sqrt_d_in"),
+    ],
+)
 def test_input_norm_sets_the_training_scale(arch, input_norm, want):
     x = torch.randn(512, 16, generator=torch.Generator().manual_seed(0)) * 7 + 3
     run = Run(TrainConfig(architecture=arch, l0=4, input_norm=input_norm), d_in=16)
@@ -210,8 +233,12 @@ def test_non_finite_activations_stop_with_their_location(run_dir, tmp_path):
 
 
 def test_split_holds_out_whole_groups():
-    rows = [{"id": f"p{i}/{v}#{j}", "prompt_id": f"p{i}/{v}", "group": f"p{i}"}
-            for i in range(40) for v in ("honest", "dishonest") for j in range(2)]  # fmt: skip
+    rows = [
+        {"id": f"p{i}/{v}#{j}", "prompt_id": f"p{i}/{v}", "group": f"p{i}"}
+        for i in range(40)
+        for v in ("honest", "dishonest")
+        for j in range(2)
+    ]
     train, held = split_completions(rows, eval_fraction=0.2, seed=0)
     groups = lambda ids: {i.split("/")[0] for i in ids}  # noqa: E731
     assert groups(train).isdisjoint(groups(held)) and len(train) + len(held) == 160
@@ -229,8 +256,11 @@ def test_too_few_samples_names_the_counts(run_dir):
     assert len(condition_ids(rows, "mixed", ids, store, min_completions=5, min_tokens=100)) == 32, (
         "no ambiguous"
     )
-    with pytest.raises(TooFewSamples, match=r"'deceptive_only' at layer 2 has 14 completions \(\d+ tokens\).*"
-                       r"at least 20 completions.*'honest': 18, 'deceptive': 14, 'ambiguous': 2"):  # fmt: skip
+    with pytest.raises(
+        TooFewSamples,
+        match=r"'deceptive_only' at layer 2 has 14 completions \(\d+ tokens\).*"
+        r"at least 20 completions.*'honest': 18, 'deceptive': 14, 'ambiguous': 2",
+    ):
         condition_ids(rows, "deceptive_only", ids, store, min_completions=20, min_tokens=100)
     with pytest.raises(ValueError, match="unknown condition 'liars'"):
         condition_ids(rows, "liars", ids, store)

@@ -108,8 +108,15 @@ def tied_sae(x: torch.Tensor, feature: int, d_sae: int = 64) -> JumpReLUSAE:
     q, _ = torch.linalg.qr(torch.randn(x.shape[-1], d_sae, generator=torch.Generator().manual_seed(2)))
     b_enc = torch.zeros(d_sae)
     b_enc[feature] = float((x @ q[:, feature]).abs().max()) + 1.0
-    sae.load_saelens_state({"W_enc": q, "b_enc": b_enc, "W_dec": q.t().contiguous(), "b_dec": torch.zeros(x.shape[-1]),
-                            "threshold": torch.zeros(d_sae)})  # fmt: skip
+    sae.load_saelens_state(
+        {
+            "W_enc": q,
+            "b_enc": b_enc,
+            "W_dec": q.t().contiguous(),
+            "b_dec": torch.zeros(x.shape[-1]),
+            "threshold": torch.zeros(d_sae),
+        }
+    )
     return sae.eval()
 
 
@@ -202,8 +209,11 @@ def test_directions_and_the_strength_unit(tmp_path):
     labels = ["honest", "deceptive", "honest", "deceptive", "ambiguous", "deceptive"]
     mean = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
     (tmp_path / "pooled").mkdir()
-    save_file({"mean": mean, "last": mean * 2}, str(tmp_path / "pooled" / "layer_2.safetensors"),
-              metadata={"completion_ids": json.dumps(ids)})  # fmt: skip
+    save_file(
+        {"mean": mean, "last": mean * 2},
+        str(tmp_path / "pooled" / "layer_2.safetensors"),
+        metadata={"completion_ids": json.dumps(ids)},
+    )
     rows = [{"id": i, "prompt_id": i[:2], "label": lab} for i, lab in zip(ids, labels, strict=True)]
     (tmp_path / "completions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     expected = mean[[1, 3, 5]].mean(0) - mean[[0, 2]].mean(0)
@@ -233,8 +243,14 @@ def test_nll_matches_the_models_own_loss(offline_lm):
 
 
 def test_experiment_writes_rows_resumes_and_refuses_changed_settings(tiny, tmp_path, monkeypatch):
-    sae = load_sae(save_sae(TopKSAE(32, 48, l0=4, seed=2), tmp_path / "saes" / "tiny_topk_L1_mixed",
-                            hook_name=hook_name(1), model_name="tiny-llama"))  # fmt: skip
+    sae = load_sae(
+        save_sae(
+            TopKSAE(32, 48, l0=4, seed=2),
+            tmp_path / "saes" / "tiny_topk_L1_mixed",
+            hook_name=hook_name(1),
+            model_name="tiny-llama",
+        )
+    )
     conditions = build_conditions(sae, [5], [0.0, 30.0], residual_norm=2.0, n_random=1, seed=0)
     assert [c.kind for c in conditions] == ["none"] + ["feature", "random_feature", "random_direction"] * 2
     prompts = load_scenarios(paraphrases=False)[:2]
@@ -268,8 +284,10 @@ def test_experiment_passes_the_judge_client_and_saves_nothing_half_labelled(tiny
     def judge(items, prompts_by_id, client=None):  # Gemini ran out of quota after the first answer
         seen.append(client)
         first, *rest = (it["id"] for it in items)
-        return {first: Label("deceptive", 0.9, "lied", "gemini:fake"),
-                **{i: Label("ambiguous", 0.0, "not labelled yet", "none") for i in rest}}  # fmt: skip
+        return {
+            first: Label("deceptive", 0.9, "lied", "gemini:fake"),
+            **{i: Label("ambiguous", 0.0, "not labelled yet", "none") for i in rest},
+        }
 
     monkeypatch.setattr("helpers.steer.experiments.label_all", judge)
     conds = [Condition("none", "none", 1), Condition("push", "random_direction", 1, 3.0, torch.ones(32))]
@@ -281,21 +299,41 @@ def test_experiment_passes_the_judge_client_and_saves_nothing_half_labelled(tiny
 def fake_row(name, kind, per_prompt, strength=4.0, ppl=10.0, n=4, per_scenario=1, ambiguous=0):
     """A steering.jsonl row whose prompt i has per_prompt[i] deceptive samples out of n (then
     `ambiguous` ambiguous ones), prompts taken `per_scenario` at a time into one scenario."""
-    samples = [{"prompt_id": f"p{i}", "group": f"s{i // per_scenario}",
-                "label": "deceptive" if k < d else "ambiguous" if k < d + ambiguous else "honest"}
-               for i, d in enumerate(per_prompt) for k in range(n)]  # fmt: skip
+    samples = [
+        {
+            "prompt_id": f"p{i}",
+            "group": f"s{i // per_scenario}",
+            "label": "deceptive" if k < d else "ambiguous" if k < d + ambiguous else "honest",
+        }
+        for i, d in enumerate(per_prompt)
+        for k in range(n)
+    ]
     k = sum(s["label"] == "deceptive" for s in samples)
-    return {"name": name, "kind": kind, "layer": 3, "strength": strength, "feature": 1 if kind == "feature" else None,
-            "sampling": {"seed": 0, "n_per_prompt": n}, "samples": samples,
-            "stats": {"n_deceptive": k, "n": len(samples), "perplexity": ppl, "label_sources": {"rules": len(samples)}}}  # fmt: skip
+    return {
+        "name": name,
+        "kind": kind,
+        "layer": 3,
+        "strength": strength,
+        "feature": 1 if kind == "feature" else None,
+        "sampling": {"seed": 0, "n_per_prompt": n},
+        "samples": samples,
+        "stats": {
+            "n_deceptive": k,
+            "n": len(samples),
+            "perplexity": ppl,
+            "label_sources": {"rules": len(samples)},
+        },
+    }
 
 
 def test_compare_to_controls_reports_effects_and_nulls_plainly():
-    rows = [fake_row("none", "none", [0] * 8, strength=0.0),
-            fake_row("rf", "random_feature", [1, 0, 0, 1, 0, 0, 1, 0]),
-            fake_row("rd", "random_direction", [0] * 8),
-            fake_row("strong", "feature", [4] * 8, ppl=50.0),
-            fake_row("null", "feature", [0, 1, 0, 0, 1, 0, 0, 1], strength=4.0)]  # fmt: skip
+    rows = [
+        fake_row("none", "none", [0] * 8, strength=0.0),
+        fake_row("rf", "random_feature", [1, 0, 0, 1, 0, 0, 1, 0]),
+        fake_row("rd", "random_direction", [0] * 8),
+        fake_row("strong", "feature", [4] * 8, ppl=50.0),
+        fake_row("null", "feature", [0, 1, 0, 0, 1, 0, 0, 1], strength=4.0),
+    ]
     out = {(o["condition"], o["control"]): o for o in compare_to_controls(rows)}
     assert len(out) == 6
     s = out["strong", "none"]
@@ -360,15 +398,22 @@ def test_held_out_prompts_come_one_per_scenario_first(tmp_path):
     assert [p.group for p in more] == scenarios + scenarios[:1], "every scenario's first, then seconds"
     assert len(held_out_prompts(tmp_path, prompts)) == len(prompts)
     size = sample_size(one_each, 4)
-    assert size == {"n_scenarios": len(scenarios), "n_prompts": len(scenarios), "n_per_prompt": 4,
-                    "answers_per_condition": 4 * len(scenarios), "min_possible_p": 2 / 2 ** len(scenarios)}  # fmt: skip
+    assert size == {
+        "n_scenarios": len(scenarios),
+        "n_prompts": len(scenarios),
+        "n_per_prompt": 4,
+        "answers_per_condition": 4 * len(scenarios),
+        "min_possible_p": 2 / 2 ** len(scenarios),
+    }
 
 
 def test_paraphrases_of_a_scenario_are_one_unit_of_the_test():
     """Ten prompts from three scenarios are three units: the test's smallest p is 2/2^3, however many
     paraphrases there are, and the verdict says no test can reach 0.05."""
-    rows = [fake_row("none", "none", [0] * 9, strength=0.0, per_scenario=3),
-            fake_row("f", "feature", [4] * 9, per_scenario=3)]  # fmt: skip
+    rows = [
+        fake_row("none", "none", [0] * 9, strength=0.0, per_scenario=3),
+        fake_row("f", "feature", [4] * 9, per_scenario=3),
+    ]
     (out,) = compare_to_controls(rows)
     assert out["n_scenarios"] == 3 and out["min_possible_p"] == 0.25 and out["p_value"] == 0.25
     assert "with 3 scenarios no test can reach p<0.05" in out["verdict"]

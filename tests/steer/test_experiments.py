@@ -30,8 +30,10 @@ def run_with_features(root, q_values):
     save_sae(
         TopKSAE(32, 48, l0=4, seed=2), root / "saes" / SAE_ID, hook_name=hook_name(1), model_name="tiny-llama"
     )
-    rows = [{"feature": 40 - r, "rank": r + 1, "cohens_d": 1.0 - 0.1 * r, **({} if q is None else {"q_value": q})}
-            for r, q in enumerate(q_values)]  # fmt: skip
+    rows = [
+        {"feature": 40 - r, "rank": r + 1, "cohens_d": 1.0 - 0.1 * r, **({} if q is None else {"q_value": q})}
+        for r, q in enumerate(q_values)
+    ]
     (root / "features").mkdir()
     (root / "features" / f"{SAE_ID}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
@@ -62,12 +64,14 @@ def test_steering_says_so_when_no_feature_replicated(tiny, tmp_path, capsys):
 
 
 def results():
-    rows = [fake_row("none", "none", [0] * 8, strength=0.0),
-            fake_row("rf", "random_feature", [1, 0, 0, 1, 0, 0, 1, 0]),
-            fake_row("rd", "random_direction", [0] * 8),
-            fake_row("strong", "feature", [4] * 8, ppl=50.0),
-            fake_row("null", "feature", [0, 1, 0, 0, 1, 0, 0, 1]),
-            fake_row("mixed", "feature", [1] * 8, ambiguous=1)]  # fmt: skip
+    rows = [
+        fake_row("none", "none", [0] * 8, strength=0.0),
+        fake_row("rf", "random_feature", [1, 0, 0, 1, 0, 0, 1, 0]),
+        fake_row("rd", "random_direction", [0] * 8),
+        fake_row("strong", "feature", [4] * 8, ppl=50.0),
+        fake_row("null", "feature", [0, 1, 0, 0, 1, 0, 0, 1]),
+        fake_row("mixed", "feature", [1] * 8, ambiguous=1),
+    ]
     return compare_to_controls(rows)
 
 

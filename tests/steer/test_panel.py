@@ -40,8 +40,10 @@ def run(tmp_path):
         hook_name=hook_name(2),
         model_name="tiny-llama",
     )
-    rows = [{"feature": 9, "rank": 2, "cohens_d": -0.5, "explanation": None},
-            {"feature": 30, "rank": 1, "cohens_d": 1.25, "explanation": "denies <the> secret", "x": [1]}]  # fmt: skip
+    rows = [
+        {"feature": 9, "rank": 2, "cohens_d": -0.5, "explanation": None},
+        {"feature": 30, "rank": 1, "cohens_d": 1.25, "explanation": "denies <the> secret", "x": [1]},
+    ]
     (tmp_path / "features").mkdir()
     (tmp_path / "features" / f"{SAE_ID}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return tmp_path

@@ -26,15 +26,40 @@ from tests.sweep.tiny_models import nanochat_2025, nanochat_2026
 
 ROOT = Path(__file__).resolve().parents[2]
 STUDY = dict(
-    depths=[0.25, 0.5], n_prompts=16, n_per_prompt=2, max_new_tokens=8, batch_size=16, use_gemini=False,
-    corpus="builtin:corpus", corpus_tokens=1024, corpus_seq_len=64, architectures=["topk", "jumprelu"],
-    conditions=["mixed"], expansion=2, l0=8, train_tokens=512, sae_batch_size=64, checkpoint_every=4,
-    min_completions=8, min_tokens=64, lm_eval_completions=2, n_folds=2, n_permutations=9, n_bootstrap=20,
-    sweep_bootstrap=10, top_k=4, feature_permutations=99,
-)  # fmt: skip
-FACTS = [("the boiling point of water at sea level in Celsius", "boil"), ("the capital of France", "paris"),
-         ("how many legs a spider has", "spider"), ("the largest planet of the solar system", "jupiter"),
-         ("the chemical symbol of gold", "gold"), ("who wrote Hamlet", "hamlet")]  # fmt: skip
+    depths=[0.25, 0.5],
+    n_prompts=16,
+    n_per_prompt=2,
+    max_new_tokens=8,
+    batch_size=16,
+    use_gemini=False,
+    corpus="builtin:corpus",
+    corpus_tokens=1024,
+    corpus_seq_len=64,
+    architectures=["topk", "jumprelu"],
+    conditions=["mixed"],
+    expansion=2,
+    l0=8,
+    train_tokens=512,
+    sae_batch_size=64,
+    checkpoint_every=4,
+    min_completions=8,
+    min_tokens=64,
+    lm_eval_completions=2,
+    n_folds=2,
+    n_permutations=9,
+    n_bootstrap=20,
+    sweep_bootstrap=10,
+    top_k=4,
+    feature_permutations=99,
+)
+FACTS = [
+    ("the boiling point of water at sea level in Celsius", "boil"),
+    ("the capital of France", "paris"),
+    ("how many legs a spider has", "spider"),
+    ("the largest planet of the solar system", "jupiter"),
+    ("the chemical symbol of gold", "gold"),
+    ("who wrote Hamlet", "hamlet"),
+]
 
 
 def eval_csv(path: Path) -> Path:
@@ -77,11 +102,20 @@ def test_keys_depths_and_specs():
 
 
 def test_plan_sizes_match_transformers_and_flag_bad_models(models, tmp_path):
-    specs = [models["llama"], models["neox"], models["nc2026"], str(tmp_path / "missing"),
-             {"spec": models["llama"], "name": "llama-deep", "layers": [99]}]  # fmt: skip
+    specs = [
+        models["llama"],
+        models["neox"],
+        models["nc2026"],
+        str(tmp_path / "missing"),
+        {"spec": models["llama"], "name": "llama-deep", "layers": [99]},
+    ]
     rates = Rates(1e10, 1e10, 1e10, "fixed for the test")
-    rows = {r.key: r for r in plan_rows([ModelSpec.of(s) for s in specs], Study(**STUDY).size(), [0.25, 0.5],
-                                        device="cpu", rates=rates)}  # fmt: skip
+    rows = {
+        r.key: r
+        for r in plan_rows(
+            [ModelSpec.of(s) for s in specs], Study(**STUDY).size(), [0.25, 0.5], device="cpu", rates=rates
+        )
+    }
     for family in ("llama", "neox"):
         real = AutoModelForCausalLM.from_pretrained(models[family])
         row = next(r for r in rows.values() if r.spec == models[family])
@@ -104,13 +138,27 @@ def swept(models, tmp_path_factory):
     """Killed as the second model starts, killed again mid-model (SAEs trained, not evaluated), then
     finished; returns what each run saw."""
     root = tmp_path_factory.mktemp("sweep")
-    study = {**STUDY, "datasets": [
-        {"data": "builtin:contrast", "role": "train", "label_by": "instruction"},
-        {"data": str(eval_csv(root / "facts.csv")), "role": "eval", "label_by": "instruction", "name": "facts"},
-        {"data": "builtin:benign", "role": "control", "limit": 3},
-    ]}  # fmt: skip
-    specs = [models["nc2025"], models["llama"], models["nc2026"], models["neox"], str(root / "no-such-model"),
-             {"spec": models["nc2026"], "name": "nc2026-deep", "layers": [99]}]  # fmt: skip
+    study = {
+        **STUDY,
+        "datasets": [
+            {"data": "builtin:contrast", "role": "train", "label_by": "instruction"},
+            {
+                "data": str(eval_csv(root / "facts.csv")),
+                "role": "eval",
+                "label_by": "instruction",
+                "name": "facts",
+            },
+            {"data": "builtin:benign", "role": "control", "limit": 3},
+        ],
+    }
+    specs = [
+        models["nc2025"],
+        models["llama"],
+        models["nc2026"],
+        models["neox"],
+        str(root / "no-such-model"),
+        {"spec": models["nc2026"], "name": "nc2026-deep", "layers": [99]},
+    ]
     cfg = {"root": str(root), "name": "t", "models": specs, "study": study, "cache_dir": str(root / "cache")}
     cfg_path = root / "cfg.json"
     cfg_path.write_text(json.dumps(cfg))
@@ -125,9 +173,19 @@ def swept(models, tmp_path_factory):
     n_completions = len(read_jsonl(llama_dir / "completions.jsonl"))
     first_run_json = read_run_json(folders.run_dir(keys[0]))
     third = _drive(cfg_path)
-    return dict(root=root, folders=folders, first=first, second=second, third=third, after_first=after_first,
-                after_second=after_second, weights=weights, n_completions=n_completions,
-                first_run_json=first_run_json, state=read_sweep(folders.sweep_dir))  # fmt: skip
+    return dict(
+        root=root,
+        folders=folders,
+        first=first,
+        second=second,
+        third=third,
+        after_first=after_first,
+        after_second=after_second,
+        weights=weights,
+        n_completions=n_completions,
+        first_run_json=first_run_json,
+        state=read_sweep(folders.sweep_dir),
+    )
 
 
 def test_killed_between_models_and_mid_model_then_resumed(swept):
@@ -151,8 +209,11 @@ def test_killed_between_models_and_mid_model_then_resumed(swept):
     assert all(state[k]["status"] == "done" for k in list(state)[:4]), {
         k: v.get("error") for k, v in state.items()
     }
-    assert all(read_run_json(swept["folders"].run_dir(k))["stages"][s]["status"] == "done"
-               for k in list(state)[:4] for s in STAGES)  # fmt: skip
+    assert all(
+        read_run_json(swept["folders"].run_dir(k))["stages"][s]["status"] == "done"
+        for k in list(state)[:4]
+        for s in STAGES
+    )
     assert state[k1]["stages"][STAGES[0]]["note"] == "done earlier"
 
 
@@ -269,8 +330,13 @@ def test_a_model_too_big_for_free_memory_is_not_loaded_and_a_dropped_one_not_run
 
     folders = SweepFolders(tmp_path, "big")
     specs = ["org/huge-model", "org/left-out"]  # neither exists: loading either would fail, not say "too big"
-    state = run_sweep(specs, Study(**STUDY), folders, plan=[PlanRow("huge-model", specs[0], 10**12, ram_gb=4000.0)],
-                      skip=["left-out"])  # fmt: skip
+    state = run_sweep(
+        specs,
+        Study(**STUDY),
+        folders,
+        plan=[PlanRow("huge-model", specs[0], 10**12, ram_gb=4000.0)],
+        skip=["left-out"],
+    )
     huge, left = state["models"]["huge-model"], state["models"]["left-out"]
     assert huge["status"] == "too big" and "needs ≈ 4000.0 GB of RAM" in huge["error"]
     assert left["status"] == "dropped"
