@@ -158,6 +158,99 @@ def publish_saes(
     return {"repo_id": repo_id, "dry_run": False, "uploaded": True, "url": url, "files": listing}
 
 
+CARD = """\
+---
+{front_matter}
+---
+# Deception SAEs for `{spec}`
+
+{n_saes} sparse autoencoder(s) trained on the residual stream of `{spec}` with \
+[deception-sae-lab](https://github.com/{github_repo}) {version}, in the SAELens 6.x format \
+(one folder per SAE). Activation normalisation is folded into the weights: they take raw residuals.
+
+## SAEs
+
+{sae_table}
+
+`hook` is TransformerLens's name: `blocks.{{L}}.hook_resid_post` is the output of decoder layer L.
+
+## Training data and conditions
+
+{training}{probes}{features}{explorer}
+
+## Load
+
+With [SAELens](https://github.com/decoderesearch/SAELens) (6.x):
+
+```python
+# pip install sae-lens
+from sae_lens import SAE
+
+sae = SAE.from_pretrained(release="{repo_id}", sae_id="{first}")
+# or from a local copy of the folder:
+from huggingface_hub import snapshot_download
+
+path = snapshot_download("{repo_id}", allow_patterns=["{first}/*"])
+sae = SAE.load_from_disk(f"{{path}}/{first}")
+```
+
+With [helpers](https://github.com/{github_repo}):
+
+```python
+# pip install {install_url}
+from helpers.saes.io import load_sae
+
+loaded = load_sae("{repo_id}/{first}")  # .sae, .hook_name, .layer
+acts, pre_acts = loaded.sae.encode(residual)  # residual: [..., d_in] at loaded.hook_name
+```
+"""
+"""The model card (README.md on the Hub); `model_card` fills it. The optional sections below each start
+with the blank line that separates them from the text before them, and are empty when the run lacks them."""
+
+SAE_COLUMNS = (
+    "folder (sae_id)",
+    "architecture",
+    "hook",
+    "d_in -> d_sae",
+    "condition",
+    "training tokens",
+    "explained variance",
+    "L0",
+    "dead %",
+    "LM loss recovered",
+)
+
+TRAINING = (
+    "Residual activations of the model's own completions: {n_completions} completions of {n_prompts} "
+    "prompts ({sources}), labelled {labels} by {judges}."
+)
+RULES_NOTE = "Labels with source `rules` come from the offline regex judge, not from an LLM."
+NO_TRAINING = "The run folder holds no completions.jsonl, so the training data is not described here."
+CONDITION_LINE = "- `{condition}`: trained on the tokens of {description}"
+
+PROBES = """
+
+## Probes: deceptive vs honest completions (grouped CV, 95% CIs)
+
+{probe_table}"""
+PROBE_COLUMNS = ("sae_id", "layer", "balanced accuracy", "AUROC", "raw residual balanced accuracy", "verdict")
+
+FEATURES = """
+
+## Top features of `{sae_id}` (held-out Cohen's d, deceptive - honest)
+{feature_lines}"""
+"""`feature_lines`: one `FEATURE_LINE` per feature, each after a newline (the first makes the blank line)."""
+FEATURE_LINE = "- latent {feature}: d = {d}, q = {q}; {explanation}"
+
+EXPLORER = """
+
+## Feature explorer
+
+`explorer/index.html`: dashboards of every feature of the run's SAEs; download the repo and open it in a \
+browser, no server needed. `neuronpedia/`: a Neuronpedia bulk-import export (its README says how to submit \
+it)."""
+
+
 def _f(v: Any, fmt: str = ".3f") -> str:
     return "-" if v is None else format(v, fmt)
 
@@ -175,138 +268,126 @@ def _read(path: Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _table(columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
+    """A Markdown table: the header, its `|---|` line and one line per row."""
+
+    def line(cells: tuple[Any, ...]) -> str:
+        return "| " + " | ".join(map(str, cells)) + " |"
+
+    return "\n".join([line(columns), "|" + "---|" * len(columns), *map(line, rows)])
+
+
 def model_card(run_dir: str | os.PathLike, sae_ids: list[str], repo_id: str) -> str:
-    """README.md for the Hub: YAML front matter (library_name saelens, tags, base model) and the SAEs'
-    model, hooks, training data and conditions, metrics, probe results, top features and loading code."""
+    """README.md for the Hub: `CARD` filled with the YAML front matter (library_name saelens, tags, base
+    model) and the SAEs' model, hooks, training data and conditions, metrics, probe results, top features
+    and loading code."""
     from huggingface_hub import ModelCardData
 
     run_dir = Path(run_dir)
     cfgs = {sid: json.loads((sae_dir(run_dir, sid) / SAE_CFG).read_text()) for sid in sae_ids}
     metrics = {sid: _read(sae_dir(run_dir, sid) / SAE_METRICS) or {} for sid in sae_ids}
-    spec = (read_run_json(run_dir).get("model") or {}).get("spec") or (
-        cfgs[sae_ids[0]].get("metadata") or {}
-    ).get("model_name")
+    first_metadata = cfgs[sae_ids[0]].get("metadata") or {}
+    spec = (read_run_json(run_dir).get("model") or {}).get("spec") or first_metadata.get("model_name")
     hub_model = isinstance(spec, str) and re.fullmatch(r"[\w.\-]+/[\w.\-]+", spec) and not Path(spec).exists()
     archs = sorted({c["architecture"] for c in cfgs.values()})
-    data = ModelCardData(
+    front_matter = ModelCardData(
         library_name="saelens",
         base_model=spec if hub_model else None,
         tags=["saelens", "sparse-autoencoder", "interpretability", "deception", *archs],
+    ).to_yaml()
+    return CARD.format(
+        front_matter=front_matter,
+        spec=spec,
+        n_saes=len(sae_ids),
+        github_repo=GITHUB_REPO,
+        version=__version__,
+        install_url=INSTALL_URL,
+        sae_table=_table(SAE_COLUMNS, [_sae_row(sid, cfgs[sid], metrics[sid]) for sid in sae_ids]),
+        training=_training(run_dir, metrics),
+        probes=_probes(run_dir, sae_ids),
+        features="".join(_features(run_dir, sid) for sid in sae_ids),
+        explorer=EXPLORER if explorer_files(run_dir) else "",
+        repo_id=repo_id,
+        first=sae_ids[0],
     )
-    lines = [
-        f"---\n{data.to_yaml()}\n---",
-        f"# Deception SAEs for `{spec}`",
-        "",
-        f"{len(sae_ids)} sparse autoencoder(s) trained on the residual stream of `{spec}` with "
-        f"[deception-sae-lab](https://github.com/{GITHUB_REPO}) {__version__}, in the SAELens 6.x format "
-        "(one folder per SAE). Activation normalisation is folded into the weights: they take raw residuals.",
-        "",
-        "## SAEs",
-        "",
-        "| folder (sae_id) | architecture | hook | d_in -> d_sae | condition | training tokens | explained variance | L0 | dead % | LM loss recovered |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for sid in sae_ids:
-        c, m = cfgs[sid], metrics[sid]
-        act, meta = m.get("activations") or {}, c.get("metadata") or {}
-        dead = None if act.get("dead_fraction") is None else 100 * act["dead_fraction"]
-        lines.append(
-            f"| `{sid}` | {c['architecture']} | `{meta.get('hook_name')}` | {c['d_in']} -> {c['d_sae']} | "
-            f"{m.get('condition') or meta.get('condition') or '-'} | {_f((m.get('training') or {}).get('tokens'), ',')} | "
-            f"{_f(act.get('explained_variance'))} | {_f(act.get('l0'), '.1f')} | {_f(dead, '.1f')} | "
-            f"{_f((m.get('lm') or {}).get('loss_recovered'))} |"
-        )
-    lines += [
-        "",
-        "`hook` is TransformerLens's name: `blocks.{L}.hook_resid_post` is the output of decoder layer L.",
-        "",
-        "## Training data and conditions",
-        "",
-    ]
+
+
+def _sae_row(sae_id: str, cfg: dict[str, Any], metrics: dict[str, Any]) -> tuple[str, ...]:
+    act, meta = metrics.get("activations") or {}, cfg.get("metadata") or {}
+    dead = None if act.get("dead_fraction") is None else 100 * act["dead_fraction"]
+    return (
+        f"`{sae_id}`",
+        cfg["architecture"],
+        f"`{meta.get('hook_name')}`",
+        f"{cfg['d_in']} -> {cfg['d_sae']}",
+        metrics.get("condition") or meta.get("condition") or "-",
+        _f((metrics.get("training") or {}).get("tokens"), ","),
+        _f(act.get("explained_variance")),
+        _f(act.get("l0"), ".1f"),
+        _f(dead, ".1f"),
+        _f((metrics.get("lm") or {}).get("loss_recovered")),
+    )
+
+
+def _training(run_dir: Path, metrics: dict[str, dict[str, Any]]) -> str:
+    """The completions the SAEs were trained on (counts by source, label and judge), then one line per
+    training condition used."""
     records = read_jsonl(completions_path(run_dir))
     if records:
-        labels, judges = (
-            Counter(r.get("label") or "unlabelled" for r in records),
-            Counter(r.get("label_source") for r in records),
-        )
+        judges = Counter(r.get("label_source") for r in records)
         sources = Counter(r.get("source") for r in records)
-        lines.append(
-            f"Residual activations of the model's own completions: {len(records)} completions of "
-            f"{len({r['prompt_id'] for r in records})} prompts ({', '.join(f'{k}: {v}' for k, v in sorted(sources.items(), key=str))}), "
-            f"labelled {_counts(labels)} by {_counts(judges)}."
-        )
+        lines = [
+            TRAINING.format(
+                n_completions=len(records),
+                n_prompts=len({r["prompt_id"] for r in records}),
+                sources=", ".join(f"{k}: {v}" for k, v in sorted(sources.items(), key=str)),
+                labels=_counts(Counter(r.get("label") or "unlabelled" for r in records)),
+                judges=_counts(judges),
+            )
+        ]
         if "rules" in judges:
-            lines.append("Labels with source `rules` come from the offline regex judge, not from an LLM.")
+            lines.append(RULES_NOTE)
     else:
-        lines.append("The run folder holds no completions.jsonl, so the training data is not described here.")
+        lines = [NO_TRAINING]
     used = sorted({str(m.get("condition")) for m in metrics.values() if m.get("condition") in CONDITIONS})
-    lines += [f"- `{c}`: trained on the tokens of {CONDITIONS[c]}" for c in used]
+    lines += [CONDITION_LINE.format(condition=c, description=CONDITIONS[c]) for c in used]
+    return "\n".join(lines)
+
+
+def _probes(run_dir: Path, sae_ids: list[str]) -> str:
+    """The probe section: each SAE's probe beside the raw-residual probe of its layer; empty without one."""
     probes = (_read(probes_path(run_dir)) or {}).get("rows", [])
     ours = [r for r in probes if r.get("kind") == "sae" and r.get("sae_id") in sae_ids]
-    if ours:
-        raw = {r["layer"]: r for r in probes if r.get("kind") == "raw"}
-        lines += [
-            "",
-            "## Probes: deceptive vs honest completions (grouped CV, 95% CIs)",
-            "",
-            "| sae_id | layer | balanced accuracy | AUROC | raw residual balanced accuracy | verdict |",
-            "|---|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| `{r['sae_id']}` | {r['layer']} | {_ci(r, 'balanced_accuracy', 'ba_ci')} | {_ci(r, 'auroc', 'auroc_ci')} | "
-            f"{_ci(raw.get(r['layer'], {}), 'balanced_accuracy', 'ba_ci')} | {r.get('verdict', '-')} |"
-            for r in ours
-        ]
-    for sid in sae_ids:
-        path = features_path(run_dir, sid)
-        if path.exists():
-            rows = sorted(
-                read_jsonl(path),
-                key=lambda r: r.get("rank") or 1e9,
-            )
-            lines += ["", f"## Top features of `{sid}` (held-out Cohen's d, deceptive - honest)", ""]
-            lines += [
-                f"- latent {r['feature']}: d = {_ci(r, 'cohens_d', 'd_ci')}, q = {_f(r.get('q_value'), '.3g')}; "
-                f"{r.get('explanation') or 'not explained'}"
-                for r in rows[:5]
-            ]
-    first = sae_ids[0]
-    if explorer_files(run_dir):
-        lines += [
-            "",
-            "## Feature explorer",
-            "",
-            "`explorer/index.html`: dashboards of every feature of the run's SAEs; download "
-            "the repo and open it in a browser, no server needed. `neuronpedia/`: a Neuronpedia bulk-import "
-            "export (its README says how to submit it).",
-        ]
-    lines += [
-        "",
-        "## Load",
-        "",
-        "With [SAELens](https://github.com/decoderesearch/SAELens) (6.x):",
-        "",
-        "```python",
-        "# pip install sae-lens",
-        "from sae_lens import SAE",
-        "",
-        f'sae = SAE.from_pretrained(release="{repo_id}", sae_id="{first}")',
-        "# or from a local copy of the folder:",
-        "from huggingface_hub import snapshot_download",
-        "",
-        f'path = snapshot_download("{repo_id}", allow_patterns=["{first}/*"])',
-        f'sae = SAE.load_from_disk(f"{{path}}/{first}")',
-        "```",
-        "",
-        f"With [helpers](https://github.com/{GITHUB_REPO}):",
-        "",
-        "```python",
-        f"# pip install {INSTALL_URL}",
-        "from helpers.saes.io import load_sae",
-        "",
-        f'loaded = load_sae("{repo_id}/{first}")  # .sae, .hook_name, .layer',
-        "acts, pre_acts = loaded.sae.encode(residual)  # residual: [..., d_in] at loaded.hook_name",
-        "```",
-        "",
+    if not ours:
+        return ""
+    raw = {r["layer"]: r for r in probes if r.get("kind") == "raw"}
+    rows = [
+        (
+            f"`{r['sae_id']}`",
+            r["layer"],
+            _ci(r, "balanced_accuracy", "ba_ci"),
+            _ci(r, "auroc", "auroc_ci"),
+            _ci(raw.get(r["layer"], {}), "balanced_accuracy", "ba_ci"),
+            r.get("verdict", "-"),
+        )
+        for r in ours
     ]
-    return "\n".join(lines)
+    return PROBES.format(probe_table=_table(PROBE_COLUMNS, rows))
+
+
+def _features(run_dir: Path, sae_id: str) -> str:
+    """The top five features of one SAE by rank; empty when the run has no features file for it."""
+    path = features_path(run_dir, sae_id)
+    if not path.exists():
+        return ""
+    rows = sorted(read_jsonl(path), key=lambda r: r.get("rank") or 1e9)[:5]
+    lines = [
+        FEATURE_LINE.format(
+            feature=r["feature"],
+            d=_ci(r, "cohens_d", "d_ci"),
+            q=_f(r.get("q_value"), ".3g"),
+            explanation=r.get("explanation") or "not explained",
+        )
+        for r in rows
+    ]
+    return FEATURES.format(sae_id=sae_id, feature_lines="".join("\n" + line for line in lines))

@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from helpers.model.hooks import hook_name
+from helpers.release import GITHUB_REPO, INSTALL_URL, __version__
 from helpers.run import DRY_RUN_DIR
 from helpers.saes import JumpReLUSAE, TopKSAE
-from helpers.saes.hub import check_repo_id, publish_saes
+from helpers.saes.hub import check_repo_id, model_card, publish_saes
 from helpers.saes.io import load_sae, save_sae
 
+DATA = Path(__file__).parent / "data"
 SPEC = "HuggingFaceTB/SmolLM2-135M-Instruct"
 IDS = ["SmolLM2_topk_L3_mixed", "SmolLM2_jumprelu_L5_deceptive_only"]
 NETWORK = (
@@ -118,6 +120,26 @@ def no_network(monkeypatch):
         monkeypatch.setattr(
             huggingface_hub.HfApi, name, lambda *a, _n=name, **k: pytest.fail(f"HfApi.{_n} called")
         )
+
+
+def card_text(run_dir: Path, sae_ids: list[str]) -> str:
+    """The model card with the release's values as placeholders, so a version bump leaves the golden cards."""
+    card = model_card(run_dir, sae_ids, "someone/deception-saes")
+    card = card.replace(INSTALL_URL, "<INSTALL_URL>").replace(GITHUB_REPO, "<GITHUB_REPO>")
+    return card.replace(__version__, "<VERSION>")
+
+
+def test_model_card_matches_the_golden_cards(run):
+    """Byte for byte the cards written before the card became a template: the full run, then a run with
+    no completions, probes or features but an explorer, whose model comes from the SAE's cfg."""
+    assert card_text(run, IDS) == (DATA / "model_card_full.txt").read_text()
+    for name in ("completions.jsonl", "probes.json"):
+        (run / name).unlink()
+    (run / "features" / f"{IDS[0]}.jsonl").unlink()
+    (run / "run.json").write_text("{}")
+    (run / "explorer").mkdir()
+    (run / "explorer" / "index.html").write_text("<html></html>")
+    assert card_text(run, IDS[1:]) == (DATA / "model_card_bare.txt").read_text()
 
 
 def expected_files() -> list[str]:
