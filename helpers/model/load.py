@@ -62,7 +62,8 @@ class ModelInfo:
     path: str | None = None
     """Where the weights were loaded from (the converted folder for nanochat/GGUF)."""
     layout: str | None = None
-    """nanochat's checkpoint layout ("2025-10", "2026-03-14", ...: `nanochat_layouts.LAYOUTS`); None otherwise."""
+    """nanochat's checkpoint layout ("2025-10", "2026-03-14", ...: `nanochat_layouts.LAYOUTS`); None for
+    other models."""
     nanochat_overrides: dict[str, Any] | None = None
     """Behaviour the user set for a native nanochat checkpoint (`load_model(nanochat_overrides=...)`)."""
 
@@ -234,14 +235,14 @@ def _resolve_hub(
         files = list_repo_files(repo, revision=revision)
     except (RepositoryNotFoundError, RevisionNotFoundError) as err:
         raise FileNotFoundError(
-            f"Hugging Face repo {repo!r} (revision {revision or 'main'}) was not found or is gated. Check the "
-            "id and revision; for a gated or private repo add an HF_TOKEN secret and accept its licence."
+            f"Hugging Face repo {repo!r} (revision {revision or 'main'}) was not found or is gated. Check "
+            "the id and revision; for a gated or private repo add an HF_TOKEN secret and accept its licence."
         ) from err
     wanted = native_hub_files(files, subfolder, repo=repo)
     if wanted is None and subfolder:
         raise FileNotFoundError(
-            f"{where}: no native nanochat checkpoint (model_<step>.pt) in that folder of the repo; a folder of a "
-            f"transformers-format repo is not supported here: pass {repo!r} itself"
+            f"{where}: no native nanochat checkpoint (model_<step>.pt) in that folder of the repo; a folder "
+            f"of a transformers-format repo is not supported here: pass {repo!r} itself"
         )
     if wanted is None:
         return repo, "hub"
@@ -277,7 +278,8 @@ def native_hub_files(files: list[str], subfolder: str = "", *, repo: str = "<rep
     if len({folder for folder, _, _ in found}) > 1:
         choices = sorted({f"{repo}/{folder}" if folder else repo for folder, _, _ in found})
         raise FileNotFoundError(
-            f"{repo} holds nanochat checkpoints in several folders: load one of {choices} (e.g. the chat stage)"
+            f"{repo} holds nanochat checkpoints in several folders: load one of {choices} (e.g. the chat "
+            "stage)"
         )
     models = {step: f for _, step, f in found}
     if not models:
@@ -309,8 +311,8 @@ def _check_weight_folder(path: Path) -> None:
             f"{path} holds GGUF files {[p.name for p in ggufs]}: pass the .gguf file itself as the spec"
         )
     raise FileNotFoundError(
-        f"{path} has no model weights. Expected one of: config.json with *.safetensors (transformers format); "
-        "model_<step>.pt + meta_<step>.json + tokenizer.pkl (native nanochat); or a .gguf file. "
+        f"{path} has no model weights. Expected one of: config.json with *.safetensors (transformers "
+        "format); model_<step>.pt + meta_<step>.json + tokenizer.pkl (native nanochat); or a .gguf file. "
         f"Found: {sorted(p.name for p in path.iterdir())[:10]}"
     )
 
@@ -377,8 +379,8 @@ def _with_hub_errors(spec: str, fn):
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = (
-            "HF_HUB_OFFLINE=1 and it is not in the local Hugging Face cache: unset HF_HUB_OFFLINE (needs internet) "
-            "or use a local folder / helpers.OFFLINE_MODEL"
+            "HF_HUB_OFFLINE=1 and it is not in the local Hugging Face cache: unset HF_HUB_OFFLINE (needs "
+            "internet) or use a local folder / helpers.OFFLINE_MODEL"
             if offline
             else "check the id (and revision), or your HF_TOKEN for a gated repo"
         )

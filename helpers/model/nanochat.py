@@ -105,9 +105,9 @@ def tokenizer_path(folder: str | os.PathLike) -> Path:
     if (folder / "token_bytes.pt").is_file():
         hint = " token_bytes.pt is not a tokenizer (it only holds each token's byte length);"
     raise FileNotFoundError(
-        f"{here} is missing, and so is {shared}.{hint} tokenizer.pkl is needed: copy it from the same nanochat "
-        "run into the folder (nanochat keeps it in experiments/<name>/tokenizer/, or ~/.cache/nanochat/tokenizer/ "
-        "before its experiment refactor)."
+        f"{here} is missing, and so is {shared}.{hint} tokenizer.pkl is needed: copy it from the same "
+        "nanochat run into the folder (nanochat keeps it in experiments/<name>/tokenizer/, or "
+        "~/.cache/nanochat/tokenizer/ before its experiment refactor)."
     )
 
 
@@ -142,7 +142,8 @@ def find_step(folder: str | os.PathLike, step: int | None = None) -> int:
         return steps[-1]
     if int(step) not in steps:
         raise FileNotFoundError(
-            f"step {step} is not in {folder}; steps found: {steps}. Pass one of these, or step=None for the latest."
+            f"step {step} is not in {folder}; steps found: {steps}. Pass one of these, or step=None for the "
+            "latest."
         )
     return int(step)
 
@@ -180,8 +181,8 @@ class _TiktokenUnpickler(pickle.Unpickler):
         if (module, name) not in ALLOWED_PICKLE_GLOBALS:
             raise pickle.UnpicklingError(
                 f"refused global {module}.{name} in the tokenizer pickle: a tiktoken Encoding only needs "
-                f"{sorted('.'.join(g) for g in ALLOWED_PICKLE_GLOBALS)}. If you trust this file, load it with "
-                "trust_pickle=True (plain pickle.load, which can run arbitrary code)."
+                f"{sorted('.'.join(g) for g in ALLOWED_PICKLE_GLOBALS)}. If you trust this file, load it "
+                "with trust_pickle=True (plain pickle.load, which can run arbitrary code)."
             )
         if (module, name) == ("tiktoken.core", "Encoding"):
             return _EncodingState
@@ -203,8 +204,8 @@ def load_tokenizer_pickle(path: str | os.PathLike, *, trust_pickle: bool = False
             if not isinstance(state, dict) or not set(state) <= _ENCODING_KEYS:
                 raise pickle.UnpicklingError(
                     f"{path}: the Encoding state is {type(state).__name__} "
-                    f"{sorted(state) if isinstance(state, dict) else state!r}, expected a dict with keys from "
-                    f"{sorted(_ENCODING_KEYS)}. Use trust_pickle=True only for a file you trust."
+                    f"{sorted(state) if isinstance(state, dict) else state!r}, expected a dict with keys "
+                    f"from {sorted(_ENCODING_KEYS)}. Use trust_pickle=True only for a file you trust."
                 )
             obj = tiktoken.Encoding(**state)
     if not isinstance(obj, tiktoken.Encoding):
@@ -233,7 +234,8 @@ class Bf16RotaryTables(nn.Module):
 
 
 def match_upstream_rotary(model: nn.Module) -> nn.Module:
-    """Round a transformers NanoChatForCausalLM's rotary tables to bf16 as nanochat's code did (idempotent)."""
+    """Round a transformers NanoChatForCausalLM's rotary tables to bf16 as nanochat's code did
+    (idempotent)."""
     inner = model.model
     if not isinstance(inner.rotary_emb, Bf16RotaryTables):
         inner.rotary_emb = Bf16RotaryTables(inner.rotary_emb)
@@ -273,8 +275,8 @@ def _fast_tokenizer(enc):
     wrong = {t: (i, backend.token_to_id(t)) for t, i in specials if backend.token_to_id(t) != i}
     if wrong:
         raise ValueError(
-            f"special tokens got different ids in the fast tokenizer ({{token: (tiktoken id, fast id)}}: {wrong}); "
-            "this converter expects them right after the BPE ranks, as nanochat writes them."
+            "special tokens got different ids in the fast tokenizer ({token: (tiktoken id, fast id)}: "
+            f"{wrong}); this converter expects them right after the BPE ranks, as nanochat writes them."
         )
     eos = "<|assistant_end|>" if "<|assistant_end|>" in enc._special_tokens else "<|bos|>"
     named = {"<|bos|>", eos}
@@ -364,8 +366,9 @@ def convert_native_checkpoint(
     k_rows = sd["transformer.h.0.attn.c_k.weight"].shape[0]
     if hidden != n_embd or n_embd % n_head or k_rows % head_dim or n_head % (k_rows // head_dim):
         raise ValueError(
-            f"shapes in {model_path} (wte {tuple(sd['transformer.wte.weight'].shape)}, c_k rows {k_rows}) do not "
-            f"fit n_embd={n_embd}, n_head={n_head} from {meta_path}; check that both files come from one run."
+            f"shapes in {model_path} (wte {tuple(sd['transformer.wte.weight'].shape)}, c_k rows {k_rows}) do "
+            f"not fit n_embd={n_embd}, n_head={n_head} from {meta_path}; check that both files come from one "
+            "run."
         )
     n_kv = k_rows // head_dim
     if "n_kv_head" in mc and int(mc["n_kv_head"]) != n_kv:
@@ -373,8 +376,9 @@ def convert_native_checkpoint(
     vocab = int(mc.get("vocab_size") or enc.n_vocab)
     if enc.n_vocab != vocab or rows < vocab:
         raise ValueError(
-            f"tokenizer.pkl has {enc.n_vocab} tokens, {meta_path.name} says vocab_size={mc.get('vocab_size')} and "
-            f"the embedding has {rows} rows: the tokenizer and the checkpoint come from different runs."
+            f"tokenizer.pkl has {enc.n_vocab} tokens, {meta_path.name} says "
+            f"vocab_size={mc.get('vocab_size')} and the embedding has {rows} rows: the tokenizer and the "
+            "checkpoint come from different runs."
         )
     if rows != vocab:
         say(f"   vocabulary padded to {rows} rows; logits are cropped to the tokenizer's {vocab} tokens")
@@ -454,7 +458,8 @@ def _transformers_nanochat(sd, shape, behaviour, layout, ids):
 
 
 def _nanochat_gpt(sd, shape, behaviour, layout, ids):
-    """NanoChatGPTForCausalLM: a 2026 layout, upstream's own parameter names, each tensor in its saved dtype."""
+    """NanoChatGPTForCausalLM: a 2026 layout, upstream's own parameter names, each tensor in its saved
+    dtype."""
     n_layer = shape["n_layer"]
     config = NanoChatGPTConfig(
         vocab_size=shape["vocab"],

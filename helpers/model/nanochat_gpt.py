@@ -101,7 +101,8 @@ class NanoChatGPTConfig(PretrainedConfig):
         """The `window_pattern` the windows were computed from (for the record)."""
         self.rope_theta = float(rope_theta)
         self.rope_tables_bf16 = bool(rope_tables_bf16)
-        """Round the rotary cos/sin tables to bfloat16, as upstream code before 2026-03-04 did on every device."""
+        """Round the rotary cos/sin tables to bfloat16, as upstream code before 2026-03-04 did on every
+        device."""
         self.qk_scale = float(qk_scale)
         """q and k are multiplied by this after QK-norm (1.15 from 2026-03-09, 1.2 from 2026-03-14)."""
         self.logit_softcap = float(logit_softcap)
@@ -114,7 +115,8 @@ class NanoChatGPTConfig(PretrainedConfig):
         self.smear_channels = int(smear_channels)
         """Input channels of the smear gate (24); 0 = no smear."""
         self.backout_layer = backout_layer
-        """The block whose output is subtracted (times `backout_lambda`) before the final norm; None = none."""
+        """The block whose output is subtracted (times `backout_lambda`) before the final norm; None for
+        no backout."""
         self.layout = layout
         """Which nanochat layout this is (a name from `nanochat_layouts.LAYOUTS`)."""
         kwargs.setdefault("tie_word_embeddings", False)
@@ -125,11 +127,13 @@ class NanoChatGPTConfig(PretrainedConfig):
         n = self.num_hidden_layers
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                f"{self.num_attention_heads}"
             )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
-                f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads {self.num_key_value_heads}"
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads "
+                f"{self.num_key_value_heads}"
             )
         if len(self.attention_windows) != n:
             raise ValueError(f"attention_windows has {len(self.attention_windows)} entries for {n} layers")
@@ -367,8 +371,9 @@ class NanoChatGPTForCausalLM(PreTrainedModel):
             return key_pos, key_pos[:, past:], False
         if attention_mask.shape != (B, past + T):
             raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but the cache holds {past} positions "
-                f"and input_ids has {T}: pass a mask of shape ({B}, {past + T}) covering cached and new tokens"
+                f"attention_mask has shape {tuple(attention_mask.shape)} but the cache holds {past} "
+                f"positions and input_ids has {T}: pass a mask of shape ({B}, {past + T}) covering cached "
+                "and new tokens"
             )
         real = attention_mask.bool()
         padded = not bool(real.all())
@@ -429,7 +434,8 @@ class NanoChatGPTForCausalLM(PreTrainedModel):
 _CACHE_FIELD = (
     "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 )
-"""transformers renamed CausalLMOutputWithPast.past_key_values to .cache (5.2x); Colab's 5.15 has the old name."""
+"""transformers renamed CausalLMOutputWithPast.past_key_values to .cache (5.2x); Colab's 5.15 has the old
+name."""
 
 AutoConfig.register(MODEL_TYPE, NanoChatGPTConfig, exist_ok=True)
 AutoModelForCausalLM.register(NanoChatGPTConfig, NanoChatGPTForCausalLM, exist_ok=True)

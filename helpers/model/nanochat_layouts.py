@@ -10,14 +10,25 @@ override any of them (`resolve_behaviour(..., overrides)`, `load_model(..., nano
 
 Read from karpathy/nanochat's history of `nanochat/gpt.py` (dates are commit dates):
 
-| layout | from (commit) | keys / shapes | RoPE base | q,k × | softcap | VE gate | short window |
-|---|---|---|---|---|---|---|---|
-| 2025-10 | 2025-10-13 (3a5e0bc) | wte, lm_head, h.i.attn.c_q/k/v/proj, h.i.mlp.c_fc/c_proj | 10000 | 1 | 15 | – | – |
-| 2026-01-11 | aa530cd | + resid_lambdas, x0_lambdas (window_pattern in meta from fbc1484) | 10000 | 1 | 15 | – | seq/2 |
-| 2026-01-16a | 9a88194 | + value_embeds.{every layer}, v0_lambdas | 10000 | 1 | 15 | scalar | seq/2 |
-| 2026-01-16b | e85db6b | + value_embeds.{alternating}, h.i.attn.ve_gate [kv_heads, 32] | 10000 | 1 | 15 (20: 03-02..03-09) | 2σ | seq/2 |
-| 2026-03-09 | 6ed7d1d | ve_gate [kv_heads, 12] | 100000 | 1.15 | 15 | 3σ | ⌈seq/3/128⌉·128 |
-| 2026-03-14 | a825e63 | + smear_gate [1, 24], smear_lambda, backout_lambda | 100000 | 1.2 | 15 | 3σ | ⌈seq/4/128⌉·128 |
+| layout | from (commit) | keys / shapes |
+|---|---|---|
+| 2025-10 | 2025-10-13 (3a5e0bc) | wte, lm_head, h.i.attn.c_q/k/v/proj, h.i.mlp.c_fc/c_proj |
+| 2026-01-11 | aa530cd | + resid_lambdas, x0_lambdas (window_pattern in meta from fbc1484) |
+| 2026-01-16a | 9a88194 | + value_embeds.{every layer}, v0_lambdas |
+| 2026-01-16b | e85db6b | + value_embeds.{alternating}, h.i.attn.ve_gate [kv_heads, 32] |
+| 2026-03-09 | 6ed7d1d | ve_gate [kv_heads, 12] |
+| 2026-03-14 | a825e63 | + smear_gate [1, 24], smear_lambda, backout_lambda |
+
+and the behaviour each layout implies:
+
+| layout | RoPE base | q,k × | softcap | VE gate | short window |
+|---|---|---|---|---|---|
+| 2025-10 | 10000 | 1 | 15 | – | – |
+| 2026-01-11 | 10000 | 1 | 15 | – | seq/2 |
+| 2026-01-16a | 10000 | 1 | 15 | scalar | seq/2 |
+| 2026-01-16b | 10000 | 1 | 15 (20: 03-02..03-09) | 2σ | seq/2 |
+| 2026-03-09 | 100000 | 1.15 | 15 | 3σ | ⌈seq/3/128⌉·128 |
+| 2026-03-14 | 100000 | 1.2 | 15 | 3σ | ⌈seq/4/128⌉·128 |
 
 Also: the vocabulary is padded to a multiple of 64 from 2025-12-09 (f1bf69d; logits are cropped to the
 tokenizer's size, which `meta` records as `vocab_size`); the rotary cos/sin tables are rounded to
@@ -60,7 +71,8 @@ class Layout:
     lambdas: bool = False
     """`resid_lambdas`, `x0_lambdas`."""
     value_embeds: str = "none"
-    """"none", "every" (every layer, scalar `v0_lambdas`) or "alternating" (layer i where i % 2 == (n-1) % 2)."""
+    """Which layers have a value embedding: "none", "every" (every layer, scalar `v0_lambdas`) or
+    "alternating" (layer i where i % 2 == (n-1) % 2)."""
     ve_gate_channels: int = 0
     """Width of `transformer.h.{i}.attn.ve_gate.weight` ([kv_heads, width]); 0 = no gate."""
     smear: bool = False
@@ -148,7 +160,8 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout(
         "2026-03-14",
         "a825e63, 2026-03-14",
-        "+ smear (previous-token mix) and backout (mid-layer residual subtracted), q/k x1.2, short window seq/4",
+        "+ smear (previous-token mix) and backout (mid-layer residual subtracted), q/k x1.2, "
+        "short window seq/4",
         lambdas=True,
         value_embeds="alternating",
         ve_gate_channels=12,
@@ -206,8 +219,8 @@ BRANCHES = (
         lambda s: any("_hc." in k for k in s),
     ),
     (
-        "widening (PR #807, commit 4197e95: token embeddings of n_token_embd channels and narrower first layers "
-        "widened to n_embd)",
+        "widening (PR #807, commit 4197e95: token embeddings of n_token_embd channels and narrower first "
+        "layers widened to n_embd)",
         lambda s: (
             "transformer.wte.weight" in s
             and "lm_head.weight" in s

@@ -73,8 +73,8 @@ def oracle_dir(commit: str) -> Path:
     path = ORACLES / commit
     if not (path / "nanochat" / "gpt.py").is_file():
         pytest.skip(
-            f"upstream nanochat oracle {commit} is not at {path}: ../shared/oracles is absent on this machine "
-            "(CI has it), so the comparison with upstream's own code cannot run"
+            f"upstream nanochat oracle {commit} is not at {path}: ../shared/oracles is absent on this "
+            "machine (CI has it), so the comparison with upstream's own code cannot run"
         )
     return path
 

@@ -351,7 +351,8 @@ def test_native_hub_files_picks_latest_step_and_tokenizer():
 
 
 def test_hub_repo_with_native_files_is_downloaded_converted_and_cached(tmp_path, monkeypatch):
-    """The Hub is unreachable here, so huggingface_hub's two calls serve a local folder laid out as the repo."""
+    """The Hub is unreachable here, so huggingface_hub's two calls serve a local folder laid out as the
+    repo."""
     import huggingface_hub
 
     import helpers

@@ -1,8 +1,9 @@
 """nanochat's experiment refactor (PR #800, oracle commit e4286f8): checkpoints in
 `experiments/<name>/<model_tag>/<base|mid|sft|rl>/` and the tokenizer in `experiments/<name>/tokenizer/`.
 The folders are made by upstream's own `checkpoint_manager.get_checkpoint_dir` / `save_checkpoint` and
-`tokenizer.get_tokenizer_dir` at that commit (its model code is 92d63d4's, checked byte for byte), and the
-stage folder, the model-tag folder and the experiment folder load with `load_model`, giving upstream's logits."""
+`tokenizer.get_tokenizer_dir` at that commit (its model code is 92d63d4's, checked byte for byte), and
+the stage folder, the model-tag folder and the experiment folder load with `load_model`, giving upstream's
+logits."""
 
 from __future__ import annotations
 

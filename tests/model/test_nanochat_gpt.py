@@ -404,7 +404,8 @@ def test_conversion_keeps_each_tensor_dtype_and_records_the_behaviour(tmp_path):
 
 def test_hub_repo_with_2026_native_files_loads_and_is_cached(tmp_path, monkeypatch):
     """A Hub repo holding a 2026-layout native checkpoint (the Hub is unreachable here: huggingface_hub's two
-    calls serve a local folder laid out as the repo) converts once into our class; the next load makes no call."""
+    calls serve a local folder laid out as the repo) converts once into our class; the next load makes no
+    call."""
     import huggingface_hub
 
     repo_dir = write_tiny_2026_checkpoint(tmp_path / "repo", n_layer=2, seq_len=256)

@@ -1,4 +1,5 @@
-"""Layout detection, inferred behaviour, windows and the unknown-layout error (helpers.model.nanochat_layouts).
+"""Layout detection, inferred behaviour, windows and the unknown-layout error
+(helpers.model.nanochat_layouts).
 
 Every layout of the table is recognised from a synthetic state dict (the three that have an oracle are also
 loaded end to end in test_nanochat_gpt.py); sliding-window sizes are checked against upstream's own
@@ -33,7 +34,8 @@ def test_every_layout_is_recognised_from_its_keys(layout):
 
 
 def test_layouts_differ_in_keys_or_gate_width():
-    """No two layouts may be confused: distinct key sets, or (2026-01-16b vs 2026-03-09) distinct gate widths."""
+    """No two layouts may be confused: distinct key sets, or (2026-01-16b vs 2026-03-09) distinct gate
+    widths."""
     seen = {}
     for layout in L.LAYOUTS:
         sig = (frozenset(layout.expected_keys(N_LAYER)), layout.ve_gate_channels)
