@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from helpers.model.chat import cache_kwarg, encode_chat, pad_token_id, stop_token_ids
+from helpers.model.protocols import HookableModel
 
 
 @dataclass
@@ -67,28 +68,69 @@ def completion_seed(seed: int, prompt_id: str, sample_index: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How completions are drawn: the settings sampling, steering and the panels share.
+
+    Each entry point has its own defaults (a `SamplingSettings` constant) and accepts either a whole
+    `sampling=SamplingSettings(...)` or single fields as keywords (`temperature=0`), which win over it
+    (`with_overrides`). Invalid values are refused when the settings are made."""
+
+    temperature: float = 1.0
+    """0 is greedy; otherwise logits are divided by it before the softmax."""
+    top_p: float = 1.0
+    """Nucleus mass kept (1 = no cut)."""
+    max_new_tokens: int = 128
+    seed: int = 0
+    """Each completion's generator is seeded from it, its prompt id and its sample index."""
+    batch_size: int = 32
+    """Completions decoded together (does not change which tokens are drawn; see the module notes)."""
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus cut), got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+
+    def with_overrides(self, overrides: dict[str, Any]) -> SamplingSettings:
+        """These settings with the fields named in `overrides` replaced; an unknown name is an error
+        listing the known ones."""
+        names = [f.name for f in fields(self)]
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments {unknown}: the sampling settings are {names}")
+        return replace(self, **overrides)
+
+
 def sample_completions(
-    lm: Any,
+    lm: HookableModel,
     prompts: Sequence[tuple[str, str, str | None]],
     *,
     n_per_prompt: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    max_new_tokens: int = 128,
-    seed: int = 0,
-    batch_size: int = 32,
+    sampling: SamplingSettings | None = None,
     done_ids: set[str] | frozenset[str] = frozenset(),
     on_batch: Callable[[list[Completion]], None] | None = None,
     stop_ids: Sequence[int] | None = None,
+    **overrides: Any,
 ) -> list[Completion]:
     """Sample `n_per_prompt` completions for each `(prompt_id, user, system)` and return the new ones.
 
-    `temperature=0` is greedy. Completions whose id is in `done_ids` are skipped (resume);
-    `on_batch(completions)` is called after every batch so the caller can append them to
-    completions.jsonl as it goes. `stop_ids` overrides `chat.stop_token_ids` (`[]` never stops,
-    which the benchmark uses to force a fixed token budget). Returned in prompt order, then sample index.
+    `sampling` (default `SamplingSettings()`: temperature 1, no nucleus cut, 128 new tokens, seed 0,
+    batches of 32) with any of its fields given as keywords instead (`temperature=0` is greedy).
+    Completions whose id is in `done_ids` are skipped (resume); `on_batch(completions)` is called after
+    every batch so the caller can append them to completions.jsonl as it goes. `stop_ids` overrides
+    `chat.stop_token_ids` (`[]` never stops, which the benchmark uses to force a fixed token budget).
+    Returned in prompt order, then sample index.
     """
-    _check_args(n_per_prompt, temperature, top_p, max_new_tokens, batch_size)
+    if n_per_prompt < 1:
+        raise ValueError(f"n_per_prompt must be at least 1, got {n_per_prompt}")
+    settings = (sampling or SamplingSettings()).with_overrides(overrides)
+    temperature, top_p, max_new_tokens = settings.temperature, settings.top_p, settings.max_new_tokens
+    seed, batch_size = settings.seed, settings.batch_size
     model, tokenizer = lm.model, lm.tokenizer
     stops = list(stop_token_ids(tokenizer, model.generation_config) if stop_ids is None else stop_ids)
     encoded = _encode_prompts(model, tokenizer, prompts, max_new_tokens)
@@ -254,19 +296,6 @@ def _encode_prompts(
             )
         encoded[pid] = ids
     return encoded
-
-
-def _check_args(n_per_prompt: int, temperature: float, top_p: float, max_new_tokens: int, batch_size: int):
-    if n_per_prompt < 1:
-        raise ValueError(f"n_per_prompt must be at least 1, got {n_per_prompt}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus cut), got {top_p}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
 
 
 def _accepts_logits_to_keep(model: Any) -> bool:

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from helpers.collect.completions import read_completions
 from helpers.collect.judge import label_all
 from helpers.collect.prompts import Prompt
-from helpers.collect.sampling import sample_completions
+from helpers.collect.sampling import SamplingSettings, sample_completions
+from helpers.model.protocols import HookableModel
 from helpers.run import (
     append_jsonl,
     features_dir,
@@ -112,7 +113,7 @@ def sample_size(prompts: Sequence[Prompt], n_per_prompt: int) -> dict[str, Any]:
 
 def steering_targets(
     run_dir: str | os.PathLike,
-    lm: Any,
+    lm: HookableModel,
     sae_id: str = "",
     n_features: int = 3,
     *,
@@ -176,7 +177,9 @@ def _append(run_dir: str | os.PathLike, row: dict[str, Any]) -> None:
 
 
 @torch.no_grad()
-def completion_nll(lm: Any, completions: Sequence[Any], batch_size: int = 8) -> list[tuple[float, int]]:
+def completion_nll(
+    lm: HookableModel, completions: Sequence[Any], batch_size: int = 8
+) -> list[tuple[float, int]]:
     """(summed negative log-likelihood, n tokens) of each completion given its prompt, under the model
     as it is now: call it outside any steering context to score fluency under the unsteered model."""
     model, out = lm.model, []
@@ -231,24 +234,29 @@ def condition_stats(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+STEERING_SAMPLING = SamplingSettings(temperature=1.0, max_new_tokens=64, seed=0, batch_size=32)
+"""The steering experiment's sampling defaults (temperature 1, as the behavioural sampling of notebook 02)."""
+
+
 def run_steering_experiment(
-    lm: Any,
+    lm: HookableModel,
     prompts: Sequence[Prompt],
     conditions: Sequence[Condition],
     *,
     run_dir: str | os.PathLike,
     n_per_prompt: int = 8,
-    max_new_tokens: int = 64,
-    seed: int = 0,
-    temperature: float = 1.0,
-    batch_size: int = 32,
+    sampling: SamplingSettings = STEERING_SAMPLING,
     judge_client: Any = None,
+    **overrides: Any,
 ) -> list[dict[str, Any]]:
     """Sample, label and score every condition; one row per condition appended to steering.jsonl.
 
     Conditions whose name is already in the file are skipped (resume after a disconnect); a name that
     was run with other settings is an error naming them. If the judge runs out of quota the experiment
-    stops before saving that condition. Returns the rows of the conditions done, in order."""
+    stops before saving that condition. Returns the rows of the conditions done, in order. `sampling`
+    (default `STEERING_SAMPLING`), or any of its fields as keywords (`max_new_tokens=32`), sets how the
+    answers are drawn; the record keeps every field but the batch size (it changes no token)."""
+    sampling = sampling.with_overrides(overrides)
     names = [c.name for c in conditions]
     if len(set(names)) != len(names):
         raise ValueError(
@@ -262,17 +270,19 @@ def run_steering_experiment(
         f"so no p-value can fall below {size['min_possible_p']:.3g}"
     )
     triples = [(p.id, p.user, p.system) for p in prompts]
-    sampling = {
+    record = {
         "prompt_ids": sorted(by_id),
         "n_per_prompt": n_per_prompt,
-        "max_new_tokens": max_new_tokens,
-        "seed": seed,
-        "temperature": temperature,
+        "max_new_tokens": sampling.max_new_tokens,
+        "seed": sampling.seed,
+        "temperature": sampling.temperature,
+        # recorded only when it cuts, so the records written before it could be set still match
+        **({"top_p": sampling.top_p} if sampling.top_p != 1 else {}),
     }
     done = {r["name"]: r for r in read_steering(run_dir)}
     rows = []
     for cond in conditions:
-        settings = {**cond.describe(), "sampling": sampling}
+        settings = {**cond.describe(), "sampling": record}
         if cond.name in done:
             old = {k: done[cond.name].get(k) for k in settings}
             # "none" adds nothing, so its layer does not matter: one no-steering row serves every layer.
@@ -287,15 +297,7 @@ def run_steering_experiment(
             rows.append(done[cond.name])
             continue
         with cond.context(lm.model):
-            comps = sample_completions(
-                lm,
-                triples,
-                n_per_prompt=n_per_prompt,
-                temperature=temperature,
-                max_new_tokens=max_new_tokens,
-                seed=seed,
-                batch_size=batch_size,
-            )
+            comps = sample_completions(lm, triples, n_per_prompt=n_per_prompt, sampling=sampling)
         nll = completion_nll(lm, comps)  # outside the context: fluency under the unsteered model
         labels = label_all(
             [{"id": c.id, "prompt_id": c.prompt_id, "completion": c.completion} for c in comps],

@@ -20,12 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from helpers.collect.prompts import load_scenarios
-from helpers.collect.sampling import sample_completions
+from helpers.collect.sampling import SamplingSettings, sample_completions
+from helpers.model.protocols import HookableModel
 from helpers.run import SAE_CFG, features_path, read_jsonl, saes_dir
 from helpers.saes.io import LoadedSAE, find_sae_folders, load_sae
 from helpers.steer import directions as steering
 
 MODES = ("add", "clamp")
+PANEL_SAMPLING = SamplingSettings(temperature=0.7, max_new_tokens=48, seed=0, batch_size=1)
+"""The panels' sampling defaults: short answers at a moderate temperature, one at a time."""
 
 
 def feature_options(run_dir: str | os.PathLike, sae_id: str, top: int = 50) -> list[tuple[str, int]]:
@@ -45,7 +48,7 @@ def feature_options(run_dir: str | os.PathLike, sae_id: str, top: int = 50) -> l
 
 
 def generate_pair(
-    lm: Any,
+    lm: HookableModel,
     sae: LoadedSAE,
     feature: int,
     strength: float,
@@ -54,16 +57,16 @@ def generate_pair(
     system: str | None = None,
     mode: str = "add",
     unit: float = 1.0,
-    max_new_tokens: int = 48,
-    temperature: float = 0.7,
-    seed: int = 0,
+    sampling: SamplingSettings = PANEL_SAMPLING,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """The unsteered and the steered completion of one prompt, sampled with the same seed.
 
     `strength` is the norm of what the feature writes, in units of `unit` (pass
     `unit=steering.residual_norm(run_dir, layer)`: the typical residual norm). Mode "add" adds
     strength · unit · W_dec[f]/|W_dec[f]| at the SAE's layer; mode "clamp" sets latent f to
-    strength · unit / |W_dec[f]| on every token (the error term is kept in both)."""
+    strength · unit / |W_dec[f]| on every token (the error term is kept in both). `sampling` (default
+    `PANEL_SAMPLING`), or any of its fields as keywords (`max_new_tokens=32`), sets how both are drawn."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not prompt or not prompt.strip():
@@ -71,8 +74,8 @@ def generate_pair(
     steering.check_sae_matches(sae, lm, sae.layer)
     direction = steering.feature_direction(sae, feature)  # also the index check that names d_sae
     prompts = [("panel", prompt, system or None)]
-    kw = dict(n_per_prompt=1, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, batch_size=1)
-    unsteered = sample_completions(lm, prompts, **kw)[0].completion
+    settings = sampling.with_overrides(overrides)
+    unsteered = sample_completions(lm, prompts, n_per_prompt=1, sampling=settings)[0].completion
     if mode == "add":
         ctx = steering.steer(lm, sae.layer, direction, strength, scale=unit)
     else:
@@ -81,7 +84,7 @@ def generate_pair(
         )  # the activation writing that norm
         ctx = steering.clamp_feature(lm, sae, sae.layer, feature, value)
     with ctx:
-        steered = sample_completions(lm, prompts, **kw)[0].completion
+        steered = sample_completions(lm, prompts, n_per_prompt=1, sampling=settings)[0].completion
     return {
         "unsteered": unsteered,
         "steered": steered,
@@ -101,19 +104,20 @@ def _card(title: str, text: str) -> str:
 
 
 def steering_panel(
-    lm: Any,
+    lm: HookableModel,
     run_dir: str | os.PathLike,
     *,
     prompt: str = "",
     system: str = "",
-    max_new_tokens: int = 48,
-    temperature: float = 0.7,
-    seed: int = 0,
+    sampling: SamplingSettings = PANEL_SAMPLING,
+    **overrides: Any,
 ) -> Any:
     """The panel as an ipywidgets VBox (display it, or make it a cell's last line). The SAEs are those
-    under `run_dir/saes`; an empty prompt starts with the first built-in scenario."""
+    under `run_dir/saes`; an empty prompt starts with the first built-in scenario. `sampling` and
+    `overrides` as in `generate_pair`."""
     import ipywidgets as w
 
+    sampling = sampling.with_overrides(overrides)
     folders = find_sae_folders(saes_dir(run_dir))
     if not folders:
         raise FileNotFoundError(f"no SAEs under {Path(run_dir) / 'saes'}: train some in notebook 03 first")
@@ -178,9 +182,7 @@ def steering_panel(
                 system=system_box.value,
                 mode=mode.value,
                 unit=units[sae.layer],
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                seed=seed,
+                sampling=sampling,
             )
         except Exception as err:  # noqa: BLE001 - a callback's exception is invisible in Colab: show it
             status.value = f"<b style='color:#b00'>{type(err).__name__}</b>: {html.escape(str(err))}"
@@ -191,7 +193,9 @@ def steering_panel(
             f"steered: latent {out['feature']} at layer {out['layer']}, {how}", out["steered"]
         )
         unit = f"{units[out['layer']]:.1f}{notes.get(out['layer'], '')}"
-        status.value = f"same seed ({seed}) for both; residual norm unit at layer {out['layer']}: {unit}"
+        status.value = (
+            f"same seed ({sampling.seed}) for both; residual norm unit at layer {out['layer']}: {unit}"
+        )
 
     sae_box.observe(on_sae, names="value")
     feat_box.observe(on_feature, names="value")
