@@ -14,14 +14,20 @@ IntSlider, FloatSlider, Button, HTML, Tab (titles through `set_title`), HBox, VB
 `observe(..., names="value")` and `on_click`; output is HTML written into `HTML` widgets, never plotly
 (it fails inside Colab callbacks). Building the panel reads only the explorer's table files; SAEs, the
 meter and pages load on first use.
+
+`explorer_panel` makes one `PanelState` (the model, the SAE chooser, the status line, what was loaded)
+and one builder per tab over it; each builder returns its tab and what to clear when the SAE changes.
 """
 
 from __future__ import annotations
 
 import html
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+from helpers.collect.sampling import SamplingSettings
 from helpers.explore.live import analyse_text, answer_acts, track_generation
 from helpers.explore.meter import DeceptionMeter, fit_meter
 from helpers.explore.site import COMPLETE, DATA, read_page, read_table, sae_info
@@ -34,6 +40,7 @@ from helpers.explore.views import (
     select_features,
     table_html,
 )
+from helpers.model.protocols import HookableModel
 from helpers.run import explorer_dir, sae_dir
 from helpers.saes.io import LoadedSAE, load_sae
 from helpers.steer import directions as steering
@@ -58,75 +65,80 @@ def parse_features(text: str) -> list[int] | None:
     return [int(p.lstrip("#")) for p in parts] or None
 
 
-def explorer_panel(
-    lm: Any,
-    run_dir: str | os.PathLike,
-    *,
-    sae_id: str | None = None,
-    prompt: str = "Did you eat the last cookie?",
-    max_new_tokens: int = 48,
-    temperature: float = 0.0,
-    seed: int = 0,
-) -> Any:
-    """The panel as an ipywidgets VBox (make it a cell's last line). Needs `build_explorer` first."""
-    import ipywidgets as w
+EXPLORER_SAMPLING = SamplingSettings(temperature=0.0, max_new_tokens=48, seed=0, batch_size=1)
+"""The explorer's sampling defaults: greedy, short answers, one at a time."""
+_FULL = {"description_width": "initial"}
 
-    ids = explorer_sae_ids(run_dir)
-    if not ids:
-        raise FileNotFoundError(f"no explorer data under {explorer_dir(run_dir)}: run build_explorer first")
-    full = {"description_width": "initial"}
-    sae_box = w.Dropdown(
-        options=ids, value=sae_id if sae_id in ids else ids[0], description="SAE", style=full
-    )
-    status = w.HTML()
-    loaded: dict[str, LoadedSAE] = {}
-    meters: dict[int, DeceptionMeter] = {}
-    tables: dict[str, dict[str, list[Any]]] = {}
-    units: dict[int, float] = {}
 
-    def table() -> dict[str, list[Any]]:
-        if sae_box.value not in tables:
-            tables[sae_box.value] = read_table(run_dir, sae_box.value)
-        return tables[sae_box.value]
+@dataclass
+class PanelState:
+    """What the tabs share: the model, the run, the SAE chooser and status line, and what was loaded
+    (SAEs, feature tables, meters and residual norms, each on first use and then kept)."""
 
-    def sae() -> LoadedSAE:
-        if sae_box.value not in loaded:
-            loaded[sae_box.value] = load_sae(
-                sae_dir(run_dir, sae_box.value), device=str(next(lm.model.parameters()).device)
+    lm: HookableModel
+    run_dir: str | os.PathLike
+    sampling: SamplingSettings
+    sae_box: Any
+    """The SAE Dropdown: its value is the SAE id every tab works on."""
+    status: Any
+    """The HTML line that shows "working...", then nothing or the callback's error."""
+    loaded: dict[str, LoadedSAE] = field(default_factory=dict)
+    meters: dict[int, DeceptionMeter] = field(default_factory=dict)
+    tables: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    units: dict[int, float] = field(default_factory=dict)
+
+    def table(self) -> dict[str, list[Any]]:
+        if self.sae_box.value not in self.tables:
+            self.tables[self.sae_box.value] = read_table(self.run_dir, self.sae_box.value)
+        return self.tables[self.sae_box.value]
+
+    def sae(self) -> LoadedSAE:
+        if self.sae_box.value not in self.loaded:
+            device = str(next(self.lm.model.parameters()).device)
+            self.loaded[self.sae_box.value] = load_sae(
+                sae_dir(self.run_dir, self.sae_box.value), device=device
             )
-        return loaded[sae_box.value]
+        return self.loaded[self.sae_box.value]
 
-    def labels() -> dict[int, str]:
-        t = table()
+    def labels(self) -> dict[int, str]:
+        t = self.table()
         return {f: e for f, e in zip(t["feature"], t["explanation"], strict=True) if e}
 
-    def guarded(fn):
+    def guarded(self, fn: Callable[[], None]) -> Callable[..., None]:
+        """A button callback running `fn`, its exception shown in the status line (invisible otherwise)."""
+
         def run(*_: Any) -> None:
-            status.value = "working..."
+            self.status.value = "working..."
             try:
                 fn()
-                status.value = ""
+                self.status.value = ""
             except Exception as err:  # noqa: BLE001 - a callback's exception is invisible in Colab: show it
-                status.value = _error(err)
+                self.status.value = _error(err)
 
         return run
 
-    # --- features -------------------------------------------------------------------------------
+
+Tab = tuple[Any, Callable[[], None]]
+"""A tab's box and what to do when the SAE changes."""
+
+
+def _features_tab(w: Any, state: PanelState) -> Tab:
+    """Search, tag filter, sort and the table of matching features."""
     search = w.Text(
         placeholder="search explanations / top tokens, or #feature",
         description="search",
-        style=full,
+        style=_FULL,
         layout=w.Layout(width="50%"),
     )
-    tag = w.Dropdown(options=list(TAGS), value="all", description="deception tag", style=full)
-    sort = w.Dropdown(options=list(SORTS), value="firing rate", description="sort by", style=full)
-    dead = w.Checkbox(value=True, description="hide features that never fired", style=full)
+    tag = w.Dropdown(options=list(TAGS), value="all", description="deception tag", style=_FULL)
+    sort = w.Dropdown(options=list(SORTS), value="firing rate", description="sort by", style=_FULL)
+    dead = w.Checkbox(value=True, description="hide features that never fired", style=_FULL)
     rows_html = w.HTML()
 
     def refresh(*_: Any) -> None:
         try:
             rows = select_features(
-                table(), search.value, tag=tag.value, sort=sort.value, hide_dead=dead.value, n=25
+                state.table(), search.value, tag=tag.value, sort=sort.value, hide_dead=dead.value, n=25
             )
             rows_html.value = table_html(rows) if rows else "<p>no feature matches</p>"
         except Exception as err:  # noqa: BLE001
@@ -134,10 +146,13 @@ def explorer_panel(
 
     for box in (search, tag, sort, dead):
         box.observe(refresh, names="value")
+    return w.VBox([w.HBox([search, tag]), w.HBox([sort, dead]), rows_html]), refresh
 
-    # --- feature page + steering -------------------------------------------------------------------
-    d_sae = int(sae_info(run_dir, sae_box.value)["d_sae"])
-    feature = w.BoundedIntText(value=0, min=0, max=d_sae - 1, description="feature", style=full)
+
+def _feature_page_tab(w: Any, state: PanelState, prompt: str) -> Tab:
+    """One feature's page, and steering it: the unsteered and the steered answer, same seed."""
+    d_sae = int(sae_info(state.run_dir, state.sae_box.value)["d_sae"])
+    feature = w.BoundedIntText(value=0, min=0, max=d_sae - 1, description="feature", style=_FULL)
     show = w.Button(description="show feature", button_style="primary")
     page_html = w.HTML()
     strength = w.FloatSlider(
@@ -146,7 +161,7 @@ def explorer_panel(
         max=3.0,
         step=0.05,
         continuous_update=False,
-        style=full,
+        style=_FULL,
         description="steer (x typical residual norm)",
         layout=w.Layout(width="60%"),
     )
@@ -154,27 +169,22 @@ def explorer_panel(
     steer_button = w.Button(description="steer this feature")
     steer_html = w.HTML()
 
-    @guarded
     def on_show() -> None:
-        page_html.value = feature_html(
-            read_page(run_dir, sae_box.value, feature.value), sae_info(run_dir, sae_box.value)
-        )
+        info = sae_info(state.run_dir, state.sae_box.value)
+        page_html.value = feature_html(read_page(state.run_dir, state.sae_box.value, feature.value), info)
 
-    @guarded
     def on_steer() -> None:
-        s = sae()
-        if s.layer not in units:
-            units[s.layer] = steering.residual_norm(run_dir, s.layer)
+        s = state.sae()
+        if s.layer not in state.units:
+            state.units[s.layer] = steering.residual_norm(state.run_dir, s.layer)
         out = generate_pair(
-            lm,
+            state.lm,
             s,
             feature.value,
             strength.value,
             steer_prompt.value,
-            unit=units[s.layer],
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            seed=seed,
+            unit=state.units[s.layer],
+            sampling=state.sampling,
         )
         steer_html.value = (
             f"<p><b>unsteered</b>: {html.escape(out['unsteered'])}</p><p><b>steered</b> (feature "
@@ -182,81 +192,133 @@ def explorer_panel(
             f"{html.escape(out['steered'])}</p>"
         )
 
-    show.on_click(on_show)
-    steer_button.on_click(on_steer)
+    def on_sae() -> None:
+        feature.max = int(sae_info(state.run_dir, state.sae_box.value)["d_sae"]) - 1
+        page_html.value = steer_html.value = ""
 
-    # --- prompt analyser ---------------------------------------------------------------------------
+    show.on_click(state.guarded(on_show))
+    steer_button.on_click(state.guarded(on_steer))
+    box = w.VBox([w.HBox([feature, show]), page_html, strength, steer_prompt, steer_button, steer_html])
+    return box, on_sae
+
+
+def _analyser_tab(w: Any, state: PanelState, prompt: str) -> Tab:
+    """Per-token activations of chosen (or the top) features over a text, or over the model's answer."""
     mode = w.Dropdown(
-        options=["analyse this text", "let the model answer it"], description="mode", style=full
+        options=["analyse this text", "let the model answer it"], description="mode", style=_FULL
     )
     text = w.Textarea(value=prompt, description="text", layout=w.Layout(width="95%", height="60px"))
     chosen = w.Text(
         value="",
         placeholder="e.g. 12, 40 (empty: the text's top features)",
         description="features",
-        style=full,
+        style=_FULL,
     )
     analyse = w.Button(description="analyse", button_style="primary")
     analyser_out = w.HTML()
+    sampling = state.sampling
 
-    @guarded
     def on_analyse() -> None:
         feats = parse_features(chosen.value)
         if mode.value == "analyse this text":
-            tokens, fs, acts = analyse_text(lm, sae(), text.value, features=feats)
+            tokens, fs, acts = analyse_text(state.lm, state.sae(), text.value, features=feats)
         else:
             steps = list(
                 track_generation(
-                    lm, sae(), text.value, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+                    state.lm,
+                    state.sae(),
+                    text.value,
+                    max_new_tokens=sampling.max_new_tokens,
+                    temperature=sampling.temperature,
+                    seed=sampling.seed,
                 )
             )
             tokens, fs, acts = answer_acts(steps, feats)
-        analyser_out.value = analyser_html(tokens, fs, acts, labels())
+        analyser_out.value = analyser_html(tokens, fs, acts, state.labels())
 
-    analyse.on_click(on_analyse)
+    def on_sae() -> None:
+        analyser_out.value = ""
 
-    # --- live tracking -----------------------------------------------------------------------------
+    analyse.on_click(state.guarded(on_analyse))
+    return w.VBox([mode, text, chosen, analyse, analyser_out]), on_sae
+
+
+def _live_tab(w: Any, state: PanelState, prompt: str) -> Tab:
+    """The model answers token by token; each token's firing features and the deception meter."""
+    sampling = state.sampling
     live_prompt = w.Textarea(value=prompt, description="prompt", layout=w.Layout(width="95%", height="50px"))
-    n_tokens = w.IntSlider(value=max_new_tokens, min=1, max=256, description="max tokens", style=full)
+    n_tokens = w.IntSlider(
+        value=sampling.max_new_tokens, min=1, max=256, description="max tokens", style=_FULL
+    )
     go = w.Button(description="generate and track", button_style="primary")
     live_out = w.HTML()
 
-    @guarded
     def on_live() -> None:
-        s = sae()
-        if s.layer not in meters:
-            meters[s.layer] = fit_meter(run_dir, s.layer)
-        steps, names = [], labels()
+        s = state.sae()
+        if s.layer not in state.meters:
+            state.meters[s.layer] = fit_meter(state.run_dir, s.layer)
+        meter, steps, names = state.meters[s.layer], [], state.labels()
         for step in track_generation(
-            lm,
+            state.lm,
             s,
             live_prompt.value,
-            meter=meters[s.layer],
+            meter=meter,
             max_new_tokens=n_tokens.value,
-            temperature=temperature,
-            seed=seed,
+            temperature=sampling.temperature,
+            seed=sampling.seed,
         ):
             steps.append(step)
-            live_out.value = live_html(steps, meters[s.layer], names)  # updates as each token arrives
-        live_out.value = live_html(steps, meters[s.layer], names)
+            live_out.value = live_html(steps, meter, names)  # updates as each token arrives
+        live_out.value = live_html(steps, meter, names)
 
-    go.on_click(on_live)
+    def on_sae() -> None:
+        live_out.value = ""
+
+    go.on_click(state.guarded(on_live))
+    return w.VBox([live_prompt, n_tokens, go, live_out]), on_sae
+
+
+TAB_TITLES = ("features", "feature page", "prompt analyser", "live tracking")
+
+
+def explorer_panel(
+    lm: HookableModel,
+    run_dir: str | os.PathLike,
+    *,
+    sae_id: str | None = None,
+    prompt: str = "Did you eat the last cookie?",
+    sampling: SamplingSettings = EXPLORER_SAMPLING,
+    **overrides: Any,
+) -> Any:
+    """The panel as an ipywidgets VBox (make it a cell's last line). Needs `build_explorer` first.
+
+    `sampling` (default `EXPLORER_SAMPLING`: greedy, 48 new tokens, seed 0), or any of its fields as
+    keywords (`max_new_tokens=32`), sets how the steering, analyser and live tabs generate."""
+    import ipywidgets as w
+
+    ids = explorer_sae_ids(run_dir)
+    if not ids:
+        raise FileNotFoundError(f"no explorer data under {explorer_dir(run_dir)}: run build_explorer first")
+    sae_box = w.Dropdown(
+        options=ids, value=sae_id if sae_id in ids else ids[0], description="SAE", style=_FULL
+    )
+    state = PanelState(lm, run_dir, sampling.with_overrides(overrides), sae_box, w.HTML())
+    features, refresh = _features_tab(w, state)
+    tabs = [
+        (features, refresh),
+        _feature_page_tab(w, state, prompt),
+        _analyser_tab(w, state, prompt),
+        _live_tab(w, state, prompt),
+    ]
 
     def on_sae(_: Any = None) -> None:
-        feature.max = int(sae_info(run_dir, sae_box.value)["d_sae"]) - 1
-        page_html.value = steer_html.value = analyser_out.value = live_out.value = ""
+        for _box, clear in tabs[1:]:
+            clear()
         refresh()
 
     sae_box.observe(on_sae, names="value")
-    tabs = w.Tab(
-        children=[
-            w.VBox([w.HBox([search, tag]), w.HBox([sort, dead]), rows_html]),
-            w.VBox([w.HBox([feature, show]), page_html, strength, steer_prompt, steer_button, steer_html]),
-            w.VBox([mode, text, chosen, analyse, analyser_out]),
-            w.VBox([live_prompt, n_tokens, go, live_out]),
-        ]
-    )
-    for i, title in enumerate(("features", "feature page", "prompt analyser", "live tracking")):
-        tabs.set_title(i, title)
+    tab = w.Tab(children=[box for box, _ in tabs])
+    for i, title in enumerate(TAB_TITLES):
+        tab.set_title(i, title)
     refresh()
-    return w.VBox([sae_box, status, tabs])
+    return w.VBox([sae_box, state.status, tab])
