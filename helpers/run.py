@@ -40,6 +40,9 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -192,6 +195,25 @@ def _disk_full_message(path: Path, size: int, err: OSError) -> str:
     )
 
 
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """A new empty folder beside `path` to fill inside the block; when the block ends without an error
+    it takes the place of `path` (an existing `path` is removed first) by a rename on one filesystem, so
+    `path` is never half-written. On any error the temporary folder is removed and `path` is kept as it
+    was. Made with mkdir (not mkdtemp), so it has the usual umask permissions."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
@@ -299,6 +321,22 @@ def read_run_json(run_dir: str | os.PathLike) -> dict[str, Any]:
     return read_json_record(
         Path(run_dir) / RUN_JSON, "fix or delete it, or start a new run with another run_name."
     )
+
+
+NO_MODEL = (
+    "run notebook 01 (load checkpoint) with this RUN_NAME first, or check that RUN_NAME matches the run "
+    "you want to continue"
+)
+
+
+def model_record(run_dir: str | os.PathLike, *, required: bool = True) -> dict[str, Any]:
+    """What notebook 01 recorded about the run's model in `run.json` (`spec`, `revision`, `dtype`,
+    `n_layers`, `d_model`, ...). Without a recorded `spec`: a FileNotFoundError saying to run notebook 01
+    first, or {} when `required` is False (for what only describes a run)."""
+    model = read_run_json(run_dir).get("model") or {}
+    if required and not model.get("spec"):
+        raise FileNotFoundError(f"{Path(run_dir) / RUN_JSON} records no model: {NO_MODEL}.")
+    return model
 
 
 def update_run_json(run_dir: str | os.PathLike, **fields: Any) -> dict[str, Any]:
@@ -544,7 +582,7 @@ def run_summary(run_dir: str | os.PathLike) -> str:
     folder, the model, the layers, the release that started it, and each stage's status with what it
     recorded, in words (a dict of counts as its values, a list as its items)."""
     run = read_run_json(run_dir)
-    model = run.get("model") or {}
+    model = model_record(run_dir, required=False)
     lines = [f"run folder: {Path(run_dir)}"]
     if model:
         lines.append(f"model: {model.get('spec')} ({model.get('dtype')}, {model.get('n_layers')} layers)")
@@ -601,6 +639,13 @@ def id_part(text: str) -> str:
 def model_short(spec: str) -> str:
     """'karpathy/nanochat-d32' -> 'd32'; 'org/Some_Model' -> 'Some-Model'."""
     return id_part(spec.rstrip("/").replace(":", "/").split("/")[-1].removeprefix("nanochat-"))
+
+
+def sae_id_of(spec: str, arch: str, layer: int, condition: str, l0: int | None = None) -> str:
+    """The id of an SAE of the run (its folder under `saes/`, its `features/` file, `metadata.sae_id` in
+    its cfg.json): `{model}_{arch}_L{layer}_{condition}`, with `-l0-{l0}` after the architecture in an L0
+    sweep. A loaded SAE gives it back as `LoadedSAE.sae_id`."""
+    return f"{model_short(spec)}_{arch}{'' if l0 is None else f'-l0-{l0}'}_L{layer}_{condition}"
 
 
 DRY_RUN_DIR = "publish_dry_run"

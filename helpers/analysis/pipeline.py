@@ -67,7 +67,7 @@ from helpers.collect.completions import analysis_split, read_completions
 from helpers.collect.datasets import dataset_of, read_datasets
 from helpers.collect.store import LayerStore
 from helpers.gemini import GeminiClient
-from helpers.model.load import load_model
+from helpers.model.load import load_tokenizer
 from helpers.run import (
     SAE_METRICS,
     atomic_write_json,
@@ -76,6 +76,7 @@ from helpers.run import (
     features_dir,
     features_path,
     jsonable,
+    model_record,
     probes_path,
     read_jsonl,
     read_run_json,
@@ -94,11 +95,6 @@ SAE_POOLING = {
     "last": "SAE activations at the completion's last token",
 }
 NOT_LABELLED = "not labelled yet (run label_features)"
-
-
-def sae_id_of(loaded: LoadedSAE) -> str:
-    """The id in cfg.json metadata (written by train_grid), else the folder name."""
-    return str((loaded.cfg.get("metadata") or {}).get("sae_id") or loaded.path.name)
 
 
 def labelled_docs(
@@ -148,7 +144,7 @@ def reserved_rows(
         meta = s.cfg.get("metadata") or {}
         if not meta.get("analysis_split") and meta.get("condition") in ("deceptive_only", "honest_only"):
             print(
-                f"WARNING: {sae_id_of(s)} was trained before notebook 03 reserved analysis rows: it trained on "
+                f"WARNING: {s.sae_id} was trained before notebook 03 reserved analysis rows: it trained on "
                 "rows chosen by their label, so its probe and features are tested on rows it saw and its "
                 "numbers are inflated. Retrain it with notebook 03 (delete its folder) before comparing it."
             )
@@ -366,9 +362,7 @@ def probe_table(
     saes = [load_sae(f) for f in sae_folders]
     for s in saes:
         if s.layer not in layers:
-            raise ValueError(
-                f"SAE {sae_id_of(s)} reads layer {s.layer}, which is not in layers={layers}: add it"
-            )
+            raise ValueError(f"SAE {s.sae_id} reads layer {s.layer}, which is not in layers={layers}: add it")
     roles = dataset_roles(run_dir)
     texts = {r["id"]: r.get("completion") or "" for r in read_completions(run_dir)}
     common = dict(n_folds=n_folds, seed=seed, n_permutations=n_permutations, n_bootstrap=n_bootstrap)
@@ -484,7 +478,7 @@ def probe_table(
         sae_feats: dict[str, tuple[Any, probes.ProbeResult, float]] = {}
         for s in layer_saes:
             check_sae_fits(s.sae, store.d_model)
-            sid = sae_id_of(s)
+            sid = s.sae_id
             Xs, l0 = _sae_features(store, s.sae, lr.docs, pooling, batch_tokens)
             res = probes.probe(Xs[tr], y, groups, prompts=prompts, name=sid, **common)
             sae_feats[sid] = (s, res, l0)
@@ -722,7 +716,7 @@ def layer_sweep(
     involved). `peak`: the layer with the highest mean eval AUROC (CV AUROC without eval sets)."""
     run_dir = Path(run_dir)
     roles = dataset_roles(run_dir)
-    n_layers = (read_run_json(run_dir).get("model") or {}).get("n_layers")
+    n_layers = model_record(run_dir, required=False).get("n_layers")
     records = read_completions(run_dir)
     out_rows = []
     layers = pooled_layers(run_dir)
@@ -792,21 +786,6 @@ def layer_sweep(
     }
 
 
-def load_tokenizer(run_dir: str | os.PathLike) -> Any:
-    """The tokenizer of the run's model: from the converted / downloaded folder run.json names when it is
-    still there (cheap), else through load_model (announced: it loads the weights too)."""
-    from transformers import AutoTokenizer
-
-    model = read_run_json(run_dir).get("model") or {}
-    if not model.get("spec"):
-        raise FileNotFoundError(f"{Path(run_dir) / 'run.json'} names no model: pass tokenizer=lm.tokenizer")
-    if model.get("path") and Path(model["path"]).is_dir():
-        print(f"loading the tokenizer of {model['spec']} from {model['path']}")
-        return AutoTokenizer.from_pretrained(model["path"])
-    print(f"loading {model['spec']} on the CPU for its tokenizer (pass tokenizer=lm.tokenizer to skip this)")
-    return load_model(model["spec"], revision=model.get("revision"), device="cpu").tokenizer
-
-
 FEATURE_TEST = "held-out, one-sided, prompt-level permutations, on the training datasets"
 """Recorded in every feature file: a file written by an older test is recomputed, not reused."""
 
@@ -850,7 +829,7 @@ def feature_table(
     (explanations included) unless `overwrite`. `n_controls` random live features get windows too, in
     `features/{sae_id}.controls.json`: their explanations are label_features' baseline."""
     run_dir, loaded = Path(run_dir), load_sae(sae_folder)
-    sae, sae_id = loaded.sae, sae_id_of(loaded)
+    sae, sae_id = loaded.sae, loaded.sae_id
     path = features_path(run_dir, sae_id)
     if path.exists() and not overwrite:
         rows = read_jsonl(path)

@@ -42,7 +42,6 @@ import torch
 from tqdm.auto import tqdm
 
 from helpers.analysis.contexts import Doc, docs_for, iter_token_acts, token_pieces
-from helpers.analysis.pipeline import sae_id_of
 from helpers.collect.completions import read_completions
 from helpers.collect.store import LayerStore
 from helpers.explore.accumulate import (
@@ -54,7 +53,7 @@ from helpers.explore.accumulate import (
     quantile_edges,
 )
 from helpers.explore.decoder import Unembedding, logit_summary, nearest_rows
-from helpers.run import corpus_dir, features_path, model_short, read_jsonl, read_run_json
+from helpers.run import corpus_dir, features_path, model_record, model_short, read_jsonl, read_run_json
 from helpers.saes.io import LoadedSAE
 
 CLASSES = ("honest", "deceptive", "other")
@@ -413,7 +412,7 @@ def _corpus_pass(
 
 def check_sae_for_run(loaded: LoadedSAE, run_dir: str | os.PathLike, store: LayerStore | None = None) -> None:
     """Refuse an SAE trained on another model or layer than the run's activations, naming both."""
-    spec = (read_run_json(run_dir).get("model") or {}).get("spec")
+    spec = model_record(run_dir, required=False).get("spec")
     name = loaded.model_name
     if spec and name and model_short(name) != model_short(spec):
         raise ValueError(
@@ -746,7 +745,7 @@ def build_dashboards(
     cross-SAE neighbours); `unembedding` (decoder.unembedding_of(lm.model)) gives logit effects, left out
     when None. `corpus`: True finds the run's stored corpus of the layer, False leaves it out, or a store."""
     cfg = config or ExplorerConfig()
-    sae_id = sae_id_of(loaded)
+    sae_id = loaded.sae_id
     check_sae_for_run(loaded, run_dir)
     store = store or LayerStore(run_dir, loaded.layer)
     check_sae_for_run(loaded, run_dir, store)
@@ -807,11 +806,11 @@ def build_dashboards(
     for other in others:
         if (
             other.layer == loaded.layer
-            and sae_id_of(other) != sae_id
+            and other.sae_id != sae_id
             and int(other.sae.d_in) == int(loaded.sae.d_in)
         ):
             i2, c2 = nearest_rows(W_dec, other.sae.W_dec.detach().to(W_dec.device), cfg.n_similar)
-            similar_other[sae_id_of(other)] = (i2.numpy(), _round_array(c2.numpy(), 3))
+            similar_other[other.sae_id] = (i2.numpy(), _round_array(c2.numpy(), 3))
     analysis = analysis_rows(run_dir, sae_id)
     if analysis is None:
         notes.append(NO_ANALYSIS)

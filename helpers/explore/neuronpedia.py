@@ -64,8 +64,8 @@ from helpers.run import (
     SAE_WEIGHTS,
     atomic_write_bytes,
     id_part,
+    model_record,
     neuronpedia_dir,
-    read_run_json,
     sae_dir,
 )
 
@@ -325,7 +325,7 @@ integer, lowercase) and what must exist before the call, from `UPLOAD_SOURCE`.""
 
 def model_id_of(run_dir: str | os.PathLike) -> str:
     """A Neuronpedia model id from run.json's model: the Hub name's last part, lower case."""
-    spec = (read_run_json(run_dir).get("model") or {}).get("spec") or "model"
+    spec = model_record(run_dir, required=False).get("spec") or "model"
     return id_part(spec.rstrip("/").split("/")[-1].split(":")[-1]).lower()
 
 
@@ -363,7 +363,7 @@ def release_name_of(run_dir: str | os.PathLike, sae_ids: list[str], creator_name
 
 def model_owner_of(run_dir: str | os.PathLike) -> str | None:
     """`Model.owner` (required by Neuronpedia): the Hub organisation of run.json's model, if it names one."""
-    spec = (read_run_json(run_dir).get("model") or {}).get("spec") or ""
+    spec = model_record(run_dir, required=False).get("spec") or ""
     parts = spec.split(":")[-1].strip("/").split("/")
     return parts[0] if len(parts) == 2 and parts[0] and not spec.startswith((".", "/", "~")) else None
 
@@ -467,7 +467,7 @@ def export_sae(
         raise ValueError(f"visibility={visibility!r}: Neuronpedia's Visibility is one of {VISIBILITIES}")
     run_dir = Path(run_dir)
     info = sae_info(run_dir, sae_id)
-    run = read_run_json(run_dir)
+    recorded = model_record(run_dir, required=False)
     model_id = model_id or model_id_of(run_dir)
     owner = model_owner or model_owner_of(run_dir) or creator_name
     set_id = set_id_of(info)
@@ -491,9 +491,9 @@ def export_sae(
         "model": {
             "id": model_id,
             "instruct": True,
-            "displayName": (run.get("model") or {}).get("spec") or model_id,
+            "displayName": recorded.get("spec") or model_id,
             "displayNameShort": model_id,
-            "layers": int((run.get("model") or {}).get("n_layers") or 0),
+            "layers": int(recorded.get("n_layers") or 0),
             "dimension": info["d_in"],
             "neuronsPerLayer": info["d_in"],
             "owner": owner,

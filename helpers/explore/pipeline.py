@@ -16,7 +16,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from helpers.analysis.pipeline import load_tokenizer, sae_id_of
 from helpers.explore.dashboards import (
     DATA_FORMAT,
     NO_ANALYSIS,
@@ -27,6 +26,7 @@ from helpers.explore.dashboards import (
 )
 from helpers.explore.decoder import unembedding_of
 from helpers.explore.site import is_complete, sae_info, write_sae_data, write_site
+from helpers.model.load import load_tokenizer
 from helpers.run import SAE_WEIGHTS, completions_path, features_path, saes_dir
 from helpers.saes.io import LoadedSAE, find_sae_folders, load_sae
 
@@ -84,8 +84,8 @@ def build_explorer(
         tokenizer = lm.tokenizer if lm is not None else load_tokenizer(run_dir)
     rows = []
     for s in chosen:
-        sid = sae_id_of(s)
-        same_layer = sorted(sae_id_of(o) for o in everything if o.layer == s.layer and o is not s)
+        sid = s.sae_id
+        same_layer = sorted(o.sae_id for o in everything if o.layer == s.layer and o is not s)
         settings = {
             "format": DATA_FORMAT,
             "config": asdict(cfg),

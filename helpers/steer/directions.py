@@ -280,7 +280,7 @@ def build_conditions(
     norm; and the difference-of-means baseline when given. Use strengths of both signs and start small:
     on SmolLM2-135M (layer 10, norm ~140) ±0.25 already changes the text and ±1 turns it to noise, which
     the perplexity column shows."""
-    sid = str((sae.cfg.get("metadata") or {}).get("sae_id") or sae.path.name)
+    sid = sae.sae_id
     layer, d = sae.layer, sae.sae.d_in
     out = [Condition("none", "none", layer)]
     for s in strengths:

@@ -33,8 +33,8 @@ from helpers.run import (
     atomic_write_bytes,
     atomic_write_json,
     features_path,
+    model_record,
     read_jsonl,
-    read_run_json,
     read_sae_metrics,
 )
 from helpers.stats import holm
@@ -133,8 +133,7 @@ def model_rows(key: str, entry: dict[str, Any], n_params: int | None) -> list[di
     probes_file = run_dir / "probes.json"
     if entry.get("status") != "done" or not probes_file.exists():
         return [{**base, "error": entry.get("error") or f"no probes.json yet (status {entry.get('status')})"}]
-    run = read_run_json(run_dir)
-    n_layers = (run.get("model") or {}).get("n_layers")
+    n_layers = model_record(run_dir, required=False).get("n_layers")
     probes = read_probes(run_dir)
     metrics = {m["sae_id"]: m for m in read_sae_metrics(run_dir)}
     concat = next(iter(_rows_of(probes, "ensemble_concat")), {})
@@ -203,8 +202,7 @@ def sae_differences(sweep: dict[str, Any]) -> list[dict[str, Any]]:
         run_dir = Path(entry.get("run_dir", ""))
         if entry.get("status") != "done" or not (run_dir / "probes.json").exists():
             continue
-        run = read_run_json(run_dir)
-        n_layers = (run.get("model") or {}).get("n_layers")
+        n_layers = model_record(run_dir, required=False).get("n_layers")
         for r in _rows_of(read_probes(run_dir), "sae"):
             cmp = r.get("vs_raw") or {}
             if cmp.get("p_value") is None:
@@ -236,8 +234,10 @@ def comparison_table(
     tests = {(t["model"], t["sae_id"]): t["p_holm_sweep"] for t in sae_differences(sweep)}
     rows = []
     for key, entry in sweep.get("models", {}).items():
-        run = read_run_json(entry["run_dir"]) if Path(entry.get("run_dir", "")).is_dir() else {}
-        n_params = (run.get("model") or {}).get("n_params") or (plan or {}).get(key, {}).get("n_params")
+        model = (
+            model_record(entry["run_dir"], required=False) if Path(entry.get("run_dir", "")).is_dir() else {}
+        )
+        n_params = model.get("n_params") or (plan or {}).get(key, {}).get("n_params")
         for row in model_rows(key, entry, n_params):
             if row.get("best_sae"):
                 row["sae_vs_raw_p_holm_sweep"] = tests.get((key, row["best_sae"]))

@@ -53,6 +53,7 @@ from helpers.model.load import load_model
 from helpers.run import (
     atomic_write_json,
     mark_stage,
+    model_record,
     read_json_record,
     read_run_json,
     stage_done,
@@ -199,7 +200,7 @@ class _Lazy:
 
     def get(self, spec: ModelSpec | None = None) -> Any:
         if self.lm is None:
-            model = read_run_json(self.run_dir).get("model") or {}
+            model = model_record(self.run_dir, required=spec is None)
             self.lm = load_model(
                 spec.spec if spec else model["spec"],
                 revision=spec.revision if spec else model.get("revision"),
