@@ -4,6 +4,10 @@ the static page's first paint with 16k features.
     python bench/explorer.py                       # 1M tokens, d_in 576, d_sae 16384, TopK k=32; JSON
     python bench/explorer.py --tokens 200000       # a quicker look
     python bench/explorer.py --device cuda         # on a GPU
+    python bench/explorer.py --pass-only --tokens 100000 --before baaabae --threads 1
+        # only the one pass (`feature_pass`) over the store, the code of git revision baaabae (before the
+        # pass moved to the device) against this tree's, alternating, each in a fresh process, results
+        # compared array by array
 
 Data (written once under --data-dir, reused): a store of `--tokens` completion tokens of d_in = 576 (the
 offline model SmolLM2-135M's width) in float16 shards, in completions of 250 tokens with random token ids
@@ -22,6 +26,12 @@ Measured in a fresh process (its memory is its own; a thread samples /proc/self/
   feature counts, its per-feature cost scaled to 16k features and the whole store (an extrapolation);
 - the page in Debian's headless chromium from file://: first contentful paint, the table's first render
   (a `performance.mark` the app sets) and opening a feature page (when chromium is installed).
+
+`--pass-only` times just `feature_pass` over the whole store on `--device` (CUDA synchronised before
+the clock stops), in a fresh process that imports `helpers` from this tree; with `--before REV` also the
+same pass with the `helpers` of git revision REV (`git archive`, into a temporary folder), the two
+alternating `--repeats` times, and their results compared field by field (counts, sums, histograms,
+the kept top and sample entries with their windows): `identical` says whether every array is equal.
 """
 
 from __future__ import annotations
@@ -29,7 +39,9 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -250,7 +262,10 @@ def peers(store: LayerStore, sae, tokenizer, records: list, cfg: ExplorerConfig,
 
 def _until_mark(browser, name: str, after: float = 0.0) -> float:
     """The time of the page's latest performance mark `name` set after `after` (polled every 10 ms)."""
-    script = f"const m = performance.getEntriesByName('{name}'); return m.length ? m[m.length - 1].startTime : null"
+    script = (
+        f"const m = performance.getEntriesByName('{name}'); "
+        "return m.length ? m[m.length - 1].startTime : null"
+    )
     for _ in range(12_000):
         t = browser.execute_script(script)
         if t is not None and t > after:
@@ -338,6 +353,113 @@ def first_paint(index: Path) -> dict:
     return {"runs": runs, "median": {k: int(np.median([r[k] for r in runs])) for k in runs[0]}}
 
 
+PASS_RUNNER = """
+import json, sys, time
+root, data, device, threads, batch, out, sae_id, layer = sys.argv[1:]
+sys.path.insert(0, root)
+import numpy as np
+import torch
+import helpers
+from helpers.analysis.contexts import docs_for
+from helpers.collect.completions import read_completions
+from helpers.collect.store import LayerStore
+from helpers.explore.dashboards import ExplorerConfig, feature_pass
+from helpers.run import sae_dir
+from helpers.saes.io import load_sae
+assert helpers.__file__.startswith(root), (helpers.__file__, root)
+if int(threads):
+    torch.set_num_threads(int(threads))
+loaded = load_sae(sae_dir(data, sae_id), device=device)
+store = LayerStore(data, int(layer))
+docs = docs_for(store, read_completions(data))
+sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+sync()
+t0 = time.perf_counter()
+fp = feature_pass(store, loaded.sae, docs, ExplorerConfig(batch_tokens=int(batch)))
+sync()
+seconds = time.perf_counter() - t0
+arrays = {k: getattr(fp, k) for k in ("n_tokens", "fired", "act_sum", "min_activation", "log_counts")}
+for name in ("top", "sample"):
+    kept = getattr(fp, name)
+    for k in ("feature", "score", "value", "doc", "pos", "window", "start", "extra"):
+        if getattr(kept, k) is not None:
+            arrays[f"{name}.{k}"] = getattr(kept, k)
+np.savez(out, **arrays)
+peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
+print(json.dumps({"seconds": seconds, "tokens": store.n_tokens, "peak_cuda_gb": peak / 2**30}))
+"""
+
+
+def run_pass(root: Path, args: argparse.Namespace, device: str, out: Path) -> dict:
+    """`feature_pass` over the whole store with the `helpers` package under `root`, in a fresh process."""
+    cmd = [sys.executable, "-c", PASS_RUNNER, str(root), args.data_dir, device, str(args.threads)]
+    done = subprocess.run(
+        [*cmd, str(args.batch_tokens), str(out), SAE_ID, str(LAYER)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
+    if done.returncode:
+        raise RuntimeError(f"the pass with {root} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compare(a: Path, b: Path) -> dict:
+    """Field by field: equal (nan equal to nan), or the largest absolute difference."""
+    with np.load(a) as x, np.load(b) as y:
+        if set(x) != set(y):
+            return {"identical": False, "fields": f"{sorted(x)} vs {sorted(y)}"}
+        out = {}
+        for k in sorted(x):
+            p, q = x[k], y[k]
+            if p.shape != q.shape:
+                out[k] = f"shape {p.shape} vs {q.shape}"
+            elif np.array_equal(p, q, equal_nan=p.dtype.kind == "f"):
+                out[k] = "equal"
+            else:
+                d = np.abs(p.astype(np.float64) - q.astype(np.float64))
+                out[k] = f"max abs diff {np.nanmax(d):.3g}, {int((d > 0).sum())} differ"
+    return {"identical": all(v == "equal" for v in out.values()), "fields": out}
+
+
+def pass_only(args: argparse.Namespace) -> dict:
+    """The one pass alone (module doc): this tree on `--device`, and git revision `--before` on the CPU."""
+    tmp = Path(tempfile.mkdtemp(prefix="explorer_pass_"))
+    try:
+        out: dict = {"device": args.device, "torch_threads": args.threads or "torch default"}
+        if args.device.startswith("cuda"):
+            out["gpu"] = torch.cuda.get_device_name(0)
+        runs = {"after": (ROOT, args.device)}
+        if args.before:
+            old = tmp / "before"
+            old.mkdir()
+            archive = subprocess.run(
+                ["git", "-C", str(ROOT), "archive", args.before, "helpers"], capture_output=True, check=True
+            ).stdout
+            subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+            runs = {"before": (old, "cpu"), "after": (ROOT, "cpu")}
+            if args.device != "cpu":
+                runs[f"after_{args.device}"] = (ROOT, args.device)
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(args.repeats):
+            for name, (root, device) in runs.items():
+                r = run_pass(root, args, device, tmp / f"{name}.npz")
+                times[name].append(r["seconds"])
+                out["tokens"] = r["tokens"]
+                if device.startswith("cuda"):
+                    out["peak_cuda_gb"] = round(r["peak_cuda_gb"], 2)
+        out["pass_s"] = {k: [round(t, 1) for t in v] for k, v in times.items()}
+        best = {k: min(v) for k, v in times.items()}
+        out["tokens_per_s"] = {k: round(out["tokens"] / t) for k, t in best.items()}
+        if args.before:
+            out["before_rev"] = args.before
+            out["after_over_before_cpu"] = round(best["after"] / best["before"], 3)
+            out["before_vs_after_cpu"] = compare(tmp / "before.npz", tmp / "after.npz")
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=1_000_000)
@@ -354,11 +476,24 @@ def main() -> None:
     p.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "explorer_bench"))
     p.add_argument("--no-browser", dest="browser", action="store_false")
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--pass-only", action="store_true", help="time only the one pass (module doc)")
+    p.add_argument("--before", help="with --pass-only: also the pass of this git revision, on the CPU")
+    p.add_argument("--repeats", type=int, default=1, help="with --pass-only: runs of each, alternating")
     args = p.parse_args()
     tok = helpers.load_model(helpers.OFFLINE_MODEL, device="cpu").tokenizer
     t0 = time.perf_counter()
     build_data(Path(args.data_dir), args.tokens, args.d_in, args.d_sae, args.k, len(tok))
     data_s = time.perf_counter() - t0
+    if args.pass_only:
+        result = pass_only(args)
+        result.update(
+            d_sae=args.d_sae, k=args.k, batch_tokens=args.batch_tokens, data_build_s=round(data_s, 1)
+        )
+        text = json.dumps(result, indent=1)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        return
     with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh process: its memory is its own
         result = pool.apply(measure, (args,))
     result["data_build_s"] = round(data_s, 1)

@@ -24,15 +24,20 @@ Each reader and writer checks every shard's `.npy` against its `.json` on open (
 data read): a damaged shard (truncated by a Drive sync cut short) stops a reader with the completions it
 holds, and a writer removes it and collects them again, so rerunning notebook 02 repairs the store.
 `.npy` files memory-map, so the SAE trainer streams a store larger than RAM (`iter_batches` holds at
-most `buffer_bytes` of activations at a time).
+most `buffer_bytes` of activations at a time). `LayerStore.stream_rows` reads groups of entries in a
+background thread (`prefetched`), a few groups ahead of the consumer, so disk reads overlap the compute;
+into pinned memory when the consumer copies them to a GPU (`non_blocking` copies).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -44,6 +49,7 @@ FOLDERS = {"activations": activations_dir, "corpus": corpus_dir}
 """Where a store of each kind lives in the run folder: behaviour completions, or the reference corpus."""
 TOKENS_SUFFIX = ".tokens.npy"
 """A shard's token ids and positions beside its `.npy` (module doc)."""
+T = TypeVar("T")
 
 
 def check_finite_tokens(arr: np.ndarray, completion_id: str) -> None:
@@ -110,8 +116,8 @@ class ActivationWriter:
             self._with_ids = ids is not None
         if self._with_ids != (ids is not None):
             raise ValueError(
-                f"{completion_id!r} was added {'without' if ids is None else 'with'} token ids but earlier entries "
-                f"of this writer were not: pass token_ids for every entry of {self.dir}, or for none"
+                f"{completion_id!r} was added {'without' if ids is None else 'with'} token ids but earlier "
+                f"entries of this writer were not: pass token_ids for every entry of {self.dir}, or for none"
             )
         if ids is not None:
             first_position = int(ids[0, 1]) if len(ids) else first_position
@@ -146,8 +152,9 @@ class ActivationWriter:
                 self.done_ids.discard(cid)
             raise OSError(
                 err.errno,
-                f"writing {name} in {self.dir} failed ({err.strerror or err}). Earlier shards are intact; free "
-                "disk space (or Drive quota) and rerun: collection resumes after the last complete shard.",
+                f"writing {name} in {self.dir} failed ({err.strerror or err}). Earlier shards are intact; "
+                "free disk space (or Drive quota) and rerun: collection resumes after the last complete "
+                "shard.",
             ) from err
         self._next += 1
         self._pending, self._pending_tokens = [], 0
@@ -177,7 +184,8 @@ class LayerStore:
             more = f" and {len(broken) - 1} other shard(s)" if len(broken) > 1 else ""
             raise ValueError(
                 f"{self.dir / f'shard_{k:05d}.npy'} is damaged ({problem}){more}; it holds {len(ids)} "
-                f"{'sequence' if kind == 'corpus' else 'completion'}(s) {ids[:5]}{'...' if len(ids) > 5 else ''}. "
+                f"{'sequence' if kind == 'corpus' else 'completion'}(s) {ids[:5]}"
+                f"{'...' if len(ids) > 5 else ''}. "
                 f"Rerun notebook 02 {what} for layer {layer}: it removes the damaged shard(s) and collects "
                 "those again, leaving every other shard as it is (a Drive sync cut short or a full disk "
                 "leaves such a file)."
@@ -225,6 +233,27 @@ class LayerStore:
         s, row, n, _ = self.entries[completion_id]
         ids = self.shard_token_ids(s)
         return None if ids is None else np.asarray(ids[row : row + n])
+
+    def stream_rows(
+        self, groups: Iterable[Sequence[tuple[str, int]]], *, pin_memory: bool = False, depth: int = 2
+    ) -> Iterator[torch.Tensor]:
+        """Per group of (entry id, rows to skip), the rows of those entries after the skipped ones,
+        concatenated in the group's order: one [rows, d_model] tensor per group, in the shards' dtype
+        (float16, or float32 when a shard is), read in a background thread up to `depth` groups ahead
+        (`prefetched`). `pin_memory`: in page-locked memory, for `.to("cuda", non_blocking=True)`
+        (needs CUDA). Stop early by closing the iterator (or dropping it): the reader thread ends."""
+        if pin_memory and not torch.cuda.is_available():
+            raise ValueError("pin_memory=True needs CUDA (torch.cuda.is_available() is False): pass False")
+
+        def read(group: Sequence[tuple[str, int]]) -> torch.Tensor:
+            parts = []
+            for cid, skip in group:
+                s, row, n, _ = self.entries[cid]
+                parts.append(self.shard(s)[row + skip : row + n])
+            x = torch.from_numpy(np.concatenate(parts) if len(parts) != 1 else np.array(parts[0]))
+            return x.pin_memory() if pin_memory else x
+
+        return prefetched((read(g) for g in groups), depth)
 
     def _shard_rows(self, completion_ids: Iterable[str] | None) -> dict[int, np.ndarray]:
         """Rows (within each shard) belonging to `completion_ids` (all when None)."""
@@ -279,6 +308,63 @@ class LayerStore:
                 buffer, held = [data[full:]], data[full:].nbytes
                 if last:
                     yield torch.from_numpy(data[full:])
+
+
+class _Failed:
+    """An exception raised in `prefetched`'s reader thread, carried to the consumer."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_END = object()
+
+
+def prefetched(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """The items of `items`, in order, produced by a background thread at most `depth` ahead of the
+    consumer (a bounded queue), so producing the next ones (disk reads) overlaps the consumer's work.
+    An exception in the thread is raised in the consumer at the item where it happened; closing the
+    returned iterator (or dropping it, or a `break` out of its loop) stops the thread and waits for it."""
+    if depth < 1:
+        raise ValueError(f"depth must be at least 1, got {depth}")
+    out: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+        except BaseException as e:  # re-raised in the consumer
+            put(_Failed(e))
+            return
+        put(_END)
+
+    def consume() -> Iterator[T]:
+        thread = threading.Thread(target=produce, name="store-reader", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = out.get()
+                if item is _END:
+                    return
+                if isinstance(item, _Failed):
+                    raise item.error
+                yield item
+        finally:
+            stop.set()
+            thread.join()
+
+    return consume()
 
 
 def _complete_shards(folder: Path) -> dict[int, dict]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,32 +69,53 @@ class TopPerFeature:
         self._parts: list[tuple[np.ndarray, ...]] = []
         self._pending = 0
         self._kept = 0
+        self._device_threshold: torch.Tensor | None = None
 
     def add(
         self,
-        feature: np.ndarray,
-        score: np.ndarray,
-        value: np.ndarray,
-        doc: np.ndarray,
-        pos: np.ndarray,
-        windows: Callable[[np.ndarray], np.ndarray],
-        extra: Callable[[np.ndarray], np.ndarray] | None = None,
+        feature: np.ndarray | torch.Tensor,
+        score: np.ndarray | torch.Tensor,
+        value: np.ndarray | torch.Tensor,
+        doc: np.ndarray | torch.Tensor,
+        pos: np.ndarray | torch.Tensor,
+        windows: Callable[[Any], Any],
+        extra: Callable[[Any], Any] | None = None,
     ) -> None:
         """Offer entries; `windows(idx)` returns the [len(idx), width] windows of the entries `idx` that
         pass the feature's current threshold (only those are cut), `extra(idx)` their [len(idx),
-        extra_width] extra columns (required when the accumulator was made with extra_width > 0)."""
-        idx = np.flatnonzero(score > self.threshold[feature])
-        if not len(idx):
-            return
+        extra_width] extra columns (required when the accumulator was made with extra_width > 0).
+
+        The entries are numpy arrays (idx is then a numpy array), or torch tensors on one device (idx is
+        a tensor there, and the callables may return tensors there): the threshold test and the cutting
+        run on that device and only the entries that pass come to the host, where they are kept."""
         if self.extra_width and extra is None:
             raise ValueError(
                 f"this accumulator keeps {self.extra_width} extra columns per entry: pass extra="
             )
-        ex = extra(idx).astype(np.int32) if self.extra_width else np.zeros((len(idx), 0), np.int32)
-        self._parts.append((feature[idx], score[idx], value[idx], doc[idx], pos[idx], windows(idx), ex))
+        if isinstance(score, torch.Tensor):
+            idx = torch.nonzero(score > self._threshold_on(score.device)[feature]).squeeze(1)
+        else:
+            idx = np.flatnonzero(score > self.threshold[feature])
+        if not len(idx):
+            return
+        if self.extra_width:
+            ex = _host(extra(idx)).astype(np.int32, copy=False)
+        else:
+            ex = np.zeros((len(idx), 0), np.int32)
+        part = tuple(_host(a[idx]) for a in (feature, score, value, doc, pos))
+        self._parts.append((*part, _host(windows(idx)), ex))
         self._pending += len(idx)
         if self._pending > max(self.budget, self._kept):
             self._compact()
+
+    def _threshold_on(self, device: torch.device) -> torch.Tensor:
+        """The thresholds as a tensor on `device` (on the CPU a view of `self.threshold`, elsewhere a copy
+        made again after each compaction)."""
+        if device.type == "cpu":
+            return torch.from_numpy(self.threshold)
+        if self._device_threshold is None or self._device_threshold.device != device:
+            self._device_threshold = torch.from_numpy(self.threshold).to(device)
+        return self._device_threshold
 
     def _compact(self) -> None:
         if len(self._parts) == 1 and self._pending == 0:
@@ -113,6 +135,7 @@ class TopPerFeature:
         f, s, v, d, p, w, x = f[sel], s[sel], v[sel], d[sel], p[sel], w[sel], x[sel]
         full = np.flatnonzero(rank[rank < self.k] == self.k - 1)  # the k-th entry of full features
         self.threshold[f[full]] = s[full]
+        self._device_threshold = None
         self._parts = [(f, s, v, d, p, w, x)]
         self._pending, self._kept = 0, len(f)
 
@@ -133,6 +156,11 @@ class TopPerFeature:
         f, s, v, d, p, w, x = self._parts[0]
         start = np.searchsorted(f, np.arange(self.n + 1), side="left")
         return Kept(f.astype(np.int64), s, v, d, p, w, start, x if self.extra_width else None)
+
+
+def _host(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A numpy array on the host: tensors are copied from their device."""
+    return x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 class LogHistogram:

@@ -32,7 +32,7 @@ static explorer (site.py) and the Neuronpedia export (neuronpedia.py).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from helpers.analysis.contexts import Doc, docs_for, iter_token_acts, token_pieces
+from helpers.analysis.contexts import Doc, check_sae_fits, docs_for, token_pieces
 from helpers.collect.completions import read_completions
 from helpers.collect.store import LayerStore
 from helpers.explore.accumulate import (
@@ -213,37 +213,43 @@ def corpus_docs(corpus: LayerStore, max_tokens: int | None) -> list[Doc]:
 
 
 def _window_cutter(
-    acts: torch.Tensor, r: np.ndarray, f: np.ndarray, first: np.ndarray, last: np.ndarray, offsets: np.ndarray
+    acts: torch.Tensor,
+    r: torch.Tensor,
+    f: torch.Tensor,
+    first: torch.Tensor,
+    last: torch.Tensor,
+    offsets: torch.Tensor,
 ):
     """`windows(idx)` for `TopPerFeature.add`: the activations of feature f[idx] on the rows around r[idx]
-    ([len(idx), width]), nan outside rows first[r] .. last[r] - 1 (the token's document)."""
+    ([len(idx), width] on the activations' device), nan outside rows first[r] .. last[r] - 1 (the token's
+    document). Every argument is a tensor on the device of `acts`."""
 
-    def windows(idx: np.ndarray) -> np.ndarray:
-        rows = r[idx, None] + offsets[None, :]  # [m, width]
-        inside = (rows >= first[r[idx], None]) & (rows < last[r[idx], None])
-        rows_at = torch.from_numpy(np.clip(rows, 0, len(acts) - 1)).to(acts.device)
-        w = acts[rows_at, torch.from_numpy(f[idx, None]).to(acts.device)].float().cpu().numpy()
-        w[~inside] = np.nan
-        return w
+    def windows(idx: torch.Tensor) -> torch.Tensor:
+        at = r[idx]
+        rows = at[:, None] + offsets[None, :]  # [m, width]
+        inside = (rows >= first[at, None]) & (rows < last[at, None])
+        w = acts[rows.clamp(0, len(acts) - 1), f[idx, None]].float()
+        return w.masked_fill_(~inside, float("nan"))
 
     return windows
 
 
-def _cofiring(n_rows: int, r: np.ndarray, f: np.ndarray, v: np.ndarray, m: int):
+def _cofiring(n_rows: int, r: torch.Tensor, f: torch.Tensor, v: torch.Tensor, m: int):
     """`extra(idx)` for `TopPerFeature.add`: the `m` strongest features firing on row r[idx] ([len(idx), m]
-    feature ids, -1 where fewer fire), from the batch's nonzero activations (r, f, v) in COO form; the
-    table of every row's top m is made once per batch, only when asked for (a sort of the nonzeros, no
-    pass over the dense activations)."""
-    found: list[np.ndarray] = []
+    feature ids, -1 where fewer fire), from the batch's nonzero activations (r, f, v) in COO form on their
+    device; the table of every row's top m is made once per batch, only when asked for (two stable sorts
+    of the nonzeros, no pass over the dense activations; ties: the lower feature id first)."""
+    found: list[torch.Tensor] = []
 
-    def extra(idx: np.ndarray) -> np.ndarray:
+    def extra(idx: torch.Tensor) -> torch.Tensor:
         if not found:
-            order = np.lexsort((-v, r))  # by row, strongest first
+            order = torch.sort(-v, stable=True).indices  # strongest first, ties in stream order
+            order = order[torch.sort(r[order], stable=True).indices]  # then by row
             rows = r[order]
-            rank = np.arange(len(rows)) - np.searchsorted(rows, rows, side="left")
+            rank = torch.arange(len(rows), device=r.device) - torch.searchsorted(rows, rows)
             keep = rank < m
-            table = np.full((n_rows, m), -1, np.int32)
-            table[rows[keep], rank[keep]] = f[order][keep]
+            table = torch.full((n_rows, m), -1, dtype=torch.int32, device=r.device)
+            table[rows[keep], rank[keep]] = f[order][keep].int()
             found.append(table)
         return found[0][r[idx]]
 
@@ -283,6 +289,50 @@ def coactive_neighbours(
     return idx, jac, cond, size
 
 
+def _doc_chunks(docs: Sequence[Doc], batch_tokens: int) -> list[list[Doc]]:
+    """`docs` cut into runs of whole documents of at most `batch_tokens` tokens (a longer document is a
+    run of its own), as `analysis.contexts.iter_token_acts` cuts them."""
+    chunks: list[list[Doc]] = []
+    chunk: list[Doc] = []
+    total = 0
+    for d in docs:
+        if chunk and total + d.n > batch_tokens:
+            chunks.append(chunk)
+            chunk, total = [], 0
+        chunk.append(d)
+        total += d.n
+    if chunk:
+        chunks.append(chunk)
+    return chunks
+
+
+def encoded_chunks(
+    store: LayerStore, sae: Any, docs: Sequence[Doc], batch_tokens: int
+) -> Iterator[tuple[list[Doc], torch.Tensor]]:
+    """(docs, acts) per run of whole documents of `docs` (`_doc_chunks`), in order: the SAE's activations
+    [sum of the docs' n, d_sae] float32 on its device, the same as `iter_token_acts` gives. The store's
+    rows are read ahead in a background thread (`LayerStore.stream_rows`), in the shards' dtype (half the
+    bytes of float32) and, when the SAE is on CUDA, in pinned memory copied without blocking, so reading
+    and copying overlap the encoding."""
+    check_sae_fits(sae, store.d_model)
+    params = list(sae.parameters()) if isinstance(sae, torch.nn.Module) else []
+    device, dtype = (params[0].device, params[0].dtype) if params else (torch.device("cpu"), torch.float32)
+    cuda = device.type == "cuda"
+    chunks = _doc_chunks(docs, batch_tokens)
+    rows = store.stream_rows(([(d.id, d.skip) for d in c] for c in chunks), pin_memory=cuda)
+    try:
+        for chunk, x in zip(chunks, rows, strict=True):
+            x = x.to(device, non_blocking=cuda)
+            with torch.no_grad():
+                acts = [
+                    sae.encode(x[s : s + batch_tokens].to(dtype))[0].float()
+                    for s in range(0, len(x), batch_tokens)
+                ]
+            yield chunk, acts[0] if len(acts) == 1 else torch.cat(acts)
+    finally:
+        rows.close()
+
+
 def _nonzero(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, features, values) of the nonzero activations [rows, d_sae], in COO form."""
     rows_t, feats_t = acts.nonzero(as_tuple=True)
@@ -315,7 +365,7 @@ def feature_pass(
     act_sum = torch.zeros(n_feat, dtype=torch.float64, device=device)
     min_act = torch.full((n_feat,), float("inf"), dtype=torch.float32, device=device)
     n_tokens = np.zeros(len(CLASSES), np.int64)
-    offsets = np.arange(-cfg.before, cfg.after + 1)
+    offsets = torch.arange(-cfg.before, cfg.after + 1, device=device)
     keys = np.random.default_rng([cfg.seed, 11])
     c_docs = corpus_docs(corpus, cfg.corpus_tokens) if corpus is not None else []
     bar = tqdm(
@@ -324,26 +374,26 @@ def feature_pass(
         unit_scale=True,
         desc=desc or "explorer pass",
     )
-    for chunk, acts, _ in iter_token_acts(store, sae, docs, batch_tokens=cfg.batch_tokens):
+    for chunk, acts in encoded_chunks(store, sae, docs, cfg.batch_tokens):
         lengths = np.array([d.n for d in chunk])
         first = np.repeat(np.r_[0, np.cumsum(lengths)[:-1]], lengths)  # [rows] first row of the row's doc
         last = first + np.repeat(lengths, lengths)
         doc_of_row = np.repeat(np.array([d.index for d in chunk]), lengths)
         class_of_row = klass[doc_of_row]
         n_tokens += np.bincount(class_of_row, minlength=len(CLASSES))
-        rows_t, feats_t, vals_t = _nonzero(acts)
-        cls_t = torch.from_numpy(class_of_row).to(device)[rows_t]
-        fired.index_add_(0, cls_t * n_feat + feats_t, torch.ones_like(feats_t))
-        act_sum.index_add_(0, feats_t, vals_t.double())
-        min_act.scatter_reduce_(0, feats_t, vals_t.float(), "amin")
-        hist.add(feats_t, vals_t)
-        r, f, v = rows_t.cpu().numpy(), feats_t.cpu().numpy(), vals_t.float().cpu().numpy()
-        doc, pos = doc_of_row[r], r - first[r]
-        windows = _window_cutter(acts, r, f, first, last, offsets)
-        top.add(f, v, v, doc, pos, windows)
-        sample.add(
-            f, keys.random(len(f), dtype=np.float32), v, doc, pos, windows, _cofiring(len(acts), r, f, v, m)
+        first_t, last_t, doc_t, cls_t = (
+            torch.from_numpy(a).to(device) for a in (first, last, doc_of_row, class_of_row)
         )
+        r, f, v = _nonzero(acts)
+        fired.index_add_(0, cls_t[r] * n_feat + f, torch.ones_like(f))
+        act_sum.index_add_(0, f, v.double())
+        min_act.scatter_reduce_(0, f, v.float(), "amin")
+        hist.add(f, v)
+        doc, pos = doc_t[r], r - first_t[r]
+        windows = _window_cutter(acts, r, f, first_t, last_t, offsets)
+        top.add(f, v, v, doc, pos, windows)
+        score = torch.from_numpy(keys.random(len(f), dtype=np.float32)).to(device)
+        sample.add(f, score, v, doc, pos, windows, _cofiring(len(acts), r, f, v, m))
         bar.update(int(lengths.sum()))
     corpus_part = _corpus_pass(corpus, sae, device, c_docs, cfg, bar) if corpus is not None else None
     bar.close()
@@ -371,8 +421,8 @@ def _corpus_pass(
     max_act = torch.zeros(n_feat, dtype=torch.float32, device=device)
     min_act = torch.full((n_feat,), float("inf"), dtype=torch.float32, device=device)
     n_tokens = n_without_text = 0
-    offsets = np.arange(-cfg.before, cfg.after + 1)
-    for chunk, acts, _ in iter_token_acts(corpus, sae, docs, batch_tokens=cfg.batch_tokens):
+    offsets = torch.arange(-cfg.before, cfg.after + 1, device=device)
+    for chunk, acts in encoded_chunks(corpus, sae, docs, cfg.batch_tokens):
         lengths = np.array([d.n for d in chunk])
         ids = [corpus.token_ids_of(d.id) for d in chunk]  # [n, 2] (token, position), or None
         has_text = np.repeat([i is not None for i in ids], lengths)  # [rows]
@@ -387,16 +437,18 @@ def _corpus_pass(
         first, last = start_rows[segment], np.r_[start_rows[1:], len(position)][segment]
         n_tokens += len(position)
         n_without_text += int((~has_text).sum())
-        rows_t, feats_t, vals_t = _nonzero(acts)
-        fired.index_add_(0, feats_t, torch.ones_like(feats_t))
-        max_act.scatter_reduce_(0, feats_t, vals_t.float(), "amax")
-        min_act.scatter_reduce_(0, feats_t, vals_t.float(), "amin")
-        hist.add(feats_t, vals_t)
-        r, f, v = rows_t.cpu().numpy(), feats_t.cpu().numpy(), vals_t.float().cpu().numpy()
-        text = np.flatnonzero(has_text[r])  # windows only where the corpus kept its token ids
+        r, f, v = _nonzero(acts)
+        fired.index_add_(0, f, torch.ones_like(f))
+        max_act.scatter_reduce_(0, f, v.float(), "amax")
+        min_act.scatter_reduce_(0, f, v.float(), "amin")
+        hist.add(f, v)
+        first_t, last_t, pos_t, text_t, seq_t = (
+            torch.from_numpy(a).to(device) for a in (first, last, position, has_text, seq_of_row)
+        )
+        text = text_t[r]  # windows only where the corpus kept its token ids
         r, f, v = r[text], f[text], v[text]
-        doc = np.array([d.index for d in chunk])[seq_of_row[r]]
-        top.add(f, v, v, doc, position[r], _window_cutter(acts, r, f, first, last, offsets))
+        doc = torch.tensor([d.index for d in chunk], device=device)[seq_t[r]]
+        top.add(f, v, v, doc, pos_t[r], _window_cutter(acts, r, f, first_t, last_t, offsets))
         bar.update(int(lengths.sum()))
     return CorpusPass(
         docs=docs,
