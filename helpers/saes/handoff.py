@@ -117,9 +117,9 @@ def _check_version(dist: str, name: str, version: str | None, tested: tuple[str,
     known = {".".join(v.split(".")[:2]) for v in tested}
     if ".".join(str(version).split(".")[:2]) not in known:
         raise ValueError(
-            f"{name} {version} is a release whose {what} were not checked here (tested: {', '.join(tested)}). "
-            f"Install a tested one (pip install {dist}=={tested[-1]}) on the machine that trains, or check the "
-            "new format first."
+            f"{name} {version} is a release whose {what} were not checked here (tested: "
+            f"{', '.join(tested)}). Install a tested one (pip install {dist}=={tested[-1]}) on the machine "
+            "that trains, or check the new format first."
         )
     return str(version)
 
@@ -150,8 +150,9 @@ class Selection:
             raise ValueError(f"condition must be one of {BEHAVIOUR_CONDITIONS}, got {self.condition!r}")
         if len(kinds) == 2 and self.condition != "mixed":
             raise ValueError(
-                f"corpus + behaviour uses the mixed completions (notebook 03's corpus+behaviour), not "
-                f"{self.condition!r}: pass condition='mixed', or kinds=('activations',) for {self.condition!r}"
+                "corpus + behaviour uses the mixed completions (notebook 03's "
+                f"corpus+behaviour), not {self.condition!r}: pass condition='mixed', or "
+                f"kinds=('activations',) for {self.condition!r}"
             )
 
     @property
@@ -249,9 +250,10 @@ def export_saelens_cache(
         raise ValueError(f"context_size must be at least 1, got {context_size}")
     if context_size > n_tokens:
         raise ValueError(
-            f"context_size {context_size} is larger than the {n_tokens} training tokens of {selection.kinds} at "
-            f"layer {selection.layer} (the longest completion has {max(n for *_, n in order)}): not one row of "
-            f"SAELens's dataset can be filled. Use a context_size of at most {n_tokens}, or collect more."
+            f"context_size {context_size} is larger than the {n_tokens} training tokens of "
+            f"{selection.kinds} at layer {selection.layer} (the longest completion has "
+            f"{max(n for *_, n in order)}): not one row of SAELens's dataset can be filled. Use a "
+            f"context_size of at most {n_tokens}, or collect more."
         )
     ids_of = _token_source(selection, sources)
     rows_total = n_tokens // context_size
@@ -501,7 +503,8 @@ def _import_loaded(
     """Save `loaded` as `{model}_{arch}-{engine}_L{layer}_{condition}` in the run and evaluate it there."""
     if loaded.layer != selection.layer:
         raise ValueError(
-            f"{folder} reads layer {loaded.layer} ({loaded.hook_name}), the selection is layer {selection.layer}"
+            f"{folder} reads layer {loaded.layer} ({loaded.hook_name}), "
+            f"the selection is layer {selection.layer}"
         )
     held_store, held_ids = selection.held_out()
     if loaded.sae.d_in != held_store.d_model:
@@ -622,8 +625,8 @@ def sparsify_command(
     launch = "python -m" if n_gpus == 1 else f"torchrun --nproc_per_node {n_gpus} -m"
     hooks_ = " ".join(f"h.{i}" for i in layers)
     return (
-        f"{launch} helpers.saes.sparsify_main {model} {tokens_path} --ctx_len {ctx_len} --hookpoints {hooks_} "
-        f"--k {k} --expansion_factor {expansion_factor} --batch_size {batch_size} --loss_fn fvu "
+        f"{launch} helpers.saes.sparsify_main {model} {tokens_path} --ctx_len {ctx_len} --hookpoints "
+        f"{hooks_} --k {k} --expansion_factor {expansion_factor} --batch_size {batch_size} --loss_fn fvu "
         f"--save_dir {save_dir} --run_name {run_name} --log_to_wandb false"
     )
 
@@ -641,7 +644,8 @@ def import_sparsify_sae(folder: str | os.PathLike, selection: Selection, *, devi
     if set(t) != {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}:
         raise ValueError(f"{folder}/sae.safetensors holds {sorted(t)}: not a sparsify 1.3 SAE")
     d_sae, d_in = t["encoder.weight"].shape
-    # sparsify: top-k of relu(W (x - b_dec) + b), decoded as acts @ W_dec + b_dec: SAELens's topk with W_enc = W^T
+    # sparsify: top-k of relu(W (x - b_dec) + b), decoded as acts @ W_dec + b_dec:
+    # SAELens's topk with W_enc = W^T
     tmp = Path(tempfile.mkdtemp(prefix="sparsify_import_"))
     save_file(
         {

@@ -148,14 +148,14 @@ def _normalise_tensors(tensors: dict, arch: str, cfg: dict, path: Path) -> dict:
         raise ValueError(f"{path}: a fine-tuning scaling_factor other than 1 is not supported")
     if arch not in ("standard", "topk", "jumprelu", "gated"):
         raise ValueError(
-            f"{path}: architecture {arch!r} is not one SAELens loads for inference (standard, topk, jumprelu, "
-            "gated); a training-only architecture such as batchtopk must be saved as jumprelu"
+            f"{path}: architecture {arch!r} is not one SAELens loads for inference (standard, topk, "
+            "jumprelu, gated); a training-only architecture such as batchtopk must be saved as jumprelu"
         )
     expected = set(sae_class(arch).saelens_tensors)
     if set(tensors) != expected:
         raise ValueError(
-            f"{path}: a {arch} SAE needs tensors {sorted(expected)}; missing {sorted(expected - set(tensors))}, "
-            f"unexpected {sorted(set(tensors) - expected)}"
+            f"{path}: a {arch} SAE needs tensors {sorted(expected)}; missing "
+            f"{sorted(expected - set(tensors))}, unexpected {sorted(set(tensors) - expected)}"
         )
     if not cfg.get("apply_b_dec_to_input", True):
         # SAELens then encodes x @ W_enc + b; ours subtracts b_dec first, so add b_dec @ W_enc back.
@@ -166,7 +166,8 @@ def _normalise_tensors(tensors: dict, arch: str, cfg: dict, path: Path) -> dict:
         if "b_mag" in tensors:
             tensors["b_mag"] = tensors["b_mag"] + shift * tensors["r_mag"].exp()
     if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
-        # pre * ||W_dec_i|| then acts / ||W_dec_i|| @ W_dec == unit rows with the norm folded into the encoder.
+        # pre * ||W_dec_i|| then acts / ||W_dec_i|| @ W_dec == unit
+        # rows with the norm folded into the encoder.
         norms = tensors["W_dec"].norm(dim=1).clamp_min(1e-8)
         tensors["W_dec"] = tensors["W_dec"] / norms[:, None]
         tensors["W_enc"] = tensors["W_enc"] * norms
@@ -196,10 +197,12 @@ def _resolve(source: str | os.PathLike) -> Path:
     repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
     try:
         local = snapshot_download(repo, allow_patterns=[f"{sub}/*" if sub else "*"])
-    except Exception as err:  # noqa: BLE001 - hub errors vary (offline, gated, missing); all need the same fix
+    # hub errors vary (offline, gated, missing); all need the same fix
+    except Exception as err:  # noqa: BLE001
         raise FileNotFoundError(
-            f"could not download {source} from the Hugging Face Hub ({type(err).__name__}: {str(err)[:200]}). "
-            "Check the repo id and folder, HF_TOKEN for a private repo, or pass a local folder."
+            f"could not download {source} from the Hugging Face Hub "
+            f"({type(err).__name__}: {str(err)[:200]}). Check the repo id and folder, "
+            "HF_TOKEN for a private repo, or pass a local folder."
         ) from err
     return Path(local) / sub
 

@@ -1,15 +1,16 @@
-"""Random-weight SAE controls: an SAE of the same class, width and L0 as a trained one, with random directions,
-so that an SAE-probe number can be set beside what random sparse features give (DESIGN.md §9, issue 19).
+"""Random-weight SAE controls: an SAE of the same class, width and L0 as a trained one, with random
+directions, so that an SAE-probe number can be set beside what random sparse features
+give (DESIGN.md §9, issue 19).
 
 Korznikov et al. 2026, "Sanity Checks for Sparse Autoencoders: Do SAEs Beat Random Baselines?" (arXiv
 2602.14111) introduce three baselines that "constrain SAE feature directions or their activation patterns to
 random values" and find they match trained SAEs in interpretability (0.87 vs 0.90), sparse probing (0.69 vs
 0.72) and causal editing (0.73 vs 0.72) (abstract). Each freezes part of an SAE at its random initialisation
-and trains the rest (their Fig. 1): Frozen Decoder (decoder weights fixed at random initialisation), Soft-Frozen
-Decoder (decoder kept at cosine similarity >= 0.8 to its random initialisation) and Frozen Encoder (encoder
-weights fixed at random initialisation). A probe reads only `encode`, and the Frozen Encoder's activation
-patterns are random by construction, so that control needs no training run. `random_sae_like` builds it from
-a calibration sample alone (the tokens being probed), without labels:
+and trains the rest (their Fig. 1): Frozen Decoder (decoder weights fixed at random initialisation),
+Soft-Frozen Decoder (decoder kept at cosine similarity >= 0.8 to its random initialisation) and Frozen Encoder
+(encoder weights fixed at random initialisation). A probe reads only `encode`, and the Frozen Encoder's
+activation patterns are random by construction, so that control needs no training run. `random_sae_like`
+builds it from a calibration sample alone (the tokens being probed), without labels:
 
     W_enc     random unit-norm rows [d_sae, d_in], seeded (the paper's frozen random initialisation)
     b_dec     the calibration tokens' geometric median (how train.py initialises b_dec)
@@ -50,10 +51,14 @@ from helpers.saes.standard import StandardSAE
 from helpers.saes.topk import TopKSAE
 
 VARIANTS: dict[str, str] = {
-    "frozen_encoder": "Frozen Encoder (arXiv 2602.14111, Fig. 1): encoder weights fixed at random initialization; "
-    "the decoder, which the paper trains, is fitted here in closed form on the calibration tokens",
-    "random_init": "the random initialization all three of the paper's baselines start from: random unit-norm "
-    "encoder rows and the decoder its transpose, untrained",
+    "frozen_encoder": (
+        "Frozen Encoder (arXiv 2602.14111, Fig. 1): encoder weights fixed at random initialization; the "
+        "decoder, which the paper trains, is fitted here in closed form on the calibration tokens"
+    ),
+    "random_init": (
+        "the random initialization all three of the paper's baselines start from: random unit-norm encoder "
+        "rows and the decoder its transpose, untrained"
+    ),
 }
 """The random-weight controls `random_sae_like` builds, by name."""
 
@@ -147,7 +152,8 @@ def random_sae_like(
                 "tied pre-activations? Pass more (or less repetitive) calibration tokens"
             )
         print(
-            f"note: random TopK control: k={new.k} gives L0 {achieved:.3f} for target {target:.3f} (k is an integer)"
+            f"note: random TopK control: k={new.k} gives L0 {achieved:.3f} "
+            f"for target {target:.3f} (k is an integer)"
         )
     return new
 
@@ -196,7 +202,8 @@ def _set_sparsity(new: SAE, x: Tensor, target: float, counts: Tensor, g: torch.G
         new.target_l0 = target
     else:
         raise TypeError(
-            f"no random control for {type(new).__name__}: add its sparsity parameter to random_control._set_sparsity"
+            f"no random control for {type(new).__name__}: add its sparsity "
+            "parameter to random_control._set_sparsity"
         )
 
 

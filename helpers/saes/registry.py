@@ -1,11 +1,12 @@
 """The registry of SAE architectures, keyed by the name SAELens uses for training them (one file each).
 
-    ARCHITECTURES["standard"]              StandardSAE    ReLU + decoder-norm-weighted L1 (Bricken et al. 2023)
-    ARCHITECTURES["topk"]                  TopKSAE        Gao et al. 2024 (k active latents, AuxK for dead latents)
-    ARCHITECTURES["batchtopk"]             BatchTopKSAE   Bussmann et al. 2024 (k per token on average over a batch)
-    ARCHITECTURES["matryoshka_batchtopk"]  MatryoshkaBatchTopKSAE   Bussmann et al. 2025 (nested prefixes)
-    ARCHITECTURES["jumprelu"]              JumpReLUSAE    Rajamanoharan et al. 2024b (learned thresholds, L0 loss, STE)
-    ARCHITECTURES["gated"]                 GatedSAE       Rajamanoharan et al. 2024a (gate/magnitude paths, r_mag)
+    ARCHITECTURES[key]   class                  method
+    standard             StandardSAE            ReLU + decoder-norm-weighted L1 (Bricken et al. 2023)
+    topk                 TopKSAE                Gao et al. 2024 (k active latents, AuxK for dead latents)
+    batchtopk            BatchTopKSAE           Bussmann et al. 2024 (k per token on average over a batch)
+    matryoshka_batchtopk MatryoshkaBatchTopKSAE Bussmann et al. 2025 (nested prefixes)
+    jumprelu             JumpReLUSAE            Rajamanoharan et al. 2024b (learned thresholds, L0 loss, STE)
+    gated                GatedSAE               Rajamanoharan et al. 2024a (gate/magnitude paths, r_mag)
 
 All share `base.SAE`: `encode(x) -> (acts, pre_acts)`, `decode(acts)`, and `losses(x, dead)` (the sparse
 training forward pass with the architecture's auxiliary losses), so `train.py` has one loop. BatchTopK and

@@ -107,7 +107,8 @@ def test_commands_and_refusals(nanochat_run, tmp_path):
     _, run = nanochat_run
     one = sparsify_command("/content/model", "/content/tokens.bin", [1, 2], ctx_len=256)
     assert one.startswith(
-        "python -m helpers.saes.sparsify_main /content/model /content/tokens.bin --ctx_len 256 --hookpoints h.1 h.2"
+        "python -m helpers.saes.sparsify_main /content/model "
+        "/content/tokens.bin --ctx_len 256 --hookpoints h.1 h.2"
     )
     assert sparsify_command("m", "t.bin", [1], ctx_len=64, n_gpus=8).startswith(
         "torchrun --nproc_per_node 8 -m helpers.saes.sparsify_main"

@@ -1,7 +1,7 @@
-"""The random-weight SAE control: for every registered architecture, trained briefly on a synthetic world with a
-known sparse dictionary and also read back from its SAELens folder, the control has the same class and shape,
-matches the trained SAE's L0 on the calibration tokens and on fresh ones, has other weights, is reproducible
-for a seed, and reconstructs far worse than the trained SAE."""
+"""The random-weight SAE control: for every registered architecture, trained briefly on a synthetic world with
+a known sparse dictionary and also read back from its SAELens folder, the control has the same class and
+shape, matches the trained SAE's L0 on the calibration tokens and on fresh ones, has other weights, is
+reproducible for a seed, and reconstructs far worse than the trained SAE."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def world(n: int, seed: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
-    """arch -> (the SAE as trained, taking x · scale; its scale; the SAE loaded from its folder, raw units)."""
+    """arch -> (the SAE as trained, taking x · scale; its scale; the SAE loaded
+    from its folder, raw units)."""
     data = world(6144, seed=1)
     out = {}
     for arch in sorted(ARCHITECTURES):
@@ -109,7 +110,8 @@ def test_trained_sae_reconstructs_far_better_than_its_random_control(arch, train
     calibration, held_out = samples
     ev_trained = explained_variance(sae, held_out)
     ev = {v: explained_variance(random_sae_like(sae, calibration, variant=v), held_out) for v in VARIANTS}
-    # Measured: trained 0.64 (standard, slowed by its L1) to 0.87; frozen_encoder 0.33-0.59; random_init <= 0.32.
+    # Measured: trained 0.64 (standard, slowed by its L1) to 0.87;
+    # frozen_encoder 0.33-0.59; random_init <= 0.32.
     assert ev_trained > 0.55, f"{arch}: the short training run should learn the world ({ev_trained:.3f})"
     assert max(ev.values()) < ev_trained - 0.2, f"{arch}: trained {ev_trained:.3f}, random {ev}"
 
