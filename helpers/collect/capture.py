@@ -41,6 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
+from helpers.collect.packing import pad_batch
 from helpers.collect.sampling import Completion
 from helpers.collect.store import FP16_MAX, ActivationWriter, LayerStore, check_finite_tokens
 from helpers.model.chat import pad_token_id
@@ -118,7 +119,7 @@ def collect_activations(
         with tqdm(total=len(todo), desc="collecting activations", unit="completion") as bar:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start : start + batch_size]
-                ids, mask = _right_pad([r.prompt + r.completion for r in batch], pad_id, model.device)
+                ids, mask = pad_batch([r.prompt + r.completion for r in batch], pad_id, model.device)
                 # Right padding keeps every real token at its unpadded position (0, 1, ...), and causal
                 # attention never lets a real token see the pads after it. {name: [b, width, d_model]}
                 acts = run_with_capture(
@@ -290,14 +291,3 @@ def _rows(completions: list[Completion | dict]) -> list[_Row]:
         seen.add(d["id"])
         rows.append(_Row(d["id"], list(d["prompt_token_ids"]), list(d["completion_token_ids"])))
     return rows
-
-
-def _right_pad(seqs: list[list[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """`[n, width]` token ids and attention mask, padded on the right."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)

@@ -4,16 +4,10 @@ Behaviour completions give ~10^5 tokens per layer, too few for a dictionary wort
 who trains good SAEs trains them on a large general corpus (DESIGN.md §6). This module turns a corpus into
 residual activations, either stored in the run folder or streamed straight into training:
 
-    source      `hf:<dataset id>[/<glob>]` (a Hugging Face dataset's parquet / JSON-lines files, read a row
-                group at a time through `huggingface_hub.HfFileSystem`: nothing is downloaded whole),
-                `builtin:corpus` (data/corpus_sample.parquet, a tiny offline corpus in the layout of
-                nanochat's pretraining shards), or a local .parquet / .jsonl / .json / .txt file or folder
-                (e.g. on Drive). Hub and local files go through the same reader (`iter_documents`).
-    documents   a `text` column (or `text_column`), or a chat column of `[{"role", "content"}]` messages,
-                rendered in the model's chat format (nanochat's special tokens or the chat template).
-    sequences   documents tokenised and packed into fixed-length sequences, each starting with a
-                separator token (nanochat's <|bos|>, else the tokenizer's BOS/end-of-text), as SAELens and
-                nanochat's own loader do.
+    documents   `documents.py`: a Hugging Face dataset, the built-in sample or local files, read a row
+                group or a line at a time (`resolve_corpus`, `iter_documents`).
+    sequences   `packing.py`: documents tokenised in the model's format and packed into fixed-length
+                sequences, each starting with a separator token (`Packing`, `iter_sequences`).
     positions   the first `SKIP_FIRST` positions of every sequence and every special token are left out:
                 their residuals can carry norms ~100x the others and would dominate a dictionary's
                 reconstruction loss. SmolLM2 layer 15 on the shipped corpus: 22,664 at position 0 (the
@@ -21,6 +15,7 @@ residual activations, either stored in the run folder or streamed straight into 
                 sink settles on the first text token), against a median of 168 and a maximum of 236 at
                 every later position. Collection prints a warning if a stored row still has a norm over
                 `MASSIVE_RATIO` times its batch's median.
+    activations this module: the kept positions' residuals, stored or streamed.
 
 `collect_corpus` stores the kept positions of `max_tokens` tokens under `corpus/layer_{L}/` in the
 activation store's shard format (one entry per sequence, with the token id and position of every row,
@@ -34,21 +29,40 @@ training on either path, for evaluation.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from helpers.collect.documents import (
+    BUILTIN_CORPUS,
+    BUILTIN_PATH,
+    CLIMBMIX,
+    FINEWEB_EDU,
+    SMOLTALK,
+    CorpusFiles,
+    default_corpus,
+    hub_filesystem,
+    iter_documents,
+    resolve_corpus,
+)
+from helpers.collect.packing import (
+    SKIP_FIRST,
+    Packing,
+    encode_document,
+    is_heldout,
+    iter_sequences,
+    pad_batch,
+    sequence_id,
+    split_corpus,
+)
 from helpers.collect.store import FP16_MAX, ActivationWriter, LayerStore
-from helpers.model.chat import NANOCHAT_TOKENS, chat_format_of
 from helpers.model.hooks import check_layers, hook_name, run_with_capture
 from helpers.run import (
     SETTINGS,
@@ -61,283 +75,33 @@ from helpers.run import (
     update_run_json,
 )
 
-BUILTIN_CORPUS = "builtin:corpus"
-BUILTIN_PATH = Path(__file__).parent / "data" / "corpus_sample.parquet"
-FINEWEB_EDU = "hf:karpathy/fineweb-edu-100b-shuffle"
-"""nanochat's pretraining data for models trained before 2026-03-04 (the official d20/d32/d34)."""
-CLIMBMIX = "hf:karpathy/climbmix-400b-shuffle"
-"""nanochat's pretraining data since 2026-03-04."""
-CLIMBMIX_SINCE = "2026-03-04"
-SMOLTALK = "hf:HuggingFaceTB/smol-smoltalk"
-"""Chat conversations (part of nanochat's SFT mix), for a dictionary of chat-formatted text."""
-TEXT_COLUMNS = ("text", "content", "document")
-CHAT_COLUMNS = ("messages", "conversations", "conversation")
-SUFFIXES = (".parquet", ".jsonl", ".json", ".txt")
-EVAL_FRACTION = 0.05
-SKIP_FIRST = 2
-"""Positions never stored at the start of each sequence: the separator and the attention sink after it."""
+__all__ = [  # the documents and packing names stay importable from here, where callers import them
+    "BUILTIN_CORPUS",
+    "BUILTIN_PATH",
+    "CLIMBMIX",
+    "FINEWEB_EDU",
+    "SKIP_FIRST",
+    "SMOLTALK",
+    "CorpusFiles",
+    "CorpusSettings",
+    "CorpusStream",
+    "Packing",
+    "collect_corpus",
+    "corpus_ids",
+    "corpus_tokens",
+    "default_corpus",
+    "encode_document",
+    "estimate_bytes",
+    "hub_filesystem",
+    "is_heldout",
+    "iter_documents",
+    "iter_sequences",
+    "resolve_corpus",
+    "sequence_id",
+    "split_corpus",
+    "stream_factory",
+]
 MASSIVE_RATIO = 20.0
-
-
-def default_corpus(model_info: dict[str, Any]) -> str:
-    """The model's own pretraining data for nanochat: climbmix for a checkpoint layout that appeared on or
-    after 2026-03-04 (run.json's `model.layout`), fineweb-edu before (a checkpoint of an older layout
-    trained after that date needs CORPUS set by hand); fineweb-edu for other models."""
-    if model_info.get("family") == "nanochat" and str(model_info.get("layout") or "2025") >= CLIMBMIX_SINCE:
-        return CLIMBMIX
-    return FINEWEB_EDU
-
-
-# --- where the text comes from -----------------------------------------------------------------------
-@dataclass
-class CorpusFiles:
-    """The files of a corpus, in reading order, and the filesystem that opens them."""
-
-    spec: str
-    paths: list[str]
-    fs: Any
-
-
-def hub_filesystem(token: str | None = None) -> Any:
-    """The filesystem Hugging Face datasets are read through (a seam for offline tests)."""
-    from huggingface_hub import HfFileSystem
-
-    return HfFileSystem(token=token)
-
-
-def resolve_corpus(spec: str, *, token: str | None = None) -> CorpusFiles:
-    """The files of `spec` (see the module docstring), failing with a message that names the fix."""
-    import fsspec
-
-    if spec == BUILTIN_CORPUS:
-        return CorpusFiles(spec, [str(BUILTIN_PATH)], fsspec.filesystem("file"))
-    if spec.startswith("hf:"):
-        return _resolve_hub(spec, token)
-    if spec.startswith("builtin:"):
-        raise ValueError(f"unknown built-in corpus {spec!r}: the only one is {BUILTIN_CORPUS!r}")
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"corpus {spec!r} is neither a local file or folder nor 'hf:<dataset id>' (e.g. {FINEWEB_EDU!r}) "
-            f"nor {BUILTIN_CORPUS!r}"
-        )
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES)
-    if not files or any(p.suffix not in SUFFIXES for p in files):
-        raise ValueError(
-            f"{spec}: a corpus is {', '.join(SUFFIXES)} files; found {[p.name for p in files][:8]}"
-        )
-    return CorpusFiles(spec, [str(p) for p in files], fsspec.filesystem("file"))
-
-
-def _resolve_hub(spec: str, token: str | None) -> CorpusFiles:
-    parts = spec.removeprefix("hf:").strip("/").split("/")
-    if len(parts) < 2:
-        raise ValueError(f"{spec!r}: write a Hugging Face dataset as 'hf:<org>/<name>[/<glob>]'")
-    repo, pattern = "/".join(parts[:2]), "/".join(parts[2:])
-    fs = hub_filesystem(token)
-    try:
-        if pattern:
-            found = fs.glob(f"datasets/{repo}/{pattern}")
-        else:
-            found = [p for suffix in SUFFIXES for p in fs.glob(f"datasets/{repo}/**/*{suffix}")]
-    except Exception as err:  # noqa: BLE001 - offline, gated, missing and network errors all need the same fix
-        raise FileNotFoundError(
-            f"could not list the files of dataset {repo!r} on the Hugging Face Hub ({type(err).__name__}: "
-            f"{str(err)[:200]}). If it is gated, accept its terms on the Hub and set an HF_TOKEN secret; "
-            f"offline, use a local file (your own text, JSONL or parquet) or {BUILTIN_CORPUS!r}."
-        ) from err
-    found = sorted(p for p in found if p.endswith(SUFFIXES))
-    if not pattern and any("train" in Path(p).name for p in found):
-        found = [p for p in found if "train" in Path(p).name]  # e.g. data/train-00000-of-00004.parquet
-    if not found:
-        raise FileNotFoundError(
-            f"dataset {repo!r} has no {'/'.join(SUFFIXES)} files{' matching ' + pattern if pattern else ''}: "
-            "only parquet and JSON datasets can be streamed (datasets 4 dropped loading scripts)"
-        )
-    return CorpusFiles(spec, found, fs)
-
-
-def iter_documents(files: CorpusFiles, text_column: str | None = None) -> Iterator[str | list[dict]]:
-    """Each document of the corpus, in order: a string, or a list of chat messages. Parquet files are
-    read a row group at a time and JSON lines a line at a time, through `files.fs` (local or Hub alike)."""
-    for path in files.paths:
-        with files.fs.open(path, "rb") as f:
-            if path.endswith(".parquet"):
-                yield from _parquet_documents(f, path, text_column)
-            elif path.endswith(".txt"):
-                # A plain text file: paragraphs (separated by blank lines) are the documents.
-                text = f.read().decode("utf-8", errors="replace")
-                yield from (p.strip() for p in text.split("\n\n") if p.strip())
-            else:
-                yield from _json_documents(f, path, text_column)
-
-
-def _column(names: list[str], text_column: str | None, path: str) -> str:
-    if text_column:
-        if text_column not in names:
-            raise KeyError(f"{path} has no column {text_column!r}; its columns are {names}")
-        return text_column
-    for name in (*TEXT_COLUMNS, *CHAT_COLUMNS):
-        if name in names:
-            return name
-    raise KeyError(
-        f"{path} has no text column (looked for {', '.join(TEXT_COLUMNS + CHAT_COLUMNS)}); its columns are "
-        f"{names}: pass text_column= (CORPUS_TEXT_COLUMN in notebook 02) with the one holding the text"
-    )
-
-
-def _parquet_documents(f: Any, path: str, text_column: str | None) -> Iterator[str | list[dict]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as err:
-        raise ImportError("reading parquet needs pyarrow: pip install pyarrow (Colab has it)") from err
-    pf = pq.ParquetFile(f)
-    column = _column(pf.schema_arrow.names, text_column, path)
-    for group in range(pf.num_row_groups):
-        yield from (d for d in pf.read_row_group(group, columns=[column]).column(0).to_pylist() if d)
-
-
-def _json_documents(f: Any, path: str, text_column: str | None) -> Iterator[str | list[dict]]:
-    first = f.read(1)
-    f.seek(0)
-    if first == b"[":  # one JSON array
-        rows: Iterable = json.load(f)
-    else:  # JSON lines
-        rows = (json.loads(line) for line in f if line.strip())
-    column = None
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise ValueError(f'{path} row {i} is not a JSON object: each line must be like {{"text": ...}}')
-        column = column or _column(list(row), text_column, path)
-        if row.get(column):
-            yield row[column]
-
-
-# --- tokens ------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Packing:
-    """How documents become fixed-length sequences for one tokenizer."""
-
-    seq_len: int
-    separator: int
-    """Starts every sequence and separates documents."""
-    special_ids: frozenset[int]
-    """Tokens whose positions are not stored (with the first `skip_first` positions)."""
-    skip_first: int = SKIP_FIRST
-    """Positions 0 .. skip_first - 1 of every sequence are never stored (the separator and the attention
-    sink after it; see the module doc)."""
-
-    @classmethod
-    def for_tokenizer(cls, tokenizer: Any, seq_len: int) -> Packing:
-        if seq_len <= SKIP_FIRST:
-            raise ValueError(
-                f"seq_len must be above {SKIP_FIRST} (positions 0-{SKIP_FIRST - 1} are never stored), got {seq_len}"
-            )
-        special = {int(i) for i in tokenizer.all_special_ids}
-        decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-        special |= {int(i) for i, tok in decoder.items() if getattr(tok, "special", False)}
-        if chat_format_of(tokenizer) == "nanochat":
-            nanochat = [tokenizer.convert_tokens_to_ids(t) for t in NANOCHAT_TOKENS]
-            special |= set(nanochat)
-            sep = nanochat[0]  # <|bos|> starts every document in nanochat's pretraining
-        else:  # the BOS a tokenizer prepends itself, else GPT-2 style <|endoftext|>, else EOS or BOS
-            first = tokenizer("a")["input_ids"][:1]
-            adds_bos = tokenizer.bos_token_id is not None and first == [tokenizer.bos_token_id]
-            eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-            eot = eot if eot is not None and tokenizer.convert_ids_to_tokens(eot) == "<|endoftext|>" else None
-            candidates = (
-                tokenizer.bos_token_id if adds_bos else None,
-                eot,
-                tokenizer.eos_token_id,
-                tokenizer.bos_token_id,
-            )
-            sep = next((t for t in candidates if t is not None), None)
-            if sep is None:
-                raise ValueError("the tokenizer has no BOS, end-of-text or EOS token to separate documents")
-        return cls(seq_len, int(sep), frozenset(special | {int(sep)}))
-
-    def keep(self, ids: torch.Tensor) -> torch.Tensor:
-        """[batch, seq] bool: the positions whose residuals are stored."""
-        mask = ~torch.isin(ids, torch.tensor(sorted(self.special_ids), device=ids.device))
-        mask[:, : self.skip_first] = False
-        return mask
-
-
-def encode_document(tokenizer: Any, doc: str | list[dict]) -> list[int]:
-    """Token ids of a document: plain text, or chat messages in the model's own chat format."""
-    if isinstance(doc, str):
-        return tokenizer.encode(doc, add_special_tokens=False)
-    if not isinstance(doc, list) or not all(isinstance(m, dict) and "content" in m for m in doc):
-        raise ValueError(
-            f"a chat document must be a list of {{'role', 'content'}} messages, got {str(doc)[:80]}"
-        )
-    if chat_format_of(tokenizer) == "nanochat":
-        return _nanochat_conversation(tokenizer, doc)
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(doc, tokenize=False)
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(
-        "\n".join(f"{m.get('role', 'user')}: {m['content']}" for m in doc), add_special_tokens=False
-    )
-
-
-def _nanochat_conversation(tokenizer: Any, messages: list[dict]) -> list[int]:
-    """nanochat's rendering of a conversation (its tokenizer's `render_conversation`), without the leading
-    <|bos|> (the packing's separator): a system message joins the first user message, and an assistant
-    message may be a list of parts (`text`, `python` tool calls, `python_output`) in their special tokens."""
-    sp = lambda name: tokenizer.convert_tokens_to_ids(f"<|{name}|>")  # noqa: E731
-    enc = lambda text: tokenizer.encode(str(text), add_special_tokens=False)  # noqa: E731
-    wrap = {"python": ("python_start", "python_end"), "python_output": ("output_start", "output_end")}
-    if messages and messages[0].get("role") == "system" and len(messages) > 1:
-        messages = [
-            {**messages[1], "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"},
-            *messages[2:],
-        ]
-    ids: list[int] = []
-    for m in messages:
-        if m.get("role") == "user":
-            ids += [sp("user_start"), *enc(m["content"]), sp("user_end")]
-            continue
-        ids.append(sp("assistant_start"))
-        for part in (
-            m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
-        ):
-            start, end = wrap.get(part.get("type"), (None, None))
-            ids += [sp(start)] * bool(start) + enc(part["text"]) + [sp(end)] * bool(end)
-        ids.append(sp("assistant_end"))
-    return ids
-
-
-def iter_sequences(tokenizer: Any, docs: Iterable[str | list[dict]], packing: Packing) -> Iterator[list[int]]:
-    """Sequences of `packing.seq_len` tokens: the separator, then the next seq_len - 1 tokens of the
-    documents joined by separators. The last one may be shorter."""
-    buf: list[int] = []
-    width = packing.seq_len - 1
-    for doc in docs:
-        buf += encode_document(tokenizer, doc)
-        buf.append(packing.separator)
-        while len(buf) >= width:
-            yield [packing.separator, *buf[:width]]
-            del buf[:width]
-    if len(buf) > 1:
-        yield [packing.separator, *buf[:-1]]  # without the trailing separator
-
-
-def sequence_id(index: int) -> str:
-    return f"seq{index:09d}"
-
-
-def is_heldout(index: int, seed: int = 0, fraction: float = EVAL_FRACTION) -> bool:
-    """The fixed ~5% of sequences kept out of training (the same on the stored and streamed paths)."""
-    return stable_hash(seed, "corpus-eval", index) % 10_000 < fraction * 10_000
-
-
-def split_corpus(ids: Iterable[str], seed: int = 0) -> tuple[list[str], list[str]]:
-    """(training, held-out) sequence ids of a stored corpus."""
-    ids = list(ids)
-    held = [i for i in ids if is_heldout(int(i.removeprefix("seq")), seed)]
-    held_set = set(held)
-    return [i for i in ids if i not in held_set], held
 
 
 # --- stored -------------------------------------------------------------------------------------------
@@ -403,11 +167,11 @@ def collect_corpus(
             "CORPUS_TOKENS or the number of layers, or stream the corpus into training instead of storing it"
         )
     files = resolve_corpus(corpus, token=token)
-    plan = (
-        "all of it"
-        if max_tokens is None
-        else f"{max_tokens:,} tokens per layer (~{estimate_bytes(max_tokens, d_model, len(layers)) / 2**30:.2f} GiB)"
-    )
+    if max_tokens is None:
+        plan = "all of it"
+    else:
+        gib = estimate_bytes(max_tokens, d_model, len(layers)) / 2**30
+        plan = f"{max_tokens:,} tokens per layer (~{gib:.2f} GiB)"
     print(f"corpus {corpus}: {len(files.paths)} file(s); storing {plan}, {already}")
     seqs = iter_sequences(tokenizer, iter_documents(files, text_column), packing)
     with ExitStack() as stack:
@@ -440,7 +204,8 @@ def collect_corpus(
             bar.update(min(have, budget) - bar.n)
     if exhausted and max_tokens is not None and have < max_tokens:
         print(
-            f"the corpus ran out: {have:,} of the {max_tokens:,} tokens asked for were collected; continuing with those"
+            f"the corpus ran out: {have:,} of the {max_tokens:,} tokens asked for were collected; "
+            "continuing with those"
         )
     update_run_json(
         run_dir, corpus={**asdict(settings), "layers": layers, "tokens": have, "max_tokens": max_tokens}
@@ -461,7 +226,7 @@ def _store_batch(
 ) -> int:
     """One forward pass over `batch` [(id, token ids)]; kept positions go to each layer's writer.
     Returns the smallest per-layer token count stored so far."""
-    ids, mask = _right_pad([s for _, s in batch], packing.separator, model.device)
+    ids, mask = pad_batch([s for _, s in batch], packing.separator, model.device)
     keep = packing.keep(ids) & mask.bool()
     acts = run_with_capture(model, names, stop_early=True, input_ids=ids, attention_mask=mask)
     keep_cpu = keep.cpu()
@@ -488,20 +253,10 @@ def _warn_if_massive(h: torch.Tensor, layer: int, warned: set[int]) -> None:
     if ratio > MASSIVE_RATIO:
         warned.add(layer)
         print(
-            f"warning: layer {layer}: a stored corpus token has {ratio:.0f}x the median residual norm (massive "
-            "activation); such tokens dominate an SAE's loss. If this recurs, find the position or token "
-            "(corpus/ keeps token ids and positions) and leave it out."
+            f"warning: layer {layer}: a stored corpus token has {ratio:.0f}x the median residual norm "
+            "(massive activation); such tokens dominate an SAE's loss. If this recurs, find the position "
+            "or token (corpus/ keeps token ids and positions) and leave it out."
         )
-
-
-def _right_pad(seqs: list[list[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _stored_tokens(run_dir: str | os.PathLike, layer: int) -> int:
@@ -609,7 +364,7 @@ class CorpusStream:
         model = self.lm.model
         while True:
             batch = [next(seqs)[1] for _ in range(self.forward_batch)]
-            ids, mask = _right_pad(batch, self.packing.separator, model.device)
+            ids, mask = pad_batch(batch, self.packing.separator, model.device)
             keep = self.packing.keep(ids) & mask.bool()
             yield (
                 run_with_capture(model, [name], stop_early=True, input_ids=ids, attention_mask=mask)[name][

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from helpers.collect.packing import pad_batch
 from helpers.model.chat import cache_kwarg, encode_chat, pad_token_id, stop_token_ids
 from helpers.model.protocols import HookableModel
 
@@ -190,7 +191,7 @@ def generate_batch(
     # Prefill each distinct prompt once; `row_of[i]` is row i's prompt among the distinct ones.
     distinct: dict[tuple[int, ...], int] = {}
     row_of = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
-    ids, mask = _left_pad([list(p) for p in distinct], pad_id, device)  # [U, width] each
+    ids, mask = pad_batch([list(p) for p in distinct], pad_id, device, side="left")  # [U, width] each
     # Positions count real tokens only, so a padded row sees the positions of its unpadded prompt.
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
@@ -263,17 +264,6 @@ def sample_next(
     # right=True picks the first token whose CDF exceeds u, which never is a zero-probability token.
     idx = torch.searchsorted(cdf, u.to(cdf.device)[:, None], right=True).squeeze(1)
     return idx.clamp_(max=probs.shape[-1] - 1)
-
-
-def _left_pad(rows: list[list[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """`[n, width]` token ids and attention mask, padded on the left."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r) :] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _encode_prompts(

@@ -20,7 +20,7 @@ from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 import helpers
-from helpers.collect import corpus
+from helpers.collect import corpus, documents
 from helpers.collect.corpus import (
     BUILTIN_CORPUS,
     BUILTIN_PATH,
@@ -62,7 +62,7 @@ def fake_hub(tmp_path, monkeypatch):
     pq.write_table(pa.table({"text": docs()[:SMALL_DOCS]}), small, row_group_size=3)
     pq.write_table(pa.table({"text": ["held back"]}), small.parent / "test-00000-of-00001.parquet")
     monkeypatch.setattr(
-        corpus, "hub_filesystem", lambda token=None: DirFileSystem(str(root), LocalFileSystem())
+        documents, "hub_filesystem", lambda token=None: DirFileSystem(str(root), LocalFileSystem())
     )
     return root
 
