@@ -14,12 +14,15 @@ explanations are scored on held-out windows (scoring.py; REFERENCE.md "Auto-inte
 - Nothing is invented: without a client every explanation and score is None with its source saying
   "unavailable (no Gemini key)".
 - `plan` counts the requests before spending (the free tier allows ~20 a day).
+- `AutointerpSettings` holds how a pass asks and scores; `autointerp` and `explain_features` take one,
+  or any of its fields as keywords (`features_per_request=4`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 from pydantic import BaseModel
@@ -39,6 +42,35 @@ from helpers.gemini import (
 KINDS = ("lying about a fact", "concealing a role", "evasion", "refusal", "other", "none")
 Kind = Literal["lying about a fact", "concealing a role", "evasion", "refusal", "other", "none"]
 MAX_EXPLANATION_CHARS = 300
+
+
+@dataclass(frozen=True)
+class AutointerpSettings:
+    """How an auto-interpretation pass asks Gemini and scores the answers."""
+
+    features_per_request: int = 8
+    """Features explained (and scored) in one request."""
+    baseline: bool = True
+    """Score each explanation against an unrelated feature's too (the controls')."""
+    fuzzing: bool = True
+    """Score by fuzzing as well as by detection."""
+    seed: int = 0
+    """Shuffles the scoring windows."""
+    max_followups: int = 2
+    """Follow-up requests for the features Gemini leaves out of an answer."""
+
+    def __post_init__(self) -> None:
+        if self.features_per_request < 1:
+            raise ValueError(f"features_per_request must be at least 1, got {self.features_per_request}")
+
+    def with_overrides(self, overrides: dict[str, Any]) -> AutointerpSettings:
+        """These settings with the fields named in `overrides` replaced; an unknown name is an error
+        listing the known ones."""
+        names = [f.name for f in fields(self)]
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments {unknown}: the autointerp settings are {names}")
+        return replace(self, **overrides)
 
 
 class FeatureExplanation(BaseModel):
@@ -118,12 +150,14 @@ def explain_features(
     contexts: Sequence[FeatureContexts],
     client: GeminiClient | None,
     *,
-    features_per_request: int = 8,
-    max_followups: int = 2,
+    settings: AutointerpSettings | None = None,
+    **overrides: Any,
 ) -> dict[int, dict[str, Any]]:
     """Per feature: explanation, deception_related, kind and explanation_source ("gemini:<model>" or
-    why it is unavailable); the fields are None wherever Gemini gave no answer."""
-    return _explain(Asker(client), contexts, features_per_request, max_followups)
+    why it is unavailable); the fields are None wherever Gemini gave no answer. Uses the settings'
+    `features_per_request` and `max_followups`."""
+    s = (settings or AutointerpSettings()).with_overrides(overrides)
+    return _explain(Asker(client), contexts, s.features_per_request, s.max_followups)
 
 
 def _explain(
@@ -165,32 +199,31 @@ def autointerp(
     contexts: Sequence[FeatureContexts],
     client: GeminiClient | None,
     *,
-    features_per_request: int = 8,
-    baseline: bool = True,
-    fuzzing: bool = True,
-    seed: int = 0,
-    max_followups: int = 2,
     controls: Sequence[FeatureContexts] = (),
+    settings: AutointerpSettings | None = None,
+    **overrides: Any,
 ) -> dict[int, dict[str, Any]]:
     """Explain `contexts` and the random `controls`, then score the contexts' explanations by detection
     and fuzzing against the controls' explanations (scoring.py): per feature of `contexts`, the fields of
     both and `baseline_explanation` (the text the baselines used). One stop (quota, budget) ends the
-    whole pass; cached answers are still used after it."""
+    whole pass; cached answers are still used after it. `settings` (default `AutointerpSettings()`), or
+    any of its fields as keywords."""
+    s = (settings or AutointerpSettings()).with_overrides(overrides)
     if client is None:
         print(f"autointerp: no Gemini client; explanations and scores are marked {OFFLINE!r}")
     asker = Asker(client)
-    controls = list(controls) if baseline else []
-    expl = _explain(asker, [*contexts, *controls], features_per_request, max_followups)
+    controls = list(controls) if s.baseline else []
+    expl = _explain(asker, [*contexts, *controls], s.features_per_request, s.max_followups)
     texts = {f: e["explanation"] for f, e in expl.items()}
     scores = score_with(
         asker,
         contexts,
         texts,
-        features_per_request=features_per_request,
-        baseline=baseline,
-        fuzzing=fuzzing,
-        seed=seed,
-        max_followups=max_followups,
+        features_per_request=s.features_per_request,
+        baseline=s.baseline,
+        fuzzing=s.fuzzing,
+        seed=s.seed,
+        max_followups=s.max_followups,
         controls=[c.feature for c in controls],
     )
     return {
