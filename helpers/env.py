@@ -126,8 +126,9 @@ def get_secret(name: str) -> str | None:
         if kind == "NotebookAccessError":
             _warn_once(
                 name,
-                f"Colab has a secret {name}, but this notebook may not read it: open the key icon in the left "
-                f"bar and switch on 'Notebook access' for {name}, then run this cell again. Going on without it.",
+                f"Colab has a secret {name}, but this notebook may not read it: open the "
+                f"key icon in the left bar and switch on 'Notebook access' for {name}, then "
+                "run this cell again. Going on without it.",
             )
             return None
         if kind == "TimeoutException":
@@ -260,9 +261,9 @@ def setup(
     """
     if notebook_version is not None and notebook_version != __version__:
         raise NotebookError(
-            f"this notebook is for helpers {notebook_version}, but helpers {__version__} is installed in this "
-            f"runtime. Fix: Runtime > Disconnect and delete runtime, then Run all again (the first cell installs "
-            f"{notebook_version}); or run  !pip install --force-reinstall --no-deps "
+            f"this notebook is for helpers {notebook_version}, but helpers {__version__} is installed in "
+            "this runtime. Fix: Runtime > Disconnect and delete runtime, then Run all again (the first cell "
+            f"installs {notebook_version}); or run  !pip install --force-reinstall --no-deps "
             f"{INSTALL_URL.replace(__version__, notebook_version)}  and restart the session."
         )
 
@@ -305,7 +306,8 @@ def print_summary(env: Env, version: str) -> None:
     )
     lines = [
         f"helpers {version}" + (f" (git {ref})" if (ref := git_ref()) else ""),
-        f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}",
+        f"python {sys.version.split()[0]}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}",
         f"colab: {env.in_colab}, smoke mode: {env.smoke}",
         f"device: {env.device}; GPU: {gpu}",
         f"RAM: {mem.total / 2**30:.1f} GiB total, {mem.available / 2**30:.1f} GiB free",

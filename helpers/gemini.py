@@ -1,8 +1,8 @@
 """A small Gemini client for JSON answers: cached, budgeted, and honest about quota errors.
 
-Used by the judge (`helpers.collect.judge`), autointerp and scoring, and any caller that needs structured answers from
-Gemini (auto-interpretation of SAE features). It wraps the `google-genai` SDK (not the end-of-life
-`google-generativeai`) and adds what a free-tier Colab user needs:
+Used by the judge (`helpers.collect.judge`), autointerp and scoring, and any caller that needs structured
+answers from Gemini (auto-interpretation of SAE features). It wraps the `google-genai` SDK (not the
+end-of-life `google-generativeai`) and adds what a free-tier Colab user needs:
 
 - a SQLite cache keyed by model + system + prompt + schema, so a rerun after a disconnect is free;
 - a request budget (`max_requests`) checked before each request is sent;
@@ -244,9 +244,10 @@ class GeminiClient:
                     continue
                 finish = response.candidates[0].finish_reason if response.candidates else None
                 raise MalformedResponse(
-                    f"{self.model} twice returned an answer that is not JSON matching {schema.__name__} "
-                    f"(finish reason {finish}; first 200 characters: {(text or '')[:200]!r}; "
-                    f"{err.error_count()} validation error(s)). Try a smaller batch or another model (model=...)."
+                    f"{self.model} twice returned an answer that is not JSON matching "
+                    f"{schema.__name__} (finish reason {finish}; first 200 characters: "
+                    f"{(text or '')[:200]!r}; {err.error_count()} validation error(s)). Try a "
+                    "smaller batch or another model (model=...)."
                 ) from None
             self.cache.put(key, self.model, text)
             return result
@@ -272,8 +273,8 @@ class GeminiClient:
             if daily:
                 raise DailyQuotaExceeded(
                     f"Gemini's daily quota for {self.model} is used up ({daily[0]}); it resets at midnight "
-                    "Pacific time. Everything answered so far is cached: rerun tomorrow, or use another model "
-                    "(model=...), which has its own quota."
+                    "Pacific time. Everything answered so far is cached: rerun tomorrow, or use another "
+                    "model (model=...), which has its own quota."
                 ) from None
             delays = [d["retryDelay"] for d in details.get("details", []) if "retryDelay" in d]
             wait = parse_duration(delays[0]) if delays else 10.0 * 2**retries

@@ -769,7 +769,8 @@ def token_html(tokens: Sequence[str], activations: Sequence[float]) -> str:
     show it with IPython.display.HTML."""
     top = max([a for a in activations if a > 0], default=1.0)
     spans = [
-        f'<span title="{a:.3f}" style="background: rgba(220,40,40,{max(a, 0) / top:.2f})">{html.escape(t)}</span>'
+        f'<span title="{a:.3f}" style="background: rgba(220,40,40,{max(a, 0) / top:.2f})">'
+        f"{html.escape(t)}</span>"
         for t, a in zip(tokens, activations, strict=True)
     ]
     return (
@@ -813,7 +814,8 @@ def steering_figure(run_dir_or_rows: Any, *, backend: str = "plotly") -> Any:
     )
     if not rows:
         raise MissingInput(
-            f"no steering rows ({run_dir_or_rows if not isinstance(run_dir_or_rows, list) else 'empty list'}): "
+            "no steering rows "
+            f"({run_dir_or_rows if not isinstance(run_dir_or_rows, list) else 'empty list'}): "
             f"run {SOURCES['steering.jsonl']} first"
         )
     lines = steering_lines(rows)

@@ -56,7 +56,8 @@ def zip_run(
     print(f"{out}: {len(kept)} files, {out.stat().st_size / 1e6:.1f} MB (left out: {skipped})")
     if (explorer_dir(run_dir) / "index.html").exists():
         print(
-            f"inside: the feature explorer, {run_dir.name}/explorer/index.html (unzip, then open it in a browser)"
+            f"inside: the feature explorer, {run_dir.name}/explorer/index.html "
+            "(unzip, then open it in a browser)"
         )
     return out
 

@@ -290,8 +290,9 @@ def difference_ci(
 ) -> tuple[float, float]:
     """Interval of a - b from the intervals (estimate, lo, hi) of a and b and the correlation of their
     estimates (e.g. of two steering conditions' per-scenario rates): the MOVER of Zou & Donner (2008),
-    which carries asymmetric score intervals (Wilson's near 0 or 1) over to the difference: lo = d - sqrt(da^2 + db^2 - 2 r da db) with da = a - lo_a, db =
-    hi_b - b, and the mirror image for hi. Nan when either interval is."""
+    which carries asymmetric score intervals (Wilson's near 0 or 1) over to the difference: lo = d - sqrt(da^2
+    + db^2 - 2 r da db) with da = a - lo_a, db = hi_b - b, and the mirror image for hi.
+    Nan when either interval is."""
     (pa, la, ua), (pb, lb, ub) = a, b
     if not all(map(math.isfinite, (pa, la, ua, pb, lb, ub))):
         return (math.nan, math.nan)
@@ -319,7 +320,8 @@ def sign_flip_test(diffs: np.ndarray, n_permutations: int = 10_000, seed: int = 
 
 
 AUROC_VARIANCE_FLOOR = 0.25
-"""Share of Hanley & McNeil's independent-rows variance below which `clustered_auroc`'s variance never falls."""
+"""Share of Hanley & McNeil's independent-rows variance below which
+`clustered_auroc`'s variance never falls."""
 
 
 def clustered_auroc(

@@ -60,7 +60,8 @@ class Transcript:
 
     id: str
     group: str
-    """What grouped CV splits by: the dataset's pair id (an honest and a deceptive answer to one situation)."""
+    """What grouped CV splits by: the dataset's pair id (an honest and a deceptive
+    answer to one situation)."""
     messages: list[dict[str, str]]
     """`[{"role": "system" | "user" | "assistant", "content": str}, ...]`, the last one the assistant's."""
     label: str
@@ -144,7 +145,8 @@ def check_entry(entry: Mapping[str, Any]) -> None:
     name = str(entry.get("name") or "")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9_.\-]+)*", name):
         raise ValueError(
-            f"dataset name {name!r}: use letters, digits, '_', '-', '.' (and '/' between parts), e.g. 'benign'"
+            f"dataset name {name!r}: use letters, digits, '_', '-', "
+            "'.' (and '/' between parts), e.g. 'benign'"
         )
     for key, choices in (("role", ROLES), ("kind", tuple(POLICY)), ("label_by", LABEL_BY)):
         if entry.get(key) not in choices:
@@ -183,10 +185,11 @@ def mirror_dir(hub_id: str) -> Path | None:
 
 def gated_message(spec: DatasetSpec, problem: str) -> str:
     return (
-        f"{spec.hub_id} is gated ({problem}). To use it: open https://huggingface.co/datasets/{spec.hub_id} "
-        "while logged in and accept its terms, create a read token at https://huggingface.co/settings/tokens, "
-        "and add it as a secret named HF_TOKEN (Colab: the key icon in the left bar; elsewhere the HF_TOKEN "
-        "environment variable), then rerun this cell. Nothing collected so far is lost."
+        f"{spec.hub_id} is gated ({problem}). To use it: open "
+        f"https://huggingface.co/datasets/{spec.hub_id} while logged in and accept its terms, create a "
+        "read token at https://huggingface.co/settings/tokens, and add it as a secret named HF_TOKEN "
+        "(Colab: the key icon in the left bar; elsewhere the HF_TOKEN environment variable), then rerun "
+        "this cell. Nothing collected so far is lost."
     )
 
 
@@ -316,8 +319,8 @@ def _label(value: Any, hub_id: str, row: int) -> str:
     mapped = {"true": "deceptive", "1": "deceptive", "false": "honest", "0": "honest"}.get(text, text)
     if mapped not in ("honest", "deceptive"):
         raise ValueError(
-            f"{hub_id} row {row}: label {value!r} is not honest/deceptive (or a deceptive flag): the dataset's "
-            "labels changed; check its card and tell us"
+            f"{hub_id} row {row}: label {value!r} is not honest/deceptive (or a deceptive flag): the "
+            "dataset's labels changed; check its card and tell us"
         )
     return mapped
 
@@ -460,7 +463,8 @@ SPECS: dict[str, DatasetSpec] = {
             ("statement", "label"),
             _instructed_statements,
             UNCONFIRMED,
-            "true/false facts (Azaria & Mitchell 2023) as used by Goldowsky-Dill et al. 2025 and UK AISI's probes",
+            "true/false facts (Azaria & Mitchell 2023) as used by Goldowsky-Dill et al. 2025 and "
+            "UK AISI's probes",
         ),
         DatasetSpec(
             "PKU-Alignment/DeceptionBench",
@@ -471,7 +475,8 @@ SPECS: dict[str, DatasetSpec] = {
             ("outer_prompt", "system_prompt", "inner_prompt"),
             _deceptionbench,
             "MIT",
-            "Ji et al. 2025, Mitigating Deceptive Alignment via Self-Monitoring (DeceptionBench, 180 scenarios)",
+            "Ji et al. 2025, Mitigating Deceptive Alignment via Self-Monitoring "
+            "(DeceptionBench, 180 scenarios)",
             split="test",
             redistribution="allowed",
         ),
@@ -485,7 +490,8 @@ SPECS: dict[str, DatasetSpec] = {
             _chat_prompts,
             UNCONFIRMED
             + "; its labels belong to the four models that answered, so only its prompts are used",
-            "Kretschmar et al. 2025, Liars' Bench: Evaluating Lie Detectors for Language Models (arXiv 2511.16035)",
+            "Kretschmar et al. 2025, Liars' Bench: Evaluating Lie Detectors for Language Models "
+            "(arXiv 2511.16035)",
             split="test",
             configs=("instructed-deception",),
             gated=True,
@@ -559,7 +565,8 @@ def transcript_records(
 ) -> list[dict[str, Any]]:
     """completions.jsonl records of a transcripts dataset, with the fields of a sampled record
     (`completion_record` in pipeline.py), `sample_index` 0, `seed` None, and the dataset's label
-    (`label_source="dataset:<hub id>"`). Transcripts longer than `max_context` tokens are left out (counted)."""
+    (`label_source="dataset:<hub id>"`). Transcripts longer than `max_context`
+    tokens are left out (counted)."""
     if dataset.kind != "transcripts":
         raise ValueError(f"dataset {dataset.name!r} holds prompts, not transcripts: sample it instead")
     hub_id = dataset.spec.removeprefix("hf:")
@@ -599,7 +606,8 @@ def transcript_records(
         )
     if too_long:
         print(
-            f"{dataset.name}: left out {too_long} transcript(s) longer than the model's context ({max_context})"
+            f"{dataset.name}: left out {too_long} transcript(s) longer "
+            f"than the model's context ({max_context})"
         )
     return records
 
@@ -672,11 +680,11 @@ def write_datasets(
         clash = [d.name for d in new if d.name not in old or (old[d.name].get("spec") not in ("", d.spec))]
         if clash:
             raise NotebookError(
-                f"{Path(run_dir)} already holds completions of {sorted(used)}, and this run adds {clash}, which "
-                f"its datasets.json does not declare (declared: {sorted(old)}). Completions of different "
-                "experiments must not mix silently. Use a new RUN_NAME, or, to add them to this run on "
-                "purpose, set ADD_TO_RUN = True in notebook 02 (collect.write_datasets(run_dir, datasets, "
-                "add=True)), or OVERWRITE = True to replace them. Nothing was changed."
+                f"{Path(run_dir)} already holds completions of {sorted(used)}, and this run adds {clash}, "
+                f"which its datasets.json does not declare (declared: {sorted(old)}). Completions of "
+                "different experiments must not mix silently. Use a new RUN_NAME, or, to add them to this "
+                "run on purpose, set ADD_TO_RUN = True in notebook 02 (collect.write_datasets(run_dir, "
+                "datasets, add=True)), or OVERWRITE = True to replace them. Nothing was changed."
             )
     entries = {**old, **{d.name: d.entry() for d in new}}
     for e in entries.values():
@@ -699,6 +707,6 @@ def check_declared(run_dir: str | os.PathLike, names: Iterable[str]) -> None:
     if records and missing:
         raise ValueError(
             f"{Path(run_dir)} already holds completions, and datasets {missing} are not declared in its "
-            f"datasets.json ({sorted(declared)}): call collect.write_datasets(run_dir, datasets) first (it says "
-            "how to add datasets on purpose), or use a new RUN_NAME. Nothing was appended."
+            f"datasets.json ({sorted(declared)}): call collect.write_datasets(run_dir, datasets) first (it "
+            "says how to add datasets on purpose), or use a new RUN_NAME. Nothing was appended."
         )

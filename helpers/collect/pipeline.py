@@ -203,7 +203,8 @@ def add_transcripts(
     tokenizer: Any, datasets: list[RunDataset], run_dir: str | os.PathLike, *, max_context: int | None = None
 ) -> list[dict[str, Any]]:
     """Append the off-policy datasets' transcripts to completions.jsonl (no sampling: their text is read
-    through the model later, as a sampled completion's is); those already there are skipped. Returns all rows."""
+    through the model later, as a sampled completion's is); those already there are
+    skipped. Returns all rows."""
     off = [d for d in datasets if d.kind == "transcripts"]
     check_declared(run_dir, [d.name for d in off])
     done = {r["id"] for r in read_completions(run_dir)}
@@ -212,7 +213,8 @@ def add_transcripts(
         if new:
             append_completions(run_dir, new)
         print(
-            f"{d.name}: {len(new)} transcripts added ({len(d.transcripts) - len(new)} already there or too long)"
+            f"{d.name}: {len(new)} transcripts added "
+            f"({len(d.transcripts) - len(new)} already there or too long)"
         )
     return read_completions(run_dir)
 
@@ -288,7 +290,8 @@ def check_collection(
         for folder in [pooled_dir(run_dir), activations_dir(run_dir, 0).parent]:
             shutil.rmtree(folder, ignore_errors=True)
         print(
-            "OVERWRITE: removed the completions, datasets.json, activations and pooled vectors of the old settings"
+            "OVERWRITE: removed the completions, datasets.json, "
+            "activations and pooled vectors of the old settings"
         )
     elif decision == "add":
         print("ADD_TO_RUN: adding to this run's completions (what is there is kept and skipped)")
@@ -296,7 +299,8 @@ def check_collection(
 
 
 def completion_record(c: Completion, p: Prompt) -> dict[str, Any]:
-    """A completions.jsonl row: the sample, where its prompt came from, its dataset, and empty label fields."""
+    """A completions.jsonl row: the sample, where its prompt came from, its
+    dataset, and empty label fields."""
     return {
         **c.to_dict(),
         "source": p.source,
@@ -326,7 +330,8 @@ def sample_into_run(
     seed: int = 0,
     batch_size: int = 32,
 ) -> list[dict[str, Any]]:
-    """Sample what is missing from completions.jsonl (appending each batch as it finishes); return all rows."""
+    """Sample what is missing from completions.jsonl (appending each batch as it
+    finishes); return all rows."""
     max_context = getattr(lm.model.config, "max_position_embeddings", None) or 2048
     check_fits_context(prompts, lm.tokenizer, max_context, max_new_tokens)
     check_declared(run_dir, {p.meta.get("dataset") or dataset_name(p.source) for p in prompts})
@@ -334,7 +339,8 @@ def sample_into_run(
     done = {r["id"] for r in read_completions(run_dir)}
     wanted = len(prompts) * n_per_prompt
     print(
-        f"{len(prompts)} prompts x {n_per_prompt} samples = {wanted}; {len(done)} already in completions.jsonl"
+        f"{len(prompts)} prompts x {n_per_prompt} samples = {wanted}; "
+        f"{len(done)} already in completions.jsonl"
     )
     sample_completions(
         lm,
@@ -402,8 +408,8 @@ def label_run(
     missing = sorted({r["prompt_id"] for r in instructed if not r.get("expected_label")})
     if missing:
         raise ValueError(
-            f"label_by='instruction' needs prompts with an expected label; {len(missing)} have none "
-            f"(e.g. {missing[:3]}). Use builtin:contrast or a dataset with a label column, or label_by='judge'."
+            f"label_by='instruction' needs prompts with an expected label; {len(missing)} have none (e.g. "
+            f"{missing[:3]}). Use builtin:contrast or a dataset with a label column, or label_by='judge'."
         )
     for r in instructed:
         r.update(

@@ -168,7 +168,8 @@ def load_hf_dataset(
                                columns={"system": "deceive_instruction", "user": "question"})
         for p in liar: p.expected_label = "deceptive"
         # DolusChat: not verified here; read the card for the user-query and context columns.
-        load_hf_dataset("AlignmentResearch/DolusChat", columns={"user": "<query column>", "system": "<context>"})
+        load_hf_dataset("AlignmentResearch/DolusChat",
+                        columns={"user": "<query column>", "system": "<context>"})
         # LIARS' BENCH, gated (accept its terms on the Hub). Reported, not verified: configs such as
         # "instructed-deception" with a `messages` list and a boolean `deceptive`; check the card.
         load_hf_dataset("Cadenza-Labs/liars-bench", config="instructed-deception", split="test",
@@ -231,9 +232,10 @@ def _read_rows(path: Path, suffix: str, shown: str) -> tuple[list[dict[str, Any]
         rows, found = _decode_rows(path, suffix)
     except UnicodeDecodeError as err:
         raise ValueError(
-            f"{shown} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start} is not valid "
-            "UTF-8): save it as UTF-8 (in a spreadsheet: File > Save as / Download > CSV UTF-8; in Python: "
-            "open(path, encoding='latin-1') then write it back with encoding='utf-8') and load it again"
+            f"{shown} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+            f"{err.start} is not valid UTF-8): save it as UTF-8 (in a spreadsheet: File > Save "
+            "as / Download > CSV UTF-8; in Python: open(path, encoding='latin-1') then write it "
+            "back with encoding='utf-8') and load it again"
         ) from err
     if not rows:
         has = "has a header but no rows" if found else "is empty"
@@ -340,8 +342,8 @@ def dedupe(prompts: Iterable[Prompt]) -> list[Prompt]:
         kept.append(p)
     if dropped:
         print(
-            f"warning: dropped {len(dropped)} duplicate prompt(s) (same user and system text after normalising "
-            f"whitespace and case), e.g. {dropped[:3]}; kept the first of each"
+            f"warning: dropped {len(dropped)} duplicate prompt(s) (same user and system text after "
+            f"normalising whitespace and case), e.g. {dropped[:3]}; kept the first of each"
         )
     return kept
 
@@ -357,7 +359,7 @@ def check_fits_context(
     if too_long:
         shown = ", ".join(f"{pid} ({n} tokens)" for pid, n in list(too_long.items())[:5])
         raise ValueError(
-            f"{len(too_long)} prompt(s) leave less than {reserve_tokens} tokens for the answer in a context of "
-            f"{max_context}: {shown}. Shorten or drop them, or lower the answer length (reserve_tokens)."
+            f"{len(too_long)} prompt(s) leave less than {reserve_tokens} tokens for the answer in a context "
+            f"of {max_context}: {shown}. Shorten or drop them, or lower the answer length (reserve_tokens)."
         )
     return lengths
