@@ -36,7 +36,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         if isinstance(obj, nn.ModuleList):
             return obj
     raise TypeError(
-        f"Don't know where {type(model).__name__} keeps its decoder layers (looked for {', '.join(_LAYER_PATHS)}). "
+        f"Don't know where {type(model).__name__} keeps its decoder layers "
+        f"(looked for {', '.join(_LAYER_PATHS)}). "
         "Add its attribute path to helpers.model.hooks._LAYER_PATHS."
     )
 
@@ -51,7 +52,8 @@ def layer_of(name: str, n_layers: int | None = None) -> int:
     m = _HOOK_NAME.match(name) or _MODULE_NAME.match(name)
     if m is None:
         raise ValueError(
-            f"Unknown hook name {name!r}: use 'blocks.<layer>.hook_resid_post' (residual stream after that layer)"
+            f"Unknown hook name {name!r}: use 'blocks.<layer>.hook_resid_post' "
+            "(residual stream after that layer)"
         )
     layer = int(m.group(1))
     if n_layers is not None and not 0 <= layer < n_layers:
@@ -175,6 +177,33 @@ def add_to_residual(model: nn.Module, additions: Mapping[str, torch.Tensor]) -> 
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def edit_residual(
+    model: nn.Module,
+    name: str,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    positions: torch.Tensor | None = None,
+) -> Iterator[None]:
+    """Replace the residual stream at hook `name` by `fn(rows)` for every forward pass inside the block:
+    `rows` are its vectors at `positions` ([batch, seq] bool; every position when None) as float32
+    [n, d_model], and fn's result goes back in the residual's dtype and device (the other positions are
+    kept). Prepended like add_to_residual's hooks, so a `capture` at the same layer sees the edit; removed
+    even if the pass fails. An SAE splice (fn = the SAE) and a clamped latent both go through here."""
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        h = _hidden(output)
+        new = h.clone()
+        mask = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device) if positions is None else positions
+        new[mask] = fn(h[mask].float()).to(device=h.device, dtype=h.dtype)
+        return _replace_hidden(output, new)
+
+    handle = hook_module(model, name).register_forward_hook(hook, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def hook_table(model: nn.Module, input_ids: torch.Tensor) -> list[dict[str, Any]]:

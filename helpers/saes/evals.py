@@ -4,7 +4,7 @@
   sums of squares, so it equals the direct computation over all tokens), L0, dead and dense fractions,
   and a histogram of log10 firing frequencies.
 - `lm_loss`: next-token cross-entropy on completion tokens with the residual at `blocks.{L}.hook_resid_post`
-  replaced by the SAE's reconstruction (`replace_residual`, a forward hook that is always removed),
+  replaced by the SAE's reconstruction (`hooks.edit_residual`, a forward hook that is always removed),
   against the clean model and against zero-ablation: the CE increase over the clean model, the KL to the
   clean next-token distribution, and SAEBench's scores (REFERENCE.md), CE-loss score = (CE_zero - CE_sae)
   / (CE_zero - CE_clean) (also called the fraction of loss recovered: against zero-ablation, a weak
@@ -23,8 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from torch import Tensor, nn
 from helpers.collect.completions import analysis_split, read_completions, split_completions
 from helpers.collect.store import LayerStore
 from helpers.model.chat import pad_token_id
-from helpers.model.hooks import hook_module
+from helpers.model.hooks import edit_residual
 from helpers.run import SAE_METRICS, atomic_write_json, read_sae_metrics, sae_dir, stable_hash
 from helpers.saes.io import load_sae
 from helpers.stats import group_index, ratio_ci
@@ -102,27 +101,6 @@ def activation_metrics(
     }
 
 
-@contextmanager
-def replace_residual(
-    model: nn.Module, hook_name: str, fn: Callable[[Tensor], Tensor], positions: Tensor | None = None
-) -> Iterator[None]:
-    """Replace the residual at `hook_name` by `fn(residual)` at `positions` ([batch, seq] bool; all when
-    None) for every forward pass inside the block. The hook is removed even if the pass fails."""
-
-    def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
-        h = output[0] if isinstance(output, tuple) else output
-        new = h.clone()
-        mask = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device) if positions is None else positions
-        new[mask] = fn(h[mask].float()).to(h.dtype)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
-
-    handle = hook_module(model, hook_name).register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 @torch.no_grad()
 def lm_loss(
     model: nn.Module,
@@ -148,10 +126,10 @@ def lm_loss(
         seq_of = torch.arange(len(ids), device=ids.device)[:, None].expand_as(score)[score]  # [n_scored]
         clean = _log_probs(model, ids, mask, score)
         runs = {"clean": clean}
-        with replace_residual(model, hook_name, torch.zeros_like, batch["splice"]):
+        with edit_residual(model, hook_name, torch.zeros_like, batch["splice"]):
             runs["zero"] = _log_probs(model, ids, mask, score)
         for name, sae in saes.items():
-            with replace_residual(model, hook_name, sae, batch["splice"]):
+            with edit_residual(model, hook_name, sae, batch["splice"]):
                 runs[name] = _log_probs(model, ids, mask, score)
         for name, lp in runs.items():  # per-token losses summed per sequence
             ce = -lp.gather(1, targets[:, None])[:, 0]

@@ -32,7 +32,13 @@ from helpers.collect.capture import load_pooled
 from helpers.collect.completions import read_completions
 from helpers.collect.store import LayerStore
 from helpers.model.chat import encode_chat
-from helpers.model.hooks import add_to_residual, check_layers, hook_module, hook_name, run_with_capture
+from helpers.model.hooks import (
+    add_to_residual,
+    check_layers,
+    edit_residual,
+    hook_name,
+    run_with_capture,
+)
 from helpers.saes.io import LoadedSAE
 
 KINDS = ("feature", "random_feature", "random_direction", "diff_of_means", "none")
@@ -192,21 +198,14 @@ def clamp_feature(model: Any, sae: Any, layer: int, feature: int, value: float) 
     inner = getattr(sae, "sae", sae)
     feature_direction(inner, feature)  # range check with the d_sae in the message
     w_dec = inner.W_dec[feature].detach()  # [d_in], not normalised: that is what the latent writes
-    device = w_dec.device
 
-    def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> Any:
-        h = output[0] if isinstance(output, tuple) else output  # [batch, seq, d_model]
+    def clamp(x: torch.Tensor) -> torch.Tensor:  # [n, d_model] float32
         with torch.no_grad():
-            f = inner.encode(h.to(device=device, dtype=torch.float32))[0][..., feature]  # [batch, seq]
-            delta = (float(value) - f)[..., None] * w_dec  # [batch, seq, d_model]
-        new = h + delta.to(device=h.device, dtype=h.dtype)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
+            x = x.to(w_dec.device)
+            return x + (float(value) - inner.encode(x)[0][..., feature])[..., None] * w_dec
 
-    handle = hook_module(model, hook_name(layer)).register_forward_hook(hook, prepend=True)
-    try:
+    with edit_residual(model, hook_name(layer), clamp):
         yield
-    finally:
-        handle.remove()
 
 
 # --- conditions ----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from helpers.model.hooks import (
     add_to_residual,
     capture,
     decoder_layers,
+    edit_residual,
     hook_points,
     layer_of,
     run_with_capture,
@@ -76,6 +77,33 @@ def test_add_to_residual_changes_only_that_layer_and_after():
         steered[names[1]] - clean[names[1]], vec.expand(2, 5, 64)
     )  # exactly the vector
     assert not torch.allclose(steered[names[2]], clean[names[2]])  # after: it propagates
+    with capture(model, names) as again:
+        model(ids)
+    torch.testing.assert_close(again[names[1]], clean[names[1]])  # hook removed on exit
+
+
+def test_edit_residual_replaces_only_the_chosen_positions():
+    model = tiny_model("nanochat")
+    ids = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(3))
+    names = hook_points(model)
+    where = torch.zeros(2, 5, dtype=torch.bool)
+    where[0, 1], where[1, 3] = True, True
+    seen = []
+
+    def fn(rows: torch.Tensor) -> torch.Tensor:
+        seen.append((rows.shape, rows.dtype))
+        return torch.full_like(rows, 2.0)
+
+    with capture(model, names) as clean:
+        model(ids)
+    clean = dict(clean)
+    # the capture is entered first: the edit's hook is prepended, so the capture still sees the edit
+    with capture(model, names) as got, edit_residual(model, names[1], fn, where):
+        model(ids)
+    assert seen == [((2, 64), torch.float32)]
+    torch.testing.assert_close(got[names[1]][where], torch.full((2, 64), 2.0))
+    torch.testing.assert_close(got[names[1]][~where], clean[names[1]][~where])
+    torch.testing.assert_close(got[names[0]], clean[names[0]])
     with capture(model, names) as again:
         model(ids)
     torch.testing.assert_close(again[names[1]], clean[names[1]])  # hook removed on exit

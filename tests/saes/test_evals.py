@@ -11,7 +11,7 @@ import torch
 
 from helpers.collect.store import LayerStore
 from helpers.model.chat import pad_token_id
-from helpers.model.hooks import hook_module, hook_name
+from helpers.model.hooks import edit_residual, hook_module, hook_name
 from helpers.saes import make_sae
 from helpers.saes.evals import (
     activation_metrics,
@@ -21,7 +21,6 @@ from helpers.saes.evals import (
     lm_batches,
     lm_eval_rows,
     lm_loss,
-    replace_residual,
 )
 from helpers.saes.io import save_sae
 from tests.saes.test_train import LAYER, residuals, shared_run
@@ -142,11 +141,11 @@ def test_splice_hook_is_removed_even_when_the_pass_fails(offline_lm):
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         clean = offline_lm.model(ids).logits
-        with replace_residual(offline_lm.model, hook_name(LAYER), torch.zeros_like):
+        with edit_residual(offline_lm.model, hook_name(LAYER), torch.zeros_like):
             zeroed = offline_lm.model(ids).logits
         with (
             pytest.raises(RuntimeError, match="boom"),
-            replace_residual(offline_lm.model, hook_name(LAYER), torch.zeros_like),
+            edit_residual(offline_lm.model, hook_name(LAYER), torch.zeros_like),
         ):
             raise RuntimeError("boom")
     # transformers 5 keeps its own output-capturing hook once output_hidden_states was used: not ours.
