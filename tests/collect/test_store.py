@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import threading
 
 import numpy as np
 import pytest
@@ -173,3 +174,37 @@ def test_a_truncated_shard_names_its_completions_and_a_rerun_recollects_them(tmp
     assert sorted(s.completion_ids) == sorted(acts)
     for cid, a in acts.items():
         np.testing.assert_allclose(s.tokens_of(cid), a.numpy(), atol=1e-2)
+
+
+def test_stream_rows_reads_the_groups_in_order_ahead_of_the_consumer(tmp_path):
+    acts = fake_acts(12)
+    write(tmp_path, acts)
+    s = LayerStore(tmp_path, 3)
+    ids = list(acts)
+    groups = [[(ids[0], 0), (ids[1], 2)], [(ids[2], 1)], [(i, 0) for i in ids[3:]]]
+    got = list(s.stream_rows(groups, depth=1))
+    for group, x in zip(groups, got, strict=True):
+        want = np.concatenate([s.tokens_of(cid)[skip:] for cid, skip in group])
+        assert x.dtype == torch.float16 and np.array_equal(x.float().numpy(), want)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="pin_memory=True needs CUDA"):
+            s.stream_rows(groups, pin_memory=True)
+
+
+def test_prefetched_reraises_the_readers_error_and_stops_its_thread_when_dropped():
+    def items():
+        yield from range(3)
+        raise OSError("disk gone")
+
+    it = store.prefetched(items(), depth=2)
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(OSError, match="disk gone"):
+        next(it)
+    endless = store.prefetched(iter(lambda: 1, None), depth=2)
+    for n, _ in enumerate(endless):
+        if n == 5:
+            break
+    endless.close()
+    assert not [t for t in threading.enumerate() if t.name == "store-reader"]
+    with pytest.raises(ValueError, match="depth must be at least 1"):
+        store.prefetched([], depth=0)

@@ -44,22 +44,26 @@ def brute_top(entries, n_features, k, distinct):
 
 
 @pytest.mark.parametrize("distinct", [True, False])
-def test_top_per_feature_matches_brute_force(distinct):
+@pytest.mark.parametrize("tensors", [False, True], ids=["numpy", "torch"])
+def test_top_per_feature_matches_brute_force(distinct, tensors):
+    """Fed numpy arrays, or torch tensors (the explorer pass's device path, here on the CPU): the same."""
     n_features, k = 40, 5
     acc = TopPerFeature(
         n_features, k, width=3, distinct_docs=distinct, budget=200, extra_width=2
     )  # many compactions
     parts, count = [], 0
+    lib = torch if tensors else np
     for f, v, d, p in stream(1):
         # the window of an entry encodes where it came from, to check each entry keeps its own window
+        fv = [torch.from_numpy(a) for a in (f, v, d, p)] if tensors else [f, v, d, p]
         acc.add(
-            f,
-            v,
-            v,
-            d,
-            p,
-            lambda idx, d=d, p=p: np.stack([d[idx], p[idx], d[idx] * 0], 1).astype(np.float32),
-            lambda idx, d=d, p=p: np.stack([p[idx], d[idx]], 1),
+            fv[0],
+            fv[1],
+            fv[1],
+            fv[2],
+            fv[3],
+            lambda idx, d=fv[2], p=fv[3]: lib.stack([d[idx], p[idx], d[idx] * 0], 1) * 1.0,
+            lambda idx, d=fv[2], p=fv[3]: lib.stack([p[idx], d[idx]], 1),
         )
         parts.append((f, v, d, p, np.arange(count, count + len(f))))
         count += len(f)

@@ -13,11 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.analysis.contexts import docs_for, token_pieces
+from helpers.analysis.contexts import docs_for, iter_token_acts, token_pieces
 from helpers.collect.completions import read_completions
 from helpers.collect.corpus import BUILTIN_CORPUS, Packing, iter_documents, iter_sequences, resolve_corpus
 from helpers.collect.store import TOKENS_SUFFIX, LayerStore
-from helpers.explore.dashboards import CLASSES, NO_ANALYSIS, ExplorerConfig, build_dashboards
+from helpers.explore.dashboards import (
+    CLASSES,
+    NO_ANALYSIS,
+    ExplorerConfig,
+    build_dashboards,
+    encoded_chunks,
+)
 from helpers.explore.decoder import logit_effects, logit_summary, nearest_rows, unembedding_of
 from helpers.explore.views import default_feature, feature_html
 from helpers.model.hooks import decoder_layers, hook_name
@@ -376,3 +382,16 @@ def test_notebook_04_rows_and_their_absence(db, run, tiny):
     )
     assert elsewhere.info["corpus"] is None and elsewhere.page(0)["corpus"] is None, "no corpus at layer 2"
     assert "rate_corpus" not in elsewhere.table()
+
+
+@pytest.mark.parametrize("batch_tokens", [7, 64])
+def test_the_pass_reads_the_same_batches_as_iter_token_acts(run, batch_tokens):
+    """The pass's streamed reader (background thread, shards' dtype) gives the chunks and activations
+    of analysis.contexts.iter_token_acts; at 7 tokens most completions are encoded in several pieces."""
+    store, sae = LayerStore(run, LAYER), load_sae(sae_dir(run, SAE_ID)).sae
+    docs = docs_for(store, read_completions(run))
+    want = list(iter_token_acts(store, sae, docs, batch_tokens=batch_tokens))
+    got = list(encoded_chunks(store, sae, docs, batch_tokens))
+    assert [[d.id for d in c] for c, _ in got] == [[d.id for d in c] for c, _, _ in want]
+    for (_, acts), (_, a, _) in zip(got, want, strict=True):
+        assert acts.dtype == torch.float32 and torch.equal(acts, a)
