@@ -46,6 +46,7 @@ from helpers.collect.sampling import Completion
 from helpers.collect.store import FP16_MAX, ActivationWriter, LayerStore, check_finite_tokens
 from helpers.model.chat import pad_token_id
 from helpers.model.hooks import check_layers, decoder_layers, hook_name, run_with_capture
+from helpers.model.protocols import HookableModel
 from helpers.run import atomic_write_bytes, pooled_dir, pooled_path
 
 POOLED = ("mean", "last", "prompt_last")
@@ -68,7 +69,7 @@ class _Row(NamedTuple):
 
 
 def collect_activations(
-    lm: Any,
+    lm: HookableModel,
     completions: list[Completion | dict],
     layers: list[int],
     run_dir: str | os.PathLike,

@@ -64,6 +64,8 @@ from helpers.collect.packing import (
 )
 from helpers.collect.store import FP16_MAX, ActivationWriter, LayerStore
 from helpers.model.hooks import check_layers, hook_name, run_with_capture
+from helpers.model.load import LoadedModel
+from helpers.model.protocols import HookableModel
 from helpers.run import (
     SETTINGS,
     check_stage_settings,
@@ -122,7 +124,7 @@ def estimate_bytes(n_tokens: int, d_model: int, n_layers: int) -> int:
 
 
 def collect_corpus(
-    lm: Any,
+    lm: HookableModel,
     corpus: str,
     layers: list[int],
     run_dir: str | os.PathLike,
@@ -321,7 +323,7 @@ class CorpusStream:
 
     def __init__(
         self,
-        lm: Any,
+        lm: HookableModel,
         corpus: str,
         layer: int,
         *,
@@ -419,7 +421,7 @@ def corpus_ids(
 
 
 def stream_factory(
-    lm: Any,
+    lm: LoadedModel,
     run_dir: str | os.PathLike,
     *,
     corpus: str | None = None,
