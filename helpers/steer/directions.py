@@ -39,6 +39,7 @@ from helpers.model.hooks import (
     hook_name,
     run_with_capture,
 )
+from helpers.model.protocols import AnySAE, HookableModel, ModelOrModule
 from helpers.saes.io import LoadedSAE
 
 KINDS = ("feature", "random_feature", "random_direction", "diff_of_means", "none")
@@ -53,7 +54,7 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
     return v / norm
 
 
-def feature_direction(sae: Any, feature: int) -> torch.Tensor:
+def feature_direction(sae: AnySAE, feature: int) -> torch.Tensor:
     """The unit decoder row W_dec[feature] [d_in]: what latent `feature` writes into the residual."""
     inner = getattr(sae, "sae", sae)
     d_sae = int(inner.d_sae)
@@ -69,8 +70,9 @@ def random_direction(d: int, norm: float = 1.0, seed: int = 0) -> torch.Tensor:
     return _unit(torch.randn(d, generator=torch.Generator().manual_seed(seed))) * norm
 
 
-def random_feature(sae: Any, exclude: Iterable[int] = (), seed: int = 0) -> int:
-    """A latent index drawn uniformly from the SAE's latents, none of `exclude` (the random-latent control)."""
+def random_feature(sae: AnySAE, exclude: Iterable[int] = (), seed: int = 0) -> int:
+    """A latent index drawn uniformly from the SAE's latents, none of `exclude` (the random-latent
+    control)."""
     banned = {int(f) for f in exclude}
     pool = np.setdiff1d(np.arange(int(getattr(sae, "sae", sae).d_sae)), list(banned))
     if len(pool) == 0:
@@ -115,7 +117,7 @@ def residual_norm(run_dir: str | os.PathLike, layer: int, max_tokens: int = 50_0
     return float(torch.cat(norms).mean())
 
 
-def measure_residual_norm(lm: Any, layer: int, texts: Sequence[str]) -> float:
+def measure_residual_norm(lm: HookableModel, layer: int, texts: Sequence[str]) -> float:
     """Mean L2 norm per token at `layer` over chat-encoded `texts`, position 0 left out (BOS often
     carries a huge "attention sink" norm). For a model with no run folder (e.g. the panel)."""
 
@@ -128,7 +130,7 @@ def measure_residual_norm(lm: Any, layer: int, texts: Sequence[str]) -> float:
 
 
 # --- checks --------------------------------------------------------------------------------------
-def _module(model: Any) -> torch.nn.Module:
+def _module(model: ModelOrModule) -> torch.nn.Module:
     """The nn.Module of a LoadedModel, or the module itself (a CausalLM's own `.model` is its trunk)."""
     return model if isinstance(model, torch.nn.Module) else model.model
 
@@ -137,7 +139,7 @@ def _short(name: str) -> str:
     return re.split(r"[/:]", name.rstrip("/"))[-1].lower().removeprefix("nanochat-")
 
 
-def check_sae_matches(sae: Any, lm: Any, layer: int | None = None) -> None:
+def check_sae_matches(sae: AnySAE, lm: ModelOrModule, layer: int | None = None) -> None:
     """Refuse an SAE trained on another model, hook or width than the one it is about to steer.
 
     `sae`: a LoadedSAE (hook and model name checked too) or a bare SAE (width only); `lm`: a
@@ -172,7 +174,7 @@ def check_sae_matches(sae: Any, lm: Any, layer: int | None = None) -> None:
 # --- interventions -------------------------------------------------------------------------------
 @contextmanager
 def steer(
-    model: Any, layer: int, direction: torch.Tensor, strength: float, *, scale: float = 1.0
+    model: ModelOrModule, layer: int, direction: torch.Tensor, strength: float, *, scale: float = 1.0
 ) -> Iterator[torch.Tensor]:
     """Add strength · scale · direction/|direction| to the residual after `layer`, at every position,
     for every forward pass inside the block (yields the added vector [d_model]). Pass
@@ -188,7 +190,9 @@ def steer(
 
 
 @contextmanager
-def clamp_feature(model: Any, sae: Any, layer: int, feature: int, value: float) -> Iterator[None]:
+def clamp_feature(
+    model: ModelOrModule, sae: AnySAE, layer: int, feature: int, value: float
+) -> Iterator[None]:
     """Set SAE latent `feature` to `value` at every position after `layer`, keeping the SAE's error:
     x' = x + (value - f(x)) · W_dec[feature], computed per token in a forward hook (removed in
     `finally`). value=0 ablates the feature; the error term x - x̂ is never touched."""
@@ -211,7 +215,8 @@ def clamp_feature(model: Any, sae: Any, layer: int, feature: int, value: float) 
 # --- conditions ----------------------------------------------------------------------------------
 @dataclass
 class Condition:
-    """One steering condition of an experiment; `vector = direction/|direction| · strength · residual_norm`."""
+    """One steering condition of an experiment;
+    `vector = direction/|direction| · strength · residual_norm`."""
 
     name: str
     """Unique within steering.jsonl: a resumed run skips names it has."""
@@ -240,7 +245,7 @@ class Condition:
         if not self.residual_norm > 0:
             raise ValueError(f"condition {self.name!r}: residual_norm must be > 0, got {self.residual_norm}")
 
-    def context(self, model: Any) -> Any:
+    def context(self, model: ModelOrModule) -> Any:
         if self.kind == "none":
             return nullcontext()
         return steer(model, self.layer, self.direction, self.strength, scale=self.residual_norm)
