@@ -186,7 +186,8 @@ def generate_batch(
     stop_ids: Sequence[int],
     pad_id: int,
 ) -> list[tuple[list[int], bool]]:
-    """Decode one batch of prompt token lists (repeats allowed) → `(new tokens without stop, stopped)` per row."""
+    """Decode one batch of prompt token lists (repeats allowed) → `(new tokens without stop, stopped)`
+    per row."""
     device = model.device
     # Prefill each distinct prompt once; `row_of[i]` is row i's prompt among the distinct ones.
     distinct: dict[tuple[int, ...], int] = {}
