@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "helpers"
 STAGES = ("core", "model", "collect", "saes", "analysis", "steer", "explore", "sweep")
-CORE_ORDER = ("release", "env", "run", "stats", "tables", "gemini", "plots", "publish")
+CORE_ORDER = ("release", "env", "run", "plan", "stats", "tables", "gemini", "plots", "publish")
 """Within the core, a module may import only those before it."""
 
 

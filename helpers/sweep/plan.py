@@ -19,29 +19,33 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
 from helpers.env import choose_dtype
 from helpers.model import nanochat
 from helpers.model.load import OFFLINE_MODEL, offline_gguf_path
-from helpers.run import id_part, model_short
 
-T4_VRAM_GIB = 14.6
-T4_RAM_GB = 12.7
-T4_RATES = {"flops_fp32": 4.0e12, "flops_fp16": 25e12, "bytes_per_s": 250e9}
-"""Half of a T4's peak fp32 (8.1 TFLOP/s) and tensor-core fp16 (65) rates, and ~80% of its 320 GB/s."""
-OVERHEAD_GIB = 1.0
-"""CUDA context, allocator slack, the KV cache and activations of a batch: what a model needs beyond its
-weights on the GPU (a rough constant; batch 32 × 128 tokens of d32's KV cache is ≈ 0.5 GiB)."""
-RUNTIME_RAM_GB = 2.5
-"""Python, torch, transformers and the notebook's own data in system memory, beyond the weights."""
+# The estimates' shared parts have one home, helpers/plan.py; machine_rates and memory_now are re-exported
+# for helpers.sweep and its runner.
+from helpers.plan import (
+    OVERHEAD_GIB,
+    RUNTIME_RAM_GB,
+    T4_RAM_GB,
+    T4_VRAM_GIB,
+    Rates,
+    t4_rates,
+)
+from helpers.plan import (
+    machine_rates as machine_rates,
+)
+from helpers.plan import (
+    memory_now as memory_now,
+)
+from helpers.run import id_part, model_short
 
 KNOWN_SIZES = {
     # Checked facts (REFERENCE.md "nanochat"): native files on the Hub have no transformers config to read.
@@ -100,8 +104,9 @@ class ModelSpec:
             unknown = sorted(set(item) - {"spec", "name", "revision", "layers"})
             if unknown or "spec" not in item:
                 raise ValueError(
-                    f"a model entry is a spec string or a dict with 'spec' (and optionally 'name', 'revision', "
-                    f"'layers'); got {item!r}" + (f" with unknown keys {unknown}" if unknown else "")
+                    "a model entry is a spec string or a dict with 'spec' (and optionally 'name', "
+                    f"'revision', 'layers'); got {item!r}"
+                    + (f" with unknown keys {unknown}" if unknown else "")
                 )
             return cls(**item)
         raise TypeError(f"a model entry is a string or a dict, got {type(item).__name__}: {item!r}")
@@ -202,44 +207,6 @@ def model_size(m: ModelSpec) -> ModelSize:
 
 
 @dataclass
-class Rates:
-    """What one second buys on a device: matmul FLOPs (fp32 and the half precision used there) and bytes
-    read from memory; measured by `machine_rates` or a T4's published rates."""
-
-    flops_fp32: float
-    flops_fp16: float
-    bytes_per_s: float
-    where: str
-
-
-def machine_rates(device: str, seconds: float = 0.3) -> Rates:
-    """Measure this machine: a square fp32 matmul (and fp16 on CUDA) and a large copy, for `seconds` each."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-    def rate(work, size: float) -> float:
-        work()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            work()
-            n += 1
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return n * size / (time.perf_counter() - t0)
-
-    n = 2048 if device == "cuda" else 512
-    a = torch.randn(n, n, device=device)
-    fp32 = rate(lambda: a @ a, 2 * n**3)
-    half = a.half() if device == "cuda" else None
-    fp16 = rate(lambda: half @ half, 2 * n**3) if half is not None else fp32
-    buf = torch.empty(64 * 2**20 // 4, device=device)
-    bw = rate(lambda: buf.clone(), 2 * buf.numel() * 4)  # read + write
-    return Rates(fp32, fp16, bw, f"measured on this {device}")
-
-
-@dataclass
 class StudySize:
     """The work one model does in a sweep, in the units the time model needs (from `Study.size`)."""
 
@@ -304,8 +271,9 @@ class PlanRow:
 def plan_rows(
     models: list[ModelSpec], work: StudySize, depths: list[float], *, device: str, rates: Rates
 ) -> list[PlanRow]:
-    """One row per model: size, layers, dtype, memory and time here and on a T4; whether a free T4 holds it."""
-    t4 = Rates(**T4_RATES, where="T4 at half its peak")
+    """One row per model: size, layers, dtype, memory and time here and on a T4; whether a free T4
+    holds it."""
+    t4 = t4_rates()
     rows = []
     for m, key in zip(models, model_keys(models), strict=True):
         size = model_size(m)
@@ -371,20 +339,3 @@ def plan_table(rows: list[PlanRow], drop: list[str] = ()) -> list[dict[str, Any]
         }
         for r in rows
     ]
-
-
-def memory_now(device: str) -> dict[str, float]:
-    """What is in use and free now: this process's RSS and the machine's available RAM (GB); on CUDA the
-    allocated, reserved and free GPU memory (GiB)."""
-    out = {
-        "rss_gb": psutil.Process(os.getpid()).memory_info().rss / 1e9,
-        "ram_available_gb": psutil.virtual_memory().available / 1e9,
-    }
-    if device == "cuda" and torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info()
-        out.update(
-            cuda_allocated_gib=torch.cuda.memory_allocated() / 2**30,
-            cuda_reserved_gib=torch.cuda.memory_reserved() / 2**30,
-            cuda_free_gib=free / 2**30,
-        )
-    return out

@@ -1,0 +1,689 @@
+"""A plan before every long step: predicted wall time, peak memory (GPU and RAM) and disk, and whether a free
+Colab T4 would hold it; after the step, predicted against measured in `run.json`.
+
+How a plan is made:
+- The step's work is counted from the model's size and the step's parameters: matmul FLOPs (2 per weight
+  per token forward, 3x that with the backward pass), bytes read from memory (every weight once per
+  decoding step), bytes held (KV cache, a batch's activations, an SAE and its optimiser state, activations
+  loaded for training) and bytes written to disk (the activation store in fp16, SAE weights).
+- Time = FLOPs / the FLOP rate + bytes / the copy rate, both measured here by a short calibration (about a
+  second: a square matmul and a large copy), cached per hardware in `plan_calibration.json` under the
+  user's cache folder (`env.cache_dir`; `NB_PLAN_CALIBRATION` names another file). The key is the
+  processor, its core count, torch's thread count, torch's version and the CUDA card, so a Colab session on
+  another card measures again. Real steps run below those peak rates (Python between the matmuls, small
+  shapes, the tokenizer, writing to disk): after each measured step the ratio measured / counted time is
+  kept in the same file per step and hardware (the last five), and later plans on that hardware multiply
+  by their median. The first plan on new hardware uses the counted time alone, and says so.
+- Peak memory here = what this process uses now (RSS; CUDA memory allocated) + what the step adds. On a
+  T4 the weights sit in GPU memory at the T4's dtype (fp16, fp32 for nanochat), plus a fixed runtime
+  overhead, plus what the step adds; RAM is the runtime's own plus what the step keeps on the host.
+
+A plan that a free T4 session would not hold (about 14.6 GiB usable VRAM, 12.7 GB RAM, 15 GB of free Drive,
+at most 12 hours; REFERENCE.md "Colab") says so before anything runs, naming the parameter to lower.
+
+`watch(run_dir, plan)` starts measuring (wall time, peak RSS sampled every 20 ms by a thread, CUDA's peak
+allocation); its `done()` stops, prints predicted against measured and records both in `run.json` under
+`plans.<step>`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from helpers.run import atomic_write_json, read_json_record, read_run_json, update_run_json
+
+T4_VRAM_GIB = 14.6
+T4_RAM_GB = 12.7
+T4_DRIVE_GB = 15.0
+"""A free Google account's Drive, where the run folder lives on Colab."""
+T4_HOURS = 12.0
+"""Colab's FAQ: a free notebook runs for at most 12 hours (often less when the service is busy)."""
+T4_RATES = {"flops_fp32": 4.0e12, "flops_fp16": 25e12, "bytes_per_s": 250e9}
+"""Half of a T4's peak fp32 (8.1 TFLOP/s) and tensor-core fp16 (65) rates, and ~80% of its 320 GB/s."""
+OVERHEAD_GIB = 1.0
+"""CUDA context and allocator slack on the GPU beyond the weights and what a step adds (a rough constant)."""
+RUNTIME_RAM_GB = 2.5
+"""Python, torch, transformers and the notebook's own data in system memory, beyond the weights."""
+CALIBRATION_FILE = "plan_calibration.json"
+KEEP_RATIOS = 5
+
+
+# --- rates: measured here, cached per hardware --------------------------------------------------------------
+@dataclass
+class Rates:
+    """What one second buys on a device: matmul FLOPs (fp32 and the half precision used there) and bytes
+    read from memory; measured by `machine_rates` or a T4's published rates."""
+
+    flops_fp32: float
+    flops_fp16: float
+    bytes_per_s: float
+    where: str
+
+
+def machine_rates(device: str, seconds: float = 0.3) -> Rates:
+    """Measure this machine: a square fp32 matmul (and fp16 on CUDA) and a large copy, for `seconds` each."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+    def rate(work, size: float) -> float:
+        work()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            work()
+            n += 1
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return n * size / (time.perf_counter() - t0)
+
+    n = 2048 if device == "cuda" else 512
+    a = torch.randn(n, n, device=device)
+    fp32 = rate(lambda: a @ a, 2 * n**3)
+    half = a.half() if device == "cuda" else None
+    fp16 = rate(lambda: half @ half, 2 * n**3) if half is not None else fp32
+    buf = torch.empty(64 * 2**20 // 4, device=device)
+    bw = rate(lambda: buf.clone(), 2 * buf.numel() * 4)  # read + write
+    return Rates(fp32, fp16, bw, f"measured on this {device}")
+
+
+def t4_rates() -> Rates:
+    return Rates(**T4_RATES, where="T4 at half its peak")
+
+
+def hardware_key(device: str) -> str:
+    """What the measured rates depend on: processor, cores, torch threads and version, the CUDA card."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    card = torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else "no cuda"
+    return f"{device} | {cpu} | {os.cpu_count()} cores | {torch.get_num_threads()} threads | " + (
+        f"torch {torch.__version__} | {card}"
+    )
+
+
+def calibration_path(cache_dir: str | os.PathLike) -> Path:
+    """`NB_PLAN_CALIBRATION` when set, else `<cache_dir>/plan_calibration.json`."""
+    override = os.environ.get("NB_PLAN_CALIBRATION")
+    return Path(override).expanduser() if override else Path(cache_dir) / CALIBRATION_FILE
+
+
+@dataclass
+class Calibration:
+    rates: Rates
+    key: str
+    path: Path
+    ratios: dict[str, list[float]] = field(default_factory=dict)
+    """step -> measured / counted time of its latest runs on this hardware."""
+    measured_now: bool = False
+
+    def factor(self, step: str) -> float | None:
+        got = self.ratios.get(step)
+        return statistics.median(got) if got else None
+
+
+def calibrate(device: str, cache_dir: str | os.PathLike, *, refresh: bool = False) -> Calibration:
+    """This hardware's rates from the cache file, measured (about a second) and cached when absent."""
+    path = calibration_path(cache_dir)
+    key = hardware_key(device)
+    cached = read_json_record(path, "delete it: the next plan measures this machine again").get(key)
+    if cached and not refresh:
+        return Calibration(Rates(**cached["rates"]), key, path, cached.get("ratios") or {})
+    rates = machine_rates(device)
+    entry = {"rates": asdict(rates), "ratios": (cached or {}).get("ratios") or {}, "measured_at": _now()}
+    _write_entry(path, key, entry)
+    return Calibration(rates, key, path, entry["ratios"], measured_now=True)
+
+
+def _write_entry(path: Path, key: str, entry: dict[str, Any]) -> None:
+    record = read_json_record(path, "delete it: the next plan measures this machine again")
+    record[key] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, record)
+
+
+def learn(calibration: Calibration, step: str, ratio: float) -> None:
+    """Keep `ratio` (measured / counted seconds of `step`) for later plans on this hardware."""
+    record = read_json_record(calibration.path, "delete it: the next plan measures this machine again")
+    entry = record.get(calibration.key) or {"rates": asdict(calibration.rates), "ratios": {}}
+    kept = [*(entry.setdefault("ratios", {}).get(step) or []), float(f"{ratio:.4g}")][-KEEP_RATIOS:]
+    entry["ratios"][step] = kept
+    calibration.ratios[step] = kept
+    _write_entry(calibration.path, calibration.key, entry)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# --- the model's numbers --------------------------------------------------------------------------------
+@dataclass
+class ModelNumbers:
+    """What a plan needs of the model, as numbers (read once in notebook 02, kept in run.json)."""
+
+    n_params: int
+    n_layers: int
+    d_model: int
+    vocab: int
+    kv_dim: int
+    """Width of one layer's keys (= values): d_model, or fewer with grouped-query attention."""
+    bytes_per_param: int
+    family: str = ""
+
+    def weights_bytes(self) -> int:
+        return self.n_params * self.bytes_per_param
+
+    def t4_weights_bytes(self) -> int:
+        """The T4's load rule: fp32 for nanochat, fp16 for the rest (`env.choose_dtype` at capability 7.5)."""
+        return self.n_params * (4 if self.family == "nanochat" else 2)
+
+
+def model_numbers(model: torch.nn.Module, n_layers: int, d_model: int, family: str = "") -> ModelNumbers:
+    """Count a loaded model's parameters and read its vocabulary and key width from its config."""
+    params = list(model.parameters())
+    cfg = getattr(model, "config", None)
+    vocab = getattr(cfg, "vocab_size", None) or 0
+    heads = getattr(cfg, "num_attention_heads", None)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    kv_dim = d_model * kv_heads // heads if heads and kv_heads else d_model
+    width = params[0].element_size() if params else 4
+    return ModelNumbers(sum(p.numel() for p in params), n_layers, d_model, vocab, kv_dim, width, family)
+
+
+def record_model(run_dir: str | os.PathLike, numbers: ModelNumbers) -> None:
+    update_run_json(run_dir, plans={"model": asdict(numbers)})
+
+
+def run_model(run_dir: str | os.PathLike) -> ModelNumbers:
+    """The numbers notebook 02 kept; a run collected before plans existed gets them from run.json's model
+    record (parameters counted as 12·d²·layers, embeddings left out)."""
+    run = read_run_json(run_dir)
+    kept = (run.get("plans") or {}).get("model")
+    if kept:
+        return ModelNumbers(**kept)
+    model = run.get("model") or {}
+    if not model.get("d_model") or not model.get("n_layers"):
+        raise ValueError(
+            f"{run_dir}/run.json has no model record: run notebooks 01 and 02 for this run first"
+        )
+    d, n = int(model["d_model"]), int(model["n_layers"])
+    width = 2 if model.get("dtype") in ("float16", "bfloat16") else 4
+    return ModelNumbers(12 * d * d * n, n, d, 0, d, width, model.get("family") or "")
+
+
+# --- plans ------------------------------------------------------------------------------------------------
+@dataclass
+class Work:
+    """A step's counted work: what the time and memory of a plan are made of."""
+
+    flops: float
+    bytes_read: float
+    device_bytes: float
+    """Held on the compute device while the step runs, beyond what is already allocated."""
+    host_bytes: float
+    """Held in system memory beyond what the process uses now (on CPU, `device_bytes` adds to it)."""
+    disk_bytes: float
+    fp16: bool = False
+
+
+@dataclass
+class Plan:
+    step: str
+    seconds: float
+    counted_seconds: float
+    """FLOPs and bytes at the calibrated rates, before this hardware's measured ratio for the step."""
+    ram_gb: float
+    gpu_gib: float | None
+    disk_gb: float
+    t4: dict[str, float]
+    lower: dict[str, str]
+    """resource ("time", "gpu", "ram", "disk") -> the notebook parameter that lowers it."""
+    warnings: list[str]
+    note: str
+    work: dict[str, float]
+
+    def fits_t4(self) -> bool:
+        return not self.warnings
+
+    def __str__(self) -> str:
+        gpu = f", GPU {self.gpu_gib:.2f} GiB" if self.gpu_gib is not None else ""
+        t4 = self.t4
+        lines = [
+            f"plan {self.step}: ~{_duration(self.seconds)} here, peak RAM {self.ram_gb:.2f} GB{gpu}, "
+            f"disk {self.disk_gb:.3g} GB ({self.note})",
+            f"  on a free T4: ~{_duration(t4['seconds'])}, GPU {t4['gpu_gib']:.2f} GiB, "
+            f"RAM {t4['ram_gb']:.2f} GB, disk {t4['disk_gb']:.3g} GB",
+        ]
+        lines += [f"  WARNING: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def make_plan(
+    step: str,
+    work: Work,
+    t4_work: Work,
+    model: ModelNumbers,
+    calibration: Calibration,
+    device: str,
+    lower: dict[str, str],
+) -> Plan:
+    """Time and memory here and on a T4 from the counted work; warnings naming what to lower."""
+    rates = calibration.rates
+    flops_rate = rates.flops_fp16 if work.fp16 and device == "cuda" else rates.flops_fp32
+    counted = work.flops / flops_rate + work.bytes_read / rates.bytes_per_s
+    factor = calibration.factor(step)
+    seconds = counted * (factor or 1.0)
+    now = memory_now(device)
+    on_cpu = device != "cuda"
+    ram = now["rss_gb"] + (work.host_bytes + (work.device_bytes if on_cpu else 0)) / 1e9
+    gpu = None if on_cpu else now.get("cuda_allocated_gib", 0.0) + work.device_bytes / 2**30
+    t4 = t4_rates()
+    t4_flops = t4.flops_fp32 if model.family == "nanochat" else t4.flops_fp16
+    t4_seconds = t4_work.flops / t4_flops + t4_work.bytes_read / t4.bytes_per_s
+    # The ratio measured here stands for the overheads a T4 also has (Python, tokenizer, disk): never < 1.
+    t4_seconds *= max(factor or 1.0, 1.0)
+    on_t4 = {
+        "seconds": t4_seconds,
+        "gpu_gib": (model.t4_weights_bytes() + t4_work.device_bytes) / 2**30 + OVERHEAD_GIB,
+        "ram_gb": RUNTIME_RAM_GB + t4_work.host_bytes / 1e9,
+        "disk_gb": t4_work.disk_bytes / 1e9,
+    }
+    warnings = []
+    limits = {
+        "gpu": (on_t4["gpu_gib"], T4_VRAM_GIB, "GiB of GPU memory"),
+        "ram": (on_t4["ram_gb"], T4_RAM_GB, "GB of RAM"),
+        "disk": (on_t4["disk_gb"], T4_DRIVE_GB, "GB of Drive"),
+        "time": (on_t4["seconds"] / 3600, T4_HOURS, "hours"),
+    }
+    lower = dict(lower)
+    if model.t4_weights_bytes() / 2**30 + OVERHEAD_GIB > T4_VRAM_GIB:
+        lower["gpu"] = "the model's size: a smaller MODEL in notebook 01 (its weights alone fill the T4)"
+    for resource, (need, have, unit) in limits.items():
+        if need > have:
+            warnings.append(
+                f"a free T4 session would not hold this step: it needs {need:.3g} {unit}, the session has "
+                f"{have:g}; lower {lower[resource]}"
+            )
+    if ram > now["rss_gb"] + now["ram_available_gb"]:
+        warnings.append(
+            f"this machine has {now['rss_gb'] + now['ram_available_gb']:.3g} GB of RAM for this process and "
+            f"the step needs {ram:.3g} GB; lower {lower['ram']}"
+        )
+    note = (
+        f"measured/counted ratio {factor:.2f} of earlier {step} runs here"
+        if factor
+        else "counted FLOPs and bytes at the calibrated rates; no earlier run of this step here yet"
+    )
+    counts = {"flops": work.flops, "bytes_read": work.bytes_read, "device_bytes": work.device_bytes}
+    counts |= {"host_bytes": work.host_bytes, "disk_bytes": work.disk_bytes}
+    return Plan(step, seconds, counted, ram, gpu, work.disk_bytes / 1e9, on_t4, lower, warnings, note, counts)
+
+
+def _positive(**values: float) -> None:
+    bad = {k: v for k, v in values.items() if v is None or v < 0}
+    if bad:
+        raise ValueError(f"a plan needs non-negative numbers, got {bad}")
+
+
+def plan_sampling(
+    model: ModelNumbers,
+    calibration: Calibration,
+    device: str,
+    *,
+    n_completions: int,
+    prompt_tokens: float,
+    new_tokens: int,
+    batch_size: int,
+) -> Plan:
+    """Sampling `n_completions` answers of `new_tokens` in batches: every decoding step reads each weight
+    once and does 2 FLOPs per weight per sequence; the prompt is read once (prefill)."""
+    _positive(n_completions=n_completions, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+    batch_size = max(1, min(batch_size, max(n_completions, 1)))
+    batches = math.ceil(n_completions / batch_size)
+
+    def work(m_bytes: int, act: int) -> Work:
+        length = prompt_tokens + new_tokens
+        kv = 2 * model.n_layers * model.kv_dim * batch_size * length * act
+        logits = 2 * batch_size * model.vocab * 4
+        prefill = batch_size * prompt_tokens * model.d_model * 4 * 8  # residual, attention, 4x MLP
+        return Work(
+            flops=2 * model.n_params * n_completions * length,
+            bytes_read=batches * (new_tokens + 1) * m_bytes,
+            device_bytes=kv + logits + prefill,
+            host_bytes=n_completions * length * 64,  # token ids and text of the records
+            disk_bytes=n_completions * (length * 8 + 512),
+            fp16=act == 2,
+        )
+
+    t4_act = 4 if model.family == "nanochat" else 2
+    lower = {"time": "MAX_NEW_TOKENS or N_PER_PROMPT", "gpu": "BATCH_SIZE", "ram": "BATCH_SIZE"}
+    lower["disk"] = "N_PER_PROMPT"
+    return make_plan(
+        "sampling",
+        work(model.weights_bytes(), model.bytes_per_param),
+        work(model.t4_weights_bytes(), t4_act),
+        model,
+        calibration,
+        device,
+        lower,
+    )
+
+
+def _forward_work(
+    model: ModelNumbers,
+    tokens: float,
+    batch_tokens: float,
+    stored_layers: int,
+    stored_tokens: float,
+    act: int,
+) -> Work:
+    """A forward pass over `tokens` in batches of `batch_tokens`, storing `stored_tokens` per layer in fp16
+    shards of up to 65,536 tokens (one shard buffered in fp32 per layer)."""
+    batches = math.ceil(tokens / max(batch_tokens, 1))
+    d = model.d_model
+    return Work(
+        flops=2 * model.n_params * tokens,
+        bytes_read=batches * model.n_params * act,
+        device_bytes=batch_tokens * d * act * 8 + batch_tokens * model.vocab * 4,
+        host_bytes=stored_layers * min(stored_tokens, 65_536) * d * 4 * 2,
+        disk_bytes=stored_layers * stored_tokens * d * 2,
+        fp16=act == 2,
+    )
+
+
+def plan_collection(
+    model: ModelNumbers,
+    calibration: Calibration,
+    device: str,
+    *,
+    n_completions: int,
+    prompt_tokens: float,
+    new_tokens: int,
+    batch_size: int,
+    n_layers_stored: int,
+    include_prompt: bool = False,
+) -> Plan:
+    """One forward pass over every completion (prompt and answer), storing the answer's tokens (and the
+    prompt's with `include_prompt`) at each stored layer."""
+    _positive(n_completions=n_completions, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+    length = prompt_tokens + new_tokens
+    stored = n_completions * (length if include_prompt else new_tokens)
+    tokens, batch_tokens = n_completions * length, max(1, batch_size) * length
+    t4_act = 4 if model.family == "nanochat" else 2
+    lower = {"time": "N_PER_PROMPT or MAX_NEW_TOKENS", "gpu": "BATCH_SIZE", "ram": "BATCH_SIZE"}
+    lower["disk"] = "LAYERS or MAX_NEW_TOKENS"
+    return make_plan(
+        "collection",
+        _forward_work(model, tokens, batch_tokens, n_layers_stored, stored, model.bytes_per_param),
+        _forward_work(model, tokens, batch_tokens, n_layers_stored, stored, t4_act),
+        model,
+        calibration,
+        device,
+        lower,
+    )
+
+
+def plan_corpus(
+    model: ModelNumbers,
+    calibration: Calibration,
+    device: str,
+    *,
+    tokens: int,
+    seq_len: int,
+    batch_size: int,
+    n_layers_stored: int,
+) -> Plan:
+    """A forward pass over `tokens` of the corpus in sequences of `seq_len`, every token stored per layer."""
+    _positive(tokens=tokens, seq_len=seq_len)
+    batch_tokens = max(1, batch_size) * seq_len
+    t4_act = 4 if model.family == "nanochat" else 2
+    lower = {"time": "CORPUS_TOKENS", "gpu": "BATCH_SIZE or CORPUS_SEQ_LEN", "ram": "BATCH_SIZE"}
+    lower["disk"] = "CORPUS_TOKENS (or 0, and CORPUS_STREAM in notebook 03)"
+    return make_plan(
+        "corpus",
+        _forward_work(model, tokens, batch_tokens, n_layers_stored, tokens, model.bytes_per_param),
+        _forward_work(model, tokens, batch_tokens, n_layers_stored, tokens, t4_act),
+        model,
+        calibration,
+        device,
+        lower,
+    )
+
+
+def plan_sae_training(
+    model: ModelNumbers,
+    calibration: Calibration,
+    device: str,
+    *,
+    n_saes: int,
+    expansion: int,
+    train_tokens: int,
+    batch_size: int,
+    stored_tokens: int,
+) -> Plan:
+    """`n_saes` SAEs of `expansion`·d_model latents, each trained on `train_tokens`: encoder and decoder
+    forward (4·d·d_sae FLOPs a token) and backward (twice that); the SAE, its gradient and Adam's two
+    moments on the device; one layer's stored activations (`stored_tokens`) loaded in fp32 at a time."""
+    _positive(n_saes=n_saes, expansion=expansion, train_tokens=train_tokens, stored_tokens=stored_tokens)
+    d = model.d_model
+    d_sae = d * expansion
+    sae_bytes = (2 * d * d_sae + d_sae + d) * 4
+    work = Work(
+        flops=n_saes * 12 * d * d_sae * train_tokens,
+        bytes_read=n_saes * math.ceil(train_tokens / max(batch_size, 1)) * sae_bytes * 4,
+        device_bytes=4 * sae_bytes + 4 * batch_size * (d_sae + d) * 4,
+        host_bytes=stored_tokens * d * 4 + 2 * sae_bytes,
+        disk_bytes=n_saes * sae_bytes * 2,  # the SAE and its last checkpoint
+    )
+    lower = {"time": "TRAIN_TOKENS (or fewer ARCHITECTURES / CONDITIONS / LAYERS)", "gpu": "EXPANSION"}
+    lower |= {"ram": "CORPUS_TOKENS in notebook 02 (or CORPUS_STREAM)", "disk": "EXPANSION or CONDITIONS"}
+    return make_plan("sae_training", work, work, model, calibration, device, lower)
+
+
+def plan_probes(
+    model: ModelNumbers,
+    calibration: Calibration,
+    device: str,
+    *,
+    n_completions: int,
+    n_layers: int,
+    sae_widths: list[int],
+    n_folds: int,
+    n_permutations: int,
+    n_bootstrap: int,
+    feature_permutations: int,
+    newton_steps: int = 12,
+) -> Plan:
+    """Notebook 04: per layer one raw probe and per SAE a probe and a random-SAE control, each refitted
+    n_folds · (1 + permutations + bootstrap) times (a Newton step costs ~4·n·d FLOPs in Hessian-vector
+    products, on the n_folds' training rows); then each SAE's features tested with `feature_permutations`
+    label permutations (2·n·d_sae each)."""
+    _positive(n_completions=n_completions, n_folds=n_folds, n_permutations=n_permutations)
+    n = n_completions
+    refits = n_folds * (1 + n_permutations + n_bootstrap)
+    fit = newton_steps * 4 * n * (n_folds - 1) / max(n_folds, 1)
+    flops = n_layers * refits * fit * model.d_model + sum(2 * refits * fit * w for w in sae_widths)
+    flops += sum(2 * n * w * feature_permutations for w in sae_widths)
+    widest = max([model.d_model, *sae_widths])
+    work = Work(
+        flops=flops,
+        bytes_read=0.0,
+        device_bytes=0.0,
+        host_bytes=n * widest * 8 * (2 + n_folds) + (n_permutations + n_bootstrap) * n * 8,
+        disk_bytes=len(sae_widths) * widest * 512,
+    )
+    lower = {"time": "N_PERMUTATIONS, N_BOOTSTRAP or FEATURE_PERMUTATIONS (or SAE_FILTER)"}
+    lower |= {"gpu": "SAE_FILTER", "ram": "SAE_FILTER", "disk": "SAE_FILTER"}
+    return make_plan("probes", work, work, model, calibration, device, lower)
+
+
+def plan_explorer(
+    model: ModelNumbers,
+    calibration: Calibration,
+    device: str,
+    *,
+    stored_tokens: int,
+    sae_widths: list[int],
+    batch_tokens: int = 4096,
+) -> Plan:
+    """Notebook 06's pass: each SAE encodes every stored token of its layer (2·d·d_sae FLOPs a token, the
+    fp16 store read once), keeping per-latent statistics and top examples."""
+    _positive(stored_tokens=stored_tokens)
+    d = model.d_model
+    widest = max(sae_widths or [d])
+    work = Work(
+        flops=sum(2 * d * w * stored_tokens for w in sae_widths),
+        bytes_read=len(sae_widths) * stored_tokens * d * 2,
+        device_bytes=batch_tokens * widest * 4 * 2 + widest * d * 4 * 2,
+        host_bytes=batch_tokens * d * 4 + widest * 64 * 8,
+        disk_bytes=len(sae_widths) * widest * 2048,
+    )
+    lower = {"time": "MAX_SAES or SAE_FILTER", "gpu": "MAX_SAES", "ram": "MAX_SAES", "disk": "MAX_SAES"}
+    return make_plan("explorer", work, work, model, calibration, device, lower)
+
+
+def stored_tokens(run_dir: str | os.PathLike, layer: int | None = None) -> int:
+    """Tokens in the run's activation store and corpus at one layer (the first stored layer by default)."""
+    total = 0
+    for kind in ("activations", "corpus"):
+        folders = sorted(Path(run_dir, kind).glob("layer_*"))
+        if layer is not None:
+            folders = [f for f in folders if f.name == f"layer_{layer}"]
+        for folder in folders[:1]:
+            for meta in folder.glob("*.json"):
+                try:
+                    total += int(json.loads(meta.read_text()).get("n_tokens") or 0)
+                except (ValueError, json.JSONDecodeError):
+                    continue
+    return total
+
+
+def token_counts(records: list[Any]) -> tuple[float, float]:
+    """Mean prompt and answer tokens of completions (`Completion`s or their dict rows)."""
+
+    def get(r: Any, key: str) -> Any:
+        return r.get(key) if isinstance(r, dict) else getattr(r, key, None)
+
+    if not records:
+        return 0.0, 0.0
+    prompt = [len(get(r, "prompt_token_ids") or []) for r in records]
+    answer = [len(get(r, "completion_token_ids") or []) for r in records]
+    return sum(prompt) / len(records), sum(answer) / len(records)
+
+
+def sae_widths(folders: list[Path]) -> list[int]:
+    """Each SAE folder's latent count (`d_sae` of its cfg.json)."""
+    widths = []
+    for folder in folders:
+        cfg = Path(folder) / "cfg.json"
+        if not cfg.is_file():
+            raise FileNotFoundError(f"{cfg} is missing: is {folder} an SAE folder of notebook 03?")
+        widths.append(int(json.loads(cfg.read_text())["d_sae"]))
+    return widths
+
+
+# --- measuring a step -------------------------------------------------------------------------------------
+def memory_now(device: str) -> dict[str, float]:
+    """What is in use and free now: this process's RSS and the machine's available RAM (GB); on CUDA the
+    allocated, reserved and free GPU memory (GiB)."""
+    out = {
+        "rss_gb": psutil.Process(os.getpid()).memory_info().rss / 1e9,
+        "ram_available_gb": psutil.virtual_memory().available / 1e9,
+    }
+    if device == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        out.update(
+            cuda_allocated_gib=torch.cuda.memory_allocated() / 2**30,
+            cuda_reserved_gib=torch.cuda.memory_reserved() / 2**30,
+            cuda_free_gib=free / 2**30,
+        )
+    return out
+
+
+class Watch:
+    """Measures one step from `watch()` to `done()`: wall time, peak RSS, CUDA's peak allocation."""
+
+    def __init__(self, run_dir: str | os.PathLike, plan: Plan, calibration: Calibration, device: str):
+        self.run_dir, self.plan, self.calibration, self.device = run_dir, plan, calibration, device
+        self._proc = psutil.Process(os.getpid())
+        self.peak_rss = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        if device == "cuda" and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.started = time.perf_counter()
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak_rss = max(self.peak_rss, self._proc.memory_info().rss)
+
+    def done(self, *, quiet: bool = False) -> dict[str, Any]:
+        """Stop measuring; record predicted and measured in run.json (`plans.<step>`) and the time ratio in
+        the calibration file; return the record."""
+        seconds = time.perf_counter() - self.started
+        self._stop.set()
+        self._thread.join()
+        self.peak_rss = max(self.peak_rss, self._proc.memory_info().rss)
+        gpu = None
+        if self.device == "cuda" and torch.cuda.is_available():
+            gpu = torch.cuda.max_memory_allocated() / 2**30
+        p = self.plan
+        record = {
+            "predicted": {
+                "seconds": p.seconds,
+                "ram_gb": p.ram_gb,
+                "gpu_gib": p.gpu_gib,
+                "disk_gb": p.disk_gb,
+            },
+            "measured": {"seconds": seconds, "ram_gb": self.peak_rss / 1e9, "gpu_gib": gpu},
+            "counted_seconds": p.counted_seconds,
+            "t4": p.t4,
+            "warnings": p.warnings,
+            "hardware": self.calibration.key,
+            "at": _now(),
+        }
+        record["ratio"] = {
+            k: record["measured"][k] / record["predicted"][k]
+            for k in ("seconds", "ram_gb", "gpu_gib")
+            if record["measured"][k] is not None and record["predicted"][k]
+        }
+        update_run_json(self.run_dir, plans={p.step: record})
+        if p.counted_seconds > 0:
+            learn(self.calibration, p.step, seconds / p.counted_seconds)
+        if not quiet:
+            ratio = record["ratio"]
+            print(
+                f"{p.step}: {_duration(seconds)} (planned {_duration(p.seconds)}, x{ratio['seconds']:.2f}), "
+                f"peak RAM {self.peak_rss / 1e9:.2f} GB (planned {p.ram_gb:.2f}, x{ratio['ram_gb']:.2f})"
+                + (f", GPU {gpu:.2f} GiB (planned {p.gpu_gib:.2f})" if gpu is not None else "")
+            )
+        return record
+
+
+def watch(run_dir: str | os.PathLike, plan: Plan, calibration: Calibration, device: str) -> Watch:
+    """Start measuring the step `plan` is for; call `.done()` after it."""
+    return Watch(run_dir, plan, calibration, device)

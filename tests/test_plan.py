@@ -1,0 +1,131 @@
+"""The planner (helpers/plan.py): plans scale as their counted work, a setting a free T4 cannot hold is
+said before anything runs with the parameter to lower, the calibration is measured once per hardware and
+reused, and a watched step's predicted and measured numbers land in run.json."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from helpers import plan
+from helpers.run import read_run_json
+
+D32 = plan.ModelNumbers(1_880_000_000, 32, 2048, 65_536, 2048, 4, "nanochat")
+SMALL = plan.ModelNumbers(135_000_000, 30, 576, 49_152, 192, 4, "llama")
+
+
+@pytest.fixture
+def calibration(tmp_path):
+    """Fixed rates (no measuring): the plans' arithmetic is checked exactly."""
+    rates = plan.Rates(1e11, 1e11, 1e10, "fixed for the test")
+    return plan.Calibration(rates, "test hardware", tmp_path / "calibration.json")
+
+
+def test_plans_scale_as_their_counted_work(calibration):
+    args = dict(n_saes=2, expansion=4, train_tokens=65_536, batch_size=512, stored_tokens=10_000)
+    one = plan.plan_sae_training(SMALL, calibration, "cpu", **args)
+    two = plan.plan_sae_training(SMALL, calibration, "cpu", **{**args, "train_tokens": 131_072})
+    assert two.counted_seconds == pytest.approx(2 * one.counted_seconds)
+    assert two.work["flops"] == 2 * one.work["flops"] == 2 * 2 * 12 * 576 * 2304 * 65_536
+    wider = plan.plan_sae_training(SMALL, calibration, "cpu", **{**args, "expansion": 8})
+    assert wider.work["disk_bytes"] > 1.9 * one.work["disk_bytes"]
+
+    base = dict(n_completions=64, prompt_tokens=40, new_tokens=24, batch_size=32)
+    sampled = plan.plan_sampling(SMALL, calibration, "cpu", **base)
+    doubled = plan.plan_sampling(SMALL, calibration, "cpu", **{**base, "n_completions": 128})
+    assert doubled.counted_seconds == pytest.approx(2 * sampled.counted_seconds)
+    # Decoding reads every weight once per step: 2 batches x (24 new tokens + the prefill).
+    assert sampled.work["bytes_read"] == 2 * 25 * SMALL.weights_bytes()
+    corpus = plan.plan_corpus(
+        SMALL, calibration, "cpu", tokens=32_768, seq_len=128, batch_size=16, n_layers_stored=1
+    )
+    assert corpus.disk_gb == pytest.approx(32_768 * 576 * 2 / 1e9)
+    assert corpus.fits_t4() and sampled.fits_t4() and not corpus.warnings
+
+
+def test_a_setting_a_free_t4_cannot_hold_names_the_parameter_to_lower(calibration):
+    big = plan.plan_sae_training(
+        D32,
+        calibration,
+        "cpu",
+        n_saes=1,
+        expansion=64,
+        train_tokens=1_000_000,
+        batch_size=4096,
+        stored_tokens=0,
+    )
+    assert big.t4["gpu_gib"] > plan.T4_VRAM_GIB and not big.fits_t4()
+    assert any("GPU memory" in w and "lower EXPANSION" in w for w in big.warnings), big.warnings
+    assert "WARNING" in str(big) and "lower EXPANSION" in str(big)
+
+    forever = plan.plan_sae_training(
+        D32, calibration, "cpu", n_saes=45, expansion=8, train_tokens=10**11, batch_size=4096, stored_tokens=0
+    )
+    assert any("hours" in w and "lower TRAIN_TOKENS" in w for w in forever.warnings), forever.warnings
+
+    huge = plan.ModelNumbers(8_000_000_000, 32, 4096, 128_000, 1024, 2, "llama")
+    sampled = plan.plan_sampling(
+        huge, calibration, "cpu", n_completions=8, prompt_tokens=30, new_tokens=8, batch_size=8
+    )
+    assert any("smaller MODEL in notebook 01" in w for w in sampled.warnings), sampled.warnings
+
+    with pytest.raises(ValueError, match="non-negative"):
+        plan.plan_corpus(SMALL, calibration, "cpu", tokens=-1, seq_len=128, batch_size=8, n_layers_stored=1)
+
+
+def test_calibration_is_measured_once_per_hardware_and_reused(tmp_path, monkeypatch):
+    monkeypatch.delenv("NB_PLAN_CALIBRATION", raising=False)
+    first = plan.calibrate("cpu", tmp_path)
+    assert first.measured_now and first.rates.flops_fp32 > 0 and first.rates.bytes_per_s > 0
+    stored = json.loads((tmp_path / plan.CALIBRATION_FILE).read_text())
+    assert list(stored) == [plan.hardware_key("cpu")]
+    again = plan.calibrate("cpu", tmp_path)
+    assert not again.measured_now and again.rates == first.rates
+
+    # A measured step's ratio is kept and multiplies later plans of that step on this hardware.
+    plan.learn(again, "corpus", 3.0)
+    later = plan.calibrate("cpu", tmp_path)
+    assert later.factor("corpus") == 3.0
+    p = plan.plan_corpus(SMALL, later, "cpu", tokens=4096, seq_len=64, batch_size=8, n_layers_stored=1)
+    assert p.seconds == pytest.approx(3.0 * p.counted_seconds) and "ratio 3.00" in p.note
+
+    (tmp_path / plan.CALIBRATION_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="delete it"):
+        plan.calibrate("cpu", tmp_path)
+    assert (tmp_path / plan.CALIBRATION_FILE).read_text() == "{not json", (
+        "a corrupt file is never overwritten"
+    )
+
+
+def test_a_watched_step_records_predicted_and_measured_in_run_json(tmp_path, calibration):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    plan.record_model(run_dir, SMALL)
+    assert plan.run_model(run_dir) == SMALL
+    p = plan.plan_corpus(SMALL, calibration, "cpu", tokens=4096, seq_len=64, batch_size=8, n_layers_stored=1)
+    watching = plan.watch(run_dir, p, calibration, "cpu")
+    held = np.ones(50_000_000, dtype=np.uint8)  # 50 MB held during the step: the peak must see it
+    record = watching.done(quiet=True)
+    del held
+    kept = read_run_json(run_dir)["plans"]["corpus"]
+    assert kept["predicted"]["seconds"] == pytest.approx(p.seconds)
+    assert kept["measured"]["ram_gb"] >= 0.05 and kept["measured"]["seconds"] > 0
+    assert kept["ratio"]["ram_gb"] == pytest.approx(kept["measured"]["ram_gb"] / p.ram_gb)
+    assert record["hardware"] == "test hardware" and read_run_json(run_dir)["plans"]["model"]["n_params"]
+    assert calibration.factor("corpus") == pytest.approx(
+        kept["measured"]["seconds"] / p.counted_seconds, rel=0.01
+    )
+
+
+def test_run_model_of_an_older_run_and_of_none(tmp_path):
+    (tmp_path / "run.json").write_text(
+        json.dumps({"model": {"n_layers": 4, "d_model": 64, "dtype": "float16"}})
+    )
+    older = plan.run_model(tmp_path)
+    assert (older.n_params, older.bytes_per_param) == (12 * 64 * 64 * 4, 2)
+    with pytest.raises(ValueError, match="run notebooks 01 and 02"):
+        plan.run_model(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="cfg.json is missing"):
+        plan.sae_widths([tmp_path])
