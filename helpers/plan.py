@@ -6,8 +6,9 @@ How a plan is made:
   per token forward, 3x that with the backward pass), bytes read from memory (every weight once per
   decoding step), bytes held (KV cache, a batch's activations, an SAE and its optimiser state, activations
   loaded for training) and bytes written to disk (the activation store in fp16, SAE weights).
-- Time = FLOPs / the FLOP rate + bytes / the copy rate, both measured here by a short calibration (about a
-  second: a square matmul and a large copy), cached per hardware in `plan_calibration.json` under the
+- Time = FLOPs / the FLOP rate + bytes / the copy rate + small ops (30 a decoder layer's forward, 80 an
+  SAE optimiser step, ...) x the time of one, all measured here by a short calibration (about a second: a
+  square matmul, a large copy, a tiny matmul), cached per hardware in `plan_calibration.json` under the
   user's cache folder (`env.cache_dir`; `NB_PLAN_CALIBRATION` names another file). The key is the
   processor, its core count, torch's thread count, torch's version and the CUDA card, so a Colab session on
   another card measures again. Real steps run below those peak rates (Python between the matmuls, small
@@ -50,13 +51,16 @@ T4_DRIVE_GB = 15.0
 """A free Google account's Drive, where the run folder lives on Colab."""
 T4_HOURS = 12.0
 """Colab's FAQ: a free notebook runs for at most 12 hours (often less when the service is busy)."""
-T4_RATES = {"flops_fp32": 4.0e12, "flops_fp16": 25e12, "bytes_per_s": 250e9}
-"""Half of a T4's peak fp32 (8.1 TFLOP/s) and tensor-core fp16 (65) rates, and ~80% of its 320 GB/s."""
+T4_RATES = {"flops_fp32": 4.0e12, "flops_fp16": 25e12, "bytes_per_s": 250e9, "op_s": 2e-5}
+"""Half of a T4's peak fp32 (8.1 TFLOP/s) and tensor-core fp16 (65) rates, ~80% of its 320 GB/s, and 20 µs
+a small torch op (Python dispatch and a kernel launch on Colab's 2 vCPUs)."""
 OVERHEAD_GIB = 1.0
 """CUDA context and allocator slack on the GPU beyond the weights and what a step adds (a rough constant)."""
 RUNTIME_RAM_GB = 2.5
 """Python, torch, transformers and the notebook's own data in system memory, beyond the weights."""
 CALIBRATION_FILE = "plan_calibration.json"
+OPS_PER_LAYER = 30
+"""Torch ops of one decoder layer's forward (norms, projections, rotary, attention, MLP, residual adds)."""
 KEEP_RATIOS = 5
 
 
@@ -70,6 +74,9 @@ class Rates:
     flops_fp16: float
     bytes_per_s: float
     where: str
+    op_s: float = 0.0
+    """Seconds of one small torch op (Python dispatch, no real work): what a step of many small ops costs
+    beyond its FLOPs and bytes."""
 
 
 def machine_rates(device: str, seconds: float = 0.3) -> Rates:
@@ -96,7 +103,9 @@ def machine_rates(device: str, seconds: float = 0.3) -> Rates:
     fp16 = rate(lambda: half @ half, 2 * n**3) if half is not None else fp32
     buf = torch.empty(64 * 2**20 // 4, device=device)
     bw = rate(lambda: buf.clone(), 2 * buf.numel() * 4)  # read + write
-    return Rates(fp32, fp16, bw, f"measured on this {device}")
+    small = torch.randn(8, 8, device=device)
+    ops = rate(lambda: small @ small + small, 2)  # two ops a call
+    return Rates(fp32, fp16, bw, f"measured on this {device}", 1 / ops)
 
 
 def t4_rates() -> Rates:
@@ -144,7 +153,7 @@ def calibrate(device: str, cache_dir: str | os.PathLike, *, refresh: bool = Fals
     path = calibration_path(cache_dir)
     key = hardware_key(device)
     cached = read_json_record(path, "delete it: the next plan measures this machine again").get(key)
-    if cached and not refresh:
+    if cached and "op_s" in cached.get("rates", {}) and not refresh:
         return Calibration(Rates(**cached["rates"]), key, path, cached.get("ratios") or {})
     rates = machine_rates(device)
     entry = {"rates": asdict(rates), "ratios": (cached or {}).get("ratios") or {}, "measured_at": _now()}
@@ -241,6 +250,8 @@ class Work:
     """Held in system memory beyond what the process uses now (on CPU, `device_bytes` adds to it)."""
     disk_bytes: float
     fp16: bool = False
+    ops: float = 0.0
+    """Small torch / numpy ops the step dispatches (per layer of a forward, per optimiser step, ...)."""
 
 
 @dataclass
@@ -293,7 +304,7 @@ def make_plan(
     """Time and memory here and on a T4 from the counted work; warnings naming what to lower."""
     rates = calibration.rates
     flops_rate = rates.flops_fp16 if work.fp16 and device == "cuda" else rates.flops_fp32
-    counted = work.flops / flops_rate + work.bytes_read / rates.bytes_per_s
+    counted = work.flops / flops_rate + work.bytes_read / rates.bytes_per_s + work.ops * rates.op_s
     factor = calibration.factor(step)
     seconds = counted * (factor or 1.0)
     now = memory_now(device)
@@ -302,7 +313,7 @@ def make_plan(
     gpu = None if on_cpu else now.get("cuda_allocated_gib", 0.0) + work.device_bytes / 2**30
     t4 = t4_rates()
     t4_flops = t4.flops_fp32 if model.family == "nanochat" else t4.flops_fp16
-    t4_seconds = t4_work.flops / t4_flops + t4_work.bytes_read / t4.bytes_per_s
+    t4_seconds = t4_work.flops / t4_flops + t4_work.bytes_read / t4.bytes_per_s + t4_work.ops * t4.op_s
     # The ratio measured here stands for the overheads a T4 also has (Python, tokenizer, disk): never < 1.
     t4_seconds *= max(factor or 1.0, 1.0)
     on_t4 = {
@@ -338,7 +349,7 @@ def make_plan(
         else "counted FLOPs and bytes at the calibrated rates; no earlier run of this step here yet"
     )
     counts = {"flops": work.flops, "bytes_read": work.bytes_read, "device_bytes": work.device_bytes}
-    counts |= {"host_bytes": work.host_bytes, "disk_bytes": work.disk_bytes}
+    counts |= {"host_bytes": work.host_bytes, "disk_bytes": work.disk_bytes, "ops": work.ops}
     return Plan(step, seconds, counted, ram, gpu, work.disk_bytes / 1e9, on_t4, lower, warnings, note, counts)
 
 
@@ -376,6 +387,7 @@ def plan_sampling(
             host_bytes=n_completions * length * 64,  # token ids and text of the records
             disk_bytes=n_completions * (length * 8 + 512),
             fp16=act == 2,
+            ops=batches * (new_tokens + 1) * (OPS_PER_LAYER * model.n_layers + 20),
         )
 
     t4_act = 4 if model.family == "nanochat" else 2
@@ -411,6 +423,7 @@ def _forward_work(
         host_bytes=stored_layers * min(stored_tokens, 65_536) * d * 4 * 2,
         disk_bytes=stored_layers * stored_tokens * d * 2,
         fp16=act == 2,
+        ops=batches * (OPS_PER_LAYER * model.n_layers + 20 * stored_layers),
     )
 
 
@@ -497,6 +510,7 @@ def plan_sae_training(
         device_bytes=4 * sae_bytes + 4 * batch_size * (d_sae + d) * 4,
         host_bytes=stored_tokens * d * 4 + 2 * sae_bytes,
         disk_bytes=n_saes * sae_bytes * 2,  # the SAE and its last checkpoint
+        ops=n_saes * math.ceil(train_tokens / max(batch_size, 1)) * 80,  # forward, backward, Adam
     )
     lower = {"time": "TRAIN_TOKENS (or fewer ARCHITECTURES / CONDITIONS / LAYERS)", "gpu": "EXPANSION"}
     lower |= {"ram": "CORPUS_TOKENS in notebook 02 (or CORPUS_STREAM)", "disk": "EXPANSION or CONDITIONS"}
@@ -534,6 +548,8 @@ def plan_probes(
         device_bytes=0.0,
         host_bytes=n * widest * 8 * (2 + n_folds) + (n_permutations + n_bootstrap) * n * 8,
         disk_bytes=len(sae_widths) * widest * 512,
+        ops=(n_layers + 2 * len(sae_widths)) * refits * newton_steps * 15
+        + len(sae_widths) * feature_permutations * 10,
     )
     lower = {"time": "N_PERMUTATIONS, N_BOOTSTRAP or FEATURE_PERMUTATIONS (or SAE_FILTER)"}
     lower |= {"gpu": "SAE_FILTER", "ram": "SAE_FILTER", "disk": "SAE_FILTER"}
@@ -560,6 +576,9 @@ def plan_explorer(
         device_bytes=batch_tokens * widest * 4 * 2 + widest * d * 4 * 2,
         host_bytes=batch_tokens * d * 4 + widest * 64 * 8,
         disk_bytes=len(sae_widths) * widest * 2048,
+        ops=sum(
+            math.ceil(stored_tokens / batch_tokens) * 20 + 100 * w for w in sae_widths
+        ),  # a page a latent
     )
     lower = {"time": "MAX_SAES or SAE_FILTER", "gpu": "MAX_SAES", "ram": "MAX_SAES", "disk": "MAX_SAES"}
     return make_plan("explorer", work, work, model, calibration, device, lower)
