@@ -56,8 +56,8 @@ def unembedding_of(model: nn.Module) -> Unembedding:
     )
     if norm is None and not functional:
         raise TypeError(
-            f"don't know where {type(model).__name__} keeps its final norm (looked for {', '.join(_FINAL_NORMS)}): "
-            "add its path to helpers.explore.decoder._FINAL_NORMS"
+            f"don't know where {type(model).__name__} keeps its final norm (looked for "
+            f"{', '.join(_FINAL_NORMS)}): add its path to helpers.explore.decoder._FINAL_NORMS"
         )
     W_U = head.weight.detach().float()
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)

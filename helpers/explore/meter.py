@@ -116,8 +116,8 @@ class DeceptionMeter:
             return f"<span style='{style}{METER_COLOUR}'></span> {reading}"
         why = html.escape(f"no better than chance: {self.chance}")
         return (
-            f"<span style='color:#999' title=\"{why}\"><span style='{style}{CHANCE_COLOUR}'></span> {reading} "
-            "<i>no better than chance</i></span>"
+            f"<span style='color:#999' title=\"{why}\"><span style='{style}{CHANCE_COLOUR}'></span> "
+            f"{reading} <i>no better than chance</i></span>"
         )
 
 
@@ -150,7 +150,8 @@ def fit_meter(
     run_dir: str | os.PathLike, layer: int, *, n_bootstrap: int = 100, seed: int = 0
 ) -> DeceptionMeter:
     """The deception meter of `layer`: its probe refit on the run's labelled pooled completions, and that
-    recipe's grouped-CV quality on the same rows with `n_bootstrap` refitted draws for its CIs (module doc)."""
+    recipe's grouped-CV quality on the same rows with `n_bootstrap` refitted draws
+    for its CIs (module doc)."""
     probes = json.loads(probes_path(run_dir).read_text()) if probes_path(run_dir).exists() else {}
     pooling = probes.get("pooling", "mean")
     raw = next(
@@ -164,8 +165,9 @@ def fit_meter(
     y = np.array([label[ids[i]] == "deceptive" for i in rows], int)
     if len(rows) < 4 or y.min() == y.max():
         raise ValueError(
-            f"the deception meter needs labelled honest and deceptive completions at layer {layer}; the run has "
-            f"{int((y == 0).sum())} honest and {int(y.sum())} deceptive: collect and label more in notebook 02"
+            "the deception meter needs labelled honest and deceptive completions at layer "
+            f"{layer}; the run has {int((y == 0).sum())} honest and {int(y.sum())} "
+            "deceptive: collect and label more in notebook 02"
         )
     X = (mean if pooling == "mean" else last)[rows].numpy()
     coef, intercept = fit_probe(X, y, C)

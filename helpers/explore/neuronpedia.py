@@ -75,7 +75,8 @@ SCHEMA_SOURCE = "hijohnnylin/neuronpedia@ebb8426fc550ad5d1f76d52c271a624af3c08a5
 
 
 def _cols(spec: str) -> dict[str, dict[str, Any]]:
-    """`"name:String tags:String[] notes:String? visibility:Visibility=PRIVATE"` -> the fixture's column shape."""
+    """`"name:String tags:String[] notes:String? visibility:Visibility=PRIVATE"` ->
+    the fixture's column shape."""
     out = {}
     for item in spec.split():
         name, typ = item.split(":")
@@ -140,15 +141,16 @@ SCHEMA: dict[str, Any] = {
         },
         "Activation": {
             "columns": _cols(
-                f"id:String=cuid() tokens:String[] index:String layer:String modelId:String values:Float[] "
-                f"maxValue:Float maxValueTokenIndex:Int minValue:Float binMin:Float? binMax:Float? binContains:Float? "
-                f"qualifyingTokenIndex:Int? dataSource:String? dataIndex:String? {_WHO}"
+                "id:String=cuid() tokens:String[] index:String layer:String modelId:String values:Float[] "
+                "maxValue:Float maxValueTokenIndex:Int minValue:Float binMin:Float? binMax:Float? "
+                f"binContains:Float? qualifyingTokenIndex:Int? dataSource:String? dataIndex:String? {_WHO}"
             )
         },
         "Explanation": {
             "columns": _cols(
-                "id:String=cuid() modelId:String layer:String index:String description:String authorId:String "
-                "notes:String? typeName:String? explanationModelName:String? createdAt:DateTime=now()"
+                "id:String=cuid() modelId:String layer:String index:String "
+                "description:String authorId:String notes:String? typeName:String? "
+                "explanationModelName:String? createdAt:DateTime=now()"
             )
         },
     },
@@ -477,7 +479,10 @@ def export_sae(
         shutil.rmtree(out)  # a rerun (e.g. without the dead features) leaves no stale batch behind
     now = datetime.now(UTC).isoformat(timespec="seconds")
     creator = {"creatorId": creator_id, "createdAt": now}
-    desc = f"Residual stream, layer {info['layer']}: {info['architecture']} SAE ({sae_id}), {info['d_sae']} latents"
+    desc = (
+        f"Residual stream, layer {info['layer']}: {info['architecture']} SAE ({sae_id}), "
+        f"{info['d_sae']} latents"
+    )
     meta = {
         "release": {
             "name": release,
@@ -738,7 +743,8 @@ def validate_upload_batch(body: dict[str, Any], schema: dict[str, Any] | None = 
         for j, act in enumerate(f["activations"]):
             if len(act["tokens"]) != len(act["values"]):
                 problems.append(
-                    f"body.features[{i}].activations[{j}]: {len(act['tokens'])} tokens, {len(act['values'])} values"
+                    f"body.features[{i}].activations[{j}]: "
+                    f"{len(act['tokens'])} tokens, {len(act['values'])} values"
                 )
         for j, e in enumerate(f.get("explanations") or []):
             for key in ("methodName", "modelName"):
@@ -760,7 +766,8 @@ def validate_upload_batch(body: dict[str, Any], schema: dict[str, Any] | None = 
         or any(x in set_name for x in name["name_forbids"])
     ):
         problems.append(
-            f"body.source {body['source']!r} is not <layer>-<set name> with a set name the source-set route accepts"
+            f"body.source {body['source']!r} is not <layer>-<set name> "
+            "with a set name the source-set route accepts"
         )
     model = pre["model"]
     mid = body["modelId"]
@@ -880,7 +887,8 @@ def validate_export(folder: str | os.PathLike, schema: dict[str, Any] | None = N
                 if kind == "activation":
                     if len(rec.get("tokens") or []) != len(rec.get("values") or []):
                         problems.append(
-                            f"{where}: {len(rec['tokens'] or [])} tokens but {len(rec['values'] or [])} values"
+                            f"{where}: {len(rec['tokens'] or [])} tokens "
+                            f"but {len(rec['values'] or [])} values"
                         )
                     if (rec.get("maxValue") or 0) > max_act.get(rec.get("index"), float("inf")):
                         problems.append(
@@ -968,7 +976,8 @@ to `explanations/` (after replacing the names if they gave others).
    (`/api/admin/import?modelId=<model_id>&sourceId=<source_id>`).
 
 Our windows are short (`before` + 1 + `after` tokens of the model's own answers, or of the reference
-corpus), not 128-token prompts; the model id (`{model_id}`) may need to match a model Neuronpedia already hosts.
+corpus), not 128-token prompts; the model id (`{model_id}`) may need to match a model Neuronpedia \
+already hosts.
 """
 
 

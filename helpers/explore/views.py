@@ -156,14 +156,16 @@ def histogram_svg(hist: dict[str, Any], width: int = 360, height: int = 120, col
     bw = (width - left - 4) / max(n, 1)
     bars = "".join(
         f'<rect x="{left + i * bw:.1f}" y="{height - bottom - (height - bottom - 6) * c / top:.1f}" '
-        f'width="{max(bw - 1, 1):.1f}" height="{(height - bottom - 6) * c / top:.1f}" fill="{colour}" fill-opacity="0.75">'
-        f"<title>{c}</title></rect>"
+        f'width="{max(bw - 1, 1):.1f}" height="{(height - bottom - 6) * c / top:.1f}" '
+        f'fill="{colour}" fill-opacity="0.75"><title>{c}</title></rect>'
         for i, c in enumerate(counts)
     )
+    low, high = _f(hist.get("min") or 0), _f(hist["max"])
     return (
         f'<svg width="{width}" height="{height}" style="font: 10px sans-serif">{bars}'
-        f'<text x="{left}" y="{height - 4}">{_f(hist.get("min") or 0)}</text><text x="{width - 4}" y="{height - 4}" text-anchor="end">'
-        f'{_f(hist["max"])}</text><text x="{left - 3}" y="10" text-anchor="end">{top}</text></svg>'
+        f'<text x="{left}" y="{height - 4}">{low}</text>'
+        f'<text x="{width - 4}" y="{height - 4}" text-anchor="end">{high}</text>'
+        f'<text x="{left - 3}" y="10" text-anchor="end">{top}</text></svg>'
     )
 
 
@@ -329,15 +331,16 @@ def live_html(
             if meter is not None and s.meter_running is not None
             else ""
         )
-        rows.append(
-            f"<tr><td><code>{html.escape(repr(s.text))}</code></td><td>{s.n_firing}</td><td>{feats}</td><td>{bar}</td></tr>"
-        )
-    head = "<tr><th>token</th><th>firing</th><th>top features (activation)</th><th>deception meter: answer so far</th></tr>"
+        cells = (f"<code>{html.escape(repr(s.text))}</code>", s.n_firing, feats, bar)
+        rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    columns = ("token", "firing", "top features (activation)", "deception meter: answer so far")
+    head = "<tr>" + "".join(f"<th>{column}</th>" for column in columns) + "</tr>"
     text = "".join(s.text for s in steps)
     caveat = (
         f"<p style='color:#666; font-size:12px'>{html.escape(meter.caveat)}</p>" if meter is not None else ""
     )
-    return f"<p><b>answer</b>: {html.escape(text)}</p><table style='font-size:13px'>{head}{''.join(rows)}</table>{caveat}"
+    table = f"<table style='font-size:13px'>{head}{''.join(rows)}</table>"
+    return f"<p><b>answer</b>: {html.escape(text)}</p>{table}{caveat}"
 
 
 def show_live(

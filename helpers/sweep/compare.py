@@ -346,8 +346,8 @@ def sae_minus_raw_figure(tests: list[dict[str, Any]]) -> Any:
         y = np.array([np.nan if t["ba_difference"] is None else t["ba_difference"] for t in ts], float)
         lo = np.array([np.nan if t["ba_difference_lo"] is None else t["ba_difference_lo"] for t in ts], float)
         hi = np.array([np.nan if t["ba_difference_hi"] is None else t["ba_difference_hi"] for t in ts], float)
-        # One marker per SAE with its CI, architectures side by side within a model (scattermode "group"); plain
-        # scatter traces, so plots.show can draw the static copy too.
+        # One marker per SAE with its CI, architectures side by side within a model (scattermode "group");
+        # plain scatter traces, so plots.show can draw the static copy too.
         fig.add_trace(
             go.Scatter(
                 x=[t["model"] for t in ts],
@@ -419,14 +419,15 @@ def summary_markdown(sweep: dict[str, Any], rows: list[dict[str, Any]], trend: d
         f"## Deception probes across models: sweep `{sweep.get('name')}`",
         "",
         f"Study: datasets {', '.join(d.get('name') or d['data'] for d in study.get('datasets', []))}; "
-        f"{study.get('n_per_prompt')} completions per prompt, {study.get('max_new_tokens')} new tokens; "
-        f"relative depths {study.get('depths')}; SAEs {', '.join(study.get('architectures', []))} × "
-        f"{', '.join(study.get('conditions', []))}, expansion {study.get('expansion')}, L0 {study.get('l0')}, "
-        f"{study.get('train_tokens'):,} training tokens; {study.get('n_folds')}-fold grouped CV, "
-        f"{study.get('n_bootstrap')} bootstrap refits, recall at {study.get('control_fpr')} FPR on the control set.",
+        f"{study.get('n_per_prompt')} completions per prompt, {study.get('max_new_tokens')} new "
+        f"tokens; relative depths {study.get('depths')}; SAEs "
+        f"{', '.join(study.get('architectures', []))} × {', '.join(study.get('conditions', []))}, "
+        f"expansion {study.get('expansion')}, L0 {study.get('l0')}, {study.get('train_tokens'):,} "
+        f"training tokens; {study.get('n_folds')}-fold grouped CV, {study.get('n_bootstrap')} "
+        f"bootstrap refits, recall at {study.get('control_fpr')} FPR on the control set.",
         "",
-        "| model | params | peak layer (depth) | raw AUROC [95% CI] | raw BA | recall @ FPR | best SAE − raw BA "
-        "[CI] (p Holm, sweep) | random SAE AUROC | ensemble AUROC | max feature d |",
+        "| model | params | peak layer (depth) | raw AUROC [95% CI] | raw BA | recall @ FPR | best SAE − "
+        "raw BA [CI] (p Holm, sweep) | random SAE AUROC | ensemble AUROC | max feature d |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in peak_rows(rows):
@@ -439,8 +440,9 @@ def summary_markdown(sweep: dict[str, Any], rows: list[dict[str, Any]], trend: d
         )
         lines.append(
             f"| {r['model']} | {params} | {r['layer']} ({r['relative_depth']:.0%}) | {_f(r['raw_auroc'])} "
-            f"[{_f(r['raw_auroc_lo'])}, {_f(r['raw_auroc_hi'])}] | {_f(r['raw_ba'])} | {r.get('recall_at_fpr') or '–'} "
-            f"| {sae} | {_f(r.get('random_sae_auroc'))} | {_f(r.get('ensemble_concat_auroc'))} | {_f(r.get('max_feature_d'), '.2f')} |"
+            f"[{_f(r['raw_auroc_lo'])}, {_f(r['raw_auroc_hi'])}] | {_f(r['raw_ba'])} | "
+            f"{r.get('recall_at_fpr') or '–'} | {sae} | {_f(r.get('random_sae_auroc'))} | "
+            f"{_f(r.get('ensemble_concat_auroc'))} | {_f(r.get('max_feature_d'), '.2f')} |"
         )
     failed = [r for r in rows if r.get("error")]
     for r in failed:

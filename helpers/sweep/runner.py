@@ -479,7 +479,8 @@ def run_model(
             record["stages"][stage] = {"status": "done", "seconds": round(time.perf_counter() - t0, 2), **out}
             save()
             if stage == STAGES[2]:  # notebook 04 reads the run folder only: the model leaves memory first
-                lm.free()  # (no gc here: a full collection costs ~1 s with transformers loaded; once per model)
+                # no gc here: a full collection costs ~1 s with transformers loaded (once per model)
+                lm.free()
                 if device == "cuda":
                     torch.cuda.empty_cache()
     finally:
@@ -528,8 +529,8 @@ def run_sweep(
             entry = state["models"].get(key) or {}
             if entry.get("spec") not in (None, spec.spec):
                 raise NotebookError(
-                    f"model key {key!r} of sweep {folders.name!r} was {entry['spec']!r}, now {spec.spec!r}: give the "
-                    "new model another 'name', or use a new SWEEP_NAME"
+                    f"model key {key!r} of sweep {folders.name!r} was {entry['spec']!r}, now {spec.spec!r}: "
+                    "give the new model another 'name', or use a new SWEEP_NAME"
                 )
             if key in skip:
                 state["models"][key] = {
@@ -572,7 +573,8 @@ def run_sweep(
                 )
                 record["status"] = "done"
                 record.pop("stage", None)
-            except Exception as err:  # noqa: BLE001 - one model's failure (OOM, unknown layout, ...) is its row
+            # one model's failure (OOM, unknown layout, ...) is its row, not the end of the sweep
+            except Exception as err:  # noqa: BLE001
                 record.update(
                     status="failed",
                     error=f"{type(err).__name__}: {err}",

@@ -45,7 +45,8 @@ WORDS = (
 
 
 def tiny_random_model(folder: str | os.PathLike, family: str, *, n_layers: int = 4, seed: int = 0) -> Path:
-    """Write a random `family` model (n_layers × 64) with SmolLM2's tokenizer into `folder` (kept if there)."""
+    """Write a random `family` model (n_layers × 64) with SmolLM2's tokenizer into
+    `folder` (kept if there)."""
     import transformers as tf
 
     folder = Path(folder)
