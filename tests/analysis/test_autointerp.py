@@ -11,7 +11,13 @@ import re
 import numpy as np
 import pytest
 
-from helpers.analysis.autointerp import EXPLAIN_SYSTEM, autointerp, explain_features, plan
+from helpers.analysis.autointerp import (
+    EXPLAIN_SYSTEM,
+    AutointerpSettings,
+    autointerp,
+    explain_features,
+    plan,
+)
 from helpers.analysis.contexts import FeatureContexts, window_record
 from helpers.analysis.scoring import (
     DETECTION_SYSTEM,
@@ -420,6 +426,20 @@ def test_a_malformed_answer_is_asked_again_in_smaller_batches(fake_gemini):
     results = explain_features(synthetic_contexts()[:4], new_client())
     assert all(r["explanation"] for r in results.values())
     assert [len(items(r)) for r in fake_gemini.requests] == [4, 4, 2, 2]
+
+
+def test_settings_or_their_fields_as_keywords_ask_the_same(fake_gemini):
+    fake_gemini.handler = route(truthful)
+    by_settings = autointerp(
+        synthetic_contexts(), new_client(), settings=AutointerpSettings(4, fuzzing=False)
+    )
+    sizes = [len(items(r)) for r in fake_gemini.requests]
+    fake_gemini.requests.clear()
+    by_keywords = autointerp(synthetic_contexts(), new_client(), features_per_request=4, fuzzing=False)
+    assert by_keywords == by_settings and [len(items(r)) for r in fake_gemini.requests] == sizes
+    assert len(sizes) == plan(8, 4, n_controls=0, fuzzing=False)["requests"] == 6 and set(sizes) == {4}
+    with pytest.raises(TypeError, match=r"\['fuzing'\].*the autointerp settings are"):
+        explain_features(synthetic_contexts(), new_client(), fuzing=False)
 
 
 def test_a_rerun_is_answered_from_the_cache(fake_gemini, tmp_path):

@@ -1,7 +1,8 @@
 """Reference-corpus activations: the corpus the package ships goes through the same reader as a Hub
 dataset (a Hub filesystem stand-in serves it from a local folder), documents become fixed-length
 sequences with BOS/special positions left out, stored vectors equal the model's residuals and keep their
-token ids, collection resumes, the streamed path serves the same training vectors as the stored one, and bad input is named."""
+token ids, collection resumes, the streamed path serves the same training vectors as the stored one, and
+bad input is named."""
 
 from __future__ import annotations
 

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import helpers
+from helpers.collect.packing import pad_batch
 from helpers.collect.sampling import (
     Completion,
+    SamplingSettings,
     completion_seed,
     generate_batch,
     sample_completions,
@@ -207,3 +209,32 @@ def test_sample_next_follows_softmax_temperature_and_top_p():
     assert freq[2:].sum() == 0 and (freq[:2] - p / p.sum()).abs().max() < 0.03
     assert sample_next(batch[:3], gens[:3], 0, 1.0).tolist() == [0, 0, 0]
     assert sample_next(batch[:50], gens[:50], 1.0, 1e-6).tolist() == [0] * 50
+
+
+def test_sampling_settings_or_their_fields_as_keywords_draw_the_same_and_unknown_names_are_refused(tiny):
+    settings = SamplingSettings(temperature=0.8, max_new_tokens=5, seed=4, batch_size=2)
+    whole = sample_completions(tiny, PROMPTS, n_per_prompt=2, sampling=settings)
+    fields = sample_completions(tiny, PROMPTS, n_per_prompt=2, temperature=0.8, max_new_tokens=5, seed=4)
+    overridden = sample_completions(
+        tiny,
+        PROMPTS,
+        n_per_prompt=2,
+        sampling=SamplingSettings(seed=9),
+        seed=4,
+        temperature=0.8,
+        max_new_tokens=5,
+    )
+    assert [c.to_dict() for c in whole] == [c.to_dict() for c in fields] == [c.to_dict() for c in overridden]
+    with pytest.raises(TypeError, match=r"\['temprature'\].*the sampling settings are \['temperature'"):
+        sample_completions(tiny, PROMPTS, n_per_prompt=1, temprature=0)
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        SamplingSettings(max_new_tokens=0)
+
+
+def test_pad_batch_left_and_right():
+    ids, mask = pad_batch([[5, 6, 7], [8]], 0, "cpu")
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = pad_batch([[5, 6, 7], [8]], 0, "cpu", side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    with pytest.raises(ValueError, match="side must be 'left' or 'right'"):
+        pad_batch([[1]], 0, "cpu", side="middle")
