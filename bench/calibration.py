@@ -279,8 +279,12 @@ def main() -> None:
             {
                 "benchmark": "calibration of p-values and CIs on simulated worlds (tests/null_worlds.py)",
                 "command": " ".join(["python", "bench/calibration.py", *sys.argv[1:]]),
-                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
-                "targets": "false-positive rates within ±0.03 of alpha; CI coverage >= 0.93; fuzzing readers 0.5",
+                "machine": (
+                    f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}"
+                ),
+                "targets": (
+                    "false-positive rates within ±0.03 of alpha; CI coverage >= 0.93; fuzzing readers 0.5"
+                ),
                 "statistics": {name: {"before": before.get(name), "after": after[name]} for name in after},
             },
             indent=1,

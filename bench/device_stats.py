@@ -98,7 +98,9 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "benchmark": "statistics on each device path against numpy, calibration worlds (bench/device_stats.py)",
+                "benchmark": (
+                    "statistics on each device path against numpy, calibration worlds (bench/device_stats.py)"
+                ),
                 "command": " ".join(["python", "bench/device_stats.py", *sys.argv[1:]]),
                 "machine": f"{platform.machine()}, {args.threads} threads",
                 "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -16,7 +16,8 @@
    k 32, batch `--batch-tokens`) fed (a) by `handoff.store_batches` (our store as its data provider) and
    (b) by SAELens's own `ActivationsStore` over the export (`use_cached_activations=True`). Steps are
    timed in alternating chunks of 5, so a shared machine's load slows both alike; the data providers
-   alone (`--pulls` batches each, no training) are timed the same way, in chunks of 50. torch uses `--threads` threads.
+   alone (`--pulls` batches each, no training) are timed the same way, in chunks of 50. torch uses
+   `--threads` threads.
 """
 
 from __future__ import annotations

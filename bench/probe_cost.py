@@ -24,9 +24,10 @@ the rows it adds per layer — the prompt-only probe, a random-weight SAE probe 
 permutations or bootstrap), every reader trained on the train set and scored on an eval set and a
 400-answer control set (raw, prompt-only, 9 SAEs, 9 random SAEs), the 2 x 2 transfer matrix, the 36
 SAE-vs-SAE tests with 8 SAEs re-probed at the matched L0 (the sparsest keeps its own probe) — and once
-per run the multi-layer ensembles (a probe on the 3 layers concatenated with 50 refitted draws, the mean of per-layer scores) and a 16-layer sweep (50 refitted
-draws per layer). The CV rows keep their size (816), so the ratio is an upper bound. Encoding through
-the random SAEs and the L0-matched re-encoding are excluded, as SAE encoding is above.
+per run the multi-layer ensembles (a probe on the 3 layers concatenated with 50 refitted draws, the mean of
+per-layer scores) and a 16-layer sweep (50 refitted draws per layer). The CV rows keep their size (816), so
+the ratio is an upper bound. Encoding through the random SAEs and the L0-matched re-encoding are
+excluded, as SAE encoding is above.
 
     python bench/probe_cost.py                 # 2 threads, as Colab's CPU
     python bench/probe_cost.py --threads 1 --n 1632
@@ -199,7 +200,9 @@ def side_by_side(args, argv: list[str]) -> None:
     print(
         json.dumps(
             {
-                "benchmark": "notebook 04 statistics before vs after, one run (bench/probe_cost.py --baseline)",
+                "benchmark": (
+                    "notebook 04 statistics before vs after, one run (bench/probe_cost.py --baseline)"
+                ),
                 "command": " ".join(["python", "bench/probe_cost.py", *argv]),
                 "baseline_commit": commit,
                 "current_over_baseline": ratios(runs["baseline"], runs["current"]),
@@ -280,22 +283,29 @@ def main() -> None:
         added = 3 * out["protocol"]["per_layer_seconds"] + out["protocol"]["per_run_seconds"]
         out["protocol"]["ratio_to_today"] = round((today + added) / today, 3)
         out["protocol"]["estimate_with_protocol_minutes"] = round((today + added) / 60, 1)
+    if dev is None:
+        statistics_device = "numpy (CPU)"
+    else:
+        statistics_device = str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "")
     print(
         json.dumps(
             {
-                "benchmark": "notebook 04 statistics at nanochat-d32 scale, synthetic data (bench/probe_cost.py)",
+                "benchmark": (
+                    "notebook 04 statistics at nanochat-d32 scale, synthetic data (bench/probe_cost.py)"
+                ),
                 "command": " ".join(["python", "bench/probe_cost.py", *sys.argv[1:]]),
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.threads} BLAS threads",
                 "clock": "process CPU seconds" if args.clock == "cpu" else "wall seconds",
-                "statistics_device": "numpy (CPU)"
-                if dev is None
-                else str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
+                "statistics_device": statistics_device,
                 "n_completions": args.n,
                 "d_model": 2048,
                 "d_sae": 16384,
                 **out,
                 "estimate_notebook_04_statistics_3_layers_9_saes_minutes": round(today / 60, 1),
-                "excluded": "bag-of-words probes (~ a raw probe each), encoding the store through the SAEs, example windows",
+                "excluded": (
+                    "bag-of-words probes (~ a raw probe each), encoding the store through the SAEs, "
+                    "example windows"
+                ),
             },
             indent=1,
         )

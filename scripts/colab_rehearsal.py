@@ -90,8 +90,9 @@ GEMINI_PARAMS: dict[str, dict[str, Any]] = {
 }
 
 DROPPED_ENV = re.compile(
-    r"^(NB_.*|GEMINI_API_KEY|GOOGLE_API_KEY|HF_TOKEN|HUGGING_FACE_HUB_TOKEN|GOOGLE_GEMINI_BASE_URL|GOOGLE_GENAI_.*"
-    r"|COLAB_.*|PYTHONPATH|PYTHONHOME|PYTHONSTARTUP|VIRTUAL_ENV|JUPYTER_.*|IPYTHONDIR|PYTEST_.*|HF_HOME|MPLBACKEND)$"
+    r"^(NB_.*|GEMINI_API_KEY|GOOGLE_API_KEY|HF_TOKEN|HUGGING_FACE_HUB_TOKEN|GOOGLE_GEMINI_BASE_URL"
+    r"|GOOGLE_GENAI_.*|COLAB_.*|PYTHONPATH|PYTHONHOME|PYTHONSTARTUP|VIRTUAL_ENV|JUPYTER_.*|IPYTHONDIR"
+    r"|PYTEST_.*|HF_HOME|MPLBACKEND)$"
 )
 
 
@@ -161,7 +162,8 @@ def resolve_commit(checkout: Path) -> Commit:
     dirty = git(root, "status", "--porcelain", "--untracked-files=no").stdout.strip()
     if dirty:
         print(
-            f"note: {root} has uncommitted changes; the rehearsal sees only commit {sha[:10]}, as GitHub would"
+            f"note: {root} has uncommitted changes; the rehearsal "
+            f"sees only commit {sha[:10]}, as GitHub would"
         )
     return Commit(root, sha)
 
@@ -229,7 +231,8 @@ def substitute_install_url(nb: dict[str, Any], literal: str | None, local_url: s
         literal = found[0]
     elif literal not in src:
         raise RehearsalError(
-            f"{name}: the install cell does not contain the release's install URL {literal!r}; it reads:\n{src}"
+            f"{name}: the install cell does not contain the release's "
+            f"install URL {literal!r}; it reads:\n{src}"
         )
     cell["source"] = src.replace(literal, local_url)
     return literal
@@ -516,7 +519,8 @@ def run_pass(
         secrets["GEMINI_API_KEY"] = key
         extra["GOOGLE_GEMINI_BASE_URL"] = server.url
         print(
-            f"[{name}] fake Gemini at {server.url} serving {sorted(models)}; key given as Colab secret GEMINI_API_KEY"
+            f"[{name}] fake Gemini at {server.url} serving {sorted(models)}; "
+            "key given as Colab secret GEMINI_API_KEY"
         )
     env = kernel_env(python, work, pass_dir, secrets, extra)
     changed_so_far: set[str] = set()
@@ -657,7 +661,8 @@ def check_run_folder(result: PassResult, pass_dir: Path, python: Path, commit: C
     elsewhere = sorted({r["path"] for r in mounts if Path(r["path"]).resolve() != drive_root})
     check(
         not elsewhere,
-        f"Drive was mounted at {elsewhere}, not at NB_DRIVE_ROOT={drive_root}: the package ignores NB_DRIVE_ROOT",
+        f"Drive was mounted at {elsewhere}, not at NB_DRIVE_ROOT={drive_root}: "
+        "the package ignores NB_DRIVE_ROOT",
     )
 
     # Where the run folder is: under the one Drive that was mounted (a package that ignores NB_DRIVE_ROOT
@@ -995,7 +1000,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"REHEARSAL ERROR: {err}\nColab rehearsal: FAILED\nrehearsal: 0 passed, {len(passes)} failed")
         return 1
     print(
-        f"Colab rehearsal of {commit.checkout} at {commit.sha[:10]}: install URL {commit.url}\nwork folder: {work}"
+        f"Colab rehearsal of {commit.checkout} at {commit.sha[:10]}: "
+        f"install URL {commit.url}\nwork folder: {work}"
     )
     results: list[PassResult] = []
     setup_error = None
@@ -1033,7 +1039,8 @@ def main(argv: list[str] | None = None) -> int:
     for res in results:
         ran = ", ".join(f"{n.name[:2]} {'ok' if n.ok else 'FAILED'}" for n in res.notebooks)
         print(
-            f"pass {res.name}: {'ok' if not res.failures else 'FAILED'} ({res.seconds:.0f} s; notebooks: {ran})"
+            f"pass {res.name}: {'ok' if not res.failures else 'FAILED'} "
+            f"({res.seconds:.0f} s; notebooks: {ran})"
         )
         for nb in res.notebooks:
             if not nb.ok:

@@ -1,9 +1,9 @@
 """Execute the numbered notebooks headless, as Colab's Run all would (used by the tests and the README).
 
-    python scripts/run_notebooks.py --demo             # all notebooks, offline model, the demo preset -> ./runs/demo
-    python scripts/run_notebooks.py --smoke            # all notebooks, offline model, tiny data -> ./runs/smoke
-    python scripts/run_notebooks.py --smoke 01 02      # only these
-    python scripts/run_notebooks.py --params runs/offline_run.json --run-dir runs/offline   # your parameters
+    python scripts/run_notebooks.py --demo         # all notebooks, offline model, demo preset -> ./runs/demo
+    python scripts/run_notebooks.py --smoke        # all notebooks, offline model, tiny data -> ./runs/smoke
+    python scripts/run_notebooks.py --smoke 01 02  # only these
+    python scripts/run_notebooks.py --params runs/offline_run.json --run-dir runs/offline  # your parameters
 
 `--params` names a JSON file mapping a notebook number to parameter values, e.g.
 `{"02": {"N_PROMPTS": 100}}`: a cell setting them is inserted after that notebook's parameters cell, as

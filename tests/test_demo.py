@@ -1,4 +1,5 @@
-"""README command 1 shows a real result: the demo preset, reduced, run through the same runner, is not degenerate.
+"""README command 1 shows a real result: the demo preset, reduced, run through the
+same runner, is not degenerate.
 
 `scripts/demo_params.json` is what `python3 scripts/run_notebooks.py --demo` runs (about a quarter of an hour
 on a 2-core CPU). This test runs the same preset with fewer prompts and training tokens (`REDUCE` below

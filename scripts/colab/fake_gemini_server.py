@@ -241,7 +241,10 @@ class RehearsalGemini:
         for it in items:
             feature = int(it["feature"])
             h = _digest("explain", it)
-            text = f"Tokens of the rehearsal's text pattern {h % 10**8:08d} (fake explanation of feature {feature})."
+            pattern = f"{h % 10**8:08d}"
+            text = (
+                f"Tokens of the rehearsal's text pattern {pattern} (fake explanation of feature {feature})."
+            )
             with self._lock:
                 self.explanations.setdefault(feature, set()).add(text)
             out.append(

@@ -1,4 +1,5 @@
-"""The notebook runner: progress bars saved where they ended, kernels on Unix sockets, the demo preset's CLI."""
+"""The notebook runner: progress bars saved where they ended, kernels on Unix
+sockets, the demo preset's CLI."""
 
 from __future__ import annotations
 
