@@ -2,7 +2,8 @@
 
 Colab shows a cell's printed text in a monospace font, so an aligned text table reads well there, in a
 downloaded notebook and in a terminal alike. Floats get 3 significant figures, None shows as "-",
-and list/dict values (CIs, nested stats) are left out unless `columns` names them.
+and list/dict values (CIs, nested stats) are left out unless `columns` names them. `value_ci` writes a
+value with its interval wherever one is shown (tables, the model card, the explorer's pages).
 """
 
 from __future__ import annotations
@@ -10,11 +11,28 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+MISSING = "-"
+"""How a missing value reads, in a table cell and in `value_ci`."""
+
+
+def _missing(v: Any) -> bool:
+    return v is None or v != v  # NaN is the one value not equal to itself
+
+
+def value_ci(value: Any, ci: Sequence[Any] | None = None, spec: str = ".2f") -> str:
+    """'0.83 [0.71, 0.92]': `value` and its interval `ci` (lo, hi), both in format `spec`. A missing value
+    (None or NaN) reads as MISSING; a missing interval, or one with a missing end, is left out."""
+    if _missing(value):
+        return MISSING
+    if not ci or len(ci) != 2 or any(_missing(b) for b in ci):
+        return format(value, spec)
+    return f"{value:{spec}} [{ci[0]:{spec}}, {ci[1]:{spec}}]"
+
 
 def cell(v: Any, digits: int = 3) -> str:
-    """How one value reads in a table: floats to `digits` significant figures, None as '-'."""
+    """How one value reads in a table: floats to `digits` significant figures, None as MISSING."""
     if v is None:
-        return "-"
+        return MISSING
     if isinstance(v, bool):
         return str(v)
     if isinstance(v, float):

@@ -88,6 +88,7 @@ from helpers.saes.io import LoadedSAE, load_sae
 from helpers.saes.random_control import VARIANTS as RANDOM_VARIANTS
 from helpers.saes.random_control import random_sae_like
 from helpers.stats import balanced_accuracy, check_labels, holm, weighted_auroc
+from helpers.tables import value_ci
 
 Pooling = Literal["mean", "last"]
 SAE_POOLING = {
@@ -1053,13 +1054,6 @@ def _fmt(value: Any, spec: str) -> str:
     return "" if value is None or value != value else format(value, spec)
 
 
-def _ci(value: float | None, bounds: Sequence[float | None] | None, spec: str = ".2f") -> str:
-    if value is None or value != value:
-        return "-"
-    inside = "" if not bounds or None in bounds else f" [{bounds[0]:{spec}}, {bounds[1]:{spec}}]"
-    return f"{value:{spec}}{inside}"
-
-
 def probe_summary(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     """One short display row per probe of `probe_table` (grouped CV on the training datasets): balanced
     accuracy and AUROC with their CIs, the permutation p-value, and the comparison each kind is made
@@ -1091,8 +1085,8 @@ def probe_summary(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
                 else "+".join(map(str, r.get("layers", []))),
                 "probe": name,
                 "rows": str((r.get("rows") or {}).get("n", r.get("n"))),
-                "balanced acc [95% CI]": _ci(r.get("balanced_accuracy"), r.get("ba_ci")),
-                "AUROC [95% CI]": _ci(r.get("auroc"), r.get("auroc_ci")),
+                "balanced acc [95% CI]": value_ci(r.get("balanced_accuracy"), r.get("ba_ci")),
+                "AUROC [95% CI]": value_ci(r.get("auroc"), r.get("auroc_ci")),
                 "perm. p": _fmt(r.get("p_value"), ".3f"),
                 "comparison": cmp,
             }
@@ -1128,11 +1122,11 @@ def transfer_summary(probes_json: dict[str, Any]) -> list[dict[str, str]]:
                 "probe": str(kind),
                 "train -> eval": f"{'+'.join(t['train_sets'])} -> {t['eval_set']}",
                 "n (groups)": f"{t['n']} ({t['n_groups']})",
-                "AUROC [95% CI]": _ci(t["auroc"], t["auroc_ci"]),
-                f"recall @ {probes_json.get('control_fpr', CONTROL_FPR):.0%} FPR": _ci(
+                "AUROC [95% CI]": value_ci(t["auroc"], t["auroc_ci"]),
+                f"recall @ {probes_json.get('control_fpr', CONTROL_FPR):.0%} FPR": value_ci(
                     t["recall"], t["recall_ci"]
                 ),
-                "BA @ threshold": _ci(t["ba_at_threshold"], t["ba_ci"]),
+                "BA @ threshold": value_ci(t["ba_at_threshold"], t["ba_ci"]),
                 "control threshold": res or "; ".join(t["why"]),
             }
         )
@@ -1148,10 +1142,10 @@ def sweep_summary(probes_json: dict[str, Any]) -> list[dict[str, str]]:
         row = {
             "layer": str(r["layer"]),
             "depth": _fmt(r.get("relative_depth"), ".0%"),
-            "CV AUROC (train sets)": _ci(r.get("cv_auroc"), r.get("cv_auroc_ci")),
+            "CV AUROC (train sets)": value_ci(r.get("cv_auroc"), r.get("cv_auroc_ci")),
         }
         for t in r["transfer"]:
-            row[f"AUROC on {t['eval_set']}"] = _ci(t["auroc"], t["auroc_ci"])
+            row[f"AUROC on {t['eval_set']}"] = value_ci(t["auroc"], t["auroc_ci"])
         out.append(row)
     return out
 

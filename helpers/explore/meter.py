@@ -44,6 +44,7 @@ from helpers.analysis.probes import probe
 from helpers.collect.capture import load_pooled
 from helpers.collect.completions import read_completions
 from helpers.run import probes_path
+from helpers.tables import value_ci
 
 METER_COLOUR, CHANCE_COLOUR = "#d63027", "#b8b8b8"
 CAVEAT = (
@@ -125,12 +126,8 @@ def _quality(cv: dict[str, Any]) -> str:
     if "reason" in cv:
         return f"unknown ({cv['reason']})"
 
-    def ci(key: str) -> str:
-        lo, hi = cv.get(key) or (None, None)
-        return "" if lo is None or hi is None else f" [{lo:.2f}, {hi:.2f}]"
-
-    auroc = "unknown" if cv.get("auroc") is None else f"{cv['auroc']:.2f}{ci('auroc_ci')}"
-    return f"balanced accuracy {cv['balanced_accuracy']:.2f}{ci('ba_ci')}, AUROC {auroc}"
+    auroc = "unknown" if cv.get("auroc") is None else value_ci(cv["auroc"], cv.get("auroc_ci"))
+    return f"balanced accuracy {value_ci(cv['balanced_accuracy'], cv.get('ba_ci'))}, AUROC {auroc}"
 
 
 def fit_probe(X: np.ndarray, y: np.ndarray, C: float = 1.0) -> tuple[np.ndarray, float]:

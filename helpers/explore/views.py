@@ -16,6 +16,7 @@ import numpy as np
 from helpers.explore.live import NO_FEATURE_FIRES, TokenStep
 from helpers.explore.meter import DeceptionMeter
 from helpers.plots import token_html
+from helpers.tables import value_ci
 
 SORTS = {
     "firing rate": "firing_rate",
@@ -216,12 +217,8 @@ def feature_html(page: dict[str, Any], info: dict[str, Any] | None = None) -> st
             )
         )
     if page.get("analysis"):
-        ci = a.get("d_ci") or [None, None]
         stats += [
-            (
-                "Cohen's d, held out [95% CI]",
-                f"{_f(a.get('cohens_d'), '+.2f')} [{_f(ci[0], '+.2f')}, {_f(ci[1], '+.2f')}]",
-            ),
+            ("Cohen's d, held out [95% CI]", value_ci(a.get("cohens_d"), a.get("d_ci"), "+.2f")),
             ("q · AUROC", f"{_f(a.get('q_value'))} · {_f(a.get('auroc'))}"),
         ]
         for m in ("detection", "fuzzing"):

@@ -40,6 +40,7 @@ from helpers.run import (
     saes_dir,
 )
 from helpers.saes.io import load_sae
+from helpers.tables import value_ci
 
 SAE_FILES = (SAE_CFG, SAE_WEIGHTS, SAE_SPARSITY, SAE_METRICS)
 """What goes up per SAE (the first two are required); never checkpoint.pt."""
@@ -256,8 +257,7 @@ def _f(v: Any, fmt: str = ".3f") -> str:
 
 
 def _ci(row: dict[str, Any], key: str, ci: str) -> str:
-    lo, hi = row.get(ci) or (None, None)
-    return f"{_f(row.get(key))} [{_f(lo)}, {_f(hi)}]"
+    return value_ci(row.get(key), row.get(ci), ".3f")
 
 
 def _counts(c: Counter) -> str:

@@ -39,6 +39,7 @@ from helpers.run import (
 )
 from helpers.stats import holm
 from helpers.sweep.plan import params_text, relative_depth
+from helpers.tables import value_ci
 
 TABLE = "comparison"
 COLUMNS = [
@@ -104,9 +105,7 @@ def _recall(probes: dict[str, Any], layer: int) -> str | None:
             and t.get("control_set")
             and t.get("recall") is not None
         ):
-            lo, hi = _ci(t.get("recall_ci"))
-            ci = f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else ""
-            out.append(f"{t['eval_set']}: {t['recall']:.2f}{ci}")
+            out.append(f"{t['eval_set']}: {value_ci(t['recall'], t.get('recall_ci'))}")
     return "; ".join(out) or None
 
 
