@@ -176,7 +176,7 @@ def sample_completions(
 
 @torch.inference_mode()
 def generate_batch(
-    model: Any,
+    model: torch.nn.Module,
     prompts: list[list[int]],
     generators: list[torch.Generator],
     *,
@@ -268,7 +268,10 @@ def sample_next(
 
 
 def _encode_prompts(
-    model: Any, tokenizer: Any, prompts: Sequence[tuple[str, str, str | None]], max_new_tokens: int
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[tuple[str, str, str | None]],
+    max_new_tokens: int,
 ) -> dict[str, list[int]]:
     """Chat-encode every prompt once, refusing duplicate ids and prompts that leave no room to answer."""
     context = getattr(model.config, "max_position_embeddings", None)
@@ -289,7 +292,7 @@ def _encode_prompts(
     return encoded
 
 
-def _accepts_logits_to_keep(model: Any) -> bool:
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     # Prefill needs logits at the last position only; computing them for every prompt token would cost
     # a [tokens, vocab] matmul (the lm_head is ~20% of SmolLM2's weights).
     return "logits_to_keep" in inspect.signature(model.forward).parameters
