@@ -25,9 +25,7 @@ import json
 import os
 import pickle
 import re
-import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ from torch import nn
 
 from helpers.model import nanochat_layouts as layouts
 from helpers.model.nanochat_gpt import NanoChatGPTConfig, NanoChatGPTForCausalLM
+from helpers.run import atomic_directory
 
 NATIVE_FILES = {
     "model_<step>.pt": "torch state dict (bf16); keys may carry the `_orig_mod.` prefix of torch.compile",
@@ -402,20 +401,10 @@ def convert_native_checkpoint(
     except RuntimeError as err:
         raise ValueError(f"{model_path} does not fit the config built from {meta_path}: {err}") from err
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Same parent, so os.replace is a rename on one filesystem; mkdir (not mkdtemp) keeps umask permissions.
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    with atomic_directory(out_dir) as tmp:  # an empty out_dir (checked above) is replaced
         say(f"4/4 writing {out_dir} (model.safetensors, config, tokenizer)")
         model.save_pretrained(tmp)
         _fast_tokenizer(enc).save_pretrained(tmp)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above); os.replace onto a directory needs it gone
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     say(f"done: {out_dir}")
     return out_dir
 

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from helpers.run import (
     SAE_METRICS,
     SAE_SPARSITY,
     SAE_WEIGHTS,
+    atomic_directory,
     completions_path,
     explorer_dir,
     features_path,
@@ -125,17 +125,13 @@ def publish_saes(
     listing = sorted(["README.md", *files])
     if dry_run:
         out = run_dir / DRY_RUN_DIR
-        tmp = Path(tempfile.mkdtemp(prefix=f".{DRY_RUN_DIR}.", dir=run_dir))
-        try:  # built beside it, then renamed into place: never a half-written dry run
+        # Built beside it, then renamed into place (replacing our own earlier dry run: the folder must hold
+        # exactly this upload): never a half-written dry run.
+        with atomic_directory(out) as tmp:
             (tmp / "README.md").write_text(card)
             for rel, src in files.items():
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, tmp / rel)
-            if out.exists():
-                shutil.rmtree(out)  # our own earlier dry run: the folder must hold exactly this upload
-            os.replace(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         print(f"dry run: nothing uploaded; {len(listing)} files that would go to {repo_id} are in {out}")
         return {"repo_id": repo_id, "dry_run": True, "uploaded": False, "folder": out, "files": listing}
     token = token or get_secret("HF_TOKEN")
