@@ -8,9 +8,11 @@ import json
 
 import numpy as np
 import pytest
+from transformers import LlamaConfig
 
 from helpers import plan
 from helpers.run import read_run_json
+from helpers.sweep.plan import ModelSpec, StudySize, plan_rows
 
 D32 = plan.ModelNumbers(1_880_000_000, 32, 2048, 65_536, 2048, 4, "nanochat")
 SMALL = plan.ModelNumbers(135_000_000, 30, 576, 49_152, 192, 4, "llama")
@@ -129,3 +131,13 @@ def test_run_model_of_an_older_run_and_of_none(tmp_path):
         plan.run_model(tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match="cfg.json is missing"):
         plan.sae_widths([tmp_path])
+
+
+def test_the_sweep_plan_names_what_to_do_with_a_model_a_free_t4_cannot_hold(tmp_path):
+    # 8.6B parameters in two wide layers (few modules: cheap to count on the meta device).
+    big = LlamaConfig(hidden_size=16384, intermediate_size=65536, num_hidden_layers=2, num_attention_heads=32)
+    big.save_pretrained(tmp_path / "big")
+    work = StudySize(100, 64, 32, 10_000, 9, 2_000_000, 8, 3)
+    rates = plan.Rates(1e11, 1e11, 1e10, "fixed for the test")
+    (row,) = plan_rows([ModelSpec(str(tmp_path / "big"), name="big")], work, [0.5], device="cpu", rates=rates)
+    assert row.fits_t4 is False and "DROP = ['big']" in row.note

@@ -34,6 +34,7 @@ from helpers.model.load import OFFLINE_MODEL, offline_gguf_path
 from helpers.plan import (
     OVERHEAD_GIB,
     RUNTIME_RAM_GB,
+    T4_HOURS,
     T4_RAM_GB,
     T4_VRAM_GIB,
     Rates,
@@ -290,6 +291,13 @@ def plan_rows(
         note = f"{size.n_layers} layers × {size.d_model} ({size.family}); {size.how}"
         if bad:
             note = f"layers {bad} out of range: this model has layers 0..{size.n_layers - 1}; " + note
+        if not fits:
+            note = f"a free T4 would not hold it: leave it out (DROP = [{key!r}]); " + note
+        elif on_t4["hours"] > T4_HOURS:
+            note = (
+                f"~{on_t4['hours']:.0f} h on a T4, over a free session's {T4_HOURS:g} h: lower TRAIN_TOKENS, "
+                "N_PER_PROMPT or CORPUS_TOKENS (the study resumes per model and stage); " + note
+            )
         rows.append(
             PlanRow(
                 key,
