@@ -32,10 +32,10 @@ from helpers.run import (
     completions_path,
     explorer_dir,
     features_path,
+    model_record,
     neuronpedia_dir,
     probes_path,
     read_jsonl,
-    read_run_json,
     sae_dir,
     saes_dir,
 )
@@ -283,7 +283,7 @@ def model_card(run_dir: str | os.PathLike, sae_ids: list[str], repo_id: str) -> 
     cfgs = {sid: json.loads((sae_dir(run_dir, sid) / SAE_CFG).read_text()) for sid in sae_ids}
     metrics = {sid: _read(sae_dir(run_dir, sid) / SAE_METRICS) or {} for sid in sae_ids}
     first_metadata = cfgs[sae_ids[0]].get("metadata") or {}
-    spec = (read_run_json(run_dir).get("model") or {}).get("spec") or first_metadata.get("model_name")
+    spec = model_record(run_dir, required=False).get("spec") or first_metadata.get("model_name")
     hub_model = isinstance(spec, str) and re.fullmatch(r"[\w.\-]+/[\w.\-]+", spec) and not Path(spec).exists()
     archs = sorted({c["architecture"] for c in cfgs.values()})
     front_matter = ModelCardData(
