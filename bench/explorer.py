@@ -6,7 +6,7 @@ the static page's first paint with 16k features.
     python bench/explorer.py --device cuda         # on a GPU
     python bench/explorer.py --pass-only --tokens 100000 --before baaabae --threads 1
         # only the one pass (`feature_pass`) over the store, the code of git revision baaabae (before the
-        # pass moved to the device) against this tree's, alternating, each in a fresh process, results
+        # pass moved to the device) against HEAD's, alternating, each in a fresh process, results
         # compared array by array
 
 Data (written once under --data-dir, reused): a store of `--tokens` completion tokens of d_in = 576 (the
@@ -29,7 +29,8 @@ Measured in a fresh process (its memory is its own; a thread samples /proc/self/
 
 `--pass-only` times just `feature_pass` over the whole store on `--device` (CUDA synchronised before
 the clock stops), in a fresh process that imports `helpers` from this tree; with `--before REV` also the
-same pass with the `helpers` of git revision REV (`git archive`, into a temporary folder), the two
+same pass with the `helpers` of git revision REV against those of `--after` (HEAD; both by `git
+archive` into a temporary folder, so edits in progress in the working tree change neither), the two
 alternating `--repeats` times, and their results compared field by field (counts, sums, histograms,
 the kept top and sample entries with their windows): `identical` says whether every array is equal.
 Keys name the code and the device (`before_cpu`, `after_cpu`, `after_cuda`); `pass_s` lists each run,
@@ -445,16 +446,18 @@ def pass_only(args: argparse.Namespace) -> dict:
         if args.device.startswith("cuda"):
             out["gpu"] = torch.cuda.get_device_name(0)
         runs = {f"after_{args.device}": (ROOT, args.device)}
-        if args.before:
-            old = tmp / "before"
-            old.mkdir()
-            archive = subprocess.run(
-                ["git", "-C", str(ROOT), "archive", args.before, "helpers"], capture_output=True, check=True
-            ).stdout
-            subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
-            runs = {"before_cpu": (old, "cpu"), "after_cpu": (ROOT, "cpu")}
+        if args.before:  # both from git, so edits in progress in the working tree change neither
+            trees = {}
+            for name, rev in (("before", args.before), ("after", args.after)):
+                trees[name] = tmp / name
+                trees[name].mkdir()
+                archive = subprocess.run(
+                    ["git", "-C", str(ROOT), "archive", rev, "helpers"], capture_output=True, check=True
+                ).stdout
+                subprocess.run(["tar", "-x", "-C", str(trees[name])], input=archive, check=True)
+            runs = {"before_cpu": (trees["before"], "cpu"), "after_cpu": (trees["after"], "cpu")}
             if args.device != "cpu":
-                runs[f"after_{args.device}"] = (ROOT, args.device)
+                runs[f"after_{args.device}"] = (trees["after"], args.device)
         times: dict[str, list[float]] = {k: [] for k in runs}
         cpu: dict[str, list[float]] = {k: [] for k in runs}
         for _ in range(args.repeats):
@@ -468,14 +471,16 @@ def pass_only(args: argparse.Namespace) -> dict:
         out["pass_s"] = {k: [round(t, 1) for t in v] for k, v in times.items()}
         out["pass_process_cpu_s"] = {k: [round(t, 1) for t in v] for k, v in cpu.items()}
         # the floor under the pass on each device: read + encode alone, once (the rest is bookkeeping)
-        for device in dict.fromkeys(d for _, d in runs.values()):
-            r = run_pass(ROOT, args, device, tmp / "unused.npz", mode="encode")
+        for name, (root, device) in runs.items():
+            if not name.startswith("after"):
+                continue
+            r = run_pass(root, args, device, tmp / "unused.npz", mode="encode")
             out.setdefault("read_and_encode_only_s", {})[device] = round(r["seconds"], 1)
             out.setdefault("read_and_encode_only_process_cpu_s", {})[device] = round(r["cpu_seconds"], 1)
         best = {k: min(v) for k, v in times.items()}
         out["tokens_per_s"] = {k: round(out["tokens"] / t) for k, t in best.items()}
         if args.before:
-            out["before_rev"] = args.before
+            out["before_rev"], out["after_rev"] = args.before, args.after
             out["after_over_before_cpu"] = round(best["after_cpu"] / best["before_cpu"], 3)
             least = {k: min(v) for k, v in cpu.items()}
             out["after_over_before_process_cpu"] = round(least["after_cpu"] / least["before_cpu"], 3)
@@ -503,6 +508,7 @@ def main() -> None:
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--pass-only", action="store_true", help="time only the one pass (module doc)")
     p.add_argument("--before", help="with --pass-only: also the pass of this git revision, on the CPU")
+    p.add_argument("--after", default="HEAD", help="with --before: the revision to compare it with")
     p.add_argument("--repeats", type=int, default=1, help="with --pass-only: runs of each, alternating")
     args = p.parse_args()
     tok = helpers.load_model(helpers.OFFLINE_MODEL, device="cpu").tokenizer

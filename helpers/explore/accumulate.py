@@ -11,7 +11,9 @@ The stream is the SAE's nonzero activations in COO form, one encoder batch at a 
   activations (keeping the k largest of i.i.d. uniform keys is reservoir sampling; Efraimidis &
   Spirakis 2006, with equal weights). New entries below a feature's current k-th score are dropped on
   arrival; the rest are appended and compacted (sorted, cut to k per feature) when they outgrow the kept
-  set, so memory stays O(n_features * k) and each entry is sorted O(1) times on average.
+  set, so memory stays O(n_features * k) and each entry is sorted O(1) times on average. The stream may
+  be torch tensors on a GPU: the threshold test and the cutting run there, and only the entries that
+  pass are copied to the host.
 - `LogHistogram` counts nonzero activations in log2 bins (8 per octave: a value's bin pins it to within
   ±4.4%), from which display histograms and quantile edges are read for all features at once.
 """

@@ -14,6 +14,13 @@ nonzero activations of all latents to the vectorised accumulators of accumulate.
 Windows are cut while the batch is in memory, so no second pass is needed. A window is `before` tokens,
 the token, `after` tokens, inside the completion's own tokens (as in analysis.contexts).
 
+The pass runs on the SAE's device. The store is read ahead in a background thread (`encoded_chunks`:
+pinned memory and non-blocking copies on CUDA), and the per-batch bookkeeping stays there too: counts,
+sums and histograms, and the accumulators' threshold test, window cutting and co-firing table are torch
+on the activations' device; only the entries that beat a feature's current k-th score (few, after the
+first batches) come to the host, where `TopPerFeature` keeps them. The results are the same as the
+earlier numpy bookkeeping's, array for array (`bench/explorer.py --pass-only --before`).
+
 The same pass then streams the reference corpus of the SAE's layer (`corpus/layer_{L}/`, notebook 02)
 when there is one, each shard once, with accumulators of its own: the corpus firing rate, a separate
 histogram of the corpus activations and the top corpus windows, one per sequence. A corpus window stays
@@ -480,7 +487,8 @@ def check_sae_for_run(loaded: LoadedSAE, run_dir: str | os.PathLike, store: Laye
         )
     if store is not None and int(loaded.sae.d_in) != int(store.d_model):
         raise ValueError(
-            f"SAE {loaded.path.name} ({loaded.hook_name}, model {name!r}) reads d_in={loaded.sae.d_in} vectors but "
+            f"SAE {loaded.path.name} ({loaded.hook_name}, model {name!r}) reads d_in={loaded.sae.d_in} "
+            "vectors but "
             f"the run's layer-{loaded.layer} activations of {spec!r} have d_model={store.d_model}: "
             "use an SAE trained on this model and layer"
         )
@@ -581,7 +589,8 @@ class SAEDashboards:
     def check_feature(self, f: int) -> int:
         if not 0 <= int(f) < self.d_sae:
             raise IndexError(
-                f"feature {f} is out of range: {self.sae_id} has d_sae={self.d_sae} latents (0..{self.d_sae - 1})"
+                f"feature {f} is out of range: {self.sae_id} has d_sae={self.d_sae} latents "
+                f"(0..{self.d_sae - 1})"
             )
         return int(f)
 
@@ -641,7 +650,8 @@ class SAEDashboards:
         }
 
     def _corpus_example(self, kept: Kept, i: int) -> dict[str, Any]:
-        """A top corpus window: its sequence, the token's position in it, the window's text and activations."""
+        """A top corpus window: its sequence, the token's position in it, the window's text and
+        activations."""
         d = int(kept.doc[i])
         doc = self.fp.corpus.docs[d]
         ids = self.corpus.token_ids_of(doc.id)  # [n, 2] (token id, position); windows come only from these
@@ -682,7 +692,8 @@ class SAEDashboards:
         }
 
     def page(self, f: int) -> dict[str, Any]:
-        """One feature's page: statistics, histogram, examples, logit effects, similar features, notebook 04."""
+        """One feature's page: statistics, histogram, examples, logit effects, similar features,
+        notebook 04."""
         f = self.check_feature(f)
         fp, cfg = self.fp, self.cfg
         n_fire, shown = int(fp.fired[:, f].sum()), self._shown
@@ -845,8 +856,8 @@ def build_dashboards(
     fired_total = fp.fired.sum(0)
     if not fired_total.any():
         notes.append(
-            f"no feature of this SAE fired on any of the {int(fp.n_tokens.sum()):,} completion tokens scanned: "
-            "every page is a dead feature's (no histograms, windows or co-activation). Check that the SAE "
+            f"no feature of this SAE fired on any of the {int(fp.n_tokens.sum()):,} completion tokens "
+            "scanned: every page is a dead feature's (no histograms, windows or co-activation). Check that the SAE "
             "was trained (notebook 03) on this model and layer, and that its threshold is not too high."
         )
     if not fp.n_tokens[2]:
