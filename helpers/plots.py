@@ -189,12 +189,9 @@ def static_figure(fig: Any) -> Any:
     for i, t in enumerate(data):
         ax = axes[t.get("xaxis", "x")]
         sx, sy = scales[ax][:2]
-        color = _color(
-            (t.get("line") or {}).get("color") or (t.get("marker") or {}).get("color")
-            if not isinstance((t.get("marker") or {}).get("color"), list)
-            else None,
-            PALETTE[i % 8],
-        )
+        line_color, marker_color = (t.get("line") or {}).get("color"), (t.get("marker") or {}).get("color")
+        per_point = isinstance(marker_color, list)
+        color = _color(None if per_point else line_color or marker_color, PALETTE[i % 8])
         kind = t.get("type", "scatter")
         if kind == "heatmap":
             z = np.array([[_num(v) for v in row] for row in t["z"]], float)

@@ -124,16 +124,13 @@ def label_permutations(
 
 def permutation_scheme(units: dict[str, int]) -> str:
     """The words for what `label_permutations` moved."""
+    n_groups = units["one_label_groups"]
+    n_prompts = units["one_label_prompts_within_groups"]
+    n_two_label = units["two_label_prompts"]
     parts = [
-        f"{units['one_label_groups']} one-label groups' labels across groups"
-        if units["one_label_groups"]
-        else "",
-        f"{units['one_label_prompts_within_groups']} prompts' labels within their groups"
-        if units["one_label_prompts_within_groups"]
-        else "",
-        f"completion labels within {units['two_label_prompts']} two-label prompts"
-        if units["two_label_prompts"]
-        else "",
+        f"{n_groups} one-label groups' labels across groups" if n_groups else "",
+        f"{n_prompts} prompts' labels within their groups" if n_prompts else "",
+        f"completion labels within {n_two_label} two-label prompts" if n_two_label else "",
     ]
     parts = [p for p in parts if p]
     return "permuted: " + "; ".join(parts) if parts else "nothing to permute (one label unit)"

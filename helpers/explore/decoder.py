@@ -152,11 +152,11 @@ def nearest_rows(
     same = W_b is None
     A = W_a.float()
     A = A / A.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    B = (
-        A
-        if same
-        else W_b.float().to(A.device) / W_b.float().to(A.device).norm(dim=1, keepdim=True).clamp_min(1e-12)
-    )
+    if same:
+        B = A
+    else:
+        B = W_b.float().to(A.device)
+        B = B / B.norm(dim=1, keepdim=True).clamp_min(1e-12)
     if A.shape[1] != B.shape[1]:
         raise ValueError(f"decoder rows of width {A.shape[1]} and {B.shape[1]} cannot be compared")
     k = min(k, len(B) - (1 if same else 0))
