@@ -120,6 +120,14 @@ def probes_path(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "probes.json"
 
 
+def read_probes(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """probes.json of the run (written by notebook 04's probe_table)."""
+    path = probes_path(run_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run probe_table (notebook 04) first")
+    return json.loads(path.read_text())
+
+
 def features_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "features"
 
@@ -568,6 +576,14 @@ def release_flag(version: str | None) -> str:
         if not version
         else f"{'older' if _older(version) else 'other'} release {version}"
     )
+
+
+def sae_release_flag(run_dir: str | os.PathLike, sae_id: str) -> str:
+    """`release_flag` of the release that made an SAE of the run (from its metrics.json): the
+    leaderboard's `release` column, and the explorer's."""
+    path = sae_dir(run_dir, sae_id) / SAE_METRICS
+    version = json.loads(path.read_text()).get("package_version") if path.exists() else None
+    return release_flag(version)
 
 
 def _older(version: str) -> bool:

@@ -57,6 +57,20 @@ def graph() -> dict[str, list[tuple[str, int, bool]]]:
     return {m: imports_of(p, set(mods)) for m, p in mods.items()}
 
 
+STEP_MODULES = {
+    "collect": "helpers.collect.pipeline",  # notebook 02
+    "saes": "helpers.saes.grid",  # notebook 03
+    "analysis": "helpers.analysis.pipeline",  # notebook 04
+    "steer": "helpers.steer.experiments",  # notebook 05
+    "explore": "helpers.explore.pipeline",  # notebook 06
+    "sweep": "helpers.sweep.runner",  # notebook 07
+}
+"""The module holding each stage's notebook steps. Notebook 01 has none: its loader, model/load.py, is a
+library every later stage uses."""
+RUN_EVERY_STAGE = {"helpers", "helpers.sweep.runner"}
+"""The package (it re-exports the notebooks' names) and the sweep, which runs notebooks 02-04 per model."""
+
+
 def rank(mod: str) -> tuple[int, int]:
     stage = stage_of(mod)
     if stage != "core":
@@ -85,6 +99,22 @@ def test_imports_run_one_way():
         "imports against the direction core <- model <- collect <- saes <- analysis <- steer <- explore:\n"
         + "\n".join(wrong)
     )
+
+
+def test_step_modules_are_imported_only_by_their_own_stage():
+    """A stage's step module is what its notebook runs, never a library of another stage: what another
+    stage needs (a reader, an id, a tokenizer) lives in a library module it can import instead."""
+    assert set(STEP_MODULES.values()) <= set(modules())
+    wrong = [
+        f"{mod} (line {line}) imports {target}, the step module of {stage}"
+        for mod, edges in graph().items()
+        for target, line, _ in edges
+        for stage, step in STEP_MODULES.items()
+        if (target == step or target.startswith(step + "."))
+        and stage_of(mod) != stage
+        and mod not in RUN_EVERY_STAGE
+    ]
+    assert not wrong, "\n".join(wrong)
 
 
 def test_no_import_cycles():

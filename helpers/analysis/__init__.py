@@ -13,12 +13,12 @@ from helpers.analysis.pipeline import (
     layer_sweep,
     probe_summary,
     probe_table,
-    read_probes,
     sae_pair_summary,
     sweep_summary,
     transfer_summary,
 )
 from helpers.analysis.scoring import score_table
+from helpers.run import read_probes
 
 __all__ = [
     "autointerp_plan",

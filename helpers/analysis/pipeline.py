@@ -1094,14 +1094,6 @@ def probe_summary(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     return out
 
 
-def read_probes(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """probes.json of the run (written by probe_table)."""
-    path = probes_path(run_dir)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run probe_table (notebook 04) first")
-    return json.loads(path.read_text())
-
-
 def transfer_summary(probes_json: dict[str, Any]) -> list[dict[str, str]]:
     """One display row per reader x evaluation set of probes.json's `transfer`: trained on the train
     sets, scored on another dataset: AUROC, recall and balanced accuracy at the control set's threshold,

@@ -56,9 +56,9 @@ from helpers.run import (
     layer_of_dir,
     model_record,
     read_run_json,
-    release_flag,
     sae_dir,
     sae_id_of,
+    sae_release_flag,
     saes_dir,
     settings_diff,
     settings_hash,
@@ -288,14 +288,6 @@ def _check_finished(
         "  - OVERWRITE = True: delete these SAEs (and their checkpoints) and train them again with the new settings\n"
         "  - or set the parameters back to the values on the left to resume this run"
     )
-
-
-def sae_release_flag(run_dir: str | os.PathLike, sae_id: str) -> str:
-    """'' for an SAE made by this release, else a flag for the tables that show it ('older release 0.1.0',
-    'release not recorded'): the leaderboard's `release` column, and the explorer's."""
-    path = sae_dir(run_dir, sae_id) / SAE_METRICS
-    version = json.loads(path.read_text()).get("package_version") if path.exists() else None
-    return release_flag(version)
 
 
 def with_release_flags(run_dir: str | os.PathLike, board: list[dict[str, Any]]) -> list[dict[str, Any]]:

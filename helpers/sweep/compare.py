@@ -2,7 +2,7 @@
 
 Nothing is recomputed: every number is read from the files notebook 04 (`probes.json`,
 `features/{sae_id}.jsonl`) and notebook 03 (`saes/*/metrics.json`) wrote in each model's run folder,
-through their readers (`analysis.read_probes`, `run.read_jsonl`, `run.read_sae_metrics`). One row per
+through their readers (`run.read_probes`, `run.read_jsonl`, `run.read_sae_metrics`). One row per
 model × layer: the relative depth, the raw probe (AUROC, balanced accuracy, their CIs), recall at the
 control set's 1%-FPR threshold on each eval set, the layer's best SAE probe (by AUROC) with its paired
 difference to raw and the p-value Holm-adjusted over every SAE-vs-raw test of the whole sweep, that
@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
-from helpers.analysis.pipeline import read_probes
 from helpers.plots import save_figure
 from helpers.run import (
     atomic_write_bytes,
@@ -35,6 +34,7 @@ from helpers.run import (
     features_path,
     model_record,
     read_jsonl,
+    read_probes,
     read_sae_metrics,
 )
 from helpers.stats import holm

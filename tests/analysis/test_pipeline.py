@@ -25,7 +25,6 @@ from helpers.analysis.pipeline import (
     label_features,
     probe_summary,
     probe_table,
-    read_probes,
     sae_completion_acts,
     sae_pair_summary,
     sweep_summary,
@@ -35,7 +34,7 @@ from helpers.collect.capture import load_pooled
 from helpers.collect.completions import analysis_split, read_completions, write_completions
 from helpers.collect.store import LayerStore
 from helpers.gemini import OFFLINE, GeminiClient
-from helpers.run import atomic_write_json, datasets_path, pooled_path
+from helpers.run import atomic_write_json, datasets_path, pooled_path, read_probes
 from helpers.run import read_jsonl as read_features_jsonl
 from helpers.saes import JumpReLUSAE
 from helpers.saes.io import load_sae, save_sae

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from transformers import AutoModelForCausalLM
 
-from helpers.analysis.pipeline import read_probes
-from helpers.run import features_path, read_jsonl, read_run_json, read_sae_metrics
+from helpers.run import features_path, read_jsonl, read_probes, read_run_json, read_sae_metrics
 from helpers.stats import holm
 from helpers.sweep import compare, plan_rows, read_sweep
 from helpers.sweep.plan import ModelSpec, Rates, layers_at, model_keys, relative_depth
