@@ -386,6 +386,12 @@ def main() -> None:
         default=None,
         help="ablation: the architecture's SAE.encoder_init_scale",
     )
+    p.add_argument(
+        "--ours-decoder-norm",
+        type=float,
+        default=None,
+        help="ablation: the architecture's SAE.decoder_norm (its rows' fixed norm in training)",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -398,6 +404,9 @@ def main() -> None:
     ):  # an ablation: the class's initial encoder scale, for this run
         for arch in filter(None, args.archs.split(",")):
             sae_class(arch).encoder_init_scale = args.ours_encoder_init_scale
+    if args.ours_decoder_norm is not None:  # an ablation: the class's decoder row norm, for this run
+        for arch in filter(None, args.archs.split(",")):
+            sae_class(arch).decoder_norm = args.ours_decoder_norm
     warnings.filterwarnings("ignore", category=UserWarning)
     import sae_lens
 
@@ -419,6 +428,7 @@ def main() -> None:
         "ours_ablations": {
             "grad_clip": args.ours_grad_clip,
             "encoder_init_scale": args.ours_encoder_init_scale,
+            "decoder_norm": args.ours_decoder_norm,
             "auxk_coef": args.ours_auxk_coef,
         },
         "saelens_input_norm": "mean norm sqrt(d_in) (its expected_average_only_in)",

@@ -14,6 +14,7 @@ AuxK loss that TopK and the BatchTopK family share is `auxk_loss` here.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -63,6 +64,20 @@ class SAE(nn.Module):
     lr 3e-3) that raised BatchTopK's recovered-feature MCC from 0.70 to 0.82 and Matryoshka's from 0.64
     to 0.72; at lr 3e-4 it changed little (0.52 → 0.53). It did not help TopK (0.924 → 0.918 and 0.933 →
     0.917 on two worlds) and hurt JumpReLU (0.72 → 0.63), whose thresholds are in the encoder's units."""
+    decoder_norm: ClassVar[float] = 1.0
+    """The norm the decoder rows start at and are held at during training (the encoder starts as
+    `encoder_init_scale` times the decoder's transpose at this norm). Below 1, Adam's steps, which are about
+    `lr` per element whatever the gradient's size, turn the rows faster (SAELens starts its rows at 0.1,
+    `decoder_init_norm`). The saved SAE has unit rows: `saelens_state` folds the norm into the encoder and
+    the latent biases (every row has the same norm, so the active set does not change). The norm in use is the
+    buffer `decoder_row_norm`, kept in checkpoints (1 for a checkpoint from before it existed)."""
+    free_decoder: ClassVar[bool] = False
+    """Whether the decoder rows' norms are free in training (no gradient projection, no renormalisation),
+    as SAELens's TopK family trains them, instead of held at `decoder_row_norm`."""
+    fold_row_norms: ClassVar[bool] = True
+    """Whether each row's norm can be folded into its latent's encoder column and biases when saving (true
+    when a latent's activation is positively homogeneous in its own pre-activation: ReLU, JumpReLU; false
+    for TopK, whose selection compares latents: free rows are then saved as they are)."""
     input_norm: ClassVar[str] = "unit"
     """The input scale the trainer uses for this architecture when `TrainConfig.input_norm` is "auto":
     "unit" (unit mean squared norm; the sparsity settings of JumpReLU, Gated and standard are in its units)
@@ -81,7 +96,9 @@ class SAE(nn.Module):
         self.d_in, self.d_sae, self.target_l0 = d_in, d_sae, float(l0)
         g = torch.Generator().manual_seed(seed)
         w = torch.randn(d_sae, d_in, generator=g)
-        w /= w.norm(dim=1, keepdim=True)  # unit-norm decoder rows (Gao et al. 2024, §2.1)
+        w /= w.norm(dim=1, keepdim=True)  # unit-norm decoder rows (Gao et al. 2024, §2.1) ...
+        if self.decoder_norm != 1:
+            w *= self.decoder_norm  # ... times the architecture's initial norm
         self.W_dec = nn.Parameter(w)
         # Encoder initialised as the decoder's transpose (Gao et al. §A.1), times encoder_init_scale. Stored
         # latent-major as W_enc_T [d_sae, d_in] so a latent's gradient is one contiguous row (sparse updates,
@@ -89,6 +106,12 @@ class SAE(nn.Module):
         self.W_enc_T = nn.Parameter(w * self.encoder_init_scale)
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.int64))
+        self.register_buffer("decoder_row_norm", torch.tensor(float(self.decoder_norm)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint from before decoder_row_norm existed was trained with unit rows
+        state_dict.setdefault(prefix + "decoder_row_norm", torch.tensor(1.0))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def W_enc(self) -> Tensor:
@@ -121,6 +144,11 @@ class SAE(nn.Module):
     def after_step(self, out: StepOutput) -> None:
         """Parameter projections and controller updates after the optimizer step (default: none)."""
 
+    def calibrate(self, batches: Iterable[Tensor]) -> dict | None:
+        """After training: set inference-only parameters from a pool of (scaled) training batches, and say
+        what changed (default: nothing to set, None)."""
+        return None
+
     # --- shared maths ---------------------------------------------------------------------------
     def decode(self, acts: Tensor) -> Tensor:
         return acts @ self.W_dec + self.b_dec
@@ -141,14 +169,17 @@ class SAE(nn.Module):
         """Remove the gradient component parallel to each decoder row, so a step along it does not
         change the row's norm (Bricken et al. 2023; Gao et al. 2024, §A.2)."""
         g, w = self.W_dec.grad, self.W_dec
-        if g is None:
+        if g is None or self.free_decoder:
             return
         dots = torch.linalg.vecdot(g, w, dim=1).unsqueeze(1)  # [d_sae, 1] row-wise g·w
-        g.addcmul_(w, dots, value=-1.0)
+        g.addcmul_(w, dots, value=-1.0 / float(self.decoder_row_norm) ** 2)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+        """Rows back to `decoder_row_norm` after the optimizer's step (none with `free_decoder`)."""
+        if self.free_decoder:
+            return
+        self.W_dec.mul_(self.decoder_row_norm / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
     @torch.no_grad()
     def record_firing(self, fired: Tensor, n_tokens: int) -> None:
@@ -165,19 +196,37 @@ class SAE(nn.Module):
         For x_n = s·x: (x_n - b_dec) = s·(x - b_dec/s), so dividing b_dec and every latent-unit bias or
         threshold by s gives pre-activations pre/s on raw inputs, the same active set, and
         x_hat = (f @ W_dec + b_dec)/s: the decoder rows stay unit-norm and f is in raw units.
+        Rows of norm c_j (held at `decoder_row_norm`, or free) are saved as unit rows with c_j folded into
+        latent j's encoder column and biases: its pre-activation times c_j, so f_j·c_j, the same active set
+        (with equal norms, or when latents are selected independently: `fold_row_norms`), the same x_hat.
+        Free rows that cannot be folded are saved as they are.
         """
+        if not self.free_decoder:
+            c = self.decoder_row_norm.float().cpu().expand(self.d_sae)
+        elif self.fold_row_norms:
+            c = self.W_dec.detach().float().norm(dim=1).clamp_min(1e-8).cpu()
+        else:
+            c = torch.ones(self.d_sae)
         out = {}
         for name in self.saelens_tensors:
-            t = getattr(self, name).detach().float()
-            if name == "b_dec" or name in self.latent_biases:
+            t = getattr(self, name).detach().float().cpu()
+            if name == "b_dec":
                 t = t / scale
-            out[name] = t.contiguous().cpu()
+            elif name in self.latent_biases:
+                t = t * (c / scale)
+            elif name == "W_enc":
+                t = t * c
+            elif name == "W_dec":
+                t = t / c[:, None]
+            out[name] = t.contiguous()
         return out
 
     @torch.no_grad()
     def load_saelens_state(self, tensors: dict[str, Tensor]) -> None:
+        """Saved tensors (unit-norm rows when the SAE was trained with fixed norms) into this SAE."""
         for name in self.saelens_tensors:
             getattr(self, name).copy_(tensors[name].to(getattr(self, name)))
+        self.decoder_row_norm.fill_(1.0)
 
 
 @torch.no_grad()

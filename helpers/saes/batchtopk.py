@@ -8,15 +8,21 @@ That choice depends on the other tokens of the batch, so inference uses a thresh
     inference:  f = pre · H(pre - θ)    θ = running mean of the smallest selected activation per batch
 
 so the SAE is saved as a `jumprelu` with θ in every latent's threshold, as SAELens does, and `encode`
-here is that JumpReLU (what SAELens loads is exactly what evaluation measures). θ is an exponential moving
-average with rate `threshold_rate` (SAELens's `topk_threshold_lr`), bias-corrected so that a short run's
-θ is the mean of the batches it saw rather than dragged toward its initial 0.
+here is that JumpReLU (what SAELens loads is exactly what evaluation measures). During training θ is an
+exponential moving average with rate `threshold_rate` (SAELens's `topk_threshold_lr`), bias-corrected so
+that a short run's θ is the mean of the batches it saw rather than dragged toward its initial 0. A batch's
+smallest selected activation is heavy-tailed when batches are small (64-token batches left a quarter of
+tokens with no latent firing), so after training `calibrate` sets θ once from a pool of tokens: the
+smallest of the pool's n·k largest activations, the batch rule over one large batch, so the pool's mean
+L0 is k.
 
 Dead latents are revived with TopK's AuxK (base.auxk_loss, Gao et al. 2024 §A.2), as in the paper and
 SAELens. `BatchTopKSAE.select` is the hook the Matryoshka variant reuses.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -98,6 +104,24 @@ class BatchTopKSAE(SAE):
         raw = self.threshold * (1 - (1 - rate) ** (t - 1)) * (1 - rate) + rate * self._min_selected
         self.threshold.copy_(raw / (1 - decay))
         self.threshold_steps.fill_(t)
+
+    @torch.no_grad()
+    def calibrate(self, batches: Iterable[Tensor]) -> dict:
+        """θ ← the smallest of the n·k largest ReLU'd pre-activations over all n tokens of `batches` (scaled
+        as in training), so that inference fires k latents per token on average over that pool. Kept as a
+        running top-(n·k) over the batches, so the pool's [n, d_sae] pre-activations never sit in memory."""
+        batches = list(batches)
+        n = sum(len(x) for x in batches)
+        if not n:
+            raise ValueError("calibrating BatchTopK's threshold needs at least one batch of tokens")
+        want, top = round(self.k * n), torch.empty(0)
+        for x in batches:
+            pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc).relu_().flatten()
+            top = torch.cat([top.to(pre), pre.topk(min(want, len(pre)), sorted=False).values])
+            top = top.topk(min(want, len(top)), sorted=False).values
+        running = float(self.threshold[0])
+        self.threshold.fill_(float(top.min()))
+        return {"threshold_running_mean": running, "threshold": float(self.threshold[0]), "tokens": n}
 
     def saelens_cfg(self) -> dict:
         return {"l0_target": self.target_l0, "trained_as": self.architecture}

@@ -387,13 +387,13 @@ def train_sae(
     if eval_batches is None and eval_store is None and not isinstance(store, LayerStore):
         raise ValueError("training from a stream or a mix needs eval_store (+ eval_ids) or eval_batches")
     run = Run(cfg, source.d_model, device)
+    n_init = -(-cfg.init_tokens // cfg.batch_size)  # batches of the init (and calibration) sample
+    if (count := source.count()) is not None:
+        n_init = max(1, min(n_init, count // cfg.batch_size))  # at most one epoch
     if ckpt.exists():
         run.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True))
         print(f"resuming {out_dir.name} at step {run.step}/{cfg.total_steps}")
     else:  # the first batches of the training stream itself; a non-finite one is named as a training batch
-        n_init = -(-cfg.init_tokens // cfg.batch_size)
-        if (count := source.count()) is not None:
-            n_init = max(1, min(n_init, count // cfg.batch_size))  # at most one epoch
         init = list(itertools.islice(source.batches(cfg, 0), n_init))
         for i, x in enumerate(init):
             check_finite(x, f"training batch {i} (tokens {i * cfg.batch_size}..)")
@@ -422,6 +422,10 @@ def train_sae(
     bar.close()
     if run.step < cfg.total_steps:
         return {"status": "paused", "step": run.step, "checkpoint": str(ckpt)}
+    # Inference-only parameters from the same first tokens (BatchTopK's θ): deterministic, so a rerun after
+    # a crash between here and metrics.json calibrates the checkpoint's SAE to the same values.
+    pool = (x.to(device) * run.scale for x in itertools.islice(source.batches(cfg, 0), n_init))
+    calibration = run.sae.calibrate(pool)
     # Fold the scale, save in SAELens format, evaluate what was saved on held-out raw activations, and
     # write metrics.json last: its presence marks the SAE complete.
     meta = {**(metadata or {}), "training": asdict(cfg)}
@@ -432,6 +436,7 @@ def train_sae(
         "seconds": run.seconds,
         "tokens_per_second": tokens / max(run.seconds, 1e-9),
         "normalization_scale": run.scale,
+        **({"calibration": calibration} if calibration else {}),
         "config": asdict(cfg),
         "history": run.history,
     }

@@ -142,6 +142,24 @@ def test_batchtopk_threshold_reproduces_the_batch_selection(arch, acts):
     assert float(sae.threshold[0]) == pytest.approx(want, rel=1e-5), "bias-corrected moving average"
 
 
+def test_batchtopk_threshold_calibrated_on_a_pool_fires_k_per_token(acts):
+    """Small batches make the running θ heavy-tailed; `calibrate` sets θ from a pool so that the pool's
+    mean L0 is k (n·k - 1 pairs fire: the smallest selected one is θ itself, pre > θ is strict)."""
+    cfg = TrainConfig(architecture="batchtopk", expansion=2, l0=16, train_tokens=60 * 16, batch_size=16)
+    run = Run(cfg, d_in=576)
+    run.init_from_data(acts[:512])
+    for i in range(60):
+        run.train_step(acts[i * 16 :][:16])
+    sae, pool = run.sae, acts[:1024] * run.scale
+    running = float(sae.threshold[0])
+    info = sae.calibrate(pool[i : i + 256] for i in range(0, 1024, 256))
+    assert info == {"threshold_running_mean": running, "threshold": float(sae.threshold[0]), "tokens": 1024}
+    assert float(sae.threshold.min()) == float(sae.threshold.max()) != running
+    assert int((sae.encode(pool)[0] > 0).sum()) == 1024 * 16 - 1
+    with pytest.raises(ValueError, match="at least one batch"):
+        sae.calibrate([])
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_every_architecture_trains_and_round_trips(arch, acts, tmp_path):
     cfg = TrainConfig(architecture=arch, expansion=2, l0=16, train_tokens=120 * 64, batch_size=64, lr=1e-3)
@@ -161,10 +179,11 @@ def test_every_architecture_trains_and_round_trips(arch, acts, tmp_path):
     assert sum(losses[-10:]) < 0.5 * sum(losses[:10]), (
         f"{arch}: reconstruction did not improve: {losses[::20]}"
     )
-    if arch != "standard":  # the standard SAE's L1 is weighted by free decoder norms instead
-        torch.testing.assert_close(
-            run.sae.W_dec.norm(dim=1), torch.ones(1152), msg="decoder rows stay unit-norm"
-        )
+    norms = run.sae.W_dec.detach().norm(dim=1)
+    if arch == "topk":  # rows start at 0.1 and move freely, as SAELens's (base.SAE.free_decoder)
+        assert run.sae.free_decoder and not torch.allclose(norms, torch.full_like(norms, 0.1))
+    elif arch != "standard":  # the standard SAE's L1 is weighted by free decoder norms instead
+        torch.testing.assert_close(norms, torch.ones(1152), msg="decoder rows stay unit-norm")
     save_sae(run.sae, tmp_path, hook_name="blocks.2.hook_resid_post", model_name="smollm2", scale=run.scale)
     loaded = load_sae(tmp_path)
     assert type(loaded.sae) is sae_class(run.sae.saelens_architecture) and loaded.layer == 2
