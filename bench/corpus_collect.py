@@ -52,8 +52,8 @@ def load(args):
         return helpers.load_model(helpers.OFFLINE_MODEL, device=args.device)
     import transformers as tf
 
-    # nanochat d32's shapes (REFERENCE.md): 32 layers x 2048, vocab 65,536; random weights, fp32 (a T4's
-    # rule).
+    # nanochat d32's shapes (REFERENCE.md): 32 layers x 2048, vocab 65,536;
+    # random weights, fp32 (a T4's rule).
     cfg = tf.NanoChatConfig(
         hidden_size=2048,
         num_hidden_layers=32,

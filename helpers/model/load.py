@@ -278,8 +278,8 @@ def native_hub_files(files: list[str], subfolder: str = "", *, repo: str = "<rep
     if len({folder for folder, _, _ in found}) > 1:
         choices = sorted({f"{repo}/{folder}" if folder else repo for folder, _, _ in found})
         raise FileNotFoundError(
-            f"{repo} holds nanochat checkpoints in several folders: load one of {choices} (e.g. the chat "
-            "stage)"
+            f"{repo} holds nanochat checkpoints in several folders: "
+            f"load one of {choices} (e.g. the chat stage)"
         )
     models = {step: f for _, step, f in found}
     if not models:

@@ -141,8 +141,8 @@ def find_step(folder: str | os.PathLike, step: int | None = None) -> int:
         return steps[-1]
     if int(step) not in steps:
         raise FileNotFoundError(
-            f"step {step} is not in {folder}; steps found: {steps}. Pass one of these, or step=None for the "
-            "latest."
+            f"step {step} is not in {folder}; steps found: {steps}. Pass "
+            "one of these, or step=None for the latest."
         )
     return int(step)
 
@@ -365,9 +365,9 @@ def convert_native_checkpoint(
     k_rows = sd["transformer.h.0.attn.c_k.weight"].shape[0]
     if hidden != n_embd or n_embd % n_head or k_rows % head_dim or n_head % (k_rows // head_dim):
         raise ValueError(
-            f"shapes in {model_path} (wte {tuple(sd['transformer.wte.weight'].shape)}, c_k rows {k_rows}) do "
-            f"not fit n_embd={n_embd}, n_head={n_head} from {meta_path}; check that both files come from one "
-            "run."
+            f"shapes in {model_path} (wte {tuple(sd['transformer.wte.weight'].shape)}, c_k "
+            f"rows {k_rows}) do not fit n_embd={n_embd}, n_head={n_head} from {meta_path}; "
+            "check that both files come from one run."
         )
     n_kv = k_rows // head_dim
     if "n_kv_head" in mc and int(mc["n_kv_head"]) != n_kv:
