@@ -34,7 +34,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -85,6 +85,7 @@ __all__ = [  # the documents and packing names stay importable from here, where 
     "SKIP_FIRST",
     "SMOLTALK",
     "CorpusFiles",
+    "CorpusReading",
     "CorpusSettings",
     "CorpusStream",
     "Packing",
@@ -104,6 +105,33 @@ __all__ = [  # the documents and packing names stay importable from here, where 
     "stream_factory",
 ]
 MASSIVE_RATIO = 20.0
+
+
+# --- reading ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CorpusReading:
+    """How a corpus is read and run through the model: the settings `collect_corpus` and `CorpusStream`
+    share. Both take one as `reading=`, or any of its fields as keywords (`seq_len=128`)."""
+
+    seq_len: int = 256
+    """Tokens per packed sequence (`packing.Packing`)."""
+    batch_size: int = 16
+    """Sequences per forward pass."""
+    text_column: str | None = None
+    """The column holding the text; None finds one (`documents.TEXT_COLUMNS`, `CHAT_COLUMNS`)."""
+    token: str | None = None
+    """A Hugging Face token, for gated datasets."""
+
+    def with_overrides(self, overrides: dict[str, Any]) -> CorpusReading:
+        """These settings with the fields named in `overrides` replaced; an unknown name is an error
+        listing the known ones."""
+        names = [f.name for f in fields(self)]
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise TypeError(
+                f"unexpected keyword arguments {unknown}: the corpus reading settings are {names}"
+            )
+        return replace(self, **overrides)
 
 
 # --- stored -------------------------------------------------------------------------------------------
@@ -130,18 +158,18 @@ def collect_corpus(
     run_dir: str | os.PathLike,
     *,
     max_tokens: int | None,
-    seq_len: int = 256,
-    batch_size: int = 16,
-    text_column: str | None = None,
-    token: str | None = None,
+    reading: CorpusReading | None = None,
     shard_tokens: int = 65_536,
     overwrite: bool = False,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Store the residuals of `max_tokens` corpus tokens (kept positions, per layer) at `layers` under
     `corpus/layer_{L}/`; returns a summary. A shorter corpus is stored whole, with a message; `max_tokens`
     None stores the whole corpus (a local one: no disk estimate is possible up front). A stored corpus made
     with other settings stops this before anything is written, unless `overwrite` (which deletes it); more
-    tokens or more layers add to it."""
+    tokens or more layers add to it. `reading` (default `CorpusReading()`), or its fields as keywords."""
+    reading = (reading or CorpusReading()).with_overrides(overrides)
+    seq_len, batch_size, text_column = reading.seq_len, reading.batch_size, reading.text_column
     if (max_tokens is not None and max_tokens < 1) or batch_size < 1:
         raise ValueError(f"max_tokens and batch_size must be positive, got {max_tokens}, {batch_size}")
     budget = sys.maxsize if max_tokens is None else max_tokens
@@ -168,7 +196,7 @@ def collect_corpus(
             f"~{need / 2**30:.1f} GiB but {free / 2**30:.1f} GiB is free where the run folder is: lower "
             "CORPUS_TOKENS or the number of layers, or stream the corpus into training instead of storing it"
         )
-    files = resolve_corpus(corpus, token=token)
+    files = resolve_corpus(corpus, token=reading.token)
     if max_tokens is None:
         plan = "all of it"
     else:
@@ -318,7 +346,8 @@ class CorpusStream:
     restarts when it runs out (announced once). Held-out sequences (`is_heldout`) are never trained on.
     The stream is deterministic given `seed`; a resumed run (`batches(start=...)`) skips the text earlier
     steps consumed, counted in kept tokens, without forward passes, but refills its buffer: it is not
-    bitwise identical to an uninterrupted run, unlike training from a stored corpus.
+    bitwise identical to an uninterrupted run, unlike training from a stored corpus. `reading` (default
+    `CorpusReading()`), or its fields as keywords, says how the corpus is read.
     """
 
     def __init__(
@@ -327,18 +356,18 @@ class CorpusStream:
         corpus: str,
         layer: int,
         *,
-        seq_len: int = 256,
-        batch_size: int = 16,
+        reading: CorpusReading | None = None,
         buffer_tokens: int = 1 << 16,
-        text_column: str | None = None,
-        token: str | None = None,
         seed: int = 0,
+        **overrides: Any,
     ):
-        self.lm, self.corpus, self.layer, self.text_column, self.seed = lm, corpus, layer, text_column, seed
+        reading = (reading or CorpusReading()).with_overrides(overrides)
+        self.lm, self.corpus, self.layer, self.seed = lm, corpus, layer, seed
+        self.text_column = reading.text_column
         check_layers(lm.model, [layer])
-        self.packing = Packing.for_tokenizer(lm.tokenizer, seq_len)
-        self.files = resolve_corpus(corpus, token=token)
-        self.forward_batch, self.buffer_tokens = batch_size, buffer_tokens
+        self.packing = Packing.for_tokenizer(lm.tokenizer, reading.seq_len)
+        self.files = resolve_corpus(corpus, token=reading.token)
+        self.forward_batch, self.buffer_tokens = reading.batch_size, buffer_tokens
         self.d_model = int(lm.model.config.hidden_size)
 
     def _sequences(self, heldout: bool) -> Iterator[tuple[int, list[int]]]:
@@ -435,18 +464,12 @@ def stream_factory(
     recorded = read_run_json(run_dir).get("corpus") or {}
     spec = corpus or recorded.get("spec") or default_corpus(lm.info.to_dict())
     seq_len, column = int(recorded.get("seq_len") or 256), recorded.get("text_column")
+    gib = buffer_tokens * int(lm.model.config.hidden_size) * 4 / 2**30
     print(
         f"streaming {spec} into training: sequences of {seq_len} tokens, a shuffle buffer of "
-        f"{buffer_tokens:,} vectors (~{buffer_tokens * int(lm.model.config.hidden_size) * 4 / 2**30:.2f} GiB)"
+        f"{buffer_tokens:,} vectors (~{gib:.2f} GiB)"
     )
+    reading = CorpusReading(seq_len=seq_len, batch_size=batch_size, text_column=column, token=token)
     return lambda layer: CorpusStream(
-        lm,
-        spec,
-        layer,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        buffer_tokens=buffer_tokens,
-        text_column=column,
-        token=token,
-        seed=seed,
+        lm, spec, layer, reading=reading, buffer_tokens=buffer_tokens, seed=seed
     )
