@@ -15,9 +15,11 @@ How a plan is made:
   shapes, the tokenizer, writing to disk): after each measured step the ratio measured / counted time is
   kept in the same file per step and hardware (the last five), and later plans on that hardware multiply
   by their median. The first plan on new hardware uses the counted time alone, and says so.
-- Peak memory here = what this process uses now (RSS; CUDA memory allocated) + what the step adds. On a
-  T4 the weights sit in GPU memory at the T4's dtype (fp16, fp32 for nanochat), plus a fixed runtime
-  overhead, plus what the step adds; RAM is the runtime's own plus what the step keeps on the host.
+- Peak memory here = what this process uses now (RSS; CUDA memory allocated) + the weights it has mapped
+  from disk and not read yet (safetensors are memory-mapped; their pages join RSS at the first forward) +
+  what the step adds. On a T4 the weights sit in GPU memory at the T4's dtype (fp16, fp32 for nanochat),
+  plus a fixed runtime overhead, plus what the step adds; RAM is the runtime's own plus what the step
+  keeps on the host.
 
 A plan that a free T4 session would not hold (about 14.6 GiB usable VRAM, 12.7 GB RAM, 15 GB of free Drive,
 at most 12 hours; REFERENCE.md "Colab") says so before anything runs, naming the parameter to lower.
@@ -309,7 +311,8 @@ def make_plan(
     seconds = counted * (factor or 1.0)
     now = memory_now(device)
     on_cpu = device != "cuda"
-    ram = now["rss_gb"] + (work.host_bytes + (work.device_bytes if on_cpu else 0)) / 1e9
+    unread = unread_weights() if on_cpu else 0  # a mapped model's pages, read by the step's first forward
+    ram = now["rss_gb"] + (unread + work.host_bytes + (work.device_bytes if on_cpu else 0)) / 1e9
     gpu = None if on_cpu else now.get("cuda_allocated_gib", 0.0) + work.device_bytes / 2**30
     t4 = t4_rates()
     t4_flops = t4.flops_fp32 if model.family == "nanochat" else t4.flops_fp16
@@ -564,9 +567,11 @@ def plan_explorer(
     stored_tokens: int,
     sae_widths: list[int],
     batch_tokens: int = 4096,
+    loads_model: bool = True,
 ) -> Plan:
     """Notebook 06's pass: each SAE encodes every stored token of its layer (2·d·d_sae FLOPs a token, the
-    fp16 store read once), keeping per-latent statistics and top examples."""
+    fp16 store read once), keeping per-latent statistics and top examples; `loads_model`: the step loads
+    the model too (its weights join the peak RAM on CPU)."""
     _positive(stored_tokens=stored_tokens)
     d = model.d_model
     widest = max(sae_widths or [d])
@@ -574,7 +579,7 @@ def plan_explorer(
         flops=sum(2 * d * w * stored_tokens for w in sae_widths),
         bytes_read=len(sae_widths) * stored_tokens * d * 2,
         device_bytes=batch_tokens * widest * 4 * 2 + widest * d * 4 * 2,
-        host_bytes=batch_tokens * d * 4 + widest * 64 * 8,
+        host_bytes=batch_tokens * d * 4 + widest * 64 * 8 + (model.weights_bytes() if loads_model else 0),
         disk_bytes=len(sae_widths) * widest * 2048,
         ops=sum(
             math.ceil(stored_tokens / batch_tokens) * 20 + 100 * w for w in sae_widths
@@ -640,6 +645,19 @@ def memory_now(device: str) -> dict[str, float]:
             cuda_free_gib=free / 2**30,
         )
     return out
+
+
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def unread_weights() -> int:
+    """Bytes of weight files this process has mapped but not read into memory yet: a model loaded from
+    safetensors is memory-mapped, and its pages count in RSS only once a forward pass touches them."""
+    try:
+        maps = psutil.Process(os.getpid()).memory_maps(grouped=True)
+    except (psutil.Error, OSError, NotImplementedError):  # not Linux, or /proc unreadable: assume read
+        return 0
+    return sum(max(m.size - m.rss, 0) for m in maps if m.path.endswith(WEIGHT_FILES))
 
 
 class Watch:

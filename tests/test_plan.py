@@ -5,6 +5,7 @@ reused, and a watched step's predicted and measured numbers land in run.json."""
 from __future__ import annotations
 
 import json
+import mmap
 
 import numpy as np
 import pytest
@@ -141,3 +142,13 @@ def test_the_sweep_plan_names_what_to_do_with_a_model_a_free_t4_cannot_hold(tmp_
     rates = plan.Rates(1e11, 1e11, 1e10, "fixed for the test")
     (row,) = plan_rows([ModelSpec(str(tmp_path / "big"), name="big")], work, [0.5], device="cpu", rates=rates)
     assert row.fits_t4 is False and "DROP = ['big']" in row.note
+
+
+def test_mapped_weights_not_read_yet_count_until_touched(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"\1" * 32 * 2**20)
+    before = plan.unread_weights()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        assert plan.unread_weights() - before >= 30 * 2**20  # mapped, not read: not in RSS yet
+        assert sum(mapped[i] for i in range(0, len(mapped), 4096)) == 32 * 2**20 // 4096  # read every page
+        assert plan.unread_weights() - before < 2**20
