@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from helpers.run import atomic_directory, model_record, model_short, sae_id_of, update_run_json
+from helpers.saes.io import LoadedSAE
 
 
 def test_atomic_directory_replaces_the_folder_whole_or_not_at_all(tmp_path):
@@ -35,9 +36,24 @@ def test_model_record_says_to_run_notebook_01_first(tmp_path):
     assert model_record(tmp_path) == {"spec": "org/m", "n_layers": 4}
 
 
-def test_sae_id_parts():
+def test_sae_id_parts_and_a_loaded_saes_id(tmp_path):
     assert model_short("karpathy/nanochat-d32") == "d32"
     assert sae_id_of("karpathy/nanochat-d32", "topk", 12, "mixed") == "d32_topk_L12_mixed"
     assert sae_id_of("org/Some_Model", "batchtopk", 3, "honest_only", 16) == (
         "Some-Model_batchtopk-l0-16_L3_honest_only"
     )
+
+    def loaded(cfg: dict) -> LoadedSAE:
+        return LoadedSAE(
+            sae=None,
+            hook_name="blocks.3.hook_resid_post",
+            layer=3,
+            model_name="org/m",
+            cfg=cfg,
+            path=tmp_path / "folder_name",
+        )
+
+    assert loaded({"metadata": {"sae_id": "m_topk_L3_mixed"}}).sae_id == "m_topk_L3_mixed"  # train_grid's
+    assert (
+        loaded({"metadata": {}}).sae_id == loaded({}).sae_id == "folder_name"
+    )  # a folder published by others
