@@ -411,6 +411,25 @@ def _f(v: Any, spec: str = ".3f") -> str:
     return "–" if v is None else format(v, spec)
 
 
+SUMMARY_COLUMNS = (
+    "model",
+    "params",
+    "peak layer (depth)",
+    "raw AUROC [95% CI]",
+    "raw BA",
+    "recall @ FPR",
+    "best SAE − raw BA [CI] (p Holm, sweep)",
+    "random SAE AUROC",
+    "ensemble AUROC",
+    "max feature d",
+)
+"""The summary table's columns: one row per model, at its peak layer."""
+
+
+def _table_row(cells: Any) -> str:
+    return "| " + " | ".join(f"{cell}" for cell in cells) + " |"
+
+
 def summary_markdown(sweep: dict[str, Any], rows: list[dict[str, Any]], trend: dict[str, Any]) -> str:
     """The sweep in a few lines and one table per model's peak layer, ready to paste."""
     study = sweep.get("study", {})
@@ -425,9 +444,8 @@ def summary_markdown(sweep: dict[str, Any], rows: list[dict[str, Any]], trend: d
         f"training tokens; {study.get('n_folds')}-fold grouped CV, {study.get('n_bootstrap')} "
         f"bootstrap refits, recall at {study.get('control_fpr')} FPR on the control set.",
         "",
-        "| model | params | peak layer (depth) | raw AUROC [95% CI] | raw BA | recall @ FPR | best SAE − "
-        "raw BA [CI] (p Holm, sweep) | random SAE AUROC | ensemble AUROC | max feature d |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        _table_row(SUMMARY_COLUMNS),
+        "|" + "---|" * len(SUMMARY_COLUMNS),
     ]
     for r in peak_rows(rows):
         params = params_text(r.get("n_params"))
@@ -437,12 +455,20 @@ def summary_markdown(sweep: dict[str, Any], rows: list[dict[str, Any]], trend: d
             if r.get("best_sae")
             else "no SAE"
         )
-        lines.append(
-            f"| {r['model']} | {params} | {r['layer']} ({r['relative_depth']:.0%}) | {_f(r['raw_auroc'])} "
-            f"[{_f(r['raw_auroc_lo'])}, {_f(r['raw_auroc_hi'])}] | {_f(r['raw_ba'])} | "
-            f"{r.get('recall_at_fpr') or '–'} | {sae} | {_f(r.get('random_sae_auroc'))} | "
-            f"{_f(r.get('ensemble_concat_auroc'))} | {_f(r.get('max_feature_d'), '.2f')} |"
+        raw_auroc = f"{_f(r['raw_auroc'])} [{_f(r['raw_auroc_lo'])}, {_f(r['raw_auroc_hi'])}]"
+        cells = (
+            r["model"],
+            params,
+            f"{r['layer']} ({r['relative_depth']:.0%})",
+            raw_auroc,
+            _f(r["raw_ba"]),
+            r.get("recall_at_fpr") or "–",
+            sae,
+            _f(r.get("random_sae_auroc")),
+            _f(r.get("ensemble_concat_auroc")),
+            _f(r.get("max_feature_d"), ".2f"),
         )
+        lines.append(_table_row(cells))
     failed = [r for r in rows if r.get("error")]
     for r in failed:
         lines.append(f"\n- {r['model']} ({r['spec']}): {r['status']}: {r['error']}")
