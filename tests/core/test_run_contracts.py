@@ -54,6 +54,5 @@ def test_sae_id_parts_and_a_loaded_saes_id(tmp_path):
         )
 
     assert loaded({"metadata": {"sae_id": "m_topk_L3_mixed"}}).sae_id == "m_topk_L3_mixed"  # train_grid's
-    assert (
-        loaded({"metadata": {}}).sae_id == loaded({}).sae_id == "folder_name"
-    )  # a folder published by others
+    # a folder published by others has no id of ours: its folder name is it
+    assert loaded({"metadata": {}}).sae_id == loaded({}).sae_id == "folder_name"
