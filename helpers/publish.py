@@ -17,6 +17,7 @@ from pathlib import Path
 from helpers import env
 from helpers.run import (
     DRY_RUN_DIR,
+    REPLACED,
     explorer_dir,
 )
 
@@ -65,6 +66,8 @@ def zip_run(
 def _excluded(rel: Path, path: Path, include_activations: bool, max_cache_mb: float) -> str | None:
     if rel.parts[0] == "activations" and not include_activations:
         return "activation-store files (include_activations=True keeps them)"
+    if rel.parts[0] == REPLACED:
+        return "results OVERWRITE replaced (replaced/)"
     if (
         rel.parts[0].lstrip(".").startswith(DRY_RUN_DIR)
         or path.name == "checkpoint.pt"

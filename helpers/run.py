@@ -11,7 +11,9 @@ them before anything is written: the same settings resume; others stop with a No
 difference (on disk → now) and the choices (a new RUN_NAME, OVERWRITE, or ADD_TO_RUN where the change only
 adds data). Provenance is append-only: `created_with` is the release that started the run and `history`
 lists every stage's status and settings check with the release that made it; `release_flag` marks results
-of an older release where they are shown.
+of an older release where they are shown. What OVERWRITE replaces is moved to `replaced/` (`set_aside`),
+never read again, so a mistaken OVERWRITE loses nothing; when a stage goes on, the temp files that killed
+atomic writes left in its folders are removed (`remove_stale_temps`).
 
 Every path of the run folder is spelled here and nowhere else:
 
@@ -23,13 +25,15 @@ Every path of the run folder is spelled here and nowhere else:
     saes/{sae_id}/                sae_dir(run_dir, sae_id): SAE_CFG, SAE_WEIGHTS, SAE_SPARSITY, SAE_METRICS
     probes.json                   probes_path(run_dir)
     features/{sae_id}.jsonl       features_path(run_dir, sae_id)
-    features/{sae_id}.controls.json  feature_controls_path(run_dir, sae_id): random features, the autointerp baseline
+    features/{sae_id}.controls.json  feature_controls_path(run_dir, sae_id): random features, the
+                                  autointerp baseline
     steering.jsonl                steering_path(run_dir)
     corpus/layer_{L}/             corpus_dir(run_dir, L)
     explorer/                     explorer_dir(run_dir)
     neuronpedia/                  neuronpedia_dir(run_dir)
     figures/                      figures_dir(run_dir)
     judge_cache.sqlite            judge_cache_path(run_dir)
+    replaced/{stage}-{time}/      replaced_dir(run_dir): what OVERWRITE replaced (set_aside); never read
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -94,7 +99,8 @@ def pooled_dir(run_dir: str | os.PathLike) -> Path:
 
 
 def pooled_path(run_dir: str | os.PathLike, layer: int) -> Path:
-    """One vector per completion (mean and last token, the prompt's last token) at one layer, for the probes."""
+    """One vector per completion (mean and last token, the prompt's last token) at one layer, for the
+    probes."""
     return pooled_dir(run_dir) / f"layer_{layer}.safetensors"
 
 
@@ -197,9 +203,9 @@ def _disk_full_message(path: Path, size: int, err: OSError) -> str:
     return (
         f"the disk (or Drive quota) holding {path.parent} is full: writing {path.name} ({size / 1e6:.1f} MB) "
         f"failed with {err.strerror or err}; {free / 1e9:.2f} GB free there, and {kept}. Free space (delete "
-        "old run folders, SAE checkpoints or other files; on Drive also empty the trash) or set the run folder "
-        "on a larger disk, then rerun this cell: finished work is skipped (SAE training resumes from its last "
-        "checkpoint)."
+        "old run folders, SAE checkpoints or other files; on Drive also empty the trash) or set the run "
+        "folder on a larger disk, then rerun this cell: finished work is skipped (SAE training resumes "
+        "from its last checkpoint)."
     )
 
 
@@ -505,7 +511,7 @@ def check_stage_settings(
     overwrite: bool = False,
     add: bool = False,
     addable: tuple[str, ...] = (),
-    overwrite_does: str = "redo this stage with the new settings (its earlier outputs are replaced)",
+    overwrite_does: str = "redo this stage with the new settings (its earlier outputs go to replaced/)",
     has_outputs: bool = True,
     legacy: dict[str, Any] | None = None,
 ) -> str:
@@ -516,10 +522,12 @@ def check_stage_settings(
     - "same": the same settings: go on, finished work is skipped as before;
     - "add": differences that only add (keys under `addable`: new entries, larger counts, longer lists)
       and `add` is True: go on, adding;
-    - "overwrite": other settings and `overwrite` True: the caller replaces the stage's outputs.
+    - "overwrite": other settings and `overwrite` True: the caller replaces the stage's outputs, moving
+      the old ones to replaced/ with `set_aside`.
 
     Any other difference raises a NotebookError naming each (on disk → now) and the choices, before
-    anything is written (run.json included). The check, the settings and the release go to the history.
+    anything is written (run.json included). The check, the settings and the release go to the history;
+    when the stage goes on, the temp files killed writes left in its folders go (`remove_stale_temps`).
     `legacy`: the settings to compare with when none are recorded (what an older run.json says).
     E.g. notebook 05: `check_stage_settings(run_dir, "05_steer", {"sae": SAE_ID, "strengths": STRENGTHS,
     ...}, overwrite=OVERWRITE)` before its first write."""
@@ -533,6 +541,7 @@ def check_stage_settings(
         }
     new_hash = settings_hash(settings)
     if before and before.get("hash") == new_hash:
+        remove_stale_temps(run_dir, stage)
         return "same"
     decision = "new"
     if before and has_outputs:
@@ -563,7 +572,114 @@ def check_stage_settings(
         },
     )
     update_run_json(run_dir, **{SETTINGS: {stage: record}})
+    remove_stale_temps(run_dir, stage)
     return decision
+
+
+# --- what OVERWRITE replaces, and what killed writes leave -------------------------------------------------
+REPLACED = "replaced"
+"""The run folder's `replaced/`: results that OVERWRITE replaced, kept (`set_aside`). No stage reads it."""
+KEEP_REPLACED_ENV = "KEEP_REPLACED"
+"""`KEEP_REPLACED=0` in the environment: OVERWRITE deletes what it replaces instead of keeping it."""
+
+
+def replaced_dir(run_dir: str | os.PathLike) -> Path:
+    """Where `set_aside` keeps replaced results: `replaced/{stage}-{UTC time}/`, each file at its place in
+    the run folder. Delete it to free the space; nothing reads it."""
+    return Path(run_dir) / REPLACED
+
+
+def set_aside(run_dir: str | os.PathLike, stage: str, paths: Any, *, keep: bool | None = None) -> Path | None:
+    """Move the files or folders `paths` (inside the run folder) that OVERWRITE is about to replace into
+    `replaced/{stage}-{UTC time}/`, at the same place relative to the run folder, so that a mistaken
+    OVERWRITE loses nothing; say where, and record it in run.json's history. `keep` False (default: the
+    environment's KEEP_REPLACED, kept unless it is 0) deletes them instead. Returns the folder they went
+    to (None when nothing was there or they were deleted). A move within the run folder is a rename:
+    no copy, no extra space."""
+    run_dir = Path(run_dir).resolve()
+    if keep is None:
+        keep = os.environ.get(KEEP_REPLACED_ENV, "1").strip().lower() not in ("0", "false", "no")
+    present = []
+    for path in map(Path, paths):
+        rel = path.resolve().relative_to(run_dir)  # a ValueError for a path outside the run folder
+        if not rel.parts or rel.parts[0] == REPLACED:
+            raise ValueError(
+                f"set_aside takes results inside {run_dir} (not the run folder itself or replaced/)"
+            )
+        if path.exists() or path.is_symlink():
+            present.append(rel)
+    if not present:
+        return None
+    names = ", ".join(r.as_posix() for r in present)
+    if not keep:
+        for rel in present:
+            target = run_dir / rel
+            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+        print(f"OVERWRITE: deleted {names} (made with the old settings; {KEEP_REPLACED_ENV} is off)")
+        _append_history(run_dir, {"stage": stage, "event": "replaced", "deleted": names, "at": _now()})
+        return None
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    dest = replaced_dir(run_dir) / f"{stage}-{stamp}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = replaced_dir(run_dir) / f"{stage}-{stamp}-{n}"
+    for rel in present:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(run_dir / rel, dest / rel)
+    print(
+        f"OVERWRITE: moved {names} (made with the old settings) to {dest}: nothing is lost, and no notebook "
+        f"reads it. Delete that folder to free the space (or set {KEEP_REPLACED_ENV}=0 in the environment "
+        "to delete instead of keeping)."
+    )
+    kept = dest.relative_to(run_dir).as_posix()
+    _append_history(run_dir, {"stage": stage, "event": "replaced", "moved": names, "to": kept, "at": _now()})
+    return dest
+
+
+STAGE_FOLDERS = {
+    "02_collect_activations": ("activations", "pooled"),
+    "02_corpus": ("corpus",),
+    "03_train_saes": ("saes",),
+    "04_autolabel_features": ("features",),
+    "06_explore_features": ("explorer", "neuronpedia"),
+}
+"""The folders of the run folder that only one stage writes (by its stage name), where
+`remove_stale_temps` removes every temp file of ours; in the run folder itself and `figures/`, written
+by several stages, only temp files older than `SHARED_TEMP_AGE_S` go."""
+SHARED_TEMP_AGE_S = 600
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
+"""`atomic_write_bytes`'s temp names: `.{name}.` + mkstemp's 8 random characters + `.tmp`."""
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is one of `atomic_write_bytes`'s temp files (a write killed before its rename
+    leaves one; no reader may take it for data)."""
+    return _TEMP_NAME.match(name) is not None
+
+
+def remove_stale_temps(run_dir: str | os.PathLike, stage: str) -> list[Path]:
+    """Remove the temp files that killed atomic writes left (`is_temp_name`, plain files only) when
+    `stage` starts again: anywhere under the folders only it writes (`STAGE_FOLDERS`), and those older
+    than SHARED_TEMP_AGE_S directly in the run folder and in figures/ (another stage may be writing
+    those now). Nothing else is touched. Returns what was removed."""
+    run_dir = Path(run_dir)
+    own = [run_dir / f for f in STAGE_FOLDERS.get(stage, ())]
+    candidates = [(p, 0.0) for folder in own if folder.is_dir() for p in folder.rglob(".*.tmp")]
+    for folder in (run_dir, figures_dir(run_dir)):
+        if folder.is_dir():
+            candidates += [(p, SHARED_TEMP_AGE_S) for p in folder.glob(".*.tmp")]
+    removed, now = [], datetime.now(UTC).timestamp()
+    for path, min_age in candidates:
+        if not (is_temp_name(path.name) and path.is_file() and not path.is_symlink()):
+            continue
+        if now - path.stat().st_mtime >= min_age:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        example = removed[0].name
+        print(f"{stage}: removed {len(removed)} temp file(s) left by interrupted writes (e.g. {example})")
+    return removed
 
 
 def release_flag(version: str | None) -> str:

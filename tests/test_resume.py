@@ -167,3 +167,30 @@ def test_02_rerun_repairs_a_truncated_shard(copy, base):
     fixed, want = LayerStore(copy, 3), LayerStore(base, 3)
     assert sorted(fixed.completion_ids) == sorted(want.completion_ids)
     assert all((fixed.tokens_of(c) == want.tokens_of(c)).all() for c in want.completion_ids)
+
+
+@pytest.fixture(scope="module")
+def explored(base, tmp_path_factory) -> Path:
+    """The base run with notebook 06 run on it (smoke mode: the one SAE)."""
+    run_dir = tmp_path_factory.mktemp("explored") / "run"
+    shutil.copytree(base, run_dir)
+    run_notebook(notebook("06"), run_dir, smoke=True)
+    return run_dir
+
+
+def test_06_with_other_explorer_settings_stops_before_writing(explored, tmp_path):
+    """Notebook 06 rerun with another N_TOP: before issue 21 the SAE's explorer data were silently rebuilt.
+    Now it stops before writing anything (a killed write's temp file included: it goes only when the stage
+    goes on), naming the difference and the choices. OVERWRITE (the old explorer moved to replaced/, which
+    nothing reads) is tested on build_explorer in tests/explore/test_site.py, set_aside in
+    tests/test_replaced_and_temps.py."""
+    copy = tmp_path / "run"
+    shutil.copytree(explored, copy)
+    (done,) = copy.glob("explorer/data/*/complete.json")
+    (done.parent / ".table.js.k2j3h4g5.tmp").write_bytes(b"half")
+    before = digest(copy)
+    msg = stops("06", copy, {"N_TOP": 3})
+    assert "stage 06_explore_features of " in msg and "config.n_top: 8 → 3" in msg, msg
+    assert "nothing was written" in msg and "RUN_NAME" in msg and "OVERWRITE = True" in msg, msg
+    assert "replaced/" in msg and "ADD_TO_RUN" not in msg, msg
+    assert digest(copy) == before, "the run folder must not change"

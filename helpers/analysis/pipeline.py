@@ -356,7 +356,9 @@ def probe_table(
     control set's `control_fpr` threshold (detection.py). `transfer_matrix`: per layer, raw probes
     trained on each labelled dataset and scored on each. `sae_vs_sae`: per layer, every pair of SAEs at
     the L0 of the sparsest one on the probed tokens (paired test, Holm over all pairs). `layer_sweep`:
-    `layer_sweep` with `sweep_bootstrap` refitted draws (None: no sweep)."""
+    `layer_sweep` with `sweep_bootstrap` refitted draws (None: no sweep). A layer whose training rows hold
+    one class (or none) gets a raw row saying why (`why`; its SAEs are skipped with it) and the others
+    go on."""
     if pooling not in SAE_POOLING:
         raise ValueError(f"pooling must be one of {sorted(SAE_POOLING)}, got {pooling!r}")
     run_dir, layers = Path(run_dir), [int(layer) for layer in layers]
@@ -379,7 +381,15 @@ def probe_table(
         store = LayerStore(run_dir, layer)
         layer_saes = [s for s in saes if s.layer == layer]
         keep, used = reserved_rows(run_dir, layer_saes)
-        lr = layer_rows(run_dir, store, keep, roles)
+        try:
+            lr = layer_rows(run_dir, store, keep, roles)
+        except ValueError as err:  # one class (or none) to train on here: a row saying why, the rest go on
+            saes_here = f"; so are its SAEs ({', '.join(s.sae_id for s in layer_saes)})" if layer_saes else ""
+            why = f"layer {layer} skipped: {err}{saes_here}"
+            print(why)
+            rows.append({"layer": layer, "kind": "raw", "why": why, "rows": used})
+            bar.update(1 + 2 * len(layer_saes))
+            continue
         tr = lr.train
         y, groups, prompts = _probe_rows_ids(lr, tr)
         train_sets = [s.name for s in lr.sets if s.role == "train"]

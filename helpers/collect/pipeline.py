@@ -15,7 +15,6 @@ where it stopped and spends nothing twice.
 from __future__ import annotations
 
 import os
-import shutil
 import textwrap
 from typing import Any
 
@@ -57,6 +56,7 @@ from helpers.run import (
     completions_path,
     datasets_path,
     pooled_dir,
+    set_aside,
 )
 from helpers.tables import format_table
 
@@ -270,7 +270,7 @@ def check_collection(
     resume; other settings stop before anything is written, naming each difference and the choices (a
     new RUN_NAME, OVERWRITE, or ADD_TO_RUN when the change only adds: another dataset, more prompts,
     samples or layers). With `overwrite`, the completions, datasets.json, activations and pooled vectors
-    made with the old settings are deleted here (the corpus and the judge's cache are kept). Returns
+    made with the old settings are moved to replaced/ here (the corpus and the judge's cache stay). Returns
     check_stage_settings's decision."""
     has_outputs = completions_path(run_dir).exists() or datasets_path(run_dir).exists()
     decision = check_stage_settings(
@@ -281,18 +281,12 @@ def check_collection(
         add=add,
         addable=ADDABLE,
         has_outputs=has_outputs,
-        overwrite_does="delete this run's completions, datasets.json, activations and pooled vectors and "
-        "collect them again with the new settings (the corpus and the judge's cache are kept)",
+        overwrite_does="move this run's completions, datasets.json, activations and pooled vectors to "
+        "replaced/ and collect them again with the new settings (the corpus and the judge's cache stay)",
     )
-    if decision == "overwrite":
-        for path in (completions_path(run_dir), datasets_path(run_dir)):
-            path.unlink(missing_ok=True)
-        for folder in [pooled_dir(run_dir), activations_dir(run_dir, 0).parent]:
-            shutil.rmtree(folder, ignore_errors=True)
-        print(
-            "OVERWRITE: removed the completions, datasets.json, "
-            "activations and pooled vectors of the old settings"
-        )
+    if decision == "overwrite":  # kept in replaced/ (run.set_aside), collected again
+        old = [completions_path(run_dir), datasets_path(run_dir), pooled_dir(run_dir)]
+        set_aside(run_dir, COLLECT_STAGE, [*old, activations_dir(run_dir, 0).parent])
     elif decision == "add":
         print("ADD_TO_RUN: adding to this run's completions (what is there is kept and skipped)")
     return decision

@@ -4,7 +4,8 @@ own CSS and JavaScript, and data arrive as `<script>` files (browsers refuse `fe
 load scripts), each calling `explorerData(kind, key, data)`:
 
     explorer/index.html                       the app (static/index.html): table, search, feature pages
-    explorer/data/saes.js                     the SAEs: facts, notes, where their data lie
+    explorer/data/saes.js                     the SAEs: facts, notes, where their data lie, and the
+                                              release flag of an SAE trained by an older release
     explorer/data/{sae_id}/table.js           the feature table (one column array per field, all features)
     explorer/data/{sae_id}/pages_{k:04d}.js   feature pages k*CHUNK .. (k+1)*CHUNK-1, loaded on demand
     explorer/data/{sae_id}/text.js            per feature, the text of its top windows (completions and
@@ -13,8 +14,9 @@ load scripts), each calling `explorerData(kind, key, data)`:
 
 16k features stay fast: the first paint needs only table.js (a few MB of column arrays), the table
 renders 200 rows at a time, a feature page loads one chunk of CHUNK pages, and text.js loads only for
-a search in the windows' text. The density view (firing rates of all features) is drawn from table.js. Each data file is
-written atomically; `complete.json` last, so an interrupted build is redone, never trusted.
+a search in the windows' text. The density view (firing rates of all features) is drawn from table.js.
+Each data file is written atomically; `complete.json` last, so an interrupted build is redone, never
+trusted.
 """
 
 from __future__ import annotations
@@ -29,7 +31,15 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from helpers.explore.dashboards import SAEDashboards
-from helpers.run import atomic_write_bytes, atomic_write_json, explorer_dir, jsonable
+from helpers.run import (
+    SAE_METRICS,
+    atomic_write_bytes,
+    atomic_write_json,
+    explorer_dir,
+    jsonable,
+    sae_dir,
+    sae_release_flag,
+)
 
 CHUNK = 64
 """Feature pages per data file."""
@@ -121,12 +131,17 @@ def read_page(run_dir: str | os.PathLike, sae_id: str, feature: int) -> dict[str
 
 
 def write_site(run_dir: str | os.PathLike, *, title: str = "") -> Path:
-    """index.html and data/saes.js listing every SAE with complete data; returns index.html's path."""
+    """index.html and data/saes.js listing every SAE with complete data; returns index.html's path.
+    Each SAE's `release` is `run.sae_release_flag` ('' or e.g. 'older release 0.1.0', as on the
+    leaderboard) for an SAE notebook 03 trained (one with metrics.json; '' for one brought from
+    elsewhere): the page flags an SAE that an older release trained."""
     root = explorer_dir(run_dir)
     saes = []
     for path in sorted((root / DATA).glob(f"*/{COMPLETE}")):
         info = json.loads(path.read_text())["info"]
-        saes.append({**info, "chunk": CHUNK, "path": f"{DATA}/{path.parent.name}"})
+        trained_here = (sae_dir(run_dir, path.parent.name) / SAE_METRICS).exists()  # by notebook 03
+        release = sae_release_flag(run_dir, path.parent.name) if trained_here else ""
+        saes.append({**info, "chunk": CHUNK, "path": f"{DATA}/{path.parent.name}", "release": release})
     if not saes:
         raise FileNotFoundError(f"no SAE data under {root / DATA}: build_explorer writes them")
     meta = {"title": title or f"Feature explorer: {Path(run_dir).name}", "saes": saes}

@@ -26,7 +26,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shutil
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -56,10 +55,12 @@ from helpers.run import (
     layer_of_dir,
     model_record,
     read_run_json,
+    remove_stale_temps,
     sae_dir,
     sae_id_of,
     sae_release_flag,
     saes_dir,
+    set_aside,
     settings_diff,
     settings_hash,
 )
@@ -162,6 +163,8 @@ def train_grid(
     _check_finished(
         run_dir, [(r["sae_id"], c, st) for r, _, _, reason, c, st in plan if not reason], overwrite
     )
+    if not plan_only:
+        remove_stale_temps(run_dir, TRAIN_STAGE)  # what killed writes left in saes/
     status = []
     for row, sources, data, reason, run_cfg, settings in plan:
         out, layer, condition = sae_dir(run_dir, row["sae_id"]), row["layer"], row["condition"]
@@ -275,17 +278,16 @@ def _check_finished(
             conflicts.append((sae_id, where, diff))
     if not conflicts:
         return
-    if overwrite:
-        for sae_id, where, _ in conflicts:
-            shutil.rmtree(sae_dir(run_dir, sae_id))
-            print(f"OVERWRITE: removed {sae_id} ({where}, other settings); it is trained again")
+    if overwrite:  # kept in replaced/ (run.set_aside), trained again
+        set_aside(run_dir, TRAIN_STAGE, [sae_dir(run_dir, sae_id) for sae_id, _, _ in conflicts])
         return
     text = "\n".join(f"{sae_id} ({where}):\n{describe_diff(diff)}" for sae_id, where, diff in conflicts)
     raise NotebookError(
         f"{len(conflicts)} SAE(s) in {saes_dir(run_dir)} were made with other settings than this run's; "
         f"nothing was trained. What differs (on disk → now):\n{text}\nChoose one:\n"
         "  - a new RUN_NAME: train the new settings in a new run folder (this one stays as it is)\n"
-        "  - OVERWRITE = True: delete these SAEs (and their checkpoints) and train them again with the new settings\n"
+        "  - OVERWRITE = True: move these SAEs (and their checkpoints) to replaced/ and train them again "
+        "with the new settings\n"
         "  - or set the parameters back to the values on the left to resume this run"
     )
 
@@ -344,7 +346,8 @@ def run_saes(run_dir: str | os.PathLike, name_filter: str = "") -> list[Path]:
     if not folders and stage != "done":
         raise NotebookError(
             f"no SAE in {Path(run_dir) / 'saes'} and notebook 03 has not finished on this run (its stage is "
-            f"{stage or 'not started'}): run notebook 03 with RUN_NAME {Path(run_dir).name!r} to the end first."
+            f"{stage or 'not started'}): run notebook 03 with RUN_NAME {Path(run_dir).name!r} to the end "
+            "first."
         )
     if not folders:
         print(
@@ -352,7 +355,8 @@ def run_saes(run_dir: str | os.PathLike, name_filter: str = "") -> list[Path]:
         )
     elif stage != "done":
         print(
-            f"note: notebook 03 has not finished on this run; analysing the {len(folders)} SAE(s) found so far"
+            f"note: notebook 03 has not finished on this run; analysing the {len(folders)} SAE(s) found "
+            "so far"
         )
     return folders
 

@@ -21,9 +21,10 @@ Design (REFERENCE.md, "Steering evaluation practice"; DESIGN.md §9):
   and samples): an exact sign-flip permutation test over scenarios and a t interval of the mean
   difference's interval (Zou & Donner's MOVER from the two rates' Wilson intervals and the correlation
   of their per-scenario rates: a t interval of per-scenario differences covered 64-94% of rare-rate
-  worlds with a true effect), Benjamini–Hochberg across all those tests, and a verdict in plain words. Testing the
-  prompts as units when paraphrases share a scenario rejected 12% of true nulls at 0.05. The number of
-  scenarios and the smallest p they allow are printed before sampling. A null is reported as such.
+  worlds with a true effect), Benjamini–Hochberg across all those tests, and a verdict in plain words.
+  Testing the prompts as units when paraphrases share a scenario rejected 12% of true nulls at 0.05.
+  The number of scenarios and the smallest p they allow are printed before sampling. A null is
+  reported as such.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def held_out_prompts(
 
 def sample_size(prompts: Sequence[Prompt], n_per_prompt: int) -> dict[str, Any]:
     """What a steering test over these prompts can show: scenarios (the units of the paired test),
-    prompts, answers per condition, and the smallest p-value the sign-flip test can reach (2 / 2^scenarios)."""
+    prompts, answers per condition, and the smallest p-value the sign-flip test can reach
+    (2 / 2^scenarios)."""
     n_scenarios = len({p.group for p in prompts})
     return {
         "n_scenarios": n_scenarios,
@@ -131,7 +133,8 @@ def steering_targets(
     analysed = sorted(p.stem for p in features_dir(run_dir).glob("*.jsonl"))
     if not analysed:
         raise FileNotFoundError(
-            f"no feature tables in {features_dir(run_dir)}: run notebook 04 (feature_table) for this run first"
+            f"no feature tables in {features_dir(run_dir)}: run notebook 04 (feature_table) for this run "
+            "first"
         )
     if sae_id and sae_id not in analysed:
         raise ValueError(
@@ -158,8 +161,8 @@ def steering_targets(
     else:
         extra = f", then {len(chosen) - n_rep} that did not, by rank" if len(chosen) > n_rep else ""
         print(
-            f"{sae_id}: {n_rep} of {len(rows)} analysed features replicated on the held-out half (q < {alpha}): "
-            f"steering {min(n_rep, len(chosen))} of them first{extra}"
+            f"{sae_id}: {n_rep} of {len(rows)} analysed features replicated on the held-out half "
+            f"(q < {alpha}): steering {min(n_rep, len(chosen))} of them first{extra}"
         )
     return sae, chosen
 
@@ -415,7 +418,10 @@ def compare_to_controls(
                     "control_rate": float(b.mean()),
                     **paired_scenario_test(a, b, np.array([answers[g] for g in scenarios]), seed=seed),
                     "ambiguous_difference": float(amb_diff),
-                    "test": "exact sign-flip test over scenarios; MOVER interval from scenario-clustered Wilson intervals",
+                    "test": (
+                        "exact sign-flip test over scenarios; "
+                        "MOVER interval from scenario-clustered Wilson intervals"
+                    ),
                     "perplexity": r["stats"]["perplexity"],
                     "control_perplexity": float(np.mean([c["stats"]["perplexity"] or np.nan for c in ctrl])),
                     "label_sources": r["stats"]["label_sources"],
@@ -434,9 +440,15 @@ def _verdict(o: dict[str, Any], alpha: float) -> str:
     size = f"{o['n_scenarios']} scenarios x {o['n_per_prompt']} samples"
     if o["q_value"] < alpha:
         way = "raises" if diff > 0 else "lowers"
-        text = f"{way} the deceptive rate vs {against} by {abs(diff):.0f} points (95% CI {lo:+.0f}..{hi:+.0f}; q={o['q_value']:.3g}; {size})"
+        text = (
+            f"{way} the deceptive rate vs {against} by {abs(diff):.0f} points "
+            f"(95% CI {lo:+.0f}..{hi:+.0f}; q={o['q_value']:.3g}; {size})"
+        )
     else:
-        text = f"no detectable effect vs {against} at this N (difference {diff:+.0f} points, 95% CI {lo:+.0f}..{hi:+.0f}; q={o['q_value']:.2g}; {size})"
+        text = (
+            f"no detectable effect vs {against} at this N (difference {diff:+.0f} points, "
+            f"95% CI {lo:+.0f}..{hi:+.0f}; q={o['q_value']:.2g}; {size})"
+        )
         if o["min_possible_p"] > alpha:
             text += (
                 f"; with {o['n_scenarios']} scenarios no test can reach p<{alpha}: use 6 or more scenarios"

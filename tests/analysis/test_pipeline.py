@@ -211,8 +211,12 @@ def copy_run(run, tmp_path):
 
 def test_bad_input_fails_clearly(run, copy_run, offline_lm, tmp_path):
     one_class = copy_run(lambda r: "honest" if r["label"] == "deceptive" else r["label"])
-    with pytest.raises(ValueError, match="0 deceptive completions: sample more"):
-        probe_table(one_class, [LAYER], [], **FAST)
+    # probe_table: a row saying why, written to probes.json; the notebook goes on (was: a ValueError)
+    (row,) = probe_table(one_class, [LAYER], [run.sae_folder], **FAST)
+    assert row["kind"] == "raw" and "balanced_accuracy" not in row, row
+    assert f"layer {LAYER} skipped: " in row["why"] and "0 deceptive completions: sample more" in row["why"]
+    saved = read_probes(one_class)["rows"]
+    assert "so are its SAEs" in row["why"] and [r.get("why") for r in saved] == [row["why"]]
     with pytest.raises(ValueError, match="0 deceptive completions: sample more"):
         feature_table(one_class, run.sae_folder, tokenizer=offline_lm.tokenizer)
     shutil.rmtree(one_class)

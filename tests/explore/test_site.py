@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+import helpers
+from helpers.env import NotebookError
 from helpers.explore.dashboards import ExplorerConfig
 from helpers.explore.pipeline import build_explorer
 from helpers.explore.site import (
@@ -31,11 +34,11 @@ from helpers.explore.site import (
     write_site,
 )
 from helpers.model.hooks import hook_name
-from helpers.run import explorer_dir, sae_dir
+from helpers.run import REPLACED, SAE_METRICS, explorer_dir, sae_dir
 from helpers.saes import TopKSAE
 from helpers.saes.io import save_sae
 from tests.conftest import tiny_chat_llama
-from tests.explore.fake_run import D_SAE, LAYER, SAE_ID, make_run
+from tests.explore.fake_run import D_SAE, LAYER, OTHER_ID, SAE_ID, make_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "runs" / "ci_explorer"
@@ -74,10 +77,31 @@ def test_data_files_round_trip_and_resume(run, tiny, capsys, tmp_path):
     build_explorer(run, lm=tiny, config=CFG)
     assert "complete, reused" in capsys.readouterr().out
     assert (sae_data_dir(run, SAE_ID) / "table.js").stat().st_mtime_ns == before
-    build_explorer(run, lm=tiny, config=ExplorerConfig(n_top=3, before=6, after=2), sae_filter="L1_mixed")
-    assert "complete, reused" not in capsys.readouterr().out, "other settings rebuild the SAE"
-    assert all(len(p["top"]) <= 3 for p in iter_pages(run, SAE_ID))
-    build_explorer(run, lm=tiny, config=CFG, sae_filter="L1_mixed")  # back to the browser test's settings
+    build_explorer(run, lm=tiny, config=replace(CFG, batch_tokens=7))  # speed only: not a setting
+    assert "complete, reused" in capsys.readouterr().out
+
+
+def test_other_settings_stop_and_overwrite_moves_the_old_explorer_aside(run, tiny, tmp_path, capsys):
+    """Other explorer settings on a rerun (was: the SAE silently rebuilt) stop before anything is written;
+    OVERWRITE rebuilds and keeps the old explorer in replaced/, which the site never lists."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("explorer_screenshots"))
+    before = {p: p.read_bytes() for p in sorted(copy.rglob("*")) if p.is_file()}
+    other = replace(CFG, n_top=3)
+    with pytest.raises(NotebookError) as err:
+        build_explorer(copy, lm=tiny, config=other, sae_filter="L1_mixed")
+    msg = str(err.value)
+    assert "stage 06_explore_features" in msg and "config.n_top: 4 → 3" in msg and "OVERWRITE = True" in msg
+    assert {p: p.read_bytes() for p in sorted(copy.rglob("*")) if p.is_file()} == before, "nothing written"
+    build_explorer(copy, lm=tiny, config=other, sae_filter="L1_mixed", overwrite=True)
+    (kept,) = (copy / REPLACED).iterdir()
+    assert str(kept) in capsys.readouterr().out
+    assert (kept / "explorer" / "data" / SAE_ID / "table.js").read_bytes() == before[
+        sae_data_dir(copy, SAE_ID) / "table.js"
+    ]
+    assert all(len(p["top"]) <= 3 for p in iter_pages(copy, SAE_ID))
+    listed = _read_js(explorer_dir(copy) / "data" / "saes.js")["saes"]
+    assert [s["sae_id"] for s in listed] == [SAE_ID], "only what this build wrote, nothing from replaced/"
 
 
 def _browser():
@@ -296,8 +320,11 @@ def bad_run(tiny):
 
 def _older_release(run: Path, into: Path) -> None:
     """The explorer data of `run` as the release before DATA_FORMAT 2 wrote them: no format, no logit
-    histogram, co-activation, histogram minimum, group counts or text.js."""
-    shutil.copytree(run, into)
+    histogram, co-activation, histogram minimum, group counts or text.js; and its SAE trained by release
+    0.1.0 (its metrics.json says so), another by this release."""
+    shutil.copytree(run, into, ignore=shutil.ignore_patterns("explorer_screenshots"))
+    (sae_dir(into, SAE_ID) / SAE_METRICS).write_text(json.dumps({"package_version": "0.1.0"}))
+    (sae_dir(into, OTHER_ID) / SAE_METRICS).write_text(json.dumps({"package_version": helpers.__version__}))
     folder = sae_data_dir(into, SAE_ID)
     (folder / "text.js").unlink()
     done = json.loads((folder / "complete.json").read_text())
@@ -351,6 +378,15 @@ def test_bad_input_views_say_what_is_missing(bad_run, run, tmp_path):
         url = (explorer_dir(old) / "index.html").as_uri()
         browser.get(f"{url}#sae={SAE_ID}")
         wait.until(lambda b: b.find_elements(By.ID, "older-note"))
+        # the SAE an older release trained is flagged as on the leaderboard: the list, the facts, a note
+        flags = {s["sae_id"]: s["release"] for s in _read_js(explorer_dir(old) / "data" / "saes.js")["saes"]}
+        assert flags[SAE_ID] == "older release 0.1.0" and flags[OTHER_ID] == "", flags
+        options = {
+            o.get_attribute("value"): o.text for o in browser.find_elements(By.CSS_SELECTOR, "#sae option")
+        }
+        assert options[SAE_ID].endswith("(older release 0.1.0)") and options[OTHER_ID] == OTHER_ID
+        assert browser.find_element(By.ID, "sae-facts").text.endswith("· older release 0.1.0")
+        assert "trained by an older release 0.1.0" in browser.find_element(By.ID, "release-note").text
         Select(browser.find_element(By.ID, "where")).select_by_value("text")
         browser.find_element(By.ID, "search").send_keys("the")
         wait.until(lambda b: b.find_elements(By.ID, "text-missing"))
@@ -359,10 +395,15 @@ def test_bad_input_views_say_what_is_missing(bad_run, run, tmp_path):
         wait.until(lambda b: b.find_elements(By.ID, "logit-histogram-missing"))
         for el in ("logit-histogram-missing", "coactive-missing"):
             assert "older release" in browser.find_element(By.ID, el).text
+        assert "older release 0.1.0" in browser.find_element(By.ID, "release-note").text, "on its pages too"
         assert browser.find_elements(By.CSS_SELECTOR, "#histogram rect") and browser.find_elements(
             By.CSS_SELECTOR, "#quantiles .group-head"
         )
         browser.save_screenshot(str(shots / "older_release.png"))
+        browser.get(f"{url}#sae={OTHER_ID}")
+        wait.until(lambda b: b.find_elements(By.ID, "density-svg"))  # its table view
+        assert not browser.find_element(By.ID, "sae-facts").text.endswith("0.1.0")
+        assert not browser.find_elements(By.ID, "release-note"), "no flag on this release's SAE"
         errors = [
             e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "text.js" not in e["message"]
         ]
