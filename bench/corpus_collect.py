@@ -44,7 +44,7 @@ import helpers  # noqa: E402
 from helpers.collect import corpus  # noqa: E402
 from helpers.collect.corpus import CorpusStream, Packing, collect_corpus, iter_documents, iter_sequences  # noqa: E402
 from helpers.model.hooks import hook_name, run_with_capture  # noqa: E402
-from helpers.saes.train import Run, StreamData, TrainConfig  # noqa: E402
+from helpers.saes.train import StreamData, TrainConfig, Trainer  # noqa: E402
 
 
 def load(args):
@@ -197,7 +197,7 @@ def streamed_training(args) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
-    run = Run(cfg, stream.d_model, args.device)
+    run = Trainer(cfg, stream.d_model, args.device)
     it = data.batches(cfg, 0)
     run.init_from_data(torch.cat([next(it) for _ in range(4)]))
     for _ in range(cfg.total_steps):

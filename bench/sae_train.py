@@ -1,6 +1,6 @@
 """Benchmark: our SAE trainer against SAELens 6.x's own trainer, side by side on real activations.
 
-    python bench/sae_train.py --threads 1             # CPU, TopK, BatchTopK, JumpReLU, standard: one JSON object
+    python bench/sae_train.py --threads 1             # CPU: TopK, BatchTopK, JumpReLU, standard; one JSON
     python bench/sae_train.py --memory                # also train from a ~3 GB store under a small buffer
     python bench/sae_train.py --device cuda --dtype fp16   # a GPU run (SAELens: fp32, or bf16 autocast)
 
@@ -16,9 +16,10 @@ others), SAELens's at mean norm sqrt(d_in), which is what
 its `normalize_activations="expected_average_only_in"` does (sae_lens 6.54.12,
 `training/activation_scaler.py` line 90: `scaling_factor = (d_in**0.5) / mean_norm`, estimated from
 `n_batches_for_norm_estimate` batches by `training/sae_trainer.py` lines 169-177; here from the same
-first `TrainConfig.init_tokens` tokens ours uses; 24x the unit-mean-squared-norm scale for d_in = 576). d_sae = 8 x 576 = 4608, the same
-batch size, token budget, learning rate and schedule. SAELens runs as its most careful user would set
-it up for a run this short: TopK and BatchTopK on its sparse path (`use_sparse_activations=True`, which
+first `TrainConfig.init_tokens` tokens ours uses; 24x the unit-mean-squared-norm scale for d_in = 576).
+d_sae = 8 x 576 = 4608, the same batch size, token budget, learning rate and schedule. SAELens runs as
+its most careful user would set it up for a run this short: TopK and BatchTopK on its sparse path
+(`use_sparse_activations=True`, which
 needs `rescale_acts_by_decoder_norm=False`: with the default True it fails in backward on torch 2.13),
 fp32 without autocast as its docstring asks for that path; its dead-latent window
 (`dead_feature_window`, default 1000 steps, longer than the run, so its AuxK never acted) set to the
@@ -65,7 +66,7 @@ from helpers.run import activations_dir, corpus_dir, stable_hash  # noqa: E402
 from helpers.saes.base import geometric_median  # noqa: E402
 from helpers.saes.evals import activation_metrics  # noqa: E402
 from helpers.saes.io import load_sae  # noqa: E402
-from helpers.saes.train import Run, TrainConfig, batches  # noqa: E402
+from helpers.saes.train import TrainConfig, Trainer, batches  # noqa: E402
 
 BENCH_CORPUS = "builtin:corpus"
 
@@ -205,9 +206,9 @@ def saelens_scale(x0: torch.Tensor) -> float:
     return x0.shape[1] ** 0.5 / float(x0.norm(dim=1).mean())
 
 
-def our_run(cfg: TrainConfig, x0: torch.Tensor, device: str) -> Run:
+def our_run(cfg: TrainConfig, x0: torch.Tensor, device: str) -> Trainer:
     """Our trainer, initialised on x0 (at the input scale `cfg.input_norm` picks)."""
-    run = Run(cfg, x0.shape[1], device)
+    run = Trainer(cfg, x0.shape[1], device)
     run.init_from_data(x0)
     return run
 
@@ -422,7 +423,7 @@ def memory_run(data_dir: Path, layer: int, args) -> dict:
         buffer_bytes=args.buffer_mb << 20,
         log_every=100,
     )
-    run, sampler = Run(cfg, store.d_model), threading.Thread(target=sample, daemon=True)
+    run, sampler = Trainer(cfg, store.d_model), threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
     data = batches(store, ids, cfg)
@@ -463,7 +464,8 @@ def main() -> None:
         "--l1",
         type=float,
         default=5.0,
-        help="SAELens's l1_coefficient for standard and Gated (5: Anthropic's April 2024 update, at sqrt(d_in) scale)",
+        help="SAELens's l1_coefficient for standard and Gated (5: Anthropic's April 2024 update, at "
+        "sqrt(d_in) scale)",
     )
     p.add_argument("--lr", type=float, default=TrainConfig.lr, help="learning rate of both (same schedule)")
     p.add_argument("--ours-lr", type=float, default=None, help="ablation: our learning rate only")

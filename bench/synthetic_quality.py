@@ -1,6 +1,6 @@
 """Benchmark: SAE quality against ground truth, our trainer vs SAELens's, on the same synthetic samples.
 
-    python bench/synthetic_quality.py                       # CPU-sized world, 5 architectures, lr 1e-3 and 3e-3
+    python bench/synthetic_quality.py                       # CPU-sized world, 5 architectures, lr 1e-3, 3e-3
     python bench/synthetic_quality.py --archs batchtopk --lrs 3e-3   # one architecture, one learning rate
 
 `sae_lens.synthetic` (SynthSAEBench; Chanin & Garriga-Alonso 2026) generates activations as sparse
@@ -55,7 +55,7 @@ from helpers.saes.base import geometric_median  # noqa: E402
 from helpers.saes.io import save_sae  # noqa: E402
 from helpers.saes.matryoshka_batchtopk import MatryoshkaBatchTopKSAE  # noqa: E402
 from helpers.saes.registry import sae_class  # noqa: E402
-from helpers.saes.train import Run, TrainConfig  # noqa: E402
+from helpers.saes.train import TrainConfig, Trainer  # noqa: E402
 
 WORLD_SEED_OFFSET = 7_919
 """The world's seed is `--seed` + this. With the same seed as the trainers, SynthSAEBench's feature
@@ -131,7 +131,7 @@ class SAELensRun:
         from sae_lens.training.sae_trainer import SAETrainer
 
         common = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu"}
-        # TopK family: SAELens's sparse path (fp32, no autocast), which needs rescale_acts_by_decoder_norm=False
+        # TopK family: SAELens's sparse path (fp32, no autocast); it needs rescale_acts_by_decoder_norm=False
         sparse = {"use_sparse_activations": True, "rescale_acts_by_decoder_norm": False}
         make = {
             "standard": lambda: sae_lens.StandardTrainingSAE(
@@ -248,7 +248,7 @@ def compare(
     if control:  # both SAEs before any step (a world that leaks into an initialisation scores high here)
         theirs.sae.save_inference_model(tmp / f"saelens_{arch}_untrained")
         untrained["saelens"] = score(tmp / f"saelens_{arch}_untrained", world, args, lens_scale)
-        fresh = Run(cfg, d_in)
+        fresh = Trainer(cfg, d_in)
         fresh.init_from_data(init)
         save_sae(
             fresh.sae,
@@ -281,7 +281,7 @@ def compare(
                 theirs.sae.save_inference_model(tmp / f"saelens_{arch}")
                 theirs_scores = score(tmp / f"saelens_{arch}", world, args, lens_scale)
                 cfg = dataclasses.replace(cfg, l0=max(1, round(theirs_scores["l0"])))
-            ours = Run(cfg, d_in)
+            ours = Trainer(cfg, d_in)
             ours.init_from_data(init)
         step = ours.train_step if who == "ours" else (lambda x: theirs.train_step(x * lens_scale))
         t0 = time.perf_counter()
@@ -354,7 +354,8 @@ def main() -> None:
         "--l1",
         type=float,
         default=0.3,
-        help="SAELens standard SAE's l1_coefficient, at its sqrt(d_in) input scale (ours then targets the L0 it reached)",
+        help="SAELens standard SAE's l1_coefficient, at its sqrt(d_in) input scale (ours then targets the L0 "
+        "it reached)",
     )
     p.add_argument("--eval-samples", type=int, default=20_000)
     p.add_argument("--chunk", type=int, default=20, help="steps per timed chunk")

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT.parent))
 
 import sae_train  # noqa: E402  (bench/sae_train.py: the data, its held-out split and the metrics)
 
-from helpers.saes.train import Run, TrainConfig  # noqa: E402
+from helpers.saes.train import TrainConfig, Trainer  # noqa: E402
 
 
 def main() -> None:
@@ -57,7 +57,7 @@ def main() -> None:
                 log_every=100,
                 seed=0,
             )
-            run = Run(cfg, train.shape[1])
+            run = Trainer(cfg, train.shape[1])
             run.init_from_data(train[: cfg.init_tokens])
             scale = run.sae.encoder_init_scale if enc == "default" else float(enc)
             with torch.no_grad():

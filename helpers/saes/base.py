@@ -247,7 +247,8 @@ def auxk_loss(sae: SAE, x: Tensor, pre: Tensor, dead: Tensor, residual: Tensor, 
     """AuxK (Gao et al. 2024, §A.2): ||e - e_hat||^2 / ||e - mean(e)||^2, where e is the detached residual
     error x - x_hat and e_hat is decoded (without b_dec, through the trainable decoder) from the top-k_aux
     dead latents' ReLU'd pre-activations of each token. Normalised by e's variance as in OpenAI's
-    reference. `pre` [n, d_sae] is `(x - b_dec) @ W_enc + b_enc` computed under no_grad; `dead` [d_sae] bool."""
+    reference. `pre` [n, d_sae] is `(x - b_dec) @ W_enc + b_enc` computed under no_grad; `dead` [d_sae]
+    bool."""
     dead_idx = dead.nonzero().squeeze(1)  # [n_dead]
     with torch.no_grad():
         local = pre.index_select(1, dead_idx).topk(min(k_aux, len(dead_idx)), dim=-1, sorted=False).indices

@@ -90,7 +90,8 @@ def condition_ids(
     if len(ids) < min_completions or n_tokens < min_tokens:
         labels = Counter(r.get("label") or "unlabelled" for r in rows if r["id"] in train)
         raise TooFewSamples(
-            f"condition {condition!r} at layer {store.dir.name.removeprefix('layer_')} has {len(ids)} completions "
+            f"condition {condition!r} at layer {store.dir.name.removeprefix('layer_')} has {len(ids)} "
+            "completions "
             f"({n_tokens} tokens); it needs at least {min_completions} completions and {min_tokens} tokens. "
             f"Training completions by label: {dict(labels)}. Sample more (notebook 02) or lower the minimums."
         )

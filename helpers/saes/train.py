@@ -2,9 +2,9 @@
 
 `train_sae` streams batches from `store.LayerStore` (never the whole store in RAM; or from any
 `TrainingData`: the reference corpus streamed through forward passes, or a mix of sources), scales them
-(`TrainConfig.input_norm`: mean norm sqrt(d_in) for TopK and the BatchTopK family, as SAELens does; unit mean
-squared norm for the others, which JumpReLU's ε and thresholds assume), starts b_dec at the geometric median, and
-runs Adam with a warm-up clamped to 5% of the run (a warm-up longer than the run is a known anchor
+(`TrainConfig.input_norm`: mean norm sqrt(d_in) for TopK and the BatchTopK family, as SAELens does; unit
+mean squared norm for the others, which JumpReLU's ε and thresholds assume), starts b_dec at the geometric
+median, and runs Adam with a warm-up clamped to 5% of the run (a warm-up longer than the run is a known anchor
 bug), a linear decay at the end, gradient clipping, unit-norm decoder rows, and mixed precision (fp16 +
 grad scaler on a T4, bf16 from compute capability 8, fp32 on CPU). Checkpoints hold the full state and
 are written atomically; a rerun resumes from the last one and ends bitwise identical to an
@@ -50,20 +50,16 @@ class TrainConfig:
     expansion: int = 8
     """d_sae = expansion * d_in."""
     l0: int = 32
-    """Sparsity: TopK's and BatchTopK's k; the target L0 that the others steer their sparsity coefficient to."""
+    """Sparsity: TopK's and BatchTopK's k; the target L0 the others steer their sparsity coefficient to."""
     train_tokens: int = 2_000_000
     """Tokens to train on (the data repeats in new shuffles when a condition has fewer)."""
     batch_size: int = 1024
     """Tokens per step."""
     lr: float = 1e-3
-    """Adam learning rate after warm-up. 1e-3 rather than SAELens's 3e-4: on the shipped corpus's layer-15
-    activations (SmolLM2, d_sae 4608, L0 32, 1,000 steps; BatchTopK with its smaller initial encoder,
-    base.SAE.encoder_init_scale) held-out explained variance rose for every architecture tried (TopK
-    0.926 → 0.948, BatchTopK 0.921 → 0.949, JumpReLU 0.932 → 0.949, standard 0.860 → 0.928; Gated
-    0.902 → 0.936, but with 17% of latents dead instead of 10%; bench/train_defaults.py), and on synthetic
-    data with a known dictionary BatchTopK's recovered-feature MCC rose from 0.53 to 0.69
-    (bench/synthetic_quality.py). Runs much longer than a few thousand steps, or much wider SAEs, may want
-    less (Gao et al. 2024 scale it down with the number of latents)."""
+    """Adam learning rate after warm-up. 1e-3, above SAELens's default 3e-4: better held-out explained
+    variance for every architecture on short runs (README, Measured: bench/train_defaults.py). Runs much
+    longer than a few thousand steps, or much wider SAEs, may want less (Gao et al. 2024 scale it down with
+    the number of latents)."""
     warmup_steps: int = 100
     """Linear warm-up; clamped to 5% of the run."""
     decay_fraction: float = 0.2
@@ -111,7 +107,8 @@ class TrainConfig:
         allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "d_in", "d_sae", "l0", "seed"}
         if unknown := set(self.sae_options) - allowed:
             raise ValueError(
-                f"sae_options {sorted(unknown)} are not arguments of {self.architecture}: use {sorted(allowed)}"
+                f"sae_options {sorted(unknown)} are not arguments of {self.architecture}: "
+                f"use {sorted(allowed)}"
             )
 
     @property
@@ -257,7 +254,7 @@ def as_training_data(data: LayerStore | TrainingData, ids: list[str] | None) -> 
     return StoreData(data, ids) if isinstance(data, LayerStore) else data
 
 
-class Run:
+class Trainer:
     """The live state of one SAE's training: SAE, Adam, grad scaler, step, input scale, history.
     `train_step` is the one loop body for every architecture; `state_dict` is what a checkpoint holds."""
 
@@ -291,25 +288,34 @@ class Run:
     def train_step(self, x: torch.Tensor) -> StepOutput:
         """One optimiser step on a raw batch [batch_size, d_in]."""
         sae, cfg = self.sae, self.cfg
+        # the batch, at the training scale (folded into the weights when saved)
         x = x.to(self.device, non_blocking=True) * self.scale
+        # determine and set the learning rate for this step (warm-up, constant, linear decay)
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr_at(self.step)
+        # forward pass: reconstruction + the architecture's auxiliary terms, under mixed precision on a GPU
         amp = torch.autocast(
             self.device, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
         )
         with amp:
             out = sae.losses(x, sae.dead_mask(cfg.dead_after))
+        # backward pass, with the loss scaled when training in fp16
         self.scaler.scale(out.loss).backward()
+        # unscale the gradients, keep decoder norms fixed (when held), then clip
         self.scaler.unscale_(self.opt)
         sae.project_decoder_grad()  # before clipping, so the clipped step keeps decoder norms
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        # step the optimizer and the grad scaler (a step with inf/NaN gradients in fp16 is skipped)
         self.scaler.step(self.opt)
         self.scaler.update()
+        # flush the gradients as soon as we can, no need for this memory anymore
         self.opt.zero_grad(set_to_none=True)
+        # after the step: decoder rows back to their norm, the architecture's controllers, dead-latent counts
         sae.normalize_decoder()
         sae.after_step(out)
         sae.record_firing(out.fired, len(x))
         self.step += 1
+        # logging: one history row every log_every steps and at the last step
         if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
             ev = 1 - (x - out.x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()  # this batch, scaled units
             self.history.append(
@@ -349,8 +355,8 @@ class Run:
                 if state["config"].get(k) != now.get(k)
             )
             raise ValueError(
-                f"the checkpoint was made with other settings ({diff}): set them back to resume it "
-                "(e.g. LR = 3e-4 for a checkpoint from before lr 1e-3 became the default), or delete it to start over"
+                f"the checkpoint was made with other settings ({diff}): set them back to resume it, "
+                "or delete it to start over"
             )
         for obj, key in ((self.sae, "sae"), (self.opt, "optimizer"), (self.scaler, "scaler")):
             obj.load_state_dict(state[key])
@@ -386,27 +392,29 @@ def train_sae(
     source = as_training_data(store, ids)
     if eval_batches is None and eval_store is None and not isinstance(store, LayerStore):
         raise ValueError("training from a stream or a mix needs eval_store (+ eval_ids) or eval_batches")
-    run = Run(cfg, source.d_model, device)
+    trainer = Trainer(cfg, source.d_model, device)
     n_init = -(-cfg.init_tokens // cfg.batch_size)  # batches of the init (and calibration) sample
     if (count := source.count()) is not None:
         n_init = max(1, min(n_init, count // cfg.batch_size))  # at most one epoch
     if ckpt.exists():
-        run.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True))
-        print(f"resuming {out_dir.name} at step {run.step}/{cfg.total_steps}")
+        trainer.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True))
+        print(f"resuming {out_dir.name} at step {trainer.step}/{cfg.total_steps}")
     else:  # the first batches of the training stream itself; a non-finite one is named as a training batch
         init = list(itertools.islice(source.batches(cfg, 0), n_init))
         for i, x in enumerate(init):
             check_finite(x, f"training batch {i} (tokens {i * cfg.batch_size}..)")
-        run.init_from_data(torch.cat(init))
+        trainer.init_from_data(torch.cat(init))
     end = min(cfg.total_steps, until_step or cfg.total_steps)
-    bar = tqdm(total=cfg.total_steps, initial=run.step, desc=out_dir.name, disable=not progress, unit="step")
-    start, data = time.perf_counter(), source.batches(cfg, run.step)
-    while run.step < end:
+    bar = tqdm(
+        total=cfg.total_steps, initial=trainer.step, desc=out_dir.name, disable=not progress, unit="step"
+    )
+    start, data = time.perf_counter(), source.batches(cfg, trainer.step)
+    while trainer.step < end:
         x = next(data)
-        check_finite(x, f"training batch {run.step} (tokens {run.step * cfg.batch_size}..)")
-        run.train_step(x)
-        if run.step % cfg.log_every == 0:
-            row = run.history[-1]
+        check_finite(x, f"training batch {trainer.step} (tokens {trainer.step * cfg.batch_size}..)")
+        trainer.train_step(x)
+        if trainer.step % cfg.log_every == 0:
+            row = trainer.history[-1]
             bar.set_postfix(
                 loss=f"{row['loss']:.4g}",
                 L0=f"{row['l0']:.1f}",
@@ -414,31 +422,33 @@ def train_sae(
                 dead=f"{100 * row['dead_fraction']:.1f}%",
             )
         bar.update(1)
-        if run.step % cfg.checkpoint_every == 0 or run.step == end:
-            run.seconds, start = run.seconds + time.perf_counter() - start, time.perf_counter()
+        if trainer.step % cfg.checkpoint_every == 0 or trainer.step == end:
+            trainer.seconds, start = trainer.seconds + time.perf_counter() - start, time.perf_counter()
             buf = io.BytesIO()
-            torch.save(run.state_dict(), buf)
+            torch.save(trainer.state_dict(), buf)
             atomic_write_bytes(ckpt, buf.getvalue())
     bar.close()
-    if run.step < cfg.total_steps:
-        return {"status": "paused", "step": run.step, "checkpoint": str(ckpt)}
+    if trainer.step < cfg.total_steps:
+        return {"status": "paused", "step": trainer.step, "checkpoint": str(ckpt)}
     # Inference-only parameters from the same first tokens (BatchTopK's θ): deterministic, so a rerun after
     # a crash between here and metrics.json calibrates the checkpoint's SAE to the same values.
-    pool = (x.to(device) * run.scale for x in itertools.islice(source.batches(cfg, 0), n_init))
-    calibration = run.sae.calibrate(pool)
+    pool = (x.to(device) * trainer.scale for x in itertools.islice(source.batches(cfg, 0), n_init))
+    calibration = trainer.sae.calibrate(pool)
     # Fold the scale, save in SAELens format, evaluate what was saved on held-out raw activations, and
     # write metrics.json last: its presence marks the SAE complete.
     meta = {**(metadata or {}), "training": asdict(cfg)}
-    save_sae(run.sae, out_dir, hook_name=hook_name, model_name=model_name, scale=run.scale, metadata=meta)
+    save_sae(
+        trainer.sae, out_dir, hook_name=hook_name, model_name=model_name, scale=trainer.scale, metadata=meta
+    )
     tokens = cfg.total_steps * cfg.batch_size
     training = {
         "tokens": tokens,
-        "seconds": run.seconds,
-        "tokens_per_second": tokens / max(run.seconds, 1e-9),
-        "normalization_scale": run.scale,
+        "seconds": trainer.seconds,
+        "tokens_per_second": tokens / max(trainer.seconds, 1e-9),
+        "normalization_scale": trainer.scale,
         **({"calibration": calibration} if calibration else {}),
         "config": asdict(cfg),
-        "history": run.history,
+        "history": trainer.history,
     }
     if eval_batches is not None:
         loaded = load_sae(out_dir, device=device)

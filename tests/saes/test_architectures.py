@@ -15,7 +15,7 @@ from helpers.saes.jumprelu import _JumpReLU, _Step
 from helpers.saes.matryoshka_batchtopk import MatryoshkaBatchTopKSAE
 from helpers.saes.registry import sae_class
 from helpers.saes.standard import StandardSAE
-from helpers.saes.train import Run, TrainConfig
+from helpers.saes.train import TrainConfig, Trainer
 from tests.saes.test_train import residuals
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -146,7 +146,7 @@ def test_batchtopk_threshold_calibrated_on_a_pool_fires_k_per_token(acts):
     """Small batches make the running θ heavy-tailed; `calibrate` sets θ from a pool so that the pool's
     mean L0 is k (n·k - 1 pairs fire: the smallest selected one is θ itself, pre > θ is strict)."""
     cfg = TrainConfig(architecture="batchtopk", expansion=2, l0=16, train_tokens=60 * 16, batch_size=16)
-    run = Run(cfg, d_in=576)
+    run = Trainer(cfg, d_in=576)
     run.init_from_data(acts[:512])
     for i in range(60):
         run.train_step(acts[i * 16 :][:16])
@@ -163,7 +163,7 @@ def test_batchtopk_threshold_calibrated_on_a_pool_fires_k_per_token(acts):
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_every_architecture_trains_and_round_trips(arch, acts, tmp_path):
     cfg = TrainConfig(architecture=arch, expansion=2, l0=16, train_tokens=120 * 64, batch_size=64, lr=1e-3)
-    run = Run(cfg, d_in=576)
+    run = Trainer(cfg, d_in=576)
     assert torch.equal(run.sae.W_enc, run.sae.W_dec.t() * run.sae.encoder_init_scale), (
         "encoder: the decoder's transpose"
     )
@@ -213,7 +213,7 @@ def test_jumprelu_thresholds_learn_and_sparsify(acts):
     cfg = TrainConfig(
         architecture="jumprelu", expansion=2, l0=20, train_tokens=200 * 64, batch_size=64, lr=1e-3
     )
-    run = Run(cfg, d_in=576)
+    run = Trainer(cfg, d_in=576)
     run.init_from_data(acts[:512])
     data = acts[torch.randperm(len(acts), generator=torch.Generator().manual_seed(0))]
     l0s = [run.train_step(data[i * 64 % (len(data) - 64) :][:64]).l0 for i in range(200)]
@@ -248,7 +248,7 @@ def test_auxk_revives_planted_dead_latents(acts, auxk_coef):
         dead_tokens=1024,
         sae_options={"auxk_coef": auxk_coef},
     )
-    run = Run(cfg, d_in=576)
+    run = Trainer(cfg, d_in=576)
     run.init_from_data(acts[:512])
     planted = torch.arange(0, 1152, 4)  # 288 latents whose encoder rows are shrunk 100x: never in the top-k
     with torch.no_grad():

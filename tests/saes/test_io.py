@@ -16,7 +16,7 @@ from helpers.saes.evals import leaderboard
 from helpers.saes.grid import import_sae
 from helpers.saes.io import SAELENS_FORMAT_VERSION, find_sae_folders, load_sae, save_sae
 from helpers.saes.standard import StandardSAE
-from helpers.saes.train import Run, TrainConfig
+from helpers.saes.train import TrainConfig, Trainer
 from tests.saes.test_train import residuals, shared_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -29,7 +29,7 @@ def acts(offline_lm, tmp_path_factory) -> torch.Tensor:
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_sae_lens_reproduces_our_encode_and_decode(arch, acts, tmp_path):
-    run = Run(
+    run = Trainer(
         TrainConfig(architecture=arch, expansion=2, l0=16, train_tokens=40 * 64, batch_size=64), d_in=576
     )
     run.init_from_data(acts[:512])

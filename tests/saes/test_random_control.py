@@ -11,7 +11,7 @@ import torch
 from helpers.saes import ARCHITECTURES, JumpReLUSAE, TopKSAE, load_sae, save_sae
 from helpers.saes.evals import activation_metrics
 from helpers.saes.random_control import VARIANTS, l0_on, random_sae_like
-from helpers.saes.train import Run, TrainConfig
+from helpers.saes.train import TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -41,7 +41,7 @@ def trained(tmp_path_factory) -> dict:
         cfg = TrainConfig(
             architecture=arch, expansion=D_SAE // D_IN, l0=L0, train_tokens=250 * 128, batch_size=128, lr=1e-2
         )
-        run = Run(cfg, d_in=D_IN)
+        run = Trainer(cfg, d_in=D_IN)
         run.init_from_data(data[:2048])
         for i in range(cfg.total_steps):
             run.train_step(data[(i * 128) % len(data) :][:128])

@@ -25,7 +25,7 @@ from helpers.collect.store import ActivationWriter, LayerStore
 from helpers.model.hooks import hook_name, run_with_capture
 from helpers.run import activations_dir
 from helpers.saes.grid import condition_ids, train_grid
-from helpers.saes.train import Run, TooFewSamples, TrainConfig, train_sae
+from helpers.saes.train import TooFewSamples, TrainConfig, Trainer, train_sae
 
 LAYER = 2
 QUESTIONS = ["Did you take the money?", "Is the car in good condition?", "Were you home last night?"]
@@ -117,19 +117,19 @@ def test_resume_after_interruption_is_bitwise_identical(run_dir, tmp_path, monke
     kw = dict(hook_name=hook_name(LAYER), model_name="smollm2", progress=False)
     full = train_sae(store, ids, cfg, tmp_path / "full", **kw)
 
-    real_step = Run.train_step
+    real_step = Trainer.train_step
 
     def disconnect_at_27(self, x):
         if self.step == 27:
             raise KeyboardInterrupt("Colab disconnected")
         return real_step(self, x)
 
-    monkeypatch.setattr(Run, "train_step", disconnect_at_27)
+    monkeypatch.setattr(Trainer, "train_step", disconnect_at_27)
     with pytest.raises(KeyboardInterrupt):
         train_sae(store, ids, cfg, tmp_path / "resumed", **kw)
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 20
     assert not (tmp_path / "resumed" / "metrics.json").exists()
-    monkeypatch.setattr(Run, "train_step", real_step)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
     resumed = train_sae(store, ids, cfg, tmp_path / "resumed", **kw)
 
     weights = "sae_weights.safetensors"
@@ -162,7 +162,7 @@ def test_until_step_pauses_and_a_changed_config_is_refused(run_dir, tmp_path):
 )
 def test_input_norm_sets_the_training_scale(arch, input_norm, want):
     x = torch.randn(512, 16, generator=torch.Generator().manual_seed(0)) * 7 + 3
-    run = Run(TrainConfig(architecture=arch, l0=4, input_norm=input_norm), d_in=16)
+    run = Trainer(TrainConfig(architecture=arch, l0=4, input_norm=input_norm), d_in=16)
     run.init_from_data(x)
     assert run.input_norm == want
     scaled = x * run.scale
@@ -173,16 +173,16 @@ def test_input_norm_sets_the_training_scale(arch, input_norm, want):
 
 
 def test_a_checkpoint_from_before_input_norm_resumes_at_its_own_scale():
-    run = Run(TrainConfig(architecture="topk", l0=4), d_in=16)
+    run = Trainer(TrainConfig(architecture="topk", l0=4), d_in=16)
     run.init_from_data(torch.randn(256, 16, generator=torch.Generator().manual_seed(1)) * 5)
     state = run.state_dict()
     state["config"] = {k: v for k, v in state["config"].items() if k != "input_norm"}
     state["scale"] = 0.123  # the unit-scale factor an older run used
-    resumed = Run(TrainConfig(architecture="topk", l0=4), d_in=16)
+    resumed = Trainer(TrainConfig(architecture="topk", l0=4), d_in=16)
     resumed.load_state_dict(state)
     assert resumed.scale == 0.123
     with pytest.raises(ValueError, match=r"input_norm: checkpoint 'unit', now 'auto'"):
-        Run(TrainConfig(architecture="topk", l0=4), d_in=16).load_state_dict(
+        Trainer(TrainConfig(architecture="topk", l0=4), d_in=16).load_state_dict(
             {**state, "config": {**state["config"], "input_norm": "unit"}}
         )
 
@@ -207,7 +207,7 @@ def test_config_errors_name_the_fix():
     with pytest.raises(ValueError, match="bandwidth"):
         TrainConfig(architecture="topk", sae_options={"bandwidth": 0.1})
     with pytest.raises(ValueError, match="GPU"):
-        Run(TrainConfig(precision="fp16"), d_in=8)
+        Trainer(TrainConfig(precision="fp16"), d_in=8)
 
 
 def test_non_finite_activations_stop_with_their_location(run_dir, tmp_path):
