@@ -10,10 +10,11 @@ one JSON row per size and step: predicted and measured wall time, peak RSS (and 
 One calibration file is shared by the sizes (a fresh one unless `--calibration` names one): the first
 size's plans come from the calibrated FLOP and copy rates alone (no earlier run of a step on this
 hardware), its measured/counted ratios are kept, and the second size's plans use them, as a user's second
-run on the same hardware would. So the second size is the test of how the plans scale.
+run on the same hardware would. So the second size is the test of how the plans scale. A size whose run
+folder (under `--runs`) has finished notebook 06 is read, not run again.
 
     python bench/planner.py                          # smoke, then the demo preset (scripts/demo_params.json)
-    python bench/planner.py --sizes smoke demo --out bench/results/planner_cpu.json
+    python bench/planner.py --sizes smoke mid --runs /tmp/planner --out bench/results/planner_cpu.json
     python bench/planner.py --gpu --out bench/results/planner_gpu.json    # on a GPU machine
 """
 
@@ -34,14 +35,34 @@ from helpers.run import read_run_json  # noqa: E402 - after the path that makes 
 from scripts.run_notebooks import DEMO_PARAMS, notebook_paths, read_params, run_notebook  # noqa: E402
 
 NOTEBOOKS = ["01", "02", "03", "04", "06"]
+MID = {
+    "02": {
+        "DATASETS": [
+            {"data": "builtin:contrast", "role": "train", "label_by": "instruction", "limit": 32},
+            {"data": "builtin:scenarios", "role": "eval", "label_by": "judge", "limit": 6},
+            {"data": "builtin:benign", "role": "control", "limit": 6},
+        ],
+        "CORPUS_TOKENS": 8192,
+    },
+    "03": {"TRAIN_TOKENS": 16384, "BATCH_SIZE": 256, "CHECKPOINT_EVERY": 16, "LM_EVAL_COMPLETIONS": 4},
+    "04": {"N_PERMUTATIONS": 19, "N_BOOTSTRAP": 50, "FEATURE_PERMUTATIONS": 99, "SWEEP_BOOTSTRAP": 10},
+}
+"""`mid`: the demo preset with a third of its prompts, a quarter of its corpus and training tokens and fewer
+permutations: about four times the smoke run's work, for a machine too busy for the demo."""
 TIME_BOUND, MEMORY_BOUND = 0.30, 0.15
 
 
 def run_size(size: str, run_dir: Path, gpu: bool, timeout: int) -> float:
-    params = read_params(DEMO_PARAMS) if size == "demo" else {}
+    params = read_params(DEMO_PARAMS) if size != "smoke" else {}
+    if size == "mid":
+        params = {nb: {**values, **MID.get(nb, {})} for nb, values in params.items()}
+    done = (read_run_json(run_dir).get("stages") or {}).get("06_explore_features", {}).get("status")
+    if done == "done":
+        print(f"[{size}] {run_dir} has run already: its records are read", file=sys.stderr, flush=True)
+        return 0.0
     began = time.perf_counter()
     for path in notebook_paths(NOTEBOOKS):
-        print(f"[{size}] running {path.name}", flush=True)
+        print(f"[{size}] running {path.name}", file=sys.stderr, flush=True)
         run_notebook(
             path,
             run_dir,
@@ -86,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", nargs="+", default=["smoke", "demo"], choices=["smoke", "demo"])
+    parser.add_argument("--sizes", nargs="+", default=["smoke", "demo"], choices=["smoke", "mid", "demo"])
     parser.add_argument("--runs", default=None, help="folder for the run folders (default: a temporary one)")
     parser.add_argument("--calibration", default=None, help="calibration file (default: a fresh one)")
     parser.add_argument("--gpu", action="store_true", help="run the notebooks on the GPU")
