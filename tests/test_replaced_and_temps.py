@@ -12,9 +12,13 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import helpers.run as run_module
+from helpers.collect.corpus import CorpusSettings, _check_settings
+from helpers.collect.store import ActivationWriter
+from helpers.env import NotebookError
 from helpers.publish import zip_run
 from helpers.run import (
     REPLACED,
@@ -177,3 +181,23 @@ def test_no_reader_globs_temp_files():
         f"these globs would read a killed write's temp file: {offending}; make them name what they read, or "
         "filter temp names (run.is_temp_name) and add them to FILTERED"
     )
+
+
+def test_corpus_overwrite_keeps_the_old_corpus(tmp_path, capsys):
+    """Notebook 02's corpus step with OVERWRITE: the corpus of the old settings goes to replaced/ (was:
+    deleted); without OVERWRITE the run folder is left as it was."""
+    run = tmp_path / "run"
+    with ActivationWriter(run, 3, shard_tokens=8, kind="corpus") as w:
+        w.add("doc0", np.ones((5, 4), np.float32))
+    stored = _files(run / "corpus")
+    old = CorpusSettings("builtin:wiki", None, 128, 0, 1000)
+    _check_settings(run, old, [3], overwrite=False)  # recorded
+    before = _files(run)
+    new = CorpusSettings("builtin:wiki", None, 256, 0, 1000)
+    with pytest.raises(NotebookError, match="seq_len: 128 → 256"):
+        _check_settings(run, new, [3], overwrite=False)
+    assert _files(run) == before
+    _check_settings(run, new, [3], overwrite=True)
+    (kept,) = (run / REPLACED).iterdir()
+    assert _files(kept / "corpus") == stored
+    assert not (run / "corpus").exists() and str(kept) in capsys.readouterr().out

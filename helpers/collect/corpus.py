@@ -71,6 +71,7 @@ from helpers.run import (
     check_stage_settings,
     corpus_dir,
     read_run_json,
+    set_aside,
     settings_conflict,
     settings_diff,
     stable_hash,
@@ -310,8 +311,8 @@ def _check_settings(
 ) -> None:
     """The corpus settings against those of the corpus already stored (any layer): the same resume (more
     tokens and layers add); others stop before anything is written, naming each difference and the
-    choices, unless `overwrite`, which deletes corpus/. A run folder from before settings were recorded
-    is compared with run.json's `corpus`."""
+    choices, unless `overwrite`, which moves corpus/ to replaced/ (run.set_aside). A run folder from
+    before settings were recorded is compared with run.json's `corpus`."""
     folder = corpus_dir(run_dir, 0).parent
     stored = sorted(
         {
@@ -322,7 +323,7 @@ def _check_settings(
     has = any(_stored_tokens(run_dir, layer) for layer in stored)
     values = asdict(settings)
     run = read_run_json(run_dir)
-    overwrite_does = f"delete {folder} and collect the corpus again with the new settings"
+    overwrite_does = f"move {folder} to replaced/ and collect the corpus again with the new settings"
     legacy_diff = []
     if has and not (run.get(SETTINGS) or {}).get(CORPUS_STAGE) and run.get("corpus"):
         before = {k: run["corpus"].get(k) for k in values}
@@ -332,8 +333,7 @@ def _check_settings(
         run_dir, CORPUS_STAGE, values, overwrite=overwrite, has_outputs=has, overwrite_does=overwrite_does
     )
     if decision == "overwrite" or (legacy_diff and overwrite):
-        shutil.rmtree(folder)
-        print(f"OVERWRITE: removed {folder} (made with other settings)")
+        set_aside(run_dir, CORPUS_STAGE, [folder])  # kept in replaced/, collected again
 
 
 # --- streamed -----------------------------------------------------------------------------------------
