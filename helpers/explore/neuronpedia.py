@@ -174,6 +174,29 @@ routes it depends on) `UPLOAD_SCHEMA` follows."""
 UPLOAD_BATCH = "upload-batch"
 EMPTY_TOKEN = "\u200b"
 """What an empty token piece is sent as (the route requires non-empty strings): a zero-width space."""
+# Fields the upload schema repeats (the same yup rule under several keys).
+_LOGITS: dict[str, Any] = {
+    "type": "array",
+    "required": False,
+    "nullable": True,
+    "max": 20,
+    "of": {
+        "type": "object",
+        "fields": {
+            "token": {"type": "string", "required": True},
+            "value": {"type": "number", "required": True},
+        },
+    },
+}
+_OPTIONAL_NAME: dict[str, Any] = {"type": "string", "required": False, "nullable": True, "lowercase": True}
+_QUANTILE_BOUND: dict[str, Any] = {"type": "number", "required": False, "nullable": True, "max": 99999999}
+
+
+def _per_token(kind: str) -> dict[str, Any]:
+    """One value of `kind` per token of an activation record (1 to 1024 of them)."""
+    return {"type": "array", "required": True, "min": 1, "max": 1024, "of": {"type": kind, "required": True}}
+
+
 UPLOAD_SCHEMA: dict[str, Any] = {
     "route": {
         "method": "POST",
@@ -202,32 +225,8 @@ UPLOAD_SCHEMA: dict[str, Any] = {
                             "max": 10000000,
                         },
                         "density": {"type": "number", "required": False, "min": 0, "max": 1},
-                        "topLogits": {
-                            "type": "array",
-                            "required": False,
-                            "nullable": True,
-                            "max": 20,
-                            "of": {
-                                "type": "object",
-                                "fields": {
-                                    "token": {"type": "string", "required": True},
-                                    "value": {"type": "number", "required": True},
-                                },
-                            },
-                        },
-                        "bottomLogits": {
-                            "type": "array",
-                            "required": False,
-                            "nullable": True,
-                            "max": 20,
-                            "of": {
-                                "type": "object",
-                                "fields": {
-                                    "token": {"type": "string", "required": True},
-                                    "value": {"type": "number", "required": True},
-                                },
-                            },
-                        },
+                        "topLogits": _LOGITS,
+                        "bottomLogits": _LOGITS,
                         "explanations": {
                             "type": "array",
                             "required": False,
@@ -235,18 +234,8 @@ UPLOAD_SCHEMA: dict[str, Any] = {
                                 "type": "object",
                                 "fields": {
                                     "text": {"type": "string", "required": True, "min": 1, "max": 512},
-                                    "methodName": {
-                                        "type": "string",
-                                        "required": False,
-                                        "nullable": True,
-                                        "lowercase": True,
-                                    },
-                                    "modelName": {
-                                        "type": "string",
-                                        "required": False,
-                                        "nullable": True,
-                                        "lowercase": True,
-                                    },
+                                    "methodName": _OPTIONAL_NAME,
+                                    "modelName": _OPTIONAL_NAME,
                                 },
                             },
                         },
@@ -257,32 +246,10 @@ UPLOAD_SCHEMA: dict[str, Any] = {
                             "of": {
                                 "type": "object",
                                 "fields": {
-                                    "tokens": {
-                                        "type": "array",
-                                        "required": True,
-                                        "min": 1,
-                                        "max": 1024,
-                                        "of": {"type": "string", "required": True},
-                                    },
-                                    "values": {
-                                        "type": "array",
-                                        "required": True,
-                                        "min": 1,
-                                        "max": 1024,
-                                        "of": {"type": "number", "required": True},
-                                    },
-                                    "quantileMax": {
-                                        "type": "number",
-                                        "required": False,
-                                        "nullable": True,
-                                        "max": 99999999,
-                                    },
-                                    "quantileMin": {
-                                        "type": "number",
-                                        "required": False,
-                                        "nullable": True,
-                                        "max": 99999999,
-                                    },
+                                    "tokens": _per_token("string"),
+                                    "values": _per_token("number"),
+                                    "quantileMax": _QUANTILE_BOUND,
+                                    "quantileMin": _QUANTILE_BOUND,
                                     "quantileFraction": {
                                         "type": "number",
                                         "required": False,

@@ -306,6 +306,16 @@ def _go() -> Any:
     return go
 
 
+def _value_and_ci(rows: list[dict[str, Any]], key: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """Each row's `key` as an array (None as NaN) and plotly's asymmetric error bars from its `key`_lo and
+    `key`_hi."""
+    y, lo, hi = (
+        np.array([np.nan if r[k] is None else r[k] for r in rows], float)
+        for k in (key, f"{key}_lo", f"{key}_hi")
+    )
+    return y, {"type": "data", "symmetric": False, "array": hi - y, "arrayminus": y - lo}
+
+
 def depth_figure(rows: list[dict[str, Any]]) -> Any:
     """Raw-probe AUROC (with its CI) against relative depth, one line per model."""
     go = _go()
@@ -315,16 +325,14 @@ def depth_figure(rows: list[dict[str, Any]]) -> Any:
             (r for r in rows if r["model"] == model and r.get("raw_auroc") is not None),
             key=lambda r: r["relative_depth"],
         )
-        y = np.array([r["raw_auroc"] for r in pts], float)
-        lo = np.array([np.nan if r["raw_auroc_lo"] is None else r["raw_auroc_lo"] for r in pts], float)
-        hi = np.array([np.nan if r["raw_auroc_hi"] is None else r["raw_auroc_hi"] for r in pts], float)
+        y, error_y = _value_and_ci(pts, "raw_auroc")
         fig.add_trace(
             go.Scatter(
                 x=[r["relative_depth"] for r in pts],
                 y=y,
                 name=model,
                 mode="lines+markers",
-                error_y={"type": "data", "symmetric": False, "array": hi - y, "arrayminus": y - lo},
+                error_y=error_y,
             )
         )
     fig.update_layout(
@@ -342,9 +350,7 @@ def sae_minus_raw_figure(tests: list[dict[str, Any]]) -> Any:
     fig = go.Figure()
     for arch in dict.fromkeys(t["architecture"] for t in tests):
         ts = [t for t in tests if t["architecture"] == arch]
-        y = np.array([np.nan if t["ba_difference"] is None else t["ba_difference"] for t in ts], float)
-        lo = np.array([np.nan if t["ba_difference_lo"] is None else t["ba_difference_lo"] for t in ts], float)
-        hi = np.array([np.nan if t["ba_difference_hi"] is None else t["ba_difference_hi"] for t in ts], float)
+        y, error_y = _value_and_ci(ts, "ba_difference")
         # One marker per SAE with its CI, architectures side by side within a model (scattermode "group");
         # plain scatter traces, so plots.show can draw the static copy too.
         fig.add_trace(
@@ -355,7 +361,7 @@ def sae_minus_raw_figure(tests: list[dict[str, Any]]) -> Any:
                 name=arch,
                 marker={"size": 9},
                 hovertext=[f"{t['sae_id']} p_holm={t['p_holm_sweep']:.3g}" for t in ts],
-                error_y={"type": "data", "symmetric": False, "array": hi - y, "arrayminus": y - lo},
+                error_y=error_y,
             )
         )
     fig.add_hline(y=0, line_dash="dot")
