@@ -22,37 +22,23 @@ def tiny_model(family: str, seed: int = 0):
     import transformers as tf
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=300, max_position_embeddings=64)
+    # The decoder shape nanochat, Llama and GPT-NeoX share here: d_model 64, 3 layers, 4 heads.
+    common = dict(
+        vocab_size=300, max_position_embeddings=64, hidden_size=64, num_hidden_layers=3, num_attention_heads=4
+    )
     if family == "nanochat":
-        cfg = tf.NanoChatConfig(
-            hidden_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=256,
-            **common,
+        model = tf.NanoChatForCausalLM(
+            tf.NanoChatConfig(num_key_value_heads=2, intermediate_size=256, **common)
         )
-        model = tf.NanoChatForCausalLM(cfg)
     elif family == "llama":
-        cfg = tf.LlamaConfig(
-            hidden_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=128,
-            **common,
-        )
-        model = tf.LlamaForCausalLM(cfg)
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(num_key_value_heads=2, intermediate_size=128, **common))
     elif family == "gpt2":
         cfg = tf.GPT2Config(
             vocab_size=300, n_positions=64, n_embd=64, n_layer=3, n_head=4, bos_token_id=0, eos_token_id=0
         )
         model = tf.GPT2LMHeadModel(cfg)
     elif family == "gpt_neox":
-        cfg = tf.GPTNeoXConfig(
-            hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, **common
-        )
-        model = tf.GPTNeoXForCausalLM(cfg)
+        model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(intermediate_size=128, **common))
     else:
         raise ValueError(f"unknown family {family!r}")
     return model.eval().requires_grad_(False)
