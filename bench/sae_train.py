@@ -60,6 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import helpers  # noqa: E402
+from bench import saelens_setup  # noqa: E402
 from helpers.collect.corpus import SKIP_FIRST, collect_corpus  # noqa: E402
 from helpers.collect.store import LayerStore  # noqa: E402
 from helpers.run import activations_dir, corpus_dir, stable_hash  # noqa: E402
@@ -142,68 +143,21 @@ class SAELensTrainer:
         b_dec: torch.Tensor,
         dead_window_steps: int,
     ):
-        import sae_lens
-        from sae_lens.config import SAETrainerConfig
-        from sae_lens.training.sae_trainer import SAETrainer
-
-        common = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": device}
-        # TopK/BatchTopK: its sparse path where it applies (fp32, no autocast), which needs
-        # rescale_acts_by_decoder_norm=False (True fails in backward on torch 2.13).
-        sparse = {"use_sparse_activations": not autocast, "rescale_acts_by_decoder_norm": autocast}
-        make = {
-            "topk": lambda: sae_lens.TopKTrainingSAE(
-                sae_lens.TopKTrainingSAEConfig(k=int(l0), **sparse, **common)
-            ),
-            "batchtopk": lambda: sae_lens.BatchTopKTrainingSAE(
-                sae_lens.BatchTopKTrainingSAEConfig(k=l0, **sparse, **common)
-            ),
-            "jumprelu": lambda: sae_lens.JumpReLUTrainingSAE(
-                sae_lens.JumpReLUTrainingSAEConfig(
-                    jumprelu_sparsity_loss_mode="quadratic", target_l0=l0, **common
-                )
-            ),
-            "standard": lambda: sae_lens.StandardTrainingSAE(
-                sae_lens.StandardTrainingSAEConfig(l1_coefficient=l1, **common)
-            ),
-            "gated": lambda: sae_lens.GatedTrainingSAE(
-                sae_lens.GatedTrainingSAEConfig(l1_coefficient=l1, **common)
-            ),
-        }
-        if arch not in make:
-            raise ValueError(f"no SAELens counterpart wired up for {arch!r}: choose from {sorted(make)}")
-        sae = make[arch]()
-        sae.cfg.metadata.hook_name = "blocks.0.hook_resid_post"  # any valid hook: load_sae needs one
+        # TopK/BatchTopK: its sparse path where it applies (fp32, no autocast); bench/saelens_setup.py
+        sae = saelens_setup.training_sae(arch, d_in, d_sae, l0, l1=l1, device=device, sparse=not autocast)
         with torch.no_grad():  # start where ours starts (its own default is zeros)
             sae.b_dec.copy_(b_dec)
-        self.provider: list[torch.Tensor] = []
-        trainer_cfg = SAETrainerConfig(
-            dead_feature_window=dead_window_steps,
-            total_training_samples=cfg.train_tokens,
-            train_batch_size_samples=cfg.batch_size,
-            lr=cfg.lr,
-            lr_end=cfg.lr / 10,
-            lr_warm_up_steps=min(cfg.warmup_steps, -(-cfg.total_steps // 20)),
-            lr_decay_steps=int(cfg.decay_fraction * cfg.total_steps),
-            device=device,
-            autocast=autocast,
+        self.trainer = saelens_setup.trainer(
+            sae, cfg, device=device, autocast=autocast, dead_window_steps=dead_window_steps
         )
-        self.trainer = SAETrainer(trainer_cfg, sae, data_provider=iter(self.provider))
 
     def train_step(self, x: torch.Tensor) -> None:
-        t = self.trainer
-        t.maybe_reset_sparsity()
-        t.step(x)
-        t.n_training_steps += 1
+        saelens_setup.step(self.trainer, x)
 
     def inference_sae(self, folder: Path):
         """Save with SAELens's own writer, read back with ours (exercises the foreign-folder loader)."""
         self.trainer.sae.save_inference_model(folder)
         return load_sae(folder, device=str(self.trainer.sae.device)).sae
-
-
-def saelens_scale(x0: torch.Tensor) -> float:
-    """SAELens's `expected_average_only_in` factor: mean norm -> sqrt(d_in) (activation_scaler.py l. 90)."""
-    return x0.shape[1] ** 0.5 / float(x0.norm(dim=1).mean())
 
 
 def our_run(cfg: TrainConfig, x0: torch.Tensor, device: str) -> Trainer:
@@ -264,7 +218,7 @@ def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path)
     ours_cfg = dataclasses.replace(cfg, lr=args.ours_lr or args.lr, input_norm=args.ours_input_norm)
     x0 = train[: cfg.init_tokens]
     ours = our_run(ours_cfg, x0, device)
-    scale, lens_scale = ours.scale, saelens_scale(x0)
+    scale, lens_scale = ours.scale, saelens_setup.saelens_scale(x0)
     dead_window = max(1, cfg.dead_after // cfg.batch_size)
     lens = SAELensTrainer(
         arch,

@@ -51,6 +51,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import saelens_setup  # noqa: E402
 from helpers.saes.base import geometric_median  # noqa: E402
 from helpers.saes.io import save_sae  # noqa: E402
 from helpers.saes.matryoshka_batchtopk import MatryoshkaBatchTopKSAE  # noqa: E402
@@ -126,65 +127,18 @@ class SAELensRun:
     """SAELens 6.x's `SAETrainer` with one of its training SAEs, fed our batches, stepped as `fit()` does."""
 
     def __init__(self, arch: str, d_in: int, d_sae: int, k: float, cfg: TrainConfig, args, widths: list[int]):
-        import sae_lens
-        from sae_lens.config import SAETrainerConfig
-        from sae_lens.training.sae_trainer import SAETrainer
-
-        common = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu"}
-        # TopK family: SAELens's sparse path (fp32, no autocast); it needs rescale_acts_by_decoder_norm=False
-        sparse = {"use_sparse_activations": True, "rescale_acts_by_decoder_norm": False}
-        make = {
-            "standard": lambda: sae_lens.StandardTrainingSAE(
-                sae_lens.StandardTrainingSAEConfig(l1_coefficient=args.l1, **common)
-            ),
-            "topk": lambda: sae_lens.TopKTrainingSAE(
-                sae_lens.TopKTrainingSAEConfig(k=int(k), **sparse, **common)
-            ),
-            "batchtopk": lambda: sae_lens.BatchTopKTrainingSAE(
-                sae_lens.BatchTopKTrainingSAEConfig(k=k, **sparse, **common)
-            ),
-            "matryoshka_batchtopk": lambda: sae_lens.MatryoshkaBatchTopKTrainingSAE(
-                sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(
-                    k=k, matryoshka_widths=list(widths), **sparse, **common
-                )
-            ),
-            "jumprelu": lambda: sae_lens.JumpReLUTrainingSAE(
-                sae_lens.JumpReLUTrainingSAEConfig(
-                    jumprelu_sparsity_loss_mode="quadratic", target_l0=k, **common
-                )
-            ),
-        }
-        if arch not in make:
-            raise ValueError(f"no SAELens counterpart wired up for {arch!r}: choose from {sorted(make)}")
-        self.sae = make[arch]()
-        self.sae.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
+        # TopK family on SAELens's sparse path (fp32, no autocast); bench/saelens_setup.py
+        self.sae = saelens_setup.training_sae(arch, d_in, d_sae, k, l1=args.l1, widths=widths)
         if args.saelens_bdec is not None:  # sensitivity check: SAELens with our b_dec initialisation
             with torch.no_grad():
                 self.sae.b_dec.copy_(args.saelens_bdec)
-        trainer_cfg = SAETrainerConfig(
-            total_training_samples=cfg.train_tokens,
-            train_batch_size_samples=cfg.batch_size,
-            lr=cfg.lr,
-            lr_end=cfg.lr / 10,
-            lr_warm_up_steps=min(cfg.warmup_steps, -(-cfg.total_steps // 20)),
-            lr_decay_steps=int(cfg.decay_fraction * cfg.total_steps),
-            device="cpu",
-            autocast=False,
-            # careful: AuxK / resampling see latents dead by our trainer's rule (its default window is
-            # 1000 steps, as long as this whole run, so it never acts)
-            **(
-                {"dead_feature_window": max(1, cfg.dead_after // cfg.batch_size)}
-                if args.saelens_careful
-                else {}
-            ),
-        )
-        self.trainer = SAETrainer(trainer_cfg, self.sae, data_provider=iter([]))
+        # careful: AuxK / resampling see latents dead by our trainer's rule (its default window is
+        # 1000 steps, as long as this whole run, so it never acts)
+        window = max(1, cfg.dead_after // cfg.batch_size) if args.saelens_careful else None
+        self.trainer = saelens_setup.trainer(self.sae, cfg, dead_window_steps=window)
 
     def train_step(self, x: torch.Tensor) -> None:
-        t = self.trainer
-        t.maybe_reset_sparsity()
-        t.step(x)
-        t.n_training_steps += 1
+        saelens_setup.step(self.trainer, x)
 
 
 def score(folder: Path, world, args, scale: float | None) -> dict:
@@ -240,7 +194,7 @@ def compare(
     if args.ours_auxk_coef is not None and arch in ("topk", "batchtopk", "matryoshka_batchtopk"):
         cfg = dataclasses.replace(cfg, sae_options={**cfg.sae_options, "auxk_coef": args.ours_auxk_coef})
     init = torch.cat([data.batch(i) for i in range(16)])
-    lens_scale = d_in**0.5 / float(init.norm(dim=1).mean())  # SAELens: mean norm sqrt(d_in)
+    lens_scale = saelens_setup.saelens_scale(init)  # SAELens: mean norm sqrt(d_in)
     careful = args.saelens_median_init or args.saelens_careful
     args.saelens_bdec = geometric_median(init * lens_scale) if careful else None
     theirs = SAELensRun(arch, d_in, d_sae, k, cfg, args, widths)

@@ -1,0 +1,97 @@
+"""SAELens 6.x set up as its most careful user would, shared by bench/sae_train.py (real activations) and
+bench/synthetic_quality.py (ground truth): one home for which SAELens class and settings stand in for each
+of our architectures, and for its trainer's configuration.
+
+- Input scale: SAELens's `normalize_activations="expected_average_only_in"` scales to mean norm sqrt(d_in)
+  (sae_lens 6.54.12, `training/activation_scaler.py` line 90); the benches scale its batches by
+  `saelens_scale` from the same first tokens ours uses.
+- TopK family: its sparse path (`use_sparse_activations=True`, fp32 without autocast, as its docstring asks),
+  which needs `rescale_acts_by_decoder_norm=False` (with True it fails in backward on torch 2.13).
+- JumpReLU: its L0-targeting ("quadratic") mode with its own threshold and bandwidth defaults.
+- standard and Gated: `l1_coefficient` as given (its units are those of the sqrt(d_in) scale).
+- Trainer: the same batch size, token budget, learning rate, warm-up and decay length as ours (decaying to
+  lr / 10, SAELens's `lr_end`), its dead-latent window as given (its default, 1000 steps, is longer than a
+  short run, so its AuxK would never act).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def saelens_scale(x0: torch.Tensor) -> float:
+    """SAELens's `expected_average_only_in` factor: mean norm -> sqrt(d_in) (activation_scaler.py l. 90)."""
+    return x0.shape[1] ** 0.5 / float(x0.norm(dim=1).mean())
+
+
+def training_sae(
+    arch: str,
+    d_in: int,
+    d_sae: int,
+    l0: float,
+    *,
+    l1: float,
+    device: str = "cpu",
+    sparse: bool = True,
+    widths: list[int] | None = None,
+):
+    """SAELens's training SAE standing in for our `arch` (k or target L0 `l0`; `l1` for standard and
+    Gated; `widths` for Matryoshka); `sparse` puts the TopK family on its sparse path."""
+    import sae_lens
+
+    common = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": device}
+    path = {"use_sparse_activations": sparse, "rescale_acts_by_decoder_norm": not sparse}
+    make = {
+        "topk": lambda: sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(k=int(l0), **path, **common)),
+        "batchtopk": lambda: sae_lens.BatchTopKTrainingSAE(
+            sae_lens.BatchTopKTrainingSAEConfig(k=l0, **path, **common)
+        ),
+        "matryoshka_batchtopk": lambda: sae_lens.MatryoshkaBatchTopKTrainingSAE(
+            sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(
+                k=l0, matryoshka_widths=list(widths or []), **path, **common
+            )
+        ),
+        "jumprelu": lambda: sae_lens.JumpReLUTrainingSAE(
+            sae_lens.JumpReLUTrainingSAEConfig(
+                jumprelu_sparsity_loss_mode="quadratic", target_l0=l0, **common
+            )
+        ),
+        "standard": lambda: sae_lens.StandardTrainingSAE(
+            sae_lens.StandardTrainingSAEConfig(l1_coefficient=l1, **common)
+        ),
+        "gated": lambda: sae_lens.GatedTrainingSAE(
+            sae_lens.GatedTrainingSAEConfig(l1_coefficient=l1, **common)
+        ),
+    }
+    if arch not in make:
+        raise ValueError(f"no SAELens counterpart wired up for {arch!r}: choose from {sorted(make)}")
+    sae = make[arch]()
+    sae.cfg.metadata.hook_name = "blocks.0.hook_resid_post"  # any valid hook: the loaders need one
+    return sae
+
+
+def trainer(sae, cfg, *, device: str = "cpu", autocast: bool = False, dead_window_steps: int | None = None):
+    """SAELens's `SAETrainer` for `sae` on the schedule of our `TrainConfig` `cfg` (see the module
+    docstring); batches are given to `step` one at a time."""
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=cfg.train_tokens,
+        train_batch_size_samples=cfg.batch_size,
+        lr=cfg.lr,
+        lr_end=cfg.lr / 10,
+        lr_warm_up_steps=min(cfg.warmup_steps, -(-cfg.total_steps // 20)),
+        lr_decay_steps=int(cfg.decay_fraction * cfg.total_steps),
+        device=device,
+        autocast=autocast,
+        **({"dead_feature_window": dead_window_steps} if dead_window_steps is not None else {}),
+    )
+    return SAETrainer(trainer_cfg, sae, data_provider=iter([]))
+
+
+def step(t, x: torch.Tensor) -> None:
+    """One step of SAELens's trainer on batch x, exactly as its `fit()` loop takes one."""
+    t.maybe_reset_sparsity()
+    t.step(x)
+    t.n_training_steps += 1
