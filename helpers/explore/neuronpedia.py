@@ -349,22 +349,32 @@ def _fires(page: dict[str, Any]) -> bool:
     return bool(page.get("n_firing")) or bool((page.get("corpus") or {}).get("n_firing"))
 
 
-def _activations(page: dict[str, Any], common: dict[str, Any], max_act: float) -> Iterator[dict[str, Any]]:
-    # Top windows (completions', then the reference corpus's) carry SAEDashboard's marker binMin = -1,
-    # binMax = the feature's max, binContains = -1: Neuronpedia lists them under "Top Activations".
-    # Quantile windows carry their interval and the share of ALL scanned tokens that fall in it: the
-    # groups hold equal shares of the firings (or `count` firings where a group says so).
-    top = {"binMin": -1.0, "binMax": max_act, "binContains": -1.0}
-    groups = [(top, ex) for ex in page["top"] + (page.get("corpus") or {}).get("top", [])]
+def _binned_windows(
+    page: dict[str, Any], max_act: float, keys: tuple[str, str, str], *, top_share: float | None
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Each example window of a dashboard page with its bin under `keys` (low, high, share): top windows
+    (completions', then the reference corpus's) get low -1, high the feature's max and `top_share`;
+    quantile windows their interval and the share of ALL scanned tokens that fall in it (the groups hold
+    equal shares of the firings, or `count` firings where a group says so)."""
+    low, high, share_key = keys
+    top = {low: -1.0, high: max_act, share_key: top_share}
+    windows = [(top, ex) for ex in page["top"] + (page.get("corpus") or {}).get("top", [])]
     n_groups = max(len(page["quantiles"]), 1)
     for g in page["quantiles"]:
         share = g["count"] / max(page["n_firing"], 1) if "count" in g else 1 / n_groups
         binned = {
-            "binMin": float(g["lo"]),
-            "binMax": float(g["hi"]),
-            "binContains": float(page["firing_rate"] or 0) * share,
+            low: float(g["lo"]),
+            high: float(g["hi"]),
+            share_key: float(page["firing_rate"] or 0) * share,
         }
-        groups += [(binned, ex) for ex in g["examples"]]
+        windows += [(binned, ex) for ex in g["examples"]]
+    return windows
+
+
+def _activations(page: dict[str, Any], common: dict[str, Any], max_act: float) -> Iterator[dict[str, Any]]:
+    # Top windows carry SAEDashboard's marker binMin = -1, binContains = -1: Neuronpedia lists them under
+    # "Top Activations".
+    groups = _binned_windows(page, max_act, ("binMin", "binMax", "binContains"), top_share=-1.0)
     for i, (bins, ex) in enumerate(groups):
         values = [float(v) for v in ex["acts"]]
         at = max(range(len(values)), key=values.__getitem__)
@@ -568,21 +578,10 @@ def _token(t: str) -> str:
 def _upload_feature(page: dict[str, Any], max_act: float) -> dict[str, Any] | None:
     """One feature of an upload-batch body (module doc), or None when it has no window to send (the route
     needs at least one)."""
-    top = {
-        "quantileMin": -1.0,
-        "quantileMax": max_act,
-        "quantileFraction": None,
-    }  # binMin -1: "Top Activations"
-    windows = [(top, ex) for ex in page["top"] + (page.get("corpus") or {}).get("top", [])]
-    n_groups = max(len(page["quantiles"]), 1)
-    for g in page["quantiles"]:
-        share = g["count"] / max(page["n_firing"], 1) if "count" in g else 1 / n_groups
-        binned = {
-            "quantileMin": float(g["lo"]),
-            "quantileMax": float(g["hi"]),
-            "quantileFraction": float(page["firing_rate"] or 0) * share,
-        }
-        windows += [(binned, ex) for ex in g["examples"]]
+    # quantileMin -1: "Top Activations"
+    windows = _binned_windows(
+        page, max_act, ("quantileMin", "quantileMax", "quantileFraction"), top_share=None
+    )
     if not windows:
         return None
     logits = page.get("logits") or {"positive": [], "negative": []}
