@@ -269,6 +269,7 @@ def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path)
         matmul_seconds[who] += time.perf_counter() - t0
     if "saelens" not in evals:
         evals["saelens"] = metrics(lens.inference_sae(tmp / f"saelens_{arch}"), held * lens_scale, device)
+    calibration = ours.calibrate(x0.split(cfg.batch_size))  # BatchTopK's θ, as train_sae sets it
     tokens, flops = cfg.total_steps * cfg.batch_size, 2 * cfg.batch_size * d_in * cfg.expansion * d_in
     rate = {w: flops * cfg.total_steps / matmul_seconds[w] for w in seconds}  # dense FLOP/s during each
     out = {
@@ -281,6 +282,7 @@ def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path)
             "lr": ours_cfg.lr,
             "input_norm": ours.input_norm,
             "input_scale": round(scale, 5),
+            **({"calibration": calibration} if calibration else {}),
             **metrics(ours.sae, held * scale, device),
         },
         "saelens": {

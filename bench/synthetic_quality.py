@@ -249,6 +249,7 @@ def compare(
     if theirs_scores is None:
         theirs.sae.save_inference_model(tmp / f"saelens_{arch}")
         theirs_scores = score(tmp / f"saelens_{arch}", world, args, lens_scale)
+    ours.calibrate(init.split(cfg.batch_size))  # BatchTopK's θ from a pool, as train_sae sets it
     save_sae(
         ours.sae,
         tmp / f"ours_{arch}",

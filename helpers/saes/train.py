@@ -22,7 +22,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -332,6 +332,11 @@ class Trainer:
             )
         return out
 
+    def calibrate(self, batches: Iterable[torch.Tensor]) -> dict | None:
+        """After training: the SAE's inference-only parameters (BatchTopK's θ) from raw batches, scaled
+        here as in training; what changed, or None."""
+        return self.sae.calibrate(x.to(self.device) * self.scale for x in batches)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "config": asdict(self.cfg),
@@ -432,8 +437,7 @@ def train_sae(
         return {"status": "paused", "step": trainer.step, "checkpoint": str(ckpt)}
     # Inference-only parameters from the same first tokens (BatchTopK's θ): deterministic, so a rerun after
     # a crash between here and metrics.json calibrates the checkpoint's SAE to the same values.
-    pool = (x.to(device) * trainer.scale for x in itertools.islice(source.batches(cfg, 0), n_init))
-    calibration = trainer.sae.calibrate(pool)
+    calibration = trainer.calibrate(itertools.islice(source.batches(cfg, 0), n_init))
     # Fold the scale, save in SAELens format, evaluate what was saved on held-out raw activations, and
     # write metrics.json last: its presence marks the SAE complete.
     meta = {**(metadata or {}), "training": asdict(cfg)}

@@ -137,6 +137,13 @@ def test_resume_after_interruption_is_bitwise_identical(run_dir, tmp_path, monke
     assert full["training"]["history"] == resumed["training"]["history"]
     assert full["activations"] == resumed["activations"]
     assert not (tmp_path / "resumed" / "checkpoint.pt").exists(), "checkpoint removed once complete"
+    if arch == "batchtopk":  # θ calibrated once after training on the first tokens, the same on resume
+        assert full["training"]["calibration"] == resumed["training"]["calibration"]
+        assert full["training"]["calibration"]["tokens"] == cfg.batch_size * min(
+            -(-cfg.init_tokens // cfg.batch_size), store.count(ids) // cfg.batch_size
+        )
+    else:
+        assert "calibration" not in full["training"]
 
 
 def test_until_step_pauses_and_a_changed_config_is_refused(run_dir, tmp_path):
