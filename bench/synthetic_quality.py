@@ -348,6 +348,13 @@ def main() -> None:
         default=None,
         help="ablation: the architecture's SAE.decoder_norm (its rows' fixed norm in training)",
     )
+    p.add_argument(
+        "--ours-free-decoder",
+        type=int,
+        choices=[0, 1],
+        default=None,
+        help="ablation: the architecture's SAE.free_decoder (1: the rows' norms move freely)",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -363,6 +370,9 @@ def main() -> None:
     if args.ours_decoder_norm is not None:  # an ablation: the class's decoder row norm, for this run
         for arch in filter(None, args.archs.split(",")):
             sae_class(arch).decoder_norm = args.ours_decoder_norm
+    if args.ours_free_decoder is not None:  # an ablation: free or held decoder norms, for this run
+        for arch in filter(None, args.archs.split(",")):
+            sae_class(arch).free_decoder = bool(args.ours_free_decoder)
     warnings.filterwarnings("ignore", category=UserWarning)
     import sae_lens
 
@@ -385,6 +395,7 @@ def main() -> None:
             "grad_clip": args.ours_grad_clip,
             "encoder_init_scale": args.ours_encoder_init_scale,
             "decoder_norm": args.ours_decoder_norm,
+            "free_decoder": args.ours_free_decoder,
             "auxk_coef": args.ours_auxk_coef,
         },
         "saelens_input_norm": "mean norm sqrt(d_in) (its expected_average_only_in)",
