@@ -1,5 +1,6 @@
 """Notebook 04: which features separate deception. Probes on raw activations and SAE features
-(`probes.py`) and the field's detector protocol on other datasets (`detection.py`), per-feature statistics with held-out selection (`features.py`), token windows
+(`probes.py`) and the field's detector protocol on other datasets (`detection.py`), per-feature
+statistics with held-out selection (`features.py`), token windows
 (`windows.py` chooses, `contexts.py` cuts and marks), Gemini explanations (`autointerp.py`) and their
 detection/fuzzing scores (`scoring.py`); `pipeline.py` holds the notebook's steps, re-exported here.
 """

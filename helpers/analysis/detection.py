@@ -218,8 +218,8 @@ def transfer_matrix(
                 if min(per_class) < n_folds:
                     why[f"{tr.name}->{ev.name}"] = (
                         f"no grouped CV: {min(per_class)} prompt group(s) hold "
-                        f"{('honest', 'deceptive')[int(np.argmin(per_class))]} completions, {n_folds}-fold CV needs "
-                        f"{n_folds}"
+                        f"{('honest', 'deceptive')[int(np.argmin(per_class))]} completions, "
+                        f"{n_folds}-fold CV needs {n_folds}"
                     )
                     continue
                 try:

@@ -16,8 +16,8 @@ prompt are never treated as independent. A Mann-Whitney test on completions did 
 with half the variance per prompt it put 20% of features at p < 0.05. The q-values are
 Benjamini-Hochberg over the k held-out p-values, valid because the k were chosen on other data.
 
-probes.py and features.py share the numerics of helpers.stats (label permutations, AUROC): a probe's score and a feature are judged by the same statistics. Labels: y = 1
-deceptive, 0 honest.
+probes.py and features.py share the numerics of helpers.stats (label permutations, AUROC): a probe's
+score and a feature are judged by the same statistics. Labels: y = 1 deceptive, 0 honest.
 """
 
 from __future__ import annotations
@@ -181,10 +181,11 @@ def split_by_group(
                 short = "deceptive" if n1 < 2 else "honest"
                 groups_of = len(np.unique(gidx[idx]))
                 raise TooFewCompletions(
-                    f"the {side} split ({groups_of} of {n_groups} prompt groups) has {n0} honest and {n1} deceptive "
-                    f"completions; the statistics need at least 2 of each. Add prompts so that more groups hold "
-                    f"{short} completions (notebook 02: more prompts, or more DATASETS / groups), or {move} "
-                    f"test_fraction (now {test_fraction}) to give the {side} split more groups."
+                    f"the {side} split ({groups_of} of {n_groups} prompt groups) has {n0} honest and "
+                    f"{n1} deceptive completions; the statistics need at least 2 of each. Add prompts so that "
+                    f"more groups hold {short} completions (notebook 02: more prompts, or more DATASETS / "
+                    f"groups), or {move} test_fraction (now {test_fraction}) to give the {side} split more "
+                    "groups."
                 )
     return select_idx, heldout_idx
 
@@ -297,7 +298,10 @@ def select_and_report(
         n_permutations=n_permutations,
         seed=seed,
     )
-    test = f"one-sided permutation test of held-out d in the chosen direction ({scheme}); q: BH over the top {len(rows)}"
+    test = (
+        f"one-sided permutation test of held-out d in the chosen direction ({scheme}); "
+        f"q: BH over the top {len(rows)}"
+    )
     for row, pv, q in zip(rows, p, bh_qvalues(p), strict=True):
         row.update(p_value=float(pv), q_value=float(q), test=test, n_permutations=n_permutations)
     return rows

@@ -24,9 +24,9 @@ SAE's activations.
   under test, as the next top feature's often is (both are chosen for separating deception). Without
   controls, the next explained feature (cyclically) stands in, and `baseline_kind` says so. An
   explanation is worth what it beats.
-- Requests go through helpers.gemini (Asker, ask_batched): several features per request, answers validated (feature ids of
-  the batch, every window scored once), follow-ups for features left out, cached and budgeted. Nothing
-  is invented: a score Gemini did not give is None and its source says why.
+- Requests go through helpers.gemini (Asker, ask_batched): several features per request, answers
+  validated (feature ids of the batch, every window scored once), follow-ups for features left out,
+  cached and budgeted. Nothing is invented: a score Gemini did not give is None and its source says why.
 
 Per feature, for each method m in METHODS: `m` and `m_baseline` (metrics dicts or None), `m_source` and
 `m_baseline_source` ("gemini:<model>" or why it is unavailable), `m_ba_over_baseline`;
@@ -73,7 +73,8 @@ FUZZING_SYSTEM = """You test explanations of features of a sparse autoencoder tr
 model. Each item gives one feature's explanation and numbered text windows; the feature fires somewhere
 in every window. In each window some tokens are marked <<like this>>. In some windows the marked tokens
 are exactly the tokens the feature fires on; in the others the same pattern of marks was moved onto
-tokens where it does not fire. For every window give the probability, from 0 to 1, that the marked tokens are the ones the
+tokens where it does not fire. For every window give the probability, from 0 to 1, \
+that the marked tokens are the ones the
 feature fires on, judging only by the explanation. Return exactly one entry per item with the item's
 feature number unchanged, and one score for every window number of that item."""
 
