@@ -182,10 +182,10 @@ def split_by_group(
                 groups_of = len(np.unique(gidx[idx]))
                 raise TooFewCompletions(
                     f"the {side} split ({groups_of} of {n_groups} prompt groups) has {n0} honest and "
-                    f"{n1} deceptive completions; the statistics need at least 2 of each. Add prompts so that "
-                    f"more groups hold {short} completions (notebook 02: more prompts, or more DATASETS / "
-                    f"groups), or {move} test_fraction (now {test_fraction}) to give the {side} split more "
-                    "groups."
+                    f"{n1} deceptive completions; the statistics need at least 2 of each. Add prompts so "
+                    f"that more groups hold {short} completions (notebook 02: more prompts, or more "
+                    f"DATASETS / groups), or {move} test_fraction (now {test_fraction}) to give the {side} "
+                    "split more groups."
                 )
     return select_idx, heldout_idx
 

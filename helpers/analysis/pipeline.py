@@ -151,8 +151,8 @@ def reserved_rows(
             )
     if len(splits) > 1:
         raise ValueError(
-            f"these SAEs reserved different analysis splits ({sorted(splits)}): retrain them with one notebook 03 "
-            "run, or analyse them separately (SAE_FILTER)"
+            f"these SAEs reserved different analysis splits ({sorted(splits)}): retrain them with one "
+            "notebook 03 run, or analyse them separately (SAE_FILTER)"
         )
     if not splits:
         return None, {"rows": "all labelled completions (no SAE here reserved an analysis split)"}
@@ -438,8 +438,9 @@ def probe_table(
                 if "no terms remain" not in str(err) and "empty vocabulary" not in str(err):
                     raise
                 bow_cache[key] = (
-                    "no bag-of-words probe: the training answers of a fold share no word or word pair (answers "
-                    "without words, e.g. from a random or untrained model), so there is no wording to read"
+                    "no bag-of-words probe: the training answers of a fold share no word or word pair "
+                    "(answers without words, e.g. from a random or untrained model), so there is no wording "
+                    "to read"
                 )
         if isinstance(bow_cache[key], str):
             rows.append({"layer": layer, "kind": "bag_of_words", "why": bow_cache[key]})
@@ -611,8 +612,9 @@ def _sae_pairs(
                     "layer": layer,
                     "matched_l0": m,
                     "l0_before": [results[a][1], results[b][1]],
-                    "how": "each token's SAE activations cut to its m largest, m = the sparsest SAE's mean L0 "
-                    "on the probed tokens" + ("" if pooling == "mean" else " (not applied: pooling='last')"),
+                    "how": "each token's SAE activations cut to its m largest, m = the sparsest SAE's mean "
+                    "L0 on the probed tokens"
+                    + ("" if pooling == "mean" else " (not applied: pooling='last')"),
                     "balanced_accuracy": [results[a][0].balanced_accuracy, results[b][0].balanced_accuracy],
                 }
             )
@@ -1028,7 +1030,8 @@ def label_features(
     )
     if not controls:
         print(
-            f"{sae_id}: no random control features (rerun feature_table): the baseline borrows the next top feature's explanation"
+            f"{sae_id}: no random control features (rerun feature_table): the baseline borrows the next top "
+            "feature's explanation"
         )
     results = autointerp(
         contexts, client, features_per_request=features_per_request, seed=seed, controls=controls
@@ -1085,7 +1088,10 @@ def probe_summary(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
         if r.get("verdict"):
             cmp = f"vs raw: {r['verdict']} (Holm p {r['vs_raw']['p_holm']:.3g})"
         elif r["kind"] == "random_sae":
-            cmp = f"trained - random: {r['vs_trained']['mean_difference']:+.2f} (p {r['vs_trained']['p_value']:.3g})"
+            cmp = (
+                f"trained - random: {r['vs_trained']['mean_difference']:+.2f} "
+                f"(p {r['vs_trained']['p_value']:.3g})"
+            )
         elif r["kind"] == "prompt_only":
             cmp = f"answer - prompt: {-r['vs_raw']['mean_difference']:+.2f} (p {r['vs_raw']['p_value']:.3g})"
         out.append(
