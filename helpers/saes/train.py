@@ -5,11 +5,13 @@
 (`TrainConfig.input_norm`: mean norm sqrt(d_in) for TopK and the BatchTopK family, as SAELens does; unit
 mean squared norm for the others, which JumpReLU's ε and thresholds assume), starts b_dec at the geometric
 median, and runs Adam with a warm-up clamped to 5% of the run (a warm-up longer than the run is a known anchor
-bug), a linear decay at the end, gradient clipping, unit-norm decoder rows, and mixed precision (fp16 +
-grad scaler on a T4, bf16 from compute capability 8, fp32 on CPU). Checkpoints hold the full state and
-are written atomically; a rerun resumes from the last one and ends bitwise identical to an
-uninterrupted run on CPU. The scale is then folded into the weights, the SAE saved in SAELens format,
-and `metrics.json` (held-out metrics, training history), written last, marks it complete.
+bug), a linear decay at the end, gradient clipping, decoder rows held at unit norm (free from norm 0.1 for
+TopK, as SAELens: base.SAE.free_decoder), and mixed precision (fp16 + grad scaler on a T4, bf16 from
+compute capability 8, fp32 on CPU). Checkpoints hold the full state and are written atomically; a rerun
+resumes from the last one and ends bitwise identical to an uninterrupted run on CPU. Inference-only
+parameters are then set from the first tokens (BatchTopK's θ: `Trainer.calibrate`), the scale folded into
+the weights, the SAE saved in SAELens format, and `metrics.json` (held-out metrics, training history),
+written last, marks it complete.
 `grid.train_grid` runs it for every layer × condition × architecture of a run.
 """
 
