@@ -40,40 +40,17 @@ import torch
 import helpers
 from helpers.sweep import runner
 from helpers.sweep.plan import ModelSpec, model_keys
-from helpers.sweep.runner import Study, SweepFolders, free_memory, run_sweep
+from helpers.sweep.runner import TINY_STUDY, Study, SweepFolders, free_memory, run_sweep
 from helpers.sweep.tiny import tiny_random_model
 
 STUDY = dict(
+    TINY_STUDY,
     datasets=[
         {"data": "builtin:contrast", "role": "train", "label_by": "instruction"},
         {"data": "builtin:scenarios", "role": "eval", "label_by": "judge", "limit": 3},
         {"data": "builtin:benign", "role": "control", "limit": 3},
     ],
-    depths=[0.25, 0.5],
-    n_prompts=16,
-    n_per_prompt=2,
-    max_new_tokens=8,
-    batch_size=16,
-    use_gemini=False,
-    corpus="builtin:corpus",
-    corpus_tokens=1024,
-    corpus_seq_len=64,
     architectures=["topk"],
-    conditions=["mixed"],
-    expansion=2,
-    l0=8,
-    train_tokens=512,
-    sae_batch_size=64,
-    checkpoint_every=4,
-    min_completions=8,
-    min_tokens=64,
-    lm_eval_completions=2,
-    n_folds=2,
-    n_permutations=9,
-    n_bootstrap=20,
-    sweep_bootstrap=10,
-    top_k=4,
-    feature_permutations=99,
 )
 
 

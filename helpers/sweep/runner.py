@@ -74,6 +74,30 @@ SMOKE_STUDY = dict(
     feature_permutations=99,
 )
 """What notebook 07's smoke mode sets beyond its form's parameters: few steps and draws (as 03's and 04's)."""
+
+# The smallest study that runs every stage of notebooks 01-04 on helpers.sweep.tiny's models in seconds
+# (a few prompts, 512 training tokens, 9 permutations): the sweep's tests and bench/sweep.py start from it.
+TINY_STUDY = dict(
+    SMOKE_STUDY,
+    depths=[0.25, 0.5],
+    n_prompts=16,
+    n_per_prompt=2,
+    max_new_tokens=8,
+    batch_size=16,
+    use_gemini=False,
+    corpus="builtin:corpus",
+    corpus_tokens=1024,
+    conditions=["mixed"],
+    expansion=2,
+    l0=8,
+    train_tokens=512,
+    min_completions=8,
+    min_tokens=64,
+    n_folds=2,
+    n_permutations=9,
+    n_bootstrap=20,
+)
+
 STAGES = ("01_load_checkpoint", "02_collect_activations", "03_train_saes", "04_autolabel_features")
 SWEEP_JSON = "sweep.json"
 
@@ -227,6 +251,17 @@ def stage_load(run_dir: Path, spec: ModelSpec, study: Study, lm: _Lazy) -> dict[
     return {"layers": layers, "n_params": n_params}
 
 
+def _sampling(study: Study) -> dict[str, Any]:
+    """The study's sampling settings, as notebook 02 passes them to sampling and records them in run.json."""
+    return {
+        "n_per_prompt": study.n_per_prompt,
+        "temperature": study.temperature,
+        "top_p": study.top_p,
+        "max_new_tokens": study.max_new_tokens,
+        "seed": study.seed,
+    }
+
+
 def stage_collect(run_dir: Path, study: Study, lm: _Lazy) -> dict[str, Any]:
     """Notebook 02: datasets, sampling, labels, activations, the reference corpus."""
     loaded = lm.get()
@@ -237,11 +272,7 @@ def stage_collect(run_dir: Path, study: Study, lm: _Lazy) -> dict[str, Any]:
         loaded.info.spec,
         datasets,
         layers,
-        n_per_prompt=study.n_per_prompt,
-        temperature=study.temperature,
-        top_p=study.top_p,
-        max_new_tokens=study.max_new_tokens,
-        seed=study.seed,
+        **_sampling(study),
         include_prompt=study.include_prompt_tokens,
     )
     check_collection(run_dir, settings)
@@ -251,11 +282,7 @@ def stage_collect(run_dir: Path, study: Study, lm: _Lazy) -> dict[str, Any]:
         loaded,
         prompts,
         run_dir,
-        n_per_prompt=study.n_per_prompt,
-        temperature=study.temperature,
-        top_p=study.top_p,
-        max_new_tokens=study.max_new_tokens,
-        seed=study.seed,
+        **_sampling(study),
         batch_size=study.batch_size,
     )
     add_transcripts(
@@ -303,11 +330,7 @@ def stage_collect(run_dir: Path, study: Study, lm: _Lazy) -> dict[str, Any]:
             "spec": "datasets.json",
             "datasets": [d.name for d in datasets],
             "n_prompts": len(prompts),
-            "n_per_prompt": study.n_per_prompt,
-            "temperature": study.temperature,
-            "top_p": study.top_p,
-            "max_new_tokens": study.max_new_tokens,
-            "seed": study.seed,
+            **_sampling(study),
         },
         corpus={"spec": corpus_spec, "seq_len": study.corpus_seq_len, "text_column": None},
     )

@@ -19,38 +19,12 @@ from helpers.run import features_path, read_jsonl, read_probes, read_run_json, r
 from helpers.stats import holm
 from helpers.sweep import compare, plan_rows, read_sweep
 from helpers.sweep.plan import ModelSpec, Rates, layers_at, model_keys, relative_depth
-from helpers.sweep.runner import STAGES, Study, SweepFolders
+from helpers.sweep.runner import STAGES, TINY_STUDY, Study, SweepFolders
 from helpers.sweep.tiny import tiny_random_model
 from tests.sweep.tiny_models import nanochat_2025, nanochat_2026
 
 ROOT = Path(__file__).resolve().parents[2]
-STUDY = dict(
-    depths=[0.25, 0.5],
-    n_prompts=16,
-    n_per_prompt=2,
-    max_new_tokens=8,
-    batch_size=16,
-    use_gemini=False,
-    corpus="builtin:corpus",
-    corpus_tokens=1024,
-    corpus_seq_len=64,
-    architectures=["topk", "jumprelu"],
-    conditions=["mixed"],
-    expansion=2,
-    l0=8,
-    train_tokens=512,
-    sae_batch_size=64,
-    checkpoint_every=4,
-    min_completions=8,
-    min_tokens=64,
-    lm_eval_completions=2,
-    n_folds=2,
-    n_permutations=9,
-    n_bootstrap=20,
-    sweep_bootstrap=10,
-    top_k=4,
-    feature_permutations=99,
-)
+STUDY = {**TINY_STUDY, "architectures": ["topk", "jumprelu"]}
 FACTS = [
     ("the boiling point of water at sea level in Celsius", "boil"),
     ("the capital of France", "paris"),
