@@ -4,13 +4,18 @@
     python -m tests.fault_stages RUN_DIR count           # the same, printing the write points per stage
     python -m tests.fault_stages RUN_DIR kill:STAGE:N    # SIGKILL itself in the middle of its N-th write
     python -m tests.fault_stages RUN_DIR enospc:STAGE:N  # the N-th write of STAGE finds the disk full
+    python -m tests.fault_stages RUN_DIR count:STAGE     # count, and stop before STAGE
 
 The stages call the functions the notebooks call, in the notebooks' order, with tiny settings (the
-offline SmolLM2 model): `collect` (notebook 02: datasets, sampling, labels, activations), `corpus` (02's
-reference corpus), `train` (03's SAE grid) and `explore` (06's explorer pass). A write point is one call of
-`helpers.run.atomic_write_bytes` (every shard, index, checkpoint, metrics and explorer file) or
-`helpers.run.append_jsonl` (sampled batches). A kill leaves what a real one leaves mid-write: a partly
-written temporary file, or a torn last line of completions.jsonl. A full disk fails inside the write
+offline SmolLM2 model): `load` (notebook 01: its settings check and run.json records), `collect` (notebook
+02: datasets, sampling, labels, activations), `corpus` (02's reference corpus), `train` (03's SAE grid),
+`analysis` (04 with its smoke settings, offline: probes.json, the feature tables, their offline
+explanations, the stage record), `steer` (05's steering experiment with the offline judge, its two
+figures and the stage record) and `explore` (06's explorer pass). A write point is one call of
+`helpers.run.atomic_write_bytes` (every shard, index, checkpoint, metrics, probes, feature, figure and
+explorer file, run.json) or `helpers.run.append_jsonl` (sampled batches, steering conditions). A kill
+leaves what a real one leaves mid-write: a partly written temporary file, or a torn last line of
+completions.jsonl or steering.jsonl. A full disk fails inside the write
 (`os.fsync` raises ENOSPC), so the writer's own clean-up and message run; the process then exits 28
 with the message on stderr.
 """
@@ -22,12 +27,30 @@ import json
 import os
 import signal
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-STAGES = ("collect", "corpus", "train", "explore")
+STAGES = ("load", "collect", "corpus", "train", "analysis", "steer", "explore")
 LAYER = 3
+ANALYSIS = dict(
+    POOLING="mean",
+    N_FOLDS=2,
+    N_PERMUTATIONS=9,
+    N_BOOTSTRAP=20,
+    TOP_K=4,
+    FEATURE_PERMUTATIONS=99,
+    N_LABEL=2,
+    GEMINI_MODEL="gemini-3.5-flash-lite",
+    CONTROL_FPR=0.01,
+    SWEEP_BOOTSTRAP=10,
+    RANDOM_SAE="frozen_encoder",
+    SEED=0,
+)
+"""Notebook 04's parameters in smoke mode (its form values with the smoke cell's overrides), so that
+tests/test_faults.py can run notebook 04 itself on this run folder and compare."""
+SAE_FILTER = "mixed"
 
 
 def install(fault: str) -> Counter:
@@ -78,10 +101,12 @@ def torn(name: str, path: Path, payload: Any) -> None:
         with open(path, "a", encoding="utf-8") as f:
             f.write(text[: len(text) // 2])
     else:
-        (path.parent / f".{path.name}.killed.tmp").write_bytes(payload[: len(payload) // 2])
+        fd, _ = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # as the writer
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload[: len(payload) // 2])
 
 
-CURRENT = ["setup"]
+CURRENT = ["start"]
 
 
 def main(run_dir: Path, fault: str) -> None:
@@ -102,9 +127,11 @@ def main(run_dir: Path, fault: str) -> None:
     from helpers.saes.grid import train_grid
 
     counts = install(fault)
+    stop = fault.split(":", 1)[1] if fault.startswith("count:") else None
     lm = helpers.load_model(helpers.OFFLINE_MODEL, device="cpu")
-    if not (run_dir / "run.json").exists():
-        helpers.update_run_json(run_dir, model=lm.info.to_dict())
+
+    CURRENT[0] = "load"
+    load_checkpoint(run_dir, lm)
 
     CURRENT[0] = "collect"
     datasets = load_datasets(
@@ -139,18 +166,132 @@ def main(run_dir: Path, fault: str) -> None:
         batch_size=4,
         shard_tokens=192,
     )
+    helpers.update_run_json(run_dir, layers=[LAYER])
+    helpers.mark_stage(run_dir, "02_collect_activations", n_completions=len(records))
 
     CURRENT[0] = "train"
     cfg = TrainConfig(
         expansion=1, l0=8, train_tokens=768, batch_size=32, checkpoint_every=5, seed=0, init_tokens=256
     )
     train_grid(run_dir, [LAYER], ["topk"], ["mixed", "corpus"], cfg, min_completions=4, min_tokens=32)
+    helpers.mark_stage(run_dir, "03_train_saes")
+
+    for stage, work in (("analysis", autolabel_features), ("steer", plot_and_steer)):
+        if stop == stage:
+            print("COUNTS " + json.dumps({s: counts[s] for s in STAGES}))
+            return
+        CURRENT[0] = stage
+        work(run_dir, lm)
 
     CURRENT[0] = "explore"
     build_explorer(run_dir, tokenizer=lm.tokenizer, config=ExplorerConfig(batch_tokens=256))
     CURRENT[0] = "done"
-    if fault == "count":
+    if fault.startswith("count"):
         print("COUNTS " + json.dumps({s: counts[s] for s in STAGES}))
+
+
+def load_checkpoint(run_dir: Path, lm: Any) -> None:
+    """Notebook 01's writes: its settings check, the model record, the stage record."""
+    import helpers
+    from helpers.run import check_stage_settings
+
+    reply = helpers.chat(lm, "Did you take the last cookie?", max_new_tokens=4)
+    recorded = helpers.read_run_json(run_dir).get("model") or {}
+    check_stage_settings(
+        run_dir,
+        "01_load_checkpoint",
+        {"model": lm.info.spec, "revision": lm.info.revision},
+        has_outputs=bool(recorded),
+        legacy={"model": recorded.get("spec"), "revision": recorded.get("revision")},
+    )
+    helpers.update_run_json(run_dir, model=lm.info.to_dict(), run_name=run_dir.name)
+    helpers.mark_stage(run_dir, "01_load_checkpoint", sample_reply=reply, hook_points=1)
+
+
+def autolabel_features(run_dir: Path, lm: Any) -> None:
+    """Notebook 04's writes, offline (no Gemini key), with its smoke settings (`ANALYSIS`)."""
+    import helpers
+    from helpers import analysis
+    from helpers.analysis.pipeline import analysis_settings, check_analysis, feature_tables
+    from helpers.saes import run_saes
+
+    p = ANALYSIS
+    layers = helpers.read_run_json(run_dir).get("layers") or []
+    sae_folders = run_saes(run_dir, SAE_FILTER)
+    recompute = check_analysis(run_dir, analysis_settings(run_dir, sae_folders, dict(p)))
+    analysis.probe_table(
+        run_dir,
+        layers,
+        sae_folders,
+        pooling=p["POOLING"],
+        n_folds=p["N_FOLDS"],
+        n_permutations=p["N_PERMUTATIONS"],
+        n_bootstrap=p["N_BOOTSTRAP"],
+        seed=p["SEED"],
+        control_fpr=p["CONTROL_FPR"],
+        random_variant=p["RANDOM_SAE"],
+        sweep_bootstrap=p["SWEEP_BOOTSTRAP"],
+    )
+    tables, status = feature_tables(
+        run_dir,
+        sae_folders,
+        k=p["TOP_K"],
+        seed=p["SEED"],
+        tokenizer=None,
+        n_permutations=p["FEATURE_PERMUTATIONS"],
+        overwrite=recompute,
+    )
+    for name in tables:
+        analysis.label_features(run_dir, name, None, n_label=p["N_LABEL"], seed=p["SEED"])
+    helpers.mark_stage(
+        run_dir,
+        "04_autolabel_features",
+        saes=list(tables),
+        skipped={r["sae_id"]: r["reason"][:200] for r in status if r["status"] == "skipped"},
+        layers=layers,
+        gemini=False,
+    )
+
+
+def plot_and_steer(run_dir: Path, lm: Any) -> None:
+    """Notebook 05's writes with its smoke settings, offline (the rules judge): the settings check,
+    steering.jsonl (one appended row per condition), the two steering figures, the stage record."""
+    import helpers
+    from helpers import plots, steer
+    from helpers.collect.prompts import load_scenarios
+    from helpers.run import check_stage_settings
+
+    sae, top = steer.steering_targets(run_dir, lm, "", 1, device="cpu")
+    strengths = [0.25]  # five conditions: none, the feature, two random controls, difference of means
+    conditions = steer.build_conditions(
+        sae,
+        [r["feature"] for r in top],
+        strengths,
+        residual_norm=steer.residual_norm(run_dir, sae.layer),
+        n_random=1,
+        diff_of_means=steer.diff_of_means_direction(run_dir, sae.layer),
+        seed=0,
+    )
+    prompts = steer.held_out_prompts(run_dir, load_scenarios(), 1)
+    settings = dict(
+        sae_id=sae.path.name,
+        features=[r["feature"] for r in top],
+        strengths=strengths,
+        n_random=1,
+        prompts=[q.id for q in prompts],
+        n_per_prompt=1,
+        max_new_tokens=4,
+        judge="offline",
+        seed=0,
+    )
+    check_stage_settings(run_dir, "05_plot_and_steer", settings)
+    rows = steer.run_steering_experiment(
+        lm, prompts, conditions, run_dir=run_dir, n_per_prompt=1, max_new_tokens=4, seed=0
+    )
+    results = steer.compare_to_controls(rows)
+    plots.save_figure(plots.control_comparison_figure(results), run_dir, "steering_vs_controls")
+    plots.save_figure(plots.steering_figure(rows), run_dir, "steering")
+    helpers.mark_stage(run_dir, "05_plot_and_steer", sae_id=sae.path.name, n_conditions=len(conditions))
 
 
 if __name__ == "__main__":
