@@ -251,6 +251,17 @@ def test_bad_input_fails_clearly(run, copy_run, offline_lm, tmp_path):
         label_features(run.dir, "no_such_sae", None)
 
 
+def resave_sae(sae, run_dir, sae_id: str, **metadata):
+    """A loaded SAE saved again as `run_dir`/saes/`sae_id` with its id and `metadata` in the metadata."""
+    return save_sae(
+        sae.sae,
+        run_dir / "saes" / sae_id,
+        hook_name=sae.hook_name,
+        model_name=sae.model_name,
+        metadata={"sae_id": sae_id, **metadata},
+    )
+
+
 def test_probes_and_features_use_only_the_rows_no_sae_trained_on(run, copy_run, offline_lm, capsys):
     """An SAE whose metadata records notebook 03's analysis split is probed, with the raw and
     bag-of-words probes of its layer, on exactly the reserved groups; a label-conditioned SAE trained
@@ -259,16 +270,8 @@ def test_probes_and_features_use_only_the_rows_no_sae_trained_on(run, copy_run, 
     split = {"fraction": 0.5, "seed": 0}
     reserved = set(analysis_split(read_completions(dst), **split)[1])
     sae = load_sae(run.sae_folder)
-    with_split = save_sae(
-        sae.sae,
-        dst / "saes" / "test_jumprelu_L2_deceptive_only",
-        hook_name=sae.hook_name,
-        model_name=sae.model_name,
-        metadata={
-            "sae_id": "test_jumprelu_L2_deceptive_only",
-            "condition": "deceptive_only",
-            "analysis_split": split,
-        },
+    with_split = resave_sae(
+        sae, dst, "test_jumprelu_L2_deceptive_only", condition="deceptive_only", analysis_split=split
     )
     rows = probe_table(dst, [LAYER], [with_split], n_directions=2, **FAST)
     labelled = [
@@ -286,26 +289,14 @@ def test_probes_and_features_use_only_the_rows_no_sae_trained_on(run, copy_run, 
         f["feature"] for f in feats
     }
 
-    leaky = save_sae(
-        sae.sae,
-        dst / "saes" / "old_deceptive_only",
-        hook_name=sae.hook_name,
-        model_name=sae.model_name,
-        metadata={"sae_id": "old_deceptive_only", "condition": "deceptive_only"},
-    )
+    leaky = resave_sae(sae, dst, "old_deceptive_only", condition="deceptive_only")
     capsys.readouterr()
     probe_table(dst, [LAYER], [leaky], n_directions=2, **FAST)
     assert (
         "WARNING: old_deceptive_only was trained before notebook 03 reserved analysis rows"
         in capsys.readouterr().out
     )
-    other = save_sae(
-        sae.sae,
-        dst / "saes" / "other_split",
-        hook_name=sae.hook_name,
-        model_name=sae.model_name,
-        metadata={"sae_id": "other_split", "analysis_split": {"fraction": 0.3, "seed": 0}},
-    )
+    other = resave_sae(sae, dst, "other_split", analysis_split={"fraction": 0.3, "seed": 0})
     with pytest.raises(ValueError, match="reserved different analysis splits"):
         probe_table(dst, [LAYER], [with_split, other], **FAST)
 
@@ -342,13 +333,7 @@ def test_the_fields_protocol_train_on_one_dataset_evaluate_on_another(run, copy_
         metadata={"completion_ids": json.dumps(ids)},
     )
     sae = load_sae(run.sae_folder)
-    twin = save_sae(
-        sae.sae,
-        dst / "saes" / "twin",
-        hook_name=sae.hook_name,
-        model_name=sae.model_name,
-        metadata={"sae_id": "twin"},
-    )
+    twin = resave_sae(sae, dst, "twin")
     rows = probe_table(dst, [LAYER], [run.sae_folder, twin], n_directions=2, **FAST)
     saved = read_probes(dst)
     n_train = sum(r["dataset"] == "facts" and r["label"] in ("honest", "deceptive") for r in records)
