@@ -144,10 +144,17 @@ class Calibration:
     ratios: dict[str, list[float]] = field(default_factory=dict)
     """step -> measured / counted time of its latest runs on this hardware."""
     measured_now: bool = False
+    ram_extra: dict[str, list[float]] = field(default_factory=dict)
+    """step -> measured - counted peak RAM (GB) of its latest runs here: what the counts leave out (modules
+    the step imports, allocator slack), the same at every size."""
 
     def factor(self, step: str) -> float | None:
         got = self.ratios.get(step)
         return statistics.median(got) if got else None
+
+    def extra_ram(self, step: str) -> float:
+        got = self.ram_extra.get(step)
+        return statistics.median(got) if got else 0.0
 
 
 def calibrate(device: str, cache_dir: str | os.PathLike, *, refresh: bool = False) -> Calibration:
@@ -156,11 +163,13 @@ def calibrate(device: str, cache_dir: str | os.PathLike, *, refresh: bool = Fals
     key = hardware_key(device)
     cached = read_json_record(path, "delete it: the next plan measures this machine again").get(key)
     if cached and "op_s" in cached.get("rates", {}) and not refresh:
-        return Calibration(Rates(**cached["rates"]), key, path, cached.get("ratios") or {})
+        ratios, extra = cached.get("ratios") or {}, cached.get("ram_extra") or {}
+        return Calibration(Rates(**cached["rates"]), key, path, ratios, ram_extra=extra)
     rates = machine_rates(device)
     entry = {"rates": asdict(rates), "ratios": (cached or {}).get("ratios") or {}, "measured_at": _now()}
+    entry["ram_extra"] = (cached or {}).get("ram_extra") or {}
     _write_entry(path, key, entry)
-    return Calibration(rates, key, path, entry["ratios"], measured_now=True)
+    return Calibration(rates, key, path, entry["ratios"], True, entry["ram_extra"])
 
 
 def _write_entry(path: Path, key: str, entry: dict[str, Any]) -> None:
@@ -170,13 +179,18 @@ def _write_entry(path: Path, key: str, entry: dict[str, Any]) -> None:
     atomic_write_json(path, record)
 
 
-def learn(calibration: Calibration, step: str, ratio: float) -> None:
-    """Keep `ratio` (measured / counted seconds of `step`) for later plans on this hardware."""
+def learn(calibration: Calibration, step: str, ratio: float, ram_extra_gb: float | None = None) -> None:
+    """Keep `ratio` (measured / counted seconds of `step`) and `ram_extra_gb` (measured - counted peak RAM)
+    for later plans on this hardware."""
     record = read_json_record(calibration.path, "delete it: the next plan measures this machine again")
     entry = record.get(calibration.key) or {"rates": asdict(calibration.rates), "ratios": {}}
     kept = [*(entry.setdefault("ratios", {}).get(step) or []), float(f"{ratio:.4g}")][-KEEP_RATIOS:]
     entry["ratios"][step] = kept
     calibration.ratios[step] = kept
+    if ram_extra_gb is not None:
+        extra = [*(entry.setdefault("ram_extra", {}).get(step) or []), round(ram_extra_gb, 4)][-KEEP_RATIOS:]
+        entry["ram_extra"][step] = extra
+        calibration.ram_extra[step] = extra
     _write_entry(calibration.path, calibration.key, entry)
 
 
@@ -266,6 +280,8 @@ class Plan:
     gpu_gib: float | None
     disk_gb: float
     t4: dict[str, float]
+    counted_ram_gb: float
+    """Peak RAM from what is in use now and the counted bytes, before this hardware's measured extra."""
     lower: dict[str, str]
     """resource ("time", "gpu", "ram", "disk") -> the notebook parameter that lowers it."""
     warnings: list[str]
@@ -353,7 +369,9 @@ def make_plan(
     )
     counts = {"flops": work.flops, "bytes_read": work.bytes_read, "device_bytes": work.device_bytes}
     counts |= {"host_bytes": work.host_bytes, "disk_bytes": work.disk_bytes, "ops": work.ops}
-    return Plan(step, seconds, counted, ram, gpu, work.disk_bytes / 1e9, on_t4, lower, warnings, note, counts)
+    planned_ram = ram + calibration.extra_ram(step)
+    disk = work.disk_bytes / 1e9
+    return Plan(step, seconds, counted, planned_ram, gpu, disk, on_t4, ram, lower, warnings, note, counts)
 
 
 def _positive(**values: float) -> None:
@@ -710,7 +728,9 @@ class Watch:
         }
         update_run_json(self.run_dir, plans={p.step: record})
         if p.counted_seconds > 0:
-            learn(self.calibration, p.step, seconds / p.counted_seconds)
+            learn(
+                self.calibration, p.step, seconds / p.counted_seconds, self.peak_rss / 1e9 - p.counted_ram_gb
+            )
         if not quiet:
             ratio = record["ratio"]
             print(

@@ -88,11 +88,12 @@ def test_calibration_is_measured_once_per_hardware_and_reused(tmp_path, monkeypa
     assert not again.measured_now and again.rates == first.rates
 
     # A measured step's ratio is kept and multiplies later plans of that step on this hardware.
-    plan.learn(again, "corpus", 3.0)
+    plan.learn(again, "corpus", 3.0, 0.25)
     later = plan.calibrate("cpu", tmp_path)
-    assert later.factor("corpus") == 3.0
+    assert later.factor("corpus") == 3.0 and later.extra_ram("corpus") == 0.25
     p = plan.plan_corpus(SMALL, later, "cpu", tokens=4096, seq_len=64, batch_size=8, n_layers_stored=1)
     assert p.seconds == pytest.approx(3.0 * p.counted_seconds) and "ratio 3.00" in p.note
+    assert p.ram_gb == pytest.approx(p.counted_ram_gb + 0.25)
 
     (tmp_path / plan.CALIBRATION_FILE).write_text("{not json")
     with pytest.raises(ValueError, match="delete it"):
