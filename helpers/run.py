@@ -547,7 +547,9 @@ def check_stage_settings(
     if before and has_outputs:
         diff = settings_diff(before.get("values"), settings)
         adds_only = bool(diff) and all(_adds(k, a, b, addable) for k, a, b in diff)
-        if adds_only and add:
+        if not diff:  # legacy settings equal to these: resume, now with the settings recorded
+            decision = "same"
+        elif adds_only and add:
             decision = "add"
         elif overwrite:
             decision = "overwrite"

@@ -411,3 +411,18 @@ def test_bad_input_views_say_what_is_missing(bad_run, run, tmp_path):
         _offline(_requests(browser))
     finally:
         browser.quit()
+
+
+def test_explorer_data_from_before_settings_were_recorded(run, tiny, tmp_path, capsys):
+    """A run folder whose explorer predates run.json's settings: its data's own record is compared, so
+    the same settings reuse it and others stop, naming the difference."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("explorer_screenshots"))
+    raw = json.loads((copy / "run.json").read_text())
+    del raw["settings"]["06_explore_features"]
+    (copy / "run.json").write_text(json.dumps(raw))
+    capsys.readouterr()
+    with pytest.raises(NotebookError, match="config.n_top: 4 → 3"):
+        build_explorer(copy, lm=tiny, config=replace(CFG, n_top=3), sae_filter="L1_mixed")
+    build_explorer(copy, lm=tiny, config=CFG, sae_filter="L1_mixed")
+    assert "complete, reused" in capsys.readouterr().out
