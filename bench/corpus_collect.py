@@ -32,7 +32,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import helpers  # noqa: E402
+from bench.peak_memory import PeakMemory  # noqa: E402
 from helpers.collect import corpus  # noqa: E402
 from helpers.collect.corpus import CorpusStream, Packing, collect_corpus, iter_documents, iter_sequences  # noqa: E402
 from helpers.model.hooks import hook_name, run_with_capture  # noqa: E402
@@ -160,14 +160,6 @@ def streamed_training(args) -> dict:
         torch.set_num_threads(args.threads)
     lm = load(args)
 
-    def status() -> dict[str, int]:
-        lines = Path("/proc/self/status").read_text().splitlines()
-        return {
-            k: int(v.split()[0]) * 1024
-            for k, v in (ln.split(":", 1) for ln in lines)
-            if k in ("RssAnon", "RssFile")
-        }
-
     layer = args.stream_layer
     stream = CorpusStream(
         lm,
@@ -187,24 +179,14 @@ def streamed_training(args) -> dict:
         init_tokens=4096,
     )
     data = StreamData(stream)
-    before, peak, done = status(), {"RssAnon": 0, "RssFile": 0}, threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.02):
-            m = status()
-            peak.update({k: max(peak[k], m[k]) for k in m})
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    t0 = time.perf_counter()
-    run = Trainer(cfg, stream.d_model, args.device)
-    it = data.batches(cfg, 0)
-    run.init_from_data(torch.cat([next(it) for _ in range(4)]))
-    for _ in range(cfg.total_steps):
-        run.train_step(next(it))
-    seconds = time.perf_counter() - t0
-    done.set()
-    sampler.join()
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        run = Trainer(cfg, stream.d_model, args.device)
+        it = data.batches(cfg, 0)
+        run.init_from_data(torch.cat([next(it) for _ in range(4)]))
+        for _ in range(cfg.total_steps):
+            run.train_step(next(it))
+        seconds = time.perf_counter() - t0
     gib = lambda b: round(b / 2**30, 3)  # noqa: E731
     return {
         "layer": layer,
@@ -213,9 +195,9 @@ def streamed_training(args) -> dict:
         "buffer_tokens": args.buffer_tokens,
         "buffer_gib_float32": gib(args.buffer_tokens * stream.d_model * 4),
         "stream_as_float32_gib": gib((cfg.total_steps + 4) * 1024 * stream.d_model * 4),
-        "rss_anon_gib_before": gib(before["RssAnon"]),
-        "peak_rss_anon_gib": gib(peak["RssAnon"]),
-        "peak_rss_file_gib": gib(peak["RssFile"]),
+        "rss_anon_gib_before": gib(mem.start["RssAnon"]),
+        "peak_rss_anon_gib": gib(mem.peak["RssAnon"]),
+        "peak_rss_file_gib": gib(mem.peak["RssFile"]),
         "seconds": round(seconds, 1),
         "tokens_per_s": round((cfg.total_steps + 4) * 1024 / seconds),
         "final_batch_explained_variance": round(run.history[-1]["explained_variance"], 4),
