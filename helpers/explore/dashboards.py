@@ -857,8 +857,9 @@ def build_dashboards(
     if not fired_total.any():
         notes.append(
             f"no feature of this SAE fired on any of the {int(fp.n_tokens.sum()):,} completion tokens "
-            "scanned: every page is a dead feature's (no histograms, windows or co-activation). Check that the SAE "
-            "was trained (notebook 03) on this model and layer, and that its threshold is not too high."
+            "scanned: every page is a dead feature's (no histograms, windows or co-activation). Check "
+            "that the SAE was trained (notebook 03) on this model and layer, and that its threshold is not "
+            "too high."
         )
     if not fp.n_tokens[2]:
         notes.append(
