@@ -44,7 +44,8 @@ MID = {
         ],
         "CORPUS_TOKENS": 8192,
     },
-    "03": {"TRAIN_TOKENS": 16384, "BATCH_SIZE": 256, "CHECKPOINT_EVERY": 16, "LM_EVAL_COMPLETIONS": 4},
+    "03": {"TRAIN_TOKENS": 16384, "BATCH_SIZE": 256, "CHECKPOINT_EVERY": 16, "LM_EVAL_COMPLETIONS": 4}
+    | {"MIN_TOKENS": 64},
     "04": {"N_PERMUTATIONS": 19, "N_BOOTSTRAP": 50, "FEATURE_PERMUTATIONS": 99, "SWEEP_BOOTSTRAP": 10},
 }
 """`mid`: the demo preset with a third of its prompts, a quarter of its corpus and training tokens and fewer
@@ -52,7 +53,7 @@ permutations: about four times the smoke run's work, for a machine too busy for 
 TIME_BOUND, MEMORY_BOUND = 0.30, 0.15
 
 
-def run_size(size: str, run_dir: Path, gpu: bool, timeout: int) -> float:
+def run_size(size: str, run_dir: Path, gpu: bool, timeout: int, notebooks: list[str]) -> float:
     params = read_params(DEMO_PARAMS) if size != "smoke" else {}
     if size == "mid":
         params = {nb: {**values, **MID.get(nb, {})} for nb, values in params.items()}
@@ -61,7 +62,7 @@ def run_size(size: str, run_dir: Path, gpu: bool, timeout: int) -> float:
         print(f"[{size}] {run_dir} has run already: its records are read", file=sys.stderr, flush=True)
         return 0.0
     began = time.perf_counter()
-    for path in notebook_paths(NOTEBOOKS):
+    for path in notebook_paths(notebooks):
         print(f"[{size}] running {path.name}", file=sys.stderr, flush=True)
         run_notebook(
             path,
@@ -111,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default=None, help="folder for the run folders (default: a temporary one)")
     parser.add_argument("--calibration", default=None, help="calibration file (default: a fresh one)")
     parser.add_argument("--gpu", action="store_true", help="run the notebooks on the GPU")
+    parser.add_argument(
+        "--notebooks", nargs="+", default=NOTEBOOKS, help="which notebooks to run (01-02 must have run first)"
+    )
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for size in args.sizes:
         run_dir = runs / size
-        seconds = run_size(size, run_dir, args.gpu, args.timeout)
+        seconds = run_size(size, run_dir, args.gpu, args.timeout, args.notebooks)
         out["rows"] += rows_of(size, run_dir)
         out[f"{size}_minutes"] = round(seconds / 60, 1)
     out["load_average_end"] = round(os.getloadavg()[0], 1)

@@ -440,7 +440,7 @@ def _forward_work(
     return Work(
         flops=2 * model.n_params * tokens,
         bytes_read=batches * model.n_params * act,
-        device_bytes=batch_tokens * d * act * 8 + batch_tokens * model.vocab * 4,
+        device_bytes=batch_tokens * d * act * 8,  # the capture stops at the last layer: no logits
         host_bytes=stored_layers * min(stored_tokens, 65_536) * d * 4 * 2,
         disk_bytes=stored_layers * stored_tokens * d * 2,
         fp16=act == 2,
@@ -731,11 +731,11 @@ class Watch:
             learn(
                 self.calibration, p.step, seconds / p.counted_seconds, self.peak_rss / 1e9 - p.counted_ram_gb
             )
-        if not quiet:
-            ratio = record["ratio"]
+        if not quiet:  # a step with nothing to do (every SAE done earlier) has no time ratio
+            ratio = {k: f", x{v:.2f}" for k, v in record["ratio"].items()}
             print(
-                f"{p.step}: {_duration(seconds)} (planned {_duration(p.seconds)}, x{ratio['seconds']:.2f}), "
-                f"peak RAM {self.peak_rss / 1e9:.2f} GB (planned {p.ram_gb:.2f}, x{ratio['ram_gb']:.2f})"
+                f"{p.step}: {_duration(seconds)} (planned {_duration(p.seconds)}{ratio.get('seconds', '')}), "
+                f"peak RAM {self.peak_rss / 1e9:.2f} GB (planned {p.ram_gb:.2f}{ratio.get('ram_gb', '')})"
                 + (f", GPU {gpu:.2f} GiB (planned {p.gpu_gib:.2f})" if gpu is not None else "")
             )
         return record
