@@ -81,6 +81,7 @@ from helpers.run import (
     read_jsonl,
     read_run_json,
     sae_dir,
+    set_aside,
     settings_hash,
     write_jsonl,
 )
@@ -1002,6 +1003,8 @@ def check_analysis(run_dir: str | os.PathLike, settings: dict[str, Any], *, over
         overwrite_does="recompute the probes and every SAE's features and explanations "
         "with the new settings (Gemini answers are cached: nothing is paid twice)",
     )
+    if decision == "overwrite":  # the old probes and features go to replaced/, not lost
+        set_aside(run_dir, ANALYSIS_STAGE, [probes_path(run_dir), features_dir(run_dir)])
     return decision == "overwrite"
 
 

@@ -426,6 +426,8 @@ def test_notebook_04_settings_resume_add_saes_and_stop_on_a_change(run, copy_run
     assert check_analysis(
         folder, analysis_settings(folder, [run.sae_folder], {**params, "TOP_K": 5}), overwrite=True
     )
+    (kept,) = (folder / "replaced").glob("04_*/probes.json")  # the replaced probes are kept, not lost
+    assert json.loads(kept.read_text()) == {"rows": []} and not (folder / "probes.json").exists()
     assert not check_analysis(folder, analysis_settings(folder, [], {**params, "TOP_K": 5})), (
         "SAE_FILTER narrower"
     )
