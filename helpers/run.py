@@ -304,13 +304,20 @@ def append_jsonl(path: str | os.PathLike, rows: Any) -> None:
 
 
 def _drop_torn_tail(path: Path) -> None:
-    """Cut a last line without its newline (an append interrupted mid-write) before appending after it."""
+    """Before appending: cut a last line without its newline (an append interrupted mid-write), or, when
+    that line is a whole record (killed between its `}` and its newline; `read_jsonl` counts it as
+    done), end it with the newline it lacks."""
     if not path.exists() or path.stat().st_size == 0:
         return
     data = path.read_bytes()
-    if not data.endswith(b"\n"):
-        keep = data[: data.rfind(b"\n") + 1]
-        atomic_write_bytes(path, keep)
+    if data.endswith(b"\n"):
+        return
+    head, tail = data[: data.rfind(b"\n") + 1], data[data.rfind(b"\n") + 1 :]
+    try:
+        whole = isinstance(json.loads(tail), dict)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        whole = False
+    atomic_write_bytes(path, data + b"\n" if whole else head)
 
 
 def stable_hash(*parts: Any) -> int:

@@ -22,6 +22,15 @@ def test_append_read_and_torn_tail(tmp_path, capsys):
     assert [r["id"] for r in C.read_completions(tmp_path)] == ["p0#0", "p1#0", "p2#0"]
 
 
+def test_a_whole_last_record_killed_before_its_newline_is_kept_by_the_next_append(tmp_path):
+    C.append_completions(tmp_path, [rec(0, None)])
+    with open(completions_path(tmp_path), "a") as f:
+        f.write('{"id": "p1#0", "completion": "whole"}')  # killed between the `}` and the newline
+    assert [r["id"] for r in C.read_completions(tmp_path)] == ["p0#0", "p1#0"]  # read as done...
+    C.append_completions(tmp_path, [rec(2, None)])
+    assert [r["id"] for r in C.read_completions(tmp_path)] == ["p0#0", "p1#0", "p2#0"]  # ...and kept
+
+
 def test_corrupt_middle_line_and_duplicates_are_errors(tmp_path):
     completions_path(tmp_path).write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
     with pytest.raises(ValueError, match="line 2"):
