@@ -49,7 +49,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -60,6 +59,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import helpers  # noqa: E402
+from bench.peak_memory import PeakMemory  # noqa: E402
 from helpers.analysis.contexts import ContextConfig, build_contexts, docs_for, iter_token_acts  # noqa: E402
 from helpers.collect.completions import read_completions, write_completions  # noqa: E402
 from helpers.collect.store import ActivationWriter, LayerStore  # noqa: E402
@@ -113,38 +113,6 @@ def build_data(data_dir: Path, n_tokens: int, d_in: int, d_sae: int, k: int, voc
         metadata={"sae_id": SAE_ID},
     )
     marker.write_text(json.dumps(meta))
-
-
-def _status() -> dict[str, int]:
-    lines = Path("/proc/self/status").read_text().splitlines()
-    return {
-        k: int(v.split()[0]) * 1024
-        for k, v in (ln.split(":", 1) for ln in lines)
-        if k in ("RssAnon", "RssFile")
-    }
-
-
-class PeakMemory:
-    """Peak resident memory (anonymous and file-backed) while the block runs, sampled every 20 ms."""
-
-    def __enter__(self) -> PeakMemory:
-        self.start, self.peak, self._done = (
-            _status(),
-            dict.fromkeys(("RssAnon", "RssFile"), 0),
-            threading.Event(),
-        )
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._done.wait(0.02):
-            for key, value in _status().items():
-                self.peak[key] = max(self.peak[key], value)
-
-    def __exit__(self, *_) -> None:
-        self._done.set()
-        self._thread.join()
 
 
 def gb(b: float) -> float:
