@@ -58,24 +58,9 @@ def digest(run_dir: Path) -> dict[str, str]:
 def stops(number: str, run_dir: Path, params: dict, *, smoke: bool = True) -> str:
     """Run a notebook expected to stop with a NotebookError; its message."""
     with pytest.raises(CellExecutionError) as err:
-        run_notebook(notebook(number), run_dir, smoke=smoke, params=params)
+        run_notebook(notebook(number), run_dir, smoke=smoke, params=params, offline=True)
     assert err.value.ename == "NotebookError", err.value
     return err.value.evalue
-
-
-@pytest.fixture(scope="module", autouse=True)
-def offline_hub():
-    """Outside smoke mode the runner passes this process's environment: no Hub, no Gemini key."""
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in {
-            "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "CUDA_VISIBLE_DEVICES": "",
-        }.items():
-            mp.setenv(name, value)
-        for secret in ("GEMINI_API_KEY", "GOOGLE_API_KEY"):
-            mp.delenv(secret, raising=False)
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +68,7 @@ def base(tmp_path_factory) -> Path:
     """Notebooks 01, 02 and 03 (one SAE) run once, as a researcher would."""
     run_dir = tmp_path_factory.mktemp("resume") / "run"
     run_notebook(notebook("01"), run_dir, smoke=True)
-    run_notebook(notebook("02"), run_dir, smoke=False, params=BASE_02)
+    run_notebook(notebook("02"), run_dir, smoke=False, params=BASE_02, offline=True)
     run_notebook(notebook("03"), run_dir, smoke=True, params=GRID_03)
     return run_dir
 
@@ -110,7 +95,7 @@ def test_02_with_another_dataset_or_temperature_stops_before_writing(copy):
 
 def test_02_rerun_with_the_same_settings_resumes_without_change(copy):
     completions = (copy / "completions.jsonl").read_bytes()
-    run_notebook(notebook("02"), copy, smoke=False, params=BASE_02)
+    run_notebook(notebook("02"), copy, smoke=False, params=BASE_02, offline=True)
     assert (copy / "completions.jsonl").read_bytes() == completions
     run = read_run_json(copy)
     collect = [e for e in run["history"] if e.get("stage") == "02_collect_activations"]
@@ -163,7 +148,7 @@ def test_02_rerun_repairs_a_truncated_shard(copy, base):
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(ValueError, match=r"shard_00000\.npy is damaged .* Rerun notebook 02"):
         LayerStore(copy, 3)
-    run_notebook(notebook("02"), copy, smoke=False, params=BASE_02)
+    run_notebook(notebook("02"), copy, smoke=False, params=BASE_02, offline=True)
     fixed, want = LayerStore(copy, 3), LayerStore(base, 3)
     assert sorted(fixed.completion_ids) == sorted(want.completion_ids)
     assert all((fixed.tokens_of(c) == want.tokens_of(c)).all() for c in want.completion_ids)
