@@ -87,6 +87,7 @@ __all__ = [  # the documents and packing names stay importable from here, where 
     "SMOLTALK",
     "CorpusFiles",
     "CorpusReading",
+    "CorpusStorage",
     "CorpusSettings",
     "CorpusStream",
     "Packing",
@@ -135,6 +136,35 @@ class CorpusReading:
         return replace(self, **overrides)
 
 
+@dataclass(frozen=True)
+class CorpusStorage:
+    """How `collect_corpus` writes what it reads: given whole (`storage=CorpusStorage(...)`) or as
+    single fields (`overwrite=True`)."""
+
+    shard_tokens: int = 65_536
+    """Tokens per stored shard file."""
+    overwrite: bool = False
+    """Delete a stored corpus made with other settings instead of stopping."""
+
+
+def split_corpus_overrides(
+    overrides: dict[str, Any], reading: CorpusReading, storage: CorpusStorage
+) -> tuple[CorpusReading, CorpusStorage]:
+    """`reading` and `storage` with the fields named in `overrides` replaced, each name going to the
+    settings that has it; an unknown name is an error listing both sets of names."""
+    storage_names = [f.name for f in fields(storage)]
+    reading_names = [f.name for f in fields(reading)]
+    unknown = sorted(set(overrides) - set(storage_names) - set(reading_names))
+    if unknown:
+        raise TypeError(
+            f"unexpected keyword arguments {unknown}: the corpus reading settings are {reading_names}, "
+            f"the storage settings {storage_names}"
+        )
+    storage = replace(storage, **{k: v for k, v in overrides.items() if k in storage_names})
+    rest = {k: v for k, v in overrides.items() if k not in storage_names}
+    return reading.with_overrides(rest), storage
+
+
 # --- stored -------------------------------------------------------------------------------------------
 @dataclass
 class CorpusSettings:
@@ -160,16 +190,19 @@ def collect_corpus(
     *,
     max_tokens: int | None,
     reading: CorpusReading | None = None,
-    shard_tokens: int = 65_536,
-    overwrite: bool = False,
+    storage: CorpusStorage | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Store the residuals of `max_tokens` corpus tokens (kept positions, per layer) at `layers` under
     `corpus/layer_{L}/`; returns a summary. A shorter corpus is stored whole, with a message; `max_tokens`
     None stores the whole corpus (a local one: no disk estimate is possible up front). A stored corpus made
     with other settings stops this before anything is written, unless `overwrite` (which deletes it); more
-    tokens or more layers add to it. `reading` (default `CorpusReading()`), or its fields as keywords."""
-    reading = (reading or CorpusReading()).with_overrides(overrides)
+    tokens or more layers add to it. `reading` (default `CorpusReading()`) and `storage` (default
+    `CorpusStorage()`: shards of 65,536 tokens, no overwrite), or their fields as keywords."""
+    reading, storage = split_corpus_overrides(
+        overrides, reading or CorpusReading(), storage or CorpusStorage()
+    )
+    shard_tokens, overwrite = storage.shard_tokens, storage.overwrite
     seq_len, batch_size, text_column = reading.seq_len, reading.batch_size, reading.text_column
     if (max_tokens is not None and max_tokens < 1) or batch_size < 1:
         raise ValueError(f"max_tokens and batch_size must be positive, got {max_tokens}, {batch_size}")

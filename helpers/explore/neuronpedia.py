@@ -52,6 +52,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -426,24 +427,60 @@ def _feature(page: dict[str, Any], common: dict[str, Any], max_act: float) -> di
     }
 
 
+@dataclass(frozen=True)
+class ExportSettings:
+    """Who publishes the export and what goes in it: the settings `export_neuronpedia` and `export_sae`
+    share. Both accept a whole `settings=ExportSettings(...)` or single fields as keywords
+    (`include_dead=True`), which win over it (`with_overrides`)."""
+
+    creator_name: str = "deception-sae-lab user"
+    creator_id: str = CREATOR_ID
+    model_id: str | None = None
+    """Neuronpedia's model id; None: `model_id_of(run_dir)`."""
+    model_owner: str | None = None
+    """Neuronpedia's required `Model.owner`; None: the model's Hub organisation, else `creator_name`."""
+    visibility: str = "PUBLIC"
+    hf_repo_id: str | None = None
+    """The Hub repository holding the SAE weights, if published there."""
+    include_weights: bool = True
+    include_dead: bool = False
+    """Also export the features that fire nowhere (completions or corpus)."""
+
+    def __post_init__(self) -> None:
+        if self.visibility not in VISIBILITIES:
+            raise ValueError(
+                f"visibility={self.visibility!r}: Neuronpedia's Visibility is one of {VISIBILITIES}"
+            )
+
+    def with_overrides(self, overrides: dict[str, Any]) -> ExportSettings:
+        """These settings with the fields named in `overrides` replaced; an unknown name is an error
+        listing the known ones."""
+        names = [f.name for f in fields(self)]
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments {unknown}: the export settings are {names}")
+        return replace(self, **overrides)
+
+
 def export_sae(
     run_dir: str | os.PathLike,
     sae_id: str,
     *,
     release: str,
-    creator_name: str,
-    creator_id: str = CREATOR_ID,
-    model_id: str | None = None,
-    model_owner: str | None = None,
-    visibility: str = "PUBLIC",
-    hf_repo_id: str | None = None,
-    include_weights: bool = True,
-    include_dead: bool = False,
+    settings: ExportSettings | None = None,
+    **overrides: Any,
 ) -> Path:
     """Export one SAE whose explorer data are complete (module doc); returns its source folder. Features that
-    fire nowhere (completions or corpus) are left out unless `include_dead`."""
-    if visibility not in VISIBILITIES:
-        raise ValueError(f"visibility={visibility!r}: Neuronpedia's Visibility is one of {VISIBILITIES}")
+    fire nowhere (completions or corpus) are left out unless `include_dead`. `settings` (default
+    `ExportSettings()`), or any of its fields as keywords."""
+    s = (settings or ExportSettings()).with_overrides(overrides)
+    creator_name, creator_id, model_id, model_owner = s.creator_name, s.creator_id, s.model_id, s.model_owner
+    visibility, hf_repo_id, include_weights, include_dead = (
+        s.visibility,
+        s.hf_repo_id,
+        s.include_weights,
+        s.include_dead,
+    )
     run_dir = Path(run_dir)
     info = sae_info(run_dir, sae_id)
     recorded = model_record(run_dir, required=False)
@@ -952,20 +989,18 @@ def export_neuronpedia(
     sae_ids: list[str],
     *,
     release: str | None = None,
-    creator_name: str = "deception-sae-lab user",
-    creator_id: str = CREATOR_ID,
-    model_id: str | None = None,
-    model_owner: str | None = None,
-    visibility: str = "PUBLIC",
-    hf_repo_id: str | None = None,
-    include_weights: bool = True,
-    include_dead: bool = False,
+    settings: ExportSettings | None = None,
+    **overrides: Any,
 ) -> list[dict[str, Any]]:
     """Export the SAEs `sae_ids` (their explorer data must be complete), validate every source folder,
     and write the README; returns one summary row per SAE (an SAE where no feature fires gets a row saying
     so, `source` None, and no folder). `release` defaults to `release_name_of` (unique
     per user and run); `model_owner` (Neuronpedia's required `Model.owner`) to the model's Hub organisation,
-    else `creator_name`."""
+    else `creator_name`. `settings` (default `ExportSettings()`), or any of its fields as keywords
+    (`creator_name=...`, `include_dead=True`)."""
+    settings = (settings or ExportSettings()).with_overrides(overrides)
+    creator_name, creator_id, model_id = settings.creator_name, settings.creator_id, settings.model_id
+    model_owner, visibility, include_dead = settings.model_owner, settings.visibility, settings.include_dead
     if not sae_ids:
         raise ValueError("sae_ids is empty: pass the SAEs to export (build_explorer's rows name them)")
     release = release or release_name_of(run_dir, sae_ids, creator_name)
@@ -996,14 +1031,8 @@ def export_neuronpedia(
             run_dir,
             sid,
             release=release,
-            creator_name=creator_name,
-            creator_id=creator_id,
-            model_id=model_id,
+            settings=settings,
             model_owner=owner,
-            visibility=visibility,
-            hf_repo_id=hf_repo_id,
-            include_weights=include_weights,
-            include_dead=include_dead,
         )
         counts = validate_export(folder)
         batches = neuronpedia_dir(run_dir) / UPLOAD_BATCH / folder.parent.name / folder.name

@@ -603,25 +603,50 @@ def export_sparsify_tokens(
     return manifest
 
 
+@dataclasses.dataclass(frozen=True)
+class SparsifySettings:
+    """How sparsify trains (its own CLI's arguments): given whole to `sparsify_command` as
+    `settings=SparsifySettings(...)` or as single fields (`n_gpus=8`, `k=64`)."""
+
+    n_gpus: int = 1
+    """GPUs on this machine; more than one launches through `torchrun`."""
+    k: int = 32
+    expansion_factor: int = 8
+    batch_size: int = 8
+    save_dir: str = "sparsify_out"
+    run_name: str = "run"
+
+    def __post_init__(self) -> None:
+        if self.n_gpus < 1:
+            raise ValueError(f"n_gpus must be at least 1, got {self.n_gpus}")
+
+    def with_overrides(self, overrides: dict[str, Any]) -> SparsifySettings:
+        """These settings with the fields named in `overrides` replaced; an unknown name is an error
+        listing the known ones."""
+        names = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments {unknown}: the sparsify settings are {names}")
+        return dataclasses.replace(self, **overrides)
+
+
 def sparsify_command(
     model: str,
     tokens_path: str | os.PathLike,
     layers: list[int],
     *,
     ctx_len: int,
-    n_gpus: int = 1,
-    k: int = 32,
-    expansion_factor: int = 8,
-    batch_size: int = 8,
-    save_dir: str = "sparsify_out",
-    run_name: str = "run",
+    settings: SparsifySettings | None = None,
+    **overrides: Any,
 ) -> str:
     """The shell command that trains sparsify's TopK SAEs at `layers` (our `blocks.{i}.hook_resid_post` is
     the output of `transformer.h[i]`: sparsify's hookpoint `h.{i}` of the base model) on `n_gpus` GPUs,
     through `python -m helpers.saes.sparsify_main` (sparsify's own CLI once our nanochat class is
-    registered, with bf16 off on GPUs without it, e.g. a T4)."""
-    if n_gpus < 1:
-        raise ValueError(f"n_gpus must be at least 1, got {n_gpus}")
+    registered, with bf16 off on GPUs without it, e.g. a T4). `settings` (default `SparsifySettings()`),
+    or any of its fields as keywords."""
+    s = (settings or SparsifySettings()).with_overrides(overrides)
+    n_gpus, k, expansion_factor, batch_size = s.n_gpus, s.k, s.expansion_factor, s.batch_size
+    save_dir, run_name = s.save_dir, s.run_name
     launch = "python -m" if n_gpus == 1 else f"torchrun --nproc_per_node {n_gpus} -m"
     hooks_ = " ".join(f"h.{i}" for i in layers)
     return (
@@ -684,6 +709,7 @@ __all__ = [
     "export_sparsify_tokens",
     "import_sparsify_sae",
     "sparsify_command",
+    "SparsifySettings",
     "Selection",
     "check_saelens_version",
     "export_saelens_cache",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 import json
 import os
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,40 @@ from helpers.steer import directions as steering
 MODES = ("add", "clamp")
 PANEL_SAMPLING = SamplingSettings(temperature=0.7, max_new_tokens=48, seed=0, batch_size=1)
 """The panels' sampling defaults: short answers at a moderate temperature, one at a time."""
+
+
+@dataclass(frozen=True)
+class PairSettings:
+    """How `generate_pair` steers: the system prompt, the edit (`mode`) and the unit its strength counts
+    in. Given whole (`pair=PairSettings(...)`) or as single fields (`mode="clamp"`, `unit=3.0`)."""
+
+    system: str | None = None
+    mode: str = "add"
+    """"add" adds the feature's decoder direction; "clamp" sets the latent on every token."""
+    unit: float = 1.0
+    """What strength 1 means, as a residual norm (`steering.residual_norm(run_dir, layer)`)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+
+
+def split_overrides(
+    overrides: dict[str, Any], pair: PairSettings, sampling: SamplingSettings
+) -> tuple[PairSettings, SamplingSettings]:
+    """`pair` and `sampling` with the fields named in `overrides` replaced, each name going to the
+    settings that has it; an unknown name is an error listing both sets of names."""
+    pair_names = [f.name for f in fields(pair)]
+    sampling_names = [f.name for f in fields(sampling)]
+    unknown = sorted(set(overrides) - set(pair_names) - set(sampling_names))
+    if unknown:
+        raise TypeError(
+            f"unexpected keyword arguments {unknown}: the pair settings are {pair_names}, "
+            f"the sampling settings {sampling_names}"
+        )
+    pair = replace(pair, **{k: v for k, v in overrides.items() if k in pair_names})
+    rest = {k: v for k, v in overrides.items() if k not in pair_names}
+    return pair, sampling.with_overrides(rest)
 
 
 def feature_options(run_dir: str | os.PathLike, sae_id: str, top: int = 50) -> list[tuple[str, int]]:
@@ -54,9 +89,7 @@ def generate_pair(
     strength: float,
     prompt: str,
     *,
-    system: str | None = None,
-    mode: str = "add",
-    unit: float = 1.0,
+    pair: PairSettings | None = None,
     sampling: SamplingSettings = PANEL_SAMPLING,
     **overrides: Any,
 ) -> dict[str, Any]:
@@ -66,15 +99,16 @@ def generate_pair(
     `unit=steering.residual_norm(run_dir, layer)`: the typical residual norm). Mode "add" adds
     strength · unit · W_dec[f]/|W_dec[f]| at the SAE's layer; mode "clamp" sets latent f to
     strength · unit / |W_dec[f]| on every token (the error term is kept in both). `sampling` (default
-    `PANEL_SAMPLING`), or any of its fields as keywords (`max_new_tokens=32`), sets how both are drawn."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    `PANEL_SAMPLING`), or any of its fields as keywords (`max_new_tokens=32`), sets how both are drawn;
+    `pair` (default `PairSettings()`: no system prompt, mode "add", unit 1), or its fields as keywords
+    (`system=...`, `mode="clamp"`, `unit=...`), how the steered one is made."""
+    how, settings = split_overrides(overrides, pair or PairSettings(), sampling)
+    system, mode, unit = how.system, how.mode, how.unit
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty: type a question for the model")
     steering.check_sae_matches(sae, lm, sae.layer)
     direction = steering.feature_direction(sae, feature)  # also the index check that names d_sae
     prompts = [("panel", prompt, system or None)]
-    settings = sampling.with_overrides(overrides)
     unsteered = sample_completions(lm, prompts, n_per_prompt=1, sampling=settings)[0].completion
     if mode == "add":
         ctx = steering.steer(lm, sae.layer, direction, strength, scale=unit)
