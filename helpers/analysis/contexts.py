@@ -31,6 +31,7 @@ import torch
 from helpers.analysis.windows import ContextConfig, Doc, Largest, WindowSelection, split_sides
 from helpers.collect.store import LayerStore
 from helpers.model.hooks import hook_name, run_with_capture
+from helpers.model.protocols import EncodingSAE, HookableModel
 
 OPEN, CLOSE = "<<", ">>"
 KINDS = ("activating", "non_activating", "hard_negative")
@@ -59,7 +60,7 @@ class FeatureContexts:
         return cls(**d)
 
 
-def check_sae_fits(sae: Any, d_model: int) -> None:
+def check_sae_fits(sae: EncodingSAE, d_model: int) -> None:
     if int(sae.d_in) != int(d_model):
         raise ValueError(
             f"the SAE reads vectors of d_in={sae.d_in} but these activations have d_model={d_model}: "
@@ -92,7 +93,7 @@ def docs_for(store: LayerStore, records: Sequence[dict[str, Any]]) -> list[Doc]:
 
 
 def iter_token_acts(
-    store: LayerStore, sae: Any, docs: Sequence[Doc], *, batch_tokens: int = 1024
+    store: LayerStore, sae: EncodingSAE, docs: Sequence[Doc], *, batch_tokens: int = 1024
 ) -> Iterator[tuple[list[Doc], torch.Tensor, torch.Tensor]]:
     """(docs, acts, pre) per chunk of whole completions, in `docs` order: acts and pre-activations
     [sum of the docs' n, d_sae] float32 on the SAE's device, completion tokens only."""
@@ -184,7 +185,7 @@ def window_record(
 
 def build_contexts(
     store: LayerStore,
-    sae: Any,
+    sae: EncodingSAE,
     records: Sequence[dict[str, Any]],
     features: Sequence[int],
     tokenizer: Any,
@@ -273,7 +274,7 @@ def build_contexts(
 
 
 def feature_activation_over_text(
-    lm: Any, sae: Any, layer: int, text: str, *, features: Sequence[int] | None = None
+    lm: HookableModel, sae: EncodingSAE, layer: int, text: str, *, features: Sequence[int] | None = None
 ) -> tuple[list[str], np.ndarray]:
     """(token pieces, acts [n_tokens, d_sae] or [n_tokens, len(features)]) of `text` run through
     `lm` (a LoadedModel) and encoded by `sae` at `blocks.{layer}.hook_resid_post`: a token heatmap."""

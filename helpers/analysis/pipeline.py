@@ -28,6 +28,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -68,6 +69,7 @@ from helpers.collect.datasets import dataset_of, read_datasets
 from helpers.collect.store import LayerStore
 from helpers.gemini import GeminiClient
 from helpers.model.load import load_tokenizer
+from helpers.model.protocols import EncodingSAE
 from helpers.run import (
     SAE_METRICS,
     atomic_write_json,
@@ -97,6 +99,62 @@ SAE_POOLING = {
     "last": "SAE activations at the completion's last token",
 }
 NOT_LABELLED = "not labelled yet (run label_features)"
+
+
+@dataclass(frozen=True)
+class ProbeTableSettings:
+    """How `probe_table` pools, cross-validates and tests. A whole `settings=ProbeTableSettings(...)` or
+    single fields as keywords (`n_folds=4`), which win over it (`with_overrides`)."""
+
+    pooling: Pooling = "mean"
+    """Per completion: the mean over its tokens, or its last token (`SAE_POOLING`)."""
+    n_folds: int = 5
+    """Grouped cross-validation folds."""
+    n_permutations: int = 200
+    """Label permutations for each full-statistics probe's p-value."""
+    n_bootstrap: int = 200
+    """Refitted cluster-bootstrap draws for the CIs."""
+    n_directions: int = 20
+    """Random directions of the random-direction control."""
+    seed: int = 0
+    """Seeds folds, permutations, draws, random directions and random SAEs."""
+    control_fpr: float = CONTROL_FPR
+    """False-positive rate on the control set that sets the transfer threshold (detection.py)."""
+    random_variant: str = "frozen_encoder"
+    """Which random-weight SAE is each SAE's control (`saes.random_control.VARIANTS`)."""
+    calibration_tokens: int = 20_000
+    """Tokens the random SAE is calibrated on (its L0)."""
+    sweep_bootstrap: int | None = 50
+    """Refitted draws of the layer sweep (None: no sweep)."""
+
+    def __post_init__(self) -> None:
+        if self.pooling not in SAE_POOLING:
+            raise ValueError(f"pooling must be one of {sorted(SAE_POOLING)}, got {self.pooling!r}")
+
+    def with_overrides(self, overrides: dict[str, Any]) -> ProbeTableSettings:
+        """These settings with the fields named in `overrides` replaced (unknown names are refused)."""
+        return probes.with_overrides(self, overrides, "probe table settings")
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """How `feature_table` chooses and tests features. A whole `settings=FeatureSettings(...)` or single
+    fields as keywords (`k=5`), which win over it (`with_overrides`)."""
+
+    k: int = 20
+    """Features chosen per SAE."""
+    seed: int = 0
+    """Seeds the split of prompt groups, the permutations, the control features and the windows."""
+    test_fraction: float = 0.5
+    """Share of the prompt groups the chosen features are tested on."""
+    n_permutations: int = 2000
+    """Label permutations per feature test."""
+    n_controls: int = 2
+    """Random live features given windows too (the autointerp baseline)."""
+
+    def with_overrides(self, overrides: dict[str, Any]) -> FeatureSettings:
+        """These settings with the fields named in `overrides` replaced (unknown names are refused)."""
+        return probes.with_overrides(self, overrides, "feature settings")
 
 
 def labelled_docs(
@@ -164,7 +222,7 @@ def reserved_rows(
 
 def _pooled_sae_acts(
     store: LayerStore,
-    sae: Any,
+    sae: EncodingSAE,
     docs: Sequence[Doc],
     pooling: Pooling,
     out: np.ndarray,
@@ -193,7 +251,7 @@ def _pooled_sae_acts(
 
 def sae_completion_acts(
     store: LayerStore,
-    sae: Any,
+    sae: EncodingSAE,
     docs: Sequence[Doc],
     *,
     pooling: Pooling = "mean",
@@ -206,7 +264,7 @@ def sae_completion_acts(
 
 def _sae_features(
     store: LayerStore,
-    sae: Any,
+    sae: EncodingSAE,
     docs: Sequence[Doc],
     pooling: Pooling,
     batch_tokens: int,
@@ -331,17 +389,9 @@ def probe_table(
     layers: Sequence[int],
     sae_folders: Sequence[str | os.PathLike] = (),
     *,
-    pooling: Pooling = "mean",
-    n_folds: int = 5,
-    n_permutations: int = 200,
-    n_bootstrap: int = 200,
-    n_directions: int = 20,
-    seed: int = 0,
+    settings: ProbeTableSettings | None = None,
     batch_tokens: int = 1024,
-    control_fpr: float = CONTROL_FPR,
-    random_variant: str = "frozen_encoder",
-    calibration_tokens: int = 20_000,
-    sweep_bootstrap: int | None = 50,
+    **overrides: Any,
 ) -> list[dict[str, Any]]:
     """Probe rows for `layers` and the SAEs in `sae_folders` (each must read one of `layers`); everything
     is written to `run_dir/probes.json`.
@@ -359,9 +409,11 @@ def probe_table(
     the L0 of the sparsest one on the probed tokens (paired test, Holm over all pairs). `layer_sweep`:
     `layer_sweep` with `sweep_bootstrap` refitted draws (None: no sweep). A layer whose training rows hold
     one class (or none) gets a raw row saying why (`why`; its SAEs are skipped with it) and the others
-    go on."""
-    if pooling not in SAE_POOLING:
-        raise ValueError(f"pooling must be one of {sorted(SAE_POOLING)}, got {pooling!r}")
+    go on. `settings` (default `ProbeTableSettings()`), or any of its fields as keywords; `batch_tokens`
+    bounds the tokens the SAE encodes at once."""
+    st = (settings or ProbeTableSettings()).with_overrides(overrides)
+    pooling, n_folds, seed, n_directions = st.pooling, st.n_folds, st.seed, st.n_directions
+    control_fpr, random_variant = st.control_fpr, st.random_variant
     run_dir, layers = Path(run_dir), [int(layer) for layer in layers]
     saes = [load_sae(f) for f in sae_folders]
     for s in saes:
@@ -369,7 +421,7 @@ def probe_table(
             raise ValueError(f"SAE {s.sae_id} reads layer {s.layer}, which is not in layers={layers}: add it")
     roles = dataset_roles(run_dir)
     texts = {r["id"]: r.get("completion") or "" for r in read_completions(run_dir)}
-    common = dict(n_folds=n_folds, seed=seed, n_permutations=n_permutations, n_bootstrap=n_bootstrap)
+    common = dict(n_folds=n_folds, seed=seed, n_permutations=st.n_permutations, n_bootstrap=st.n_bootstrap)
     light = dict(n_folds=n_folds, seed=seed, n_permutations=0, n_bootstrap=0)
     rows: list[dict[str, Any]] = []
     transfer: list[dict[str, Any]] = []
@@ -519,7 +571,7 @@ def probe_table(
             )
             transfer += transfer_rows(fitted(Xs), lr.sets, reader("sae", **info), fpr=control_fpr)
             bar.update()
-            calib = _calibration_tokens(store, lr.docs, calibration_tokens, seed)
+            calib = _calibration_tokens(store, lr.docs, st.calibration_tokens, seed)
             rand = random_sae_like(s.sae, calib, variant=random_variant, seed=seed)
             Xr, rand_l0 = _sae_features(store, rand, lr.docs, pooling, batch_tokens)
             rres = probes.probe(Xr[tr], y, groups, prompts=prompts, name=f"random {sid}", **light)
@@ -541,7 +593,7 @@ def probe_table(
         pairs += _sae_pairs(store, sae_feats, lr, tr, pooling, batch_tokens, layer, light)
     bar.close()
     rows += _ensemble_rows(
-        per_layer, transfer, control_fpr, n_folds=n_folds, seed=seed, n_bootstrap=n_bootstrap
+        per_layer, transfer, control_fpr, n_folds=n_folds, seed=seed, n_bootstrap=st.n_bootstrap
     )
     tests = [r["vs_raw"] for r in rows if r["kind"] == "sae"]
     for cmp, adjusted in zip(tests, holm([c["p_value"] for c in tests]), strict=True):
@@ -550,13 +602,13 @@ def probe_table(
         if r["kind"] == "sae":
             r["verdict"] = _verdict(r["vs_raw"])
     sweep = None
-    if sweep_bootstrap is not None:
+    if st.sweep_bootstrap is not None:
         sweep = layer_sweep(
             run_dir,
             pooling=pooling,
             n_folds=n_folds,
             seed=seed,
-            n_bootstrap=sweep_bootstrap,
+            n_bootstrap=st.sweep_bootstrap,
             control_fpr=control_fpr,
         )
     for cmp, adjusted in zip(pairs, holm([c["p_value"] for c in pairs]), strict=True):
@@ -824,15 +876,12 @@ def feature_table(
     run_dir: str | os.PathLike,
     sae_folder: str | os.PathLike,
     *,
-    k: int = 20,
-    seed: int = 0,
+    settings: FeatureSettings | None = None,
     tokenizer: Any = None,
-    test_fraction: float = 0.5,
-    n_permutations: int = 2000,
-    n_controls: int = 2,
     context_config: ContextConfig | None = None,
     batch_tokens: int = 1024,
     overwrite: bool = False,
+    **overrides: Any,
 ) -> list[dict[str, Any]]:
     """The top-k features of one SAE chosen on one half of the prompt groups and tested on the other
     (features.select_and_report), with firing rates and example windows; written to
@@ -841,7 +890,10 @@ def feature_table(
     descriptive); the example windows come from every stored completion, labelled or not (the labels
     never choose or show a window). A complete file made with the same k, seed and test is reused
     (explanations included) unless `overwrite`. `n_controls` random live features get windows too, in
-    `features/{sae_id}.controls.json`: their explanations are label_features' baseline."""
+    `features/{sae_id}.controls.json`: their explanations are label_features' baseline. `settings`
+    (default `FeatureSettings()`), or any of its fields as keywords."""
+    st = (settings or FeatureSettings()).with_overrides(overrides)
+    k, seed, test_fraction = st.k, st.seed, st.test_fraction
     run_dir, loaded = Path(run_dir), load_sae(sae_folder)
     sae, sae_id = loaded.sae, loaded.sae_id
     path = features_path(run_dir, sae_id)
@@ -877,10 +929,10 @@ def feature_table(
         prompts=prompts,
         k=k,
         test_fraction=test_fraction,
-        n_permutations=n_permutations,
+        n_permutations=st.n_permutations,
         seed=seed,
     )
-    controls = control_features(means, [r["feature"] for r in rows], n_controls, seed)
+    controls = control_features(means, [r["feature"] for r in rows], st.n_controls, seed)
     cfg = context_config or ContextConfig(seed=seed, batch_tokens=batch_tokens)
     contexts = build_contexts(
         store,

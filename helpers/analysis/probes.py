@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from typing import Any
 
@@ -45,6 +45,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import ThreadpoolController
 
 from helpers.analysis import logistic
+from helpers.model.protocols import EncodingSAE
 from helpers.run import jsonable
 from helpers.stats import (
     auroc_rows,
@@ -62,6 +63,38 @@ from helpers.stats import (
 
 _THREADS = ThreadpoolController()  # inspected once: each threadpool_limits() call rescans the libraries
 CI_METHOD = "95% percentile cluster bootstrap over prompt groups, probe refitted in every draw"
+
+
+def with_overrides(settings: Any, overrides: dict[str, Any], what: str) -> Any:
+    """`settings` (a frozen dataclass) with the fields named in `overrides` replaced; an unknown name is
+    an error listing the known ones (`what` names the settings in it)."""
+    names = [f.name for f in fields(settings)]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {unknown}: the {what} are {names}")
+    return replace(settings, **overrides)
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How a probe is cross-validated and tested (`bag_of_words_probe`; `probe` takes the same names as
+    keywords). A whole `settings=ProbeSettings(...)` or single fields as keywords (`n_folds=4`), which
+    win over it."""
+
+    n_folds: int = 5
+    """Grouped cross-validation folds."""
+    seed: int = 0
+    """Seeds the folds, the permutations and the bootstrap draws."""
+    n_permutations: int = 200
+    """Label permutations for the p-value (0: none)."""
+    n_bootstrap: int = 200
+    """Refitted cluster-bootstrap draws for the CIs (0: none)."""
+    C: float = 1.0
+    """Inverse L2 penalty of the logistic regression."""
+
+    def with_overrides(self, overrides: dict[str, Any]) -> ProbeSettings:
+        """These settings with the fields named in `overrides` replaced (unknown names are refused)."""
+        return with_overrides(self, overrides, "probe settings")
 
 
 @dataclass
@@ -149,30 +182,29 @@ def bag_of_words_probe(
     groups: Sequence,
     *,
     prompts: Sequence | None = None,
-    n_folds: int = 5,
-    seed: int = 0,
-    n_permutations: int = 200,
-    n_bootstrap: int = 200,
-    C: float = 1.0,
+    settings: ProbeSettings | None = None,
     name: str = "bag_of_words",
     top_terms: int = 10,
+    **overrides: Any,
 ) -> ProbeResult:
     """The surface-wording control: a probe on which words and word pairs a completion contains
     (binary unigrams + bigrams seen in >= 2 training texts, scaled to unit variance like the activation
     probe's inputs, so the L2 penalty treats every term alike), fitted inside each training fold. If it
     matches the activation probe, the activations may only be reading wording. `details["top_terms"]`
-    lists the terms a fit on all rows weighs most per class (descriptive: what gives the label away)."""
+    lists the terms a fit on all rows weighs most per class (descriptive: what gives the label away).
+    `settings` (default `ProbeSettings()`), or any of its fields as keywords."""
+    s = (settings or ProbeSettings()).with_overrides(overrides)
     texts = list(texts)
     if len(texts) != len(y):
         raise ValueError(f"{len(texts)} texts but {len(y)} labels: pass one text per labelled completion")
 
     vectorise = partial(bag_of_words_design, texts)
     result = _cross_validate(
-        vectorise, y, groups, prompts, n_folds, seed, n_permutations, n_bootstrap, C, name
+        vectorise, y, groups, prompts, s.n_folds, s.seed, s.n_permutations, s.n_bootstrap, s.C, name
     )
     everything = np.arange(len(texts))
     Z, _, vec = vectorise(everything, everything)
-    W, c = logistic.fit(Z, result.labels[None], logistic.balanced_weights(result.labels), C)
+    W, c = logistic.fit(Z, result.labels[None], logistic.balanced_weights(result.labels), s.C)
     # Back from SVD coordinates Z = Z_terms V (columns of squared norm S^2) to one weight per term:
     # V w = Z_terms^T Z (w / S^2).
     Z_terms = StandardScaler(with_mean=False).fit_transform(vec.transform(texts))
@@ -282,7 +314,7 @@ def compare_paired(a: ProbeResult, b: ProbeResult) -> dict:
     }
 
 
-def sae_features(sae: Any, X: np.ndarray | torch.Tensor, batch_size: int = 4096) -> np.ndarray:
+def sae_features(sae: EncodingSAE, X: np.ndarray | torch.Tensor, batch_size: int = 4096) -> np.ndarray:
     """SAE feature activations [n, d_sae] (float32) of vectors X [n, d_in], encoded in batches.
 
     Encoding a mean-pooled vector is not the mean of per-token feature activations (the encoder is
