@@ -25,6 +25,8 @@ from helpers.collect import corpus, documents
 from helpers.collect.corpus import (
     BUILTIN_CORPUS,
     BUILTIN_PATH,
+    CorpusReading,
+    CorpusStorage,
     CorpusStream,
     Packing,
     collect_corpus,
@@ -215,6 +217,19 @@ def test_a_budget_beyond_the_free_disk_is_refused_before_any_work(offline_lm, tm
     with pytest.raises(OSError, match=r"~2\.1 GiB but 1\.0 GiB is free.*stream the corpus"):
         collect_corpus(offline_lm, BUILTIN_CORPUS, [LAYER, 5], tmp_path, max_tokens=1_000_000)
     assert not list(tmp_path.rglob("shard_*")), "nothing written"
+
+
+def test_corpus_settings_come_whole_or_as_keywords_and_unknown_names_are_refused(offline_lm, tmp_path):
+    reading, storage = corpus.split_corpus_overrides(
+        {"seq_len": 32, "overwrite": True}, CorpusReading(batch_size=4), CorpusStorage(shard_tokens=100)
+    )
+    assert reading == CorpusReading(seq_len=32, batch_size=4)
+    assert storage == CorpusStorage(shard_tokens=100, overwrite=True)
+    with pytest.raises(
+        TypeError, match=r"\['shards'\]: the corpus reading settings are .* the storage settings"
+    ):
+        collect_corpus(offline_lm, BUILTIN_CORPUS, [LAYER], tmp_path, max_tokens=100, shards=10)
+    assert not list(tmp_path.rglob("*")), "nothing written"
 
 
 def test_the_stream_serves_the_stored_training_tokens_from_a_bounded_buffer(offline_lm, tmp_path, fake_hub):

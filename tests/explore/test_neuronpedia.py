@@ -17,6 +17,7 @@ from helpers.explore.neuronpedia import (
     SCHEMA_SOURCE,
     UPLOAD_SCHEMA,
     UPLOAD_SOURCE,
+    ExportSettings,
     export_neuronpedia,
     release_name_of,
     set_id_of,
@@ -214,6 +215,15 @@ def test_a_visibility_outside_the_enum_is_refused(run, exported, tmp_path):
     assert "'visibility' is 'public', needs one of ['PUBLIC', 'UNLISTED', 'PRIVATE']" in text
     with pytest.raises(ValueError, match="visibility='open'"):
         export_neuronpedia(run, [SAE_ID], visibility="open", include_weights=False)
+
+
+def test_export_settings_come_whole_or_as_keywords_and_unknown_names_are_refused(run, exported):
+    settings = ExportSettings(creator_name="tester").with_overrides({"include_dead": True})
+    assert (settings.creator_name, settings.include_dead, settings.visibility) == ("tester", True, "PUBLIC")
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(TypeError, match=r"\['creator'\]: the export settings are \['creator_name', "):
+        export_neuronpedia(run, [SAE_ID], creator="tester")
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before, "nothing written"
 
 
 def test_release_name_is_unique_per_user_and_run(run, exported):

@@ -32,9 +32,11 @@ from helpers.saes import handoff
 from helpers.saes.handoff import (
     EXPORT_MANIFEST,
     Selection,
+    SparsifySettings,
     check_saelens_version,
     export_saelens_cache,
     import_saelens_sae,
+    sparsify_command,
     store_batches,
 )
 from helpers.saes.io import load_sae
@@ -283,3 +285,13 @@ def test_bad_input_is_refused_and_nothing_is_overwritten(run, tmp_path):
     (tmp_path / "future" / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="sae_lens 7.2.0"):
         import_saelens_sae(tmp_path / "future", sel)
+
+
+def test_sparsify_settings_come_whole_or_as_keywords_and_unknown_names_are_refused():
+    whole = sparsify_command("m", "t.bin", [1], ctx_len=64, settings=SparsifySettings(n_gpus=2, k=64))
+    assert whole == sparsify_command("m", "t.bin", [1], ctx_len=64, n_gpus=2, k=64)
+    assert whole.startswith("torchrun --nproc_per_node 2 -m") and " --k 64 --expansion_factor 8 " in whole
+    with pytest.raises(ValueError, match="n_gpus must be at least 1"):
+        sparsify_command("m", "t.bin", [1], ctx_len=64, n_gpus=0)
+    with pytest.raises(TypeError, match=r"\['kk'\]: the sparsify settings are \['n_gpus', 'k', "):
+        sparsify_command("m", "t.bin", [1], ctx_len=64, kk=64)

@@ -10,8 +10,8 @@ import pytest
 from helpers.model.hooks import hook_name
 from helpers.saes import TopKSAE
 from helpers.saes.io import load_sae, save_sae
-from helpers.steer.panel import feature_options, generate_pair, steering_panel
-from tests.conftest import tiny_chat_llama
+from helpers.steer.panel import PairSettings, feature_options, generate_pair, steering_panel
+from tests.widgets import find, widgets_of
 
 # The widgets and traits that ipywidgets 7.x (Colab) and 8.x both have; the panel must use no others.
 COMMON_WIDGETS = {"Dropdown", "BoundedIntText", "FloatSlider", "Textarea", "Button", "HTML", "HBox", "VBox"}
@@ -19,11 +19,6 @@ SAE_ID = "tiny_topk_L1_mixed"
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny(offline_lm):
-    return tiny_chat_llama(offline_lm.tokenizer)
 
 
 @pytest.fixture()
@@ -49,18 +44,6 @@ def run(tmp_path):
     return tmp_path
 
 
-def widgets_of(box) -> list:
-    out = [box]
-    for child in getattr(box, "children", ()):
-        out += widgets_of(child)
-    return out
-
-
-def find(box, cls: str, description: str | None = None):
-    hits = [w for w in widgets_of(box) if type(w).__name__ == cls and description in (None, w.description)]
-    return hits
-
-
 def test_feature_options_show_explanations_in_rank_order(run):
     assert feature_options(run, SAE_ID) == [
         ("#30  d=+1.25  denies <the> secret", 30),
@@ -80,6 +63,10 @@ def test_generate_pair_same_seed_and_steering_changes_text(tiny, run):
     assert clamped["steered"] != clamped["unsteered"]
     with pytest.raises(ValueError, match="mode must be one of"):
         generate_pair(tiny, sae, 30, 1.0, "hi", mode="replace")
+    with pytest.raises(TypeError, match=r"\['modes'\]: the pair settings are \['system', 'mode', 'unit'\]"):
+        generate_pair(tiny, sae, 30, 1.0, "hi", modes="clamp")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        generate_pair(tiny, sae, 30, 1.0, "hi", pair=PairSettings(mode="clamp"), mode="replace")
     with pytest.raises(IndexError, match="d_sae=48"):
         generate_pair(tiny, sae, 48, 1.0, "hi")
     wrong = load_sae(
