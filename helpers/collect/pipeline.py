@@ -50,6 +50,7 @@ from helpers.collect.prompts import (
 from helpers.collect.sampling import Completion, sample_completions
 from helpers.env import get_secret
 from helpers.gemini import GeminiClient
+from helpers.model.protocols import HookableModel
 from helpers.run import (
     activations_dir,
     check_stage_settings,
@@ -313,7 +314,7 @@ def completion_record(c: Completion, p: Prompt) -> dict[str, Any]:
 
 
 def sample_into_run(
-    lm: Any,
+    lm: HookableModel,
     prompts: list[Prompt],
     run_dir: str | os.PathLike,
     *,

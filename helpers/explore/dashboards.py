@@ -60,6 +60,7 @@ from helpers.explore.accumulate import (
     quantile_edges,
 )
 from helpers.explore.decoder import Unembedding, logit_summary, nearest_rows
+from helpers.model.protocols import EncodingSAE
 from helpers.run import corpus_dir, features_path, model_record, model_short, read_jsonl, read_run_json
 from helpers.saes.io import LoadedSAE
 
@@ -314,7 +315,7 @@ def _doc_chunks(docs: Sequence[Doc], batch_tokens: int) -> list[list[Doc]]:
 
 
 def encoded_chunks(
-    store: LayerStore, sae: Any, docs: Sequence[Doc], batch_tokens: int
+    store: LayerStore, sae: EncodingSAE, docs: Sequence[Doc], batch_tokens: int
 ) -> Iterator[tuple[list[Doc], torch.Tensor]]:
     """(docs, acts) per run of whole documents of `docs` (`_doc_chunks`), in order: the SAE's activations
     [sum of the docs' n, d_sae] float32 on its device, the same as `iter_token_acts` gives. The store's
@@ -348,7 +349,7 @@ def _nonzero(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 def feature_pass(
     store: LayerStore,
-    sae: Any,
+    sae: EncodingSAE,
     docs: Sequence[Doc],
     cfg: ExplorerConfig,
     *,
@@ -418,7 +419,7 @@ def feature_pass(
 
 
 def _corpus_pass(
-    corpus: LayerStore, sae: Any, device: torch.device, docs: list[Doc], cfg: ExplorerConfig, bar: Any
+    corpus: LayerStore, sae: EncodingSAE, device: torch.device, docs: list[Doc], cfg: ExplorerConfig, bar: Any
 ) -> CorpusPass:
     """The corpus part of `feature_pass`: each sequence of `docs` encoded once, in store order."""
     n_feat = int(sae.d_sae)

@@ -26,6 +26,7 @@ from helpers.collect.sampling import sample_next
 from helpers.explore.meter import DeceptionMeter
 from helpers.model.chat import cache_kwarg, encode_chat, stop_token_ids
 from helpers.model.hooks import capture, hook_name, run_with_capture
+from helpers.model.protocols import HookableModel
 from helpers.saes.io import LoadedSAE
 from helpers.steer.directions import check_sae_matches
 
@@ -64,7 +65,7 @@ def _piece(tokenizer: Any, ids: list[int], context: int = 8) -> str:
 
 @torch.no_grad()
 def track_generation(
-    lm: Any,
+    lm: HookableModel,
     sae: LoadedSAE,
     prompt: str,
     *,
@@ -124,7 +125,7 @@ def track_generation(
 
 
 def analyse_text(
-    lm: Any, sae: LoadedSAE, text: str, *, features: Sequence[int] | None = None, top_n: int = 6
+    lm: HookableModel, sae: LoadedSAE, text: str, *, features: Sequence[int] | None = None, top_n: int = 6
 ) -> tuple[list[str], list[int], np.ndarray]:
     """(tokens, features, acts [n_tokens, len(features)]) of `text` through the model and the SAE: the
     given features, or up to `top_n` with the largest activation anywhere in the text among those that

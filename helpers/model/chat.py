@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from helpers.model.protocols import HookableModel
+
 NANOCHAT_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")
 NANOCHAT_ANSWER = ("<|assistant_start|>", "<|assistant_end|>")
 
@@ -100,7 +102,7 @@ def pad_token_id(tokenizer: Any) -> int:
 
 
 def chat(
-    lm: Any,
+    lm: HookableModel,
     user: str,
     *,
     system: str | None = None,
@@ -138,7 +140,7 @@ def chat(
     return tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
-def cache_kwarg(model: Any) -> str:
+def cache_kwarg(model: torch.nn.Module) -> str:
     """transformers renamed forward's `past_key_values` to `cache` (5.2x, the old name warns); Colab's 5.15
     and our nanochat class accept the names their signatures show."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
