@@ -118,3 +118,9 @@ def tiny_chat_llama(tokenizer):
     model = model.eval().requires_grad_(False)
     info = SimpleNamespace(spec="tiny-llama", d_model=32, n_layers=3)
     return SimpleNamespace(model=model, tokenizer=tokenizer, info=info)
+
+
+@pytest.fixture(scope="module")
+def tiny(offline_lm):
+    """`tiny_chat_llama` on the offline model's tokenizer, one per test module."""
+    return tiny_chat_llama(offline_lm.tokenizer)

@@ -477,31 +477,40 @@ def lm_loss_calibration(n_worlds: int, *, seed: int = 0, n_groups: int = 24) -> 
     return {"n_worlds": n_worlds, "n_groups": n_groups, "ci_coverage": float(np.mean(cov))}
 
 
+def fire_through_example(acts: np.ndarray, rng: np.random.Generator) -> None:
+    """Set a run of 1-4 tokens firing at 0.1-3 in a 32-token window, through the example token (24)."""
+    length = int(rng.integers(1, 5))
+    start = 24 - int(rng.integers(0, length))
+    acts[start : start + length] = rng.uniform(0.1, 3, length)
+
+
+def activating_window(window_record, i: int, tokens: list[str], acts) -> dict:
+    """Activating scoring window `a{i}` as contexts.py cuts it (the example token at 24), built with
+    `window_record` (ours, or the implementation under comparison)."""
+    return window_record(
+        tokens,
+        acts,
+        24,
+        kind="activating",
+        completion_id=f"a{i}",
+        label=None,
+        window_start=0,
+        quantile=0,
+    )
+
+
 def synthetic_feature_windows(impl, rng: np.random.Generator, feature: int, n_windows: int = 12):
     """A feature's activating scoring windows as contexts.py cuts them (32 tokens, the example token at
     24): a run of 1-4 firing tokens through the example token, and in 30% of windows a second run."""
     score = []
     for i in range(n_windows):
         acts = np.zeros(32)
-        length = int(rng.integers(1, 5))
-        start = 24 - int(rng.integers(0, length))
-        acts[start : start + length] = rng.uniform(0.1, 3, length)
+        fire_through_example(acts, rng)
         if rng.random() < 0.3:
             q = int(rng.integers(0, 20))
             acts[q : q + int(rng.integers(1, 3))] = 1.0
         tokens = [f" w{int(rng.integers(1000))}" for _ in range(32)]
-        score.append(
-            impl.window_record(
-                tokens,
-                acts,
-                24,
-                kind="activating",
-                completion_id=f"a{i}",
-                label=None,
-                window_start=0,
-                quantile=0,
-            )
-        )
+        score.append(activating_window(impl.window_record, i, tokens, acts))
     return impl.FeatureContexts(feature, 1000, 50, 3.0, list(np.linspace(0.1, 3, 11)), [], score)
 
 

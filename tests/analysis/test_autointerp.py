@@ -35,6 +35,7 @@ from tests.fake_gemini import (
     json_reply,
     text_reply,
 )
+from tests.null_worlds import activating_window, fire_through_example
 
 fake_gemini = pytest.fixture(fake_gemini_server, name="fake_gemini")
 
@@ -272,24 +273,11 @@ def multi_token_context(feature: int = 77) -> FeatureContexts:
         if i in (3, 8):
             acts[2:] = 1.0
         else:
-            length = int(rng.integers(1, 5))
-            start = 24 - int(rng.integers(0, length))
-            acts[start : start + length] = rng.uniform(0.1, 3, length)
+            fire_through_example(acts, rng)
             if i % 3 == 0:
                 acts[int(rng.integers(4, 14))] = 0.5
         tokens = [f" t{i}_{j}" for j in range(32)]
-        score.append(
-            window_record(
-                tokens,
-                acts,
-                24,
-                kind="activating",
-                completion_id=f"a{i}",
-                label=None,
-                window_start=0,
-                quantile=0,
-            )
-        )
+        score.append(activating_window(window_record, i, tokens, acts))
     for i in range(4):
         tokens = [f" n{i}_{j}" for j in range(32)]
         score.append(

@@ -31,16 +31,11 @@ from helpers.model.nanochat_gpt import NanoChatGPTConfig, NanoChatGPTForCausalLM
 from helpers.run import corpus_dir, sae_dir
 from helpers.saes import TopKSAE
 from helpers.saes.io import load_sae, save_sae
-from tests.conftest import tiny_chat_llama, tiny_model
+from tests.conftest import tiny_model
 from tests.explore.fake_run import CORPUS_SEQ_LEN, D_SAE, ELSEWHERE_ID, LAYER, OTHER_ID, SAE_ID, make_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CFG = ExplorerConfig(n_top=4, n_quantiles=3, per_quantile=2, reservoir=6, before=5, after=2, batch_tokens=64)
-
-
-@pytest.fixture(scope="module")
-def tiny(offline_lm):
-    return tiny_chat_llama(offline_lm.tokenizer)
 
 
 @pytest.fixture(scope="module")

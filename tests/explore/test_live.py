@@ -17,18 +17,12 @@ from helpers.model.hooks import hook_name, run_with_capture
 from helpers.run import sae_dir
 from helpers.saes.io import load_sae
 from helpers.steer.directions import feature_direction, steer
-from tests.conftest import tiny_chat_llama
 from tests.explore.fake_run import LAYER, SAE_ID, make_run
 
 # FutureWarning as an error: transformers' deprecations (e.g. the KV cache's keyword) once reached notebook
 # 06's output from our own decoding loop
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.filterwarnings("error::FutureWarning")]
 PROMPT = "Did you take the money from the drawer?"
-
-
-@pytest.fixture(scope="module")
-def tiny(offline_lm):
-    return tiny_chat_llama(offline_lm.tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ from helpers.explore.site import read_table
 from helpers.explore.views import default_feature, select_features
 from helpers.publish import zip_run
 from helpers.saes.hub import publish_saes
-from tests.conftest import tiny_chat_llama
 from tests.explore.fake_run import SAE_ID, make_run
+from tests.widgets import find, widgets_of
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # What ipywidgets 7.x (Colab) and 8.x both have; the panel must use no others.
@@ -38,43 +38,27 @@ COMMON_WIDGETS = {
 
 
 @pytest.fixture(scope="module")
-def tiny(offline_lm):
-    return tiny_chat_llama(offline_lm.tokenizer)
-
-
-@pytest.fixture(scope="module")
 def run(tiny, tmp_path_factory):
     root = make_run(tmp_path_factory.mktemp("panel_run"), tiny)
     build_explorer(root, lm=tiny, sae_filter="L1", config=ExplorerConfig(n_top=3, n_quantiles=2))
     return root
 
 
-def tree(box) -> list:
-    out = [box]
-    for child in getattr(box, "children", ()):
-        out += tree(child)
-    return out
-
-
 def one(box, cls: str, description: str | None = None):
-    hits = [
-        w
-        for w in tree(box)
-        if type(w).__name__ == cls and description in (None, getattr(w, "description", None))
-    ]
+    hits = find(box, cls, description)
     assert len(hits) == 1, (cls, description, len(hits))
     return hits[0]
 
 
 def shown(panel) -> str:
-    return "".join(w.value for w in tree(panel) if type(w).__name__ == "HTML")
+    return "".join(w.value for w in widgets_of(panel) if type(w).__name__ == "HTML")
 
 
 def test_panel_tabs_drive_the_explorer(run, tiny):
     panel = explorer_panel(tiny, run, sae_id=SAE_ID, prompt="Did you take it?", max_new_tokens=4)
-    assert {type(w).__name__ for w in tree(panel)} <= COMMON_WIDGETS
+    assert {type(w).__name__ for w in widgets_of(panel)} <= COMMON_WIDGETS
     status, search = panel.children[1], one(panel, "Text", "search")
-    rows = next(w for w in tree(panel) if type(w).__name__ == "HTML" and "<table" in w.value)
+    rows = next(w for w in widgets_of(panel) if type(w).__name__ == "HTML" and "<table" in w.value)
     search.value = "denial"
     assert "#5" in rows.value and rows.value.count("<tr>") == 2, "header + one matching row"
     search.value = ""

@@ -37,18 +37,12 @@ from helpers.model.hooks import hook_name
 from helpers.run import REPLACED, SAE_METRICS, explorer_dir, sae_dir
 from helpers.saes import TopKSAE
 from helpers.saes.io import save_sae
-from tests.conftest import tiny_chat_llama
 from tests.explore.fake_run import D_SAE, LAYER, OTHER_ID, SAE_ID, make_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "runs" / "ci_explorer"
 BAD = ARTIFACTS.with_name("ci_explorer_bad")
 CFG = ExplorerConfig(n_top=4, n_quantiles=3, per_quantile=2, reservoir=8, before=6, after=2)
-
-
-@pytest.fixture(scope="module")
-def tiny(offline_lm):
-    return tiny_chat_llama(offline_lm.tokenizer)
 
 
 @pytest.fixture(scope="module")

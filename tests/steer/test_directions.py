@@ -39,17 +39,11 @@ from helpers.steer.experiments import (
     run_steering_experiment,
     sample_size,
 )
-from tests.conftest import tiny_chat_llama
 
 LAYER = 10
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny(offline_lm):
-    return tiny_chat_llama(offline_lm.tokenizer)
 
 
 def ids_for(lm, text="Did you break the vase? Tell me honestly."):
@@ -326,15 +320,20 @@ def fake_row(name, kind, per_prompt, strength=4.0, ppl=10.0, n=4, per_scenario=1
     }
 
 
-def test_compare_to_controls_reports_effects_and_nulls_plainly():
-    rows = [
+def control_rows() -> list[dict]:
+    """No steering, the two random controls, a feature that makes every answer deceptive (less fluent)
+    and one at the random feature's rate."""
+    return [
         fake_row("none", "none", [0] * 8, strength=0.0),
         fake_row("rf", "random_feature", [1, 0, 0, 1, 0, 0, 1, 0]),
         fake_row("rd", "random_direction", [0] * 8),
         fake_row("strong", "feature", [4] * 8, ppl=50.0),
-        fake_row("null", "feature", [0, 1, 0, 0, 1, 0, 0, 1], strength=4.0),
+        fake_row("null", "feature", [0, 1, 0, 0, 1, 0, 0, 1]),
     ]
-    out = {(o["condition"], o["control"]): o for o in compare_to_controls(rows)}
+
+
+def test_compare_to_controls_reports_effects_and_nulls_plainly():
+    out = {(o["condition"], o["control"]): o for o in compare_to_controls(control_rows())}
     assert len(out) == 6
     s = out["strong", "none"]
     assert s["difference"] == 1.0 and s["p_value"] == pytest.approx(2 / 256) and s["q_value"] < 0.05

@@ -14,15 +14,9 @@ from helpers.saes import TopKSAE
 from helpers.saes.io import save_sae
 from helpers.steer.experiments import compare_to_controls, comparison_table, steering_targets
 from helpers.tables import format_table
-from tests.conftest import tiny_chat_llama
-from tests.steer.test_directions import fake_row
+from tests.steer.test_directions import control_rows, fake_row
 
 SAE_ID = "tiny_topk_L1_mixed"
-
-
-@pytest.fixture(scope="module")
-def tiny(offline_lm):
-    return tiny_chat_llama(offline_lm.tokenizer)
 
 
 def run_with_features(root, q_values):
@@ -64,15 +58,7 @@ def test_steering_says_so_when_no_feature_replicated(tiny, tmp_path, capsys):
 
 
 def results():
-    rows = [
-        fake_row("none", "none", [0] * 8, strength=0.0),
-        fake_row("rf", "random_feature", [1, 0, 0, 1, 0, 0, 1, 0]),
-        fake_row("rd", "random_direction", [0] * 8),
-        fake_row("strong", "feature", [4] * 8, ppl=50.0),
-        fake_row("null", "feature", [0, 1, 0, 0, 1, 0, 0, 1]),
-        fake_row("mixed", "feature", [1] * 8, ambiguous=1),
-    ]
-    return compare_to_controls(rows)
+    return compare_to_controls([*control_rows(), fake_row("mixed", "feature", [1] * 8, ambiguous=1)])
 
 
 def test_comparison_table_has_a_row_per_condition_and_says_shared_things_once():
