@@ -147,8 +147,8 @@ def steering_panel(
     **overrides: Any,
 ) -> Any:
     """The panel as an ipywidgets VBox (display it, or make it a cell's last line). The SAEs are those
-    under `run_dir/saes`; an empty prompt starts with the first built-in scenario. `sampling` and
-    `overrides` as in `generate_pair`."""
+    under `run_dir/saes`; an empty prompt starts with the first built-in scenario. `sampling`, or
+    any of its fields as keywords, sets how both answers are drawn (as in `generate_pair`)."""
     import ipywidgets as w
 
     sampling = sampling.with_overrides(overrides)
