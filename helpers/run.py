@@ -48,9 +48,10 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -429,6 +430,19 @@ def settings_hash(values: Any) -> str:
     """A stable 16-hex-digit hash of settings (JSON with sorted keys: the same in every process)."""
     text = json.dumps(jsonable(values), sort_keys=True, allow_nan=False, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+Settings = TypeVar("Settings")
+
+
+def override_fields(settings: Settings, overrides: dict[str, Any], what: str) -> Settings:
+    """`settings` (a dataclass) with the fields named in `overrides` replaced; an unknown name is a
+    TypeError listing the known ones (`what` names the settings in it: "sampling settings")."""
+    names = [f.name for f in fields(settings)]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {unknown}: the {what} are {names}")
+    return replace(settings, **overrides)
 
 
 _ABSENT = "(absent)"

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel
@@ -38,6 +38,7 @@ from helpers.gemini import (
     ask_batched,
     check_ids,
 )
+from helpers.run import override_fields
 
 KINDS = ("lying about a fact", "concealing a role", "evasion", "refusal", "other", "none")
 Kind = Literal["lying about a fact", "concealing a role", "evasion", "refusal", "other", "none"]
@@ -66,11 +67,7 @@ class AutointerpSettings:
     def with_overrides(self, overrides: dict[str, Any]) -> AutointerpSettings:
         """These settings with the fields named in `overrides` replaced; an unknown name is an error
         listing the known ones."""
-        names = [f.name for f in fields(self)]
-        unknown = sorted(set(overrides) - set(names))
-        if unknown:
-            raise TypeError(f"unexpected keyword arguments {unknown}: the autointerp settings are {names}")
-        return replace(self, **overrides)
+        return override_fields(self, overrides, "autointerp settings")
 
 
 class FeatureExplanation(BaseModel):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ from transformers import DynamicCache
 from helpers.collect.packing import pad_batch
 from helpers.model.chat import cache_kwarg, encode_chat, pad_token_id, stop_token_ids
 from helpers.model.protocols import HookableModel
+from helpers.run import override_fields
 
 
 @dataclass
@@ -100,11 +101,7 @@ class SamplingSettings:
     def with_overrides(self, overrides: dict[str, Any]) -> SamplingSettings:
         """These settings with the fields named in `overrides` replaced; an unknown name is an error
         listing the known ones."""
-        names = [f.name for f in fields(self)]
-        unknown = sorted(set(overrides) - set(names))
-        if unknown:
-            raise TypeError(f"unexpected keyword arguments {unknown}: the sampling settings are {names}")
-        return replace(self, **overrides)
+        return override_fields(self, overrides, "sampling settings")
 
 
 def sample_completions(
