@@ -37,6 +37,11 @@ class World:
     groups: np.ndarray  # [n] group ids
     direction: np.ndarray | None = None  # the planted direction, when there is one
 
+    @classmethod
+    def of(cls, X: np.ndarray, y: np.ndarray, p: np.ndarray, g: np.ndarray, direction=None) -> World:
+        """A world whose prompt and group numbers `p`, `g` become the ids "p{i}", "g{i}"."""
+        return cls(X, y, np.array([f"p{i}" for i in p]), np.array([f"g{i}" for i in g]), direction)
+
 
 def labels_and_ids(
     rng: np.random.Generator,
@@ -71,6 +76,18 @@ def labels_and_ids(
     return y, p, g
 
 
+def random_effects(
+    rng: np.random.Generator, g: np.ndarray, p: np.ndarray, d: int, group_sd, prompt_sd, noise_sd
+) -> np.ndarray:
+    """[n, d]: `group_sd` x a normal draw per group + `prompt_sd` x one per prompt + `noise_sd` x one per
+    row (drawn in that order)."""
+    return (
+        group_sd * rng.standard_normal((g.max() + 1, d))[g]
+        + prompt_sd * rng.standard_normal((p.max() + 1, d))[p]
+        + noise_sd * rng.standard_normal((len(g), d))
+    )
+
+
 def dense_world(
     rng: np.random.Generator,
     design: str = "contrast",
@@ -87,15 +104,11 @@ def dense_world(
 ) -> World:
     """Pooled activations of one world (the referee's W1 world: prompt sd 2, noise 0.5, d 16)."""
     y, p, g = labels_and_ids(rng, design, n_groups, n_prompts, n_samples, deceptive_share)
-    X = (
-        group_sd * rng.standard_normal((g.max() + 1, d))[g]
-        + prompt_sd * rng.standard_normal((p.max() + 1, d))[p]
-        + noise_sd * rng.standard_normal((len(y), d))
-    )
+    X = random_effects(rng, g, p, d, group_sd, prompt_sd, noise_sd)
     u = rng.standard_normal(d)
     u /= np.linalg.norm(u)
     X += signal * noise_sd * np.outer(y, u)
-    return World(X, y, np.array([f"p{i}" for i in p]), np.array([f"g{i}" for i in g]), u)
+    return World.of(X, y, p, g, u)
 
 
 def sparse_world(
@@ -117,15 +130,12 @@ def sparse_world(
     `signal` latent SDs more for deceptive rows."""
     y, p, g = labels_and_ids(rng, design, n_groups, n_prompts, n_samples, deceptive_share)
     share_g = 0.25
-    latent = (
-        np.sqrt(share_g) * rng.standard_normal((g.max() + 1, d))[g]
-        + np.sqrt(prompt_share) * rng.standard_normal((p.max() + 1, d))[p]
-        + np.sqrt(max(1 - prompt_share - share_g, 0.05)) * rng.standard_normal((len(y), d))
-    )
+    noise_share = max(1 - prompt_share - share_g, 0.05)
+    latent = random_effects(rng, g, p, d, np.sqrt(share_g), np.sqrt(prompt_share), np.sqrt(noise_share))
     latent[:, :n_signal] += signal * y[:, None]
     threshold = rng.uniform(-0.3, 1.6, d)
     X = np.maximum(latent - threshold, 0.0) * rng.uniform(0.5, 3.0, d)
-    return World(X, y, np.array([f"p{i}" for i in p]), np.array([f"g{i}" for i in g]))
+    return World.of(X, y, p, g)
 
 
 # --- the statistics under test, behind one small interface -----------------------------------------
