@@ -237,7 +237,7 @@ def test_gated_gate_learns_through_a_frozen_decoder(acts):
     torch.testing.assert_close(sae.W_dec.grad, ref.W_dec.grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("auxk_coef", [1 / 32, 0.0])
+@pytest.mark.parametrize("auxk_coef", [1.0, 0.0])
 def test_auxk_revives_planted_dead_latents(acts, auxk_coef):
     cfg = TrainConfig(
         expansion=2,
