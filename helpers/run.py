@@ -445,6 +445,24 @@ def override_fields(settings: Settings, overrides: dict[str, Any], what: str) ->
     return replace(settings, **overrides)
 
 
+def split_overrides(overrides: dict[str, Any], settings: dict[str, Any]) -> tuple[Any, ...]:
+    """Each settings object of `settings` ({what: dataclass}, e.g. {"pair settings": pair}) with the
+    fields named in `overrides` replaced, each name going to the first that has it; an unknown name is
+    a TypeError listing every set of names."""
+    names = {what: [f.name for f in fields(s)] for what, s in settings.items()}
+    unknown = sorted(set(overrides) - {n for ns in names.values() for n in ns})
+    if unknown:
+        sets = ", ".join(
+            f"the {what} {'are ' if i == 0 else ''}{ns}" for i, (what, ns) in enumerate(names.items())
+        )
+        raise TypeError(f"unexpected keyword arguments {unknown}: {sets}")
+    out, left = [], dict(overrides)
+    for what, s in settings.items():
+        mine = {k: left.pop(k) for k in names[what] if k in left}
+        out.append(replace(s, **mine))
+    return tuple(out)
+
+
 _ABSENT = "(absent)"
 
 

@@ -79,6 +79,7 @@ from helpers.run import (
     features_path,
     jsonable,
     model_record,
+    override_fields,
     probes_path,
     read_jsonl,
     read_run_json,
@@ -133,7 +134,7 @@ class ProbeTableSettings:
 
     def with_overrides(self, overrides: dict[str, Any]) -> ProbeTableSettings:
         """These settings with the fields named in `overrides` replaced (unknown names are refused)."""
-        return probes.with_overrides(self, overrides, "probe table settings")
+        return override_fields(self, overrides, "probe table settings")
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ class FeatureSettings:
 
     def with_overrides(self, overrides: dict[str, Any]) -> FeatureSettings:
         """These settings with the fields named in `overrides` replaced (unknown names are refused)."""
-        return probes.with_overrides(self, overrides, "feature settings")
+        return override_fields(self, overrides, "feature settings")
 
 
 def labelled_docs(

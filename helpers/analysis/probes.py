@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -46,7 +46,7 @@ from threadpoolctl import ThreadpoolController
 
 from helpers.analysis import logistic
 from helpers.model.protocols import EncodingSAE
-from helpers.run import jsonable
+from helpers.run import jsonable, override_fields
 from helpers.stats import (
     auroc_rows,
     balanced_accuracy,
@@ -63,16 +63,6 @@ from helpers.stats import (
 
 _THREADS = ThreadpoolController()  # inspected once: each threadpool_limits() call rescans the libraries
 CI_METHOD = "95% percentile cluster bootstrap over prompt groups, probe refitted in every draw"
-
-
-def with_overrides(settings: Any, overrides: dict[str, Any], what: str) -> Any:
-    """`settings` (a frozen dataclass) with the fields named in `overrides` replaced; an unknown name is
-    an error listing the known ones (`what` names the settings in it)."""
-    names = [f.name for f in fields(settings)]
-    unknown = sorted(set(overrides) - set(names))
-    if unknown:
-        raise TypeError(f"unexpected keyword arguments {unknown}: the {what} are {names}")
-    return replace(settings, **overrides)
 
 
 @dataclass(frozen=True)
@@ -94,7 +84,7 @@ class ProbeSettings:
 
     def with_overrides(self, overrides: dict[str, Any]) -> ProbeSettings:
         """These settings with the fields named in `overrides` replaced (unknown names are refused)."""
-        return with_overrides(self, overrides, "probe settings")
+        return override_fields(self, overrides, "probe settings")
 
 
 @dataclass

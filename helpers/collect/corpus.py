@@ -34,7 +34,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -70,10 +70,12 @@ from helpers.run import (
     SETTINGS,
     check_stage_settings,
     corpus_dir,
+    override_fields,
     read_run_json,
     set_aside,
     settings_conflict,
     settings_diff,
+    split_overrides,
     stable_hash,
     update_run_json,
 )
@@ -125,15 +127,8 @@ class CorpusReading:
     """A Hugging Face token, for gated datasets."""
 
     def with_overrides(self, overrides: dict[str, Any]) -> CorpusReading:
-        """These settings with the fields named in `overrides` replaced; an unknown name is an error
-        listing the known ones."""
-        names = [f.name for f in fields(self)]
-        unknown = sorted(set(overrides) - set(names))
-        if unknown:
-            raise TypeError(
-                f"unexpected keyword arguments {unknown}: the corpus reading settings are {names}"
-            )
-        return replace(self, **overrides)
+        """These settings with the fields named in `overrides` replaced (unknown names are refused)."""
+        return override_fields(self, overrides, "corpus reading settings")
 
 
 @dataclass(frozen=True)
@@ -152,17 +147,7 @@ def split_corpus_overrides(
 ) -> tuple[CorpusReading, CorpusStorage]:
     """`reading` and `storage` with the fields named in `overrides` replaced, each name going to the
     settings that has it; an unknown name is an error listing both sets of names."""
-    storage_names = [f.name for f in fields(storage)]
-    reading_names = [f.name for f in fields(reading)]
-    unknown = sorted(set(overrides) - set(storage_names) - set(reading_names))
-    if unknown:
-        raise TypeError(
-            f"unexpected keyword arguments {unknown}: the corpus reading settings are {reading_names}, "
-            f"the storage settings {storage_names}"
-        )
-    storage = replace(storage, **{k: v for k, v in overrides.items() if k in storage_names})
-    rest = {k: v for k, v in overrides.items() if k not in storage_names}
-    return reading.with_overrides(rest), storage
+    return split_overrides(overrides, {"corpus reading settings": reading, "storage settings": storage})
 
 
 # --- stored -------------------------------------------------------------------------------------------

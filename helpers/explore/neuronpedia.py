@@ -52,7 +52,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,7 @@ from helpers.run import (
     id_part,
     model_record,
     neuronpedia_dir,
+    override_fields,
     sae_dir,
 )
 
@@ -453,13 +454,8 @@ class ExportSettings:
             )
 
     def with_overrides(self, overrides: dict[str, Any]) -> ExportSettings:
-        """These settings with the fields named in `overrides` replaced; an unknown name is an error
-        listing the known ones."""
-        names = [f.name for f in fields(self)]
-        unknown = sorted(set(overrides) - set(names))
-        if unknown:
-            raise TypeError(f"unexpected keyword arguments {unknown}: the export settings are {names}")
-        return replace(self, **overrides)
+        """These settings with the fields named in `overrides` replaced (unknown names are refused)."""
+        return override_fields(self, overrides, "export settings")
 
 
 def export_sae(

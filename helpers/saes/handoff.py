@@ -70,6 +70,7 @@ from helpers.run import (
     atomic_write_bytes,
     atomic_write_json,
     model_record,
+    override_fields,
     read_run_json,
     sae_dir,
     sae_id_of,
@@ -621,13 +622,8 @@ class SparsifySettings:
             raise ValueError(f"n_gpus must be at least 1, got {self.n_gpus}")
 
     def with_overrides(self, overrides: dict[str, Any]) -> SparsifySettings:
-        """These settings with the fields named in `overrides` replaced; an unknown name is an error
-        listing the known ones."""
-        names = [f.name for f in dataclasses.fields(self)]
-        unknown = sorted(set(overrides) - set(names))
-        if unknown:
-            raise TypeError(f"unexpected keyword arguments {unknown}: the sparsify settings are {names}")
-        return dataclasses.replace(self, **overrides)
+        """These settings with the fields named in `overrides` replaced (unknown names are refused)."""
+        return override_fields(self, overrides, "sparsify settings")
 
 
 def sparsify_command(

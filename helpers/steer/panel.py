@@ -16,7 +16,7 @@ from __future__ import annotations
 import html
 import json
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from helpers.collect.prompts import load_scenarios
 from helpers.collect.sampling import SamplingSettings, sample_completions
 from helpers.model.protocols import HookableModel
 from helpers.run import SAE_CFG, features_path, read_jsonl, saes_dir
+from helpers.run import split_overrides as split_overrides_of
 from helpers.saes.io import LoadedSAE, find_sae_folders, load_sae
 from helpers.steer import directions as steering
 
@@ -53,17 +54,7 @@ def split_overrides(
 ) -> tuple[PairSettings, SamplingSettings]:
     """`pair` and `sampling` with the fields named in `overrides` replaced, each name going to the
     settings that has it; an unknown name is an error listing both sets of names."""
-    pair_names = [f.name for f in fields(pair)]
-    sampling_names = [f.name for f in fields(sampling)]
-    unknown = sorted(set(overrides) - set(pair_names) - set(sampling_names))
-    if unknown:
-        raise TypeError(
-            f"unexpected keyword arguments {unknown}: the pair settings are {pair_names}, "
-            f"the sampling settings {sampling_names}"
-        )
-    pair = replace(pair, **{k: v for k, v in overrides.items() if k in pair_names})
-    rest = {k: v for k, v in overrides.items() if k not in pair_names}
-    return pair, sampling.with_overrides(rest)
+    return split_overrides_of(overrides, {"pair settings": pair, "sampling settings": sampling})
 
 
 def feature_options(run_dir: str | os.PathLike, sae_id: str, top: int = 50) -> list[tuple[str, int]]:
