@@ -44,7 +44,7 @@ from helpers.model.protocols import HookableModel
 from helpers.run import explorer_dir, sae_dir
 from helpers.saes.io import LoadedSAE, load_sae
 from helpers.steer import directions as steering
-from helpers.steer.panel import generate_pair
+from helpers.steer.panel import generate_pair, strength_slider
 
 
 def explorer_sae_ids(run_dir: str | os.PathLike) -> list[str]:
@@ -155,16 +155,7 @@ def _feature_page_tab(w: Any, state: PanelState, prompt: str) -> Tab:
     feature = w.BoundedIntText(value=0, min=0, max=d_sae - 1, description="feature", style=_FULL)
     show = w.Button(description="show feature", button_style="primary")
     page_html = w.HTML()
-    strength = w.FloatSlider(
-        value=0.5,
-        min=-3.0,
-        max=3.0,
-        step=0.05,
-        continuous_update=False,
-        style=_FULL,
-        description="steer (x typical residual norm)",
-        layout=w.Layout(width="60%"),
-    )
+    strength = strength_slider(w, "steer (x typical residual norm)")
     steer_prompt = w.Textarea(value=prompt, description="prompt", layout=w.Layout(width="95%", height="50px"))
     steer_button = w.Button(description="steer this feature")
     steer_html = w.HTML()

@@ -121,6 +121,21 @@ def generate_pair(
     }
 
 
+def strength_slider(w: Any, description: str) -> Any:
+    """The steering strength slider of both panels (`w`: ipywidgets), in units of the layer's typical
+    residual norm: -3 to 3, 0.5 to start, read when released."""
+    return w.FloatSlider(
+        value=0.5,
+        min=-3.0,
+        max=3.0,
+        step=0.05,
+        continuous_update=False,
+        style={"description_width": "initial"},
+        description=description,
+        layout=w.Layout(width="60%"),
+    )
+
+
 def _card(title: str, text: str) -> str:
     return (
         f'<div style="border:1px solid #ccc; border-radius:4px; padding:6px; white-space:pre-wrap">'
@@ -157,16 +172,7 @@ def steering_panel(
     )
     latent = w.BoundedIntText(value=0, min=0, max=d_sae[sae_box.value] - 1, description="latent", style=full)
     mode = w.Dropdown(options=list(MODES), value="add", description="mode", style=full)
-    strength = w.FloatSlider(
-        value=0.5,
-        min=-3.0,
-        max=3.0,
-        step=0.05,
-        continuous_update=False,
-        style=full,
-        description="strength (x typical residual norm)",
-        layout=w.Layout(width="60%"),
-    )
+    strength = strength_slider(w, "strength (x typical residual norm)")
     system_box = w.Textarea(value=system, description="system", layout=w.Layout(width="95%", height="70px"))
     prompt_box = w.Textarea(value=prompt, description="prompt", layout=w.Layout(width="95%", height="50px"))
     button = w.Button(description="Generate", button_style="primary")
