@@ -120,7 +120,13 @@ def test_the_corpus_condition_streams_when_nothing_is_stored(offline_lm, corpus_
     )
     assert [r["status"] for r in status] == ["trained", "trained"] and made == [LAYER], "one stream per layer"
     m = json.loads((run / "saes" / status[0]["sae_id"] / "metrics.json").read_text())
-    stored = json.loads(next((corpus_run / "saes").glob("*_topk-l0-8_L2_corpus/metrics.json")).read_text())
+    # The same SAE trained from the stored corpus, for its yardstick.
+    stored_run = copy_run(corpus_run, tmp_path / "stored")
+    (stored_run / "corpus").symlink_to(corpus_run / "corpus")
+    (row,) = train_grid(
+        stored_run, [LAYER], ["topk"], ["corpus"], small_cfg(), min_completions=4, min_tokens=500
+    )
+    stored = json.loads((stored_run / "saes" / row["sae_id"] / "metrics.json").read_text())
     assert m["activations"]["n_tokens"] == stored["activations"]["n_tokens"]
     assert "corpus_activations" not in m, "no stored corpus to evaluate on"
     assert np.isfinite(m["activations"]["explained_variance"])
