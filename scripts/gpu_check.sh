@@ -70,6 +70,7 @@ if [ "$GPU" = 1 ]; then
   step probe_cost probe_cost_cuda.json python3 bench/probe_cost.py --device cuda --protocol --threads 2
   step explorer_pass explorer_pass.json python3 bench/explorer.py --pass-only --device cuda
   step explorer explorer.json python3 bench/explorer.py --device cuda --no-browser
+  step planner planner_gpu.json python3 bench/planner.py --gpu --sizes smoke mid --runs "$OUT/planner"
 fi
 python3 - "$OUT" <<'PY' | tee "$OUT/gpu_check.json"
 import json, sys
