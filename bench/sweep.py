@@ -1,7 +1,7 @@
 """Benchmark: what notebook 07's sweep costs over running the same stages one model at a time by hand, and
 whether memory returns to its baseline between models.
 
-Both arms run the same models through the same stage functions (`helpers.sweep.runner.stage_load`,
+Both arms run the same models through the same stage functions (`helpers.sweep.pipeline.stage_load`,
 `stage_collect`, `stage_train`, `stage_analyse`: what notebooks 01–04's cells call) with the same study,
 each model into a fresh run folder:
 - `direct`: the four stages called in a row per model, nothing else (the notebooks run one by one);
@@ -38,9 +38,9 @@ import psutil
 import torch
 
 import helpers
-from helpers.sweep import runner
+from helpers.sweep import pipeline as runner
+from helpers.sweep.pipeline import TINY_STUDY, Study, SweepFolders, free_memory, run_sweep
 from helpers.sweep.plan import ModelSpec, model_keys
-from helpers.sweep.runner import TINY_STUDY, Study, SweepFolders, free_memory, run_sweep
 from helpers.sweep.tiny import tiny_random_model
 
 STUDY = dict(

@@ -124,7 +124,7 @@ def main(run_dir: Path, fault: str) -> None:
     from helpers.explore.dashboards import ExplorerConfig
     from helpers.explore.pipeline import build_explorer
     from helpers.saes import TrainConfig
-    from helpers.saes.grid import train_grid
+    from helpers.saes.pipeline import train_grid
 
     counts = install(fault)
     stop = fault.split(":", 1)[1] if fault.startswith("count:") else None

@@ -148,7 +148,7 @@ def current() -> SimpleNamespace:
     from helpers.analysis import features, probes, scoring
     from helpers.analysis.contexts import FeatureContexts, window_record
     from helpers.collect.completions import analysis_split
-    from helpers.steer import experiments
+    from helpers.steer import pipeline as experiments
 
     def probe(X, y, groups, prompts, *, n_permutations, n_bootstrap, seed):
         r = probes.probe(

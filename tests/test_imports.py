@@ -59,15 +59,15 @@ def graph() -> dict[str, list[tuple[str, int, bool]]]:
 
 STEP_MODULES = {
     "collect": "helpers.collect.pipeline",  # notebook 02
-    "saes": "helpers.saes.grid",  # notebook 03
+    "saes": "helpers.saes.pipeline",  # notebook 03
     "analysis": "helpers.analysis.pipeline",  # notebook 04
-    "steer": "helpers.steer.experiments",  # notebook 05
+    "steer": "helpers.steer.pipeline",  # notebook 05
     "explore": "helpers.explore.pipeline",  # notebook 06
-    "sweep": "helpers.sweep.runner",  # notebook 07
+    "sweep": "helpers.sweep.pipeline",  # notebook 07
 }
 """The module holding each stage's notebook steps. Notebook 01 has none: its loader, model/load.py, is a
 library every later stage uses."""
-RUN_EVERY_STAGE = {"helpers", "helpers.sweep.runner"}
+RUN_EVERY_STAGE = {"helpers", "helpers.sweep.pipeline"}
 """The package (it re-exports the notebooks' names) and the sweep, which runs notebooks 02-04 per model."""
 
 

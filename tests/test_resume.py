@@ -20,7 +20,7 @@ from nbclient.exceptions import CellExecutionError
 import helpers
 from helpers.run import read_run_json, release_flag, run_summary, update_run_json
 from helpers.saes.evals import leaderboard
-from helpers.saes.grid import with_release_flags
+from helpers.saes.pipeline import with_release_flags
 from scripts.run_notebooks import NOTEBOOK_DIR, run_notebook
 
 pytestmark = pytest.mark.notebook

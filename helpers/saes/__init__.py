@@ -7,7 +7,7 @@
     io.py         save/load SAELens 6.x folders (ours and published ones)
     train.py      the one training loop for every architecture, checkpoint/resume; its data sources
     evals.py      explained variance, L0, dead/dense fractions, spliced-in CE/KL, the leaderboard
-    grid.py       the layer x condition x architecture (x L0) grid of a run; importing published SAEs
+    pipeline.py   the layer x condition x architecture (x L0) grid of a run; importing published SAEs
     hub.py        publishing SAEs to the Hugging Face Hub with a model card
     random_control.py  random-weight SAEs of the same class and L0 (arXiv 2602.14111), the probing control
     handoff.py    beyond one GPU: a layer as SAELens's cached-activations dataset or SAETrainer's data, the
@@ -21,10 +21,10 @@ from helpers.saes.base import SAE, StepOutput
 from helpers.saes.batchtopk import BatchTopKSAE
 from helpers.saes.evals import evaluate_lm, leaderboard
 from helpers.saes.gated import GatedSAE
-from helpers.saes.grid import import_sae, run_saes, train_grid
 from helpers.saes.io import LoadedSAE, find_sae_folders, load_sae, save_sae
 from helpers.saes.jumprelu import JumpReLUSAE
 from helpers.saes.matryoshka_batchtopk import MatryoshkaBatchTopKSAE
+from helpers.saes.pipeline import import_sae, run_saes, train_grid
 from helpers.saes.random_control import l0_on, random_sae_like
 from helpers.saes.registry import ARCHITECTURES, make_sae, sae_class
 from helpers.saes.standard import StandardSAE

@@ -77,8 +77,8 @@ from helpers.run import (
     stable_hash,
 )
 from helpers.saes.evals import evaluate_folder
-from helpers.saes.grid import BEHAVIOUR_CONDITIONS, collected_layers
 from helpers.saes.io import LoadedSAE, load_sae, save_sae
+from helpers.saes.pipeline import BEHAVIOUR_CONDITIONS, collected_layers
 from helpers.saes.train import MixedData, StoreData, TrainConfig
 
 TESTED_SAELENS = ("6.54.12",)

@@ -1,6 +1,7 @@
 """Notebook 05: causal tests. Directions and interventions (`directions.py`: feature, random and
 difference-of-means directions, additive steering, clamping), steering experiments with controls and
-their statistics (`experiments.py`), and the interactive panel (`panel.py`). Re-exported here.
+their statistics (`pipeline.py`, the notebook's steps), and the interactive panel (`panel.py`).
+Re-exported here.
 """
 
 from helpers.steer.directions import (
@@ -9,14 +10,14 @@ from helpers.steer.directions import (
     diff_of_means_direction,
     residual_norm,
 )
-from helpers.steer.experiments import (
+from helpers.steer.panel import steering_panel
+from helpers.steer.pipeline import (
     compare_to_controls,
     comparison_table,
     held_out_prompts,
     run_steering_experiment,
     steering_targets,
 )
-from helpers.steer.panel import steering_panel
 
 __all__ = [
     "build_conditions",

@@ -11,7 +11,7 @@ token's residual at that layer (from the activation store), so strength 1 adds a
 typical residual, whatever the model's scale. Random controls use the same norm (matched-norm).
 
 `Condition` / `build_conditions` describe an experiment (feature, random latent, random direction,
-difference of means, none); `experiments.py` runs it (`run_steering_experiment`) and tests it against
+difference of means, none); `pipeline.py` runs it (`run_steering_experiment`) and tests it against
 the controls (`compare_to_controls`). Both are importable from here too.
 """
 

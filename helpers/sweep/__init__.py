@@ -1,13 +1,22 @@
 """07: the study of notebooks 01–04 over many models, and the cross-model comparison.
 
 plan     which models, their run folders (unique keys), sizes, memory and time estimates, T4 fit
-runner   the study's parameters (`Study`) and `run_sweep`: each model in turn through the stages,
+pipeline the study's parameters (`Study`) and `run_sweep`: each model in turn through the stages,
          resumable per model × stage, failures recorded, memory freed and checked between models
 compare  the table (`sweeps/<name>/comparison.csv|json`), figures and the markdown summary, read from
          each run's probes.json, features/ and saes/*/metrics.json
 """
 
 from helpers.sweep.compare import compare, comparison_table, sae_differences, scale_trend
+from helpers.sweep.pipeline import (
+    SMOKE_STUDY,
+    STAGES,
+    Study,
+    SweepFolders,
+    read_sweep,
+    run_sweep,
+    status_table,
+)
 from helpers.sweep.plan import (
     COLAB_T4_MODELS,
     CPU_MODELS,
@@ -19,7 +28,6 @@ from helpers.sweep.plan import (
     plan_rows,
     plan_table,
 )
-from helpers.sweep.runner import SMOKE_STUDY, STAGES, Study, SweepFolders, read_sweep, run_sweep, status_table
 from helpers.sweep.tiny import tiny_random_model
 
 __all__ = [

@@ -11,7 +11,7 @@ import pytest
 from matplotlib.collections import LineCollection, PathCollection
 
 from helpers import plots
-from helpers.steer.experiments import read_steering
+from helpers.steer.pipeline import read_steering
 
 EDGES = [x / 4 for x in range(-28, 1)]
 

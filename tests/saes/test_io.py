@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from helpers.saes import ARCHITECTURES, GatedSAE, JumpReLUSAE, TopKSAE
 from helpers.saes.evals import leaderboard
-from helpers.saes.grid import import_sae
 from helpers.saes.io import SAELENS_FORMAT_VERSION, find_sae_folders, load_sae, save_sae
+from helpers.saes.pipeline import import_sae
 from helpers.saes.standard import StandardSAE
 from helpers.saes.train import TrainConfig, Trainer
 from tests.saes.test_train import residuals, shared_run

@@ -24,7 +24,7 @@ from helpers.collect.completions import split_completions
 from helpers.collect.store import ActivationWriter, LayerStore
 from helpers.model.hooks import hook_name, run_with_capture
 from helpers.run import activations_dir
-from helpers.saes.grid import condition_ids, train_grid
+from helpers.saes.pipeline import condition_ids, train_grid
 from helpers.saes.train import TooFewSamples, TrainConfig, Trainer, train_sae
 
 LAYER = 2

@@ -30,7 +30,7 @@ from helpers.steer.directions import (
     residual_norm,
     steer,
 )
-from helpers.steer.experiments import (
+from helpers.steer.pipeline import (
     compare_to_controls,
     completion_nll,
     condition_stats,
@@ -260,9 +260,7 @@ def test_experiment_writes_rows_resumes_and_refuses_changed_settings(tiny, tmp_p
         assert st["n_deceptive"] + st["n_honest"] + st["n_ambiguous"] == 4
         assert st["rate_ci"][0] <= st["deceptive_rate"] <= st["rate_ci"][1] and st["perplexity"] > 1
     assert pushed["vector_norm"] == pytest.approx(60.0) and pushed["feature"] == 5
-    monkeypatch.setattr(
-        "helpers.steer.experiments.sample_completions", lambda *a, **k: pytest.fail("resampled")
-    )
+    monkeypatch.setattr("helpers.steer.pipeline.sample_completions", lambda *a, **k: pytest.fail("resampled"))
     again = run_steering_experiment(tiny, prompts, conditions, **kw)
     assert again == rows and len(read_steering(tmp_path)) == len(conditions)
     # one no-steering row serves every layer: asking for it at another layer reuses it
@@ -283,7 +281,7 @@ def test_experiment_passes_the_judge_client_and_saves_nothing_half_labelled(tiny
             **{i: Label("ambiguous", 0.0, "not labelled yet", "none") for i in rest},
         }
 
-    monkeypatch.setattr("helpers.steer.experiments.label_all", judge)
+    monkeypatch.setattr("helpers.steer.pipeline.label_all", judge)
     conds = [Condition("none", "none", 1), Condition("push", "random_direction", 1, 3.0, torch.ones(32))]
     kw = dict(run_dir=tmp_path, n_per_prompt=2, max_new_tokens=3, seed=0, judge_client="client")
     assert run_steering_experiment(tiny, load_scenarios(paraphrases=False)[:1], conds, **kw) == []

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from helpers.sweep import runner
-from helpers.sweep.runner import Study, SweepFolders, run_sweep
+from helpers.sweep import pipeline as runner
+from helpers.sweep.pipeline import Study, SweepFolders, run_sweep
 
 
 def kill_at(spec: str) -> None:

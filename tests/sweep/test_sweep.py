@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM
 from helpers.run import features_path, read_jsonl, read_probes, read_run_json, read_sae_metrics
 from helpers.stats import holm
 from helpers.sweep import compare, plan_rows, read_sweep
+from helpers.sweep.pipeline import STAGES, TINY_STUDY, Study, SweepFolders
 from helpers.sweep.plan import ModelSpec, Rates, layers_at, model_keys, relative_depth
-from helpers.sweep.runner import STAGES, TINY_STUDY, Study, SweepFolders
 from helpers.sweep.tiny import tiny_random_model
 from tests.sweep.tiny_models import nanochat_2025, nanochat_2026
 
@@ -277,8 +277,8 @@ def test_changed_study_is_refused(swept, tmp_path):
 
 
 def test_too_big_and_drop_name_the_numbers():
+    from helpers.sweep.pipeline import too_big
     from helpers.sweep.plan import PlanRow, plan_table
-    from helpers.sweep.runner import too_big
 
     free = {"rss_gb": 1.0, "ram_available_gb": 10.0, "cuda_free_gib": 14.0}
     assert too_big(PlanRow("m", "s", 10**9, ram_gb=8.0, gpu_gib=5.0), free) is None
@@ -298,8 +298,8 @@ def test_too_big_and_drop_name_the_numbers():
 
 
 def test_a_model_too_big_for_free_memory_is_not_loaded_and_a_dropped_one_not_run(tmp_path):
+    from helpers.sweep.pipeline import run_sweep
     from helpers.sweep.plan import PlanRow
-    from helpers.sweep.runner import run_sweep
 
     folders = SweepFolders(tmp_path, "big")
     specs = ["org/huge-model", "org/left-out"]  # neither exists: loading either would fail, not say "too big"

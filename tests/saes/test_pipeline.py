@@ -17,8 +17,8 @@ from helpers.collect.corpus import BUILTIN_CORPUS, CorpusStream, collect_corpus,
 from helpers.collect.store import LayerStore
 from helpers.env import NotebookError
 from helpers.run import mark_stage, read_run_json, settings_hash, update_run_json
-from helpers.saes.grid import run_saes, sae_id_of, sae_release_flag, train_grid
 from helpers.saes.io import save_sae
+from helpers.saes.pipeline import run_saes, sae_id_of, sae_release_flag, train_grid
 from helpers.saes.registry import make_sae
 from helpers.saes.train import MixedData, StoreData
 from tests.saes.test_train import LAYER, shared_run, small_cfg
@@ -166,7 +166,7 @@ def test_no_sae_trains_on_the_groups_reserved_for_analysis(offline_lm, tmp_path_
         seen[metadata["condition"]] = (set(data.ids), metadata["analysis_split"])
         return {"activations": {"explained_variance": 0.5, "l0": 4.0, "dead_fraction": 0.0}}
 
-    monkeypatch.setattr("helpers.saes.grid.train_sae", fake_train)
+    monkeypatch.setattr("helpers.saes.pipeline.train_sae", fake_train)
     conditions = ["mixed", "deceptive_only", "honest_only"]
     train_grid(run, [LAYER], ["topk"], conditions, small_cfg(), min_completions=1, min_tokens=1)
     reserved = set(analysis_split(read_completions(run), seed=small_cfg().seed)[1])

@@ -12,7 +12,7 @@ from helpers import plots
 from helpers.model.hooks import hook_name
 from helpers.saes import TopKSAE
 from helpers.saes.io import save_sae
-from helpers.steer.experiments import compare_to_controls, comparison_table, steering_targets
+from helpers.steer.pipeline import compare_to_controls, comparison_table, steering_targets
 from helpers.tables import format_table
 from tests.steer.test_directions import control_rows, fake_row
 

@@ -60,7 +60,7 @@ from helpers.run import (
     update_run_json,
 )
 from helpers.saes.evals import evaluate_lm, leaderboard
-from helpers.saes.grid import run_saes, train_grid
+from helpers.saes.pipeline import run_saes, train_grid
 from helpers.saes.train import TrainConfig
 from helpers.sweep.plan import ModelSpec, PlanRow, StudySize, layers_at, memory_now, model_keys
 
