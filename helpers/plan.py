@@ -466,18 +466,10 @@ def plan_collection(
     length = prompt_tokens + new_tokens
     stored = n_completions * (length if include_prompt else new_tokens)
     tokens, batch_tokens = n_completions * length, max(1, batch_size) * length
-    t4_act = 4 if model.family == "nanochat" else 2
     lower = {"time": "N_PER_PROMPT or MAX_NEW_TOKENS", "gpu": "BATCH_SIZE", "ram": "BATCH_SIZE"}
     lower["disk"] = "LAYERS or MAX_NEW_TOKENS"
-    return make_plan(
-        "collection",
-        _forward_work(model, tokens, batch_tokens, n_layers_stored, stored, model.bytes_per_param),
-        _forward_work(model, tokens, batch_tokens, n_layers_stored, stored, t4_act),
-        model,
-        calibration,
-        device,
-        lower,
-    )
+    forward = (tokens, batch_tokens, n_layers_stored, stored)
+    return _forward_plan("collection", model, calibration, device, forward, lower)
 
 
 def plan_corpus(
@@ -493,18 +485,26 @@ def plan_corpus(
     """A forward pass over `tokens` of the corpus in sequences of `seq_len`, every token stored per layer."""
     _positive(tokens=tokens, seq_len=seq_len)
     batch_tokens = max(1, batch_size) * seq_len
-    t4_act = 4 if model.family == "nanochat" else 2
     lower = {"time": "CORPUS_TOKENS", "gpu": "BATCH_SIZE or CORPUS_SEQ_LEN", "ram": "BATCH_SIZE"}
     lower["disk"] = "CORPUS_TOKENS (or 0, and CORPUS_STREAM in notebook 03)"
-    return make_plan(
-        "corpus",
-        _forward_work(model, tokens, batch_tokens, n_layers_stored, tokens, model.bytes_per_param),
-        _forward_work(model, tokens, batch_tokens, n_layers_stored, tokens, t4_act),
-        model,
-        calibration,
-        device,
-        lower,
-    )
+    forward = (tokens, batch_tokens, n_layers_stored, tokens)
+    return _forward_plan("corpus", model, calibration, device, forward, lower)
+
+
+def _forward_plan(
+    step: str,
+    model: ModelNumbers,
+    calibration: Calibration,
+    device: str,
+    forward: tuple[float, float, int, float],
+    lower: dict[str, str],
+) -> Plan:
+    """The plan of a step that is forward passes storing activations: `forward` = (tokens, tokens per batch,
+    layers stored, tokens stored per layer), here at the model's dtype and on a T4 at its activation size."""
+    t4_act = 4 if model.family == "nanochat" else 2
+    here = _forward_work(model, *forward, model.bytes_per_param)
+    t4 = _forward_work(model, *forward, t4_act)
+    return make_plan(step, here, t4, model, calibration, device, lower)
 
 
 def plan_sae_training(
