@@ -24,7 +24,7 @@ from helpers.saes.gated import GatedSAE
 from helpers.saes.io import LoadedSAE, find_sae_folders, load_sae, save_sae
 from helpers.saes.jumprelu import JumpReLUSAE
 from helpers.saes.matryoshka_batchtopk import MatryoshkaBatchTopKSAE
-from helpers.saes.pipeline import import_sae, run_saes, train_grid
+from helpers.saes.pipeline import GridSettings, import_sae, run_saes, train_grid
 from helpers.saes.random_control import l0_on, random_sae_like
 from helpers.saes.registry import ARCHITECTURES, make_sae, sae_class
 from helpers.saes.standard import StandardSAE
@@ -35,6 +35,7 @@ __all__ = [
     "ARCHITECTURES",
     "SAE",
     "BatchTopKSAE",
+    "GridSettings",
     "GatedSAE",
     "JumpReLUSAE",
     "LoadedSAE",

@@ -28,7 +28,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from helpers.run import (
     jsonable,
     layer_of_dir,
     model_record,
+    override_fields,
     read_run_json,
     remove_stale_temps,
     sae_dir,
@@ -98,6 +99,37 @@ def condition_ids(
     return ids
 
 
+@dataclass(frozen=True)
+class GridSettings:
+    """How `train_grid` chooses its data and runs. A whole `grid=GridSettings(...)` or single fields as
+    keywords (`min_tokens=500`), which win over it (`with_overrides`)."""
+
+    eval_fraction: float = 0.1
+    """Share of the training split's prompt groups held out for the SAEs' metrics."""
+    min_completions: int = 20
+    """A behaviour condition with fewer training completions is skipped (with the reason)."""
+    min_tokens: int = 20_000
+    """A condition with fewer training tokens is skipped (with the reason)."""
+    l0s: tuple[int, ...] | list[int] | None = None
+    """An L0 sweep: one SAE per target L0 (None: `cfg.l0` only)."""
+    behaviour_share: float | None = None
+    """The behaviour fraction of `corpus+behaviour` batches (None: proportional to the sources)."""
+    stream_eval_tokens: int = 32_768
+    """Held-out corpus tokens drawn from a stream for the metrics of a streamed corpus SAE."""
+    plan_only: bool = False
+    """Only list the SAEs to train (status "to train")."""
+    overwrite: bool = False
+    """Move SAEs made with other settings to replaced/ and train them again."""
+
+    def __post_init__(self) -> None:
+        if self.behaviour_share is not None and not 0 < self.behaviour_share < 1:
+            raise ValueError(f"behaviour_share must be in (0, 1), got {self.behaviour_share}")
+
+    def with_overrides(self, overrides: dict[str, Any]) -> GridSettings:
+        """These settings with the fields named in `overrides` replaced (unknown names are refused)."""
+        return override_fields(self, overrides, "grid settings")
+
+
 def train_grid(
     run_dir: str | os.PathLike,
     layers: list[int],
@@ -105,16 +137,10 @@ def train_grid(
     conditions: list[str],
     cfg: TrainConfig,
     *,
-    device: str = "cpu",
-    eval_fraction: float = 0.1,
-    min_completions: int = 20,
-    min_tokens: int = 20_000,
-    plan_only: bool = False,
-    l0s: list[int] | None = None,
+    grid: GridSettings | None = None,
     corpus_stream: Callable[[int], Any] | None = None,
-    behaviour_share: float | None = None,
-    stream_eval_tokens: int = 32_768,
-    overwrite: bool = False,
+    device: str = "cpu",
+    **overrides: Any,
 ) -> list[dict[str, Any]]:
     """Train every layer × condition × architecture (× L0 in `l0s`) SAE of the run that is not complete
     yet. Returns one row per SAE: status "trained", "done earlier", "skipped" (with the reason) or, with
@@ -122,12 +148,14 @@ def train_grid(
     budgets. `corpus_stream(layer)` makes a `collect.corpus.CorpusStream` for layers with no stored corpus;
     `behaviour_share` fixes the behaviour fraction of `corpus+behaviour` batches. An SAE finished (or
     checkpointed) with other settings stops the grid before it trains anything (module doc), unless
-    `overwrite`, which deletes it to train it again."""
+    `overwrite`, which moves it to replaced/ to train it again. The settings: `GridSettings`."""
+    g = (grid or GridSettings()).with_overrides(overrides)
+    eval_fraction, min_completions, min_tokens = g.eval_fraction, g.min_completions, g.min_tokens
+    l0s, behaviour_share, plan_only, overwrite = g.l0s, g.behaviour_share, g.plan_only, g.overwrite
+    stream_eval_tokens = g.stream_eval_tokens
     run_dir = Path(run_dir)
     if unknown := [c for c in conditions if c not in CONDITIONS]:
         raise ValueError(f"unknown condition(s) {unknown}: choose from {list(CONDITIONS)}")
-    if behaviour_share is not None and not 0 < behaviour_share < 1:
-        raise ValueError(f"behaviour_share must be in (0, 1), got {behaviour_share}")
     spec = model_record(run_dir)["spec"]
     rows = read_completions(run_dir)
     if not rows and set(conditions) - {"corpus"}:

@@ -18,7 +18,7 @@ from helpers.collect.store import LayerStore
 from helpers.env import NotebookError
 from helpers.run import mark_stage, read_run_json, settings_hash, update_run_json
 from helpers.saes.io import save_sae
-from helpers.saes.pipeline import run_saes, sae_id_of, sae_release_flag, train_grid
+from helpers.saes.pipeline import GridSettings, run_saes, sae_id_of, sae_release_flag, train_grid
 from helpers.saes.registry import make_sae
 from helpers.saes.train import MixedData, StoreData
 from tests.saes.test_train import LAYER, shared_run, small_cfg
@@ -271,3 +271,18 @@ def test_a_rerun_with_other_settings_stops_before_training_and_overwrite_retrain
     m2 = json.loads((folder / "metrics.json").read_text())
     assert m2["settings_hash"] == m["settings_hash"], "the same settings as the first training"
     assert (folder / "sae_weights.safetensors").read_bytes() == before[folder / "sae_weights.safetensors"]
+
+
+def test_grid_settings_come_whole_or_as_keywords_and_unknown_names_are_refused(corpus_run, tmp_path):
+    with pytest.raises(TypeError, match=r"\['min_token'\]: the grid settings are \['eval_fraction', "):
+        train_grid(tmp_path, [LAYER], ["topk"], ["mixed"], small_cfg(), min_token=5)
+    with pytest.raises(ValueError, match=r"behaviour_share must be in \(0, 1\), got 1.5"):
+        train_grid(tmp_path, [LAYER], ["topk"], ["mixed"], small_cfg(), behaviour_share=1.5)
+    kw = dict(min_completions=4, min_tokens=500, l0s=[4, 8], plan_only=True)
+    whole = train_grid(corpus_run, [LAYER], ["topk"], ["mixed"], small_cfg(), grid=GridSettings(**kw))
+    as_keywords = train_grid(corpus_run, [LAYER], ["topk"], ["mixed"], small_cfg(), **kw)
+    assert whole == as_keywords and {r["status"] for r in whole} == {"to train"} and len(whole) == 2
+    wins = train_grid(
+        corpus_run, [LAYER], ["topk"], ["mixed"], small_cfg(), grid=GridSettings(**kw), l0s=None
+    )
+    assert len(wins) == 1, "a keyword wins over the settings object"
