@@ -116,6 +116,8 @@ class GridSettings:
     """The behaviour fraction of `corpus+behaviour` batches (None: proportional to the sources)."""
     stream_eval_tokens: int = 32_768
     """Held-out corpus tokens drawn from a stream for the metrics of a streamed corpus SAE."""
+    corpus_stream: Callable[[int], Any] | None = None
+    """`corpus_stream(layer)` makes a `collect.corpus.CorpusStream` for layers with no stored corpus."""
     plan_only: bool = False
     """Only list the SAEs to train (status "to train")."""
     overwrite: bool = False
@@ -138,7 +140,6 @@ def train_grid(
     cfg: TrainConfig,
     *,
     grid: GridSettings | None = None,
-    corpus_stream: Callable[[int], Any] | None = None,
     device: str = "cpu",
     **overrides: Any,
 ) -> list[dict[str, Any]]:
@@ -152,7 +153,7 @@ def train_grid(
     g = (grid or GridSettings()).with_overrides(overrides)
     eval_fraction, min_completions, min_tokens = g.eval_fraction, g.min_completions, g.min_tokens
     l0s, behaviour_share, plan_only, overwrite = g.l0s, g.behaviour_share, g.plan_only, g.overwrite
-    stream_eval_tokens = g.stream_eval_tokens
+    stream_eval_tokens, corpus_stream = g.stream_eval_tokens, g.corpus_stream
     run_dir = Path(run_dir)
     if unknown := [c for c in conditions if c not in CONDITIONS]:
         raise ValueError(f"unknown condition(s) {unknown}: choose from {list(CONDITIONS)}")
