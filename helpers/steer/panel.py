@@ -23,8 +23,7 @@ from typing import Any
 from helpers.collect.prompts import load_scenarios
 from helpers.collect.sampling import SamplingSettings, sample_completions
 from helpers.model.protocols import HookableModel
-from helpers.run import SAE_CFG, features_path, read_jsonl, saes_dir
-from helpers.run import split_overrides as split_overrides_of
+from helpers.run import SAE_CFG, features_path, read_jsonl, saes_dir, split_overrides
 from helpers.saes.io import LoadedSAE, find_sae_folders, load_sae
 from helpers.steer import directions as steering
 
@@ -47,14 +46,6 @@ class PairSettings:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-
-
-def split_overrides(
-    overrides: dict[str, Any], pair: PairSettings, sampling: SamplingSettings
-) -> tuple[PairSettings, SamplingSettings]:
-    """`pair` and `sampling` with the fields named in `overrides` replaced, each name going to the
-    settings that has it; an unknown name is an error listing both sets of names."""
-    return split_overrides_of(overrides, {"pair settings": pair, "sampling settings": sampling})
 
 
 def feature_options(run_dir: str | os.PathLike, sae_id: str, top: int = 50) -> list[tuple[str, int]]:
@@ -93,7 +84,9 @@ def generate_pair(
     `PANEL_SAMPLING`), or any of its fields as keywords (`max_new_tokens=32`), sets how both are drawn;
     `pair` (default `PairSettings()`: no system prompt, mode "add", unit 1), or its fields as keywords
     (`system=...`, `mode="clamp"`, `unit=...`), how the steered one is made."""
-    how, settings = split_overrides(overrides, pair or PairSettings(), sampling)
+    how, settings = split_overrides(
+        overrides, {"pair settings": pair or PairSettings(), "sampling settings": sampling}
+    )
     system, mode, unit = how.system, how.mode, how.unit
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty: type a question for the model")
