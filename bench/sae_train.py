@@ -49,7 +49,6 @@ import multiprocessing
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -61,6 +60,7 @@ sys.path.insert(0, str(ROOT))
 
 import helpers  # noqa: E402
 from bench import saelens_setup  # noqa: E402
+from bench.peak_memory import PeakMemory, rss  # noqa: E402
 from helpers.collect.corpus import SKIP_FIRST, collect_corpus  # noqa: E402
 from helpers.collect.store import LayerStore  # noqa: E402
 from helpers.run import activations_dir, corpus_dir, stable_hash  # noqa: E402
@@ -351,23 +351,9 @@ def memory_run(data_dir: Path, layer: int, args) -> dict:
                 meta["entries"] = [[f"{e[0]}~{c}", *e[1:]] for e in meta["entries"]]
                 (dst / f"{name}.json").write_text(json.dumps(meta))
 
-    def status() -> dict[str, int]:
-        lines = Path("/proc/self/status").read_text().splitlines()
-        return {
-            k: int(v.split()[0]) * 1024
-            for k, v in (ln.split(":", 1) for ln in lines)
-            if k in ("RssAnon", "RssFile")
-        }
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    start_mem, peak, done = status(), {"RssAnon": 0, "RssFile": 0, "total": 0}, threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.02):
-            m = status()
-            peak.update({k: max(peak[k], m[k]) for k in m}, total=max(peak["total"], sum(m.values())))
-
+    start_mem = rss()
     store = LayerStore(big, layer)
     ids = store.completion_ids
     cfg = TrainConfig(
@@ -379,15 +365,14 @@ def memory_run(data_dir: Path, layer: int, args) -> dict:
         buffer_bytes=args.buffer_mb << 20,
         log_every=100,
     )
-    run, sampler = Trainer(cfg, store.d_model), threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    t0 = time.perf_counter()
-    data = batches(store, ids, cfg)
-    run.init_from_data(next(data))
-    for _ in range(cfg.total_steps):
-        run.train_step(next(data))
-    done.set()
-    sampler.join()
+    run = Trainer(cfg, store.d_model)
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        data = batches(store, ids, cfg)
+        run.init_from_data(next(data))
+        for _ in range(cfg.total_steps):
+            run.train_step(next(data))
+    peak = mem.peak
     gb = lambda b: round(b / 2**30, 3)  # noqa: E731
     return {
         "store_gb_on_disk": gb(sum(p.stat().st_size for p in dst.glob("*.npy"))),
