@@ -17,6 +17,8 @@ import pytest
 import tiktoken
 import torch
 
+from helpers.model.nanochat import SPECIAL_TOKENS
+
 ORACLES = Path(__file__).resolve().parents[2].parent / "shared" / "oracles" / "nanochat"
 COMMITS = ("2025-10-21-a088b7a", "2026-01-30-2e17723", "2026-07-03-92d63d4")
 LAYOUT_OF = {
@@ -44,17 +46,6 @@ SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|"""
     r"""\s+(?!\S)|\s+"""
 )
-SPECIALS = (
-    "<|bos|>",
-    "<|user_start|>",
-    "<|user_end|>",
-    "<|assistant_start|>",
-    "<|assistant_end|>",
-    "<|python_start|>",
-    "<|python_end|>",
-    "<|output_start|>",
-    "<|output_end|>",
-)
 MERGES = [b"he", b"ll", b"hell", b"hello", b" w", b"or", b" wor", b"ld", b" world", b"th", b"the", b" the"]
 
 
@@ -63,7 +54,7 @@ def tiny_encoding() -> tiktoken.Encoding:
     ranks = {bytes([i]): i for i in range(256)}
     for m in MERGES:
         ranks[m] = len(ranks)
-    special = {s: len(ranks) + i for i, s in enumerate(SPECIALS)}
+    special = {s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}
     return tiktoken.Encoding(
         name="rustbpe", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=special
     )
@@ -202,7 +193,7 @@ def word_encoding() -> tiktoken.Encoding:
     for word in WORDS:
         for end in range(2, len(word) + 1):
             ranks.setdefault(word[:end].encode(), len(ranks))
-    special = {s: len(ranks) + i for i, s in enumerate(SPECIALS)}
+    special = {s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}
     return tiktoken.Encoding(
         name="words", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=special
     )

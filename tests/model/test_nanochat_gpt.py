@@ -236,10 +236,13 @@ def test_steering_a_block_equals_adding_to_upstreams_block(case):
 
 
 def test_chat_prompt_and_stop_tokens_match_upstream(case):
-    """Every layout's tokenizer has the same special tokens; our prompt is upstream's render_for_completion
-    (system merged into the first user turn) and we stop where upstream's engine stops."""
+    """Every layout's tokenizer has the same special tokens, upstream's (the oracle's encodings take ours);
+    our prompt is upstream's render_for_completion (system merged into the first user turn) and we stop
+    where upstream's engine stops."""
     commit, _, _, lm, _, _ = case
-    upstream = import_oracle(commit, "tokenizer").RustBPETokenizer(tiny_encoding(), "<|bos|>")
+    tokenizer = import_oracle(commit, "tokenizer")
+    assert list(nanochat.SPECIAL_TOKENS) == tokenizer.SPECIAL_TOKENS
+    upstream = tokenizer.RustBPETokenizer(tiny_encoding(), "<|bos|>")
     conversation = {
         "messages": [
             {"role": "system", "content": "Be brief."},
