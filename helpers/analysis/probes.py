@@ -67,9 +67,8 @@ CI_METHOD = "95% percentile cluster bootstrap over prompt groups, probe refitted
 
 @dataclass(frozen=True)
 class ProbeSettings:
-    """How a probe is cross-validated and tested (`bag_of_words_probe`; `probe` takes the same names as
-    keywords). A whole `settings=ProbeSettings(...)` or single fields as keywords (`n_folds=4`), which
-    win over it."""
+    """How a probe is cross-validated and tested (`probe`, `bag_of_words_probe`). A whole
+    `settings=ProbeSettings(...)` or single fields as keywords (`n_folds=4`), which win over it."""
 
     n_folds: int = 5
     """Grouped cross-validation folds."""
@@ -149,21 +148,19 @@ def probe(
     groups: Sequence,
     *,
     prompts: Sequence | None = None,
-    n_folds: int = 5,
-    seed: int = 0,
-    n_permutations: int = 200,
-    n_bootstrap: int = 200,
-    C: float = 1.0,
+    settings: ProbeSettings | None = None,
     name: str = "",
+    **overrides: Any,
 ) -> ProbeResult:
     """Grouped-CV logistic-regression probe on X [n, d] (pooled activations or SAE features); `prompts`
     (one id per row; None: every row its own prompt) sets the permutation level. Every refit is a
-    permutation or a bootstrap draw: cost grows with n_permutations + n_bootstrap (bench/probe_cost.py)."""
+    permutation or a bootstrap draw: cost grows with n_permutations + n_bootstrap (bench/probe_cost.py).
+    `settings` (default `ProbeSettings()`), or any of its fields as keywords (`n_folds=4`)."""
+    s = (settings or ProbeSettings()).with_overrides(overrides)
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2 or len(X) != len(y):
         raise ValueError(f"X must be [n, d] with n = len(y) = {len(y)}, got shape {X.shape}")
-    design = partial(standardised_design, X)
-    return _cross_validate(design, y, groups, prompts, n_folds, seed, n_permutations, n_bootstrap, C, name)
+    return _cross_validate(partial(standardised_design, X), y, groups, prompts, s, name)
 
 
 def bag_of_words_probe(
@@ -189,9 +186,7 @@ def bag_of_words_probe(
         raise ValueError(f"{len(texts)} texts but {len(y)} labels: pass one text per labelled completion")
 
     vectorise = partial(bag_of_words_design, texts)
-    result = _cross_validate(
-        vectorise, y, groups, prompts, s.n_folds, s.seed, s.n_permutations, s.n_bootstrap, s.C, name
-    )
+    result = _cross_validate(vectorise, y, groups, prompts, s, name)
     everything = np.arange(len(texts))
     Z, _, vec = vectorise(everything, everything)
     W, c = logistic.fit(Z, result.labels[None], logistic.balanced_weights(result.labels), s.C)
@@ -335,8 +330,17 @@ def _interval(estimate: float, draws: np.ndarray) -> tuple[float, float]:
 
 
 def _cross_validate(
-    design: Callable[..., tuple], y, groups, prompts, n_folds, seed, n_permutations, n_bootstrap, C, name
-):
+    design: Callable[..., tuple],
+    y: np.ndarray,
+    groups: Sequence,
+    prompts: Sequence | None,
+    settings: ProbeSettings,
+    name: str,
+) -> ProbeResult:
+    """The grouped CV of `probe` and `bag_of_words_probe` on `design(train_idx, test_idx)`, with the
+    refitted bootstrap and the permutation test that `settings` asks for (module doc)."""
+    n_folds, seed, C = settings.n_folds, settings.seed, settings.C
+    n_permutations, n_bootstrap = settings.n_permutations, settings.n_bootstrap
     pidx, gidx = nested_index(prompts, groups)
     n_groups = int(gidx.max()) + 1
     y = check_labels(y, len(gidx))
