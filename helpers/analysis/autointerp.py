@@ -14,21 +14,21 @@ explanations are scored on held-out windows (scoring.py; REFERENCE.md "Auto-inte
 - Nothing is invented: without a client every explanation and score is None with its source saying
   "unavailable (no Gemini key)".
 - `plan` counts the requests before spending (the free tier allows ~20 a day).
-- `AutointerpSettings` holds how a pass asks and scores; `autointerp` and `explain_features` take one,
-  or any of its fields as keywords (`features_per_request=4`).
+- `AutointerpSettings` (defined in scoring.py, which uses every field) holds how a pass asks and
+  scores; `autointerp`, `explain_features` and `score_explanations` take one, or any of its fields as
+  keywords (`features_per_request=4`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel
 
 from helpers.analysis.contexts import FeatureContexts
-from helpers.analysis.scoring import score_with
+from helpers.analysis.scoring import AutointerpSettings, score_with
 from helpers.gemini import (
     FREE_TIER_REQUESTS_PER_DAY,
     LEFT_OUT,
@@ -38,36 +38,10 @@ from helpers.gemini import (
     ask_batched,
     check_ids,
 )
-from helpers.run import override_fields
 
 KINDS = ("lying about a fact", "concealing a role", "evasion", "refusal", "other", "none")
 Kind = Literal["lying about a fact", "concealing a role", "evasion", "refusal", "other", "none"]
 MAX_EXPLANATION_CHARS = 300
-
-
-@dataclass(frozen=True)
-class AutointerpSettings:
-    """How an auto-interpretation pass asks Gemini and scores the answers."""
-
-    features_per_request: int = 8
-    """Features explained (and scored) in one request."""
-    baseline: bool = True
-    """Score each explanation against an unrelated feature's too (the controls')."""
-    fuzzing: bool = True
-    """Score by fuzzing as well as by detection."""
-    seed: int = 0
-    """Shuffles the scoring windows."""
-    max_followups: int = 2
-    """Follow-up requests for the features Gemini leaves out of an answer."""
-
-    def __post_init__(self) -> None:
-        if self.features_per_request < 1:
-            raise ValueError(f"features_per_request must be at least 1, got {self.features_per_request}")
-
-    def with_overrides(self, overrides: dict[str, Any]) -> AutointerpSettings:
-        """These settings with the fields named in `overrides` replaced; an unknown name is an error
-        listing the known ones."""
-        return override_fields(self, overrides, "autointerp settings")
 
 
 class FeatureExplanation(BaseModel):
@@ -212,17 +186,7 @@ def autointerp(
     controls = list(controls) if s.baseline else []
     expl = _explain(asker, [*contexts, *controls], s.features_per_request, s.max_followups)
     texts = {f: e["explanation"] for f, e in expl.items()}
-    scores = score_with(
-        asker,
-        contexts,
-        texts,
-        features_per_request=s.features_per_request,
-        baseline=s.baseline,
-        fuzzing=s.fuzzing,
-        seed=s.seed,
-        max_followups=s.max_followups,
-        controls=[c.feature for c in controls],
-    )
+    scores = score_with(asker, contexts, texts, s, [c.feature for c in controls])
     return {
         c.feature: {
             "feature": c.feature,

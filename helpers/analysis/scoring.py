@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,9 +45,36 @@ from pydantic import BaseModel, Field
 
 from helpers.analysis.contexts import FeatureContexts, marked_text
 from helpers.gemini import LEFT_OUT, Asker, GeminiClient, ask_batched, check_ids
+from helpers.run import override_fields
 from helpers.stats import balanced_accuracy, rank_sum
 
 METHODS = ("detection", "fuzzing")
+
+
+@dataclass(frozen=True)
+class AutointerpSettings:
+    """How an auto-interpretation pass asks Gemini and scores the answers (`autointerp.autointerp`,
+    `explain_features`, `score_explanations`)."""
+
+    features_per_request: int = 8
+    """Features explained (and scored) in one request."""
+    baseline: bool = True
+    """Score each explanation against an unrelated feature's too (the controls')."""
+    fuzzing: bool = True
+    """Score by fuzzing as well as by detection."""
+    seed: int = 0
+    """Shuffles the scoring windows."""
+    max_followups: int = 2
+    """Follow-up requests for the features Gemini leaves out of an answer."""
+
+    def __post_init__(self) -> None:
+        if self.features_per_request < 1:
+            raise ValueError(f"features_per_request must be at least 1, got {self.features_per_request}")
+
+    def with_overrides(self, overrides: dict[str, Any]) -> AutointerpSettings:
+        """These settings with the fields named in `overrides` replaced; an unknown name is an error
+        listing the known ones."""
+        return override_fields(self, overrides, "autointerp settings")
 
 
 class WindowScore(BaseModel):
@@ -221,42 +249,27 @@ def score_explanations(
     explanations: Mapping[int, str | None],
     client: GeminiClient | None,
     *,
-    features_per_request: int = 8,
-    baseline: bool = True,
-    fuzzing: bool = True,
-    seed: int = 0,
-    max_followups: int = 2,
     controls: Sequence[int] = (),
+    settings: AutointerpSettings | None = None,
+    **overrides: Any,
 ) -> dict[int, dict[str, Any]]:
     """Detection and (unless `fuzzing=False`) fuzzing scores per feature, each with the baseline unless
     `baseline=False` (the explanation of a control feature in `controls`, whose explanations must be in
-    `explanations`): the fields the module doc lists."""
-    return score_with(
-        Asker(client),
-        contexts,
-        explanations,
-        features_per_request=features_per_request,
-        baseline=baseline,
-        fuzzing=fuzzing,
-        seed=seed,
-        max_followups=max_followups,
-        controls=controls,
-    )
+    `explanations`): the fields the module doc lists. `settings` (default `AutointerpSettings()`), or
+    any of its fields as keywords."""
+    s = (settings or AutointerpSettings()).with_overrides(overrides)
+    return score_with(Asker(client), contexts, explanations, s, controls)
 
 
 def score_with(
     asker: Asker,
     contexts: Sequence[FeatureContexts],
     explanations: Mapping[int, str | None],
-    *,
-    features_per_request: int,
-    baseline: bool,
-    fuzzing: bool,
-    seed: int,
-    max_followups: int,
+    settings: AutointerpSettings,
     controls: Sequence[int] = (),
 ) -> dict[int, dict[str, Any]]:
     """`score_explanations` through an Asker that may already have stopped (autointerp.py shares one)."""
+    baseline = settings.baseline
     explained = [c.feature for c in contexts if explanations.get(c.feature)]
     usable = [f for f in controls if explanations.get(f)]
     results: dict[int, dict[str, Any]] = {}
@@ -276,7 +289,7 @@ def score_with(
             "baseline_kind": kind if ok else None,
         }
     for method in METHODS:
-        if method == "fuzzing" and not fuzzing:
+        if method == "fuzzing" and not settings.fuzzing:
             for res in results.values():
                 res.update(
                     {
@@ -287,17 +300,7 @@ def score_with(
                     }
                 )
             continue
-        _score_method(
-            asker,
-            method,
-            contexts,
-            explanations,
-            results,
-            baseline,
-            seed,
-            features_per_request,
-            max_followups,
-        )
+        _score_method(asker, method, contexts, explanations, results, settings)
     for res in results.values():  # how far each explanation beats another feature's on the same windows
         for method in METHODS:
             own, base = res[method], res[f"{method}_baseline"]
@@ -324,10 +327,7 @@ def _score_method(
     contexts: Sequence[FeatureContexts],
     explanations: Mapping[int, str | None],
     results: dict[int, dict[str, Any]],
-    baseline: bool,
-    seed: int,
-    features_per_request: int,
-    max_followups: int,
+    settings: AutointerpSettings,
 ) -> None:
     """Fills `method`'s fields of `results`: own explanations first, then the baselines."""
     windows, jobs = {}, {method: [], f"{method}_baseline": []}
@@ -337,7 +337,7 @@ def _score_method(
         if not explanations.get(c.feature):
             why = asker.stopped or "unavailable (no explanation)"
         else:
-            windows[c.feature] = MAKERS[method](c, seed)
+            windows[c.feature] = MAKERS[method](c, settings.seed)
             why = CANNOT[method] if windows[c.feature] is None else None
         if why:
             res[f"{method}_source"] = res[f"{method}_baseline_source"] = why
@@ -346,7 +346,7 @@ def _score_method(
         jobs[method].append({"feature": c.feature, "explanation": explanations[c.feature], "windows": shown})
         partner = res["baseline_explanation_of"]
         if partner is None:
-            why = "not run" if not baseline else "unavailable (needs two explained features)"
+            why = "not run" if not settings.baseline else "unavailable (needs two explained features)"
             res[f"{method}_baseline_source"] = why
             continue
         jobs[f"{method}_baseline"].append(
@@ -360,8 +360,8 @@ def _score_method(
             ScoreAnswer,
             SYSTEMS[method],
             _parse,
-            features_per_request,
-            max_followups,
+            settings.features_per_request,
+            settings.max_followups,
         )
         for item in items:
             f = item["feature"]
