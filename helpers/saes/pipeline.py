@@ -67,7 +67,15 @@ from helpers.run import (
 )
 from helpers.saes.evals import evaluate_folder
 from helpers.saes.io import find_sae_folders, load_sae, save_sae
-from helpers.saes.train import MixedData, StoreData, StreamData, TooFewSamples, TrainConfig, train_sae
+from helpers.saes.train import (
+    HeldOut,
+    MixedData,
+    StoreData,
+    StreamData,
+    TooFewSamples,
+    TrainConfig,
+    train_sae,
+)
 
 BEHAVIOUR_CONDITIONS = ("mixed", "deceptive_only", "honest_only")
 CORPUS_CONDITIONS = ("corpus", "corpus+behaviour")
@@ -214,14 +222,13 @@ def train_grid(
         }
         m = train_sae(
             data,
-            None,
             run_cfg,
             out,
             hook_name=hooks.hook_name(layer),
             model_name=spec,
+            held_out=sources.held_out(eval_ids, stream_eval_tokens),
             metadata=meta,
             device=device,
-            **sources.evaluation(eval_ids, stream_eval_tokens),
         )
         if sources.corpus_store is not None:  # the same SAE on held-out corpus text
             held = evaluate_folder(out, sources.corpus_store, sources.corpus_held, device=device)
@@ -459,19 +466,17 @@ class _Sources:
             )
         return data
 
-    def evaluation(self, eval_ids: list[str], stream_tokens: int) -> dict[str, Any]:
-        """train_sae's evaluation arguments: held-out behaviour completions when there are any, else the
-        held-out corpus (stored, or `stream_tokens` of the stream's held-out sequences)."""
+    def held_out(self, eval_ids: list[str], stream_tokens: int) -> HeldOut:
+        """train_sae's held-out data: the behaviour completions `eval_ids` when there are any (all the
+        behaviour tokens when none of them is stored), else the held-out corpus (stored, or `stream_tokens`
+        of the stream's held-out sequences)."""
         if self.behaviour is not None and eval_ids:
-            return {
-                "eval_store": self.behaviour,
-                "eval_ids": [i for i in eval_ids if i in self.behaviour.entries],
-            }
+            return StoreData(self.behaviour, [i for i in eval_ids if i in self.behaviour.entries] or None)
         if self.corpus_store is not None:
-            return {"eval_store": self.corpus_store, "eval_ids": self.corpus_held}
+            return StoreData(self.corpus_store, self.corpus_held or None)
         if self.stream_heldout is None:
             self.stream_heldout = self.stream.heldout_batches(stream_tokens)
-        return {"eval_batches": self.stream_heldout}
+        return self.stream_heldout
 
     def dataset_path(self, condition: str) -> str:
         where = {"corpus": "corpus/", "corpus+behaviour": "corpus/ + completions.jsonl"}

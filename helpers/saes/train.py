@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from helpers.collect.store import LayerStore
 from helpers.model import hooks
-from helpers.run import SAE_METRICS, atomic_write_bytes, atomic_write_json, stable_hash
+from helpers.run import SAE_METRICS, atomic_write_bytes, atomic_write_json, override_fields, stable_hash
 from helpers.saes.base import SAE, StepOutput, geometric_median
 from helpers.saes.evals import activation_metrics, check_finite, evaluate_folder
 from helpers.saes.io import load_sae, save_sae
@@ -252,8 +252,32 @@ class MixedData:
             yield torch.cat([next(it) for it in its])
 
 
-def as_training_data(data: LayerStore | TrainingData, ids: list[str] | None) -> TrainingData:
-    return StoreData(data, ids) if isinstance(data, LayerStore) else data
+def as_training_data(data: LayerStore | TrainingData) -> TrainingData:
+    """A bare store is all of its tokens (`StoreData(store)`); any other `TrainingData` as it is."""
+    return StoreData(data) if isinstance(data, LayerStore) else data
+
+
+HeldOut = StoreData | list[torch.Tensor]
+"""Held-out activations for an SAE's metrics: tokens of a store (`StoreData`) or raw batches."""
+
+
+@dataclass(frozen=True)
+class TrainRunSettings:
+    """How `train_sae` runs (not what SAE it makes: that is `TrainConfig`). A whole
+    `settings=TrainRunSettings(...)` or single fields as keywords (`progress=False`), which win over it."""
+
+    device: str = "cpu"
+    """Where the SAE trains and is evaluated."""
+    until_step: int | None = None
+    """Stop (checkpointed) after this step, e.g. to split a run across sessions; None: run to the end."""
+    progress: bool = True
+    """Show a progress bar."""
+    metadata: dict[str, Any] | None = None
+    """Extra keys for metrics.json and the saved cfg.json (the grid's SAE id, layer, condition, ...)."""
+
+    def with_overrides(self, overrides: dict[str, Any]) -> TrainRunSettings:
+        """These settings with the fields named in `overrides` replaced (unknown names are refused)."""
+        return override_fields(self, overrides, "training run settings")
 
 
 class Trainer:
@@ -373,32 +397,32 @@ class Trainer:
 
 
 def train_sae(
-    store: LayerStore | TrainingData,
-    ids: list[str] | None,
+    data: LayerStore | TrainingData,
     cfg: TrainConfig,
     out_dir: str | os.PathLike,
     *,
     hook_name: str,
     model_name: str,
-    eval_ids: list[str] | None = None,
-    eval_store: LayerStore | None = None,
-    eval_batches: list[torch.Tensor] | None = None,
-    metadata: dict[str, Any] | None = None,
-    device: str = "cpu",
-    until_step: int | None = None,
-    progress: bool = True,
+    held_out: HeldOut | None = None,
+    settings: TrainRunSettings | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
-    """Train one SAE on the tokens of completions `ids` of `store` (or on any `TrainingData`: a stream,
-    a mix), resuming from `out_dir/checkpoint.pt` if there. Held-out metrics come from `eval_batches`
-    when given, else from the completions `eval_ids` of `eval_store` (default: the training store and
-    ids). `until_step` stops (checkpointed) after that step, e.g. to split a run across sessions. Returns
-    the metrics (also written to `out_dir/metrics.json`) or, when stopped early, {"status": "paused", ...}."""
+    """Train one SAE on `data` (a `TrainingData`: `StoreData(store, ids)`, a stream, a mix; a bare store
+    is all its tokens), resuming from `out_dir/checkpoint.pt` if there. Held-out metrics come from
+    `held_out` (`StoreData` or raw batches; default: the training `StoreData` itself). How it runs (device,
+    `until_step`, progress bar, metadata): `TrainRunSettings`, whole or as keywords. Returns the metrics
+    (also written to `out_dir/metrics.json`) or, when stopped at `until_step`, {"status": "paused", ...}."""
+    run = (settings or TrainRunSettings()).with_overrides(overrides)
+    device, metadata = run.device, run.metadata
     out_dir = Path(out_dir)
     ckpt = out_dir / "checkpoint.pt"
     hooks.layer_of(hook_name)  # a bad hook name fails now, not after training
-    source = as_training_data(store, ids)
-    if eval_batches is None and eval_store is None and not isinstance(store, LayerStore):
-        raise ValueError("training from a stream or a mix needs eval_store (+ eval_ids) or eval_batches")
+    source = as_training_data(data)
+    held_out = source if held_out is None else held_out
+    if not isinstance(held_out, (StoreData, list)):
+        raise ValueError(
+            "training from a stream or a mix needs held_out: StoreData(store, ids) or a list of batches"
+        )
     trainer = Trainer(cfg, source.d_model, device)
     n_init = -(-cfg.init_tokens // cfg.batch_size)  # batches of the init (and calibration) sample
     if (count := source.count()) is not None:
@@ -411,9 +435,9 @@ def train_sae(
         for i, x in enumerate(init):
             check_finite(x, f"training batch {i} (tokens {i * cfg.batch_size}..)")
         trainer.init_from_data(torch.cat(init))
-    end = min(cfg.total_steps, until_step or cfg.total_steps)
+    end = min(cfg.total_steps, run.until_step or cfg.total_steps)
     bar = tqdm(
-        total=cfg.total_steps, initial=trainer.step, desc=out_dir.name, disable=not progress, unit="step"
+        total=cfg.total_steps, initial=trainer.step, desc=out_dir.name, disable=not run.progress, unit="step"
     )
     start, data = time.perf_counter(), source.batches(cfg, trainer.step)
     while trainer.step < end:
@@ -456,12 +480,12 @@ def train_sae(
         "config": asdict(cfg),
         "history": trainer.history,
     }
-    if eval_batches is not None:
-        loaded = load_sae(out_dir, device=device)
-        activations = activation_metrics(loaded.sae, eval_batches, device=device)
-        evaluation = {"hook_name": hook_name, "layer": loaded.layer, "activations": activations}
+    if isinstance(held_out, StoreData):
+        evaluation = evaluate_folder(out_dir, held_out.store, held_out.ids, device=device)
     else:
-        evaluation = evaluate_folder(out_dir, eval_store or store, eval_ids or ids, device=device)
+        loaded = load_sae(out_dir, device=device)
+        activations = activation_metrics(loaded.sae, held_out, device=device)
+        evaluation = {"hook_name": hook_name, "layer": loaded.layer, "activations": activations}
     metrics = {**(metadata or {}), "architecture": cfg.architecture, **evaluation, "training": training}
     atomic_write_json(out_dir / SAE_METRICS, metrics)
     ckpt.unlink(missing_ok=True)

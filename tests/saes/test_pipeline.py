@@ -162,7 +162,7 @@ def test_no_sae_trains_on_the_groups_reserved_for_analysis(offline_lm, tmp_path_
     run = shared_run(offline_lm, tmp_path_factory)
     seen = {}
 
-    def fake_train(data, _eval, cfg, out, *, metadata, **_):
+    def fake_train(data, cfg, out, *, metadata, **_):
         seen[metadata["condition"]] = (set(data.ids), metadata["analysis_split"])
         return {"activations": {"explained_variance": 0.5, "l0": 4.0, "dead_fraction": 0.0}}
 

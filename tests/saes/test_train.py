@@ -25,7 +25,7 @@ from helpers.collect.store import ActivationWriter, LayerStore
 from helpers.model.hooks import hook_name, run_with_capture
 from helpers.run import activations_dir
 from helpers.saes.pipeline import condition_ids, train_grid
-from helpers.saes.train import TooFewSamples, TrainConfig, Trainer, train_sae
+from helpers.saes.train import StoreData, StreamData, TooFewSamples, TrainConfig, Trainer, train_sae
 
 LAYER = 2
 QUESTIONS = ["Did you take the money?", "Is the car in good condition?", "Were you home last night?"]
@@ -115,7 +115,7 @@ def test_resume_after_interruption_is_bitwise_identical(run_dir, tmp_path, monke
     ids = store.completion_ids[:12]  # ~570 tokens: 40 steps of 64 cross several epochs and shuffle buffers
     cfg = small_cfg(arch)
     kw = dict(hook_name=hook_name(LAYER), model_name="smollm2", progress=False)
-    full = train_sae(store, ids, cfg, tmp_path / "full", **kw)
+    full = train_sae(StoreData(store, ids), cfg, tmp_path / "full", **kw)
 
     real_step = Trainer.train_step
 
@@ -126,11 +126,11 @@ def test_resume_after_interruption_is_bitwise_identical(run_dir, tmp_path, monke
 
     monkeypatch.setattr(Trainer, "train_step", disconnect_at_27)
     with pytest.raises(KeyboardInterrupt):
-        train_sae(store, ids, cfg, tmp_path / "resumed", **kw)
+        train_sae(StoreData(store, ids), cfg, tmp_path / "resumed", **kw)
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 20
     assert not (tmp_path / "resumed" / "metrics.json").exists()
     monkeypatch.setattr(Trainer, "train_step", real_step)
-    resumed = train_sae(store, ids, cfg, tmp_path / "resumed", **kw)
+    resumed = train_sae(StoreData(store, ids), cfg, tmp_path / "resumed", **kw)
 
     weights = "sae_weights.safetensors"
     assert (tmp_path / "full" / weights).read_bytes() == (tmp_path / "resumed" / weights).read_bytes()
@@ -149,10 +149,10 @@ def test_resume_after_interruption_is_bitwise_identical(run_dir, tmp_path, monke
 def test_until_step_pauses_and_a_changed_config_is_refused(run_dir, tmp_path):
     store = LayerStore(run_dir, LAYER)
     kw = dict(hook_name=hook_name(LAYER), model_name="m", progress=False)
-    paused = train_sae(store, store.completion_ids, small_cfg(), tmp_path, until_step=15, **kw)
+    paused = train_sae(StoreData(store, store.completion_ids), small_cfg(), tmp_path, until_step=15, **kw)
     assert paused == {"status": "paused", "step": 15, "checkpoint": str(tmp_path / "checkpoint.pt")}
     with pytest.raises(ValueError, match=r"other settings \(lr: checkpoint 0.001, now 0.0003\).*delete it"):
-        train_sae(store, store.completion_ids, small_cfg(lr=3e-4), tmp_path, **kw)
+        train_sae(StoreData(store, store.completion_ids), small_cfg(lr=3e-4), tmp_path, **kw)
 
 
 @pytest.mark.parametrize(
@@ -230,8 +230,7 @@ def test_non_finite_activations_stop_with_their_location(run_dir, tmp_path):
         ValueError, match=r"non-finite activation \(nan\) in training batch \d+ .*row \d+, dim 0"
     ):
         train_sae(
-            store,
-            store.completion_ids,
+            StoreData(store, store.completion_ids),
             small_cfg(),
             tmp_path / "sae",
             hook_name=hook_name(LAYER),
@@ -303,7 +302,7 @@ def test_a_full_disk_names_the_folder_free_space_and_fix_and_keeps_the_checkpoin
 ):
     store = LayerStore(run_dir, LAYER)
     kw = dict(hook_name=hook_name(LAYER), model_name="m", progress=False)
-    train_sae(store, store.completion_ids, small_cfg(), tmp_path, until_step=10, **kw)
+    train_sae(StoreData(store, store.completion_ids), small_cfg(), tmp_path, until_step=10, **kw)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
     def full_disk(fd):
@@ -313,10 +312,21 @@ def test_a_full_disk_names_the_folder_free_space_and_fix_and_keeps_the_checkpoin
     with pytest.raises(
         OSError, match=rf"{tmp_path} is full.*checkpoint\.pt.* GB free there.*Free space"
     ) as err:
-        train_sae(store, store.completion_ids, small_cfg(), tmp_path, **kw)
+        train_sae(StoreData(store, store.completion_ids), small_cfg(), tmp_path, **kw)
     assert err.value.errno == errno.ENOSPC
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # step 10 kept, no temp file
     monkeypatch.undo()
     assert (
-        train_sae(store, store.completion_ids, small_cfg(), tmp_path, **kw)["training"]["tokens"] == 40 * 64
+        train_sae(StoreData(store, store.completion_ids), small_cfg(), tmp_path, **kw)["training"]["tokens"]
+        == 40 * 64
     )
+
+
+def test_train_sae_refuses_unknown_settings_and_a_stream_without_held_out_data(tmp_path):
+    stream = StreamData(type("Stream", (), {"d_model": 8})())
+    kw = dict(hook_name=hook_name(LAYER), model_name="m")
+    with pytest.raises(TypeError, match=r"\['eval_ids'\]: the training run settings are \['device'"):
+        train_sae(stream, small_cfg(), tmp_path, eval_ids=["p0#0"], **kw)
+    with pytest.raises(ValueError, match=r"needs held_out: StoreData\(store, ids\) or a list of batches"):
+        train_sae(stream, small_cfg(), tmp_path, progress=False, **kw)
+    assert not any(tmp_path.iterdir()), "refused before anything is written"
