@@ -1,6 +1,6 @@
-"""Notebook 04's settings objects (`ProbeTableSettings`, `FeatureSettings`, `ProbeSettings`): single
-fields as keywords win over a whole settings object, and an unknown name is refused with the field list
-before anything is read or written."""
+"""Notebook 04's settings objects (`ProbeTableSettings`, `FeatureSettings`, `ProbeSettings`,
+`AutointerpSettings`): single fields as keywords win over a whole settings object, and an unknown name is
+refused with the field list before anything is read or written."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 from helpers.analysis import probes
 from helpers.analysis.pipeline import FeatureSettings, ProbeTableSettings, feature_table, probe_table
+from helpers.analysis.scoring import score_explanations
 
 
 def test_keywords_override_the_settings_object():
@@ -27,7 +28,24 @@ def test_unknown_names_are_refused_with_the_field_list(tmp_path):
         feature_table(missing, tmp_path / "no_sae", top_k=3)
     with pytest.raises(TypeError, match=r"\['folds'\].*probe settings are \['n_folds'"):
         probes.bag_of_words_probe(["a b"] * 4, np.array([0, 1, 0, 1]), [0, 0, 1, 1], folds=2)
+    with pytest.raises(TypeError, match=r"\['folds'\].*probe settings are \['n_folds'"):
+        probes.probe(np.zeros((4, 2)), np.array([0, 1, 0, 1]), [0, 0, 1, 1], folds=2)
+    with pytest.raises(TypeError, match=r"\['fuzz'\].*autointerp settings are \['features_per_request'"):
+        score_explanations([], {}, None, fuzz=False)
     assert not missing.exists()
+
+
+def test_probe_settings_object_equals_keywords():
+    rng = np.random.default_rng(1)
+    y = np.tile([0, 1], 24)
+    groups = np.repeat(np.arange(12), 4)
+    X = rng.standard_normal((48, 5)) + 0.8 * y[:, None]
+    settings = probes.ProbeSettings(n_folds=3, n_permutations=9, n_bootstrap=5, seed=2, C=0.5)
+    a = probes.probe(X, y, groups, settings=settings, name="raw")
+    b = probes.probe(X, y, groups, n_folds=3, n_permutations=9, n_bootstrap=5, seed=2, C=0.5, name="raw")
+    c = probes.probe(X, y, groups, settings=settings, seed=3)
+    assert a.to_dict() == b.to_dict() and np.array_equal(a.boot_ba, b.boot_ba)
+    assert (a.details["seed"], c.details["seed"]) == (2, 3) and a.fold_signature != c.fold_signature
 
 
 def test_bag_of_words_settings_object_equals_keywords():
