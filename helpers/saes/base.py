@@ -8,7 +8,8 @@ An SAE maps a residual vector x [d_in] to latents f [d_sae] and back:
     x_hat = f @ W_dec + b_dec                  W_dec [d_sae, d_in], rows kept unit-norm (except `standard`)
 
 The sparse maths of a training step (`Pattern`, `gather_pre`, `sparse_decode`) is in kernels.py; the
-AuxK loss that TopK and the BatchTopK family share is `auxk_loss` here.
+training step that TopK and the BatchTopK family share (their selection aside), with its AuxK loss, is
+`KSparseSAE` here.
 """
 
 from __future__ import annotations
@@ -227,6 +228,53 @@ class SAE(nn.Module):
         for name in self.saelens_tensors:
             getattr(self, name).copy_(tensors[name].to(getattr(self, name)))
         self.decoder_row_norm.fill_(1.0)
+
+
+class KSparseSAE(SAE):
+    """The training step of the k-sparse family (TopK, BatchTopK, Matryoshka BatchTopK): the encoder's one
+    dense matmul, the architecture's choice of active (token, latent) pairs (`pick`), the reconstruction of
+    the chosen activations (`reconstruction_loss`) and AuxK on the dead latents (`auxk_loss`, coefficient
+    `auxk_coef`, the top `k_aux` dead latents of each token: min(d_in // 2, d_sae) by default)."""
+
+    input_norm = "sqrt_d_in"  # see TrainConfig.input_norm
+    latent_biases: ClassVar[tuple[str, ...]] = ("b_enc",)
+
+    def __init__(
+        self, d_in: int, d_sae: int, *, l0: float, k_aux: int | None, auxk_coef: float, seed: int = 0
+    ):
+        super().__init__(d_in, d_sae, l0=l0, seed=seed)
+        self.k_aux = min(k_aux or d_in // 2, d_sae)
+        self.auxk_coef = auxk_coef
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+
+    def pick(self, pre: Tensor) -> Pattern:
+        """The active pairs of a batch from its pre-activations [n, d_sae] (no autograd)."""
+        raise NotImplementedError
+
+    def select(self, x: Tensor) -> tuple[Tensor, Pattern, Tensor]:
+        """(pre [n, d_sae] without autograd, the active pairs, their ReLU'd activations [nnz] with
+        gradients)."""
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)  # [n, d_sae]: the only dense matmul
+            p = self.pick(pre)
+        acts = gather_pre(x, self.b_dec, self.W_enc_T, self.b_enc, pre, p).relu()  # [nnz]
+        return pre, p, acts
+
+    def reconstruction_loss(self, x: Tensor, acts: Tensor, p: Pattern) -> tuple[Tensor, Tensor, dict]:
+        """(loss, x_hat, terms) of the selected activations: plain MSE here, nested prefixes in Matryoshka."""
+        x_hat = sparse_decode(acts, self.W_dec, p) + self.b_dec
+        mse = recon_loss(x_hat, x)
+        return mse, x_hat, {"mse": mse.detach()}
+
+    def losses(self, x: Tensor, dead: Tensor) -> StepOutput:
+        pre, p, acts = self.select(x)
+        loss, x_hat, terms = self.reconstruction_loss(x, acts, p)
+        if int(dead.sum()) and self.auxk_coef:
+            auxk = auxk_loss(self, x, pre, dead, (x - x_hat).detach(), self.k_aux)
+            terms["auxk"] = auxk.detach()
+            loss = loss + self.auxk_coef * auxk
+        fired = torch.bincount(p.col[acts > 0], minlength=self.d_sae)
+        return StepOutput(loss, terms, x_hat.detach(), fired)
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ smallest of the pool's n·k largest activations, the batch rule over one large b
 L0 is k.
 
 Dead latents are revived with TopK's AuxK (base.auxk_loss, Gao et al. 2024 §A.2), as in the paper and
-SAELens. `BatchTopKSAE.select` is the hook the Matryoshka variant reuses.
+SAELens: the step is base.KSparseSAE's, shared with TopK; Matryoshka changes its `reconstruction_loss`.
 """
 
 from __future__ import annotations
@@ -25,15 +25,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from helpers.saes.base import SAE, StepOutput, auxk_loss
-from helpers.saes.kernels import Pattern, batch_topk, gather_pre, recon_loss, sparse_decode
+from helpers.saes.base import KSparseSAE, StepOutput
+from helpers.saes.kernels import Pattern, batch_topk
 
 
-class BatchTopKSAE(SAE):
+class BatchTopKSAE(KSparseSAE):
     architecture = "batchtopk"
-    input_norm = "sqrt_d_in"  # see TrainConfig.input_norm
     encoder_init_scale = 0.1  # base.SAE.encoder_init_scale
     saved_architecture = "jumprelu"
     latent_biases = ("b_enc", "threshold")
@@ -52,11 +51,9 @@ class BatchTopKSAE(SAE):
     ):
         """`l0` is k, the mean number of active latents per token; `k_aux` defaults to min(d_in // 2, d_sae);
         `threshold_rate` is the moving average's rate for the inference threshold θ."""
-        super().__init__(d_in, d_sae, l0=l0, seed=seed)
+        super().__init__(d_in, d_sae, l0=l0, k_aux=k_aux, auxk_coef=auxk_coef, seed=seed)
         self.k = float(l0)
-        self.k_aux = min(k_aux or d_in // 2, d_sae)
-        self.auxk_coef, self.threshold_rate = auxk_coef, threshold_rate
-        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.threshold_rate = threshold_rate
         # θ for every latent (the saved JumpReLU's `threshold`); one value here, as in the paper.
         self.register_buffer("threshold", torch.zeros(d_sae))
         self.register_buffer("threshold_steps", torch.zeros((), dtype=torch.int64))
@@ -67,32 +64,16 @@ class BatchTopKSAE(SAE):
         pre = (x - self.b_dec) @ self.W_enc + self.b_enc
         return pre * (pre > self.threshold), pre
 
+    def pick(self, pre: Tensor) -> Pattern:
+        """The batch's n·k largest pre-activations."""
+        return batch_topk(pre, round(self.k * len(pre)))
+
     def select(self, x: Tensor) -> tuple[Tensor, Pattern, Tensor]:
-        """(pre [n, d_sae] without autograd, the batch's selected pairs, their activations [nnz] with
-        gradients). Records the smallest positive selected activation for θ's update."""
-        with torch.no_grad():
-            pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)  # [n, d_sae]: the only dense matmul
-            p = batch_topk(pre, round(self.k * len(x)))
-        acts = gather_pre(x, self.b_dec, self.W_enc_T, self.b_enc, pre, p).relu()  # [nnz]
+        """base.KSparseSAE.select, recording the smallest positive selected activation for θ's update."""
+        pre, p, acts = super().select(x)
         positive = acts.detach()[acts.detach() > 0]
         self._min_selected = float(positive.min()) if len(positive) else None
         return pre, p, acts
-
-    def reconstruction_loss(self, x: Tensor, acts: Tensor, p: Pattern) -> tuple[Tensor, Tensor, dict]:
-        """(loss, x_hat, terms) of the selected activations: plain MSE here, nested prefixes in Matryoshka."""
-        x_hat = sparse_decode(acts, self.W_dec, p) + self.b_dec
-        mse = recon_loss(x_hat, x)
-        return mse, x_hat, {"mse": mse.detach()}
-
-    def losses(self, x: Tensor, dead: Tensor) -> StepOutput:
-        pre, p, acts = self.select(x)
-        loss, x_hat, terms = self.reconstruction_loss(x, acts, p)
-        if int(dead.sum()) and self.auxk_coef:
-            auxk = auxk_loss(self, x, pre, dead, (x - x_hat).detach(), self.k_aux)
-            terms["auxk"] = auxk.detach()
-            loss = loss + self.auxk_coef * auxk
-        fired = torch.bincount(p.col[acts > 0], minlength=self.d_sae)
-        return StepOutput(loss, terms, x_hat.detach(), fired)
 
     @torch.no_grad()
     def after_step(self, out: StepOutput) -> None:

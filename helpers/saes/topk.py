@@ -5,8 +5,8 @@ for `dead_tokens` tokens, counted by the training loop) are revived by the AuxK 
 top-k_aux dead pre-activations reconstruct the detached residual error e = x - x_hat, normalised by
 e's variance as in OpenAI's reference, with k_aux = d_in/2 (capped by d_sae) and coefficient 1 (SAELens's
 `aux_loss_coefficient`; with free rows from 0.1, 1/32 left 163 of 512 latents dead on synthetic data at lr
-1e-3, MCC 0.602 vs SAELens 0.686; coefficient 1: none dead, 0.683 vs 0.669); `base.auxk_loss`, shared
-with the BatchTopK family (which keeps 1/32).
+1e-3, MCC 0.602 vs SAELens 0.686; coefficient 1: none dead, 0.683 vs 0.669); the step is `base.KSparseSAE`'s,
+shared with the BatchTopK family (which keeps 1/32).
 Decoder rows start at norm 0.1 and their norms are free, as SAELens trains its TopK SAEs (its
 `decoder_init_norm` and its sparse path's `rescale_acts_by_decoder_norm=False`); the encoder starts as the
 decoder's transpose (base.SAE; unlike BatchTopK's, not scaled down: see encoder_init_scale). Held at unit
@@ -18,19 +18,17 @@ The saved rows keep their trained norms (`fold_row_norms`), so the saved TopK se
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from helpers.saes.base import SAE, StepOutput, auxk_loss
-from helpers.saes.kernels import Pattern, gather_pre, recon_loss, sparse_decode
+from helpers.saes.base import KSparseSAE
+from helpers.saes.kernels import Pattern
 
 
-class TopKSAE(SAE):
+class TopKSAE(KSparseSAE):
     architecture = "topk"
-    input_norm = "sqrt_d_in"  # see TrainConfig.input_norm
     decoder_norm = 0.1  # base.SAE.decoder_norm: rows start at 0.1 and move freely, as in SAELens
     free_decoder = True
     fold_row_norms = False  # the top-k selection compares latents: free rows are saved as they are
-    latent_biases = ("b_enc",)
     saelens_tensors = ("W_enc", "b_enc", "W_dec", "b_dec")
 
     def __init__(
@@ -44,11 +42,8 @@ class TopKSAE(SAE):
         seed: int = 0,
     ):
         """`l0` is k, the number of active latents per token; `k_aux` defaults to min(d_in // 2, d_sae)."""
-        super().__init__(d_in, d_sae, l0=int(l0), seed=seed)
+        super().__init__(d_in, d_sae, l0=int(l0), k_aux=k_aux, auxk_coef=auxk_coef, seed=seed)
         self.k = int(l0)
-        self.k_aux = min(k_aux or d_in // 2, d_sae)
-        self.auxk_coef = auxk_coef
-        self.b_enc = nn.Parameter(torch.zeros(d_sae))
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self.check_input(x)
@@ -56,22 +51,9 @@ class TopKSAE(SAE):
         top = pre.topk(self.k, dim=-1)
         return torch.zeros_like(pre).scatter_(-1, top.indices, top.values.relu()), pre
 
-    def losses(self, x: Tensor, dead: Tensor) -> StepOutput:
-        with torch.no_grad():
-            pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)  # [n, d_sae]: the only dense matmul
-            p = Pattern.from_indices(pre.topk(self.k, dim=-1, sorted=False).indices, self.d_sae)
-        acts = gather_pre(x, self.b_dec, self.W_enc_T, self.b_enc, pre, p).relu()  # [n * k]
-        x_hat = sparse_decode(acts, self.W_dec, p) + self.b_dec
-        mse = recon_loss(x_hat, x)
-        terms = {"mse": mse.detach()}
-        loss = mse
-        n_dead = int(dead.sum())
-        if n_dead and self.auxk_coef:
-            auxk = auxk_loss(self, x, pre, dead, (x - x_hat).detach(), self.k_aux)
-            terms["auxk"] = auxk.detach()
-            loss = loss + self.auxk_coef * auxk
-        fired = torch.bincount(p.col[acts > 0], minlength=self.d_sae)
-        return StepOutput(loss, terms, x_hat.detach(), fired)
+    def pick(self, pre: Tensor) -> Pattern:
+        """Each token's k largest pre-activations."""
+        return Pattern.from_indices(pre.topk(self.k, dim=-1, sorted=False).indices, self.d_sae)
 
     def saelens_cfg(self) -> dict:
         # The rows' norms are free and not folded (base.SAE.saelens_state): SAELens must select on the
