@@ -47,7 +47,7 @@ from helpers.collect.prompts import (
     load_hf_dataset,
     load_scenarios,
 )
-from helpers.collect.sampling import Completion, sample_completions
+from helpers.collect.sampling import Completion, SamplingSettings, sample_completions
 from helpers.env import get_secret
 from helpers.gemini import GeminiClient
 from helpers.model.protocols import HookableModel
@@ -233,13 +233,14 @@ def collection_settings(
     layers: list[int],
     *,
     n_per_prompt: int,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
-    seed: int,
     include_prompt: bool,
+    sampling: SamplingSettings | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
-    """What determines notebook 02's completions and activations (compared on a rerun)."""
+    """What determines notebook 02's completions and activations (compared on a rerun): the datasets,
+    `n_per_prompt` and the `sampling` that `sample_into_run` is given (its fields may come as keywords,
+    as there), the layers, and whether prompt tokens are kept (`include_prompt`)."""
+    sampling = (sampling or SamplingSettings()).with_overrides(overrides)
     return {
         "model": model_spec,
         "datasets": {
@@ -254,10 +255,10 @@ def collection_settings(
         },
         "sampling": {
             "n_per_prompt": n_per_prompt,
-            "temperature": temperature,
-            "top_p": top_p,
-            "max_new_tokens": max_new_tokens,
-            "seed": seed,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_new_tokens": sampling.max_new_tokens,
+            "seed": sampling.seed,
         },
         "layers": sorted(layers),
         "include_prompt": include_prompt,
@@ -319,16 +320,15 @@ def sample_into_run(
     run_dir: str | os.PathLike,
     *,
     n_per_prompt: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    max_new_tokens: int = 128,
-    seed: int = 0,
-    batch_size: int = 32,
+    sampling: SamplingSettings | None = None,
+    **overrides: Any,
 ) -> list[dict[str, Any]]:
-    """Sample what is missing from completions.jsonl (appending each batch as it
-    finishes); return all rows."""
+    """Sample what is missing from completions.jsonl (appending each batch as it finishes); return all
+    rows. `sampling` (default `SamplingSettings()`: temperature 1, no nucleus cut, 128 new tokens, seed 0,
+    batches of 32) with any of its fields given as keywords instead (`temperature=0` is greedy)."""
+    sampling = (sampling or SamplingSettings()).with_overrides(overrides)
     max_context = getattr(lm.model.config, "max_position_embeddings", None) or 2048
-    check_fits_context(prompts, lm.tokenizer, max_context, max_new_tokens)
+    check_fits_context(prompts, lm.tokenizer, max_context, sampling.max_new_tokens)
     check_declared(run_dir, {p.meta.get("dataset") or dataset_name(p.source) for p in prompts})
     by_id = {p.id: p for p in prompts}
     done = {r["id"] for r in read_completions(run_dir)}
@@ -341,11 +341,7 @@ def sample_into_run(
         lm,
         [(p.id, p.user, p.system) for p in prompts],
         n_per_prompt=n_per_prompt,
-        temperature=temperature,
-        top_p=top_p,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-        batch_size=batch_size,
+        sampling=sampling,
         done_ids=done,
         on_batch=lambda batch: append_completions(
             run_dir, [completion_record(c, by_id[c.prompt_id]) for c in batch]

@@ -22,7 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from helpers.analysis.contexts import token_pieces
-from helpers.collect.sampling import sample_next
+from helpers.collect.sampling import SamplingSettings, sample_next
 from helpers.explore.meter import DeceptionMeter
 from helpers.model.chat import cache_kwarg, encode_chat, stop_token_ids
 from helpers.model.hooks import capture, hook_name, run_with_capture
@@ -31,6 +31,8 @@ from helpers.saes.io import LoadedSAE
 from helpers.steer.directions import check_sae_matches
 
 NO_FEATURE_FIRES = "no feature fires on this text: every feature of this SAE is 0 on all of its tokens"
+LIVE_SAMPLING = SamplingSettings(temperature=0.0, max_new_tokens=48, seed=0, batch_size=1)
+"""`track_generation`'s sampling defaults: greedy, short answers, one at a time."""
 
 
 @dataclass
@@ -71,18 +73,19 @@ def track_generation(
     *,
     system: str | None = None,
     meter: DeceptionMeter | None = None,
-    max_new_tokens: int = 48,
-    temperature: float = 0.0,
-    seed: int = 0,
     top_n: int = 5,
     steering: AbstractContextManager | None = None,
+    **sampling: Any,
 ) -> Iterator[TokenStep]:
     """Generate an answer to `prompt` token by token, yielding each token with the features that fire
-    on it and the deception meter's readings (module doc). Stops at the model's end-of-turn token."""
+    on it and the deception meter's readings (module doc). Stops at the model's end-of-turn token.
+    `sampling`: fields of `LIVE_SAMPLING` (greedy, 48 new tokens, seed 0) to change, e.g. `seed=1,
+    temperature=0.7` (one answer at a time: `batch_size` does not apply)."""
+    settings = LIVE_SAMPLING.with_overrides(sampling)
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty: type a question for the model")
-    if max_new_tokens < 1 or top_n < 1:
-        raise ValueError(f"max_new_tokens and top_n must be at least 1, got {max_new_tokens}, {top_n}")
+    if top_n < 1:
+        raise ValueError(f"top_n must be at least 1, got {top_n}")
     check_sae_matches(sae, lm, sae.layer)
     model, tok = lm.model, lm.tokenizer
     names = sorted({hook_name(sae.layer)} | ({hook_name(meter.layer)} if meter is not None else set()))
@@ -90,14 +93,14 @@ def track_generation(
     device = next(model.parameters()).device
     param = next(sae.sae.parameters())
     ids = encode_chat(tok, prompt, system)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(settings.seed)
     answer: list[int] = []
     running, n = None, 0
     kv = {cache_kwarg(model): DynamicCache(config=model.config)}  # filled in place by every forward
     with steering or nullcontext(), capture(model, names) as cache:
         logits = model(input_ids=torch.tensor([ids], device=device), use_cache=True, **kv).logits[:, -1]
-        for i in range(max_new_tokens):
-            nxt = sample_next(logits.float(), [generator], temperature, 1.0)  # [1]
+        for i in range(settings.max_new_tokens):
+            nxt = sample_next(logits.float(), [generator], settings.temperature, settings.top_p)  # [1]
             t = int(nxt[0])
             if t in stops:
                 return

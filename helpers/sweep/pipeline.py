@@ -46,6 +46,7 @@ from helpers.collect.pipeline import (
     load_datasets,
     sample_into_run,
 )
+from helpers.collect.sampling import SamplingSettings
 from helpers.env import NotebookError, get_secret
 from helpers.model.chat import chat
 from helpers.model.hooks import check_layers, hook_points
@@ -251,15 +252,15 @@ def stage_load(run_dir: Path, spec: ModelSpec, study: Study, lm: _Lazy) -> dict[
     return {"layers": layers, "n_params": n_params}
 
 
-def _sampling(study: Study) -> dict[str, Any]:
+def _sampling(study: Study) -> SamplingSettings:
     """The study's sampling settings, as notebook 02 passes them to sampling and records them in run.json."""
-    return {
-        "n_per_prompt": study.n_per_prompt,
-        "temperature": study.temperature,
-        "top_p": study.top_p,
-        "max_new_tokens": study.max_new_tokens,
-        "seed": study.seed,
-    }
+    return SamplingSettings(
+        temperature=study.temperature,
+        top_p=study.top_p,
+        max_new_tokens=study.max_new_tokens,
+        seed=study.seed,
+        batch_size=study.batch_size,
+    )
 
 
 def stage_collect(run_dir: Path, study: Study, lm: _Lazy) -> dict[str, Any]:
@@ -268,23 +269,19 @@ def stage_collect(run_dir: Path, study: Study, lm: _Lazy) -> dict[str, Any]:
     layers = read_run_json(run_dir)["layers"]
     datasets = load_datasets(study.datasets, limit=study.n_prompts or None)
     # As notebook 02: the settings that make the completions, checked against the run folder's before writing.
+    sampling = _sampling(study)
     settings = collection_settings(
         loaded.info.spec,
         datasets,
         layers,
-        **_sampling(study),
+        n_per_prompt=study.n_per_prompt,
         include_prompt=study.include_prompt_tokens,
+        sampling=sampling,
     )
     check_collection(run_dir, settings)
     write_datasets(run_dir, datasets)
     prompts = [p for d in datasets for p in d.prompts]
-    sample_into_run(
-        loaded,
-        prompts,
-        run_dir,
-        **_sampling(study),
-        batch_size=study.batch_size,
-    )
+    sample_into_run(loaded, prompts, run_dir, n_per_prompt=study.n_per_prompt, sampling=sampling)
     add_transcripts(
         loaded.tokenizer,
         datasets,
@@ -330,7 +327,7 @@ def stage_collect(run_dir: Path, study: Study, lm: _Lazy) -> dict[str, Any]:
             "spec": "datasets.json",
             "datasets": [d.name for d in datasets],
             "n_prompts": len(prompts),
-            **_sampling(study),
+            **settings["sampling"],
         },
         corpus={"spec": corpus_spec, "seq_len": study.corpus_seq_len, "text_column": None},
     )
