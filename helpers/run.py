@@ -48,7 +48,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -542,6 +542,18 @@ def settings_conflict(
     )
 
 
+@dataclass(frozen=True)
+class StageRules:
+    """How a stage's recorded settings may change: what counts as adding, and what OVERWRITE does (the
+    stage's own words in the refusal). `check_stage_settings` takes these fields as keywords."""
+
+    addable: tuple[str, ...] = ()
+    """Dotted keys (`*` for any one part) whose change only adds: new entries, larger counts, longer
+    lists (e.g. notebook 02's `("datasets.*", "layers")`). Nothing is addable by default."""
+    overwrite_does: str = "redo this stage with the new settings (its earlier outputs go to replaced/)"
+    """What OVERWRITE would do, as the refusal offers it."""
+
+
 def check_stage_settings(
     run_dir: str | os.PathLike,
     stage: str,
@@ -549,10 +561,9 @@ def check_stage_settings(
     *,
     overwrite: bool = False,
     add: bool = False,
-    addable: tuple[str, ...] = (),
-    overwrite_does: str = "redo this stage with the new settings (its earlier outputs go to replaced/)",
     has_outputs: bool = True,
     legacy: dict[str, Any] | None = None,
+    **rules: Any,
 ) -> str:
     """Compare a stage's `settings` (what determines its outputs) with those recorded in run.json by its
     last run, and record them. Returns what to do:
@@ -568,8 +579,10 @@ def check_stage_settings(
     anything is written (run.json included). The check, the settings and the release go to the history;
     when the stage goes on, the temp files killed writes left in its folders go (`remove_stale_temps`).
     `legacy`: the settings to compare with when none are recorded (what an older run.json says).
+    `rules`: the stage's `StageRules` fields (`addable`, `overwrite_does`); another name is a TypeError.
     E.g. notebook 05: `check_stage_settings(run_dir, "05_steer", {"sae": SAE_ID, "strengths": STRENGTHS,
     ...}, overwrite=OVERWRITE)` before its first write."""
+    rule = override_fields(StageRules(), rules, "stage rules")
     run = read_run_json(run_dir)
     before = (run.get(SETTINGS) or {}).get(stage)
     if before is None and legacy is not None:  # a run folder from before settings were recorded
@@ -585,7 +598,7 @@ def check_stage_settings(
     decision = "new"
     if before and has_outputs:
         diff = settings_diff(before.get("values"), settings)
-        adds_only = bool(diff) and all(_adds(k, a, b, addable) for k, a, b in diff)
+        adds_only = bool(diff) and all(_adds(k, a, b, rule.addable) for k, a, b in diff)
         if not diff:  # legacy settings equal to these: resume, now with the settings recorded
             decision = "same"
         elif adds_only and add:
@@ -597,7 +610,7 @@ def check_stage_settings(
                 f"stage {stage} of {Path(run_dir)}",
                 diff,
                 can_add=adds_only,
-                overwrite_does=overwrite_does,
+                overwrite_does=rule.overwrite_does,
                 recorded=f" (recorded {before.get('at')} by release {before.get('package_version')})",
             )
     record = {"hash": new_hash, "values": jsonable(settings), "package_version": __version__, "at": _now()}
@@ -691,6 +704,8 @@ by several stages, only temp files older than `SHARED_TEMP_AGE_S` go."""
 SHARED_TEMP_AGE_S = 600
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
 """`atomic_write_bytes`'s temp names: `.{name}.` + mkstemp's 8 random characters + `.tmp`."""
+_TEMP_DIR_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-[0-9a-f]{8}$")
+"""`atomic_directory`'s temp folder names: `.{name}.tmp-` + 8 hex digits."""
 
 
 def is_temp_name(name: str) -> bool:
@@ -700,26 +715,38 @@ def is_temp_name(name: str) -> bool:
 
 
 def remove_stale_temps(run_dir: str | os.PathLike, stage: str) -> list[Path]:
-    """Remove the temp files that killed atomic writes left (`is_temp_name`, plain files only) when
-    `stage` starts again: anywhere under the folders only it writes (`STAGE_FOLDERS`), and those older
-    than SHARED_TEMP_AGE_S directly in the run folder and in figures/ (another stage may be writing
-    those now). Nothing else is touched. Returns what was removed."""
+    """Remove what killed atomic writes left when `stage` starts again: temp files (`is_temp_name`, plain
+    files only) and `atomic_directory`'s temp folders (`.{name}.tmp-XXXXXXXX`, with all they hold),
+    anywhere under the folders only it writes (`STAGE_FOLDERS`), and those older than SHARED_TEMP_AGE_S
+    directly in the run folder and in figures/ (another stage may be writing those now; a folder's age is
+    that of the newest thing in it). Nothing else is touched. Returns what was removed."""
     run_dir = Path(run_dir)
     own = [run_dir / f for f in STAGE_FOLDERS.get(stage, ())]
-    candidates = [(p, 0.0) for folder in own if folder.is_dir() for p in folder.rglob(".*.tmp")]
-    for folder in (run_dir, figures_dir(run_dir)):
-        if folder.is_dir():
-            candidates += [(p, SHARED_TEMP_AGE_S) for p in folder.glob(".*.tmp")]
+    shared = [run_dir, figures_dir(run_dir)]
+    candidates = []
+    for pattern in (".*.tmp-*", ".*.tmp"):  # folders first: a temp file inside one goes with it
+        candidates += [(p, 0.0) for folder in own if folder.is_dir() for p in folder.rglob(pattern)]
+        candidates += [
+            (p, SHARED_TEMP_AGE_S) for folder in shared if folder.is_dir() for p in folder.glob(pattern)
+        ]
     removed, now = [], datetime.now(UTC).timestamp()
     for path, min_age in candidates:
-        if not (is_temp_name(path.name) and path.is_file() and not path.is_symlink()):
+        if path.is_symlink() or not path.exists():
             continue
-        if now - path.stat().st_mtime >= min_age:
+        if path.is_dir() and _TEMP_DIR_NAME.match(path.name):
+            try:  # its newest entry's time: a folder another stage is still filling stays
+                newest = max([path.lstat().st_mtime, *(p.lstat().st_mtime for p in path.rglob("*"))])
+            except FileNotFoundError:  # renamed into place or removed while we looked: not ours to remove
+                continue
+            if now - newest >= min_age:
+                shutil.rmtree(path)
+                removed.append(path)
+        elif path.is_file() and is_temp_name(path.name) and now - path.stat().st_mtime >= min_age:
             path.unlink(missing_ok=True)
             removed.append(path)
     if removed:
-        example = removed[0].name
-        print(f"{stage}: removed {len(removed)} temp file(s) left by interrupted writes (e.g. {example})")
+        what = f"{len(removed)} temp file(s) or folder(s)"
+        print(f"{stage}: removed {what} left by interrupted writes (e.g. {removed[0].name})")
     return removed
 
 

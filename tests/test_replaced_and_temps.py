@@ -35,6 +35,7 @@ FILTERED = {
     ("documents.py", "*"): "a user's corpus folder, kept only for known text suffixes",
     ("publish.py", "*"): "zip_run leaves out names ending in .tmp",
     ("hub.py", "*"): "folders holding cfg.json; explorer_files leaves out names ending in .tmp",
+    ("run.py", "*"): "remove_stale_temps: only the times of what a temp folder holds",
 }
 """Broad globs that filter what they find so that no temp file gets through (checked by reading them)."""
 
@@ -145,6 +146,46 @@ def test_stale_temps_go_when_their_stage_starts_again_and_nothing_else(tmp_path)
     assert remove_stale_temps(run, "02_collect_activations") == [], "none in that stage's folders"
 
 
+def _killed_directory_write(target: Path) -> Path:
+    """run.atomic_directory killed while its folder is filled (os._exit: no cleanup runs, as after
+    kill -9); returns the temp folder it left."""
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            with run_module.atomic_directory(target) as tmp:
+                (tmp / "sub").mkdir()
+                (tmp / "sub" / "half.json").write_text("{")
+                os._exit(9)
+        finally:
+            os._exit(1)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 9
+    (left,) = [p for p in target.parent.iterdir() if p.name.startswith(f".{target.name}.tmp-")]
+    return left
+
+
+def test_killed_atomic_directories_go_with_the_same_age_rule(tmp_path):
+    """An interrupted atomic_directory leaves `.{name}.tmp-XXXXXXXX`: removed at once in a folder only
+    the stage writes, in the run folder itself only once nothing in it changed for SHARED_TEMP_AGE_S."""
+    run = tmp_path / "run"
+    own = _killed_directory_write(run / "explorer" / "data")
+    shared_new = _killed_directory_write(run / "hub_dry_run")
+    shared_old = _killed_directory_write(run / "old_dry_run")
+    old = time.time() - SHARED_TEMP_AGE_S - 5
+    for path in (shared_old, *shared_old.rglob("*")):
+        os.utime(path, (old, old))
+    os.utime(shared_new, (old, old))  # the folder is old, what is in it is new: someone is filling it
+    keep = [run / "explorer" / ".data.tmp-NOTHEX99", run / ".notes.tmp-abcdef12"]
+    keep[0].mkdir()
+    keep[1].write_text("a file named like a temp folder")
+    os.utime(keep[1], (old, old))
+    removed = remove_stale_temps(run, "06_explore_features")
+    assert sorted(removed) == sorted([own, shared_old])
+    assert not own.exists() and not shared_old.exists()
+    assert shared_new.is_dir() and all(p.exists() for p in keep)
+    assert remove_stale_temps(run, "02_collect_activations") == [], "young shared ones stay for any stage"
+    assert not (run / "explorer" / "data").exists() and not (run / "hub_dry_run").exists()
+
+
 def _glob_patterns() -> list[tuple[str, str]]:
     """(file, pattern) of every .glob / .rglob / fnmatch call with a literal (or f-string) pattern in
     helpers/ (an f-string's fields read as 'x')."""
@@ -173,7 +214,7 @@ def test_no_reader_globs_temp_files():
     for where, pattern in patterns:
         last = pattern.rsplit("/", 1)[-1]
         name = last.replace("*", "a").replace("?", "a")
-        if last == ".*.tmp" or (where, pattern) in FILTERED:  # remove_stale_temps' own search; FILTERED
+        if last in (".*.tmp", ".*.tmp-*") or (where, pattern) in FILTERED:  # remove_stale_temps' searches
             continue
         if fnmatch.fnmatchcase(f".{name}.abcdefgh.tmp", last):
             offending.append((where, pattern))
