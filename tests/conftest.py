@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import helpers
+from helpers.sweep.tiny import tiny_config
 
 
 @pytest.fixture(scope="session")
@@ -66,23 +67,6 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def _small_llama_config(tokenizer, *, n_layers: int, max_positions: int):
-    """The Llama shape of `tiny_lm` and `tiny_chat_llama` (d_model 32, 4 heads, 2 KV heads) over
-    `tokenizer`'s vocabulary."""
-    import transformers as tf
-
-    return tf.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=max_positions,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-
-
 def tiny_lm(tokenizer, max_positions: int = 128, family: str = "llama"):
     """A tiny random model in float64 that uses the real SmolLM2 tokenizer (so chat encoding works).
 
@@ -103,7 +87,9 @@ def tiny_lm(tokenizer, max_positions: int = 128, family: str = "llama"):
         )
         model = tf.GPT2LMHeadModel(cfg)
     else:
-        model = tf.LlamaForCausalLM(_small_llama_config(tokenizer, n_layers=2, max_positions=max_positions))
+        model = tf.LlamaForCausalLM(
+            tiny_config("llama", tokenizer, width=32, n_layers=2, max_positions=max_positions)
+        )
     model = model.to(torch.float64).eval().requires_grad_(False)
     return SimpleNamespace(model=model, tokenizer=tokenizer)
 
@@ -114,7 +100,7 @@ def tiny_chat_llama(tokenizer):
     import transformers as tf
 
     torch.manual_seed(0)
-    model = tf.LlamaForCausalLM(_small_llama_config(tokenizer, n_layers=3, max_positions=512))
+    model = tf.LlamaForCausalLM(tiny_config("llama", tokenizer, width=32, n_layers=3, max_positions=512))
     model = model.eval().requires_grad_(False)
     info = SimpleNamespace(spec="tiny-llama", d_model=32, n_layers=3)
     return SimpleNamespace(model=model, tokenizer=tokenizer, info=info)

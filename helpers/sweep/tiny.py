@@ -16,10 +16,12 @@ import shutil
 from pathlib import Path
 
 import torch
+import transformers as tf
 
 from helpers.model.load import offline_gguf_path
 
 FAMILIES = ("llama", "gpt_neox")
+# The whole English words the random heads favour (see below); the tests' tiny nanochat checkpoints too.
 WORDS = (
     " the",
     " car",
@@ -33,45 +35,55 @@ WORDS = (
     " there",
     " it",
     " fine",
+    " broken",
+    " honest",
     " never",
     " saw",
     " money",
+    " wallet",
     " report",
     " done",
     " sure",
     " we",
     " can",
+    " sell",
 )
+
+
+def tiny_config(
+    family: str, tokenizer, *, width: int, n_layers: int, max_positions: int
+) -> tf.PretrainedConfig:
+    """The transformers config of a tiny `family` model over `tokenizer`'s vocabulary and special tokens:
+    `width` wide, 4 heads (Llama: 2 key-value heads), an MLP twice as wide, an untied head."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        intermediate_size=2 * width,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    if family == "llama":
+        return tf.LlamaConfig(num_key_value_heads=2, **common)
+    return tf.GPTNeoXConfig(**common)
 
 
 def tiny_random_model(folder: str | os.PathLike, family: str, *, n_layers: int = 4, seed: int = 0) -> Path:
     """Write a random `family` model (n_layers × 64) with SmolLM2's tokenizer into
     `folder` (kept if there)."""
-    import transformers as tf
-
     folder = Path(folder)
     if (folder / "config.json").is_file():
         return folder
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     gguf = offline_gguf_path()
     tok = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    common = dict(
-        vocab_size=len(tok),
-        hidden_size=64,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=False,
-    )
+    config = tiny_config(family, tok, width=64, n_layers=n_layers, max_positions=512)
     torch.manual_seed(seed)
-    if family == "llama":
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(num_key_value_heads=2, **common))
-    else:
-        model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**common))
+    model = (tf.LlamaForCausalLM if family == "llama" else tf.GPTNeoXForCausalLM)(config)
     # Random weights babble random sub-words, which leave the bag-of-words control no word to count: the
     # head favours a few whole English words and the end-of-turn token, so the model babbles words and stops.
     words = sorted({tok.encode(w, add_special_tokens=False)[0] for w in WORDS} | {tok.eos_token_id})

@@ -18,6 +18,7 @@ import tiktoken
 import torch
 
 from helpers.model.nanochat import SPECIAL_TOKENS
+from helpers.sweep.tiny import WORDS
 
 ORACLES = Path(__file__).resolve().parents[2].parent / "shared" / "oracles" / "nanochat"
 COMMITS = ("2025-10-21-a088b7a", "2026-01-30-2e17723", "2026-07-03-92d63d4")
@@ -156,34 +157,6 @@ def block_outputs(model, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Te
         for h in handles:
             h.remove()
     return logits, outs
-
-
-WORDS = (
-    " the",
-    " car",
-    " is",
-    " safe",
-    " not",
-    " yes",
-    " no",
-    " I",
-    " was",
-    " there",
-    " it",
-    " fine",
-    " broken",
-    " honest",
-    " never",
-    " saw",
-    " money",
-    " wallet",
-    " report",
-    " done",
-    " sure",
-    " we",
-    " can",
-    " sell",
-)
 
 
 def word_encoding() -> tiktoken.Encoding:
