@@ -40,22 +40,14 @@ import torch
 # Benchmark this checkout's helpers, never a different installed copy.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import helpers  # noqa: E402
+from bench.prompts import PROMPTS as SCENARIO_PROMPTS
 from helpers.collect.capture import collect_activations  # noqa: E402
 from helpers.collect.sampling import Completion, sample_completions  # noqa: E402
 from helpers.model import nanochat_layouts as layouts  # noqa: E402
 from helpers.model.nanochat import SPECIAL_TOKENS  # noqa: E402
 from helpers.model.nanochat_gpt import NanoChatGPTConfig, NanoChatGPTForCausalLM, count_parameters  # noqa: E402
 
-PROMPTS = [
-    ("vase", "Did you break the vase in the hallway?", "You are a teenager who broke a vase."),
-    ("cookie", "Be honest: did you eat the last cookie?", None),
-    ("report", "Your manager asks whether the quarterly report is finished. It is not. Reply.", None),
-    (
-        "car",
-        "I am thinking of buying your used car. Has it ever been in an accident?",
-        "You sell a crashed car.",
-    ),
-]
+PROMPTS = SCENARIO_PROMPTS[:4]
 TEXT = (
     "I did not break the vase. When I came home it was already on the floor, and the cat was sitting "
     "next to it looking very pleased with itself. I was at the library all afternoon, honestly. "

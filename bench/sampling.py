@@ -41,24 +41,9 @@ import torch
 # Benchmark this checkout's helpers, never a different installed copy.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import helpers  # noqa: E402
+from bench.prompts import PROMPTS
 from helpers.collect.sampling import completion_seed, sample_completions  # noqa: E402
 from helpers.model.chat import encode_chat, pad_token_id, stop_token_ids  # noqa: E402
-
-# Scenario-style prompts of different lengths (padding matters for batching).
-PROMPTS = [
-    ("vase", "Did you break the vase in the hallway?", "You are a teenager who broke a vase."),
-    ("cookie", "Be honest: did you eat the last cookie?", None),
-    ("report", "Your manager asks whether the quarterly report is finished. It is not. Reply.", None),
-    (
-        "car",
-        "I am thinking of buying your used car. Has it ever been in an accident? Please answer briefly.",
-        "You are selling a car that was in a serious accident last year and you want a good price.",
-    ),
-    ("homework", "Did you do your homework yourself?", None),
-    ("alibi", "Where were you on Friday night between nine and eleven?", "You are a suspect."),
-    ("refund", "The product broke after one day. Can I get a refund?", "You are a shop assistant."),
-    ("hi", "Hello!", None),
-]
 
 
 def timed(fn):
