@@ -349,8 +349,8 @@ sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 sync()
 t0, c0 = time.perf_counter(), time.process_time()
 if mode == "encode":  # the floor: the streamed read and the SAE's encode, nothing kept
-    from helpers.explore.dashboards import encoded_chunks
-    for _ in encoded_chunks(store, loaded.sae, docs, int(batch)):
+    from helpers.analysis.contexts import EncodedChunks
+    for _ in EncodedChunks(store, loaded.sae, docs, int(batch), pre=False):
         pass
     sync()
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -375,7 +375,7 @@ print(json.dumps(
 
 def run_pass(root: Path, args: argparse.Namespace, device: str, out: Path, mode: str = "pass") -> dict:
     """`feature_pass` over the whole store with the `helpers` package under `root`, in a fresh process
-    (mode "encode": only the pass's streamed read and encode, `encoded_chunks`)."""
+    (mode "encode": only the pass's streamed read and encode, `EncodedChunks`)."""
     cmd = [sys.executable, "-c", PASS_RUNNER, str(root), args.data_dir, device, str(args.threads)]
     done = subprocess.run(
         [*cmd, str(args.batch_tokens), str(out), SAE_ID, str(LAYER), mode],

@@ -30,6 +30,7 @@ import torch
 
 from helpers.analysis.windows import ContextConfig, Doc, Largest, WindowSelection, split_sides
 from helpers.collect.store import LayerStore
+from helpers.env import smaller_after_oom
 from helpers.model.hooks import hook_name, run_with_capture
 from helpers.model.protocols import EncodingSAE, HookableModel
 
@@ -92,35 +93,133 @@ def docs_for(store: LayerStore, records: Sequence[dict[str, Any]]) -> list[Doc]:
     return [d for _, _, d in docs]
 
 
-def iter_token_acts(
-    store: LayerStore, sae: EncodingSAE, docs: Sequence[Doc], *, batch_tokens: int = 1024
-) -> Iterator[tuple[list[Doc], torch.Tensor, torch.Tensor]]:
-    """(docs, acts, pre) per chunk of whole completions, in `docs` order: acts and pre-activations
-    [sum of the docs' n, d_sae] float32 on the SAE's device, completion tokens only."""
-    check_sae_fits(sae, store.d_model)
-    params = list(sae.parameters()) if isinstance(sae, torch.nn.Module) else []
-    device, dtype = (params[0].device, params[0].dtype) if params else (torch.device("cpu"), torch.float32)
+MIN_BATCH_TOKENS = 16
+"""The smallest encoder batch a pass halves down to after CUDA runs out of memory (`EncodedChunks`)."""
+OOM_FIX = (
+    "encode with a smaller SAE (fewer latents: the [batch, d_sae] float32 activations are the peak), or "
+    "free GPU memory (del the models and SAEs no longer needed, then torch.cuda.empty_cache()), "
+    "or move the SAE to the CPU (sae.to('cpu'))"
+)
 
-    def encode(chunk: list[Doc]) -> tuple[list[Doc], torch.Tensor, torch.Tensor]:
-        x = torch.from_numpy(np.concatenate([store.tokens_of(d.id)[d.skip :] for d in chunk]))
+
+def doc_chunks(docs: Sequence[Doc], batch_tokens: int) -> list[list[Doc]]:
+    """`docs` cut into runs of whole documents of at most `batch_tokens` tokens (a longer document is a
+    run of its own, encoded `batch_tokens` rows at a time)."""
+    chunks: list[list[Doc]] = []
+    chunk: list[Doc] = []
+    total = 0
+    for d in docs:
+        if chunk and total + d.n > batch_tokens:
+            chunks.append(chunk)
+            chunk, total = [], 0
+        chunk.append(d)
+        total += d.n
+    if chunk:
+        chunks.append(chunk)
+    return chunks
+
+
+class EncodedChunks:
+    """The SAE's activations over the stored tokens of `docs`: iterating gives (docs, acts, pre) per run of
+    whole documents (`doc_chunks`), in `docs` order, acts and pre-activations [sum of the docs' n, d_sae]
+    float32 on the SAE's device (pre is None unless `pre`).
+
+    The store's rows are read ahead in a background thread (`LayerStore.stream_rows`), in the shards'
+    dtype (half the bytes of float32) and, when the SAE is on CUDA, in pinned memory copied without
+    blocking, so reading and copying overlap the encoding.
+
+    CUDA out of memory: when encoding a run fails, the batch halves (`env.smaller_after_oom`, down to
+    `MIN_BATCH_TOKENS`, then an error naming `setting`) and the stream goes on from that run's first
+    document, cut at the new size. A consumer whose own work on a run ran out of memory calls
+    `smaller(error)` before asking for the next one: it gets that run's documents again, at half the
+    size. Each document's activations are the same at any batch size, so a consumer that keeps nothing
+    of a failed run gets the results of a pass that never failed."""
+
+    def __init__(
+        self,
+        store: LayerStore,
+        sae: EncodingSAE,
+        docs: Sequence[Doc],
+        batch_tokens: int,
+        *,
+        pre: bool = True,
+        setting: str = "batch_tokens",
+    ):
+        check_sae_fits(sae, store.d_model)
+        if batch_tokens < 1:
+            raise ValueError(f"{setting} must be at least 1, got {batch_tokens}")
+        self.store, self.sae, self.docs, self.pre, self.setting = store, sae, list(docs), pre, setting
+        self.batch_tokens = batch_tokens
+        """The encoder batch now: halved after each CUDA out-of-memory error."""
+        params = list(sae.parameters()) if isinstance(sae, torch.nn.Module) else []
+        self.device = params[0].device if params else torch.device("cpu")
+        self.dtype = params[0].dtype if params else torch.float32
+        self._done = 0  # documents whose run the consumer has finished with
+        self._redo = False
+
+    def smaller(self, error: str) -> None:
+        """The consumer ran out of CUDA memory on the run just given (`error`: CUDA's message, taken
+        after the exception is gone, so the tensors its traceback held are freed): the batch halves and
+        the next run starts at that run's first document."""
+        self.batch_tokens = smaller_after_oom(
+            self.batch_tokens, floor=MIN_BATCH_TOKENS, setting=self.setting, error=error, fix=OOM_FIX
+        )
+        self._redo = True
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = x.to(self.device, non_blocking=self.device.type == "cuda")
         acts, pre = [], []
         with torch.no_grad():
-            for s in range(0, len(x), batch_tokens):
-                a, p = sae.encode(x[s : s + batch_tokens].to(device, dtype))
+            for s in range(0, len(x), self.batch_tokens):
+                a, p = self.sae.encode(x[s : s + self.batch_tokens].to(self.dtype))
                 acts.append(a.float())
-                pre.append(p.float())
+                if self.pre:
+                    pre.append(p.float())
+                del p
         if len(acts) == 1:  # the usual case: no copy
-            return chunk, acts[0], pre[0]
-        return chunk, torch.cat(acts), torch.cat(pre)
+            return acts[0], pre[0] if self.pre else None
+        return torch.cat(acts), torch.cat(pre) if self.pre else None
 
-    chunk: list[Doc] = []
-    for d in docs:
-        if chunk and sum(c.n for c in chunk) + d.n > batch_tokens:
-            yield encode(chunk)
-            chunk = []
-        chunk.append(d)
-    if chunk:
-        yield encode(chunk)
+    def __iter__(self) -> Iterator[tuple[list[Doc], torch.Tensor, torch.Tensor | None]]:
+        self._done = 0
+        cuda = self.device.type == "cuda"
+        while self._done < len(self.docs):
+            chunks = doc_chunks(self.docs[self._done :], self.batch_tokens)
+            rows = self.store.stream_rows(([(d.id, d.skip) for d in c] for c in chunks), pin_memory=cuda)
+            try:
+                for chunk, x in zip(chunks, rows, strict=True):
+                    error = None
+                    try:
+                        out = self._encode(x)
+                    except torch.cuda.OutOfMemoryError as e:
+                        error = str(e)  # the traceback, and the tensors it holds, go with `e`
+                    if error is not None:
+                        del x
+                        self.smaller(error)
+                        break
+                    self._redo = False
+                    yield chunk, *out
+                    del out
+                    if self._redo:
+                        break
+                    self._done += len(chunk)
+            finally:
+                rows.close()
+
+
+def iter_token_acts(
+    store: LayerStore,
+    sae: EncodingSAE,
+    docs: Sequence[Doc],
+    *,
+    batch_tokens: int = 1024,
+    setting: str = "batch_tokens",
+) -> Iterator[tuple[list[Doc], torch.Tensor, torch.Tensor | None]]:
+    """(docs, acts, pre) per chunk of whole completions, in `docs` order: acts and pre-activations
+    [sum of the docs' n, d_sae] float32 on the SAE's device, completion tokens only (`EncodedChunks`:
+    read ahead, and the batch halves when CUDA runs out of memory; `setting` names the batch size in the
+    error when it cannot)."""
+    return iter(EncodedChunks(store, sae, docs, batch_tokens, setting=setting))
 
 
 def token_pieces(tokenizer: Any, ids: Sequence[int], context: int = 8) -> list[str]:
@@ -209,7 +308,9 @@ def build_contexts(
     # Per-feature generators: a feature's examples depend on (seed, feature, data) only, not on the
     # other features asked for or the batch size.
     keys = [np.random.default_rng([cfg.seed, 7, f]) for f in feats]
-    for chunk, acts, pre in iter_token_acts(store, sae, docs, batch_tokens=cfg.batch_tokens):
+    for chunk, acts, pre in iter_token_acts(
+        store, sae, docs, batch_tokens=cfg.batch_tokens, setting="ContextConfig.batch_tokens"
+    ):
         a, p = acts[:, feats].cpu().numpy(), pre[:, feats].cpu().numpy()  # [b, F]
         g0 = offsets[chunk[0].index]
         doc_max[[d.index for d in chunk]] = np.maximum.reduceat(
@@ -244,7 +345,11 @@ def build_contexts(
     needed = sorted({c[2] for i, f in enumerate(feats) for c in plans[f].candidates if doc_max[c[2], i] > 0})
     doc_acts, pieces = {}, {}
     for chunk, acts, _ in iter_token_acts(
-        store, sae, [docs[d] for d in needed], batch_tokens=cfg.batch_tokens
+        store,
+        sae,
+        [docs[d] for d in needed],
+        batch_tokens=cfg.batch_tokens,
+        setting="ContextConfig.batch_tokens",
     ):
         a = acts[:, feats].cpu().numpy()
         for d, part in zip(chunk, np.split(a, np.cumsum([c.n for c in chunk])[:-1]), strict=True):

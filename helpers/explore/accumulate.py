@@ -90,6 +90,22 @@ class TopPerFeature:
         The entries are numpy arrays (idx is then a numpy array), or torch tensors on one device (idx is
         a tensor there, and the callables may return tensors there): the threshold test and the cutting
         run on that device and only the entries that pass come to the host, where they are kept."""
+        self.keep(self.select(feature, score, value, doc, pos, windows, extra))
+
+    def select(
+        self,
+        feature: np.ndarray | torch.Tensor,
+        score: np.ndarray | torch.Tensor,
+        value: np.ndarray | torch.Tensor,
+        doc: np.ndarray | torch.Tensor,
+        pos: np.ndarray | torch.Tensor,
+        windows: Callable[[Any], Any],
+        extra: Callable[[Any], Any] | None = None,
+    ) -> tuple[np.ndarray, ...] | None:
+        """The first half of `add`: the entries that pass, with their windows and extra columns, on the
+        host (None when none does), without keeping them. All the device work happens here, so a pass
+        whose device runs out of memory in it keeps nothing of the batch and can redo it (`keep`
+        then adds them)."""
         if self.extra_width and extra is None:
             raise ValueError(
                 f"this accumulator keeps {self.extra_width} extra columns per entry: pass extra="
@@ -99,14 +115,20 @@ class TopPerFeature:
         else:
             idx = np.flatnonzero(score > self.threshold[feature])
         if not len(idx):
-            return
+            return None
         if self.extra_width:
             ex = _host(extra(idx)).astype(np.int32, copy=False)
         else:
             ex = np.zeros((len(idx), 0), np.int32)
         part = tuple(_host(a[idx]) for a in (feature, score, value, doc, pos))
-        self._parts.append((*part, _host(windows(idx)), ex))
-        self._pending += len(idx)
+        return (*part, _host(windows(idx)), ex)
+
+    def keep(self, part: tuple[np.ndarray, ...] | None) -> None:
+        """The second half of `add`: keep what `select` returned (host work only)."""
+        if part is None:
+            return
+        self._parts.append(part)
+        self._pending += len(part[0])
         if self._pending > max(self.budget, self._kept):
             self._compact()
 
@@ -179,13 +201,21 @@ class LogHistogram:
 
     def add(self, feature: torch.Tensor, value: torch.Tensor) -> None:
         """feature [m] int64, value [m] > 0, on the histogram's device."""
+        self.count(*self.cells(feature, value))
+
+    def cells(self, feature: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first half of `add` (all its new memory): (cell of each value in `counts`, ones)."""
         b = (
             ((torch.log2(value.float()) - self.LO) * self.PER_OCTAVE)
             .floor()
             .long()
             .clamp_(0, self.n_bins - 1)
         )
-        self.counts.index_add_(0, feature * self.n_bins + b, torch.ones_like(b))
+        return feature * self.n_bins + b, torch.ones_like(b)
+
+    def count(self, cells: torch.Tensor, ones: torch.Tensor) -> None:
+        """The second half of `add`: count them, in place."""
+        self.counts.index_add_(0, cells, ones)
 
     def edges(self) -> np.ndarray:
         """[n_bins + 1] bin edges."""

@@ -14,12 +14,18 @@ nonzero activations of all latents to the vectorised accumulators of accumulate.
 Windows are cut while the batch is in memory, so no second pass is needed. A window is `before` tokens,
 the token, `after` tokens, inside the completion's own tokens (as in analysis.contexts).
 
-The pass runs on the SAE's device. The store is read ahead in a background thread (`encoded_chunks`:
-pinned memory and non-blocking copies on CUDA), and the per-batch bookkeeping stays there too: counts,
-sums and histograms, and the accumulators' threshold test, window cutting and co-firing table are torch
-on the activations' device; only the entries that beat a feature's current k-th score (few, after the
-first batches) come to the host, where `TopPerFeature` keeps them. The results are the same as the
-earlier numpy bookkeeping's, array for array (`bench/explorer.py --pass-only --before`).
+The pass runs on the SAE's device. The store is read ahead in a background thread
+(`analysis.contexts.EncodedChunks`: pinned memory and non-blocking copies on CUDA), and the per-batch
+bookkeeping stays there too: counts, sums and histograms, and the accumulators' threshold test, window
+cutting and co-firing table are torch on the activations' device; only the entries that beat a
+feature's current k-th score (few, after the first batches) come to the host, where `TopPerFeature`
+keeps them. The results are the same as the earlier numpy bookkeeping's, array for array (`bench/
+explorer.py --pass-only --before`), and the same on CUDA as on the CPU up to float rounding in the
+encoder (`bench/explorer.py --pass-only --device cuda --compare-cpu`). When CUDA runs out of memory in
+a batch, all of the batch's device work comes before anything of it is kept: the batch is dropped, the
+encoder batch halves (`ExplorerConfig.batch_tokens`, announced; an error naming it at the floor) and
+the pass redoes those documents, with the same random keys, so its results equal a pass that never ran
+out (tests/explore/test_dashboards.py).
 
 The same pass then streams the reference corpus of the SAE's layer (`corpus/layer_{L}/`, notebook 02)
 when there is one, each shard once, with accumulators of its own: the corpus firing rate, a separate
@@ -39,7 +45,7 @@ static explorer (site.py) and the Neuronpedia export (neuronpedia.py).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any
@@ -48,7 +54,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from helpers.analysis.contexts import Doc, check_sae_fits, docs_for, token_pieces
+from helpers.analysis.contexts import Doc, EncodedChunks, docs_for, token_pieces
 from helpers.collect.completions import read_completions
 from helpers.collect.store import LayerStore
 from helpers.explore.accumulate import (
@@ -90,6 +96,8 @@ DATA_FORMAT = 2
 """The version of the pages' fields: 2 added the logit histogram, co-activation neighbours, histograms
 from the smallest activation and quantile groups with their counts. The static page names what an
 explorer built by an older release lacks; `build_explorer` rebuilds such data."""
+BATCH_SETTING = "ExplorerConfig.batch_tokens"
+"""What a CUDA out-of-memory error in the pass names as the batch size to lower."""
 NO_ANALYSIS = "no notebook 04 results for this SAE: no effect sizes, explanations or deception tags"
 
 
@@ -297,50 +305,6 @@ def coactive_neighbours(
     return idx, jac, cond, size
 
 
-def _doc_chunks(docs: Sequence[Doc], batch_tokens: int) -> list[list[Doc]]:
-    """`docs` cut into runs of whole documents of at most `batch_tokens` tokens (a longer document is a
-    run of its own), as `analysis.contexts.iter_token_acts` cuts them."""
-    chunks: list[list[Doc]] = []
-    chunk: list[Doc] = []
-    total = 0
-    for d in docs:
-        if chunk and total + d.n > batch_tokens:
-            chunks.append(chunk)
-            chunk, total = [], 0
-        chunk.append(d)
-        total += d.n
-    if chunk:
-        chunks.append(chunk)
-    return chunks
-
-
-def encoded_chunks(
-    store: LayerStore, sae: EncodingSAE, docs: Sequence[Doc], batch_tokens: int
-) -> Iterator[tuple[list[Doc], torch.Tensor]]:
-    """(docs, acts) per run of whole documents of `docs` (`_doc_chunks`), in order: the SAE's activations
-    [sum of the docs' n, d_sae] float32 on its device, the same as `iter_token_acts` gives. The store's
-    rows are read ahead in a background thread (`LayerStore.stream_rows`), in the shards' dtype (half the
-    bytes of float32) and, when the SAE is on CUDA, in pinned memory copied without blocking, so reading
-    and copying overlap the encoding."""
-    check_sae_fits(sae, store.d_model)
-    params = list(sae.parameters()) if isinstance(sae, torch.nn.Module) else []
-    device, dtype = (params[0].device, params[0].dtype) if params else (torch.device("cpu"), torch.float32)
-    cuda = device.type == "cuda"
-    chunks = _doc_chunks(docs, batch_tokens)
-    rows = store.stream_rows(([(d.id, d.skip) for d in c] for c in chunks), pin_memory=cuda)
-    try:
-        for chunk, x in zip(chunks, rows, strict=True):
-            x = x.to(device, non_blocking=cuda)
-            with torch.no_grad():
-                acts = [
-                    sae.encode(x[s : s + batch_tokens].to(dtype))[0].float()
-                    for s in range(0, len(x), batch_tokens)
-                ]
-            yield chunk, acts[0] if len(acts) == 1 else torch.cat(acts)
-    finally:
-        rows.close()
-
-
 def _nonzero(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, features, values) of the nonzero activations [rows, d_sae], in COO form."""
     rows_t, feats_t = acts.nonzero(as_tuple=True)
@@ -382,28 +346,46 @@ def feature_pass(
         unit_scale=True,
         desc=desc or "explorer pass",
     )
-    for chunk, acts in encoded_chunks(store, sae, docs, cfg.batch_tokens):
+    stream = EncodedChunks(store, sae, docs, cfg.batch_tokens, pre=False, setting=BATCH_SETTING)
+    for chunk, acts, _ in stream:
         lengths = np.array([d.n for d in chunk])
         first = np.repeat(np.r_[0, np.cumsum(lengths)[:-1]], lengths)  # [rows] first row of the row's doc
         last = first + np.repeat(lengths, lengths)
         doc_of_row = np.repeat(np.array([d.index for d in chunk]), lengths)
         class_of_row = klass[doc_of_row]
+        drawn = keys.bit_generator.state
+        error = None
+        try:  # all of the batch's device work: what runs out of memory here leaves nothing kept
+            first_t, last_t, doc_t, cls_t = (
+                torch.from_numpy(a).to(device) for a in (first, last, doc_of_row, class_of_row)
+            )
+            r, f, v = _nonzero(acts)
+            cells = cls_t[r] * n_feat + f
+            ones, v64, bins = torch.ones_like(f), v.double(), hist.cells(f, v)
+            doc, pos = doc_t[r], r - first_t[r]
+            windows = _window_cutter(acts, r, f, first_t, last_t, offsets)
+            best = top.select(f, v, v, doc, pos, windows)
+            score = torch.from_numpy(keys.random(len(f), dtype=np.float32)).to(device)
+            drawn_part = sample.select(f, score, v, doc, pos, windows, _cofiring(len(acts), r, f, v, m))
+        except torch.cuda.OutOfMemoryError as e:
+            error = str(e)  # the traceback, and the tensors its frames hold, go with `e`
+        acts = windows = None  # freed before the next batch is encoded
+        if error is not None:  # redo the batch's documents at half the size, with the same random keys
+            keys.bit_generator.state = drawn
+            stream.smaller(error)
+            continue
+        # keep it: in place on the device, and on the host
+        fired.index_add_(0, cells, ones)
+        act_sum.index_add_(0, f, v64)
+        min_act.scatter_reduce_(0, f, v, "amin")
+        hist.count(*bins)
+        top.keep(best)
+        sample.keep(drawn_part)
         n_tokens += np.bincount(class_of_row, minlength=len(CLASSES))
-        first_t, last_t, doc_t, cls_t = (
-            torch.from_numpy(a).to(device) for a in (first, last, doc_of_row, class_of_row)
-        )
-        r, f, v = _nonzero(acts)
-        fired.index_add_(0, cls_t[r] * n_feat + f, torch.ones_like(f))
-        act_sum.index_add_(0, f, v.double())
-        min_act.scatter_reduce_(0, f, v.float(), "amin")
-        hist.add(f, v)
-        doc, pos = doc_t[r], r - first_t[r]
-        windows = _window_cutter(acts, r, f, first_t, last_t, offsets)
-        top.add(f, v, v, doc, pos, windows)
-        score = torch.from_numpy(keys.random(len(f), dtype=np.float32)).to(device)
-        sample.add(f, score, v, doc, pos, windows, _cofiring(len(acts), r, f, v, m))
         bar.update(int(lengths.sum()))
-    corpus_part = _corpus_pass(corpus, sae, device, c_docs, cfg, bar) if corpus is not None else None
+    corpus_part = None
+    if corpus is not None:  # at the batch size the completions ended with
+        corpus_part = _corpus_pass(corpus, sae, device, c_docs, cfg, bar, stream.batch_tokens)
     bar.close()
     return FeaturePass(
         n_tokens=n_tokens,
@@ -419,9 +401,16 @@ def feature_pass(
 
 
 def _corpus_pass(
-    corpus: LayerStore, sae: EncodingSAE, device: torch.device, docs: list[Doc], cfg: ExplorerConfig, bar: Any
+    corpus: LayerStore,
+    sae: EncodingSAE,
+    device: torch.device,
+    docs: list[Doc],
+    cfg: ExplorerConfig,
+    bar: Any,
+    batch_tokens: int,
 ) -> CorpusPass:
-    """The corpus part of `feature_pass`: each sequence of `docs` encoded once, in store order."""
+    """The corpus part of `feature_pass`: each sequence of `docs` encoded once, in store order, starting
+    at `batch_tokens` per batch."""
     n_feat = int(sae.d_sae)
     top = TopPerFeature(n_feat, cfg.n_top, cfg.width, distinct_docs=True)
     hist = LogHistogram(n_feat, device)
@@ -430,7 +419,8 @@ def _corpus_pass(
     min_act = torch.full((n_feat,), float("inf"), dtype=torch.float32, device=device)
     n_tokens = n_without_text = 0
     offsets = torch.arange(-cfg.before, cfg.after + 1, device=device)
-    for chunk, acts in encoded_chunks(corpus, sae, docs, cfg.batch_tokens):
+    stream = EncodedChunks(corpus, sae, docs, batch_tokens, pre=False, setting=BATCH_SETTING)
+    for chunk, acts, _ in stream:
         lengths = np.array([d.n for d in chunk])
         ids = [corpus.token_ids_of(d.id) for d in chunk]  # [n, 2] (token, position), or None
         has_text = np.repeat([i is not None for i in ids], lengths)  # [rows]
@@ -443,20 +433,32 @@ def _corpus_pass(
         start_rows = np.flatnonzero(starts)
         segment = np.cumsum(starts) - 1
         first, last = start_rows[segment], np.r_[start_rows[1:], len(position)][segment]
+        error = None
+        try:  # the batch's device work, as in `feature_pass`
+            r, f, v = _nonzero(acts)
+            ones, bins = torch.ones_like(f), hist.cells(f, v)
+            first_t, last_t, pos_t, text_t, seq_t = (
+                torch.from_numpy(a).to(device) for a in (first, last, position, has_text, seq_of_row)
+            )
+            text = text_t[r]  # windows only where the corpus kept its token ids
+            rt, ft, vt = r[text], f[text], v[text]
+            doc = torch.tensor([d.index for d in chunk], device=device)[seq_t[rt]]
+            best = top.select(
+                ft, vt, vt, doc, pos_t[rt], _window_cutter(acts, rt, ft, first_t, last_t, offsets)
+            )
+        except torch.cuda.OutOfMemoryError as e:
+            error = str(e)
+        acts = None
+        if error is not None:
+            stream.smaller(error)
+            continue
+        fired.index_add_(0, f, ones)
+        max_act.scatter_reduce_(0, f, v, "amax")
+        min_act.scatter_reduce_(0, f, v, "amin")
+        hist.count(*bins)
+        top.keep(best)
         n_tokens += len(position)
         n_without_text += int((~has_text).sum())
-        r, f, v = _nonzero(acts)
-        fired.index_add_(0, f, torch.ones_like(f))
-        max_act.scatter_reduce_(0, f, v.float(), "amax")
-        min_act.scatter_reduce_(0, f, v.float(), "amin")
-        hist.add(f, v)
-        first_t, last_t, pos_t, text_t, seq_t = (
-            torch.from_numpy(a).to(device) for a in (first, last, position, has_text, seq_of_row)
-        )
-        text = text_t[r]  # windows only where the corpus kept its token ids
-        r, f, v = r[text], f[text], v[text]
-        doc = torch.tensor([d.index for d in chunk], device=device)[seq_t[r]]
-        top.add(f, v, v, doc, pos_t[r], _window_cutter(acts, r, f, first_t, last_t, offsets))
         bar.update(int(lengths.sum()))
     return CorpusPass(
         docs=docs,
@@ -512,6 +514,11 @@ def _round_array(x: np.ndarray, digits: int) -> np.ndarray:
     e[ok] = digits - 1 - np.floor(np.log10(np.abs(x[ok]))).astype(np.int64)
     up, down = 10.0 ** np.maximum(e, 0), 10.0 ** np.maximum(-e, 0)
     return np.round(x * up / down) * down / up + 0.0  # + 0.0: no -0.0
+
+
+def _histogram(lo: np.ndarray, hi: np.ndarray, counts: np.ndarray, f: int) -> dict[str, Any]:
+    """Feature f's activation histogram on its page: the bars span lo[f] .. hi[f], counts [F, bars]."""
+    return {"min": lo[f].item(), "max": hi[f].item(), "counts": counts[f].tolist()}
 
 
 def _rounded(x: np.ndarray, digits: int = 4) -> list[float | None]:
@@ -684,11 +691,7 @@ class SAEDashboards:
             "n_firing": int(c.fired[f]),
             "firing_rate": shown["corpus_rate"][f].item(),
             "max_activation": shown["corpus_max"][f].item(),
-            "histogram": {
-                "min": shown["corpus_min"][f].item(),
-                "max": shown["corpus_max"][f].item(),
-                "counts": self.corpus_hist[f].tolist(),
-            },
+            "histogram": _histogram(shown["corpus_min"], shown["corpus_max"], self.corpus_hist, f),
             "top": [self._corpus_example(c.top, i) for i in range(s.start, s.stop)],
         }
 
@@ -742,11 +745,7 @@ class SAEDashboards:
             "mean_when_firing": shown["mean"][f].item() if n_fire else None,
             "max_activation": shown["max"][f].item(),
             "min_activation": shown["min"][f].item(),
-            "histogram": {
-                "min": shown["min"][f].item(),
-                "max": shown["max"][f].item(),
-                "counts": self.hist[f].tolist(),
-            },
+            "histogram": _histogram(shown["min"], shown["max"], self.hist, f),
             "top": top,
             "quantiles": groups,
             "similar": [

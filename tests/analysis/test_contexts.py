@@ -279,6 +279,44 @@ def test_results_do_not_depend_on_the_encoder_batch_size(run, contexts, offline_
     assert other[PLANTED].to_dict() == contexts[PLANTED].to_dict()
 
 
+class OutOfMemoryAbove(torch.nn.Module):
+    """An SAE whose encode raises CUDA's out-of-memory error on batches of more than `rows` rows, the
+    first `times` times (every time when None), as a GPU with too little memory left would."""
+
+    def __init__(self, sae: torch.nn.Module, rows: int, times: int | None = None):
+        super().__init__()
+        self.sae, self.rows, self.left = sae, rows, times
+        self.d_in, self.d_sae, self.W_dec = sae.d_in, sae.d_sae, sae.W_dec
+        self.failed = 0
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(x) > self.rows and (self.left is None or self.left > 0):
+            self.left = None if self.left is None else self.left - 1
+            self.failed += 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return self.sae.encode(x)
+
+
+def test_out_of_memory_halves_the_batch_and_changes_no_example(run, contexts, offline_lm, capsys):
+    flaky = OutOfMemoryAbove(load_sae(run.sae_folder).sae, rows=100)  # 256 -> 128 -> 64, both passes
+    got = build_contexts(
+        run.store,
+        flaky,
+        run.records,
+        [PLANTED, NOISE, DEAD],
+        offline_lm.tokenizer,
+        ContextConfig(batch_tokens=256),
+    )
+    assert flaky.failed == 4 and {f: c.to_dict() for f, c in got.items()} == {
+        f: c.to_dict() for f, c in contexts.items()
+    }
+    assert "ContextConfig.batch_tokens=256: going on at 128" in capsys.readouterr().out
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=r"even at ContextConfig\.batch_tokens=16"):
+        build_contexts(
+            run.store, OutOfMemoryAbove(flaky.sae, rows=0), run.records, [PLANTED], offline_lm.tokenizer
+        )
+
+
 def test_marked_text_and_token_pieces(offline_lm):
     assert marked_text(["a", " b", " c", " d", " e"], [0, 1, 2, 0, 3]) == "a<< b c>> d<< e>>"
     assert marked_text(["x"], [0.0]) == "x"

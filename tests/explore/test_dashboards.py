@@ -13,16 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.analysis.contexts import docs_for, iter_token_acts, token_pieces
+from helpers.analysis.contexts import EncodedChunks, docs_for, token_pieces
 from helpers.collect.completions import read_completions
 from helpers.collect.corpus import BUILTIN_CORPUS, Packing, iter_documents, iter_sequences, resolve_corpus
 from helpers.collect.store import TOKENS_SUFFIX, LayerStore
+from helpers.explore.accumulate import Kept, TopPerFeature
 from helpers.explore.dashboards import (
     CLASSES,
     NO_ANALYSIS,
     ExplorerConfig,
     build_dashboards,
-    encoded_chunks,
+    corpus_store_of,
+    feature_pass,
 )
 from helpers.explore.decoder import logit_effects, logit_summary, nearest_rows, unembedding_of
 from helpers.explore.views import default_feature, feature_html
@@ -31,6 +33,7 @@ from helpers.model.nanochat_gpt import NanoChatGPTConfig, NanoChatGPTForCausalLM
 from helpers.run import corpus_dir, sae_dir
 from helpers.saes import TopKSAE
 from helpers.saes.io import load_sae, save_sae
+from tests.analysis.test_contexts import OutOfMemoryAbove
 from tests.conftest import tiny_model
 from tests.explore.fake_run import CORPUS_SEQ_LEN, D_SAE, ELSEWHERE_ID, LAYER, OTHER_ID, SAE_ID, make_run
 
@@ -380,13 +383,77 @@ def test_notebook_04_rows_and_their_absence(db, run, tiny):
 
 
 @pytest.mark.parametrize("batch_tokens", [7, 64])
-def test_the_pass_reads_the_same_batches_as_iter_token_acts(run, batch_tokens):
-    """The pass's streamed reader (background thread, shards' dtype) gives the chunks and activations
-    of analysis.contexts.iter_token_acts; at 7 tokens most completions are encoded in several pieces."""
+def test_the_streamed_reader_gives_runs_of_whole_completions_and_their_activations(run, dense, batch_tokens):
+    """EncodedChunks (background reader, shards' dtype, then the SAE) against the brute-force encoding
+    of every token at once: runs of whole completions of at most batch_tokens tokens (a longer one
+    alone), in store order, each with its rows' activations; at 7 tokens most completions are encoded
+    in several pieces."""
+    docs, A, doc, _, _ = dense
+    store, sae = LayerStore(run, LAYER), load_sae(sae_dir(run, SAE_ID)).sae
+    got = list(EncodedChunks(store, sae, docs, batch_tokens, pre=False))
+    assert [d.id for c, _, _ in got for d in c] == [d.id for d in docs]
+    for chunk, acts, pre in got:
+        assert pre is None and acts.dtype == torch.float32
+        assert len(chunk) == 1 or sum(d.n for d in chunk) <= batch_tokens
+        rows = np.isin(doc, [d.index for d in chunk])
+        assert np.allclose(acts.numpy(), A[rows], rtol=1e-6, atol=1e-7)
+
+
+def assert_same_pass(a, b) -> None:
+    """Every array of two FeaturePass results equal (nan equal to nan), the corpus part's too."""
+    pairs = [(a, b)] + ([(a.corpus, b.corpus)] if a.corpus is not None or b.corpus is not None else [])
+    for x, y in pairs:
+        for name in vars(x):
+            p, q = getattr(x, name), getattr(y, name)
+            if isinstance(p, Kept):
+                for k in vars(p):
+                    u, v = getattr(p, k), getattr(q, k)
+                    assert (u is None and v is None) or np.array_equal(u, v, equal_nan=True), f"{name}.{k}"
+            elif isinstance(p, np.ndarray):
+                assert np.array_equal(p, q, equal_nan=True), name
+            elif name != "corpus":
+                assert p == q, name
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(run):
     store, sae = LayerStore(run, LAYER), load_sae(sae_dir(run, SAE_ID)).sae
     docs = docs_for(store, read_completions(run))
-    want = list(iter_token_acts(store, sae, docs, batch_tokens=batch_tokens))
-    got = list(encoded_chunks(store, sae, docs, batch_tokens))
-    assert [[d.id for d in c] for c, _ in got] == [[d.id for d in c] for c, _, _ in want]
-    for (_, acts), (_, a, _) in zip(got, want, strict=True):
-        assert acts.dtype == torch.float32 and torch.equal(acts, a)
+    return store, sae, docs, feature_pass(store, sae, docs, CFG, corpus=corpus_store_of(run, LAYER))
+
+
+def test_out_of_memory_in_the_encoder_halves_the_batch_and_loses_nothing(run, uninterrupted, capsys):
+    store, sae, docs, want = uninterrupted
+    once = OutOfMemoryAbove(sae, rows=20, times=1)  # fails at 64 once, then 32 fits
+    assert_same_pass(feature_pass(store, once, docs, CFG, corpus=corpus_store_of(run, LAYER)), want)
+    assert once.failed == 1 and want.corpus is not None
+    assert "out of memory at ExplorerConfig.batch_tokens=64: going on at 32" in capsys.readouterr().out
+    tight = OutOfMemoryAbove(sae, rows=20)  # every batch above 20 rows fails: 64 -> 32 -> 16, and stays
+    assert_same_pass(feature_pass(store, tight, docs, CFG, corpus=corpus_store_of(run, LAYER)), want)
+    assert tight.failed == 2, "the corpus part starts at the batch size the completions ended with"
+
+
+def test_out_of_memory_in_the_bookkeeping_redoes_the_batch_with_the_same_keys(
+    run, uninterrupted, monkeypatch
+):
+    """The sample's selection fails after the top windows' succeeded (both on the device): the batch
+    keeps nothing, its random keys are drawn again, and the results equal a pass that never failed."""
+    store, sae, docs, want = uninterrupted
+    real, calls = TopPerFeature.select, []
+
+    def select(self, *args, **kwargs):
+        calls.append(self.k)
+        if len(calls) in (4, 9):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TopPerFeature, "select", select)
+    got = feature_pass(store, sae, docs, CFG, corpus=corpus_store_of(run, LAYER))
+    assert calls[3] == CFG.reservoir and calls[8] == CFG.n_top, "failed in the sample's and the top's"
+    assert_same_pass(got, want)
+
+
+def test_out_of_memory_at_the_smallest_batch_names_the_setting(run, uninterrupted):
+    store, sae, docs, _ = uninterrupted
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=r"even at ExplorerConfig\.batch_tokens=16.*SAE"):
+        feature_pass(store, OutOfMemoryAbove(sae, rows=0), docs, CFG)
