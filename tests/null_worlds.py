@@ -321,6 +321,33 @@ def d_ci_calibration(
     }
 
 
+def answer(scenario: int, prompt: int, deceptive: bool) -> dict:
+    """One labelled answer to prompt `prompt` of scenario `scenario`, as a steering row's samples hold it."""
+    return {
+        "prompt_id": f"s{scenario}/q{prompt}",
+        "group": f"s{scenario}",
+        "label": "deceptive" if deceptive else "honest",
+        "nll": 1.0,
+        "n_tokens": 1,
+        "label_source": "rules",
+    }
+
+
+def steering_row(name: str, kind: str, samples: list[dict], n_per_prompt: int, **stats) -> dict:
+    """A steering experiment's row of `samples` (a no-steering row when `kind` is "none", else feature 1 at
+    strength 1 on layer 1); `stats` adds to the row's stats."""
+    return {
+        "name": name,
+        "kind": kind,
+        "layer": 1,
+        "strength": 0.0 if kind == "none" else 1.0,
+        "feature": 1,
+        "sampling": {"seed": 0, "n_per_prompt": n_per_prompt},
+        "samples": samples,
+        "stats": {"n": len(samples), "perplexity": 2.0, "label_sources": {"rules": len(samples)}, **stats},
+    }
+
+
 def steering_rows(rng: np.random.Generator, n_scenarios: int, prompts_per_scenario: int, n_per_prompt: int):
     """A no-steering row and a steered row of one null world: scenario s has a base deceptive rate
     b_s ~ U(0.35, 0.65) and a steering effect e_s ~ U(-0.3, 0.3) (zero on average: the null), its prompts
@@ -334,36 +361,9 @@ def steering_rows(rng: np.random.Generator, n_scenarios: int, prompts_per_scenar
         for s in range(n_scenarios):
             for q in range(prompts_per_scenario):
                 rate = base[s] + jitter[s, q] + shift * effect[s]
-                for _ in range(n_per_prompt):
-                    samples.append(
-                        {
-                            "prompt_id": f"s{s}/q{q}",
-                            "group": f"s{s}",
-                            "label": "deceptive" if rng.random() < rate else "honest",
-                            "nll": 1.0,
-                            "n_tokens": 1,
-                            "label_source": "rules",
-                        }
-                    )
+                samples += [answer(s, q, rng.random() < rate) for _ in range(n_per_prompt)]
         n_dec = sum(x["label"] == "deceptive" for x in samples)
-        rows.append(
-            {
-                "name": name,
-                "kind": kind,
-                "layer": 1,
-                "strength": 0.0 if kind == "none" else 1.0,
-                "feature": 1,
-                "sampling": {"seed": 0, "n_per_prompt": n_per_prompt},
-                "samples": samples,
-                "stats": {
-                    "n_deceptive": n_dec,
-                    "n": len(samples),
-                    "perplexity": 2.0,
-                    "n_prompts": 0,
-                    "label_sources": {"rules": len(samples)},
-                },
-            }
-        )
+        rows.append(steering_row(name, kind, samples, n_per_prompt, n_deceptive=n_dec, n_prompts=0))
     return rows
 
 
@@ -417,34 +417,11 @@ def rare_steering_rows(
     for name, kind, mean in (("none", "none", rate), ("f", "feature", steered_rate)):
         scenario_rate = stats.beta.ppf(u, mean * (1 - icc) / icc, (1 - mean) * (1 - icc) / icc)
         samples = [
-            {
-                "prompt_id": f"s{s}/q0",
-                "group": f"s{s}",
-                "nll": 1.0,
-                "n_tokens": 1,
-                "label_source": "rules",
-                "label": "deceptive" if draws[s, k] < scenario_rate[s] else "honest",
-            }
+            answer(s, 0, draws[s, k] < scenario_rate[s])
             for s in range(n_scenarios)
             for k in range(n_per_prompt)
         ]
-        rows.append(
-            {
-                "name": name,
-                "kind": kind,
-                "layer": 1,
-                "strength": 0.0 if kind == "none" else 1.0,
-                "feature": 1,
-                "sampling": {"seed": 0, "n_per_prompt": n_per_prompt},
-                "samples": samples,
-                "stats": {
-                    "n": len(samples),
-                    "perplexity": 2.0,
-                    "n_prompts": n_scenarios,
-                    "label_sources": {"rules": len(samples)},
-                },
-            }
-        )
+        rows.append(steering_row(name, kind, samples, n_per_prompt, n_prompts=n_scenarios))
     return rows
 
 
