@@ -277,6 +277,28 @@ class KSparseSAE(SAE):
         return StepOutput(loss, terms, x_hat.detach(), fired)
 
 
+class PenaltySAE(SAE):
+    """The architectures whose sparsity is a penalty (standard, Gated, JumpReLU): its coefficient λ, an fp32
+    buffer `sparsity_coef`, is steered toward the target L0 after every step (`adapt_coefficient` at rate
+    `coef_rate`; 0 keeps λ fixed, as in SAELens; `coef_hold_beyond` its anti-windup factor)."""
+
+    coef_hold_beyond: ClassVar[float | None] = None
+
+    def __init__(
+        self, d_in: int, d_sae: int, *, l0: float, sparsity_coef: float, coef_rate: float, seed: int = 0
+    ):
+        super().__init__(d_in, d_sae, l0=l0, seed=seed)
+        self.coef_rate = coef_rate
+        self.register_buffer("sparsity_coef", torch.tensor(sparsity_coef, dtype=torch.float32))
+
+    @torch.no_grad()
+    def after_step(self, out: StepOutput) -> None:
+        if self.coef_rate:
+            adapt_coefficient(
+                self.sparsity_coef, out.l0, self.target_l0, self.coef_rate, hold_beyond=self.coef_hold_beyond
+            )
+
+
 @torch.no_grad()
 def geometric_median(x: Tensor, iters: int = 50) -> Tensor:
     """Weiszfeld's algorithm started at the mean, x [n, d] -> [d]: b_dec's initial value (robust to the

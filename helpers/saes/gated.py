@@ -22,11 +22,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from helpers.saes.base import SAE, StepOutput, adapt_coefficient
+from helpers.saes.base import PenaltySAE, StepOutput
 from helpers.saes.kernels import Pattern, gather_pre, recon_loss, sparse_decode
 
 
-class GatedSAE(SAE):
+class GatedSAE(PenaltySAE):
     architecture = "gated"
     latent_biases = ("b_gate", "b_mag")
     saelens_tensors = ("W_enc", "W_dec", "b_dec", "b_gate", "b_mag", "r_mag")
@@ -43,12 +43,10 @@ class GatedSAE(SAE):
     ):
         """`l0`: target L0; `sparsity_coef`: initial L1 coefficient λ; `coef_rate`: how fast log λ
         follows the L0 error per step (0 keeps λ fixed)."""
-        super().__init__(d_in, d_sae, l0=l0, seed=seed)
-        self.coef_rate = coef_rate
+        super().__init__(d_in, d_sae, l0=l0, sparsity_coef=sparsity_coef, coef_rate=coef_rate, seed=seed)
         self.b_gate = nn.Parameter(torch.zeros(d_sae))
         self.b_mag = nn.Parameter(torch.zeros(d_sae))
         self.r_mag = nn.Parameter(torch.zeros(d_sae))
-        self.register_buffer("sparsity_coef", torch.tensor(sparsity_coef, dtype=torch.float32))
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self.check_input(x)
@@ -73,8 +71,3 @@ class GatedSAE(SAE):
         fired = torch.bincount(p.col[acts > 0], minlength=self.d_sae)
         terms = {"mse": mse.detach(), "l1": l1.detach(), "gate_aux": gate_aux.detach()}
         return StepOutput(loss, terms, x_hat.detach(), fired)
-
-    @torch.no_grad()
-    def after_step(self, out: StepOutput) -> None:
-        if self.coef_rate:
-            adapt_coefficient(self.sparsity_coef, out.l0, self.target_l0, self.coef_rate)

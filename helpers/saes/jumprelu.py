@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from helpers.saes.base import SAE, StepOutput, adapt_coefficient
+from helpers.saes.base import PenaltySAE, StepOutput
 from helpers.saes.kernels import Pattern, gather_pre, recon_loss, sparse_decode
 
 
@@ -65,8 +65,9 @@ class _Step(torch.autograd.Function):
         return None, -(1.0 / ctx.eps) * _rectangle((z - theta) / ctx.eps) * g, None
 
 
-class JumpReLUSAE(SAE):
+class JumpReLUSAE(PenaltySAE):
     architecture = "jumprelu"
+    coef_hold_beyond = 2.0  # base.adapt_coefficient's anti-windup (module docstring)
     latent_biases = ("b_enc", "threshold")
     saelens_tensors = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 
@@ -84,16 +85,15 @@ class JumpReLUSAE(SAE):
     ):
         """`l0`: target L0; `bandwidth`: ε of the STE; `sparsity_coef`: initial λ; `coef_rate`: how fast
         log λ follows the L0 error per step (0 keeps λ fixed)."""
-        super().__init__(d_in, d_sae, l0=l0, seed=seed)
+        super().__init__(d_in, d_sae, l0=l0, sparsity_coef=sparsity_coef, coef_rate=coef_rate, seed=seed)
         if bandwidth <= 0 or init_threshold <= 0:
             raise ValueError(
                 f"bandwidth and init_threshold must be > 0 (got {bandwidth}, {init_threshold}): a zero "
                 "threshold with no gradient is the ReLU-in-disguise bug this class exists to prevent"
             )
-        self.bandwidth, self.coef_rate = bandwidth, coef_rate
+        self.bandwidth = bandwidth
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.threshold = nn.Parameter(torch.full((d_sae,), init_threshold, dtype=torch.float32))
-        self.register_buffer("sparsity_coef", torch.tensor(sparsity_coef, dtype=torch.float32))
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self.check_input(x)
@@ -121,5 +121,4 @@ class JumpReLUSAE(SAE):
     @torch.no_grad()
     def after_step(self, out: StepOutput) -> None:
         self.threshold.clamp_(min=0.0)  # a negative θ would pass negative pre-activations
-        if self.coef_rate:
-            adapt_coefficient(self.sparsity_coef, out.l0, self.target_l0, self.coef_rate, hold_beyond=2.0)
+        super().after_step(out)

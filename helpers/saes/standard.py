@@ -20,11 +20,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from helpers.saes.base import SAE, StepOutput, adapt_coefficient
+from helpers.saes.base import PenaltySAE, StepOutput
 from helpers.saes.kernels import DENSE_ABOVE, Pattern, gather_pre, recon_loss, sparse_decode
 
 
-class StandardSAE(SAE):
+class StandardSAE(PenaltySAE):
     architecture = "standard"
     latent_biases = ("b_enc",)
     saelens_tensors = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -41,10 +41,8 @@ class StandardSAE(SAE):
     ):
         """`l0`: target L0; `sparsity_coef`: initial L1 coefficient λ; `coef_rate`: how fast log λ follows
         the L0 error per step (0 keeps λ fixed, as in SAELens)."""
-        super().__init__(d_in, d_sae, l0=l0, seed=seed)
-        self.coef_rate = coef_rate
+        super().__init__(d_in, d_sae, l0=l0, sparsity_coef=sparsity_coef, coef_rate=coef_rate, seed=seed)
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
-        self.register_buffer("sparsity_coef", torch.tensor(sparsity_coef, dtype=torch.float32))
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self.check_input(x)
@@ -79,8 +77,3 @@ class StandardSAE(SAE):
 
     def normalize_decoder(self) -> None:
         """No renormalisation: the decoder norms are free (see the module docstring)."""
-
-    @torch.no_grad()
-    def after_step(self, out: StepOutput) -> None:
-        if self.coef_rate:
-            adapt_coefficient(self.sparsity_coef, out.l0, self.target_l0, self.coef_rate)
