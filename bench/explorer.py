@@ -8,6 +8,8 @@ the static page's first paint with 16k features.
         # only the one pass (`feature_pass`) over the store, the code of git revision baaabae (before the
         # pass moved to the device) against HEAD's, alternating, each in a fresh process, results
         # compared array by array
+    python bench/explorer.py --pass-only --device cuda --compare-cpu --tokens 100000
+        # the pass on CUDA and on the CPU, same code and store: the largest differences, field by field
 
 Data (written once under --data-dir, reused): a store of `--tokens` completion tokens of d_in = 576 (the
 offline model SmolLM2-135M's width) in float16 shards, in completions of 250 tokens with random token ids
@@ -37,6 +39,10 @@ Keys name the code and the device (`before_cpu`, `after_cpu`, `after_cuda`); `pa
 `pass_process_cpu_s` the CPU time of the process (all its threads: on a shared machine the fairer
 figure), `tokens_per_s` uses the fastest; `read_and_encode_only_s` is the floor under the pass on each
 device (the streamed read and the SAE's encode alone, nothing kept), so the rest is the bookkeeping.
+With `--compare-cpu` (or `--before` and a GPU) `cuda_vs_cpu` compares the device's results with the
+CPU's of the same code, field by field: equal, or the largest absolute and relative differences and how
+many entries differ (the encoder's float rounding on the GPU can move an activation by an ulp, a tie
+in a TopK or a kept entry near a feature's k-th score with it).
 """
 
 from __future__ import annotations
@@ -401,8 +407,14 @@ def compare(a: Path, b: Path) -> dict:
             elif np.array_equal(p, q, equal_nan=p.dtype.kind == "f"):
                 out[k] = "equal"
             else:
-                d = np.abs(p.astype(np.float64) - q.astype(np.float64))
-                out[k] = f"max abs diff {np.nanmax(d):.3g}, {int((d > 0).sum())} differ"
+                p, q = p.astype(np.float64), q.astype(np.float64)
+                d = np.where(np.isnan(p) & np.isnan(q), 0.0, np.abs(p - q))
+                d = np.where(np.isnan(d), np.inf, d)  # nan against a number
+                rel = d / np.maximum(np.maximum(np.abs(p), np.abs(q)), 1e-30)
+                out[k] = (
+                    f"max abs diff {np.max(d):.3g}, max rel diff {np.nanmax(rel):.3g}, "
+                    f"{int((d > 0).sum())} of {d.size} differ"
+                )
     return {"identical": all(v == "equal" for v in out.values()), "fields": out}
 
 
@@ -426,6 +438,8 @@ def pass_only(args: argparse.Namespace) -> dict:
             runs = {"before_cpu": (trees["before"], "cpu"), "after_cpu": (trees["after"], "cpu")}
             if args.device != "cpu":
                 runs[f"after_{args.device}"] = (trees["after"], args.device)
+        elif args.compare_cpu and args.device != "cpu":
+            runs["after_cpu"] = (ROOT, "cpu")
         times: dict[str, list[float]] = {k: [] for k in runs}
         cpu: dict[str, list[float]] = {k: [] for k in runs}
         for _ in range(args.repeats):
@@ -447,6 +461,8 @@ def pass_only(args: argparse.Namespace) -> dict:
             out.setdefault("read_and_encode_only_process_cpu_s", {})[device] = round(r["cpu_seconds"], 1)
         best = {k: min(v) for k, v in times.items()}
         out["tokens_per_s"] = {k: round(out["tokens"] / t) for k, t in best.items()}
+        if "after_cpu" in runs and args.device != "cpu":  # the same code on the device and on the CPU
+            out[f"{args.device}_vs_cpu"] = compare(tmp / f"after_{args.device}.npz", tmp / "after_cpu.npz")
         if args.before:
             out["before_rev"], out["after_rev"] = args.before, args.after
             out["after_over_before_cpu"] = round(best["after_cpu"] / best["before_cpu"], 3)
@@ -478,6 +494,11 @@ def main() -> None:
     p.add_argument("--before", help="with --pass-only: also the pass of this git revision, on the CPU")
     p.add_argument("--after", default="HEAD", help="with --before: the revision to compare it with")
     p.add_argument("--repeats", type=int, default=1, help="with --pass-only: runs of each, alternating")
+    p.add_argument(
+        "--compare-cpu",
+        action="store_true",
+        help="with --pass-only and a --device other than cpu: also this tree's pass on the CPU, compared",
+    )
     args = p.parse_args()
     tok = helpers.load_model(helpers.OFFLINE_MODEL, device="cpu").tokenizer
     t0 = time.perf_counter()

@@ -17,6 +17,8 @@
 #   probe_cost     notebook 04's statistics with the field's protocol at nanochat-d32 scale on CUDA
 #   explorer_pass  the explorer's one pass alone over a 1M-token store for a 16k-latent SAE on CUDA
 #                  (target: at most 2 minutes on a T4-class card)
+#   explorer_cuda_vs_cpu  that pass on CUDA and on the CPU over the 100k-token store, same code: the
+#                  largest differences field by field (cuda_vs_cpu; `identical` when every array is equal)
 #   explorer       the whole explorer (pass, pages, table, peers) at that size on CUDA
 # A step that fails is recorded (exit status, seconds, last lines of its log) and the next one runs.
 # Needs a CUDA build of torch already installed for the GPU half (Colab's, or the machine's): this script
@@ -69,6 +71,8 @@ if [ "$GPU" = 1 ]; then
   step capture capture.json python3 bench/capture.py --device cuda --n-completions 512 --batch-size 32
   step probe_cost probe_cost_cuda.json python3 bench/probe_cost.py --device cuda --protocol --threads 2
   step explorer_pass explorer_pass.json python3 bench/explorer.py --pass-only --device cuda
+  step explorer_cuda_vs_cpu explorer_cuda_vs_cpu.json python3 bench/explorer.py --pass-only --device cuda \
+    --compare-cpu --tokens 100000 --data-dir "${TMPDIR:-/tmp}/explorer_bench_100k"
   step explorer explorer.json python3 bench/explorer.py --device cuda --no-browser
   step planner planner_gpu.json python3 bench/planner.py --gpu --sizes smoke mid --runs "$OUT/planner"
 fi

@@ -17,7 +17,7 @@ from helpers.analysis.contexts import EncodedChunks, docs_for, token_pieces
 from helpers.collect.completions import read_completions
 from helpers.collect.corpus import BUILTIN_CORPUS, Packing, iter_documents, iter_sequences, resolve_corpus
 from helpers.collect.store import TOKENS_SUFFIX, LayerStore
-from helpers.explore.accumulate import Kept, TopPerFeature
+from helpers.explore.accumulate import Kept, LogHistogram, TopPerFeature
 from helpers.explore.dashboards import (
     CLASSES,
     NO_ANALYSIS,
@@ -397,6 +397,26 @@ def test_the_streamed_reader_gives_runs_of_whole_completions_and_their_activatio
         assert len(chunk) == 1 or sum(d.n for d in chunk) <= batch_tokens
         rows = np.isin(doc, [d.index for d in chunk])
         assert np.allclose(acts.numpy(), A[rows], rtol=1e-6, atol=1e-7)
+
+
+def test_the_torch_bookkeeping_matches_numpy_on_the_same_activations(uninterrupted, dense):
+    """The pass's counts, sums, minima and log2 histogram (torch, on the SAE's device: here the CPU)
+    against numpy over the brute-force activations of every token. Stated tolerance: counts, minima and
+    histogram bins exact; sums within rtol 1e-6 (float64 sums of float32 activations, which the encoder
+    may round one ulp differently in batches of another size)."""
+    _, _, _, fp = uninterrupted
+    _, A, _, _, cls = dense
+    on = A > 0
+    assert np.array_equal(fp.n_tokens, np.bincount(cls, minlength=3))
+    assert np.array_equal(fp.fired, np.stack([on[cls == k].sum(0) for k in range(3)]))
+    assert np.allclose(fp.act_sum, A.astype(np.float64).sum(0), rtol=1e-6, atol=0)
+    assert np.array_equal(fp.min_activation, np.where(on.any(0), np.where(on, A, np.inf).min(0), 0))
+    rows, feats = np.nonzero(on)
+    n_bins = (LogHistogram.HI - LogHistogram.LO) * LogHistogram.PER_OCTAVE
+    b = np.floor((np.log2(A[rows, feats]) - LogHistogram.LO) * LogHistogram.PER_OCTAVE).astype(np.int64)
+    want = np.zeros((A.shape[1], n_bins), np.int64)
+    np.add.at(want, (feats, np.clip(b, 0, n_bins - 1)), 1)
+    assert np.array_equal(fp.log_counts, want) and fp.log_counts.sum() == on.sum()
 
 
 def assert_same_pass(a, b) -> None:
