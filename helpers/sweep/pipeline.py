@@ -57,6 +57,7 @@ from helpers.run import (
     model_record,
     read_json_record,
     read_run_json,
+    remove_stale_temps,
     stage_done,
     update_run_json,
 )
@@ -479,7 +480,10 @@ def run_model(
 ) -> None:
     """Every stage of one model that its run folder does not mark done, in order; `record` (the model's
     entry of sweep.json) gets each stage's summary and seconds, and `save` writes it as each stage starts
-    and ends. An exception propagates to `run_sweep`."""
+    and ends. A stage that starts removes the temp files and folders killed writes left in its folders
+    (`run.remove_stale_temps`, which the notebooks' settings checks call; notebook 04's check itself is not
+    made here: its settings include autointerp's, which the sweep does not run, so recording them would
+    stop notebook 04 on this run folder). An exception propagates to `run_sweep`."""
     lm = _Lazy(run_dir, device, cache_dir)
     steps = {
         STAGES[0]: lambda: stage_load(run_dir, spec, study, lm),
@@ -494,6 +498,8 @@ def run_model(
                 continue
             record["stage"] = stage
             save()
+            # As the notebooks' settings checks do when a stage starts: what killed writes left goes first.
+            remove_stale_temps(run_dir, stage)
             t0 = time.perf_counter()
             out = step()
             record["stages"][stage] = {"status": "done", "seconds": round(time.perf_counter() - t0, 2), **out}

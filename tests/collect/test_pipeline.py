@@ -14,7 +14,7 @@ from helpers.collect.pipeline import (
     load_datasets,
 )
 from helpers.collect.prompts import load_scenarios
-from helpers.collect.sampling import Completion
+from helpers.collect.sampling import Completion, SamplingSettings
 from helpers.env import NotebookError
 from helpers.gemini import client_for
 from helpers.run import judge_cache_path
@@ -97,6 +97,11 @@ def test_collection_settings_resume_add_on_request_and_overwrite(tmp_path):
     def settings(datasets, layers=(3,), **kw):
         return collection_settings("m", datasets, list(layers), **{**sampling, **kw})
 
+    whole = SamplingSettings(max_new_tokens=8, batch_size=4)  # batch size: not a setting of the results
+    kept = dict(n_per_prompt=2, include_prompt=False)
+    assert collection_settings("m", contrast, [3], **kept, sampling=whole) == settings(contrast)
+    with pytest.raises(TypeError, match=r"\['temprature'\].*sampling settings"):
+        collection_settings("m", contrast, [3], **kept, temprature=0.5)
     assert check_collection(tmp_path, settings(contrast)) == "new"
     sampled_run(tmp_path)
     (tmp_path / "activations" / "layer_3").mkdir(parents=True)

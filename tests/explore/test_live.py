@@ -96,6 +96,10 @@ def test_analyser_reads_the_text_after_bos(tiny, sae):
         analyse_text(tiny, sae, "  ")
     with pytest.raises(ValueError, match="prompt is empty"):
         next(track_generation(tiny, sae, ""))
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        next(track_generation(tiny, sae, PROMPT, max_new_tokens=0))
+    with pytest.raises(TypeError, match=r"\['temprature'\].*sampling settings"):
+        next(track_generation(tiny, sae, PROMPT, temprature=0.5))
 
 
 def test_analyser_shows_only_features_that_fire_and_says_when_none_does(tiny, sae):

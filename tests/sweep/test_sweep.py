@@ -145,6 +145,10 @@ def swept(models, tmp_path_factory):
     weights = {p: p.stat().st_mtime_ns for p in llama_dir.glob("saes/*/sae_weights.safetensors")}
     n_completions = len(read_jsonl(llama_dir / "completions.jsonl"))
     first_run_json = read_run_json(folders.run_dir(keys[0]))
+    # What writes killed in notebook 04's folder would leave: a temp file and an atomic_directory's folder.
+    killed = [llama_dir / "features" / ".x.jsonl.abcdefgh.tmp", llama_dir / "features" / ".d.tmp-0123abcd"]
+    killed[1].mkdir(parents=True)
+    killed[0].write_text("{")
     third = _drive(cfg_path)
     return dict(
         root=root,
@@ -157,6 +161,7 @@ def swept(models, tmp_path_factory):
         weights=weights,
         n_completions=n_completions,
         first_run_json=first_run_json,
+        killed=killed,
         state=read_sweep(folders.sweep_dir),
     )
 
@@ -178,6 +183,7 @@ def test_killed_between_models_and_mid_model_then_resumed(swept):
     assert read_run_json(swept["folders"].run_dir(k0))["stages"] == swept["first_run_json"]["stages"]
     assert len(read_jsonl(llama_dir / "completions.jsonl")) == swept["n_completions"]
     assert {p: p.stat().st_mtime_ns for p in swept["weights"]} == swept["weights"]
+    assert not any(p.exists() for p in swept["killed"]), "stage 04 starting again removed the killed writes"
     state = swept["state"]["models"]
     assert all(state[k]["status"] == "done" for k in list(state)[:4]), {
         k: v.get("error") for k, v in state.items()
