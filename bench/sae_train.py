@@ -130,25 +130,19 @@ class SAELensTrainer:
     """SAELens 6.x's `SAETrainer`, fed our batches (already at its input scale) and stepped exactly as its
     `fit()` loop does, configured as its most careful user would (see the module docstring)."""
 
-    def __init__(
-        self,
-        arch: str,
-        d_in: int,
-        d_sae: int,
-        l0: float,
-        cfg,
-        device: str,
-        autocast: bool,
-        l1: float,
-        b_dec: torch.Tensor,
-        dead_window_steps: int,
-    ):
+    def __init__(self, cfg: TrainConfig, b_dec: torch.Tensor, *, device: str, autocast: bool, l1: float):
+        """SAELens's SAE for `cfg`'s architecture, k (or target L0) and width, b_dec starting at `b_dec`
+        (at its input scale), its dead-latent window at ours (`cfg.dead_after` tokens, in steps)."""
+        d_in = len(b_dec)
         # TopK/BatchTopK: its sparse path where it applies (fp32, no autocast); bench/saelens_setup.py
-        sae = saelens_setup.training_sae(arch, d_in, d_sae, l0, l1=l1, device=device, sparse=not autocast)
+        sae = saelens_setup.training_sae(
+            cfg.architecture, d_in, cfg.expansion * d_in, cfg.l0, l1=l1, device=device, sparse=not autocast
+        )
         with torch.no_grad():  # start where ours starts (its own default is zeros)
             sae.b_dec.copy_(b_dec)
+        self.dead_window = max(1, cfg.dead_after // cfg.batch_size)
         self.trainer = saelens_setup.trainer(
-            sae, cfg, device=device, autocast=autocast, dead_window_steps=dead_window_steps
+            sae, cfg, device=device, autocast=autocast, dead_window_steps=self.dead_window
         )
 
     def train_step(self, x: torch.Tensor) -> None:
@@ -219,19 +213,8 @@ def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path)
     x0 = train[: cfg.init_tokens]
     ours = our_run(ours_cfg, x0, device)
     scale, lens_scale = ours.scale, saelens_setup.saelens_scale(x0)
-    dead_window = max(1, cfg.dead_after // cfg.batch_size)
-    lens = SAELensTrainer(
-        arch,
-        d_in,
-        cfg.expansion * d_in,
-        args.k,
-        cfg,
-        device,
-        precision == "bf16",
-        args.l1,
-        geometric_median(x0.to(device) * lens_scale),
-        dead_window,
-    )
+    b_dec = geometric_median(x0.to(device) * lens_scale)
+    lens = SAELensTrainer(cfg, b_dec, device=device, autocast=precision == "bf16", l1=args.l1)
     W = torch.randn(d_in, cfg.expansion * d_in, device=device) / d_in**0.5
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     data = stream(train, cfg.batch_size, args.seed)
@@ -293,7 +276,7 @@ def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path)
             **evals["saelens"],
         },
         "saelens_settings": {
-            "dead_feature_window_steps": dead_window,
+            "dead_feature_window_steps": lens.dead_window,
             "normalize": "mean norm sqrt(d_in)",
             "b_dec_init": "geometric median of the first tokens (as ours)",
         },
@@ -410,13 +393,7 @@ def main() -> None:
     )
     p.add_argument("--lr", type=float, default=TrainConfig.lr, help="learning rate of both (same schedule)")
     p.add_argument("--ours-lr", type=float, default=None, help="ablation: our learning rate only")
-    p.add_argument(
-        "--ours-input-norm",
-        default="auto",
-        choices=["auto", "unit", "sqrt_d_in"],
-        help="ablation: our TrainConfig.input_norm (auto: the architecture's; unit: unit mean squared norm; "
-        "sqrt_d_in: SAELens's mean norm sqrt(d_in))",
-    )
+    saelens_setup.add_input_norm_flag(p)
     p.add_argument(
         "--auxk-coef", type=float, default=None, help="ablation: our TopK/BatchTopK AuxK coefficient"
     )

@@ -19,6 +19,18 @@ from __future__ import annotations
 import torch
 
 
+def add_input_norm_flag(parser) -> None:
+    """Both benches' `--ours-input-norm`: an ablation of our `TrainConfig.input_norm` (SAELens's scale is
+    always its own)."""
+    parser.add_argument(
+        "--ours-input-norm",
+        default="auto",
+        choices=["auto", "unit", "sqrt_d_in"],
+        help="ablation: our TrainConfig.input_norm (auto: the architecture's; unit: unit mean squared norm; "
+        "sqrt_d_in: SAELens's mean norm sqrt(d_in))",
+    )
+
+
 def saelens_scale(x0: torch.Tensor) -> float:
     """SAELens's `expected_average_only_in` factor: mean norm -> sqrt(d_in) (activation_scaler.py l. 90)."""
     return x0.shape[1] ** 0.5 / float(x0.norm(dim=1).mean())

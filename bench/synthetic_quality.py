@@ -170,6 +170,14 @@ def score(folder: Path, world, args, scale: float | None) -> dict:
     }
 
 
+def score_ours(trainer: Trainer, folder: Path, world, args) -> dict:
+    """Our SAE saved in the SAELens format (its input scale folded in: it takes raw activations), scored."""
+    save_sae(
+        trainer.sae, folder, hook_name="blocks.0.hook_resid_post", model_name="synthetic", scale=trainer.scale
+    )
+    return score(folder, world, args, None)
+
+
 def compare(
     arch: str, world, data: Samples, true_l0: float, lr: float, args, tmp: Path, control: bool
 ) -> dict:
@@ -204,14 +212,7 @@ def compare(
         untrained["saelens"] = score(tmp / f"saelens_{arch}_untrained", world, args, lens_scale)
         fresh = Trainer(cfg, d_in)
         fresh.init_from_data(init)
-        save_sae(
-            fresh.sae,
-            tmp / f"ours_{arch}_untrained",
-            hook_name="blocks.0.hook_resid_post",
-            model_name="synthetic",
-            scale=fresh.scale,
-        )
-        untrained["ours"] = score(tmp / f"ours_{arch}_untrained", world, args, None)
+        untrained["ours"] = score_ours(fresh, tmp / f"ours_{arch}_untrained", world, args)
         del fresh
     ours = None
     matched = arch in ("standard", "jumprelu")  # SAELens first; ours then targets the L0 it reached
@@ -249,15 +250,11 @@ def compare(
     if theirs_scores is None:
         theirs.sae.save_inference_model(tmp / f"saelens_{arch}")
         theirs_scores = score(tmp / f"saelens_{arch}", world, args, lens_scale)
+    running = None
+    if hasattr(ours.sae, "threshold_rate"):  # BatchTopK family: also scored at its running-mean θ
+        running = score_ours(ours, tmp / f"ours_{arch}_running_threshold", world, args)
     ours.calibrate(init.split(cfg.batch_size))  # BatchTopK's θ from a pool, as train_sae sets it
-    save_sae(
-        ours.sae,
-        tmp / f"ours_{arch}",
-        hook_name="blocks.0.hook_resid_post",
-        model_name="synthetic",
-        scale=ours.scale,
-    )
-    ours_scores = score(tmp / f"ours_{arch}", world, args, None)  # folded: takes raw activations
+    ours_scores = score_ours(ours, tmp / f"ours_{arch}", world, args)
     tokens = steps * cfg.batch_size
     tps = {w: tokens / seconds[w] for w in seconds}
     ratio = lambda key: round(ours_scores[key] / theirs_scores[key], 3) if theirs_scores[key] else None  # noqa: E731
@@ -274,6 +271,11 @@ def compare(
             else {}
         ),
         "ours": {**ours_scores, "tokens_per_s": round(tps["ours"])},
+        **(
+            {"ours_at_running_threshold": {m: running[m] for m in ("mcc", "f1", "explained_variance", "l0")}}
+            if running
+            else {}
+        ),
         "saelens": {**theirs_scores, "tokens_per_s": round(tps["saelens"])},
         "ratio_ours_over_saelens": {
             "mcc": ratio("mcc"),
@@ -325,13 +327,7 @@ def main() -> None:
         help="SAELens as a careful user would set it up for a run this short: b_dec at the geometric median "
         "and its dead-latent window at our trainer's (train tokens / 20) instead of 1000 steps",
     )
-    p.add_argument(
-        "--ours-input-norm",
-        default="auto",
-        choices=["auto", "unit", "sqrt_d_in"],
-        help="ablation: our TrainConfig.input_norm (auto: the architecture's; unit: unit mean squared norm; "
-        "sqrt_d_in: SAELens's mean norm sqrt(d_in))",
-    )
+    saelens_setup.add_input_norm_flag(p)
     p.add_argument(
         "--ours-auxk-coef", type=float, default=None, help="ablation: our TopK/BatchTopK AuxK coefficient"
     )
