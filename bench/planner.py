@@ -3,18 +3,22 @@ notebooks run at two sizes on this machine.
 
 Each size runs notebooks 01-04 and 06 headless in one run folder, exactly as `scripts/run_notebooks.py`
 does (offline model, no Hub, no Gemini key); every plan cell prints its plan before its step and records
-predicted and measured in the run's `run.json` (`plans.<step>`). This script reads those records and prints
-one JSON row per size and step: predicted and measured wall time, peak RSS (and peak CUDA memory with
-`--gpu`), their ratios, and whether each is within the issue's bounds (time ±30%, memory ±15%).
+predicted and measured in the run's `run.json` (`plans.<step>`).
 
-One calibration file is shared by the sizes (a fresh one unless `--calibration` names one): the first
-size's plans come from the calibrated FLOP and copy rates alone (no earlier run of a step on this
-hardware), its measured/counted ratios are kept, and the second size's plans use them, as a user's second
-run on the same hardware would. So the second size is the test of how the plans scale. A size whose run
-folder (under `--runs`) has finished notebook 06 is read, not run again.
+The plans are never scored on the runs they were fitted on. First the `--fit` sizes run, one after the
+other, sharing one calibration file (a fresh one unless `--calibration` names one): their measured runs
+are what each step's line (fixed seconds + slope x counted seconds, helpers/plan.py `fit_line`) is fitted
+on. Then each `--score` size runs in a new run folder with its own copy of that fitted file, so a scored
+run's plans come from the fit runs alone (never from the scored run, nor another scored size). One JSON row
+per scored size and step: predicted and measured wall time, process CPU time (all threads of the notebook's
+kernel: the fairer figure on a machine shared with other processes, whose load stretches wall time, not
+CPU time), peak RSS (and peak CUDA memory with `--gpu`), their ratios, whether each is within the issue's
+bounds (time ±30%, memory ±15%), and the load average when the step began and ended. A size whose run folder
+(under `--runs`) has finished notebook 06 is read, not run again.
 
-    python bench/planner.py                          # smoke, then the demo preset (scripts/demo_params.json)
-    python bench/planner.py --sizes smoke mid --runs /tmp/planner --out bench/results/planner_cpu.json
+    python bench/planner.py                          # fit on smoke and mid, score a second smoke and mid run
+    python bench/planner.py --fit smoke mid --score smoke mid --runs /tmp/planner \
+        --out bench/results/planner_cpu.json
     python bench/planner.py --gpu --out bench/results/planner_gpu.json    # on a GPU machine
 """
 
@@ -23,41 +27,46 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers.run import read_run_json  # noqa: E402 - after the path that makes the repo importable
+from helpers import plan, run  # noqa: E402 - after the path that makes the repo importable
 from scripts.run_notebooks import DEMO_PARAMS, notebook_paths, read_params, run_notebook  # noqa: E402
 
 NOTEBOOKS = ["01", "02", "03", "04", "06"]
 MID = {
-    "02": {
-        "DATASETS": [
-            {"data": "builtin:contrast", "role": "train", "label_by": "instruction", "limit": 32},
-            {"data": "builtin:scenarios", "role": "eval", "label_by": "judge", "limit": 6},
-            {"data": "builtin:benign", "role": "control", "limit": 6},
-        ],
-        "CORPUS_TOKENS": 8192,
-    },
+    "02": {"CORPUS_TOKENS": 8192},
     "03": {"TRAIN_TOKENS": 16384, "BATCH_SIZE": 128, "CHECKPOINT_EVERY": 16, "LM_EVAL_COMPLETIONS": 4}
     | {"MIN_TOKENS": 64},
     "04": {"N_PERMUTATIONS": 19, "N_BOOTSTRAP": 50, "FEATURE_PERMUTATIONS": 99, "SWEEP_BOOTSTRAP": 10},
 }
-"""`mid`: the demo preset with a third of its prompts, a quarter of its corpus and training tokens and fewer
-permutations: about four times the smoke run's work, for a machine too busy for the demo."""
+"""`mid`: the demo preset with a third of each dataset's prompts (`mid_params`), a quarter of its corpus and
+training tokens and fewer permutations: about four times the smoke run's work."""
 TIME_BOUND, MEMORY_BOUND = 0.30, 0.15
+SIZES = ["smoke", "mid", "demo"]
+
+
+def mid_params(preset: dict[str, dict]) -> dict[str, dict]:
+    """The demo preset at the `mid` size: `MID`'s values, each of notebook 02's datasets cut to a third."""
+    params = {nb: {**values, **MID.get(nb, {})} for nb, values in preset.items()}
+    params["02"]["DATASETS"] = [
+        {**d, "limit": max(2, d["limit"] // 3)} if "limit" in d else d for d in preset["02"]["DATASETS"]
+    ]
+    return params
 
 
 def run_size(size: str, run_dir: Path, gpu: bool, timeout: int, notebooks: list[str]) -> float:
     params = read_params(DEMO_PARAMS) if size != "smoke" else {}
     if size == "mid":
-        params = {nb: {**values, **MID.get(nb, {})} for nb, values in params.items()}
-    done = (read_run_json(run_dir).get("stages") or {}).get("06_explore_features", {}).get("status")
+        params = mid_params(params)
+    done = (run.read_run_json(run_dir).get("stages") or {}).get("06_explore_features", {}).get("status")
     if done == "done":
         print(f"[{size}] {run_dir} has run already: its records are read", file=sys.stderr, flush=True)
         return 0.0
@@ -76,41 +85,69 @@ def run_size(size: str, run_dir: Path, gpu: bool, timeout: int, notebooks: list[
     return time.perf_counter() - began
 
 
+def within(ratio: float | None, bound: float) -> bool | None:
+    return None if ratio is None else abs(ratio - 1) <= bound
+
+
 def rows_of(size: str, run_dir: Path) -> list[dict]:
     rows = []
-    for step, rec in (read_run_json(run_dir).get("plans") or {}).items():
+    for step, rec in (run.read_run_json(run_dir).get("plans") or {}).items():
         if step == "model":
             continue
-        ratio = rec["ratio"]
+        predicted, measured, ratio = rec["predicted"], rec["measured"], rec["ratio"]
+        cpu_ratio = ratio.get("cpu_seconds")
         row = {
             "size": size,
             "step": step,
-            "predicted_s": round(rec["predicted"]["seconds"], 2),
-            "measured_s": round(rec["measured"]["seconds"], 2),
             "counted_s": round(rec["counted_seconds"], 3),
+            "predicted_s": round(predicted["seconds"], 2),
+            "measured_s": round(measured["seconds"], 2),
             "time_ratio": round(ratio["seconds"], 3),
-            "predicted_ram_gb": round(rec["predicted"]["ram_gb"], 3),
-            "measured_ram_gb": round(rec["measured"]["ram_gb"], 3),
+            "predicted_cpu_s": predicted.get("cpu_seconds") and round(predicted["cpu_seconds"], 2),
+            "measured_cpu_s": measured.get("cpu_seconds") and round(measured["cpu_seconds"], 2),
+            "cpu_time_ratio": cpu_ratio and round(cpu_ratio, 3),
+            "predicted_ram_gb": round(predicted["ram_gb"], 3),
+            "measured_ram_gb": round(measured["ram_gb"], 3),
             "ram_ratio": round(ratio["ram_gb"], 3),
-            "time_within_30pct": abs(ratio["seconds"] - 1) <= TIME_BOUND,
-            "ram_within_15pct": abs(ratio["ram_gb"] - 1) <= MEMORY_BOUND,
+            "load_average": rec.get("load_average"),
+            "time_within_30pct": within(ratio["seconds"], TIME_BOUND),
+            "cpu_time_within_30pct": within(cpu_ratio, TIME_BOUND),
+            "ram_within_15pct": within(ratio["ram_gb"], MEMORY_BOUND),
         }
         if "gpu_gib" in ratio:
             row |= {
                 "gpu_ratio": round(ratio["gpu_gib"], 3),
-                "gpu_within_15pct": abs(ratio["gpu_gib"] - 1) <= 0.15,
+                "gpu_within_15pct": within(ratio["gpu_gib"], 0.15),
             }
         rows.append(row)
     return rows
+
+
+def fitted_lines(calibration: Path) -> dict[str, dict]:
+    """Each step's fitted wall-time and CPU-time lines in the calibration file (the fit runs' record)."""
+    out = {}
+    for entry in json.loads(calibration.read_text()).values():
+        for step, runs in (entry.get("runs") or {}).items():
+            lines = {
+                m: plan.fit_line([(r["counted"], r.get(m)) for r in runs]) for m in ("seconds", "cpu_seconds")
+            }
+            out[step] = {m: asdict(line) for m, line in lines.items() if line}
+    return out
+
+
+def count(rows: list[dict], key: str) -> str:
+    judged = [r[key] for r in rows if r.get(key) is not None]
+    return f"{sum(judged)}/{len(judged)}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", nargs="+", default=["smoke", "demo"], choices=["smoke", "mid", "demo"])
+    parser.add_argument("--fit", nargs="+", default=["smoke", "mid"], choices=SIZES, help="sizes fitted on")
+    parser.add_argument("--score", nargs="+", default=["smoke", "mid"], choices=SIZES, help="sizes scored")
     parser.add_argument("--runs", default=None, help="folder for the run folders (default: a temporary one)")
-    parser.add_argument("--calibration", default=None, help="calibration file (default: a fresh one)")
+    parser.add_argument("--calibration", default=None, help="calibration file fitted (default: a fresh one)")
     parser.add_argument("--gpu", action="store_true", help="run the notebooks on the GPU")
     parser.add_argument(
         "--notebooks", nargs="+", default=NOTEBOOKS, help="which notebooks to run (01-02 must have run first)"
@@ -119,22 +156,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     runs = Path(args.runs or tempfile.mkdtemp(prefix="planner-bench-"))
-    os.environ["NB_PLAN_CALIBRATION"] = str(
-        Path(args.calibration or runs / "plan_calibration.json").resolve()
-    )
+    fitted = Path(args.calibration or runs / "plan_calibration.json").resolve()
     out = {
         "machine": f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start",
-        "rows": [],
+        "fit_sizes": args.fit,
+        "score_sizes": args.score,
     }
-    for size in args.sizes:
-        run_dir = runs / size
+    os.environ["NB_PLAN_CALIBRATION"] = str(fitted)
+    for size in args.fit:
+        seconds = run_size(size, runs / f"fit-{size}", args.gpu, args.timeout, args.notebooks)
+        out[f"fit_{size}_minutes"] = round(seconds / 60, 1)
+    out["lines"] = fitted_lines(fitted)
+    out["rows"] = []
+    for size in args.score:
+        run_dir = runs / f"score-{size}"
+        frozen = runs / f"score-{size}-calibration.json"
+        if not frozen.exists():  # the fit runs' file as it was: the scored run learns into its own copy
+            shutil.copyfile(fitted, frozen)
+        os.environ["NB_PLAN_CALIBRATION"] = str(frozen.resolve())
         seconds = run_size(size, run_dir, args.gpu, args.timeout, args.notebooks)
         out["rows"] += rows_of(size, run_dir)
-        out[f"{size}_minutes"] = round(seconds / 60, 1)
+        out[f"score_{size}_minutes"] = round(seconds / 60, 1)
     out["load_average_end"] = round(os.getloadavg()[0], 1)
-    rows = out["rows"]
-    out["time_within_30pct"] = f"{sum(r['time_within_30pct'] for r in rows)}/{len(rows)}"
-    out["ram_within_15pct"] = f"{sum(r['ram_within_15pct'] for r in rows)}/{len(rows)}"
+    for key in ("time_within_30pct", "cpu_time_within_30pct", "ram_within_15pct", "gpu_within_15pct"):
+        out[key] = count(out["rows"], key)
     text = json.dumps(out, indent=1)
     print(text)
     if args.out:

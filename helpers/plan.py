@@ -12,21 +12,27 @@ How a plan is made:
   user's cache folder (`env.cache_dir`; `NB_PLAN_CALIBRATION` names another file). The key is the
   processor, its core count, torch's thread count, torch's version and the CUDA card, so a Colab session on
   another card measures again. Real steps run below those peak rates (Python between the matmuls, small
-  shapes, the tokenizer, writing to disk): after each measured step the ratio measured / counted time is
-  kept in the same file per step and hardware (the last five), and later plans on that hardware multiply
-  by their median. The first plan on new hardware uses the counted time alone, and says so.
+  shapes) and have costs that do not grow with the work (imports, loading the model, the first call's
+  warm-up, the tokenizer, writing files): each measured run of a step is kept in the same file per step and
+  hardware (the last eight: counted time, wall time, process CPU time), and later plans on that hardware
+  use the line `fixed + slope × counted` fitted on them (`fit_line`): once runs of two sizes are kept, the
+  fixed part is measured and a plan carries to other sizes; before that, a plain ratio. The first plan on
+  new hardware uses the counted time alone, and says so. Process CPU time is predicted too: on a machine
+  shared with other work it is the fairer figure (their load stretches wall time, not CPU time).
 - Peak memory here = what this process uses now (RSS; CUDA memory allocated) + the weights it has mapped
   from disk and not read yet (safetensors are memory-mapped; their pages join RSS at the first forward) +
   what the step adds. On a T4 the weights sit in GPU memory at the T4's dtype (fp16, fp32 for nanochat),
   plus a fixed runtime overhead, plus what the step adds; RAM is the runtime's own plus what the step
-  keeps on the host.
+  keeps on the host. Here the median of earlier runs' measured - counted peak RAM is added (what the
+  counts leave out: modules the step imports, allocator slack); runs counted by an older `COUNTS_VERSION`
+  are dropped, so a change to the counts never mixes with extras measured against the old ones.
 
 A plan that a free T4 session would not hold (about 14.6 GiB usable VRAM, 12.7 GB RAM, 15 GB of free Drive,
 at most 12 hours; REFERENCE.md "Colab") says so before anything runs, naming the parameter to lower.
 
-`watch(run_dir, plan)` starts measuring (wall time, peak RSS sampled every 20 ms by a thread, CUDA's peak
-allocation); its `done()` stops, prints predicted against measured and records both in `run.json` under
-`plans.<step>`.
+`watch(run_dir, plan)` starts measuring (wall time, process CPU time, peak RSS sampled every 20 ms by a
+thread, CUDA's peak allocation, the load average); its `done()` stops, prints predicted against measured,
+records both in `run.json` under `plans.<step>` and keeps the run for later plans on this hardware.
 """
 
 from __future__ import annotations
@@ -63,7 +69,6 @@ RUNTIME_RAM_GB = 2.5
 CALIBRATION_FILE = "plan_calibration.json"
 OPS_PER_LAYER = 30
 """Torch ops of one decoder layer's forward (norms, projections, rotary, attention, MLP, residual adds)."""
-KEEP_RATIOS = 5
 
 
 # --- rates: measured here, cached per hardware --------------------------------------------------------------
@@ -137,39 +142,95 @@ def calibration_path(cache_dir: str | os.PathLike) -> Path:
 
 
 @dataclass
+class Line:
+    """A step's measured seconds as `fixed + slope × counted`: `fixed` is what does not grow with the work
+    (imports, loading the model, the first call's warm-up, the tokenizer, writing files), `slope` how much
+    slower than the calibrated peak rates the work itself runs (Python between the matmuls, small shapes)."""
+
+    fixed: float
+    slope: float
+    runs: int
+    sizes: int
+    """How many distinct sizes (counted times at least `SPREAD` apart) the runs covered: with one, fixed and
+    proportional costs cannot be told apart and the line goes through zero (a plain ratio)."""
+
+    def __call__(self, counted: float) -> float:
+        return self.fixed + self.slope * counted
+
+    def __str__(self) -> str:
+        runs = f"{self.runs} earlier run{'s' if self.runs > 1 else ''} here"
+        if self.sizes < 2:
+            return f"measured/counted ratio {self.slope:.2f} of {runs} (one size so far)"
+        return (
+            f"{self.fixed:.1f} s fixed + {self.slope:.2f} x counted, fitted on {runs} at {self.sizes} sizes"
+        )
+
+
+SPREAD = 1.5
+"""Counted times this far apart are different sizes of a step: enough spread to fit a fixed part."""
+
+
+def fit_line(points: list[tuple[float, float]]) -> Line | None:
+    """Least squares `measured = fixed + slope × counted` over (counted, measured) pairs of earlier runs, with
+    `fixed` and `slope` kept ≥ 0; a plain median ratio while the runs cover one size; None without runs."""
+    points = [(c, m) for c, m in points if c > 0 and m is not None and m >= 0]
+    if not points:
+        return None
+    xs, ys = [c for c, _ in points], [m for _, m in points]
+    sizes = sorted(xs)
+    distinct = 1 + sum(b >= SPREAD * a for a, b in zip(sizes, sizes[1:], strict=False))
+    if max(xs) < SPREAD * min(xs):
+        return Line(0.0, statistics.median(m / c for c, m in points), len(points), 1)
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x in xs)
+    fixed = my - slope * mx
+    if slope < 0:  # the time did not grow with the work: all of it is fixed
+        return Line(statistics.median(ys), 0.0, len(points), distinct)
+    if fixed < 0:  # no fixed part to see: the least-squares line through zero
+        slope = sum(x * y for x, y in points) / sum(x * x for x in xs)
+        return Line(0.0, slope, len(points), distinct)
+    return Line(fixed, slope, len(points), distinct)
+
+
+COUNTS_VERSION = 2
+"""Bumped whenever the counting of a step's work changes: runs recorded under other counts are dropped from
+the calibration file (their fixed parts, slopes and RAM extras were measured against other counts)."""
+KEEP_RUNS = 8
+
+
+@dataclass
 class Calibration:
     rates: Rates
     key: str
     path: Path
-    ratios: dict[str, list[float]] = field(default_factory=dict)
-    """step -> measured / counted time of its latest runs on this hardware."""
+    runs: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    """step -> its latest runs on this hardware (at most `KEEP_RUNS`): counted seconds, measured wall and
+    process CPU seconds, and measured - counted peak RAM (`ram_extra_gb`: what the counts leave out, modules
+    the step imports and allocator slack, the same at every size)."""
     measured_now: bool = False
-    ram_extra: dict[str, list[float]] = field(default_factory=dict)
-    """step -> measured - counted peak RAM (GB) of its latest runs here: what the counts leave out (modules
-    the step imports, allocator slack), the same at every size."""
 
-    def factor(self, step: str) -> float | None:
-        got = self.ratios.get(step)
-        return statistics.median(got) if got else None
+    def line(self, step: str, measured: str = "seconds") -> Line | None:
+        """The fit of `measured` ("seconds": wall time, "cpu_seconds": process CPU time) on counted time."""
+        return fit_line([(r["counted"], r.get(measured)) for r in self.runs.get(step) or []])
 
     def extra_ram(self, step: str) -> float:
-        got = self.ram_extra.get(step)
+        got = [r["ram_extra_gb"] for r in self.runs.get(step) or [] if r.get("ram_extra_gb") is not None]
         return statistics.median(got) if got else 0.0
 
 
 def calibrate(device: str, cache_dir: str | os.PathLike, *, refresh: bool = False) -> Calibration:
-    """This hardware's rates from the cache file, measured (about a second) and cached when absent."""
+    """This hardware's rates from the cache file, measured (about a second) and cached when absent; its
+    earlier runs of each step, unless they were counted by another `COUNTS_VERSION`."""
     path = calibration_path(cache_dir)
     key = hardware_key(device)
-    cached = read_json_record(path, "delete it: the next plan measures this machine again").get(key)
-    if cached and "op_s" in cached.get("rates", {}) and not refresh:
-        ratios, extra = cached.get("ratios") or {}, cached.get("ram_extra") or {}
-        return Calibration(Rates(**cached["rates"]), key, path, ratios, ram_extra=extra)
+    cached = read_json_record(path, "delete it: the next plan measures this machine again").get(key) or {}
+    runs = (cached.get("runs") or {}) if cached.get("counts_version") == COUNTS_VERSION else {}
+    if "op_s" in cached.get("rates", {}) and not refresh:
+        return Calibration(Rates(**cached["rates"]), key, path, runs)
     rates = machine_rates(device)
-    entry = {"rates": asdict(rates), "ratios": (cached or {}).get("ratios") or {}, "measured_at": _now()}
-    entry["ram_extra"] = (cached or {}).get("ram_extra") or {}
+    entry = {"rates": asdict(rates), "counts_version": COUNTS_VERSION, "runs": runs, "measured_at": _now()}
     _write_entry(path, key, entry)
-    return Calibration(rates, key, path, entry["ratios"], True, entry["ram_extra"])
+    return Calibration(rates, key, path, runs, measured_now=True)
 
 
 def _write_entry(path: Path, key: str, entry: dict[str, Any]) -> None:
@@ -179,18 +240,17 @@ def _write_entry(path: Path, key: str, entry: dict[str, Any]) -> None:
     atomic_write_json(path, record)
 
 
-def learn(calibration: Calibration, step: str, ratio: float, ram_extra_gb: float | None = None) -> None:
-    """Keep `ratio` (measured / counted seconds of `step`) and `ram_extra_gb` (measured - counted peak RAM)
-    for later plans on this hardware."""
+def learn(calibration: Calibration, step: str, run: dict[str, float]) -> None:
+    """Keep one measured run of `step` (`counted`, `seconds`, `cpu_seconds`, `ram_extra_gb`) for later plans
+    on this hardware."""
     record = read_json_record(calibration.path, "delete it: the next plan measures this machine again")
-    entry = record.get(calibration.key) or {"rates": asdict(calibration.rates), "ratios": {}}
-    kept = [*(entry.setdefault("ratios", {}).get(step) or []), float(f"{ratio:.4g}")][-KEEP_RATIOS:]
-    entry["ratios"][step] = kept
-    calibration.ratios[step] = kept
-    if ram_extra_gb is not None:
-        extra = [*(entry.setdefault("ram_extra", {}).get(step) or []), round(ram_extra_gb, 4)][-KEEP_RATIOS:]
-        entry["ram_extra"][step] = extra
-        calibration.ram_extra[step] = extra
+    entry = record.get(calibration.key) or {}
+    if entry.get("counts_version") != COUNTS_VERSION:
+        entry = {"rates": asdict(calibration.rates), "counts_version": COUNTS_VERSION, "runs": {}}
+    run = {k: float(f"{v:.5g}") for k, v in run.items() if v is not None}
+    kept = [*(entry.setdefault("runs", {}).get(step) or []), run][-KEEP_RUNS:]
+    entry["runs"][step] = kept
+    calibration.runs[step] = kept
     _write_entry(calibration.path, calibration.key, entry)
 
 
@@ -275,7 +335,7 @@ class Plan:
     step: str
     seconds: float
     counted_seconds: float
-    """FLOPs and bytes at the calibrated rates, before this hardware's measured ratio for the step."""
+    """FLOPs, bytes and small ops at the calibrated rates, before this hardware's fitted line for the step."""
     ram_gb: float
     gpu_gib: float | None
     disk_gb: float
@@ -287,15 +347,19 @@ class Plan:
     warnings: list[str]
     note: str
     work: dict[str, float]
+    cpu_seconds: float | None = None
+    """This process's CPU time (all its threads) from the line fitted on earlier runs here; None before one:
+    on a shared machine the fairer figure, since other processes stretch the wall time, not this."""
 
     def fits_t4(self) -> bool:
         return not self.warnings
 
     def __str__(self) -> str:
         gpu = f", GPU {self.gpu_gib:.2f} GiB" if self.gpu_gib is not None else ""
+        cpu = f" (CPU time {_duration(self.cpu_seconds)})" if self.cpu_seconds is not None else ""
         t4 = self.t4
         lines = [
-            f"plan {self.step}: ~{_duration(self.seconds)} here, peak RAM {self.ram_gb:.2f} GB{gpu}, "
+            f"plan {self.step}: ~{_duration(self.seconds)} here{cpu}, peak RAM {self.ram_gb:.2f} GB{gpu}, "
             f"disk {self.disk_gb:.3g} GB ({self.note})",
             f"  on a free T4: ~{_duration(t4['seconds'])}, GPU {t4['gpu_gib']:.2f} GiB, "
             f"RAM {t4['ram_gb']:.2f} GB, disk {t4['disk_gb']:.3g} GB",
@@ -323,8 +387,8 @@ def make_plan(
     rates = calibration.rates
     flops_rate = rates.flops_fp16 if work.fp16 and device == "cuda" else rates.flops_fp32
     counted = work.flops / flops_rate + work.bytes_read / rates.bytes_per_s + work.ops * rates.op_s
-    factor = calibration.factor(step)
-    seconds = counted * (factor or 1.0)
+    line, cpu_line = calibration.line(step), calibration.line(step, "cpu_seconds")
+    seconds = line(counted) if line else counted
     now = memory_now(device)
     on_cpu = device != "cuda"
     unread = unread_weights() if on_cpu else 0  # a mapped model's pages, read by the step's first forward
@@ -333,8 +397,10 @@ def make_plan(
     t4 = t4_rates()
     t4_flops = t4.flops_fp32 if model.family == "nanochat" else t4.flops_fp16
     t4_seconds = t4_work.flops / t4_flops + t4_work.bytes_read / t4.bytes_per_s + t4_work.ops * t4.op_s
-    # The ratio measured here stands for the overheads a T4 also has (Python, tokenizer, disk): never < 1.
-    t4_seconds *= max(factor or 1.0, 1.0)
+    # The line fitted here stands for the overheads a T4 also has (Python, tokenizer, disk, loading): its
+    # fixed part is kept and its slope never taken below 1.
+    if line:
+        t4_seconds = line.fixed + t4_seconds * max(line.slope, 1.0)
     on_t4 = {
         "seconds": t4_seconds,
         "gpu_gib": (model.t4_weights_bytes() + t4_work.device_bytes) / 2**30 + OVERHEAD_GIB,
@@ -362,16 +428,15 @@ def make_plan(
             f"this machine has {now['rss_gb'] + now['ram_available_gb']:.3g} GB of RAM for this process and "
             f"the step needs {ram:.3g} GB; lower {lower['ram']}"
         )
-    note = (
-        f"measured/counted ratio {factor:.2f} of earlier {step} runs here"
-        if factor
-        else "counted FLOPs and bytes at the calibrated rates; no earlier run of this step here yet"
-    )
+    note = str(line) if line else "counted work at the calibrated rates; no earlier run of this step here yet"
     counts = {"flops": work.flops, "bytes_read": work.bytes_read, "device_bytes": work.device_bytes}
     counts |= {"host_bytes": work.host_bytes, "disk_bytes": work.disk_bytes, "ops": work.ops}
     planned_ram = ram + calibration.extra_ram(step)
     disk = work.disk_bytes / 1e9
-    return Plan(step, seconds, counted, planned_ram, gpu, disk, on_t4, ram, lower, warnings, note, counts)
+    cpu = cpu_line(counted) if cpu_line else None
+    return Plan(
+        step, seconds, counted, planned_ram, gpu, disk, on_t4, ram, lower, warnings, note, counts, cpu
+    )
 
 
 def _positive(**values: float) -> None:
@@ -453,16 +518,16 @@ def plan_collection(
     calibration: Calibration,
     device: str,
     *,
-    n_completions: int,
-    prompt_tokens: float,
-    new_tokens: int,
+    records: list[Any],
     batch_size: int,
     n_layers_stored: int,
     include_prompt: bool = False,
 ) -> Plan:
-    """One forward pass over every completion (prompt and answer), storing the answer's tokens (and the
-    prompt's with `include_prompt`) at each stored layer."""
-    _positive(n_completions=n_completions, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+    """One forward pass over every completion in `records` (`Completion`s or their dict rows: prompt and
+    answer tokens, `token_counts`), storing the answer's tokens (and the prompt's with `include_prompt`) at
+    each stored layer."""
+    n_completions = len(records)
+    prompt_tokens, new_tokens = token_counts(records)
     length = prompt_tokens + new_tokens
     stored = n_completions * (length if include_prompt else new_tokens)
     tokens, batch_tokens = n_completions * length, max(1, batch_size) * length
@@ -538,6 +603,19 @@ def plan_sae_training(
     return make_plan("sae_training", work, work, model, calibration, device, lower)
 
 
+@dataclass
+class ProbeStats:
+    """Notebook 04's statistics settings that set the probes' work: cross-validation folds, label
+    permutations and bootstrap refits of every probe, label permutations of every SAE feature's test, and
+    the Newton steps of one logistic fit."""
+
+    n_folds: int
+    n_permutations: int
+    n_bootstrap: int
+    feature_permutations: int
+    newton_steps: int = 12
+
+
 def plan_probes(
     model: ModelNumbers,
     calibration: Calibration,
@@ -546,16 +624,14 @@ def plan_probes(
     n_completions: int,
     n_layers: int,
     sae_widths: list[int],
-    n_folds: int,
-    n_permutations: int,
-    n_bootstrap: int,
-    feature_permutations: int,
-    newton_steps: int = 12,
+    stats: ProbeStats,
 ) -> Plan:
     """Notebook 04: per layer one raw probe and per SAE a probe and a random-SAE control, each refitted
     n_folds · (1 + permutations + bootstrap) times (a Newton step costs ~4·n·d FLOPs in Hessian-vector
     products, on the n_folds' training rows); then each SAE's features tested with `feature_permutations`
     label permutations (2·n·d_sae each)."""
+    n_folds, n_permutations, n_bootstrap = stats.n_folds, stats.n_permutations, stats.n_bootstrap
+    feature_permutations, newton_steps = stats.feature_permutations, stats.newton_steps
     _positive(n_completions=n_completions, n_folds=n_folds, n_permutations=n_permutations)
     n = n_completions
     refits = n_folds * (1 + n_permutations + n_bootstrap)
@@ -648,11 +724,56 @@ def sae_widths(folders: list[Path]) -> list[int]:
 
 
 # --- measuring a step -------------------------------------------------------------------------------------
+RSS_KEYS = ("RssAnon", "RssFile")
+"""Anonymous (private: tensors, Python objects) and file-backed (mapped weights, shards) resident bytes."""
+
+
+def rss() -> dict[str, int]:
+    """`RSS_KEYS` of this process now, in bytes, from /proc/self/status (Linux); elsewhere psutil's RSS,
+    counted as anonymous."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {"RssAnon": psutil.Process(os.getpid()).memory_info().rss, "RssFile": 0}
+    return {k: int(v.split()[0]) * 1024 for k, v in (ln.split(":", 1) for ln in lines) if k in RSS_KEYS}
+
+
+class PeakMemory:
+    """`with PeakMemory() as mem:` `mem.start`: `rss()` on entry; `mem.peak`: the largest value of each key
+    and of their sum (`total`) while the block runs, sampled by a thread every `every` seconds and once
+    more on exit. The one sampler of the plans (`Watch`) and the benches (bench/peak_memory.py)."""
+
+    def __init__(self, every: float = 0.02) -> None:
+        self.every = every
+
+    def __enter__(self) -> PeakMemory:
+        self.start = rss()
+        self.peak = dict.fromkeys((*RSS_KEYS, "total"), 0)
+        self._take(self.start)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _take(self, now: dict[str, int]) -> None:
+        for key, value in (*now.items(), ("total", sum(now.values()))):
+            self.peak[key] = max(self.peak[key], value)
+
+    def _sample(self) -> None:
+        while not self._done.wait(self.every):
+            self._take(rss())
+
+    def __exit__(self, *_) -> None:
+        self._done.set()
+        self._thread.join()
+        self._take(rss())
+
+
 def memory_now(device: str) -> dict[str, float]:
     """What is in use and free now: this process's RSS and the machine's available RAM (GB); on CUDA the
     allocated, reserved and free GPU memory (GiB)."""
     out = {
-        "rss_gb": psutil.Process(os.getpid()).memory_info().rss / 1e9,
+        "rss_gb": sum(rss().values()) / 1e9,
         "ram_available_gb": psutil.virtual_memory().available / 1e9,
     }
     if device == "cuda" and torch.cuda.is_available():
@@ -679,30 +800,24 @@ def unread_weights() -> int:
 
 
 class Watch:
-    """Measures one step from `watch()` to `done()`: wall time, peak RSS, CUDA's peak allocation."""
+    """Measures one step from `watch()` to `done()`: wall time, this process's CPU time, peak RSS
+    (`PeakMemory`), CUDA's peak allocation, and the machine's load average at both ends."""
 
     def __init__(self, run_dir: str | os.PathLike, plan: Plan, calibration: Calibration, device: str):
         self.run_dir, self.plan, self.calibration, self.device = run_dir, plan, calibration, device
-        self._proc = psutil.Process(os.getpid())
-        self.peak_rss = self._proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
         if device == "cuda" and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        self.started = time.perf_counter()
-        self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak_rss = max(self.peak_rss, self._proc.memory_info().rss)
+        self.memory = PeakMemory().__enter__()
+        self.load = _load_average()
+        self.started, self.cpu_started = time.perf_counter(), time.process_time()
 
     def done(self, *, quiet: bool = False) -> dict[str, Any]:
-        """Stop measuring; record predicted and measured in run.json (`plans.<step>`) and the time ratio in
-        the calibration file; return the record."""
+        """Stop measuring; record predicted and measured in run.json (`plans.<step>`) and this run in the
+        calibration file (the line of later plans); return the record."""
         seconds = time.perf_counter() - self.started
-        self._stop.set()
-        self._thread.join()
-        self.peak_rss = max(self.peak_rss, self._proc.memory_info().rss)
+        cpu_seconds = time.process_time() - self.cpu_started
+        self.memory.__exit__()
+        peak_gb = self.memory.peak["total"] / 1e9
         gpu = None
         if self.device == "cuda" and torch.cuda.is_available():
             gpu = torch.cuda.max_memory_allocated() / 2**30
@@ -710,35 +825,43 @@ class Watch:
         record = {
             "predicted": {
                 "seconds": p.seconds,
+                "cpu_seconds": p.cpu_seconds,
                 "ram_gb": p.ram_gb,
                 "gpu_gib": p.gpu_gib,
                 "disk_gb": p.disk_gb,
             },
-            "measured": {"seconds": seconds, "ram_gb": self.peak_rss / 1e9, "gpu_gib": gpu},
+            "measured": {"seconds": seconds, "cpu_seconds": cpu_seconds, "ram_gb": peak_gb, "gpu_gib": gpu},
             "counted_seconds": p.counted_seconds,
             "t4": p.t4,
             "warnings": p.warnings,
             "hardware": self.calibration.key,
+            "load_average": [self.load, _load_average()],
             "at": _now(),
         }
         record["ratio"] = {
             k: record["measured"][k] / record["predicted"][k]
-            for k in ("seconds", "ram_gb", "gpu_gib")
+            for k in ("seconds", "cpu_seconds", "ram_gb", "gpu_gib")
             if record["measured"][k] is not None and record["predicted"][k]
         }
         update_run_json(self.run_dir, plans={p.step: record})
-        if p.counted_seconds > 0:
-            learn(
-                self.calibration, p.step, seconds / p.counted_seconds, self.peak_rss / 1e9 - p.counted_ram_gb
-            )
-        if not quiet:  # a step with nothing to do (every SAE done earlier) has no time ratio
+        if p.counted_seconds > 0:  # a step with nothing to do (every SAE done earlier) teaches nothing
+            run = {"counted": p.counted_seconds, "seconds": seconds, "cpu_seconds": cpu_seconds}
+            learn(self.calibration, p.step, run | {"ram_extra_gb": peak_gb - p.counted_ram_gb})
+        if not quiet:
             ratio = {k: f", x{v:.2f}" for k, v in record["ratio"].items()}
             print(
                 f"{p.step}: {_duration(seconds)} (planned {_duration(p.seconds)}{ratio.get('seconds', '')}), "
-                f"peak RAM {self.peak_rss / 1e9:.2f} GB (planned {p.ram_gb:.2f}{ratio.get('ram_gb', '')})"
+                f"peak RAM {peak_gb:.2f} GB (planned {p.ram_gb:.2f}{ratio.get('ram_gb', '')})"
                 + (f", GPU {gpu:.2f} GiB (planned {p.gpu_gib:.2f})" if gpu is not None else "")
             )
         return record
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # not available on this system
+        return None
 
 
 def watch(run_dir: str | os.PathLike, plan: Plan, calibration: Calibration, device: str) -> Watch:

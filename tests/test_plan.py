@@ -87,13 +87,22 @@ def test_calibration_is_measured_once_per_hardware_and_reused(tmp_path, monkeypa
     again = plan.calibrate("cpu", tmp_path)
     assert not again.measured_now and again.rates == first.rates
 
-    # A measured step's ratio is kept and multiplies later plans of that step on this hardware.
-    plan.learn(again, "corpus", 3.0, 0.25)
+    # Runs of a step at one size: their median measured/counted ratio multiplies later plans of that step.
+    for counted, seconds in ((10.0, 30.0), (11.0, 33.0), (10.5, 40.0)):
+        plan.learn(again, "corpus", {"counted": counted, "seconds": seconds, "ram_extra_gb": 0.25})
     later = plan.calibrate("cpu", tmp_path)
-    assert later.factor("corpus") == 3.0 and later.extra_ram("corpus") == 0.25
+    assert later.line("corpus").slope == 3.0 and later.extra_ram("corpus") == 0.25
+    assert later.line("corpus", "cpu_seconds") is None  # no CPU time recorded: no CPU-time prediction
     p = plan.plan_corpus(SMALL, later, "cpu", tokens=4096, seq_len=64, batch_size=8, n_layers_stored=1)
     assert p.seconds == pytest.approx(3.0 * p.counted_seconds) and "ratio 3.00" in p.note
-    assert p.ram_gb == pytest.approx(p.counted_ram_gb + 0.25)
+    assert p.ram_gb == pytest.approx(p.counted_ram_gb + 0.25) and p.cpu_seconds is None
+
+    # Runs counted by another version of the counts are dropped, the rates kept.
+    stored = json.loads((tmp_path / plan.CALIBRATION_FILE).read_text())
+    stored[plan.hardware_key("cpu")]["counts_version"] = plan.COUNTS_VERSION - 1
+    (tmp_path / plan.CALIBRATION_FILE).write_text(json.dumps(stored))
+    older = plan.calibrate("cpu", tmp_path)
+    assert older.runs == {} and older.rates == first.rates and not older.measured_now
 
     (tmp_path / plan.CALIBRATION_FILE).write_text("{not json")
     with pytest.raises(ValueError, match="delete it"):
@@ -118,9 +127,59 @@ def test_a_watched_step_records_predicted_and_measured_in_run_json(tmp_path, cal
     assert kept["measured"]["ram_gb"] >= 0.05 and kept["measured"]["seconds"] > 0
     assert kept["ratio"]["ram_gb"] == pytest.approx(kept["measured"]["ram_gb"] / p.ram_gb)
     assert record["hardware"] == "test hardware" and read_run_json(run_dir)["plans"]["model"]["n_params"]
-    assert calibration.factor("corpus") == pytest.approx(
-        kept["measured"]["seconds"] / p.counted_seconds, rel=0.01
+    assert kept["measured"]["cpu_seconds"] > 0 and len(kept["load_average"]) == 2
+    (run,) = calibration.runs["corpus"]
+    assert run["seconds"] == pytest.approx(kept["measured"]["seconds"], rel=1e-3)
+    assert run["counted"] == pytest.approx(p.counted_seconds, rel=1e-3)
+    assert run["ram_extra_gb"] == pytest.approx(kept["measured"]["ram_gb"] - p.counted_ram_gb, abs=1e-3)
+
+
+def test_a_fixed_part_fitted_at_two_sizes_carries_to_a_third(calibration):
+    # Runs at two sizes, 6 s of fixed costs + 2.5 x the counted time (CPU time: 4 s + 4 x, two threads).
+    for counted in (1.0, 8.0, 8.2, 1.1):
+        run = {"counted": counted, "seconds": 6 + 2.5 * counted, "cpu_seconds": 4 + 4 * counted}
+        plan.learn(calibration, "probes", run)
+    line = calibration.line("probes")
+    assert (line.fixed, line.slope, line.runs, line.sizes) == (pytest.approx(6), pytest.approx(2.5), 4, 2)
+    stats = plan.ProbeStats(n_folds=5, n_permutations=99, n_bootstrap=200, feature_permutations=499)
+    p = plan.plan_probes(
+        SMALL, calibration, "cpu", n_completions=200, n_layers=1, sae_widths=[2304], stats=stats
     )
+    assert p.seconds == pytest.approx(6 + 2.5 * p.counted_seconds)
+    assert p.cpu_seconds == pytest.approx(4 + 4 * p.counted_seconds)
+    assert "6.0 s fixed + 2.50 x counted" in p.note and "CPU time" in str(p)
+    # The same counts with ten times the permutations: the fixed part stays, the rest grows.
+    more = plan.plan_probes(
+        SMALL,
+        calibration,
+        "cpu",
+        n_completions=200,
+        n_layers=1,
+        sae_widths=[2304],
+        stats=plan.ProbeStats(5, 990, 2000, 4990),
+    )
+    assert more.counted_seconds > 9 * p.counted_seconds
+    assert more.seconds == pytest.approx(6 + 2.5 * more.counted_seconds)
+
+    # What a line cannot show is not invented: time that does not grow is all fixed, and a line that
+    # would start below zero goes through zero.
+    flat = plan.fit_line([(1.0, 6.0), (4.0, 5.0), (9.0, 4.0)])
+    assert (flat.fixed, flat.slope) == (5.0, 0.0)
+    through_zero = plan.fit_line([(1.0, 0.5), (4.0, 6.0)])
+    assert through_zero.fixed == 0 and through_zero.slope == pytest.approx((0.5 + 24) / 17)
+    assert plan.fit_line([]) is None and plan.fit_line([(0.0, 3.0)]) is None
+
+
+def test_the_collection_plan_counts_the_records_tokens(calibration):
+    records = [{"prompt_token_ids": [1] * 30, "completion_token_ids": [2] * 10}] * 6
+    records += [{"prompt_token_ids": [1] * 50, "completion_token_ids": [2] * 30}] * 2
+    p = plan.plan_collection(SMALL, calibration, "cpu", records=records, batch_size=4, n_layers_stored=2)
+    assert p.work["flops"] == 2 * SMALL.n_params * 8 * (35 + 15)  # mean prompt 35, mean answer 15
+    assert p.disk_gb == pytest.approx(2 * 8 * 15 * 576 * 2 / 1e9)  # the answers' tokens, fp16, per layer
+    with_prompt = plan.plan_collection(
+        SMALL, calibration, "cpu", records=records, batch_size=4, n_layers_stored=2, include_prompt=True
+    )
+    assert with_prompt.disk_gb == pytest.approx(p.disk_gb * 50 / 15)
 
 
 def test_run_model_of_an_older_run_and_of_none(tmp_path):
