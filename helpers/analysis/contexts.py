@@ -163,7 +163,12 @@ class EncodedChunks:
         after the exception is gone, so the tensors its traceback held are freed): the batch halves and
         the next run starts at that run's first document."""
         self.batch_tokens = smaller_after_oom(
-            self.batch_tokens, floor=MIN_BATCH_TOKENS, setting=self.setting, error=error, fix=OOM_FIX
+            self.batch_tokens,
+            floor=MIN_BATCH_TOKENS,
+            what="tokens per batch",
+            setting=self.setting,
+            error=error,
+            fix=OOM_FIX,
         )
         self._redo = True
 

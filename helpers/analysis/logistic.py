@@ -35,12 +35,16 @@ import numpy as np
 import torch
 from scipy.special import expit
 
+from helpers.env import smaller_after_oom
+
 DEVICE: str | torch.device | None = None
 """Where the statistics run when a call names no device (module doc): None, "cuda", "cpu", ..."""
 
 MEMORY_BUDGET = 1 << 30
 """Bytes of device memory one chunk of problems may take (about 12 [chunk, n] and 8 [chunk, r] float64
 work arrays): 1 GiB fits beside a model on a 15 GB T4."""
+OOM_FIX = "fit on the CPU (logistic.DEVICE = 'cpu'), or free GPU memory (del models no longer needed)"
+"""What to change when one problem does not fit in the GPU's memory."""
 
 _NUMPY = SimpleNamespace(
     xp=np,
@@ -123,13 +127,20 @@ def fit(
     start = 0
     while start < len(Y):
         part = slice(start, start + chunk)
+        error = None
         try:
             Wp, cp = _fit(Zt, to_device(Y[part], dev), to_device(S[part], dev), C, tol, max_iter, ops)
-        except torch.cuda.OutOfMemoryError:
-            if chunk == 1:
-                raise
-            chunk //= 2
-            torch.cuda.empty_cache()
+        except torch.cuda.OutOfMemoryError as e:
+            error = str(e)  # the traceback, and the tensors it holds, go with `e`
+        if error is not None:
+            chunk = smaller_after_oom(
+                chunk,
+                floor=1,
+                what="problems per chunk",
+                setting="logistic.MEMORY_BUDGET",
+                error=error,
+                fix=OOM_FIX,
+            )
             continue
         W[part], c[part] = to_numpy(Wp), to_numpy(cp)
         start += chunk

@@ -310,8 +310,10 @@ def test_out_of_memory_halves_the_batch_and_changes_no_example(run, contexts, of
     assert flaky.failed == 4 and {f: c.to_dict() for f, c in got.items()} == {
         f: c.to_dict() for f, c in contexts.items()
     }
-    assert "ContextConfig.batch_tokens=256: going on at 128" in capsys.readouterr().out
-    with pytest.raises(torch.cuda.OutOfMemoryError, match=r"even at ContextConfig\.batch_tokens=16"):
+    assert "at 256 tokens per batch: going on at 128" in capsys.readouterr().out
+    with pytest.raises(
+        torch.cuda.OutOfMemoryError, match=r"even at 16 tokens per batch.*ContextConfig\.batch_tokens"
+    ):
         build_contexts(
             run.store, OutOfMemoryAbove(flaky.sae, rows=0), run.records, [PLANTED], offline_lm.tokenizer
         )

@@ -447,7 +447,7 @@ def test_out_of_memory_in_the_encoder_halves_the_batch_and_loses_nothing(run, un
     once = OutOfMemoryAbove(sae, rows=20, times=1)  # fails at 64 once, then 32 fits
     assert_same_pass(feature_pass(store, once, docs, CFG, corpus=corpus_store_of(run, LAYER)), want)
     assert once.failed == 1 and want.corpus is not None
-    assert "out of memory at ExplorerConfig.batch_tokens=64: going on at 32" in capsys.readouterr().out
+    assert "out of memory at 64 tokens per batch: going on at 32" in capsys.readouterr().out
     tight = OutOfMemoryAbove(sae, rows=20)  # every batch above 20 rows fails: 64 -> 32 -> 16, and stays
     assert_same_pass(feature_pass(store, tight, docs, CFG, corpus=corpus_store_of(run, LAYER)), want)
     assert tight.failed == 2, "the corpus part starts at the batch size the completions ended with"
@@ -475,5 +475,7 @@ def test_out_of_memory_in_the_bookkeeping_redoes_the_batch_with_the_same_keys(
 
 def test_out_of_memory_at_the_smallest_batch_names_the_setting(run, uninterrupted):
     store, sae, docs, _ = uninterrupted
-    with pytest.raises(torch.cuda.OutOfMemoryError, match=r"even at ExplorerConfig\.batch_tokens=16.*SAE"):
+    with pytest.raises(
+        torch.cuda.OutOfMemoryError, match=r"even at 16 tokens per batch.*ExplorerConfig\.batch_tokens.*SAE"
+    ):
         feature_pass(store, OutOfMemoryAbove(sae, rows=0), docs, CFG)
