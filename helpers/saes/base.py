@@ -59,12 +59,8 @@ class SAE(nn.Module):
     """The cfg.json architecture when it differs from the training one (BatchTopK is saved as `jumprelu`
     with per-latent thresholds, as SAELens does): `encode` then already computes the saved function."""
     encoder_init_scale: ClassVar[float] = 1.0
-    """The encoder starts as this times the decoder's transpose. BatchTopK and Matryoshka BatchTopK (whose
-    selection does not depend on the encoder's scale) start it at 0.1: Adam's steps then turn its rows
-    faster early on. On synthetic data with a known dictionary (bench/synthetic_quality.py, 5M samples,
-    lr 3e-3) that raised BatchTopK's recovered-feature MCC from 0.70 to 0.82 and Matryoshka's from 0.64
-    to 0.72; at lr 3e-4 it changed little (0.52 → 0.53). It did not help TopK (0.924 → 0.918 and 0.933 →
-    0.917 on two worlds) and hurt JumpReLU (0.72 → 0.63), whose thresholds are in the encoder's units."""
+    """The encoder starts as this times the decoder's transpose (Gao et al. 2024, §A.1); 1 for every
+    architecture shipped (the README's Measured table has the ablations of 0.1)."""
     decoder_norm: ClassVar[float] = 1.0
     """The norm the decoder rows start at and are held at during training (the encoder starts as
     `encoder_init_scale` times the decoder's transpose at this norm). Below 1, Adam's steps, which are about
@@ -191,6 +187,17 @@ class SAE(nn.Module):
         return self.tokens_since_fired >= dead_tokens
 
     @torch.no_grad()
+    def folded_norms(self) -> Tensor:
+        """[d_sae] float32 on the CPU: each decoder row's norm c_j as `saelens_state` folds it (the held
+        `decoder_row_norm`, or the free rows' own norms; 1 when they cannot be folded). The saved SAE's
+        latent j is this SAE's times c_j / scale."""
+        if not self.free_decoder:
+            return self.decoder_row_norm.float().cpu().expand(self.d_sae)
+        if self.fold_row_norms:
+            return self.W_dec.detach().float().norm(dim=1).clamp_min(1e-8).cpu()
+        return torch.ones(self.d_sae)
+
+    @torch.no_grad()
     def saelens_state(self, scale: float = 1.0) -> dict[str, Tensor]:
         """The SAELens tensors for raw (unnormalised) inputs, given that training saw x * `scale`.
 
@@ -202,12 +209,7 @@ class SAE(nn.Module):
         (with equal norms, or when latents are selected independently: `fold_row_norms`), the same x_hat.
         Free rows that cannot be folded are saved as they are.
         """
-        if not self.free_decoder:
-            c = self.decoder_row_norm.float().cpu().expand(self.d_sae)
-        elif self.fold_row_norms:
-            c = self.W_dec.detach().float().norm(dim=1).clamp_min(1e-8).cpu()
-        else:
-            c = torch.ones(self.d_sae)
+        c = self.folded_norms()
         out = {}
         for name in self.saelens_tensors:
             t = getattr(self, name).detach().float().cpu()
@@ -234,13 +236,17 @@ class KSparseSAE(SAE):
     """The training step of the k-sparse family (TopK, BatchTopK, Matryoshka BatchTopK): the encoder's one
     dense matmul, the architecture's choice of active (token, latent) pairs (`pick`), the reconstruction of
     the chosen activations (`reconstruction_loss`) and AuxK on the dead latents (`auxk_loss`, coefficient
-    `auxk_coef`, the top `k_aux` dead latents of each token: min(d_in // 2, d_sae) by default)."""
+    `auxk_coef`, the top `k_aux` dead latents of each token: min(d_in // 2, d_sae) by default). Its decoder
+    rows start at norm 0.1 and move freely, AuxK's coefficient is 1 and the encoder starts as the decoder's
+    transpose, as SAELens trains this family (the ablations are in the README's Measured table)."""
 
     input_norm = "sqrt_d_in"  # see TrainConfig.input_norm
+    decoder_norm = 0.1  # SAE.decoder_norm: rows start at 0.1 and move freely, as SAELens trains this family
+    free_decoder = True
     latent_biases: ClassVar[tuple[str, ...]] = ("b_enc",)
 
     def __init__(
-        self, d_in: int, d_sae: int, *, l0: float, k_aux: int | None, auxk_coef: float, seed: int = 0
+        self, d_in: int, d_sae: int, *, l0: float, k_aux: int | None, auxk_coef: float = 1.0, seed: int = 0
     ):
         super().__init__(d_in, d_sae, l0=l0, seed=seed)
         self.k_aux = min(k_aux or d_in // 2, d_sae)

@@ -17,7 +17,8 @@ smallest of the pool's n·k largest activations, the batch rule over one large b
 L0 is k.
 
 Dead latents are revived with TopK's AuxK (base.auxk_loss, Gao et al. 2024 §A.2), as in the paper and
-SAELens: the step is base.KSparseSAE's, shared with TopK; Matryoshka changes its `reconstruction_loss`.
+SAELens: the step is base.KSparseSAE's, shared with TopK (decoder rows from norm 0.1, free; AuxK
+coefficient 1; encoder at the decoder's transpose); Matryoshka changes its `reconstruction_loss`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from helpers.saes.kernels import Pattern, batch_topk
 
 class BatchTopKSAE(KSparseSAE):
     architecture = "batchtopk"
-    encoder_init_scale = 0.1  # base.SAE.encoder_init_scale
     saved_architecture = "jumprelu"
     latent_biases = ("b_enc", "threshold")
     saelens_tensors = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
@@ -45,7 +45,7 @@ class BatchTopKSAE(KSparseSAE):
         *,
         l0: float = 32,
         k_aux: int | None = None,
-        auxk_coef: float = 1 / 32,
+        auxk_coef: float = 1.0,
         threshold_rate: float = 0.01,
         seed: int = 0,
     ):

@@ -34,7 +34,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         l0: float = 32,
         matryoshka_widths: list[int] | None = None,
         k_aux: int | None = None,
-        auxk_coef: float = 1 / 32,
+        auxk_coef: float = 1.0,
         threshold_rate: float = 0.01,
         seed: int = 0,
     ):

@@ -6,10 +6,10 @@ top-k_aux dead pre-activations reconstruct the detached residual error e = x - x
 e's variance as in OpenAI's reference, with k_aux = d_in/2 (capped by d_sae) and coefficient 1 (SAELens's
 `aux_loss_coefficient`; with free rows from 0.1, 1/32 left 163 of 512 latents dead on synthetic data at lr
 1e-3, MCC 0.602 vs SAELens 0.686; coefficient 1: none dead, 0.683 vs 0.669); the step is `base.KSparseSAE`'s,
-shared with the BatchTopK family (which keeps 1/32).
+shared with the BatchTopK family.
 Decoder rows start at norm 0.1 and their norms are free, as SAELens trains its TopK SAEs (its
 `decoder_init_norm` and its sparse path's `rescale_acts_by_decoder_norm=False`); the encoder starts as the
-decoder's transpose (base.SAE; unlike BatchTopK's, not scaled down: see encoder_init_scale). Held at unit
+decoder's transpose (base.KSparseSAE). Held at unit
 norm instead, recovered-feature MCC on synthetic data was 0.875 against SAELens's 0.901; free from norm 1,
 0.898 (SAELens 0.899); free from 0.1, 0.909 (0.907) (bench/synthetic_quality.py, 1M samples, lr 3e-3).
 The saved rows keep their trained norms (`fold_row_norms`), so the saved TopK selects as training did.
@@ -26,8 +26,6 @@ from helpers.saes.kernels import Pattern
 
 class TopKSAE(KSparseSAE):
     architecture = "topk"
-    decoder_norm = 0.1  # base.SAE.decoder_norm: rows start at 0.1 and move freely, as in SAELens
-    free_decoder = True
     fold_row_norms = False  # the top-k selection compares latents: free rows are saved as they are
     saelens_tensors = ("W_enc", "b_enc", "W_dec", "b_dec")
 

@@ -6,7 +6,7 @@
 mean squared norm for the others, which JumpReLU's ε and thresholds assume), starts b_dec at the geometric
 median, and runs Adam with a warm-up clamped to 5% of the run (a warm-up longer than the run is a known anchor
 bug), a linear decay at the end, gradient clipping, decoder rows held at unit norm (free from norm 0.1 for
-TopK, as SAELens: base.SAE.free_decoder), and mixed precision (fp16 + grad scaler on a T4, bf16 from
+the TopK family, as SAELens: base.KSparseSAE), and mixed precision (fp16 + grad scaler on a T4, bf16 from
 compute capability 8, fp32 on CPU). Checkpoints hold the full state and are written atomically; a rerun
 resumes from the last one and ends bitwise identical to an uninterrupted run on CPU. Inference-only
 parameters are then set from the first tokens (BatchTopK's θ: `Trainer.calibrate`), the scale folded into

@@ -167,7 +167,7 @@ def test_every_architecture_trains_and_round_trips(arch, acts, tmp_path):
     assert torch.equal(run.sae.W_enc, run.sae.W_dec.t() * run.sae.encoder_init_scale), (
         "encoder: the decoder's transpose"
     )
-    assert run.sae.encoder_init_scale == (0.1 if arch in ("batchtopk", "matryoshka_batchtopk") else 1.0)
+    assert run.sae.encoder_init_scale == 1.0
     run.init_from_data(acts[:512])
     x0 = acts[:512] * run.scale
     pull = (x0 - run.sae.b_dec) / (x0 - run.sae.b_dec).norm(dim=1, keepdim=True)
@@ -180,7 +180,7 @@ def test_every_architecture_trains_and_round_trips(arch, acts, tmp_path):
         f"{arch}: reconstruction did not improve: {losses[::20]}"
     )
     norms = run.sae.W_dec.detach().norm(dim=1)
-    if arch == "topk":  # rows start at 0.1 and move freely, as SAELens's (base.SAE.free_decoder)
+    if arch in ("topk", "batchtopk", "matryoshka_batchtopk"):  # from 0.1, free, as SAELens's (KSparseSAE)
         assert run.sae.free_decoder and not torch.allclose(norms, torch.full_like(norms, 0.1))
     elif arch != "standard":  # the standard SAE's L1 is weighted by free decoder norms instead
         torch.testing.assert_close(norms, torch.ones(1152), msg="decoder rows stay unit-norm")
@@ -188,7 +188,7 @@ def test_every_architecture_trains_and_round_trips(arch, acts, tmp_path):
     loaded = load_sae(tmp_path)
     assert type(loaded.sae) is sae_class(run.sae.saelens_architecture) and loaded.layer == 2
     with torch.no_grad():
-        want_acts = run.sae.encode(acts[:50] * run.scale)[0] / run.scale
+        want_acts = run.sae.encode(acts[:50] * run.scale)[0] * run.sae.folded_norms() / run.scale
         want_x_hat = run.sae(acts[:50] * run.scale) / run.scale
         torch.testing.assert_close(loaded.sae.encode(acts[:50])[0], want_acts, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(loaded.sae(acts[:50]), want_x_hat, rtol=1e-4, atol=1e-4)

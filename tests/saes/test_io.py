@@ -44,7 +44,7 @@ def test_sae_lens_reproduces_our_encode_and_decode(arch, acts, tmp_path):
     assert theirs.cfg.architecture() == saved and theirs.cfg.normalize_activations == "none"
     x = acts[:200]  # raw residuals: the folded SAE must not need our scale
     with torch.no_grad():
-        want_acts = run.sae.encode(x * run.scale)[0] / run.scale
+        want_acts = run.sae.encode(x * run.scale)[0] * run.sae.folded_norms() / run.scale
         want_x_hat = run.sae(x * run.scale) / run.scale
         got_acts = theirs.encode(x)
         torch.testing.assert_close(got_acts, want_acts, rtol=1e-4, atol=1e-5)
