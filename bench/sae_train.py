@@ -397,6 +397,7 @@ def main() -> None:
     p.add_argument(
         "--auxk-coef", type=float, default=None, help="ablation: our TopK/BatchTopK AuxK coefficient"
     )
+    saelens_setup.add_class_ablation_flags(p)
     p.add_argument("--chunk", type=int, default=10, help="steps per timed chunk")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -408,6 +409,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    saelens_setup.apply_class_ablations(args)
     import sae_lens
 
     data_dir = Path(args.data_dir)
@@ -437,6 +439,8 @@ def main() -> None:
             "heldout_variance_share_of_massive_tokens": round(float(variance_share(held, massive(held))), 4),
         },
     }
+    ablations = ("ours_encoder_init_scale", "ours_decoder_norm", "ours_free_decoder", "auxk_coef", "ours_lr")
+    result["ours_ablations"] = {k: getattr(args, k) for k in ablations if getattr(args, k) is not None}
     with tempfile.TemporaryDirectory() as tmp:
         for arch in filter(None, args.archs.split(",")):
             print(f"training {arch} (SAELens and ours) ...", file=sys.stderr, flush=True)

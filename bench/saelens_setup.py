@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from helpers.saes.registry import sae_class
+
 
 def add_input_norm_flag(parser) -> None:
     """Both benches' `--ours-input-norm`: an ablation of our `TrainConfig.input_norm` (SAELens's scale is
@@ -29,6 +31,43 @@ def add_input_norm_flag(parser) -> None:
         help="ablation: our TrainConfig.input_norm (auto: the architecture's; unit: unit mean squared norm; "
         "sqrt_d_in: SAELens's mean norm sqrt(d_in))",
     )
+
+
+def add_class_ablation_flags(parser) -> None:
+    """Both benches' ablations of our architectures' class settings (`apply_class_ablations`)."""
+    parser.add_argument(
+        "--ours-encoder-init-scale",
+        type=float,
+        default=None,
+        help="ablation: the architecture's SAE.encoder_init_scale",
+    )
+    parser.add_argument(
+        "--ours-decoder-norm",
+        type=float,
+        default=None,
+        help="ablation: the architecture's SAE.decoder_norm (the rows' initial norm; held there unless free)",
+    )
+    parser.add_argument(
+        "--ours-free-decoder",
+        type=int,
+        choices=[0, 1],
+        default=None,
+        help="ablation: the architecture's SAE.free_decoder (1: the rows' norms move freely)",
+    )
+
+
+def apply_class_ablations(args) -> None:
+    """Set the class settings `add_class_ablation_flags` names on every architecture of `args.archs`, for
+    this process."""
+    settings = {
+        "encoder_init_scale": args.ours_encoder_init_scale,
+        "decoder_norm": args.ours_decoder_norm,
+        "free_decoder": None if args.ours_free_decoder is None else bool(args.ours_free_decoder),
+    }
+    for arch in filter(None, args.archs.split(",")):
+        for name, value in settings.items():
+            if value is not None:
+                setattr(sae_class(arch), name, value)
 
 
 def saelens_scale(x0: torch.Tensor) -> float:

@@ -55,7 +55,6 @@ from bench import saelens_setup  # noqa: E402
 from helpers.saes.base import geometric_median  # noqa: E402
 from helpers.saes.io import save_sae  # noqa: E402
 from helpers.saes.matryoshka_batchtopk import MatryoshkaBatchTopKSAE  # noqa: E402
-from helpers.saes.registry import sae_class  # noqa: E402
 from helpers.saes.train import TrainConfig, Trainer  # noqa: E402
 
 WORLD_SEED_OFFSET = 7_919
@@ -332,25 +331,7 @@ def main() -> None:
         "--ours-auxk-coef", type=float, default=None, help="ablation: our TopK/BatchTopK AuxK coefficient"
     )
     p.add_argument("--ours-grad-clip", type=float, default=None, help="ablation: our TrainConfig.grad_clip")
-    p.add_argument(
-        "--ours-encoder-init-scale",
-        type=float,
-        default=None,
-        help="ablation: the architecture's SAE.encoder_init_scale",
-    )
-    p.add_argument(
-        "--ours-decoder-norm",
-        type=float,
-        default=None,
-        help="ablation: the architecture's SAE.decoder_norm (its rows' fixed norm in training)",
-    )
-    p.add_argument(
-        "--ours-free-decoder",
-        type=int,
-        choices=[0, 1],
-        default=None,
-        help="ablation: the architecture's SAE.free_decoder (1: the rows' norms move freely)",
-    )
+    saelens_setup.add_class_ablation_flags(p)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -358,17 +339,7 @@ def main() -> None:
         raise SystemExit("--features must be a multiple of --hidden (our d_sae is expansion x d_in)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if (
-        args.ours_encoder_init_scale is not None
-    ):  # an ablation: the class's initial encoder scale, for this run
-        for arch in filter(None, args.archs.split(",")):
-            sae_class(arch).encoder_init_scale = args.ours_encoder_init_scale
-    if args.ours_decoder_norm is not None:  # an ablation: the class's decoder row norm, for this run
-        for arch in filter(None, args.archs.split(",")):
-            sae_class(arch).decoder_norm = args.ours_decoder_norm
-    if args.ours_free_decoder is not None:  # an ablation: free or held decoder norms, for this run
-        for arch in filter(None, args.archs.split(",")):
-            sae_class(arch).free_decoder = bool(args.ours_free_decoder)
+    saelens_setup.apply_class_ablations(args)
     warnings.filterwarnings("ignore", category=UserWarning)
     import sae_lens
 
