@@ -197,6 +197,8 @@ def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path)
     options = (
         {"auxk_coef": args.auxk_coef} if args.auxk_coef is not None and arch in ("topk", "batchtopk") else {}
     )
+    if args.ours_coef_rate is not None and arch in ("standard", "gated", "jumprelu"):
+        options["coef_rate"] = args.ours_coef_rate
     cfg = TrainConfig(
         architecture=arch,
         expansion=args.expansion,
@@ -398,6 +400,12 @@ def main() -> None:
         "--auxk-coef", type=float, default=None, help="ablation: our TopK/BatchTopK AuxK coefficient"
     )
     saelens_setup.add_class_ablation_flags(p)
+    p.add_argument(
+        "--ours-coef-rate",
+        type=float,
+        default=None,
+        help="ablation: the coef_rate of our standard/Gated/JumpReLU (how fast λ follows the L0 error)",
+    )
     p.add_argument("--chunk", type=int, default=10, help="steps per timed chunk")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -439,7 +447,14 @@ def main() -> None:
             "heldout_variance_share_of_massive_tokens": round(float(variance_share(held, massive(held))), 4),
         },
     }
-    ablations = ("ours_encoder_init_scale", "ours_decoder_norm", "ours_free_decoder", "auxk_coef", "ours_lr")
+    ablations = (
+        "ours_encoder_init_scale",
+        "ours_decoder_norm",
+        "ours_free_decoder",
+        "auxk_coef",
+        "ours_lr",
+        "ours_coef_rate",
+    )
     result["ours_ablations"] = {k: getattr(args, k) for k in ablations if getattr(args, k) is not None}
     with tempfile.TemporaryDirectory() as tmp:
         for arch in filter(None, args.archs.split(",")):
