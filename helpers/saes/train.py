@@ -85,11 +85,7 @@ class TrainConfig:
     "unit" scales to unit mean squared norm, "sqrt_d_in" to mean norm sqrt(d_in) (SAELens's
     `expected_average_only_in`), "auto" the architecture's `SAE.input_norm` (sqrt_d_in for TopK and the
     BatchTopK family, unit for the others, whose sparsity settings are in unit-scale units). At sqrt(d_in)
-    the biases move by a smaller share of the data's scale per Adam step: on synthetic data with a known
-    dictionary (bench/synthetic_quality.py, 1M samples, lr 1e-3) TopK's recovered-feature MCC rose from
-    0.548 to 0.601 and BatchTopK's from 0.524 to 0.573; on SmolLM2 layer-15 activations (150 steps, d_sae
-    4608, bench/sae_train.py) held-out explained variance rose from 0.8835 to 0.8937 (TopK) and 0.8688 to
-    0.8904 (BatchTopK)."""
+    the biases move by a smaller share of the data's scale per Adam step (the ablations: README, Measured)."""
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     """auto: fp32 on CPU, fp16 (grad scaler) below compute capability 8 (T4), bf16 from 8 (A100, L4, H100)."""
     sae_options: dict[str, Any] = field(default_factory=dict)
