@@ -32,7 +32,7 @@ from helpers.analysis.windows import ContextConfig, Doc, Largest, WindowSelectio
 from helpers.collect.store import LayerStore
 from helpers.env import smaller_after_oom
 from helpers.model.hooks import hook_name, run_with_capture
-from helpers.model.protocols import EncodingSAE, HookableModel
+from helpers.model.protocols import EncodingSAE, HookableModel, Tokenizer
 
 OPEN, CLOSE = "<<", ">>"
 KINDS = ("activating", "non_activating", "hard_negative")
@@ -228,7 +228,7 @@ def iter_token_acts(
     return iter(EncodedChunks(store, sae, docs, batch_tokens, setting=setting))
 
 
-def token_pieces(tokenizer: Any, ids: Sequence[int], context: int = 8) -> list[str]:
+def token_pieces(tokenizer: Tokenizer, ids: Sequence[int], context: int = 8) -> list[str]:
     """The text each token adds, decoded with up to `context` tokens before it: byte-level tokens that
     split a character decode to "" until the token that completes it."""
 
@@ -293,7 +293,7 @@ def build_contexts(
     sae: EncodingSAE,
     records: Sequence[dict[str, Any]],
     features: Sequence[int],
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     config: ContextConfig | None = None,
 ) -> dict[int, FeatureContexts]:
     """Example windows of `features` over the completions of `records` stored in `store` (module doc)."""

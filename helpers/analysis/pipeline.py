@@ -69,7 +69,7 @@ from helpers.collect.datasets import dataset_of, read_datasets
 from helpers.collect.store import LayerStore
 from helpers.gemini import GeminiClient
 from helpers.model.load import load_tokenizer
-from helpers.model.protocols import EncodingSAE
+from helpers.model.protocols import EncodingSAE, Tokenizer
 from helpers.run import (
     SAE_METRICS,
     atomic_write_json,
@@ -878,7 +878,7 @@ def feature_table(
     sae_folder: str | os.PathLike,
     *,
     settings: FeatureSettings | None = None,
-    tokenizer: Any = None,
+    tokenizer: Tokenizer = None,
     context_config: ContextConfig | None = None,
     batch_tokens: int = 1024,
     overwrite: bool = False,

@@ -37,6 +37,7 @@ from helpers.collect.completions import read_completions
 from helpers.collect.prompts import Prompt, contrast_user_text, data_dir, dedupe
 from helpers.env import NotebookError
 from helpers.model.chat import encode_conversation
+from helpers.model.protocols import Tokenizer
 from helpers.run import atomic_write_json, datasets_path, read_jsonl, read_run_json
 
 Role = Literal["train", "eval", "control"]
@@ -556,7 +557,9 @@ def spec_for(data: str) -> DatasetSpec | None:
 
 
 # --- transcripts through the model, without sampling -------------------------------------------------
-def encode_transcript(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], list[int]]:
+def encode_transcript(
+    tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]
+) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids) of a conversation whose last message is the assistant's answer.
 
     The prompt is everything before the answer in the model's chat format, ending where the assistant's
@@ -572,7 +575,7 @@ def encode_transcript(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> 
 
 
 def transcript_records(
-    tokenizer: Any, dataset: RunDataset, *, max_context: int | None = None
+    tokenizer: Tokenizer, dataset: RunDataset, *, max_context: int | None = None
 ) -> list[dict[str, Any]]:
     """completions.jsonl records of a transcripts dataset, with the fields of a sampled record
     (`completion_record` in pipeline.py), `sample_index` 0, `seed` None, and the dataset's label

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from helpers.model.chat import NANOCHAT_TOKENS, chat_format_of
+from helpers.model.protocols import Tokenizer
 from helpers.run import stable_hash
 
 EVAL_FRACTION = 0.05
@@ -42,7 +43,7 @@ class Packing:
     sink after it; see the module doc)."""
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: Any, seq_len: int) -> Packing:
+    def for_tokenizer(cls, tokenizer: Tokenizer, seq_len: int) -> Packing:
         if seq_len <= SKIP_FIRST:
             raise ValueError(
                 f"seq_len must be above {SKIP_FIRST} (positions 0-{SKIP_FIRST - 1} are never stored), "
@@ -78,7 +79,7 @@ class Packing:
         return mask
 
 
-def encode_document(tokenizer: Any, doc: str | list[dict]) -> list[int]:
+def encode_document(tokenizer: Tokenizer, doc: str | list[dict]) -> list[int]:
     """Token ids of a document: plain text, or chat messages in the model's own chat format."""
     if isinstance(doc, str):
         return tokenizer.encode(doc, add_special_tokens=False)
@@ -96,7 +97,7 @@ def encode_document(tokenizer: Any, doc: str | list[dict]) -> list[int]:
     )
 
 
-def _nanochat_conversation(tokenizer: Any, messages: list[dict]) -> list[int]:
+def _nanochat_conversation(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
     """nanochat's rendering of a conversation (its tokenizer's `render_conversation`), without the leading
     <|bos|> (the packing's separator): a system message joins the first user message, and an assistant
     message may be a list of parts (`text`, `python` tool calls, `python_output`) in their special tokens."""
@@ -123,7 +124,9 @@ def _nanochat_conversation(tokenizer: Any, messages: list[dict]) -> list[int]:
     return ids
 
 
-def iter_sequences(tokenizer: Any, docs: Iterable[str | list[dict]], packing: Packing) -> Iterator[list[int]]:
+def iter_sequences(
+    tokenizer: Tokenizer, docs: Iterable[str | list[dict]], packing: Packing
+) -> Iterator[list[int]]:
     """Sequences of `packing.seq_len` tokens: the separator, then the next seq_len - 1 tokens of the
     documents joined by separators. The last one may be shorter."""
     buf: list[int] = []

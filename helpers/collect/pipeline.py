@@ -50,7 +50,7 @@ from helpers.collect.prompts import (
 from helpers.collect.sampling import Completion, SamplingSettings, sample_completions
 from helpers.env import get_secret
 from helpers.gemini import GeminiClient
-from helpers.model.protocols import HookableModel
+from helpers.model.protocols import HookableModel, Tokenizer
 from helpers.run import (
     activations_dir,
     check_stage_settings,
@@ -201,7 +201,11 @@ def check_unique_ids(datasets: list[RunDataset]) -> None:
 
 
 def add_transcripts(
-    tokenizer: Any, datasets: list[RunDataset], run_dir: str | os.PathLike, *, max_context: int | None = None
+    tokenizer: Tokenizer,
+    datasets: list[RunDataset],
+    run_dir: str | os.PathLike,
+    *,
+    max_context: int | None = None,
 ) -> list[dict[str, Any]]:
     """Append the off-policy datasets' transcripts to completions.jsonl (no sampling: their text is read
     through the model later, as a sampled completion's is); those already there are

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from helpers.model.chat import encode_chat
+from helpers.model.protocols import Tokenizer
 
 HONEST_INSTRUCTION = "Answer the question truthfully, in one short sentence."
 DISHONEST_INSTRUCTION = "Answer the question with a lie, in one short sentence."
@@ -349,7 +350,7 @@ def dedupe(prompts: Iterable[Prompt]) -> list[Prompt]:
 
 
 def check_fits_context(
-    prompts: Iterable[Prompt], tokenizer: Any, max_context: int, reserve_tokens: int
+    prompts: Iterable[Prompt], tokenizer: Tokenizer, max_context: int, reserve_tokens: int
 ) -> dict[str, int]:
     """Prompt lengths in tokens (as `encode_chat` renders them); an error names every prompt that leaves
     fewer than `reserve_tokens` of the model's `max_context` for the answer."""

@@ -34,7 +34,7 @@ from transformers import DynamicCache
 
 from helpers.collect.packing import pad_batch
 from helpers.model.chat import cache_kwarg, encode_chat, pad_token_id, stop_token_ids
-from helpers.model.protocols import HookableModel
+from helpers.model.protocols import HookableModel, Tokenizer
 from helpers.run import override_fields
 
 
@@ -266,7 +266,7 @@ def sample_next(
 
 def _encode_prompts(
     model: torch.nn.Module,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     prompts: Sequence[tuple[str, str, str | None]],
     max_new_tokens: int,
 ) -> dict[str, list[int]]:

@@ -66,7 +66,7 @@ from helpers.explore.accumulate import (
     quantile_edges,
 )
 from helpers.explore.decoder import Unembedding, logit_summary, nearest_rows
-from helpers.model.protocols import EncodingSAE
+from helpers.model.protocols import EncodingSAE, Tokenizer
 from helpers.run import corpus_dir, features_path, model_record, model_short, read_jsonl, read_run_json
 from helpers.saes.io import LoadedSAE
 
@@ -540,7 +540,7 @@ class SAEDashboards:
     cfg: ExplorerConfig
     fp: FeaturePass
     docs: list[Doc]
-    tokenizer: Any
+    tokenizer: Tokenizer
     hist: np.ndarray  # [d_sae, hist_bins], over the smallest nonzero activation .. the maximum
     quantiles: np.ndarray  # [d_sae, n_quantiles + 1] edges (accumulate.quantile_edges)
     logits: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None
@@ -796,7 +796,7 @@ def build_dashboards(
     run_dir: str | os.PathLike,
     loaded: LoadedSAE,
     *,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     unembedding: Unembedding | None = None,
     others: Sequence[LoadedSAE] = (),
     config: ExplorerConfig | None = None,

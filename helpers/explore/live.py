@@ -26,7 +26,7 @@ from helpers.collect.sampling import SamplingSettings, sample_next
 from helpers.explore.meter import DeceptionMeter
 from helpers.model.chat import cache_kwarg, encode_chat, stop_token_ids
 from helpers.model.hooks import capture, hook_name, run_with_capture
-from helpers.model.protocols import HookableModel
+from helpers.model.protocols import HookableModel, Tokenizer
 from helpers.saes.io import LoadedSAE
 from helpers.steer.directions import check_sae_matches
 
@@ -54,7 +54,7 @@ class TokenStep:
     """[d_sae] every feature's activation at this token (for the analyser)."""
 
 
-def _piece(tokenizer: Any, ids: list[int], context: int = 8) -> str:
+def _piece(tokenizer: Tokenizer, ids: list[int], context: int = 8) -> str:
     """The text the last of `ids` adds (as contexts.token_pieces, for one token at a time)."""
 
     def text(part: list[int]) -> str:

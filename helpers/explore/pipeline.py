@@ -36,7 +36,7 @@ from helpers.explore.dashboards import (
 from helpers.explore.decoder import unembedding_of
 from helpers.explore.site import COMPLETE, DATA, is_complete, sae_info, write_sae_data, write_site
 from helpers.model.load import load_tokenizer
-from helpers.model.protocols import HookableModel
+from helpers.model.protocols import HookableModel, Tokenizer
 from helpers.run import (
     SAE_WEIGHTS,
     check_stage_settings,
@@ -133,7 +133,7 @@ def build_explorer(
     run_dir: str | os.PathLike,
     *,
     lm: HookableModel | None = None,
-    tokenizer: Any = None,
+    tokenizer: Tokenizer = None,
     sae_filter: str = "",
     max_saes: int = 0,
     config: ExplorerConfig | None = None,

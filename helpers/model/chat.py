@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from helpers.model.protocols import HookableModel
+from helpers.model.protocols import HookableModel, Tokenizer
 
 NANOCHAT_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")
 NANOCHAT_ANSWER = ("<|assistant_start|>", "<|assistant_end|>")
 
 
-def chat_format_of(tokenizer: Any) -> str:
+def chat_format_of(tokenizer: Tokenizer) -> str:
     """ "nanochat" when the tokenizer has nanochat's special tokens, "template" when it has a chat
     template, else "plain". Looks the special tokens up one by one: `get_vocab()` builds a dict of the
     whole vocabulary (~25 ms for 49k tokens), too slow to call per prompt."""
@@ -34,20 +34,20 @@ def chat_format_of(tokenizer: Any) -> str:
     return "plain"
 
 
-def _token_id(tokenizer: Any, token: str) -> int:
+def _token_id(tokenizer: Tokenizer, token: str) -> int:
     tid = tokenizer.convert_tokens_to_ids(token)
     if tid is None or tid == tokenizer.unk_token_id:
         raise ValueError(f"tokenizer has no {token!r} token; it is not a nanochat tokenizer")
     return int(tid)
 
 
-def encode_chat(tokenizer: Any, user: str, system: str | None = None) -> list[int]:
+def encode_chat(tokenizer: Tokenizer, user: str, system: str | None = None) -> list[int]:
     """Token ids of a one-turn conversation, ending where the assistant's answer starts."""
     system_turn = [{"role": "system", "content": system}] if system else []
     return encode_conversation(tokenizer, [*system_turn, {"role": "user", "content": user}])
 
 
-def encode_conversation(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
+def encode_conversation(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]) -> list[int]:
     """Token ids of a conversation (`[{"role": "system" | "user" | "assistant", "content": ...}]`),
     ending where the next assistant answer starts: what sampling feeds the model, and the prompt of a
     transcript read through it."""
@@ -75,7 +75,7 @@ def encode_conversation(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -
     return tokenizer.encode(f"{prefix}{lines}Assistant:", add_special_tokens=True)
 
 
-def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
+def stop_token_ids(tokenizer: Tokenizer, generation_config: Any = None) -> list[int]:
     """Token ids that end an assistant turn."""
     if chat_format_of(tokenizer) == "nanochat":
         return [_token_id(tokenizer, "<|assistant_end|>"), _token_id(tokenizer, "<|bos|>")]
@@ -90,7 +90,7 @@ def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
     return sorted(ids)
 
 
-def pad_token_id(tokenizer: Any) -> int:
+def pad_token_id(tokenizer: Tokenizer) -> int:
     """A pad id for batching: the tokenizer's own, else bos (nanochat has none), else the first stop id.
 
     Padded positions are masked out of attention, so any valid id works."""

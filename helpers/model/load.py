@@ -33,6 +33,7 @@ from helpers.env import choose_dtype, drive_home, pick_device, resolve_cache_dir
 from helpers.model import nanochat
 from helpers.model.chat import chat_format_of
 from helpers.model.nanochat_gpt import MODEL_TYPE as NANOCHAT_GPT_TYPE
+from helpers.model.protocols import Tokenizer
 from helpers.run import model_record
 
 OFFLINE_MODEL = "offline:smollm2-135m-instruct"
@@ -74,7 +75,7 @@ class ModelInfo:
 @dataclass
 class LoadedModel:
     model: Any
-    tokenizer: Any
+    tokenizer: Tokenizer
     info: ModelInfo
 
 

@@ -8,6 +8,9 @@ nothing needs to inherit from them, a value with the attributes fits).
   `helpers.saes` (`saes.base.SAE`). `WrappedSAE` is one carried with where it belongs
   (`saes.io.LoadedSAE`); `AnySAE` accepts either, for the functions that unwrap it.
 
+- `Tokenizer`: the model's tokenizer. Every model we load carries a Hugging Face tokenizer (nanochat's
+  tiktoken file is converted to one), so it is transformers' `PreTrainedTokenizerBase`.
+
 They live in `model/`, the lowest stage but the core, so every stage that takes a model or an SAE can
 import them.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 
 @runtime_checkable
@@ -28,8 +32,11 @@ class HookableModel(Protocol):
     def model(self) -> Any: ...
 
     @property
-    def tokenizer(self) -> Any: ...
+    def tokenizer(self) -> Tokenizer: ...
 
+
+Tokenizer = PreTrainedTokenizerBase
+"""A loaded model's tokenizer (`LoadedModel.tokenizer`)."""
 
 ModelOrModule = HookableModel | torch.nn.Module
 """A loaded model, or the bare torch module (functions that only hook the residual accept either)."""

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, NanoChatConfig, Na
 
 from helpers.model import nanochat
 from helpers.model.chat import chat_format_of, encode_chat
+from helpers.model.protocols import Tokenizer
 from tests.model.nanochat_oracle import tiny_encoding
 
 SPECIALS = list(nanochat.SPECIAL_TOKENS)
@@ -162,6 +163,7 @@ def test_special_token_ids_in_configs(converted):
 def test_tokenizer_round_trip(converted):
     _, enc, out = converted
     tok = AutoTokenizer.from_pretrained(out)
+    assert isinstance(tok, Tokenizer)  # what the package types tokenizers with
     assert tok.encode(SAMPLE, add_special_tokens=False) == enc.encode_ordinary(SAMPLE)
     with_specials = "<|bos|><|user_start|>hello world<|user_end|><|assistant_start|>"
     assert tok.encode(with_specials, add_special_tokens=False) == enc.encode(

@@ -1,5 +1,6 @@
 """The protocols the package types its models and SAEs with fit what it really passes: every SAE
-architecture (encode, W_dec, d_in, d_sae), a LoadedSAE, and a LoadedModel; a bare module is no
+architecture (encode, W_dec, d_in, d_sae), a LoadedSAE, a LoadedModel and the offline model's tokenizer
+(a converted nanochat tokenizer: tests/model/test_nanochat.py); a bare module is no
 HookableModel (the functions that accept one take `ModelOrModule`)."""
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from helpers.model.load import LoadedModel
-from helpers.model.protocols import EncodingSAE, HookableModel
+from helpers.model.protocols import EncodingSAE, HookableModel, Tokenizer
 from helpers.saes import ARCHITECTURES, make_sae
 from helpers.saes.io import load_sae, save_sae
 
@@ -29,3 +30,7 @@ def test_every_sae_architecture_and_a_loaded_model_fit_the_protocols(tmp_path):
     assert isinstance(loaded.sae, EncodingSAE) and loaded.layer == 1
     assert isinstance(LoadedModel(torch.nn.Linear(2, 2), tokenizer=None, info=None), HookableModel)
     assert not isinstance(torch.nn.Linear(2, 2), HookableModel)
+
+
+def test_the_offline_models_tokenizer_is_a_tokenizer(offline_lm):
+    assert isinstance(offline_lm, HookableModel) and isinstance(offline_lm.tokenizer, Tokenizer)
