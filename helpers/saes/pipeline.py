@@ -159,9 +159,6 @@ def train_grid(
     checkpointed) with other settings stops the grid before it trains anything (module doc), unless
     `overwrite`, which moves it to replaced/ to train it again. The settings: `GridSettings`."""
     g = (grid or GridSettings()).with_overrides(overrides)
-    eval_fraction, min_completions, min_tokens = g.eval_fraction, g.min_completions, g.min_tokens
-    l0s, behaviour_share, plan_only, overwrite = g.l0s, g.behaviour_share, g.plan_only, g.overwrite
-    stream_eval_tokens, corpus_stream = g.stream_eval_tokens, g.corpus_stream
     run_dir = Path(run_dir)
     if unknown := [c for c in conditions if c not in CONDITIONS]:
         raise ValueError(f"unknown condition(s) {unknown}: choose from {list(CONDITIONS)}")
@@ -169,26 +166,26 @@ def train_grid(
     rows = read_completions(run_dir)
     if not rows and set(conditions) - {"corpus"}:
         raise FileNotFoundError(f"{run_dir}/completions.jsonl is missing or empty: run notebook 02 first")
-    check_layers_collected(run_dir, layers, streamed=corpus_stream is not None)
-    train_ids, eval_ids = split_completions(rows, eval_fraction, cfg.seed) if rows else ([], [])
+    check_layers_collected(run_dir, layers, streamed=g.corpus_stream is not None)
+    train_ids, eval_ids = split_completions(rows, g.eval_fraction, cfg.seed) if rows else ([], [])
     reserved = set(analysis_split(rows, ANALYSIS_FRACTION, cfg.seed)[1])  # notebook 04's rows: never
     train_ids = [i for i in train_ids if i not in reserved]  # trained on by any SAE (DESIGN.md §9)
-    sweep = list(l0s) if l0s else [cfg.l0]
+    sweep = list(g.l0s) if g.l0s else [cfg.l0]
     plan = []
     by_layer: dict[int, _Sources] = {}
     for layer, condition in itertools.product(layers, conditions):
         if layer not in by_layer:
-            by_layer[layer] = _Sources(run_dir, layer, rows, train_ids, cfg, corpus_stream)
+            by_layer[layer] = _Sources(run_dir, layer, rows, train_ids, cfg, g.corpus_stream)
         sources = by_layer[layer]
         try:
-            data, n_items = sources.data(condition, min_completions, min_tokens, behaviour_share)
+            data, n_items = sources.data(condition, g.min_completions, g.min_tokens, g.behaviour_share)
             reason = None
         except (TooFewSamples, FileNotFoundError) as err:
             print(f"skipping {condition} at layer {layer}: {err}")
             data, n_items, reason = None, 0, str(err)
         for arch, l0 in itertools.product(architectures, sweep):
             row = {
-                "sae_id": sae_id_of(spec, arch, layer, condition, l0 if l0s else None),
+                "sae_id": sae_id_of(spec, arch, layer, condition, l0 if g.l0s else None),
                 "layer": layer,
                 "condition": condition,
                 "architecture": arch,
@@ -199,14 +196,14 @@ def train_grid(
             settings = None if reason else sae_settings(run_cfg, spec, layer, condition, data)
             plan.append((row, sources, data, reason, run_cfg, settings))
     _check_finished(
-        run_dir, [(r["sae_id"], c, st) for r, _, _, reason, c, st in plan if not reason], overwrite
+        run_dir, [(r["sae_id"], c, st) for r, _, _, reason, c, st in plan if not reason], g.overwrite
     )
-    if not plan_only:
+    if not g.plan_only:
         remove_stale_temps(run_dir, TRAIN_STAGE)  # what killed writes left in saes/
     status = []
     for row, sources, data, reason, run_cfg, settings in plan:
         out, layer, condition = sae_dir(run_dir, row["sae_id"]), row["layer"], row["condition"]
-        if reason or plan_only or (out / SAE_METRICS).exists():
+        if reason or g.plan_only or (out / SAE_METRICS).exists():
             done = "done earlier" if (out / SAE_METRICS).exists() else "to train"
             status.append({**row, "status": "skipped" if reason else done, "reason": reason})
             continue
@@ -226,7 +223,7 @@ def train_grid(
             out,
             hook_name=hooks.hook_name(layer),
             model_name=spec,
-            held_out=sources.held_out(eval_ids, stream_eval_tokens),
+            held_out=sources.held_out(eval_ids, g.stream_eval_tokens),
             metadata=meta,
             device=device,
         )
