@@ -192,9 +192,11 @@ def fit_line(points: list[tuple[float, float]]) -> Line | None:
     return Line(fixed, slope, len(points), distinct)
 
 
-COUNTS_VERSION = 2
+COUNTS_VERSION = 3
 """Bumped whenever the counting of a step's work changes: runs recorded under other counts are dropped from
-the calibration file (their fixed parts, slopes and RAM extras were measured against other counts)."""
+the calibration file (their fixed parts, slopes and RAM extras were measured against other counts). 3: SAE
+training counts each SAE's init sample, calibration, checkpoints and saved copy; collection counts its
+pooled vectors per completion and layer."""
 KEEP_RUNS = 8
 
 
@@ -534,7 +536,13 @@ def plan_collection(
     lower = {"time": "N_PER_PROMPT or MAX_NEW_TOKENS", "gpu": "BATCH_SIZE", "ram": "BATCH_SIZE"}
     lower["disk"] = "LAYERS or MAX_NEW_TOKENS"
     forward = (tokens, batch_tokens, n_layers_stored, stored)
-    return _forward_plan("collection", model, calibration, device, forward, lower)
+    here, t4 = _forward_works(model, forward)
+    # Per completion and pooled layer (the stored ones and up to `POOLED_SWEEP_LAYERS` more): its mean, last
+    # and prompt-last vectors, the fp16 rounding and the store's append, each a few small ops.
+    pooled = n_completions * (n_layers_stored + min(model.n_layers, POOLED_SWEEP_LAYERS))
+    for work in (here, t4):
+        work.ops += pooled * POOLED_OPS
+    return make_plan("collection", here, t4, model, calibration, device, lower)
 
 
 def plan_corpus(
@@ -556,6 +564,19 @@ def plan_corpus(
     return _forward_plan("corpus", model, calibration, device, forward, lower)
 
 
+POOLED_SWEEP_LAYERS = 16
+"""Layers whose pooled vectors collection keeps beyond the stored ones (at most; collect's sweep layers)."""
+POOLED_OPS = 12
+"""Small ops per completion and pooled layer: slicing, mean, last, prompt-last, fp16 rounding, the append."""
+
+
+def _forward_works(model: ModelNumbers, forward: tuple[float, float, int, float]) -> tuple[Work, Work]:
+    """The work of forward passes storing activations: `forward` = (tokens, tokens per batch, layers
+    stored, tokens stored per layer), here at the model's dtype and on a T4 at its activation size."""
+    t4_act = 4 if model.family == "nanochat" else 2
+    return _forward_work(model, *forward, model.bytes_per_param), _forward_work(model, *forward, t4_act)
+
+
 def _forward_plan(
     step: str,
     model: ModelNumbers,
@@ -564,12 +585,24 @@ def _forward_plan(
     forward: tuple[float, float, int, float],
     lower: dict[str, str],
 ) -> Plan:
-    """The plan of a step that is forward passes storing activations: `forward` = (tokens, tokens per batch,
-    layers stored, tokens stored per layer), here at the model's dtype and on a T4 at its activation size."""
-    t4_act = 4 if model.family == "nanochat" else 2
-    here = _forward_work(model, *forward, model.bytes_per_param)
-    t4 = _forward_work(model, *forward, t4_act)
+    """The plan of a step that is forward passes storing activations (`_forward_works`)."""
+    here, t4 = _forward_works(model, forward)
     return make_plan(step, here, t4, model, calibration, device, lower)
+
+
+@dataclass
+class SaeRun:
+    """What sets one SAE's training work; notebook 03's `saes.TrainConfig` has these fields and is passed
+    as it is."""
+
+    expansion: int
+    train_tokens: int
+    batch_size: int
+    checkpoint_every: int = 0
+    """Steps between checkpoints (each writes the SAE and Adam's two moments); 0: only the last step's."""
+    init_tokens: int = 16_384
+    """Tokens of the init sample (capped at the layer's stored tokens), read again after training to
+    calibrate the inference parameters (BatchTopK's θ)."""
 
 
 def plan_sae_training(
@@ -578,25 +611,41 @@ def plan_sae_training(
     device: str,
     *,
     n_saes: int,
-    expansion: int,
-    train_tokens: int,
-    batch_size: int,
+    train: SaeRun | Any,
     stored_tokens: int,
 ) -> Plan:
-    """`n_saes` SAEs of `expansion`·d_model latents, each trained on `train_tokens`: encoder and decoder
-    forward (4·d·d_sae FLOPs a token) and backward (twice that); the SAE, its gradient and Adam's two
-    moments on the device; one layer's stored activations (`stored_tokens`) loaded in fp32 at a time."""
+    """`n_saes` SAEs of `train.expansion`·d_model latents, each trained on `train.train_tokens`: encoder
+    and decoder forward (4·d·d_sae FLOPs a token) and backward (twice that); the SAE, its gradient and
+    Adam's two moments on the device; one layer's stored activations (`stored_tokens`) loaded in fp32 at a
+    time. Per SAE too, whatever its steps: the init sample read and encoded twice (init, calibration), each
+    checkpoint (SAE and Adam's moments serialised and written) and the saved SAE read back to evaluate it.
+    `train`: a `SaeRun` or notebook 03's `TrainConfig`."""
+    expansion, train_tokens, batch_size = train.expansion, train.train_tokens, max(train.batch_size, 1)
     _positive(n_saes=n_saes, expansion=expansion, train_tokens=train_tokens, stored_tokens=stored_tokens)
     d = model.d_model
     d_sae = d * expansion
     sae_bytes = (2 * d * d_sae + d_sae + d) * 4
+    steps = math.ceil(train_tokens / batch_size)
+    every = getattr(train, "checkpoint_every", 0) or steps
+    checkpoints = math.ceil(steps / max(every, 1))
+    init = getattr(train, "init_tokens", SaeRun.init_tokens)
+    init = min(init, stored_tokens) if stored_tokens else init
+    init_batches = math.ceil(init / batch_size)
+    per_sae = Work(
+        flops=2 * 2 * d * d_sae * init,  # the init sample encoded twice
+        bytes_read=2 * init * d * 4 + checkpoints * 3 * sae_bytes * 2 + 2 * sae_bytes,
+        device_bytes=0.0,
+        host_bytes=0.0,
+        disk_bytes=sae_bytes * 2,  # the SAE and its last checkpoint
+        ops=2 * init_batches * 20 + checkpoints * 3 * 4,  # encode batches; a tensor per state entry
+    )
     work = Work(
-        flops=n_saes * 12 * d * d_sae * train_tokens,
-        bytes_read=n_saes * math.ceil(train_tokens / max(batch_size, 1)) * sae_bytes * 4,
+        flops=n_saes * (12 * d * d_sae * train_tokens + per_sae.flops),
+        bytes_read=n_saes * (steps * sae_bytes * 4 + per_sae.bytes_read),
         device_bytes=4 * sae_bytes + 4 * batch_size * (d_sae + d) * 4,
         host_bytes=stored_tokens * d * 4 + 2 * sae_bytes,
-        disk_bytes=n_saes * sae_bytes * 2,  # the SAE and its last checkpoint
-        ops=n_saes * math.ceil(train_tokens / max(batch_size, 1)) * 80,  # forward, backward, Adam
+        disk_bytes=n_saes * per_sae.disk_bytes,
+        ops=n_saes * (steps * 80 + per_sae.ops),  # forward, backward, Adam
     )
     lower = {"time": "TRAIN_TOKENS (or fewer ARCHITECTURES / CONDITIONS / LAYERS)", "gpu": "EXPANSION"}
     lower |= {"ram": "CORPUS_TOKENS in notebook 02 (or CORPUS_STREAM)", "disk": "EXPANSION or CONDITIONS"}

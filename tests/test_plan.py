@@ -4,6 +4,7 @@ reused, and a watched step's predicted and measured numbers land in run.json."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import mmap
 
@@ -13,6 +14,7 @@ from transformers import LlamaConfig
 
 from helpers import plan
 from helpers.run import read_run_json
+from helpers.saes import TrainConfig
 from helpers.sweep.plan import ModelSpec, StudySize, plan_rows
 
 D32 = plan.ModelNumbers(1_880_000_000, 32, 2048, 65_536, 2048, 4, "nanochat")
@@ -27,13 +29,17 @@ def calibration(tmp_path):
 
 
 def test_plans_scale_as_their_counted_work(calibration):
-    args = dict(n_saes=2, expansion=4, train_tokens=65_536, batch_size=512, stored_tokens=10_000)
-    one = plan.plan_sae_training(SMALL, calibration, "cpu", **args)
-    two = plan.plan_sae_training(SMALL, calibration, "cpu", **{**args, "train_tokens": 131_072})
-    assert two.counted_seconds == pytest.approx(2 * one.counted_seconds)
-    assert two.work["flops"] == 2 * one.work["flops"] == 2 * 2 * 12 * 576 * 2304 * 65_536
-    wider = plan.plan_sae_training(SMALL, calibration, "cpu", **{**args, "expansion": 8})
-    assert wider.work["disk_bytes"] > 1.9 * one.work["disk_bytes"]
+    run = plan.SaeRun(expansion=4, train_tokens=65_536, batch_size=512)
+    one = plan.plan_sae_training(SMALL, calibration, "cpu", n_saes=2, train=run, stored_tokens=10_000)
+    longer = dataclasses.replace(run, train_tokens=131_072)
+    two = plan.plan_sae_training(SMALL, calibration, "cpu", n_saes=2, train=longer, stored_tokens=10_000)
+    init = 2 * 2 * 576 * 2304 * 10_000  # each SAE's init sample (all 10,000 stored tokens) encoded twice
+    assert one.work["flops"] == 2 * (12 * 576 * 2304 * 65_536 + init)
+    assert two.work["flops"] == 2 * (12 * 576 * 2304 * 131_072 + init)
+    assert 1.9 * one.counted_seconds < two.counted_seconds < 2 * one.counted_seconds
+    wider = dataclasses.replace(run, expansion=8)
+    wide = plan.plan_sae_training(SMALL, calibration, "cpu", n_saes=2, train=wider, stored_tokens=10_000)
+    assert wide.work["disk_bytes"] > 1.9 * one.work["disk_bytes"]
 
     base = dict(n_completions=64, prompt_tokens=40, new_tokens=24, batch_size=32)
     sampled = plan.plan_sampling(SMALL, calibration, "cpu", **base)
@@ -50,21 +56,14 @@ def test_plans_scale_as_their_counted_work(calibration):
 
 def test_a_setting_a_free_t4_cannot_hold_names_the_parameter_to_lower(calibration):
     big = plan.plan_sae_training(
-        D32,
-        calibration,
-        "cpu",
-        n_saes=1,
-        expansion=64,
-        train_tokens=1_000_000,
-        batch_size=4096,
-        stored_tokens=0,
+        D32, calibration, "cpu", n_saes=1, train=plan.SaeRun(64, 1_000_000, 4096), stored_tokens=0
     )
     assert big.t4["gpu_gib"] > plan.T4_VRAM_GIB and not big.fits_t4()
     assert any("GPU memory" in w and "lower EXPANSION" in w for w in big.warnings), big.warnings
     assert "WARNING" in str(big) and "lower EXPANSION" in str(big)
 
     forever = plan.plan_sae_training(
-        D32, calibration, "cpu", n_saes=45, expansion=8, train_tokens=10**11, batch_size=4096, stored_tokens=0
+        D32, calibration, "cpu", n_saes=45, train=plan.SaeRun(8, 10**11, 4096), stored_tokens=0
     )
     assert any("hours" in w and "lower TRAIN_TOKENS" in w for w in forever.warnings), forever.warnings
 
@@ -212,3 +211,32 @@ def test_mapped_weights_not_read_yet_count_until_touched(tmp_path):
         assert plan.unread_weights() - before >= 30 * 2**20  # mapped, not read: not in RSS yet
         assert sum(mapped[i] for i in range(0, len(mapped), 4096)) == 32 * 2**20 // 4096  # read every page
         assert plan.unread_weights() - before < 2**20
+
+
+def test_counted_work_grows_with_the_saes_and_the_pooled_layers_at_the_same_steps(calibration):
+    """Twelve SAEs of 32 steps cost more than one of 128 (the same optimiser steps x width): each SAE reads
+    and encodes its init sample twice and writes its checkpoints and copy; and collection's pooled vectors
+    grow with the stored layers at the same tokens. Notebook 03's TrainConfig is taken as it is."""
+    many = TrainConfig(expansion=2, train_tokens=2048, batch_size=64, checkpoint_every=8)
+    one = TrainConfig(expansion=8, train_tokens=3 * 2048, batch_size=3 * 64, checkpoint_every=8)
+    twelve = plan.plan_sae_training(SMALL, calibration, "cpu", n_saes=12, train=many, stored_tokens=5000)
+    single = plan.plan_sae_training(SMALL, calibration, "cpu", n_saes=1, train=one, stored_tokens=5000)
+    steps = 12 * 12 * 576 * 1152 * 2048
+    assert steps == 12 * 576 * 4608 * 6144  # the same training FLOPs
+    assert twelve.work["flops"] - steps == 3 * (single.work["flops"] - steps)  # 12 x a quarter as wide
+    assert twelve.counted_seconds > 1.5 * single.counted_seconds, (twelve.work, single.work)
+    checkpointed = dataclasses.replace(plan.SaeRun(2, 2048, 64), checkpoint_every=4)
+    often = plan.plan_sae_training(
+        SMALL, calibration, "cpu", n_saes=1, train=checkpointed, stored_tokens=5000
+    )
+    rarely = plan.plan_sae_training(
+        SMALL, calibration, "cpu", n_saes=1, train=plan.SaeRun(2, 2048, 64, 32), stored_tokens=5000
+    )
+    assert often.work["bytes_read"] - rarely.work["bytes_read"] == 7 * 3 * often.work["disk_bytes"]
+
+    records = [{"prompt_token_ids": [1] * 30, "completion_token_ids": [2] * 16} for _ in range(44)]
+    two = plan.plan_collection(SMALL, calibration, "cpu", records=records, batch_size=8, n_layers_stored=2)
+    one_layer = plan.plan_collection(
+        SMALL, calibration, "cpu", records=records, batch_size=8, n_layers_stored=1
+    )
+    assert two.work["ops"] - one_layer.work["ops"] == 44 * plan.POOLED_OPS + 6 * 20  # + 6 batches
