@@ -192,11 +192,11 @@ def fit_line(points: list[tuple[float, float]]) -> Line | None:
     return Line(fixed, slope, len(points), distinct)
 
 
-COUNTS_VERSION = 3
+COUNTS_VERSION = 4
 """Bumped whenever the counting of a step's work changes: runs recorded under other counts are dropped from
 the calibration file (their fixed parts, slopes and RAM extras were measured against other counts). 3: SAE
 training counts each SAE's init sample, calibration, checkpoints and saved copy; collection counts its
-pooled vectors per completion and layer."""
+pooled vectors per completion and layer. 4: the corpus forward runs only to the deepest stored layer."""
 KEEP_RUNS = 8
 
 
@@ -498,20 +498,23 @@ def _forward_work(
     batch_tokens: float,
     stored_layers: int,
     stored_tokens: float,
+    layers_run: int,
     act: int,
 ) -> Work:
-    """A forward pass over `tokens` in batches of `batch_tokens`, storing `stored_tokens` per layer in fp16
+    """A forward pass over `tokens` in batches of `batch_tokens` through the first `layers_run` decoder
+    layers (the capture stops after the deepest layer it reads), storing `stored_tokens` per layer in fp16
     shards of up to 65,536 tokens (one shard buffered in fp32 per layer)."""
     batches = math.ceil(tokens / max(batch_tokens, 1))
     d = model.d_model
+    depth = min(max(layers_run, 1), model.n_layers) / max(model.n_layers, 1)
     return Work(
-        flops=2 * model.n_params * tokens,
-        bytes_read=batches * model.n_params * act,
+        flops=2 * model.n_params * depth * tokens,
+        bytes_read=batches * model.n_params * depth * act,
         device_bytes=batch_tokens * d * act * 8,  # the capture stops at the last layer: no logits
         host_bytes=stored_layers * min(stored_tokens, 65_536) * d * 4 * 2,
         disk_bytes=stored_layers * stored_tokens * d * 2,
         fp16=act == 2,
-        ops=batches * (OPS_PER_LAYER * model.n_layers + 20 * stored_layers),
+        ops=batches * (OPS_PER_LAYER * depth * model.n_layers + 20 * stored_layers),
     )
 
 
@@ -535,7 +538,8 @@ def plan_collection(
     tokens, batch_tokens = n_completions * length, max(1, batch_size) * length
     lower = {"time": "N_PER_PROMPT or MAX_NEW_TOKENS", "gpu": "BATCH_SIZE", "ram": "BATCH_SIZE"}
     lower["disk"] = "LAYERS or MAX_NEW_TOKENS"
-    forward = (tokens, batch_tokens, n_layers_stored, stored)
+    # The pooled sweep layers reach the model's last layers: the forward runs through all of them.
+    forward = (tokens, batch_tokens, n_layers_stored, stored, model.n_layers)
     here, t4 = _forward_works(model, forward)
     # Per completion and pooled layer (the stored ones and up to `POOLED_SWEEP_LAYERS` more): its mean, last
     # and prompt-last vectors, the fp16 rounding and the store's append, each a few small ops.
@@ -554,13 +558,16 @@ def plan_corpus(
     seq_len: int,
     batch_size: int,
     n_layers_stored: int,
+    deepest_layer: int | None = None,
 ) -> Plan:
-    """A forward pass over `tokens` of the corpus in sequences of `seq_len`, every token stored per layer."""
+    """A forward pass over `tokens` of the corpus in sequences of `seq_len`, every token stored per layer;
+    the forward stops after `deepest_layer` (the deepest stored layer, 0-based; None: runs them all)."""
     _positive(tokens=tokens, seq_len=seq_len)
     batch_tokens = max(1, batch_size) * seq_len
     lower = {"time": "CORPUS_TOKENS", "gpu": "BATCH_SIZE or CORPUS_SEQ_LEN", "ram": "BATCH_SIZE"}
     lower["disk"] = "CORPUS_TOKENS (or 0, and CORPUS_STREAM in notebook 03)"
-    forward = (tokens, batch_tokens, n_layers_stored, tokens)
+    layers_run = model.n_layers if deepest_layer is None else deepest_layer + 1
+    forward = (tokens, batch_tokens, n_layers_stored, tokens, layers_run)
     return _forward_plan("corpus", model, calibration, device, forward, lower)
 
 
@@ -570,9 +577,10 @@ POOLED_OPS = 12
 """Small ops per completion and pooled layer: slicing, mean, last, prompt-last, fp16 rounding, the append."""
 
 
-def _forward_works(model: ModelNumbers, forward: tuple[float, float, int, float]) -> tuple[Work, Work]:
+def _forward_works(model: ModelNumbers, forward: tuple[float, float, int, float, int]) -> tuple[Work, Work]:
     """The work of forward passes storing activations: `forward` = (tokens, tokens per batch, layers
-    stored, tokens stored per layer), here at the model's dtype and on a T4 at its activation size."""
+    stored, tokens stored per layer, decoder layers run), here at the model's dtype and on a T4 at its
+    activation size."""
     t4_act = 4 if model.family == "nanochat" else 2
     return _forward_work(model, *forward, model.bytes_per_param), _forward_work(model, *forward, t4_act)
 
@@ -582,7 +590,7 @@ def _forward_plan(
     model: ModelNumbers,
     calibration: Calibration,
     device: str,
-    forward: tuple[float, float, int, float],
+    forward: tuple[float, float, int, float, int],
     lower: dict[str, str],
 ) -> Plan:
     """The plan of a step that is forward passes storing activations (`_forward_works`)."""

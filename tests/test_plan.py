@@ -240,3 +240,13 @@ def test_counted_work_grows_with_the_saes_and_the_pooled_layers_at_the_same_step
         SMALL, calibration, "cpu", records=records, batch_size=8, n_layers_stored=1
     )
     assert two.work["ops"] - one_layer.work["ops"] == 44 * plan.POOLED_OPS + 6 * 20  # + 6 batches
+
+
+def test_the_corpus_forward_is_counted_to_the_deepest_stored_layer_only(calibration):
+    """The capture stops after the deepest layer it stores: a corpus stored at layer 6 of 30 runs 7 layers."""
+    args = dict(tokens=4096, seq_len=64, batch_size=8, n_layers_stored=2)
+    shallow = plan.plan_corpus(SMALL, calibration, "cpu", **args, deepest_layer=6)
+    full = plan.plan_corpus(SMALL, calibration, "cpu", **args)
+    assert shallow.work["flops"] == pytest.approx(full.work["flops"] * 7 / 30)
+    assert shallow.counted_seconds < 0.3 * full.counted_seconds
+    assert full.work == plan.plan_corpus(SMALL, calibration, "cpu", **args, deepest_layer=29).work
