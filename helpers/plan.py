@@ -192,11 +192,12 @@ def fit_line(points: list[tuple[float, float]]) -> Line | None:
     return Line(fixed, slope, len(points), distinct)
 
 
-COUNTS_VERSION = 4
+COUNTS_VERSION = 5
 """Bumped whenever the counting of a step's work changes: runs recorded under other counts are dropped from
 the calibration file (their fixed parts, slopes and RAM extras were measured against other counts). 3: SAE
 training counts each SAE's init sample, calibration, checkpoints and saved copy; collection counts its
-pooled vectors per completion and layer. 4: the corpus forward runs only to the deepest stored layer."""
+pooled vectors per completion and layer. 4: the corpus forward runs only to the deepest stored layer. 5:
+sampling prefills each distinct prompt once."""
 KEEP_RUNS = 8
 
 
@@ -456,12 +457,15 @@ def plan_sampling(
     prompt_tokens: float,
     new_tokens: int,
     batch_size: int,
+    n_per_prompt: int = 1,
 ) -> Plan:
     """Sampling `n_completions` answers of `new_tokens` in batches: every decoding step reads each weight
-    once and does 2 FLOPs per weight per sequence; the prompt is read once (prefill)."""
+    once and does 2 FLOPs per weight per sequence; each distinct prompt is read once (prefill: the
+    `n_per_prompt` answers of a prompt share it)."""
     _positive(n_completions=n_completions, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
     batch_size = max(1, min(batch_size, max(n_completions, 1)))
     batches = math.ceil(n_completions / batch_size)
+    prefilled = math.ceil(n_completions / max(n_per_prompt, 1)) * prompt_tokens
 
     def work(m_bytes: int, act: int) -> Work:
         length = prompt_tokens + new_tokens
@@ -469,7 +473,7 @@ def plan_sampling(
         logits = 2 * batch_size * model.vocab * 4
         prefill = batch_size * prompt_tokens * model.d_model * 4 * 8  # residual, attention, 4x MLP
         return Work(
-            flops=2 * model.n_params * n_completions * length,
+            flops=2 * model.n_params * (prefilled + n_completions * new_tokens),
             bytes_read=batches * (new_tokens + 1) * m_bytes,
             device_bytes=kv + logits + prefill,
             host_bytes=n_completions * length * 64,  # token ids and text of the records

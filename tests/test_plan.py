@@ -250,3 +250,13 @@ def test_the_corpus_forward_is_counted_to_the_deepest_stored_layer_only(calibrat
     assert shallow.work["flops"] == pytest.approx(full.work["flops"] * 7 / 30)
     assert shallow.counted_seconds < 0.3 * full.counted_seconds
     assert full.work == plan.plan_corpus(SMALL, calibration, "cpu", **args, deepest_layer=29).work
+
+
+def test_answers_of_one_prompt_share_its_prefill(calibration):
+    """Two answers per prompt prefill each prompt once: 44 answers of 22 prompts count 22 prompts' tokens."""
+    args = dict(n_completions=44, prompt_tokens=56, new_tokens=16, batch_size=16)
+    shared = plan.plan_sampling(SMALL, calibration, "cpu", **args, n_per_prompt=2)
+    alone = plan.plan_sampling(SMALL, calibration, "cpu", **args)
+    assert shared.work["flops"] == 2 * SMALL.n_params * (22 * 56 + 44 * 16)
+    assert alone.work["flops"] - shared.work["flops"] == 2 * SMALL.n_params * 22 * 56
+    assert shared.work["bytes_read"] == alone.work["bytes_read"]  # the same decoding steps
