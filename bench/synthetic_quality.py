@@ -183,10 +183,13 @@ def compare(
     """Both trainers at `lr` on the same batches; with `control`, both SAEs also scored before any step."""
     d_in, d_sae = args.hidden, args.features
     k = round(true_l0, 1)
+    # the BatchTopK family takes a fractional k (a batch's k × batch_size pairs), as SAELens's does: both get
+    # the same k; TopK needs a whole k (SAELens's int(k)), as do the L0 targets of the others
+    batch_k = arch in ("batchtopk", "matryoshka_batchtopk")
     cfg = TrainConfig(
         architecture=arch,
         expansion=d_sae // d_in,
-        l0=max(1, round(true_l0)),
+        l0=k if batch_k else max(1, round(true_l0)),
         train_tokens=args.tokens,
         batch_size=args.batch_size,
         lr=lr,
