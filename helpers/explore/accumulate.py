@@ -73,25 +73,6 @@ class TopPerFeature:
         self._kept = 0
         self._device_threshold: torch.Tensor | None = None
 
-    def add(
-        self,
-        feature: np.ndarray | torch.Tensor,
-        score: np.ndarray | torch.Tensor,
-        value: np.ndarray | torch.Tensor,
-        doc: np.ndarray | torch.Tensor,
-        pos: np.ndarray | torch.Tensor,
-        windows: Callable[[Any], Any],
-        extra: Callable[[Any], Any] | None = None,
-    ) -> None:
-        """Offer entries; `windows(idx)` returns the [len(idx), width] windows of the entries `idx` that
-        pass the feature's current threshold (only those are cut), `extra(idx)` their [len(idx),
-        extra_width] extra columns (required when the accumulator was made with extra_width > 0).
-
-        The entries are numpy arrays (idx is then a numpy array), or torch tensors on one device (idx is
-        a tensor there, and the callables may return tensors there): the threshold test and the cutting
-        run on that device and only the entries that pass come to the host, where they are kept."""
-        self.keep(self.select(feature, score, value, doc, pos, windows, extra))
-
     def select(
         self,
         feature: np.ndarray | torch.Tensor,
@@ -102,10 +83,17 @@ class TopPerFeature:
         windows: Callable[[Any], Any],
         extra: Callable[[Any], Any] | None = None,
     ) -> tuple[np.ndarray, ...] | None:
-        """The first half of `add`: the entries that pass, with their windows and extra columns, on the
-        host (None when none does), without keeping them. All the device work happens here, so a pass
-        whose device runs out of memory in it keeps nothing of the batch and can redo it (`keep`
-        then adds them)."""
+        """Offer entries: the ones that pass their feature's current threshold, with their windows and
+        extra columns, on the host (None when none does), without keeping them (`keep` keeps them).
+        `windows(idx)` returns the [len(idx), width] windows of the entries `idx` that pass (only those
+        are cut), `extra(idx)` their [len(idx), extra_width] extra columns (required when the accumulator
+        was made with extra_width > 0).
+
+        The entries are numpy arrays (idx is then a numpy array), or torch tensors on one device (idx is
+        a tensor there, and the callables may return tensors there): the threshold test and the cutting
+        run on that device and only the entries that pass come to the host. All the device work happens
+        here, so a pass whose device runs out of memory in it keeps nothing of the batch and can redo
+        it."""
         if self.extra_width and extra is None:
             raise ValueError(
                 f"this accumulator keeps {self.extra_width} extra columns per entry: pass extra="
@@ -124,7 +112,7 @@ class TopPerFeature:
         return (*part, _host(windows(idx)), ex)
 
     def keep(self, part: tuple[np.ndarray, ...] | None) -> None:
-        """The second half of `add`: keep what `select` returned (host work only)."""
+        """Keep what `select` returned (host work only)."""
         if part is None:
             return
         self._parts.append(part)

@@ -236,7 +236,7 @@ def _window_cutter(
     last: torch.Tensor,
     offsets: torch.Tensor,
 ):
-    """`windows(idx)` for `TopPerFeature.add`: the activations of feature f[idx] on the rows around r[idx]
+    """`windows(idx)` for `TopPerFeature.select`: the activations of feature f[idx] on the rows around r[idx]
     ([len(idx), width] on the activations' device), nan outside rows first[r] .. last[r] - 1 (the token's
     document). Every argument is a tensor on the device of `acts`."""
 
@@ -251,7 +251,7 @@ def _window_cutter(
 
 
 def _cofiring(n_rows: int, r: torch.Tensor, f: torch.Tensor, v: torch.Tensor, m: int):
-    """`extra(idx)` for `TopPerFeature.add`: the `m` strongest features firing on row r[idx] ([len(idx), m]
+    """`extra(idx)` for `TopPerFeature.select`: the `m` strongest features firing on row r[idx] ([len(idx), m]
     feature ids, -1 where fewer fire), from the batch's nonzero activations (r, f, v) in COO form on their
     device; the table of every row's top m is made once per batch, only when asked for (two stable sorts
     of the nonzeros, no pass over the dense activations; ties: the lower feature id first)."""

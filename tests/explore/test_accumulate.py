@@ -56,7 +56,7 @@ def test_top_per_feature_matches_brute_force(distinct, tensors):
     for f, v, d, p in stream(1):
         # the window of an entry encodes where it came from, to check each entry keeps its own window
         fv = [torch.from_numpy(a) for a in (f, v, d, p)] if tensors else [f, v, d, p]
-        acc.add(
+        part = acc.select(
             fv[0],
             fv[1],
             fv[1],
@@ -65,6 +65,7 @@ def test_top_per_feature_matches_brute_force(distinct, tensors):
             lambda idx, d=fv[2], p=fv[3]: lib.stack([d[idx], p[idx], d[idx] * 0], 1) * 1.0,
             lambda idx, d=fv[2], p=fv[3]: lib.stack([p[idx], d[idx]], 1),
         )
+        acc.keep(part)
         parts.append((f, v, d, p, np.arange(count, count + len(f))))
         count += len(f)
     entries = tuple(np.concatenate(x) for x in zip(*parts, strict=True))
@@ -93,7 +94,7 @@ def test_random_keys_give_a_uniform_sample():
         acc = TopPerFeature(1, k, width=1, distinct_docs=False, budget=4)
         for start in range(0, n, 7):
             idx = np.arange(start, min(start + 7, n))
-            acc.add(
+            part = acc.select(
                 np.zeros(len(idx), np.int64),
                 rng.random(len(idx)).astype(np.float32),
                 idx.astype(np.float32),
@@ -101,6 +102,7 @@ def test_random_keys_give_a_uniform_sample():
                 idx,
                 lambda i: np.zeros((len(i), 1), np.float32),
             )
+            acc.keep(part)
         hits[acc.result().value.astype(int)] += 1
     assert np.allclose(hits / reps, k / n, atol=0.04), hits / reps
 
