@@ -18,7 +18,11 @@ How a plan is made:
   use the line `fixed + slope × counted` fitted on them (`fit_line`): once runs of two sizes are kept, the
   fixed part is measured and a plan carries to other sizes; before that, a plain ratio. The first plan on
   new hardware uses the counted time alone, and says so. Process CPU time is predicted too: on a machine
-  shared with other work it is the fairer figure (their load stretches wall time, not CPU time).
+  shared with other work it is the fairer figure (their load stretches wall time more than CPU time).
+- Load is not modelled: on a busy machine (load average above `BUSY` per core) steps ran up to ~10x slower
+  than at low load, in wall and CPU time alike (bench/planner.py on a shared 2-core CPU, load 2-5). A run measured on
+  a busy machine is kept with its load and left out of the line while quiet runs of the step exist, and a
+  plan made on a busy machine says that its times are for a quiet one.
 - Peak memory here = what this process uses now (RSS; CUDA memory allocated) + the weights it has mapped
   from disk and not read yet (safetensors are memory-mapped; their pages join RSS at the first forward) +
   what the step adds. On a T4 the weights sit in GPU memory at the T4's dtype (fp16, fp32 for nanochat),
@@ -199,6 +203,13 @@ training counts each SAE's init sample, calibration, checkpoints and saved copy;
 pooled vectors per completion and layer. 4: the corpus forward runs only to the deepest stored layer. 5:
 sampling prefills each distinct prompt once."""
 KEEP_RUNS = 8
+BUSY = 1.5
+"""Load average per core above which the machine counts as busy (other processes share the CPU)."""
+
+
+def busy(load: float | None) -> bool:
+    """Whether a 1-minute load average means other work shares this machine's cores."""
+    return load is not None and load > BUSY * (os.cpu_count() or 1)
 
 
 @dataclass
@@ -213,8 +224,11 @@ class Calibration:
     measured_now: bool = False
 
     def line(self, step: str, measured: str = "seconds") -> Line | None:
-        """The fit of `measured` ("seconds": wall time, "cpu_seconds": process CPU time) on counted time."""
-        return fit_line([(r["counted"], r.get(measured)) for r in self.runs.get(step) or []])
+        """The fit of `measured` ("seconds": wall time, "cpu_seconds": process CPU time) on counted time,
+        over the runs measured on a quiet machine when there are any (`busy`)."""
+        runs = self.runs.get(step) or []
+        runs = [r for r in runs if not busy(r.get("load"))] or runs
+        return fit_line([(r["counted"], r.get(measured)) for r in runs])
 
     def extra_ram(self, step: str) -> float:
         got = [r["ram_extra_gb"] for r in self.runs.get(step) or [] if r.get("ram_extra_gb") is not None]
@@ -352,7 +366,10 @@ class Plan:
     work: dict[str, float]
     cpu_seconds: float | None = None
     """This process's CPU time (all its threads) from the line fitted on earlier runs here; None before one:
-    on a shared machine the fairer figure, since other processes stretch the wall time, not this."""
+    on a shared machine the fairer figure, since other processes stretch the wall time more than this."""
+    load: float | None = None
+    """The machine's 1-minute load average when the plan was made; above `BUSY` per core the plan says that
+    its times are for a quiet machine."""
 
     def fits_t4(self) -> bool:
         return not self.warnings
@@ -368,6 +385,11 @@ class Plan:
             f"RAM {t4['ram_gb']:.2f} GB, disk {t4['disk_gb']:.3g} GB",
         ]
         lines += [f"  WARNING: {w}" for w in self.warnings]
+        if busy(self.load):
+            lines.append(
+                f"  NOTE: this machine is busy (load average {self.load:g} on {os.cpu_count()} cores): the "
+                "times are for a quiet machine; other work sharing the CPU can make a step several times slower"
+            )
         return "\n".join(lines)
 
 
@@ -437,9 +459,11 @@ def make_plan(
     planned_ram = ram + calibration.extra_ram(step)
     disk = work.disk_bytes / 1e9
     cpu = cpu_line(counted) if cpu_line else None
-    return Plan(
+    plan = Plan(
         step, seconds, counted, planned_ram, gpu, disk, on_t4, ram, lower, warnings, note, counts, cpu
     )
+    plan.load = _load_average()
+    return plan
 
 
 def _positive(**values: float) -> None:
@@ -906,7 +930,8 @@ class Watch:
         }
         update_run_json(self.run_dir, plans={p.step: record})
         if p.counted_seconds > 0:  # a step with nothing to do (every SAE done earlier) teaches nothing
-            run = {"counted": p.counted_seconds, "seconds": seconds, "cpu_seconds": cpu_seconds}
+            load = max((x for x in record["load_average"] if x is not None), default=None)
+            run = {"counted": p.counted_seconds, "seconds": seconds, "cpu_seconds": cpu_seconds, "load": load}
             learn(self.calibration, p.step, run | {"ram_extra_gb": peak_gb - p.counted_ram_gb})
         if not quiet:
             ratio = {k: f", x{v:.2f}" for k, v in record["ratio"].items()}

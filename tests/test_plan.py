@@ -130,6 +130,7 @@ def test_a_watched_step_records_predicted_and_measured_in_run_json(tmp_path, cal
     (run,) = calibration.runs["corpus"]
     assert run["seconds"] == pytest.approx(kept["measured"]["seconds"], rel=1e-3)
     assert run["counted"] == pytest.approx(p.counted_seconds, rel=1e-3)
+    assert run["load"] == max(x for x in kept["load_average"] if x is not None)
     assert run["ram_extra_gb"] == pytest.approx(kept["measured"]["ram_gb"] - p.counted_ram_gb, abs=1e-3)
 
 
@@ -260,3 +261,23 @@ def test_answers_of_one_prompt_share_its_prefill(calibration):
     assert shared.work["flops"] == 2 * SMALL.n_params * (22 * 56 + 44 * 16)
     assert alone.work["flops"] - shared.work["flops"] == 2 * SMALL.n_params * 22 * 56
     assert shared.work["bytes_read"] == alone.work["bytes_read"]  # the same decoding steps
+
+
+def test_runs_on_a_busy_machine_are_left_out_of_the_line_and_a_busy_plan_says_so(calibration, monkeypatch):
+    cores = plan.os.cpu_count()
+    quiet, loaded = 0.5 * cores, 3.0 * cores
+    runs = [(1.0, 2.0, quiet), (1.1, 2.2, quiet)] + [(1.0, 20.0, loaded)] * 3
+    for counted, seconds, load in runs:
+        plan.learn(calibration, "probes", {"counted": counted, "seconds": seconds, "load": load})
+    assert calibration.line("probes").slope == pytest.approx(2.0)  # the busy runs (x20) are left out
+    assert calibration.line("probes").runs == 2
+    only_busy = plan.Calibration(calibration.rates, "other", calibration.path)
+    plan.learn(only_busy, "probes", {"counted": 1.0, "seconds": 20.0, "load": loaded})
+    assert only_busy.line("probes").slope == pytest.approx(20.0)  # no quiet run: the busy one is all there is
+
+    stats = plan.ProbeStats(n_folds=5, n_permutations=99, n_bootstrap=200, feature_permutations=499)
+    args = dict(n_completions=200, n_layers=1, sae_widths=[2304], stats=stats)
+    monkeypatch.setattr(plan, "_load_average", lambda: loaded)
+    assert "this machine is busy" in str(plan.plan_probes(SMALL, calibration, "cpu", **args))
+    monkeypatch.setattr(plan, "_load_average", lambda: quiet)
+    assert "busy" not in str(plan.plan_probes(SMALL, calibration, "cpu", **args))
