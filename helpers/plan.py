@@ -20,9 +20,9 @@ How a plan is made:
   new hardware uses the counted time alone, and says so. Process CPU time is predicted too: on a machine
   shared with other work it is the fairer figure (their load stretches wall time more than CPU time).
 - Load is not modelled: on a busy machine (load average above `BUSY` per core) steps ran up to ~10x slower
-  than at low load, in wall and CPU time alike (bench/planner.py on a shared 2-core CPU, load 2-5). A run measured on
-  a busy machine is kept with its load and left out of the line while quiet runs of the step exist, and a
-  plan made on a busy machine says that its times are for a quiet one.
+  than at low load, in wall and CPU time alike (bench/planner.py on a shared 2-core CPU, load 2-5). A run
+  measured on a busy machine is kept with its load and left out of the line while quiet runs of the step
+  exist, and a plan made on a busy machine says that its times are for a quiet one.
 - Peak memory here = what this process uses now (RSS; CUDA memory allocated) + the weights it has mapped
   from disk and not read yet (safetensors are memory-mapped; their pages join RSS at the first forward) +
   what the step adds. On a T4 the weights sit in GPU memory at the T4's dtype (fp16, fp32 for nanochat),
@@ -388,7 +388,8 @@ class Plan:
         if busy(self.load):
             lines.append(
                 f"  NOTE: this machine is busy (load average {self.load:g} on {os.cpu_count()} cores): the "
-                "times are for a quiet machine; other work sharing the CPU can make a step several times slower"
+                "times are for a quiet machine; other work sharing the CPU can make a step several times "
+                "slower"
             )
         return "\n".join(lines)
 
