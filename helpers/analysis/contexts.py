@@ -21,9 +21,9 @@ only: the label never chooses an example and is never shown to the explainer (DE
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from helpers.model.protocols import EncodingSAE, HookableModel, Tokenizer
 
 OPEN, CLOSE = "<<", ">>"
 KINDS = ("activating", "non_activating", "hard_negative")
+T = TypeVar("T")
 
 
 @dataclass
@@ -130,10 +131,11 @@ class EncodedChunks:
 
     CUDA out of memory: when encoding a run fails, the batch halves (`env.smaller_after_oom`, down to
     `MIN_BATCH_TOKENS`, then an error naming `setting`) and the stream goes on from that run's first
-    document, cut at the new size. A consumer whose own work on a run ran out of memory calls
-    `smaller(error)` before asking for the next one: it gets that run's documents again, at half the
-    size. A document's activations do not depend on the batch size (exactly so on the CPU, where the
-    tests check it; a GPU's matmul kernels may round one ulp differently per size), so a consumer that
+    document, cut at the new size. A consumer does its own device work on a run through `attempt`,
+    all of it before it keeps anything of the run: when that runs out of memory, the batch halves too,
+    the consumer keeps nothing and asks for the next run, which is that run's documents again. A
+    document's activations do not depend on the batch size (exactly so on the CPU, where the tests
+    check it; a GPU's matmul kernels may round one ulp differently per size), so a consumer that
     keeps nothing of a failed run gets the results of a pass that never failed."""
 
     def __init__(
@@ -171,6 +173,19 @@ class EncodedChunks:
             fix=OOM_FIX,
         )
         self._redo = True
+
+    def attempt(self, work: Callable[..., T], *args: Any) -> T | None:
+        """`work(*args)`: the consumer's device work on the run just given, all of it before anything of
+        the run is kept (`work` must not return None). When CUDA runs out of memory in it: the batch
+        halves (`smaller`, called once the exception, `work`'s frame and the tensors they hold are gone)
+        and None is returned: the consumer keeps nothing of the run, undoes what it drew for it (random
+        keys) and goes on to the next run, which gives this run's documents again."""
+        try:
+            return work(*args)
+        except torch.cuda.OutOfMemoryError as e:
+            error = str(e)  # the traceback, and the tensors its frames hold, go with `e`
+        self.smaller(error)
+        return None
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x.to(self.device, non_blocking=self.device.type == "cuda")
@@ -314,10 +329,14 @@ def build_contexts(
     # Per-feature generators: a feature's examples depend on (seed, feature, data) only, not on the
     # other features asked for or the batch size.
     keys = [np.random.default_rng([cfg.seed, 7, f]) for f in feats]
-    for chunk, acts, pre in iter_token_acts(
-        store, sae, docs, batch_tokens=cfg.batch_tokens, setting="ContextConfig.batch_tokens"
-    ):
-        a, p = acts[:, feats].cpu().numpy(), pre[:, feats].cpu().numpy()  # [b, F]
+    setting = "ContextConfig.batch_tokens"
+    stream = EncodedChunks(store, sae, docs, cfg.batch_tokens, setting=setting)
+    for chunk, acts, pre in stream:
+        got = stream.attempt(_columns_on_host, feats, acts, pre)  # [b, F] each
+        acts = pre = None  # freed before the next batch is encoded
+        if got is None:  # CUDA ran out of memory: nothing of the batch kept, its documents come again
+            continue
+        a, p = got
         g0 = offsets[chunk[0].index]
         doc_max[[d.index for d in chunk]] = np.maximum.reduceat(
             a, np.r_[0, np.cumsum([d.n for d in chunk])[:-1]]
@@ -350,14 +369,15 @@ def build_contexts(
     # candidate example of a feature that fires somewhere in them (elsewhere it is 0 at every token).
     needed = sorted({c[2] for i, f in enumerate(feats) for c in plans[f].candidates if doc_max[c[2], i] > 0})
     doc_acts, pieces = {}, {}
-    for chunk, acts, _ in iter_token_acts(
-        store,
-        sae,
-        [docs[d] for d in needed],
-        batch_tokens=cfg.batch_tokens,
-        setting="ContextConfig.batch_tokens",
-    ):
-        a = acts[:, feats].cpu().numpy()
+    stream = EncodedChunks(
+        store, sae, [docs[d] for d in needed], cfg.batch_tokens, pre=False, setting=setting
+    )
+    for chunk, acts, _ in stream:
+        got = stream.attempt(_columns_on_host, feats, acts)
+        acts = None
+        if got is None:
+            continue
+        (a,) = got
         for d, part in zip(chunk, np.split(a, np.cumsum([c.n for c in chunk])[:-1]), strict=True):
             doc_acts[d.index] = part  # [n, F]
     for i, f in enumerate(feats):
@@ -382,6 +402,12 @@ def build_contexts(
             )
             (out[f].explain if s == 0 else out[f].score).append(ex)
     return out
+
+
+def _columns_on_host(feats: list[int], *acts: torch.Tensor) -> tuple[np.ndarray, ...]:
+    """The columns `feats` of each of `acts` [b, d_sae], as numpy arrays on the host ([b, len(feats)]
+    each): `build_contexts`'s device work on a batch (`EncodedChunks.attempt`)."""
+    return tuple(x[:, feats].cpu().numpy() for x in acts)
 
 
 def feature_activation_over_text(

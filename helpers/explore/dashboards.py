@@ -346,6 +346,21 @@ def feature_pass(
         unit_scale=True,
         desc=desc or "explorer pass",
     )
+
+    def select(acts: torch.Tensor, *rows: np.ndarray) -> tuple[Any, ...]:
+        """All of a batch's device work (`EncodedChunks.attempt`): what runs out of memory here leaves
+        nothing kept. rows: per row, the first and the end row of its document, its document, its class."""
+        first_t, last_t, doc_t, cls_t = (torch.from_numpy(a).to(device) for a in rows)
+        r, f, v = _nonzero(acts)
+        cells = cls_t[r] * n_feat + f
+        ones, v64, bins = torch.ones_like(f), v.double(), hist.cells(f, v)
+        doc, pos = doc_t[r], r - first_t[r]
+        windows = _window_cutter(acts, r, f, first_t, last_t, offsets)
+        best = top.select(f, v, v, doc, pos, windows)
+        score = torch.from_numpy(keys.random(len(f), dtype=np.float32)).to(device)
+        drawn = sample.select(f, score, v, doc, pos, windows, _cofiring(len(acts), r, f, v, m))
+        return cells, ones, f, v64, v, bins, best, drawn
+
     stream = EncodedChunks(store, sae, docs, cfg.batch_tokens, pre=False, setting=BATCH_SETTING)
     for chunk, acts, _ in stream:
         lengths = np.array([d.n for d in chunk])
@@ -353,34 +368,20 @@ def feature_pass(
         last = first + np.repeat(lengths, lengths)
         doc_of_row = np.repeat(np.array([d.index for d in chunk]), lengths)
         class_of_row = klass[doc_of_row]
-        drawn = keys.bit_generator.state
-        error = None
-        try:  # all of the batch's device work: what runs out of memory here leaves nothing kept
-            first_t, last_t, doc_t, cls_t = (
-                torch.from_numpy(a).to(device) for a in (first, last, doc_of_row, class_of_row)
-            )
-            r, f, v = _nonzero(acts)
-            cells = cls_t[r] * n_feat + f
-            ones, v64, bins = torch.ones_like(f), v.double(), hist.cells(f, v)
-            doc, pos = doc_t[r], r - first_t[r]
-            windows = _window_cutter(acts, r, f, first_t, last_t, offsets)
-            best = top.select(f, v, v, doc, pos, windows)
-            score = torch.from_numpy(keys.random(len(f), dtype=np.float32)).to(device)
-            drawn_part = sample.select(f, score, v, doc, pos, windows, _cofiring(len(acts), r, f, v, m))
-        except torch.cuda.OutOfMemoryError as e:
-            error = str(e)  # the traceback, and the tensors its frames hold, go with `e`
-        acts = windows = None  # freed before the next batch is encoded
-        if error is not None:  # redo the batch's documents at half the size, with the same random keys
-            keys.bit_generator.state = drawn
-            stream.smaller(error)
+        state = keys.bit_generator.state
+        got = stream.attempt(select, acts, first, last, doc_of_row, class_of_row)
+        acts = None  # freed before the next batch is encoded
+        if got is None:  # redo the batch's documents at half the size, with the same random keys
+            keys.bit_generator.state = state
             continue
+        cells, ones, f, v64, v, bins, best, drawn = got
         # keep it: in place on the device, and on the host
         fired.index_add_(0, cells, ones)
         act_sum.index_add_(0, f, v64)
         min_act.scatter_reduce_(0, f, v, "amin")
         hist.count(*bins)
         top.keep(best)
-        sample.keep(drawn_part)
+        sample.keep(drawn)
         n_tokens += np.bincount(class_of_row, minlength=len(CLASSES))
         bar.update(int(lengths.sum()))
     corpus_part = None
@@ -419,6 +420,20 @@ def _corpus_pass(
     min_act = torch.full((n_feat,), float("inf"), dtype=torch.float32, device=device)
     n_tokens = n_without_text = 0
     offsets = torch.arange(-cfg.before, cfg.after + 1, device=device)
+
+    def select(acts: torch.Tensor, index: list[int], *rows: np.ndarray) -> tuple[Any, ...]:
+        """All of a batch's device work, as in `feature_pass`. index: the index of each sequence of the
+        batch; rows: per row, the first and the end row of its document, its position, whether its
+        token ids are stored, its sequence in the batch."""
+        r, f, v = _nonzero(acts)
+        ones, bins = torch.ones_like(f), hist.cells(f, v)
+        first_t, last_t, pos_t, text_t, seq_t = (torch.from_numpy(a).to(device) for a in rows)
+        text = text_t[r]  # windows only where the corpus kept its token ids
+        rt, ft, vt = r[text], f[text], v[text]
+        doc = torch.tensor(index, device=device)[seq_t[rt]]
+        best = top.select(ft, vt, vt, doc, pos_t[rt], _window_cutter(acts, rt, ft, first_t, last_t, offsets))
+        return f, ones, v, bins, best
+
     stream = EncodedChunks(corpus, sae, docs, batch_tokens, pre=False, setting=BATCH_SETTING)
     for chunk, acts, _ in stream:
         lengths = np.array([d.n for d in chunk])
@@ -433,25 +448,12 @@ def _corpus_pass(
         start_rows = np.flatnonzero(starts)
         segment = np.cumsum(starts) - 1
         first, last = start_rows[segment], np.r_[start_rows[1:], len(position)][segment]
-        error = None
-        try:  # the batch's device work, as in `feature_pass`
-            r, f, v = _nonzero(acts)
-            ones, bins = torch.ones_like(f), hist.cells(f, v)
-            first_t, last_t, pos_t, text_t, seq_t = (
-                torch.from_numpy(a).to(device) for a in (first, last, position, has_text, seq_of_row)
-            )
-            text = text_t[r]  # windows only where the corpus kept its token ids
-            rt, ft, vt = r[text], f[text], v[text]
-            doc = torch.tensor([d.index for d in chunk], device=device)[seq_t[rt]]
-            best = top.select(
-                ft, vt, vt, doc, pos_t[rt], _window_cutter(acts, rt, ft, first_t, last_t, offsets)
-            )
-        except torch.cuda.OutOfMemoryError as e:
-            error = str(e)
+        index = [d.index for d in chunk]
+        got = stream.attempt(select, acts, index, first, last, position, has_text, seq_of_row)
         acts = None
-        if error is not None:
-            stream.smaller(error)
+        if got is None:
             continue
+        f, ones, v, bins, best = got
         fired.index_add_(0, f, ones)
         max_act.scatter_reduce_(0, f, v, "amax")
         min_act.scatter_reduce_(0, f, v, "amin")

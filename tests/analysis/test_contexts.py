@@ -319,6 +319,50 @@ def test_out_of_memory_halves_the_batch_and_changes_no_example(run, contexts, of
         )
 
 
+class OutOfMemoryOnCopy(torch.nn.Module):
+    """An SAE whose activations and pre-activations raise CUDA's out-of-memory error when copied to the
+    host, on the copies numbered in `fail` (from 1), as a GPU would when the slice of the asked-for
+    features no longer fits: the encode itself succeeds. `copies` records what each copy was of."""
+
+    def __init__(self, sae: torch.nn.Module, fail: set[int]):
+        super().__init__()
+        self.sae, self.d_in, self.d_sae, self.W_dec = sae, sae.d_in, sae.d_sae, sae.W_dec
+        self.copies: list[str] = []
+        self.kinds = [self._flaky(kind, fail) for kind in ("acts", "pre")]
+
+    def _flaky(self, kind: str, fail: set[int]) -> type[torch.Tensor]:
+        copies = self.copies
+
+        class Flaky(torch.Tensor):
+            @classmethod
+            def __torch_function__(cls, func, types, args=(), kwargs=None):
+                if func is torch.Tensor.cpu:
+                    copies.append(kind)
+                    if len(copies) in fail:
+                        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected into the copy)")
+                return super().__torch_function__(func, types, args, kwargs)
+
+        return Flaky
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(t.as_subclass(k) for t, k in zip(self.sae.encode(x), self.kinds, strict=True))
+
+
+def test_out_of_memory_in_the_bookkeeping_halves_the_batch_and_changes_no_example(
+    run, contexts, offline_lm, capsys
+):
+    """The copy of the pre-activations fails after the activations' copy succeeded (first pass), then the
+    first copy of the second pass: each time the batch keeps nothing, its documents come again at half
+    the size, and the examples equal those of a pass that never failed."""
+    flaky = OutOfMemoryOnCopy(load_sae(run.sae_folder).sae, fail={4, 29})
+    cfg = ContextConfig(batch_tokens=256)
+    got = build_contexts(run.store, flaky, run.records, [PLANTED, NOISE, DEAD], offline_lm.tokenizer, cfg)
+    assert flaky.copies[2:4] == ["acts", "pre"], "the second batch's pre-activations failed"
+    assert flaky.copies[27:29] == ["pre", "acts"], "then the second pass's first batch (no pre there)"
+    assert capsys.readouterr().out.count("at 256 tokens per batch: going on at 128") == 2
+    assert {f: c.to_dict() for f, c in got.items()} == {f: c.to_dict() for f, c in contexts.items()}
+
+
 def test_marked_text_and_token_pieces(offline_lm):
     assert marked_text(["a", " b", " c", " d", " e"], [0, 1, 2, 0, 3]) == "a<< b c>> d<< e>>"
     assert marked_text(["x"], [0.0]) == "x"
