@@ -32,7 +32,8 @@ from helpers.steer.directions import check_sae_matches
 
 NO_FEATURE_FIRES = "no feature fires on this text: every feature of this SAE is 0 on all of its tokens"
 LIVE_SAMPLING = SamplingSettings(temperature=0.0, max_new_tokens=48, seed=0, batch_size=1)
-"""`track_generation`'s sampling defaults: greedy, short answers, one at a time."""
+"""The explorer's sampling defaults (`track_generation`, and `panel.explorer_panel` for all its tabs):
+greedy, short answers, one at a time."""
 
 
 @dataclass

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from helpers.collect.sampling import SamplingSettings
-from helpers.explore.live import analyse_text, answer_acts, track_generation
+from helpers.explore.live import LIVE_SAMPLING, analyse_text, answer_acts, track_generation
 from helpers.explore.meter import DeceptionMeter, fit_meter
 from helpers.explore.site import COMPLETE, DATA, read_page, read_table, sae_info
 from helpers.explore.views import (
@@ -65,8 +65,6 @@ def parse_features(text: str) -> list[int] | None:
     return [int(p.lstrip("#")) for p in parts] or None
 
 
-EXPLORER_SAMPLING = SamplingSettings(temperature=0.0, max_new_tokens=48, seed=0, batch_size=1)
-"""The explorer's sampling defaults: greedy, short answers, one at a time."""
 _FULL = {"description_width": "initial"}
 
 
@@ -278,12 +276,12 @@ def explorer_panel(
     *,
     sae_id: str | None = None,
     prompt: str = "Did you eat the last cookie?",
-    sampling: SamplingSettings = EXPLORER_SAMPLING,
+    sampling: SamplingSettings = LIVE_SAMPLING,
     **overrides: Any,
 ) -> Any:
     """The panel as an ipywidgets VBox (make it a cell's last line). Needs `build_explorer` first.
 
-    `sampling` (default `EXPLORER_SAMPLING`: greedy, 48 new tokens, seed 0), or any of its fields as
+    `sampling` (default `live.LIVE_SAMPLING`: greedy, 48 new tokens, seed 0), or any of its fields as
     keywords (`max_new_tokens=32`), sets how the steering, analyser and live tabs generate."""
     import ipywidgets as w
 
