@@ -161,9 +161,9 @@ class EncodedChunks:
         self._redo = False
 
     def smaller(self, error: str) -> None:
-        """The consumer ran out of CUDA memory on the run just given (`error`: CUDA's message, taken
-        after the exception is gone, so the tensors its traceback held are freed): the batch halves and
-        the next run starts at that run's first document."""
+        """CUDA ran out of memory on the run just given, in the encoder or in the consumer's `attempt`
+        (`error`: CUDA's message, taken after the exception is gone, so the tensors its traceback held
+        are freed): the batch halves and the next run starts at that run's first document."""
         self.batch_tokens = smaller_after_oom(
             self.batch_tokens,
             floor=MIN_BATCH_TOKENS,
