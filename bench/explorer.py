@@ -66,7 +66,7 @@ sys.path.insert(0, str(ROOT))
 
 import helpers  # noqa: E402
 from bench.peak_memory import PeakMemory  # noqa: E402
-from helpers.analysis.contexts import ContextConfig, build_contexts, docs_for, iter_token_acts  # noqa: E402
+from helpers.analysis.contexts import ContextConfig, EncodedChunks, build_contexts, docs_for  # noqa: E402
 from helpers.collect.completions import read_completions, write_completions  # noqa: E402
 from helpers.collect.store import ActivationWriter, LayerStore  # noqa: E402
 from helpers.explore.dashboards import ExplorerConfig, build_dashboards, feature_pass  # noqa: E402
@@ -194,7 +194,7 @@ def peers(store: LayerStore, sae, tokenizer, records: list, cfg: ExplorerConfig,
     sub_records = [r for r in records if r["id"] in ids]
 
     def bare() -> None:
-        for _ in iter_token_acts(store, sae, sub, batch_tokens=cfg.batch_tokens):
+        for _ in EncodedChunks(store, sae, sub, cfg.batch_tokens):
             pass
 
     times: dict[str, list[float]] = {"bare_encoder_pass": [], "explorer_pass": []}

@@ -228,21 +228,6 @@ class EncodedChunks:
                 rows.close()
 
 
-def iter_token_acts(
-    store: LayerStore,
-    sae: EncodingSAE,
-    docs: Sequence[Doc],
-    *,
-    batch_tokens: int = 1024,
-    setting: str = "batch_tokens",
-) -> Iterator[tuple[list[Doc], torch.Tensor, torch.Tensor | None]]:
-    """(docs, acts, pre) per chunk of whole completions, in `docs` order: acts and pre-activations
-    [sum of the docs' n, d_sae] float32 on the SAE's device, completion tokens only (`EncodedChunks`:
-    read ahead, and the batch halves when CUDA runs out of memory; `setting` names the batch size in the
-    error when it cannot)."""
-    return iter(EncodedChunks(store, sae, docs, batch_tokens, setting=setting))
-
-
 def token_pieces(tokenizer: Tokenizer, ids: Sequence[int], context: int = 8) -> list[str]:
     """The text each token adds, decoded with up to `context` tokens before it: byte-level tokens that
     split a character decode to "" until the token that completes it."""

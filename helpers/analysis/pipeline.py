@@ -41,11 +41,11 @@ from helpers.analysis.autointerp import autointerp
 from helpers.analysis.contexts import (
     ContextConfig,
     Doc,
+    EncodedChunks,
     FeatureContexts,
     build_contexts,
     check_sae_fits,
     docs_for,
-    iter_token_acts,
 )
 from helpers.analysis.detection import (
     CONTROL_FPR,
@@ -221,6 +221,24 @@ def reserved_rows(
     return keep, {"rows": "analysis split: groups no SAE trained on", "analysis_split": split}
 
 
+def _pool(
+    chunk: list[Doc], acts: torch.Tensor, pooling: Pooling, top_m: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One run of whole completions' device work: (pooled [len(chunk), d_sae], per-token firing [n, d_sae]
+    bool), both on the host."""
+    if top_m is not None:
+        top = torch.topk(acts, min(top_m, acts.shape[1]), dim=1)
+        acts = torch.zeros_like(acts).scatter_(1, top.indices, top.values)
+    lengths = torch.tensor([d.n for d in chunk], device=acts.device)
+    if pooling == "mean":
+        seg = torch.repeat_interleave(torch.arange(len(chunk), device=acts.device), lengths)
+        pooled = torch.zeros(len(chunk), acts.shape[1], device=acts.device).index_add_(0, seg, acts)
+        pooled /= lengths[:, None]
+    else:
+        pooled = acts[lengths.cumsum(0) - 1]
+    return pooled.cpu().numpy(), (acts > 0).cpu().numpy()
+
+
 def _pooled_sae_acts(
     store: LayerStore,
     sae: EncodingSAE,
@@ -229,25 +247,23 @@ def _pooled_sae_acts(
     out: np.ndarray,
     batch_tokens: int,
     top_m: int | None = None,
-) -> Iterator[torch.Tensor]:
+) -> Iterator[np.ndarray]:
     """Fills out [n_docs, d_sae] with each completion's SAE activations pooled over its tokens, and
-    yields every batch's per-token activations [n, d_sae] (for token statistics) on the way. With
-    `top_m`, each token's activations are first cut to its m largest (SAEs compared at one L0)."""
+    yields every batch's per-token firing [n, d_sae] (bool, on the host: for token statistics) on the way.
+    With `top_m`, each token's activations are first cut to its m largest (SAEs compared at one L0). CUDA
+    out of memory, in the encoder or in the pooling: the batch halves and the run is done again, nothing of
+    it kept (`EncodedChunks.attempt`)."""
     row = 0
-    for chunk, acts, _ in iter_token_acts(store, sae, docs, batch_tokens=batch_tokens):
-        if top_m is not None:
-            top = torch.topk(acts, min(top_m, acts.shape[1]), dim=1)
-            acts = torch.zeros_like(acts).scatter_(1, top.indices, top.values)
-        lengths = torch.tensor([d.n for d in chunk], device=acts.device)
-        if pooling == "mean":
-            seg = torch.repeat_interleave(torch.arange(len(chunk), device=acts.device), lengths)
-            pooled = torch.zeros(len(chunk), acts.shape[1], device=acts.device).index_add_(0, seg, acts)
-            pooled /= lengths[:, None]
-        else:
-            pooled = acts[lengths.cumsum(0) - 1]
-        out[row : row + len(chunk)] = pooled.cpu().numpy()
+    stream = EncodedChunks(store, sae, docs, batch_tokens, pre=False)
+    for chunk, acts, _ in stream:
+        got = stream.attempt(_pool, chunk, acts, pooling, top_m)
+        del acts
+        if got is None:
+            continue
+        pooled, fired = got
+        out[row : row + len(chunk)] = pooled
         row += len(chunk)
-        yield acts
+        yield fired
 
 
 def sae_completion_acts(

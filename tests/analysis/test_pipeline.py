@@ -38,7 +38,7 @@ from helpers.run import atomic_write_json, datasets_path, pooled_path, read_prob
 from helpers.run import read_jsonl as read_features_jsonl
 from helpers.saes import JumpReLUSAE
 from helpers.saes.io import load_sae, save_sae
-from tests.analysis.test_contexts import LAYER, PLANTED, make_run
+from tests.analysis.test_contexts import LAYER, PLANTED, OutOfMemoryOnCopy, make_run
 from tests.fake_gemini import fake_gemini_server, json_reply
 
 fake_gemini = pytest.fixture(fake_gemini_server, name="fake_gemini")
@@ -118,6 +118,20 @@ def test_sae_features_are_the_mean_of_per_token_activations(run):
     np.testing.assert_allclose(
         sae_completion_acts(store, sae, docs, batch_tokens=50, top_m=1), np.stack(cut), atol=1e-6
     )
+
+
+def test_out_of_memory_in_the_pooling_halves_the_batch_and_changes_no_feature(run, capsys):
+    """CUDA runs out of memory copying a batch's pooled features to the host (the encode succeeded): the
+    batch keeps nothing, its completions come again at half the size, and the features equal a pass that
+    never failed."""
+    store = LayerStore(run.dir, LAYER)
+    docs = docs_for(store, run.records)
+    sae = load_sae(run.sae_folder).sae
+    flaky = OutOfMemoryOnCopy(sae, fail={3, 8})
+    want = sae_completion_acts(store, sae, docs, batch_tokens=200, top_m=2)
+    got = sae_completion_acts(store, flaky, docs, batch_tokens=200, top_m=2)
+    np.testing.assert_array_equal(got, want)
+    assert len(flaky.copies) > 8 and capsys.readouterr().out.count("going on at") == 2
 
 
 def test_the_planted_feature_ranks_first_and_the_file_is_resumed(run, offline_lm, capsys):
