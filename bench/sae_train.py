@@ -130,16 +130,26 @@ class SAELensTrainer:
     """SAELens 6.x's `SAETrainer`, fed our batches (already at its input scale) and stepped exactly as its
     `fit()` loop does, configured as its most careful user would (see the module docstring)."""
 
-    def __init__(self, cfg: TrainConfig, b_dec: torch.Tensor, *, device: str, autocast: bool, l1: float):
+    def __init__(self, cfg: TrainConfig, b_dec: torch.Tensor, x0: torch.Tensor, args, *, autocast: bool):
         """SAELens's SAE for `cfg`'s architecture, k (or target L0) and width, b_dec starting at `b_dec`
-        (at its input scale), its dead-latent window at ours (`cfg.dead_after` tokens, in steps)."""
-        d_in = len(b_dec)
+        (at its input scale), its dead-latent window at ours (`cfg.dead_after` tokens, in steps); JumpReLU
+        as `saelens_setup.add_jumprelu_flags` says (`x0`: the init tokens at its scale)."""
+        d_in, device = len(b_dec), args.device
         # TopK/BatchTopK: its sparse path where it applies (fp32, no autocast); bench/saelens_setup.py
         sae = saelens_setup.training_sae(
-            cfg.architecture, d_in, cfg.expansion * d_in, cfg.l0, l1=l1, device=device, sparse=not autocast
+            cfg.architecture,
+            d_in,
+            cfg.expansion * d_in,
+            cfg.l0,
+            l1=args.l1,
+            device=device,
+            sparse=not autocast,
+            jumprelu=saelens_setup.jumprelu_settings(args),
         )
         with torch.no_grad():  # start where ours starts (its own default is zeros)
             sae.b_dec.copy_(b_dec)
+        if cfg.architecture == "jumprelu":
+            saelens_setup.set_jumprelu_threshold(sae, args, x0.to(device))
         self.dead_window = max(1, cfg.dead_after // cfg.batch_size)
         self.trainer = saelens_setup.trainer(
             sae, cfg, device=device, autocast=autocast, dead_window_steps=self.dead_window
@@ -216,7 +226,7 @@ def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path)
     ours = our_run(ours_cfg, x0, device)
     scale, lens_scale = ours.scale, saelens_setup.saelens_scale(x0)
     b_dec = geometric_median(x0.to(device) * lens_scale)
-    lens = SAELensTrainer(cfg, b_dec, device=device, autocast=precision == "bf16", l1=args.l1)
+    lens = SAELensTrainer(cfg, b_dec, x0 * lens_scale, args, autocast=precision == "bf16")
     W = torch.randn(d_in, cfg.expansion * d_in, device=device) / d_in**0.5
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     data = stream(train, cfg.batch_size, args.seed)
@@ -281,6 +291,7 @@ def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path)
             "dead_feature_window_steps": lens.dead_window,
             "normalize": "mean norm sqrt(d_in)",
             "b_dec_init": "geometric median of the first tokens (as ours)",
+            **(jumprelu_record(lens.trainer.sae.cfg) if arch == "jumprelu" else {}),
         },
         "matmul_gflop_per_s": {w: round(r / 1e9, 1) for w, r in rate.items()},
         "speedup": round(seconds["saelens"] / seconds["ours"], 2),
@@ -295,6 +306,14 @@ def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path)
             flops * cfg.total_steps / seconds["ours"] / rate["ours"], 3
         )
     return out
+
+
+def jumprelu_record(sae_cfg) -> dict:
+    """The settings SAELens's JumpReLU trained with (its config's names)."""
+    names = ("jumprelu_init_threshold", "jumprelu_bandwidth", "jumprelu_ste_to_input", "l0_coefficient")
+    return {"jumprelu_sparsity_loss_mode": sae_cfg.jumprelu_sparsity_loss_mode} | {
+        n: getattr(sae_cfg, n) for n in names
+    }
 
 
 def targets(results: dict) -> dict:
@@ -400,6 +419,7 @@ def main() -> None:
         "--auxk-coef", type=float, default=None, help="ablation: our TopK/BatchTopK AuxK coefficient"
     )
     saelens_setup.add_class_ablation_flags(p)
+    saelens_setup.add_jumprelu_flags(p)
     p.add_argument(
         "--ours-coef-rate",
         type=float,

@@ -70,6 +70,46 @@ def apply_class_ablations(args) -> None:
                 setattr(sae_class(arch), name, value)
 
 
+def add_jumprelu_flags(parser) -> None:
+    """Both benches' settings of SAELens's JumpReLU (`jumprelu_settings`, `set_jumprelu_threshold`)."""
+    parser.add_argument(
+        "--saelens-jumprelu-ste-to-input",
+        type=int,
+        choices=[0, 1],
+        default=1,
+        help="SAELens's jumprelu_ste_to_input (1: Anthropic's setup, the L0 term's gradient reaches the "
+        "encoder; 0: its default, DeepMind's, thresholds only)",
+    )
+    parser.add_argument(
+        "--saelens-jumprelu-init-threshold",
+        default="l0",
+        help="SAELens's jumprelu_init_threshold: a number (its default is 0.01), or 'l0': where its "
+        "initial encoder fires the target L0 on the init tokens",
+    )
+
+
+def jumprelu_settings(args) -> dict:
+    """The `JumpReLUTrainingSAEConfig` fields `add_jumprelu_flags` sets before training (`training_sae`'s
+    `jumprelu`); a threshold of 'l0' is set afterwards by `set_jumprelu_threshold`."""
+    out = {"jumprelu_ste_to_input": bool(args.saelens_jumprelu_ste_to_input)}
+    if args.saelens_jumprelu_init_threshold != "l0":
+        out["jumprelu_init_threshold"] = float(args.saelens_jumprelu_init_threshold)
+    return out
+
+
+@torch.no_grad()
+def set_jumprelu_threshold(sae, args, x: torch.Tensor) -> float:
+    """With `--saelens-jumprelu-init-threshold l0`, start every threshold of SAELens's JumpReLU `sae` (b_dec
+    already set) where its initial encoder fires `cfg.target_l0` latents per token of x (at its input
+    scale), and record it as its `jumprelu_init_threshold`. Returns the threshold."""
+    if args.saelens_jumprelu_init_threshold == "l0":
+        pre = sae.encode_with_hidden_pre(x)[1].flatten()
+        above = round(len(x) * sae.cfg.target_l0)  # pre-activations above the threshold
+        sae.threshold.fill_(float(pre.kthvalue(len(pre) - above).values))
+        sae.cfg.jumprelu_init_threshold = float(sae.threshold[0])
+    return float(sae.threshold[0])
+
+
 def saelens_scale(x0: torch.Tensor) -> float:
     """SAELens's `expected_average_only_in` factor: mean norm -> sqrt(d_in) (activation_scaler.py l. 90)."""
     return x0.shape[1] ** 0.5 / float(x0.norm(dim=1).mean())
@@ -85,9 +125,11 @@ def training_sae(
     device: str = "cpu",
     sparse: bool = True,
     widths: list[int] | None = None,
+    jumprelu: dict | None = None,
 ):
     """SAELens's training SAE standing in for our `arch` (k or target L0 `l0`; `l1` for standard and
-    Gated; `widths` for Matryoshka); `sparse` puts the TopK family on its sparse path."""
+    Gated; `widths` for Matryoshka); `sparse` puts the TopK family on its sparse path; `jumprelu`: fields of
+    its `JumpReLUTrainingSAEConfig` beyond the mode and target (default: its own defaults)."""
     import sae_lens
 
     common = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": device}
@@ -104,7 +146,7 @@ def training_sae(
         ),
         "jumprelu": lambda: sae_lens.JumpReLUTrainingSAE(
             sae_lens.JumpReLUTrainingSAEConfig(
-                jumprelu_sparsity_loss_mode="quadratic", target_l0=l0, **common
+                jumprelu_sparsity_loss_mode="quadratic", target_l0=l0, **(jumprelu or {}), **common
             )
         ),
         "standard": lambda: sae_lens.StandardTrainingSAE(
