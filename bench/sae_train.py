@@ -25,7 +25,10 @@ fp32 without autocast as its docstring asks for that path; its dead-latent windo
 (`dead_feature_window`, default 1000 steps, longer than the run, so its AuxK never acted) set to the
 tokens ours uses (`TrainConfig.dead_after`, 1/20 of the run); b_dec starting at the geometric median of
 the same first tokens (at its scale) instead of zeros; JumpReLU in its L0-targeting ("quadratic") mode
-with its defaults (threshold 0.01, bandwidth 0.05, meant for its sqrt(d_in) scale); the standard SAE
+with its bandwidth default (0.05), the L0 term's gradient reaching its encoder (Anthropic's setup) and its
+thresholds starting at the target L0 (`bench/saelens_setup.py`: with its defaults its L0 does not settle
+in a run this short; `--saelens-jumprelu-ste-to-input 0 --saelens-jumprelu-init-threshold 0.01` gives them
+back); the standard SAE
 with `--l1` (SAELens's `l1_coefficient`). Steps are timed in alternating chunks (SAELens, ours, a plain
 matmul of the encoder's shape), so a machine whose load changes (other jobs on a shared CPU) slows all
 alike. SAELens is driven through its `SAETrainer.step` exactly as its `fit()` does, on an iterator of
