@@ -127,7 +127,9 @@ class SAELensRun:
 
     def __init__(self, arch: str, d_in: int, d_sae: int, k: float, cfg: TrainConfig, args, widths: list[int]):
         # TopK family on SAELens's sparse path (fp32, no autocast); bench/saelens_setup.py
-        self.sae = saelens_setup.training_sae(arch, d_in, d_sae, k, l1=args.l1, widths=widths)
+        self.sae = saelens_setup.training_sae(
+            arch, d_in, d_sae, k, l1=args.l1, widths=widths, jumprelu=saelens_setup.jumprelu_settings(args)
+        )
         if args.saelens_bdec is not None:  # sensitivity check: SAELens with our b_dec initialisation
             with torch.no_grad():
                 self.sae.b_dec.copy_(args.saelens_bdec)
@@ -208,6 +210,8 @@ def compare(
     careful = args.saelens_median_init or args.saelens_careful
     args.saelens_bdec = geometric_median(init * lens_scale) if careful else None
     theirs = SAELensRun(arch, d_in, d_sae, k, cfg, args, widths)
+    if arch == "jumprelu":  # its thresholds as `--saelens-jumprelu-init-threshold` says
+        saelens_setup.set_jumprelu_threshold(theirs.sae, args, init * lens_scale)
     untrained = {}
     if control:  # both SAEs before any step (a world that leaks into an initialisation scores high here)
         theirs.sae.save_inference_model(tmp / f"saelens_{arch}_untrained")
@@ -335,6 +339,7 @@ def main() -> None:
     )
     p.add_argument("--ours-grad-clip", type=float, default=None, help="ablation: our TrainConfig.grad_clip")
     saelens_setup.add_class_ablation_flags(p)
+    saelens_setup.add_jumprelu_flags(p)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -375,6 +380,10 @@ def main() -> None:
         "saelens_dead_feature_window": "train tokens / 20 (as ours)"
         if args.saelens_careful
         else "1000 steps (its default)",
+        "saelens_jumprelu": {
+            "ste_to_input": args.saelens_jumprelu_ste_to_input,
+            "init_threshold": args.saelens_jumprelu_init_threshold,
+        },
         "world": {
             "features": args.features,
             "hidden": args.hidden,
