@@ -83,8 +83,10 @@ def batch_topk(pre: Tensor, n_select: int, sample_rows: int = 64) -> Pattern:
     2024; the caller ReLUs the values), ties broken arbitrarily. A top-k over all n·d_sae entries is slow
     on a CPU (~4x a per-row top-k), so a threshold a little below the answer is estimated from the top
     1.5·n_select/n of `sample_rows` evenly spaced rows; the entries above it (about 1.5·n_select, found by
-    one comparison) hold the exact answer, picked by a small top-k. Should the estimate be too high (fewer
-    than n_select entries above it), the full top-k runs instead: the result is exact either way."""
+    one comparison, in row-major order) hold the exact answer: those at or above their n_select-th largest,
+    kept in that order, so the pattern needs no sort (a tie at that cut is broken by a top-k and sorted).
+    Should the estimate be too high (fewer than n_select entries above it), the full top-k runs instead: the
+    result is exact either way."""
     n, d = pre.shape
     flat = pre.reshape(-1)
     n_select = min(n_select, flat.numel())
@@ -92,8 +94,13 @@ def batch_topk(pre: Tensor, n_select: int, sample_rows: int = 64) -> Pattern:
     k_sample = min(sample.numel(), int(sample.numel() * n_select / flat.numel() * 1.5) + 16)
     threshold = sample.topk(k_sample, sorted=False).values.min()
     idx = (flat >= threshold).nonzero().squeeze(1)  # row-major candidates
-    if len(idx) >= n_select:
-        top = idx[flat[idx].topk(n_select, sorted=False).indices]
+    if len(idx) >= n_select > 0:
+        values = flat.index_select(0, idx)
+        keep = values >= values.topk(n_select, sorted=False).values.min()  # at least the n_select largest
+        if int(keep.sum()) == n_select:  # no tie at the cut: these are the answer, still in row-major order
+            top = idx[keep]
+            return Pattern(torch.div(top, d, rounding_mode="floor"), top % d, n, d)
+        top = idx[values.topk(n_select, sorted=False).indices]  # a tie at the cut: break it arbitrarily
     else:
         top = flat.topk(n_select, sorted=False).indices
     return Pattern.from_pairs(torch.div(top, d, rounding_mode="floor"), top % d, n, d)

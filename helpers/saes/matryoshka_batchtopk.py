@@ -17,6 +17,7 @@ BatchTopK, as a `jumprelu` with the inference threshold θ in every latent.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from helpers.saes.batchtopk import BatchTopKSAE
@@ -54,17 +55,23 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
                 f"matryoshka_widths must increase strictly within 1..d_sae={d_sae}, got {matryoshka_widths}"
             )
         self.widths = widths
+        # group g holds latents widths[g-1] .. widths[g] - 1 (a buffer, so it moves with the SAE; not saved)
+        self.register_buffer("widths_tensor", torch.tensor(widths), persistent=False)
 
     def reconstruction_loss(self, x: Tensor, acts: Tensor, p: Pattern) -> tuple[Tensor, Tensor, dict]:
-        """Σ over prefixes of the prefix's MSE; x_hat is the full width's reconstruction."""
-        x_hat, loss, terms, start = self.b_dec.expand_as(x), 0.0, {}, 0
-        for width in self.widths:
-            in_group = (p.col >= start) & (p.col < width)
-            x_hat = x_hat + sparse_decode(acts[in_group], self.W_dec, p.subset(in_group))
+        """Σ over prefixes of the prefix's MSE; x_hat is the full width's reconstruction. One sparse decode
+        of every (token, group) bag (a row's pairs are sorted by latent, so a group's are contiguous) gives
+        each group's part; the prefixes add them up in order."""
+        n, groups = len(x), len(self.widths)
+        group = torch.bucketize(p.col, self.widths_tensor, right=True)
+        bags = Pattern(p.row * groups + group, p.col, n * groups, p.n_cols)
+        parts = sparse_decode(acts, self.W_dec, bags).view(n, groups, -1).unbind(1)
+        x_hat, loss, terms = self.b_dec.expand_as(x), 0.0, {}
+        for width, part in zip(self.widths, parts, strict=True):
+            x_hat = x_hat + part
             mse = recon_loss(x_hat, x)
             loss = loss + mse
             terms[f"mse_{width}"] = mse.detach()
-            start = width
         terms["mse"] = terms.pop(f"mse_{self.d_sae}")
         return loss, x_hat, terms
 
