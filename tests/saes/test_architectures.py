@@ -122,6 +122,19 @@ def test_batch_topk_selects_exactly_the_batchs_largest(skewed):
         assert bool(((p.row * 512 + p.col).diff() > 0).all()), "row-major, latents sorted within a row"
 
 
+def test_batch_topk_breaks_a_tie_at_the_cut_and_keeps_exactly_n_select():
+    """Values on a coarse grid tie at the cut: still exactly n_select pairs, none smaller than a pair left
+    out, in CSR order."""
+    pre = (2 * torch.randn(64, 512, generator=torch.Generator().manual_seed(0))).round()
+    flat = pre.reshape(-1)
+    for n_select in (100, 64 * 8):
+        p = kernels.batch_topk(pre, n_select)
+        chosen = p.row * 512 + p.col
+        left_out = torch.ones(flat.numel(), dtype=torch.bool).index_fill_(0, chosen, False)
+        assert len(chosen) == n_select and flat[chosen].min() >= flat[left_out].max()
+        assert bool((chosen.diff() > 0).all()), "row-major, latents sorted within a row"
+
+
 @pytest.mark.parametrize("arch", ["batchtopk", "matryoshka_batchtopk"])
 def test_batchtopk_threshold_reproduces_the_batch_selection(arch, acts):
     """θ after one step is that batch's smallest selected activation, so the JumpReLU that is saved fires on
