@@ -22,6 +22,14 @@ Outputs in the run folder (DESIGN.md §3):
   notebook 04 (signal against depth). They cost the forward pass to the deepest of them and
   3 x d_model float32 per completion and layer.
 
+CUDA out of memory in a batch (the forward pass or the copies to the host, which all come before anything
+of the batch is written) halves the batch (`oom.ShrinkingBatches`, down to one completion, then an error
+naming `batch_size`); the batch's completions go through the model again at the smaller size, and the
+run goes on at that size, so the batches from the failed one on are those of a run started at that
+size: on the CPU the files equal that run's (tested). A completion is right-padded to the longest of its
+batch, so against a run at the larger size a vector may round differently in the last bit (on a GPU
+also from the kernels a batch shape picks), before the float16 rounding.
+
 Resume: completions already in every layer's store and pooled file are skipped; pooled rows of
 completions that were stored but not yet pooled (a disconnect between a shard and the pooled file) take
 their mean and last from the store, so a run that was interrupted ends with the same files as one that
@@ -41,6 +49,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
+from helpers.collect.oom import ShrinkingBatches
 from helpers.collect.packing import pad_batch
 from helpers.collect.sampling import Completion
 from helpers.collect.store import FP16_MAX, ActivationWriter, LayerStore, check_finite_tokens
@@ -53,6 +62,10 @@ POOLED = ("mean", "last", "prompt_last")
 """The vectors of a pooled file, each [n_completions, d_model] (module doc)."""
 SWEEP_MAX_LAYERS = 16
 """`default_sweep_layers` pools every layer up to this depth, and about this many layers beyond it."""
+CAPTURE_OOM_FIX = (
+    "pool fewer sweep layers (sweep_layers=None pools only the stored layers), store fewer layers, or "
+    "use a GPU with more memory"
+)
 
 
 def default_sweep_layers(n_layers: int) -> list[int]:
@@ -84,7 +97,8 @@ def collect_activations(
 
     `completions` are `Completion`s or their `to_dict()` rows (from completions.jsonl). Completions with
     no tokens are listed under "empty" and store nothing. Non-finite activations raise the store's
-    error, which names the completion, token and dimension.
+    error, which names the completion, token and dimension. CUDA out of memory in a batch halves
+    `batch_size` and redoes the batch (module notes).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -117,31 +131,29 @@ def collect_activations(
         skipped = sum(1 for r in rows if r.completion) - len(todo)
         # Similar lengths share a batch, so little of each forward pass is spent on padding.
         todo.sort(key=lambda r: len(r.prompt) + len(r.completion))
+        batches = ShrinkingBatches(
+            batch_size,
+            what="completions per forward pass",
+            setting="collect_activations' batch_size (notebook 02: BATCH_SIZE, halved)",
+            fix=CAPTURE_OOM_FIX,
+        )
+
+        def forward(batch: list[_Row]) -> dict:
+            return _batch_vectors(model, names, batch, pad_id, include_prompt, set(writers))
+
         with tqdm(total=len(todo), desc="collecting activations", unit="completion") as bar:
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start : start + batch_size]
-                ids, mask = pad_batch([r.prompt + r.completion for r in batch], pad_id, model.device)
-                # Right padding keeps every real token at its unpadded position (0, 1, ...), and causal
-                # attention never lets a real token see the pads after it. {name: [b, width, d_model]}
-                acts = run_with_capture(
-                    model, list(names.values()), stop_early=True, input_ids=ids, attention_mask=mask
-                )
-                for layer, name in names.items():
-                    stored = _as_stored(acts[name], batch, include_prompt)
-                    prompt_last = _prompt_last(acts[name], batch)
-                    writer = writers.get(layer)
-                    for b, (row, (first, vectors)) in enumerate(zip(batch, stored, strict=True)):
-                        completion = vectors[len(row.prompt) - first :]  # [n_tokens, d_model]
-                        pooled = {"prompt_last": prompt_last[b]}
-                        if writer is None or row.id not in writer.done_ids:
-                            pooled |= {"mean": completion.mean(0), "last": completion[-1].clone()}
-                        if writer is not None and row.id not in writer.done_ids:
-                            writer.add(row.id, vectors, first_position=first)
-                            tokens_stored[layer] += len(vectors)
-                        elif writer is None:
-                            check_finite_tokens(completion.numpy(), row.id)  # no store to refuse it
-                        fresh[layer][row.id] = pooled
-                bar.update(len(batch))
+            try:
+                for batch, host in batches.run(todo, forward):
+                    _keep(batch, host, writers, fresh, tokens_stored)
+                    bar.update(len(batch))
+            except torch.cuda.OutOfMemoryError:
+                # Even one completion did not fit. Keep what the finished batches gave (nothing of the
+                # failed one was written), so that a rerun with other settings goes on after them.
+                for writer in writers.values():
+                    writer.flush()
+                for layer in all_layers:
+                    _write_pooled(run_dir, layer, [r for r in rows if r.id in fresh[layer]], fresh[layer])
+                raise
     pooled = {layer: _write_pooled(run_dir, layer, rows, fresh[layer]) for layer in all_layers}
     return {
         "layers": layers,
@@ -154,6 +166,59 @@ def collect_activations(
         "pooled_rows": pooled,
         "include_prompt": include_prompt,
     }
+
+
+def _batch_vectors(
+    model: torch.nn.Module,
+    names: dict[int, str],
+    batch: list[_Row],
+    pad_id: int,
+    include_prompt: bool,
+    stored_layers: set[int],
+) -> dict[int, tuple[list[tuple[int, torch.Tensor]], list[dict[str, torch.Tensor]]]]:
+    """All of a batch's device work, nothing written: one forward pass, then per layer of `names`
+    `(stored, pooled)` on the host. `stored`: per row, (first stored position, its vectors as the store
+    will keep them) at `stored_layers`, [] elsewhere. `pooled`: per row, {"prompt_last"}, and at the
+    layers not stored its "mean" and "last" too (stored layers pool when they store, unless an earlier
+    run stored the completion: then mean and last come from the store). The device tensors are this
+    frame's, so they are freed with it when CUDA runs out of memory."""
+    ids, mask = pad_batch([r.prompt + r.completion for r in batch], pad_id, model.device)
+    # Right padding keeps every real token at its unpadded position (0, 1, ...), and causal attention
+    # never lets a real token see the pads after it. {name: [b, width, d_model]}
+    acts = run_with_capture(model, list(names.values()), stop_early=True, input_ids=ids, attention_mask=mask)
+    out = {}
+    for layer, name in names.items():
+        stored = _as_stored(acts[name], batch, include_prompt)
+        pooled = [{"prompt_last": v} for v in _prompt_last(acts[name], batch)]
+        if layer not in stored_layers:
+            for row, (first, vectors), pool in zip(batch, stored, pooled, strict=True):
+                completion = vectors[len(row.prompt) - first :]  # [n_tokens, d_model]
+                check_finite_tokens(completion.numpy(), row.id)  # no store to refuse it
+                pool |= {"mean": completion.mean(0), "last": completion[-1].clone()}
+            stored = []  # pooled only: its per-token vectors are not kept
+        out[layer] = (stored, pooled)
+    return out
+
+
+def _keep(
+    batch: list[_Row],
+    host: dict[int, tuple[list[tuple[int, torch.Tensor]], list[dict[str, torch.Tensor]]]],
+    writers: dict[int, ActivationWriter],
+    fresh: dict[int, dict[str, dict[str, torch.Tensor]]],
+    tokens_stored: dict[int, int],
+) -> None:
+    """A batch's vectors (`_batch_vectors`) into the writers of the stored layers (the completions they
+    lack, pooled as stored) and every layer's pooled rows in `fresh`."""
+    for layer, (stored, pooled) in host.items():
+        writer = writers.get(layer)
+        for b, row in enumerate(batch):
+            if writer is not None and row.id not in writer.done_ids:
+                first, vectors = stored[b]
+                completion = vectors[len(row.prompt) - first :]  # [n_tokens, d_model]
+                pooled[b] |= {"mean": completion.mean(0), "last": completion[-1].clone()}
+                writer.add(row.id, vectors, first_position=first)
+                tokens_stored[layer] += len(vectors)
+            fresh[layer][row.id] = pooled[b]
 
 
 def _pooled_ids(run_dir: str | os.PathLike, layer: int) -> set[str]:

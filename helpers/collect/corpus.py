@@ -21,9 +21,14 @@ residual activations, either stored in the run folder or streamed straight into 
 activation store's shard format (one entry per sequence, with the token id and position of every row,
 so the explorer can show corpus text), resumes after a disconnect (stored sequences
 are skipped without a forward pass), estimates the disk it needs before starting, and records its
-settings in run.json. `CorpusStream` instead feeds training from a bounded in-RAM shuffle buffer filled
-by forward passes (as SAELens's activation store does), for budgets beyond a free Drive: 2M tokens ×
-2048 dims × 3 layers is 24 GB in float16. A fixed ~5% of sequences (`is_heldout`) is held out from
+settings in run.json. When CUDA runs out of memory in a forward pass (or the copies to the host, all
+done before anything of the batch is written), the batch halves (`oom.ShrinkingBatches`, down to one
+sequence, then an error naming `CorpusReading.batch_size`) and its sequences go through the model again
+at the smaller size, as do all after them: the store then holds what a run started at that size would
+(on the CPU exactly, tested; on a GPU a batch shape may round a vector differently in the last bit).
+`CorpusStream` instead feeds training from a bounded in-RAM shuffle buffer filled by forward passes (as
+SAELens's activation store does), for budgets beyond a free Drive: 2M tokens × 2048 dims × 3 layers is
+24 GB in float16. A fixed ~5% of sequences (`is_heldout`) is held out from
 training on either path, for evaluation.
 """
 
@@ -52,6 +57,7 @@ from helpers.collect.documents import (
     iter_documents,
     resolve_corpus,
 )
+from helpers.collect.oom import ShrinkingBatches
 from helpers.collect.packing import (
     SKIP_FIRST,
     Packing,
@@ -109,6 +115,10 @@ __all__ = [  # the documents and packing names stay importable from here, where 
     "stream_factory",
 ]
 MASSIVE_RATIO = 20.0
+CORPUS_OOM_FIX = (
+    "lower CorpusReading.seq_len (notebook 02: CORPUS_SEQ_LEN), store fewer layers, or use a GPU with "
+    "more memory"
+)
 
 
 # --- reading ---------------------------------------------------------------------------------------------
@@ -120,7 +130,7 @@ class CorpusReading:
     seq_len: int = 256
     """Tokens per packed sequence (`packing.Packing`)."""
     batch_size: int = 16
-    """Sequences per forward pass."""
+    """Sequences per forward pass; halved when CUDA runs out of memory (notebook 02: BATCH_SIZE, halved)."""
     text_column: str | None = None
     """The column holding the text; None finds one (`documents.TEXT_COLUMNS`, `CHAT_COLUMNS`)."""
     token: str | None = None
@@ -234,23 +244,39 @@ def collect_corpus(
         bar = stack.enter_context(
             tqdm(total=max_tokens, initial=min(have, budget), desc="corpus", unit="tok")
         )
-        index, batch, exhausted = 0, [], True
         warned: set[int] = set()  # layers already warned of a massive activation in this collection
-        for ids in seqs:
-            if have >= budget:
-                exhausted = False
-                break
-            index += 1
-            if sequence_id(index - 1) in done:
-                continue
-            batch.append((sequence_id(index - 1), ids))
-            if len(batch) == batch_size:
-                have = _store_batch(model, names, layers, writers, batch, packing, stored, warned)
+        index, exhausted = 0, True
+
+        def todo() -> Iterator[tuple[str, list[int]]]:
+            """The sequences not stored yet, read as the batches need them, until the budget is met."""
+            nonlocal index, exhausted
+            for ids in seqs:
+                if have >= budget:
+                    exhausted = False
+                    return
+                index += 1
+                if sequence_id(index - 1) not in done:
+                    yield sequence_id(index - 1), ids
+
+        def forward(batch: list[tuple[str, list[int]]]) -> tuple[list[torch.Tensor], dict]:
+            return _batch_vectors(model, names, layers, batch, packing, warned)
+
+        batches = ShrinkingBatches(
+            batch_size,
+            what="sequences per forward pass",
+            setting="CorpusReading.batch_size (notebook 02: BATCH_SIZE, halved)",
+            fix=CORPUS_OOM_FIX,
+        )
+        try:
+            for batch, (positions, rows) in batches.run(todo(), forward):
+                have = _write_batch(writers, batch, positions, rows, stored)
                 bar.update(min(have, budget) - bar.n)
-                batch = []
-        if batch and have < budget:
-            have = _store_batch(model, names, layers, writers, batch, packing, stored, warned)
-            bar.update(min(have, budget) - bar.n)
+        except torch.cuda.OutOfMemoryError:
+            # Even one sequence did not fit. Keep what the finished batches gave (nothing of the failed
+            # one was written), so that a rerun with other settings goes on after them.
+            for writer in writers.values():
+                writer.flush()
+            raise
     if exhausted and max_tokens is not None and have < max_tokens:
         print(
             f"the corpus ran out: {have:,} of the {max_tokens:,} tokens asked for were collected; "
@@ -270,25 +296,36 @@ def collect_corpus(
     }
 
 
-def _store_batch(
-    model, names, layers, writers, batch, packing: Packing, stored: dict[int, int], warned: set[int]
-) -> int:
-    """One forward pass over `batch` [(id, token ids)]; kept positions go to each layer's writer.
-    Returns the smallest per-layer token count stored so far."""
+def _batch_vectors(
+    model, names, layers, batch, packing: Packing, warned: set[int]
+) -> tuple[list[torch.Tensor], dict[int, tuple[torch.Tensor, ...]]]:
+    """All of a batch's device work, nothing written: one forward pass over `batch` [(id, token ids)];
+    returns the kept positions of each sequence and, per layer, each sequence's kept rows as the store
+    keeps them, on the host. The device tensors are this frame's, so they are freed with it when CUDA
+    runs out of memory."""
     ids, mask = pad_batch([s for _, s in batch], packing.separator, model.device)
     keep = packing.keep(ids) & mask.bool()
     acts = run_with_capture(model, names, stop_early=True, input_ids=ids, attention_mask=mask)
     keep_cpu = keep.cpu()
-    kept = [(s, keep_cpu[i].nonzero()[:, 0]) for i, (_, s) in enumerate(batch)]  # positions kept per sequence
+    positions = [keep_cpu[i].nonzero()[:, 0] for i in range(len(batch))]  # positions kept per sequence
+    counts = [len(pos) for pos in positions]
+    rows = {}
     for layer, name in zip(layers, names, strict=True):
         h = acts[name][keep]  # [n_kept, d_model], rows in (sequence, position) order
         _warn_if_massive(h, layer, warned)
         h = (h.half() if h.abs().max() < FP16_MAX else h.float()).cpu()  # the store's float16, made on device
-        counts = [len(pos) for _, pos in kept]
-        for (sid, _), rows, (seq, pos) in zip(batch, h.split(counts), kept, strict=True):
-            if rows.shape[0] and sid not in writers[layer].done_ids:
-                writers[layer].add(sid, rows, token_ids=[seq[p] for p in pos.tolist()], positions=pos)
-                stored[layer] += rows.shape[0]
+        rows[layer] = h.split(counts)
+    return positions, rows
+
+
+def _write_batch(writers, batch, positions, rows, stored: dict[int, int]) -> int:
+    """Each layer's kept rows of `batch` (`_batch_vectors`) to its writer, the sequences it lacks;
+    returns the smallest per-layer token count stored so far."""
+    for layer, per_sequence in rows.items():
+        for (sid, seq), vectors, pos in zip(batch, per_sequence, positions, strict=True):
+            if vectors.shape[0] and sid not in writers[layer].done_ids:
+                writers[layer].add(sid, vectors, token_ids=[seq[p] for p in pos.tolist()], positions=pos)
+                stored[layer] += vectors.shape[0]
     return min(stored.values())
 
 
@@ -365,7 +402,10 @@ class CorpusStream:
     The stream is deterministic given `seed`; a resumed run (`batches(start=...)`) skips the text earlier
     steps consumed, counted in kept tokens, without forward passes, but refills its buffer: it is not
     bitwise identical to an uninterrupted run, unlike training from a stored corpus. `reading` (default
-    `CorpusReading()`), or its fields as keywords, says how the corpus is read.
+    `CorpusReading()`), or its fields as keywords, says how the corpus is read. CUDA out of memory in a
+    forward pass halves the passes (down to one sequence, then an error naming `batch_size`) and redoes
+    the failed one's sequences; the buffer fills with the same vectors (on a GPU, to the rounding another
+    batch shape may bring).
     """
 
     def __init__(
@@ -386,6 +426,13 @@ class CorpusStream:
         self.packing = Packing.for_tokenizer(lm.tokenizer, reading.seq_len)
         self.files = resolve_corpus(corpus, token=reading.token)
         self.forward_batch, self.buffer_tokens = reading.batch_size, buffer_tokens
+        self.passes = ShrinkingBatches(
+            reading.batch_size,
+            what="sequences per forward pass",
+            setting="CorpusReading.batch_size (stream_factory's batch_size)",
+            fix=CORPUS_OOM_FIX,
+        )
+        """The forward passes' size: `forward_batch` until CUDA runs out of memory, then halved."""
         self.d_model = int(lm.model.config.hidden_size)
 
     def _sequences(self, heldout: bool) -> Iterator[tuple[int, list[int]]]:
@@ -408,20 +455,21 @@ class CorpusStream:
                 print(f"corpus {self.corpus} ran out after {n} training sequences: starting it again")
 
     def _vectors(self, seqs: Iterator[tuple[int, list[int]]]) -> Iterator[torch.Tensor]:
-        """[n_kept, d_model] float32 CPU per forward batch."""
+        """[n_kept, d_model] float32 CPU per `forward_batch` sequences, whatever the forward passes'
+        size (`passes`, halved after CUDA runs out of memory): the buffer fills as it would without."""
         name = hook_name(self.layer)
         model = self.lm.model
-        while True:
-            batch = [next(seqs)[1] for _ in range(self.forward_batch)]
+
+        def forward(batch: list[list[int]]) -> torch.Tensor:
             ids, mask = pad_batch(batch, self.packing.separator, model.device)
             keep = self.packing.keep(ids) & mask.bool()
-            yield (
-                run_with_capture(model, [name], stop_early=True, input_ids=ids, attention_mask=mask)[name][
-                    keep
-                ]
-                .float()
-                .cpu()
-            )
+            acts = run_with_capture(model, [name], stop_early=True, input_ids=ids, attention_mask=mask)
+            return acts[name][keep].float().cpu()
+
+        while True:
+            group = [next(seqs)[1] for _ in range(self.forward_batch)]
+            parts = [vectors for _, vectors in self.passes.run(group, forward)]
+            yield parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def batches(self, batch_size: int, seed: int = 0, start: int = 0) -> Iterator[torch.Tensor]:
         """Endless shuffled training batches [batch_size, d_model], from step `start` on."""

@@ -15,6 +15,14 @@ reasons (bench/sampling.py measures the speed side):
   call with the same seed on the same machine gives identical completions. The global torch RNG is
   neither used nor touched.
 
+When CUDA runs out of memory in a batch, the batch halves (`oom.ShrinkingBatches`, down to one
+completion, then an error naming `SamplingSettings.batch_size`): the failed batch's completions are
+sampled again from their first token at the smaller size, with fresh generators, and the run goes on at
+that size. Nothing of the failed batch was handed to `on_batch`, and nothing handed before is redone.
+By the notes above, the completions are those of a run that never failed, but for float rounding: on
+the CPU they are identical (tested); on a GPU another batch shape may round a logit differently, which
+changes a token only where it sits on a sampling boundary.
+
 Prompts are left-padded so that every row's next token lands in the same column; positions count
 real tokens only, so a padded row computes exactly what the unpadded prompt would (tested against
 `model.generate` on single prompts).
@@ -32,10 +40,15 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from helpers.collect.oom import ShrinkingBatches
 from helpers.collect.packing import pad_batch
 from helpers.model.chat import cache_kwarg, encode_chat, pad_token_id, stop_token_ids
 from helpers.model.protocols import HookableModel, Tokenizer
 from helpers.run import override_fields
+
+SAMPLING_OOM_FIX = (
+    "lower max_new_tokens (notebook 02: MAX_NEW_TOKENS), use shorter prompts, or a GPU with more memory"
+)
 
 
 @dataclass
@@ -86,7 +99,8 @@ class SamplingSettings:
     seed: int = 0
     """Each completion's generator is seeded from it, its prompt id and its sample index."""
     batch_size: int = 32
-    """Completions decoded together (does not change which tokens are drawn; see the module notes)."""
+    """Completions decoded together (does not change which tokens are drawn; see the module notes).
+    Halved when CUDA runs out of memory (notebook 02: BATCH_SIZE)."""
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -122,7 +136,8 @@ def sample_completions(
     Completions whose id is in `done_ids` are skipped (resume); `on_batch(completions)` is called after
     every batch so the caller can append them to completions.jsonl as it goes. `stop_ids` overrides
     `chat.stop_token_ids` (`[]` never stops, which the benchmark uses to force a fixed token budget).
-    Returned in prompt order, then sample index.
+    Returned in prompt order, then sample index. CUDA out of memory in a batch halves the batch and
+    samples that batch again (module notes).
     """
     if n_per_prompt < 1:
         raise ValueError(f"n_per_prompt must be at least 1, got {n_per_prompt}")
@@ -135,20 +150,29 @@ def sample_completions(
     pad_id = pad_token_id(tokenizer)
     todo = [(pid, k) for pid, _, _ in prompts for k in range(n_per_prompt) if f"{pid}#{k}" not in done_ids]
     out: list[Completion] = []
+    batches = ShrinkingBatches(
+        batch_size,
+        what="completions per batch",
+        setting="SamplingSettings.batch_size (notebook 02: BATCH_SIZE)",
+        fix=SAMPLING_OOM_FIX,
+    )
+
+    def sample(batch: list[tuple[str, int]]) -> list[tuple[list[int], bool]]:
+        # Fresh generators on every try: a failed try drew from the ones it had.
+        generators = [torch.Generator().manual_seed(completion_seed(seed, pid, k)) for pid, k in batch]
+        return generate_batch(
+            model,
+            [encoded[pid] for pid, _ in batch],
+            generators,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            stop_ids=stops,
+            pad_id=pad_id,
+        )
+
     with tqdm(total=len(todo), desc="sampling", unit="completion") as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            generators = [torch.Generator().manual_seed(completion_seed(seed, pid, k)) for pid, k in batch]
-            results = generate_batch(
-                model,
-                [encoded[pid] for pid, _ in batch],
-                generators,
-                temperature=temperature,
-                top_p=top_p,
-                max_new_tokens=max_new_tokens,
-                stop_ids=stops,
-                pad_id=pad_id,
-            )
+        for batch, results in batches.run(todo, sample):
             done = [
                 Completion(
                     id=f"{pid}#{k}",
