@@ -422,7 +422,8 @@ def main() -> None:
         "--auxk-coef", type=float, default=None, help="ablation: our TopK/BatchTopK AuxK coefficient"
     )
     saelens_setup.add_class_ablation_flags(p)
-    saelens_setup.add_jumprelu_flags(p)
+    # its best here: with its defaults its L0 does not settle in a run this short (bench/saelens_setup.py)
+    saelens_setup.add_jumprelu_flags(p, ste_to_input=1, init_threshold="l0")
     p.add_argument(
         "--ours-coef-rate",
         type=float,

@@ -77,21 +77,22 @@ def apply_class_ablations(args) -> None:
                 setattr(sae_class(arch), name, value)
 
 
-def add_jumprelu_flags(parser) -> None:
-    """Both benches' settings of SAELens's JumpReLU (`jumprelu_settings`, `set_jumprelu_threshold`)."""
+def add_jumprelu_flags(parser, *, ste_to_input: int, init_threshold: str) -> None:
+    """Both benches' settings of SAELens's JumpReLU (`jumprelu_settings`, `set_jumprelu_threshold`), with
+    the bench's defaults: its best of those tried on that bench's data."""
     parser.add_argument(
         "--saelens-jumprelu-ste-to-input",
         type=int,
         choices=[0, 1],
-        default=1,
+        default=ste_to_input,
         help="SAELens's jumprelu_ste_to_input (1: Anthropic's setup, the L0 term's gradient reaches the "
-        "encoder; 0: its default, DeepMind's, thresholds only)",
+        f"encoder; 0: its default, DeepMind's, thresholds only; default here: {ste_to_input})",
     )
     parser.add_argument(
         "--saelens-jumprelu-init-threshold",
-        default="l0",
+        default=init_threshold,
         help="SAELens's jumprelu_init_threshold: a number (its default is 0.01), or 'l0': where its "
-        "initial encoder fires the target L0 on the init tokens",
+        f"initial encoder fires the target L0 on the init tokens (default here: {init_threshold})",
     )
 
 
