@@ -69,9 +69,10 @@ class Pattern:
     def csr_t(self, values: Tensor) -> Tensor:
         """The transpose [n_cols, n_rows] as CSR (latent-major), for the weight gradients."""
         if self._transpose is None:
-            # Keys are unique, so an unstable sort gives the deterministic latent-major, token-sorted
-            # order (torch's stable CPU sort is ~20x slower here).
-            order = torch.argsort(self.col * self.n_rows + self.row)
+            # The pairs are row-major, so a stable sort by latent gives the latent-major, token-sorted
+            # order (the same permutation as sorting the unique keys col * n_rows + row; torch 2.13's stable
+            # sort of the latents alone is 1.1-2.5x faster on a CPU).
+            order = torch.sort(self.col, stable=True).indices
             crow_t = F.pad(torch.bincount(self.col, minlength=self.n_cols).cumsum(0), (1, 0))
             self._transpose = (order, crow_t, self.row[order])
         order, crow_t, col_t = self._transpose
