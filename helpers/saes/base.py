@@ -289,6 +289,16 @@ class PenaltySAE(SAE):
     `coef_rate`; 0 keeps λ fixed, as in SAELens; `coef_hold_beyond` its anti-windup factor)."""
 
     coef_hold_beyond: ClassVar[float | None] = None
+    coef_trend_horizon: ClassVar[float | None] = None
+    """With a horizon H (steps), λ is held while the L0 moves toward its target and is either more than
+    `COEF_FAR` times away from it or fast enough to reach it within H steps (conditional integration, an
+    anti-windup): under a fixed penalty the L0 falls on its own from about half the latents toward its
+    settled value, and integrating the error during that fall only builds up an overshoot. The trend is
+    that of an exponential average of log L0 (weight `L0_SMOOTHING` per step; the buffer `log_l0_average`,
+    inf before the first step). None: always integrate."""
+
+    COEF_FAR: ClassVar[float] = 2.0
+    L0_SMOOTHING: ClassVar[float] = 0.1
 
     def __init__(
         self, d_in: int, d_sae: int, *, l0: float, sparsity_coef: float, coef_rate: float, seed: int = 0
@@ -296,13 +306,34 @@ class PenaltySAE(SAE):
         super().__init__(d_in, d_sae, l0=l0, seed=seed)
         self.coef_rate = coef_rate
         self.register_buffer("sparsity_coef", torch.tensor(sparsity_coef, dtype=torch.float32))
+        self.register_buffer("log_l0_average", torch.tensor(math.inf))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint from before log_l0_average existed: the average starts afresh
+        state_dict.setdefault(prefix + "log_l0_average", torch.tensor(math.inf))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def after_step(self, out: StepOutput) -> None:
-        if self.coef_rate:
-            adapt_coefficient(
-                self.sparsity_coef, out.l0, self.target_l0, self.coef_rate, hold_beyond=self.coef_hold_beyond
-            )
+        if not self.coef_rate:
+            return
+        if self.coef_trend_horizon is not None and self.approaching(out.l0):
+            return
+        adapt_coefficient(
+            self.sparsity_coef, out.l0, self.target_l0, self.coef_rate, hold_beyond=self.coef_hold_beyond
+        )
+
+    def approaching(self, l0: float) -> bool:
+        """Update `log_l0_average` with this step's L0; whether λ should be held (`coef_trend_horizon`)."""
+        before, now = float(self.log_l0_average), math.log(max(l0, 1e-3))
+        if math.isinf(before):  # the first step: no trend yet
+            self.log_l0_average.fill_(now)
+            return False
+        now = before + self.L0_SMOOTHING * (now - before)
+        self.log_l0_average.fill_(now)
+        error, trend = now - math.log(self.target_l0), now - before
+        far = abs(error) > math.log(self.COEF_FAR)
+        return error * trend < 0 and (far or abs(trend) * self.coef_trend_horizon >= abs(error))
 
 
 @torch.no_grad()

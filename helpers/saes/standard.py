@@ -6,11 +6,17 @@ Monosemanticity"; Anthropic's April 2024 update, "Training Sparse Autoencoders";
 
 The decoder rows are not held at unit norm here: the penalty is on f_j ||W_dec_j||, which is what latent j
 writes into the residual, so the SAE cannot cheat the L1 term by shrinking f and growing the row (the
-reason the older recipe fixed the norms). The training loop's projections are therefore switched off for
-this class (`project_decoder_grad`, `normalize_decoder`); the rows start unit-norm (base.SAE).
+reason the older recipe fixed the norms). The rows' norms are free (`free_decoder`) and start at 0.1 with the
+encoder as the decoder's transpose (SAELens's `decoder_init_norm`), and the inputs are scaled to mean norm
+sqrt(d_in) (`input_norm`, SAELens's `expected_average_only_in`), so λ is in SAELens's `l1_coefficient`
+units and starts at its recommended 5 (Anthropic's April 2024 update). With unit rows, or at unit mean
+squared norm, the first steps overshoot the reconstruction and Adam's bias steps (about lr each) then
+silence most latents (L0 near 0 within 20 steps, then a slow recovery; the README's Measured table).
 
 λ is steered toward the target L0 `l0` (base.adapt_coefficient), as for Gated and JumpReLU, so one knob
-sets the sparsity of every architecture. The step is sparse apart from the encoder's forward matmul: every
+sets the sparsity of every architecture; it is held while the L0 already falls toward the target on its own
+(`coef_trend_horizon`: integrating during that fall only builds an overshoot, and each step of a larger λ
+costs explained variance through shrinkage). The step is sparse apart from the encoder's forward matmul: every
 term lives on the active set {pre > 0}. Early in training that set is half the latents; above
 kernels.DENSE_ABOVE the step is then plain dense maths (identical results, cheaper than sparse bookkeeping).
 """
@@ -28,6 +34,10 @@ class StandardSAE(PenaltySAE):
     architecture = "standard"
     latent_biases = ("b_enc",)
     saelens_tensors = ("W_enc", "b_enc", "W_dec", "b_dec")
+    input_norm = "sqrt_d_in"
+    decoder_norm = 0.1
+    free_decoder = True
+    coef_trend_horizon = 50.0
 
     def __init__(
         self,
@@ -35,7 +45,7 @@ class StandardSAE(PenaltySAE):
         d_sae: int,
         *,
         l0: float = 32,
-        sparsity_coef: float = 0.05,
+        sparsity_coef: float = 5.0,
         coef_rate: float = 0.02,
         seed: int = 0,
     ):
@@ -71,9 +81,3 @@ class StandardSAE(PenaltySAE):
         mse = recon_loss(x_hat, x)
         terms = {"mse": mse.detach(), "l1": l1.detach()}
         return StepOutput(mse + self.sparsity_coef * l1, terms, x_hat.detach(), fired)
-
-    def project_decoder_grad(self) -> None:
-        """No projection: the decoder norms are free (see the module docstring)."""
-
-    def normalize_decoder(self) -> None:
-        """No renormalisation: the decoder norms are free (see the module docstring)."""

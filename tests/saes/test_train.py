@@ -162,7 +162,7 @@ def test_until_step_pauses_and_a_changed_config_is_refused(run_dir, tmp_path):
         ("batchtopk", "auto", "sqrt_d_in"),
         ("matryoshka_batchtopk", "auto", "sqrt_d_in"),
         ("jumprelu", "auto", "unit"),
-        ("standard", "auto", "unit"),
+        ("standard", "auto", "sqrt_d_in"),
         ("topk", "unit", "unit"),
         ("jumprelu", "sqrt_d_in", "sqrt_d_in"),
     ],
