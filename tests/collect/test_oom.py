@@ -5,6 +5,7 @@ as a GPU with too little memory left would, after the layers before it have run.
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 
 import numpy as np
@@ -27,21 +28,35 @@ def injected(*_: object) -> torch.cuda.OutOfMemoryError:
     return torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
 
 
+class Injected:
+    """What `out_of_memory_when` did: `failed`, the (batch, seq) of each pass it failed; `alive`, for each
+    pass after a failure, how many of the failed passes' hidden states were still alive then: held by a
+    failed try's traceback, they would keep its GPU memory from the retry."""
+
+    def __init__(self):
+        self.failed: list[tuple[int, int]] = []
+        self.alive: list[int] = []
+        self.refs: list[weakref.ref] = []
+
+
 @contextmanager
 def out_of_memory_when(model: torch.nn.Module, fails, layer: int = 1):
     """Decoder layer `layer` raises CUDA's out-of-memory error after its forward pass whenever
-    `fails(hidden)` ([batch, seq, d_model]) is true; yields the (batch, seq) of each failed pass."""
-    failed: list[tuple[int, int]] = []
+    `fails(hidden)` ([batch, seq, d_model]) is true; yields an `Injected`."""
+    seen = Injected()
 
     def hook(_module, _inputs, output):
         hidden = output[0] if isinstance(output, tuple) else output
+        if seen.refs:
+            seen.alive.append(sum(ref() is not None for ref in seen.refs))
         if fails(hidden):
-            failed.append(tuple(hidden.shape[:2]))
+            seen.failed.append(tuple(hidden.shape[:2]))
+            seen.refs.append(weakref.ref(hidden))
             raise injected()
 
     handle = decoder_layers(model)[layer].register_forward_hook(hook)
     try:
-        yield failed
+        yield seen
     finally:
         handle.remove()
 
@@ -82,7 +97,7 @@ def test_sampling_halves_the_batch_mid_generation_and_draws_the_same_completions
     # A decode step (one new token per row) of more than 2 rows fails: the first batch has drawn its
     # first token from each generator, so the redone batch must start from fresh generators. What it
     # draws in batches of 2 equals what it drew in batches of 4 (on the CPU).
-    with out_of_memory_when(offline_lm.model, lambda h: h.shape[0] > 2 and h.shape[1] == 1) as failed:
+    with out_of_memory_when(offline_lm.model, lambda h: h.shape[0] > 2 and h.shape[1] == 1) as oom:
         got = sample_completions(
             offline_lm,
             PROMPTS[:2],
@@ -90,7 +105,8 @@ def test_sampling_halves_the_batch_mid_generation_and_draws_the_same_completions
             on_batch=lambda cs: batches.append([c.id for c in cs]),
             **kwargs,
         )
-    assert failed == [(4, 1)] and [c.to_dict() for c in got] == in_fours
+    assert oom.failed == [(4, 1)] and [c.to_dict() for c in got] == in_fours
+    assert oom.alive and not any(oom.alive), "the failed try's tensors are freed before the retry"
     assert batches == [["short#0", "short#1"], ["vase#0", "vase#1"]]
     assert "CUDA ran out of memory at 4 completions per batch: going on at 2" in capsys.readouterr().out
 
@@ -120,9 +136,9 @@ def test_capture_halves_the_batch_and_stores_what_a_run_at_that_size_stores(offl
     kwargs = dict(shard_tokens=16, sweep_layers=pooled_only)
     twos = collect_activations(offline_lm, completions, layers, tmp_path / "twos", batch_size=2, **kwargs)
     capsys.readouterr()
-    with out_of_memory_when(offline_lm.model, lambda h: h.shape[0] > 2, layer=2) as failed:
+    with out_of_memory_when(offline_lm.model, lambda h: h.shape[0] > 2, layer=2) as oom:
         got = collect_activations(offline_lm, completions, layers, tmp_path / "oom", batch_size=4, **kwargs)
-    assert [rows for rows, _ in failed] == [4] and got == twos
+    assert [rows for rows, _ in oom.failed] == [4] and got == twos and oom.alive and not any(oom.alive)
     assert (
         "CUDA ran out of memory at 4 completions per forward pass: going on at 2" in capsys.readouterr().out
     )
@@ -167,9 +183,9 @@ def test_corpus_halves_the_batch_and_stores_what_a_run_at_that_size_stores(offli
     kwargs = dict(max_tokens=600, seq_len=64, shard_tokens=256)
     twos = collect_corpus(offline_lm, BUILTIN_CORPUS, [1, 3], tmp_path / "twos", batch_size=2, **kwargs)
     capsys.readouterr()
-    with out_of_memory_when(offline_lm.model, lambda h: h.shape[0] > 2) as failed:
+    with out_of_memory_when(offline_lm.model, lambda h: h.shape[0] > 2) as oom:
         got = collect_corpus(offline_lm, BUILTIN_CORPUS, [1, 3], tmp_path / "oom", batch_size=4, **kwargs)
-    assert failed == [(4, 64)] and got == twos
+    assert oom.failed == [(4, 64)] and got == twos and oom.alive and not any(oom.alive)
     assert "CUDA ran out of memory at 4 sequences per forward pass: going on at 2" in capsys.readouterr().out
     for layer in (1, 3):
         a, b = (
@@ -203,9 +219,15 @@ def test_the_stream_halves_its_forward_passes_and_fills_the_same_buffer(offline_
     kwargs = dict(seq_len=64, batch_size=4, buffer_tokens=512)
     want = first_batches(CorpusStream(offline_lm, BUILTIN_CORPUS, 1, **kwargs))
     stream = CorpusStream(offline_lm, BUILTIN_CORPUS, 1, **kwargs)
-    with out_of_memory_when(offline_lm.model, lambda h: h.shape[0] > 2, layer=0) as failed:
+    with out_of_memory_when(offline_lm.model, lambda h: h.shape[0] > 2, layer=0) as oom:
         got = first_batches(stream)
-    assert failed == [(4, 64)] and stream.passes.size == 2 and stream.forward_batch == 4
+    assert (
+        oom.failed == [(4, 64)]
+        and oom.alive
+        and not any(oom.alive)
+        and stream.passes.size == 2
+        and stream.forward_batch == 4
+    )
     assert "at 4 sequences per forward pass: going on at 2" in capsys.readouterr().out
     # The same vectors in the same order: only the forward passes' batch shape differs.
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
