@@ -64,7 +64,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         each group's part; the prefixes add them up in order."""
         n, groups = len(x), len(self.widths)
         group = torch.bucketize(p.col, self.widths_tensor, right=True)
-        bags = Pattern(p.row * groups + group, p.col, n * groups, p.n_cols)
+        bags = p.with_rows(p.row * groups + group, n * groups)
         parts = sparse_decode(acts, self.W_dec, bags).view(n, groups, -1).unbind(1)
         x_hat, loss, terms = self.b_dec.expand_as(x), 0.0, {}
         for width, part in zip(self.widths, parts, strict=True):
