@@ -2,7 +2,8 @@
 (`sampling.py`), the datasets of a run and the public ones we read (`datasets.py`), `completions.jsonl`
 (`completions.py`), the honest/deceptive judge (`judge.py`: Gemini or
 offline rules), the activation store (`store.py`) and its capture (`capture.py`), reference-corpus
-activations (`corpus.py`); `pipeline.py` holds the notebook's steps, re-exported here.
+activations (`corpus.py`), batches that halve when CUDA runs out of memory (`oom.py`); `pipeline.py` holds the
+notebook's steps, re-exported here.
 """
 
 from helpers.collect.capture import collect_activations, load_pooled
