@@ -326,9 +326,9 @@ class PenaltySAE(SAE):
     def approaching(self, l0: float) -> bool:
         """Update `log_l0_average` with this step's L0; whether λ should be held (`coef_trend_horizon`)."""
         before, now = float(self.log_l0_average), math.log(max(l0, 1e-3))
-        if math.isinf(before):  # the first step: no trend yet
+        if math.isinf(before):  # the first step: no trend yet, hold
             self.log_l0_average.fill_(now)
-            return False
+            return True
         now = before + self.L0_SMOOTHING * (now - before)
         self.log_l0_average.fill_(now)
         error, trend = now - math.log(self.target_l0), now - before
