@@ -193,7 +193,7 @@ def test_every_architecture_trains_and_round_trips(arch, acts, tmp_path):
         f"{arch}: reconstruction did not improve: {losses[::20]}"
     )
     norms = run.sae.W_dec.detach().norm(dim=1)
-    if arch in ("topk", "batchtopk", "matryoshka_batchtopk"):  # from 0.1, free, as SAELens's (KSparseSAE)
+    if arch in ("topk", "batchtopk", "matryoshka_batchtopk", "jumprelu"):  # from 0.1, free, as SAELens's
         assert run.sae.free_decoder and not torch.allclose(norms, torch.full_like(norms, 0.1))
     elif arch != "standard":  # the standard SAE's L1 is weighted by free decoder norms instead
         torch.testing.assert_close(norms, torch.ones(1152), msg="decoder rows stay unit-norm")
