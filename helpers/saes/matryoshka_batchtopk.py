@@ -55,15 +55,16 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
                 f"matryoshka_widths must increase strictly within 1..d_sae={d_sae}, got {matryoshka_widths}"
             )
         self.widths = widths
-        # group g holds latents widths[g-1] .. widths[g] - 1 (a buffer, so it moves with the SAE; not saved)
-        self.register_buffer("widths_tensor", torch.tensor(widths), persistent=False)
+        # each latent's group g (latents widths[g-1] .. widths[g] - 1); a buffer, so it moves with the SAE
+        group = torch.bucketize(torch.arange(d_sae), torch.tensor(widths), right=True)
+        self.register_buffer("latent_group", group, persistent=False)
 
     def reconstruction_loss(self, x: Tensor, acts: Tensor, p: Pattern) -> tuple[Tensor, Tensor, dict]:
         """Σ over prefixes of the prefix's MSE; x_hat is the full width's reconstruction. One sparse decode
         of every (token, group) bag (a row's pairs are sorted by latent, so a group's are contiguous) gives
         each group's part; the prefixes add them up in order."""
         n, groups = len(x), len(self.widths)
-        group = torch.bucketize(p.col, self.widths_tensor, right=True)
+        group = self.latent_group.index_select(0, p.col)
         bags = p.with_rows(p.row * groups + group, n * groups)
         parts = sparse_decode(acts, self.W_dec, bags).view(n, groups, -1).unbind(1)
         x_hat, loss, terms = self.b_dec.expand_as(x), 0.0, {}
