@@ -329,8 +329,8 @@ class PenaltySAE(SAE):
         if math.isinf(before):  # the first step: no trend yet, hold
             self.log_l0_average.fill_(now)
             return True
-        now = before + self.L0_SMOOTHING * (now - before)
-        self.log_l0_average.fill_(now)
+        self.log_l0_average.fill_(before + self.L0_SMOOTHING * (now - before))
+        now = float(self.log_l0_average)  # as stored: an unchanged average is no trend
         error, trend = now - math.log(self.target_l0), now - before
         far = abs(error) > math.log(self.COEF_FAR)
         return error * trend < 0 and (far or abs(trend) * self.coef_trend_horizon >= abs(error))
