@@ -423,9 +423,11 @@ def train_sae(
     n_init = -(-cfg.init_tokens // cfg.batch_size)  # batches of the init (and calibration) sample
     if (count := source.count()) is not None:
         n_init = max(1, min(n_init, count // cfg.batch_size))  # at most one epoch
+    saved = None  # the step of the checkpoint on disk
     if ckpt.exists():
         trainer.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True))
         print(f"resuming {out_dir.name} at step {trainer.step}/{cfg.total_steps}")
+        saved = trainer.step
     else:  # the first batches of the training stream itself; a non-finite one is named as a training batch
         init = list(itertools.islice(source.batches(cfg, 0), n_init))
         for i, x in enumerate(init):
@@ -439,7 +441,10 @@ def train_sae(
     while trainer.step < end:
         x = next(data)
         check_finite(x, f"training batch {trainer.step} (tokens {trainer.step * cfg.batch_size}..)")
-        trainer.train_step(x)
+        try:
+            trainer.train_step(x)
+        except torch.cuda.OutOfMemoryError as e:
+            raise torch.cuda.OutOfMemoryError(_out_of_memory(cfg, trainer, out_dir, saved, str(e))) from e
         if trainer.step % cfg.log_every == 0:
             row = trainer.history[-1]
             bar.set_postfix(
@@ -454,6 +459,7 @@ def train_sae(
             buf = io.BytesIO()
             torch.save(trainer.state_dict(), buf)
             atomic_write_bytes(ckpt, buf.getvalue())
+            saved = trainer.step
     bar.close()
     if trainer.step < cfg.total_steps:
         return {"status": "paused", "step": trainer.step, "checkpoint": str(ckpt)}
@@ -486,3 +492,20 @@ def train_sae(
     atomic_write_json(out_dir / SAE_METRICS, metrics)
     ckpt.unlink(missing_ok=True)
     return metrics
+
+
+def _out_of_memory(cfg: TrainConfig, trainer: Trainer, out_dir: Path, saved: int | None, error: str) -> str:
+    """What to lower when a training step does not fit the GPU: a smaller batch changes the training (so it
+    is not shrunk behind the user's back, as the encoding passes are), and what is kept."""
+    kept = (
+        f"its checkpoint at step {saved} is kept: a rerun with the same settings resumes there (a smaller "
+        f"BATCH_SIZE or EXPANSION trains this SAE again from the start: delete {out_dir / 'checkpoint.pt'})"
+        if saved is not None
+        else "no checkpoint was written yet"
+    )
+    return (
+        f"CUDA ran out of memory training {out_dir.name} at step {trainer.step} of {cfg.total_steps} "
+        f"({cfg.batch_size} tokens a step, {trainer.sae.d_sae} latents): lower BATCH_SIZE or EXPANSION in "
+        f"notebook 03 (TrainConfig.batch_size / expansion), or free GPU memory (another model or SAE held in "
+        f"this session); {kept}. CUDA said: {error}"
+    )

@@ -146,6 +146,29 @@ def test_resume_after_interruption_is_bitwise_identical(run_dir, tmp_path, monke
         assert "calibration" not in full["training"]
 
 
+def test_cuda_out_of_memory_in_a_step_names_what_to_lower_and_keeps_the_checkpoint(
+    run_dir, tmp_path, monkeypatch
+):
+    store = LayerStore(run_dir, LAYER)
+    data, cfg = StoreData(store, store.completion_ids[:12]), small_cfg()
+    kw = dict(hook_name=hook_name(LAYER), model_name="smollm2", progress=False)
+    real_step = Trainer.train_step
+
+    def out_of_memory_at_27(self, x):
+        if self.step == 27:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return real_step(self, x)
+
+    monkeypatch.setattr(Trainer, "train_step", out_of_memory_at_27)
+    message = r"at step 27 of 40 \(64 tokens a step, 1152 latents\): lower BATCH_SIZE or EXPANSION"
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=message) as caught:
+        train_sae(data, cfg, tmp_path / "sae", **kw)
+    assert "checkpoint at step 20 is kept" in str(caught.value) and "(injected)" in str(caught.value)
+    assert torch.load(tmp_path / "sae" / "checkpoint.pt", weights_only=True)["step"] == 20
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert train_sae(data, cfg, tmp_path / "sae", **kw)["training"]["tokens"] == 40 * 64  # resumed
+
+
 def test_until_step_pauses_and_a_changed_config_is_refused(run_dir, tmp_path):
     store = LayerStore(run_dir, LAYER)
     kw = dict(hook_name=hook_name(LAYER), model_name="m", progress=False)
