@@ -77,8 +77,9 @@ class SAE(nn.Module):
     for TopK, whose selection compares latents: free rows are then saved as they are)."""
     input_norm: ClassVar[str] = "unit"
     """The input scale the trainer uses for this architecture when `TrainConfig.input_norm` is "auto":
-    "unit" (unit mean squared norm; the sparsity settings of JumpReLU, Gated and standard are in its units)
-    or "sqrt_d_in" (mean norm sqrt(d_in), SAELens's `expected_average_only_in`; the k-sparse family)."""
+    "unit" (unit mean squared norm; the sparsity settings of JumpReLU and Gated are in its units) or
+    "sqrt_d_in" (mean norm sqrt(d_in), SAELens's `expected_average_only_in`; the k-sparse family and standard,
+    whose λ is then in SAELens's `l1_coefficient` units)."""
     latent_biases: ClassVar[tuple[str, ...]]
     """Parameters in the units of the pre-activations; divided by s when an input scale s is folded."""
     saelens_tensors: ClassVar[tuple[str, ...]]
