@@ -241,7 +241,8 @@ def compare(
             if matched:
                 theirs.sae.save_inference_model(tmp / f"saelens_{arch}")
                 theirs_scores = score(tmp / f"saelens_{arch}", world, args, lens_scale)
-                cfg = dataclasses.replace(cfg, l0=max(1, round(theirs_scores["l0"])))
+                # the L0 SAELens reached, unrounded (round(8.68) = 9 would make ours the denser SAE)
+                cfg = dataclasses.replace(cfg, l0=max(1.0, theirs_scores["l0"]))
             ours = Trainer(cfg, d_in)
             ours.init_from_data(init)
         step = ours.train_step if who == "ours" else (lambda x: theirs.train_step(x * lens_scale))
