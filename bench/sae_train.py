@@ -11,8 +11,8 @@ corpus path (`helpers.collect.corpus.collect_corpus`: one batched forward pass, 
 the sequences are held out for evaluation.
 
 Both trainers see the same batches in the same order, each at its own input scale: ours at its
-`TrainConfig.input_norm` (mean norm sqrt(d_in) for TopK and BatchTopK, unit mean squared norm for the
-others), SAELens's at mean norm sqrt(d_in), which is what
+`TrainConfig.input_norm` (mean norm sqrt(d_in) for TopK, BatchTopK and standard, unit mean squared norm for
+JumpReLU and Gated), SAELens's at mean norm sqrt(d_in), which is what
 its `normalize_activations="expected_average_only_in"` does (sae_lens 6.54.12,
 `training/activation_scaler.py` line 90: `scaling_factor = (d_in**0.5) / mean_norm`, estimated from
 `n_batches_for_norm_estimate` batches by `training/sae_trainer.py` lines 169-177; here from the same

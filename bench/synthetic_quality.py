@@ -18,8 +18,8 @@ past its untrained SAE (bench/results/synthetic_quality_cpu_small.json), so `unt
 before any step) is printed beside every result as the floor.
 
 Both trainers see the same batches (epochs over one pool of generated samples) in the same order, each at
-its own input scale: ours at its `TrainConfig.input_norm` (mean norm sqrt(d_in) for the TopK family, unit
-mean squared norm for the others), SAELens's at mean norm sqrt(d_in), which is what its
+its own input scale: ours at its `TrainConfig.input_norm` (mean norm sqrt(d_in) for the TopK family and
+standard, unit mean squared norm for JumpReLU and Gated), SAELens's at mean norm sqrt(d_in), which is what its
 `expected_average_only_in` does (sae_lens 6.54.12, `training/activation_scaler.py` line 90:
 `scaling_factor = (d_in**0.5) / mean_norm`), both estimated on the same first 16 batches; at the same width
 (d_sae = the number of true features, as SynthSAEBench does), batch size, token budget and schedule, at

@@ -2,16 +2,16 @@
 
 `train_sae` streams batches from `store.LayerStore` (never the whole store in RAM; or from any
 `TrainingData`: the reference corpus streamed through forward passes, or a mix of sources), scales them
-(`TrainConfig.input_norm`: mean norm sqrt(d_in) for TopK and the BatchTopK family, as SAELens does; unit
-mean squared norm for the others, which JumpReLU's ε and thresholds assume), starts b_dec at the geometric
-median, and runs Adam with a warm-up clamped to 5% of the run (a warm-up longer than the run is a known anchor
-bug), a linear decay at the end, gradient clipping, decoder rows held at unit norm (free from norm 0.1 for
-the TopK family, as SAELens: base.KSparseSAE), and mixed precision (fp16 + grad scaler on a T4, bf16 from
-compute capability 8, fp32 on CPU). Checkpoints hold the full state and are written atomically; a rerun
-resumes from the last one and ends bitwise identical to an uninterrupted run on CPU. Inference-only
-parameters are then set from the first tokens (BatchTopK's θ: `Trainer.calibrate`), the scale folded into
-the weights, the SAE saved in SAELens format, and `metrics.json` (held-out metrics, training history),
-written last, marks it complete.
+(`TrainConfig.input_norm`: mean norm sqrt(d_in) for TopK, the BatchTopK family and the standard SAE, as
+SAELens does; unit mean squared norm for JumpReLU and Gated, whose ε and thresholds assume it), starts
+b_dec at the geometric median, and runs Adam with a warm-up clamped to 5% of the run (a warm-up longer than
+the run is a known anchor bug), a linear decay at the end, gradient clipping, decoder rows free from norm
+0.1 as SAELens's (`SAE.free_decoder`; held at unit norm for Gated), and mixed precision (fp16 + grad
+scaler on a T4, bf16 from compute capability 8, fp32 on CPU). Checkpoints hold the full state and are
+written atomically; a rerun resumes from the last one and ends bitwise identical to an uninterrupted run on
+CPU. Inference-only parameters are then set from the first tokens (BatchTopK's θ: `Trainer.calibrate`), the
+scale folded into the weights, the SAE saved in SAELens format, and `metrics.json` (held-out metrics,
+training history), written last, marks it complete.
 `grid.train_grid` runs it for every layer × condition × architecture of a run.
 """
 
@@ -83,8 +83,9 @@ class TrainConfig:
     input_norm: Literal["auto", "unit", "sqrt_d_in"] = "auto"
     """The input scale training sees (folded into the saved weights, so the saved SAE takes raw activations):
     "unit" scales to unit mean squared norm, "sqrt_d_in" to mean norm sqrt(d_in) (SAELens's
-    `expected_average_only_in`), "auto" the architecture's `SAE.input_norm` (sqrt_d_in for TopK and the
-    BatchTopK family, unit for the others, whose sparsity settings are in unit-scale units). At sqrt(d_in)
+    `expected_average_only_in`), "auto" the architecture's `SAE.input_norm` (sqrt_d_in for TopK, the
+    BatchTopK family and standard; unit for JumpReLU and Gated, whose sparsity settings are in unit-scale
+    units). At sqrt(d_in)
     the biases move by a smaller share of the data's scale per Adam step (the ablations: README, Measured)."""
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     """auto: fp32 on CPU, fp16 (grad scaler) below compute capability 8 (T4), bf16 from 8 (A100, L4, H100)."""
