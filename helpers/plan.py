@@ -460,11 +460,10 @@ def make_plan(
     planned_ram = ram + calibration.extra_ram(step)
     disk = work.disk_bytes / 1e9
     cpu = cpu_line(counted) if cpu_line else None
-    plan = Plan(
-        step, seconds, counted, planned_ram, gpu, disk, on_t4, ram, lower, warnings, note, counts, cpu
+    load = _load_average()
+    return Plan(
+        step, seconds, counted, planned_ram, gpu, disk, on_t4, ram, lower, warnings, note, counts, cpu, load
     )
-    plan.load = _load_average()
-    return plan
 
 
 def _positive(**values: float) -> None:

@@ -71,10 +71,6 @@ class Pattern:
             self._latent_major = (order, crow_t)
         return self._latent_major
 
-    def subset(self, keep: Tensor) -> Pattern:
-        """The pairs where `keep` [nnz] bool is true (still in CSR order), e.g. one Matryoshka group."""
-        return Pattern(self.row[keep], self.col[keep], self.n_rows, self.n_cols)
-
     @classmethod
     def from_mask(cls, mask: Tensor) -> Pattern:
         """`mask` [n_rows, n_cols] bool (JumpReLU, Gated)."""
