@@ -39,7 +39,11 @@ the metrics do not depend on it) uses `helpers.saes.evals.activation_metrics` fo
 `explained_variance_typical` is the explained variance without the held-out massive activations (a
 handful of tokens whose norm is ~140x the median and which carry 97% of the variance, so the plain
 figure mostly says how well those few are rebuilt). `--ours-input-norm`, `--ours-lr` and `--auxk-coef`
-change ours only (ablations).
+change ours only (ablations). BatchTopK's inference θ is set apart from training (ours: calibrated after
+training on the first batches of the training stream, as `train_sae` does; SAELens's: its running mean), so
+the two land at different L0s; `l0_curve` then also measures each at the same L0s (k, each one's own, a few
+more) by scaling its threshold, `ev_at_matched_l0` sets them side by side, and `calibrations_of_ours` says
+what each pool for our θ gives on held-out tokens. `--expansion` sets the width (d_sae = expansion × d_in).
 SAELens's SAE is saved with its own `save_inference_model` and read back with `helpers.saes.io.load_sae`.
 """
 
@@ -202,6 +206,95 @@ def metrics(sae, held: torch.Tensor, device: str) -> dict:
     }
 
 
+THRESHOLDED = ("batchtopk",)
+"""Architectures whose inference rule is f = pre · H(pre - θ) with one global θ set apart from training
+(BatchTopK: ours and SAELens's both save it as a JumpReLU with θ in every latent)."""
+
+CURVE_L0S = (16, 24, 40, 48)
+"""Further mean L0s at which `l0_curve` measures each thresholded SAE (besides k and both SAEs' own)."""
+
+
+@torch.no_grad()
+def ratio_top(sae, held: torch.Tensor, device: str, want: int) -> torch.Tensor:
+    """The `want` largest pre / θ over every held-out token and latent (θ: the SAE's threshold vector),
+    descending; kept as a running top-`want`, so the [n, d_sae] pre-activations never sit in memory."""
+    theta = sae.threshold.detach().to(device)
+    if not bool((theta > 0).all()):
+        raise ValueError("l0_curve needs a positive threshold in every latent")
+    top = torch.empty(0, device=device)
+    for x in held.split(4096):
+        ratio = (sae.encode(x.to(device))[1] / theta).flatten()
+        top = torch.cat([top, ratio.topk(min(want, len(ratio)), sorted=False).values])
+        top = top.topk(min(want, len(top)), sorted=False).values
+    return top.sort(descending=True).values
+
+
+@torch.no_grad()
+def l0_curve(sae, held: torch.Tensor, device: str, l0s) -> list[dict]:
+    """Held-out explained variance of `sae` at each mean L0 in `l0s`, exactly: its threshold vector θ
+    scaled by the s that lets exactly round(L0 · n) of the held-out tokens' activations through (s midway
+    between two consecutive sorted pre / θ). Scaling θ is a global threshold in training units for ours
+    (one θ everywhere) and SAELens's (the same value in every latent: its `process_state_dict_for_saving_
+    inference`), so both get the same treatment; θ is restored afterwards."""
+    n, theta = len(held), sae.threshold.detach().clone()
+    top = ratio_top(sae, held, device, round(max(l0s) * n) + 1)
+    rows = []
+    try:
+        for l0 in sorted(set(l0s)):
+            m = round(l0 * n)
+            s = float((top[m - 1] + top[m]) / 2)
+            sae.threshold.copy_(theta * s)
+            r = activation_metrics(sae, held.split(4096), device=device)
+            rows.append(
+                {
+                    "l0_target": round(l0, 4),
+                    "threshold_scale": round(s, 5),
+                    **{k: round(r[k], 4) for k in ("explained_variance", "l0", "dead_fraction")},
+                }
+            )
+    finally:
+        sae.threshold.copy_(theta)
+    return rows
+
+
+@torch.no_grad()
+def calibrations(ours: Trainer, batches: list[torch.Tensor], train: torch.Tensor, held, device) -> dict:
+    """Our BatchTopK's θ from each candidate pool, and the held-out L0 and explained variance it gives:
+    the running mean at the end of training; the first `init_tokens` tokens in store order (the first
+    sequences of the corpus); the first batches of the shuffled training stream (what `train_sae` uses);
+    the last batches of training; every training token. Leaves θ at the running mean."""
+    sae, n_init = ours.sae, -(-ours.cfg.init_tokens // ours.cfg.batch_size)
+    running = sae.threshold.detach().clone()
+    pools = {
+        "first_tokens_store_order": train[: ours.cfg.init_tokens].split(ours.cfg.batch_size),
+        "first_batches_of_stream": batches[:n_init],
+        "last_batches_of_training": batches[-n_init:],
+        "all_training_tokens": train.split(ours.cfg.batch_size),
+    }
+    out = {}
+    for name, pool in [("running_mean", None), *pools.items()]:
+        sae.threshold.copy_(running)
+        if pool is not None:
+            ours.calibrate(pool)
+        r = activation_metrics(sae, (held * ours.scale).split(4096), device=device)
+        out[name] = {
+            "threshold": round(float(sae.threshold[0]), 5),
+            **{k: round(r[k], 4) for k in ("explained_variance", "l0")},
+        }
+    sae.threshold.copy_(running)
+    return out
+
+
+def matched_l0(t: dict) -> dict:
+    """Both SAEs' held-out EV at L0 = k and at each one's own inference L0, from their `l0_curve`s."""
+    at = lambda who, l0: next(r for r in t[who]["l0_curve"] if r["l0_target"] == round(l0, 4))  # noqa: E731
+    points = {"k": t["ours"]["l0_target"], "ours_l0": t["ours"]["l0"], "saelens_l0": t["saelens"]["l0"]}
+    return {
+        name: {"l0": round(l0, 4), **{w: at(w, l0)["explained_variance"] for w in ("ours", "saelens")}}
+        for name, l0 in points.items()
+    }
+
+
 def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path) -> dict:
     """Train SAELens and ours on the same batches; time each chunk of steps, and a plain matmul of the
     encoder's shape after it (the machine's dense rate at that moment)."""
@@ -265,9 +358,12 @@ def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path)
             x @ W
         sync(device)
         matmul_seconds[who] += time.perf_counter() - t0
+    lens_sae = lens.inference_sae(tmp / f"saelens_{arch}")
     if "saelens" not in evals:
-        evals["saelens"] = metrics(lens.inference_sae(tmp / f"saelens_{arch}"), held * lens_scale, device)
-    calibration = ours.calibrate(x0.split(cfg.batch_size))  # BatchTopK's θ, as train_sae sets it
+        evals["saelens"] = metrics(lens_sae, held * lens_scale, device)
+    studied = calibrations(ours, batches, train, held, device) if arch in THRESHOLDED else None
+    # BatchTopK's θ, as train_sae sets it: from the first batches of the (shuffled) training stream
+    calibration = ours.calibrate(batches[: -(-cfg.init_tokens // cfg.batch_size)])
     tokens, flops = cfg.total_steps * cfg.batch_size, 2 * cfg.batch_size * d_in * cfg.expansion * d_in
     rate = {w: flops * cfg.total_steps / matmul_seconds[w] for w in seconds}  # dense FLOP/s during each
     out = {
@@ -303,6 +399,12 @@ def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path)
             seconds["saelens"] * rate["saelens"] / (seconds["ours"] * rate["ours"]), 2
         ),
     }
+    if arch in THRESHOLDED:  # both at the same mean L0s on held-out tokens (see l0_curve)
+        out["calibrations_of_ours"] = studied
+        l0s = {cfg.l0, out["ours"]["l0"], out["saelens"]["l0"], *CURVE_L0S}
+        out["ours"]["l0_curve"] = l0_curve(ours.sae, held * scale, device, l0s)
+        out["saelens"]["l0_curve"] = l0_curve(lens_sae, held * lens_scale, device, l0s)
+        out["ev_at_matched_l0"] = matched_l0(out)
     if arch == "topk":  # the encoder's forward matmul is all the dense work a sparse TopK step must do
         out["ours"]["step_gflop_per_s"] = round(flops * cfg.total_steps / seconds["ours"] / 1e9, 1)
         out["ours"]["fraction_of_matmul_rate"] = round(
@@ -332,6 +434,8 @@ def targets(results: dict) -> dict:
                 t["ours"]["explained_variance_typical"] >= best["explained_variance_typical"]
             )
             checks[f"{arch}_dead_le_saelens"] = t["ours"]["dead_fraction"] <= best["dead_fraction"]
+            for point, ev in t.get("ev_at_matched_l0", {}).items():
+                checks[f"{arch}_ev_ge_saelens_at_{point}"] = ev["ours"] >= ev["saelens"]
             if arch in ("jumprelu", "standard", "gated"):
                 checks[f"{arch}_l0_matched_20pct"] = abs(t["ours"]["l0"] / best["l0"] - 1) <= 0.2
     return checks
