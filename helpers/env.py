@@ -103,26 +103,6 @@ def choose_dtype(device: str, family: str, compute_capability: tuple[int, int] |
     return torch.float32 if family == "nanochat" else torch.float16
 
 
-def smaller_after_oom(size: int, *, floor: int, what: str, setting: str, error: str, fix: str) -> int:
-    """The batch size to go on with after CUDA ran out of memory on `size` `what` at once (`error`: what
-    CUDA said): half of it, at least `floor`, announced, after the allocator's cache is emptied. At
-    `floor` already: `torch.cuda.OutOfMemoryError` naming `setting`, the parameter that sets the starting
-    size, and `fix`, what else to change. The caller redoes the failed batch at the new size, keeping
-    nothing of the failed try, so nothing is counted twice or lost."""
-    if size <= floor:
-        raise torch.cuda.OutOfMemoryError(
-            f"CUDA ran out of memory even at {size} {what} (halved after each out-of-memory error, down to "
-            f"{floor}; {setting} sets where it starts): {fix}. CUDA said: {error}"
-        )
-    torch.cuda.empty_cache()
-    new = max(floor, size // 2)
-    print(
-        f"CUDA ran out of memory at {size} {what}: going on at {new}, nothing lost or counted twice "
-        f"(lower {setting} to start smaller)"
-    )
-    return new
-
-
 def get_secret(name: str) -> str | None:
     """A secret from the environment, then from Colab's secrets panel; None when absent.
 

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from helpers.analysis.windows import ContextConfig, Doc, Largest, WindowSelection, split_sides
+from helpers.collect.oom import BatchSize
 from helpers.collect.store import LayerStore
-from helpers.env import smaller_after_oom
 from helpers.model.hooks import hook_name, run_with_capture
 from helpers.model.protocols import EncodingSAE, HookableModel, Tokenizer
 
@@ -129,7 +129,7 @@ class EncodedChunks:
     dtype (half the bytes of float32) and, when the SAE is on CUDA, in pinned memory copied without
     blocking, so reading and copying overlap the encoding.
 
-    CUDA out of memory: when encoding a run fails, the batch halves (`env.smaller_after_oom`, down to
+    CUDA out of memory: when encoding a run fails, the batch halves (`oom.BatchSize`, down to
     `MIN_BATCH_TOKENS`, then an error naming `setting`) and the stream goes on from that run's first
     document, cut at the new size. A consumer does its own device work on a run through `attempt`,
     all of it before it keeps anything of the run: when that runs out of memory, the batch halves too,
@@ -149,43 +149,31 @@ class EncodedChunks:
         setting: str = "batch_tokens",
     ):
         check_sae_fits(sae, store.d_model)
-        if batch_tokens < 1:
-            raise ValueError(f"{setting} must be at least 1, got {batch_tokens}")
-        self.store, self.sae, self.docs, self.pre, self.setting = store, sae, list(docs), pre, setting
-        self.batch_tokens = batch_tokens
-        """The encoder batch now: halved after each CUDA out-of-memory error."""
+        self.store, self.sae, self.docs, self.pre = store, sae, list(docs), pre
+        self.size = BatchSize(
+            batch_tokens, floor=MIN_BATCH_TOKENS, what="tokens per batch", setting=setting, fix=OOM_FIX
+        )
         params = list(sae.parameters()) if isinstance(sae, torch.nn.Module) else []
         self.device = params[0].device if params else torch.device("cpu")
         self.dtype = params[0].dtype if params else torch.float32
         self._done = 0  # documents whose run the consumer has finished with
         self._redo = False
 
-    def smaller(self, error: str) -> None:
-        """CUDA ran out of memory on the run just given, in the encoder or in the consumer's `attempt`
-        (`error`: CUDA's message, taken after the exception is gone, so the tensors its traceback held
-        are freed): the batch halves and the next run starts at that run's first document."""
-        self.batch_tokens = smaller_after_oom(
-            self.batch_tokens,
-            floor=MIN_BATCH_TOKENS,
-            what="tokens per batch",
-            setting=self.setting,
-            error=error,
-            fix=OOM_FIX,
-        )
-        self._redo = True
+    @property
+    def batch_tokens(self) -> int:
+        """The encoder batch now: halved after each CUDA out-of-memory error."""
+        return self.size.size
 
     def attempt(self, work: Callable[..., T], *args: Any) -> T | None:
         """`work(*args)`: the consumer's device work on the run just given, all of it before anything of
         the run is kept (`work` must not return None). When CUDA runs out of memory in it: the batch
-        halves (`smaller`, called once the exception, `work`'s frame and the tensors they hold are gone)
-        and None is returned: the consumer keeps nothing of the run, undoes what it drew for it (random
-        keys) and goes on to the next run, which gives this run's documents again."""
-        try:
-            return work(*args)
-        except torch.cuda.OutOfMemoryError as e:
-            error = str(e)  # the traceback, and the tensors its frames hold, go with `e`
-        self.smaller(error)
-        return None
+        halves (`BatchSize.attempt`) and None is returned: the consumer keeps nothing of the run, undoes
+        what it drew for it (random keys) and goes on to the next run, which gives this run's documents
+        again."""
+        got = self.size.attempt(work, *args)
+        if got is None:
+            self._redo = True
+        return got
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x.to(self.device, non_blocking=self.device.type == "cuda")
@@ -209,14 +197,9 @@ class EncodedChunks:
             rows = self.store.stream_rows(([(d.id, d.skip) for d in c] for c in chunks), pin_memory=cuda)
             try:
                 for chunk, x in zip(chunks, rows, strict=True):
-                    error = None
-                    try:
-                        out = self._encode(x)
-                    except torch.cuda.OutOfMemoryError as e:
-                        error = str(e)  # the traceback, and the tensors it holds, go with `e`
-                    if error is not None:
-                        del x
-                        self.smaller(error)
+                    out = self.size.attempt(self._encode, x)
+                    del x
+                    if out is None:  # the next run starts at this run's first document, cut smaller
                         break
                     self._redo = False
                     yield chunk, *out

@@ -24,7 +24,7 @@ tests check the torch path without a GPU). numpy stays the CPU path because its 
 n the training rows), so float64 costs little even on a T4 (1/32 of its float32 rate), and the two
 paths agree to ~1e-12 in out-of-fold probabilities (summation order; the solver's own tolerance moves
 them ~1e-5). The B problems go to the device in chunks sized to `MEMORY_BUDGET`; a CUDA out-of-memory
-error halves the chunk and carries on, keeping the problems already solved.
+error halves the chunk and carries on, keeping the problems already solved (`collect.oom`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from scipy.special import expit
 
-from helpers.env import smaller_after_oom
+from helpers.collect.oom import ShrinkingBatches
 
 DEVICE: str | torch.device | None = None
 """Where the statistics run when a call names no device (module doc): None, "cuda", "cpu", ..."""
@@ -124,26 +124,15 @@ def fit(
     n, r = Zt.shape
     W, c = np.zeros((len(Y), r)), np.zeros(len(Y))
     chunk = max(1, min(len(Y), MEMORY_BUDGET // (8 * (12 * n + 8 * r))))
-    start = 0
-    while start < len(Y):
-        part = slice(start, start + chunk)
-        error = None
-        try:
-            Wp, cp = _fit(Zt, to_device(Y[part], dev), to_device(S[part], dev), C, tol, max_iter, ops)
-        except torch.cuda.OutOfMemoryError as e:
-            error = str(e)  # the traceback, and the tensors it holds, go with `e`
-        if error is not None:
-            chunk = smaller_after_oom(
-                chunk,
-                floor=1,
-                what="problems per chunk",
-                setting="logistic.MEMORY_BUDGET",
-                error=error,
-                fix=OOM_FIX,
-            )
-            continue
+    chunks = ShrinkingBatches(chunk, what="problems per chunk", setting="logistic.MEMORY_BUDGET", fix=OOM_FIX)
+
+    def solve(problems: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        part = slice(problems[0], problems[-1] + 1)
+        return _fit(Zt, to_device(Y[part], dev), to_device(S[part], dev), C, tol, max_iter, ops)
+
+    for problems, (Wp, cp) in chunks.run(range(len(Y)), solve):
+        part = slice(problems[0], problems[-1] + 1)
         W[part], c[part] = to_numpy(Wp), to_numpy(cp)
-        start += chunk
     return W, c
 
 

@@ -14,7 +14,7 @@ import torch
 
 from helpers.collect.capture import collect_activations, load_pooled, load_pooled_prompt
 from helpers.collect.corpus import BUILTIN_CORPUS, CorpusStream, collect_corpus
-from helpers.collect.oom import ShrinkingBatches
+from helpers.collect.oom import BatchSize, ShrinkingBatches
 from helpers.collect.sampling import sample_completions
 from helpers.collect.store import LayerStore
 from helpers.model.hooks import decoder_layers
@@ -87,6 +87,25 @@ def test_batches_halve_and_redo_the_failed_items_once(capsys):
         )
     with pytest.raises(ValueError, match="ITEMS must be at least 1, got 0"):
         ShrinkingBatches(0, what="items per batch", setting="ITEMS", fix="")
+
+
+def test_batch_size_halves_to_its_floor_then_names_the_setting(capsys):
+    """The one retry primitive the encoding passes and the probes' chunks share: halved, never below the
+    floor, then an error naming the setting; the work's own result passes through; a work that returns
+    None (what a failed try gives) is refused."""
+
+    def out_of_memory():
+        raise injected()
+
+    size = BatchSize(40, floor=16, what="tokens per batch", setting="TOKENS", fix="use a smaller SAE")
+    assert size.attempt(lambda a, b: (a, b), 1, 2) == (1, 2) and size.size == 40
+    assert size.attempt(out_of_memory) is None and size.size == 20
+    assert size.attempt(out_of_memory) is None and size.size == 16
+    assert "at 40 tokens per batch: going on at 20" in capsys.readouterr().out
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=r"even at 16 tokens per batch.*down to 16; TOKENS"):
+        size.attempt(out_of_memory)
+    with pytest.raises(TypeError, match="returned None"):
+        size.attempt(lambda: None)
 
 
 def test_sampling_halves_the_batch_mid_generation_and_draws_the_same_completions(offline_lm, capsys):
