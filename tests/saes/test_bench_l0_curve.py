@@ -1,0 +1,70 @@
+"""bench/sae_train.py's matched-L0 evaluation of BatchTopK: `l0_curve` scales an SAE's inference threshold
+so that exactly the asked mean L0 fires on the given tokens, the same way for SAELens's saved BatchTopK
+(read back by our loader) and for ours, and leaves the threshold as it found it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench import saelens_setup
+from bench.sae_train import l0_curve
+from helpers.saes.evals import activation_metrics
+from helpers.saes.io import load_sae
+from helpers.saes.train import TrainConfig, Trainer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def saelens_batchtopk(tmp_path, x: torch.Tensor):
+    """SAELens's BatchTopK after a few of its own steps (its θ the running mean it saves), saved by
+    its `save_inference_model` and read back with our loader; and SAELens's own inference SAE."""
+    import sae_lens
+
+    torch.manual_seed(0)
+    sae = saelens_setup.training_sae("batchtopk", 16, 64, 4.0, l1=1.0)
+    for i in range(0, 512, 128):
+        sae.update_topk_threshold(sae.encode(x[i : i + 128]))
+    sae.save_inference_model(tmp_path)
+    return load_sae(tmp_path).sae, sae_lens.SAE.load_from_disk(str(tmp_path), device="cpu")
+
+
+def test_saelens_batchtopk_hits_each_l0_exactly_and_agrees_with_saelens_own_sae(tmp_path):
+    x = torch.randn(512, 16) * 2 + 0.5
+    ours_view, theirs = saelens_batchtopk(tmp_path, x)
+    theta = ours_view.threshold.detach().clone()
+    assert float(theta.min()) == float(theta.max()) > 0, "SAELens saves one θ in every latent"
+    rows = l0_curve(ours_view, x, "cpu", [2.0, 4.0, 6.5])
+    assert [r["l0"] for r in rows] == [2.0, 4.0, 6.5]
+    assert torch.equal(ours_view.threshold, theta), "θ restored"
+    for r in rows:  # SAELens's own JumpReLU at the scaled θ gives the same reconstruction
+        with torch.no_grad():
+            theirs.threshold.copy_(theta * r["threshold_scale"])
+            acts = theirs.encode(x)
+            x_hat = theirs.decode(acts)
+        assert float((acts > 0).float().sum(1).mean()) == r["l0"]
+        ev = 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        assert float(ev) == pytest.approx(r["explained_variance"], abs=1e-4)
+
+
+def test_our_batchtopk_curve_matches_its_own_threshold_at_its_own_l0():
+    torch.manual_seed(0)
+    acts = torch.randn(1280, 32) * torch.linspace(0.2, 3, 32) + 1
+    cfg = TrainConfig(architecture="batchtopk", expansion=4, l0=8, train_tokens=30 * 64, batch_size=64)
+    run = Trainer(cfg, d_in=32)
+    run.init_from_data(acts[:512])
+    for i in range(30):
+        run.train_step(acts[i * 32 :][:64])
+    run.calibrate([acts[:512]])
+    held = acts[-256:] * run.scale
+    own = activation_metrics(run.sae, [held])
+    (row,) = l0_curve(run.sae, held, "cpu", [own["l0"]])
+    assert row["l0"] == pytest.approx(own["l0"], abs=1e-4)
+    assert row["explained_variance"] == pytest.approx(own["explained_variance"], abs=1e-4)
+
+
+def test_a_zero_threshold_is_refused():
+    cfg = TrainConfig(architecture="batchtopk", expansion=2, l0=4, train_tokens=64, batch_size=64)
+    run = Trainer(cfg, d_in=16)
+    with pytest.raises(ValueError, match="positive threshold"):
+        l0_curve(run.sae, torch.randn(64, 16), "cpu", [4.0])
