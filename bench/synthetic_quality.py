@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -205,6 +206,8 @@ def compare(
         cfg = dataclasses.replace(cfg, sae_options={"matryoshka_widths": widths})
     if args.ours_auxk_coef is not None and arch in ("topk", "batchtopk", "matryoshka_batchtopk"):
         cfg = dataclasses.replace(cfg, sae_options={**cfg.sae_options, "auxk_coef": args.ours_auxk_coef})
+    if args.ours_sae_option:  # TrainConfig rejects an option the architecture lacks, naming those it takes
+        cfg = dataclasses.replace(cfg, sae_options={**cfg.sae_options, **args.ours_sae_option})
     init = torch.cat([data.batch(i) for i in range(16)])
     lens_scale = saelens_setup.saelens_scale(init)  # SAELens: mean norm sqrt(d_in)
     careful = args.saelens_median_init or args.saelens_careful
@@ -297,6 +300,17 @@ def compare(
     }
 
 
+def sae_option(text: str) -> tuple[str, object]:
+    """`--ours-sae-option`'s NAME=VALUE: VALUE as JSON (0.001, 0, "token"), else the bare string."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. bandwidth=0.001), got {text!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", default="standard,batchtopk,matryoshka_batchtopk,jumprelu,topk")
@@ -339,6 +353,15 @@ def main() -> None:
         "--ours-auxk-coef", type=float, default=None, help="ablation: our TopK/BatchTopK AuxK coefficient"
     )
     p.add_argument("--ours-grad-clip", type=float, default=None, help="ablation: our TrainConfig.grad_clip")
+    p.add_argument(
+        "--ours-sae-option",
+        type=sae_option,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="ablation: a constructor argument of our architecture (TrainConfig.sae_options), e.g. "
+        "bandwidth=0.001 or coef_rate=0 for JumpReLU; repeatable; VALUE is read as JSON, else as a string",
+    )
     saelens_setup.add_class_ablation_flags(p)
     # its defaults: its best here (with the STE to the encoder 460 of its 512 latents died at 1M samples)
     saelens_setup.add_jumprelu_flags(p, ste_to_input=0, init_threshold="0.01")
@@ -349,6 +372,7 @@ def main() -> None:
         raise SystemExit("--features must be a multiple of --hidden (our d_sae is expansion x d_in)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.ours_sae_option = dict(args.ours_sae_option)
     saelens_setup.apply_class_ablations(args)
     warnings.filterwarnings("ignore", category=UserWarning)
     import sae_lens
@@ -362,6 +386,7 @@ def main() -> None:
     print(f"generating {args.pool:,} samples ...", file=sys.stderr, flush=True)
     data = Samples(world, args.pool, args.batch_size, args.seed)
     result = {
+        "command": shlex.join(["python", "bench/synthetic_quality.py", *sys.argv[1:]]),
         "machine": {
             "torch": torch.__version__,
             "sae_lens": sae_lens.__version__,
@@ -374,6 +399,7 @@ def main() -> None:
             "decoder_norm": args.ours_decoder_norm,
             "free_decoder": args.ours_free_decoder,
             "auxk_coef": args.ours_auxk_coef,
+            "sae_options": args.ours_sae_option,
         },
         "saelens_input_norm": "mean norm sqrt(d_in) (its expected_average_only_in)",
         "saelens_b_dec_init": "geometric median (as ours)"

@@ -88,17 +88,26 @@ class JumpReLUSAE(PenaltySAE):
         init_threshold: float = 0.001,
         sparsity_coef: float = 1e-2,
         coef_rate: float = 0.02,
+        l0_penalty: str = "batch",
+        pre_act_coef: float = 0.0,
         seed: int = 0,
     ):
         """`l0`: target L0; `bandwidth`: ε of the STE; `sparsity_coef`: initial λ; `coef_rate`: how fast
-        log λ follows the L0 error per step (0 keeps λ fixed)."""
+        log λ follows the L0 error per step (0 keeps λ fixed); `l0_penalty`: "batch", the quadratic penalty
+        on the batch's mean L0, or "token", on each token's L0, averaged (SAELens's "quadratic" mode);
+        `pre_act_coef`: Anthropic's pre-activation loss on the dead latents, as SAELens's
+        `pre_act_loss_coefficient` (0: off)."""
         super().__init__(d_in, d_sae, l0=l0, sparsity_coef=sparsity_coef, coef_rate=coef_rate, seed=seed)
         if bandwidth <= 0 or init_threshold <= 0:
             raise ValueError(
                 f"bandwidth and init_threshold must be > 0 (got {bandwidth}, {init_threshold}): a zero "
                 "threshold with no gradient is the ReLU-in-disguise bug this class exists to prevent"
             )
-        self.bandwidth = bandwidth
+        if l0_penalty not in ("batch", "token"):
+            raise ValueError(f"l0_penalty must be 'batch' or 'token', got {l0_penalty!r}")
+        if pre_act_coef < 0:
+            raise ValueError(f"pre_act_coef must be >= 0 (0 turns it off), got {pre_act_coef}")
+        self.bandwidth, self.l0_penalty, self.pre_act_coef = bandwidth, l0_penalty, pre_act_coef
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.threshold = nn.Parameter(torch.full((d_sae,), init_threshold, dtype=torch.float32))
 
@@ -118,12 +127,27 @@ class JumpReLUSAE(PenaltySAE):
         acts = _JumpReLU.apply(z, theta, eps)
         x_hat = sparse_decode(acts, self.W_dec, p) + self.b_dec
         mse = recon_loss(x_hat, x)
-        l0 = _Step.apply(z, theta, eps).sum() / len(x)  # mean L0 per token, differentiable in θ (eq. 12)
-        sparsity = self.sparsity_coef * (l0 - self.target_l0).pow(2) / self.target_l0
+        step = _Step.apply(z, theta, eps)  # differentiable in θ (eq. 12)
+        if self.l0_penalty == "batch":  # on the mean L0 per token
+            error = (step.sum() / len(x) - self.target_l0).pow(2)
+        else:  # on each token's L0
+            error = (step.new_zeros(len(x)).index_add(0, p.row, step) - self.target_l0).pow(2).mean()
+        sparsity = self.sparsity_coef * error / self.target_l0
+        loss, parts = mse + sparsity, {"mse": mse.detach(), "sparsity": sparsity.detach()}
+        if self.pre_act_coef:  # a history column whenever it is on, 0 while no latent is dead
+            pre_act = self.pre_act_loss(x, dead) if bool(dead.any()) else mse.new_zeros(())
+            loss, parts["pre_act"] = loss + pre_act, pre_act.detach()
         fired = torch.bincount(p.col[acts > 0], minlength=self.d_sae)
-        return StepOutput(
-            mse + sparsity, {"mse": mse.detach(), "sparsity": sparsity.detach()}, x_hat.detach(), fired
-        )
+        return StepOutput(loss, parts, x_hat.detach(), fired)
+
+    def pre_act_loss(self, x: Tensor, dead: Tensor) -> Tensor:
+        """Anthropic's pre-activation loss on the dead latents (SAELens's `calculate_pre_act_loss`):
+        `pre_act_coef` · mean over tokens of Σ_dead relu(θ - pre) ‖W_dec row‖, which raises a dead latent's
+        pre-activations (and lowers its θ) toward firing."""
+        idx = dead.nonzero().squeeze(1)
+        pre = (x - self.b_dec) @ self.W_enc_T.index_select(0, idx).t() + self.b_enc.index_select(0, idx)
+        gap = (self.threshold.index_select(0, idx) - pre).relu()
+        return self.pre_act_coef * (gap * self.W_dec.index_select(0, idx).norm(dim=1)).sum(-1).mean()
 
     @torch.no_grad()
     def after_step(self, out: StepOutput) -> None:
