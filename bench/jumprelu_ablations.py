@@ -65,8 +65,12 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
             f"Anthropic's pre-activation loss on dead latents, coefficient {c}",
             option("pre_act_coef", c),
         )
-        for c in ("1e-3", "1e-2")
+        for c in ("1e-3", "1e-2", "3e-2", "1e-1")
     },
+    "pre_act_1e-2_coef_rate_0.08": (
+        "pre-activation loss 1e-2 and λ steered 4x faster",
+        [*option("pre_act_coef", "1e-2"), *option("coef_rate", 0.08)],
+    ),
 }
 
 SUMMARY = ("mcc", "f1", "precision", "recall", "explained_variance", "l0", "dead_latents")

@@ -94,12 +94,21 @@ def add_jumprelu_flags(parser, *, ste_to_input: int, init_threshold: str) -> Non
         help="SAELens's jumprelu_init_threshold: a number (its default is 0.01), or 'l0': where its "
         f"initial encoder fires the target L0 on the init tokens (default here: {init_threshold})",
     )
+    parser.add_argument(
+        "--saelens-jumprelu-pre-act-coef",
+        type=float,
+        default=None,
+        help="SAELens's pre_act_loss_coefficient (Anthropic's pre-activation loss on dead latents; its "
+        "default, None, is off): a sensitivity check of SAELens with the term our JumpReLU trains with",
+    )
 
 
 def jumprelu_settings(args) -> dict:
     """The `JumpReLUTrainingSAEConfig` fields `add_jumprelu_flags` sets before training (`training_sae`'s
     `jumprelu`); a threshold of 'l0' is set afterwards by `set_jumprelu_threshold`."""
     out = {"jumprelu_ste_to_input": bool(args.saelens_jumprelu_ste_to_input)}
+    if args.saelens_jumprelu_pre_act_coef is not None:
+        out["pre_act_loss_coefficient"] = args.saelens_jumprelu_pre_act_coef
     if args.saelens_jumprelu_init_threshold != "l0":
         out["jumprelu_init_threshold"] = float(args.saelens_jumprelu_init_threshold)
     return out

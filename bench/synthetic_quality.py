@@ -411,6 +411,7 @@ def main() -> None:
         "saelens_jumprelu": {
             "ste_to_input": args.saelens_jumprelu_ste_to_input,
             "init_threshold": args.saelens_jumprelu_init_threshold,
+            "pre_act_loss_coefficient": args.saelens_jumprelu_pre_act_coef,
         },
         "world": {
             "features": args.features,

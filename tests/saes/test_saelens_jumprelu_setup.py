@@ -41,3 +41,15 @@ def test_numeric_threshold_and_its_defaults_pass_through():
     assert sae.cfg.jumprelu_ste_to_input is False
     assert saelens_setup.set_jumprelu_threshold(sae, args, torch.randn(64, 16)) == pytest.approx(0.01)
     assert (sae.threshold == 0.01).all(), "a number is SAELens's own jumprelu_init_threshold, left as set"
+
+
+def test_pre_act_coefficient_reaches_saelens_and_is_off_by_default():
+    off = saelens_setup.training_sae(
+        "jumprelu", 16, 64, 4.0, l1=1.0, jumprelu=saelens_setup.jumprelu_settings(parse())
+    )
+    assert off.cfg.pre_act_loss_coefficient is None, "its default: no pre-activation loss"
+    args = parse("--saelens-jumprelu-pre-act-coef", "0.08")
+    on = saelens_setup.training_sae(
+        "jumprelu", 16, 64, 4.0, l1=1.0, jumprelu=saelens_setup.jumprelu_settings(args)
+    )
+    assert on.cfg.pre_act_loss_coefficient == pytest.approx(0.08)
