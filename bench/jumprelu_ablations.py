@@ -6,7 +6,8 @@
 
 Every ablation is a set of command-line flags of bench/synthetic_quality.py (`--ours-sae-option NAME=VALUE`
 for a constructor argument of `JumpReLUSAE`, `--ours-decoder-norm` / `--ours-free-decoder` for its class
-settings, `--ours-grad-clip`), so each row of the output records the exact command that reproduces it. SAELens
+settings, `--ours-grad-clip`) after the spelled-out BASELINE, so each row of the output records the exact command
+that reproduces it, and its commit. SAELens
 runs again beside every ablation (the same settings each time: the spread of its figures across rows is its
 run-to-run noise). The output file is rewritten after every run and a rerun skips the names it already holds
 (with the same common flags), so an interrupted sweep resumes.
@@ -31,8 +32,20 @@ def option(name: str, value) -> list[str]:
     return ["--ours-sae-option", f"{name}={value}"]
 
 
+BASELINE = [
+    *("--ours-decoder-norm", "0.1", "--ours-free-decoder", "1"),
+    *option("bandwidth", 0.005),
+    *option("init_threshold", 0.001),
+    *option("coef_rate", 0.02),
+    *option("pre_act_coef", 0),
+]
+"""The settings of 320af19 (decoder rows from 0.1, free; bandwidth 0.005; thresholds from 0.001; λ steered at
+0.02; no pre-activation loss), spelled out so that each command below reproduces its row whatever the defaults
+become: an ablation's own flags come after these and override them (argparse and `--ours-sae-option` keep the
+last value)."""
+
 ABLATIONS: dict[str, tuple[str, list[str]]] = {
-    "current": ("the defaults: decoder rows from 0.1, free; bandwidth 0.005; threshold 0.001", []),
+    "baseline": ("the settings of 320af19 (BASELINE)", []),
     "before_320af19": (
         "unit decoder rows held, bandwidth 0.001 (the settings before 320af19)",
         ["--ours-decoder-norm", "1", "--ours-free-decoder", "0", *option("bandwidth", 0.001)],
@@ -76,6 +89,26 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
 SUMMARY = ("mcc", "f1", "precision", "recall", "explained_variance", "l0", "dead_latents")
 
 
+def commit() -> str:
+    """HEAD, and the files of the SAE code that differ from it (the defaults an ablation is relative to)."""
+
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    dirty = git(
+        "diff",
+        "--name-only",
+        "HEAD",
+        "--",
+        "helpers/saes",
+        "bench/synthetic_quality.py",
+        "bench/saelens_setup.py",
+    )
+    return git("rev-parse", "--short", "HEAD") + (
+        f" + uncommitted {', '.join(dirty.split())}" if dirty else ""
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="", help=f"comma-separated names (default: all): {', '.join(ABLATIONS)}")
@@ -112,7 +145,7 @@ def main() -> None:
             )
     for name in tqdm([n for n in names if n not in result["runs"]], desc="ablations"):
         what, flags = ABLATIONS[name]
-        command = ["python", "bench/synthetic_quality.py", *common, *flags]
+        command = ["python", "bench/synthetic_quality.py", *common, *BASELINE, *flags]
         done = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"{shlex.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -121,6 +154,7 @@ def main() -> None:
         result["runs"][name] = {
             "what": what,
             "command": shlex.join(command),
+            "commit": commit(),
             "summary": {
                 lr: {who: {m: r[who][m] for m in SUMMARY} for who in ("ours", "saelens")}
                 for lr, r in runs.items()
