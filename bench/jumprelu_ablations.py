@@ -6,11 +6,11 @@
 
 Every ablation is a set of command-line flags of bench/synthetic_quality.py (`--ours-sae-option NAME=VALUE`
 for a constructor argument of `JumpReLUSAE`, `--ours-decoder-norm` / `--ours-free-decoder` for its class
-settings, `--ours-grad-clip`) after the spelled-out BASELINE, so each row of the output records the exact command
-that reproduces it, and its commit. SAELens
-runs again beside every ablation (the same settings each time: the spread of its figures across rows is its
-run-to-run noise). The output file is rewritten after every run and a rerun skips the names it already holds
-(with the same common flags), so an interrupted sweep resumes.
+settings, `--ours-grad-clip`) after the spelled-out BASELINE, so each row of the output records the exact
+command that reproduces it, and its commit. SAELens runs again beside every ablation (the same settings each
+time: the spread of its figures across rows is its run-to-run noise). The output file is rewritten after
+every run and a rerun skips the names it already holds (with the same common flags), so an interrupted sweep
+resumes.
 """
 
 from __future__ import annotations
