@@ -198,6 +198,30 @@ def _spmm(csr: Tensor, dense: Tensor) -> Tensor:
     return torch.addmm(out, csr, dense, beta=0, out=out)
 
 
+class _RowNorms(torch.autograd.Function):
+    """The norm of each row of W [d_sae, d_in] -> [d_sae]; backward W_j * (g_j / ||W_j||) in one pass over
+    W (autograd's norm backward takes three: multiply, divide, and a fill where a norm is 0)."""
+
+    @staticmethod
+    @_FP32
+    def forward(ctx, w: Tensor) -> Tensor:
+        norms = torch.linalg.vector_norm(w, dim=1)
+        ctx.save_for_backward(w, norms)
+        return norms
+
+    @staticmethod
+    @_BWD
+    def backward(ctx, g: Tensor):
+        w, norms = ctx.saved_tensors
+        scale = torch.where(norms > 0, g / norms, 0.0)  # a zero row's subgradient is 0, as autograd's
+        return w * scale.unsqueeze(1)
+
+
+def row_norms(w: Tensor) -> Tensor:
+    """`w.norm(dim=1)` (float32) with a cheaper backward (a penalty weighted by decoder rows' norms)."""
+    return _RowNorms.apply(w)
+
+
 def gather_pre(
     x: Tensor, b_dec: Tensor, W_enc_T: Tensor, bias: Tensor | None, pre: Tensor, p: Pattern
 ) -> Tensor:

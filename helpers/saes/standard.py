@@ -18,16 +18,18 @@ sets the sparsity of every architecture; it is held while the L0 already falls t
 (`coef_trend_horizon`: integrating during that fall only builds an overshoot, and each step of a larger λ
 costs explained variance through shrinkage). The step is sparse apart from the encoder's forward matmul: every
 term lives on the active set {pre > 0}. Early in training that set is half the latents; above
-kernels.DENSE_ABOVE the step is then plain dense maths (identical results, cheaper than sparse bookkeeping).
+kernels.DENSE_ABOVE the step is then dense maths with its backward written out (`_DenseStep`: five dense
+products instead of autograd's six; the same gradients within float rounding: test_standard_step.py).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.amp import custom_bwd, custom_fwd
 
 from helpers.saes.base import PenaltySAE, StepOutput
-from helpers.saes.kernels import DENSE_ABOVE, Pattern, gather_pre, recon_loss, sparse_decode
+from helpers.saes.kernels import DENSE_ABOVE, Pattern, gather_pre, recon_loss, row_norms, sparse_decode
 
 
 class StandardSAE(PenaltySAE):
@@ -60,24 +62,62 @@ class StandardSAE(PenaltySAE):
         return pre.relu(), pre
 
     def losses(self, x: Tensor, dead: Tensor) -> StepOutput:
-        norms = self.W_dec.norm(dim=1)  # [d_sae], differentiable: the penalty pulls on the rows' norms too
-        # The only dense matmul, once: with gradients for the dense path; the sparse path reads it detached
-        # and gathers its active entries with their own gradients.
-        pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)  # [n, d_sae]
-        with torch.no_grad():
+        norms = row_norms(self.W_dec)  # [d_sae], differentiable: the penalty pulls on the rows' norms too
+        with torch.no_grad():  # the only dense matmul of the sparse path, once; both paths read it detached
+            pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)  # [n, d_sae]
             active = pre > 0
-            dense = active.sum() > DENSE_ABOVE.get(x.device.type, 0.02) * active.numel()
-        if dense:  # early in training half the latents fire: plain dense maths beats building a Pattern
-            acts_dense = pre.relu()
-            x_hat = acts_dense @ self.W_dec + self.b_dec
-            l1 = (acts_dense * norms).sum() / len(x)
-            fired = active.sum(0)
+            # count_nonzero: a bool tensor's sum() first copies it to int64 (~30 ms at 1024 x 4608 on a CPU)
+            dense = int(torch.count_nonzero(active)) > DENSE_ABOVE.get(x.device.type, 0.02) * active.numel()
+        if dense:  # early in training half the latents fire: dense maths beats building a Pattern
+            mse, l1, x_hat = _DenseStep.apply(x, self.b_dec, self.W_enc_T, self.b_enc, self.W_dec, norms, pre)
+            fired = active.sum(0, dtype=torch.int32).long()  # int32 sums: ~5x faster than via int64
         else:
             p = Pattern.from_mask(active)
-            acts = gather_pre(x, self.b_dec, self.W_enc_T, self.b_enc, pre.detach(), p)  # [nnz], all > 0
+            acts = gather_pre(x, self.b_dec, self.W_enc_T, self.b_enc, pre, p)  # [nnz], all > 0
             x_hat = sparse_decode(acts, self.W_dec, p) + self.b_dec
             l1 = (acts * norms.index_select(0, p.col)).sum() / len(x)
             fired = torch.bincount(p.col, minlength=self.d_sae)
-        mse = recon_loss(x_hat, x)
+            mse = recon_loss(x_hat, x)
         terms = {"mse": mse.detach(), "l1": l1.detach()}
         return StepOutput(mse + self.sparsity_coef * l1, terms, x_hat.detach(), fired)
+
+
+class _DenseStep(torch.autograd.Function):
+    """(mse, l1, x_hat) of the standard SAE from pre = (x - b_dec) @ W_enc + b_enc computed without
+    autograd, with the backward written out: five dense products where autograd's graph takes six (b_dec's
+    gradient through the encoder needs only the column sums of the pre-activations' gradient, not the full
+    [n, d_in] product), and the penalty's gradient folded into the decoder product's bias. `norms` [d_sae]
+    are the decoder rows' norms (their gradient flows on through `row_norms`); l1 = sum_ij f_ij norms_j / n.
+    Under autocast the products run in its precision and the gradients return in the parameters' dtype."""
+
+    @staticmethod
+    @custom_fwd(device_type="cuda")
+    def forward(ctx, x, b_dec, W_enc_T, b_enc, W_dec, norms, pre):
+        n = len(x)
+        acts = pre.relu()  # [n, d_sae]
+        x_hat = (acts @ W_dec).float().add_(b_dec)  # [n, d_in] float32, as recon_loss's input
+        sums = acts.sum(0, dtype=torch.float32)  # [d_sae]: the penalty is linear in them
+        l1 = sums @ norms.float() / n
+        r = x_hat - x
+        mse = r.pow(2).sum(-1).mean()
+        ctx.save_for_backward(x, b_dec, W_enc_T, W_dec, norms, acts, r, sums)
+        ctx.mark_non_differentiable(x_hat)
+        ctx.param_dtype = W_dec.dtype
+        return mse, l1, x_hat
+
+    @staticmethod
+    @custom_bwd(device_type="cuda")
+    def backward(ctx, g_mse, g_l1, _):
+        x, b_dec, W_enc_T, W_dec, norms, acts, r, sums = ctx.saved_tensors
+        n = len(x)
+        d_x_hat = r * (2 * g_mse / n)  # [n, d_in]
+        d_acts = torch.addmm(norms * (g_l1 / n), d_x_hat, W_dec.t())  # [n, d_sae]: reconstruction + penalty
+        acts = acts.to(d_acts.dtype)  # a no-op unless forward ran under autocast and backward outside it
+        d_pre = torch.ops.aten.threshold_backward(d_acts, acts, 0)  # ReLU's gradient: 0 where f = 0
+        del d_acts
+        d_W_enc_T = d_pre.t() @ (x - b_dec)
+        d_b_enc = d_pre.sum(0, dtype=torch.float32)
+        d_b_dec = d_x_hat.sum(0) - (d_b_enc @ W_enc_T).float()
+        d_W_dec = acts.t() @ d_x_hat
+        w = ctx.param_dtype
+        return None, d_b_dec.to(w), d_W_enc_T.to(w), d_b_enc.to(w), d_W_dec.to(w), sums * (g_l1 / n), None
