@@ -83,7 +83,7 @@ GEMINI_PARAMS: dict[str, dict[str, Any]] = {
         "N_PER_PROMPT": 2,
         "JUDGE_BATCH": 10,
     },
-    # 3 smoke SAEs x 5 requests (explain, detection, fuzzing, and their baselines): above the default 12
+    # up to 3 smoke SAEs x 5 requests (explain, detection, fuzzing, and their baselines): above the default 12
     "04": {"MAX_GEMINI_REQUESTS": 40},
     # one judge request per steering condition; room for every condition and follow-ups
     "05": {"MAX_JUDGE_REQUESTS": 40},
@@ -839,6 +839,7 @@ def check_features(result: PassResult, run: Path, server: Any) -> None:
     if not check(tables, "no features/*.jsonl"):
         return
     from_gemini = n_scores = 0
+    unscored: dict[str, int] = {}  # "<table>: <why>" -> explained features' score lists not asked for
     for table in tables:
         rows = read_jsonl(table)
         check(rows, f"features/{table.name} is empty")
@@ -860,18 +861,23 @@ def check_features(result: PassResult, run: Path, server: Any) -> None:
                 f"{where}: explanation {r['explanation']!r} is not what the server answered for this feature",
             )
             for key in ("detection", "detection_baseline", "fuzzing", "fuzzing_baseline"):
-                if str(r.get(f"{key}_source", "")).startswith("gemini:"):
-                    n_scores += 1
-                    scores = (r.get(key) or {}).get("scores")
-                    check(
-                        scores in server.scores.get(r["feature"], []),
-                        f"{where}: {key} scores {scores} are not what the server answered",
-                    )
+                source = str(r.get(f"{key}_source", ""))
+                if not source.startswith("gemini:"):
+                    why = f"{table.stem}: {source}"
+                    unscored[why] = unscored.get(why, 0) + 1
+                    continue
+                n_scores += 1
+                scores = (r.get(key) or {}).get("scores")
+                check(
+                    scores in server.scores.get(r["feature"], []),
+                    f"{where}: {key} scores {scores} are not what the server answered",
+                )
     if server is not None:
         check(from_gemini, "gemini pass: no feature explained by Gemini in features/*.jsonl")
         result.notes.append(
             f"features/*.jsonl: {from_gemini} Gemini explanations and {n_scores} Gemini score lists, checked "
             "against the fake Gemini's answers"
+            + "".join(f"; {n} not scored ({why})" for why, n in sorted(unscored.items()))
         )
 
 
