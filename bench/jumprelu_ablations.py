@@ -1,7 +1,7 @@
 """Ablations of our JumpReLU on the synthetic world, each a run of bench/synthetic_quality.py with flags.
 
     python bench/jumprelu_ablations.py                                   # all, 1M samples, lr 3e-3
-    python bench/jumprelu_ablations.py --only current,token_penalty --tokens 5000000 --pool 500000 \\
+    python bench/jumprelu_ablations.py --only baseline,token_penalty --tokens 5000000 --pool 500000 \\
         --lrs 1e-3,3e-3 --out bench/results/synthetic_quality_cpu_jumprelu_ablations_5m.json
 
 Every ablation is a set of command-line flags of bench/synthetic_quality.py (`--ours-sae-option NAME=VALUE`
