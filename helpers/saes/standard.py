@@ -55,21 +55,38 @@ class StandardSAE(PenaltySAE):
         the L0 error per step (0 keeps λ fixed, as in SAELens)."""
         super().__init__(d_in, d_sae, l0=l0, sparsity_coef=sparsity_coef, coef_rate=coef_rate, seed=seed)
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self._pre_buffer: Tensor | None = None  # _pre_activations' reused output (not state)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self.check_input(x)
         pre = (x - self.b_dec) @ self.W_enc + self.b_enc
         return pre.relu(), pre
 
+    def _pre_activations(self, x: Tensor) -> Tensor:
+        """(x - b_dec) @ W_enc + b_enc [n, d_sae] without autograd. Outside autocast into a buffer kept from
+        the last step of the same shape: a fresh 19 MB tensor (1024 x 4608) costs ~4 ms of page faults
+        on a CPU each step. A step's backward that still needs the last one's values (its `_DenseStep`
+        saved them) fails on the in-place change rather than reading new ones."""
+        if torch.is_autocast_enabled(x.device.type):  # out= would skip autocast's low precision
+            return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
+        shape = (len(x), self.d_sae)
+        buf = self._pre_buffer
+        if buf is None or buf.shape != shape or buf.device != x.device or buf.dtype != self.W_enc_T.dtype:
+            buf = self._pre_buffer = torch.empty(shape, device=x.device, dtype=self.W_enc_T.dtype)
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc, out=buf)
+
     def losses(self, x: Tensor, dead: Tensor) -> StepOutput:
         norms = row_norms(self.W_dec)  # [d_sae], differentiable: the penalty pulls on the rows' norms too
         with torch.no_grad():  # the only dense matmul of the sparse path, once; both paths read it detached
-            pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)  # [n, d_sae]
+            pre = self._pre_activations(x)  # [n, d_sae]
             active = pre > 0
             # count_nonzero: a bool tensor's sum() first copies it to int64 (~30 ms at 1024 x 4608 on a CPU)
             dense = int(torch.count_nonzero(active)) > DENSE_ABOVE.get(x.device.type, 0.02) * active.numel()
         if dense:  # early in training half the latents fire: dense maths beats building a Pattern
-            mse, l1, x_hat = _DenseStep.apply(x, self.b_dec, self.W_enc_T, self.b_enc, self.W_dec, norms, pre)
+            acts = pre.relu_()  # in place: `active` already holds the signs
+            mse, l1, x_hat = _DenseStep.apply(
+                x, self.b_dec, self.W_enc_T, self.b_enc, self.W_dec, norms, acts
+            )
             fired = active.sum(0, dtype=torch.int32).long()  # int32 sums: ~5x faster than via int64
         else:
             p = Pattern.from_mask(active)
@@ -83,7 +100,7 @@ class StandardSAE(PenaltySAE):
 
 
 class _DenseStep(torch.autograd.Function):
-    """(mse, l1, x_hat) of the standard SAE from pre = (x - b_dec) @ W_enc + b_enc computed without
+    """(mse, l1, x_hat) of the standard SAE from acts = ReLU((x - b_dec) @ W_enc + b_enc) computed without
     autograd, with the backward written out: five dense products where autograd's graph takes six (b_dec's
     gradient through the encoder needs only the column sums of the pre-activations' gradient, not the full
     [n, d_in] product), and the penalty's gradient folded into the decoder product's bias. `norms` [d_sae]
@@ -92,9 +109,8 @@ class _DenseStep(torch.autograd.Function):
 
     @staticmethod
     @custom_fwd(device_type="cuda")
-    def forward(ctx, x, b_dec, W_enc_T, b_enc, W_dec, norms, pre):
+    def forward(ctx, x, b_dec, W_enc_T, b_enc, W_dec, norms, acts):
         n = len(x)
-        acts = pre.relu()  # [n, d_sae]
         x_hat = (acts @ W_dec).float().add_(b_dec)  # [n, d_in] float32, as recon_loss's input
         sums = acts.sum(0, dtype=torch.float32)  # [d_sae]: the penalty is linear in them
         l1 = sums @ norms.float() / n
@@ -113,8 +129,8 @@ class _DenseStep(torch.autograd.Function):
         d_x_hat = r * (2 * g_mse / n)  # [n, d_in]
         d_acts = torch.addmm(norms * (g_l1 / n), d_x_hat, W_dec.t())  # [n, d_sae]: reconstruction + penalty
         acts = acts.to(d_acts.dtype)  # a no-op unless forward ran under autocast and backward outside it
-        d_pre = torch.ops.aten.threshold_backward(d_acts, acts, 0)  # ReLU's gradient: 0 where f = 0
-        del d_acts
+        # ReLU's gradient, 0 where f = 0, in place (an elementwise op may write over its input)
+        d_pre = torch.ops.aten.threshold_backward.grad_input(d_acts, acts, 0, grad_input=d_acts)
         d_W_enc_T = d_pre.t() @ (x - b_dec)
         d_b_enc = d_pre.sum(0, dtype=torch.float32)
         d_b_dec = d_x_hat.sum(0) - (d_b_enc @ W_enc_T).float()
