@@ -113,7 +113,7 @@ class _DenseStep(torch.autograd.Function):
         n = len(x)
         x_hat = (acts @ W_dec).float().add_(b_dec)  # [n, d_in] float32, as recon_loss's input
         sums = acts.sum(0, dtype=torch.float32)  # [d_sae]: the penalty is linear in them
-        l1 = sums @ norms.float() / n
+        l1 = (sums * norms).sum() / n  # elementwise: a 1-D matmul would autocast to float16 and overflow
         r = x_hat - x
         mse = r.pow(2).sum(-1).mean()
         ctx.save_for_backward(x, b_dec, W_enc_T, W_dec, norms, acts, r, sums)
@@ -133,7 +133,8 @@ class _DenseStep(torch.autograd.Function):
         d_pre = torch.ops.aten.threshold_backward.grad_input(d_acts, acts, 0, grad_input=d_acts)
         d_W_enc_T = d_pre.t() @ (x - b_dec)
         d_b_enc = d_pre.sum(0, dtype=torch.float32)
-        d_b_dec = d_x_hat.sum(0) - (d_b_enc @ W_enc_T).float()
+        with torch.autocast(x.device.type, enabled=False):  # a column sum's scale overflows float16
+            d_b_dec = d_x_hat.sum(0) - d_b_enc @ W_enc_T.float()
         d_W_dec = acts.t() @ d_x_hat
         w = ctx.param_dtype
         return None, d_b_dec.to(w), d_W_enc_T.to(w), d_b_enc.to(w), d_W_dec.to(w), sums * (g_l1 / n), None

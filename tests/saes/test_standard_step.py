@@ -77,21 +77,30 @@ def test_training_ends_where_autograd_of_the_plain_loss_ends(dense, monkeypatch)
     assert float(ours.sae.sparsity_coef) == pytest.approx(float(plain.sae.sparsity_coef), rel=1e-6)
 
 
-def test_dense_step_under_autocast_gives_float32_gradients_close_to_autograds(monkeypatch):
-    """bfloat16 autocast (CPU's; a T4 runs the same code in float16): the products in low precision, the
-    gradients back in the parameters' float32, within bfloat16's rounding of autograd's."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dense_step_under_autocast_gives_float32_gradients_close_to_autograds(dtype, monkeypatch):
+    """Autocast (a T4 trains in float16, newer GPUs in bfloat16; CPU autocast takes the same code): the
+    products in low precision, the gradients back in the parameters' float32, within its rounding of
+    autograd's; inputs large enough that the batch's penalty sum overflows float16 (65504) unless it is
+    summed in float32."""
     monkeypatch.setitem(kernels.DENSE_ABOVE, "cpu", 0.0)
-    x = world(256, seed=1) * 2
+    x = world(256, seed=1) * 40
     sae = StandardSAE(D_IN, D_SAE, l0=4, seed=3)
     with torch.no_grad():
         sae.b_dec.copy_(x.mean(0))
-    grads = []
+        sae.W_dec.mul_(10)  # rows of norm 1 (not 0.1): the penalty sum grows 100x
+        sae.W_enc_T.mul_(10)
+    grads, terms = [], []
     for losses in (StandardSAE.losses, autograd_losses):
         sae.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype):
             out = losses(sae, x, torch.zeros(D_SAE, dtype=torch.bool))
         out.loss.backward()
         grads.append({n: p.grad for n, p in sae.named_parameters()})
+        terms.append(out.terms)
+    assert float(terms[1]["l1"]) * len(x) > 65504  # the overflow this guards against would happen
+    for name in ("mse", "l1"):
+        torch.testing.assert_close(terms[0][name], terms[1][name], rtol=0.02, atol=0.0, msg=name)
     for name, g in grads[0].items():
         assert g.dtype == torch.float32, name
         torch.testing.assert_close(g, grads[1][name], rtol=0.05, atol=0.02 * float(g.abs().max()), msg=name)
