@@ -115,3 +115,14 @@ def test_row_norms_gradient_is_autograds_and_zero_for_a_zero_row():
     (ref.norm(dim=1) * g).sum().backward()
     torch.testing.assert_close(ours.grad, ref.grad)
     assert not ours.grad[2].any()
+
+
+def test_a_second_forward_before_the_first_backward_fails_rather_than_mixing_the_batches(monkeypatch):
+    """The pre-activations go into a buffer reused from step to step: the first loss's backward, after a
+    second forward overwrote it, raises autograd's in-place error instead of using the second batch."""
+    monkeypatch.setitem(kernels.DENSE_ABOVE, "cpu", 0.0)
+    sae, x = StandardSAE(D_IN, D_SAE, l0=4), world(64)
+    first = sae.losses(x, torch.zeros(D_SAE, dtype=torch.bool))
+    sae.losses(x * 2, torch.zeros(D_SAE, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        first.loss.backward()
