@@ -24,6 +24,12 @@ The decoder's rows start at norm 0.1 and move freely (SAELens's `decoder_init_no
 family trains; the encoder starts as their transpose; the saved SAE folds the norms in), with ε = 0.005:
 against unit rows held and ε = 0.001, better ground-truth recovery at the same held-out explained variance
 (README, Measured).
+
+Dead latents (none fired for the trainer's `dead_after` tokens) get Anthropic's pre-activation loss,
+`pre_act_coef` · Σ_dead relu(θ - pre) ‖W_dec row‖ averaged over tokens (SAELens's `pre_act_loss_coefficient`,
+off by default there), which lowers their θ and raises their pre-activations until they fire again: on the
+synthetic world (bench/jumprelu_ablations.py) it left 9 of 512 latents dead instead of 137, and raised the
+ground-truth MCC and F1 above SAELens's at the same L0.
 """
 
 from __future__ import annotations
@@ -89,7 +95,7 @@ class JumpReLUSAE(PenaltySAE):
         sparsity_coef: float = 1e-2,
         coef_rate: float = 0.02,
         l0_penalty: str = "batch",
-        pre_act_coef: float = 0.0,
+        pre_act_coef: float = 1e-2,
         seed: int = 0,
     ):
         """`l0`: target L0; `bandwidth`: ε of the STE; `sparsity_coef`: initial λ; `coef_rate`: how fast

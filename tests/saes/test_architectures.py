@@ -59,7 +59,12 @@ def dense_reference_loss(sae, x: torch.Tensor, dead: torch.Tensor) -> torch.Tens
         theta = sae.threshold.expand_as(pre)
         x_hat = _JumpReLU.apply(pre, theta, sae.bandwidth) @ sae.W_dec + sae.b_dec
         l0 = _Step.apply(pre, theta, sae.bandwidth).sum(-1).mean()
-        return mse(x_hat) + sae.sparsity_coef * (l0 - sae.target_l0) ** 2 / sae.target_l0
+        pre_act = ((theta - pre).relu() * dead * sae.W_dec.norm(dim=1)).sum(-1).mean()  # Anthropic's
+        return (
+            mse(x_hat)
+            + sae.sparsity_coef * (l0 - sae.target_l0) ** 2 / sae.target_l0
+            + sae.pre_act_coef * pre_act
+        )
     pi_gate = pre + sae.b_gate
     pi_mag = (x - sae.b_dec) @ (sae.W_enc * sae.r_mag.exp()) + sae.b_mag
     x_hat = ((pi_gate > 0) * pi_mag.relu()) @ sae.W_dec + sae.b_dec
