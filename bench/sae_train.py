@@ -21,6 +21,8 @@ d_sae = 8 x 576 = 4608, the same batch size, token budget, learning rate and sch
 its most careful user would set it up for a run this short: TopK and BatchTopK on its sparse path
 (`use_sparse_activations=True`, which
 needs `rescale_acts_by_decoder_norm=False`: with the default True it fails in backward on torch 2.13),
+Matryoshka BatchTopK with our nested widths as its `matryoshka_widths` (its `use_matryoshka_aux_loss`
+at its default, off: plain AuxK over all latents, as ours),
 fp32 without autocast as its docstring asks for that path; its dead-latent window
 (`dead_feature_window`, default 1000 steps, longer than the run, so its AuxK never acted) set to the
 tokens ours uses (`TrainConfig.dead_after`, 1/20 of the run); b_dec starting at the geometric median of
@@ -32,7 +34,7 @@ back); the standard SAE
 with `--l1` (SAELens's `l1_coefficient`). Steps are timed in alternating chunks (SAELens, ours, a plain
 matmul of the encoder's shape), so a machine whose load changes (other jobs on a shared CPU) slows all
 alike. SAELens is driven through its `SAETrainer.step` exactly as its `fit()` does, on an iterator of
-our batches. For TopK and BatchTopK both get k; for JumpReLU and standard SAELens runs first and ours
+our batches. For the k-sparse family both get k; for JumpReLU and standard SAELens runs first and ours
 then targets the L0 SAELens reached, so quality is compared at matched sparsity. Evaluation (explained
 variance, L0, dead fraction on held-out tokens, each SAE on the held-out tokens at its own input scale:
 the metrics do not depend on it) uses `helpers.saes.evals.activation_metrics` for both, and
@@ -74,6 +76,7 @@ from helpers.run import activations_dir, corpus_dir, stable_hash  # noqa: E402
 from helpers.saes.base import geometric_median  # noqa: E402
 from helpers.saes.evals import activation_metrics  # noqa: E402
 from helpers.saes.io import load_sae  # noqa: E402
+from helpers.saes.matryoshka_batchtopk import MatryoshkaBatchTopKSAE  # noqa: E402
 from helpers.saes.train import TrainConfig, Trainer, batches  # noqa: E402
 
 BENCH_CORPUS = "builtin:corpus"
@@ -137,10 +140,20 @@ class SAELensTrainer:
     """SAELens 6.x's `SAETrainer`, fed our batches (already at its input scale) and stepped exactly as its
     `fit()` loop does, configured as its most careful user would (see the module docstring)."""
 
-    def __init__(self, cfg: TrainConfig, b_dec: torch.Tensor, x0: torch.Tensor, args, *, autocast: bool):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        b_dec: torch.Tensor,
+        x0: torch.Tensor,
+        args,
+        *,
+        autocast: bool,
+        widths: list[int] | None = None,
+    ):
         """SAELens's SAE for `cfg`'s architecture, k (or target L0) and width, b_dec starting at `b_dec`
         (at its input scale), its dead-latent window at ours (`cfg.dead_after` tokens, in steps); JumpReLU
-        as `saelens_setup.add_jumprelu_flags` says (`x0`: the init tokens at its scale)."""
+        as `saelens_setup.add_jumprelu_flags` says (`x0`: the init tokens at its scale); Matryoshka with
+        the nested `widths` (ours)."""
         d_in, device = len(b_dec), args.device
         # TopK/BatchTopK: its sparse path where it applies (fp32, no autocast); bench/saelens_setup.py
         sae = saelens_setup.training_sae(
@@ -151,6 +164,7 @@ class SAELensTrainer:
             l1=args.l1,
             device=device,
             sparse=not autocast,
+            widths=widths,
             jumprelu=saelens_setup.jumprelu_settings(args),
         )
         with torch.no_grad():  # start where ours starts (its own default is zeros)
@@ -206,9 +220,20 @@ def metrics(sae, held: torch.Tensor, device: str) -> dict:
     }
 
 
-THRESHOLDED = ("batchtopk",)
+K_SPARSE = ("topk", "batchtopk", "matryoshka_batchtopk")
+"""Architectures trained at a fixed k: SAELens's and ours alternate chunk by chunk on the same batches."""
+
+THRESHOLDED = ("batchtopk", "matryoshka_batchtopk")
 """Architectures whose inference rule is f = pre · H(pre - θ) with one global θ set apart from training
-(BatchTopK: ours and SAELens's both save it as a JumpReLU with θ in every latent)."""
+(BatchTopK and Matryoshka BatchTopK: ours and SAELens's both save it as a JumpReLU with θ in every
+latent)."""
+
+
+def nested_widths(ours: Trainer) -> list[int] | None:
+    """Our Matryoshka SAE's nested prefix widths (SAELens's `matryoshka_widths` gets the same); None for
+    the other architectures."""
+    return list(ours.sae.widths) if isinstance(ours.sae, MatryoshkaBatchTopKSAE) else None
+
 
 CURVE_L0S = (16, 24, 40, 48)
 """Further mean L0s at which `l0_curve` measures each thresholded SAE (besides k and both SAEs' own)."""
@@ -300,9 +325,7 @@ def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path)
     encoder's shape after it (the machine's dense rate at that moment)."""
     d_in, device = train.shape[1], args.device
     precision = "fp32" if device == "cpu" else args.dtype
-    options = (
-        {"auxk_coef": args.auxk_coef} if args.auxk_coef is not None and arch in ("topk", "batchtopk") else {}
-    )
+    options = {"auxk_coef": args.auxk_coef} if args.auxk_coef is not None and arch in K_SPARSE else {}
     if args.ours_coef_rate is not None and arch in ("standard", "gated", "jumprelu"):
         options["coef_rate"] = args.ours_coef_rate
     cfg = TrainConfig(
@@ -322,16 +345,17 @@ def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path)
     ours = our_run(ours_cfg, x0, device)
     scale, lens_scale = ours.scale, saelens_setup.saelens_scale(x0)
     b_dec = geometric_median(x0.to(device) * lens_scale)
-    lens = SAELensTrainer(cfg, b_dec, x0 * lens_scale, args, autocast=precision == "bf16")
+    widths = nested_widths(ours)
+    lens = SAELensTrainer(cfg, b_dec, x0 * lens_scale, args, autocast=precision == "bf16", widths=widths)
     W = torch.randn(d_in, cfg.expansion * d_in, device=device) / d_in**0.5
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     data = stream(train, cfg.batch_size, args.seed)
     batches = [next(data) for _ in range(cfg.total_steps)]
     chunks = [batches[i : i + args.chunk] for i in range(0, len(batches), args.chunk)]
-    # TopK/BatchTopK: k is fixed, so the two alternate chunk by chunk. JumpReLU/standard/Gated: SAELens runs
-    # first and ours then targets the L0 SAELens reached (matched sparsity); the matmul timed beside each
-    # chunk corrects for load changes between the two phases.
-    sequential = arch not in ("topk", "batchtopk")
+    # The k-sparse family: k is fixed, so the two alternate chunk by chunk. JumpReLU/standard/Gated: SAELens
+    # runs first and ours then targets the L0 SAELens reached (matched sparsity); the matmul timed beside
+    # each chunk corrects for load changes between the two phases.
+    sequential = arch not in K_SPARSE
     who_all = ("saelens", "ours")
     plan = (
         [(w, c) for w in who_all for c in chunks] if sequential else [(w, c) for c in chunks for w in who_all]
@@ -377,6 +401,7 @@ def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path)
             "input_norm": ours.input_norm,
             "input_scale": round(scale, 5),
             **({"calibration": calibration} if calibration else {}),
+            **({"matryoshka_widths": widths} if widths else {}),
             **metrics(ours.sae, held * scale, device),
         },
         "saelens": {
@@ -384,6 +409,8 @@ def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path)
             "lr": cfg.lr,
             "input_scale": round(lens_scale, 5),
             **({"use_sparse_activations": precision != "bf16"} if not sequential else {}),
+            **({"matryoshka_widths": list(lens.trainer.sae.cfg.matryoshka_widths)} if widths else {}),
+            **({"use_matryoshka_aux_loss": lens.trainer.sae.cfg.use_matryoshka_aux_loss} if widths else {}),
             **evals["saelens"],
         },
         "saelens_settings": {
@@ -425,7 +452,7 @@ def targets(results: dict) -> dict:
     """Issue 25's targets on the measured figures: quality >= SAELens configured at its best (same data,
     tokens, and L0), tokens/s >= 3x its in the same run."""
     checks = {}
-    for arch in ("topk", "batchtopk", "jumprelu", "standard", "gated"):
+    for arch in ("topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "standard", "gated"):
         if t := results.get(arch):
             best = t["saelens"]
             checks[f"{arch}_speed_3x"] = t["speedup_load_corrected"] >= 3
@@ -500,7 +527,8 @@ def memory_run(data_dir: Path, layer: int, args) -> dict:
     }
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The bench's command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--data-dir", default="/tmp/sae_bench_data", help="where the captured activations are cached"
@@ -542,7 +570,11 @@ def main() -> None:
     p.add_argument("--memory", action="store_true", help="also run the larger-than-buffer streaming test")
     p.add_argument("--memory-gb", type=float, default=3.0)
     p.add_argument("--buffer-mb", type=int, default=128)
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     saelens_setup.apply_class_ablations(args)

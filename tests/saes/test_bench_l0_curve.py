@@ -68,3 +68,37 @@ def test_a_zero_threshold_is_refused():
     run = Trainer(cfg, d_in=16)
     with pytest.raises(ValueError, match="positive threshold"):
         l0_curve(run.sae, torch.randn(64, 16), "cpu", [4.0])
+
+
+def test_matryoshka_comparison_gives_saelens_our_nested_widths_and_matches_l0(tmp_path):
+    """bench/sae_train.py's Matryoshka row end to end on a tiny store: SAELens's MatryoshkaBatchTopK trains
+    with exactly our prefixes (read back from its own config), the two alternate on the same batches, and
+    both are measured at the same held-out L0s."""
+    from bench.sae_train import compare, parser
+
+    torch.manual_seed(0)
+    acts = torch.randn(2304, 16) * torch.linspace(0.2, 3, 16) + 1
+    args = parser().parse_args(
+        [
+            "--archs",
+            "matryoshka_batchtopk",
+            "--tokens",
+            "512",
+            "--batch-size",
+            "64",
+            "--k",
+            "8",
+            "--chunk",
+            "2",
+            "--seed",
+            "0",
+        ]
+    )
+    out = compare("matryoshka_batchtopk", acts[:2048], acts[2048:], args, tmp_path)
+    assert out["ours"]["matryoshka_widths"] == [2, 8, 32, 128], "ours: d_sae/64, /16, /4, d_sae"
+    assert out["saelens"]["matryoshka_widths"] == out["ours"]["matryoshka_widths"]
+    assert out["schedule"] == "alternating chunks" and out["steps"] == 8
+    for who in ("ours", "saelens"):
+        exact = {r["l0_target"]: r["l0"] for r in out[who]["l0_curve"]}
+        assert all(abs(exact[t] - t) < 1e-3 for t in exact), exact
+    assert set(out["ev_at_matched_l0"]) == {"k", "ours_l0", "saelens_l0"}
