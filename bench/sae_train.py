@@ -283,6 +283,51 @@ def l0_curve(sae, held: torch.Tensor, device: str, l0s) -> list[dict]:
 
 
 @torch.no_grad()
+def gate_top(sae, held: torch.Tensor, device: str, want: int) -> torch.Tensor:
+    """The `want` largest gate pre-activations π_gate = (x - b_dec) W_enc + b_gate of a Gated SAE over every
+    held-out token and latent whose magnitude ReLU(π_mag) is positive (only those fire when the gate
+    opens), descending; a running top-`want`, as `ratio_top`."""
+    top = torch.empty(0, device=device)
+    for x in held.split(4096):
+        z = (x.to(device) - sae.b_dec) @ sae.W_enc
+        gate = z + sae.b_gate
+        mag = z * sae.r_mag.exp() + sae.b_mag
+        v = gate.masked_fill(mag <= 0, -torch.inf).flatten()
+        top = torch.cat([top, v.topk(min(want, len(v)), sorted=False).values])
+        top = top.topk(min(want, len(top)), sorted=False).values
+    return top.sort(descending=True).values
+
+
+@torch.no_grad()
+def gated_l0_curve(sae, held: torch.Tensor, device: str, l0s) -> list[dict]:
+    """`l0_curve` for a Gated SAE: every gate bias b_gate lowered by one common offset c, so that exactly
+    round(L0 · n) of the held-out tokens' activations fire (c midway between two consecutive sorted π_gate
+    of `gate_top`); the magnitudes are untouched. The same treatment for ours and SAELens's (read back by
+    our loader, as a Gated SAE of ours); b_gate is restored afterwards."""
+    n, b_gate = len(held), sae.b_gate.detach().clone()
+    top = gate_top(sae, held, device, round(max(l0s) * n) + 1)
+    rows = []
+    try:
+        for l0 in sorted(set(l0s)):
+            m = round(l0 * n)
+            if not bool(torch.isfinite(top[m])):
+                raise ValueError(f"fewer than {m + 1} activations can fire: L0 {l0} is out of reach")
+            c = float((top[m - 1] + top[m]) / 2)
+            sae.b_gate.copy_(b_gate - c)
+            r = activation_metrics(sae, held.split(4096), device=device)
+            rows.append(
+                {
+                    "l0_target": round(l0, 4),
+                    "gate_offset": round(c, 5),
+                    **{k: round(r[k], 4) for k in ("explained_variance", "l0", "dead_fraction")},
+                }
+            )
+    finally:
+        sae.b_gate.copy_(b_gate)
+    return rows
+
+
+@torch.no_grad()
 def calibrations(ours: Trainer, batches: list[torch.Tensor], train: torch.Tensor, held, device) -> dict:
     """Our BatchTopK's θ from each candidate pool, and the held-out L0 and explained variance it gives:
     the running mean at the end of training; the first `init_tokens` tokens in store order (the first
@@ -311,7 +356,8 @@ def calibrations(ours: Trainer, batches: list[torch.Tensor], train: torch.Tensor
 
 
 def matched_l0(t: dict) -> dict:
-    """Both SAEs' held-out EV at L0 = k and at each one's own inference L0, from their `l0_curve`s."""
+    """Both SAEs' held-out EV at L0 = k (Gated: ours's target, SAELens's L0 rounded) and at each one's own
+    inference L0, from their `l0_curve`s."""
     at = lambda who, l0: next(r for r in t[who]["l0_curve"] if r["l0_target"] == round(l0, 4))  # noqa: E731
     points = {"k": t["ours"]["l0_target"], "ours_l0": t["ours"]["l0"], "saelens_l0": t["saelens"]["l0"]}
     return {
@@ -426,11 +472,13 @@ def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path)
             seconds["saelens"] * rate["saelens"] / (seconds["ours"] * rate["ours"]), 2
         ),
     }
-    if arch in THRESHOLDED:  # both at the same mean L0s on held-out tokens (see l0_curve)
-        out["calibrations_of_ours"] = studied
-        l0s = {cfg.l0, out["ours"]["l0"], out["saelens"]["l0"], *CURVE_L0S}
-        out["ours"]["l0_curve"] = l0_curve(ours.sae, held * scale, device, l0s)
-        out["saelens"]["l0_curve"] = l0_curve(lens_sae, held * lens_scale, device, l0s)
+    if arch in THRESHOLDED or arch == "gated":  # both at the same mean L0s on held-out tokens (l0_curve)
+        if arch in THRESHOLDED:
+            out["calibrations_of_ours"] = studied
+        curve = gated_l0_curve if arch == "gated" else l0_curve
+        l0s = {ours_cfg.l0, out["ours"]["l0"], out["saelens"]["l0"], *CURVE_L0S}
+        out["ours"]["l0_curve"] = curve(ours.sae, held * scale, device, l0s)
+        out["saelens"]["l0_curve"] = curve(lens_sae, held * lens_scale, device, l0s)
         out["ev_at_matched_l0"] = matched_l0(out)
     if arch == "topk":  # the encoder's forward matmul is all the dense work a sparse TopK step must do
         out["ours"]["step_gflop_per_s"] = round(flops * cfg.total_steps / seconds["ours"] / 1e9, 1)

@@ -102,3 +102,37 @@ def test_matryoshka_comparison_gives_saelens_our_nested_widths_and_matches_l0(tm
         exact = {r["l0_target"]: r["l0"] for r in out[who]["l0_curve"]}
         assert all(abs(exact[t] - t) < 1e-3 for t in exact), exact
     assert set(out["ev_at_matched_l0"]) == {"k", "ours_l0", "saelens_l0"}
+
+
+def test_gated_curve_hits_each_l0_exactly_on_saelens_gated_and_agrees_with_saelens_own_sae(tmp_path):
+    """`gated_l0_curve` on SAELens's Gated SAE (saved by it, read back by our loader): every gate bias
+    lowered by one offset fires exactly the asked L0, SAELens's own SAE at that offset rebuilds the same,
+    and b_gate is restored."""
+    import sae_lens
+
+    from bench.sae_train import gated_l0_curve
+
+    torch.manual_seed(0)
+    sae = saelens_setup.training_sae("gated", 16, 64, 4.0, l1=1.0)
+    with torch.no_grad():  # magnitudes that are not all positive where the gate opens
+        sae.b_mag.normal_(0, 0.5)
+        sae.r_mag.normal_(0, 0.3)
+        sae.b_gate.normal_(0, 0.5)
+        sae.W_dec.mul_(torch.rand(64, 1) + 0.5)  # decoder norms SAELens folds into b_gate when saving
+    sae.save_inference_model(tmp_path)
+    ours_view, theirs = load_sae(tmp_path).sae, sae_lens.SAE.load_from_disk(str(tmp_path), device="cpu")
+    x = torch.randn(512, 16) * 2 + 0.5
+    b_gate = ours_view.b_gate.detach().clone()
+    rows = gated_l0_curve(ours_view, x, "cpu", [2.0, 4.0, 6.5])
+    assert [r["l0"] for r in rows] == [2.0, 4.0, 6.5]
+    assert torch.equal(ours_view.b_gate, b_gate), "b_gate restored"
+    for r in rows:
+        with torch.no_grad():
+            theirs.b_gate.copy_(b_gate - r["gate_offset"])
+            acts = theirs.encode(x)
+            x_hat = theirs.decode(acts)
+        assert float((acts > 0).float().sum(1).mean()) == r["l0"]
+        ev = 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        assert float(ev) == pytest.approx(r["explained_variance"], abs=1e-4)
+    with pytest.raises(ValueError, match="out of reach"):
+        gated_l0_curve(ours_view, x, "cpu", [63.0])
