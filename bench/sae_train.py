@@ -255,31 +255,42 @@ def ratio_top(sae, held: torch.Tensor, device: str, want: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def matched_curve(sae, held: torch.Tensor, device: str, l0s, top, knob, at, key: str) -> list[dict]:
+    """Held-out explained variance of `sae` at each mean L0 in `l0s`, exactly: `knob` (a parameter of the
+    SAE) is set to `at(knob, v)`, with v midway between the round(L0 · n)-th and next of `top` (descending:
+    the values v at which each held-out activation starts to fire); `knob` is restored afterwards. Each
+    row records v under `key`."""
+    n, saved = len(held), knob.detach().clone()
+    rows = []
+    try:
+        for l0 in sorted(set(l0s)):
+            m = round(l0 * n)
+            if not bool(torch.isfinite(top[m])):
+                raise ValueError(f"fewer than {m + 1} activations can fire: L0 {l0} is out of reach")
+            v = float((top[m - 1] + top[m]) / 2)
+            knob.copy_(at(saved, v))
+            r = activation_metrics(sae, held.split(4096), device=device)
+            rows.append(
+                {
+                    "l0_target": round(l0, 4),
+                    key: round(v, 5),
+                    **{k: round(r[k], 4) for k in ("explained_variance", "l0", "dead_fraction")},
+                }
+            )
+    finally:
+        knob.copy_(saved)
+    return rows
+
+
+@torch.no_grad()
 def l0_curve(sae, held: torch.Tensor, device: str, l0s) -> list[dict]:
     """Held-out explained variance of `sae` at each mean L0 in `l0s`, exactly: its threshold vector θ
     scaled by the s that lets exactly round(L0 · n) of the held-out tokens' activations through (s midway
     between two consecutive sorted pre / θ). Scaling θ is a global threshold in training units for ours
     (one θ everywhere) and SAELens's (the same value in every latent: its `process_state_dict_for_saving_
     inference`), so both get the same treatment; θ is restored afterwards."""
-    n, theta = len(held), sae.threshold.detach().clone()
-    top = ratio_top(sae, held, device, round(max(l0s) * n) + 1)
-    rows = []
-    try:
-        for l0 in sorted(set(l0s)):
-            m = round(l0 * n)
-            s = float((top[m - 1] + top[m]) / 2)
-            sae.threshold.copy_(theta * s)
-            r = activation_metrics(sae, held.split(4096), device=device)
-            rows.append(
-                {
-                    "l0_target": round(l0, 4),
-                    "threshold_scale": round(s, 5),
-                    **{k: round(r[k], 4) for k in ("explained_variance", "l0", "dead_fraction")},
-                }
-            )
-    finally:
-        sae.threshold.copy_(theta)
-    return rows
+    top = ratio_top(sae, held, device, round(max(l0s) * len(held)) + 1)
+    return matched_curve(sae, held, device, l0s, top, sae.threshold, lambda t, s: t * s, "threshold_scale")
 
 
 @torch.no_grad()
@@ -304,27 +315,8 @@ def gated_l0_curve(sae, held: torch.Tensor, device: str, l0s) -> list[dict]:
     round(L0 · n) of the held-out tokens' activations fire (c midway between two consecutive sorted π_gate
     of `gate_top`); the magnitudes are untouched. The same treatment for ours and SAELens's (read back by
     our loader, as a Gated SAE of ours); b_gate is restored afterwards."""
-    n, b_gate = len(held), sae.b_gate.detach().clone()
-    top = gate_top(sae, held, device, round(max(l0s) * n) + 1)
-    rows = []
-    try:
-        for l0 in sorted(set(l0s)):
-            m = round(l0 * n)
-            if not bool(torch.isfinite(top[m])):
-                raise ValueError(f"fewer than {m + 1} activations can fire: L0 {l0} is out of reach")
-            c = float((top[m - 1] + top[m]) / 2)
-            sae.b_gate.copy_(b_gate - c)
-            r = activation_metrics(sae, held.split(4096), device=device)
-            rows.append(
-                {
-                    "l0_target": round(l0, 4),
-                    "gate_offset": round(c, 5),
-                    **{k: round(r[k], 4) for k in ("explained_variance", "l0", "dead_fraction")},
-                }
-            )
-    finally:
-        sae.b_gate.copy_(b_gate)
-    return rows
+    top = gate_top(sae, held, device, round(max(l0s) * len(held)) + 1)
+    return matched_curve(sae, held, device, l0s, top, sae.b_gate, lambda b, c: b - c, "gate_offset")
 
 
 @torch.no_grad()
