@@ -19,10 +19,17 @@ How a plan is made:
   fixed part is measured and a plan carries to other sizes; before that, a plain ratio. The first plan on
   new hardware uses the counted time alone, and says so. Process CPU time is predicted too: on a machine
   shared with other work it is the fairer figure (their load stretches wall time more than CPU time).
-- Load is not modelled: on a busy machine (load average above `BUSY` per core) steps ran up to ~10x slower
-  than at low load, in wall and CPU time alike (bench/planner.py on a shared 2-core CPU, load 2-5). A run
-  measured on a busy machine is kept with its load and left out of the line while quiet runs of the step
-  exist, and a plan made on a busy machine says that its times are for a quiet one.
+- Machine load: other processes' threads that are ready to run (`others_running`: the kernel's running
+  threads less this process's own) are counted when the plan is made and sampled every 0.1 s while the step
+  runs. Beyond the cores this process's torch threads leave free, per core, they are its `crowding`; a step
+  runs `exp(load_rate x crowding)` times slower (on a shared 2-core CPU, 2 torch threads, steps ran up to
+  ~10x slower at 4-5 other running threads: torch's threads wait for each other at every parallel op, so
+  the slow-down grows faster than the CPU share). Each run is kept with the crowding it saw; `load_rate` is
+  fitted over the runs of every step on this hardware (`fit_load_rate`: each step's line fitted on its
+  runs brought back to an idle machine, the log residuals regressed on crowding within each step), so runs
+  at any load feed the line, and a plan multiplies the line by the factor for the load it sees now. Until
+  runs of one step have seen different loads the rate is unknown (0) and the plan says so when the machine
+  is crowded.
 - Peak memory here = what this process uses now (RSS; CUDA memory allocated) + the weights it has mapped
   from disk and not read yet (safetensors are memory-mapped; their pages join RSS at the first forward) +
   what the step adds. On a T4 the weights sit in GPU memory at the T4's dtype (fp16, fp32 for nanochat),
@@ -147,9 +154,11 @@ def calibration_path(cache_dir: str | os.PathLike) -> Path:
 
 @dataclass
 class Line:
-    """A step's measured seconds as `fixed + slope × counted`: `fixed` is what does not grow with the work
-    (imports, loading the model, the first call's warm-up, the tokenizer, writing files), `slope` how much
-    slower than the calibrated peak rates the work itself runs (Python between the matmuls, small shapes)."""
+    """A step's measured seconds as `(fixed + slope × counted) × exp(load_rate × crowding)`: `fixed` is what
+    does not grow with the work (imports, loading the model, the first call's warm-up, the tokenizer, writing
+    files), `slope` how much slower than the calibrated peak rates the work itself runs (Python between the
+    matmuls, small shapes), both on an idle machine; `load_rate` how much other processes' running threads
+    slow it (`crowding`)."""
 
     fixed: float
     slope: float
@@ -157,17 +166,23 @@ class Line:
     sizes: int
     """How many distinct sizes (counted times at least `SPREAD` apart) the runs covered: with one, fixed and
     proportional costs cannot be told apart and the line goes through zero (a plain ratio)."""
+    load_rate: float = 0.0
 
-    def __call__(self, counted: float) -> float:
-        return self.fixed + self.slope * counted
+    def __call__(self, counted: float, crowded: float = 0.0) -> float:
+        return (self.fixed + self.slope * counted) * self.factor(crowded)
+
+    def factor(self, crowded: float) -> float:
+        """How many times slower than on an idle machine at `crowding` `crowded`."""
+        return math.exp(self.load_rate * crowded)
 
     def __str__(self) -> str:
         runs = f"{self.runs} earlier run{'s' if self.runs > 1 else ''} here"
         if self.sizes < 2:
-            return f"measured/counted ratio {self.slope:.2f} of {runs} (one size so far)"
-        return (
-            f"{self.fixed:.1f} s fixed + {self.slope:.2f} x counted, fitted on {runs} at {self.sizes} sizes"
-        )
+            text = f"measured/counted ratio {self.slope:.2f} of {runs} (one size so far)"
+        else:
+            text = f"{self.fixed:.1f} s fixed + {self.slope:.2f} x counted, fitted on {runs}"
+            text += f" at {self.sizes} sizes"
+        return text + (f", load rate {self.load_rate:.2f}" if self.load_rate else "")
 
 
 SPREAD = 1.5
@@ -196,20 +211,89 @@ def fit_line(points: list[tuple[float, float]]) -> Line | None:
     return Line(fixed, slope, len(points), distinct)
 
 
-COUNTS_VERSION = 5
+def fit_load_rate(groups: list[list[tuple[float, float, float]]], iterations: int = 6) -> float:
+    """`load_rate` of `measured ≈ line(counted) × exp(load_rate × crowding)` from the (counted, measured,
+    crowding) runs of each step (one group a step): each step's line is fitted on its runs divided by the
+    current factor, and the rate moves by the regression of the log residuals on crowding taken within each
+    step (a step whose runs all saw one crowding teaches nothing about load). 0 while the crowding of a
+    step's runs never differed by `MIN_CROWDING_SPREAD` (nothing to fit); never below 0."""
+    groups = [[(c, m, z) for c, m, z in g if c > 0 and m is not None and m > 0] for g in groups]
+    groups = [g for g in groups if len(g) >= 2]
+    spread = 0.0
+    for g in groups:
+        mean = statistics.fmean(z for _, _, z in g)
+        spread += sum((z - mean) ** 2 for _, _, z in g)
+    if spread < MIN_CROWDING_SPREAD**2:
+        return 0.0
+    rate = 0.0
+    for _ in range(iterations):
+        num = 0.0
+        for g in groups:
+            line = fit_line([(c, m * math.exp(-rate * z)) for c, m, z in g])
+            mean = statistics.fmean(z for _, _, z in g)
+            for c, m, z in g:
+                predicted = line(c) if line else 0.0
+                if predicted > 0:
+                    num += (z - mean) * (math.log(m / predicted) - rate * z)
+        rate = max(0.0, rate + num / spread)
+    return rate
+
+
+MIN_CROWDING_SPREAD = 0.25
+"""Crowding (other running threads per core beyond the free ones) that a step's runs must differ by, in all,
+for a load rate to be fitted."""
+
+COUNTS_VERSION = 6
 """Bumped whenever the counting of a step's work changes: runs recorded under other counts are dropped from
 the calibration file (their fixed parts, slopes and RAM extras were measured against other counts). 3: SAE
 training counts each SAE's init sample, calibration, checkpoints and saved copy; collection counts its
 pooled vectors per completion and layer. 4: the corpus forward runs only to the deepest stored layer. 5:
-sampling prefills each distinct prompt once."""
+sampling prefills each distinct prompt once. 6: runs keep the other processes' running threads they saw
+(`others`), and lines are fitted on runs brought back to an idle machine."""
 KEEP_RUNS = 8
-BUSY = 1.5
-"""Load average per core above which the machine counts as busy (other processes share the CPU)."""
 
 
-def busy(load: float | None) -> bool:
-    """Whether a 1-minute load average means other work shares this machine's cores."""
-    return load is not None and load > BUSY * (os.cpu_count() or 1)
+def others_running() -> float | None:
+    """Threads of other processes ready to run now: the kernel's count of running threads (`procs_running`
+    in /proc/stat) less this process's own threads in state R; None where /proc is not readable (not
+    Linux)."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            running = next(int(ln.split()[1]) for ln in f if ln.startswith(b"procs_running"))
+        own = 0
+        for task in os.scandir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{task.name}/stat", "rb") as f:
+                    text = f.read()
+            except OSError:  # the thread ended meanwhile
+                continue
+            own += text[text.rfind(b")") + 2 : text.rfind(b")") + 3] == b"R"
+    except (OSError, StopIteration, ValueError):
+        return None
+    return float(max(running - own, 0))
+
+
+def others_now(samples: int = 10, every: float = 0.01) -> float | None:
+    """The mean of `others_running` over `samples` readings `every` seconds apart (0.1 s by default)."""
+    got = []
+    for i in range(samples):
+        value = others_running()
+        if value is None:
+            return None
+        got.append(value)
+        if i < samples - 1:
+            time.sleep(every)
+    return statistics.fmean(got)
+
+
+def crowding(others: float | None, threads: int | None = None) -> float:
+    """Other processes' running threads beyond the cores this process's `threads` (torch's, by default)
+    leave free, per core: 0 on an idle machine or one with cores to spare."""
+    if not others:
+        return 0.0
+    cores = os.cpu_count() or 1
+    threads = torch.get_num_threads() if threads is None else threads
+    return max(0.0, others + min(threads, cores) - cores) / cores
 
 
 @dataclass
@@ -219,16 +303,28 @@ class Calibration:
     path: Path
     runs: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     """step -> its latest runs on this hardware (at most `KEEP_RUNS`): counted seconds, measured wall and
-    process CPU seconds, and measured - counted peak RAM (`ram_extra_gb`: what the counts leave out, modules
-    the step imports and allocator slack, the same at every size)."""
+    process CPU seconds, the other processes' running threads while it ran (`others`), and measured -
+    counted peak RAM (`ram_extra_gb`: what the counts leave out, modules the step imports and allocator
+    slack, the same at every size)."""
     measured_now: bool = False
+
+    def _points(self, step: str, measured: str) -> list[tuple[float, float, float]]:
+        runs = self.runs.get(step) or []
+        return [(r["counted"], r.get(measured), crowding(r.get("others"), r.get("threads"))) for r in runs]
+
+    def load_rate(self, measured: str = "seconds") -> float:
+        """`fit_load_rate` over the runs of every step on this hardware."""
+        return fit_load_rate([self._points(step, measured) for step in self.runs])
 
     def line(self, step: str, measured: str = "seconds") -> Line | None:
         """The fit of `measured` ("seconds": wall time, "cpu_seconds": process CPU time) on counted time,
-        over the runs measured on a quiet machine when there are any (`busy`)."""
-        runs = self.runs.get(step) or []
-        runs = [r for r in runs if not busy(r.get("load"))] or runs
-        return fit_line([(r["counted"], r.get(measured)) for r in runs])
+        over the step's runs each divided by the slow-down its load caused (`load_rate`)."""
+        rate = self.load_rate(measured)
+        points = self._points(step, measured)
+        line = fit_line([(c, m * math.exp(-rate * z) if m is not None else None) for c, m, z in points])
+        if line:
+            line.load_rate = rate
+        return line
 
     def extra_ram(self, step: str) -> float:
         got = [r["ram_extra_gb"] for r in self.runs.get(step) or [] if r.get("ram_extra_gb") is not None]
@@ -368,8 +464,14 @@ class Plan:
     """This process's CPU time (all its threads) from the line fitted on earlier runs here; None before one:
     on a shared machine the fairer figure, since other processes stretch the wall time more than this."""
     load: float | None = None
-    """The machine's 1-minute load average when the plan was made; above `BUSY` per core the plan says that
-    its times are for a quiet machine."""
+    """The machine's 1-minute load average when the plan was made (kept for the record)."""
+    others: float | None = None
+    """Other processes' running threads when the plan was made (`others_now`)."""
+    slowdown: float = 1.0
+    """How many times slower than on an idle machine the times are, for `others` (the fitted load rate)."""
+    load_known: bool = False
+    """Whether a load rate was fitted here (runs of a step at different loads); without one a crowded plan
+    says its times are for an idle machine."""
 
     def fits_t4(self) -> bool:
         return not self.warnings
@@ -385,12 +487,15 @@ class Plan:
             f"RAM {t4['ram_gb']:.2f} GB, disk {t4['disk_gb']:.3g} GB",
         ]
         lines += [f"  WARNING: {w}" for w in self.warnings]
-        if busy(self.load):
-            lines.append(
-                f"  NOTE: this machine is busy (load average {self.load:g} on {os.cpu_count()} cores): the "
-                "times are for a quiet machine; other work sharing the CPU can make a step several times "
-                "slower"
-            )
+        if crowding(self.others) > 0:
+            shared = f"{self.others:.1f} threads of other processes are running on {os.cpu_count()} cores"
+            if self.load_known:
+                lines.append(f"  load: {shared}; the times above are x{self.slowdown:.2f} an idle machine's")
+            else:
+                lines.append(
+                    f"  NOTE: {shared}: the times are for an idle machine (no runs here at different loads "
+                    "yet to measure what load costs); they can be several times longer"
+                )
         return "\n".join(lines)
 
 
@@ -414,7 +519,9 @@ def make_plan(
     flops_rate = rates.flops_fp16 if work.fp16 and device == "cuda" else rates.flops_fp32
     counted = work.flops / flops_rate + work.bytes_read / rates.bytes_per_s + work.ops * rates.op_s
     line, cpu_line = calibration.line(step), calibration.line(step, "cpu_seconds")
-    seconds = line(counted) if line else counted
+    others = others_now()
+    crowded = crowding(others)
+    seconds = line(counted, crowded) if line else counted
     now = memory_now(device)
     on_cpu = device != "cuda"
     unread = unread_weights() if on_cpu else 0  # a mapped model's pages, read by the step's first forward
@@ -459,10 +566,28 @@ def make_plan(
     counts |= {"host_bytes": work.host_bytes, "disk_bytes": work.disk_bytes, "ops": work.ops}
     planned_ram = ram + calibration.extra_ram(step)
     disk = work.disk_bytes / 1e9
-    cpu = cpu_line(counted) if cpu_line else None
+    cpu = cpu_line(counted, crowded) if cpu_line else None
+    slowdown = line.factor(crowded) if line else 1.0
+    known = bool(line and line.load_rate)
     load = _load_average()
     return Plan(
-        step, seconds, counted, planned_ram, gpu, disk, on_t4, ram, lower, warnings, note, counts, cpu, load
+        step,
+        seconds,
+        counted,
+        planned_ram,
+        gpu,
+        disk,
+        on_t4,
+        ram,
+        lower,
+        warnings,
+        note,
+        counts,
+        cpu,
+        load,
+        others,
+        slowdown,
+        known,
     )
 
 
@@ -884,15 +1009,41 @@ def unread_weights() -> int:
     return sum(max(m.size - m.rss, 0) for m in maps if m.path.endswith(WEIGHT_FILES))
 
 
+class Others:
+    """`others_running` sampled by a thread every `every` seconds from construction to `stop()`, which
+    returns their mean (None where it cannot be read)."""
+
+    def __init__(self, every: float = 0.1) -> None:
+        self.samples: list[float] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, args=(every,), daemon=True)
+        self._thread.start()
+
+    def _sample(self, every: float) -> None:
+        while True:
+            value = others_running()
+            if value is not None:
+                self.samples.append(value)
+            if self._done.wait(every):
+                return
+
+    def stop(self) -> float | None:
+        self._done.set()
+        self._thread.join()
+        return statistics.fmean(self.samples) if self.samples else None
+
+
 class Watch:
     """Measures one step from `watch()` to `done()`: wall time, this process's CPU time, peak RSS
-    (`PeakMemory`), CUDA's peak allocation, and the machine's load average at both ends."""
+    (`PeakMemory`), CUDA's peak allocation, other processes' running threads (`Others`) and the machine's
+    load average at both ends."""
 
     def __init__(self, run_dir: str | os.PathLike, plan: Plan, calibration: Calibration, device: str):
         self.run_dir, self.plan, self.calibration, self.device = run_dir, plan, calibration, device
         if device == "cuda" and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         self.memory = PeakMemory().__enter__()
+        self.others = Others()
         self.load = _load_average()
         self.started, self.cpu_started = time.perf_counter(), time.process_time()
 
@@ -901,6 +1052,7 @@ class Watch:
         calibration file (the line of later plans); return the record."""
         seconds = time.perf_counter() - self.started
         cpu_seconds = time.process_time() - self.cpu_started
+        others = self.others.stop()
         self.memory.__exit__()
         peak_gb = self.memory.peak["total"] / 1e9
         gpu = None
@@ -921,6 +1073,9 @@ class Watch:
             "warnings": p.warnings,
             "hardware": self.calibration.key,
             "load_average": [self.load, _load_average()],
+            "others_running": {"planned": p.others, "measured": others},
+            "slowdown": p.slowdown,
+            "threads": torch.get_num_threads(),
             "at": _now(),
         }
         record["ratio"] = {
@@ -932,6 +1087,7 @@ class Watch:
         if p.counted_seconds > 0:  # a step with nothing to do (every SAE done earlier) teaches nothing
             load = max((x for x in record["load_average"] if x is not None), default=None)
             run = {"counted": p.counted_seconds, "seconds": seconds, "cpu_seconds": cpu_seconds, "load": load}
+            run |= {"others": others, "threads": torch.get_num_threads()}
             learn(self.calibration, p.step, run | {"ram_extra_gb": peak_gb - p.counted_ram_gb})
         if not quiet:
             ratio = {k: f", x{v:.2f}" for k, v in record["ratio"].items()}

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import mmap
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -263,21 +267,48 @@ def test_answers_of_one_prompt_share_its_prefill(calibration):
     assert shared.work["bytes_read"] == alone.work["bytes_read"]  # the same decoding steps
 
 
-def test_runs_on_a_busy_machine_are_left_out_of_the_line_and_a_busy_plan_says_so(calibration, monkeypatch):
-    cores = plan.os.cpu_count()
-    quiet, loaded = 0.5 * cores, 3.0 * cores
-    runs = [(1.0, 2.0, quiet), (1.1, 2.2, quiet)] + [(1.0, 20.0, loaded)] * 3
-    for counted, seconds, load in runs:
-        plan.learn(calibration, "probes", {"counted": counted, "seconds": seconds, "load": load})
-    assert calibration.line("probes").slope == pytest.approx(2.0)  # the busy runs (x20) are left out
-    assert calibration.line("probes").runs == 2
-    only_busy = plan.Calibration(calibration.rates, "other", calibration.path)
-    plan.learn(only_busy, "probes", {"counted": 1.0, "seconds": 20.0, "load": loaded})
-    assert only_busy.line("probes").slope == pytest.approx(20.0)  # no quiet run: the busy one is all there is
+def test_the_load_rate_is_fitted_over_the_steps_and_a_crowded_plan_is_slower(calibration, monkeypatch):
+    """Runs slowed by exp(0.8 x crowding) at two sizes and two loads: the lines come back to the idle
+    machine's, the rate is found, and a plan made with other threads running is slower by that factor."""
+    cores, threads = plan.os.cpu_count(), plan.torch.get_num_threads()
+    idle, crowded = 0.0, cores - min(threads, cores) + 2.0 * cores  # crowding 0 and 2
+    assert (plan.crowding(idle), plan.crowding(crowded)) == (0.0, pytest.approx(2.0))
+    for step, fixed, slope in (("probes", 3.0, 2.0), ("explorer", 1.0, 4.0)):
+        for counted in (1.0, 4.0):
+            for others in (idle, crowded):
+                seconds = (fixed + slope * counted) * math.exp(0.8 * plan.crowding(others))
+                run = {"counted": counted, "seconds": seconds, "others": others, "threads": threads}
+                plan.learn(calibration, step, run)
+    assert calibration.load_rate() == pytest.approx(0.8, abs=0.01)
+    line = calibration.line("probes")
+    assert (line.fixed, line.slope) == (pytest.approx(3.0, abs=0.05), pytest.approx(2.0, abs=0.02))
+    assert calibration.line("probes", "cpu_seconds") is None  # no CPU time recorded: no CPU-time prediction
 
     stats = plan.ProbeStats(n_folds=5, n_permutations=99, n_bootstrap=200, feature_permutations=499)
     args = dict(n_completions=200, n_layers=1, sae_widths=[2304], stats=stats)
-    monkeypatch.setattr(plan, "_load_average", lambda: loaded)
-    assert "this machine is busy" in str(plan.plan_probes(SMALL, calibration, "cpu", **args))
-    monkeypatch.setattr(plan, "_load_average", lambda: quiet)
-    assert "busy" not in str(plan.plan_probes(SMALL, calibration, "cpu", **args))
+    monkeypatch.setattr(plan, "others_now", lambda: idle)
+    calm = plan.plan_probes(SMALL, calibration, "cpu", **args)
+    assert calm.slowdown == 1.0 and "other processes" not in str(calm)
+    monkeypatch.setattr(plan, "others_now", lambda: crowded)
+    busy = plan.plan_probes(SMALL, calibration, "cpu", **args)
+    assert busy.seconds == pytest.approx(calm.seconds * math.exp(1.6), rel=0.03)
+    assert "other processes are running" in str(busy) and "x4.9" in str(busy)
+
+    # Runs that all saw one load teach nothing about load: rate 0, and a crowded plan says so.
+    one_load = plan.Calibration(calibration.rates, "other", calibration.path)
+    for counted in (1.0, 4.0):
+        plan.learn(one_load, "probes", {"counted": counted, "seconds": 3 + 2 * counted, "others": crowded})
+    assert one_load.load_rate() == 0.0 and one_load.line("probes").slope == pytest.approx(2.0)
+    assert "times are for an idle machine" in str(plan.plan_probes(SMALL, one_load, "cpu", **args))
+
+
+def test_other_processes_running_threads_are_counted(tmp_path):
+    """A process that never sleeps is always ready to run: while it lives, at least one other thread runs."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.1)
+        assert all(plan.others_running() >= 1 for _ in range(20))
+        assert plan.others_now(samples=3) >= 1
+    finally:
+        spinner.kill()
+        spinner.wait()
