@@ -13,9 +13,23 @@ run's plans come from the fit runs alone (never from the scored run, nor another
 per scored size and step: predicted and measured wall time, process CPU time (all threads of the notebook's
 kernel: the fairer figure on a machine shared with other processes, whose load stretches wall time, not
 CPU time), peak RSS (and peak CUDA memory with `--gpu`), their ratios, whether each is within the issue's
-bounds (time ±30%, memory ±15%), and the load average when the step began and ended. A size whose run folder
-(under `--runs`) has finished notebook 06 is read, not run again.
+bounds (time ±30%, memory ±15%), the other processes' running threads when the step was planned and while
+it ran (helpers/plan.py `others_running`), the slow-down the plan put on them, and the load average when the
+step began and ended. A size whose run folder (under `--runs`) has finished notebook 06 is read, not run
+again.
 
+Machine load: a size written `mid@3` runs with 3 busy processes beside it (`--background-load` for every
+size), each a Python loop that never sleeps, started before the size's first notebook and stopped after its
+last: the plans see them as other running threads like any other load. Fitting at one load and scoring at
+another checks the planner's load rate (fitted on the fit runs, see helpers/plan.py `fit_load_rate`); the
+fit needs runs of one step at different loads for a rate (e.g. `smoke smoke@2`).
+
+Sizes: `smoke` (notebooks' smoke mode), `mid` (`MID`), `large` (`LARGE`: 3-4x mid's sampling, collection
+and SAE training work, so that fit runs of smoke and large are far enough apart in counted work for a fixed
+part) and `demo` (scripts/demo_params.json).
+
+    python bench/planner.py --fit smoke large smoke@2 --score mid mid@3 --runs /tmp/planner \
+        --out bench/results/planner_cpu_load.json     # fit at two loads and sizes, score at others
     python bench/planner.py                          # fit on smoke and mid, score a second smoke and mid run
     python bench/planner.py --fit smoke mid --score smoke mid --runs /tmp/planner \
         --out bench/results/planner_cpu.json
@@ -26,8 +40,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -49,8 +65,46 @@ MID = {
 }
 """`mid`: the demo preset with a third of each dataset's prompts (`mid_params`), a quarter of its corpus and
 training tokens and fewer permutations: about four times the smoke run's work."""
+LARGE = {
+    "02": {"CORPUS_TOKENS": 16384},
+    "03": {"TRAIN_TOKENS": 65536, "BATCH_SIZE": 128, "CHECKPOINT_EVERY": 64, "LM_EVAL_COMPLETIONS": 4}
+    | {"MIN_TOKENS": 64},
+    "04": MID["04"],
+}
+"""`large`: the demo preset's datasets (three times mid's prompts) and four times mid's SAE training steps,
+with mid's corpus doubled and mid's statistics."""
 TIME_BOUND, MEMORY_BOUND = 0.30, 0.15
-SIZES = ["smoke", "mid", "demo"]
+SIZES = ["smoke", "mid", "large", "demo"]
+
+
+def size_spec(text: str) -> tuple[str, int | None]:
+    """`mid` or `mid@3` (3 busy background processes while it runs) -> ("mid", 3); no @: None, which
+    means `--background-load`."""
+    size, _, load = text.partition("@")
+    if size not in SIZES or (load and not load.isdigit()):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a size ({', '.join(SIZES)}), optionally @N busy processes"
+        )
+    return size, int(load) if load else None
+
+
+def spin() -> None:
+    """A busy background process: never sleeps, so it is always one running thread."""
+    while True:
+        pass
+
+
+def busy_processes(n: int) -> list[multiprocessing.Process]:
+    procs = [multiprocessing.Process(target=spin, daemon=True) for _ in range(n)]
+    for proc in procs:
+        proc.start()
+    return procs
+
+
+def stop(procs: list[multiprocessing.Process]) -> None:
+    for proc in procs:
+        proc.terminate()
+        proc.join()
 
 
 def mid_params(preset: dict[str, dict]) -> dict[str, dict]:
@@ -62,26 +116,32 @@ def mid_params(preset: dict[str, dict]) -> dict[str, dict]:
     return params
 
 
-def run_size(size: str, run_dir: Path, gpu: bool, timeout: int, notebooks: list[str]) -> float:
+def run_size(size: str, run_dir: Path, gpu: bool, timeout: int, notebooks: list[str], load: int = 0) -> float:
     params = read_params(DEMO_PARAMS) if size != "smoke" else {}
     if size == "mid":
         params = mid_params(params)
+    if size == "large":
+        params = {nb: {**values, **LARGE.get(nb, {})} for nb, values in params.items()}
     done = (run.read_run_json(run_dir).get("stages") or {}).get("06_explore_features", {}).get("status")
     if done == "done":
         print(f"[{size}] {run_dir} has run already: its records are read", file=sys.stderr, flush=True)
         return 0.0
     began = time.perf_counter()
-    for path in notebook_paths(notebooks):
-        print(f"[{size}] running {path.name}", file=sys.stderr, flush=True)
-        run_notebook(
-            path,
-            run_dir,
-            smoke=size == "smoke",
-            offline=True,
-            params=params.get(path.name[:2]),
-            timeout=timeout,
-            gpu=gpu,
-        )
+    background = busy_processes(load)
+    try:
+        for path in notebook_paths(notebooks):
+            print(f"[{size}@{load}] running {path.name}", file=sys.stderr, flush=True)
+            run_notebook(
+                path,
+                run_dir,
+                smoke=size == "smoke",
+                offline=True,
+                params=params.get(path.name[:2]),
+                timeout=timeout,
+                gpu=gpu,
+            )
+    finally:
+        stop(background)
     return time.perf_counter() - began
 
 
@@ -89,15 +149,17 @@ def within(ratio: float | None, bound: float) -> bool | None:
     return None if ratio is None else abs(ratio - 1) <= bound
 
 
-def rows_of(size: str, run_dir: Path) -> list[dict]:
+def rows_of(size: str, run_dir: Path, background: int = 0) -> list[dict]:
     rows = []
     for step, rec in (run.read_run_json(run_dir).get("plans") or {}).items():
         if step == "model":
             continue
         predicted, measured, ratio = rec["predicted"], rec["measured"], rec["ratio"]
         cpu_ratio = ratio.get("cpu_seconds")
+        others = rec.get("others_running") or {}
         row = {
             "size": size,
+            "background_load": background,
             "step": step,
             "counted_s": round(rec["counted_seconds"], 3),
             "predicted_s": round(predicted["seconds"], 2),
@@ -110,6 +172,9 @@ def rows_of(size: str, run_dir: Path) -> list[dict]:
             "measured_ram_gb": round(measured["ram_gb"], 3),
             "ram_ratio": round(ratio["ram_gb"], 3),
             "load_average": rec.get("load_average"),
+            "others_running_planned": others.get("planned") and round(others["planned"], 2),
+            "others_running_measured": others.get("measured") and round(others["measured"], 2),
+            "planned_slowdown": rec.get("slowdown") and round(rec["slowdown"], 3),
             "time_within_30pct": within(ratio["seconds"], TIME_BOUND),
             "cpu_time_within_30pct": within(cpu_ratio, TIME_BOUND),
             "ram_within_15pct": within(ratio["ram_gb"], MEMORY_BOUND),
@@ -124,15 +189,24 @@ def rows_of(size: str, run_dir: Path) -> list[dict]:
 
 
 def fitted_lines(calibration: Path) -> dict[str, dict]:
-    """Each step's fitted wall-time and CPU-time lines in the calibration file (the fit runs' record)."""
+    """Each step's fitted wall-time and CPU-time lines (with the load rate fitted over all steps) in the
+    calibration file (the fit runs' record), and the runs they were fitted on."""
     out = {}
-    for entry in json.loads(calibration.read_text()).values():
-        for step, runs in (entry.get("runs") or {}).items():
-            lines = {
-                m: plan.fit_line([(r["counted"], r.get(m)) for r in runs]) for m in ("seconds", "cpu_seconds")
-            }
-            out[step] = {m: asdict(line) for m, line in lines.items() if line}
+    for key, entry in json.loads(calibration.read_text()).items():
+        fitted = plan.Calibration(plan.Rates(**entry["rates"]), key, calibration, entry.get("runs") or {})
+        for step, runs in fitted.runs.items():
+            lines = {m: fitted.line(step, m) for m in ("seconds", "cpu_seconds")}
+            out[step] = {m: asdict(line) for m, line in lines.items() if line} | {"runs": runs}
     return out
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def count(rows: list[dict], key: str) -> str:
@@ -144,8 +218,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--fit", nargs="+", default=["smoke", "mid"], choices=SIZES, help="sizes fitted on")
-    parser.add_argument("--score", nargs="+", default=["smoke", "mid"], choices=SIZES, help="sizes scored")
+    parser.add_argument(
+        "--fit",
+        nargs="+",
+        default=[("smoke", None), ("mid", None)],
+        type=size_spec,
+        help="sizes fitted on (mid@3: with load)",
+    )
+    parser.add_argument(
+        "--score", nargs="+", default=[("smoke", None), ("mid", None)], type=size_spec, help="sizes scored"
+    )
+    parser.add_argument(
+        "--background-load", type=int, default=0, help="busy processes beside every size without its own @N"
+    )
     parser.add_argument("--runs", default=None, help="folder for the run folders (default: a temporary one)")
     parser.add_argument("--calibration", default=None, help="calibration file fitted (default: a fresh one)")
     parser.add_argument("--gpu", action="store_true", help="run the notebooks on the GPU")
@@ -157,26 +242,34 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     runs = Path(args.runs or tempfile.mkdtemp(prefix="planner-bench-"))
     fitted = Path(args.calibration or runs / "plan_calibration.json").resolve()
+
+    def named(size: str, load: int | None) -> tuple[str, int]:
+        load = args.background_load if load is None else load
+        return (f"{size}@{load}" if load else size), load
+
     out = {
         "machine": f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start",
-        "fit_sizes": args.fit,
-        "score_sizes": args.score,
+        "fit_sizes": [named(*s)[0] for s in args.fit],
+        "score_sizes": [named(*s)[0] for s in args.score],
+        "commit": git_commit(),
     }
     os.environ["NB_PLAN_CALIBRATION"] = str(fitted)
-    for size in args.fit:
-        seconds = run_size(size, runs / f"fit-{size}", args.gpu, args.timeout, args.notebooks)
-        out[f"fit_{size}_minutes"] = round(seconds / 60, 1)
+    for size, load in args.fit:
+        name, load = named(size, load)
+        seconds = run_size(size, runs / f"fit-{name}", args.gpu, args.timeout, args.notebooks, load)
+        out[f"fit_{name}_minutes"] = round(seconds / 60, 1)
     out["lines"] = fitted_lines(fitted)
     out["rows"] = []
-    for size in args.score:
-        run_dir = runs / f"score-{size}"
-        frozen = runs / f"score-{size}-calibration.json"
+    for size, load in args.score:
+        name, load = named(size, load)
+        run_dir = runs / f"score-{name}"
+        frozen = runs / f"score-{name}-calibration.json"
         if not frozen.exists():  # the fit runs' file as it was: the scored run learns into its own copy
             shutil.copyfile(fitted, frozen)
         os.environ["NB_PLAN_CALIBRATION"] = str(frozen.resolve())
-        seconds = run_size(size, run_dir, args.gpu, args.timeout, args.notebooks)
-        out["rows"] += rows_of(size, run_dir)
-        out[f"score_{size}_minutes"] = round(seconds / 60, 1)
+        seconds = run_size(size, run_dir, args.gpu, args.timeout, args.notebooks, load)
+        out["rows"] += rows_of(name, run_dir, load)
+        out[f"score_{name}_minutes"] = round(seconds / 60, 1)
     out["load_average_end"] = round(os.getloadavg()[0], 1)
     for key in ("time_within_30pct", "cpu_time_within_30pct", "ram_within_15pct", "gpu_within_15pct"):
         out[key] = count(out["rows"], key)
