@@ -19,6 +19,8 @@ The L1 coefficient λ is steered toward the target L0 `l0` (base.adapt_coefficie
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -30,6 +32,9 @@ class GatedSAE(PenaltySAE):
     architecture = "gated"
     latent_biases = ("b_gate", "b_mag")
     saelens_tensors = ("W_enc", "W_dec", "b_dec", "b_gate", "b_mag", "r_mag")
+    frozen_gate_decoder: ClassVar[bool] = True
+    """Whether the gate's reconstruction term decodes through a frozen copy of W_dec and b_dec (the paper's
+    form); False: through the trainable decoder, as SAELens does."""
 
     def __init__(
         self,
@@ -65,7 +70,9 @@ class GatedSAE(PenaltySAE):
         x_hat = sparse_decode(acts, self.W_dec, p) + self.b_dec
         mse = recon_loss(x_hat, x)
         l1 = gate.sum() / len(x)
-        x_gate = sparse_decode(gate, self.W_dec.detach(), p) + self.b_dec.detach()  # frozen decoder
+        frozen = self.frozen_gate_decoder  # the paper's form: the gate term does not train the decoder
+        W_dec, b_dec = (self.W_dec.detach(), self.b_dec.detach()) if frozen else (self.W_dec, self.b_dec)
+        x_gate = sparse_decode(gate, W_dec, p) + b_dec
         gate_aux = recon_loss(x_gate, x)
         loss = mse + self.sparsity_coef * l1 + gate_aux
         fired = torch.bincount(p.col[acts > 0], minlength=self.d_sae)
