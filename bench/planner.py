@@ -15,8 +15,8 @@ kernel: the fairer figure on a machine shared with other processes, whose load s
 CPU time), peak RSS (and peak CUDA memory with `--gpu`), their ratios, whether each is within the issue's
 bounds (time ±30%, memory ±15%), the other processes' running threads when the step was planned and while
 it ran (helpers/plan.py `others_running`), the slow-down the plan put on them, and the load average when the
-step began and ended. A size whose run folder (under `--runs`) has finished notebook 06 is read, not run
-again.
+step began and ended. A size whose run folder (under `--runs`) has finished the last of `--notebooks` is read,
+not run again.
 
 Machine load: a size written `mid@3` runs with 3 busy processes beside it (`--background-load` for every
 size), each a Python loop that never sleeps, started before the size's first notebook and stopped after its
@@ -122,7 +122,8 @@ def run_size(size: str, run_dir: Path, gpu: bool, timeout: int, notebooks: list[
         params = mid_params(params)
     if size == "large":
         params = {nb: {**values, **LARGE.get(nb, {})} for nb, values in params.items()}
-    done = (run.read_run_json(run_dir).get("stages") or {}).get("06_explore_features", {}).get("status")
+    last = notebook_paths(notebooks)[-1].stem  # the run folder is read once its last notebook has run
+    done = (run.read_run_json(run_dir).get("stages") or {}).get(last, {}).get("status")
     if done == "done":
         print(f"[{size}] {run_dir} has run already: its records are read", file=sys.stderr, flush=True)
         return 0.0

@@ -14,11 +14,12 @@ How a plan is made:
   another card measures again. Real steps run below those peak rates (Python between the matmuls, small
   shapes) and have costs that do not grow with the work (imports, loading the model, the first call's
   warm-up, the tokenizer, writing files): each measured run of a step is kept in the same file per step and
-  hardware (the last eight: counted time, wall time, process CPU time), and later plans on that hardware
-  use the line `fixed + slope × counted` fitted on them (`fit_line`): once runs of two sizes are kept, the
-  fixed part is measured and a plan carries to other sizes; before that, a plain ratio. The first plan on
-  new hardware uses the counted time alone, and says so. Process CPU time is predicted too: on a machine
-  shared with other work it is the fairer figure (their load stretches wall time more than CPU time).
+  hardware (the last eight: counted time, wall time, process CPU time, other running threads), and later
+  plans on that hardware use the line `fixed + slope × counted` fitted on them (`fit_line`): once runs of
+  two sizes are kept, the fixed part is measured and a plan carries to other sizes; before that, a plain
+  ratio. The first plan on new hardware uses the counted time alone, and says so. Process CPU time is
+  predicted too: on a machine shared with other work it stretches less than wall time (torch's threads
+  spin while they wait for each other, so it stretches too).
 - Machine load: other processes' threads that are ready to run (`others_running`: the kernel's running
   threads less this process's own) are counted when the plan is made and sampled every 0.1 s while the step
   runs. Beyond the cores this process's torch threads leave free, per core, they are its `crowding`; a step
