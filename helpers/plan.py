@@ -274,8 +274,8 @@ def others_running() -> float | None:
     return float(max(running - own, 0))
 
 
-def others_now(samples: int = 10, every: float = 0.01) -> float | None:
-    """The mean of `others_running` over `samples` readings `every` seconds apart (0.1 s by default)."""
+def others_now(samples: int = 5, every: float = 0.01) -> float | None:
+    """The mean of `others_running` over `samples` readings `every` seconds apart (0.04 s by default)."""
     got = []
     for i in range(samples):
         value = others_running()
