@@ -77,13 +77,14 @@ def test_training_ends_where_autograd_of_the_plain_loss_ends(dense, monkeypatch)
     assert float(ours.sae.sparsity_coef) == pytest.approx(float(plain.sae.sparsity_coef), rel=1e-6)
 
 
+@pytest.mark.parametrize("dense", [True, False], ids=["dense-step", "sparse-step"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_dense_step_under_autocast_gives_float32_gradients_close_to_autograds(dtype, monkeypatch):
+def test_step_under_autocast_gives_float32_gradients_close_to_autograds(dtype, dense, monkeypatch):
     """Autocast (a T4 trains in float16, newer GPUs in bfloat16; CPU autocast takes the same code): the
     products in low precision, the gradients back in the parameters' float32, within its rounding of
     autograd's; inputs large enough that the batch's penalty sum overflows float16 (65504) unless it is
     summed in float32."""
-    monkeypatch.setitem(kernels.DENSE_ABOVE, "cpu", 0.0)
+    monkeypatch.setitem(kernels.DENSE_ABOVE, "cpu", 0.0 if dense else 1.0)
     x = world(256, seed=1) * 40
     sae = StandardSAE(D_IN, D_SAE, l0=4, seed=3)
     with torch.no_grad():
