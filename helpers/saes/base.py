@@ -139,6 +139,10 @@ class SAE(nn.Module):
         """Constructor arguments recovered from a cfg.json (the inverse of `saelens_cfg`)."""
         return {"l0": cfg.get("l0_target") or min(32, int(cfg["d_sae"]))}
 
+    def init_from_sample(self, x: Tensor, total_steps: int) -> None:
+        """Before training, once b_dec is set: initialise from the trainer's init sample x [n, d_in], at the
+        training scale, for a run of `total_steps` steps (default: nothing; JumpReLU's thresholds)."""
+
     def after_step(self, out: StepOutput) -> None:
         """Parameter projections and controller updates after the optimizer step (default: none)."""
 

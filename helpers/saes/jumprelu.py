@@ -8,9 +8,21 @@ K of bandwidth ε (§3, eq. 11-12):
 
 and ∂/∂z JumpReLU = H(z - θ) (no STE to the encoder, as in the paper). θ is stored raw (not its log:
 Adam moves a log-threshold too slowly, SAELens issue #494) in float32, and kept ≥ 0 after each step.
-The published nanochat JumpReLU SAEs kept θ = 0 and behaved as ReLU; here θ starts at `init_threshold`
-> 0 and every training step touches the pairs inside the window |z - θ| < ε/2, so θ always receives
-gradient from both the reconstruction and the L0 term (tests/test_saes.py checks that it moves).
+The published nanochat JumpReLU SAEs kept θ = 0 and behaved as ReLU; here θ starts > 0 and every training
+step touches the pairs inside the window |z - θ| < ε/2, so θ always receives gradient from both the
+reconstruction and the L0 term (tests/saes/test_architectures.py checks that it moves).
+
+Where θ starts, and how fast it moves in short runs. Adam moves θ_j by about lr a step, but a latent's
+pre-activation by up to about lr · ‖x‖₁ (~0.8 sqrt(d_in) lr at unit scale, every encoder weight moving
+at once), so θ lags the encoder: from a small θ (0.001, as before) the L0 starts near d_sae / 2 and took
+~150 of 400 steps to reach its target, and a 32-step smoke run ended at L0 ~440 of 1,152 (target 16),
+firing on every window. θ_j now starts at the (1 - l0 / d_sae) quantile of latent j's initial
+pre-activations on the trainer's init sample (`init_from_sample`; SAELens's careful setup in
+bench/saelens_setup.py starts one common θ that way), and in runs shorter than `threshold_speedup_steps`
+(256) θ's steps are taken up to 8x larger while the L0 is more than 2x off its target (`after_step`),
+so a 32-step smoke-size run ends within 2x of its target L0 (tests/saes/test_jumprelu_init.py). Longer
+runs get no speed-up: its early sparsity cost held-out EV on the 400-step run (0.9314 vs 0.9379 from the
+initial θ alone; README, Measured).
 
 Sparsity targets an L0 (`l0`, one knob for TopK, JumpReLU and Gated alike): the penalty is quadratic
 around the target, λ (L0 - target)² / target with L0 the batch mean through the STE (Gemma Scope 2's
@@ -33,6 +45,8 @@ ground-truth MCC and F1 above SAELens's at the same L0.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -82,6 +96,8 @@ class JumpReLUSAE(PenaltySAE):
     decoder_norm = 0.1  # SAE.decoder_norm: rows start at 0.1 and move freely (module docstring)
     free_decoder = True
     latent_biases = ("b_enc", "threshold")
+    FALLBACK_THRESHOLD = 0.001  # θ before `init_from_sample` sets it from the data, and θ's floor there
+    MAX_SPEEDUP = 8.0  # of θ's steps in short runs: 24 (~sqrt(d_in)) left 68% of a smoke SAE's latents unused
     saelens_tensors = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 
     def __init__(
@@ -91,19 +107,29 @@ class JumpReLUSAE(PenaltySAE):
         *,
         l0: int = 32,
         bandwidth: float = 0.005,
-        init_threshold: float = 0.001,
+        init_threshold: float | None = None,
         sparsity_coef: float = 1e-2,
         coef_rate: float = 0.02,
         l0_penalty: str = "batch",
         pre_act_coef: float = 1e-2,
+        threshold_speedup_steps: int = 256,
         seed: int = 0,
     ):
         """`l0`: target L0; `bandwidth`: ε of the STE; `sparsity_coef`: initial λ; `coef_rate`: how fast
         log λ follows the L0 error per step (0 keeps λ fixed); `l0_penalty`: "batch", the quadratic penalty
         on the batch's mean L0, or "token", on each token's L0, averaged (SAELens's "quadratic" mode);
         `pre_act_coef`: Anthropic's pre-activation loss on the dead latents, as SAELens's
-        `pre_act_loss_coefficient` (0: off)."""
+        `pre_act_loss_coefficient` (0: off); `init_threshold`: every θ's initial value, or None for θ from the
+        data (`init_from_sample`: each latent starts firing on its share l0 / d_sae of the tokens; θ is
+        `FALLBACK_THRESHOLD` until then); `threshold_speedup_steps`: in a run of fewer steps, θ's optimizer
+        steps are taken `threshold_speedup_steps / total_steps` times larger (at most `MAX_SPEEDUP`) while
+        the batch's L0 is more than `coef_hold_beyond` times off its target (0: never); both in the module
+        docstring."""
         super().__init__(d_in, d_sae, l0=l0, sparsity_coef=sparsity_coef, coef_rate=coef_rate, seed=seed)
+        if init_threshold is None:
+            init_threshold, self.threshold_from_data = self.FALLBACK_THRESHOLD, True
+        else:
+            self.threshold_from_data = False
         if bandwidth <= 0 or init_threshold <= 0:
             raise ValueError(
                 f"bandwidth and init_threshold must be > 0 (got {bandwidth}, {init_threshold}): a zero "
@@ -113,9 +139,43 @@ class JumpReLUSAE(PenaltySAE):
             raise ValueError(f"l0_penalty must be 'batch' or 'token', got {l0_penalty!r}")
         if pre_act_coef < 0:
             raise ValueError(f"pre_act_coef must be >= 0 (0 turns it off), got {pre_act_coef}")
+        if threshold_speedup_steps < 0:
+            raise ValueError(
+                f"threshold_speedup_steps must be >= 0 (0 turns it off), got {threshold_speedup_steps}"
+            )
         self.bandwidth, self.l0_penalty, self.pre_act_coef = bandwidth, l0_penalty, pre_act_coef
+        self.threshold_speedup_steps = threshold_speedup_steps
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.threshold = nn.Parameter(torch.full((d_sae,), init_threshold, dtype=torch.float32))
+        # θ as the last forward pass saw it: after_step reads the optimizer's step on θ off it
+        self.register_buffer("threshold_before_step", self.threshold.detach().clone(), persistent=False)
+        # how much larger θ's steps are while the L0 is far off (set for the run by init_from_sample; kept
+        # in checkpoints, so a resumed run goes on as it started)
+        self.register_buffer("threshold_speedup", torch.tensor(1.0))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint from before threshold_speedup existed trained without it
+        state_dict.setdefault(prefix + "threshold_speedup", torch.tensor(1.0))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def init_from_sample(self, x: Tensor, total_steps: int) -> None:
+        """With `init_threshold=None`: θ_j at the (1 - l0 / d_sae) quantile of latent j's initial
+        pre-activations on x [n, d_in] (the trainer's init sample, scaled, b_dec set), so every latent starts
+        firing on its share of the tokens and the L0 starts at the target instead of at ~d_sae / 2. A run of
+        fewer than `threshold_speedup_steps` steps gets the speed-up of θ (module docstring)."""
+        if self.threshold_speedup_steps:
+            self.threshold_speedup.fill_(
+                min(self.MAX_SPEEDUP, max(1.0, self.threshold_speedup_steps / total_steps))
+            )
+        if not self.threshold_from_data:
+            return
+        below = len(x) - max(1, round(len(x) * self.target_l0 / self.d_sae))  # tokens at or below θ_j
+        for chunk in torch.arange(self.d_sae, device=x.device).split(512):  # pre [n, 512] at a time
+            pre = torch.addmm(self.b_enc[chunk], x - self.b_dec, self.W_enc_T[chunk].t())
+            self.threshold[chunk] = pre.kthvalue(max(1, below), dim=0).values.clamp_min(
+                self.FALLBACK_THRESHOLD
+            )
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self.check_input(x)
@@ -129,6 +189,7 @@ class JumpReLUSAE(PenaltySAE):
             # Active pairs plus those in the lower half of the STE window (the upper half is active).
             p = Pattern.from_mask(pre > self.threshold - eps / 2)
         z = gather_pre(x, self.b_dec, self.W_enc_T, self.b_enc, pre, p)  # [nnz]
+        self.threshold_before_step.copy_(self.threshold.detach())
         theta = self.threshold.index_select(0, p.col)  # backward: index_add_, deterministic on CPU
         acts = _JumpReLU.apply(z, theta, eps)
         x_hat = sparse_decode(acts, self.W_dec, p) + self.b_dec
@@ -157,5 +218,12 @@ class JumpReLUSAE(PenaltySAE):
 
     @torch.no_grad()
     def after_step(self, out: StepOutput) -> None:
+        speedup = float(self.threshold_speedup)
+        if speedup != 1 and abs(math.log(max(out.l0, 1e-3) / self.target_l0)) > math.log(
+            self.coef_hold_beyond
+        ):
+            # far off the target in a short run: θ's step (Adam's, ~lr) times the speed-up, which is a
+            # larger learning rate for θ alone
+            self.threshold.add_(self.threshold - self.threshold_before_step, alpha=speedup - 1)
         self.threshold.clamp_(min=0.0)  # a negative θ would pass negative pre-activations
         super().after_step(out)

@@ -300,13 +300,14 @@ class Trainer:
     @torch.no_grad()
     def init_from_data(self, x0: torch.Tensor) -> None:
         """Scale to unit mean squared norm, or to mean norm sqrt(d_in) (`input_norm`); b_dec at the geometric
-        median of the scaled sample."""
+        median of the scaled sample; then the architecture's own `init_from_sample` (JumpReLU's θ)."""
         check_finite(x0, "the initialisation sample")
         if self.input_norm == "sqrt_d_in":
             self.scale = float(x0.shape[1] ** 0.5 / x0.norm(dim=1).mean())
         else:
             self.scale = float(1 / x0.pow(2).sum(1).mean().sqrt())
         self.sae.b_dec.copy_(geometric_median(x0.to(self.device) * self.scale))
+        self.sae.init_from_sample(x0.to(self.device) * self.scale, self.cfg.total_steps)
 
     def train_step(self, x: torch.Tensor) -> StepOutput:
         """One optimiser step on a raw batch [batch_size, d_in]."""

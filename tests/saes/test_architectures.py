@@ -229,7 +229,13 @@ def test_jumprelu_thresholds_learn_and_sparsify(acts):
     """From the paper's init (θ = 0.001, half the latents firing) θ must rise and L0 fall to its target:
     the nanochat JumpReLU SAEs whose θ stayed at 0 (a ReLU in disguise) must be impossible."""
     cfg = TrainConfig(
-        architecture="jumprelu", expansion=2, l0=20, train_tokens=200 * 64, batch_size=64, lr=1e-3
+        architecture="jumprelu",
+        expansion=2,
+        l0=20,
+        train_tokens=200 * 64,
+        batch_size=64,
+        lr=1e-3,
+        sae_options={"init_threshold": 0.001},  # not from the data (the default): test_jumprelu_init.py
     )
     run = Trainer(cfg, d_in=576)
     run.init_from_data(acts[:512])
