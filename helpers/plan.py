@@ -22,15 +22,15 @@ How a plan is made:
   spin while they wait for each other, so it stretches too).
 - Machine load: other processes' threads that are ready to run (`others_running`: the kernel's running
   threads less this process's own) are counted when the plan is made and sampled every 0.1 s while the step
-  runs. Beyond the cores this process's torch threads leave free, per core, they are its `crowding`; a step
-  runs `exp(load_rate x crowding)` times slower (on a shared 2-core CPU, 2 torch threads, steps ran up to
-  ~10x slower at 4-5 other running threads: torch's threads wait for each other at every parallel op, so
-  the slow-down grows faster than the CPU share). Each run is kept with the crowding it saw; `load_rate` is
-  fitted over the runs of every step on this hardware (`fit_load_rate`: each step's line fitted on its
-  runs brought back to an idle machine, the log residuals regressed on crowding within each step), so runs
-  at any load feed the line, and a plan multiplies the line by the factor for the load it sees now. Until
-  runs of one step have seen different loads the rate is unknown (0) and the plan says so when the machine
-  is crowded.
+  runs. With this process's torch threads they make `(others + threads) / cores` runnable threads a core;
+  above one, a step runs `((others + threads) / cores) ** load_rate` times slower than on an idle machine
+  (`crowding` is the log of that share, `Line.factor`). A rate of 1 is a fair share of the cores; it is
+  fitted over the runs of every step on this hardware (`fit_load_rate`: each step's line fitted on its runs
+  brought back to an idle machine, the log residuals regressed on crowding within each step), so runs at
+  any load feed the line, and a plan multiplies the line by the factor for the load it sees now. Until runs
+  of one step have seen different loads the rate is the fair share's 1, and a crowded plan says so. On a
+  shared 2-core CPU (2 torch threads) steps ran ~28x slower with ~6 other running threads than on an idle
+  machine, and ~1.3x slower again with ~1.5 more: torch's threads wait for each other at every parallel op.
 - Peak memory here = what this process uses now (RSS; CUDA memory allocated) + the weights it has mapped
   from disk and not read yet (safetensors are memory-mapped; their pages join RSS at the first forward) +
   what the step adds. On a T4 the weights sit in GPU memory at the T4's dtype (fp16, fp32 for nanochat),
@@ -168,6 +168,8 @@ class Line:
     """How many distinct sizes (counted times at least `SPREAD` apart) the runs covered: with one, fixed and
     proportional costs cannot be told apart and the line goes through zero (a plain ratio)."""
     load_rate: float = 0.0
+    load_fitted: bool = False
+    """Whether `load_rate` was fitted on runs at different loads (else the fair share's `FAIR_SHARE`)."""
 
     def __call__(self, counted: float, crowded: float = 0.0) -> float:
         return (self.fixed + self.slope * counted) * self.factor(crowded)
@@ -183,7 +185,7 @@ class Line:
         else:
             text = f"{self.fixed:.1f} s fixed + {self.slope:.2f} x counted, fitted on {runs}"
             text += f" at {self.sizes} sizes"
-        return text + (f", load rate {self.load_rate:.2f}" if self.load_rate else "")
+        return text + (f", load rate {self.load_rate:.2f}" if self.load_fitted else "")
 
 
 SPREAD = 1.5
@@ -212,12 +214,12 @@ def fit_line(points: list[tuple[float, float]]) -> Line | None:
     return Line(fixed, slope, len(points), distinct)
 
 
-def fit_load_rate(groups: list[list[tuple[float, float, float]]], iterations: int = 6) -> float:
+def fit_load_rate(groups: list[list[tuple[float, float, float]]], iterations: int = 6) -> float | None:
     """`load_rate` of `measured ≈ line(counted) × exp(load_rate × crowding)` from the (counted, measured,
     crowding) runs of each step (one group a step): each step's line is fitted on its runs divided by the
     current factor, and the rate moves by the regression of the log residuals on crowding taken within each
-    step (a step whose runs all saw one crowding teaches nothing about load). 0 while the crowding of a
-    step's runs never differed by `MIN_CROWDING_SPREAD` (nothing to fit); never below 0."""
+    step (a step whose runs all saw one crowding teaches nothing about load). None while the crowding of a
+    step's runs never differed by `MIN_CROWDING_SPREAD` in all (nothing to fit); never below 0."""
     groups = [[(c, m, z) for c, m, z in g if c > 0 and m is not None and m > 0] for g in groups]
     groups = [g for g in groups if len(g) >= 2]
     spread = 0.0
@@ -225,8 +227,8 @@ def fit_load_rate(groups: list[list[tuple[float, float, float]]], iterations: in
         mean = statistics.fmean(z for _, _, z in g)
         spread += sum((z - mean) ** 2 for _, _, z in g)
     if spread < MIN_CROWDING_SPREAD**2:
-        return 0.0
-    rate = 0.0
+        return None
+    rate = FAIR_SHARE
     for _ in range(iterations):
         num = 0.0
         for g in groups:
@@ -241,8 +243,10 @@ def fit_load_rate(groups: list[list[tuple[float, float, float]]], iterations: in
 
 
 MIN_CROWDING_SPREAD = 0.25
-"""Crowding (other running threads per core beyond the free ones) that a step's runs must differ by, in all,
-for a load rate to be fitted."""
+"""Crowding (the log of runnable threads a core) that a step's runs must differ by, in all, for a load rate
+to be fitted: 0.25 is ~28% more runnable threads."""
+FAIR_SHARE = 1.0
+"""The load rate before one is fitted: each runnable thread gets an equal share of the cores."""
 
 COUNTS_VERSION = 6
 """Bumped whenever the counting of a step's work changes: runs recorded under other counts are dropped from
@@ -288,13 +292,14 @@ def others_now(samples: int = 5, every: float = 0.01) -> float | None:
 
 
 def crowding(others: float | None, threads: int | None = None) -> float:
-    """Other processes' running threads beyond the cores this process's `threads` (torch's, by default)
-    leave free, per core: 0 on an idle machine or one with cores to spare."""
+    """The log of the runnable threads a core has, `(others + threads) / cores`, this process's `threads`
+    (torch's, by default) and `others` (`others_running`) together, when above one: 0 on an idle machine or
+    one with cores to spare."""
     if not others:
         return 0.0
     cores = os.cpu_count() or 1
     threads = torch.get_num_threads() if threads is None else threads
-    return max(0.0, others + min(threads, cores) - cores) / cores
+    return math.log(max(1.0, (others + min(threads, cores)) / cores))
 
 
 @dataclass
@@ -313,18 +318,19 @@ class Calibration:
         runs = self.runs.get(step) or []
         return [(r["counted"], r.get(measured), crowding(r.get("others"), r.get("threads"))) for r in runs]
 
-    def load_rate(self, measured: str = "seconds") -> float:
-        """`fit_load_rate` over the runs of every step on this hardware."""
+    def load_rate(self, measured: str = "seconds") -> float | None:
+        """`fit_load_rate` over the runs of every step on this hardware (None: not fitted yet)."""
         return fit_load_rate([self._points(step, measured) for step in self.runs])
 
     def line(self, step: str, measured: str = "seconds") -> Line | None:
         """The fit of `measured` ("seconds": wall time, "cpu_seconds": process CPU time) on counted time,
         over the step's runs each divided by the slow-down its load caused (`load_rate`)."""
-        rate = self.load_rate(measured)
+        fitted = self.load_rate(measured)
+        rate = FAIR_SHARE if fitted is None else fitted
         points = self._points(step, measured)
         line = fit_line([(c, m * math.exp(-rate * z) if m is not None else None) for c, m, z in points])
         if line:
-            line.load_rate = rate
+            line.load_rate, line.load_fitted = rate, fitted is not None
         return line
 
     def extra_ram(self, step: str) -> float:
@@ -471,8 +477,8 @@ class Plan:
     slowdown: float = 1.0
     """How many times slower than on an idle machine the times are, for `others` (the fitted load rate)."""
     load_known: bool = False
-    """Whether a load rate was fitted here (runs of a step at different loads); without one a crowded plan
-    says its times are for an idle machine."""
+    """Whether a load rate was fitted here (runs of a step at different loads); without one the slow-down is
+    the fair share's, and a crowded plan says so."""
 
     def fits_t4(self) -> bool:
         return not self.warnings
@@ -490,13 +496,13 @@ class Plan:
         lines += [f"  WARNING: {w}" for w in self.warnings]
         if crowding(self.others) > 0:
             shared = f"{self.others:.1f} threads of other processes are running on {os.cpu_count()} cores"
-            if self.load_known:
-                lines.append(f"  load: {shared}; the times above are x{self.slowdown:.2f} an idle machine's")
-            else:
-                lines.append(
-                    f"  NOTE: {shared}: the times are for an idle machine (no runs here at different loads "
-                    "yet to measure what load costs); they can be several times longer"
+            times = f"  load: {shared}; the times above are x{self.slowdown:.2f} an idle machine's"
+            if not self.load_known:
+                times += (
+                    ", for a fair share of the cores (no runs here at different loads yet to fit what load "
+                    "costs: it can be several times more)"
                 )
+            lines.append(times)
         return "\n".join(lines)
 
 
@@ -569,7 +575,7 @@ def make_plan(
     disk = work.disk_bytes / 1e9
     cpu = cpu_line(counted, crowded) if cpu_line else None
     slowdown = line.factor(crowded) if line else 1.0
-    known = bool(line and line.load_rate)
+    known = bool(line and line.load_fitted)
     load = _load_average()
     return Plan(
         step,

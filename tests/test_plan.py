@@ -25,6 +25,16 @@ D32 = plan.ModelNumbers(1_880_000_000, 32, 2048, 65_536, 2048, 4, "nanochat")
 SMALL = plan.ModelNumbers(135_000_000, 30, 576, 49_152, 192, 4, "llama")
 
 
+OTHERS_NOW = plan.others_now
+
+
+@pytest.fixture(autouse=True)
+def idle_machine(monkeypatch):
+    """Plans made as on an idle machine (no other running threads), whatever the load of the test machine:
+    the tests that need a load set one."""
+    monkeypatch.setattr(plan, "others_now", lambda *_, **__: 0.0)
+
+
 @pytest.fixture
 def calibration(tmp_path):
     """Fixed rates (no measuring): the plans' arithmetic is checked exactly."""
@@ -268,11 +278,13 @@ def test_answers_of_one_prompt_share_its_prefill(calibration):
 
 
 def test_the_load_rate_is_fitted_over_the_steps_and_a_crowded_plan_is_slower(calibration, monkeypatch):
-    """Runs slowed by exp(0.8 x crowding) at two sizes and two loads: the lines come back to the idle
-    machine's, the rate is found, and a plan made with other threads running is slower by that factor."""
+    """Runs slowed by (runnable threads a core) ** 0.8 at two sizes and two loads: the lines come back to the
+    idle machine's, the rate is found, and a plan made with other threads running is slower by that factor;
+    before runs at different loads, a crowded plan assumes a fair share of the cores (rate 1) and says so."""
     cores, threads = plan.os.cpu_count(), plan.torch.get_num_threads()
-    idle, crowded = 0.0, cores - min(threads, cores) + 2.0 * cores  # crowding 0 and 2
-    assert (plan.crowding(idle), plan.crowding(crowded)) == (0.0, pytest.approx(2.0))
+    idle, crowded = 0.0, 4.0 * cores  # 4+ runnable threads a core: crowding log(4 + threads / cores)
+    share = (crowded + min(threads, cores)) / cores
+    assert (plan.crowding(idle), plan.crowding(crowded)) == (0.0, pytest.approx(math.log(share)))
     for step, fixed, slope in (("probes", 3.0, 2.0), ("explorer", 1.0, 4.0)):
         for counted in (1.0, 4.0):
             for others in (idle, crowded):
@@ -282,6 +294,7 @@ def test_the_load_rate_is_fitted_over_the_steps_and_a_crowded_plan_is_slower(cal
     assert calibration.load_rate() == pytest.approx(0.8, abs=0.01)
     line = calibration.line("probes")
     assert (line.fixed, line.slope) == (pytest.approx(3.0, abs=0.05), pytest.approx(2.0, abs=0.02))
+    assert line.load_fitted and "load rate 0.80" in str(line)
     assert calibration.line("probes", "cpu_seconds") is None  # no CPU time recorded: no CPU-time prediction
 
     stats = plan.ProbeStats(n_folds=5, n_permutations=99, n_bootstrap=200, feature_permutations=499)
@@ -291,15 +304,18 @@ def test_the_load_rate_is_fitted_over_the_steps_and_a_crowded_plan_is_slower(cal
     assert calm.slowdown == 1.0 and "other processes" not in str(calm)
     monkeypatch.setattr(plan, "others_now", lambda: crowded)
     busy = plan.plan_probes(SMALL, calibration, "cpu", **args)
-    assert busy.seconds == pytest.approx(calm.seconds * math.exp(1.6), rel=0.03)
-    assert "other processes are running" in str(busy) and "x4.9" in str(busy)
+    assert busy.seconds == pytest.approx(calm.seconds * share**0.8, rel=0.03)
+    assert "other processes are running" in str(busy) and f"x{share**0.8:.2f}" in str(busy)
+    assert "fair share" not in str(busy)
 
-    # Runs that all saw one load teach nothing about load: rate 0, and a crowded plan says so.
+    # Runs that all saw one load teach nothing about load: the fair share's rate 1, and the plan says so.
     one_load = plan.Calibration(calibration.rates, "other", calibration.path)
     for counted in (1.0, 4.0):
         plan.learn(one_load, "probes", {"counted": counted, "seconds": 3 + 2 * counted, "others": crowded})
-    assert one_load.load_rate() == 0.0 and one_load.line("probes").slope == pytest.approx(2.0)
-    assert "times are for an idle machine" in str(plan.plan_probes(SMALL, one_load, "cpu", **args))
+    assert one_load.load_rate() is None and one_load.line("probes").load_rate == plan.FAIR_SHARE
+    fair = plan.plan_probes(SMALL, one_load, "cpu", **args)
+    assert fair.slowdown == pytest.approx(share) and "fair share" in str(fair)
+    assert fair.seconds == pytest.approx(3 + 2 * fair.counted_seconds)  # at the load its runs saw
 
 
 def test_other_processes_running_threads_are_counted(tmp_path):
@@ -308,7 +324,7 @@ def test_other_processes_running_threads_are_counted(tmp_path):
     try:
         time.sleep(0.1)
         assert all(plan.others_running() >= 1 for _ in range(20))
-        assert plan.others_now(samples=3) >= 1
+        assert OTHERS_NOW(samples=3) >= 1
     finally:
         spinner.kill()
         spinner.wait()
