@@ -35,6 +35,8 @@ def dense_reference_loss(sae, x: torch.Tensor, dead: torch.Tensor) -> torch.Tens
         e = (x - x_hat).detach()
         aux = torch.where(dead, pre, -torch.inf).topk(min(sae.k_aux, int(dead.sum())), dim=-1)
         e_hat = torch.zeros_like(pre).scatter(-1, aux.indices, aux.values.relu()) @ sae.W_dec
+        if isinstance(sae, MatryoshkaBatchTopKSAE):  # SAELens's form: unnormalised, × min(n_dead / k_aux, 1)
+            return sae.auxk_coef * min(int(dead.sum()) / sae.k_aux, 1) * (e_hat - e).pow(2).sum(-1).mean()
         return sae.auxk_coef * (e_hat - e).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean()
 
     if isinstance(sae, TopKSAE):

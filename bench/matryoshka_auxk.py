@@ -1,0 +1,93 @@
+"""Screen: our Matryoshka BatchTopK alone on bench/sae_train.py's real activations, one run per setting of
+its constructor options (`--options`, JSON objects separated by ';', e.g. '{"auxk_coef": 4}'), on the same
+batches, seed and schedule as `python bench/sae_train.py --archs matryoshka_batchtopk` (400 steps × 1024
+of SmolLM2 layer 15, d_sae 4608, k 32). SAELens is not trained here (its own step is ~4x slower): its
+figures come from that bench's JSONs (EV 0.9155 at held-out L0 32 twice, dead 15.3-15.6%), so a setting
+found here is then confirmed by sae_train.py itself.
+
+    python bench/matryoshka_auxk.py --threads 1 --options '{};{"auxk_coef": 4}'
+
+Each run reports held-out explained variance at matched L0s (sae_train.py's `l0_curve`: θ scaled so
+exactly round(L0 · n) activations fire), the dead fraction, and tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import sae_train  # noqa: E402
+from helpers.saes.train import TrainConfig  # noqa: E402
+
+
+def run(options: dict, train: torch.Tensor, held: torch.Tensor, args) -> dict:
+    """One of our Matryoshka SAEs trained as sae_train.compare trains ours, then measured as it is."""
+    cfg = TrainConfig(
+        architecture="matryoshka_batchtopk",
+        expansion=args.expansion,
+        l0=args.k,
+        train_tokens=args.tokens,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        log_every=50,
+        precision="fp32",
+        seed=args.seed,
+        sae_options=options,
+    )
+    ours = sae_train.our_run(cfg, train[: cfg.init_tokens], "cpu")
+    data = sae_train.stream(train, cfg.batch_size, args.seed)
+    batches = [next(data) for _ in range(cfg.total_steps)]
+    t0 = time.perf_counter()
+    for x in batches:
+        ours.train_step(x)
+    seconds = time.perf_counter() - t0
+    ours.calibrate(batches[: -(-cfg.init_tokens // cfg.batch_size)])
+    held_scaled = held * ours.scale
+    out = {"options": options, "tokens_per_s": round(len(batches) * cfg.batch_size / seconds)}
+    out.update(sae_train.metrics(ours.sae, held_scaled, "cpu"))
+    curve = sae_train.l0_curve(ours.sae, held_scaled, "cpu", {args.k, out["l0"], *sae_train.CURVE_L0S})
+    out["ev_at_l0"] = {str(r["l0_target"]): r["explained_variance"] for r in curve}
+    out["dead_at_l0"] = {str(r["l0_target"]): r["dead_fraction"] for r in curve}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default="/tmp/sae_bench_data", help="sae_train.py's cached activations")
+    p.add_argument("--layer", type=int, default=15)
+    p.add_argument("--options", default="{}", help="';'-separated JSON objects of constructor options")
+    p.add_argument("--tokens", type=int, default=400 * 1024)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--expansion", type=int, default=8)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        settings = [json.loads(s) for s in args.options.split(";") if s.strip()]
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--options: each ';'-separated part must be a JSON object ({e})") from e
+    meta = sae_train.build_data(Path(args.data_dir), args.layer, args.seed)
+    train, held = sae_train.load_split(Path(args.data_dir), meta)
+    results = []
+    for options in settings:
+        print(f"training with {options} ...", file=sys.stderr, flush=True)
+        results.append(run(options, train, held, args))
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    summary = {"tokens": args.tokens, "k": args.k, "threads": args.threads, "runs": results}
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
