@@ -10,8 +10,8 @@ from `--reference` (a JSON of `bench/sae_train.py --archs gated`). Screening onl
 is then checked against SAELens trained in the same run by `bench/sae_train.py`.
 
 A variant is `name` or `name:key=value,key=value`. Keys: `lr`, `input_norm` (unit, sqrt_d_in),
-`sparsity_coef`, `coef_rate` (the constructor's), and the class settings `decoder_norm`, `free_decoder`,
-`encoder_init_scale`, `frozen_gate_decoder` (0/1), set for that variant only. `base` is our default.
+`sparsity_coef`, `coef_rate`, `frozen_gate_decoder` (0/1) (the constructor's), and the class settings
+`decoder_norm`, `free_decoder`, `encoder_init_scale`, set for that variant only. `base` is our default.
 """
 
 from __future__ import annotations
@@ -36,9 +36,8 @@ CLASS_SETTINGS = {
     "decoder_norm": float,
     "free_decoder": lambda v: bool(int(v)),
     "encoder_init_scale": float,
-    "frozen_gate_decoder": lambda v: bool(int(v)),
 }
-OPTIONS = {"sparsity_coef": float, "coef_rate": float}
+OPTIONS = {"sparsity_coef": float, "coef_rate": float, "frozen_gate_decoder": lambda v: bool(int(v))}
 CONFIG = {"lr": float, "input_norm": str}
 
 
@@ -87,7 +86,10 @@ def run_variant(spec: str, train, held, args) -> dict:
                 l0s.append((step, round(out.l0, 1), round(float(run.sae.sparsity_coef), 4)))
         seconds = time.perf_counter() - t0
         result = metrics(run.sae, held * run.scale, "cpu")
-        curve = gated_l0_curve(run.sae, held * run.scale, "cpu", args.curve_l0s)
+        try:
+            curve = gated_l0_curve(run.sae, held * run.scale, "cpu", args.curve_l0s)
+        except ValueError as e:  # a collapsed SAE: too few activations can fire for the lowest L0
+            curve = [{"l0_target": "error", "explained_variance": str(e), "dead_fraction": None}]
     finally:
         for k, v in saved.items():
             setattr(GatedSAE, k, v)

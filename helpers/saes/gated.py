@@ -9,17 +9,19 @@ Which latents fire and how strongly are estimated by two paths that share the en
 
 H has no gradient, so the gate learns only from the auxiliary terms (§3.2, eq. 8): an L1 penalty on
 ReLU(π_gate) (our decoder rows are unit-norm, so no norm factor is needed) and the reconstruction of x
-from ReLU(π_gate) through a FROZEN copy of the decoder (W_dec, b_dec detached), so that term trains
-the gate without pulling the decoder toward the gate's magnitudes. (A hard gate with no gradient is a
-known failure; SAELens does not detach the decoder here.) Every term is supported on the active set
-{π_gate > 0}, so the step is sparse apart from the encoder's forward matmul.
+from ReLU(π_gate) through the decoder. The paper freezes the decoder in that term (W_dec, b_dec
+detached); by default it is trainable here, as SAELens has it (`frozen_gate_decoder=False`): on real
+activations (SmolLM2 layer 15, d_sae 4608, 150 steps) the frozen form left 7.3% of the latents dead and
+the trainable one 0.2%, with a better held-out explained variance at low L0 (bench/gated_ablations.py).
+The encoder starts as 0.1 times the decoder's transpose (`encoder_init_scale`; SAELens starts both at
+norm 0.1): its columns then turn ~10x faster relative to their size under Adam's steps, which lifted the
+explained variance at high L0 in that run. Every term is supported on the active set {π_gate > 0}, so
+the step is sparse apart from the encoder's forward matmul.
 
 The L1 coefficient λ is steered toward the target L0 `l0` (base.adapt_coefficient), as for JumpReLU.
 """
 
 from __future__ import annotations
-
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -32,9 +34,7 @@ class GatedSAE(PenaltySAE):
     architecture = "gated"
     latent_biases = ("b_gate", "b_mag")
     saelens_tensors = ("W_enc", "W_dec", "b_dec", "b_gate", "b_mag", "r_mag")
-    frozen_gate_decoder: ClassVar[bool] = True
-    """Whether the gate's reconstruction term decodes through a frozen copy of W_dec and b_dec (the paper's
-    form); False: through the trainable decoder, as SAELens does."""
+    encoder_init_scale = 0.1  # SAE.encoder_init_scale (see the module docstring)
 
     def __init__(
         self,
@@ -44,11 +44,15 @@ class GatedSAE(PenaltySAE):
         l0: int = 32,
         sparsity_coef: float = 0.05,
         coef_rate: float = 0.02,
+        frozen_gate_decoder: bool = False,
         seed: int = 0,
     ):
         """`l0`: target L0; `sparsity_coef`: initial L1 coefficient λ; `coef_rate`: how fast log λ
-        follows the L0 error per step (0 keeps λ fixed)."""
+        follows the L0 error per step (0 keeps λ fixed); `frozen_gate_decoder`: whether the gate's
+        reconstruction term decodes through a frozen copy of W_dec and b_dec (the paper's form) or through
+        the trainable decoder (SAELens's, the default)."""
         super().__init__(d_in, d_sae, l0=l0, sparsity_coef=sparsity_coef, coef_rate=coef_rate, seed=seed)
+        self.frozen_gate_decoder = frozen_gate_decoder
         self.b_gate = nn.Parameter(torch.zeros(d_sae))
         self.b_mag = nn.Parameter(torch.zeros(d_sae))
         self.r_mag = nn.Parameter(torch.zeros(d_sae))

@@ -70,7 +70,9 @@ def dense_reference_loss(sae, x: torch.Tensor, dead: torch.Tensor) -> torch.Tens
     pi_gate = pre + sae.b_gate
     pi_mag = (x - sae.b_dec) @ (sae.W_enc * sae.r_mag.exp()) + sae.b_mag
     x_hat = ((pi_gate > 0) * pi_mag.relu()) @ sae.W_dec + sae.b_dec
-    x_gate = pi_gate.relu() @ sae.W_dec.detach() + sae.b_dec.detach()
+    frozen = sae.frozen_gate_decoder  # the paper's form; SAELens's (the default) trains the decoder here too
+    W, b = (sae.W_dec.detach(), sae.b_dec.detach()) if frozen else (sae.W_dec, sae.b_dec)
+    x_gate = pi_gate.relu() @ W + b
     return mse(x_hat) + sae.sparsity_coef * pi_gate.relu().sum(-1).mean() + mse(x_gate)
 
 
@@ -187,7 +189,7 @@ def test_every_architecture_trains_and_round_trips(arch, acts, tmp_path):
     assert torch.equal(run.sae.W_enc, run.sae.W_dec.t() * run.sae.encoder_init_scale), (
         "encoder: the decoder's transpose"
     )
-    assert run.sae.encoder_init_scale == 1.0
+    assert run.sae.encoder_init_scale == (0.1 if arch == "gated" else 1.0)  # Gated: bench/gated_ablations.py
     run.init_from_data(acts[:512])
     x0 = acts[:512] * run.scale
     pull = (x0 - run.sae.b_dec) / (x0 - run.sae.b_dec).norm(dim=1, keepdim=True)
@@ -252,6 +254,7 @@ def test_jumprelu_thresholds_learn_and_sparsify(acts):
 def test_gated_gate_learns_through_a_frozen_decoder(acts):
     x = acts[:64] / acts[:64].pow(2).sum(1).mean().sqrt()
     sae = perturbed("gated", x)
+    sae.frozen_gate_decoder = True  # the paper's form (the default is SAELens's: test_gated_training_form.py)
     sae.losses(x, torch.zeros(96, dtype=torch.bool)).loss.backward()
     assert sae.b_gate.grad.abs().sum() > 0 and sae.W_enc_T.grad.abs().sum() > 0, "the gate receives gradient"
     # The decoder's gradient is the reconstruction's alone: the gate's auxiliary loss uses a frozen copy.

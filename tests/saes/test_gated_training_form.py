@@ -13,8 +13,7 @@ from helpers.saes import GatedSAE
 def tiny(frozen: bool) -> tuple[GatedSAE, torch.Tensor]:
     """A 12 -> 40 Gated SAE with non-trivial biases (about half its gates open) and 32 inputs."""
     g = torch.Generator().manual_seed(0)
-    sae = GatedSAE(12, 40, l0=8, sparsity_coef=0.3, seed=1)
-    sae.frozen_gate_decoder = frozen  # the instance's setting, the class's default untouched
+    sae = GatedSAE(12, 40, l0=8, sparsity_coef=0.3, frozen_gate_decoder=frozen, seed=1)
     with torch.no_grad():
         for name in ("b_dec", "b_gate", "b_mag", "r_mag"):
             p = getattr(sae, name)
