@@ -150,7 +150,18 @@ def within(ratio: float | None, bound: float) -> bool | None:
     return None if ratio is None else abs(ratio - 1) <= bound
 
 
-def rows_of(size: str, run_dir: Path, background: int = 0) -> list[dict]:
+def fitted_calibration(path: Path) -> plan.Calibration:
+    """The one hardware entry of a calibration file the bench wrote, as the plans read it."""
+    ((key, entry),) = json.loads(path.read_text()).items()
+    return plan.Calibration(plan.Rates(**entry["rates"]), key, path, entry.get("runs") or {})
+
+
+def rows_of(size: str, run_dir: Path, background: int = 0, frozen: Path | None = None) -> list[dict]:
+    """One row a step of a scored run; with `frozen` (the fit file its plans came from) also the hindsight
+    ratio: measured over the same line times the slow-down of the other running threads measured while the
+    step ran (the plan could only see those when it was made), which tells the load model's error from the
+    error of taking the load at the plan's start for the whole step."""
+    fitted = fitted_calibration(frozen) if frozen else None
     rows = []
     for step, rec in (run.read_run_json(run_dir).get("plans") or {}).items():
         if step == "model":
@@ -180,6 +191,14 @@ def rows_of(size: str, run_dir: Path, background: int = 0) -> list[dict]:
             "cpu_time_within_30pct": within(cpu_ratio, TIME_BOUND),
             "ram_within_15pct": within(ratio["ram_gb"], MEMORY_BOUND),
         }
+        line = fitted.line(step) if fitted else None
+        seen = others.get("measured")
+        if line and seen is not None:
+            hindsight = measured["seconds"] / line(
+                rec["counted_seconds"], plan.crowding(seen, rec.get("threads"))
+            )
+            row["hindsight_time_ratio"] = round(hindsight, 3)
+            row["hindsight_within_30pct"] = within(hindsight, TIME_BOUND)
         if "gpu_gib" in ratio:
             row |= {
                 "gpu_ratio": round(ratio["gpu_gib"], 3),
@@ -193,11 +212,10 @@ def fitted_lines(calibration: Path) -> dict[str, dict]:
     """Each step's fitted wall-time and CPU-time lines (with the load rate fitted over all steps) in the
     calibration file (the fit runs' record), and the runs they were fitted on."""
     out = {}
-    for key, entry in json.loads(calibration.read_text()).items():
-        fitted = plan.Calibration(plan.Rates(**entry["rates"]), key, calibration, entry.get("runs") or {})
-        for step, runs in fitted.runs.items():
-            lines = {m: fitted.line(step, m) for m in ("seconds", "cpu_seconds")}
-            out[step] = {m: asdict(line) for m, line in lines.items() if line} | {"runs": runs}
+    fitted = fitted_calibration(calibration)
+    for step, runs in fitted.runs.items():
+        lines = {m: fitted.line(step, m) for m in ("seconds", "cpu_seconds")}
+        out[step] = {m: asdict(line) for m, line in lines.items() if line} | {"runs": runs}
     return out
 
 
@@ -269,10 +287,11 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copyfile(fitted, frozen)
         os.environ["NB_PLAN_CALIBRATION"] = str(frozen.resolve())
         seconds = run_size(size, run_dir, args.gpu, args.timeout, args.notebooks, load)
-        out["rows"] += rows_of(name, run_dir, load)
+        out["rows"] += rows_of(name, run_dir, load, frozen)
         out[f"score_{name}_minutes"] = round(seconds / 60, 1)
     out["load_average_end"] = round(os.getloadavg()[0], 1)
-    for key in ("time_within_30pct", "cpu_time_within_30pct", "ram_within_15pct", "gpu_within_15pct"):
+    keys = ("time_within_30pct", "cpu_time_within_30pct", "ram_within_15pct", "gpu_within_15pct")
+    for key in (*keys, "hindsight_within_30pct"):
         out[key] = count(out["rows"], key)
     text = json.dumps(out, indent=1)
     print(text)
