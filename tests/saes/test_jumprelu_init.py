@@ -4,10 +4,13 @@ target 16) and features firing in every window."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from helpers.saes import JumpReLUSAE
 from helpers.saes.train import TrainConfig, Trainer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny steps: two threads spin under load
 
 
 def sparse_world(n: int, d_in: int = 64, n_features: int = 256) -> torch.Tensor:
@@ -71,6 +74,7 @@ def short_run_l0(**sae_options) -> float:
 
 
 def test_a_short_run_lands_within_2x_of_its_target_l0():
-    """~1 s. Before (θ from 0.001, no speed-up) the same run ended at L0 ~142 of 256, 18x its target."""
+    """~1.5 s (one thread, loaded machine). Before (θ from 0.001, no speed-up) the same run ended at L0 ~140
+    of 256, 18x its target."""
     assert 4 <= short_run_l0() <= 16
     assert short_run_l0(init_threshold=0.001, threshold_speedup_steps=0) > 64, "the old start is still far"
