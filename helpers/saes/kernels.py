@@ -151,7 +151,7 @@ class _GatherPre(torch.autograd.Function):
         col_sums = torch.zeros(p.n_cols, device=grad.device, dtype=grad.dtype).index_add_(0, p.col, grad)
         if need_w:
             x_c = x - b_dec
-            d_w = p.dense(grad).t() @ x_c if p.is_dense else spmm(p.csr_t(grad), x_c)
+            d_w = p.dense(grad).t() @ x_c if p.is_dense else _spmm(p.csr_t(grad), x_c)
         if need_b_dec:
             d_b_dec = -(col_sums @ W_enc_T)
         if need_bias and ctx.has_bias:
@@ -187,11 +187,11 @@ class _SparseDecode(torch.autograd.Function):
         else:
             if ctx.needs_input_grad[0]:
                 dv = torch.sparse.sampled_addmm(p.csr(torch.zeros_like(values)), g, W_dec.t()).values()
-            dw = spmm(p.csr_t(values), g) if ctx.needs_input_grad[1] else None
+            dw = _spmm(p.csr_t(values), g) if ctx.needs_input_grad[1] else None
         return dv, dw, None
 
 
-def spmm(csr: Tensor, dense: Tensor) -> Tensor:
+def _spmm(csr: Tensor, dense: Tensor) -> Tensor:
     """CSR @ dense into a fresh tensor; `addmm(..., beta=0, out=)` skips the zero-fill-and-copy that
     `torch.sparse.mm` does (measured ~1.5x faster on CPU)."""
     out = dense.new_empty(csr.shape[0], dense.shape[1])

@@ -19,20 +19,17 @@ sets the sparsity of every architecture; it is held while the L0 already falls t
 costs explained variance through shrinkage). The step is sparse apart from the encoder's forward matmul: every
 term lives on the active set {pre > 0}. Early in training that set is half the latents; above
 kernels.DENSE_ABOVE the step is then dense maths with its backward written out (`_DenseStep`: five dense
-products instead of autograd's six), below it sparse maths in one function (`_SparseStep`: W_dec's two
-gradients, the decoder product's and the penalty's pull on the rows' norms, written into one tensor); both
-give the same gradients as autograd within float rounding (test_standard_step.py).
+products instead of autograd's six; the same gradients within float rounding: test_standard_step.py).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.amp import custom_bwd, custom_fwd
 
 from helpers.saes.base import PenaltySAE, StepOutput
-from helpers.saes.kernels import DENSE_ABOVE, Pattern, row_norms, spmm
+from helpers.saes.kernels import DENSE_ABOVE, Pattern, gather_pre, recon_loss, row_norms, sparse_decode
 
 
 class StandardSAE(PenaltySAE):
@@ -79,6 +76,7 @@ class StandardSAE(PenaltySAE):
         return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc, out=buf)
 
     def losses(self, x: Tensor, dead: Tensor) -> StepOutput:
+        norms = row_norms(self.W_dec)  # [d_sae], differentiable: the penalty pulls on the rows' norms too
         with torch.no_grad():  # the only dense matmul of the sparse path, once; both paths read it detached
             pre = self._pre_activations(x)  # [n, d_sae]
             active = pre > 0
@@ -86,15 +84,17 @@ class StandardSAE(PenaltySAE):
             dense = int(torch.count_nonzero(active)) > DENSE_ABOVE.get(x.device.type, 0.02) * active.numel()
         if dense:  # early in training half the latents fire: dense maths beats building a Pattern
             acts = pre.relu_()  # in place: `active` already holds the signs
-            norms = row_norms(self.W_dec)  # [d_sae], differentiable: the penalty pulls on the rows' norms too
             mse, l1, x_hat = _DenseStep.apply(
                 x, self.b_dec, self.W_enc_T, self.b_enc, self.W_dec, norms, acts
             )
             fired = active.sum(0, dtype=torch.int32).long()  # int32 sums: ~5x faster than via int64
         else:
             p = Pattern.from_mask(active)
-            mse, l1, x_hat = _SparseStep.apply(x, self.b_dec, self.W_enc_T, self.b_enc, self.W_dec, pre, p)
+            acts = gather_pre(x, self.b_dec, self.W_enc_T, self.b_enc, pre, p)  # [nnz], all > 0
+            x_hat = sparse_decode(acts, self.W_dec, p) + self.b_dec
+            l1 = (acts * norms.index_select(0, p.col)).sum() / len(x)
             fired = torch.bincount(p.col, minlength=self.d_sae)
+            mse = recon_loss(x_hat, x)
         terms = {"mse": mse.detach(), "l1": l1.detach()}
         return StepOutput(mse + self.sparsity_coef * l1, terms, x_hat.detach(), fired)
 
@@ -112,7 +112,7 @@ class _DenseStep(torch.autograd.Function):
     def forward(ctx, x, b_dec, W_enc_T, b_enc, W_dec, norms, acts):
         n = len(x)
         x_hat = (acts @ W_dec).float().add_(b_dec)  # [n, d_in] float32, as recon_loss's input
-        sums = acts.sum(0, dtype=torch.float32)  # [d_sae]: the penalty is linear
+        sums = acts.sum(0, dtype=torch.float32)  # [d_sae]: the penalty is linear in them
         l1 = (sums * norms).sum() / n  # elementwise: a 1-D matmul would autocast to float16 and overflow
         r = x_hat - x
         mse = r.pow(2).sum(-1).mean()
@@ -138,51 +138,3 @@ class _DenseStep(torch.autograd.Function):
         d_W_dec = acts.t() @ d_x_hat
         w = ctx.param_dtype
         return None, d_b_dec.to(w), d_W_enc_T.to(w), d_b_enc.to(w), d_W_dec.to(w), sums * (g_l1 / n), None
-
-
-class _SparseStep(torch.autograd.Function):
-    """(mse, l1, x_hat) of the standard SAE on the active pairs `p` of pre = (x - b_dec) @ W_enc + b_enc
-    (computed without autograd), every term in one function with its backward written out: the
-    activations' gradient (an SDDMM of the reconstruction's gradient with W_dec, plus the penalty's
-    norms_j / n) is also the pre-activations' (every pair is active), and W_dec's gradient, the penalty's pull
-    on the rows' norms W_j * (g_l1 sums_j / n) / ||W_j|| plus acts^T @ d_x_hat, is written into one tensor
-    (autograd's graph made three of that size: the decoder product's, the norm's, and their sum). The same
-    gradients as `gather_pre` -> `sparse_decode` with `row_norms` (test_standard_step.py). Under autocast
-    it runs in float32, as kernels.py's sparse functions do."""
-
-    @staticmethod
-    @custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(ctx, x, b_dec, W_enc_T, b_enc, W_dec, pre, p: Pattern):
-        n = len(x)
-        with torch.autocast(x.device.type, enabled=False):  # CPU autocast too (CUDA's: custom_fwd's cast)
-            acts = pre.reshape(-1).index_select(0, p.row * pre.shape[1] + p.col).float()  # [nnz], all > 0
-            norms = torch.linalg.vector_norm(W_dec, dim=1)  # [d_sae]
-            sums = torch.zeros_like(norms).index_add_(0, p.col, acts)  # [d_sae]: the penalty is linear
-            l1 = (sums * norms).sum() / n
-            x_hat = F.embedding_bag(
-                p.col, W_dec, p.crow, mode="sum", per_sample_weights=acts, include_last_offset=True
-            ).add_(b_dec)  # [n, d_in]
-            r = x_hat - x.float()
-            mse = r.pow(2).sum(-1).mean()
-        ctx.save_for_backward(x, b_dec, W_enc_T, W_dec, norms, acts, r, sums)
-        ctx.p = p
-        ctx.mark_non_differentiable(x_hat)
-        return mse, l1, x_hat
-
-    @staticmethod
-    @custom_bwd(device_type="cuda")
-    def backward(ctx, g_mse, g_l1, _):
-        x, b_dec, W_enc_T, W_dec, norms, acts, r, sums = ctx.saved_tensors
-        p: Pattern = ctx.p
-        n = len(x)
-        d_x_hat = r * (2 * g_mse / n)  # [n, d_in]
-        # d acts = (d_x_hat @ W_dec^T) at the pairs (SDDMM) + the penalty's norms_j / n; ReLU passes it all
-        d_pre = torch.sparse.sampled_addmm(p.csr(torch.zeros_like(acts)), d_x_hat, W_dec.t()).values()
-        d_pre += norms.index_select(0, p.col) * (g_l1 / n)  # [nnz]
-        d_b_enc = torch.zeros_like(norms).index_add_(0, p.col, d_pre)  # [d_sae]
-        d_W_enc_T = spmm(p.csr_t(d_pre), x - b_dec)  # [d_sae, d_in]
-        d_b_dec = d_x_hat.sum(0) - d_b_enc @ W_enc_T
-        # the norms' pull (a zero row's subgradient is 0, as autograd's), then += acts^T @ d_x_hat in place
-        d_W_dec = W_dec * torch.where(norms > 0, sums * (g_l1 / n) / norms, 0.0).unsqueeze(1)
-        d_W_dec = torch.addmm(d_W_dec, p.csr_t(acts), d_x_hat, out=d_W_dec)
-        return None, d_b_dec, d_W_enc_T, d_b_enc, d_W_dec, None, None
