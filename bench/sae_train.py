@@ -366,6 +366,8 @@ def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path)
     options = {"auxk_coef": args.auxk_coef} if args.auxk_coef is not None and arch in K_SPARSE else {}
     if args.ours_coef_rate is not None and arch in ("standard", "gated", "jumprelu"):
         options["coef_rate"] = args.ours_coef_rate
+    if args.ours_init_l0_mult is not None and arch == "standard":
+        options["init_l0_mult"] = args.ours_init_l0_mult
     cfg = TrainConfig(
         architecture=arch,
         expansion=args.expansion,
@@ -602,6 +604,12 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="ablation: the coef_rate of our standard/Gated/JumpReLU (how fast λ follows the L0 error)",
     )
+    p.add_argument(
+        "--ours-init-l0-mult",
+        type=float,
+        default=None,
+        help="ablation: our standard SAE's init_l0_mult (initial L0 as a multiple of the target)",
+    )
     p.add_argument("--chunk", type=int, default=10, help="steps per timed chunk")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -654,6 +662,7 @@ def main() -> None:
         "auxk_coef",
         "ours_lr",
         "ours_coef_rate",
+        "ours_init_l0_mult",
     )
     result["ours_ablations"] = {k: getattr(args, k) for k in ablations if getattr(args, k) is not None}
     with tempfile.TemporaryDirectory() as tmp:
