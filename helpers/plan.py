@@ -29,8 +29,10 @@ How a plan is made:
   brought back to an idle machine, the log residuals regressed on crowding within each step), so runs at
   any load feed the line, and a plan multiplies the line by the factor for the load it sees now. Until runs
   of one step have seen different loads the rate is the fair share's 1, and a crowded plan says so. On a
-  shared 2-core CPU (2 torch threads) steps ran ~28x slower with ~6 other running threads than on an idle
-  machine, and ~1.3x slower again with ~1.5 more: torch's threads wait for each other at every parallel op.
+  shared 2-core CPU (2 torch threads, bench/planner.py) smoke sampling took 8 s on a quiet machine and 234 s
+  with ~6 other running threads; the rate fitted over runs at 3.5-8.5 other threads was 1.03 for wall time
+  (0.48 for CPU time). What the count cannot see: what the other threads do (memory traffic, their own
+  waits) and how the load changes during the step; at one count a step's time varied up to 1.8x there.
 - Peak memory here = what this process uses now (RSS; CUDA memory allocated) + the weights it has mapped
   from disk and not read yet (safetensors are memory-mapped; their pages join RSS at the first forward) +
   what the step adds. On a T4 the weights sit in GPU memory at the T4's dtype (fp16, fp32 for nanochat),
