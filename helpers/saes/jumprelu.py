@@ -21,8 +21,9 @@ pre-activations on the trainer's init sample (`init_from_sample`; SAELens's care
 bench/saelens_setup.py starts one common θ that way), and in runs shorter than `threshold_speedup_steps`
 (256) θ's steps are taken up to 8x larger while the L0 is more than 2x off its target (`after_step`),
 so a 32-step smoke-size run ends within 2x of its target L0 (tests/saes/test_jumprelu_init.py). Longer
-runs get no speed-up: its early sparsity cost held-out EV on the 400-step run (0.9314 vs 0.9379 from the
-initial θ alone; README, Measured).
+runs get no speed-up: in a screen of the 400-step real run it cost held-out EV (0.9314 vs 0.9379 from the
+initial θ alone, two seeds alike): there the early dense phase helps. bench/jumprelu_init.py measures the
+short runs and the ground truth against the old start, bench/sae_train.py the 400-step run.
 
 Sparsity targets an L0 (`l0`, one knob for TopK, JumpReLU and Gated alike): the penalty is quadratic
 around the target, λ (L0 - target)² / target with L0 the batch mean through the STE (Gemma Scope 2's
