@@ -60,7 +60,7 @@ class SAE(nn.Module):
     with per-latent thresholds, as SAELens does): `encode` then already computes the saved function."""
     encoder_init_scale: ClassVar[float] = 1.0
     """The encoder starts as this times the decoder's transpose (Gao et al. 2024, §A.1); 1 for every
-    architecture shipped (the README's Measured table has the ablations of 0.1)."""
+    architecture shipped but Gated (0.1: gated.py; the README's Measured table has the ablations)."""
     decoder_norm: ClassVar[float] = 1.0
     """The norm the decoder rows start at and are held at during training (the encoder starts as
     `encoder_init_scale` times the decoder's transpose at this norm). Below 1, Adam's steps, which are about
