@@ -1,14 +1,16 @@
-"""Screen: our Matryoshka BatchTopK alone on bench/sae_train.py's real activations, one run per setting of
-its constructor options (`--options`, JSON objects separated by ';', e.g. '{"auxk_coef": 4}'), on the same
-batches, seed and schedule as `python bench/sae_train.py --archs matryoshka_batchtopk` (400 steps × 1024
-of SmolLM2 layer 15, d_sae 4608, k 32). SAELens is not trained here (its own step is ~4x slower): its
-figures come from that bench's JSONs (EV 0.9155 at held-out L0 32 twice, dead 15.3-15.6%), so a setting
-found here is then confirmed by sae_train.py itself.
+"""Screen: one of our k-sparse SAEs alone (`--arch`, Matryoshka BatchTopK by default) on bench/sae_train.py's
+real activations, one run per setting of its constructor options (`--options`, JSON objects separated by
+';', e.g. '{"auxk_coef": 4}'), on the same batches, seed and schedule as `python bench/sae_train.py --archs
+<arch>` (400 steps × 1024 of SmolLM2 layer 15, d_sae 4608, k 32). SAELens is not trained here (its own
+step is ~4x slower): its figures come from that bench's JSONs (Matryoshka: EV 0.9155 at held-out L0 32
+twice, dead 15.3-15.6%), so a setting found here is then confirmed by sae_train.py itself.
 
     python bench/matryoshka_auxk.py --threads 1 --options '{};{"auxk_coef": 4}'
+    python bench/matryoshka_auxk.py --threads 1 --arch batchtopk --saelens-auxk   # TopK/BatchTopK's AuxK
+                                                     # in Matryoshka's (SAELens's) form, for this run only
 
-Each run reports held-out explained variance at matched L0s (sae_train.py's `l0_curve`: θ scaled so
-exactly round(L0 · n) activations fire), the dead fraction, and tokens/s.
+Each run reports held-out explained variance (at matched L0s for the thresholded ones: sae_train.py's
+`l0_curve`, θ scaled so exactly round(L0 · n) activations fire), the dead fraction, and tokens/s.
 """
 
 from __future__ import annotations
@@ -25,13 +27,27 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import sae_train  # noqa: E402
+from helpers.saes import base  # noqa: E402
 from helpers.saes.train import TrainConfig  # noqa: E402
+
+
+def use_saelens_auxk() -> None:
+    """For this process: TopK's and BatchTopK's AuxK in SAELens's form, as Matryoshka's is by default
+    (base.auxk_loss times the residual's variance, which it divides by, and min(n_dead / k_aux, 1))."""
+    normalised = base.auxk_loss
+
+    def saelens_form(sae, x, pre, dead, residual, k_aux):
+        variance = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        scale = min(int(dead.sum()) / k_aux, 1.0)
+        return normalised(sae, x, pre, dead, residual, k_aux) * variance * scale
+
+    base.auxk_loss = saelens_form
 
 
 def run(options: dict, train: torch.Tensor, held: torch.Tensor, args) -> dict:
     """One of our Matryoshka SAEs trained as sae_train.compare trains ours, then measured as it is."""
     cfg = TrainConfig(
-        architecture="matryoshka_batchtopk",
+        architecture=args.arch,
         expansion=args.expansion,
         l0=args.k,
         train_tokens=args.tokens,
@@ -53,9 +69,11 @@ def run(options: dict, train: torch.Tensor, held: torch.Tensor, args) -> dict:
     held_scaled = held * ours.scale
     out = {"options": options, "tokens_per_s": round(len(batches) * cfg.batch_size / seconds)}
     out.update(sae_train.metrics(ours.sae, held_scaled, "cpu"))
-    curve = sae_train.l0_curve(ours.sae, held_scaled, "cpu", {args.k, out["l0"], *sae_train.CURVE_L0S})
-    out["ev_at_l0"] = {str(r["l0_target"]): r["explained_variance"] for r in curve}
-    out["dead_at_l0"] = {str(r["l0_target"]): r["dead_fraction"] for r in curve}
+    if args.arch in sae_train.THRESHOLDED:
+        l0s = {args.k, out["l0"], *sae_train.CURVE_L0S}
+        curve = sae_train.l0_curve(ours.sae, held_scaled, "cpu", l0s)
+        out["ev_at_l0"] = {str(r["l0_target"]): r["explained_variance"] for r in curve}
+        out["dead_at_l0"] = {str(r["l0_target"]): r["dead_fraction"] for r in curve}
     return out
 
 
@@ -63,6 +81,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default="/tmp/sae_bench_data", help="sae_train.py's cached activations")
     p.add_argument("--layer", type=int, default=15)
+    p.add_argument("--arch", default="matryoshka_batchtopk", choices=sae_train.K_SPARSE)
+    p.add_argument(
+        "--saelens-auxk",
+        action="store_true",
+        help="TopK/BatchTopK: AuxK in SAELens's form (unnormalised, times min(n_dead / k_aux, 1))",
+    )
     p.add_argument("--options", default="{}", help="';'-separated JSON objects of constructor options")
     p.add_argument("--tokens", type=int, default=400 * 1024)
     p.add_argument("--batch-size", type=int, default=1024)
@@ -74,6 +98,10 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.saelens_auxk:
+        if args.arch == "matryoshka_batchtopk":
+            raise SystemExit("--saelens-auxk: Matryoshka's AuxK is in SAELens's form already; drop the flag")
+        use_saelens_auxk()
     try:
         settings = [json.loads(s) for s in args.options.split(";") if s.strip()]
     except json.JSONDecodeError as e:
@@ -85,7 +113,8 @@ def main() -> None:
         print(f"training with {options} ...", file=sys.stderr, flush=True)
         results.append(run(options, train, held, args))
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    summary = {"tokens": args.tokens, "k": args.k, "threads": args.threads, "runs": results}
+    summary = {"arch": args.arch, "saelens_auxk": args.saelens_auxk, "tokens": args.tokens, "k": args.k}
+    summary.update(threads=args.threads, runs=results)
     print(json.dumps(summary, indent=2))
 
 
