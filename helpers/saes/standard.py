@@ -50,19 +50,22 @@ class StandardSAE(PenaltySAE):
         sparsity_coef: float = 5.0,
         coef_rate: float = 0.02,
         init_l0_mult: float | None = None,
+        init_l0_per_latent: bool = False,
         seed: int = 0,
     ):
         """`l0`: target L0; `sparsity_coef`: initial L1 coefficient λ; `coef_rate`: how fast log λ follows
         the L0 error per step (0 keeps λ fixed, as in SAELens); `init_l0_mult`: start at an L0 of this
         multiple of `l0` (at most d_sae / 2) by one common offset of b_enc set from the trainer's init sample
-        (`init_from_sample`), or None for b_enc at 0 (an initial L0 near d_sae / 2, SAELens's start)."""
+        (`init_from_sample`), or None for b_enc at 0 (an initial L0 near d_sae / 2, SAELens's start);
+        `init_l0_per_latent`: instead of one common offset, each b_enc_j its own, so that every latent starts
+        firing on the same share of the sample's tokens (as JumpReLU's θ)."""
         super().__init__(d_in, d_sae, l0=l0, sparsity_coef=sparsity_coef, coef_rate=coef_rate, seed=seed)
         if init_l0_mult is not None and not init_l0_mult > 0:
             raise ValueError(
                 f"init_l0_mult must be > 0 (the initial L0 as a multiple of the target l0), or None for "
                 f"b_enc at 0; got {init_l0_mult}"
             )
-        self.init_l0_mult = init_l0_mult
+        self.init_l0_mult, self.init_l0_per_latent = init_l0_mult, init_l0_per_latent
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self._pre_buffer: Tensor | None = None  # _pre_activations' reused output (not state)
 
@@ -73,10 +76,17 @@ class StandardSAE(PenaltySAE):
         """With `init_l0_mult`: lower every b_enc_j by one common offset, the quantile of the pre-activations
         on (the first tokens of) x [n, d_in] (the trainer's init sample, scaled, b_dec set) above which lie
         min(init_l0_mult · l0, d_sae / 2) per token on average. The L0 then starts there rather than near
-        d_sae / 2, so fewer of the first steps are dense (`_DenseStep`)."""
+        d_sae / 2, so fewer of the first steps are dense (`_DenseStep`). With `init_l0_per_latent`, b_enc_j
+        is lowered by latent j's own quantile of the whole sample instead (512 latents at a time)."""
         if self.init_l0_mult is None:
             return
         l0 = min(self.init_l0_mult * self.target_l0, self.d_sae / 2)
+        if self.init_l0_per_latent:
+            below = len(x) - max(1, round(len(x) * l0 / self.d_sae))  # tokens at or below the offset
+            for chunk in torch.arange(self.d_sae, device=x.device).split(512):
+                pre = torch.addmm(self.b_enc[chunk], x - self.b_dec, self.W_enc_T[chunk].t())
+                self.b_enc[chunk] -= pre.kthvalue(max(1, below), dim=0).values
+            return
         x = x[: max(1, self.INIT_VALUES // self.d_sae)]
         pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc).flatten()
         above = round(len(pre) * l0 / self.d_sae)  # values that stay above the offset

@@ -52,3 +52,13 @@ def test_the_initial_l0_is_capped_at_half_the_latents_and_a_bad_multiple_is_refu
     assert mean_l0(sae, x) == pytest.approx(32, abs=0.05)
     with pytest.raises(ValueError, match="init_l0_mult must be > 0"):
         StandardSAE(32, 64, l0=16, init_l0_mult=0.0)
+
+
+def test_per_latent_offsets_start_every_latent_on_the_same_share_of_tokens():
+    sae = StandardSAE(32, 256, l0=4, init_l0_mult=8.0, init_l0_per_latent=True)
+    x = tokens(2048, 3)
+    sae.init_from_sample(x, total_steps=10)
+    with torch.no_grad():
+        share = (sae.encode(x)[0] > 0).float().mean(0)  # [d_sae]: each latent's firing share
+    assert share.min() > 0.1 and share.max() < 0.15  # all at 32 / 256 = 0.125 (one token's rounding)
+    assert mean_l0(sae, x) == pytest.approx(32, abs=0.5)
