@@ -368,6 +368,7 @@ def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path)
         options["coef_rate"] = args.ours_coef_rate
     if args.ours_init_l0_mult is not None and arch == "standard":
         options["init_l0_mult"] = args.ours_init_l0_mult
+        options["init_l0_per_latent"] = args.ours_init_l0_per_latent
     cfg = TrainConfig(
         architecture=arch,
         expansion=args.expansion,
@@ -610,6 +611,11 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="ablation: our standard SAE's init_l0_mult (initial L0 as a multiple of the target)",
     )
+    p.add_argument(
+        "--ours-init-l0-per-latent",
+        action="store_true",
+        help="with --ours-init-l0-mult: each latent's b_enc its own offset (init_l0_per_latent)",
+    )
     p.add_argument("--chunk", type=int, default=10, help="steps per timed chunk")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -665,6 +671,8 @@ def main() -> None:
         "ours_init_l0_mult",
     )
     result["ours_ablations"] = {k: getattr(args, k) for k in ablations if getattr(args, k) is not None}
+    if args.ours_init_l0_per_latent:
+        result["ours_ablations"]["ours_init_l0_per_latent"] = True
     with tempfile.TemporaryDirectory() as tmp:
         for arch in filter(None, args.archs.split(",")):
             print(f"training {arch} (SAELens and ours) ...", file=sys.stderr, flush=True)
