@@ -157,10 +157,12 @@ def fitted_calibration(path: Path) -> plan.Calibration:
 
 
 def rows_of(size: str, run_dir: Path, background: int = 0, frozen: Path | None = None) -> list[dict]:
-    """One row a step of a scored run; with `frozen` (the fit file its plans came from) also the hindsight
-    ratio: measured over the same line times the slow-down of the other running threads measured while the
-    step ran (the plan could only see those when it was made), which tells the load model's error from the
-    error of taking the load at the plan's start for the whole step."""
+    """One row a step of a scored run; with `frozen` (the fit runs' file its plans came from, not the scored
+    run's copy, which has learned the scored run too) also two ratios to compare with: hindsight, measured
+    over the same line times the slow-down of the other running threads measured while the step ran (the
+    plan sees them only when it is made: this tells the load model's error from the error of taking the
+    load at the start for the whole step); and without the load model, measured over the line fitted on the
+    fit runs' times as they were measured."""
     fitted = fitted_calibration(frozen) if frozen else None
     rows = []
     for step, rec in (run.read_run_json(run_dir).get("plans") or {}).items():
@@ -199,6 +201,13 @@ def rows_of(size: str, run_dir: Path, background: int = 0, frozen: Path | None =
             )
             row["hindsight_time_ratio"] = round(hindsight, 3)
             row["hindsight_within_30pct"] = within(hindsight, TIME_BOUND)
+        runs = fitted.runs.get(step) if fitted else None
+        if runs:
+            unloaded = measured["seconds"] / plan.fit_line([(r["counted"], r["seconds"]) for r in runs])(
+                rec["counted_seconds"]
+            )
+            row["no_load_model_time_ratio"] = round(unloaded, 3)
+            row["no_load_model_within_30pct"] = within(unloaded, TIME_BOUND)
         if "gpu_gib" in ratio:
             row |= {
                 "gpu_ratio": round(ratio["gpu_gib"], 3),
@@ -287,11 +296,11 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copyfile(fitted, frozen)
         os.environ["NB_PLAN_CALIBRATION"] = str(frozen.resolve())
         seconds = run_size(size, run_dir, args.gpu, args.timeout, args.notebooks, load)
-        out["rows"] += rows_of(name, run_dir, load, frozen)
+        out["rows"] += rows_of(name, run_dir, load, fitted)
         out[f"score_{name}_minutes"] = round(seconds / 60, 1)
     out["load_average_end"] = round(os.getloadavg()[0], 1)
     keys = ("time_within_30pct", "cpu_time_within_30pct", "ram_within_15pct", "gpu_within_15pct")
-    for key in (*keys, "hindsight_within_30pct"):
+    for key in (*keys, "hindsight_within_30pct", "no_load_model_within_30pct"):
         out[key] = count(out["rows"], key)
     text = json.dumps(out, indent=1)
     print(text)
