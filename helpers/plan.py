@@ -33,6 +33,10 @@ How a plan is made:
   with ~6 other running threads; the rate fitted over runs at 3.5-8.5 other threads was 1.03 for wall time
   (0.48 for CPU time). What the count cannot see: what the other threads do (memory traffic, their own
   waits) and how the load changes during the step; at one count a step's time varied up to 1.8x there.
+  Nor does the power law carry to an idle machine: from 0 to ~6 other threads sampling slowed ~28x, not
+  the 4x of a fair share (torch's threads stall once any other thread takes a core), so a line fitted on
+  crowded runs only predicts an idle machine's times up to ~8x too long (bench/results/
+  planner_cpu_load_large.json).
 - Peak memory here = what this process uses now (RSS; CUDA memory allocated) + the weights it has mapped
   from disk and not read yet (safetensors are memory-mapped; their pages join RSS at the first forward) +
   what the step adds. On a T4 the weights sit in GPU memory at the T4's dtype (fp16, fp32 for nanochat),
