@@ -33,15 +33,8 @@ from helpers.saes.train import TrainConfig  # noqa: E402
 
 def use_saelens_auxk() -> None:
     """For this process: TopK's and BatchTopK's AuxK in SAELens's form, as Matryoshka's is by default
-    (base.auxk_loss times the residual's variance, which it divides by, and min(n_dead / k_aux, 1))."""
-    normalised = base.auxk_loss
-
-    def saelens_form(sae, x, pre, dead, residual, k_aux):
-        variance = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-        scale = min(int(dead.sum()) / k_aux, 1.0)
-        return normalised(sae, x, pre, dead, residual, k_aux) * variance * scale
-
-    base.auxk_loss = saelens_form
+    (base.KSparseSAE.auxk_normalised)."""
+    base.KSparseSAE.auxk_normalised = False
 
 
 def run(options: dict, train: torch.Tensor, held: torch.Tensor, args) -> dict:

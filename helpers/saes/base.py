@@ -249,6 +249,9 @@ class KSparseSAE(SAE):
     decoder_norm = 0.1  # SAE.decoder_norm: rows start at 0.1 and move freely, as SAELens trains this family
     free_decoder = True
     latent_biases: ClassVar[tuple[str, ...]] = ("b_enc",)
+    auxk_normalised: ClassVar[bool] = True
+    """AuxK's form (`auxk_loss`): divided by the residual error's variance (OpenAI's) or unnormalised and
+    times min(n_dead / k_aux, 1) (SAELens's; Matryoshka's, whose module docstring says why)."""
 
     def __init__(
         self, d_in: int, d_sae: int, *, l0: float, k_aux: int | None, auxk_coef: float = 1.0, seed: int = 0
@@ -281,7 +284,8 @@ class KSparseSAE(SAE):
         pre, p, acts = self.select(x)
         loss, x_hat, terms = self.reconstruction_loss(x, acts, p)
         if int(dead.sum()) and self.auxk_coef:
-            auxk = auxk_loss(self, x, pre, dead, (x - x_hat).detach(), self.k_aux)
+            residual = (x - x_hat).detach()
+            auxk = auxk_loss(self, x, pre, dead, residual, self.k_aux, normalised=self.auxk_normalised)
             terms["auxk"] = auxk.detach()
             loss = loss + self.auxk_coef * auxk
         fired = torch.bincount(p.col[acts > 0], minlength=self.d_sae)
@@ -355,18 +359,22 @@ def geometric_median(x: Tensor, iters: int = 50) -> Tensor:
     return y
 
 
-def auxk_loss(sae: SAE, x: Tensor, pre: Tensor, dead: Tensor, residual: Tensor, k_aux: int) -> Tensor:
+def auxk_loss(
+    sae: SAE, x: Tensor, pre: Tensor, dead: Tensor, residual: Tensor, k_aux: int, normalised: bool = True
+) -> Tensor:
     """AuxK (Gao et al. 2024, §A.2): ||e - e_hat||^2 / ||e - mean(e)||^2, where e is the detached residual
     error x - x_hat and e_hat is decoded (without b_dec, through the trainable decoder) from the top-k_aux
     dead latents' ReLU'd pre-activations of each token. Normalised by e's variance as in OpenAI's
-    reference. `pre` [n, d_sae] is `(x - b_dec) @ W_enc + b_enc` computed under no_grad; `dead` [d_sae]
-    bool."""
+    reference; with `normalised=False` SAELens's form instead, ||e - e_hat||^2 times min(n_dead / k_aux, 1).
+    `pre` [n, d_sae] is `(x - b_dec) @ W_enc + b_enc` computed under no_grad; `dead` [d_sae] bool."""
     dead_idx = dead.nonzero().squeeze(1)  # [n_dead]
     with torch.no_grad():
         local = pre.index_select(1, dead_idx).topk(min(k_aux, len(dead_idx)), dim=-1, sorted=False).indices
         p = Pattern.from_indices(dead_idx[local], sae.d_sae)
     acts = gather_pre(x, sae.b_dec, sae.W_enc_T, sae.b_enc, pre, p).relu()
     e_hat = sparse_decode(acts, sae.W_dec, p)
+    if not normalised:
+        return recon_loss(e_hat, residual) * min(len(dead_idx) / k_aux, 1.0)
     variance = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
     return recon_loss(e_hat, residual) / variance
 

@@ -29,13 +29,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from helpers.saes.base import StepOutput, auxk_loss
 from helpers.saes.batchtopk import BatchTopKSAE
 from helpers.saes.kernels import Pattern, recon_loss, sparse_decode
 
 
 class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     architecture = "matryoshka_batchtopk"
+    auxk_normalised = False  # KSparseSAE.auxk_normalised: SAELens's form (module docstring)
 
     def __init__(
         self,
@@ -85,21 +85,6 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
             terms[f"mse_{width}"] = mse.detach()
         terms["mse"] = terms.pop(f"mse_{self.d_sae}")
         return loss, x_hat, terms
-
-    def losses(self, x: Tensor, dead: Tensor) -> StepOutput:
-        """KSparseSAE.losses with the AuxK term in SAELens's form (see the module docstring):
-        auxk_coef · min(n_dead / k_aux, 1) · ||e - e_hat||^2, e = x - x_hat detached."""
-        pre, p, acts = self.select(x)
-        loss, x_hat, terms = self.reconstruction_loss(x, acts, p)
-        n_dead = int(dead.sum())
-        if n_dead and self.auxk_coef:
-            e = (x - x_hat).detach()
-            variance = (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)  # what auxk_loss divides by
-            auxk = auxk_loss(self, x, pre, dead, e, self.k_aux) * variance * min(n_dead / self.k_aux, 1.0)
-            terms["auxk"] = auxk.detach()
-            loss = loss + self.auxk_coef * auxk
-        fired = torch.bincount(p.col[acts > 0], minlength=self.d_sae)
-        return StepOutput(loss, terms, x_hat.detach(), fired)
 
     def saelens_cfg(self) -> dict:
         return {**super().saelens_cfg(), "matryoshka_widths": self.widths}
