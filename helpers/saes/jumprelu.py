@@ -52,7 +52,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from helpers.saes.base import PenaltySAE, StepOutput
+from helpers.saes.base import PenaltySAE, StepOutput, latent_quantiles
 from helpers.saes.kernels import Pattern, gather_pre, recon_loss, sparse_decode
 
 
@@ -171,12 +171,7 @@ class JumpReLUSAE(PenaltySAE):
             )
         if not self.threshold_from_data:
             return
-        below = len(x) - max(1, round(len(x) * self.target_l0 / self.d_sae))  # tokens at or below θ_j
-        for chunk in torch.arange(self.d_sae, device=x.device).split(512):  # pre [n, 512] at a time
-            pre = torch.addmm(self.b_enc[chunk], x - self.b_dec, self.W_enc_T[chunk].t())
-            self.threshold[chunk] = pre.kthvalue(max(1, below), dim=0).values.clamp_min(
-                self.FALLBACK_THRESHOLD
-            )
+        self.threshold.copy_(latent_quantiles(self, x, self.target_l0).clamp_min(self.FALLBACK_THRESHOLD))
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self.check_input(x)

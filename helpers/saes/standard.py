@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.amp import custom_bwd, custom_fwd
 
-from helpers.saes.base import PenaltySAE, StepOutput
+from helpers.saes.base import PenaltySAE, StepOutput, latent_quantiles
 from helpers.saes.kernels import DENSE_ABOVE, Pattern, gather_pre, recon_loss, row_norms, sparse_decode
 
 
@@ -89,10 +89,7 @@ class StandardSAE(PenaltySAE):
             return
         l0 = min(self.init_l0_mult * self.target_l0, self.d_sae / 2)
         if self.init_l0_per_latent:
-            below = len(x) - max(1, round(len(x) * l0 / self.d_sae))  # tokens at or below the offset
-            for chunk in torch.arange(self.d_sae, device=x.device).split(512):
-                pre = torch.addmm(self.b_enc[chunk], x - self.b_dec, self.W_enc_T[chunk].t())
-                self.b_enc[chunk] -= pre.kthvalue(max(1, below), dim=0).values
+            self.b_enc.sub_(latent_quantiles(self, x, l0))
             return
         x = x[: max(1, self.INIT_VALUES // self.d_sae)]
         pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc).flatten()
