@@ -28,7 +28,11 @@ How a plan is made:
   fitted over the runs of every step on this hardware (`fit_load_rate`: each step's line fitted on its runs
   brought back to an idle machine, the log residuals regressed on crowding within each step), so runs at
   any load feed the line, and a plan multiplies the line by the factor for the load it sees now. Until runs
-  of one step have seen different loads the rate is the fair share's 1, and a crowded plan says so. On a
+  of one step have seen different loads there is no rate: the lines are fitted on the runs as measured,
+  plans make no allowance for load, and a crowded plan says so. (A fair share's rate 1 in its place cost
+  the quiet case: it divided quiet runs by the 0-0.7 other threads sampled beside them, which had not
+  slowed them, and shortened the lines: 11 of 12 steps within 30% instead of 12 of 12, bench/results/
+  planner_cpu_quiet_load_model.json.) On a
   shared 2-core CPU (2 torch threads, bench/planner.py) smoke sampling took 8 s on a quiet machine and 234 s
   with ~6 other running threads; the rate fitted over runs at 3.5-8.5 other threads was 1.03 for wall time
   (0.48 for CPU time). What the count cannot see: what the other threads do (memory traffic, their own
@@ -175,7 +179,7 @@ class Line:
     proportional costs cannot be told apart and the line goes through zero (a plain ratio)."""
     load_rate: float = 0.0
     load_fitted: bool = False
-    """Whether `load_rate` was fitted on runs at different loads (else the fair share's `FAIR_SHARE`)."""
+    """Whether `load_rate` was fitted on runs at different loads (else 0: no allowance for load)."""
 
     def __call__(self, counted: float, crowded: float = 0.0) -> float:
         return (self.fixed + self.slope * counted) * self.factor(crowded)
@@ -252,7 +256,8 @@ MIN_CROWDING_SPREAD = 0.25
 """Crowding (the log of runnable threads a core) that a step's runs must differ by, in all, for a load rate
 to be fitted: 0.25 is ~28% more runnable threads."""
 FAIR_SHARE = 1.0
-"""The load rate before one is fitted: each runnable thread gets an equal share of the cores."""
+"""Where `fit_load_rate` starts: each runnable thread gets an equal share of the cores. Not used until
+fitted: a line on runs that never saw different loads is fitted on them as measured."""
 
 COUNTS_VERSION = 6
 """Bumped whenever the counting of a step's work changes: runs recorded under other counts are dropped from
@@ -330,9 +335,10 @@ class Calibration:
 
     def line(self, step: str, measured: str = "seconds") -> Line | None:
         """The fit of `measured` ("seconds": wall time, "cpu_seconds": process CPU time) on counted time,
-        over the step's runs each divided by the slow-down its load caused (`load_rate`)."""
+        over the step's runs each divided by the slow-down its load caused (`load_rate`); as measured while
+        no rate is fitted."""
         fitted = self.load_rate(measured)
-        rate = FAIR_SHARE if fitted is None else fitted
+        rate = 0.0 if fitted is None else fitted
         points = self._points(step, measured)
         line = fit_line([(c, m * math.exp(-rate * z) if m is not None else None) for c, m, z in points])
         if line:
@@ -483,8 +489,8 @@ class Plan:
     slowdown: float = 1.0
     """How many times slower than on an idle machine the times are, for `others` (the fitted load rate)."""
     load_known: bool = False
-    """Whether a load rate was fitted here (runs of a step at different loads); without one the slow-down is
-    the fair share's, and a crowded plan says so."""
+    """Whether a load rate was fitted here (runs of a step at different loads); without one the plan makes no
+    allowance for load (`slowdown` 1), and a crowded plan says so."""
 
     def fits_t4(self) -> bool:
         return not self.warnings
@@ -502,11 +508,12 @@ class Plan:
         lines += [f"  WARNING: {w}" for w in self.warnings]
         if crowding(self.others) > 0:
             shared = f"{self.others:.1f} threads of other processes are running on {os.cpu_count()} cores"
-            times = f"  load: {shared}; the times above are x{self.slowdown:.2f} an idle machine's"
-            if not self.load_known:
-                times += (
-                    ", for a fair share of the cores (no runs here at different loads yet to fit what load "
-                    "costs: it can be several times more)"
+            if self.load_known:
+                times = f"  load: {shared}; the times above are x{self.slowdown:.2f} an idle machine's"
+            else:
+                times = (
+                    f"  load: {shared}; the times above make no allowance for it (no runs here at different "
+                    "loads yet to fit what load costs: a crowded machine can take several times longer)"
                 )
             lines.append(times)
         return "\n".join(lines)
