@@ -47,9 +47,12 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         k_aux: int | None = None,
         auxk_coef: float = 1.0,
         threshold_rate: float = 0.01,
+        inner_weight: float = 1.0,
         seed: int = 0,
     ):
-        """`matryoshka_widths`: the prefix sizes, strictly increasing; d_sae is appended when missing."""
+        """`matryoshka_widths`: the prefix sizes, strictly increasing; d_sae is appended when missing.
+        `inner_weight`: the weight of each inner prefix's MSE in the loss (the full width's is 1; 1 is the
+        paper's and SAELens's plain sum)."""
         super().__init__(
             d_in, d_sae, l0=l0, k_aux=k_aux, auxk_coef=auxk_coef, threshold_rate=threshold_rate, seed=seed
         )
@@ -65,6 +68,11 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
                 f"matryoshka_widths must increase strictly within 1..d_sae={d_sae}, got {matryoshka_widths}"
             )
         self.widths = widths
+        if not 0 <= inner_weight <= 1:
+            raise ValueError(
+                f"inner_weight must be in [0, 1] (1: the plain sum of prefix MSEs), got {inner_weight}"
+            )
+        self.inner_weight = float(inner_weight)
         # each latent's group g (latents widths[g-1] .. widths[g] - 1); a buffer, so it moves with the SAE
         group = torch.bucketize(torch.arange(d_sae), torch.tensor(widths), right=True)
         self.register_buffer("latent_group", group, persistent=False)
@@ -81,7 +89,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         for width, part in zip(self.widths, parts, strict=True):
             x_hat = x_hat + part
             mse = recon_loss(x_hat, x)
-            loss = loss + mse
+            loss = loss + (mse if width == self.d_sae else self.inner_weight * mse)
             terms[f"mse_{width}"] = mse.detach()
         terms["mse"] = terms.pop(f"mse_{self.d_sae}")
         return loss, x_hat, terms
