@@ -971,15 +971,20 @@ def rss() -> dict[str, int]:
 class PeakMemory:
     """`with PeakMemory() as mem:` `mem.start`: `rss()` on entry; `mem.peak`: the largest value of each key
     and of their sum (`total`) while the block runs, sampled by a thread every `every` seconds and once
-    more on exit. The one sampler of the plans (`Watch`) and the benches (bench/peak_memory.py)."""
+    more on exit. The one sampler of the plans (`Watch`) and the benches (bench/peak_memory.py). With
+    `others_every`, the same thread also reads `others_running` on entry and every `others_every` seconds:
+    `mem.others()` is their mean (None where it cannot be read)."""
 
-    def __init__(self, every: float = 0.02) -> None:
-        self.every = every
+    def __init__(self, every: float = 0.02, others_every: float | None = None) -> None:
+        self.every, self.others_every = every, others_every
+        self.others_samples: list[float] = []
 
     def __enter__(self) -> PeakMemory:
         self.start = rss()
         self.peak = dict.fromkeys((*RSS_KEYS, "total"), 0)
         self._take(self.start)
+        self._next_others = time.perf_counter()
+        self._count_others()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -989,14 +994,26 @@ class PeakMemory:
         for key, value in (*now.items(), ("total", sum(now.values()))):
             self.peak[key] = max(self.peak[key], value)
 
+    def _count_others(self) -> None:
+        if self.others_every is None or time.perf_counter() < self._next_others:
+            return
+        value = others_running()
+        if value is not None:
+            self.others_samples.append(value)
+        self._next_others = time.perf_counter() + self.others_every
+
     def _sample(self) -> None:
         while not self._done.wait(self.every):
             self._take(rss())
+            self._count_others()
 
     def __exit__(self, *_) -> None:
         self._done.set()
         self._thread.join()
         self._take(rss())
+
+    def others(self) -> float | None:
+        return statistics.fmean(self.others_samples) if self.others_samples else None
 
 
 def memory_now(device: str) -> dict[str, float]:
@@ -1029,41 +1046,16 @@ def unread_weights() -> int:
     return sum(max(m.size - m.rss, 0) for m in maps if m.path.endswith(WEIGHT_FILES))
 
 
-class Others:
-    """`others_running` sampled by a thread every `every` seconds from construction to `stop()`, which
-    returns their mean (None where it cannot be read)."""
-
-    def __init__(self, every: float = 0.1) -> None:
-        self.samples: list[float] = []
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._sample, args=(every,), daemon=True)
-        self._thread.start()
-
-    def _sample(self, every: float) -> None:
-        while True:
-            value = others_running()
-            if value is not None:
-                self.samples.append(value)
-            if self._done.wait(every):
-                return
-
-    def stop(self) -> float | None:
-        self._done.set()
-        self._thread.join()
-        return statistics.fmean(self.samples) if self.samples else None
-
-
 class Watch:
     """Measures one step from `watch()` to `done()`: wall time, this process's CPU time, peak RSS
-    (`PeakMemory`), CUDA's peak allocation, other processes' running threads (`Others`) and the machine's
-    load average at both ends."""
+    and other processes' running threads every 0.1 s (one `PeakMemory` thread), CUDA's peak allocation and
+    the machine's load average at both ends."""
 
     def __init__(self, run_dir: str | os.PathLike, plan: Plan, calibration: Calibration, device: str):
         self.run_dir, self.plan, self.calibration, self.device = run_dir, plan, calibration, device
         if device == "cuda" and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        self.memory = PeakMemory().__enter__()
-        self.others = Others()
+        self.memory = PeakMemory(others_every=0.1).__enter__()
         self.load = _load_average()
         self.started, self.cpu_started = time.perf_counter(), time.process_time()
 
@@ -1072,8 +1064,8 @@ class Watch:
         calibration file (the line of later plans); return the record."""
         seconds = time.perf_counter() - self.started
         cpu_seconds = time.process_time() - self.cpu_started
-        others = self.others.stop()
         self.memory.__exit__()
+        others = self.memory.others()
         peak_gb = self.memory.peak["total"] / 1e9
         gpu = None
         if self.device == "cuda" and torch.cuda.is_available():

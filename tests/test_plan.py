@@ -10,6 +10,7 @@ import math
 import mmap
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -338,12 +339,19 @@ def test_quiet_runs_are_fitted_as_measured_until_a_load_rate_is_fitted(calibrati
 
 
 def test_other_processes_running_threads_are_counted(tmp_path):
-    """A process that never sleeps is always ready to run: while it lives, at least one other thread runs."""
+    """A process that never sleeps is always ready to run: while it lives, at least one other thread runs,
+    and the one sampler thread of a watched step (`PeakMemory`) counts it beside the memory."""
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.1)
         assert all(plan.others_running() >= 1 for _ in range(20))
         assert OTHERS_NOW(samples=3) >= 1
+        threads = threading.active_count()
+        with plan.PeakMemory(every=0.01, others_every=0.05) as mem:
+            assert threading.active_count() == threads + 1  # one thread takes both readings
+            time.sleep(0.3)
+        assert len(mem.others_samples) >= 3 and mem.others() >= 1 and mem.peak["total"] > 0
+        assert plan.PeakMemory().others() is None  # memory alone: no count taken
     finally:
         spinner.kill()
         spinner.wait()
