@@ -70,6 +70,7 @@ sys.path.insert(0, str(ROOT))
 import helpers  # noqa: E402
 from bench import saelens_setup  # noqa: E402
 from bench.peak_memory import PeakMemory, rss  # noqa: E402
+from bench.synthetic_quality import sae_option  # noqa: E402
 from helpers.collect.corpus import SKIP_FIRST, collect_corpus  # noqa: E402
 from helpers.collect.store import LayerStore  # noqa: E402
 from helpers.run import activations_dir, corpus_dir, stable_hash  # noqa: E402
@@ -369,6 +370,7 @@ def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path)
     if args.ours_init_l0_mult is not None and arch == "standard":
         options["init_l0_mult"] = args.ours_init_l0_mult
         options["init_l0_per_latent"] = args.ours_init_l0_per_latent
+    options |= dict(args.ours_sae_option)
     cfg = TrainConfig(
         architecture=arch,
         expansion=args.expansion,
@@ -616,6 +618,15 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --ours-init-l0-mult: each latent's b_enc its own offset (init_l0_per_latent)",
     )
+    p.add_argument(
+        "--ours-sae-option",
+        type=sae_option,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="ablation: a constructor argument of our architecture (TrainConfig.sae_options) for every arch "
+        "in --archs, e.g. coef_warmup_steps=30 for standard; repeatable; VALUE is read as JSON",
+    )
     p.add_argument("--chunk", type=int, default=10, help="steps per timed chunk")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -673,6 +684,8 @@ def main() -> None:
     result["ours_ablations"] = {k: getattr(args, k) for k in ablations if getattr(args, k) is not None}
     if args.ours_init_l0_per_latent:
         result["ours_ablations"]["ours_init_l0_per_latent"] = True
+    if args.ours_sae_option:
+        result["ours_ablations"]["ours_sae_options"] = dict(args.ours_sae_option)
     with tempfile.TemporaryDirectory() as tmp:
         for arch in filter(None, args.archs.split(",")):
             print(f"training {arch} (SAELens and ours) ...", file=sys.stderr, flush=True)

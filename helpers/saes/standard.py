@@ -58,6 +58,7 @@ class StandardSAE(PenaltySAE):
         coef_rate: float = 0.02,
         init_l0_mult: float | None = None,
         init_l0_per_latent: bool = False,
+        coef_warmup_steps: int = 0,
         seed: int = 0,
     ):
         """`l0`: target L0; `sparsity_coef`: initial L1 coefficient λ; `coef_rate`: how fast log λ follows
@@ -65,8 +66,13 @@ class StandardSAE(PenaltySAE):
         multiple of `l0` (at most d_sae / 2) by one common offset of b_enc set from the trainer's init sample
         (`init_from_sample`), or None for b_enc at 0 (an initial L0 near d_sae / 2, SAELens's start);
         `init_l0_per_latent`: instead of one common offset, each b_enc_j its own, so that every latent starts
-        firing on the same share of the sample's tokens (as JumpReLU's θ)."""
+        firing on the same share of the sample's tokens (as JumpReLU's θ); `coef_warmup_steps` W: the loss
+        weighs the penalty by λ · min(1, (t + 1) / W) at step t (SAELens's `l1_warm_up_steps`), 0 for none."""
         super().__init__(d_in, d_sae, l0=l0, sparsity_coef=sparsity_coef, coef_rate=coef_rate, seed=seed)
+        if coef_warmup_steps < 0:
+            raise ValueError(f"coef_warmup_steps must be >= 0 (0: no warm-up), got {coef_warmup_steps}")
+        self.coef_warmup_steps = int(coef_warmup_steps)
+        self.register_buffer("steps_trained", torch.tensor(0, dtype=torch.int64))
         if init_l0_mult is not None and not init_l0_mult > 0:
             raise ValueError(
                 f"init_l0_mult must be > 0 (the initial L0 as a multiple of the target l0), or None for "
@@ -75,6 +81,23 @@ class StandardSAE(PenaltySAE):
         self.init_l0_mult, self.init_l0_per_latent = init_l0_mult, init_l0_per_latent
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self._pre_buffer: Tensor | None = None  # _pre_activations' reused output (not state)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint from before steps_trained existed: counted afresh (only a warm-up reads it)
+        state_dict.setdefault(prefix + "steps_trained", torch.tensor(0, dtype=torch.int64))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def penalty_coef(self) -> Tensor:
+        """λ as the loss weighs it this step: `sparsity_coef`, ramped during `coef_warmup_steps`."""
+        w = self.coef_warmup_steps
+        if not w or int(self.steps_trained) >= w:
+            return self.sparsity_coef
+        return self.sparsity_coef * ((int(self.steps_trained) + 1) / w)
+
+    @torch.no_grad()
+    def after_step(self, out: StepOutput) -> None:
+        self.steps_trained.add_(1)
+        super().after_step(out)
 
     INIT_VALUES = 1 << 24  # pre-activations init_from_sample ranks at most (64 MB in float32)
 
@@ -135,7 +158,7 @@ class StandardSAE(PenaltySAE):
             fired = torch.bincount(p.col, minlength=self.d_sae)
             mse = recon_loss(x_hat, x)
         terms = {"mse": mse.detach(), "l1": l1.detach()}
-        return StepOutput(mse + self.sparsity_coef * l1, terms, x_hat.detach(), fired)
+        return StepOutput(mse + self.penalty_coef() * l1, terms, x_hat.detach(), fired)
 
 
 class _DenseStep(torch.autograd.Function):
