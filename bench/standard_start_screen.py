@@ -6,10 +6,12 @@
 Ours only (no SAELens, so a 150-step run costs ~25 s of CPU), on bench/sae_train.py's data, split and batch
 order (SmolLM2 layer 15, d_sae 4608, batch 1024), at target `--l0` (the L0 SAELens reaches at l1 5 there,
 ~52). Each config is `name:option=value,...`, the options being the standard SAE's constructor arguments
-(`sae_options`: init_l0_mult, init_l0_per_latent, coef_warmup_steps, coef_rate, sparsity_coef). Per config:
-held-out explained variance, L0 and dead fraction (bench/sae_train.py's `metrics`), how many steps ran
+(`sae_options`: init_l0_mult, init_l0_per_latent, coef_warmup_steps, coef_rate, sparsity_coef). Per
+config: held-out explained variance, L0 and dead fraction (bench/sae_train.py's `metrics`), how many steps ran
 dense (L0 above `kernels.DENSE_ABOVE` of d_sae, the steps that cost the speed), the thread's CPU seconds
-(init and steps; of them the init's), λ at the end, and the batch L0 and λ every `--trace` steps.
+(init and steps; of them the init's), the steps' seconds modelled from their L0 (`modelled_step_s`: CPU
+time under load is noisy), λ at the end, and every `--trace` steps the batch L0, λ and how many latents
+had not fired within the trainer's dead window (`TrainConfig.dead_after`).
 Candidates then go to bench/sae_train.py (`--ours-sae-option`) against SAELens.
 """
 
@@ -30,6 +32,8 @@ from bench.sae_train import build_data, load_split, metrics, our_run, stream  # 
 from helpers.saes import kernels  # noqa: E402
 from helpers.saes.train import TrainConfig  # noqa: E402
 
+BOOLEAN = ("init_l0_per_latent",)
+
 
 def parse_configs(text: str) -> dict[str, dict]:
     """'name:opt=v,opt=v;name2:' -> {name: {opt: number or bool}}."""
@@ -42,11 +46,18 @@ def parse_configs(text: str) -> dict[str, dict]:
             if not value:
                 raise SystemExit(f"--configs: {pair!r} in {item!r} is not option=value")
             number = float(value)
-            options[key.strip()] = bool(number) if key.strip() == "init_l0_per_latent" else number
+            options[key.strip()] = bool(number) if key.strip() in BOOLEAN else number
             if key.strip() == "coef_warmup_steps":
                 options[key.strip()] = int(number)
         out[name.strip()] = options
     return out
+
+
+def modelled_step_s(l0: float, threshold: float) -> float:
+    """A step's seconds at 1 thread on a quiet machine from its batch L0, for comparing starts without the
+    noise of a loaded CPU: a dense step 0.355 s, a sparse one 0.0995 + 0.00041 · L0 s (line through the
+    measured 0.120 s at L0 ~50 and 0.314 s at L0 522: README, Measured, the standard SAE's step rows)."""
+    return 0.355 if l0 > threshold else 0.0995 + 0.00041 * l0
 
 
 def main() -> None:
@@ -87,12 +98,14 @@ def main() -> None:
         c0 = time.thread_time()
         run = our_run(cfg, x0, "cpu")
         init_cpu = time.thread_time() - c0
-        dense, trace = 0, []
+        dense, trace, l0s = 0, [], []
         for i, x in enumerate(batches):
             out = run.train_step(x)
             dense += out.l0 > threshold
+            l0s.append(out.l0)
             if i % args.trace == 0 or i == len(batches) - 1:
-                trace.append([i, round(out.l0, 1), round(float(run.sae.sparsity_coef), 3)])
+                silent = int(run.sae.dead_mask(cfg.dead_after).sum())
+                trace.append([i, round(out.l0, 1), round(float(run.sae.sparsity_coef), 3), silent])
         cpu = time.thread_time() - c0
         row = {
             "options": options,
@@ -100,11 +113,13 @@ def main() -> None:
             "dense_steps": int(dense),
             "cpu_s": round(cpu, 1),
             "init_cpu_s": round(init_cpu, 1),
+            "modelled_step_s": round(sum(modelled_step_s(l0, threshold) for l0 in l0s), 1),
             "final_coef": round(float(run.sae.sparsity_coef), 3),
             "trace_step_l0_coef": trace,
         }
         result["runs"][name] = row
-        summary = {k: row[k] for k in ("explained_variance", "l0", "dead_fraction", "dense_steps", "cpu_s")}
+        keys = ("explained_variance", "l0", "dead_fraction", "dense_steps", "cpu_s", "modelled_step_s")
+        summary = {k: row[k] for k in keys}
         print(f"  {summary} L0 every {args.trace * 3} steps {trace[::3]}", file=sys.stderr, flush=True)
         if args.out:  # written after every config, so a stopped screen keeps what it measured
             Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
