@@ -34,6 +34,7 @@ part) and `demo` (scripts/demo_params.json).
     python bench/planner.py --fit smoke mid --score smoke mid --runs /tmp/planner \
         --out bench/results/planner_cpu.json
     python bench/planner.py --gpu --out bench/results/planner_gpu.json    # on a GPU machine
+    python bench/planner.py --replay bench/results/planner_cpu_load.json  # its plans by this tree's planner
 """
 
 from __future__ import annotations
@@ -228,6 +229,32 @@ def fitted_lines(calibration: Path) -> dict[str, dict]:
     return out
 
 
+def replay(earlier: dict) -> dict:
+    """An earlier bench JSON's scored steps predicted again by this tree's helpers/plan.py from the same fit
+    runs (its `lines[step]["runs"]`) and the other running threads each plan saw: what a change to the
+    fitting or the load model would have predicted, without running the notebooks again. Time only (the
+    counted work and RAM are as recorded)."""
+    runs = {step: entry["runs"] for step, entry in earlier["lines"].items()}
+    calibration = plan.Calibration(plan.Rates(1.0, 1.0, 1.0, "replayed"), "replay", Path(os.devnull), runs)
+    rows = []
+    for row in earlier["rows"]:
+        threads = next((r.get("threads") for r in runs.get(row["step"], [])), None)
+        crowded = plan.crowding(row.get("others_running_planned"), threads and int(threads))
+        out = {k: row.get(k) for k in ("size", "background_load", "step", "others_running_planned")}
+        for measured, key in (("seconds", "measured_s"), ("cpu_seconds", "measured_cpu_s")):
+            line = calibration.line(row["step"], measured)
+            if line is None or row.get(key) is None:
+                continue
+            ratio = row[key] / line(row["counted_s"], crowded)
+            name = "time" if measured == "seconds" else "cpu_time"
+            out[f"{name}_ratio_then"] = row.get(f"{name}_ratio")
+            out |= {f"{name}_ratio": round(ratio, 3), f"{name}_within_30pct": within(ratio, TIME_BOUND)}
+        rows.append(out)
+    counts = {key: count(rows, key) for key in ("time_within_30pct", "cpu_time_within_30pct")}
+    then = {f"{key}_then": earlier.get(key) for key in counts}
+    return {"replayed": earlier.get("command"), "commit": git_commit(), **counts, **then, "rows": rows}
+
+
 def git_commit() -> str | None:
     try:
         return subprocess.run(
@@ -267,7 +294,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell")
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument(
+        "--replay", default=None, help="predict an earlier JSON's scored steps again with this tree's planner"
+    )
     args = parser.parse_args(argv)
+    if args.replay:
+        text = json.dumps(replay(json.loads(Path(args.replay).read_text())), indent=1)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        return 0
     runs = Path(args.runs or tempfile.mkdtemp(prefix="planner-bench-"))
     fitted = Path(args.calibration or runs / "plan_calibration.json").resolve()
 
