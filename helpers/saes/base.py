@@ -308,6 +308,10 @@ class PenaltySAE(SAE):
 
     COEF_FAR: ClassVar[float] = 2.0
     L0_SMOOTHING: ClassVar[float] = 0.1
+    coef_lead_steps: float = 0.0
+    """With the trend hold: within `COEF_FAR` of the target, integrate instead the error of this step's L0
+    projected this many steps ahead along the smoothed trend (a derivative term: λ comes down before a falling
+    L0 overshoots its target, rather than after); 0 for the plain hold."""
 
     def __init__(
         self, d_in: int, d_sae: int, *, l0: float, sparsity_coef: float, coef_rate: float, seed: int = 0
@@ -326,11 +330,22 @@ class PenaltySAE(SAE):
     def after_step(self, out: StepOutput) -> None:
         if not self.coef_rate:
             return
-        if self.coef_trend_horizon is not None and self.approaching(out.l0):
-            return
+        l0 = out.l0
+        if self.coef_trend_horizon is not None:
+            before = float(self.log_l0_average)
+            if self.approaching(l0) and (math.isinf(before) or not self.leading()):
+                return
+            if self.leading():  # this step's L0 projected along the smoothed trend
+                l0 *= math.exp(self.coef_lead_steps * (float(self.log_l0_average) - before))
         adapt_coefficient(
-            self.sparsity_coef, out.l0, self.target_l0, self.coef_rate, hold_beyond=self.coef_hold_beyond
+            self.sparsity_coef, l0, self.target_l0, self.coef_rate, hold_beyond=self.coef_hold_beyond
         )
+
+    def leading(self) -> bool:
+        """Whether the derivative term acts now (`coef_lead_steps`, within `COEF_FAR` of the target)."""
+        average = float(self.log_l0_average)
+        near = abs(average - math.log(self.target_l0)) <= math.log(self.COEF_FAR)
+        return bool(self.coef_lead_steps) and near and not math.isinf(average)
 
     def approaching(self, l0: float) -> bool:
         """Update `log_l0_average` with this step's L0; whether λ should be held (`coef_trend_horizon`)."""

@@ -59,6 +59,7 @@ class StandardSAE(PenaltySAE):
         init_l0_mult: float | None = None,
         init_l0_per_latent: bool = False,
         coef_warmup_steps: int = 0,
+        coef_lead_steps: float = 0.0,
         seed: int = 0,
     ):
         """`l0`: target L0; `sparsity_coef`: initial L1 coefficient λ; `coef_rate`: how fast log λ follows
@@ -67,11 +68,12 @@ class StandardSAE(PenaltySAE):
         (`init_from_sample`), or None for b_enc at 0 (an initial L0 near d_sae / 2, SAELens's start);
         `init_l0_per_latent`: instead of one common offset, each b_enc_j its own, so that every latent starts
         firing on the same share of the sample's tokens (as JumpReLU's θ); `coef_warmup_steps` W: the loss
-        weighs the penalty by λ · min(1, (t + 1) / W) at step t (SAELens's `l1_warm_up_steps`), 0 for none."""
+        weighs the penalty by λ · min(1, (t + 1) / W) at step t (SAELens's `l1_warm_up_steps`), 0 for none;
+        `coef_lead_steps`: the controller's derivative term (PenaltySAE.coef_lead_steps), 0 for none."""
         super().__init__(d_in, d_sae, l0=l0, sparsity_coef=sparsity_coef, coef_rate=coef_rate, seed=seed)
         if coef_warmup_steps < 0:
             raise ValueError(f"coef_warmup_steps must be >= 0 (0: no warm-up), got {coef_warmup_steps}")
-        self.coef_warmup_steps = int(coef_warmup_steps)
+        self.coef_warmup_steps, self.coef_lead_steps = int(coef_warmup_steps), float(coef_lead_steps)
         self.register_buffer("steps_trained", torch.tensor(0, dtype=torch.int64))
         if init_l0_mult is not None and not init_l0_mult > 0:
             raise ValueError(

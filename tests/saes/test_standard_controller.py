@@ -54,3 +54,16 @@ def test_the_l0_average_is_checkpointed_and_old_checkpoints_load():
     fresh = StandardSAE(8, 64, l0=4)
     fresh.load_state_dict(old)
     assert math.isinf(float(fresh.log_l0_average))
+
+
+def test_the_lead_term_lowers_lambda_before_a_falling_l0_crosses_its_target():
+    plain, lead = StandardSAE(8, 64, l0=8), StandardSAE(8, 64, l0=8, coef_lead_steps=20)
+    for l0 in (14.0, 13.0, 12.2, 11.5, 11.0, 10.5, 10.1, 9.8, 9.5, 9.2):  # within 2x, falling ~4% a step
+        step_with_l0(plain, l0)
+        step_with_l0(lead, l0)
+    assert float(plain.sparsity_coef) >= 5.0  # held (after a rise while the trend was still slow)
+    assert float(lead.sparsity_coef) < 5.0  # projected 20 steps on, the L0 is below its target
+    far = StandardSAE(8, 64, l0=4, coef_lead_steps=20)
+    for l0 in (60, 48, 38, 30, 24, 19, 15, 12, 10):  # more than 2x above: the plain hold
+        step_with_l0(far, l0)
+    assert float(far.sparsity_coef) == 5.0
