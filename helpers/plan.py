@@ -53,8 +53,15 @@ A plan that a free T4 session would not hold (about 14.6 GiB usable VRAM, 12.7 G
 at most 12 hours; REFERENCE.md "Colab") says so before anything runs, naming the parameter to lower.
 
 `watch(run_dir, plan)` starts measuring (wall time, process CPU time, peak RSS sampled every 20 ms by a
-thread, CUDA's peak allocation, the load average); its `done()` stops, prints predicted against measured,
-records both in `run.json` under `plans.<step>` and keeps the run for later plans on this hardware.
+thread, CUDA's peak allocation, the load average, and how long this process's most delayed thread waited on
+a run queue for a core: `waited_seconds`, from Linux's scheduler statistics); its `done()` stops, prints
+predicted against measured, records both in `run.json` under `plans.<step>` and keeps the run for later
+plans on this hardware. The waits are recorded, not yet used: bench/run_delay.py found that they bring a
+1-thread run on a crowded machine back to an idle machine's time (wall minus wait, within 13% of a
+real-time-priority reference at 2.4-9x the wall time), but not torch's 2 threads (the partner spins, counted
+as running, while one waits: 2.4-4.8x the reference at 12-71x), where wall x (wall / (wall - wait)) ** -rate
+with a rate fitted on the crowded runs came within 27% (bench/results/run_delay_cpu.json); the planner's
+lines still bring runs back to idle by the other running threads they saw.
 """
 
 from __future__ import annotations
@@ -267,6 +274,8 @@ pooled vectors per completion and layer. 4: the corpus forward runs only to the 
 sampling prefills each distinct prompt once. 6: runs keep the other processes' running threads they saw
 (`others`), and lines are fitted on runs brought back to an idle machine."""
 KEEP_RUNS = 8
+WAITED_SHARE = 0.2
+"""A watched step that waited this share of its wall time for a core says so when it ends."""
 
 
 def others_running() -> float | None:
@@ -300,6 +309,32 @@ def others_now(samples: int = 5, every: float = 0.01) -> float | None:
         if i < samples - 1:
             time.sleep(every)
     return statistics.fmean(got)
+
+
+def thread_waits() -> dict[int, int] | None:
+    """Nanoseconds each thread of this process has waited on a run queue for a core so far (id -> ns), from
+    Linux's scheduler statistics (/proc/self/task/*/schedstat); None where they cannot be read."""
+    out = {}
+    try:
+        tasks = os.scandir("/proc/self/task")
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task.name}/schedstat", "rb") as f:
+                out[int(task.name)] = int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):  # the thread ended meanwhile, or no scheduler statistics
+            continue
+    return out or None
+
+
+def waited_since(before: dict[int, int] | None) -> float | None:
+    """Seconds the most delayed thread of this process waited for a core since `before` (`thread_waits()`;
+    threads started since count from 0, threads that ended since are missed)."""
+    now = thread_waits()
+    if before is None or now is None:
+        return None
+    return max(wait - before.get(tid, 0) for tid, wait in now.items()) / 1e9
 
 
 def crowding(others: float | None, threads: int | None = None) -> float:
@@ -1058,10 +1093,12 @@ class Watch:
         self.memory = PeakMemory(others_every=0.1).__enter__()
         self.load = _load_average()
         self.started, self.cpu_started = time.perf_counter(), time.process_time()
+        self.waits = thread_waits()  # read within the wall time's window: never longer than it
 
     def done(self, *, quiet: bool = False) -> dict[str, Any]:
         """Stop measuring; record predicted and measured in run.json (`plans.<step>`) and this run in the
         calibration file (the line of later plans); return the record."""
+        waited = waited_since(self.waits)
         seconds = time.perf_counter() - self.started
         cpu_seconds = time.process_time() - self.cpu_started
         self.memory.__exit__()
@@ -1086,6 +1123,7 @@ class Watch:
             "hardware": self.calibration.key,
             "load_average": [self.load, _load_average()],
             "others_running": {"planned": p.others, "measured": others},
+            "waited_seconds": waited,
             "slowdown": p.slowdown,
             "threads": torch.get_num_threads(),
             "at": _now(),
@@ -1099,7 +1137,7 @@ class Watch:
         if p.counted_seconds > 0:  # a step with nothing to do (every SAE done earlier) teaches nothing
             load = max((x for x in record["load_average"] if x is not None), default=None)
             run = {"counted": p.counted_seconds, "seconds": seconds, "cpu_seconds": cpu_seconds, "load": load}
-            run |= {"others": others, "threads": torch.get_num_threads()}
+            run |= {"others": others, "threads": torch.get_num_threads(), "waited": waited}
             learn(self.calibration, p.step, run | {"ram_extra_gb": peak_gb - p.counted_ram_gb})
         if not quiet:
             ratio = {k: f", x{v:.2f}" for k, v in record["ratio"].items()}
@@ -1107,6 +1145,11 @@ class Watch:
                 f"{p.step}: {_duration(seconds)} (planned {_duration(p.seconds)}{ratio.get('seconds', '')}), "
                 f"peak RAM {peak_gb:.2f} GB (planned {p.ram_gb:.2f}{ratio.get('ram_gb', '')})"
                 + (f", GPU {gpu:.2f} GiB (planned {p.gpu_gib:.2f})" if gpu is not None else "")
+                + (
+                    f"; it waited {_duration(waited)} of that for a core taken by other processes"
+                    if waited is not None and waited >= WAITED_SHARE * seconds
+                    else ""
+                )
             )
         return record
 

@@ -147,6 +147,8 @@ def test_a_watched_step_records_predicted_and_measured_in_run_json(tmp_path, cal
     assert run["counted"] == pytest.approx(p.counted_seconds, rel=1e-3)
     assert run["load"] == max(x for x in kept["load_average"] if x is not None)
     assert run["ram_extra_gb"] == pytest.approx(kept["measured"]["ram_gb"] - p.counted_ram_gb, abs=1e-3)
+    assert 0 <= kept["waited_seconds"] <= kept["measured"]["seconds"]
+    assert run["waited"] == pytest.approx(kept["waited_seconds"], rel=1e-3, abs=1e-6)
 
 
 def test_a_fixed_part_fitted_at_two_sizes_carries_to_a_third(calibration):
@@ -352,6 +354,21 @@ def test_other_processes_running_threads_are_counted(tmp_path):
             time.sleep(0.3)
         assert len(mem.others_samples) >= 3 and mem.others() >= 1 and mem.peak["total"] > 0
         assert plan.PeakMemory().others() is None  # memory alone: no count taken
+
+        # Sharing one core with it, this thread waits for that core about half the time: the kernel's
+        # scheduler statistics say so.
+        core = min(plan.os.sched_getaffinity(0))
+        allowed = plan.os.sched_getaffinity(0)
+        plan.os.sched_setaffinity(spinner.pid, {core})
+        plan.os.sched_setaffinity(0, {core})
+        try:
+            before, began = plan.thread_waits(), time.perf_counter()
+            while time.perf_counter() - began < 0.3:
+                pass
+            waited = plan.waited_since(before)
+        finally:
+            plan.os.sched_setaffinity(0, allowed)
+        assert 0.2 * 0.3 <= waited <= time.perf_counter() - began
     finally:
         spinner.kill()
         spinner.wait()
