@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -165,6 +166,40 @@ def one_run(threads: int, load: int | str, args: argparse.Namespace) -> dict:
     return {"threads": threads, "background_load": load, **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
+def waited_crowding(run: dict) -> float:
+    """The log of how many times longer the run took than the time its most delayed thread was not waiting
+    for a core: 0 when no thread waited."""
+    seconds = run["seconds"]
+    return math.log(seconds / max(seconds - run["waits"]["max_wait"], 1e-9))
+
+
+def summarise(runs: list[dict], loads: list, threads_list: list[int]) -> dict:
+    """Each estimate over the reference's wall time (the first of `loads`), by thread count and load; and the
+    `waited_crowding` rate: the slope of log wall time on waited crowding over the loaded runs (no reference
+    needed, as a planner would fit it), with the idle time it gives (wall x exp(-rate x crowding))."""
+    summary, rates = {}, {}
+    for threads in threads_list:
+        at_threads = [r for r in runs if r["threads"] == threads]
+        loaded = [r for r in at_threads if r["background_load"] != "idle"]
+        xs = [waited_crowding(r) for r in loaded]
+        ys = [math.log(r["seconds"]) for r in loaded]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        sxx = sum((x - mx) ** 2 for x in xs)
+        rate = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx > 0 else 1.0
+        rates[f"threads {threads}"] = round(rate, 3)
+        base = statistics.median(r["seconds"] for r in at_threads if r["background_load"] == loads[0])
+        for load in loads:
+            at = [r for r in at_threads if r["background_load"] == load]
+            row = {"wall": round(statistics.median(r["seconds"] for r in at) / base, 3)}
+            for k in at[0]["idle_seconds"]:
+                row[k] = round(statistics.median(r["idle_seconds"][k] for r in at) / base, 3)
+            powered = [r["seconds"] * math.exp(-rate * waited_crowding(r)) for r in at]
+            row["waited_crowding_power"] = round(statistics.median(powered) / base, 3)
+            row["waited_crowding"] = round(statistics.median(waited_crowding(r) for r in at), 3)
+            summary[f"threads {threads}, load {load}"] = row
+    return {"waited_crowding_rate": rates, "over_reference_wall": summary}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -180,7 +215,15 @@ def main(argv: list[str] | None = None) -> int:
         "--no-idle-reference", action="store_true", help="skip the reference runs at real-time priority"
     )
     parser.add_argument("--out", default=None)
+    parser.add_argument("--summarise", default=None, help="summarise the runs of an earlier JSON (no runs)")
     args = parser.parse_args(argv)
+    if args.summarise:
+        earlier = json.loads(Path(args.summarise).read_text())
+        loads = list(dict.fromkeys(r["background_load"] for r in earlier["runs"]))
+        loads = sorted(loads, key=lambda x: -1 if x == "idle" else x)
+        threads = sorted({r["threads"] for r in earlier["runs"]})
+        print(json.dumps(summarise(earlier["runs"], loads, threads), indent=1))
+        return 0
     out = {
         "command": "python -m bench.run_delay " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{os.cpu_count()} cores",
@@ -196,18 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 out["runs"].append(row)
     out["load_average_end"] = round(os.getloadavg()[0], 2)
-    summary = {}
-    for threads in args.threads:
-        runs = [r for r in out["runs"] if r["threads"] == threads]
-        reference = [r for r in runs if r["background_load"] == loads[0]]
-        base = statistics.median(r["seconds"] for r in reference)
-        for load in loads:
-            at = [r for r in runs if r["background_load"] == load]
-            row = {"wall": round(statistics.median(r["seconds"] for r in at) / base, 3)}
-            for k in at[0]["idle_seconds"]:
-                row[k] = round(statistics.median(r["idle_seconds"][k] for r in at) / base, 3)
-            summary[f"threads {threads}, load {load}"] = row
-    out["over_reference_wall"] = summary
+    out |= summarise(out["runs"], loads, args.threads)
     text = json.dumps(out, indent=1)
     print(text)
     if args.out:
