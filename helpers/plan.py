@@ -57,11 +57,12 @@ thread, CUDA's peak allocation, the load average, and how long this process's mo
 a run queue for a core: `waited_seconds`, from Linux's scheduler statistics); its `done()` stops, prints
 predicted against measured, records both in `run.json` under `plans.<step>` and keeps the run for later
 plans on this hardware. The waits are recorded, not yet used: bench/run_delay.py found that they bring a
-1-thread run on a crowded machine back to an idle machine's time (wall minus wait, within 13% of a
-real-time-priority reference at 2.4-9x the wall time), but not torch's 2 threads (the partner spins, counted
-as running, while one waits: 2.4-4.8x the reference at 12-71x), where wall x (wall / (wall - wait)) ** -rate
-with a rate fitted on the crowded runs came within 27% (bench/results/run_delay_cpu.json); the planner's
-lines still bring runs back to idle by the other running threads they saw.
+1-thread run on a crowded machine back to an idle machine's time (wall minus wait: 0.85-0.98x a
+real-time-priority reference at 2.4-9x the wall time), but not torch's 2 threads alone (the partner spins,
+counted as running, while one waits: 2.4-6x the reference at 12-83x). For those, wall x (wall / (wall -
+wait)) ** -rate with a rate fitted on crowded runs came to 0.87-1.39x pooled over two runs, 0.54-1.48x with
+one run's rate on the other (bench/results/run_delay_cpu*.json); the planner's lines still bring runs back
+to idle by the other running threads they saw.
 """
 
 from __future__ import annotations
