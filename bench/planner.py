@@ -9,14 +9,16 @@ The plans are never scored on the runs they were fitted on. First the `--fit` si
 other, sharing one calibration file (a fresh one unless `--calibration` names one): their measured runs
 are what each step's line (fixed seconds + slope x counted seconds, helpers/plan.py `fit_line`) is fitted
 on. Then each `--score` size runs in a new run folder with its own copy of that fitted file, so a scored
-run's plans come from the fit runs alone (never from the scored run, nor another scored size). One JSON row
-per scored size and step: predicted and measured wall time, process CPU time (all threads of the notebook's
-kernel: the fairer figure on a machine shared with other processes, whose load stretches wall time, not
-CPU time), peak RSS (and peak CUDA memory with `--gpu`), their ratios, whether each is within the issue's
-bounds (time ±30%, memory ±15%), the other processes' running threads when the step was planned and while
-it ran (helpers/plan.py `others_running`), the slow-down the plan put on them, and the load average when the
-step began and ended. A size whose run folder (under `--runs`) has finished the last of `--notebooks` is read,
-not run again.
+run's plans come from the fit runs alone (never from the scored run, nor another scored size; but for a
+fitted load rate, which is fitted over every step's runs and so also over the scored run's earlier steps:
+`--replay` predicts from the fit runs alone). One JSON row per scored size and step: predicted and measured
+wall time, process CPU time (all threads of the notebook's kernel: the fairer figure on a machine shared
+with other processes, whose load stretches wall time, not CPU time), peak RSS (and peak CUDA memory with
+`--gpu`), their ratios, whether each is within the issue's bounds (time ±30%, memory ±15%), the other
+processes' running threads when the step was planned and while it ran (helpers/plan.py `others_running`),
+the slow-down the plan put on them, how long the step's most delayed thread waited for a core (`waited_s`),
+and the load average when the step began and ended. A size whose run folder (under `--runs`) has finished
+the last of `--notebooks` is read, not run again.
 
 Machine load: a size written `mid@3` runs with 3 busy processes beside it (`--background-load` for every
 size), each a Python loop that never sleeps, started before the size's first notebook and stopped after its
@@ -190,6 +192,7 @@ def rows_of(size: str, run_dir: Path, background: int = 0, frozen: Path | None =
             "others_running_planned": others.get("planned") and round(others["planned"], 2),
             "others_running_measured": others.get("measured") and round(others["measured"], 2),
             "planned_slowdown": rec.get("slowdown") and round(rec["slowdown"], 3),
+            "waited_s": rec.get("waited_seconds") and round(rec["waited_seconds"], 2),
             "time_within_30pct": within(ratio["seconds"], TIME_BOUND),
             "cpu_time_within_30pct": within(cpu_ratio, TIME_BOUND),
             "ram_within_15pct": within(ratio["ram_gb"], MEMORY_BOUND),
