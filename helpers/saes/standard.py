@@ -26,7 +26,14 @@ With b_enc at 0 the L0 starts near d_sae / 2, so the first ~30 of a short run's 
 150 steps (d_sae 4608, target ~52, bench/results/sae_train_cpu_standard_init_l0_*.json) ours then ends at
 a lower L0 with a higher held-out EV than SAELens at its L0, but with more dead latents the lower the start
 (x20: 1.9-2.2% vs SAELens's 0.2-0.3%; x30 per latent with coef_rate 0.1: 0.46% vs 0.17%, 2.78x SAELens's
-speed load-corrected where the default gave 2.44x in another run), so it is not the default yet.
+speed load-corrected where the default gave 2.44x in another run), so it is not the default yet. The dead
+latents come with a strong λ at a low start (x10 per latent, λ fixed at 3.5 / 4 / 4.5: 0.11% / 0.98% / 3.9%
+dead; they fall silent mid-run, not in the first steps, and keeping silent latents' Adam moments still did
+not save them); a weak λ lets the L0 climb back into the dense range first. From x10 per latent with λ
+from 3.5 (the controller lifts it to ~4.8 in the early rise of the L0) and `coef_lead_steps` 20: 3.02x
+SAELens's speed load-corrected, EV 0.791 at L0 43.6 against SAELens's 0.738 at 52.2, dead 0.15% vs 0.35%,
+but 16% under its target L0 (bench/results/standard_start_screen_cpu.json, sae_train_cpu_standard_start_*).
+A λ warm-up from 0 (`coef_warmup_steps`, SAELens's form) makes it worse: the L0 rises while λ is small.
 """
 
 from __future__ import annotations
