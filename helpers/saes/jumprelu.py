@@ -25,6 +25,19 @@ runs get no speed-up: in a screen of the 400-step real run it cost held-out EV (
 initial θ alone, two seeds alike): there the early dense phase helps. bench/jumprelu_init.py measures the
 short runs and the ground truth against the old start, bench/sae_train.py the 400-step run.
 
+θ's learning rate: the trainer's for the first `threshold_slow_after` (400) steps, then `threshold_lr_scale`
+(1/3) times it (Adam's step on θ, taken at the trainer's rate, is scaled in `after_step`: Adam's step is
+linear in the learning rate). At the trainer's rate throughout, θ moved up to lr a step against a median θ
+of ~0.15 and ε 0.005, and on the ground truth at lr 3e-3 (bench/jumprelu_diagnose.py, 5M samples) the
+thresholds wandered: 141 live latents shared their feature with another, 80 fired less than once in 20k
+samples (too often for the trainer's dead rule, so the pre-activation loss never reached them; the
+evaluator scores them F1 0) and the live ones fired 1.26x as often as their features (precision 0.39):
+MCC / F1 0.731 / 0.366, below SAELens's F1 (0.396). θ at 1/3 from the start: 0.865 / 0.523, and at lr 1e-3
+0.913 / 0.586 (was 0.877 / 0.539), but the 400-step real run lost held-out EV (0.9318 vs 0.9377): early on
+θ must follow the fast-moving encoder. Slowing θ after 400 steps keeps runs of up to 400 steps as they
+were and gives 0.837 / 0.488 at lr 3e-3 (after 1,000 steps: 0.781 / 0.426, the damage is early). A θ rate
+of ~3e-4 was best at both learning rates (scale 0.1 from the start at lr 3e-3: 0.910 / 0.577).
+
 Sparsity targets an L0 (`l0`, one knob for TopK, JumpReLU and Gated alike): the penalty is quadratic
 around the target, λ (L0 - target)² / target with L0 the batch mean through the STE (Gemma Scope 2's
 form, SAELens's "quadratic" mode, on the batch mean rather than per token), and λ itself is steered
@@ -114,6 +127,8 @@ class JumpReLUSAE(PenaltySAE):
         l0_penalty: str = "batch",
         pre_act_coef: float = 1e-2,
         threshold_speedup_steps: int = 256,
+        threshold_lr_scale: float = 1 / 3,
+        threshold_slow_after: int = 400,
         seed: int = 0,
     ):
         """`l0`: target L0; `bandwidth`: ε of the STE; `sparsity_coef`: initial λ; `coef_rate`: how fast
@@ -124,7 +139,9 @@ class JumpReLUSAE(PenaltySAE):
         data (`init_from_sample`: each latent starts firing on its share l0 / d_sae of the tokens; θ is
         `FALLBACK_THRESHOLD` until then); `threshold_speedup_steps`: in a run of fewer steps, θ's optimizer
         steps are taken `threshold_speedup_steps / total_steps` times larger (at most `MAX_SPEEDUP`) while
-        the batch's L0 is more than `coef_hold_beyond` times off its target (0: never); both in the module
+        the batch's L0 is more than `coef_hold_beyond` times off its target (0: never);
+        `threshold_lr_scale`: θ's learning rate over the trainer's after the first `threshold_slow_after`
+        steps (the trainer's before; the speed-up replaces either while it acts); all in the module
         docstring."""
         super().__init__(d_in, d_sae, l0=l0, sparsity_coef=sparsity_coef, coef_rate=coef_rate, seed=seed)
         if init_threshold is None:
@@ -146,6 +163,14 @@ class JumpReLUSAE(PenaltySAE):
             )
         self.bandwidth, self.l0_penalty, self.pre_act_coef = bandwidth, l0_penalty, pre_act_coef
         self.threshold_speedup_steps = threshold_speedup_steps
+        if not threshold_lr_scale > 0:  # NaN too
+            raise ValueError(
+                f"threshold_lr_scale must be a number > 0 (θ's learning rate over the trainer's; 1 gives θ "
+                f"the trainer's), got {threshold_lr_scale}"
+            )
+        if threshold_slow_after < 0:
+            raise ValueError(f"threshold_slow_after must be >= 0 steps, got {threshold_slow_after}")
+        self.threshold_lr_scale, self.threshold_slow_after = threshold_lr_scale, threshold_slow_after
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.threshold = nn.Parameter(torch.full((d_sae,), init_threshold, dtype=torch.float32))
         # θ as the last forward pass saw it: after_step reads the optimizer's step on θ off it
@@ -153,10 +178,14 @@ class JumpReLUSAE(PenaltySAE):
         # how much larger θ's steps are while the L0 is far off (set for the run by init_from_sample; kept
         # in checkpoints, so a resumed run goes on as it started)
         self.register_buffer("threshold_speedup", torch.tensor(1.0))
+        # training steps taken (θ's learning rate drops after `threshold_slow_after` of them)
+        self.register_buffer("steps_taken", torch.tensor(0, dtype=torch.int64))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # a checkpoint from before threshold_speedup existed trained without it
+        # a checkpoint from before threshold_speedup existed trained without it; one from before
+        # steps_taken counts from its resumption
         state_dict.setdefault(prefix + "threshold_speedup", torch.tensor(1.0))
+        state_dict.setdefault(prefix + "steps_taken", torch.tensor(0, dtype=torch.int64))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
@@ -214,12 +243,17 @@ class JumpReLUSAE(PenaltySAE):
 
     @torch.no_grad()
     def after_step(self, out: StepOutput) -> None:
+        # θ's learning rate: Adam's step (~lr) on θ times `threshold_lr_scale`, or, far off the target in
+        # a short run, times the speed-up (Adam's step is linear in the learning rate, so scaling the step
+        # taken is θ's own learning rate)
+        factor = self.threshold_lr_scale if int(self.steps_taken) >= self.threshold_slow_after else 1.0
+        self.steps_taken.add_(1)
         speedup = float(self.threshold_speedup)
         if speedup != 1 and abs(math.log(max(out.l0, 1e-3) / self.target_l0)) > math.log(
             self.coef_hold_beyond
         ):
-            # far off the target in a short run: θ's step (Adam's, ~lr) times the speed-up, which is a
-            # larger learning rate for θ alone
-            self.threshold.add_(self.threshold - self.threshold_before_step, alpha=speedup - 1)
+            factor = speedup
+        if factor != 1:
+            self.threshold.add_(self.threshold - self.threshold_before_step, alpha=factor - 1)
         self.threshold.clamp_(min=0.0)  # a negative θ would pass negative pre-activations
         super().after_step(out)
