@@ -38,9 +38,10 @@ BASELINE = [
     *option("init_threshold", 0.001),
     *option("coef_rate", 0.02),
     *option("pre_act_coef", 0),
+    *option("threshold_lr_scale", 1),
 ]
 """The settings of 320af19 (decoder rows from 0.1, free; bandwidth 0.005; thresholds from 0.001; λ steered at
-0.02; no pre-activation loss), spelled out so that each command below reproduces its row whatever the defaults
+0.02; no pre-activation loss; θ at the trainer's learning rate throughout), spelled out so that each command below reproduces its row whatever the defaults
 become: an ablation's own flags come after these and override them (argparse and `--ours-sae-option` keep the
 last value)."""
 
@@ -80,6 +81,10 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
         )
         for c in ("1e-3", "1e-2", "3e-2", "1e-1")
     },
+    "threshold_lr_third_after_400": (
+        "θ at 1/3 of the trainer's learning rate after its first 400 steps (the default since 584714e)",
+        [*option("threshold_lr_scale", 1 / 3), *option("threshold_slow_after", 400)],
+    ),
     "pre_act_1e-2_coef_rate_0.08": (
         "pre-activation loss 1e-2 and λ steered 4x faster",
         [*option("pre_act_coef", "1e-2"), *option("coef_rate", 0.08)],
