@@ -41,9 +41,9 @@ BASELINE = [
     *option("threshold_lr_scale", 1),
 ]
 """The settings of 320af19 (decoder rows from 0.1, free; bandwidth 0.005; thresholds from 0.001; λ steered at
-0.02; no pre-activation loss; θ at the trainer's learning rate throughout), spelled out so that each command below reproduces its row whatever the defaults
-become: an ablation's own flags come after these and override them (argparse and `--ours-sae-option` keep the
-last value)."""
+0.02; no pre-activation loss; θ at the trainer's learning rate throughout), spelled out so that each command
+below reproduces its row whatever the defaults become: an ablation's own flags come after these and override
+them (argparse and `--ours-sae-option` keep the last value)."""
 
 ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "baseline": ("the settings of 320af19 (BASELINE)", []),
