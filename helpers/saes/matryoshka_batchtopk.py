@@ -4,7 +4,10 @@ Autoencoders", arXiv 2503.17547; Nabeshima 2024).
 The latents are ordered, and every prefix of widths w_1 < w_2 < ... < w_G = d_sae must reconstruct x on
 its own (§3):
 
-    loss = Σ_g ||x - (b_dec + Σ_{j < w_g} f_j W_dec_j)||^2  (+ AuxK)
+    loss = Σ_g c_g ||x - (b_dec + Σ_{j < w_g} f_j W_dec_j)||^2  (+ AuxK)
+
+(c_g = `inner_weight`, 0.5, for the inner prefixes and 1 for the full width; the paper and SAELens sum
+them plainly, c_g = 1: see below)
 
 with f chosen by BatchTopK over all latents (batchtopk.py). Early latents then carry the general, frequent
 features and later ones refine them, which resists feature absorption and splitting: on SynthSAEBench's
@@ -20,8 +23,20 @@ the prefix MSEs, times min(n_dead / k_aux, 1). Divided by Var(e) (~22 late in tr
 input scale) and set beside G prefix MSEs, AuxK barely acted: on SmolLM2 layer 15 (400 steps, d_sae 4608)
 23% of the latents stayed dead and held-out EV at L0 32 was 0.9142 against SAELens's 0.9155; in this form
 0.9155 with 14.6% dead (SAELens 15.3-15.6%). Ground truth (bench/synthetic_quality.py, 5M samples): MCC
-0.8728 vs SAELens 0.8715, F1 0.5475 vs 0.5504 (was 0.878 / 0.551 vs 0.869 / 0.543). The README's Measured
-table has the commands.
+0.8728 vs SAELens 0.8715, F1 0.5475 vs 0.5504 (was 0.878 / 0.551 vs 0.869 / 0.543).
+
+With that, the plain sum (`inner_weight` 1) is SAELens's step (tests/saes/test_matryoshka_auxk.py: the same
+loss and gradients on the same weights) and tied with it. The inner prefixes weighted 0.5 is what puts it
+ahead. The inner losses pull only on the early latents; at weight 1 the three of them outweigh the full
+width's, and half the dead latents come back at 0.5 (our reading of the figures below). Ours alone, 400 steps
+on SmolLM2 layer 15 (d_sae 4608, held-out EV at L0 32 / dead there): weight 1 0.9155 / 15.4%, 0.5 0.9216 /
+7.9%, 0.25 0.9277 / 2.2%; each inner prefix (72 / 288 / 1152 latents) then reconstructs a little worse, EV
+0.550 / 0.749 / 0.870 at 1, 0.540 / 0.740 / 0.865 at 0.5, 0.526 / 0.724 / 0.855 at 0.25; k_aux 576 instead of
+d_in // 2: 0.9146 / 19.3%. Ground truth 1M samples (MCC / F1, SAELens in the same run): weight 1 0.726 / 0.370
+vs 0.730 / 0.377, 0.5 0.755 / 0.397 vs 0.738 / 0.382, 0.25 0.780 / 0.419 vs 0.728 / 0.375. Against SAELens
+side by side at 0.5 (bench/sae_train.py, 400 steps): EV at L0 32 0.9216 vs 0.9153, ahead by 0.0045-0.0088
+along L0 16-48 (SAELens 0.9153-0.9161 in four runs), dead 7.9% vs 14.0%, 4.04x its tokens/s; ground truth 5M:
+being rerun. The README's Measured table has the commands.
 """
 
 from __future__ import annotations
@@ -47,7 +62,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         k_aux: int | None = None,
         auxk_coef: float = 1.0,
         threshold_rate: float = 0.01,
-        inner_weight: float = 1.0,
+        inner_weight: float = 0.5,
         seed: int = 0,
     ):
         """`matryoshka_widths`: the prefix sizes, strictly increasing; d_sae is appended when missing.
@@ -78,9 +93,9 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         self.register_buffer("latent_group", group, persistent=False)
 
     def reconstruction_loss(self, x: Tensor, acts: Tensor, p: Pattern) -> tuple[Tensor, Tensor, dict]:
-        """Σ over prefixes of the prefix's MSE; x_hat is the full width's reconstruction. One sparse decode
-        of every (token, group) bag (a row's pairs are sorted by latent, so a group's are contiguous) gives
-        each group's part; the prefixes add them up in order."""
+        """Σ over prefixes of the prefix's MSE, the inner ones times `inner_weight`; x_hat is the full width's
+        reconstruction. One sparse decode of every (token, group) bag (a row's pairs are sorted by latent, so
+        a group's are contiguous) gives each group's part; the prefixes add them up in order."""
         n, groups = len(x), len(self.widths)
         group = self.latent_group.index_select(0, p.col)
         bags = p.with_rows(p.row * groups + group, n * groups)

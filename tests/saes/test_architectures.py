@@ -49,7 +49,8 @@ def dense_reference_loss(sae, x: torch.Tensor, dead: torch.Tensor) -> torch.Tens
         top = pre.relu().reshape(-1).topk(round(sae.k * len(x)))
         f = torch.zeros(pre.numel()).scatter(0, top.indices, pre.reshape(-1)[top.indices].relu()).view_as(pre)
         if isinstance(sae, MatryoshkaBatchTopKSAE):  # Bussmann et al. 2025: every prefix reconstructs x
-            loss = sum(mse(f[:, :w] @ sae.W_dec[:w] + sae.b_dec) for w in sae.widths)
+            inner = sum(mse(f[:, :w] @ sae.W_dec[:w] + sae.b_dec) for w in sae.widths[:-1])
+            loss = sae.inner_weight * inner + mse(f @ sae.W_dec + sae.b_dec)  # inner prefixes weighted
         else:
             loss = mse(f @ sae.W_dec + sae.b_dec)
         return loss + auxk(pre, f @ sae.W_dec + sae.b_dec)

@@ -22,12 +22,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def twins(dead: torch.Tensor):
-    """Our SAE (default AuxK coefficient) and SAELens's with the same non-trivial weights; the `dead`
-    latents' encoder biases raised so their pre-activations are positive."""
+    """Our SAE (default AuxK coefficient; inner prefixes at weight 1, SAELens's plain sum) and SAELens's
+    with the same non-trivial weights; the `dead` latents' encoder biases raised so their pre-activations
+    are positive."""
     import sae_lens
 
     g = torch.Generator().manual_seed(0)
-    ours = MatryoshkaBatchTopKSAE(D_IN, D_SAE, l0=K, matryoshka_widths=WIDTHS, seed=3)
+    ours = MatryoshkaBatchTopKSAE(D_IN, D_SAE, l0=K, matryoshka_widths=WIDTHS, inner_weight=1.0, seed=3)
     with torch.no_grad():
         ours.W_dec.mul_(0.5 + torch.rand(D_SAE, 1, generator=g))
         # the dead latents: small encoder rows and a bias of 1, so their pre-activations stay positive

@@ -1,7 +1,8 @@
 """Matryoshka BatchTopK's `inner_weight`: each inner prefix's MSE enters the loss times it, the full width's
 once. Checked against SAELens's own `MatryoshkaBatchTopKTrainingSAE` on the same weights: its loss is the
 full width's MSE + its `inner_mse_loss_<width>` terms + AuxK, so ours at weight w must equal its full MSE +
-w × its inner terms + its AuxK, in value and in gradients (w = 1: SAELens's loss itself)."""
+w × its inner terms + its AuxK, in value and in gradients (w = 1: SAELens's loss itself). The default is
+0.5 (the module docstring has the ablation)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,17 @@ from tests.saes.test_matryoshka_auxk import D_IN, D_SAE, WIDTHS, K, twins
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.mark.parametrize("weight", [1.0, 0.25, 0.0])
+@pytest.mark.parametrize("weight", [None, 1.0, 0.25, 0.0], ids=["default", "1", "0.25", "0"])
 def test_inner_prefixes_weighted_against_saelens(weight):
     from sae_lens.saes.sae import TrainStepInput
 
     dead = torch.arange(D_SAE) % 7 == 0
     ours, theirs = twins(dead)
-    ours.inner_weight = weight
+    if weight is None:  # the default, built as train_sae builds it
+        ours.inner_weight = MatryoshkaBatchTopKSAE(D_IN, D_SAE, l0=K, matryoshka_widths=WIDTHS).inner_weight
+        weight = 0.5
+    else:
+        ours.inner_weight = weight
     x = torch.randn(128, D_IN, generator=torch.Generator().manual_seed(1)) + 0.2
     out = ours.losses(x, dead)
     out.loss.backward()
