@@ -30,10 +30,11 @@ speed load-corrected where the default gave 2.44x in another run), so it is not 
 latents come with a strong λ at a low start (x10 per latent, λ fixed at 3.5 / 4 / 4.5: 0.11% / 0.98% / 3.9%
 dead; they fall silent mid-run, not in the first steps, and keeping silent latents' Adam moments still did
 not save them); a weak λ lets the L0 climb back into the dense range first. From x10 per latent with λ
-from 3.5 (the controller lifts it to ~4.8 in the early rise of the L0) and `coef_lead_steps` 20: 3.02x
-SAELens's speed load-corrected, EV 0.791 at L0 43.6 against SAELens's 0.738 at 52.2, dead 0.15% vs 0.35%,
-but 16% under its target L0 (bench/results/standard_start_screen_cpu.json, sae_train_cpu_standard_start_*).
-A λ warm-up from 0 (`coef_warmup_steps`, SAELens's form) makes it worse: the L0 rises while λ is small.
+from 3.5 (the controller lifts it to ~4.8 in the early rise of the L0) and `coef_lead_steps` 40, 150 steps:
+EV 0.806 at L0 48.2 (target 52) against SAELens's 0.739 at 52.3, dead 0.15% vs 0.35%, 2.85x SAELens's speed
+load-corrected (3.08x wall; with lead 20: 3.02x, but L0 43.6); so close to the 3x target but not on it
+(bench/results/standard_start_screen_cpu.json, sae_train_cpu_standard_start_*). A λ warm-up from 0
+(`coef_warmup_steps`, SAELens's form) makes it worse: the L0 rises while λ is small, EV 0.686 at L0 44.
 """
 
 from __future__ import annotations
