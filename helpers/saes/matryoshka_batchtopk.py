@@ -37,9 +37,9 @@ vs 0.730 / 0.377, 0.5 0.755 / 0.397 vs 0.738 / 0.382, 0.25 0.780 / 0.419 vs 0.72
 side by side at 0.5 (bench/sae_train.py, 400 steps): EV at L0 32 0.9216 vs 0.9153, ahead by 0.0045-0.0088
 along L0 16-48 (SAELens 0.9153-0.9161 in four runs), dead 7.9% vs 14.0%, 4.04x its tokens/s; ground truth 5M
 samples (bench/synthetic_quality.py, lr 3e-3) MCC / F1 0.8872 / 0.5616 vs 0.8745 / 0.5499 (SAELens
-0.8666-0.8745 / 0.5436-0.5504 in three runs), 22 dead latents of 512 vs 15 (14-17 in three runs), 2.69x its
-tokens/s (the synthetic world's 64 x 512 steps are short of 3x for the whole k-sparse family). The README's
-Measured table has the commands.
+0.8666-0.8745 / 0.5436-0.5504 in four runs), 22 dead latents of 512 vs 15 (14-21 in four runs; at 0.25: 0.8926
+/ 0.5665 vs 0.8716 / 0.5451, 22 vs 21 dead), 2.69x its tokens/s (the synthetic world's 64 x 512 steps are
+short of 3x for the whole k-sparse family). The README's Measured table has the commands.
 """
 
 from __future__ import annotations
