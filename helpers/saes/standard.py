@@ -9,7 +9,7 @@ writes into the residual, so the SAE cannot cheat the L1 term by shrinking f and
 reason the older recipe fixed the norms). The rows' norms are free (`free_decoder`) and start at 0.1 with the
 encoder as the decoder's transpose (SAELens's `decoder_init_norm`), and the inputs are scaled to mean norm
 sqrt(d_in) (`input_norm`, SAELens's `expected_average_only_in`), so λ is in SAELens's `l1_coefficient`
-units and starts at its recommended 5 (Anthropic's April 2024 update). With unit rows, or at unit mean
+units (SAELens recommends 5, Anthropic's April 2024 update; the start below). With unit rows, or at unit mean
 squared norm, the first steps overshoot the reconstruction and Adam's bias steps (about lr each) then
 silence most latents (L0 near 0 within 20 steps, then a slow recovery; the README's Measured table).
 
@@ -21,20 +21,24 @@ term lives on the active set {pre > 0}. Early in training that set is half the l
 kernels.DENSE_ABOVE the step is then dense maths with its backward written out (`_DenseStep`: five dense
 products instead of autograd's six; the same gradients within float rounding: test_standard_step.py).
 
-With b_enc at 0 the L0 starts near d_sae / 2, so the first ~30 of a short run's steps are dense.
-`init_l0_mult` (off by default) starts it at a multiple of the target instead. On bench/sae_train.py's
-150 steps (d_sae 4608, target ~52, bench/results/sae_train_cpu_standard_init_l0_*.json) ours then ends at
-a lower L0 with a higher held-out EV than SAELens at its L0, but with more dead latents the lower the start
-(x20: 1.9-2.2% vs SAELens's 0.2-0.3%; x30 per latent with coef_rate 0.1: 0.46% vs 0.17%, 2.78x SAELens's
-speed load-corrected where the default gave 2.44x in another run), so it is not the default yet. The dead
-latents come with a strong λ at a low start (x10 per latent, λ fixed at 3.5 / 4 / 4.5: 0.11% / 0.98% / 3.9%
-dead; they fall silent mid-run, not in the first steps, and keeping silent latents' Adam moments still did
-not save them); a weak λ lets the L0 climb back into the dense range first. From x10 per latent with λ
-from 3.5 (the controller lifts it to ~4.8 in the early rise of the L0) and `coef_lead_steps` 40, 150 steps:
-EV 0.806 at L0 48.2 (target 52) against SAELens's 0.739 at 52.3, dead 0.15% vs 0.35%, 2.85x SAELens's speed
-load-corrected (3.08x wall; with lead 20: 3.02x, but L0 43.6); so close to the 3x target but not on it
-(bench/results/standard_start_screen_cpu.json, sae_train_cpu_standard_start_*). A λ warm-up from 0
-(`coef_warmup_steps`, SAELens's form) makes it worse: the L0 rises while λ is small, EV 0.686 at L0 44.
+With b_enc at 0 the L0 starts near d_sae / 2, so the first ~30 of a short run's steps are dense. By default
+the SAE starts lower (`low_start`): each b_enc_j is lowered by its own quantile of the trainer's init sample
+(`init_l0_per_latent`) so that every latent fires on the same share of it and the L0 starts at
+`init_l0_mult` 10 times the target, with λ from 3.5 (`LOW_START_COEF`; the controller lifts it to ~4.8 in
+the early rise of the L0) and `coef_lead_steps` 40 (`LOW_START_LEAD`). On bench/sae_train.py (SmolLM2
+layer 15, d_sae 4608, 1 thread), 150 steps: EV 0.806 at L0 48.2 (target 52) against the old start's 0.740
+at 50.8 and SAELens's 0.739 at 52.3, dead 0.15% vs 0.22% / 0.35%, 2.85x SAELens's speed load-corrected
+(the old start 2.44-2.74x); 400 steps: 0.883 at 14.8 (target 17) vs 0.834 at 16.2 and SAELens's 0.852 at
+17.4, dead 0.69% vs 1.1% / 0.76%, 3.71x (bench/results/standard_start_screen_cpu.json,
+sae_train_cpu_standard_start_*). Where 10 times the target is at or above d_sae / 2 (a small SAE with a
+high target, e.g. bench/synthetic_quality.py's 157 of 512) the old start is kept: b_enc at 0, λ from 5, no
+lead. `init_l0_mult=None` selects the old start everywhere; `init_l0_per_latent=False` one common offset.
+
+What the lower start took: one common offset (x20: 1.9-2.2% dead vs SAELens's 0.2-0.3%) and a strong λ at
+a low start (x10 per latent, λ fixed at 3.5 / 4 / 4.5: 0.11% / 0.98% / 3.9% dead; they fall silent
+mid-run, not in the first steps, and keeping silent latents' Adam moments did not save them) kill latents;
+a weak λ lets the L0 climb back into the dense range first. A λ warm-up from 0 (`coef_warmup_steps`,
+SAELens's form) makes it worse: the L0 rises while λ is small, EV 0.686 at L0 44.
 """
 
 from __future__ import annotations
@@ -55,6 +59,9 @@ class StandardSAE(PenaltySAE):
     decoder_norm = 0.1
     free_decoder = True
     coef_trend_horizon = 50.0
+    LOW_START_COEF = 3.5  # λ's start with the low start (`low_start`)
+    DENSE_START_COEF = 5.0  # ... and from b_enc at 0 (SAELens's recommended l1_coefficient)
+    LOW_START_LEAD = 40.0  # coef_lead_steps with the low start (0 from b_enc at 0)
 
     def __init__(
         self,
@@ -62,33 +69,41 @@ class StandardSAE(PenaltySAE):
         d_sae: int,
         *,
         l0: float = 32,
-        sparsity_coef: float = 5.0,
+        sparsity_coef: float | None = None,
         coef_rate: float = 0.02,
-        init_l0_mult: float | None = None,
-        init_l0_per_latent: bool = False,
+        init_l0_mult: float | None = 10.0,
+        init_l0_per_latent: bool = True,
         coef_warmup_steps: int = 0,
-        coef_lead_steps: float = 0.0,
+        coef_lead_steps: float | None = None,
         seed: int = 0,
     ):
-        """`l0`: target L0; `sparsity_coef`: initial L1 coefficient λ; `coef_rate`: how fast log λ follows
-        the L0 error per step (0 keeps λ fixed, as in SAELens); `init_l0_mult`: start at an L0 of this
-        multiple of `l0` (at most d_sae / 2) by one common offset of b_enc set from the trainer's init sample
-        (`init_from_sample`), or None for b_enc at 0 (an initial L0 near d_sae / 2, SAELens's start);
-        `init_l0_per_latent`: instead of one common offset, each b_enc_j its own, so that every latent starts
-        firing on the same share of the sample's tokens (as JumpReLU's θ); `coef_warmup_steps` W: the loss
-        weighs the penalty by λ · min(1, (t + 1) / W) at step t (SAELens's `l1_warm_up_steps`), 0 for none;
-        `coef_lead_steps`: the controller's derivative term (PenaltySAE.coef_lead_steps), 0 for none."""
-        super().__init__(d_in, d_sae, l0=l0, sparsity_coef=sparsity_coef, coef_rate=coef_rate, seed=seed)
-        if coef_warmup_steps < 0:
-            raise ValueError(f"coef_warmup_steps must be >= 0 (0: no warm-up), got {coef_warmup_steps}")
-        self.coef_warmup_steps, self.coef_lead_steps = int(coef_warmup_steps), float(coef_lead_steps)
-        self.register_buffer("steps_trained", torch.tensor(0, dtype=torch.int64))
+        """`l0`: target L0; `sparsity_coef`: initial L1 coefficient λ, None for `LOW_START_COEF` (3.5) with
+        the low start and `DENSE_START_COEF` (5, SAELens's) without; `coef_rate`: how fast log λ follows the
+        L0 error per step (0 keeps λ fixed, as in SAELens); `init_l0_mult`: start at an L0 of this multiple of
+        `l0` through b_enc's offsets set from the trainer's init sample (`init_from_sample`); None for b_enc
+        at 0 (an initial L0 near d_sae / 2, SAELens's start), which is also what a multiple of `l0` at or
+        above d_sae / 2 gives (`low_start` false); `init_l0_per_latent`: each b_enc_j its own offset, so that
+        every latent starts firing on the same share of the sample's tokens (as JumpReLU's θ; the default),
+        instead of one common offset; `coef_warmup_steps` W: the loss weighs the penalty by
+        λ · min(1, (t + 1) / W) at step t (SAELens's `l1_warm_up_steps`), 0 for none; `coef_lead_steps`:
+        the controller's derivative term (PenaltySAE.coef_lead_steps), None for `LOW_START_LEAD` (40) with
+        the low start and 0 without. The old default start: init_l0_mult=None (λ 5, no lead)."""
         if init_l0_mult is not None and not init_l0_mult > 0:
             raise ValueError(
                 f"init_l0_mult must be > 0 (the initial L0 as a multiple of the target l0), or None for "
                 f"b_enc at 0; got {init_l0_mult}"
             )
         self.init_l0_mult, self.init_l0_per_latent = init_l0_mult, init_l0_per_latent
+        low = init_l0_mult is not None and init_l0_mult * l0 < d_sae / 2
+        if sparsity_coef is None:
+            sparsity_coef = self.LOW_START_COEF if low else self.DENSE_START_COEF
+        if coef_lead_steps is None:
+            coef_lead_steps = self.LOW_START_LEAD if low else 0.0
+        super().__init__(d_in, d_sae, l0=l0, sparsity_coef=sparsity_coef, coef_rate=coef_rate, seed=seed)
+        if coef_warmup_steps < 0:
+            raise ValueError(f"coef_warmup_steps must be >= 0 (0: no warm-up), got {coef_warmup_steps}")
+        self.coef_warmup_steps, self.coef_lead_steps = int(coef_warmup_steps), float(coef_lead_steps)
+        self.register_buffer("steps_trained", torch.tensor(0, dtype=torch.int64))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self._pre_buffer: Tensor | None = None  # _pre_activations' reused output (not state)
 
@@ -109,18 +124,24 @@ class StandardSAE(PenaltySAE):
         self.steps_trained.add_(1)
         super().after_step(out)
 
+    @property
+    def low_start(self) -> bool:
+        """Whether `init_from_sample` lowers b_enc: `init_l0_mult` set and its L0 under d_sae / 2 (from b_enc
+        at 0 the L0 already starts near d_sae / 2, so a multiple at or above it keeps that start)."""
+        return self.init_l0_mult is not None and self.init_l0_mult * self.target_l0 < self.d_sae / 2
+
     INIT_VALUES = 1 << 24  # pre-activations init_from_sample ranks at most (64 MB in float32)
 
     @torch.no_grad()
     def init_from_sample(self, x: Tensor, total_steps: int) -> None:
-        """With `init_l0_mult`: lower every b_enc_j by one common offset, the quantile of the pre-activations
+        """With `low_start`: lower every b_enc_j by one common offset, the quantile of the pre-activations
         on (the first tokens of) x [n, d_in] (the trainer's init sample, scaled, b_dec set) above which lie
-        min(init_l0_mult · l0, d_sae / 2) per token on average. The L0 then starts there rather than near
+        init_l0_mult · l0 per token on average. The L0 then starts there rather than near
         d_sae / 2, so fewer of the first steps are dense (`_DenseStep`). With `init_l0_per_latent`, b_enc_j
         is lowered by latent j's own quantile of the whole sample instead (512 latents at a time)."""
-        if self.init_l0_mult is None:
+        if not self.low_start:
             return
-        l0 = min(self.init_l0_mult * self.target_l0, self.d_sae / 2)
+        l0 = self.init_l0_mult * self.target_l0
         if self.init_l0_per_latent:
             self.b_enc.sub_(latent_quantiles(self, x, l0))
             return
