@@ -30,10 +30,11 @@ layer 15, d_sae 4608, 1 thread), 150 steps: EV 0.806 at L0 48.2 (target 52) agai
 at 50.8 and SAELens's 0.739 at 52.3, dead 0.15% vs 0.22% / 0.35%, 2.85x SAELens's speed load-corrected
 (the old start 2.44-2.74x); 400 steps: 0.883 at 14.8 (target 17) vs 0.834 at 16.2 and SAELens's 0.852 at
 17.4, dead 0.69% vs 1.1% / 0.76%, 3.71x (bench/results/standard_start_screen_cpu.json,
-sae_train_cpu_standard_start_*). Where 10 times the target is at or above d_sae / 2 (a small SAE with a
-high target, e.g. bench/synthetic_quality.py's 157 of 512) the old start is kept: b_enc at 0, λ from 5, no
-lead. `init_l0_mult=None` selects the old start everywhere (the benches: `--ours-sae-option
-init_l0_mult=null`); `init_l0_per_latent=False` one common offset.
+sae_train_cpu_standard_start_*; as the default with no options, sae_train_cpu_standard_default_low_start*:
+the same EV, L0 and dead, 3.06x and 4.06x load-corrected in those runs). Where 10 times the target is at
+or above d_sae / 2 (a small SAE with a high target, e.g. bench/synthetic_quality.py's 157 of 512) the old
+start is kept: b_enc at 0, λ from 5, no lead. `init_l0_mult=None` selects the old start everywhere (the
+benches: `--ours-sae-option init_l0_mult=null`); `init_l0_per_latent=False` one common offset.
 
 What the lower start took: one common offset (x20: 1.9-2.2% dead vs SAELens's 0.2-0.3%) and a strong λ at
 a low start (x10 per latent, λ fixed at 3.5 / 4 / 4.5: 0.11% / 0.98% / 3.9% dead; they fall silent
