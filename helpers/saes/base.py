@@ -320,14 +320,25 @@ class PenaltySAE(SAE):
         self.coef_rate = coef_rate
         self.register_buffer("sparsity_coef", torch.tensor(sparsity_coef, dtype=torch.float32))
         self.register_buffer("log_l0_average", torch.tensor(math.inf))
+        # training steps taken, for the schedules that read it (JumpReLU's θ rate, the standard SAE's λ
+        # warm-up); a buffer, so a resumed run goes on where it stopped
+        self.register_buffer("steps_trained", torch.tensor(0, dtype=torch.int64))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # a checkpoint from before log_l0_average existed: the average starts afresh
+        # a checkpoint from before log_l0_average existed: the average starts afresh; one from before
+        # steps_trained existed counts its steps from the resumption
         state_dict.setdefault(prefix + "log_l0_average", torch.tensor(math.inf))
+        state_dict.setdefault(prefix + "steps_trained", torch.tensor(0, dtype=torch.int64))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def after_step(self, out: StepOutput) -> None:
+        """Steer λ toward the target L0, then count the step (a subclass reading `steps_trained` before
+        calling this sees the index of the step just taken)."""
+        self.steer_coefficient(out)
+        self.steps_trained.add_(1)
+
+    def steer_coefficient(self, out: StepOutput) -> None:
         if not self.coef_rate:
             return
         l0 = out.l0

@@ -178,14 +178,10 @@ class JumpReLUSAE(PenaltySAE):
         # how much larger θ's steps are while the L0 is far off (set for the run by init_from_sample; kept
         # in checkpoints, so a resumed run goes on as it started)
         self.register_buffer("threshold_speedup", torch.tensor(1.0))
-        # training steps taken (θ's learning rate drops after `threshold_slow_after` of them)
-        self.register_buffer("steps_taken", torch.tensor(0, dtype=torch.int64))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # a checkpoint from before threshold_speedup existed trained without it; one from before
-        # steps_taken counts from its resumption
+        # a checkpoint from before threshold_speedup existed trained without it
         state_dict.setdefault(prefix + "threshold_speedup", torch.tensor(1.0))
-        state_dict.setdefault(prefix + "steps_taken", torch.tensor(0, dtype=torch.int64))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
@@ -246,8 +242,7 @@ class JumpReLUSAE(PenaltySAE):
         # θ's learning rate: Adam's step (~lr) on θ times `threshold_lr_scale`, or, far off the target in
         # a short run, times the speed-up (Adam's step is linear in the learning rate, so scaling the step
         # taken is θ's own learning rate)
-        factor = self.threshold_lr_scale if int(self.steps_taken) >= self.threshold_slow_after else 1.0
-        self.steps_taken.add_(1)
+        factor = self.threshold_lr_scale if int(self.steps_trained) >= self.threshold_slow_after else 1.0
         speedup = float(self.threshold_speedup)
         if speedup != 1 and abs(math.log(max(out.l0, 1e-3) / self.target_l0)) > math.log(
             self.coef_hold_beyond

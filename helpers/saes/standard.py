@@ -105,14 +105,8 @@ class StandardSAE(PenaltySAE):
         if coef_warmup_steps < 0:
             raise ValueError(f"coef_warmup_steps must be >= 0 (0: no warm-up), got {coef_warmup_steps}")
         self.coef_warmup_steps, self.coef_lead_steps = int(coef_warmup_steps), float(coef_lead_steps)
-        self.register_buffer("steps_trained", torch.tensor(0, dtype=torch.int64))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self._pre_buffer: Tensor | None = None  # _pre_activations' reused output (not state)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # a checkpoint from before steps_trained existed: counted afresh (only a warm-up reads it)
-        state_dict.setdefault(prefix + "steps_trained", torch.tensor(0, dtype=torch.int64))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def penalty_coef(self) -> Tensor:
         """λ as the loss weighs it this step: `sparsity_coef`, ramped during `coef_warmup_steps`."""
@@ -120,11 +114,6 @@ class StandardSAE(PenaltySAE):
         if not w or int(self.steps_trained) >= w:
             return self.sparsity_coef
         return self.sparsity_coef * ((int(self.steps_trained) + 1) / w)
-
-    @torch.no_grad()
-    def after_step(self, out: StepOutput) -> None:
-        self.steps_trained.add_(1)
-        super().after_step(out)
 
     @property
     def low_start(self) -> bool:

@@ -28,7 +28,7 @@ def one_step(steps: int, taken: int = 0, **sae_options) -> tuple[dict, dict]:
     )
     trainer = Trainer(cfg, 16)
     trainer.init_from_data(x)
-    trainer.sae.steps_taken.fill_(taken)
+    trainer.sae.steps_trained.fill_(taken)
     before = {k: v.detach().clone() for k, v in trainer.sae.named_parameters()}
     trainer.train_step(x[:64])
     return before, {k: v.detach().clone() for k, v in trainer.sae.named_parameters()}
@@ -67,14 +67,14 @@ def test_the_short_run_speed_up_replaces_the_scale_while_far_off_target():
 
 def test_the_step_count_is_kept_in_checkpoints_and_absent_from_old_ones():
     sae = JumpReLUSAE(16, 64, l0=6)
-    sae.steps_taken.fill_(1234)
+    sae.steps_trained.fill_(1234)
     state = sae.state_dict()
     resumed = JumpReLUSAE(16, 64, l0=6)
     resumed.load_state_dict(state)
-    assert int(resumed.steps_taken) == 1234
-    del state["steps_taken"]  # a checkpoint from before it existed counts from its resumption
+    assert int(resumed.steps_trained) == 1234
+    del state["steps_trained"]  # a checkpoint from before it existed counts from its resumption
     resumed.load_state_dict(state)
-    assert int(resumed.steps_taken) == 0
+    assert int(resumed.steps_trained) == 0
 
 
 @pytest.mark.parametrize(
