@@ -1,7 +1,8 @@
 """Benchmark: what a step's wall time would have been on an idle machine, from Linux's per-thread scheduler
-statistics (`run_delay`: /proc/self/task/*/schedstat, nanoseconds each of this process's threads ran on a
-core and waited on a run queue for one), checked against busy background processes: could helpers/plan.py
-bring runs measured on a crowded machine back to an idle machine's time with it?
+statistics (`helpers.plan.thread_schedstats`: /proc/self/task/*/schedstat, nanoseconds each of this
+process's threads ran on a core and waited on a run queue for one), checked against busy background
+processes: could helpers/plan.py bring runs measured on a crowded machine back to an idle machine's time
+with it?
 
 A fixed piece of work like the notebooks' (a small Llama's decoding steps: `generate` on random weights, the
 work that slowed most under load, and a few SAE training steps) runs in a fresh process for each load and
@@ -31,34 +32,16 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench.planner import busy_processes, git_commit, stop
+from helpers.plan import thread_schedstats
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_delay() -> dict[int, tuple[int, int]] | None:
-    """Each thread of this process now: id -> (nanoseconds it ran on a core, nanoseconds it waited on a run
-    queue for one), from /proc/self/task/*/schedstat (Linux's scheduler statistics); None where they cannot be
-    read."""
-    out = {}
-    try:
-        tasks = os.scandir("/proc/self/task")
-    except OSError:
-        return None
-    for task in tasks:
-        try:
-            with open(f"/proc/self/task/{task.name}/schedstat", "rb") as f:
-                ran, waited = (int(x) for x in f.read().split()[:2])
-        except (OSError, ValueError):  # the thread ended meanwhile, or no scheduler statistics
-            continue
-        out[int(task.name)] = (ran, waited)
-    return out or None
-
-
 def run_delay_since(before: dict[int, tuple[int, int]] | None) -> dict[str, float] | None:
-    """Seconds this process's threads ran and waited for a core since `before` (`run_delay()`): the main
-    thread's wait, the sum and the largest over all threads (threads started since count from 0; threads that
-    ended since are missed)."""
-    now = run_delay()
+    """Seconds this process's threads ran and waited for a core since `before` (`thread_schedstats()`): the
+    main thread's wait, the sum and the largest over all threads (threads started since count from 0; threads
+    that ended since are missed)."""
+    now = thread_schedstats()
     if before is None or now is None:
         return None
     ran, waited = {}, {}
@@ -119,7 +102,7 @@ def work(threads: int, tokens: int, sae_steps: int, idle: bool = False) -> dict:
     if idle:
         realtime(True)
     try:
-        before = run_delay() or {}
+        before = thread_schedstats() or {}
         started, cpu_started = time.perf_counter(), time.process_time()
         with torch.no_grad():
             model.generate(
@@ -133,7 +116,7 @@ def work(threads: int, tokens: int, sae_steps: int, idle: bool = False) -> dict:
         seconds = time.perf_counter() - started
         cpu_seconds = time.process_time() - cpu_started
         waits = run_delay_since(before)
-        after = run_delay() or {}
+        after = thread_schedstats() or {}
     finally:
         if idle:
             realtime(False)

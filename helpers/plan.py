@@ -312,9 +312,10 @@ def others_now(samples: int = 5, every: float = 0.01) -> float | None:
     return statistics.fmean(got)
 
 
-def thread_waits() -> dict[int, int] | None:
-    """Nanoseconds each thread of this process has waited on a run queue for a core so far (id -> ns), from
-    Linux's scheduler statistics (/proc/self/task/*/schedstat); None where they cannot be read."""
+def thread_schedstats() -> dict[int, tuple[int, int]] | None:
+    """Each thread of this process so far: id -> (nanoseconds it ran on a core, nanoseconds it waited on a run
+    queue for one), from Linux's scheduler statistics (/proc/self/task/*/schedstat); None where they cannot be
+    read."""
     out = {}
     try:
         tasks = os.scandir("/proc/self/task")
@@ -323,19 +324,20 @@ def thread_waits() -> dict[int, int] | None:
     for task in tasks:
         try:
             with open(f"/proc/self/task/{task.name}/schedstat", "rb") as f:
-                out[int(task.name)] = int(f.read().split()[1])
-        except (OSError, ValueError, IndexError):  # the thread ended meanwhile, or no scheduler statistics
+                ran, waited = (int(x) for x in f.read().split()[:2])
+        except (OSError, ValueError):  # the thread ended meanwhile, or no scheduler statistics
             continue
+        out[int(task.name)] = (ran, waited)
     return out or None
 
 
-def waited_since(before: dict[int, int] | None) -> float | None:
-    """Seconds the most delayed thread of this process waited for a core since `before` (`thread_waits()`;
-    threads started since count from 0, threads that ended since are missed)."""
-    now = thread_waits()
+def waited_since(before: dict[int, tuple[int, int]] | None) -> float | None:
+    """Seconds the most delayed thread of this process waited for a core since `before`
+    (`thread_schedstats()`; threads started since count from 0, threads that ended since are missed)."""
+    now = thread_schedstats()
     if before is None or now is None:
         return None
-    return max(wait - before.get(tid, 0) for tid, wait in now.items()) / 1e9
+    return max(waited - before.get(tid, (0, 0))[1] for tid, (_, waited) in now.items()) / 1e9
 
 
 def crowding(others: float | None, threads: int | None = None) -> float:
@@ -1094,7 +1096,7 @@ class Watch:
         self.memory = PeakMemory(others_every=0.1).__enter__()
         self.load = _load_average()
         self.started, self.cpu_started = time.perf_counter(), time.process_time()
-        self.waits = thread_waits()  # read within the wall time's window: never longer than it
+        self.waits = thread_schedstats()  # read within the wall time's window: never longer than it
 
     def done(self, *, quiet: bool = False) -> dict[str, Any]:
         """Stop measuring; record predicted and measured in run.json (`plans.<step>`) and this run in the

@@ -362,7 +362,7 @@ def test_other_processes_running_threads_are_counted(tmp_path):
         plan.os.sched_setaffinity(spinner.pid, {core})
         plan.os.sched_setaffinity(0, {core})
         try:
-            before, began = plan.thread_waits(), time.perf_counter()
+            before, began = plan.thread_schedstats(), time.perf_counter()
             while time.perf_counter() - began < 0.3:
                 pass
             waited = plan.waited_since(before)
