@@ -11,7 +11,9 @@ is then checked against SAELens trained in the same run by `bench/sae_train.py`.
 
 A variant is `name` or `name:key=value,key=value`. Keys: `lr`, `input_norm` (unit, sqrt_d_in),
 `sparsity_coef`, `coef_rate`, `frozen_gate_decoder` (0/1) (the constructor's), and the class settings
-`decoder_norm`, `free_decoder`, `encoder_init_scale`, set for that variant only. `base` is our default.
+`decoder_norm`, `free_decoder`, `encoder_init_scale`, and PenaltySAE's controller settings
+`coef_trend_horizon` (steps, or `none`), `coef_lead_steps` and `COEF_FAR`, set for that variant only.
+`base` is our default.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ CLASS_SETTINGS = {
     "decoder_norm": float,
     "free_decoder": lambda v: bool(int(v)),
     "encoder_init_scale": float,
+    "coef_trend_horizon": lambda v: None if v.lower() == "none" else float(v),
+    "coef_lead_steps": float,
+    "COEF_FAR": float,
 }
 OPTIONS = {"sparsity_coef": float, "coef_rate": float, "frozen_gate_decoder": lambda v: bool(int(v))}
 CONFIG = {"lr": float, "input_norm": str}
