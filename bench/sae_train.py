@@ -70,7 +70,7 @@ sys.path.insert(0, str(ROOT))
 import helpers  # noqa: E402
 from bench import saelens_setup  # noqa: E402
 from bench.peak_memory import PeakMemory, rss  # noqa: E402
-from bench.synthetic_quality import sae_option  # noqa: E402
+from bench.synthetic_quality import add_sae_option_flag  # noqa: E402
 from helpers.collect.corpus import SKIP_FIRST, collect_corpus  # noqa: E402
 from helpers.collect.store import LayerStore  # noqa: E402
 from helpers.run import activations_dir, corpus_dir, stable_hash  # noqa: E402
@@ -618,15 +618,7 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --ours-init-l0-mult: each latent's b_enc its own offset (init_l0_per_latent)",
     )
-    p.add_argument(
-        "--ours-sae-option",
-        type=sae_option,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="ablation: a constructor argument of our architecture (TrainConfig.sae_options) for every arch "
-        "in --archs, e.g. coef_warmup_steps=30 for standard; repeatable; VALUE is read as JSON",
-    )
+    add_sae_option_flag(p, "for every arch in --archs, e.g. coef_warmup_steps=30 for standard")
     p.add_argument("--chunk", type=int, default=10, help="steps per timed chunk")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -311,6 +311,19 @@ def sae_option(text: str) -> tuple[str, object]:
         return name, value
 
 
+def add_sae_option_flag(parser, examples: str) -> None:
+    """`--ours-sae-option NAME=VALUE` (`sae_option`), repeatable; `examples` for its help."""
+    parser.add_argument(
+        "--ours-sae-option",
+        type=sae_option,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help=f"ablation: a constructor argument of our architecture (TrainConfig.sae_options), {examples}; "
+        "repeatable; VALUE is read as JSON, else as a string",
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", default="standard,batchtopk,matryoshka_batchtopk,jumprelu,topk")
@@ -353,15 +366,7 @@ def main() -> None:
         "--ours-auxk-coef", type=float, default=None, help="ablation: our TopK/BatchTopK AuxK coefficient"
     )
     p.add_argument("--ours-grad-clip", type=float, default=None, help="ablation: our TrainConfig.grad_clip")
-    p.add_argument(
-        "--ours-sae-option",
-        type=sae_option,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="ablation: a constructor argument of our architecture (TrainConfig.sae_options), e.g. "
-        "bandwidth=0.001 or coef_rate=0 for JumpReLU; repeatable; VALUE is read as JSON, else as a string",
-    )
+    add_sae_option_flag(p, "e.g. bandwidth=0.001 or coef_rate=0 for JumpReLU")
     saelens_setup.add_class_ablation_flags(p)
     # its defaults: its best here (with the STE to the encoder 460 of its 512 latents died at 1M samples)
     saelens_setup.add_jumprelu_flags(p, ste_to_input=0, init_threshold="0.01")
