@@ -96,11 +96,13 @@ class StandardSAE(PenaltySAE):
                 f"b_enc at 0; got {init_l0_mult}"
             )
         self.init_l0_mult, self.init_l0_per_latent = init_l0_mult, init_l0_per_latent
-        low = init_l0_mult is not None and init_l0_mult * l0 < d_sae / 2
+        # whether init_from_sample lowers b_enc: init_l0_mult set and its L0 under d_sae / 2 (from b_enc at 0
+        # the L0 already starts near d_sae / 2, so a multiple at or above it keeps that start)
+        self.low_start = init_l0_mult is not None and init_l0_mult * l0 < d_sae / 2
         if sparsity_coef is None:
-            sparsity_coef = self.LOW_START_COEF if low else self.DENSE_START_COEF
+            sparsity_coef = self.LOW_START_COEF if self.low_start else self.DENSE_START_COEF
         if coef_lead_steps is None:
-            coef_lead_steps = self.LOW_START_LEAD if low else 0.0
+            coef_lead_steps = self.LOW_START_LEAD if self.low_start else 0.0
         super().__init__(d_in, d_sae, l0=l0, sparsity_coef=sparsity_coef, coef_rate=coef_rate, seed=seed)
         if coef_warmup_steps < 0:
             raise ValueError(f"coef_warmup_steps must be >= 0 (0: no warm-up), got {coef_warmup_steps}")
@@ -114,12 +116,6 @@ class StandardSAE(PenaltySAE):
         if not w or int(self.steps_trained) >= w:
             return self.sparsity_coef
         return self.sparsity_coef * ((int(self.steps_trained) + 1) / w)
-
-    @property
-    def low_start(self) -> bool:
-        """Whether `init_from_sample` lowers b_enc: `init_l0_mult` set and its L0 under d_sae / 2 (from b_enc
-        at 0 the L0 already starts near d_sae / 2, so a multiple at or above it keeps that start)."""
-        return self.init_l0_mult is not None and self.init_l0_mult * self.target_l0 < self.d_sae / 2
 
     INIT_VALUES = 1 << 24  # pre-activations init_from_sample ranks at most (64 MB in float32)
 
