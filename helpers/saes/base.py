@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from helpers.saes.kernels import Pattern, gather_pre, recon_loss, sparse_decode
+from helpers.saes.kernels import Pattern, gather_pre, recon_loss, relu_topk, sparse_decode
 
 # Under CUDA autocast (fp16 on a T4, bf16 from compute capability 8) the sparse parts run in fp32: only
 # the encoder's dense matmul uses the low precision.
@@ -409,7 +409,7 @@ def auxk_loss(
     `pre` [n, d_sae] is `(x - b_dec) @ W_enc + b_enc` computed under no_grad; `dead` [d_sae] bool."""
     dead_idx = dead.nonzero().squeeze(1)  # [n_dead]
     with torch.no_grad():
-        local = pre.index_select(1, dead_idx).topk(min(k_aux, len(dead_idx)), dim=-1, sorted=False).indices
+        local = relu_topk(pre.index_select(1, dead_idx), min(k_aux, len(dead_idx)))
         p = Pattern.from_indices(dead_idx[local], sae.d_sae)
     acts = gather_pre(x, sae.b_dec, sae.W_enc_T, sae.b_enc, pre, p).relu()
     e_hat = sparse_decode(acts, sae.W_dec, p)

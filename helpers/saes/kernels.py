@@ -93,22 +93,62 @@ class Pattern:
         return _csr(crow_t, col_t, values[order], (self.n_cols, self.n_rows))
 
 
+# A float's bits read as the signed integer of its width order every non-negative float as its value (sign
+# bit 0, then exponent, then mantissa) and above every negative one (sign bit 1; among those the order is
+# reversed). For a selection that is ReLU'd afterwards that is the float order wherever it matters.
+_BITS_AS_INT = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
+
+
+def relu_order(pre: Tensor) -> Tensor:
+    """pre [...] viewed (no copy) as integers in the order of ReLU(pre): the larger of two entries whose
+    ReLU differs is the larger integer; entries <= 0 (ReLU 0, tied) come in some order below all positive
+    ones. torch.topk on these integers picks the same positive entries as on the floats and runs ~1.4x
+    faster on a CPU (integer compares, no NaN checks: 1.30 vs 1.85 ms for [1024, 512], k = 8, one thread;
+    4,608 latents, k = 32: 11.4 vs 14.9 ms)."""
+    return pre.view(_BITS_AS_INT[pre.dtype]) if pre.dtype in _BITS_AS_INT else pre
+
+
+def relu_topk(pre: Tensor, k: int) -> Tensor:
+    """Indices [n, k], in no order, of each row's k largest entries of ReLU(pre) [n, d] (TopK's and AuxK's
+    selection, whose values are ReLU'd): pre.topk(k)'s positive entries wherever a row has at least k of
+    them; a row with fewer gets all its positive ones and some of its others (their ReLU is 0 either way)."""
+    return relu_order(pre).topk(k, dim=-1, sorted=False).indices
+
+
+def few_nonzero(mask: Tensor) -> Tensor:
+    """The flat indices [m], ascending, of the True entries of a mostly-False bool `mask`. torch.nonzero
+    costs about 1 ns per entry scanned on a CPU; here it scans the mask as int64 words (8 entries each),
+    then only the words that hold a True (BatchTopK's candidates, ~2% of [1024, 512]: 0.40 vs 0.59 ms)."""
+    flat = mask.reshape(-1)
+    if flat.numel() % 8 or flat.storage_offset() % 8:
+        return flat.nonzero().squeeze(1)
+    words = flat.view(torch.int64).nonzero().squeeze(1)  # [w] the 8-entry blocks holding a True
+    hit = flat.view(-1, 8).index_select(0, words).nonzero()  # [m, 2]: (which of those blocks, offset)
+    return words.index_select(0, hit[:, 0]) * 8 + hit[:, 1]
+
+
 def batch_topk(pre: Tensor, n_select: int, sample_rows: int = 64) -> Pattern:
-    """The `n_select` largest entries of pre [n, d_sae] over the whole batch (BatchTopK, Bussmann et al.
-    2024; the caller ReLUs the values), ties broken arbitrarily. A top-k over all n·d_sae entries is slow
-    on a CPU (~4x a per-row top-k), so a threshold a little below the answer is estimated from the top
-    1.5·n_select/n of `sample_rows` evenly spaced rows; the entries above it (about 1.5·n_select, found by
-    one comparison, in row-major order) hold the exact answer: those at or above their n_select-th largest,
-    kept in that order, so the pattern needs no sort (a tie at that cut is broken by a top-k and sorted).
-    Should the estimate be too high (fewer than n_select entries above it), the full top-k runs instead: the
-    result is exact either way."""
+    """The `n_select` largest entries of ReLU(pre) [n, d_sae] over the whole batch (BatchTopK, Bussmann et
+    al. 2024; the caller ReLUs the values), ties broken arbitrarily, compared as `relu_order`'s integers
+    (so a batch with fewer than n_select positive entries gets all of them and some others, all ReLU'd to
+    0). A top-k over all n·d_sae entries is slow on a CPU (~4x a per-row top-k), so a threshold a little
+    below the answer is estimated from the top 1.5·n_select/n of `sample_rows` evenly spaced rows; the
+    entries above it (about 1.5·n_select, found by one comparison, in row-major order) hold the exact
+    answer: those at or above their n_select-th largest, kept in that order, so the pattern needs no sort (a
+    tie at that cut is broken by a top-k and sorted). Should the estimate be too high (fewer than n_select
+    entries above it), the full top-k runs instead: the result is exact either way."""
     n, d = pre.shape
-    flat = pre.reshape(-1)
+    flat = relu_order(pre).reshape(-1)
     n_select = min(n_select, flat.numel())
-    sample = pre[:: max(1, n // sample_rows)].reshape(-1)
+    sample = flat.view(n, d)[:: max(1, n // sample_rows)].reshape(-1)
     k_sample = min(sample.numel(), int(sample.numel() * n_select / flat.numel() * 1.5) + 16)
     threshold = sample.topk(k_sample, sorted=False).values.min()
-    idx = (flat >= threshold).nonzero().squeeze(1)  # row-major candidates
+    idx = few_nonzero(flat >= threshold)  # row-major candidates
     if len(idx) >= n_select > 0:
         values = flat.index_select(0, idx)
         keep = values >= values.topk(n_select, sorted=False).values.min()  # at least the n_select largest

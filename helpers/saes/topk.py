@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from helpers.saes.base import KSparseSAE
-from helpers.saes.kernels import Pattern
+from helpers.saes.kernels import Pattern, relu_topk
 
 
 class TopKSAE(KSparseSAE):
@@ -48,8 +48,8 @@ class TopKSAE(KSparseSAE):
         return torch.zeros_like(pre).scatter_(-1, top.indices, top.values.relu()), pre
 
     def pick(self, pre: Tensor) -> Pattern:
-        """Each token's k largest pre-activations."""
-        return Pattern.from_indices(pre.topk(self.k, dim=-1, sorted=False).indices, self.d_sae)
+        """Each token's k largest ReLU'd pre-activations (kernels.relu_topk)."""
+        return Pattern.from_indices(relu_topk(pre, self.k), self.d_sae)
 
     def saelens_cfg(self) -> dict:
         # The rows' norms are free and not folded (base.SAE.saelens_state): SAELens must select on the
