@@ -277,6 +277,18 @@ class TrainRunSettings:
         return override_fields(self, overrides, "training run settings")
 
 
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ for the parameters of one device and dtype (an SAE's): the same total
+    2-norm and factor min(1, max_norm / (norm + 1e-6)), bitwise the same gradients, in four calls without
+    torch's grouping by device and dtype (0.07 ms of a ~5 ms step at 64 x 512, one thread). The norm."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    return total
+
+
 class Trainer:
     """The live state of one SAE's training: SAE, Adam, grad scaler, step, input scale, history.
     `train_step` is the one loop body for every architecture; `state_dict` is what a checkpoint holds."""
@@ -288,7 +300,8 @@ class Trainer:
             cfg.architecture, d_in, cfg.expansion * d_in, l0=cfg.l0, seed=cfg.seed, **cfg.sae_options
         )
         self.sae: SAE = sae.to(device)
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, fused=True)
+        self.params = list(self.sae.parameters())
+        self.opt = torch.optim.Adam(self.params, lr=cfg.lr, fused=True)
         self.scaler = torch.amp.GradScaler(device, enabled=use_scaler)
         self.step, self.scale, self.seconds, self.history = 0, 1.0, 0.0, []
 
@@ -328,7 +341,7 @@ class Trainer:
         # unscale the gradients, keep decoder norms fixed (when held), then clip
         self.scaler.unscale_(self.opt)
         sae.project_decoder_grad()  # before clipping, so the clipped step keeps decoder norms
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        clip_grad_norm(self.params, cfg.grad_clip)
         # step the optimizer and the grad scaler (a step with inf/NaN gradients in fp16 is skipped)
         self.scaler.step(self.opt)
         self.scaler.update()
