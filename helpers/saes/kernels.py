@@ -29,10 +29,11 @@ DENSE_ABOVE = {"cpu": 0.12, "cuda": 0.02}
 class Pattern:
     """The (token, latent) pairs a step touches, in CSR order: row-major, latents sorted within a row."""
 
-    def __init__(self, row: Tensor, col: Tensor, n_rows: int, n_cols: int):
+    def __init__(self, row: Tensor, col: Tensor, n_rows: int, n_cols: int, crow: Tensor | None = None):
         self.row, self.col, self.n_rows, self.n_cols = row, col, n_rows, n_cols  # [nnz] each
-        counts = torch.bincount(row, minlength=n_rows)
-        self.crow = F.pad(counts.cumsum(0), (1, 0))  # [n_rows + 1]
+        if crow is None:  # [n_rows + 1]: where each row's pairs start
+            crow = F.pad(torch.bincount(row, minlength=n_rows).cumsum(0), (1, 0))
+        self.crow = crow
         self.is_dense = len(col) > DENSE_ABOVE.get(col.device.type, 0.02) * n_rows * n_cols
         self._transpose: tuple[Tensor, Tensor, Tensor] | None = None
         self._latent_major: tuple[Tensor, Tensor] | None = None
@@ -43,7 +44,8 @@ class Pattern:
         """`idx` [n_rows, k]: the same number of latents per token (TopK, AuxK)."""
         n_rows, k = idx.shape
         row = torch.arange(n_rows, device=idx.device).repeat_interleave(k)
-        return cls(row, idx.sort(dim=-1).values.reshape(-1), n_rows, n_cols)
+        crow = torch.arange(0, n_rows * k + 1, k, device=idx.device)
+        return cls(row, idx.sort(dim=-1).values.reshape(-1), n_rows, n_cols, crow)
 
     @classmethod
     def from_pairs(cls, row: Tensor, col: Tensor, n_rows: int, n_cols: int) -> Pattern:
