@@ -260,14 +260,21 @@ def matched_curve(sae, held: torch.Tensor, device: str, l0s, top, knob, at, key:
     """Held-out explained variance of `sae` at each mean L0 in `l0s`, exactly: `knob` (a parameter of the
     SAE) is set to `at(knob, v)`, with v midway between the round(L0 · n)-th and next of `top` (descending:
     the values v at which each held-out activation starts to fire); `knob` is restored afterwards. Each
-    row records v under `key`."""
+    row records v under `key`. An L0 the knob cannot reach (fewer than round(L0 · n) + 1 activations can
+    fire at any v: a Gated SAE whose magnitude ReLU(π_mag) is 0 for most latents) gets a row of nulls and
+    the reason under "out_of_reach", announced on stderr, and the curve goes on."""
     n, saved = len(held), knob.detach().clone()
     rows = []
     try:
         for l0 in sorted(set(l0s)):
             m = round(l0 * n)
-            if not bool(torch.isfinite(top[m])):
-                raise ValueError(f"fewer than {m + 1} activations can fire: L0 {l0} is out of reach")
+            can_fire = int(torch.isfinite(top).sum())  # top is descending: its finite values come first
+            if m >= can_fire:
+                reason = f"only {can_fire} held-out activations can fire ({can_fire / n:.4g} per token)"
+                print(f"l0_curve: L0 {l0} is out of reach: {reason}; recorded as null", file=sys.stderr)
+                nulls = dict.fromkeys((key, "explained_variance", "l0", "dead_fraction"))
+                rows.append({"l0_target": round(l0, 4), **nulls, "out_of_reach": reason})
+                continue
             v = float((top[m - 1] + top[m]) / 2)
             knob.copy_(at(saved, v))
             r = activation_metrics(sae, held.split(4096), device=device)
@@ -350,7 +357,7 @@ def calibrations(ours: Trainer, batches: list[torch.Tensor], train: torch.Tensor
 
 def matched_l0(t: dict) -> dict:
     """Both SAEs' held-out EV at L0 = k (Gated: ours's target, SAELens's L0 rounded) and at each one's own
-    inference L0, from their `l0_curve`s."""
+    inference L0, from their `l0_curve`s (null where that L0 is out of one's reach: `matched_curve`)."""
     at = lambda who, l0: next(r for r in t[who]["l0_curve"] if r["l0_target"] == round(l0, 4))  # noqa: E731
     points = {"k": t["ours"]["l0_target"], "ours_l0": t["ours"]["l0"], "saelens_l0": t["saelens"]["l0"]}
     return {
@@ -506,8 +513,9 @@ def targets(results: dict) -> dict:
                 t["ours"]["explained_variance_typical"] >= best["explained_variance_typical"]
             )
             checks[f"{arch}_dead_le_saelens"] = t["ours"]["dead_fraction"] <= best["dead_fraction"]
-            for point, ev in t.get("ev_at_matched_l0", {}).items():
-                checks[f"{arch}_ev_ge_saelens_at_{point}"] = ev["ours"] >= ev["saelens"]
+            for point, ev in t.get("ev_at_matched_l0", {}).items():  # null: an L0 out of one's reach
+                both = ev["ours"] is not None and ev["saelens"] is not None
+                checks[f"{arch}_ev_ge_saelens_at_{point}"] = ev["ours"] >= ev["saelens"] if both else None
             if arch in ("jumprelu", "standard", "gated"):
                 checks[f"{arch}_l0_matched_20pct"] = abs(t["ours"]["l0"] / best["l0"] - 1) <= 0.2
     return checks

@@ -134,5 +134,36 @@ def test_gated_curve_hits_each_l0_exactly_on_saelens_gated_and_agrees_with_saele
         assert float((acts > 0).float().sum(1).mean()) == r["l0"]
         ev = 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
         assert float(ev) == pytest.approx(r["explained_variance"], abs=1e-4)
-    with pytest.raises(ValueError, match="out of reach"):
-        gated_l0_curve(ours_view, x, "cpu", [63.0])
+
+
+def test_gated_curve_records_an_l0_out_of_reach_as_null_and_goes_on(tmp_path, capsys):
+    """A Gated SAE whose magnitudes are positive for few latents cannot reach a high L0 by lowering its
+    gate biases (SAELens's Gated at 400 steps of bench/sae_train.py, L0 40): that point is null with the
+    reason, the reachable points are still measured, and b_gate is restored."""
+    from bench.sae_train import gated_l0_curve, matched_l0, targets
+
+    torch.manual_seed(0)
+    sae = saelens_setup.training_sae("gated", 16, 64, 4.0, l1=1.0)
+    with torch.no_grad():  # only 8 of 64 latents have a magnitude that can be positive
+        sae.b_mag.fill_(-1e3)
+        sae.b_mag[:8] = 1e3
+    sae.save_inference_model(tmp_path)
+    ours_view = load_sae(tmp_path).sae
+    b_gate = ours_view.b_gate.detach().clone()
+    x = torch.randn(256, 16)
+    rows = gated_l0_curve(ours_view, x, "cpu", [4.0, 20.0])
+    assert rows[0]["l0"] == 4.0 and rows[0]["explained_variance"] is not None
+    far = rows[1]
+    assert far["l0_target"] == 20.0 and far["l0"] is None and far["explained_variance"] is None
+    assert far["gate_offset"] is None and "2048 held-out activations can fire" in far["out_of_reach"]
+    assert "L0 20.0 is out of reach" in capsys.readouterr().err
+    assert torch.equal(ours_view.b_gate, b_gate), "b_gate restored"
+    # the comparison and the targets carry the null on instead of failing on it
+    mine = {"l0_target": 4, "l0": 20.0, "explained_variance": 0.9, "dead_fraction": 0.0}
+    t = {"ours": {**mine, "l0_curve": rows}, "saelens": {**mine, "l0": 4.0, "l0_curve": rows}}
+    ev = matched_l0(t)
+    assert ev["k"]["ours"] == rows[0]["explained_variance"] and ev["ours_l0"]["saelens"] is None
+    t |= {"ev_at_matched_l0": ev, "speedup_load_corrected": 3.0}
+    t["ours"]["explained_variance_typical"] = t["saelens"]["explained_variance_typical"] = 0.5
+    checks = targets({"gated": t})
+    assert checks["gated_ev_ge_saelens_at_k"] is True and checks["gated_ev_ge_saelens_at_ours_l0"] is None
