@@ -10,9 +10,9 @@ from `--reference` (a JSON of `bench/sae_train.py --archs gated`). Screening onl
 is then checked against SAELens trained in the same run by `bench/sae_train.py`.
 
 A variant is `name` or `name:key=value,key=value`. Keys: `lr`, `input_norm` (unit, sqrt_d_in),
-`sparsity_coef`, `coef_rate`, `frozen_gate_decoder` (0/1) (the constructor's), and the class settings
-`decoder_norm`, `free_decoder`, `encoder_init_scale`, and PenaltySAE's controller settings
-`coef_trend_horizon` (steps, or `none`), `coef_lead_steps` and `COEF_FAR`, set for that variant only.
+`sparsity_coef`, `coef_rate`, `coef_lead_steps`, `frozen_gate_decoder` (0/1) (the constructor's), and the
+class settings `decoder_norm`, `free_decoder`, `encoder_init_scale`, and PenaltySAE's controller settings
+`coef_trend_horizon` (steps, or `none`) and `COEF_FAR`, set for that variant only.
 `base` is our default.
 """
 
@@ -39,10 +39,14 @@ CLASS_SETTINGS = {
     "free_decoder": lambda v: bool(int(v)),
     "encoder_init_scale": float,
     "coef_trend_horizon": lambda v: None if v.lower() == "none" else float(v),
-    "coef_lead_steps": float,
     "COEF_FAR": float,
 }
-OPTIONS = {"sparsity_coef": float, "coef_rate": float, "frozen_gate_decoder": lambda v: bool(int(v))}
+OPTIONS = {
+    "sparsity_coef": float,
+    "coef_rate": float,
+    "coef_lead_steps": float,
+    "frozen_gate_decoder": lambda v: bool(int(v)),
+}
 CONFIG = {"lr": float, "input_norm": str}
 
 

@@ -312,17 +312,29 @@ class PenaltySAE(SAE):
 
     COEF_FAR: ClassVar[float] = 2.0
     L0_SMOOTHING: ClassVar[float] = 0.1
-    coef_lead_steps: float = 0.0
-    """With the trend hold: within `COEF_FAR` of the target, integrate instead the error of this step's L0
-    projected this many steps ahead along the smoothed trend (a derivative term: λ comes down before a falling
-    L0 overshoots its target, rather than after); 0 for the plain hold."""
+    COEF_LEAD_UNSTORED: ClassVar[float] = 0.0
+    """`coef_lead_steps` of a checkpoint that does not store it: one saved before the lead was stored, whose
+    SAE trained without a lead (the standard SAE before its low start; Gated overrides it)."""
 
     def __init__(
-        self, d_in: int, d_sae: int, *, l0: float, sparsity_coef: float, coef_rate: float, seed: int = 0
+        self,
+        d_in: int,
+        d_sae: int,
+        *,
+        l0: float,
+        sparsity_coef: float,
+        coef_rate: float,
+        coef_lead_steps: float = 0.0,
+        seed: int = 0,
     ):
+        """`coef_lead_steps`: with the trend hold, within `COEF_FAR` of the target, integrate instead the
+        error of this step's L0 projected this many steps ahead along the smoothed trend (a derivative term:
+        λ comes down before a falling L0 overshoots its target, rather than after); 0 for the plain hold. A
+        buffer, so a checkpoint resumes with the lead it trained with whatever a later default is."""
         super().__init__(d_in, d_sae, l0=l0, seed=seed)
         self.coef_rate = coef_rate
         self.register_buffer("sparsity_coef", torch.tensor(sparsity_coef, dtype=torch.float32))
+        self.register_buffer("coef_lead_steps", torch.tensor(float(coef_lead_steps), dtype=torch.float32))
         self.register_buffer("log_l0_average", torch.tensor(math.inf))
         # training steps taken, for the schedules that read it (JumpReLU's θ rate, the standard SAE's λ
         # warm-up); a buffer, so a resumed run goes on where it stopped
@@ -330,7 +342,9 @@ class PenaltySAE(SAE):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a checkpoint from before log_l0_average existed: the average starts afresh; one from before
-        # steps_trained existed counts its steps from the resumption
+        # steps_trained existed counts its steps from the resumption; one from before coef_lead_steps was
+        # stored goes on with the lead it trained with (COEF_LEAD_UNSTORED), not with today's default
+        state_dict.setdefault(prefix + "coef_lead_steps", torch.tensor(self.COEF_LEAD_UNSTORED))
         state_dict.setdefault(prefix + "log_l0_average", torch.tensor(math.inf))
         state_dict.setdefault(prefix + "steps_trained", torch.tensor(0, dtype=torch.int64))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -351,7 +365,7 @@ class PenaltySAE(SAE):
             if self.approaching(l0) and (math.isinf(before) or not self.leading()):
                 return
             if self.leading():  # this step's L0 projected along the smoothed trend
-                l0 *= math.exp(self.coef_lead_steps * (float(self.log_l0_average) - before))
+                l0 *= math.exp(float(self.coef_lead_steps) * (float(self.log_l0_average) - before))
         adapt_coefficient(
             self.sparsity_coef, l0, self.target_l0, self.coef_rate, hold_beyond=self.coef_hold_beyond
         )
@@ -360,7 +374,7 @@ class PenaltySAE(SAE):
         """Whether the derivative term acts now (`coef_lead_steps`, within `COEF_FAR` of the target)."""
         average = float(self.log_l0_average)
         near = abs(average - math.log(self.target_l0)) <= math.log(self.COEF_FAR)
-        return bool(self.coef_lead_steps) and near and not math.isinf(average)
+        return bool(float(self.coef_lead_steps)) and near and not math.isinf(average)
 
     def approaching(self, l0: float) -> bool:
         """Update `log_l0_average` with this step's L0; whether λ should be held (`coef_trend_horizon`)."""

@@ -47,9 +47,9 @@ class GatedSAE(PenaltySAE):
     latent_biases = ("b_gate", "b_mag")
     saelens_tensors = ("W_enc", "W_dec", "b_dec", "b_gate", "b_mag", "r_mag")
     encoder_init_scale = 0.1  # SAE.encoder_init_scale (see the module docstring)
-    coef_trend_horizon = 50.0  # PenaltySAE's trend hold, lead term and reach (the module docstring)
-    coef_lead_steps = 40.0
+    coef_trend_horizon = 50.0  # PenaltySAE's trend hold and reach (the module docstring)
     COEF_FAR = 4.0
+    COEF_LEAD_UNSTORED = 40.0  # its lead since the trend hold (40e9d92); a checkpoint older still resumes with it
 
     def __init__(
         self,
@@ -59,14 +59,24 @@ class GatedSAE(PenaltySAE):
         l0: int = 32,
         sparsity_coef: float = 0.1,
         coef_rate: float = 0.02,
+        coef_lead_steps: float = 40.0,
         frozen_gate_decoder: bool = False,
         seed: int = 0,
     ):
         """`l0`: target L0; `sparsity_coef`: initial L1 coefficient λ; `coef_rate`: how fast log λ
-        follows the L0 error per step (0 keeps λ fixed); `frozen_gate_decoder`: whether the gate's
+        follows the L0 error per step (0 keeps λ fixed); `coef_lead_steps`: the controller's lead term
+        (PenaltySAE's; the module docstring); `frozen_gate_decoder`: whether the gate's
         reconstruction term decodes through a frozen copy of W_dec and b_dec (the paper's form) or through
         the trainable decoder (SAELens's, the default)."""
-        super().__init__(d_in, d_sae, l0=l0, sparsity_coef=sparsity_coef, coef_rate=coef_rate, seed=seed)
+        super().__init__(
+            d_in,
+            d_sae,
+            l0=l0,
+            sparsity_coef=sparsity_coef,
+            coef_rate=coef_rate,
+            coef_lead_steps=coef_lead_steps,
+            seed=seed,
+        )
         self.frozen_gate_decoder = frozen_gate_decoder
         self.b_gate = nn.Parameter(torch.zeros(d_sae))
         self.b_mag = nn.Parameter(torch.zeros(d_sae))

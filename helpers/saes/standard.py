@@ -88,8 +88,9 @@ class StandardSAE(PenaltySAE):
         every latent starts firing on the same share of the sample's tokens (as JumpReLU's θ; the default),
         instead of one common offset; `coef_warmup_steps` W: the loss weighs the penalty by
         λ · min(1, (t + 1) / W) at step t (SAELens's `l1_warm_up_steps`), 0 for none; `coef_lead_steps`:
-        the controller's derivative term (PenaltySAE.coef_lead_steps), None for `LOW_START_LEAD` (40) with
-        the low start and 0 without. The old default start: init_l0_mult=None (λ 5, no lead)."""
+        the controller's derivative term (PenaltySAE's, a buffer that checkpoints keep), None for
+        `LOW_START_LEAD` (40) with the low start and 0 without. The old default start: init_l0_mult=None
+        (λ 5, no lead)."""
         if init_l0_mult is not None and not init_l0_mult > 0:
             raise ValueError(
                 f"init_l0_mult must be > 0 (the initial L0 as a multiple of the target l0), or None for "
@@ -103,10 +104,18 @@ class StandardSAE(PenaltySAE):
             sparsity_coef = self.LOW_START_COEF if self.low_start else self.DENSE_START_COEF
         if coef_lead_steps is None:
             coef_lead_steps = self.LOW_START_LEAD if self.low_start else 0.0
-        super().__init__(d_in, d_sae, l0=l0, sparsity_coef=sparsity_coef, coef_rate=coef_rate, seed=seed)
+        super().__init__(
+            d_in,
+            d_sae,
+            l0=l0,
+            sparsity_coef=sparsity_coef,
+            coef_rate=coef_rate,
+            coef_lead_steps=coef_lead_steps,
+            seed=seed,
+        )
         if coef_warmup_steps < 0:
             raise ValueError(f"coef_warmup_steps must be >= 0 (0: no warm-up), got {coef_warmup_steps}")
-        self.coef_warmup_steps, self.coef_lead_steps = int(coef_warmup_steps), float(coef_lead_steps)
+        self.coef_warmup_steps = int(coef_warmup_steps)
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self._pre_buffer: Tensor | None = None  # _pre_activations' reused output (not state)
 
