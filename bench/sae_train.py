@@ -44,7 +44,7 @@ figure mostly says how well those few are rebuilt). `--ours-input-norm`, `--ours
 change ours only (ablations). BatchTopK's inference θ is set apart from training (ours: calibrated after
 training on the first batches of the training stream, as `train_sae` does; SAELens's: its running mean), so
 the two land at different L0s; `l0_curve` then also measures each at the same L0s (k, each one's own, a few
-more) by scaling its threshold, `ev_at_matched_l0` sets them side by side, and `calibrations_of_ours` says
+more) by scaling its threshold (Gated and standard: lowering every gate bias or b_enc by one offset), `ev_at_matched_l0` sets them side by side, and `calibrations_of_ours` says
 what each pool for our θ gives on held-out tokens. `--expansion` sets the width (d_sae = expansion × d_in).
 SAELens's SAE is saved with its own `save_inference_model` and read back with `helpers.saes.io.load_sae`.
 """
@@ -328,6 +328,32 @@ def gated_l0_curve(sae, held: torch.Tensor, device: str, l0s) -> list[dict]:
 
 
 @torch.no_grad()
+def pre_top(sae, held: torch.Tensor, device: str, want: int) -> torch.Tensor:
+    """The `want` largest pre-activations (x - b_dec) W_enc + b_enc of a standard SAE over every held-out
+    token and latent, descending; a running top-`want`, as `ratio_top`."""
+    top = torch.empty(0, device=device)
+    for x in held.split(4096):
+        pre = sae.encode(x.to(device))[1].flatten()
+        top = torch.cat([top, pre.topk(min(want, len(pre)), sorted=False).values])
+        top = top.topk(min(want, len(top)), sorted=False).values
+    return top.sort(descending=True).values
+
+
+@torch.no_grad()
+def standard_l0_curve(sae, held: torch.Tensor, device: str, l0s) -> list[dict]:
+    """`l0_curve` for a standard SAE, f = ReLU(pre): every b_enc_j lowered by one common offset c, so that
+    exactly round(L0 · n) of the held-out tokens' pre-activations are above it (c midway between two
+    consecutive sorted pre-activations of `pre_top`), the active ones each smaller by c. Ours in training
+    units, SAELens's as its saved SAE (read back by our loader) has it; b_enc is restored afterwards."""
+    top = pre_top(sae, held, device, round(max(l0s) * len(held)) + 1)
+    return matched_curve(sae, held, device, l0s, top, sae.b_enc, lambda b, c: b - c, "bias_offset")
+
+
+BIAS_CURVES = {"gated": gated_l0_curve, "standard": standard_l0_curve}
+"""The penalty architectures measured at matched L0s by lowering an encoder bias (no threshold to scale)."""
+
+
+@torch.no_grad()
 def calibrations(ours: Trainer, batches: list[torch.Tensor], train: torch.Tensor, held, device) -> dict:
     """Our BatchTopK's θ from each candidate pool, and the held-out L0 and explained variance it gives:
     the running mean at the end of training; the first `init_tokens` tokens in store order (the first
@@ -356,7 +382,7 @@ def calibrations(ours: Trainer, batches: list[torch.Tensor], train: torch.Tensor
 
 
 def matched_l0(t: dict) -> dict:
-    """Both SAEs' held-out EV at L0 = k (Gated: ours's target, SAELens's L0 rounded) and at each one's own
+    """Both SAEs' held-out EV at L0 = k (Gated, standard: ours's target, SAELens's L0 rounded) and at each one's own
     inference L0, from their `l0_curve`s (null where that L0 is out of one's reach: `matched_curve`)."""
     at = lambda who, l0: next(r for r in t[who]["l0_curve"] if r["l0_target"] == round(l0, 4))  # noqa: E731
     points = {"k": t["ours"]["l0_target"], "ours_l0": t["ours"]["l0"], "saelens_l0": t["saelens"]["l0"]}
@@ -476,10 +502,10 @@ def compare(arch: str, train: torch.Tensor, held: torch.Tensor, args, tmp: Path)
             seconds["saelens"] * rate["saelens"] / (seconds["ours"] * rate["ours"]), 2
         ),
     }
-    if arch in THRESHOLDED or arch == "gated":  # both at the same mean L0s on held-out tokens (l0_curve)
+    if arch in (*THRESHOLDED, *BIAS_CURVES):  # both at the same mean L0s on held-out tokens (l0_curve)
         if arch in THRESHOLDED:
             out["calibrations_of_ours"] = studied
-        curve = gated_l0_curve if arch == "gated" else l0_curve
+        curve = BIAS_CURVES.get(arch, l0_curve)
         l0s = {ours_cfg.l0, out["ours"]["l0"], out["saelens"]["l0"], *CURVE_L0S}
         out["ours"]["l0_curve"] = curve(ours.sae, held * scale, device, l0s)
         out["saelens"]["l0_curve"] = curve(lens_sae, held * lens_scale, device, l0s)

@@ -167,3 +167,33 @@ def test_gated_curve_records_an_l0_out_of_reach_as_null_and_goes_on(tmp_path, ca
     t["ours"]["explained_variance_typical"] = t["saelens"]["explained_variance_typical"] = 0.5
     checks = targets({"gated": t})
     assert checks["gated_ev_ge_saelens_at_k"] is True and checks["gated_ev_ge_saelens_at_ours_l0"] is None
+
+
+def test_standard_curve_hits_each_l0_exactly_on_saelens_standard_and_agrees_with_saelens_own_sae(tmp_path):
+    """`standard_l0_curve` on SAELens's standard SAE (saved by it, read back by our loader): every b_enc
+    lowered by one offset fires exactly the asked L0, SAELens's own SAE at that offset rebuilds the same,
+    and b_enc is restored."""
+    import sae_lens
+
+    from bench.sae_train import standard_l0_curve
+
+    torch.manual_seed(0)
+    sae = saelens_setup.training_sae("standard", 16, 64, 4.0, l1=1.0)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.5)
+        sae.W_dec.mul_(torch.rand(64, 1) + 0.5)
+    sae.save_inference_model(tmp_path)
+    ours_view, theirs = load_sae(tmp_path).sae, sae_lens.SAE.load_from_disk(str(tmp_path), device="cpu")
+    x = torch.randn(512, 16) * 2 + 0.5
+    b_enc = ours_view.b_enc.detach().clone()
+    rows = standard_l0_curve(ours_view, x, "cpu", [2.0, 4.0, 6.5])
+    assert [r["l0"] for r in rows] == [2.0, 4.0, 6.5]
+    assert torch.equal(ours_view.b_enc, b_enc), "b_enc restored"
+    for r in rows:
+        with torch.no_grad():
+            theirs.b_enc.copy_(b_enc - r["bias_offset"])
+            acts = theirs.encode(x)
+            x_hat = theirs.decode(acts)
+        assert float((acts > 0).float().sum(1).mean()) == r["l0"]
+        ev = 1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        assert float(ev) == pytest.approx(r["explained_variance"], abs=1e-4)
