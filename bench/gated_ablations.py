@@ -95,10 +95,8 @@ def run_variant(spec: str, train, held, args) -> dict:
                 l0s.append((step, round(out.l0, 1), round(float(run.sae.sparsity_coef), 4)))
         seconds = time.perf_counter() - t0
         result = metrics(run.sae, held * run.scale, "cpu")
-        try:
-            curve = gated_l0_curve(run.sae, held * run.scale, "cpu", args.curve_l0s)
-        except ValueError as e:  # a collapsed SAE: too few activations can fire for the lowest L0
-            curve = [{"l0_target": "error", "explained_variance": str(e), "dead_fraction": None}]
+        # an L0 out of reach (a collapsed SAE: too few activations can fire) is a row of nulls and the reason
+        curve = gated_l0_curve(run.sae, held * run.scale, "cpu", args.curve_l0s)
     finally:
         for k, v in saved.items():
             setattr(GatedSAE, k, v)
