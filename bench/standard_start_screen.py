@@ -11,7 +11,9 @@ config: held-out explained variance, L0 and dead fraction (bench/sae_train.py's 
 dense (L0 above `kernels.DENSE_ABOVE` of d_sae, the steps that cost the speed), the thread's CPU seconds
 (init and steps; of them the init's), the steps' seconds modelled from their L0 (`modelled_step_s`: CPU
 time under load is noisy), λ at the end, and every `--trace` steps the batch L0, λ and how many latents
-had not fired within the trainer's dead window (`TrainConfig.dead_after`).
+had not fired within the trainer's dead window (`TrainConfig.dead_after`); with `--curve-l0s`, the held-out
+explained variance at those L0s (bench/sae_train.py's `standard_l0_curve`: b_enc lowered by one offset), so
+configs that land at different L0s compare at the same ones.
 Candidates then go to bench/sae_train.py (`--ours-sae-option`) against SAELens.
 """
 
@@ -28,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.sae_train import build_data, load_split, metrics, our_run, stream  # noqa: E402
+from bench.sae_train import build_data, load_split, metrics, our_run, standard_l0_curve, stream  # noqa: E402
 from helpers.saes import kernels  # noqa: E402
 from helpers.saes.train import TrainConfig  # noqa: E402
 
@@ -69,6 +71,7 @@ def main() -> None:
     p.add_argument("--configs", default="default:", help="name:option=value,...;name:... (see above)")
     p.add_argument("--trace", type=int, default=10, help="steps between the recorded batch L0s")
     p.add_argument("--out", default=None, help="also write the JSON here after each config")
+    p.add_argument("--curve-l0s", default="", help="comma-separated held-out L0s to measure each config at")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -117,6 +120,10 @@ def main() -> None:
             "final_coef": round(float(run.sae.sparsity_coef), 3),
             "trace_step_l0_coef": trace,
         }
+        if args.curve_l0s:
+            l0s = [float(v) for v in args.curve_l0s.split(",")]
+            curve = standard_l0_curve(run.sae, held * run.scale, "cpu", l0s)
+            row["l0_curve"] = {str(r["l0_target"]): r["explained_variance"] for r in curve}
         result["runs"][name] = row
         keys = ("explained_variance", "l0", "dead_fraction", "dense_steps", "cpu_s", "modelled_step_s")
         summary = {k: row[k] for k in keys}
