@@ -44,8 +44,9 @@ figure mostly says how well those few are rebuilt). `--ours-input-norm`, `--ours
 change ours only (ablations). BatchTopK's inference θ is set apart from training (ours: calibrated after
 training on the first batches of the training stream, as `train_sae` does; SAELens's: its running mean), so
 the two land at different L0s; `l0_curve` then also measures each at the same L0s (k, each one's own, a few
-more) by scaling its threshold (Gated and standard: lowering every gate bias or b_enc by one offset), `ev_at_matched_l0` sets them side by side, and `calibrations_of_ours` says
-what each pool for our θ gives on held-out tokens. `--expansion` sets the width (d_sae = expansion × d_in).
+more) by scaling its threshold (Gated and standard: lowering every gate bias or b_enc by one offset),
+`ev_at_matched_l0` sets them side by side, and `calibrations_of_ours` says what each pool for our θ gives on
+held-out tokens. `--expansion` sets the width (d_sae = expansion × d_in).
 SAELens's SAE is saved with its own `save_inference_model` and read back with `helpers.saes.io.load_sae`.
 """
 
@@ -382,8 +383,9 @@ def calibrations(ours: Trainer, batches: list[torch.Tensor], train: torch.Tensor
 
 
 def matched_l0(t: dict) -> dict:
-    """Both SAEs' held-out EV at L0 = k (Gated, standard: ours's target, SAELens's L0 rounded) and at each one's own
-    inference L0, from their `l0_curve`s (null where that L0 is out of one's reach: `matched_curve`)."""
+    """Both SAEs' held-out EV at L0 = k (Gated, standard: ours's target, SAELens's L0 rounded) and at each
+    one's own inference L0, from their `l0_curve`s (null where that L0 is out of one's reach:
+    `matched_curve`)."""
     at = lambda who, l0: next(r for r in t[who]["l0_curve"] if r["l0_target"] == round(l0, 4))  # noqa: E731
     points = {"k": t["ours"]["l0_target"], "ours_l0": t["ours"]["l0"], "saelens_l0": t["saelens"]["l0"]}
     return {

@@ -49,7 +49,7 @@ class GatedSAE(PenaltySAE):
     encoder_init_scale = 0.1  # SAE.encoder_init_scale (see the module docstring)
     coef_trend_horizon = 50.0  # PenaltySAE's trend hold and reach (the module docstring)
     COEF_FAR = 4.0
-    COEF_LEAD_UNSTORED = 40.0  # its lead since the trend hold (40e9d92); a checkpoint older still resumes with it
+    COEF_LEAD_UNSTORED = 40.0  # its lead since the trend hold (40e9d92); an older checkpoint resumes with it
 
     def __init__(
         self,

@@ -35,6 +35,7 @@ def test_near_the_target_lambda_moves_at_the_gain_times_the_rate_unless_a_crossi
     """While the lead acts (within COEF_FAR of the target) and the L0 and its projection are above the target,
     each step moves log λ by gain · rate · error; with the projection below the target (the L0 falling fast
     onto it), or far from the target, by rate · error whatever the gain."""
+
     def move(gain: float, l0s) -> float:
         sae = StandardSAE(8, 512, l0=8, coef_near_gain=gain)
         lambdas_after(sae, l0s[:-1])
