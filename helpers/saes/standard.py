@@ -24,7 +24,10 @@ products instead of autograd's six; the same gradients within float rounding: te
 Near the target, once the L0 has nothing but the target's far side ahead, λ moves at `coef_near_gain` 4
 times its rate (PenaltySAE): under a fixed λ the L0 keeps falling through training, and at the plain rate
 it ended 13% under its target at 400 steps (L0 14.8 of 17) and 7% at 150 (48.2 of 52); with the gain 0.2%
-and 1.9% under, dead 0.65% / 0.15% as before (bench/results/standard_controller_screen_cpu.json).
+and 1.9% under, dead 0.65% / 0.15% as before (bench/results/standard_controller_screen_cpu.json), and at
+the same held-out L0s a higher EV (0.8937 vs 0.8876 at 17: standard_controller_matched_l0_cpu.json). Beside
+SAELens (bench/sae_train.py): EV at matched L0 0.8937 vs 0.8493 at 17 (400 steps), 0.8120 vs 0.7380 at 52
+(150 steps).
 
 With b_enc at 0 the L0 starts near d_sae / 2, so the first ~30 of a short run's steps are dense. By default
 the SAE starts lower (`low_start`): each b_enc_j is lowered by its own quantile of the trainer's init sample
