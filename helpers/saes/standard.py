@@ -181,25 +181,23 @@ class StandardSAE(PenaltySAE):
     def losses(self, x: Tensor, dead: Tensor) -> StepOutput:
         norms = row_norms(self.W_dec)  # [d_sae], differentiable: the penalty pulls on the rows' norms too
         with torch.no_grad():  # the only dense matmul of the sparse path, once; both paths read it detached
-            pre = self._pre_activations(x)  # [n, d_sae]
-            active = pre > 0
-            # count_nonzero: a bool tensor's sum() first copies it to int64 (~30 ms at 1024 x 4608 on a CPU)
-            dense = int(torch.count_nonzero(active)) > DENSE_ABOVE.get(x.device.type, 0.02) * active.numel()
+            # ReLU in place: the sparse path reads only the active pairs, where pre = ReLU(pre)
+            acts = self._pre_activations(x).relu_()  # [n, d_sae]
+            active = acts.bool()  # a float -> bool cast: ~7x faster than `pre > 0` on a CPU
+            fired = active.sum(0, dtype=torch.int32)  # [d_sae]; int32 sums: ~3x faster than via int64
+            dense = int(fired.sum()) > DENSE_ABOVE.get(x.device.type, 0.02) * active.numel()
         if dense:  # early in training half the latents fire: dense maths beats building a Pattern
-            acts = pre.relu_()  # in place: `active` already holds the signs
             mse, l1, x_hat = _DenseStep.apply(
                 x, self.b_dec, self.W_enc_T, self.b_enc, self.W_dec, norms, acts
             )
-            fired = active.sum(0, dtype=torch.int32).long()  # int32 sums: ~5x faster than via int64
         else:
             p = Pattern.from_mask(active)
-            acts = gather_pre(x, self.b_dec, self.W_enc_T, self.b_enc, pre, p)  # [nnz], all > 0
+            acts = gather_pre(x, self.b_dec, self.W_enc_T, self.b_enc, acts, p)  # [nnz], all > 0
             x_hat = sparse_decode(acts, self.W_dec, p) + self.b_dec
             l1 = (acts * norms.index_select(0, p.col)).sum() / len(x)
-            fired = torch.bincount(p.col, minlength=self.d_sae)
             mse = recon_loss(x_hat, x)
         terms = {"mse": mse.detach(), "l1": l1.detach()}
-        return StepOutput(mse + self.penalty_coef() * l1, terms, x_hat.detach(), fired)
+        return StepOutput(mse + self.penalty_coef() * l1, terms, x_hat.detach(), fired.long())
 
 
 class _DenseStep(torch.autograd.Function):
@@ -234,10 +232,13 @@ class _DenseStep(torch.autograd.Function):
         acts = acts.to(d_acts.dtype)  # a no-op unless forward ran under autocast and backward outside it
         # ReLU's gradient, 0 where f = 0, in place (an elementwise op may write over its input)
         d_pre = torch.ops.aten.threshold_backward.grad_input(d_acts, acts, 0, grad_input=d_acts)
-        d_W_enc_T = d_pre.t() @ (x - b_dec)
+        # The weight gradients [d_sae, d_in] as the transpose of (data^T @ [n, d_sae] operand): MKL's product
+        # is ~20% faster that way round than d_pre^T @ (x - b_dec) on a CPU; autograd copies each into the
+        # parameter's contiguous layout (128 KB at 512 x 64)
+        d_W_enc_T = ((x - b_dec).t() @ d_pre).t()
         d_b_enc = d_pre.sum(0, dtype=torch.float32)
         with torch.autocast(x.device.type, enabled=False):  # a column sum's scale overflows float16
             d_b_dec = d_x_hat.sum(0) - d_b_enc @ W_enc_T.float()
-        d_W_dec = acts.t() @ d_x_hat
+        d_W_dec = (d_x_hat.t() @ acts).t()
         w = ctx.param_dtype
         return None, d_b_dec.to(w), d_W_enc_T.to(w), d_b_enc.to(w), d_W_dec.to(w), sums * (g_l1 / n), None
