@@ -166,13 +166,11 @@ class _DenseStep(torch.autograd.Function):
         d_gate = torch.ops.aten.threshold_backward.grad_input(d_gate, gate, 0, grad_input=d_gate)
         d_b_mag, d_b_gate = d_mag.sum(0), d_gate.sum(0)  # [d_sae]
         d_z = d_gate.addcmul_(d_mag, scale)  # [n, d_sae]: z feeds π_gate and, scaled, π_mag (in place)
-        # the weight gradients as transposes of data^T @ [n, d_sae] operand: ~20% faster that way round with
-        # MKL on a CPU; autograd copies each into the parameter's layout
-        d_W_enc_T = ((x - b_dec).t() @ d_z).t()
+        d_W_enc_T = d_z.t() @ (x - b_dec)
         d_r_mag = d_mag.mul_(z).sum(0) * scale  # d exp(r_mag) = exp(r_mag)
-        d_W_dec_T = d_x_hat.t() @ f  # [d_in, d_sae]
+        d_W_dec = f.t() @ d_x_hat
         if not ctx.frozen:  # the gate's reconstruction trains the decoder too
-            d_W_dec_T = torch.addmm(d_W_dec_T, d_x_gate.t(), gate)  # not addmm_: autocast skips in-place ops
+            d_W_dec = torch.addmm(d_W_dec, gate.t(), d_x_gate)  # not addmm_: autocast skips in-place ops
         with torch.autocast(x.device.type, enabled=False):  # a column sum's scale overflows float16
             # b_dec: through x_hat (and x_gate unless frozen), and through the encoder's input x - b_dec,
             # whose gradient's column sums are those of d_z = d_b_gate + scale ⊙ d_b_mag
@@ -180,5 +178,5 @@ class _DenseStep(torch.autograd.Function):
             if not ctx.frozen:
                 d_b_dec = d_b_dec + d_x_gate.sum(0)
         w = ctx.param_dtype
-        grads = (d_b_dec, d_W_enc_T, d_b_gate, d_b_mag, d_r_mag, d_W_dec_T.t())
+        grads = (d_b_dec, d_W_enc_T, d_b_gate, d_b_mag, d_r_mag, d_W_dec)
         return None, *(g.to(w) for g in grads), None, None, None

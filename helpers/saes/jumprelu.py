@@ -52,7 +52,7 @@ against unit rows held and ε = 0.001, better ground-truth recovery at the same 
 (README, Measured).
 
 The step is sparse apart from the encoder's forward matmul (a `Pattern` of the active pairs and the lower
-half of the STE window); above kernels.DENSE_ABOVE of the pairs active (early in training) it is dense maths
+half of the STE window); above kernels.DENSE_ABOVE of those pairs (early in training) it is dense maths
 with its backward written out instead (`_DenseStep`: the same gradients within float rounding,
 tests/saes/test_jumprelu_step.py).
 
@@ -144,13 +144,11 @@ class _DenseStep(torch.autograd.Function):
         d_threshold = in_window.sum(0) * (-1.0 / ctx.eps)
         # to pre: H(pre - θ), i.e. 0 where acts = 0 (θ >= 0: an active pair's act is > 0), in place
         d_pre = torch.ops.aten.threshold_backward.grad_input(d_acts, acts, 0, grad_input=d_acts)
-        # the weight gradients as transposes of data^T @ [n, d_sae] operand: ~20% faster that way round with
-        # MKL on a CPU; autograd copies each into the parameter's layout
-        d_W_enc_T = ((x - b_dec).t() @ d_pre).t()
+        d_W_enc_T = d_pre.t() @ (x - b_dec)
         d_b_enc = d_pre.sum(0, dtype=torch.float32)
         with torch.autocast(x.device.type, enabled=False):  # a column sum's scale overflows float16
             d_b_dec = d_x_hat.sum(0) - d_b_enc @ W_enc_T.float()
-        d_W_dec = (d_x_hat.t() @ acts).t()
+        d_W_dec = acts.t() @ d_x_hat
         w = ctx.param_dtype
         grads = (d_b_dec, d_W_enc_T, d_b_enc, d_W_dec)
         return None, *(g.to(w) for g in grads), d_threshold.to(threshold.dtype), None, None, None, None
@@ -259,17 +257,19 @@ class JumpReLUSAE(PenaltySAE):
         eps = self.bandwidth
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)  # [n, d_sae]: the only dense matmul
-            gap = pre - self.threshold  # [n, d_sae]
-            # acts = pre · H(pre - θ), 0 where gap <= 0, and whether each pair fires: one pass each (a cast
-            # to bool is ~7x faster than a comparison on a CPU)
-            acts = torch.ops.aten.threshold_backward(pre, gap, 0)  # float32
-            active = acts.bool()  # θ >= 0 (after_step), so an active pair's act is > 0
-            fired = active.sum(0, dtype=torch.int32)  # [d_sae]
-            dense = int(fired.sum()) > DENSE_ABOVE.get(x.device.type, 0.02) * active.numel()
+            # Active pairs plus those in the lower half of the STE window (the upper half is active).
+            mask = pre > self.threshold - eps / 2
+            dense = int(torch.count_nonzero(mask)) > DENSE_ABOVE.get(x.device.type, 0.02) * mask.numel()
         self.threshold_before_step.copy_(self.threshold.detach())
         if dense:  # early in training many latents fire: dense maths beats building a Pattern
-            with torch.no_grad():  # STE window K = 1 where 0.5 - |pre - θ| / ε > 0, in place over gap
-                window = gap.div_(eps).abs_().neg_().add_(0.5)
+            with torch.no_grad():
+                gap = pre - self.threshold  # [n, d_sae]
+                # acts = pre · H(pre - θ), 0 where gap <= 0 (one pass), and whether each pair fires (a cast
+                # to bool: ~7x faster than a comparison on a CPU; θ >= 0, so an active pair's act is > 0)
+                acts = torch.ops.aten.threshold_backward(pre, gap, 0)  # float32
+                active = acts.bool()
+                fired = active.sum(0, dtype=torch.int32).long()  # [d_sae]
+                window = gap.div_(eps).abs_().neg_().add_(0.5)  # STE window K = 1 where > 0, in place
             mse, l0, x_hat = _DenseStep.apply(
                 x, self.b_dec, self.W_enc_T, self.b_enc, self.W_dec, self.threshold, acts, active, window, eps
             )
@@ -278,8 +278,7 @@ class JumpReLUSAE(PenaltySAE):
             else:  # on each token's L0
                 error = (l0 - self.target_l0).pow(2).mean()
         else:
-            with torch.no_grad():  # active pairs plus those in the lower half of the STE window (the upper
-                p = Pattern.from_mask(pre > self.threshold - eps / 2)  # half is active)
+            p = Pattern.from_mask(mask)
             z = gather_pre(x, self.b_dec, self.W_enc_T, self.b_enc, pre, p)  # [nnz]
             theta = self.threshold.index_select(0, p.col)  # backward: index_add_, deterministic on CPU
             acts = _JumpReLU.apply(z, theta, eps)
@@ -290,12 +289,13 @@ class JumpReLUSAE(PenaltySAE):
                 error = (step.sum() / len(x) - self.target_l0).pow(2)
             else:  # on each token's L0
                 error = (step.new_zeros(len(x)).index_add(0, p.row, step) - self.target_l0).pow(2).mean()
+            fired = torch.bincount(p.col[acts > 0], minlength=self.d_sae)
         sparsity = self.sparsity_coef * error / self.target_l0
         loss, parts = mse + sparsity, {"mse": mse.detach(), "sparsity": sparsity.detach()}
         if self.pre_act_coef:  # a history column whenever it is on, 0 while no latent is dead
             pre_act = self.pre_act_loss(x, dead) if bool(dead.any()) else mse.new_zeros(())
             loss, parts["pre_act"] = loss + pre_act, pre_act.detach()
-        return StepOutput(loss, parts, x_hat.detach(), fired.long())
+        return StepOutput(loss, parts, x_hat.detach(), fired)
 
     def pre_act_loss(self, x: Tensor, dead: Tensor) -> Tensor:
         """Anthropic's pre-activation loss on the dead latents (SAELens's `calculate_pre_act_loss`):
