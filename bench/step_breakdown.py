@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers.saes.train import TrainConfig, Trainer  # noqa: E402
+from helpers.saes.train import TrainConfig, Trainer, clip_grad_norm  # noqa: E402
 
 PHASES = ("forward", "backward", "clip", "adam", "rest")
 
@@ -123,7 +123,7 @@ def breakdown(arch: str, args: argparse.Namespace) -> dict:
         out.loss.backward()
         t.append(time.thread_time())
         sae.project_decoder_grad()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        clip_grad_norm(run.params, cfg.grad_clip)  # the trainer's own clipping
         t.append(time.thread_time())
         run.opt.step()
         t.append(time.thread_time())
