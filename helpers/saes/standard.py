@@ -21,13 +21,13 @@ term lives on the active set {pre > 0}. Early in training that set is half the l
 kernels.DENSE_ABOVE the step is then dense maths with its backward written out (`_DenseStep`: five dense
 products instead of autograd's six; the same gradients within float rounding: test_standard_step.py).
 
-Near the target, once the L0 has nothing but the target's far side ahead, λ moves at `coef_near_gain` 4
-times its rate (PenaltySAE): under a fixed λ the L0 keeps falling through training, and at the plain rate
-it ended 13% under its target at 400 steps (L0 14.8 of 17) and 7% at 150 (48.2 of 52); with the gain 0.2%
-and 1.9% under, dead 0.65% / 0.15% as before (bench/results/standard_controller_screen_cpu.json), and at
-the same held-out L0s a higher EV (0.8937 vs 0.8876 at 17: standard_controller_matched_l0_cpu.json). Beside
-SAELens (bench/sae_train.py): EV at matched L0 0.8937 vs 0.8493 at 17 (400 steps), 0.8120 vs 0.7380 at 52
-(150 steps).
+Without the L0 descent below (`l0_descent=0`), near the target, once the L0 has nothing but the target's far
+side ahead, λ moves at `coef_near_gain` 4 times its rate (PenaltySAE): under a fixed λ the L0 keeps falling
+through training, and at the plain rate it ended 13% under its target at 400 steps (L0 14.8 of 17) and 7% at
+150 (48.2 of 52); with the gain 0.2% and 1.9% under, dead 0.65% / 0.15% as before
+(bench/results/standard_controller_screen_cpu.json), and at the same held-out L0s a higher EV (0.8937 vs
+0.8876 at 17: standard_controller_matched_l0_cpu.json). Beside SAELens (bench/sae_train.py): EV at matched L0
+0.8937 vs 0.8493 at 17 (400 steps), 0.8120 vs 0.7380 at 52 (150 steps).
 
 With b_enc at 0 the L0 starts near d_sae / 2, so the first ~30 of a short run's steps are dense. By default
 the SAE starts lower (`low_start`): each b_enc_j is lowered by its own quantile of the trainer's init sample
@@ -53,8 +53,12 @@ matches it (MCC/F1 0.602/0.459 vs 0.620/0.466); steered at 21.5 from the first s
 step 50-300, and the old start lost 9-19 latents and the low start, whose lead and gain 4 then swung the
 L0 between 12 and 36, 160 (0.541/0.399 and 0.485/0.332). With the descent (and gain 1: the gain 4 swung the
 L0 7.7-30 after it) 0.737/0.478 vs SAELens's 0.612/0.461 at L0 21.2 vs 21.5, and at SAELens's l1 2 (L0
-36, b_enc at 0, λ from 2: from 5 the L0 fell to 50 by step 50) 0.776/0.352 vs 0.774/0.349; on sae_train's
-data the same EV at matched L0 (bench/results/standard_descent_*.json).
+36, b_enc at 0, λ from 2: from 5 the L0 fell to 50 by step 50) 0.776/0.354 vs 0.776/0.352 at L0 35.0 vs
+36.4 (bench/results/synthetic_quality_cpu_standard_descent_*.json; the screens with traces:
+standard_descent_synthetic_screen.json). On sae_train's data, ours alone, EV at matched L0 52 0.819 vs
+0.812 at 150 steps (L0 54.5 of 52 vs 51.0) and 0.8934 vs 0.8937 at 17 at 400 (L0 16.99 vs 16.97): the
+descent costs some sparsity early in the run there (15 dense steps of 150 vs 6), not EV
+(standard_descent_real_screen.json; beside SAELens: sae_train_cpu_standard_descent_*.json).
 
 What the lower start took: one common offset (x20: 1.9-2.2% dead vs SAELens's 0.2-0.3%) and a strong λ at
 a low start (x10 per latent, λ fixed at 3.5 / 4 / 4.5: 0.11% / 0.98% / 3.9% dead; they fall silent
