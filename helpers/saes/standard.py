@@ -122,7 +122,7 @@ class StandardSAE(PenaltySAE):
         target while leading (PenaltySAE's), None for `LOW_START_NEAR_GAIN` (4) with the low start and no
         descent, else 1; `l0_descent`: over this share of the run λ is steered toward a target that falls
         log-linearly from the L0 at the start to `l0` (`steering_l0`), 0 to steer at `l0` from the first
-        step. C's controller of session 9: l0_descent=0; the old default start: init_l0_mult=None,
+        step. The controller without the descent: l0_descent=0; the old default start: init_l0_mult=None,
         l0_descent=0 (λ 5, no lead, gain 1)."""
         if init_l0_mult is not None and not init_l0_mult > 0:
             raise ValueError(
