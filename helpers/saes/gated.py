@@ -61,13 +61,17 @@ class GatedSAE(PenaltySAE):
         coef_rate: float = 0.02,
         coef_lead_steps: float = 40.0,
         frozen_gate_decoder: bool = False,
+        revive_coef: float = 0.0,
         seed: int = 0,
     ):
         """`l0`: target L0; `sparsity_coef`: initial L1 coefficient λ; `coef_rate`: how fast log λ
         follows the L0 error per step (0 keeps λ fixed); `coef_lead_steps`: the controller's lead term
         (PenaltySAE's; the module docstring); `frozen_gate_decoder`: whether the gate's
         reconstruction term decodes through a frozen copy of W_dec and b_dec (the paper's form) or through
-        the trainable decoder (SAELens's, the default)."""
+        the trainable decoder (SAELens's, the default); `revive_coef`: the pre-activation loss on the gates of
+        dead latents (`revival_loss`; 0: off)."""
+        if revive_coef < 0:
+            raise ValueError(f"revive_coef must be >= 0 (0 turns it off), got {revive_coef}")
         super().__init__(
             d_in,
             d_sae,
@@ -77,7 +81,7 @@ class GatedSAE(PenaltySAE):
             coef_lead_steps=coef_lead_steps,
             seed=seed,
         )
-        self.frozen_gate_decoder = frozen_gate_decoder
+        self.frozen_gate_decoder, self.revive_coef = frozen_gate_decoder, revive_coef
         self.b_gate = nn.Parameter(torch.zeros(d_sae))
         self.b_mag = nn.Parameter(torch.zeros(d_sae))
         self.r_mag = nn.Parameter(torch.zeros(d_sae))
@@ -106,4 +110,17 @@ class GatedSAE(PenaltySAE):
         loss = mse + self.sparsity_coef * l1 + gate_aux
         fired = torch.bincount(p.col[acts > 0], minlength=self.d_sae)
         terms = {"mse": mse.detach(), "l1": l1.detach(), "gate_aux": gate_aux.detach()}
+        if self.revive_coef:  # a history column whenever it is on, 0 while no latent is dead
+            revive = self.revival_loss(x, dead) if bool(dead.any()) else mse.new_zeros(())
+            loss, terms["revive"] = loss + revive, revive.detach()
         return StepOutput(loss, terms, x_hat.detach(), fired)
+
+    def revival_loss(self, x: Tensor, dead: Tensor) -> Tensor:
+        """Anthropic's pre-activation loss (JumpReLU's `pre_act_loss`) on the gates of the dead latents:
+        `revive_coef` · mean over tokens of Σ_dead relu(-π_gate) (the gate's threshold is 0; decoder rows are
+        unit-norm, so no norm factor). Every other term lives on the active set, so a latent whose gate
+        closes on every token gets no gradient at all; this one raises its b_gate and turns its encoder
+        column toward the tokens until it opens again. x [n, d_in], dead [d_sae] bool."""
+        idx = dead.nonzero().squeeze(1)  # [n_dead]
+        pi_gate = (x - self.b_dec) @ self.W_enc_T.index_select(0, idx).t() + self.b_gate.index_select(0, idx)
+        return self.revive_coef * (-pi_gate).relu().sum(-1).mean()
