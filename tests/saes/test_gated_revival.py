@@ -15,10 +15,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny steps: one thre
 CLOSED = 5  # latents 0..4: gate bias -0.2, closed on every token of the tiny batch (|z| <= 0.12 there)
 
 
-def tiny(revive_coef: float) -> tuple[GatedSAE, torch.Tensor, torch.Tensor]:
-    """A 12 -> 40 Gated SAE, 32 inputs, and its `dead` mask [40]: the first CLOSED latents' gates shut."""
+def tiny(revive_coef: float | None) -> tuple[GatedSAE, torch.Tensor, torch.Tensor]:
+    """A 12 -> 40 Gated SAE (`revive_coef` None: the default), 32 inputs, and its `dead` mask [40]: the
+    first CLOSED latents' gates shut."""
     g = torch.Generator().manual_seed(0)
-    sae = GatedSAE(12, 40, l0=8, sparsity_coef=0.3, revive_coef=revive_coef, seed=1)
+    options = {} if revive_coef is None else {"revive_coef": revive_coef}
+    sae = GatedSAE(12, 40, l0=8, sparsity_coef=0.3, seed=1, **options)
     with torch.no_grad():
         for name in ("b_dec", "b_gate", "b_mag", "r_mag"):
             p = getattr(sae, name)
@@ -42,8 +44,9 @@ def test_revival_loss_matches_the_dense_form():
     assert float(out.terms["revive"]) > 0
 
 
-def reopened(revive_coef: float, steps: int = 10) -> int:
-    """How many of the closed latents fire on the batch after `steps` Adam steps with them marked dead."""
+def reopened(revive_coef: float | None, steps: int = 10) -> int:
+    """How many of the closed gates open on some token of the batch after `steps` Adam steps with them
+    marked dead."""
     sae, x, dead = tiny(revive_coef)
     opt = torch.optim.Adam(sae.parameters(), lr=0.05)
     for _ in range(steps):
@@ -51,9 +54,11 @@ def reopened(revive_coef: float, steps: int = 10) -> int:
         opt.step()
         opt.zero_grad()
     with torch.no_grad():
-        return int((sae.encode(x)[0][:, :CLOSED] > 0).any(0).sum())
+        pi_gate = (x - sae.b_dec) @ sae.W_enc[:, :CLOSED] + sae.b_gate[:CLOSED]  # [32, CLOSED]
+        return int((pi_gate > 0).any(0).sum())
 
 
 def test_closed_gates_reopen_only_with_the_revival_term():
     assert reopened(revive_coef=0.0) == 0, "without it a closed gate gets no gradient and stays shut"
     assert reopened(revive_coef=0.1) == CLOSED
+    assert reopened(revive_coef=None) == CLOSED, "on by default"
