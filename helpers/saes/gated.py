@@ -35,15 +35,16 @@ from 2.7x the target).
 Dead latents (none fired for the trainer's `dead_after` tokens) get a pre-activation loss on their gates
 (`revive_coef` 0.01, `revival_loss`: JumpReLU's, with the gate's threshold 0); without it a closed gate gets
 no gradient at all. At 400 steps (target L0 20) the latents that died closed late (steps 180-380, as λ peaked
-and the L0 fell from 40 to 20), with encoder columns a third of the median's norm, just under their gates
-(max π_gate -0.0002 to -0.005 on held-out tokens). The term took the held-out dead fraction from 0.72% to
-0.30% at 400 steps (SAELens 0.07%) and from 0.07% to 0% at 150 (SAELens 0%), with the explained variance
-at held-out L0 16 / 20 / 24 0.9176 / 0.9195 / 0.9191 against 0.9177 / 0.9197 / 0.9191 and unchanged at 150
-(bench/results/gated_ablations_cpu_revival_*.json). A stronger term kills more latents and costs explained
-variance (0.1: 0.61% dead, 1: 0.54% and 0.910 at L0 20; with b_dec detached in it 0.43% at 0.01, 0.80% at
-0.1), as do an encoder at the decoder's norm (`encoder_init_scale` 1: 3.4% dead) and a slower λ
-(`coef_rate` 0.01: 0.76%); `coef_lead_steps` 80 (0.46%) lands above the target (L0 22 of 20 at 400 steps,
-83 of 62 at 150; gated_ablations_cpu_levers_400_steps.json).
+and the L0 fell from 40 to 20), with encoder columns a third of the median's norm, just under their gates (max
+π_gate -0.0002 to -0.005 on held-out tokens). The term took the held-out dead fraction from 0.72% to 0.30% at
+400 steps (SAELens 0.07%) and from 0.07% to 0% at 150 (SAELens 0%), with the explained variance at held-out L0
+16 / 20 / 24 0.9176 / 0.9195 / 0.9191 against 0.9177 / 0.9197 / 0.9191 and unchanged at 150
+(bench/results/gated_ablations_cpu_revival_*.json; beside SAELens at 400 steps 0.9195 vs 0.9181 at L0 20,
+6.31x its speed load-corrected: sae_train_cpu_gated_400_steps_revival.json). A stronger term kills more
+latents and costs explained variance (0.1: 0.61% dead, 1: 0.54% and 0.910 at L0 20; with b_dec detached in it
+0.43% at 0.01, 0.80% at 0.1), as do an encoder at the decoder's norm (`encoder_init_scale` 1: 3.4% dead) and a
+slower λ (`coef_rate` 0.01: 0.76%); `coef_lead_steps` 80 (0.46%) lands above the target (L0 22 of 20 at 400
+steps, 83 of 62 at 150; gated_ablations_cpu_levers_400_steps.json).
 """
 
 from __future__ import annotations
