@@ -38,7 +38,7 @@ BOOLEAN = ("init_l0_per_latent",)
 
 
 def parse_configs(text: str) -> dict[str, dict]:
-    """'name:opt=v,opt=v;name2:' -> {name: {opt: number or bool}}."""
+    """'name:opt=v,opt=v;name2:' -> {name: {opt: number, bool, or None for 'null'}}."""
     out = {}
     for item in filter(None, (s.strip() for s in text.split(";"))):
         name, _, rest = item.partition(":")
@@ -47,6 +47,9 @@ def parse_configs(text: str) -> dict[str, dict]:
             key, _, value = pair.partition("=")
             if not value:
                 raise SystemExit(f"--configs: {pair!r} in {item!r} is not option=value")
+            if value.strip() == "null":  # e.g. init_l0_mult=null: b_enc at 0
+                options[key.strip()] = None
+                continue
             number = float(value)
             options[key.strip()] = bool(number) if key.strip() in BOOLEAN else number
             if key.strip() == "coef_warmup_steps":

@@ -377,16 +377,21 @@ class PenaltySAE(SAE):
             if self.approaching(l0) and (math.isinf(before) or not self.leading()):
                 return
             if self.leading():  # this step's L0 projected along the smoothed trend
-                average, target = float(self.log_l0_average), math.log(self.target_l0)
+                average, target = float(self.log_l0_average), math.log(self.steering_l0())
                 l0 *= math.exp(float(self.coef_lead_steps) * (average - before))
                 if (math.log(max(l0, 1e-3)) - target) * (average - target) > 0:  # no crossing ahead
                     rate *= float(self.coef_near_gain)
-        adapt_coefficient(self.sparsity_coef, l0, self.target_l0, rate, hold_beyond=self.coef_hold_beyond)
+        adapt_coefficient(self.sparsity_coef, l0, self.steering_l0(), rate, hold_beyond=self.coef_hold_beyond)
+
+    def steering_l0(self) -> float:
+        """The L0 that λ is steered toward at this step: the target (the standard SAE's `l0_descent` lowers a
+        schedule onto it instead)."""
+        return self.target_l0
 
     def leading(self) -> bool:
         """Whether the derivative term acts now (`coef_lead_steps`, within `COEF_FAR` of the target)."""
         average = float(self.log_l0_average)
-        near = abs(average - math.log(self.target_l0)) <= math.log(self.COEF_FAR)
+        near = abs(average - math.log(self.steering_l0())) <= math.log(self.COEF_FAR)
         return bool(float(self.coef_lead_steps)) and near and not math.isinf(average)
 
     def approaching(self, l0: float) -> bool:
@@ -397,7 +402,7 @@ class PenaltySAE(SAE):
             return True
         self.log_l0_average.fill_(before + self.L0_SMOOTHING * (now - before))
         now = float(self.log_l0_average)  # as stored: an unchanged average is no trend
-        error, trend = now - math.log(self.target_l0), now - before
+        error, trend = now - math.log(self.steering_l0()), now - before
         far = abs(error) > math.log(self.COEF_FAR)
         return error * trend < 0 and (far or abs(trend) * self.coef_trend_horizon >= abs(error))
 

@@ -51,6 +51,11 @@ family trains; the encoder starts as their transpose; the saved SAE folds the no
 against unit rows held and ε = 0.001, better ground-truth recovery at the same held-out explained variance
 (README, Measured).
 
+The step is sparse apart from the encoder's forward matmul (a `Pattern` of the active pairs and the lower
+half of the STE window); above kernels.DENSE_ABOVE of those pairs (early in training) it is dense maths
+with its backward written out instead (`_DenseStep`: the same gradients within float rounding,
+tests/saes/test_jumprelu_step.py).
+
 Dead latents (none fired for the trainer's `dead_after` tokens) get Anthropic's pre-activation loss,
 `pre_act_coef` · Σ_dead relu(θ - pre) ‖W_dec row‖ averaged over tokens (SAELens's `pre_act_loss_coefficient`,
 off by default there), which lowers their θ and raises their pre-activations until they fire again: on the
@@ -64,9 +69,10 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.amp import custom_bwd, custom_fwd
 
 from helpers.saes.base import PenaltySAE, StepOutput, latent_quantiles
-from helpers.saes.kernels import Pattern, gather_pre, recon_loss, sparse_decode
+from helpers.saes.kernels import DENSE_ABOVE, Pattern, gather_pre, recon_loss, sparse_decode
 
 
 def _rectangle(u: Tensor) -> Tensor:
@@ -102,6 +108,50 @@ class _Step(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         z, theta = ctx.saved_tensors
         return None, -(1.0 / ctx.eps) * _rectangle((z - theta) / ctx.eps) * g, None
+
+
+class _DenseStep(torch.autograd.Function):
+    """(mse, l0 per token [n], x_hat) of the JumpReLU SAE on every (token, latent) pair, from acts = pre ·
+    H(pre - θ), `active` = H(pre - θ) (bool) and the window w = 0.5 - |pre - θ| / ε [n, d_sae] (K = 1 where
+    w > 0), computed without autograd, with the backward written out: five dense products where autograd's
+    graph takes six (b_dec's gradient through the encoder needs only column sums), the STEs of `_JumpReLU`
+    (to θ: -(θ/ε) K · d acts) and `_Step` (to θ: -(1/ε) K · d l0) summed in one pass over the window, and
+    the masks applied by `threshold_backward` (0 where its second argument is not > 0). Under autocast the
+    products run in its precision and the gradients return in the parameters' dtype."""
+
+    @staticmethod
+    @custom_fwd(device_type="cuda")
+    def forward(ctx, x, b_dec, W_enc_T, b_enc, W_dec, threshold, acts, active, window, eps):
+        x_hat = (acts @ W_dec).float().add_(b_dec)  # [n, d_in]
+        r = x_hat - x
+        mse = r.pow(2).sum(-1).mean()
+        l0 = active.sum(1, dtype=torch.int32).to(r.dtype)  # [n]: active latents per token
+        ctx.save_for_backward(x, b_dec, W_enc_T, W_dec, threshold, acts, window, r)
+        ctx.eps, ctx.param_dtype = eps, W_dec.dtype
+        ctx.mark_non_differentiable(x_hat)
+        return mse, l0, x_hat
+
+    @staticmethod
+    @custom_bwd(device_type="cuda")
+    def backward(ctx, g_mse, g_l0, _):
+        x, b_dec, W_enc_T, W_dec, threshold, acts, window, r = ctx.saved_tensors
+        n = len(x)
+        d_x_hat = r * (2 * g_mse / n)  # [n, d_in]
+        d_acts = (d_x_hat @ W_dec.t()).float()  # [n, d_sae]
+        # θ's pseudo-gradient, eq. 11-12: -(1/ε) Σ_tokens K · (θ · d acts + d l0), over the window's pairs
+        in_window = torch.addcmul(g_l0.unsqueeze(1), d_acts, threshold)
+        in_window = torch.ops.aten.threshold_backward.grad_input(in_window, window, 0, grad_input=in_window)
+        d_threshold = in_window.sum(0) * (-1.0 / ctx.eps)
+        # to pre: H(pre - θ), i.e. 0 where acts = 0 (θ >= 0: an active pair's act is > 0), in place
+        d_pre = torch.ops.aten.threshold_backward.grad_input(d_acts, acts, 0, grad_input=d_acts)
+        d_W_enc_T = d_pre.t() @ (x - b_dec)
+        d_b_enc = d_pre.sum(0, dtype=torch.float32)
+        with torch.autocast(x.device.type, enabled=False):  # a column sum's scale overflows float16
+            d_b_dec = d_x_hat.sum(0) - d_b_enc @ W_enc_T.float()
+        d_W_dec = acts.t() @ d_x_hat
+        w = ctx.param_dtype
+        grads = (d_b_dec, d_W_enc_T, d_b_enc, d_W_dec)
+        return None, *(g.to(w) for g in grads), d_threshold.to(threshold.dtype), None, None, None, None
 
 
 class JumpReLUSAE(PenaltySAE):
@@ -208,24 +258,43 @@ class JumpReLUSAE(PenaltySAE):
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)  # [n, d_sae]: the only dense matmul
             # Active pairs plus those in the lower half of the STE window (the upper half is active).
-            p = Pattern.from_mask(pre > self.threshold - eps / 2)
-        z = gather_pre(x, self.b_dec, self.W_enc_T, self.b_enc, pre, p)  # [nnz]
+            mask = pre > self.threshold - eps / 2
+            dense = int(torch.count_nonzero(mask)) > DENSE_ABOVE.get(x.device.type, 0.02) * mask.numel()
         self.threshold_before_step.copy_(self.threshold.detach())
-        theta = self.threshold.index_select(0, p.col)  # backward: index_add_, deterministic on CPU
-        acts = _JumpReLU.apply(z, theta, eps)
-        x_hat = sparse_decode(acts, self.W_dec, p) + self.b_dec
-        mse = recon_loss(x_hat, x)
-        step = _Step.apply(z, theta, eps)  # differentiable in θ (eq. 12)
-        if self.l0_penalty == "batch":  # on the mean L0 per token
-            error = (step.sum() / len(x) - self.target_l0).pow(2)
-        else:  # on each token's L0
-            error = (step.new_zeros(len(x)).index_add(0, p.row, step) - self.target_l0).pow(2).mean()
+        if dense:  # early in training many latents fire: dense maths beats building a Pattern
+            with torch.no_grad():
+                gap = pre - self.threshold  # [n, d_sae]
+                # acts = pre · H(pre - θ), 0 where gap <= 0 (one pass), and whether each pair fires (a cast
+                # to bool: ~7x faster than a comparison on a CPU; θ >= 0, so an active pair's act is > 0)
+                acts = torch.ops.aten.threshold_backward(pre, gap, 0)  # float32
+                active = acts.bool()
+                fired = active.sum(0, dtype=torch.int32).long()  # [d_sae]
+                window = gap.div_(eps).abs_().neg_().add_(0.5)  # STE window K = 1 where > 0, in place
+            mse, l0, x_hat = _DenseStep.apply(
+                x, self.b_dec, self.W_enc_T, self.b_enc, self.W_dec, self.threshold, acts, active, window, eps
+            )
+            if self.l0_penalty == "batch":  # on the mean L0 per token
+                error = (l0.mean() - self.target_l0).pow(2)
+            else:  # on each token's L0
+                error = (l0 - self.target_l0).pow(2).mean()
+        else:
+            p = Pattern.from_mask(mask)
+            z = gather_pre(x, self.b_dec, self.W_enc_T, self.b_enc, pre, p)  # [nnz]
+            theta = self.threshold.index_select(0, p.col)  # backward: index_add_, deterministic on CPU
+            acts = _JumpReLU.apply(z, theta, eps)
+            x_hat = sparse_decode(acts, self.W_dec, p) + self.b_dec
+            mse = recon_loss(x_hat, x)
+            step = _Step.apply(z, theta, eps)  # differentiable in θ (eq. 12)
+            if self.l0_penalty == "batch":  # on the mean L0 per token
+                error = (step.sum() / len(x) - self.target_l0).pow(2)
+            else:  # on each token's L0
+                error = (step.new_zeros(len(x)).index_add(0, p.row, step) - self.target_l0).pow(2).mean()
+            fired = torch.bincount(p.col[acts > 0], minlength=self.d_sae)
         sparsity = self.sparsity_coef * error / self.target_l0
         loss, parts = mse + sparsity, {"mse": mse.detach(), "sparsity": sparsity.detach()}
         if self.pre_act_coef:  # a history column whenever it is on, 0 while no latent is dead
             pre_act = self.pre_act_loss(x, dead) if bool(dead.any()) else mse.new_zeros(())
             loss, parts["pre_act"] = loss + pre_act, pre_act.detach()
-        fired = torch.bincount(p.col[acts > 0], minlength=self.d_sae)
         return StepOutput(loss, parts, x_hat.detach(), fired)
 
     def pre_act_loss(self, x: Tensor, dead: Tensor) -> Tensor:

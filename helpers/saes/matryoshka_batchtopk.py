@@ -38,8 +38,8 @@ side by side at 0.5 (bench/sae_train.py, 400 steps): EV at L0 32 0.9216 vs 0.915
 along L0 16-48 (SAELens 0.9153-0.9161 in four runs), dead 7.9% vs 14.0%, 4.04x its tokens/s; ground truth 5M
 samples (bench/synthetic_quality.py, lr 3e-3) MCC / F1 0.8872 / 0.5616 vs 0.8745 / 0.5499 (SAELens
 0.8666-0.8745 / 0.5436-0.5504 in four runs), 22 dead latents of 512 vs 15 (14-21 in four runs; at 0.25: 0.8926
-/ 0.5665 vs 0.8716 / 0.5451, 22 vs 21 dead), 2.69x its tokens/s (the synthetic world's 64 x 512 steps are
-short of 3x for the whole k-sparse family). The README's Measured table has the commands.
+/ 0.5665 vs 0.8716 / 0.5451, 22 vs 21 dead), 2.69x its tokens/s (2.96-3.08x since the k-sparse step's
+integer-bits top-k and dense AuxK block, on a loaded machine). The README's Measured table has the commands.
 """
 
 from __future__ import annotations

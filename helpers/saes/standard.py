@@ -21,13 +21,13 @@ term lives on the active set {pre > 0}. Early in training that set is half the l
 kernels.DENSE_ABOVE the step is then dense maths with its backward written out (`_DenseStep`: five dense
 products instead of autograd's six; the same gradients within float rounding: test_standard_step.py).
 
-Near the target, once the L0 has nothing but the target's far side ahead, λ moves at `coef_near_gain` 4
-times its rate (PenaltySAE): under a fixed λ the L0 keeps falling through training, and at the plain rate
-it ended 13% under its target at 400 steps (L0 14.8 of 17) and 7% at 150 (48.2 of 52); with the gain 0.2%
-and 1.9% under, dead 0.65% / 0.15% as before (bench/results/standard_controller_screen_cpu.json), and at
-the same held-out L0s a higher EV (0.8937 vs 0.8876 at 17: standard_controller_matched_l0_cpu.json). Beside
-SAELens (bench/sae_train.py): EV at matched L0 0.8937 vs 0.8493 at 17 (400 steps), 0.8120 vs 0.7380 at 52
-(150 steps).
+Without the L0 descent below (`l0_descent=0`), near the target, once the L0 has nothing but the target's far
+side ahead, λ moves at `coef_near_gain` 4 times its rate (PenaltySAE): under a fixed λ the L0 keeps falling
+through training, and at the plain rate it ended 13% under its target at 400 steps (L0 14.8 of 17) and 7% at
+150 (48.2 of 52); with the gain 0.2% and 1.9% under, dead 0.65% / 0.15% as before
+(bench/results/standard_controller_screen_cpu.json), and at the same held-out L0s a higher EV (0.8937 vs
+0.8876 at 17: standard_controller_matched_l0_cpu.json). Beside SAELens (bench/sae_train.py): EV at matched L0
+0.8937 vs 0.8493 at 17 (400 steps), 0.8120 vs 0.7380 at 52 (150 steps).
 
 With b_enc at 0 the L0 starts near d_sae / 2, so the first ~30 of a short run's steps are dense. By default
 the SAE starts lower (`low_start`): each b_enc_j is lowered by its own quantile of the trainer's init sample
@@ -43,6 +43,22 @@ the same EV, L0 and dead, 3.06x and 4.06x load-corrected in those runs). Where 1
 or above d_sae / 2 (a small SAE with a high target, e.g. bench/synthetic_quality.py's 157 of 512) the old
 start is kept: b_enc at 0, λ from 5, no lead. `init_l0_mult=None` selects the old start everywhere (the
 benches: `--ours-sae-option init_l0_mult=null`); `init_l0_per_latent=False` one common offset.
+
+The L0 descent (`l0_descent` 0.6, the default): λ is steered toward a target that falls log-linearly from
+the starting L0 to `l0` over the first 60% of the run, not toward `l0` from the first step. Reaching the
+target early is what cost the ground truth on bench/synthetic_quality.py's world at higher sparsity
+(512 latents, 1M samples, issue 25): under SAELens's fixed λ the L0 falls slowly through the whole run
+(256 -> 97 at step 50 -> 21.5 at step ~900 of 977, at l1 4), and ours with λ fixed at 4 from b_enc at 0
+matches it (MCC/F1 0.602/0.459 vs 0.620/0.466); steered at 21.5 from the first step, ours reached it by
+step 50-300, and the old start lost 9-19 latents and the low start, whose lead and gain 4 then swung the
+L0 between 12 and 36, 160 (0.541/0.399 and 0.485/0.332). With the descent (and gain 1: the gain 4 swung the
+L0 7.7-30 after it) 0.737/0.478 vs SAELens's 0.612/0.461 at L0 21.2 vs 21.5, and at SAELens's l1 2 (L0
+36, b_enc at 0, λ from 2: from 5 the L0 fell to 50 by step 50) 0.776/0.354 vs 0.776/0.352 at L0 35.0 vs
+36.4 (bench/results/synthetic_quality_cpu_standard_descent_*.json; the screens with traces:
+standard_descent_synthetic_screen.json). On sae_train's data, ours alone, EV at matched L0 52 0.819 vs
+0.812 at 150 steps (L0 54.5 of 52 vs 51.0) and 0.8934 vs 0.8937 at 17 at 400 (L0 16.99 vs 16.97): the
+descent costs some sparsity early in the run there (15 dense steps of 150 vs 6), not EV
+(standard_descent_real_screen.json; beside SAELens: sae_train_cpu_standard_descent_*.json).
 
 What the lower start took: one common offset (x20: 1.9-2.2% dead vs SAELens's 0.2-0.3%) and a strong λ at
 a low start (x10 per latent, λ fixed at 3.5 / 4 / 4.5: 0.11% / 0.98% / 3.9% dead; they fall silent
@@ -70,7 +86,8 @@ class StandardSAE(PenaltySAE):
     free_decoder = True
     coef_trend_horizon = 50.0
     LOW_START_COEF = 3.5  # λ's start with the low start (`low_start`)
-    DENSE_START_COEF = 5.0  # ... and from b_enc at 0 (SAELens's recommended l1_coefficient)
+    DENSE_START_COEF = 5.0  # ... from b_enc at 0 without the descent (SAELens's recommended l1_coefficient)
+    DESCENT_DENSE_START_COEF = 2.0  # ... and from b_enc at 0 with the descent (`l0_descent`)
     LOW_START_LEAD = 40.0  # coef_lead_steps with the low start (0 from b_enc at 0)
     LOW_START_NEAR_GAIN = 4.0  # coef_near_gain with the low start (1 from b_enc at 0)
 
@@ -87,10 +104,12 @@ class StandardSAE(PenaltySAE):
         coef_warmup_steps: int = 0,
         coef_lead_steps: float | None = None,
         coef_near_gain: float | None = None,
+        l0_descent: float = 0.6,
         seed: int = 0,
     ):
         """`l0`: target L0; `sparsity_coef`: initial L1 coefficient λ, None for `LOW_START_COEF` (3.5) with
-        the low start and `DENSE_START_COEF` (5, SAELens's) without; `coef_rate`: how fast log λ follows the
+        the low start and, without it, `DESCENT_DENSE_START_COEF` (2) with the descent or `DENSE_START_COEF`
+        (5, SAELens's) without; `coef_rate`: how fast log λ follows the
         L0 error per step (0 keeps λ fixed, as in SAELens); `init_l0_mult`: start at an L0 of this multiple of
         `l0` through b_enc's offsets set from the trainer's init sample (`init_from_sample`); None for b_enc
         at 0 (an initial L0 near d_sae / 2, SAELens's start), which is also what a multiple of `l0` at or
@@ -100,8 +119,11 @@ class StandardSAE(PenaltySAE):
         λ · min(1, (t + 1) / W) at step t (SAELens's `l1_warm_up_steps`), 0 for none; `coef_lead_steps`:
         the controller's derivative term (PenaltySAE's, a buffer that checkpoints keep), None for
         `LOW_START_LEAD` (40) with the low start and 0 without; `coef_near_gain`: the rate's factor near the
-        target while leading (PenaltySAE's), None for `LOW_START_NEAR_GAIN` (4) with the low start and 1
-        without. The old default start: init_l0_mult=None (λ 5, no lead, gain 1)."""
+        target while leading (PenaltySAE's), None for `LOW_START_NEAR_GAIN` (4) with the low start and no
+        descent, else 1; `l0_descent`: over this share of the run λ is steered toward a target that falls
+        log-linearly from the L0 at the start to `l0` (`steering_l0`), 0 to steer at `l0` from the first
+        step. The controller without the descent: l0_descent=0; the old default start: init_l0_mult=None,
+        l0_descent=0 (λ 5, no lead, gain 1)."""
         if init_l0_mult is not None and not init_l0_mult > 0:
             raise ValueError(
                 f"init_l0_mult must be > 0 (the initial L0 as a multiple of the target l0), or None for "
@@ -112,11 +134,12 @@ class StandardSAE(PenaltySAE):
         # the L0 already starts near d_sae / 2, so a multiple at or above it keeps that start)
         self.low_start = init_l0_mult is not None and init_l0_mult * l0 < d_sae / 2
         if sparsity_coef is None:
-            sparsity_coef = self.LOW_START_COEF if self.low_start else self.DENSE_START_COEF
+            dense_coef = self.DESCENT_DENSE_START_COEF if l0_descent else self.DENSE_START_COEF
+            sparsity_coef = self.LOW_START_COEF if self.low_start else dense_coef
         if coef_lead_steps is None:
             coef_lead_steps = self.LOW_START_LEAD if self.low_start else 0.0
-        if coef_near_gain is None:
-            coef_near_gain = self.LOW_START_NEAR_GAIN if self.low_start else 1.0
+        if coef_near_gain is None:  # the descent's moving target leaves no ramp for the gain to follow
+            coef_near_gain = self.LOW_START_NEAR_GAIN if self.low_start and not l0_descent else 1.0
         super().__init__(
             d_in,
             d_sae,
@@ -130,6 +153,13 @@ class StandardSAE(PenaltySAE):
         if coef_warmup_steps < 0:
             raise ValueError(f"coef_warmup_steps must be >= 0 (0: no warm-up), got {coef_warmup_steps}")
         self.coef_warmup_steps = int(coef_warmup_steps)
+        if not 0 <= l0_descent <= 1:
+            raise ValueError(f"l0_descent must be in [0, 1] (a share of the run; 0: none), got {l0_descent}")
+        self.l0_descent = float(l0_descent)
+        # the descent's schedule, set by init_from_sample (buffers: a resumed run goes on along it): the L0
+        # it starts from and the steps it takes; 0 steps (and old checkpoints) steer at the target throughout
+        self.register_buffer("descent_from_l0", torch.tensor(float(l0)))
+        self.register_buffer("descent_steps", torch.tensor(0, dtype=torch.int64))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self._pre_buffer: Tensor | None = None  # _pre_activations' reused output (not state)
 
@@ -140,6 +170,21 @@ class StandardSAE(PenaltySAE):
             return self.sparsity_coef
         return self.sparsity_coef * ((int(self.steps_trained) + 1) / w)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint from before the descent: no descent
+        state_dict.setdefault(prefix + "descent_from_l0", torch.tensor(self.target_l0))
+        state_dict.setdefault(prefix + "descent_steps", torch.tensor(0, dtype=torch.int64))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def steering_l0(self) -> float:
+        """The target during the descent: log-linear from `descent_from_l0` down to `l0` over `descent_steps`,
+        then `l0`."""
+        t, steps = int(self.steps_trained), int(self.descent_steps)
+        if t >= steps:
+            return self.target_l0
+        start = float(self.descent_from_l0)
+        return start * (self.target_l0 / start) ** (t / steps)
+
     INIT_VALUES = 1 << 24  # pre-activations init_from_sample ranks at most (64 MB in float32)
 
     @torch.no_grad()
@@ -148,7 +193,16 @@ class StandardSAE(PenaltySAE):
         on (the first tokens of) x [n, d_in] (the trainer's init sample, scaled, b_dec set) above which lie
         init_l0_mult · l0 per token on average. The L0 then starts there rather than near
         d_sae / 2, so fewer of the first steps are dense (`_DenseStep`). With `init_l0_per_latent`, b_enc_j
-        is lowered by latent j's own quantile of the whole sample instead (512 latents at a time)."""
+        is lowered by latent j's own quantile of the whole sample instead (512 latents at a time).
+        With `l0_descent`, the descent starts from the L0 the SAE then has on x."""
+        self._lower_start(x)
+        if self.l0_descent:
+            sample = x[: max(1, self.INIT_VALUES // self.d_sae)]  # [n, d_in]
+            pre = torch.addmm(self.b_enc, sample - self.b_dec, self.W_enc)  # [n, d_sae]
+            self.descent_from_l0.fill_(max(self.target_l0, float((pre > 0).sum(1).float().mean())))
+            self.descent_steps.fill_(round(self.l0_descent * total_steps))
+
+    def _lower_start(self, x: Tensor) -> None:
         if not self.low_start:
             return
         l0 = self.init_l0_mult * self.target_l0
@@ -181,25 +235,23 @@ class StandardSAE(PenaltySAE):
     def losses(self, x: Tensor, dead: Tensor) -> StepOutput:
         norms = row_norms(self.W_dec)  # [d_sae], differentiable: the penalty pulls on the rows' norms too
         with torch.no_grad():  # the only dense matmul of the sparse path, once; both paths read it detached
-            pre = self._pre_activations(x)  # [n, d_sae]
-            active = pre > 0
-            # count_nonzero: a bool tensor's sum() first copies it to int64 (~30 ms at 1024 x 4608 on a CPU)
-            dense = int(torch.count_nonzero(active)) > DENSE_ABOVE.get(x.device.type, 0.02) * active.numel()
+            # ReLU in place: the sparse path reads only the active pairs, where pre = ReLU(pre)
+            acts = self._pre_activations(x).relu_()  # [n, d_sae]
+            active = acts.bool()  # a float -> bool cast: ~7x faster than `pre > 0` on a CPU
+            fired = active.sum(0, dtype=torch.int32)  # [d_sae]; int32 sums: ~3x faster than via int64
+            dense = int(fired.sum()) > DENSE_ABOVE.get(x.device.type, 0.02) * active.numel()
         if dense:  # early in training half the latents fire: dense maths beats building a Pattern
-            acts = pre.relu_()  # in place: `active` already holds the signs
             mse, l1, x_hat = _DenseStep.apply(
                 x, self.b_dec, self.W_enc_T, self.b_enc, self.W_dec, norms, acts
             )
-            fired = active.sum(0, dtype=torch.int32).long()  # int32 sums: ~5x faster than via int64
         else:
             p = Pattern.from_mask(active)
-            acts = gather_pre(x, self.b_dec, self.W_enc_T, self.b_enc, pre, p)  # [nnz], all > 0
+            acts = gather_pre(x, self.b_dec, self.W_enc_T, self.b_enc, acts, p)  # [nnz], all > 0
             x_hat = sparse_decode(acts, self.W_dec, p) + self.b_dec
             l1 = (acts * norms.index_select(0, p.col)).sum() / len(x)
-            fired = torch.bincount(p.col, minlength=self.d_sae)
             mse = recon_loss(x_hat, x)
         terms = {"mse": mse.detach(), "l1": l1.detach()}
-        return StepOutput(mse + self.penalty_coef() * l1, terms, x_hat.detach(), fired)
+        return StepOutput(mse + self.penalty_coef() * l1, terms, x_hat.detach(), fired.long())
 
 
 class _DenseStep(torch.autograd.Function):

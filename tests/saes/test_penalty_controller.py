@@ -50,20 +50,21 @@ def test_near_the_target_lambda_moves_at_the_gain_times_the_rate_unless_a_crossi
     assert move(4.0, plateau) == pytest.approx(move(1.0, plateau), rel=1e-4) and move(1.0, plateau) > 0
 
 
-def test_the_standard_sae_s_low_start_defaults_to_gain_4_and_the_old_start_to_1():
-    assert float(StandardSAE(8, 512, l0=8).coef_near_gain) == 4.0  # 10 · 8 < 512 / 2: the low start
+def test_the_standard_sae_s_low_start_without_descent_defaults_to_gain_4_and_the_rest_to_1():
+    assert float(StandardSAE(8, 512, l0=8, l0_descent=0).coef_near_gain) == 4.0  # 10 · 8 < 512 / 2: low start
+    assert float(StandardSAE(8, 512, l0=8).coef_near_gain) == 1.0  # the descent (default) moves the target
     assert float(StandardSAE(8, 64, l0=8).coef_near_gain) == 1.0  # 10 · 8 >= 64 / 2: b_enc at 0
     assert float(StandardSAE(8, 512, l0=8, init_l0_mult=None).coef_near_gain) == 1.0
 
 
 def test_a_checkpoint_from_before_the_lead_resumes_without_it():
-    """The standard SAE's default (low start: d_sae 512 > 2 · 10 · l0) now leads by 40 steps at gain 4; an
-    old-style state dict (neither stored) must go on as its run did, with no lead and gain 1."""
+    """The standard SAE's low start (d_sae 512 > 2 · 10 · l0) without the descent leads by 40 steps at gain
+    4; an old-style state dict (neither stored) must go on as its run did, with no lead and gain 1."""
     trained = StandardSAE(8, 512, l0=8, coef_lead_steps=0.0, coef_near_gain=1.0)  # before the lead existed
     lambdas_after(trained, FALL[:6])
     stored = ("coef_lead_steps", "coef_near_gain")
     old = {k: v for k, v in trained.state_dict().items() if k not in stored}
-    resumed = StandardSAE(8, 512, l0=8)
+    resumed = StandardSAE(8, 512, l0=8, l0_descent=0)
     assert (float(resumed.coef_lead_steps), float(resumed.coef_near_gain)) == (40.0, 4.0), "today's default"
     resumed.load_state_dict(old)
     assert (float(resumed.coef_lead_steps), float(resumed.coef_near_gain)) == (0.0, 1.0)
@@ -71,7 +72,7 @@ def test_a_checkpoint_from_before_the_lead_resumes_without_it():
 
 
 def test_a_stored_lead_and_gain_win_over_the_constructor_defaults():
-    trained = StandardSAE(8, 512, l0=8)  # lead 40, gain 4
+    trained = StandardSAE(8, 512, l0=8, l0_descent=0)  # lead 40, gain 4
     lambdas_after(trained, FALL[:6])
     resumed = StandardSAE(8, 512, l0=8, coef_lead_steps=0.0, coef_near_gain=2.0)  # as if defaults changed
     resumed.load_state_dict(trained.state_dict())

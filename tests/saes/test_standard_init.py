@@ -1,7 +1,8 @@
 """The standard SAE's initial L0 (`init_l0_mult`): the trainer's init sample sets b_enc's offsets so the L0
 starts at the chosen multiple of the target, on the sample and on fresh tokens alike. By default each latent
 has its own offset at 10 times the target, with λ from 3.5 and coef_lead_steps 40; at or above d_sae / 2,
-or with init_l0_mult None, b_enc stays 0 with λ from 5 and no lead. Tiny SAEs on one thread, ~1 s."""
+or with init_l0_mult None, b_enc stays 0 with λ from 2 (5 without the L0 descent) and no lead. Tiny SAEs
+on one thread, ~1 s."""
 
 import pytest
 import torch
@@ -55,7 +56,8 @@ def test_a_multiple_at_or_above_half_the_latents_keeps_the_old_start_and_a_bad_o
     x = tokens(512, 2)
     sae.init_from_sample(x, total_steps=10)
     assert not sae.low_start and torch.equal(sae.b_enc.detach(), torch.zeros(64))
-    assert float(sae.sparsity_coef) == 5.0 and sae.coef_lead_steps == 0.0
+    assert float(sae.sparsity_coef) == 2.0 and sae.coef_lead_steps == 0.0  # λ from 2 with the descent
+    assert float(StandardSAE(32, 64, l0=16, l0_descent=0, **options).sparsity_coef) == 5.0  # 5 without
     assert mean_l0(sae, x) > 16  # near d_sae / 2
     with pytest.raises(ValueError, match="init_l0_mult must be > 0"):
         StandardSAE(32, 64, l0=16, init_l0_mult=0.0)

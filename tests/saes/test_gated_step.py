@@ -1,0 +1,100 @@
+"""The Gated SAE's training step, dense (`gated._DenseStep`, its backward written out) or sparse (a `Pattern`
+of the open gates), trains to the same weights as the paper's loss through plain autograd
+(test_gated_training_form.dense_loss), step after step, and under autocast gives float32 gradients within
+its rounding of autograd's. Tiny SAEs on a synthetic sparse world, no model."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from helpers.saes import GatedSAE, gated, kernels
+from helpers.saes.base import StepOutput
+from helpers.saes.train import TrainConfig, Trainer
+from tests.saes.test_gated_training_form import dense_loss
+from tests.saes.test_standard_step import recorded_gradients, world
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+D_IN, D_SAE = 16, 64  # as test_standard_step's world
+
+
+def autograd_losses(sae: GatedSAE, x: torch.Tensor, dead: torch.Tensor) -> StepOutput:
+    """The paper's loss as written (dense_loss), every gradient from autograd."""
+    with torch.no_grad():
+        z = (x - sae.b_dec) @ sae.W_enc
+        f = (z + sae.b_gate > 0) * (z * sae.r_mag.exp() + sae.b_mag).relu()
+        x_hat = f @ sae.W_dec + sae.b_dec
+    loss = dense_loss(sae, x, sae.frozen_gate_decoder)
+    return StepOutput(loss, {}, x_hat, (f > 0).sum(0))
+
+
+@pytest.fixture
+def dense_steps(monkeypatch):
+    """Counts the steps that take the dense path (`_DenseStep`)."""
+    calls = []
+    apply = gated._DenseStep.apply
+    monkeypatch.setattr(gated._DenseStep, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable-gate-decoder", "frozen-gate-decoder"])
+@pytest.mark.parametrize("dense", [True, False], ids=["dense-step", "sparse-step"])
+def test_training_ends_where_autograd_of_the_plain_loss_ends(dense, frozen, dense_steps, monkeypatch):
+    """Ten steps of the real trainer (Adam, clipping, the λ controller): the same loss, firing counts and
+    gradients at every step and the same weights at the end, whichever path the steps take."""
+    monkeypatch.setitem(kernels.DENSE_ABOVE, "cpu", 0.0 if dense else 1.0)
+    x = world(2560)
+    cfg = TrainConfig(
+        architecture="gated",
+        expansion=D_SAE // D_IN,
+        l0=4,
+        train_tokens=2560,
+        batch_size=256,
+        sae_options={"frozen_gate_decoder": frozen},
+    )
+    ours, plain = Trainer(cfg, D_IN), Trainer(cfg, D_IN)
+    plain.sae.losses = types.MethodType(autograd_losses, plain.sae)
+    for run in (ours, plain):
+        run.init_from_data(x[:1024])
+    grads = {run: recorded_gradients(run) for run in (ours, plain)}
+    for batch in x.split(256):
+        a, b = ours.train_step(batch), plain.train_step(batch)
+        assert torch.equal(a.fired, b.fired)
+        torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+        for g, ref, (name, _) in zip(grads[ours], grads[plain], ours.sae.named_parameters(), strict=True):
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6, msg=f"step {ours.step}: d {name}")
+    assert len(dense_steps) == (10 if dense else 0)
+    assert 0.02 < ours.history[-1]["l0"] / D_SAE < 0.6  # both paths had real work: neither empty nor full
+    for name, p in plain.sae.named_parameters():
+        torch.testing.assert_close(getattr(ours.sae, name), p, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dense_step_under_autocast_gives_float32_gradients_close_to_autograds(
+    dtype, dense_steps, monkeypatch
+):
+    """Autocast (a T4 trains in float16, newer GPUs in bfloat16; CPU autocast takes the same code): the
+    products in low precision, the gradients back in the parameters' float32, within its rounding."""
+    monkeypatch.setitem(kernels.DENSE_ABOVE, "cpu", 0.0)
+    x = world(256, seed=1)
+    sae = GatedSAE(D_IN, D_SAE, l0=4, sparsity_coef=0.3, seed=3)
+    with torch.no_grad():
+        sae.b_dec.copy_(x.mean(0))
+        sae.W_enc_T.mul_(10)  # about half the gates open
+    grads, losses = [], []
+    for step in (GatedSAE.losses, autograd_losses):
+        sae.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=dtype):  # the backward too, as custom_bwd runs it on a GPU
+            out = step(sae, x, torch.zeros(D_SAE, dtype=torch.bool))
+            out.loss.backward()
+        grads.append({n: p.grad for n, p in sae.named_parameters()})
+        losses.append(out.loss.detach())
+    assert dense_steps == [1]
+    assert 0.2 < float(out.fired.sum()) / x.numel() * D_IN / D_SAE < 0.8
+    torch.testing.assert_close(losses[0], losses[1], rtol=0.02, atol=0.0)
+    for name, g in grads[0].items():
+        assert g.dtype == torch.float32, name
+        torch.testing.assert_close(g, grads[1][name], rtol=0.05, atol=0.02 * float(g.abs().max()), msg=name)

@@ -1,0 +1,104 @@
+"""The JumpReLU SAE's training step, dense (`jumprelu._DenseStep`, its backward written out) or sparse (a
+`Pattern` of the active pairs and the STE window), trains to the same weights as its loss through plain
+autograd of the paper's pseudo-derivatives (`_JumpReLU`, `_Step` on every pair), step after step, with either
+L0 penalty; under autocast the gradients come back float32 within its rounding. Tiny SAEs, no model."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from helpers.saes import JumpReLUSAE, jumprelu, kernels
+from helpers.saes.base import StepOutput
+from helpers.saes.jumprelu import _JumpReLU, _Step
+from helpers.saes.train import TrainConfig, Trainer
+from tests.saes.test_standard_step import recorded_gradients, world
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+D_IN, D_SAE = 16, 64  # as test_standard_step's world
+
+
+def autograd_losses(sae: JumpReLUSAE, x: torch.Tensor, dead: torch.Tensor) -> StepOutput:
+    """The loss on every (token, latent) pair, every gradient from autograd (no dead latents here: the
+    pre-activation loss is off)."""
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    theta = sae.threshold.expand_as(pre)
+    acts = _JumpReLU.apply(pre, theta, sae.bandwidth)
+    x_hat = acts @ sae.W_dec + sae.b_dec
+    l0 = _Step.apply(pre, theta, sae.bandwidth).sum(-1)  # [n]
+    error = (
+        (l0.mean() - sae.target_l0) ** 2 if sae.l0_penalty == "batch" else (l0 - sae.target_l0).pow(2).mean()
+    )
+    loss = (x_hat - x).pow(2).sum(-1).mean() + sae.sparsity_coef * error / sae.target_l0
+    return StepOutput(loss, {}, x_hat.detach(), (acts > 0).sum(0))
+
+
+@pytest.fixture
+def dense_steps(monkeypatch):
+    """Counts the steps that take the dense path (`_DenseStep`)."""
+    calls = []
+    apply = jumprelu._DenseStep.apply
+    monkeypatch.setattr(jumprelu._DenseStep, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
+@pytest.mark.parametrize("penalty", ["batch", "token"])
+@pytest.mark.parametrize("dense", [True, False], ids=["dense-step", "sparse-step"])
+def test_training_ends_where_autograd_of_the_plain_loss_ends(dense, penalty, dense_steps, monkeypatch):
+    """Ten steps of the real trainer (Adam, clipping, θ's schedule, the λ controller) with a wide STE window
+    (θ learns from both terms at every step): the same loss, firing counts and gradients at every step and
+    the same weights at the end, whichever path the steps take."""
+    monkeypatch.setitem(kernels.DENSE_ABOVE, "cpu", 0.0 if dense else 1.0)
+    x = world(2560)
+    cfg = TrainConfig(
+        architecture="jumprelu",
+        expansion=D_SAE // D_IN,
+        l0=8,
+        train_tokens=2560,
+        batch_size=256,
+        sae_options={"l0_penalty": penalty, "bandwidth": 0.05, "pre_act_coef": 0.0},
+    )
+    ours, plain = Trainer(cfg, D_IN), Trainer(cfg, D_IN)
+    plain.sae.losses = types.MethodType(autograd_losses, plain.sae)
+    for run in (ours, plain):
+        run.init_from_data(x[:1024])
+    grads = {run: recorded_gradients(run) for run in (ours, plain)}
+    for batch in x.split(256):
+        a, b = ours.train_step(batch), plain.train_step(batch)
+        assert torch.equal(a.fired, b.fired)
+        torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+        for g, ref, (name, _) in zip(grads[ours], grads[plain], ours.sae.named_parameters(), strict=True):
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6, msg=f"step {ours.step}: d {name}")
+        assert float(grads[ours][-1].abs().sum()) > 0, "θ learns at every step (the window is not empty)"
+    assert len(dense_steps) == (10 if dense else 0)
+    for name, p in plain.sae.named_parameters():
+        torch.testing.assert_close(getattr(ours.sae, name), p, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dense_step_under_autocast_gives_float32_gradients_close_to_autograds(
+    dtype, dense_steps, monkeypatch
+):
+    """Autocast (a T4 trains in float16, newer GPUs in bfloat16; CPU autocast takes the same code): the
+    products in low precision, the gradients back in the parameters' float32, within its rounding."""
+    monkeypatch.setitem(kernels.DENSE_ABOVE, "cpu", 0.0)
+    x = world(256, seed=1)
+    sae = JumpReLUSAE(D_IN, D_SAE, l0=8, bandwidth=0.5, init_threshold=0.05, pre_act_coef=0.0, seed=3)
+    with torch.no_grad():
+        sae.b_dec.copy_(x.mean(0))
+    grads, losses = [], []
+    for step in (JumpReLUSAE.losses, autograd_losses):
+        sae.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=dtype):  # the backward too, as custom_bwd runs it on a GPU
+            out = step(sae, x, torch.zeros(D_SAE, dtype=torch.bool))
+            out.loss.backward()
+        grads.append({n: p.grad for n, p in sae.named_parameters()})
+        losses.append(out.loss.detach())
+    assert dense_steps == [1]
+    torch.testing.assert_close(losses[0], losses[1], rtol=0.02, atol=0.0)
+    for name, g in grads[0].items():
+        assert g.dtype == torch.float32, name
+        torch.testing.assert_close(g, grads[1][name], rtol=0.05, atol=0.02 * float(g.abs().max()), msg=name)
