@@ -10,9 +10,9 @@ from `--reference` (a JSON of `bench/sae_train.py --archs gated`). Screening onl
 is then checked against SAELens trained in the same run by `bench/sae_train.py`.
 
 A variant is `name` or `name:key=value,key=value`. Keys: `lr`, `input_norm` (unit, sqrt_d_in),
-`sparsity_coef`, `coef_rate`, `coef_lead_steps`, `frozen_gate_decoder` (0/1) (the constructor's), and the
-class settings `decoder_norm`, `free_decoder`, `encoder_init_scale`, and PenaltySAE's controller settings
-`coef_trend_horizon` (steps, or `none`) and `COEF_FAR`, set for that variant only.
+`sparsity_coef`, `coef_rate`, `coef_lead_steps`, `frozen_gate_decoder` (0/1), `revive_coef` (the
+constructor's), and the class settings `decoder_norm`, `free_decoder`, `encoder_init_scale`, and PenaltySAE's
+controller settings `coef_trend_horizon` (steps, or `none`) and `COEF_FAR`, set for that variant only.
 `base` is our default.
 """
 
@@ -46,6 +46,7 @@ OPTIONS = {
     "coef_rate": float,
     "coef_lead_steps": float,
     "frozen_gate_decoder": lambda v: bool(int(v)),
+    "revive_coef": float,
 }
 CONFIG = {"lr": float, "input_norm": str}
 
@@ -133,7 +134,8 @@ def main() -> None:
     args.curve_l0s = sorted({args.l0, *CURVE_L0S})
     meta = build_data(Path(args.data_dir), args.layer, args.seed)
     train, held = load_split(Path(args.data_dir), meta)
-    ref = json.loads(Path(args.reference).read_text())["output"]["gated"]["saelens"]
+    ref = json.loads(Path(args.reference).read_text())
+    ref = ref.get("output", ref)["gated"]["saelens"]  # a saved bench JSON wraps it in "output", or not
     out = {
         "reference_saelens": {
             "file": Path(args.reference).name,

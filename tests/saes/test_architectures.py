@@ -74,7 +74,9 @@ def dense_reference_loss(sae, x: torch.Tensor, dead: torch.Tensor) -> torch.Tens
     frozen = sae.frozen_gate_decoder  # the paper's form; SAELens's (the default) trains the decoder here too
     W, b = (sae.W_dec.detach(), sae.b_dec.detach()) if frozen else (sae.W_dec, sae.b_dec)
     x_gate = pi_gate.relu() @ W + b
-    return mse(x_hat) + sae.sparsity_coef * pi_gate.relu().sum(-1).mean() + mse(x_gate)
+    revive = ((-pi_gate).relu() * dead).sum(-1).mean()  # the pre-activation loss on dead latents' gates
+    l1 = pi_gate.relu().sum(-1).mean()
+    return mse(x_hat) + sae.sparsity_coef * l1 + mse(x_gate) + sae.revive_coef * revive
 
 
 def perturbed(arch: str, x: torch.Tensor) -> SAE:
