@@ -435,6 +435,28 @@ def latent_quantiles(sae: SAE, x: Tensor, l0: float) -> Tensor:
     return out
 
 
+def pre_act_loss(
+    x: Tensor,
+    b_dec: Tensor,
+    W_enc_T: Tensor,
+    bias: Tensor,
+    dead: Tensor,
+    threshold: Tensor | None = None,
+    W_dec: Tensor | None = None,
+) -> Tensor:
+    """Anthropic's pre-activation loss on the dead latents (SAELens's `calculate_pre_act_loss`): the mean
+    over tokens of Σ_dead relu(θ_j - pre_j), each times ‖W_dec row j‖ when `W_dec` is given. Every other
+    term of a JumpReLU or Gated step lives where a latent fires, so one that fires on no token gets no
+    gradient; this raises its pre-activations toward firing. pre = (x - b_dec) @ W_enc_T[dead].T + bias[dead]
+    [n, n_dead]; θ 0 when `threshold` is None (Gated's gate); `dead` [d_sae] bool. Uncoefficiented."""
+    idx = dead.nonzero().squeeze(1)  # [n_dead]
+    pre = (x - b_dec) @ W_enc_T.index_select(0, idx).t() + bias.index_select(0, idx)
+    gap = (-pre if threshold is None else threshold.index_select(0, idx) - pre).relu()
+    if W_dec is not None:
+        gap = gap * W_dec.index_select(0, idx).norm(dim=1)
+    return gap.sum(-1).mean()
+
+
 def auxk_loss(
     sae: SAE, x: Tensor, pre: Tensor, dead: Tensor, residual: Tensor, k_aux: int, normalised: bool = True
 ) -> Tensor:

@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 from torch.amp import custom_bwd, custom_fwd
 
-from helpers.saes.base import PenaltySAE, StepOutput
+from helpers.saes.base import PenaltySAE, StepOutput, pre_act_loss
 from helpers.saes.kernels import DENSE_ABOVE, Pattern, gather_pre, recon_loss, sparse_decode
 
 
@@ -148,14 +148,12 @@ class GatedSAE(PenaltySAE):
         return StepOutput(loss, terms, x_hat.detach(), fired)
 
     def revival_loss(self, x: Tensor, dead: Tensor) -> Tensor:
-        """Anthropic's pre-activation loss (JumpReLU's `pre_act_loss`) on the gates of the dead latents:
+        """Anthropic's pre-activation loss (`base.pre_act_loss`, as JumpReLU's) on the dead latents' gates:
         `revive_coef` · mean over tokens of Σ_dead relu(-π_gate) (the gate's threshold is 0; decoder rows are
         unit-norm, so no norm factor). Every other term lives on the active set, so a latent whose gate
         closes on every token gets no gradient at all; this one raises its b_gate and turns its encoder
         column toward the tokens until it opens again. x [n, d_in], dead [d_sae] bool."""
-        idx = dead.nonzero().squeeze(1)  # [n_dead]
-        pi_gate = (x - self.b_dec) @ self.W_enc_T.index_select(0, idx).t() + self.b_gate.index_select(0, idx)
-        return self.revive_coef * (-pi_gate).relu().sum(-1).mean()
+        return self.revive_coef * pre_act_loss(x, self.b_dec, self.W_enc_T, self.b_gate, dead)
 
 
 class _DenseStep(torch.autograd.Function):

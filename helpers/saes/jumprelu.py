@@ -71,7 +71,7 @@ import torch
 from torch import Tensor, nn
 from torch.amp import custom_bwd, custom_fwd
 
-from helpers.saes.base import PenaltySAE, StepOutput, latent_quantiles
+from helpers.saes.base import PenaltySAE, StepOutput, latent_quantiles, pre_act_loss
 from helpers.saes.kernels import DENSE_ABOVE, Pattern, gather_pre, recon_loss, sparse_decode
 
 
@@ -301,10 +301,8 @@ class JumpReLUSAE(PenaltySAE):
         """Anthropic's pre-activation loss on the dead latents (SAELens's `calculate_pre_act_loss`):
         `pre_act_coef` · mean over tokens of Σ_dead relu(θ - pre) ‖W_dec row‖, which raises a dead latent's
         pre-activations (and lowers its θ) toward firing."""
-        idx = dead.nonzero().squeeze(1)
-        pre = (x - self.b_dec) @ self.W_enc_T.index_select(0, idx).t() + self.b_enc.index_select(0, idx)
-        gap = (self.threshold.index_select(0, idx) - pre).relu()
-        return self.pre_act_coef * (gap * self.W_dec.index_select(0, idx).norm(dim=1)).sum(-1).mean()
+        loss = pre_act_loss(x, self.b_dec, self.W_enc_T, self.b_enc, dead, self.threshold, self.W_dec)
+        return self.pre_act_coef * loss
 
     @torch.no_grad()
     def after_step(self, out: StepOutput) -> None:
