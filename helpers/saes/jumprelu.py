@@ -72,7 +72,7 @@ from torch import Tensor, nn
 from torch.amp import custom_bwd, custom_fwd
 
 from helpers.saes.base import PenaltySAE, StepOutput, latent_quantiles, pre_act_loss
-from helpers.saes.kernels import DENSE_ABOVE, Pattern, gather_pre, recon_loss, sparse_decode
+from helpers.saes.kernels import Pattern, dense_enough, gather_pre, recon_loss, sparse_decode
 
 
 def _rectangle(u: Tensor) -> Tensor:
@@ -259,7 +259,7 @@ class JumpReLUSAE(PenaltySAE):
             pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)  # [n, d_sae]: the only dense matmul
             # Active pairs plus those in the lower half of the STE window (the upper half is active).
             mask = pre > self.threshold - eps / 2
-            dense = int(torch.count_nonzero(mask)) > DENSE_ABOVE.get(x.device.type, 0.02) * mask.numel()
+            dense = dense_enough(int(torch.count_nonzero(mask)), mask.numel(), x.device)
         self.threshold_before_step.copy_(self.threshold.detach())
         if dense:  # early in training many latents fire: dense maths beats building a Pattern
             with torch.no_grad():

@@ -26,6 +26,12 @@ _BWD = torch.amp.custom_bwd(device_type="cuda")
 DENSE_ABOVE = {"cpu": 0.12, "cuda": 0.02}
 
 
+def dense_enough(nnz: int, numel: int, device: torch.device) -> bool:
+    """Whether a step touching `nnz` of `numel` (token, latent) pairs runs faster as dense maths: above
+    DENSE_ABOVE's share for the device (0.02 on any other)."""
+    return nnz > DENSE_ABOVE.get(device.type, 0.02) * numel
+
+
 class Pattern:
     """The (token, latent) pairs a step touches, in CSR order: row-major, latents sorted within a row."""
 
@@ -34,7 +40,7 @@ class Pattern:
         if crow is None:  # [n_rows + 1]: where each row's pairs start
             crow = F.pad(torch.bincount(row, minlength=n_rows).cumsum(0), (1, 0))
         self.crow = crow
-        self.is_dense = len(col) > DENSE_ABOVE.get(col.device.type, 0.02) * n_rows * n_cols
+        self.is_dense = dense_enough(len(col), n_rows * n_cols, col.device)
         self._transpose: tuple[Tensor, Tensor, Tensor] | None = None
         self._latent_major: tuple[Tensor, Tensor] | None = None
         self._same_latents: Pattern | None = None

@@ -74,7 +74,7 @@ from torch import Tensor, nn
 from torch.amp import custom_bwd, custom_fwd
 
 from helpers.saes.base import PenaltySAE, StepOutput, latent_quantiles
-from helpers.saes.kernels import DENSE_ABOVE, Pattern, gather_pre, recon_loss, row_norms, sparse_decode
+from helpers.saes.kernels import Pattern, dense_enough, gather_pre, recon_loss, row_norms, sparse_decode
 
 
 class StandardSAE(PenaltySAE):
@@ -239,7 +239,7 @@ class StandardSAE(PenaltySAE):
             acts = self._pre_activations(x).relu_()  # [n, d_sae]
             active = acts.bool()  # a float -> bool cast: ~7x faster than `pre > 0` on a CPU
             fired = active.sum(0, dtype=torch.int32)  # [d_sae]; int32 sums: ~3x faster than via int64
-            dense = int(fired.sum()) > DENSE_ABOVE.get(x.device.type, 0.02) * active.numel()
+            dense = dense_enough(int(fired.sum()), active.numel(), x.device)
         if dense:  # early in training half the latents fire: dense maths beats building a Pattern
             mse, l1, x_hat = _DenseStep.apply(
                 x, self.b_dec, self.W_enc_T, self.b_enc, self.W_dec, norms, acts
