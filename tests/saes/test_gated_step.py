@@ -5,16 +5,14 @@ its rounding of autograd's. Tiny SAEs on a synthetic sparse world, no model."""
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 
 from helpers.saes import GatedSAE, gated, kernels
 from helpers.saes.base import StepOutput
-from helpers.saes.train import TrainConfig, Trainer
+from helpers.saes.train import TrainConfig
 from tests.saes.test_gated_training_form import dense_loss
-from tests.saes.test_standard_step import recorded_gradients, world
+from tests.saes.test_standard_step import train_beside_autograd, world
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -55,21 +53,9 @@ def test_training_ends_where_autograd_of_the_plain_loss_ends(dense, frozen, dens
         batch_size=256,
         sae_options={"frozen_gate_decoder": frozen},
     )
-    ours, plain = Trainer(cfg, D_IN), Trainer(cfg, D_IN)
-    plain.sae.losses = types.MethodType(autograd_losses, plain.sae)
-    for run in (ours, plain):
-        run.init_from_data(x[:1024])
-    grads = {run: recorded_gradients(run) for run in (ours, plain)}
-    for batch in x.split(256):
-        a, b = ours.train_step(batch), plain.train_step(batch)
-        assert torch.equal(a.fired, b.fired)
-        torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
-        for g, ref, (name, _) in zip(grads[ours], grads[plain], ours.sae.named_parameters(), strict=True):
-            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6, msg=f"step {ours.step}: d {name}")
+    ours, _ = train_beside_autograd(cfg, x, autograd_losses)
     assert len(dense_steps) == (10 if dense else 0)
     assert 0.02 < ours.history[-1]["l0"] / D_SAE < 0.6  # both paths had real work: neither empty nor full
-    for name, p in plain.sae.named_parameters():
-        torch.testing.assert_close(getattr(ours.sae, name), p, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -5,16 +5,14 @@ L0 penalty; under autocast the gradients come back float32 within its rounding. 
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 
 from helpers.saes import JumpReLUSAE, jumprelu, kernels
 from helpers.saes.base import StepOutput
 from helpers.saes.jumprelu import _JumpReLU, _Step
-from helpers.saes.train import TrainConfig, Trainer
-from tests.saes.test_standard_step import recorded_gradients, world
+from helpers.saes.train import TrainConfig
+from tests.saes.test_standard_step import train_beside_autograd, world
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -61,21 +59,12 @@ def test_training_ends_where_autograd_of_the_plain_loss_ends(dense, penalty, den
         batch_size=256,
         sae_options={"l0_penalty": penalty, "bandwidth": 0.05, "pre_act_coef": 0.0},
     )
-    ours, plain = Trainer(cfg, D_IN), Trainer(cfg, D_IN)
-    plain.sae.losses = types.MethodType(autograd_losses, plain.sae)
-    for run in (ours, plain):
-        run.init_from_data(x[:1024])
-    grads = {run: recorded_gradients(run) for run in (ours, plain)}
-    for batch in x.split(256):
-        a, b = ours.train_step(batch), plain.train_step(batch)
-        assert torch.equal(a.fired, b.fired)
-        torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
-        for g, ref, (name, _) in zip(grads[ours], grads[plain], ours.sae.named_parameters(), strict=True):
-            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6, msg=f"step {ours.step}: d {name}")
-        assert float(grads[ours][-1].abs().sum()) > 0, "θ learns at every step (the window is not empty)"
+
+    def theta_learns(grads: list[torch.Tensor]) -> None:
+        assert float(grads[-1].abs().sum()) > 0, "θ learns at every step (the window is not empty)"
+
+    train_beside_autograd(cfg, x, autograd_losses, theta_learns)
     assert len(dense_steps) == (10 if dense else 0)
-    for name, p in plain.sae.named_parameters():
-        torch.testing.assert_close(getattr(ours.sae, name), p, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

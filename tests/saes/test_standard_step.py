@@ -51,6 +51,30 @@ def recorded_gradients(run: Trainer) -> list[torch.Tensor]:
     return grads
 
 
+def train_beside_autograd(
+    cfg: TrainConfig, x: torch.Tensor, autograd, each_step=None
+) -> tuple[Trainer, Trainer]:
+    """Two trainers of `cfg` on the batches of x (the first 1024 tokens to initialise), `plain`'s losses by
+    `autograd` (sae, x, dead) -> StepOutput: the same firing counts, loss and clipped gradients at every
+    step (`each_step(ours' gradients)` checks more) and the same weights at the end. (ours, plain)."""
+    ours, plain = Trainer(cfg, D_IN), Trainer(cfg, D_IN)
+    plain.sae.losses = types.MethodType(autograd, plain.sae)
+    for run in (ours, plain):
+        run.init_from_data(x[:1024])
+    grads = {run: recorded_gradients(run) for run in (ours, plain)}
+    for batch in x.split(cfg.batch_size):
+        a, b = ours.train_step(batch), plain.train_step(batch)
+        assert torch.equal(a.fired, b.fired)
+        torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+        for g, ref, (name, _) in zip(grads[ours], grads[plain], ours.sae.named_parameters(), strict=True):
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6, msg=f"step {ours.step}: d {name}")
+        if each_step is not None:
+            each_step(grads[ours])
+    for name, p in plain.sae.named_parameters():
+        torch.testing.assert_close(getattr(ours.sae, name), p, rtol=1e-4, atol=1e-5, msg=name)
+    return ours, plain
+
+
 @pytest.mark.parametrize("dense", [True, False], ids=["dense-step", "sparse-step"])
 def test_training_ends_where_autograd_of_the_plain_loss_ends(dense, monkeypatch):
     """Ten steps of the real trainer (Adam, clipping, the λ controller): the same weights within float
@@ -60,20 +84,8 @@ def test_training_ends_where_autograd_of_the_plain_loss_ends(dense, monkeypatch)
     cfg = TrainConfig(
         architecture="standard", expansion=D_SAE // D_IN, l0=4, train_tokens=2560, batch_size=256
     )
-    ours, plain = Trainer(cfg, D_IN), Trainer(cfg, D_IN)
-    plain.sae.losses = types.MethodType(autograd_losses, plain.sae)
-    for run in (ours, plain):
-        run.init_from_data(x[:1024])
-    grads = {run: recorded_gradients(run) for run in (ours, plain)}
-    for batch in x.split(256):
-        a, b = ours.train_step(batch), plain.train_step(batch)
-        assert torch.equal(a.fired, b.fired)
-        torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
-        for g, ref, (name, _) in zip(grads[ours], grads[plain], ours.sae.named_parameters(), strict=True):
-            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6, msg=f"step {ours.step}: d {name}")
+    ours, plain = train_beside_autograd(cfg, x, autograd_losses)
     assert 0.02 < ours.history[-1]["l0"] / D_SAE < 0.5  # both paths had real work: neither empty nor full
-    for name, p in plain.sae.named_parameters():
-        torch.testing.assert_close(getattr(ours.sae, name), p, rtol=1e-4, atol=1e-5, msg=name)
     assert float(ours.sae.sparsity_coef) == pytest.approx(float(plain.sae.sparsity_coef), rel=1e-6)
 
 
