@@ -201,7 +201,8 @@ def saelens_breakdown(
         h.remove()
     sae.training_forward_pass = forward
     with torch.no_grad():
-        l0 = float((sae.encode(batches[-1] * scale) > 0).sum(-1).float().mean())
+        feats = sae.encode(batches[-1] * scale)  # a sparse tensor on SAELens's sparse TopK path
+        l0 = float(((feats.to_dense() if feats.is_sparse else feats) > 0).sum(-1).float().mean())
     return {
         "step_ms": round((end[0] - start[0]) / args.steps, 3),
         "system_ms": round((end[1] - start[1]) / args.steps, 3),
