@@ -233,6 +233,9 @@ def compare(
         else [(w, c) for c in chunks for w in ("saelens", "ours")]
     )
     seconds, matmul = {"ours": 0.0, "saelens": 0.0}, {"ours": 0.0, "saelens": 0.0}
+    # the process's CPU seconds in each trainer's steps: robust to other processes' load, where wall clock
+    # and its matmul correction are not (a crowded core stretches torch's waits, not its CPU time)
+    cpu = {"ours": 0.0, "saelens": 0.0}
     W = torch.randn(d_in, d_sae) / d_in**0.5
     theirs_scores = None
     cached: tuple[list[int], list[torch.Tensor]] = ([], [])
@@ -249,10 +252,11 @@ def compare(
             ours = Trainer(cfg, d_in)
             ours.init_from_data(init)
         step = ours.train_step if who == "ours" else (lambda x: theirs.train_step(x * lens_scale))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for x in xs:
             step(x)
         seconds[who] += time.perf_counter() - t0
+        cpu[who] += time.process_time() - c0
         t0 = time.perf_counter()
         for x in xs:
             x @ W
@@ -280,13 +284,21 @@ def compare(
             if control
             else {}
         ),
-        "ours": {**ours_scores, "tokens_per_s": round(tps["ours"])},
+        "ours": {
+            **ours_scores,
+            "tokens_per_s": round(tps["ours"]),
+            "tokens_per_cpu_s": round(tokens / cpu["ours"]),
+        },
         **(
             {"ours_at_running_threshold": {m: running[m] for m in ("mcc", "f1", "explained_variance", "l0")}}
             if running
             else {}
         ),
-        "saelens": {**theirs_scores, "tokens_per_s": round(tps["saelens"])},
+        "saelens": {
+            **theirs_scores,
+            "tokens_per_s": round(tps["saelens"]),
+            "tokens_per_cpu_s": round(tokens / cpu["saelens"]),
+        },
         "ratio_ours_over_saelens": {
             "mcc": ratio("mcc"),
             "f1": ratio("f1"),
@@ -296,6 +308,7 @@ def compare(
             "tokens_per_s_load_corrected": round(
                 tps["ours"] / tps["saelens"] * matmul["ours"] / matmul["saelens"], 2
             ),
+            "tokens_per_cpu_s": round(cpu["saelens"] / cpu["ours"], 2),
         },
     }
 
@@ -463,14 +476,12 @@ def main() -> None:
                 "f1_ge_saelens",
                 r["best_over_lrs"]["ours"]["f1"]["value"] >= r["best_over_lrs"]["saelens"]["f1"]["value"],
             ),
-            (
-                "faster_2x",
-                min(
-                    v["ratio_ours_over_saelens"]["tokens_per_s_load_corrected"]
-                    for k, v in r.items()
-                    if k.startswith("lr=")
+            *(
+                (  # issue 25's target: 3x SAELens's tokens/s in the same runs, wall (load-corrected) and CPU
+                    f"faster_3x_{key}",
+                    min(v["ratio_ours_over_saelens"][key] for k, v in r.items() if k.startswith("lr=")) >= 3,
                 )
-                >= 2,
+                for key in ("tokens_per_s_load_corrected", "tokens_per_cpu_s")
             ),
         )
     }
