@@ -143,7 +143,7 @@ def breakdown(arch: str, args: argparse.Namespace) -> dict:
         pre = torch.addmm(bias, x_c, sae.W_enc)
         shared = {"encoder_product": per_call_ms(lambda: torch.addmm(bias, x_c, sae.W_enc), 20)}
         if arch == "topk":
-            shared["topk"] = per_call_ms(lambda: pre.topk(l0, dim=-1, sorted=False), 20)
+            shared["topk"] = per_call_ms(lambda: pre.topk(round(l0), dim=-1, sorted=False), 20)
     result = {
         "step_ms": round((end[0] - start[0]) / args.steps, 3),
         "system_ms": round((end[1] - start[1]) / args.steps, 3),
