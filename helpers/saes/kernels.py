@@ -72,9 +72,8 @@ class Pattern:
             return self._same_latents.latent_major()
         if self._latent_major is None:
             # The pairs are row-major, so a stable sort by latent gives the latent-major, token-sorted
-            # order (the same permutation as sorting the unique keys col * n_rows + row; torch 2.13's
-            # stable sort of the latents alone is 1.1-2.5x faster on a CPU).
-            order = torch.sort(self.col, stable=True).indices
+            # order (the same permutation as sorting the unique keys col * n_rows + row).
+            order = stable_argsort_small(self.col, self.n_cols)
             crow_t = F.pad(torch.bincount(self.col, minlength=self.n_cols).cumsum(0), (1, 0))
             self._latent_major = (order, crow_t)
         return self._latent_major
@@ -167,6 +166,27 @@ def batch_topk(pre: Tensor, n_select: int, sample_rows: int = 64) -> Pattern:
     else:
         top = flat.topk(n_select, sorted=False).indices
     return Pattern.from_pairs(torch.div(top, d, rounding_mode="floor"), top % d, n, d)
+
+
+# torch's CPU stable sort of a 1-D integer tensor is a radix sort (fbgemm's, one pass per key byte) from
+# this many entries on (at::internal::GRAIN_SIZE), a comparison sort below it.
+RADIX_SORT_FROM = 32768
+
+
+def stable_argsort_small(keys: Tensor, bound: int) -> Tensor:
+    """`torch.sort(keys, stable=True).indices` of integer keys [m] in [0, bound). On a CPU, from a quarter
+    of `RADIX_SORT_FROM` keys on, the keys are sorted as int16 (int32 above 32,767) and padded up to it
+    with `bound` (sorted after every key, then dropped), so torch takes its radix sort: a JumpReLU step's
+    30,729 latents of 512 in 0.23 ms instead of 0.93 (the comparison sort); 32,768 latents of 4,608 (TopK,
+    k 32) in 0.15 instead of 0.41 as int64 (one thread). Below that the comparison sort is as fast or faster
+    (7,168 keys: 0.15 vs 0.16 ms; 2,000: 0.03 vs 0.14)."""
+    m = len(keys)
+    if keys.device.type != "cpu" or m < RADIX_SORT_FROM // 4:
+        return torch.sort(keys, stable=True).indices
+    small = keys.to(torch.int16 if bound < 2**15 else torch.int32)
+    if m < RADIX_SORT_FROM:
+        small = torch.cat([small, small.new_full((RADIX_SORT_FROM - m,), bound)])
+    return torch.sort(small, stable=True).indices[:m]
 
 
 def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
