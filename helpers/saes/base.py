@@ -22,7 +22,15 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from helpers.saes.kernels import Pattern, gather_pre, recon_loss, relu_topk, sparse_decode
+from helpers.saes.kernels import (
+    Pattern,
+    firing_counts,
+    gather_pre,
+    recon_loss,
+    relu_topk,
+    sparse_decode,
+    sparse_recon_loss,
+)
 
 # Under CUDA autocast (fp16 on a T4, bf16 from compute capability 8) the sparse parts run in fp32: only
 # the encoder's dense matmul uses the low precision.
@@ -276,8 +284,7 @@ class KSparseSAE(SAE):
 
     def reconstruction_loss(self, x: Tensor, acts: Tensor, p: Pattern) -> tuple[Tensor, Tensor, dict]:
         """(loss, x_hat, terms) of the selected activations: plain MSE here, nested prefixes in Matryoshka."""
-        x_hat = sparse_decode(acts, self.W_dec, p) + self.b_dec
-        mse = recon_loss(x_hat, x)
+        mse, x_hat = sparse_recon_loss(acts, self.W_dec, self.b_dec, x, p)
         return mse, x_hat, {"mse": mse.detach()}
 
     def losses(self, x: Tensor, dead: Tensor) -> StepOutput:
@@ -288,11 +295,7 @@ class KSparseSAE(SAE):
             auxk = auxk_loss(self, x, pre, dead, residual, self.k_aux, normalised=self.auxk_normalised)
             terms["auxk"] = auxk.detach()
             loss = loss + self.auxk_coef * auxk
-        # tokens each latent fired on [d_sae] (a latent is at most once in a token's pairs); index_add_ of the
-        # 0/1 flags, not bincount of the firing pairs, which a boolean index would first gather (~3x slower)
-        fired = torch.zeros(self.d_sae, dtype=torch.int64, device=x.device).index_add_(
-            0, p.col, (acts > 0).long()
-        )
+        fired = firing_counts(acts, p)  # [d_sae]
         return StepOutput(loss, terms, x_hat.detach(), fired)
 
 

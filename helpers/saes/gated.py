@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from torch.amp import custom_bwd, custom_fwd
 
 from helpers.saes.base import PenaltySAE, StepOutput, pre_act_loss
-from helpers.saes.kernels import Pattern, dense_enough, gather_pre, recon_loss, sparse_decode
+from helpers.saes.kernels import Pattern, dense_enough, firing_counts, gather_pre, sparse_recon_loss
 
 
 class GatedSAE(PenaltySAE):
@@ -126,13 +126,11 @@ class GatedSAE(PenaltySAE):
         per_pair = lambda v: v.index_select(0, p.col)  # noqa: E731 - backward is index_add_ (deterministic)
         gate = (z_p + per_pair(self.b_gate)).relu()  # ReLU(π_gate) on the active set
         acts = (z_p * per_pair(self.r_mag).exp() + per_pair(self.b_mag)).relu()  # f = ReLU(π_mag) where H = 1
-        x_hat = sparse_decode(acts, self.W_dec, p) + self.b_dec
-        mse = recon_loss(x_hat, x)
+        mse, x_hat = sparse_recon_loss(acts, self.W_dec, self.b_dec, x, p)
         l1 = gate.sum() / len(x)
         W_dec, b_dec = (self.W_dec.detach(), self.b_dec.detach()) if frozen else (self.W_dec, self.b_dec)
-        x_gate = sparse_decode(gate, W_dec, p) + b_dec
-        gate_aux = recon_loss(x_gate, x)
-        fired = torch.bincount(p.col[acts > 0], minlength=self.d_sae)
+        gate_aux, _ = sparse_recon_loss(gate, W_dec, b_dec, x, p)
+        fired = firing_counts(acts, p)
         return self._output(x, dead, mse, l1, gate_aux, x_hat, fired)
 
     def _output(

@@ -72,7 +72,7 @@ from torch import Tensor, nn
 from torch.amp import custom_bwd, custom_fwd
 
 from helpers.saes.base import PenaltySAE, StepOutput, latent_quantiles, pre_act_loss
-from helpers.saes.kernels import Pattern, dense_enough, gather_pre, recon_loss, sparse_decode
+from helpers.saes.kernels import Pattern, dense_enough, firing_counts, gather_pre, sparse_recon_loss
 
 
 def _rectangle(u: Tensor) -> Tensor:
@@ -282,14 +282,13 @@ class JumpReLUSAE(PenaltySAE):
             z = gather_pre(x, self.b_dec, self.W_enc_T, self.b_enc, pre, p)  # [nnz]
             theta = self.threshold.index_select(0, p.col)  # backward: index_add_, deterministic on CPU
             acts = _JumpReLU.apply(z, theta, eps)
-            x_hat = sparse_decode(acts, self.W_dec, p) + self.b_dec
-            mse = recon_loss(x_hat, x)
+            mse, x_hat = sparse_recon_loss(acts, self.W_dec, self.b_dec, x, p)
             step = _Step.apply(z, theta, eps)  # differentiable in θ (eq. 12)
             if self.l0_penalty == "batch":  # on the mean L0 per token
                 error = (step.sum() / len(x) - self.target_l0).pow(2)
             else:  # on each token's L0
                 error = (step.new_zeros(len(x)).index_add(0, p.row, step) - self.target_l0).pow(2).mean()
-            fired = torch.bincount(p.col[acts > 0], minlength=self.d_sae)
+            fired = firing_counts(acts, p)
         sparsity = self.sparsity_coef * error / self.target_l0
         loss, parts = mse + sparsity, {"mse": mse.detach(), "sparsity": sparsity.detach()}
         if self.pre_act_coef:  # a history column whenever it is on, 0 while no latent is dead

@@ -74,7 +74,7 @@ from torch import Tensor, nn
 from torch.amp import custom_bwd, custom_fwd
 
 from helpers.saes.base import PenaltySAE, StepOutput, latent_quantiles
-from helpers.saes.kernels import Pattern, dense_enough, gather_pre, recon_loss, row_norms, sparse_decode
+from helpers.saes.kernels import Pattern, dense_enough, gather_pre, row_norms, sparse_recon_loss
 
 
 class StandardSAE(PenaltySAE):
@@ -247,9 +247,8 @@ class StandardSAE(PenaltySAE):
         else:
             p = Pattern.from_mask(active)
             acts = gather_pre(x, self.b_dec, self.W_enc_T, self.b_enc, acts, p)  # [nnz], all > 0
-            x_hat = sparse_decode(acts, self.W_dec, p) + self.b_dec
+            mse, x_hat = sparse_recon_loss(acts, self.W_dec, self.b_dec, x, p)
             l1 = (acts * norms.index_select(0, p.col)).sum() / len(x)
-            mse = recon_loss(x_hat, x)
         terms = {"mse": mse.detach(), "l1": l1.detach()}
         return StepOutput(mse + self.penalty_coef() * l1, terms, x_hat.detach(), fired.long())
 

@@ -1,0 +1,65 @@
+"""The sparse step's kernels against plain references: `stable_argsort_small` is torch's stable argsort
+whatever path it takes (comparison sort, padded radix sort, int16 or int32 keys), `Pattern.csr_t` is the dense
+transpose, and `sparse_recon_loss` is autograd of the plain decode and MSE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers.saes import kernels
+
+
+@pytest.mark.parametrize(
+    "m, bound",
+    [
+        (100, 512),  # the comparison sort
+        (kernels.RADIX_SORT_FROM // 4, 512),  # padded, int16 keys
+        (kernels.RADIX_SORT_FROM - 1, 7),  # padded, many ties
+        (kernels.RADIX_SORT_FROM + 5, 512),  # radix, no padding
+        (kernels.RADIX_SORT_FROM // 2, 2**15),  # int32 keys (the pad `bound` does not fit int16)
+    ],
+)
+def test_stable_argsort_small_is_the_stable_argsort(m, bound):
+    """Ties keep their order (the latent-major permutation is unique only with it) and the padding is gone."""
+    keys = torch.randint(0, bound, (m,), generator=torch.Generator().manual_seed(m))
+    keys[-3:] = bound - 1  # the largest key, next to the padding
+    assert torch.equal(kernels.stable_argsort_small(keys, bound), torch.sort(keys, stable=True).indices)
+
+
+def test_csr_t_is_the_transpose():
+    """A JumpReLU-like mask dense enough to take the padded radix sort: csr_t(values) is the dense [n_cols,
+    n_rows] transpose of the values at the pattern's pairs."""
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(512, 96, generator=g) < 0.3
+    p = kernels.Pattern.from_mask(mask)
+    assert len(p.col) >= kernels.RADIX_SORT_FROM // 4
+    values = torch.randn(len(p.col), generator=g)
+    assert torch.equal(p.csr_t(values).to_dense(), p.dense(values).t())
+
+
+@pytest.mark.parametrize("density", [0.05, 0.5])  # the sparse kernels and, above DENSE_ABOVE, dense maths
+def test_sparse_recon_loss_is_autograd_of_the_plain_loss(density):
+    """MSE, x_hat and the gradients to the values, W_dec and b_dec are those of autograd through the dense
+    decode `dense(values) @ W_dec + b_dec` and the plain MSE (a frozen decoder gets none)."""
+    g = torch.Generator().manual_seed(4)
+    n, d_sae, d_in = 64, 96, 16
+    p = kernels.Pattern.from_mask(torch.rand(n, d_sae, generator=g) < density)
+    assert p.is_dense == (density > kernels.DENSE_ABOVE["cpu"])
+    x = torch.randn(n, d_in, generator=g)
+    leaves = [torch.randn(len(p.col), generator=g), torch.randn(d_sae, d_in, generator=g), torch.randn(d_in)]
+    ours = [t.clone().requires_grad_() for t in leaves]
+    plain = [t.clone().requires_grad_() for t in leaves]
+    mse, x_hat = kernels.sparse_recon_loss(*ours, x, p)
+    (3 * mse).backward()
+    want_x_hat = p.dense(plain[0]) @ plain[1] + plain[2]
+    want = (want_x_hat - x).pow(2).sum(-1).mean()
+    (3 * want).backward()
+    torch.testing.assert_close(mse, want)
+    torch.testing.assert_close(x_hat, want_x_hat.detach())
+    assert not x_hat.requires_grad
+    for a, b in zip(ours, plain, strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+    values, W_dec, b_dec = (t.detach().requires_grad_() for t in leaves)
+    kernels.sparse_recon_loss(values, W_dec.detach(), b_dec.detach(), x, p)[0].backward()
+    assert values.grad is not None and W_dec.grad is None and b_dec.grad is None
