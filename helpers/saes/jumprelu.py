@@ -110,6 +110,29 @@ class _Step(torch.autograd.Function):
         return None, -(1.0 / ctx.eps) * _rectangle((z - theta) / ctx.eps) * g, None
 
 
+class _PairSteps(torch.autograd.Function):
+    """(z · H(z - θ), H(z - θ)) on the sparse step's pairs, z [nnz] and θ [d_sae] gathered at each pair's
+    latent `col` [nnz]: `_JumpReLU` and `_Step` (their pseudo-gradients, eq. 11-12) with θ's gather in one
+    autograd node, the window K computed once in backward, θ's gradient summed per latent by index_add_
+    (deterministic on a CPU). Autograd's graph of the three took ~0.5 ms forward and backward at 30k pairs."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, threshold: Tensor, col: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        theta = threshold.index_select(0, col)  # [nnz]
+        active = z > theta
+        ctx.save_for_backward(z, theta, col, active)
+        ctx.eps, ctx.n_latents = eps, len(threshold)
+        return z * active, active.to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g_acts: Tensor, g_step: Tensor):
+        z, theta, col, active = ctx.saved_tensors
+        # -(1/ε) K · (θ · d acts + d step) per pair, then per latent
+        per_pair = torch.addcmul(g_step, theta, g_acts).mul_(_rectangle((z - theta) / ctx.eps))
+        d_threshold = theta.new_zeros(ctx.n_latents).index_add_(0, col, per_pair, alpha=-1.0 / ctx.eps)
+        return g_acts * active, d_threshold, None, None
+
+
 class _DenseStep(torch.autograd.Function):
     """(mse, l0 per token [n], x_hat) of the JumpReLU SAE on every (token, latent) pair, from acts = pre ·
     H(pre - θ), `active` = H(pre - θ) (bool) and the window w = 0.5 - |pre - θ| / ε [n, d_sae] (K = 1 where
@@ -280,10 +303,8 @@ class JumpReLUSAE(PenaltySAE):
         else:
             p = Pattern.from_mask(mask)
             z = gather_pre(x, self.b_dec, self.W_enc_T, self.b_enc, pre, p)  # [nnz]
-            theta = self.threshold.index_select(0, p.col)  # backward: index_add_, deterministic on CPU
-            acts = _JumpReLU.apply(z, theta, eps)
+            acts, step = _PairSteps.apply(z, self.threshold, p.col, eps)  # step: differentiable in θ (eq. 12)
             mse, x_hat = sparse_recon_loss(acts, self.W_dec, self.b_dec, x, p)
-            step = _Step.apply(z, theta, eps)  # differentiable in θ (eq. 12)
             if self.l0_penalty == "batch":  # on the mean L0 per token
                 error = (step.sum() / len(x) - self.target_l0).pow(2)
             else:  # on each token's L0

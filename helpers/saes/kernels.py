@@ -92,12 +92,13 @@ class Pattern:
         return _csr(self.crow, self.col, values, (self.n_rows, self.n_cols))
 
     def csr_t(self, values: Tensor) -> Tensor:
-        """The transpose [n_cols, n_rows] as CSR (latent-major), for the weight gradients."""
+        """The transpose [n_cols, n_rows] as CSR (latent-major), for the weight gradients. (index_select, not
+        `values[order]`: advanced indexing took 0.07-0.10 ms of a JumpReLU step's 30k pairs, ~4x as long.)"""
         if self._transpose is None:
             order, crow_t = self.latent_major()
-            self._transpose = (order, crow_t, self.row[order])
+            self._transpose = (order, crow_t, self.row.index_select(0, order))
         order, crow_t, col_t = self._transpose
-        return _csr(crow_t, col_t, values[order], (self.n_cols, self.n_rows))
+        return _csr(crow_t, col_t, values.index_select(0, order), (self.n_cols, self.n_rows))
 
 
 # A float's bits read as the signed integer of its width order every non-negative float as its value (sign
