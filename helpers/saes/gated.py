@@ -56,7 +56,14 @@ from torch import Tensor, nn
 from torch.amp import custom_bwd, custom_fwd
 
 from helpers.saes.base import PenaltySAE, StepOutput, pre_act_loss
-from helpers.saes.kernels import Pattern, dense_enough, firing_counts, gather_pre, sparse_recon_loss
+from helpers.saes.kernels import (
+    Pattern,
+    count_true,
+    dense_enough,
+    firing_counts,
+    gather_pre,
+    sparse_recon_loss,
+)
 
 
 class GatedSAE(PenaltySAE):
@@ -114,7 +121,7 @@ class GatedSAE(PenaltySAE):
             z = (x - self.b_dec) @ self.W_enc  # [n, d_sae]: the only dense matmul of the sparse path
             gate = (z + self.b_gate).relu_()  # ReLU(π_gate) [n, d_sae] float32
             active = gate.bool()  # H(π_gate), as a cast: ~7x faster than `π_gate > 0` on a CPU
-            dense = dense_enough(int(torch.count_nonzero(active)), active.numel(), x.device)
+            dense = dense_enough(count_true(active), active.numel(), x.device)
         frozen = self.frozen_gate_decoder  # the paper's form: the gate term does not train the decoder
         if dense:  # early in training about half the gates are open: dense maths beats building a Pattern
             mse, l1, gate_aux, x_hat, fired = _DenseStep.apply(

@@ -72,7 +72,14 @@ from torch import Tensor, nn
 from torch.amp import custom_bwd, custom_fwd
 
 from helpers.saes.base import PenaltySAE, StepOutput, latent_quantiles, pre_act_loss
-from helpers.saes.kernels import Pattern, dense_enough, firing_counts, gather_pre, sparse_recon_loss
+from helpers.saes.kernels import (
+    Pattern,
+    count_true,
+    dense_enough,
+    firing_counts,
+    gather_pre,
+    sparse_recon_loss,
+)
 
 
 def _rectangle(u: Tensor) -> Tensor:
@@ -280,9 +287,11 @@ class JumpReLUSAE(PenaltySAE):
         eps = self.bandwidth
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)  # [n, d_sae]: the only dense matmul
-            # Active pairs plus those in the lower half of the STE window (the upper half is active).
-            mask = pre > self.threshold - eps / 2
-            dense = dense_enough(int(torch.count_nonzero(mask)), mask.numel(), x.device)
+            # Active pairs plus those in the lower half of the STE window (the upper half is active):
+            # pre > θ - ε/2 as ReLU(pre - (θ - ε/2)) cast to bool (a - b > 0 exactly when a > b, subnormals
+            # kept): 0.11 ms at [1024, 512] on a CPU, the comparison 0.24
+            mask = (pre - (self.threshold - eps / 2)).relu_().bool()
+            dense = dense_enough(count_true(mask), mask.numel(), x.device)
         self.threshold_before_step.copy_(self.threshold.detach())
         if dense:  # early in training many latents fire: dense maths beats building a Pattern
             with torch.no_grad():
