@@ -130,9 +130,7 @@ class GatedSAE(PenaltySAE):
             return self._output(x, dead, mse, l1, gate_aux, x_hat, fired)
         p = Pattern.from_mask(active)
         z_p = gather_pre(x, self.b_dec, self.W_enc_T, None, z, p)  # [nnz], gradient to W_enc and b_dec
-        per_pair = lambda v: v.index_select(0, p.col)  # noqa: E731 - backward is index_add_ (deterministic)
-        gate = (z_p + per_pair(self.b_gate)).relu()  # ReLU(π_gate) on the active set
-        acts = (z_p * per_pair(self.r_mag).exp() + per_pair(self.b_mag)).relu()  # f = ReLU(π_mag) where H = 1
+        gate, acts = _SparsePairs.apply(z_p, self.b_gate, self.r_mag, self.b_mag, p.col)  # [nnz] each
         mse, x_hat = sparse_recon_loss(acts, self.W_dec, self.b_dec, x, p)
         l1 = gate.sum() / len(x)
         W_dec, b_dec = (self.W_dec.detach(), self.b_dec.detach()) if frozen else (self.W_dec, self.b_dec)
@@ -159,6 +157,32 @@ class GatedSAE(PenaltySAE):
         closes on every token gets no gradient at all; this one raises its b_gate and turns its encoder
         column toward the tokens until it opens again. x [n, d_in], dead [d_sae] bool."""
         return self.revive_coef * pre_act_loss(x, self.b_dec, self.W_enc_T, self.b_gate, dead)
+
+
+class _SparsePairs(torch.autograd.Function):
+    """(ReLU(π_gate), f = ReLU(π_mag)) [nnz] each on the sparse step's pairs (the active set, where H = 1),
+    from z [nnz] and the per-latent b_gate, r_mag, b_mag [d_sae] gathered at each pair's latent `col`
+    [nnz]: one autograd node where autograd's graph took nine (three gathers, add, ReLU, exp, multiply, add,
+    ReLU), each latent's gradients summed by index_add_ (deterministic on a CPU). exp(r_mag) is taken per
+    latent, so d r_mag = exp(r_mag) ⊙ (the per-latent sum of d π_mag · z)."""
+
+    @staticmethod
+    def forward(ctx, z, b_gate, r_mag, b_mag, col):
+        scale = r_mag.exp()  # [d_sae]
+        scale_p = scale.index_select(0, col)  # [nnz]
+        gate = (z + b_gate.index_select(0, col)).relu_()
+        acts = (z * scale_p).add_(b_mag.index_select(0, col)).relu_()
+        ctx.save_for_backward(z, col, scale, scale_p, gate, acts)
+        return gate, acts
+
+    @staticmethod
+    def backward(ctx, g_gate, g_acts):
+        z, col, scale, scale_p, gate, acts = ctx.saved_tensors
+        d_gate = torch.ops.aten.threshold_backward(g_gate, gate, 0)  # d π_gate: 0 where the ReLU is 0
+        d_mag = torch.ops.aten.threshold_backward(g_acts, acts, 0)  # d π_mag
+        per_latent = lambda v: torch.zeros_like(scale).index_add_(0, col, v)  # noqa: E731 - [nnz] -> [d_sae]
+        d_z = torch.addcmul(d_gate, d_mag, scale_p)  # z feeds π_gate and, scaled, π_mag
+        return d_z, per_latent(d_gate), per_latent(d_mag * z).mul_(scale), per_latent(d_mag), None
 
 
 class _DenseStep(torch.autograd.Function):
