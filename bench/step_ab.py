@@ -9,9 +9,9 @@ compare the load as much as the code. Here the `helpers` package of commit `--ba
 `helpers_base`) and this checkout's train two identical SAEs side by side on the same batches, one step of
 each in turn (which goes first alternates), and each step's thread CPU time is recorded: the median per step
 of each, their ratio, and the mean reconstruction MSE of the last 20 steps of each (equal when the change
-does not change what trains). Data: bench/step_breakdown.py's synthetic world (64 x 512, batch 1024, true
-L0 7.5 by default). `--dead N` holds latents 0..N-1 dead before every step (AuxK runs on them). One JSON on
-stdout.
+does not change what trains). Data: bench/step_breakdown.py's worlds, `--world sparse` (64 x 512, batch
+1024, true L0 7.5 by default; 40 batches in turn) or `--world synthetic` (bench/synthetic_quality.py's).
+`--dead N` holds latents 0..N-1 dead before every step (AuxK runs on them). One JSON on stdout.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.step_breakdown import world  # noqa: E402
+from bench.step_breakdown import batches_for, world  # noqa: E402
 
 
 def base_package(commit: str, into: Path) -> str:
@@ -52,15 +52,19 @@ def base_package(commit: str, into: Path) -> str:
 
 
 def compare(arch: str, train_modules: dict, args: argparse.Namespace) -> dict:
-    g = torch.Generator().manual_seed(args.seed)
-    init = world(4 * args.batch, args.d_in, args.d_sae, args.true_l0, g)
-    batches = [world(args.batch, args.d_in, args.d_sae, args.true_l0, g) for _ in range(40)]
+    if args.world == "synthetic":  # bench/synthetic_quality.py's world, a fresh batch every step
+        init, batches = batches_for(args)
+    else:  # 40 batches of the sparse world, in turn
+        g = torch.Generator().manual_seed(args.seed)
+        init = world(4 * args.batch, args.d_in, args.d_sae, args.true_l0, g)
+        batches = [world(args.batch, args.d_in, args.d_sae, args.true_l0, g) for _ in range(40)]
     runs = {}
     for name, train in train_modules.items():
         cfg = train.TrainConfig(
             architecture=arch,
             expansion=args.d_sae // args.d_in,
             l0=args.l0,
+            **({"lr": args.lr} if args.lr else {}),
             train_tokens=args.batch * 1000,
             batch_size=args.batch,
             precision="fp32",
@@ -97,7 +101,9 @@ def main() -> None:
     p.add_argument("--d-sae", type=int, default=512)
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--true-l0", type=float, default=7.5, help="active directions per token in the world")
-    p.add_argument("--l0", type=int, default=8, help="the SAE's k")
+    p.add_argument("--world", choices=("sparse", "synthetic"), default="sparse", help="the data (docstring)")
+    p.add_argument("--l0", type=float, default=8, help="the SAE's k (TopK: an integer) or target L0")
+    p.add_argument("--lr", type=float, default=None, help="Adam's learning rate (default: TrainConfig's)")
     p.add_argument("--dead", type=int, default=0, help="latents held dead before every step")
     p.add_argument("--warmup", type=int, default=10, help="steps of each, untimed, before the timed ones")
     p.add_argument("--steps", type=int, default=150, help="timed steps of each")
