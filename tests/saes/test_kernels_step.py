@@ -27,14 +27,16 @@ def test_stable_argsort_small_is_the_stable_argsort(m, bound):
     assert torch.equal(kernels.stable_argsort_small(keys, bound), torch.sort(keys, stable=True).indices)
 
 
-def test_csr_t_is_the_transpose():
-    """A JumpReLU-like mask dense enough to take the padded radix sort: csr_t(values) is the dense [n_cols,
-    n_rows] transpose of the values at the pattern's pairs."""
+def test_csr_and_csr_t_are_the_dense_values():
+    """A JumpReLU-like mask (some rows empty) dense enough to take the padded radix sort: csr(values) is the
+    dense [n_rows, n_cols] matrix of the values at the pattern's pairs, csr_t(values) its transpose."""
     g = torch.Generator().manual_seed(3)
     mask = torch.rand(512, 96, generator=g) < 0.3
+    mask[[0, 7, 8, 511]] = False
     p = kernels.Pattern.from_mask(mask)
     assert len(p.col) >= kernels.RADIX_SORT_FROM // 4
     values = torch.randn(len(p.col), generator=g)
+    assert torch.equal(p.csr(values).to_dense(), p.dense(values))
     assert torch.equal(p.csr_t(values).to_dense(), p.dense(values).t())
 
 
