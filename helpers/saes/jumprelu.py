@@ -78,6 +78,7 @@ from helpers.saes.kernels import (
     dense_enough,
     firing_counts,
     gather_pre,
+    residual_mse,
     sparse_recon_loss,
 )
 
@@ -86,40 +87,10 @@ def _rectangle(u: Tensor) -> Tensor:
     return (u.abs() < 0.5).to(u.dtype)
 
 
-class _JumpReLU(torch.autograd.Function):
-    """z · H(z - θ) on a flat [nnz] vector; θ gathered per pair. Pseudo-gradient of eq. 11."""
-
-    @staticmethod
-    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
-        ctx.save_for_backward(z, theta)
-        ctx.eps = eps
-        return z * (z > theta)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        z, theta = ctx.saved_tensors
-        d_theta = -(theta / ctx.eps) * _rectangle((z - theta) / ctx.eps) * g
-        return (z > theta) * g, d_theta, None
-
-
-class _Step(torch.autograd.Function):
-    """H(z - θ) with the pseudo-gradient of eq. 12 (to θ only)."""
-
-    @staticmethod
-    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
-        ctx.save_for_backward(z, theta)
-        ctx.eps = eps
-        return (z > theta).to(z.dtype)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        z, theta = ctx.saved_tensors
-        return None, -(1.0 / ctx.eps) * _rectangle((z - theta) / ctx.eps) * g, None
-
-
 class _PairSteps(torch.autograd.Function):
     """(z · H(z - θ), H(z - θ)) on the sparse step's pairs, z [nnz] and θ [d_sae] gathered at each pair's
-    latent `col` [nnz]: `_JumpReLU` and `_Step` (their pseudo-gradients, eq. 11-12) with θ's gather in one
+    latent `col` [nnz]: z · H(z - θ) and H(z - θ) with their pseudo-gradients (eq. 11-12; the tests' reference
+    is each written alone, tests/saes/test_jumprelu_step.py) and θ's gather in one
     autograd node, the window K computed once in backward, θ's gradient summed per latent by index_add_
     (deterministic on a CPU). Autograd's graph of the three took ~0.5 ms forward and backward at 30k pairs."""
 
@@ -144,17 +115,18 @@ class _DenseStep(torch.autograd.Function):
     """(mse, l0 per token [n], x_hat) of the JumpReLU SAE on every (token, latent) pair, from acts = pre ·
     H(pre - θ), `active` = H(pre - θ) (bool) and the window w = 0.5 - |pre - θ| / ε [n, d_sae] (K = 1 where
     w > 0), computed without autograd, with the backward written out: five dense products where autograd's
-    graph takes six (b_dec's gradient through the encoder needs only column sums), the STEs of `_JumpReLU`
-    (to θ: -(θ/ε) K · d acts) and `_Step` (to θ: -(1/ε) K · d l0) summed in one pass over the window, and
-    the masks applied by `threshold_backward` (0 where its second argument is not > 0). Under autocast the
-    products run in its precision and the gradients return in the parameters' dtype."""
+    graph takes six (b_dec's gradient through the encoder needs only column sums), the STEs of the
+    JumpReLU (to θ: -(θ/ε) K · d acts) and of the step function (to θ: -(1/ε) K · d l0) summed in one pass
+    over the window, and the masks applied by `threshold_backward` (0 where its second argument is not
+    > 0). Under autocast the products run in its precision and the gradients return in the parameters'
+    dtype."""
 
     @staticmethod
     @custom_fwd(device_type="cuda")
     def forward(ctx, x, b_dec, W_enc_T, b_enc, W_dec, threshold, acts, active, window, eps):
         x_hat = (acts @ W_dec).float().add_(b_dec)  # [n, d_in]
         r = x_hat - x
-        mse = r.pow(2).sum(-1).mean()
+        mse = residual_mse(r)
         l0 = active.sum(1, dtype=torch.int32).to(r.dtype)  # [n]: active latents per token
         ctx.save_for_backward(x, b_dec, W_enc_T, W_dec, threshold, acts, window, r)
         ctx.eps, ctx.param_dtype = eps, W_dec.dtype

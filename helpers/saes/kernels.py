@@ -290,7 +290,7 @@ class _SparseRecon(torch.autograd.Function):
     def forward(ctx, values: Tensor, W_dec: Tensor, b_dec: Tensor, x: Tensor, p: Pattern):
         x_hat = _decode(values, W_dec, p).add_(b_dec)
         r = x_hat - x  # [n, d_in]
-        mse = r.pow(2).sum(-1).mean()  # recon_loss's sums, in its order
+        mse = residual_mse(r)
         ctx.save_for_backward(values, W_dec, r)
         ctx.p = p
         ctx.mark_non_differentiable(x_hat)
@@ -369,4 +369,9 @@ def firing_counts(acts: Tensor, p: Pattern) -> Tensor:
 
 def recon_loss(x_hat: Tensor, x: Tensor) -> Tensor:
     """Squared reconstruction error summed over d_in, averaged over tokens (the MSE of the SAE papers)."""
-    return (x_hat - x).pow(2).sum(-1).mean()
+    return residual_mse(x_hat - x)
+
+
+def residual_mse(r: Tensor) -> Tensor:
+    """`recon_loss` of the residual r = x_hat - x [n, d_in], for the steps whose backward keeps r."""
+    return r.pow(2).sum(-1).mean()

@@ -74,7 +74,14 @@ from torch import Tensor, nn
 from torch.amp import custom_bwd, custom_fwd
 
 from helpers.saes.base import PenaltySAE, StepOutput, latent_quantiles
-from helpers.saes.kernels import Pattern, dense_enough, gather_pre, row_norms, sparse_recon_loss
+from helpers.saes.kernels import (
+    Pattern,
+    dense_enough,
+    gather_pre,
+    residual_mse,
+    row_norms,
+    sparse_recon_loss,
+)
 
 
 class StandardSAE(PenaltySAE):
@@ -269,7 +276,7 @@ class _DenseStep(torch.autograd.Function):
         sums = acts.sum(0, dtype=torch.float32)  # [d_sae]: the penalty is linear in them
         l1 = (sums * norms).sum() / n  # elementwise: a 1-D matmul would autocast to float16 and overflow
         r = x_hat - x
-        mse = r.pow(2).sum(-1).mean()
+        mse = residual_mse(r)
         ctx.save_for_backward(x, b_dec, W_enc_T, W_dec, norms, acts, r, sums)
         ctx.mark_non_differentiable(x_hat)
         ctx.param_dtype = W_dec.dtype

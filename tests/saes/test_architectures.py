@@ -11,11 +11,11 @@ import torch
 from helpers.saes import ARCHITECTURES, SAE, GatedSAE, JumpReLUSAE, TopKSAE, kernels, make_sae
 from helpers.saes.batchtopk import BatchTopKSAE
 from helpers.saes.io import load_sae, save_sae
-from helpers.saes.jumprelu import _JumpReLU, _Step
 from helpers.saes.matryoshka_batchtopk import MatryoshkaBatchTopKSAE
 from helpers.saes.registry import sae_class
 from helpers.saes.standard import StandardSAE
 from helpers.saes.train import TrainConfig, Trainer
+from tests.saes.test_jumprelu_step import _JumpReLU, _Step
 from tests.saes.test_train import residuals
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

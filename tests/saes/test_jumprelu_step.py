@@ -7,16 +7,50 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 
 from helpers.saes import JumpReLUSAE, jumprelu, kernels
 from helpers.saes.base import StepOutput
-from helpers.saes.jumprelu import _JumpReLU, _Step
+from helpers.saes.jumprelu import _rectangle
 from helpers.saes.train import TrainConfig
 from tests.saes.test_standard_step import train_beside_autograd, world
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 D_IN, D_SAE = 16, 64  # as test_standard_step's world
+
+
+# The paper's pseudo-derivatives written alone, each its own autograd node: the reference the steps' fused
+# forms (`jumprelu._PairSteps`, `jumprelu._DenseStep`) are checked against.
+class _JumpReLU(torch.autograd.Function):
+    """z · H(z - θ) on a flat [nnz] vector; θ gathered per pair. Pseudo-gradient of eq. 11."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        z, theta = ctx.saved_tensors
+        d_theta = -(theta / ctx.eps) * _rectangle((z - theta) / ctx.eps) * g
+        return (z > theta) * g, d_theta, None
+
+
+class _Step(torch.autograd.Function):
+    """H(z - θ) with the pseudo-gradient of eq. 12 (to θ only)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        z, theta = ctx.saved_tensors
+        return None, -(1.0 / ctx.eps) * _rectangle((z - theta) / ctx.eps) * g, None
 
 
 def autograd_losses(sae: JumpReLUSAE, x: torch.Tensor, dead: torch.Tensor) -> StepOutput:
