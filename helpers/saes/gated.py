@@ -73,6 +73,8 @@ class GatedSAE(PenaltySAE):
     encoder_init_scale = 0.1  # SAE.encoder_init_scale (see the module docstring)
     coef_trend_horizon = 50.0  # PenaltySAE's trend hold and reach (the module docstring)
     COEF_FAR = 4.0
+    revive_detach_b_dec = False  # screening
+    revive_bias_only = False  # screening
     COEF_LEAD_UNSTORED = 40.0  # its lead since the trend hold (40e9d92); an older checkpoint resumes with it
 
     def __init__(
@@ -86,6 +88,7 @@ class GatedSAE(PenaltySAE):
         coef_lead_steps: float = 40.0,
         frozen_gate_decoder: bool = False,
         revive_coef: float = 0.01,
+        auxk_coef: float = 0.0,
         seed: int = 0,
     ):
         """`l0`: target L0; `sparsity_coef`: initial L1 coefficient λ; `coef_rate`: how fast log λ
@@ -106,6 +109,7 @@ class GatedSAE(PenaltySAE):
             seed=seed,
         )
         self.frozen_gate_decoder, self.revive_coef = frozen_gate_decoder, revive_coef
+        self.auxk_coef, self.k_aux = auxk_coef, min(d_in // 2, d_sae)
         self.b_gate = nn.Parameter(torch.zeros(d_sae))
         self.b_mag = nn.Parameter(torch.zeros(d_sae))
         self.r_mag = nn.Parameter(torch.zeros(d_sae))
@@ -148,6 +152,11 @@ class GatedSAE(PenaltySAE):
         if self.revive_coef:  # a history column whenever it is on, 0 while no latent is dead
             revive = self.revival_loss(x, dead) if bool(dead.any()) else mse.new_zeros(())
             loss, terms["revive"] = loss + revive, revive.detach()
+        if self.auxk_coef:  # a history column whenever it is on, 0 while no latent is dead
+            auxk = (
+                self.magnitude_auxk_loss(x, x_hat.detach(), dead) if bool(dead.any()) else mse.new_zeros(())
+            )
+            loss, terms["auxk"] = loss + self.auxk_coef * auxk, auxk.detach()
         return StepOutput(loss, terms, x_hat.detach(), fired)
 
     def revival_loss(self, x: Tensor, dead: Tensor) -> Tensor:
@@ -156,7 +165,32 @@ class GatedSAE(PenaltySAE):
         unit-norm, so no norm factor). Every other term lives on the active set, so a latent whose gate
         closes on every token gets no gradient at all; this one raises its b_gate and turns its encoder
         column toward the tokens until it opens again. x [n, d_in], dead [d_sae] bool."""
-        return self.revive_coef * pre_act_loss(x, self.b_dec, self.W_enc_T, self.b_gate, dead)
+        b_dec = self.b_dec.detach() if self.revive_detach_b_dec else self.b_dec
+        W_enc_T = self.W_enc_T.detach() if self.revive_bias_only else self.W_enc_T
+        return self.revive_coef * pre_act_loss(x, b_dec, W_enc_T, self.b_gate, dead)
+
+    def magnitude_auxk_loss(self, x: Tensor, x_hat: Tensor, dead: Tensor) -> Tensor:
+        """AuxK (Gao et al. 2024, §A.2) on the magnitude path of the dead latents: the residual error
+        e = x - x_hat (detached) fitted by their ReLU(π_mag), top `k_aux` per token, through their decoder
+        rows, over e's variance. It trains their magnitude encoder (W_enc, shared with the gate, r_mag, b_mag)
+        and decoder rows toward what the live latents miss while the revival term reopens their gates. b_dec
+        is detached. x, x_hat [n, d_in]; dead [d_sae]."""
+        idx = dead.nonzero().squeeze(1)  # [n_dead]
+        e = x - x_hat  # [n, d_in]
+        W_mag = (
+            self.W_enc_T.index_select(0, idx) * self.r_mag.index_select(0, idx).exp()[:, None]
+        )  # [n_dead, d_in]
+        mag = torch.addmm(
+            self.b_mag.index_select(0, idx), x - self.b_dec.detach(), W_mag.t()
+        ).relu()  # [n, n_dead]
+        if len(idx) > self.k_aux:  # keep each token's top k_aux
+            keep = torch.zeros_like(mag, dtype=torch.bool).scatter_(
+                1, mag.detach().topk(self.k_aux, 1).indices, True
+            )
+            mag = mag * keep
+        e_hat = mag @ self.W_dec.index_select(0, idx)
+        variance = (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        return recon_loss(e_hat, e) / variance
 
 
 class _SparsePairs(torch.autograd.Function):
