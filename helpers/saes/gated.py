@@ -34,18 +34,27 @@ higher lands nearer the target but kills latents (0.12: L0 62, 0.63% dead; 0.15:
 hold from 0.05 the L0 stalls at ~200, and with "far" at 2x from 0.1 at 72 (λ held while the L0 creeps down
 from 2.7x the target).
 
-Dead latents (none fired for the trainer's `dead_after` tokens) get a pre-activation loss on their gates
-(`revive_coef` 0.01, `revival_loss`: JumpReLU's, with the gate's threshold 0); without it a closed gate gets
-no gradient at all. At 400 steps (target L0 20) the latents that died closed late (steps 180-380, as λ peaked
-and the L0 fell from 40 to 20), with encoder columns a third of the median's norm, just under their gates (max
-π_gate -0.0002 to -0.005 on held-out tokens). The term took the held-out dead fraction from 0.72% to 0.30% at
-400 steps (SAELens 0.07%) and from 0.07% to 0% at 150 (SAELens 0%), with the explained variance at held-out L0
-16 / 20 / 24 0.9176 / 0.9195 / 0.9191 against 0.9177 / 0.9197 / 0.9191 and unchanged at 150
-(bench/results/gated_ablations_cpu_revival_*.json; beside SAELens at 400 steps 0.9195 vs 0.9181 at L0 20,
-6.31x its speed load-corrected: sae_train_cpu_gated_400_steps_revival.json). A stronger term kills more
-latents and costs explained variance (0.1: 0.61% dead, 1: 0.54% and 0.910 at L0 20; with b_dec detached in it
-0.43% at 0.01, 0.80% at 0.1), as do an encoder at the decoder's norm (`encoder_init_scale` 1: 3.4% dead) and a
-slower λ (`coef_rate` 0.01: 0.76%); `coef_lead_steps` 80 (0.46%) lands above the target (L0 22 of 20 at 400
+Dead latents (none fired for the trainer's `dead_after` tokens) and rare ones (silent for d_sae / (r · l0)
+tokens, i.e. firing at under r = `revive_below` 0.1 times the mean rate l0 / d_sae) get a pre-activation loss
+on their gates (`revive_coef` 0.002, `revival_loss`: JumpReLU's, with the gate's threshold 0); without it a
+closed gate gets no gradient at all. At 400 steps (target L0 20) the latents that died closed late (steps
+180-380, as λ peaked and the L0 fell from 40 to 20), with encoder columns a third of the median's norm, just
+under their gates (max π_gate -0.0002 to -0.005 on held-out tokens). The held-out dead count (latents firing
+on none of 7k tokens) is a count of rare latents: with the dead ones only revived (revive_coef 0.01, session
+9's default) 20 latents fired on no held-out token, 83 on at most 2, but 1 on no training token. Reviving the
+rare ones too took it to 1 (0.02%; SAELens 3, 0.07%) at explained variance 0.9172 / 0.9191 / 0.9189 at
+held-out L0 16 / 20 / 24 (0.9176 / 0.9195 / 0.9190 before; SAELens 0.9162 / 0.9181 / 0.9189); on another seed
+14 -> 4 at coefficient 0.003 (0.9191 at L0 20, was 0.9199) and at 0.001 (0.9198)
+(bench/results/gated_ablations_cpu_rare_revival_400_steps.json). The window and the coefficient trade the dead
+count against explained variance: a latent silent for 1 batch at 0.003 left 1 dead at 0.9136 at L0 20, 3
+batches at 0.01 2 dead at 0.9169, 5 batches at 0.003 10 dead at 0.9192. The revival's gradient on b_dec
+detached changed little (8 dead vs 6, 5 batches at 0.01); raising only b_gate (W_enc detached in it) kept the
+explained variance (0.9202 at L0 20) but left 80 dead: turning the encoder column is what reopens a gate, and
+what costs; AuxK on the dead latents' magnitude path (their ReLU(π_mag) fitted to the residual through their
+decoder rows, as TopK's AuxK) did not help (coefficient 1: 16 dead vs 20, 1/32: 23; with the 5-batch revival:
+23 vs 6). Before (session 9): a stronger term on the dead latents alone killed more latents (0.1: 0.61% dead,
+1: 0.54% and 0.910 at L0 20), as did an encoder at the decoder's norm (`encoder_init_scale` 1: 3.4% dead) and
+a slower λ (`coef_rate` 0.01: 0.76%); `coef_lead_steps` 80 (0.46%) lands above the target (L0 22 of 20 at 400
 steps, 83 of 62 at 150; gated_ablations_cpu_levers_400_steps.json).
 """
 
@@ -73,9 +82,8 @@ class GatedSAE(PenaltySAE):
     encoder_init_scale = 0.1  # SAE.encoder_init_scale (see the module docstring)
     coef_trend_horizon = 50.0  # PenaltySAE's trend hold and reach (the module docstring)
     COEF_FAR = 4.0
-    revive_detach_b_dec = False  # screening
-    revive_bias_only = False  # screening
     COEF_LEAD_UNSTORED = 40.0  # its lead since the trend hold (40e9d92); an older checkpoint resumes with it
+    REVIVE_COEF_UNSTORED = 0.01
 
     def __init__(
         self,
@@ -87,8 +95,8 @@ class GatedSAE(PenaltySAE):
         coef_rate: float = 0.02,
         coef_lead_steps: float = 40.0,
         frozen_gate_decoder: bool = False,
-        revive_coef: float = 0.01,
-        auxk_coef: float = 0.0,
+        revive_coef: float = 0.002,
+        revive_below: float = 0.1,
         seed: int = 0,
     ):
         """`l0`: target L0; `sparsity_coef`: initial L1 coefficient λ; `coef_rate`: how fast log λ
@@ -96,9 +104,14 @@ class GatedSAE(PenaltySAE):
         (PenaltySAE's; the module docstring); `frozen_gate_decoder`: whether the gate's
         reconstruction term decodes through a frozen copy of W_dec and b_dec (the paper's form) or through
         the trainable decoder (SAELens's, the default); `revive_coef`: the pre-activation loss on the gates of
-        dead latents (`revival_loss`; 0: off)."""
+        dead and rare latents (`revival_loss`; 0: off); `revive_below`: rare is firing at under this share of
+        the mean rate (`revival_mask`; 0: the trainer's dead latents only). Both are buffers."""
         if revive_coef < 0:
             raise ValueError(f"revive_coef must be >= 0 (0 turns it off), got {revive_coef}")
+        if revive_below < 0:
+            raise ValueError(
+                f"revive_below must be >= 0 (0: the trainer's dead latents only), got {revive_below}"
+            )
         super().__init__(
             d_in,
             d_sae,
@@ -108,11 +121,20 @@ class GatedSAE(PenaltySAE):
             coef_lead_steps=coef_lead_steps,
             seed=seed,
         )
-        self.frozen_gate_decoder, self.revive_coef = frozen_gate_decoder, revive_coef
-        self.auxk_coef, self.k_aux = auxk_coef, min(d_in // 2, d_sae)
+        self.frozen_gate_decoder = frozen_gate_decoder
+        # buffers, so a checkpoint resumes with the revival it trained with whatever a later default is
+        self.register_buffer("revive_coef", torch.tensor(float(revive_coef)))
+        self.register_buffer("revive_below", torch.tensor(float(revive_below)))
         self.b_gate = nn.Parameter(torch.zeros(d_sae))
         self.b_mag = nn.Parameter(torch.zeros(d_sae))
         self.r_mag = nn.Parameter(torch.zeros(d_sae))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint from before both were stored revived the trainer's dead latents only, at 0.01 (the
+        # default from 1491067; one from before that trained without the term and resumes with it)
+        state_dict.setdefault(prefix + "revive_coef", torch.tensor(self.REVIVE_COEF_UNSTORED))
+        state_dict.setdefault(prefix + "revive_below", torch.tensor(0.0))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self.check_input(x)
@@ -149,15 +171,18 @@ class GatedSAE(PenaltySAE):
         either path's."""
         loss = mse + self.sparsity_coef * l1 + gate_aux
         terms = {"mse": mse.detach(), "l1": l1.detach(), "gate_aux": gate_aux.detach()}
-        if self.revive_coef:  # a history column whenever it is on, 0 while no latent is dead
+        if float(self.revive_coef):  # a history column whenever it is on, 0 while no latent is dead
+            dead = self.revival_mask(dead)
             revive = self.revival_loss(x, dead) if bool(dead.any()) else mse.new_zeros(())
             loss, terms["revive"] = loss + revive, revive.detach()
-        if self.auxk_coef:  # a history column whenever it is on, 0 while no latent is dead
-            auxk = (
-                self.magnitude_auxk_loss(x, x_hat.detach(), dead) if bool(dead.any()) else mse.new_zeros(())
-            )
-            loss, terms["auxk"] = loss + self.auxk_coef * auxk, auxk.detach()
         return StepOutput(loss, terms, x_hat.detach(), fired)
+
+    def revival_mask(self, dead: Tensor) -> Tensor:
+        """[d_sae] bool: the latents whose gates get the revival term: the trainer's `dead` ones and, with
+        `revive_below` r, those that have not fired for d_sae / (r · l0) tokens, i.e. that fire at under r
+        times the mean rate l0 / d_sae of the target L0."""
+        r = float(self.revive_below)
+        return dead | (self.tokens_since_fired >= self.d_sae / (r * self.target_l0)) if r else dead
 
     def revival_loss(self, x: Tensor, dead: Tensor) -> Tensor:
         """Anthropic's pre-activation loss (`base.pre_act_loss`, as JumpReLU's) on the dead latents' gates:
@@ -165,32 +190,7 @@ class GatedSAE(PenaltySAE):
         unit-norm, so no norm factor). Every other term lives on the active set, so a latent whose gate
         closes on every token gets no gradient at all; this one raises its b_gate and turns its encoder
         column toward the tokens until it opens again. x [n, d_in], dead [d_sae] bool."""
-        b_dec = self.b_dec.detach() if self.revive_detach_b_dec else self.b_dec
-        W_enc_T = self.W_enc_T.detach() if self.revive_bias_only else self.W_enc_T
-        return self.revive_coef * pre_act_loss(x, b_dec, W_enc_T, self.b_gate, dead)
-
-    def magnitude_auxk_loss(self, x: Tensor, x_hat: Tensor, dead: Tensor) -> Tensor:
-        """AuxK (Gao et al. 2024, §A.2) on the magnitude path of the dead latents: the residual error
-        e = x - x_hat (detached) fitted by their ReLU(π_mag), top `k_aux` per token, through their decoder
-        rows, over e's variance. It trains their magnitude encoder (W_enc, shared with the gate, r_mag, b_mag)
-        and decoder rows toward what the live latents miss while the revival term reopens their gates. b_dec
-        is detached. x, x_hat [n, d_in]; dead [d_sae]."""
-        idx = dead.nonzero().squeeze(1)  # [n_dead]
-        e = x - x_hat  # [n, d_in]
-        W_mag = (
-            self.W_enc_T.index_select(0, idx) * self.r_mag.index_select(0, idx).exp()[:, None]
-        )  # [n_dead, d_in]
-        mag = torch.addmm(
-            self.b_mag.index_select(0, idx), x - self.b_dec.detach(), W_mag.t()
-        ).relu()  # [n, n_dead]
-        if len(idx) > self.k_aux:  # keep each token's top k_aux
-            keep = torch.zeros_like(mag, dtype=torch.bool).scatter_(
-                1, mag.detach().topk(self.k_aux, 1).indices, True
-            )
-            mag = mag * keep
-        e_hat = mag @ self.W_dec.index_select(0, idx)
-        variance = (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-        return recon_loss(e_hat, e) / variance
+        return self.revive_coef * pre_act_loss(x, self.b_dec, self.W_enc_T, self.b_gate, dead)
 
 
 class _SparsePairs(torch.autograd.Function):

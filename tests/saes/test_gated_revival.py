@@ -61,4 +61,50 @@ def reopened(revive_coef: float | None, steps: int = 10) -> int:
 def test_closed_gates_reopen_only_with_the_revival_term():
     assert reopened(revive_coef=0.0) == 0, "without it a closed gate gets no gradient and stays shut"
     assert reopened(revive_coef=0.1) == CLOSED
-    assert reopened(revive_coef=None) == CLOSED, "on by default"
+    assert reopened(revive_coef=None) > 0, "on by default (0.002: 4 of the 5 in 10 steps)"
+
+
+def test_rare_latents_are_revived_too():
+    """With `revive_below` r (default 0.1) the term also reaches latents silent for d_sae / (r · l0) tokens
+    (40 / (0.1 · 8) = 50 here), not only the trainer's dead ones: 0 marks none of them."""
+    sae, x, _ = tiny(revive_coef=0.5)
+    assert float(sae.revive_below) == pytest.approx(0.1), "on by default"
+    with torch.no_grad():
+        sae.tokens_since_fired[:CLOSED] = torch.tensor([0, 49, 50, 51, 10**6])  # 50 tokens: the window
+    none_dead = torch.zeros(40, dtype=torch.bool)
+    rare = torch.zeros(40, dtype=torch.bool)
+    rare[2:CLOSED] = True
+    assert sae.revival_mask(none_dead).tolist() == rare.tolist()
+    pi_gate = (x - sae.b_dec) @ sae.W_enc + sae.b_gate  # [32, 40]
+    expected = 0.5 * (-pi_gate[:, rare]).relu().sum(-1).mean()
+    torch.testing.assert_close(sae.losses(x, none_dead).terms["revive"], expected.detach())
+    trainer_dead = torch.zeros(40, dtype=torch.bool)
+    trainer_dead[7] = True
+    assert sae.revival_mask(trainer_dead).tolist() == (rare | trainer_dead).tolist(), "and the dead ones"
+    sae.revive_below.fill_(0.0)
+    assert not sae.revival_mask(none_dead).any(), "0: the trainer's dead latents only"
+
+
+def test_a_checkpoint_from_before_revive_below_resumes_without_it():
+    """A state dict without `revive_below` trained with the trainer's dead latents only: it resumes so,
+    whatever today's default; a stored value wins over the constructor's."""
+    trained = GatedSAE(12, 40, l0=8, revive_below=0.0)
+    old = {k: v for k, v in trained.state_dict().items() if k != "revive_below"}
+    resumed = GatedSAE(12, 40, l0=8)
+    resumed.load_state_dict(old)
+    assert float(resumed.revive_below) == 0.0
+    stored = GatedSAE(12, 40, l0=8, revive_below=0.3)
+    stored.load_state_dict(GatedSAE(12, 40, l0=8, revive_below=0.05).state_dict())
+    assert float(stored.revive_below) == pytest.approx(0.05)
+
+
+def test_a_checkpoint_from_before_the_revival_was_stored_resumes_at_0_01():
+    """Session 9's default revive_coef 0.01 was not stored: its checkpoints go on at 0.01."""
+    old = {
+        k: v
+        for k, v in GatedSAE(12, 40, l0=8).state_dict().items()
+        if k not in ("revive_coef", "revive_below")
+    }
+    resumed = GatedSAE(12, 40, l0=8, revive_coef=0.5)
+    resumed.load_state_dict(old)
+    assert (float(resumed.revive_coef), float(resumed.revive_below)) == (pytest.approx(0.01), 0.0)
