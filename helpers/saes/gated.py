@@ -46,17 +46,19 @@ rare ones too took it to 1 (0.02%; SAELens 3, 0.07%) at explained variance 0.917
 held-out L0 16 / 20 / 24 (0.9176 / 0.9195 / 0.9190 before; SAELens 0.9162 / 0.9181 / 0.9189); on another seed
 14 -> 2 (0.9194 at L0 20, was 0.9199) (bench/results/gated_ablations_cpu_rare_revival_400_steps.json). Beside
 SAELens in one run: dead 0.02% vs 0.04%, 0.9172 / 0.9191 / 0.9189 vs 0.9162 / 0.9182 / 0.9190, 6.59x its speed
-load-corrected (sae_train_cpu_gated_400_steps_rare_revival.json). The window and the coefficient trade the
-dead count against explained variance: a latent silent for 1 batch at 0.003 left 1 dead at 0.9136 at L0 20, 3
-batches at 0.01 2 dead at 0.9169, 5 batches at 0.003 10 dead at 0.9192. The revival's gradient on b_dec
-detached changed little (8 dead vs 6, 5 batches at 0.01); raising only b_gate (W_enc detached in it) kept the
-explained variance (0.9202 at L0 20) but left 80 dead: turning the encoder column is what reopens a gate, and
-what costs; AuxK on the dead latents' magnitude path (their ReLU(π_mag) fitted to the residual through their
-decoder rows, as TopK's AuxK) did not help (coefficient 1: 16 dead vs 20, 1/32: 23; with the 5-batch revival:
-23 vs 6). Before (session 9): a stronger term on the dead latents alone killed more latents (0.1: 0.61% dead,
-1: 0.54% and 0.910 at L0 20), as did an encoder at the decoder's norm (`encoder_init_scale` 1: 3.4% dead) and
-a slower λ (`coef_rate` 0.01: 0.76%); `coef_lead_steps` 80 (0.46%) lands above the target (L0 22 of 20 at 400
-steps, 83 of 62 at 150; gated_ablations_cpu_levers_400_steps.json).
+load-corrected (sae_train_cpu_gated_400_steps_rare_revival.json). At 150 steps (target L0 62: a latent silent
+for one batch is revived) unchanged: dead 0% vs 0%, 0.9035 vs 0.8713 at L0 62
+(sae_train_cpu_gated_150_steps_rare_revival.json); the synthetic world revives none. The window and the
+coefficient trade the dead count against explained variance: a latent silent for 1 batch at 0.003 left 1 dead
+at 0.9136 at L0 20, 3 batches at 0.01 2 dead at 0.9169, 5 batches at 0.003 10 dead at 0.9192. The revival's
+gradient on b_dec detached changed little (8 dead vs 6, 5 batches at 0.01); raising only b_gate (W_enc
+detached in it) kept the explained variance (0.9202 at L0 20) but left 80 dead: turning the encoder column is
+what reopens a gate, and what costs; AuxK on the dead latents' magnitude path (their ReLU(π_mag) fitted to the
+residual through their decoder rows, as TopK's AuxK) did not help (coefficient 1: 16 dead vs 20, 1/32: 23;
+with the 5-batch revival: 23 vs 6). Before (session 9): a stronger term on the dead latents alone killed more
+latents (0.1: 0.61% dead, 1: 0.54% and 0.910 at L0 20), as did an encoder at the decoder's norm
+(`encoder_init_scale` 1: 3.4% dead) and a slower λ (`coef_rate` 0.01: 0.76%); `coef_lead_steps` 80 (0.46%)
+lands above the target (L0 22 of 20 at 400 steps, 83 of 62 at 150; gated_ablations_cpu_levers_400_steps.json).
 """
 
 from __future__ import annotations
