@@ -40,8 +40,8 @@ on their gates (`revive_coef` 0.002, `revival_loss`: JumpReLU's, with the gate's
 closed gate gets no gradient at all. At 400 steps (target L0 20) the latents that died closed late (steps
 180-380, as λ peaked and the L0 fell from 40 to 20), with encoder columns a third of the median's norm, just
 under their gates (max π_gate -0.0002 to -0.005 on held-out tokens). The held-out dead count (latents firing
-on none of 7k tokens) is a count of rare latents: with the dead ones only revived (revive_coef 0.01, session
-9's default) 20 latents fired on no held-out token, 83 on at most 2, but 1 on no training token. Reviving the
+on none of 7k tokens) is a count of rare latents: with the dead ones only revived (revive_coef 0.01, as from
+1491067) 20 latents fired on no held-out token, 83 on at most 2, but 1 on no training token. Reviving the
 rare ones too took it to 1 (0.02%; SAELens 3, 0.07%) at explained variance 0.9172 / 0.9191 / 0.9189 at
 held-out L0 16 / 20 / 24 (0.9176 / 0.9195 / 0.9190 before; SAELens 0.9162 / 0.9181 / 0.9189); on another seed
 14 -> 2 (0.9194 at L0 20, was 0.9199) (bench/results/gated_ablations_cpu_rare_revival_400_steps.json). Beside
@@ -55,8 +55,8 @@ gradient on b_dec detached changed little (8 dead vs 6, 5 batches at 0.01); rais
 detached in it) kept the explained variance (0.9202 at L0 20) but left 80 dead: turning the encoder column is
 what reopens a gate, and what costs; AuxK on the dead latents' magnitude path (their ReLU(π_mag) fitted to the
 residual through their decoder rows, as TopK's AuxK) did not help (coefficient 1: 16 dead vs 20, 1/32: 23;
-with the 5-batch revival: 23 vs 6). Before (session 9): a stronger term on the dead latents alone killed more
-latents (0.1: 0.61% dead, 1: 0.54% and 0.910 at L0 20), as did an encoder at the decoder's norm
+with the 5-batch revival: 23 vs 6). With the dead latents alone revived (1491067) a stronger term killed
+more latents (0.1: 0.61% dead, 1: 0.54% and 0.910 at L0 20), as did an encoder at the decoder's norm
 (`encoder_init_scale` 1: 3.4% dead) and a slower λ (`coef_rate` 0.01: 0.76%); `coef_lead_steps` 80 (0.46%)
 lands above the target (L0 22 of 20 at 400 steps, 83 of 62 at 150; gated_ablations_cpu_levers_400_steps.json).
 """

@@ -99,7 +99,7 @@ def test_a_checkpoint_from_before_revive_below_resumes_without_it():
 
 
 def test_a_checkpoint_from_before_the_revival_was_stored_resumes_at_0_01():
-    """Session 9's default revive_coef 0.01 was not stored: its checkpoints go on at 0.01."""
+    """The default revive_coef 0.01 from 1491067 was not stored: its checkpoints go on at 0.01."""
     old = {
         k: v
         for k, v in GatedSAE(12, 40, l0=8).state_dict().items()
