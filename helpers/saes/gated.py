@@ -74,6 +74,7 @@ from helpers.saes.kernels import (
     dense_enough,
     firing_counts,
     gather_pre,
+    residual_mse,
     sparse_recon_loss,
 )
 
@@ -243,7 +244,7 @@ class _DenseStep(torch.autograd.Function):
         x_hat = (f @ W_dec).float().add_(b_dec)  # [n, d_in]
         x_gate = (gate @ W_dec).float().add_(b_dec)
         r, r_gate = x_hat - x, x_gate - x
-        mse, gate_aux = r.pow(2).sum(-1).mean(), r_gate.pow(2).sum(-1).mean()
+        mse, gate_aux = residual_mse(r), residual_mse(r_gate)
         l1 = gate.sum() / n
         fired = f.bool().sum(0, dtype=torch.int32).long()  # [d_sae]: int32 sums are ~3x faster on a CPU
         ctx.save_for_backward(x, b_dec, W_enc_T, W_dec, z, scale, f, gate, r, r_gate)

@@ -76,6 +76,7 @@ from helpers.saes.kernels import (
     Pattern,
     count_true,
     dense_enough,
+    dense_weight_grads,
     firing_counts,
     gather_pre,
     residual_mse,
@@ -146,14 +147,8 @@ class _DenseStep(torch.autograd.Function):
         d_threshold = in_window.sum(0) * (-1.0 / ctx.eps)
         # to pre: H(pre - θ), i.e. 0 where acts = 0 (θ >= 0: an active pair's act is > 0), in place
         d_pre = torch.ops.aten.threshold_backward.grad_input(d_acts, acts, 0, grad_input=d_acts)
-        d_W_enc_T = d_pre.t() @ (x - b_dec)
-        d_b_enc = d_pre.sum(0, dtype=torch.float32)
-        with torch.autocast(x.device.type, enabled=False):  # a column sum's scale overflows float16
-            d_b_dec = d_x_hat.sum(0) - d_b_enc @ W_enc_T.float()
-        d_W_dec = acts.t() @ d_x_hat
-        w = ctx.param_dtype
-        grads = (d_b_dec, d_W_enc_T, d_b_enc, d_W_dec)
-        return None, *(g.to(w) for g in grads), d_threshold.to(threshold.dtype), None, None, None, None
+        grads = dense_weight_grads(x, b_dec, W_enc_T, acts, d_pre, d_x_hat, ctx.param_dtype)
+        return None, *grads, d_threshold.to(threshold.dtype), None, None, None, None
 
 
 class JumpReLUSAE(PenaltySAE):

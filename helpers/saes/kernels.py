@@ -375,3 +375,25 @@ def recon_loss(x_hat: Tensor, x: Tensor) -> Tensor:
 def residual_mse(r: Tensor) -> Tensor:
     """`recon_loss` of the residual r = x_hat - x [n, d_in], for the steps whose backward keeps r."""
     return r.pow(2).sum(-1).mean()
+
+
+def dense_weight_grads(
+    x: Tensor,
+    b_dec: Tensor,
+    W_enc_T: Tensor,
+    acts: Tensor,
+    d_pre: Tensor,
+    d_x_hat: Tensor,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(d b_dec, d W_enc_T, d b_enc, d W_dec) in `dtype` of a dense step whose pre-activations are
+    (x - b_dec) @ W_enc + b_enc and whose x_hat is acts [n, d_sae] @ W_dec + b_dec, from the gradients of the
+    pre-activations d_pre [n, d_sae] and of x_hat d_x_hat [n, d_in] (the written-out backward of the
+    standard and JumpReLU dense steps): b_dec's gradient through the encoder needs only d_pre's column sums,
+    not an [n, d_in] product."""
+    d_W_enc_T = d_pre.t() @ (x - b_dec)
+    d_b_enc = d_pre.sum(0, dtype=torch.float32)
+    with torch.autocast(x.device.type, enabled=False):  # a column sum's scale overflows float16
+        d_b_dec = d_x_hat.sum(0) - d_b_enc @ W_enc_T.float()
+    d_W_dec = acts.t() @ d_x_hat
+    return tuple(g.to(dtype) for g in (d_b_dec, d_W_enc_T, d_b_enc, d_W_dec))

@@ -77,6 +77,7 @@ from helpers.saes.base import PenaltySAE, StepOutput, latent_quantiles
 from helpers.saes.kernels import (
     Pattern,
     dense_enough,
+    dense_weight_grads,
     gather_pre,
     residual_mse,
     row_norms,
@@ -292,10 +293,5 @@ class _DenseStep(torch.autograd.Function):
         acts = acts.to(d_acts.dtype)  # a no-op unless forward ran under autocast and backward outside it
         # ReLU's gradient, 0 where f = 0, in place (an elementwise op may write over its input)
         d_pre = torch.ops.aten.threshold_backward.grad_input(d_acts, acts, 0, grad_input=d_acts)
-        d_W_enc_T = d_pre.t() @ (x - b_dec)
-        d_b_enc = d_pre.sum(0, dtype=torch.float32)
-        with torch.autocast(x.device.type, enabled=False):  # a column sum's scale overflows float16
-            d_b_dec = d_x_hat.sum(0) - d_b_enc @ W_enc_T.float()
-        d_W_dec = acts.t() @ d_x_hat
-        w = ctx.param_dtype
-        return None, d_b_dec.to(w), d_W_enc_T.to(w), d_b_enc.to(w), d_W_dec.to(w), sums * (g_l1 / n), None
+        grads = dense_weight_grads(x, b_dec, W_enc_T, acts, d_pre, d_x_hat, ctx.param_dtype)
+        return None, *grads, sums * (g_l1 / n), None
