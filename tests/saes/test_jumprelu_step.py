@@ -13,7 +13,7 @@ from helpers.saes import JumpReLUSAE, jumprelu, kernels
 from helpers.saes.base import StepOutput
 from helpers.saes.jumprelu import _rectangle
 from helpers.saes.train import TrainConfig
-from tests.saes.test_standard_step import train_beside_autograd, world
+from tests.saes.test_standard_step import step_beside_autograd_under_autocast, train_beside_autograd, world
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -112,16 +112,5 @@ def test_dense_step_under_autocast_gives_float32_gradients_close_to_autograds(
     sae = JumpReLUSAE(D_IN, D_SAE, l0=8, bandwidth=0.5, init_threshold=0.05, pre_act_coef=0.0, seed=3)
     with torch.no_grad():
         sae.b_dec.copy_(x.mean(0))
-    grads, losses = [], []
-    for step in (JumpReLUSAE.losses, autograd_losses):
-        sae.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=dtype):  # the backward too, as custom_bwd runs it on a GPU
-            out = step(sae, x, torch.zeros(D_SAE, dtype=torch.bool))
-            out.loss.backward()
-        grads.append({n: p.grad for n, p in sae.named_parameters()})
-        losses.append(out.loss.detach())
+    step_beside_autograd_under_autocast(sae, x, autograd_losses, dtype)
     assert dense_steps == [1]
-    torch.testing.assert_close(losses[0], losses[1], rtol=0.02, atol=0.0)
-    for name, g in grads[0].items():
-        assert g.dtype == torch.float32, name
-        torch.testing.assert_close(g, grads[1][name], rtol=0.05, atol=0.02 * float(g.abs().max()), msg=name)

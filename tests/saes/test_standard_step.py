@@ -75,6 +75,27 @@ def train_beside_autograd(
     return ours, plain
 
 
+def step_beside_autograd_under_autocast(
+    sae, x: torch.Tensor, autograd, dtype: torch.dtype
+) -> list[StepOutput]:
+    """One step of `sae`'s own losses and one of `autograd` (sae, x, dead) -> StepOutput, forward and backward
+    under CPU autocast in `dtype` (as custom_bwd runs the backward on a GPU), no latent dead: the same loss
+    within its rounding and float32 gradients close to autograd's. [ours, autograd's] outputs."""
+    grads, outs = [], []
+    for step in (type(sae).losses, autograd):
+        sae.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=dtype):
+            out = step(sae, x, torch.zeros(sae.d_sae, dtype=torch.bool))
+            out.loss.backward()
+        grads.append({n: p.grad for n, p in sae.named_parameters()})
+        outs.append(out)
+    torch.testing.assert_close(outs[0].loss.detach(), outs[1].loss.detach(), rtol=0.02, atol=0.0)
+    for name, g in grads[0].items():
+        assert g.dtype == torch.float32, name
+        torch.testing.assert_close(g, grads[1][name], rtol=0.05, atol=0.02 * float(g.abs().max()), msg=name)
+    return outs
+
+
 @pytest.mark.parametrize("dense", [True, False], ids=["dense-step", "sparse-step"])
 def test_training_ends_where_autograd_of_the_plain_loss_ends(dense, monkeypatch):
     """Ten steps of the real trainer (Adam, clipping, the λ controller): the same weights within float
