@@ -1,6 +1,7 @@
 """The sparse step's kernels against plain references: `stable_argsort_small` is torch's stable argsort
-whatever path it takes (comparison sort, padded radix sort, int16 or int32 keys), `Pattern.csr_t` is the dense
-transpose, and `sparse_recon_loss` is autograd of the plain decode and MSE."""
+whatever path it takes (comparison sort, padded radix sort, int16 or int32 keys), `latent_order` sorts the
+keys, `Pattern.csr_t` is the dense transpose (also of a TopK pattern, whose latents are unsorted within a row
+on a CPU), and `sparse_recon_loss` is autograd of the plain decode and MSE."""
 
 from __future__ import annotations
 
@@ -25,6 +26,39 @@ def test_stable_argsort_small_is_the_stable_argsort(m, bound):
     keys = torch.randint(0, bound, (m,), generator=torch.Generator().manual_seed(m))
     keys[-3:] = bound - 1  # the largest key, next to the padding
     assert torch.equal(kernels.stable_argsort_small(keys, bound), torch.sort(keys, stable=True).indices)
+
+
+@pytest.mark.parametrize("m", [100, kernels.RADIX_SORT_FROM // 4 - 1, kernels.RADIX_SORT_FROM // 4])
+def test_latent_order_sorts_the_keys(m):
+    """Below a quarter of RADIX_SORT_FROM the unstable sort, from there the stable radix path: either way the
+    keys come out ascending (ties in any order), a permutation of them."""
+    keys = torch.randint(0, 512, (m,), generator=torch.Generator().manual_seed(m))
+    order = kernels.latent_order(keys, 512)
+    assert torch.equal(keys[order], keys.sort().values)
+    assert torch.equal(order.sort().values, torch.arange(m))
+
+
+def test_topk_pattern_unsorted_within_rows_gives_the_dense_products():
+    """A TopK step's pattern at its size (1,024 tokens, k 7 of 512: fewer keys than the radix path takes)
+    keeps each row's latents in torch.topk's order on a CPU; the CSR matrix, its transpose and the sampled
+    product read through them are still the dense ones, and so are the sparse step's gradients."""
+    g = torch.Generator().manual_seed(5)
+    n, d_sae, d_in, k = 1024, 512, 16, 7
+    idx = torch.randn(n, d_sae, generator=g).topk(k, sorted=False).indices
+    p = kernels.Pattern.from_indices(idx, d_sae)
+    assert torch.equal(p.col, idx.reshape(-1)) and not bool((idx.diff(dim=1) > 0).all())
+    values = torch.randn(n * k, generator=g)
+    dense = p.dense(values)
+    assert torch.equal(p.csr(values).to_dense(), dense)
+    assert torch.equal(p.csr_t(values).to_dense(), dense.t())
+    x = torch.randn(n, d_in, generator=g)
+    leaves = [values, torch.randn(d_sae, d_in, generator=g), torch.randn(d_in)]
+    ours = [t.clone().requires_grad_() for t in leaves]
+    plain = [t.clone().requires_grad_() for t in leaves]
+    kernels.sparse_recon_loss(*ours, x, p)[0].backward()
+    (p.dense(plain[0]) @ plain[1] + plain[2] - x).pow(2).sum(-1).mean().backward()
+    for a, b in zip(ours, plain, strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
 
 
 def test_csr_and_csr_t_are_the_dense_values():
