@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from helpers.env import choose_dtype, drive_home, pick_device, resolve_cache_dir
-from helpers.model import nanochat
+from helpers.model import nanochat, nanochat_layouts
 from helpers.model.chat import chat_format_of
 from helpers.model.nanochat_gpt import MODEL_TYPE as NANOCHAT_GPT_TYPE
 from helpers.model.protocols import Tokenizer
@@ -103,7 +103,7 @@ def load_model(
     dtype: torch.dtype | None = None,
     cache_dir: str | os.PathLike | None = None,
     trust_pickle: bool = False,
-    nanochat_overrides: dict[str, Any] | None = None,
+    nanochat_overrides: dict[str, Any] | str | None = None,
 ) -> LoadedModel:
     """Load model + tokenizer + `ModelInfo`. See the module docstring for the accepted specs.
 
@@ -111,12 +111,15 @@ def load_model(
     `trust_pickle=True` unpickles a nanochat `tokenizer.pkl` without restrictions: only for files you trust.
     `nanochat_overrides` sets behaviour a native nanochat checkpoint's keys cannot tell, for a checkpoint
     trained in a gap of the layout table, e.g. `{"logit_softcap": 20}` (names and meanings:
-    `nanochat_layouts.BEHAVIOUR_FIELDS`); the conversion is cached per set of overrides.
+    `nanochat_layouts.BEHAVIOUR_FIELDS`), or the same as JSON text (notebook 01's form field); the
+    conversion is cached per set of overrides.
     """
     device = device or pick_device()
     cache = Path(cache_dir) if cache_dir else resolve_cache_dir()
     if "@" in spec and revision is None and not Path(spec).exists():
         spec, revision = spec.split("@", 1)
+    if isinstance(nanochat_overrides, str):
+        nanochat_overrides = nanochat_layouts.overrides_from_text(nanochat_overrides)
     overrides = dict(nanochat_overrides) if nanochat_overrides else None
     path, source = _resolve(spec, revision, cache, trust_pickle, overrides)
     if overrides and source != "nanochat-native":

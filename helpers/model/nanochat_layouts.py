@@ -38,6 +38,7 @@ experiments of 2026-01-16 (e3f58b8 `value_embed_A/B`, 0b58d70 one shared `value_
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -189,8 +190,29 @@ BEHAVIOUR_FIELDS = {
     "window_pattern": "the 'SSSL'-style pattern (default: meta's model_config, else 'L')",
 }
 """What `nanochat_overrides` may set, with what each means."""
+
 _HF_OVERRIDABLE = ("rope_theta", "logit_softcap")
 """The 2025-10 layout converts to transformers' NanoChatForCausalLM, which has only these two."""
+
+
+def overrides_from_text(text: str) -> dict[str, Any] | None:
+    """`nanochat_overrides` from notebook 01's NANOCHAT_OVERRIDES form field: a JSON object such as
+    `{"logit_softcap": 20}`; empty (or `{}`) means none. Names and values are checked where the layout is
+    known (`resolve_behaviour`)."""
+    text = text.strip()
+    if not text:
+        return None
+    example = '{"logit_softcap": 20}'
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"NANOCHAT_OVERRIDES is not JSON ({e.msg} at character {e.pos}): write an object with double "
+            f"quotes, e.g. {example}, or leave it empty; names: {', '.join(BEHAVIOUR_FIELDS)}"
+        ) from None
+    if not isinstance(value, dict):
+        raise ValueError(f"NANOCHAT_OVERRIDES must be a JSON object such as {example}, got {text!r}")
+    return value or None
 
 
 class UnknownLayoutError(ValueError):

@@ -304,6 +304,10 @@ def test_overrides_change_the_model_and_survive_run_json(tmp_path):
     assert lm.info.path != plain.info.path, "each set of overrides has its own conversion"
     assert (lm.model.config.qk_scale, plain.model.config.qk_scale) == (1.0, 1.2)
     assert lm.info.nanochat_overrides == {"qk_scale": 1.0}
+    typed = helpers.load_model(
+        str(native), device="cpu", cache_dir=cache, nanochat_overrides='{"qk_scale": 1.0}'
+    )
+    assert typed.info.path == lm.info.path, "notebook 01's JSON text is the same overrides"
     ids = _batch(commit)
     with torch.no_grad():
         assert (lm.model(ids).logits - model(ids)).abs().max() > 1e-3

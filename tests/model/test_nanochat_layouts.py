@@ -128,6 +128,20 @@ def test_overrides_win_and_are_validated():
     assert "logit_softcap=20 (yours)" in line and "2026-03-02" in line, "the gap is announced"
 
 
+def test_overrides_from_the_notebook_form_field():
+    """Notebook 01's NANOCHAT_OVERRIDES text: JSON object -> dict, empty or {} -> none; Python's quoting or
+    a list is refused with the field's name and an example."""
+    assert L.overrides_from_text(' {"logit_softcap": 20, "qk_scale": 1.0} ') == {
+        "logit_softcap": 20,
+        "qk_scale": 1.0,
+    }
+    assert L.overrides_from_text("") is None and L.overrides_from_text("  {} ") is None
+    with pytest.raises(ValueError, match=r"NANOCHAT_OVERRIDES is not JSON.*double quotes.*logit_softcap"):
+        L.overrides_from_text("{'logit_softcap': 20}")
+    with pytest.raises(ValueError, match="NANOCHAT_OVERRIDES must be a JSON object"):
+        L.overrides_from_text("[20]")
+
+
 def test_unknown_layout_lists_unexpected_and_missing_keys_and_every_layout():
     shapes = shapes_of(L.LAYOUTS[-1])
     del shapes["backout_lambda"]
