@@ -53,7 +53,11 @@ def twins(dead: torch.Tensor):
     return ours, theirs
 
 
-@pytest.mark.parametrize("n_dead", [5, 24], ids=["fewer-dead-than-k_aux", "more-dead-than-k_aux"])
+@pytest.mark.parametrize(
+    "n_dead",
+    [5, 24, 40],  # k_aux 8: every dead latent; the top 8 of a dense block (<= 3 k_aux); the sparse kernels
+    ids=["fewer-dead-than-k_aux", "more-dead-than-k_aux", "many-more-dead-than-k_aux"],
+)
 @pytest.mark.parametrize("dense", [False, True], ids=["sparse-path", "dense-path"])
 def test_loss_and_gradients_equal_saelens(n_dead, dense, monkeypatch):
     from sae_lens.saes.sae import TrainStepInput
