@@ -168,6 +168,7 @@ class SAELensTrainer:
             sparse=not autocast,
             widths=widths,
             jumprelu=saelens_setup.jumprelu_settings(args),
+            seed=args.seed,
         )
         with torch.no_grad():  # start where ours starts (its own default is zeros)
             sae.b_dec.copy_(b_dec)

@@ -129,7 +129,14 @@ class SAELensRun:
     def __init__(self, arch: str, d_in: int, d_sae: int, k: float, cfg: TrainConfig, args, widths: list[int]):
         # TopK family on SAELens's sparse path (fp32, no autocast); bench/saelens_setup.py
         self.sae = saelens_setup.training_sae(
-            arch, d_in, d_sae, k, l1=args.l1, widths=widths, jumprelu=saelens_setup.jumprelu_settings(args)
+            arch,
+            d_in,
+            d_sae,
+            k,
+            l1=args.l1,
+            widths=widths,
+            jumprelu=saelens_setup.jumprelu_settings(args),
+            seed=args.seed,
         )
         if args.saelens_bdec is not None:  # sensitivity check: SAELens with our b_dec initialisation
             with torch.no_grad():
