@@ -10,6 +10,8 @@ the static page's first paint with 16k features.
         # compared array by array
     python bench/explorer.py --pass-only --device cuda --compare-cpu --tokens 100000
         # the pass on CUDA and on the CPU, same code and store: the largest differences, field by field
+    python bench/explorer.py --build-only --vocab 49152 --data-dir /tmp/explorer_bench
+        # only the data (no offline model needed with --vocab, as with --pass-only)
 
 Data (written once under --data-dir, reused): a store of `--tokens` completion tokens of d_in = 576 (the
 offline model SmolLM2-135M's width) in float16 shards, in completions of 250 tokens with random token ids
@@ -499,11 +501,31 @@ def main() -> None:
         action="store_true",
         help="with --pass-only and a --device other than cpu: also this tree's pass on the CPU, compared",
     )
+    p.add_argument(
+        "--vocab",
+        type=int,
+        default=None,
+        help="the store's token ids are drawn below this (default: the offline model's tokenizer's size, "
+        "49,152, which loads that model); with --pass-only nothing else needs the model, so a machine "
+        "without it (scripts/gpu_check.sh on a lent GPU) passes 49152",
+    )
+    p.add_argument(
+        "--build-only",
+        action="store_true",
+        help="write the data under --data-dir (or find it there) and stop: scripts/gpu_check.sh builds the "
+        "1M-token store on the CPU while other steps use the GPU",
+    )
     args = p.parse_args()
-    tok = helpers.load_model(helpers.OFFLINE_MODEL, device="cpu").tokenizer
+    if args.vocab is None:
+        args.vocab = len(helpers.load_model(helpers.OFFLINE_MODEL, device="cpu").tokenizer)
+    elif not (args.pass_only or args.build_only):
+        p.error("--vocab goes with --pass-only or --build-only: the whole explorer loads the offline model")
     t0 = time.perf_counter()
-    build_data(Path(args.data_dir), args.tokens, args.d_in, args.d_sae, args.k, len(tok))
+    build_data(Path(args.data_dir), args.tokens, args.d_in, args.d_sae, args.k, args.vocab)
     data_s = time.perf_counter() - t0
+    if args.build_only:
+        print(json.dumps({"data_dir": args.data_dir, "tokens": args.tokens, "build_s": round(data_s, 1)}))
+        return
     if args.pass_only:
         result = pass_only(args)
         result.update(
