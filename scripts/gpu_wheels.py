@@ -1,8 +1,8 @@
-"""Download, here, the wheels a lent GPU machine lacks for scripts/gpu_check.sh, check that they travel,
-and print the one `device.run` call that runs the check there.
+"""Gather, here, what a lent GPU machine lacks for scripts/gpu_check.sh (the wheels, SmolLM2's config and
+tokenizer), check that it travels, and print the one `device.run` call that runs the check there.
 
-    python scripts/gpu_wheels.py                              # .whl/: CPython 3.12 wheels for the device
-    python scripts/gpu_wheels.py --python 3.11 --dest .whl311  # the same set for a rehearsal on this machine
+    python scripts/gpu_wheels.py                   # .gpu_carry/: CPython 3.12 wheels, for the device
+    python scripts/gpu_wheels.py --python 3.11 --dest .gpu_carry311   # the same for a rehearsal here
 
 The lent machines (the workplace's `device` tool: nvidia-h100-x1, nvidia-h200) reach no network. Their
 image (/work/.library/device/KINDS.md, "Python packages already there", read 2026-11-17: `DEVICE_IMAGE`)
@@ -11,8 +11,10 @@ not pydantic, which the package's settings classes import. `WHEELS` names every 
 that can run there need and the image lacks (dependencies included: pip downloads with --no-deps, and
 installs there with --no-index --no-deps); each is downloaded at the version installed here, the one CI
 tests. tests/scripts/test_gpu_wheels.py checks the list against the steps' imports and the wheels'
-metadata. What needs the offline model (98 MB, over the 64 MiB carry limit) or SAELens (transformer-lens
-and wandb) is not carried: gpu_check.sh records those steps as skipped.
+metadata. The wheels go to `<dest>/wheels/`; `<dest>/smollm2-135m/` gets the offline model's config and
+tokenizer without its weights (3.5 MB), from which the check builds a random-weight model of the same
+shapes for the sampling and capture benchmarks. What needs the offline model itself (98 MB, over the
+64 MiB carry limit) or SAELens (transformer-lens and wandb) is not carried: the check skips those steps.
 
 What travels in a call is the checkout's tracked files and the untracked ones git does not ignore, plus
 the carried paths, at most 64 MiB in all: the total is printed and checked (exit status 1 over it).
@@ -23,11 +25,13 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+SKELETON = "smollm2-135m"  # scripts/gpu_check.py SKELETON
 CARRY_LIMIT = 64 * 2**20
 """The device tool's limit on what travels in one call (repo + carried paths)."""
 
@@ -100,19 +104,32 @@ def travelling_bytes(carried: list[Path]) -> int:
     return sum(p.stat().st_size for p in files if p.is_file() and not p.is_symlink())
 
 
+def skeleton(folder: Path) -> None:
+    """The offline model's converted folder without its weights (config, tokenizer, chat template)."""
+    sys.path.insert(0, str(ROOT))
+    import helpers
+
+    lm = helpers.load_model(helpers.OFFLINE_MODEL, device="cpu")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    for f in Path(lm.info.path).iterdir():
+        if f.is_file() and f.suffix not in (".safetensors", ".bin", ".gguf"):
+            shutil.copy(f, folder / f.name)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--python", default="3.12", help="the Python the wheels are for (the device's: 3.12)")
-    ap.add_argument("--dest", default=".whl", help="folder under the repo root (ignored by .gitignore)")
+    ap.add_argument("--dest", default=".gpu_carry", help="folder under the repo root (git must ignore it)")
     ap.add_argument("--budget-s", type=int, default=480, help="GPU_CHECK_BUDGET_S of the printed call")
     args = ap.parse_args()
-    dest = ROOT / args.dest
-    ignored = (
-        subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", str(dest / "a.whl")]).returncode == 0
-    )
+    carry = ROOT / args.dest
+    ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", str(carry / "x")]).returncode == 0
     if not ignored:
         sys.exit(f"{args.dest} is not ignored by git: add /{args.dest}/ to .gitignore, or it travels twice")
-    dest.mkdir(exist_ok=True)
+    dest = carry / "wheels"
+    dest.mkdir(parents=True, exist_ok=True)
+    skeleton(carry / SKELETON)
     want = pinned()
     # one version of each: a stale wheel of another version would stop the install on the device
     keep = {canonical(w.split("==")[0]) for w in want}
@@ -141,8 +158,8 @@ def main() -> None:
         check=True,
     )
     wheels = sorted(p.name for p in dest.glob("*.whl"))
-    total = travelling_bytes([dest])
-    command = f"GPU_CHECK_BUDGET_S={args.budget_s} bash scripts/gpu_check.sh"
+    total = travelling_bytes([carry])
+    command = f"GPU_CHECK_BUDGET_S={args.budget_s} GPU_CHECK_CARRIED={args.dest} bash scripts/gpu_check.sh"
     call = {"command": command, "carry": [args.dest], "timeout_s": args.budget_s + 60}
     print(
         json.dumps(
