@@ -354,7 +354,8 @@ class Check:
                 self.report["background"][name]["status"] = "killed: no step waited for it"
         done = [s["status"] for s in self.report["steps"].values()]
         self.report["finished"] = True
-        self.report["ok"] = all(s in ("ok", "skipped") for s in done)
+        bootstrap_ok = not self.report.get("bootstrap", "").startswith("FAILED")
+        self.report["ok"] = bootstrap_ok and all(s in ("ok", "skipped") for s in done)
         self.report["summary"] = {k: done.count(k) for k in sorted(set(done))}
         self.write()
 

@@ -34,18 +34,23 @@ if [ "${GPU_CHECK_INSTALL:-}" = online ]; then
 elif $PY -c "$needs" 2>/dev/null; then
   export GPU_CHECK_BOOTSTRAP="none needed: the steps' imports were all there"
 else
+  # a failed bootstrap still runs the check: every step then fails on its import, recorded with the card
   wheels=("$CARRIED"/wheels/*.whl)
-  if [ ! -e "${wheels[0]}" ]; then
-    echo "the steps cannot import what they need ($needs) and $CARRIED/wheels holds no wheels:" \
-      "run python scripts/gpu_wheels.py where pip works and carry $CARRIED" >&2
-    exit 1
-  fi
   SITE=${GPU_CHECK_SITE:-${TMPDIR:-/tmp}/gpu_check_site}
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-    "${wheels[@]}" || exit 1
-  export PYTHONPATH=$PYTHONPATH:$SITE  # after the checkout; the machine's own packages stay as they are
-  $PY -c "$needs" || { echo "still missing after installing ${#wheels[@]} wheels into $SITE" >&2; exit 1; }
-  export GPU_CHECK_BOOTSTRAP="offline: ${#wheels[@]} wheels from $CARRIED/wheels into $SITE"
+  if [ ! -e "${wheels[0]}" ]; then
+    export GPU_CHECK_BOOTSTRAP="FAILED: the steps' imports ($needs) fail and $CARRIED/wheels holds no wheels: \
+run python scripts/gpu_wheels.py where pip works and carry $CARRIED"
+  elif ! $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+      "${wheels[@]}"; then
+    export GPU_CHECK_BOOTSTRAP="FAILED: pip could not install $CARRIED/wheels into $SITE (see stderr)"
+  else
+    export PYTHONPATH=$PYTHONPATH:$SITE  # after the checkout; the machine's own packages stay as they are
+    if $PY -c "$needs"; then
+      export GPU_CHECK_BOOTSTRAP="offline: ${#wheels[@]} wheels from $CARRIED/wheels into $SITE"
+    else
+      export GPU_CHECK_BOOTSTRAP="FAILED: still missing after installing ${#wheels[@]} wheels into $SITE"
+    fi
+  fi
 fi
 echo "bootstrap: $GPU_CHECK_BOOTSTRAP ($(($(date +%s) - GPU_CHECK_STARTED)) s)" >&2
 exec $PY scripts/gpu_check.py
