@@ -10,7 +10,7 @@ holds torch, transformers, numpy, scipy, scikit-learn and the rest of what the c
 not pydantic, which the package's settings classes import. `WHEELS` names every distribution the steps
 that can run there need and the image lacks (dependencies included: pip downloads with --no-deps, and
 installs there with --no-index --no-deps); each is downloaded at the version installed here, the one CI
-tests. tests/scripts/test_gpu_wheels.py checks the list against the steps' imports and the wheels'
+tests. tests/scripts/test_gpu_check.py checks the list against the steps' imports and the wheels'
 metadata. The wheels go to `<dest>/wheels/`; `<dest>/smollm2-135m/` gets the offline model's config and
 tokenizer without its weights (3.5 MB), from which the check builds a random-weight model of the same
 shapes for the sampling and capture benchmarks. What needs the offline model itself (98 MB, over the
@@ -35,9 +35,10 @@ SKELETON = "smollm2-135m"  # scripts/gpu_check.py SKELETON
 CARRY_LIMIT = 64 * 2**20
 """The device tool's limit on what travels in one call (repo + carried paths)."""
 
-WHEELS = ("pydantic", "pydantic-core", "annotated-types", "typing-inspection")
+WHEELS = ("pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions")
 """Distributions the GPU check's steps import (directly or through the wheels' own requirements) that the
-device image lacks."""
+device image lacks, and typing-extensions, which it has at a version not known here while pydantic-core
+needs a recent one (>= 4.14.1): the carried one (on PYTHONPATH, before the image's) is CI's."""
 
 # The manylinux tags the device README's recipe names; pip matches each exactly.
 PLATFORMS = (
