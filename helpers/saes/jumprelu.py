@@ -68,48 +68,73 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.amp import custom_bwd, custom_fwd
 
 from helpers.saes.base import PenaltySAE, StepOutput, latent_quantiles, pre_act_loss
 from helpers.saes.kernels import (
     Pattern,
-    count_true,
+    PositivePairs,
+    _spmm,
     dense_enough,
     dense_weight_grads,
-    firing_counts,
-    gather_pre,
     residual_mse,
-    sparse_recon_loss,
 )
 
 
-def _rectangle(u: Tensor) -> Tensor:
-    return (u.abs() < 0.5).to(u.dtype)
-
-
-class _PairSteps(torch.autograd.Function):
-    """(z · H(z - θ), H(z - θ)) on the sparse step's pairs, z [nnz] and θ [d_sae] gathered at each pair's
-    latent `col` [nnz]: z · H(z - θ) and H(z - θ) with their pseudo-gradients (eq. 11-12; the tests' reference
-    is each written alone, tests/saes/test_jumprelu_step.py) and θ's gather in one
-    autograd node, the window K computed once in backward, θ's gradient summed per latent by index_add_
-    (deterministic on a CPU). Autograd's graph of the three took ~0.5 ms forward and backward at 30k pairs."""
-
-    @staticmethod
-    def forward(ctx, z: Tensor, threshold: Tensor, col: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-        theta = threshold.index_select(0, col)  # [nnz]
-        active = z > theta
-        ctx.save_for_backward(z, theta, col, active)
-        ctx.eps, ctx.n_latents = eps, len(threshold)
-        return z * active, active.to(z.dtype)
+class _SparseStep(torch.autograd.Function):
+    """(mse, l0, x_hat, fired) of the JumpReLU SAE on the sparse step's pairs `p` (the active ones and those
+    in the lower half of the STE window), from the pre-activations `pre` [n, d_sae] computed without
+    autograd and read at the pairs' flat indices `flat` [nnz], with the backward written out: z [nnz] and θ
+    gathered at each pair's latent, acts = z · H(z - θ) decoded by embedding_bag, the paper's
+    pseudo-gradients (eq. 11-12: to θ, -(1/ε) K · (θ · d acts + d l0) per pair, K computed once), and the
+    weight gradients as `kernels.gather_pre` and `kernels.sparse_recon_loss` take them (the latent-major
+    CSR products, b_dec's encoder term from column sums), each latent's sums by index_add_ (deterministic
+    on a CPU). l0 is the batch's mean L0 (a scalar) or, with `per_token`, each token's [n]. One autograd
+    node where the gather, the pairs' steps, the decode and its loss took three, and l0's per-token sums,
+    fired's 0/1 flags and the residual's three reductions 12 more ops (each ~5-20 us on a CPU)."""
 
     @staticmethod
-    def backward(ctx, g_acts: Tensor, g_step: Tensor):
-        z, theta, col, active = ctx.saved_tensors
-        # -(1/ε) K · (θ · d acts + d step) per pair, then per latent
-        per_pair = torch.addcmul(g_step, theta, g_acts).mul_(_rectangle((z - theta) / ctx.eps))
-        d_threshold = theta.new_zeros(ctx.n_latents).index_add_(0, col, per_pair, alpha=-1.0 / ctx.eps)
-        return g_acts * active, d_threshold, None, None
+    @custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, x, x_c, b_dec, W_enc_T, b_enc, W_dec, threshold, pre, p: Pattern, flat, eps, per_token):
+        n = len(x)
+        z = pre.reshape(-1).index_select(0, flat)  # [nnz]
+        theta = threshold.index_select(0, p.col)
+        gap = z - theta
+        active = gap > 0
+        acts = torch.where(active, z, 0.0)
+        x_hat = F.embedding_bag(
+            p.col, W_dec, p.crow, mode="sum", per_sample_weights=acts, include_last_offset=True
+        ).add_(b_dec)  # [n, d_in]
+        r = x_hat - x
+        mse = torch.dot(r.view(-1), r.view(-1)) / n  # kernels.residual_mse, one reduction
+        steps = active.to(z.dtype)  # H(z - θ) [nnz]
+        l0 = z.new_zeros(n).index_add_(0, p.row, steps) if per_token else steps.sum() / n
+        fired = torch.zeros(p.n_cols, dtype=z.dtype, device=z.device).index_add_(0, p.col, steps).long()
+        ctx.save_for_backward(x_c, b_dec, W_enc_T, W_dec, theta, gap, active, acts, r)
+        ctx.p, ctx.eps, ctx.per_token = p, eps, per_token
+        ctx.mark_non_differentiable(x_hat, fired)
+        return mse, l0, x_hat, fired
+
+    @staticmethod
+    @custom_bwd(device_type="cuda")
+    def backward(ctx, g_mse, g_l0, _, __):
+        x_c, b_dec, W_enc_T, W_dec, theta, gap, active, acts, r = ctx.saved_tensors
+        p: Pattern = ctx.p
+        n = len(r)
+        d_x_hat = r * (g_mse * (2 / n))  # [n, d_in]
+        d_acts = torch.sparse.sampled_addmm(p.csr(torch.zeros_like(acts)), d_x_hat, W_dec.t()).values()
+        # θ, eq. 11-12: -(1/ε) K · (θ · d acts + d l0) per pair, K = 1 inside the window |z - θ| < ε/2
+        d_step = g_l0.index_select(0, p.row) if ctx.per_token else g_l0 / n
+        in_window = torch.addcmul(d_step, theta, d_acts).mul_(gap.abs_() < ctx.eps / 2)
+        d_threshold = r.new_zeros(p.n_cols).index_add_(0, p.col, in_window, alpha=-1.0 / ctx.eps)
+        d_z = d_acts.mul_(active)  # to the pre-activations: H(z - θ) (no STE to the encoder), in place
+        d_b_enc = torch.zeros_like(d_threshold).index_add_(0, p.col, d_z)
+        d_W_enc_T = _spmm(p.csr_t(d_z), x_c)
+        d_b_dec = d_x_hat.sum(0) - d_b_enc @ W_enc_T  # through x_hat, and the encoder's input x - b_dec
+        d_W_dec = _spmm(p.csr_t(acts), d_x_hat)
+        return None, None, d_b_dec, d_W_enc_T, d_b_enc, d_W_dec, d_threshold, None, None, None, None, None
 
 
 class _DenseStep(torch.autograd.Function):
@@ -253,12 +278,12 @@ class JumpReLUSAE(PenaltySAE):
     def losses(self, x: Tensor, dead: Tensor) -> StepOutput:
         eps = self.bandwidth
         with torch.no_grad():
-            pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)  # [n, d_sae]: the only dense matmul
+            x_c = x - self.b_dec
+            pre = torch.addmm(self.b_enc, x_c, self.W_enc)  # [n, d_sae]: the only dense matmul
             # Active pairs plus those in the lower half of the STE window (the upper half is active):
-            # pre > θ - ε/2 as ReLU(pre - (θ - ε/2)) cast to bool (a - b > 0 exactly when a > b, subnormals
-            # kept): 0.11 ms at [1024, 512] on a CPU, the comparison 0.24
-            mask = (pre - (self.threshold - eps / 2)).relu_().bool()
-            dense = dense_enough(count_true(mask), mask.numel(), x.device)
+            # pre > θ - ε/2 where ReLU(pre - (θ - ε/2)) > 0 (a - b > 0 exactly when a > b, subnormals kept)
+            pairs = PositivePairs((pre - (self.threshold - eps / 2)).relu_())
+            dense = dense_enough(pairs.count, pre.numel(), x.device)
         self.threshold_before_step.copy_(self.threshold.detach())
         if dense:  # early in training many latents fire: dense maths beats building a Pattern
             with torch.no_grad():
@@ -277,15 +302,24 @@ class JumpReLUSAE(PenaltySAE):
             else:  # on each token's L0
                 error = (l0 - self.target_l0).pow(2).mean()
         else:
-            p = Pattern.from_mask(mask)
-            z = gather_pre(x, self.b_dec, self.W_enc_T, self.b_enc, pre, p)  # [nnz]
-            acts, step = _PairSteps.apply(z, self.threshold, p.col, eps)  # step: differentiable in θ (eq. 12)
-            mse, x_hat = sparse_recon_loss(acts, self.W_dec, self.b_dec, x, p)
-            if self.l0_penalty == "batch":  # on the mean L0 per token
-                error = (step.sum() / len(x) - self.target_l0).pow(2)
-            else:  # on each token's L0
-                error = (step.new_zeros(len(x)).index_add(0, p.row, step) - self.target_l0).pow(2).mean()
-            fired = firing_counts(acts, p)
+            p, flat = pairs.pattern()
+            per_token = self.l0_penalty == "token"
+            mse, l0, x_hat, fired = _SparseStep.apply(
+                x,
+                x_c,
+                self.b_dec,
+                self.W_enc_T,
+                self.b_enc,
+                self.W_dec,
+                self.threshold,
+                pre,
+                p,
+                flat,
+                eps,
+                per_token,
+            )
+            # on each token's L0, or on the batch's mean L0 per token
+            error = (l0 - self.target_l0).pow(2).mean() if per_token else (l0 - self.target_l0).pow(2)
         sparsity = self.sparsity_coef * error / self.target_l0
         loss, parts = mse + sparsity, {"mse": mse.detach(), "sparsity": sparsity.detach()}
         if self.pre_act_coef:  # a history column whenever it is on, 0 while no latent is dead

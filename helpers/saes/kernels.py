@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -412,3 +413,51 @@ def dense_weight_grads(
         d_b_dec = d_x_hat.sum(0) - d_b_enc @ W_enc_T.float()
     d_W_dec = acts.t() @ d_x_hat
     return tuple(g.to(dtype) for g in (d_b_dec, d_W_enc_T, d_b_enc, d_W_dec))
+
+
+# --- The pairs of a thresholded step (JumpReLU, Gated): counted, then found, on a CPU by numpy ---
+
+
+class PositivePairs:
+    """The (row, col) pairs where `values` [n, d] (>= 0: ReLU'd, e.g. ReLU(pre - θ) or ReLU(π_gate)) are > 0:
+    `count` at once (whether the step is dense), `pattern()` when it is not.
+
+    On a CPU the pairs are found by numpy's 1-D nonzero of the bool mask (flat indices, row-major, so already
+    in CSR order). torch.nonzero of a [1024, 512] mask took 0.66-0.70 ms on one thread at 5% density,
+    whatever the density (a scalar pass per entry). numpy skips runs of zeros with memchr up to 10% density
+    (~13 ns a pair: 0.07-0.08 ms at 1-2%, 0.36 at 5%) and above that runs a branchless loop (~0.45 ns an
+    entry: 0.24 ms for [1024, 512]): from 3.5% density on, True entries are appended after the mask until
+    more than 10% of the entries are True, so numpy takes the branchless loop, and dropped after. The count
+    (numpy's count_nonzero) takes 0.02 ms where torch's int32 sum of the bool mask took 0.055-0.1."""
+
+    BRANCHLESS_FROM = 0.035  # the density from which the padded, branchless loop is faster (above)
+
+    def __init__(self, values: Tensor):
+        self.n_rows, self.n_cols = values.shape
+        self.device = values.device
+        if values.device.type == "cpu":
+            numel = values.numel()
+            # [numel + room for the padding]: the mask first (a cast copy: True where values > 0)
+            self.mask = torch.empty(numel + numel // 9 + 1, dtype=torch.bool)
+            self.mask[:numel].view_as(values).copy_(values)
+            self.count = int(np.count_nonzero(self.mask[:numel].numpy()))
+        else:
+            self.mask = values.bool()
+            self.count = count_true(self.mask)
+
+    def pattern(self) -> tuple[Pattern, Tensor]:
+        """(the Pattern of the pairs, their flat indices row * n_cols + col [nnz])."""
+        n, d = self.n_rows, self.n_cols
+        if self.device.type != "cpu":
+            row, col = self.mask.nonzero(as_tuple=True)
+            return Pattern(row, col, n, d), row * d + col
+        numel, nnz = n * d, self.count
+        # True entries appended so that more than 10% are True: (nnz + pad) / (numel + pad) > 0.1
+        pad = max(0, (numel - 10 * nnz) // 9 + 1) if nnz >= self.BRANCHLESS_FROM * numel else 0
+        self.mask[numel : numel + pad] = True
+        flat = np.flatnonzero(self.mask[: numel + pad].numpy())[:nnz]  # ascending: CSR order
+        crow = np.searchsorted(flat, np.arange(0, numel + 1, d))  # [n + 1]: where each row starts
+        row = np.repeat(np.arange(n), np.diff(crow))
+        col = flat - row * d
+        to_torch = lambda a: torch.from_numpy(a.astype(np.int64, copy=False))  # noqa: E731 - intp is int64
+        return Pattern(to_torch(row), to_torch(col), n, d, to_torch(crow)), to_torch(flat)

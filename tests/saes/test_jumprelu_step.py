@@ -11,7 +11,6 @@ from torch import Tensor
 
 from helpers.saes import JumpReLUSAE, jumprelu, kernels
 from helpers.saes.base import StepOutput
-from helpers.saes.jumprelu import _rectangle
 from helpers.saes.train import TrainConfig
 from tests.saes.test_standard_step import step_beside_autograd_under_autocast, train_beside_autograd, world
 
@@ -21,7 +20,12 @@ D_IN, D_SAE = 16, 64  # as test_standard_step's world
 
 
 # The paper's pseudo-derivatives written alone, each its own autograd node: the reference the steps' fused
-# forms (`jumprelu._PairSteps`, `jumprelu._DenseStep`) are checked against.
+# forms (`jumprelu._SparseStep`, `jumprelu._DenseStep`) are checked against.
+def _rectangle(u: Tensor) -> Tensor:
+    """The STE's kernel K(u) = 1 where |u| < 1/2 (§3)."""
+    return (u.abs() < 0.5).to(u.dtype)
+
+
 class _JumpReLU(torch.autograd.Function):
     """z · H(z - θ) on a flat [nnz] vector; θ gathered per pair. Pseudo-gradient of eq. 11."""
 
