@@ -16,9 +16,10 @@ the trainable one 0.2%, with a better held-out explained variance at low L0 (ben
 The encoder starts as 0.1 times the decoder's transpose (`encoder_init_scale`; SAELens starts both at
 norm 0.1): its columns then turn ~10x faster relative to their size under Adam's steps, which lifted the
 explained variance at high L0 in that run. Every term is supported on the active set {π_gate > 0}, so
-the step is sparse apart from the encoder's forward matmul. Above kernels.DENSE_ABOVE of the pairs (early in
+the step is sparse apart from the encoder's forward matmul (`_SparseStep`: the open gates' pairs found by
+`kernels.PositivePairs`, one written-out autograd node). Above kernels.DENSE_ABOVE of the pairs (early in
 training about half the gates are open) the step is dense maths with its backward written out instead
-(`_DenseStep`: the same gradients within float rounding, tests/saes/test_gated_step.py).
+(`_DenseStep`); both give the same gradients within float rounding (tests/saes/test_gated_step.py).
 
 The L1 coefficient λ is steered toward the target L0 `l0` (base.adapt_coefficient), as for JumpReLU, from 0.1
 (`sparsity_coef`), with the standard SAE's trend hold (`coef_trend_horizon` 50: λ is held while the L0 falls
@@ -64,19 +65,12 @@ lands above the target (L0 22 of 20 at 400 steps, 83 of 62 at 150; gated_ablatio
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.amp import custom_bwd, custom_fwd
 
 from helpers.saes.base import PenaltySAE, StepOutput, pre_act_loss
-from helpers.saes.kernels import (
-    Pattern,
-    count_true,
-    dense_enough,
-    firing_counts,
-    gather_pre,
-    residual_mse,
-    sparse_recon_loss,
-)
+from helpers.saes.kernels import Pattern, PositivePairs, _spmm, dense_enough, residual_mse
 
 
 class GatedSAE(PenaltySAE):
@@ -148,24 +142,33 @@ class GatedSAE(PenaltySAE):
 
     def losses(self, x: Tensor, dead: Tensor) -> StepOutput:
         with torch.no_grad():
-            z = (x - self.b_dec) @ self.W_enc  # [n, d_sae]: the only dense matmul of the sparse path
+            x_c = x - self.b_dec
+            z = x_c @ self.W_enc  # [n, d_sae]: the only dense matmul of the sparse path
             gate = (z + self.b_gate).relu_()  # ReLU(π_gate) [n, d_sae] float32
-            active = gate.bool()  # H(π_gate), as a cast: ~7x faster than `π_gate > 0` on a CPU
-            dense = dense_enough(count_true(active), active.numel(), x.device)
+            pairs = PositivePairs(gate)  # the open gates, H(π_gate) = 1
+            dense = dense_enough(pairs.count, gate.numel(), x.device)
         frozen = self.frozen_gate_decoder  # the paper's form: the gate term does not train the decoder
         if dense:  # early in training about half the gates are open: dense maths beats building a Pattern
             mse, l1, gate_aux, x_hat, fired = _DenseStep.apply(
                 x, self.b_dec, self.W_enc_T, self.b_gate, self.b_mag, self.r_mag, self.W_dec, z, gate, frozen
             )
             return self._output(x, dead, mse, l1, gate_aux, x_hat, fired)
-        p = Pattern.from_mask(active)
-        z_p = gather_pre(x, self.b_dec, self.W_enc_T, None, z, p)  # [nnz], gradient to W_enc and b_dec
-        gate, acts = _SparsePairs.apply(z_p, self.b_gate, self.r_mag, self.b_mag, p.col)  # [nnz] each
-        mse, x_hat = sparse_recon_loss(acts, self.W_dec, self.b_dec, x, p)
-        l1 = gate.sum() / len(x)
-        W_dec, b_dec = (self.W_dec.detach(), self.b_dec.detach()) if frozen else (self.W_dec, self.b_dec)
-        gate_aux, _ = sparse_recon_loss(gate, W_dec, b_dec, x, p)
-        fired = firing_counts(acts, p)
+        p, flat = pairs.pattern()
+        mse, l1, gate_aux, x_hat, fired = _SparseStep.apply(
+            x,
+            x_c,
+            self.b_dec,
+            self.W_enc_T,
+            self.b_gate,
+            self.b_mag,
+            self.r_mag,
+            self.W_dec,
+            z,
+            gate,
+            p,
+            flat,
+            frozen,
+        )
         return self._output(x, dead, mse, l1, gate_aux, x_hat, fired)
 
     def _output(
@@ -221,6 +224,65 @@ class _SparsePairs(torch.autograd.Function):
         per_latent = lambda v: torch.zeros_like(scale).index_add_(0, col, v)  # noqa: E731 - [nnz] -> [d_sae]
         d_z = torch.addcmul(d_gate, d_mag, scale_p)  # z feeds π_gate and, scaled, π_mag
         return d_z, per_latent(d_gate), per_latent(d_mag * z).mul_(scale), per_latent(d_mag), None
+
+
+class _SparseStep(torch.autograd.Function):
+    """(mse, l1, gate_aux, x_hat, fired) of the Gated SAE on the open gates' pairs `p` (flat indices `flat`
+    [nnz]), from z = (x - b_dec) @ W_enc and gate = ReLU(π_gate) [n, d_sae] computed without autograd, with
+    the backward written out (`_DenseStep`'s maths on the pairs only): ReLU(π_gate) read at the pairs,
+    f = ReLU(π_mag) (H(π_gate) = 1 there), both decoded by embedding_bag, their gradients at the pairs by
+    sampled products, each latent's sums by index_add_ (deterministic on a CPU) and the weight gradients by
+    the latent-major CSR products; x_c = x - b_dec. One autograd node where the gather, the pairs' nine
+    elementwise ops, the two decodes with their losses and the firing counts took four and ~15 more ops."""
+
+    @staticmethod
+    @custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, x, x_c, b_dec, W_enc_T, b_gate, b_mag, r_mag, W_dec, z, gate, p: Pattern, flat, frozen):
+        n = len(x)
+        z_p, gate_p = z.reshape(-1).index_select(0, flat), gate.reshape(-1).index_select(0, flat)  # [nnz]
+        scale = r_mag.exp()  # [d_sae]: W_mag = W_enc ⊙ exp(r_mag)
+        scale_p = scale.index_select(0, p.col)
+        acts = torch.addcmul(b_mag.index_select(0, p.col), z_p, scale_p).relu_()  # f = ReLU(π_mag)
+        decode = lambda v: F.embedding_bag(  # noqa: E731 - values [nnz] @ W_dec + b_dec -> [n, d_in]
+            p.col, W_dec, p.crow, mode="sum", per_sample_weights=v, include_last_offset=True
+        ).add_(b_dec)
+        x_hat, x_gate = decode(acts), decode(gate_p)
+        r, r_gate = x_hat - x, x_gate - x
+        mse = torch.dot(r.view(-1), r.view(-1)) / n  # kernels.residual_mse, one reduction
+        gate_aux = torch.dot(r_gate.view(-1), r_gate.view(-1)) / n
+        l1 = gate_p.sum() / n
+        fired = scale.new_zeros(p.n_cols).index_add_(0, p.col, acts.bool().to(acts.dtype)).long()
+        ctx.save_for_backward(x_c, W_enc_T, W_dec, z_p, scale, scale_p, acts, gate_p, r, r_gate)
+        ctx.p, ctx.frozen = p, frozen
+        ctx.mark_non_differentiable(x_hat, fired)
+        return mse, l1, gate_aux, x_hat, fired
+
+    @staticmethod
+    @custom_bwd(device_type="cuda")
+    def backward(ctx, g_mse, g_l1, g_aux, _, __):
+        x_c, W_enc_T, W_dec, z_p, scale, scale_p, acts, gate_p, r, r_gate = ctx.saved_tensors
+        p: Pattern = ctx.p
+        n = len(r)
+        d_x_hat, d_x_gate = r * (g_mse * (2 / n)), r_gate * (g_aux * (2 / n))  # [n, d_in]
+        at_pairs = lambda g: torch.sparse.sampled_addmm(  # noqa: E731 - (g @ W_dec^T) at the pairs [nnz]
+            p.csr(torch.zeros_like(acts)), g, W_dec.t()
+        ).values()
+        # d π_mag where f > 0; d π_gate = d_x_gate @ W_dec^T + λ/n on every pair (the gates are open there)
+        d_mag = torch.ops.aten.threshold_backward(at_pairs(d_x_hat), acts, 0)
+        d_gate = at_pairs(d_x_gate).add_(g_l1 / n)
+        per_latent = lambda v: scale.new_zeros(p.n_cols).index_add_(0, p.col, v)  # noqa: E731 - [nnz] -> [d_sae]
+        d_b_mag, d_b_gate = per_latent(d_mag), per_latent(d_gate)
+        d_r_mag = per_latent(d_mag * z_p).mul_(scale)  # d exp(r_mag) = exp(r_mag)
+        d_z = d_gate.addcmul_(d_mag, scale_p)  # z feeds π_gate and, scaled, π_mag (in place)
+        d_W_enc_T = _spmm(p.csr_t(d_z), x_c)
+        # b_dec: through x_hat (and x_gate unless frozen), and through the encoder's input x - b_dec
+        d_b_dec = d_x_hat.sum(0) - (d_b_gate + scale * d_b_mag) @ W_enc_T
+        d_W_dec = _spmm(p.csr_t(acts), d_x_hat)
+        if not ctx.frozen:  # the gate's reconstruction trains the decoder too
+            d_b_dec += d_x_gate.sum(0)
+            d_W_dec = torch.addmm(d_W_dec, p.csr_t(gate_p), d_x_gate)
+        grads = (d_b_dec, d_W_enc_T, d_b_gate, d_b_mag, d_r_mag, d_W_dec)
+        return None, None, *grads, None, None, None, None, None
 
 
 class _DenseStep(torch.autograd.Function):
