@@ -138,10 +138,11 @@ class _SparseStep(torch.autograd.Function):
 
 
 class _DenseStep(torch.autograd.Function):
-    """(mse, l0 per token [n], x_hat) of the JumpReLU SAE on every (token, latent) pair, from acts = pre ·
-    H(pre - θ), `active` = H(pre - θ) (bool) and the window w = 0.5 - |pre - θ| / ε [n, d_sae] (K = 1 where
-    w > 0), computed without autograd, with the backward written out: five dense products where autograd's
-    graph takes six (b_dec's gradient through the encoder needs only column sums), the STEs of the
+    """(mse, l0, x_hat) of the JumpReLU SAE on every (token, latent) pair, from acts = pre · H(pre - θ),
+    `active` = H(pre - θ) (bool) and the window w = ε/2 - |pre - θ| [n, d_sae] (K = 1 where w > 0), computed
+    without autograd; l0 is each token's L0 [n] with `per_token`, else the batch's mean from the firing
+    counts `fired` [d_sae] (no pass over `active`). The backward is written out: five dense products where
+    autograd's graph takes six (b_dec's gradient through the encoder needs only column sums), the STEs of the
     JumpReLU (to θ: -(θ/ε) K · d acts) and of the step function (to θ: -(1/ε) K · d l0) summed in one pass
     over the window, and the masks applied by `threshold_backward` (0 where its second argument is not
     > 0). Under autocast the products run in its precision and the gradients return in the parameters'
@@ -149,11 +150,12 @@ class _DenseStep(torch.autograd.Function):
 
     @staticmethod
     @custom_fwd(device_type="cuda")
-    def forward(ctx, x, b_dec, W_enc_T, b_enc, W_dec, threshold, acts, active, window, eps):
+    def forward(ctx, x, b_dec, W_enc_T, b_enc, W_dec, threshold, acts, active, fired, window, eps, per_token):
         x_hat = (acts @ W_dec).float().add_(b_dec)  # [n, d_in]
         r = x_hat - x
         mse = residual_mse(r)
-        l0 = active.sum(1, dtype=torch.int32).to(r.dtype)  # [n]: active latents per token
+        # [n]: active latents per token, or their mean
+        l0 = active.sum(1, dtype=torch.int32).to(r.dtype) if per_token else fired.sum().to(r.dtype) / len(x)
         ctx.save_for_backward(x, b_dec, W_enc_T, W_dec, threshold, acts, window, r)
         ctx.eps, ctx.param_dtype = eps, W_dec.dtype
         ctx.mark_non_differentiable(x_hat)
@@ -167,13 +169,14 @@ class _DenseStep(torch.autograd.Function):
         d_x_hat = r * (2 * g_mse / n)  # [n, d_in]
         d_acts = (d_x_hat @ W_dec.t()).float()  # [n, d_sae]
         # θ's pseudo-gradient, eq. 11-12: -(1/ε) Σ_tokens K · (θ · d acts + d l0), over the window's pairs
-        in_window = torch.addcmul(g_l0.unsqueeze(1), d_acts, threshold)
+        d_l0 = g_l0.unsqueeze(1) if g_l0.dim() else g_l0 / n  # per token [n, 1], or the mean's share
+        in_window = torch.addcmul(d_l0, d_acts, threshold)
         in_window = torch.ops.aten.threshold_backward.grad_input(in_window, window, 0, grad_input=in_window)
         d_threshold = in_window.sum(0) * (-1.0 / ctx.eps)
         # to pre: H(pre - θ), i.e. 0 where acts = 0 (θ >= 0: an active pair's act is > 0), in place
         d_pre = torch.ops.aten.threshold_backward.grad_input(d_acts, acts, 0, grad_input=d_acts)
         grads = dense_weight_grads(x, b_dec, W_enc_T, acts, d_pre, d_x_hat, ctx.param_dtype)
-        return None, *grads, d_threshold.to(threshold.dtype), None, None, None, None
+        return None, *grads, d_threshold.to(threshold.dtype), None, None, None, None, None, None
 
 
 class JumpReLUSAE(PenaltySAE):
@@ -285,6 +288,7 @@ class JumpReLUSAE(PenaltySAE):
             pairs = PositivePairs((pre - (self.threshold - eps / 2)).relu_())
             dense = dense_enough(pairs.count, pre.numel(), x.device)
         self.threshold_before_step.copy_(self.threshold.detach())
+        per_token = self.l0_penalty == "token"  # the penalty on each token's L0, or on the batch's mean
         if dense:  # early in training many latents fire: dense maths beats building a Pattern
             with torch.no_grad():
                 gap = pre - self.threshold  # [n, d_sae]
@@ -293,17 +297,23 @@ class JumpReLUSAE(PenaltySAE):
                 acts = torch.ops.aten.threshold_backward(pre, gap, 0)  # float32
                 active = acts.bool()
                 fired = active.sum(0, dtype=torch.int32).long()  # [d_sae]
-                window = gap.div_(eps).abs_().neg_().add_(0.5)  # STE window K = 1 where > 0, in place
+                window = torch.rsub(gap.abs_(), eps / 2)  # STE window: K = 1 where ε/2 - |gap| > 0
             mse, l0, x_hat = _DenseStep.apply(
-                x, self.b_dec, self.W_enc_T, self.b_enc, self.W_dec, self.threshold, acts, active, window, eps
+                x,
+                self.b_dec,
+                self.W_enc_T,
+                self.b_enc,
+                self.W_dec,
+                self.threshold,
+                acts,
+                active,
+                fired,
+                window,
+                eps,
+                per_token,
             )
-            if self.l0_penalty == "batch":  # on the mean L0 per token
-                error = (l0.mean() - self.target_l0).pow(2)
-            else:  # on each token's L0
-                error = (l0 - self.target_l0).pow(2).mean()
         else:
             p, flat = pairs.pattern()
-            per_token = self.l0_penalty == "token"
             mse, l0, x_hat, fired = _SparseStep.apply(
                 x,
                 x_c,
@@ -318,13 +328,15 @@ class JumpReLUSAE(PenaltySAE):
                 eps,
                 per_token,
             )
-            # on each token's L0, or on the batch's mean L0 per token
-            error = (l0 - self.target_l0).pow(2).mean() if per_token else (l0 - self.target_l0).pow(2)
-        sparsity = self.sparsity_coef * error / self.target_l0
+        error = (l0 - self.target_l0).pow(2)  # [n] per token, or of the mean
+        sparsity = self.sparsity_coef * (error.mean() if per_token else error) / self.target_l0
         loss, parts = mse + sparsity, {"mse": mse.detach(), "sparsity": sparsity.detach()}
-        if self.pre_act_coef:  # a history column whenever it is on, 0 while no latent is dead
-            pre_act = self.pre_act_loss(x, dead) if bool(dead.any()) else mse.new_zeros(())
-            loss, parts["pre_act"] = loss + pre_act, pre_act.detach()
+        if self.pre_act_coef:  # a history column whenever it is on, 0 (and nothing to add) while none is dead
+            if bool(dead.any()):
+                pre_act = self.pre_act_loss(x, dead)
+                loss, parts["pre_act"] = loss + pre_act, pre_act.detach()
+            else:
+                parts["pre_act"] = mse.new_zeros(())
         return StepOutput(loss, parts, x_hat.detach(), fired)
 
     def pre_act_loss(self, x: Tensor, dead: Tensor) -> Tensor:
