@@ -178,10 +178,13 @@ class GatedSAE(PenaltySAE):
         either path's."""
         loss = mse + self.sparsity_coef * l1 + gate_aux
         terms = {"mse": mse.detach(), "l1": l1.detach(), "gate_aux": gate_aux.detach()}
-        if float(self.revive_coef):  # a history column whenever it is on, 0 while no latent is dead
+        if float(self.revive_coef):  # a history column whenever it is on, 0 (not added) while none is dead
             dead = self.revival_mask(dead)
-            revive = self.revival_loss(x, dead) if bool(dead.any()) else mse.new_zeros(())
-            loss, terms["revive"] = loss + revive, revive.detach()
+            if bool(dead.any()):
+                revive = self.revival_loss(x, dead)
+                loss, terms["revive"] = loss + revive, revive.detach()
+            else:
+                terms["revive"] = mse.new_zeros(())
         return StepOutput(loss, terms, x_hat.detach(), fired)
 
     def revival_mask(self, dead: Tensor) -> Tensor:
