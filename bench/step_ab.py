@@ -11,7 +11,10 @@ each in turn (which goes first alternates), and each step's thread CPU time is r
 of each, their ratio, and the mean reconstruction MSE of the last 20 steps of each (equal when the change
 does not change what trains). Data: bench/step_breakdown.py's worlds, `--world sparse` (64 x 512, batch
 1024, true L0 7.5 by default; 40 batches in turn) or `--world synthetic` (bench/synthetic_quality.py's).
-`--dead N` holds latents 0..N-1 dead before every step (AuxK runs on them). One JSON on stdout.
+`--dead N` holds latents 0..N-1 dead before every step (AuxK runs on them). The mean per step is reported
+too: with `--warmup 0 --steps 976` on the synthetic world it approximates the cost of
+bench/synthetic_quality.py's 1M-sample run (fresh samples, a 1,000-step schedule), whose early steps
+(JumpReLU's and Gated's dense phase) cost more than the median's. One JSON on stdout.
 """
 
 from __future__ import annotations
@@ -86,9 +89,13 @@ def compare(arch: str, train_modules: dict, args: argparse.Namespace) -> dict:
                 seconds[name].append(time.thread_time() - start)
             mse[name].append(float(out.terms["mse"]))
     ms = {name: round(statistics.median(s) * 1000, 3) for name, s in seconds.items()}
+    mean = {name: round(statistics.fmean(s) * 1000, 3) for name, s in seconds.items()}
     return {
         "step_ms_median": ms,
         "base_over_this": round(ms["base"] / ms["this"], 3),
+        # with --warmup 0, a whole run's cost: its early (dense) and late (sparse) steps in their proportions
+        "step_ms_mean": mean,
+        "base_over_this_mean": round(mean["base"] / mean["this"], 3),
         "mse_last_20": {name: round(sum(m[-20:]) / len(m[-20:]), 6) for name, m in mse.items()},
     }
 
