@@ -423,8 +423,8 @@ class PositivePairs:
     `count` at once (whether the step is dense), `pattern()` when it is not.
 
     On a CPU the pairs are found by numpy's 1-D nonzero of the bool mask (flat indices, row-major, so already
-    in CSR order). torch.nonzero of a [1024, 512] mask took 0.66-0.70 ms on one thread at 5% density,
-    whatever the density (a scalar pass per entry). numpy skips runs of zeros with memchr up to 10% density
+    in CSR order). torch.nonzero of a [1024, 512] mask took 0.66-0.70 ms on one thread at 5% density (0.87 at
+    10%: a scalar pass per entry, then one per pair). numpy skips runs of zeros with memchr up to 10% density
     (~13 ns a pair: 0.07-0.08 ms at 1-2%, 0.36 at 5%) and above that runs a branchless loop (~0.45 ns an
     entry: 0.24 ms for [1024, 512]): from 3.5% density on, True entries are appended after the mask until
     more than 10% of the entries are True, so numpy takes the branchless loop, and dropped after. The count
