@@ -70,7 +70,7 @@ from torch import Tensor, nn
 from torch.amp import custom_bwd, custom_fwd
 
 from helpers.saes.base import PenaltySAE, StepOutput, pre_act_loss
-from helpers.saes.kernels import Pattern, PositivePairs, _spmm, dense_enough, residual_mse
+from helpers.saes.kernels import Pattern, PositivePairs, dense_enough, residual_mse, spmm
 
 
 class GatedSAE(PenaltySAE):
@@ -203,32 +203,6 @@ class GatedSAE(PenaltySAE):
         return self.revive_coef * pre_act_loss(x, self.b_dec, self.W_enc_T, self.b_gate, dead)
 
 
-class _SparsePairs(torch.autograd.Function):
-    """(ReLU(π_gate), f = ReLU(π_mag)) [nnz] each on the sparse step's pairs (the active set, where H = 1),
-    from z [nnz] and the per-latent b_gate, r_mag, b_mag [d_sae] gathered at each pair's latent `col`
-    [nnz]: one autograd node where autograd's graph took nine (three gathers, add, ReLU, exp, multiply, add,
-    ReLU), each latent's gradients summed by index_add_ (deterministic on a CPU). exp(r_mag) is taken per
-    latent, so d r_mag = exp(r_mag) ⊙ (the per-latent sum of d π_mag · z)."""
-
-    @staticmethod
-    def forward(ctx, z, b_gate, r_mag, b_mag, col):
-        scale = r_mag.exp()  # [d_sae]
-        scale_p = scale.index_select(0, col)  # [nnz]
-        gate = (z + b_gate.index_select(0, col)).relu_()
-        acts = (z * scale_p).add_(b_mag.index_select(0, col)).relu_()
-        ctx.save_for_backward(z, col, scale, scale_p, gate, acts)
-        return gate, acts
-
-    @staticmethod
-    def backward(ctx, g_gate, g_acts):
-        z, col, scale, scale_p, gate, acts = ctx.saved_tensors
-        d_gate = torch.ops.aten.threshold_backward(g_gate, gate, 0)  # d π_gate: 0 where the ReLU is 0
-        d_mag = torch.ops.aten.threshold_backward(g_acts, acts, 0)  # d π_mag
-        per_latent = lambda v: torch.zeros_like(scale).index_add_(0, col, v)  # noqa: E731 - [nnz] -> [d_sae]
-        d_z = torch.addcmul(d_gate, d_mag, scale_p)  # z feeds π_gate and, scaled, π_mag
-        return d_z, per_latent(d_gate), per_latent(d_mag * z).mul_(scale), per_latent(d_mag), None
-
-
 class _SparseStep(torch.autograd.Function):
     """(mse, l1, gate_aux, x_hat, fired) of the Gated SAE on the open gates' pairs `p` (flat indices `flat`
     [nnz]), from z = (x - b_dec) @ W_enc and gate = ReLU(π_gate) [n, d_sae] computed without autograd, with
@@ -251,8 +225,8 @@ class _SparseStep(torch.autograd.Function):
         ).add_(b_dec)
         x_hat, x_gate = decode(acts), decode(gate_p)
         r, r_gate = x_hat - x, x_gate - x
-        mse = torch.dot(r.view(-1), r.view(-1)) / n  # kernels.residual_mse, one reduction
-        gate_aux = torch.dot(r_gate.view(-1), r_gate.view(-1)) / n
+        mse = residual_mse(r)
+        gate_aux = residual_mse(r_gate)
         l1 = gate_p.sum() / n
         fired = scale.new_zeros(p.n_cols).index_add_(0, p.col, acts.bool().to(acts.dtype)).long()
         ctx.save_for_backward(x_c, W_enc_T, W_dec, z_p, scale, scale_p, acts, gate_p, r, r_gate)
@@ -277,10 +251,10 @@ class _SparseStep(torch.autograd.Function):
         d_b_mag, d_b_gate = per_latent(d_mag), per_latent(d_gate)
         d_r_mag = per_latent(d_mag * z_p).mul_(scale)  # d exp(r_mag) = exp(r_mag)
         d_z = d_gate.addcmul_(d_mag, scale_p)  # z feeds π_gate and, scaled, π_mag (in place)
-        d_W_enc_T = _spmm(p.csr_t(d_z), x_c)
+        d_W_enc_T = spmm(p.csr_t(d_z), x_c)
         # b_dec: through x_hat (and x_gate unless frozen), and through the encoder's input x - b_dec
         d_b_dec = d_x_hat.sum(0) - (d_b_gate + scale * d_b_mag) @ W_enc_T
-        d_W_dec = _spmm(p.csr_t(acts), d_x_hat)
+        d_W_dec = spmm(p.csr_t(acts), d_x_hat)
         if not ctx.frozen:  # the gate's reconstruction trains the decoder too
             d_b_dec += d_x_gate.sum(0)
             d_W_dec = torch.addmm(d_W_dec, p.csr_t(gate_p), d_x_gate)

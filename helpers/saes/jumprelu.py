@@ -76,10 +76,10 @@ from helpers.saes.base import PenaltySAE, StepOutput, latent_quantiles, pre_act_
 from helpers.saes.kernels import (
     Pattern,
     PositivePairs,
-    _spmm,
     dense_enough,
     dense_weight_grads,
     residual_mse,
+    spmm,
 )
 
 
@@ -108,7 +108,7 @@ class _SparseStep(torch.autograd.Function):
             p.col, W_dec, p.crow, mode="sum", per_sample_weights=acts, include_last_offset=True
         ).add_(b_dec)  # [n, d_in]
         r = x_hat - x
-        mse = torch.dot(r.view(-1), r.view(-1)) / n  # kernels.residual_mse, one reduction
+        mse = residual_mse(r)
         steps = active.to(z.dtype)  # H(z - θ) [nnz]
         l0 = z.new_zeros(n).index_add_(0, p.row, steps) if per_token else steps.sum() / n
         fired = torch.zeros(p.n_cols, dtype=z.dtype, device=z.device).index_add_(0, p.col, steps).long()
@@ -131,9 +131,9 @@ class _SparseStep(torch.autograd.Function):
         d_threshold = r.new_zeros(p.n_cols).index_add_(0, p.col, in_window, alpha=-1.0 / ctx.eps)
         d_z = d_acts.mul_(active)  # to the pre-activations: H(z - θ) (no STE to the encoder), in place
         d_b_enc = torch.zeros_like(d_threshold).index_add_(0, p.col, d_z)
-        d_W_enc_T = _spmm(p.csr_t(d_z), x_c)
+        d_W_enc_T = spmm(p.csr_t(d_z), x_c)
         d_b_dec = d_x_hat.sum(0) - d_b_enc @ W_enc_T  # through x_hat, and the encoder's input x - b_dec
-        d_W_dec = _spmm(p.csr_t(acts), d_x_hat)
+        d_W_dec = spmm(p.csr_t(acts), d_x_hat)
         return None, None, d_b_dec, d_W_enc_T, d_b_enc, d_W_dec, d_threshold, None, None, None, None, None
 
 

@@ -243,7 +243,7 @@ class _GatherPre(torch.autograd.Function):
         col_sums = torch.zeros(p.n_cols, device=grad.device, dtype=grad.dtype).index_add_(0, p.col, grad)
         if need_w:
             x_c = x - b_dec
-            d_w = p.dense(grad).t() @ x_c if p.is_dense else _spmm(p.csr_t(grad), x_c)
+            d_w = p.dense(grad).t() @ x_c if p.is_dense else spmm(p.csr_t(grad), x_c)
         if need_b_dec:
             d_b_dec = -(col_sums @ W_enc_T)
         if need_bias and ctx.has_bias:
@@ -273,7 +273,7 @@ def _decode_backward(
     else:
         if need_values:
             dv = torch.sparse.sampled_addmm(p.csr(torch.zeros_like(values)), g, W_dec.t()).values()
-        dw = _spmm(p.csr_t(values), g) if need_w else None
+        dw = spmm(p.csr_t(values), g) if need_w else None
     return dv, dw
 
 
@@ -322,7 +322,7 @@ class _SparseRecon(torch.autograd.Function):
         return dv, dw, d_x_hat.sum(0) if need_b_dec else None, None, None
 
 
-def _spmm(csr: Tensor, dense: Tensor) -> Tensor:
+def spmm(csr: Tensor, dense: Tensor) -> Tensor:
     """CSR @ dense into a fresh tensor; `addmm(..., beta=0, out=)` skips the zero-fill-and-copy that
     `torch.sparse.mm` does (measured ~1.5x faster on CPU)."""
     out = dense.new_empty(csr.shape[0], dense.shape[1])
@@ -389,8 +389,10 @@ def recon_loss(x_hat: Tensor, x: Tensor) -> Tensor:
 
 
 def residual_mse(r: Tensor) -> Tensor:
-    """`recon_loss` of the residual r = x_hat - x [n, d_in], for the steps whose backward keeps r."""
-    return r.pow(2).sum(-1).mean()
+    """`recon_loss` of the residual r = x_hat - x [n, d_in], for the steps whose backward keeps r: one
+    reduction (a dot product) where the per-token sums and their mean took three."""
+    flat = r.reshape(-1)
+    return torch.dot(flat, flat) / len(r)
 
 
 def dense_weight_grads(
