@@ -84,7 +84,7 @@ LAYER, DOC_TOKENS, SAE_ID = 15, 250, "bench_topk_L15_mixed"
 
 def build_data(data_dir: Path, n_tokens: int, d_in: int, d_sae: int, k: int, vocab: int) -> None:
     """The store, completions.jsonl, run.json and the SAE (module doc), once per size."""
-    meta = {"tokens": n_tokens, "d_in": d_in, "d_sae": d_sae, "k": k}
+    meta = {"tokens": n_tokens, "d_in": d_in, "d_sae": d_sae, "k": k, "vocab": vocab}  # token ids < vocab
     marker = data_dir / "bench_meta.json"
     if marker.exists() and json.loads(marker.read_text()) == meta:
         return
