@@ -65,12 +65,19 @@ lands above the target (L0 22 of 20 at 400 steps, 83 of 62 at 150; gated_ablatio
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.amp import custom_bwd, custom_fwd
 
 from helpers.saes.base import PenaltySAE, StepOutput, pre_act_loss
-from helpers.saes.kernels import Pattern, PositivePairs, dense_enough, residual_mse, spmm
+from helpers.saes.kernels import (
+    Pattern,
+    PositivePairs,
+    decode_pairs,
+    decode_pairs_backward,
+    dense_enough,
+    residual_mse,
+    spmm,
+)
 
 
 class GatedSAE(PenaltySAE):
@@ -207,10 +214,11 @@ class _SparseStep(torch.autograd.Function):
     """(mse, l1, gate_aux, x_hat, fired) of the Gated SAE on the open gates' pairs `p` (flat indices `flat`
     [nnz]), from z = (x - b_dec) @ W_enc and gate = ReLU(π_gate) [n, d_sae] computed without autograd, with
     the backward written out (`_DenseStep`'s maths on the pairs only): ReLU(π_gate) read at the pairs,
-    f = ReLU(π_mag) (H(π_gate) = 1 there), both decoded by embedding_bag, their gradients at the pairs by
-    sampled products, each latent's sums by index_add_ (deterministic on a CPU) and the weight gradients by
-    the latent-major CSR products; x_c = x - b_dec. One autograd node where the gather, the pairs' nine
-    elementwise ops, the two decodes with their losses and the firing counts took four and ~15 more ops."""
+    f = ReLU(π_mag) (H(π_gate) = 1 there), both decoded by `kernels.decode_pairs`, their gradients at the
+    pairs by its backward's sampled products, each latent's sums by index_add_ (deterministic on a CPU)
+    and the weight gradients by the latent-major CSR products; x_c = x - b_dec. One autograd node where the
+    gather, the pairs' nine elementwise ops, the two decodes with their losses and the firing counts took
+    four and ~15 more ops."""
 
     @staticmethod
     @custom_fwd(device_type="cuda", cast_inputs=torch.float32)
@@ -220,10 +228,7 @@ class _SparseStep(torch.autograd.Function):
         scale = r_mag.exp()  # [d_sae]: W_mag = W_enc ⊙ exp(r_mag)
         scale_p = scale.index_select(0, p.col)
         acts = torch.addcmul(b_mag.index_select(0, p.col), z_p, scale_p).relu_()  # f = ReLU(π_mag)
-        decode = lambda v: F.embedding_bag(  # noqa: E731 - values [nnz] @ W_dec + b_dec -> [n, d_in]
-            p.col, W_dec, p.crow, mode="sum", per_sample_weights=v, include_last_offset=True
-        ).add_(b_dec)
-        x_hat, x_gate = decode(acts), decode(gate_p)
+        x_hat, x_gate = (decode_pairs(v, W_dec, p).add_(b_dec) for v in (acts, gate_p))  # [n, d_in] each
         r, r_gate = x_hat - x, x_gate - x
         mse = residual_mse(r)
         gate_aux = residual_mse(r_gate)
@@ -241,12 +246,10 @@ class _SparseStep(torch.autograd.Function):
         p: Pattern = ctx.p
         n = len(r)
         d_x_hat, d_x_gate = r * (g_mse * (2 / n)), r_gate * (g_aux * (2 / n))  # [n, d_in]
-        at_pairs = lambda g: torch.sparse.sampled_addmm(  # noqa: E731 - (g @ W_dec^T) at the pairs [nnz]
-            p.csr(torch.zeros_like(acts)), g, W_dec.t()
-        ).values()
+        d_acts, d_W_dec = decode_pairs_backward(acts, W_dec, p, d_x_hat, True, True)  # [nnz], [d_sae, d_in]
         # d π_mag where f > 0; d π_gate = d_x_gate @ W_dec^T + λ/n on every pair (the gates are open there)
-        d_mag = torch.ops.aten.threshold_backward(at_pairs(d_x_hat), acts, 0)
-        d_gate = at_pairs(d_x_gate).add_(g_l1 / n)
+        d_mag = torch.ops.aten.threshold_backward(d_acts, acts, 0)
+        d_gate = decode_pairs_backward(gate_p, W_dec, p, d_x_gate, True, False)[0].add_(g_l1 / n)
         per_latent = lambda v: scale.new_zeros(p.n_cols).index_add_(0, p.col, v)  # noqa: E731 - [nnz] -> [d_sae]
         d_b_mag, d_b_gate = per_latent(d_mag), per_latent(d_gate)
         d_r_mag = per_latent(d_mag * z_p).mul_(scale)  # d exp(r_mag) = exp(r_mag)
@@ -254,7 +257,6 @@ class _SparseStep(torch.autograd.Function):
         d_W_enc_T = spmm(p.csr_t(d_z), x_c)
         # b_dec: through x_hat (and x_gate unless frozen), and through the encoder's input x - b_dec
         d_b_dec = d_x_hat.sum(0) - (d_b_gate + scale * d_b_mag) @ W_enc_T
-        d_W_dec = spmm(p.csr_t(acts), d_x_hat)
         if not ctx.frozen:  # the gate's reconstruction trains the decoder too
             d_b_dec += d_x_gate.sum(0)
             d_W_dec = torch.addmm(d_W_dec, p.csr_t(gate_p), d_x_gate)

@@ -68,7 +68,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.amp import custom_bwd, custom_fwd
 
@@ -76,6 +75,8 @@ from helpers.saes.base import PenaltySAE, StepOutput, latent_quantiles, pre_act_
 from helpers.saes.kernels import (
     Pattern,
     PositivePairs,
+    decode_pairs,
+    decode_pairs_backward,
     dense_enough,
     dense_weight_grads,
     residual_mse,
@@ -87,7 +88,7 @@ class _SparseStep(torch.autograd.Function):
     """(mse, l0, x_hat, fired) of the JumpReLU SAE on the sparse step's pairs `p` (the active ones and those
     in the lower half of the STE window), from the pre-activations `pre` [n, d_sae] computed without
     autograd and read at the pairs' flat indices `flat` [nnz], with the backward written out: z [nnz] and θ
-    gathered at each pair's latent, acts = z · H(z - θ) decoded by embedding_bag, the paper's
+    gathered at each pair's latent, acts = z · H(z - θ) decoded by `kernels.decode_pairs`, the paper's
     pseudo-gradients (eq. 11-12: to θ, -(1/ε) K · (θ · d acts + d l0) per pair, K computed once), and the
     weight gradients as `kernels.gather_pre` and `kernels.sparse_recon_loss` take them (the latent-major
     CSR products, b_dec's encoder term from column sums), each latent's sums by index_add_ (deterministic
@@ -104,15 +105,13 @@ class _SparseStep(torch.autograd.Function):
         gap = z - theta
         active = gap > 0
         acts = torch.where(active, z, 0.0)
-        x_hat = F.embedding_bag(
-            p.col, W_dec, p.crow, mode="sum", per_sample_weights=acts, include_last_offset=True
-        ).add_(b_dec)  # [n, d_in]
+        x_hat = decode_pairs(acts, W_dec, p).add_(b_dec)  # [n, d_in]
         r = x_hat - x
         mse = residual_mse(r)
         steps = active.to(z.dtype)  # H(z - θ) [nnz]
         l0 = z.new_zeros(n).index_add_(0, p.row, steps) if per_token else steps.sum() / n
         fired = torch.zeros(p.n_cols, dtype=z.dtype, device=z.device).index_add_(0, p.col, steps).long()
-        ctx.save_for_backward(x_c, b_dec, W_enc_T, W_dec, theta, gap, active, acts, r)
+        ctx.save_for_backward(x_c, W_enc_T, W_dec, theta, gap, active, acts, r)
         ctx.p, ctx.eps, ctx.per_token = p, eps, per_token
         ctx.mark_non_differentiable(x_hat, fired)
         return mse, l0, x_hat, fired
@@ -120,11 +119,11 @@ class _SparseStep(torch.autograd.Function):
     @staticmethod
     @custom_bwd(device_type="cuda")
     def backward(ctx, g_mse, g_l0, _, __):
-        x_c, b_dec, W_enc_T, W_dec, theta, gap, active, acts, r = ctx.saved_tensors
+        x_c, W_enc_T, W_dec, theta, gap, active, acts, r = ctx.saved_tensors
         p: Pattern = ctx.p
         n = len(r)
         d_x_hat = r * (g_mse * (2 / n))  # [n, d_in]
-        d_acts = torch.sparse.sampled_addmm(p.csr(torch.zeros_like(acts)), d_x_hat, W_dec.t()).values()
+        d_acts, d_W_dec = decode_pairs_backward(acts, W_dec, p, d_x_hat, True, True)
         # θ, eq. 11-12: -(1/ε) K · (θ · d acts + d l0) per pair, K = 1 inside the window |z - θ| < ε/2
         d_step = g_l0.index_select(0, p.row) if ctx.per_token else g_l0 / n
         in_window = torch.addcmul(d_step, theta, d_acts).mul_(gap.abs_() < ctx.eps / 2)
@@ -133,7 +132,6 @@ class _SparseStep(torch.autograd.Function):
         d_b_enc = torch.zeros_like(d_threshold).index_add_(0, p.col, d_z)
         d_W_enc_T = spmm(p.csr_t(d_z), x_c)
         d_b_dec = d_x_hat.sum(0) - d_b_enc @ W_enc_T  # through x_hat, and the encoder's input x - b_dec
-        d_W_dec = spmm(p.csr_t(acts), d_x_hat)
         return None, None, d_b_dec, d_W_enc_T, d_b_enc, d_W_dec, d_threshold, None, None, None, None, None
 
 

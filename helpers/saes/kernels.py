@@ -251,8 +251,9 @@ class _GatherPre(torch.autograd.Function):
         return None, d_b_dec, d_w, d_bias, None, None
 
 
-def _decode(values: Tensor, W_dec: Tensor, p: Pattern) -> Tensor:
-    """values [nnz] at the pattern's pairs @ W_dec [d_sae, d_in] -> [n_tokens, d_in], no autograd."""
+def decode_pairs(values: Tensor, W_dec: Tensor, p: Pattern) -> Tensor:
+    """values [nnz] at the pattern's pairs @ W_dec [d_sae, d_in] -> [n_tokens, d_in], no autograd (the
+    written-out steps' decode; `sparse_decode` is the autograd one)."""
     if p.is_dense:
         return p.dense(values) @ W_dec
     return F.embedding_bag(
@@ -260,10 +261,10 @@ def _decode(values: Tensor, W_dec: Tensor, p: Pattern) -> Tensor:
     )
 
 
-def _decode_backward(
+def decode_pairs_backward(
     values: Tensor, W_dec: Tensor, p: Pattern, g: Tensor, need_values: bool, need_w: bool
 ) -> tuple[Tensor | None, Tensor | None]:
-    """The gradients of `_decode` from g [n_tokens, d_in]: d values = (g @ W_dec^T) sampled at the pairs
+    """The gradients of `decode_pairs` from g [n_tokens, d_in]: d values = (g @ W_dec^T) sampled at the pairs
     (SDDMM) [nnz]; d W_dec = A^T @ g [d_sae, d_in]."""
     g = g.contiguous()
     dv = dw = None
@@ -285,13 +286,13 @@ class _SparseDecode(torch.autograd.Function):
     def forward(ctx, values: Tensor, W_dec: Tensor, p: Pattern) -> Tensor:
         ctx.save_for_backward(values, W_dec)
         ctx.p = p
-        return _decode(values, W_dec, p)
+        return decode_pairs(values, W_dec, p)
 
     @staticmethod
     @_BWD
     def backward(ctx, g: Tensor):
         values, W_dec = ctx.saved_tensors
-        return *_decode_backward(values, W_dec, ctx.p, g, *ctx.needs_input_grad[:2]), None
+        return *decode_pairs_backward(values, W_dec, ctx.p, g, *ctx.needs_input_grad[:2]), None
 
 
 class _SparseRecon(torch.autograd.Function):
@@ -299,12 +300,12 @@ class _SparseRecon(torch.autograd.Function):
     [n_tokens, d_in], the loss's chain written out: autograd's graph of `sparse_decode(...) + b_dec` and
     `recon_loss` takes five nodes (add, sub, pow, sum, mean: ~0.2 ms forward and backward at [1024, 64] on
     one thread), this one pass each way. Backward: d x_hat = 2 r g / n with r = x_hat - x, then
-    `_decode_backward`, and d b_dec = column sums of d x_hat. x_hat is returned without gradient."""
+    `decode_pairs_backward`, and d b_dec = column sums of d x_hat. x_hat is returned without gradient."""
 
     @staticmethod
     @_FP32
     def forward(ctx, values: Tensor, W_dec: Tensor, b_dec: Tensor, x: Tensor, p: Pattern):
-        x_hat = _decode(values, W_dec, p).add_(b_dec)
+        x_hat = decode_pairs(values, W_dec, p).add_(b_dec)
         r = x_hat - x  # [n, d_in]
         mse = residual_mse(r)
         ctx.save_for_backward(values, W_dec, r)
@@ -318,7 +319,7 @@ class _SparseRecon(torch.autograd.Function):
         values, W_dec, r = ctx.saved_tensors
         d_x_hat = r * (2 * g_mse / len(r))
         need_values, need_w, need_b_dec = ctx.needs_input_grad[:3]
-        dv, dw = _decode_backward(values, W_dec, ctx.p, d_x_hat, need_values, need_w)
+        dv, dw = decode_pairs_backward(values, W_dec, ctx.p, d_x_hat, need_values, need_w)
         return dv, dw, d_x_hat.sum(0) if need_b_dec else None, None, None
 
 
