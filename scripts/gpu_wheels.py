@@ -31,7 +31,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SKELETON = "smollm2-135m"  # scripts/gpu_check.py SKELETON
+sys.path.insert(0, str(ROOT))
+from scripts.gpu_check import SKELETON  # noqa: E402 - the folder name the check reads (stdlib-only module)
+
 CARRY_LIMIT = 64 * 2**20
 """The device tool's limit on what travels in one call (repo + carried paths)."""
 
@@ -107,7 +109,6 @@ def travelling_bytes(carried: list[Path]) -> int:
 
 def skeleton(folder: Path) -> None:
     """The offline model's converted folder without its weights (config, tokenizer, chat template)."""
-    sys.path.insert(0, str(ROOT))
     import helpers
 
     lm = helpers.load_model(helpers.OFFLINE_MODEL, device="cpu")
