@@ -91,12 +91,6 @@ class Pattern:
             self._latent_major = (order, crow_t)
         return self._latent_major
 
-    @classmethod
-    def from_mask(cls, mask: Tensor) -> Pattern:
-        """`mask` [n_rows, n_cols] bool (JumpReLU, Gated)."""
-        row, col = mask.nonzero(as_tuple=True)
-        return cls(row, col, *mask.shape)
-
     def dense(self, values: Tensor) -> Tensor:
         out = values.new_zeros(self.n_rows, self.n_cols)
         return out.index_put_((self.row, self.col), values)
@@ -447,6 +441,12 @@ class PositivePairs:
         else:
             self.mask = values.bool()
             self.count = count_true(self.mask)
+
+    def active(self) -> Tensor:
+        """The mask [n, d] (bool, True where the values are > 0), for a dense step."""
+        if self.device.type == "cpu":
+            return self.mask[: self.n_rows * self.n_cols].view(self.n_rows, self.n_cols)
+        return self.mask
 
     def pattern(self) -> tuple[Pattern, Tensor]:
         """(the Pattern of the pairs, their flat indices row * n_cols + col [nnz])."""

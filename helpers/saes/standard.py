@@ -75,7 +75,7 @@ from torch.amp import custom_bwd, custom_fwd
 
 from helpers.saes.base import PenaltySAE, StepOutput, latent_quantiles
 from helpers.saes.kernels import (
-    Pattern,
+    PositivePairs,
     dense_enough,
     dense_weight_grads,
     gather_pre,
@@ -245,15 +245,18 @@ class StandardSAE(PenaltySAE):
         with torch.no_grad():  # the only dense matmul of the sparse path, once; both paths read it detached
             # ReLU in place: the sparse path reads only the active pairs, where pre = ReLU(pre)
             acts = self._pre_activations(x).relu_()  # [n, d_sae]
-            active = acts.bool()  # a float -> bool cast: ~7x faster than `pre > 0` on a CPU
-            fired = active.sum(0, dtype=torch.int32)  # [d_sae]; int32 sums: ~3x faster than via int64
-            dense = dense_enough(int(fired.sum()), active.numel(), x.device)
+            # the active pairs (kernels.PositivePairs: a bool copy of acts, counted now; found by numpy only
+            # for a sparse step, ~2x faster than torch.nonzero on a CPU)
+            pairs = PositivePairs(acts)
+            dense = dense_enough(pairs.count, acts.numel(), x.device)
         if dense:  # early in training half the latents fire: dense maths beats building a Pattern
+            fired = pairs.active().sum(0, dtype=torch.int32)  # [d_sae]; int32 sums: ~3x faster than int64
             mse, l1, x_hat = _DenseStep.apply(
                 x, self.b_dec, self.W_enc_T, self.b_enc, self.W_dec, norms, acts
             )
         else:
-            p = Pattern.from_mask(active)
+            p, _ = pairs.pattern()
+            fired = torch.bincount(p.col, minlength=p.n_cols)  # [d_sae]: a latent is once in a token's pairs
             acts = gather_pre(x, self.b_dec, self.W_enc_T, self.b_enc, acts, p)  # [nnz], all > 0
             mse, x_hat = sparse_recon_loss(acts, self.W_dec, self.b_dec, x, p)
             l1 = (acts * norms.index_select(0, p.col)).sum() / len(x)

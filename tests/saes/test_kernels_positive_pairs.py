@@ -1,5 +1,5 @@
-"""`kernels.PositivePairs`: its count and pattern are torch's count and nonzero of `values > 0` whichever way
-numpy finds the pairs on a CPU (memchr below `BRANCHLESS_FROM`, the padded branchless loop from there, the
+"""`kernels.PositivePairs`: its count, pattern and mask are torch's count, nonzero and `values > 0` whichever
+way numpy finds the pairs on a CPU (memchr below `BRANCHLESS_FROM`, the padded branchless loop from there, the
 plain branchless loop above 10% density), with empty rows, an empty mask and a non-power-of-two width."""
 
 from __future__ import annotations
@@ -31,3 +31,5 @@ def test_count_and_pattern_are_torchs_nonzero(n, d, density):
     assert torch.equal(p.crow, torch.searchsorted(row, torch.arange(n + 1)))
     assert torch.equal(flat, row * d + col)
     assert (p.n_rows, p.n_cols) == (n, d)
+    # the dense step's mask (the standard SAE's firing counts): values > 0, the padding past it not read
+    assert pairs.active().shape == (n, d) and torch.equal(pairs.active(), values > 0)
