@@ -67,7 +67,7 @@ def test_csr_and_csr_t_are_the_dense_values():
     g = torch.Generator().manual_seed(3)
     mask = torch.rand(512, 96, generator=g) < 0.3
     mask[[0, 7, 8, 511]] = False
-    p = kernels.Pattern.from_mask(mask)
+    p, _ = kernels.PositivePairs(mask.float()).pattern()
     assert len(p.col) >= kernels.RADIX_SORT_FROM // 4
     values = torch.randn(len(p.col), generator=g)
     assert torch.equal(p.csr(values).to_dense(), p.dense(values))
@@ -80,7 +80,7 @@ def test_sparse_recon_loss_is_autograd_of_the_plain_loss(density):
     decode `dense(values) @ W_dec + b_dec` and the plain MSE (a frozen decoder gets none)."""
     g = torch.Generator().manual_seed(4)
     n, d_sae, d_in = 64, 96, 16
-    p = kernels.Pattern.from_mask(torch.rand(n, d_sae, generator=g) < density)
+    p, _ = kernels.PositivePairs((torch.rand(n, d_sae, generator=g) < density).float()).pattern()
     assert p.is_dense == (density > kernels.DENSE_ABOVE["cpu"])
     x = torch.randn(n, d_in, generator=g)
     leaves = [torch.randn(len(p.col), generator=g), torch.randn(d_sae, d_in, generator=g), torch.randn(d_in)]
