@@ -10,10 +10,10 @@ from `--reference` (a JSON of `bench/sae_train.py --archs gated`). Screening onl
 is then checked against SAELens trained in the same run by `bench/sae_train.py`.
 
 A variant is `name` or `name:key=value,key=value`. Keys: `lr`, `input_norm` (unit, sqrt_d_in),
-`sparsity_coef`, `coef_rate`, `coef_lead_steps`, `frozen_gate_decoder` (0/1), `revive_coef`, `revive_below`
-(the constructor's), and the class settings `decoder_norm`, `free_decoder`, `encoder_init_scale`, and
-PenaltySAE's controller settings `coef_trend_horizon` (steps, or `none`) and `COEF_FAR`, set for that variant
-only.
+`sparsity_coef`, `coef_rate`, `coef_lead_steps`, `frozen_gate_decoder` (0/1), `revive_coef`, `revive_below`,
+`init_l0_mult` (the constructor's; `none` for None), and the class settings `decoder_norm`, `free_decoder`,
+`encoder_init_scale`, and PenaltySAE's controller settings `coef_trend_horizon` (steps, or `none`) and
+`COEF_FAR`, set for that variant only.
 `dead_tokens` (TrainConfig's: how long a latent must not fire to count as dead) is a config key too. `base` is
 our default. Beside the held-out metrics: how many latents fire on at most 0 / 2 / 5 held-out and training
 tokens.
@@ -45,12 +45,13 @@ CLASS_SETTINGS = {
     "COEF_FAR": float,
 }
 OPTIONS = {
-    "sparsity_coef": float,
+    "sparsity_coef": lambda v: None if v.lower() == "none" else float(v),
     "coef_rate": float,
     "coef_lead_steps": float,
     "frozen_gate_decoder": lambda v: bool(int(v)),
     "revive_coef": float,
     "revive_below": float,
+    "init_l0_mult": lambda v: None if v.lower() == "none" else float(v),
 }
 CONFIG = {"lr": float, "input_norm": str, "dead_tokens": int}
 

@@ -425,15 +425,17 @@ def geometric_median(x: Tensor, iters: int = 50) -> Tensor:
 
 
 @torch.no_grad()
-def latent_quantiles(sae: SAE, x: Tensor, l0: float) -> Tensor:
-    """[d_sae]: each latent's value of its pre-activation `(x - b_dec) @ W_enc + b_enc` on x [n, d_in] above
+def latent_quantiles(sae: SAE, x: Tensor, l0: float, bias: Tensor | None = None) -> Tensor:
+    """[d_sae]: each latent's value of its pre-activation `(x - b_dec) @ W_enc + bias` on x [n, d_in] above
     which lie its share l0 / d_sae of the tokens (at least one): a threshold or bias offset there starts
-    every latent firing on its share of an L0 of `l0` (JumpReLU's θ, the standard SAE's `init_l0_per_latent`).
-    512 latents at a time ([n, 512] pre-activations)."""
+    every latent firing on its share of an L0 of `l0` (JumpReLU's θ, the standard SAE's
+    `init_l0_per_latent`, Gated's gate with `bias` b_gate; default `sae.b_enc`). 512 latents at a time
+    ([n, 512] pre-activations)."""
+    bias = sae.b_enc if bias is None else bias
     below = len(x) - max(1, round(len(x) * l0 / sae.d_sae))  # tokens at or below the value
     out = torch.empty(sae.d_sae, dtype=x.dtype, device=x.device)
     for cols in torch.arange(sae.d_sae, device=x.device).split(512):
-        pre = torch.addmm(sae.b_enc[cols], x - sae.b_dec, sae.W_enc_T[cols].t())
+        pre = torch.addmm(bias[cols], x - sae.b_dec, sae.W_enc_T[cols].t())
         out[cols] = pre.kthvalue(max(1, below), dim=0).values
     return out
 

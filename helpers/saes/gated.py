@@ -68,7 +68,7 @@ import torch
 from torch import Tensor, nn
 from torch.amp import custom_bwd, custom_fwd
 
-from helpers.saes.base import PenaltySAE, StepOutput, pre_act_loss
+from helpers.saes.base import PenaltySAE, StepOutput, latent_quantiles, pre_act_loss
 from helpers.saes.kernels import (
     Pattern,
     PositivePairs,
@@ -89,6 +89,7 @@ class GatedSAE(PenaltySAE):
     COEF_FAR = 4.0
     COEF_LEAD_UNSTORED = 40.0  # its lead since the trend hold (40e9d92); an older checkpoint resumes with it
     REVIVE_COEF_UNSTORED = 0.01
+    DENSE_START_COEF = 0.1  # λ's start from b_gate at 0 (`init_l0_mult=None`), or before init_from_sample
 
     def __init__(
         self,
@@ -96,37 +97,53 @@ class GatedSAE(PenaltySAE):
         d_sae: int,
         *,
         l0: int = 32,
-        sparsity_coef: float = 0.1,
+        sparsity_coef: float | None = None,
         coef_rate: float = 0.02,
         coef_lead_steps: float = 40.0,
         frozen_gate_decoder: bool = False,
         revive_coef: float = 0.002,
         revive_below: float = 0.1,
+        init_l0_mult: float | None = 8.0,
         seed: int = 0,
     ):
-        """`l0`: target L0; `sparsity_coef`: initial L1 coefficient λ; `coef_rate`: how fast log λ
+        """`l0`: target L0; `sparsity_coef`: initial L1 coefficient λ, None for λ from the data at the low
+        start (`balanced_coef`) and `DENSE_START_COEF` (0.1) without it; `coef_rate`: how fast log λ
         follows the L0 error per step (0 keeps λ fixed); `coef_lead_steps`: the controller's lead term
         (PenaltySAE's; the module docstring); `frozen_gate_decoder`: whether the gate's
         reconstruction term decodes through a frozen copy of W_dec and b_dec (the paper's form) or through
         the trainable decoder (SAELens's, the default); `revive_coef`: the pre-activation loss on the gates of
         dead and rare latents (`revival_loss`; 0: off); `revive_below`: rare is firing at under this share of
-        the mean rate (`revival_mask`; 0: the trainer's dead latents only). Both are buffers."""
+        the mean rate (`revival_mask`; 0: the trainer's dead latents only), both buffers; `init_l0_mult`:
+        start at an L0 of this multiple of `l0` through b_gate's offsets set from the trainer's init sample
+        (`init_from_sample`, the low start), None for b_gate at 0 (an initial L0 near d_sae / 2, SAELens's
+        start), which is also what a multiple at or above d_sae / 2 gives."""
         if revive_coef < 0:
             raise ValueError(f"revive_coef must be >= 0 (0 turns it off), got {revive_coef}")
         if revive_below < 0:
             raise ValueError(
                 f"revive_below must be >= 0 (0: the trainer's dead latents only), got {revive_below}"
             )
+        if init_l0_mult is not None and not init_l0_mult > 0:
+            raise ValueError(
+                f"init_l0_mult must be > 0 (the initial L0 as a multiple of the target l0), or None for "
+                f"b_gate at 0; got {init_l0_mult}"
+            )
+        # whether init_from_sample lowers b_gate: init_l0_mult set and its L0 under d_sae / 2 (from b_gate
+        # at 0 the L0 already starts near d_sae / 2)
+        self.low_start = init_l0_mult is not None and init_l0_mult * l0 < d_sae / 2
         super().__init__(
             d_in,
             d_sae,
             l0=l0,
-            sparsity_coef=sparsity_coef,
+            sparsity_coef=self.DENSE_START_COEF if sparsity_coef is None else sparsity_coef,
             coef_rate=coef_rate,
             coef_lead_steps=coef_lead_steps,
             seed=seed,
         )
         self.frozen_gate_decoder = frozen_gate_decoder
+        self.init_l0_mult = init_l0_mult
+        # λ from the data at the low start unless given (init_from_sample); DENSE_START_COEF until then
+        self.coef_from_data = sparsity_coef is None and self.low_start
         # buffers, so a checkpoint resumes with the revival it trained with whatever a later default is
         self.register_buffer("revive_coef", torch.tensor(float(revive_coef)))
         self.register_buffer("revive_below", torch.tensor(float(revive_below)))
@@ -140,6 +157,40 @@ class GatedSAE(PenaltySAE):
         state_dict.setdefault(prefix + "revive_coef", torch.tensor(self.REVIVE_COEF_UNSTORED))
         state_dict.setdefault(prefix + "revive_below", torch.tensor(0.0))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def init_from_sample(self, x: Tensor, total_steps: int) -> None:
+        """With the low start (`init_l0_mult` m, m · l0 under d_sae / 2): λ from the data unless given
+        (`balanced_coef`), then each b_gate_j lowered by latent j's (1 - m · l0 / d_sae) quantile of its gate
+        pre-activation on x [n, d_in] (the trainer's init sample, scaled, b_dec set), so that every gate
+        starts open on its share of the tokens and the L0 starts near m · l0 instead of near d_sae / 2."""
+        if not self.low_start:
+            return
+        if self.coef_from_data:
+            self.sparsity_coef.fill_(self.balanced_coef(x))
+        self.b_gate.sub_(latent_quantiles(self, x, self.init_l0_mult * self.target_l0, self.b_gate))
+
+    INIT_VALUES = 1 << 24  # gate pre-activations balanced_coef reads at most (64 MB in float32)
+
+    @torch.no_grad()
+    def balanced_coef(self, x: Tensor) -> float:
+        """The λ at which the L1 penalty balances, on average over the open gates, the gate reconstruction's
+        push on them when every gate is open on its share l0 / d_sae of the first tokens of x [n, d_in] (the
+        target L0): only gate_aux and λ · l1 reach π_gate, per open pair (2 / n) (x_gate - x) · W_dec_j and
+        λ / n, so λ = -2 · mean over the open pairs of (x_gate - x) · W_dec_j. The controller's λ settles near
+        it (module docstring)."""
+        x = x[: max(1, self.INIT_VALUES // self.d_sae)]
+        offset = latent_quantiles(self, x, self.target_l0, self.b_gate)  # [d_sae]
+        gate = torch.addmm(self.b_gate - offset, x - self.b_dec, self.W_enc).relu_()  # [n, d_sae]
+        r = torch.addmm(self.b_dec, gate, self.W_dec).sub_(x)  # x_gate - x [n, d_in]
+        push = torch.ops.aten.threshold_backward(r @ self.W_dec.t(), gate, 0)  # 0 where the gate is shut
+        coef = float(-2 * push.sum() / gate.bool().sum())
+        if not coef > 0:  # NaN too
+            raise ValueError(
+                f"the gate reconstruction closes the open gates at the start (balanced λ {coef}), so no L1 "
+                "coefficient holds them at the target L0: pass sparsity_coef, or init_l0_mult=None"
+            )
+        return coef
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self.check_input(x)
