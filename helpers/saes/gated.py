@@ -8,32 +8,53 @@ Which latents fire and how strongly are estimated by two paths that share the en
     f      = H(π_gate) · ReLU(π_mag)
 
 H has no gradient, so the gate learns only from the auxiliary terms (§3.2, eq. 8): an L1 penalty on
-ReLU(π_gate) (our decoder rows are unit-norm, so no norm factor is needed) and the reconstruction of x
-from ReLU(π_gate) through the decoder. The paper freezes the decoder in that term (W_dec, b_dec
-detached); by default it is trainable here, as SAELens has it (`frozen_gate_decoder=False`): on real
-activations (SmolLM2 layer 15, d_sae 4608, 150 steps) the frozen form left 7.3% of the latents dead and
-the trainable one 0.2%, with a better held-out explained variance at low L0 (bench/gated_ablations.py).
-The encoder starts as 0.1 times the decoder's transpose (`encoder_init_scale`; SAELens starts both at
-norm 0.1): its columns then turn ~10x faster relative to their size under Adam's steps, which lifted the
-explained variance at high L0 in that run. Every term is supported on the active set {π_gate > 0}, so
-the step is sparse apart from the encoder's forward matmul (`_SparseStep`: the open gates' pairs found by
-`kernels.PositivePairs`, one written-out autograd node). Above kernels.DENSE_ABOVE of the pairs (early in
-training about half the gates are open) the step is dense maths with its backward written out instead
+ReLU(π_gate) (our decoder rows are unit-norm, so no norm factor is needed) and the reconstruction of x from
+ReLU(π_gate) through the decoder. The paper freezes the decoder in that term (W_dec, b_dec detached); by
+default it is trainable here, as SAELens has it (`frozen_gate_decoder=False`): on real activations (SmolLM2
+layer 15, d_sae 4608, 150 steps) the frozen form left 7.3% of the latents dead and the trainable one 0.2%,
+with a better held-out explained variance at low L0 (bench/gated_ablations.py). The encoder starts as 0.1
+times the decoder's transpose (`encoder_init_scale`; SAELens starts both at norm 0.1): its columns then turn
+~10x faster relative to their size under Adam's steps, which lifted the explained variance at high L0 in that
+run. Every term is supported on the active set {π_gate > 0}, so the step is sparse apart from the encoder's
+forward matmul (`_SparseStep`: the open gates' pairs found by `kernels.PositivePairs`, one written-out
+autograd node). Above kernels.DENSE_ABOVE of the pairs (from b_gate at 0 about half the gates are open early
+in training; the low start, below, avoids it) the step is dense maths with its backward written out instead
 (`_DenseStep`); both give the same gradients within float rounding (tests/saes/test_gated_step.py).
 
 The L1 coefficient λ is steered toward the target L0 `l0` (base.adapt_coefficient), as for JumpReLU, from 0.1
-(`sparsity_coef`), with the standard SAE's trend hold (`coef_trend_horizon` 50: λ is held while the L0 falls
-toward the target from about half the latents) and lead term (`coef_lead_steps` 40), and "far" counting from
-4x the target (`COEF_FAR`; within it, a fall too slow to arrive in 50 steps raises λ). Before, λ from 0.05
-integrated the error all through that fall, rose to 0.17 and left the L0 at 47 of its target 62 after 150
-steps (dead 0.3%); now 66 of 62, dead 0.07%, explained variance at the held-out L0s 62 / 48 / 40 / 24 / 16
-0.904 / 0.894 / 0.882 / 0.825 / 0.756 against 0.881 / 0.885 / 0.881 / 0.844 / 0.786
-(bench/results/gated_ablations_cpu_controller_screen.json); beside SAELens in one run (bench/sae_train.py
---archs gated --tokens 153600 --threads 1): 0.904 vs 0.871 at L0 62 and 0.756 vs 0.741 at 16, dead 0.07% vs
-0%, 4.99x its tokens/s load-corrected (sae_train_cpu_gated_controller_default_matched_l0.json). Starting λ
-higher lands nearer the target but kills latents (0.12: L0 62, 0.63% dead; 0.15: 4.7%; 0.2: 36%); with the
-hold from 0.05 the L0 stalls at ~200, and with "far" at 2x from 0.1 at 72 (λ held while the L0 creeps down
-from 2.7x the target).
+(`sparsity_coef`; from the data with the low start, below), with the standard SAE's trend hold
+(`coef_trend_horizon` 50: λ is held while the L0 falls toward the target from about half the latents) and lead
+term (`coef_lead_steps` 40), and "far" counting from 4x the target (`COEF_FAR`; within it, a fall too slow to
+arrive in 50 steps raises λ). Before, λ from 0.05 integrated the error all through that fall, rose to 0.17 and
+left the L0 at 47 of its target 62 after 150 steps (dead 0.3%); now 66 of 62, dead 0.07%, explained variance
+at the held-out L0s 62 / 48 / 40 / 24 / 16 0.904 / 0.894 / 0.882 / 0.825 / 0.756 against 0.881 / 0.885 / 0.881
+/ 0.844 / 0.786 (bench/results/gated_ablations_cpu_controller_screen.json); beside SAELens in one run
+(bench/sae_train.py --archs gated --tokens 153600 --threads 1): 0.904 vs 0.871 at L0 62 and 0.756 vs 0.741 at
+16, dead 0.07% vs 0%, 4.99x its tokens/s load-corrected
+(sae_train_cpu_gated_controller_default_matched_l0.json). Starting λ higher from b_gate at 0 lands nearer the
+target but kills latents (0.12: L0 62, 0.63% dead; 0.15: 4.7%; 0.2: 36%); with the hold from 0.05 the L0
+stalls at ~200, and with "far" at 2x from 0.1 at 72 (λ held while the L0 creeps down from 2.7x the target).
+
+The low start (`init_l0_mult` 8, as the standard SAE's): each b_gate_j starts lowered by latent j's quantile
+of its gate pre-activation on the trainer's init sample, so every gate opens on its share of the tokens and
+the L0 starts at 8x the target instead of near d_sae / 2, and λ starts where the L1 penalty balances, over the
+open gates, the gate reconstruction's push at the target L0 (`balanced_coef`: 0.61 on
+bench/synthetic_quality.py's world, where the controller's λ ends at 0.60-0.67; 0.14 at target 62 and 0.16 at
+20 on sae_train's data, where it moves within 0.09-0.22). From b_gate at 0 and λ 0.1 the synthetic world's L0
+fell from 255 only to 12.6 (target 7) in 976 steps, 610 of them dense (6.0-6.4 ms a step at 64 x 512). Ours
+only, seed 0 (gated_low_start_synthetic_screen_s12_g.json): no dense step at 1x / 2x / 4x / 6x / 8x, MCC / F1
+0.786 / 0.482, 0.788 / 0.484, 0.795 / 0.488, 0.801 / 0.494, 0.803 / 0.492, all at L0 6.9-7.0; with λ from 0.1
+instead the L0 rose to 101 by step 50 at 1x (155 dense steps, 0.705 / 0.388), from 0.3 to 47 (0.766 / 0.458).
+Beside SAELens at seeds 0 / 1 / 2 (synthetic_quality_cpu_gated_low_start_seeds_s12_g.json): MCC 0.803 / 0.807
+/ 0.808 vs 0.432 / 0.430 / 0.433 (b_gate at 0: 0.556 / 0.546 / 0.565), F1 0.492 / 0.500 / 0.502 vs 0.078 /
+0.080 / 0.081 (0.263 / 0.252 / 0.270), 3.17x / 3.23x / 3.25x SAELens's tokens per CPU second (1.95x / 1.90x /
+1.94x). On sae_train's data (gated_ablations_cpu_low_start_s12_g.json, 150 steps, target 62) the held-out EV
+at L0 62 was 0.9076 at 8x, 0.9063 at 4x and, with λ from 0.1, 0.9016 / 0.9023 / 0.9046 at 1x / 2x / 8x,
+against 0.9035 from b_gate at 0; beside SAELens (sae_train_cpu_gated_150_steps_low_start_s12_g.json) 0.9076 vs
+0.8712 at L0 62 and 0.791 vs 0.739 at 16 (b_gate at 0: 0.9035 / 0.756), ending at L0 59 rather than 66. At 400
+steps (target 20) 0.9214 / 0.9218 / 0.9217 at L0 16 / 20 / 24 against 0.9172 / 0.9191 / 0.9189 from b_gate at
+0, ending at L0 17.3 (λ comes down late), 5 latents firing on no held-out token against 3 (none silent on the
+training tokens in either).
 
 Dead latents (none fired for the trainer's `dead_after` tokens) and rare ones (silent for d_sae / (r · l0)
 tokens, i.e. firing at under r = `revive_below` 0.1 times the mean rate l0 / d_sae) get a pre-activation loss
@@ -206,7 +227,7 @@ class GatedSAE(PenaltySAE):
             pairs = PositivePairs(gate)  # the open gates, H(π_gate) = 1
             dense = dense_enough(pairs.count, gate.numel(), x.device)
         frozen = self.frozen_gate_decoder  # the paper's form: the gate term does not train the decoder
-        if dense:  # early in training about half the gates are open: dense maths beats building a Pattern
+        if dense:  # from b_gate at 0 about half the gates open early on: dense maths beats building a Pattern
             mse, l1, gate_aux, x_hat, fired = _DenseStep.apply(
                 x, self.b_dec, self.W_enc_T, self.b_gate, self.b_mag, self.r_mag, self.W_dec, z, gate, frozen
             )
