@@ -87,6 +87,8 @@ lands above the target (L0 22 of 20 at 400 steps, 83 of 62 at 150; gated_ablatio
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 from torch.amp import custom_bwd, custom_fwd
@@ -190,7 +192,16 @@ class GatedSAE(PenaltySAE):
         if not self.low_start:
             return
         if self.coef_from_data:
-            self.sparsity_coef.fill_(self.balanced_coef(x))
+            coef = self.balanced_coef(x)
+            if not coef > 0:  # NaN too: no λ holds the gates open at the target, the gate term shuts them
+                warnings.warn(
+                    f"Gated SAE: the gate reconstruction shuts the open gates at the start (balanced λ "
+                    f"{coef:.3g}), so λ starts at {self.DENSE_START_COEF} instead of from the data (pass "
+                    "sparsity_coef to set it, or init_l0_mult=None for b_gate at 0)",
+                    stacklevel=2,
+                )
+                coef = self.DENSE_START_COEF
+            self.sparsity_coef.fill_(coef)
         self.b_gate.sub_(latent_quantiles(self, x, self.init_l0_mult * self.target_l0, self.b_gate))
 
     INIT_VALUES = 1 << 24  # gate pre-activations balanced_coef reads at most (64 MB in float32)
@@ -207,13 +218,7 @@ class GatedSAE(PenaltySAE):
         gate = torch.addmm(self.b_gate - offset, x - self.b_dec, self.W_enc).relu_()  # [n, d_sae]
         r = torch.addmm(self.b_dec, gate, self.W_dec).sub_(x)  # x_gate - x [n, d_in]
         push = torch.ops.aten.threshold_backward(r @ self.W_dec.t(), gate, 0)  # 0 where the gate is shut
-        coef = float(-2 * push.sum() / gate.bool().sum())
-        if not coef > 0:  # NaN too
-            raise ValueError(
-                f"the gate reconstruction closes the open gates at the start (balanced λ {coef}), so no L1 "
-                "coefficient holds them at the target L0: pass sparsity_coef, or init_l0_mult=None"
-            )
-        return coef
+        return float(-2 * push.sum() / gate.bool().sum())  # <= 0 (or NaN): see init_from_sample
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self.check_input(x)

@@ -85,3 +85,16 @@ def test_the_trainer_starts_gated_at_the_low_start():
     l0 = float(open_gates(run.sae, x * run.scale).sum()) / len(x)
     assert l0 == pytest.approx(8 * L0, rel=0.05)
     assert float(run.sae.sparsity_coef) != pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("balanced", [-0.2, float("nan")])
+def test_no_balancing_lambda_warns_and_starts_at_the_dense_start_lambda(monkeypatch, balanced):
+    """Data whose gate reconstruction shuts the open gates has no balancing λ: the run still starts (at the
+    low start, λ 0.1) and says what to pass instead, rather than training with a negative or NaN λ."""
+    x = sample()
+    sae = gated()
+    monkeypatch.setattr(GatedSAE, "balanced_coef", lambda self, x: balanced)
+    with pytest.warns(UserWarning, match="sparsity_coef"):
+        sae.init_from_sample(x, total_steps=1000)
+    assert float(sae.sparsity_coef) == pytest.approx(GatedSAE.DENSE_START_COEF)
+    assert open_gates(sae, x).tolist() == [256] * D_SAE, "the low start still applies"
