@@ -312,7 +312,7 @@ class _SparseStep(torch.autograd.Function):
         mse = residual_mse(r)
         gate_aux = residual_mse(r_gate)
         l1 = gate_p.sum() / n
-        fired = scale.new_zeros(p.n_cols).index_add_(0, p.col, acts.bool().to(acts.dtype)).long()
+        fired = p.per_latent(acts.bool().to(acts.dtype)).long()
         ctx.save_for_backward(x_c, W_enc_T, W_dec, z_p, scale, scale_p, acts, gate_p, r, r_gate)
         ctx.p, ctx.frozen = p, frozen
         ctx.mark_non_differentiable(x_hat, fired)
@@ -329,9 +329,8 @@ class _SparseStep(torch.autograd.Function):
         # d π_mag where f > 0; d π_gate = d_x_gate @ W_dec^T + λ/n on every pair (the gates are open there)
         d_mag = torch.ops.aten.threshold_backward(d_acts, acts, 0)
         d_gate = decode_pairs_backward(gate_p, W_dec, p, d_x_gate, True, False)[0].add_(g_l1 / n)
-        per_latent = lambda v: scale.new_zeros(p.n_cols).index_add_(0, p.col, v)  # noqa: E731 - [nnz] -> [d_sae]
-        d_b_mag, d_b_gate = per_latent(d_mag), per_latent(d_gate)
-        d_r_mag = per_latent(d_mag * z_p).mul_(scale)  # d exp(r_mag) = exp(r_mag)
+        d_b_mag, d_b_gate = p.per_latent(d_mag), p.per_latent(d_gate)  # [d_sae]
+        d_r_mag = p.per_latent(d_mag * z_p).mul_(scale)  # d exp(r_mag) = exp(r_mag)
         d_z = d_gate.addcmul_(d_mag, scale_p)  # z feeds π_gate and, scaled, π_mag (in place)
         d_W_enc_T = spmm(p.csr_t(d_z), x_c)
         # b_dec: through x_hat (and x_gate unless frozen), and through the encoder's input x - b_dec

@@ -110,7 +110,7 @@ class _SparseStep(torch.autograd.Function):
         mse = residual_mse(r)
         steps = active.to(z.dtype)  # H(z - θ) [nnz]
         l0 = z.new_zeros(n).index_add_(0, p.row, steps) if per_token else steps.sum() / n
-        fired = torch.zeros(p.n_cols, dtype=z.dtype, device=z.device).index_add_(0, p.col, steps).long()
+        fired = p.per_latent(steps).long()
         ctx.save_for_backward(x_c, W_enc_T, W_dec, theta, gap, active, acts, r)
         ctx.p, ctx.eps, ctx.per_token = p, eps, per_token
         ctx.mark_non_differentiable(x_hat, fired)
@@ -127,9 +127,9 @@ class _SparseStep(torch.autograd.Function):
         # θ, eq. 11-12: -(1/ε) K · (θ · d acts + d l0) per pair, K = 1 inside the window |z - θ| < ε/2
         d_step = g_l0.index_select(0, p.row) if ctx.per_token else g_l0 / n
         in_window = torch.addcmul(d_step, theta, d_acts).mul_(gap.abs_() < ctx.eps / 2)
-        d_threshold = r.new_zeros(p.n_cols).index_add_(0, p.col, in_window, alpha=-1.0 / ctx.eps)
+        d_threshold = p.per_latent(in_window, alpha=-1.0 / ctx.eps)
         d_z = d_acts.mul_(active)  # to the pre-activations: H(z - θ) (no STE to the encoder), in place
-        d_b_enc = torch.zeros_like(d_threshold).index_add_(0, p.col, d_z)
+        d_b_enc = p.per_latent(d_z)
         d_W_enc_T = spmm(p.csr_t(d_z), x_c)
         d_b_dec = d_x_hat.sum(0) - d_b_enc @ W_enc_T  # through x_hat, and the encoder's input x - b_dec
         return None, None, d_b_dec, d_W_enc_T, d_b_enc, d_W_dec, d_threshold, None, None, None, None, None

@@ -95,6 +95,12 @@ class Pattern:
         out = values.new_zeros(self.n_rows, self.n_cols)
         return out.index_put_((self.row, self.col), values)
 
+    def per_latent(self, values: Tensor, alpha: float = 1.0) -> Tensor:
+        """[n_cols]: alpha times the sum of `values` [nnz] over each latent's pairs, in values' dtype (the
+        column sums of the sparse matrix; index_add_, deterministic on a CPU)."""
+        out = torch.zeros(self.n_cols, dtype=values.dtype, device=values.device)
+        return out.index_add_(0, self.col, values, alpha=alpha)
+
     def csr(self, values: Tensor) -> Tensor:
         return _csr(self.crow, self.col, values, (self.n_rows, self.n_cols))
 
@@ -234,7 +240,7 @@ class _GatherPre(torch.autograd.Function):
         p: Pattern = ctx.p
         _, need_b_dec, need_w, need_bias = ctx.needs_input_grad[:4]
         d_b_dec = d_w = d_bias = None
-        col_sums = torch.zeros(p.n_cols, device=grad.device, dtype=grad.dtype).index_add_(0, p.col, grad)
+        col_sums = p.per_latent(grad)
         if need_w:
             x_c = x - b_dec
             d_w = p.dense(grad).t() @ x_c if p.is_dense else spmm(p.csr_t(grad), x_c)
@@ -374,8 +380,7 @@ def firing_counts(acts: Tensor, p: Pattern) -> Tensor:
     """[p.n_cols] int64: on how many tokens each latent is active, from the activations [nnz] at the
     pattern's pairs (a latent is at most once in a token's pairs). index_add_ of the 0/1 flags, not bincount
     of the active pairs' latents, which a boolean index would first gather (~3x slower)."""
-    counts = torch.zeros(p.n_cols, dtype=torch.int64, device=acts.device)
-    return counts.index_add_(0, p.col, (acts > 0).long())
+    return p.per_latent((acts > 0).long())
 
 
 def recon_loss(x_hat: Tensor, x: Tensor) -> Tensor:
