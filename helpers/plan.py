@@ -41,6 +41,16 @@ How a plan is made:
   the 4x of a fair share (torch's threads stall once any other thread takes a core), so a line fitted on
   crowded runs only predicts an idle machine's times up to ~8x too long (bench/results/
   planner_cpu_load_large.json).
+- torch's threads: on a CPU each plan also chooses how many intra-op threads the step runs on: the cores
+  other processes leave free, `cores - round(others)`, at least 1 and at most the user's count (torch's
+  default: one a core) (`matched_threads`); `watch` sets them and `done` restores the user's count. torch's
+  threads wait for each other at every op, so a thread without a core stalls the others (the numbers
+  below); on a dedicated machine (no other running threads: a Colab VM) the count is the user's and nothing
+  changes. The step is then planned at that count: its counted time at rates measured with that many
+  threads (`Calibration.rates_for`, measured once and cached beside the key's), its crowding with that many
+  threads, and its run is kept with the count it ran on. The count is chosen once, when the plan is made:
+  the watch's sampling thread cannot change it mid-step (`torch.set_num_threads` sets the OpenMP count of
+  the calling thread only).
 - Peak memory here = what this process uses now (RSS; CUDA memory allocated) + the weights it has mapped
   from disk and not read yet (safetensors are memory-mapped; their pages join RSS at the first forward) +
   what the step adds. On a T4 the weights sit in GPU memory at the T4's dtype (fp16, fp32 for nanochat),
@@ -160,7 +170,7 @@ def hardware_key(device: str) -> str:
     except OSError:
         pass
     card = torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else "no cuda"
-    return f"{device} | {cpu} | {os.cpu_count()} cores | {torch.get_num_threads()} threads | " + (
+    return f"{device} | {cpu} | {os.cpu_count()} cores | {threads_bound()} threads | " + (
         f"torch {torch.__version__} | {card}"
     )
 
@@ -351,6 +361,36 @@ def crowding(others: float | None, threads: int | None = None) -> float:
     return math.log(max(1.0, (others + min(threads, cores)) / cores))
 
 
+_lowered: tuple[int, int] | None = None
+"""(torch's thread count before a watched step changed it, the count the step set) while that step runs: a
+step that raised before its `done()` leaves torch at the count it set, and the next plan still bounds its
+threads by the user's count."""
+
+
+def threads_bound() -> int:
+    """The most intra-op threads a step may use: torch's count now (the user's `torch.set_num_threads`, or
+    torch's default of one a core), unless a watched step set the count now in force, then the count before
+    that step."""
+    now = torch.get_num_threads()
+    return _lowered[0] if _lowered is not None and _lowered[1] == now else now
+
+
+def matched_threads(others: float | None, bound: int | None = None) -> int:
+    """torch's intra-op threads for a step that starts with `others` (`others_running`) threads of other
+    processes running: the cores they leave free, `cores - round(others)`, at least 1 and at most `bound`
+    (`threads_bound()` by default); `bound` itself when no other thread runs (a dedicated machine such as a
+    Colab VM: nothing changes) or the count cannot be read. Why: torch's threads wait for each other at
+    every op, so one of them without a core stalls the rest: on the shared 2-core CPU the same work took
+    10.9 s on 2 threads and 3.5 s on 1 at the machine's own load (bench/results/run_delay_cpu.json).
+    Chosen once, when the plan is made: `torch.set_num_threads` from the watch's sampling thread would set
+    that thread's OpenMP count, not the count of the thread running the step."""
+    bound = threads_bound() if bound is None else bound
+    busy = round(others) if others is not None else 0
+    if busy <= 0:
+        return bound
+    return max(1, min(bound, (os.cpu_count() or 1) - busy))
+
+
 @dataclass
 class Calibration:
     rates: Rates
@@ -362,6 +402,30 @@ class Calibration:
     counted peak RAM (`ram_extra_gb`: what the counts leave out, modules the step imports and allocator
     slack, the same at every size)."""
     measured_now: bool = False
+    thread_rates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """torch thread count -> `Rates` measured with that many threads, for steps that run on fewer threads
+    than `key`'s (`matched_threads`): their counted time is counted at those rates."""
+
+    def rates_for(self, threads: int) -> Rates:
+        """The rates with `threads` torch threads: `rates` at the key's count (and rates not measured here,
+        which stand for every count), else measured once (about a second, torch set to `threads` meanwhile)
+        and cached beside them."""
+        if threads == threads_bound() or not self.rates.where.startswith("measured"):
+            return self.rates
+        if str(threads) not in self.thread_rates:
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                device = "cuda" if "cuda" in self.rates.where else "cpu"
+                self.thread_rates[str(threads)] = asdict(machine_rates(device))
+            finally:
+                torch.set_num_threads(before)
+            record = read_json_record(self.path, "delete it: the next plan measures this machine again")
+            entry = record.get(self.key)
+            if entry is not None:  # kept with this hardware's runs; a file without them is left alone
+                entry["thread_rates"] = self.thread_rates
+                _write_entry(self.path, self.key, entry)
+        return Rates(**self.thread_rates[str(threads)])
 
     def _points(self, step: str, measured: str) -> list[tuple[float, float, float]]:
         runs = self.runs.get(step) or []
@@ -396,7 +460,9 @@ def calibrate(device: str, cache_dir: str | os.PathLike, *, refresh: bool = Fals
     cached = read_json_record(path, "delete it: the next plan measures this machine again").get(key) or {}
     runs = (cached.get("runs") or {}) if cached.get("counts_version") == COUNTS_VERSION else {}
     if "op_s" in cached.get("rates", {}) and not refresh:
-        return Calibration(Rates(**cached["rates"]), key, path, runs)
+        return Calibration(
+            Rates(**cached["rates"]), key, path, runs, thread_rates=cached.get("thread_rates") or {}
+        )
     rates = machine_rates(device)
     entry = {"rates": asdict(rates), "counts_version": COUNTS_VERSION, "runs": runs, "measured_at": _now()}
     _write_entry(path, key, entry)
@@ -529,6 +595,9 @@ class Plan:
     load_known: bool = False
     """Whether a load rate was fitted here (runs of a step at different loads); without one the plan makes no
     allowance for load (`slowdown` 1), and a crowded plan says so."""
+    threads: int | None = None
+    """torch's intra-op threads for the step (`matched_threads`): `watch` sets them and `done` restores the
+    count before; None leaves torch as it is."""
 
     def fits_t4(self) -> bool:
         return not self.warnings
@@ -554,6 +623,11 @@ class Plan:
                     "loads yet to fit what load costs: a crowded machine can take several times longer)"
                 )
             lines.append(times)
+        if self.threads is not None and self.threads != threads_bound():
+            lines.append(
+                f"  threads: torch runs this step on {self.threads} of its {threads_bound()} threads, the "
+                "cores other processes leave free (its threads stall while one of them waits for a core)"
+            )
         return "\n".join(lines)
 
 
@@ -573,12 +647,13 @@ def make_plan(
     lower: dict[str, str],
 ) -> Plan:
     """Time and memory here and on a T4 from the counted work; warnings naming what to lower."""
-    rates = calibration.rates
+    others = others_now()
+    threads = matched_threads(others) if device != "cuda" else threads_bound()
+    rates = calibration.rates_for(threads)
     flops_rate = rates.flops_fp16 if work.fp16 and device == "cuda" else rates.flops_fp32
     counted = work.flops / flops_rate + work.bytes_read / rates.bytes_per_s + work.ops * rates.op_s
     line, cpu_line = calibration.line(step), calibration.line(step, "cpu_seconds")
-    others = others_now()
-    crowded = crowding(others)
+    crowded = crowding(others, threads)
     seconds = line(counted, crowded) if line else counted
     now = memory_now(device)
     on_cpu = device != "cuda"
@@ -646,6 +721,7 @@ def make_plan(
         others,
         slowdown,
         known,
+        threads,
     )
 
 
@@ -1091,6 +1167,13 @@ class Watch:
 
     def __init__(self, run_dir: str | os.PathLike, plan: Plan, calibration: Calibration, device: str):
         self.run_dir, self.plan, self.calibration, self.device = run_dir, plan, calibration, device
+        global _lowered
+        bound = threads_bound()
+        self.threads = torch.get_num_threads() if plan.threads is None else plan.threads
+        if self.threads != torch.get_num_threads():
+            torch.set_num_threads(self.threads)
+        if self.threads != bound:
+            _lowered = (bound, self.threads)
         if device == "cuda" and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         self.memory = PeakMemory(others_every=0.1).__enter__()
@@ -1105,6 +1188,7 @@ class Watch:
         seconds = time.perf_counter() - self.started
         cpu_seconds = time.process_time() - self.cpu_started
         self.memory.__exit__()
+        self.restore_threads()
         others = self.memory.others()
         peak_gb = self.memory.peak["total"] / 1e9
         gpu = None
@@ -1128,7 +1212,7 @@ class Watch:
             "others_running": {"planned": p.others, "measured": others},
             "waited_seconds": waited,
             "slowdown": p.slowdown,
-            "threads": torch.get_num_threads(),
+            "threads": self.threads,
             "at": _now(),
         }
         record["ratio"] = {
@@ -1140,7 +1224,7 @@ class Watch:
         if p.counted_seconds > 0:  # a step with nothing to do (every SAE done earlier) teaches nothing
             load = max((x for x in record["load_average"] if x is not None), default=None)
             run = {"counted": p.counted_seconds, "seconds": seconds, "cpu_seconds": cpu_seconds, "load": load}
-            run |= {"others": others, "threads": torch.get_num_threads(), "waited": waited}
+            run |= {"others": others, "threads": self.threads, "waited": waited}
             learn(self.calibration, p.step, run | {"ram_extra_gb": peak_gb - p.counted_ram_gb})
         if not quiet:
             ratio = {k: f", x{v:.2f}" for k, v in record["ratio"].items()}
@@ -1155,6 +1239,13 @@ class Watch:
                 )
             )
         return record
+
+    def restore_threads(self) -> None:
+        """torch's thread count back to the user's (`threads_bound`) unless something set another since."""
+        global _lowered
+        if _lowered is not None and torch.get_num_threads() == _lowered[1]:
+            torch.set_num_threads(_lowered[0])
+        _lowered = None
 
 
 def _load_average() -> float | None:

@@ -307,6 +307,8 @@ def test_the_load_rate_is_fitted_over_the_steps_and_a_crowded_plan_is_slower(cal
     assert calm.slowdown == 1.0 and "other processes" not in str(calm)
     monkeypatch.setattr(plan, "others_now", lambda: crowded)
     busy = plan.plan_probes(SMALL, calibration, "cpu", **args)
+    assert busy.threads == 1  # the other threads take every core: torch on one (`matched_threads`)
+    share = (crowded + 1) / cores
     assert busy.seconds == pytest.approx(calm.seconds * share**0.8, rel=0.03)
     assert "other processes are running" in str(busy) and f"x{share**0.8:.2f}" in str(busy)
     assert "fair share" not in str(busy)
