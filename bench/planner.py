@@ -193,6 +193,7 @@ def rows_of(size: str, run_dir: Path, background: int = 0, frozen: Path | None =
             "others_running_measured": others.get("measured") and round(others["measured"], 2),
             "planned_slowdown": rec.get("slowdown") and round(rec["slowdown"], 3),
             "waited_s": rec.get("waited_seconds") and round(rec["waited_seconds"], 2),
+            "threads": rec.get("threads"),
             "time_within_30pct": within(ratio["seconds"], TIME_BOUND),
             "cpu_time_within_30pct": within(cpu_ratio, TIME_BOUND),
             "ram_within_15pct": within(ratio["ram_gb"], MEMORY_BOUND),
@@ -315,12 +316,17 @@ def main(argv: list[str] | None = None) -> int:
         return (f"{size}@{load}" if load else size), load
 
     out = {
+        "command": "python bench/planner.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start",
         "fit_sizes": [named(*s)[0] for s in args.fit],
         "score_sizes": [named(*s)[0] for s in args.score],
         "commit": git_commit(),
     }
     os.environ["NB_PLAN_CALIBRATION"] = str(fitted)
+    # The notebooks' kernels import this tree's helpers package, not the one pip installed (an editable
+    # install points at the main checkout: a worktree's bench would otherwise plan with main's planner).
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    out["helpers"] = str(ROOT / "helpers")
     for size, load in args.fit:
         name, load = named(size, load)
         seconds = run_size(size, runs / f"fit-{name}", args.gpu, args.timeout, args.notebooks, load)

@@ -14,6 +14,11 @@ of every other process, as on an idle machine. A good estimate is the reference'
 (`over_reference_wall` near 1) where the wall time grows.
 
     python -m bench.run_delay --loads 0 2 4 --threads 1 2 --out bench/results/run_delay_cpu.json
+
+`--threads matched` runs the work on the thread count a plan would choose when it starts
+(helpers/plan.py `matched_threads`: the cores the other running threads leave free, at most torch's
+default), counted in the work's process once the busy processes run; each run records the count it used
+(`threads_used`). Against a fixed 2 (`--threads 2 matched`) that is what matching saves at each load.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench.planner import busy_processes, git_commit, stop
-from helpers.plan import thread_schedstats
+from helpers.plan import matched_threads, others_now, thread_schedstats
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,9 +83,12 @@ def realtime(on: bool) -> None:
         os.sched_setscheduler(int(task), policy, param)
 
 
-def work(threads: int, tokens: int, sae_steps: int, idle: bool = False) -> dict:
-    """One run of the fixed work in this process, measured; `idle`: at real-time priority (the reference)."""
-    torch.set_num_threads(threads)
+def work(threads: int | str, tokens: int, sae_steps: int, idle: bool = False) -> dict:
+    """One run of the fixed work in this process, measured; `idle`: at real-time priority (the reference);
+    `threads` "matched": `matched_threads` for the other running threads counted now."""
+    others = others_now()
+    used = matched_threads(others) if threads == "matched" else int(threads)
+    torch.set_num_threads(used)
     torch.manual_seed(0)
     config = LlamaConfig(
         hidden_size=576,
@@ -126,6 +134,8 @@ def work(threads: int, tokens: int, sae_steps: int, idle: bool = False) -> dict:
         if r - before.get(t, (0, 0))[0] > 1e7
     ]
     return {
+        "threads_used": used,
+        "others_running": others,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
         "waits": waits,
@@ -134,12 +144,12 @@ def work(threads: int, tokens: int, sae_steps: int, idle: bool = False) -> dict:
     }
 
 
-def one_run(threads: int, load: int | str, args: argparse.Namespace) -> dict:
+def one_run(threads: int | str, load: int | str, args: argparse.Namespace) -> dict:
     idle = load == "idle"
     background = busy_processes(0 if idle else load)
     try:
         time.sleep(0.2)  # the spinners on the run queue before the work starts
-        call = f"b.work({threads}, {args.tokens}, {args.sae_steps}, {idle})"
+        call = f"b.work({threads!r}, {args.tokens}, {args.sae_steps}, {idle})"
         code = f"import json, bench.run_delay as b; print(json.dumps({call}))"
         out = subprocess.run(
             [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=900
@@ -156,7 +166,7 @@ def waited_crowding(run: dict) -> float:
     return math.log(seconds / max(seconds - run["waits"]["max_wait"], 1e-9))
 
 
-def summarise(runs: list[dict], loads: list, threads_list: list[int]) -> dict:
+def summarise(runs: list[dict], loads: list, threads_list: list[int | str]) -> dict:
     """Each estimate over the reference's wall time (the first of `loads`), by thread count and load; and the
     `waited_crowding` rate: the slope of log wall time on waited crowding over the loaded runs (no reference
     needed, as a planner would fit it), with the idle time it gives (wall x exp(-rate x crowding))."""
@@ -174,6 +184,8 @@ def summarise(runs: list[dict], loads: list, threads_list: list[int]) -> dict:
         for load in loads:
             at = [r for r in at_threads if r["background_load"] == load]
             row = {"wall": round(statistics.median(r["seconds"] for r in at) / base, 3)}
+            row["wall_s"] = round(statistics.median(r["seconds"] for r in at), 2)
+            row["threads_used"] = sorted({r.get("threads_used", threads) for r in at})
             for k in at[0]["idle_seconds"]:
                 row[k] = round(statistics.median(r["idle_seconds"][k] for r in at) / base, 3)
             powered = [r["seconds"] * math.exp(-rate * waited_crowding(r)) for r in at]
@@ -190,7 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--loads", nargs="+", type=int, default=[0, 1, 2, 4], help="busy background processes"
     )
-    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="torch threads")
+    parser.add_argument(
+        "--threads",
+        nargs="+",
+        type=lambda t: t if t == "matched" else int(t),
+        default=[1, 2],
+        help="torch threads, or matched (helpers/plan.py matched_threads)",
+    )
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=8, help="decoding steps of the work")
     parser.add_argument("--sae-steps", type=int, default=5, help="SAE training steps of the work")
@@ -204,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         earlier = json.loads(Path(args.summarise).read_text())
         loads = list(dict.fromkeys(r["background_load"] for r in earlier["runs"]))
         loads = sorted(loads, key=lambda x: -1 if x == "idle" else x)
-        threads = sorted({r["threads"] for r in earlier["runs"]})
+        threads = sorted({r["threads"] for r in earlier["runs"]}, key=str)
         print(json.dumps(summarise(earlier["runs"], loads, threads), indent=1))
         return 0
     out = {
