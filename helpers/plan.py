@@ -124,10 +124,13 @@ class Rates:
     op_s: float = 0.0
     """Seconds of one small torch op (Python dispatch, no real work): what a step of many small ops costs
     beyond its FLOPs and bytes."""
+    others: float | None = None
+    """Other processes' running threads while they were measured (`others_now`); None where not known."""
 
 
 def machine_rates(device: str, seconds: float = 0.3) -> Rates:
     """Measure this machine: a square fp32 matmul (and fp16 on CUDA) and a large copy, for `seconds` each."""
+    others = others_now()
     if device == "cuda":
         torch.cuda.synchronize()
 
@@ -152,7 +155,7 @@ def machine_rates(device: str, seconds: float = 0.3) -> Rates:
     bw = rate(lambda: buf.clone(), 2 * buf.numel() * 4)  # read + write
     small = torch.randn(8, 8, device=device)
     ops = rate(lambda: small @ small + small, 2)  # two ops a call
-    return Rates(fp32, fp16, bw, f"measured on this {device}", 1 / ops)
+    return Rates(fp32, fp16, bw, f"measured on this {device}", 1 / ops, others)
 
 
 def t4_rates() -> Rates:
@@ -406,26 +409,36 @@ class Calibration:
     """torch thread count -> `Rates` measured with that many threads, for steps that run on fewer threads
     than `key`'s (`matched_threads`): their counted time is counted at those rates."""
 
-    def rates_for(self, threads: int) -> Rates:
-        """The rates with `threads` torch threads: `rates` at the key's count (and rates not measured here,
-        which stand for every count), else measured once (about a second, torch set to `threads` meanwhile)
-        and cached beside them."""
-        if threads == threads_bound() or not self.rates.where.startswith("measured"):
+    def rates_for(self, threads: int, others: float | None = None) -> Rates:
+        """The rates with `threads` torch threads: `rates` at the key's count, else measured once (about a
+        second, torch set to `threads` meanwhile) and cached beside them; rates not measured here stand for
+        every count. Measured again (and cached) when the cached ones were measured while other processes
+        left fewer than `threads` cores free and `others` (running now) leaves them free: torch's threads
+        stall without a core, so such rates are far too low (a 2-thread matmul measured beside one busy
+        thread: 56 GFLOP/s, against 85 on one thread; bench/results/planner_cpu_load_matched.json)."""
+        if not self.rates.where.startswith("measured on this cpu"):
             return self.rates
-        if str(threads) not in self.thread_rates:
-            before = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            try:
-                device = "cuda" if "cuda" in self.rates.where else "cpu"
-                self.thread_rates[str(threads)] = asdict(machine_rates(device))
-            finally:
-                torch.set_num_threads(before)
-            record = read_json_record(self.path, "delete it: the next plan measures this machine again")
-            entry = record.get(self.key)
-            if entry is not None:  # kept with this hardware's runs; a file without them is left alone
-                entry["thread_rates"] = self.thread_rates
-                _write_entry(self.path, self.key, entry)
-        return Rates(**self.thread_rates[str(threads)])
+        bound = threads_bound()
+        got = self.thread_rates.get(str(threads))
+        cached = self.rates if threads == bound else (Rates(**got) if got else None)
+        if cached is not None and not _measured_crowded(cached, threads, others):
+            return cached
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            rates = machine_rates("cpu")
+        finally:
+            torch.set_num_threads(before)
+        record = read_json_record(self.path, "delete it: the next plan measures this machine again")
+        entry = record.get(self.key)
+        if threads == bound:
+            self.rates = rates
+        else:
+            self.thread_rates[str(threads)] = asdict(rates)
+        if entry is not None:  # kept with this hardware's runs; a file without them is left alone
+            entry["rates"], entry["thread_rates"] = asdict(self.rates), self.thread_rates
+            _write_entry(self.path, self.key, entry)
+        return rates
 
     def _points(self, step: str, measured: str) -> list[tuple[float, float, float]]:
         runs = self.runs.get(step) or []
@@ -450,6 +463,14 @@ class Calibration:
     def extra_ram(self, step: str) -> float:
         got = [r["ram_extra_gb"] for r in self.runs.get(step) or [] if r.get("ram_extra_gb") is not None]
         return statistics.median(got) if got else 0.0
+
+
+def _measured_crowded(rates: Rates, threads: int, others: float | None) -> bool:
+    """Whether `rates` were measured while other processes left fewer than `threads` cores free and
+    `others` running now leave them free."""
+    if rates.others is None or others is None:
+        return False
+    return matched_threads(rates.others, threads) < threads and matched_threads(others, threads) == threads
 
 
 def calibrate(device: str, cache_dir: str | os.PathLike, *, refresh: bool = False) -> Calibration:
@@ -613,7 +634,7 @@ class Plan:
             f"RAM {t4['ram_gb']:.2f} GB, disk {t4['disk_gb']:.3g} GB",
         ]
         lines += [f"  WARNING: {w}" for w in self.warnings]
-        if crowding(self.others) > 0:
+        if crowding(self.others, self.threads) > 0:
             shared = f"{self.others:.1f} threads of other processes are running on {os.cpu_count()} cores"
             if self.load_known:
                 times = f"  load: {shared}; the times above are x{self.slowdown:.2f} an idle machine's"
@@ -649,7 +670,7 @@ def make_plan(
     """Time and memory here and on a T4 from the counted work; warnings naming what to lower."""
     others = others_now()
     threads = matched_threads(others) if device != "cuda" else threads_bound()
-    rates = calibration.rates_for(threads)
+    rates = calibration.rates_for(threads, others)
     flops_rate = rates.flops_fp16 if work.fp16 and device == "cuda" else rates.flops_fp32
     counted = work.flops / flops_rate + work.bytes_read / rates.bytes_per_s + work.ops * rates.op_s
     line, cpu_line = calibration.line(step), calibration.line(step, "cpu_seconds")

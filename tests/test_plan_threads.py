@@ -130,3 +130,24 @@ def test_a_step_on_fewer_threads_is_counted_at_their_rates(machine, tmp_path, mo
         p = plan.make_plan("probes", work, work, SMALL, calibration, "cpu", {})
         counted[p.threads] = p.counted_seconds
     assert counted == {2: pytest.approx(0.5), 1: pytest.approx(1.0)}
+
+
+def test_rates_measured_while_the_threads_had_no_free_cores_are_measured_again_once_they_have(
+    machine, tmp_path, monkeypatch
+):
+    """2-thread rates cached while 3 other threads ran on the 4 cores (one core free: the threads stalled) are
+    measured again by the first plan that finds 2 cores free, and the new ones cached; rates measured with
+    their cores free are kept."""
+    plan.torch.set_num_threads(2)
+    stalled = plan.Rates(1e10, 1e10, 1e10, "measured on this cpu", 1e-6, others=3.0)
+    fresh = plan.Rates(4e10, 4e10, 1e10, "measured on this cpu", 1e-6, others=0.0)
+    measured = []
+    monkeypatch.setattr(plan, "machine_rates", lambda device: measured.append(device) or fresh)
+    path = tmp_path / "calibration.json"
+    calibration = plan.Calibration(stalled, "test hardware", path)
+    plan._write_entry(path, "test hardware", {"rates": plan.asdict(stalled), "runs": {}})
+    assert calibration.rates_for(2, others=3.0) == stalled and measured == []  # still crowded: kept
+    assert calibration.rates_for(2, others=1.0) == fresh and measured == ["cpu"]
+    assert calibration.rates == fresh
+    assert plan.json.loads(path.read_text())["test hardware"]["rates"] == plan.asdict(fresh)
+    assert calibration.rates_for(2, others=0.0) == fresh and measured == ["cpu"]  # measured free: kept
