@@ -198,7 +198,7 @@ def rows_of(size: str, run_dir: Path, background: int = 0, frozen: Path | None =
             "cpu_time_within_30pct": within(cpu_ratio, TIME_BOUND),
             "ram_within_15pct": within(ratio["ram_gb"], MEMORY_BOUND),
         }
-        line = fitted.line(step) if fitted else None
+        line = fitted.line(step, threads=rec.get("threads")) if fitted else None
         seen = others.get("measured")
         if line and seen is not None:
             hindsight = measured["seconds"] / line(
@@ -246,7 +246,7 @@ def replay(earlier: dict) -> dict:
         crowded = plan.crowding(row.get("others_running_planned"), threads and int(threads))
         out = {k: row.get(k) for k in ("size", "background_load", "step", "others_running_planned")}
         for measured, key in (("seconds", "measured_s"), ("cpu_seconds", "measured_cpu_s")):
-            line = calibration.line(row["step"], measured)
+            line = calibration.line(row["step"], measured, row.get("threads"))
             if line is None or row.get(key) is None:
                 continue
             ratio = row[key] / line(row["counted_s"], crowded)

@@ -440,21 +440,28 @@ class Calibration:
             _write_entry(self.path, self.key, entry)
         return rates
 
-    def _points(self, step: str, measured: str) -> list[tuple[float, float, float]]:
+    def _points(self, step: str, measured: str, threads: int | None = None) -> list[tuple[float, ...]]:
+        """(counted, measured, crowding) of the step's runs: those on `threads` torch threads when there are
+        any (and `threads` is given), else all."""
         runs = self.runs.get(step) or []
-        return [(r["counted"], r.get(measured), crowding(r.get("others"), r.get("threads"))) for r in runs]
+        same = [r for r in runs if threads is not None and r.get("threads") == threads]
+        return [
+            (r["counted"], r.get(measured), crowding(r.get("others"), r.get("threads"))) for r in same or runs
+        ]
 
     def load_rate(self, measured: str = "seconds") -> float | None:
         """`fit_load_rate` over the runs of every step on this hardware (None: not fitted yet)."""
         return fit_load_rate([self._points(step, measured) for step in self.runs])
 
-    def line(self, step: str, measured: str = "seconds") -> Line | None:
+    def line(self, step: str, measured: str = "seconds", threads: int | None = None) -> Line | None:
         """The fit of `measured` ("seconds": wall time, "cpu_seconds": process CPU time) on counted time,
-        over the step's runs each divided by the slow-down its load caused (`load_rate`); as measured while
-        no rate is fitted."""
+        over the step's runs each divided by the slow-down its load caused (`load_rate`; as measured while
+        no rate is fitted); with `threads`, over its runs on that many torch threads when there are any: runs
+        on other counts were counted at other rates, so their counted times differ ~2x for the same work and
+        a line through both would read them as two sizes (bench/results/planner_cpu_load_matched.json)."""
         fitted = self.load_rate(measured)
         rate = 0.0 if fitted is None else fitted
-        points = self._points(step, measured)
+        points = self._points(step, measured, threads)
         line = fit_line([(c, m * math.exp(-rate * z) if m is not None else None) for c, m, z in points])
         if line:
             line.load_rate, line.load_fitted = rate, fitted is not None
@@ -673,7 +680,7 @@ def make_plan(
     rates = calibration.rates_for(threads, others)
     flops_rate = rates.flops_fp16 if work.fp16 and device == "cuda" else rates.flops_fp32
     counted = work.flops / flops_rate + work.bytes_read / rates.bytes_per_s + work.ops * rates.op_s
-    line, cpu_line = calibration.line(step), calibration.line(step, "cpu_seconds")
+    line, cpu_line = calibration.line(step, threads=threads), calibration.line(step, "cpu_seconds", threads)
     crowded = crowding(others, threads)
     seconds = line(counted, crowded) if line else counted
     now = memory_now(device)

@@ -151,3 +151,21 @@ def test_rates_measured_while_the_threads_had_no_free_cores_are_measured_again_o
     assert calibration.rates == fresh
     assert plan.json.loads(path.read_text())["test hardware"]["rates"] == plan.asdict(fresh)
     assert calibration.rates_for(2, others=0.0) == fresh and measured == ["cpu"]  # measured free: kept
+
+
+def test_a_plan_fits_its_line_on_the_runs_at_its_thread_count(machine, calibration):
+    """Runs of one step on 2 threads (idle) and on 1 (beside a busy process) were counted at different rates,
+    so the same work counts ~2x apart: a line through all of them would take that for two sizes. A plan on
+    1 thread fits the 1-thread runs, a plan on 2 threads the 2-thread runs; a count with no runs, all."""
+    plan.torch.set_num_threads(2)
+    # the same two sizes on each count: 2 threads take 1.5 x counted, 1 thread 3 s + 1 x counted
+    for counted in (0.5, 4.0):
+        plan.learn(calibration, "corpus", {"counted": counted, "seconds": 1.5 * counted, "threads": 2})
+        plan.learn(calibration, "corpus", {"counted": 2 * counted, "seconds": 3 + 2 * counted, "threads": 1})
+    one, two = calibration.line("corpus", threads=1), calibration.line("corpus", threads=2)
+    assert (one.fixed, one.slope, one.runs) == (pytest.approx(3), pytest.approx(1), 2)
+    assert (two.fixed, two.slope, two.runs) == (pytest.approx(0, abs=1e-9), pytest.approx(1.5), 2)
+    assert calibration.line("corpus", threads=3).runs == 4
+    machine(3.0)  # 3 other threads on 4 cores leave 1 free
+    p = corpus_plan(calibration)
+    assert p.threads == 1 and p.seconds == pytest.approx(3 + 1 * p.counted_seconds)
