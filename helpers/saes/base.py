@@ -424,6 +424,28 @@ def geometric_median(x: Tensor, iters: int = 50) -> Tensor:
     return y
 
 
+INIT_VALUES = 1 << 24
+"""Pre-activations an initialisation from the trainer's init sample reads at most (64 MB in float32): the
+standard SAE's common offset and L0, Gated's balanced λ (`init_sample`)."""
+
+
+def init_sample(x: Tensor, d_sae: int) -> Tensor:
+    """The first tokens of x [n, d_in] whose [n, d_sae] pre-activations fit in `INIT_VALUES`."""
+    return x[: max(1, INIT_VALUES // d_sae)]
+
+
+def low_start(init_l0_mult: float | None, l0: float, d_sae: int, bias: str) -> bool:
+    """Whether an L1-type SAE (standard, Gated) starts low: its `bias` lowered per latent from the trainer's
+    init sample so the L0 starts at `init_l0_mult` times the target `l0`; not when it is None or its L0 is
+    at or above d_sae / 2, where the bias at 0 already starts (a ValueError for a multiple <= 0)."""
+    if init_l0_mult is not None and not init_l0_mult > 0:
+        raise ValueError(
+            f"init_l0_mult must be > 0 (the initial L0 as a multiple of the target l0), or None for "
+            f"{bias} at 0; got {init_l0_mult}"
+        )
+    return init_l0_mult is not None and init_l0_mult * l0 < d_sae / 2
+
+
 @torch.no_grad()
 def latent_quantiles(sae: SAE, x: Tensor, l0: float, bias: Tensor | None = None) -> Tensor:
     """[d_sae]: each latent's value of its pre-activation `(x - b_dec) @ W_enc + bias` on x [n, d_in] above

@@ -93,7 +93,7 @@ import torch
 from torch import Tensor, nn
 from torch.amp import custom_bwd, custom_fwd
 
-from helpers.saes.base import PenaltySAE, StepOutput, latent_quantiles, pre_act_loss
+from helpers.saes.base import PenaltySAE, StepOutput, init_sample, latent_quantiles, low_start, pre_act_loss
 from helpers.saes.kernels import (
     Pattern,
     PositivePairs,
@@ -148,14 +148,8 @@ class GatedSAE(PenaltySAE):
             raise ValueError(
                 f"revive_below must be >= 0 (0: the trainer's dead latents only), got {revive_below}"
             )
-        if init_l0_mult is not None and not init_l0_mult > 0:
-            raise ValueError(
-                f"init_l0_mult must be > 0 (the initial L0 as a multiple of the target l0), or None for "
-                f"b_gate at 0; got {init_l0_mult}"
-            )
-        # whether init_from_sample lowers b_gate: init_l0_mult set and its L0 under d_sae / 2 (from b_gate
-        # at 0 the L0 already starts near d_sae / 2)
-        self.low_start = init_l0_mult is not None and init_l0_mult * l0 < d_sae / 2
+        # whether init_from_sample lowers b_gate (base.low_start, as the standard SAE's b_enc)
+        self.low_start = low_start(init_l0_mult, l0, d_sae, "b_gate")
         super().__init__(
             d_in,
             d_sae,
@@ -204,8 +198,6 @@ class GatedSAE(PenaltySAE):
             self.sparsity_coef.fill_(coef)
         self.b_gate.sub_(latent_quantiles(self, x, self.init_l0_mult * self.target_l0, self.b_gate))
 
-    INIT_VALUES = 1 << 24  # gate pre-activations balanced_coef reads at most (64 MB in float32)
-
     @torch.no_grad()
     def balanced_coef(self, x: Tensor) -> float:
         """The λ at which the L1 penalty balances, on average over the open gates, the gate reconstruction's
@@ -213,7 +205,7 @@ class GatedSAE(PenaltySAE):
         target L0): only gate_aux and λ · l1 reach π_gate, per open pair (2 / n) (x_gate - x) · W_dec_j and
         λ / n, so λ = -2 · mean over the open pairs of (x_gate - x) · W_dec_j. The controller's λ settles near
         it (module docstring)."""
-        x = x[: max(1, self.INIT_VALUES // self.d_sae)]
+        x = init_sample(x, self.d_sae)
         offset = latent_quantiles(self, x, self.target_l0, self.b_gate)  # [d_sae]
         gate = torch.addmm(self.b_gate - offset, x - self.b_dec, self.W_enc).relu_()  # [n, d_sae]
         r = torch.addmm(self.b_dec, gate, self.W_dec).sub_(x)  # x_gate - x [n, d_in]

@@ -73,7 +73,7 @@ import torch
 from torch import Tensor, nn
 from torch.amp import custom_bwd, custom_fwd
 
-from helpers.saes.base import PenaltySAE, StepOutput, latent_quantiles
+from helpers.saes.base import PenaltySAE, StepOutput, init_sample, latent_quantiles, low_start
 from helpers.saes.kernels import (
     PositivePairs,
     dense_enough,
@@ -132,15 +132,8 @@ class StandardSAE(PenaltySAE):
         log-linearly from the L0 at the start to `l0` (`steering_l0`), 0 to steer at `l0` from the first
         step. The controller without the descent: l0_descent=0; the old default start: init_l0_mult=None,
         l0_descent=0 (λ 5, no lead, gain 1)."""
-        if init_l0_mult is not None and not init_l0_mult > 0:
-            raise ValueError(
-                f"init_l0_mult must be > 0 (the initial L0 as a multiple of the target l0), or None for "
-                f"b_enc at 0; got {init_l0_mult}"
-            )
         self.init_l0_mult, self.init_l0_per_latent = init_l0_mult, init_l0_per_latent
-        # whether init_from_sample lowers b_enc: init_l0_mult set and its L0 under d_sae / 2 (from b_enc at 0
-        # the L0 already starts near d_sae / 2, so a multiple at or above it keeps that start)
-        self.low_start = init_l0_mult is not None and init_l0_mult * l0 < d_sae / 2
+        self.low_start = low_start(init_l0_mult, l0, d_sae, "b_enc")  # whether init_from_sample lowers b_enc
         if sparsity_coef is None:
             dense_coef = self.DESCENT_DENSE_START_COEF if l0_descent else self.DENSE_START_COEF
             sparsity_coef = self.LOW_START_COEF if self.low_start else dense_coef
@@ -193,8 +186,6 @@ class StandardSAE(PenaltySAE):
         start = float(self.descent_from_l0)
         return start * (self.target_l0 / start) ** (t / steps)
 
-    INIT_VALUES = 1 << 24  # pre-activations init_from_sample ranks at most (64 MB in float32)
-
     @torch.no_grad()
     def init_from_sample(self, x: Tensor, total_steps: int) -> None:
         """With `low_start`: lower every b_enc_j by one common offset, the quantile of the pre-activations
@@ -205,7 +196,7 @@ class StandardSAE(PenaltySAE):
         With `l0_descent`, the descent starts from the L0 the SAE then has on x."""
         self._lower_start(x)
         if self.l0_descent:
-            sample = x[: max(1, self.INIT_VALUES // self.d_sae)]  # [n, d_in]
+            sample = init_sample(x, self.d_sae)  # [n, d_in]
             pre = torch.addmm(self.b_enc, sample - self.b_dec, self.W_enc)  # [n, d_sae]
             self.descent_from_l0.fill_(max(self.target_l0, float((pre > 0).sum(1).float().mean())))
             self.descent_steps.fill_(round(self.l0_descent * total_steps))
@@ -217,7 +208,7 @@ class StandardSAE(PenaltySAE):
         if self.init_l0_per_latent:
             self.b_enc.sub_(latent_quantiles(self, x, l0))
             return
-        x = x[: max(1, self.INIT_VALUES // self.d_sae)]
+        x = init_sample(x, self.d_sae)
         pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc).flatten()
         above = round(len(pre) * l0 / self.d_sae)  # values that stay above the offset
         self.b_enc.sub_(pre.kthvalue(max(1, len(pre) - above)).values)
