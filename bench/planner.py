@@ -242,7 +242,8 @@ def replay(earlier: dict) -> dict:
     calibration = plan.Calibration(plan.Rates(1.0, 1.0, 1.0, "replayed"), "replay", Path(os.devnull), runs)
     rows = []
     for row in earlier["rows"]:
-        threads = next((r.get("threads") for r in runs.get(row["step"], [])), None)
+        # the scored step's thread count (rows since matched threads keep it), else its first fit run's
+        threads = row.get("threads") or next((r.get("threads") for r in runs.get(row["step"], [])), None)
         crowded = plan.crowding(row.get("others_running_planned"), threads and int(threads))
         out = {k: row.get(k) for k in ("size", "background_load", "step", "others_running_planned")}
         for measured, key in (("seconds", "measured_s"), ("cpu_seconds", "measured_cpu_s")):
