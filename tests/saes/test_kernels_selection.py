@@ -43,6 +43,36 @@ def test_relu_topk_on_ties_keeps_the_k_largest():
         assert bool((chosen.min(1).values >= left_out.max(1).values).all())
 
 
+@pytest.mark.parametrize("d", [96, 512, 1100, 1536])
+def test_topk_by_partition_is_torch_topk(d):
+    """numpy's partition (a float32 batch on a CPU): rows of one piece, of several (1,100 pads its last one),
+    in several blocks of rows; each row's k latents sorted; the same ReLU'd activations as torch.topk,
+    and `relu_topk` returns this answer."""
+    g = torch.Generator().manual_seed(3)
+    n = kernels.PARTITION_BLOCK // d * 2 + 5 if d > 512 else 300  # three blocks of rows for the wide ones
+    # distinct values in each row (a tie takes torch's path: the next test), fewer positive ones further down
+    ranks = torch.stack([torch.randperm(d, generator=g) for _ in range(n)]).float()
+    pre = (ranks - torch.linspace(-d / 4, 1.2 * d, n).round().unsqueeze(1)) / d
+    pre[7] = -(ranks[7] + 1) / d
+    for k in (1, 7, 32, 256)[: 3 if d < 256 else 4]:
+        idx = kernels.topk_by_partition(pre, k)
+        assert idx is not None and idx.shape == (n, k) and idx.dtype == torch.int64
+        assert bool((idx.diff(dim=1) > 0).all()), "each row's latents ascending, distinct"
+        assert torch.equal(relu_acts(pre, idx), relu_acts(pre, pre.topk(k, dim=-1).indices))
+        assert torch.equal(kernels.relu_topk(pre, k), idx)
+
+
+def test_topk_by_partition_gives_up_on_a_tie():
+    """A row whose k-th value ties with another entry: None, and `relu_topk` answers by torch.topk."""
+    pre = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
+    k = 5
+    pre[3, 40] = pre[3].topk(k).values[-1]  # a second entry at row 3's k-th value
+    assert kernels.topk_by_partition(pre, k) is None
+    assert kernels.topk_by_partition(pre, k + 1) is not None  # the tie is now inside the top k + 1
+    idx = kernels.relu_topk(pre, k)
+    assert torch.equal(relu_acts(pre, idx), relu_acts(pre, pre.topk(k, dim=-1).indices))
+
+
 @pytest.mark.parametrize("n", [8 * 1000, 8 * 1000 + 3])
 def test_few_nonzero_is_nonzero(n):
     """Sparse and dense masks, a length that is not a multiple of 8 and a view at an odd offset (both
