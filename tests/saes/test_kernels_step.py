@@ -1,6 +1,6 @@
 """The sparse step's kernels against plain references: `stable_argsort_small` is torch's stable argsort
-whatever path it takes (comparison sort, padded radix sort, int16 or int32 keys), `latent_order` sorts the
-keys, `Pattern.csr_t` is the dense transpose (also of a TopK pattern, whose latents are unsorted within a row
+whatever path it takes (numpy's radix sort of int16 keys, torch's comparison sort, its padded radix sort),
+`Pattern.csr_t` is the dense transpose (also of a TopK pattern, whose latents are unsorted within a row
 on a CPU), and `sparse_recon_loss` is autograd of the plain decode and MSE."""
 
 from __future__ import annotations
@@ -14,28 +14,20 @@ from helpers.saes import kernels
 @pytest.mark.parametrize(
     "m, bound",
     [
-        (100, 512),  # the comparison sort
-        (kernels.RADIX_SORT_FROM // 4, 512),  # padded, int16 keys
-        (kernels.RADIX_SORT_FROM - 1, 7),  # padded, many ties
-        (kernels.RADIX_SORT_FROM + 5, 512),  # radix, no padding
-        (kernels.RADIX_SORT_FROM // 2, 2**15),  # int32 keys (the pad `bound` does not fit int16)
+        (100, 512),  # numpy's radix sort (int16 keys)
+        (kernels.RADIX_SORT_FROM - 1, 7),  # numpy's, many ties
+        (kernels.RADIX_SORT_FROM // 2, 2**15),  # numpy's, the largest bound that fits int16
+        (100, 2**15 + 1),  # torch's comparison sort
+        (kernels.RADIX_SORT_FROM // 4, 2**15 + 1),  # torch's radix sort, padded int32 keys
+        (kernels.RADIX_SORT_FROM + 5, 4608 * 8),  # torch's radix sort, no padding
     ],
 )
 def test_stable_argsort_small_is_the_stable_argsort(m, bound):
     """Ties keep their order (the latent-major permutation is unique only with it) and the padding is gone."""
     keys = torch.randint(0, bound, (m,), generator=torch.Generator().manual_seed(m))
     keys[-3:] = bound - 1  # the largest key, next to the padding
-    assert torch.equal(kernels.stable_argsort_small(keys, bound), torch.sort(keys, stable=True).indices)
-
-
-@pytest.mark.parametrize("m", [100, kernels.RADIX_SORT_FROM // 4 - 1, kernels.RADIX_SORT_FROM // 4])
-def test_latent_order_sorts_the_keys(m):
-    """Below a quarter of RADIX_SORT_FROM the unstable sort, from there the stable radix path: either way the
-    keys come out ascending (ties in any order), a permutation of them."""
-    keys = torch.randint(0, 512, (m,), generator=torch.Generator().manual_seed(m))
-    order = kernels.latent_order(keys, 512)
-    assert torch.equal(keys[order], keys.sort().values)
-    assert torch.equal(order.sort().values, torch.arange(m))
+    order = kernels.stable_argsort_small(keys, bound)
+    assert order.dtype == torch.int64 and torch.equal(order, torch.sort(keys, stable=True).indices)
 
 
 def test_topk_pattern_unsorted_within_rows_gives_the_dense_products():
