@@ -140,13 +140,16 @@ def relu_topk(pre: Tensor, k: int) -> Tensor:
     A float32 `pre` on a CPU is selected by numpy's partition (`topk_by_partition`: 1.3-1.8x faster than
     torch.topk; a row with a tie at its k-th value takes torch.topk's answer instead)."""
     cpu_float = pre.device.type == "cpu" and pre.dtype == torch.float32 and pre.dim() == 2
-    if cpu_float and 0 < k < pre.shape[1] and k <= PARTITION_WIDTH // 2:
+    if NUMPY_SIMD_PARTITION and cpu_float and 0 < k < pre.shape[1] and k <= PARTITION_WIDTH // 2:
         idx = topk_by_partition(pre, k)
         if idx is not None:
             return idx
     return relu_order(pre).topk(k, dim=-1, sorted=False).indices
 
 
+# numpy's partition is vectorised (x86-simd-sort, Highway on Arm) from numpy 2.0 on; before it, a scalar
+# introselect slower than torch.topk
+NUMPY_SIMD_PARTITION = np.lib.NumpyVersion(np.__version__) >= "2.0.0"
 # numpy's partition of int32 rows of up to this many entries takes its vectorised small-array path: ~0.42 us a
 # row of 512 on one thread (numpy 2.4, AVX-512), ~4 us a row of 1,024 (above it the pass is not vectorised)
 PARTITION_WIDTH = 512

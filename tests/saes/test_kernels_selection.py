@@ -59,7 +59,8 @@ def test_topk_by_partition_is_torch_topk(d):
         assert idx is not None and idx.shape == (n, k) and idx.dtype == torch.int64
         assert bool((idx.diff(dim=1) > 0).all()), "each row's latents ascending, distinct"
         assert torch.equal(relu_acts(pre, idx), relu_acts(pre, pre.topk(k, dim=-1).indices))
-        assert torch.equal(kernels.relu_topk(pre, k), idx)
+        if kernels.NUMPY_SIMD_PARTITION:  # numpy >= 2 (before it relu_topk keeps torch.topk)
+            assert torch.equal(kernels.relu_topk(pre, k), idx)
 
 
 def test_topk_by_partition_gives_up_on_a_tie():
