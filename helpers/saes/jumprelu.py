@@ -84,24 +84,58 @@ from helpers.saes.kernels import (
 )
 
 
+def _l0_penalty(l0: Tensor, target: float, coef: Tensor) -> Tensor:
+    """The quadratic L0 penalty λ (L0 - target)² / target (module docstring) of the batch's mean L0 (a scalar)
+    or of each token's [n], averaged."""
+    error = (l0 - target).pow(2)
+    return coef * (error.mean() if error.dim() else error) / target
+
+
+def _l0_penalty_grad(g_loss: Tensor, l0: Tensor, target: float, coef: Tensor) -> Tensor:
+    """d `_l0_penalty` / d l0 times the loss's gradient g_loss, l0's shape: 2 λ (L0 - target) / target, over n
+    for the per-token mean (written out in the steps' backward: the penalty's five autograd nodes took
+    ~0.1-0.2 ms of a ~4.5 ms step at 64 x 512 on a CPU)."""
+    scale = g_loss * coef * (2 / target)
+    return (l0 - target).mul_(scale / len(l0) if l0.dim() else scale)
+
+
 class _SparseStep(torch.autograd.Function):
-    """(mse, l0, x_hat, fired) of the JumpReLU SAE on the sparse step's pairs `p` (the active ones and those
-    in the lower half of the STE window), from the pre-activations `pre` [n, d_sae] computed without
-    autograd and read at the pairs' flat indices `flat` [nnz], with the backward written out: z [nnz] and θ
-    gathered at each pair's latent, acts = z · H(z - θ) decoded by `kernels.decode_pairs`, the paper's
-    pseudo-gradients (eq. 11-12: to θ, -(1/ε) K · (θ · d acts + d l0) per pair, K computed once), and the
-    weight gradients as `kernels.gather_pre` and `kernels.sparse_recon_loss` take them (the latent-major
-    CSR products, b_dec's encoder term from column sums), each latent's sums by index_add_ (deterministic
-    on a CPU). l0 is the batch's mean L0 (a scalar) or, with `per_token`, each token's [n]. One autograd
-    node where the gather, the pairs' steps, the decode and its loss took three, and l0's per-token sums,
-    fired's 0/1 flags and the residual's three reductions 12 more ops (each ~5-20 us on a CPU)."""
+    """(loss, mse, sparsity, x_hat, fired) of the JumpReLU SAE on the sparse step's pairs `p` (the active ones
+    and those in the lower half of the STE window), from g = pre - (θ - ε/2) [n, d_sae] computed without
+    autograd (`JumpReLUSAE.losses`) and read at the pairs' flat indices `flat` [nnz], with the backward
+    written out: θ gathered at each pair's latent, the pre-activations z = g + (θ - ε/2) [nnz], acts =
+    z · H(z - θ) decoded by `kernels.decode_pairs`, the paper's pseudo-gradients (eq. 11-12: to θ,
+    -(1/ε) K · (θ · d acts + d l0) per pair, K computed once), and the weight gradients as
+    `kernels.gather_pre` and `kernels.sparse_recon_loss` take them (the latent-major CSR products, b_dec's
+    encoder term from column sums), each latent's sums by index_add_ (deterministic on a CPU). The loss is
+    mse + `_l0_penalty` (λ `coef`, the L0 `target`) of the batch's mean L0 or, with `per_token`, of each
+    token's; mse and sparsity come back detached, for the history. One autograd node where the gather, the
+    pairs' steps, the decode, its loss and the penalty took eight, and l0's per-token sums, fired's 0/1 flags
+    and the residual's three reductions 12 more ops (each ~5-20 us on a CPU)."""
 
     @staticmethod
     @custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(ctx, x, x_c, b_dec, W_enc_T, b_enc, W_dec, threshold, pre, p: Pattern, flat, eps, per_token):
+    def forward(
+        ctx,
+        x,
+        x_c,
+        b_dec,
+        W_enc_T,
+        b_enc,
+        W_dec,
+        threshold,
+        g,
+        p: Pattern,
+        flat,
+        eps,
+        per_token,
+        coef,
+        target,
+    ):
         n = len(x)
-        z = pre.reshape(-1).index_select(0, flat)  # [nnz]
-        theta = threshold.index_select(0, p.col)
+        theta = threshold.index_select(0, p.col)  # [nnz]
+        # z = g + (θ - ε/2) at the pairs (the same θ - ε/2 as the product's bias), pre within its rounding
+        z = g.reshape(-1).index_select(0, flat).add_(theta - eps / 2)
         gap = z - theta
         active = gap > 0
         acts = torch.where(active, z, 0.0)
@@ -111,18 +145,20 @@ class _SparseStep(torch.autograd.Function):
         steps = active.to(z.dtype)  # H(z - θ) [nnz]
         l0 = z.new_zeros(n).index_add_(0, p.row, steps) if per_token else steps.sum() / n
         fired = p.per_latent(steps).long()
-        ctx.save_for_backward(x_c, W_enc_T, W_dec, theta, gap, active, acts, r)
-        ctx.p, ctx.eps, ctx.per_token = p, eps, per_token
-        ctx.mark_non_differentiable(x_hat, fired)
-        return mse, l0, x_hat, fired
+        sparsity = _l0_penalty(l0, target, coef)
+        ctx.save_for_backward(x_c, W_enc_T, W_dec, theta, gap, active, acts, r, l0, coef)
+        ctx.p, ctx.eps, ctx.per_token, ctx.target = p, eps, per_token, target
+        ctx.mark_non_differentiable(mse, sparsity, x_hat, fired)
+        return mse + sparsity, mse, sparsity, x_hat, fired
 
     @staticmethod
     @custom_bwd(device_type="cuda")
-    def backward(ctx, g_mse, g_l0, _, __):
-        x_c, W_enc_T, W_dec, theta, gap, active, acts, r = ctx.saved_tensors
+    def backward(ctx, g_loss, *_):
+        x_c, W_enc_T, W_dec, theta, gap, active, acts, r, l0, coef = ctx.saved_tensors
         p: Pattern = ctx.p
         n = len(r)
-        d_x_hat = r * (g_mse * (2 / n))  # [n, d_in]
+        d_x_hat = r * (g_loss * (2 / n))  # [n, d_in]
+        g_l0 = _l0_penalty_grad(g_loss, l0, ctx.target, coef)
         d_acts, d_W_dec = decode_pairs_backward(acts, W_dec, p, d_x_hat, True, True)
         # θ, eq. 11-12: -(1/ε) K · (θ · d acts + d l0) per pair, K = 1 inside the window |z - θ| < ε/2
         d_step = g_l0.index_select(0, p.row) if ctx.per_token else g_l0 / n
@@ -132,39 +168,57 @@ class _SparseStep(torch.autograd.Function):
         d_b_enc = p.per_latent(d_z)
         d_W_enc_T = spmm(p.csr_t(d_z), x_c)
         d_b_dec = d_x_hat.sum(0) - d_b_enc @ W_enc_T  # through x_hat, and the encoder's input x - b_dec
-        return None, None, d_b_dec, d_W_enc_T, d_b_enc, d_W_dec, d_threshold, None, None, None, None, None
+        return None, None, d_b_dec, d_W_enc_T, d_b_enc, d_W_dec, d_threshold, *[None] * 7
 
 
 class _DenseStep(torch.autograd.Function):
-    """(mse, l0, x_hat) of the JumpReLU SAE on every (token, latent) pair, from acts = pre · H(pre - θ),
-    `active` = H(pre - θ) (bool) and the window w = ε/2 - |pre - θ| [n, d_sae] (K = 1 where w > 0), computed
-    without autograd; l0 is each token's L0 [n] with `per_token`, else the batch's mean from the firing
-    counts `fired` [d_sae] (no pass over `active`). The backward is written out: five dense products where
-    autograd's graph takes six (b_dec's gradient through the encoder needs only column sums), the STEs of the
-    JumpReLU (to θ: -(θ/ε) K · d acts) and of the step function (to θ: -(1/ε) K · d l0) summed in one pass
-    over the window, and the masks applied by `threshold_backward` (0 where its second argument is not
-    > 0). Under autocast the products run in its precision and the gradients return in the parameters'
-    dtype."""
+    """(loss, mse, sparsity, x_hat) of the JumpReLU SAE on every (token, latent) pair, from acts =
+    pre · H(pre - θ), `active` = H(pre - θ) (bool) and the window w = ε/2 - |pre - θ| [n, d_sae] (K = 1 where
+    w > 0), computed without autograd; the L0 is each token's [n] with `per_token`, else the batch's mean from
+    the firing counts `fired` [d_sae] (no pass over `active`); the loss and its penalty as `_SparseStep`'s.
+    The backward is written out: five dense products where autograd's graph takes six (b_dec's gradient
+    through the encoder needs only column sums), the STEs of the JumpReLU (to θ: -(θ/ε) K · d acts) and of
+    the step function (to θ: -(1/ε) K · d l0) summed in one pass over the window, and the masks applied by
+    `threshold_backward` (0 where its second argument is not > 0). Under autocast the products run in its
+    precision and the gradients return in the parameters' dtype."""
 
     @staticmethod
     @custom_fwd(device_type="cuda")
-    def forward(ctx, x, b_dec, W_enc_T, b_enc, W_dec, threshold, acts, active, fired, window, eps, per_token):
+    def forward(
+        ctx,
+        x,
+        b_dec,
+        W_enc_T,
+        b_enc,
+        W_dec,
+        threshold,
+        acts,
+        active,
+        fired,
+        window,
+        eps,
+        per_token,
+        coef,
+        target,
+    ):
         x_hat = (acts @ W_dec).float().add_(b_dec)  # [n, d_in]
         r = x_hat - x
         mse = residual_mse(r)
         # [n]: active latents per token, or their mean
         l0 = active.sum(1, dtype=torch.int32).to(r.dtype) if per_token else fired.sum().to(r.dtype) / len(x)
-        ctx.save_for_backward(x, b_dec, W_enc_T, W_dec, threshold, acts, window, r)
-        ctx.eps, ctx.param_dtype = eps, W_dec.dtype
-        ctx.mark_non_differentiable(x_hat)
-        return mse, l0, x_hat
+        sparsity = _l0_penalty(l0, target, coef)
+        ctx.save_for_backward(x, b_dec, W_enc_T, W_dec, threshold, acts, window, r, l0, coef)
+        ctx.eps, ctx.param_dtype, ctx.target = eps, W_dec.dtype, target
+        ctx.mark_non_differentiable(mse, sparsity, x_hat)
+        return mse + sparsity, mse, sparsity, x_hat
 
     @staticmethod
     @custom_bwd(device_type="cuda")
-    def backward(ctx, g_mse, g_l0, _):
-        x, b_dec, W_enc_T, W_dec, threshold, acts, window, r = ctx.saved_tensors
+    def backward(ctx, g_loss, *_):
+        x, b_dec, W_enc_T, W_dec, threshold, acts, window, r, l0, coef = ctx.saved_tensors
         n = len(x)
-        d_x_hat = r * (2 * g_mse / n)  # [n, d_in]
+        d_x_hat = r * (2 * g_loss / n)  # [n, d_in]
+        g_l0 = _l0_penalty_grad(g_loss, l0, ctx.target, coef)
         d_acts = (d_x_hat @ W_dec.t()).float()  # [n, d_sae]
         # θ's pseudo-gradient, eq. 11-12: -(1/ε) Σ_tokens K · (θ · d acts + d l0), over the window's pairs
         d_l0 = g_l0.unsqueeze(1) if g_l0.dim() else g_l0 / n  # per token [n, 1], or the mean's share
@@ -174,7 +228,7 @@ class _DenseStep(torch.autograd.Function):
         # to pre: H(pre - θ), i.e. 0 where acts = 0 (θ >= 0: an active pair's act is > 0), in place
         d_pre = torch.ops.aten.threshold_backward.grad_input(d_acts, acts, 0, grad_input=d_acts)
         grads = dense_weight_grads(x, b_dec, W_enc_T, acts, d_pre, d_x_hat, ctx.param_dtype)
-        return None, *grads, d_threshold.to(threshold.dtype), None, None, None, None, None, None
+        return None, *grads, d_threshold.to(threshold.dtype), *[None] * 8
 
 
 class JumpReLUSAE(PenaltySAE):
@@ -280,23 +334,35 @@ class JumpReLUSAE(PenaltySAE):
         eps = self.bandwidth
         with torch.no_grad():
             x_c = x - self.b_dec
-            pre = torch.addmm(self.b_enc, x_c, self.W_enc)  # [n, d_sae]: the only dense matmul
-            # Active pairs plus those in the lower half of the STE window (the upper half is active):
-            # pre > θ - ε/2 where ReLU(pre - (θ - ε/2)) > 0 (a - b > 0 exactly when a > b, subnormals kept)
-            pairs = PositivePairs((pre - (self.threshold - eps / 2)).relu_())
-            dense = dense_enough(pairs.count, pre.numel(), x.device)
+            # g = pre - (θ - ε/2) [n, d_sae] from the only dense matmul. In float32, θ - ε/2 is folded into
+            # its bias (one pass over [n, d_sae] less than subtracting it from pre: ~0.1-0.2 ms of a ~4.5 ms
+            # step at 64 x 512; pre = g + (θ - ε/2) within float rounding). Under autocast the product is
+            # rounded to its precision, so pre is, then shifted in float32: folded, g's rounding would move
+            # pairs across θ that pre's does not. Active pairs plus those in the lower half of the STE window
+            # (the upper half is active) are those with g > 0: ReLU'd in place, every pair with g <= 0 is 0
+            # (below the window: K = 0, not active).
+            shift = self.threshold - eps / 2  # [d_sae]
+            if torch.is_autocast_enabled(x.device.type):
+                g = (torch.addmm(self.b_enc, x_c, self.W_enc) - shift).relu_()
+            else:
+                g = torch.addmm(self.b_enc - shift, x_c, self.W_enc).relu_()
+            pairs = PositivePairs(g)
+            dense = dense_enough(pairs.count, g.numel(), x.device)
         self.threshold_before_step.copy_(self.threshold.detach())
         per_token = self.l0_penalty == "token"  # the penalty on each token's L0, or on the batch's mean
         if dense:  # early in training many latents fire: dense maths beats building a Pattern
             with torch.no_grad():
-                gap = pre - self.threshold  # [n, d_sae]
+                # the pre-activations where g > 0 (elsewhere θ - ε/2, below the window: acts 0, K 0), and
+                # gap = pre - θ = g - ε/2 (-ε/2 where g is 0: outside the window, whose K needs |gap| < ε/2)
+                pre = g + shift  # [n, d_sae]
+                gap = g.sub_(eps / 2)  # in place (float32: shifted in float32 under autocast too)
                 # acts = pre · H(pre - θ), 0 where gap <= 0 (one pass), and whether each pair fires (a cast
                 # to bool: ~7x faster than a comparison on a CPU; θ >= 0, so an active pair's act is > 0)
                 acts = torch.ops.aten.threshold_backward(pre, gap, 0)  # float32
                 active = acts.bool()
                 fired = active.sum(0, dtype=torch.int32).long()  # [d_sae]
                 window = torch.rsub(gap.abs_(), eps / 2)  # STE window: K = 1 where ε/2 - |gap| > 0
-            mse, l0, x_hat = _DenseStep.apply(
+            loss, mse, sparsity, x_hat = _DenseStep.apply(
                 x,
                 self.b_dec,
                 self.W_enc_T,
@@ -309,10 +375,12 @@ class JumpReLUSAE(PenaltySAE):
                 window,
                 eps,
                 per_token,
+                self.sparsity_coef,
+                self.target_l0,
             )
         else:
             p, flat = pairs.pattern()
-            mse, l0, x_hat, fired = _SparseStep.apply(
+            loss, mse, sparsity, x_hat, fired = _SparseStep.apply(
                 x,
                 x_c,
                 self.b_dec,
@@ -320,15 +388,15 @@ class JumpReLUSAE(PenaltySAE):
                 self.b_enc,
                 self.W_dec,
                 self.threshold,
-                pre,
+                g,
                 p,
                 flat,
                 eps,
                 per_token,
+                self.sparsity_coef,
+                self.target_l0,
             )
-        error = (l0 - self.target_l0).pow(2)  # [n] per token, or of the mean
-        sparsity = self.sparsity_coef * (error.mean() if per_token else error) / self.target_l0
-        loss, parts = mse + sparsity, {"mse": mse.detach(), "sparsity": sparsity.detach()}
+        parts = {"mse": mse, "sparsity": sparsity}
         if self.pre_act_coef:  # a history column whenever it is on, 0 (and nothing to add) while none is dead
             if bool(dead.any()):
                 pre_act = self.pre_act_loss(x, dead)

@@ -118,3 +118,15 @@ def test_dense_step_under_autocast_gives_float32_gradients_close_to_autograds(
         sae.b_dec.copy_(x.mean(0))
     step_beside_autograd_under_autocast(sae, x, autograd_losses, dtype)
     assert dense_steps == [1]
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["batch-mean", "per-token"])
+def test_l0_penalty_gradient_written_out_is_autograds(per_token):
+    """The steps' written-out gradient of the L0 penalty (`jumprelu._l0_penalty_grad`) is autograd's of
+    `_l0_penalty`, for the batch's mean L0 (a scalar) and for each token's [n] (the mean over tokens)."""
+    l0 = torch.tensor([3.0, 9.5, 12.0, 0.0, 7.25]) if per_token else torch.tensor(11.5)
+    l0.requires_grad_(True)
+    coef, g_loss = torch.tensor(0.03), torch.tensor(1.7)
+    (jumprelu._l0_penalty(l0, 8.0, coef) * g_loss).backward()
+    written = jumprelu._l0_penalty_grad(g_loss, l0.detach(), 8.0, coef)
+    torch.testing.assert_close(written, l0.grad, rtol=1e-6, atol=0.0)
