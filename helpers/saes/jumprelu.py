@@ -339,23 +339,20 @@ class JumpReLUSAE(PenaltySAE):
             # step at 64 x 512; pre = g + (θ - ε/2) within float rounding). Under autocast the product is
             # rounded to its precision, so pre is, then shifted in float32: folded, g's rounding would move
             # pairs across θ that pre's does not. Active pairs plus those in the lower half of the STE window
-            # (the upper half is active) are those with g > 0: ReLU'd in place, every pair with g <= 0 is 0
-            # (below the window: K = 0, not active).
+            # (the upper half is active) are those with g > 0 (`PositivePairs`).
             shift = self.threshold - eps / 2  # [d_sae]
             if torch.is_autocast_enabled(x.device.type):
-                g = (torch.addmm(self.b_enc, x_c, self.W_enc) - shift).relu_()
+                g = torch.addmm(self.b_enc, x_c, self.W_enc) - shift
             else:
-                g = torch.addmm(self.b_enc - shift, x_c, self.W_enc).relu_()
+                g = torch.addmm(self.b_enc - shift, x_c, self.W_enc)
             pairs = PositivePairs(g)
             dense = dense_enough(pairs.count, g.numel(), x.device)
         self.threshold_before_step.copy_(self.threshold.detach())
         per_token = self.l0_penalty == "token"  # the penalty on each token's L0, or on the batch's mean
         if dense:  # early in training many latents fire: dense maths beats building a Pattern
             with torch.no_grad():
-                # the pre-activations where g > 0 (elsewhere θ - ε/2, below the window: acts 0, K 0), and
-                # gap = pre - θ = g - ε/2 (-ε/2 where g is 0: outside the window, whose K needs |gap| < ε/2)
                 pre = g + shift  # [n, d_sae]
-                gap = g.sub_(eps / 2)  # in place (float32: shifted in float32 under autocast too)
+                gap = g.sub_(eps / 2)  # pre - θ, in place (float32: shifted in float32 under autocast too)
                 # acts = pre · H(pre - θ), 0 where gap <= 0 (one pass), and whether each pair fires (a cast
                 # to bool: ~7x faster than a comparison on a CPU; θ >= 0, so an active pair's act is > 0)
                 acts = torch.ops.aten.threshold_backward(pre, gap, 0)  # float32

@@ -33,3 +33,17 @@ def test_count_and_pattern_are_torchs_nonzero(n, d, density):
     assert (p.n_rows, p.n_cols) == (n, d)
     # the dense step's mask (the standard SAE's firing counts): values > 0, the padding past it not read
     assert pairs.active().shape == (n, d) and torch.equal(pairs.active(), values > 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_values_of_any_sign_give_the_positive_ones(dtype):
+    """JumpReLU passes pre - (θ - ε/2) un-ReLU'd: the negative entries (and zeros) are not pairs."""
+    g = torch.Generator().manual_seed(5)
+    values = (torch.randn(64, 40, generator=g) - 1.5).to(dtype)  # ~7% > 0, most < 0
+    values[3, :5] = 0.0
+    row, col = (values > 0).nonzero(as_tuple=True)
+    pairs = kernels.PositivePairs(values)
+    assert pairs.count == len(row)
+    p, _ = pairs.pattern()
+    assert torch.equal(p.row, row) and torch.equal(p.col, col)
+    assert torch.equal(pairs.active(), values > 0)
