@@ -451,14 +451,16 @@ def latent_quantiles(sae: SAE, x: Tensor, l0: float, bias: Tensor | None = None)
     """[d_sae]: each latent's value of its pre-activation `(x - b_dec) @ W_enc + bias` on x [n, d_in] above
     which lie its share l0 / d_sae of the tokens (at least one): a threshold or bias offset there starts
     every latent firing on its share of an L0 of `l0` (JumpReLU's θ, the standard SAE's
-    `init_l0_per_latent`, Gated's gate with `bias` b_gate; default `sae.b_enc`). 512 latents at a time
-    ([n, 512] pre-activations)."""
+    `init_l0_per_latent`, Gated's gate with `bias` b_gate; default `sae.b_enc`). 512 latents at a time, as
+    [512, n] pre-activations (each latent's tokens contiguous: at 576 -> 4608 on 16,384 tokens, one CPU
+    thread, 2.25 s where the [n, 512] layout's column-wise kthvalue took 3.15)."""
     bias = sae.b_enc if bias is None else bias
     below = len(x) - max(1, round(len(x) * l0 / sae.d_sae))  # tokens at or below the value
     out = torch.empty(sae.d_sae, dtype=x.dtype, device=x.device)
+    x_c_t = (x - sae.b_dec).t()  # [d_in, n]
     for cols in torch.arange(sae.d_sae, device=x.device).split(512):
-        pre = torch.addmm(bias[cols], x - sae.b_dec, sae.W_enc_T[cols].t())
-        out[cols] = pre.kthvalue(max(1, below), dim=0).values
+        pre_t = torch.addmm(bias[cols].unsqueeze(1), sae.W_enc_T[cols], x_c_t)  # [512, n]
+        out[cols] = pre_t.kthvalue(max(1, below), dim=1).values
     return out
 
 
