@@ -35,11 +35,16 @@ def test_count_and_pattern_are_torchs_nonzero(n, d, density):
     assert pairs.active().shape == (n, d) and torch.equal(pairs.active(), values > 0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_values_of_any_sign_give_the_positive_ones(dtype):
-    """JumpReLU passes pre - (θ - ε/2) un-ReLU'd: the negative entries (and zeros) are not pairs."""
+@pytest.mark.parametrize("layout", ["float32", "float64", "bfloat16", "float32-transposed"])
+def test_values_of_any_sign_give_the_positive_ones(layout):
+    """JumpReLU passes pre - (θ - ε/2) un-ReLU'd: the negative entries (and zeros) are not pairs, by numpy's
+    comparison (float32, float64, contiguous) or torch's (other dtypes and layouts)."""
     g = torch.Generator().manual_seed(5)
-    values = (torch.randn(64, 40, generator=g) - 1.5).to(dtype)  # ~7% > 0, most < 0
+    values = torch.randn(64, 40, generator=g) - 1.5  # ~7% > 0, most < 0
+    if layout == "float32-transposed":
+        values = values.t().contiguous().t()
+    else:
+        values = values.to(getattr(torch, layout))
     values[3, :5] = 0.0
     row, col = (values > 0).nonzero(as_tuple=True)
     pairs = kernels.PositivePairs(values)
