@@ -137,11 +137,16 @@ def relu_topk(pre: Tensor, k: int) -> Tensor:
     """Indices [n, k], in no order, of each row's k largest entries of ReLU(pre) [n, d] (TopK's and AuxK's
     selection, whose values are ReLU'd): pre.topk(k)'s positive entries wherever a row has at least k of
     them; a row with fewer gets all its positive ones and some of its others (their ReLU is 0 either way).
-    A float32 `pre` on a CPU is selected by numpy's partition (`topk_by_partition`: 1.3-1.8x faster than
-    torch.topk; a row with a tie at its k-th value takes torch.topk's answer instead)."""
+    A float32 `pre` on a CPU is selected by numpy: by group maxima where `group_width` finds a width
+    (`topk_by_groups`: d 512, k 7 0.57 vs 0.78 ms for the partition below), else by numpy's partition
+    (`topk_by_partition`: 1.3-1.8x faster than torch.topk); a row with a tie at its k-th value takes
+    torch.topk's answer instead."""
     cpu_float = pre.device.type == "cpu" and pre.dtype == torch.float32 and pre.dim() == 2
     if NUMPY_SIMD_PARTITION and cpu_float and 0 < k < pre.shape[1] and k <= PARTITION_WIDTH // 2:
-        idx = topk_by_partition(pre, k)
+        width = group_width(pre.shape[1], k)
+        idx = topk_by_groups(pre, k, width) if width else None
+        if idx is None:
+            idx = topk_by_partition(pre, k)
         if idx is not None:
             return idx
     return relu_order(pre).topk(k, dim=-1, sorted=False).indices
@@ -177,6 +182,60 @@ def topk_by_partition(pre: Tensor, k: int) -> Tensor | None:
     if len(flat) != n * k:
         return None
     return torch.from_numpy((flat % d).astype(np.int64, copy=False)).view(n, k)
+
+
+def group_width(d: int, k: int) -> int | None:
+    """The group width `topk_by_groups` takes for rows of d latents and k of them: near max(128, d / 8, 4k)
+    (at most PARTITION_WIDTH), dividing d, with at most PARTITION_WIDTH candidates a row (so both of its
+    partitions stay vectorised) and more than 2k groups; None where no width fits (e.g. 16,384 latents at
+    k 32: 512 groups leave 1,024 candidates). Measured on one thread, [1024, d], against `topk_by_partition`:
+    d 512, k 7 (width 128) 0.57 vs 0.78 ms; d 1,024, k 8 0.85 vs 1.44; d 2,048, k 16 (256) 1.89 vs 3.19;
+    d 4,608, k 32 (512) 6.2 vs 6.8."""
+    target = min(PARTITION_WIDTH, max(128, d // 8, 4 * k))
+    for s in range(max(2, -(-d // target)), PARTITION_WIDTH // k + 1):  # s members a group, s * k candidates
+        if d % s == 0:
+            return d // s if d // s > 2 * k else None
+    return None
+
+
+def topk_by_groups(pre: Tensor, k: int, width: int) -> Tensor | None:
+    """`relu_topk` of a float32 pre [n, d] on a CPU by group maxima, d = s * width (s >= 2, k < width): each
+    row's latents fall into `width` groups {j, j + width, ..., j + (s - 1) width}; the k groups of largest
+    maxima hold the row's k largest entries (each of those lies in a group whose maximum is at least the
+    k-th largest entry, and at most k groups have such a maximum), so the row's k-th largest entry is the
+    k-th largest of those groups' s * k entries, and the k entries at or above it are the answer, in no
+    order. Compared as `relu_order`'s integers, a block of rows at a time. None if a row ties (among its
+    groups' maxima or at its k-th value). Numpy's partition then runs on width + s * k entries a row
+    instead of d."""
+    n, d = pre.shape
+    s = d // width
+    a = pre.detach().numpy().view(np.int32)  # relu_order's integers
+    rows = max(1, PARTITION_BLOCK // d)
+    out = np.empty((n, k), dtype=np.int64)
+    room = lambda m: np.empty(m + m // 9 + 1, dtype=bool)  # noqa: E731 - a mask with flat_true's room
+    group_mask, pick_mask = room(rows * width), room(rows * s * k)
+    offsets = (np.arange(s) * width).reshape(1, s, 1)  # a group's members, from its first
+    for i in range(0, n, rows):
+        block = a[i : i + rows].reshape(-1, s, width)  # [m, s, width]: block[r, j, g] is latent j * width + g
+        m = len(block)
+        top = block[:, 0].copy()  # [m, width]: each group's maximum
+        for j in range(1, s):
+            np.maximum(top, block[:, j], out=top)
+        cut = np.partition(top, width - k, axis=1)[:, width - k]  # [m]: the k-th largest group maximum
+        np.greater_equal(top, cut[:, None], out=group_mask[: m * width].reshape(m, width))
+        groups = flat_true(group_mask, m * width, m * k)  # r * width + g, k a row unless groups tie
+        if len(groups) != m * k:
+            return None
+        first = groups + groups // width * (d - width)  # r * d + g: each chosen group's first member
+        members = (first.reshape(m, 1, k) + offsets).reshape(m, s * k)  # flat positions in the block
+        values = np.take(block.reshape(-1), members)  # [m, s * k]
+        kth = np.partition(values, s * k - k, axis=1)[:, s * k - k]  # [m]: each row's k-th largest
+        np.greater_equal(values, kth[:, None], out=pick_mask[: m * s * k].reshape(m, s * k))
+        picked = flat_true(pick_mask, m * s * k, m * k)
+        if len(picked) != m * k:  # a tie at some row's k-th value
+            return None
+        out[i : i + m] = (members.reshape(-1)[picked] % d).reshape(m, k)
+    return torch.from_numpy(out)
 
 
 def kth_largest(a: np.ndarray, k: int) -> np.ndarray:

@@ -60,7 +60,60 @@ def test_topk_by_partition_is_torch_topk(d):
         assert bool((idx.diff(dim=1) > 0).all()), "each row's latents ascending, distinct"
         assert torch.equal(relu_acts(pre, idx), relu_acts(pre, pre.topk(k, dim=-1).indices))
         if kernels.NUMPY_SIMD_PARTITION:  # numpy >= 2 (before it relu_topk keeps torch.topk)
-            assert torch.equal(kernels.relu_topk(pre, k), idx)
+            assert torch.equal(kernels.relu_topk(pre, k).sort(1).values, idx)  # by groups: in no order
+
+
+def distinct_ranks(n: int, d: int, seed: int) -> torch.Tensor:
+    """[n, d] float32: distinct values in each row, fewer positive ones further down, row 7 all negative."""
+    g = torch.Generator().manual_seed(seed)
+    ranks = torch.stack([torch.randperm(d, generator=g) for _ in range(n)]).float()
+    pre = (ranks - torch.linspace(-d / 4, 1.2 * d, n).round().unsqueeze(1)) / d
+    pre[7] = -(ranks[7] + 1) / d
+    return pre
+
+
+@pytest.mark.parametrize(
+    ("d", "k", "width"), [(512, 7, 128), (512, 32, 128), (96, 7, 48), (1100, 7, 110), (96, 1, 3)]
+)
+def test_topk_by_groups_is_torch_topk(d, k, width):
+    """Group maxima (a float32 batch on a CPU), over several blocks of rows: k distinct latents a row, the
+    same ReLU'd activations as torch.topk, whichever groups the row's largest entries share (a width of 3
+    with k 1: each group's maximum is the answer); `relu_topk` returns this answer where `group_width`
+    picks this width."""
+    n = kernels.PARTITION_BLOCK // d * 2 + 5
+    pre = distinct_ranks(n, d, seed=5)
+    pre[9, :k] = 2.0 + torch.arange(k) / d  # row 9's k largest in the first groups, each in its own
+    s = min(k, d // width)  # row 10's s largest all in group 0
+    pre[10, ::width][:s] = 2.0 + torch.arange(s) / d
+    idx = kernels.topk_by_groups(pre, k, width)
+    assert idx is not None and idx.shape == (n, k) and idx.dtype == torch.int64
+    assert bool((idx.sort(1).values.diff(dim=1) > 0).all()), "k distinct latents a row"
+    assert torch.equal(relu_acts(pre, idx), relu_acts(pre, pre.topk(k, dim=-1).indices))
+    if kernels.NUMPY_SIMD_PARTITION and kernels.group_width(d, k) == width:
+        assert torch.equal(kernels.relu_topk(pre, k), idx)
+
+
+def test_topk_by_groups_gives_up_on_a_tie():
+    """A tie among the groups' maxima at the k-th one, or at a row's k-th value: None, and `relu_topk` still
+    answers (by numpy's partition, or torch.topk)."""
+    pre = distinct_ranks(32, 512, seed=6)
+    k, width = 7, 128
+    assert kernels.topk_by_groups(pre, k, width) is not None
+    top = pre[3].view(4, width).amax(0)  # row 3's group maxima
+    for where in ("groups", "k-th value"):
+        tied = pre.clone()
+        if where == "groups":  # a group outside the k largest gets the k-th largest maximum
+            g = int(top.argsort()[0])
+            tied[3, g] = top.topk(k).values[-1]
+        else:  # a second entry at row 3's k-th value, inside one of its k largest groups
+            kth = pre[3].topk(k).values[-1]
+            g = int(top.argmax())
+            tied[3, g + width * int(pre[3].view(4, width)[:, g].argmin())] = kth
+        assert kernels.topk_by_groups(tied, k, width) is None, where
+        idx = kernels.relu_topk(tied, k)
+        assert torch.equal(
+            relu_acts(tied, idx).sort(1).values, relu_acts(tied, tied.topk(k, dim=-1).indices).sort(1).values
+        )
 
 
 def test_topk_by_partition_gives_up_on_a_tie():
