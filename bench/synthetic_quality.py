@@ -27,7 +27,8 @@ each learning rate of `--lrs` (the best learning rate differs between trainers a
 careful user of either would pick it: the targets compare each trainer at its best rate of the grid, and
 every rate is printed). BatchTopK, Matryoshka BatchTopK and TopK get the true L0 as k; for JumpReLU SAELens
 targets the true L0 (its "quadratic" mode) and for the standard SAE it uses `--l1`; ours then targets the
-L0 SAELens reached, so every pair is compared at matched sparsity. Steps are timed in alternating chunks
+L0 SAELens reached, so every pair is compared at matched sparsity (Gated: SAELens at `--l1`, ours at the true
+L0, or with `--match-l0` at the L0 SAELens reached). Steps are timed in alternating chunks
 (or SAELens's phase then ours, with a plain matmul timed beside each chunk to correct for load changes),
 data generation excluded. Both SAEs are saved in the SAELens format (ours with `helpers.saes.io.save_sae`,
 theirs with `save_inference_model`), loaded with `sae_lens.SAE.load_from_disk` and scored by
@@ -231,7 +232,8 @@ def compare(
         untrained["ours"] = score_ours(fresh, tmp / f"ours_{arch}_untrained", world, args)
         del fresh
     ours = None
-    matched = arch in ("standard", "jumprelu")  # SAELens first; ours then targets the L0 it reached
+    # SAELens first; ours then targets the L0 it reached (Gated too with --match-l0; else its true L0)
+    matched = arch in ("standard", "jumprelu") or (arch == "gated" and args.match_l0)
     steps, chunk = cfg.total_steps, args.chunk
     chunks = [list(range(i, min(i + chunk, steps))) for i in range(0, steps, chunk)]
     plan = (
@@ -365,8 +367,13 @@ def main() -> None:
         "--l1",
         type=float,
         default=0.3,
-        help="SAELens standard SAE's l1_coefficient, at its sqrt(d_in) input scale (ours then targets the L0 "
-        "it reached)",
+        help="SAELens standard and Gated SAEs' l1_coefficient, at its sqrt(d_in) input scale (ours then "
+        "targets the L0 it reached: the standard SAE always, Gated with --match-l0)",
+    )
+    p.add_argument(
+        "--match-l0",
+        action="store_true",
+        help="Gated: SAELens first at --l1, then ours at the L0 it reached (default: ours at the true L0)",
     )
     p.add_argument("--eval-samples", type=int, default=20_000)
     p.add_argument("--chunk", type=int, default=20, help="steps per timed chunk")
