@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from helpers.analysis import logistic
-from helpers.analysis.probes import bag_of_words_design, grouped_folds, standardised_design
+from helpers.analysis.probes import bag_of_words_design, design_input, grouped_folds, standardised_design
 from helpers.stats import (
     clustered_auroc,
     clustered_proportion_ci,
@@ -71,10 +71,8 @@ def fit_scores(
     """Decision values (log-odds of deceptive) of a probe fitted on X[train_idx] for each index array in
     `targets`. Standardisation and the fit see the training rows only, in their SVD coordinates, as the
     grouped-CV probes do (probes.standardised_design); class weights are balanced, so 0 is the balanced
-    threshold."""
-    return _fit_and_score(
-        partial(standardised_design, np.asarray(X, np.float64)), train_idx, y_train, targets, C
-    )
+    threshold. X an array, or what `probes.design_input` made of one (sparse SAE features stay sparse)."""
+    return _fit_and_score(partial(standardised_design, design_input(X)), train_idx, y_train, targets, C)
 
 
 def bag_of_words_scores(
@@ -185,6 +183,7 @@ def cv_scores(
     seed): the diagonal of the transfer matrix, where a probe is never scored on rows it trained on."""
     y = np.asarray(y).astype(int)
     out = np.zeros(len(y))
+    X = design_input(X)  # once for all folds
     for tr, te in grouped_folds(groups, n_folds, seed, y=y):
         out[te] = fit_scores(X, tr, y[tr], [te], C)[0]
     return out
@@ -203,6 +202,7 @@ def transfer_matrix(
     class, too few groups for CV) are None with the reason in `why`."""
     labelled = [s for s in sets if s.y is not None and s.n]
     names = [s.name for s in labelled]
+    X = design_input(X)  # once for every training set and the CV
     auroc: list[list[float | None]] = [[None] * len(labelled) for _ in labelled]
     ci: list[list[list[float | None]]] = [[[None, None] for _ in labelled] for _ in labelled]
     why: dict[str, str] = {}
