@@ -216,6 +216,63 @@ def test_sae_features_encode_in_batches_and_feed_a_probe():
 
 
 @pytest.mark.filterwarnings("ignore:The least populated class")  # the one-group case below
+def sparse_features(n=60, d=400, seed=5):
+    """SAE-like features [n, d], ~4% non-zero, plus the columns the sparse design must treat with care:
+    one non-zero everywhere and nearly constant (mu / sd ~ 1e5: the centring correction would cancel
+    the digits away), one constant, one non-zero on the last rows only (zero on the training rows),
+    one non-zero in half the rows (denser than probes.SPARSE_DENSITY)."""
+    rng = np.random.default_rng(seed)
+    X = np.where(rng.random((n, d)) < 0.04, rng.exponential(1.0, (n, d)), 0.0)
+    X[:, 0] = 1000 + 0.01 * rng.standard_normal(n)
+    X[:, 1] = 2.5
+    X[:, 2] = 0.0
+    X[-5:, 2] = 3.0
+    X[:, 3] = np.where(rng.random(n) < 0.5, rng.exponential(1.0, n), 0.0)
+    return X, rng.integers(0, 2, n)
+
+
+def test_the_sparse_design_is_the_dense_one():
+    """Sparse SAE features are standardised as a sparse Gram plus a rank-2 centring correction (no
+    densified copy per fold): the same Gram and test-by-train products as the dense path, to rounding,
+    on every awkward column of `sparse_features`; the SVD coordinates stay orthogonal."""
+    X, _ = sparse_features()
+    X32 = X.astype(np.float32)  # SAE features arrive as float32
+    S = probes.design_input(X32)
+    assert isinstance(S, probes.sp.csr_matrix) and S.dtype == np.float64
+    tr, te = np.arange(10, 50), np.r_[np.arange(10), np.arange(50, 60)]
+    A, B = probes.standardised_design(X32.astype(np.float64), tr, te)
+    A1, B1 = probes.standardised_design(S, tr, te)
+    assert A1.shape == A.shape and B1.shape == B.shape
+    scale = np.abs(A @ A.T).max()
+    np.testing.assert_allclose(A1 @ A1.T, A @ A.T, rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(B1 @ A1.T, B @ A.T, rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(A1.T @ A1, np.diag(np.diag(A1.T @ A1)), rtol=0, atol=1e-10 * scale)
+    assert isinstance(probes.design_input(X32[:, :50]), np.ndarray)  # longer than wide: dense
+    assert isinstance(probes.design_input(np.ones((10, 40))), np.ndarray)  # not sparse: dense
+
+
+def test_a_probe_on_sparse_features_gives_the_dense_paths_numbers(monkeypatch):
+    """Through a whole probe (permutations and refitted bootstrap) and a transfer score: the sparse
+    design's statistics equal the dense path's (forced with SPARSE_DENSITY < 0)."""
+    from helpers.analysis import detection
+
+    X, y = sparse_features(n=80, seed=6)
+    X[:, 10:14] += 2.0 * y[:, None] * (np.arange(80)[:, None] % 3 == 0)  # a weak planted signal
+    groups = np.arange(80) // 4
+    kw = dict(n_permutations=20, n_bootstrap=20)
+    sparse = probes.probe(X, y, groups, **kw)
+    scores = detection.fit_scores(X, np.arange(50), y[:50], [np.arange(50, 80)])[0]
+    monkeypatch.setattr(probes, "SPARSE_DENSITY", -1.0)
+    assert isinstance(probes.design_input(X), np.ndarray)
+    dense = probes.probe(X, y, groups, **kw)
+    np.testing.assert_allclose(sparse.oof_proba, dense.oof_proba, rtol=0, atol=1e-10)
+    assert (sparse.auroc, sparse.p_value, sparse.ba_ci) == (dense.auroc, dense.p_value, dense.ba_ci)
+    np.testing.assert_array_equal(sparse.boot_auroc, dense.boot_auroc)
+    np.testing.assert_allclose(
+        scores, detection.fit_scores(X, np.arange(50), y[:50], [np.arange(50, 80)])[0], rtol=0, atol=1e-9
+    )
+
+
 def test_bad_inputs_fail_with_the_counts_and_the_fix():
     X, y, groups = planted(n_groups=10)
     with pytest.raises(ValueError, match="40 honest and 0 deceptive completions: sample more per prompt"):
