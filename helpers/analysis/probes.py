@@ -460,12 +460,12 @@ def _eigh(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return eig, U, eig > max(eig[-1], 0) * 1e-12
 
 
-SPARSE_DENSITY = 0.08
+SPARSE_DENSITY = 0.1
 """Wide inputs with at most this fraction of non-zero entries (SAE features: ~1,000 of 16,384 per
 completion) take the sparse path of `standardised_design` on the numpy path (`design_input`). Its
-products cost ~ density^2 of the dense ones' and run ~100x slower per multiply: at 816 x 16,384, one
-fold's Gram and cross products took 0.04 / 0.09 / 0.28 / 0.67 s at density 0.03 / 0.06 / 0.10 / 0.15
-against 0.22 s dense (1 thread)."""
+products cost ~ density^2 of the dense ones' and run ~50x slower per multiply: one fold's design at
+816 x 16,384 (650 training rows) took 0.14 / 0.26 / 0.29 / 0.50 s at density 0.06 / 0.10 / 0.12 / 0.15
+against 0.31-0.37 s dense (1 thread)."""
 
 
 def design_input(X) -> np.ndarray | sp.csr_matrix:
@@ -527,7 +527,7 @@ def _sparse_standardised_design(
     fraction p = SPARSE_DENSITY of the training rows go through the dense centred product instead: their
     sparse cost grows with their density squared, the dense one does not, and mostly non-zero columns
     are where the correction would cancel digits away (a feature on in every completion with a small
-    spread has m_j ~ 1e3 or more). In the sparse ones |m_j| <= sqrt(p / (1 - p)) = 0.29 (Jensen:
+    spread has m_j ~ 1e3 or more). In the sparse ones |m_j| <= sqrt(p / (1 - p)) = 0.33 (Jensen:
     mu^2 <= p E[x^2]), no larger than a z-score, so the rounding is the dense path's size. Needs
     d > n_train (the Gram of rows is the smaller one)."""
     A, T = X[tr], X[te]  # CSR copies [n, d], [m, d]
