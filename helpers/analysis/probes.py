@@ -231,8 +231,8 @@ def random_direction_control(
     Default dim = 1: "how well does an arbitrary direction separate the classes?". If deception shifts
     activations broadly (norm, length), random directions score well above 0.5, and a learned probe at
     that level shows nothing specific. Same folds as `probe` with the same seed; no permutation test."""
-    X = np.asarray(X, dtype=np.float64)
-    y = check_labels(y, len(X))
+    X = design_input(X)  # sparse SAE features: 20 sparse products instead of a float64 copy and dense ones
+    y = check_labels(y, X.shape[0])
     folds = grouped_folds(groups, n_folds, seed, y=y)
     rng = np.random.default_rng([seed, 2])
     bas, aucs = [], []

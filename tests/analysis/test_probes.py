@@ -252,8 +252,8 @@ def test_the_sparse_design_is_the_dense_one():
 
 
 def test_a_probe_on_sparse_features_gives_the_dense_paths_numbers(monkeypatch):
-    """Through a whole probe (permutations and refitted bootstrap) and a transfer score: the sparse
-    design's statistics equal the dense path's (forced with SPARSE_DENSITY < 0)."""
+    """Through a whole probe (permutations and refitted bootstrap), a transfer score and the random-
+    direction control: the sparse path's statistics equal the dense path's (forced: SPARSE_DENSITY < 0)."""
     from helpers.analysis import detection
 
     X, y = sparse_features(n=80, seed=6)
@@ -262,6 +262,7 @@ def test_a_probe_on_sparse_features_gives_the_dense_paths_numbers(monkeypatch):
     kw = dict(n_permutations=20, n_bootstrap=20)
     sparse = probes.probe(X, y, groups, **kw)
     scores = detection.fit_scores(X, np.arange(50), y[:50], [np.arange(50, 80)])[0]
+    control = probes.random_direction_control(X, y, groups, n_directions=5)
     monkeypatch.setattr(probes, "SPARSE_DENSITY", -1.0)
     assert isinstance(probes.design_input(X), np.ndarray)
     dense = probes.probe(X, y, groups, **kw)
@@ -271,6 +272,9 @@ def test_a_probe_on_sparse_features_gives_the_dense_paths_numbers(monkeypatch):
     np.testing.assert_allclose(
         scores, detection.fit_scores(X, np.arange(50), y[:50], [np.arange(50, 80)])[0], rtol=0, atol=1e-9
     )
+    dense_control = probes.random_direction_control(X, y, groups, n_directions=5)
+    assert control["balanced_accuracies"] == dense_control["balanced_accuracies"]
+    np.testing.assert_allclose(control["aurocs"], dense_control["aurocs"], rtol=0, atol=1e-12)
 
 
 def test_bad_inputs_fail_with_the_counts_and_the_fix():
