@@ -548,8 +548,11 @@ def _sparse_standardised_design(
         T.eliminate_zeros()
     At = A.T.tocsr()
     am, tm, mm = A @ m, T @ m, m @ m
-    gram = _dense_product(A, At) - am[:, None] - am[None, :] + mm
-    cross = _dense_product(T, At) - tm[:, None] - am[None, :] + mm
+    gram, cross = _dense_product(A, At), _dense_product(T, At)
+    for M, left in ((gram, am), (cross, tm)):  # in place: [n, n] and [m, n] temporaries cost as much
+        M -= left[:, None]
+        M -= am[None, :]
+        M += mm
     if len(dense_cols):
         cols = X[:, dense_cols]
         Zd_tr = (cols[tr].toarray() - mu[dense_cols]) / sd[dense_cols]
@@ -571,7 +574,9 @@ def _dense_product(A: sp.spmatrix, B: sp.spmatrix) -> np.ndarray:
     idx = np.int32 if max(n * m, A.nnz, B.nnz) < np.iinfo(np.int32).max else np.int64
     dtype = np.result_type(A.dtype, B.dtype)
     indptr, indices, data = np.empty(n + 1, idx), np.empty(n * m, idx), np.empty(n * m, dtype)
-    operands = [(M.indptr.astype(idx), M.indices.astype(idx), M.data.astype(dtype)) for M in (A, B)]
+    operands = [
+        (np.asarray(M.indptr, idx), np.asarray(M.indices, idx), np.asarray(M.data, dtype)) for M in (A, B)
+    ]
     _csr_matmat(n, m, *operands[0], *operands[1], indptr, indices, data)
     out = np.zeros((n, m), dtype)
     rows = np.repeat(np.arange(n), np.diff(indptr))  # each row's entries come unsorted: scatter them
