@@ -162,9 +162,10 @@ def probe(
     permutation or a bootstrap draw: cost grows with n_permutations + n_bootstrap (bench/probe_cost.py).
     `settings` (default `ProbeSettings()`), or any of its fields as keywords (`n_folds=4`)."""
     s = (settings or ProbeSettings()).with_overrides(overrides)
+    X = design_input(X)
     if X.ndim != 2 or X.shape[0] != len(y):
         raise ValueError(f"X must be [n, d] with n = len(y) = {len(y)}, got shape {X.shape}")
-    return _cross_validate(partial(standardised_design, design_input(X)), y, groups, prompts, s, name)
+    return _cross_validate(partial(standardised_design, X), y, groups, prompts, s, name)
 
 
 def bag_of_words_probe(
