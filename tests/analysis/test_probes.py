@@ -251,6 +251,24 @@ def test_the_sparse_design_is_the_dense_one():
     assert isinstance(probes.design_input(np.ones((10, 40))), np.ndarray)  # not sparse: dense
 
 
+@pytest.mark.parametrize("kernel", ["scipy's csr_matmat", "A @ B"])
+def test_dense_product_is_scipys_product(kernel, monkeypatch):
+    """The Gram products skip scipy's counting pass (or fall back to A @ B where its kernel is missing):
+    the same numbers, bit for bit, with empty rows and columns and an empty product."""
+    if kernel == "A @ B":
+        monkeypatch.setattr(probes, "_csr_matmat", None)
+    rng = np.random.default_rng(8)
+    dense = probes.sp.random(30, 200, density=0.05, random_state=rng).toarray()
+    dense[3] = 0.0  # a row with no entries
+    A, B = (
+        probes.sp.csr_matrix(dense),
+        probes.sp.random(200, 25, density=0.05, format="csc", random_state=rng),
+    )
+    np.testing.assert_array_equal(probes._dense_product(A, B), (A @ B).toarray())
+    np.testing.assert_array_equal(probes._dense_product(A, A.T), (A @ A.T).toarray())
+    assert probes._dense_product(A[:0], B).shape == (0, 25)
+
+
 def test_a_probe_on_sparse_features_gives_the_dense_paths_numbers(monkeypatch):
     """Through a whole probe (permutations and refitted bootstrap), a transfer score and the random-
     direction control: the sparse path's statistics equal the dense path's (forced: SPARSE_DENSITY < 0)."""
