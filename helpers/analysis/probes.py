@@ -578,7 +578,10 @@ def _dense_product(A: sp.spmatrix, B: sp.spmatrix) -> np.ndarray:
     operands = [
         (np.asarray(M.indptr, idx), np.asarray(M.indices, idx), np.asarray(M.data, dtype)) for M in (A, B)
     ]
-    _csr_matmat(n, m, *operands[0], *operands[1], indptr, indices, data)
+    try:
+        _csr_matmat(n, m, *operands[0], *operands[1], indptr, indices, data)
+    except (TypeError, ValueError):  # a scipy whose private kernel takes other arguments: the public product
+        return (A @ B).toarray()
     out = np.zeros((n, m), dtype)
     rows = np.repeat(np.arange(n), np.diff(indptr))  # each row's entries come unsorted: scatter them
     out[rows, indices[: indptr[-1]]] = data[: indptr[-1]]

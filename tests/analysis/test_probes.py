@@ -251,12 +251,18 @@ def test_the_sparse_design_is_the_dense_one():
     assert isinstance(probes.design_input(np.ones((10, 40))), np.ndarray)  # not sparse: dense
 
 
-@pytest.mark.parametrize("kernel", ["scipy's csr_matmat", "A @ B"])
+@pytest.mark.parametrize("kernel", ["scipy's csr_matmat", "A @ B", "changed kernel"])
 def test_dense_product_is_scipys_product(kernel, monkeypatch):
     """The Gram products skip scipy's counting pass (or fall back to A @ B where its kernel is missing):
     the same numbers, bit for bit, with empty rows and columns and an empty product."""
     if kernel == "A @ B":
         monkeypatch.setattr(probes, "_csr_matmat", None)
+    if kernel == "changed kernel":  # a scipy whose private kernel takes other arguments
+
+        def changed(*args):
+            raise TypeError("csr_matmat() takes 9 positional arguments")
+
+        monkeypatch.setattr(probes, "_csr_matmat", changed)
     rng = np.random.default_rng(8)
     dense = probes.sp.random(30, 200, density=0.05, random_state=rng).toarray()
     dense[3] = 0.0  # a row with no entries
