@@ -173,7 +173,7 @@ def topk_by_partition(pre: Tensor, k: int) -> Tensor | None:
     n, d = pre.shape
     a = pre.detach().numpy().view(np.int32)  # relu_order's integers
     numel, rows = n * d, max(1, PARTITION_BLOCK // d)
-    mask = np.empty(numel + numel // 9 + 1, dtype=bool)  # room for flat_true's padding
+    mask = flat_true_buffer(numel)
     at_or_above = mask[:numel].reshape(n, d)
     for i in range(0, n, rows):  # a block of rows at a time, still in cache for its comparison
         block = a[i : i + rows]
@@ -212,8 +212,7 @@ def topk_by_groups(pre: Tensor, k: int, width: int) -> Tensor | None:
     a = pre.detach().numpy().view(np.int32)  # relu_order's integers
     rows = max(1, PARTITION_BLOCK // d)
     out = np.empty((n, k), dtype=np.int64)
-    room = lambda m: np.empty(m + m // 9 + 1, dtype=bool)  # noqa: E731 - a mask with flat_true's room
-    group_mask, pick_mask = room(rows * width), room(rows * s * k)
+    group_mask, pick_mask = flat_true_buffer(rows * width), flat_true_buffer(rows * s * k)
     offsets = (np.arange(s) * width).reshape(1, s, 1)  # a group's members, from its first
     for i in range(0, n, rows):
         block = a[i : i + rows].reshape(-1, s, width)  # [m, s, width]: block[r, j, g] is latent j * width + g
@@ -528,11 +527,17 @@ def dense_weight_grads(
 BRANCHLESS_FROM = 0.035  # the density from which numpy's padded, branchless nonzero is faster (`flat_true`)
 
 
+def flat_true_buffer(numel: int) -> np.ndarray:
+    """An uninitialised bool buffer for a mask of `numel` entries and the padding `flat_true` appends."""
+    return np.empty(numel + numel // 9 + 1, dtype=bool)
+
+
 def flat_true(buf: np.ndarray, numel: int, nnz: int) -> np.ndarray:
     """The flat indices [m], ascending, of the True entries of the bool mask buf[:numel], of which about `nnz`
     are expected (the exact count, or a lower bound). buf must have room for numel // 9 + 1 entries after
-    the mask, which this overwrites. numpy's 1-D nonzero skips runs of zeros with memchr up to 10% density
-    (~13 ns a pair: 0.07-0.08 ms at 1-2% of [1024, 512], 0.36 at 5%) and above that runs a branchless loop
+    the mask (`flat_true_buffer`), which this overwrites. numpy's 1-D nonzero skips runs of zeros with
+    memchr up to 10% density (~13 ns a pair: 0.07-0.08 ms at 1-2% of [1024, 512], 0.36 at 5%) and above
+    that runs a branchless loop
     (~0.45 ns an entry: 0.24 ms for [1024, 512]): from `BRANCHLESS_FROM` on, True entries are appended
     after the mask until more than 10% of the entries are True, so numpy takes the branchless loop, and
     dropped from the answer."""
@@ -561,7 +566,7 @@ class PositivePairs:
         if values.device.type == "cpu":
             numel = values.numel()
             # [numel + room for flat_true's padding]: the mask first (True where values > 0)
-            self.mask = torch.empty(numel + numel // 9 + 1, dtype=torch.bool)
+            self.mask = torch.from_numpy(flat_true_buffer(numel))
             if values.dtype in (torch.float32, torch.float64) and values.is_contiguous():
                 np.greater(values.numpy(), 0, out=self.mask[:numel].numpy().reshape(values.shape))
             else:  # torch's comparison (slower: ~0.24 ms at [1024, 512])

@@ -43,26 +43,6 @@ def test_relu_topk_on_ties_keeps_the_k_largest():
         assert bool((chosen.min(1).values >= left_out.max(1).values).all())
 
 
-@pytest.mark.parametrize("d", [96, 512, 1100, 1536])
-def test_topk_by_partition_is_torch_topk(d):
-    """numpy's partition (a float32 batch on a CPU): rows of one piece, of several (1,100 pads its last one),
-    in several blocks of rows; each row's k latents sorted; the same ReLU'd activations as torch.topk,
-    and `relu_topk` returns this answer."""
-    g = torch.Generator().manual_seed(3)
-    n = kernels.PARTITION_BLOCK // d * 2 + 5 if d > 512 else 300  # three blocks of rows for the wide ones
-    # distinct values in each row (a tie takes torch's path: the next test), fewer positive ones further down
-    ranks = torch.stack([torch.randperm(d, generator=g) for _ in range(n)]).float()
-    pre = (ranks - torch.linspace(-d / 4, 1.2 * d, n).round().unsqueeze(1)) / d
-    pre[7] = -(ranks[7] + 1) / d
-    for k in (1, 7, 32, 256)[: 3 if d < 256 else 4]:
-        idx = kernels.topk_by_partition(pre, k)
-        assert idx is not None and idx.shape == (n, k) and idx.dtype == torch.int64
-        assert bool((idx.diff(dim=1) > 0).all()), "each row's latents ascending, distinct"
-        assert torch.equal(relu_acts(pre, idx), relu_acts(pre, pre.topk(k, dim=-1).indices))
-        if kernels.NUMPY_SIMD_PARTITION:  # numpy >= 2 (before it relu_topk keeps torch.topk)
-            assert torch.equal(kernels.relu_topk(pre, k).sort(1).values, idx)  # by groups: in no order
-
-
 def distinct_ranks(n: int, d: int, seed: int) -> torch.Tensor:
     """[n, d] float32: distinct values in each row, fewer positive ones further down, row 7 all negative."""
     g = torch.Generator().manual_seed(seed)
@@ -70,6 +50,22 @@ def distinct_ranks(n: int, d: int, seed: int) -> torch.Tensor:
     pre = (ranks - torch.linspace(-d / 4, 1.2 * d, n).round().unsqueeze(1)) / d
     pre[7] = -(ranks[7] + 1) / d
     return pre
+
+
+@pytest.mark.parametrize("d", [96, 512, 1100, 1536])
+def test_topk_by_partition_is_torch_topk(d):
+    """numpy's partition (a float32 batch on a CPU): rows of one piece, of several (1,100 pads its last one),
+    in several blocks of rows; each row's k latents sorted; the same ReLU'd activations as torch.topk,
+    and `relu_topk` returns this answer."""
+    n = kernels.PARTITION_BLOCK // d * 2 + 5 if d > 512 else 300  # three blocks of rows for the wide ones
+    pre = distinct_ranks(n, d, seed=3)  # (a tie takes torch's path: the next test)
+    for k in (1, 7, 32, 256)[: 3 if d < 256 else 4]:
+        idx = kernels.topk_by_partition(pre, k)
+        assert idx is not None and idx.shape == (n, k) and idx.dtype == torch.int64
+        assert bool((idx.diff(dim=1) > 0).all()), "each row's latents ascending, distinct"
+        assert torch.equal(relu_acts(pre, idx), relu_acts(pre, pre.topk(k, dim=-1).indices))
+        if kernels.NUMPY_SIMD_PARTITION:  # numpy >= 2 (before it relu_topk keeps torch.topk)
+            assert torch.equal(kernels.relu_topk(pre, k).sort(1).values, idx)  # by groups: in no order
 
 
 @pytest.mark.parametrize(
