@@ -46,7 +46,7 @@ DEVICE: str | torch.device | None = None
 """Where the statistics run when a call names no device (module doc): None, "cuda", "cpu", ..."""
 
 MEMORY_BUDGET = 1 << 30
-"""Bytes of device memory one chunk of problems may take (about 12 [chunk, n] and 16 [chunk, r] float64
+"""Bytes of device memory one chunk of problems may take (about 13 [chunk, n] and 16 [chunk, r] float64
 work arrays, the preconditioner's blocks included): 1 GiB fits beside a model on a 15 GB T4."""
 OOM_FIX = "fit on the CPU (logistic.DEVICE = 'cpu'), or free GPU memory (del models no longer needed)"
 """What to change when one problem does not fit in the GPU's memory."""
@@ -134,7 +134,7 @@ def fit(
     Zt, ops = to_device(Z, dev), _torch_ops(dev)
     n, r = Zt.shape
     W, c = np.zeros((len(Y), r)), np.zeros(len(Y))
-    chunk = max(1, min(len(Y), MEMORY_BUDGET // (8 * (12 * n + 16 * r))))  # + 2 blocks ~ (2 sqrt(r))^2
+    chunk = max(1, min(len(Y), MEMORY_BUDGET // (8 * (13 * n + 16 * r))))  # + 2 blocks ~ (2 sqrt(r))^2
     chunks = ShrinkingBatches(chunk, what="problems per chunk", setting="logistic.MEMORY_BUDGET", fix=OOM_FIX)
 
     def solve(problems: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,8 +147,8 @@ def fit(
     return W, c
 
 
-def _objective(Z, Y, S, C, W, c, ops):
-    z = W @ Z.T + c[:, None]
+def _objective(W, z, Y, S, C, ops):
+    """The objective of problems with weights W [b, r] at their rows' logits z = W Z^T + c [b, n]."""
     loss = ops.softplus(z) - Y * z  # log(1 + e^z) - y z, the logistic loss, overflow-free
     return 0.5 * (W * W).sum(1) + C * (S * loss).sum(1)
 
@@ -164,6 +164,10 @@ def _fit(Z, Y, S, C, tol, max_iter, ops):
     rate = xp.where(rate < 1e-6, 1e-6, xp.where(rate > 1 - 1e-6, 1 - 1e-6, rate))
     c = xp.where(live, xp.log(rate / (1 - rate)), 0.0)
     W = xp.zeros_like(Y[:, :1] * Z[:1])  # [B, r]
+    # The logits W Z^T + c [B, n], carried from step to step: a Newton step moves them by step x dz,
+    # dz = dw Z^T + dc, so each step takes one product with Z for them, the line search's trials none
+    # (recomputing them took one for the probabilities and one per trial).
+    z = xp.zeros_like(Y) + c[:, None]
     Z2 = Z * Z
     block = _block(Z, Z2, ops)
     scale = tol * (1 + C * total)
@@ -172,26 +176,27 @@ def _fit(Z, Y, S, C, tol, max_iter, ops):
     for _ in range(max_iter):
         if not len(todo):
             break
-        Wt, ct, Yt, St = W[todo], c[todo], Y[todo], S[todo]
-        p = ops.sigmoid(Wt @ Z.T + ct[:, None])
+        Wt, ct, Yt, St, zt = W[todo], c[todo], Y[todo], S[todo], z[todo]
+        p = ops.sigmoid(zt)
         gz = St * (p - Yt)
         gw, gc = Wt + C * (gz @ Z), C * gz.sum(1)
         gmax = xp.maximum(ops.rowmax(abs(gw)), abs(gc))
         keep = gmax > scale[todo]
         if not keep.any():
             break
-        todo, Wt, ct, Yt, St = todo[keep], Wt[keep], ct[keep], Yt[keep], St[keep]
+        todo, Wt, ct, Yt, St, zt = todo[keep], Wt[keep], ct[keep], Yt[keep], St[keep], zt[keep]
         gw, gc, p = gw[keep], gc[keep], p[keep]
         D = St * p * (1 - p)  # [b, n] Hessian row weights
         dw, dc = _newton_direction(Z, Z2, D, C, gw, gc, ops, block)
+        dz = dw @ Z.T + dc[:, None]
         # Backtracking (Armijo) line search, all problems at once.
         f0 = f[todo]
         if xp.isnan(f0).any():
-            f0 = _objective(Z, Yt, St, C, Wt, ct, ops)
+            f0 = _objective(Wt, zt, Yt, St, C, ops)
         slope = (gw * dw).sum(1) + gc * dc
         step = xp.zeros_like(ct) + 1.0
         for _ in range(30):
-            f1 = _objective(Z, Yt, St, C, Wt + step[:, None] * dw, ct + step * dc, ops)
+            f1 = _objective(Wt + step[:, None] * dw, zt + step[:, None] * dz, Yt, St, C, ops)
             # Near the optimum the decrease a step promises (~|g|^2) falls below the rounding of f (a sum
             # of n terms): a test without slack then halves the step 30 times and the fit stalls there,
             # 100 Newton steps later, with the gradient above the tolerance. Rounding-sized rises pass.
@@ -201,6 +206,7 @@ def _fit(Z, Y, S, C, tol, max_iter, ops):
             step = xp.where(bad, 0.5 * step, step)
         W[todo] = Wt + step[:, None] * dw
         c[todo] = ct + step * dc
+        z[todo] = zt + step[:, None] * dz
         f[todo] = f1
     return W, c
 

@@ -87,7 +87,7 @@ def test_chunks_and_out_of_memory_change_nothing(monkeypatch):
     Z, Y, counts = problems(60, 10, seed=2)
     S = logistic.balanced_weights(Y, counts)
     W0, c0 = logistic.fit(Z, Y, S, device="cpu")
-    monkeypatch.setattr(logistic, "MEMORY_BUDGET", 8 * (12 * 60 + 16 * 10) * 2)  # 2 problems a chunk
+    monkeypatch.setattr(logistic, "MEMORY_BUDGET", 8 * (13 * 60 + 16 * 10) * 2)  # 2 problems a chunk
     W1, c1 = logistic.fit(Z, Y, S, device="cpu")
     np.testing.assert_allclose(W1, W0, atol=1e-9)
 
