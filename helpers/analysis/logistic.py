@@ -122,24 +122,30 @@ def fit(
     tol: float = 1e-8,
     max_iter: int = 100,
     device: str | torch.device | None = None,
+    start: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Weights W [B, r] and intercepts c [B] (numpy float64) of B problems on the design Z [n, r], with
     labels Y [B, n] (0/1) and row weights S [B, n] >= 0. Stops when every problem's gradient has max
-    norm <= tol * (1 + C * total weight). A problem with zero total weight keeps W = 0, c = 0. Runs
-    where `device` says (module doc)."""
+    norm <= tol * (1 + C * total weight). A problem with zero total weight keeps W = 0, c = 0. `start`
+    (W [r] or [B, r], c [] or [B]): where the solver starts (default W = 0, c = the weighted log-odds),
+    such as a fit of a nearby problem; the same optimum, within the tolerance. Runs where `device` says
+    (module doc)."""
     dev = pick_device(device)
     Y, S = np.atleast_2d(Y).astype(np.float64), np.atleast_2d(S).astype(np.float64)
+    n, r = np.shape(Z)
+    if start is not None:
+        start = (np.broadcast_to(start[0], (len(Y), r)).copy(), np.broadcast_to(start[1], (len(Y),)).copy())
     if dev is None:
-        return _fit(np.ascontiguousarray(Z, dtype=np.float64), Y, S, C, tol, max_iter, _NUMPY)
+        return _fit(np.ascontiguousarray(Z, dtype=np.float64), Y, S, C, tol, max_iter, _NUMPY, start)
     Zt, ops = to_device(Z, dev), _torch_ops(dev)
-    n, r = Zt.shape
     W, c = np.zeros((len(Y), r)), np.zeros(len(Y))
     chunk = max(1, min(len(Y), MEMORY_BUDGET // (8 * (13 * n + 16 * r))))  # + 2 blocks ~ (2 sqrt(r))^2
     chunks = ShrinkingBatches(chunk, what="problems per chunk", setting="logistic.MEMORY_BUDGET", fix=OOM_FIX)
 
     def solve(problems: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         part = slice(problems[0], problems[-1] + 1)
-        return _fit(Zt, to_device(Y[part], dev), to_device(S[part], dev), C, tol, max_iter, ops)
+        begin = None if start is None else tuple(to_device(a[part], dev) for a in start)
+        return _fit(Zt, to_device(Y[part], dev), to_device(S[part], dev), C, tol, max_iter, ops, begin)
 
     for problems, (Wp, cp) in chunks.run(range(len(Y)), solve):
         part = slice(problems[0], problems[-1] + 1)
@@ -153,9 +159,10 @@ def _objective(W, z, Y, S, C, ops):
     return 0.5 * (W * W).sum(1) + C * (S * loss).sum(1)
 
 
-def _fit(Z, Y, S, C, tol, max_iter, ops):
+def _fit(Z, Y, S, C, tol, max_iter, ops, start=None):
     """`fit` on arrays of one kind (numpy, or torch on one device; `ops` names the functions whose
-    names differ): Z [n, r], Y and S [B, n]; returns W [B, r], c [B] of that kind."""
+    names differ): Z [n, r], Y and S [B, n], `start` None or (W [B, r], c [B]); returns W [B, r], c [B]
+    of that kind."""
     xp = ops.xp
     total = S.sum(1)
     live = total > 0
@@ -168,6 +175,9 @@ def _fit(Z, Y, S, C, tol, max_iter, ops):
     # dz = dw Z^T + dc, so each step takes one product with Z for them, the line search's trials none
     # (recomputing them took one for the probabilities and one per trial).
     z = xp.zeros_like(Y) + c[:, None]
+    if start is not None:  # live problems only: one that cannot be fitted keeps W = 0, c = 0
+        W, c = xp.where(live[:, None], start[0], 0.0), xp.where(live, start[1], 0.0)
+        z = W @ Z.T + c[:, None]
     Z2 = Z * Z
     block = _block(Z, Z2, ops)
     scale = tol * (1 + C * total)

@@ -15,6 +15,7 @@ from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
 from helpers.analysis import features, logistic, probes
+from helpers.stats import group_bootstrap_weights
 from tests import null_worlds
 
 PATHS = [None, "cpu"]  # numpy, torch
@@ -214,6 +215,33 @@ def test_fit_meets_its_tolerance_where_rounding_hides_the_decrease(device):
     gz = S * (logistic.predict_proba(Z, W, c) - Y)
     gmax = np.maximum(np.abs(W + C * gz @ Z).max(1), np.abs(C * gz.sum(1)))
     assert np.all(gmax <= tol * (1 + C * S.sum(1))), gmax
+
+
+@pytest.mark.parametrize("device", PATHS, ids=PATH_IDS)
+def test_a_fit_started_nearby_reaches_the_same_optimum_sooner(device, monkeypatch):
+    """Group-bootstrap draws of a probe's design (more columns than rows, as SAE features) started at
+    the fit of all rows, as the probe's refitted bootstrap starts them: the same fits as from the
+    default start, in fewer Newton steps (counted per problem); a draw that cannot be fitted still
+    keeps W = 0, c = 0."""
+    rng = np.random.default_rng(6)
+    X, y = rng.standard_normal((120, 400)), rng.integers(0, 2, 120)
+    y[:2] = [0, 1]
+    X[:, :5] += 0.5 * y[:, None]
+    Z = probes.standardised_design(X, np.arange(120), np.arange(0))[0]
+    counts = group_bootstrap_weights(np.arange(120) // 5, 20, np.random.default_rng(0)).astype(float)
+    counts[3] = 0  # a draw of nothing
+    Y = np.broadcast_to(y, counts.shape)
+    S = logistic.balanced_weights(Y, counts)
+    full = logistic.fit(Z, y[None], logistic.balanced_weights(y), device=device)
+    made, steps = logistic._newton_direction, []
+    monkeypatch.setattr(logistic, "_newton_direction", lambda *a: steps.append(len(a[4])) or made(*a))
+    cold = logistic.fit(Z, Y, S, tol=1e-10, device=device)
+    n_cold = sum(steps)
+    warm = logistic.fit(Z, Y, S, tol=1e-10, device=device, start=full)
+    assert sum(steps) - n_cold < 0.8 * n_cold, (sum(steps) - n_cold, n_cold)
+    np.testing.assert_allclose(warm[0], cold[0], atol=1e-7)
+    np.testing.assert_allclose(warm[1], cold[1], atol=1e-7)
+    assert not warm[0][3].any() and warm[1][3] == 0
 
 
 @pytest.mark.parametrize("shape", [(40, 8), (40, 120)], ids=["d<n", "d>n"])
