@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
@@ -295,6 +296,15 @@ def _sae_features(
         float((a > 0).sum()) for a in _pooled_sae_acts(store, sae, docs, pooling, out, batch_tokens, top_m)
     )
     return out, fired / max(1, sum(d.n for d in docs))
+
+
+def _converted_once(X: np.ndarray) -> Any:
+    """SAE features X [n_docs, d_sae] as CSR where `probes.design_input` makes them CSR (the CPU path),
+    once for the probe, its random-direction control and the transfer fit, which would each convert
+    them (~45 ms a conversion at d32 scale); else X as it is (its float64 copy would double what is
+    held while the SAE's rows are computed)."""
+    converted = probes.design_input(X)
+    return converted if sp.issparse(converted) else X
 
 
 def _row(layer: int | None, kind: str, result: probes.ProbeResult, **extra: Any) -> dict[str, Any]:
@@ -562,6 +572,7 @@ def probe_table(
             check_sae_fits(s.sae, store.d_model)
             sid = s.sae_id
             Xs, l0 = _sae_features(store, s.sae, lr.docs, pooling, batch_tokens)
+            Xs = _converted_once(Xs)
             res = probes.probe(Xs[tr], y, groups, prompts=prompts, name=sid, **common)
             sae_feats[sid] = (s, res, l0)
             rd = probes.random_direction_control(
@@ -591,6 +602,7 @@ def probe_table(
             calib = _calibration_tokens(store, lr.docs, st.calibration_tokens, seed)
             rand = random_sae_like(s.sae, calib, variant=random_variant, seed=seed)
             Xr, rand_l0 = _sae_features(store, rand, lr.docs, pooling, batch_tokens)
+            Xr = _converted_once(Xr)
             rres = probes.probe(Xr[tr], y, groups, prompts=prompts, name=f"random {sid}", **light)
             rinfo = {
                 "sae_id": sid,

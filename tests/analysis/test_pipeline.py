@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from safetensors.torch import save_file
 from threadpoolctl import threadpool_limits
@@ -445,3 +446,20 @@ def test_notebook_04_settings_resume_add_saes_and_stop_on_a_change(run, copy_run
     assert not check_analysis(folder, analysis_settings(folder, [], {**params, "TOP_K": 5})), (
         "SAE_FILTER narrower"
     )
+
+
+def test_sae_features_are_converted_once_on_the_cpu_path(monkeypatch):
+    """Sparse SAE features become CSR once for the probe, its control and the transfer fit (each would
+    convert them again), with the same entries; dense ones and the device path keep the array itself
+    (a float64 copy would double what is held)."""
+    from helpers.analysis import logistic, pipeline
+
+    rng = np.random.default_rng(0)
+    sparse = (rng.random((40, 300)) < 0.05) * rng.random((40, 300)).astype(np.float32)
+    once = pipeline._converted_once(sparse)
+    assert sp.issparse(once) and once.dtype == np.float64
+    np.testing.assert_array_equal(once.toarray(), sparse)
+    dense = rng.random((40, 300)).astype(np.float32)
+    assert pipeline._converted_once(dense) is dense
+    monkeypatch.setattr(logistic, "DEVICE", "cpu")  # torch's path, as on a GPU
+    assert pipeline._converted_once(sparse) is sparse
