@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 from scipy import stats
 
 
@@ -247,6 +248,52 @@ def rank_sum(acts: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     z = (np.maximum(u1, n1 * n0 - u1) - n1 * n0 / 2 - 0.5) / np.where(sigma > 0, sigma, 1)
     p = np.where(sigma > 0, np.clip(2 * stats.norm.sf(z), 0, 1), 1.0)
     return u1 / (n1 * n0), p
+
+
+def dense_to_csr(X: np.ndarray, nonzero: np.ndarray | None = None) -> sp.csr_matrix:
+    """Dense X [n, d] as float64 CSR (column indices sorted within each row), from one boolean pass
+    (`nonzero`: X != 0, if the caller has it) and its flat indices: 0.045 s at 1,216 x 16,384 where
+    sp.csr_matrix(X) took 0.11 (np.nonzero on the floats, then a COO -> CSR pass)."""
+    on = X != 0 if nonzero is None else nonzero
+    flat = np.flatnonzero(on)
+    indptr = np.zeros(len(X) + 1, np.int64)
+    np.cumsum(np.count_nonzero(on, axis=1), out=indptr[1:])
+    index = np.int32 if X.shape[1] < np.iinfo(np.int32).max else np.int64
+    data = X.ravel()[flat].astype(np.float64)  # float32 -> float64 is exact
+    return sp.csr_matrix((data, (flat % X.shape[1]).astype(index), indptr), shape=X.shape)
+
+
+def sparse_auroc(acts: sp.spmatrix | sp.sparray, y: np.ndarray) -> np.ndarray:
+    """AUROC per column of a sparse acts [n, d] (ties 1/2), from its non-zero entries only: bitwise
+    equal to `rank_sum(acts.toarray(), y)[0]`, in time and memory of the non-zeros (SAE features fire on
+    a few % of completions). Each column's zeros are one tie group whose average rank is known from
+    counts (after the column's negatives, before the rest), so only the non-zeros are sorted. Every
+    rank is a half-integer and U sums them: exact in float64 in any order, hence the same bits."""
+    A = sp.csc_matrix(acts)  # no copy if already CSC; duplicates are summed
+    n, d = A.shape
+    y = np.asarray(y)
+    n1, n0 = int(y.sum()), n - int(y.sum())
+    col = np.repeat(np.arange(d), np.diff(A.indptr))  # [nnz] column of each stored entry
+    keep = A.data != 0  # a stored zero (or -0.0) belongs to the zeros' tie group
+    col, row, v = col[keep], A.indices[keep], A.data[keep]
+    # By column, then value (nan last, as argsort puts it): a sort of the values, then a stable sort
+    # of their columns (a radix sort for 16-bit integers), ~2.5x faster than np.lexsort((v, col)).
+    order = np.argsort(v)
+    order = order[np.argsort(col[order].astype(np.uint16 if d <= 1 << 16 else np.int64), kind="stable")]
+    cs, vs, ys = col[order], v[order], y[row[order]]
+    new = np.ones(len(vs), bool)
+    new[1:] = (cs[1:] != cs[:-1]) | (vs[1:] != vs[:-1])  # a tie group begins
+    starts = np.flatnonzero(new)
+    counts = np.diff(np.append(starts, len(vs)))
+    nnz = np.bincount(col, minlength=d)
+    first = np.cumsum(nnz) - nnz  # where each column's run begins in the sorted entries
+    n_neg, n_zero = np.bincount(col[v < 0], minlength=d), n - nnz
+    # 1-based average rank among the column's non-zeros, then shifted past its zeros unless negative
+    rank = (starts - first[cs[starts]] + (counts + 1) / 2)[np.cumsum(new) - 1]
+    rank += np.where(vs < 0, 0, n_zero[cs])
+    zeros_1 = n1 - np.bincount(cs, weights=ys, minlength=d)  # deceptive rows at zero, per column
+    u1 = np.bincount(cs, weights=rank * ys, minlength=d) + zeros_1 * (n_neg + (n_zero + 1) / 2)
+    return (u1 - n1 * (n1 + 1) / 2) / (n1 * n0)
 
 
 def ratio_ci(num: np.ndarray, den: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from scipy import stats
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from statsmodels.stats.multitest import multipletests
@@ -42,6 +43,55 @@ def test_auroc_and_balanced_accuracy_match_sklearn():
         assert auc_rows[b] == pytest.approx(roc_auc_score(Y[b], rows[b], sample_weight=W[b]))
         assert ba_rows[b] == pytest.approx(balanced_accuracy_score(Y[b], rows[b] >= 0.5, sample_weight=W[b]))
     assert S.weighted_auroc(scores, y)[0] == pytest.approx(roc_auc_score(y, scores))
+
+
+def awkward_columns() -> tuple[np.ndarray, np.ndarray]:
+    """(X [30, 11], y): columns where a shortcut through the non-zeros could go wrong."""
+    rng = np.random.default_rng(11)
+    y = np.r_[np.zeros(18, int), np.ones(12, int)]
+    some = rng.random(30) < 0.4
+    X = np.c_[
+        np.zeros(30),  # dead
+        rng.exponential(size=30) + 0.1,  # all non-zero
+        np.round(3 * rng.exponential(size=30)) * some,  # ties among the non-zeros
+        np.round(2 * rng.normal(size=30)) * some,  # negatives, zeros and positives, with ties
+        -np.round(3 * rng.exponential(size=30)) * some,  # non-positive
+        np.where(y == 1, rng.exponential(size=30), 0),  # only deceptive rows fire
+        np.where(y == 0, 1.5, 0),  # only honest rows fire, one value
+        np.full(30, -2.0),  # constant non-zero
+        np.r_[np.ones(18), -np.ones(12)],  # perfect separation, negative side deceptive
+        rng.normal(size=30),  # dense
+        np.where(some, rng.normal(size=30), 0),
+    ]
+    return X, y
+
+
+def test_sparse_auroc_equals_rank_sum_bitwise_on_awkward_columns():
+    """The AUROC from the non-zeros (zeros one tie group ranked by counts) must be rank_sum's AUROC of
+    the dense columns to the bit (both sum half-integer ranks exactly), and scikit-learn's to rounding;
+    stored zeros and -0.0 are zeros, a nan ranks last as argsort puts it."""
+    X, y = awkward_columns()
+    want = S.rank_sum(X, y)[0]
+    got = S.sparse_auroc(sp.csc_matrix(X), y)
+    assert got.tobytes() == want.tobytes(), np.c_[got, want]
+    assert got == pytest.approx([roc_auc_score(y, col) for col in X.T], abs=1e-12)
+    assert S.sparse_auroc(sp.csr_matrix(X[:, 2:4]), y).tobytes() == want[2:4].tobytes()  # any format
+    # half the zeros stored explicitly (half of those as -0.0): still the zeros' tie group
+    rows, cols = (ix[::2] for ix in np.nonzero(X == 0))
+    (nz_rows, nz_cols), zero = np.nonzero(X), np.where(np.arange(len(rows)) % 2, 0.0, -0.0)
+    entries = (np.r_[X[nz_rows, nz_cols], zero], (np.r_[nz_rows, rows], np.r_[nz_cols, cols]))
+    stored = sp.coo_matrix(entries, X.shape)
+    assert stored.tocsc().nnz == np.count_nonzero(X) + len(rows)
+    assert S.sparse_auroc(stored.tocsc(), y).tobytes() == want.tobytes()
+    X[[3, 20], 3] = np.nan
+    assert S.sparse_auroc(sp.csc_matrix(X), y).tobytes() == S.rank_sum(X, y)[0].tobytes()
+
+
+def test_dense_to_csr_round_trips():
+    X, _ = awkward_columns()
+    A = S.dense_to_csr(X.astype(np.float32))
+    assert A.dtype == np.float64 and A.has_sorted_indices and A.nnz == np.count_nonzero(X)
+    np.testing.assert_array_equal(A.toarray(), X.astype(np.float32))
 
 
 def test_ratio_ci_is_the_leverage_adjusted_cluster_interval():
