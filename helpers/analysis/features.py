@@ -33,11 +33,12 @@ from helpers.analysis import logistic
 from helpers.stats import (
     bh_qvalues,
     check_labels,
+    dense_to_csr,
     group_index,
     label_permutations,
     nested_index,
     permutation_scheme,
-    rank_sum,
+    sparse_auroc,
 )
 
 
@@ -63,22 +64,38 @@ def bell_mccaffrey_df(x: np.ndarray, y: np.ndarray, gidx: np.ndarray, n_groups: 
     return float(np.trace(M) ** 2 / (M * M).sum())
 
 
-def _chunk_stats(a: np.ndarray, y: np.ndarray, gidx: np.ndarray | None) -> dict[str, np.ndarray]:
-    """Statistics of the columns of a [n, c] (float64); `gidx` (group per row) asks for the CI of d."""
-    dec, hon = y == 1, y == 0
-    n1, n0 = int(dec.sum()), int(hon.sum())
-    scale_a = np.abs(a).max(0)
-    m1, m0 = a[dec].mean(0), a[hon].mean(0)
-    sd = np.sqrt((a[dec].var(0) * n1 + a[hon].var(0) * n0) / (n1 + n0 - 2))  # pooled within-class SD
+def _chunk_stats(a: sp.csc_matrix, y: np.ndarray, gidx: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Statistics of the columns of a [n, c] (CSC, float64) from its non-zero entries: SAE features
+    fire on a few % of completions, and a dense float64 copy of [n, c] (with its page faults) cost more
+    than the statistics. A zero adds nothing to a sum, so class sums add the same entries in the same
+    (row) order as numpy's column sums of the dense array; a class's zeros add m^2 each to its sum of
+    squares. `gidx` (group per row) asks for the CI of d."""
+    n_cols = a.shape[1]
+    dec = y == 1
+    n1, n0 = int(dec.sum()), len(y) - int(dec.sum())
+    col = np.repeat(np.arange(n_cols), np.diff(a.indptr))  # [nnz] column of each stored entry
+    row, v = a.indices, a.data
+    e1 = dec[row]  # [nnz] entry in a deceptive row
+    m0, m1 = np.bincount(col[~e1], v[~e1], n_cols) / n0, np.bincount(col[e1], v[e1], n_cols) / n1
+    ss = np.zeros(n_cols)  # within-class sums of squares about the class means, zeros included
+    for e, m_class, n_class in ((~e1, m0, n0), (e1, m1, n1)):
+        stored = np.bincount(col[e], minlength=n_cols)
+        ss += np.bincount(col[e], (v[e] - m_class[col[e]]) ** 2, n_cols) + (n_class - stored) * m_class**2
+    sd = np.sqrt(ss / (n1 + n0 - 2))  # pooled within-class SD
+    scale_a = np.zeros(n_cols)  # max |activation| per column (0 for an all-zero one)
+    live = np.flatnonzero(np.diff(a.indptr))
+    if len(live):
+        scale_a[live] = np.maximum.reduceat(np.abs(v), a.indptr[live])
+    fires = v > 0
     out = {
         "d": _cohens_d(m1 - m0, sd, scale_a),
         "m1": m1,
         "m0": m0,
-        "auc": rank_sum(a, y)[0],  # the AUROC only: rank_sum's p treats completions as independent
-        "f1": (a[dec] > 0).mean(0),
-        "f0": (a[hon] > 0).mean(0),
-        "lo": np.full(a.shape[1], np.nan),
-        "hi": np.full(a.shape[1], np.nan),
+        "auc": sparse_auroc(a, y),  # the AUROC only (as rank_sum's): its p treats completions as independent
+        "f1": np.bincount(col[fires & e1], minlength=n_cols) / n1,
+        "f0": np.bincount(col[fires & ~e1], minlength=n_cols) / n0,
+        "lo": np.full(n_cols, np.nan),
+        "hi": np.full(n_cols, np.nan),
     }
     if gidx is None:
         return out
@@ -94,9 +111,11 @@ def _chunk_stats(a: np.ndarray, y: np.ndarray, gidx: np.ndarray | None) -> dict[
         return out
     scale = 1 / np.sqrt(1 - m / n_c)  # [2, G]
     x = np.where(dec, 1 / n1, -1 / n0) * scale[y, gidx]  # [n] adjusted contrast weights
-    psi = np.where(dec[:, None], a - m1, a - m0) * x[:, None]
-    per_group = sp.csr_matrix((np.ones(len(gidx)), (gidx, np.arange(len(gidx))))) @ psi  # [G, c]
-    se = np.sqrt((per_group**2).sum(0))
+    # Per group g, sum_i x_i (a_i - m_class(i)) = (sum of x_i a_i over the non-zeros) - X_1g m1 - X_0g m0,
+    # X_cg = sum of x over g's class-c rows: [G, n_cols], never [n, n_cols] unless every row is its own group.
+    xa = np.bincount(gidx[row] * n_cols + col, x[row] * v, n_groups * n_cols).reshape(n_groups, n_cols)
+    X0, X1 = (np.bincount(gidx[y == k], x[y == k], n_groups)[:, None] for k in (0, 1))
+    se = np.sqrt(((xa - X1 * m1 - X0 * m0) ** 2).sum(0))
     half = stats.t.ppf(0.975, bell_mccaffrey_df(x, y, gidx, n_groups)) * se
     with np.errstate(invalid="ignore", divide="ignore"):
         lo, hi = _cohens_d(m1 - m0 - half, sd, scale_a), _cohens_d(m1 - m0 + half, sd, scale_a)
@@ -105,11 +124,16 @@ def _chunk_stats(a: np.ndarray, y: np.ndarray, gidx: np.ndarray | None) -> dict[
 
 
 def feature_stats(
-    acts: np.ndarray, y: np.ndarray, *, groups: Sequence | None = None, ci: bool = True
+    acts: np.ndarray | sp.spmatrix | sp.sparray,
+    y: np.ndarray,
+    *,
+    groups: Sequence | None = None,
+    ci: bool = True,
 ) -> list[dict[str, Any]]:
     """Per-feature effect sizes of acts [n, d_sae] (one row per completion, e.g. its mean SAE activation
-    over tokens): Cohen's d with its 95% CI, AUROC, means and firing rates per class, and no test
-    (`heldout_tests` tests the chosen few). `ci=False` skips the CI (the selection split needs none).
+    over tokens; dense, torch or scipy sparse): Cohen's d with its 95% CI, AUROC, means and firing rates
+    per class, and no test (`heldout_tests` tests the chosen few). `ci=False` skips the CI (the selection
+    split needs none).
 
     The CI of d is the CI of the mean difference divided by the pooled SD (treated as known): mean
     difference ± t(df) × its cluster-robust SE over the `groups` (None: every row its own group), CR2
@@ -119,36 +143,38 @@ def feature_stats(
     with these df covered 95-99.6% there (tests/analysis/test_calibration.py). The group bootstrap's
     percentile interval covered 91% with 30 groups (89% for features that fire on < 10% of
     completions). Nan when a class sits in one group (or fewer than 3 groups)."""
-    acts = acts.numpy() if hasattr(acts, "numpy") else np.asarray(acts)
+    if not sp.issparse(acts):
+        acts = acts.numpy() if hasattr(acts, "numpy") else np.asarray(acts)
     if acts.ndim != 2:
         raise ValueError(f"acts must be [n_completions, d_sae], got shape {acts.shape}")
-    y = check_labels(y, len(acts))
+    y = check_labels(y, acts.shape[0])
     n1, n0 = int(y.sum()), len(y) - int(y.sum())
     if min(n1, n0) < 2:
         raise ValueError(f"Cohen's d needs >= 2 completions per class, got {n0} honest, {n1} deceptive")
     gidx = group_index(groups)[0] if groups is not None else np.arange(len(y))
     if len(gidx) != len(y):
         raise ValueError(f"{len(gidx)} groups for {len(y)} completions: pass one group per row")
-    chunk = max(1, (1 << 23) // len(y))  # features at a time: ~64 MB per work array
-    parts = [
-        _chunk_stats(acts[:, i : i + chunk].astype(np.float64), y, gidx if ci else None)
-        for i in range(0, acts.shape[1], chunk)
-    ]
-    c = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+    # [n, d_sae] float64 CSC: the non-zeros column by column, each column's in row order
+    A = sp.csc_matrix(acts if sp.issparse(acts) else dense_to_csr(acts), dtype=np.float64)
+    chunk = max(1, (1 << 23) // len(y))  # features at a time: [groups, chunk] work arrays of <= ~64 MB
+    parts = [_chunk_stats(A[:, i : i + chunk], y, gidx if ci else None) for i in range(0, A.shape[1], chunk)]
+    c = {k: np.concatenate([part[k] for part in parts]).tolist() for k in parts[0]}  # python floats
     return [
         {
             "feature": f,
-            "cohens_d": float(c["d"][f]),
-            "d_ci": (float(c["lo"][f]), float(c["hi"][f])),
-            "mean_honest": float(c["m0"][f]),
-            "mean_deceptive": float(c["m1"][f]),
-            "auroc": float(c["auc"][f]),
-            "firing_rate_honest": float(c["f0"][f]),
-            "firing_rate_deceptive": float(c["f1"][f]),
+            "cohens_d": d,
+            "d_ci": (lo, hi),
+            "mean_honest": m0,
+            "mean_deceptive": m1,
+            "auroc": auc,
+            "firing_rate_honest": f0,
+            "firing_rate_deceptive": f1,
             "n_honest": n0,
             "n_deceptive": n1,
         }
-        for f in range(acts.shape[1])
+        for f, d, lo, hi, m0, m1, auc, f0, f1 in zip(
+            range(A.shape[1]), *(c[k] for k in ("d", "lo", "hi", "m0", "m1", "auc", "f0", "f1")), strict=True
+        )
     ]
 
 
@@ -281,7 +307,9 @@ def select_and_report(
 ) -> list[dict[str, Any]]:
     """The whole recipe: split by group, choose by |d| on one side, report the other side's statistics
     and test each chosen feature there, one-sided in the chosen direction (`heldout_tests`)."""
-    acts, y = np.asarray(acts), check_labels(y, len(acts))
+    # [n, d_sae] as CSR once: both splits' rows, then their columns (feature_stats), from the non-zeros
+    acts = sp.csr_matrix(acts, dtype=np.float64) if sp.issparse(acts) else dense_to_csr(np.asarray(acts))
+    y = check_labels(y, acts.shape[0])
     groups = np.asarray([str(g) for g in groups])
     prompts = np.arange(len(y)).astype(str) if prompts is None else np.asarray([str(p) for p in prompts])
     sel, held = split_by_group(groups, test_fraction, seed, y=y)
@@ -290,7 +318,7 @@ def select_and_report(
     rows = top_features(chosen, report, k)
     cols = [r["feature"] for r in rows]
     p, scheme = heldout_tests(
-        acts[held][:, cols],
+        acts[held][:, cols].toarray(),
         y[held],
         [r["select_cohens_d"] for r in rows],
         groups=groups[held],

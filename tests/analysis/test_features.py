@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from scipy import stats
 from sklearn.metrics import roc_auc_score
@@ -17,6 +18,7 @@ from threadpoolctl import threadpool_limits
 
 from helpers import run
 from helpers.analysis import features as F
+from helpers.stats import rank_sum
 
 
 @pytest.fixture(autouse=True)
@@ -121,6 +123,96 @@ def test_the_ci_of_d_is_the_cr2_interval_with_bell_mccaffrey_df():
         assert r["d_ci"][0] == pytest.approx((diff - half) / pooled, rel=1e-6)
         assert r["d_ci"][1] == pytest.approx((diff + half) / pooled, rel=1e-6)
     assert df < 4, "3 deceptive groups of 12: few degrees of freedom"
+
+
+def dense_feature_stats(a: np.ndarray, y: np.ndarray, groups: np.ndarray) -> dict[str, np.ndarray]:
+    """The statistics of feature_stats computed plainly on the dense float64 columns of a [n, d] (as
+    the code did before it worked from the non-zeros): numpy's class means and variances, rank_sum's
+    AUROC, and the CR2 CI from each row's influence summed per group."""
+    a, dec = np.asarray(a, np.float64), y == 1
+    n1, n0 = int(dec.sum()), int((~dec).sum())
+    m1, m0 = a[dec].mean(0), a[~dec].mean(0)
+    sd = np.sqrt((a[dec].var(0) * n1 + a[~dec].var(0) * n0) / (n1 + n0 - 2))
+    scale_a = np.abs(a).max(0)
+    gidx = np.unique(groups, return_inverse=True)[1]
+    n_groups = gidx.max() + 1
+    per_class = np.stack([np.bincount(gidx[y == c], minlength=n_groups) for c in (0, 1)])
+    x = np.where(dec, 1 / n1, -1 / n0) / np.sqrt(1 - per_class / np.array([[n0], [n1]]))[y, gidx]
+    psi = np.where(dec[:, None], a - m1, a - m0) * x[:, None]  # [n, d] each row's influence
+    se = np.sqrt(sum(psi[gidx == g].sum(0) ** 2 for g in range(n_groups)))
+    half = stats.t.ppf(0.975, F.bell_mccaffrey_df(x, y, gidx, n_groups)) * se
+    return {
+        "cohens_d": F._cohens_d(m1 - m0, sd, scale_a),
+        "lo": F._cohens_d(m1 - m0 - half, sd, scale_a),
+        "hi": F._cohens_d(m1 - m0 + half, sd, scale_a),
+        "mean_honest": m0,
+        "mean_deceptive": m1,
+        "auroc": rank_sum(a, y)[0],
+        "firing_rate_honest": (a[~dec] > 0).mean(0),
+        "firing_rate_deceptive": (a[dec] > 0).mean(0),
+    }
+
+
+def awkward_world(seed=8):
+    """sae_like features (~20% non-zero) with awkward columns in front: dead, always on, only the
+    deceptive rows firing, ties among the non-zeros, negative values, a constant; 30 groups of 4."""
+    acts, y, groups = sae_like(n_groups=30, d_sae=60, planted=(40,), seed=seed)
+    rng = np.random.default_rng(seed)
+    some = rng.random(len(y)) < 0.3
+    acts[:, :6] = np.c_[
+        np.zeros(len(y)),
+        rng.exponential(size=len(y)) + 0.1,
+        np.where(y == 1, rng.exponential(size=len(y)), 0),
+        np.round(2 * rng.exponential(size=len(y))) * some,
+        np.round(2 * rng.normal(size=len(y))) * some,
+        np.full(len(y), 0.25),
+    ]
+    return acts, y, groups
+
+
+def test_feature_stats_from_the_non_zeros_equal_the_dense_computation():
+    """feature_stats works from the non-zero entries; every statistic must equal the plain dense
+    computation (`dense_feature_stats`): AUROC, firing rates and class means to the bit, d and its CI
+    to rounding. Dense, scipy sparse and torch inputs give the same rows."""
+    acts, y, groups = awkward_world()
+    want = dense_feature_stats(acts, y, groups)
+    rows = F.feature_stats(acts, y, groups=groups)
+    got = {k: np.array([r[k] for r in rows]) for k in want if k not in ("lo", "hi")}
+    got["lo"], got["hi"] = np.array([r["d_ci"] for r in rows]).T
+    for key in ("auroc", "firing_rate_honest", "firing_rate_deceptive", "mean_honest", "mean_deceptive"):
+        assert got[key].tobytes() == want[key].tobytes(), key
+    for key in ("cohens_d", "lo", "hi"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-12, atol=0, err_msg=key)
+    assert np.isfinite(got["lo"][1:]).all() and got["cohens_d"][0] == 0
+    assert rows == F.feature_stats(sp.csr_matrix(acts), y, groups=groups)
+    assert rows == F.feature_stats(torch.from_numpy(acts), y, groups=groups)
+
+
+def test_select_and_report_rows_equal_the_dense_computation():
+    """select_and_report's rows (chosen features, held-out statistics, p-values) must be those of the
+    plain dense computation on the same split, for dense and scipy sparse input alike."""
+    acts, y, groups = awkward_world(seed=9)
+    rows = F.select_and_report(acts, y, groups, k=8, n_permutations=199, seed=0)
+    assert rows == F.select_and_report(sp.csc_matrix(acts), y, groups, k=8, n_permutations=199, seed=0)
+    sel, held = F.split_by_group(groups, 0.5, 0, y=y)
+    d_sel = dense_feature_stats(acts[sel], y[sel], groups[sel])["cohens_d"]
+    chosen = np.argsort(-np.abs(d_sel), kind="stable")[:8]
+    assert [r["feature"] for r in rows] == chosen.tolist() and 40 in chosen
+    want = dense_feature_stats(acts[held], y[held], groups[held])
+    for key in ("auroc", "firing_rate_honest", "firing_rate_deceptive", "mean_honest", "mean_deceptive"):
+        assert [r[key] for r in rows] == want[key][chosen].tolist(), key
+    np.testing.assert_allclose([r["cohens_d"] for r in rows], want["cohens_d"][chosen], rtol=1e-12)
+    np.testing.assert_allclose([r["d_ci"] for r in rows], np.c_[want["lo"], want["hi"]][chosen], rtol=1e-12)
+    ids = np.arange(len(y)).astype(str)  # select_and_report's names: every row its own prompt
+    p, _ = F.heldout_tests(
+        acts[held][:, chosen],
+        y[held],
+        np.sign(d_sel[chosen]),
+        groups=groups.astype(str)[held],
+        prompts=ids[held],
+        n_permutations=199,
+    )
+    assert [r["p_value"] for r in rows] == p.tolist()
 
 
 def test_heldout_test_is_one_sided_and_permutes_whole_prompts():
