@@ -64,12 +64,14 @@ def bell_mccaffrey_df(x: np.ndarray, y: np.ndarray, gidx: np.ndarray, n_groups: 
     return float(np.trace(M) ** 2 / (M * M).sum())
 
 
-def _chunk_stats(a: sp.csc_matrix, y: np.ndarray, gidx: np.ndarray | None) -> dict[str, np.ndarray]:
+def _chunk_stats(
+    a: sp.csc_matrix, y: np.ndarray, gidx: np.ndarray | None, d_only: bool = False
+) -> dict[str, np.ndarray]:
     """Statistics of the columns of a [n, c] (CSC, float64) from its non-zero entries: SAE features
     fire on a few % of completions, and a dense float64 copy of [n, c] (with its page faults) cost more
     than the statistics. A zero adds nothing to a sum, so class sums add the same entries in the same
     (row) order as numpy's column sums of the dense array; a class's zeros add m^2 each to its sum of
-    squares. `gidx` (group per row) asks for the CI of d."""
+    squares. `gidx` (group per row) asks for the CI of d; `d_only`: d alone (what the selection uses)."""
     n_cols = a.shape[1]
     dec = y == 1
     n1, n0 = int(dec.sum()), len(y) - int(dec.sum())
@@ -86,6 +88,8 @@ def _chunk_stats(a: sp.csc_matrix, y: np.ndarray, gidx: np.ndarray | None) -> di
     live = np.flatnonzero(np.diff(a.indptr))
     if len(live):
         scale_a[live] = np.maximum.reduceat(np.abs(v), a.indptr[live])
+    if d_only:
+        return {"d": _cohens_d(m1 - m0, sd, scale_a)}
     fires = v > 0
     out = {
         "d": _cohens_d(m1 - m0, sd, scale_a),
@@ -143,6 +147,14 @@ def feature_stats(
     with these df covered 95-99.6% there (tests/analysis/test_calibration.py). The group bootstrap's
     percentile interval covered 91% with 30 groups (89% for features that fire on < 10% of
     completions). Nan when a class sits in one group (or fewer than 3 groups)."""
+    c = _feature_arrays(acts, y, groups, ci)
+    return _rows(c, range(len(c["d"])))
+
+
+def _feature_arrays(
+    acts: Any, y: np.ndarray, groups: Sequence | None, ci: bool, d_only: bool = False
+) -> dict[str, Any]:
+    """feature_stats' statistics as arrays [d_sae] (keys of `_chunk_stats`) and the class sizes."""
     if not sp.issparse(acts):
         acts = acts.numpy() if hasattr(acts, "numpy") else np.asarray(acts)
     if acts.ndim != 2:
@@ -157,11 +169,21 @@ def feature_stats(
     # [n, d_sae] float64 CSC: the non-zeros column by column, each column's in row order
     A = sp.csc_matrix(acts if sp.issparse(acts) else dense_to_csr(acts), dtype=np.float64)
     chunk = max(1, (1 << 23) // len(y))  # features at a time: [groups, chunk] work arrays of <= ~64 MB
-    parts = [_chunk_stats(A[:, i : i + chunk], y, gidx if ci else None) for i in range(0, A.shape[1], chunk)]
-    c = {k: np.concatenate([part[k] for part in parts]).tolist() for k in parts[0]}  # python floats
+    parts = [
+        _chunk_stats(A[:, i : i + chunk], y, gidx if ci else None, d_only)
+        for i in range(0, A.shape[1], chunk)
+    ]
+    return {**{k: np.concatenate([part[k] for part in parts]) for k in parts[0]}, "n0": n0, "n1": n1}
+
+
+def _rows(c: dict[str, Any], features: Iterable[int]) -> list[dict[str, Any]]:
+    """feature_stats' rows of `features` from `_feature_arrays`. Only the rows asked for are built:
+    16k dicts per call cost more than their statistics once the garbage collector walks them."""
+    f = np.asarray(features, int)
+    cols = (c[k][f].tolist() for k in ("d", "lo", "hi", "m0", "m1", "auc", "f0", "f1"))  # python floats
     return [
         {
-            "feature": f,
+            "feature": i,
             "cohens_d": d,
             "d_ci": (lo, hi),
             "mean_honest": m0,
@@ -169,12 +191,10 @@ def feature_stats(
             "auroc": auc,
             "firing_rate_honest": f0,
             "firing_rate_deceptive": f1,
-            "n_honest": n0,
-            "n_deceptive": n1,
+            "n_honest": c["n0"],
+            "n_deceptive": c["n1"],
         }
-        for f, d, lo, hi, m0, m1, auc, f0, f1 in zip(
-            range(A.shape[1]), *(c[k] for k in ("d", "lo", "hi", "m0", "m1", "auc", "f0", "f1")), strict=True
-        )
+        for i, d, lo, hi, m0, m1, auc, f0, f1 in zip(f.tolist(), *cols, strict=True)
     ]
 
 
@@ -281,16 +301,26 @@ def top_features(
             "compute both with the same SAE"
         )
     d_sel = np.array([r["cohens_d"] for r in select_stats], float)
-    chosen = np.argsort(-np.nan_to_num(np.abs(d_sel), nan=-1.0), kind="stable")[:k]
     held = {r["feature"]: r for r in heldout_stats}
+    chosen = _largest(d_sel, k)
+    return _ranked([held[select_stats[i]["feature"]] for i in chosen], d_sel[chosen])
+
+
+def _largest(d: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest |d| (nan last; ties in index order)."""
+    return np.argsort(-np.nan_to_num(np.abs(d), nan=-1.0), kind="stable")[:k]
+
+
+def _ranked(heldout_rows: list[dict[str, Any]], d_sel: np.ndarray) -> list[dict[str, Any]]:
+    """The chosen features' held-out rows in rank order with what the selection split chose."""
     return [
         {
-            **held[select_stats[i]["feature"]],
+            **row,
             "rank": r + 1,
-            "select_cohens_d": float(d_sel[i]),
-            "direction": "deceptive higher" if d_sel[i] >= 0 else "deceptive lower",
+            "select_cohens_d": float(d),
+            "direction": "deceptive higher" if d >= 0 else "deceptive lower",
         }
-        for r, i in enumerate(chosen)
+        for r, (row, d) in enumerate(zip(heldout_rows, d_sel, strict=True))
     ]
 
 
@@ -308,14 +338,17 @@ def select_and_report(
     """The whole recipe: split by group, choose by |d| on one side, report the other side's statistics
     and test each chosen feature there, one-sided in the chosen direction (`heldout_tests`)."""
     # [n, d_sae] as CSR once: both splits' rows, then their columns (feature_stats), from the non-zeros
-    acts = sp.csr_matrix(acts, dtype=np.float64) if sp.issparse(acts) else dense_to_csr(np.asarray(acts))
+    acts = acts if sp.issparse(acts) else np.asarray(acts)
+    if acts.ndim != 2:
+        raise ValueError(f"acts must be [n_completions, d_sae], got shape {acts.shape}")
+    acts = sp.csr_matrix(acts, dtype=np.float64) if sp.issparse(acts) else dense_to_csr(acts)
     y = check_labels(y, acts.shape[0])
     groups = np.asarray([str(g) for g in groups])
     prompts = np.arange(len(y)).astype(str) if prompts is None else np.asarray([str(p) for p in prompts])
     sel, held = split_by_group(groups, test_fraction, seed, y=y)
-    chosen = feature_stats(acts[sel], y[sel], ci=False)
-    report = feature_stats(acts[held], y[held], groups=groups[held])
-    rows = top_features(chosen, report, k)
+    d_sel = _feature_arrays(acts[sel], y[sel], None, ci=False, d_only=True)["d"]
+    chosen = _largest(d_sel, k)  # as top_features, building rows for the chosen k only
+    rows = _ranked(_rows(_feature_arrays(acts[held], y[held], groups[held], ci=True), chosen), d_sel[chosen])
     cols = [r["feature"] for r in rows]
     p, scheme = heldout_tests(
         acts[held][:, cols].toarray(),
