@@ -173,7 +173,7 @@ def main() -> None:
         ["git", "-C", str(base), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
     current = subprocess.run(
-        ["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ["git", "-C", str(HERE), "describe", "--always", "--dirty"], capture_output=True, text=True
     ).stdout.strip()
     out = {
         "benchmark": (
@@ -189,7 +189,7 @@ def main() -> None:
         ),
         "machine": f"{platform.machine()}, {platform.processor() or '?'}, python {platform.python_version()}",
         "baseline_commit": commit,
-        "current_commit": current + " (plus uncommitted changes, if any)",
+        "current_commit": current,
         "n_completions": args.n,
         "d_sae": int(sae.shape[1]),
         "nonzero_fraction": round(float((sae != 0).mean()), 4),
