@@ -2,7 +2,8 @@
 
 Features are CHOSEN on one split of the prompt groups and TESTED on the other (`split_by_group`,
 `top_features`): the 20 largest of 16k effect sizes, reported on the rows that chose them, report the
-selection's luck (winner's curse). Per feature, vectorised (16k features in seconds):
+selection's luck (winner's curse). Per feature, vectorised over the non-zero entries (SAE features
+fire on a few %; 16k features at d32 scale in ~0.1 s, `feature_stats`):
 - Cohen's d (deceptive minus honest, pooled SD) with a 95% CI from the cluster-robust (CR2) SE of the
   mean difference over prompt groups with Bell-McCaffrey degrees of freedom (`feature_stats`), since
   completions of one prompt are not independent and a label may sit in few groups;
