@@ -17,9 +17,10 @@ its commands on a machine without a GPU (its figures are not GPU figures, and th
 
 Estimates (`Step.estimate_s`) are seconds on one H100 from the CPU figures in README's Measured rows
 (the report JSON repeats them beside each step's measured seconds):
-- probe_cost: notebook 04's statistics with the protocol take ~2.5 min of one CPU core at d32 scale
-  (raw probe 24.5 s, SAE probe 7.6 s, protocol 38 s per layer + 33 s per run); float64 on the GPU is
-  launch-bound at these sizes: ~60 s, timeout 240 s. No CPU baseline (`--peer-permutations 0`).
+- probe_cost: the bench's rows take ~50 s of one CPU core at d32 scale (raw probe 12.0 s, SAE probe 4.1 s,
+  feature table 0.2 s, protocol 15.8 s per layer + 16.0 s per run; notebook 04's statistics with the
+  protocol ~3.6 min, 2026-12-08); float64 on the GPU is launch-bound at these sizes: ~60 s, timeout
+  240 s. No CPU baseline (`--peer-permutations 0`).
 - explorer_store_1m (in the background from the start, on the CPU while the GPU works): 9.5 s per 100k
   tokens here, so ~95 s for 1M on one core.
 - explorer_pass: 1M tokens x 16,384 latents, the encoder's 19 TFLOP trivial on an H100; the
