@@ -174,8 +174,9 @@ def _fit(Z, Y, S, C, tol, max_iter, ops, start=None):
     # The logits W Z^T + c [B, n], carried from step to step: a Newton step moves them by step x dz,
     # dz = dw Z^T + dc, so each step takes one product with Z for them, the line search's trials none
     # (recomputing them took one for the probabilities and one per trial).
-    z = xp.zeros_like(Y) + c[:, None]
-    if start is not None:  # live problems only: one that cannot be fitted keeps W = 0, c = 0
+    if start is None:
+        z = xp.zeros_like(Y) + c[:, None]
+    else:  # live problems only: one that cannot be fitted keeps W = 0, c = 0
         W, c = xp.where(live[:, None], start[0], 0.0), xp.where(live, start[1], 0.0)
         z = W @ Z.T + c[:, None]
     Z2 = Z * Z

@@ -537,10 +537,9 @@ def flat_true(buf: np.ndarray, numel: int, nnz: int) -> np.ndarray:
     are expected (the exact count, or a lower bound). buf must have room for numel // 9 + 1 entries after
     the mask (`flat_true_buffer`), which this overwrites. numpy's 1-D nonzero skips runs of zeros with
     memchr up to 10% density (~13 ns a pair: 0.07-0.08 ms at 1-2% of [1024, 512], 0.36 at 5%) and above
-    that runs a branchless loop
-    (~0.45 ns an entry: 0.24 ms for [1024, 512]): from `BRANCHLESS_FROM` on, True entries are appended
-    after the mask until more than 10% of the entries are True, so numpy takes the branchless loop, and
-    dropped from the answer."""
+    that runs a branchless loop (~0.45 ns an entry: 0.24 ms for [1024, 512]): from `BRANCHLESS_FROM` on,
+    True entries are appended after the mask until more than 10% of the entries are True, so numpy takes
+    the branchless loop, and dropped from the answer."""
     # (nnz + pad) / (numel + pad) > 0.1
     pad = max(0, (numel - 10 * nnz) // 9 + 1) if nnz >= BRANCHLESS_FROM * numel else 0
     buf[numel : numel + pad] = True

@@ -123,6 +123,13 @@ def steep_problems(n=120, r=100, B=6, seed=4, spread=4.0):
     return Z, Y, counts
 
 
+def newton_steps(monkeypatch) -> list[int]:
+    """The number of problems in each Newton step's batch, appended as `logistic.fit` runs."""
+    made, steps = logistic._newton_direction, []
+    monkeypatch.setattr(logistic, "_newton_direction", lambda *a: steps.append(len(a[4])) or made(*a))
+    return steps
+
+
 def test_block_columns_only_on_steep_spectra():
     """The exact block takes the directions that stand out (largest first, at most 2 sqrt(r) and what the
     memory budget allows), and none on a flat spectrum such as SAE features' or when fewer than 8 stand
@@ -233,8 +240,7 @@ def test_a_fit_started_nearby_reaches_the_same_optimum_sooner(device, monkeypatc
     Y = np.broadcast_to(y, counts.shape)
     S = logistic.balanced_weights(Y, counts)
     full = logistic.fit(Z, y[None], logistic.balanced_weights(y), device=device)
-    made, steps = logistic._newton_direction, []
-    monkeypatch.setattr(logistic, "_newton_direction", lambda *a: steps.append(len(a[4])) or made(*a))
+    steps = newton_steps(monkeypatch)
     cold = logistic.fit(Z, Y, S, tol=1e-10, device=device)
     n_cold = sum(steps)
     warm = logistic.fit(Z, Y, S, tol=1e-10, device=device, start=full)
@@ -249,8 +255,7 @@ def test_inner_solves_scale_with_the_problem(monkeypatch):
     Newton converges quadratically once that is small: 33 problem-steps here, where a tolerance on the
     gradient's raw norm (which starts ~ the row count) took 44."""
     Z, Y, counts = steep_problems(300, 299, spread=4.0)
-    made, steps = logistic._newton_direction, []
-    monkeypatch.setattr(logistic, "_newton_direction", lambda *a: steps.append(len(a[4])) or made(*a))
+    steps = newton_steps(monkeypatch)
     logistic.fit(Z, Y, logistic.balanced_weights(Y, counts), 1.0)
     assert sum(steps) <= 36, sum(steps)
 
